@@ -14,6 +14,7 @@ from pathlib import Path
 from launch import rundir, slurm, status, torchrun
 from launch.errors import LaunchError
 from launch.scripts import PrepJob, SlurmOptions, TrainJob
+from launch.validate import existing_file
 
 
 def _slurm_args(p: argparse.ArgumentParser, time_default: str | None) -> None:
@@ -95,7 +96,7 @@ def _python(a: argparse.Namespace) -> str:
 
 def _submit_train(a: argparse.Namespace, extra: list[str]) -> int:
     run_dir = (a.run_dir or Path("runs") / a.config.stem).absolute()
-    job = TrainJob(config=a.config.absolute(), nodes=a.nodes, gpus_per_node=a.gpus_per_node, run_dir=run_dir,
+    job = TrainJob(config=existing_file(a.config, "--config"), nodes=a.nodes, gpus_per_node=a.gpus_per_node, run_dir=run_dir,
                    slurm=_options(a), signal_lead=a.signal_lead, cpu=a.cpu, extra_args=extra,
                    python=_python(a), workdir=Path.cwd())
     job.check()

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from launch.errors import LaunchError
-from launch.validate import positive_int
+from launch.validate import existing_file, positive_int
 
 _ENDPOINT = re.compile(r"^[A-Za-z0-9_.:\[\]-]+:(\d{1,5})$")
 
@@ -17,8 +17,7 @@ def command(config: Path, nnodes: int, nproc_per_node: int, rdzv_endpoint: str, 
             rdzv_id: str = "resnet", cpu: bool = False, extra_args: list[str] | None = None,
             python: str | None = None) -> list[str]:
     """argv for `torchrun ... -m pipeline fit ...`; the same on every node."""
-    if not config.is_file():
-        raise LaunchError(f"--config: file {str(config)!r} does not exist")
+    config = existing_file(config, "--config")
     positive_int(nnodes, "--nnodes")
     positive_int(nproc_per_node, "--nproc-per-node")
     m = _ENDPOINT.match(rdzv_endpoint)
