@@ -109,6 +109,7 @@ def _start() -> SlurmCluster:
     if shutil.which("slurmctld") is None and shutil.which("apt-get") is None:
         pytest.skip("Slurm is not installed and apt-get is not available to install it")
     d = Path(tempfile.mkdtemp(prefix="launch-slurm-"))
+    d.chmod(0o755)  # MariaDB runs as mysql and must reach its data dir below
     env = {**os.environ, "PORT_BASE": str(_free_port_base())}
     proc = subprocess.run(["bash", str(SCRIPT), "start", str(d / "cluster")], capture_output=True, text=True,
                           timeout=600, env=env)

@@ -72,6 +72,7 @@ start() {
   local ACCT="AccountingStorageType=accounting_storage/none" GATHER=none
   if [ "$DBD" = 1 ]; then
     chown mysql:mysql "$W/db"
+    runuser -u mysql -- test -x "$W/db" || die "user mysql cannot enter $W/db: make its parent directories world-executable"
     mariadb-install-db --user=mysql --datadir="$W/db/data" --auth-root-authentication-method=socket \
       > "$W/log/mariadb-install.log" 2>&1 || die "mariadb-install-db failed (see $W/log/mariadb-install.log)"
     mariadbd --user=mysql --datadir="$W/db/data" --socket="$W/db/sock" --bind-address=127.0.0.1 \
