@@ -79,7 +79,10 @@ class SlurmCluster:
         while time.monotonic() < deadline:
             q = self.run("squeue", "-h", "-r", "-j", ",".join(job_ids), "-o", "%i %T", check=False)
             if q.returncode == 0 and not q.stdout.strip():
-                return
+                # accounting reaches slurmdbd a moment later: wait until no record is still open
+                a = self.run("sacct", "-n", "-P", "-X", "-D", "-j", ",".join(job_ids), "-o", "State", check=False)
+                if a.returncode != 0 or not {"PENDING", "RUNNING", "COMPLETING"} & set(a.stdout.split()):
+                    return
             time.sleep(0.5)
         state = self.run("squeue", "-r", "-j", ",".join(job_ids), check=False).stdout
         self.run("scancel", *job_ids, check=False)

@@ -172,3 +172,164 @@ def test_prep_array_plus_finalize_matches_single_process(slurm_cluster: SlurmClu
     st = slurm_cluster.launch("status", str(tmp_path / "sharded-slurm"))
     for jid in (f"{array}_0", f"{array}_1", f"{array}_2", fin):
         assert re.search(rf"^  {jid}\s+\S+\s+COMPLETED", st.stdout, re.M), st.stdout
+
+
+# ---------------------------------------------------------------- training through Slurm (needs the trainer)
+
+STEPS = 40  # optimizer steps of every demo run below; last.ckpt every 5 steps
+
+
+def _needs_trainer() -> Path:
+    needs_module("pipeline.__main__")
+    needs_module("data_prep.__main__")
+    cfg = REPO / "conf" / "demo.yaml"
+    if not cfg.is_file():
+        pytest.skip("conf/demo.yaml is not on this branch yet")
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def demo_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo dataset (scikit-learn digits) sharded by data_prep, several shards per split for 2 ranks."""
+    _needs_trainer()
+    base = tmp_path_factory.mktemp("demo")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    subprocess.run([sys.executable, "-m", "pipeline.demo_data", str(base / "images")], check=True, cwd=REPO,
+                   env=env, capture_output=True, timeout=120)
+    for split in ("train", "val"):
+        subprocess.run([sys.executable, "-m", "data_prep", "imagefolder", str(base / "images" / split),
+                        str(base / "shards"), "--split", split, "--samples-per-shard", "128", "--no-progress"],
+                       check=True, cwd=REPO, env=env, capture_output=True, timeout=120)
+    return base / "shards"
+
+
+def _train_args(run_dir: Path, shards: Path, time_limit: str = "00:05:00", lead: str = "60",
+                steps: int = STEPS) -> list[str]:
+    return ["submit", "train", "--config", str(REPO / "conf" / "demo.yaml"), "--nodes", "2",
+            "--gpus-per-node", "0", "--time", time_limit, "--signal-lead", lead, "--run-dir", str(run_dir),
+            "--", "--data.root", str(shards), "--trainer.max_steps", str(steps),
+            "--checkpoint.every_n_train_steps", "5", "--data.num_workers", "0"]
+
+
+TRAIN_ENV = {"WANDB_MODE": "offline", "WANDB_API_KEY": ""}
+
+
+def _submit(cluster: SlurmCluster, args: list[str]) -> str:
+    r = cluster.launch(*args, env=TRAIN_ENV)
+    m = re.search(r"Submitted train job (\d+)", r.stdout)
+    assert m, r.stdout + r.stderr
+    return m.group(1)
+
+
+def _step(path: Path) -> int | None:
+    """global_step of a checkpoint that may be mid-write (None until it is readable)."""
+    import torch
+
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=False)["global_step"])
+    except Exception:
+        return None
+
+
+def _wait_step(run_dir: Path, at_least: int, job: str, cluster: SlurmCluster, timeout: float = 120) -> int:
+    deadline = time.monotonic() + timeout
+    last = run_dir / "checkpoints" / "last.ckpt"
+    while time.monotonic() < deadline:
+        step = _step(last) if last.is_file() else None
+        if step is not None and step >= at_least:
+            return step
+        if cluster.job_state(job) in ("FAILED", "CANCELLED", "TIMEOUT", "COMPLETED", "NODE_FAIL"):
+            break
+        time.sleep(0.5)
+    logs = "".join(p.read_text() for p in run_dir.glob("slurm-*.out"))
+    raise AssertionError(f"no checkpoint at step >= {at_least} (job {job}: {cluster.job_state(job)})\n{logs[-4000:]}")
+
+
+def _wait_requeued(cluster: SlurmCluster, job: str, n: int, timeout: float, run_dir: Path) -> None:
+    """Until sacct shows ``n`` interrupted-and-requeued runs of the job."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        states = [s for _, s in cluster.sacct_states(job)]
+        if states.count("REQUEUED") >= n:
+            return
+        if states and states[-1] in ("FAILED", "CANCELLED", "TIMEOUT", "COMPLETED", "NODE_FAIL"):
+            break
+        time.sleep(0.5)
+    raise AssertionError(f"job {job} not requeued {n}x: {cluster.sacct_states(job)}\n{_log(run_dir, job)[-4000:]}")
+
+
+def _log(run_dir: Path, job: str) -> str:
+    return (run_dir / f"slurm-{job}.out").read_text()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(slurm_cluster: SlurmCluster, demo_shards: Path, tmp_path_factory: pytest.TempPathFactory
+                  ) -> tuple[Path, str]:
+    run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    job = _submit(slurm_cluster, _train_args(run_dir, demo_shards))
+    slurm_cluster.wait_gone([job], timeout=240)
+    return run_dir, job
+
+
+@pytest.mark.slow
+def test_train_demo_on_two_nodes_completes(slurm_cluster: SlurmCluster, uninterrupted: tuple[Path, str]) -> None:
+    run_dir, job = uninterrupted
+    log = _log(run_dir, job)
+    assert slurm_cluster.sacct_states(job) == [(job, "COMPLETED")], log[-4000:]
+    assert f"launch: job {job} restart 0 nodes n[1-2]" in log
+    assert _step(run_dir / "checkpoints" / "last.ckpt") == STEPS
+    st = slurm_cluster.launch("status", str(run_dir))
+    assert re.search(rf"^  {job}\s+train-demo\s+COMPLETED\s", st.stdout, re.M), st.stdout
+    assert f"global_step {STEPS}" in st.stdout and "requeues     0" in st.stdout
+    run_id = (run_dir / "wandb_run_id").read_text().strip()
+    assert f"W&B run id   {run_id}" in st.stdout
+    assert [p.name for p in (run_dir / "wandb").glob("offline-run-*")] and \
+        all(p.name.endswith(run_id) for p in (run_dir / "wandb").glob("offline-run-*"))
+
+
+@pytest.mark.slow
+def test_preempted_twice_resumes_to_the_same_step(slurm_cluster: SlurmCluster, demo_shards: Path,
+                                                   uninterrupted: tuple[Path, str], tmp_path: Path) -> None:
+    """Preemption as Slurm does it: USR1 to the job's tasks (what --signal delivers; Lightning writes
+    hpc_ckpt_1 and requeues itself), then a hard `scontrol requeue` (SIGTERM, no checkpoint)."""
+    run_dir = tmp_path / "run"
+    job = _submit(slurm_cluster, _train_args(run_dir, demo_shards))
+    _wait_step(run_dir, 10, job, slurm_cluster)
+    slurm_cluster.run("scancel", "--signal=USR1", job)  # to the srun tasks, like --signal=USR1@lead
+    hpc = run_dir / "hpc_ckpt_1.ckpt"
+    _wait_requeued(slurm_cluster, job, 1, timeout=60, run_dir=run_dir)
+    hpc_step = _step(hpc)
+    assert hpc_step is not None and 10 <= hpc_step < STEPS
+    slurm_cluster.wait_state(job, {"RUNNING"}, timeout=60)
+    _wait_step(run_dir, hpc_step + 5, job, slurm_cluster)
+    slurm_cluster.run("scontrol", "requeue", job)
+    slurm_cluster.wait_gone([job], timeout=240)
+
+    log = _log(run_dir, job)
+    records = slurm_cluster.sacct_states(job)
+    assert [s for _, s in records] == ["REQUEUED", "REQUEUED", "COMPLETED"], log[-4000:]
+    assert _step(run_dir / "checkpoints" / "last.ckpt") == _step(uninterrupted[0] / "checkpoints" / "last.ckpt")
+    # each run said where it resumed from: fresh, Lightning's hpc checkpoint, then last.ckpt
+    starts = re.findall(rf"^launch: job {job} restart (\d) .* ckpt (\S+) at", log, re.M)
+    assert starts == [("0", "last"), ("1", str(hpc)), ("2", "last")], starts
+    assert "Handling auto-requeue signal" in log
+    st = slurm_cluster.launch("status", str(run_dir))
+    assert re.search(rf"^  {job}\s+train-demo\s+COMPLETED\s+\S+\s+2\s", st.stdout, re.M), st.stdout
+    assert f"requeues     2 (job {job}: 2)" in st.stdout and f"global_step {STEPS}" in st.stdout
+
+
+@pytest.mark.slow
+def test_time_limit_signal_checkpoints_and_requeues(slurm_cluster: SlurmCluster, demo_shards: Path,
+                                                     tmp_path: Path) -> None:
+    """--signal=USR1@35 at a 1-minute limit: Slurm itself signals the running trainer (25-55 s in, its
+    timer ticks every 30 s); Lightning saves hpc_ckpt_1 and requeues the job instead of timing out."""
+    run_dir = tmp_path / "run"
+    job = _submit(slurm_cluster, _train_args(run_dir, demo_shards, time_limit="00:01:00", lead="35",
+                                             steps=100000))
+    try:
+        _wait_requeued(slurm_cluster, job, 1, timeout=150, run_dir=run_dir)
+        assert (_step(run_dir / "hpc_ckpt_1.ckpt") or 0) > 0
+        log = _log(run_dir, job)
+        assert "Handling auto-requeue signal" in log and "TIME LIMIT" not in log
+    finally:
+        slurm_cluster.run("scancel", job, check=False)
