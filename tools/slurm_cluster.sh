@@ -121,11 +121,12 @@ ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobCompType=jobcomp/none
 SchedulerType=sched/backfill
+SchedulerParameters=sched_interval=2,bf_interval=2
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 MpiDefault=none
 ReturnToService=2
-KillWait=10
+KillWait=5
 SlurmctldTimeout=30
 SlurmdTimeout=30
 MinJobAge=600
@@ -155,22 +156,32 @@ EOF
   echo "export SLURM_CONF=$W/etc/slurm.conf"
 }
 
+descendants() {  # PIDs below $1, deepest first
+  local c
+  for c in $(ps -o pid= --ppid "$1" 2>/dev/null); do descendants "$c"; echo "$c"; done
+}
+
 stop() {
   local W=$1
   [ -s "$W/pids" ] || { echo "slurm_cluster: nothing running in $W" >&2; return 0; }
   W=$(cd "$W" && pwd)
   export SLURM_CONF=$W/etc/slurm.conf
-  timeout 10 scancel --full --quiet --user=root 2>/dev/null || true
+  # end our jobs first, so no job step outlives its slurmd (KillWait=5 bounds the wait)
+  if timeout 5 scancel --quiet --user=root 2>/dev/null; then
+    for _ in $(seq 40); do [ -z "$(timeout 5 squeue -h 2>/dev/null)" ] && break; sleep 0.5; done
+  fi
   mapfile -t P < "$W/pids"
+  # slurmstepd processes (and their tasks) that still belong to this cluster, by its config path
+  local left=()
+  for p in $(pgrep -x slurmstepd 2>/dev/null); do
+    grep -qs "$W/etc/slurm.conf" "/proc/$p/environ" && left+=($(descendants "$p") "$p")
+  done
   for ((i=${#P[@]}-1; i>=0; i--)); do kill "${P[$i]}" 2>/dev/null || true; done
   for p in "${P[@]}"; do
-    for _ in $(seq 60); do kill -0 "$p" 2>/dev/null || break; sleep 0.25; done
+    for _ in $(seq 40); do kill -0 "$p" 2>/dev/null || break; sleep 0.25; done
     kill -9 "$p" 2>/dev/null || true
   done
-  # job steps the daemons left behind (slurmstepd and its children) are found by our spool/conf path
-  for p in $(pgrep -f "slurmstepd.*" 2>/dev/null); do
-    grep -qs "$W" "/proc/$p/environ" && kill -9 "$p" 2>/dev/null || true
-  done
+  for p in "${left[@]}"; do kill -9 "$p" 2>/dev/null || true; done
   rm -f "$W/pids"
 }
 
