@@ -123,7 +123,8 @@ def _submit_prep(a: argparse.Namespace, extra: list[str]) -> int:
     run_dir = (a.run_dir or out.parent / f"{out.name}-slurm").absolute()
     prep_args = ["--split", a.split] if a.kind == "imagefolder" else []
     job = PrepJob(command=a.kind, src=a.src.absolute(), out=out, tasks=a.tasks, run_dir=run_dir,
-                  slurm=_options(a), prep_args=prep_args + extra, python=_python(a), workdir=Path.cwd())
+                  slurm=_options(a), prep_args=prep_args + extra, python=_python(a), workdir=Path.cwd(),
+                  label=getattr(a, "split", "") or "")
     job.check()
     dep = ["--dependency=afterok:{array_job}", "--kill-on-invalid-dep=yes"]
     if a.dry_run:

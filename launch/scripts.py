@@ -171,13 +171,20 @@ class PrepJob:
     python: str = "python"
     workdir: Path = field(default_factory=Path.cwd)
 
+    label: str = ""
+
+    @property
+    def _tag(self) -> str:
+        return job_name(f"{self.command}-{self.label}" if self.label else self.command)
+
     @property
     def array_script_path(self) -> Path:
-        return self.run_dir / f"prep-{self.command}.sbatch"
+        """One script per dataset kind and split, so preparing train and val in one OUT keeps both."""
+        return self.run_dir / f"prep-{self._tag}.sbatch"
 
     @property
     def finalize_script_path(self) -> Path:
-        return self.run_dir / "prep-finalize.sbatch"
+        return self.run_dir / f"prep-finalize-{self._tag}.sbatch"
 
     def check(self) -> None:
         if self.command not in PREP_COMMANDS:
@@ -203,7 +210,7 @@ class PrepJob:
         workers = f" --workers {self.slurm.cpus_per_task}" if self.slurm.cpus_per_task else ""
         values = {
             **self._common(),
-            "job_name": job_name(f"prep-{self.command}"),
+            "job_name": job_name(f"prep-{self._tag}"),
             "last_task": self.tasks - 1,
             "num_tasks": self.tasks,
             "cpus_per_task": self.slurm.cpus_per_task,
@@ -218,7 +225,7 @@ class PrepJob:
     def render_finalize(self) -> str:
         values = {
             **self._common(),
-            "job_name": job_name(f"prep-finalize-{self.command}"),
+            "job_name": job_name(f"prep-finalize-{self._tag}"),
             "log_path": str(self.run_dir / "prep-finalize-%j.out"),
             "finalize_args": _extra(self.finalize_args),
         }

@@ -169,7 +169,7 @@ def test_prep_dry_run_array_and_finalize(tmp_path: Path) -> None:
     r = launch("submit", "prep", "imagefolder", str(src), str(out), "--split", "train", "--tasks", "3",
                "--cpus-per-task", "4", "--dry-run", "--", "--samples-per-shard", "100", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    array, finalize = r.stdout.split("# ---- prep-finalize.sbatch\n")
+    array, finalize = r.stdout.split("# ---- prep-finalize-imagefolder-train.sbatch\n")
     d = sbatch_directives(array)
     assert "--array=0-2" in d and "--ntasks=1" in d and "--cpus-per-task=4" in d
     assert f"--output={tmp_path}/shards-slurm/prep-%A_%a.out" in d

@@ -1,9 +1,9 @@
 #!/bin/bash
-# A real two-node Slurm test cluster on this one machine (Debian 12, slurm-wlm 22.05), for CI and docs.
+# A real multi-node (default two) Slurm test cluster on this one machine (Debian 12, slurm-wlm 22.05), for CI and docs.
 #
 #   tools/slurm_cluster.sh start DIR     install packages if missing, start munge, MariaDB + slurmdbd
-#                                        (sacct), slurmctld and two slurmd "nodes" n1, n2 on loopback;
-#                                        returns once both nodes are idle. Prints `export SLURM_CONF=...`.
+#                                        (sacct), slurmctld and slurmd "nodes" n1, n2 (NODES) on loopback;
+#                                        returns once all nodes are idle. Prints `export SLURM_CONF=...`.
 #   tools/slurm_cluster.sh stop DIR      cancel our jobs, stop every daemon we started, by PID.
 #   tools/slurm_cluster.sh env DIR       print `export SLURM_CONF=DIR/etc/slurm.conf`.
 #
@@ -11,17 +11,17 @@
 # started in the foreground (-D) in the background, its PID is written to DIR/pids, and `stop` kills
 # exactly those PIDs in reverse order. Nothing is written outside DIR except the apt install.
 # Environment:
-#   PORT_BASE  (default 17800): slurmctld PORT_BASE+17, slurmdbd +19, slurmd n1/n2 +21/+22, MariaDB +6,
+#   PORT_BASE  (default 17800): slurmctld PORT_BASE+17, slurmdbd +19, slurmd n1, n2, ... +21, +22, ..., MariaDB +6,
 #              so several clusters (or a site's real one) can share the machine.
 #   WITH_DBD   (default 1): 0 skips MariaDB + slurmdbd (sacct then reports accounting as disabled).
 #   CRED_EXPIRE (default 5): seconds a requeued job waits before it may start again (Slurm's default 120).
-#   NODE_CPUS  (default 1): CPUs each of the two nodes advertises.
+#   NODE_CPUS  (default 1): CPUs each node advertises.
+#   NODES      (default 2): number of slurmd "nodes" n1..nN (ports PORT_BASE+21 ...).
 set -euo pipefail
 
 APT_PACKAGES="slurmctld slurmd slurm-client munge slurmdbd mariadb-server"
 
 die() { echo "slurm_cluster: $*" >&2; exit 2; }
-pidfile_wait() { for _ in $(seq 100); do [ -s "$1" ] && break; sleep 0.1; done; cat "$1"; }
 
 install_packages() {
   local missing=0
@@ -51,7 +51,8 @@ start() {
   [ "$(id -u)" = 0 ] || die "must run as root (starts slurmctld/slurmd/munged)"
   [ -e "$W/pids" ] && die "$W/pids exists: a cluster seems to be running there; run '$0 stop $W' first"
   install_packages
-  local PB=${PORT_BASE:-17800} DBD=${WITH_DBD:-1} CE=${CRED_EXPIRE:-5} NC=${NODE_CPUS:-1}
+  local PB=${PORT_BASE:-17800} DBD=${WITH_DBD:-1} CE=${CRED_EXPIRE:-5} NC=${NODE_CPUS:-1} NN=${NODES:-2}
+  [[ "$NN" =~ ^[1-9]$ ]] || die "NODES must be 1-9, got '$NN'"
   rm -rf "$W"; mkdir -p "$W"/{etc,state,spool,log,db}
   W=$(cd "$W" && pwd)
   : > "$W/pids"
@@ -132,9 +133,8 @@ SlurmdTimeout=30
 MinJobAge=600
 $ACCT
 JobAcctGatherType=jobacct_gather/$GATHER
-NodeName=n1 NodeHostname=$H NodeAddr=127.0.0.1 Port=$((PB + 21)) CPUs=$NC RealMemory=4000
-NodeName=n2 NodeHostname=$H NodeAddr=127.0.0.1 Port=$((PB + 22)) CPUs=$NC RealMemory=4000
-PartitionName=debug Nodes=n[1-2] Default=YES MaxTime=INFINITE State=UP
+$(for i in $(seq "$NN"); do echo "NodeName=n$i NodeHostname=$H NodeAddr=127.0.0.1 Port=$((PB + 20 + i)) CPUs=$NC RealMemory=4000"; done)
+PartitionName=debug Nodes=n[1-$NN] Default=YES MaxTime=INFINITE State=UP
 EOF
   export SLURM_CONF=$W/etc/slurm.conf
 
@@ -147,8 +147,8 @@ EOF
   slurmctld -D -i >/dev/null 2>&1 &
   echo $! >> "$W/pids"
   wait_for 30 bash -c "timeout 3 scontrol ping | grep -q UP" || die "slurmctld did not come up (see $W/log/slurmctld.log)"
-  for n in n1 n2; do
-    slurmd -D -N $n >/dev/null 2>&1 &
+  for i in $(seq "$NN"); do
+    slurmd -D -N "n$i" >/dev/null 2>&1 &
     echo $! >> "$W/pids"
   done
   wait_for 60 nodes_idle || { sinfo -N >&2; die "nodes not idle (see $W/log/slurmd.n1.log)"; }
