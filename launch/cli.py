@@ -96,14 +96,15 @@ def _python(a: argparse.Namespace) -> str:
 
 def _submit_train(a: argparse.Namespace, extra: list[str]) -> int:
     run_dir = (a.run_dir or Path("runs") / a.config.stem).absolute()
-    job = TrainJob(config=existing_file(a.config, "--config"), nodes=a.nodes, gpus_per_node=a.gpus_per_node, run_dir=run_dir,
+    job = TrainJob(config=existing_file(a.config, "--config"), nodes=a.nodes, gpus_per_node=a.gpus_per_node,
+                   run_dir=run_dir,
                    slurm=_options(a), signal_lead=a.signal_lead, cpu=a.cpu, extra_args=extra,
                    python=_python(a), workdir=Path.cwd())
     job.check()
     if a.dry_run:
         run_id = rundir.wandb_run_id(run_dir, create=False) or "<new id, created on submit>"
         print(job.render(run_id), end="")
-        print(f"# submit: cd {run_dir} && sbatch --parsable {job.script_path.name}", file=sys.stderr)
+        print(f"# submit: sbatch --parsable {job.script_path}", file=sys.stderr)
         return 0
     run_id = rundir.wandb_run_id(run_dir)
     assert run_id is not None
@@ -132,9 +133,9 @@ def _submit_prep(a: argparse.Namespace, extra: list[str]) -> int:
         print(job.render_array(), end="")
         print(f"# ---- {job.finalize_script_path.name}")
         print(job.render_finalize(), end="")
-        print(f"# submit: sbatch --parsable {job.array_script_path.name}  ->  ARRAY_JOB_ID\n"
+        print(f"# submit: sbatch --parsable {job.array_script_path}  ->  ARRAY_JOB_ID\n"
               f"#         sbatch --parsable {' '.join(dep).format(array_job='ARRAY_JOB_ID')} "
-              f"{job.finalize_script_path.name}", file=sys.stderr)
+              f"{job.finalize_script_path}", file=sys.stderr)
         return 0
     run_dir.mkdir(parents=True, exist_ok=True)
     job.array_script_path.write_text(job.render_array())
@@ -155,7 +156,8 @@ def _torchrun(a: argparse.Namespace, extra: list[str]) -> int:
     run_dir = (a.run_dir or Path("runs") / a.config.stem).absolute()
     argv = torchrun.command(a.config, a.nnodes, a.nproc_per_node, a.rdzv_endpoint, run_dir,
                             rdzv_id=a.rdzv_id or "pending", cpu=a.cpu, extra_args=extra)
-    run_id = rundir.wandb_run_id(run_dir, create=a.run) or "<new id>"
+    run_id = rundir.wandb_run_id(run_dir)  # made now: the printed command runs as is on every node
+    assert run_id is not None
     if a.rdzv_id is None:
         argv[argv.index("--rdzv-id=pending")] = f"--rdzv-id={run_id}"
     env = torchrun.wandb_env(run_dir, run_id)

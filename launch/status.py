@@ -24,11 +24,22 @@ def log_restarts(run_dir: Path) -> dict[str, int]:
     return seen
 
 
+def job_ids(run_dir: Path) -> list[str]:
+    """Jobs of a run: those `launch submit` recorded plus any whose log is in the directory (a script
+    resubmitted by hand with `sbatch RUN_DIR/train.sbatch` logs there too)."""
+    ids = [j["job_id"] for j in recorded_jobs(run_dir)]
+    for log in sorted(run_dir.glob("slurm-*.out")):
+        jid = log.stem.split("-", 1)[1]
+        if jid.isdigit() and jid not in ids:
+            ids.append(jid)
+    return ids
+
+
 def _table(rows: list[slurm.JobRow]) -> list[str]:
-    out = [f"  {'JOBID':<14} {'NAME':<24} {'STATE':<12} {'ELAPSED':>10} {'RESTARTS':>8}  {'EXIT/REASON'}"]
+    out = [f"  {'JOBID':<14} {'NAME':<30} {'STATE':<12} {'ELAPSED':>10} {'RESTARTS':>8}  {'EXIT/REASON'}"]
     for r in rows:
         restarts = "-" if r.restarts is None else str(r.restarts)
-        out.append(f"  {r.job_id:<14} {r.name[:24]:<24} {r.state:<12} {r.elapsed:>10} {restarts:>8}  "
+        out.append(f"  {r.job_id:<14} {r.name[:30]:<30} {r.state:<12} {r.elapsed:>10} {restarts:>8}  "
                    f"{r.exit_code or r.reason}")
     return out
 
@@ -38,10 +49,9 @@ def report(run_dir: Path) -> str:
     if not run_dir.is_dir():
         raise LaunchError(f"RUN_DIR: {str(run_dir)!r} is not a directory")
     lines = [f"run dir      {run_dir.resolve()}"]
-    jobs = recorded_jobs(run_dir)
-    ids = [j["job_id"] for j in jobs]
+    ids = job_ids(run_dir)
     if not ids:
-        lines.append("jobs         none recorded in jobs.jsonl (not submitted with `launch submit`?)")
+        lines.append("jobs         none (no jobs.jsonl and no slurm-<job>.out in the run directory)")
     else:
         try:
             rows = slurm.sacct(ids)

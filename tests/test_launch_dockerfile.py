@@ -65,7 +65,8 @@ def test_requirement_step_yields_the_pinned_dependencies_minus_the_base_images(t
     reqs = [Requirement(line) for line in out.splitlines()]
     names = {r.name.lower() for r in reqs}
     proj = pyproject()["project"]
-    extras = [e for k, a in instructions() if k == "RUN" for e in re.findall(r"\['optional-dependencies'\]\['([a-z0-9_-]+)'\]", a)]
+    extra_ref = re.compile(r"\['optional-dependencies'\]\['([a-z0-9_-]+)'\]")
+    extras = [e for k, a in instructions() if k == "RUN" for e in extra_ref.findall(a)]
     assert extras == ["gpu"]
     for e in extras:
         assert e in proj["optional-dependencies"], f"Dockerfile uses extra {e!r} that pyproject does not define"

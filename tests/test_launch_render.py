@@ -80,7 +80,7 @@ def test_dry_run_4x8_gpu_job_has_what_srun_needs(tmp_path: Path, cfg: Path) -> N
     assert re.search(r"^export WANDB_RUN_ID=", script, re.M)
     assert re.search(r"^export MASTER_ADDR=", script, re.M) and re.search(r"^export MASTER_PORT=", script, re.M)
     assert not run_dir.exists(), "--dry-run must not create the run directory"
-    assert "sbatch --parsable train.sbatch" in r.stderr
+    assert f"sbatch --parsable {run_dir}/train.sbatch" in r.stderr
     # the whole script is valid bash
     check = subprocess.run(["bash", "-n"], input=script, capture_output=True, text=True)
     assert check.returncode == 0, check.stderr
@@ -180,7 +180,8 @@ def test_prep_dry_run_array_and_finalize(tmp_path: Path) -> None:
     assert srun_argv(finalize) == ["srun", sys.executable, "-m", "data_prep", "finalize", str(out)]
     assert not any(x.startswith("--array") for x in sbatch_directives(finalize))
     assert "--dependency=afterok:ARRAY_JOB_ID --kill-on-invalid-dep=yes" in r.stderr
-    r = launch("submit", "prep", "imagenet", str(tmp_path / "nope"), str(out), "--tasks", "2", "--dry-run", cwd=tmp_path)
+    r = launch("submit", "prep", "imagenet", str(tmp_path / "nope"), str(out), "--tasks", "2", "--dry-run",
+               cwd=tmp_path)
     assert r.returncode == 2 and "SRC:" in r.stderr and "nope" in r.stderr
 
 
@@ -192,6 +193,7 @@ def test_torchrun_prints_a_command_per_node(tmp_path: Path, cfg: Path) -> None:
     argv = shlex.split(r.stdout)
     env = dict(a.split("=", 1) for a in argv[:3])
     assert env["WANDB_RESUME"] == "allow" and env["WANDB_DIR"] == str(tmp_path / "run")
+    assert env["WANDB_RUN_ID"] == (tmp_path / "run" / "wandb_run_id").read_text().strip()
     rest = argv[3:]
     assert Path(rest[0]).name == "torchrun"
     assert rest[1:6] == ["--nnodes=2", "--nproc-per-node=4", "--rdzv-backend=c10d", "--rdzv-endpoint=node0:29400",

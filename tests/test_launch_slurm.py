@@ -89,9 +89,17 @@ def test_hostile_values_cannot_inject_and_the_secret_stays_out(slurm_cluster: Sl
             assert secret not in f.read_text(errors="replace"), f
     assert f"launch: job {job} restart 0 nodes n[1-2] master 127.0.0.1" in log
 
-    # status: sacct knows the job; with accounting switched off it falls back to squeue/scontrol and says so
+    # the saved script resubmitted by hand, from elsewhere: same run directory, same W&B id, and status sees it
+    again = slurm_cluster.run("sbatch", "--parsable", str(run_dir / "train.sbatch"), cwd=Path("/")).stdout.strip()
+    slurm_cluster.wait_gone([again], timeout=60)
+    log2 = (run_dir / f"slurm-{again}.out").read_text()
+    assert [json.loads(line[5:]) for line in log2.splitlines() if line.startswith("ARGV ")] == [expected, expected]
+    assert {json.loads(line[4:])["WANDB_RUN_ID"] for line in log2.splitlines() if line.startswith("ENV ")} == {run_id}
+
+    # status: sacct knows the jobs; with accounting switched off it falls back to squeue/scontrol and says so
     st = slurm_cluster.launch("status", str(run_dir))
-    assert re.search(rf"^  {job}\s+train-demo_touch_CANARY\s+COMPLETED\s", st.stdout, re.M), st.stdout
+    for j in (job, again):
+        assert re.search(rf"^  {j}\s+train-demo_touch_CANARY\s+COMPLETED\s", st.stdout, re.M), st.stdout
     assert "jobs (sacct):" in st.stdout and f"W&B run id   {run_id}" in st.stdout
     assert "checkpoint   none yet" in st.stdout
     no_acct = tmp_path / "slurm-noacct.conf"

@@ -50,7 +50,7 @@ def test_status_reports_step_throughput_and_wandb_id(trained_run: Path) -> None:
     assert r.returncode == 0, r.stderr
     lines = dict(line.split(None, 1) if not line.startswith("W&B") else ("W&B", line[13:])
                  for line in r.stdout.splitlines() if line and not line.startswith(" "))
-    assert "none recorded" in lines["jobs"]
+    assert lines["jobs"].startswith("none (no jobs.jsonl")
     assert " global_step 6 " in lines["checkpoint"] and "/checkpoints/" in lines["checkpoint"]
     assert lines["throughput"].endswith(f"(train/img_per_s in {next(trained_run.rglob('metrics.csv'))})")
     assert float(lines["throughput"].split()[0]) > 0 and "at step 5" in lines["throughput"]
