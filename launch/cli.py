@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GPUs = processes per node; 0 runs one CPU process per node")
     t.add_argument("--cpu", action="store_true", help="CPU (gloo) job: no GPU request, accelerator cpu")
     t.add_argument("--signal-lead", type=int, default=300,
-                   help="seconds before the time limit Slurm sends USR1 (checkpoint + requeue), default 300")
+                   help="USR1 (checkpoint + requeue) comes this many seconds before the time limit, up to 30 s "
+                        "earlier (Slurm checks every 30 s); default 300")
     t.add_argument("--run-dir", type=Path, default=None, help="default runs/<config name>")
     _slurm_args(t, None)
 

@@ -119,10 +119,10 @@ class TrainJob:
         self.slurm.check()
         sbatch_path(self.run_dir, "--run-dir")
         positive_int(self.signal_lead, "--signal-lead", minimum=0)
-        if self.signal_lead >= time_seconds(self.slurm.time):
+        if self.signal_lead + 30 >= time_seconds(self.slurm.time):
             raise LaunchError(
-                f"--signal-lead: {self.signal_lead} s is not shorter than --time {self.slurm.time}; "
-                "the checkpoint signal would arrive before the job starts working"
+                f"--signal-lead: {self.signal_lead} s + Slurm's 30 s check interval is not shorter than --time "
+                f"{self.slurm.time}; USR1 would arrive as the job starts, before the trainer can checkpoint"
             )
         if self.slurm.container_image and self.python != "python":
             raise LaunchError("--python: with --container-image the container's own `python` is used")

@@ -138,7 +138,8 @@ def test_hostile_values_are_quoted_in_the_srun_line(tmp_path: Path) -> None:
     (["--account", "a b"], "--account:"),
     (["--run-dir", "runs/my run"], "--run-dir:"),
     (["--run-dir", "runs/x;y"], "--run-dir:"),
-    (["--signal-lead", "3600"], "--signal-lead: 3600 s is not shorter than --time 01:00:00"),
+    (["--signal-lead", "3600"], "--signal-lead: 3600 s + Slurm's 30 s check interval is not shorter than --time"),
+    (["--time", "00:05:20"], "--signal-lead: 300 s + Slurm's 30 s check interval is not shorter than --time 00:05:20"),
 ])
 def test_bad_settings_exit_2_naming_the_setting(tmp_path: Path, cfg: Path, args: list[str], setting: str) -> None:
     base = {"--config": str(cfg), "--nodes": "1", "--gpus-per-node": "1", "--time": "01:00:00"}
