@@ -185,7 +185,7 @@ def test_prep_array_plus_finalize_matches_single_process(slurm_cluster: SlurmClu
 
 # ---------------------------------------------------------------- training through Slurm (needs the trainer)
 
-STEPS = 40  # optimizer steps of every demo run below; last.ckpt every 5 steps
+STEPS = 30  # optimizer steps of every demo run below; last.ckpt every 5 steps
 
 
 def _needs_trainer() -> Path:

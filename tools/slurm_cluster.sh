@@ -14,7 +14,8 @@
 #   PORT_BASE  (default 17800): slurmctld PORT_BASE+17, slurmdbd +19, slurmd n1, n2, ... +21, +22, ..., MariaDB +6,
 #              so several clusters (or a site's real one) can share the machine.
 #   WITH_DBD   (default 1): 0 skips MariaDB + slurmdbd (sacct then reports accounting as disabled).
-#   CRED_EXPIRE (default 5): seconds a requeued job waits before it may start again (Slurm's default 120).
+#   CRED_EXPIRE (default 5, the minimum): seconds a requeued job waits before it may start again
+#              (Slurm's default is 120).
 #   NODE_CPUS  (default 1): CPUs each node advertises.
 #   NODES      (default 2): number of slurmd "nodes" n1..nN (ports PORT_BASE+21 ...).
 set -euo pipefail
@@ -53,6 +54,7 @@ start() {
   install_packages
   local PB=${PORT_BASE:-17800} DBD=${WITH_DBD:-1} CE=${CRED_EXPIRE:-5} NC=${NODE_CPUS:-1} NN=${NODES:-2}
   [[ "$NN" =~ ^[1-9]$ ]] || die "NODES must be 1-9, got '$NN'"
+  [[ "$CE" =~ ^[0-9]+$ ]] && [ "$CE" -ge 5 ] || die "CRED_EXPIRE must be at least 5 (slurmctld ignores less), got '$CE'"
   rm -rf "$W"; mkdir -p "$W"/{etc,state,spool,log,db}
   W=$(cd "$W" && pwd)
   : > "$W/pids"
