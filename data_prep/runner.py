@@ -32,7 +32,7 @@ def work_dir(out: Path, split: str) -> Path:
 
 def write_json_atomic(path: Path, obj) -> None:
     """Write JSON via a temp file + os.replace so readers never see half a file."""
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=True) + "\n", encoding="utf-8")
     os.replace(tmp, path)
 
@@ -124,8 +124,12 @@ def _build_star(args) -> dict:
 
 def run_jobs(out: Path, jobs: list[ShardJob], opts: EncodeOptions, workers: int,
              show_progress: bool = True, label: str = "data_prep") -> list[dict]:
-    """Build `jobs` with `workers` processes (in-process for 1); records come back in job order."""
-    ctx = mp.get_context("fork")
+    """Build `jobs` with `workers` processes (in-process for 1); records come back in job order.
+
+    Workers are spawned, not forked, so they do not inherit the parent's (dataset-sized) plan;
+    each receives only its own shard's entries.
+    """
+    ctx = mp.get_context("spawn")
     images, nbytes = ctx.Value("q", 0), ctx.Value("q", 0)
     total = sum(len(j.entries) for j in jobs)
     records: dict[int, dict] = {}

@@ -87,7 +87,11 @@ def iter_tar_members(tf: tarfile.TarFile, archive: str, base_offset: int, prefix
     """Regular members of an open tar with absolute data offsets; unsafe/odd members go to rejects."""
     out = []
     try:
-        for m in tf:
+        while True:
+            m = tf.next()
+            if m is None:
+                break
+            tf.members.clear()  # TarFile caches every TarInfo; keep memory flat on huge archives
             display = f"{prefix}:{m.name}"
             if m.isdir():
                 continue

@@ -221,3 +221,11 @@ def test_parse_size():
     assert parse_size("1GiB") == 2**30
     with pytest.raises(PrepError):
         parse_size("lots")
+
+
+def test_progress_line_on_stderr(tree, tmp_path, capsys):
+    root, _ = tree
+    assert main(["imagefolder", str(root), str(tmp_path / "p"), "--split", "train", "--workers", "2",
+                 "--samples-per-shard", "20"]) == 0
+    err = capsys.readouterr().err
+    assert "42/42" in err and "img/s" in err and "MB/s" in err and "ETA" in err
