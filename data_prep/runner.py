@@ -84,6 +84,7 @@ def build_shard(out: Path, job: ShardJob, opts: EncodeOptions) -> dict:
     name, idx = shard_name(job.split, job.number), index_name(job.split, job.number)
     writer = ShardWriter(Path(out) / name, Path(out) / idx)
     rejects = []
+    sources = []
     handles: dict = {}
     pending_n = pending_b = 0
     try:
@@ -97,6 +98,7 @@ def build_shard(out: Path, job: ShardJob, opts: EncodeOptions) -> dict:
             jpeg, reason = process_image(data, opts)
             if reason is None:
                 writer.add(key, jpeg, label)
+                sources.append([key, display])
             else:
                 rejects.append({"path": display, "reason": reason})
             pending_n += 1
@@ -113,7 +115,7 @@ def build_shard(out: Path, job: ShardJob, opts: EncodeOptions) -> dict:
             f.close()
     _count(pending_n, pending_b)
     rec = {"name": name, "index": idx, "samples": writer.samples, "bytes": nbytes, "sha256": sha,
-           "plan_hash": job.plan_hash, "planned": len(job.entries), "rejects": rejects}
+           "plan_hash": job.plan_hash, "planned": len(job.entries), "rejects": rejects, "sources": sources}
     write_json_atomic(work_dir(out, job.split) / (name + ".json"), rec)
     return rec
 

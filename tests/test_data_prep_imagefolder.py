@@ -229,3 +229,17 @@ def test_progress_line_on_stderr(tree, tmp_path, capsys):
                  "--samples-per-shard", "20"]) == 0
     err = capsys.readouterr().err
     assert "42/42" in err and "img/s" in err and "MB/s" in err and "ETA" in err
+
+
+def test_done_records_map_keys_to_sources(tree, prepared):
+    root, files = tree
+    recs = [json.loads(p.read_text()) for p in sorted((prepared / ".work" / "train").glob("train-*.tar.json"))]
+    mapping = dict(kv for r in recs for kv in r["sources"])
+    assert len(mapping) == 42
+    by_path = {str(root / rel): data for rel, data in files.items()}
+    for s in samples_of(prepared, "train")[:10]:
+        key = None
+        for k, path in mapping.items():
+            if by_path[path] == s["jpg"]:
+                key = k
+        assert key is not None
