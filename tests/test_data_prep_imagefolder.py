@@ -208,9 +208,14 @@ def test_split_merge_and_class_mismatch(tree, tmp_path):
     (["imagefolder", ".", "OUT", "--split", "a/b"], "--split"),
     (["finalize", "/nonexistent/out"], "/nonexistent/out"),
     (["imagefolder", ".", "OUT"], "--split"),
+    (["imagefolder", "GZ", "OUT", "--split", "train"], "not an uncompressed tar"),
+    (["verify", "/nonexistent/out"], "/nonexistent/out/manifest.json"),
+    (["imagefolder", ".", "OUT", "--split", "train", "--task-index", "3", "--num-tasks", "3"], "--task-index"),
 ])
 def test_cli_errors_one_line_exit_2(args, fragment, tmp_path):
-    args = [a.replace("OUT", str(tmp_path / "o")) for a in args]
+    import gzip
+    (tmp_path / "x.tar.gz").write_bytes(gzip.compress(b"not really a tar"))
+    args = [a.replace("OUT", str(tmp_path / "o")).replace("GZ", str(tmp_path / "x.tar.gz")) for a in args]
     r = subprocess.run([sys.executable, "-m", "data_prep", *args], capture_output=True, text=True)
     assert r.returncode == 2, r.stderr
     assert fragment in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -85,3 +85,18 @@ def test_flat_val_without_labels_is_a_clear_error(archives, tmp_path, capsys):
     assert "LOC_val_solution.csv" in capsys.readouterr().err
     assert main(["imagenet", str(src), str(tmp_path / "o"), "--splits", "train", "--no-progress"]) == 2
     assert "ILSVRC2012_img_train.tar" in capsys.readouterr().err
+
+
+def test_kaggle_layout_with_synset_mapping(tmp_path):
+    src = tmp_path / "kaggle"
+    data = src / "ILSVRC" / "Data" / "CLS-LOC"
+    exp = build_imagenet(data, extracted=True)
+    (data / "ILSVRC2012_devkit_t12.tar.gz").unlink()
+    (data / "LOC_val_solution.csv").rename(src / "LOC_val_solution.csv")
+    (src / "LOC_synset_mapping.txt").write_text("".join(f"{w} {WORDS[w]}\n" for w in sorted(WORDS)))
+    out = tmp_path / "out"
+    assert main(["imagenet", str(src), str(out), "--no-progress"]) == 0
+    m = load_manifest(out)
+    assert m["class_names"] == [WORDS[w] for w in exp["wnids"]]
+    check_labels(out, "train", exp["train"], exp["wnids"])
+    check_labels(out, "val", exp["val"], exp["wnids"])
