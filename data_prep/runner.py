@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from .format import index_name, shard_name
-from .plan import ShardJob
+from .plan import ShardJob, sample_key
 from .progress import Progress
 from .shardwriter import ShardWriter
 from .sources import read_ref
@@ -88,7 +88,8 @@ def build_shard(out: Path, job: ShardJob, opts: EncodeOptions) -> dict:
     handles: dict = {}
     pending_n = pending_b = 0
     try:
-        for key, display, ref, label in job.entries:
+        for index, display, ref, label in job.entries:
+            key = sample_key(job.split, index)
             try:
                 data = read_ref(ref, handles)
             except OSError as exc:

@@ -1,7 +1,6 @@
 """python -m data_prep imagefolder: folder and tar inputs, output contract, determinism, DALI, errors."""
 import hashlib
 import json
-import shutil
 import struct
 import subprocess
 import sys

@@ -1,6 +1,5 @@
 """Resume after SIGKILL, Slurm-style task slices + finalize, verify, and re-encode mode."""
 import io
-import json
 import os
 import signal
 import subprocess
