@@ -163,11 +163,11 @@ def process_image(data: bytes, opts: EncodeOptions) -> tuple[bytes | None, str |
             return None, "corrupt JPEG: zero width or height"
         if Image.MAX_IMAGE_PIXELS and hdr.width * hdr.height > Image.MAX_IMAGE_PIXELS:
             return None, f"decompression bomb: {hdr.width}x{hdr.height} pixels exceeds PIL limit"
-        if not hdr.complete:
-            return None, "truncated JPEG: no end-of-image marker"
-        if hdr.sof in _PASS_SOF and hdr.precision == 8 and hdr.components == 3 and hdr.orientation == 1:
+        if (hdr.complete and hdr.sof in _PASS_SOF and hdr.precision == 8 and hdr.components == 3
+                and hdr.orientation == 1):
             return data, None
-        # CMYK, grayscale, 12-bit, lossless or rotated: fall through to a decode.
+        # CMYK, grayscale, 12-bit, lossless, rotated, or no EOI near the end (truncated, or a
+        # camera trailer after EOI): a full decode decides, and a truncated scan is rejected there.
     try:
         return _decode_and_encode(data, opts), None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -175,6 +175,9 @@ def process_image(data: bytes, opts: EncodeOptions) -> tuple[bytes | None, str |
     except UnidentifiedImageError:
         return None, "not an image (PIL cannot identify it)"
     except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
-        return None, f"corrupt or truncated image: {exc}"
+        text = str(exc)
+        if "truncated" in text:
+            return None, f"truncated image: {text}"
+        return None, f"corrupt image: {text}"
     except MemoryError:
         return None, "image too large to decode (MemoryError)"

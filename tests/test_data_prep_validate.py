@@ -69,3 +69,12 @@ def test_reencode_bounds_longer_side():
     small = jpeg_bytes(photos(1, (100, 50))[0])
     out, _ = process_image(small, EncodeOptions(max_side=150))
     assert decoded(out).shape == (50, 100, 3)
+
+
+def test_truncated_scan_rejected_and_trailer_tolerated():
+    data = jpeg_bytes(photos(1, (400, 300), 4)[0], quality=95)
+    out, reason = process_image(data[: int(len(data) * 0.7)], PASS)
+    assert out is None and "truncated" in reason
+    trailer = data + b"SEFT" + bytes(range(256)) * 40  # vendor data after EOI, beyond the tail window
+    out, reason = process_image(trailer, PASS)
+    assert reason is None and np.abs(decoded(out) - decoded(data)).mean() < 3
