@@ -142,7 +142,7 @@ def run(argv: list[str] | None = None) -> int:
 
         split = _split_ok(args.split)
         opts, shard_bytes, workers, ti, nt = _check_common(args)
-        scan = scan_imagefolder(args.src)
+        scan = scan_imagefolder(args.src, split)
         m = prepare_split(args.out, split, str(args.src.resolve()), scan, opts, args.seed, shard_bytes,
                           args.samples_per_shard, workers, ti, nt, show_progress=not args.no_progress)
         _summary(m, [split])

@@ -247,3 +247,15 @@ def test_done_records_map_keys_to_sources(tree, prepared):
                 src = Path(mapping[key])
                 assert tf.extractfile(m).read() == src.read_bytes()
                 assert src.relative_to(root).as_posix() in files
+
+
+def test_source_with_several_split_folders_uses_the_named_one(tmp_path):
+    src = tmp_path / "src"
+    write_imagefolder(src / "train", ["a", "b"], per_class=3)
+    write_imagefolder(src / "val", ["a", "b"], per_class=2, seed=5)
+    (src / "val" / "a" / ".hidden").write_bytes(b"x")
+    for split, n in (("train", 6), ("val", 2 * 2)):
+        assert main(["imagefolder", str(src), str(tmp_path / "o"), "--split", split, "--no-progress"]) == 0
+        sp = load_manifest(tmp_path / "o")["splits"][split]
+        assert sp["samples"] == n and sp["rejected"] == (1 if split == "val" else 0)
+    assert load_manifest(tmp_path / "o")["classes"] == ["a", "b"]
