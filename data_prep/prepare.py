@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 from .errors import PrepError
-from .format import index_name, shard_name
+from .format import MANIFEST_NAME, ManifestError, index_name, load_manifest, shard_name
 from .imagefolder import Scan
 from .manifest import finalize, write_plan_record
 from .plan import plan_shards
@@ -20,6 +20,16 @@ def prepare_split(out: Path, split: str, source: str, scan: Scan, opts: EncodeOp
     """Write this task's shards of `split`; returns the manifest when num_tasks == 1."""
     if not 0 <= task_index < num_tasks:
         raise PrepError(f"--task-index {task_index} is outside 0..{num_tasks - 1} (--num-tasks {num_tasks})")
+    if (out / MANIFEST_NAME).exists():
+        try:
+            existing = load_manifest(out)
+        except ManifestError as exc:
+            raise PrepError(str(exc)) from None
+        others = sorted(set(existing["splits"]) - {split})
+        if others and existing["classes"] != scan.classes:
+            raise PrepError(f"{out / MANIFEST_NAME}: the {len(scan.classes)} classes of split {split!r} differ "
+                            f"from the {len(existing['classes'])} classes of existing splits {others}; "
+                            "use another OUT")
     out.mkdir(parents=True, exist_ok=True)
     options = {"mode": "reencode" if opts.max_side else "passthrough", "max_side": opts.max_side,
                "quality": opts.quality, "seed": seed, "shard_bytes": shard_bytes,

@@ -198,6 +198,7 @@ def test_split_merge_and_class_mismatch(tree, tmp_path):
     other = tmp_path / "other"
     write_imagefolder(other, ["ant", "bee"], per_class=2)
     assert main(["imagefolder", str(other), str(out), "--split", "test", "--no-progress"]) == 2
+    assert not list(out.glob("test-*"))  # refused before writing anything
     assert sorted(load_manifest(out)["splits"]) == ["train", "val"]
 
 
