@@ -96,7 +96,10 @@ def build_shard(out: Path, job: ShardJob, opts: EncodeOptions) -> dict:
                 rejects.append({"path": display, "reason": f"cannot read: {exc}"})
                 pending_n += 1
                 continue
-            jpeg, reason = process_image(data, opts)
+            try:
+                jpeg, reason = process_image(data, opts)
+            except Exception as exc:  # a decoder bug on one odd file must not stop the run
+                jpeg, reason = None, f"unexpected decoder error: {type(exc).__name__}: {exc}"
             if reason is None:
                 writer.add(key, jpeg, label)
                 sources.append([key, display])
