@@ -7,6 +7,7 @@ Everything else (CMYK, grayscale, PNG, EXIF-rotated, ...) is decoded with PIL an
 from __future__ import annotations
 
 import io
+import math
 import struct
 import warnings
 from dataclasses import dataclass
@@ -137,15 +138,17 @@ def _decode_and_encode(data: bytes, opts: EncodeOptions) -> bytes:
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         img = Image.open(io.BytesIO(data))
-        if img.format == "JPEG" and opts.max_side:
-            img.draft("RGB", (opts.max_side, opts.max_side))
+        if img.format == "JPEG" and opts.max_side and max(img.size) > opts.max_side:
+            # DCT-domain downscale by 1/2, 1/4 or 1/8 while staying at least the target size
+            s = opts.max_side / max(img.size)
+            img.draft("RGB", (math.ceil(img.size[0] * s), math.ceil(img.size[1] * s)))
         img.load()
     img = ImageOps.exif_transpose(img)
     img = _to_rgb(img)
     if opts.max_side and max(img.size) > opts.max_side:
         w, h = img.size
         s = opts.max_side / max(w, h)
-        img = img.resize((max(1, round(w * s)), max(1, round(h * s))), Image.Resampling.LANCZOS)
+        img = img.resize((max(1, round(w * s)), max(1, round(h * s))), Image.Resampling.BICUBIC)
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=opts.quality, optimize=False)
     return buf.getvalue()
