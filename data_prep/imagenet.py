@@ -39,8 +39,11 @@ class Devkit:
 
 
 def _parse_devkit(meta_bytes: bytes, truth_text: str, where: str) -> Devkit:
-    import scipy.io
-
+    try:
+        import scipy.io
+    except ImportError:
+        raise PrepError(f"{where}: reading the devkit's meta.mat needs scipy (pip install scipy), "
+                        f"or pass --val-csv {VAL_CSV} instead") from None
     try:
         syn = scipy.io.loadmat(io.BytesIO(meta_bytes), squeeze_me=True)["synsets"]
         ids = [int(x) for x in syn["ILSVRC2012_ID"]]
