@@ -50,7 +50,7 @@ SHORTCUT_OPTIONS: tuple[str, ...] = ("A", "B", "C")
 
 
 class ModelConfigError(ValueError):
-    """A model was asked for with a setting it does not support (bad name, option or combination)."""
+    """A model was asked for with a setting it does not support (name, option or combination)."""
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
