@@ -1,0 +1,195 @@
+"""Command line: imagefolder, imagenet, finalize, verify. User errors print one line and exit 2."""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from pathlib import Path
+
+from .errors import PrepError
+from .format import ManifestError
+
+_UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4,
+          "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4}
+
+
+def parse_size(text: str) -> int:
+    """'1GB' -> 10**9, '512MiB' -> 512*2**20, '300KB' -> 300000; PrepError on anything else."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    unit = m.group(2).upper() if m else None
+    if not m or unit not in _UNITS:
+        raise PrepError(f"--shard-size {text!r}: expected a number with KB, MB or GB (e.g. 1GB, 500MB)")
+    value = int(float(m.group(1)) * _UNITS[unit])
+    if value <= 0:
+        raise PrepError(f"--shard-size {text!r}: must be positive")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2, no usage dump
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _env_int(name: str, default: int) -> int:
+    v = os.environ.get(name)
+    try:
+        return int(v) if v not in (None, "") else default
+    except ValueError:
+        raise PrepError(f"environment variable {name}={v!r} is not an integer") from None
+
+
+def default_workers() -> int:
+    """All cores this process may use (respects Slurm/cgroup CPU affinity)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shard-size", default="1GB", help="target shard size (KB/MB/GB), default 1GB")
+    p.add_argument("--samples-per-shard", type=int, default=None, help="fixed samples per shard (overrides --shard-size)")
+    p.add_argument("--seed", type=int, default=0, help="shuffle seed (default 0)")
+    p.add_argument("--max-side", type=int, default=None,
+                   help="re-encode every image with its longer side at most PX (default: passthrough)")
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality for re-encoded images (default 90)")
+    p.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
+    p.add_argument("--task-index", type=int, default=None, help="this array task (default $SLURM_ARRAY_TASK_ID)")
+    p.add_argument("--num-tasks", type=int, default=None, help="array size (default $SLURM_ARRAY_TASK_COUNT or 1)")
+    p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse tree for all subcommands."""
+    ap = _Parser(prog="python -m data_prep", description="Shard image datasets into WebDataset tars.")
+    sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    p = sub.add_parser("imagefolder", help="<class>/<image> folder or .tar -> shards")
+    p.add_argument("src", type=Path)
+    p.add_argument("out", type=Path)
+    p.add_argument("--split", required=True, help="split name, e.g. train or val")
+    _add_common(p)
+    p = sub.add_parser("imagenet", help="ILSVRC2012 (archives or extracted) -> shards")
+    p.add_argument("src", type=Path)
+    p.add_argument("out", type=Path)
+    p.add_argument("--splits", default="train,val", help="comma list of train,val (default both)")
+    p.add_argument("--devkit", type=Path, default=None, help="ILSVRC2012_devkit_t12.tar.gz (default: look in SRC)")
+    p.add_argument("--val-csv", type=Path, default=None, help="Kaggle LOC_val_solution.csv (default: look in SRC)")
+    _add_common(p)
+    p = sub.add_parser("finalize", help="merge array-task results into manifest.json")
+    p.add_argument("out", type=Path)
+    p.add_argument("--splits", default=None, help="comma list (default: all prepared splits)")
+    p = sub.add_parser("verify", help="re-check sizes, sha256, counts and decode samples")
+    p.add_argument("out", type=Path)
+    p.add_argument("--decode", type=int, default=4, help="samples to fully decode per shard (default 4)")
+    p.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
+    return ap
+
+
+def _check_common(args) -> tuple:
+    from .validate import EncodeOptions
+
+    shard_bytes = None
+    if args.samples_per_shard is not None:
+        if args.samples_per_shard <= 0:
+            raise PrepError(f"--samples-per-shard {args.samples_per_shard}: must be positive")
+    else:
+        shard_bytes = parse_size(args.shard_size)
+    if args.max_side is not None and args.max_side < 16:
+        raise PrepError(f"--max-side {args.max_side}: must be at least 16")
+    if not 1 <= args.quality <= 100:
+        raise PrepError(f"--quality {args.quality}: must be in 1..100")
+    workers = args.workers if args.workers is not None else default_workers()
+    if workers < 1:
+        raise PrepError(f"--workers {workers}: must be at least 1")
+    num_tasks = args.num_tasks if args.num_tasks is not None else _env_int("SLURM_ARRAY_TASK_COUNT", 1)
+    if args.task_index is not None:
+        task_index = args.task_index
+    else:
+        task_index = _env_int("SLURM_ARRAY_TASK_ID", 0) - _env_int("SLURM_ARRAY_TASK_MIN", 0)
+    if num_tasks < 1:
+        raise PrepError(f"--num-tasks {num_tasks}: must be at least 1")
+    if not 0 <= task_index < num_tasks:
+        raise PrepError(f"--task-index {task_index} is outside 0..{num_tasks - 1} (--num-tasks {num_tasks})")
+    if not args.src.exists():
+        raise PrepError(f"{args.src}: source does not exist")
+    if args.out.exists() and not args.out.is_dir():
+        raise PrepError(f"{args.out}: output exists and is not a folder")
+    opts = EncodeOptions(max_side=args.max_side, quality=args.quality)
+    return opts, shard_bytes, workers, task_index, num_tasks
+
+
+def _split_ok(split: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", split):
+        raise PrepError(f"--split {split!r}: use letters, digits, '_' or '-' only")
+    return split
+
+
+def _summary(manifest: dict | None, splits: list[str]) -> None:
+    if manifest is None:
+        return
+    for s in splits:
+        e = manifest["splits"][s]
+        print(f"{s}: {e['samples']} samples in {len(e['shards'])} shards, {e['rejected']} rejected")
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Parse and execute; raises PrepError/ManifestError for user errors."""
+    args = build_parser().parse_args(argv)
+    if args.cmd == "imagefolder":
+        from .imagefolder import scan_imagefolder
+        from .prepare import prepare_split
+
+        split = _split_ok(args.split)
+        opts, shard_bytes, workers, ti, nt = _check_common(args)
+        scan = scan_imagefolder(args.src, split)
+        m = prepare_split(args.out, split, str(args.src.resolve()), scan, opts, args.seed, shard_bytes,
+                          args.samples_per_shard, workers, ti, nt, show_progress=not args.no_progress)
+        _summary(m, [split])
+        return 0
+    if args.cmd == "imagenet":
+        from .imagenet import prepare_imagenet
+
+        splits = [_split_ok(s.strip()) for s in args.splits.split(",") if s.strip()]
+        bad = [s for s in splits if s not in ("train", "val")]
+        if bad or not splits:
+            raise PrepError(f"--splits {args.splits!r}: choose from train,val")
+        opts, shard_bytes, workers, ti, nt = _check_common(args)
+        m = prepare_imagenet(args.src, args.out, splits, opts, args.seed, shard_bytes, args.samples_per_shard,
+                             workers, ti, nt, devkit=args.devkit, val_csv=args.val_csv,
+                             show_progress=not args.no_progress)
+        _summary(m, splits)
+        return 0
+    if args.cmd == "finalize":
+        from .manifest import finalize
+
+        if not args.out.is_dir():
+            raise PrepError(f"{args.out}: output folder does not exist")
+        splits = [s.strip() for s in args.splits.split(",")] if args.splits else None
+        m = finalize(args.out, splits)
+        _summary(m, list(m["splits"]) if splits is None else splits)
+        return 0
+    if args.cmd == "verify":
+        from .verify import verify
+
+        problems = verify(args.out, decode=args.decode, workers=args.workers or default_workers())
+        for p in problems:
+            print(p, file=sys.stderr)
+        if problems:
+            print(f"verify: {len(problems)} problem(s) in {args.out}", file=sys.stderr)
+            return 1
+        print(f"verify: {args.out} OK")
+        return 0
+    raise AssertionError(args.cmd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: user errors become `python -m data_prep: error: ...` and exit 2."""
+    try:
+        return run(argv)
+    except (PrepError, ManifestError) as exc:
+        print(f"python -m data_prep: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("python -m data_prep: interrupted (finished shards are kept; rerun to resume)", file=sys.stderr)
+        return 130

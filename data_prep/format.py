@@ -1,0 +1,107 @@
+"""On-disk contract between data_prep and the loaders: manifest, shard names, index files.
+
+Kept tiny and free of heavy imports so training code can import it cheaply.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_VERSION = 1
+INDEX_VERSION = "v1.2"  # DALI wds2idx index format version
+SAMPLE_EXTS = ("jpg", "cls", "lbl")
+
+
+class ManifestError(Exception):
+    """The manifest or an index file is missing, unreadable, or of an unknown version."""
+
+
+def shard_name(split: str, number: int) -> str:
+    """Name of shard `number` of `split` (e.g. ``train-000003.tar``)."""
+    return f"{split}-{number:06d}.tar"
+
+
+def index_name(split: str, number: int) -> str:
+    """Name of the DALI index that belongs to :func:`shard_name`."""
+    return f"{split}-{number:06d}.idx"
+
+
+def load_manifest(out_dir: str | Path) -> dict:
+    """Read and sanity-check ``OUT/manifest.json``; raise ManifestError naming the path."""
+    path = Path(out_dir) / MANIFEST_NAME
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ManifestError(f"{path}: manifest not found (run `python -m data_prep ...` first)") from None
+    except OSError as exc:
+        raise ManifestError(f"{path}: cannot read manifest: {exc}") from None
+    try:
+        manifest = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ManifestError(f"{path}: invalid JSON: {exc}") from None
+    if not isinstance(manifest, dict):
+        raise ManifestError(f"{path}: manifest must be a JSON object")
+    version = manifest.get("version")
+    if version != MANIFEST_VERSION:
+        raise ManifestError(f"{path}: unsupported manifest version {version!r} (expected {MANIFEST_VERSION})")
+    for key in ("classes", "splits"):
+        if key not in manifest:
+            raise ManifestError(f"{path}: manifest lacks {key!r}")
+    return manifest
+
+
+def shard_paths(out_dir: str | Path, manifest: dict, split: str) -> list[Path]:
+    """Absolute paths of the shards of `split`, in manifest order."""
+    splits = manifest.get("splits", {})
+    if split not in splits:
+        raise ManifestError(f"{Path(out_dir) / MANIFEST_NAME}: no split {split!r} (have {sorted(splits)})")
+    return [Path(out_dir) / shard["name"] for shard in splits[split]["shards"]]
+
+
+def index_paths(out_dir: str | Path, manifest: dict, split: str) -> list[Path]:
+    """Absolute paths of the DALI index files of `split`, parallel to :func:`shard_paths`."""
+    shard_paths(out_dir, manifest, split)  # validates the split
+    return [Path(out_dir) / shard["index"] for shard in manifest["splits"][split]["shards"]]
+
+
+def write_index(idx_path: str | Path, samples: list[list[tuple[str, int, int, str]]]) -> None:
+    """Write a DALI webdataset index (same bytes as ``wds2idx``).
+
+    `samples` holds, per sample, (ext, data offset, size, member name) for each member in tar order.
+    """
+    lines = [f"{INDEX_VERSION} {len(samples)}\n"]
+    for members in samples:
+        lines.append(" ".join(f"{ext} {off} {size} {name}" for ext, off, size, name in members) + "\n")
+    Path(idx_path).write_text("".join(lines), encoding="utf-8")
+
+
+def read_index(idx_path: str | Path) -> list[dict[str, tuple[int, int]]]:
+    """Parse a DALI index: per sample, ext -> (byte offset of the member data in the tar, size)."""
+    path = Path(idx_path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise ManifestError(f"{path}: cannot read index: {exc}") from None
+    if not lines:
+        raise ManifestError(f"{path}: empty index file")
+    head = lines[0].split()
+    if len(head) != 2 or head[0] != INDEX_VERSION or not head[1].isdigit():
+        raise ManifestError(f"{path}: bad index header {lines[0]!r} (expected '{INDEX_VERSION} N')")
+    count = int(head[1])
+    body = lines[1:]
+    if len(body) != count:
+        raise ManifestError(f"{path}: header says {count} samples, found {len(body)} lines")
+    out: list[dict[str, tuple[int, int]]] = []
+    for lineno, line in enumerate(body, start=2):
+        parts = line.split(" ")
+        if len(parts) % 4:
+            raise ManifestError(f"{path}:{lineno}: expected groups of 'ext offset size name'")
+        entry: dict[str, tuple[int, int]] = {}
+        try:
+            for i in range(0, len(parts), 4):
+                entry[parts[i]] = (int(parts[i + 1]), int(parts[i + 2]))
+        except ValueError:
+            raise ManifestError(f"{path}:{lineno}: non-integer offset or size") from None
+        out.append(entry)
+    return out

@@ -1,0 +1,114 @@
+"""Assemble ``manifest.json`` and ``rejects.jsonl`` from a split's plan and its done-records.
+
+Used at the end of a single run and by ``python -m data_prep finalize`` after array tasks. Splits
+already in the manifest are kept (merged) as long as the class list agrees.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+from .errors import PrepError
+from .format import MANIFEST_NAME, MANIFEST_VERSION, ManifestError, load_manifest
+from .runner import WORK_DIR, work_dir, write_json_atomic
+
+PLAN_NAME = "plan.json"
+REJECTS_NAME = "rejects.jsonl"
+
+
+def write_plan_record(out: Path, split: str, record: dict) -> None:
+    """Store what finalize needs about a split's plan (identical for every array task)."""
+    d = work_dir(out, split)
+    d.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(d / PLAN_NAME, record)
+
+
+def _split_entry(out: Path, split: str) -> tuple[dict, dict, list[dict]]:
+    """(plan record, manifest entry, reject lines) for one split; PrepError if shards are missing."""
+    d = work_dir(out, split)
+    try:
+        plan = json.loads((d / PLAN_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise PrepError(f"{d / PLAN_NAME}: no readable plan for split {split!r} ({exc})") from None
+    shards, rejects, missing = [], [], []
+    for r in plan["scan_rejects"]:
+        rejects.append({"split": split, "path": r[0], "reason": r[1]})
+    for s in plan["shards"]:
+        rec_path = d / (s["name"] + ".json")
+        try:
+            rec = json.loads(rec_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            missing.append(s["name"])
+            continue
+        tar = out / rec["name"]
+        if rec.get("plan_hash") != s["plan_hash"] or not tar.is_file() or tar.stat().st_size != rec["bytes"]:
+            missing.append(s["name"])
+            continue
+        rejects.extend({"split": split, "path": r["path"], "reason": r["reason"]} for r in rec["rejects"])
+        if rec["samples"] > 0:
+            shards.append({k: rec[k] for k in ("name", "index", "samples", "bytes", "sha256")})
+    if missing:
+        more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise PrepError(f"{out}: split {split!r} is incomplete, {len(missing)} shard(s) not done: "
+                        f"{', '.join(missing[:5])}{more}; run the remaining tasks (or rerun) first")
+    samples = sum(s["samples"] for s in shards)
+    if samples + len(rejects) != plan["inputs"]:
+        raise PrepError(f"{out}: split {split!r}: {samples} written + {len(rejects)} rejected != "
+                        f"{plan['inputs']} inputs (stale work files? rerun the split)")
+    entry = {"shards": shards, "samples": samples, "rejected": len(rejects), "source": plan.get("split_source", plan["source"]),
+             "options": plan["options"]}
+    return plan, entry, rejects
+
+
+def _remove_stale_shards(out: Path, split: str, keep: set[str]) -> None:
+    pat = re.compile(rf"^{re.escape(split)}-\d{{6}}\.(tar|idx)$")
+    for p in out.iterdir():
+        if pat.match(p.name) and p.name not in keep:
+            p.unlink()
+
+
+def finalize(out: str | Path, splits: list[str] | None = None) -> dict:
+    """Merge the given splits (default: all with work records) into manifest.json; return it."""
+    out = Path(out)
+    wroot = out / WORK_DIR
+    if splits is None:
+        splits = sorted(p.name for p in wroot.iterdir() if (p / PLAN_NAME).is_file()) if wroot.is_dir() else []
+    if not splits:
+        raise PrepError(f"{out}: nothing to finalize (no {WORK_DIR}/<split>/{PLAN_NAME}; run a prep command first)")
+    try:
+        manifest = load_manifest(out) if (out / MANIFEST_NAME).exists() else None
+    except ManifestError as exc:
+        raise PrepError(str(exc)) from None
+    if manifest is None:
+        manifest = {"version": MANIFEST_VERSION, "splits": {}}
+    rej_path = out / REJECTS_NAME
+    old_rejects = []
+    if rej_path.exists():
+        for line in rej_path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                old_rejects.append(json.loads(line))
+    new_rejects = []
+    for split in splits:
+        plan, entry, rejects = _split_entry(out, split)
+        if "classes" in manifest and manifest["splits"] and set(manifest["splits"]) - {split}:
+            if manifest["classes"] != plan["classes"]:
+                raise PrepError(f"{out / MANIFEST_NAME}: split {split!r} has {len(plan['classes'])} classes "
+                                f"that differ from the {len(manifest['classes'])} classes of the existing "
+                                f"splits {sorted(set(manifest['splits']) - {split})}; use another OUT")
+        manifest["classes"] = plan["classes"]
+        manifest["class_names"] = plan["class_names"]
+        manifest["source"] = plan["source"]
+        manifest["options"] = plan["options"]
+        manifest["splits"][split] = entry
+        new_rejects.extend(rejects)
+        _remove_stale_shards(out, split, {s["name"] for s in entry["shards"]} | {s["index"] for s in entry["shards"]})
+    kept = [r for r in old_rejects if r.get("split") not in splits]
+    tmp = rej_path.with_name(rej_path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=True) + "\n" for r in kept + new_rejects), encoding="utf-8")
+    os.replace(tmp, rej_path)
+    manifest["splits"] = dict(sorted(manifest["splits"].items()))
+    ordered = {k: manifest[k] for k in ("version", "source", "options", "classes", "class_names", "splits")}
+    write_json_atomic(out / MANIFEST_NAME, ordered)
+    return ordered

@@ -1,0 +1,155 @@
+"""Build the shards of a plan with worker processes; resumable and sliceable into array tasks.
+
+Each shard is written to ``.tmp`` files and renamed into place; a done-record under
+``OUT/.work/<split>/`` (written last) is what marks it complete. A rerun skips shards whose
+done-record matches the plan and whose tar still has the recorded size and sha256.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+from pathlib import Path
+
+from .format import index_name, shard_name
+from .plan import ShardJob, sample_key
+from .progress import Progress
+from .shardwriter import ShardWriter
+from .sources import read_ref
+from .validate import EncodeOptions, process_image
+
+WORK_DIR = ".work"
+
+_images = None
+_bytes = None
+
+
+def work_dir(out: Path, split: str) -> Path:
+    """Where plan and done-records of `split` live."""
+    return Path(out) / WORK_DIR / split
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Write JSON via a temp file + os.replace so readers never see half a file."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in 4 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(4 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def done_record_ok(out: Path, job: ShardJob) -> dict | None:
+    """The shard's done-record if it matches the plan and the files on disk, else None."""
+    rec_path = work_dir(out, job.split) / (shard_name(job.split, job.number) + ".json")
+    try:
+        rec = json.loads(rec_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    tar = Path(out) / rec.get("name", "")
+    idx = Path(out) / rec.get("index", "")
+    if rec.get("plan_hash") != job.plan_hash or not tar.is_file() or not idx.is_file():
+        return None
+    if tar.stat().st_size != rec.get("bytes") or file_sha256(tar) != rec.get("sha256"):
+        return None
+    return rec
+
+
+def _init_worker(images, nbytes) -> None:
+    global _images, _bytes
+    _images, _bytes = images, nbytes
+
+
+def _count(images: int, nbytes: int) -> None:
+    if _images is not None:
+        with _images.get_lock():
+            _images.value += images
+        with _bytes.get_lock():
+            _bytes.value += nbytes
+
+
+def build_shard(out: Path, job: ShardJob, opts: EncodeOptions) -> dict:
+    """Write one shard (or reuse a verified one) and its done-record; return the record."""
+    rec = done_record_ok(out, job)
+    if rec is not None:
+        _count(len(job.entries), 0)
+        return rec
+    name, idx = shard_name(job.split, job.number), index_name(job.split, job.number)
+    writer = ShardWriter(Path(out) / name, Path(out) / idx)
+    rejects = []
+    sources = []
+    handles: dict = {}
+    pending_n = pending_b = 0
+    try:
+        for index, display, ref, label in job.entries:
+            key = sample_key(job.split, index)
+            try:
+                data = read_ref(ref, handles)
+            except OSError as exc:
+                rejects.append({"path": display, "reason": f"cannot read: {exc}"})
+                pending_n += 1
+                continue
+            try:
+                jpeg, reason = process_image(data, opts)
+            except Exception as exc:  # a decoder bug on one odd file must not stop the run
+                jpeg, reason = None, f"unexpected decoder error: {type(exc).__name__}: {exc}"
+            if reason is None:
+                writer.add(key, jpeg, label)
+                sources.append([key, display])
+            else:
+                rejects.append({"path": display, "reason": reason})
+            pending_n += 1
+            pending_b += len(data)
+            if pending_n >= 64:
+                _count(pending_n, pending_b)
+                pending_n = pending_b = 0
+        nbytes, sha = writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        for f in handles.values():
+            f.close()
+    _count(pending_n, pending_b)
+    rec = {"name": name, "index": idx, "samples": writer.samples, "bytes": nbytes, "sha256": sha,
+           "plan_hash": job.plan_hash, "planned": len(job.entries), "rejects": rejects, "sources": sources}
+    write_json_atomic(work_dir(out, job.split) / (name + ".json"), rec)
+    return rec
+
+
+def _build_star(args) -> dict:
+    return build_shard(*args)
+
+
+def run_jobs(out: Path, jobs: list[ShardJob], opts: EncodeOptions, workers: int,
+             show_progress: bool = True, label: str = "data_prep") -> list[dict]:
+    """Build `jobs` with `workers` processes (in-process for 1); records come back in job order.
+
+    Workers are spawned, not forked, so they do not inherit the parent's (dataset-sized) plan;
+    each receives only its own shard's entries.
+    """
+    ctx = mp.get_context("spawn")
+    images, nbytes = ctx.Value("q", 0), ctx.Value("q", 0)
+    total = sum(len(j.entries) for j in jobs)
+    records: dict[int, dict] = {}
+    with Progress(total, images, nbytes, label, enabled=show_progress):
+        if workers <= 1 or len(jobs) <= 1:
+            _init_worker(images, nbytes)
+            try:
+                for j in jobs:
+                    records[j.number] = build_shard(out, j, opts)
+            finally:
+                _init_worker(None, None)
+        else:
+            with ctx.Pool(min(workers, len(jobs)), initializer=_init_worker, initargs=(images, nbytes),
+                          maxtasksperchild=None) as pool:
+                for rec, j in zip(pool.imap(_build_star, [(out, j, opts) for j in jobs], chunksize=1), jobs):
+                    records[j.number] = rec
+    return [records[j.number] for j in jobs]

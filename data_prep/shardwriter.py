@@ -1,0 +1,101 @@
+"""Write one WebDataset shard deterministically (fixed headers and order) plus its DALI index."""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import struct
+import tarfile
+from pathlib import Path
+
+from .format import write_index
+
+RECORD = 10240  # tarfile's default record size; the archive is padded to a multiple of it
+
+
+class _HashingFile(io.RawIOBase):
+    """Write-through file wrapper that keeps a running sha256 and byte count."""
+
+    def __init__(self, f):
+        self.f = f
+        self.sha = hashlib.sha256()
+        self.n = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        self.f.write(b)
+        self.sha.update(b)
+        self.n += len(b)
+        return len(b)
+
+
+def _header(name: str, size: int) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = 0
+    info.mode = 0o444
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    info.type = tarfile.REGTYPE
+    return info.tobuf(format=tarfile.USTAR_FORMAT, encoding="ascii", errors="strict")
+
+
+class ShardWriter:
+    """Stream samples (KEY.jpg, KEY.cls, KEY.lbl) into ``path.tmp``; commit renames it into place."""
+
+    def __init__(self, tar_path: Path, idx_path: Path):
+        self.tar_path = Path(tar_path)
+        self.idx_path = Path(idx_path)
+        self.tmp = self.tar_path.with_name(self.tar_path.name + ".tmp")
+        self.idx_tmp = self.idx_path.with_name(self.idx_path.name + ".tmp")
+        self._raw = open(self.tmp, "wb")
+        self._out = _HashingFile(self._raw)
+        self.index: list[list[tuple[str, int, int, str]]] = []
+        self.samples = 0
+
+    def _member(self, name: str, data: bytes) -> tuple[int, int]:
+        header = _header(name, len(data))
+        self._out.write(header)
+        offset = self._out.n
+        self._out.write(data)
+        pad = (-len(data)) % 512
+        if pad:
+            self._out.write(b"\0" * pad)
+        return offset, len(data)
+
+    def add(self, key: str, jpeg: bytes, label: int) -> None:
+        """Append one sample; members in the fixed order jpg, cls, lbl."""
+        members = []
+        for ext, data in (("jpg", jpeg), ("cls", str(label).encode("ascii")), ("lbl", struct.pack("<i", label))):
+            name = f"{key}.{ext}"
+            off, size = self._member(name, data)
+            members.append((ext, off, size, name))
+        self.index.append(members)
+        self.samples += 1
+
+    def commit(self) -> tuple[int, str]:
+        """Finish the archive, fsync, rename tar and index into place; return (bytes, sha256)."""
+        self._out.write(b"\0" * 1024)
+        pad = (-self._out.n) % RECORD
+        if pad:
+            self._out.write(b"\0" * pad)
+        self._raw.flush()
+        os.fsync(self._raw.fileno())
+        self._raw.close()
+        write_index(self.idx_tmp, self.index)
+        os.replace(self.idx_tmp, self.idx_path)
+        os.replace(self.tmp, self.tar_path)
+        return self._out.n, self._out.sha.hexdigest()
+
+    def abort(self) -> None:
+        """Close and remove the temporary files."""
+        try:
+            self._raw.close()
+        finally:
+            for p in (self.tmp, self.idx_tmp):
+                try:
+                    p.unlink()
+                except FileNotFoundError:
+                    pass

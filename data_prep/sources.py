@@ -1,0 +1,171 @@
+"""Enumerate input files (from a folder or an uncompressed tar, nested tars included) as byte refs.
+
+A ref is ``(path, offset, size)``: a plain file when offset is -1, else `size` bytes at `offset` of
+the (outer) tar on disk. Members of tars nested inside tars get absolute offsets too, so a worker
+reads any single image with one seek, and nothing but the plan is held in memory.
+"""
+from __future__ import annotations
+
+import os
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from .errors import PrepError
+
+Ref = tuple[str, int, int]
+
+
+@dataclass(slots=True)
+class FileEntry:
+    """One regular file found in the source: its relative path parts and where its bytes live."""
+
+    parts: tuple[str, ...]
+    display: str
+    ref: Ref
+
+
+@dataclass
+class Listing:
+    """All regular files of a source plus the entries refused while listing (display, reason)."""
+
+    files: list[FileEntry] = field(default_factory=list)
+    rejects: list[tuple[str, str]] = field(default_factory=list)
+
+
+def unsafe_member_reason(name: str) -> str | None:
+    """Why an archive member name must not be trusted (absolute, '..', empty), else None."""
+    if not name or name.startswith("/") or name.startswith("\\") or (len(name) > 1 and name[1] == ":"):
+        return "unsafe archive member name (absolute path)"
+    parts = name.replace("\\", "/").split("/")
+    if ".." in parts:
+        return "unsafe archive member name (path traversal '..')"
+    return None
+
+
+def _clean_parts(name: str) -> tuple[str, ...]:
+    return tuple(p for p in PurePosixPath(name).parts if p not in ("", "."))
+
+
+def read_ref(ref: Ref, handles: dict | None = None) -> bytes:
+    """Read the bytes of a ref; `handles` caches open archive files between calls."""
+    path, offset, size = ref
+    if offset < 0:
+        with open(path, "rb") as f:
+            return f.read()
+    if handles is None:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read(size)
+    else:
+        f = handles.get(path)
+        if f is None:
+            if len(handles) >= 8:
+                handles.pop(next(iter(handles))).close()
+            f = handles[path] = open(path, "rb")
+        f.seek(offset)
+        data = f.read(size)
+    if len(data) != size:
+        raise OSError(f"short read: {len(data)} of {size} bytes at offset {offset} of {path}")
+    return data
+
+
+def open_tar(path: Path) -> tarfile.TarFile:
+    """Open an uncompressed tar for random access, with a PrepError for anything else."""
+    try:
+        tf = tarfile.open(path, mode="r:")
+    except tarfile.ReadError as exc:
+        raise PrepError(f"{path}: not an uncompressed tar archive ({exc}); "
+                        "compressed archives cannot be read by offset, extract or decompress them first") from None
+    except OSError as exc:
+        raise PrepError(f"{path}: cannot open archive: {exc}") from None
+    return tf
+
+
+def iter_tar_members(tf: tarfile.TarFile, archive: str, base_offset: int, prefix: str,
+                     listing: Listing) -> list[tuple[tarfile.TarInfo, int, str]]:
+    """Regular members of an open tar with absolute data offsets; unsafe/odd members go to rejects."""
+    out = []
+    try:
+        while True:
+            m = tf.next()
+            if m is None:
+                break
+            tf.members.clear()  # TarFile caches every TarInfo; keep memory flat on huge archives
+            display = f"{prefix}:{m.name}"
+            if m.isdir():
+                continue
+            reason = unsafe_member_reason(m.name)
+            if reason is None and not m.isreg():
+                reason = "not a regular file (link or device in archive)"
+            if reason:
+                listing.rejects.append((display, reason))
+                continue
+            out.append((m, base_offset + m.offset_data, display))
+    except tarfile.TarError as exc:
+        listing.rejects.append((f"{prefix}", f"corrupt archive, listing stopped: {exc}"))
+    return out
+
+
+def list_tar(path: Path) -> Listing:
+    """List the regular files of an uncompressed tar (no nesting)."""
+    listing = Listing()
+    with open_tar(path) as tf:
+        for m, off, display in iter_tar_members(tf, str(path), 0, str(path), listing):
+            listing.files.append(FileEntry(_clean_parts(m.name), display, (str(path), off, m.size)))
+    return listing
+
+
+def list_dir(root: Path) -> Listing:
+    """List regular files under a folder, sorted, following no directory symlinks."""
+    listing = Listing()
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        rel = Path(dirpath).relative_to(root)
+        for name in sorted(filenames):
+            full = Path(dirpath) / name
+            parts = tuple(rel.parts) + (name,)
+            try:
+                st = full.stat()
+            except OSError as exc:
+                listing.rejects.append((str(full), f"cannot stat: {exc.strerror}"))
+                continue
+            if not full.is_file():
+                listing.rejects.append((str(full), "not a regular file"))
+                continue
+            path = os.fsdecode(full)
+            listing.files.append(FileEntry(parts, path, (path, -1, st.st_size)))
+    return listing
+
+
+def list_source(src: Path) -> Listing:
+    """List a folder or a .tar archive."""
+    if not src.exists():
+        raise PrepError(f"{src}: source does not exist")
+    if src.is_dir():
+        return list_dir(src)
+    if src.is_file():
+        return list_tar(src)
+    raise PrepError(f"{src}: source is neither a folder nor a tar file")
+
+
+def strip_common_top(files: list[FileEntry]) -> str | None:
+    """Drop one shared top folder (e.g. ``train/``) when every file lies below it; return its name.
+
+    Stripped when all files share the first folder and at least half of them sit two levels below
+    it (``top/<class>/<file>``); stray files directly in ``top/`` then become rejects.
+    """
+    if not files:
+        return None
+    top = files[0].parts[0]
+    deep = sum(1 for f in files if len(f.parts) >= 3)
+    if all(len(f.parts) >= 2 and f.parts[0] == top for f in files) and 2 * deep >= len(files):
+        for f in files:
+            f.parts = f.parts[1:]
+        return top
+    return None
+
+
+def is_hidden(parts: tuple[str, ...]) -> bool:
+    """Dot-files and dot-folders (.DS_Store, ._x, .ipynb_checkpoints) are never samples."""
+    return any(p.startswith(".") for p in parts)

@@ -1,0 +1,186 @@
+"""Turn the bytes of one input file into RGB JPEG bytes, or a reason to reject it.
+
+Passthrough keeps the original bytes of a plain 8-bit YCbCr baseline/progressive JPEG after a cheap
+structural check (markers up to SOS, an EOI at the end, sane size, no EXIF rotation) without decoding.
+Everything else (CMYK, grayscale, PNG, EXIF-rotated, ...) is decoded with PIL and re-encoded upright.
+"""
+from __future__ import annotations
+
+import io
+import math
+import struct
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# SOF markers PIL/libjpeg-turbo/DALI decode: baseline, extended sequential, progressive (Huffman).
+_PASS_SOF = {0xC0, 0xC1, 0xC2}
+_ALL_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+@dataclass(frozen=True)
+class EncodeOptions:
+    """How images are written: passthrough when `max_side` is None, else FFCV-style re-encode."""
+
+    max_side: int | None = None
+    quality: int = 90
+
+
+@dataclass
+class JpegHeader:
+    """What the marker walk learned about a JPEG."""
+
+    sof: int
+    precision: int
+    width: int
+    height: int
+    components: int
+    orientation: int
+    complete: bool  # an EOI marker follows the entropy-coded data
+
+
+def _exif_orientation(seg: bytes) -> int:
+    """Orientation tag (0x0112) from an APP1 Exif payload; 1 when absent or unreadable."""
+    if not seg.startswith(b"Exif\x00\x00") or len(seg) < 14:
+        return 1
+    tiff = seg[6:]
+    order = tiff[:2]
+    if order == b"II":
+        e = "<"
+    elif order == b"MM":
+        e = ">"
+    else:
+        return 1
+    try:
+        (ifd,) = struct.unpack(e + "I", tiff[4:8])
+        (n,) = struct.unpack(e + "H", tiff[ifd : ifd + 2])
+        for i in range(n):
+            ent = tiff[ifd + 2 + 12 * i : ifd + 14 + 12 * i]
+            tag, typ, _cnt = struct.unpack(e + "HHI", ent[:8])
+            if tag == 0x0112 and typ == 3:
+                return struct.unpack(e + "H", ent[8:10])[0]
+    except struct.error:
+        return 1
+    return 1
+
+
+def parse_jpeg_header(data: bytes) -> JpegHeader | str:
+    """Walk JPEG markers up to SOS; a reject reason when the structure is broken before the scan."""
+    n = len(data)
+    pos = 2
+    sof = None
+    orientation = 1
+    while pos + 4 <= n:
+        if data[pos] != 0xFF:
+            return "corrupt JPEG: broken marker structure"
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:
+            pos += 2
+            continue
+        (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
+        if length < 2:
+            return "corrupt JPEG: bad segment length"
+        if pos + 2 + length > n:
+            return "truncated JPEG: file ends inside the header"
+        seg = data[pos + 4 : pos + 2 + length]
+        if marker in _ALL_SOF:
+            if len(seg) < 6:
+                return "corrupt JPEG: short frame header"
+            precision, height, width, comps = struct.unpack(">BHHB", seg[:6])
+            sof = (marker, precision, width, height, comps)
+        elif marker == 0xE1 and orientation == 1:
+            orientation = _exif_orientation(seg)
+        elif marker == 0xDA:  # start of scan
+            if sof is None:
+                return "corrupt JPEG: scan before frame header"
+            tail_start = max(pos, n - 4096)
+            complete = data.rfind(b"\xff\xd9", tail_start) >= 0
+            return JpegHeader(sof[0], sof[1], sof[2], sof[3], sof[4], orientation, complete)
+        elif marker == 0xD9:
+            return "corrupt JPEG: end-of-image before any scan"
+        pos += 2 + length
+    return "truncated JPEG: file ends inside the header"
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB (16-bit scaled, alpha composited on white)."""
+    mode = img.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        arr = np.asarray(img)
+        if mode == "I":
+            top = 65535 if arr.max(initial=0) > 255 else 255
+        else:
+            top = 65535
+        arr8 = (arr.astype(np.float64) * (255.0 / top)).round().clip(0, 255).astype(np.uint8)
+        return Image.fromarray(arr8, "L").convert("RGB")
+    if mode == "F":
+        arr = np.asarray(img)
+        return Image.fromarray(arr.clip(0, 255).astype(np.uint8), "L").convert("RGB")
+    if mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, rgba).convert("RGB")
+    if mode != "RGB":
+        return img.convert("RGB")
+    return img
+
+
+def _decode_and_encode(data: bytes, opts: EncodeOptions) -> bytes:
+    """Full decode with PIL, EXIF-orient, RGB, optional downscale, JPEG encode."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        img = Image.open(io.BytesIO(data))
+        if img.format == "JPEG" and opts.max_side and max(img.size) > opts.max_side:
+            # DCT-domain downscale by 1/2, 1/4 or 1/8 while staying at least the target size
+            s = opts.max_side / max(img.size)
+            img.draft("RGB", (math.ceil(img.size[0] * s), math.ceil(img.size[1] * s)))
+        img.load()
+    img = ImageOps.exif_transpose(img)
+    img = _to_rgb(img)
+    if opts.max_side and max(img.size) > opts.max_side:
+        w, h = img.size
+        s = opts.max_side / max(w, h)
+        img = img.resize((max(1, round(w * s)), max(1, round(h * s))), Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=opts.quality, optimize=False)
+    return buf.getvalue()
+
+
+def process_image(data: bytes, opts: EncodeOptions) -> tuple[bytes | None, str | None]:
+    """Return (jpeg_bytes, None) for a usable image or (None, reason) for a reject."""
+    if not data:
+        return None, "empty file"
+    if opts.max_side is None and data[:3] == b"\xff\xd8\xff":
+        hdr = parse_jpeg_header(data)
+        if isinstance(hdr, str):
+            return None, hdr
+        if hdr.width == 0 or hdr.height == 0:
+            return None, "corrupt JPEG: zero width or height"
+        if Image.MAX_IMAGE_PIXELS and hdr.width * hdr.height > Image.MAX_IMAGE_PIXELS:
+            return None, f"decompression bomb: {hdr.width}x{hdr.height} pixels exceeds PIL limit"
+        if (hdr.complete and hdr.sof in _PASS_SOF and hdr.precision == 8 and hdr.components == 3
+                and hdr.orientation == 1):
+            return data, None
+        # CMYK, grayscale, 12-bit, lossless, rotated, or no EOI near the end (truncated, or a
+        # camera trailer after EOI): a full decode decides, and a truncated scan is rejected there.
+    try:
+        return _decode_and_encode(data, opts), None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        return None, f"decompression bomb: {exc}"
+    except UnidentifiedImageError:
+        return None, "not an image (PIL cannot identify it)"
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
+        text = str(exc)
+        if "truncated" in text:
+            return None, f"truncated image: {text}"
+        return None, f"corrupt image: {text}"
+    except MemoryError:
+        return None, "image too large to decode (MemoryError)"
