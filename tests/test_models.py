@@ -395,3 +395,12 @@ def test_unknown_shortcut_and_bad_kwargs_raise() -> None:
         build("plain_resnet18", plain=False)
     with pytest.raises(ModelConfigError, match="num_classes"):
         build("resnet18", num_classes=0)
+
+
+def test_model_errors_are_project_config_errors() -> None:
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="resnet51"):
+        build("resnet51")
+    with pytest.raises(ConfigError, match="'D'"):
+        build("cifar_resnet20", shortcut="D")
