@@ -3,6 +3,8 @@ plain nets, zero-init, channels_last, torch.compile and the registry. CPU only, 
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import numpy as np
 import pytest
 import torch
@@ -35,6 +37,16 @@ def n_params(model: nn.Module) -> int:
 
 def blocks(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, (BasicBlock, Bottleneck))]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """Run these small-tensor tests on one intra-op thread: on a shared 2-core CI box OpenMP
+    spin-waiting under contention made them ~4x slower than single-threaded."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -143,8 +155,8 @@ def test_cifar_architecture_shapes(digits: tuple[torch.Tensor, torch.Tensor]) ->
     model = build("cifar_resnet20").eval()
     x, _ = digits
     feats = []
-    hooks = [getattr(model, f"layer{i}").register_forward_hook(lambda m, i, o: feats.append(o.shape))
-             for i in (1, 2, 3)]
+    hooks = [getattr(model, f"layer{i}").register_forward_hook(
+        lambda m, i, o: feats.append(o.shape)) for i in (1, 2, 3)]
     with torch.no_grad():
         out = model(x[:2])
     for h in hooks:
@@ -325,7 +337,8 @@ def test_channels_last_matches_contiguous(name: str, shortcut: str, photos: torc
 COMPILE_CASES = {
     "cifar_resnet20_A": lambda: build("cifar_resnet20"),
     # One block per stage keeps tracing fast while covering every block/shortcut code path.
-    "bottleneck_A_v1": lambda: ResNet(Bottleneck, [1, 1, 1, 1], 10, shortcut="A", stride_in_1x1=True),
+    "bottleneck_A_v1": lambda: ResNet(Bottleneck, [1, 1, 1, 1], 10, shortcut="A",
+                                      stride_in_1x1=True),
     "bottleneck_C": lambda: ResNet(Bottleneck, [1, 1, 1, 1], 10, shortcut="C"),
     "basic_plain": lambda: ResNet(BasicBlock, [1, 1, 1, 1], 10, plain=True),
 }
@@ -333,7 +346,8 @@ COMPILE_CASES = {
 
 @pytest.mark.parametrize("case", list(COMPILE_CASES))
 def test_torch_compile_fullgraph(case: str, digits: tuple[torch.Tensor, torch.Tensor]) -> None:
-    """fullgraph=True fails on any graph break (Python control flow on tensors, per-sample loops)."""
+    """fullgraph=True fails on any graph break (Python control flow on tensors, per-sample
+    loops)."""
     torch.manual_seed(0)
     model = COMPILE_CASES[case]().train()
     x, y = digits[0][:8].contiguous(memory_format=torch.channels_last), digits[1][:8]
@@ -381,3 +395,12 @@ def test_unknown_shortcut_and_bad_kwargs_raise() -> None:
         build("plain_resnet18", plain=False)
     with pytest.raises(ModelConfigError, match="num_classes"):
         build("resnet18", num_classes=0)
+
+
+def test_model_errors_are_project_config_errors() -> None:
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="resnet51"):
+        build("resnet51")
+    with pytest.raises(ConfigError, match="'D'"):
+        build("cifar_resnet20", shortcut="D")

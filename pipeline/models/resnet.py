@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipeline.errors import ConfigError
+
 __all__ = [
     "SHORTCUT_OPTIONS",
     "ModelConfigError",
@@ -49,8 +51,10 @@ __all__ = [
 SHORTCUT_OPTIONS: tuple[str, ...] = ("A", "B", "C")
 
 
-class ModelConfigError(ValueError):
-    """A model was asked for with a setting it does not support (bad name, option or combination)."""
+class ModelConfigError(ConfigError):
+    """A model was asked for with a setting it does not support (name, option or combination).
+
+    A ``ConfigError`` (hence a ``ValueError``), so the CLI prints it without a traceback."""
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
