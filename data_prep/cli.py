@@ -82,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="re-check sizes, sha256, counts and decode samples")
     p.add_argument("out", type=Path)
     p.add_argument("--decode", type=int, default=4, help="samples to fully decode per shard (default 4)")
+    p.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
     return ap
 
 
@@ -141,7 +142,7 @@ def run(argv: list[str] | None = None) -> int:
 
         split = _split_ok(args.split)
         opts, shard_bytes, workers, ti, nt = _check_common(args)
-        scan = scan_imagefolder(args.src)
+        scan = scan_imagefolder(args.src, split)
         m = prepare_split(args.out, split, str(args.src.resolve()), scan, opts, args.seed, shard_bytes,
                           args.samples_per_shard, workers, ti, nt, show_progress=not args.no_progress)
         _summary(m, [split])
@@ -171,7 +172,7 @@ def run(argv: list[str] | None = None) -> int:
     if args.cmd == "verify":
         from .verify import verify
 
-        problems = verify(args.out, decode=args.decode)
+        problems = verify(args.out, decode=args.decode, workers=args.workers or default_workers())
         for p in problems:
             print(p, file=sys.stderr)
         if problems:

@@ -57,7 +57,7 @@ def _split_entry(out: Path, split: str) -> tuple[dict, dict, list[dict]]:
     if samples + len(rejects) != plan["inputs"]:
         raise PrepError(f"{out}: split {split!r}: {samples} written + {len(rejects)} rejected != "
                         f"{plan['inputs']} inputs (stale work files? rerun the split)")
-    entry = {"shards": shards, "samples": samples, "rejected": len(rejects), "source": plan["source"],
+    entry = {"shards": shards, "samples": samples, "rejected": len(rejects), "source": plan.get("split_source", plan["source"]),
              "options": plan["options"]}
     return plan, entry, rejects
 

@@ -15,13 +15,18 @@ from .sources import Ref
 TAR_OVERHEAD = 3 * 1024  # three 512-byte headers plus padding, per sample (estimate)
 
 
+def sample_key(split: str, index: int) -> str:
+    """``__key__`` of the input at `index` in sorted input order: unique, seed-independent, ASCII."""
+    return f"{split}_{index:08d}"
+
+
 @dataclass
 class ShardJob:
-    """One shard to build: its number and its (key, display, ref, label) entries in write order."""
+    """One shard to build: its number and its (input index, display, ref, label) entries in write order."""
 
     split: str
     number: int
-    entries: list[tuple[str, str, Ref, int]]
+    entries: list[tuple[int, str, Ref, int]]
     plan_hash: str
 
 
@@ -32,16 +37,15 @@ def plan_shards(split: str, items: list[tuple[str, Ref, int]], seed: int,
     Keys are ``<split>_<index in sorted input order>``, so a key names the same source file whatever
     the seed. With `shard_bytes`, a shard closes once its source bytes (+ tar overhead) reach it.
     """
-    keyed = [(f"{split}_{i:08d}", disp, ref, label) for i, (disp, ref, label) in enumerate(items)]
-    order = list(range(len(keyed)))
+    order = list(range(len(items)))
     random.Random(seed).shuffle(order)
     shards: list[list] = []
     cur: list = []
     cur_bytes = 0
     for i in order:
-        entry = keyed[i]
-        cur.append(entry)
-        cur_bytes += max(entry[2][2], 0) + TAR_OVERHEAD
+        disp, ref, label = items[i]
+        cur.append((i, disp, ref, label))
+        cur_bytes += max(ref[2], 0) + TAR_OVERHEAD
         full = (len(cur) >= samples_per_shard) if samples_per_shard else (cur_bytes >= (shard_bytes or 0))
         if full:
             shards.append(cur)
@@ -52,7 +56,7 @@ def plan_shards(split: str, items: list[tuple[str, Ref, int]], seed: int,
     jobs = []
     for n, entries in enumerate(shards):
         h = hashlib.sha256(opt_text.encode())
-        for key, disp, ref, label in entries:
-            h.update(f"\n{key}\t{disp}\t{ref[2]}\t{label}".encode("utf-8", "surrogateescape"))
+        for i, disp, ref, label in entries:
+            h.update(f"\n{sample_key(split, i)}\t{disp}\t{ref[2]}\t{label}".encode("utf-8", "surrogateescape"))
         jobs.append(ShardJob(split, n, entries, h.hexdigest()))
     return jobs

@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 from .errors import PrepError
-from .format import index_name, shard_name
+from .format import MANIFEST_NAME, ManifestError, index_name, load_manifest, shard_name
 from .imagefolder import Scan
 from .manifest import finalize, write_plan_record
 from .plan import plan_shards
@@ -15,17 +15,28 @@ from .validate import EncodeOptions
 
 def prepare_split(out: Path, split: str, source: str, scan: Scan, opts: EncodeOptions, seed: int,
                   shard_bytes: int | None, samples_per_shard: int | None, workers: int,
-                  task_index: int = 0, num_tasks: int = 1, show_progress: bool = True) -> dict | None:
+                  task_index: int = 0, num_tasks: int = 1, show_progress: bool = True,
+                  split_source: str | None = None) -> dict | None:
     """Write this task's shards of `split`; returns the manifest when num_tasks == 1."""
     if not 0 <= task_index < num_tasks:
         raise PrepError(f"--task-index {task_index} is outside 0..{num_tasks - 1} (--num-tasks {num_tasks})")
+    if (out / MANIFEST_NAME).exists():
+        try:
+            existing = load_manifest(out)
+        except ManifestError as exc:
+            raise PrepError(str(exc)) from None
+        others = sorted(set(existing["splits"]) - {split})
+        if others and existing["classes"] != scan.classes:
+            raise PrepError(f"{out / MANIFEST_NAME}: the {len(scan.classes)} classes of split {split!r} differ "
+                            f"from the {len(existing['classes'])} classes of existing splits {others}; "
+                            "use another OUT")
     out.mkdir(parents=True, exist_ok=True)
     options = {"mode": "reencode" if opts.max_side else "passthrough", "max_side": opts.max_side,
                "quality": opts.quality, "seed": seed, "shard_bytes": shard_bytes,
                "samples_per_shard": samples_per_shard}
     jobs = plan_shards(split, scan.items, seed, shard_bytes, samples_per_shard, options)
     write_plan_record(out, split, {
-        "split": split, "source": source, "options": options, "classes": scan.classes,
+        "split": split, "source": source, "split_source": split_source or source, "options": options, "classes": scan.classes,
         "class_names": scan.class_names, "inputs": len(scan.items) + len(scan.rejects),
         "scan_rejects": [list(r) for r in scan.rejects],
         "shards": [{"name": shard_name(split, j.number), "index": index_name(split, j.number),

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from .format import index_name, shard_name
-from .plan import ShardJob
+from .plan import ShardJob, sample_key
 from .progress import Progress
 from .shardwriter import ShardWriter
 from .sources import read_ref
@@ -32,7 +32,7 @@ def work_dir(out: Path, split: str) -> Path:
 
 def write_json_atomic(path: Path, obj) -> None:
     """Write JSON via a temp file + os.replace so readers never see half a file."""
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=True) + "\n", encoding="utf-8")
     os.replace(tmp, path)
 
@@ -84,19 +84,25 @@ def build_shard(out: Path, job: ShardJob, opts: EncodeOptions) -> dict:
     name, idx = shard_name(job.split, job.number), index_name(job.split, job.number)
     writer = ShardWriter(Path(out) / name, Path(out) / idx)
     rejects = []
+    sources = []
     handles: dict = {}
     pending_n = pending_b = 0
     try:
-        for key, display, ref, label in job.entries:
+        for index, display, ref, label in job.entries:
+            key = sample_key(job.split, index)
             try:
                 data = read_ref(ref, handles)
             except OSError as exc:
                 rejects.append({"path": display, "reason": f"cannot read: {exc}"})
                 pending_n += 1
                 continue
-            jpeg, reason = process_image(data, opts)
+            try:
+                jpeg, reason = process_image(data, opts)
+            except Exception as exc:  # a decoder bug on one odd file must not stop the run
+                jpeg, reason = None, f"unexpected decoder error: {type(exc).__name__}: {exc}"
             if reason is None:
                 writer.add(key, jpeg, label)
+                sources.append([key, display])
             else:
                 rejects.append({"path": display, "reason": reason})
             pending_n += 1
@@ -113,7 +119,7 @@ def build_shard(out: Path, job: ShardJob, opts: EncodeOptions) -> dict:
             f.close()
     _count(pending_n, pending_b)
     rec = {"name": name, "index": idx, "samples": writer.samples, "bytes": nbytes, "sha256": sha,
-           "plan_hash": job.plan_hash, "planned": len(job.entries), "rejects": rejects}
+           "plan_hash": job.plan_hash, "planned": len(job.entries), "rejects": rejects, "sources": sources}
     write_json_atomic(work_dir(out, job.split) / (name + ".json"), rec)
     return rec
 
@@ -124,8 +130,12 @@ def _build_star(args) -> dict:
 
 def run_jobs(out: Path, jobs: list[ShardJob], opts: EncodeOptions, workers: int,
              show_progress: bool = True, label: str = "data_prep") -> list[dict]:
-    """Build `jobs` with `workers` processes (in-process for 1); records come back in job order."""
-    ctx = mp.get_context("fork")
+    """Build `jobs` with `workers` processes (in-process for 1); records come back in job order.
+
+    Workers are spawned, not forked, so they do not inherit the parent's (dataset-sized) plan;
+    each receives only its own shard's entries.
+    """
+    ctx = mp.get_context("spawn")
     images, nbytes = ctx.Value("q", 0), ctx.Value("q", 0)
     total = sum(len(j.entries) for j in jobs)
     records: dict[int, dict] = {}

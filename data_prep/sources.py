@@ -16,7 +16,7 @@ from .errors import PrepError
 Ref = tuple[str, int, int]
 
 
-@dataclass
+@dataclass(slots=True)
 class FileEntry:
     """One regular file found in the source: its relative path parts and where its bytes live."""
 
@@ -87,7 +87,11 @@ def iter_tar_members(tf: tarfile.TarFile, archive: str, base_offset: int, prefix
     """Regular members of an open tar with absolute data offsets; unsafe/odd members go to rejects."""
     out = []
     try:
-        for m in tf:
+        while True:
+            m = tf.next()
+            if m is None:
+                break
+            tf.members.clear()  # TarFile caches every TarInfo; keep memory flat on huge archives
             display = f"{prefix}:{m.name}"
             if m.isdir():
                 continue
@@ -129,7 +133,8 @@ def list_dir(root: Path) -> Listing:
             if not full.is_file():
                 listing.rejects.append((str(full), "not a regular file"))
                 continue
-            listing.files.append(FileEntry(parts, os.fsdecode(full), (os.fsdecode(full), -1, st.st_size)))
+            path = os.fsdecode(full)
+            listing.files.append(FileEntry(parts, path, (path, -1, st.st_size)))
     return listing
 
 

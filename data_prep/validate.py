@@ -7,6 +7,7 @@ Everything else (CMYK, grayscale, PNG, EXIF-rotated, ...) is decoded with PIL an
 from __future__ import annotations
 
 import io
+import math
 import struct
 import warnings
 from dataclasses import dataclass
@@ -137,15 +138,17 @@ def _decode_and_encode(data: bytes, opts: EncodeOptions) -> bytes:
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         img = Image.open(io.BytesIO(data))
-        if img.format == "JPEG" and opts.max_side:
-            img.draft("RGB", (opts.max_side, opts.max_side))
+        if img.format == "JPEG" and opts.max_side and max(img.size) > opts.max_side:
+            # DCT-domain downscale by 1/2, 1/4 or 1/8 while staying at least the target size
+            s = opts.max_side / max(img.size)
+            img.draft("RGB", (math.ceil(img.size[0] * s), math.ceil(img.size[1] * s)))
         img.load()
     img = ImageOps.exif_transpose(img)
     img = _to_rgb(img)
     if opts.max_side and max(img.size) > opts.max_side:
         w, h = img.size
         s = opts.max_side / max(w, h)
-        img = img.resize((max(1, round(w * s)), max(1, round(h * s))), Image.Resampling.LANCZOS)
+        img = img.resize((max(1, round(w * s)), max(1, round(h * s))), Image.Resampling.BICUBIC)
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=opts.quality, optimize=False)
     return buf.getvalue()
@@ -163,11 +166,11 @@ def process_image(data: bytes, opts: EncodeOptions) -> tuple[bytes | None, str |
             return None, "corrupt JPEG: zero width or height"
         if Image.MAX_IMAGE_PIXELS and hdr.width * hdr.height > Image.MAX_IMAGE_PIXELS:
             return None, f"decompression bomb: {hdr.width}x{hdr.height} pixels exceeds PIL limit"
-        if not hdr.complete:
-            return None, "truncated JPEG: no end-of-image marker"
-        if hdr.sof in _PASS_SOF and hdr.precision == 8 and hdr.components == 3 and hdr.orientation == 1:
+        if (hdr.complete and hdr.sof in _PASS_SOF and hdr.precision == 8 and hdr.components == 3
+                and hdr.orientation == 1):
             return data, None
-        # CMYK, grayscale, 12-bit, lossless or rotated: fall through to a decode.
+        # CMYK, grayscale, 12-bit, lossless, rotated, or no EOI near the end (truncated, or a
+        # camera trailer after EOI): a full decode decides, and a truncated scan is rejected there.
     try:
         return _decode_and_encode(data, opts), None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -175,6 +178,9 @@ def process_image(data: bytes, opts: EncodeOptions) -> tuple[bytes | None, str |
     except UnidentifiedImageError:
         return None, "not an image (PIL cannot identify it)"
     except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
-        return None, f"corrupt or truncated image: {exc}"
+        text = str(exc)
+        if "truncated" in text:
+            return None, f"truncated image: {text}"
+        return None, f"corrupt image: {text}"
     except MemoryError:
         return None, "image too large to decode (MemoryError)"

@@ -137,3 +137,77 @@ def add_tar_member(tf: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size = len(data)
     tf.addfile(info, io.BytesIO(data))
+
+
+def _tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tf:
+        for name, data in members:
+            add_tar_member(tf, name, data)
+    return buf.getvalue()
+
+
+def meta_mat_bytes(leaves: list[tuple[int, str, str]], parents: list[tuple[int, str, str, list[int]]]) -> bytes:
+    """A devkit-style ``meta.mat``: struct array ``synsets`` (ILSVRC2012_ID, WNID, words, ...)."""
+    import scipy.io
+
+    fields = ["ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children", "wordnet_height",
+              "num_train_images"]
+    rows = [(i, w, words, f"gloss of {words}", 0, np.zeros((0,), dtype=np.uint8), 0, 1300)
+            for i, w, words in leaves]
+    rows += [(i, w, words, "a parent synset", len(ch), np.array(ch, dtype=np.uint16), 1, 0)
+             for i, w, words, ch in parents]
+    arr = np.empty((len(rows), 1), dtype=[(f, object) for f in fields])
+    for k, row in enumerate(rows):
+        arr[k, 0] = row
+    buf = io.BytesIO()
+    scipy.io.savemat(buf, {"synsets": arr})
+    return buf.getvalue()
+
+
+WORDS = {"n01440764": "tench, Tinca tinca", "n01443537": "goldfish, Carassius auratus",
+         "n01484850": "great white shark, white shark, man-eater", "n02102040": "English springer"}
+
+
+def build_imagenet(root: Path, per_class: int = 6, n_val: int = 12, extracted: bool = False,
+                   seed: int = 3) -> dict:
+    """Miniature ILSVRC2012 in `root`: archives (default) or extracted folders, devkit, Kaggle CSV.
+
+    Returns {"wnids", "train": {name: (bytes, wnid)}, "val": {name: (bytes, wnid)}}. The devkit's
+    ILSVRC2012_IDs are deliberately not in sorted-wnid order, as in the real devkit.
+    """
+    wnids = sorted(WORDS)
+    imgs = photos(len(wnids) * per_class + n_val, (72, 54), seed)
+    train = {}
+    for ci, w in enumerate(wnids):
+        for i in range(per_class):
+            train[f"{w}/{w}_{i}.JPEG"] = (jpeg_bytes(imgs[ci * per_class + i], quality=88), w)
+    val = {}
+    for i in range(n_val):
+        w = wnids[(i * 3 + 1) % len(wnids)]
+        val[f"ILSVRC2012_val_{i + 1:08d}.JPEG"] = (jpeg_bytes(imgs[len(wnids) * per_class + i], quality=88), w)
+    ids = {w: k + 1 for k, w in enumerate(reversed(wnids))}  # ID order != sorted wnid order
+    root.mkdir(parents=True, exist_ok=True)
+    if extracted:
+        for rel, (data, _) in {**{f"train/{k}": v for k, v in train.items()},
+                               **{f"val/{k}": v for k, v in val.items()}}.items():
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).write_bytes(data)
+    else:
+        inner = [(f"{w}.tar", _tar_bytes([(k.split("/")[1], d) for k, (d, ww) in train.items() if ww == w]))
+                 for w in wnids]
+        (root / "ILSVRC2012_img_train.tar").write_bytes(_tar_bytes(inner))
+        (root / "ILSVRC2012_img_val.tar").write_bytes(_tar_bytes([(k, d) for k, (d, _) in val.items()]))
+    meta = meta_mat_bytes([(ids[w], w, WORDS[w]) for w in wnids],
+                          [(1001, "n00001740", "entity", [ids[w] for w in wnids])])
+    truth = "".join(f"{ids[w]}\n" for _, (_, w) in sorted(val.items()))
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        add_tar_member(tf, "ILSVRC2012_devkit_t12/data/meta.mat", meta)
+        add_tar_member(tf, "ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt", truth.encode())
+        add_tar_member(tf, "ILSVRC2012_devkit_t12/COPYING", b"devkit license text\n")
+    (root / "ILSVRC2012_devkit_t12.tar.gz").write_bytes(buf.getvalue())
+    rows = ["ImageId,PredictionString"] + [f"{Path(k).stem},{w} 10 12 60 50 {w} 1 2 30 40"
+                                           for k, (_, w) in sorted(val.items())]
+    (root / "LOC_val_solution.csv").write_text("\n".join(rows) + "\n")
+    return {"wnids": wnids, "train": train, "val": val}

@@ -1,7 +1,6 @@
 """python -m data_prep imagefolder: folder and tar inputs, output contract, determinism, DALI, errors."""
 import hashlib
 import json
-import shutil
 import struct
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from data_prep.errors import PrepError
 from data_prep.format import load_manifest, read_index, shard_paths
 from tests.fixtures_images import awkward_files, add_tar_member, tar_tree, write_imagefolder
 
-CIFAR_TEST = Path("/work/shared/data/cifar10/cifar10-test.tar")
+from tests.conftest import CIFAR_TEST_TAR as CIFAR_TEST
 CLASSES = ["cat", "dog", "zebra"]
 WDS2IDX = Path(sys.executable).parent / "wds2idx"
 
@@ -122,6 +121,22 @@ def test_cifar_tar_with_top_dir_and_dali(tmp_path):
     sp = m["splits"]["val"]
     assert sp["samples"] == 10000 and sp["rejected"] == 0
     assert all(3.5e6 < s["bytes"] < 5e6 for s in sp["shards"][:-1])
+    for shard in sp["shards"]:
+        data = (out / shard["name"]).read_bytes()
+        assert len(data) == shard["bytes"] and hashlib.sha256(data).hexdigest() == shard["sha256"]
+    # labels follow the sorted class names: each sample's label is its source folder's rank
+    checked = 0
+    for shard in sp["shards"][:2]:
+        record = json.loads((out / ".work" / "val" / f"{shard['name']}.json").read_text())
+        source_of = dict(record["sources"])
+        with tarfile.open(out / shard["name"]) as tar:
+            for member in tar.getmembers():
+                if member.name.endswith(".cls"):
+                    key = member.name[: -len(".cls")]
+                    label = int(tar.extractfile(member).read())
+                    assert m["classes"][label] == Path(source_of[key]).parent.name
+                    checked += 1
+    assert checked > 1000
     from nvidia.dali import fn, pipeline_def, types
 
     tars = [str(p) for p in shard_paths(out, m, "val")]
@@ -199,6 +214,7 @@ def test_split_merge_and_class_mismatch(tree, tmp_path):
     other = tmp_path / "other"
     write_imagefolder(other, ["ant", "bee"], per_class=2)
     assert main(["imagefolder", str(other), str(out), "--split", "test", "--no-progress"]) == 2
+    assert not list(out.glob("test-*"))  # refused before writing anything
     assert sorted(load_manifest(out)["splits"]) == ["train", "val"]
 
 
@@ -208,9 +224,14 @@ def test_split_merge_and_class_mismatch(tree, tmp_path):
     (["imagefolder", ".", "OUT", "--split", "a/b"], "--split"),
     (["finalize", "/nonexistent/out"], "/nonexistent/out"),
     (["imagefolder", ".", "OUT"], "--split"),
+    (["imagefolder", "GZ", "OUT", "--split", "train"], "not an uncompressed tar"),
+    (["verify", "/nonexistent/out"], "/nonexistent/out/manifest.json"),
+    (["imagefolder", ".", "OUT", "--split", "train", "--task-index", "3", "--num-tasks", "3"], "--task-index"),
 ])
 def test_cli_errors_one_line_exit_2(args, fragment, tmp_path):
-    args = [a.replace("OUT", str(tmp_path / "o")) for a in args]
+    import gzip
+    (tmp_path / "x.tar.gz").write_bytes(gzip.compress(b"not really a tar"))
+    args = [a.replace("OUT", str(tmp_path / "o")).replace("GZ", str(tmp_path / "x.tar.gz")) for a in args]
     r = subprocess.run([sys.executable, "-m", "data_prep", *args], capture_output=True, text=True)
     assert r.returncode == 2, r.stderr
     assert fragment in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
@@ -221,3 +242,37 @@ def test_parse_size():
     assert parse_size("1GiB") == 2**30
     with pytest.raises(PrepError):
         parse_size("lots")
+
+
+def test_progress_line_on_stderr(tree, tmp_path, capsys):
+    root, _ = tree
+    assert main(["imagefolder", str(root), str(tmp_path / "p"), "--split", "train", "--workers", "2",
+                 "--samples-per-shard", "20"]) == 0
+    err = capsys.readouterr().err
+    assert "42/42" in err and "img/s" in err and "MB/s" in err and "ETA" in err
+
+
+def test_done_records_map_keys_to_sources(tree, prepared):
+    root, files = tree
+    recs = [json.loads(p.read_text()) for p in sorted((prepared / ".work" / "train").glob("train-*.tar.json"))]
+    mapping = dict(kv for r in recs for kv in r["sources"])
+    assert len(mapping) == 42
+    for shard in sorted(prepared.glob("train-*.tar")):
+        with tarfile.open(shard) as tf:
+            for m in tf.getmembers()[::3]:
+                key = m.name[: -len(".jpg")]
+                src = Path(mapping[key])
+                assert tf.extractfile(m).read() == src.read_bytes()
+                assert src.relative_to(root).as_posix() in files
+
+
+def test_source_with_several_split_folders_uses_the_named_one(tmp_path):
+    src = tmp_path / "src"
+    write_imagefolder(src / "train", ["a", "b"], per_class=3)
+    write_imagefolder(src / "val", ["a", "b"], per_class=2, seed=5)
+    (src / "val" / "a" / ".hidden").write_bytes(b"x")
+    for split, n in (("train", 6), ("val", 2 * 2)):
+        assert main(["imagefolder", str(src), str(tmp_path / "o"), "--split", split, "--no-progress"]) == 0
+        sp = load_manifest(tmp_path / "o")["splits"][split]
+        assert sp["samples"] == n and sp["rejected"] == (1 if split == "val" else 0)
+    assert load_manifest(tmp_path / "o")["classes"] == ["a", "b"]

@@ -1,0 +1,266 @@
+"""ILSVRC2012 inputs: the original archives (read in place, nested tars included) or extracted folders.
+
+Train: ``ILSVRC2012_img_train.tar`` (1000 inner ``<wnid>.tar``) or ``train/<wnid>/*.JPEG``.
+Val: ``ILSVRC2012_img_val.tar`` or ``val/`` (flat, or in ``<wnid>/`` folders). Flat val labels come
+from the devkit (ground truth IDs mapped to wnids through ``meta.mat``) or Kaggle's
+``LOC_val_solution.csv``. Class index = position in the sorted wnids (torchvision convention).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import re
+import tarfile
+from pathlib import Path
+
+from .errors import PrepError
+from .imagefolder import Scan
+from .sources import FileEntry, Listing, Ref, is_hidden, iter_tar_members, list_dir, open_tar
+
+TRAIN_TAR = "ILSVRC2012_img_train.tar"
+VAL_TAR = "ILSVRC2012_img_val.tar"
+DEVKIT = "ILSVRC2012_devkit_t12.tar.gz"
+VAL_CSV = "LOC_val_solution.csv"
+SYNSET_MAPPING = "LOC_synset_mapping.txt"
+_WNID = re.compile(r"n\d{8}")
+
+
+class Devkit:
+    """The 1000 ILSVRC2012 classes (wnid -> words) and val ground truth (file stem -> wnid)."""
+
+    def __init__(self, synsets: dict[int, tuple[str, str]], truth: list[int], where: str):
+        self.where = where
+        self.names = {wnid: words for _id, (wnid, words) in sorted(synsets.items())}
+        self.val_labels = {}
+        for i, ilsvrc_id in enumerate(truth, start=1):
+            if ilsvrc_id not in synsets:
+                raise PrepError(f"{where}: ground truth line {i} has ILSVRC2012_ID {ilsvrc_id} not in meta.mat")
+            self.val_labels[f"ILSVRC2012_val_{i:08d}"] = synsets[ilsvrc_id][0]
+
+
+def _parse_devkit(meta_bytes: bytes, truth_text: str, where: str) -> Devkit:
+    try:
+        import scipy.io
+    except ImportError:
+        raise PrepError(f"{where}: reading the devkit's meta.mat needs scipy (pip install scipy), "
+                        f"or pass --val-csv {VAL_CSV} instead") from None
+    try:
+        syn = scipy.io.loadmat(io.BytesIO(meta_bytes), squeeze_me=True)["synsets"]
+        ids = [int(x) for x in syn["ILSVRC2012_ID"]]
+        wnids = [str(x) for x in syn["WNID"]]
+        words = [str(x) for x in syn["words"]]
+        children = [int(x) for x in syn["num_children"]] if "num_children" in syn.dtype.names else [0] * len(ids)
+    except Exception as exc:
+        raise PrepError(f"{where}: cannot read data/meta.mat synsets ({exc})") from None
+    synsets = {i: (w, n) for i, w, n, c in zip(ids, wnids, words, children) if c == 0 and 1 <= i <= 1000}
+    try:
+        truth = [int(line) for line in truth_text.split()]
+    except ValueError:
+        raise PrepError(f"{where}: ILSVRC2012_validation_ground_truth.txt has a non-integer line") from None
+    return Devkit(synsets, truth, where)
+
+
+def load_devkit(path: Path) -> Devkit:
+    """Read meta.mat + validation ground truth from the devkit .tar.gz (or its extracted folder)."""
+    meta = truth = None
+    if path.is_dir():
+        cands = list(path.rglob("meta.mat"))
+        gts = list(path.rglob("ILSVRC2012_validation_ground_truth.txt"))
+        if cands and gts:
+            meta, truth = cands[0].read_bytes(), gts[0].read_text()
+    else:
+        try:
+            with tarfile.open(path, "r:*") as tf:
+                for m in tf:
+                    if m.isfile() and m.name.endswith("data/meta.mat"):
+                        meta = tf.extractfile(m).read()
+                    elif m.isfile() and m.name.endswith("data/ILSVRC2012_validation_ground_truth.txt"):
+                        truth = tf.extractfile(m).read().decode("ascii")
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            raise PrepError(f"{path}: cannot read devkit archive ({exc})") from None
+    if meta is None or truth is None:
+        raise PrepError(f"{path}: devkit lacks data/meta.mat or data/ILSVRC2012_validation_ground_truth.txt")
+    return _parse_devkit(meta, truth, str(path))
+
+
+def load_val_csv(path: Path) -> dict[str, str]:
+    """Kaggle LOC_val_solution.csv: ImageId -> wnid (first token of PredictionString)."""
+    labels = {}
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            for row in csv.DictReader(f):
+                tokens = (row.get("PredictionString") or "").split()
+                if not row.get("ImageId") or not tokens or not _WNID.fullmatch(tokens[0]):
+                    raise PrepError(f"{path}: bad row {row!r} (expected ImageId,PredictionString '<wnid> ...')")
+                labels[row["ImageId"]] = tokens[0]
+    except OSError as exc:
+        raise PrepError(f"{path}: cannot read ({exc.strerror})") from None
+    if not labels:
+        raise PrepError(f"{path}: no rows")
+    return labels
+
+
+def load_synset_mapping(path: Path) -> dict[str, str]:
+    """Kaggle LOC_synset_mapping.txt: '<wnid> <words>' per line."""
+    out = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            wnid, _, words = line.strip().partition(" ")
+            out[wnid] = words
+    return out
+
+
+def _list_train_archive(path: Path) -> Listing:
+    """Members of every inner ``<wnid>.tar`` with absolute offsets into the outer archive."""
+    listing = Listing()
+    with open_tar(path) as outer:
+        for m, off, display in iter_tar_members(outer, str(path), 0, str(path), listing):
+            stem = Path(m.name).name
+            if not stem.endswith(".tar"):
+                listing.rejects.append((display, "unexpected file in train archive (not <wnid>.tar)"))
+                continue
+            wnid = stem[:-4]
+            try:
+                inner = tarfile.open(fileobj=outer.extractfile(m), mode="r:")
+            except tarfile.TarError as exc:
+                listing.rejects.append((display, f"inner archive unreadable: {exc}"))
+                continue
+            with inner:
+                for im, ioff, idisp in iter_tar_members(inner, str(path), off, display, listing):
+                    listing.files.append(FileEntry((wnid, Path(im.name).name), idisp, (str(path), ioff, im.size)))
+    return listing
+
+
+def _list_flat_archive(path: Path) -> Listing:
+    listing = Listing()
+    with open_tar(path) as tf:
+        for m, off, display in iter_tar_members(tf, str(path), 0, str(path), listing):
+            parts = tuple(p for p in m.name.split("/") if p not in ("", "."))
+            listing.files.append(FileEntry(parts, display, (str(path), off, m.size)))
+    return listing
+
+
+class ImageNetSource:
+    """Locates train/val inputs and label sources under SRC."""
+
+    def __init__(self, src: Path, devkit: Path | None, val_csv: Path | None):
+        if not src.is_dir():
+            raise PrepError(f"{src}: ImageNet source must be a folder (with the ILSVRC2012 archives or train/, val/)")
+        self.src = src
+        data = src / "ILSVRC" / "Data" / "CLS-LOC"  # Kaggle layout
+        self.data = data if data.is_dir() else src
+        self.devkit_path = devkit if devkit is not None else (src / DEVKIT if (src / DEVKIT).exists() else None)
+        self.csv_path = val_csv if val_csv is not None else (src / VAL_CSV if (src / VAL_CSV).exists() else None)
+        for p, opt in ((devkit, "--devkit"), (val_csv, "--val-csv")):
+            if p is not None and not p.exists():
+                raise PrepError(f"{opt} {p}: does not exist")
+        self._devkit = None
+
+    def devkit(self) -> Devkit | None:
+        if self._devkit is None and self.devkit_path is not None:
+            self._devkit = load_devkit(self.devkit_path)
+        return self._devkit
+
+    def list_split(self, split: str) -> tuple[Listing, str]:
+        """Files of a split and a description of where they came from."""
+        archive = self.src / (TRAIN_TAR if split == "train" else VAL_TAR)
+        folder = self.data / split
+        if folder.is_dir():
+            return list_dir(folder), str(folder)
+        if archive.is_file():
+            return (_list_train_archive(archive) if split == "train" else _list_flat_archive(archive)), str(archive)
+        raise PrepError(f"{self.src}: no {split} data (expected {archive.name} or {split}/ folder)")
+
+    def val_labels(self) -> dict[str, str]:
+        """File stem -> wnid for a flat val set, from the devkit or the Kaggle CSV."""
+        dk = self.devkit()
+        if dk is not None:
+            return dk.val_labels
+        if self.csv_path is not None:
+            return load_val_csv(self.csv_path)
+        raise PrepError(f"{self.src}: val images are not in class folders and no labels were found "
+                        f"(put {DEVKIT} or {VAL_CSV} in SRC, or pass --devkit/--val-csv)")
+
+    def class_names(self, classes: list[str]) -> list[str]:
+        dk = self.devkit()
+        names = dict(dk.names) if dk is not None else {}
+        mapping = self.src / SYNSET_MAPPING
+        if not names and mapping.is_file():
+            names = load_synset_mapping(mapping)
+        return [names.get(c, c) for c in classes]
+
+
+def _labelled(listing: Listing, split: str, src: ImageNetSource) -> tuple[list[tuple[str, Ref, str]], list]:
+    """(display, ref, wnid) per file plus rejects, for class-folder or flat layouts."""
+    rejects = list(listing.rejects)
+    files = []
+    for f in listing.files:
+        if is_hidden(f.parts):
+            rejects.append((f.display, "hidden file or folder"))
+        else:
+            files.append(f)
+    flat = sum(1 for f in files if len(f.parts) == 1) * 2 > len(files)
+    labels = src.val_labels() if (split == "val" and flat) else None
+    out = []
+    for f in files:
+        if labels is not None:
+            if len(f.parts) != 1:
+                rejects.append((f.display, "unexpected folder in flat val set"))
+                continue
+            wnid = labels.get(Path(f.parts[0]).stem)
+            if wnid is None:
+                rejects.append((f.display, "no label for this file in devkit/CSV"))
+                continue
+        else:
+            if len(f.parts) < 2:
+                rejects.append((f.display, "not inside a <wnid> class folder"))
+                continue
+            wnid = f.parts[0]
+        out.append((f.display, f.ref, wnid))
+    return out, rejects
+
+
+def scan_imagenet(src: ImageNetSource, splits: list[str]) -> tuple[dict[str, Scan], dict[str, str]]:
+    """Scan the requested splits with one shared class list; returns ({split: Scan}, {split: where})."""
+    raw, where = {}, {}
+    for split in splits:
+        listing, where[split] = src.list_split(split)
+        raw[split] = _labelled(listing, split, src)
+    dk = src.devkit()
+    if dk is not None:
+        classes = sorted(dk.names)
+    elif "train" in raw:
+        classes = sorted({w for _, _, w in raw["train"][0]})
+    else:
+        classes = sorted({w for _, _, w in raw["val"][0]})
+    if not classes:
+        raise PrepError(f"{src.src}: no ImageNet classes found")
+    index = {c: i for i, c in enumerate(classes)}
+    names = src.class_names(classes)
+    scans = {}
+    for split, (items, rejects) in raw.items():
+        kept = []
+        for disp, ref, wnid in items:
+            if wnid in index:
+                kept.append((disp, ref, index[wnid]))
+            else:
+                rejects.append((disp, f"class {wnid!r} is not one of the {len(classes)} ILSVRC2012 classes"))
+        kept.sort(key=lambda t: t[0])
+        scans[split] = Scan(classes, names, kept, sorted(rejects))
+    return scans, where
+
+
+def prepare_imagenet(src: Path, out: Path, splits: list[str], opts, seed: int, shard_bytes: int | None,
+                     samples_per_shard: int | None, workers: int, task_index: int = 0, num_tasks: int = 1,
+                     devkit: Path | None = None, val_csv: Path | None = None, show_progress: bool = True):
+    """Scan and shard the requested ImageNet splits; returns the manifest when running as one task."""
+    from .prepare import prepare_split
+
+    source = ImageNetSource(src, devkit, val_csv)
+    scans, where = scan_imagenet(source, splits)
+    manifest = None
+    for split in splits:
+        manifest = prepare_split(out, split, str(src.resolve()), scans[split], opts, seed, shard_bytes,
+                                 samples_per_shard, workers, task_index, num_tasks, show_progress,
+                                 split_source=str(Path(where[split]).resolve()))
+    return manifest

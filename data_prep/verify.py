@@ -1,0 +1,87 @@
+"""``python -m data_prep verify OUT``: re-check every shard against the manifest.
+
+Checks size and sha256, the index (sample count, jpg/cls/lbl present, offsets inside the tar,
+cls text == lbl int32) and fully decodes a few evenly spaced JPEGs per shard.
+"""
+from __future__ import annotations
+
+import io
+import multiprocessing as mp
+import struct
+from pathlib import Path
+
+from .format import ManifestError, SAMPLE_EXTS, load_manifest, read_index
+from .runner import file_sha256
+
+
+def verify_shard(out: Path, split: str, shard: dict, n_classes: int, decode: int) -> list[str]:
+    """Problems found in one shard (empty list when it is sound)."""
+    from PIL import Image
+
+    tar = Path(out) / shard["name"]
+    where = f"{split}/{shard['name']}"
+    if not tar.is_file():
+        return [f"{where}: shard file missing"]
+    size = tar.stat().st_size
+    if size != shard["bytes"]:
+        return [f"{where}: size {size} != manifest {shard['bytes']}"]
+    problems = []
+    if file_sha256(tar) != shard["sha256"]:
+        problems.append(f"{where}: sha256 mismatch (file changed or corrupt)")
+    try:
+        index = read_index(Path(out) / shard["index"])
+    except ManifestError as exc:
+        return problems + [f"{where}: {exc}"]
+    if len(index) != shard["samples"]:
+        problems.append(f"{where}: index has {len(index)} samples, manifest says {shard['samples']}")
+    step = max(1, len(index) // max(decode, 1)) if decode else 0
+    with open(tar, "rb") as f:
+        for i, entry in enumerate(index):
+            if set(entry) != set(SAMPLE_EXTS):
+                problems.append(f"{where}: sample {i} has members {sorted(entry)}")
+                continue
+            if any(off + n > size for off, n in entry.values()):
+                problems.append(f"{where}: sample {i} points past the end of the tar")
+                continue
+            f.seek(entry["cls"][0])
+            cls = f.read(entry["cls"][1])
+            f.seek(entry["lbl"][0])
+            lbl = f.read(entry["lbl"][1])
+            if len(lbl) != 4 or not cls.isdigit() or int(cls) != struct.unpack("<i", lbl)[0] \
+                    or not 0 <= int(cls) < n_classes:
+                problems.append(f"{where}: sample {i} has inconsistent labels cls={cls!r} lbl={lbl!r}")
+            if step and i % step == 0 and i // step < decode:
+                f.seek(entry["jpg"][0])
+                try:
+                    im = Image.open(io.BytesIO(f.read(entry["jpg"][1])))
+                    im.load()
+                    if im.format != "JPEG" or im.mode != "RGB":
+                        problems.append(f"{where}: sample {i} is {im.format} {im.mode}, not an RGB JPEG")
+                except Exception as exc:  # any decode failure is a finding, not a crash
+                    problems.append(f"{where}: sample {i} does not decode: {exc}")
+    return problems
+
+
+def _star(args) -> list[str]:
+    return verify_shard(*args)
+
+
+def verify(out: str | Path, decode: int = 4, workers: int = 1) -> list[str]:
+    """All problems found in OUT (empty list = OK); ManifestError when there is no usable manifest."""
+    out = Path(out)
+    manifest = load_manifest(out)
+    jobs = []
+    problems = []
+    for split, entry in manifest["splits"].items():
+        if sum(s["samples"] for s in entry["shards"]) != entry["samples"]:
+            problems.append(f"{split}: shard sample counts do not add up to {entry['samples']}")
+        for shard in entry["shards"]:
+            jobs.append((out, split, shard, len(manifest["classes"]), decode))
+    if workers > 1 and len(jobs) > 1:
+        with mp.get_context("fork").Pool(min(workers, len(jobs))) as pool:
+            results = pool.map(_star, jobs, chunksize=1)
+    else:
+        results = [_star(j) for j in jobs]
+    for r in results:
+        problems.extend(r)
+    return problems

@@ -1,0 +1,67 @@
+"""Augmentation recipes and their random parameters, shared by every backend.
+
+The crop parameters follow torchvision's RandomResizedCrop exactly (10 tries of a log-uniform aspect
+ratio and uniform area, then a centre-crop fallback), but draw from a generator seeded per sample, so a
+sample's augmentation is a function of (seed, epoch, position) alone.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class AugmentConfig:
+    """What the loaders do to images. ``recipe``: "imagenet" (random resized crop + flip; eval resize +
+    centre crop) or "cifar" (the paper's 4-pixel zero pad + random crop + flip; eval on the image as is)."""
+
+    recipe: str = "imagenet"
+    train_size: int = 224
+    val_resize: int = 256
+    val_size: int = 224
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    pad: int = 4
+    flip: bool = True
+    mean: tuple[float, float, float] = field(default=IMAGENET_MEAN)
+    std: tuple[float, float, float] = field(default=IMAGENET_STD)
+
+    def __post_init__(self) -> None:
+        if self.recipe not in ("imagenet", "cifar"):
+            raise ValueError(f"data.augment.recipe must be 'imagenet' or 'cifar', got {self.recipe!r}")
+
+
+def sample_rng(seed: int, epoch: int, position: int) -> np.random.Generator:
+    """The generator of one sample's augmentation."""
+    return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(epoch), int(position)])
+
+
+def random_resized_crop_box(
+    width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float], rng: np.random.Generator
+) -> tuple[int, int, int, int]:
+    """(top, left, h, w) of a crop, as torchvision.transforms.RandomResizedCrop.get_params draws it."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return top, left, h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w

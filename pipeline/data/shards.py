@@ -1,0 +1,120 @@
+"""Random access to the samples of one split of a sharded dataset (manifest + tars + indexes).
+
+Every backend reads encoded JPEG bytes and labels through this class, by global sample id (the id
+space of ``pipeline.data.contract``). Reads are ``os.pread`` calls at offsets from the per-shard index,
+so any process can fetch any sample without scanning a tar, and file descriptors are reopened after a
+fork (DataLoader workers, DALI's parallel external source).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from data_prep.format import ManifestError, load_manifest, read_index
+from pipeline.errors import ConfigError
+
+
+class ShardSet:
+    """The samples of ``split`` under ``root``; checks at start that every shard is present and whole."""
+
+    def __init__(self, root: str | Path, split: str) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise ConfigError(f"data.root: shard directory {str(self.root)!r} does not exist")
+        try:
+            self.manifest = load_manifest(self.root)
+        except ManifestError as e:
+            raise ConfigError(str(e)) from None
+        splits = self.manifest.get("splits", {})
+        if split not in splits:
+            raise ConfigError(
+                f"split {split!r} is not in {self.root / 'manifest.json'} (it has: {sorted(splits)})"
+            )
+        self.split = split
+        self.classes: list[str] = list(self.manifest["classes"])
+        shards = splits[split]["shards"]
+        self.shard_names = [s["name"] for s in shards]
+        self.shard_sizes = np.array([int(s["samples"]) for s in shards], dtype=np.int64)
+        self._paths = [str(self.root / s["name"]) for s in shards]
+        shard_of, offsets, sizes, lbl_offsets = [], [], [], []
+        for i, s in enumerate(shards):
+            path = self.root / s["name"]
+            if not path.is_file():
+                raise ConfigError(f"shard {str(path)!r} listed in the manifest is missing")
+            actual = path.stat().st_size
+            if actual != int(s["bytes"]):
+                raise ConfigError(
+                    f"shard {str(path)!r} is truncated or altered: {actual} bytes, manifest says {s['bytes']}"
+                )
+            idx_path = self.root / s.get("index", Path(s["name"]).with_suffix(".idx").name)
+            if not idx_path.is_file():
+                raise ConfigError(f"index {str(idx_path)!r} of shard {s['name']!r} is missing")
+            entries = read_index(idx_path)
+            if len(entries) != int(s["samples"]):
+                raise ConfigError(
+                    f"index {str(idx_path)!r} lists {len(entries)} samples, manifest says {s['samples']}"
+                )
+            for e in entries:
+                if "jpg" not in e or "lbl" not in e:
+                    raise ConfigError(f"index {str(idx_path)!r} has a sample without 'jpg' or 'lbl'")
+                shard_of.append(i)
+                offsets.append(e["jpg"][0])
+                sizes.append(e["jpg"][1])
+                lbl_offsets.append(e["lbl"][0])
+        self.shard_of = np.asarray(shard_of, dtype=np.int32)
+        self.offsets = np.asarray(offsets, dtype=np.int64)
+        self.sizes = np.asarray(sizes, dtype=np.int64)
+        self.label_offsets = np.asarray(lbl_offsets, dtype=np.int64)
+        self._fds: dict[int, int] = {}
+        self._pid = -1
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def _fd(self, shard: int) -> int:
+        if self._pid != os.getpid():  # after a fork: descriptors belong to the parent
+            self._fds, self._pid = {}, os.getpid()
+        fd = self._fds.get(shard)
+        if fd is None:
+            fd = self._fds[shard] = os.open(self._paths[shard], os.O_RDONLY)
+        return fd
+
+    def read_jpeg(self, sample_id: int) -> bytes:
+        """The encoded image of one sample."""
+        shard = int(self.shard_of[sample_id])
+        data = os.pread(self._fd(shard), int(self.sizes[sample_id]), int(self.offsets[sample_id]))
+        if len(data) != self.sizes[sample_id]:
+            raise OSError(f"short read of sample {sample_id} in {self._paths[shard]!r}")
+        return data
+
+    def read_label(self, sample_id: int) -> int:
+        """The class index of one sample (from its fixed-width ``lbl`` member)."""
+        shard = int(self.shard_of[sample_id])
+        raw = os.pread(self._fd(shard), 4, int(self.label_offsets[sample_id]))
+        return struct.unpack("<i", raw)[0]
+
+    def labels(self) -> np.ndarray:
+        """All labels of the split, in id order (reads 4 bytes per sample)."""
+        return np.array([self.read_label(i) for i in range(len(self))], dtype=np.int64)
+
+    def shard_name(self, sample_id: int) -> str:
+        return self.shard_names[int(self.shard_of[sample_id])]
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_fds"], state["_pid"] = {}, -1
+        return state
+
+    def close(self) -> None:
+        if self._pid == os.getpid():
+            for fd in self._fds.values():
+                os.close(fd)
+        self._fds = {}

@@ -1,0 +1,194 @@
+"""LightningDataModule over a sharded split pair: picks the backend, owns the loader position.
+
+The loader position (epoch, samples consumed) is part of every checkpoint through ``state_dict``; on
+resume the samplers continue the epoch from there, for whatever world size the new job has.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+
+from pipeline.data.augment import AugmentConfig
+from pipeline.data.contract import Position, TrainSampler, ValSampler, steps_in_epoch
+from pipeline.data.shards import ShardSet
+from pipeline.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "cpu", "dali", "dali-cpu", "synthetic")
+
+
+class ShardDataModule(pl.LightningDataModule):
+    """Train/val loaders over ``root`` (a data_prep output directory with ``manifest.json``).
+
+    Args:
+        root: directory with manifest.json, shards and indexes.
+        train_split / val_split: split names in the manifest.
+        backend: "cpu" (PIL in DataLoader workers), "dali" (GPU decoding), "dali-cpu" (DALI on the CPU),
+            "synthetic" (random tensors, for benchmarks) or "auto" (dali when a GPU and DALI are present).
+        batch_size: per-rank batch size (global batch = batch_size * world size * grad accumulation).
+        val_batch_size: per-rank validation batch size (default: batch_size).
+        num_workers: loader processes (cpu backend) or threads (DALI) per rank.
+        seed: seed of the epoch permutations and of the augmentation.
+        window_shards: shards mixed together by the shard-aware shuffle.
+        on_corrupt: "fail" (stop with the shard's name) or "skip" (mask the sample, count and log it).
+        augment: the augmentation recipe.
+        dali_hw_decoder_load: share of JPEG decoding on the hardware decoder (dali backend).
+    """
+
+    def __init__(
+        self,
+        root: str = "data/shards",
+        train_split: str = "train",
+        val_split: str = "val",
+        backend: str = "auto",
+        batch_size: int = 256,
+        val_batch_size: int | None = None,
+        num_workers: int = 8,
+        seed: int = 0,
+        window_shards: int = 4,
+        on_corrupt: str = "fail",
+        augment: AugmentConfig | None = None,
+        dali_hw_decoder_load: float = 0.75,
+    ) -> None:
+        super().__init__()
+        if backend not in BACKENDS:
+            raise ConfigError(f"data.backend must be one of {BACKENDS}, got {backend!r}")
+        if batch_size < 1:
+            raise ConfigError(f"data.batch_size must be >= 1, got {batch_size}")
+        if on_corrupt not in ("fail", "skip"):
+            raise ConfigError(f"data.on_corrupt must be 'fail' or 'skip', got {on_corrupt!r}")
+        self.root, self.train_split, self.val_split = root, train_split, val_split
+        self.backend = backend
+        self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
+        self.num_workers, self.seed, self.window_shards = num_workers, seed, window_shards
+        self.on_corrupt = on_corrupt
+        self.augment = augment or AugmentConfig()
+        self.dali_hw_decoder_load = dali_hw_decoder_load
+        self._train: ShardSet | None = None
+        self._val: ShardSet | None = None
+        self._start = Position()
+
+    # ---- data -------------------------------------------------------------------------------------
+    def _shards(self, split: str) -> ShardSet:
+        if not Path(self.root).is_dir():
+            raise ConfigError(f"data.root: shard directory {self.root!r} does not exist")
+        return ShardSet(self.root, split)
+
+    @property
+    def train_shards(self) -> ShardSet:
+        if self._train is None:
+            self._train = self._shards(self.train_split)
+        return self._train
+
+    @property
+    def val_shards(self) -> ShardSet:
+        if self._val is None:
+            self._val = self._shards(self.val_split)
+        return self._val
+
+    @property
+    def num_classes(self) -> int:
+        return self.train_shards.num_classes
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            _ = self.train_shards
+        _ = self.val_shards  # fail at start, naming the missing or truncated shard
+
+    def resolved_backend(self) -> str:
+        if self.backend != "auto":
+            return self.backend
+        try:
+            import nvidia.dali  # noqa: F401
+        except ImportError:
+            return "cpu"
+        return "dali" if torch.cuda.is_available() else "cpu"
+
+    def _geometry(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
+    def train_dataloader(self):
+        world, rank = self._geometry()
+        sampler = TrainSampler(
+            self.train_shards.shard_sizes, self.seed, world, rank, self.batch_size, self.window_shards,
+            start=self._start,
+        )
+        if self._start.consumed:
+            log.info(
+                "resuming epoch %d at sample %d of its order (%d ranks x batch %d)",
+                self._start.epoch, self._start.consumed, world, self.batch_size,
+            )
+        return self._loader(self.train_shards, sampler, train=True)
+
+    def val_dataloader(self):
+        world, rank = self._geometry()
+        sampler = ValSampler(len(self.val_shards), world, rank, self.val_batch_size)
+        return self._loader(self.val_shards, sampler, train=False)
+
+    def _loader(self, shards: ShardSet, sampler, train: bool):
+        backend = self.resolved_backend()
+        if backend == "cpu":
+            from pipeline.data.cpu_backend import ShardBatches
+
+            dataset = ShardBatches(shards, self.augment, train, self.seed, self.on_corrupt)
+            return torch.utils.data.DataLoader(
+                dataset,
+                sampler=sampler,
+                batch_size=None,
+                num_workers=self.num_workers,
+                persistent_workers=self.num_workers > 0,
+                pin_memory=torch.cuda.is_available(),
+                prefetch_factor=2 if self.num_workers > 0 else None,
+            )
+        if backend in ("dali", "dali-cpu"):
+            from pipeline.data.dali_backend import DaliLoader
+
+            return DaliLoader(
+                shards, sampler, self.augment, train=train, seed=self.seed, num_threads=self.num_workers,
+                cpu=backend == "dali-cpu", hw_decoder_load=self.dali_hw_decoder_load,
+                on_corrupt=self.on_corrupt,
+            )
+        from pipeline.data.synthetic import SyntheticLoader
+
+        size = self.augment.train_size if train else self.augment.val_size
+        return SyntheticLoader(sampler, size, shards.num_classes)
+
+    # ---- position in the checkpoint -----------------------------------------------------------------
+    def state_dict(self) -> dict:
+        trainer = self.trainer
+        state = {"manifest_sha256": self.manifest_digest()}
+        if trainer is None:
+            return state
+        world, _ = self._geometry()
+        g = world * self.batch_size
+        epoch = trainer.current_epoch
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        if epoch == self._start.epoch and self._start.consumed:
+            consumed = self._start.consumed + (done - self._start.batches) * g
+        else:
+            consumed = done * g
+        if steps_in_epoch(len(self.train_shards), world, self.batch_size, consumed) == 0:
+            epoch, consumed, done = epoch + 1, 0, 0  # the epoch is complete: the next one starts fresh
+        state.update(epoch=epoch, consumed=consumed, batches=done, world_size=world, batch_size=self.batch_size)
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        saved = state.get("manifest_sha256")
+        if saved is not None and saved != self.manifest_digest():
+            raise ConfigError(
+                f"the checkpoint was trained on another dataset: {self.root}/manifest.json differs from the"
+                " manifest the checkpoint recorded (start a new run directory, or point data.root back)"
+            )
+        if "epoch" in state:
+            self._start = Position(int(state["epoch"]), int(state["consumed"]), int(state.get("batches", 0)))
+
+    def manifest_digest(self) -> str:
+        path = Path(self.root) / "manifest.json"
+        return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""

@@ -1,0 +1,155 @@
+"""The LightningModule: a ResNet from the registry, the recipe's loss, optimizer and schedule, metrics."""
+
+from __future__ import annotations
+
+import math
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torchmetrics.classification import MulticlassAccuracy
+
+from pipeline.data.augment import IMAGENET_MEAN, IMAGENET_STD
+from pipeline.data.contract import steps_in_epoch
+from pipeline.errors import ConfigError
+from pipeline.models import build
+from pipeline.optim import lr_factor, make_sgd
+
+
+class ImageClassifier(pl.LightningModule):
+    """Classification with the paper's recipe knobs.
+
+    Args:
+        arch: registry name (``pipeline.models.available()``), e.g. resnet50, cifar_resnet20.
+        num_classes: linked from the dataset's manifest by the CLI.
+        arch_kwargs: extra model options (shortcut, plain, stride_in_1x1, zero_init_residual).
+        lr: peak learning rate for a global batch of ``lr_reference_batch`` (scaled linearly).
+        momentum, nesterov, weight_decay: SGD; no weight decay on BN parameters and biases.
+        label_smoothing: of the cross entropy.
+        warmup_epochs: linear warmup length; schedule: "cosine", "step" or "constant", per step;
+        milestones: epochs at which "step" multiplies the lr by ``gamma``.
+        channels_last: NHWC memory format for model and inputs (the fast layout for cuDNN on GPUs).
+        compile: wrap the forward in torch.compile.
+    """
+
+    def __init__(
+        self,
+        arch: str = "resnet50",
+        num_classes: int = 1000,
+        arch_kwargs: dict | None = None,
+        lr: float = 0.1,
+        lr_reference_batch: int = 256,
+        momentum: float = 0.9,
+        nesterov: bool = False,
+        weight_decay: float = 1e-4,
+        label_smoothing: float = 0.0,
+        warmup_epochs: float = 0.0,
+        schedule: str = "cosine",
+        milestones: list[float] | None = None,
+        gamma: float = 0.1,
+        channels_last: bool = True,
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if schedule not in ("cosine", "step", "constant"):
+            raise ConfigError(f"model.schedule must be 'cosine', 'step' or 'constant', got {schedule!r}")
+        try:
+            self.model = build(arch, num_classes=num_classes, **(arch_kwargs or {}))
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"model.arch / model.arch_kwargs: {e}") from None
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self._forward = torch.compile(self.model) if compile else self.model
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255, persistent=False)
+        self.train_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.val_top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")
+
+    def __setattr__(self, name, value):
+        if name == "_forward":  # an alias of self.model (maybe compiled), not a second submodule
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    # ---- data on the device -----------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        aug = getattr(dm, "augment", None)
+        if aug is not None:
+            self.mean.copy_(torch.tensor(aug.mean).view(1, 3, 1, 1) * 255)
+            self.std.copy_(torch.tensor(aug.std).view(1, 3, 1, 1) * 255)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 batches (cpu backend) are normalised here, on the device; DALI's come normalised."""
+        if images.dtype == torch.uint8:
+            images = (images.float() - self.mean) / self.std
+        fmt = torch.channels_last if self.hparams.channels_last else torch.contiguous_format
+        return images.contiguous(memory_format=fmt)  # mixed layouts fall onto slow convolution paths
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self._forward(self.normalize(images))
+
+    # ---- steps --------------------------------------------------------------------------------------
+    def _masked_loss(self, logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        losses = F.cross_entropy(
+            logits.float(), labels, reduction="none", label_smoothing=self.hparams.label_smoothing
+        )
+        return (losses * valid).sum() / valid.sum().clamp(min=1)
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        images, labels, valid = batch
+        logits = self(images)
+        loss = self._masked_loss(logits, labels, valid)
+        self.train_top1(logits[valid], labels[valid])
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/top1", self.train_top1, on_step=True, on_epoch=False)
+        self.log("lr", self.optimizers().param_groups[0]["lr"], prog_bar=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        images, labels, valid = batch
+        logits = self(images)
+        losses = F.cross_entropy(logits.float(), labels, reduction="none")
+        self._val_loss_sum += (losses * valid).sum()
+        self._val_count += valid.sum()
+        self.val_top1(logits[valid], labels[valid])
+        self.val_top5(logits[valid], labels[valid])
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_loss_sum = torch.zeros((), device=self.device)
+        self._val_count = torch.zeros((), device=self.device)
+
+    def on_validation_epoch_end(self) -> None:
+        loss_sum, count = self._val_loss_sum, self._val_count
+        if self.trainer.world_size > 1:  # exact mean over all samples of all ranks
+            loss_sum = self.trainer.strategy.reduce(loss_sum, reduce_op="sum")
+            count = self.trainer.strategy.reduce(count, reduce_op="sum")
+        self.log("val/loss", loss_sum / count.clamp(min=1), sync_dist=False, rank_zero_only=False)
+        self.log("val/top1", self.val_top1, prog_bar=True)
+        self.log("val/top5", self.val_top5)
+
+    # ---- optimisation -------------------------------------------------------------------------------
+    def global_batch_size(self) -> int:
+        dm = self.trainer.datamodule
+        return dm.batch_size * self.trainer.world_size * self.trainer.accumulate_grad_batches
+
+    def steps_per_epoch(self) -> int:
+        dm = self.trainer.datamodule
+        batches = steps_in_epoch(len(dm.train_shards), self.trainer.world_size, dm.batch_size)
+        return max(1, batches // self.trainer.accumulate_grad_batches)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        peak = hp.lr * self.global_batch_size() / hp.lr_reference_batch
+        optimizer = make_sgd(self.model, peak, hp.momentum, hp.nesterov, hp.weight_decay)
+        spe = self.steps_per_epoch()
+        max_steps = self.trainer.max_steps
+        total = max_steps if max_steps and max_steps > 0 else spe * max(1, self.trainer.max_epochs or 1)
+        warmup = int(round(hp.warmup_epochs * spe))
+        milestones = [int(round(m * spe)) for m in (hp.milestones or [])]
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_factor(step, total, warmup, hp.schedule, milestones, hp.gamma)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -1,0 +1,38 @@
+"""Optimizer and learning-rate schedule of the recipes: SGD, linear warmup, cosine or step decay per step."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups: weights of convs/linears decay; BN parameters and biases (all 1-D tensors) do not."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_factor(
+    step: int, total_steps: int, warmup_steps: int, schedule: str, milestones: list[int], gamma: float
+) -> float:
+    """Multiplier of the peak lr at optimizer step ``step`` (0-based)."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "cosine":
+        span = max(1, total_steps - warmup_steps)
+        t = min(1.0, (step - warmup_steps) / span)
+        return 0.5 * (1.0 + math.cos(math.pi * t))
+    if schedule == "step":
+        return gamma ** sum(step >= m for m in milestones)
+    if schedule == "constant":
+        return 1.0
+    raise ValueError(f"model.schedule must be 'cosine', 'step' or 'constant', got {schedule!r}")
+
+
+def make_sgd(model: nn.Module, lr: float, momentum: float, nesterov: bool, weight_decay: float) -> torch.optim.SGD:
+    return torch.optim.SGD(param_groups(model, weight_decay), lr=lr, momentum=momentum, nesterov=nesterov)

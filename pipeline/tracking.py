@@ -1,0 +1,67 @@
+"""Experiment tracking: one W&B run per run directory (offline unless a key is set), plus CSV/TensorBoard."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
+
+RUN_ID_FILE = "wandb_run_id"
+
+
+@dataclass
+class TrackingConfig:
+    """Where metrics go. W&B is online only when WANDB_API_KEY is set (or WANDB_MODE says so)."""
+
+    wandb: bool = True
+    project: str = "resnet-pipeline"
+    name: str | None = None
+    csv: bool = True
+    tensorboard: bool = False
+
+
+def run_id(run_dir: str | Path) -> str:
+    """The W&B run id of a run directory: WANDB_RUN_ID if set, else made once and kept in the directory.
+
+    Every restart of the run (requeue, resume) reads the same id, so W&B continues one run."""
+    env = os.environ.get("WANDB_RUN_ID")
+    if env:
+        return env
+    path = Path(run_dir) / RUN_ID_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return path.read_text().strip()
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(4))
+    return path.read_text().strip()
+
+
+def wandb_offline() -> bool:
+    mode = os.environ.get("WANDB_MODE")
+    if mode:
+        return mode in ("offline", "dryrun", "disabled")
+    return not os.environ.get("WANDB_API_KEY")
+
+
+def make_loggers(cfg: TrackingConfig, run_dir: str | Path) -> list[Logger]:
+    run_dir = Path(run_dir)
+    loggers: list[Logger] = []
+    if cfg.wandb:
+        os.environ.setdefault("WANDB_CACHE_DIR", str(run_dir / ".wandb-cache"))
+        os.environ.setdefault("WANDB_CONFIG_DIR", str(run_dir / ".wandb-config"))
+        loggers.append(
+            WandbLogger(
+                project=cfg.project, name=cfg.name or run_dir.name, id=run_id(run_dir), resume="allow",
+                save_dir=str(run_dir), offline=wandb_offline(),
+            )
+        )
+    if cfg.csv:
+        loggers.append(CSVLogger(str(run_dir), name="csv", version=""))
+    if cfg.tensorboard:
+        loggers.append(TensorBoardLogger(str(run_dir), name="tensorboard", version=""))
+    return loggers

@@ -1,0 +1,102 @@
+"""python -m data_prep imagenet: original archives (nested tars, devkit meta.mat, Kaggle CSV) and folders."""
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+
+from data_prep.cli import main
+from data_prep.format import load_manifest
+from tests.fixtures_images import WORDS, build_imagenet
+from tests.test_data_prep_imagefolder import samples_of
+
+
+def check_labels(out: Path, split: str, expected: dict, wnids: list[str]) -> None:
+    """Every written sample carries the sorted-wnid index of its source file's class."""
+    by_bytes = {data: w for data, w in expected.values()}
+    got = samples_of(out, split)
+    assert len(got) == len(expected)
+    for s in got:
+        label = wnids.index(by_bytes[s["jpg"]])
+        assert s["cls"] == str(label).encode() and struct.unpack("<i", s["lbl"])[0] == label
+
+
+@pytest.fixture(scope="module")
+def archives(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ilsvrc")
+    return root, build_imagenet(root)
+
+
+def test_archives_with_devkit(archives, tmp_path):
+    root, exp = archives
+    out = tmp_path / "out"
+    assert main(["imagenet", str(root), str(out), "--samples-per-shard", "7", "--no-progress"]) == 0
+    m = load_manifest(out)
+    assert m["classes"] == exp["wnids"] == sorted(WORDS)
+    assert m["class_names"] == [WORDS[w] for w in exp["wnids"]]
+    assert m["splits"]["train"]["samples"] == 24 and m["splits"]["val"]["samples"] == 12
+    assert m["splits"]["train"]["source"].endswith("ILSVRC2012_img_train.tar")
+    check_labels(out, "train", exp["train"], exp["wnids"])
+    check_labels(out, "val", exp["val"], exp["wnids"])
+    # the devkit's IDs are in reverse-wnid order: labels must still follow sorted wnids
+    assert main(["verify", str(out)]) == 0
+
+
+def test_archives_with_kaggle_csv_only(archives, tmp_path):
+    root, exp = archives
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("ILSVRC2012_img_val.tar", "LOC_val_solution.csv"):
+        shutil.copy(root / name, src / name)
+    out = tmp_path / "out"
+    assert main(["imagenet", str(src), str(out), "--splits", "val", "--no-progress"]) == 0
+    m = load_manifest(out)
+    assert m["classes"] == exp["wnids"] and m["class_names"] == exp["wnids"]
+    check_labels(out, "val", exp["val"], exp["wnids"])
+
+
+def test_extracted_layout_flat_and_class_folder_val(tmp_path):
+    root = tmp_path / "extracted"
+    exp = build_imagenet(root, extracted=True)
+    out = tmp_path / "out"
+    assert main(["imagenet", str(root), str(out), "--samples-per-shard", "10", "--no-progress"]) == 0
+    check_labels(out, "train", exp["train"], exp["wnids"])
+    check_labels(out, "val", exp["val"], exp["wnids"])
+    # val already sorted into class folders (the common torchvision preparation), no label files
+    src2 = tmp_path / "foldered"
+    for name, (data, w) in exp["val"].items():
+        (src2 / "val" / w).mkdir(parents=True, exist_ok=True)
+        (src2 / "val" / w / name).write_bytes(data)
+    shutil.copytree(root / "train", src2 / "train")
+    out2 = tmp_path / "out2"
+    assert main(["imagenet", str(src2), str(out2), "--no-progress"]) == 0
+    check_labels(out2, "val", exp["val"], exp["wnids"])
+    # val merged into an OUT that already has train: classes agree
+    assert main(["imagenet", str(src2), str(out), "--splits", "val", "--devkit",
+                 str(root / "ILSVRC2012_devkit_t12.tar.gz"), "--no-progress"]) == 0
+
+
+def test_flat_val_without_labels_is_a_clear_error(archives, tmp_path, capsys):
+    root, _ = archives
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(root / "ILSVRC2012_img_val.tar", src)
+    assert main(["imagenet", str(src), str(tmp_path / "o"), "--splits", "val", "--no-progress"]) == 2
+    assert "LOC_val_solution.csv" in capsys.readouterr().err
+    assert main(["imagenet", str(src), str(tmp_path / "o"), "--splits", "train", "--no-progress"]) == 2
+    assert "ILSVRC2012_img_train.tar" in capsys.readouterr().err
+
+
+def test_kaggle_layout_with_synset_mapping(tmp_path):
+    src = tmp_path / "kaggle"
+    data = src / "ILSVRC" / "Data" / "CLS-LOC"
+    exp = build_imagenet(data, extracted=True)
+    (data / "ILSVRC2012_devkit_t12.tar.gz").unlink()
+    (data / "LOC_val_solution.csv").rename(src / "LOC_val_solution.csv")
+    (src / "LOC_synset_mapping.txt").write_text("".join(f"{w} {WORDS[w]}\n" for w in sorted(WORDS)))
+    out = tmp_path / "out"
+    assert main(["imagenet", str(src), str(out), "--no-progress"]) == 0
+    m = load_manifest(out)
+    assert m["class_names"] == [WORDS[w] for w in exp["wnids"]]
+    check_labels(out, "train", exp["train"], exp["wnids"])
+    check_labels(out, "val", exp["val"], exp["wnids"])

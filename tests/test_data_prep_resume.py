@@ -1,0 +1,121 @@
+"""Resume after SIGKILL, Slurm-style task slices + finalize, verify, and re-encode mode."""
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from data_prep.cli import main
+from data_prep.format import load_manifest
+from tests.fixtures_images import write_imagefolder
+from tests.test_data_prep_imagefolder import samples_of
+
+from tests.conftest import CIFAR_TEST_TAR as CIFAR_TEST
+REPO = Path(__file__).resolve().parents[1]
+
+
+def outputs(out: Path) -> dict[str, bytes]:
+    """Every visible output file (shards, indexes, manifest, rejects) by name."""
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tree")
+    write_imagefolder(root, ["a", "b", "c", "d"], per_class=10)
+    return root
+
+
+def test_kill_midway_then_resume_is_identical(tmp_path):
+    args = ["imagefolder", str(CIFAR_TEST), "SPLIT", "--split", "test", "--samples-per-shard", "500",
+            "--max-side", "24", "--workers", "1", "--no-progress"]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "data_prep", *[a.replace("SPLIT", str(killed)) for a in args]],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    work = killed / ".work" / "test"
+    deadline = time.monotonic() + 60
+    while not list(work.glob("test-000000.tar.json")):
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "manifest.json").exists()
+    done = sorted(p.name for p in work.glob("*.tar.json"))
+    assert 1 <= len(done) < 20
+    first = killed / "test-000000.tar"
+    stamp = first.stat().st_mtime_ns
+    assert main([a.replace("SPLIT", str(killed)) for a in args]) == 0
+    assert first.stat().st_mtime_ns == stamp  # verified and skipped, not rewritten
+    clean = tmp_path / "clean"
+    assert main([a.replace("SPLIT", str(clean)) for a in args]) == 0
+    assert outputs(killed) == outputs(clean)
+    assert not list(killed.glob("*.tmp"))
+
+
+def test_corrupted_done_shard_is_rebuilt(tree, tmp_path):
+    out = tmp_path / "o"
+    argv = ["imagefolder", str(tree), str(out), "--split", "train", "--samples-per-shard", "8", "--no-progress"]
+    assert main(argv) == 0
+    before = outputs(out)
+    with open(out / "train-000002.tar", "r+b") as f:
+        f.seek(700)
+        b = f.read(1)
+        f.seek(700)
+        f.write(bytes([b[0] ^ 0xFF]))
+    assert main(argv) == 0
+    assert outputs(out) == before
+
+
+def test_array_tasks_then_finalize_equals_single_run(tree, tmp_path, monkeypatch, capsys):
+    single = tmp_path / "single"
+    common = ["--split", "train", "--samples-per-shard", "6", "--workers", "1", "--no-progress"]
+    assert main(["imagefolder", str(tree), str(single), *common]) == 0
+    arr = tmp_path / "array"
+    assert main(["imagefolder", str(tree), str(arr), *common, "--task-index", "0", "--num-tasks", "3"]) == 0
+    assert main(["finalize", str(arr)]) == 2
+    assert "not done" in capsys.readouterr().err
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "3")
+    for i in (2, 1):
+        monkeypatch.setenv("SLURM_ARRAY_TASK_ID", str(i))
+        assert main(["imagefolder", str(tree), str(arr), *common]) == 0
+    assert not (arr / "manifest.json").exists()
+    assert main(["finalize", str(arr)]) == 0
+    assert outputs(arr) == outputs(single)
+    m = load_manifest(arr)
+    assert [s["sha256"] for s in m["splits"]["train"]["shards"]] == \
+        [s["sha256"] for s in load_manifest(single)["splits"]["train"]["shards"]]
+
+
+def test_verify_catches_a_flipped_byte(tree, tmp_path):
+    out = tmp_path / "o"
+    assert main(["imagefolder", str(tree), str(out), "--split", "train", "--samples-per-shard", "12",
+                 "--no-progress"]) == 0
+    ok = subprocess.run([sys.executable, "-m", "data_prep", "verify", str(out)], cwd=REPO, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    path = out / "train-000001.tar"
+    data = bytearray(path.read_bytes())
+    data[2000] ^= 0x01
+    path.write_bytes(bytes(data))
+    bad = subprocess.run([sys.executable, "-m", "data_prep", "verify", str(out)], cwd=REPO, capture_output=True, text=True)
+    assert bad.returncode == 1 and "train-000001.tar" in bad.stderr and "sha256" in bad.stderr
+    assert "train-000000.tar" not in bad.stderr
+
+
+def test_reencode_mode_bounds_size(tree, tmp_path):
+    out = tmp_path / "o"
+    assert main(["imagefolder", str(tree), str(out), "--split", "train", "--max-side", "40", "--quality", "75",
+                 "--no-progress"]) == 0
+    m = load_manifest(out)
+    assert m["options"]["mode"] == "reencode" and m["options"]["max_side"] == 40
+    got = samples_of(out, "train")
+    assert len(got) == 40
+    for s in got:
+        im = Image.open(io.BytesIO(s["jpg"]))
+        assert im.format == "JPEG" and im.mode == "RGB" and im.size == (40, 30)
