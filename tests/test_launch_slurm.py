@@ -21,7 +21,7 @@ import pytest
 
 from tests.slurm_fixtures import REPO, SlurmCluster, slurm_cluster  # noqa: F401  (session fixture)
 
-CIFAR_TRAIN = Path("/work/shared/data/cifar10/cifar10-train.tar")
+CIFAR_TRAIN = REPO.parent / "shared" / "data" / "cifar10" / "cifar10-train.tar"  # CI: beside the clone
 
 
 def needs_module(name: str) -> None:
@@ -198,18 +198,10 @@ def _needs_trainer() -> Path:
 
 
 @pytest.fixture(scope="module")
-def demo_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The demo dataset (scikit-learn digits) sharded by data_prep, several shards per split for 2 ranks."""
+def demo_shards(digits_shards: Path) -> Path:
+    """The demo dataset (scikit-learn digits, sharded by data_prep: tests/conftest.py's session fixture)."""
     _needs_trainer()
-    base = tmp_path_factory.mktemp("demo")
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    subprocess.run([sys.executable, "-m", "pipeline.demo_data", str(base / "images")], check=True, cwd=REPO,
-                   env=env, capture_output=True, timeout=120)
-    for split in ("train", "val"):
-        subprocess.run([sys.executable, "-m", "data_prep", "imagefolder", str(base / "images" / split),
-                        str(base / "shards"), "--split", split, "--samples-per-shard", "128", "--no-progress"],
-                       check=True, cwd=REPO, env=env, capture_output=True, timeout=120)
-    return base / "shards"
+    return digits_shards
 
 
 def _train_args(run_dir: Path, shards: Path, time_limit: str = "00:05:00", lead: str = "60",
