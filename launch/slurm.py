@@ -14,7 +14,8 @@ from pathlib import Path
 from launch.errors import LaunchError
 
 
-def _run(cmd: list[str], timeout: float = 60, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def run_client(cmd: list[str], timeout: float = 60, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run a Slurm client command; a missing binary or a hang becomes a LaunchError."""
     if shutil.which(cmd[0]) is None:
         raise LaunchError(f"{cmd[0]}: command not found (is this a Slurm login node? is SLURM_CONF set?)")
     try:
@@ -25,7 +26,7 @@ def _run(cmd: list[str], timeout: float = 60, cwd: Path | None = None) -> subpro
 
 def sbatch(script: Path, extra: list[str] | None = None) -> str:
     """Submit a script; returns the job id (``--parsable`` output, cluster suffix removed)."""
-    proc = _run(["sbatch", "--parsable", *(extra or []), str(script)], cwd=script.parent)
+    proc = run_client(["sbatch", "--parsable", *(extra or []), str(script)], cwd=script.parent)
     if proc.returncode != 0:
         raise LaunchError(f"sbatch {script} failed: {proc.stderr.strip() or proc.stdout.strip()}")
     return proc.stdout.strip().split(";")[0]
@@ -48,7 +49,7 @@ def squeue(job_ids: list[str]) -> list[JobRow]:
     """Queued/running jobs among ``job_ids`` (array tasks expanded)."""
     if not job_ids:
         return []
-    proc = _run(["squeue", "-h", "-r", "-j", ",".join(job_ids), "-o", "%i|%j|%T|%M|%r"])
+    proc = run_client(["squeue", "-h", "-r", "-j", ",".join(job_ids), "-o", "%i|%j|%T|%M|%r"])
     if proc.returncode != 0:
         # squeue fails for ids it no longer knows; that only means nothing is queued
         if "Invalid job id" in proc.stderr:
@@ -63,7 +64,7 @@ def squeue(job_ids: list[str]) -> list[JobRow]:
 
 def scontrol_restarts(job_id: str) -> int | None:
     """Requeue count Slurm keeps for a job it still remembers (``Restarts=``), else None."""
-    proc = _run(["scontrol", "-o", "show", "job", job_id])
+    proc = run_client(["scontrol", "-o", "show", "job", job_id])
     if proc.returncode != 0:
         return None
     for tok in proc.stdout.split():
@@ -84,7 +85,7 @@ def sacct(job_ids: list[str]) -> list[JobRow]:
     """
     if shutil.which("sacct") is None:
         raise SacctUnavailable("sacct is not installed")
-    proc = _run(["sacct", "-n", "-P", "-X", "-D", "-j", ",".join(job_ids),
+    proc = run_client(["sacct", "-n", "-P", "-X", "-D", "-j", ",".join(job_ids),
                  "--format=JobID,JobName,State,Elapsed,ExitCode"])
     if proc.returncode != 0 or "accounting storage is disabled" in proc.stderr.lower():
         raise SacctUnavailable(proc.stderr.strip() or f"sacct exit code {proc.returncode}")

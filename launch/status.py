@@ -85,7 +85,7 @@ def report(run_dir: Path) -> str:
 
 def queue_report() -> str:
     """No run directory given: the current user's queue."""
-    proc = slurm._run(["squeue", "--me", "-o", "%.12i %.24j %.10T %.10M %.6D %R"])
+    proc = slurm.run_client(["squeue", "--me", "-o", "%.12i %.24j %.10T %.10M %.6D %R"])
     if proc.returncode != 0:
         raise LaunchError(f"squeue failed: {proc.stderr.strip()}")
     return proc.stdout.rstrip()

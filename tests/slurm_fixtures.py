@@ -116,6 +116,9 @@ def _start() -> SlurmCluster:
     env = {**os.environ, "PORT_BASE": str(_free_port_base())}
     proc = subprocess.run(["bash", str(SCRIPT), "start", str(d / "cluster")], capture_output=True, text=True,
                           timeout=600, env=env)
+    if proc.returncode == 3:  # Slurm missing and apt-get unable to install it
+        shutil.rmtree(d, ignore_errors=True)
+        pytest.skip(f"cannot install Slurm here: {proc.stderr.strip().splitlines()[-1]}")
     if proc.returncode != 0:
         raise RuntimeError(f"test cluster did not start:\n{proc.stdout}\n{proc.stderr}")
     conf = d / "cluster" / "etc" / "slurm.conf"

@@ -103,6 +103,8 @@ def test_hostile_values_cannot_inject_and_the_secret_stays_out(slurm_cluster: Sl
     assert re.search(rf"^  {again}\s+\S+\s+COMPLETED\s", st.stdout, re.M), st.stdout
     assert "jobs (sacct):" in st.stdout and f"W&B run id   {run_id}" in st.stdout
     assert "checkpoint   none yet" in st.stdout
+    queue = slurm_cluster.launch("status")  # no run directory: the user's queue
+    assert queue.stdout.split()[:4] == ["JOBID", "NAME", "STATE", "TIME"], queue.stdout
     no_acct = tmp_path / "slurm-noacct.conf"
     conf = Path(slurm_cluster.env["SLURM_CONF"]).read_text()
     no_acct.write_text(re.sub(r"^AccountingStorage.*$", "", conf, flags=re.M)
