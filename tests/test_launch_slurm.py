@@ -105,14 +105,20 @@ def test_hostile_values_cannot_inject_and_the_secret_stays_out(slurm_cluster: Sl
     assert "checkpoint   none yet" in st.stdout
     queue = slurm_cluster.launch("status")  # no run directory: the user's queue
     assert queue.stdout.split()[:4] == ["JOBID", "NAME", "STATE", "TIME"], queue.stdout
-    no_acct = tmp_path / "slurm-noacct.conf"
-    conf = Path(slurm_cluster.env["SLURM_CONF"]).read_text()
-    no_acct.write_text(re.sub(r"^AccountingStorage.*$", "", conf, flags=re.M)
-                       + "AccountingStorageType=accounting_storage/none\n")
-    st = slurm_cluster.launch("status", str(run_dir), env={"SLURM_CONF": str(no_acct)})
+    st = slurm_cluster.launch("status", str(run_dir),
+                              env={"SLURM_CONF": str(_no_accounting_conf(slurm_cluster, tmp_path))})
     assert st.returncode == 0, st.stderr
     assert "sacct unavailable" in st.stdout and "finished jobs are not listed" in st.stdout
     assert "Traceback" not in st.stderr
+
+
+def _no_accounting_conf(cluster: SlurmCluster, tmp_path: Path) -> Path:
+    """The cluster's slurm.conf as a client without slurmdbd sees it: sacct then reports accounting off."""
+    no_acct = tmp_path / "slurm-noacct.conf"
+    conf = Path(cluster.env["SLURM_CONF"]).read_text()
+    no_acct.write_text(re.sub(r"^AccountingStorage.*$", "", conf, flags=re.M)
+                       + "AccountingStorageType=accounting_storage/none\n")
+    return no_acct
 
 
 def _cifar_imagefolder(dst: Path, per_class: int) -> Path:
@@ -335,5 +341,9 @@ def test_time_limit_signal_checkpoints_and_requeues(slurm_cluster: SlurmCluster,
         assert (_step(run_dir / "hpc_ckpt_1.ckpt") or 0) > 0
         log = _log(run_dir, job)
         assert "Handling auto-requeue signal" in log and "TIME LIMIT" not in log
+        # without accounting, status still sees the requeued job and its restart count (scontrol)
+        st = slurm_cluster.launch("status", str(run_dir), env={"SLURM_CONF": str(_no_accounting_conf(
+            slurm_cluster, tmp_path))})
+        assert re.search(rf"^  {job}\s+train-demo\s+(PENDING|CONFIGURING|RUNNING|COMPLETING)\s+\S+\s+1\s", st.stdout, re.M), st.stdout
     finally:
         slurm_cluster.run("scancel", job, check=False)
