@@ -344,6 +344,7 @@ def test_time_limit_signal_checkpoints_and_requeues(slurm_cluster: SlurmCluster,
         # without accounting, status still sees the requeued job and its restart count (scontrol)
         st = slurm_cluster.launch("status", str(run_dir), env={"SLURM_CONF": str(_no_accounting_conf(
             slurm_cluster, tmp_path))})
-        assert re.search(rf"^  {job}\s+train-demo\s+(PENDING|CONFIGURING|RUNNING|COMPLETING)\s+\S+\s+1\s", st.stdout, re.M), st.stdout
+        row = rf"^  {job}\s+train-demo\s+(PENDING|CONFIGURING|RUNNING|COMPLETING)\s+\S+\s+1\s"
+        assert re.search(row, st.stdout, re.M), st.stdout
     finally:
         slurm_cluster.run("scancel", job, check=False)
