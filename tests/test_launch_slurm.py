@@ -330,11 +330,12 @@ def test_preempted_twice_resumes_to_the_same_step(slurm_cluster: SlurmCluster, d
 @pytest.mark.slow
 def test_time_limit_signal_checkpoints_and_requeues(slurm_cluster: SlurmCluster, demo_shards: Path,
                                                      tmp_path: Path) -> None:
-    """--signal=USR1@10 at a 1-minute limit: Slurm itself signals the running trainer. slurmctld checks
-    every 30 s and signals once the end is within lead + 30 s, so USR1 comes 20-50 s in; Lightning saves
-    hpc_ckpt_1 and requeues the job instead of letting it time out (the kill would come at 60-90 s)."""
+    """--signal=USR1@5 at a 1-minute limit: Slurm itself signals the running trainer. slurmctld checks
+    every 30 s and signals once the end is within lead + 30 s, so USR1 comes 25-55 s in (after the
+    trainer's start-up); Lightning saves hpc_ckpt_1 and requeues the job instead of letting it time out
+    (the kill would come at least one 30 s check later)."""
     run_dir = tmp_path / "run"
-    job = _submit(slurm_cluster, _train_args(run_dir, demo_shards, time_limit="00:01:00", lead="10",
+    job = _submit(slurm_cluster, _train_args(run_dir, demo_shards, time_limit="00:01:00", lead="5",
                                              steps=100000))
     try:
         _wait_requeued(slurm_cluster, job, 1, timeout=150, run_dir=run_dir)
