@@ -38,7 +38,10 @@ def _slurm_args(p: argparse.ArgumentParser, time_default: str | None) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m launch", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m launch",
+        description="Submit and watch resnet-pipeline jobs on Slurm, or print torchrun commands (docs/slurm.md).",
+        epilog="Arguments after a bare `--` go to the trainer (submit train, torchrun) or to data_prep.")
     sub = parser.add_subparsers(dest="cmd", required=True)
 
     submit = sub.add_parser("submit", help="render an sbatch script, save it in the run directory, submit it")
