@@ -62,6 +62,8 @@ class DaliLoader:
         prefetch: batches DALI prepares ahead.
     """
 
+    batch_sampler = None  # Lightning looks for a sampler or a batch sampler to call set_epoch on
+
     def __init__(
         self,
         shards: ShardSet,
@@ -123,9 +125,15 @@ class DaliLoader:
                       prefetch_queue_depth=self.prefetch, **extra)
         def pipe():
             es = {"parallel": True, "bytes_per_sample_hint": hint} if parallel else {}
-            jpegs, anchor, shape, flip, labels, valid = fn.external_source(
-                source=source, num_outputs=6, batch=True, batch_info=True, **es
-            )
+            if train:
+                jpegs, anchor, shape, flip, labels, valid = fn.external_source(
+                    source=source, num_outputs=6, batch=True, batch_info=True, **es
+                )
+            else:
+                jpegs, labels, valid = fn.external_source(
+                    source=source, num_outputs=3, batch=True, batch_info=True, **es
+                )
+                flip = 0
             if train and cfg.recipe == "imagenet":
                 # decode only the random-resized-crop window, then scale it to the training size
                 images = fn.decoders.image_slice(
@@ -144,8 +152,8 @@ class DaliLoader:
                 else:
                     images = fn.resize(images, size=(size, size), **linear)
             images = fn.crop_mirror_normalize(
-                images, crop=(size, size), crop_pos_x=0.5, crop_pos_y=0.5, mirror=flip, mean=mean, std=std,
-                dtype=dtype, output_layout="HWC",
+                images, crop=(size, size), crop_pos_x=0.5, crop_pos_y=0.5, mirror=flip, mean=mean,
+                std=std, dtype=dtype, output_layout="HWC",
             )
             return images, labels, valid
 

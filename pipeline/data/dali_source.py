@@ -87,7 +87,8 @@ class BatchSource:
         plan = self.plan(info.epoch_idx)
         if info.iteration >= len(plan):
             raise StopIteration
-        return self.batch(np.asarray(plan[info.iteration]))
+        out = self.batch(np.asarray(plan[info.iteration]))
+        return out if self.train else (out[0], out[4], out[5])  # evaluation uses no windows or flips
 
     def batch(self, rows: np.ndarray) -> tuple:
         """The source's outputs for one (3, B) sampler row block."""
