@@ -19,7 +19,7 @@ import torch
 pytest.importorskip("nvidia.dali")
 
 from pipeline.data.augment import AugmentConfig  # noqa: E402
-from pipeline.data.contract import PAD, TrainSampler, ValSampler  # noqa: E402
+from pipeline.data.contract import PAD, Position, TrainSampler, ValSampler  # noqa: E402
 from pipeline.data.cpu_backend import CorruptSampleError, ShardBatches  # noqa: E402
 from pipeline.data.dali_backend import DaliLoader  # noqa: E402
 from pipeline.data.dali_source import BatchSource, jpeg_size  # noqa: E402
@@ -268,3 +268,43 @@ def test_broken_shard_is_named_at_start_through_the_datamodule(photo_shards, tmp
     dm = ShardDataModule(root=str(root), backend="dali-cpu", batch_size=8)
     with pytest.raises(ConfigError, match="train-000001.tar"):
         dm.setup("fit")
+
+
+# ---- resume and the trainer ---------------------------------------------------------------------------
+def test_dali_resumed_mid_epoch_equals_the_cpu_backend_uninterrupted(digits_shards):
+    """cifar recipe (no resampling, so pixels are exact): a dali-cpu job restarted at step 9 of epoch 2,
+    with another batch size, sees the very samples and augmentations the cpu backend gave in one go."""
+    shards = ShardSet(digits_shards, "train")
+    cfg = AugmentConfig(recipe="cifar", train_size=32, val_size=32, pad=4, flip=True)
+    whole_sampler = TrainSampler(shards.shard_sizes, seed=4, world_size=1, rank=0, batch_size=32,
+                                 start=Position(epoch=2))
+    whole = ShardBatches(shards, cfg, train=True, seed=7)
+    ref = [whole[rows] for rows in whole_sampler]
+    ref_images = torch.cat([r[0] for r in ref])
+    ref_labels = torch.cat([r[1] for r in ref])
+    resumed = TrainSampler(shards.shard_sizes, seed=4, world_size=1, rank=0, batch_size=16,
+                           start=Position(epoch=2, consumed=9 * 32, batches=9))
+    got = list(dali(shards, resumed, cfg, train=True))
+    images = torch.cat([denormalize(g[0], cfg) for g in got])
+    labels = torch.cat([g[1] for g in got])
+    n = len(labels)
+    assert n == (1434 - 9 * 32) // 16 * 16, "the rest of the epoch, re-split for batch 16 (tail < 16 dropped)"
+    m = len(ref_labels) - 9 * 32  # the uninterrupted run (batch 32) dropped a longer tail
+    assert labels[:m].tolist() == ref_labels[9 * 32 :].tolist()
+    assert (images[:m] - ref_images[9 * 32 :].float()).abs().max() < 0.51
+
+
+def test_trains_and_validates_through_lightning_with_dali_cpu(digits_shards, tmp_path):
+    from tests.conftest import REPO
+
+    run = tmp_path / "run"
+    run_module("pipeline", "fit", "--config", str(REPO / "conf" / "demo.yaml"), "--data.root", str(digits_shards),
+               "--data.backend", "dali-cpu", "--data.num_workers", "2", "--trainer.max_steps", "6",
+               "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "2",
+               "--checkpoint.every_n_train_steps", "3", "--trainer.log_every_n_steps", "1",
+               "--trainer.default_root_dir", str(run))
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 6
+    assert ckpt["ShardDataModule"]["epoch"] == 0 and ckpt["ShardDataModule"]["consumed"] == 6 * 64
+    text = (run / "csv" / "metrics.csv").read_text()
+    assert "val/top1" in text
