@@ -209,14 +209,15 @@ class DaliLoader:
             self._clean = True
 
     def _to_torch(self, outs, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        from nvidia.dali.plugin.pytorch import feed_ndarray
-
         images, labels, valid = (o.as_tensor() for o in outs)
-        b = len(rows[0])
-        dtype = torch.float32 if self.cpu else torch.float16
-        out = torch.empty((b, self.size, self.size, 3), dtype=dtype, device=self._device)
-        stream = None if self.cpu else torch.cuda.current_stream(self._device)
-        feed_ndarray(images, out, cuda_stream=stream)
+        if getattr(self._pipe, "exec_dynamic", False):  # outputs own their memory: share it, no copy
+            with self._device:
+                out = torch.from_dlpack(images)
+        else:  # the buffers are recycled by the next run: copy
+            from nvidia.dali.plugin.pytorch import feed_ndarray
+
+            out = torch.empty(images.shape(), dtype=torch.float32 if self.cpu else torch.float16, device=self._device)
+            feed_ndarray(images, out, cuda_stream=None if self.cpu else torch.cuda.current_stream(self._device))
         lab = torch.from_numpy(np.array(labels, copy=True))
         ok = torch.from_numpy(np.array(valid, copy=True).astype(bool))
         self._check_corrupt(rows[0], ok.numpy())
