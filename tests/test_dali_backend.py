@@ -179,12 +179,14 @@ def test_cifar_training_augmentation_equals_the_cpu_backend(photo_shards):
     assert flipped > 0
 
 
-def test_random_resized_crops_match_the_cpu_backend(photo_shards):
+@pytest.mark.parametrize("roi_decode", [True, False], ids=["roi-decode", "resize-roi"])
+def test_random_resized_crops_match_the_cpu_backend(photo_shards, roi_decode):
     """The same crop windows and flips as PIL's path, per sample, over ~1,000 crops (7 epochs): the
-    images differ only by the resampling filters, far less than different crops do."""
+    images differ only by the resampling filters, far less than different crops do. Both ways of
+    cutting the window (decode only it: the CPU's default; decode all, cut in the resize: the GPU's)."""
     shards = ShardSet(photo_shards, "train")
     sampler = TrainSampler(shards.shard_sizes, seed=0, world_size=1, rank=0, batch_size=40)
-    loader = dali(shards, sampler, IMAGENET_SMALL, train=True)
+    loader = dali(shards, sampler, IMAGENET_SMALL, train=True, roi_decode=roi_decode)
     pil = ShardBatches(shards, IMAGENET_SMALL, train=True, seed=7)
     same, other = [], []
     for epoch in range(7):
@@ -205,7 +207,7 @@ def test_crop_windows_follow_the_shared_draws(photo_shards):
     shards = ShardSet(photo_shards, "train")
     sampler = TrainSampler(shards.shard_sizes, seed=0, world_size=1, rank=0, batch_size=160)
     source = BatchSource(shards, "", IMAGENET_SMALL, train=True, seed=7)
-    _, anchor, shape, flip, labels, valid = source.batch(next(iter(sampler)))
+    _, anchor, shape, flip, labels, valid = source.batch(next(iter(sampler)))  # (top, left), (h, w)
     assert valid.all() and labels.tolist() == shards.labels()[next(iter(sampler))[0]].tolist()
     assert (anchor >= 0).all() and (anchor + shape <= 96).all()
     area = shape.prod(axis=1) / 96**2

@@ -60,6 +60,9 @@ class DaliLoader:
         on_corrupt: "fail" or "skip" (see the module docstring).
         py_workers: processes running the source (0: inline; None: 0 on the CPU, min(8, num_threads) on GPU).
         prefetch: batches DALI prepares ahead.
+        roi_decode: decode only the crop window (imagenet training); default on the CPU, where it saves
+            decoding work. On the GPU whole images are decoded (the hardware decoder takes no regions) and
+            the resize cuts the window; the window and the result are the same up to resampling.
     """
 
     batch_sampler = None  # Lightning looks for a sampler or a batch sampler to call set_epoch on
@@ -77,6 +80,7 @@ class DaliLoader:
         on_corrupt: str = "fail",
         py_workers: int | None = None,
         prefetch: int = 2,
+        roi_decode: bool | None = None,
     ) -> None:
         if on_corrupt not in ("fail", "skip"):
             raise ValueError(f"data.on_corrupt must be 'fail' or 'skip', got {on_corrupt!r}")
@@ -87,6 +91,7 @@ class DaliLoader:
         self.cpu, self.hw_decoder_load, self.on_corrupt = cpu, float(hw_decoder_load), on_corrupt
         self.py_workers = (0 if cpu else min(8, self.num_threads)) if py_workers is None else int(py_workers)
         self.prefetch = max(1, int(prefetch))
+        self.roi_decode = cpu if roi_decode is None else bool(roi_decode)
         self.size = cfg.train_size if train else cfg.val_size
         self.corrupt_seen = 0
         self._plan_dir = tempfile.mkdtemp(prefix="dali-plan-")
@@ -118,6 +123,7 @@ class DaliLoader:
         hw = {} if cpu else {"hw_decoder_load": self.hw_decoder_load}
         linear = dict(interp_type=types.INTERP_LINEAR, antialias=True)
         size = self.size
+        roi_decode = self.roi_decode
         hint = int(min(self.shards.sizes.max(initial=0), 8 << 20)) + 256  # shared-memory chunk per sample
         extra = {"py_num_workers": self.py_workers, "py_start_method": "spawn"} if parallel else {}
 
@@ -134,17 +140,23 @@ class DaliLoader:
                     source=source, num_outputs=3, batch=True, batch_info=True, **es
                 )
                 flip = 0
-            if train and cfg.recipe == "imagenet":
+            if train and cfg.recipe == "imagenet" and roi_decode:
                 # decode only the random-resized-crop window, then scale it to the training size
                 images = fn.decoders.image_slice(
-                    jpegs, anchor, shape, device=dec, output_type=types.RGB, axis_names="WH",
+                    jpegs, anchor, shape, device=dec, output_type=types.RGB, axis_names="HW",
                     normalized_anchor=False, normalized_shape=False, adjust_orientation=False, **hw,
                 )
                 images = fn.resize(images, size=(size, size), **linear)
+            elif train and cfg.recipe == "imagenet":
+                # decode whole images (the GPU's hardware decoder does not cut regions), then scale the
+                # window to the training size in one resampling
+                images = fn.decoders.image(jpegs, device=dec, output_type=types.RGB, adjust_orientation=False, **hw)
+                images = fn.resize(images, size=(size, size), roi_start=anchor, roi_end=anchor + shape,
+                                   roi_relative=False, **linear)
             else:
                 images = fn.decoders.image(jpegs, device=dec, output_type=types.RGB, adjust_orientation=False, **hw)
                 if train:  # cifar: the image-sized window of the zero-padded image
-                    images = fn.slice(images, anchor, shape, axis_names="WH", normalized_anchor=False,
+                    images = fn.slice(images, anchor, shape, axis_names="HW", normalized_anchor=False,
                                       normalized_shape=False, out_of_bounds_policy="pad", fill_values=0)
                     images = fn.resize(images, size=(size, size), **linear)
                 elif cfg.recipe == "imagenet":

@@ -95,7 +95,7 @@ class BatchSource:
         ids, positions, epochs = rows
         b = len(ids)
         jpegs: list[np.ndarray | None] = [None] * b
-        window = np.zeros((b, 4), dtype=np.float32)  # x, y, w, h in the decoded image
+        window = np.zeros((b, 4), dtype=np.float32)  # top, left, h, w in the decoded image (HW order)
         flip = np.zeros(b, dtype=np.int32)
         labels = np.zeros(b, dtype=np.int64)
         valid = np.zeros(b, dtype=np.uint8)
@@ -113,10 +113,10 @@ class BatchSource:
                 top, left, h, w, f = train_params(
                     self.cfg, width, height, sample_rng(self.seed, int(epochs[j]), int(positions[j]))
                 )
-                window[j] = (left, top, w, h)
+                window[j] = (top, left, h, w)
                 flip[j] = f
             else:
-                window[j] = (0, 0, width, height)
+                window[j] = (0, 0, height, width)
             jpegs[j] = np.frombuffer(data, dtype=np.uint8)
             labels[j] = self.shards.read_label(sid)
             valid[j] = 1
