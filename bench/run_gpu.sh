@@ -15,7 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 parts=${DALI_PARTS:-/tmp/dali}
 if [ ! -d /tmp/site/nvidia/dali ]; then
-  n=$(ls "$parts"/part* 2>/dev/null | wc -l)
+  n=$( (ls "$parts"/part* 2>/dev/null || true) | wc -l)
   if [ "$n" -lt 3 ]; then
     echo "run_gpu.sh: DALI parts missing: $n of 3 in $parts (copy .device-dali/partNN there, one per call)" >&2
     exit 2

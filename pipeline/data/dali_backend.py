@@ -124,7 +124,8 @@ class DaliLoader:
         linear = dict(interp_type=types.INTERP_LINEAR, antialias=True)
         size = self.size
         roi_decode = self.roi_decode
-        hint = int(min(self.shards.sizes.max(initial=0), 8 << 20)) + 256  # shared-memory chunk per sample
+        # shared memory per sample for the workers' results (DALI grows it when a batch needs more)
+        hint = int(1.5 * float(self.shards.sizes.mean())) + 1024 if len(self.shards) else 1 << 16
         extra = {"py_num_workers": self.py_workers, "py_start_method": "spawn"} if parallel else {}
 
         @pipeline_def(batch_size=self.sampler_batch_size(), num_threads=self.num_threads, device_id=device_id,
