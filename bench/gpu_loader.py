@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", type=int, default=20000)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--threads", type=int, default=max(2, (os.cpu_count() or 4) // 2), help="DALI CPU threads")
-    ap.add_argument("--py-workers", type=int, default=max(1, (os.cpu_count() or 4) // 4),
+    ap.add_argument("--py-workers", type=int, default=max(1, (os.cpu_count() or 4) // 3),
                     help="processes running the external source")
     ap.add_argument("--hw-decoder-load", type=float, default=0.75, help="for the decode-alone measurement")
     ap.add_argument("--train-hw-loads", default="0.75,1.0", help="hw_decoder_load values fed to the training step")
@@ -192,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
 
     info = {"device": torch.cuda.get_device_name(device) if not cpu else "cpu", "torch": torch.__version__,
             "dali": nvidia.dali.__version__, "cpus": os.cpu_count(), "batch": args.batch,
-            "threads": args.threads, "py_workers": args.py_workers, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+            "threads": args.threads, "py_workers": args.py_workers,
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     print(json.dumps(info), flush=True)
     shards = ShardSet(make_shards(Path(args.work), args.images, os.cpu_count() or 2), "train")
     cfg = AugmentConfig(recipe="imagenet", train_size=224)
@@ -238,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in feeds:
         rate = results[f"train_{name}_img_s"]
         results[f"ratio_{name}"] = rate / base
-        print(f"| same, fed by DaliLoader ({name.replace('dali_hw', 'hw_decoder_load ')}) | {rate:,.0f} | {rate / base:.3f} |")
+        hw = name.replace("dali_hw", "hw_decoder_load ")
+        print(f"| same, fed by DaliLoader ({hw}) | {rate:,.0f} | {rate / base:.3f} |")
     out = os.environ.get("OUT")
     if out:
         Path(out, "gpu_loader.json").write_text(json.dumps({**info, **results}, indent=1))

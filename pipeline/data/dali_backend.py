@@ -58,7 +58,8 @@ class DaliLoader:
         cpu: run on the CPU ("dali-cpu"); else on ``torch.cuda.current_device()``.
         hw_decoder_load: share of JPEGs for the GPU's hardware decoder ("dali" only).
         on_corrupt: "fail" or "skip" (see the module docstring).
-        py_workers: processes running the source (0: inline; None: 0 on the CPU, min(8, num_threads) on GPU).
+        py_workers: processes running the source (0: inline; None: 0 on the CPU, min(4, num_threads // 2) on
+            the GPU: each one reads several thousand samples a second).
         prefetch: batches DALI prepares ahead.
         roi_decode: decode only the crop window (imagenet training); default on the CPU, where it saves
             decoding work. On the GPU whole images are decoded (the hardware decoder takes no regions) and
@@ -89,7 +90,9 @@ class DaliLoader:
         self.shards, self.sampler, self.cfg, self.train, self.seed = shards, sampler, cfg, train, seed
         self.num_threads = max(1, int(num_threads))
         self.cpu, self.hw_decoder_load, self.on_corrupt = cpu, float(hw_decoder_load), on_corrupt
-        self.py_workers = (0 if cpu else min(8, self.num_threads)) if py_workers is None else int(py_workers)
+        if py_workers is None:
+            py_workers = 0 if cpu else max(1, min(4, self.num_threads // 2))
+        self.py_workers = int(py_workers)
         self.prefetch = max(1, int(prefetch))
         self.roi_decode = cpu if roi_decode is None else bool(roi_decode)
         self.size = cfg.train_size if train else cfg.val_size
