@@ -9,7 +9,7 @@
 #   call 2 (carry .device-dali/part01): mkdir -p /tmp/dali && cp .device-dali/part01 /tmp/dali/
 #   call 3 (carry .device-dali/part02): mkdir -p /tmp/dali && cp .device-dali/part02 /tmp/dali/ && bash bench/run_gpu.sh
 #
-# Extra arguments go to bench/gpu_loader.py (e.g. --images 10000). The log and a JSON of the numbers
+# BENCH=bench/gpu_decode_probe.py runs the decoding probe instead. Extra arguments go to the script (e.g. --images 10000). The log and a JSON of the numbers
 # land in $OUT when it is set.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,4 +32,4 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 log=${OUT:-/tmp}/gpu_loader.log
 set -o pipefail
-timeout 330 python3 bench/gpu_loader.py "$@" 2>&1 | grep -v -e "nvjpeg2k" -e "nvtiff" | tee "$log"
+timeout 330 python3 "${BENCH:-bench/gpu_loader.py}" "$@" 2>&1 | grep -v -e "nvjpeg2k" -e "nvtiff" | tee "$log"
