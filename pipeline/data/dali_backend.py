@@ -134,7 +134,10 @@ class DaliLoader:
         @pipeline_def(batch_size=self.sampler_batch_size(), num_threads=self.num_threads, device_id=device_id,
                       prefetch_queue_depth=self.prefetch, **extra)
         def pipe():
-            es = {"parallel": True, "bytes_per_sample_hint": hint} if parallel else {}
+            # prefetch_queue_depth: batches the workers compute ahead; at DALI's default of 1 the workers take
+            # turns on one batch and the source caps the pipeline (9.8k img/s on an H100, whatever the count)
+            es = ({"parallel": True, "bytes_per_sample_hint": hint, "prefetch_queue_depth": 2 * self.py_workers}
+                  if parallel else {})
             if train:
                 jpegs, anchor, shape, flip, labels, valid = fn.external_source(
                     source=source, num_outputs=6, batch=True, batch_info=True, **es
