@@ -176,7 +176,8 @@ class ShardDataModule(pl.LightningDataModule):
             consumed = done * g
         if steps_in_epoch(len(self.train_shards), world, self.batch_size, consumed) == 0:
             epoch, consumed, done = epoch + 1, 0, 0  # the epoch is complete: the next one starts fresh
-        state.update(epoch=epoch, consumed=consumed, batches=done, world_size=world, batch_size=self.batch_size)
+        state.update(epoch=epoch, consumed=consumed, batches=done, world_size=world, batch_size=self.batch_size,
+                     accumulate=int(trainer.accumulate_grad_batches))
         return state
 
     def load_state_dict(self, state: dict) -> None:

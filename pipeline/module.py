@@ -130,6 +130,18 @@ class ImageClassifier(pl.LightningModule):
         self.log("val/top1", self.val_top1, prog_bar=True)
         self.log("val/top5", self.val_top5)
 
+    # ---- checkpoints ---------------------------------------------------------------------------------
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Refuse, with a clear message, a checkpoint of another network (the state-dict error would
+        list hundreds of keys)."""
+        saved = checkpoint.get("hyper_parameters") or {}
+        for key in ("arch", "num_classes", "arch_kwargs"):
+            if key in saved and (saved[key] or None) != (self.hparams.get(key) or None):
+                raise ConfigError(
+                    f"the checkpoint was trained with model.{key}={saved[key]!r}, this run has"
+                    f" model.{key}={self.hparams.get(key)!r}; use the original setting or a new run directory"
+                )
+
     # ---- optimisation -------------------------------------------------------------------------------
     def global_batch_size(self) -> int:
         dm = self.trainer.datamodule
