@@ -36,6 +36,7 @@ from pipeline.preemption import Preemption
 from pipeline.resume_geometry import Geometry, adapt, expected_world_size, read_checkpoint
 from pipeline.rng_state import RNGState
 from pipeline.sample_grid import SampleGrid
+from pipeline.sync_batchnorm import GlooSyncBatchNormPlugin
 from pipeline.throughput import Throughput
 from pipeline.tracking import RunIdInCheckpoint, TrackingConfig, make_loggers, run_id
 
@@ -55,6 +56,13 @@ class CheckpointConfig:
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
+
+
+def _on_cpu(accelerator) -> bool:
+    import torch
+
+    name = accelerator if isinstance(accelerator, str) else type(accelerator).__name__.lower()
+    return "cpu" in str(name).lower() or (name in (None, "auto") and not torch.cuda.is_available())
 
 
 def _is_rank_zero() -> bool:
@@ -122,6 +130,8 @@ class PipelineCLI(LightningCLI):
         if (not any(isinstance(p, ClusterEnvironment) for p in plugins) and SLURMEnvironment.detect()
                 and not TorchElasticEnvironment.detect()):
             plugins.append(SLURMEnvironment(auto_requeue=False))  # requeue is the Preemption callback's job
+        if cfg.trainer.get("sync_batchnorm") and _on_cpu(cfg.trainer.get("accelerator")):
+            plugins.append(GlooSyncBatchNormPlugin())  # torch's SyncBatchNorm is GPU-only
         return plugins
 
     def instantiate_trainer(self, **kwargs):
@@ -151,6 +161,8 @@ class PipelineCLI(LightningCLI):
                 callbacks.append(RunIdInCheckpoint(wandb_id))
             kwargs.setdefault("logger", make_loggers(cfg.tracking, run_dir, wandb_id) or False)
         kwargs.setdefault("plugins", self._plugins(cfg))
+        if any(isinstance(p, GlooSyncBatchNormPlugin) for p in kwargs["plugins"]):
+            kwargs["sync_batchnorm"] = False  # the plugin above does it
         extra = kwargs.pop("callbacks", [])
         trainer = super().instantiate_trainer(**kwargs)
         trainer.callbacks.extend(callbacks + list(extra))

@@ -16,6 +16,11 @@ from pipeline.models import build
 from pipeline.optim import lr_factor, make_sgd
 
 
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 logits go to fp32 for the loss; fp64 (64-true, used by exactness tests) stays fp64."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 class ImageClassifier(pl.LightningModule):
     """Classification with the paper's recipe knobs.
 
@@ -84,7 +89,7 @@ class ImageClassifier(pl.LightningModule):
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 batches (cpu backend) are normalised here, on the device; DALI's come normalised."""
         if images.dtype == torch.uint8:
-            images = (images.float() - self.mean) / self.std
+            images = (images.to(self.mean.dtype) - self.mean) / self.std  # fp32, or fp64 under 64-true
         fmt = torch.channels_last if self.hparams.channels_last else torch.contiguous_format
         return images.contiguous(memory_format=fmt)  # mixed layouts fall onto slow convolution paths
 
@@ -94,7 +99,7 @@ class ImageClassifier(pl.LightningModule):
     # ---- steps --------------------------------------------------------------------------------------
     def _masked_loss(self, logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         losses = F.cross_entropy(
-            logits.float(), labels, reduction="none", label_smoothing=self.hparams.label_smoothing
+            _at_least_fp32(logits), labels, reduction="none", label_smoothing=self.hparams.label_smoothing
         )
         return (losses * valid).sum() / valid.sum().clamp(min=1)
 
@@ -111,7 +116,7 @@ class ImageClassifier(pl.LightningModule):
     def validation_step(self, batch, batch_idx: int) -> None:
         images, labels, valid = batch
         logits = self(images)
-        losses = F.cross_entropy(logits.float(), labels, reduction="none")
+        losses = F.cross_entropy(_at_least_fp32(logits), labels, reduction="none")
         self._val_loss_sum += (losses * valid).sum()
         self._val_count += valid.sum()
         self.val_top1(logits[valid], labels[valid])

@@ -23,7 +23,7 @@ def weights_digest(module: torch.nn.Module) -> str:
     for name, t in sorted(module.state_dict().items()):
         if isinstance(t, torch.Tensor):
             h.update(name.encode())
-            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
