@@ -23,6 +23,7 @@ from lightning_fabric.plugins import CheckpointIO
 from lightning_fabric.plugins.environments import ClusterEnvironment, SLURMEnvironment, TorchElasticEnvironment
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI
+from pytorch_lightning.strategies import DeepSpeedStrategy
 
 import pipeline.strategies  # noqa: F401  (registers the deepspeed_stage_*_cpu strategies)
 from data_prep.format import ManifestError
@@ -166,6 +167,9 @@ class PipelineCLI(LightningCLI):
         extra = kwargs.pop("callbacks", [])
         trainer = super().instantiate_trainer(**kwargs)
         trainer.callbacks.extend(callbacks + list(extra))
+        if isinstance(trainer.strategy, DeepSpeedStrategy) and isinstance(trainer.strategy.config, dict):
+            # Lightning reads it from loader.batch_sampler, which our batch-yielding loaders do not have
+            trainer.strategy.config.setdefault("train_micro_batch_size_per_gpu", int(cfg.data.batch_size))
         return trainer
 
 

@@ -63,6 +63,7 @@ class ImageClassifier(pl.LightningModule):
             self.model = build(arch, num_classes=num_classes, **(arch_kwargs or {}))
         except (ValueError, TypeError) as e:
             raise ConfigError(f"model.arch / model.arch_kwargs: {e}") from None
+        self._channels_last = channels_last
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self._forward = torch.compile(self.model) if compile else self.model
@@ -80,6 +81,12 @@ class ImageClassifier(pl.LightningModule):
 
     # ---- data on the device -----------------------------------------------------------------------
     def setup(self, stage: str) -> None:
+        strategy = getattr(self.trainer, "strategy", None)
+        if self.hparams.channels_last and "deepspeed" in type(strategy).__name__.lower():
+            # DeepSpeed broadcasts and flattens parameters as dense NCHW tensors; channels_last weights
+            # fail there ("stride(-1) must be 1"), so ZeRO runs keep the default layout.
+            self.model.to(memory_format=torch.contiguous_format)
+            self._channels_last = False
         dm = getattr(self.trainer, "datamodule", None)
         aug = getattr(dm, "augment", None)
         if aug is not None:
@@ -90,7 +97,7 @@ class ImageClassifier(pl.LightningModule):
         """uint8 batches (cpu backend) are normalised here, on the device; DALI's come normalised."""
         if images.dtype == torch.uint8:
             images = (images.to(self.mean.dtype) - self.mean) / self.std  # fp32, or fp64 under 64-true
-        fmt = torch.channels_last if self.hparams.channels_last else torch.contiguous_format
+        fmt = torch.channels_last if self._channels_last else torch.contiguous_format
         return images.contiguous(memory_format=fmt)  # mixed layouts fall onto slow convolution paths
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

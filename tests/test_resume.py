@@ -128,3 +128,17 @@ def test_geometry_keeps_the_global_batch():
     assert adapt(Geometry(8, 32, 1), 2, 32, 1) == Geometry(2, 32, 4)
     with pytest.raises(ConfigError, match="not divisible by 3"):
         adapt(saved, 3, 32, 1)
+
+
+def test_export_of_a_checkpoint_file(interrupted, tmp_path):
+    from pipeline.export import export
+    from pipeline.models import build
+
+    _, _, cut, _, _ = interrupted
+    ckpt = torch.load(cut / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    sd = export(cut / "checkpoints" / "last.ckpt", tmp_path / "net.pt")
+    net = build("cifar_resnet20", num_classes=10)
+    net.load_state_dict(torch.load(tmp_path / "net.pt", weights_only=True))  # strict
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, ckpt["state_dict"]["model." + k]), k
+    assert set(sd) == set(net.state_dict())
