@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import secrets
 from dataclasses import dataclass
@@ -9,6 +10,8 @@ from pathlib import Path
 
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
+from pytorch_lightning.loggers.csv_logs import ExperimentWriter
+from pytorch_lightning.loggers.logger import rank_zero_experiment
 
 RUN_ID_FILE = "wandb_run_id"
 
@@ -61,6 +64,28 @@ def wandb_offline() -> bool:
     return not os.environ.get("WANDB_API_KEY")
 
 
+class _AppendingWriter(ExperimentWriter):
+    """Lightning's CSV writer deletes an existing metrics.csv; a resumed run appends to it instead."""
+
+    def _check_log_dir_exists(self) -> None:
+        if os.path.isfile(self.metrics_file_path):
+            with open(self.metrics_file_path, newline="") as f:
+                self.metrics_keys = sorted(next(csv.reader(f), []))
+
+
+class ResumableCSVLogger(CSVLogger):
+    """``RUN/csv/metrics.csv`` continued across restarts (after a hard kill, steps between the last
+    checkpoint and the kill appear twice: the later row is the one the resumed run computed)."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
 def make_loggers(cfg: TrackingConfig, run_dir: str | Path, wandb_id: str | None = None) -> list[Logger]:
     """W&B (offline unless a key is set), CSV and TensorBoard loggers of a run directory.
 
@@ -77,7 +102,7 @@ def make_loggers(cfg: TrackingConfig, run_dir: str | Path, wandb_id: str | None 
             )
         )
     if cfg.csv:
-        loggers.append(CSVLogger(str(run_dir), name="csv", version=""))
+        loggers.append(ResumableCSVLogger(str(run_dir), name="csv", version=""))
     if cfg.tensorboard:
         loggers.append(TensorBoardLogger(str(run_dir), name="tensorboard", version=""))
     return loggers
