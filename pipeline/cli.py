@@ -84,7 +84,7 @@ class PipelineCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         sub = self.subcommand
-        cfg = self.config[sub]
+        cfg = self.config[sub] if sub else self.config
         run_dir = Path(cfg.trainer.default_root_dir or "runs/default")
         cfg.trainer.default_root_dir = str(run_dir)
         last = checkpoint_dir(run_dir) / "last.ckpt"
@@ -136,7 +136,7 @@ class PipelineCLI(LightningCLI):
         return plugins
 
     def instantiate_trainer(self, **kwargs):
-        cfg = self.config[self.subcommand]
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
         run_dir = Path(cfg.trainer.default_root_dir)
         ckpt = cfg.checkpoint
         ckdir = checkpoint_dir(run_dir)

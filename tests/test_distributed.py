@@ -108,3 +108,32 @@ def test_two_hosts_ddp_syncbn_matches_one_process_then_resumes_on_one(hosts, dig
     pos = c["ShardDataModule"]
     assert (pos["world_size"], pos["batch_size"], pos["accumulate"]) == (1, 32, 2)
     assert pos["consumed"] == (STEPS + 2) * 64, "2 more global batches of 64, nothing repeated or skipped"
+
+
+def test_under_slurm_only_our_preemption_requeues(digits_shards, tmp_path, monkeypatch):
+    """Under Slurm the trainer gets SLURMEnvironment(auto_requeue=False): Lightning's own USR1 requeue is
+    off, the Preemption callback (save at a batch boundary, one requeue from rank 0) is on, and
+    checkpoints are written atomically."""
+    from lightning_fabric.plugins.environments import SLURMEnvironment
+
+    from pipeline.checkpoint_io import AtomicCheckpointIO
+    from pipeline.cli import PipelineCLI
+    from pipeline.datamodule import ShardDataModule
+    from pipeline.module import ImageClassifier
+    from pipeline.preemption import Preemption
+
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "GROUP_RANK", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    monkeypatch.setenv("SLURM_JOB_NAME", "resnet")
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    for k in ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_NODEID"):
+        monkeypatch.setenv(k, "0")
+    monkeypatch.setenv("SLURM_NODELIST", "localhost")
+    cli = PipelineCLI(ImageClassifier, ShardDataModule, run=False, auto_configure_optimizers=False,
+                      trainer_defaults={"use_distributed_sampler": False},
+                      args=_fit_args(digits_shards, tmp_path / "run")[:-4] + ["--tracking.wandb", "false"])
+    env = cli.trainer._accelerator_connector.cluster_environment
+    assert isinstance(env, SLURMEnvironment) and env.auto_requeue is False
+    assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    assert sum(isinstance(c, Preemption) for c in cli.trainer.callbacks) == 1
