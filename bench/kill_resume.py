@@ -59,13 +59,14 @@ def run_and_kill_at(cmd: list[str], last: Path, step: int, log, timeout: float =
 
     SIGKILL: the process dies at once (maybe in the middle of a checkpoint write). SIGUSR1/SIGTERM: the
     run must save at the next batch boundary and exit 0 by itself (preemption)."""
-    proc = subprocess.Popen(cmd, env={**_env(), **(env or {})}, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, env={**_env(), **(env or {})}, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
             s = saved_step(last)
             if s >= step:
-                proc.send_signal(sig)
+                os.killpg(proc.pid, sig)  # the whole process group, loader workers too, as Slurm does
                 rc = proc.wait(timeout=300)
                 if sig != signal.SIGKILL and rc != 0:
                     raise RuntimeError(f"run exited {rc} after {signal.Signals(sig).name}")
@@ -76,7 +77,7 @@ def run_and_kill_at(cmd: list[str], last: Path, step: int, log, timeout: float =
         raise TimeoutError(f"step {step} not reached in {timeout}s")
     finally:
         if proc.poll() is None:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
 
 
