@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,7 +125,9 @@ class PipelineCLI(LightningCLI):
         cfg.trainer.accumulate_grad_batches = now.accumulate
 
     def _plugins(self, cfg) -> list:
-        plugins = cfg.trainer.get("plugins") or []
+        """The user's plugins (instantiated) plus ours where the user gave none of that kind."""
+        init = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        plugins = init.trainer.get("plugins") or []
         plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             plugins.append(AtomicCheckpointIO())
@@ -175,6 +178,8 @@ class PipelineCLI(LightningCLI):
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # the loader position is in every checkpoint (ShardDataModule.state_dict): mid-epoch resumes are exact
+    warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended")
     try:
         PipelineCLI(
             ImageClassifier,
