@@ -25,10 +25,11 @@ STEPS = 13  # 11 steps per epoch at batch 128: crosses an epoch end (validation,
 
 @pytest.fixture(scope="module")
 def interrupted(digits_shards, tmp_path_factory):
-    """An uninterrupted run and the same run SIGKILLed twice and preempted (USR1) once, each resumed."""
+    """An uninterrupted run and the same run SIGKILLed, then stopped by SIGTERM (no Slurm), then by
+    SIGUSR1 under "Slurm", resumed each time. Signals go to the whole process group, as Slurm sends them."""
     work = tmp_path_factory.mktemp("killresume")
     seed = int(os.environ.get("KILL_SEED", time.time()))
-    kills = sorted(random.Random(seed).sample(range(1, STEPS - 2), 3))
+    kills = sorted(random.Random(seed).sample(range(1, STEPS - 3), 3))  # room to act after the last
     ref, cut = work / "uninterrupted", work / "interrupted"
     last = cut / "checkpoints" / "last.ckpt"
     # a stand-in for Slurm's scontrol that records its arguments (the real requeue is tested in launch/)
@@ -43,9 +44,9 @@ def interrupted(digits_shards, tmp_path_factory):
         run_to_end(fit_command(digits_shards, ref, STEPS), log)
         for i, k in enumerate(kills):
             k = max(k, saved_step(last) + 1)
-            sig = signal.SIGUSR1 if i == len(kills) - 1 else signal.SIGKILL
+            sig = (signal.SIGKILL, signal.SIGTERM, signal.SIGUSR1)[i]  # USR1 "under Slurm": requeue
             landed.append((sig, run_and_kill_at(fit_command(digits_shards, cut, STEPS), last, k, log,
-                                                sig=sig, env=slurm if sig != signal.SIGKILL else None)))
+                                                sig=sig, env=slurm if sig == signal.SIGUSR1 else None)))
         run_to_end(fit_command(digits_shards, cut, STEPS), log)
     return work, ref, cut, landed, seed
 
@@ -57,9 +58,9 @@ def test_killed_and_preempted_run_is_bit_exact(interrupted):
     assert not diffs, f"kill seed {seed}, kills at {landed}: " + "; ".join(diffs[:10])
     assert saved_step(cut / "checkpoints" / "last.ckpt") == STEPS
     text = (work / "runs.log").read_text()
-    assert "preemption (SIGUSR1)" in text
+    assert "preemption (SIGTERM)" in text and "preemption (SIGUSR1)" in text
     assert text.count("resuming from") >= 3
-    # rank 0 asked Slurm, once, to requeue the job
+    # rank 0 asked Slurm, once, to requeue the job (and nobody without SLURM_JOB_ID)
     assert (work / "scontrol.calls").read_text().splitlines() == ["requeue 4242"]
     assert not list((cut / "checkpoints").glob(TMP_PREFIX + "*")), "a killed save left no temp file behind"
 
