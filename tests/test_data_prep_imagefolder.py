@@ -14,7 +14,7 @@ from data_prep.errors import PrepError
 from data_prep.format import load_manifest, read_index, shard_paths
 from tests.fixtures_images import awkward_files, add_tar_member, tar_tree, write_imagefolder
 
-CIFAR_TEST = Path("/work/shared/data/cifar10/cifar10-test.tar")
+from tests.conftest import CIFAR_TEST_TAR as CIFAR_TEST
 CLASSES = ["cat", "dog", "zebra"]
 WDS2IDX = Path(sys.executable).parent / "wds2idx"
 
@@ -121,6 +121,22 @@ def test_cifar_tar_with_top_dir_and_dali(tmp_path):
     sp = m["splits"]["val"]
     assert sp["samples"] == 10000 and sp["rejected"] == 0
     assert all(3.5e6 < s["bytes"] < 5e6 for s in sp["shards"][:-1])
+    for shard in sp["shards"]:
+        data = (out / shard["name"]).read_bytes()
+        assert len(data) == shard["bytes"] and hashlib.sha256(data).hexdigest() == shard["sha256"]
+    # labels follow the sorted class names: each sample's label is its source folder's rank
+    checked = 0
+    for shard in sp["shards"][:2]:
+        record = json.loads((out / ".work" / "val" / f"{shard['name']}.json").read_text())
+        source_of = dict(record["sources"])
+        with tarfile.open(out / shard["name"]) as tar:
+            for member in tar.getmembers():
+                if member.name.endswith(".cls"):
+                    key = member.name[: -len(".cls")]
+                    label = int(tar.extractfile(member).read())
+                    assert m["classes"][label] == Path(source_of[key]).parent.name
+                    checked += 1
+    assert checked > 1000
     from nvidia.dali import fn, pipeline_def, types
 
     tars = [str(p) for p in shard_paths(out, m, "val")]

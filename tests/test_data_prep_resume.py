@@ -15,7 +15,7 @@ from data_prep.format import load_manifest
 from tests.fixtures_images import write_imagefolder
 from tests.test_data_prep_imagefolder import samples_of
 
-CIFAR_TEST = Path("/work/shared/data/cifar10/cifar10-test.tar")
+from tests.conftest import CIFAR_TEST_TAR as CIFAR_TEST
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -65,3 +65,22 @@ def random_resized_crop_box(
     else:
         w, h = width, height
     return (height - h) // 2, (width - w) // 2, h, w
+
+
+def train_params(
+    cfg: AugmentConfig, width: int, height: int, rng: np.random.Generator
+) -> tuple[int, int, int, int, bool]:
+    """(top, left, h, w, flip) of one training sample, the draws every backend makes in the same order.
+
+    imagenet: the random-resized-crop box in the image. cifar: the window of the image's own size in the
+    image zero-padded by ``cfg.pad`` on each side, given in unpadded coordinates (top/left may be negative).
+    """
+    if cfg.recipe == "imagenet":
+        top, left, h, w = random_resized_crop_box(width, height, cfg.scale, cfg.ratio, rng)
+    else:
+        p = cfg.pad
+        top = int(rng.integers(0, 2 * p + 1)) - p
+        left = int(rng.integers(0, 2 * p + 1)) - p
+        h, w = height, width
+    flip = bool(cfg.flip and rng.random() < 0.5)
+    return top, left, h, w, flip

@@ -1,6 +1,6 @@
 """The CPU backend: PIL decoding and torchvision resizing in DataLoader worker processes.
 
-Each worker builds whole batches (the sampler hands it a (2, B) array of ids and positions), so the
+Each worker builds whole batches (the sampler hands it a (3, B) array of ids, positions and epochs), so the
 per-sample Python here stays on the CPU path; the GPU path is the DALI backend. Images leave as uint8
 NCHW tensors in channels_last memory; the LightningModule normalises them on the device.
 """
@@ -15,7 +15,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
-from pipeline.data.augment import AugmentConfig, random_resized_crop_box, sample_rng
+from pipeline.data.augment import AugmentConfig, sample_rng, train_params
 from pipeline.data.contract import PAD
 from pipeline.data.shards import ShardSet
 
@@ -33,21 +33,20 @@ def decode_rgb(data: bytes) -> Image.Image:
 
 
 def augment_train(img: Image.Image, cfg: AugmentConfig, rng: np.random.Generator) -> Image.Image:
+    """The training augmentation of ``cfg.recipe`` with the draws of ``train_params`` (as the DALI backend)."""
+    top, left, h, w, flip = train_params(cfg, img.width, img.height, rng)
     if cfg.recipe == "imagenet":
-        top, left, h, w = random_resized_crop_box(img.width, img.height, cfg.scale, cfg.ratio, rng)
         img = img.resize(
             (cfg.train_size, cfg.train_size), Image.BILINEAR, box=(left, top, left + w, top + h)
         )
-    else:  # cifar: zero-pad, random crop of the original size
+    else:  # cifar: the window of the original size in the zero-padded image
         p = cfg.pad
         padded = Image.new("RGB", (img.width + 2 * p, img.height + 2 * p))
         padded.paste(img, (p, p))
-        top = int(rng.integers(0, 2 * p + 1))
-        left = int(rng.integers(0, 2 * p + 1))
-        img = padded.crop((left, top, left + img.width, top + img.height))
+        img = padded.crop((left + p, top + p, left + p + w, top + p + h))
         if img.size != (cfg.train_size, cfg.train_size):
             img = img.resize((cfg.train_size, cfg.train_size), Image.BILINEAR)
-    if cfg.flip and rng.random() < 0.5:
+    if flip:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
     return img
 

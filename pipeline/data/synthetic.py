@@ -10,6 +10,10 @@ import torch
 
 
 class SyntheticLoader:
+    """Random uint8 batches with the sampler's length and validity mask (pixels and labels made up)."""
+
+    batch_sampler = None  # Lightning looks for a sampler or a batch sampler to call set_epoch on
+
     def __init__(self, sampler, size: int, num_classes: int, device: str | torch.device | None = None) -> None:
         self.sampler, self.size, self.num_classes = sampler, size, num_classes
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")

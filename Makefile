@@ -1,0 +1,32 @@
+# resnet-pipeline: `make demo` and `make test` work on a fresh machine (each runs `setup` first).
+PY ?= python3
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+
+.PHONY: setup demo test test-fast bench-prep bench-loader clean
+
+setup: $(STAMP)
+
+# DS_BUILD_OPS=0: DeepSpeed compiles its ops on first use instead of at install (no GPU needed here).
+$(STAMP): pyproject.toml
+	test -x $(PYTHON) || $(PY) -m venv $(VENV)
+	$(PYTHON) -m pip install -q --upgrade pip
+	DS_BUILD_OPS=0 $(PYTHON) -m pip install -q -e ".[gpu,test,demo]"
+	touch $(STAMP)
+
+demo: setup
+	$(PYTHON) -m pipeline.demo
+
+test: setup
+	$(PYTHON) -m pytest -q
+
+bench-prep: setup
+	$(PYTHON) bench/prep.py
+
+bench-loader: setup
+	$(PYTHON) bench/loader.py
+
+clean:
+	rm -rf runs data/demo .cache

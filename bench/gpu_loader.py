@@ -1,0 +1,251 @@
+"""GPU loader benchmark (one H100): DALI decode + augment alone, and a compiled ResNet-50 training step
+fed by synthetic input against the same step fed by ``DaliLoader``, in one process.
+
+1. Makes ``--images`` real JPEGs (500x375 / 375x500 cuts of scikit-learn's bundled photos; the GPU
+   machine has no network) and shards them with the project's data_prep.
+2. Decode + augment alone: ``DaliLoader`` (train recipe, 224 crops, float16 NHWC -> NCHW channels_last)
+   over the shards for ``--decode-steps`` batches: images/s (target >= 25,000 with hw_decoder_load 0.75).
+3. ``pipeline.models.resnet50`` (channels_last, torch.compile, bf16 autocast, SGD with momentum):
+   ``--steps`` timed steps fed by a fixed synthetic float16 batch, then fed by ``DaliLoader``, in turns
+   (synthetic, dali, synthetic, dali); images/s and the ratio dali / synthetic (target >= 0.98).
+
+Prints a table and writes ``$OUT/gpu_loader.json`` when ``OUT`` is set. ``--dry-run`` runs every part
+on the CPU with dali-cpu, a few tiny images and no compile, to check the script without a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pipeline.data.augment import AugmentConfig  # noqa: E402
+from pipeline.data.contract import TrainSampler  # noqa: E402
+from pipeline.data.shards import ShardSet  # noqa: E402
+
+
+# ---- data -------------------------------------------------------------------------------------------
+def _sources() -> list[np.ndarray]:
+    try:
+        from sklearn.datasets import load_sample_images
+
+        return list(load_sample_images().images)
+    except ImportError:  # scikit-image bundles a few photos too
+        from skimage import data
+
+        return [data.astronaut(), data.coffee(), data.chelsea()]
+
+
+def _write_range(job: tuple[str, int, int, int]) -> int:
+    folder, lo, hi, classes = job
+    from PIL import Image
+
+    sources = _sources()
+    for i in range(lo, hi):
+        rng = np.random.default_rng([7, i])
+        src = sources[i % len(sources)]
+        size = (375, 500) if i % 4 == 3 else (500, 375)
+        h, w = src.shape[:2]
+        cw = int(rng.integers(w // 3, w))
+        ch = min(h, int(cw * size[1] / size[0]))
+        x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+        img = Image.fromarray(src[y : y + ch, x : x + cw]).resize(size, Image.Resampling.BILINEAR)
+        if rng.random() < 0.5:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        out = Path(folder) / f"c{i % classes:03d}" / f"{i:07d}.jpg"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        img.save(out, quality=int(rng.integers(80, 95)))
+    return hi - lo
+
+
+def make_shards(work: Path, n: int, procs: int) -> Path:
+    """``n`` photos in ``work/images`` (100 classes), sharded into ``work/shards`` (reused if there)."""
+    shards = work / "shards"
+    if (shards / "manifest.json").is_file():
+        return shards
+    t0 = time.perf_counter()
+    chunk = max(1, -(-n // (procs * 4)))
+    jobs = [(str(work / "images"), lo, min(n, lo + chunk), 100) for lo in range(0, n, chunk)]
+    with Pool(procs) as pool:
+        done = sum(pool.map(_write_range, jobs))
+    t1 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "data_prep", "imagefolder", str(work / "images"), str(shards),
+                    "--split", "train", "--samples-per-shard", "1000", "--workers", str(procs)],
+                   check=True, cwd=REPO, env={**os.environ, "PYTHONPATH": f"{REPO}:{os.environ.get('PYTHONPATH', '')}"},
+                   stdout=subprocess.DEVNULL)
+    print(f"data: {done} JPEGs in {t1 - t0:.1f}s, sharded in {time.perf_counter() - t1:.1f}s", flush=True)
+    return shards
+
+
+# ---- measurements -----------------------------------------------------------------------------------
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def endless(loader):
+    """Batches of ``loader``, epoch after epoch."""
+    epoch = 0
+    while True:
+        loader.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def decode_rate(loader, steps: int, warmup: int, device: torch.device) -> float:
+    it = endless(loader)
+    for _ in range(warmup):
+        next(it)
+    sync(device)
+    t0, n = time.perf_counter(), 0
+    for _ in range(steps):
+        images, _, _ = next(it)
+        n += images.shape[0]
+    sync(device)
+    return n / (time.perf_counter() - t0)
+
+
+def make_step(model: torch.nn.Module, opt: torch.optim.Optimizer, device: torch.device):
+    def step(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(images), labels)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
+def train_rate(step, batches, steps: int, warmup: int, device: torch.device) -> float:
+    for _ in range(warmup):
+        images, labels, _ = next(batches)
+        step(images, labels)
+    sync(device)
+    t0, n = time.perf_counter(), 0
+    for _ in range(steps):
+        images, labels, _ = next(batches)
+        step(images, labels)
+        n += images.shape[0]
+    sync(device)
+    return n / (time.perf_counter() - t0)
+
+
+def synthetic_batches(batch: int, device: torch.device, dtype: torch.dtype):
+    """A few fixed batches shaped and typed as DaliLoader's (normalised NHWC memory), cycled for free."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    pool = [(torch.randn(batch, 224, 224, 3, generator=g).to(device, dtype).permute(0, 3, 1, 2),
+             torch.randint(0, 1000, (batch,), generator=g).to(device),
+             torch.ones(batch, dtype=torch.bool, device=device)) for _ in range(4)]
+    i = 0
+    while True:
+        yield pool[i % len(pool)]
+        i += 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", default="/tmp/gpu-loader-bench")
+    ap.add_argument("--images", type=int, default=20000)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=max(2, (os.cpu_count() or 4) // 2), help="DALI CPU threads")
+    ap.add_argument("--py-workers", type=int, default=max(1, (os.cpu_count() or 4) // 3),
+                    help="processes running the external source")
+    ap.add_argument("--hw-decoder-load", type=float, default=0.75, help="for the decode-alone measurement")
+    ap.add_argument("--train-hw-loads", default="0.75,1.0", help="hw_decoder_load values fed to the training step")
+    ap.add_argument("--decode-steps", type=int, default=200)
+    ap.add_argument("--steps", type=int, default=60, help="timed training steps per measurement")
+    ap.add_argument("--warmup", type=int, default=15)
+    ap.add_argument("--rounds", type=int, default=2, help="synthetic/dali alternations")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--dry-run", action="store_true", help="CPU, dali-cpu, tiny sizes: checks the script")
+    args = ap.parse_args(argv)
+    if args.dry_run:
+        args.device, args.images, args.batch, args.no_compile = "cpu", 48, 8, True
+        args.decode_steps, args.steps, args.warmup, args.rounds = 3, 2, 1, 1
+        args.threads, args.py_workers, args.train_hw_loads = 2, 1, "0.75"
+        args.work = args.work + "-dry"
+    device = torch.device(args.device)
+    cpu = device.type == "cpu"
+    if not cpu:
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    import nvidia.dali
+
+    from pipeline.data.dali_backend import DaliLoader
+    from pipeline.models import build
+
+    info = {"device": torch.cuda.get_device_name(device) if not cpu else "cpu", "torch": torch.__version__,
+            "dali": nvidia.dali.__version__, "cpus": os.cpu_count(), "batch": args.batch,
+            "threads": args.threads, "py_workers": args.py_workers,
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    print(json.dumps(info), flush=True)
+    shards = ShardSet(make_shards(Path(args.work), args.images, os.cpu_count() or 2), "train")
+    cfg = AugmentConfig(recipe="imagenet", train_size=224)
+
+    def loader(hw: float) -> DaliLoader:
+        sampler = TrainSampler(shards.shard_sizes, seed=0, world_size=1, rank=0, batch_size=args.batch)
+        return DaliLoader(shards, sampler, cfg, train=True, seed=0, num_threads=args.threads, cpu=cpu,
+                          hw_decoder_load=hw, py_workers=args.py_workers, prefetch=3)
+
+    results: dict[str, float] = {}
+    t0 = time.perf_counter()
+    dec = loader(args.hw_decoder_load)
+    results["decode_augment_img_s"] = decode_rate(dec, args.decode_steps, args.warmup, device)
+    print(f"DALI decode + augment alone (hw_decoder_load {args.hw_decoder_load}): "
+          f"{results['decode_augment_img_s']:,.0f} img/s ({time.perf_counter() - t0:.0f}s)", flush=True)
+    del dec
+
+    model = build("resnet50", num_classes=1000).to(device).to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    step = make_step(model if args.no_compile else torch.compile(model), opt, device)
+    dtype = torch.float32 if cpu else torch.float16
+    syn = synthetic_batches(args.batch, device, dtype)
+    t0 = time.perf_counter()
+    train_rate(step, syn, 0, max(3, args.warmup), device)  # compiles
+    print(f"compiled and warmed up in {time.perf_counter() - t0:.0f}s", flush=True)
+    feeds = {f"dali_hw{hw}": endless(loader(float(hw))) for hw in args.train_hw_loads.split(",")}
+    for name, it in feeds.items():  # start each loader's workers before timing
+        train_rate(step, it, 0, args.warmup, device)
+    for r in range(args.rounds):
+        for name, it in {"synthetic": syn, **feeds}.items():
+            rate = train_rate(step, it, args.steps, 3, device)
+            results[f"train_{name}_img_s"] = max(results.get(f"train_{name}_img_s", 0.0), rate)
+            print(f"  round {r + 1} resnet50 fed by {name:>13}: {rate:8,.0f} img/s", flush=True)
+
+    base = results["train_synthetic_img_s"]
+    print(f"\n{info['device']}, batch {args.batch}, {args.threads} DALI threads, {args.py_workers} source workers,"
+          f" best of {args.rounds}")
+    print("| measurement | img/s | ratio |\n|---|---|---|")
+    print(f"| DALI decode + augment alone (hw_decoder_load {args.hw_decoder_load}) | "
+          f"{results['decode_augment_img_s']:,.0f} | target 25,000: "
+          f"{results['decode_augment_img_s'] / 25000:.2f} |")
+    print(f"| resnet50 compiled, bf16, channels_last, synthetic input | {base:,.0f} | 1.00 |")
+    for name in feeds:
+        rate = results[f"train_{name}_img_s"]
+        results[f"ratio_{name}"] = rate / base
+        hw = name.replace("dali_hw", "hw_decoder_load ")
+        print(f"| same, fed by DaliLoader ({hw}) | {rate:,.0f} | {rate / base:.3f} |")
+    out = os.environ.get("OUT")
+    if out:
+        Path(out, "gpu_loader.json").write_text(json.dumps({**info, **results}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

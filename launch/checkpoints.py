@@ -1,0 +1,75 @@
+"""What a run directory says about training progress: newest checkpoint, its global step, recent
+throughput from a CSV metrics log."""
+
+from __future__ import annotations
+
+import csv
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from launch.errors import LaunchError
+
+
+@dataclass
+class CheckpointInfo:
+    path: Path
+    global_step: int | None
+    epoch: int | None
+
+
+def checkpoint_files(run_dir: Path) -> list[Path]:
+    """Lightning checkpoints of a run, newest first: RUN_DIR/checkpoints/**.ckpt and RUN_DIR/hpc_ckpt_*.ckpt."""
+    files = [p for p in (run_dir / "checkpoints").rglob("*.ckpt") if p.is_file()]
+    files += [p for p in run_dir.glob("hpc_ckpt_*.ckpt") if p.is_file()]
+    return sorted(files, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def read_checkpoint(path: Path) -> CheckpointInfo:
+    """global_step/epoch from a Lightning checkpoint; mmap keeps this cheap for large checkpoints."""
+    import torch
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as e:  # a half-written or foreign file: say which
+        raise LaunchError(f"checkpoint {path}: cannot be read ({type(e).__name__}: {e})") from e
+    if not isinstance(ckpt, dict):
+        raise LaunchError(f"checkpoint {path}: not a Lightning checkpoint (top level is {type(ckpt).__name__})")
+    step, epoch = ckpt.get("global_step"), ckpt.get("epoch")
+    return CheckpointInfo(path, int(step) if step is not None else None, int(epoch) if epoch is not None else None)
+
+
+def latest_checkpoint(run_dir: Path) -> CheckpointInfo | None:
+    files = checkpoint_files(run_dir)
+    return read_checkpoint(files[0]) if files else None
+
+
+_THROUGHPUT = re.compile(r"(img|image|sample)s?(/|_per_|_)s(ec)?", re.IGNORECASE)
+
+
+@dataclass
+class Throughput:
+    column: str
+    value: float
+    step: int | None
+    source: Path
+
+
+def recent_throughput(run_dir: Path) -> Throughput | None:
+    """Last logged images/s from the newest metrics.csv under the run directory (Lightning CSVLogger)."""
+    csvs = sorted(run_dir.rglob("metrics.csv"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for path in csvs:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            cols = [c for c in (reader.fieldnames or []) if _THROUGHPUT.search(c)]
+            if not cols:
+                continue
+            last: Throughput | None = None
+            for row in reader:
+                for c in cols:
+                    if row.get(c):
+                        step = row.get("step")
+                        last = Throughput(c, float(row[c]), int(float(step)) if step else None, path)
+            if last is not None:
+                return last
+    return None

@@ -1,0 +1,198 @@
+"""Command line: ``python -m launch {submit train|submit prep|status|torchrun}``.
+
+Arguments after a bare ``--`` go to the trainer (or data_prep) unchanged, each one shell-quoted.
+Errors in settings print one line naming the setting and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from launch import rundir, slurm, status, torchrun
+from launch.errors import LaunchError
+from launch.scripts import PrepJob, SlurmOptions, TrainJob
+from launch.validate import existing_file
+
+
+def _slurm_args(p: argparse.ArgumentParser, time_default: str | None) -> None:
+    g = p.add_argument_group("Slurm")
+    if time_default is None:
+        g.add_argument("--time", required=True, help="time limit per run, HH:MM:SS or D-HH:MM:SS")
+    else:
+        g.add_argument("--time", default=time_default, help=f"time limit per task (default {time_default})")
+    g.add_argument("--partition")
+    g.add_argument("--account")
+    g.add_argument("--qos")
+    g.add_argument("--cpus-per-task", type=int, default=None, help="CPUs per task (data loading threads)")
+    g.add_argument("--container-image", default=None,
+                   help="run under pyxis/enroot: srun --container-image=IMG (the container's python is used)")
+    g.add_argument("--container-mounts", action="append", default=[],
+                   help="extra SRC[:DST[:FLAGS]] mount for the container (repeatable)")
+    g.add_argument("--python", default=None,
+                   help="interpreter on the compute nodes (default: the one running this command, "
+                        "or `python` inside a container)")
+    g.add_argument("--dry-run", action="store_true", help="print the script(s) and sbatch command; submit nothing")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m launch",
+        description="Submit and watch resnet-pipeline jobs on Slurm, or print torchrun commands (docs/slurm.md).",
+        epilog="Arguments after a bare `--` go to the trainer (submit train, torchrun) or to data_prep.")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    submit = sub.add_parser("submit", help="render an sbatch script, save it in the run directory, submit it")
+    what = submit.add_subparsers(dest="what", required=True)
+
+    t = what.add_parser("train", help="multi-node training: one task per GPU, requeue on preemption")
+    t.add_argument("--config", required=True, type=Path, help="trainer YAML (conf/*.yaml)")
+    t.add_argument("--nodes", type=int, default=1)
+    t.add_argument("--gpus-per-node", type=int, default=1,
+                   help="GPUs = processes per node; 0 runs one CPU process per node")
+    t.add_argument("--cpu", action="store_true", help="CPU (gloo) job: no GPU request, accelerator cpu")
+    t.add_argument("--signal-lead", type=int, default=300,
+                   help="USR1 (checkpoint + requeue) comes this many seconds before the time limit, up to 30 s "
+                        "earlier (Slurm checks every 30 s); default 300")
+    t.add_argument("--run-dir", type=Path, default=None, help="default runs/<config name>")
+    _slurm_args(t, None)
+
+    pr = what.add_parser("prep", help="data_prep as an array job plus a dependent finalize job")
+    kinds = pr.add_subparsers(dest="kind", required=True)
+    for kind in ("imagenet", "imagefolder"):
+        k = kinds.add_parser(kind, help=f"python -m data_prep {kind} SRC OUT, split over --tasks array tasks")
+        k.add_argument("src", type=Path)
+        k.add_argument("out", type=Path)
+        k.add_argument("--tasks", type=int, required=True, help="array tasks (each writes its own shards)")
+        if kind == "imagefolder":
+            k.add_argument("--split", required=True, help="split name, e.g. train or val")
+        k.add_argument("--run-dir", type=Path, default=None, help="scripts and logs (default OUT-slurm next to OUT)")
+        _slurm_args(k, "02:00:00")
+
+    st = sub.add_parser("status", help="jobs, requeues, last checkpoint/step, img/s, W&B id of a run")
+    st.add_argument("run_dir", nargs="?", type=Path, default=None)
+
+    tr = sub.add_parser("torchrun", help="print (or run) the torchrun command for a cluster without Slurm")
+    tr.add_argument("--config", required=True, type=Path)
+    tr.add_argument("--nnodes", type=int, required=True)
+    tr.add_argument("--nproc-per-node", type=int, required=True)
+    tr.add_argument("--rdzv-endpoint", required=True, help="HOST:PORT of node 0")
+    tr.add_argument("--rdzv-id", default=None, help="rendezvous id (default: the W&B run id)")
+    tr.add_argument("--run-dir", type=Path, default=None, help="default runs/<config name>")
+    tr.add_argument("--cpu", action="store_true")
+    tr.add_argument("--run", action="store_true", help="run it here instead of printing it")
+    return parser
+
+
+def _options(a: argparse.Namespace) -> SlurmOptions:
+    return SlurmOptions(time=a.time, partition=a.partition, account=a.account, qos=a.qos,
+                        cpus_per_task=a.cpus_per_task, container_image=a.container_image,
+                        container_mounts=list(a.container_mounts))
+
+
+def _python(a: argparse.Namespace) -> str:
+    if a.python:
+        return a.python
+    return "python" if a.container_image else sys.executable
+
+
+def _submit_train(a: argparse.Namespace, extra: list[str]) -> int:
+    run_dir = (a.run_dir or Path("runs") / a.config.stem).absolute()
+    job = TrainJob(config=existing_file(a.config, "--config"), nodes=a.nodes, gpus_per_node=a.gpus_per_node,
+                   run_dir=run_dir,
+                   slurm=_options(a), signal_lead=a.signal_lead, cpu=a.cpu, extra_args=extra,
+                   python=_python(a), workdir=Path.cwd())
+    job.check()
+    if a.dry_run:
+        run_id = rundir.wandb_run_id(run_dir, create=False) or "<new id, created on submit>"
+        print(job.render(run_id), end="")
+        print(f"# submit: sbatch --parsable {job.script_path}", file=sys.stderr)
+        return 0
+    run_id = rundir.wandb_run_id(run_dir)
+    assert run_id is not None
+    job.script_path.write_text(job.render(run_id))
+    job_id = slurm.sbatch(job.script_path)
+    rundir.record_job(run_dir, job_id, "train", job.script_path)
+    print(f"Submitted train job {job_id}")
+    print(f"  script  {job.script_path}")
+    print(f"  log     {run_dir}/slurm-{job_id}.out")
+    print(f"  W&B id  {run_id}")
+    print(f"  status  python -m launch status {run_dir}")
+    return 0
+
+
+def _submit_prep(a: argparse.Namespace, extra: list[str]) -> int:
+    out = a.out.absolute()
+    run_dir = (a.run_dir or out.parent / f"{out.name}-slurm").absolute()
+    prep_args = ["--split", a.split] if a.kind == "imagefolder" else []
+    job = PrepJob(command=a.kind, src=a.src.absolute(), out=out, tasks=a.tasks, run_dir=run_dir,
+                  slurm=_options(a), prep_args=prep_args + extra, python=_python(a), workdir=Path.cwd(),
+                  label=getattr(a, "split", "") or "")
+    job.check()
+    dep = ["--dependency=afterok:{array_job}", "--kill-on-invalid-dep=yes"]
+    if a.dry_run:
+        print(f"# ---- {job.array_script_path.name}")
+        print(job.render_array(), end="")
+        print(f"# ---- {job.finalize_script_path.name}")
+        print(job.render_finalize(), end="")
+        print(f"# submit: sbatch --parsable {job.array_script_path}  ->  ARRAY_JOB_ID\n"
+              f"#         sbatch --parsable {' '.join(dep).format(array_job='ARRAY_JOB_ID')} "
+              f"{job.finalize_script_path}", file=sys.stderr)
+        return 0
+    run_dir.mkdir(parents=True, exist_ok=True)
+    job.array_script_path.write_text(job.render_array())
+    job.finalize_script_path.write_text(job.render_finalize())
+    array_id = slurm.sbatch(job.array_script_path)
+    rundir.record_job(run_dir, array_id, "prep-array", job.array_script_path)
+    fin_id = slurm.sbatch(job.finalize_script_path, [d.format(array_job=array_id) for d in dep])
+    rundir.record_job(run_dir, fin_id, "prep-finalize", job.finalize_script_path)
+    print(f"Submitted prep array job {array_id} (tasks 0-{a.tasks - 1}) and finalize job {fin_id} "
+          f"(afterok:{array_id})")
+    print(f"  scripts {run_dir}")
+    print(f"  logs    {run_dir}/prep-{array_id}_<task>.out, {run_dir}/prep-finalize-{fin_id}.out")
+    print(f"  status  python -m launch status {run_dir}")
+    return 0
+
+
+def _torchrun(a: argparse.Namespace, extra: list[str]) -> int:
+    run_dir = (a.run_dir or Path("runs") / a.config.stem).absolute()
+    argv = torchrun.command(a.config, a.nnodes, a.nproc_per_node, a.rdzv_endpoint, run_dir,
+                            rdzv_id=a.rdzv_id or "pending", cpu=a.cpu, extra_args=extra)
+    run_id = rundir.wandb_run_id(run_dir)  # made now: the printed command runs as is on every node
+    assert run_id is not None
+    if a.rdzv_id is None:
+        argv[argv.index("--rdzv-id=pending")] = f"--rdzv-id={run_id}"
+    env = torchrun.wandb_env(run_dir, run_id)
+    if not a.run:
+        print(torchrun.shell_line(argv, env))
+        return 0
+    sys.stdout.flush()
+    os.execvpe(argv[0], argv, {**os.environ, **env})
+    return 0  # not reached
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    extra: list[str] = []
+    if "--" in args:
+        i = args.index("--")
+        args, extra = args[:i], args[i + 1:]
+    a = build_parser().parse_args(args)
+    try:
+        if a.cmd == "submit" and a.what == "train":
+            return _submit_train(a, extra)
+        if a.cmd == "submit" and a.what == "prep":
+            return _submit_prep(a, extra)
+        if a.cmd == "torchrun":
+            return _torchrun(a, extra)
+        if extra:
+            raise LaunchError(f"{a.cmd}: arguments after `--` are only accepted by submit and torchrun")
+        if a.cmd == "status":
+            print(status.report(a.run_dir) if a.run_dir else status.queue_report())
+            return 0
+    except LaunchError as e:
+        print(f"launch: error: {e}", file=sys.stderr)
+        return 2
+    return 2

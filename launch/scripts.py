@@ -1,0 +1,232 @@
+"""Turn validated launcher settings into sbatch scripts (train, prep array, prep finalize).
+
+Everything user-controlled that reaches a shell line goes through ``{{q:...}}`` (shlex.quote) or is
+built here from validated integers; ``#SBATCH`` values are validated by :mod:`launch.validate`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import re
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from launch import template
+from launch.errors import LaunchError
+from launch.validate import positive_int, sbatch_path, slurm_name, slurm_time, time_seconds
+
+
+@dataclass
+class SlurmOptions:
+    """Scheduler settings shared by every job the launcher writes."""
+
+    time: str
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    cpus_per_task: int | None = None
+    container_image: str | None = None
+    container_mounts: list[str] = field(default_factory=list)
+
+    def check(self) -> None:
+        """Raise LaunchError naming the first bad setting."""
+        slurm_time(self.time)
+        slurm_name(self.partition, "--partition")
+        slurm_name(self.account, "--account")
+        slurm_name(self.qos, "--qos")
+        if self.cpus_per_task is not None:
+            positive_int(self.cpus_per_task, "--cpus-per-task")
+        if self.container_image is not None and not self.container_image.strip():
+            raise LaunchError("--container-image: empty image name")
+
+    def directives(self) -> dict[str, str | int | None]:
+        return {
+            "time": self.time,
+            "partition": self.partition,
+            "account": self.account,
+            "qos": self.qos,
+        }
+
+    def container_flags(self, mounts: list[Path], workdir: Path) -> str:
+        """pyxis flags for srun (empty without --container-image), each value shell-quoted."""
+        if not self.container_image:
+            return ""
+        seen: list[str] = []
+        for m in [*(str(p) for p in mounts), *self.container_mounts]:
+            if m not in seen:
+                seen.append(m)
+        flags = [
+            f"--container-image={shlex.quote(self.container_image)}",
+            f"--container-mounts={shlex.quote(','.join(seen))}",
+            f"--container-workdir={shlex.quote(str(workdir))}",
+        ]
+        return " ".join(flags) + " "
+
+
+def _extra(args: list[str]) -> str:
+    return "".join(" " + shlex.quote(a) for a in args)
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def job_name(text: str) -> str:
+    """A job name made only of safe characters (it lands in an #SBATCH line)."""
+    name = re.sub(r"[^A-Za-z0-9_.+-]", "_", text).strip("_")
+    return name[:64] or "job"
+
+
+@dataclass
+class TrainJob:
+    """One multi-node training run: ``nodes`` x ``tasks_per_node`` processes under srun."""
+
+    config: Path
+    nodes: int
+    gpus_per_node: int
+    run_dir: Path
+    slurm: SlurmOptions
+    signal_lead: int = 300
+    cpu: bool = False
+    extra_args: list[str] = field(default_factory=list)
+    python: str = "python"
+    workdir: Path = field(default_factory=Path.cwd)
+
+    @property
+    def on_cpu(self) -> bool:
+        return self.cpu or self.gpus_per_node == 0
+
+    @property
+    def tasks_per_node(self) -> int:
+        """One process per GPU; a CPU job with --gpus-per-node 0 runs one process per node."""
+        return max(self.gpus_per_node, 1)
+
+    @property
+    def log_path(self) -> Path:
+        return self.run_dir / "slurm-%j.out"
+
+    @property
+    def script_path(self) -> Path:
+        return self.run_dir / "train.sbatch"
+
+    def check(self) -> None:
+        """Validate every setting; config must exist, --time and --signal-lead must fit together."""
+        if not self.config.is_file():
+            raise LaunchError(f"--config: file {str(self.config)!r} does not exist")
+        positive_int(self.nodes, "--nodes")
+        positive_int(self.gpus_per_node, "--gpus-per-node", minimum=0)
+        self.slurm.check()
+        sbatch_path(self.run_dir, "--run-dir")
+        positive_int(self.signal_lead, "--signal-lead", minimum=0)
+        if self.signal_lead + 30 >= time_seconds(self.slurm.time):
+            raise LaunchError(
+                f"--signal-lead: {self.signal_lead} s + Slurm's 30 s check interval is not shorter than --time "
+                f"{self.slurm.time}; USR1 would arrive as the job starts, before the trainer can checkpoint"
+            )
+        if self.slurm.container_image and self.python != "python":
+            raise LaunchError("--python: with --container-image the container's own `python` is used")
+
+    def render(self, wandb_run_id: str) -> str:
+        """The sbatch script text (call check() first)."""
+        accel = "--trainer.accelerator cpu " if self.on_cpu else ""
+        values: dict[str, str | int | None] = {
+            "created": _now(),
+            "job_name": job_name(f"train-{self.config.stem}"),
+            "nodes": self.nodes,
+            "tasks_per_node": self.tasks_per_node,
+            "gpus": None if self.on_cpu else self.gpus_per_node,
+            "cpus_per_task": self.slurm.cpus_per_task,
+            "signal_lead": self.signal_lead,
+            "log_path": str(self.log_path),
+            "run_dir": str(self.run_dir),
+            "workdir": str(self.workdir),
+            "wandb_run_id": wandb_run_id,
+            "container_flags": self.slurm.container_flags([self.run_dir, self.workdir, self.config.parent],
+                                                          self.workdir),
+            "python": self.python,
+            "config": str(self.config),
+            "accelerator_args": accel,
+            "extra_args": _extra(self.extra_args),
+            **self.slurm.directives(),
+        }
+        return template.render(template.load("train.sbatch"), values, "train.sbatch")
+
+
+PREP_COMMANDS = ("imagenet", "imagefolder")
+
+
+@dataclass
+class PrepJob:
+    """A data_prep array job (``tasks`` slices) plus its dependent finalize job."""
+
+    command: str
+    src: Path
+    out: Path
+    tasks: int
+    run_dir: Path
+    slurm: SlurmOptions
+    prep_args: list[str] = field(default_factory=list)
+    finalize_args: list[str] = field(default_factory=list)
+    python: str = "python"
+    workdir: Path = field(default_factory=Path.cwd)
+
+    label: str = ""
+
+    @property
+    def _tag(self) -> str:
+        return job_name(f"{self.command}-{self.label}" if self.label else self.command)
+
+    @property
+    def array_script_path(self) -> Path:
+        """One script per dataset kind and split, so preparing train and val in one OUT keeps both."""
+        return self.run_dir / f"prep-{self._tag}.sbatch"
+
+    @property
+    def finalize_script_path(self) -> Path:
+        return self.run_dir / f"prep-finalize-{self._tag}.sbatch"
+
+    def check(self) -> None:
+        if self.command not in PREP_COMMANDS:
+            raise LaunchError(f"prep: unknown dataset kind {self.command!r}; use one of {', '.join(PREP_COMMANDS)}")
+        if not self.src.exists():
+            raise LaunchError(f"SRC: {str(self.src)!r} does not exist")
+        positive_int(self.tasks, "--tasks")
+        self.slurm.check()
+        sbatch_path(self.run_dir, "--run-dir")
+
+    def _common(self) -> dict[str, str | int | None]:
+        return {
+            "created": _now(),
+            "workdir": str(self.workdir),
+            "python": self.python,
+            "out": str(self.out),
+            "container_flags": self.slurm.container_flags([self.src, self.out, self.run_dir, self.workdir],
+                                                          self.workdir),
+            **self.slurm.directives(),
+        }
+
+    def render_array(self) -> str:
+        workers = f" --workers {self.slurm.cpus_per_task}" if self.slurm.cpus_per_task else ""
+        values = {
+            **self._common(),
+            "job_name": job_name(f"prep-{self._tag}"),
+            "last_task": self.tasks - 1,
+            "num_tasks": self.tasks,
+            "cpus_per_task": self.slurm.cpus_per_task,
+            "log_path": str(self.run_dir / "prep-%A_%a.out"),
+            "command": self.command,
+            "src": str(self.src),
+            "prep_args": _extra(self.prep_args),
+            "workers_arg": workers,
+        }
+        return template.render(template.load("prep_array.sbatch"), values, "prep_array.sbatch")
+
+    def render_finalize(self) -> str:
+        values = {
+            **self._common(),
+            "job_name": job_name(f"prep-finalize-{self._tag}"),
+            "log_path": str(self.run_dir / "prep-finalize-%j.out"),
+            "finalize_args": _extra(self.finalize_args),
+        }
+        return template.render(template.load("prep_finalize.sbatch"), values, "prep_finalize.sbatch")

@@ -1,0 +1,99 @@
+"""Thin wrappers over the Slurm client commands (sbatch, squeue, sacct, scontrol).
+
+They run the real binaries; a missing binary or a failing command becomes a LaunchError that quotes
+Slurm's own message.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from launch.errors import LaunchError
+
+
+def run_client(cmd: list[str], timeout: float = 60, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run a Slurm client command; a missing binary or a hang becomes a LaunchError."""
+    if shutil.which(cmd[0]) is None:
+        raise LaunchError(f"{cmd[0]}: command not found (is this a Slurm login node? is SLURM_CONF set?)")
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    except subprocess.TimeoutExpired as e:
+        raise LaunchError(f"{cmd[0]}: no answer within {timeout:.0f} s") from e
+
+
+def sbatch(script: Path, extra: list[str] | None = None) -> str:
+    """Submit a script; returns the job id (``--parsable`` output, cluster suffix removed)."""
+    proc = run_client(["sbatch", "--parsable", *(extra or []), str(script)], cwd=script.parent)
+    if proc.returncode != 0:
+        raise LaunchError(f"sbatch {script} failed: {proc.stderr.strip() or proc.stdout.strip()}")
+    return proc.stdout.strip().split(";")[0]
+
+
+@dataclass
+class JobRow:
+    """One line of job accounting, whichever command produced it."""
+
+    job_id: str
+    name: str
+    state: str
+    elapsed: str
+    restarts: int | None = None
+    exit_code: str = ""
+    reason: str = ""
+
+
+def squeue(job_ids: list[str]) -> list[JobRow]:
+    """Queued/running jobs among ``job_ids`` (array tasks expanded)."""
+    if not job_ids:
+        return []
+    proc = run_client(["squeue", "-h", "-r", "-j", ",".join(job_ids), "-o", "%i|%j|%T|%M|%r"])
+    if proc.returncode != 0:
+        # squeue fails for ids it no longer knows; that only means nothing is queued
+        if "Invalid job id" in proc.stderr:
+            return []
+        raise LaunchError(f"squeue failed: {proc.stderr.strip()}")
+    rows = []
+    for line in proc.stdout.splitlines():
+        jid, name, state, elapsed, reason = (line.split("|") + [""] * 5)[:5]
+        rows.append(JobRow(jid, name, state, elapsed, reason=reason if reason != "None" else ""))
+    return rows
+
+
+def scontrol_restarts(job_id: str) -> int | None:
+    """Requeue count Slurm keeps for a job it still remembers (``Restarts=``), else None."""
+    proc = run_client(["scontrol", "-o", "show", "job", job_id])
+    if proc.returncode != 0:
+        return None
+    for tok in proc.stdout.split():
+        if tok.startswith("Restarts="):
+            return int(tok.split("=", 1)[1])
+    return None
+
+
+class SacctUnavailable(Exception):
+    """sacct exists but accounting is off (no slurmdbd), or it is not installed."""
+
+
+def sacct(job_ids: list[str]) -> list[JobRow]:
+    """Accounting rows for ``job_ids``, one per job (allocation), requeues folded into ``restarts``.
+
+    ``sacct -D`` lists every run of a requeued job (state REQUEUED for the interrupted ones); the last
+    record is the current state.
+    """
+    if shutil.which("sacct") is None:
+        raise SacctUnavailable("sacct is not installed")
+    proc = run_client(["sacct", "-n", "-P", "-X", "-D", "-j", ",".join(job_ids),
+                 "--format=JobID,JobName,State,Elapsed,ExitCode"])
+    if proc.returncode != 0 or "accounting storage is disabled" in proc.stderr.lower():
+        raise SacctUnavailable(proc.stderr.strip() or f"sacct exit code {proc.returncode}")
+    by_id: dict[str, JobRow] = {}
+    for line in proc.stdout.splitlines():
+        jid, name, state, elapsed, exit_code = (line.split("|") + [""] * 5)[:5]
+        row = by_id.get(jid)
+        restarts = 0 if row is None else (row.restarts or 0) + 1
+        by_id[jid] = JobRow(jid, name, state.split()[0] if state else state, elapsed, restarts, exit_code)
+    return list(by_id.values())
+

@@ -1,0 +1,49 @@
+"""The torchrun command for clusters without Slurm: one agent per node, c10d rendezvous."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import sys
+from pathlib import Path
+
+from launch.errors import LaunchError
+from launch.validate import existing_file, positive_int
+
+_ENDPOINT = re.compile(r"^[A-Za-z0-9_.:\[\]-]+:(\d{1,5})$")
+
+
+def command(config: Path, nnodes: int, nproc_per_node: int, rdzv_endpoint: str, run_dir: Path,
+            rdzv_id: str = "resnet", cpu: bool = False, extra_args: list[str] | None = None,
+            python: str | None = None) -> list[str]:
+    """argv for `torchrun ... -m pipeline fit ...`; the same on every node."""
+    config = existing_file(config, "--config")
+    positive_int(nnodes, "--nnodes")
+    positive_int(nproc_per_node, "--nproc-per-node")
+    m = _ENDPOINT.match(rdzv_endpoint)
+    if not m or not 0 < int(m.group(1)) < 65536:
+        raise LaunchError(f"--rdzv-endpoint: {rdzv_endpoint!r} is not HOST:PORT")
+    if python:
+        head = [python, "-m", "torch.distributed.run"]
+    else:
+        local = Path(sys.executable).parent / "torchrun"
+        head = [str(local) if local.is_file() else "torchrun"]
+    argv = [*head, f"--nnodes={nnodes}", f"--nproc-per-node={nproc_per_node}",
+            "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}", f"--rdzv-id={rdzv_id}",
+            "-m", "pipeline", "fit", "--config", str(config.resolve()),
+            "--trainer.default_root_dir", str(run_dir.resolve()),
+            "--trainer.num_nodes", str(nnodes), "--trainer.devices", str(nproc_per_node)]
+    if cpu:
+        argv += ["--trainer.accelerator", "cpu"]
+    argv += ["--ckpt_path", "last", *(extra_args or [])]
+    return argv
+
+
+def wandb_env(run_dir: Path, run_id: str) -> dict[str, str]:
+    """The same W&B resume settings the sbatch script exports."""
+    return {"WANDB_RUN_ID": run_id, "WANDB_RESUME": "allow", "WANDB_DIR": str(run_dir.resolve())}
+
+
+def shell_line(argv: list[str], env: dict[str, str] | None = None) -> str:
+    prefix = [f"{k}={shlex.quote(v)}" for k, v in (env or {}).items()]
+    return " ".join(prefix + [shlex.quote(a) for a in argv])

@@ -1,0 +1,72 @@
+"""Checks on settings before they reach an sbatch script, each failing with a message naming the setting.
+
+Values that end up in shell commands are always shlex-quoted by the renderer; values that end up in
+``#SBATCH`` lines cannot be quoted reliably (sbatch parses those lines itself), so they must match a
+strict character set instead.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from launch.errors import LaunchError
+
+_TIME = re.compile(r"^(?:(\d+)-)?(\d{1,3}):([0-5]\d):([0-5]\d)$")
+_SLURM_NAME = re.compile(r"^[A-Za-z0-9_.,+-]+$")
+_SBATCH_PATH = re.compile(r"^[A-Za-z0-9_./+,=@:-]+$")
+
+
+def slurm_time(value: str, setting: str = "--time") -> str:
+    """Validate a Slurm time limit written as [D-]HH:MM:SS (the only form the launcher accepts)."""
+    m = _TIME.match(value or "")
+    if not m:
+        raise LaunchError(f"{setting}: {value!r} is not a time limit of the form HH:MM:SS or D-HH:MM:SS")
+    days, hours, minutes, seconds = (int(g) if g else 0 for g in m.groups())
+    if days * 86400 + hours * 3600 + minutes * 60 + seconds < 60:
+        raise LaunchError(f"{setting}: {value!r} is shorter than one minute, Slurm's smallest time limit")
+    return value
+
+
+def time_seconds(value: str) -> int:
+    """Seconds in a validated [D-]HH:MM:SS time limit."""
+    m = _TIME.match(value)
+    assert m is not None
+    days, hours, minutes, seconds = (int(g) if g else 0 for g in m.groups())
+    return days * 86400 + hours * 3600 + minutes * 60 + seconds
+
+
+def positive_int(value: int, setting: str, minimum: int = 1) -> int:
+    """An integer setting with a lower bound (nodes >= 1, tasks >= 1, ...)."""
+    if value < minimum:
+        raise LaunchError(f"{setting}: must be at least {minimum}, got {value}")
+    return value
+
+
+def slurm_name(value: str | None, setting: str) -> str | None:
+    """Partition/account/QoS names go into #SBATCH lines verbatim: allow only plain name characters."""
+    if value is None:
+        return None
+    if not _SLURM_NAME.match(value):
+        raise LaunchError(f"{setting}: {value!r} may only contain letters, digits and _ . , + -")
+    return value
+
+
+def sbatch_path(path: Path, setting: str) -> Path:
+    """A path that appears in an #SBATCH line (log file): no spaces, quotes, '%' or shell characters."""
+    text = str(path)
+    if not _SBATCH_PATH.match(text):
+        bad = sorted({c for c in text if not re.match(r"[A-Za-z0-9_./+,=@:-]", c)})
+        raise LaunchError(
+            f"{setting}: {text!r} contains {''.join(bad)!r}; Slurm's #SBATCH parser cannot carry such a path "
+            "safely, choose a directory name made of letters, digits and _ . / + , = @ : -"
+        )
+    return path
+
+
+def existing_file(path: Path, setting: str) -> Path:
+    """A file the job will read (config): must exist now, resolved to an absolute path."""
+    if not path.is_file():
+        raise LaunchError(f"{setting}: file {str(path)!r} does not exist")
+    return path.resolve()
+

@@ -1,0 +1,273 @@
+"""The DALI backends: "dali" decodes and augments on the GPU (nvJPEG, hardware decoder), "dali-cpu" runs
+the same pipeline on the CPU (``device_id=None``).
+
+The contract's sampler decides the samples and their order; DALI only turns bytes into pixels. Each epoch
+the sampler's batches are written to a small plan file, and ``fn.external_source`` in batch mode calls
+``dali_source.BatchSource`` with ``BatchInfo(iteration, epoch_idx)``: it reads row ``iteration`` of plan
+``epoch_idx``, fetches the JPEG bytes and labels with ``ShardSet`` (``os.pread``) and draws every sample's
+crop box and flip with ``augment.train_params`` from ``sample_rng(seed, epoch, position)``, exactly as the
+cpu backend does. So both backends cut the same boxes of the same samples, and a resumed or re-sharded
+run augments each sample as the uninterrupted one would. With ``py_workers > 0`` the source runs in
+DALI's parallel worker processes (spawned; they keep running across epochs, the pipeline is reset with
+the next plan); with ``py_workers=0`` it runs inline.
+
+The per-sample Python is the byte reading and the header parse in the source; decoding, cropping,
+resizing, flipping and normalising are DALI operators (on the GPU for "dali").
+
+Corrupt samples: the source checks each JPEG's structure (SOI, a frame header with a size, an EOI after
+it). A sample failing that is never given to DALI: "fail" raises ``CorruptSampleError`` naming the shard,
+"skip" masks it (valid=False, a good sample of the batch stands in), logs and counts it. A sample that
+passes the check but that DALI's decoder rejects stops the pipeline; that batch is then decoded by the
+cpu backend's PIL path (which raises or masks per sample, under the same policy) and a fresh pipeline
+continues with the next batch. Damage PIL and libjpeg decode without an error (flipped bits in the
+entropy-coded data) is not detected by either backend.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import weakref
+
+import numpy as np
+import torch
+
+from pipeline.data.augment import AugmentConfig
+from pipeline.data.contract import PAD
+from pipeline.data.cpu_backend import CorruptSampleError, ShardBatches
+from pipeline.data.dali_source import BatchSource
+from pipeline.data.shards import ShardSet
+
+log = logging.getLogger(__name__)
+
+class DaliLoader:
+    """An iterable of (images, labels, valid) per step of the sampler, made by a DALI pipeline.
+
+    images: float16 (GPU) or float32 (CPU), normalised with ``cfg.mean``/``cfg.std``, shape (B, 3, H, W) in
+    channels_last memory. labels: int64. valid: bool, False for padding and skipped corrupt samples.
+
+    Args:
+        shards: the split's samples.
+        sampler: a contract ``TrainSampler``/``ValSampler`` (exposed as ``.sampler``; Lightning sets its epoch).
+        cfg: the augmentation recipe.
+        train: training augmentation (else the evaluation transform).
+        seed: seed of the per-sample augmentation draws (the same as the cpu backend's).
+        num_threads: DALI's CPU threads.
+        cpu: run on the CPU ("dali-cpu"); else on ``torch.cuda.current_device()``.
+        hw_decoder_load: share of JPEGs for the GPU's hardware decoder ("dali" only).
+        on_corrupt: "fail" or "skip" (see the module docstring).
+        py_workers: processes running the source (0: inline; None: 0 on the CPU, min(4, num_threads // 2) on
+            the GPU: each one reads several thousand samples a second).
+        prefetch: batches DALI prepares ahead.
+        roi_decode: decode only the crop window (imagenet training); default on the CPU, where it saves
+            decoding work. On the GPU whole images are decoded (the hardware decoder takes no regions) and
+            the resize cuts the window; the window and the result are the same up to resampling.
+    """
+
+    batch_sampler = None  # Lightning looks for a sampler or a batch sampler to call set_epoch on
+
+    def __init__(
+        self,
+        shards: ShardSet,
+        sampler,
+        cfg: AugmentConfig,
+        train: bool,
+        seed: int = 0,
+        num_threads: int = 4,
+        cpu: bool = False,
+        hw_decoder_load: float = 0.75,
+        on_corrupt: str = "fail",
+        py_workers: int | None = None,
+        prefetch: int = 2,
+        roi_decode: bool | None = None,
+    ) -> None:
+        if on_corrupt not in ("fail", "skip"):
+            raise ValueError(f"data.on_corrupt must be 'fail' or 'skip', got {on_corrupt!r}")
+        if not cpu and not torch.cuda.is_available():
+            raise RuntimeError("data.backend 'dali' needs a CUDA GPU; use 'dali-cpu' or 'cpu' on this machine")
+        self.shards, self.sampler, self.cfg, self.train, self.seed = shards, sampler, cfg, train, seed
+        self.num_threads = max(1, int(num_threads))
+        self.cpu, self.hw_decoder_load, self.on_corrupt = cpu, float(hw_decoder_load), on_corrupt
+        if py_workers is None:
+            py_workers = 0 if cpu else max(1, min(4, self.num_threads // 2))
+        self.py_workers = int(py_workers)
+        self.prefetch = max(1, int(prefetch))
+        self.roi_decode = cpu if roi_decode is None else bool(roi_decode)
+        self.size = cfg.train_size if train else cfg.val_size
+        self.corrupt_seen = 0
+        self._plan_dir = tempfile.mkdtemp(prefix="dali-plan-")
+        self._pipe = None
+        self._pipe_epoch = -1  # DALI's epoch_idx of the last plan given to the live pipeline
+        self._clean = False  # the live pipeline ended its last epoch and can be reset for the next
+        self._device = torch.device("cpu")
+        self._finalizer = weakref.finalize(self, shutil.rmtree, self._plan_dir, True)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    # ---- the pipeline -------------------------------------------------------------------------------
+    def _build(self):
+        from nvidia.dali import fn, pipeline_def, types
+
+        cfg, train, cpu = self.cfg, self.train, self.cpu
+        device_id = None if cpu else torch.cuda.current_device()
+        parallel = self.py_workers > 0
+        source = BatchSource(self.shards, self._plan_dir, cfg, train, self.seed)
+        mean = [255.0 * m for m in cfg.mean]
+        std = [255.0 * s for s in cfg.std]
+        dtype = types.FLOAT if cpu else types.FLOAT16
+        dec = "cpu" if cpu else "mixed"
+        hw = {} if cpu else {"hw_decoder_load": self.hw_decoder_load}
+        linear = dict(interp_type=types.INTERP_LINEAR, antialias=True)
+        size = self.size
+        roi_decode = self.roi_decode
+        # shared memory per sample for the workers' results (DALI grows it when a batch needs more)
+        hint = int(1.5 * float(self.shards.sizes.mean())) + 1024 if len(self.shards) else 1 << 16
+        extra = {"py_num_workers": self.py_workers, "py_start_method": "spawn"} if parallel else {}
+
+        @pipeline_def(batch_size=self.sampler_batch_size(), num_threads=self.num_threads, device_id=device_id,
+                      prefetch_queue_depth=self.prefetch, **extra)
+        def pipe():
+            es = {"parallel": True, "bytes_per_sample_hint": hint} if parallel else {}
+            if train:
+                jpegs, anchor, shape, flip, labels, valid = fn.external_source(
+                    source=source, num_outputs=6, batch=True, batch_info=True, **es
+                )
+            else:
+                jpegs, labels, valid = fn.external_source(
+                    source=source, num_outputs=3, batch=True, batch_info=True, **es
+                )
+                flip = 0
+            if train and cfg.recipe == "imagenet" and roi_decode:
+                # decode only the random-resized-crop window, then scale it to the training size
+                images = fn.decoders.image_slice(
+                    jpegs, anchor, shape, device=dec, output_type=types.RGB, axis_names="HW",
+                    normalized_anchor=False, normalized_shape=False, adjust_orientation=False, **hw,
+                )
+                images = fn.resize(images, size=(size, size), **linear)
+            elif train and cfg.recipe == "imagenet":
+                # decode whole images (the GPU's hardware decoder does not cut regions), then scale the
+                # window to the training size in one resampling
+                images = fn.decoders.image(jpegs, device=dec, output_type=types.RGB, adjust_orientation=False, **hw)
+                images = fn.resize(images, size=(size, size), roi_start=anchor, roi_end=anchor + shape,
+                                   roi_relative=False, **linear)
+            else:
+                images = fn.decoders.image(jpegs, device=dec, output_type=types.RGB, adjust_orientation=False, **hw)
+                if train:  # cifar: the image-sized window of the zero-padded image
+                    images = fn.slice(images, anchor, shape, axis_names="HW", normalized_anchor=False,
+                                      normalized_shape=False, out_of_bounds_policy="pad", fill_values=0)
+                    images = fn.resize(images, size=(size, size), **linear)
+                elif cfg.recipe == "imagenet":
+                    images = fn.resize(images, resize_shorter=cfg.val_resize, **linear)
+                else:
+                    images = fn.resize(images, size=(size, size), **linear)
+            images = fn.crop_mirror_normalize(
+                images, crop=(size, size), crop_pos_x=0.5, crop_pos_y=0.5, mirror=flip, mean=mean,
+                std=std, dtype=dtype, output_layout="HWC",
+            )
+            return images, labels, valid
+
+        p = pipe()
+        p.build()
+        return p
+
+    def sampler_batch_size(self) -> int:
+        return int(getattr(self.sampler, "batch_size", 0) or self.sampler.batches.shape[1])
+
+    def _close(self) -> None:
+        self._pipe, self._clean, self._pipe_epoch = None, False, -1  # DALI stops its workers on deletion
+
+    def _start(self, plan: np.ndarray) -> None:
+        """Give ``plan`` to the pipeline: reset the live one for its next epoch, or build a fresh one."""
+        if self._pipe is not None and self._clean:
+            self._pipe_epoch += 1
+            np.save(os.path.join(self._plan_dir, f"plan-{self._pipe_epoch}.npy"), plan)
+            self._pipe.reset()  # schedules the new epoch's first batches, which read the plan just written
+        else:
+            self._close()
+            self._pipe_epoch = 0
+            for old in os.listdir(self._plan_dir):
+                os.remove(os.path.join(self._plan_dir, old))
+            np.save(os.path.join(self._plan_dir, "plan-0.npy"), plan)
+            self._device = torch.device("cpu") if self.cpu else torch.device("cuda", torch.cuda.current_device())
+            self._pipe = self._build()
+        self._clean = False
+
+    # ---- iteration ----------------------------------------------------------------------------------
+    def __iter__(self):
+        rows = list(self.sampler)
+        b = self.sampler_batch_size()
+        plan = np.stack(rows) if rows else np.zeros((0, 3, b), dtype=np.int64)
+        return self._epoch(plan)
+
+    def _epoch(self, plan: np.ndarray):
+        self._start(plan)
+        for step in range(len(plan)):
+            try:
+                outs = self._pipe.run()
+            except StopIteration:
+                raise RuntimeError(f"the DALI pipeline ended after {step} of {len(plan)} batches") from None
+            except Exception as e:  # a decoder error: this batch by PIL, then a fresh pipeline
+                self._close()
+                yield self._cpu_batch(plan[step], e)
+                yield from self._epoch(plan[step + 1 :])
+                return
+            yield self._to_torch(outs, plan[step])
+        try:
+            self._pipe.run()
+        except StopIteration:
+            self._clean = True
+
+    def _to_torch(self, outs, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        images, labels, valid = (o.as_tensor() for o in outs)
+        if getattr(self._pipe, "exec_dynamic", False):  # outputs own their memory: share it, no copy
+            with self._device:
+                out = torch.from_dlpack(images)
+        else:  # the buffers are recycled by the next run: copy
+            from nvidia.dali.plugin.pytorch import feed_ndarray
+
+            out = torch.empty(images.shape(), dtype=torch.float32 if self.cpu else torch.float16, device=self._device)
+            feed_ndarray(images, out, cuda_stream=None if self.cpu else torch.cuda.current_stream(self._device))
+        lab = torch.from_numpy(np.array(labels, copy=True))
+        ok = torch.from_numpy(np.array(valid, copy=True).astype(bool))
+        self._check_corrupt(rows[0], ok.numpy())
+        if not self.cpu:
+            lab, ok = lab.to(self._device, non_blocking=True), ok.to(self._device, non_blocking=True)
+        return out.permute(0, 3, 1, 2), lab, ok  # NCHW shape, channels_last memory
+
+    def _check_corrupt(self, ids: np.ndarray, valid: np.ndarray) -> None:
+        for j in np.flatnonzero(~valid & (ids != PAD)):
+            sid = int(ids[j])
+            msg = f"corrupt sample {sid} in shard {self.shards.shard_name(sid)!r}: not a whole JPEG"
+            if self.on_corrupt == "fail":
+                raise CorruptSampleError(msg)
+            log.warning("skipping %s", msg)
+            self.corrupt_seen += 1
+
+    def _cpu_batch(self, rows: np.ndarray, error: Exception) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The batch DALI failed on, decoded sample by sample with PIL under the same corrupt policy."""
+        cpu = ShardBatches(self.shards, self.cfg, self.train, self.seed, self.on_corrupt)
+        try:
+            images, labels, valid = cpu[rows]
+        except CorruptSampleError as e:
+            raise CorruptSampleError(f"{e} (DALI: {_first_line(error)})") from None
+        bad = int((~valid.numpy() & (rows[0] != PAD)).sum())
+        self.corrupt_seen += bad  # ShardBatches logged each one with its shard
+        if bad == 0:
+            log.warning("DALI failed on a batch that PIL decodes (%s); used PIL for it", _first_line(error))
+        mean = torch.tensor(self.cfg.mean).view(1, 3, 1, 1) * 255
+        std = torch.tensor(self.cfg.std).view(1, 3, 1, 1) * 255
+        dtype = torch.float32 if self.cpu else torch.float16
+        x = ((images.float() - mean) / std).to(self._device, dtype).contiguous(memory_format=torch.channels_last)
+        return x, labels.to(self._device), valid.to(self._device)
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else repr(error)

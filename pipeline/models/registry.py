@@ -1,0 +1,70 @@
+"""Name -> constructor registry, so configs can say ``model: resnet50`` or ``plain_cifar_resnet20``.
+
+``plain_<name>`` is ``<name>`` with ``plain=True`` (the paper's plain baselines).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+from torch import nn
+
+from pipeline.models import cifar_resnet, resnet
+from pipeline.models.resnet import ModelConfigError
+
+__all__ = ["UnknownModelError", "available", "build", "PLAIN_PREFIX"]
+
+PLAIN_PREFIX = "plain_"
+
+_BASE: dict[str, Callable[..., nn.Module]] = {
+    "resnet18": resnet.resnet18,
+    "resnet34": resnet.resnet34,
+    "resnet50": resnet.resnet50,
+    "resnet101": resnet.resnet101,
+    "resnet152": resnet.resnet152,
+    "cifar_resnet20": cifar_resnet.cifar_resnet20,
+    "cifar_resnet32": cifar_resnet.cifar_resnet32,
+    "cifar_resnet44": cifar_resnet.cifar_resnet44,
+    "cifar_resnet56": cifar_resnet.cifar_resnet56,
+    "cifar_resnet110": cifar_resnet.cifar_resnet110,
+}
+
+
+class UnknownModelError(ModelConfigError):
+    """``build`` was given a model name that is not registered."""
+
+
+def available() -> list[str]:
+    """All buildable names: the residual nets, then their ``plain_`` counterparts."""
+    return list(_BASE) + [PLAIN_PREFIX + name for name in _BASE]
+
+
+def build(name: str, **kwargs: Any) -> nn.Module:
+    """Build model ``name`` with constructor keyword arguments ``kwargs``.
+
+    Raises ``UnknownModelError`` (a ``ValueError``) for an unknown name and
+    ``ModelConfigError`` for a keyword the model does not take or a bad option value.
+    """
+    base, plain = name, False
+    if isinstance(name, str) and name.startswith(PLAIN_PREFIX):
+        base, plain = name[len(PLAIN_PREFIX):], True
+    if not isinstance(name, str) or base not in _BASE:
+        raise UnknownModelError(
+            f"unknown model name {name!r}; available: {', '.join(available())}"
+        )
+    fn = _BASE[base]
+    accepted = inspect.signature(fn).parameters
+    unknown = sorted(k for k in kwargs if k not in accepted)
+    if unknown:
+        raise ModelConfigError(
+            f"model {name!r} does not take {unknown}; it accepts {sorted(accepted)}"
+        )
+    if plain:
+        if kwargs.get("plain", True) is not True:
+            raise ModelConfigError(
+                f"model {name!r} is a plain net but was given plain={kwargs['plain']!r}; "
+                f"use {base!r} for the residual version"
+            )
+        kwargs["plain"] = True
+    return fn(**kwargs)

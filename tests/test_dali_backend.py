@@ -1,0 +1,312 @@
+"""The DALI backends against the contract and the cpu backend, on real JPEGs, with DALI on the CPU.
+
+dali-cpu runs the same graph as dali (only the decoder's device and the output dtype differ), so what
+is checked here (order, labels, padding, crop windows, flips, corrupt samples, epochs) holds for both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("nvidia.dali")
+
+from pipeline.data.augment import AugmentConfig  # noqa: E402
+from pipeline.data.contract import PAD, Position, TrainSampler, ValSampler  # noqa: E402
+from pipeline.data.cpu_backend import CorruptSampleError, ShardBatches  # noqa: E402
+from pipeline.data.dali_backend import DaliLoader  # noqa: E402
+from pipeline.data.dali_source import BatchSource, jpeg_size  # noqa: E402
+from pipeline.data.shards import ShardSet  # noqa: E402
+from tests.conftest import run_module  # noqa: E402
+from tests.fixtures_images import jpeg_bytes, photos, write_imagefolder  # noqa: E402
+
+CLASSES = ["bay", "cliff", "petal", "roof"]
+IMAGENET_SMALL = AugmentConfig(recipe="imagenet", train_size=64, val_resize=72, val_size=64)
+
+
+@pytest.fixture(scope="session")
+def photo_shards(tmp_path_factory) -> Path:
+    """Crops of scikit-learn's photos as 96x96 JPEGs: train 4x40 (2 shards), val 4x10 (1 shard)."""
+    root = tmp_path_factory.mktemp("photos")
+    write_imagefolder(root / "train", CLASSES, 40, size=(96, 96), seed=5)
+    write_imagefolder(root / "val", CLASSES, 10, size=(96, 96), seed=6)
+    out = root / "shards"
+    for split, per_shard in (("train", "80"), ("val", "100")):
+        run_module("data_prep", "imagefolder", str(root / split), str(out), "--split", split,
+                   "--samples-per-shard", per_shard, "--workers", "1")
+    return out
+
+
+def dali(shards: ShardSet, sampler, cfg: AugmentConfig, train: bool, **kw) -> DaliLoader:
+    return DaliLoader(shards, sampler, cfg, train=train, seed=7, num_threads=2, cpu=True, **kw)
+
+
+def denormalize(x: torch.Tensor, cfg: AugmentConfig) -> torch.Tensor:
+    mean = torch.tensor(cfg.mean).view(1, 3, 1, 1) * 255
+    std = torch.tensor(cfg.std).view(1, 3, 1, 1) * 255
+    return x.float() * std + mean
+
+
+def corrupt_copy(src: Path, dst: Path, split: str, sample_id: int, damage) -> Path:
+    """Copy a shard set and replace one sample's JPEG bytes in place by ``damage(bytes)`` (same length);
+    the manifest's sha256 of that shard is updated, so only the sample itself is wrong."""
+    shutil.copytree(src, dst)
+    shards = ShardSet(dst, split)
+    old = shards.read_jpeg(sample_id)
+    new = damage(old)
+    assert len(new) == len(old) and new != old
+    name = shards.shard_name(sample_id)
+    with open(dst / name, "r+b") as f:
+        f.seek(int(shards.offsets[sample_id]))
+        f.write(new)
+    manifest = json.loads((dst / "manifest.json").read_text())
+    for entry in manifest["splits"][split]["shards"]:
+        if entry["name"] == name:
+            entry["sha256"] = hashlib.sha256((dst / name).read_bytes()).hexdigest()
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    return dst
+
+
+def zero_head(data: bytes) -> bytes:
+    """No SOI, no frame header: caught by the source's structural check."""
+    return bytes(len(data) // 2) + data[len(data) // 2 :]
+
+
+def undefine_quant_table(data: bytes) -> bytes:
+    """Turn the first DQT segment into a comment: the structure is fine, the decoders fail."""
+    pos = 2
+    while data[pos + 1] != 0xDB:
+        pos += 2 + ((data[pos + 2] << 8) | data[pos + 3])
+    return data[: pos + 1] + b"\xfe" + data[pos + 2 :]
+
+
+# ---- the source's JPEG check ------------------------------------------------------------------------
+def test_jpeg_size_reads_real_headers_and_rejects_broken_ones():
+    img = photos(1, (83, 61), seed=2)[0]
+    for kw in ({}, {"progressive": True}, {"quality": 40}):
+        data = jpeg_bytes(img, **kw)
+        assert jpeg_size(data) == (83, 61)
+        assert jpeg_size(data + b"trailer after EOI") == (83, 61)
+        assert jpeg_size(data[: len(data) // 2]) is None, "truncated: no EOI after the frame header"
+        assert jpeg_size(zero_head(data)) is None
+    assert jpeg_size(b"") is None
+    assert jpeg_size(b"\xff\xd8\xff\xd9") is None
+    assert jpeg_size(undefine_quant_table(jpeg_bytes(img))) == (83, 61)
+
+
+# ---- order, labels, padding -------------------------------------------------------------------------
+@pytest.mark.parametrize("py_workers", [0, 2])
+def test_yields_the_contract_order_epoch_after_epoch(digits_shards, py_workers):
+    shards = ShardSet(digits_shards, "train")
+    labels = shards.labels()
+    cfg = AugmentConfig(recipe="cifar", train_size=32, val_size=32, flip=False)
+    sampler = TrainSampler(shards.shard_sizes, seed=3, world_size=2, rank=1, batch_size=50)
+    loader = dali(shards, sampler, cfg, train=True, py_workers=py_workers)
+    assert loader.sampler is sampler and len(loader) == len(sampler) == 1434 // 100
+    epochs = (0, 1, 2) if py_workers == 0 else (0, 1)
+    seen = []
+    for epoch in epochs:
+        loader.set_epoch(epoch)
+        expected = [rows[0] for rows in sampler]
+        got = list(loader)
+        assert len(got) == len(expected)
+        for (images, lab, valid), ids in zip(got, expected):
+            assert images.shape == (50, 3, 32, 32) and images.dtype == torch.float32
+            assert images.is_contiguous(memory_format=torch.channels_last)
+            assert lab.dtype == torch.int64 and bool(valid.all())
+            assert lab.tolist() == labels[ids].tolist()
+        seen.append(np.concatenate(expected))
+    assert not np.array_equal(seen[0], seen[1]), "each epoch has its own permutation"
+
+
+def test_an_abandoned_epoch_does_not_leak_into_the_next(digits_shards):
+    shards = ShardSet(digits_shards, "train")
+    cfg = AugmentConfig(recipe="cifar", train_size=32, val_size=32)
+    sampler = TrainSampler(shards.shard_sizes, seed=1, world_size=1, rank=0, batch_size=64)
+    loader = dali(shards, sampler, cfg, train=True)
+    it = iter(loader)
+    next(it), next(it)  # e.g. Lightning's max_steps ends the epoch early
+    sampler.set_epoch(1)
+    expected = [shards.labels()[rows[0]].tolist() for rows in sampler]
+    assert [lab.tolist() for _, lab, _ in loader] == expected
+
+
+def test_validation_reads_every_sample_once_and_masks_padding(photo_shards):
+    shards = ShardSet(photo_shards, "val")
+    labels = shards.labels()
+    seen = []
+    for rank in range(3):  # 40 samples over 3 ranks: runs of 14, 14, 12 in batches of 8
+        sampler = ValSampler(len(shards), world_size=3, rank=rank, batch_size=8)
+        for (_, lab, valid), rows in zip(dali(shards, sampler, IMAGENET_SMALL, train=False), sampler):
+            ids = rows[0]
+            assert valid.tolist() == (ids != PAD).tolist()
+            assert lab[valid].tolist() == labels[ids[ids != PAD]].tolist()
+            seen.extend(ids[ids != PAD].tolist())
+    assert sorted(seen) == list(range(len(shards)))
+
+
+# ---- pixels against PIL -----------------------------------------------------------------------------
+def test_decoded_pixels_match_pil(photo_shards):
+    """Evaluation without resizing (96x96 images, cifar recipe): DALI's decode equals PIL's."""
+    shards = ShardSet(photo_shards, "val")
+    cfg = AugmentConfig(recipe="cifar", train_size=96, val_size=96)
+    sampler = ValSampler(len(shards), world_size=1, rank=0, batch_size=20)
+    pil = ShardBatches(shards, cfg, train=False, seed=7)
+    for (images, _, _), rows in zip(dali(shards, sampler, cfg, train=False), sampler):
+        ref, _, _ = pil[rows]
+        diff = (denormalize(images, cfg) - ref.float()).abs()
+        assert diff.max() < 0.51, f"DALI and PIL decode differently (max diff {diff.max():.2f})"
+
+
+def test_cifar_training_augmentation_equals_the_cpu_backend(photo_shards):
+    """Pad 4 + random crop + flip: the same draws per sample, so the same pixels (no resampling)."""
+    shards = ShardSet(photo_shards, "train")
+    cfg = AugmentConfig(recipe="cifar", train_size=96, val_size=96, pad=4)
+    sampler = TrainSampler(shards.shard_sizes, seed=0, world_size=1, rank=0, batch_size=40)
+    pil = ShardBatches(shards, cfg, train=True, seed=7)
+    flipped = 0
+    for (images, _, _), rows in zip(dali(shards, sampler, cfg, train=True), sampler):
+        ref, _, _ = pil[rows]
+        assert (denormalize(images, cfg) - ref.float()).abs().max() < 0.51
+        flipped += int((ref.float() - ref.flip(-1).float()).abs().amax() > 0)
+    assert flipped > 0
+
+
+@pytest.mark.parametrize("roi_decode", [True, False], ids=["roi-decode", "resize-roi"])
+def test_random_resized_crops_match_the_cpu_backend(photo_shards, roi_decode):
+    """The same crop windows and flips as PIL's path, per sample, over ~1,000 crops (7 epochs): the
+    images differ only by the resampling filters, far less than different crops do. Both ways of
+    cutting the window (decode only it: the CPU's default; decode all, cut in the resize: the GPU's)."""
+    shards = ShardSet(photo_shards, "train")
+    sampler = TrainSampler(shards.shard_sizes, seed=0, world_size=1, rank=0, batch_size=40)
+    loader = dali(shards, sampler, IMAGENET_SMALL, train=True, roi_decode=roi_decode)
+    pil = ShardBatches(shards, IMAGENET_SMALL, train=True, seed=7)
+    same, other = [], []
+    for epoch in range(7):
+        loader.set_epoch(epoch)
+        for (images, _, _), rows in zip(loader, sampler):
+            ours = denormalize(images, IMAGENET_SMALL)
+            ref = pil[rows][0].float()
+            same.append((ours - ref).abs().mean(dim=(1, 2, 3)))
+            other.append((ours - ref.roll(1, 0)).abs().mean(dim=(1, 2, 3)))
+    same, other = torch.cat(same), torch.cat(other)
+    assert len(same) == 7 * 160
+    assert same.mean() < 2.0 and same.max() < 6.0, f"crops differ: mean {same.mean():.2f} max {same.max():.2f}"
+    assert other.mean() > 10 * same.mean()
+
+
+def test_crop_windows_follow_the_shared_draws(photo_shards):
+    """Windows fed to DALI: inside the image, the torchvision area/aspect ranges, mostly flipped half."""
+    shards = ShardSet(photo_shards, "train")
+    sampler = TrainSampler(shards.shard_sizes, seed=0, world_size=1, rank=0, batch_size=160)
+    source = BatchSource(shards, "", IMAGENET_SMALL, train=True, seed=7)
+    _, anchor, shape, flip, labels, valid = source.batch(next(iter(sampler)))  # (top, left), (h, w)
+    assert valid.all() and labels.tolist() == shards.labels()[next(iter(sampler))[0]].tolist()
+    assert (anchor >= 0).all() and (anchor + shape <= 96).all()
+    area = shape.prod(axis=1) / 96**2
+    assert 0.07 <= area.min() and area.max() <= 1.0
+    assert 0.3 < flip.mean() < 0.7
+
+
+# ---- corrupt samples and broken shards ----------------------------------------------------------------
+@pytest.mark.parametrize("damage", [zero_head, undefine_quant_table], ids=["structure", "decoder"])
+@pytest.mark.parametrize("backend", ["dali-cpu", "cpu"])
+def test_corrupt_sample_fail_names_the_shard_and_skip_masks_it(photo_shards, tmp_path, caplog, damage, backend):
+    bad_id = 93  # in the second train shard
+    root = corrupt_copy(photo_shards, tmp_path / "shards", "train", bad_id, damage)
+    shards = ShardSet(root, "train")
+    labels = shards.labels()
+    cfg = IMAGENET_SMALL
+
+    def loader(on_corrupt: str):
+        sampler = TrainSampler(shards.shard_sizes, seed=0, world_size=1, rank=0, batch_size=32)
+        if backend == "cpu":
+            data = ShardBatches(shards, cfg, train=True, seed=7, on_corrupt=on_corrupt)
+            return torch.utils.data.DataLoader(data, sampler=sampler, batch_size=None), sampler, data
+        dl = dali(shards, sampler, cfg, train=True, on_corrupt=on_corrupt)
+        return dl, sampler, dl
+
+    dl, sampler, _ = loader("fail")
+    with pytest.raises(CorruptSampleError, match=rf"sample {bad_id} in shard 'train-000001.tar'"):
+        list(dl)
+
+    dl, sampler, counter = loader("skip")
+    with caplog.at_level(logging.WARNING):
+        got = list(dl)
+    rows = list(sampler)
+    assert len(got) == len(rows) == 160 // 32
+    masked = []
+    for (images, lab, valid), r in zip(got, rows):
+        assert torch.isfinite(images.float()).all()
+        ok = r[0] != bad_id
+        assert valid.tolist() == ok.tolist()
+        assert lab[valid].tolist() == labels[r[0][ok]].tolist()
+        masked += r[0][~valid.numpy()].tolist()
+    assert masked == [bad_id]
+    if backend == "dali-cpu":
+        assert counter.corrupt_seen == 1
+    assert "train-000001.tar" in caplog.text
+
+
+@pytest.mark.parametrize("problem", ["missing", "truncated"])
+def test_broken_shard_is_named_at_start_through_the_datamodule(photo_shards, tmp_path, problem):
+    from pipeline.datamodule import ShardDataModule
+    from pipeline.errors import ConfigError
+
+    root = tmp_path / "shards"
+    shutil.copytree(photo_shards, root)
+    shard = root / "train-000001.tar"
+    if problem == "missing":
+        shard.unlink()
+    else:
+        shard.write_bytes(shard.read_bytes()[:-1024])
+    dm = ShardDataModule(root=str(root), backend="dali-cpu", batch_size=8)
+    with pytest.raises(ConfigError, match="train-000001.tar"):
+        dm.setup("fit")
+
+
+# ---- resume and the trainer ---------------------------------------------------------------------------
+def test_dali_resumed_mid_epoch_equals_the_cpu_backend_uninterrupted(digits_shards):
+    """cifar recipe (no resampling, so pixels are exact): a dali-cpu job restarted at step 9 of epoch 2,
+    with another batch size, sees the very samples and augmentations the cpu backend gave in one go."""
+    shards = ShardSet(digits_shards, "train")
+    cfg = AugmentConfig(recipe="cifar", train_size=32, val_size=32, pad=4, flip=True)
+    whole_sampler = TrainSampler(shards.shard_sizes, seed=4, world_size=1, rank=0, batch_size=32,
+                                 start=Position(epoch=2))
+    whole = ShardBatches(shards, cfg, train=True, seed=7)
+    ref = [whole[rows] for rows in whole_sampler]
+    ref_images = torch.cat([r[0] for r in ref])
+    ref_labels = torch.cat([r[1] for r in ref])
+    resumed = TrainSampler(shards.shard_sizes, seed=4, world_size=1, rank=0, batch_size=16,
+                           start=Position(epoch=2, consumed=9 * 32, batches=9))
+    got = list(dali(shards, resumed, cfg, train=True))
+    images = torch.cat([denormalize(g[0], cfg) for g in got])
+    labels = torch.cat([g[1] for g in got])
+    n = len(labels)
+    assert n == (1434 - 9 * 32) // 16 * 16, "the rest of the epoch, re-split for batch 16 (tail < 16 dropped)"
+    m = len(ref_labels) - 9 * 32  # the uninterrupted run (batch 32) dropped a longer tail
+    assert labels[:m].tolist() == ref_labels[9 * 32 :].tolist()
+    assert (images[:m] - ref_images[9 * 32 :].float()).abs().max() < 0.51
+
+
+def test_trains_and_validates_through_lightning_with_dali_cpu(digits_shards, tmp_path):
+    from tests.conftest import REPO
+
+    run = tmp_path / "run"
+    run_module("pipeline", "fit", "--config", str(REPO / "conf" / "demo.yaml"), "--data.root", str(digits_shards),
+               "--data.backend", "dali-cpu", "--data.num_workers", "2", "--trainer.max_steps", "6",
+               "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "2",
+               "--checkpoint.every_n_train_steps", "3", "--trainer.log_every_n_steps", "1",
+               "--trainer.default_root_dir", str(run))
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 6
+    assert ckpt["ShardDataModule"]["epoch"] == 0 and ckpt["ShardDataModule"]["consumed"] == 6 * 64
+    text = (run / "csv" / "metrics.csv").read_text()
+    assert "val/top1" in text

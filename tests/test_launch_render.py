@@ -1,0 +1,218 @@
+"""The launcher without a cluster: rendered sbatch scripts, quoting, errors, torchrun, status from a run dir."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from launch import template
+from launch.errors import LaunchError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def launch(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "launch", *args], capture_output=True, text=True, cwd=cwd,
+                          env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})}, timeout=60)
+
+
+@pytest.fixture()
+def cfg(tmp_path: Path) -> Path:
+    p = tmp_path / "conf" / "resnet50.yaml"
+    p.parent.mkdir()
+    p.write_text("trainer:\n  max_epochs: 90\n")
+    return p
+
+
+def sbatch_directives(script: str) -> list[str]:
+    return [line[len("#SBATCH "):] for line in script.splitlines() if line.startswith("#SBATCH ")]
+
+
+def srun_argv(script: str) -> list[str]:
+    """The srun command (the script's last command), continuation lines joined, split the way bash would."""
+    assert script.count("\nsrun ") == 1
+    return shlex.split(script[script.index("\nsrun ") + 1:].replace("\\\n", " "))
+
+
+def test_dry_run_4x8_gpu_job_has_what_srun_needs(tmp_path: Path, cfg: Path) -> None:
+    run_dir = tmp_path / "runs" / "r50"
+    r = launch("submit", "train", "--config", str(cfg), "--nodes", "4", "--gpus-per-node", "8",
+               "--time", "04:00:00", "--partition", "gpu", "--account", "proj1", "--qos", "high",
+               "--cpus-per-task", "12", "--signal-lead", "240", "--run-dir", str(run_dir), "--dry-run",
+               "--", "--trainer.max_epochs", "90", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    script = r.stdout
+    assert script.startswith("#!/bin/bash\n")
+    assert sbatch_directives(script) == [
+        "--job-name=train-resnet50",
+        "--nodes=4",
+        "--ntasks-per-node=8",
+        "--gpus-per-node=8",
+        "--cpus-per-task=12",
+        "--time=04:00:00",
+        "--signal=USR1@240",
+        "--requeue",
+        "--open-mode=append",
+        f"--output={run_dir}/slurm-%j.out",
+        "--export=ALL",
+        "--partition=gpu",
+        "--account=proj1",
+        "--qos=high",
+    ]
+    # no #SBATCH after the first command (sbatch stops reading there)
+    first_cmd = next(i for i, line in enumerate(script.splitlines()) if line and not line.startswith("#"))
+    assert all(not line.startswith("#SBATCH") for line in script.splitlines()[first_cmd:])
+    argv = srun_argv(script)
+    assert argv == [
+        "srun", "--kill-on-bad-exit=1", sys.executable, "-m", "pipeline", "fit", "--config", str(cfg),
+        "--trainer.default_root_dir", "$RUN_DIR", "--trainer.num_nodes", "4", "--trainer.devices", "8",
+        "--ckpt_path", "$CKPT", "--trainer.max_epochs", "90",
+    ]
+    for line in ("export WANDB_RESUME=allow", 'export WANDB_DIR="$RUN_DIR"', "export TORCH_NCCL_ASYNC_ERROR_HANDLING=1",
+                 'export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"', f"RUN_DIR={run_dir}", f"cd {tmp_path}"):
+        assert line in script.splitlines(), line
+    assert re.search(r"^export WANDB_RUN_ID=", script, re.M)
+    assert re.search(r"^export MASTER_ADDR=", script, re.M) and re.search(r"^export MASTER_PORT=", script, re.M)
+    assert not run_dir.exists(), "--dry-run must not create the run directory"
+    assert f"sbatch --parsable {run_dir}/train.sbatch" in r.stderr
+    # the whole script is valid bash
+    check = subprocess.run(["bash", "-n"], input=script, capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+
+
+def test_cpu_job_drops_gpu_lines_and_sets_accelerator(tmp_path: Path, cfg: Path) -> None:
+    r = launch("submit", "train", "--config", str(cfg), "--nodes", "2", "--gpus-per-node", "0", "--time", "0:10:00",
+               "--signal-lead", "30", "--dry-run", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    d = sbatch_directives(r.stdout)
+    assert "--nodes=2" in d and "--ntasks-per-node=1" in d
+    assert not any(x.startswith(("--gpus", "--gres", "--gpu")) for x in d)
+    argv = srun_argv(r.stdout)
+    assert argv[argv.index("--trainer.devices") + 1] == "1"
+    assert argv[argv.index("--trainer.accelerator") + 1] == "cpu"
+    assert f"--output={tmp_path}/runs/resnet50/slurm-%j.out" in d  # default run dir: runs/<config name>
+
+
+def test_container_image_renders_pyxis_flags(tmp_path: Path, cfg: Path) -> None:
+    r = launch("submit", "train", "--config", str(cfg), "--nodes", "1", "--gpus-per-node", "8", "--time", "1:00:00",
+               "--container-image", "nvcr.io#nvidia/pytorch:25.10-py3", "--container-mounts", "/datasets:/data:ro",
+               "--run-dir", str(tmp_path / "run"), "--dry-run", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    argv = srun_argv(r.stdout)
+    assert "--container-image=nvcr.io#nvidia/pytorch:25.10-py3" in argv
+    mounts = next(a for a in argv if a.startswith("--container-mounts=")).split("=", 1)[1].split(",")
+    assert mounts == [str(tmp_path / "run"), str(tmp_path), str(cfg.parent), "/datasets:/data:ro"]
+    assert f"--container-workdir={tmp_path}" in argv
+    assert argv[argv.index("-m") - 1] == "python"  # the container's interpreter, not this machine's
+
+
+HOSTILE = ["a;touch CANARY", "$(touch CANARY)", "`touch CANARY`", "x\ntouch CANARY", "'; touch CANARY; '"]
+
+
+def test_hostile_values_are_quoted_in_the_srun_line(tmp_path: Path) -> None:
+    weird = tmp_path / "conf;$(touch CANARY)`touch CANARY`"
+    weird.mkdir()
+    cfg = weird / "x'y\ntouch CANARY.yaml"
+    cfg.write_text("trainer: {}\n")
+    r = launch("submit", "train", "--config", str(cfg), "--nodes", "1", "--gpus-per-node", "1", "--time", "1:00:00",
+               "--run-dir", str(tmp_path / "run"), "--dry-run", "--", *HOSTILE, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    argv = srun_argv(r.stdout)
+    assert argv[argv.index("--config") + 1] == str(cfg)
+    assert argv[-len(HOSTILE):] == HOSTILE
+
+
+@pytest.mark.parametrize("args, setting", [
+    (["--config", "missing.yaml"], "--config: file 'missing.yaml' does not exist"),
+    (["--time", "4h"], "--time: '4h' is not a time limit"),
+    (["--time", "00:00:30"], "--time: '00:00:30' is shorter than one minute"),
+    (["--nodes", "0"], "--nodes: must be at least 1, got 0"),
+    (["--gpus-per-node", "-1"], "--gpus-per-node: must be at least 0"),
+    (["--partition", "gpu\n#SBATCH --x"], "--partition:"),
+    (["--account", "a b"], "--account:"),
+    (["--run-dir", "runs/my run"], "--run-dir:"),
+    (["--run-dir", "runs/x;y"], "--run-dir:"),
+    (["--signal-lead", "3600"], "--signal-lead: 3600 s + Slurm's 30 s check interval is not shorter than --time"),
+    (["--time", "00:05:20"], "--signal-lead: 300 s + Slurm's 30 s check interval is not shorter than --time 00:05:20"),
+])
+def test_bad_settings_exit_2_naming_the_setting(tmp_path: Path, cfg: Path, args: list[str], setting: str) -> None:
+    base = {"--config": str(cfg), "--nodes": "1", "--gpus-per-node": "1", "--time": "01:00:00"}
+    for k, v in zip(args[::2], args[1::2]):
+        base[k] = v
+    flat = [x for kv in base.items() for x in kv]
+    r = launch("submit", "train", *flat, "--dry-run", cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stdout == ""
+    assert setting in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_secret_is_never_rendered(tmp_path: Path, cfg: Path) -> None:
+    secret = "wandb-secret-0123456789abcdef"
+    r = launch("submit", "train", "--config", str(cfg), "--nodes", "2", "--gpus-per-node", "4", "--time", "1:00:00",
+               "--dry-run", cwd=tmp_path, env={"WANDB_API_KEY": secret})
+    assert r.returncode == 0
+    assert secret not in r.stdout + r.stderr
+    assert "WANDB_API_KEY=" not in r.stdout
+    assert "--export=ALL" in sbatch_directives(r.stdout)  # how the job gets the key instead
+
+
+def test_prep_dry_run_array_and_finalize(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    out = tmp_path / "shards"
+    r = launch("submit", "prep", "imagefolder", str(src), str(out), "--split", "train", "--tasks", "3",
+               "--cpus-per-task", "4", "--dry-run", "--", "--samples-per-shard", "100", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    array, finalize = r.stdout.split("# ---- prep-finalize-imagefolder-train.sbatch\n")
+    d = sbatch_directives(array)
+    assert "--array=0-2" in d and "--ntasks=1" in d and "--cpus-per-task=4" in d
+    assert f"--output={tmp_path}/shards-slurm/prep-%A_%a.out" in d
+    argv = srun_argv(array)
+    assert argv == ["srun", sys.executable, "-m", "data_prep", "imagefolder", str(src), str(out), "--split", "train",
+                    "--samples-per-shard", "100", "--task-index", "$SLURM_ARRAY_TASK_ID", "--num-tasks", "3",
+                    "--no-progress", "--workers", "4"]
+    assert srun_argv(finalize) == ["srun", sys.executable, "-m", "data_prep", "finalize", str(out)]
+    assert not any(x.startswith("--array") for x in sbatch_directives(finalize))
+    assert "--dependency=afterok:ARRAY_JOB_ID --kill-on-invalid-dep=yes" in r.stderr
+    r = launch("submit", "prep", "imagenet", str(tmp_path / "nope"), str(out), "--tasks", "2", "--dry-run",
+               cwd=tmp_path)
+    assert r.returncode == 2 and "SRC:" in r.stderr and "nope" in r.stderr
+
+
+def test_torchrun_prints_a_command_per_node(tmp_path: Path, cfg: Path) -> None:
+    r = launch("torchrun", "--config", str(cfg), "--nnodes", "2", "--nproc-per-node", "4",
+               "--rdzv-endpoint", "node0:29400", "--run-dir", str(tmp_path / "run"), "--", "--trainer.max_steps", "5",
+               cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    argv = shlex.split(r.stdout)
+    env = dict(a.split("=", 1) for a in argv[:3])
+    assert env["WANDB_RESUME"] == "allow" and env["WANDB_DIR"] == str(tmp_path / "run")
+    assert env["WANDB_RUN_ID"] == (tmp_path / "run" / "wandb_run_id").read_text().strip()
+    rest = argv[3:]
+    assert Path(rest[0]).name == "torchrun"
+    assert rest[1:6] == ["--nnodes=2", "--nproc-per-node=4", "--rdzv-backend=c10d", "--rdzv-endpoint=node0:29400",
+                         f"--rdzv-id={env['WANDB_RUN_ID']}"]
+    assert rest[6:] == ["-m", "pipeline", "fit", "--config", str(cfg), "--trainer.default_root_dir",
+                        str(tmp_path / "run"), "--trainer.num_nodes", "2", "--trainer.devices", "4",
+                        "--ckpt_path", "last", "--trainer.max_steps", "5"]
+    bad = launch("torchrun", "--config", str(cfg), "--nnodes", "2", "--nproc-per-node", "4",
+                 "--rdzv-endpoint", "node0", cwd=tmp_path)
+    assert bad.returncode == 2 and "--rdzv-endpoint: 'node0' is not HOST:PORT" in bad.stderr
+
+
+def test_template_placeholders_must_match_values() -> None:
+    assert template.render("a {{x}} {{q:y}}\n{{#z}}dropped {{z}}\nkept\n", {"x": 1, "y": "a b", "z": None}) == \
+        "a 1 'a b'\nkept\n"
+    with pytest.raises(LaunchError, match="no value for placeholder"):
+        template.render("{{x}}", {})
+    with pytest.raises(LaunchError, match="never used: y"):
+        template.render("{{x}}", {"x": 1, "y": 2})
+    # bash's own ${...} passes through untouched
+    assert template.render("echo ${A:-{{x}}}\n", {"x": 0}) == "echo ${A:-0}\n"

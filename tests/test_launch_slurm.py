@@ -1,0 +1,350 @@
+"""The launcher against a real two-node Slurm cluster (tools/slurm_cluster.sh): jobs really run.
+
+Tests that need the trainer (`python -m pipeline`) or data_prep skip until those modules exist.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.slurm_fixtures import REPO, SlurmCluster, slurm_cluster  # noqa: F401  (session fixture)
+
+CIFAR_TRAIN = REPO.parent / "shared" / "data" / "cifar10" / "cifar10-train.tar"  # CI: beside the clone
+
+
+def needs_module(name: str) -> None:
+    """Skip while a sibling package's command-line entry point is not on this branch yet."""
+    if importlib.util.find_spec(name) is None:
+        pytest.skip(f"{name} is not on this branch yet")
+
+
+ARGV_DUMP = """\
+import hashlib, json, os, sys
+key = os.environ.get("WANDB_API_KEY", "")
+env = {k: os.environ.get(k) for k in ("WANDB_RUN_ID", "WANDB_RESUME", "WANDB_DIR", "MASTER_ADDR", "MASTER_PORT",
+                                      "SLURM_PROCID", "SLURM_NTASKS", "SLURM_NODEID", "OMP_NUM_THREADS")}
+print("ARGV " + json.dumps(sys.argv[1:]), flush=True)
+print("ENV " + json.dumps(env), flush=True)
+print("KEYHASH " + hashlib.sha256(key.encode()).hexdigest(), flush=True)
+"""
+
+
+def test_hostile_values_cannot_inject_and_the_secret_stays_out(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    """A real 2-node job whose "interpreter" prints the argv it receives: every hostile value arrives as one
+    literal argument, no canary file appears, and WANDB_API_KEY reaches the job without being written."""
+    canary = tmp_path / "CANARY"
+    hostile = [f"a;touch {canary}", f"$(touch {canary})", f"`touch {canary}`", f"x\ntouch {canary}",
+               f"'; touch {canary}; '", "${HOME}", "--trainer.max_steps", "30"]
+    cdir = tmp_path / "conf;$(touch CANARY)"  # relative: the job runs in tmp_path
+    cdir.mkdir()
+    cfg = cdir / "demo`touch CANARY`.yaml"
+    cfg.write_text("trainer: {}\n")
+    dump = tmp_path / "argv_dump.py"
+    dump.write_text(f"#!{sys.executable}\n" + ARGV_DUMP)
+    dump.chmod(0o755)
+    run_dir = tmp_path / "run"
+    secret = "wandb-" + hashlib.sha256(str(tmp_path).encode()).hexdigest()[:32]
+
+    r = slurm_cluster.launch("submit", "train", "--config", str(cfg), "--nodes", "2", "--gpus-per-node", "0",
+                             "--time", "00:02:00", "--signal-lead", "30", "--run-dir", str(run_dir),
+                             "--python", str(dump), "--", *hostile, cwd=tmp_path, env={"WANDB_API_KEY": secret})
+    m = re.search(r"Submitted train job (\d+)", r.stdout)
+    assert m, r.stdout
+    job = m.group(1)
+    slurm_cluster.wait_gone([job], timeout=60)
+    assert slurm_cluster.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=20) == "COMPLETED"
+
+    log = (run_dir / f"slurm-{job}.out").read_text()
+    argvs = [json.loads(line[5:]) for line in log.splitlines() if line.startswith("ARGV ")]
+    envs = [json.loads(line[4:]) for line in log.splitlines() if line.startswith("ENV ")]
+    expected = ["-m", "pipeline", "fit", "--config", str(cfg), "--trainer.default_root_dir", str(run_dir),
+                "--trainer.num_nodes", "2", "--trainer.devices", "1", "--trainer.accelerator", "cpu",
+                "--ckpt_path", "last", *hostile]
+    assert argvs == [expected, expected]  # one task per node, identical argv
+    assert not canary.exists()
+    assert sorted(e["SLURM_PROCID"] for e in envs) == ["0", "1"]
+    assert {e["SLURM_NODEID"] for e in envs} == {"0", "1"}
+    run_id = (run_dir / "wandb_run_id").read_text().strip()
+    for e in envs:
+        assert e["WANDB_RUN_ID"] == run_id and e["WANDB_RESUME"] == "allow" and e["WANDB_DIR"] == str(run_dir)
+        assert e["MASTER_ADDR"] == "127.0.0.1" and e["MASTER_PORT"] == str(20000 + int(job) % 20000)
+        assert e["SLURM_NTASKS"] == "2" and e["OMP_NUM_THREADS"] == "1"
+    # the key was inherited (same hash on both tasks) but appears in no file of the run
+    assert [line.split()[1] for line in log.splitlines() if line.startswith("KEYHASH")] == \
+        [hashlib.sha256(secret.encode()).hexdigest()] * 2
+    for f in run_dir.rglob("*"):
+        if f.is_file():
+            assert secret not in f.read_text(errors="replace"), f
+    assert f"launch: job {job} restart 0 nodes n[1-2] master 127.0.0.1" in log
+
+    # the saved script resubmitted by hand, from elsewhere: same run directory, same W&B id, and status sees it
+    again = slurm_cluster.run("sbatch", "--parsable", str(run_dir / "train.sbatch"), cwd=Path("/")).stdout.strip()
+    slurm_cluster.wait_gone([again], timeout=60)
+    log2 = (run_dir / f"slurm-{again}.out").read_text()
+    assert [json.loads(line[5:]) for line in log2.splitlines() if line.startswith("ARGV ")] == [expected, expected]
+    assert {json.loads(line[4:])["WANDB_RUN_ID"] for line in log2.splitlines() if line.startswith("ENV ")} == {run_id}
+
+    # status: sacct knows the jobs; with accounting switched off it falls back to squeue/scontrol and says so
+    st = slurm_cluster.launch("status", str(run_dir))
+    assert re.search(rf"^  {job}\s+train-demo_touch_CANARY\s+COMPLETED\s", st.stdout, re.M), st.stdout
+    # (slurmdbd may still carry a placeholder name for a job that ended seconds ago: match the id only)
+    assert re.search(rf"^  {again}\s+\S+\s+COMPLETED\s", st.stdout, re.M), st.stdout
+    assert "jobs (sacct):" in st.stdout and f"W&B run id   {run_id}" in st.stdout
+    assert "checkpoint   none yet" in st.stdout
+    queue = slurm_cluster.launch("status")  # no run directory: the user's queue
+    assert queue.stdout.split()[:4] == ["JOBID", "NAME", "STATE", "TIME"], queue.stdout
+    st = slurm_cluster.launch("status", str(run_dir),
+                              env={"SLURM_CONF": str(_no_accounting_conf(slurm_cluster, tmp_path))})
+    assert st.returncode == 0, st.stderr
+    assert "sacct unavailable" in st.stdout and "finished jobs are not listed" in st.stdout
+    assert "Traceback" not in st.stderr
+
+
+def _no_accounting_conf(cluster: SlurmCluster, tmp_path: Path) -> Path:
+    """The cluster's slurm.conf as a client without slurmdbd sees it: sacct then reports accounting off."""
+    no_acct = tmp_path / "slurm-noacct.conf"
+    conf = Path(cluster.env["SLURM_CONF"]).read_text()
+    no_acct.write_text(re.sub(r"^AccountingStorage.*$", "", conf, flags=re.M)
+                       + "AccountingStorageType=accounting_storage/none\n")
+    return no_acct
+
+
+def _cifar_imagefolder(dst: Path, per_class: int) -> Path:
+    """A small ImageFolder tree of real CIFAR-10 JPEGs (train/<class>/<n>.jpg)."""
+    counts: dict[str, int] = {}
+    with tarfile.open(CIFAR_TRAIN) as tar:
+        for member in tar:
+            parts = Path(member.name).parts
+            if not member.isfile() or len(parts) < 3:
+                continue
+            cls = parts[-2]
+            if counts.get(cls, 0) >= per_class:
+                continue
+            counts[cls] = counts.get(cls, 0) + 1
+            out = dst / cls / parts[-1]
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_bytes(tar.extractfile(member).read())  # type: ignore[union-attr]
+            if len(counts) == 10 and all(v >= per_class for v in counts.values()):
+                break
+    return dst
+
+
+def _manifest_view(out: Path) -> dict:
+    """The manifest minus fields that legitimately differ between runs (timestamps, host, timings)."""
+    m = json.loads((out / "manifest.json").read_text())
+    volatile = {"created", "created_at", "host", "hostname", "elapsed", "elapsed_s", "duration_s", "timestamp",
+                "workers", "tasks", "num_tasks", "command", "argv", "python", "version_info"}
+
+    def strip(x: object) -> object:
+        if isinstance(x, dict):
+            return {k: strip(v) for k, v in x.items() if k not in volatile}
+        if isinstance(x, list):
+            return [strip(v) for v in x]
+        return x
+
+    return strip(m)  # type: ignore[return-value]
+
+
+@pytest.mark.slow
+def test_prep_array_plus_finalize_matches_single_process(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    needs_module("data_prep.__main__")
+    if not CIFAR_TRAIN.is_file():
+        pytest.skip(f"{CIFAR_TRAIN} not available")
+    src = _cifar_imagefolder(tmp_path / "src", per_class=12)
+    opts = ["--split", "train", "--samples-per-shard", "16"]
+    single = tmp_path / "single"
+    one = subprocess.run([sys.executable, "-m", "data_prep", "imagefolder", str(src), str(single), *opts,
+                          "--workers", "1", "--no-progress"], capture_output=True, text=True, cwd=REPO,
+                         env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert one.returncode == 0, one.stderr
+
+    out = tmp_path / "sharded"
+    r = slurm_cluster.launch("submit", "prep", "imagefolder", str(src), str(out), "--split", "train", "--tasks", "3",
+                             "--cpus-per-task", "1", "--time", "00:05:00", "--", "--samples-per-shard", "16")
+    m = re.search(r"Submitted prep array job (\d+) \(tasks 0-2\) and finalize job (\d+) \(afterok:(\d+)\)", r.stdout)
+    assert m and m.group(1) == m.group(3), r.stdout
+    array, fin = m.group(1), m.group(2)
+    slurm_cluster.wait_gone([array, fin], timeout=180)
+    states = dict(slurm_cluster.sacct_states(array) + slurm_cluster.sacct_states(fin))
+    assert states == {f"{array}_0": "COMPLETED", f"{array}_1": "COMPLETED", f"{array}_2": "COMPLETED",
+                      fin: "COMPLETED"}, states
+    assert _manifest_view(out) == _manifest_view(single)
+    shards = sorted(p.name for p in out.rglob("*.tar"))
+    assert shards == sorted(p.name for p in single.rglob("*.tar")) and shards
+    for name in shards:
+        a, b = next(out.rglob(name)), next(single.rglob(name))
+        assert a.read_bytes() == b.read_bytes(), name
+    st = slurm_cluster.launch("status", str(tmp_path / "sharded-slurm"))
+    for jid in (f"{array}_0", f"{array}_1", f"{array}_2", fin):
+        assert re.search(rf"^  {jid}\s+\S+\s+COMPLETED", st.stdout, re.M), st.stdout
+
+
+# ---------------------------------------------------------------- training through Slurm (needs the trainer)
+
+STEPS = 30  # optimizer steps of every demo run below; last.ckpt every 5 steps
+
+
+def _needs_trainer() -> Path:
+    needs_module("pipeline.__main__")
+    needs_module("data_prep.__main__")
+    cfg = REPO / "conf" / "demo.yaml"
+    if not cfg.is_file():
+        pytest.skip("conf/demo.yaml is not on this branch yet")
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def demo_shards(digits_shards: Path) -> Path:
+    """The demo dataset (scikit-learn digits, sharded by data_prep: tests/conftest.py's session fixture)."""
+    _needs_trainer()
+    return digits_shards
+
+
+def _train_args(run_dir: Path, shards: Path, time_limit: str = "00:05:00", lead: str = "60",
+                steps: int = STEPS) -> list[str]:
+    return ["submit", "train", "--config", str(REPO / "conf" / "demo.yaml"), "--nodes", "2",
+            "--gpus-per-node", "0", "--time", time_limit, "--signal-lead", lead, "--run-dir", str(run_dir),
+            "--", "--data.root", str(shards), "--trainer.max_steps", str(steps),
+            "--checkpoint.every_n_train_steps", "5", "--data.num_workers", "0"]
+
+
+TRAIN_ENV = {"WANDB_MODE": "offline", "WANDB_API_KEY": ""}
+
+
+def _submit(cluster: SlurmCluster, args: list[str]) -> str:
+    r = cluster.launch(*args, env=TRAIN_ENV)
+    m = re.search(r"Submitted train job (\d+)", r.stdout)
+    assert m, r.stdout + r.stderr
+    return m.group(1)
+
+
+def _step(path: Path) -> int | None:
+    """global_step of a checkpoint that may be mid-write (None until it is readable)."""
+    import torch
+
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=False)["global_step"])
+    except Exception:
+        return None
+
+
+def _wait_step(run_dir: Path, at_least: int, job: str, cluster: SlurmCluster, timeout: float = 120) -> int:
+    deadline = time.monotonic() + timeout
+    last = run_dir / "checkpoints" / "last.ckpt"
+    while time.monotonic() < deadline:
+        step = _step(last) if last.is_file() else None
+        if step is not None and step >= at_least:
+            return step
+        if cluster.job_state(job) in ("FAILED", "CANCELLED", "TIMEOUT", "COMPLETED", "NODE_FAIL"):
+            break
+        time.sleep(0.5)
+    logs = "".join(p.read_text() for p in run_dir.glob("slurm-*.out"))
+    raise AssertionError(f"no checkpoint at step >= {at_least} (job {job}: {cluster.job_state(job)})\n{logs[-4000:]}")
+
+
+def _wait_requeued(cluster: SlurmCluster, job: str, n: int, timeout: float, run_dir: Path) -> None:
+    """Until sacct shows ``n`` interrupted-and-requeued runs of the job."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        states = [s for _, s in cluster.sacct_states(job)]
+        if states.count("REQUEUED") >= n:
+            return
+        if states and states[-1] in ("FAILED", "CANCELLED", "TIMEOUT", "COMPLETED", "NODE_FAIL"):
+            break
+        time.sleep(0.5)
+    raise AssertionError(f"job {job} not requeued {n}x: {cluster.sacct_states(job)}\n{_log(run_dir, job)[-4000:]}")
+
+
+def _log(run_dir: Path, job: str) -> str:
+    return (run_dir / f"slurm-{job}.out").read_text()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(slurm_cluster: SlurmCluster, demo_shards: Path, tmp_path_factory: pytest.TempPathFactory
+                  ) -> tuple[Path, str]:
+    run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    job = _submit(slurm_cluster, _train_args(run_dir, demo_shards))
+    slurm_cluster.wait_gone([job], timeout=240)
+    return run_dir, job
+
+
+@pytest.mark.slow
+def test_train_demo_on_two_nodes_completes(slurm_cluster: SlurmCluster, uninterrupted: tuple[Path, str]) -> None:
+    run_dir, job = uninterrupted
+    log = _log(run_dir, job)
+    assert slurm_cluster.sacct_states(job) == [(job, "COMPLETED")], log[-4000:]
+    assert f"launch: job {job} restart 0 nodes n[1-2]" in log
+    assert _step(run_dir / "checkpoints" / "last.ckpt") == STEPS
+    st = slurm_cluster.launch("status", str(run_dir))
+    assert re.search(rf"^  {job}\s+train-demo\s+COMPLETED\s", st.stdout, re.M), st.stdout
+    assert f"global_step {STEPS}" in st.stdout and "requeues     0" in st.stdout
+    run_id = (run_dir / "wandb_run_id").read_text().strip()
+    assert f"W&B run id   {run_id}" in st.stdout
+    assert [p.name for p in (run_dir / "wandb").glob("offline-run-*")] and \
+        all(p.name.endswith(run_id) for p in (run_dir / "wandb").glob("offline-run-*"))
+
+
+@pytest.mark.slow
+def test_preempted_twice_resumes_to_the_same_step(slurm_cluster: SlurmCluster, demo_shards: Path,
+                                                   uninterrupted: tuple[Path, str], tmp_path: Path) -> None:
+    """Preemption as Slurm does it: USR1 to the job's tasks (what --signal delivers; Lightning writes
+    hpc_ckpt_1 and requeues itself), then a hard `scontrol requeue` (SIGTERM, no checkpoint)."""
+    run_dir = tmp_path / "run"
+    job = _submit(slurm_cluster, _train_args(run_dir, demo_shards))
+    _wait_step(run_dir, 10, job, slurm_cluster)
+    slurm_cluster.run("scancel", "--signal=USR1", job)  # to the srun tasks, like --signal=USR1@lead
+    hpc = run_dir / "hpc_ckpt_1.ckpt"
+    _wait_requeued(slurm_cluster, job, 1, timeout=60, run_dir=run_dir)
+    hpc_step = _step(hpc)
+    assert hpc_step is not None and 10 <= hpc_step < STEPS
+    slurm_cluster.wait_state(job, {"RUNNING"}, timeout=60)
+    _wait_step(run_dir, hpc_step + 5, job, slurm_cluster)
+    slurm_cluster.run("scontrol", "requeue", job)
+    slurm_cluster.wait_gone([job], timeout=240)
+
+    log = _log(run_dir, job)
+    records = slurm_cluster.sacct_states(job)
+    assert [s for _, s in records] == ["REQUEUED", "REQUEUED", "COMPLETED"], log[-4000:]
+    assert _step(run_dir / "checkpoints" / "last.ckpt") == _step(uninterrupted[0] / "checkpoints" / "last.ckpt")
+    # each run said where it resumed from: fresh, Lightning's hpc checkpoint, then last.ckpt
+    starts = re.findall(rf"^launch: job {job} restart (\d) .* ckpt (\S+) at", log, re.M)
+    assert starts == [("0", "last"), ("1", str(hpc)), ("2", "last")], starts
+    assert "Handling auto-requeue signal" in log
+    st = slurm_cluster.launch("status", str(run_dir))
+    assert re.search(rf"^  {job}\s+train-demo\s+COMPLETED\s+\S+\s+2\s", st.stdout, re.M), st.stdout
+    assert f"requeues     2 (job {job}: 2)" in st.stdout and f"global_step {STEPS}" in st.stdout
+
+
+@pytest.mark.slow
+def test_time_limit_signal_checkpoints_and_requeues(slurm_cluster: SlurmCluster, demo_shards: Path,
+                                                     tmp_path: Path) -> None:
+    """--signal=USR1@5 at a 1-minute limit: Slurm itself signals the running trainer. slurmctld checks
+    every 30 s and signals once the end is within lead + 30 s, so USR1 comes 25-55 s in (after the
+    trainer's start-up); Lightning saves hpc_ckpt_1 and requeues the job instead of letting it time out
+    (the kill would come at least one 30 s check later)."""
+    run_dir = tmp_path / "run"
+    job = _submit(slurm_cluster, _train_args(run_dir, demo_shards, time_limit="00:01:00", lead="5",
+                                             steps=100000))
+    try:
+        _wait_requeued(slurm_cluster, job, 1, timeout=150, run_dir=run_dir)
+        assert (_step(run_dir / "hpc_ckpt_1.ckpt") or 0) > 0
+        log = _log(run_dir, job)
+        assert "Handling auto-requeue signal" in log and "TIME LIMIT" not in log
+        # without accounting, status still sees the requeued job and its restart count (scontrol)
+        st = slurm_cluster.launch("status", str(run_dir), env={"SLURM_CONF": str(_no_accounting_conf(
+            slurm_cluster, tmp_path))})
+        row = rf"^  {job}\s+train-demo\s+(PENDING|CONFIGURING|RUNNING|COMPLETING)\s+\S+\s+1\s"
+        assert re.search(row, st.stdout, re.M), st.stdout
+    finally:
+        slurm_cluster.run("scancel", job, check=False)

@@ -1,0 +1,108 @@
+"""`launch status` on a run directory with real Lightning checkpoints and a CSV metrics log, and the
+script's choice of checkpoint to resume from (run through bash)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def launch(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "launch", *args], capture_output=True, text=True, cwd=cwd,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Six real Lightning training steps that checkpoint into RUN_DIR/checkpoints and log img/s to CSV."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import ModelCheckpoint
+    from pytorch_lightning.demos.boring_classes import BoringModel
+    from pytorch_lightning.loggers import CSVLogger
+
+    class Timed(BoringModel):
+        def on_train_batch_start(self, batch: torch.Tensor, batch_idx: int) -> None:
+            self._t0 = time.perf_counter()
+
+        def on_train_batch_end(self, outputs: object, batch: torch.Tensor, batch_idx: int) -> None:
+            self.log("train/img_per_s", batch.shape[0] / (time.perf_counter() - self._t0))
+
+    run = tmp_path_factory.mktemp("run")
+    trainer = pl.Trainer(default_root_dir=run, max_steps=6, accelerator="cpu", devices=1, log_every_n_steps=1,
+                         logger=CSVLogger(run), enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[ModelCheckpoint(dirpath=run / "checkpoints", every_n_train_steps=3,
+                                                    save_last=True, save_top_k=-1)])
+    trainer.fit(Timed())
+    return run
+
+
+def test_status_reports_step_throughput_and_wandb_id(trained_run: Path) -> None:
+    (trained_run / "wandb_run_id").write_text("abc123xy\n")
+    r = launch("status", str(trained_run), cwd=trained_run)
+    assert r.returncode == 0, r.stderr
+    lines = dict(line.split(None, 1) if not line.startswith("W&B") else ("W&B", line[13:])
+                 for line in r.stdout.splitlines() if line and not line.startswith(" "))
+    assert lines["jobs"].startswith("none (no jobs.jsonl")
+    assert " global_step 6 " in lines["checkpoint"] and "/checkpoints/" in lines["checkpoint"]
+    assert lines["throughput"].endswith(f"(train/img_per_s in {next(trained_run.rglob('metrics.csv'))})")
+    assert float(lines["throughput"].split()[0]) > 0 and "at step 5" in lines["throughput"]
+    assert lines["W&B"] == "abc123xy"
+
+
+def test_status_prefers_newest_checkpoint_and_names_unreadable_ones(trained_run: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    old = run / "checkpoints" / "step=3.ckpt"
+    old.write_bytes((trained_run / "checkpoints" / "epoch=0-step=3.ckpt").read_bytes())
+    hpc = run / "hpc_ckpt_1.ckpt"
+    hpc.write_bytes((trained_run / "checkpoints" / "last.ckpt").read_bytes())
+    os.utime(old, (time.time() - 100, time.time() - 100))
+    r = launch("status", str(run), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert f"checkpoint   {hpc}  global_step 6" in r.stdout
+    hpc.write_bytes(b"half-written")
+    r = launch("status", str(run), cwd=tmp_path)
+    assert r.returncode == 2 and f"checkpoint {hpc}: cannot be read" in r.stderr and "Traceback" not in r.stderr
+    r = launch("status", str(tmp_path / "nope"), cwd=tmp_path)
+    assert r.returncode == 2 and "RUN_DIR:" in r.stderr
+
+
+def _resume_choice(script: str, run_dir: Path) -> str:
+    """Run the script's own resume block in bash and return the --ckpt_path it would pass."""
+    lines = script.splitlines()
+    start = lines.index("CKPT=last")
+    block = "\n".join(lines[start:start + 3])
+    out = subprocess.run(["bash", "-euo", "pipefail", "-c", f'RUN_DIR={run_dir}\n{block}\necho "$CKPT"'],
+                         capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
+def test_job_resumes_from_the_newest_of_hpc_and_last(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("trainer: {}\n")
+    run = tmp_path / "run"
+    r = launch("submit", "train", "--config", str(cfg), "--gpus-per-node", "0", "--time", "00:10:00",
+               "--signal-lead", "60", "--run-dir", str(run), "--dry-run", cwd=tmp_path)
+    script = r.stdout
+    run.mkdir()
+    assert _resume_choice(script, run) == "last"  # nothing yet: Lightning starts fresh
+    (run / "checkpoints").mkdir()
+    last = run / "checkpoints" / "last.ckpt"
+    last.write_bytes(b"x")
+    assert _resume_choice(script, run) == "last"
+    now = time.time()
+    for n, age in ((1, 50), (2, 20)):  # USR1 twice: Lightning wrote hpc_ckpt_1 then hpc_ckpt_2
+        (run / f"hpc_ckpt_{n}.ckpt").write_bytes(b"x")
+        os.utime(run / f"hpc_ckpt_{n}.ckpt", (now - age, now - age))
+    os.utime(last, (now - 30, now - 30))
+    assert _resume_choice(script, run) == str(run / "hpc_ckpt_2.ckpt")
+    os.utime(last, (now, now))  # training went on and checkpointed after the requeue
+    assert _resume_choice(script, run) == "last"

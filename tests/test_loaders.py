@@ -1,0 +1,127 @@
+"""The cpu backend and the shared augmentation: resume of the real DataLoader, torchvision's crop law,
+the synthetic loader."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.data.augment import AugmentConfig, random_resized_crop_box, sample_rng, train_params
+from pipeline.data.contract import PAD, Position, TrainSampler, ValSampler
+from pipeline.data.cpu_backend import ShardBatches
+from pipeline.data.shards import ShardSet
+from pipeline.data.synthetic import SyntheticLoader
+
+CIFAR = AugmentConfig(recipe="cifar", train_size=32, val_size=32, pad=4, flip=True)
+
+
+def keys(loader) -> list[tuple[tuple[int, ...], str]]:
+    """Per step: the labels and a digest of the pixels (so augmentation differences show too)."""
+    out = []
+    for images, labels, valid in loader:
+        assert bool(valid.all())
+        out.append((tuple(labels.tolist()), hashlib.sha1(images.contiguous().numpy().tobytes()).hexdigest()))
+    return out
+
+
+def cpu_loader(shards: ShardSet, sampler, workers: int) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(
+        ShardBatches(shards, CIFAR, train=True, seed=11), sampler=sampler, batch_size=None, num_workers=workers
+    )
+
+
+def test_cpu_loader_resumes_mid_epoch_with_the_same_samples_and_augmentation(digits_shards):
+    """An interrupted epoch continued from ``Position`` yields exactly the uninterrupted sequence, also
+    when the restarted job uses another number of workers."""
+    shards = ShardSet(digits_shards, "train")
+    batch = 48
+
+    def sampler(start: Position = Position()) -> TrainSampler:
+        s = TrainSampler(shards.shard_sizes, seed=5, world_size=1, rank=0, batch_size=batch, start=start)
+        s.set_epoch(1)
+        return s
+
+    whole = keys(cpu_loader(shards, sampler(Position(epoch=1)), workers=0))
+    assert len(whole) == 1434 // batch and len(set(whole)) == len(whole)
+    for restart, (before, after) in zip(np.random.default_rng(2026).integers(1, len(whole) - 1, 2), [(2, 0), (0, 2)]):
+        restart = int(restart)
+        first = keys(cpu_loader(shards, sampler(Position(epoch=1)), workers=before))[:restart]
+        resumed = sampler(Position(epoch=1, consumed=restart * batch, batches=restart))
+        assert len(resumed) == len(whole), "the trainer's epoch length counts the batches done before"
+        rest = keys(cpu_loader(shards, resumed, workers=after))
+        assert first + rest == whole, f"restart at step {restart} ({before} -> {after} workers)"
+
+
+def test_train_params_follow_torchvision_random_resized_crop():
+    """Over 2,000 draws per photo shape, area fraction and log aspect have torchvision's distribution."""
+    from torchvision.transforms import v2
+
+    cfg = AugmentConfig()
+    torch.manual_seed(0)
+    for width, height in ((500, 375), (375, 500), (96, 96), (1000, 200)):
+        ours = np.array([random_resized_crop_box(width, height, cfg.scale, cfg.ratio, sample_rng(3, 0, i))
+                         for i in range(2000)], dtype=np.float64)
+        img = torch.zeros(3, height, width, dtype=torch.uint8)
+        theirs = np.array([v2.RandomResizedCrop.get_params(img, list(cfg.scale), list(cfg.ratio))
+                           for _ in range(2000)], dtype=np.float64)
+        for boxes in (ours, theirs):
+            top, left, h, w = boxes.T
+            assert (top >= 0).all() and (left >= 0).all() and (top + h <= height).all() and (left + w <= width).all()
+        area = [b[:, 2] * b[:, 3] / (width * height) for b in (ours, theirs)]
+        aspect = [np.log(b[:, 3] / b[:, 2]) for b in (ours, theirs)]
+        assert abs(area[0].mean() - area[1].mean()) < 0.025, (width, height, area[0].mean(), area[1].mean())
+        assert abs(aspect[0].mean() - aspect[1].mean()) < 0.03
+        assert abs(aspect[0].std() - aspect[1].std()) < 0.03
+        assert abs(np.median(area[0]) - np.median(area[1])) < 0.04
+
+
+def test_train_params_are_a_function_of_seed_epoch_position():
+    cfg = AugmentConfig(recipe="cifar", pad=4)
+    a = [train_params(cfg, 32, 32, sample_rng(1, 2, p)) for p in range(200)]
+    assert a == [train_params(cfg, 32, 32, sample_rng(1, 2, p)) for p in range(200)]
+    assert a != [train_params(cfg, 32, 32, sample_rng(1, 3, p)) for p in range(200)]
+    tops = {t for t, _, _, _, _ in a}
+    assert tops == set(range(-4, 5)), "pad 4: window offsets -4..4"
+    flips = sum(f for *_, f in a)
+    assert 60 < flips < 140
+    assert not any(f for *_, f in (train_params(AugmentConfig(recipe="cifar", flip=False), 32, 32, sample_rng(1, 2, p))
+                                    for p in range(50)))
+    assert math.isclose(AugmentConfig().ratio[0], 3 / 4)
+
+
+def test_cpu_validation_masks_padding_and_keeps_labels(digits_shards):
+    shards = ShardSet(digits_shards, "val")
+    labels = shards.labels()
+    sampler = ValSampler(len(shards), world_size=2, rank=1, batch_size=100)
+    seen = 0
+    for (images, lab, valid), rows in zip(cpu_loader(shards, sampler, workers=0), sampler):
+        assert images.dtype == torch.uint8 and images.is_contiguous(memory_format=torch.channels_last)
+        ids = rows[0]
+        assert valid.tolist() == (ids != PAD).tolist()
+        assert lab[valid].tolist() == labels[ids[ids != PAD]].tolist()
+        seen += int(valid.sum())
+    assert seen == len(shards) - math.ceil(len(shards) / 2)
+
+
+def test_synthetic_loader_follows_the_sampler():
+    sampler = ValSampler(10, world_size=1, rank=0, batch_size=4)
+    loader = SyntheticLoader(sampler, size=16, num_classes=5, device="cpu")
+    batches = list(loader)
+    assert len(batches) == len(loader) == 3
+    images, labels, valid = batches[-1]
+    assert images.shape == (4, 3, 16, 16) and images.dtype == torch.uint8
+    assert valid.tolist() == [True, True, False, False]
+    assert labels.max() < 5
+
+
+@pytest.mark.parametrize("recipe", ["imagenet", "nope"])
+def test_augment_config_checks_the_recipe(recipe):
+    if recipe == "nope":
+        with pytest.raises(ValueError, match="recipe"):
+            AugmentConfig(recipe=recipe)
+    else:
+        assert AugmentConfig(recipe=recipe).train_size == 224
