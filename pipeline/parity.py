@@ -1,4 +1,4 @@
-"""At the end of a multi-rank fit, check that every rank holds bit-identical weights (DDP's promise).
+"""At the end of a multi-rank fit, check that every rank holds bit-identical parameters (DDP's promise).
 
 A divergence (a rank that skipped an all-reduce, non-deterministic buffers, a broken SyncBN setup) would
 otherwise go unnoticed until evaluation. The check hashes parameters and buffers on each rank, gathers
@@ -19,8 +19,10 @@ log = logging.getLogger(__name__)
 
 
 def weights_digest(module: torch.nn.Module) -> str:
+    """sha256 over the parameters. Buffers are left out: without SyncBN each rank's BN running stats
+    follow its own last batch (DDP re-broadcasts rank 0's at the next forward; rank 0's are saved)."""
     h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
+    for name, t in sorted(module.named_parameters()):
         if isinstance(t, torch.Tensor):
             h.update(name.encode())
             h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
