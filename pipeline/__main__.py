@@ -2,7 +2,11 @@
 
 import sys
 
-from pipeline.cli import main
-
 if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "export":
+        from pipeline.export import main as export_main
+
+        sys.exit(export_main(sys.argv[2:]))
+    from pipeline.cli import main
+
     sys.exit(main())

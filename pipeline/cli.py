@@ -2,24 +2,45 @@
 
 A run directory (``trainer.default_root_dir``) holds everything of one training run: ``checkpoints/``
 (``last.ckpt`` and the best k by val top-1), the W&B run id and files, CSV/TensorBoard logs and the
-resolved config. ``fit`` resumes from ``checkpoints/last.ckpt`` when the run directory has one.
+resolved config. ``fit`` resumes from ``checkpoints/last.ckpt`` when the run directory has one (or with
+``--ckpt_path last``, which starts fresh when there is none yet).
+
+Around Lightning's trainer the CLI adds: atomic checkpoint files, preemption handling (USR1/TERM ->
+save, requeue, stop; Lightning's own SLURM requeue off), RNG states and the W&B run id in checkpoints,
+a weight parity check across ranks, speed telemetry, and -- on a resume with another world size -- a
+per-rank batch / accumulation that keeps the global batch.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from lightning_fabric.plugins import CheckpointIO
+from lightning_fabric.plugins.environments import ClusterEnvironment, SLURMEnvironment, TorchElasticEnvironment
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI
+from pytorch_lightning.strategies import DeepSpeedStrategy
 
+import pipeline.strategies  # noqa: F401  (registers the deepspeed_stage_*_cpu strategies)
 from data_prep.format import ManifestError
+from pipeline.checkpoint_io import AtomicCheckpointIO
 from pipeline.datamodule import ShardDataModule
 from pipeline.errors import ConfigError
+from pipeline.last_checkpoint import LastCheckpoint
 from pipeline.module import ImageClassifier
-from pipeline.tracking import TrackingConfig, make_loggers
+from pipeline.parity import WeightParity
+from pipeline.preemption import Preemption
+from pipeline.resume_geometry import Geometry, adapt, expected_world_size, read_checkpoint
+from pipeline.rng_state import RNGState
+from pipeline.sample_grid import SampleGrid
+from pipeline.sync_batchnorm import GlooSyncBatchNormPlugin
+from pipeline.throughput import Throughput
+from pipeline.tracking import RunIdInCheckpoint, TrackingConfig, make_loggers, run_id
 
 log = logging.getLogger("pipeline")
 
@@ -27,14 +48,32 @@ log = logging.getLogger("pipeline")
 @dataclass
 class CheckpointConfig:
     """``last.ckpt`` every ``every_n_train_steps`` optimizer steps (0: only at epoch ends) and at each
-    epoch end; the best ``save_top_k`` by val/top1."""
+    epoch end; the best ``save_top_k`` by val/top1. ``requeue``: on USR1/TERM under Slurm, requeue the
+    job after saving."""
 
     every_n_train_steps: int = 0
     save_top_k: int = 3
+    requeue: bool = True
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
+
+
+def _on_cpu(accelerator) -> bool:
+    import torch
+
+    name = accelerator if isinstance(accelerator, str) else type(accelerator).__name__.lower()
+    return "cpu" in str(name).lower() or (name in (None, "auto") and not torch.cuda.is_available())
+
+
+def _is_rank_zero() -> bool:
+    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
+
+
+def _say(msg: str) -> None:
+    if _is_rank_zero():
+        print(msg, file=sys.stderr, flush=True)
 
 
 class PipelineCLI(LightningCLI):
@@ -46,41 +85,101 @@ class PipelineCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         sub = self.subcommand
-        cfg = self.config[sub]
+        cfg = self.config[sub] if sub else self.config
         run_dir = Path(cfg.trainer.default_root_dir or "runs/default")
         cfg.trainer.default_root_dir = str(run_dir)
-        if sub == "fit" and cfg.get("ckpt_path") is None and (checkpoint_dir(run_dir) / "last.ckpt").is_file():
+        last = checkpoint_dir(run_dir) / "last.ckpt"
+        self._saved_run_id: str | None = None
+        if sub != "fit":
+            return
+        if cfg.get("ckpt_path") is None and last.exists():
             cfg.ckpt_path = "last"
-            print(f"resuming from {checkpoint_dir(run_dir) / 'last.ckpt'}", file=sys.stderr)
+        ckpt = cfg.get("ckpt_path")
+        path = last if ckpt == "last" else (Path(ckpt) if ckpt else None)
+        if ckpt == "last" and not last.exists():
+            cfg.ckpt_path = None  # first start of a run launched with --ckpt_path last
+            return
+        if path is None:
+            return
+        if not path.exists():
+            raise ConfigError(f"ckpt_path: checkpoint {path} does not exist")
+        _say(f"resuming from {path}")
+        meta = read_checkpoint(path)
+        self._saved_run_id = meta.get("wandb_run_id")
+        self._adapt_geometry(cfg, meta.get(ShardDataModule.__qualname__) or {})
+
+    def _adapt_geometry(self, cfg, state: dict) -> None:
+        """Same global batch as the checkpoint, whatever the new world size (see resume_geometry)."""
+        if "world_size" not in state:
+            return
+        saved = Geometry(int(state["world_size"]), int(state["batch_size"]), int(state.get("accumulate", 1)))
+        world = expected_world_size(cfg.trainer.get("num_nodes"), cfg.trainer.get("devices"))
+        acc = cfg.trainer.get("accumulate_grad_batches") or 1
+        now = adapt(saved, world, int(cfg.data.batch_size), int(acc))
+        if (now.batch_size, now.accumulate) != (int(cfg.data.batch_size), int(acc)) or world != saved.world_size:
+            _say(f"world size changed on resume: saved {saved.describe()} -> now {now.describe()}"
+                 if world != saved.world_size else
+                 f"keeping the checkpoint's global batch: config {Geometry(world, cfg.data.batch_size, acc).describe()}"
+                 f" -> {now.describe()}")
+        cfg.data.batch_size = now.batch_size
+        cfg.trainer.accumulate_grad_batches = now.accumulate
+
+    def _plugins(self, cfg) -> list:
+        """The user's plugins (instantiated) plus ours where the user gave none of that kind."""
+        init = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        plugins = init.trainer.get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            plugins.append(AtomicCheckpointIO())
+        if (not any(isinstance(p, ClusterEnvironment) for p in plugins) and SLURMEnvironment.detect()
+                and not TorchElasticEnvironment.detect()):
+            plugins.append(SLURMEnvironment(auto_requeue=False))  # requeue is the Preemption callback's job
+        if cfg.trainer.get("sync_batchnorm") and _on_cpu(cfg.trainer.get("accelerator")):
+            plugins.append(GlooSyncBatchNormPlugin())  # torch's SyncBatchNorm is GPU-only
+        return plugins
 
     def instantiate_trainer(self, **kwargs):
-        cfg = self.config[self.subcommand]
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
         run_dir = Path(cfg.trainer.default_root_dir)
         ckpt = cfg.checkpoint
+        ckdir = checkpoint_dir(run_dir)
         callbacks = [
             ModelCheckpoint(
-                dirpath=checkpoint_dir(run_dir),
+                dirpath=ckdir,
                 filename="best-epoch{epoch:03d}-step{step:07d}-top1{val/top1:.4f}",
                 auto_insert_metric_name=False, monitor="val/top1", mode="max",
-                save_top_k=ckpt.save_top_k, save_last=True,
+                save_top_k=ckpt.save_top_k, save_last=False,
             ),
+            LastCheckpoint(ckdir, ckpt.every_n_train_steps),
             LearningRateMonitor(logging_interval="step"),
+            Preemption(ckdir / "last.ckpt", requeue=ckpt.requeue),
+            RNGState(),
+            Throughput(),
+            SampleGrid(run_dir),
+            WeightParity(),
         ]
-        if ckpt.every_n_train_steps > 0:
-            callbacks.append(
-                ModelCheckpoint(dirpath=checkpoint_dir(run_dir), save_top_k=0, save_last=True,
-                                every_n_train_steps=ckpt.every_n_train_steps)
-            )
         if self.trainer_class is not None and cfg.trainer.get("logger") in (None, True):
-            kwargs.setdefault("logger", make_loggers(cfg.tracking, run_dir) or False)
+            wandb_id = None
+            if cfg.tracking.wandb:
+                wandb_id = run_id(run_dir, from_checkpoint=getattr(self, "_saved_run_id", None))
+                callbacks.append(RunIdInCheckpoint(wandb_id))
+            kwargs.setdefault("logger", make_loggers(cfg.tracking, run_dir, wandb_id) or False)
+        kwargs.setdefault("plugins", self._plugins(cfg))
+        if any(isinstance(p, GlooSyncBatchNormPlugin) for p in kwargs["plugins"]):
+            kwargs["sync_batchnorm"] = False  # the plugin above does it
         extra = kwargs.pop("callbacks", [])
         trainer = super().instantiate_trainer(**kwargs)
         trainer.callbacks.extend(callbacks + list(extra))
+        if isinstance(trainer.strategy, DeepSpeedStrategy) and isinstance(trainer.strategy.config, dict):
+            # Lightning reads it from loader.batch_sampler, which our batch-yielding loaders do not have
+            trainer.strategy.config.setdefault("train_micro_batch_size_per_gpu", int(cfg.data.batch_size))
         return trainer
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # the loader position is in every checkpoint (ShardDataModule.state_dict): mid-epoch resumes are exact
+    warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended")
     try:
         PipelineCLI(
             ImageClassifier,
@@ -93,4 +192,17 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ManifestError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    _teardown_process_group()
     return 0
+
+
+def _teardown_process_group() -> None:
+    """barrier + destroy at the very end: without it gloo/NCCL processes sometimes abort at exit
+    ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import signal
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -21,6 +22,14 @@ from pipeline.errors import ConfigError
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "cpu", "dali", "dali-cpu", "synthetic")
+
+
+def ignore_preemption_signals(worker_id: int) -> None:
+    """Loader workers ignore SIGUSR1/SIGTERM: Slurm signals every process of a job step, and a worker
+    killed by the signal would break the very step at which the main process saves its checkpoint.
+    The main process shuts its workers down itself (and they exit when it dies)."""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class ShardDataModule(pl.LightningDataModule):
@@ -146,6 +155,7 @@ class ShardDataModule(pl.LightningDataModule):
                 persistent_workers=self.num_workers > 0,
                 pin_memory=torch.cuda.is_available(),
                 prefetch_factor=2 if self.num_workers > 0 else None,
+                worker_init_fn=ignore_preemption_signals,
             )
         if backend in ("dali", "dali-cpu"):
             from pipeline.data.dali_backend import DaliLoader
@@ -176,7 +186,8 @@ class ShardDataModule(pl.LightningDataModule):
             consumed = done * g
         if steps_in_epoch(len(self.train_shards), world, self.batch_size, consumed) == 0:
             epoch, consumed, done = epoch + 1, 0, 0  # the epoch is complete: the next one starts fresh
-        state.update(epoch=epoch, consumed=consumed, batches=done, world_size=world, batch_size=self.batch_size)
+        state.update(epoch=epoch, consumed=consumed, batches=done, world_size=world, batch_size=self.batch_size,
+                     accumulate=int(trainer.accumulate_grad_batches))
         return state
 
     def load_state_dict(self, state: dict) -> None:

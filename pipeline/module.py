@@ -16,6 +16,11 @@ from pipeline.models import build
 from pipeline.optim import lr_factor, make_sgd
 
 
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 logits go to fp32 for the loss; fp64 (64-true, used by exactness tests) stays fp64."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 class ImageClassifier(pl.LightningModule):
     """Classification with the paper's recipe knobs.
 
@@ -58,6 +63,7 @@ class ImageClassifier(pl.LightningModule):
             self.model = build(arch, num_classes=num_classes, **(arch_kwargs or {}))
         except (ValueError, TypeError) as e:
             raise ConfigError(f"model.arch / model.arch_kwargs: {e}") from None
+        self._channels_last = channels_last
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self._forward = torch.compile(self.model) if compile else self.model
@@ -75,6 +81,12 @@ class ImageClassifier(pl.LightningModule):
 
     # ---- data on the device -----------------------------------------------------------------------
     def setup(self, stage: str) -> None:
+        strategy = getattr(self.trainer, "strategy", None)
+        if self.hparams.channels_last and "deepspeed" in type(strategy).__name__.lower():
+            # DeepSpeed broadcasts and flattens parameters as dense NCHW tensors; channels_last weights
+            # fail there ("stride(-1) must be 1"), so ZeRO runs keep the default layout.
+            self.model.to(memory_format=torch.contiguous_format)
+            self._channels_last = False
         dm = getattr(self.trainer, "datamodule", None)
         aug = getattr(dm, "augment", None)
         if aug is not None:
@@ -84,8 +96,8 @@ class ImageClassifier(pl.LightningModule):
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 batches (cpu backend) are normalised here, on the device; DALI's come normalised."""
         if images.dtype == torch.uint8:
-            images = (images.float() - self.mean) / self.std
-        fmt = torch.channels_last if self.hparams.channels_last else torch.contiguous_format
+            images = (images.to(self.mean.dtype) - self.mean) / self.std  # fp32, or fp64 under 64-true
+        fmt = torch.channels_last if self._channels_last else torch.contiguous_format
         return images.contiguous(memory_format=fmt)  # mixed layouts fall onto slow convolution paths
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -94,7 +106,7 @@ class ImageClassifier(pl.LightningModule):
     # ---- steps --------------------------------------------------------------------------------------
     def _masked_loss(self, logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         losses = F.cross_entropy(
-            logits.float(), labels, reduction="none", label_smoothing=self.hparams.label_smoothing
+            _at_least_fp32(logits), labels, reduction="none", label_smoothing=self.hparams.label_smoothing
         )
         return (losses * valid).sum() / valid.sum().clamp(min=1)
 
@@ -111,7 +123,7 @@ class ImageClassifier(pl.LightningModule):
     def validation_step(self, batch, batch_idx: int) -> None:
         images, labels, valid = batch
         logits = self(images)
-        losses = F.cross_entropy(logits.float(), labels, reduction="none")
+        losses = F.cross_entropy(_at_least_fp32(logits), labels, reduction="none")
         self._val_loss_sum += (losses * valid).sum()
         self._val_count += valid.sum()
         self.val_top1(logits[valid], labels[valid])
@@ -129,6 +141,18 @@ class ImageClassifier(pl.LightningModule):
         self.log("val/loss", loss_sum / count.clamp(min=1), sync_dist=False, rank_zero_only=False)
         self.log("val/top1", self.val_top1, prog_bar=True)
         self.log("val/top5", self.val_top5)
+
+    # ---- checkpoints ---------------------------------------------------------------------------------
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Refuse, with a clear message, a checkpoint of another network (the state-dict error would
+        list hundreds of keys)."""
+        saved = checkpoint.get("hyper_parameters") or {}
+        for key in ("arch", "num_classes", "arch_kwargs"):
+            if key in saved and (saved[key] or None) != (self.hparams.get(key) or None):
+                raise ConfigError(
+                    f"the checkpoint was trained with model.{key}={saved[key]!r}, this run has"
+                    f" model.{key}={self.hparams.get(key)!r}; use the original setting or a new run directory"
+                )
 
     # ---- optimisation -------------------------------------------------------------------------------
     def global_batch_size(self) -> int:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
+from pytorch_lightning.loggers.csv_logs import ExperimentWriter
+from pytorch_lightning.loggers.logger import rank_zero_experiment
 
 RUN_ID_FILE = "wandb_run_id"
 
@@ -23,10 +27,12 @@ class TrackingConfig:
     tensorboard: bool = False
 
 
-def run_id(run_dir: str | Path) -> str:
+def run_id(run_dir: str | Path, from_checkpoint: str | None = None) -> str:
     """The W&B run id of a run directory: WANDB_RUN_ID if set, else made once and kept in the directory.
 
-    Every restart of the run (requeue, resume) reads the same id, so W&B continues one run."""
+    Every restart of the run (requeue, resume) reads the same id, so W&B continues one run. When the
+    directory lost its id file (a checkpoint copied elsewhere, ``--ckpt_path`` from another directory),
+    the id recorded in the checkpoint (``from_checkpoint``) is kept instead of starting a new run."""
     env = os.environ.get("WANDB_RUN_ID")
     if env:
         return env
@@ -37,8 +43,18 @@ def run_id(run_dir: str | Path) -> str:
     except FileExistsError:
         return path.read_text().strip()
     with os.fdopen(fd, "w") as f:
-        f.write(secrets.token_hex(4))
+        f.write(from_checkpoint or secrets.token_hex(4))
     return path.read_text().strip()
+
+
+class RunIdInCheckpoint(Callback):
+    """Stores the W&B run id in every checkpoint (``checkpoint["wandb_run_id"]``)."""
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint["wandb_run_id"] = self.run_id
 
 
 def wandb_offline() -> bool:
@@ -48,7 +64,32 @@ def wandb_offline() -> bool:
     return not os.environ.get("WANDB_API_KEY")
 
 
-def make_loggers(cfg: TrackingConfig, run_dir: str | Path) -> list[Logger]:
+class _AppendingWriter(ExperimentWriter):
+    """Lightning's CSV writer deletes an existing metrics.csv; a resumed run appends to it instead."""
+
+    def _check_log_dir_exists(self) -> None:
+        if os.path.isfile(self.metrics_file_path):
+            with open(self.metrics_file_path, newline="") as f:
+                self.metrics_keys = sorted(next(csv.reader(f), []))
+
+
+class ResumableCSVLogger(CSVLogger):
+    """``RUN/csv/metrics.csv`` continued across restarts (after a hard kill, steps between the last
+    checkpoint and the kill appear twice: the later row is the one the resumed run computed)."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
+def make_loggers(cfg: TrackingConfig, run_dir: str | Path, wandb_id: str | None = None) -> list[Logger]:
+    """W&B (offline unless a key is set), CSV and TensorBoard loggers of a run directory.
+
+    The API key is read by wandb from the environment and never passed through or written here."""
     run_dir = Path(run_dir)
     loggers: list[Logger] = []
     if cfg.wandb:
@@ -56,12 +97,12 @@ def make_loggers(cfg: TrackingConfig, run_dir: str | Path) -> list[Logger]:
         os.environ.setdefault("WANDB_CONFIG_DIR", str(run_dir / ".wandb-config"))
         loggers.append(
             WandbLogger(
-                project=cfg.project, name=cfg.name or run_dir.name, id=run_id(run_dir), resume="allow",
+                project=cfg.project, name=cfg.name or run_dir.name, id=wandb_id or run_id(run_dir), resume="allow",
                 save_dir=str(run_dir), offline=wandb_offline(),
             )
         )
     if cfg.csv:
-        loggers.append(CSVLogger(str(run_dir), name="csv", version=""))
+        loggers.append(ResumableCSVLogger(str(run_dir), name="csv", version=""))
     if cfg.tensorboard:
         loggers.append(TensorBoardLogger(str(run_dir), name="tensorboard", version=""))
     return loggers

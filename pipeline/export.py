@@ -1,0 +1,100 @@
+"""``python -m pipeline export CKPT OUT.pt``: any checkpoint -> a plain fp32 ``state_dict`` of the network.
+
+CKPT is a Lightning checkpoint file (DDP / single device) or a DeepSpeed ZeRO checkpoint directory
+(shards of every rank, consolidated here). OUT holds only the network's tensors, in fp32, with the
+model's own key names (torchvision-compatible for resnet18..152), so
+``torchvision.models.resnet50(num_classes=N).load_state_dict(torch.load(OUT))`` works.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from pipeline.checkpoint_io import atomic_write_bytes
+from pipeline.errors import ConfigError
+
+log = logging.getLogger(__name__)
+PREFIX = "model."
+
+
+def _network_only(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keep the network's tensors (``model.*``), drop the prefix and metrics, cast floats to fp32."""
+    out = {}
+    for k, v in sd.items():
+        if k.startswith("_forward_module."):  # a DeepSpeed / DDP wrapper's prefix
+            k = k[len("_forward_module."):]
+        if k.startswith("module."):
+            k = k[len("module."):]
+        if not k.startswith(PREFIX):
+            continue
+        k = k[len(PREFIX):]
+        if k.startswith("_orig_mod."):  # torch.compile wrapper
+            k = k[len("_orig_mod."):]
+        out[k] = v.detach().to(torch.float32) if v.is_floating_point() else v.detach()
+        out[k] = out[k].contiguous()
+    if not out:
+        raise ConfigError("the checkpoint holds no network weights (no 'model.*' keys)")
+    return out
+
+
+def _zero_state_dict(ckpt_dir: Path) -> dict[str, torch.Tensor]:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    tag = None
+    latest = ckpt_dir / "latest"
+    if latest.is_file():
+        tag = latest.read_text().strip()
+    elif (ckpt_dir / "checkpoint").is_dir():
+        tag = "checkpoint"  # Lightning's tag
+    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+
+
+def state_dict_from_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """The network's fp32 state_dict from a checkpoint file or a ZeRO checkpoint directory."""
+    p = Path(path)
+    if p.is_dir():
+        try:
+            return _network_only(_zero_state_dict(p))
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"{p}: not a readable DeepSpeed checkpoint directory: {e}") from None
+    if not p.is_file():
+        raise ConfigError(f"checkpoint {p} does not exist")
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as e:
+        raise ConfigError(f"cannot read checkpoint {p}: {e}") from None
+    sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(sd, dict):
+        raise ConfigError(f"{p} holds no state_dict")
+    if not any(k.startswith(PREFIX) for k in sd):  # already a plain network state_dict
+        sd = {PREFIX + k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    return _network_only(sd)
+
+
+def export(ckpt: str | Path, out: str | Path) -> dict[str, torch.Tensor]:
+    sd = state_dict_from_checkpoint(ckpt)
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    atomic_write_bytes(buf.getbuffer(), out)
+    return sd
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline export", description=__doc__.split("\n")[0])
+    parser.add_argument("checkpoint", help="Lightning checkpoint file or DeepSpeed checkpoint directory")
+    parser.add_argument("out", help="output .pt file (plain fp32 state_dict)")
+    args = parser.parse_args(argv)
+    try:
+        sd = export(args.checkpoint, args.out)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    n = sum(v.numel() for v in sd.values())
+    print(f"wrote {args.out}: {len(sd)} tensors, {n:,} values (fp32)")
+    return 0

@@ -1,0 +1,33 @@
+"""``last.ckpt``: every N optimizer steps and at every epoch end, one file, overwritten atomically.
+
+Lightning's ``ModelCheckpoint(save_last=True)`` only refreshes ``last`` when it also saved a top-k
+checkpoint at that step, and a second callback with ``save_last`` writes ``last-v1.ckpt`` beside the
+first. This one owns ``last.ckpt`` alone; the best-k callback saves no ``last``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import ModelCheckpoint
+
+
+class LastCheckpoint(ModelCheckpoint):
+    def __init__(self, dirpath: str | Path, every_n_train_steps: int = 0) -> None:
+        super().__init__(
+            dirpath=str(dirpath), save_top_k=0, save_last=True,
+            every_n_train_steps=every_n_train_steps if every_n_train_steps > 0 else None,
+            save_on_train_epoch_end=True, enable_version_counter=False,
+        )
+
+    @property
+    def state_key(self) -> str:
+        return "LastCheckpoint"
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pass  # saved at the epoch end, after validation

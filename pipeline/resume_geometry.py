@@ -1,0 +1,100 @@
+"""Resuming with another world size: keep the global batch, continue the epoch where it stopped.
+
+The checkpoint records the loader geometry it was trained with (world size, per-rank batch, gradient
+accumulation). A restarted job with a different world size (fewer nodes were free, a node died) keeps
+the global batch -- and so the learning-rate schedule and the optimisation -- by accumulating gradients
+over more micro-batches of the configured size, or by changing the per-rank batch when accumulation
+cannot make up the difference. The data contract re-splits the rest of the epoch for the new world.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def checkpoint_file(path: str | Path) -> Path:
+    """The file holding the trainer state: the path itself, or inside a DeepSpeed checkpoint directory."""
+    p = Path(path)
+    if p.is_dir():
+        for cand in (p / "checkpoint" / "mp_rank_00_model_states.pt",
+                     *sorted(p.glob("**/mp_rank_00_model_states.pt")),
+                     *sorted(p.glob("**/zero_pp_rank_0_mp_rank_00_model_states.pt"))):
+            if cand.is_file():
+                return cand
+        raise ConfigError(f"checkpoint directory {p} holds no DeepSpeed model states")
+    return p
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The checkpoint dict, memory-mapped (cheap even for large checkpoints; tensors load lazily)."""
+    f = checkpoint_file(path)
+    try:
+        return torch.load(f, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as e:  # torn or foreign file
+        raise ConfigError(f"cannot read checkpoint {f}: {e}") from None
+
+
+@dataclass(frozen=True)
+class Geometry:
+    world_size: int
+    batch_size: int
+    accumulate: int = 1
+
+    @property
+    def global_batch(self) -> int:
+        return self.world_size * self.batch_size * self.accumulate
+
+    def describe(self) -> str:
+        return (f"world {self.world_size} x batch {self.batch_size} x accumulate {self.accumulate}"
+                f" (global {self.global_batch})")
+
+
+def expected_world_size(num_nodes: int | None, devices: Any) -> int:
+    """The world size the job will have, known before the trainer exists (launcher env first)."""
+    for var in ("WORLD_SIZE", "SLURM_NTASKS"):
+        v = os.environ.get(var)
+        if v and v.isdigit() and int(v) > 0 and (var == "WORLD_SIZE" or "SLURM_JOB_ID" in os.environ):
+            return int(v)
+    nodes = int(num_nodes or 1)
+    if isinstance(devices, int):
+        per = devices if devices > 0 else max(1, torch.cuda.device_count())
+    elif isinstance(devices, (list, tuple)):
+        per = len(devices)
+    elif isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
+        n = int(devices)
+        per = n if n > 0 else max(1, torch.cuda.device_count())
+    elif isinstance(devices, str) and "," in devices:
+        per = len([d for d in devices.split(",") if d.strip()])
+    else:  # "auto"
+        per = max(1, torch.cuda.device_count())
+    return nodes * per
+
+
+def adapt(saved: Geometry, world_size: int, batch_size: int, accumulate: int) -> Geometry:
+    """The geometry for ``world_size`` ranks that keeps ``saved.global_batch``.
+
+    Prefers the configured per-rank batch with more (or less) accumulation; else a per-rank batch that
+    divides the global batch with the configured accumulation; else the error names both geometries."""
+    now = Geometry(world_size, batch_size, accumulate)
+    g = saved.global_batch
+    if now.global_batch == g:
+        return now
+    if g % (world_size * batch_size) == 0:
+        return Geometry(world_size, batch_size, g // (world_size * batch_size))
+    for acc in sorted({accumulate, 1}):
+        if g % (world_size * acc) == 0:
+            return Geometry(world_size, g // (world_size * acc), acc)
+    raise ConfigError(
+        f"cannot keep the global batch of the checkpoint ({saved.describe()}) with {world_size} ranks:"
+        f" {g} is not divisible by {world_size}; pick a world size that divides it"
+    )

@@ -1,0 +1,145 @@
+"""Resume semantics: bit-exact after SIGKILLs at random steps and a preemption signal, atomic checkpoint
+writes, clear errors for incompatible resumes, the global batch kept across world sizes."""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench.kill_resume import compare, fit_command, run_and_kill_at, run_to_end, saved_step
+from pipeline.checkpoint_io import TMP_PREFIX, AtomicCheckpointIO
+from pipeline.errors import ConfigError
+from pipeline.resume_geometry import Geometry, adapt
+from tests.conftest import run_module
+
+STEPS = 13  # 11 steps per epoch at batch 128: crosses an epoch end (validation, epoch-end checkpoint)
+
+
+@pytest.fixture(scope="module")
+def interrupted(digits_shards, tmp_path_factory):
+    """An uninterrupted run and the same run SIGKILLed, then stopped by SIGTERM (no Slurm), then by
+    SIGUSR1 under "Slurm", resumed each time. Signals go to the whole process group, as Slurm sends them."""
+    work = tmp_path_factory.mktemp("killresume")
+    seed = int(os.environ.get("KILL_SEED", time.time()))
+    kills = sorted(random.Random(seed).sample(range(1, STEPS - 3), 3))  # room to act after the last
+    ref, cut = work / "uninterrupted", work / "interrupted"
+    last = cut / "checkpoints" / "last.ckpt"
+    # a stand-in for Slurm's scontrol that records its arguments (the real requeue is tested in launch/)
+    bindir = work / "bin"
+    bindir.mkdir()
+    (bindir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {work}/scontrol.calls\n')
+    (bindir / "scontrol").chmod(0o755)
+    slurm = {"SLURM_JOB_ID": "4242", "PATH": f"{bindir}:{os.environ['PATH']}"}
+    landed = []
+    with open(work / "runs.log", "w") as log:
+        print(f"kill seed {seed}: {kills}", file=log, flush=True)
+        run_to_end(fit_command(digits_shards, ref, STEPS), log)
+        for i, k in enumerate(kills):
+            k = max(k, saved_step(last) + 1)
+            sig = (signal.SIGKILL, signal.SIGTERM, signal.SIGUSR1)[i]  # USR1 "under Slurm": requeue
+            landed.append((sig, run_and_kill_at(fit_command(digits_shards, cut, STEPS), last, k, log,
+                                                sig=sig, env=slurm if sig == signal.SIGUSR1 else None)))
+        run_to_end(fit_command(digits_shards, cut, STEPS), log)
+    return work, ref, cut, landed, seed
+
+
+def test_killed_and_preempted_run_is_bit_exact(interrupted):
+    work, ref, cut, landed, seed = interrupted
+    assert len(landed) == 3, landed
+    diffs = compare(ref / "checkpoints" / "last.ckpt", cut / "checkpoints" / "last.ckpt")
+    assert not diffs, f"kill seed {seed}, kills at {landed}: " + "; ".join(diffs[:10])
+    assert saved_step(cut / "checkpoints" / "last.ckpt") == STEPS
+    text = (work / "runs.log").read_text()
+    assert "preemption (SIGTERM)" in text and "preemption (SIGUSR1)" in text
+    assert text.count("resuming from") >= 3
+    # rank 0 asked Slurm, once, to requeue the job (and nobody without SLURM_JOB_ID)
+    assert (work / "scontrol.calls").read_text().splitlines() == ["requeue 4242"]
+    assert not list((cut / "checkpoints").glob(TMP_PREFIX + "*")), "a killed save left no temp file behind"
+
+
+def test_resume_refuses_another_architecture(interrupted, tmp_path, digits_shards):
+    _, _, cut, _, _ = interrupted
+    run = tmp_path / "run"
+    shutil.copytree(cut / "checkpoints", run / "checkpoints")
+    proc = run_module(*fit_command(digits_shards, run, STEPS + 2, ["--model.arch", "cifar_resnet32"])[2:],
+                      check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "model.arch='cifar_resnet20'" in proc.stderr and "cifar_resnet32" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_resume_refuses_another_dataset(interrupted, tmp_path, digits_shards):
+    _, _, cut, _, _ = interrupted
+    run, shards = tmp_path / "run", tmp_path / "shards"
+    shutil.copytree(cut / "checkpoints", run / "checkpoints")
+    shutil.copytree(digits_shards, shards)
+    with open(shards / "manifest.json", "a") as f:
+        f.write("\n")  # same JSON, different bytes: a different manifest as far as the digest knows
+    proc = run_module(*fit_command(shards, run, STEPS + 2)[2:], check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "another dataset" in proc.stderr and "manifest.json" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+class _Unpicklable:
+    def __reduce__(self):
+        raise OSError("disk full (simulated)")
+
+
+def test_failed_checkpoint_write_keeps_the_previous_file(tmp_path):
+    io_ = AtomicCheckpointIO()
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    io_.save_checkpoint({"global_step": 7, "w": torch.arange(5.0)}, path)
+    with pytest.raises(OSError, match="disk full"):
+        io_.save_checkpoint({"global_step": 8, "w": torch.zeros(10**6), "bad": _Unpicklable()}, path)
+    assert torch.load(path, weights_only=True)["global_step"] == 7
+    # a failure in the write itself (after serialisation): the temp file goes, the old file stays
+    import pipeline.checkpoint_io as cio
+
+    real_fsync = cio.os.fsync
+    calls = []
+
+    def failing_fsync(fd):
+        calls.append(fd)
+        raise OSError("I/O error (simulated)")
+
+    cio.os.fsync = failing_fsync
+    try:
+        with pytest.raises(OSError, match="I/O error"):
+            io_.save_checkpoint({"global_step": 9}, path)
+    finally:
+        cio.os.fsync = real_fsync
+    assert calls and torch.load(path, weights_only=True)["global_step"] == 7
+    assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]
+
+
+def test_geometry_keeps_the_global_batch():
+    saved = Geometry(world_size=2, batch_size=32)
+    assert adapt(saved, 1, 32, 1) == Geometry(1, 32, 2)  # fewer ranks: accumulate
+    assert adapt(saved, 4, 32, 1) == Geometry(4, 16, 1)  # more ranks: smaller per-rank batch
+    assert adapt(saved, 2, 32, 1) == Geometry(2, 32, 1)
+    assert adapt(Geometry(8, 32, 1), 2, 32, 1) == Geometry(2, 32, 4)
+    with pytest.raises(ConfigError, match="not divisible by 3"):
+        adapt(saved, 3, 32, 1)
+
+
+def test_export_of_a_checkpoint_file(interrupted, tmp_path):
+    from pipeline.export import export
+    from pipeline.models import build
+
+    _, _, cut, _, _ = interrupted
+    ckpt = torch.load(cut / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    sd = export(cut / "checkpoints" / "last.ckpt", tmp_path / "net.pt")
+    net = build("cifar_resnet20", num_classes=10)
+    net.load_state_dict(torch.load(tmp_path / "net.pt", weights_only=True))  # strict
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, ckpt["state_dict"]["model." + k]), k
+    assert set(sd) == set(net.state_dict())

@@ -1,0 +1,70 @@
+"""Tracking across a restart: one W&B run (offline), the run id in the run directory and in checkpoints,
+the metrics (loss, lr, top-1/5, img/s, data-wait share) in CSV and TensorBoard, one image grid of an
+augmented batch, and no trace of the API key anywhere in the run directory or checkpoints."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import torch
+
+from tests.conftest import REPO, run_module
+
+CONF = str(REPO / "conf" / "demo.yaml")
+FAKE_KEY = "0f1e2d3c4b5a69788796a5b4c3d2e1f0deadbeef"  # 40 characters, like a real key
+
+
+def _fit(shards: Path, run: Path, steps: int):
+    return run_module(
+        "pipeline", "fit", "--config", CONF, "--data.root", str(shards), "--trainer.default_root_dir", str(run),
+        "--data.batch_size", "128", "--data.val_batch_size", "256", "--data.num_workers", "1",
+        "--trainer.max_steps", str(steps), "--trainer.log_every_n_steps", "2", "--tracking.tensorboard", "true",
+        "--checkpoint.every_n_train_steps", "4", "--trainer.num_sanity_val_steps", "0",
+        env={"WANDB_MODE": "offline", "WANDB_API_KEY": FAKE_KEY},
+    )
+
+
+def test_one_wandb_run_across_restarts_metrics_and_no_secret(digits_shards, tmp_path):
+    run = tmp_path / "run"
+    _fit(digits_shards, run, 12)  # epoch 0 has 11 steps: validation at its end
+    run_id = (run / "wandb_run_id").read_text().strip()
+    resumed = _fit(digits_shards, run, 14)
+    assert "resuming from" in resumed.stderr
+
+    # one W&B run: both starts wrote into offline runs of the same id, which the checkpoint carries too
+    offline = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(offline) == 2 and all(p.name.endswith("-" + run_id) for p in offline), offline
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["wandb_run_id"] == run_id
+    assert any(p.suffix == ".wandb" for p in offline[0].iterdir()), "an offline run file `wandb sync` can upload"
+
+    # metrics, same names in CSV (W&B and TensorBoard get the same logger calls)
+    with open(run / "csv" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    cols = set(rows[0])
+    for name in ("train/loss", "lr", "val/top1", "val/top5", "perf/img_per_s_per_rank", "perf/img_per_s_total",
+                 "perf/data_wait_share", "perf/step_time_s"):
+        assert name in cols, f"{name} not logged: {sorted(cols)}"
+    waits = [float(r["perf/data_wait_share"]) for r in rows if r.get("perf/data_wait_share")]
+    speeds = [float(r["perf/img_per_s_total"]) for r in rows if r.get("perf/img_per_s_total")]
+    assert waits and all(0.0 <= w <= 1.0 for w in waits)
+    assert speeds and all(s > 0 for s in speeds)
+    steps = [int(r["step"]) for r in rows if r.get("train/loss")]
+    assert max(steps) >= 12 and len(steps) == len(set(steps)), "the restart continued the step axis"
+
+    # the image grid, once per run (not again after the restart), also in TensorBoard and W&B media
+    assert (run / "train_batch_grid.png").is_file()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    assert "samples/train_batch" in events.Tags()["images"]
+    assert "perf/data_wait_share" in events.Tags()["scalars"]
+    assert list((offline[0] / "files" / "media" / "images").rglob("*.png")), "wandb.Image of the batch"
+    assert not list(offline[1].rglob("media/images/**/*.png")), "no second grid after the restart"
+
+    # the secret is nowhere: not in logs, configs, W&B files, checkpoints, stdout/stderr
+    assert FAKE_KEY not in resumed.stdout + resumed.stderr
+    leaks = [p for p in run.rglob("*") if p.is_file() and FAKE_KEY.encode() in p.read_bytes()]
+    assert not leaks, f"API key found in {leaks}"
