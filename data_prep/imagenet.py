@@ -11,11 +11,13 @@ import csv
 import io
 import re
 import tarfile
+from array import array
 from pathlib import Path
 
 from .errors import PrepError
 from .imagefolder import Scan
-from .sources import FileEntry, Listing, Ref, is_hidden, iter_tar_members, list_dir, open_tar
+from .inputs import FileTable, LabelledItems
+from .sources import FileEntry, Listing, is_hidden, iter_tar_members, list_dir, open_tar
 
 TRAIN_TAR = "ILSVRC2012_img_train.tar"
 VAL_TAR = "ILSVRC2012_img_val.tar"
@@ -190,33 +192,57 @@ class ImageNetSource:
         return [names.get(c, c) for c in classes]
 
 
-def _labelled(listing: Listing, split: str, src: ImageNetSource) -> tuple[list[tuple[str, Ref, str]], list]:
-    """(display, ref, wnid) per file plus rejects, for class-folder or flat layouts."""
+class _Labelled:
+    """One split's kept inputs as rows of its listing's FileTable plus a wnid id per row (compact)."""
+
+    def __init__(self, table: FileTable):
+        self.table = table
+        self.rows = array("q")
+        self.wnid_ids = array("i")
+        self.wnids: list[str] = []
+        self._ids: dict[str, int] = {}
+
+    def add(self, row: int, wnid: str) -> None:
+        wid = self._ids.get(wnid)
+        if wid is None:
+            wid = self._ids[wnid] = len(self.wnids)
+            self.wnids.append(wnid)
+        self.rows.append(row)
+        self.wnid_ids.append(wid)
+
+
+def _labelled(listing: Listing, split: str, src: ImageNetSource) -> tuple[_Labelled, list]:
+    """Kept rows with their wnid plus rejects, for class-folder or flat layouts."""
     rejects = list(listing.rejects)
-    files = []
-    for f in listing.files:
-        if is_hidden(f.parts):
-            rejects.append((f.display, "hidden file or folder"))
+    table = listing.files
+    files = array("q")
+    flat_count = 0
+    for i in range(len(table)):
+        parts = table.parts(i)
+        if is_hidden(parts):
+            rejects.append((table.display(i), "hidden file or folder"))
         else:
-            files.append(f)
-    flat = sum(1 for f in files if len(f.parts) == 1) * 2 > len(files)
+            files.append(i)
+            flat_count += len(parts) == 1
+    flat = flat_count * 2 > len(files)
     labels = src.val_labels() if (split == "val" and flat) else None
-    out = []
-    for f in files:
+    out = _Labelled(table)
+    for i in files:
+        parts = table.parts(i)
         if labels is not None:
-            if len(f.parts) != 1:
-                rejects.append((f.display, "unexpected folder in flat val set"))
+            if len(parts) != 1:
+                rejects.append((table.display(i), "unexpected folder in flat val set"))
                 continue
-            wnid = labels.get(Path(f.parts[0]).stem)
+            wnid = labels.get(Path(parts[0]).stem)
             if wnid is None:
-                rejects.append((f.display, "no label for this file in devkit/CSV"))
+                rejects.append((table.display(i), "no label for this file in devkit/CSV"))
                 continue
         else:
-            if len(f.parts) < 2:
-                rejects.append((f.display, "not inside a <wnid> class folder"))
+            if len(parts) < 2:
+                rejects.append((table.display(i), "not inside a <wnid> class folder"))
                 continue
-            wnid = f.parts[0]
-        out.append((f.display, f.ref, wnid))
+            wnid = parts[0]
+        out.add(i, wnid)
     return out, rejects
 
 
@@ -226,27 +252,39 @@ def scan_imagenet(src: ImageNetSource, splits: list[str]) -> tuple[dict[str, Sca
     for split in splits:
         listing, where[split] = src.list_split(split)
         raw[split] = _labelled(listing, split, src)
+        del listing
     dk = src.devkit()
     if dk is not None:
         classes = sorted(dk.names)
     elif "train" in raw:
-        classes = sorted({w for _, _, w in raw["train"][0]})
+        classes = sorted(set(raw["train"][0].wnids))
     else:
-        classes = sorted({w for _, _, w in raw["val"][0]})
+        classes = sorted(set(raw["val"][0].wnids))
     if not classes:
         raise PrepError(f"{src.src}: no ImageNet classes found")
     index = {c: i for i, c in enumerate(classes)}
     names = src.class_names(classes)
     scans = {}
-    for split, (items, rejects) in raw.items():
-        kept = []
-        for disp, ref, wnid in items:
-            if wnid in index:
-                kept.append((disp, ref, index[wnid]))
+    for split in list(raw):
+        lab, rejects = raw.pop(split)
+        table = lab.table
+        label_of = [index.get(w, -1) for w in lab.wnids]
+        rows, labels = array("q"), array("i")
+        for row, wid in zip(lab.rows, lab.wnid_ids):
+            if label_of[wid] >= 0:
+                rows.append(row)
+                labels.append(label_of[wid])
             else:
-                rejects.append((disp, f"class {wnid!r} is not one of the {len(classes)} ILSVRC2012 classes"))
-        kept.sort(key=lambda t: t[0])
-        scans[split] = Scan(classes, names, kept, sorted(rejects))
+                rejects.append((table.display(row), f"class {lab.wnids[wid]!r} is not one of the "
+                                                    f"{len(classes)} ILSVRC2012 classes"))
+        del lab
+        row_label = array("i", [-1]) * len(table)  # each listing row is kept at most once
+        for row, label in zip(rows, labels):
+            row_label[row] = label
+        sorted_rows = table.sorted_by_display(rows)  # stable, like sorting the (display, ...) tuples
+        items = LabelledItems(table, sorted_rows, (row_label[r] for r in sorted_rows))
+        del rows, labels, row_label, sorted_rows
+        scans[split] = Scan(classes, names, items, sorted(rejects))
     return scans, where
 
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from dataclasses import dataclass
+from array import array
+from typing import Sequence
 
 from .sources import Ref
 
@@ -20,43 +21,85 @@ def sample_key(split: str, index: int) -> str:
     return f"{split}_{index:08d}"
 
 
-@dataclass
 class ShardJob:
-    """One shard to build: its number and its (input index, display, ref, label) entries in write order."""
+    """One shard to build: its number and its (input index, display, ref, label) entries in write order.
 
-    split: str
-    number: int
-    entries: list[tuple[int, str, Ref, int]]
-    plan_hash: str
+    The parent keeps only the shard's input indices (int64 array) and a reference to the shared
+    items; `entries` is built on access, and a pickled job (what a worker receives) carries just
+    its own shard's entries, so only the shards in flight are ever materialised.
+    """
+
+    __slots__ = ("split", "number", "plan_hash", "_items", "_index", "_entries")
+
+    def __init__(self, split: str, number: int, entries: Sequence[tuple[int, str, Ref, int]] | None,
+                 plan_hash: str, items: Sequence[tuple[str, Ref, int]] | None = None,
+                 index: Sequence[int] | None = None):
+        self.split, self.number, self.plan_hash = split, number, plan_hash
+        self._entries = list(entries) if entries is not None else None
+        self._items = items
+        self._index = array("q", index) if index is not None else None
+
+    @property
+    def entries(self) -> list[tuple[int, str, Ref, int]]:
+        if self._entries is not None:
+            return self._entries
+        items = self._items
+        return [(i, *items[i]) for i in self._index]
+
+    def __len__(self) -> int:
+        """Planned inputs of this shard (without building its entries)."""
+        return len(self._entries) if self._entries is not None else len(self._index)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ShardJob):
+            return NotImplemented
+        return (self.split, self.number, self.plan_hash, self.entries) == \
+            (other.split, other.number, other.plan_hash, other.entries)
+
+    def __repr__(self) -> str:
+        return f"ShardJob(split={self.split!r}, number={self.number}, inputs={len(self)}, plan_hash={self.plan_hash!r})"
+
+    def __reduce__(self):
+        return (ShardJob, (self.split, self.number, self.entries, self.plan_hash))
 
 
-def plan_shards(split: str, items: list[tuple[str, Ref, int]], seed: int,
+def _size(items, i: int) -> int:
+    get = getattr(items, "size", None)
+    return get(i) if get is not None else items[i][1][2]
+
+
+def plan_shards(split: str, items: Sequence[tuple[str, Ref, int]], seed: int,
                 shard_bytes: int | None, samples_per_shard: int | None, options: dict) -> list[ShardJob]:
     """Shuffle `items` (sorted) with `seed` and cut them into shards.
 
     Keys are ``<split>_<index in sorted input order>``, so a key names the same source file whatever
     the seed. With `shard_bytes`, a shard closes once its source bytes (+ tar overhead) reach it.
+    `items` may be a list or a compact sequence (``inputs.LabelledItems``); jobs only hold indices.
     """
     order = list(range(len(items)))
     random.Random(seed).shuffle(order)
-    shards: list[list] = []
-    cur: list = []
+    order = array("q", order)  # 8 bytes per input instead of a list of int objects
+    cuts = []  # end position in `order` of each shard
+    n_cur = 0
     cur_bytes = 0
-    for i in order:
-        disp, ref, label = items[i]
-        cur.append((i, disp, ref, label))
-        cur_bytes += max(ref[2], 0) + TAR_OVERHEAD
-        full = (len(cur) >= samples_per_shard) if samples_per_shard else (cur_bytes >= (shard_bytes or 0))
+    for pos, i in enumerate(order):
+        n_cur += 1
+        cur_bytes += max(_size(items, i), 0) + TAR_OVERHEAD
+        full = (n_cur >= samples_per_shard) if samples_per_shard else (cur_bytes >= (shard_bytes or 0))
         if full:
-            shards.append(cur)
-            cur, cur_bytes = [], 0
-    if cur:
-        shards.append(cur)
+            cuts.append(pos + 1)
+            n_cur, cur_bytes = 0, 0
+    if n_cur:
+        cuts.append(len(order))
     opt_text = json.dumps(options, sort_keys=True)
     jobs = []
-    for n, entries in enumerate(shards):
+    start = 0
+    for n, end in enumerate(cuts):
+        index = order[start:end]
         h = hashlib.sha256(opt_text.encode())
-        for i, disp, ref, label in entries:
+        for i in index:
+            disp, ref, label = items[i]
             h.update(f"\n{sample_key(split, i)}\t{disp}\t{ref[2]}\t{label}".encode("utf-8", "surrogateescape"))
-        jobs.append(ShardJob(split, n, entries, h.hexdigest()))
+        jobs.append(ShardJob(split, n, None, h.hexdigest(), items=items, index=index))
+        start = end
     return jobs

@@ -8,7 +8,7 @@ from .errors import PrepError
 from .format import MANIFEST_NAME, ManifestError, index_name, load_manifest, shard_name
 from .imagefolder import Scan
 from .manifest import finalize, write_plan_record
-from .plan import plan_shards
+from .plan import ShardJob, plan_shards
 from .runner import run_jobs
 from .validate import EncodeOptions
 
@@ -31,6 +31,21 @@ def prepare_split(out: Path, split: str, source: str, scan: Scan, opts: EncodeOp
                             f"from the {len(existing['classes'])} classes of existing splits {others}; "
                             "use another OUT")
     out.mkdir(parents=True, exist_ok=True)
+    jobs, _options = plan_split(out, split, source, scan, opts, seed, shard_bytes, samples_per_shard, split_source)
+    mine = [j for j in jobs if j.number % num_tasks == task_index]
+    label = f"{split}" + (f" task {task_index}/{num_tasks}" if num_tasks > 1 else "")
+    run_jobs(out, mine, opts, workers, show_progress=show_progress, label=label)
+    if num_tasks == 1:
+        return finalize(out, [split])
+    print(f"{label}: wrote {len(mine)} of {len(jobs)} shards; run `python -m data_prep finalize {out}` "
+          "after all tasks finish", file=sys.stderr)
+    return None
+
+
+def plan_split(out: Path, split: str, source: str, scan: Scan, opts: EncodeOptions, seed: int,
+               shard_bytes: int | None, samples_per_shard: int | None,
+               split_source: str | None = None) -> tuple[list[ShardJob], dict]:
+    """Plan `split`'s shards and write its plan record: all the parent does between scan and dispatch."""
     options = {"mode": "reencode" if opts.max_side else "passthrough", "max_side": opts.max_side,
                "quality": opts.quality, "seed": seed, "shard_bytes": shard_bytes,
                "samples_per_shard": samples_per_shard}
@@ -40,13 +55,6 @@ def prepare_split(out: Path, split: str, source: str, scan: Scan, opts: EncodeOp
         "class_names": scan.class_names, "inputs": len(scan.items) + len(scan.rejects),
         "scan_rejects": [list(r) for r in scan.rejects],
         "shards": [{"name": shard_name(split, j.number), "index": index_name(split, j.number),
-                    "planned": len(j.entries), "plan_hash": j.plan_hash} for j in jobs],
+                    "planned": len(j), "plan_hash": j.plan_hash} for j in jobs],
     })
-    mine = [j for j in jobs if j.number % num_tasks == task_index]
-    label = f"{split}" + (f" task {task_index}/{num_tasks}" if num_tasks > 1 else "")
-    run_jobs(out, mine, opts, workers, show_progress=show_progress, label=label)
-    if num_tasks == 1:
-        return finalize(out, [split])
-    print(f"{label}: wrote {len(mine)} of {len(jobs)} shards; run `python -m data_prep finalize {out}` "
-          "after all tasks finish", file=sys.stderr)
-    return None
+    return jobs, options

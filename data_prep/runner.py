@@ -79,8 +79,9 @@ def build_shard(out: Path, job: ShardJob, opts: EncodeOptions) -> dict:
     """Write one shard (or reuse a verified one) and its done-record; return the record."""
     rec = done_record_ok(out, job)
     if rec is not None:
-        _count(len(job.entries), 0)
+        _count(len(job), 0)
         return rec
+    entries = job.entries  # built once: the parent's jobs hold only indices
     name, idx = shard_name(job.split, job.number), index_name(job.split, job.number)
     writer = ShardWriter(Path(out) / name, Path(out) / idx)
     rejects = []
@@ -88,7 +89,7 @@ def build_shard(out: Path, job: ShardJob, opts: EncodeOptions) -> dict:
     handles: dict = {}
     pending_n = pending_b = 0
     try:
-        for index, display, ref, label in job.entries:
+        for index, display, ref, label in entries:
             key = sample_key(job.split, index)
             try:
                 data = read_ref(ref, handles)
@@ -119,7 +120,7 @@ def build_shard(out: Path, job: ShardJob, opts: EncodeOptions) -> dict:
             f.close()
     _count(pending_n, pending_b)
     rec = {"name": name, "index": idx, "samples": writer.samples, "bytes": nbytes, "sha256": sha,
-           "plan_hash": job.plan_hash, "planned": len(job.entries), "rejects": rejects, "sources": sources}
+           "plan_hash": job.plan_hash, "planned": len(entries), "rejects": rejects, "sources": sources}
     write_json_atomic(work_dir(out, job.split) / (name + ".json"), rec)
     return rec
 
@@ -137,7 +138,7 @@ def run_jobs(out: Path, jobs: list[ShardJob], opts: EncodeOptions, workers: int,
     """
     ctx = mp.get_context("spawn")
     images, nbytes = ctx.Value("q", 0), ctx.Value("q", 0)
-    total = sum(len(j.entries) for j in jobs)
+    total = sum(len(j) for j in jobs)
     records: dict[int, dict] = {}
     with Progress(total, images, nbytes, label, enabled=show_progress):
         if workers <= 1 or len(jobs) <= 1:
@@ -150,6 +151,7 @@ def run_jobs(out: Path, jobs: list[ShardJob], opts: EncodeOptions, workers: int,
         else:
             with ctx.Pool(min(workers, len(jobs)), initializer=_init_worker, initargs=(images, nbytes),
                           maxtasksperchild=None) as pool:
-                for rec, j in zip(pool.imap(_build_star, [(out, j, opts) for j in jobs], chunksize=1), jobs):
+                tasks = ((out, j, opts) for j in jobs)  # pickled one at a time as the pool takes them
+                for rec, j in zip(pool.imap(_build_star, tasks, chunksize=1), jobs):
                     records[j.number] = rec
     return [records[j.number] for j in jobs]

@@ -11,7 +11,12 @@ import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from typing import TYPE_CHECKING
+
 from .errors import PrepError
+
+if TYPE_CHECKING:
+    from .inputs import FileTable
 
 Ref = tuple[str, int, int]
 
@@ -25,11 +30,20 @@ class FileEntry:
     ref: Ref
 
 
+def _file_table():
+    from .inputs import FileTable  # inputs builds on FileEntry above
+    return FileTable()
+
+
 @dataclass
 class Listing:
-    """All regular files of a source plus the entries refused while listing (display, reason)."""
+    """All regular files of a source plus the entries refused while listing (display, reason).
 
-    files: list[FileEntry] = field(default_factory=list)
+    `files` is a compact ``inputs.FileTable`` (append FileEntry, read back FileEntry copies), so a
+    listing of millions of files costs tens of bytes per file instead of hundreds.
+    """
+
+    files: FileTable = field(default_factory=_file_table)
     rejects: list[tuple[str, str]] = field(default_factory=list)
 
 

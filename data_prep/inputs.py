@@ -1,0 +1,146 @@
+"""Compact, append-only tables of input files, so the parent's listing stays small at ImageNet scale.
+
+A million Python ``FileEntry`` objects (tuples, strings, ints) cost ~500 bytes each; here every
+entry is a few bytes in flat buffers: display path and parts as UTF-8 (``surrogatepass``, so any
+``str`` round-trips exactly and byte order equals ``str`` order), offsets and sizes as int64 arrays,
+ref paths interned (a folder listing's ref path is its display path and is not stored twice).
+Entries come back out as the same ``FileEntry`` / tuples the rest of data_prep already uses.
+"""
+from __future__ import annotations
+
+from array import array
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from .sources import FileEntry, Ref
+
+_ENC = "utf-8"
+_ERR = "surrogatepass"
+_SAME = -1  # path index meaning "the ref path is the display path"
+
+
+def _enc(s: str) -> bytes:
+    return s.encode(_ENC, _ERR)
+
+
+def _dec(b: bytes) -> str:
+    return b.decode(_ENC, _ERR)
+
+
+class FileTable:
+    """Append-only list of ``FileEntry`` stored in flat buffers; indexing/iteration rebuild entries."""
+
+    def __init__(self) -> None:
+        self._disp = bytearray()
+        self._disp_end = array("q")
+        self._parts = bytearray()  # parts joined by NUL (never in a path component)
+        self._parts_end = array("q")
+        self._paths: list[str] = []
+        self._path_ids: dict[str, int] = {}
+        self._path = array("i")
+        self._off = array("q")
+        self._size = array("q")
+        self._no_parts: set[int] = set()  # rows whose parts tuple is empty (NUL-join cannot say)
+
+    def append(self, entry: FileEntry) -> None:
+        """Store one entry (the listers' ``files.append(FileEntry(...))`` call)."""
+        path, off, size = entry.ref
+        if path == entry.display:
+            pid = _SAME
+        else:
+            pid = self._path_ids.get(path)
+            if pid is None:
+                pid = self._path_ids[path] = len(self._paths)
+                self._paths.append(path)
+        self._disp += _enc(entry.display)
+        self._disp_end.append(len(self._disp))
+        if not entry.parts:
+            self._no_parts.add(len(self._off))
+        self._parts += _enc("\0".join(entry.parts))
+        self._parts_end.append(len(self._parts))
+        self._path.append(pid)
+        self._off.append(off)
+        self._size.append(size)
+
+    def __len__(self) -> int:
+        return len(self._off)
+
+    def display_bytes(self, i: int) -> bytes:
+        """UTF-8 (surrogatepass) of entry `i`'s display path: sorts exactly like the ``str``."""
+        start = self._disp_end[i - 1] if i else 0
+        return bytes(self._disp[start:self._disp_end[i]])
+
+    def sorted_by_display(self, rows: Sequence[int]) -> array:
+        """`rows` stably sorted by display path, exactly like ``sorted(..., key=display)``.
+
+        Uses one fixed-width numpy byte matrix (no per-row objects) when padding stays under the
+        displays' own size and no display holds a NUL (numpy pads with NULs); else Python's sort.
+        """
+        rows = array("q", rows)
+        ends = self._disp_end
+        lengths = [ends[r] - (ends[r - 1] if r else 0) for r in rows]
+        width = max(lengths, default=0)
+        if not rows or width == 0 or len(rows) * width > 2 * sum(lengths) + (1 << 20) or 0 in self._disp:
+            return array("q", sorted(rows, key=self.display_bytes))
+        del lengths
+        buf = bytearray(len(rows) * width)
+        disp = self._disp
+        for k, r in enumerate(rows):
+            start = ends[r - 1] if r else 0
+            buf[k * width:k * width + ends[r] - start] = disp[start:ends[r]]
+        order = np.frombuffer(buf, dtype=f"S{width}").argsort(kind="stable")
+        del buf
+        return array("q", np.asarray(rows, dtype=np.int64)[order].tobytes())
+
+    def display(self, i: int) -> str:
+        return _dec(self.display_bytes(i))
+
+    def parts(self, i: int) -> tuple[str, ...]:
+        if i in self._no_parts:
+            return ()
+        start = self._parts_end[i - 1] if i else 0
+        return tuple(_dec(bytes(self._parts[start:self._parts_end[i]])).split("\0"))
+
+    def ref(self, i: int, display: str | None = None) -> Ref:
+        pid = self._path[i]
+        path = (display if display is not None else self.display(i)) if pid == _SAME else self._paths[pid]
+        return (path, self._off[i], self._size[i])
+
+    def size(self, i: int) -> int:
+        return self._size[i]
+
+    def __getitem__(self, i: int) -> FileEntry:
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        disp = self.display(i)
+        return FileEntry(self.parts(i), disp, self.ref(i, disp))
+
+    def __iter__(self) -> Iterator[FileEntry]:
+        for i in range(len(self)):
+            yield self[i]
+
+
+class LabelledItems(Sequence):
+    """``Scan.items`` over a FileTable: (display, ref, label) for chosen rows, in the given order."""
+
+    def __init__(self, table: FileTable, rows: Sequence[int], labels: Sequence[int]):
+        self.table = table
+        self.rows = array("q", rows)
+        self.labels = array("i", labels)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return [self[j] for j in range(*k.indices(len(self)))]
+        row = self.rows[k]
+        disp = self.table.display(row)
+        return (disp, self.table.ref(row, disp), self.labels[k])
+
+    def size(self, k: int) -> int:
+        """Source bytes of item `k` (what the shard plan needs, without building the tuple)."""
+        return self.table.size(self.rows[k])
