@@ -11,7 +11,7 @@ import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from .errors import PrepError
 
@@ -163,21 +163,36 @@ def list_source(src: Path) -> Listing:
     raise PrepError(f"{src}: source is neither a folder nor a tar file")
 
 
-def strip_common_top(files: list[FileEntry]) -> str | None:
-    """Drop one shared top folder (e.g. ``train/``) when every file lies below it; return its name.
+def common_top(parts_of: Callable[[], Iterable[tuple[str, ...]]]) -> str | None:
+    """The one shared top folder (e.g. ``train/``) to drop from every file's parts, else None.
 
-    Stripped when all files share the first folder and at least half of them sit two levels below
-    it (``top/<class>/<file>``); stray files directly in ``top/`` then become rejects.
+    It is dropped when all files share the first folder and at least half of them sit two levels
+    below it (``top/<class>/<file>``). `parts_of()` returns a fresh iterable of the files' parts
+    (called twice), so callers with compact listings need not build a list of entries.
     """
-    if not files:
+    first = next(iter(parts_of()), None)
+    if first is None:
         return None
-    top = files[0].parts[0]
-    deep = sum(1 for f in files if len(f.parts) >= 3)
-    if all(len(f.parts) >= 2 and f.parts[0] == top for f in files) and 2 * deep >= len(files):
+    top = first[0]
+    n = deep = 0
+    shared = True
+    for parts in parts_of():
+        n += 1
+        deep += len(parts) >= 3
+        shared = shared and len(parts) >= 2 and parts[0] == top
+    return top if shared and 2 * deep >= n else None
+
+
+def strip_common_top(files: list[FileEntry]) -> str | None:
+    """Drop one shared top folder (see `common_top`) from `files`' parts in place; return its name.
+
+    Stray files directly in ``top/`` then become rejects.
+    """
+    top = common_top(lambda: (f.parts for f in files))
+    if top is not None:
         for f in files:
             f.parts = f.parts[1:]
-        return top
-    return None
+    return top
 
 
 def is_hidden(parts: tuple[str, ...]) -> bool:
