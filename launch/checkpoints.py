@@ -19,9 +19,9 @@ class CheckpointInfo:
 
 
 def checkpoint_files(run_dir: Path) -> list[Path]:
-    """Lightning checkpoints of a run, newest first: RUN_DIR/checkpoints/**.ckpt and RUN_DIR/hpc_ckpt_*.ckpt."""
+    """Checkpoints of a run, newest first: RUN_DIR/checkpoints/**.ckpt (last.ckpt, saved periodically and on
+    preemption, and the best-k). The trainer writes nothing else, so nothing else is considered."""
     files = [p for p in (run_dir / "checkpoints").rglob("*.ckpt") if p.is_file()]
-    files += [p for p in run_dir.glob("hpc_ckpt_*.ckpt") if p.is_file()]
     return sorted(files, key=lambda p: p.stat().st_mtime, reverse=True)
 
 
