@@ -85,6 +85,31 @@ def test_status_reads_only_checkpoints_dir_newest_first_and_names_unreadable_one
     assert r.returncode == 2 and "RUN_DIR:" in r.stderr
 
 
+def test_status_skips_a_checkpoint_deleted_after_listing(trained_run: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """While a job runs, ModelCheckpoint deletes a best-k file when a better one is saved: a file listed a
+    moment ago may be gone when it is read. status then reports the next newest instead of failing."""
+    import launch.checkpoints as ck
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    last = run / "checkpoints" / "last.ckpt"
+    last.write_bytes((trained_run / "checkpoints" / "epoch=0-step=3.ckpt").read_bytes())
+    best = run / "checkpoints" / "best-epoch000-step0000006-top10.5000.ckpt"
+    best.write_bytes((trained_run / "checkpoints" / "last.ckpt").read_bytes())
+    os.utime(last, (time.time() - 10, time.time() - 10))
+    listed = ck.checkpoint_files
+
+    def list_then_trainer_deletes(run_dir: Path) -> list[Path]:
+        files = listed(run_dir)
+        best.unlink()  # what ModelCheckpoint does between our listing and our read
+        return files
+
+    monkeypatch.setattr(ck, "checkpoint_files", list_then_trainer_deletes)
+    info = ck.latest_checkpoint(run)
+    assert info is not None and info.path == last and info.global_step == 3
+
+
 def _resume_line(script: str, run_dir: Path) -> str:
     """Run the script's own resume block in bash and return the checkpoint its start line reports."""
     lines = script.splitlines()
