@@ -361,7 +361,10 @@ def test_preempted_twice_resumes_to_the_same_step(slurm_cluster: SlurmCluster, d
     st = slurm_cluster.launch("status", str(run_dir))
     assert re.search(rf"^  {job}\s+train-demo\s+COMPLETED\s+\S+\s+2\s", st.stdout, re.M), st.stdout
     assert f"requeues     2 (job {job}: 2)" in st.stdout and f"global_step {STEPS}" in st.stdout
-    assert f"checkpoint   {last}  global_step {STEPS}" in st.stdout and f"W&B run id   {run_id}" in st.stdout
+    # the newest file in checkpoints/ (last.ckpt, or a best-k one written after it at the same step)
+    newest = rf"^checkpoint   {re.escape(str(last.parent))}/\S+\.ckpt  global_step {STEPS} "
+    assert re.search(newest, st.stdout, re.M), st.stdout
+    assert f"W&B run id   {run_id}" in st.stdout
 
 
 @pytest.mark.slow
