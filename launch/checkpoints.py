@@ -19,10 +19,16 @@ class CheckpointInfo:
 
 
 def checkpoint_files(run_dir: Path) -> list[Path]:
-    """Lightning checkpoints of a run, newest first: RUN_DIR/checkpoints/**.ckpt and RUN_DIR/hpc_ckpt_*.ckpt."""
-    files = [p for p in (run_dir / "checkpoints").rglob("*.ckpt") if p.is_file()]
-    files += [p for p in run_dir.glob("hpc_ckpt_*.ckpt") if p.is_file()]
-    return sorted(files, key=lambda p: p.stat().st_mtime, reverse=True)
+    """Checkpoints of a run, newest first: RUN_DIR/checkpoints/**.ckpt (last.ckpt, saved periodically and on
+    preemption, and the best-k). The trainer writes nothing else, so nothing else is considered."""
+    dated = []
+    for p in (run_dir / "checkpoints").rglob("*.ckpt"):
+        try:
+            if p.is_file():
+                dated.append((p.stat().st_mtime, p))
+        except FileNotFoundError:  # a best-k checkpoint the running trainer just replaced
+            continue
+    return [p for _, p in sorted(dated, key=lambda t: t[0], reverse=True)]
 
 
 def read_checkpoint(path: Path) -> CheckpointInfo:
@@ -40,8 +46,18 @@ def read_checkpoint(path: Path) -> CheckpointInfo:
 
 
 def latest_checkpoint(run_dir: Path) -> CheckpointInfo | None:
-    files = checkpoint_files(run_dir)
-    return read_checkpoint(files[0]) if files else None
+    """The newest checkpoint that still exists when it is read: while a job runs, ModelCheckpoint deletes
+    a best-k file as soon as a better one is saved, so a listed file may be gone a moment later. A file
+    that exists but cannot be read is still an error (LaunchError naming it)."""
+    for path in checkpoint_files(run_dir):
+        if not path.exists():
+            continue
+        try:
+            return read_checkpoint(path)
+        except LaunchError:
+            if path.exists():
+                raise
+    return None
 
 
 _THROUGHPUT = re.compile(r"(img|image|sample)s?(/|_per_|_)s(ec)?", re.IGNORECASE)

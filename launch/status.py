@@ -72,7 +72,11 @@ def report(run_dir: Path) -> str:
     if ckpt is None:
         lines.append("checkpoint   none yet")
     else:
-        when = _dt.datetime.fromtimestamp(ckpt.path.stat().st_mtime, _dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+        try:
+            mtime = ckpt.path.stat().st_mtime
+            when = _dt.datetime.fromtimestamp(mtime, _dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+        except FileNotFoundError:  # replaced by the running trainer since it was read
+            when = "since replaced"
         lines.append(f"checkpoint   {ckpt.path}  global_step {ckpt.global_step}  epoch {ckpt.epoch}  ({when})")
     tp = recent_throughput(run_dir)
     if tp is not None:

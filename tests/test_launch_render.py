@@ -72,7 +72,7 @@ def test_dry_run_4x8_gpu_job_has_what_srun_needs(tmp_path: Path, cfg: Path) -> N
     assert argv == [
         "srun", "--kill-on-bad-exit=1", sys.executable, "-m", "pipeline", "fit", "--config", str(cfg),
         "--trainer.default_root_dir", "$RUN_DIR", "--trainer.num_nodes", "4", "--trainer.devices", "8",
-        "--ckpt_path", "$CKPT", "--trainer.max_epochs", "90",
+        "--ckpt_path", "last", "--trainer.max_epochs", "90",
     ]
     for line in ("export WANDB_RESUME=allow", 'export WANDB_DIR="$RUN_DIR"', "export TORCH_NCCL_ASYNC_ERROR_HANDLING=1",
                  'export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"', f"RUN_DIR={run_dir}", f"cd {tmp_path}"):

@@ -1,5 +1,5 @@
 """`launch status` on a run directory with real Lightning checkpoints and a CSV metrics log, and the
-script's choice of checkpoint to resume from (run through bash)."""
+script's report of the checkpoint the trainer resumes from (run through bash)."""
 
 from __future__ import annotations
 
@@ -57,52 +57,84 @@ def test_status_reports_step_throughput_and_wandb_id(trained_run: Path) -> None:
     assert lines["W&B"] == "abc123xy"
 
 
-def test_status_prefers_newest_checkpoint_and_names_unreadable_ones(trained_run: Path, tmp_path: Path) -> None:
+def test_status_reads_only_checkpoints_dir_newest_first_and_names_unreadable_ones(trained_run: Path,
+                                                                                   tmp_path: Path) -> None:
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     old = run / "checkpoints" / "step=3.ckpt"
     old.write_bytes((trained_run / "checkpoints" / "epoch=0-step=3.ckpt").read_bytes())
-    hpc = run / "hpc_ckpt_1.ckpt"
-    hpc.write_bytes((trained_run / "checkpoints" / "last.ckpt").read_bytes())
-    os.utime(old, (time.time() - 100, time.time() - 100))
+    last = run / "checkpoints" / "last.ckpt"
+    last.write_bytes((trained_run / "checkpoints" / "last.ckpt").read_bytes())
+    now = time.time()
+    os.utime(old, (now - 100, now - 100))
+    os.utime(last, (now - 50, now - 50))
+    # a file left over from Lightning's own auto-requeue (off now): newest, but not where the trainer resumes from
+    stray = run / "hpc_ckpt_1.ckpt"
+    stray.write_bytes(old.read_bytes())
     r = launch("status", str(run), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert f"checkpoint   {hpc}  global_step 6" in r.stdout
-    hpc.write_bytes(b"half-written")
+    assert f"checkpoint   {last}  global_step 6" in r.stdout, r.stdout
+    os.utime(old, (now, now))  # the older step is now the newest file: status follows mtime, not names
     r = launch("status", str(run), cwd=tmp_path)
-    assert r.returncode == 2 and f"checkpoint {hpc}: cannot be read" in r.stderr and "Traceback" not in r.stderr
+    assert f"checkpoint   {old}  global_step 3" in r.stdout, r.stdout
+    os.utime(old, (now - 100, now - 100))
+    last.write_bytes(b"half-written")
+    r = launch("status", str(run), cwd=tmp_path)
+    assert r.returncode == 2 and f"checkpoint {last}: cannot be read" in r.stderr and "Traceback" not in r.stderr
     r = launch("status", str(tmp_path / "nope"), cwd=tmp_path)
     assert r.returncode == 2 and "RUN_DIR:" in r.stderr
 
 
-def _resume_choice(script: str, run_dir: Path) -> str:
-    """Run the script's own resume block in bash and return the --ckpt_path it would pass."""
+def test_status_skips_a_checkpoint_deleted_after_listing(trained_run: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """While a job runs, ModelCheckpoint deletes a best-k file when a better one is saved: a file listed a
+    moment ago may be gone when it is read. status then reports the next newest instead of failing."""
+    import launch.checkpoints as ck
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    last = run / "checkpoints" / "last.ckpt"
+    last.write_bytes((trained_run / "checkpoints" / "epoch=0-step=3.ckpt").read_bytes())
+    best = run / "checkpoints" / "best-epoch000-step0000006-top10.5000.ckpt"
+    best.write_bytes((trained_run / "checkpoints" / "last.ckpt").read_bytes())
+    os.utime(last, (time.time() - 10, time.time() - 10))
+    listed = ck.checkpoint_files
+
+    def list_then_trainer_deletes(run_dir: Path) -> list[Path]:
+        files = listed(run_dir)
+        best.unlink()  # what ModelCheckpoint does between our listing and our read
+        return files
+
+    monkeypatch.setattr(ck, "checkpoint_files", list_then_trainer_deletes)
+    info = ck.latest_checkpoint(run)
+    assert info is not None and info.path == last and info.global_step == 3
+
+
+def _resume_line(script: str, run_dir: Path) -> str:
+    """Run the script's own resume block in bash and return the checkpoint its start line reports."""
     lines = script.splitlines()
-    start = lines.index("CKPT=last")
-    block = "\n".join(lines[start:start + 3])
+    start = lines.index("CKPT=none")
+    block = "\n".join(lines[start:start + 2])
     out = subprocess.run(["bash", "-euo", "pipefail", "-c", f'RUN_DIR={run_dir}\n{block}\necho "$CKPT"'],
                          capture_output=True, text=True, check=True)
     return out.stdout.strip()
 
 
-def test_job_resumes_from_the_newest_of_hpc_and_last(tmp_path: Path) -> None:
+def test_job_resumes_from_last_ckpt_only(tmp_path: Path) -> None:
     cfg = tmp_path / "c.yaml"
     cfg.write_text("trainer: {}\n")
     run = tmp_path / "run"
     r = launch("submit", "train", "--config", str(cfg), "--gpus-per-node", "0", "--time", "00:10:00",
                "--signal-lead", "60", "--run-dir", str(run), "--dry-run", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
     script = r.stdout
+    assert "hpc_ckpt" not in script
+    assert script.rstrip().endswith("--ckpt_path last")  # the trainer resumes from checkpoints/last.ckpt itself
     run.mkdir()
-    assert _resume_choice(script, run) == "last"  # nothing yet: Lightning starts fresh
+    assert _resume_line(script, run) == "none"  # nothing yet: the trainer starts fresh
+    (run / "hpc_ckpt_1.ckpt").write_bytes(b"x")  # not the trainer's any more: ignored
     (run / "checkpoints").mkdir()
-    last = run / "checkpoints" / "last.ckpt"
-    last.write_bytes(b"x")
-    assert _resume_choice(script, run) == "last"
-    now = time.time()
-    for n, age in ((1, 50), (2, 20)):  # USR1 twice: Lightning wrote hpc_ckpt_1 then hpc_ckpt_2
-        (run / f"hpc_ckpt_{n}.ckpt").write_bytes(b"x")
-        os.utime(run / f"hpc_ckpt_{n}.ckpt", (now - age, now - age))
-    os.utime(last, (now - 30, now - 30))
-    assert _resume_choice(script, run) == str(run / "hpc_ckpt_2.ckpt")
-    os.utime(last, (now, now))  # training went on and checkpointed after the requeue
-    assert _resume_choice(script, run) == "last"
+    (run / "checkpoints" / "best-epoch000-step0000005-top10.1000.ckpt").write_bytes(b"x")
+    assert _resume_line(script, run) == "none"
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    assert _resume_line(script, run) == str(run / "checkpoints" / "last.ckpt")
