@@ -1,7 +1,9 @@
 """Preemption: on SIGUSR1/SIGTERM save ``last.ckpt`` at the next batch boundary, requeue, stop cleanly.
 
 The signal handler only sets a flag (nothing else is safe inside a handler: a collective or a file write
-there can deadlock or tear a checkpoint). After every optimizer step all ranks all-reduce the flag (MAX),
+there can deadlock or tear a checkpoint) and, on SIGTERM, detaches the W&B logger: Slurm sends SIGTERM to
+every process of the job step, W&B's service process included, and a later log call to the dead service
+would raise before the checkpoint is saved. After every optimizer step all ranks all-reduce the flag (MAX),
 so they agree on the step at which to stop even when only some of them got the signal. Then all ranks
 save ``last.ckpt`` (rank 0 writes the file; DeepSpeed writes every rank's shard), rank 0 calls
 ``scontrol requeue $SLURM_JOB_ID`` once when running under Slurm, and the trainer stops without a
@@ -23,6 +25,7 @@ import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.loggers import WandbLogger
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +45,18 @@ class Preemption(Callback):
         self.received: int | None = None
         self.preempted = False
         self._previous: dict[int, object] = {}
+        self._trainer: pl.Trainer | None = None
 
-    # ---- the handler: a flag, nothing else ------------------------------------------------------------
+    # ---- the handler: a flag (and no more W&B after SIGTERM) ------------------------------------------
     def _handler(self, signum, frame) -> None:
         if self.received is None:
             self.received = signum
+        if signum == signal.SIGTERM and self._trainer is not None:
+            self._trainer.loggers = [lg for lg in self._trainer.loggers if not isinstance(lg, WandbLogger)]
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Lightning registers its handlers just before the run stage; ours replace them while training.
+        self._trainer = trainer
         for s in self.signals:
             try:
                 self._previous[s] = signal.signal(s, self._handler)
@@ -107,6 +114,10 @@ def requeue_slurm_job(job_id: str) -> bool:
     except (OSError, subprocess.TimeoutExpired) as e:
         log.error("requeue of Slurm job %s failed: %s", job_id, e)
         return False
+    if proc.returncode != 0 and "pending" in proc.stderr.lower():
+        # a hard requeue (scontrol requeue from outside, SIGTERM) got there first: the job is back already
+        log.warning("Slurm job %s is already pending again: %s", job_id, proc.stderr.strip())
+        return True
     if proc.returncode != 0:
         log.error("requeue of Slurm job %s failed (exit %d): %s", job_id, proc.returncode, proc.stderr.strip())
         return False

@@ -68,3 +68,28 @@ def test_one_wandb_run_across_restarts_metrics_and_no_secret(digits_shards, tmp_
     assert FAKE_KEY not in resumed.stdout + resumed.stderr
     leaks = [p for p in run.rglob("*") if p.is_file() and FAKE_KEY.encode() in p.read_bytes()]
     assert not leaks, f"API key found in {leaks}"
+
+
+def test_sigterm_detaches_wandb_before_the_preemption_save(tmp_path):
+    """Slurm's SIGTERM also ends W&B's service process: after it, no log call may reach W&B."""
+    import os
+    import signal
+
+    import pytorch_lightning as pl
+    from pytorch_lightning.loggers import CSVLogger, WandbLogger
+
+    from pipeline.preemption import Preemption
+
+    wandb_logger = WandbLogger(save_dir=str(tmp_path), offline=True)
+    csv_logger = CSVLogger(str(tmp_path))
+    trainer = pl.Trainer(logger=[wandb_logger, csv_logger], accelerator="cpu", enable_progress_bar=False)
+    cb = Preemption(tmp_path / "last.ckpt", requeue=False)
+    cb.on_train_start(trainer, None)
+    try:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert cb.received == signal.SIGUSR1 and wandb_logger in trainer.loggers, "USR1 keeps W&B"
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert trainer.loggers == [csv_logger]
+    finally:
+        cb.on_train_end(trainer, None)
+    assert signal.getsignal(signal.SIGTERM) is not cb._handler
