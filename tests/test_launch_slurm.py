@@ -1,12 +1,9 @@
 """The launcher against a real two-node Slurm cluster (tools/slurm_cluster.sh): jobs really run.
-
-Tests that need the trainer (`python -m pipeline`) or data_prep skip until those modules exist.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import re
@@ -22,12 +19,6 @@ import pytest
 from tests.slurm_fixtures import REPO, SlurmCluster, slurm_cluster  # noqa: F401  (session fixture)
 
 CIFAR_TRAIN = REPO.parent / "shared" / "data" / "cifar10" / "cifar10-train.tar"  # CI: beside the clone
-
-
-def needs_module(name: str) -> None:
-    """Skip while a sibling package's command-line entry point is not on this branch yet."""
-    if importlib.util.find_spec(name) is None:
-        pytest.skip(f"{name} is not on this branch yet")
 
 
 ARGV_DUMP = """\
@@ -177,9 +168,7 @@ def _manifest_view(out: Path) -> dict:
 
 @pytest.mark.slow
 def test_prep_array_plus_finalize_matches_single_process(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
-    needs_module("data_prep.__main__")
-    if not CIFAR_TRAIN.is_file():
-        pytest.skip(f"{CIFAR_TRAIN} not available")
+    assert CIFAR_TRAIN.is_file(), f"{CIFAR_TRAIN} is missing (CI lays ../shared beside the clone)"
     src = _cifar_imagefolder(tmp_path / "src", per_class=12)
     opts = ["--split", "train", "--samples-per-shard", "16"]
     single = tmp_path / "single"
@@ -218,12 +207,7 @@ STEPS = 30  # optimizer steps of every demo run below; last.ckpt every 5 steps
 
 
 def _needs_trainer() -> Path:
-    needs_module("pipeline.__main__")
-    needs_module("data_prep.__main__")
-    cfg = REPO / "conf" / "demo.yaml"
-    if not cfg.is_file():
-        pytest.skip("conf/demo.yaml is not on this branch yet")
-    return cfg
+    return REPO / "conf" / "demo.yaml"
 
 
 @pytest.fixture(scope="module")

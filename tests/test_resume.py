@@ -3,13 +3,11 @@ writes, clear errors for incompatible resumes, the global batch kept across worl
 
 from __future__ import annotations
 
-import io
 import os
 import random
 import shutil
 import signal
 import time
-from pathlib import Path
 
 import pytest
 import torch
