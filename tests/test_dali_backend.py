@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("nvidia.dali")
+import nvidia.dali  # noqa: E402,F401  (a dependency: `make setup` installs the gpu extra)
 
 from pipeline.data.augment import AugmentConfig  # noqa: E402
 from pipeline.data.contract import PAD, Position, TrainSampler, ValSampler  # noqa: E402
