@@ -34,6 +34,7 @@ sys.path.insert(0, str(REPO))
 from pipeline.data.augment import AugmentConfig  # noqa: E402
 from pipeline.data.contract import TrainSampler  # noqa: E402
 from pipeline.data.shards import ShardSet  # noqa: E402
+from photos import photo_variant  # noqa: E402
 
 
 # ---- data -------------------------------------------------------------------------------------------
@@ -55,15 +56,7 @@ def _write_range(job: tuple[str, int, int, int]) -> int:
     sources = _sources()
     for i in range(lo, hi):
         rng = np.random.default_rng([7, i])
-        src = sources[i % len(sources)]
-        size = (375, 500) if i % 4 == 3 else (500, 375)
-        h, w = src.shape[:2]
-        cw = int(rng.integers(w // 3, w))
-        ch = min(h, int(cw * size[1] / size[0]))
-        x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-        img = Image.fromarray(src[y : y + ch, x : x + cw]).resize(size, Image.Resampling.BILINEAR)
-        if rng.random() < 0.5:
-            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        img = photo_variant(sources[i % len(sources)], i, rng, Image.Resampling.BILINEAR)
         out = Path(folder) / f"c{i % classes:03d}" / f"{i:07d}.jpg"
         out.parent.mkdir(parents=True, exist_ok=True)
         img.save(out, quality=int(rng.integers(80, 95)))

@@ -28,6 +28,7 @@ sys.path.insert(0, str(REPO))
 from pipeline.data.augment import AugmentConfig  # noqa: E402
 from pipeline.data.contract import TrainSampler  # noqa: E402
 from pipeline.data.shards import ShardSet  # noqa: E402
+from photos import photo_variant  # noqa: E402
 
 
 def make_photos(folder: Path, n: int, classes: int = 8, seed: int = 0) -> None:
@@ -40,15 +41,7 @@ def make_photos(folder: Path, n: int, classes: int = 8, seed: int = 0) -> None:
     sources = load_sample_images().images
     rng = np.random.default_rng(seed)
     for i in range(n):
-        src = sources[i % len(sources)]
-        size = (375, 500) if i % 4 == 3 else (500, 375)
-        h, w = src.shape[:2]
-        cw = int(rng.integers(w // 3, w))
-        ch = min(h, int(cw * size[1] / size[0]))
-        x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-        img = Image.fromarray(src[y : y + ch, x : x + cw]).resize(size, Image.Resampling.BICUBIC)
-        if rng.random() < 0.5:
-            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        img = photo_variant(sources[i % len(sources)], i, rng, Image.Resampling.BICUBIC)
         out = folder / f"c{i % classes}" / f"{i:06d}.jpg"
         out.parent.mkdir(parents=True, exist_ok=True)
         img.save(out, quality=int(rng.integers(80, 95)))
