@@ -140,8 +140,8 @@ def main(argv: list[str] | None = None) -> int:
           f" {os.cpu_count()} CPUs, best of {args.repeats}, load average {load:.1f}")
     print(f"| {'loader':<34} | {'img/s':>7} | {'x baseline':>10} | {'CPU-ms/img':>10} | {'x baseline':>10} |")
     print(f"|{'-' * 36}|{'-' * 9}|{'-' * 12}|{'-' * 12}|{'-' * 12}|")
-    label = {"baseline": "webdataset + PIL + v2 (DataLoader)", "cpu": "cpu (PIL, DataLoader workers)",
-             "dali-cpu": "dali-cpu (DALI threads)", "synthetic": "synthetic (no decoding)"}
+    label = {"baseline": "webdataset + PIL + v2 (DataLoader)", "cpu": "cpu (DataLoader workers)",
+             "dali-cpu": "dali-cpu (DALI threads + torch)", "synthetic": "synthetic (no decoding)"}
     for name in names:
         ratio = f"{best[name] / best['baseline']:.2f}" if "baseline" in best else "-"
         cratio = f"{cost['baseline'] / cost[name]:.2f}" if "baseline" in cost and cost[name] > 0 else "-"

@@ -49,6 +49,9 @@ def dali(shards: ShardSet, sampler, cfg: AugmentConfig, train: bool, **kw) -> Da
 
 
 def denormalize(x: torch.Tensor, cfg: AugmentConfig) -> torch.Tensor:
+    """Pixel values 0..255 of a batch: dali-cpu yields uint8 as is; float batches (the GPU's) are normalised."""
+    if x.dtype == torch.uint8:
+        return x.float()
     mean = torch.tensor(cfg.mean).view(1, 3, 1, 1) * 255
     std = torch.tensor(cfg.std).view(1, 3, 1, 1) * 255
     return x.float() * std + mean
@@ -118,7 +121,7 @@ def test_yields_the_contract_order_epoch_after_epoch(digits_shards, py_workers):
         got = list(loader)
         assert len(got) == len(expected)
         for (images, lab, valid), ids in zip(got, expected):
-            assert images.shape == (50, 3, 32, 32) and images.dtype == torch.float32
+            assert images.shape == (50, 3, 32, 32) and images.dtype == torch.uint8
             assert images.is_contiguous(memory_format=torch.channels_last)
             assert lab.dtype == torch.int64 and bool(valid.all())
             assert lab.tolist() == labels[ids].tolist()
@@ -165,6 +168,19 @@ def test_decoded_pixels_match_pil(photo_shards):
         assert diff.max() < 0.51, f"DALI and PIL decode differently (max diff {diff.max():.2f})"
 
 
+def test_imagenet_evaluation_equals_the_cpu_backend(photo_shards):
+    """Resize the shorter side + centre crop: DALI decodes, torchvision resizes, as in the cpu backend, so
+    dali-cpu's evaluation batches are the cpu backend's, bit for bit; DALI's own resize is close."""
+    shards = ShardSet(photo_shards, "val")
+    sampler = ValSampler(len(shards), world_size=1, rank=0, batch_size=16)
+    ref = ShardBatches(shards, IMAGENET_SMALL, train=False, seed=7)
+    for resize, tolerance in (("torch", 0.0), ("dali", 2.0)):
+        for (images, _, valid), rows in zip(dali(shards, sampler, IMAGENET_SMALL, train=False, resize=resize), sampler):
+            want = ref[rows][0].float()
+            diff = (denormalize(images, IMAGENET_SMALL) - want).abs()[valid]
+            assert diff.mean() <= tolerance, f"{resize}: mean diff {diff.mean():.3f}"
+
+
 def test_cifar_training_augmentation_equals_the_cpu_backend(photo_shards):
     """Pad 4 + random crop + flip: the same draws per sample, so the same pixels (no resampling)."""
     shards = ShardSet(photo_shards, "train")
@@ -179,14 +195,17 @@ def test_cifar_training_augmentation_equals_the_cpu_backend(photo_shards):
     assert flipped > 0
 
 
-@pytest.mark.parametrize("roi_decode", [True, False], ids=["roi-decode", "resize-roi"])
-def test_random_resized_crops_match_the_cpu_backend(photo_shards, roi_decode):
-    """The same crop windows and flips as PIL's path, per sample, over ~1,000 crops (7 epochs): the
-    images differ only by the resampling filters, far less than different crops do. Both ways of
-    cutting the window (decode only it: the CPU's default; decode all, cut in the resize: the GPU's)."""
+@pytest.mark.parametrize(("resize", "roi_decode"), [("torch", True), ("dali", True), ("dali", False)],
+                         ids=["dali-cpu", "dali-resize-roi-decode", "gpu-graph"])
+def test_random_resized_crops_match_the_cpu_backend(photo_shards, resize, roi_decode):
+    """The same crop windows and flips as the cpu backend, per sample, over ~1,000 crops (7 epochs): the
+    images differ only by decoding the window alone and by the resampling filters, far less than
+    different crops do. dali-cpu's way (DALI decodes the window, torchvision resizes), and DALI's own
+    resize after decoding the window or after decoding all and cutting the window in the resize (the
+    GPU's graph, run here on the CPU). dali-cpu's are the cpu backend's, bit for bit."""
     shards = ShardSet(photo_shards, "train")
     sampler = TrainSampler(shards.shard_sizes, seed=0, world_size=1, rank=0, batch_size=40)
-    loader = dali(shards, sampler, IMAGENET_SMALL, train=True, roi_decode=roi_decode)
+    loader = dali(shards, sampler, IMAGENET_SMALL, train=True, roi_decode=roi_decode, resize=resize)
     pil = ShardBatches(shards, IMAGENET_SMALL, train=True, seed=7)
     same, other = [], []
     for epoch in range(7):
@@ -200,6 +219,8 @@ def test_random_resized_crops_match_the_cpu_backend(photo_shards, roi_decode):
     assert len(same) == 7 * 160
     assert same.mean() < 2.0 and same.max() < 6.0, f"crops differ: mean {same.mean():.2f} max {same.max():.2f}"
     assert other.mean() > 10 * same.mean()
+    if resize == "torch":  # libjpeg-turbo's window decode gives the whole decode's pixels: identical batches
+        assert same.max() == 0
 
 
 def test_crop_windows_follow_the_shared_draws(photo_shards):

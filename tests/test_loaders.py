@@ -125,3 +125,53 @@ def test_augment_config_checks_the_recipe(recipe):
             AugmentConfig(recipe=recipe)
     else:
         assert AugmentConfig(recipe=recipe).train_size == 224
+
+
+# ---- the cpu backend's decoder and resize against PIL ------------------------------------------------
+def _pil_rgb(data: bytes) -> np.ndarray:
+    import io
+
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def test_decode_rgb_gives_pils_pixels_and_refuses_what_pil_refuses():
+    """libjpeg-turbo through torchvision for whole JPEGs, PIL for the rest: the same pixels as PIL for
+    baseline, progressive, 4:4:4, low-quality, greyscale JPEGs and PNG; an error where PIL has one."""
+    from pipeline.data.cpu_backend import decode_rgb
+    from tests.fixtures_images import jpeg_bytes, photos, png_bytes
+
+    img = photos(1, (123, 77), seed=4)[0]
+    cases = [jpeg_bytes(img), jpeg_bytes(img, progressive=True), jpeg_bytes(img, subsampling=0),
+             jpeg_bytes(img, quality=30), jpeg_bytes(img.convert("L")), png_bytes(img)]
+    for data in cases:
+        got = decode_rgb(data)
+        assert got.dtype == torch.uint8 and tuple(got.shape) == (3, 77, 123)
+        assert np.array_equal(got.permute(1, 2, 0).numpy(), _pil_rgb(data))
+    for broken in (b"", b"not an image", jpeg_bytes(img)[:200]):
+        with pytest.raises(Exception):
+            _pil_rgb(broken)
+        with pytest.raises(Exception):
+            decode_rgb(broken)
+
+
+def test_cpu_random_resized_crop_equals_pil_resampling():
+    """The uint8 tensor path of the cpu backend against torchvision's RandomResizedCrop on a PIL image
+    (crop the box, then PIL's antialiased bilinear resize): at most 1 level apart per pixel."""
+    import io
+
+    from PIL import Image
+
+    from pipeline.data.cpu_backend import augment_train, decode_rgb
+    from tests.fixtures_images import jpeg_bytes, photos
+
+    cfg = AugmentConfig(recipe="imagenet", train_size=64)
+    for i, img in enumerate(photos(12, (160, 120), seed=8)):
+        data = jpeg_bytes(img)
+        ours = augment_train(decode_rgb(data), cfg, sample_rng(3, 0, i)).permute(1, 2, 0).numpy().astype(int)
+        top, left, h, w, flip = train_params(cfg, 160, 120, sample_rng(3, 0, i))
+        ref = Image.open(io.BytesIO(data)).convert("RGB").crop((left, top, left + w, top + h))
+        ref = ref.resize((64, 64), Image.BILINEAR)
+        ref = np.asarray(ref.transpose(Image.FLIP_LEFT_RIGHT) if flip else ref).astype(int)
+        assert np.abs(ours - ref).max() <= 1, f"photo {i}: {np.abs(ours - ref).max()}"

@@ -11,14 +11,18 @@ run augments each sample as the uninterrupted one would. With ``py_workers > 0``
 DALI's parallel worker processes (spawned; they keep running across epochs, the pipeline is reset with
 the next plan); with ``py_workers=0`` it runs inline.
 
-The per-sample Python is the byte reading and the header parse in the source; decoding, cropping,
-resizing, flipping and normalising are DALI operators (on the GPU for "dali").
+The per-sample Python is the byte reading and the header parse in the source; on the GPU decoding,
+cropping, resizing, flipping and normalising are DALI operators. On the CPU ("dali-cpu") DALI decodes
+(only the crop window, for imagenet training) and the imagenet resizes are done by torchvision's
+vectorised uint8 kernel (``resize="torch"``, the cpu backend's own transforms): DALI's CPU resize costs
+about three times as much per image (bench/loader.py). ``resize="dali"`` runs the GPU's graph on the CPU
+(the tests use it to check that graph without a GPU).
 
 Corrupt samples: the source checks each JPEG's structure (SOI, a frame header with a size, an EOI after
 it). A sample failing that is never given to DALI: "fail" raises ``CorruptSampleError`` naming the shard,
 "skip" masks it (valid=False, a good sample of the batch stands in), logs and counts it. A sample that
 passes the check but that DALI's decoder rejects stops the pipeline; that batch is then decoded by the
-cpu backend's PIL path (which raises or masks per sample, under the same policy) and a fresh pipeline
+cpu backend's decoder (which raises or masks per sample, under the same policy) and a fresh pipeline
 continues with the next batch. Damage PIL and libjpeg decode without an error (flipped bits in the
 entropy-coded data) is not detected by either backend.
 """
@@ -33,10 +37,11 @@ import weakref
 
 import numpy as np
 import torch
+import torchvision.transforms.v2.functional as TF
 
 from pipeline.data.augment import AugmentConfig
 from pipeline.data.contract import PAD
-from pipeline.data.cpu_backend import CorruptSampleError, ShardBatches
+from pipeline.data.cpu_backend import CorruptSampleError, ShardBatches, augment_eval
 from pipeline.data.dali_source import BatchSource
 from pipeline.data.shards import ShardSet
 
@@ -45,8 +50,9 @@ log = logging.getLogger(__name__)
 class DaliLoader:
     """An iterable of (images, labels, valid) per step of the sampler, made by a DALI pipeline.
 
-    images: float16 (GPU) or float32 (CPU), normalised with ``cfg.mean``/``cfg.std``, shape (B, 3, H, W) in
-    channels_last memory. labels: int64. valid: bool, False for padding and skipped corrupt samples.
+    images: float16 normalised with ``cfg.mean``/``cfg.std`` (GPU), or uint8 like the cpu backend's (CPU: the
+    module normalises them), shape (B, 3, H, W) in channels_last memory. labels: int64. valid: bool, False
+    for padding and skipped corrupt samples.
 
     Args:
         shards: the split's samples.
@@ -64,6 +70,8 @@ class DaliLoader:
         roi_decode: decode only the crop window (imagenet training); default on the CPU, where it saves
             decoding work. On the GPU whole images are decoded (the hardware decoder takes no regions) and
             the resize cuts the window; the window and the result are the same up to resampling.
+        resize: where the imagenet recipe's resizes run: "dali" (``fn.resize``) or "torch" (torchvision on
+            DALI's decoded window, in this process; CPU only). Default: "torch" on the CPU, "dali" on the GPU.
     """
 
     batch_sampler = None  # Lightning looks for a sampler or a batch sampler to call set_epoch on
@@ -82,6 +90,7 @@ class DaliLoader:
         py_workers: int | None = None,
         prefetch: int = 2,
         roi_decode: bool | None = None,
+        resize: str | None = None,
     ) -> None:
         if on_corrupt not in ("fail", "skip"):
             raise ValueError(f"data.on_corrupt must be 'fail' or 'skip', got {on_corrupt!r}")
@@ -95,6 +104,11 @@ class DaliLoader:
         self.py_workers = int(py_workers)
         self.prefetch = max(1, int(prefetch))
         self.roi_decode = cpu if roi_decode is None else bool(roi_decode)
+        resize = resize or ("torch" if cpu else "dali")
+        if resize not in ("dali", "torch") or (resize == "torch" and not cpu):
+            raise ValueError(f"resize must be 'dali' or, on the CPU, 'torch'; got {resize!r}")
+        # torchvision finishes the imagenet recipe; cifar needs no resampling and stays in DALI
+        self.torch_resize = resize == "torch" and cfg.recipe == "imagenet"
         self.size = cfg.train_size if train else cfg.val_size
         self.corrupt_seen = 0
         self._plan_dir = tempfile.mkdtemp(prefix="dali-plan-")
@@ -121,12 +135,15 @@ class DaliLoader:
         source = BatchSource(self.shards, self._plan_dir, cfg, train, self.seed)
         mean = [255.0 * m for m in cfg.mean]
         std = [255.0 * s for s in cfg.std]
-        dtype = types.FLOAT if cpu else types.FLOAT16
+        dtype = types.UINT8 if cpu else types.FLOAT16
+        if cpu:  # uint8 out, as the cpu backend: the module normalises
+            mean, std = [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]
         dec = "cpu" if cpu else "mixed"
         hw = {} if cpu else {"hw_decoder_load": self.hw_decoder_load}
         linear = dict(interp_type=types.INTERP_LINEAR, antialias=True)
         size = self.size
         roi_decode = self.roi_decode
+        torch_resize = self.torch_resize
         # shared memory per sample for the workers' results (DALI grows it when a batch needs more)
         hint = int(1.5 * float(self.shards.sizes.mean())) + 1024 if len(self.shards) else 1 << 16
         extra = {"py_num_workers": self.py_workers, "py_start_method": "spawn"} if parallel else {}
@@ -147,6 +164,15 @@ class DaliLoader:
                     source=source, num_outputs=3, batch=True, batch_info=True, **es
                 )
                 flip = 0
+            if torch_resize:  # DALI decodes (the window, in training); _finish_in_torch resizes
+                if train:
+                    images = fn.decoders.image_slice(
+                        jpegs, anchor, shape, device=dec, output_type=types.RGB, axis_names="HW",
+                        normalized_anchor=False, normalized_shape=False, adjust_orientation=False,
+                    )
+                    return images, flip, labels, valid
+                images = fn.decoders.image(jpegs, device=dec, output_type=types.RGB, adjust_orientation=False)
+                return images, labels, valid
             if train and cfg.recipe == "imagenet" and roi_decode:
                 # decode only the random-resized-crop window, then scale it to the training size
                 images = fn.decoders.image_slice(
@@ -216,7 +242,7 @@ class DaliLoader:
                 outs = self._pipe.run()
             except StopIteration:
                 raise RuntimeError(f"the DALI pipeline ended after {step} of {len(plan)} batches") from None
-            except Exception as e:  # a decoder error: this batch by PIL, then a fresh pipeline
+            except Exception as e:  # a decoder error: this batch by the cpu backend, then a fresh pipeline
                 self._close()
                 yield self._cpu_batch(plan[step], e)
                 yield from self._epoch(plan[step + 1 :])
@@ -228,6 +254,8 @@ class DaliLoader:
             self._clean = True
 
     def _to_torch(self, outs, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.torch_resize:
+            return self._finish_in_torch(outs, rows)
         images, labels, valid = (o.as_tensor() for o in outs)
         if getattr(self._pipe, "exec_dynamic", False):  # outputs own their memory: share it, no copy
             with self._device:
@@ -235,7 +263,7 @@ class DaliLoader:
         else:  # the buffers are recycled by the next run: copy
             from nvidia.dali.plugin.pytorch import feed_ndarray
 
-            out = torch.empty(images.shape(), dtype=torch.float32 if self.cpu else torch.float16, device=self._device)
+            out = torch.empty(images.shape(), dtype=torch.uint8 if self.cpu else torch.float16, device=self._device)
             feed_ndarray(images, out, cuda_stream=None if self.cpu else torch.cuda.current_stream(self._device))
         lab = torch.from_numpy(np.array(labels, copy=True))
         ok = torch.from_numpy(np.array(valid, copy=True).astype(bool))
@@ -243,6 +271,30 @@ class DaliLoader:
         if not self.cpu:
             lab, ok = lab.to(self._device, non_blocking=True), ok.to(self._device, non_blocking=True)
         return out.permute(0, 3, 1, 2), lab, ok  # NCHW shape, channels_last memory
+
+    def _finish_in_torch(self, outs, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """CPU, imagenet recipe: resize (and flip) DALI's decoded windows or images with the cpu backend's
+        torchvision transforms, into a uint8 channels_last batch."""
+        if self.train:
+            decoded, flips, labels, valid = outs
+            flips = np.asarray(flips.as_tensor())
+        else:
+            decoded, labels, valid = outs
+        size = self.size
+        batch = torch.empty((len(decoded), size, size, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
+        for i in range(len(decoded)):
+            x = torch.from_numpy(np.asarray(decoded[i])).permute(2, 0, 1)  # HWC memory: a channels_last view
+            if self.train:
+                x = TF.resize(x, [size, size], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+                if flips[i]:
+                    x = TF.horizontal_flip(x)
+            else:
+                x = augment_eval(x, self.cfg)
+            batch[i].copy_(x)
+        lab = torch.from_numpy(np.array(labels.as_tensor(), copy=True))
+        ok = torch.from_numpy(np.array(valid.as_tensor(), copy=True).astype(bool))
+        self._check_corrupt(rows[0], ok.numpy())
+        return batch, lab, ok
 
     def _check_corrupt(self, ids: np.ndarray, valid: np.ndarray) -> None:
         for j in np.flatnonzero(~valid & (ids != PAD)):
@@ -254,7 +306,7 @@ class DaliLoader:
             self.corrupt_seen += 1
 
     def _cpu_batch(self, rows: np.ndarray, error: Exception) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The batch DALI failed on, decoded sample by sample with PIL under the same corrupt policy."""
+        """The batch DALI failed on, decoded sample by sample by the cpu backend under the same corrupt policy."""
         cpu = ShardBatches(self.shards, self.cfg, self.train, self.seed, self.on_corrupt)
         try:
             images, labels, valid = cpu[rows]
@@ -263,11 +315,12 @@ class DaliLoader:
         bad = int((~valid.numpy() & (rows[0] != PAD)).sum())
         self.corrupt_seen += bad  # ShardBatches logged each one with its shard
         if bad == 0:
-            log.warning("DALI failed on a batch that PIL decodes (%s); used PIL for it", _first_line(error))
+            log.warning("DALI failed on a batch that the cpu backend decodes (%s); used it for that batch", _first_line(error))
+        if self.cpu:  # uint8, as the pipeline's own batches
+            return images.contiguous(memory_format=torch.channels_last), labels, valid
         mean = torch.tensor(self.cfg.mean).view(1, 3, 1, 1) * 255
         std = torch.tensor(self.cfg.std).view(1, 3, 1, 1) * 255
-        dtype = torch.float32 if self.cpu else torch.float16
-        x = ((images.float() - mean) / std).to(self._device, dtype).contiguous(memory_format=torch.channels_last)
+        x = ((images.float() - mean) / std).to(self._device, torch.float16).contiguous(memory_format=torch.channels_last)
         return x, labels.to(self._device), valid.to(self._device)
 
 
