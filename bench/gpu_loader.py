@@ -112,6 +112,8 @@ def decode_rate(loader, steps: int, warmup: int, device: torch.device) -> float:
 
 def make_step(model: torch.nn.Module, opt: torch.optim.Optimizer, device: torch.device):
     def step(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if images.dtype == torch.uint8:  # dali-cpu (--dry-run) yields uint8, as the module normalises them
+            images = (images.float() - 127.5) / 64.0
         with torch.autocast(device.type, dtype=torch.bfloat16):
             loss = F.cross_entropy(model(images), labels)
         loss.backward()
