@@ -1,16 +1,21 @@
-"""Atomic checkpoint files: a kill or an error during a save leaves the previous checkpoint intact.
+"""Atomic checkpoints: a kill or an error during a save leaves the previous checkpoint intact.
 
 Lightning's ``TorchCheckpointIO`` writes through an fsspec transaction whose temporary file lives in the
 system temp directory; on commit it is *moved*, which is a copy (not atomic) when the run directory is on
 another file system (the usual case on a cluster: /tmp is local, runs are on a shared FS), and nothing is
 fsynced. Here the bytes go to a temporary file next to the target, are fsynced, then ``os.replace``d over
 the target (atomic on POSIX), and the directory entry is fsynced.
+
+DeepSpeed checkpoints are directories that every rank writes into. They are written to ``<name>.partial``,
+fsynced, and swapped in by two renames (``<name>`` -> ``<name>.old``, ``<name>.partial`` -> ``<name>``);
+``recover_directories`` repairs a crash between the two renames at the next start.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -19,6 +24,8 @@ import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
 TMP_PREFIX = ".tmp-"
+PARTIAL = ".partial"  # a checkpoint directory being written
+OLD = ".old"  # the previous checkpoint directory, during the swap
 
 
 def atomic_write_bytes(data: bytes | memoryview, path: str | Path) -> None:
@@ -38,11 +45,70 @@ def atomic_write_bytes(data: bytes | memoryview, path: str | Path) -> None:
         except FileNotFoundError:
             pass
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make renames and new entries in a directory durable."""
+    dir_fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def fsync_tree(path: str | Path) -> None:
+    """fsync every file and directory under ``path`` (what this process wrote reaches the disk or server)."""
+    for root, _, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(root)
+
+
+def partial_path(final: str | Path) -> Path:
+    final = Path(final)
+    return final.with_name(final.name + PARTIAL)
+
+
+def replace_directory(partial: str | Path, final: str | Path) -> None:
+    """Swap the complete directory ``partial`` in for ``final`` (which may not exist yet)."""
+    partial, final = Path(partial), Path(final)
+    old = final.with_name(final.name + OLD)
+    if old.exists():  # left by an earlier crash after both renames: ``final`` is whole
+        shutil.rmtree(old)
+    if final.exists():
+        os.rename(final, old)
+    os.rename(partial, final)  # a crash before this line: recover_directories puts ``old`` back
+    fsync_dir(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_directories(folder: str | Path) -> list[Path]:
+    """After a crash during a directory save: ``X.old`` without ``X`` becomes ``X`` again (the last whole
+    checkpoint) and unfinished ``X.partial`` directories are removed. Safe to run from every rank at once
+    (before training starts, when no save can be in flight). Returns the checkpoints put back."""
+    folder = Path(folder)
+    restored = []
+    if not folder.is_dir():
+        return restored
+    for entry in sorted(folder.iterdir()):
+        if entry.name.endswith(OLD) and entry.is_dir():
+            final = entry.with_name(entry.name[: -len(OLD)])
+            if not final.exists():
+                try:
+                    os.rename(entry, final)
+                    restored.append(final)
+                except FileNotFoundError:  # another rank put it back first
+                    pass
+            else:
+                shutil.rmtree(entry, ignore_errors=True)
+        elif entry.name.endswith(PARTIAL) and entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+    return restored
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -28,7 +28,7 @@ from pytorch_lightning.strategies import DeepSpeedStrategy
 
 import pipeline.strategies  # noqa: F401  (registers the deepspeed_stage_*_cpu strategies)
 from data_prep.format import ManifestError
-from pipeline.checkpoint_io import AtomicCheckpointIO
+from pipeline.checkpoint_io import AtomicCheckpointIO, recover_directories
 from pipeline.datamodule import ShardDataModule
 from pipeline.errors import ConfigError
 from pipeline.last_checkpoint import LastCheckpoint
@@ -92,6 +92,8 @@ class PipelineCLI(LightningCLI):
         self._saved_run_id: str | None = None
         if sub != "fit":
             return
+        for path in recover_directories(checkpoint_dir(run_dir)):  # a crash in a DeepSpeed directory swap
+            _say(f"restored {path} (the last whole checkpoint; the save after it was interrupted)")
         if cfg.get("ckpt_path") is None and last.exists():
             cfg.ckpt_path = "last"
         ckpt = cfg.get("ckpt_path")

@@ -1,5 +1,9 @@
 """Extra training strategies, registered by name for ``--trainer.strategy``.
 
+Lightning's ``deepspeed*`` names are re-registered with ``AtomicDeepSpeedStrategy``: the same strategy
+whose checkpoint directories are written beside the target and swapped in whole
+(``checkpoint_io.replace_directory``), so a kill during a save never leaves a half-written ``last.ckpt``.
+
 ``deepspeed_stage_{1,2,3}_cpu``: Lightning's ``DeepSpeedStrategy`` refuses a non-CUDA accelerator; these
 variants run DeepSpeed's CPU accelerator over gloo, so CI (and a laptop) exercises the same ZeRO code
 path, checkpoint directories and export as the GPU configs (``conf/*deepspeed*.yaml``). They are for
@@ -9,11 +13,15 @@ testing, not speed: on CPUs plain DDP is always faster.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 from pytorch_lightning.strategies import DDPStrategy, DeepSpeedStrategy, StrategyRegistry
 from lightning_fabric.utilities.seed import reset_seed
+
+from pipeline.checkpoint_io import fsync_tree, partial_path, replace_directory
 
 CPU_STRATEGIES = {f"deepspeed_stage_{s}_cpu": s for s in (1, 2, 3)}
 
@@ -23,7 +31,26 @@ def _extensions_dir() -> None:
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
 
 
-class CPUDeepSpeedStrategy(DeepSpeedStrategy):
+class AtomicDeepSpeedStrategy(DeepSpeedStrategy):
+    """DeepSpeed whose checkpoint directories appear whole or not at all."""
+
+    def save_checkpoint(self, checkpoint: dict, filepath, storage_options: Any | None = None) -> None:
+        final = self.broadcast(str(filepath))
+        if "://" in final:  # remote stores: no renames there
+            return super().save_checkpoint(checkpoint, final, storage_options)
+        partial = partial_path(final)
+        if self.is_global_zero:
+            shutil.rmtree(partial, ignore_errors=True)
+        self.barrier("checkpoint_partial_cleared")
+        super().save_checkpoint(checkpoint, str(partial), storage_options)
+        fsync_tree(partial)  # every rank: a shared file system holds each client's writes until then
+        self.barrier("checkpoint_written")
+        if self.is_global_zero:
+            replace_directory(partial, final)
+        self.barrier("checkpoint_swapped")
+
+
+class CPUDeepSpeedStrategy(AtomicDeepSpeedStrategy):
     """DeepSpeed ZeRO on CPU processes (gloo); same checkpoints as on GPUs."""
 
     strategy_name = "deepspeed_cpu"
@@ -44,6 +71,12 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
     def _get_process_group_backend(self) -> str:
         return "gloo"
 
+
+for _name in [n for n in StrategyRegistry.available_strategies() if n.startswith("deepspeed")]:
+    _entry = StrategyRegistry[_name]
+    if _entry["strategy"] is DeepSpeedStrategy:
+        StrategyRegistry.register(_name, AtomicDeepSpeedStrategy, description=_entry["description"],
+                                  override=True, **_entry["init_params"])
 
 for _name, _stage in CPU_STRATEGIES.items():
     if _name not in StrategyRegistry:

@@ -1,9 +1,11 @@
 """DeepSpeed ZeRO-2 through the CLI on CPU (the registered deepspeed_stage_2_cpu variant): trains, saves a
-checkpoint directory, resumes from it, and ``python -m pipeline export`` turns it into a plain fp32
+checkpoint directory (swapped in whole; a crash between its renames is repaired at the next start), resumes from it, and ``python -m pipeline export`` turns it into a plain fp32
 state_dict that torchvision's resnet18 loads. One DeepSpeed run set only: its first init compiles a C++
 extension (~45 s, cached in TORCH_EXTENSIONS_DIR)."""
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -34,8 +36,12 @@ def test_zero2_cpu_trains_resumes_and_exports_for_torchvision(digits_shards, tmp
     first = torch.load(states, map_location="cpu", weights_only=False)
     assert first["global_step"] == 2 and first["ShardDataModule"]["consumed"] == 64
 
+    # a crash between the two renames of the next save: last.ckpt moved aside, the new one unfinished
+    os.rename(last, last.with_name("last.ckpt.old"))
+    (run / "checkpoints" / "last.ckpt.partial" / "checkpoint").mkdir(parents=True)
     resumed = _fit(digits_shards, run, 3)
-    assert "resuming from" in resumed.stderr
+    assert "restored" in resumed.stderr and "resuming from" in resumed.stderr
+    assert sorted(p.name for p in (run / "checkpoints").iterdir() if "last" in p.name) == ["last.ckpt"]
     ms = torch.load(states, map_location="cpu", weights_only=False)
     assert ms["global_step"] == 3 and ms["ShardDataModule"]["consumed"] == 96
 

@@ -1,0 +1,104 @@
+"""Checkpoint directories (DeepSpeed's) are swapped in whole: real SIGKILLs while the new one is written
+and between the two renames leave the previous checkpoint, which the next start puts back."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from pipeline.checkpoint_io import OLD, PARTIAL, fsync_tree, partial_path, recover_directories, replace_directory
+from tests.conftest import REPO
+
+
+def save_dir(final: Path, files: dict[str, bytes]) -> None:
+    partial = partial_path(final)
+    partial.mkdir(parents=True)
+    for name, data in files.items():
+        (partial / name).parent.mkdir(parents=True, exist_ok=True)
+        (partial / name).write_bytes(data)
+    fsync_tree(partial)
+    replace_directory(partial, final)
+
+
+def contents(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+V1 = {"latest": b"checkpoint", "checkpoint/model.pt": b"weights v1" * 100, "checkpoint/optim.pt": b"v1" * 50}
+V2 = {"latest": b"checkpoint", "checkpoint/model.pt": b"weights v2" * 100, "checkpoint/optim.pt": b"v2" * 50}
+
+
+def killed_run(code: str) -> int:
+    """Run ``code`` in a fresh interpreter that has this module's helpers; return its exit signal."""
+    prelude = f"import sys; sys.path.insert(0, {str(REPO)!r})\nfrom tests.test_checkpoint_dirs import *\n"
+    proc = subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], cwd=REPO)
+    return -proc.returncode
+
+
+def test_a_save_replaces_the_directory_and_leaves_nothing_beside_it(tmp_path):
+    final = tmp_path / "last.ckpt"
+    save_dir(final, V1)
+    save_dir(final, V2)
+    assert contents(final) == V2
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+    assert recover_directories(tmp_path) == []
+
+
+def test_sigkill_while_writing_keeps_the_previous_checkpoint(tmp_path):
+    final = tmp_path / "last.ckpt"
+    save_dir(final, V1)
+    sig = killed_run(f"""
+        import os, signal
+        from pathlib import Path
+        partial = partial_path(Path({str(final)!r}))
+        partial.mkdir()
+        (partial / "latest").write_bytes(b"checkpoint")
+        os.kill(os.getpid(), signal.SIGKILL)  # the rank dies half-way through its files
+    """)
+    assert sig == signal.SIGKILL
+    assert contents(final) == V1 and (tmp_path / ("last.ckpt" + PARTIAL)).is_dir()
+    assert recover_directories(tmp_path) == []  # nothing to put back: last.ckpt is whole
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+    assert contents(final) == V1
+
+
+def test_sigkill_between_the_renames_is_repaired_at_the_next_start(tmp_path):
+    final = tmp_path / "last.ckpt"
+    save_dir(final, V1)
+    sig = killed_run(f"""
+        import os, signal
+        from pathlib import Path
+        import pipeline.checkpoint_io as cio
+        real_rename, calls = os.rename, []
+
+        def rename(src, dst):
+            calls.append(src)
+            if len(calls) == 2:  # last.ckpt -> last.ckpt.old is done; die before partial -> last.ckpt
+                os.kill(os.getpid(), signal.SIGKILL)
+            real_rename(src, dst)
+
+        cio.os.rename = rename
+        save_dir(Path({str(final)!r}), V2)
+    """)
+    assert sig == signal.SIGKILL
+    assert not final.exists()
+    assert contents(tmp_path / ("last.ckpt" + OLD)) == V1
+    assert recover_directories(tmp_path) == [final]
+    assert contents(final) == V1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+    assert recover_directories(tmp_path) == []  # idempotent (every rank runs it)
+
+
+def test_deepspeed_names_save_atomically():
+    from pytorch_lightning.strategies import StrategyRegistry
+
+    from pipeline.strategies import AtomicDeepSpeedStrategy, CPUDeepSpeedStrategy
+
+    for name in ("deepspeed", "deepspeed_stage_2", "deepspeed_stage_3_offload"):
+        assert StrategyRegistry[name]["strategy"] is AtomicDeepSpeedStrategy
+    assert StrategyRegistry["deepspeed_stage_2"]["init_params"] == {"stage": 2}
+    assert issubclass(CPUDeepSpeedStrategy, AtomicDeepSpeedStrategy)
