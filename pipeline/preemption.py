@@ -4,7 +4,8 @@ The signal handler only sets a flag (nothing else is safe inside a handler: a co
 there can deadlock or tear a checkpoint) and, on SIGTERM, detaches the W&B logger: Slurm sends SIGTERM to
 every process of the job step, W&B's service process included, and a later log call to the dead service
 would raise before the checkpoint is saved. After every optimizer step all ranks all-reduce the flag (MAX),
-so they agree on the step at which to stop even when only some of them got the signal. Then all ranks
+so they agree on the step at which to stop even when only some of them got the signal (with gradient
+accumulation: at the end of an accumulation, never between micro-batches). Then all ranks
 save ``last.ckpt`` (rank 0 writes the file; DeepSpeed writes every rank's shard), rank 0 calls
 ``scontrol requeue $SLURM_JOB_ID`` once when running under Slurm, and the trainer stops without a
 validation pass and without further checkpoints at that step.
@@ -87,7 +88,7 @@ class Preemption(Callback):
         return flag > 0
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        if self.preempted or not self._agreed(trainer):
+        if self.preempted or not _at_optimizer_step(trainer) or not self._agreed(trainer):
             return
         self.preempted = True
         name = signal.Signals(self.received).name if self.received is not None else "a peer's signal"
@@ -105,6 +106,15 @@ class Preemption(Callback):
             job = os.environ.get("SLURM_JOB_ID")
             if job:
                 requeue_slurm_job(job)
+
+
+def _at_optimizer_step(trainer: pl.Trainer) -> bool:
+    """Whether this batch ended with an optimizer step. With gradient accumulation a save between two
+    micro-batches would drop the gradients accumulated so far (they are not in the checkpoint) while the
+    loader position counts their samples as consumed; so a signal waits for the end of the accumulation,
+    at most ``accumulate_grad_batches - 1`` batches. Every rank counts the same batches, so all agree."""
+    loop = trainer.fit_loop.epoch_loop
+    return loop._accumulated_batches_reached() or loop._num_ready_batches_reached()
 
 
 def requeue_slurm_job(job_id: str) -> bool:

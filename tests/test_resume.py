@@ -141,3 +141,24 @@ def test_export_of_a_checkpoint_file(interrupted, tmp_path):
     for k, v in net.state_dict().items():
         assert torch.equal(v, ckpt["state_dict"]["model." + k]), k
     assert set(sd) == set(net.state_dict())
+
+
+def test_preemption_under_gradient_accumulation_waits_for_the_optimizer_step(digits_shards, tmp_path):
+    """accumulate 2: a signal during the 3rd micro-batch (the first half of step 2) saves after the 4th,
+    at global step 2 with 4 batches consumed, and the resumed run ends bit-exact with the uninterrupted
+    one. A save between the two micro-batches would lose one micro-batch's gradients."""
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    extra = ["--trainer.accumulate_grad_batches", "2", "--data.batch_size", "64"]
+    steps = 5
+    with open(tmp_path / "runs.log", "w") as log:
+        run_to_end(fit_command(digits_shards, ref, steps, extra), log)
+        run_to_end(fit_command(digits_shards, cut, steps, extra + [
+            "--trainer.callbacks+=tests.preemption_helpers.SignalAtBatch", "--trainer.callbacks.batch_idx=2"]), log)
+        saved = torch.load(cut / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+        assert saved["global_step"] == 2
+        assert saved["ShardDataModule"]["batches"] == 4 and saved["ShardDataModule"]["consumed"] == 4 * 64
+        run_to_end(fit_command(digits_shards, cut, steps, extra), log)
+    text = (tmp_path / "runs.log").read_text()
+    assert "preemption (SIGUSR1)" in text and "resuming from" in text
+    diffs = compare(ref / "checkpoints" / "last.ckpt", cut / "checkpoints" / "last.ckpt")
+    assert not diffs, "; ".join(diffs[:10])

@@ -1,0 +1,19 @@
+"""A callback for tests: the process signals itself at a chosen training batch, as Slurm would."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytorch_lightning as pl
+
+
+class SignalAtBatch(pl.Callback):
+    """Send ``signum`` to this process when training batch ``batch_idx`` (0-based, in the epoch) starts."""
+
+    def __init__(self, batch_idx: int, signum: int = int(signal.SIGUSR1)) -> None:
+        self.batch_idx, self.signum = batch_idx, signum
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module, batch, batch_idx: int) -> None:
+        if batch_idx == self.batch_idx:
+            os.kill(os.getpid(), self.signum)
