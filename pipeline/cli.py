@@ -35,7 +35,7 @@ from pipeline.last_checkpoint import LastCheckpoint
 from pipeline.module import ImageClassifier
 from pipeline.parity import WeightParity
 from pipeline.preemption import Preemption
-from pipeline.resume_geometry import Geometry, adapt, expected_world_size, read_checkpoint
+from pipeline.resume_geometry import Geometry, LoopPosition, adapt, expected_world_size, read_checkpoint
 from pipeline.rng_state import RNGState
 from pipeline.sample_grid import SampleGrid
 from pipeline.sync_batchnorm import GlooSyncBatchNormPlugin
@@ -156,6 +156,7 @@ class PipelineCLI(LightningCLI):
             LearningRateMonitor(logging_interval="step"),
             Preemption(ckdir / "last.ckpt", requeue=ckpt.requeue),
             RNGState(),
+            LoopPosition(),
             Throughput(),
             SampleGrid(run_dir),
             WeightParity(),

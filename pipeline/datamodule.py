@@ -123,8 +123,22 @@ class ShardDataModule(pl.LightningDataModule):
         trainer = self.trainer
         return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
 
+    def resume_batches(self, epoch: int) -> int | None:
+        """Batches of the current size already done in ``epoch`` when the run resumed in it (else None),
+        and from now on the base of the position this datamodule saves (``state_dict``)."""
+        if epoch != self._start.epoch or not self._start.consumed:
+            return None
+        world, _ = self._geometry()
+        g = world * self.batch_size
+        if self._start.consumed % g:  # a global batch kept across geometries is a multiple of g
+            return None
+        if self._start.batches != self._start.consumed // g:
+            self._start = Position(self._start.epoch, self._start.consumed, self._start.consumed // g)
+        return self._start.batches
+
     def train_dataloader(self):
         world, rank = self._geometry()
+        self.resume_batches(self._start.epoch)  # the resume position in batches of the current size
         sampler = TrainSampler(
             self.train_shards.shard_sizes, self.seed, world, rank, self.batch_size, self.window_shards,
             start=self._start,

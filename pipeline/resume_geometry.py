@@ -5,6 +5,10 @@ accumulation). A restarted job with a different world size (fewer nodes were fre
 the global batch -- and so the learning-rate schedule and the optimisation -- by accumulating gradients
 over more micro-batches of the configured size, or by changing the per-rank batch when accumulation
 cannot make up the difference. The data contract re-splits the rest of the epoch for the new world.
+
+Lightning's batch counter of the epoch (which decides where gradient accumulation ends) is restored in
+the checkpoint's micro-batch units; ``LoopPosition`` restates it in the new ones, so each optimizer step
+after the resume again takes ``accumulate`` whole micro-batches.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytorch_lightning as pl
 import torch
 
 from pipeline.errors import ConfigError
@@ -98,3 +103,28 @@ def adapt(saved: Geometry, world_size: int, batch_size: int, accumulate: int) ->
         f"cannot keep the global batch of the checkpoint ({saved.describe()}) with {world_size} ranks:"
         f" {g} is not divisible by {world_size}; pick a world size that divides it"
     )
+
+
+class LoopPosition(pl.Callback):
+    """After a resume mid-epoch: set Lightning's batch counters of the epoch to the samples consumed in
+    the current micro-batch size (``ShardDataModule.resume_batches``). Without it, a checkpoint of 3
+    batches of 64 resumed as batches of 32 with accumulation 2 would step after the first micro-batch
+    (Lightning steps when its counter is a multiple of the accumulation) and every step after would
+    straddle two global batches."""
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        dm = getattr(trainer, "datamodule", None)
+        target = dm.resume_batches(trainer.current_epoch) if hasattr(dm, "resume_batches") else None
+        progress = trainer.fit_loop.epoch_loop.batch_progress
+        # "processed" is the position (a save in on_train_batch_end has not counted the batch "completed"
+        # yet; Lightning completes it on restart); all four counters move together
+        if target is None or progress.current.processed == target:
+            return
+        shift = target - progress.current.processed
+        log.info("loop position restated in the new micro-batch size: batch %d -> %d",
+                 progress.current.processed, target)
+        for tracker in (progress.current, progress.total):
+            tracker.ready += shift
+            tracker.started += shift
+            tracker.processed += shift
+            tracker.completed += shift

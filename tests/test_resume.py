@@ -162,3 +162,20 @@ def test_preemption_under_gradient_accumulation_waits_for_the_optimizer_step(dig
     assert "preemption (SIGUSR1)" in text and "resuming from" in text
     diffs = compare(ref / "checkpoints" / "last.ckpt", cut / "checkpoints" / "last.ckpt")
     assert not diffs, "; ".join(diffs[:10])
+
+
+def test_resume_into_accumulation_steps_on_whole_global_batches(digits_shards, tmp_path):
+    """3 steps of batch 64, resumed with batch 32: the CLI keeps the global batch (accumulation 2) and
+    Lightning's counter is restated as 6 batches of 32, so each later step takes two micro-batches: at
+    step 6 the loader has consumed 6 x 64 samples (a counter left at 3 would step after one micro-batch
+    first and end at 352)."""
+    run = tmp_path / "run"
+    with open(tmp_path / "runs.log", "w") as log:
+        run_to_end(fit_command(digits_shards, run, 3, ["--data.batch_size", "64"]), log)
+        run_to_end(fit_command(digits_shards, run, 6, ["--data.batch_size", "32"]), log)
+    text = (tmp_path / "runs.log").read_text()
+    assert "accumulate 2 (global 64)" in text, text[-3000:]
+    saved = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    pos = saved["ShardDataModule"]
+    assert saved["global_step"] == 6
+    assert (pos["consumed"], pos["batches"], pos["batch_size"], pos["accumulate"]) == (6 * 64, 12, 32, 2), pos
