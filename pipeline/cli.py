@@ -183,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     # the loader position is in every checkpoint (ShardDataModule.state_dict): mid-epoch resumes are exact
     warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended")
+    if "SLURM_JOB_ID" not in os.environ:  # a login node or a laptop with Slurm's tools: not in a job, no hint
+        warnings.filterwarnings("ignore", message="The `srun` command is available on your system but is not used")
     try:
         PipelineCLI(
             ImageClassifier,

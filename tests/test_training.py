@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -45,6 +47,8 @@ def test_fit_lowers_loss_then_validate_then_resume(digits_shards, tmp_path):
     resumed = _fit(digits_shards, run, "--trainer.max_steps", "40", "--trainer.log_every_n_steps", "1",
                    "--checkpoint.every_n_train_steps", "10")
     assert "resuming from" in resumed.stderr
+    if shutil.which("srun") and "SLURM_JOB_ID" not in os.environ:  # Slurm's tools here, but not in a job
+        assert "`srun` command is available" not in resumed.stderr, "Lightning's srun hint outside a job"
     ckpt = torch.load(last, map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 40, "continued from step 30, not from 0"
     assert ckpt["ShardDataModule"]["consumed"] == (40 - 22) * 64
