@@ -1,0 +1,46 @@
+"""The benchmark scripts still run (tiny sizes, CPU): their numbers are not checked here (targets live
+in docs/benchmarks.md), only that each measurement happens and lands in the printed table, so a change
+to a loader cannot silently break the script a GPU session depends on."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+
+def _run(*args: str, env: dict | None = None) -> str:
+    import os
+
+    proc = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_cpu_loader_benchmark_measures_every_backend(tmp_path):
+    out = _run("bench/loader.py", "--work", str(tmp_path), "--images", "96", "--batch", "16", "--repeats", "1")
+    for row in ("webdataset + PIL + v2", "cpu (DataLoader workers)", "dali-cpu", "synthetic"):
+        line = next(line for line in out.splitlines() if line.startswith(f"| {row}"))
+        rate = float(line.split("|")[2])
+        assert rate > 0, line
+
+
+def test_gpu_loader_benchmark_dry_run_on_the_cpu(tmp_path):
+    out = _run("bench/gpu_loader.py", "--dry-run", "--work", str(tmp_path / "w"), env={"OUT": str(tmp_path)})
+    for name in ("window", "whole", "window-inline"):
+        assert f"DALI decode + augment alone, {name}" in out
+    assert "fed by DaliLoader" in out
+    numbers = json.loads((tmp_path / "gpu_loader.json").read_text())
+    assert numbers["decode_augment_window_img_s"] > 0 and numbers["train_synthetic_img_s"] > 0
+    assert 0 < numbers["ratio_dali_hw0.75"]
+
+
+def test_data_prep_benchmarks_run(tmp_path):
+    out = _run("bench/prep.py", "--images", "40", "--workers", "2")
+    for row in ("baseline: wds.ShardWriter", "data_prep passthrough, 2 workers", "data_prep re-encode"):
+        assert any(line.startswith(f"| {row}") for line in out.splitlines()), out[-2000:]
+    out = _run("bench/prep_plan_memory.py", "--inputs", "5000")
+    assert "archive" in out and "extracted" in out and "5,000" in out
