@@ -121,7 +121,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--backends", default="baseline,cpu,dali-cpu,synthetic")
     args = ap.parse_args(argv)
-    torch.set_num_threads(1)
     root = make_shards(Path(args.work), args.images)
     shards = ShardSet(root, "train")
     names = args.backends.split(",")
