@@ -175,3 +175,18 @@ def test_cpu_random_resized_crop_equals_pil_resampling():
         ref = ref.resize((64, 64), Image.BILINEAR)
         ref = np.asarray(ref.transpose(Image.FLIP_LEFT_RIGHT) if flip else ref).astype(int)
         assert np.abs(ours - ref).max() <= 1, f"photo {i}: {np.abs(ours - ref).max()}"
+
+
+def test_shards_read_with_webdatasets_own_reader(digits_shards):
+    """The shards are plain WebDataset tars: webdataset's reader sees every sample, in id order, with the
+    label ShardSet reads (``cls`` as text, ``lbl`` as little-endian int32) and the same JPEG bytes."""
+    import webdataset as wds
+
+    shards = ShardSet(digits_shards, "val")
+    urls = [str(digits_shards / name) for name in shards.shard_names]
+    samples = list(wds.WebDataset(urls, shardshuffle=False, empty_check=False))
+    assert len(samples) == len(shards)
+    labels = shards.labels()
+    for i, s in enumerate(samples):
+        assert int(s["cls"]) == labels[i] == int(np.frombuffer(s["lbl"], dtype="<i4")[0])
+        assert s["jpg"] == shards.read_jpeg(i)
