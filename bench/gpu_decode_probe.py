@@ -33,14 +33,18 @@ def reader_rate(tars, idxs, mode: str, hw: float, threads: int, steps: int = 60)
         return fn.crop_mirror_normalize(img, dtype=types.FLOAT16, output_layout="HWC",
                                         mirror=fn.random.coin_flip())
 
-    p = pipe()
+    return pipeline_rate(pipe(), steps, warmup=10)
+
+
+def pipeline_rate(p, steps: int, warmup: int, batch: int = 256) -> float:
+    """Images/s of a DALI pipeline's ``run()`` after ``warmup`` runs (the probes' shared timing loop)."""
     p.build()
-    for _ in range(10):
+    for _ in range(warmup):
         p.run()
     t0 = time.perf_counter()
     for _ in range(steps):
         p.run()
-    return steps * 256 / (time.perf_counter() - t0)
+    return steps * batch / (time.perf_counter() - t0)
 
 
 def main() -> None:

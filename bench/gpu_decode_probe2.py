@@ -3,25 +3,18 @@ decoder? Same shards as gpu_decode_probe.py; decode only, hw_decoder_load 0.75."
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
 
+from gpu_decode_probe import pipeline_rate  # bench/ is on sys.path when run as bench/gpu_decode_probe2.py
 from pipeline.data.shards import ShardSet
 
 ROOT = Path("/tmp/gpu-loader-bench/shards")
 
 
 def rate(pipe, steps: int = 50) -> float:
-    p = pipe
-    p.build()
-    for _ in range(8):
-        p.run()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        p.run()
-    return steps * 256 / (time.perf_counter() - t0)
+    return pipeline_rate(pipe, steps, warmup=8)
 
 
 def main() -> None:

@@ -54,14 +54,20 @@ def augment_train(img: torch.Tensor, cfg: AugmentConfig, rng: np.random.Generato
     ``train_params`` (as the DALI backend)."""
     height, width = img.shape[-2:]
     top, left, h, w, flip = train_params(cfg, width, height, rng)
-    size = [cfg.train_size, cfg.train_size]
     if cfg.recipe == "imagenet":
-        img = TF.resized_crop(img, top, left, h, w, size, interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
-    else:  # cifar: the window of the original size in the zero-padded image
-        p = cfg.pad
-        img = TF.crop(TF.pad(img, [p], fill=0), top + p, left + p, h, w)
-        if list(img.shape[-2:]) != size:
-            img = TF.resize(img, size, interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+        return resize_and_flip(TF.crop(img, top, left, h, w), cfg, flip)
+    p = cfg.pad  # cifar: the window of the original size in the zero-padded image
+    img = TF.crop(TF.pad(img, [p], fill=0), top + p, left + p, h, w)
+    if list(img.shape[-2:]) == [cfg.train_size, cfg.train_size]:
+        return TF.horizontal_flip(img) if flip else img
+    return resize_and_flip(img, cfg, flip)
+
+
+def resize_and_flip(window: torch.Tensor, cfg: AugmentConfig, flip: bool) -> torch.Tensor:
+    """The end of the training recipe: a (3, h, w) uint8 window to ``train_size`` (antialiased bilinear,
+    as torchvision's ``resized_crop``), then the flip. dali-cpu calls it on the window DALI decoded."""
+    size = [cfg.train_size, cfg.train_size]
+    img = TF.resize(window, size, interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
     return TF.horizontal_flip(img) if flip else img
 
 

@@ -38,11 +38,10 @@ import weakref
 
 import numpy as np
 import torch
-import torchvision.transforms.v2.functional as TF
 
 from pipeline.data.augment import AugmentConfig
 from pipeline.data.contract import PAD
-from pipeline.data.cpu_backend import CorruptSampleError, ShardBatches, augment_eval
+from pipeline.data.cpu_backend import CorruptSampleError, ShardBatches, augment_eval, resize_and_flip
 from pipeline.data.dali_source import BatchSource
 from pipeline.data.shards import ShardSet
 
@@ -291,16 +290,12 @@ class DaliLoader:
         return batch, lab, ok
 
     def _resize_into(self, batch: torch.Tensor, decoded, flips: np.ndarray | None) -> None:
-        size = self.size
         for i in range(len(decoded)):
             x = torch.from_numpy(np.asarray(decoded[i])).permute(2, 0, 1)  # HWC memory: a channels_last view
             if flips is not None:  # training: the decoded window
-                x = TF.resize(x, [size, size], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
-                if flips[i]:
-                    x = TF.horizontal_flip(x)
+                batch[i].copy_(resize_and_flip(x, self.cfg, bool(flips[i])))
             else:
-                x = augment_eval(x, self.cfg)
-            batch[i].copy_(x)
+                batch[i].copy_(augment_eval(x, self.cfg))
 
     def _check_corrupt(self, ids: np.ndarray, valid: np.ndarray) -> None:
         for j in np.flatnonzero(~valid & (ids != PAD)):
