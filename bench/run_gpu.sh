@@ -7,10 +7,16 @@
 #
 #   call 1 (carry .device-dali/part00): mkdir -p /tmp/dali && cp .device-dali/part00 /tmp/dali/
 #   call 2 (carry .device-dali/part01): mkdir -p /tmp/dali && cp .device-dali/part01 /tmp/dali/
-#   call 3 (carry .device-dali/part02): mkdir -p /tmp/dali && cp .device-dali/part02 /tmp/dali/ && bash bench/run_gpu.sh
+#   call 3 (carry .device-dali/part02 and .whl): mkdir -p /tmp/dali && cp .device-dali/part02 /tmp/dali/ && bash bench/run_gpu.sh
 #
-# BENCH=bench/gpu_decode_probe.py runs the decoding probe instead. Extra arguments go to the script (e.g. --images 10000). The log and a JSON of the numbers
-# land in $OUT when it is set.
+# The sync check runs `pipeline fit`, which needs jsonargparse (LightningCLI); the GPU machine's Python has
+# Lightning but not it. Its wheels travel in .whl/ (ignored by git; carry it with the last part):
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux2014_x86_64 -d .whl jsonargparse==4.53.0 docstring_parser==0.18.0 typeshed_client==2.15.0
+#
+# It runs bench/gpu_loader.py (extra arguments go to it, e.g. --images 10000), then bench/gpu_step_sync.py
+# (host-GPU synchronisations in the steps of a real `pipeline fit`). BENCH=bench/X.py runs X alone, with
+# the extra arguments. The logs and a JSON of the loader numbers land in $OUT when it is set.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 parts=${DALI_PARTS:-/tmp/dali}
@@ -25,11 +31,23 @@ if [ ! -d /tmp/site/nvidia/dali ]; then
   cat "$parts"/part* | python3 -c "import lzma,sys,shutil; shutil.copyfileobj(lzma.open(sys.stdin.buffer), sys.stdout.buffer, 1<<20)" | tar x -C /tmp/site
   echo "DALI unpacked in $(( $(date +%s) - t0 ))s"
 fi
+if [ -d .whl ] && [ ! -d /tmp/site-whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site-whl .whl/*.whl
+fi
 libs=$(find /tmp/site/nvidia -name 'lib*.so*' -exec dirname {} \; | sort -u | tr '\n' ':')
-export PYTHONPATH=/tmp/site:$PWD:${PYTHONPATH:-}
+export PYTHONPATH=/tmp/site:/tmp/site-whl:$PWD:${PYTHONPATH:-}
 export LD_LIBRARY_PATH=${libs}${LD_LIBRARY_PATH:-}
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-log=${OUT:-/tmp}/gpu_loader.log
 set -o pipefail
-timeout 330 python3 "${BENCH:-bench/gpu_loader.py}" "$@" 2>&1 | grep -v -e "nvjpeg2k" -e "nvtiff" | tee "$log"
+run() {  # seconds, script, args...: the script's output without DALI's optional-codec noise, also in $OUT
+  local limit=$1 script=$2
+  shift 2
+  timeout "$limit" python3 "$script" "$@" 2>&1 | grep -v -e "nvjpeg2k" -e "nvtiff" | tee "${OUT:-/tmp}/$(basename "$script" .py).log"
+}
+if [ -n "${BENCH:-}" ]; then
+  run 480 "$BENCH" "$@"
+else
+  run 330 bench/gpu_loader.py "$@" || echo "run_gpu.sh: gpu_loader.py failed (exit $?); the sync check still runs"
+  run 150 bench/gpu_step_sync.py
+fi

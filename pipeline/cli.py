@@ -22,7 +22,7 @@ from pathlib import Path
 
 from lightning_fabric.plugins import CheckpointIO
 from lightning_fabric.plugins.environments import ClusterEnvironment, SLURMEnvironment, TorchElasticEnvironment
-from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from pytorch_lightning.cli import LightningCLI
 from pytorch_lightning.strategies import DeepSpeedStrategy
 
@@ -35,6 +35,7 @@ from pipeline.last_checkpoint import LastCheckpoint
 from pipeline.module import ImageClassifier
 from pipeline.parity import WeightParity
 from pipeline.preemption import Preemption
+from pipeline.progress import StepProgressBar
 from pipeline.resume_geometry import Geometry, LoopPosition, adapt, expected_world_size, read_checkpoint
 from pipeline.rng_state import RNGState
 from pipeline.sample_grid import SampleGrid
@@ -173,10 +174,24 @@ class PipelineCLI(LightningCLI):
         extra = kwargs.pop("callbacks", [])
         trainer = super().instantiate_trainer(**kwargs)
         trainer.callbacks.extend(callbacks + list(extra))
+        self._refresh_bar_at_log_steps(trainer)
         if isinstance(trainer.strategy, DeepSpeedStrategy) and isinstance(trainer.strategy.config, dict):
             # Lightning reads it from loader.batch_sampler, which our batch-yielding loaders do not have
             trainer.strategy.config.setdefault("train_micro_batch_size_per_gpu", int(cfg.data.batch_size))
         return trainer
+
+
+    def _refresh_bar_at_log_steps(self, trainer) -> None:
+        """Lightning's default bar in place of ``StepProgressBar`` (see pipeline/progress.py), which
+        refreshes every ``trainer.log_every_n_steps`` steps. A progress bar the user configures stays."""
+        init = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        own = init.trainer.get("callbacks") or []
+        if any(isinstance(c, ProgressBar) for c in (own if isinstance(own, list) else [own])):
+            return
+        for i, c in enumerate(trainer.callbacks):
+            if isinstance(c, ProgressBar):
+                trainer.callbacks[i] = StepProgressBar(refresh_rate=max(1, int(trainer.log_every_n_steps or 1)))
+                break
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,12 @@ def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
+def masked_top1(logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Top-1 accuracy over the valid samples of a batch, as a device tensor (no mask indexing: no sync)."""
+    correct = (logits.argmax(dim=1) == labels) & valid
+    return correct.sum() / valid.sum().clamp(min=1)
+
+
 class ImageClassifier(pl.LightningModule):
     """Classification with the paper's recipe knobs.
 
@@ -67,7 +73,6 @@ class ImageClassifier(pl.LightningModule):
         self._forward = torch.compile(self.model) if compile else self.model
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255, persistent=False)
-        self.train_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.val_top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")
 
@@ -109,13 +114,17 @@ class ImageClassifier(pl.LightningModule):
         return (losses * valid).sum() / valid.sum().clamp(min=1)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        """Free of device-to-host synchronisation, so the host queues the next step while the GPU runs this
+        one: no boolean-mask indexing (its output size is data-dependent), no metric object validating its
+        inputs, no Python number logged (each would be a blocking host-to-device copy), nothing logged with
+        ``prog_bar`` (Lightning reads those at every step). The logged tensors are read on the host only at
+        logging steps and at the progress bar's refreshes (pipeline/progress.py)."""
         images, labels, valid = batch
         logits = self(images)
         loss = self._masked_loss(logits, labels, valid)
-        self.train_top1(logits[valid], labels[valid])
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/top1", self.train_top1, on_step=True, on_epoch=False)
-        self.log("lr", self.optimizers().param_groups[0]["lr"], prog_bar=True)
+        top1 = masked_top1(logits.detach(), labels, valid)
+        self.log("train/loss", loss)  # not prog_bar: see pipeline/progress.py
+        self.log("train/top1", top1, on_step=True, on_epoch=False)
         return loss
 
     def validation_step(self, batch, batch_idx: int) -> None:

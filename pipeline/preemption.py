@@ -5,7 +5,10 @@ there can deadlock or tear a checkpoint) and, on SIGTERM, detaches the W&B logge
 every process of the job step, W&B's service process included, and a later log call to the dead service
 would raise before the checkpoint is saved. After every optimizer step all ranks all-reduce the flag (MAX),
 so they agree on the step at which to stop even when only some of them got the signal (with gradient
-accumulation: at the end of an accumulation, never between micro-batches). Then all ranks
+accumulation: at the end of an accumulation, never between micro-batches). The all-reduce of one step is
+read at the next one (a single process reads its flag at once): reading it at once would make the host
+wait for the GPU to finish the step at every step, and the GPU would then idle while the host prepares
+the next one. So a multi-rank run stops one optimizer step after the signal. Then all ranks
 save ``last.ckpt`` (rank 0 writes the file; DeepSpeed writes every rank's shard), rank 0 calls
 ``scontrol requeue $SLURM_JOB_ID`` once when running under Slurm, and the trainer stops without a
 validation pass and without further checkpoints at that step.
@@ -47,6 +50,7 @@ class Preemption(Callback):
         self.preempted = False
         self._previous: dict[int, object] = {}
         self._trainer: pl.Trainer | None = None
+        self._vote: _Vote | None = None
 
     # ---- the handler: a flag (and no more W&B after SIGTERM) ------------------------------------------
     def _handler(self, signum, frame) -> None:
@@ -66,9 +70,13 @@ class Preemption(Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._restore()
+        if self._vote is not None:  # every rank launched the same all-reduces: let the last one finish
+            self._vote.finish()
+            self._vote = None
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._restore()
+        self._vote = None  # not waited for: a peer may be gone
 
     def _restore(self) -> None:
         for s, h in self._previous.items():
@@ -80,12 +88,12 @@ class Preemption(Callback):
 
     # ---- the decision at a batch boundary -----------------------------------------------------------
     def _agreed(self, trainer: pl.Trainer) -> bool:
-        flag = 1 if self.received is not None else 0
-        if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
-            t = torch.tensor([flag], dtype=torch.int32, device=trainer.strategy.root_device)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            flag = int(t.item())
-        return flag > 0
+        mine = self.received is not None
+        if not (trainer.world_size > 1 and dist.is_available() and dist.is_initialized()):
+            return mine
+        if self._vote is None:
+            self._vote = _Vote(trainer.strategy.root_device)
+        return self._vote.exchange(mine)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if self.preempted or not _at_optimizer_step(trainer) or not self._agreed(trainer):
@@ -106,6 +114,49 @@ class Preemption(Callback):
             job = os.environ.get("SLURM_JOB_ID")
             if job:
                 requeue_slurm_job(job)
+
+
+class _Vote:
+    """The ranks' stop flags, all-reduced (MAX) without making the host wait for the current step.
+
+    ``exchange`` reads the result of the previous call's all-reduce, then launches this call's. On a GPU
+    the result is copied to pinned host memory behind the all-reduce, in stream order, and an event marks
+    when it is there; so reading it waits for the previous step's kernels, never for the step the host has
+    just queued. Every rank calls ``exchange`` at the same optimizer steps, so they read the same value at
+    the same step. Buffers are reused: each is read before the next launch overwrites it.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.flag = torch.zeros(1, dtype=torch.int32, device=device)
+        self.host = torch.zeros(1, dtype=torch.int32, pin_memory=self.cuda)
+        self.work = None
+        self.ready = torch.cuda.Event() if self.cuda else None
+
+    def exchange(self, mine: bool) -> bool:
+        earlier = self._read()
+        self.flag.fill_(int(mine))  # a kernel on the GPU: no host-to-device copy to wait for
+        self.work = dist.all_reduce(self.flag, op=dist.ReduceOp.MAX, async_op=True)
+        if self.cuda:
+            self.work.wait()  # on NCCL: the current stream waits for the all-reduce; the host does not
+            self.host.copy_(self.flag, non_blocking=True)
+            self.ready.record()
+        return earlier
+
+    def _read(self) -> bool:
+        if self.work is None:
+            return False
+        if self.cuda:
+            self.ready.synchronize()
+            value = int(self.host[0])
+        else:
+            self.work.wait()
+            value = int(self.flag[0])
+        self.work = None
+        return value > 0
+
+    def finish(self) -> None:
+        self._read()
 
 
 def _at_optimizer_step(trainer: pl.Trainer) -> bool:

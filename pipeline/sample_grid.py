@@ -29,8 +29,12 @@ class SampleGrid(Callback):
     def __init__(self, run_dir: str | Path, max_images: int = 32) -> None:
         self.path = Path(run_dir) / GRID_FILE
         self.max_images = max_images
+        self._done = False  # checked before the file: no stat() per step on a cluster file system
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module, batch, batch_idx: int) -> None:
+        if self._done:
+            return
+        self._done = True
         if not trainer.is_global_zero or self.path.exists():
             return  # once per run, not once per restart
         images, labels = batch[0][: self.max_images], batch[1][: self.max_images]

@@ -9,11 +9,12 @@ import pytorch_lightning as pl
 
 
 class SignalAtBatch(pl.Callback):
-    """Send ``signum`` to this process when training batch ``batch_idx`` (0-based, in the epoch) starts."""
+    """Send ``signum`` to this process when training batch ``batch_idx`` (0-based, in the epoch) starts;
+    with ``rank`` set, only on that global rank (the others must learn of it from the vote)."""
 
-    def __init__(self, batch_idx: int, signum: int = int(signal.SIGUSR1)) -> None:
-        self.batch_idx, self.signum = batch_idx, signum
+    def __init__(self, batch_idx: int, signum: int = int(signal.SIGUSR1), rank: int | None = None) -> None:
+        self.batch_idx, self.signum, self.rank = batch_idx, signum, rank
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module, batch, batch_idx: int) -> None:
-        if batch_idx == self.batch_idx:
+        if batch_idx == self.batch_idx and self.rank in (None, trainer.global_rank):
             os.kill(os.getpid(), self.signum)

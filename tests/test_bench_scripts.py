@@ -44,3 +44,10 @@ def test_data_prep_benchmarks_run(tmp_path):
         assert any(line.startswith(f"| {row}") for line in out.splitlines()), out[-2000:]
     out = _run("bench/prep_plan_memory.py", "--inputs", "5000")
     assert "archive" in out and "extracted" in out and "5,000" in out
+
+
+def test_gpu_step_sync_check_dry_run_on_the_cpu(tmp_path):
+    out = _run("bench/gpu_step_sync.py", "--dry-run", "--work", str(tmp_path / "w"))
+    assert "| synchronising CUDA calls per watched step | 0.00 |" in out, out[-2000:]
+    rate = next(line for line in out.splitlines() if line.startswith("| images/s over the watched steps"))
+    assert float(rate.split("|")[2].replace(",", "")) > 0, rate

@@ -137,3 +137,34 @@ def test_under_slurm_only_our_preemption_requeues(digits_shards, tmp_path, monke
     assert isinstance(env, SLURMEnvironment) and env.auto_requeue is False
     assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
     assert sum(isinstance(c, Preemption) for c in cli.trainer.callbacks) == 1
+
+
+def test_a_signal_on_one_rank_stops_both_at_one_step_and_resumes_exactly(digits_shards, tmp_path):
+    """USR1 on rank 1 only (a node whose tasks got the signal first): the vote reaches rank 0, both ranks
+    save last.ckpt at the same step, one optimizer step after the signal (the vote of a step is read at
+    the next), exit 0, and the resumed run ends bit-identical to an uninterrupted 2-rank run."""
+    from bench.kill_resume import compare, fit_command
+
+    steps, port = 8, 29900 + os.getpid() % 90
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"}
+
+    def two_ranks(run_dir: Path, *extra: str, port_: int) -> str:
+        cmd = fit_command(digits_shards, run_dir, steps, ["--trainer.devices", "2", "--trainer.strategy", "ddp",
+                                                         "--data.batch_size", "32", *extra])
+        cmd = [str(TORCHRUN), "--nnodes", "1", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
+               "--rdzv-endpoint", f"127.0.0.1:{port_}", *cmd[1:]]  # cmd[0] is python
+        proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
+        return proc.stdout + proc.stderr
+
+    ref, cut = tmp_path / "uninterrupted", tmp_path / "interrupted"
+    two_ranks(ref, port_=port)
+    out = two_ranks(cut, "--trainer.callbacks+=tests.preemption_helpers.SignalAtBatch",
+                    "--trainer.callbacks.batch_idx=2", "--trainer.callbacks.rank=1", port_=port + 1)
+    assert "preemption (a peer's signal): saving" in out, out[-3000:]  # rank 0 never got the signal itself
+    saved = _state(cut)
+    assert saved["global_step"] == 4, "signal at the start of step 3, voted at its end, read at step 4"
+    assert saved["ShardDataModule"]["consumed"] == 4 * 64
+    two_ranks(cut, port_=port + 2)
+    diffs = compare(ref / "checkpoints" / "last.ckpt", cut / "checkpoints" / "last.ckpt")
+    assert not diffs, "; ".join(diffs[:10])

@@ -43,7 +43,8 @@ def test_one_wandb_run_across_restarts_metrics_and_no_secret(digits_shards, tmp_
     with open(run / "csv" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     cols = set(rows[0])
-    for name in ("train/loss", "lr", "val/top1", "val/top5", "perf/img_per_s_per_rank", "perf/img_per_s_total",
+    for name in ("train/loss", "train/top1", "lr-SGD/pg1", "lr-SGD/pg2", "val/top1", "val/top5",
+                 "perf/img_per_s_per_rank", "perf/img_per_s_total",
                  "perf/data_wait_share", "perf/step_time_s"):
         assert name in cols, f"{name} not logged: {sorted(cols)}"
     waits = [float(r["perf/data_wait_share"]) for r in rows if r.get("perf/data_wait_share")]
