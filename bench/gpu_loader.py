@@ -6,7 +6,8 @@ fed by synthetic input against the same step fed by ``DaliLoader``, in one proce
 2. Decode + augment alone: ``DaliLoader`` (train recipe, 224 crops, float16 NHWC -> NCHW channels_last)
    over the shards for ``--decode-steps`` batches: images/s (target >= 25,000 with hw_decoder_load 0.75),
    for each of ``--decode-variants``: decoding the crop window (the default), the whole image, and the
-   window with the source inline in the main process instead of DALI's worker processes.
+   window with the source inline in the main process instead of DALI's worker processes; then the window
+   variant for each ``--sweep`` pair of hw_decoder_load and source worker count.
 3. ``pipeline.models.resnet50`` (channels_last, torch.compile, bf16 autocast, SGD with momentum):
    ``--steps`` timed steps fed by a fixed synthetic float16 batch, then fed by ``DaliLoader``, in turns
    (synthetic, dali, synthetic, dali); images/s and the ratio dali / synthetic (target >= 0.98).
@@ -165,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decode-variants", default="window,whole,window-inline",
                     help="decode-alone runs: window (decode the crop window, the default), whole (decode all, "
                          "cut in the resize), window-inline (window, source in the main process)")
+    ap.add_argument("--sweep", default="0.6x8,0.9x8,1.0x8,0.75x12",
+                    help="more window decode-alone runs, as HWLOADxWORKERS (hw_decoder_load, source workers); "
+                         "'' for none")
     ap.add_argument("--decode-steps", type=int, default=200)
     ap.add_argument("--steps", type=int, default=60, help="timed training steps per measurement")
     ap.add_argument("--warmup", type=int, default=15)
@@ -176,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         args.device, args.images, args.batch, args.no_compile = "cpu", 48, 8, True
         args.decode_steps, args.steps, args.warmup, args.rounds = 3, 2, 1, 1
-        args.threads, args.py_workers, args.train_hw_loads = 2, 1, "0.75"
+        args.threads, args.py_workers, args.train_hw_loads, args.sweep = 2, 1, "0.75", "0.5x1"
         args.work = args.work + "-dry"
     device = torch.device(args.device)
     cpu = device.type == "cpu"
@@ -215,7 +219,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"DALI decode + augment alone, {name} (hw_decoder_load {args.hw_decoder_load}): "
               f"{rate:,.0f} img/s ({time.perf_counter() - t0:.0f}s)", flush=True)
         del dec
-    results["decode_augment_img_s"] = max(v for k, v in results.items() if k.startswith("decode_augment_"))
+    sweep = [(float(hw), int(w)) for hw, w in (item.split("x") for item in args.sweep.split(",") if item)]
+    for hw, workers in sweep:
+        dec = loader(hw, True, workers)
+        rate = results[f"sweep_hw{hw}_w{workers}_img_s"] = decode_rate(dec, args.decode_steps, args.warmup, device)
+        print(f"DALI decode + augment alone, window, hw_decoder_load {hw}, {workers} source workers: "
+              f"{rate:,.0f} img/s", flush=True)
+        del dec
+    results["decode_augment_img_s"] = max(v for k, v in results.items()
+                                          if k.startswith(("decode_augment_", "sweep_")))
 
     model = build("resnet50", num_classes=1000).to(device).to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
@@ -242,6 +254,10 @@ def main(argv: list[str] | None = None) -> int:
         rate = results[f"decode_augment_{name}_img_s"]
         print(f"| DALI decode + augment alone, {name} (hw_decoder_load {args.hw_decoder_load}) | {rate:,.0f} | "
               f"target 25,000: {rate / 25000:.2f} |")
+    for hw, workers in sweep:
+        rate = results[f"sweep_hw{hw}_w{workers}_img_s"]
+        print(f"| DALI decode + augment alone, window (hw_decoder_load {hw}, {workers} source workers) | "
+              f"{rate:,.0f} | target 25,000: {rate / 25000:.2f} |")
     print(f"| resnet50 compiled, bf16, channels_last, synthetic input | {base:,.0f} | 1.00 |")
     for name in feeds:
         rate = results[f"train_{name}_img_s"]

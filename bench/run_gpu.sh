@@ -48,6 +48,6 @@ run() {  # seconds, script, args...: the script's output without DALI's optional
 if [ -n "${BENCH:-}" ]; then
   run 480 "$BENCH" "$@"
 else
-  run 330 bench/gpu_loader.py "$@" || echo "run_gpu.sh: gpu_loader.py failed (exit $?); the sync check still runs"
-  run 150 bench/gpu_step_sync.py
+  run 400 bench/gpu_loader.py "$@" || echo "run_gpu.sh: gpu_loader.py failed (exit $?); the sync check still runs"
+  run 120 bench/gpu_step_sync.py
 fi
