@@ -35,7 +35,7 @@ from pipeline.last_checkpoint import LastCheckpoint
 from pipeline.module import ImageClassifier
 from pipeline.parity import WeightParity
 from pipeline.preemption import Preemption
-from pipeline.progress import StepProgressBar
+from pipeline.progress import console_progress
 from pipeline.resume_geometry import Geometry, LoopPosition, adapt, expected_world_size, read_checkpoint
 from pipeline.rng_state import RNGState
 from pipeline.sample_grid import SampleGrid
@@ -182,15 +182,15 @@ class PipelineCLI(LightningCLI):
 
 
     def _refresh_bar_at_log_steps(self, trainer) -> None:
-        """Lightning's default bar in place of ``StepProgressBar`` (see pipeline/progress.py), which
-        refreshes every ``trainer.log_every_n_steps`` steps. A progress bar the user configures stays."""
+        """Lightning's default bar in place of ours (pipeline/progress.py: tqdm on a terminal, plain lines in
+        a log file), refreshed every ``trainer.log_every_n_steps`` steps. A bar the user configures stays."""
         init = self.config_init[self.subcommand] if self.subcommand else self.config_init
         own = init.trainer.get("callbacks") or []
         if any(isinstance(c, ProgressBar) for c in (own if isinstance(own, list) else [own])):
             return
         for i, c in enumerate(trainer.callbacks):
             if isinstance(c, ProgressBar):
-                trainer.callbacks[i] = StepProgressBar(refresh_rate=max(1, int(trainer.log_every_n_steps or 1)))
+                trainer.callbacks[i] = console_progress(max(1, int(trainer.log_every_n_steps or 1)))
                 break
 
 

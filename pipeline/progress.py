@@ -1,26 +1,89 @@
-"""The training progress bar: tqdm's, refreshed every ``log_every_n_steps`` steps, showing the training loss.
+"""Training progress on the console: tqdm's bar on a terminal, plain lines in a log file (Slurm's).
 
-Reading a metric on the host waits for the GPU to finish the step that produced it. Lightning converts
-every metric logged with ``prog_bar=True`` to a Python number at each step, whether a bar shows it or not
-(Lightning-AI/pytorch-lightning#21232), and rich's bar reads its metrics at every step whatever its refresh
-rate. So the module logs ``train/loss`` without ``prog_bar`` and this bar reads it from
-``trainer.callback_metrics`` (tensors, not converted) only when it refreshes: one synchronisation per
-``log_every_n_steps`` steps, when the loggers read the metrics anyway.
+Both refresh every ``log_every_n_steps`` steps. Reading a metric on the host waits for the GPU to finish
+the step that produced it. Lightning converts every metric logged with ``prog_bar=True`` to a Python
+number at each step, whether a bar shows it or not (Lightning-AI/pytorch-lightning#21232), and rich's bar
+reads its metrics at every step whatever its refresh rate. So the module logs ``train/loss`` without
+``prog_bar`` and these read it from ``trainer.callback_metrics`` (tensors, not converted) only when they
+refresh: one synchronisation per ``log_every_n_steps`` steps, when the loggers read the metrics anyway.
+
+In a file, tqdm's carriage returns and cursor codes make one endless line; ``LineProgress`` writes one
+line per refresh (``epoch 3 step 1200/5004 | train/loss 2.314 | 7.71 it/s``) and one per validation.
 """
 
 from __future__ import annotations
 
+import sys
+import time
+
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import TQDMProgressBar
+from pytorch_lightning.callbacks import ProgressBar, TQDMProgressBar
 
 SHOWN = ("train/loss",)
 
 
+def _shown(trainer: pl.Trainer, keys: tuple[str, ...] = SHOWN) -> dict[str, str]:
+    out = {}
+    for key in keys:
+        value = trainer.callback_metrics.get(key)
+        if value is not None:
+            out[key] = f"{float(value):.4g}"
+    return out
+
+
 class StepProgressBar(TQDMProgressBar):
+    """tqdm's bar with ``train/loss`` read at refreshes only."""
+
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
-        items = super().get_metrics(trainer, pl_module)
-        for key in SHOWN:
-            value = trainer.callback_metrics.get(key)
-            if value is not None:
-                items[key] = f"{float(value):.4g}"
-        return items
+        return {**super().get_metrics(trainer, pl_module), **_shown(trainer)}
+
+
+class LineProgress(ProgressBar):
+    """One plain line every ``refresh_rate`` training steps (and at an epoch's last), one per validation."""
+
+    def __init__(self, refresh_rate: int = 50) -> None:
+        super().__init__()
+        self.refresh_rate = max(1, int(refresh_rate))
+        self._enabled = True
+        self._since: tuple[float, int] | None = None  # (time, batches done) at the last line
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._since = None
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module, batch, batch_idx: int) -> None:
+        if self._since is None:  # the epoch's first batch in this process (mid-epoch after a resume)
+            self._since = (time.perf_counter(), batch_idx)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        n = batch_idx + 1
+        total = self.total_train_batches
+        if not self._enabled or (n % self.refresh_rate and n != total):
+            return
+        now = time.perf_counter()
+        t0, n0 = self._since or (now, n)
+        self._since = (now, n)
+        parts = [f"epoch {trainer.current_epoch} step {n}/{total}"]
+        parts += [f"{k} {v}" for k, v in _shown(trainer).items()]
+        if n > n0 and now > t0:
+            parts.append(f"{(n - n0) / (now - t0):.2f} it/s")
+        print(" | ".join(parts), flush=True)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._enabled or trainer.sanity_checking:
+            return
+        shown = _shown(trainer, ("val/top1", "val/top5", "val/loss"))
+        print(" | ".join([f"epoch {trainer.current_epoch} validation"] + [f"{k} {v}" for k, v in shown.items()]),
+              flush=True)
+
+
+def console_progress(refresh_rate: int, interactive: bool | None = None) -> ProgressBar:
+    """The bar for this process's stdout: tqdm's on a terminal, plain lines otherwise."""
+    if interactive is None:
+        interactive = sys.stdout.isatty()
+    return StepProgressBar(refresh_rate=refresh_rate) if interactive else LineProgress(refresh_rate)

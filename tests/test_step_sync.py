@@ -11,8 +11,10 @@ progress bar, loggers), with logging steps out of the window.
 from __future__ import annotations
 
 import collections
+import sys
 import traceback
 
+import pytest
 import torch
 from pytorch_lightning.callbacks import Callback
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -73,11 +75,14 @@ class _Watch(Callback):
         self._stop()
 
 
-def test_training_steps_do_not_synchronise(digits_shards, tmp_path):
+@pytest.mark.parametrize("terminal", [True, False], ids=["tqdm-bar", "log-lines"])
+def test_training_steps_do_not_synchronise(digits_shards, tmp_path, monkeypatch, terminal):
     from pipeline.cli import PipelineCLI
     from pipeline.datamodule import ShardDataModule
     from pipeline.module import ImageClassifier
-    from pipeline.progress import StepProgressBar
+    from pipeline.progress import LineProgress, StepProgressBar
+
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: terminal)
 
     args = ["--config", str(REPO / "conf" / "demo.yaml"), "--data.root", str(digits_shards),
             "--trainer.default_root_dir", str(tmp_path / "run"), "--data.num_workers", "1",
@@ -85,8 +90,9 @@ def test_training_steps_do_not_synchronise(digits_shards, tmp_path):
             "--trainer.max_steps", "8", "--trainer.log_every_n_steps", "100", "--tracking.wandb", "false"]
     cli = PipelineCLI(ImageClassifier, ShardDataModule, run=False, auto_configure_optimizers=False,
                       trainer_defaults={"use_distributed_sampler": False}, args=args)
-    assert isinstance(cli.trainer.progress_bar_callback, StepProgressBar)
-    assert cli.trainer.progress_bar_callback.refresh_rate == 100
+    bar = cli.trainer.progress_bar_callback
+    assert isinstance(bar, StepProgressBar if terminal else LineProgress)
+    assert bar.refresh_rate == 100
     watch = _Watch()
     cli.trainer.callbacks.append(watch)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)

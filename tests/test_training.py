@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -29,8 +30,12 @@ def _metrics(run_dir: Path) -> list[dict]:
 
 def test_fit_lowers_loss_then_validate_then_resume(digits_shards, tmp_path):
     run = tmp_path / "run"
-    _fit(digits_shards, run, "--trainer.max_steps", "30", "--trainer.log_every_n_steps", "1",
-         "--checkpoint.every_n_train_steps", "10")
+    first = _fit(digits_shards, run, "--trainer.max_steps", "30", "--trainer.log_every_n_steps", "1",
+                 "--checkpoint.every_n_train_steps", "10")
+    # stdout is a pipe here, as under Slurm: plain progress lines, no carriage returns or cursor codes
+    assert "\r" not in first.stdout and "\x1b[" not in first.stdout
+    assert re.search(r"^epoch 0 step 1/22 \| train/loss \d[\d.]* \| [\d.]+ it/s$", first.stdout, re.M), first.stdout
+    assert re.search(r"^epoch 0 validation \| val/top1 0\.\d+ \| val/top5 0\.\d+ \| val/loss", first.stdout, re.M)
     losses = [float(r["train/loss"]) for r in _metrics(run) if r.get("train/loss")]
     assert len(losses) >= 25
     assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5, f"loss did not go down: {losses}"
@@ -47,6 +52,7 @@ def test_fit_lowers_loss_then_validate_then_resume(digits_shards, tmp_path):
     resumed = _fit(digits_shards, run, "--trainer.max_steps", "40", "--trainer.log_every_n_steps", "1",
                    "--checkpoint.every_n_train_steps", "10")
     assert "resuming from" in resumed.stderr
+    assert re.search(r"^epoch 1 step 9/22 \| train/loss", resumed.stdout, re.M), "lines go on mid-epoch"
     if shutil.which("srun") and "SLURM_JOB_ID" not in os.environ:  # Slurm's tools here, but not in a job
         assert "`srun` command is available" not in resumed.stderr, "Lightning's srun hint outside a job"
     ckpt = torch.load(last, map_location="cpu", weights_only=False)
