@@ -174,14 +174,13 @@ class PipelineCLI(LightningCLI):
         extra = kwargs.pop("callbacks", [])
         trainer = super().instantiate_trainer(**kwargs)
         trainer.callbacks.extend(callbacks + list(extra))
-        self._refresh_bar_at_log_steps(trainer)
+        self._use_console_progress(trainer)
         if isinstance(trainer.strategy, DeepSpeedStrategy) and isinstance(trainer.strategy.config, dict):
             # Lightning reads it from loader.batch_sampler, which our batch-yielding loaders do not have
             trainer.strategy.config.setdefault("train_micro_batch_size_per_gpu", int(cfg.data.batch_size))
         return trainer
 
-
-    def _refresh_bar_at_log_steps(self, trainer) -> None:
+    def _use_console_progress(self, trainer) -> None:
         """Lightning's default bar in place of ours (pipeline/progress.py: tqdm on a terminal, plain lines in
         a log file), refreshed every ``trainer.log_every_n_steps`` steps. A bar the user configures stays."""
         init = self.config_init[self.subcommand] if self.subcommand else self.config_init

@@ -254,9 +254,13 @@ class DaliLoader:
             self._clean = True
 
     def _to_torch(self, outs, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        *pixels, labels, valid = outs  # pixels: images, or (CPU, torch resize, training) windows and flips
+        lab = torch.from_numpy(np.array(labels.as_tensor(), copy=True))
+        ok = torch.from_numpy(np.array(valid.as_tensor(), copy=True).astype(bool))
+        self._check_corrupt(rows[0], ok.numpy())
         if self.torch_resize:
-            return self._finish_in_torch(outs, rows)
-        images, labels, valid = (o.as_tensor() for o in outs)
+            return self._finish_in_torch(*pixels), lab, ok
+        images = pixels[0].as_tensor()
         if getattr(self._pipe, "exec_dynamic", False):  # outputs own their memory: share it, no copy
             with self._device:
                 out = torch.from_dlpack(images)
@@ -265,37 +269,24 @@ class DaliLoader:
 
             out = torch.empty(images.shape(), dtype=torch.uint8 if self.cpu else torch.float16, device=self._device)
             feed_ndarray(images, out, cuda_stream=None if self.cpu else torch.cuda.current_stream(self._device))
-        lab = torch.from_numpy(np.array(labels, copy=True))
-        ok = torch.from_numpy(np.array(valid, copy=True).astype(bool))
-        self._check_corrupt(rows[0], ok.numpy())
         if not self.cpu:
             lab, ok = lab.to(self._device, non_blocking=True), ok.to(self._device, non_blocking=True)
         return out.permute(0, 3, 1, 2), lab, ok  # NCHW shape, channels_last memory
 
-    def _finish_in_torch(self, outs, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """CPU, imagenet recipe: resize (and flip) DALI's decoded windows or images with the cpu backend's
-        torchvision transforms, into a uint8 channels_last batch."""
-        if self.train:
-            decoded, flips, labels, valid = outs
-            flips = np.asarray(flips.as_tensor())
-        else:
-            decoded, labels, valid = outs
+    def _finish_in_torch(self, decoded, flips=None) -> torch.Tensor:
+        """CPU, imagenet recipe: DALI's decoded windows (training, with their flips) or images resized with
+        the cpu backend's torchvision transforms into a uint8 channels_last batch."""
+        flips = np.asarray(flips.as_tensor()) if flips is not None else None
         size = self.size
         batch = torch.empty((len(decoded), size, size, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
         with _one_torch_thread():  # small per-image kernels: a thread pool only fights DALI's threads
-            self._resize_into(batch, decoded, flips if self.train else None)
-        lab = torch.from_numpy(np.array(labels.as_tensor(), copy=True))
-        ok = torch.from_numpy(np.array(valid.as_tensor(), copy=True).astype(bool))
-        self._check_corrupt(rows[0], ok.numpy())
-        return batch, lab, ok
-
-    def _resize_into(self, batch: torch.Tensor, decoded, flips: np.ndarray | None) -> None:
-        for i in range(len(decoded)):
-            x = torch.from_numpy(np.asarray(decoded[i])).permute(2, 0, 1)  # HWC memory: a channels_last view
-            if flips is not None:  # training: the decoded window
-                batch[i].copy_(resize_and_flip(x, self.cfg, bool(flips[i])))
-            else:
-                batch[i].copy_(augment_eval(x, self.cfg))
+            for i in range(len(decoded)):
+                x = torch.from_numpy(np.asarray(decoded[i])).permute(2, 0, 1)  # HWC memory: a channels_last view
+                if flips is not None:  # training: the decoded window
+                    batch[i].copy_(resize_and_flip(x, self.cfg, bool(flips[i])))
+                else:
+                    batch[i].copy_(augment_eval(x, self.cfg))
+        return batch
 
     def _check_corrupt(self, ids: np.ndarray, valid: np.ndarray) -> None:
         for j in np.flatnonzero(~valid & (ids != PAD)):
@@ -316,7 +307,8 @@ class DaliLoader:
         bad = int((~valid.numpy() & (rows[0] != PAD)).sum())
         self.corrupt_seen += bad  # ShardBatches logged each one with its shard
         if bad == 0:
-            log.warning("DALI failed on a batch that the cpu backend decodes (%s); used it for that batch", _first_line(error))
+            log.warning("DALI failed on a batch that the cpu backend decodes (%s); used it for that batch",
+                        _first_line(error))
         if self.cpu:  # uint8, as the pipeline's own batches
             return images.contiguous(memory_format=torch.channels_last), labels, valid
         mean = torch.tensor(self.cfg.mean).view(1, 3, 1, 1) * 255
