@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .errors import PrepError
-from .inputs import LabelledItems
+from .inputs import KeptRows
 from .sources import Listing, Ref, common_top, is_hidden, list_source
 
 
@@ -48,30 +48,17 @@ def scan_imagefolder(src: Path, split: str | None = None) -> Scan:
         kept = array("q", (i for i in kept if table.parts(i)[0] == split))
         rejects = [r for r in rejects if _in_split(r[0], src, split)]
     strip = 1 if common_top(lambda: (table.parts(i) for i in kept)) is not None else 0
-    rows, class_ids = array("q"), array("i")
-    names: list[str] = []
-    ids: dict[str, int] = {}
+    by_class = KeptRows(table)
     for i in kept:
         parts = table.parts(i)[strip:]
         if len(parts) < 2:
             rejects.append((table.display(i), "not inside a class folder"))
-            continue
-        cid = ids.get(parts[0])
-        if cid is None:
-            cid = ids[parts[0]] = len(names)
-            names.append(parts[0])
-        rows.append(i)
-        class_ids.append(cid)
-    classes = sorted(names)
+        else:
+            by_class.add(i, parts[0])
+    classes = sorted(by_class.names)
     if not classes:
         raise PrepError(f"{src}: no class folders with files found (expected <class>/<image> layout)")
-    index = {c: i for i, c in enumerate(classes)}
-    row_label = array("i", [-1]) * len(table)  # each listing row is kept at most once
-    for row, cid in zip(rows, class_ids):
-        row_label[row] = index[names[cid]]
-    del class_ids
-    sorted_rows = table.sorted_by_display(rows)  # stable, like sorting the (display, ...) tuples
-    items = LabelledItems(table, sorted_rows, (row_label[r] for r in sorted_rows))
+    items, _ = by_class.items({c: i for i, c in enumerate(classes)})  # every class is in the index
     return Scan(classes, list(classes), items, sorted(rejects))
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .errors import PrepError
 from .imagefolder import Scan
-from .inputs import FileTable, LabelledItems
+from .inputs import KeptRows
 from .sources import FileEntry, Listing, is_hidden, iter_tar_members, list_dir, open_tar
 
 TRAIN_TAR = "ILSVRC2012_img_train.tar"
@@ -192,26 +192,7 @@ class ImageNetSource:
         return [names.get(c, c) for c in classes]
 
 
-class _Labelled:
-    """One split's kept inputs as rows of its listing's FileTable plus a wnid id per row (compact)."""
-
-    def __init__(self, table: FileTable):
-        self.table = table
-        self.rows = array("q")
-        self.wnid_ids = array("i")
-        self.wnids: list[str] = []
-        self._ids: dict[str, int] = {}
-
-    def add(self, row: int, wnid: str) -> None:
-        wid = self._ids.get(wnid)
-        if wid is None:
-            wid = self._ids[wnid] = len(self.wnids)
-            self.wnids.append(wnid)
-        self.rows.append(row)
-        self.wnid_ids.append(wid)
-
-
-def _labelled(listing: Listing, split: str, src: ImageNetSource) -> tuple[_Labelled, list]:
+def _labelled(listing: Listing, split: str, src: ImageNetSource) -> tuple[KeptRows, list]:
     """Kept rows with their wnid plus rejects, for class-folder or flat layouts."""
     rejects = list(listing.rejects)
     table = listing.files
@@ -226,7 +207,7 @@ def _labelled(listing: Listing, split: str, src: ImageNetSource) -> tuple[_Label
             flat_count += len(parts) == 1
     flat = flat_count * 2 > len(files)
     labels = src.val_labels() if (split == "val" and flat) else None
-    out = _Labelled(table)
+    out = KeptRows(table)
     for i in files:
         parts = table.parts(i)
         if labels is not None:
@@ -257,33 +238,21 @@ def scan_imagenet(src: ImageNetSource, splits: list[str]) -> tuple[dict[str, Sca
     if dk is not None:
         classes = sorted(dk.names)
     elif "train" in raw:
-        classes = sorted(set(raw["train"][0].wnids))
+        classes = sorted(raw["train"][0].names)
     else:
-        classes = sorted(set(raw["val"][0].wnids))
+        classes = sorted(raw["val"][0].names)
     if not classes:
         raise PrepError(f"{src.src}: no ImageNet classes found")
     index = {c: i for i, c in enumerate(classes)}
     names = src.class_names(classes)
     scans = {}
     for split in list(raw):
-        lab, rejects = raw.pop(split)
-        table = lab.table
-        label_of = [index.get(w, -1) for w in lab.wnids]
-        rows, labels = array("q"), array("i")
-        for row, wid in zip(lab.rows, lab.wnid_ids):
-            if label_of[wid] >= 0:
-                rows.append(row)
-                labels.append(label_of[wid])
-            else:
-                rejects.append((table.display(row), f"class {lab.wnids[wid]!r} is not one of the "
-                                                    f"{len(classes)} ILSVRC2012 classes"))
-        del lab
-        row_label = array("i", [-1]) * len(table)  # each listing row is kept at most once
-        for row, label in zip(rows, labels):
-            row_label[row] = label
-        sorted_rows = table.sorted_by_display(rows)  # stable, like sorting the (display, ...) tuples
-        items = LabelledItems(table, sorted_rows, (row_label[r] for r in sorted_rows))
-        del rows, labels, row_label, sorted_rows
+        kept, rejects = raw.pop(split)
+        items, dropped = kept.items(index)
+        for row, wnid in dropped:
+            rejects.append((kept.table.display(row), f"class {wnid!r} is not one of the "
+                                                     f"{len(classes)} ILSVRC2012 classes"))
+        del kept, dropped
         scans[split] = Scan(classes, names, items, sorted(rejects))
     return scans, where
 

@@ -144,3 +144,37 @@ class LabelledItems(Sequence):
     def size(self, k: int) -> int:
         """Source bytes of item `k` (what the shard plan needs, without building the tuple)."""
         return self.table.size(self.rows[k])
+
+
+class KeptRows:
+    """Rows of a FileTable kept for a split, each with its class folder name, interned (compact)."""
+
+    def __init__(self, table: FileTable):
+        self.table = table
+        self.rows = array("q")
+        self.name_ids = array("i")
+        self.names: list[str] = []  # in order of first appearance
+        self._ids: dict[str, int] = {}
+
+    def add(self, row: int, name: str) -> None:
+        nid = self._ids.get(name)
+        if nid is None:
+            nid = self._ids[name] = len(self.names)
+            self.names.append(name)
+        self.rows.append(row)
+        self.name_ids.append(nid)
+
+    def items(self, index: dict[str, int]) -> tuple[LabelledItems, list[tuple[int, str]]]:
+        """The rows whose name is in `index` as ``Scan.items`` (label = ``index[name]``), sorted by display
+        path like sorting the (display, ...) tuples (stable); and (row, name) of those left out."""
+        label_of = [index.get(n, -1) for n in self.names]
+        row_label = array("i", [-1]) * len(self.table)  # each listing row is kept at most once
+        kept, dropped = array("q"), []
+        for row, nid in zip(self.rows, self.name_ids):
+            if label_of[nid] >= 0:
+                kept.append(row)
+                row_label[row] = label_of[nid]
+            else:
+                dropped.append((row, self.names[nid]))
+        sorted_rows = self.table.sorted_by_display(kept)
+        return LabelledItems(self.table, sorted_rows, (row_label[r] for r in sorted_rows)), dropped

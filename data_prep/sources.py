@@ -183,18 +183,6 @@ def common_top(parts_of: Callable[[], Iterable[tuple[str, ...]]]) -> str | None:
     return top if shared and 2 * deep >= n else None
 
 
-def strip_common_top(files: list[FileEntry]) -> str | None:
-    """Drop one shared top folder (see `common_top`) from `files`' parts in place; return its name.
-
-    Stray files directly in ``top/`` then become rejects.
-    """
-    top = common_top(lambda: (f.parts for f in files))
-    if top is not None:
-        for f in files:
-            f.parts = f.parts[1:]
-    return top
-
-
 def is_hidden(parts: tuple[str, ...]) -> bool:
     """Dot-files and dot-folders (.DS_Store, ._x, .ipynb_checkpoints) are never samples."""
     return any(p.startswith(".") for p in parts)

@@ -57,14 +57,19 @@ def test_status_reports_step_throughput_and_wandb_id(trained_run: Path) -> None:
     assert lines["W&B"] == "abc123xy"
 
 
+def _copy_checkpoint(trained_run: Path, name: str, run: Path, as_name: str) -> Path:
+    """A copy of the trained run's checkpoint ``name`` as RUN/checkpoints/``as_name``."""
+    path = run / "checkpoints" / as_name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes((trained_run / "checkpoints" / name).read_bytes())
+    return path
+
+
 def test_status_reads_only_checkpoints_dir_newest_first_and_names_unreadable_ones(trained_run: Path,
                                                                                    tmp_path: Path) -> None:
     run = tmp_path / "run"
-    (run / "checkpoints").mkdir(parents=True)
-    old = run / "checkpoints" / "step=3.ckpt"
-    old.write_bytes((trained_run / "checkpoints" / "epoch=0-step=3.ckpt").read_bytes())
-    last = run / "checkpoints" / "last.ckpt"
-    last.write_bytes((trained_run / "checkpoints" / "last.ckpt").read_bytes())
+    old = _copy_checkpoint(trained_run, "epoch=0-step=3.ckpt", run, "step=3.ckpt")
+    last = _copy_checkpoint(trained_run, "last.ckpt", run, "last.ckpt")
     now = time.time()
     os.utime(old, (now - 100, now - 100))
     os.utime(last, (now - 50, now - 50))
@@ -92,11 +97,8 @@ def test_status_skips_a_checkpoint_deleted_after_listing(trained_run: Path, tmp_
     import launch.checkpoints as ck
 
     run = tmp_path / "run"
-    (run / "checkpoints").mkdir(parents=True)
-    last = run / "checkpoints" / "last.ckpt"
-    last.write_bytes((trained_run / "checkpoints" / "epoch=0-step=3.ckpt").read_bytes())
-    best = run / "checkpoints" / "best-epoch000-step0000006-top10.5000.ckpt"
-    best.write_bytes((trained_run / "checkpoints" / "last.ckpt").read_bytes())
+    last = _copy_checkpoint(trained_run, "epoch=0-step=3.ckpt", run, "last.ckpt")
+    best = _copy_checkpoint(trained_run, "last.ckpt", run, "best-epoch000-step0000006-top10.5000.ckpt")
     os.utime(last, (time.time() - 10, time.time() - 10))
     listed = ck.checkpoint_files
 
