@@ -106,7 +106,13 @@ def _check_common(args) -> tuple:
     if args.task_index is not None:
         task_index = args.task_index
     else:
-        task_index = _env_int("SLURM_ARRAY_TASK_ID", 0) - _env_int("SLURM_ARRAY_TASK_MIN", 0)
+        # --array=0-30:2 gives IDs 0, 2, ..., 30 and a count of 16: the index is the position in that list
+        offset = _env_int("SLURM_ARRAY_TASK_ID", 0) - _env_int("SLURM_ARRAY_TASK_MIN", 0)
+        step = max(_env_int("SLURM_ARRAY_TASK_STEP", 1), 1)
+        if offset % step:
+            raise PrepError(f"SLURM_ARRAY_TASK_ID {offset} above SLURM_ARRAY_TASK_MIN is not a multiple of "
+                            f"SLURM_ARRAY_TASK_STEP {step}; pass --task-index and --num-tasks explicitly")
+        task_index = offset // step
     if num_tasks < 1:
         raise PrepError(f"--num-tasks {num_tasks}: must be at least 1")
     if not 0 <= task_index < num_tasks:
@@ -142,6 +148,9 @@ def run(argv: list[str] | None = None) -> int:
 
         split = _split_ok(args.split)
         opts, shard_bytes, workers, ti, nt = _check_common(args)
+        if args.src.is_dir() and args.out.resolve().is_relative_to(args.src.resolve()):
+            raise PrepError(f"{args.out}: output folder is inside SRC {args.src}, so a rerun would list the "
+                            "shards as inputs (a class folder of its own); use a folder outside SRC")
         scan = scan_imagefolder(args.src, split)
         m = prepare_split(args.out, split, str(args.src.resolve()), scan, opts, args.seed, shard_bytes,
                           args.samples_per_shard, workers, ti, nt, show_progress=not args.no_progress)
@@ -188,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(argv)
     except (PrepError, ManifestError) as exc:
+        print(f"python -m data_prep: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # output not writable, disk full...: the message names the path, no traceback
         print(f"python -m data_prep: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

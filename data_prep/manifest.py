@@ -63,7 +63,8 @@ def _split_entry(out: Path, split: str) -> tuple[dict, dict, list[dict]]:
 
 
 def _remove_stale_shards(out: Path, split: str, keep: set[str]) -> None:
-    pat = re.compile(rf"^{re.escape(split)}-\d{{6}}\.(tar|idx)$")
+    """Drop shards outside the plan and `.tmp` leftovers of killed or failed writers (all shards are done)."""
+    pat = re.compile(rf"^{re.escape(split)}-\d{{6}}\.(tar|idx)(\.tmp)?$")
     for p in out.iterdir():
         if pat.match(p.name) and p.name not in keep:
             p.unlink()

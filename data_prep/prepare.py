@@ -28,8 +28,8 @@ def prepare_split(out: Path, split: str, source: str, scan: Scan, opts: EncodeOp
         others = sorted(set(existing["splits"]) - {split})
         if others and existing["classes"] != scan.classes:
             raise PrepError(f"{out / MANIFEST_NAME}: the {len(scan.classes)} classes of split {split!r} differ "
-                            f"from the {len(existing['classes'])} classes of existing splits {others}; "
-                            "use another OUT")
+                            f"from the {len(existing['classes'])} classes of existing splits {others} "
+                            f"({_class_diff(scan.classes, existing['classes'])}); use another OUT")
     out.mkdir(parents=True, exist_ok=True)
     jobs, _options = plan_split(out, split, source, scan, opts, seed, shard_bytes, samples_per_shard, split_source)
     mine = [j for j in jobs if j.number % num_tasks == task_index]
@@ -58,3 +58,11 @@ def plan_split(out: Path, split: str, source: str, scan: Scan, opts: EncodeOptio
                     "planned": len(j), "plan_hash": j.plan_hash} for j in jobs],
     })
     return jobs, options
+
+
+def _class_diff(new: list[str], old: list[str]) -> str:
+    """Which class names differ (the first few), so the user can find the folder at fault."""
+    only_new, only_old = sorted(set(new) - set(old)), sorted(set(old) - set(new))
+    if not only_new and not only_old:
+        return "same names, different order"
+    return f"only in this split: {only_new[:5]}, only in the existing: {only_old[:5]}"

@@ -12,6 +12,7 @@ import multiprocessing as mp
 import os
 from pathlib import Path
 
+from .errors import PrepError
 from .format import index_name, shard_name
 from .plan import ShardJob, sample_key
 from .progress import Progress
@@ -59,6 +60,8 @@ def done_record_ok(out: Path, job: ShardJob) -> dict | None:
         return None
     if tar.stat().st_size != rec.get("bytes") or file_sha256(tar) != rec.get("sha256"):
         return None
+    if rec.get("index_sha256", None) not in (None, file_sha256(idx)):  # None: records before it was kept
+        return None
     return rec
 
 
@@ -83,7 +86,10 @@ def build_shard(out: Path, job: ShardJob, opts: EncodeOptions) -> dict:
         return rec
     entries = job.entries  # built once: the parent's jobs hold only indices
     name, idx = shard_name(job.split, job.number), index_name(job.split, job.number)
-    writer = ShardWriter(Path(out) / name, Path(out) / idx)
+    try:
+        writer = ShardWriter(Path(out) / name, Path(out) / idx)
+    except OSError as exc:
+        raise PrepError(f"{Path(out) / name}: cannot write shard: {exc.strerror or exc}") from None
     rejects = []
     sources = []
     handles: dict = {}
@@ -112,6 +118,9 @@ def build_shard(out: Path, job: ShardJob, opts: EncodeOptions) -> dict:
                 _count(pending_n, pending_b)
                 pending_n = pending_b = 0
         nbytes, sha = writer.commit()
+    except OSError as exc:  # reading errors are rejects above: this is the output (disk full, read-only)
+        writer.abort()
+        raise PrepError(f"{Path(out) / name}: cannot write shard: {exc.strerror or exc}") from None
     except BaseException:
         writer.abort()
         raise
@@ -120,6 +129,7 @@ def build_shard(out: Path, job: ShardJob, opts: EncodeOptions) -> dict:
             f.close()
     _count(pending_n, pending_b)
     rec = {"name": name, "index": idx, "samples": writer.samples, "bytes": nbytes, "sha256": sha,
+           "index_sha256": file_sha256(Path(out) / idx),
            "plan_hash": job.plan_hash, "planned": len(entries), "rejects": rejects, "sources": sources}
     write_json_atomic(work_dir(out, job.split) / (name + ".json"), rec)
     return rec

@@ -85,17 +85,20 @@ class ShardWriter:
         os.fsync(self._raw.fileno())
         self._raw.close()
         write_index(self.idx_tmp, self.index)
-        os.replace(self.idx_tmp, self.idx_path)
+        # tar first: a kill between the renames leaves a new tar (whose sha256 no old done-record
+        # matches, so it is rebuilt), never an old, still-trusted tar next to a new index
         os.replace(self.tmp, self.tar_path)
+        os.replace(self.idx_tmp, self.idx_path)
         return self._out.n, self._out.sha.hexdigest()
 
     def abort(self) -> None:
-        """Close and remove the temporary files."""
+        """Close and remove the temporary files (never raises: the original error is what matters)."""
         try:
-            self._raw.close()
-        finally:
-            for p in (self.tmp, self.idx_tmp):
-                try:
-                    p.unlink()
-                except FileNotFoundError:
-                    pass
+            self._raw.close()  # flushing on a full disk raises again
+        except OSError:
+            pass
+        for p in (self.tmp, self.idx_tmp):
+            try:
+                p.unlink()
+            except OSError:
+                pass

@@ -45,6 +45,7 @@ class Listing:
 
     files: FileTable = field(default_factory=_file_table)
     rejects: list[tuple[str, str]] = field(default_factory=list)
+    dirs: list[tuple[str, ...]] = field(default_factory=list)  # folders' parts: to name empty class folders
 
 
 def unsafe_member_reason(name: str) -> str | None:
@@ -107,9 +108,11 @@ def iter_tar_members(tf: tarfile.TarFile, archive: str, base_offset: int, prefix
                 break
             tf.members.clear()  # TarFile caches every TarInfo; keep memory flat on huge archives
             display = f"{prefix}:{m.name}"
-            if m.isdir():
-                continue
             reason = unsafe_member_reason(m.name)
+            if m.isdir():
+                if reason is None:
+                    listing.dirs.append(_clean_parts(m.name))
+                continue
             if reason is None and not m.isreg():
                 reason = "not a regular file (link or device in archive)"
             if reason:
@@ -131,11 +134,29 @@ def list_tar(path: Path) -> Listing:
 
 
 def list_dir(root: Path) -> Listing:
-    """List regular files under a folder, sorted, following no directory symlinks."""
+    """List regular files under a folder, sorted.
+
+    Folder symlinks are followed (class folders linked from elsewhere are common, and torchvision's
+    ImageFolder follows them too); a folder reached a second time (a link loop, or two links to one
+    folder) is listed once and the repeat goes to rejects, as does a folder that cannot be read.
+    """
     listing = Listing()
-    for dirpath, dirnames, filenames in os.walk(root):
+    seen: set[str] = set()
+
+    def unreadable(exc: OSError) -> None:
+        listing.rejects.append((os.fsdecode(exc.filename), f"cannot list folder: {exc.strerror}"))
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            listing.rejects.append((dirpath, f"folder already listed as {real} (symlink loop or duplicate link)"))
+            dirnames.clear()
+            continue
+        seen.add(real)
         dirnames.sort()
         rel = Path(dirpath).relative_to(root)
+        if rel.parts:
+            listing.dirs.append(rel.parts)
         for name in sorted(filenames):
             full = Path(dirpath) / name
             parts = tuple(rel.parts) + (name,)
