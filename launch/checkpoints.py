@@ -18,25 +18,35 @@ class CheckpointInfo:
     epoch: int | None
 
 
+def payload(path: Path) -> Path:
+    """The file that holds a checkpoint's step: the file itself, or for a DeepSpeed checkpoint (a directory
+    named like a file) rank 0's model states under the tag its ``latest`` file names (Lightning: ``checkpoint``)."""
+    if not path.is_dir():
+        return path
+    latest = path / "latest"
+    tag = latest.read_text().strip() if latest.is_file() else "checkpoint"
+    return path / tag / "mp_rank_00_model_states.pt"
+
+
 def checkpoint_files(run_dir: Path) -> list[Path]:
     """Checkpoints of a run, newest first: RUN_DIR/checkpoints/**.ckpt (last.ckpt, saved periodically and on
-    preemption, and the best-k). The trainer writes nothing else, so nothing else is considered."""
+    preemption, and the best-k; files, or directories under DeepSpeed). The trainer writes nothing else, so
+    nothing else is considered."""
     dated = []
     for p in (run_dir / "checkpoints").rglob("*.ckpt"):
         try:
-            if p.is_file():
-                dated.append((p.stat().st_mtime, p))
-        except FileNotFoundError:  # a best-k checkpoint the running trainer just replaced
+            dated.append((payload(p).stat().st_mtime, p))
+        except FileNotFoundError:  # a best-k checkpoint the running trainer just replaced (or not one at all)
             continue
     return [p for _, p in sorted(dated, key=lambda t: t[0], reverse=True)]
 
 
 def read_checkpoint(path: Path) -> CheckpointInfo:
-    """global_step/epoch from a Lightning checkpoint; mmap keeps this cheap for large checkpoints."""
+    """global_step/epoch from a Lightning checkpoint (file or DeepSpeed directory); mmap keeps this cheap."""
     import torch
 
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        ckpt = torch.load(payload(path), map_location="cpu", weights_only=False, mmap=True)
     except Exception as e:  # a half-written or foreign file: say which
         raise LaunchError(f"checkpoint {path}: cannot be read ({type(e).__name__}: {e})") from e
     if not isinstance(ckpt, dict):

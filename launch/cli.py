@@ -14,7 +14,7 @@ from pathlib import Path
 from launch import rundir, slurm, status, torchrun
 from launch.errors import LaunchError
 from launch.scripts import PrepJob, SlurmOptions, TrainJob
-from launch.validate import existing_file
+from launch.validate import existing_file, sbatch_path
 
 
 def _slurm_args(p: argparse.ArgumentParser, time_default: str | None) -> None:
@@ -100,6 +100,8 @@ def _python(a: argparse.Namespace) -> str:
 
 def _submit_train(a: argparse.Namespace, extra: list[str]) -> int:
     run_dir = (a.run_dir or Path("runs") / a.config.stem).absolute()
+    if a.run_dir is None:  # say where the path came from: the user never typed it
+        sbatch_path(run_dir, "run directory (default runs/<config name>; choose one with --run-dir)")
     job = TrainJob(config=existing_file(a.config, "--config"), nodes=a.nodes, gpus_per_node=a.gpus_per_node,
                    run_dir=run_dir,
                    slurm=_options(a), signal_lead=a.signal_lead, cpu=a.cpu, extra_args=extra,
@@ -126,6 +128,8 @@ def _submit_train(a: argparse.Namespace, extra: list[str]) -> int:
 def _submit_prep(a: argparse.Namespace, extra: list[str]) -> int:
     out = a.out.absolute()
     run_dir = (a.run_dir or out.parent / f"{out.name}-slurm").absolute()
+    if a.run_dir is None:
+        sbatch_path(run_dir, "run directory (default OUT-slurm next to OUT; choose one with --run-dir)")
     prep_args = ["--split", a.split] if a.kind == "imagefolder" else []
     job = PrepJob(command=a.kind, src=a.src.absolute(), out=out, tasks=a.tasks, run_dir=run_dir,
                   slurm=_options(a), prep_args=prep_args + extra, python=_python(a), workdir=Path.cwd(),

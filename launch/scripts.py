@@ -64,6 +64,9 @@ class SlurmOptions:
         return " ".join(flags) + " "
 
 
+MAX_SIGNAL_LEAD = 65535  # sbatch refuses a larger --signal=SIG@TIME
+
+
 def _extra(args: list[str]) -> str:
     return "".join(" " + shlex.quote(a) for a in args)
 
@@ -119,6 +122,9 @@ class TrainJob:
         self.slurm.check()
         sbatch_path(self.run_dir, "--run-dir")
         positive_int(self.signal_lead, "--signal-lead", minimum=0)
+        if self.signal_lead > MAX_SIGNAL_LEAD:
+            raise LaunchError(f"--signal-lead: {self.signal_lead} s is more than Slurm's --signal allows "
+                              f"({MAX_SIGNAL_LEAD} s)")
         if self.signal_lead + 30 >= time_seconds(self.slurm.time):
             raise LaunchError(
                 f"--signal-lead: {self.signal_lead} s + Slurm's 30 s check interval is not shorter than --time "

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 from launch import slurm
-from launch.checkpoints import latest_checkpoint, recent_throughput
+from launch.checkpoints import latest_checkpoint, payload, recent_throughput
 from launch.errors import LaunchError
 from launch.rundir import recorded_jobs, wandb_run_id
 
@@ -44,6 +44,31 @@ def _table(rows: list[slurm.JobRow]) -> list[str]:
     return out
 
 
+def _first_error_line(text: str) -> str:
+    """The line of a Slurm client's error output that says what is wrong (``fatal:`` if there is one)."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return next((line for line in lines if "fatal:" in line), lines[0] if lines else "unknown reason")
+
+
+def _jobs(ids: list[str]) -> tuple[str, list[slurm.JobRow] | None]:
+    """A heading and the jobs' rows from sacct, else squeue/scontrol, else none: a Slurm that cannot be
+    reached (controller down, no client config here) must not hide what the run directory itself says."""
+    unavailable = "jobs (Slurm unavailable: {}; requeues from the job logs only):"
+    try:
+        return "jobs (sacct):", slurm.sacct(ids)
+    except slurm.SacctUnavailable as e:
+        why = _first_error_line(str(e))
+    except LaunchError as e:  # sacct hung: squeue would too
+        return unavailable.format(_first_error_line(str(e))), None
+    try:
+        rows = slurm.squeue(ids)
+        for r in rows:
+            r.restarts = slurm.scontrol_restarts(r.job_id.split("_")[0])
+    except LaunchError as e:
+        return unavailable.format(_first_error_line(str(e))), None
+    return f"jobs (squeue/scontrol; sacct unavailable: {why}; finished jobs are not listed):", rows
+
+
 def report(run_dir: Path) -> str:
     """The status text for one run directory."""
     if not run_dir.is_dir():
@@ -53,27 +78,21 @@ def report(run_dir: Path) -> str:
     if not ids:
         lines.append("jobs         none (no jobs.jsonl and no slurm-<job>.out in the run directory)")
     else:
-        try:
-            rows = slurm.sacct(ids)
-            lines.append("jobs (sacct):")
-        except slurm.SacctUnavailable as e:
-            msg = str(e).splitlines()[0] if str(e) else "unknown reason"
-            lines.append(f"jobs (squeue/scontrol; sacct unavailable: {msg}; finished jobs are not listed):")
-            rows = slurm.squeue(ids)
-            for r in rows:
-                r.restarts = slurm.scontrol_restarts(r.job_id.split("_")[0])
-        lines += _table(rows) if rows else ["  (none queued or running)"]
-        restarts = {r.job_id: r.restarts for r in rows if r.restarts}
-        from_logs = log_restarts(run_dir)
-        total = max([*restarts.values(), *from_logs.values(), 0])
-        detail = ", ".join(f"job {j}: {n}" for j, n in sorted(from_logs.items()) if n) or "none in job logs"
-        lines.append(f"requeues     {total} ({detail})")
+        header, rows = _jobs(ids)
+        lines.append(header)
+        if rows is not None:  # None: Slurm could not say
+            lines += _table(rows) if rows else ["  (none queued or running)"]
+        per_job = log_restarts(run_dir)
+        for r in rows or []:  # Slurm's count and the logs' can each miss runs: take the larger per job
+            per_job[r.job_id] = max(per_job.get(r.job_id, 0), r.restarts or 0)
+        detail = ", ".join(f"job {j}: {n}" for j, n in sorted(per_job.items()) if n) or "none in job logs"
+        lines.append(f"requeues     {sum(per_job.values())} ({detail})")
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
         lines.append("checkpoint   none yet")
     else:
         try:
-            mtime = ckpt.path.stat().st_mtime
+            mtime = payload(ckpt.path).stat().st_mtime
             when = _dt.datetime.fromtimestamp(mtime, _dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
         except FileNotFoundError:  # replaced by the running trainer since it was read
             when = "since replaced"

@@ -35,9 +35,10 @@ def sbatch_directives(script: str) -> list[str]:
 
 
 def srun_argv(script: str) -> list[str]:
-    """The srun command (the script's last command), continuation lines joined, split the way bash would."""
+    """The srun command (up to the next blank line), continuation lines joined, split the way bash would."""
     assert script.count("\nsrun ") == 1
-    return shlex.split(script[script.index("\nsrun ") + 1:].replace("\\\n", " "))
+    command = script[script.index("\nsrun ") + 1:].split("\n\n")[0]
+    return shlex.split(command.replace("\\\n", " "))
 
 
 def test_dry_run_4x8_gpu_job_has_what_srun_needs(tmp_path: Path, cfg: Path) -> None:
@@ -140,6 +141,7 @@ def test_hostile_values_are_quoted_in_the_srun_line(tmp_path: Path) -> None:
     (["--run-dir", "runs/x;y"], "--run-dir:"),
     (["--signal-lead", "3600"], "--signal-lead: 3600 s + Slurm's 30 s check interval is not shorter than --time"),
     (["--time", "00:05:20"], "--signal-lead: 300 s + Slurm's 30 s check interval is not shorter than --time 00:05:20"),
+    (["--time", "30-00:00:00", "--signal-lead", "70000"], "--signal-lead: 70000 s is more than Slurm's --signal"),
 ])
 def test_bad_settings_exit_2_naming_the_setting(tmp_path: Path, cfg: Path, args: list[str], setting: str) -> None:
     base = {"--config": str(cfg), "--nodes": "1", "--gpus-per-node": "1", "--time": "01:00:00"}
@@ -216,3 +218,43 @@ def test_template_placeholders_must_match_values() -> None:
         template.render("{{x}}", {"x": 1, "y": 2})
     # bash's own ${...} passes through untouched
     assert template.render("echo ${A:-{{x}}}\n", {"x": 0}) == "echo ${A:-0}\n"
+
+
+def _exports_before_srun(script: str, env: dict[str, str]) -> dict[str, str]:
+    """Run a script's set-up (up to its start line; without the Slurm queries) and return the exports."""
+    lines = script.splitlines()
+    setup = [line for line in lines[:next(i for i, x in enumerate(lines) if x.startswith('echo "launch:'))]
+             if not line.startswith(("first_node=", "MASTER_ADDR=", "export MASTER", "cd "))]
+    out = subprocess.run(["bash", "-c", "\n".join(setup) + "\nenv -0"], capture_output=True, text=True,
+                         env={"PATH": os.environ["PATH"], "SLURM_JOB_ID": "7", **env}, check=True)
+    return dict(item.split("=", 1) for item in out.stdout.split("\0") if "=" in item)
+
+
+def test_srun_gets_the_jobs_cpus_per_task(tmp_path: Path, cfg: Path) -> None:
+    """Slurm >= 22.05 no longer passes the job's --cpus-per-task on to srun: without SRUN_CPUS_PER_TASK each
+    rank (or data_prep task) would be bound to one CPU, starving its loader workers."""
+    train = launch("submit", "train", "--config", str(cfg), "--gpus-per-node", "8", "--cpus-per-task", "12",
+                   "--time", "1:00:00", "--run-dir", str(tmp_path / "run"), "--dry-run", cwd=tmp_path)
+    src = tmp_path / "src"
+    src.mkdir()
+    prep = launch("submit", "prep", "imagenet", str(src), str(tmp_path / "out"), "--tasks", "2",
+                  "--cpus-per-task", "4", "--dry-run", cwd=tmp_path)
+    assert train.returncode == 0 and prep.returncode == 0, train.stderr + prep.stderr
+    array = prep.stdout.split("# ---- prep-finalize-imagenet.sbatch\n")[0]
+    for script, cpus in ((train.stdout, "12"), (array, "4")):
+        assert _exports_before_srun(script, {"SLURM_CPUS_PER_TASK": cpus})["SRUN_CPUS_PER_TASK"] == cpus
+        assert "SRUN_CPUS_PER_TASK" not in _exports_before_srun(script, {})  # no --cpus-per-task: srun's default
+
+
+def test_a_bad_default_run_dir_says_it_is_the_default(tmp_path: Path) -> None:
+    """The user never typed the path: the error says where it came from and which option picks another."""
+    cfg = tmp_path / "my conf" / "r 50.yaml"
+    cfg.parent.mkdir()
+    cfg.write_text("trainer: {}\n")
+    r = launch("submit", "train", "--config", str(cfg), "--time", "1:00:00", "--dry-run", cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.startswith(
+        "launch: error: run directory (default runs/<config name>; choose one with --run-dir): "), r.stderr
+    r = launch("submit", "prep", "imagenet", str(cfg.parent), str(tmp_path / "out dir"), "--tasks", "2",
+               "--dry-run", cwd=tmp_path)
+    assert r.returncode == 2 and "run directory (default OUT-slurm next to OUT; choose one with --run-dir)" \
+        in r.stderr, r.stderr

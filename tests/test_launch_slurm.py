@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -377,3 +378,43 @@ def test_time_limit_signal_checkpoints_and_requeues(slurm_cluster: SlurmCluster,
         assert re.search(row, st.stdout, re.M), st.stdout
     finally:
         slurm_cluster.run("scancel", job, check=False)
+
+
+REQUEUE_FAILS = """#!/bin/bash
+# scontrol as the trainer sees it when it cannot requeue: inside a container image without Slurm, or with the
+# controller unreachable for a moment. Every other subcommand is the real one.
+if [ "$1" = requeue ]; then echo "slurm_requeue error: Unable to contact slurm controller" >&2; exit 1; fi
+exec {scontrol} "$@"
+"""
+
+
+@pytest.mark.slow
+def test_batch_script_requeues_when_the_trainer_cannot(slurm_cluster: SlurmCluster, demo_shards: Path,
+                                                       tmp_path: Path) -> None:
+    """USR1 while the trainer's own `scontrol requeue` fails: it saves last.ckpt, logs the failure and exits 0.
+    The batch script (outside any container, where scontrol works) requeues the job instead of letting the
+    run end as COMPLETED, unfinished; the next start resumes and reaches the full step count."""
+    fakebin = tmp_path / "bin"
+    fakebin.mkdir()
+    (fakebin / "scontrol").write_text(REQUEUE_FAILS.format(scontrol=shutil.which("scontrol")))
+    python = tmp_path / "python"
+    python.write_text(f'#!/bin/bash\nexport PATH={fakebin}:"$PATH"\nexec {sys.executable} "$@"\n')
+    for exe in (fakebin / "scontrol", python):
+        exe.chmod(0o755)
+    run_dir = tmp_path / "run"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    args = _train_args(run_dir, demo_shards)
+    args[args.index("--"):args.index("--")] = ["--python", str(python)]
+    job = _submit(slurm_cluster, args)
+    _wait_step(run_dir, 10, job, slurm_cluster)
+    slurm_cluster.run("scancel", "--signal=USR1", job)
+    _wait_requeued(slurm_cluster, job, 1, timeout=90, run_dir=run_dir)
+    slurm_cluster.wait_gone([job], timeout=240)
+
+    log = _log(run_dir, job)
+    assert f"requeue of Slurm job {job} failed" in log and f"requeued Slurm job {job}" not in log, log[-4000:]
+    assert f"launch: the trainer could not requeue job {job}; requeueing it from the batch script" in log
+    assert [s for _, s in slurm_cluster.sacct_states(job)] == ["REQUEUED", "COMPLETED"], log[-4000:]
+    starts = re.findall(rf"^launch: job {job} restart (\d) .* ckpt (\S+) at", log, re.M)
+    assert starts == [("0", "none"), ("1", str(last))], starts
+    assert _step(last) == STEPS

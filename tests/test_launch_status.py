@@ -15,9 +15,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 
-def launch(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+def launch(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "launch", *args], capture_output=True, text=True, cwd=cwd,
-                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+                          env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})}, timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +112,41 @@ def test_status_skips_a_checkpoint_deleted_after_listing(trained_run: Path, tmp_
     assert info is not None and info.path == last and info.global_step == 3
 
 
+def test_status_without_slurm_reports_the_run_and_sums_requeues(trained_run: Path, tmp_path: Path) -> None:
+    """A login node whose Slurm cannot be reached (controller down, no client here): status still shows what
+    the run directory knows. Requeues are per job: two jobs requeued 2 and 3 times make 5."""
+    run = tmp_path / "run"
+    _copy_checkpoint(trained_run, "last.ckpt", run, "last.ckpt")
+    (run / "slurm-5.out").write_text("".join(f"launch: job 5 restart {n} nodes n1\n" for n in range(3)))
+    (run / "slurm-9.out").write_text("".join(f"launch: job 9 restart {n} nodes n1\n" for n in range(4)))
+    r = launch("status", str(run), cwd=tmp_path, env={"PATH": str(tmp_path / "no-slurm-here")})
+    assert r.returncode == 0, r.stderr
+    assert "jobs (Slurm unavailable: squeue: command not found" in r.stdout, r.stdout
+    assert "requeues     5 (job 5: 2, job 9: 3)" in r.stdout, r.stdout
+    assert f"checkpoint   {run / 'checkpoints' / 'last.ckpt'}  global_step 6 " in r.stdout, r.stdout
+
+
+def _deepspeed_checkpoint(trained_run: Path, path: Path) -> None:
+    """The layout Lightning's DeepSpeedStrategy saves (tests/test_deepspeed.py runs the real one): a directory
+    whose rank-0 model states under tag ``checkpoint`` hold the Lightning keys minus weights and optimizer."""
+    ckpt = torch.load(trained_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    client = {k: v for k, v in ckpt.items() if k not in ("state_dict", "optimizer_states")}
+    (path / "checkpoint").mkdir(parents=True)
+    torch.save({"module": ckpt["state_dict"], **client}, path / "checkpoint" / "mp_rank_00_model_states.pt")
+    (path / "latest").write_text("checkpoint")
+
+
+def test_status_reads_deepspeed_checkpoint_directories(trained_run: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    old = _copy_checkpoint(trained_run, "epoch=0-step=3.ckpt", run, "best-epoch000-step0000003-top10.1000.ckpt")
+    os.utime(old, (time.time() - 100, time.time() - 100))
+    _deepspeed_checkpoint(trained_run, run / "checkpoints" / "last.ckpt")
+    (run / "checkpoints" / "last.ckpt.partial" / "checkpoint").mkdir(parents=True)  # an unfinished save
+    r = launch("status", str(run), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert f"checkpoint   {run / 'checkpoints' / 'last.ckpt'}  global_step 6  epoch " in r.stdout, r.stdout
+
+
 def _resume_line(script: str, run_dir: Path) -> str:
     """Run the script's own resume block in bash and return the checkpoint its start line reports."""
     lines = script.splitlines()
@@ -131,7 +166,7 @@ def test_job_resumes_from_last_ckpt_only(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     script = r.stdout
     assert "hpc_ckpt" not in script
-    assert script.rstrip().endswith("--ckpt_path last")  # the trainer resumes from checkpoints/last.ckpt itself
+    assert "--ckpt_path last\n" in script  # the trainer resumes from checkpoints/last.ckpt itself
     run.mkdir()
     assert _resume_line(script, run) == "none"  # nothing yet: the trainer starts fresh
     (run / "hpc_ckpt_1.ckpt").write_bytes(b"x")  # not the trainer's any more: ignored
@@ -139,4 +174,7 @@ def test_job_resumes_from_last_ckpt_only(tmp_path: Path) -> None:
     (run / "checkpoints" / "best-epoch000-step0000005-top10.1000.ckpt").write_bytes(b"x")
     assert _resume_line(script, run) == "none"
     (run / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    assert _resume_line(script, run) == str(run / "checkpoints" / "last.ckpt")
+    (run / "checkpoints" / "last.ckpt").unlink()
+    (run / "checkpoints" / "last.ckpt" / "checkpoint").mkdir(parents=True)  # DeepSpeed saves a directory
     assert _resume_line(script, run) == str(run / "checkpoints" / "last.ckpt")
