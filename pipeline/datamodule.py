@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import signal
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -17,19 +16,12 @@ import torch
 from pipeline.data.augment import AugmentConfig
 from pipeline.data.contract import Position, TrainSampler, ValSampler, steps_in_epoch
 from pipeline.data.shards import ShardSet
+from pipeline.data.worker_signals import ignore_preemption_signals, stop_workers_at_exit
 from pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "cpu", "dali", "dali-cpu", "synthetic")
-
-
-def ignore_preemption_signals(worker_id: int) -> None:
-    """Loader workers ignore SIGUSR1/SIGTERM: Slurm signals every process of a job step, and a worker
-    killed by the signal would break the very step at which the main process saves its checkpoint.
-    The main process shuts its workers down itself (and they exit when it dies)."""
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class ShardDataModule(pl.LightningDataModule):
@@ -48,6 +40,9 @@ class ShardDataModule(pl.LightningDataModule):
         on_corrupt: "fail" (stop with the shard's name) or "skip" (mask the sample, count and log it).
         augment: the augmentation recipe.
         dali_hw_decoder_load: share of JPEG decoding on the hardware decoder (dali backend).
+        dali_source_workers: processes that read the samples' bytes and draw their crops for DALI (dali,
+            dali-cpu); 0 reads them in the training process. Default: 0 for dali-cpu, min(4, num_workers // 2)
+            for dali.
     """
 
     def __init__(
@@ -64,6 +59,7 @@ class ShardDataModule(pl.LightningDataModule):
         on_corrupt: str = "fail",
         augment: AugmentConfig | None = None,
         dali_hw_decoder_load: float = 0.75,
+        dali_source_workers: int | None = None,
     ) -> None:
         super().__init__()
         if backend not in BACKENDS:
@@ -72,6 +68,9 @@ class ShardDataModule(pl.LightningDataModule):
             raise ConfigError(f"data.batch_size must be >= 1, got {batch_size}")
         if on_corrupt not in ("fail", "skip"):
             raise ConfigError(f"data.on_corrupt must be 'fail' or 'skip', got {on_corrupt!r}")
+        if dali_source_workers is not None and dali_source_workers < 0:
+            raise ConfigError(f"data.dali_source_workers must be >= 0 (or null for the default), "
+                              f"got {dali_source_workers}")
         self.root, self.train_split, self.val_split = root, train_split, val_split
         self.backend = backend
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
@@ -79,6 +78,7 @@ class ShardDataModule(pl.LightningDataModule):
         self.on_corrupt = on_corrupt
         self.augment = augment or AugmentConfig()
         self.dali_hw_decoder_load = dali_hw_decoder_load
+        self.dali_source_workers = dali_source_workers
         self._train: ShardSet | None = None
         self._val: ShardSet | None = None
         self._start = Position()
@@ -161,6 +161,8 @@ class ShardDataModule(pl.LightningDataModule):
             from pipeline.data.cpu_backend import ShardBatches
 
             dataset = ShardBatches(shards, self.augment, train, self.seed, self.on_corrupt)
+            if self.num_workers > 0:
+                stop_workers_at_exit()  # the workers ignore SIGTERM (see worker_signals)
             return torch.utils.data.DataLoader(
                 dataset,
                 sampler=sampler,
@@ -177,7 +179,7 @@ class ShardDataModule(pl.LightningDataModule):
             return DaliLoader(
                 shards, sampler, self.augment, train=train, seed=self.seed, num_threads=self.num_workers,
                 cpu=backend == "dali-cpu", hw_decoder_load=self.dali_hw_decoder_load,
-                on_corrupt=self.on_corrupt,
+                on_corrupt=self.on_corrupt, py_workers=self.dali_source_workers,
             )
         from pipeline.data.synthetic import SyntheticLoader
 

@@ -1,4 +1,4 @@
-"""A callback for tests: the process signals itself at a chosen training batch, as Slurm would."""
+"""Callbacks for tests: the process signals itself at a chosen training batch, as Slurm would; a failure."""
 
 from __future__ import annotations
 
@@ -18,3 +18,11 @@ class SignalAtBatch(pl.Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module, batch, batch_idx: int) -> None:
         if batch_idx == self.batch_idx and self.rank in (None, trainer.global_rank):
             os.kill(os.getpid(), self.signum)
+
+
+class FailAtValidationEnd(pl.Callback):
+    """Raise at the end of the first validation, in the main process, while the loaders' workers live."""
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            raise RuntimeError("FailAtValidationEnd: a failure in the training process")

@@ -44,6 +44,7 @@ from pipeline.data.contract import PAD
 from pipeline.data.cpu_backend import CorruptSampleError, ShardBatches, augment_eval, resize_and_flip
 from pipeline.data.dali_source import BatchSource
 from pipeline.data.shards import ShardSet
+from pipeline.data.worker_signals import spawned_without_preemption_signals
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +204,8 @@ class DaliLoader:
             return images, labels, valid
 
         p = pipe()
-        p.build()
+        with spawned_without_preemption_signals():  # the source's worker processes start here
+            p.build()
         return p
 
     def sampler_batch_size(self) -> int:

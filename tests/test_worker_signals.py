@@ -1,0 +1,128 @@
+"""Loader workers and the job's signals: Slurm signals every process of a job step, workers included.
+
+A preemption signal sent to the whole process group must still end in a saved checkpoint and an exact
+resume, with loader processes of every kind (DataLoader workers, DALI's spawned source workers); and a
+failure in the training process must end the process, not leave it waiting for workers that ignore
+SIGTERM.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bench.kill_resume import compare, fit_command, run_and_kill_at, run_to_end, saved_step
+from pipeline.data.worker_signals import spawned_without_preemption_signals
+from tests.conftest import REPO, run_module
+
+STEPS = 6
+
+
+def _sleep() -> None:
+    time.sleep(30)
+
+
+def test_spawned_children_block_the_signals_and_the_parent_loses_none():
+    got = []
+    previous = signal.signal(signal.SIGUSR1, lambda s, f: got.append(s))
+    ctx = multiprocessing.get_context("spawn")
+    try:
+        with spawned_without_preemption_signals():
+            child = ctx.Process(target=_sleep, daemon=True)
+            child.start()
+            signal.raise_signal(signal.SIGUSR1)
+        for _ in range(100):  # the handler runs in the main thread once the signal is unblocked
+            if got:
+                break
+            time.sleep(0.01)
+        assert got == [signal.SIGUSR1], "a signal that arrived inside the block was delivered after it"
+        status = open(f"/proc/{child.pid}/status").read()
+        blocked = int(next(line for line in status.splitlines() if line.startswith("SigBlk")).split()[1], 16)
+        for s in (signal.SIGUSR1, signal.SIGTERM):  # the first spawn (resource tracker) must not unblock TERM
+            assert blocked & (1 << (s - 1)), f"{signal.Signals(s).name} not blocked in the spawned child"
+        assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == set(), "the parent's mask is restored"
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        child.kill()
+        child.join()
+
+
+def serve_an_epoch_after_the_signals(root: str) -> None:
+    """Run by the test below in a fresh process: DALI's source workers get USR1 and TERM after the first
+    batch, as every process of a Slurm job step does; the rest of the epoch must still come, in order."""
+    import numpy as np
+
+    from pipeline.data.augment import AugmentConfig
+    from pipeline.data.contract import TrainSampler
+    from pipeline.data.dali_backend import DaliLoader
+    from pipeline.data.shards import ShardSet
+
+    shards = ShardSet(root, "train")
+    sampler = TrainSampler(shards.shard_sizes, seed=3, world_size=1, rank=0, batch_size=50)
+    cfg = AugmentConfig(recipe="cifar", train_size=32, val_size=32, flip=False)
+    loader = DaliLoader(shards, sampler, cfg, train=True, cpu=True, num_threads=1, py_workers=2)
+    expected = [rows[0] for rows in sampler]
+    batches = iter(loader)
+    got = [next(batches)[1]]
+    workers = multiprocessing.active_children()
+    assert len(workers) >= 2, workers
+    for w in workers:
+        os.kill(w.pid, signal.SIGUSR1)
+        os.kill(w.pid, signal.SIGTERM)
+    time.sleep(1)
+    got += [labels for _, labels, _ in batches]
+    labels = shards.labels()
+    assert len(got) == len(expected)
+    assert all(np.array_equal(g.numpy(), labels[ids]) for g, ids in zip(got, expected))
+    print("served", len(got), "batches")
+
+
+def test_dali_source_workers_keep_serving_after_the_preemption_signals(digits_shards):
+    """Before the workers were shielded they died of the signal and the pipeline hung once the batches
+    already computed were used up (the run below then times out)."""
+    code = f"from tests.test_worker_signals import serve_an_epoch_after_the_signals as f; f({str(digits_shards)!r})"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "served 28 batches" in proc.stdout  # 1434 // 50
+
+
+@pytest.mark.parametrize(("backend", "sig"), [("cpu", signal.SIGUSR1), ("dali-cpu", signal.SIGTERM)],
+                         ids=["cpu-USR1", "dali-cpu-TERM"])
+def test_group_signal_with_loader_workers_saves_and_resumes_exactly(digits_shards, tmp_path, backend, sig):
+    """The signal goes to the process group (trainer and loader workers), as Slurm sends it."""
+    workers = (["--data.num_workers", "2"] if backend == "cpu"
+               else ["--data.num_workers", "1", "--data.dali_source_workers", "2"])
+    extra = ["--data.backend", backend, *workers]
+    ref, cut = tmp_path / "uninterrupted", tmp_path / "interrupted"
+    last = cut / "checkpoints" / "last.ckpt"
+    with open(tmp_path / "runs.log", "w") as log:
+        run_to_end(fit_command(digits_shards, ref, STEPS, extra), log)
+        stopped = run_and_kill_at(fit_command(digits_shards, cut, STEPS, extra), last, 2, log, timeout=300, sig=sig)
+        run_to_end(fit_command(digits_shards, cut, STEPS, extra), log)
+    text = (tmp_path / "runs.log").read_text()
+    assert f"preemption ({signal.Signals(sig).name})" in text, text[-3000:]
+    assert 2 <= stopped < STEPS
+    assert saved_step(last) == STEPS
+    diffs = compare(ref / "checkpoints" / "last.ckpt", last)
+    assert not diffs, "; ".join(diffs[:10])
+
+
+def test_a_failure_with_live_loader_workers_exits(digits_shards, tmp_path):
+    """An exception in the training process while persistent DataLoader workers (which ignore SIGTERM)
+    are alive: before, multiprocessing's exit hook sent them SIGTERM and waited for them forever."""
+    proc = run_module(
+        "pipeline", "fit", "--config", "conf/demo.yaml", "--data.root", str(digits_shards),
+        "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.max_epochs", "2",
+        "--data.backend", "cpu", "--data.num_workers", "2", "--tracking.wandb", "false",
+        "--trainer.callbacks+=tests.preemption_helpers.FailAtValidationEnd",
+        check=False, timeout=240,
+    )
+    assert proc.returncode != 0
+    assert "FailAtValidationEnd: a failure in the training process" in proc.stderr
