@@ -16,7 +16,7 @@ import torch
 from pipeline.data.augment import AugmentConfig
 from pipeline.data.contract import Position, TrainSampler, ValSampler, steps_in_epoch
 from pipeline.data.shards import ShardSet
-from pipeline.data.worker_signals import ignore_preemption_signals, stop_workers_at_exit
+from pipeline.data.worker_signals import shield_worker
 from pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -161,8 +161,6 @@ class ShardDataModule(pl.LightningDataModule):
             from pipeline.data.cpu_backend import ShardBatches
 
             dataset = ShardBatches(shards, self.augment, train, self.seed, self.on_corrupt)
-            if self.num_workers > 0:
-                stop_workers_at_exit()  # the workers ignore SIGTERM (see worker_signals)
             return torch.utils.data.DataLoader(
                 dataset,
                 sampler=sampler,
@@ -171,7 +169,7 @@ class ShardDataModule(pl.LightningDataModule):
                 persistent_workers=self.num_workers > 0,
                 pin_memory=torch.cuda.is_available(),
                 prefetch_factor=2 if self.num_workers > 0 else None,
-                worker_init_fn=ignore_preemption_signals,
+                worker_init_fn=shield_worker,  # Slurm signals the workers too
             )
         if backend in ("dali", "dali-cpu"):
             from pipeline.data.dali_backend import DaliLoader

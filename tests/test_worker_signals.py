@@ -18,23 +18,36 @@ from pathlib import Path
 import pytest
 
 from bench.kill_resume import compare, fit_command, run_and_kill_at, run_to_end, saved_step
-from pipeline.data.worker_signals import spawned_without_preemption_signals
+from pipeline.data.worker_signals import shield_worker, spawned_without_preemption_signals
 from tests.conftest import REPO, run_module
 
 STEPS = 6
 
 
-def _sleep() -> None:
-    time.sleep(30)
+def _shielded_sleep(ready) -> None:
+    shield_worker()
+    ready.set()
+    time.sleep(60)
 
 
-def test_spawned_children_block_the_signals_and_the_parent_loses_none():
+def _send(sig: signal.Signals, pid: int) -> None:
+    """Signal ``pid`` from another process (as slurmstepd does), not from its parent."""
+    subprocess.run(["kill", "-s", sig.name[3:], str(pid)], check=True)
+
+
+def _blocked(pid: int) -> int:
+    status = open(f"/proc/{pid}/status").read()
+    return int(next(line for line in status.splitlines() if line.startswith("SigBlk")).split()[1], 16)
+
+
+def test_a_shielded_spawned_worker_obeys_only_its_parents_sigterm():
     got = []
     previous = signal.signal(signal.SIGUSR1, lambda s, f: got.append(s))
     ctx = multiprocessing.get_context("spawn")
     try:
+        ready = ctx.Event()
         with spawned_without_preemption_signals():
-            child = ctx.Process(target=_sleep, daemon=True)
+            child = ctx.Process(target=_shielded_sleep, args=(ready,), daemon=True)
             child.start()
             signal.raise_signal(signal.SIGUSR1)
         for _ in range(100):  # the handler runs in the main thread once the signal is unblocked
@@ -42,15 +55,22 @@ def test_spawned_children_block_the_signals_and_the_parent_loses_none():
                 break
             time.sleep(0.01)
         assert got == [signal.SIGUSR1], "a signal that arrived inside the block was delivered after it"
-        status = open(f"/proc/{child.pid}/status").read()
-        blocked = int(next(line for line in status.splitlines() if line.startswith("SigBlk")).split()[1], 16)
-        for s in (signal.SIGUSR1, signal.SIGTERM):  # the first spawn (resource tracker) must not unblock TERM
-            assert blocked & (1 << (s - 1)), f"{signal.Signals(s).name} not blocked in the spawned child"
         assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == set(), "the parent's mask is restored"
+        for s in (signal.SIGUSR1, signal.SIGTERM):  # from birth (the resource tracker must not unblock TERM)
+            assert _blocked(child.pid) & (1 << (s - 1)), f"{s.name} not blocked in the spawned child"
+        assert ready.wait(120), "the child did not start"
+        _send(signal.SIGUSR1, child.pid)
+        _send(signal.SIGTERM, child.pid)
+        child.join(2)
+        assert child.is_alive(), "USR1 or a SIGTERM from another process ended the worker"
+        child.terminate()  # the parent's SIGTERM: how multiprocessing, torch and DALI end their workers
+        child.join(30)
+        assert child.exitcode == 128 + signal.SIGTERM
     finally:
         signal.signal(signal.SIGUSR1, previous)
-        child.kill()
-        child.join()
+        if child.is_alive():
+            child.kill()
+            child.join()
 
 
 def serve_an_epoch_after_the_signals(root: str) -> None:
@@ -72,9 +92,9 @@ def serve_an_epoch_after_the_signals(root: str) -> None:
     got = [next(batches)[1]]
     workers = multiprocessing.active_children()
     assert len(workers) >= 2, workers
-    for w in workers:
-        os.kill(w.pid, signal.SIGUSR1)
-        os.kill(w.pid, signal.SIGTERM)
+    for w in workers:  # sent by another process: Slurm's, not the parent's
+        _send(signal.SIGUSR1, w.pid)
+        _send(signal.SIGTERM, w.pid)
     time.sleep(1)
     got += [labels for _, labels, _ in batches]
     labels = shards.labels()
@@ -115,8 +135,9 @@ def test_group_signal_with_loader_workers_saves_and_resumes_exactly(digits_shard
 
 
 def test_a_failure_with_live_loader_workers_exits(digits_shards, tmp_path):
-    """An exception in the training process while persistent DataLoader workers (which ignore SIGTERM)
-    are alive: before, multiprocessing's exit hook sent them SIGTERM and waited for them forever."""
+    """An exception in the training process while persistent DataLoader workers are alive: at exit
+    multiprocessing sends them SIGTERM and waits for them; when they ignored every SIGTERM (before the
+    shield obeyed the parent's), the process waited forever."""
     proc = run_module(
         "pipeline", "fit", "--config", "conf/demo.yaml", "--data.root", str(digits_shards),
         "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.max_epochs", "2",

@@ -16,6 +16,7 @@ import numpy as np
 from pipeline.data.augment import AugmentConfig, sample_rng, train_params
 from pipeline.data.contract import PAD
 from pipeline.data.shards import ShardSet
+from pipeline.data.worker_signals import shield_worker
 
 # Start-of-frame markers (baseline, extended, progressive, lossless, arithmetic); C4, C8, CC are not frames.
 _SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
@@ -72,9 +73,15 @@ class BatchSource:
     def __init__(self, shards: ShardSet, plan_dir: str, cfg: AugmentConfig, train: bool, seed: int) -> None:
         self.shards, self.plan_dir, self.cfg, self.train, self.seed = shards, plan_dir, cfg, train, seed
         self._plans: dict[int, np.ndarray] = {}
+        self._owner = os.getpid()
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_plans": {}}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if os.getpid() != self._owner:  # in one of DALI's source workers: see worker_signals
+            shield_worker()
 
     def plan(self, epoch_idx: int) -> np.ndarray:
         plan = self._plans.get(epoch_idx)

@@ -2,44 +2,61 @@
 
 Slurm sends ``--signal=USR1@T`` (and a preemption's SIGTERM) to every process of the job step, loader
 workers included. A worker that dies of it breaks the very step at which the main process saves its
-checkpoint: a DataLoader raises "worker exited unexpectedly", and DALI's parallel source hangs the
-pipeline for good (tested). So workers never act on these signals; the main process alone decides when
-to stop, and shuts its workers down itself.
+checkpoint: a DataLoader raises "worker exited unexpectedly", and DALI's parallel source hangs for good
+once all its workers are gone (tested). So a worker never acts on USR1, and acts on SIGTERM only when its
+parent sends it: that is how multiprocessing (``terminate()``, and at interpreter exit), torch's DataLoader
+and DALI's worker pool end workers, and they must keep working (a worker that ignored its parent's SIGTERM
+would hang the parent waiting for it).
 
-Workers that ignore SIGTERM have one more consequence: at interpreter exit, multiprocessing terminates its
-daemonic children with SIGTERM and then waits for them, forever. That exit path is taken when an
-exception leaves a loader alive (its traceback holds the iterator), so ``stop_workers_at_exit`` ends them
-first.
+How: the worker blocks both signals and a thread takes them with ``sigwaitinfo``, which says who sent
+each one. Forked workers (DataLoader) call ``shield_worker`` first thing (``worker_init_fn``). Spawned
+workers (DALI's parallel source: a fresh interpreter) are started inside
+``spawned_without_preemption_signals``, so they inherit the blocked signals from birth, and call
+``shield_worker`` when they unpickle the source.
 """
 from __future__ import annotations
 
-import atexit
 import contextlib
-import multiprocessing
 import multiprocessing.resource_tracker
-import multiprocessing.util  # registers multiprocessing's exit hook before ours: ours runs first
+import os
 import signal
+import threading
 from collections.abc import Iterator
 
 PREEMPTION_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
+_shielded_pid: int | None = None
 
-def ignore_preemption_signals(worker_id: int = 0) -> None:
-    """A DataLoader ``worker_init_fn`` (forked workers): ignore the preemption signals."""
-    for s in PREEMPTION_SIGNALS:
-        signal.signal(s, signal.SIG_IGN)
+
+def shield_worker(worker_id: int = 0) -> None:
+    """In a worker process (also a DataLoader ``worker_init_fn``): never die of USR1, nor of a SIGTERM that
+    does not come from the parent. Once per process."""
+    global _shielded_pid
+    if _shielded_pid == os.getpid():
+        return
+    _shielded_pid = os.getpid()
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, PREEMPTION_SIGNALS)  # threads started later inherit it
+    threading.Thread(target=_take_signals, args=(parent,), name="preemption-signals", daemon=True).start()
+
+
+def _take_signals(parent: int) -> None:
+    while True:
+        info = signal.sigwaitinfo(PREEMPTION_SIGNALS)
+        # the parent ends its worker; an orphan (parent gone, reparented) ends on any SIGTERM
+        if info.si_signo == signal.SIGTERM and (info.si_pid == parent or os.getppid() != parent):
+            os._exit(128 + signal.SIGTERM)  # what SIGTERM's default would do: no cleanup, now
 
 
 @contextlib.contextmanager
 def spawned_without_preemption_signals() -> Iterator[None]:
-    """Processes started inside the block never receive the preemption signals.
+    """Processes started inside the block begin life with the preemption signals blocked.
 
-    For workers that are spawned (DALI's parallel source: a fresh interpreter that runs no code of ours
-    before it serves batches): the block runs with the signals blocked in this thread, and a child inherits
-    that mask through fork and exec and keeps it. Signals sent to this process meanwhile are not lost: they
-    stay pending, or another thread takes them, and Python runs the handler in the main thread as usual.
+    The block runs with them blocked in this thread, and a child inherits that mask through fork and exec
+    (it must then call ``shield_worker`` to obey its parent's SIGTERM). Signals sent to this process
+    meanwhile are not lost: they stay pending, or another thread takes them, and Python runs the handler
+    in the main thread as usual.
     """
-    stop_workers_at_exit()
     # The first spawn starts multiprocessing's resource tracker, and starting it unblocks SIGTERM in this
     # thread: start it before the block.
     multiprocessing.resource_tracker.ensure_running()
@@ -48,25 +65,3 @@ def spawned_without_preemption_signals() -> Iterator[None]:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
-_registered = False
-
-
-def stop_workers_at_exit() -> None:
-    """Make sure worker processes still alive at interpreter exit are ended (once per process)."""
-    global _registered
-    if not _registered:
-        atexit.register(_kill_leftover_workers)
-        _registered = True
-
-
-def _kill_leftover_workers() -> None:
-    """End what multiprocessing's exit hook would terminate and then join: daemonic children (DataLoader
-    workers). They ignore SIGTERM, so they get SIGKILL, which for them is no different: a worker has
-    nothing to save, and SIGTERM's default would not have let it clean up either."""
-    children = [p for p in multiprocessing.active_children() if p.daemon]
-    for p in children:
-        p.kill()
-    for p in children:
-        p.join(5)
