@@ -23,9 +23,20 @@ from typing import Any
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from pipeline.errors import CheckpointWriteError
+
 TMP_PREFIX = ".tmp-"
 PARTIAL = ".partial"  # a checkpoint directory being written
 OLD = ".old"  # the previous checkpoint directory, during the swap
+
+
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_read_umask()  # read once at import, before any thread could create files meanwhile
 
 
 def atomic_write_bytes(data: bytes | memoryview, path: str | Path) -> None:
@@ -34,6 +45,7 @@ def atomic_write_bytes(data: bytes | memoryview, path: str | Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent)
     try:
+        os.fchmod(fd, _FILE_MODE)  # mkstemp makes 0600: a plain write would give the umask's mode (group-readable)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -89,7 +101,8 @@ def replace_directory(partial: str | Path, final: str | Path) -> None:
 
 def recover_directories(folder: str | Path) -> list[Path]:
     """After a crash during a directory save: ``X.old`` without ``X`` becomes ``X`` again (the last whole
-    checkpoint) and unfinished ``X.partial`` directories are removed. Safe to run from every rank at once
+    checkpoint) and unfinished ``X.partial`` directories are removed; so are the temporary files of file
+    saves killed mid-write (``.tmp-*``, as large as a checkpoint each). Safe to run from every rank at once
     (before training starts, when no save can be in flight). Returns the checkpoints put back."""
     folder = Path(folder)
     restored = []
@@ -108,6 +121,8 @@ def recover_directories(folder: str | Path) -> list[Path]:
                 shutil.rmtree(entry, ignore_errors=True)
         elif entry.name.endswith(PARTIAL) and entry.is_dir():
             shutil.rmtree(entry, ignore_errors=True)
+        elif entry.name.startswith(TMP_PREFIX) and not entry.is_dir():
+            entry.unlink(missing_ok=True)
     return restored
 
 
@@ -119,4 +134,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().save_checkpoint(checkpoint, path, storage_options)
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)  # a failure here never touches the file system
-        atomic_write_bytes(buffer.getbuffer(), path)
+        try:
+            atomic_write_bytes(buffer.getbuffer(), path)
+        except OSError as e:  # disk full, quota, I/O error: say which file, and that the old one is whole
+            raise CheckpointWriteError(
+                f"cannot write checkpoint {path}: {e} (the previous file there, if any, is intact)"
+            ) from e

@@ -23,14 +23,14 @@ from pathlib import Path
 from lightning_fabric.plugins import CheckpointIO
 from lightning_fabric.plugins.environments import ClusterEnvironment, SLURMEnvironment, TorchElasticEnvironment
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
-from pytorch_lightning.cli import LightningCLI
+from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 from pytorch_lightning.strategies import DeepSpeedStrategy
 
 import pipeline.strategies  # noqa: F401  (registers the deepspeed_stage_*_cpu strategies)
 from data_prep.format import ManifestError
 from pipeline.checkpoint_io import AtomicCheckpointIO, recover_directories
 from pipeline.datamodule import ShardDataModule
-from pipeline.errors import ConfigError
+from pipeline.errors import CheckpointWriteError, ConfigError
 from pipeline.last_checkpoint import LastCheckpoint
 from pipeline.module import ImageClassifier
 from pipeline.parity import WeightParity
@@ -77,7 +77,30 @@ def _say(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
+class RunDirConfig(SaveConfigCallback):
+    """The resolved config in ``RUN/config.yaml`` whichever loggers are on (Lightning's callback writes it
+    into the first logger's directory: ``RUN/csv/`` without W&B). Subcommands other than ``fit`` write
+    ``RUN/config-<stage>.yaml``, so a ``validate`` in the run directory keeps the training config."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.already_saved:
+            return
+        if trainer.is_global_zero:
+            stage = getattr(stage, "value", stage)  # a TrainerFn
+            name = self.config_filename if stage == "fit" else f"config-{stage}.yaml"
+            Path(trainer.default_root_dir).mkdir(parents=True, exist_ok=True)
+            self.parser.save(self.config, str(Path(trainer.default_root_dir) / name), skip_none=False,
+                             overwrite=True, multifile=self.multifile)
+        self.already_saved = True
+
+
 class PipelineCLI(LightningCLI):
+    def _parse_ckpt_path(self) -> None:
+        """Off. Lightning's CLI would replace the whole ``model`` config by the hyper-parameters of an
+        explicit ``--ckpt_path FILE`` (silently dropping ``--model.lr`` and the like, and passing another
+        ``model.arch``), unlike a resume from ``last``. The config is what runs; a checkpoint of another
+        network is refused by ``ImageClassifier.on_load_checkpoint`` with a message naming the setting."""
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_class_arguments(TrackingConfig, "tracking")
         parser.add_class_arguments(CheckpointConfig, "checkpoint")
@@ -92,6 +115,7 @@ class PipelineCLI(LightningCLI):
         last = checkpoint_dir(run_dir) / "last.ckpt"
         self._saved_run_id: str | None = None
         if sub != "fit":
+            self._check_checkpoint(cfg.get("ckpt_path"))
             return
         for path in recover_directories(checkpoint_dir(run_dir)):  # a crash in a DeepSpeed directory swap
             _say(f"restored {path} (the last whole checkpoint; the save after it was interrupted)")
@@ -104,12 +128,20 @@ class PipelineCLI(LightningCLI):
             return
         if path is None:
             return
-        if not path.exists():
-            raise ConfigError(f"ckpt_path: checkpoint {path} does not exist")
+        meta = self._check_checkpoint(path)
         _say(f"resuming from {path}")
-        meta = read_checkpoint(path)
         self._saved_run_id = meta.get("wandb_run_id")
         self._adapt_geometry(cfg, meta.get(ShardDataModule.__qualname__) or {})
+
+    @staticmethod
+    def _check_checkpoint(path: str | Path | None) -> dict:
+        """The checkpoint's contents; a missing, torn or foreign file is a one-line error naming it.
+        Lightning's keywords (``best``, ``last``, ...) are left to the trainer."""
+        if path is None or str(path) in ("best", "last", "hpc", "registry") or "://" in str(path):
+            return {}
+        if not Path(path).exists():
+            raise ConfigError(f"ckpt_path: checkpoint {path} does not exist")
+        return read_checkpoint(path)
 
     def _adapt_geometry(self, cfg, state: dict) -> None:
         """Same global batch as the checkpoint, whatever the new world size (see resume_geometry)."""
@@ -118,6 +150,9 @@ class PipelineCLI(LightningCLI):
         saved = Geometry(int(state["world_size"]), int(state["batch_size"]), int(state.get("accumulate", 1)))
         world = expected_world_size(cfg.trainer.get("num_nodes"), cfg.trainer.get("devices"))
         acc = cfg.trainer.get("accumulate_grad_batches") or 1
+        for key, value in (("data.batch_size", cfg.data.batch_size), ("trainer.accumulate_grad_batches", acc)):
+            if int(value) < 1:
+                raise ConfigError(f"{key} must be >= 1, got {value}")
         now = adapt(saved, world, int(cfg.data.batch_size), int(acc))
         if (now.batch_size, now.accumulate) != (int(cfg.data.batch_size), int(acc)) or world != saved.world_size:
             _say(f"world size changed on resume: saved {saved.describe()} -> now {now.describe()}"
@@ -173,12 +208,24 @@ class PipelineCLI(LightningCLI):
             kwargs["sync_batchnorm"] = False  # the plugin above does it
         extra = kwargs.pop("callbacks", [])
         trainer = super().instantiate_trainer(**kwargs)
+        self._drop_default_checkpointing(trainer)
         trainer.callbacks.extend(callbacks + list(extra))
         self._use_console_progress(trainer)
         if isinstance(trainer.strategy, DeepSpeedStrategy) and isinstance(trainer.strategy.config, dict):
             # Lightning reads it from loader.batch_sampler, which our batch-yielding loaders do not have
             trainer.strategy.config.setdefault("train_micro_batch_size_per_gpu", int(cfg.data.batch_size))
         return trainer
+
+    def _drop_default_checkpointing(self, trainer) -> None:
+        """Lightning adds a ``ModelCheckpoint()`` of its own when the trainer is built without one (ours
+        join after): a second full checkpoint every epoch in the logger's directory
+        (``RUN/<project>/<id>/checkpoints/``, ``RUN/csv/checkpoints/``), outside ``RUN/checkpoints``.
+        A ``ModelCheckpoint`` the user configures stays."""
+        init = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        own = init.trainer.get("callbacks") or []
+        own = own if isinstance(own, list) else [own]
+        trainer.callbacks = [c for c in trainer.callbacks
+                             if not isinstance(c, ModelCheckpoint) or any(c is o for o in own)]
 
     def _use_console_progress(self, trainer) -> None:
         """Lightning's default bar in place of ours (pipeline/progress.py: tqdm on a terminal, plain lines in
@@ -197,6 +244,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     # the loader position is in every checkpoint (ShardDataModule.state_dict): mid-epoch resumes are exact
     warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended")
+    # checkpoints written before _drop_default_checkpointing hold the state of Lightning's default
+    # ModelCheckpoint, which is gone on purpose
+    warnings.filterwarnings("ignore", message=r"(?s).*Please add the following callbacks: "
+                            r"\[\"ModelCheckpoint\{'monitor': None, [^\]]*\}\"\]\.$")
     if "SLURM_JOB_ID" not in os.environ:  # a login node or a laptop with Slurm's tools: not in a job, no hint
         warnings.filterwarnings("ignore", message="The `srun` command is available on your system but is not used")
     try:
@@ -205,12 +256,16 @@ def main(argv: list[str] | None = None) -> int:
             ShardDataModule,
             args=argv,
             auto_configure_optimizers=False,
+            save_config_callback=RunDirConfig,
             save_config_kwargs={"overwrite": True},
             trainer_defaults={"use_distributed_sampler": False, "default_root_dir": "runs/default"},
         )
     except (ConfigError, ManifestError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except CheckpointWriteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     _teardown_process_group()
     return 0
 

@@ -3,3 +3,8 @@
 
 class ConfigError(ValueError):
     """A setting, file or directory given by the user is wrong; the message names it."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, quota, I/O error); the previous one is intact. The CLI
+    prints it as one line naming the file and exits 1."""

@@ -1,0 +1,101 @@
+"""Training CLI edge cases a user hits: where checkpoints and the config land, explicit ``--ckpt_path``,
+unreadable checkpoints for ``fit`` and ``validate``, a bad batch size on resume, a failed checkpoint
+write (file-size limit), debris of a save killed mid-write."""
+
+from __future__ import annotations
+
+import os
+import resource
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.checkpoint_io import TMP_PREFIX
+from tests.conftest import REPO, run_module
+
+CONF = str(REPO / "conf" / "demo.yaml")
+
+
+def _args(cmd: str, shards: Path, run_dir: Path, *extra: str) -> list[str]:
+    return ["pipeline", cmd, "--config", CONF, "--data.root", str(shards), "--trainer.default_root_dir",
+            str(run_dir), "--data.num_workers", "1", "--tracking.wandb", "false", *extra]
+
+
+def _fails_clearly(proc: subprocess.CompletedProcess, rc: int, *needles: str) -> None:
+    assert proc.returncode == rc, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and all(n in last for n in needles), last
+
+
+@pytest.fixture(scope="module")
+def trained(digits_shards, tmp_path_factory) -> Path:
+    """A run of 3 steps (W&B off, so Lightning's config and default checkpoints would go to RUN/csv/) in a
+    directory with a space, started over the temporary file a save killed mid-write leaves behind."""
+    run = tmp_path_factory.mktemp("review") / "run dir"
+    stale = run / "checkpoints" / f"{TMP_PREFIX}last.ckpt.k1ll3d"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"\0" * 1000)
+    run_module(*_args("fit", digits_shards, run, "--trainer.max_steps", "3"))
+    return run
+
+
+def test_one_checkpoint_tree_config_in_run_dir_readable_files(trained):
+    ckpts = sorted(p.relative_to(trained).as_posix() for p in trained.rglob("*.ckpt"))
+    assert ckpts == ["checkpoints/last.ckpt"], f"Lightning's default ModelCheckpoint wrote more: {ckpts}"
+    assert (trained / "config.yaml").is_file() and not (trained / "csv" / "config.yaml").exists()
+    assert not list((trained / "checkpoints").glob(TMP_PREFIX + "*")), "the killed save's temp file is gone"
+    umask = os.umask(0)
+    os.umask(umask)
+    mode = stat.S_IMODE((trained / "checkpoints" / "last.ckpt").stat().st_mode)
+    assert mode == 0o666 & ~umask, f"{mode:o}: not what a plain write gives under umask {umask:o}"
+
+
+def test_explicit_ckpt_path_keeps_the_config(trained, digits_shards, tmp_path):
+    """``--ckpt_path FILE`` behaves as a resume from ``last``: the command line wins (Lightning's CLI
+    would load the checkpoint's hyper-parameters over it), another arch is refused."""
+    last = trained / "checkpoints" / "last.ckpt"
+    run = tmp_path / "run"
+    run_module(*_args("fit", digits_shards, run, "--ckpt_path", str(last), "--model.lr", "0.05",
+                      "--trainer.max_steps", "4"))
+    saved = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert saved["global_step"] == 4 and saved["hyper_parameters"]["lr"] == 0.05
+    proc = run_module(*_args("fit", digits_shards, tmp_path / "other", "--ckpt_path", str(last),
+                             "--model.arch", "cifar_resnet32"), check=False)
+    _fails_clearly(proc, 2, "model.arch='cifar_resnet20'", "cifar_resnet32")
+
+
+def test_unreadable_checkpoints_and_bad_batch_fail_in_one_line(trained, digits_shards, tmp_path):
+    torn = tmp_path / "torn.ckpt"
+    torn.write_bytes((trained / "checkpoints" / "last.ckpt").read_bytes()[:100_000])
+    for cmd in ("validate", "fit"):
+        proc = run_module(*_args(cmd, digits_shards, tmp_path / cmd, "--ckpt_path", str(torn)), check=False)
+        _fails_clearly(proc, 2, "cannot read checkpoint", str(torn))
+    proc = run_module(*_args("validate", digits_shards, tmp_path / "v", "--ckpt_path", str(tmp_path / "no.ckpt")),
+                      check=False)
+    _fails_clearly(proc, 2, "does not exist", str(tmp_path / "no.ckpt"))
+    proc = run_module(*_args("fit", digits_shards, trained, "--data.batch_size", "0"), check=False)
+    _fails_clearly(proc, 2, "data.batch_size")
+
+
+def _limit_file_size() -> None:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))  # checkpoints are ~2 MB: writes fail
+
+
+def test_failed_checkpoint_write_exits_1_naming_the_file_and_keeps_the_old_one(trained, digits_shards, tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    before = (trained / "checkpoints" / "last.ckpt").read_bytes()
+    (run / "checkpoints" / "last.ckpt").write_bytes(before)
+    proc = subprocess.run(
+        [sys.executable, "-m", *_args("fit", digits_shards, run, "--trainer.max_steps", "5")],
+        capture_output=True, text=True, timeout=600, cwd=REPO, preexec_fn=_limit_file_size,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    _fails_clearly(proc, 1, "cannot write checkpoint", str(run / "checkpoints" / "last.ckpt"))
+    assert (run / "checkpoints" / "last.ckpt").read_bytes() == before
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]
