@@ -99,3 +99,10 @@ def test_failed_checkpoint_write_exits_1_naming_the_file_and_keeps_the_old_one(t
     _fails_clearly(proc, 1, "cannot write checkpoint", str(run / "checkpoints" / "last.ckpt"))
     assert (run / "checkpoints" / "last.ckpt").read_bytes() == before
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]
+
+
+def test_a_typo_in_the_augment_recipe_is_a_parse_error_naming_the_key(digits_shards, tmp_path):
+    proc = run_module(*_args("fit", digits_shards, tmp_path, "--data.augment.recipe", "cifarr"), check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "recipe" in proc.stderr and "cifarr" in proc.stderr and "'imagenet', 'cifar'" in proc.stderr

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 
@@ -21,7 +22,7 @@ class AugmentConfig:
     """What the loaders do to images. ``recipe``: "imagenet" (random resized crop + flip; eval resize +
     centre crop) or "cifar" (the paper's 4-pixel zero pad + random crop + flip; eval on the image as is)."""
 
-    recipe: str = "imagenet"
+    recipe: Literal["imagenet", "cifar"] = "imagenet"  # a Literal: the CLI names a typo at parse time
     train_size: int = 224
     val_resize: int = 256
     val_size: int = 224
