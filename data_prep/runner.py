@@ -10,6 +10,7 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import secrets
 from pathlib import Path
 
 from .errors import PrepError
@@ -32,10 +33,18 @@ def work_dir(out: Path, split: str) -> Path:
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    """Write JSON via a temp file + os.replace so readers never see half a file."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    """Write JSON via a temp file + os.replace so readers never see half a file. The temp name is random,
+    not per process id: array tasks on several nodes or containers can share a pid and write the same
+    plan.json at once. Created as a plain open would (mode 0666 less the umask)."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps(obj, indent=1, ensure_ascii=True) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def file_sha256(path: Path) -> str:

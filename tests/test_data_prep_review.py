@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from data_prep.cli import main
 from data_prep.format import load_manifest
 from tests.fixtures_images import write_imagefolder
@@ -158,3 +160,30 @@ def test_folder_that_cannot_be_listed_is_a_reject_not_silently_skipped(tmp_path)
     assert len(rejects) == 1 and rejects[0]["reason"].startswith("cannot list folder")
     assert rejects[0]["path"].startswith(str(src / "b" / ("d" * 250)))
     shutil.rmtree(src)
+
+
+_WRITER = """
+import sys
+from pathlib import Path
+
+import pytest
+from data_prep.runner import write_json_atomic
+obj = {"tag": sys.argv[2], "rows": list(range(20000))}
+for _ in range(200):
+    write_json_atomic(Path(sys.argv[1]), obj)
+"""
+
+
+def test_json_writers_in_two_pid_namespaces_do_not_collide(tmp_path):
+    """Array tasks in containers (their own pid namespaces) may all be pid 1 and write plan.json at once;
+    a temp name made from the pid let one task rename the other's half-written file away."""
+    if subprocess.run(["unshare", "--pid", "--fork", "true"], capture_output=True).returncode != 0:
+        pytest.skip("unshare --pid is not permitted here")
+    target = tmp_path / "plan.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    procs = [subprocess.Popen(["unshare", "--pid", "--fork", sys.executable, "-c", _WRITER, str(target), tag],
+                              env=env, stderr=subprocess.PIPE, text=True) for tag in "ab"]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), errors
+    assert json.loads(target.read_text())["tag"] in ("a", "b")
+    assert not list(tmp_path.glob("*.tmp")), "no temporary file left behind"
