@@ -73,9 +73,10 @@ def test_a_shielded_spawned_worker_obeys_only_its_parents_sigterm():
             child.join()
 
 
-def serve_an_epoch_after_the_signals(root: str) -> None:
-    """Run by the test below in a fresh process: DALI's source workers get USR1 and TERM after the first
-    batch, as every process of a Slurm job step does; the rest of the epoch must still come, in order."""
+def serve_an_epoch_after_the_signals(root: str, kill: bool = False) -> None:
+    """Run by the tests below in a fresh process: DALI's source workers get USR1 and TERM after the first
+    batch, as every process of a Slurm job step does; the rest of the epoch must still come, in order.
+    ``kill``: one worker is SIGKILLed instead (as by the OOM killer)."""
     import numpy as np
 
     from pipeline.data.augment import AugmentConfig
@@ -92,7 +93,9 @@ def serve_an_epoch_after_the_signals(root: str) -> None:
     got = [next(batches)[1]]
     workers = multiprocessing.active_children()
     assert len(workers) >= 2, workers
-    for w in workers:  # sent by another process: Slurm's, not the parent's
+    if kill:
+        os.kill(workers[0].pid, signal.SIGKILL)
+    for w in workers[kill:]:  # sent by another process: Slurm's, not the parent's
         _send(signal.SIGUSR1, w.pid)
         _send(signal.SIGTERM, w.pid)
     time.sleep(1)
@@ -103,14 +106,25 @@ def serve_an_epoch_after_the_signals(root: str) -> None:
     print("served", len(got), "batches")
 
 
+def _serve(root, kill: bool = False) -> subprocess.CompletedProcess:
+    code = f"from tests.test_worker_signals import serve_an_epoch_after_the_signals as f; f({str(root)!r}, {kill})"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
 def test_dali_source_workers_keep_serving_after_the_preemption_signals(digits_shards):
     """Before the workers were shielded they died of the signal and the pipeline hung once the batches
     already computed were used up (the run below then times out)."""
-    code = f"from tests.test_worker_signals import serve_an_epoch_after_the_signals as f; f({str(digits_shards)!r})"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, cwd=REPO,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = _serve(digits_shards)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "served 28 batches" in proc.stdout  # 1434 // 50
+
+
+def test_a_killed_dali_source_worker_is_an_error_naming_it(digits_shards):
+    """DALI's pool cannot lose a worker (the next batch waits forever): the loader says so instead."""
+    proc = _serve(digits_shards, kill=True)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "a DALI source worker process (pid" in proc.stderr and "signal 9" in proc.stderr
 
 
 @pytest.mark.parametrize(("backend", "sig"), [("cpu", signal.SIGUSR1), ("dali-cpu", signal.SIGTERM)],

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import multiprocessing
 import os
 import shutil
 import tempfile
@@ -115,6 +116,7 @@ class DaliLoader:
         self.corrupt_seen = 0
         self._plan_dir = tempfile.mkdtemp(prefix="dali-plan-")
         self._pipe = None
+        self._workers: list = []  # the live pipeline's source worker processes
         self._pipe_epoch = -1  # DALI's epoch_idx of the last plan given to the live pipeline
         self._clean = False  # the live pipeline ended its last epoch and can be reset for the next
         self._device = torch.device("cpu")
@@ -204,8 +206,10 @@ class DaliLoader:
             return images, labels, valid
 
         p = pipe()
+        before = set(multiprocessing.active_children())
         with spawned_without_preemption_signals():  # the source's worker processes start here
             p.build()
+        self._workers = [c for c in multiprocessing.active_children() if c not in before]
         return p
 
     def sampler_batch_size(self) -> int:
@@ -213,6 +217,7 @@ class DaliLoader:
 
     def _close(self) -> None:
         self._pipe, self._clean, self._pipe_epoch = None, False, -1  # DALI stops its workers on deletion
+        self._workers = []
 
     def _start(self, plan: np.ndarray) -> None:
         """Give ``plan`` to the pipeline: reset the live one for its next epoch, or build a fresh one."""
@@ -240,6 +245,7 @@ class DaliLoader:
     def _epoch(self, plan: np.ndarray):
         self._start(plan)
         for step in range(len(plan)):
+            self._check_workers()
             try:
                 outs = self._pipe.run()
             except StopIteration:
@@ -254,6 +260,18 @@ class DaliLoader:
             self._pipe.run()
         except StopIteration:
             self._clean = True
+
+    def _check_workers(self) -> None:
+        """Fail, naming the worker, when a source worker process is gone: DALI's pool does not survive a
+        lost worker (it ends the others, and the next batch would wait forever)."""
+        for w in self._workers:
+            if w.exitcode is not None:
+                how = f"signal {-w.exitcode}" if w.exitcode < 0 else f"exit code {w.exitcode}"
+                raise RuntimeError(
+                    f"a DALI source worker process (pid {w.pid}) ended ({how}); signal 9 (SIGKILL) usually means "
+                    "the kernel's OOM killer. DALI cannot go on without it (data.dali_source_workers 0 reads "
+                    "the samples in the training process instead)"
+                )
 
     def _to_torch(self, outs, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         *pixels, labels, valid = outs  # pixels: images, or (CPU, torch resize, training) windows and flips
