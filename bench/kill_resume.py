@@ -125,7 +125,7 @@ def kill_resume(shards: Path, work: Path, kills: int, steps: int, seed: int, log
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--shards", type=Path, required=True, help="digits shards (make demo-data)")
+    ap.add_argument("--shards", type=Path, required=True, help="digits shards (make demo writes them to data/demo/shards)")
     ap.add_argument("--work", type=Path, default=Path("runs/kill_resume"))
     ap.add_argument("--kills", type=int, default=10)
     ap.add_argument("--steps", type=int, default=40, help="training steps (11 per epoch at batch 128)")

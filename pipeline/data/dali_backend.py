@@ -66,8 +66,8 @@ class DaliLoader:
         cpu: run on the CPU ("dali-cpu"); else on ``torch.cuda.current_device()``.
         hw_decoder_load: share of JPEGs for the GPU's hardware decoder ("dali" only).
         on_corrupt: "fail" or "skip" (see the module docstring).
-        py_workers: processes running the source (0: inline; None: 0 on the CPU, min(4, num_threads // 2) on
-            the GPU: each one reads several thousand samples a second).
+        py_workers: processes running the source (0: inline; None: 0 on the CPU, max(1, min(4, num_threads // 2))
+            on the GPU).
         prefetch: batches DALI prepares ahead.
         roi_decode: decode only the crop window (imagenet training), the default. DALI's decoders (nvImageCodec)
             cut regions on the hardware decoder too: an H100 probe decoded random crops at 30.5k img/s against
