@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -66,6 +67,8 @@ class ShardDataModule(pl.LightningDataModule):
             raise ConfigError(f"data.backend must be one of {BACKENDS}, got {backend!r}")
         if batch_size < 1:
             raise ConfigError(f"data.batch_size must be >= 1, got {batch_size}")
+        if seed < 0:  # numpy's seed sequences take non-negative integers only
+            raise ConfigError(f"data.seed must be >= 0, got {seed}")
         if on_corrupt not in ("fail", "skip"):
             raise ConfigError(f"data.on_corrupt must be 'fail' or 'skip', got {on_corrupt!r}")
         if dali_source_workers is not None and dali_source_workers < 0:
@@ -82,6 +85,8 @@ class ShardDataModule(pl.LightningDataModule):
         self._train: ShardSet | None = None
         self._val: ShardSet | None = None
         self._start = Position()
+        self._restored = False  # a checkpoint gave the position
+        self._saved_global = 0  # world size x batch size of that checkpoint
 
     # ---- data -------------------------------------------------------------------------------------
     def _shards(self, split: str) -> ShardSet:
@@ -125,19 +130,39 @@ class ShardDataModule(pl.LightningDataModule):
 
     def resume_batches(self, epoch: int) -> int | None:
         """Batches of the current size already done in ``epoch`` when the run resumed in it (else None),
-        and from now on the base of the position this datamodule saves (``state_dict``)."""
-        if epoch != self._start.epoch or not self._start.consumed:
+        and from now on the base of the position this datamodule saves (``state_dict``).
+
+        A checkpoint taken at an epoch's end saves the start of the next epoch, while Lightning keeps the
+        old epoch's batch count (and may even re-enter that epoch): counted in the checkpoint's batch size,
+        it would not end that epoch (or would start the next mid-way) once the batch size changed."""
+        if not self._restored:
             return None
         world, _ = self._geometry()
         g = world * self.batch_size
+        if not self._start.consumed:
+            if g == self._saved_global:  # the same epoch length: Lightning closes the epoch itself
+                return None
+            if epoch == self._start.epoch:
+                return 0
+            if epoch == self._start.epoch - 1:  # the saved epoch is complete: all of its batches are done
+                return steps_in_epoch(len(self.train_shards), world, self.batch_size)
+            return None
+        if epoch != self._start.epoch:
+            return None
         if self._start.consumed % g:  # a global batch kept across geometries is a multiple of g
             return None
         if self._start.batches != self._start.consumed // g:
-            self._start = Position(self._start.epoch, self._start.consumed, self._start.consumed // g)
+            self._start = replace(self._start, batches=self._start.consumed // g)
         return self._start.batches
 
     def train_dataloader(self):
         world, rank = self._geometry()
+        samples = len(self.train_shards)
+        if steps_in_epoch(samples, world, self.batch_size) == 0:  # Lightning would end "successfully" untrained
+            raise ConfigError(
+                f"the {self.train_split!r} split has {samples} samples, fewer than one global batch"
+                f" ({world} ranks x data.batch_size {self.batch_size}): no training step could run"
+            )
         self.resume_batches(self._start.epoch)  # the resume position in batches of the current size
         sampler = TrainSampler(
             self.train_shards.shard_sizes, self.seed, world, rank, self.batch_size, self.window_shards,
@@ -194,14 +219,18 @@ class ShardDataModule(pl.LightningDataModule):
         g = world * self.batch_size
         epoch = trainer.current_epoch
         done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        seed, window = self.seed, self.window_shards  # those of this epoch's order
         if epoch == self._start.epoch and self._start.consumed:
             consumed = self._start.consumed + (done - self._start.batches) * g
+            seed = seed if self._start.seed is None else self._start.seed
+            window = window if self._start.window_shards is None else self._start.window_shards
         else:
             consumed = done * g
         if steps_in_epoch(len(self.train_shards), world, self.batch_size, consumed) == 0:
             epoch, consumed, done = epoch + 1, 0, 0  # the epoch is complete: the next one starts fresh
+            seed, window = self.seed, self.window_shards
         state.update(epoch=epoch, consumed=consumed, batches=done, world_size=world, batch_size=self.batch_size,
-                     accumulate=int(trainer.accumulate_grad_batches))
+                     accumulate=int(trainer.accumulate_grad_batches), seed=seed, window_shards=window)
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -212,8 +241,24 @@ class ShardDataModule(pl.LightningDataModule):
                 " manifest the checkpoint recorded (start a new run directory, or point data.root back)"
             )
         if "epoch" in state:
-            self._start = Position(int(state["epoch"]), int(state["consumed"]), int(state.get("batches", 0)))
+            self._start = Position(
+                int(state["epoch"]), int(state["consumed"]), int(state.get("batches", 0)),
+                seed=_int_or_none(state.get("seed")), window_shards=_int_or_none(state.get("window_shards")),
+            )
+            self._restored = True
+            order = (self._start.seed, self._start.window_shards)
+            if self._start.consumed and order != (self.seed, self.window_shards) and None not in order:
+                log.warning(
+                    "data.seed %d / data.window_shards %d differ from the checkpoint's (%d / %d): epoch %d"
+                    " finishes in the order it started with, the new ones apply from the next epoch",
+                    self.seed, self.window_shards, *order, self._start.epoch,
+                )
+            self._saved_global = int(state.get("world_size", 0)) * int(state.get("batch_size", 0))
 
     def manifest_digest(self) -> str:
         path = Path(self.root) / "manifest.json"
         return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
+
+
+def _int_or_none(value) -> int | None:
+    return None if value is None else int(value)

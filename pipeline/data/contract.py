@@ -34,11 +34,17 @@ PAD = -1  # id of a padding entry in a validation batch (masked out of the metri
 @dataclass(frozen=True)
 class Position:
     """Where training stands inside an epoch: ``consumed`` samples of ``epoch``'s order are done, in
-    ``batches`` steps (the trainer's own count, which the progress bar and epoch length continue from)."""
+    ``batches`` steps (the trainer's own count, which the progress bar and epoch length continue from).
+
+    ``seed`` and ``window_shards`` are those of the order the epoch was started with (None: the sampler's
+    own); a resume with another seed finishes that epoch in its order, or it would repeat and skip samples.
+    """
 
     epoch: int = 0
     consumed: int = 0
     batches: int = 0
+    seed: int | None = None
+    window_shards: int | None = None
 
 
 def train_order(
@@ -142,9 +148,18 @@ class TrainSampler:
         done = self.start.batches if self._resumed() else 0
         return done + steps_in_epoch(self.num_samples, self.world_size, self.batch_size, self._consumed_at_start())
 
+    def order_params(self) -> tuple[int, int]:
+        """(seed, window_shards) of the current epoch's order: a resumed epoch keeps the ones it started with."""
+        seed, window = self.seed, self.window_shards
+        if self._resumed():
+            seed = seed if self.start.seed is None else self.start.seed
+            window = window if self.start.window_shards is None else self.start.window_shards
+        return seed, window
+
     def __iter__(self):
         consumed = self._consumed_at_start()
-        order = train_order(self.shard_sizes, self.seed, self.epoch, self.window_shards)
+        seed, window = self.order_params()
+        order = train_order(self.shard_sizes, seed, self.epoch, window)
         batches = train_batches(order, self.world_size, self.rank, self.batch_size, consumed)
         g = self.world_size * self.batch_size
         base = consumed + self.rank * self.batch_size + np.arange(self.batch_size, dtype=np.int64)
