@@ -31,8 +31,9 @@ class ShardDataModule(pl.LightningDataModule):
     Args:
         root: directory with manifest.json, shards and indexes.
         train_split / val_split: split names in the manifest.
-        backend: "cpu" (PIL in DataLoader workers), "dali" (GPU decoding), "dali-cpu" (DALI on the CPU),
-            "synthetic" (random tensors, for benchmarks) or "auto" (dali when a GPU and DALI are present).
+        backend: "cpu" (torchvision's libjpeg-turbo decode, PIL for the rest, in DataLoader workers), "dali"
+            (GPU decoding), "dali-cpu" (DALI on the CPU), "synthetic" (random tensors, for benchmarks) or "auto"
+            (dali when a GPU and DALI are present).
         batch_size: per-rank batch size (global batch = batch_size * world size * grad accumulation).
         val_batch_size: per-rank validation batch size (default: batch_size).
         num_workers: loader processes (cpu backend) or threads (DALI) per rank.
@@ -42,8 +43,8 @@ class ShardDataModule(pl.LightningDataModule):
         augment: the augmentation recipe.
         dali_hw_decoder_load: share of JPEG decoding on the hardware decoder (dali backend).
         dali_source_workers: processes that read the samples' bytes and draw their crops for DALI (dali,
-            dali-cpu); 0 reads them in the training process. Default: 0 for dali-cpu, min(4, num_workers // 2)
-            for dali.
+            dali-cpu); 0 reads them in the training process. Default: 0 for dali-cpu,
+            max(1, min(4, num_workers // 2)) for dali.
     """
 
     def __init__(
