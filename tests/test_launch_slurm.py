@@ -219,11 +219,13 @@ def demo_shards(digits_shards: Path) -> Path:
 
 
 def _train_args(run_dir: Path, shards: Path, time_limit: str = "00:05:00", lead: str = "60",
-                steps: int = STEPS, epochs: int | None = None) -> list[str]:
+                steps: int = STEPS, epochs: int | None = None,
+                loader: tuple[str, ...] = ("--data.num_workers", "0")) -> list[str]:
+    """``loader``: loader settings; with worker processes, Slurm's signals reach them too."""
     return ["submit", "train", "--config", str(REPO / "conf" / "demo.yaml"), "--nodes", "2",
             "--gpus-per-node", "0", "--time", time_limit, "--signal-lead", lead, "--run-dir", str(run_dir),
             "--", "--data.root", str(shards), "--trainer.max_steps", str(steps),
-            "--checkpoint.every_n_train_steps", "5", "--data.num_workers", "0",
+            "--checkpoint.every_n_train_steps", "5", *loader,
             *(["--trainer.max_epochs", str(epochs)] if epochs else [])]
 
 
@@ -315,10 +317,11 @@ def test_preempted_twice_resumes_to_the_same_step(slurm_cluster: SlurmCluster, d
     """Preemption as Slurm does it: USR1 to the job's tasks (what --signal delivers; the trainer saves
     checkpoints/last.ckpt at the next step and requeues the job itself), then a hard `scontrol requeue`
     (Slurm's SIGTERM, then SIGKILL after KillWait). Every start resumes from last.ckpt and the run ends at
-    the uninterrupted run's step, in one W&B run."""
+    the uninterrupted run's step, in one W&B run. Each rank has a DataLoader worker process, which gets
+    the same signals (it must not die of them)."""
     run_dir = tmp_path / "run"
     last = run_dir / "checkpoints" / "last.ckpt"
-    job = _submit(slurm_cluster, _train_args(run_dir, demo_shards))
+    job = _submit(slurm_cluster, _train_args(run_dir, demo_shards, loader=("--data.num_workers", "1")))
     _wait_step(run_dir, 10, job, slurm_cluster)
     slurm_cluster.run("scancel", "--signal=USR1", job)  # to the srun tasks, like --signal=USR1@lead
     _wait_requeued(slurm_cluster, job, 1, timeout=90, run_dir=run_dir)
@@ -393,7 +396,8 @@ def test_batch_script_requeues_when_the_trainer_cannot(slurm_cluster: SlurmClust
                                                        tmp_path: Path) -> None:
     """USR1 while the trainer's own `scontrol requeue` fails: it saves last.ckpt, logs the failure and exits 0.
     The batch script (outside any container, where scontrol works) requeues the job instead of letting the
-    run end as COMPLETED, unfinished; the next start resumes and reaches the full step count."""
+    run end as COMPLETED, unfinished; the next start resumes and reaches the full step count. The loader is
+    dali-cpu with a spawned source worker per rank, which gets the USR1 too (it must not die of it)."""
     fakebin = tmp_path / "bin"
     fakebin.mkdir()
     (fakebin / "scontrol").write_text(REQUEUE_FAILS.format(scontrol=shutil.which("scontrol")))
@@ -403,7 +407,8 @@ def test_batch_script_requeues_when_the_trainer_cannot(slurm_cluster: SlurmClust
         exe.chmod(0o755)
     run_dir = tmp_path / "run"
     last = run_dir / "checkpoints" / "last.ckpt"
-    args = _train_args(run_dir, demo_shards)
+    args = _train_args(run_dir, demo_shards, loader=("--data.backend", "dali-cpu", "--data.num_workers", "1",
+                                                     "--data.dali_source_workers", "1"))
     args[args.index("--"):args.index("--")] = ["--python", str(python)]
     job = _submit(slurm_cluster, args)
     _wait_step(run_dir, 10, job, slurm_cluster)
