@@ -3,6 +3,7 @@ plain nets, zero-init, channels_last, torch.compile and the registry. CPU only, 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 import torchvision
 from sklearn.datasets import load_digits, load_sample_images
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.models import (
     BasicBlock,
@@ -404,3 +406,83 @@ def test_model_errors_are_project_config_errors() -> None:
         build("resnet51")
     with pytest.raises(ConfigError, match="'D'"):
         build("cifar_resnet20", shortcut="D")
+
+
+# --- The documented tables (docs/models.md) against the code -------------------------------------
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "models.md"
+
+# name: (option A / plain, option B = torchvision, option C); 1000 classes.
+IMAGENET_PARAMS = {
+    "resnet18": (11_515_688, 11_689_512, 12_043_816),
+    "resnet34": (21_623_848, 21_797_672, 22_716_840),
+    "resnet50": (22_780_456, 25_557_032, 40_128_552),
+    "resnet101": (41_772_584, 44_549_160, 76_981_288),
+    "resnet152": (57_416_232, 60_192_808, 107_335_720),
+}
+
+# The paper's Table 1 "FLOPs" (multiply-adds, 224x224).
+PAPER_MACS = {"resnet18": 1.8e9, "resnet34": 3.6e9, "resnet50": 3.8e9, "resnet101": 7.6e9,
+              "resnet152": 11.3e9}
+
+
+def _docs_table_rows(section: str) -> dict[str, list[str]]:
+    """Rows ``| name | cell | ... |`` of the markdown tables under ``## <section>``, by name."""
+    text = DOCS.read_text()
+    start = text.index(f"\n## {section}\n")
+    end = text.find("\n## ", start + 1)
+    rows = {}
+    for line in text[start:end if end != -1 else None].splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| ") and cells[0] in IMAGENET + CIFAR:
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def _fmt(n: int) -> str:
+    return f"{n:,}"
+
+
+def test_param_count_tables_in_docs_match_code() -> None:
+    rows = _docs_table_rows("Parameter counts")
+    assert set(rows) == set(IMAGENET + CIFAR)
+    with torch.device("meta"):  # parameter shapes only: skips the slow init of ~100M weights
+        for name in IMAGENET:
+            counts = tuple(n_params(build(name, shortcut=s)) for s in "ABC")
+            assert counts == IMAGENET_PARAMS[name], name
+            assert n_params(build("plain_" + name)) == counts[0]
+            assert rows[name] == [_fmt(c) for c in counts], name
+    for name in CIFAR:
+        paper_m, a, b, c = CIFAR_PARAMS[name]
+        n = (int(name.removeprefix("cifar_resnet")) - 2) // 6
+        assert rows[name] == [str(n), f"{paper_m}M", _fmt(a), _fmt(b), _fmt(c)], name
+
+
+def _macs(name: str, **kwargs: object) -> int:
+    """Multiply-adds of conv + fc for one 224x224 image, as the paper counts "FLOPs" (meta
+    device: shapes only, no compute)."""
+    with torch.device("meta"):
+        model = build(name, **kwargs).eval()
+        x = torch.empty(1, 3, 224, 224)
+        with FlopCounterMode(display=False) as counter:
+            model(x)
+    return counter.get_total_flops() // 2
+
+
+def test_flops_match_paper_for_v1_and_docs_table() -> None:
+    """The paper's FLOPs are v1's (stride on the 1x1); the default v1.5 bottleneck nets cost
+    more, and the docs must say so with the code's exact numbers."""
+    rows = _docs_table_rows("FLOPs (multiply-adds)")
+    assert set(rows) == set(IMAGENET)
+    for name in IMAGENET:
+        v1, v15 = _macs(name, stride_in_1x1=True), _macs(name)
+        assert abs(v1 - PAPER_MACS[name]) < 0.1e9, (name, v1)
+        if name in ("resnet18", "resnet34"):
+            assert v1 == v15  # basic blocks have no 1x1 conv to move the stride to
+        else:
+            assert v15 - v1 > 0.2e9, (name, v1, v15)
+        assert rows[name] == [f"{PAPER_MACS[name] / 1e9:g}e9", _fmt(v1), _fmt(v15)], name
+    assert abs(_macs("resnet50") - PAPER_MACS["resnet50"]) > 0.25e9  # v1.5 is not the paper's cost
+    # Option A / plain add no projections; option C adds a 1x1 conv to every block.
+    assert _macs("resnet34", shortcut="A") == _macs("plain_resnet34") == 3_644_493_824
+    assert _macs("resnet50", shortcut="C") == 6_555_435_008
