@@ -125,6 +125,10 @@ class ImageClassifier(pl.LightningModule):
         top1 = masked_top1(logits.detach(), labels, valid)
         self.log("train/loss", loss)  # not prog_bar: see pipeline/progress.py
         self.log("train/top1", top1, on_step=True, on_epoch=False)
+        # corrupt samples skipped (data.on_corrupt: skip) come masked; summed on the device, over all ranks
+        # at the epoch's end only: whatever the backend and wherever its workers counted them
+        self.log("train/corrupt_skipped", (~valid).sum().float(), on_step=False, on_epoch=True, reduce_fx="sum",
+                 sync_dist=True)
         return loss
 
     def validation_step(self, batch, batch_idx: int) -> None:

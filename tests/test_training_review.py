@@ -106,3 +106,20 @@ def test_a_typo_in_the_augment_recipe_is_a_parse_error_naming_the_key(digits_sha
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "recipe" in proc.stderr and "cifarr" in proc.stderr and "'imagenet', 'cifar'" in proc.stderr
+
+
+@pytest.mark.parametrize("backend", ["cpu", "dali-cpu"])
+def test_skipped_corrupt_samples_are_counted_in_the_logs(digits_shards, tmp_path, backend):
+    """data.on_corrupt skip: the epoch's count reaches the loggers, also when DataLoader workers (whose own
+    counters the training process never sees) did the decoding."""
+    import csv
+
+    from tests.test_dali_backend import corrupt_copy, zero_head
+
+    shards = corrupt_copy(digits_shards, tmp_path / "shards", "train", 100, zero_head)
+    run = tmp_path / "run"
+    run_module(*_args("fit", shards, run, "--data.backend", backend, "--data.num_workers", "2",
+                      "--data.on_corrupt", "skip", "--trainer.max_epochs", "1"))
+    rows = list(csv.DictReader(open(run / "csv" / "metrics.csv")))
+    counts = [float(r["train/corrupt_skipped"]) for r in rows if r.get("train/corrupt_skipped")]
+    assert counts == [1.0], counts
