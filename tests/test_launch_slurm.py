@@ -71,7 +71,7 @@ def test_hostile_values_cannot_inject_and_the_secret_stays_out(slurm_cluster: Sl
     run_id = (run_dir / "wandb_run_id").read_text().strip()
     for e in envs:
         assert e["WANDB_RUN_ID"] == run_id and e["WANDB_RESUME"] == "allow" and e["WANDB_DIR"] == str(run_dir)
-        assert e["MASTER_ADDR"] == "127.0.0.1" and e["MASTER_PORT"] == str(20000 + int(job) % 20000)
+        assert e["MASTER_ADDR"] == "127.0.0.1" and e["MASTER_PORT"] == str(10000 + int(job) % 20000)
         assert e["SLURM_NTASKS"] == "2" and e["OMP_NUM_THREADS"] == "1"
     # the key was inherited (same hash on both tasks) but appears in no file of the run
     assert [line.split()[1] for line in log.splitlines() if line.startswith("KEYHASH")] == \
