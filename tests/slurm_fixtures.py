@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import unavailable_here
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "tools" / "slurm_cluster.sh"
 PORT_OFFSETS = (6, 17, 19, 21, 22)
@@ -106,19 +108,11 @@ class SlurmCluster:
 _state: dict[str, object] = {"refs": 0, "cluster": None}
 
 
-def _unavailable(reason: str) -> None:
-    """Skip on a developer machine that cannot run Slurm; fail in CI, which must run these tests (.ci/run
-    installs Slurm), so a broken install can never pass as a skip there."""
-    if os.environ.get("CI"):
-        pytest.fail(f"CI must run the Slurm tests: {reason}")
-    pytest.skip(reason)
-
-
 def _start() -> SlurmCluster:
     if os.geteuid() != 0:
-        _unavailable("the Slurm test cluster needs root (it starts slurmctld/slurmd/munged)")
+        unavailable_here("the Slurm test cluster needs root (it starts slurmctld/slurmd/munged)")
     if shutil.which("slurmctld") is None and shutil.which("apt-get") is None:
-        _unavailable("Slurm is not installed and apt-get is not available to install it")
+        unavailable_here("Slurm is not installed and apt-get is not available to install it")
     d = Path(tempfile.mkdtemp(prefix="launch-slurm-"))
     d.chmod(0o755)  # MariaDB runs as mysql and must reach its data dir below
     env = {**os.environ, "PORT_BASE": str(_free_port_base())}
@@ -126,7 +120,7 @@ def _start() -> SlurmCluster:
                           timeout=600, env=env)
     if proc.returncode == 3:  # Slurm missing and apt-get unable to install it
         shutil.rmtree(d, ignore_errors=True)
-        _unavailable(f"cannot install Slurm here: {proc.stderr.strip().splitlines()[-1]}")
+        unavailable_here(f"cannot install Slurm here: {proc.stderr.strip().splitlines()[-1]}")
     if proc.returncode != 0:
         raise RuntimeError(f"test cluster did not start:\n{proc.stdout}\n{proc.stderr}")
     conf = d / "cluster" / "etc" / "slurm.conf"

@@ -6,13 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from data_prep.cli import main
 from data_prep.format import load_manifest
+from tests.conftest import REPO, unavailable_here
 from tests.fixtures_images import write_imagefolder
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -165,8 +162,6 @@ def test_folder_that_cannot_be_listed_is_a_reject_not_silently_skipped(tmp_path)
 _WRITER = """
 import sys
 from pathlib import Path
-
-import pytest
 from data_prep.runner import write_json_atomic
 obj = {"tag": sys.argv[2], "rows": list(range(20000))}
 for _ in range(200):
@@ -178,7 +173,7 @@ def test_json_writers_in_two_pid_namespaces_do_not_collide(tmp_path):
     """Array tasks in containers (their own pid namespaces) may all be pid 1 and write plan.json at once;
     a temp name made from the pid let one task rename the other's half-written file away."""
     if subprocess.run(["unshare", "--pid", "--fork", "true"], capture_output=True).returncode != 0:
-        pytest.skip("unshare --pid is not permitted here")
+        unavailable_here("unshare --pid is not permitted here (needs root)")
     target = tmp_path / "plan.json"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     procs = [subprocess.Popen(["unshare", "--pid", "--fork", sys.executable, "-c", _WRITER, str(target), tag],
