@@ -73,10 +73,11 @@ def test_a_shielded_spawned_worker_obeys_only_its_parents_sigterm():
             child.join()
 
 
-def serve_an_epoch_after_the_signals(root: str, kill: bool = False) -> None:
+def serve_an_epoch_after_the_signals(root: str, kill: bool = False, inside_wait: bool = False) -> None:
     """Run by the tests below in a fresh process: DALI's source workers get USR1 and TERM after the first
     batch, as every process of a Slurm job step does; the rest of the epoch must still come, in order.
-    ``kill``: one worker is SIGKILLed instead (as by the OOM killer)."""
+    ``kill``: one worker is SIGKILLed instead (as by the OOM killer). ``inside_wait``: the loader's check
+    between batches is skipped, as when the worker dies just after it, while the loader waits in DALI."""
     import numpy as np
 
     from pipeline.data.augment import AugmentConfig
@@ -88,6 +89,9 @@ def serve_an_epoch_after_the_signals(root: str, kill: bool = False) -> None:
     sampler = TrainSampler(shards.shard_sizes, seed=3, world_size=1, rank=0, batch_size=50)
     cfg = AugmentConfig(recipe="cifar", train_size=32, val_size=32, flip=False)
     loader = DaliLoader(shards, sampler, cfg, train=True, cpu=True, num_threads=1, py_workers=2)
+    if inside_wait:
+        loader._watchdog.check = lambda: None
+        loader._watchdog.grace = 2.0
     expected = [rows[0] for rows in sampler]
     batches = iter(loader)
     got = [next(batches)[1]]
@@ -106,8 +110,9 @@ def serve_an_epoch_after_the_signals(root: str, kill: bool = False) -> None:
     print("served", len(got), "batches")
 
 
-def _serve(root, kill: bool = False) -> subprocess.CompletedProcess:
-    code = f"from tests.test_worker_signals import serve_an_epoch_after_the_signals as f; f({str(root)!r}, {kill})"
+def _serve(root, kill: bool = False, inside_wait: bool = False) -> subprocess.CompletedProcess:
+    code = (f"from tests.test_worker_signals import serve_an_epoch_after_the_signals as f; "
+            f"f({str(root)!r}, {kill}, {inside_wait})")
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, cwd=REPO,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
 
@@ -125,6 +130,15 @@ def test_a_killed_dali_source_worker_is_an_error_naming_it(digits_shards):
     proc = _serve(digits_shards, kill=True)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "a DALI source worker process (pid" in proc.stderr and "signal 9" in proc.stderr
+
+
+def test_a_dali_source_worker_killed_while_the_loader_waits_ends_the_process(digits_shards):
+    """Killed while it held the shared queue's lock, the worker leaves the loader waiting forever inside
+    DALI (the run below timed out before the watchdog); now the process ends, naming the worker."""
+    proc = _serve(digits_shards, kill=True, inside_wait=True)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "a DALI source worker process (pid" in proc.stderr and "signal 9" in proc.stderr
+    assert "served" not in proc.stdout
 
 
 @pytest.mark.parametrize(("backend", "sig"), [("cpu", signal.SIGUSR1), ("dali-cpu", signal.SIGTERM)],

@@ -46,6 +46,7 @@ from pipeline.data.cpu_backend import CorruptSampleError, ShardBatches, augment_
 from pipeline.data.dali_source import BatchSource
 from pipeline.data.shards import ShardSet
 from pipeline.data.worker_signals import spawned_without_preemption_signals
+from pipeline.data.worker_watchdog import WorkerWatchdog
 
 log = logging.getLogger(__name__)
 
@@ -116,11 +117,14 @@ class DaliLoader:
         self.corrupt_seen = 0
         self._plan_dir = tempfile.mkdtemp(prefix="dali-plan-")
         self._pipe = None
-        self._workers: list = []  # the live pipeline's source worker processes
+        self._watchdog = WorkerWatchdog(  # over the live pipeline's source worker processes
+            "a DALI source worker process",
+            "DALI cannot go on without it (data.dali_source_workers 0 reads the samples in the training process instead)",
+        )
         self._pipe_epoch = -1  # DALI's epoch_idx of the last plan given to the live pipeline
         self._clean = False  # the live pipeline ended its last epoch and can be reset for the next
         self._device = torch.device("cpu")
-        self._finalizer = weakref.finalize(self, shutil.rmtree, self._plan_dir, True)
+        self._finalizer = weakref.finalize(self, _release, self._plan_dir, self._watchdog)
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -209,22 +213,24 @@ class DaliLoader:
         before = set(multiprocessing.active_children())
         with spawned_without_preemption_signals():  # the source's worker processes start here
             p.build()
-        self._workers = [c for c in multiprocessing.active_children() if c not in before]
+        self._watchdog.watch([c for c in multiprocessing.active_children() if c not in before])
         return p
 
     def sampler_batch_size(self) -> int:
         return int(getattr(self.sampler, "batch_size", 0) or self.sampler.batches.shape[1])
 
     def _close(self) -> None:
+        self._watchdog.stop()
         self._pipe, self._clean, self._pipe_epoch = None, False, -1  # DALI stops its workers on deletion
-        self._workers = []
 
     def _start(self, plan: np.ndarray) -> None:
         """Give ``plan`` to the pipeline: reset the live one for its next epoch, or build a fresh one."""
         if self._pipe is not None and self._clean:
             self._pipe_epoch += 1
             np.save(os.path.join(self._plan_dir, f"plan-{self._pipe_epoch}.npy"), plan)
-            self._pipe.reset()  # schedules the new epoch's first batches, which read the plan just written
+            self._watchdog.check()
+            with self._watchdog.waiting():
+                self._pipe.reset()  # schedules the new epoch's first batches, which read the plan just written
         else:
             self._close()
             self._pipe_epoch = 0
@@ -245,33 +251,24 @@ class DaliLoader:
     def _epoch(self, plan: np.ndarray):
         self._start(plan)
         for step in range(len(plan)):
-            self._check_workers()
+            self._watchdog.check()
             try:
-                outs = self._pipe.run()
+                with self._watchdog.waiting():
+                    outs = self._pipe.run()
             except StopIteration:
                 raise RuntimeError(f"the DALI pipeline ended after {step} of {len(plan)} batches") from None
             except Exception as e:  # a decoder error: this batch by the cpu backend, then a fresh pipeline
+                self._watchdog.check()  # (not a lost worker)
                 self._close()
                 yield self._cpu_batch(plan[step], e)
                 yield from self._epoch(plan[step + 1 :])
                 return
             yield self._to_torch(outs, plan[step])
         try:
-            self._pipe.run()
+            with self._watchdog.waiting():
+                self._pipe.run()
         except StopIteration:
             self._clean = True
-
-    def _check_workers(self) -> None:
-        """Fail, naming the worker, when a source worker process is gone: DALI's pool does not survive a
-        lost worker (it ends the others, and the next batch would wait forever)."""
-        for w in self._workers:
-            if w.exitcode is not None:
-                how = f"signal {-w.exitcode}" if w.exitcode < 0 else f"exit code {w.exitcode}"
-                raise RuntimeError(
-                    f"a DALI source worker process (pid {w.pid}) ended ({how}); signal 9 (SIGKILL) usually means "
-                    "the kernel's OOM killer. DALI cannot go on without it (data.dali_source_workers 0 reads "
-                    "the samples in the training process instead)"
-                )
 
     def _to_torch(self, outs, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         *pixels, labels, valid = outs  # pixels: images, or (CPU, torch resize, training) windows and flips
@@ -347,6 +344,11 @@ def _one_torch_thread():
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def _release(plan_dir: str, watchdog: WorkerWatchdog) -> None:
+    watchdog.stop()
+    shutil.rmtree(plan_dir, ignore_errors=True)
 
 
 def _first_line(error: Exception) -> str:
