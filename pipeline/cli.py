@@ -5,10 +5,11 @@ A run directory (``trainer.default_root_dir``) holds everything of one training 
 resolved config. ``fit`` resumes from ``checkpoints/last.ckpt`` when the run directory has one (or with
 ``--ckpt_path last``, which starts fresh when there is none yet).
 
-Around Lightning's trainer the CLI adds: atomic checkpoint files, preemption handling (USR1/TERM ->
-save, requeue, stop; Lightning's own SLURM requeue off), RNG states and the W&B run id in checkpoints,
-a weight parity check across ranks, speed telemetry, and -- on a resume with another world size -- a
-per-rank batch / accumulation that keeps the global batch.
+Around Lightning's trainer the CLI adds: a lock on the run directory (one ``fit`` at a time), atomic
+checkpoint files, preemption handling (USR1/TERM -> save, requeue, stop; Lightning's own SLURM requeue
+off), RNG states and the W&B run id in checkpoints, a weight parity check across ranks, speed
+telemetry, and -- on a resume with another world size -- a per-rank batch / accumulation that keeps the
+global batch.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from pipeline.preemption import Preemption
 from pipeline.progress import console_progress
 from pipeline.resume_geometry import Geometry, LoopPosition, adapt, expected_world_size, read_checkpoint
 from pipeline.rng_state import RNGState
+from pipeline.run_lock import RunDirLock, is_global_rank_zero
 from pipeline.sample_grid import SampleGrid
 from pipeline.sync_batchnorm import GlooSyncBatchNormPlugin
 from pipeline.throughput import Throughput
@@ -68,12 +70,8 @@ def _on_cpu(accelerator) -> bool:
     return "cpu" in str(name).lower() or (name in (None, "auto") and not torch.cuda.is_available())
 
 
-def _is_rank_zero() -> bool:
-    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
-
-
 def _say(msg: str) -> None:
-    if _is_rank_zero():
+    if is_global_rank_zero():
         print(msg, file=sys.stderr, flush=True)
 
 
@@ -95,6 +93,14 @@ class RunDirConfig(SaveConfigCallback):
 
 
 class PipelineCLI(LightningCLI):
+    def __init__(self, *args, **kwargs) -> None:
+        self._run_lock: RunDirLock | None = None
+        try:
+            super().__init__(*args, **kwargs)  # parses, builds and runs the subcommand
+        finally:
+            if self._run_lock is not None:
+                self._run_lock.release()
+
     def _parse_ckpt_path(self) -> None:
         """Off. Lightning's CLI would replace the whole ``model`` config by the hyper-parameters of an
         explicit ``--ckpt_path FILE`` (silently dropping ``--model.lr`` and the like, and passing another
@@ -117,6 +123,8 @@ class PipelineCLI(LightningCLI):
         if sub != "fit":
             self._check_checkpoint(cfg.get("ckpt_path"))
             return
+        self._run_lock = RunDirLock(run_dir)  # before anything in the run directory is touched
+        self._run_lock.acquire()
         for path in recover_directories(checkpoint_dir(run_dir)):  # a crash in a DeepSpeed directory swap
             _say(f"restored {path} (the last whole checkpoint; the save after it was interrupted)")
         if cfg.get("ckpt_path") is None and last.exists():

@@ -1,0 +1,152 @@
+"""One training job per run directory at a time.
+
+Two jobs training into one run directory (a submission repeated while the first one still runs, two
+people picking the same name) would overwrite each other's ``last.ckpt`` and resume from each other's
+state, and the second one's start-up clean-up (``recover_directories``) would delete the checkpoint the
+first one is writing. So ``fit`` holds an exclusive ``flock`` on ``RUN/.lock`` from its start to its end,
+on global rank 0, and writes into the file which job holds it. A second job's rank 0 then fails at once
+with a one-line error naming the holder. Its other ranks touch nothing in the run directory until the
+file names their own job, which their rank 0 writes once it holds the lock.
+
+A job is known by a key all its ranks share: the Slurm job (id, step, restart count), torchrun's run id,
+or the rendezvous address. A requeued Slurm job takes over a lock that its previous run (same job id, a
+lower restart count) still seems to hold: Slurm never runs two instances of one job, and on NFS the
+lock of a node that died can stay held until that node reboots. The file is never deleted (a new file
+would not be locked by the holder of the old one). On a filesystem without ``flock`` there is a warning
+and no protection.
+"""
+
+from __future__ import annotations
+
+import datetime
+import errno
+import fcntl
+import json
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+
+from pipeline.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+LOCK_NAME = ".lock"
+KEY_ENV = "PIPELINE_RUN_LOCK_KEY"  # rank 0's key, inherited by the ranks Lightning starts on its node
+
+
+def is_global_rank_zero() -> bool:
+    """Before the trainer exists: ``RANK`` (torchrun), else ``SLURM_PROCID`` (srun) and Lightning's own
+    ``LOCAL_RANK``/``NODE_RANK`` for the processes it starts."""
+    env = os.environ
+    if "RANK" in env:
+        return env["RANK"] == "0"
+    return all(env.get(k, "0") == "0" for k in ("SLURM_PROCID", "LOCAL_RANK", "NODE_RANK"))
+
+
+def job_key() -> str:
+    """The same string on every rank of one job, different for another job."""
+    env = os.environ
+    if env.get(KEY_ENV):
+        return env[KEY_ENV]
+    if env.get("SLURM_JOB_ID"):
+        return (f"slurm job {env['SLURM_JOB_ID']} step {env.get('SLURM_STEP_ID', '-')} "
+                f"restart {env.get('SLURM_RESTART_COUNT', '0')}")
+    if env.get("TORCHELASTIC_RUN_ID"):
+        return f"torchrun {env['TORCHELASTIC_RUN_ID']} at {env.get('MASTER_ADDR')}:{env.get('MASTER_PORT')}"
+    if env.get("MASTER_ADDR") and env.get("MASTER_PORT") and "RANK" in env:
+        return f"rendezvous {env['MASTER_ADDR']}:{env['MASTER_PORT']}"
+    return f"process {os.getpid()} on {socket.gethostname()}"
+
+
+class RunDirLock:
+    """``acquire`` on global rank 0 (or wait for it on the others); ``release`` at the end of ``fit``.
+
+    Args:
+        run_dir: the run directory (``trainer.default_root_dir``).
+        wait_s: how long a rank other than 0 waits for its rank 0 to hold the lock.
+    """
+
+    def __init__(self, run_dir: str | Path, wait_s: float = 600.0) -> None:
+        self.run_dir, self.wait_s = Path(run_dir), float(wait_s)
+        self.path = self.run_dir / LOCK_NAME
+        self._fd: int | None = None
+        self._set_env = False
+
+    def acquire(self) -> None:
+        key = job_key()
+        if not is_global_rank_zero():
+            self._wait_for(key)
+            return
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise ConfigError(f"trainer.default_root_dir: cannot create {self.path}: {e.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
+                holder = _read(self.path)
+                if not _previous_run_of_this_job(holder):
+                    os.close(fd)
+                    raise ConfigError(self._busy(holder)) from None
+                log.warning("taking over %s from the previous run of this job (%s): its lock is still held, "
+                            "as by a node that died", self.path, holder.get("job"))
+            elif e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                log.warning("cannot lock %s on this filesystem (%s): a second job in this run directory at the "
+                            "same time would not be detected", self.path, e.strerror)
+            else:
+                os.close(fd)
+                raise
+        self._fd = fd
+        if KEY_ENV not in os.environ:
+            os.environ[KEY_ENV] = key  # the ranks Lightning starts on this node inherit it
+            self._set_env = True
+        record = {"job": key, "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+                  "restart": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
+                  "host": socket.gethostname(), "pid": os.getpid(),
+                  "since": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        data = (json.dumps(record) + "\n").encode()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, data, 0)
+        os.fsync(fd)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # the kernel drops the flock; the file stays
+            self._fd = None
+        if self._set_env:
+            os.environ.pop(KEY_ENV, None)
+            self._set_env = False
+
+    def _wait_for(self, key: str) -> None:
+        """A rank other than 0: until the file names this job (then its rank 0 holds the lock)."""
+        deadline = time.monotonic() + self.wait_s
+        while time.monotonic() < deadline:
+            if _read(self.path).get("job") == key:
+                return
+            time.sleep(0.2)
+        raise ConfigError(f"{self.path} does not name this job ({key}) after {self.wait_s:.0f} s; "
+                          f"{self._busy(_read(self.path))}")
+
+    def _busy(self, holder: dict) -> str:
+        who = ", ".join(f"{k} {holder[k]}" for k in ("job", "host", "pid", "since") if holder.get(k) is not None)
+        return (f"trainer.default_root_dir: run directory {self.run_dir} is in use by another training job "
+                f"({who or 'no details in ' + str(self.path)}); two jobs in one run directory overwrite each "
+                f"other's checkpoints. Wait for it to end, stop it, or choose another run directory (if that job "
+                f"is gone and its node died, delete {self.path})")
+
+
+def _read(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text() or "{}")
+    except (OSError, ValueError):  # not there yet, or being written
+        return {}
+
+
+def _previous_run_of_this_job(holder: dict) -> bool:
+    job = os.environ.get("SLURM_JOB_ID")
+    restart = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+    return bool(job) and holder.get("slurm_job_id") == job and int(holder.get("restart", 0)) < restart

@@ -1,0 +1,165 @@
+"""One training job per run directory: a second ``fit`` into a live run directory is refused before it
+touches anything; a requeued Slurm job takes over its previous run's lock; ranks other than 0 wait for
+their own rank 0 to hold it. Real processes and real ``flock`` locks throughout."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from bench.kill_resume import _env, fit_command
+from pipeline.errors import ConfigError
+from pipeline.run_lock import KEY_ENV, LOCK_NAME, RunDirLock, job_key
+from tests.conftest import REPO
+
+RANK_ENV = ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK", "SLURM_JOB_ID", "SLURM_STEP_ID",
+            "SLURM_RESTART_COUNT", "TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT", KEY_ENV)
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for k in RANK_ENV:
+        monkeypatch.delenv(k, raising=False)
+    return monkeypatch
+
+
+def _wait_for_lock(run_dir: Path, pid: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if json.loads((run_dir / LOCK_NAME).read_text()).get("pid") == pid:
+                return
+        except (OSError, ValueError):
+            pass
+        assert proc.poll() is None, "the first run ended before it held the lock"
+        time.sleep(0.1)
+    raise AssertionError("the first run never held the lock")
+
+
+def test_a_second_fit_into_a_live_run_directory_is_refused(digits_shards, tmp_path):
+    run = tmp_path / "run"
+    first = subprocess.Popen(fit_command(digits_shards, run, 4), env=_env(), cwd=REPO,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_lock(run, first.pid, first)
+        os.kill(first.pid, signal.SIGSTOP)  # it keeps its lock, and the run directory stays as it is
+        before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+        second = subprocess.run(fit_command(digits_shards, run, 4), env=_env(), cwd=REPO,
+                                capture_output=True, text=True, timeout=300)
+        after = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+        os.kill(first.pid, signal.SIGCONT)
+        assert second.returncode == 2, second.stderr[-3000:]
+        assert f"run directory {run} is in use by another training job" in second.stderr
+        assert f"pid {first.pid}" in second.stderr
+        assert "Traceback" not in second.stderr
+        assert before == after, "the refused run changed the run directory"
+        _, err = first.communicate(timeout=600)
+        assert first.returncode == 0, err[-3000:]
+    finally:
+        if first.poll() is None:
+            os.kill(first.pid, signal.SIGCONT)
+            first.kill()
+            first.wait()
+    # ended: the next fit (a resume) takes the lock
+    again = subprocess.run(fit_command(digits_shards, run, 5), env=_env(), cwd=REPO,
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming from" in again.stderr
+
+
+HOLDER = """
+import fcntl, json, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o666)
+fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+os.write(fd, json.dumps({"job": "slurm job 77 step 0 restart 0", "slurm_job_id": "77", "restart": 0,
+                         "host": "node-a", "pid": os.getpid()}).encode())
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.fixture
+def held_lock(tmp_path):
+    """RUN/.lock held by another process, as Slurm job 77's first run on node-a."""
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(run / LOCK_NAME)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    yield run
+    holder.kill()
+    holder.wait()
+
+
+def test_a_requeued_slurm_job_takes_over_its_previous_runs_lock(held_lock, clean_env, caplog):
+    clean_env.setenv("SLURM_JOB_ID", "77")
+    clean_env.setenv("SLURM_STEP_ID", "0")
+    clean_env.setenv("SLURM_RESTART_COUNT", "1")
+    lock = RunDirLock(held_lock)
+    lock.acquire()
+    try:
+        assert "taking over" in caplog.text
+        record = json.loads((held_lock / LOCK_NAME).read_text())
+        assert record["job"] == "slurm job 77 step 0 restart 1" and record["pid"] == os.getpid()
+        assert os.environ[KEY_ENV] == record["job"]
+    finally:
+        lock.release()
+    assert KEY_ENV not in os.environ
+
+
+@pytest.mark.parametrize(("job", "restart"), [("77", "0"), ("78", "1"), (None, None)],
+                         ids=["same-job-same-run", "another-job", "not-slurm"])
+def test_any_other_holder_is_an_error_naming_it(held_lock, clean_env, job, restart):
+    if job:
+        clean_env.setenv("SLURM_JOB_ID", job)
+        clean_env.setenv("SLURM_RESTART_COUNT", restart)
+    with pytest.raises(ConfigError, match=r"in use by another training job \(job slurm job 77 step 0 restart 0, "
+                                          r"host node-a, pid \d+\)"):
+        RunDirLock(held_lock).acquire()
+    assert KEY_ENV not in os.environ
+
+
+def test_the_lock_is_free_again_after_release(tmp_path, clean_env):
+    first = RunDirLock(tmp_path / "run")
+    first.acquire()
+    with pytest.raises(ConfigError):
+        RunDirLock(tmp_path / "run").acquire()  # flock: another open file, even in this process
+    first.release()
+    second = RunDirLock(tmp_path / "run")
+    second.acquire()
+    second.release()
+
+
+def test_other_ranks_wait_until_the_file_names_their_job(tmp_path, clean_env):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / LOCK_NAME).write_text(json.dumps({"job": "rendezvous other:1"}))  # another job's old record
+    clean_env.setenv("RANK", "1")
+    clean_env.setenv("MASTER_ADDR", "10.0.0.1")
+    clean_env.setenv("MASTER_PORT", "12345")
+    key = job_key()
+    assert key == "rendezvous 10.0.0.1:12345"
+    writer = threading.Timer(0.6, lambda: (run / LOCK_NAME).write_text(json.dumps({"job": key})))
+    writer.start()
+    t0 = time.monotonic()
+    RunDirLock(run, wait_s=30).acquire()
+    assert time.monotonic() - t0 >= 0.5, "rank 1 went on before its rank 0 named the job"
+    writer.join()
+    (run / LOCK_NAME).write_text(json.dumps({"job": "rendezvous other:1"}))
+    with pytest.raises(ConfigError, match="does not name this job"):
+        RunDirLock(run, wait_s=0.5).acquire()
+
+
+def test_lightnings_own_child_ranks_are_not_rank_zero(clean_env):
+    from pipeline.run_lock import is_global_rank_zero
+
+    assert is_global_rank_zero()
+    clean_env.setenv("SLURM_PROCID", "0")  # a batch script's step, inherited by the ranks Lightning starts
+    clean_env.setenv("LOCAL_RANK", "1")
+    assert not is_global_rank_zero()
