@@ -98,6 +98,23 @@ def _python(a: argparse.Namespace) -> str:
     return "python" if a.container_image else sys.executable
 
 
+def _refuse_if_training(run_dir: Path) -> None:
+    """One training job per run directory at a time: a second one (submitted again because the first seemed
+    dead, or by re-running the command) would write checkpoints/last.ckpt too and resume from the other's."""
+    try:
+        active = status.active_train_jobs(run_dir)
+    except LaunchError as e:
+        # Refuse, saying why, rather than guess: when squeue cannot reach Slurm sbatch cannot either, and
+        # guessing "nothing active" could start the second writer this check exists to prevent.
+        raise LaunchError(f"run directory {run_dir}: cannot tell whether its earlier train jobs have ended: {e}; "
+                          f"submit again once squeue works") from e
+    if active:
+        jobs = ", ".join(f"{r.job_id} {r.state}" + (f" ({r.reason})" if r.reason else "") for r in active)
+        raise LaunchError(f"run directory {run_dir} is in use by train job{'s' * (len(active) > 1)} {jobs}, and "
+                          f"a second job would write its checkpoints/last.ckpt too: wait until it ends, cancel it "
+                          f"(`scancel {' '.join(r.job_id for r in active)}`), or choose another --run-dir")
+
+
 def _submit_train(a: argparse.Namespace, extra: list[str]) -> int:
     run_dir = (a.run_dir or Path("runs") / a.config.stem).absolute()
     if a.run_dir is None:  # say where the path came from: the user never typed it
@@ -112,6 +129,7 @@ def _submit_train(a: argparse.Namespace, extra: list[str]) -> int:
         print(job.render(run_id), end="")
         print(f"# submit: sbatch --parsable {job.script_path}", file=sys.stderr)
         return 0
+    _refuse_if_training(run_dir)  # before anything is written
     run_id = rundir.wandb_run_id(run_dir)
     assert run_id is not None
     job.script_path.write_text(job.render(run_id))

@@ -45,6 +45,13 @@ class JobRow:
     reason: str = ""
 
 
+# A job that has ended for good. squeue lists such jobs only where asked to (`-t all`, SQUEUE_STATES=all in
+# the user's environment), until MinJobAge; in any other state a job may still run, or run again (pending,
+# held, requeued, suspended, completing, ...).
+FINISHED_STATES = frozenset({"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL",
+                             "OUT_OF_MEMORY", "PREEMPTED", "REVOKED", "TIMEOUT"})
+
+
 def squeue(job_ids: list[str]) -> list[JobRow]:
     """Queued/running jobs among ``job_ids`` (array tasks expanded)."""
     if not job_ids:

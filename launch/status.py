@@ -35,6 +35,18 @@ def job_ids(run_dir: Path) -> list[str]:
     return ids
 
 
+def active_train_jobs(run_dir: Path) -> list[slurm.JobRow]:
+    """Train jobs recorded in the run directory that Slurm has not finished with (queued, held, running,
+    requeued, ...): each would write and resume from the same checkpoints/last.ckpt. A job squeue no longer
+    knows is over. Raises a one-line LaunchError when squeue cannot be asked."""
+    ids = [j["job_id"] for j in recorded_jobs(run_dir) if j.get("kind") == "train"]
+    try:
+        rows = slurm.squeue(ids)
+    except LaunchError as e:
+        raise LaunchError(_first_error_line(str(e))) from e
+    return [r for r in rows if r.state not in slurm.FINISHED_STATES]
+
+
 def _table(rows: list[slurm.JobRow]) -> list[str]:
     out = [f"  {'JOBID':<14} {'NAME':<30} {'STATE':<12} {'ELAPSED':>10} {'RESTARTS':>8}  {'EXIT/REASON'}"]
     for r in rows:

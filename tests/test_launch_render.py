@@ -258,3 +258,24 @@ def test_a_bad_default_run_dir_says_it_is_the_default(tmp_path: Path) -> None:
                "--dry-run", cwd=tmp_path)
     assert r.returncode == 2 and "run directory (default OUT-slurm next to OUT; choose one with --run-dir)" \
         in r.stderr, r.stderr
+
+
+def test_train_submit_refuses_when_slurm_cannot_say_whether_the_run_dir_is_busy(tmp_path: Path, cfg: Path) -> None:
+    """A run directory with a recorded train job and no way to ask Slurm about it: `submit train` refuses
+    (one line, the reason, nothing written) rather than risk a second job on the same checkpoints. --dry-run
+    asks nothing, and jobs of other kinds do not count (here sbatch is then what is missing)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "jobs.jsonl").write_text('{"job_id": "41", "kind": "prep-array", "script": "x"}\n'
+                                    '{"job_id": "42", "kind": "train", "script": "x"}\n')
+    no_slurm = {"PATH": str(tmp_path / "no-slurm-here")}
+    args = ["submit", "train", "--config", str(cfg), "--time", "1:00:00", "--run-dir", str(run)]
+    r = launch(*args, cwd=tmp_path, env=no_slurm)
+    assert r.returncode == 2 and r.stdout == "" and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith(f"launch: error: run directory {run}: cannot tell whether its earlier train jobs "
+                               "have ended: squeue: command not found"), r.stderr
+    assert sorted(p.name for p in run.iterdir()) == ["jobs.jsonl"]
+    assert launch(*args, "--dry-run", cwd=tmp_path, env=no_slurm).returncode == 0
+    (run / "jobs.jsonl").write_text('{"job_id": "41", "kind": "prep-array", "script": "x"}\n')
+    r = launch(*args, cwd=tmp_path, env=no_slurm)
+    assert r.returncode == 2 and "sbatch: command not found" in r.stderr, r.stderr

@@ -202,6 +202,60 @@ def test_prep_array_plus_finalize_matches_single_process(slurm_cluster: SlurmClu
         assert re.search(rf"^  {jid}\s+\S+\s+COMPLETED", st.stdout, re.M), st.stdout
 
 
+def test_second_train_job_into_a_busy_run_dir_is_refused(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    """While a train job of the run directory is running, or requeued and held (it looks dead, but a release
+    starts it again), `submit train` into that directory is refused with one line naming the job and what to
+    do, and writes and submits nothing. Once the job has ended, the same command submits."""
+    cfg = tmp_path / "busy.yaml"
+    cfg.write_text("trainer: {}\n")
+    sleeper = tmp_path / "sleeper"
+    sleeper.write_text("#!/bin/sh\nexec sleep 300\n")  # the "trainer": runs until cancelled
+    sleeper.chmod(0o755)
+    run_dir = tmp_path / "run"
+
+    def submit(time_limit: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        return slurm_cluster.launch("submit", "train", "--config", str(cfg), "--gpus-per-node", "0",
+                                    "--time", time_limit, "--signal-lead", "30", "--run-dir", str(run_dir),
+                                    "--python", str(sleeper), check=False, cwd=tmp_path, env=env)
+
+    def refused(state: str) -> None:
+        again = submit("00:03:00")  # another --time: a rewritten script would differ
+        assert again.returncode == 2 and again.stdout == "", again.stdout + again.stderr
+        assert again.stderr.count("\n") == 1 and again.stderr.startswith(
+            f"launch: error: run directory {run_dir} is in use by train job {first} {state}"), again.stderr
+        assert again.stderr.endswith(f"(`scancel {first}`), or choose another --run-dir\n"), again.stderr
+        assert (run_dir / "train.sbatch").read_bytes() == script
+        assert (run_dir / "jobs.jsonl").read_bytes() == recorded
+        queued = slurm_cluster.run("squeue", "-h", "-n", "train-busy", "-o", "%i").stdout.split()
+        assert queued == [first], queued
+
+    jobs: list[str] = []
+    try:
+        r = submit("00:02:00")
+        m = re.search(r"Submitted train job (\d+)", r.stdout)
+        assert r.returncode == 0 and m, r.stdout + r.stderr
+        first = m.group(1)
+        jobs.append(first)
+        script, recorded = (run_dir / "train.sbatch").read_bytes(), (run_dir / "jobs.jsonl").read_bytes()
+        slurm_cluster.wait_state(first, {"RUNNING"}, timeout=30)
+        refused("RUNNING")
+        slurm_cluster.run("scontrol", "requeuehold", first)
+        slurm_cluster.wait_state(first, {"PENDING"}, timeout=30)
+        refused("PENDING (job requeued in held state)")
+
+        slurm_cluster.run("scancel", first)
+        slurm_cluster.wait_gone([first], timeout=30)
+        # SQUEUE_STATES=all: squeue now lists the ended job too (CANCELLED), which must not count
+        r = submit("00:03:00", env={"SQUEUE_STATES": "all"})
+        m = re.search(r"Submitted train job (\d+)", r.stdout)
+        assert r.returncode == 0 and m, r.stdout + r.stderr
+        jobs.append(m.group(1))
+        assert [json.loads(line)["job_id"] for line in (run_dir / "jobs.jsonl").read_text().splitlines()] == jobs
+        assert "--time=00:03:00" in (run_dir / "train.sbatch").read_text()
+    finally:
+        slurm_cluster.run("scancel", "-n", "train-busy", check=False)  # a second job, had one got through
+
+
 # ---------------------------------------------------------------- training through Slurm (needs the trainer)
 
 STEPS = 30  # optimizer steps of every demo run below; last.ckpt every 5 steps
