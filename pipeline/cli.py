@@ -43,7 +43,7 @@ from pipeline.run_lock import RunDirLock, is_global_rank_zero
 from pipeline.sample_grid import SampleGrid
 from pipeline.sync_batchnorm import GlooSyncBatchNormPlugin
 from pipeline.throughput import Throughput
-from pipeline.tracking import RunIdInCheckpoint, TrackingConfig, make_loggers, run_id
+from pipeline.tracking import RunIdInCheckpoint, TrackingConfig, make_eval_loggers, make_loggers, run_id
 
 log = logging.getLogger("pipeline")
 
@@ -205,7 +205,11 @@ class PipelineCLI(LightningCLI):
             SampleGrid(run_dir),
             WeightParity(),
         ]
-        if self.trainer_class is not None and cfg.trainer.get("logger") in (None, True):
+        if self.subcommand not in (None, "fit") and cfg.trainer.get("logger") in (None, True):
+            ckpt = cfg.get("ckpt_path")
+            kwargs.setdefault("logger", make_eval_loggers(cfg.tracking, run_dir, self.subcommand,
+                                                          str(ckpt) if ckpt else None) or False)
+        elif self.trainer_class is not None and cfg.trainer.get("logger") in (None, True):
             wandb_id = None
             if cfg.tracking.wandb:
                 wandb_id = run_id(run_dir, from_checkpoint=getattr(self, "_saved_run_id", None))

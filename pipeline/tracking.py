@@ -87,14 +87,13 @@ class ResumableCSVLogger(CSVLogger):
 
 
 def make_loggers(cfg: TrackingConfig, run_dir: str | Path, wandb_id: str | None = None) -> list[Logger]:
-    """W&B (offline unless a key is set), CSV and TensorBoard loggers of a run directory.
+    """W&B (offline unless a key is set), CSV and TensorBoard loggers of a run directory's training.
 
     The API key is read by wandb from the environment and never passed through or written here."""
     run_dir = Path(run_dir)
     loggers: list[Logger] = []
     if cfg.wandb:
-        os.environ.setdefault("WANDB_CACHE_DIR", str(run_dir / ".wandb-cache"))
-        os.environ.setdefault("WANDB_CONFIG_DIR", str(run_dir / ".wandb-config"))
+        _wandb_dirs(run_dir)
         loggers.append(
             WandbLogger(
                 project=cfg.project, name=cfg.name or run_dir.name, id=wandb_id or run_id(run_dir), resume="allow",
@@ -106,3 +105,33 @@ def make_loggers(cfg: TrackingConfig, run_dir: str | Path, wandb_id: str | None 
     if cfg.tensorboard:
         loggers.append(TensorBoardLogger(str(run_dir), name="tensorboard", version=""))
     return loggers
+
+
+def make_eval_loggers(cfg: TrackingConfig, run_dir: str | Path, stage: str, ckpt: str | None) -> list[Logger]:
+    """Loggers of a ``validate``/``test`` of a run directory, apart from its training's: a new W&B run
+    grouped with the training run (``job_type`` the stage), and ``RUN/<stage>/csv/version_N/`` (and
+    ``tensorboard/``). In the training's own loggers an evaluation would append a step-0 row to its
+    ``metrics.csv`` and a second writer to its W&B run, also while the training is still running."""
+    run_dir = Path(run_dir)
+    root = run_dir / stage
+    what = f"{stage} {Path(ckpt).stem}" if ckpt else stage
+    loggers: list[Logger] = []
+    if cfg.wandb:
+        _wandb_dirs(run_dir)
+        id_file = run_dir / RUN_ID_FILE
+        group = id_file.read_text().strip() if id_file.is_file() else None
+        root.mkdir(parents=True, exist_ok=True)
+        loggers.append(
+            WandbLogger(project=cfg.project, name=f"{cfg.name or run_dir.name} {what}", group=group,
+                        job_type=stage, save_dir=str(root), offline=wandb_offline())
+        )
+    if cfg.csv:
+        loggers.append(CSVLogger(str(root), name="csv"))
+    if cfg.tensorboard:
+        loggers.append(TensorBoardLogger(str(root), name="tensorboard"))
+    return loggers
+
+
+def _wandb_dirs(run_dir: Path) -> None:
+    os.environ.setdefault("WANDB_CACHE_DIR", str(run_dir / ".wandb-cache"))
+    os.environ.setdefault("WANDB_CONFIG_DIR", str(run_dir / ".wandb-config"))

@@ -71,6 +71,34 @@ def test_one_wandb_run_across_restarts_metrics_and_no_secret(digits_shards, tmp_
     assert not leaks, f"API key found in {leaks}"
 
 
+def test_validate_in_a_run_directory_logs_apart_from_its_training(digits_shards, tmp_path):
+    """An evaluation of a checkpoint (as README's `validate` line does, in the training's run directory)
+    leaves the training's metrics.csv and W&B run as they were: it appended a step-0 row and wrote a second
+    offline run under the training's id before."""
+    run = tmp_path / "run"
+    _fit(digits_shards, run, 4)
+    run_id = (run / "wandb_run_id").read_text().strip()
+    training_csv = (run / "csv" / "metrics.csv").read_bytes()
+    out = run_module(
+        "pipeline", "validate", "--config", CONF, "--data.root", str(digits_shards),
+        "--trainer.default_root_dir", str(run), "--ckpt_path", str(run / "checkpoints" / "last.ckpt"),
+        "--tracking.tensorboard", "true", env={"WANDB_MODE": "offline", "WANDB_API_KEY": FAKE_KEY},
+    )
+    assert (run / "csv" / "metrics.csv").read_bytes() == training_csv
+    assert (run / "wandb_run_id").read_text().strip() == run_id
+    assert len(list((run / "wandb").glob("offline-run-*"))) == 1, "only the training's W&B run"
+    with open(run / "validate" / "csv" / "version_0" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    top1 = [float(r["val/top1"]) for r in rows if r.get("val/top1")]
+    assert len(top1) == 1 and f"{top1[0]:.4f}"[:5] in out.stdout, (top1, out.stdout[-2000:])
+    evals = list((run / "validate" / "wandb").glob("offline-run-*"))
+    assert len(evals) == 1 and not evals[0].name.endswith("-" + run_id), evals
+    assert run_id.encode() in next(evals[0].glob("*.wandb")).read_bytes(), "grouped with the training's run"
+    assert list((run / "validate" / "tensorboard").glob("version_0/events.*"))
+    leaks = [p for p in run.rglob("*") if p.is_file() and FAKE_KEY.encode() in p.read_bytes()]
+    assert not leaks, f"API key found in {leaks}"
+
+
 def test_sigterm_detaches_wandb_before_the_preemption_save(tmp_path):
     """Slurm's SIGTERM also ends W&B's service process: after it, no log call may reach W&B."""
     import os

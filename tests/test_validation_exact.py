@@ -15,7 +15,7 @@ def _validate(shards: Path, run_dir: Path, devices: int) -> dict[str, float]:
     if devices > 1:
         args += ["--trainer.strategy", "ddp"]
     run_module(*args)
-    with open(run_dir / "csv" / "metrics.csv") as f:
+    with open(run_dir / "validate" / "csv" / "version_0" / "metrics.csv") as f:
         rows = [r for r in csv.DictReader(f) if r.get("val/top1")]
     assert len(rows) == 1
     return {k: float(v) for k, v in rows[0].items() if k.startswith("val/")}
