@@ -12,8 +12,9 @@ A job is known by a key all its ranks share: the Slurm job (id, step, restart co
 or the rendezvous address. A requeued Slurm job takes over a lock that its previous run (same job id, a
 lower restart count) still seems to hold: Slurm never runs two instances of one job, and on NFS the
 lock of a node that died can stay held until that node reboots. The file is never deleted (a new file
-would not be locked by the holder of the old one). On a filesystem without ``flock`` there is a warning
-and no protection.
+would not be locked by the holder of the old one), and the holding process never opens it again: on
+NFS ``flock`` is a POSIX lock, which closing any descriptor of the file in that process drops. On a
+filesystem without ``flock`` there is a warning and no protection.
 """
 
 from __future__ import annotations
