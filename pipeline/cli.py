@@ -252,14 +252,24 @@ class PipelineCLI(LightningCLI):
                 break
 
 
+class _NoProductTips(logging.Filter):
+    """Lightning's "💡 Tip: ... try installing litlogger/litmodels" lines: adverts, not run information."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("💡 Tip:")
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_NoProductTips())
     # the loader position is in every checkpoint (ShardDataModule.state_dict): mid-epoch resumes are exact
     warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended")
     # checkpoints written before _drop_default_checkpointing hold the state of Lightning's default
     # ModelCheckpoint, which is gone on purpose
     warnings.filterwarnings("ignore", message=r"(?s).*Please add the following callbacks: "
                             r"\[\"ModelCheckpoint\{'monitor': None, [^\]]*\}\"\]\.$")
+    # Lightning 2.6 calls a torch API that torch 2.14 deprecates (internal to Lightning, once per run)
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
     if "SLURM_JOB_ID" not in os.environ:  # a login node or a laptop with Slurm's tools: not in a job, no hint
         warnings.filterwarnings("ignore", message="The `srun` command is available on your system but is not used")
     try:

@@ -52,6 +52,8 @@ def test_fit_lowers_loss_then_validate_then_resume(digits_shards, tmp_path):
     resumed = _fit(digits_shards, run, "--trainer.max_steps", "40", "--trainer.log_every_n_steps", "1",
                    "--checkpoint.every_n_train_steps", "10")
     assert "resuming from" in resumed.stderr
+    assert "💡 Tip" not in resumed.stdout + resumed.stderr, "Lightning's product adverts in the run's log"
+    assert "LeafSpec" not in resumed.stderr
     assert re.search(r"^epoch 1 step 9/22 \| train/loss", resumed.stdout, re.M), "lines go on mid-epoch"
     if shutil.which("srun") and "SLURM_JOB_ID" not in os.environ:  # Slurm's tools here, but not in a job
         assert "`srun` command is available" not in resumed.stderr, "Lightning's srun hint outside a job"
