@@ -1,5 +1,6 @@
 """`launch status RUN_DIR`: where a run stands, from Slurm (sacct, or squeue/scontrol when accounting
-is off) and from the run directory (checkpoint step, throughput, W&B id, job log restart lines)."""
+is off) and from the run directory (who trains in it now, checkpoint step, throughput, W&B id, job log
+restart lines)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from launch import slurm
 from launch.checkpoints import latest_checkpoint, payload, recent_throughput
 from launch.errors import LaunchError
 from launch.rundir import recorded_jobs, wandb_run_id
+from pipeline import run_lock
 
 _RESTART_LINE = re.compile(r"^launch: job (\d+) restart (\d+)", re.MULTILINE)
 
@@ -81,6 +83,19 @@ def _jobs(ids: list[str]) -> tuple[str, list[slurm.JobRow] | None]:
     return f"jobs (squeue/scontrol; sacct unavailable: {why}; finished jobs are not listed):", rows
 
 
+def _training_line(run_dir: Path) -> list[str]:
+    """Who trains in the run directory now, from the lock ``fit`` holds on RUN/.lock (pipeline/run_lock.py)."""
+    held, record = run_lock.holder(run_dir)
+    if held is None and not record:
+        return []
+    who = run_lock.describe(record) if record else "no record"
+    if held:
+        return [f"training     now: {who}"]
+    if held is False:
+        return [f"training     not now (last: {who})"]
+    return [f"training     unknown: the lock cannot be tested here (last: {who})"]
+
+
 def report(run_dir: Path) -> str:
     """The status text for one run directory."""
     if not run_dir.is_dir():
@@ -99,6 +114,7 @@ def report(run_dir: Path) -> str:
             per_job[r.job_id] = max(per_job.get(r.job_id, 0), r.restarts or 0)
         detail = ", ".join(f"job {j}: {n}" for j, n in sorted(per_job.items()) if n) or "none in job logs"
         lines.append(f"requeues     {sum(per_job.values())} ({detail})")
+    lines += _training_line(run_dir)
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
         lines.append("checkpoint   none yet")

@@ -133,11 +133,42 @@ class RunDirLock:
                           f"{self._busy(_read(self.path))}")
 
     def _busy(self, holder: dict) -> str:
-        who = ", ".join(f"{k} {holder[k]}" for k in ("job", "host", "pid", "since") if holder.get(k) is not None)
+        who = describe(holder) if holder else f"no details in {self.path}"
         return (f"trainer.default_root_dir: run directory {self.run_dir} is in use by another training job "
-                f"({who or 'no details in ' + str(self.path)}); two jobs in one run directory overwrite each "
+                f"({who}); two jobs in one run directory overwrite each "
                 f"other's checkpoints. Wait for it to end, stop it, or choose another run directory (if that job "
                 f"is gone and its node died, delete {self.path})")
+
+
+def describe(record: dict) -> str:
+    """A lock record in words: its job, then host, pid and time where the job's name lacks them."""
+    job = str(record.get("job", "unknown job"))
+    parts = [job]
+    if record.get("host") and f" on {record['host']}" not in job:
+        parts.append(f"host {record['host']}")
+    if record.get("pid") is not None and f"process {record['pid']} " not in job:
+        parts.append(f"pid {record['pid']}")
+    if record.get("since"):
+        parts.append(f"since {record['since']}")
+    return ", ".join(parts)
+
+
+def holder(run_dir: str | Path) -> tuple[bool | None, dict]:
+    """Whether a job holds the run directory's lock now (None: no lock file, or it cannot be tested), and
+    the record of the last job that took it. For ``launch status``; never from the holding process."""
+    path = Path(run_dir) / LOCK_NAME
+    record = _read(path)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None, record
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False, record
+    except OSError as e:
+        return (True if e.errno in (errno.EWOULDBLOCK, errno.EACCES) else None), record
+    finally:
+        os.close(fd)  # also drops the shared lock just taken
 
 
 def _read(path: Path) -> dict:

@@ -178,3 +178,30 @@ def test_job_resumes_from_last_ckpt_only(tmp_path: Path) -> None:
     (run / "checkpoints" / "last.ckpt").unlink()
     (run / "checkpoints" / "last.ckpt" / "checkpoint").mkdir(parents=True)  # DeepSpeed saves a directory
     assert _resume_line(script, run) == str(run / "checkpoints" / "last.ckpt")
+
+
+HOLD = """
+import sys, time
+from pipeline.run_lock import RunDirLock
+RunDirLock(sys.argv[1]).acquire()
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+def test_status_says_who_trains_in_the_run_directory_now(tmp_path: Path) -> None:
+    """From the lock `fit` holds on RUN/.lock: held by a live process, then free once it is gone."""
+    run = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "PIPELINE_RUN_LOCK"))}
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run)], stdout=subprocess.PIPE, text=True,
+                              env={**env, "PYTHONPATH": str(REPO)})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        now = launch("status", str(run), cwd=tmp_path)
+        assert now.returncode == 0, now.stderr
+        assert f"training     now: process {holder.pid} on " in now.stdout and ", since 20" in now.stdout
+    finally:
+        holder.kill()
+        holder.wait()
+    later = launch("status", str(run), cwd=tmp_path)
+    assert f"training     not now (last: process {holder.pid} on " in later.stdout, later.stdout
