@@ -92,6 +92,17 @@ class RunDirConfig(SaveConfigCallback):
         self.already_saved = True
 
 
+def _check_zero_resume(cfg, world: int) -> None:
+    """A DeepSpeed ZeRO checkpoint directory resumed with another world size: one line, before DeepSpeed starts."""
+    from pipeline.resume_geometry import check_zero_world_size
+
+    ckpt = cfg.get("ckpt_path")
+    if ckpt is None or "://" in str(ckpt) or str(ckpt) in ("best", "hpc", "registry"):
+        return
+    path = checkpoint_dir(cfg.trainer.default_root_dir) / "last.ckpt" if ckpt == "last" else Path(ckpt)
+    check_zero_world_size(path, world)
+
+
 class PipelineCLI(LightningCLI):
     def __init__(self, *args, **kwargs) -> None:
         self._run_lock: RunDirLock | None = None
@@ -152,11 +163,13 @@ class PipelineCLI(LightningCLI):
         return read_checkpoint(path)
 
     def _adapt_geometry(self, cfg, state: dict) -> None:
-        """Same global batch as the checkpoint, whatever the new world size (see resume_geometry)."""
+        """Same global batch as the checkpoint, whatever the new world size (see resume_geometry); a ZeRO
+        checkpoint directory only with the world size that wrote it (its optimizer state is sharded)."""
+        world = expected_world_size(cfg.trainer.get("num_nodes"), cfg.trainer.get("devices"))
+        _check_zero_resume(cfg, world)
         if "world_size" not in state:
             return
         saved = Geometry(int(state["world_size"]), int(state["batch_size"]), int(state.get("accumulate", 1)))
-        world = expected_world_size(cfg.trainer.get("num_nodes"), cfg.trainer.get("devices"))
         acc = cfg.trainer.get("accumulate_grad_batches") or 1
         for key, value in (("data.batch_size", cfg.data.batch_size), ("trainer.accumulate_grad_batches", acc)):
             if int(value) < 1:

@@ -1,11 +1,15 @@
 """DeepSpeed ZeRO-2 through the CLI on CPU (the registered deepspeed_stage_2_cpu variant): trains, saves a
 checkpoint directory (swapped in whole; a crash between its renames is repaired at the next start), resumes from it, and ``python -m pipeline export`` turns it into a plain fp32
-state_dict that torchvision's resnet18 loads. One DeepSpeed run set only: its first init compiles a C++
-extension (~45 s, cached in TORCH_EXTENSIONS_DIR)."""
+state_dict that torchvision's resnet18 loads. A ZeRO checkpoint of 2 ranks resumed with 1 or 4 is refused at
+start with one line (DeepSpeed cannot re-partition the sharded optimizer state); resumed with 2 it continues
+bit-exactly. The first DeepSpeed init compiles a C++ extension (~45 s, cached in TORCH_EXTENSIONS_DIR)."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
@@ -15,14 +19,44 @@ from tests.conftest import REPO, run_module
 CONF = str(REPO / "conf" / "demo.yaml")
 
 
-def _fit(shards, run_dir, steps: int):
-    return run_module(
+TORCHRUN = Path(sys.executable).parent / "torchrun"
+
+
+def _fit_args(shards, run_dir, steps: int, *extra: str) -> list[str]:
+    return [
         "pipeline", "fit", "--config", CONF, "--data.root", str(shards), "--trainer.default_root_dir",
         str(run_dir), "--model.arch", "resnet18", "--trainer.strategy", "deepspeed_stage_2_cpu",
         "--data.batch_size", "32", "--data.num_workers", "1", "--trainer.max_steps", str(steps),
         "--checkpoint.every_n_train_steps", "1", "--trainer.num_sanity_val_steps", "0",
-        "--tracking.wandb", "false", "--ckpt_path", "last",
-    )
+        "--tracking.wandb", "false", "--ckpt_path", "last", *extra,
+    ]
+
+
+def _fit(shards, run_dir, steps: int, *extra: str, check: bool = True):
+    return run_module(*_fit_args(shards, run_dir, steps, *extra), check=check)
+
+
+def _fit_two_ranks(shards, run_dir, steps: int, port: int) -> None:
+    cmd = [str(TORCHRUN), "--nnodes", "1", "--nproc-per-node", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+           f"127.0.0.1:{port}", "-m", *_fit_args(shards, run_dir, steps, "--trainer.devices", "2")]
+    proc = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
+
+
+def _zero_state(ckpt: Path) -> dict[str, torch.Tensor]:
+    """Weights, fp32 master partitions and momentum partitions of every rank's shard, by name."""
+    out = {}
+    for f in sorted((ckpt / "checkpoint").glob("*.pt")):
+        sd = torch.load(f, map_location="cpu", weights_only=False)
+        if "module" in sd:
+            out.update({f"{f.name}:{k}": v for k, v in sd["module"].items()})
+            continue
+        opt = sd["optimizer_state_dict"]
+        out.update({f"{f.name}:fp32.{i}": t for i, t in enumerate(opt["single_partition_of_fp32_groups"])})
+        out.update({f"{f.name}:momentum.{i}": s["momentum_buffer"]
+                    for i, s in opt["base_optimizer_state"]["state"].items()})
+    return out
 
 
 def test_zero2_cpu_trains_resumes_and_exports_for_torchvision(digits_shards, tmp_path):
@@ -56,6 +90,44 @@ def test_zero2_cpu_trains_resumes_and_exports_for_torchvision(digits_shards, tmp
     for k, v in trained.items():
         assert torch.equal(sd[k], v.float()), f"{k} differs from the trained weights"
     assert not torch.equal(sd["conv1.weight"], first["module"]["model.conv1.weight"]), "step 3 changed weights"
+
+
+def test_zero_resume_with_another_world_size_is_refused_at_start(digits_shards, tmp_path):
+    """DeepSpeed cannot re-partition ZeRO optimizer state for another world size (its load raises after the
+    engine is up, elastic_checkpoint or not). So a 2-rank ZeRO-2 checkpoint resumed with 1 rank (fewer) or 4
+    (more) fails before DeepSpeed starts, with one line naming the checkpoint, both world sizes and the way
+    out, and leaves the checkpoint as it was; the way out -- 2 ranks again -- continues from the saved
+    momentum, bit-identical to an uninterrupted 2-rank run."""
+    import deepspeed  # noqa: F401
+
+    run, ref, port = tmp_path / "run", tmp_path / "uninterrupted", 29600 + os.getpid() % 300
+    _fit_two_ranks(digits_shards, run, 2, port)
+    last = run / "checkpoints" / "last.ckpt"
+    saved = _zero_state(last)
+    files = {p: p.stat().st_mtime_ns for p in last.rglob("*")}
+    assert sum(".pt:momentum." in k for k in saved) == 4, "2 ranks x 2 param groups of momentum shards"
+
+    for devices in (1, 4):
+        proc = _fit(digits_shards, run, 3, "--trainer.devices", str(devices), check=False)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 2, out[-3000:]
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert errors == [
+            f"error: cannot resume the DeepSpeed ZeRO checkpoint {last} with another world size: it was saved by 2"
+            f" ranks, this run has {devices}, and DeepSpeed cannot re-partition its sharded optimizer state"
+            f" (momentum); resume with 2 ranks (trainer.num_nodes x trainer.devices), or take the weights alone"
+            f" (no optimizer state) with `python -m pipeline export {last} OUT.pt`"
+        ], out[-3000:]
+        assert "Traceback" not in out and "initializing deepspeed" not in out, "refused before DeepSpeed starts"
+        assert {p: p.stat().st_mtime_ns for p in last.rglob("*")} == files, "the checkpoint is untouched"
+
+    _fit_two_ranks(digits_shards, run, 3, port + 1)
+    _fit_two_ranks(digits_shards, ref, 3, port + 2)
+    resumed, uninterrupted = _zero_state(last), _zero_state(ref / "checkpoints" / "last.ckpt")
+    assert resumed.keys() == uninterrupted.keys() == saved.keys()
+    differ = [k for k in resumed if not torch.equal(resumed[k], uninterrupted[k])]
+    assert not differ, f"the resumed 2-rank run differs from the uninterrupted one: {differ[:5]}"
+    assert not any(torch.equal(resumed[k], saved[k]) for k in saved if ":momentum." in k), "step 3 ran"
 
 
 def test_export_errors_are_clear(tmp_path, capsys):
