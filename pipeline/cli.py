@@ -241,6 +241,18 @@ class PipelineCLI(LightningCLI):
             trainer.strategy.config.setdefault("train_micro_batch_size_per_gpu", int(cfg.data.batch_size))
         return trainer
 
+    def before_fit(self) -> None:
+        """``model.init_weights`` at a run's first start; a resume has the weights in its checkpoint."""
+        cfg = self.config["fit"]
+        path = self.model.hparams.get("init_weights")
+        if not path:
+            return
+        if cfg.get("ckpt_path") is not None:
+            _say(f"model.init_weights {path} not loaded: resuming (the checkpoint holds the weights)")
+            return
+        self.model.load_init_weights(path)
+        _say(f"initial weights from {path}")
+
     def _drop_default_checkpointing(self, trainer) -> None:
         """Lightning adds a ``ModelCheckpoint()`` of its own when the trainer is built without one (ours
         join after): a second full checkpoint every epoch in the logger's directory

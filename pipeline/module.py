@@ -39,6 +39,10 @@ class ImageClassifier(pl.LightningModule):
         milestones: epochs at which "step" multiplies the lr by ``gamma``.
         channels_last: NHWC memory format for model and inputs (the fast layout for cuDNN on GPUs).
         compile: wrap the forward in torch.compile.
+        init_weights: start a new run from these network weights: a ``pipeline export`` file, torchvision's
+            weights of the same network, or any checkpoint of this pipeline (file or ZeRO directory); the
+            optimizer, schedule, step and loader start fresh. ``fit`` loads them at its first start only
+            (a resume takes everything from its checkpoint).
     """
 
     def __init__(
@@ -58,6 +62,7 @@ class ImageClassifier(pl.LightningModule):
         gamma: float = 0.1,
         channels_last: bool = True,
         compile: bool = False,
+        init_weights: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -81,6 +86,28 @@ class ImageClassifier(pl.LightningModule):
             object.__setattr__(self, name, value)
         else:
             super().__setattr__(name, value)
+
+    def load_init_weights(self, path: str) -> None:
+        """``init_weights``: the network's tensors from ``path``; a file of another network or class count is
+        a one-line error naming the file and the first differences."""
+        from pipeline.export import state_dict_from_checkpoint
+
+        try:
+            weights = state_dict_from_checkpoint(path)
+        except ConfigError as e:
+            raise ConfigError(f"model.init_weights: {e}") from None
+        own = self.model.state_dict()
+        missing = [k for k in own if k not in weights]
+        unexpected = [k for k in weights if k not in own]
+        shapes = [f"{k} {tuple(weights[k].shape)} vs {tuple(own[k].shape)}" for k in own
+                  if k in weights and weights[k].shape != own[k].shape]
+        if missing or unexpected or shapes:
+            what = "; ".join(f"{name}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+                             for name, keys in (("missing", missing), ("unexpected", unexpected),
+                                                ("other shapes (file vs model)", shapes)) if keys)
+            raise ConfigError(f"model.init_weights: {path} does not fit model.arch {self.hparams.arch!r} with "
+                              f"{self.hparams.num_classes} classes ({what})")
+        self.model.load_state_dict(weights)  # copies into the existing tensors: their memory format stays
 
     # ---- data on the device -----------------------------------------------------------------------
     def setup(self, stage: str) -> None:

@@ -70,8 +70,8 @@ def check_zero_world_size(path: str | Path, world_size: int) -> None:
         raise ConfigError(
             f"cannot resume the DeepSpeed ZeRO checkpoint {path} with another world size: it was saved by"
             f" {ranks}, this run has {world_size}, and DeepSpeed cannot re-partition its sharded optimizer state"
-            f" (momentum); resume with {ranks} (trainer.num_nodes x trainer.devices), or take the weights alone"
-            f" (no optimizer state) with `python -m pipeline export {path} OUT.pt`"
+            f" (momentum); resume with {ranks} (trainer.num_nodes x trainer.devices), or start a new run (another"
+            f" trainer.default_root_dir) from its weights alone with --model.init_weights {path}"
         )
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from pipeline.export import main as export_main
+from pipeline.export import state_dict_from_checkpoint
 from tests.conftest import REPO, run_module
 
 CONF = str(REPO / "conf" / "demo.yaml")
@@ -115,11 +116,20 @@ def test_zero_resume_with_another_world_size_is_refused_at_start(digits_shards, 
         assert errors == [
             f"error: cannot resume the DeepSpeed ZeRO checkpoint {last} with another world size: it was saved by 2"
             f" ranks, this run has {devices}, and DeepSpeed cannot re-partition its sharded optimizer state"
-            f" (momentum); resume with 2 ranks (trainer.num_nodes x trainer.devices), or take the weights alone"
-            f" (no optimizer state) with `python -m pipeline export {last} OUT.pt`"
+            f" (momentum); resume with 2 ranks (trainer.num_nodes x trainer.devices), or start a new run (another"
+            f" trainer.default_root_dir) from its weights alone with --model.init_weights {last}"
         ], out[-3000:]
         assert "Traceback" not in out and "initializing deepspeed" not in out, "refused before DeepSpeed starts"
         assert {p: p.stat().st_mtime_ns for p in last.rglob("*")} == files, "the checkpoint is untouched"
+
+    # the way out the message offers: a new 1-rank run from the ZeRO directory's weights
+    fresh = _fit(digits_shards, tmp_path / "one-rank", 1, "--model.init_weights", str(last), "--model.lr", "0")
+    assert f"initial weights from {last}" in fresh.stderr
+    one = _zero_state(tmp_path / "one-rank" / "checkpoints" / "last.ckpt")
+    consolidated = state_dict_from_checkpoint(last)
+    names = {k: k.split(":", 1)[1].removeprefix("model.") for k in one}
+    convs = [k for k, name in names.items() if name in ("conv1.weight", "fc.weight", "layer4.1.conv2.weight")]
+    assert len(convs) == 3 and all(torch.equal(one[k].float(), consolidated[names[k]]) for k in convs), convs
 
     _fit_two_ranks(digits_shards, run, 3, port + 1)
     _fit_two_ranks(digits_shards, ref, 3, port + 2)

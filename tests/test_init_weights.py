@@ -1,0 +1,65 @@
+"""``model.init_weights``: a new run starts from exported (or torchvision's) network weights; the optimizer,
+step and loader start fresh; a resume ignores it; a file of another network is a one-line error."""
+from __future__ import annotations
+
+import torch
+import torchvision
+
+from pipeline.module import ImageClassifier
+from tests.conftest import REPO, run_module
+
+CONF = str(REPO / "conf" / "demo.yaml")
+
+
+def _fit(shards, run, steps: int, *extra: str, check: bool = True):
+    return run_module("pipeline", "fit", "--config", CONF, "--data.root", str(shards),
+                      "--trainer.default_root_dir", str(run), "--trainer.max_steps", str(steps),
+                      "--tracking.wandb", "false", "--data.num_workers", "0", *extra, check=check)
+
+
+def _params(ckpt_path) -> dict[str, torch.Tensor]:
+    sd = torch.load(ckpt_path, map_location="cpu", weights_only=True)["state_dict"]
+    return {k[len("model."):]: v for k, v in sd.items()
+            if k.startswith("model.") and not k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+
+
+def test_a_new_run_starts_from_exported_weights_and_a_resume_ignores_them(digits_shards, tmp_path):
+    _fit(digits_shards, tmp_path / "source", 4)
+    weights = tmp_path / "source.pt"
+    run_module("pipeline", "export", str(tmp_path / "source" / "checkpoints" / "last.ckpt"), str(weights))
+    exported = torch.load(weights, weights_only=True)
+
+    run = tmp_path / "run"
+    first = _fit(digits_shards, run, 1, "--model.init_weights", str(weights), "--model.lr", "0")
+    assert f"initial weights from {weights}" in first.stderr
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 1, "a fresh run, not the source's step"
+    params = _params(run / "checkpoints" / "last.ckpt")
+    assert params and all(torch.equal(v, exported[k]) for k, v in params.items()), "lr 0: still the exported weights"
+
+    weights.unlink()  # a resume takes the weights from its checkpoint and never reads the file
+    resumed = _fit(digits_shards, run, 2, "--model.init_weights", str(weights), "--model.lr", "0")
+    assert "resuming from" in resumed.stderr and "not loaded: resuming" in resumed.stderr
+
+
+def test_weights_of_another_network_are_a_one_line_error(digits_shards, tmp_path):
+    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), tmp_path / "r18.pt")
+    proc = _fit(digits_shards, tmp_path / "run", 1, "--model.init_weights", str(tmp_path / "r18.pt"), check=False)
+    assert proc.returncode == 2
+    assert f"error: model.init_weights: {tmp_path / 'r18.pt'} does not fit model.arch 'cifar_resnet20'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    missing = _fit(digits_shards, tmp_path / "run2", 1, "--model.init_weights", str(tmp_path / "no.pt"), check=False)
+    assert missing.returncode == 2 and f"model.init_weights: checkpoint {tmp_path / 'no.pt'} does not exist" in missing.stderr
+
+
+def test_torchvision_weights_load_into_the_same_network(tmp_path):
+    reference = torchvision.models.resnet18(num_classes=10)
+    torch.save(reference.state_dict(), tmp_path / "tv.pt")
+    module = ImageClassifier(arch="resnet18", num_classes=10, init_weights=str(tmp_path / "tv.pt"))
+    module.load_init_weights(str(tmp_path / "tv.pt"))
+    mine = module.model.state_dict()
+    assert all(torch.equal(mine[k], v) for k, v in reference.state_dict().items())
+    assert module.model.conv1.weight.is_contiguous(memory_format=torch.channels_last), "layout kept"
+    reference.eval(), module.model.eval()
+    x = torch.rand(2, 3, 64, 64)
+    torch.testing.assert_close(module.model(x.contiguous(memory_format=torch.channels_last)), reference(x))
