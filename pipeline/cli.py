@@ -23,7 +23,7 @@ from pathlib import Path
 
 from lightning_fabric.plugins import CheckpointIO
 from lightning_fabric.plugins.environments import ClusterEnvironment, SLURMEnvironment, TorchElasticEnvironment
-from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, ModelSummary, ProgressBar, RichModelSummary
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 from pytorch_lightning.strategies import DeepSpeedStrategy
 
@@ -33,6 +33,7 @@ from pipeline.checkpoint_io import AtomicCheckpointIO, recover_directories
 from pipeline.datamodule import ShardDataModule
 from pipeline.errors import CheckpointWriteError, ConfigError
 from pipeline.last_checkpoint import LastCheckpoint
+from pipeline.model_summary import FlopsModelSummary, FlopsRichModelSummary
 from pipeline.module import ImageClassifier
 from pipeline.parity import WeightParity
 from pipeline.preemption import Preemption
@@ -236,6 +237,7 @@ class PipelineCLI(LightningCLI):
         self._drop_default_checkpointing(trainer)
         trainer.callbacks.extend(callbacks + list(extra))
         self._use_console_progress(trainer)
+        self._use_flops_summary(trainer)
         if isinstance(trainer.strategy, DeepSpeedStrategy) and isinstance(trainer.strategy.config, dict):
             # Lightning reads it from loader.batch_sampler, which our batch-yielding loaders do not have
             trainer.strategy.config.setdefault("train_micro_batch_size_per_gpu", int(cfg.data.batch_size))
@@ -263,6 +265,17 @@ class PipelineCLI(LightningCLI):
         own = own if isinstance(own, list) else [own]
         trainer.callbacks = [c for c in trainer.callbacks
                              if not isinstance(c, ModelCheckpoint) or any(c is o for o in own)]
+
+    def _use_flops_summary(self, trainer) -> None:
+        """Lightning's default model summary in place of ours (pipeline/model_summary.py: with the network's
+        FLOPs, which Lightning's shows as 0). A summary the user configures stays."""
+        init = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        own = init.trainer.get("callbacks") or []
+        own = own if isinstance(own, list) else [own]
+        for i, c in enumerate(trainer.callbacks):
+            if isinstance(c, ModelSummary) and not any(c is o for o in own):
+                cls = FlopsRichModelSummary if isinstance(c, RichModelSummary) else FlopsModelSummary
+                trainer.callbacks[i] = cls(max_depth=c._max_depth)
 
     def _use_console_progress(self, trainer) -> None:
         """Lightning's default bar in place of ours (pipeline/progress.py: tqdm on a terminal, plain lines in
