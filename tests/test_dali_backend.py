@@ -6,6 +6,8 @@ is checked here (order, labels, padding, crop windows, flips, corrupt samples, e
 
 from __future__ import annotations
 
+import itertools
+
 import hashlib
 import io
 import json
@@ -116,11 +118,12 @@ def test_yields_the_contract_order_epoch_after_epoch(digits_shards, py_workers):
     loader = dali(shards, sampler, cfg, train=True, py_workers=py_workers)
     assert loader.sampler is sampler and len(loader) == len(sampler) == 1434 // 100
     epochs = (0, 1, 2) if py_workers == 0 else (0, 1)
-    seen = []
+    seen, pipes = [], []
     for epoch in epochs:
         loader.set_epoch(epoch)
         expected = [rows[0] for rows in sampler]
-        got = list(loader)
+        got = list(itertools.islice(iter(loader), len(loader)))  # as Lightning: never asks past the end
+        pipes.append((loader._pipe, [w.pid for w in loader._watchdog.workers]))
         assert len(got) == len(expected)
         for (images, lab, valid), ids in zip(got, expected):
             assert images.shape == (50, 3, 32, 32) and images.dtype == torch.uint8
@@ -129,6 +132,9 @@ def test_yields_the_contract_order_epoch_after_epoch(digits_shards, py_workers):
             assert lab.tolist() == labels[ids].tolist()
         seen.append(np.concatenate(expected))
     assert not np.array_equal(seen[0], seen[1]), "each epoch has its own permutation"
+    # the pipeline (and its source workers) is reset for the next epoch, not rebuilt and respawned
+    assert all(p is pipes[0][0] and pids == pipes[0][1] for p, pids in pipes), pipes
+    assert loader._pipe_epoch == len(epochs) - 1
 
 
 def test_an_abandoned_epoch_does_not_leak_into_the_next(digits_shards):

@@ -175,3 +175,20 @@ def test_a_failure_with_live_loader_workers_exits(digits_shards, tmp_path):
     )
     assert proc.returncode != 0
     assert "FailAtValidationEnd: a failure in the training process" in proc.stderr
+
+
+@pytest.mark.parametrize("queue", ["put", "get"], ids=["result-queue-lock", "task-queue-lock"])
+def test_a_worker_dying_with_a_dali_queue_lock_ends_the_run_with_its_name(digits_shards, tmp_path, queue):
+    """A source worker SIGKILLed while it holds a lock of DALI's shared queues (tests/dali_worker_death):
+    the run must end, exit status 1, naming the worker. With the result queue's lock, the error between
+    batches was printed and then the process hung at exit (DALI's close waited for the lock) until killed."""
+    env = {**os.environ, "PYTHONPATH": f"{REPO / 'tests' / 'dali_worker_death'}:{REPO}",
+           "DIE_IN_QUEUE": queue, "DIE_FLAG": str(tmp_path / "died")}
+    cmd = [sys.executable, "-m", "pipeline", "fit", "--config", "conf/demo.yaml", "--data.root", str(digits_shards),
+           "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.max_epochs", "2",
+           "--data.backend", "dali-cpu", "--data.num_workers", "1", "--data.dali_source_workers", "2",
+           "--tracking.wandb", "false"]
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert (tmp_path / "died").exists(), "no worker died: the test did not test anything"
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "a DALI source worker process (pid" in proc.stderr and "ended (signal 9)" in proc.stderr

@@ -46,7 +46,7 @@ from pipeline.data.cpu_backend import CorruptSampleError, ShardBatches, augment_
 from pipeline.data.dali_source import BatchSource
 from pipeline.data.shards import ShardSet
 from pipeline.data.worker_signals import spawned_without_preemption_signals
-from pipeline.data.worker_watchdog import WorkerWatchdog
+from pipeline.data.worker_watchdog import WorkerWatchdog, describe_death
 
 log = logging.getLogger(__name__)
 
@@ -220,15 +220,19 @@ class DaliLoader:
         return int(getattr(self.sampler, "batch_size", 0) or self.sampler.batches.shape[1])
 
     def _close(self) -> None:
+        dead = self._watchdog.dead()
+        if dead is not None:  # between epochs: fresh workers for the next one
+            log.warning("%s Starting fresh source workers.", describe_death(dead, self._watchdog.what))
+            with self._watchdog.waiting():  # DALI's close waits forever on a queue lock the dead worker held
+                self._pipe = None
         self._watchdog.stop()
         self._pipe, self._clean, self._pipe_epoch = None, False, -1  # DALI stops its workers on deletion
 
     def _start(self, plan: np.ndarray) -> None:
         """Give ``plan`` to the pipeline: reset the live one for its next epoch, or build a fresh one."""
-        if self._pipe is not None and self._clean:
+        if self._pipe is not None and self._clean and self._watchdog.dead() is None:
             self._pipe_epoch += 1
             np.save(os.path.join(self._plan_dir, f"plan-{self._pipe_epoch}.npy"), plan)
-            self._watchdog.check()
             with self._watchdog.waiting():
                 self._pipe.reset()  # schedules the new epoch's first batches, which read the plan just written
         else:
@@ -263,7 +267,16 @@ class DaliLoader:
                 yield self._cpu_batch(plan[step], e)
                 yield from self._epoch(plan[step + 1 :])
                 return
-            yield self._to_torch(outs, plan[step])
+            batch = self._to_torch(outs, plan[step])  # copied out of DALI's buffers, or owning its memory
+            if step == len(plan) - 1:
+                self._end_epoch()  # now: the consumer stops after len(plan) batches (Lightning does)
+            yield batch
+        if len(plan) == 0:
+            self._end_epoch()
+
+    def _end_epoch(self) -> None:
+        """Run the pipeline into the plan's end, so that the next epoch resets it instead of rebuilding it
+        (and respawning its source workers)."""
         try:
             with self._watchdog.waiting():
                 self._pipe.run()
@@ -347,7 +360,8 @@ def _one_torch_thread():
 
 
 def _release(plan_dir: str, watchdog: WorkerWatchdog) -> None:
-    watchdog.stop()
+    if watchdog.dead() is None:  # else it stays to end a process that DALI's close would hang
+        watchdog.stop()
     shutil.rmtree(plan_dir, ignore_errors=True)
 
 

@@ -12,11 +12,14 @@ How: the worker blocks both signals and a thread takes them with ``sigwaitinfo``
 each one. Forked workers (DataLoader) call ``shield_worker`` first thing (``worker_init_fn``). Spawned
 workers (DALI's parallel source: a fresh interpreter) are started inside
 ``spawned_without_preemption_signals``, so they inherit the blocked signals from birth, and call
-``shield_worker`` when they unpickle the source.
+``shield_worker`` when they unpickle the source. A shielded worker also dies with its parent (the kernel
+sends it SIGKILL when the parent is gone), so none outlives a trainer killed outright.
 """
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import multiprocessing
 import multiprocessing.resource_tracker
 import os
 import signal
@@ -35,9 +38,25 @@ def shield_worker(worker_id: int = 0) -> None:
     if _shielded_pid == os.getpid():
         return
     _shielded_pid = os.getpid()
-    parent = os.getppid()
+    known = multiprocessing.parent_process()
+    parent = known.pid if known is not None else os.getppid()
+    _die_with(parent)
     signal.pthread_sigmask(signal.SIG_BLOCK, PREEMPTION_SIGNALS)  # threads started later inherit it
     threading.Thread(target=_take_signals, args=(parent,), name="preemption-signals", daemon=True).start()
+
+
+def _die_with(parent: int) -> None:
+    """SIGKILL from the kernel when the parent ends (Linux ``PR_SET_PDEATHSIG``): a parent killed outright, or
+    one that ends itself with ``os._exit`` (the loader's watchdog), would leave its workers running forever,
+    holding memory and the parent's stdout/stderr, outside Slurm's cgroup clean-up."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, int(signal.SIGKILL), 0, 0, 0) != 0:  # 1: PR_SET_PDEATHSIG
+            return
+    except (OSError, AttributeError):  # not Linux
+        return
+    if os.getppid() != parent:  # the parent ended before the call above
+        os._exit(1)
 
 
 def _take_signals(parent: int) -> None:
