@@ -47,18 +47,21 @@ def is_global_rank_zero() -> bool:
 
 
 def job_key() -> str:
-    """The same string on every rank of one job, different for another job."""
+    """The same string on every rank of one job, different for any other job running at the same time: every
+    launcher layer present (Slurm job, step and restart count; torchrun's run id and restart count; the
+    rendezvous address, which no two live jobs share)."""
     env = os.environ
     if env.get(KEY_ENV):
         return env[KEY_ENV]
+    parts = []
     if env.get("SLURM_JOB_ID"):
-        return (f"slurm job {env['SLURM_JOB_ID']} step {env.get('SLURM_STEP_ID', '-')} "
-                f"restart {env.get('SLURM_RESTART_COUNT', '0')}")
+        parts.append(f"slurm job {env['SLURM_JOB_ID']} step {env.get('SLURM_STEP_ID') or '-'} "
+                     f"restart {env.get('SLURM_RESTART_COUNT') or '0'}")
     if env.get("TORCHELASTIC_RUN_ID"):
-        return f"torchrun {env['TORCHELASTIC_RUN_ID']} at {env.get('MASTER_ADDR')}:{env.get('MASTER_PORT')}"
-    if env.get("MASTER_ADDR") and env.get("MASTER_PORT") and "RANK" in env:
-        return f"rendezvous {env['MASTER_ADDR']}:{env['MASTER_PORT']}"
-    return f"process {os.getpid()} on {socket.gethostname()}"
+        parts.append(f"torchrun {env['TORCHELASTIC_RUN_ID']} restart {env.get('TORCHELASTIC_RESTART_COUNT') or '0'}")
+    if env.get("MASTER_ADDR") and env.get("MASTER_PORT"):
+        parts.append(f"rendezvous {env['MASTER_ADDR']}:{env['MASTER_PORT']}")
+    return ", ".join(parts) or f"process {os.getpid()} on {socket.gethostname()}"
 
 
 class RunDirLock:
@@ -66,10 +69,11 @@ class RunDirLock:
 
     Args:
         run_dir: the run directory (``trainer.default_root_dir``).
-        wait_s: how long a rank other than 0 waits for its rank 0 to hold the lock.
+        wait_s: how long a rank other than 0 waits for its rank 0 to hold the lock (as long as torch's default
+            process-group timeout, which such a rank would wait for its rank 0 anyway).
     """
 
-    def __init__(self, run_dir: str | Path, wait_s: float = 600.0) -> None:
+    def __init__(self, run_dir: str | Path, wait_s: float = 1800.0) -> None:
         self.run_dir, self.wait_s = Path(run_dir), float(wait_s)
         self.path = self.run_dir / LOCK_NAME
         self._fd: int | None = None
@@ -82,11 +86,11 @@ class RunDirLock:
             return
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
         except OSError as e:
-            raise ConfigError(f"trainer.default_root_dir: cannot create {self.path}: {e.strerror}") from None
+            raise ConfigError(f"trainer.default_root_dir: cannot open {self.path} for writing: {e.strerror}") from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _flock_exclusive(fd)
         except OSError as e:
             if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
                 holder = _read(self.path)
@@ -102,6 +106,7 @@ class RunDirLock:
                 os.close(fd)
                 raise
         self._fd = fd
+        _LOCK_FDS.add(fd)
         if KEY_ENV not in os.environ:
             os.environ[KEY_ENV] = key  # the ranks Lightning starts on this node inherit it
             self._set_env = True
@@ -116,6 +121,7 @@ class RunDirLock:
 
     def release(self) -> None:
         if self._fd is not None:
+            _LOCK_FDS.discard(self._fd)
             os.close(self._fd)  # the kernel drops the flock; the file stays
             self._fd = None
         if self._set_env:
@@ -140,6 +146,37 @@ class RunDirLock:
                 f"is gone and its node died, delete {self.path})")
 
 
+_LOCK_FDS: set[int] = set()  # descriptors of the locks this process holds
+
+
+def _close_in_forked_child() -> None:
+    """A forked child (a DataLoader worker) shares the parent's lock; closing its copy keeps the lock
+    from outliving a parent killed outright (the parent's own descriptor still holds it)."""
+    for fd in list(_LOCK_FDS):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _LOCK_FDS.clear()
+
+
+os.register_at_fork(after_in_child=_close_in_forked_child)
+
+
+def _flock_exclusive(fd: int, patience_s: float = 2.0) -> None:
+    """``flock(LOCK_EX | LOCK_NB)``, retried for ``patience_s`` while it is held: ``launch status`` takes a
+    shared lock for an instant, and a just-killed holder's forked children can still hold it briefly."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EACCES) or time.monotonic() > deadline:
+                raise
+        time.sleep(0.1)
+
+
 def describe(record: dict) -> str:
     """A lock record in words: its job, then host, pid and time where the job's name lacks them."""
     job = str(record.get("job", "unknown job"))
@@ -159,9 +196,11 @@ def holder(run_dir: str | Path) -> tuple[bool | None, dict]:
     path = Path(run_dir) / LOCK_NAME
     record = _read(path)
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
         return None, record
+    except OSError as e:
+        return None, record or {"job": f"unknown (cannot read {path}: {e.strerror})"}
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         return False, record

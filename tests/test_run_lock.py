@@ -163,3 +163,51 @@ def test_lightnings_own_child_ranks_are_not_rank_zero(clean_env):
     clean_env.setenv("SLURM_PROCID", "0")  # a batch script's step, inherited by the ranks Lightning starts
     clean_env.setenv("LOCAL_RANK", "1")
     assert not is_global_rank_zero()
+
+
+def test_job_keys_differ_between_live_jobs_and_agree_within_one(clean_env):
+    """Two torchrun launches in one Slurm allocation (no srun step between) are different jobs; the nodes of
+    one Lightning multi-node launch (NODE_RANK, no RANK) are one job."""
+    keys = []
+    for port in ("29511", "29512"):
+        clean_env.setenv("SLURM_JOB_ID", "5")
+        clean_env.setenv("TORCHELASTIC_RUN_ID", "none")
+        clean_env.setenv("MASTER_ADDR", "127.0.0.1")
+        clean_env.setenv("MASTER_PORT", port)
+        keys.append(job_key())
+    assert keys[0] != keys[1], keys
+    for k in ("SLURM_JOB_ID", "TORCHELASTIC_RUN_ID"):
+        clean_env.delenv(k)
+    node_keys = []
+    for node in ("0", "1"):
+        clean_env.setenv("NODE_RANK", node)
+        node_keys.append(job_key())
+    assert node_keys[0] == node_keys[1] == "rendezvous 127.0.0.1:29512"
+
+
+FORKING_HOLDER = """
+import os, sys, time
+from pipeline.run_lock import RunDirLock
+RunDirLock(sys.argv[1]).acquire()
+child = os.fork()  # as a DataLoader worker is made
+if child == 0:
+    time.sleep(60)
+    os._exit(0)
+print(child, flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_killed_holder_s_forked_workers_do_not_keep_its_lock(tmp_path, clean_env):
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", FORKING_HOLDER, str(run)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    child = int(holder.stdout.readline())
+    try:
+        holder.kill()  # the rank dies (OOM killer); its worker lives on
+        holder.wait()
+        lock = RunDirLock(run)
+        lock.acquire()  # before: refused while the worker lived, naming the dead process
+        lock.release()
+    finally:
+        os.kill(child, signal.SIGKILL)
