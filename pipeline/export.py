@@ -67,14 +67,27 @@ def state_dict_from_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         raise ConfigError(f"checkpoint {p} does not exist")
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=False, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e):
+            raise ConfigError(f"cannot read checkpoint {p}: {e}") from None
+        ckpt = _load_legacy(p)  # written by torch.save(_use_new_zipfile_serialization=False)
     except Exception as e:
         raise ConfigError(f"cannot read checkpoint {p}: {e}") from None
     sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+    if isinstance(sd, dict) and isinstance(sd.get("model"), dict):  # torchvision's references: {"model": ...}
+        sd = sd["model"]
     if not isinstance(sd, dict):
         raise ConfigError(f"{p} holds no state_dict")
-    if not any(k.startswith(PREFIX) for k in sd):  # already a plain network state_dict
-        sd = {PREFIX + k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    if not any(k.startswith(PREFIX) for k in sd):  # already a plain network state_dict (maybe DDP's "module.")
+        sd = {PREFIX + k.removeprefix("module."): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
     return _network_only(sd)
+
+
+def _load_legacy(p: Path):
+    try:
+        return torch.load(p, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise ConfigError(f"cannot read checkpoint {p}: {e}") from None
 
 
 def export(ckpt: str | Path, out: str | Path) -> dict[str, torch.Tensor]:

@@ -15,17 +15,22 @@ import logging
 import torch
 from pytorch_lightning.callbacks import ModelSummary, RichModelSummary
 from pytorch_lightning.utilities.model_summary import ModelSummary as Summary
+from torch.utils.flop_counter import FlopCounterMode
 
 log = logging.getLogger(__name__)
 
 
 def count_flops(summary: Summary, pl_module, size: int) -> None:
-    """Fill ``summary``'s FLOP counter with one ``size`` x ``size`` image through a meta twin of ``pl_module``."""
+    """Give ``summary`` the FLOP counts of one ``size`` x ``size`` image through a meta twin of ``pl_module``
+    (in eval mode: BatchNorm in training mode refuses a batch of one at a 1x1 feature map). On an error
+    the summary keeps its empty counter: no partial count."""
     hparams = {**pl_module.hparams, "compile": False, "init_weights": None}
+    counter = FlopCounterMode(display=False, depth=summary._flop_counter.depth)
     with torch.device("meta"):
-        twin = type(pl_module)(**{k: v for k, v in hparams.items() if k in _init_args(pl_module)})
-        with summary._flop_counter, torch.no_grad():
+        twin = type(pl_module)(**{k: v for k, v in hparams.items() if k in _init_args(pl_module)}).eval()
+        with counter, torch.no_grad():
             twin(torch.empty(1, 3, size, size))
+    summary._flop_counter = counter
 
 
 def _init_args(pl_module) -> set[str]:

@@ -121,9 +121,11 @@ def make_eval_loggers(cfg: TrackingConfig, run_dir: str | Path, stage: str, ckpt
         id_file = run_dir / RUN_ID_FILE
         group = id_file.read_text().strip() if id_file.is_file() else None
         root.mkdir(parents=True, exist_ok=True)
+        # an id of its own, also where WANDB_RUN_ID names the training's run (the Slurm script exports it)
         loggers.append(
             WandbLogger(project=cfg.project, name=f"{cfg.name or run_dir.name} {what}", group=group,
-                        job_type=stage, save_dir=str(root), offline=wandb_offline())
+                        job_type=stage, save_dir=str(root), offline=wandb_offline(), id=secrets.token_hex(4),
+                        resume="never")
         )
     if cfg.csv:
         loggers.append(CSVLogger(str(root), name="csv"))

@@ -63,3 +63,20 @@ def test_torchvision_weights_load_into_the_same_network(tmp_path):
     reference.eval(), module.model.eval()
     x = torch.rand(2, 3, 64, 64)
     torch.testing.assert_close(module.model(x.contiguous(memory_format=torch.channels_last)), reference(x))
+
+
+def test_common_weight_file_layouts_load(tmp_path):
+    """A legacy (non-zip) torch.save, a DDP-wrapped state_dict ("module." keys) and torchvision's reference
+    scripts' checkpoints ({"model": ..., "optimizer": ...}) are the same weights."""
+    reference = torchvision.models.resnet18(num_classes=10).state_dict()
+    files = {
+        "legacy.pt": (reference, {"_use_new_zipfile_serialization": False}),
+        "ddp.pt": ({f"module.{k}": v for k, v in reference.items()}, {}),
+        "references.pth": ({"model": reference, "optimizer": {}, "epoch": 3}, {}),
+    }
+    for name, (obj, kwargs) in files.items():
+        torch.save(obj, tmp_path / name, **kwargs)
+        module = ImageClassifier(arch="resnet18", num_classes=10)
+        module.load_init_weights(str(tmp_path / name))
+        mine = module.model.state_dict()
+        assert all(torch.equal(mine[k], v) for k, v in reference.items()), name

@@ -82,8 +82,9 @@ def test_validate_in_a_run_directory_logs_apart_from_its_training(digits_shards,
     out = run_module(
         "pipeline", "validate", "--config", CONF, "--data.root", str(digits_shards),
         "--trainer.default_root_dir", str(run), "--ckpt_path", str(run / "checkpoints" / "last.ckpt"),
-        "--tracking.tensorboard", "true", env={"WANDB_MODE": "offline", "WANDB_API_KEY": FAKE_KEY},
-    )
+        "--tracking.tensorboard", "true",
+        env={"WANDB_MODE": "offline", "WANDB_API_KEY": FAKE_KEY, "WANDB_RUN_ID": run_id, "WANDB_RESUME": "allow"},
+    )  # WANDB_RUN_ID: exported by the Slurm script for the training's run
     assert (run / "csv" / "metrics.csv").read_bytes() == training_csv
     assert (run / "wandb_run_id").read_text().strip() == run_id
     assert len(list((run / "wandb").glob("offline-run-*"))) == 1, "only the training's W&B run"
