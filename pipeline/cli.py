@@ -38,7 +38,8 @@ from pipeline.module import ImageClassifier
 from pipeline.parity import WeightParity
 from pipeline.preemption import Preemption
 from pipeline.progress import console_progress
-from pipeline.resume_geometry import Geometry, LoopPosition, adapt, expected_world_size, read_checkpoint
+from pipeline.resume_geometry import (Geometry, LoopPosition, adapt, check_zero_world_size, expected_world_size,
+                                      read_checkpoint)
 from pipeline.rng_state import RNGState
 from pipeline.run_lock import RunDirLock, is_global_rank_zero
 from pipeline.sample_grid import SampleGrid
@@ -93,17 +94,6 @@ class RunDirConfig(SaveConfigCallback):
         self.already_saved = True
 
 
-def _check_zero_resume(cfg, world: int) -> None:
-    """A DeepSpeed ZeRO checkpoint directory resumed with another world size: one line, before DeepSpeed starts."""
-    from pipeline.resume_geometry import check_zero_world_size
-
-    ckpt = cfg.get("ckpt_path")
-    if ckpt is None or "://" in str(ckpt) or str(ckpt) in ("best", "hpc", "registry"):
-        return
-    path = checkpoint_dir(cfg.trainer.default_root_dir) / "last.ckpt" if ckpt == "last" else Path(ckpt)
-    check_zero_world_size(path, world)
-
-
 class PipelineCLI(LightningCLI):
     def __init__(self, *args, **kwargs) -> None:
         self._run_lock: RunDirLock | None = None
@@ -151,7 +141,7 @@ class PipelineCLI(LightningCLI):
         meta = self._check_checkpoint(path)
         _say(f"resuming from {path}")
         self._saved_run_id = meta.get("wandb_run_id")
-        self._adapt_geometry(cfg, meta.get(ShardDataModule.__qualname__) or {})
+        self._adapt_geometry(cfg, path, meta.get(ShardDataModule.__qualname__) or {})
 
     @staticmethod
     def _check_checkpoint(path: str | Path | None) -> dict:
@@ -163,11 +153,11 @@ class PipelineCLI(LightningCLI):
             raise ConfigError(f"ckpt_path: checkpoint {path} does not exist")
         return read_checkpoint(path)
 
-    def _adapt_geometry(self, cfg, state: dict) -> None:
+    def _adapt_geometry(self, cfg, path: Path, state: dict) -> None:
         """Same global batch as the checkpoint, whatever the new world size (see resume_geometry); a ZeRO
         checkpoint directory only with the world size that wrote it (its optimizer state is sharded)."""
         world = expected_world_size(cfg.trainer.get("num_nodes"), cfg.trainer.get("devices"))
-        _check_zero_resume(cfg, world)
+        check_zero_world_size(path, world)  # before DeepSpeed starts
         if "world_size" not in state:
             return
         saved = Geometry(int(state["world_size"]), int(state["batch_size"]), int(state.get("accumulate", 1)))
@@ -255,23 +245,25 @@ class PipelineCLI(LightningCLI):
         self.model.load_init_weights(path)
         _say(f"initial weights from {path}")
 
+    def _user_callbacks(self) -> list:
+        """The callbacks the user configured (``trainer.callbacks``), which the defaults below never replace."""
+        init = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        own = init.trainer.get("callbacks") or []
+        return own if isinstance(own, list) else [own]
+
     def _drop_default_checkpointing(self, trainer) -> None:
         """Lightning adds a ``ModelCheckpoint()`` of its own when the trainer is built without one (ours
         join after): a second full checkpoint every epoch in the logger's directory
         (``RUN/<project>/<id>/checkpoints/``, ``RUN/csv/checkpoints/``), outside ``RUN/checkpoints``.
         A ``ModelCheckpoint`` the user configures stays."""
-        init = self.config_init[self.subcommand] if self.subcommand else self.config_init
-        own = init.trainer.get("callbacks") or []
-        own = own if isinstance(own, list) else [own]
+        own = self._user_callbacks()
         trainer.callbacks = [c for c in trainer.callbacks
                              if not isinstance(c, ModelCheckpoint) or any(c is o for o in own)]
 
     def _use_flops_summary(self, trainer) -> None:
         """Lightning's default model summary in place of ours (pipeline/model_summary.py: with the network's
         FLOPs, which Lightning's shows as 0). A summary the user configures stays."""
-        init = self.config_init[self.subcommand] if self.subcommand else self.config_init
-        own = init.trainer.get("callbacks") or []
-        own = own if isinstance(own, list) else [own]
+        own = self._user_callbacks()
         for i, c in enumerate(trainer.callbacks):
             if isinstance(c, ModelSummary) and not any(c is o for o in own):
                 cls = FlopsRichModelSummary if isinstance(c, RichModelSummary) else FlopsModelSummary
@@ -280,9 +272,7 @@ class PipelineCLI(LightningCLI):
     def _use_console_progress(self, trainer) -> None:
         """Lightning's default bar in place of ours (pipeline/progress.py: tqdm on a terminal, plain lines in
         a log file), refreshed every ``trainer.log_every_n_steps`` steps. A bar the user configures stays."""
-        init = self.config_init[self.subcommand] if self.subcommand else self.config_init
-        own = init.trainer.get("callbacks") or []
-        if any(isinstance(c, ProgressBar) for c in (own if isinstance(own, list) else [own])):
+        if any(isinstance(c, ProgressBar) for c in self._user_callbacks()):
             return
         for i, c in enumerate(trainer.callbacks):
             if isinstance(c, ProgressBar):

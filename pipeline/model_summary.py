@@ -3,13 +3,14 @@
 Lightning counts FLOPs only by running an ``example_input_array`` through the model (a compiled model
 would then be compiled for a batch of one); without one its summary prints 0. Here the same module class
 is built on the meta device (shapes only: no memory, no compute) and one image of the training size goes
-through it under the summary's own ``FlopCounterMode``: the FLOPs of one image's forward pass, per layer
+through it under a ``FlopCounterMode`` that then becomes the summary's: the FLOPs of one image's forward pass, per layer
 and in total, as torch counts them (2 per multiply-add: ResNet-50 8.2 G, i.e. the 4.1 G multiply-adds of
 docs/models.md).
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 
 import torch
@@ -27,6 +28,7 @@ def count_flops(summary: Summary, pl_module, size: int) -> None:
     hparams = {**pl_module.hparams, "compile": False, "init_weights": None}
     counter = FlopCounterMode(display=False, depth=summary._flop_counter.depth)
     with torch.device("meta"):
+        # hparams also hold what LightningCLI adds (``_instantiator``): the init arguments only
         twin = type(pl_module)(**{k: v for k, v in hparams.items() if k in _init_args(pl_module)}).eval()
         with counter, torch.no_grad():
             twin(torch.empty(1, 3, size, size))
@@ -34,8 +36,6 @@ def count_flops(summary: Summary, pl_module, size: int) -> None:
 
 
 def _init_args(pl_module) -> set[str]:
-    import inspect
-
     return set(inspect.signature(type(pl_module).__init__).parameters) - {"self"}
 
 
