@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--rdzv-endpoint", required=True, help="HOST:PORT of node 0")
     tr.add_argument("--rdzv-id", default=None, help="rendezvous id (default: the W&B run id)")
     tr.add_argument("--run-dir", type=Path, default=None, help="default runs/<config name>")
+    tr.add_argument("--max-restarts", type=int, default=3,
+                    help="restarts of all ranks after a failure, each resuming from last.ckpt (default 3)")
     tr.add_argument("--cpu", action="store_true")
     tr.add_argument("--run", action="store_true", help="run it here instead of printing it")
     return parser
@@ -181,12 +183,13 @@ def _submit_prep(a: argparse.Namespace, extra: list[str]) -> int:
 def _torchrun(a: argparse.Namespace, extra: list[str]) -> int:
     run_dir = (a.run_dir or Path("runs") / a.config.stem).absolute()
     argv = torchrun.command(a.config, a.nnodes, a.nproc_per_node, a.rdzv_endpoint, run_dir,
-                            rdzv_id=a.rdzv_id or "pending", cpu=a.cpu, extra_args=extra)
+                            rdzv_id=a.rdzv_id or "pending", cpu=a.cpu, extra_args=extra,
+                            max_restarts=a.max_restarts)
     run_id = rundir.wandb_run_id(run_dir)  # made now: the printed command runs as is on every node
     assert run_id is not None
     if a.rdzv_id is None:
         argv[argv.index("--rdzv-id=pending")] = f"--rdzv-id={run_id}"
-    env = torchrun.wandb_env(run_dir, run_id)
+    env = torchrun.env(run_dir, run_id)
     if not a.run:
         print(torchrun.shell_line(argv, env))
         return 0

@@ -1,4 +1,5 @@
-"""The torchrun command for clusters without Slurm: one agent per node, c10d rendezvous."""
+"""The torchrun command for clusters without Slurm: one agent per node, c10d rendezvous, and restarts
+that resume from ``last.ckpt``."""
 
 from __future__ import annotations
 
@@ -9,17 +10,21 @@ from pathlib import Path
 
 from launch.errors import LaunchError
 from launch.validate import existing_file, positive_int
+from pipeline.torchelastic import FRESH_STORE_ENV
 
 _ENDPOINT = re.compile(r"^[A-Za-z0-9_.:\[\]-]+:(\d{1,5})$")
 
 
 def command(config: Path, nnodes: int, nproc_per_node: int, rdzv_endpoint: str, run_dir: Path,
             rdzv_id: str = "resnet", cpu: bool = False, extra_args: list[str] | None = None,
-            python: str | None = None) -> list[str]:
-    """argv for `torchrun ... -m pipeline fit ...`; the same on every node."""
+            python: str | None = None, max_restarts: int = 3) -> list[str]:
+    """argv for `torchrun ... -m pipeline fit ...`; the same on every node. After a failed rank the
+    agents restart all ranks (up to ``max_restarts`` times), which resume from ``last.ckpt``."""
     config = existing_file(config, "--config")
     positive_int(nnodes, "--nnodes")
     positive_int(nproc_per_node, "--nproc-per-node")
+    if max_restarts < 0:
+        raise LaunchError(f"--max-restarts: {max_restarts} is negative")
     m = _ENDPOINT.match(rdzv_endpoint)
     if not m or not 0 < int(m.group(1)) < 65536:
         raise LaunchError(f"--rdzv-endpoint: {rdzv_endpoint!r} is not HOST:PORT")
@@ -30,7 +35,7 @@ def command(config: Path, nnodes: int, nproc_per_node: int, rdzv_endpoint: str, 
         head = [str(local) if local.is_file() else "torchrun"]
     argv = [*head, f"--nnodes={nnodes}", f"--nproc-per-node={nproc_per_node}",
             "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}", f"--rdzv-id={rdzv_id}",
-            "-m", "pipeline", "fit", "--config", str(config.resolve()),
+            f"--max-restarts={max_restarts}", "-m", "pipeline", "fit", "--config", str(config.resolve()),
             "--trainer.default_root_dir", str(run_dir.resolve()),
             "--trainer.num_nodes", str(nnodes), "--trainer.devices", str(nproc_per_node)]
     if cpu:
@@ -39,9 +44,11 @@ def command(config: Path, nnodes: int, nproc_per_node: int, rdzv_endpoint: str, 
     return argv
 
 
-def wandb_env(run_dir: Path, run_id: str) -> dict[str, str]:
-    """The same W&B resume settings the sbatch script exports."""
-    return {"WANDB_RUN_ID": run_id, "WANDB_RESUME": "allow", "WANDB_DIR": str(run_dir.resolve())}
+def env(run_dir: Path, run_id: str) -> dict[str, str]:
+    """The same W&B resume settings the sbatch script exports, and a fresh rendezvous store per restart
+    round (see ``pipeline.torchelastic.restart_warning``)."""
+    return {"WANDB_RUN_ID": run_id, "WANDB_RESUME": "allow", "WANDB_DIR": str(run_dir.resolve()),
+            FRESH_STORE_ENV: "1"}
 
 
 def shell_line(argv: list[str], env: dict[str, str] | None = None) -> str:

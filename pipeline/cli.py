@@ -45,6 +45,7 @@ from pipeline.run_lock import RunDirLock, is_global_rank_zero
 from pipeline.sample_grid import SampleGrid
 from pipeline.sync_batchnorm import GlooSyncBatchNormPlugin
 from pipeline.throughput import Throughput
+from pipeline.torchelastic import restart_warning
 from pipeline.tracking import RunIdInCheckpoint, TrackingConfig, make_eval_loggers, make_loggers, run_id
 
 log = logging.getLogger("pipeline")
@@ -127,6 +128,8 @@ class PipelineCLI(LightningCLI):
             return
         self._run_lock = RunDirLock(run_dir)  # before anything in the run directory is touched
         self._run_lock.acquire()
+        if warning := restart_warning(os.environ):
+            _say(warning)
         for path in recover_directories(checkpoint_dir(run_dir)):  # a crash in a DeepSpeed directory swap
             _say(f"restored {path} (the last whole checkpoint; the save after it was interrupted)")
         if cfg.get("ckpt_path") is None and last.exists():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import pytorch_lightning as pl
 
@@ -26,3 +27,20 @@ class FailAtValidationEnd(pl.Callback):
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module) -> None:
         if not trainer.sanity_checking:
             raise RuntimeError("FailAtValidationEnd: a failure in the training process")
+
+
+class KillFirstAttempt(pl.Callback):
+    """SIGKILL this process when global step ``step`` starts on global rank ``rank``, in torchrun's first
+    attempt only (``TORCHELASTIC_RESTART_COUNT`` 0): a crash the agent's restart should recover from.
+    In later attempts global rank ``late_rank`` starts ``late_s`` later than the others (the CLI builds
+    callbacks before the process group), so they look up its address before it has published a new one."""
+
+    def __init__(self, step: int, rank: int = 0, late_rank: int = 1, late_s: float = 3.0) -> None:
+        self.step, self.rank = step, rank
+        if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0" and os.environ.get("RANK") == str(late_rank):
+            time.sleep(late_s)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module, batch, batch_idx: int) -> None:
+        if (os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0" and trainer.global_rank == self.rank
+                and trainer.global_step == self.step):
+            os.kill(os.getpid(), signal.SIGKILL)

@@ -194,19 +194,23 @@ def test_torchrun_prints_a_command_per_node(tmp_path: Path, cfg: Path) -> None:
                cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     argv = shlex.split(r.stdout)
-    env = dict(a.split("=", 1) for a in argv[:3])
+    env = dict(a.split("=", 1) for a in argv[:4])
     assert env["WANDB_RESUME"] == "allow" and env["WANDB_DIR"] == str(tmp_path / "run")
     assert env["WANDB_RUN_ID"] == (tmp_path / "run" / "wandb_run_id").read_text().strip()
-    rest = argv[3:]
+    assert env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"  # restarts need a fresh store
+    rest = argv[4:]
     assert Path(rest[0]).name == "torchrun"
-    assert rest[1:6] == ["--nnodes=2", "--nproc-per-node=4", "--rdzv-backend=c10d", "--rdzv-endpoint=node0:29400",
-                         f"--rdzv-id={env['WANDB_RUN_ID']}"]
-    assert rest[6:] == ["-m", "pipeline", "fit", "--config", str(cfg), "--trainer.default_root_dir",
+    assert rest[1:7] == ["--nnodes=2", "--nproc-per-node=4", "--rdzv-backend=c10d", "--rdzv-endpoint=node0:29400",
+                         f"--rdzv-id={env['WANDB_RUN_ID']}", "--max-restarts=3"]
+    assert rest[7:] == ["-m", "pipeline", "fit", "--config", str(cfg), "--trainer.default_root_dir",
                         str(tmp_path / "run"), "--trainer.num_nodes", "2", "--trainer.devices", "4",
                         "--ckpt_path", "last", "--trainer.max_steps", "5"]
     bad = launch("torchrun", "--config", str(cfg), "--nnodes", "2", "--nproc-per-node", "4",
                  "--rdzv-endpoint", "node0", cwd=tmp_path)
     assert bad.returncode == 2 and "--rdzv-endpoint: 'node0' is not HOST:PORT" in bad.stderr
+    bad = launch("torchrun", "--config", str(cfg), "--nnodes", "2", "--nproc-per-node", "4",
+                 "--rdzv-endpoint", "node0:29400", "--max-restarts", "-1", cwd=tmp_path)
+    assert bad.returncode == 2 and "--max-restarts: -1 is negative" in bad.stderr
 
 
 def test_template_placeholders_must_match_values() -> None:

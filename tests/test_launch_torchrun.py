@@ -1,4 +1,5 @@
-"""`launch torchrun --run` really trains: one node, two gloo processes, the demo config."""
+"""`launch torchrun --run` really trains: one node, two gloo processes, the demo config; after a rank is
+killed the agent's restart resumes it, bit-exact."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.kill_resume import compare
+from pipeline.torchelastic import restart_warning
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -20,20 +24,64 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_torchrun_run_trains_two_processes(digits_shards: Path, tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "WANDB_API_KEY"))}
+STEPS = 8
+
+
+def _launch(run_dir: Path, shards: Path, *launch_args: str, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "WANDB_API_KEY", "TORCHELASTIC_", "TORCH_DISABLE_SHARE"))}
     env.update(PYTHONPATH=str(REPO), WANDB_MODE="offline", OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "launch", "torchrun", "--config", str(REPO / "conf" / "demo.yaml"),
-                        "--nnodes", "1", "--nproc-per-node", "2", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}",
-                        "--run-dir", str(run_dir), "--cpu", "--run", "--",
-                        "--data.root", str(digits_shards), "--trainer.max_steps", "6", "--data.num_workers", "0"],
-                       capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    return subprocess.run([sys.executable, "-m", "launch", "torchrun", "--config", str(REPO / "conf" / "demo.yaml"),
+                           "--nnodes", "1", "--nproc-per-node", "2", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}",
+                           "--run-dir", str(run_dir), "--cpu", *launch_args, "--run", "--",
+                           "--data.root", str(shards), "--trainer.max_steps", str(STEPS), "--data.num_workers", "0",
+                           "--checkpoint.every_n_train_steps", "2", *extra],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(digits_shards: Path, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    run_dir = tmp_path_factory.mktemp("torchrun") / "run"
+    return run_dir, _launch(run_dir, digits_shards)
+
+
+@pytest.mark.slow
+def test_torchrun_run_trains_two_processes(uninterrupted) -> None:
+    run_dir, r = uninterrupted
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "Starting with 2 processes" in r.stdout + r.stderr
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert ckpt["global_step"] == 6
+    assert ckpt["global_step"] == STEPS
     run_id = (run_dir / "wandb_run_id").read_text().strip()
     runs = list((run_dir / "wandb").glob("offline-run-*"))
     assert runs and all(p.name.endswith(run_id) for p in runs)
+
+
+@pytest.mark.slow
+def test_rank_killed_then_restarted_by_torchrun_is_bit_exact(uninterrupted, digits_shards: Path,
+                                                               tmp_path: Path) -> None:
+    """Rank 0 dies at step 5 (last.ckpt at step 4); with one restart allowed the agent starts both ranks
+    again, they resume, and the run ends as the uninterrupted one. Without a fresh rendezvous store per
+    round the restarted ranks read the dead round's addresses and the one restart fails."""
+    ref, r0 = uninterrupted
+    assert r0.returncode == 0, r0.stderr[-3000:]
+    run_dir = tmp_path / "run"
+    r = _launch(run_dir, digits_shards, "--max-restarts", "1",
+                extra=("--trainer.callbacks+=tests.preemption_helpers.KillFirstAttempt",
+                       "--trainer.callbacks.step=5"))
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-4000:]
+    assert "exitcode: -9" in out and out.count("resuming from") == 1, out[-4000:]
+    assert "connectFullMesh failed" not in out
+    diffs = compare(ref / "checkpoints" / "last.ckpt", run_dir / "checkpoints" / "last.ckpt")
+    assert not diffs, "; ".join(diffs[:10])
+
+
+def test_restart_warning_only_for_a_shared_store_with_restarts() -> None:
+    shared = {"TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_MAX_RESTARTS": "3",
+              "TORCHELASTIC_RESTART_COUNT": "0"}
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in restart_warning(shared)
+    assert restart_warning({**shared, "TORCHELASTIC_USE_AGENT_STORE": "False"}) is None  # fresh store
+    assert restart_warning({**shared, "TORCHELASTIC_MAX_RESTARTS": "0"}) is None
+    assert restart_warning({**shared, "TORCHELASTIC_RESTART_COUNT": "1"}) is None  # said once, at the start
+    assert restart_warning({}) is None  # not under torchrun
