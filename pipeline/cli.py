@@ -31,7 +31,8 @@ import pipeline.strategies  # noqa: F401  (registers the deepspeed_stage_*_cpu s
 from data_prep.format import ManifestError
 from pipeline.checkpoint_io import AtomicCheckpointIO, recover_directories
 from pipeline.datamodule import ShardDataModule
-from pipeline.errors import CheckpointWriteError, ConfigError
+from pipeline.errors import CheckpointWriteError, ConfigError, TrainingDiverged
+from pipeline.finite_weights import FiniteWeights
 from pipeline.last_checkpoint import LastCheckpoint
 from pipeline.model_summary import FlopsModelSummary, FlopsRichModelSummary
 from pipeline.module import ImageClassifier
@@ -197,6 +198,7 @@ class PipelineCLI(LightningCLI):
         ckpt = cfg.checkpoint
         ckdir = checkpoint_dir(run_dir)
         callbacks = [
+            FiniteWeights(every_n_steps=int(cfg.trainer.get("log_every_n_steps") or 50)),  # before any save
             ModelCheckpoint(
                 dirpath=ckdir,
                 filename="best-epoch{epoch:03d}-step{step:07d}-top1{val/top1:.4f}",
@@ -316,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ManifestError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except CheckpointWriteError as e:
+    except (CheckpointWriteError, TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     _teardown_process_group()
