@@ -35,7 +35,9 @@ class ImageClassifier(pl.LightningModule):
         lr: peak learning rate for a global batch of ``lr_reference_batch`` (scaled linearly).
         momentum, nesterov, weight_decay: SGD; no weight decay on BN parameters and biases.
         label_smoothing: of the cross entropy.
-        warmup_epochs: linear warmup length; schedule: "cosine", "step" or "constant", per step;
+        warmup_epochs: warm-up length, linear from 0 to the peak lr, or with ``warmup_factor`` constant at
+            that fraction of it (the paper's ResNet-110: 0.1, about 1 epoch);
+        schedule: "cosine", "step" or "constant", per step;
         milestones: epochs at which "step" multiplies the lr by ``gamma``.
         channels_last: NHWC memory format for model and inputs (the fast layout for cuDNN on GPUs).
         compile: wrap the forward in torch.compile.
@@ -57,6 +59,7 @@ class ImageClassifier(pl.LightningModule):
         weight_decay: float = 1e-4,
         label_smoothing: float = 0.0,
         warmup_epochs: float = 0.0,
+        warmup_factor: float | None = None,
         schedule: str = "cosine",
         milestones: list[float] | None = None,
         gamma: float = 0.1,
@@ -68,6 +71,8 @@ class ImageClassifier(pl.LightningModule):
         self.save_hyperparameters()
         if schedule not in ("cosine", "step", "constant"):
             raise ConfigError(f"model.schedule must be 'cosine', 'step' or 'constant', got {schedule!r}")
+        if warmup_factor is not None and not 0 < warmup_factor <= 1:
+            raise ConfigError(f"model.warmup_factor must be in (0, 1] or null (linear warm-up), got {warmup_factor}")
         try:
             self.model = build(arch, num_classes=num_classes, **(arch_kwargs or {}))
         except (ValueError, TypeError) as e:
@@ -212,6 +217,7 @@ class ImageClassifier(pl.LightningModule):
         warmup = int(round(hp.warmup_epochs * spe))
         milestones = [int(round(m * spe)) for m in (hp.milestones or [])]
         schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_factor(step, total, warmup, hp.schedule, milestones, hp.gamma)
+            optimizer, lambda step: lr_factor(step, total, warmup, hp.schedule, milestones, hp.gamma,
+                                             hp.get("warmup_factor"))
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

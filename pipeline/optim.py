@@ -18,11 +18,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def lr_factor(
-    step: int, total_steps: int, warmup_steps: int, schedule: str, milestones: list[int], gamma: float
+    step: int, total_steps: int, warmup_steps: int, schedule: str, milestones: list[int], gamma: float,
+    warmup_factor: float | None = None,
 ) -> float:
-    """Multiplier of the peak lr at optimizer step ``step`` (0-based)."""
+    """Multiplier of the peak lr at optimizer step ``step`` (0-based). The warm-up is linear, or with
+    ``warmup_factor`` constant at that fraction of the peak (the paper's ResNet-110: 0.01 = 0.1 x 0.1)."""
     if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
+        return warmup_factor if warmup_factor is not None else (step + 1) / warmup_steps
     if schedule == "cosine":
         span = max(1, total_steps - warmup_steps)
         t = min(1.0, (step - warmup_steps) / span)

@@ -1,0 +1,60 @@
+"""The lr schedule: the paper's CIFAR-10 recipe in steps, the linear and the constant warm-up, and the
+lr a real run logs."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.optim import lr_factor
+from tests.conftest import REPO, run_module
+
+
+def test_cifar_config_is_the_papers_step_schedule() -> None:
+    """He et al. sec. 4.2: lr 0.1, /10 at 32k and 48k iterations, stop at 64k (390 steps per epoch)."""
+    model = yaml.safe_load((REPO / "conf" / "cifar10_resnet20.yaml").read_text())["model"]
+    spe = 50_000 // 128
+    milestones = [round(m * spe) for m in model["milestones"]]
+    total = yaml.safe_load((REPO / "conf" / "cifar10_resnet20.yaml").read_text())["trainer"]["max_epochs"] * spe
+    assert [abs(m - k) <= spe for m, k in zip(milestones, (32_000, 48_000))] == [True, True]
+    assert abs(total - 64_000) <= spe
+
+    def lr(step: int) -> float:
+        return model["lr"] * lr_factor(step, total, 0, model["schedule"], milestones, model["gamma"])
+
+    assert lr(0) == pytest.approx(0.1) and lr(milestones[0] - 1) == pytest.approx(0.1)
+    assert lr(milestones[0]) == pytest.approx(0.01) and lr(milestones[1]) == pytest.approx(0.001)
+    assert lr(total - 1) == pytest.approx(0.001)
+
+
+def test_warmups() -> None:
+    linear = [lr_factor(s, 100, 4, "constant", [], 0.1) for s in range(6)]
+    assert linear == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 1.0])
+    constant = [lr_factor(s, 100, 4, "step", [50], 0.1, warmup_factor=0.1) for s in (0, 3, 4, 49, 50)]
+    assert constant == pytest.approx([0.1, 0.1, 1.0, 1.0, 0.1])  # ResNet-110's 0.01, then 0.1, then /10
+    cosine = [lr_factor(s, 104, 4, "cosine", [], 0.1) for s in (3, 4, 54, 104)]
+    assert cosine == pytest.approx([1.0, 1.0, 0.5, 0.0])
+
+
+def test_a_run_logs_the_constant_warmup_then_the_peak(digits_shards: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_module("pipeline", "fit", "--config", str(REPO / "conf" / "demo.yaml"), "--data.root", str(digits_shards),
+               "--trainer.default_root_dir", str(run_dir), "--trainer.max_steps", "24", "--data.num_workers", "0",
+               "--trainer.log_every_n_steps", "1", "--tracking.wandb", "false", "--model.schedule", "constant",
+               "--model.warmup_epochs", "1", "--model.warmup_factor", "0.1", timeout=300)
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("lr-SGD/pg1")]
+    lrs = {int(r["step"]): float(r["lr-SGD/pg1"]) for r in rows}
+    spe = 22  # 1437 digits // batch 64; peak lr 0.1 * 64 / 128 = 0.05
+    assert lrs[0] == pytest.approx(0.005) and lrs[spe - 1] == pytest.approx(0.005), lrs
+    assert lrs[spe] == pytest.approx(0.05), lrs
+
+
+def test_warmup_factor_out_of_range_is_a_config_error(digits_shards: Path, tmp_path: Path) -> None:
+    proc = run_module("pipeline", "fit", "--config", str(REPO / "conf" / "demo.yaml"), "--data.root",
+                      str(digits_shards), "--trainer.default_root_dir", str(tmp_path / "run"),
+                      "--model.warmup_factor", "10", check=False)
+    assert proc.returncode == 2 and "model.warmup_factor must be in (0, 1]" in proc.stderr, proc.stderr[-2000:]
