@@ -87,6 +87,7 @@ class ShardDataModule(pl.LightningDataModule):
         self._val: ShardSet | None = None
         self._start = Position()
         self._restored = False  # a checkpoint gave the position
+        self._train_sampler: TrainSampler | None = None
         self._saved_global = 0  # world size x batch size of that checkpoint
 
     # ---- data -------------------------------------------------------------------------------------
@@ -169,12 +170,18 @@ class ShardDataModule(pl.LightningDataModule):
             self.train_shards.shard_sizes, self.seed, world, rank, self.batch_size, self.window_shards,
             start=self._start,
         )
+        self._train_sampler = sampler
         if self._start.consumed:
             log.info(
                 "resuming epoch %d at sample %d of its order (%d ranks x batch %d)",
                 self._start.epoch, self._start.consumed, world, self.batch_size,
             )
         return self._loader(self.train_shards, sampler, train=True)
+
+    def set_train_epoch(self, epoch: int) -> None:
+        """The epoch whose order the train loader's next iteration reads (see ``LoopPosition``)."""
+        if self._train_sampler is not None:
+            self._train_sampler.set_epoch(epoch)
 
     def val_dataloader(self):
         world, rank = self._geometry()

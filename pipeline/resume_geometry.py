@@ -132,11 +132,25 @@ def adapt(saved: Geometry, world_size: int, batch_size: int, accumulate: int) ->
 
 
 class LoopPosition(pl.Callback):
-    """After a resume mid-epoch: set Lightning's batch counters of the epoch to the samples consumed in
+    """Keeps Lightning's loop and the loader's position in step.
+
+    After a resume mid-epoch: set Lightning's batch counters of the epoch to the samples consumed in
     the current micro-batch size (``ShardDataModule.resume_batches``). Without it, a checkpoint of 3
     batches of 64 resumed as batches of 32 with accumulation 2 would step after the first micro-batch
     (Lightning steps when its counter is a multiple of the accumulation) and every step after would
-    straddle two global batches."""
+    straddle two global batches.
+
+    At every epoch start: the train order is that of ``trainer.current_epoch``. Lightning's own
+    ``set_epoch`` passes its count of processed epochs, which after a resume from a checkpoint saved at
+    an epoch's end (``last.ckpt`` is) is one ahead: Lightning re-enters the finished epoch and counts it
+    processed again. Every epoch after such a resume then ran in the next epoch's order, and the run
+    was not the uninterrupted one (a different sample order and augmentation for the rest of training).
+    """
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        dm = getattr(trainer, "datamodule", None)
+        if hasattr(dm, "set_train_epoch"):
+            dm.set_train_epoch(trainer.current_epoch)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         dm = getattr(trainer, "datamodule", None)

@@ -30,17 +30,21 @@ class FailAtValidationEnd(pl.Callback):
 
 
 class KillFirstAttempt(pl.Callback):
-    """SIGKILL this process when global step ``step`` starts on global rank ``rank``, in torchrun's first
-    attempt only (``TORCHELASTIC_RESTART_COUNT`` 0): a crash the agent's restart should recover from.
-    In later attempts global rank ``late_rank`` starts ``late_s`` later than the others (the CLI builds
-    callbacks before the process group), so they look up its address before it has published a new one."""
+    """SIGKILL this process when global step ``step`` starts on global rank ``rank``: a crash the launcher
+    should recover from. Only in the first attempt (torchrun's ``TORCHELASTIC_RESTART_COUNT`` and Slurm's
+    ``SLURM_RESTART_COUNT`` 0 or unset), or in every attempt with ``every_attempt``.
+    Under torchrun, in later attempts global rank ``late_rank`` starts ``late_s`` later than the others (the
+    CLI builds callbacks before the process group), so they look up its address before it has published a
+    new one."""
 
-    def __init__(self, step: int, rank: int = 0, late_rank: int = 1, late_s: float = 3.0) -> None:
+    def __init__(self, step: int, rank: int = 0, every_attempt: bool = False, late_rank: int = 1,
+                 late_s: float = 3.0) -> None:
         self.step, self.rank = step, rank
+        self.first = all(os.environ.get(k, "0") == "0" for k in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"))
+        self.armed = every_attempt or self.first
         if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0" and os.environ.get("RANK") == str(late_rank):
             time.sleep(late_s)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module, batch, batch_idx: int) -> None:
-        if (os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0" and trainer.global_rank == self.rank
-                and trainer.global_step == self.step):
+        if self.armed and trainer.global_rank == self.rank and trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGKILL)

@@ -7,6 +7,7 @@ import os
 import random
 import shutil
 import signal
+import subprocess
 import time
 
 import pytest
@@ -16,7 +17,7 @@ from bench.kill_resume import compare, fit_command, run_and_kill_at, run_to_end,
 from pipeline.checkpoint_io import TMP_PREFIX, AtomicCheckpointIO
 from pipeline.errors import ConfigError
 from pipeline.resume_geometry import Geometry, adapt
-from tests.conftest import run_module
+from tests.conftest import REPO, run_module
 
 STEPS = 13  # 11 steps per epoch at batch 128: crosses an epoch end (validation, epoch-end checkpoint)
 
@@ -179,3 +180,27 @@ def test_resume_into_accumulation_steps_on_whole_global_batches(digits_shards, t
     pos = saved["ShardDataModule"]
     assert saved["global_step"] == 6
     assert (pos["consumed"], pos["batches"], pos["batch_size"], pos["accumulate"]) == (6 * 64, 12, 32, 2), pos
+
+
+def test_resume_from_the_epoch_end_checkpoint_is_bit_exact(interrupted, digits_shards, tmp_path):
+    """Killed as epoch 1 starts: last.ckpt is the one saved at epoch 0's end, after validation. Lightning
+    resumes such a checkpoint by re-entering the finished epoch and then passes ``set_epoch`` one epoch
+    too many; before ``LoopPosition`` set the epoch itself, the resumed epoch 1 (and every later one) ran
+    in the next epoch's order, and the run ended with other weights than the uninterrupted one."""
+    _, ref, *_ = interrupted
+    cut = tmp_path / "cut"
+    last = cut / "checkpoints" / "last.ckpt"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"}
+    every5 = ["--checkpoint.every_n_train_steps", "5"]  # at every step the epoch end would save nothing new
+    killed = subprocess.run(fit_command(digits_shards, cut, STEPS, [*every5,
+        "--trainer.callbacks+=tests.preemption_helpers.KillFirstAttempt", "--trainer.callbacks.step=11"]),
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    saved = torch.load(last, map_location="cpu", weights_only=False)
+    progress = saved["loops"]["fit_loop"]["epoch_progress"]["current"]
+    assert saved["global_step"] == 11 and (progress["processed"], progress["completed"]) == (1, 0)  # epoch end
+    resumed = subprocess.run(fit_command(digits_shards, cut, STEPS, every5), env=env, cwd=REPO, capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    diffs = compare(ref / "checkpoints" / "last.ckpt", last)
+    assert not diffs, "; ".join(diffs[:10])
