@@ -95,6 +95,7 @@ class TrainJob:
     extra_args: list[str] = field(default_factory=list)
     python: str = "python"
     workdir: Path = field(default_factory=Path.cwd)
+    max_failures: int = 3
 
     @property
     def on_cpu(self) -> bool:
@@ -122,6 +123,7 @@ class TrainJob:
         self.slurm.check()
         sbatch_path(self.run_dir, "--run-dir")
         positive_int(self.signal_lead, "--signal-lead", minimum=0)
+        positive_int(self.max_failures, "--max-failures", minimum=0)
         if self.signal_lead > MAX_SIGNAL_LEAD:
             raise LaunchError(f"--signal-lead: {self.signal_lead} s is more than Slurm's --signal allows "
                               f"({MAX_SIGNAL_LEAD} s)")
@@ -144,6 +146,7 @@ class TrainJob:
             "gpus": None if self.on_cpu else self.gpus_per_node,
             "cpus_per_task": self.slurm.cpus_per_task,
             "signal_lead": self.signal_lead,
+            "max_failures": self.max_failures,
             "log_path": str(self.log_path),
             "run_dir": str(self.run_dir),
             "workdir": str(self.workdir),

@@ -35,10 +35,12 @@ def sbatch_directives(script: str) -> list[str]:
 
 
 def srun_argv(script: str) -> list[str]:
-    """The srun command (up to the next blank line), continuation lines joined, split the way bash would."""
+    """The srun command (up to the next blank line), continuation lines joined, split the way bash would,
+    without the train script's `|| status=$?` (which keeps the exit status for the retry decision)."""
     assert script.count("\nsrun ") == 1
     command = script[script.index("\nsrun ") + 1:].split("\n\n")[0]
-    return shlex.split(command.replace("\\\n", " "))
+    argv = shlex.split(command.replace("\\\n", " "))
+    return argv[:-2] if argv[-2:] == ["||", "status=$?"] else argv
 
 
 def test_dry_run_4x8_gpu_job_has_what_srun_needs(tmp_path: Path, cfg: Path) -> None:

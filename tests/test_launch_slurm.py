@@ -477,3 +477,58 @@ def test_batch_script_requeues_when_the_trainer_cannot(slurm_cluster: SlurmClust
     starts = re.findall(rf"^launch: job {job} restart (\d) .* ckpt (\S+) at", log, re.M)
     assert starts == [("0", "none"), ("1", str(last))], starts
     assert _step(last) == STEPS
+
+
+def _with_launch_args(args: list[str], *launch_args: str) -> list[str]:
+    at = args.index("--")
+    return [*args[:at], *launch_args, *args[at:]]
+
+
+KILL = "--trainer.callbacks+=tests.preemption_helpers.KillFirstAttempt"
+
+
+@pytest.mark.slow
+def test_crashed_rank_requeues_and_resumes_bit_exact(slurm_cluster: SlurmCluster, demo_shards: Path,
+                                                     uninterrupted: tuple[Path, str], tmp_path: Path) -> None:
+    """Rank 1 is SIGKILLed at step 12 of the first start (last.ckpt is at step 10): srun fails, the batch
+    script requeues the job, the next start resumes from last.ckpt, and the run ends bit-identical to the
+    uninterrupted one. Before, the job ended FAILED and the run stopped until someone resubmitted it."""
+    from bench.kill_resume import compare
+
+    run_dir = tmp_path / "run"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    job = _submit(slurm_cluster, _train_args(run_dir, demo_shards) + [
+        KILL, "--trainer.callbacks.step=12", "--trainer.callbacks.rank=1"])
+    slurm_cluster.wait_gone([job], timeout=300)
+    log = _log(run_dir, job)
+    assert [s for _, s in slurm_cluster.sacct_states(job)] == ["REQUEUED", "COMPLETED"], log[-4000:]
+    assert re.search(rf"^launch: srun failed \(exit \d+\), failure 1 of at most 3 without a new checkpoint; "
+                     rf"requeueing job {job} ", log, re.M), log[-4000:]
+    starts = re.findall(rf"^launch: job {job} restart (\d) .* ckpt (\S+) at", log, re.M)
+    assert starts == [("0", "none"), ("1", str(last))], starts
+    assert not compare(uninterrupted[0] / "checkpoints" / "last.ckpt", last)
+
+
+@pytest.mark.slow
+def test_crash_retries_end_without_progress_and_trainer_errors_are_not_retried(
+        slurm_cluster: SlurmCluster, demo_shards: Path, tmp_path: Path) -> None:
+    """A crash at step 2 of every start, before any checkpoint, with one retry allowed: the second crash
+    ends the job (FAILED) instead of requeueing it forever. A setting the trainer rejects (its one-line
+    `error:`) would fail again at every start: never requeued."""
+    run_dir = tmp_path / "crash"
+    job = _submit(slurm_cluster, _with_launch_args(_train_args(run_dir, demo_shards), "--max-failures", "1") + [
+        KILL, "--trainer.callbacks.step=2", "--trainer.callbacks.every_attempt=true"])
+    bad_dir = tmp_path / "bad"
+    bad = _submit(slurm_cluster, _train_args(bad_dir, demo_shards) + ["--model.warmup_factor", "10"])
+    slurm_cluster.wait_gone([job, bad], timeout=300)
+
+    log = _log(run_dir, job)
+    assert [s for _, s in slurm_cluster.sacct_states(job)] == ["REQUEUED", "FAILED"], log[-4000:]
+    assert "failure 1 of at most 1 without a new checkpoint; requeueing" in log, log[-4000:]
+    assert f"2 times in a row without a new checkpoint; not requeueing job {job}" in log, log[-4000:]
+    assert not (run_dir / "checkpoints" / "last.ckpt").exists()
+
+    log = _log(bad_dir, bad)
+    assert [s for _, s in slurm_cluster.sacct_states(bad)] == ["FAILED"], log[-4000:]
+    assert "error: model.warmup_factor must be in (0, 1]" in log
+    assert f"launch: the trainer stopped with an error (above); not requeueing job {bad}" in log
