@@ -228,6 +228,7 @@ class PipelineCLI(LightningCLI):
         if any(isinstance(p, GlooSyncBatchNormPlugin) for p in kwargs["plugins"]):
             kwargs["sync_batchnorm"] = False  # the plugin above does it
         extra = kwargs.pop("callbacks", [])
+        self._user_callbacks()  # before the trainer appends its own to the configured list
         trainer = super().instantiate_trainer(**kwargs)
         self._drop_default_checkpointing(trainer)
         trainer.callbacks.extend(callbacks + list(extra))
@@ -251,10 +252,16 @@ class PipelineCLI(LightningCLI):
         _say(f"initial weights from {path}")
 
     def _user_callbacks(self) -> list:
-        """The callbacks the user configured (``trainer.callbacks``), which the defaults below never replace."""
-        init = self.config_init[self.subcommand] if self.subcommand else self.config_init
-        own = init.trainer.get("callbacks") or []
-        return own if isinstance(own, list) else [own]
+        """The callbacks the user configured (``trainer.callbacks``), which the defaults below never replace:
+        as they were before the trainer was built (LightningCLI and the Trainer append their own callbacks,
+        Lightning's default bar and ``ModelCheckpoint`` among them, to that same list)."""
+        own = getattr(self, "_own_callbacks", None)
+        if own is None:
+            init = self.config_init[self.subcommand] if self.subcommand else self.config_init
+            own = init.trainer.get("callbacks") or []
+            own = list(own) if isinstance(own, list) else [own]
+            self._own_callbacks = own
+        return own
 
     def _drop_default_checkpointing(self, trainer) -> None:
         """Lightning adds a ``ModelCheckpoint()`` of its own when the trainer is built without one (ours

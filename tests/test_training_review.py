@@ -123,3 +123,19 @@ def test_skipped_corrupt_samples_are_counted_in_the_logs(digits_shards, tmp_path
     rows = list(csv.DictReader(open(run / "csv" / "metrics.csv")))
     counts = [float(r["train/corrupt_skipped"]) for r in rows if r.get("train/corrupt_skipped")]
     assert counts == [1.0], counts
+
+
+def test_a_user_callback_keeps_the_pipelines_defaults(digits_shards, tmp_path):
+    """With any callback in ``trainer.callbacks`` the run still gets the plain progress lines and no second
+    checkpoint tree: Lightning appends its default bar and ``ModelCheckpoint`` to the configured list, which
+    the CLI took for the user's own and kept (a rich bar in every job log, a checkpoint per epoch in
+    RUN/csv/checkpoints/)."""
+    run = tmp_path / "run"
+    proc = run_module(*_args("fit", digits_shards, run, "--trainer.max_steps", "23", "--data.num_workers", "0",
+                             "--checkpoint.save_top_k", "0",
+                             "--trainer.callbacks+=pytorch_lightning.callbacks.LambdaCallback"),
+                      env={"PYTHONUNBUFFERED": "1"}, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert "epoch 0 step 5/22 | train/loss" in out and "━" not in out, out[-2000:]
+    ckpts = sorted(p.relative_to(run).as_posix() for p in run.rglob("*.ckpt"))
+    assert ckpts == ["checkpoints/last.ckpt"], ckpts
