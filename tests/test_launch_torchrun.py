@@ -31,12 +31,20 @@ def _launch(run_dir: Path, shards: Path, *launch_args: str, extra: tuple[str, ..
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("SLURM_", "WANDB_API_KEY", "TORCHELASTIC_", "TORCH_DISABLE_SHARE"))}
     env.update(PYTHONPATH=str(REPO), WANDB_MODE="offline", OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "launch", "torchrun", "--config", str(REPO / "conf" / "demo.yaml"),
-                           "--nnodes", "1", "--nproc-per-node", "2", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}",
-                           "--run-dir", str(run_dir), "--cpu", *launch_args, "--run", "--",
-                           "--data.root", str(shards), "--trainer.max_steps", str(STEPS), "--data.num_workers", "0",
-                           "--checkpoint.every_n_train_steps", "2", *extra],
-                          capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    argv = [sys.executable, "-m", "launch", "torchrun", "--config", str(REPO / "conf" / "demo.yaml"),
+            "--nnodes", "1", "--nproc-per-node", "2", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}",
+            "--run-dir", str(run_dir), "--cpu", *launch_args, "--run", "--",
+            "--data.root", str(shards), "--trainer.max_steps", str(STEPS), "--data.num_workers", "0",
+            "--checkpoint.every_n_train_steps", "2", *extra]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    try:
+        out, err = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:  # a hung run: the ranks too (torchrun starts each in a session of its own)
+        subprocess.run(["pkill", "-9", "-f", str(run_dir)], check=False)
+        proc.kill()
+        out, err = proc.communicate()
+        err += "\n(timed out after 180 s: killed)"
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
 
 @pytest.fixture(scope="module")
