@@ -148,6 +148,12 @@ class LoopPosition(pl.Callback):
     """
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # an epoch starts with every finished epoch processed and completed; the re-entered one was counted
+        # processed twice, and a checkpoint of this epoch would carry that on: its resume would count as
+        # one "on the epoch's end" and skip this hook (the next epoch's order again, from mid-epoch on)
+        progress = trainer.fit_loop.epoch_progress
+        for tracker in (progress.current, progress.total):
+            tracker.processed = min(tracker.processed, tracker.completed)
         dm = getattr(trainer, "datamodule", None)
         if hasattr(dm, "set_train_epoch"):
             dm.set_train_epoch(trainer.current_epoch)

@@ -183,24 +183,32 @@ def test_resume_into_accumulation_steps_on_whole_global_batches(digits_shards, t
 
 
 def test_resume_from_the_epoch_end_checkpoint_is_bit_exact(interrupted, digits_shards, tmp_path):
-    """Killed as epoch 1 starts: last.ckpt is the one saved at epoch 0's end, after validation. Lightning
-    resumes such a checkpoint by re-entering the finished epoch and then passes ``set_epoch`` one epoch
-    too many; before ``LoopPosition`` set the epoch itself, the resumed epoch 1 (and every later one) ran
-    in the next epoch's order, and the run ended with other weights than the uninterrupted one."""
+    """Killed as epoch 1 starts (last.ckpt is the one saved at epoch 0's end, after validation), then killed
+    again mid-epoch 1, then run to the end. Lightning resumes an epoch-end checkpoint by re-entering the
+    finished epoch, counts it processed twice and passes ``set_epoch`` one epoch too many: epoch 1 ran in
+    epoch 2's order, and the mid-epoch checkpoint after it carried the extra count on (its resume skipped
+    the epoch start and the order was wrong from there). ``LoopPosition`` corrects both."""
     _, ref, *_ = interrupted
     cut = tmp_path / "cut"
     last = cut / "checkpoints" / "last.ckpt"
     env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"}
-    every5 = ["--checkpoint.every_n_train_steps", "5"]  # at every step the epoch end would save nothing new
-    killed = subprocess.run(fit_command(digits_shards, cut, STEPS, [*every5,
-        "--trainer.callbacks+=tests.preemption_helpers.KillFirstAttempt", "--trainer.callbacks.step=11"]),
-        env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    every2 = ["--checkpoint.every_n_train_steps", "2"]  # at step 11 (odd) only the epoch end saves
+
+    def run(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(fit_command(digits_shards, cut, STEPS, [*every2, *extra]), env=env, cwd=REPO,
+                              capture_output=True, text=True, timeout=600)
+
+    killed = run("--trainer.callbacks+=tests.preemption_helpers.KillFirstAttempt", "--trainer.callbacks.step=11")
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     saved = torch.load(last, map_location="cpu", weights_only=False)
     progress = saved["loops"]["fit_loop"]["epoch_progress"]["current"]
     assert saved["global_step"] == 11 and (progress["processed"], progress["completed"]) == (1, 0)  # epoch end
-    resumed = subprocess.run(fit_command(digits_shards, cut, STEPS, every5), env=env, cwd=REPO, capture_output=True,
-                             text=True, timeout=600)
+    killed = run("--trainer.callbacks+=tests.preemption_helpers.KillFirstAttempt", "--trainer.callbacks.step=12")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    saved = torch.load(last, map_location="cpu", weights_only=False)
+    progress = saved["loops"]["fit_loop"]["epoch_progress"]["current"]
+    assert saved["global_step"] == 12 and (progress["processed"], progress["completed"]) == (1, 1)  # mid epoch 1
+    resumed = run()
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     diffs = compare(ref / "checkpoints" / "last.ckpt", last)
     assert not diffs, "; ".join(diffs[:10])
