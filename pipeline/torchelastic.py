@@ -22,6 +22,9 @@ def restart_warning(env: Mapping[str, str]) -> str | None:
         return None
     if restarts <= 0 or env.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
         return None
+    if env.get(FRESH_STORE_ENV) == "1":  # the static rendezvous (--master-addr/--master-port) shares it anyway
+        fix = "start torchrun with --rdzv-backend c10d --rdzv-endpoint HOST:PORT (python -m launch torchrun does)"
+    else:
+        fix = f"export {FRESH_STORE_ENV}=1 before torchrun (python -m launch torchrun does)"
     return (f"warning: torchrun --max-restarts={restarts} with its rendezvous store shared with the ranks: a "
-            f"restart would read the last round's rank addresses and fail to connect; export "
-            f"{FRESH_STORE_ENV}=1 before torchrun (python -m launch torchrun does)")
+            f"restart would read the last round's rank addresses and fail to connect; {fix}")

@@ -285,3 +285,73 @@ def test_train_submit_refuses_when_slurm_cannot_say_whether_the_run_dir_is_busy(
     (run / "jobs.jsonl").write_text('{"job_id": "41", "kind": "prep-array", "script": "x"}\n')
     r = launch(*args, cwd=tmp_path, env=no_slurm)
     assert r.returncode == 2 and "sbatch: command not found" in r.stderr, r.stderr
+
+
+FAKE_SRUN = """#!/bin/bash
+# srun as the batch script sees it: the trainer's output, then its exit status (from the test's plan)
+n=$(cat "$PLAN.n" 2>/dev/null || echo 0); echo $((n + 1)) > "$PLAN.n"
+line=$(sed -n "$((n + 1))p" "$PLAN")
+rc=${line%% *}; say=${line#* }
+[ "$say" != "$line" ] && echo "$say"
+if [ "${line#*new-checkpoint}" != "$line" ]; then mkdir -p "$RUN/checkpoints"; cp /dev/null "$RUN/checkpoints/new"; mv "$RUN/checkpoints/new" "$RUN/checkpoints/last.ckpt"; fi
+exit "$rc"
+"""
+FAKE_SCONTROL = """#!/bin/bash
+case "$1" in
+  show) [ "$2" = hostnames ] && echo n1 || echo "NodeName=n1 NodeAddr=10.0.0.1" ;;
+  requeue) echo "$2" >> "$RUN/requeues" ;;
+esac
+"""
+
+
+def _attempts(tmp_path: Path, cfg: Path, plan: list[str], max_failures: int = 2) -> list[tuple[int, bool]]:
+    """Run the rendered train script once per entry of ``plan`` ("RC [trainer output]") with a fake srun and
+    scontrol, as Slurm would run a job and its requeues; (exit status, requeued?) per attempt."""
+    from launch.scripts import SlurmOptions, TrainJob
+
+    run = tmp_path / "run"
+    run.mkdir(exist_ok=True)
+    job = TrainJob(config=cfg, nodes=1, gpus_per_node=0, run_dir=run, slurm=SlurmOptions(time="01:00:00"),
+                   python=sys.executable, workdir=tmp_path, max_failures=max_failures)
+    script = tmp_path / "train.sbatch"
+    script.write_text(job.render("abc123"))
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bindir / name).write_text(text)
+        (bindir / name).chmod(0o755)
+    (tmp_path / "plan").write_text("\n".join(plan) + "\n")
+    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "PLAN": str(tmp_path / "plan"),
+           "RUN": str(run), "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "n1"}
+    out = []
+    for attempt in range(len(plan)):
+        requeues = (run / "requeues").read_text().count("\n") if (run / "requeues").exists() else 0
+        with open(run / "slurm-4242.out", "a") as log:  # Slurm appends the job's output there
+            rc = subprocess.run(["bash", str(script)], env={**env, "SLURM_RESTART_COUNT": str(attempt)},
+                                stdout=log, stderr=subprocess.STDOUT, timeout=60).returncode
+        now = (run / "requeues").read_text().count("\n") if (run / "requeues").exists() else 0
+        out.append((rc, now > requeues))
+    return out
+
+
+def test_train_script_requeues_crashes_until_they_stop_making_progress(tmp_path: Path, cfg: Path) -> None:
+    # crash, crash (no checkpoint in between: 2 of 2), crash after a new checkpoint (count starts over),
+    # crash, crash: the 3rd in a row without a new checkpoint is not requeued
+    plan = ["137", "137", "1 new-checkpoint", "134", "137"]
+    assert _attempts(tmp_path, cfg, plan) == [(0, True), (0, True), (0, True), (0, True), (137, False)]
+    log = (tmp_path / "run" / "slurm-4242.out").read_text()
+    assert "failure 2 of at most 2 without a new checkpoint; requeueing job 4242" in log
+    assert "srun failed (exit 137), 3 times in a row without a new checkpoint; not requeueing job 4242" in log
+
+
+def test_train_script_never_requeues_a_trainer_error_or_a_success(tmp_path: Path, cfg: Path) -> None:
+    plan = ["2 error: model.lr: expected a float", "0"]
+    assert _attempts(tmp_path, cfg, plan) == [(2, False), (0, False)]
+    assert "not requeueing job 4242" in (tmp_path / "run" / "slurm-4242.out").read_text()
+
+
+def test_train_script_starts_over_on_a_failures_file_it_did_not_write(tmp_path: Path, cfg: Path) -> None:
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "launch-failures").write_text("4242 1.5 none\n")  # bash arithmetic would fail on it
+    assert _attempts(tmp_path, cfg, ["137"], max_failures=1) == [(0, True)]
+    assert "failure 1 of at most 1" in (tmp_path / "run" / "slurm-4242.out").read_text()

@@ -93,3 +93,5 @@ def test_restart_warning_only_for_a_shared_store_with_restarts() -> None:
     assert restart_warning({**shared, "TORCHELASTIC_MAX_RESTARTS": "0"}) is None
     assert restart_warning({**shared, "TORCHELASTIC_RESTART_COUNT": "1"}) is None  # said once, at the start
     assert restart_warning({}) is None  # not under torchrun
+    static = restart_warning({**shared, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})  # --master-port: shared anyway
+    assert "--rdzv-backend c10d" in static and "export" not in static
