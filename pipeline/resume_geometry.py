@@ -143,8 +143,9 @@ class LoopPosition(pl.Callback):
     At every epoch start: the train order is that of ``trainer.current_epoch``. Lightning's own
     ``set_epoch`` passes its count of processed epochs, which after a resume from a checkpoint saved at
     an epoch's end (``last.ckpt`` is) is one ahead in runs with ``trainer.max_steps``: Lightning re-enters
-    the finished epoch and counts it processed again. Every epoch after such a resume then ran in the next epoch's order, and the run
-    was not the uninterrupted one (a different sample order and augmentation for the rest of training).
+    the finished epoch and counts it processed again. Every epoch after such a resume then ran in the
+    next epoch's order, and the run was not the uninterrupted one (a different sample order and
+    augmentation for the rest of training).
     """
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

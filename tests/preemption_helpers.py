@@ -40,8 +40,8 @@ class KillFirstAttempt(pl.Callback):
     def __init__(self, step: int, rank: int = 0, every_attempt: bool = False, late_rank: int = 1,
                  late_s: float = 3.0) -> None:
         self.step, self.rank = step, rank
-        self.first = all(os.environ.get(k, "0") == "0" for k in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"))
-        self.armed = every_attempt or self.first
+        first = all(os.environ.get(k, "0") == "0" for k in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"))
+        self.armed = every_attempt or first
         if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0" and os.environ.get("RANK") == str(late_rank):
             time.sleep(late_s)
 

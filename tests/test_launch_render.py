@@ -13,6 +13,7 @@ import pytest
 
 from launch import template
 from launch.errors import LaunchError
+from launch.scripts import SlurmOptions, TrainJob
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -293,7 +294,9 @@ n=$(cat "$PLAN.n" 2>/dev/null || echo 0); echo $((n + 1)) > "$PLAN.n"
 line=$(sed -n "$((n + 1))p" "$PLAN")
 rc=${line%% *}; say=${line#* }
 [ "$say" != "$line" ] && echo "$say"
-if [ "${line#*new-checkpoint}" != "$line" ]; then mkdir -p "$RUN/checkpoints"; cp /dev/null "$RUN/checkpoints/new"; mv "$RUN/checkpoints/new" "$RUN/checkpoints/last.ckpt"; fi
+if [ "${line#*new-checkpoint}" != "$line" ]; then  # a new file replaces last.ckpt, as the trainer's saves do
+  mkdir -p "$RUN/checkpoints" && : > "$RUN/checkpoints/new" && mv "$RUN/checkpoints/new" "$RUN/checkpoints/last.ckpt"
+fi
 exit "$rc"
 """
 FAKE_SCONTROL = """#!/bin/bash
@@ -307,8 +310,6 @@ esac
 def _attempts(tmp_path: Path, cfg: Path, plan: list[str], max_failures: int = 2) -> list[tuple[int, bool]]:
     """Run the rendered train script once per entry of ``plan`` ("RC [trainer output]") with a fake srun and
     scontrol, as Slurm would run a job and its requeues; (exit status, requeued?) per attempt."""
-    from launch.scripts import SlurmOptions, TrainJob
-
     run = tmp_path / "run"
     run.mkdir(exist_ok=True)
     job = TrainJob(config=cfg, nodes=1, gpus_per_node=0, run_dir=run, slurm=SlurmOptions(time="01:00:00"),

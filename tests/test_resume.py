@@ -198,16 +198,13 @@ def test_resume_from_the_epoch_end_checkpoint_is_bit_exact(interrupted, digits_s
         return subprocess.run(fit_command(digits_shards, cut, STEPS, [*every2, *extra]), env=env, cwd=REPO,
                               capture_output=True, text=True, timeout=600)
 
-    killed = run("--trainer.callbacks+=tests.preemption_helpers.KillFirstAttempt", "--trainer.callbacks.step=11")
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    saved = torch.load(last, map_location="cpu", weights_only=False)
-    progress = saved["loops"]["fit_loop"]["epoch_progress"]["current"]
-    assert saved["global_step"] == 11 and (progress["processed"], progress["completed"]) == (1, 0)  # epoch end
-    killed = run("--trainer.callbacks+=tests.preemption_helpers.KillFirstAttempt", "--trainer.callbacks.step=12")
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    saved = torch.load(last, map_location="cpu", weights_only=False)
-    progress = saved["loops"]["fit_loop"]["epoch_progress"]["current"]
-    assert saved["global_step"] == 12 and (progress["processed"], progress["completed"]) == (1, 1)  # mid epoch 1
+    for step, counts in ((11, (1, 0)), (12, (1, 1))):  # epoch 0's end, then mid epoch 1: (processed, completed)
+        killed = run("--trainer.callbacks+=tests.preemption_helpers.KillFirstAttempt",
+                     f"--trainer.callbacks.step={step}")
+        assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+        saved = torch.load(last, map_location="cpu", weights_only=False)
+        progress = saved["loops"]["fit_loop"]["epoch_progress"]["current"]
+        assert (saved["global_step"], progress["processed"], progress["completed"]) == (step, *counts)
     resumed = run()
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     diffs = compare(ref / "checkpoints" / "last.ckpt", last)
