@@ -73,6 +73,36 @@ def test_a_shielded_spawned_worker_obeys_only_its_parents_sigterm():
             child.join()
 
 
+def _close_then_exit(conn) -> None:
+    conn.close()  # what its consumer sees first (DALI: "Worker data receiving interrupted")
+    time.sleep(0.5)  # the process is still being torn down
+    os._exit(9)
+
+
+def test_an_error_from_a_dying_worker_is_not_taken_for_a_decoder_error():
+    """DALI notices a lost source worker by its closed connection, which can be before the process has
+    ended; the loader then checked once, saw every worker alive and took the error for a decoder error
+    (fallback batch, a fresh pipeline: a CI run hung there). ``check_after_error`` waits for the death."""
+    from pipeline.data.worker_watchdog import WorkerWatchdog
+
+    ctx = multiprocessing.get_context("spawn")
+    ours, theirs = ctx.Pipe()
+    worker = ctx.Process(target=_close_then_exit, args=(theirs,))
+    worker.start()
+    theirs.close()
+    watchdog = WorkerWatchdog("a test worker", "nothing to change")
+    try:
+        watchdog.watch([worker])
+        with pytest.raises(EOFError):
+            ours.recv()  # the connection closed: the worker is on its way out, not yet gone
+        watchdog.check()  # too early to tell
+        with pytest.raises(RuntimeError, match=r"a test worker .*exit"):
+            watchdog.check_after_error(wait=5.0)
+    finally:
+        watchdog.stop()
+        worker.join()
+
+
 def serve_an_epoch_after_the_signals(root: str, kill: bool = False, inside_wait: bool = False) -> None:
     """Run by the tests below in a fresh process: DALI's source workers get USR1 and TERM after the first
     batch, as every process of a Slurm job step does; the rest of the epoch must still come, in order.

@@ -262,7 +262,7 @@ class DaliLoader:
             except StopIteration:
                 raise RuntimeError(f"the DALI pipeline ended after {step} of {len(plan)} batches") from None
             except Exception as e:  # a decoder error: this batch by the cpu backend, then a fresh pipeline
-                self._watchdog.check()  # (not a lost worker)
+                self._watchdog.check_after_error()  # (not a lost worker)
                 self._close()
                 yield self._cpu_batch(plan[step], e)
                 yield from self._epoch(plan[step + 1 :])

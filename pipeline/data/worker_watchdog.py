@@ -76,6 +76,21 @@ class WorkerWatchdog:
 
     def check(self) -> None:
         """Raise ``RuntimeError`` naming the first worker that has ended."""
+        self._raise_if_dead()
+
+    def check_after_error(self, wait: float = 1.0) -> None:
+        """``check`` for an error the workers' consumer got: DALI notices a lost worker by its closed
+        connection ("Worker data receiving interrupted"), which can be before the process is reaped and its
+        death visible; so wait up to ``wait`` s for one to end. Without it the error passed for a decoder
+        error, and the loader went on with a pipeline whose worker was gone."""
+        if self.workers and self.dead() is None:
+            ended = multiprocessing.connection.wait([w.sentinel for w in self.workers], timeout=wait)
+            for w in self.workers:
+                if w.sentinel in ended:
+                    w.join(wait)  # its exit status: the sentinel closes before the kernel reports the exit
+        self._raise_if_dead()
+
+    def _raise_if_dead(self) -> None:
         w = self.dead()
         if w is not None:
             self._reported = time.monotonic()
