@@ -36,6 +36,7 @@ from pipeline.finite_weights import FiniteWeights
 from pipeline.last_checkpoint import LastCheckpoint
 from pipeline.model_summary import FlopsModelSummary, FlopsRichModelSummary
 from pipeline.module import ImageClassifier
+from pipeline.parent_death import follow_torchrun_agent
 from pipeline.parity import WeightParity
 from pipeline.preemption import Preemption
 from pipeline.progress import console_progress
@@ -300,6 +301,9 @@ class _NoProductTips(logging.Filter):
 
 
 def main(argv: list[str] | None = None) -> int:
+    if error := follow_torchrun_agent():
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_NoProductTips())
     # the loader position is in every checkpoint (ShardDataModule.state_dict): mid-epoch resumes are exact

@@ -48,3 +48,15 @@ class KillFirstAttempt(pl.Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module, batch, batch_idx: int) -> None:
         if self.armed and trainer.global_rank == self.rank and trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class KillAgentAt(pl.Callback):
+    """SIGKILL this process's parent (under torchrun: the agent, as a ``kill -9`` of the torchrun pid would)
+    when global step ``step`` starts on global rank ``rank``."""
+
+    def __init__(self, step: int, rank: int = 0) -> None:
+        self.step, self.rank = step, rank
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module, batch, batch_idx: int) -> None:
+        if trainer.global_rank == self.rank and trainer.global_step == self.step:
+            os.kill(os.getppid(), signal.SIGKILL)

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -83,6 +84,48 @@ def test_rank_killed_then_restarted_by_torchrun_is_bit_exact(uninterrupted, digi
     assert "connectFullMesh failed" not in out
     diffs = compare(ref / "checkpoints" / "last.ckpt", run_dir / "checkpoints" / "last.ckpt")
     assert not diffs, "; ".join(diffs[:10])
+
+
+@pytest.mark.slow
+def test_ranks_of_a_killed_agent_save_and_stop_then_resume_bit_exact(uninterrupted, digits_shards: Path,
+                                                                    tmp_path: Path) -> None:
+    """The agent SIGKILLed at step 3 (a `kill -9` of the torchrun pid): the kernel sends its ranks SIGTERM,
+    they save last.ckpt together and stop, as on a preemption (before, they trained on to the end with no
+    agent watching them). A new torchrun resumes and ends as the uninterrupted run."""
+    ref, r0 = uninterrupted
+    assert r0.returncode == 0, r0.stderr[-3000:]
+    run_dir = tmp_path / "run"
+    r = _launch(run_dir, digits_shards, extra=("--trainer.callbacks+=tests.preemption_helpers.KillAgentAt",
+                                               "--trainer.callbacks.step=3"))
+    out = r.stdout + r.stderr
+    assert r.returncode == -9, out[-4000:]
+    assert "preemption (SIGTERM)" in out, out[-4000:]
+    left = subprocess.run(["pgrep", "-f", str(run_dir)], capture_output=True, text=True).stdout.split()
+    assert not left, f"ranks still running: {left}"
+    saved = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert 3 < saved["global_step"] < STEPS, saved["global_step"]
+    r = _launch(run_dir, digits_shards)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0 and "resuming from" in out, out[-4000:]
+    diffs = compare(ref / "checkpoints" / "last.ckpt", run_dir / "checkpoints" / "last.ckpt")
+    assert not diffs, "; ".join(diffs[:10])
+
+
+def test_a_rank_whose_agent_is_gone_does_not_start(tmp_path: Path) -> None:
+    """A rank that finds its agent already gone (killed between starting it and the rank's request to the
+    kernel: no SIGTERM would ever come) stops at once with one line."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TORCHELASTIC_RUN_ID": "x"}
+    rank = ("import sys, time; time.sleep(1); from pipeline.cli import main; "
+            f"open({str(tmp_path / 'rc')!r}, 'w').write(str(main(['fit', '--help'])))")
+    agent = f"import subprocess, sys; subprocess.Popen([sys.executable, '-c', {rank!r}], stderr=open({str(tmp_path / 'err')!r}, 'w'))"
+    subprocess.run([sys.executable, "-c", agent], env=env, check=True, timeout=60)  # ends before the rank asks
+    for _ in range(1200):
+        if (tmp_path / "rc").exists() and (tmp_path / "rc").read_text():
+            break
+        time.sleep(0.1)
+    err = (tmp_path / "err").read_text()
+    assert (tmp_path / "rc").read_text() == "1", err
+    assert "error: the torchrun agent that started this rank" in err and "has ended" in err, err
 
 
 def test_restart_warning_only_for_a_shared_store_with_restarts() -> None:

@@ -18,13 +18,14 @@ sends it SIGKILL when the parent is gone), so none outlives a trainer killed out
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import multiprocessing
 import multiprocessing.resource_tracker
 import os
 import signal
 import threading
 from collections.abc import Iterator
+
+from pipeline.parent_death import signal_when_parent_ends
 
 PREEMPTION_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
@@ -46,16 +47,10 @@ def shield_worker(worker_id: int = 0) -> None:
 
 
 def _die_with(parent: int) -> None:
-    """SIGKILL from the kernel when the parent ends (Linux ``PR_SET_PDEATHSIG``): a parent killed outright, or
-    one that ends itself with ``os._exit`` (the loader's watchdog), would leave its workers running forever,
-    holding memory and the parent's stdout/stderr, outside Slurm's cgroup clean-up."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(1, int(signal.SIGKILL), 0, 0, 0) != 0:  # 1: PR_SET_PDEATHSIG
-            return
-    except (OSError, AttributeError):  # not Linux
-        return
-    if os.getppid() != parent:  # the parent ended before the call above
+    """SIGKILL from the kernel when the parent ends: a parent killed outright, or one that ends itself with
+    ``os._exit`` (the loader's watchdog), would leave its workers running forever, holding memory and the
+    parent's stdout/stderr, outside Slurm's cgroup clean-up."""
+    if signal_when_parent_ends(signal.SIGKILL, parent) is False:  # the parent ended before the call
         os._exit(1)
 
 
