@@ -94,12 +94,12 @@ def make_loggers(cfg: TrackingConfig, run_dir: str | Path, wandb_id: str | None 
     loggers: list[Logger] = []
     if cfg.wandb:
         _wandb_dirs(run_dir)
-        loggers.append(
+        loggers.append(_quiet(
             WandbLogger(
                 project=cfg.project, name=cfg.name or run_dir.name, id=wandb_id or run_id(run_dir), resume="allow",
                 save_dir=str(run_dir), offline=wandb_offline(),
             )
-        )
+        ))
     if cfg.csv:
         loggers.append(ResumableCSVLogger(str(run_dir), name="csv", version=""))
     if cfg.tensorboard:
@@ -122,16 +122,24 @@ def make_eval_loggers(cfg: TrackingConfig, run_dir: str | Path, stage: str, ckpt
         group = id_file.read_text().strip() if id_file.is_file() else None
         root.mkdir(parents=True, exist_ok=True)
         # an id of its own, also where WANDB_RUN_ID names the training's run (the Slurm script exports it)
-        loggers.append(
+        loggers.append(_quiet(
             WandbLogger(project=cfg.project, name=f"{cfg.name or run_dir.name} {what}", group=group,
                         job_type=stage, save_dir=str(root), offline=wandb_offline(), id=secrets.token_hex(4),
                         resume="never")
-        )
+        ))
     if cfg.csv:
         loggers.append(CSVLogger(str(root), name="csv"))
     if cfg.tensorboard:
         loggers.append(TensorBoardLogger(str(root), name="tensorboard"))
     return loggers
+
+
+def _quiet(logger: WandbLogger) -> WandbLogger:
+    """Without the ``anonymous`` argument Lightning always passes to ``wandb.init`` (None when unused), which
+    wandb 0.31 answers with "WARNING The anonymous setting has no effect" in every job log."""
+    if getattr(logger, "_wandb_init", {}).get("anonymous", False) is None:
+        del logger._wandb_init["anonymous"]
+    return logger
 
 
 def _wandb_dirs(run_dir: Path) -> None:

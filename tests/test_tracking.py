@@ -15,19 +15,22 @@ CONF = str(REPO / "conf" / "demo.yaml")
 FAKE_KEY = "0f1e2d3c4b5a69788796a5b4c3d2e1f0deadbeef"  # 40 characters, like a real key
 
 
-def _fit(shards: Path, run: Path, steps: int):
+def _fit(shards: Path, run: Path, steps: int, quiet: bool = True):
     return run_module(
         "pipeline", "fit", "--config", CONF, "--data.root", str(shards), "--trainer.default_root_dir", str(run),
         "--data.batch_size", "128", "--data.val_batch_size", "256", "--data.num_workers", "1",
         "--trainer.max_steps", str(steps), "--trainer.log_every_n_steps", "2", "--tracking.tensorboard", "true",
         "--checkpoint.every_n_train_steps", "4", "--trainer.num_sanity_val_steps", "0",
-        env={"WANDB_MODE": "offline", "WANDB_API_KEY": FAKE_KEY},
+        env={"WANDB_MODE": "offline", "WANDB_API_KEY": FAKE_KEY, "WANDB_SILENT": "true" if quiet else "false"},
     )
 
 
 def test_one_wandb_run_across_restarts_metrics_and_no_secret(digits_shards, tmp_path):
     run = tmp_path / "run"
-    _fit(digits_shards, run, 12)  # epoch 0 has 11 steps: validation at its end
+    first = _fit(digits_shards, run, 12, quiet=False)  # epoch 0 has 11 steps: validation at its end
+    log = first.stderr + first.stdout
+    assert "Tracking run with wandb" in log, log[-3000:]
+    assert "anonymous setting has no effect" not in log  # noise Lightning caused in every job log
     run_id = (run / "wandb_run_id").read_text().strip()
     resumed = _fit(digits_shards, run, 14)
     assert "resuming from" in resumed.stderr
