@@ -312,6 +312,9 @@ def main(argv: list[str] | None = None) -> int:
     # ModelCheckpoint, which is gone on purpose
     warnings.filterwarnings("ignore", message=r"(?s).*Please add the following callbacks: "
                             r"\[\"ModelCheckpoint\{'monitor': None, [^\]]*\}\"\]\.$")
+    # the best-k ModelCheckpoint at the end of a training epoch that ran no validation (a run ending at
+    # max_steps mid-epoch, check_val_every_n_epoch > 1): nothing to rank yet, not a misnamed metric
+    warnings.filterwarnings("ignore", message=r"`ModelCheckpoint\(monitor='val/top1'\)` could not find the monitored key")
     # Lightning 2.6 calls a torch API that torch 2.14 deprecates (internal to Lightning, once per run)
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
     if "SLURM_JOB_ID" not in os.environ:  # a login node or a laptop with Slurm's tools: not in a job, no hint
