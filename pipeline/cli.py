@@ -31,7 +31,7 @@ import pipeline.strategies  # noqa: F401  (registers the deepspeed_stage_*_cpu s
 from data_prep.format import ManifestError
 from pipeline.checkpoint_io import AtomicCheckpointIO, recover_directories
 from pipeline.datamodule import ShardDataModule
-from pipeline.errors import CheckpointWriteError, ConfigError, TrainingDiverged
+from pipeline.errors import CheckpointWriteError, ConfigError, TrainingDiverged, require
 from pipeline.finite_weights import FiniteWeights
 from pipeline.last_checkpoint import LastCheckpoint
 from pipeline.model_summary import FlopsModelSummary, FlopsRichModelSummary
@@ -197,6 +197,9 @@ class PipelineCLI(LightningCLI):
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         run_dir = Path(cfg.trainer.default_root_dir)
         ckpt = cfg.checkpoint
+        require(ckpt.every_n_train_steps >= 0, "checkpoint.every_n_train_steps", ">= 0 (0: at epoch ends only)",
+                ckpt.every_n_train_steps)
+        require(ckpt.save_top_k >= -1, "checkpoint.save_top_k", ">= -1 (-1: keep all, 0: none)", ckpt.save_top_k)
         ckdir = checkpoint_dir(run_dir)
         callbacks = [
             FiniteWeights(every_n_steps=int(cfg.trainer.get("log_every_n_steps") or 50)),  # before any save

@@ -18,7 +18,7 @@ from pipeline.data.augment import AugmentConfig
 from pipeline.data.contract import Position, TrainSampler, ValSampler, steps_in_epoch
 from pipeline.data.shards import ShardSet
 from pipeline.data.worker_signals import shield_worker
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, require
 
 log = logging.getLogger(__name__)
 
@@ -66,21 +66,23 @@ class ShardDataModule(pl.LightningDataModule):
         super().__init__()
         if backend not in BACKENDS:
             raise ConfigError(f"data.backend must be one of {BACKENDS}, got {backend!r}")
-        if batch_size < 1:
-            raise ConfigError(f"data.batch_size must be >= 1, got {batch_size}")
-        if seed < 0:  # numpy's seed sequences take non-negative integers only
-            raise ConfigError(f"data.seed must be >= 0, got {seed}")
-        if on_corrupt not in ("fail", "skip"):
-            raise ConfigError(f"data.on_corrupt must be 'fail' or 'skip', got {on_corrupt!r}")
-        if dali_source_workers is not None and dali_source_workers < 0:
-            raise ConfigError(f"data.dali_source_workers must be >= 0 (or null for the default), "
-                              f"got {dali_source_workers}")
+        require(batch_size >= 1, "data.batch_size", ">= 1", batch_size)
+        require(val_batch_size is None or val_batch_size >= 1, "data.val_batch_size",
+                ">= 1 (or null: data.batch_size)", val_batch_size)
+        require(num_workers >= 0, "data.num_workers", ">= 0", num_workers)
+        require(seed >= 0, "data.seed", ">= 0", seed)  # numpy's seed sequences take non-negative integers only
+        require(window_shards >= 1, "data.window_shards", ">= 1", window_shards)
+        require(on_corrupt in ("fail", "skip"), "data.on_corrupt", "'fail' or 'skip'", on_corrupt)
+        require(0 <= dali_hw_decoder_load <= 1, "data.dali_hw_decoder_load", "in [0, 1]", dali_hw_decoder_load)
+        require(dali_source_workers is None or dali_source_workers >= 0, "data.dali_source_workers",
+                ">= 0 (or null for the default)", dali_source_workers)
         self.root, self.train_split, self.val_split = root, train_split, val_split
         self.backend = backend
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
         self.num_workers, self.seed, self.window_shards = num_workers, seed, window_shards
         self.on_corrupt = on_corrupt
         self.augment = augment or AugmentConfig()
+        self.augment.check()
         self.dali_hw_decoder_load = dali_hw_decoder_load
         self.dali_source_workers = dali_source_workers
         self._train: ShardSet | None = None
@@ -113,9 +115,24 @@ class ShardDataModule(pl.LightningDataModule):
         return self.train_shards.num_classes
 
     def setup(self, stage: str) -> None:
+        self._check_backend()
         if stage == "fit":
             _ = self.train_shards
         _ = self.val_shards  # fail at start, naming the missing or truncated shard
+
+    def _check_backend(self) -> None:
+        """A backend this machine cannot run is a one-line error at start (not a traceback at the first
+        batch, after the model summary)."""
+        backend = self.resolved_backend()
+        if backend in ("dali", "dali-cpu"):
+            try:
+                import nvidia.dali  # noqa: F401
+            except ImportError as e:
+                raise ConfigError(f"data.backend {backend!r} needs NVIDIA DALI, which does not import here ({e}); "
+                                  "install the gpu extra (pip install -e '.[gpu]') or use 'cpu'") from None
+        if backend == "dali" and not torch.cuda.is_available():
+            raise ConfigError("data.backend 'dali' decodes on a CUDA GPU and this machine has none; use 'dali-cpu' "
+                              "or 'cpu' (or 'auto', which picks one)")
 
     def resolved_backend(self) -> str:
         if self.backend != "auto":

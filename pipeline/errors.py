@@ -13,3 +13,10 @@ class CheckpointWriteError(OSError):
 class TrainingDiverged(RuntimeError):
     """The weights stopped being finite; nothing after the last finite state was saved. The CLI prints it as
     one line and exits 1 (a restart from ``last.ckpt`` with the same settings would diverge again)."""
+
+
+def require(ok: bool, key: str, rule: str, value: object) -> None:
+    """Refuse a setting at start, before anything runs on it: ``KEY must be RULE, got VALUE``. Left to torch,
+    DALI or the DataLoader, a bad number fails later, as a traceback that does not name the setting."""
+    if not ok:
+        raise ConfigError(f"{key} must be {rule}, got {value!r}")

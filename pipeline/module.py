@@ -9,7 +9,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from pipeline.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.data.contract import steps_in_epoch
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, require
 from pipeline.models import build
 from pipeline.optim import lr_factor, make_sgd
 
@@ -69,10 +69,19 @@ class ImageClassifier(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        if schedule not in ("cosine", "step", "constant"):
-            raise ConfigError(f"model.schedule must be 'cosine', 'step' or 'constant', got {schedule!r}")
-        if warmup_factor is not None and not 0 < warmup_factor <= 1:
-            raise ConfigError(f"model.warmup_factor must be in (0, 1] or null (linear warm-up), got {warmup_factor}")
+        require(schedule in ("cosine", "step", "constant"), "model.schedule", "'cosine', 'step' or 'constant'",
+                schedule)
+        require(warmup_factor is None or 0 < warmup_factor <= 1, "model.warmup_factor",
+                "in (0, 1] or null (linear warm-up)", warmup_factor)
+        require(lr >= 0, "model.lr", ">= 0", lr)
+        require(lr_reference_batch >= 1, "model.lr_reference_batch", ">= 1", lr_reference_batch)
+        require(0 <= momentum < 1, "model.momentum", "in [0, 1)", momentum)
+        require(not nesterov or momentum > 0, "model.momentum", "> 0 with model.nesterov true", momentum)
+        require(weight_decay >= 0, "model.weight_decay", ">= 0", weight_decay)
+        require(0 <= label_smoothing < 1, "model.label_smoothing", "in [0, 1)", label_smoothing)
+        require(warmup_epochs >= 0, "model.warmup_epochs", ">= 0", warmup_epochs)
+        require(gamma > 0, "model.gamma", "> 0", gamma)
+        require(all(m >= 0 for m in milestones or []), "model.milestones", "epochs >= 0", milestones)
         try:
             self.model = build(arch, num_classes=num_classes, **(arch_kwargs or {}))
         except (ValueError, TypeError) as e:

@@ -121,9 +121,10 @@ def test_synthetic_loader_follows_the_sampler():
 @pytest.mark.parametrize("recipe", ["imagenet", "nope"])
 def test_augment_config_checks_the_recipe(recipe):
     if recipe == "nope":
-        with pytest.raises(ValueError, match="recipe"):
-            AugmentConfig(recipe=recipe)
+        with pytest.raises(ValueError, match="data.augment.recipe"):
+            AugmentConfig(recipe=recipe).check()
     else:
+        AugmentConfig(recipe=recipe).check()
         assert AugmentConfig(recipe=recipe).train_size == 224
 
 

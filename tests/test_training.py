@@ -71,10 +71,69 @@ def test_fit_lowers_loss_then_validate_then_resume(digits_shards, tmp_path):
         (["--data.root", "/nonexistent/shards"], "/nonexistent/shards"),
         (["--model.no_such_key", "1"], "no_such_key"),
         (["--data.backend", "tpu"], "tpu"),
+        # numbers torch, DALI or the DataLoader would reject later, as a traceback not naming the setting
+        (["--model.lr", "-1"], "model.lr must be >= 0"),
+        (["--data.num_workers", "-1"], "data.num_workers must be >= 0"),
+        (["--data.augment.scale", "[0.5, 0.1]"], "data.augment.scale must be (min, max)"),
+        (["--checkpoint.every_n_train_steps", "-5"], "checkpoint.every_n_train_steps must be >= 0"),
+        pytest.param(["--data.backend", "dali"], "data.backend 'dali' decodes on a CUDA GPU",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine can run 'dali'")),
     ],
 )
 def test_bad_input_gives_a_clear_error(digits_shards, tmp_path, args, needle):
     proc = _fit(digits_shards, tmp_path / "run", *args, "--trainer.max_steps", "1", check=False)
     assert proc.returncode != 0
-    assert needle in proc.stderr
+    assert needle in proc.stderr, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    if needle.startswith(("model.", "data.", "checkpoint.")):  # ours: one line, exit 2, nothing trained
+        assert proc.returncode == 2 and proc.stderr.rstrip().splitlines()[-1].startswith("error: " + needle)
+        assert not (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
+
+
+@pytest.mark.parametrize(
+    "kwargs,needle",
+    [
+        ({"lr_reference_batch": 0}, "model.lr_reference_batch must be >= 1"),
+        ({"momentum": 1.0}, "model.momentum must be in [0, 1)"),
+        ({"nesterov": True, "momentum": 0.0}, "model.momentum must be > 0 with model.nesterov true"),
+        ({"weight_decay": -1e-4}, "model.weight_decay must be >= 0"),
+        ({"label_smoothing": 1.5}, "model.label_smoothing must be in [0, 1)"),
+        ({"warmup_epochs": -1}, "model.warmup_epochs must be >= 0"),
+        ({"gamma": 0.0}, "model.gamma must be > 0"),
+        ({"milestones": [82, -1]}, "model.milestones must be epochs >= 0"),
+    ],
+)
+def test_model_settings_are_checked(kwargs, needle):
+    from pipeline.errors import ConfigError
+    from pipeline.module import ImageClassifier
+
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        ImageClassifier(arch="cifar_resnet20", num_classes=10, **kwargs)
+    ImageClassifier(arch="cifar_resnet20", num_classes=10)  # the defaults pass
+
+
+@pytest.mark.parametrize(
+    "kwargs,needle",
+    [
+        ({"val_batch_size": 0}, "data.val_batch_size must be >= 1"),
+        ({"seed": -1}, "data.seed must be >= 0"),
+        ({"window_shards": 0}, "data.window_shards must be >= 1"),
+        ({"dali_hw_decoder_load": 1.5}, "data.dali_hw_decoder_load must be in [0, 1]"),
+        ({"dali_source_workers": -1}, "data.dali_source_workers must be >= 0"),
+        ({"on_corrupt": "ignore"}, "data.on_corrupt must be 'fail' or 'skip'"),
+        ({"augment": {"train_size": 0}}, "data.augment.train_size must be >= 1"),
+        ({"augment": {"pad": -1}}, "data.augment.pad must be >= 0"),
+        ({"augment": {"ratio": (1.5, 1.0)}}, "data.augment.ratio must be (min, max)"),
+        ({"augment": {"std": (0.2, 0.0, 0.2)}}, "data.augment.std must be 3 numbers > 0"),
+    ],
+)
+def test_data_settings_are_checked(kwargs, needle, tmp_path):
+    from pipeline.data.augment import AugmentConfig
+    from pipeline.datamodule import ShardDataModule
+    from pipeline.errors import ConfigError
+
+    if "augment" in kwargs:
+        kwargs = {"augment": AugmentConfig(recipe="cifar", **kwargs["augment"])}
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        ShardDataModule(root=str(tmp_path), **kwargs)
+    ShardDataModule(root=str(tmp_path), augment=AugmentConfig(recipe="cifar"))  # the defaults pass

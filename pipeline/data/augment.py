@@ -13,6 +13,8 @@ from typing import Literal
 
 import numpy as np
 
+from pipeline.errors import require
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -33,9 +35,20 @@ class AugmentConfig:
     mean: tuple[float, float, float] = field(default=IMAGENET_MEAN)
     std: tuple[float, float, float] = field(default=IMAGENET_STD)
 
-    def __post_init__(self) -> None:
-        if self.recipe not in ("imagenet", "cifar"):
-            raise ValueError(f"data.augment.recipe must be 'imagenet' or 'cifar', got {self.recipe!r}")
+    def check(self) -> None:
+        """Refuse impossible values (``ConfigError`` naming the setting). Called by the datamodule, not from
+        ``__post_init__``: jsonargparse would bury the message in a traceback of its own."""
+        key = "data.augment."
+        require(self.recipe in ("imagenet", "cifar"), key + "recipe", "'imagenet' or 'cifar'", self.recipe)
+        for name in ("train_size", "val_resize", "val_size"):
+            require(getattr(self, name) >= 1, key + name, ">= 1 (pixels)", getattr(self, name))
+        require(self.pad >= 0, key + "pad", ">= 0 (pixels)", self.pad)
+        lo, hi = self.scale
+        require(0 < lo <= hi <= 1, key + "scale", "(min, max) with 0 < min <= max <= 1", self.scale)
+        lo, hi = self.ratio
+        require(0 < lo <= hi, key + "ratio", "(min, max) with 0 < min <= max", self.ratio)
+        require(len(self.mean) == 3, key + "mean", "3 numbers (RGB)", self.mean)
+        require(len(self.std) == 3 and all(v > 0 for v in self.std), key + "std", "3 numbers > 0 (RGB)", self.std)
 
 
 def sample_rng(seed: int, epoch: int, position: int) -> np.random.Generator:
