@@ -216,13 +216,25 @@ class ImageClassifier(pl.LightningModule):
         batches = steps_in_epoch(len(dm.train_shards), self.trainer.world_size, dm.batch_size)
         return max(1, batches // self.trainer.accumulate_grad_batches)
 
+    def planned_steps(self) -> int:
+        """Optimizer steps the run will take: ``trainer.max_steps`` or ``max_epochs`` epochs, whichever ends
+        it first (as the trainer stops). The schedule spans them; every checkpoint records them."""
+        spe = self.steps_per_epoch()
+        max_steps, max_epochs = self.trainer.max_steps, self.trainer.max_epochs
+        limits = [n for n in (max_steps, spe * max_epochs if max_epochs and max_epochs > 0 else None) if n and n > 0]
+        return min(limits) if limits else spe
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """How far the run has to go, for ``launch status``: the planned optimizer steps and the images
+        in one (the global batch)."""
+        checkpoint["progress"] = {"planned_steps": self.planned_steps(), "global_batch": self.global_batch_size()}
+
     def configure_optimizers(self):
         hp = self.hparams
         peak = hp.lr * self.global_batch_size() / hp.lr_reference_batch
         optimizer = make_sgd(self.model, peak, hp.momentum, hp.nesterov, hp.weight_decay)
         spe = self.steps_per_epoch()
-        max_steps = self.trainer.max_steps
-        total = max_steps if max_steps and max_steps > 0 else spe * max(1, self.trainer.max_epochs or 1)
+        total = self.planned_steps()
         warmup = int(round(hp.warmup_epochs * spe))
         milestones = [int(round(m * spe)) for m in (hp.milestones or [])]
         schedule = torch.optim.lr_scheduler.LambdaLR(

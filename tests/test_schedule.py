@@ -58,3 +58,22 @@ def test_warmup_factor_out_of_range_is_a_config_error(digits_shards: Path, tmp_p
                       str(digits_shards), "--trainer.default_root_dir", str(tmp_path / "run"),
                       "--model.warmup_factor", "10", check=False)
     assert proc.returncode == 2 and "model.warmup_factor must be in (0, 1]" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_the_schedule_spans_max_epochs_when_max_steps_is_only_a_cap(digits_shards: Path, tmp_path: Path) -> None:
+    """max_epochs 2 ends the run at step 44; a larger max_steps (a safety cap) must not stretch the cosine
+    past the run's end (it spanned the 1000 steps and ended near the peak lr). Every checkpoint records
+    the planned steps and the global batch, which `launch status` reads."""
+    import torch
+
+    run_dir = tmp_path / "run"
+    run_module("pipeline", "fit", "--config", str(REPO / "conf" / "demo.yaml"), "--data.root", str(digits_shards),
+               "--trainer.default_root_dir", str(run_dir), "--trainer.max_epochs", "2", "--trainer.max_steps", "1000",
+               "--data.num_workers", "0", "--trainer.log_every_n_steps", "1", "--tracking.wandb", "false",
+               "--model.warmup_epochs", "0", timeout=300)
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        lrs = {int(r["step"]): float(r["lr-SGD/pg1"]) for r in csv.DictReader(f) if r.get("lr-SGD/pg1")}
+    assert max(lrs) == 43 and lrs[0] == pytest.approx(0.05), lrs  # 2 x 22 steps, peak 0.1 * 64 / 128
+    assert lrs[43] == pytest.approx(0.05 * lr_factor(43, 44, 0, "cosine", [], 0.1)) and lrs[43] < 1e-4, lrs
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["progress"] == {"planned_steps": 44, "global_batch": 64}
