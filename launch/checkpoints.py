@@ -16,6 +16,8 @@ class CheckpointInfo:
     path: Path
     global_step: int | None
     epoch: int | None
+    planned_steps: int | None = None  # the optimizer steps of the whole run (pipeline.module.planned_steps)
+    global_batch: int | None = None  # images per optimizer step
 
 
 def payload(path: Path) -> Path:
@@ -52,7 +54,32 @@ def read_checkpoint(path: Path) -> CheckpointInfo:
     if not isinstance(ckpt, dict):
         raise LaunchError(f"checkpoint {path}: not a Lightning checkpoint (top level is {type(ckpt).__name__})")
     step, epoch = ckpt.get("global_step"), ckpt.get("epoch")
-    return CheckpointInfo(path, int(step) if step is not None else None, int(epoch) if epoch is not None else None)
+    progress = ckpt.get("progress") if isinstance(ckpt.get("progress"), dict) else {}
+    planned, batch = progress.get("planned_steps"), progress.get("global_batch")
+    return CheckpointInfo(path, int(step) if step is not None else None, int(epoch) if epoch is not None else None,
+                          int(planned) if planned else None, int(batch) if batch else None)
+
+
+_BEST = re.compile(r"^best-epoch(\d+)-step(\d+)-top1(\d+(?:\.\d+)?)\.ckpt$")
+
+
+@dataclass
+class BestCheckpoint:
+    path: Path
+    epoch: int
+    step: int
+    top1: float
+
+
+def best_checkpoint(run_dir: Path) -> BestCheckpoint | None:
+    """The kept checkpoint of the highest val top-1, read from the names the trainer gives them
+    (``best-epochE-stepS-top1T.ckpt``, pipeline/cli.py): no checkpoint is opened."""
+    best = None
+    for p in (run_dir / "checkpoints").glob("best-*.ckpt"):
+        m = _BEST.match(p.name)
+        if m and (best is None or float(m.group(3)) > best.top1):
+            best = BestCheckpoint(p, int(m.group(1)), int(m.group(2)), float(m.group(3)))
+    return best
 
 
 def latest_checkpoint(run_dir: Path) -> CheckpointInfo | None:

@@ -159,6 +159,21 @@ class LoopPosition(pl.Callback):
         if hasattr(dm, "set_train_epoch"):
             dm.set_train_epoch(trainer.current_epoch)
 
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        """A save at the end of an epoch the trainer cut short is a mid-epoch checkpoint, and says so.
+
+        When ``max_steps``, ``max_time`` or any ``should_stop`` ends a run mid-epoch, Lightning counts the
+        epoch processed and then runs the epoch-end hooks, where ``last.ckpt`` is saved. A resume with
+        ``max_steps`` re-enters that epoch, but one without (the run continued to its ``max_epochs``) took
+        the checkpoint for an epoch's end and started the next epoch while the loader went on mid-epoch:
+        the rest of the interrupted epoch's order and the whole next one were lost. The saved counters
+        are made those of a save between two batches of the epoch."""
+        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            return
+        epochs = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress")
+        for tracker in (epochs or {}).values():
+            tracker["processed"] = min(tracker["processed"], tracker["completed"])
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         dm = getattr(trainer, "datamodule", None)
         target = dm.resume_batches(trainer.current_epoch) if hasattr(dm, "resume_batches") else None

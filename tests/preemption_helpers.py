@@ -60,3 +60,14 @@ class KillAgentAt(pl.Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module, batch, batch_idx: int) -> None:
         if trainer.global_rank == self.rank and trainer.global_step == self.step:
             os.kill(os.getppid(), signal.SIGKILL)
+
+
+class StopAt(pl.Callback):
+    """Set ``trainer.should_stop`` after global step ``step``, as Lightning's ``max_time`` timer does."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True

@@ -205,3 +205,29 @@ def test_status_says_who_trains_in_the_run_directory_now(tmp_path: Path) -> None
         holder.wait()
     later = launch("status", str(run), cwd=tmp_path)
     assert f"training     not now (last: process {holder.pid} on " in later.stdout, later.stdout
+
+
+def test_status_shows_progress_and_the_best_checkpoint_of_a_real_run(digits_shards: Path, tmp_path: Path) -> None:
+    """A real `pipeline fit` of 2 epochs (22 steps) killed at step 16: status says how far it is, how long
+    the rest takes at the logged speed, and which kept checkpoint validated best (epoch 0, step 11)."""
+    import re
+
+    from tests.conftest import run_module
+
+    run = tmp_path / "run"
+    proc = run_module("pipeline", "fit", "--config", str(REPO / "conf" / "demo.yaml"), "--data.root", str(digits_shards),
+                      "--trainer.default_root_dir", str(run), "--trainer.max_epochs", "2", "--data.batch_size", "128",
+                      "--data.num_workers", "0", "--checkpoint.every_n_train_steps", "4", "--tracking.wandb", "false",
+                      "--trainer.log_every_n_steps", "2", "--trainer.callbacks+=tests.preemption_helpers.KillFirstAttempt",
+                      "--trainer.callbacks.step=16", check=False)
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    r = launch("status", str(run), cwd=tmp_path, env={"PATH": str(tmp_path / "no-slurm-here")})
+    assert r.returncode == 0, r.stderr
+    speed = float(re.search(r"^throughput   ([\d.]+) img/s", r.stdout, re.M).group(1))
+    m = re.search(r"^progress     step 16 of 22 \(72%\); about (\d+) min to go at ([\d.]+) img/s$", r.stdout, re.M)
+    assert m, r.stdout
+    assert float(m.group(2)) == speed and int(m.group(1)) == max(1, round(6 * 128 / speed / 60))
+    best = next((run / "checkpoints").glob("best-*.ckpt"))
+    top1 = torch.load(best, map_location="cpu", weights_only=False)["callbacks"]
+    top1 = next(v["best_model_score"] for k, v in top1.items() if k.startswith("ModelCheckpoint"))
+    assert f"best         val/top1 {float(top1):.4f} at epoch 0 step 11  ({best})" in r.stdout, r.stdout
