@@ -19,6 +19,7 @@ from pipeline.data.contract import Position, TrainSampler, ValSampler, steps_in_
 from pipeline.data.shards import ShardSet
 from pipeline.data.worker_signals import shield_worker
 from pipeline.errors import ConfigError, require
+from pipeline.resume_geometry import epoch_finished
 
 log = logging.getLogger(__name__)
 
@@ -251,8 +252,9 @@ class ShardDataModule(pl.LightningDataModule):
             window = window if self._start.window_shards is None else self._start.window_shards
         else:
             consumed = done * g
-        if steps_in_epoch(len(self.train_shards), world, self.batch_size, consumed) == 0:
-            epoch, consumed, done = epoch + 1, 0, 0  # the epoch is complete: the next one starts fresh
+        if epoch_finished(trainer) or steps_in_epoch(len(self.train_shards), world, self.batch_size, consumed) == 0:
+            # the epoch is complete (also one that limit_train_batches cut): the next one starts fresh
+            epoch, consumed, done = epoch + 1, 0, 0
             seed, window = self.seed, self.window_shards
         state.update(epoch=epoch, consumed=consumed, batches=done, world_size=world, batch_size=self.batch_size,
                      accumulate=int(trainer.accumulate_grad_batches), seed=seed, window_shards=window)

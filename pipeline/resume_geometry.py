@@ -131,6 +131,14 @@ def adapt(saved: Geometry, world_size: int, batch_size: int, accumulate: int) ->
     )
 
 
+def epoch_finished(trainer: pl.Trainer) -> bool:
+    """Whether the trainer has run the current epoch's last batch: all of the loader's, or as many as
+    ``trainer.limit_train_batches`` allows. Not when ``max_steps``, ``max_time`` or ``should_stop`` ended
+    the run mid-epoch, although Lightning then runs its epoch-end hooks."""
+    done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+    return done >= trainer.num_training_batches > 0
+
+
 class LoopPosition(pl.Callback):
     """Keeps Lightning's loop and the loader's position in step.
 
@@ -168,7 +176,7 @@ class LoopPosition(pl.Callback):
         the checkpoint for an epoch's end and started the next epoch while the loader went on mid-epoch:
         the rest of the interrupted epoch's order and the whole next one were lost. The saved counters
         are made those of a save between two batches of the epoch."""
-        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+        if epoch_finished(trainer):
             return
         epochs = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress")
         for tracker in (epochs or {}).values():

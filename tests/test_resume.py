@@ -235,3 +235,25 @@ def test_a_run_stopped_mid_epoch_resumes_mid_epoch(digits_shards, tmp_path, how)
     assert saved_step(cut / "checkpoints" / "last.ckpt") == 22
     diffs = compare(ref / "checkpoints" / "last.ckpt", cut / "checkpoints" / "last.ckpt")
     assert not diffs, "; ".join(diffs[:10])
+
+
+def test_resume_after_an_epoch_cut_by_limit_train_batches(digits_shards, tmp_path):
+    """With ``trainer.limit_train_batches`` Lightning ends each epoch after that many batches, before the
+    loader's end. The checkpoint of that epoch's end recorded the loader mid-epoch, so the resumed run
+    trained epoch 1 on the rest of epoch 0's order (other samples, other crops): it must start epoch 1's."""
+    common = ["--trainer.max_steps", "-1", "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "5",
+              "--checkpoint.every_n_train_steps", "0"]
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    with open(tmp_path / "runs.log", "w") as log:
+        run_to_end(fit_command(digits_shards, ref, -1, common), log)
+        killed = subprocess.run(fit_command(digits_shards, cut, -1, common + [
+            "--trainer.callbacks+=tests.preemption_helpers.KillFirstAttempt", "--trainer.callbacks.step=7"]),
+            env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        assert killed.returncode == -signal.SIGKILL
+        assert saved_step(cut / "checkpoints" / "last.ckpt") == 5  # epoch 0's end
+        run_to_end(fit_command(digits_shards, cut, -1, common), log)
+    text = (tmp_path / "runs.log").read_text()
+    assert "resuming epoch 0" not in text[text.rindex("resuming from"):], text[-3000:]
+    assert saved_step(cut / "checkpoints" / "last.ckpt") == 10
+    diffs = compare(ref / "checkpoints" / "last.ckpt", cut / "checkpoints" / "last.ckpt")
+    assert not diffs, "; ".join(diffs[:10])
