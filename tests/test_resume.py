@@ -211,29 +211,39 @@ def test_resume_from_the_epoch_end_checkpoint_is_bit_exact(interrupted, digits_s
     assert not diffs, "; ".join(diffs[:10])
 
 
+UNTIL_END = ["--trainer.max_steps", "-1", "--trainer.max_epochs", "2", "--model.schedule", "constant",
+             "--model.warmup_epochs", "0"]
+
+
+@pytest.fixture(scope="module")
+def two_epochs(digits_shards, tmp_path_factory):
+    """An uninterrupted run of two epochs (22 steps), no step limit, the lr constant."""
+    ref = tmp_path_factory.mktemp("two_epochs") / "ref"
+    with open(ref.parent / "run.log", "w") as log:
+        run_to_end(fit_command(digits_shards, ref, -1, UNTIL_END), log)
+    return ref
+
+
 @pytest.mark.parametrize("how", ["should_stop", "max_steps"])
-def test_a_run_stopped_mid_epoch_resumes_mid_epoch(digits_shards, tmp_path, how):
+def test_a_run_stopped_mid_epoch_resumes_mid_epoch(two_epochs, digits_shards, tmp_path, how):
     """A run the trainer ends mid-epoch (``trainer.max_time``, any ``should_stop``, or ``max_steps``) saves
     last.ckpt in Lightning's epoch-end hook with the epoch counted processed. Resumed by a run without a
     step limit, Lightning took it for an epoch's end and started the next epoch: epoch 0's other
     batches were never trained on (the loader went on mid-epoch 0 under the name of epoch 1). It must
     resume mid-epoch and end as the uninterrupted run."""
-    until_end = ["--trainer.max_steps", "-1", "--trainer.max_epochs", "2", "--model.schedule", "constant",
-                 "--model.warmup_epochs", "0"]
-    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    cut = tmp_path / "cut"
     with open(tmp_path / "runs.log", "w") as log:
-        run_to_end(fit_command(digits_shards, ref, -1, until_end), log)
         first = (["--trainer.callbacks+=tests.preemption_helpers.StopAt", "--trainer.callbacks.step=5"]
                  if how == "should_stop" else ["--trainer.max_steps", "5"])
         first += ["--checkpoint.every_n_train_steps", "0"]  # the save at the end is the only one
-        run_to_end(fit_command(digits_shards, cut, -1, until_end + first), log)
+        run_to_end(fit_command(digits_shards, cut, -1, UNTIL_END + first), log)
         assert saved_step(cut / "checkpoints" / "last.ckpt") == 5
-        run_to_end(fit_command(digits_shards, cut, -1, until_end), log)
+        run_to_end(fit_command(digits_shards, cut, -1, UNTIL_END), log)
     text = (tmp_path / "runs.log").read_text()
     resumed = text[text.rindex("resuming from"):]
     assert "epoch 0 step 6/11" in resumed and "epoch 1 step 11/11" in resumed, resumed[-3000:]
     assert saved_step(cut / "checkpoints" / "last.ckpt") == 22
-    diffs = compare(ref / "checkpoints" / "last.ckpt", cut / "checkpoints" / "last.ckpt")
+    diffs = compare(two_epochs / "checkpoints" / "last.ckpt", cut / "checkpoints" / "last.ckpt")
     assert not diffs, "; ".join(diffs[:10])
 
 
