@@ -214,7 +214,8 @@ class ImageClassifier(pl.LightningModule):
     def steps_per_epoch(self) -> int:
         dm = self.trainer.datamodule
         batches = steps_in_epoch(len(dm.train_shards), self.trainer.world_size, dm.batch_size)
-        return max(1, batches // self.trainer.accumulate_grad_batches)
+        # Lightning also steps on an epoch's last batch when the accumulation is not complete there
+        return max(1, -(-batches // self.trainer.accumulate_grad_batches))
 
     def planned_steps(self) -> int:
         """Optimizer steps the run will take: ``trainer.max_steps`` or ``max_epochs`` epochs, whichever ends

@@ -39,6 +39,18 @@ def follow_torchrun_agent(env: Mapping[str, str] = os.environ) -> str | None:
     if not env.get("TORCHELASTIC_RUN_ID"):
         return None
     agent = os.getppid()
-    if agent == 1 or signal_when_parent_ends(signal.SIGTERM, agent) is False:
+    # a parent of pid 1 is init after the agent died, unless the agent is pid 1 itself (a container whose
+    # command is torchrun)
+    gone = agent == 1 and not _is_torchrun(1)
+    if gone or signal_when_parent_ends(signal.SIGTERM, agent) is False:
         return f"the torchrun agent that started this rank (pid {agent}) has ended; not starting"
     return None
+
+
+def _is_torchrun(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:
+        return False
+    return any(a.endswith(b"torchrun") or a in (b"torch.distributed.run", b"torch.distributed.launch") for a in argv)

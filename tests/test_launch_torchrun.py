@@ -128,6 +128,22 @@ def test_a_rank_whose_agent_is_gone_does_not_start(tmp_path: Path) -> None:
     assert "error: the torchrun agent that started this rank" in err and "has ended" in err, err
 
 
+def test_a_rank_of_a_torchrun_that_is_pid_1_starts(tmp_path: Path) -> None:
+    """In a container whose command is torchrun the live agent is pid 1, which is also what a rank's parent
+    reads after its agent died (init adopts orphans): that rank must start (it was refused)."""
+    from tests.conftest import unavailable_here
+
+    if subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"], capture_output=True).returncode != 0:
+        unavailable_here("unshare --pid is not permitted here (needs root)")
+    torchrun = Path(sys.executable).parent / "torchrun"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC_", "SLURM_"))}
+    proc = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", str(torchrun), "--nnodes", "1",
+                           "--nproc-per-node", "1", "--max-restarts", "0", "--rdzv-backend", "c10d",
+                           "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", "-m", "pipeline", "fit", "--help"],
+                          capture_output=True, text=True, env={**env, "PYTHONPATH": str(REPO)}, cwd=REPO, timeout=180)
+    assert proc.returncode == 0 and "--trainer.max_steps" in proc.stdout, proc.stderr[-3000:]
+
+
 def test_restart_warning_only_for_a_shared_store_with_restarts() -> None:
     shared = {"TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_MAX_RESTARTS": "3",
               "TORCHELASTIC_RESTART_COUNT": "0"}
