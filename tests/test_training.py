@@ -73,7 +73,6 @@ def test_fit_lowers_loss_then_validate_then_resume(digits_shards, tmp_path):
         (["--data.backend", "tpu"], "tpu"),
         # numbers torch, DALI or the DataLoader would reject later, as a traceback not naming the setting
         (["--model.lr", "-1"], "model.lr must be >= 0"),
-        (["--data.num_workers", "-1"], "data.num_workers must be >= 0"),
         (["--data.augment.scale", "[0.5, 0.1]"], "data.augment.scale must be (min, max)"),
         (["--checkpoint.every_n_train_steps", "-5"], "checkpoint.every_n_train_steps must be >= 0"),
         pytest.param(["--data.backend", "dali"], "data.backend 'dali' decodes on a CUDA GPU",
@@ -116,6 +115,7 @@ def test_model_settings_are_checked(kwargs, needle):
     "kwargs,needle",
     [
         ({"val_batch_size": 0}, "data.val_batch_size must be >= 1"),
+        ({"num_workers": -1}, "data.num_workers must be >= 0"),
         ({"seed": -1}, "data.seed must be >= 0"),
         ({"window_shards": 0}, "data.window_shards must be >= 1"),
         ({"dali_hw_decoder_load": 1.5}, "data.dali_hw_decoder_load must be in [0, 1]"),
