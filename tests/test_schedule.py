@@ -81,19 +81,21 @@ def test_the_schedule_spans_max_epochs_when_max_steps_is_only_a_cap(digits_shard
 
 def test_the_schedule_counts_the_step_lightning_takes_on_an_epochs_last_batch(digits_shards: Path,
                                                                                tmp_path: Path) -> None:
-    """11 batches with accumulation 2 are 6 optimizer steps: Lightning steps on the epoch's last batch too.
-    Counted as 5, the cosine reached 0 a step early (the 6th step trained at lr 0) and `launch status`
-    said "step 6 of 5"."""
+    """9 batches (an epoch of 11 cut by ``limit_train_batches``) with accumulation 2 are 5 optimizer steps:
+    Lightning steps on the epoch's last batch too. Counted as 4, the cosine reached 0 a step early (the
+    last step trained at lr 0) and `launch status` said "step 5 of 4"; counted without the cut (6), the
+    cosine never reached its end."""
     import torch
 
     run_dir = tmp_path / "run"
     run_module("pipeline", "fit", "--config", str(REPO / "conf" / "demo.yaml"), "--data.root", str(digits_shards),
                "--trainer.default_root_dir", str(run_dir), "--trainer.max_epochs", "1", "--data.batch_size", "128",
-               "--trainer.accumulate_grad_batches", "2", "--data.num_workers", "0", "--trainer.log_every_n_steps",
-               "1", "--tracking.wandb", "false", "--model.warmup_epochs", "0", timeout=300)
+               "--trainer.accumulate_grad_batches", "2", "--trainer.limit_train_batches", "9", "--data.num_workers",
+               "0", "--trainer.log_every_n_steps", "1", "--tracking.wandb", "false", "--model.warmup_epochs", "0",
+               "--trainer.limit_val_batches", "0", timeout=300)
     with open(run_dir / "csv" / "metrics.csv") as f:
         lrs = {int(r["step"]): float(r["lr-SGD/pg1"]) for r in csv.DictReader(f) if r.get("lr-SGD/pg1")}
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert ckpt["global_step"] == 6 and ckpt["progress"]["planned_steps"] == 6, ckpt["progress"]
-    assert sorted(lrs) == list(range(6)), lrs  # peak 0.1 * 256 / 128
-    assert lrs[5] == pytest.approx(0.2 * lr_factor(5, 6, 0, "cosine", [], 0.1)) and lrs[5] > 0, lrs
+    assert ckpt["global_step"] == 5 and ckpt["progress"]["planned_steps"] == 5, ckpt["progress"]
+    assert sorted(lrs) == list(range(5)), lrs  # peak 0.1 * 256 / 128
+    assert lrs[4] == pytest.approx(0.2 * lr_factor(4, 5, 0, "cosine", [], 0.1)) and lrs[4] > 0, lrs
