@@ -60,42 +60,25 @@ def test_warmup_factor_out_of_range_is_a_config_error(digits_shards: Path, tmp_p
     assert proc.returncode == 2 and "model.warmup_factor must be in (0, 1]" in proc.stderr, proc.stderr[-2000:]
 
 
-def test_the_schedule_spans_max_epochs_when_max_steps_is_only_a_cap(digits_shards: Path, tmp_path: Path) -> None:
-    """max_epochs 2 ends the run at step 44; a larger max_steps (a safety cap) must not stretch the cosine
-    past the run's end (it spanned the 1000 steps and ended near the peak lr). Every checkpoint records
-    the planned steps and the global batch, which `launch status` reads."""
+def test_the_schedule_spans_the_steps_the_run_takes(digits_shards: Path, tmp_path: Path) -> None:
+    """The cosine spans the optimizer steps where the trainer stops, counted as Lightning counts them:
+    2 epochs cut to 9 batches (``limit_train_batches``) with accumulation 2 are 2 x 5 = 10 steps (Lightning
+    steps on an epoch's last batch too). Each miscount was a bug: the ``max_steps`` cap (1000) stretched the
+    cosine and the run ended near its peak lr; 4 steps an epoch took the lr to 0 a step early and
+    `launch status` said "step 10 of 8"; the uncut 6 never reached the cosine's end. Every checkpoint
+    records the planned steps and the global batch, which `launch status` reads."""
     import torch
 
     run_dir = tmp_path / "run"
     run_module("pipeline", "fit", "--config", str(REPO / "conf" / "demo.yaml"), "--data.root", str(digits_shards),
                "--trainer.default_root_dir", str(run_dir), "--trainer.max_epochs", "2", "--trainer.max_steps", "1000",
-               "--data.num_workers", "0", "--trainer.log_every_n_steps", "1", "--tracking.wandb", "false",
-               "--model.warmup_epochs", "0", timeout=300)
-    with open(run_dir / "csv" / "metrics.csv") as f:
-        lrs = {int(r["step"]): float(r["lr-SGD/pg1"]) for r in csv.DictReader(f) if r.get("lr-SGD/pg1")}
-    assert max(lrs) == 43 and lrs[0] == pytest.approx(0.05), lrs  # 2 x 22 steps, peak 0.1 * 64 / 128
-    assert lrs[43] == pytest.approx(0.05 * lr_factor(43, 44, 0, "cosine", [], 0.1)) and lrs[43] < 1e-4, lrs
-    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert ckpt["progress"] == {"planned_steps": 44, "global_batch": 64}
-
-
-def test_the_schedule_counts_the_step_lightning_takes_on_an_epochs_last_batch(digits_shards: Path,
-                                                                               tmp_path: Path) -> None:
-    """9 batches (an epoch of 11 cut by ``limit_train_batches``) with accumulation 2 are 5 optimizer steps:
-    Lightning steps on the epoch's last batch too. Counted as 4, the cosine reached 0 a step early (the
-    last step trained at lr 0) and `launch status` said "step 5 of 4"; counted without the cut (6), the
-    cosine never reached its end."""
-    import torch
-
-    run_dir = tmp_path / "run"
-    run_module("pipeline", "fit", "--config", str(REPO / "conf" / "demo.yaml"), "--data.root", str(digits_shards),
-               "--trainer.default_root_dir", str(run_dir), "--trainer.max_epochs", "1", "--data.batch_size", "128",
-               "--trainer.accumulate_grad_batches", "2", "--trainer.limit_train_batches", "9", "--data.num_workers",
-               "0", "--trainer.log_every_n_steps", "1", "--tracking.wandb", "false", "--model.warmup_epochs", "0",
-               "--trainer.limit_val_batches", "0", timeout=300)
+               "--data.batch_size", "128", "--trainer.accumulate_grad_batches", "2",
+               "--trainer.limit_train_batches", "9", "--trainer.limit_val_batches", "0", "--data.num_workers", "0",
+               "--trainer.log_every_n_steps", "1", "--tracking.wandb", "false", "--model.warmup_epochs", "0",
+               timeout=300)
     with open(run_dir / "csv" / "metrics.csv") as f:
         lrs = {int(r["step"]): float(r["lr-SGD/pg1"]) for r in csv.DictReader(f) if r.get("lr-SGD/pg1")}
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert ckpt["global_step"] == 5 and ckpt["progress"]["planned_steps"] == 5, ckpt["progress"]
-    assert sorted(lrs) == list(range(5)), lrs  # peak 0.1 * 256 / 128
-    assert lrs[4] == pytest.approx(0.2 * lr_factor(4, 5, 0, "cosine", [], 0.1)) and lrs[4] > 0, lrs
+    assert ckpt["global_step"] == 10 and ckpt["progress"] == {"planned_steps": 10, "global_batch": 256}, ckpt["progress"]
+    assert sorted(lrs) == list(range(10)) and lrs[0] == pytest.approx(0.2), lrs  # peak 0.1 * 256 / 128
+    assert lrs[9] == pytest.approx(0.2 * lr_factor(9, 10, 0, "cosine", [], 0.1)) and 0 < lrs[9] < 0.01, lrs
