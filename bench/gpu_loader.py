@@ -3,7 +3,7 @@ fed by synthetic input against the same step fed by ``DaliLoader``, in one proce
 
 1. Makes ``--images`` real JPEGs (500x375 / 375x500 cuts of scikit-learn's bundled photos; the GPU
    machine has no network) and shards them with the project's data_prep.
-2. Decode + augment alone: ``DaliLoader`` (train recipe, 224 crops, float16 NHWC -> NCHW channels_last)
+2. Decode + augment alone: ``DaliLoader`` (train recipe, ``--size`` 224 crops, float16 NHWC -> NCHW channels_last)
    over the shards for ``--decode-steps`` batches: images/s (target >= 25,000 with hw_decoder_load 0.75),
    for each of ``--decode-variants``: decoding the crop window (the default), the whole image, and the
    window with the source inline in the main process instead of DALI's worker processes; then the window
@@ -141,10 +141,10 @@ def train_rate(step, batches, steps: int, warmup: int, device: torch.device) -> 
     return n / (time.perf_counter() - t0)
 
 
-def synthetic_batches(batch: int, device: torch.device, dtype: torch.dtype):
+def synthetic_batches(batch: int, device: torch.device, dtype: torch.dtype, size: int = 224):
     """A few fixed batches shaped and typed as DaliLoader's (normalised NHWC memory), cycled for free."""
     g = torch.Generator(device="cpu").manual_seed(0)
-    pool = [(torch.randn(batch, 224, 224, 3, generator=g).to(device, dtype).permute(0, 3, 1, 2),
+    pool = [(torch.randn(batch, size, size, 3, generator=g).to(device, dtype).permute(0, 3, 1, 2),
              torch.randint(0, 1000, (batch,), generator=g).to(device),
              torch.ones(batch, dtype=torch.bool, device=device)) for _ in range(4)]
     i = 0
@@ -158,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", default="/tmp/gpu-loader-bench")
     ap.add_argument("--images", type=int, default=20000)
     ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--size", type=int, default=224, help="train crop size (the model's input)")
     ap.add_argument("--threads", type=int, default=max(2, (os.cpu_count() or 4) // 2), help="DALI CPU threads")
     ap.add_argument("--py-workers", type=int, default=max(1, (os.cpu_count() or 4) // 3),
                     help="processes running the external source")
@@ -178,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="CPU, dali-cpu, tiny sizes: checks the script")
     args = ap.parse_args(argv)
     if args.dry_run:
-        args.device, args.images, args.batch, args.no_compile = "cpu", 48, 8, True
+        args.device, args.images, args.batch, args.size, args.no_compile = "cpu", 48, 8, 96, True
         args.decode_steps, args.steps, args.warmup, args.rounds = 3, 2, 1, 1
         args.threads, args.py_workers, args.train_hw_loads, args.sweep = 2, 1, "0.75", "0.5x1"
         args.work = args.work + "-dry"
@@ -195,12 +196,12 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.models import build
 
     info = {"device": torch.cuda.get_device_name(device) if not cpu else "cpu", "torch": torch.__version__,
-            "dali": nvidia.dali.__version__, "cpus": os.cpu_count(), "batch": args.batch,
+            "dali": nvidia.dali.__version__, "cpus": os.cpu_count(), "batch": args.batch, "size": args.size,
             "threads": args.threads, "py_workers": args.py_workers,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     print(json.dumps(info), flush=True)
     shards = ShardSet(make_shards(Path(args.work), args.images, os.cpu_count() or 2), "train")
-    cfg = AugmentConfig(recipe="imagenet", train_size=224)
+    cfg = AugmentConfig(recipe="imagenet", train_size=args.size)
 
     def loader(hw: float, roi_decode: bool = True, py_workers: int | None = None) -> DaliLoader:
         sampler = TrainSampler(shards.shard_sizes, seed=0, world_size=1, rank=0, batch_size=args.batch)
@@ -233,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     step = make_step(model if args.no_compile else torch.compile(model), opt, device)
     dtype = torch.float32 if cpu else torch.float16
-    syn = synthetic_batches(args.batch, device, dtype)
+    syn = synthetic_batches(args.batch, device, dtype, args.size)
     t0 = time.perf_counter()
     train_rate(step, syn, 0, max(3, args.warmup), device)  # compiles
     print(f"compiled and warmed up in {time.perf_counter() - t0:.0f}s", flush=True)
