@@ -31,3 +31,10 @@ class LastCheckpoint(ModelCheckpoint):
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         pass  # saved at the epoch end, after validation
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """No second save of a step already saved. Lightning saves ``last`` here when this callback has not
+        saved in this process, even when another save holds this step (the preemption's): by now the epoch
+        count has moved on, so that copy placed the loader's mid-epoch position in the next epoch."""
+        if not self._should_skip_saving_checkpoint(trainer):
+            super().on_train_end(trainer, pl_module)

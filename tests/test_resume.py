@@ -147,16 +147,20 @@ def test_export_of_a_checkpoint_file(interrupted, tmp_path):
 def test_preemption_under_gradient_accumulation_waits_for_the_optimizer_step(digits_shards, tmp_path):
     """accumulate 2: a signal during the 3rd micro-batch (the first half of step 2) saves after the 4th,
     at global step 2 with 4 batches consumed, and the resumed run ends bit-exact with the uninterrupted
-    one. A save between the two micro-batches would lose one micro-batch's gradients."""
+    one. A save between the two micro-batches would lose one micro-batch's gradients.
+    The interrupted run saves no periodic checkpoint (``every_n_train_steps 0``, as the configs' first steps):
+    Lightning's ``on_train_end`` then saved ``last.ckpt`` a second time, after the epoch count had moved
+    on, and the resume skipped the rest of epoch 0 and the start of epoch 1."""
     ref, cut = tmp_path / "ref", tmp_path / "cut"
     extra = ["--trainer.accumulate_grad_batches", "2", "--data.batch_size", "64"]
     steps = 5
     with open(tmp_path / "runs.log", "w") as log:
         run_to_end(fit_command(digits_shards, ref, steps, extra), log)
         run_to_end(fit_command(digits_shards, cut, steps, extra + [
+            "--checkpoint.every_n_train_steps", "0",
             "--trainer.callbacks+=tests.preemption_helpers.SignalAtBatch", "--trainer.callbacks.batch_idx=2"]), log)
         saved = torch.load(cut / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-        assert saved["global_step"] == 2
+        assert saved["global_step"] == 2 and saved["ShardDataModule"]["epoch"] == 0, saved["ShardDataModule"]
         assert saved["ShardDataModule"]["batches"] == 4 and saved["ShardDataModule"]["consumed"] == 4 * 64
         run_to_end(fit_command(digits_shards, cut, steps, extra), log)
     text = (tmp_path / "runs.log").read_text()
