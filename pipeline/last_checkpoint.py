@@ -25,6 +25,12 @@ class LastCheckpoint(ModelCheckpoint):
     def state_key(self) -> str:
         return "LastCheckpoint"
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A resumed run's step is saved already (in the checkpoint it resumed from): a start that trains
+        no step (the run had reached its end) rewrote ``last.ckpt`` at train end with the epoch count one
+        ahead, and a later extension of the run trained its next epoch in the wrong order."""
+        self._last_global_step_saved = trainer.global_step
+
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))

@@ -9,12 +9,18 @@ accumulation: at the end of an accumulation, never between micro-batches). The a
 read at the next one (a single process reads its flag at once): reading it at once would make the host
 wait for the GPU to finish the step at every step, and the GPU would then idle while the host prepares
 the next one. So a multi-rank run stops one optimizer step after the signal. Then all ranks
-save ``last.ckpt`` (rank 0 writes the file; DeepSpeed writes every rank's shard), rank 0 calls
-``scontrol requeue $SLURM_JOB_ID`` once when running under Slurm, and the trainer stops without a
-validation pass and without further checkpoints at that step.
+save ``last.ckpt`` (rank 0 writes the file; DeepSpeed writes every rank's shard) and the trainer stops
+without a validation pass and without further checkpoints at that step. When that step ends the epoch,
+the epoch's validation, best-k checkpoint and epoch-end ``last.ckpt`` still run before the stop: Lightning
+resumes a checkpoint of an epoch's last batch in the next epoch, so an epoch stopped before its
+validation would never be validated. At the end, once everything is saved, rank 0 calls ``scontrol
+requeue $SLURM_JOB_ID`` once when running under Slurm (Slurm then cancels the running step at once).
 
-Lightning's own SLURM auto-requeue is switched off by the CLI (``SLURMEnvironment(auto_requeue=False)``)
-so that only this callback acts; its SIGTERM handler is replaced while training runs.
+The handlers hold from the fit's setup to its teardown, start-up and the sanity check included (a USR1
+there killed the process, a SIGTERM ended it with exit 0 and no requeue); a signal before the first
+training step stops the run after that step. Lightning's own SLURM auto-requeue is switched off by the
+CLI (``SLURMEnvironment(auto_requeue=False)``) and its SIGTERM handler is never installed during a fit:
+that handler broadcasts from inside the handler, on the signalled rank alone.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ import torch
 import torch.distributed as dist
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.loggers import WandbLogger
+
+from pipeline.resume_geometry import epoch_finished
 
 log = logging.getLogger(__name__)
 
@@ -59,20 +67,36 @@ class Preemption(Callback):
         if signum == signal.SIGTERM and self._trainer is not None:
             self._trainer.loggers = [lg for lg in self._trainer.loggers if not isinstance(lg, WandbLogger)]
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Lightning registers its handlers just before the run stage; ours replace them while training.
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
         self._trainer = trainer
         for s in self.signals:
             try:
                 self._previous[s] = signal.signal(s, self._handler)
             except ValueError:  # not the main thread (e.g. a notebook worker): no preemption handling
                 pass
+        connector = getattr(trainer, "_signal_connector", None)
+        if connector is not None and self._previous:
+            def register_none() -> None:  # Lightning would install its SIGTERM handler over ours
+                connector.received_sigterm = False
+                connector._original_handlers = {}
+
+            connector.register_signal_handlers = register_none
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._restore()
         if self._vote is not None:  # every rank launched the same all-reduces: let the last one finish
             self._vote.finish()
             self._vote = None
+        if self.preempted:  # everything of this step is saved now: the job may go
+            trainer.strategy.barrier("preemption-saved")
+            job = os.environ.get("SLURM_JOB_ID")
+            if trainer.is_global_zero and self.requeue and job:
+                requeue_slurm_job(job)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._restore()
+        logging.getLogger("pytorch_lightning.utilities.rank_zero").removeFilter(_NOT_REACHED)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._restore()
@@ -100,20 +124,19 @@ class Preemption(Callback):
             return
         self.preempted = True
         name = signal.Signals(self.received).name if self.received is not None else "a peer's signal"
+        last_batch = epoch_finished(trainer)
         if trainer.is_global_zero:
-            log.warning("preemption (%s): saving %s at step %d, then stopping", name, self.last_path,
-                        trainer.global_step)
-        trainer.save_checkpoint(self.last_path)
-        for cb in trainer.checkpoint_callbacks:  # no second save of this step, no validation on the way out
-            if isinstance(cb, ModelCheckpoint):
-                cb._last_global_step_saved = trainer.global_step
-        trainer.limit_val_batches = 0
+            log.warning("preemption (%s): saving %s at step %d, then stopping%s", name, self.last_path,
+                        trainer.global_step, " after this epoch's validation" if last_batch else "")
+        trainer.save_checkpoint(self.last_path)  # first: safe even if the validation outlasts the grace time
+        if not last_batch:
+            for cb in trainer.checkpoint_callbacks:  # no second save of this step, no validation on the way out
+                if isinstance(cb, ModelCheckpoint):
+                    cb._last_global_step_saved = trainer.global_step
+            trainer.limit_val_batches = 0
         trainer.should_stop = True
-        trainer.strategy.barrier("preemption-saved")
-        if trainer.is_global_zero and self.requeue:
-            job = os.environ.get("SLURM_JOB_ID")
-            if job:
-                requeue_slurm_job(job)
+        # Lightning would then say "`Trainer.fit` stopped: `max_epochs=N` reached" (the epoch counts as ended)
+        logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_NOT_REACHED)
 
 
 class _Vote:
@@ -157,6 +180,16 @@ class _Vote:
 
     def finish(self) -> None:
         self._read()
+
+
+class _NotReached(logging.Filter):
+    """Drops Lightning's "`Trainer.fit` stopped: ... reached": a preempted run reached no limit."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("`Trainer.fit` stopped:")
+
+
+_NOT_REACHED = _NotReached()
 
 
 def _at_optimizer_step(trainer: pl.Trainer) -> bool:

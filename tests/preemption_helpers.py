@@ -21,6 +21,16 @@ class SignalAtBatch(pl.Callback):
             os.kill(os.getpid(), self.signum)
 
 
+class SignalAtSanityCheck(pl.Callback):
+    """Send ``signum`` to this process when the sanity-check validation starts (before any training step)."""
+
+    def __init__(self, signum: int = int(signal.SIGUSR1)) -> None:
+        self.signum = signum
+
+    def on_sanity_check_start(self, trainer: pl.Trainer, pl_module) -> None:
+        os.kill(os.getpid(), self.signum)
+
+
 class FailAtValidationEnd(pl.Callback):
     """Raise at the end of the first validation, in the main process, while the loaders' workers live."""
 

@@ -64,6 +64,69 @@ def test_killed_and_preempted_run_is_bit_exact(interrupted):
     assert not list((cut / "checkpoints").glob(TMP_PREFIX + "*")), "a killed save left no temp file behind"
 
 
+def test_preemption_at_an_epochs_last_batch_validates_that_epoch_first(interrupted, digits_shards, tmp_path):
+    """A signal at epoch 0's last batch (step 11), best 1 as in the configs: ``last.ckpt`` is saved at once,
+    then the epoch's validation and best checkpoint run before the stop (Lightning resumes a last-batch
+    checkpoint in the next epoch: that epoch was never validated and never a best candidate). The periodic
+    save also falls on that batch (``every_n_train_steps`` 11), so ``last.ckpt`` stays the last-batch one
+    (the epoch end skips a step already saved): a start that trains nothing (``max_epochs`` 1 reached)
+    must leave it as it is (it rewrote it with the epoch count one ahead, and a run extended from there
+    trained its next epoch in the wrong order). The resumed run is bit-exact."""
+    import csv
+    import hashlib
+
+    _, ref, *_ = interrupted
+    cut = tmp_path / "cut"
+    last = cut / "checkpoints" / "last.ckpt"
+    settings = ["--checkpoint.every_n_train_steps", "11", "--checkpoint.save_top_k", "1"]
+    with open(tmp_path / "runs.log", "w") as log:
+        run_to_end(fit_command(digits_shards, cut, STEPS, settings + [
+            "--trainer.callbacks+=tests.preemption_helpers.SignalAtBatch", "--trainer.callbacks.batch_idx=10"]), log)
+        saved = torch.load(last, map_location="cpu", weights_only=False)
+        assert saved["global_step"] == 11, saved["global_step"]
+        pos = saved["ShardDataModule"]
+        assert (pos["epoch"], pos["consumed"]) == (1, 0), pos  # epoch 0 finished: epoch 1 starts fresh
+        with open(cut / "csv" / "metrics.csv") as f:
+            validated = {r["epoch"] for r in csv.DictReader(f) if r.get("val/top1")}
+        assert validated == {"0"}, validated
+        assert [p.name for p in (cut / "checkpoints").glob("best-*")] != [], "epoch 0 was a best candidate"
+
+        done = tmp_path / "done"  # the same state, with max_epochs 1: nothing left to train
+        shutil.copytree(cut, done)
+        digest = hashlib.sha256((done / "checkpoints" / "last.ckpt").read_bytes()).hexdigest()
+        run_to_end(fit_command(digits_shards, done, -1, settings + ["--trainer.max_epochs", "1"]), log)
+        assert hashlib.sha256((done / "checkpoints" / "last.ckpt").read_bytes()).hexdigest() == digest
+
+        run_to_end(fit_command(digits_shards, cut, STEPS, settings), log)
+    assert "then stopping after this epoch's validation" in (tmp_path / "runs.log").read_text()
+    diffs = compare(ref / "checkpoints" / "last.ckpt", last)
+    assert not diffs, "; ".join(diffs[:10])
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM], ids=["USR1", "TERM"])
+def test_a_signal_before_the_first_step_stops_after_it_and_requeues(digits_shards, tmp_path, sig):
+    """A signal during start-up (here the sanity-check validation, before the training loop): USR1 killed
+    the process (exit 138, Slurm's batch script counted a crash), SIGTERM went to Lightning's handler, which
+    ended the run with exit 0 and no requeue (the job ended COMPLETED, unfinished). Now either stops the
+    run after its first step, saved, and requeues the job."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/scontrol.calls\n')
+    (bindir / "scontrol").chmod(0o755)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline", "SLURM_JOB_ID": "77",
+           "PATH": f"{bindir}:{os.environ['PATH']}"}
+    run = tmp_path / "run"
+    cmd = fit_command(digits_shards, run, STEPS, ["--checkpoint.every_n_train_steps", "0",
+                      "--trainer.callbacks+=tests.preemption_helpers.SignalAtSanityCheck",
+                      f"--trainer.callbacks.signum={int(sig)}"])
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert f"preemption ({sig.name}): saving" in out, out[-3000:]
+    assert saved_step(run / "checkpoints" / "last.ckpt") == 1
+    assert (tmp_path / "scontrol.calls").read_text().splitlines() == ["requeue 77"]
+
+
 def test_resume_refuses_another_architecture(interrupted, tmp_path, digits_shards):
     _, _, cut, _, _ = interrupted
     run = tmp_path / "run"
