@@ -118,12 +118,12 @@ def test_sigterm_detaches_wandb_before_the_preemption_save(tmp_path):
     csv_logger = CSVLogger(str(tmp_path))
     trainer = pl.Trainer(logger=[wandb_logger, csv_logger], accelerator="cpu", enable_progress_bar=False)
     cb = Preemption(tmp_path / "last.ckpt", requeue=False)
-    cb.on_train_start(trainer, None)
+    cb.setup(trainer, None, "fit")
     try:
         os.kill(os.getpid(), signal.SIGUSR1)
         assert cb.received == signal.SIGUSR1 and wandb_logger in trainer.loggers, "USR1 keeps W&B"
         os.kill(os.getpid(), signal.SIGTERM)
         assert trainer.loggers == [csv_logger]
     finally:
-        cb.on_train_end(trainer, None)
+        cb.teardown(trainer, None, "fit")
     assert signal.getsignal(signal.SIGTERM) is not cb._handler
