@@ -22,6 +22,16 @@ from tests.conftest import REPO, run_module
 STEPS = 13  # 11 steps per epoch at batch 128: crosses an epoch end (validation, epoch-end checkpoint)
 
 
+def _recording_scontrol(work, job_id: str) -> dict[str, str]:
+    """The environment of a run "under Slurm" whose ``scontrol`` is a stand-in appending its arguments to
+    ``work/scontrol.calls`` (the real requeue is tested in launch/)."""
+    bindir = work / "bin"
+    bindir.mkdir()
+    (bindir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {work}/scontrol.calls\n')
+    (bindir / "scontrol").chmod(0o755)
+    return {"SLURM_JOB_ID": job_id, "PATH": f"{bindir}:{os.environ['PATH']}"}
+
+
 @pytest.fixture(scope="module")
 def interrupted(digits_shards, tmp_path_factory):
     """An uninterrupted run and the same run SIGKILLed, then stopped by SIGTERM (no Slurm), then by
@@ -31,12 +41,7 @@ def interrupted(digits_shards, tmp_path_factory):
     kills = sorted(random.Random(seed).sample(range(1, STEPS - 3), 3))  # room to act after the last
     ref, cut = work / "uninterrupted", work / "interrupted"
     last = cut / "checkpoints" / "last.ckpt"
-    # a stand-in for Slurm's scontrol that records its arguments (the real requeue is tested in launch/)
-    bindir = work / "bin"
-    bindir.mkdir()
-    (bindir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {work}/scontrol.calls\n')
-    (bindir / "scontrol").chmod(0o755)
-    slurm = {"SLURM_JOB_ID": "4242", "PATH": f"{bindir}:{os.environ['PATH']}"}
+    slurm = _recording_scontrol(work, "4242")
     landed = []
     with open(work / "runs.log", "w") as log:
         print(f"kill seed {seed}: {kills}", file=log, flush=True)
@@ -109,12 +114,7 @@ def test_a_signal_before_the_first_step_stops_after_it_and_requeues(digits_shard
     the process (exit 138, Slurm's batch script counted a crash), SIGTERM went to Lightning's handler, which
     ended the run with exit 0 and no requeue (the job ended COMPLETED, unfinished). Now either stops the
     run after its first step, saved, and requeues the job."""
-    bindir = tmp_path / "bin"
-    bindir.mkdir()
-    (bindir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/scontrol.calls\n')
-    (bindir / "scontrol").chmod(0o755)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline", "SLURM_JOB_ID": "77",
-           "PATH": f"{bindir}:{os.environ['PATH']}"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline", **_recording_scontrol(tmp_path, "77")}
     run = tmp_path / "run"
     cmd = fit_command(digits_shards, run, STEPS, ["--checkpoint.every_n_train_steps", "0",
                       "--trainer.callbacks+=tests.preemption_helpers.SignalAtSanityCheck",
