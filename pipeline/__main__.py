@@ -3,6 +3,10 @@
 import sys
 
 if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "fit":  # before the imports: they take seconds
+        from pipeline.early_signals import hold
+
+        hold()
     if len(sys.argv) > 1 and sys.argv[1] == "export":
         from pipeline.export import main as export_main
 

@@ -17,8 +17,9 @@ validation would never be validated. At the end, once everything is saved, rank 
 requeue $SLURM_JOB_ID`` once when running under Slurm (Slurm then cancels the running step at once).
 
 The handlers hold from the fit's setup to its teardown, start-up and the sanity check included (a USR1
-there killed the process, a SIGTERM ended it with exit 0 and no requeue); a signal before the first
-training step stops the run after that step. Lightning's own SLURM auto-requeue is switched off by the
+there killed the process, a SIGTERM ended it with exit 0 and no requeue); before the setup (imports,
+config, model), ``pipeline.early_signals`` records them and they are taken over here. A signal before the
+first training step stops the run after that step. Lightning's own SLURM auto-requeue is switched off by the
 CLI (``SLURMEnvironment(auto_requeue=False)``) and its SIGTERM handler is never installed during a fit:
 that handler broadcasts from inside the handler, on the signalled rank alone.
 """
@@ -37,6 +38,7 @@ import torch.distributed as dist
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.loggers import WandbLogger
 
+from pipeline import early_signals
 from pipeline.resume_geometry import epoch_finished
 
 log = logging.getLogger(__name__)
@@ -71,6 +73,7 @@ class Preemption(Callback):
         if stage != "fit":
             return
         self._trainer = trainer
+        early = early_signals.take()  # before the loop below: its handlers are the ones to restore later
         for s in self.signals:
             try:
                 self._previous[s] = signal.signal(s, self._handler)
@@ -83,6 +86,10 @@ class Preemption(Callback):
                 connector._original_handlers = {}
 
             connector.register_signal_handlers = register_none
+        if early is not None and early in self.signals:
+            if trainer.is_global_zero:
+                log.warning("preemption (%s) received during start-up", signal.Signals(early).name)
+            self._handler(early, None)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._vote is not None:  # every rank launched the same all-reduces: let the last one finish

@@ -108,20 +108,38 @@ def test_preemption_at_an_epochs_last_batch_validates_that_epoch_first(interrupt
     assert not diffs, "; ".join(diffs[:10])
 
 
-@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM], ids=["USR1", "TERM"])
+def _catches(pid: int, sig: signal.Signals) -> bool:
+    """Whether process ``pid`` has a handler installed for ``sig`` (the SigCgt mask of /proc/PID/status)."""
+    try:
+        status = open(f"/proc/{pid}/status").read()
+    except FileNotFoundError:
+        return False
+    mask = int(status.split("SigCgt:")[1].split()[0], 16)
+    return bool(mask >> (int(sig) - 1) & 1)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM], ids=["USR1-imports", "TERM-sanity-check"])
 def test_a_signal_before_the_first_step_stops_after_it_and_requeues(digits_shards, tmp_path, sig):
-    """A signal during start-up (here the sanity-check validation, before the training loop): USR1 killed
-    the process (exit 138, Slurm's batch script counted a crash), SIGTERM went to Lightning's handler, which
-    ended the run with exit 0 and no requeue (the job ended COMPLETED, unfinished). Now either stops the
-    run after its first step, saved, and requeues the job."""
+    """A signal during start-up, before the training loop: USR1 killed the process (exit 138, Slurm's batch
+    script counted a crash), SIGTERM went to Lightning's handler, which ended the run with exit 0 and no
+    requeue (the job ended COMPLETED, unfinished). Now either stops the run after its first step, saved, and
+    requeues the job. USR1 arrives while ``fit`` still imports (as soon as it catches USR1, seconds before
+    the trainer exists), TERM during the sanity-check validation (the Preemption callback's own handler)."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline", **_recording_scontrol(tmp_path, "77")}
     run = tmp_path / "run"
-    cmd = fit_command(digits_shards, run, STEPS, ["--checkpoint.every_n_train_steps", "0",
-                      "--trainer.callbacks+=tests.preemption_helpers.SignalAtSanityCheck",
-                      f"--trainer.callbacks.signum={int(sig)}"])
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
-    out = proc.stdout + proc.stderr
+    extra = ["--trainer.callbacks+=tests.preemption_helpers.SignalAtSanityCheck",
+             f"--trainer.callbacks.signum={int(sig)}"] if sig == signal.SIGTERM else []
+    cmd = fit_command(digits_shards, run, STEPS, ["--checkpoint.every_n_train_steps", "0", *extra])
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if sig == signal.SIGUSR1:
+        deadline = time.monotonic() + 120
+        while not _catches(proc.pid, sig) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
+    if sig == signal.SIGUSR1:
+        assert "preemption (SIGUSR1) received during start-up" in out, out[-3000:]
     assert f"preemption ({sig.name}): saving" in out, out[-3000:]
     assert saved_step(run / "checkpoints" / "last.ckpt") == 1
     assert (tmp_path / "scontrol.calls").read_text().splitlines() == ["requeue 77"]
