@@ -5,7 +5,7 @@ PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: setup demo test test-fast bench-prep bench-loader clean
+.PHONY: setup demo test bench-prep bench-loader clean
 
 setup: $(STAMP)
 
@@ -19,8 +19,12 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(PYTHON) -m pipeline.demo
 
+# Two test files at a time (pytest-xdist, whole files per worker: a file's module fixtures are built once).
+# Most tests start training processes that spend seconds importing on one core: two at a time use both
+# cores of a CI machine. TEST_WORKERS=0 runs them one by one in this process.
+TEST_WORKERS ?= 2
 test: setup
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 bench-prep: setup
 	$(PYTHON) bench/prep.py

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,14 @@ def unavailable_here(reason: str) -> None:
     if os.environ.get("CI"):
         pytest.fail(f"CI must run this test: {reason}")
     pytest.skip(reason)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (the kernel's pick): rendezvous ports of tests that may run at the
+    same time as others (``make test`` runs two test files at once)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run_module(*args: str, check: bool = True, env: dict | None = None, timeout: float = 600,

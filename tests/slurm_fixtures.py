@@ -39,7 +39,10 @@ def _ports_free(base: int) -> bool:
 
 
 def _free_port_base() -> int:
-    for base in range(17800, 19800, 40):
+    # pytest-xdist workers (gw0, gw1, ...) each start their own cluster: disjoint ranges, no race for one
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    first = 17800 + 400 * (int(worker) % 5 if worker.isdigit() else 0)
+    for base in range(first, 19800, 40):
         if _ports_free(base):
             return base
     raise RuntimeError("no free port range for the test cluster in 17800-19800")

@@ -1,5 +1,6 @@
-"""DeepSpeed ZeRO-2 through the CLI on CPU (the registered deepspeed_stage_2_cpu variant): trains, saves a
-checkpoint directory (swapped in whole; a crash between its renames is repaired at the next start), resumes from it, and ``python -m pipeline export`` turns it into a plain fp32
+"""DeepSpeed ZeRO-2 through the CLI on CPU (the registered deepspeed_stage_2_cpu variant), 2 ranks under
+torchrun and 1: trains, saves a checkpoint directory (swapped in whole; a crash between its renames is
+repaired at the next start), resumes from it, and ``python -m pipeline export`` turns it into a plain fp32
 state_dict that torchvision's resnet18 loads. A ZeRO checkpoint of 2 ranks resumed with 1 or 4 is refused at
 start with one line (DeepSpeed cannot re-partition the sharded optimizer state); resumed with 2 it continues
 bit-exactly. The first DeepSpeed init compiles a C++ extension (~45 s, cached in TORCH_EXTENSIONS_DIR)."""
@@ -15,7 +16,7 @@ import torch
 
 from pipeline.export import main as export_main
 from pipeline.export import state_dict_from_checkpoint
-from tests.conftest import REPO, run_module
+from tests.conftest import REPO, free_port, run_module
 
 CONF = str(REPO / "conf" / "demo.yaml")
 
@@ -37,12 +38,13 @@ def _fit(shards, run_dir, steps: int, *extra: str, check: bool = True):
     return run_module(*_fit_args(shards, run_dir, steps, *extra), check=check)
 
 
-def _fit_two_ranks(shards, run_dir, steps: int, port: int) -> None:
+def _fit_two_ranks(shards, run_dir, steps: int, port: int) -> str:
     cmd = [str(TORCHRUN), "--nnodes", "1", "--nproc-per-node", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint",
            f"127.0.0.1:{port}", "-m", *_fit_args(shards, run_dir, steps, "--trainer.devices", "2")]
     proc = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
+    return proc.stdout + proc.stderr
 
 
 def _zero_state(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -60,50 +62,25 @@ def _zero_state(ckpt: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def test_zero2_cpu_trains_resumes_and_exports_for_torchvision(digits_shards, tmp_path):
+def test_zero2_trains_refuses_another_world_size_resumes_and_exports_for_torchvision(digits_shards, tmp_path):
+    """2 ranks of ZeRO-2 train 2 steps into a checkpoint directory. DeepSpeed cannot re-partition ZeRO
+    optimizer state for another world size (its load raises after the engine is up, elastic_checkpoint or
+    not), so resuming it with 1 rank (fewer) or 4 (more) fails before DeepSpeed starts, with one line naming
+    the checkpoint, both world sizes and the ways out, and leaves the checkpoint as it was. One way out, a
+    new 1-rank run from its weights alone, starts from exactly those weights; the other, 2 ranks again,
+    continues from the saved momentum bit-identical to an uninterrupted 2-rank run, after repairing a
+    crash between the two renames of a save. ``python -m pipeline export`` then gives the plain fp32
+    state_dict that torchvision's resnet18 loads, equal to the trained weights."""
     import deepspeed  # noqa: F401  (a dependency: `make setup` installs the gpu extra)
     import torchvision
-    run = tmp_path / "run"
-    _fit(digits_shards, run, 2)
+
+    run, ref = tmp_path / "run", tmp_path / "uninterrupted"
+    _fit_two_ranks(digits_shards, run, 2, free_port())
     last = run / "checkpoints" / "last.ckpt"
     assert last.is_dir(), "ZeRO checkpoints are directories"
     states = last / "checkpoint" / "mp_rank_00_model_states.pt"
     first = torch.load(states, map_location="cpu", weights_only=False)
-    assert first["global_step"] == 2 and first["ShardDataModule"]["consumed"] == 64
-
-    # a crash between the two renames of the next save: last.ckpt moved aside, the new one unfinished
-    os.rename(last, last.with_name("last.ckpt.old"))
-    (run / "checkpoints" / "last.ckpt.partial" / "checkpoint").mkdir(parents=True)
-    resumed = _fit(digits_shards, run, 3)
-    assert "restored" in resumed.stderr and "resuming from" in resumed.stderr
-    assert sorted(p.name for p in (run / "checkpoints").iterdir() if "last" in p.name) == ["last.ckpt"]
-    ms = torch.load(states, map_location="cpu", weights_only=False)
-    assert ms["global_step"] == 3 and ms["ShardDataModule"]["consumed"] == 96
-
-    out = tmp_path / "resnet18.pt"
-    proc = run_module("pipeline", "export", str(last), str(out))
-    assert "wrote" in proc.stdout
-    sd = torch.load(out, map_location="cpu", weights_only=True)
-    assert all(v.dtype in (torch.float32, torch.int64) for v in sd.values())
-    net = torchvision.models.resnet18(num_classes=10)
-    net.load_state_dict(sd)  # strict: every key and shape matches torchvision's
-    trained = {k[len("model."):]: v for k, v in ms["module"].items() if k.startswith("model.")}
-    for k, v in trained.items():
-        assert torch.equal(sd[k], v.float()), f"{k} differs from the trained weights"
-    assert not torch.equal(sd["conv1.weight"], first["module"]["model.conv1.weight"]), "step 3 changed weights"
-
-
-def test_zero_resume_with_another_world_size_is_refused_at_start(digits_shards, tmp_path):
-    """DeepSpeed cannot re-partition ZeRO optimizer state for another world size (its load raises after the
-    engine is up, elastic_checkpoint or not). So a 2-rank ZeRO-2 checkpoint resumed with 1 rank (fewer) or 4
-    (more) fails before DeepSpeed starts, with one line naming the checkpoint, both world sizes and the way
-    out, and leaves the checkpoint as it was; the way out -- 2 ranks again -- continues from the saved
-    momentum, bit-identical to an uninterrupted 2-rank run."""
-    import deepspeed  # noqa: F401
-
-    run, ref, port = tmp_path / "run", tmp_path / "uninterrupted", 29600 + os.getpid() % 300
-    _fit_two_ranks(digits_shards, run, 2, port)
-    last = run / "checkpoints" / "last.ckpt"
+    assert first["global_step"] == 2 and first["ShardDataModule"]["consumed"] == 2 * 2 * 32
     saved = _zero_state(last)
     files = {p: p.stat().st_mtime_ns for p in last.rglob("*")}
     assert sum(".pt:momentum." in k for k in saved) == 4, "2 ranks x 2 param groups of momentum shards"
@@ -131,13 +108,32 @@ def test_zero_resume_with_another_world_size_is_refused_at_start(digits_shards, 
     convs = [k for k, name in names.items() if name in ("conv1.weight", "fc.weight", "layer4.1.conv2.weight")]
     assert len(convs) == 3 and all(torch.equal(one[k].float(), consolidated[names[k]]) for k in convs), convs
 
-    _fit_two_ranks(digits_shards, run, 3, port + 1)
-    _fit_two_ranks(digits_shards, ref, 3, port + 2)
+    # a crash between the two renames of the next save: last.ckpt moved aside, the new one unfinished
+    os.rename(last, last.with_name("last.ckpt.old"))
+    (run / "checkpoints" / "last.ckpt.partial" / "checkpoint").mkdir(parents=True)
+    resumed_log = _fit_two_ranks(digits_shards, run, 3, free_port())
+    assert "restored" in resumed_log and "resuming from" in resumed_log, resumed_log[-3000:]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir() if "last" in p.name) == ["last.ckpt"]
+    _fit_two_ranks(digits_shards, ref, 3, free_port())
     resumed, uninterrupted = _zero_state(last), _zero_state(ref / "checkpoints" / "last.ckpt")
     assert resumed.keys() == uninterrupted.keys() == saved.keys()
     differ = [k for k in resumed if not torch.equal(resumed[k], uninterrupted[k])]
     assert not differ, f"the resumed 2-rank run differs from the uninterrupted one: {differ[:5]}"
     assert not any(torch.equal(resumed[k], saved[k]) for k in saved if ":momentum." in k), "step 3 ran"
+
+    out = tmp_path / "resnet18.pt"
+    proc = run_module("pipeline", "export", str(last), str(out))
+    assert "wrote" in proc.stdout
+    sd = torch.load(out, map_location="cpu", weights_only=True)
+    assert all(v.dtype in (torch.float32, torch.int64) for v in sd.values())
+    net = torchvision.models.resnet18(num_classes=10)
+    net.load_state_dict(sd)  # strict: every key and shape matches torchvision's
+    ms = torch.load(states, map_location="cpu", weights_only=False)
+    assert ms["global_step"] == 3 and ms["ShardDataModule"]["consumed"] == 3 * 2 * 32
+    trained = {k[len("model."):]: v for k, v in ms["module"].items() if k.startswith("model.")}
+    for k, v in trained.items():
+        assert torch.equal(sd[k], v.float()), f"{k} differs from the trained weights"
+    assert not torch.equal(sd["conv1.weight"], first["module"]["model.conv1.weight"]), "step 3 changed weights"
 
 
 def test_export_errors_are_clear(tmp_path, capsys):

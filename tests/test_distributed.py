@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, run_module
+from tests.conftest import REPO, free_port, run_module
 
 CONF = str(REPO / "conf" / "demo.yaml")
 TOOL = REPO / "tools" / "netns_hosts.sh"
@@ -145,7 +145,7 @@ def test_a_signal_on_one_rank_stops_both_at_one_step_and_resumes_exactly(digits_
     the next), exit 0, and the resumed run ends bit-identical to an uninterrupted 2-rank run."""
     from bench.kill_resume import compare, fit_command
 
-    steps, port = 8, 29900 + os.getpid() % 90
+    steps = 8
     env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"}
 
     def two_ranks(run_dir: Path, *extra: str, port_: int) -> str:
@@ -158,14 +158,14 @@ def test_a_signal_on_one_rank_stops_both_at_one_step_and_resumes_exactly(digits_
         return proc.stdout + proc.stderr
 
     ref, cut = tmp_path / "uninterrupted", tmp_path / "interrupted"
-    two_ranks(ref, port_=port)
+    two_ranks(ref, port_=free_port())
     out = two_ranks(cut, "--checkpoint.every_n_train_steps", "0",  # the preemption's save is the only one
                     "--trainer.callbacks+=tests.preemption_helpers.SignalAtBatch",
-                    "--trainer.callbacks.batch_idx=2", "--trainer.callbacks.rank=1", port_=port + 1)
+                    "--trainer.callbacks.batch_idx=2", "--trainer.callbacks.rank=1", port_=free_port())
     assert "preemption (a peer's signal): saving" in out, out[-3000:]  # rank 0 never got the signal itself
     saved = _state(cut)
     assert saved["global_step"] == 4, "signal at the start of step 3, voted at its end, read at step 4"
     assert saved["ShardDataModule"]["consumed"] == 4 * 64 and saved["ShardDataModule"]["epoch"] == 0
-    two_ranks(cut, port_=port + 2)
+    two_ranks(cut, port_=free_port())
     diffs = compare(ref / "checkpoints" / "last.ckpt", cut / "checkpoints" / "last.ckpt")
     assert not diffs, "; ".join(diffs[:10])

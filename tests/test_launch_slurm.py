@@ -409,34 +409,6 @@ def test_preempted_twice_resumes_to_the_same_step(slurm_cluster: SlurmCluster, d
     assert f"W&B run id   {run_id}" in st.stdout
 
 
-@pytest.mark.slow
-def test_time_limit_signal_checkpoints_and_requeues(slurm_cluster: SlurmCluster, demo_shards: Path,
-                                                     tmp_path: Path) -> None:
-    """--signal=USR1@5 at a 1-minute limit: Slurm itself signals the running trainer. slurmctld checks
-    every 30 s and signals once the end is within lead + 30 s, so USR1 comes 25-55 s in (after the
-    trainer's start-up); the trainer saves checkpoints/last.ckpt and requeues the job instead of letting it
-    time out (the kill would come at least one 30 s check later)."""
-    run_dir = tmp_path / "run"
-    last = run_dir / "checkpoints" / "last.ckpt"
-    job = _submit(slurm_cluster, _train_args(run_dir, demo_shards, time_limit="00:01:00", lead="5",
-                                             steps=100000, epochs=1000))  # still training when USR1 comes
-    try:
-        _wait_requeued(slurm_cluster, job, 1, timeout=150, run_dir=run_dir)
-        log = _log(run_dir, job)
-        saved = _preempted_at(log, "SIGUSR1", last)
-        assert saved and saved[0] > 0, log[-4000:]
-        assert (_step(last) or 0) >= saved[0]
-        assert f"requeued Slurm job {job}" in log and "TIME LIMIT" not in log
-        assert not list(run_dir.glob("hpc_ckpt_*"))
-        # without accounting, status still sees the requeued job and its restart count (scontrol)
-        st = slurm_cluster.launch("status", str(run_dir), env={"SLURM_CONF": str(_no_accounting_conf(
-            slurm_cluster, tmp_path))})
-        row = rf"^  {job}\s+train-demo\s+(PENDING|CONFIGURING|RUNNING|COMPLETING)\s+\S+\s+1\s"
-        assert re.search(row, st.stdout, re.M), st.stdout
-    finally:
-        slurm_cluster.run("scancel", job, check=False)
-
-
 REQUEUE_FAILS = """#!/bin/bash
 # scontrol as the trainer sees it when it cannot requeue: inside a container image without Slurm, or with the
 # controller unreachable for a moment. Every other subcommand is the real one.
@@ -446,11 +418,16 @@ exec {scontrol} "$@"
 
 
 @pytest.mark.slow
-def test_batch_script_requeues_when_the_trainer_cannot(slurm_cluster: SlurmCluster, demo_shards: Path,
-                                                       tmp_path: Path) -> None:
-    """USR1 while the trainer's own `scontrol requeue` fails: it saves last.ckpt, logs the failure and exits 0.
-    The batch script (outside any container, where scontrol works) requeues the job instead of letting the
-    run end as COMPLETED, unfinished; the next start resumes and reaches the full step count. The loader is
+def test_time_limit_signal_checkpoints_and_the_batch_script_requeues_when_the_trainer_cannot(
+        slurm_cluster: SlurmCluster, demo_shards: Path, tmp_path: Path) -> None:
+    """--signal=USR1@5 at a 1-minute limit: Slurm itself signals the running trainer. slurmctld checks
+    every 30 s and signals once the end is within lead + 30 s, so USR1 comes 25-55 s in (after the
+    trainer's start-up); the trainer saves checkpoints/last.ckpt instead of letting the job time out (the
+    kill would come at least one 30 s check later). Its own `scontrol requeue` fails here (as inside a
+    container without Slurm, or with the controller unreachable for a moment): it logs the failure and
+    exits 0, and the batch script (outside any container, where scontrol works) requeues the job instead of
+    letting the run end as COMPLETED, unfinished; the next start resumes from last.ckpt. (The trainer's own
+    requeue, under the same USR1 to the tasks: test_preempted_twice_resumes_to_the_same_step.) The loader is
     dali-cpu with a spawned source worker per rank, which gets the USR1 too (it must not die of it)."""
     fakebin = tmp_path / "bin"
     fakebin.mkdir()
@@ -461,22 +438,34 @@ def test_batch_script_requeues_when_the_trainer_cannot(slurm_cluster: SlurmClust
         exe.chmod(0o755)
     run_dir = tmp_path / "run"
     last = run_dir / "checkpoints" / "last.ckpt"
-    args = _train_args(run_dir, demo_shards, loader=("--data.backend", "dali-cpu", "--data.num_workers", "1",
-                                                     "--data.dali_source_workers", "1"))
-    args[args.index("--"):args.index("--")] = ["--python", str(python)]
-    job = _submit(slurm_cluster, args)
-    _wait_step(run_dir, 10, job, slurm_cluster)
-    slurm_cluster.run("scancel", "--signal=USR1", job)
-    _wait_requeued(slurm_cluster, job, 1, timeout=90, run_dir=run_dir)
-    slurm_cluster.wait_gone([job], timeout=240)
-
-    log = _log(run_dir, job)
-    assert f"requeue of Slurm job {job} failed" in log and f"requeued Slurm job {job}" not in log, log[-4000:]
-    assert f"launch: the trainer could not requeue job {job}; requeueing it from the batch script" in log
-    assert [s for _, s in slurm_cluster.sacct_states(job)] == ["REQUEUED", "COMPLETED"], log[-4000:]
-    starts = re.findall(rf"^launch: job {job} restart (\d) .* ckpt (\S+) at", log, re.M)
-    assert starts == [("0", "none"), ("1", str(last))], starts
-    assert _step(last) == STEPS
+    args = _train_args(run_dir, demo_shards, time_limit="00:01:00", lead="5", steps=100000, epochs=1000,
+                       loader=("--data.backend", "dali-cpu", "--data.num_workers", "1",
+                               "--data.dali_source_workers", "1"))  # still training when USR1 comes
+    job = _submit(slurm_cluster, _with_launch_args(args, "--python", str(python)))
+    try:
+        _wait_requeued(slurm_cluster, job, 1, timeout=150, run_dir=run_dir)
+        log = _log(run_dir, job)
+        saved = _preempted_at(log, "SIGUSR1", last)
+        assert saved and saved[0] > 0, log[-4000:]
+        assert (_step(last) or 0) >= saved[0]
+        assert f"requeue of Slurm job {job} failed" in log and f"requeued Slurm job {job}" not in log, log[-4000:]
+        assert f"launch: the trainer could not requeue job {job}; requeueing it from the batch script" in log
+        assert "TIME LIMIT" not in log and not list(run_dir.glob("hpc_ckpt_*"))
+        # without accounting, status still sees the requeued job and its restart count (scontrol)
+        st = slurm_cluster.launch("status", str(run_dir), env={"SLURM_CONF": str(_no_accounting_conf(
+            slurm_cluster, tmp_path))})
+        row = rf"^  {job}\s+train-demo\s+(PENDING|CONFIGURING|RUNNING|COMPLETING)\s+\S+\s+1\s"
+        assert re.search(row, st.stdout, re.M), st.stdout
+        # the next start resumes from the saved step
+        deadline = time.monotonic() + 120
+        while f"resuming from {last}" not in _log(run_dir, job) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        log = _log(run_dir, job)
+        starts = re.findall(rf"^launch: job {job} restart (\d) .* ckpt (\S+) at", log, re.M)
+        assert starts == [("0", "none"), ("1", str(last))], starts
+        assert f"resuming from {last}" in log, log[-4000:]
+    finally:
+        slurm_cluster.run("scancel", job, check=False)
 
 
 def _with_launch_args(args: list[str], *launch_args: str) -> list[str]:
