@@ -3,7 +3,7 @@
 import sys
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "fit":  # before the imports: they take seconds
+    if len(sys.argv) > 1 and sys.argv[1] == "fit":  # USR1 before the imports: they take seconds
         from pipeline.early_signals import hold
 
         hold()

@@ -1,18 +1,20 @@
-"""Preemption signals that arrive before the training's own handlers exist.
+"""The time-limit warning when it arrives before the training's own handlers exist.
 
-Slurm sends USR1 (the time limit is near) or SIGTERM (preemption) whenever it decides to, also while
+Slurm sends USR1 (``--signal``: the time limit is near) whenever the job's clock says so, also while
 ``python -m pipeline fit`` is still importing torch, reading the config or building the model: seconds to
 minutes before the ``Preemption`` callback installs its handlers at the fit's setup. USR1's default action
-kills the process (exit 138, which the batch script counts as a crash) and SIGTERM's ends it unsaved.
-So ``fit`` holds both from its first line: a signal then is only recorded, and ``Preemption`` takes it
-over at setup (the run stops after its first step, saved, and requeues, as for a signal during training).
+kills the process (exit 138, which the batch script counts as a crash). So ``fit`` holds USR1 from its
+first line: it is only recorded, and ``Preemption`` takes it over at setup (the run stops after its first
+step, saved, and requeues, as for a signal during training). SIGTERM keeps its default until the setup:
+it means "go now" (a preemption's grace time, a torchrun agent that died), and a process held alive
+through its start-up could wait for a peer or a rendezvous that is gone.
 """
 
 from __future__ import annotations
 
 import signal
 
-SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+SIGNALS = (signal.SIGUSR1,)
 
 _pending: int | None = None
 _previous: dict[int, object] = {}
@@ -25,7 +27,7 @@ def _record(signum, frame) -> None:
 
 
 def hold() -> None:
-    """Record USR1/TERM instead of dying of them, until ``take``. Call first thing in the main thread."""
+    """Record USR1 instead of dying of it, until ``take``. Call first thing in the main thread."""
     for s in SIGNALS:
         if s not in _previous:
             _previous[s] = signal.signal(s, _record)
