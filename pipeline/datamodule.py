@@ -90,6 +90,7 @@ class ShardDataModule(pl.LightningDataModule):
         self._val: ShardSet | None = None
         self._start = Position()
         self._restored = False  # a checkpoint gave the position
+        self._said_epoch_end: tuple[int, int, int] | None = None
         self._train_sampler: TrainSampler | None = None
         self._saved_global = 0  # world size x batch size of that checkpoint
 
@@ -173,6 +174,16 @@ class ShardDataModule(pl.LightningDataModule):
             return None
         if self._start.batches != self._start.consumed // g:
             self._start = replace(self._start, batches=self._start.consumed // g)
+        length = steps_in_epoch(len(self.train_shards), world, self.batch_size)
+        said = (epoch, self._start.consumed, g)
+        if (self._start.batches >= length and said != self._said_epoch_end
+                and self.trainer is not None and self.trainer.is_global_zero):
+            self._said_epoch_end = said  # once (the loop asks more than once)
+            log.warning(
+                "the checkpoint stopped epoch %d after %d samples; with %d ranks x batch %d the epoch holds %d"
+                " (the rest is the tail left out of it), so it ends here and Lightning starts epoch %d without"
+                " validating epoch %d (resume with the saved world size x batch to validate it)",
+                epoch, self._start.consumed, world, self.batch_size, length * g, epoch + 1, epoch)
         return self._start.batches
 
     def train_dataloader(self):

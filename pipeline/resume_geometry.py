@@ -122,7 +122,8 @@ def adapt(saved: Geometry, world_size: int, batch_size: int, accumulate: int) ->
         return now
     if g % (world_size * batch_size) == 0:
         return Geometry(world_size, batch_size, g // (world_size * batch_size))
-    for acc in sorted({accumulate, 1}):
+    # the configured accumulation first: then world x batch, and so the epoch's length, stay as saved
+    for acc in dict.fromkeys((accumulate, 1)):
         if g % (world_size * acc) == 0:
             return Geometry(world_size, g // (world_size * acc), acc)
     raise ConfigError(

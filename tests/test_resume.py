@@ -207,6 +207,9 @@ def test_geometry_keeps_the_global_batch():
     assert adapt(saved, 4, 32, 1) == Geometry(4, 16, 1)  # more ranks: smaller per-rank batch
     assert adapt(saved, 2, 32, 1) == Geometry(2, 32, 1)
     assert adapt(Geometry(8, 32, 1), 2, 32, 1) == Geometry(2, 32, 4)
+    # the configured accumulation kept (world x batch, so the epoch's length, as saved); it was 2 x 96 x 1,
+    # whose shorter epoch had ended before the checkpoint's position: that epoch went unvalidated
+    assert adapt(Geometry(1, 64, 3), 2, 64, 3) == Geometry(2, 32, 3)
     with pytest.raises(ConfigError, match="not divisible by 3"):
         adapt(saved, 3, 32, 1)
 
@@ -265,6 +268,21 @@ def test_resume_into_accumulation_steps_on_whole_global_batches(digits_shards, t
     pos = saved["ShardDataModule"]
     assert saved["global_step"] == 6
     assert (pos["consumed"], pos["batches"], pos["batch_size"], pos["accumulate"]) == (6 * 64, 12, 32, 2), pos
+
+
+def test_a_resume_whose_epoch_ends_before_the_saved_position_says_it_goes_unvalidated(digits_shards, tmp_path):
+    """Saved at step 7 of batch 64 x accumulate 3 (1344 samples into epoch 0), resumed as batch 192: an epoch
+    of 192-sample batches ends at 1344 (the rest is its left-out tail), so Lightning starts epoch 1 without
+    validating epoch 0. That is said, naming both geometries' numbers, instead of passing in silence."""
+    run = tmp_path / "run"
+    with open(tmp_path / "runs.log", "w") as log:
+        run_to_end(fit_command(digits_shards, run, 7, ["--data.batch_size", "64", "--trainer.accumulate_grad_batches",
+                                                      "3", "--checkpoint.every_n_train_steps", "0"]), log)
+        run_to_end(fit_command(digits_shards, run, 8, ["--data.batch_size", "192"]), log)
+    text = (tmp_path / "runs.log").read_text()
+    assert ("the checkpoint stopped epoch 0 after 1344 samples; with 1 ranks x batch 192 the epoch holds 1344"
+            in text), text[-3000:]
+    assert "without validating epoch 0" in text
 
 
 def test_resume_from_the_epoch_end_checkpoint_is_bit_exact(interrupted, digits_shards, tmp_path):
