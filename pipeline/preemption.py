@@ -19,9 +19,8 @@ requeue $SLURM_JOB_ID`` once when running under Slurm (Slurm then cancels the ru
 The handlers hold from the fit's setup to its teardown, start-up and the sanity check included (a USR1
 there killed the process, a SIGTERM ended it with exit 0 and no requeue); before the setup (imports,
 config, model), ``pipeline.early_signals`` records USR1 and it is taken over here (SIGTERM keeps its
-default there: it means "go now"). A signal before the
-first training step stops the run after that step. Lightning's own SLURM auto-requeue is switched off by the
-CLI (``SLURMEnvironment(auto_requeue=False)``) and its SIGTERM handler is never installed during a fit:
+default there: it means "go now"). A signal before the first training step stops the run after that
+step. Lightning's own SLURM auto-requeue is switched off by the CLI (``SLURMEnvironment(auto_requeue=False)``) and its SIGTERM handler is never installed during a fit:
 that handler broadcasts from inside the handler, on the signalled rank alone.
 """
 

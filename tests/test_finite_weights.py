@@ -4,7 +4,6 @@ checkpoint: a real divergence (an lr far too high), in one process and in two DD
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, run_module
+from tests.conftest import REPO, free_port, run_module
 
 DIVERGE = ("--model.lr", "300", "--model.warmup_epochs", "0", "--checkpoint.every_n_train_steps", "2",
            "--trainer.max_steps", "30", "--data.num_workers", "0", "--tracking.wandb", "false")
@@ -44,9 +43,7 @@ def test_divergence_stops_the_run_and_keeps_the_last_finite_checkpoint(digits_sh
 
 @pytest.mark.slow
 def test_two_ranks_stop_together(digits_shards: Path, tmp_path: Path) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     run_dir = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCHELASTIC_"))}
     env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")

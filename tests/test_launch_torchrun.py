@@ -4,7 +4,6 @@ killed the agent's restart resumes it, bit-exact."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,14 +14,7 @@ import torch
 
 from bench.kill_resume import compare
 from pipeline.torchelastic import restart_warning
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.conftest import REPO, free_port
 
 
 STEPS = 8
@@ -33,7 +25,7 @@ def _launch(run_dir: Path, shards: Path, *launch_args: str, extra: tuple[str, ..
            if not k.startswith(("SLURM_", "WANDB_API_KEY", "TORCHELASTIC_", "TORCH_DISABLE_SHARE"))}
     env.update(PYTHONPATH=str(REPO), WANDB_MODE="offline", OMP_NUM_THREADS="1")
     argv = [sys.executable, "-m", "launch", "torchrun", "--config", str(REPO / "conf" / "demo.yaml"),
-            "--nnodes", "1", "--nproc-per-node", "2", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}",
+            "--nnodes", "1", "--nproc-per-node", "2", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
             "--run-dir", str(run_dir), "--cpu", *launch_args, "--run", "--",
             "--data.root", str(shards), "--trainer.max_steps", str(STEPS), "--data.num_workers", "0",
             "--checkpoint.every_n_train_steps", "2", *extra]
@@ -139,7 +131,7 @@ def test_a_rank_of_a_torchrun_that_is_pid_1_starts(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC_", "SLURM_"))}
     proc = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", str(torchrun), "--nnodes", "1",
                            "--nproc-per-node", "1", "--max-restarts", "0", "--rdzv-backend", "c10d",
-                           "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", "-m", "pipeline", "fit", "--help"],
+                           "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "-m", "pipeline", "fit", "--help"],
                           capture_output=True, text=True, env={**env, "PYTHONPATH": str(REPO)}, cwd=REPO, timeout=180)
     assert proc.returncode == 0 and "--trainer.max_steps" in proc.stdout, proc.stderr[-3000:]
 
