@@ -30,6 +30,7 @@ from pytorch_lightning.strategies import DeepSpeedStrategy
 import pipeline.strategies  # noqa: F401  (registers the deepspeed_stage_*_cpu strategies)
 from data_prep.format import ManifestError
 from pipeline.checkpoint_io import AtomicCheckpointIO, recover_directories
+from pipeline.data.shards import CorruptSampleError
 from pipeline.datamodule import ShardDataModule
 from pipeline.errors import CheckpointWriteError, ConfigError, TrainingDiverged, require
 from pipeline.finite_weights import FiniteWeights
@@ -341,8 +342,23 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointWriteError, TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except CorruptSampleError as e:  # the same sample would stop every retry: an `error:` line, no requeue
+        print(f"error: {corrupt_sample_message(e)}; repair the shard (`python -m data_prep verify` names damaged"
+              " shards; rerunning the same data_prep command rewrites them) or set data.on_corrupt: skip",
+              file=sys.stderr)
+        return 1
     _teardown_process_group()
     return 0
+
+
+def corrupt_sample_message(error: CorruptSampleError) -> str:
+    """The loader's one-line message. Raised in a DataLoader worker, the error reaches the trainer re-made
+    by torch with the worker's whole traceback as its text; the message is that traceback's last line."""
+    text = str(error).strip()
+    if "Traceback (most recent call last)" not in text:
+        return text
+    last = text.splitlines()[-1]
+    return last.split(f"{CorruptSampleError.__name__}: ", 1)[-1]
 
 
 def _teardown_process_group() -> None:

@@ -19,6 +19,9 @@ def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
+IGNORED = -100  # the label of a masked sample for the validation metrics
+
+
 def masked_top1(logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Top-1 accuracy over the valid samples of a batch, as a device tensor (no mask indexing: no sync)."""
     correct = (logits.argmax(dim=1) == labels) & valid
@@ -92,8 +95,14 @@ class ImageClassifier(pl.LightningModule):
         self._forward = torch.compile(self.model) if compile else self.model
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255, persistent=False)
-        self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
-        self.val_top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")
+        # masked samples (padding, skipped corrupt ones) are given the label IGNORED rather than indexed out:
+        # boolean-mask indexing waits for the GPU, and a batch with no valid sample (all padding, or all
+        # corrupt) would be empty, which torchmetrics' top-k refuses. Labels are range-checked where they are
+        # read (ShardSet.read_label), so the metric's own argument checks (more host syncs) are off.
+        self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro", ignore_index=IGNORED,
+                                           validate_args=False)
+        self.val_top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro",
+                                           ignore_index=IGNORED, validate_args=False)
 
     def __setattr__(self, name, value):
         if name == "_forward":  # an alias of self.model (maybe compiled), not a second submodule
@@ -178,8 +187,9 @@ class ImageClassifier(pl.LightningModule):
         losses = F.cross_entropy(_at_least_fp32(logits), labels, reduction="none")
         self._val_loss_sum += (losses * valid).sum()
         self._val_count += valid.sum()
-        self.val_top1(logits[valid], labels[valid])
-        self.val_top5(logits[valid], labels[valid])
+        target = torch.where(valid, labels, IGNORED)
+        self.val_top1.update(logits, target)
+        self.val_top5.update(logits, target)
 
     def on_validation_epoch_start(self) -> None:
         self._val_loss_sum = torch.zeros((), device=self.device)
@@ -191,6 +201,9 @@ class ImageClassifier(pl.LightningModule):
             loss_sum = self.trainer.strategy.reduce(loss_sum, reduce_op="sum")
             count = self.trainer.strategy.reduce(count, reduce_op="sum")
         self.log("val/loss", loss_sum / count.clamp(min=1), sync_dist=False, rank_zero_only=False)
+        # the samples the metrics cover: the split's size, less skipped corrupt samples (data.on_corrupt: skip)
+        # and whatever trainer.limit_val_batches leaves out
+        self.log("val/samples", count.float(), sync_dist=False, rank_zero_only=False)
         self.log("val/top1", self.val_top1, prog_bar=True)
         self.log("val/top5", self.val_top5)
 

@@ -5,6 +5,7 @@ write (file-size limit), debris of a save killed mid-write."""
 from __future__ import annotations
 
 import os
+import re
 import resource
 import stat
 import subprocess
@@ -117,6 +118,15 @@ def test_skipped_corrupt_samples_are_counted_in_the_logs(digits_shards, tmp_path
     from tests.test_dali_backend import corrupt_copy, zero_head
 
     shards = corrupt_copy(digits_shards, tmp_path / "shards", "train", 100, zero_head)
+    # data.on_corrupt fail (the default): one `error:` line naming the sample as `data_prep verify` counts
+    # it (the job script requeues a crash, not an `error:`), also from a DataLoader worker
+    proc = run_module(*_args("fit", shards, tmp_path / "failed", "--data.backend", backend,
+                             "--data.num_workers", "2", "--trainer.max_epochs", "1"), check=False)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert re.match(r"error: corrupt sample 100 \(train_\d+\.jpg\) of shard 'train-000000\.tar': .*; repair the"
+                    r" shard .* or set data\.on_corrupt: skip$", errors[0]), errors[0]
     run = tmp_path / "run"
     run_module(*_args("fit", shards, run, "--data.backend", backend, "--data.num_workers", "2",
                       "--data.on_corrupt", "skip", "--trainer.max_epochs", "1"))

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import csv
+import shutil
 from pathlib import Path
 
+import pytest
+
+from pipeline.data.shards import ShardSet
 from tests.conftest import REPO, run_module
 
 
-def _validate(shards: Path, run_dir: Path, devices: int) -> dict[str, float]:
+def _validate(shards: Path, run_dir: Path, devices: int, *extra: str, batch: int = 50) -> dict[str, float]:
     args = ["pipeline", "validate", "--config", str(REPO / "conf" / "demo.yaml"), "--data.root", str(shards),
             "--trainer.default_root_dir", str(run_dir), "--data.num_workers", "0",
-            "--data.val_batch_size", "50", "--tracking.wandb", "false", "--trainer.devices", str(devices)]
+            "--data.val_batch_size", str(batch), "--tracking.wandb", "false", "--trainer.devices", str(devices),
+            *extra]
     if devices > 1:
         args += ["--trainer.strategy", "ddp"]
     run_module(*args)
@@ -29,3 +34,27 @@ def test_two_process_validation_equals_one_process(digits_shards, tmp_path):
     assert abs(one["val/loss"] - two["val/loss"]) < 1e-6
     correct = one["val/top1"] * 363
     assert abs(correct - round(correct)) < 1e-3, "top-1 is a count over exactly 363 samples"
+    assert one["val/samples"] == two["val/samples"] == 363
+
+
+@pytest.mark.parametrize("backend", ["cpu", "dali-cpu"])
+def test_validation_with_skipped_corrupt_samples_and_an_all_padding_batch(digits_shards, tmp_path, backend):
+    """Batches of 181: rank 0 validates samples 0-181 (its second batch: sample 181 alone), rank 1 182-362
+    (its second batch: padding only); one process has 362 alone in its third batch. Samples 5, 181 and 362
+    are zeroed (corrupt) and skipped, so batches with no valid sample come from padding and from corruption
+    (they used to crash torchmetrics' top-k). Metrics over the 360 left equal one process's."""
+    root = tmp_path / "shards"
+    shutil.copytree(digits_shards, root)
+    val = ShardSet(root, "val")
+    for sid in (5, 181, 362):
+        with open(root / val.shard_name(sid), "r+b") as f:
+            f.seek(int(val.offsets[sid]))
+            f.write(bytes(int(val.sizes[sid])))
+    extra = ("--data.on_corrupt", "skip", "--data.backend", backend)
+    one = _validate(root, tmp_path / "one", 1, *extra, batch=181)
+    two = _validate(root, tmp_path / "two", 2, *extra, batch=181)
+    assert one["val/samples"] == two["val/samples"] == 360
+    assert one["val/top1"] == two["val/top1"] and one["val/top5"] == two["val/top5"]
+    assert abs(one["val/loss"] - two["val/loss"]) < 1e-6
+    correct = one["val/top1"] * 360
+    assert abs(correct - round(correct)) < 1e-3, "top-1 is a count over exactly the 360 good samples"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 
 import numpy as np
 import torch
@@ -21,13 +22,15 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from pipeline.data.augment import AugmentConfig, sample_rng, train_params
 from pipeline.data.contract import PAD
 from pipeline.data.dali_source import jpeg_size
-from pipeline.data.shards import ShardSet
+from pipeline.data.shards import CorruptSampleError, ShardSet
 
 log = logging.getLogger(__name__)
 
 
-class CorruptSampleError(RuntimeError):
-    """A sample's bytes could not be decoded; the message names the shard and sample id."""
+def _reason(error: Exception) -> str:
+    """Why a sample failed, without PIL's ``<_io.BytesIO object at 0x...>``."""
+    text = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(error)).strip()
+    return text or type(error).__name__
 
 
 def decode_rgb(data: bytes) -> torch.Tensor:
@@ -115,8 +118,9 @@ class ShardBatches(torch.utils.data.Dataset):
                 continue
             try:
                 img = decode_rgb(self.shards.read_jpeg(sid))
+                label = self.shards.read_label(sid)
             except Exception as e:  # PIL raises many types for broken data
-                msg = f"corrupt sample {sid} in shard {self.shards.shard_name(sid)!r}: {e}"
+                msg = f"corrupt {self.shards.describe(sid)}: {_reason(e)}"
                 if self.on_corrupt == "fail":
                     raise CorruptSampleError(msg) from None
                 log.warning("skipping %s", msg)
@@ -129,7 +133,7 @@ class ShardBatches(torch.utils.data.Dataset):
             else:
                 img = augment_eval(img, self.cfg)
             images[j] = img
-            labels[j] = self.shards.read_label(sid)
+            labels[j] = label
         good = [j for j in range(len(ids)) if j not in bad]
         if bad:
             if not good:

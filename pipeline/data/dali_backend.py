@@ -42,9 +42,9 @@ import torch
 
 from pipeline.data.augment import AugmentConfig
 from pipeline.data.contract import PAD
-from pipeline.data.cpu_backend import CorruptSampleError, ShardBatches, augment_eval, resize_and_flip
+from pipeline.data.cpu_backend import ShardBatches, augment_eval, resize_and_flip
 from pipeline.data.dali_source import BatchSource
-from pipeline.data.shards import ShardSet
+from pipeline.data.shards import CorruptSampleError, ShardSet
 from pipeline.data.worker_signals import spawned_without_preemption_signals
 from pipeline.data.worker_watchdog import WorkerWatchdog, describe_death
 
@@ -321,7 +321,12 @@ class DaliLoader:
     def _check_corrupt(self, ids: np.ndarray, valid: np.ndarray) -> None:
         for j in np.flatnonzero(~valid & (ids != PAD)):
             sid = int(ids[j])
-            msg = f"corrupt sample {sid} in shard {self.shards.shard_name(sid)!r}: not a whole JPEG"
+            try:  # the source masks a broken JPEG or a label outside the classes; say which
+                self.shards.read_label(sid)
+                reason = "not a whole JPEG"
+            except ValueError as e:
+                reason = str(e)
+            msg = f"corrupt {self.shards.describe(sid)}: {reason}"
             if self.on_corrupt == "fail":
                 raise CorruptSampleError(msg)
             log.warning("skipping %s", msg)
@@ -366,5 +371,10 @@ def _release(plan_dir: str, watchdog: WorkerWatchdog) -> None:
 
 
 def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else repr(error)
+    """The line of a DALI error that says what went wrong. DALI's messages open with headings ("Critical
+    error in pipeline:") and the operator's traceback; the cause follows "encountered:"."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if "encountered:" in lines[:-1]:
+        return lines[lines.index("encountered:") + 1].rstrip(" :")
+    said = [line for line in lines if not line.endswith(":")]
+    return (said or lines or [repr(error)])[0]

@@ -115,6 +115,10 @@ class BatchSource:
             size = jpeg_size(data)
             if size is None:
                 continue  # valid stays 0: the loader tells corrupt samples from padding by their id
+            try:
+                label = self.shards.read_label(sid)
+            except ValueError:  # outside the classes: corrupt as well (the loader says which)
+                continue
             width, height = size
             if self.train:
                 top, left, h, w, f = train_params(
@@ -125,7 +129,7 @@ class BatchSource:
             else:
                 window[j] = (0, 0, height, width)
             jpegs[j] = np.frombuffer(data, dtype=np.uint8)
-            labels[j] = self.shards.read_label(sid)
+            labels[j] = label
             valid[j] = 1
             if first_good < 0:
                 first_good = j

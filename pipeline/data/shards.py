@@ -18,6 +18,11 @@ from data_prep.format import ManifestError, load_manifest, read_index
 from pipeline.errors import ConfigError
 
 
+class CorruptSampleError(RuntimeError):
+    """A sample's bytes or label cannot be used; the message names the shard, the sample's position in it
+    and its tar member (``ShardSet.describe``)."""
+
+
 class ShardSet:
     """The samples of ``split`` under ``root``; checks at start that every shard is present and whole."""
 
@@ -40,6 +45,7 @@ class ShardSet:
         self.shard_names = [s["name"] for s in shards]
         self.shard_sizes = np.array([int(s["samples"]) for s in shards], dtype=np.int64)
         self._paths = [str(self.root / s["name"]) for s in shards]
+        self._index_paths: list[Path] = []
         shard_of, offsets, sizes, lbl_offsets = [], [], [], []
         for i, s in enumerate(shards):
             path = self.root / s["name"]
@@ -53,6 +59,7 @@ class ShardSet:
             idx_path = self.root / s.get("index", Path(s["name"]).with_suffix(".idx").name)
             if not idx_path.is_file():
                 raise ConfigError(f"index {str(idx_path)!r} of shard {s['name']!r} is missing")
+            self._index_paths.append(idx_path)
             entries = read_index(idx_path)
             if len(entries) != int(s["samples"]):
                 raise ConfigError(
@@ -69,6 +76,7 @@ class ShardSet:
         self.offsets = np.asarray(offsets, dtype=np.int64)
         self.sizes = np.asarray(sizes, dtype=np.int64)
         self.label_offsets = np.asarray(lbl_offsets, dtype=np.int64)
+        self._shard_starts = np.concatenate([[0], np.cumsum(self.shard_sizes)[:-1]]).astype(np.int64)
         self._fds: dict[int, int] = {}
         self._pid = -1
 
@@ -96,10 +104,17 @@ class ShardSet:
         return data
 
     def read_label(self, sample_id: int) -> int:
-        """The class index of one sample (from its fixed-width ``lbl`` member)."""
+        """The class index of one sample (from its fixed-width ``lbl`` member). A label outside the
+        manifest's classes raises ValueError here, on the host, naming it: on a GPU it would end the run
+        with a device-side assert in the loss, naming nothing."""
         shard = int(self.shard_of[sample_id])
         raw = os.pread(self._fd(shard), 4, int(self.label_offsets[sample_id]))
-        return struct.unpack("<i", raw)[0]
+        if len(raw) != 4:
+            raise OSError(f"short read of the label of sample {sample_id} in {self._paths[shard]!r}")
+        label = struct.unpack("<i", raw)[0]
+        if not 0 <= label < len(self.classes):
+            raise ValueError(f"label {label} is outside the manifest's {len(self.classes)} classes")
+        return label
 
     def labels(self) -> np.ndarray:
         """All labels of the split, in id order (reads 4 bytes per sample)."""
@@ -107,6 +122,23 @@ class ShardSet:
 
     def shard_name(self, sample_id: int) -> str:
         return self.shard_names[int(self.shard_of[sample_id])]
+
+    def describe(self, sample_id: int) -> str:
+        """A sample as a user finds it: its position in its shard (as ``python -m data_prep verify``
+        counts), its tar member and the shard. Reads the shard's index: for messages, not the hot path."""
+        shard = int(self.shard_of[sample_id])
+        pos = int(sample_id - self._shard_starts[shard])
+        member = "?"
+        try:
+            with open(self._index_paths[shard], encoding="utf-8") as f:
+                for i, line in enumerate(f):
+                    if i == pos + 1:  # after the header line
+                        parts = line.split()
+                        member = next((parts[k + 3] for k in range(0, len(parts) - 3, 4) if parts[k] == "jpg"), "?")
+                        break
+        except OSError:
+            pass
+        return f"sample {pos} ({member}) of shard {self.shard_names[shard]!r}"
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
