@@ -1,7 +1,8 @@
 """``python -m data_prep verify OUT``: re-check every shard against the manifest.
 
 Checks size and sha256, the index (sample count, jpg/cls/lbl present, offsets inside the tar,
-cls text == lbl int32) and fully decodes a few evenly spaced JPEGs per shard.
+cls text == lbl int32) and fully decodes a few evenly spaced JPEGs per shard, every JPEG of a shard whose
+checksum no longer matches (so the damaged samples are named).
 """
 from __future__ import annotations
 
@@ -26,8 +27,9 @@ def verify_shard(out: Path, split: str, shard: dict, n_classes: int, decode: int
     if size != shard["bytes"]:
         return [f"{where}: size {size} != manifest {shard['bytes']}"]
     problems = []
-    if file_sha256(tar) != shard["sha256"]:
-        problems.append(f"{where}: sha256 mismatch (file changed or corrupt)")
+    changed = file_sha256(tar) != shard["sha256"]
+    if changed:  # then decode every sample, to name the damaged ones (as the loaders' errors do)
+        problems.append(f"{where}: sha256 mismatch (file changed or corrupt); decoding all its samples")
     try:
         index = read_index(Path(out) / shard["index"])
     except ManifestError as exc:
@@ -50,7 +52,7 @@ def verify_shard(out: Path, split: str, shard: dict, n_classes: int, decode: int
             if len(lbl) != 4 or not cls.isdigit() or int(cls) != struct.unpack("<i", lbl)[0] \
                     or not 0 <= int(cls) < n_classes:
                 problems.append(f"{where}: sample {i} has inconsistent labels cls={cls!r} lbl={lbl!r}")
-            if step and i % step == 0 and i // step < decode:
+            if changed or (step and i % step == 0 and i // step < decode):
                 f.seek(entry["jpg"][0])
                 try:
                     im = Image.open(io.BytesIO(f.read(entry["jpg"][1])))

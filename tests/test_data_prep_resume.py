@@ -106,6 +106,14 @@ def test_verify_catches_a_flipped_byte(tree, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "data_prep", "verify", str(out)], cwd=REPO, capture_output=True, text=True)
     assert bad.returncode == 1 and "train-000001.tar" in bad.stderr and "sha256" in bad.stderr
     assert "train-000000.tar" not in bad.stderr
+    # a changed shard has all its samples decoded: the damaged one is named by its position in the shard
+    from data_prep.format import read_index
+    offset, size = read_index(out / "train-000001.idx")[7]["jpg"]
+    data[offset:offset + size] = bytes(size)
+    path.write_bytes(bytes(data))
+    bad = subprocess.run([sys.executable, "-m", "data_prep", "verify", str(out)], cwd=REPO, capture_output=True, text=True)
+    assert bad.returncode == 1 and "train/train-000001.tar: sample 7 does not decode" in bad.stderr, bad.stderr
+    assert "sample" not in bad.stderr.replace("sample 7 ", "").replace("decoding all its samples", ""), bad.stderr
 
 
 def test_reencode_mode_bounds_size(tree, tmp_path):
