@@ -319,9 +319,10 @@ def main(argv: list[str] | None = None) -> int:
     # the best-k ModelCheckpoint at the end of a training epoch that ran no validation (a run ending at
     # max_steps mid-epoch, check_val_every_n_epoch > 1): nothing to rank yet, not a misnamed metric
     warnings.filterwarnings("ignore", message=r"`ModelCheckpoint\(monitor='val/top1'\)` could not find the monitored key")
-    # val/loss is reduced over the ranks by hand (ImageClassifier.on_validation_epoch_end: the exact mean over
-    # all samples, where sync_dist would average the ranks' means); Lightning still advises sync_dist at every run
-    warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\('val/loss', \.\.\., sync_dist=True\)`")
+    # val/loss and val/samples are reduced over the ranks by hand (ImageClassifier.on_validation_epoch_end: the
+    # exact mean over all samples, where sync_dist would average the ranks' means, and the summed count);
+    # Lightning still advises sync_dist at every run
+    warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\('val/(loss|samples)', \.\.\., sync_dist=True\)`")
     # Lightning 2.6 calls a torch API that torch 2.14 deprecates (internal to Lightning, once per run)
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
     if "SLURM_JOB_ID" not in os.environ:  # a login node or a laptop with Slurm's tools: not in a job, no hint

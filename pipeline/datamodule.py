@@ -149,6 +149,14 @@ class ShardDataModule(pl.LightningDataModule):
         trainer = self.trainer
         return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
 
+    def _accumulate(self) -> int:
+        """The trainer's gradient accumulation: an epoch is the whole optimizer batches that fit in it."""
+        trainer = self.trainer
+        return max(1, int(getattr(trainer, "accumulate_grad_batches", 1) or 1)) if trainer is not None else 1
+
+    def _steps(self, world: int, consumed: int = 0) -> int:
+        return steps_in_epoch(len(self.train_shards), world, self.batch_size, consumed, self._accumulate())
+
     def resume_batches(self, epoch: int) -> int | None:
         """Batches of the current size already done in ``epoch`` when the run resumed in it (else None),
         and from now on the base of the position this datamodule saves (``state_dict``).
@@ -166,7 +174,7 @@ class ShardDataModule(pl.LightningDataModule):
             if epoch == self._start.epoch:
                 return 0
             if epoch == self._start.epoch - 1:  # the saved epoch is complete: all of its batches are done
-                return steps_in_epoch(len(self.train_shards), world, self.batch_size)
+                return self._steps(world)
             return None
         if epoch != self._start.epoch:
             return None
@@ -174,33 +182,35 @@ class ShardDataModule(pl.LightningDataModule):
             return None
         if self._start.batches != self._start.consumed // g:
             self._start = replace(self._start, batches=self._start.consumed // g)
-        length = steps_in_epoch(len(self.train_shards), world, self.batch_size)
+        length = self._steps(world)
         said = (epoch, self._start.consumed, g)
         if (self._start.batches >= length and said != self._said_epoch_end
                 and self.trainer is not None and self.trainer.is_global_zero):
             self._said_epoch_end = said  # once (the loop asks more than once)
             log.warning(
-                "the checkpoint stopped epoch %d after %d samples; with %d ranks x batch %d the epoch holds %d"
-                " (the rest is the tail left out of it), so it ends here and Lightning starts epoch %d without"
-                " validating epoch %d (resume with the saved world size x batch to validate it)",
-                epoch, self._start.consumed, world, self.batch_size, length * g, epoch + 1, epoch)
+                "the checkpoint stopped epoch %d after %d samples, where the epoch ends (%d samples: whole global"
+                " batches of %d ranks x batch %d x accumulate %d), so Lightning starts epoch %d without"
+                " validating epoch %d (`python -m pipeline validate --ckpt_path ...` validates the checkpoint)",
+                epoch, self._start.consumed, length * g, world, self.batch_size, self._accumulate(), epoch + 1,
+                epoch)
         return self._start.batches
 
     def train_dataloader(self):
         world, rank = self._geometry()
         samples = len(self.train_shards)
-        if steps_in_epoch(samples, world, self.batch_size) == 0:  # Lightning would end "successfully" untrained
+        if self._steps(world) == 0:  # Lightning would end "successfully" untrained
             raise ConfigError(
                 f"the {self.train_split!r} split has {samples} samples, fewer than one global batch"
-                f" ({world} ranks x data.batch_size {self.batch_size}): no training step could run"
+                f" ({world} ranks x data.batch_size {self.batch_size} x trainer.accumulate_grad_batches"
+                f" {self._accumulate()}): no training step could run"
             )
         self.resume_batches(self._start.epoch)  # the resume position in batches of the current size
         sampler = TrainSampler(
             self.train_shards.shard_sizes, self.seed, world, rank, self.batch_size, self.window_shards,
-            start=self._start,
+            start=self._start, accumulate=self._accumulate(),
         )
         self._train_sampler = sampler
-        if self._start.consumed:
+        if self._start.consumed and rank == 0:
             log.info(
                 "resuming epoch %d at sample %d of its order (%d ranks x batch %d)",
                 self._start.epoch, self._start.consumed, world, self.batch_size,
@@ -256,6 +266,16 @@ class ShardDataModule(pl.LightningDataModule):
         g = world * self.batch_size
         epoch = trainer.current_epoch
         done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        acc = self._accumulate()
+        if done % acc and not epoch_finished(trainer):
+            # a stop between two optimizer steps (trainer.max_time, any should_stop: Lightning stops after any
+            # micro-batch): the weights hold the last step only, so the position is that step's; the
+            # micro-batches after it are trained again after the resume (LoopPosition restates the count)
+            if trainer.is_global_zero:
+                log.info("saving at step %d, between two optimizer steps: the last %d micro-batch(es) of"
+                         " accumulation were not applied and are trained again after a resume",
+                         trainer.global_step, done % acc)
+            done -= done % acc
         seed, window = self.seed, self.window_shards  # those of this epoch's order
         if epoch == self._start.epoch and self._start.consumed:
             consumed = self._start.consumed + (done - self._start.batches) * g
@@ -263,7 +283,7 @@ class ShardDataModule(pl.LightningDataModule):
             window = window if self._start.window_shards is None else self._start.window_shards
         else:
             consumed = done * g
-        if epoch_finished(trainer) or steps_in_epoch(len(self.train_shards), world, self.batch_size, consumed) == 0:
+        if epoch_finished(trainer) or self._steps(world, consumed) == 0:
             # the epoch is complete (also one that limit_train_batches cut): the next one starts fresh
             epoch, consumed, done = epoch + 1, 0, 0
             seed, window = self.seed, self.window_shards

@@ -1,4 +1,6 @@
-"""``last.ckpt``: every N optimizer steps and at every epoch end, one file, overwritten atomically.
+"""``last.ckpt``: every N optimizer steps and at every epoch end, one file, overwritten atomically. A step
+that is both (an epoch's last) is saved once, after the epoch's validation; a stop asked for between two
+optimizer steps (gradient accumulation) waits for the next step, so every save holds whole steps.
 
 Lightning's ``ModelCheckpoint(save_last=True)`` only refreshes ``last`` when it also saved a top-k
 checkpoint at that step, and a second callback with ``save_last`` writes ``last-v1.ckpt`` beside the
@@ -12,6 +14,8 @@ from pathlib import Path
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import ModelCheckpoint
 
+from pipeline.resume_geometry import epoch_finished
+
 
 class LastCheckpoint(ModelCheckpoint):
     def __init__(self, dirpath: str | Path, every_n_train_steps: int = 0) -> None:
@@ -20,6 +24,7 @@ class LastCheckpoint(ModelCheckpoint):
             every_n_train_steps=every_n_train_steps if every_n_train_steps > 0 else None,
             save_on_train_epoch_end=True, enable_version_counter=False,
         )
+        self._stop_waiting = False  # a stop was asked for between two optimizer steps
 
     @property
     def state_key(self) -> str:
@@ -30,6 +35,28 @@ class LastCheckpoint(ModelCheckpoint):
         no step (the run had reached its end) rewrote ``last.ckpt`` at train end with the epoch count one
         ahead, and a later extension of the run trained its next epoch in the wrong order."""
         self._last_global_step_saved = trainer.global_step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        """The periodic save, except at an epoch's last batch: that step is saved at the epoch's end, after
+        its validation. Lightning resumes a checkpoint of an epoch's last batch in the next epoch, so a job
+        killed during the validation after such a save never validated that epoch (nor ranked it best-k)."""
+        self._stop_on_a_step(trainer)
+        if epoch_finished(trainer):
+            return
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def _stop_on_a_step(self, trainer: pl.Trainer) -> None:
+        """A stop asked for between two optimizer steps waits for the next step. Lightning's ``max_time``
+        timer (and any ``should_stop``) ends training after any micro-batch; the save at the end then holds
+        weights without the accumulated micro-batches. Checkpoint callbacks run after all others (Lightning
+        orders them last), so this sees the timer's request of this batch."""
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        if done % max(1, trainer.accumulate_grad_batches) and not epoch_finished(trainer):
+            if trainer.should_stop:
+                trainer.should_stop, self._stop_waiting = False, True
+        elif self._stop_waiting:
+            trainer.should_stop, self._stop_waiting = True, False
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._should_skip_saving_checkpoint(trainer):

@@ -226,13 +226,15 @@ class ImageClassifier(pl.LightningModule):
 
     def steps_per_epoch(self) -> int:
         dm = self.trainer.datamodule
-        batches = steps_in_epoch(len(dm.train_shards), self.trainer.world_size, dm.batch_size)
+        batches = steps_in_epoch(len(dm.train_shards), self.trainer.world_size, dm.batch_size,
+                                 accumulate=self.trainer.accumulate_grad_batches)
         limit = self.trainer.limit_train_batches  # a debugging cut: Lightning ends the epoch there
         if isinstance(limit, int) and limit >= 0:
             batches = min(batches, limit)
         elif isinstance(limit, float) and limit < 1.0:
             batches = int(batches * limit)  # Lightning's own rounding (_parse_num_batches)
-        # Lightning also steps on an epoch's last batch when the accumulation is not complete there
+        # Lightning also steps on an epoch's last batch when the accumulation is not complete there (an epoch
+        # cut by limit_train_batches: the contract's epochs are whole optimizer batches)
         return max(1, -(-batches // self.trainer.accumulate_grad_batches))
 
     def planned_steps(self) -> int:

@@ -8,7 +8,8 @@ reads its metrics at every step whatever its refresh rate. So the module logs ``
 refresh: one synchronisation per ``log_every_n_steps`` steps, when the loggers read the metrics anyway.
 
 In a file, tqdm's carriage returns and cursor codes make one endless line; ``LineProgress`` writes one
-line per refresh (``epoch 3 step 1200/5004 | train/loss 2.314 | 7.71 it/s``) and one per validation.
+line per refresh (``epoch 3 batch 1200/5004 | train/loss 2.314 | 7.71 it/s``: batches of the epoch, micro-batches under
+gradient accumulation, as Lightning counts them) and one per validation.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ class LineProgress(ProgressBar):
         now = time.perf_counter()
         t0, n0 = self._since or (now, n)
         self._since = (now, n)
-        parts = [f"epoch {trainer.current_epoch} step {n}/{total}"]
+        parts = [f"epoch {trainer.current_epoch} batch {n}/{total}"]
         parts += [f"{k} {v}" for k, v in _shown(trainer).items()]
         if n > n0 and now > t0:
             parts.append(f"{(n - n0) / (now - t0):.2f} it/s")

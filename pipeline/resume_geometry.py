@@ -128,7 +128,8 @@ def adapt(saved: Geometry, world_size: int, batch_size: int, accumulate: int) ->
             return Geometry(world_size, g // (world_size * acc), acc)
     raise ConfigError(
         f"cannot keep the global batch of the checkpoint ({saved.describe()}) with {world_size} ranks:"
-        f" {g} is not divisible by {world_size}; pick a world size that divides it"
+        f" {g} is not divisible by {world_size}; pick a world size (trainer.num_nodes x trainer.devices) that"
+        f" divides it"
     )
 
 

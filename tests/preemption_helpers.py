@@ -72,6 +72,32 @@ class KillAgentAt(pl.Callback):
             os.kill(os.getppid(), signal.SIGKILL)
 
 
+class StopAtBatch(pl.Callback):
+    """Set ``trainer.should_stop`` after training batch ``batch_idx`` of the first epoch, whatever the
+    gradient accumulation: Lightning's ``max_time`` timer stops after any micro-batch too."""
+
+    def __init__(self, batch_idx: int) -> None:
+        self.batch_idx = batch_idx
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if trainer.current_epoch == 0 and batch_idx == self.batch_idx:
+            trainer.should_stop = True
+
+
+class KillInValidation(pl.Callback):
+    """SIGKILL this process when the validation of epoch ``epoch`` starts (not the sanity check), in the
+    first attempt only (see ``KillFirstAttempt``)."""
+
+    def __init__(self, epoch: int = 0) -> None:
+        self.epoch = epoch
+        self.armed = all(os.environ.get(k, "0") == "0" for k in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"))
+
+    def on_validation_batch_start(self, trainer: pl.Trainer, pl_module, batch, batch_idx: int,
+                                  dataloader_idx: int = 0) -> None:
+        if self.armed and not trainer.sanity_checking and trainer.current_epoch == self.epoch:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
 class StopAt(pl.Callback):
     """Set ``trainer.should_stop`` after global step ``step``, as Lightning's ``max_time`` timer does."""
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pipeline.data.contract import (
-    PAD, Position, TrainSampler, ValSampler, steps_in_epoch, train_batches, train_order, val_batches,
+    PAD, Position, TrainSampler, ValSampler, epoch_samples, steps_in_epoch, train_batches, train_order, val_batches,
 )
 
 SHARDS = [37, 50, 50, 13, 50, 1, 49]  # uneven, like a real last shard
@@ -43,6 +43,27 @@ def test_train_epoch_geometry(world, batch, epoch):
     assert len(np.unique(seen)) == len(seen), "no sample twice in an epoch"
     assert N - len(seen) <= world * batch - 1, "at most world*batch-1 samples left out"
     assert all(b.shape[1:] == (batch,) for b in per_rank if len(b))
+
+
+@pytest.mark.parametrize("world,batch,acc", [(1, 8, 3), (2, 8, 3), (3, 5, 2), (1, 64, 4), (2, 4, 8), (7, 1, 5)])
+def test_an_epoch_is_whole_optimizer_batches_under_accumulation(world, batch, acc):
+    """With accumulation every optimizer step takes a full global batch (world * batch * acc): the batch
+    count is a multiple of acc (no last step on a partial accumulation), at most one global batch - 1 is
+    left out, and any split of the same global batch (a resume on another world size) trains the same
+    epoch in the same number of steps."""
+    order = train_order(SHARDS, seed=2, epoch=1)
+    per_rank = [train_batches(order, world, r, batch, accumulate=acc) for r in range(world)]
+    steps = steps_in_epoch(N, world, batch, accumulate=acc)
+    assert {len(b) for b in per_rank} == {steps} and steps % acc == 0
+    used = np.concatenate([b.reshape(-1) for b in per_rank])
+    assert len(used) == epoch_samples(N, world, batch, acc) and N - len(used) <= world * batch * acc - 1
+    global_batch = world * batch * acc
+    for w2, b2, a2 in ((1, global_batch, 1), (global_batch, 1, 1), (1, 1, global_batch)):
+        assert epoch_samples(N, w2, b2, a2) == len(used)
+        assert steps_in_epoch(N, w2, b2, accumulate=a2) // a2 == steps // acc
+    sampler = TrainSampler(SHARDS, 2, world, 0, batch, accumulate=acc)
+    sampler.set_epoch(1)
+    assert len(sampler) == len(list(sampler)) == steps
 
 
 def test_left_out_samples_differ_between_epochs():

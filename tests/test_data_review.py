@@ -3,6 +3,9 @@ a train split smaller than one global batch, a negative seed."""
 
 from __future__ import annotations
 
+import logging
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -59,6 +62,44 @@ def test_datamodule_resumes_with_the_checkpoints_order(digits_shards):
     first = next(iter(dm.train_dataloader().sampler))[0]
     sizes = ShardSet(digits_shards, "train").shard_sizes
     assert np.array_equal(first, train_order(sizes, 0, 0, 4)[128:192])
+
+
+def _trainer_at(batch: int, accumulate: int, num_batches: int) -> SimpleNamespace:
+    """What ShardDataModule reads of a one-rank trainer after ``batch`` batches of epoch 0."""
+    progress = SimpleNamespace(current=SimpleNamespace(processed=batch))
+    return SimpleNamespace(world_size=1, global_rank=0, is_global_zero=True, current_epoch=0, global_step=0,
+                           accumulate_grad_batches=accumulate, num_training_batches=num_batches,
+                           fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)))
+
+
+def test_a_save_between_two_optimizer_steps_records_the_last_steps_position(digits_shards, caplog):
+    """A stop that did not wait for the step (LastCheckpoint makes the timer's and should_stop's wait; one
+    from another hook may not): 5 micro-batches of 64 with accumulation 2 hold 2 steps, so the position is
+    4 batches, 256 samples; the 5th is trained again after the resume (it was recorded consumed, its
+    gradients never applied)."""
+    dm = ShardDataModule(str(digits_shards), backend="cpu", batch_size=64, num_workers=0)
+    dm.trainer = _trainer_at(5, 2, 22)
+    with caplog.at_level(logging.INFO):
+        state = dm.state_dict()
+    assert (state["epoch"], state["batches"], state["consumed"], state["accumulate"]) == (0, 4, 256, 2), state
+    assert "between two optimizer steps: the last 1 micro-batch(es)" in caplog.text
+    dm.trainer = _trainer_at(6, 2, 22)
+    assert (dm.state_dict()["batches"], dm.state_dict()["consumed"]) == (6, 384)
+
+
+def test_a_checkpoint_past_the_epochs_end_says_the_epoch_goes_unvalidated(digits_shards, caplog):
+    """Checkpoints from before epochs were whole optimizer batches: 1 x 64 x 3 could stop epoch 0 at 1344
+    samples with a partial step to go. Now that epoch holds 1344 samples, so it ends at once and Lightning
+    starts epoch 1 without validating epoch 0: the start says so instead of passing in silence."""
+    dm = ShardDataModule(str(digits_shards), backend="cpu", batch_size=64, num_workers=0)
+    dm.trainer = _trainer_at(0, 3, 21)
+    dm.load_state_dict({"manifest_sha256": dm.manifest_digest(), "epoch": 0, "consumed": 1344, "batches": 21,
+                        "world_size": 1, "batch_size": 64, "accumulate": 3, "seed": 0, "window_shards": 4})
+    with caplog.at_level(logging.WARNING):
+        assert dm.resume_batches(0) == 21
+    assert ("the checkpoint stopped epoch 0 after 1344 samples, where the epoch ends (1344 samples: whole"
+            " global batches of 1 ranks x batch 64 x accumulate 3)") in caplog.text, caplog.text
+    assert "without validating epoch 0" in caplog.text
 
 
 def test_train_split_smaller_than_one_global_batch_is_refused(digits_shards):

@@ -73,8 +73,9 @@ def test_preemption_at_an_epochs_last_batch_validates_that_epoch_first(interrupt
     """A signal at epoch 0's last batch (step 11), best 1 as in the configs: ``last.ckpt`` is saved at once,
     then the epoch's validation and best checkpoint run before the stop (Lightning resumes a last-batch
     checkpoint in the next epoch: that epoch was never validated and never a best candidate). The periodic
-    save also falls on that batch (``every_n_train_steps`` 11), so ``last.ckpt`` stays the last-batch one
-    (the epoch end skips a step already saved): a start that trains nothing (``max_epochs`` 1 reached)
+    save would fall on that batch too (``every_n_train_steps`` 11; it waits for the epoch end), and the
+    epoch end skips the step the preemption saved, so ``last.ckpt`` stays the last-batch one: a start that
+    trains nothing (``max_epochs`` 1 reached)
     must leave it as it is (it rewrote it with the epoch count one ahead, and a run extended from there
     trained its next epoch in the wrong order). The resumed run is bit-exact."""
     import csv
@@ -105,6 +106,30 @@ def test_preemption_at_an_epochs_last_batch_validates_that_epoch_first(interrupt
         run_to_end(fit_command(digits_shards, cut, STEPS, settings), log)
     assert "then stopping after this epoch's validation" in (tmp_path / "runs.log").read_text()
     diffs = compare(ref / "checkpoints" / "last.ckpt", last)
+    assert not diffs, "; ".join(diffs[:10])
+
+
+def test_a_crash_during_an_epochs_validation_validates_that_epoch_after_the_resume(interrupted, digits_shards,
+                                                                                    tmp_path):
+    """Saves every step; SIGKILLed as epoch 0's validation starts. The periodic save of epoch 0's last step
+    (11) made before that validation was resumed in epoch 1: epoch 0 was never validated (nor a best-k
+    candidate), silently. The last step is saved after the validation instead, so the resume trains step 11
+    again and validates epoch 0, once; bit-exact with the uninterrupted run."""
+    import csv
+
+    _, ref, *_ = interrupted
+    cut = tmp_path / "cut"
+    with open(tmp_path / "runs.log", "w") as log:
+        killed = subprocess.run(fit_command(digits_shards, cut, STEPS, [
+            "--trainer.callbacks+=tests.preemption_helpers.KillInValidation"]),
+            env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        assert killed.returncode == -signal.SIGKILL
+        assert saved_step(cut / "checkpoints" / "last.ckpt") == 10
+        run_to_end(fit_command(digits_shards, cut, STEPS), log)
+    with open(cut / "csv" / "metrics.csv") as f:
+        validated = [r["epoch"] for r in csv.DictReader(f) if r.get("val/top1")]
+    assert validated == ["0"], validated
+    diffs = compare(ref / "checkpoints" / "last.ckpt", cut / "checkpoints" / "last.ckpt")
     assert not diffs, "; ".join(diffs[:10])
 
 
@@ -229,17 +254,31 @@ def test_export_of_a_checkpoint_file(interrupted, tmp_path):
 
 
 def test_preemption_under_gradient_accumulation_waits_for_the_optimizer_step(digits_shards, tmp_path):
-    """accumulate 2: a signal during the 3rd micro-batch (the first half of step 2) saves after the 4th,
+    """accumulate 2: a trainer stopped after a micro-batch between two optimizer steps saves the position of
+    the last step. A signal during the 3rd micro-batch (the first half of step 2) saves after the 4th,
     at global step 2 with 4 batches consumed, and the resumed run ends bit-exact with the uninterrupted
     one. A save between the two micro-batches would lose one micro-batch's gradients.
     The interrupted run saves no periodic checkpoint (``every_n_train_steps 0``, as the configs' first steps):
     Lightning's ``on_train_end`` then saved ``last.ckpt`` a second time, after the epoch count had moved
     on, and the resume skipped the rest of epoch 0 and the start of epoch 1."""
-    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    ref, cut, stopped = tmp_path / "ref", tmp_path / "cut", tmp_path / "stopped"
     extra = ["--trainer.accumulate_grad_batches", "2", "--data.batch_size", "64"]
     steps = 5
     with open(tmp_path / "runs.log", "w") as log:
         run_to_end(fit_command(digits_shards, ref, steps, extra), log)
+        # should_stop after the 5th micro-batch (max_time's way: Lightning stops after any micro-batch): the
+        # stop waits for step 3, 6 micro-batches (it saved after the 5th, whose gradients were never applied:
+        # the resume went on from the 6th, and step 3 trained one micro-batch)
+        run_to_end(fit_command(digits_shards, stopped, steps, extra + [
+            "--checkpoint.every_n_train_steps", "0",
+            "--trainer.callbacks+=tests.preemption_helpers.StopAtBatch", "--trainer.callbacks.batch_idx=4"]), log)
+        saved = torch.load(stopped / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+        assert saved["global_step"] == 3, saved["global_step"]
+        pos = saved["ShardDataModule"]
+        assert (pos["epoch"], pos["batches"], pos["consumed"]) == (0, 6, 6 * 64), pos
+        run_to_end(fit_command(digits_shards, stopped, steps, extra), log)
+        diffs = compare(ref / "checkpoints" / "last.ckpt", stopped / "checkpoints" / "last.ckpt")
+        assert not diffs, "stopped between micro-batches: " + "; ".join(diffs[:10])
         run_to_end(fit_command(digits_shards, cut, steps, extra + [
             "--checkpoint.every_n_train_steps", "0",
             "--trainer.callbacks+=tests.preemption_helpers.SignalAtBatch", "--trainer.callbacks.batch_idx=2"]), log)
@@ -268,21 +307,6 @@ def test_resume_into_accumulation_steps_on_whole_global_batches(digits_shards, t
     pos = saved["ShardDataModule"]
     assert saved["global_step"] == 6
     assert (pos["consumed"], pos["batches"], pos["batch_size"], pos["accumulate"]) == (6 * 64, 12, 32, 2), pos
-
-
-def test_a_resume_whose_epoch_ends_before_the_saved_position_says_it_goes_unvalidated(digits_shards, tmp_path):
-    """Saved at step 7 of batch 64 x accumulate 3 (1344 samples into epoch 0), resumed as batch 192: an epoch
-    of 192-sample batches ends at 1344 (the rest is its left-out tail), so Lightning starts epoch 1 without
-    validating epoch 0. That is said, naming both geometries' numbers, instead of passing in silence."""
-    run = tmp_path / "run"
-    with open(tmp_path / "runs.log", "w") as log:
-        run_to_end(fit_command(digits_shards, run, 7, ["--data.batch_size", "64", "--trainer.accumulate_grad_batches",
-                                                      "3", "--checkpoint.every_n_train_steps", "0"]), log)
-        run_to_end(fit_command(digits_shards, run, 8, ["--data.batch_size", "192"]), log)
-    text = (tmp_path / "runs.log").read_text()
-    assert ("the checkpoint stopped epoch 0 after 1344 samples; with 1 ranks x batch 192 the epoch holds 1344"
-            in text), text[-3000:]
-    assert "without validating epoch 0" in text
 
 
 def test_resume_from_the_epoch_end_checkpoint_is_bit_exact(interrupted, digits_shards, tmp_path):
@@ -342,7 +366,7 @@ def test_a_run_stopped_mid_epoch_resumes_mid_epoch(two_epochs, digits_shards, tm
         run_to_end(fit_command(digits_shards, cut, -1, UNTIL_END), log)
     text = (tmp_path / "runs.log").read_text()
     resumed = text[text.rindex("resuming from"):]
-    assert "epoch 0 step 6/11" in resumed and "epoch 1 step 11/11" in resumed, resumed[-3000:]
+    assert "epoch 0 batch 6/11" in resumed and "epoch 1 batch 11/11" in resumed, resumed[-3000:]
     assert saved_step(cut / "checkpoints" / "last.ckpt") == 22
     diffs = compare(two_epochs / "checkpoints" / "last.ckpt", cut / "checkpoints" / "last.ckpt")
     assert not diffs, "; ".join(diffs[:10])

@@ -34,7 +34,7 @@ def test_fit_lowers_loss_then_validate_then_resume(digits_shards, tmp_path):
                  "--checkpoint.every_n_train_steps", "10")
     # stdout is a pipe here, as under Slurm: plain progress lines, no carriage returns or cursor codes
     assert "\r" not in first.stdout and "\x1b[" not in first.stdout
-    assert re.search(r"^epoch 0 step 1/22 \| train/loss \d[\d.]* \| [\d.]+ it/s$", first.stdout, re.M), first.stdout
+    assert re.search(r"^epoch 0 batch 1/22 \| train/loss \d[\d.]* \| [\d.]+ it/s$", first.stdout, re.M), first.stdout
     assert re.search(r"^epoch 0 validation \| val/top1 0\.\d+ \| val/top5 0\.\d+ \| val/loss", first.stdout, re.M)
     losses = [float(r["train/loss"]) for r in _metrics(run) if r.get("train/loss")]
     assert len(losses) >= 25
@@ -54,7 +54,7 @@ def test_fit_lowers_loss_then_validate_then_resume(digits_shards, tmp_path):
     assert "resuming from" in resumed.stderr
     assert "💡 Tip" not in resumed.stdout + resumed.stderr, "Lightning's product adverts in the run's log"
     assert "LeafSpec" not in resumed.stderr
-    assert re.search(r"^epoch 1 step 9/22 \| train/loss", resumed.stdout, re.M), "lines go on mid-epoch"
+    assert re.search(r"^epoch 1 batch 9/22 \| train/loss", resumed.stdout, re.M), "lines go on mid-epoch"
     if shutil.which("srun") and "SLURM_JOB_ID" not in os.environ:  # Slurm's tools here, but not in a job
         assert "`srun` command is available" not in resumed.stderr, "Lightning's srun hint outside a job"
     ckpt = torch.load(last, map_location="cpu", weights_only=False)

@@ -146,6 +146,6 @@ def test_a_user_callback_keeps_the_pipelines_defaults(digits_shards, tmp_path):
                              "--trainer.callbacks+=pytorch_lightning.callbacks.LambdaCallback"),
                       env={"PYTHONUNBUFFERED": "1"}, timeout=300)
     out = proc.stdout + proc.stderr
-    assert "epoch 0 step 5/22 | train/loss" in out and "━" not in out, out[-2000:]
+    assert "epoch 0 batch 5/22 | train/loss" in out and "━" not in out, out[-2000:]
     ckpts = sorted(p.relative_to(run).as_posix() for p in run.rglob("*.ckpt"))
     assert ckpts == ["checkpoints/last.ckpt"], ckpts

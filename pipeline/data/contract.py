@@ -1,16 +1,17 @@
 """The sharding and epoch contract that every loader backend obeys.
 
-One function of (shard sizes, seed, epoch, world size, rank, batch size, position) decides which samples
-each rank reads and in what order. Backends (cpu, dali, dali-cpu) only turn these sample ids into pixels,
+One function of (shard sizes, seed, epoch, world size, rank, batch size, accumulation, position) decides
+which samples each rank reads and in what order. Backends (cpu, dali, dali-cpu) only turn these sample ids into pixels,
 so they cannot disagree about coverage, order, epoch length or resume position.
 
 Sample ids are global within a split: shard 0's samples are 0..n0-1, shard 1's follow, and so on.
 
 Train epoch: a seeded, shard-aware permutation (shards are shuffled, then samples are shuffled inside
-windows of a few consecutive shards, so a rank touches few shards at a time). Step ``s`` consumes the
-global batch ``order[s*G:(s+1)*G]`` with ``G = world_size * batch_size``; rank ``r`` takes the ``r``-th
-block of ``batch_size`` in it. The tail that does not fill a global batch (< G samples) is left out, and it
-is different every epoch because the permutation is.
+windows of a few consecutive shards, so a rank touches few shards at a time). Batch ``s`` consumes
+``order[s*G:(s+1)*G]`` with ``G = world_size * batch_size``; rank ``r`` takes the ``r``-th block of
+``batch_size`` in it. The tail that does not fill a global batch of the optimizer (``G * accumulate``
+samples, with gradient accumulation) is left out, and it is different every epoch because the permutation
+is.
 
 Resume: the position is the number of samples of the epoch's order already consumed. The rest of the
 epoch is re-split for whatever world size and batch size the restarted job has, so nothing is repeated
@@ -67,14 +68,28 @@ def train_order(
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
-def steps_in_epoch(num_samples: int, world_size: int, batch_size: int, consumed: int = 0) -> int:
-    """Full global batches left in an epoch of ``num_samples`` after ``consumed`` samples."""
+def epoch_samples(num_samples: int, world_size: int, batch_size: int, accumulate: int = 1) -> int:
+    """The samples an epoch trains on: the whole global batches (``world_size * batch_size * accumulate``)
+    that fit in the split. So every optimizer step takes a full global batch, and the epoch's length (and
+    with it the learning-rate schedule) depends on the global batch alone, not on how ranks, per-rank batch
+    and accumulation split it: a resume on another world size that keeps the global batch keeps both."""
     _check_geometry(world_size, 0, batch_size)
-    return max(0, num_samples - consumed) // (world_size * batch_size)
+    if accumulate < 1:
+        raise ValueError(f"accumulate must be >= 1, got {accumulate}")
+    step = world_size * batch_size * accumulate
+    return num_samples // step * step
+
+
+def steps_in_epoch(
+    num_samples: int, world_size: int, batch_size: int, consumed: int = 0, accumulate: int = 1
+) -> int:
+    """Batches (per rank; micro-batches under accumulation) left in an epoch after ``consumed`` samples."""
+    end = epoch_samples(num_samples, world_size, batch_size, accumulate)
+    return max(0, end - consumed) // (world_size * batch_size)
 
 
 def train_batches(
-    order: np.ndarray, world_size: int, rank: int, batch_size: int, consumed: int = 0
+    order: np.ndarray, world_size: int, rank: int, batch_size: int, consumed: int = 0, accumulate: int = 1
 ) -> np.ndarray:
     """This rank's batches for the rest of the epoch: int64 array of shape (steps, batch_size).
 
@@ -83,7 +98,7 @@ def train_batches(
     _check_geometry(world_size, rank, batch_size)
     if consumed < 0 or consumed > len(order):
         raise ValueError(f"consumed={consumed} is outside the epoch of {len(order)} samples")
-    steps = steps_in_epoch(len(order), world_size, batch_size, consumed)
+    steps = steps_in_epoch(len(order), world_size, batch_size, consumed, accumulate)
     g = world_size * batch_size
     rest = order[consumed : consumed + steps * g].reshape(steps, world_size, batch_size)
     return np.ascontiguousarray(rest[:, rank, :])
@@ -125,11 +140,13 @@ class TrainSampler:
         batch_size: int,
         window_shards: int = 4,
         start: Position = Position(),
+        accumulate: int = 1,
     ) -> None:
         _check_geometry(world_size, rank, batch_size)
         self.shard_sizes = list(int(s) for s in shard_sizes)
         self.num_samples = sum(self.shard_sizes)
         self.seed, self.world_size, self.rank, self.batch_size = seed, world_size, rank, batch_size
+        self.accumulate = int(accumulate)
         self.window_shards = window_shards
         self.start = start
         self.epoch = start.epoch
@@ -146,7 +163,8 @@ class TrainSampler:
     def __len__(self) -> int:
         """Batches of the whole epoch, counting those done before a resume (Lightning's progress)."""
         done = self.start.batches if self._resumed() else 0
-        return done + steps_in_epoch(self.num_samples, self.world_size, self.batch_size, self._consumed_at_start())
+        return done + steps_in_epoch(self.num_samples, self.world_size, self.batch_size, self._consumed_at_start(),
+                                     self.accumulate)
 
     def order_params(self) -> tuple[int, int]:
         """(seed, window_shards) of the current epoch's order: a resumed epoch keeps the ones it started with."""
@@ -160,7 +178,7 @@ class TrainSampler:
         consumed = self._consumed_at_start()
         seed, window = self.order_params()
         order = train_order(self.shard_sizes, seed, self.epoch, window)
-        batches = train_batches(order, self.world_size, self.rank, self.batch_size, consumed)
+        batches = train_batches(order, self.world_size, self.rank, self.batch_size, consumed, self.accumulate)
         g = self.world_size * self.batch_size
         base = consumed + self.rank * self.batch_size + np.arange(self.batch_size, dtype=np.int64)
         for step, ids in enumerate(batches):
