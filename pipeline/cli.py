@@ -37,7 +37,7 @@ from pipeline.finite_weights import FiniteWeights
 from pipeline.last_checkpoint import LastCheckpoint
 from pipeline.model_summary import FlopsModelSummary, FlopsRichModelSummary
 from pipeline.module import ImageClassifier
-from pipeline.parent_death import follow_torchrun_agent
+from pipeline.parent_death import follow_lightning_rank_zero, follow_torchrun_agent
 from pipeline.parity import WeightParity
 from pipeline.preemption import Preemption
 from pipeline.progress import console_progress
@@ -305,7 +305,7 @@ class _NoProductTips(logging.Filter):
 
 
 def main(argv: list[str] | None = None) -> int:
-    if error := follow_torchrun_agent():
+    if error := follow_torchrun_agent() or follow_lightning_rank_zero():
         print(f"error: {error}", file=sys.stderr)
         return 1
     logging.basicConfig(level=logging.INFO, format="%(message)s")

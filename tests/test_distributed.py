@@ -171,3 +171,86 @@ def test_a_signal_on_one_rank_stops_both_at_one_step_and_resumes_exactly(digits_
     two_ranks(cut, port_=free_port())
     diffs = compare(ref / "checkpoints" / "last.ckpt", cut / "checkpoints" / "last.ckpt")
     assert not diffs, "; ".join(diffs[:10])
+
+
+def _children_with_local_rank(parent: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            status = (entry / "status").read_text()
+            ppid = int(status.split("PPid:")[1].split()[0])
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == parent and b"LOCAL_RANK=1" in environ:
+            found.append(int(entry.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def test_a_rank_started_by_lightning_ends_when_rank_zero_is_killed(digits_shards, tmp_path):
+    """``trainer.devices 2`` without torchrun: rank 0 starts rank 1 as its own child. Rank 0 killed during
+    start-up (the OOM killer, a kill of that process) left rank 1 waiting for the rendezvous for 30 minutes
+    and more (it could even join the next run on the same port); it must end, here finding rank 0 gone."""
+    import signal
+    import time
+
+    cmd = [sys.executable, "-m", "pipeline", "fit", "--config", str(REPO / "conf" / "demo.yaml"), "--data.root",
+           str(digits_shards), "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.devices", "2",
+           "--trainer.strategy", "ddp", "--tracking.wandb", "false", "--trainer.max_steps", "3"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MASTER_PORT": str(free_port())}
+    rank0 = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rank1 = None
+    try:
+        deadline = time.monotonic() + 180
+        while rank1 is None and time.monotonic() < deadline and rank0.poll() is None:
+            rank1 = next(iter(_children_with_local_rank(rank0.pid)), None)
+            time.sleep(0.05)
+        assert rank1 is not None, "rank 0 started no rank 1"
+        time.sleep(1)  # rank 1 is importing: it will look for rank 0's rendezvous after rank 0 is gone
+        rank0.kill()
+        rank0.wait()
+        deadline = time.monotonic() + 60
+        while _alive(rank1) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(rank1), "rank 1 outlived rank 0"
+    finally:
+        for pid in (rank0.pid, rank1):
+            if pid is not None:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+
+def test_a_rank_started_by_lightning_gets_sigterm_when_rank_zero_ends(tmp_path):
+    """The same command's rank with LOCAL_RANK=1 asks the kernel for SIGTERM when its parent, rank 0, ends
+    (Lightning's watch over its ranks is a thread of rank 0): it then stops as on a preemption."""
+    import time
+
+    child = ("import sys, time; from pipeline.parent_death import follow_lightning_rank_zero; "
+             f"r = follow_lightning_rank_zero(); open({str(tmp_path / 'asked')!r}, 'w').write(repr(r)); time.sleep(120)")
+    parent = ("import os, subprocess, sys, time; "
+              f"p = subprocess.Popen([sys.executable, '-c', {child!r}, 'fit', '--x'], env={{**os.environ, 'LOCAL_RANK': '1'}}); "
+              f"open({str(tmp_path / 'pid')!r}, 'w').write(str(p.pid)); "
+              f"[time.sleep(0.1) for _ in range(600) if not os.path.exists({str(tmp_path / 'asked')!r})]")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC_", "LOCAL_RANK"))}
+    subprocess.run([sys.executable, "-c", parent, "fit", "--x"], env={**env, "PYTHONPATH": str(REPO)}, check=True,
+                   timeout=120)  # ends once the child has asked
+    assert (tmp_path / "asked").read_text() == "None"
+    pid = int((tmp_path / "pid").read_text())
+    deadline = time.monotonic() + 30
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if _alive(pid):
+        os.kill(pid, 9)
+        raise AssertionError("the rank outlived rank 0")
