@@ -58,6 +58,7 @@ class Preemption(Callback):
         self.requeue = requeue
         self.received: int | None = None
         self.preempted = False
+        self.finished = False  # the preemption's step was the run's last: nothing to resume
         self._previous: dict[int, object] = {}
         self._trainer: pl.Trainer | None = None
         self._vote: _Vote | None = None
@@ -86,9 +87,9 @@ class Preemption(Callback):
                 connector._original_handlers = {}
 
             connector.register_signal_handlers = register_none
-        if early is not None and early in self.signals:
-            if trainer.is_global_zero:
-                log.warning("preemption (%s) received during start-up", signal.Signals(early).name)
+        if early is not None and early in self.signals:  # said by each rank that got it (the others learn by vote)
+            where = f" (rank {trainer.global_rank})" if trainer.world_size > 1 else ""
+            log.warning("preemption (%s) received during start-up%s", signal.Signals(early).name, where)
             self._handler(early, None)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -98,8 +99,13 @@ class Preemption(Callback):
         if self.preempted:  # everything of this step is saved now: the job may go
             trainer.strategy.barrier("preemption-saved")
             job = os.environ.get("SLURM_JOB_ID")
-            if trainer.is_global_zero and self.requeue and job:
+            if not trainer.is_global_zero or self.finished:
+                return
+            if self.requeue and job:
                 requeue_slurm_job(job)
+            else:  # a wrapper sees exit 0 either way: say that this one is not the end
+                log.warning("the run is not finished (stopped at step %d): run the same command again to resume"
+                            " from %s", trainer.global_step, self.last_path)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._restore()
@@ -132,9 +138,11 @@ class Preemption(Callback):
         self.preempted = True
         name = signal.Signals(self.received).name if self.received is not None else "a peer's signal"
         last_batch = epoch_finished(trainer)
+        self.finished = run_finished(trainer)
         if trainer.is_global_zero:
-            log.warning("preemption (%s): saving %s at step %d, then stopping%s", name, self.last_path,
-                        trainer.global_step, " after this epoch's validation" if last_batch else "")
+            log.warning("preemption (%s): saving %s at step %d, then stopping%s%s", name, self.last_path,
+                        trainer.global_step, " after this epoch's validation" if last_batch else "",
+                        " (the run's last step: it is complete, no requeue)" if self.finished else "")
         trainer.save_checkpoint(self.last_path)  # first: safe even if the validation outlasts the grace time
         if not last_batch:
             for cb in trainer.checkpoint_callbacks:  # no second save of this step, no validation on the way out
@@ -197,6 +205,18 @@ class _NotReached(logging.Filter):
 
 
 _NOT_REACHED = _NotReached()
+
+
+def run_finished(trainer: pl.Trainer) -> bool:
+    """Whether the step just taken is the run's last: ``trainer.max_steps`` reached, or the last batch of
+    epoch ``trainer.max_epochs - 1``. A preemption there saves and stops as the run would anyway, and
+    requeueing the job would only queue a start that has nothing to train."""
+    max_steps = trainer.max_steps
+    if max_steps is not None and max_steps >= 0 and trainer.global_step >= max_steps:
+        return True
+    max_epochs = trainer.max_epochs
+    return max_epochs is not None and max_epochs >= 0 and epoch_finished(trainer) and \
+        trainer.current_epoch + 1 >= max_epochs
 
 
 def _at_optimizer_step(trainer: pl.Trainer) -> bool:

@@ -63,6 +63,7 @@ def test_killed_and_preempted_run_is_bit_exact(interrupted):
     assert saved_step(cut / "checkpoints" / "last.ckpt") == STEPS
     text = (work / "runs.log").read_text()
     assert "preemption (SIGTERM)" in text and "preemption (SIGUSR1)" in text
+    assert "the run is not finished (stopped at step" in text, "outside Slurm, exit 0 says it is unfinished"
     assert text.count("resuming from") >= 3
     # rank 0 asked Slurm, once, to requeue the job (and nobody without SLURM_JOB_ID)
     assert (work / "scontrol.calls").read_text().splitlines() == ["requeue 4242"]
@@ -168,6 +169,22 @@ def test_a_signal_before_the_first_step_stops_after_it_and_requeues(digits_shard
     assert f"preemption ({sig.name}): saving" in out, out[-3000:]
     assert saved_step(run / "checkpoints" / "last.ckpt") == 1
     assert (tmp_path / "scontrol.calls").read_text().splitlines() == ["requeue 77"]
+
+
+def test_a_signal_at_the_runs_last_step_does_not_requeue_a_finished_run(digits_shards, tmp_path):
+    """USR1 "under Slurm" at step 3 of max_steps 3: saved and stopped as the run would anyway; the job was
+    requeued all the same, and its next start queued only to find nothing to train."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline", **_recording_scontrol(tmp_path, "78")}
+    run = tmp_path / "run"
+    proc = subprocess.run(fit_command(digits_shards, run, 3, [
+        "--trainer.callbacks+=tests.preemption_helpers.SignalAtBatch", "--trainer.callbacks.batch_idx=2"]),
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "at step 3, then stopping (the run's last step: it is complete, no requeue)" in out, out[-3000:]
+    assert saved_step(run / "checkpoints" / "last.ckpt") == 3
+    assert not (tmp_path / "scontrol.calls").exists(), "a finished run was requeued"
+    assert "not finished" not in out
 
 
 def test_resume_refuses_another_architecture(interrupted, tmp_path, digits_shards):
