@@ -78,9 +78,5 @@ def _cmdline(pid: int) -> list[bytes]:
 
 
 def _is_torchrun(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            argv = f.read().split(b"\0")
-    except OSError:
-        return False
+    argv = _cmdline(pid)
     return any(a.endswith(b"torchrun") or a in (b"torch.distributed.run", b"torch.distributed.launch") for a in argv)
