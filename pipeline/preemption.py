@@ -13,7 +13,8 @@ save ``last.ckpt`` (rank 0 writes the file; DeepSpeed writes every rank's shard)
 without a validation pass and without further checkpoints at that step. When that step ends the epoch,
 the epoch's validation, best-k checkpoint and epoch-end ``last.ckpt`` still run before the stop: Lightning
 resumes a checkpoint of an epoch's last batch in the next epoch, so an epoch stopped before its
-validation would never be validated. At the end, once everything is saved, rank 0 calls ``scontrol
+validation would never be validated. A signal during the validation (or one whose vote is still in flight
+at the epoch's end) stops the run at the epoch's end, with its checkpoint. At the end, once everything is saved, rank 0 calls ``scontrol
 requeue $SLURM_JOB_ID`` once when running under Slurm (Slurm then cancels the running step at once).
 
 The handlers hold from the fit's setup to its teardown, start-up and the sanity check included (a USR1
@@ -91,6 +92,30 @@ class Preemption(Callback):
             where = f" (rank {trainer.global_rank})" if trainer.world_size > 1 else ""
             log.warning("preemption (%s) received during start-up%s", signal.Signals(early).name, where)
             self._handler(early, None)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A signal that came during the epoch's last steps or its validation stops the run here, with the
+        epoch-end ``last.ckpt`` (``LastCheckpoint`` runs after this callback: Lightning orders checkpoint
+        callbacks last), not one or two steps into the next epoch: the next epoch's loaders and steps need
+        not fit in the grace time. One blocking all-reduce per epoch, outside the steps."""
+        if self.preempted or not epoch_finished(trainer):
+            return
+        agreed = self.received is not None
+        if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+            flag = torch.tensor([int(agreed)], dtype=torch.int32, device=trainer.strategy.root_device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            agreed = bool(flag.item())
+        if not agreed:
+            return
+        self.preempted = True
+        self.finished = run_finished(trainer)
+        if trainer.is_global_zero:
+            name = signal.Signals(self.received).name if self.received is not None else "a peer's signal"
+            log.warning("preemption (%s): stopping at the end of epoch %d, saved in %s at step %d%s", name,
+                        trainer.current_epoch, self.last_path, trainer.global_step,
+                        " (the run's last step: it is complete, no requeue)" if self.finished else "")
+        trainer.should_stop = True
+        logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_NOT_REACHED)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._vote is not None:  # every rank launched the same all-reduces: let the last one finish

@@ -84,6 +84,19 @@ class StopAtBatch(pl.Callback):
             trainer.should_stop = True
 
 
+class SignalInValidation(pl.Callback):
+    """Send ``signum`` to this process when the validation of epoch ``epoch`` starts (not the sanity check)."""
+
+    def __init__(self, epoch: int = 0, signum: int = int(signal.SIGUSR1)) -> None:
+        self.epoch, self.signum, self.sent = epoch, signum, False
+
+    def on_validation_batch_start(self, trainer: pl.Trainer, pl_module, batch, batch_idx: int,
+                                  dataloader_idx: int = 0) -> None:
+        if not self.sent and not trainer.sanity_checking and trainer.current_epoch == self.epoch:
+            self.sent = True
+            os.kill(os.getpid(), self.signum)
+
+
 class KillInValidation(pl.Callback):
     """SIGKILL this process when the validation of epoch ``epoch`` starts (not the sanity check), in the
     first attempt only (see ``KillFirstAttempt``)."""

@@ -134,6 +134,29 @@ def test_a_crash_during_an_epochs_validation_validates_that_epoch_after_the_resu
     assert not diffs, "; ".join(diffs[:10])
 
 
+def test_a_signal_during_validation_stops_at_the_epochs_end(interrupted, digits_shards, tmp_path):
+    """USR1 "under Slurm" during epoch 0's validation: the run stops with epoch 0's end checkpoint (step 11,
+    epoch 1 at sample 0) and requeues; it went on into epoch 1 and stopped a step or two later, so the new
+    epoch's loaders and steps had to fit in the grace time. The resumed run ends bit-exact."""
+    _, ref, *_ = interrupted
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline", **_recording_scontrol(tmp_path, "79")}
+    cut = tmp_path / "cut"
+    proc = subprocess.run(fit_command(digits_shards, cut, STEPS, [
+        "--trainer.callbacks+=tests.preemption_helpers.SignalInValidation"]),
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "preemption (SIGUSR1): stopping at the end of epoch 0" in out, out[-3000:]
+    saved = torch.load(cut / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    pos = saved["ShardDataModule"]
+    assert (saved["global_step"], pos["epoch"], pos["consumed"]) == (11, 1, 0), (saved["global_step"], pos)
+    assert (tmp_path / "scontrol.calls").read_text().splitlines() == ["requeue 79"]
+    with open(tmp_path / "runs.log", "w") as log:
+        run_to_end(fit_command(digits_shards, cut, STEPS), log)
+    diffs = compare(ref / "checkpoints" / "last.ckpt", cut / "checkpoints" / "last.ckpt")
+    assert not diffs, "; ".join(diffs[:10])
+
+
 def _catches(pid: int, sig: signal.Signals) -> bool:
     """Whether process ``pid`` has a handler installed for ``sig`` (the SigCgt mask of /proc/PID/status)."""
     try:
