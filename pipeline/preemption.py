@@ -111,8 +111,8 @@ class Preemption(Callback):
         self.finished = run_finished(trainer)
         if trainer.is_global_zero:
             name = signal.Signals(self.received).name if self.received is not None else "a peer's signal"
-            log.warning("preemption (%s): stopping at the end of epoch %d, saved in %s at step %d%s", name,
-                        trainer.current_epoch, self.last_path, trainer.global_step,
+            log.warning("preemption (%s): saving %s at step %d, then stopping (at the end of epoch %d, after its"
+                        " validation)%s", name, self.last_path, trainer.global_step, trainer.current_epoch,
                         " (the run's last step: it is complete, no requeue)" if self.finished else "")
         trainer.should_stop = True
         logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_NOT_REACHED)

@@ -146,7 +146,8 @@ def test_a_signal_during_validation_stops_at_the_epochs_end(interrupted, digits_
         env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
-    assert "preemption (SIGUSR1): stopping at the end of epoch 0" in out, out[-3000:]
+    assert "preemption (SIGUSR1): saving" in out and "at step 11, then stopping (at the end of epoch 0" in out, \
+        out[-3000:]
     saved = torch.load(cut / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     pos = saved["ShardDataModule"]
     assert (saved["global_step"], pos["epoch"], pos["consumed"]) == (11, 1, 0), (saved["global_step"], pos)
