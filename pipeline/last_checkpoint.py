@@ -1,6 +1,7 @@
 """``last.ckpt``: every N optimizer steps and at every epoch end, one file, overwritten atomically. A step
-that is both (an epoch's last) is saved once, after the epoch's validation; a stop asked for between two
-optimizer steps (gradient accumulation) waits for the next step, so every save holds whole steps.
+that a validation follows (an epoch's last, or one of ``trainer.val_check_interval``) is saved after that
+validation; a stop asked for between two optimizer steps (gradient accumulation) waits for the next step,
+so every save holds whole steps.
 
 Lightning's ``ModelCheckpoint(save_last=True)`` only refreshes ``last`` when it also saved a top-k
 checkpoint at that step, and a second callback with ``save_last`` writes ``last-v1.ckpt`` beside the
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from pipeline.resume_geometry import epoch_finished
+from pipeline.resume_geometry import epoch_finished, validation_follows
 
 
 class LastCheckpoint(ModelCheckpoint):
@@ -25,6 +26,8 @@ class LastCheckpoint(ModelCheckpoint):
             save_on_train_epoch_end=True, enable_version_counter=False,
         )
         self._stop_waiting = False  # a stop was asked for between two optimizer steps
+        self._after_validation = False  # this step's periodic save waits for the validation that follows it
+        self._save_after_validation = False  # ... and is due whatever the period (a preemption's)
 
     @property
     def state_key(self) -> str:
@@ -38,13 +41,22 @@ class LastCheckpoint(ModelCheckpoint):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
-        """The periodic save, except at an epoch's last batch: that step is saved at the epoch's end, after
-        its validation. Lightning resumes a checkpoint of an epoch's last batch in the next epoch, so a job
-        killed during the validation after such a save never validated that epoch (nor ranked it best-k)."""
+        """The periodic save, after the validation when one follows this batch: an epoch's last batch is
+        saved at the epoch's end, another one (``trainer.val_check_interval``) at the validation's end.
+        Lightning resumes a checkpoint of an epoch's last batch in the next epoch, and one of another batch
+        that a validation follows past that validation, so a job killed during the validation after such a
+        save never ran it (nor ranked that step best-k)."""
         self._stop_on_a_step(trainer)
         if epoch_finished(trainer):
             return
+        if validation_follows(trainer):
+            self._after_validation = True
+            return
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def save_after_validation(self) -> None:
+        """Save this step after the validation that follows it, whatever ``every_n_train_steps`` says."""
+        self._after_validation = self._save_after_validation = True
 
     def _stop_on_a_step(self, trainer: pl.Trainer) -> None:
         """A stop asked for between two optimizer steps waits for the next step. Lightning's ``max_time``
@@ -63,7 +75,17 @@ class LastCheckpoint(ModelCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        pass  # saved at the epoch end, after validation
+        """The save of a step that a validation inside the epoch followed (an epoch's last step is saved at
+        the epoch's end). The best-k callback, ahead of this one, has ranked the step by now."""
+        if not self._after_validation or trainer.sanity_checking:
+            return
+        self._after_validation = False
+        if self._save_after_validation:
+            self._save_after_validation = False
+            if not self._should_skip_saving_checkpoint(trainer):
+                self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        else:
+            super().on_train_batch_end(trainer, pl_module, None, None, trainer.fit_loop.epoch_loop.batch_idx)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """No second save of a step already saved. Lightning saves ``last`` here when this callback has not

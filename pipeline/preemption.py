@@ -10,12 +10,13 @@ read at the next one (a single process reads its flag at once): reading it at on
 wait for the GPU to finish the step at every step, and the GPU would then idle while the host prepares
 the next one. So a multi-rank run stops one optimizer step after the signal. Then all ranks
 save ``last.ckpt`` (rank 0 writes the file; DeepSpeed writes every rank's shard) and the trainer stops
-without a validation pass and without further checkpoints at that step. When that step ends the epoch,
-the epoch's validation, best-k checkpoint and epoch-end ``last.ckpt`` still run before the stop: Lightning
-resumes a checkpoint of an epoch's last batch in the next epoch, so an epoch stopped before its
-validation would never be validated. A signal during the validation (or one whose vote is still in flight
-at the epoch's end) stops the run at the epoch's end, with its checkpoint. At the end, once everything is saved, rank 0 calls ``scontrol
-requeue $SLURM_JOB_ID`` once when running under Slurm (Slurm then cancels the running step at once).
+without a validation pass and without further checkpoints at that step. When a validation is due after
+that step (the epoch's last, or ``trainer.val_check_interval``), it still runs before the stop, with its
+best-k checkpoint and ``last.ckpt`` saved again after it: Lightning resumes a checkpoint of an epoch's
+last batch in the next epoch, and one of another step past its validation, so that validation would never
+run. A signal during the validation (or one whose vote is still in flight
+at the epoch's end) stops the run at the epoch's end, with its checkpoint. At the end, once everything
+is saved, rank 0 calls ``scontrol requeue $SLURM_JOB_ID`` once when running under Slurm (Slurm then cancels the running step at once).
 
 The handlers hold from the fit's setup to its teardown, start-up and the sanity check included (a USR1
 there killed the process, a SIGTERM ended it with exit 0 and no requeue); before the setup (imports,
@@ -40,7 +41,8 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.loggers import WandbLogger
 
 from pipeline import early_signals
-from pipeline.resume_geometry import epoch_finished
+from pipeline.last_checkpoint import LastCheckpoint
+from pipeline.resume_geometry import epoch_finished, validation_follows
 
 log = logging.getLogger(__name__)
 
@@ -163,13 +165,20 @@ class Preemption(Callback):
         self.preempted = True
         name = signal.Signals(self.received).name if self.received is not None else "a peer's signal"
         last_batch = epoch_finished(trainer)
+        validating = validation_follows(trainer)  # asked before should_stop is set (that alone validates)
         self.finished = run_finished(trainer)
         if trainer.is_global_zero:
+            after = (" after this epoch's validation" if validating else " at this epoch's end") if last_batch \
+                else " after this validation" if validating else ""
             log.warning("preemption (%s): saving %s at step %d, then stopping%s%s", name, self.last_path,
-                        trainer.global_step, " after this epoch's validation" if last_batch else "",
+                        trainer.global_step, after,
                         " (the run's last step: it is complete, no requeue)" if self.finished else "")
         trainer.save_checkpoint(self.last_path)  # first: safe even if the validation outlasts the grace time
-        if not last_batch:
+        if validating and not last_batch:  # trainer.val_check_interval: Lightning resuming this save skips it
+            for cb in trainer.checkpoint_callbacks:
+                if isinstance(cb, LastCheckpoint):
+                    cb.save_after_validation()
+        elif not last_batch:
             for cb in trainer.checkpoint_callbacks:  # no second save of this step, no validation on the way out
                 if isinstance(cb, ModelCheckpoint):
                     cb._last_global_step_saved = trainer.global_step

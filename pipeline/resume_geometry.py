@@ -141,6 +141,17 @@ def epoch_finished(trainer: pl.Trainer) -> bool:
     return done >= trainer.num_training_batches > 0
 
 
+def validation_follows(trainer: pl.Trainer) -> bool:
+    """Whether Lightning validates right after the training batch that just ended, inside the epoch
+    (``trainer.val_check_interval``) or at its end. Ask before setting ``trainer.should_stop`` at this batch:
+    Lightning also validates before a requested stop. Lightning's own decision, read early."""
+    loop = trainer.fit_loop.epoch_loop
+    try:
+        return bool(loop._should_check_val_fx(trainer.fit_loop._data_fetcher))
+    except (AttributeError, TypeError):  # another Lightning: save as before, ahead of the validation
+        return False
+
+
 class LoopPosition(pl.Callback):
     """Keeps Lightning's loop and the loader's position in step.
 

@@ -433,3 +433,70 @@ def test_resume_after_an_epoch_cut_by_limit_train_batches(digits_shards, tmp_pat
     assert saved_step(cut / "checkpoints" / "last.ckpt") == 10
     diffs = compare(ref / "checkpoints" / "last.ckpt", cut / "checkpoints" / "last.ckpt")
     assert not diffs, "; ".join(diffs[:10])
+
+
+MID_EPOCH_VAL = ["--trainer.val_check_interval", "5", "--checkpoint.save_top_k", "2"]  # after batches 5 and 10
+
+
+def _validated_steps(run_dir) -> list[str]:
+    import csv
+
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        return [r["step"] for r in csv.DictReader(f) if r.get("val/top1")]
+
+
+@pytest.fixture(scope="module")
+def mid_epoch_ref(digits_shards, tmp_path_factory):
+    """An uninterrupted run validating inside the epoch (after its 5th and 10th batches of 11)."""
+    ref = tmp_path_factory.mktemp("mid_epoch_val") / "ref"
+    with open(ref.parent / "run.log", "w") as log:
+        run_to_end(fit_command(digits_shards, ref, STEPS, MID_EPOCH_VAL), log)
+    assert _validated_steps(ref) == ["4", "9"]  # the CSV logger's step: optimizer steps before the validation
+    return ref
+
+
+def test_a_crash_during_a_mid_epoch_validation_validates_it_after_the_resume(mid_epoch_ref, digits_shards,
+                                                                             tmp_path):
+    """``trainer.val_check_interval`` 5, a save every step, SIGKILL as the first validation starts. The
+    periodic save of step 5 was made before that validation, and Lightning, resuming from it, skips the
+    validation due at that step: it was never run (nor ranked best-k), silently. Step 5 is saved after the
+    validation instead, so the resume trains step 5 again and validates it, once; bit-exact."""
+    cut = tmp_path / "cut"
+    with open(tmp_path / "runs.log", "w") as log:
+        killed = subprocess.run(fit_command(digits_shards, cut, STEPS, MID_EPOCH_VAL + [
+            "--trainer.callbacks+=tests.preemption_helpers.KillInValidation"]),
+            env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        assert killed.returncode == -signal.SIGKILL
+        assert saved_step(cut / "checkpoints" / "last.ckpt") == 4
+        run_to_end(fit_command(digits_shards, cut, STEPS, MID_EPOCH_VAL), log)
+    assert _validated_steps(cut) == ["4", "9"]
+    assert sorted(p.name for p in (cut / "checkpoints").iterdir()) == \
+        sorted(p.name for p in (mid_epoch_ref / "checkpoints").iterdir())
+    diffs = compare(mid_epoch_ref / "checkpoints" / "last.ckpt", cut / "checkpoints" / "last.ckpt")
+    assert not diffs, "; ".join(diffs[:10])
+
+
+def test_preemption_at_a_mid_epoch_validation_step_validates_before_stopping(mid_epoch_ref, digits_shards,
+                                                                            tmp_path):
+    """USR1 during batch 5, after which a validation is due: ``last.ckpt`` is saved at once, then the
+    validation runs (and may save a best-k checkpoint), ``last.ckpt`` is saved again after it, and the run
+    stops. Saved before the validation only (as a preemption elsewhere in the epoch is), the resume skipped
+    it. The resumed run validates at step 10 only and ends bit-exact."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline", **_recording_scontrol(tmp_path, "81")}
+    cut = tmp_path / "cut"
+    proc = subprocess.run(fit_command(digits_shards, cut, STEPS, MID_EPOCH_VAL + [
+        "--trainer.callbacks+=tests.preemption_helpers.SignalAtBatch", "--trainer.callbacks.batch_idx=4"]),
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "at step 5, then stopping after this validation" in out, out[-3000:]
+    assert _validated_steps(cut) == ["4"]
+    assert saved_step(cut / "checkpoints" / "last.ckpt") == 5
+    assert (tmp_path / "scontrol.calls").read_text().splitlines() == ["requeue 81"]
+    with open(tmp_path / "runs.log", "w") as log:
+        run_to_end(fit_command(digits_shards, cut, STEPS, MID_EPOCH_VAL), log)
+    assert _validated_steps(cut) == ["4", "9"]
+    assert sorted(p.name for p in (cut / "checkpoints").iterdir()) == \
+        sorted(p.name for p in (mid_epoch_ref / "checkpoints").iterdir())
+    diffs = compare(mid_epoch_ref / "checkpoints" / "last.ckpt", cut / "checkpoints" / "last.ckpt")
+    assert not diffs, "; ".join(diffs[:10])
