@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-failures", type=int, default=3,
                    help="after a crash the job requeues itself and resumes, up to this many times in a row "
                         "without a new checkpoint (default 3; 0: never)")
+    t.add_argument("--exclude-failed-nodes", action=argparse.BooleanOptionalAction, default=True,
+                   help="after a crash, keep the node where the first task failed out of the job's next starts "
+                        "(while the partition keeps enough usable nodes for the job); default on")
     t.add_argument("--run-dir", type=Path, default=None, help="default runs/<config name>")
     _slurm_args(t, None)
 
@@ -127,7 +130,8 @@ def _submit_train(a: argparse.Namespace, extra: list[str]) -> int:
     job = TrainJob(config=existing_file(a.config, "--config"), nodes=a.nodes, gpus_per_node=a.gpus_per_node,
                    run_dir=run_dir,
                    slurm=_options(a), signal_lead=a.signal_lead, cpu=a.cpu, extra_args=extra,
-                   python=_python(a), workdir=Path.cwd(), max_failures=a.max_failures)
+                   python=_python(a), workdir=Path.cwd(), max_failures=a.max_failures,
+                   exclude_failed_nodes=a.exclude_failed_nodes)
     job.check()
     if a.dry_run:
         run_id = rundir.wandb_run_id(run_dir, create=False) or "<new id, created on submit>"

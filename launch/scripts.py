@@ -96,6 +96,7 @@ class TrainJob:
     python: str = "python"
     workdir: Path = field(default_factory=Path.cwd)
     max_failures: int = 3
+    exclude_failed_nodes: bool = True
 
     @property
     def on_cpu(self) -> bool:
@@ -147,6 +148,7 @@ class TrainJob:
             "cpus_per_task": self.slurm.cpus_per_task,
             "signal_lead": self.signal_lead,
             "max_failures": self.max_failures,
+            "exclude_failed_nodes": int(self.exclude_failed_nodes),
             "log_path": str(self.log_path),
             "run_dir": str(self.run_dir),
             "workdir": str(self.workdir),

@@ -492,8 +492,11 @@ def test_crashed_rank_requeues_and_resumes_bit_exact(slurm_cluster: SlurmCluster
     slurm_cluster.wait_gone([job], timeout=300)
     log = _log(run_dir, job)
     assert [s for _, s in slurm_cluster.sacct_states(job)] == ["REQUEUED", "COMPLETED"], log[-4000:]
-    assert re.search(rf"^launch: srun failed \(exit \d+\), failure 1 of at most 3 without a new checkpoint; "
-                     rf"requeueing job {job} ", log, re.M), log[-4000:]
+    failed = re.search(rf"^launch: srun failed \(exit \d+\), failure 1 of at most 3 without a new checkpoint; "
+                       rf"requeueing job {job} .*\(first failure: (n\d): task 1: Killed\)$", log, re.M)
+    assert failed, log[-4000:]
+    # the job needs both nodes of the partition: excluding the failed one would leave it pending forever
+    assert f"launch: not excluding node {failed.group(1)}: 1 usable node(s) of partition" in log, log[-4000:]
     starts = re.findall(rf"^launch: job {job} restart (\d) .* ckpt (\S+) at", log, re.M)
     assert starts == [("0", "none"), ("1", str(last))], starts
     assert not compare(uninterrupted[0] / "checkpoints" / "last.ckpt", last)
@@ -503,10 +506,13 @@ def test_crashed_rank_requeues_and_resumes_bit_exact(slurm_cluster: SlurmCluster
 def test_crash_retries_end_without_progress_and_trainer_errors_are_not_retried(
         slurm_cluster: SlurmCluster, demo_shards: Path, tmp_path: Path) -> None:
     """A crash at step 2 of every start, before any checkpoint, with one retry allowed: the second crash
-    ends the job (FAILED) instead of requeueing it forever. A setting the trainer rejects (its one-line
-    `error:`) would fail again at every start: never requeued."""
+    ends the job (FAILED) instead of requeueing it forever. The job takes one node of two: the retry runs
+    on the other one, the failed one excluded. A setting the trainer rejects (its one-line `error:`) would
+    fail again at every start: never requeued."""
     run_dir = tmp_path / "crash"
-    job = _submit(slurm_cluster, _with_launch_args(_train_args(run_dir, demo_shards), "--max-failures", "1") + [
+    one_node = _train_args(run_dir, demo_shards)
+    one_node[one_node.index("--nodes") + 1] = "1"
+    job = _submit(slurm_cluster, _with_launch_args(one_node, "--max-failures", "1") + [
         KILL, "--trainer.callbacks.step=2", "--trainer.callbacks.every_attempt=true"])
     bad_dir = tmp_path / "bad"
     bad = _submit(slurm_cluster, _train_args(bad_dir, demo_shards) + ["--model.warmup_factor", "10"])
@@ -515,6 +521,10 @@ def test_crash_retries_end_without_progress_and_trainer_errors_are_not_retried(
     log = _log(run_dir, job)
     assert [s for _, s in slurm_cluster.sacct_states(job)] == ["REQUEUED", "FAILED"], log[-4000:]
     assert "failure 1 of at most 1 without a new checkpoint; requeueing" in log, log[-4000:]
+    nodes = re.findall(rf"^launch: job {job} restart \d nodes (\S+) ", log, re.M)
+    assert len(nodes) == 2 and nodes[0] != nodes[1], log[-4000:]
+    assert f"launch: excluding node {nodes[0]} from the next starts of job {job} (excluded now: {nodes[0]})" \
+        in log, log[-4000:]
     assert f"2 times in a row without a new checkpoint; not requeueing job {job}" in log, log[-4000:]
     assert not (run_dir / "checkpoints" / "last.ckpt").exists()
 
