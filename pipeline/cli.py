@@ -44,7 +44,7 @@ from pipeline.progress import console_progress
 from pipeline.resume_geometry import (Geometry, LoopPosition, adapt, check_zero_world_size, expected_world_size,
                                       read_checkpoint)
 from pipeline.rng_state import RNGState
-from pipeline.run_lock import RunDirLock, is_global_rank_zero
+from pipeline.run_lock import RunDirLock, RunDirStillOurs, is_global_rank_zero
 from pipeline.sample_grid import SampleGrid
 from pipeline.sync_batchnorm import GlooSyncBatchNormPlugin
 from pipeline.throughput import Throughput
@@ -204,6 +204,7 @@ class PipelineCLI(LightningCLI):
         ckdir = checkpoint_dir(run_dir)
         callbacks = [
             FiniteWeights(every_n_steps=int(cfg.trainer.get("log_every_n_steps") or 50)),  # before any save
+            *([RunDirStillOurs(self._run_lock)] if self._run_lock is not None else []),
             ModelCheckpoint(
                 dirpath=ckdir,
                 filename="best-epoch{epoch:03d}-step{step:07d}-top1{val/top1:.4f}",

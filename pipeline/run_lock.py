@@ -13,8 +13,12 @@ or the rendezvous address. A requeued Slurm job takes over a lock that its previ
 lower restart count) still seems to hold: Slurm never runs two instances of one job, and on NFS the
 lock of a node that died can stay held until that node reboots. The file is never deleted (a new file
 would not be locked by the holder of the old one), and the holding process never opens it again: on
-NFS ``flock`` is a POSIX lock, which closing any descriptor of the file in that process drops. On a
-filesystem without ``flock`` there is a warning and no protection.
+NFS ``flock`` is a POSIX lock, which closing any descriptor of the file in that process drops.
+
+Where ``flock`` does not reach across nodes (NFS mounted with ``local_lock``, Lustre's ``localflock``)
+or does not work at all (a warning), a second job on another node takes the "lock" too and writes its
+record over the first one's. ``RunDirStillOurs`` checks the record before every checkpoint: the first
+job then stops with an error before it writes over the second's state, instead of the two alternating.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ import os
 import socket
 import time
 from pathlib import Path
+
+from pytorch_lightning.callbacks import Callback
 
 from pipeline.errors import ConfigError
 
@@ -78,6 +84,7 @@ class RunDirLock:
         self.path = self.run_dir / LOCK_NAME
         self._fd: int | None = None
         self._set_env = False
+        self._key: str | None = None  # the job this process wrote into the file (global rank 0)
 
     def acquire(self) -> None:
         key = job_key()
@@ -101,7 +108,7 @@ class RunDirLock:
                             "as by a node that died", self.path, holder.get("job"))
             elif e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                 log.warning("cannot lock %s on this filesystem (%s): a second job in this run directory at the "
-                            "same time would not be detected", self.path, e.strerror)
+                            "same time is detected only when this one next saves a checkpoint", self.path, e.strerror)
             else:
                 os.close(fd)
                 raise
@@ -118,12 +125,22 @@ class RunDirLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, data, 0)
         os.fsync(fd)
+        self._key = key
+
+    def taken_by(self) -> dict:
+        """The record of another job that has written itself into the lock file since this process took
+        it; {} while the file still names this job (or cannot be read), and on ranks that hold no lock."""
+        if self._key is None:
+            return {}
+        record = _read(self.path)
+        return record if record.get("job") not in (None, self._key) else {}
 
     def release(self) -> None:
         if self._fd is not None:
             _LOCK_FDS.discard(self._fd)
             os.close(self._fd)  # the kernel drops the flock; the file stays
             self._fd = None
+        self._key = None
         if self._set_env:
             os.environ.pop(KEY_ENV, None)
             self._set_env = False
@@ -144,6 +161,25 @@ class RunDirLock:
                 f"({who}); two jobs in one run directory overwrite each "
                 f"other's checkpoints. Wait for it to end, stop it, or choose another run directory (if that job "
                 f"is gone and its node died, delete {self.path})")
+
+
+class RunDirStillOurs(Callback):
+    """Before every checkpoint: the lock file still names this job (see the module's docstring). The ranks
+    agree (only global rank 0 reads the file), so all of them stop, before anything is written."""
+
+    def __init__(self, lock: RunDirLock) -> None:
+        self.lock = lock
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        other = self.lock.taken_by()
+        if not trainer.strategy.reduce_boolean_decision(bool(other), all=False):
+            return
+        who = describe(other) if other else "see global rank 0's message"
+        raise ConfigError(
+            f"trainer.default_root_dir: run directory {self.lock.run_dir} was taken by another training job "
+            f"({who}) while this one ran: the lock on {self.lock.path} does not reach across nodes on this "
+            f"filesystem (or does not work on it). This job stops without saving at step {trainer.global_step}; "
+            f"the other one goes on from the checkpoints. Give each job its own run directory")
 
 
 _LOCK_FDS: set[int] = set()  # descriptors of the locks this process holds

@@ -120,3 +120,20 @@ class StopAt(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if trainer.global_step >= self.step:
             trainer.should_stop = True
+
+
+class TakeRunDirAt(pl.Callback):
+    """When global step ``step`` starts, write another job's record into ``RUN/.lock``, as a second job on
+    another node writes it where ``flock`` works within a node only (it got the "lock" too)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module, batch, batch_idx: int) -> None:
+        if trainer.global_step == self.step:
+            import json
+            from pathlib import Path
+
+            Path(trainer.default_root_dir, ".lock").write_text(json.dumps(
+                {"job": "slurm job 9999 step 0 restart 0", "slurm_job_id": "9999", "restart": 0,
+                 "host": "node-b", "pid": 4321, "since": "2026-12-02T10:00:00+00:00"}) + "\n")

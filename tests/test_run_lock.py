@@ -211,3 +211,23 @@ def test_a_killed_holder_s_forked_workers_do_not_keep_its_lock(tmp_path, clean_e
         lock.release()
     finally:
         os.kill(child, signal.SIGKILL)
+
+
+def test_a_second_job_that_got_the_lock_too_stops_this_one_before_its_next_save(digits_shards, tmp_path):
+    """Where ``flock`` works within a node only (NFS ``local_lock``, Lustre ``localflock``) a second job on
+    another node takes the "lock" too and writes its record. This job sees it at its next checkpoint and
+    stops with one line naming that job, before writing anything: ``last.ckpt`` stays at the step before."""
+    import torch
+
+    run = tmp_path / "run"
+    proc = subprocess.run(fit_command(digits_shards, run, 6, [
+        "--trainer.callbacks+=tests.preemption_helpers.TakeRunDirAt", "--trainer.callbacks.step=3"]),
+        env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert (f"error: trainer.default_root_dir: run directory {run} was taken by another training job (slurm job "
+            f"9999 step 0 restart 0, host node-b, pid 4321, since 2026-12-02T10:00:00+00:00) while this one ran"
+            in proc.stderr), proc.stderr[-3000:]
+    assert "stops without saving at step 4" in proc.stderr
+    saved = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert saved["global_step"] == 3
