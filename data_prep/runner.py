@@ -6,12 +6,16 @@ done-record matches the plan and whose tar still has the recorded size and sha25
 """
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import multiprocessing as mp
 import os
 import secrets
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
 
 from .errors import PrepError
 from .format import index_name, shard_name
@@ -168,9 +172,35 @@ def run_jobs(out: Path, jobs: list[ShardJob], opts: EncodeOptions, workers: int,
             finally:
                 _init_worker(None, None)
         else:
-            with ctx.Pool(min(workers, len(jobs)), initializer=_init_worker, initargs=(images, nbytes),
-                          maxtasksperchild=None) as pool:
-                tasks = ((out, j, opts) for j in jobs)  # pickled one at a time as the pool takes them
-                for rec, j in zip(pool.imap(_build_star, tasks, chunksize=1), jobs):
-                    records[j.number] = rec
+            tasks = ((out, j, opts) for j in jobs)
+            for rec, j in zip(map_in_processes(_build_star, tasks, min(workers, len(jobs)), ctx,
+                                               _init_worker, (images, nbytes), "building shards"), jobs):
+                records[j.number] = rec
     return [records[j.number] for j in jobs]
+
+
+def map_in_processes(fn: Callable[[Any], Any], items: Iterable, workers: int, ctx, initializer=None,
+                     initargs: tuple = (), doing: str = "working") -> Iterator:
+    """``fn`` over ``items`` in ``workers`` processes, results in order; at most two items per worker are
+    handed out (pickled) ahead. A worker that dies (the out-of-memory killer, a crash in a decoder) is a
+    ``PrepError``: ``multiprocessing.Pool`` loses that worker's task and waits for it forever."""
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=initializer, initargs=initargs)
+    done = False
+    try:
+        ahead: collections.deque = collections.deque()
+        for item in items:
+            ahead.append(pool.submit(fn, item))
+            if len(ahead) >= 2 * workers:
+                yield ahead.popleft().result()
+        while ahead:
+            yield ahead.popleft().result()
+        done = True
+    except BrokenProcessPool:
+        raise PrepError(f"a worker process ended abruptly while {doing} (killed, e.g. by the out-of-memory "
+                        f"killer, or crashed); what was finished is kept: run the same command again to resume "
+                        f"(with fewer --workers if memory is short)") from None
+    finally:
+        if not done:  # an error or Ctrl-C: do not wait for the other workers' tasks
+            for proc in list((getattr(pool, "_processes", None) or {}).values()):
+                proc.terminate()
+        pool.shutdown(wait=True, cancel_futures=True)

@@ -12,7 +12,7 @@ import struct
 from pathlib import Path
 
 from .format import ManifestError, SAMPLE_EXTS, load_manifest, read_index
-from .runner import file_sha256
+from .runner import file_sha256, map_in_processes
 
 
 def verify_shard(out: Path, split: str, shard: dict, n_classes: int, decode: int) -> list[str]:
@@ -80,8 +80,8 @@ def verify(out: str | Path, decode: int = 4, workers: int = 1) -> list[str]:
         for shard in entry["shards"]:
             jobs.append((out, split, shard, len(manifest["classes"]), decode))
     if workers > 1 and len(jobs) > 1:
-        with mp.get_context("fork").Pool(min(workers, len(jobs))) as pool:
-            results = pool.map(_star, jobs, chunksize=1)
+        results = list(map_in_processes(_star, jobs, min(workers, len(jobs)), mp.get_context("fork"),
+                                        doing="verifying shards"))
     else:
         results = [_star(j) for j in jobs]
     for r in results:

@@ -59,6 +59,51 @@ def test_kill_midway_then_resume_is_identical(tmp_path):
     assert not list(killed.glob("*.tmp"))
 
 
+def _spawned_workers(pid: int) -> list[int]:
+    """Pids of the multiprocessing workers that process ``pid`` spawned."""
+    found = []
+    for d in Path("/proc").iterdir():
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == pid and b"spawn_main" in (d / "cmdline").read_bytes():
+                found.append(int(d.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+def test_a_killed_worker_ends_the_run_with_an_error_and_the_rerun_resumes(tmp_path):
+    """One worker SIGKILLed (as by the out-of-memory killer): ``multiprocessing.Pool`` lost its shard and
+    the parent waited for it forever, at 0% CPU, with no message (under Slurm, until the time limit). Now
+    the run ends with one line and exit 2, and the same command resumes to a sound dataset."""
+    out = tmp_path / "out"
+    args = ["imagefolder", str(CIFAR_TEST), str(out), "--split", "test", "--samples-per-shard", "500",
+            "--max-side", "24", "--workers", "2", "--no-progress"]
+    proc = subprocess.Popen([sys.executable, "-m", "data_prep", *args], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not list((out / ".work" / "test").glob("test-0000*.tar.json")):
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        workers = _spawned_workers(proc.pid)
+        assert workers, "no worker process found"
+        os.kill(workers[0], signal.SIGKILL)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 2, err[-2000:]
+    assert "error: a worker process ended abruptly while building shards" in err, err[-2000:]
+    assert "Traceback" not in err
+    assert not (out / "manifest.json").exists()
+    assert main(args) == 0
+    assert main(["verify", str(out)]) == 0
+    assert load_manifest(out)["splits"]["test"]["samples"] == 10000
+
+
 def test_corrupted_done_shard_is_rebuilt(tree, tmp_path):
     out = tmp_path / "o"
     argv = ["imagefolder", str(tree), str(out), "--split", "train", "--samples-per-shard", "8", "--no-progress"]
