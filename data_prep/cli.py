@@ -126,8 +126,8 @@ def _check_common(args) -> tuple:
 
 
 def _split_ok(split: str) -> str:
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", split):
-        raise PrepError(f"--split {split!r}: use letters, digits, '_' or '-' only")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}", split):
+        raise PrepError(f"--split {split!r}: use letters, digits, '_' or '-' only, at most 64 characters")
     return split
 
 

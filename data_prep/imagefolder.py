@@ -13,6 +13,7 @@ from .sources import Listing, Ref, common_top, is_hidden, list_source
 
 # Folder names that mark SRC as holding splits (train/<class>/...) rather than classes.
 SPLIT_NAMES = frozenset({"train", "training", "val", "valid", "validation", "test", "testing", "eval", "dev"})
+TRAIN_NAMES = frozenset({"train", "training"})
 
 
 @dataclass
@@ -48,20 +49,24 @@ def scan_imagefolder(src: Path, split: str | None = None) -> Scan:
     all_deep = True
     for i in kept:
         parts = table.parts(i)
-        if len(parts) >= 3:
-            tops.add(parts[0])
-        else:
-            all_deep = False
-    if split is not None and len(tops) > 1 and all_deep:
-        if split in tops:
-            kept = array("q", (i for i in kept if table.parts(i)[0] == split))
-            rejects = [r for r in rejects if _in_split(r[0], src, split)]
-        elif tops & SPLIT_NAMES:
+        tops.add(parts[0])
+        all_deep = all_deep and len(parts) >= 3
+    split_like = len(tops) > 1 and all(t.lower() in SPLIT_NAMES for t in tops)  # train/, val/*.jpg, Test/
+    if split is not None and len(tops) > 1 and (all_deep or split_like):
+        named = sorted(t for t in tops if t.lower() == split.lower())
+        if named:
+            kept = array("q", (i for i in kept if table.parts(i)[0] == named[0]))
+            rejects = [r for r in rejects if _in_split(r[0], src, named[0])]
+        elif {t.lower() for t in tops} & SPLIT_NAMES:
             raise PrepError(f"{src}: holds split folders {sorted(tops)} but none named {split!r}; "
                             "pass --split with one of them")
     rejects += loose
     top = common_top(lambda: (table.parts(i) for i in kept))
     strip = 1 if top is not None else 0
+    if top is not None and split is not None and top.lower() in SPLIT_NAMES and \
+            (top.lower() in TRAIN_NAMES) != (split.lower() in TRAIN_NAMES):  # CIFAR's test/ as val is fine
+        raise PrepError(f"{src}: holds only the split folder {top!r}, but --split is {split!r}; pass "
+                        f"--split {top}, or the source of the {split!r} split")
     by_class = KeptRows(table)
     for i in kept:
         parts = table.parts(i)[strip:]
@@ -69,9 +74,20 @@ def scan_imagefolder(src: Path, split: str | None = None) -> Scan:
             rejects.append((table.display(i), "not inside a class folder"))
         else:
             by_class.add(i, parts[0])
+    for path, reason in listing.rejects:  # a class folder that cannot be read: a class lost, labels shifted
+        if src.is_dir() and reason.startswith(("cannot list folder", "folder already listed")):
+            rel = Path(path).relative_to(src).parts if Path(path).is_relative_to(src) else ()
+            if len(rel) == strip + 1 and (top is None or rel[0] == top) and not is_hidden(rel):
+                raise PrepError(f"{path}: class folder {rel[-1]!r}: {reason}; its class would be missing and the "
+                                f"labels of the classes after it would move: fix it (permissions, or remove the "
+                                f"duplicate link) and run again")
     classes = sorted(by_class.names)
     if not classes:
         raise PrepError(f"{src}: no class folders with files found (expected <class>/<image> layout)")
+    if len(classes) > 1 and all(c.lower() in SPLIT_NAMES for c in classes):
+        raise PrepError(f"{src}: the folders that would be the classes, {classes}, are split names: pass the "
+                        f"split's own folder as SRC (its subfolders are the classes), or a folder holding "
+                        f"<split>/<class>/<image> with --split naming one")
     empty = sorted({d[strip] for d in listing.dirs if len(d) == strip + 1 and (top is None or d[0] == top)
                     and not is_hidden(d)} - set(classes))
     if empty:  # not a class (no input to label), but say so: a silently missing class shifts labels

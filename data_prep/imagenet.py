@@ -89,7 +89,7 @@ def load_val_csv(path: Path) -> dict[str, str]:
     """Kaggle LOC_val_solution.csv: ImageId -> wnid (first token of PredictionString)."""
     labels = {}
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a CSV saved by Excel starts with a BOM
             for row in csv.DictReader(f):
                 tokens = (row.get("PredictionString") or "").split()
                 if not row.get("ImageId") or not tokens or not _WNID.fullmatch(tokens[0]):
@@ -97,6 +97,8 @@ def load_val_csv(path: Path) -> dict[str, str]:
                 labels[row["ImageId"]] = tokens[0]
     except OSError as exc:
         raise PrepError(f"{path}: cannot read ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise PrepError(f"{path}: not UTF-8 text (save the CSV as UTF-8)") from None
     if not labels:
         raise PrepError(f"{path}: no rows")
     return labels
@@ -124,9 +126,9 @@ def _list_train_archive(path: Path) -> Listing:
             wnid = stem[:-4]
             try:
                 inner = tarfile.open(fileobj=outer.extractfile(m), mode="r:")
-            except tarfile.TarError as exc:
-                listing.rejects.append((display, f"inner archive unreadable: {exc}"))
-                continue
+            except tarfile.TarError as exc:  # a whole class: not a reject
+                raise PrepError(f"{display}: inner archive unreadable ({exc}); its class would be lost: "
+                                f"re-download or re-create {path}") from None
             with inner:
                 for im, ioff, idisp in iter_tar_members(inner, str(path), off, display, listing):
                     listing.files.append(FileEntry((wnid, Path(im.name).name), idisp, (str(path), ioff, im.size)))

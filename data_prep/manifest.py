@@ -87,9 +87,13 @@ def finalize(out: str | Path, splits: list[str] | None = None) -> dict:
     rej_path = out / REJECTS_NAME
     old_rejects = []
     if rej_path.exists():
-        for line in rej_path.read_text(encoding="utf-8").splitlines():
+        for lineno, line in enumerate(rej_path.read_text(encoding="utf-8").splitlines(), start=1):
             if line.strip():
-                old_rejects.append(json.loads(line))
+                try:
+                    old_rejects.append(json.loads(line))
+                except ValueError:
+                    raise PrepError(f"{rej_path}:{lineno}: not a JSON line (edited by hand?); remove that line, "
+                                    f"or the file (the splits prepared again rewrite their lines)") from None
     new_rejects = []
     for split in splits:
         plan, entry, rejects = _split_entry(out, split)
@@ -97,7 +101,9 @@ def finalize(out: str | Path, splits: list[str] | None = None) -> dict:
             if manifest["classes"] != plan["classes"]:
                 raise PrepError(f"{out / MANIFEST_NAME}: split {split!r} has {len(plan['classes'])} classes "
                                 f"that differ from the {len(manifest['classes'])} classes of the existing "
-                                f"splits {sorted(set(manifest['splits']) - {split})}; use another OUT")
+                                f"splits {sorted(set(manifest['splits']) - {split})}, so its labels would not "
+                                f"match theirs; give every split the same class folders (an empty folder does "
+                                f"not count), or use another OUT for a separate dataset")
         manifest["classes"] = plan["classes"]
         manifest["class_names"] = plan["class_names"]
         manifest["source"] = plan["source"]

@@ -29,7 +29,9 @@ def prepare_split(out: Path, split: str, source: str, scan: Scan, opts: EncodeOp
         if others and existing["classes"] != scan.classes:
             raise PrepError(f"{out / MANIFEST_NAME}: the {len(scan.classes)} classes of split {split!r} differ "
                             f"from the {len(existing['classes'])} classes of existing splits {others} "
-                            f"({_class_diff(scan.classes, existing['classes'])}); use another OUT")
+                            f"({_class_diff(scan.classes, existing['classes'])}), so its labels would not match "
+                            f"theirs; give every split the same class folders (an empty folder does not count), "
+                            f"or use another OUT for a separate dataset")
     out.mkdir(parents=True, exist_ok=True)
     jobs, _options = plan_split(out, split, source, scan, opts, seed, shard_bytes, samples_per_shard, split_source)
     mine = [j for j in jobs if j.number % num_tasks == task_index]

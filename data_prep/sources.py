@@ -120,8 +120,28 @@ def iter_tar_members(tf: tarfile.TarFile, archive: str, base_offset: int, prefix
                 continue
             out.append((m, base_offset + m.offset_data, display))
     except tarfile.TarError as exc:
-        listing.rejects.append((f"{prefix}", f"corrupt archive, listing stopped: {exc}"))
+        raise PrepError(f"{prefix}: corrupt archive after {len(out)} files ({exc}); every file after that point "
+                        f"would be lost: re-download or re-create it") from None
+    _check_archive_end(tf, prefix, len(out))
     return out
+
+
+def _check_archive_end(tf: tarfile.TarFile, prefix: str, files: int) -> None:
+    """``tarfile`` takes a cut-short archive, or a damaged header after the first member, for the archive's
+    end: the files after it vanished without a word, and with them whole classes (every label after them
+    moved). A sound archive ends with a zero block where the listing stopped."""
+    try:
+        tf.fileobj.seek(tf.offset)
+        block = tf.fileobj.read(tarfile.BLOCKSIZE)
+    except OSError as exc:
+        raise PrepError(f"{prefix}: cannot read the archive's end at byte {tf.offset}: {exc}") from None
+    if block == bytes(tarfile.BLOCKSIZE):
+        return
+    what = "the archive ends there without its end-of-archive marker (cut short?)" if not block else \
+        "a damaged header is there"
+    raise PrepError(f"{prefix}: listing stopped at byte {tf.offset} after {files} files: {what}; every file "
+                    f"after that point would be lost (`tar tf` shows where it stops): re-download or re-create "
+                    f"the archive")
 
 
 def list_tar(path: Path) -> Listing:

@@ -11,7 +11,7 @@ import multiprocessing as mp
 import struct
 from pathlib import Path
 
-from .format import ManifestError, SAMPLE_EXTS, load_manifest, read_index
+from .format import INDEX_VERSION, ManifestError, SAMPLE_EXTS, load_manifest, read_index
 from .runner import file_sha256, map_in_processes
 
 
@@ -36,6 +36,16 @@ def verify_shard(out: Path, split: str, shard: dict, n_classes: int, decode: int
         return problems + [f"{where}: {exc}"]
     if len(index) != shard["samples"]:
         problems.append(f"{where}: index has {len(index)} samples, manifest says {shard['samples']}")
+    expected = index_of_tar(tar)
+    if expected is None:
+        problems.append(f"{where}: cannot list the tar's members")
+    else:
+        lines = (Path(out) / shard["index"]).read_text(encoding="utf-8").splitlines(keepends=True)
+        wrong = [i for i, (a, b) in enumerate(zip(lines, expected)) if a != b]
+        if wrong or len(lines) != len(expected):
+            at = wrong[0] if wrong else min(len(lines), len(expected))
+            problems.append(f"{where}: index {shard['index']} does not match the tar's members from line {at + 1} "
+                            f"(an entry points at another sample's data): rebuild the shard")
     step = max(1, len(index) // max(decode, 1)) if decode else 0
     with open(tar, "rb") as f:
         for i, entry in enumerate(index):
@@ -64,6 +74,44 @@ def verify_shard(out: Path, split: str, shard: dict, n_classes: int, decode: int
     return problems
 
 
+def index_of_tar(tar: Path) -> list[str] | None:
+    """The index lines (header first) that ``write_index`` (and DALI's ``wds2idx``) makes for this tar's
+    members; None when the tar cannot be listed."""
+    import tarfile
+
+    samples: list[list[str]] = []
+    last = None
+    try:
+        with tarfile.open(tar, "r:") as tf:
+            for m in tf:
+                if not m.isfile():
+                    continue
+                key, _, ext = m.name.rpartition(".")
+                if key != last:
+                    samples.append([])
+                    last = key
+                samples[-1].append(f"{ext} {m.offset_data} {m.size} {m.name}")
+                tf.members.clear()
+    except (tarfile.TarError, OSError):
+        return None
+    return [f"{INDEX_VERSION} {len(samples)}\n"] + [" ".join(s) + "\n" for s in samples]
+
+
+def _check_structure(manifest: dict, path: Path) -> None:
+    """ManifestError naming the first entry verify cannot read (a manifest edited by hand)."""
+    if not isinstance(manifest["splits"], dict) or not isinstance(manifest["classes"], list):
+        raise ManifestError(f"{path}: 'splits' must be an object and 'classes' a list")
+    for split, entry in manifest["splits"].items():
+        shards = entry.get("shards") if isinstance(entry, dict) else None
+        if not isinstance(shards, list) or not isinstance(entry.get("samples"), int):
+            raise ManifestError(f"{path}: split {split!r} lacks 'shards' (a list) or 'samples'")
+        for i, shard in enumerate(shards):
+            lacking = [k for k in ("name", "index", "samples", "bytes", "sha256")
+                       if not isinstance(shard, dict) or k not in shard]
+            if lacking:
+                raise ManifestError(f"{path}: split {split!r} shard {i} lacks {lacking}")
+
+
 def _star(args) -> list[str]:
     return verify_shard(*args)
 
@@ -72,6 +120,7 @@ def verify(out: str | Path, decode: int = 4, workers: int = 1) -> list[str]:
     """All problems found in OUT (empty list = OK); ManifestError when there is no usable manifest."""
     out = Path(out)
     manifest = load_manifest(out)
+    _check_structure(manifest, out / "manifest.json")
     jobs = []
     problems = []
     for split, entry in manifest["splits"].items():

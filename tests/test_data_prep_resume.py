@@ -172,3 +172,20 @@ def test_reencode_mode_bounds_size(tree, tmp_path):
     for s in got:
         im = Image.open(io.BytesIO(s["jpg"]))
         assert im.format == "JPEG" and im.mode == "RGB" and im.size == (40, 30)
+
+
+def test_verify_catches_an_index_entry_that_points_at_another_sample(tree, tmp_path):
+    """Two index lines swapped (the same members, other samples' data): DALI would read sample 3's image
+    under sample 4's key and label. verify said OK; it now rebuilds the index from the tar's members."""
+    out = tmp_path / "o"
+    assert main(["imagefolder", str(tree), str(out), "--split", "train", "--samples-per-shard", "12",
+                 "--no-progress"]) == 0
+    assert main(["verify", str(out)]) == 0
+    idx = out / "train-000002.idx"
+    lines = idx.read_text().splitlines(keepends=True)
+    lines[4], lines[5] = lines[5], lines[4]  # header is line 1: samples 3 and 4
+    idx.write_text("".join(lines))
+    bad = subprocess.run([sys.executable, "-m", "data_prep", "verify", str(out)], cwd=REPO, capture_output=True,
+                         text=True)
+    assert bad.returncode == 1, bad.stderr
+    assert "train/train-000002.tar: index train-000002.idx does not match the tar's members from line 5" in bad.stderr

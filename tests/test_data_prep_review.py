@@ -182,3 +182,135 @@ def test_json_writers_in_two_pid_namespaces_do_not_collide(tmp_path):
     assert all(p.returncode == 0 for p in procs), errors
     assert json.loads(target.read_text())["tag"] in ("a", "b")
     assert not list(tmp_path.glob("*.tmp")), "no temporary file left behind"
+
+
+def _cut_cases(tar: Path, tmp: Path) -> dict[str, Path]:
+    """The tar cut short at a member's header, cut inside a member's data, and with one header damaged."""
+    import tarfile
+
+    with tarfile.open(tar) as tf:
+        members = [m for m in tf.getmembers() if m.isfile()]
+    mid = members[len(members) // 2]
+    data = tar.read_bytes()
+    cases = {"cut at a header": data[:mid.offset], "cut in the data": data[:mid.offset_data + mid.size // 2]}
+    damaged = bytearray(data)
+    damaged[mid.offset + 148:mid.offset + 156] = b"0000000\0"  # a wrong header checksum
+    cases["damaged header"] = bytes(damaged)
+    out = {}
+    for i, (name, blob) in enumerate(cases.items()):
+        out[name] = tmp / f"case{i}.tar"
+        out[name].write_bytes(blob)
+    return out
+
+
+def test_a_cut_or_damaged_tar_is_an_error_not_fewer_classes(tmp_path):
+    """Python's tarfile takes a cut-short archive, or a bad header after the first member, for the end of
+    the archive: half the files and whole classes vanished, exit 0, and every label after them moved. Also
+    the outer ILSVRC2012 train archive, cut between two class archives."""
+    from tests.fixtures_images import build_imagenet, tar_tree
+
+    src = tmp_path / "src"
+    write_imagefolder(src, ["a", "b", "c", "d"], per_class=4)
+    tar = tar_tree(src, tmp_path / "full.tar")
+    assert main(["imagefolder", str(tar), str(tmp_path / "ok"), "--split", "train", "--no-progress"]) == 0
+    for name, cut in _cut_cases(tar, tmp_path).items():
+        r = run_cli("imagefolder", str(cut), str(tmp_path / name.replace(" ", "_")), "--split", "train",
+                    "--no-progress")
+        assert r.returncode == 2 and "Traceback" not in r.stderr, (name, r.stderr[-2000:])
+        assert f"error: {cut}" in r.stderr and "would be lost" in r.stderr, (name, r.stderr)
+        assert not (tmp_path / name.replace(" ", "_") / "manifest.json").exists(), name
+
+    inet = tmp_path / "ilsvrc"
+    build_imagenet(inet)
+    train = inet / "ILSVRC2012_img_train.tar"
+    import tarfile
+
+    with tarfile.open(train) as tf:
+        inner = [m for m in tf.getmembers() if m.isfile()]
+    train.write_bytes(train.read_bytes()[:inner[len(inner) // 2].offset])
+    r = run_cli("imagenet", str(inet), str(tmp_path / "inet_out"), "--no-progress")
+    assert r.returncode == 2 and f"error: {train}: listing stopped at byte" in r.stderr, r.stderr[-2000:]
+
+
+def test_split_folders_are_never_taken_for_classes(tmp_path):
+    """SRC holding split folders that the layout detection missed (a flat ``val/*.jpg`` as ImageNet ships
+    it, a README inside ``train/``, capitalised ``Train/``, one wrapper folder around them) made the
+    classes ``train`` and ``val``: both splits mixed under two labels, exit 0."""
+    flat = tmp_path / "flat"
+    write_imagefolder(flat / "train", ["a", "b"], per_class=3)
+    write_imagefolder(tmp_path / "v", ["x"], per_class=4, seed=5)
+    (flat / "val").mkdir()
+    for p in (tmp_path / "v" / "x").iterdir():
+        p.rename(flat / "val" / p.name)
+    assert main(["imagefolder", str(flat), str(tmp_path / "o1"), "--split", "train", "--no-progress"]) == 0
+    m = load_manifest(tmp_path / "o1")
+    assert m["classes"] == ["a", "b"] and m["splits"]["train"]["samples"] == 6
+
+    caps = tmp_path / "caps"
+    write_imagefolder(caps / "Train", ["a", "b"], per_class=3)
+    write_imagefolder(caps / "Test", ["a", "b"], per_class=2, seed=5)
+    (caps / "Train" / "README.txt").write_text("notes")
+    assert main(["imagefolder", str(caps), str(tmp_path / "o2"), "--split", "test", "--no-progress"]) == 0
+    m = load_manifest(tmp_path / "o2")
+    assert m["classes"] == ["a", "b"] and m["splits"]["test"]["samples"] == 4
+
+    wrapped = tmp_path / "wrapped"
+    write_imagefolder(wrapped / "sp" / "train", ["a", "b"], per_class=2)
+    write_imagefolder(wrapped / "sp" / "val", ["a", "b"], per_class=2, seed=5)
+    r = run_cli("imagefolder", str(wrapped), str(tmp_path / "o3"), "--split", "train", "--no-progress")
+    assert r.returncode == 2 and "are split names" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+    only_train = tmp_path / "only_train"
+    write_imagefolder(only_train / "train", ["a", "b"], per_class=2)
+    r = run_cli("imagefolder", str(only_train), str(tmp_path / "o4"), "--split", "val", "--no-progress")
+    assert r.returncode == 2 and "holds only the split folder 'train', but --split is 'val'" in r.stderr, r.stderr
+
+
+def test_a_class_folder_that_cannot_be_read_is_an_error(tmp_path):
+    """A second link to a class folder (or an unreadable class folder) dropped that class (only a line in
+    rejects.jsonl, exit 0): the labels of the classes after it moved."""
+    src = tmp_path / "src"
+    write_imagefolder(src, ["a", "b", "c"], per_class=2)
+    (src / "d").symlink_to(src / "b", target_is_directory=True)
+    r = run_cli("imagefolder", str(src), str(tmp_path / "o"), "--split", "train", "--no-progress")
+    assert r.returncode == 2 and f"error: {src / 'd'}: class folder 'd': folder already listed" in r.stderr, \
+        r.stderr
+    (src / "d").unlink()  # (an unreadable class folder takes the same path: "cannot list folder")
+    assert main(["imagefolder", str(src), str(tmp_path / "o"), "--split", "train", "--no-progress"]) == 0
+
+
+def test_hand_edited_outputs_and_inputs_give_one_line_errors(tmp_path):
+    """A manifest or rejects.jsonl edited by hand, a split name too long for a tar member, a CSV saved by
+    Excel (UTF-8 with a BOM) or as UTF-16: each was a traceback or a refusal of a good file."""
+    from tests.fixtures_images import build_imagenet
+
+    src = tmp_path / "src"
+    write_imagefolder(src, ["a", "b"], per_class=2)
+    out = tmp_path / "o"
+    assert main(["imagefolder", str(src), str(out), "--split", "train", "--no-progress"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["splits"]["train"]["shards"][0]["sha256"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    r = run_cli("verify", str(out))
+    assert r.returncode == 2 and "split 'train' shard 0 lacks ['sha256']" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+    with open(out / "rejects.jsonl", "a") as f:
+        f.write("not json\n")
+    r = run_cli("imagefolder", str(src), str(out), "--split", "val", "--no-progress")
+    assert r.returncode == 2 and f"{out / 'rejects.jsonl'}:1: not a JSON line" in r.stderr, r.stderr
+
+    r = run_cli("imagefolder", str(src), str(tmp_path / "o2"), "--split", "s" * 95, "--no-progress")
+    assert r.returncode == 2 and "at most 64 characters" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+    inet = tmp_path / "ilsvrc"
+    exp = build_imagenet(inet)
+    (inet / "ILSVRC2012_devkit_t12.tar.gz").unlink()  # labels from the Kaggle CSV only
+    csv_path = next(inet.glob("LOC_val_solution.csv"))
+    text = csv_path.read_text()
+    csv_path.write_text("\ufeff" + text, encoding="utf-8")
+    assert main(["imagenet", str(inet), str(tmp_path / "o3"), "--splits", "val", "--no-progress"]) == 0
+    assert load_manifest(tmp_path / "o3")["splits"]["val"]["samples"] == len(exp["val"])
+    csv_path.write_text(text, encoding="utf-16")
+    r = run_cli("imagenet", str(inet), str(tmp_path / "o4"), "--splits", "val", "--no-progress")
+    assert r.returncode == 2 and "not UTF-8 text" in r.stderr and "Traceback" not in r.stderr, r.stderr
