@@ -10,7 +10,7 @@ from pathlib import Path
 from .errors import PrepError
 from .format import ManifestError
 
-_UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4,
+_UNITS = {"B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4,
           "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4}
 
 
@@ -19,7 +19,8 @@ def parse_size(text: str) -> int:
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
     unit = m.group(2).upper() if m else None
     if not m or unit not in _UNITS:
-        raise PrepError(f"--shard-size {text!r}: expected a number with KB, MB or GB (e.g. 1GB, 500MB)")
+        raise PrepError(f"--shard-size {text!r}: expected a number with a unit, KB, MB or GB (e.g. 1GB, 500MB; "
+                        f"a bare number is not taken for bytes)")
     value = int(float(m.group(1)) * _UNITS[unit])
     if value <= 0:
         raise PrepError(f"--shard-size {text!r}: must be positive")

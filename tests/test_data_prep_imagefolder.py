@@ -240,8 +240,9 @@ def test_cli_errors_one_line_exit_2(args, fragment, tmp_path):
 def test_parse_size():
     assert parse_size("1GB") == 10**9 and parse_size("300KB") == 300_000 and parse_size("2.5MB") == 2_500_000
     assert parse_size("1GiB") == 2**30
-    with pytest.raises(PrepError):
-        parse_size("lots")
+    for bad in ("lots", "1", "500"):  # a bare number (1 byte: a shard per image) needs its unit
+        with pytest.raises(PrepError):
+            parse_size(bad)
 
 
 def test_progress_line_on_stderr(tree, tmp_path, capsys):
