@@ -132,12 +132,13 @@ def _split_ok(split: str) -> str:
     return split
 
 
-def _summary(manifest: dict | None, splits: list[str]) -> None:
+def _summary(manifest: dict | None, splits: list[str], out: Path) -> None:
     if manifest is None:
         return
     for s in splits:
         e = manifest["splits"][s]
-        print(f"{s}: {e['samples']} samples in {len(e['shards'])} shards, {e['rejected']} rejected")
+        where = f" (why: {out / 'rejects.jsonl'})" if e["rejected"] else ""
+        print(f"{s}: {e['samples']} samples in {len(e['shards'])} shards, {e['rejected']} rejected{where}")
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -155,7 +156,7 @@ def run(argv: list[str] | None = None) -> int:
         scan = scan_imagefolder(args.src, split)
         m = prepare_split(args.out, split, str(args.src.resolve()), scan, opts, args.seed, shard_bytes,
                           args.samples_per_shard, workers, ti, nt, show_progress=not args.no_progress)
-        _summary(m, [split])
+        _summary(m, [split], args.out)
         return 0
     if args.cmd == "imagenet":
         from .imagenet import prepare_imagenet
@@ -168,7 +169,7 @@ def run(argv: list[str] | None = None) -> int:
         m = prepare_imagenet(args.src, args.out, splits, opts, args.seed, shard_bytes, args.samples_per_shard,
                              workers, ti, nt, devkit=args.devkit, val_csv=args.val_csv,
                              show_progress=not args.no_progress)
-        _summary(m, splits)
+        _summary(m, splits, args.out)
         return 0
     if args.cmd == "finalize":
         from .manifest import finalize
@@ -177,7 +178,7 @@ def run(argv: list[str] | None = None) -> int:
             raise PrepError(f"{args.out}: output folder does not exist")
         splits = [s.strip() for s in args.splits.split(",")] if args.splits else None
         m = finalize(args.out, splits)
-        _summary(m, list(m["splits"]) if splits is None else splits)
+        _summary(m, list(m["splits"]) if splits is None else splits, args.out)
         return 0
     if args.cmd == "verify":
         from .verify import verify
