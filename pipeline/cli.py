@@ -23,6 +23,7 @@ from pathlib import Path
 
 from lightning_fabric.plugins import CheckpointIO
 from lightning_fabric.plugins.environments import ClusterEnvironment, SLURMEnvironment, TorchElasticEnvironment
+from lightning_fabric.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, ModelSummary, ProgressBar, RichModelSummary
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 from pytorch_lightning.strategies import DeepSpeedStrategy
@@ -81,16 +82,64 @@ def _say(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
+def _check_trainer(t) -> None:
+    """The trainer settings that Lightning, the loader contract or torch would reject later, in a traceback
+    (``accumulate_grad_batches -2`` surfaced as "Invalid learning rate"; ``val_check_interval 0`` as a
+    ZeroDivisionError after the first step)."""
+    def number(key: str):
+        value = t.get(key)
+        return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+    acc = t.get("accumulate_grad_batches")
+    require(acc is None or (isinstance(acc, int) and acc >= 1), "trainer.accumulate_grad_batches", "an integer >= 1",
+            acc)
+    vci = number("val_check_interval")
+    require(vci is None or (vci > 0 and (isinstance(vci, int) or vci <= 1)), "trainer.val_check_interval",
+            "a fraction of an epoch in (0, 1] or a number of batches >= 1", t.get("val_check_interval"))
+    every = t.get("check_val_every_n_epoch")
+    require(every is None or every >= 1, "trainer.check_val_every_n_epoch", ">= 1 (or null)", every)
+    for key in ("max_steps", "max_epochs"):
+        value = t.get(key)
+        require(value is None or value >= -1, f"trainer.{key}", ">= -1 (-1: no limit)", value)
+    nodes = t.get("num_nodes")
+    require(nodes is None or nodes >= 1, "trainer.num_nodes", ">= 1", nodes)
+    devices = t.get("devices")
+    count = int(devices) if isinstance(devices, str) and devices.strip().lstrip("-").isdigit() else devices
+    require(not isinstance(count, int) or count >= 1 or count == -1, "trainer.devices",
+            ">= 1, -1 (all) or 'auto'", devices)
+    clip = number("gradient_clip_val")
+    require(clip is None or clip >= 0, "trainer.gradient_clip_val", ">= 0 (0 or null: no clipping)",
+            t.get("gradient_clip_val"))
+
+
 class RunDirConfig(SaveConfigCallback):
     """The resolved config in ``RUN/config.yaml`` whichever loggers are on (Lightning's callback writes it
     into the first logger's directory: ``RUN/csv/`` without W&B). Subcommands other than ``fit`` write
-    ``RUN/config-<stage>.yaml``, so a ``validate`` in the run directory keeps the training config."""
+    ``RUN/config-<stage>.yaml``, so a ``validate`` in the run directory keeps the training config. Written
+    once the checkpoint is restored, as the stage starts: a resume refused then (another ``model.arch`` or
+    dataset) left a config that never ran in place of the run's own."""
 
     def setup(self, trainer, pl_module, stage: str) -> None:
+        self._stage = getattr(stage, "value", stage)  # a TrainerFn
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._save(trainer)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:  # (fit's sanity check runs before on_train_start)
+            self._save(trainer)
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        self._save(trainer)
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        self._save(trainer)
+
+    def _save(self, trainer) -> None:
         if self.already_saved:
             return
         if trainer.is_global_zero:
-            stage = getattr(stage, "value", stage)  # a TrainerFn
+            stage = getattr(self, "_stage", "fit")
             name = self.config_filename if stage == "fit" else f"config-{stage}.yaml"
             Path(trainer.default_root_dir).mkdir(parents=True, exist_ok=True)
             self.parser.save(self.config, str(Path(trainer.default_root_dir) / name), skip_none=False,
@@ -126,7 +175,9 @@ class PipelineCLI(LightningCLI):
         cfg.trainer.default_root_dir = str(run_dir)
         last = checkpoint_dir(run_dir) / "last.ckpt"
         self._saved_run_id: str | None = None
+        _check_trainer(cfg.trainer)
         if sub != "fit":
+            self._default_checkpoint(cfg, sub, last)
             self._check_checkpoint(cfg.get("ckpt_path"))
             return
         self._run_lock = RunDirLock(run_dir)  # before anything in the run directory is touched
@@ -150,6 +201,22 @@ class PipelineCLI(LightningCLI):
         self._adapt_geometry(cfg, path, meta.get(ShardDataModule.__qualname__) or {})
 
     @staticmethod
+    def _default_checkpoint(cfg, sub: str, last: Path) -> None:
+        """``validate`` (and ``test``, ``predict``) of the run directory's ``last.ckpt`` when no checkpoint is
+        named, as ``fit`` resumes it; ``--ckpt_path last`` means that file too. Lightning's own ``last`` looks
+        for a checkpoint callback's latest save, which a new process has not made: it went on with the
+        untrained network and printed its metrics as a result."""
+        ckpt = cfg.get("ckpt_path")
+        if ckpt not in (None, "last") or (ckpt is None and cfg.model.get("init_weights")):
+            return
+        if not last.exists():
+            raise ConfigError(f"ckpt_path: nothing to {sub}: {last} does not exist (trainer.default_root_dir "
+                              f"{last.parent.parent}); pass --ckpt_path FILE, or --model.init_weights WEIGHTS for a "
+                              f"network's weights alone")
+        cfg.ckpt_path = str(last)
+        _say(f"{sub}: {last}")
+
+    @staticmethod
     def _check_checkpoint(path: str | Path | None) -> dict:
         """The checkpoint's contents; a missing, torn or foreign file is a one-line error naming it.
         Lightning's keywords (``best``, ``last``, ...) are left to the trainer."""
@@ -157,7 +224,12 @@ class PipelineCLI(LightningCLI):
             return {}
         if not Path(path).exists():
             raise ConfigError(f"ckpt_path: checkpoint {path} does not exist")
-        return read_checkpoint(path)
+        meta = read_checkpoint(path)
+        if not Path(path).is_dir() and "pytorch-lightning_version" not in meta:
+            raise ConfigError(f"ckpt_path: {path} is not a training checkpoint (no trainer state: weights alone, "
+                              f"as `python -m pipeline export` writes?); start from weights with "
+                              f"--model.init_weights {path}")
+        return meta
 
     def _adapt_geometry(self, cfg, path: Path, state: dict) -> None:
         """Same global batch as the checkpoint, whatever the new world size (see resume_geometry); a ZeRO
@@ -340,6 +412,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     except (ConfigError, ManifestError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except MisconfigurationException as e:  # Lightning's own refusal of a trainer setting
+        print(f"error: trainer: {str(e).strip().splitlines()[0]}", file=sys.stderr)
         return 2
     except (CheckpointWriteError, TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)

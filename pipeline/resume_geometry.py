@@ -46,7 +46,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         return torch.load(f, map_location="cpu", weights_only=False, mmap=True)
     except Exception as e:  # torn or foreign file
-        raise ConfigError(f"cannot read checkpoint {f}: {e}") from None
+        why = "an empty file" if Path(f).is_file() and Path(f).stat().st_size == 0 else \
+            "not a torch checkpoint, or torn" if "zipfile" in str(e) or "mmap" in str(e) else str(e)
+        raise ConfigError(f"cannot read checkpoint {f}: {why}") from None
 
 
 def zero_world_size(path: str | Path) -> int | None:

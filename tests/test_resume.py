@@ -215,11 +215,14 @@ def test_resume_refuses_another_architecture(interrupted, tmp_path, digits_shard
     _, _, cut, _, _ = interrupted
     run = tmp_path / "run"
     shutil.copytree(cut / "checkpoints", run / "checkpoints")
+    shutil.copy(cut / "config.yaml", run / "config.yaml")
     proc = run_module(*fit_command(digits_shards, run, STEPS + 2, ["--model.arch", "cifar_resnet32"])[2:],
                       check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "model.arch='cifar_resnet20'" in proc.stderr and "cifar_resnet32" in proc.stderr
     assert "Traceback" not in proc.stderr
+    # the refused start left the run's config as it was (it wrote the refused one over it)
+    assert (run / "config.yaml").read_bytes() == (cut / "config.yaml").read_bytes()
 
 
 def test_resume_refuses_another_dataset(interrupted, tmp_path, digits_shards):

@@ -124,7 +124,7 @@ def test_model_settings_are_checked(kwargs, needle):
         ({"augment": {"train_size": 0}}, "data.augment.train_size must be >= 1"),
         ({"augment": {"pad": -1}}, "data.augment.pad must be >= 0"),
         ({"augment": {"ratio": (1.5, 1.0)}}, "data.augment.ratio must be (min, max)"),
-        ({"augment": {"std": (0.2, 0.0, 0.2)}}, "data.augment.std must be 3 numbers > 0"),
+        ({"augment": {"std": (0.2, 0.0, 0.2)}}, "data.augment.std must be 3 numbers in (0, 1]"),
     ],
 )
 def test_data_settings_are_checked(kwargs, needle, tmp_path):

@@ -149,3 +149,51 @@ def test_a_user_callback_keeps_the_pipelines_defaults(digits_shards, tmp_path):
     assert "epoch 0 batch 5/22 | train/loss" in out and "━" not in out, out[-2000:]
     ckpts = sorted(p.relative_to(run).as_posix() for p in run.rglob("*.ckpt"))
     assert ckpts == ["checkpoints/last.ckpt"], ckpts
+
+
+def _val_top1(run_dir: Path) -> float:
+    import csv
+
+    versions = sorted((run_dir / "validate" / "csv").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+    with open(versions[-1] / "metrics.csv") as f:
+        return float(next(r for r in csv.DictReader(f) if r.get("val/top1"))["val/top1"])
+
+
+def test_validate_scores_the_run_directorys_checkpoint_or_refuses(trained, digits_shards, tmp_path):
+    """Without ``--ckpt_path`` (or with ``last``) ``validate`` scored the untrained network, exit 0, its
+    metrics logged as the run's: it now scores ``RUN/checkpoints/last.ckpt``, as ``fit`` resumes it, and a
+    run directory without one is an error. Weights alone (an export) given as a checkpoint are named."""
+    last = trained / "checkpoints" / "last.ckpt"
+    run_module(*_args("validate", digits_shards, trained, "--ckpt_path", str(last)))
+    explicit = _val_top1(trained)
+    proc = run_module(*_args("validate", digits_shards, trained))
+    assert f"validate: {last}" in proc.stderr, proc.stderr[-2000:]
+    assert _val_top1(trained) == explicit
+    proc = run_module(*_args("validate", digits_shards, tmp_path / "empty", "--ckpt_path", "last"), check=False)
+    _fails_clearly(proc, 2, "ckpt_path: nothing to validate", "last.ckpt does not exist")
+
+    weights = tmp_path / "net.pt"
+    torch.save(torch.load(last, map_location="cpu", weights_only=False)["state_dict"], weights)
+    for cmd in ("validate", "fit"):
+        proc = run_module(*_args(cmd, digits_shards, tmp_path / cmd, "--ckpt_path", str(weights)), check=False)
+        _fails_clearly(proc, 2, f"ckpt_path: {weights} is not a training checkpoint", "--model.init_weights")
+
+
+@pytest.mark.parametrize("setting, value, needle", [
+    ("trainer.accumulate_grad_batches", "-2", "trainer.accumulate_grad_batches must be an integer >= 1"),
+    ("trainer.val_check_interval", "0", "trainer.val_check_interval must be a fraction"),
+    ("trainer.check_val_every_n_epoch", "0", "trainer.check_val_every_n_epoch must be >= 1"),
+    ("trainer.devices", "0", "trainer.devices must be >= 1"),
+    ("trainer.max_time", "5min", "error: trainer: "),
+    ("data.augment.mean", "[123.675,116.28,103.53]", "data.augment.mean must be 3 numbers in [0, 1]"),
+    ("data.augment.val_resize", "16", "data.augment.val_resize must be >= data.augment.val_size"),
+])
+def test_bad_trainer_and_augment_settings_fail_in_one_line(digits_shards, tmp_path, setting, value, needle):
+    """Each was a traceback (accumulate -2 as "Invalid learning rate", val_check_interval 0 as a
+    ZeroDivisionError after the first step, Lightning's own refusals), or ran silently wrong (mean on the
+    0-255 scale: near-constant inputs; a centre crop larger than the resize: black borders)."""
+    extra = ["--data.augment.recipe", "imagenet", "--data.augment.val_size", "32"] if "val_resize" in setting else []
+    proc = run_module(*_args("fit", digits_shards, tmp_path / "r", *extra, f"--{setting}", value,
+                             "--trainer.max_steps", "2"), check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and needle in proc.stderr.strip().splitlines()[-1], proc.stderr[-3000:]

@@ -12,6 +12,19 @@ from pipeline.data.shards import ShardSet
 from tests.conftest import REPO, run_module
 
 
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    """An untrained network's weights (``validate`` needs a checkpoint or weights to score)."""
+    import torch
+
+    from pipeline.models import build
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "init.pt"
+    torch.save(build("cifar_resnet20", num_classes=10).state_dict(), path)
+    return path
+
+
 def _validate(shards: Path, run_dir: Path, devices: int, *extra: str, batch: int = 50) -> dict[str, float]:
     args = ["pipeline", "validate", "--config", str(REPO / "conf" / "demo.yaml"), "--data.root", str(shards),
             "--trainer.default_root_dir", str(run_dir), "--data.num_workers", "0",
@@ -26,10 +39,10 @@ def _validate(shards: Path, run_dir: Path, devices: int, *extra: str, batch: int
     return {k: float(v) for k, v in rows[0].items() if k.startswith("val/")}
 
 
-def test_two_process_validation_equals_one_process(digits_shards, tmp_path):
+def test_two_process_validation_equals_one_process(digits_shards, tmp_path, weights):
     """363 val samples on 2 ranks x batch 50: rank 1 gets 18 padding entries that must not count."""
-    one = _validate(digits_shards, tmp_path / "one", 1)
-    two = _validate(digits_shards, tmp_path / "two", 2)
+    one = _validate(digits_shards, tmp_path / "one", 1, "--model.init_weights", str(weights))
+    two = _validate(digits_shards, tmp_path / "two", 2, "--model.init_weights", str(weights))
     assert one["val/top1"] == two["val/top1"] and one["val/top5"] == two["val/top5"]
     assert abs(one["val/loss"] - two["val/loss"]) < 1e-6
     correct = one["val/top1"] * 363
@@ -38,7 +51,8 @@ def test_two_process_validation_equals_one_process(digits_shards, tmp_path):
 
 
 @pytest.mark.parametrize("backend", ["cpu", "dali-cpu"])
-def test_validation_with_skipped_corrupt_samples_and_an_all_padding_batch(digits_shards, tmp_path, backend):
+def test_validation_with_skipped_corrupt_samples_and_an_all_padding_batch(digits_shards, tmp_path, backend,
+                                                                          weights):
     """Batches of 181: rank 0 validates samples 0-181 (its second batch: sample 181 alone), rank 1 182-362
     (its second batch: padding only); one process has 362 alone in its third batch. Samples 5, 181 and 362
     are zeroed (corrupt) and skipped, so batches with no valid sample come from padding and from corruption
@@ -50,7 +64,7 @@ def test_validation_with_skipped_corrupt_samples_and_an_all_padding_batch(digits
         with open(root / val.shard_name(sid), "r+b") as f:
             f.seek(int(val.offsets[sid]))
             f.write(bytes(int(val.sizes[sid])))
-    extra = ("--data.on_corrupt", "skip", "--data.backend", backend)
+    extra = ("--data.on_corrupt", "skip", "--data.backend", backend, "--model.init_weights", str(weights))
     one = _validate(root, tmp_path / "one", 1, *extra, batch=181)
     two = _validate(root, tmp_path / "two", 2, *extra, batch=181)
     assert one["val/samples"] == two["val/samples"] == 360

@@ -47,8 +47,13 @@ class AugmentConfig:
         require(0 < lo <= hi <= 1, key + "scale", "(min, max) with 0 < min <= max <= 1", self.scale)
         lo, hi = self.ratio
         require(0 < lo <= hi, key + "ratio", "(min, max) with 0 < min <= max", self.ratio)
-        require(len(self.mean) == 3, key + "mean", "3 numbers (RGB)", self.mean)
-        require(len(self.std) == 3 and all(v > 0 for v in self.std), key + "std", "3 numbers > 0 (RGB)", self.std)
+        if self.recipe == "imagenet":  # a centre crop larger than the resized image pads it with black
+            require(self.val_resize >= self.val_size, key + "val_resize", f">= data.augment.val_size "
+                    f"({self.val_size}): the centre crop would pad the image with black", self.val_resize)
+        require(len(self.mean) == 3 and all(0 <= v <= 1 for v in self.mean), key + "mean",
+                "3 numbers in [0, 1] (RGB, on the 0-1 scale: 0.485, not 123.675)", self.mean)
+        require(len(self.std) == 3 and all(0 < v <= 1 for v in self.std), key + "std",
+                "3 numbers in (0, 1] (RGB, on the 0-1 scale: 0.229, not 58.395)", self.std)
 
 
 def sample_rng(seed: int, epoch: int, position: int) -> np.random.Generator:
