@@ -91,10 +91,15 @@ def _load_legacy(p: Path):
 
 
 def export(ckpt: str | Path, out: str | Path) -> dict[str, torch.Tensor]:
+    if Path(out).is_dir():
+        raise ConfigError(f"out: {out} is a directory; name the output file (e.g. {Path(out) / 'weights.pt'})")
     sd = state_dict_from_checkpoint(ckpt)
     buf = io.BytesIO()
     torch.save(sd, buf)
-    atomic_write_bytes(buf.getbuffer(), out)
+    try:
+        atomic_write_bytes(buf.getbuffer(), out)
+    except OSError as e:
+        raise ConfigError(f"out: cannot write {out}: {e.strerror or e}") from None
     return sd
 
 

@@ -122,9 +122,13 @@ class RunDirLock:
                   "host": socket.gethostname(), "pid": os.getpid(),
                   "since": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
         data = (json.dumps(record) + "\n").encode()
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, data, 0)
-        os.fsync(fd)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, data, 0)
+            os.fsync(fd)
+        except OSError as e:  # a full disk or quota: nothing of the run can be written either
+            self.release()
+            raise ConfigError(f"trainer.default_root_dir: cannot write {self.path}: {e.strerror or e}") from None
         self._key = key
 
     def taken_by(self) -> dict:

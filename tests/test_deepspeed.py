@@ -143,3 +143,5 @@ def test_export_errors_are_clear(tmp_path, capsys):
     assert export_main([str(tmp_path / "junk.ckpt"), str(tmp_path / "out.pt")]) == 2
     assert "junk.ckpt" in capsys.readouterr().err
     assert not (tmp_path / "out.pt").exists()
+    assert export_main([str(tmp_path / "junk.ckpt"), str(tmp_path)]) == 2  # an existing directory as out
+    assert f"out: {tmp_path} is a directory" in capsys.readouterr().err

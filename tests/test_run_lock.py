@@ -231,3 +231,21 @@ def test_a_second_job_that_got_the_lock_too_stops_this_one_before_its_next_save(
     assert "stops without saving at step 4" in proc.stderr
     saved = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert saved["global_step"] == 3
+
+
+def test_a_lock_file_that_cannot_be_written_is_an_error_naming_it(tmp_path, clean_env):
+    """A full disk at start (the lock record is the first write): an OSError traceback, and the empty lock
+    file stayed locked by nobody. Now one error naming the file, and the lock is released."""
+    import pipeline.run_lock as run_lock
+
+    def full(fd, length):
+        raise OSError(28, "No space left on device")
+
+    with clean_env.context() as patched:
+        patched.setattr(run_lock.os, "ftruncate", full)
+        lock = RunDirLock(tmp_path / "run")
+        with pytest.raises(ConfigError, match=r"trainer.default_root_dir: cannot write .*\.lock: No space left"):
+            lock.acquire()
+    again = RunDirLock(tmp_path / "run")
+    again.acquire()  # not held by the failed attempt
+    again.release()
