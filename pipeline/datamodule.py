@@ -224,6 +224,12 @@ class ShardDataModule(pl.LightningDataModule):
 
     def val_dataloader(self):
         world, rank = self._geometry()
+        trainer = self.trainer
+        if len(self.val_shards) == 0 and (trainer is None or trainer.limit_val_batches != 0):
+            raise ConfigError(  # Lightning would validate nothing, rank no best checkpoint, and say little
+                f"the {self.val_split!r} split of {self.root} has no samples: nothing would be validated (nor "
+                f"any best checkpoint kept); prepare that split (data_prep --split {self.val_split}), name another "
+                f"one with data.val_split, or train without validation: --trainer.limit_val_batches 0")
         sampler = ValSampler(len(self.val_shards), world, rank, self.val_batch_size)
         return self._loader(self.val_shards, sampler, train=False)
 

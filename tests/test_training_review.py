@@ -197,3 +197,18 @@ def test_bad_trainer_and_augment_settings_fail_in_one_line(digits_shards, tmp_pa
                              "--trainer.max_steps", "2"), check=False)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and needle in proc.stderr.strip().splitlines()[-1], proc.stderr[-3000:]
+
+
+def test_an_empty_validation_split_is_an_error_unless_validation_is_off(digits_shards, tmp_path):
+    """A val split without samples trained with no validation and no best checkpoint, silently."""
+    import json
+    import shutil
+
+    root = tmp_path / "shards"
+    shutil.copytree(digits_shards, root)
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["splits"]["val"].update(shards=[], samples=0)
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    proc = run_module(*_args("fit", root, tmp_path / "r", "--trainer.max_steps", "2"), check=False)
+    _fails_clearly(proc, 2, "the 'val' split", "has no samples", "--trainer.limit_val_batches 0")
+    run_module(*_args("fit", root, tmp_path / "r2", "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0"))
