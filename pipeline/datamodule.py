@@ -96,9 +96,18 @@ class ShardDataModule(pl.LightningDataModule):
 
     # ---- data -------------------------------------------------------------------------------------
     def _shards(self, split: str) -> ShardSet:
+        if Path(self.root).exists() and not Path(self.root).is_dir():
+            raise ConfigError(f"data.root: {self.root!r} is a file; data.root is the shard directory (data_prep's "
+                              f"OUT, holding manifest.json)")
         if not Path(self.root).is_dir():
             raise ConfigError(f"data.root: shard directory {self.root!r} does not exist")
-        return ShardSet(self.root, split)
+        try:
+            return ShardSet(self.root, split)
+        except ConfigError as e:
+            if str(e).startswith(f"split {split!r} is not in"):  # name the setting that chose it
+                key = "data.train_split" if split == self.train_split else "data.val_split"
+                raise ConfigError(f"{key}: {e}") from None
+            raise
 
     @property
     def train_shards(self) -> ShardSet:

@@ -4,6 +4,8 @@ run directory. A look at it catches wrong crops, colour channels or label shuffl
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -13,6 +15,7 @@ from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
 from torchvision.utils import make_grid, save_image
 
 GRID_FILE = "train_batch_grid.png"
+log = logging.getLogger(__name__)
 
 
 def to_uint8(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -40,8 +43,14 @@ class SampleGrid(Callback):
         images, labels = batch[0][: self.max_images], batch[1][: self.max_images]
         x = to_uint8(images.detach(), pl_module.mean, pl_module.std).cpu()
         grid = make_grid(x.contiguous(), nrow=8, padding=2)  # (3, H, W) uint8
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        save_image(grid.float() / 255, self.path)
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        try:  # a picture for the eye: a full disk here must not end the run, nor leave half a PNG
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            save_image(grid.float() / 255, tmp, format="png")
+            os.replace(tmp, self.path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            log.warning("cannot write %s (%s); training goes on", self.path, e.strerror or e)
         caption = "labels: " + " ".join(str(int(v)) for v in labels.tolist())
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):

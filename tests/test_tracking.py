@@ -127,3 +127,24 @@ def test_sigterm_detaches_wandb_before_the_preemption_save(tmp_path):
     finally:
         cb.teardown(trainer, None, "fit")
     assert signal.getsignal(signal.SIGTERM) is not cb._handler
+
+
+def test_a_sample_grid_that_cannot_be_written_leaves_no_file_and_training_goes_on(tmp_path, monkeypatch, caplog):
+    """A full disk at the grid's PNG ended the run with a traceback and left a truncated file."""
+    from types import SimpleNamespace
+
+    import pipeline.sample_grid as sample_grid
+
+    def full_disk(tensor, fp, format=None):
+        with open(fp, "wb") as f:
+            f.write(b"\x89PNG partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(sample_grid, "save_image", full_disk)
+    grid = sample_grid.SampleGrid(tmp_path)
+    trainer = SimpleNamespace(is_global_zero=True, loggers=[], global_step=0)
+    module = SimpleNamespace(mean=torch.zeros(3, 1, 1), std=torch.ones(3, 1, 1))
+    batch = (torch.rand(4, 3, 8, 8), torch.arange(4))
+    grid.on_train_batch_start(trainer, module, batch, 0)
+    assert not list(tmp_path.iterdir()), "no partial PNG left behind"
+    assert "cannot write" in caplog.text and "No space left on device" in caplog.text

@@ -212,3 +212,14 @@ def test_an_empty_validation_split_is_an_error_unless_validation_is_off(digits_s
     proc = run_module(*_args("fit", root, tmp_path / "r", "--trainer.max_steps", "2"), check=False)
     _fails_clearly(proc, 2, "the 'val' split", "has no samples", "--trainer.limit_val_batches 0")
     run_module(*_args("fit", root, tmp_path / "r2", "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0"))
+
+
+def test_data_root_and_split_mistakes_name_the_setting(digits_shards, tmp_path):
+    a_file = tmp_path / "manifest.json"
+    a_file.write_text("{}")
+    proc = run_module(*_args("fit", a_file, tmp_path / "r1", "--trainer.max_steps", "1"), check=False)
+    _fails_clearly(proc, 2, f"data.root: '{a_file}' is a file")
+    for key in ("data.train_split", "data.val_split"):
+        proc = run_module(*_args("fit", digits_shards, tmp_path / "r2", f"--{key}", "foo", "--trainer.max_steps",
+                                 "1"), check=False)
+        _fails_clearly(proc, 2, f"{key}: split 'foo' is not in", "(it has: ['train', 'val'])")
