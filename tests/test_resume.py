@@ -448,6 +448,15 @@ def _validated_steps(run_dir) -> list[str]:
         return [r["step"] for r in csv.DictReader(f) if r.get("val/top1")]
 
 
+def _ends_as(ref, cut) -> None:
+    """Validated at the same steps, the same best-k files, bit-exact ``last.ckpt``."""
+    assert _validated_steps(cut) == _validated_steps(ref)
+    assert sorted(p.name for p in (cut / "checkpoints").iterdir()) == \
+        sorted(p.name for p in (ref / "checkpoints").iterdir())
+    diffs = compare(ref / "checkpoints" / "last.ckpt", cut / "checkpoints" / "last.ckpt")
+    assert not diffs, "; ".join(diffs[:10])
+
+
 @pytest.fixture(scope="module")
 def mid_epoch_ref(digits_shards, tmp_path_factory):
     """An uninterrupted run validating inside the epoch (after its 5th and 10th batches of 11)."""
@@ -472,11 +481,7 @@ def test_a_crash_during_a_mid_epoch_validation_validates_it_after_the_resume(mid
         assert killed.returncode == -signal.SIGKILL
         assert saved_step(cut / "checkpoints" / "last.ckpt") == 4
         run_to_end(fit_command(digits_shards, cut, STEPS, MID_EPOCH_VAL), log)
-    assert _validated_steps(cut) == ["4", "9"]
-    assert sorted(p.name for p in (cut / "checkpoints").iterdir()) == \
-        sorted(p.name for p in (mid_epoch_ref / "checkpoints").iterdir())
-    diffs = compare(mid_epoch_ref / "checkpoints" / "last.ckpt", cut / "checkpoints" / "last.ckpt")
-    assert not diffs, "; ".join(diffs[:10])
+    _ends_as(mid_epoch_ref, cut)
 
 
 def test_preemption_at_a_mid_epoch_validation_step_validates_before_stopping(mid_epoch_ref, digits_shards,
@@ -498,8 +503,4 @@ def test_preemption_at_a_mid_epoch_validation_step_validates_before_stopping(mid
     assert (tmp_path / "scontrol.calls").read_text().splitlines() == ["requeue 81"]
     with open(tmp_path / "runs.log", "w") as log:
         run_to_end(fit_command(digits_shards, cut, STEPS, MID_EPOCH_VAL), log)
-    assert _validated_steps(cut) == ["4", "9"]
-    assert sorted(p.name for p in (cut / "checkpoints").iterdir()) == \
-        sorted(p.name for p in (mid_epoch_ref / "checkpoints").iterdir())
-    diffs = compare(mid_epoch_ref / "checkpoints" / "last.ckpt", cut / "checkpoints" / "last.ckpt")
-    assert not diffs, "; ".join(diffs[:10])
+    _ends_as(mid_epoch_ref, cut)
