@@ -13,6 +13,8 @@ from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger, Wand
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.loggers.logger import rank_zero_experiment
 
+from pipeline.errors import ConfigError
+
 RUN_ID_FILE = "wandb_run_id"
 
 
@@ -116,6 +118,13 @@ def make_eval_loggers(cfg: TrackingConfig, run_dir: str | Path, stage: str, ckpt
     root = run_dir / stage
     what = f"{stage} {Path(ckpt).stem}" if ckpt else stage
     loggers: list[Logger] = []
+    if cfg.wandb or cfg.csv or cfg.tensorboard:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"trainer.default_root_dir: cannot write {root} ({e.strerror or e}), where {stage} "
+                              f"logs; give a writable trainer.default_root_dir and the checkpoint as --ckpt_path "
+                              f"PATH") from None
     if cfg.wandb:
         _wandb_dirs(run_dir)
         id_file = run_dir / RUN_ID_FILE

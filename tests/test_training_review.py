@@ -223,3 +223,15 @@ def test_data_root_and_split_mistakes_name_the_setting(digits_shards, tmp_path):
         proc = run_module(*_args("fit", digits_shards, tmp_path / "r2", f"--{key}", "foo", "--trainer.max_steps",
                                  "1"), check=False)
         _fails_clearly(proc, 2, f"{key}: split 'foo' is not in", "(it has: ['train', 'val'])")
+
+
+def test_validate_where_its_logs_cannot_be_written_fails_in_one_line(trained, digits_shards, tmp_path):
+    """``RUN/validate`` not writable (here: a file in its place; a read-only run directory alike) was a
+    traceback from the loggers."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained / "checkpoints", run / "checkpoints")
+    (run / "validate").write_text("in the way")
+    proc = run_module(*_args("validate", digits_shards, run), check=False)
+    _fails_clearly(proc, 2, f"trainer.default_root_dir: cannot write {run / 'validate'}")
