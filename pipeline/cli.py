@@ -177,7 +177,8 @@ class PipelineCLI(LightningCLI):
         self._saved_run_id: str | None = None
         _check_trainer(cfg.trainer)
         if sub != "fit":
-            self._default_checkpoint(cfg, sub, last)
+            if sub in ("validate", "test", "predict"):  # (None: a CLI built with run=False, as tests do)
+                self._default_checkpoint(cfg, sub, last)
             self._check_checkpoint(cfg.get("ckpt_path"))
             return
         self._run_lock = RunDirLock(run_dir)  # before anything in the run directory is touched
