@@ -30,6 +30,7 @@ from pytorch_lightning.strategies import DeepSpeedStrategy
 
 import pipeline.strategies  # noqa: F401  (registers the deepspeed_stage_*_cpu strategies)
 from data_prep.format import ManifestError
+from pipeline.arg_parser import PipelineArgumentParser
 from pipeline.checkpoint_io import AtomicCheckpointIO, recover_directories
 from pipeline.data.shards import CorruptSampleError
 from pipeline.datamodule import ShardDataModule
@@ -98,9 +99,12 @@ def _check_trainer(t) -> None:
             "a fraction of an epoch in (0, 1] or a number of batches >= 1", t.get("val_check_interval"))
     every = t.get("check_val_every_n_epoch")
     require(every is None or every >= 1, "trainer.check_val_every_n_epoch", ">= 1 (or null)", every)
-    for key in ("max_steps", "max_epochs"):
+    for key in ("max_steps", "max_epochs"):  # 0 ended the fit before its first step, exit 0, nothing saved
         value = t.get(key)
-        require(value is None or value >= -1, f"trainer.{key}", ">= -1 (-1: no limit)", value)
+        require(value is None or value >= 1 or value == -1, f"trainer.{key}", ">= 1 or -1 (no limit)", value)
+    limit = number("limit_train_batches")  # 0 skipped training, exit 0: `validate` is what scores a checkpoint
+    require(limit is None or limit > 0, "trainer.limit_train_batches",
+            "> 0 (a fraction of the epoch, or a number of batches)", t.get("limit_train_batches"))
     nodes = t.get("num_nodes")
     require(nodes is None or nodes >= 1, "trainer.num_nodes", ">= 1", nodes)
     devices = t.get("devices")
@@ -181,6 +185,8 @@ class PipelineCLI(LightningCLI):
                 self._default_checkpoint(cfg, sub, last)
             self._check_checkpoint(cfg.get("ckpt_path"))
             return
+        if cfg.model.get("lr") == 0:  # allowed (a batch-norm recalibration, a check that weights stay), but said
+            _say("warning: model.lr is 0: the weights will not change (batch-norm running statistics will)")
         self._run_lock = RunDirLock(run_dir)  # before anything in the run directory is touched
         self._run_lock.acquire()
         if warning := restart_warning(os.environ):
@@ -406,6 +412,8 @@ def main(argv: list[str] | None = None) -> int:
             ImageClassifier,
             ShardDataModule,
             args=argv,
+            parser_class=PipelineArgumentParser,
+            parser_kwargs={"prog": "python -m pipeline"},
             auto_configure_optimizers=False,
             save_config_callback=RunDirConfig,
             save_config_kwargs={"overwrite": True},

@@ -13,6 +13,9 @@ from pipeline.errors import ConfigError, require
 from pipeline.models import build
 from pipeline.optim import lr_factor, make_sgd
 
+NUM_CLASSES_HINT = ("not a setting: the number of classes comes from the shards' manifest (data.root); "
+                    "shard a dataset with the classes you want")
+
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     """bf16/fp16 logits go to fp32 for the loss; fp64 (64-true, used by exactness tests) stays fp64."""
@@ -85,6 +88,8 @@ class ImageClassifier(pl.LightningModule):
         require(warmup_epochs >= 0, "model.warmup_epochs", ">= 0", warmup_epochs)
         require(gamma > 0, "model.gamma", "> 0", gamma)
         require(all(m >= 0 for m in milestones or []), "model.milestones", "epochs >= 0", milestones)
+        if "num_classes" in (arch_kwargs or {}):
+            raise ConfigError(f"model.arch_kwargs.num_classes: {NUM_CLASSES_HINT}")
         try:
             self.model = build(arch, num_classes=num_classes, **(arch_kwargs or {}))
         except (ValueError, TypeError) as e:

@@ -32,6 +32,7 @@ def test_a_new_run_starts_from_exported_weights_and_a_resume_ignores_them(digits
     run = tmp_path / "run"
     first = _fit(digits_shards, run, 1, "--model.init_weights", str(weights), "--model.lr", "0")
     assert f"initial weights from {weights}" in first.stderr
+    assert "warning: model.lr is 0: the weights will not change" in first.stderr
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 1, "a fresh run, not the source's step"
     params = _params(run / "checkpoints" / "last.ckpt")

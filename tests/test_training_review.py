@@ -185,6 +185,10 @@ def test_validate_scores_the_run_directorys_checkpoint_or_refuses(trained, digit
     ("trainer.check_val_every_n_epoch", "0", "trainer.check_val_every_n_epoch must be >= 1"),
     ("trainer.devices", "0", "trainer.devices must be >= 1"),
     ("trainer.max_time", "5min", "error: trainer: "),
+    ("trainer.max_epochs", "0", "trainer.max_epochs must be >= 1 or -1"),  # were exit 0 with nothing trained
+    ("trainer.limit_train_batches", "0", "trainer.limit_train_batches must be > 0"),
+    ("model.arch_kwargs", '{"num_classes": 5}', "model.arch_kwargs.num_classes: not a setting: the number of "
+     "classes comes from the shards' manifest"),
     ("data.augment.mean", "[123.675,116.28,103.53]", "data.augment.mean must be 3 numbers in [0, 1]"),
     ("data.augment.val_resize", "16", "data.augment.val_resize must be >= data.augment.val_size"),
 ])
@@ -197,6 +201,25 @@ def test_bad_trainer_and_augment_settings_fail_in_one_line(digits_shards, tmp_pa
                              "--trainer.max_steps", "2"), check=False)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and needle in proc.stderr.strip().splitlines()[-1], proc.stderr[-3000:]
+
+
+def test_parse_errors_are_short_and_name_the_config_file(digits_shards, tmp_path):
+    """jsonargparse printed about 100 lines of usage before the error, a malformed YAML as
+    ``in "<unicode string>"`` and a misspelt key in a config file without naming the file."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  lr: [0.1, 0.2\ntrainer:\n  max_epochs: 1\n")
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("model:\n  lrr: 0.1\n")
+    for extra, needles in [
+        (["--config", str(bad)], [f"error: --config {bad} is not valid YAML: ", "at line 3, column 8"]),
+        (["--config", str(typo)], [f"error: --config {typo}: unknown key model.lrr",
+                                   "`python -m pipeline fit --help`"]),
+        (["--model.num_classes", "5"], ["error: model.num_classes: not a setting"]),
+    ]:
+        proc = run_module(*_args("fit", digits_shards, tmp_path / "r", *extra), check=False)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and all(n in lines[-1] for n in needles), proc.stderr[-3000:]
+        assert lines[-3].startswith("usage: python -m pipeline fit [--config FILE ...]") and len(lines) == 3, lines
 
 
 def test_an_empty_validation_split_is_an_error_unless_validation_is_off(digits_shards, tmp_path):

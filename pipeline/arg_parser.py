@@ -1,0 +1,79 @@
+"""The CLI's argument parser: a parse error is one line, in the user's terms.
+
+jsonargparse prints the usage of every option (about 100 lines) before the line that says what was wrong,
+reports a malformed YAML file as ``in "<unicode string>", line 2`` and an unknown key in a config file
+without naming the file, and answers ``--model.num_classes`` with a link to ``data.num_classes``, an
+option that does not exist. This parser prints a one-line usage, names the config file, and says where
+the number of classes comes from.
+"""
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+import yaml
+from pytorch_lightning.cli import LightningArgumentParser
+
+from pipeline.module import NUM_CLASSES_HINT
+
+_configs_read: list[str] = []  # every --config file parsed in this process, in order
+
+
+class PipelineArgumentParser(LightningArgumentParser):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._reading: list[str] = []  # the --config file being read (nested: innermost last)
+
+    def print_usage(self, file=None) -> None:
+        """One line, not every option: the error and the ``--help`` tip follow it."""
+        prog = self.prog.replace(" [options]", "")
+        subcommands = getattr(self, "_subcommands_action", None)
+        if subcommands is not None:
+            prog += " {" + ",".join(subcommands.choices) + "}"
+        print(f"usage: {prog} [--config FILE ...] [--SECTION.KEY VALUE ...]", file=file or sys.stdout)
+
+    def parse_path(self, cfg_path, *args, **kwargs):
+        self._reading.append(str(cfg_path))
+        _configs_read.append(str(cfg_path))
+        try:
+            return super().parse_path(cfg_path, *args, **kwargs)
+        finally:
+            self._reading.pop()
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        super().error(self.explain(message), ex)
+
+    def explain(self, message: str) -> str:
+        """`message` on one line, naming the config file it is about and the setting to change."""
+        if message.startswith("Problems parsing config") and self._reading:
+            detail = message.split(":", 1)[1].strip().replace('\n  in "<unicode string>",', " at")
+            return f"--config {self._reading[-1]} is not valid YAML: {'; '.join(detail.splitlines())}"
+        message = " ".join(line.strip() for line in message.splitlines() if line.strip())
+        if re.search(r'Linked "model(\.init_args)?\.num_classes" must be given via', message):
+            return f"model.num_classes: {NUM_CLASSES_HINT}"
+        if self._reading:  # a bad value in the file being read
+            return f"--config {self._reading[-1]}: {message}"
+        unknown = re.search(r"Subcommand '(\w+)' does not accept option '([^']+)'", message)
+        if unknown and (path := _config_with_key(unknown.group(2))):
+            return (f"--config {path}: unknown key {unknown.group(2)} "
+                    f"(`python -m pipeline {unknown.group(1)} --help` lists them)")
+        return message
+
+
+def _config_with_key(dotted: str) -> str | None:
+    """The last config file read that has the (nested) key `dotted`: the one that set it."""
+    for path in reversed(_configs_read):
+        try:
+            node = yaml.safe_load(Path(path).read_text())
+        except (OSError, yaml.YAMLError, UnicodeDecodeError):
+            continue
+        for part in dotted.split("."):
+            node = node.get(part, _MISSING) if isinstance(node, dict) else _MISSING
+        if node is not _MISSING:
+            return path
+    return None
+
+
+_MISSING = object()
