@@ -17,7 +17,7 @@ from pathlib import Path
 from .errors import PrepError
 from .imagefolder import Scan
 from .inputs import KeptRows
-from .sources import FileEntry, Listing, is_hidden, iter_tar_members, list_dir, open_tar
+from .sources import FileEntry, Listing, is_hidden, iter_tar_members, list_dir, open_tar, tar_mtime_ns
 
 TRAIN_TAR = "ILSVRC2012_img_train.tar"
 VAL_TAR = "ILSVRC2012_img_val.tar"
@@ -131,7 +131,8 @@ def _list_train_archive(path: Path) -> Listing:
                                 f"re-download or re-create {path}") from None
             with inner:
                 for im, ioff, idisp in iter_tar_members(inner, str(path), off, display, listing):
-                    listing.files.append(FileEntry((wnid, Path(im.name).name), idisp, (str(path), ioff, im.size)))
+                    listing.files.append(FileEntry((wnid, Path(im.name).name), idisp, (str(path), ioff, im.size),
+                                                   tar_mtime_ns(im)))
     return listing
 
 
@@ -140,7 +141,7 @@ def _list_flat_archive(path: Path) -> Listing:
     with open_tar(path) as tf:
         for m, off, display in iter_tar_members(tf, str(path), 0, str(path), listing):
             parts = tuple(p for p in m.name.split("/") if p not in ("", "."))
-            listing.files.append(FileEntry(parts, display, (str(path), off, m.size)))
+            listing.files.append(FileEntry(parts, display, (str(path), off, m.size), tar_mtime_ns(m)))
     return listing
 
 

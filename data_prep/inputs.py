@@ -41,6 +41,7 @@ class FileTable:
         self._path = array("i")
         self._off = array("q")
         self._size = array("q")
+        self._mtime = array("q")
         self._no_parts: set[int] = set()  # rows whose parts tuple is empty (NUL-join cannot say)
 
     def append(self, entry: FileEntry) -> None:
@@ -62,6 +63,7 @@ class FileTable:
         self._path.append(pid)
         self._off.append(off)
         self._size.append(size)
+        self._mtime.append(entry.mtime_ns)
 
     def __len__(self) -> int:
         return len(self._off)
@@ -110,13 +112,16 @@ class FileTable:
     def size(self, i: int) -> int:
         return self._size[i]
 
+    def mtime(self, i: int) -> int:
+        return self._mtime[i]
+
     def __getitem__(self, i: int) -> FileEntry:
         if i < 0:
             i += len(self)
         if not 0 <= i < len(self):
             raise IndexError(i)
         disp = self.display(i)
-        return FileEntry(self.parts(i), disp, self.ref(i, disp))
+        return FileEntry(self.parts(i), disp, self.ref(i, disp), self._mtime[i])
 
     def __iter__(self) -> Iterator[FileEntry]:
         for i in range(len(self)):
@@ -144,6 +149,10 @@ class LabelledItems(Sequence):
     def size(self, k: int) -> int:
         """Source bytes of item `k` (what the shard plan needs, without building the tuple)."""
         return self.table.size(self.rows[k])
+
+    def mtime(self, k: int) -> int:
+        """Modification time of item `k` (-1: unknown), for the plan hash."""
+        return self.table.mtime(self.rows[k])
 
 
 class KeptRows:

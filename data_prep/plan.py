@@ -68,6 +68,12 @@ def _size(items, i: int) -> int:
     return get(i) if get is not None else items[i][1][2]
 
 
+def _mtime(items, i: int) -> int:
+    """Modification time of item `i` for the plan hash; -1 (not hashed) for plain lists of tuples."""
+    get = getattr(items, "mtime", None)
+    return get(i) if get is not None else -1
+
+
 def plan_shards(split: str, items: Sequence[tuple[str, Ref, int]], seed: int,
                 shard_bytes: int | None, samples_per_shard: int | None, options: dict) -> list[ShardJob]:
     """Shuffle `items` (sorted) with `seed` and cut them into shards.
@@ -99,7 +105,11 @@ def plan_shards(split: str, items: Sequence[tuple[str, Ref, int]], seed: int,
         h = hashlib.sha256(opt_text.encode())
         for i in index:
             disp, ref, label = items[i]
-            h.update(f"\n{sample_key(split, i)}\t{disp}\t{ref[2]}\t{label}".encode("utf-8", "surrogateescape"))
+            line = f"\n{sample_key(split, i)}\t{disp}\t{ref[2]}\t{label}"
+            mtime = _mtime(items, i)  # same size, new bytes (edited in place): a new plan for its shard
+            if mtime >= 0:
+                line += f"\t{mtime}"
+            h.update(line.encode("utf-8", "surrogateescape"))
         jobs.append(ShardJob(split, n, None, h.hexdigest(), items=items, index=index))
         start = end
     return jobs

@@ -28,6 +28,12 @@ class FileEntry:
     parts: tuple[str, ...]
     display: str
     ref: Ref
+    mtime_ns: int = -1  # modification time (-1: unknown); in the plan, so a file edited in place is rebuilt
+
+
+def tar_mtime_ns(member: tarfile.TarInfo) -> int:
+    """A tar member's mtime from its header, in nanoseconds like ``st_mtime_ns``."""
+    return round(member.mtime * 1_000_000_000)
 
 
 def _file_table():
@@ -149,7 +155,7 @@ def list_tar(path: Path) -> Listing:
     listing = Listing()
     with open_tar(path) as tf:
         for m, off, display in iter_tar_members(tf, str(path), 0, str(path), listing):
-            listing.files.append(FileEntry(_clean_parts(m.name), display, (str(path), off, m.size)))
+            listing.files.append(FileEntry(_clean_parts(m.name), display, (str(path), off, m.size), tar_mtime_ns(m)))
     return listing
 
 
@@ -189,7 +195,7 @@ def list_dir(root: Path) -> Listing:
                 listing.rejects.append((str(full), "not a regular file"))
                 continue
             path = os.fsdecode(full)
-            listing.files.append(FileEntry(parts, path, (path, -1, st.st_size)))
+            listing.files.append(FileEntry(parts, path, (path, -1, st.st_size), st.st_mtime_ns))
     return listing
 
 

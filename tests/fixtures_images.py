@@ -70,6 +70,17 @@ def write_imagefolder(root: Path, classes: list[str], per_class: int, size=(80, 
     return files
 
 
+def jpeg_of_size(img: Image.Image, size: int) -> bytes:
+    """`img` as a JPEG of exactly `size` bytes (a comment segment fills the gap): an in-place edit
+    that keeps the file size."""
+    for quality in range(95, 5, -5):
+        data = jpeg_bytes(img, quality=quality)
+        gap = size - len(data)
+        if 4 <= gap <= 65537:  # FF FE, a 2-byte length (at most 65535), then the padding
+            return data[:2] + b"\xff\xfe" + struct.pack(">H", gap - 2) + bytes(gap - 4) + data[2:]
+    raise ValueError(f"cannot encode the image in {size} bytes")
+
+
 def _png_chunk(kind: bytes, body: bytes) -> bytes:
     return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
 

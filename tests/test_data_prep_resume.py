@@ -189,3 +189,32 @@ def test_verify_catches_an_index_entry_that_points_at_another_sample(tree, tmp_p
                          text=True)
     assert bad.returncode == 1, bad.stderr
     assert "train/train-000002.tar: index train-000002.idx does not match the tar's members from line 5" in bad.stderr
+
+
+@pytest.mark.parametrize("as_tar", [False, True])
+def test_an_input_edited_in_place_with_the_same_size_is_rebuilt(tmp_path, as_tar):
+    """The plan held each input's size but not its modification time: a photo replaced by another of the
+    same byte size kept its old picture in the finished shard on a rerun (resume), silently."""
+    from tests.fixtures_images import jpeg_of_size, photos, tar_tree
+
+    root = tmp_path / "src"
+    write_imagefolder(root, ["a", "b", "c"], per_class=4)
+    edited = root / "b" / "b_2.jpg"
+    src = tar_tree(root, tmp_path / "src.tar") if as_tar else root
+    out = tmp_path / "o"
+    argv = ["imagefolder", str(src), str(out), "--split", "train", "--samples-per-shard", "5", "--no-progress"]
+    assert main(argv) == 0
+    old = edited.read_bytes()
+    new = jpeg_of_size(photos(1, (80, 60), seed=9)[0], len(old))
+    assert new != old and len(new) == len(old)
+    edited.write_bytes(new)
+    st = edited.stat()
+    os.utime(edited, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # an edit a second later
+    if as_tar:
+        tar_tree(root, tmp_path / "src.tar")  # re-created: same member offsets and sizes, new member mtime
+    assert main(argv) == 0
+    got = [s["jpg"] for s in samples_of(out, "train")]
+    assert new in got and old not in got
+    clean = tmp_path / "clean"
+    assert main([a if a != str(out) else str(clean) for a in argv]) == 0
+    assert outputs(out) == outputs(clean)
