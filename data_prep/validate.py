@@ -107,20 +107,36 @@ def parse_jpeg_header(data: bytes) -> JpegHeader | str:
     return "truncated JPEG: file ends inside the header"
 
 
+class UnknownScale(ValueError):
+    """Pixel values with no known 8-bit scale (float outside 0..1 and 0..255, integers beyond 16 bits):
+    any conversion would be a guess (black, clipped or stretched per image), so the image is rejected."""
+
+
+def _gray_top(arr: np.ndarray, mode: str) -> float:
+    """The value that becomes 255 for a 16-bit, 32-bit integer ("I") or float ("F") gray image."""
+    if mode.startswith("I;16"):
+        return 65535.0
+    if not np.isfinite(arr).all():
+        raise UnknownScale("float image with NaN or infinite pixel values: they have no known 8-bit scale")
+    lo, hi = float(arr.min(initial=0)), float(arr.max(initial=0))
+    kind = "float" if mode == "F" else "32-bit integer"
+    if lo >= 0 and mode == "F" and hi <= 1.0:
+        return 1.0
+    if lo >= 0 and hi <= 255:
+        return 255.0
+    if lo >= 0 and mode == "I" and hi <= 65535:
+        return 65535.0  # 16-bit data in a 32-bit image (some PNG/TIFF readers)
+    raise UnknownScale(f"{kind} pixel values {lo:.3g}..{hi:.3g} have no known 8-bit scale (expected "
+                       f"{'0..1 or 0..255' if mode == 'F' else '0..255 or 0..65535'}); save it as an 8- or 16-bit image")
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any PIL mode to 8-bit RGB (16-bit scaled, alpha composited on white)."""
+    """Convert any PIL mode to 8-bit RGB (16-bit and float scaled, alpha composited on white)."""
     mode = img.mode
-    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        arr = np.asarray(img)
-        if mode == "I":
-            top = 65535 if arr.max(initial=0) > 255 else 255
-        else:
-            top = 65535
-        arr8 = (arr.astype(np.float64) * (255.0 / top)).round().clip(0, 255).astype(np.uint8)
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        arr = np.asarray(img).astype(np.float64)
+        arr8 = (arr * (255.0 / _gray_top(arr, mode))).round().clip(0, 255).astype(np.uint8)
         return Image.fromarray(arr8, "L").convert("RGB")
-    if mode == "F":
-        arr = np.asarray(img)
-        return Image.fromarray(arr.clip(0, 255).astype(np.uint8), "L").convert("RGB")
     if mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
         mode = "RGBA"
@@ -177,6 +193,8 @@ def process_image(data: bytes, opts: EncodeOptions) -> tuple[bytes | None, str |
         return None, f"decompression bomb: {exc}"
     except UnidentifiedImageError:
         return None, "not an image (PIL cannot identify it)"
+    except UnknownScale as exc:
+        return None, str(exc)
     except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
         text = str(exc)
         if "truncated" in text:

@@ -55,6 +55,21 @@ def png_bytes(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+def tiff_bytes(arr: np.ndarray) -> bytes:
+    """A gray TIFF holding `arr` as is: float32 (PIL mode F), uint16 (I;16) or int32 (I)."""
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="TIFF")
+    return buf.getvalue()
+
+
+def gray_photo(name: str = "flower.jpg", size: tuple[int, int] = (96, 64)) -> np.ndarray:
+    """One of scikit-learn's sample photos as 8-bit gray values (float64), resized to `size` (w, h)."""
+    from sklearn.datasets import load_sample_image
+
+    img = Image.fromarray(load_sample_image(name)).convert("L").resize(size, Image.Resampling.BILINEAR)
+    return np.asarray(img, dtype=np.float64)
+
+
 def write_imagefolder(root: Path, classes: list[str], per_class: int, size=(80, 60), seed: int = 0,
                       ext: str = "jpg") -> dict[str, bytes]:
     """Write ``root/<class>/<class>_<i>.<ext>`` JPEGs; return {relative path: bytes}."""
@@ -117,6 +132,7 @@ def awkward_files(seed: int = 1) -> dict[str, tuple[bytes, str]]:
     """Real-world oddities: {file name: (bytes, expected outcome 'ok' or a reject-reason fragment)}."""
     a, b, c, d, e = photos(5, (64, 48), seed)
     gray16 = Image.fromarray((np.asarray(b.convert("L"), dtype=np.uint16) * 257).astype(np.uint16))
+    gray = np.asarray(d.convert("L"), dtype=np.float32)
     good = jpeg_bytes(c)
     rgba = e.convert("RGBA")
     return {
@@ -126,6 +142,8 @@ def awkward_files(seed: int = 1) -> dict[str, tuple[bytes, str]]:
         "rotated.jpg": (exif_rotated_jpeg(c, 6), "ok"),
         "deep16.png": (png_bytes(gray16), "ok"),
         "alpha.png": (png_bytes(rgba), "ok"),
+        "float01.tif": (tiff_bytes(gray / 255), "ok"),
+        "float_signed.tif": (tiff_bytes(gray / 127.5 - 1), "no known 8-bit scale"),
         "café_日本 odd 'name'.jpg": (jpeg_bytes(d), "ok"),
         "truncated.jpg": (good[: len(good) // 2], "truncated"),
         "zero.jpg": (b"", "empty"),

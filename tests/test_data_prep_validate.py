@@ -5,7 +5,7 @@ import numpy as np
 from PIL import Image
 
 from data_prep.validate import EncodeOptions, parse_jpeg_header, process_image
-from tests.fixtures_images import awkward_files, exif_rotated_jpeg, jpeg_bytes, photos
+from tests.fixtures_images import awkward_files, exif_rotated_jpeg, gray_photo, jpeg_bytes, photos, tiff_bytes
 
 PASS = EncodeOptions()
 
@@ -78,3 +78,22 @@ def test_truncated_scan_rejected_and_trailer_tolerated():
     trailer = data + b"SEFT" + bytes(range(256)) * 40  # vendor data after EOI, beyond the tail window
     out, reason = process_image(trailer, PASS)
     assert reason is None and np.abs(decoded(out) - decoded(data)).mean() < 3
+
+
+def test_float_and_deep_integer_tiffs_keep_their_brightness_or_are_rejected():
+    """A float TIFF of 0..1 values came out black (clipped to 0..255, then truncated to 0 and 1), and a
+    32-bit integer one came out clipped white. Known scales are converted, unknown ones rejected."""
+    ref = gray_photo()
+    for what, arr in (("float 0..1", (ref / 255).astype(np.float32)), ("float 0..255", ref.astype(np.float32)),
+                      ("16-bit", (ref * 257).astype(np.uint16)), ("16-bit in 32", (ref * 257).astype(np.int32))):
+        data = tiff_bytes(arr)
+        assert Image.open(io.BytesIO(data)).mode in ("F", "I;16", "I"), what
+        out, reason = process_image(data, PASS)
+        assert reason is None, (what, reason)
+        assert np.abs(decoded(out)[..., 0] - ref).mean() < 2.0, what
+    for what, arr, fragment in (
+            ("float -1..1", (ref / 127.5 - 1).astype(np.float32), "float pixel values -0.9"),
+            ("32-bit", (ref * 2**23).astype(np.int32), "32-bit integer pixel values 0..1.7e+09"),
+            ("NaN", np.where(ref > 128, np.nan, ref / 255).astype(np.float32), "NaN")):
+        out, reason = process_image(tiff_bytes(arr), PASS)
+        assert out is None and fragment in reason and "no known 8-bit scale" in reason, (what, reason)
