@@ -17,7 +17,8 @@ from pathlib import Path
 from .errors import PrepError
 from .imagefolder import Scan
 from .inputs import KeptRows
-from .sources import FileEntry, Listing, is_hidden, iter_tar_members, list_dir, open_tar, tar_mtime_ns
+from .sources import (FileEntry, Listing, is_hidden, iter_tar_members, last_of_each_name, list_dir, open_tar,
+                      tar_mtime_ns)
 
 TRAIN_TAR = "ILSVRC2012_img_train.tar"
 VAL_TAR = "ILSVRC2012_img_val.tar"
@@ -118,7 +119,7 @@ def _list_train_archive(path: Path) -> Listing:
     """Members of every inner ``<wnid>.tar`` with absolute offsets into the outer archive."""
     listing = Listing()
     with open_tar(path) as outer:
-        for m, off, display in iter_tar_members(outer, str(path), 0, str(path), listing):
+        for m, off, display in last_of_each_name(iter_tar_members(outer, str(path), 0, str(path), listing), listing):
             stem = Path(m.name).name
             if not stem.endswith(".tar"):
                 listing.rejects.append((display, "unexpected file in train archive (not <wnid>.tar)"))
@@ -130,7 +131,8 @@ def _list_train_archive(path: Path) -> Listing:
                 raise PrepError(f"{display}: inner archive unreadable ({exc}); its class would be lost: "
                                 f"re-download or re-create {path}") from None
             with inner:
-                for im, ioff, idisp in iter_tar_members(inner, str(path), off, display, listing):
+                members = last_of_each_name(iter_tar_members(inner, str(path), off, display, listing), listing)
+                for im, ioff, idisp in members:
                     listing.files.append(FileEntry((wnid, Path(im.name).name), idisp, (str(path), ioff, im.size),
                                                    tar_mtime_ns(im)))
     return listing
@@ -139,7 +141,7 @@ def _list_train_archive(path: Path) -> Listing:
 def _list_flat_archive(path: Path) -> Listing:
     listing = Listing()
     with open_tar(path) as tf:
-        for m, off, display in iter_tar_members(tf, str(path), 0, str(path), listing):
+        for m, off, display in last_of_each_name(iter_tar_members(tf, str(path), 0, str(path), listing), listing):
             parts = tuple(p for p in m.name.split("/") if p not in ("", "."))
             listing.files.append(FileEntry(parts, display, (str(path), off, m.size), tar_mtime_ns(m)))
     return listing

@@ -132,6 +132,24 @@ def iter_tar_members(tf: tarfile.TarFile, archive: str, base_offset: int, prefix
     return out
 
 
+def last_of_each_name(members: list[tuple[tarfile.TarInfo, int, str]],
+                      listing: Listing) -> list[tuple[tarfile.TarInfo, int, str]]:
+    """`iter_tar_members`' list without the members a later one of the same name replaces (``tar -rf``
+    appends; extracting keeps the last): those go to rejects, naming the byte where the later one starts."""
+    last = {"/".join(_clean_parts(m.name)): k for k, (m, _off, _disp) in enumerate(members)}
+    if len(last) == len(members):
+        return members
+    kept = []
+    for k, (m, off, display) in enumerate(members):
+        later, later_off, _ = members[last["/".join(_clean_parts(m.name))]]
+        if later is m:
+            kept.append((m, off, display))
+        else:
+            start = later_off - (later.offset_data - later.offset)  # the later member's header
+            listing.rejects.append((display, f"replaced by a later member of the same name at byte {start}"))
+    return kept
+
+
 def _check_archive_end(tf: tarfile.TarFile, prefix: str, files: int) -> None:
     """``tarfile`` takes a cut-short archive, or a damaged header after the first member, for the archive's
     end: the files after it vanished without a word, and with them whole classes (every label after them
@@ -154,7 +172,7 @@ def list_tar(path: Path) -> Listing:
     """List the regular files of an uncompressed tar (no nesting)."""
     listing = Listing()
     with open_tar(path) as tf:
-        for m, off, display in iter_tar_members(tf, str(path), 0, str(path), listing):
+        for m, off, display in last_of_each_name(iter_tar_members(tf, str(path), 0, str(path), listing), listing):
             listing.files.append(FileEntry(_clean_parts(m.name), display, (str(path), off, m.size), tar_mtime_ns(m)))
     return listing
 

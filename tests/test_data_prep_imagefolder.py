@@ -277,3 +277,29 @@ def test_source_with_several_split_folders_uses_the_named_one(tmp_path):
         sp = load_manifest(tmp_path / "o")["splits"][split]
         assert sp["samples"] == n and sp["rejected"] == (1 if split == "val" else 0)
     assert load_manifest(tmp_path / "o")["classes"] == ["a", "b"]
+
+
+def test_a_tar_member_appended_again_replaces_the_earlier_one(tmp_path):
+    """``tar -rf`` with a path already in the archive appends a second member of that name; extracting
+    keeps the last, but both became samples (the old picture too, under a second key)."""
+    from tests.fixtures_images import jpeg_bytes, photos
+
+    root = tmp_path / "src"
+    files = write_imagefolder(root, ["a", "b"], per_class=3)
+    tar = tar_tree(root, tmp_path / "src.tar")
+    newer = [jpeg_bytes(p) for p in photos(2, (80, 60), seed=7)]
+    with tarfile.open(tar, "a") as tf:
+        for data in newer:
+            add_tar_member(tf, "a/a_1.jpg", data)
+    with tarfile.open(tar) as tf:
+        last = [m for m in tf.getmembers() if m.name == "a/a_1.jpg"][-1]
+        assert tf.extractfile("a/a_1.jpg").read() == newer[1]  # what extracting the archive gives
+    out = tmp_path / "out"
+    assert main(["imagefolder", str(tar), str(out), "--split", "train", "--no-progress"]) == 0
+    sp = load_manifest(out)["splits"]["train"]
+    assert sp["samples"] == 6 and sp["rejected"] == 2
+    got = sorted(s["jpg"] for s in samples_of(out, "train"))
+    assert got == sorted([d for rel, d in files.items() if rel != "a/a_1.jpg"] + [newer[1]])
+    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    assert [(r["path"], r["reason"]) for r in rejects] == \
+        [(f"{tar}:a/a_1.jpg", f"replaced by a later member of the same name at byte {last.offset}")] * 2

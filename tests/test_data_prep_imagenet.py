@@ -100,3 +100,26 @@ def test_kaggle_layout_with_synset_mapping(tmp_path):
     assert m["class_names"] == [WORDS[w] for w in exp["wnids"]]
     check_labels(out, "train", exp["train"], exp["wnids"])
     check_labels(out, "val", exp["val"], exp["wnids"])
+
+
+def test_a_val_image_appended_again_to_the_archive_replaces_the_earlier_one(tmp_path):
+    """Like ``tar -rf`` onto ILSVRC2012_img_val.tar: the later member is the image, the earlier a reject."""
+    import json
+    import tarfile
+
+    from tests.fixtures_images import add_tar_member, jpeg_bytes, photos
+
+    root = tmp_path / "ilsvrc"
+    exp = build_imagenet(root)
+    name = "ILSVRC2012_val_00000003.JPEG"
+    newer = jpeg_bytes(photos(1, (72, 54), seed=11)[0], quality=88)
+    with tarfile.open(root / "ILSVRC2012_img_val.tar", "a") as tf:
+        add_tar_member(tf, name, newer)
+    out = tmp_path / "out"
+    assert main(["imagenet", str(root), str(out), "--splits", "val", "--no-progress"]) == 0
+    sp = load_manifest(out)["splits"]["val"]
+    assert sp["samples"] == 12 and sp["rejected"] == 1
+    check_labels(out, "val", {**exp["val"], name: (newer, exp["val"][name][1])}, exp["wnids"])
+    (reject,) = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    assert reject["path"].endswith(f"ILSVRC2012_img_val.tar:{name}")
+    assert reject["reason"].startswith("replaced by a later member of the same name at byte ")
