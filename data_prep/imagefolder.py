@@ -1,6 +1,7 @@
 """ImageFolder layout: ``<class>/<file>`` (optionally under one top folder) in a folder or a tar."""
 from __future__ import annotations
 
+import os
 import sys
 from array import array
 from dataclasses import dataclass, field
@@ -82,6 +83,7 @@ def scan_imagefolder(src: Path, split: str | None = None) -> Scan:
                                 f"labels of the classes after it would move: fix it (permissions, or remove the "
                                 f"duplicate link) and run again")
     classes = sorted(by_class.names)
+    _check_utf8_names(src, top, classes)
     if not classes:
         raise PrepError(f"{src}: no class folders with files found (expected <class>/<image> layout)")
     if len(classes) > 1 and all(c.lower() in SPLIT_NAMES for c in classes):
@@ -95,6 +97,23 @@ def scan_imagefolder(src: Path, split: str | None = None) -> Scan:
               f"{', '.join(empty[:10])}{' ...' if len(empty) > 10 else ''}", file=sys.stderr)
     items, _ = by_class.items({c: i for i, c in enumerate(classes)})  # every class is in the index
     return Scan(classes, list(classes), items, sorted(rejects))
+
+
+def _check_utf8_names(src: Path, top: str | None, classes: list[str]) -> None:
+    """Class names go into manifest.json (text): a folder name that is not UTF-8 (``caf\\xe9``, Latin-1)
+    would be stored as escapes that do not round-trip, so it is an error naming the folder's bytes."""
+    for name in classes:
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raw = os.fsencode(name)  # the folder's (or member name's) original bytes
+            inner = f"{top}/" if top is not None else ""
+            where = f"{src}/{inner}" if src.is_dir() else f"{src}:{inner}"
+            where = os.fsencode(where).decode("utf-8", "backslashreplace")
+            fix = "rename the folder" if src.is_dir() else "re-create the archive with the folder renamed"
+            raise PrepError(f"{where}{raw.decode('utf-8', 'backslashreplace')}: class folder name {raw!r} is not "
+                            f"valid UTF-8, and class names go into manifest.json: {fix} to a UTF-8 name (e.g. "
+                            f"`convmv -f latin1 -t utf8` for Latin-1 names) and run again") from None
 
 
 def _in_split(display: str, src: Path, split: str) -> bool:

@@ -1,6 +1,7 @@
 """python -m data_prep imagefolder: folder and tar inputs, output contract, determinism, DALI, errors."""
 import hashlib
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -303,3 +304,21 @@ def test_a_tar_member_appended_again_replaces_the_earlier_one(tmp_path):
     rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
     assert [(r["path"], r["reason"]) for r in rejects] == \
         [(f"{tar}:a/a_1.jpg", f"replaced by a later member of the same name at byte {last.offset}")] * 2
+
+
+def test_a_class_folder_name_that_is_not_utf8_is_an_error(tmp_path):
+    """A Latin-1 folder name (``caf\\xe9``) became the class ``caf\\udce9``: an escape stored in manifest.json
+    that is no UTF-8 text and does not round-trip. Folder and tar: one line naming the folder's bytes."""
+    root = tmp_path / "src"
+    write_imagefolder(root, ["cafe", "tea"], per_class=2)
+    os.rename(os.fsencode(root / "cafe"), os.fsencode(root) + b"/caf\xe9")
+    tar = tar_tree(root, tmp_path / "src.tar", prefix="train/")
+    with tarfile.open(tar) as tf:
+        assert os.fsencode(tf.getnames()[0]).startswith(b"train/caf\xe9")  # raw bytes, as tar -cf stores them
+    for src, where in ((root, f"{root}/caf\\xe9"), (tar, f"{tar}:train/caf\\xe9")):
+        out = tmp_path / f"o_{src.name}"
+        r = subprocess.run([sys.executable, "-m", "data_prep", "imagefolder", str(src), str(out), "--split", "train",
+                            "--no-progress"], capture_output=True, text=True)
+        assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert f"error: {where}: class folder name b'caf\\xe9' is not valid UTF-8" in r.stderr, r.stderr
+        assert "rename" in r.stderr and not out.exists()
