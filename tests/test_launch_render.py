@@ -356,3 +356,27 @@ def test_train_script_starts_over_on_a_failures_file_it_did_not_write(tmp_path: 
     (tmp_path / "run" / "launch-failures").write_text("4242 1.5 none\n")  # bash arithmetic would fail on it
     assert _attempts(tmp_path, cfg, ["137"], max_failures=1) == [(0, True)]
     assert "failure 1 of at most 1" in (tmp_path / "run" / "slurm-4242.out").read_text()
+
+
+def test_prep_scripts_run_hostile_paths_as_literal_text(tmp_path: Path) -> None:
+    """OUT reaches the finalize job's log line too: a `$(...)` in it was run there (the quoted value sat inside
+    a double-quoted echo), and a `"` broke the script."""
+    src = tmp_path / "src"
+    src.mkdir()
+    out = tmp_path / 'shards $(touch CANARY) `touch CANARY` "x'
+    r = launch("submit", "prep", "imagenet", str(src), str(out), "--tasks", "2", "--run-dir", str(tmp_path / "run"),
+               "--dry-run", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    array, finalize = r.stdout.split("# ---- prep-finalize-imagenet.sbatch\n")
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "srun").write_text('#!/bin/bash\nprintf "srun:%s\\n" "$@"\n')
+    (bindir / "srun").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "SLURM_JOB_ID": "9", "SLURM_ARRAY_JOB_ID": "8",
+           "SLURM_ARRAY_TASK_ID": "0"}
+    for script in (array, finalize):
+        ran = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
+        assert ran.returncode == 0, ran.stderr
+        assert f"srun:{out}\n" in ran.stdout
+    assert f"launch: finalize {out} (job 9)" in ran.stdout
+    assert not (tmp_path / "CANARY").exists()
