@@ -14,7 +14,7 @@ from pathlib import Path
 from launch import rundir, slurm, status, torchrun
 from launch.errors import LaunchError
 from launch.scripts import PrepJob, SlurmOptions, TrainJob
-from launch.validate import existing_file, sbatch_path
+from launch.validate import existing_file, sbatch_path, writable_dir
 
 
 def _slurm_args(p: argparse.ArgumentParser, time_default: str | None) -> None:
@@ -126,7 +126,8 @@ def _refuse_if_training(run_dir: Path) -> None:
 def _submit_train(a: argparse.Namespace, extra: list[str]) -> int:
     run_dir = (a.run_dir or Path("runs") / a.config.stem).absolute()
     if a.run_dir is None:  # say where the path came from: the user never typed it
-        sbatch_path(run_dir, "run directory (default runs/<config name>; choose one with --run-dir)")
+        default = "run directory (default runs/<config name>; choose one with --run-dir)"
+        writable_dir(sbatch_path(run_dir, default), default)
     job = TrainJob(config=existing_file(a.config, "--config"), nodes=a.nodes, gpus_per_node=a.gpus_per_node,
                    run_dir=run_dir,
                    slurm=_options(a), signal_lead=a.signal_lead, cpu=a.cpu, extra_args=extra,
@@ -156,7 +157,8 @@ def _submit_prep(a: argparse.Namespace, extra: list[str]) -> int:
     out = a.out.absolute()
     run_dir = (a.run_dir or out.parent / f"{out.name}-slurm").absolute()
     if a.run_dir is None:
-        sbatch_path(run_dir, "run directory (default OUT-slurm next to OUT; choose one with --run-dir)")
+        default = "run directory (default OUT-slurm next to OUT; choose one with --run-dir)"
+        writable_dir(sbatch_path(run_dir, default), default)
     prep_args = ["--split", a.split] if a.kind == "imagefolder" else []
     job = PrepJob(command=a.kind, src=a.src.absolute(), out=out, tasks=a.tasks, run_dir=run_dir,
                   slurm=_options(a), prep_args=prep_args + extra, python=_python(a), workdir=Path.cwd(),
@@ -189,6 +191,8 @@ def _submit_prep(a: argparse.Namespace, extra: list[str]) -> int:
 
 def _torchrun(a: argparse.Namespace, extra: list[str]) -> int:
     run_dir = (a.run_dir or Path("runs") / a.config.stem).absolute()
+    writable_dir(run_dir, "--run-dir" if a.run_dir else "run directory (default runs/<config name>; "
+                                                      "choose one with --run-dir)")
     argv = torchrun.command(a.config, a.nnodes, a.nproc_per_node, a.rdzv_endpoint, run_dir,
                             rdzv_id=a.rdzv_id or "pending", cpu=a.cpu, extra_args=extra,
                             max_restarts=a.max_restarts)
@@ -226,5 +230,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
     except LaunchError as e:
         print(f"launch: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # writing the run directory (full disk, lost permission, a path that vanished): one line
+        print(f"launch: error: {e.filename or 'file system'}: {e.strerror or e}", file=sys.stderr)
         return 2
     return 2

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from launch import template
 from launch.errors import LaunchError
-from launch.validate import positive_int, sbatch_path, slurm_name, slurm_time, time_seconds
+from launch.validate import positive_int, sbatch_path, slurm_name, slurm_time, time_seconds, writable_dir
 
 
 @dataclass
@@ -122,7 +122,7 @@ class TrainJob:
         positive_int(self.nodes, "--nodes")
         positive_int(self.gpus_per_node, "--gpus-per-node", minimum=0)
         self.slurm.check()
-        sbatch_path(self.run_dir, "--run-dir")
+        writable_dir(sbatch_path(self.run_dir, "--run-dir"), "--run-dir")
         positive_int(self.signal_lead, "--signal-lead", minimum=0)
         positive_int(self.max_failures, "--max-failures", minimum=0)
         if self.signal_lead > MAX_SIGNAL_LEAD:
@@ -204,7 +204,8 @@ class PrepJob:
             raise LaunchError(f"SRC: {str(self.src)!r} does not exist")
         positive_int(self.tasks, "--tasks")
         self.slurm.check()
-        sbatch_path(self.run_dir, "--run-dir")
+        writable_dir(sbatch_path(self.run_dir, "--run-dir"), "--run-dir")
+        writable_dir(self.out, "OUT")
 
     def _common(self) -> dict[str, str | int | None]:
         return {

@@ -7,6 +7,7 @@ strict character set instead.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -61,6 +62,22 @@ def sbatch_path(path: Path, setting: str) -> Path:
             f"{setting}: {text!r} contains {''.join(bad)!r}; Slurm's #SBATCH parser cannot carry such a path "
             "safely, choose a directory name made of letters, digits and _ . / + , = @ : -"
         )
+    return path
+
+
+def writable_dir(path: Path, setting: str) -> Path:
+    """A directory the launcher or the job will create and write (run directory, OUT): checked before anything
+    is written, and by --dry-run too, so a file in its place or a folder without write permission is one
+    error line now rather than a traceback on submit or a job that fails after its wait in the queue."""
+    existing = path
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "is a file" if existing == path else f"cannot be made: {str(existing)!r} is a file"
+        raise LaunchError(f"{setting}: {str(path)!r} {where}, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "" if existing == path else f" (it would be made in {str(existing)!r})"
+        raise LaunchError(f"{setting}: {str(path)!r} is not writable here{where}")
     return path
 
 

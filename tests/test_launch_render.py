@@ -142,6 +142,8 @@ def test_hostile_values_are_quoted_in_the_srun_line(tmp_path: Path) -> None:
     (["--account", "a b"], "--account:"),
     (["--run-dir", "runs/my run"], "--run-dir:"),
     (["--run-dir", "runs/x;y"], "--run-dir:"),
+    (["--run-dir", "conf/resnet50.yaml"], "resnet50.yaml' is a file, not a directory"),
+    (["--run-dir", "conf/resnet50.yaml/run"], "/run' cannot be made: "),
     (["--signal-lead", "3600"], "--signal-lead: 3600 s + Slurm's 30 s check interval is not shorter than --time"),
     (["--time", "00:05:20"], "--signal-lead: 300 s + Slurm's 30 s check interval is not shorter than --time 00:05:20"),
     (["--time", "30-00:00:00", "--signal-lead", "70000"], "--signal-lead: 70000 s is more than Slurm's --signal"),
@@ -380,3 +382,26 @@ def test_prep_scripts_run_hostile_paths_as_literal_text(tmp_path: Path) -> None:
         assert f"srun:{out}\n" in ran.stdout
     assert f"launch: finalize {out} (job 9)" in ran.stdout
     assert not (tmp_path / "CANARY").exists()
+
+
+def test_a_run_dir_that_cannot_be_a_directory_is_one_error_line(tmp_path: Path, cfg: Path) -> None:
+    """A file where the run directory (or OUT) should be was a traceback on submit (and --dry-run printed a
+    script for it); so was a directory that cannot be made. Now one line naming the path, nothing written."""
+    no_slurm = {"PATH": str(tmp_path / "no-slurm-here")}
+    train = ["submit", "train", "--config", str(cfg), "--time", "1:00:00", "--run-dir"]
+    torch = ["torchrun", "--config", str(cfg), "--nnodes", "1", "--nproc-per-node", "1", "--rdzv-endpoint", "h:29400",
+             "--run-dir"]
+    src = tmp_path / "src"
+    src.mkdir()
+    prep = ["submit", "prep", "imagenet", str(src)]
+    for args in ([*train, str(cfg)], [*train, str(cfg), "--dry-run"], [*train, f"{cfg}/run"], [*torch, str(cfg)],
+                 [*prep, str(tmp_path / "out"), "--tasks", "2", "--run-dir", str(cfg)],
+                 [*prep, str(cfg), "--tasks", "2", "--run-dir", str(tmp_path / "run"), "--dry-run"]):
+        r = launch(*args, cwd=tmp_path, env=no_slurm)
+        assert r.returncode == 2 and r.stdout == "" and r.stderr.count("\n") == 1, (args, r.stderr)
+        assert r.stderr.startswith("launch: error: ") and "is a file, not a directory" in r.stderr, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["conf", "src"]
+    if Path("/proc/self").is_dir():  # mkdir fails there even for root: the error the file system gives, one line
+        r = launch(*train, "/proc/no-such-run", cwd=tmp_path, env=no_slurm)
+        assert r.returncode == 2 and r.stderr == "launch: error: /proc/no-such-run: No such file or directory\n", \
+            r.stderr
