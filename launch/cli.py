@@ -111,6 +111,8 @@ def _refuse_if_training(run_dir: Path) -> None:
     dead, or by re-running the command) would write checkpoints/last.ckpt too and resume from the other's."""
     try:
         active = status.active_train_jobs(run_dir)
+    except rundir.BadJobsFile:
+        raise
     except LaunchError as e:
         # Refuse, saying why, rather than guess: when squeue cannot reach Slurm sbatch cannot either, and
         # guessing "nothing active" could start the second writer this check exists to prevent.

@@ -8,6 +8,8 @@ import secrets
 import string
 from pathlib import Path
 
+from launch.errors import LaunchError
+
 WANDB_ID_FILE = "wandb_run_id"
 JOBS_FILE = "jobs.jsonl"
 
@@ -29,13 +31,32 @@ def wandb_run_id(run_dir: Path, create: bool = True) -> str | None:
 def record_job(run_dir: Path, job_id: str, kind: str, script: Path) -> None:
     """Append a submitted job to RUN_DIR/jobs.jsonl so `launch status` knows what to ask Slurm about."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / JOBS_FILE, "a") as f:
-        f.write(json.dumps({"job_id": job_id, "kind": kind, "script": str(script)}) + "\n")
+    path = run_dir / JOBS_FILE
+    torn = path.is_file() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
+    with open(path, "a") as f:  # after a torn last line, on a line of its own, so this record stays readable
+        f.write(("\n" if torn else "") + json.dumps({"job_id": job_id, "kind": kind, "script": str(script)}) + "\n")
+
+
+class BadJobsFile(LaunchError):
+    """RUN/jobs.jsonl has a line that is not a job record (torn by a full disk, edited by hand)."""
 
 
 def recorded_jobs(run_dir: Path) -> list[dict[str, str]]:
-    """Jobs submitted for this run directory, oldest first."""
+    """Jobs submitted for this run directory, oldest first. A line that is not a job record is an error naming
+    it: skipping it could hide a train job that still runs (see ``launch.cli._refuse_if_training``)."""
     path = run_dir / JOBS_FILE
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    jobs = []
+    for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            job = json.loads(line)
+        except json.JSONDecodeError:
+            job = None
+        if not isinstance(job, dict) or not isinstance(job.get("job_id"), str):
+            raise BadJobsFile(f"{path} line {n}: not a job record ({line[:60]!r}); each line is a JSON object with "
+                              f'a "job_id": correct or delete that line')
+        jobs.append(job)
+    return jobs

@@ -231,3 +231,31 @@ def test_status_shows_progress_and_the_best_checkpoint_of_a_real_run(digits_shar
     top1 = torch.load(best, map_location="cpu", weights_only=False)["callbacks"]
     top1 = next(v["best_model_score"] for k, v in top1.items() if k.startswith("ModelCheckpoint"))
     assert f"best         val/top1 {float(top1):.4f} at epoch 0 step 11  ({best})" in r.stdout, r.stdout
+
+
+def test_a_torn_jobs_file_is_one_error_line_naming_it(tmp_path: Path) -> None:
+    """A jobs.jsonl line cut short (a full disk) or edited into something else was a traceback, in status and
+    in `submit train` (whose check for a running train job reads it). Now one line naming the file and the
+    line; submit refuses (a job it cannot read could still be training there) and writes nothing; and a record
+    appended after a torn line starts a line of its own."""
+    from launch import rundir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "jobs.jsonl").write_text('{"job_id": "5", "kind": "train", "script": "x"}\n{"job_id": "6", "ki')
+    cfg = tmp_path / "demo.yaml"
+    cfg.write_text("trainer: {}\n")
+    no_slurm = {"PATH": str(tmp_path / "no-slurm-here")}
+    for args in (["status", str(run)], ["submit", "train", "--config", str(cfg), "--time", "1:00:00", "--run-dir",
+                                        str(run)]):
+        r = launch(*args, cwd=tmp_path, env=no_slurm)
+        assert r.returncode == 2 and r.stdout == "" and r.stderr.count("\n") == 1, r.stderr
+        assert r.stderr.startswith(f"launch: error: {run / 'jobs.jsonl'} line 2: not a job record"), r.stderr
+    assert sorted(p.name for p in run.iterdir()) == ["jobs.jsonl"]
+    (run / "jobs.jsonl").write_text('[1, 2]\n')
+    r = launch("status", str(run), cwd=tmp_path, env=no_slurm)
+    assert r.returncode == 2 and "jobs.jsonl line 1: not a job record ('[1, 2]')" in r.stderr, r.stderr
+    (run / "jobs.jsonl").write_text('{"job_id": "5", "kind": "train", "script": "x"}\n{"job_id": "6", "ki')
+    rundir.record_job(run, "7", "train", run / "train.sbatch")
+    assert (run / "jobs.jsonl").read_text().splitlines()[-1] == \
+        f'{{"job_id": "7", "kind": "train", "script": "{run / "train.sbatch"}"}}'
