@@ -4,6 +4,7 @@ run id (generated once, reused by every requeue and resubmission) and the list o
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import string
 from pathlib import Path
@@ -14,17 +15,29 @@ WANDB_ID_FILE = "wandb_run_id"
 JOBS_FILE = "jobs.jsonl"
 
 
+_RUN_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
 def wandb_run_id(run_dir: Path, create: bool = True) -> str | None:
-    """The run directory's fixed W&B id; created (8 lowercase letters/digits, W&B's own style) on first use."""
+    """The run directory's fixed W&B id; created (8 lowercase letters/digits, W&B's own style) on first use,
+    written whole or not at all. A file that holds no id is an error: an empty WANDB_RUN_ID would start a new
+    W&B run at every start of the job."""
     path = run_dir / WANDB_ID_FILE
     if path.is_file():
-        return path.read_text().strip()
+        text = path.read_text(errors="replace").strip()
+        if not _RUN_ID.match(text):
+            raise LaunchError(f"{path}: {text[:40]!r} is not a W&B run id (1-64 letters, digits, _ . -): write the "
+                              f"run's id there (its train.sbatch exports it as WANDB_RUN_ID) or delete the file to "
+                              f"start a new W&B run")
+        return text
     if not create:
         return None
     alphabet = string.ascii_lowercase + string.digits
     run_id = "".join(secrets.choice(alphabet) for _ in range(8))
     run_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(run_id + "\n")
+    tmp = path.with_name(f".{WANDB_ID_FILE}.tmp")
+    tmp.write_text(run_id + "\n")
+    tmp.replace(path)
     return run_id
 
 

@@ -158,8 +158,11 @@ def report(run_dir: Path) -> str:
     best = best_checkpoint(run_dir)
     if best is not None:
         lines.append(f"best         val/top1 {best.top1:.4f} at epoch {best.epoch} step {best.step}  ({best.path})")
-    rid = wandb_run_id(run_dir, create=False)
-    lines.append(f"W&B run id   {rid or 'none'}")
+    try:
+        rid = wandb_run_id(run_dir, create=False) or "none"
+    except LaunchError as e:  # say so, after what the rest of the run directory says
+        rid = f"unreadable: {e}"
+    lines.append(f"W&B run id   {rid}")
     return "\n".join(lines)
 
 

@@ -259,3 +259,32 @@ def test_a_torn_jobs_file_is_one_error_line_naming_it(tmp_path: Path) -> None:
     rundir.record_job(run, "7", "train", run / "train.sbatch")
     assert (run / "jobs.jsonl").read_text().splitlines()[-1] == \
         f'{{"job_id": "7", "kind": "train", "script": "{run / "train.sbatch"}"}}'
+
+
+def test_a_wandb_id_file_without_an_id_is_named_not_used(tmp_path: Path) -> None:
+    """An empty RUN/wandb_run_id (a write cut short) went into the script as WANDB_RUN_ID='', so every start of
+    the job began a new W&B run; bytes that are not UTF-8 were a traceback. Submit and torchrun now refuse in
+    one line naming the file, status says so on its W&B line and still reports the rest."""
+    cfg = tmp_path / "demo.yaml"
+    cfg.write_text("trainer: {}\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    for content in (b"", b"\n", b"\xff\xfe\x00garbage"):
+        (run / "wandb_run_id").write_bytes(content)
+        for args in (["submit", "train", "--config", str(cfg), "--time", "1:00:00", "--run-dir", str(run), "--dry-run"],
+                     ["torchrun", "--config", str(cfg), "--nnodes", "1", "--nproc-per-node", "1",
+                      "--rdzv-endpoint", "h:29400", "--run-dir", str(run)]):
+            r = launch(*args, cwd=tmp_path)
+            assert r.returncode == 2 and r.stdout == "" and r.stderr.count("\n") == 1, r.stderr
+            assert r.stderr.startswith(f"launch: error: {run / 'wandb_run_id'}: "), r.stderr
+            assert "is not a W&B run id" in r.stderr
+        r = launch("status", str(run), cwd=tmp_path, env={"PATH": str(tmp_path / "no-slurm-here")})
+        assert r.returncode == 0, r.stderr
+        assert f"W&B run id   unreadable: {run / 'wandb_run_id'}: " in r.stdout, r.stdout
+        assert "checkpoint   none yet" in r.stdout
+    fresh = tmp_path / "fresh"
+    r = launch("torchrun", "--config", str(cfg), "--nnodes", "1", "--nproc-per-node", "1", "--rdzv-endpoint",
+               "h:29400", "--run-dir", str(fresh), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert [p.name for p in fresh.iterdir()] == ["wandb_run_id"]
+    assert f"WANDB_RUN_ID={(fresh / 'wandb_run_id').read_text().strip()} " in r.stdout
