@@ -112,7 +112,7 @@ def recent_throughput(run_dir: Path) -> Throughput | None:
     """Last logged images/s from the newest metrics.csv under the run directory (Lightning CSVLogger)."""
     csvs = sorted(run_dir.rglob("metrics.csv"), key=lambda p: p.stat().st_mtime, reverse=True)
     for path in csvs:
-        with open(path, newline="") as f:
+        with open(path, newline="", errors="replace") as f:
             reader = csv.DictReader(f)
             cols = [c for c in (reader.fieldnames or []) if _THROUGHPUT.search(c)]
             if not cols:
@@ -120,9 +120,18 @@ def recent_throughput(run_dir: Path) -> Throughput | None:
             last: Throughput | None = None
             for row in reader:
                 for c in cols:
-                    if row.get(c):
-                        step = row.get("step")
-                        last = Throughput(c, float(row[c]), int(float(step)) if step else None, path)
+                    value, step = _number(row.get(c)), _number(row.get("step"))
+                    if value is not None:
+                        last = Throughput(c, value, int(step) if step is not None else None, path)
             if last is not None:
                 return last
     return None
+
+
+def _number(text: str | None) -> float | None:
+    """A CSV cell as a number, None when empty or not one: a run killed while the logger wrote leaves its last
+    row cut short (``1e``, NUL bytes), and status reads the log of exactly such runs."""
+    try:
+        return float(text) if text else None
+    except ValueError:
+        return None

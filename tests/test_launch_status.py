@@ -288,3 +288,16 @@ def test_a_wandb_id_file_without_an_id_is_named_not_used(tmp_path: Path) -> None
     assert r.returncode == 0, r.stderr
     assert [p.name for p in fresh.iterdir()] == ["wandb_run_id"]
     assert f"WANDB_RUN_ID={(fresh / 'wandb_run_id').read_text().strip()} " in r.stdout
+
+
+def test_status_reads_past_a_metrics_row_cut_short(tmp_path: Path) -> None:
+    """A run killed while the CSV logger wrote (what status is for) leaves a torn last row: it was a traceback
+    (float('1e')). Status now reports the last whole value."""
+    run = tmp_path / "run"
+    (run / "csv").mkdir(parents=True)
+    for torn in ("2,1e", "2,10\0\0\0", "2.5x,", "2"):
+        (run / "csv" / "metrics.csv").write_text(f"step,perf/img_per_s_total\n0,90.0\n1,100.5\n{torn}")
+        r = launch("status", str(run), cwd=tmp_path, env={"PATH": str(tmp_path / "no-slurm-here")})
+        assert r.returncode == 0, r.stderr
+        assert f"throughput   100.5 img/s at step 1 (perf/img_per_s_total in {run / 'csv' / 'metrics.csv'})" \
+            in r.stdout, r.stdout
