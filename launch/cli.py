@@ -17,6 +17,14 @@ from launch.scripts import PrepJob, SlurmOptions, TrainJob
 from launch.validate import existing_file, sbatch_path, writable_dir
 
 
+def _path(text: str) -> Path:
+    """A path argument; an empty one (an unset shell variable, `--run-dir "$RUN"`) would mean the current
+    directory, so the project directory would become the run directory."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty path (an unset shell variable?)")
+    return Path(text)
+
+
 def _slurm_args(p: argparse.ArgumentParser, time_default: str | None) -> None:
     g = p.add_argument_group("Slurm")
     if time_default is None:
@@ -48,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     what = submit.add_subparsers(dest="what", required=True)
 
     t = what.add_parser("train", help="multi-node training: one task per GPU, requeue on preemption")
-    t.add_argument("--config", required=True, type=Path, help="trainer YAML (conf/*.yaml)")
+    t.add_argument("--config", required=True, type=_path, help="trainer YAML (conf/*.yaml)")
     t.add_argument("--nodes", type=int, default=1)
     t.add_argument("--gpus-per-node", type=int, default=1,
                    help="GPUs = processes per node; 0 runs one CPU process per node")
@@ -62,31 +70,31 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--exclude-failed-nodes", action=argparse.BooleanOptionalAction, default=True,
                    help="after a crash, keep the node where the first task failed out of the job's next starts "
                         "(while the partition keeps enough usable nodes for the job); default on")
-    t.add_argument("--run-dir", type=Path, default=None, help="default runs/<config name>")
+    t.add_argument("--run-dir", type=_path, default=None, help="default runs/<config name>")
     _slurm_args(t, None)
 
     pr = what.add_parser("prep", help="data_prep as an array job plus a dependent finalize job")
     kinds = pr.add_subparsers(dest="kind", required=True)
     for kind in ("imagenet", "imagefolder"):
         k = kinds.add_parser(kind, help=f"python -m data_prep {kind} SRC OUT, split over --tasks array tasks")
-        k.add_argument("src", type=Path)
-        k.add_argument("out", type=Path)
+        k.add_argument("src", type=_path)
+        k.add_argument("out", type=_path)
         k.add_argument("--tasks", type=int, required=True, help="array tasks (each writes its own shards)")
         if kind == "imagefolder":
             k.add_argument("--split", required=True, help="split name, e.g. train or val")
-        k.add_argument("--run-dir", type=Path, default=None, help="scripts and logs (default OUT-slurm next to OUT)")
+        k.add_argument("--run-dir", type=_path, default=None, help="scripts and logs (default OUT-slurm next to OUT)")
         _slurm_args(k, "02:00:00")
 
     st = sub.add_parser("status", help="jobs, requeues, last checkpoint/step, img/s, W&B id of a run")
-    st.add_argument("run_dir", nargs="?", type=Path, default=None)
+    st.add_argument("run_dir", nargs="?", type=_path, default=None)
 
     tr = sub.add_parser("torchrun", help="print (or run) the torchrun command for a cluster without Slurm")
-    tr.add_argument("--config", required=True, type=Path)
+    tr.add_argument("--config", required=True, type=_path)
     tr.add_argument("--nnodes", type=int, required=True)
     tr.add_argument("--nproc-per-node", type=int, required=True)
     tr.add_argument("--rdzv-endpoint", required=True, help="HOST:PORT of node 0")
     tr.add_argument("--rdzv-id", default=None, help="rendezvous id (default: the W&B run id)")
-    tr.add_argument("--run-dir", type=Path, default=None, help="default runs/<config name>")
+    tr.add_argument("--run-dir", type=_path, default=None, help="default runs/<config name>")
     tr.add_argument("--max-restarts", type=int, default=3,
                     help="restarts of all ranks after a failure, each resuming from last.ckpt (default 3)")
     tr.add_argument("--cpu", action="store_true")
@@ -196,7 +204,7 @@ def _torchrun(a: argparse.Namespace, extra: list[str]) -> int:
     writable_dir(run_dir, "--run-dir" if a.run_dir else "run directory (default runs/<config name>; "
                                                       "choose one with --run-dir)")
     argv = torchrun.command(a.config, a.nnodes, a.nproc_per_node, a.rdzv_endpoint, run_dir,
-                            rdzv_id=a.rdzv_id or "pending", cpu=a.cpu, extra_args=extra,
+                            rdzv_id="pending" if a.rdzv_id is None else a.rdzv_id, cpu=a.cpu, extra_args=extra,
                             max_restarts=a.max_restarts)
     run_id = rundir.wandb_run_id(run_dir)  # made now: the printed command runs as is on every node
     assert run_id is not None

@@ -25,6 +25,8 @@ def command(config: Path, nnodes: int, nproc_per_node: int, rdzv_endpoint: str, 
     positive_int(nproc_per_node, "--nproc-per-node")
     if max_restarts < 0:
         raise LaunchError(f"--max-restarts: {max_restarts} is negative")
+    if not rdzv_id.strip():  # torchrun would take it; the launcher used a fixed "pending" for every run
+        raise LaunchError("--rdzv-id: empty; leave it out to use the run's W&B id")
     m = _ENDPOINT.match(rdzv_endpoint)
     if not m or not 0 < int(m.group(1)) < 65536:
         raise LaunchError(f"--rdzv-endpoint: {rdzv_endpoint!r} is not HOST:PORT")

@@ -83,6 +83,8 @@ def writable_dir(path: Path, setting: str) -> Path:
 
 def existing_file(path: Path, setting: str) -> Path:
     """A file the job will read (config): must exist now, resolved to an absolute path."""
+    if path.is_dir():
+        raise LaunchError(f"{setting}: {str(path)!r} is a directory, not a file")
     if not path.is_file():
         raise LaunchError(f"{setting}: file {str(path)!r} does not exist")
     return path.resolve()

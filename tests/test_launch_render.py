@@ -134,6 +134,9 @@ def test_hostile_values_are_quoted_in_the_srun_line(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("args, setting", [
     (["--config", "missing.yaml"], "--config: file 'missing.yaml' does not exist"),
+    (["--config", "conf"], "--config: 'conf' is a directory, not a file"),
+    (["--config", ""], "argument --config: empty path"),
+    (["--run-dir", ""], "argument --run-dir: empty path (an unset shell variable?)"),  # was the current directory
     (["--time", "4h"], "--time: '4h' is not a time limit"),
     (["--time", "00:00:30"], "--time: '00:00:30' is shorter than one minute"),
     (["--nodes", "0"], "--nodes: must be at least 1, got 0"),
@@ -216,6 +219,9 @@ def test_torchrun_prints_a_command_per_node(tmp_path: Path, cfg: Path) -> None:
     bad = launch("torchrun", "--config", str(cfg), "--nnodes", "2", "--nproc-per-node", "4",
                  "--rdzv-endpoint", "node0:29400", "--max-restarts", "-1", cwd=tmp_path)
     assert bad.returncode == 2 and "--max-restarts: -1 is negative" in bad.stderr
+    bad = launch("torchrun", "--config", str(cfg), "--nnodes", "2", "--nproc-per-node", "4",
+                 "--rdzv-endpoint", "node0:29400", "--rdzv-id", "", cwd=tmp_path)  # was a fixed "pending"
+    assert bad.returncode == 2 and "--rdzv-id: empty" in bad.stderr, bad.stdout
 
 
 def test_template_placeholders_must_match_values() -> None:
