@@ -14,7 +14,8 @@ from pathlib import Path
 
 from launch import template
 from launch.errors import LaunchError
-from launch.validate import positive_int, sbatch_path, slurm_name, slurm_time, time_seconds, writable_dir
+from launch.validate import (no_launcher_args, positive_int, sbatch_path, slurm_name, slurm_time, time_seconds,
+                             writable_dir)
 
 
 @dataclass
@@ -63,6 +64,13 @@ class SlurmOptions:
         ]
         return " ".join(flags) + " "
 
+
+TRAINER_ARGS = {  # what the launcher passes to `pipeline fit` itself, and the option that sets it
+    "--trainer.num_nodes": "from --nodes",
+    "--trainer.devices": "from --gpus-per-node",
+    "--trainer.default_root_dir": "the run directory: use --run-dir",
+    "--ckpt_path": "always `last`: every start resumes from the run directory's checkpoints/last.ckpt",
+}
 
 MAX_SIGNAL_LEAD = 65535  # sbatch refuses a larger --signal=SIG@TIME
 
@@ -133,6 +141,7 @@ class TrainJob:
                 f"--signal-lead: {self.signal_lead} s + Slurm's 30 s check interval is not shorter than --time "
                 f"{self.slurm.time}; USR1 would arrive as the job starts, before the trainer can checkpoint"
             )
+        no_launcher_args(self.extra_args, TRAINER_ARGS)
         if self.slurm.container_image and self.python != "python":
             raise LaunchError("--python: with --container-image the container's own `python` is used")
 

@@ -89,3 +89,14 @@ def existing_file(path: Path, setting: str) -> Path:
         raise LaunchError(f"{setting}: file {str(path)!r} does not exist")
     return path.resolve()
 
+
+
+def no_launcher_args(args: list[str], owned: dict[str, str]) -> list[str]:
+    """Trainer arguments after ``--`` must not override those the launcher sets: a second --trainer.devices
+    wins over the first and no longer matches the tasks Slurm starts, a --trainer.default_root_dir moves the
+    checkpoints out of the run directory, a --ckpt_path would be reloaded at every requeue."""
+    for arg in args:
+        name = arg.split("=", 1)[0]
+        if name in owned:
+            raise LaunchError(f"arguments after --: {name} is set by the launcher ({owned[name]})")
+    return args

@@ -411,3 +411,24 @@ def test_a_run_dir_that_cannot_be_a_directory_is_one_error_line(tmp_path: Path, 
         r = launch(*train, "/proc/no-such-run", cwd=tmp_path, env=no_slurm)
         assert r.returncode == 2 and r.stderr == "launch: error: /proc/no-such-run: No such file or directory\n", \
             r.stderr
+
+
+@pytest.mark.parametrize("arg, why", [
+    (["--trainer.devices", "4"], "--trainer.devices is set by the launcher (from --gpus-per-node)"),
+    (["--trainer.num_nodes=2"], "--trainer.num_nodes is set by the launcher (from --nodes)"),
+    (["--trainer.default_root_dir", "/elsewhere"], "--trainer.default_root_dir is set by the launcher"),
+    (["--ckpt_path", "/x/pretrained.ckpt"], "--ckpt_path is set by the launcher (always `last`"),
+])
+def test_trainer_args_after_dashdash_cannot_override_the_launchers(tmp_path: Path, cfg: Path, arg: list[str],
+                                                                   why: str) -> None:
+    """They came after the launcher's own in the srun line, so they won: devices or nodes no longer matching
+    the tasks Slurm starts, checkpoints outside the run directory (no resume, no status), or one checkpoint
+    reloaded at every requeue. Accepted silently before."""
+    r = launch("submit", "train", "--config", str(cfg), "--time", "1:00:00", "--dry-run", "--",
+               "--trainer.max_epochs", "3", *arg, cwd=tmp_path)
+    assert r.returncode == 2 and r.stdout == "" and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith(f"launch: error: arguments after --: {why}"), r.stderr
+    r = launch("torchrun", "--config", str(cfg), "--nnodes", "1", "--nproc-per-node", "1", "--rdzv-endpoint",
+               "h:29400", "--run-dir", str(tmp_path / "run"), "--", *arg, cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.startswith(f"launch: error: arguments after --: {arg[0].split('=')[0]} is "
+                                                     "set by the launcher"), r.stderr
