@@ -13,7 +13,7 @@ from pathlib import Path
 
 from launch.errors import LaunchError
 
-_TIME = re.compile(r"^(?:(\d+)-)?(\d{1,3}):([0-5]\d):([0-5]\d)$")
+_TIME = re.compile(r"^(?:(\d+)-)?(\d{1,3}):([0-5]\d):([0-5]\d)$", re.ASCII)  # ASCII: sbatch reads no other digits
 _SLURM_NAME = re.compile(r"^[A-Za-z0-9_.,+-]+$")
 _SBATCH_PATH = re.compile(r"^[A-Za-z0-9_./+,=@:-]+$")
 

@@ -139,6 +139,7 @@ def test_hostile_values_are_quoted_in_the_srun_line(tmp_path: Path) -> None:
     (["--run-dir", ""], "argument --run-dir: empty path (an unset shell variable?)"),  # was the current directory
     (["--time", "4h"], "--time: '4h' is not a time limit"),
     (["--time", "00:00:30"], "--time: '00:00:30' is shorter than one minute"),
+    (["--time", "\u0661:00:00"], "--time: '\u0661:00:00' is not a time limit"),  # an Arabic-Indic 1 matched \\d
     (["--nodes", "0"], "--nodes: must be at least 1, got 0"),
     (["--gpus-per-node", "-1"], "--gpus-per-node: must be at least 0"),
     (["--partition", "gpu\n#SBATCH --x"], "--partition:"),
