@@ -46,7 +46,8 @@ from pipeline.progress import console_progress
 from pipeline.resume_geometry import (Geometry, LoopPosition, adapt, check_zero_world_size, expected_world_size,
                                       read_checkpoint)
 from pipeline.rng_state import RNGState
-from pipeline.run_lock import RunDirLock, RunDirStillOurs, is_global_rank_zero
+from pipeline.run_dir_still_ours import RunDirStillOurs
+from pipeline.run_lock import RunDirLock, is_global_rank_zero
 from pipeline.sample_grid import SampleGrid
 from pipeline.sync_batchnorm import GlooSyncBatchNormPlugin
 from pipeline.throughput import Throughput

@@ -17,7 +17,7 @@ NFS ``flock`` is a POSIX lock, which closing any descriptor of the file in that 
 
 Where ``flock`` does not reach across nodes (NFS mounted with ``local_lock``, Lustre's ``localflock``)
 or does not work at all (a warning), a second job on another node takes the "lock" too and writes its
-record over the first one's. ``RunDirStillOurs`` checks the record before every checkpoint: the first
+record over the first one's. ``RunDirStillOurs`` (``pipeline/run_dir_still_ours.py``) checks the record before every checkpoint: the first
 job then stops with an error before it writes over the second's state, instead of the two alternating.
 """
 
@@ -33,11 +33,11 @@ import socket
 import time
 from pathlib import Path
 
-from pytorch_lightning.callbacks import Callback
-
 from pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+# No Lightning or torch here: `python -m launch status` reads the lock through this module.
 
 LOCK_NAME = ".lock"
 KEY_ENV = "PIPELINE_RUN_LOCK_KEY"  # rank 0's key, inherited by the ranks Lightning starts on its node
@@ -165,25 +165,6 @@ class RunDirLock:
                 f"({who}); two jobs in one run directory overwrite each "
                 f"other's checkpoints. Wait for it to end, stop it, or choose another run directory (if that job "
                 f"is gone and its node died, delete {self.path})")
-
-
-class RunDirStillOurs(Callback):
-    """Before every checkpoint: the lock file still names this job (see the module's docstring). The ranks
-    agree (only global rank 0 reads the file), so all of them stop, before anything is written."""
-
-    def __init__(self, lock: RunDirLock) -> None:
-        self.lock = lock
-
-    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        other = self.lock.taken_by()
-        if not trainer.strategy.reduce_boolean_decision(bool(other), all=False):
-            return
-        who = describe(other) if other else "see global rank 0's message"
-        raise ConfigError(
-            f"trainer.default_root_dir: run directory {self.lock.run_dir} was taken by another training job "
-            f"({who}) while this one ran: the lock on {self.lock.path} does not reach across nodes on this "
-            f"filesystem (or does not work on it). This job stops without saving at step {trainer.global_step}; "
-            f"the other one goes on from the checkpoints. Give each job its own run directory")
 
 
 _LOCK_FDS: set[int] = set()  # descriptors of the locks this process holds

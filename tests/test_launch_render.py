@@ -433,3 +433,12 @@ def test_trainer_args_after_dashdash_cannot_override_the_launchers(tmp_path: Pat
                "h:29400", "--run-dir", str(tmp_path / "run"), "--", *arg, cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.startswith(f"launch: error: arguments after --: {arg[0].split('=')[0]} is "
                                                      "set by the launcher"), r.stderr
+
+
+def test_the_launcher_imports_neither_torch_nor_lightning() -> None:
+    """Every `python -m launch` command (`--help`, `--dry-run`, `status`) took about 6 s on a login node
+    while `launch.status` imported Lightning through the run lock."""
+    code = ("import sys, launch.cli, launch.status, launch.torchrun; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'pytorch_lightning', 'lightning')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO).stdout
+    assert out.strip() == "[]", out
