@@ -14,7 +14,7 @@ from pathlib import Path
 from launch import rundir, slurm, status, torchrun
 from launch.errors import LaunchError
 from launch.scripts import PrepJob, SlurmOptions, TrainJob
-from launch.validate import existing_file, sbatch_path, writable_dir
+from launch.validate import sbatch_path, writable_dir, yaml_config
 
 
 def _path(text: str) -> Path:
@@ -138,7 +138,7 @@ def _submit_train(a: argparse.Namespace, extra: list[str]) -> int:
     if a.run_dir is None:  # say where the path came from: the user never typed it
         default = "run directory (default runs/<config name>; choose one with --run-dir)"
         writable_dir(sbatch_path(run_dir, default), default)
-    job = TrainJob(config=existing_file(a.config, "--config"), nodes=a.nodes, gpus_per_node=a.gpus_per_node,
+    job = TrainJob(config=yaml_config(a.config, "--config"), nodes=a.nodes, gpus_per_node=a.gpus_per_node,
                    run_dir=run_dir,
                    slurm=_options(a), signal_lead=a.signal_lead, cpu=a.cpu, extra_args=extra,
                    python=_python(a), workdir=Path.cwd(), max_failures=a.max_failures,

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from launch.errors import LaunchError
-from launch.validate import existing_file, no_launcher_args, positive_int
+from launch.validate import no_launcher_args, positive_int, yaml_config
 from pipeline.torchelastic import FRESH_STORE_ENV
 
 _ENDPOINT = re.compile(r"^[A-Za-z0-9_.:\[\]-]+:(\d{1,5})$")
@@ -20,7 +20,7 @@ def command(config: Path, nnodes: int, nproc_per_node: int, rdzv_endpoint: str, 
             python: str | None = None, max_restarts: int = 3) -> list[str]:
     """argv for `torchrun ... -m pipeline fit ...`; the same on every node. After a failed rank the
     agents restart all ranks (up to ``max_restarts`` times), which resume from ``last.ckpt``."""
-    config = existing_file(config, "--config")
+    config = yaml_config(config, "--config")
     positive_int(nnodes, "--nnodes")
     positive_int(nproc_per_node, "--nproc-per-node")
     if max_restarts < 0:

@@ -11,6 +11,8 @@ import os
 import re
 from pathlib import Path
 
+import yaml
+
 from launch.errors import LaunchError
 
 _TIME = re.compile(r"^(?:(\d+)-)?(\d{1,3}):([0-5]\d):([0-5]\d)$", re.ASCII)  # ASCII: sbatch reads no other digits
@@ -88,6 +90,24 @@ def existing_file(path: Path, setting: str) -> Path:
     if not path.is_file():
         raise LaunchError(f"{setting}: file {str(path)!r} does not exist")
     return path.resolve()
+
+
+def yaml_config(path: Path, setting: str) -> Path:
+    """The trainer's config: an existing YAML mapping. Checked at submit time, not after the queue wait
+    (a job that fails at its first line may have waited hours for its nodes)."""
+    path = existing_file(path, setting)
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise LaunchError(f"{setting}: cannot read {str(path)!r}: {e}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        detail = f"{getattr(e, 'problem', None) or e}" + (f" at line {mark.line + 1}, column {mark.column + 1}" if mark else "")
+        raise LaunchError(f"{setting}: {str(path)!r} is not valid YAML: {detail}") from None
+    if doc is not None and not isinstance(doc, dict):
+        raise LaunchError(f"{setting}: {str(path)!r} is not a config (a YAML mapping such as `trainer: ...`), "
+                          f"it holds a {type(doc).__name__}")
+    return path
 
 
 

@@ -442,3 +442,20 @@ def test_the_launcher_imports_neither_torch_nor_lightning() -> None:
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'pytorch_lightning', 'lightning')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO).stdout
     assert out.strip() == "[]", out
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("model:\n  lr: [0.1, 0.2\n", "is not valid YAML: expected ',' or ']', but got '<stream end>' at line 3, column 1"),
+    ("- trainer\n- model\n", "is not a config (a YAML mapping such as `trainer: ...`), it holds a list"),
+])
+def test_a_config_that_is_not_a_yaml_mapping_is_refused_at_submit(tmp_path: Path, text: str, needle: str) -> None:
+    """It was submitted, and failed at the job's first line, after the wait for its nodes."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    submit = launch("submit", "train", "--config", str(bad), "--nodes", "1", "--time", "1:00:00", "--dry-run",
+                    cwd=tmp_path)
+    torchrun = launch("torchrun", "--config", str(bad), "--nnodes", "1", "--nproc-per-node", "1",
+                      "--rdzv-endpoint", "127.0.0.1:29500", "--run-dir", str(tmp_path / "run"), cwd=tmp_path)
+    for r in (submit, torchrun):
+        assert r.returncode == 2 and r.stdout == "", r.stderr
+        assert r.stderr.strip() == f"launch: error: --config: '{bad}' {needle}", r.stderr
