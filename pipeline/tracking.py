@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from pytorch_lightning.loggers.logger import rank_zero_experiment
 from pipeline.errors import ConfigError
 
 RUN_ID_FILE = "wandb_run_id"
+RUN_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")  # what `launch` accepts too (launch/rundir.py)
 
 
 @dataclass
@@ -34,19 +36,30 @@ def run_id(run_dir: str | Path, from_checkpoint: str | None = None) -> str:
 
     Every restart of the run (requeue, resume) reads the same id, so W&B continues one run. When the
     directory lost its id file (a checkpoint copied elsewhere, ``--ckpt_path`` from another directory),
-    the id recorded in the checkpoint (``from_checkpoint``) is kept instead of starting a new run."""
+    the id recorded in the checkpoint (``from_checkpoint``) is kept instead of starting a new run. The file
+    appears whole (written aside, then hard-linked into place: the first of the ranks wins): created empty
+    and written after, a kill in between left an empty id, a new W&B run at every start."""
     env = os.environ.get("WANDB_RUN_ID")
     if env:
         return env
     path = Path(run_dir) / RUN_ID_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    except FileExistsError:
-        return path.read_text().strip()
-    with os.fdopen(fd, "w") as f:
-        f.write(from_checkpoint or secrets.token_hex(4))
-    return path.read_text().strip()
+    if not path.exists():
+        tmp = path.with_name(f".{RUN_ID_FILE}.{os.getpid()}.{secrets.token_hex(4)}")
+        tmp.write_text((from_checkpoint or secrets.token_hex(4)) + "\n")
+        try:
+            os.link(tmp, path)
+        except FileExistsError:  # another rank's, or another start's
+            pass
+        except OSError:  # a file system without hard links: whole still, but not first-wins
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    text = path.read_text(errors="replace").strip()
+    if not RUN_ID.match(text):
+        raise ConfigError(f"tracking.wandb: {path} holds {text[:40]!r}, not a W&B run id (1-64 letters, digits, "
+                          f"_ . -): write the run's id there, or delete the file to start a new W&B run")
+    return text
 
 
 class RunIdInCheckpoint(Callback):

@@ -7,8 +7,11 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import pytest
 import torch
 
+from pipeline.errors import ConfigError
+from pipeline.tracking import RUN_ID_FILE, run_id
 from tests.conftest import REPO, run_module
 
 CONF = str(REPO / "conf" / "demo.yaml")
@@ -148,3 +151,17 @@ def test_a_sample_grid_that_cannot_be_written_leaves_no_file_and_training_goes_o
     grid.on_train_batch_start(trainer, module, batch, 0)
     assert not list(tmp_path.iterdir()), "no partial PNG left behind"
     assert "cannot write" in caplog.text and "No space left on device" in caplog.text
+
+
+def test_an_id_file_without_an_id_is_an_error_naming_it(tmp_path, monkeypatch):
+    """An id file created empty and never written (a kill between the two) gave every later start an empty id:
+    a new W&B run each time."""
+    monkeypatch.delenv("WANDB_RUN_ID", raising=False)
+    made = run_id(tmp_path / "new")
+    assert made and (tmp_path / "new" / RUN_ID_FILE).read_text() == made + "\n"
+    assert run_id(tmp_path / "new", from_checkpoint="other") == made, "the file's id wins over the checkpoint's"
+    assert not [p for p in (tmp_path / "new").iterdir() if p.name != RUN_ID_FILE], "no temporary file left"
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / RUN_ID_FILE).write_text("")
+    with pytest.raises(ConfigError, match=f"tracking.wandb: {tmp_path / 'empty' / RUN_ID_FILE} holds '', not a W&B"):
+        run_id(tmp_path / "empty")
