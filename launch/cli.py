@@ -152,8 +152,7 @@ def _submit_train(a: argparse.Namespace, extra: list[str]) -> int:
     _refuse_if_training(run_dir)  # before anything is written
     run_id = rundir.wandb_run_id(run_dir)
     assert run_id is not None
-    job.script_path.write_text(job.render(run_id))
-    job_id = slurm.sbatch(job.script_path)
+    job_id = _sbatch_then_keep(job.script_path, job.render(run_id))
     rundir.record_job(run_dir, job_id, "train", job.script_path)
     print(f"Submitted train job {job_id}")
     print(f"  script  {job.script_path}")
@@ -161,6 +160,22 @@ def _submit_train(a: argparse.Namespace, extra: list[str]) -> int:
     print(f"  W&B id  {run_id}")
     print(f"  status  python -m launch status {run_dir}")
     return 0
+
+
+def _sbatch_then_keep(script: Path, text: str) -> str:
+    """Submit `text` and only then make it `script`: a submission sbatch refuses (a mistyped partition, an
+    account over its limits) leaves the run's last working script in place, the one to resubmit by hand.
+    Slurm keeps its own copy of a submitted script, so the file's later name does not matter to the job."""
+    new = script.with_name(f".{script.name}.new")
+    new.write_text(text)
+    try:
+        job_id = slurm.sbatch(new)
+    except LaunchError as e:
+        new.unlink(missing_ok=True)
+        kept = f"; {script} is unchanged" if script.exists() else ""
+        raise LaunchError(str(e).replace(f"sbatch {new} ", f"sbatch {script} ", 1) + kept) from None
+    os.replace(new, script)
+    return job_id
 
 
 def _submit_prep(a: argparse.Namespace, extra: list[str]) -> int:

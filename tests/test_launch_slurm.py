@@ -252,6 +252,18 @@ def test_second_train_job_into_a_busy_run_dir_is_refused(slurm_cluster: SlurmClu
         jobs.append(m.group(1))
         assert [json.loads(line)["job_id"] for line in (run_dir / "jobs.jsonl").read_text().splitlines()] == jobs
         assert "--time=00:03:00" in (run_dir / "train.sbatch").read_text()
+
+        # a submission sbatch refuses keeps the last working script (it was overwritten before sbatch ran)
+        slurm_cluster.run("scancel", jobs[-1])
+        slurm_cluster.wait_gone([jobs[-1]], timeout=30)
+        script, recorded = (run_dir / "train.sbatch").read_bytes(), (run_dir / "jobs.jsonl").read_bytes()
+        bad = slurm_cluster.launch("submit", "train", "--config", str(cfg), "--gpus-per-node", "0", "--time",
+                                   "00:04:00", "--signal-lead", "30", "--partition", "nosuch", "--run-dir", str(run_dir), "--python",
+                                   str(sleeper), check=False, cwd=tmp_path)
+        assert bad.returncode == 2 and f"sbatch {run_dir / 'train.sbatch'} failed: " in bad.stderr, bad.stderr
+        assert bad.stderr.rstrip().endswith(f"; {run_dir / 'train.sbatch'} is unchanged"), bad.stderr
+        assert (run_dir / "train.sbatch").read_bytes() == script and (run_dir / "jobs.jsonl").read_bytes() == recorded
+        assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith(".")) == [], "no .new file left"
     finally:
         slurm_cluster.run("scancel", "-n", "train-busy", check=False)  # a second job, had one got through
 
