@@ -45,15 +45,23 @@ def _slurm_args(p: argparse.ArgumentParser, time_default: str | None) -> None:
     g.add_argument("--dry-run", action="store_true", help="print the script(s) and sbatch command; submit nothing")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's own errors in the launcher's one-line form (its usage block of every option pushed the
+    error line below a screenful), with where to find the options."""
+
+    def error(self, message: str):
+        self.exit(2, f"launch: error: {message} (options: `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m launch",
         description="Submit and watch resnet-pipeline jobs on Slurm, or print torchrun commands (docs/slurm.md).",
         epilog="Arguments after a bare `--` go to the trainer (submit train, torchrun) or to data_prep.")
-    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="{submit,status,torchrun}")
 
     submit = sub.add_parser("submit", help="render an sbatch script, save it in the run directory, submit it")
-    what = submit.add_subparsers(dest="what", required=True)
+    what = submit.add_subparsers(dest="what", required=True, metavar="{train,prep}")
 
     t = what.add_parser("train", help="multi-node training: one task per GPU, requeue on preemption")
     t.add_argument("--config", required=True, type=_path, help="trainer YAML (conf/*.yaml)")
@@ -74,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     _slurm_args(t, None)
 
     pr = what.add_parser("prep", help="data_prep as an array job plus a dependent finalize job")
-    kinds = pr.add_subparsers(dest="kind", required=True)
+    kinds = pr.add_subparsers(dest="kind", required=True, metavar="{imagenet,imagefolder}")
     for kind in ("imagenet", "imagefolder"):
         k = kinds.add_parser(kind, help=f"python -m data_prep {kind} SRC OUT, split over --tasks array tasks")
         k.add_argument("src", type=_path)

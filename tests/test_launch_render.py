@@ -459,3 +459,15 @@ def test_a_config_that_is_not_a_yaml_mapping_is_refused_at_submit(tmp_path: Path
     for r in (submit, torchrun):
         assert r.returncode == 2 and r.stdout == "", r.stderr
         assert r.stderr.strip() == f"launch: error: --config: '{bad}' {needle}", r.stderr
+
+
+@pytest.mark.parametrize("args, line", [
+    (["submit", "train", "--config", "c.yaml", "--nodes", "abc", "--time", "1:00:00"],
+     "launch: error: argument --nodes: invalid int value: 'abc' (options: `python -m launch submit train --help`)"),
+    (["submit"], "launch: error: the following arguments are required: {train,prep} "
+                 "(options: `python -m launch submit --help`)"),
+])
+def test_argument_errors_are_one_line(tmp_path: Path, args: list[str], line: str) -> None:
+    """argparse printed its usage of every option (a screenful for `submit train`) above the error."""
+    r = launch(*args, cwd=tmp_path)
+    assert r.returncode == 2 and r.stdout == "" and r.stderr == line + "\n", r.stderr
