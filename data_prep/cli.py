@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from .errors import PrepError
-from .format import ManifestError
+from .format import SPLIT_NAME, ManifestError
 
 _UNITS = {"B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4,
           "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4}
@@ -127,7 +127,7 @@ def _check_common(args) -> tuple:
 
 
 def _split_ok(split: str) -> str:
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}", split):
+    if not SPLIT_NAME.fullmatch(split):
         raise PrepError(f"--split {split!r}: use letters, digits, '_' or '-' only, at most 64 characters")
     return split
 

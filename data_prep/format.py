@@ -5,7 +5,10 @@ Kept tiny and free of heavy imports so training code can import it cheaply.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
+
+SPLIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # a split's name: in shard and file names
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1

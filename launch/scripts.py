@@ -12,6 +12,7 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from data_prep.format import SPLIT_NAME
 from launch import template
 from launch.errors import LaunchError
 from launch.validate import (no_launcher_args, positive_int, sbatch_path, slurm_name, slurm_time, time_seconds,
@@ -211,6 +212,12 @@ class PrepJob:
             raise LaunchError(f"prep: unknown dataset kind {self.command!r}; use one of {', '.join(PREP_COMMANDS)}")
         if not self.src.exists():
             raise LaunchError(f"SRC: {str(self.src)!r} does not exist")
+        if self.label and not SPLIT_NAME.fullmatch(self.label):  # data_prep's rule, checked before the queue wait
+            raise LaunchError(f"--split {self.label!r}: use letters, digits, '_' or '-' only, at most 64 characters")
+        inside = self.src.is_dir() and self.out.resolve().is_relative_to(self.src.resolve())
+        if self.command == "imagefolder" and inside:
+            raise LaunchError(f"OUT: {str(self.out)!r} is inside SRC {str(self.src)!r}, so a rerun would list the "
+                              f"shards as inputs; choose an OUT outside SRC")
         positive_int(self.tasks, "--tasks")
         self.slurm.check()
         writable_dir(sbatch_path(self.run_dir, "--run-dir"), "--run-dir")

@@ -471,3 +471,17 @@ def test_argument_errors_are_one_line(tmp_path: Path, args: list[str], line: str
     """argparse printed its usage of every option (a screenful for `submit train`) above the error."""
     r = launch(*args, cwd=tmp_path)
     assert r.returncode == 2 and r.stdout == "" and r.stderr == line + "\n", r.stderr
+
+
+@pytest.mark.parametrize("out, split, needle", [
+    ("src/shards", "train", "OUT: '{tmp}/src/shards' is inside SRC '{tmp}/src', so a rerun would list the shards as "
+                            "inputs"),
+    ("shards", "a b", "--split 'a b': use letters, digits, '_' or '-' only"),  # and 'a_b' would share its scripts
+])
+def test_prep_refuses_what_data_prep_would_refuse_after_the_queue_wait(tmp_path: Path, out: str, split: str,
+                                                                      needle: str) -> None:
+    (tmp_path / "src").mkdir()
+    r = launch("submit", "prep", "imagefolder", "src", out, "--tasks", "2", "--split", split, "--dry-run", cwd=tmp_path)
+    assert r.returncode == 2 and r.stdout == "", r.stdout + r.stderr
+    assert r.stderr.startswith("launch: error: " + needle.format(tmp=tmp_path)), r.stderr
+    assert not (tmp_path / "shards-slurm").exists() and not (tmp_path / "src" / "shards-slurm").exists()
