@@ -110,7 +110,6 @@ def yaml_config(path: Path, setting: str) -> Path:
     return path
 
 
-
 def no_launcher_args(args: list[str], owned: dict[str, str]) -> list[str]:
     """Trainer arguments after ``--`` must not override those the launcher sets: a second --trainer.devices
     wins over the first and no longer matches the tasks Slurm starts, a --trainer.default_root_dir moves the
