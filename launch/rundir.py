@@ -4,41 +4,29 @@ run id (generated once, reused by every requeue and resubmission) and the list o
 from __future__ import annotations
 
 import json
-import re
 import secrets
 import string
 from pathlib import Path
 
 from launch.errors import LaunchError
+from pipeline.run_id_file import BadRunIdFile, create_run_id, read_run_id
 
-WANDB_ID_FILE = "wandb_run_id"
 JOBS_FILE = "jobs.jsonl"
 
 
-_RUN_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-
-
 def wandb_run_id(run_dir: Path, create: bool = True) -> str | None:
-    """The run directory's fixed W&B id; created (8 lowercase letters/digits, W&B's own style) on first use,
-    written whole or not at all. A file that holds no id is an error: an empty WANDB_RUN_ID would start a new
+    """The run directory's fixed W&B id (``pipeline.run_id_file``); created (8 lowercase letters/digits, W&B's
+    own style) on first use. A file that holds no id is an error: an empty WANDB_RUN_ID would start a new
     W&B run at every start of the job."""
-    path = run_dir / WANDB_ID_FILE
-    if path.is_file():
-        text = path.read_text(errors="replace").strip()
-        if not _RUN_ID.match(text):
-            raise LaunchError(f"{path}: {text[:40]!r} is not a W&B run id (1-64 letters, digits, _ . -): write the "
-                              f"run's id there (its train.sbatch exports it as WANDB_RUN_ID) or delete the file to "
-                              f"start a new W&B run")
-        return text
-    if not create:
-        return None
+    try:
+        found = read_run_id(run_dir)
+    except BadRunIdFile as e:
+        raise LaunchError(f"{e}: write the run's id there (its train.sbatch exports it as WANDB_RUN_ID) or delete "
+                          f"the file to start a new W&B run") from None
+    if found is not None or not create:
+        return found
     alphabet = string.ascii_lowercase + string.digits
-    run_id = "".join(secrets.choice(alphabet) for _ in range(8))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{WANDB_ID_FILE}.tmp")
-    tmp.write_text(run_id + "\n")
-    tmp.replace(path)
-    return run_id
+    return create_run_id(run_dir, "".join(secrets.choice(alphabet) for _ in range(8)))
 
 
 def record_job(run_dir: Path, job_id: str, kind: str, script: Path) -> None:

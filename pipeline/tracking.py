@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import os
-import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,9 +14,8 @@ from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.loggers.logger import rank_zero_experiment
 
 from pipeline.errors import ConfigError
+from pipeline.run_id_file import RUN_ID_FILE, BadRunIdFile, create_run_id
 
-RUN_ID_FILE = "wandb_run_id"
-RUN_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")  # what `launch` accepts too (launch/rundir.py)
 
 
 @dataclass
@@ -32,34 +30,21 @@ class TrackingConfig:
 
 
 def run_id(run_dir: str | Path, from_checkpoint: str | None = None) -> str:
-    """The W&B run id of a run directory: WANDB_RUN_ID if set, else made once and kept in the directory.
+    """The W&B run id of a run directory: WANDB_RUN_ID if set, else made once and kept in the directory
+    (``pipeline.run_id_file``).
 
     Every restart of the run (requeue, resume) reads the same id, so W&B continues one run. When the
     directory lost its id file (a checkpoint copied elsewhere, ``--ckpt_path`` from another directory),
-    the id recorded in the checkpoint (``from_checkpoint``) is kept instead of starting a new run. The file
-    appears whole (written aside, then hard-linked into place: the first of the ranks wins): created empty
-    and written after, a kill in between left an empty id, a new W&B run at every start."""
+    the id recorded in the checkpoint (``from_checkpoint``) is kept instead of starting a new run."""
     env = os.environ.get("WANDB_RUN_ID")
     if env:
         return env
-    path = Path(run_dir) / RUN_ID_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.exists():
-        tmp = path.with_name(f".{RUN_ID_FILE}.{os.getpid()}.{secrets.token_hex(4)}")
-        tmp.write_text((from_checkpoint or secrets.token_hex(4)) + "\n")
-        try:
-            os.link(tmp, path)
-        except FileExistsError:  # another rank's, or another start's
-            pass
-        except OSError:  # a file system without hard links: whole still, but not first-wins
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-    text = path.read_text(errors="replace").strip()
-    if not RUN_ID.match(text):
-        raise ConfigError(f"tracking.wandb: {path} holds {text[:40]!r}, not a W&B run id (1-64 letters, digits, "
-                          f"_ . -): write the run's id there, or delete the file to start a new W&B run")
-    return text
+    try:
+        return create_run_id(run_dir, from_checkpoint or secrets.token_hex(4))
+    except BadRunIdFile as e:
+        raise ConfigError(f"tracking.wandb: {e.path} holds {e.text[:40]!r}, not a W&B run id (1-64 letters, "
+                          f"digits, _ . -): write the run's id there, or delete the file to start a new W&B "
+                          f"run") from None
 
 
 class RunIdInCheckpoint(Callback):
