@@ -130,7 +130,7 @@ def main() -> None:
             (f"data_prep passthrough, {args.workers} workers",
              [py, "-m", "data_prep", "imagefolder", str(src), str(tmp / "pass"), "--split", "train",
               "--shard-size", "10MB", "--workers", str(args.workers), "--no-progress"]),
-            (f"data_prep passthrough, 1 worker",
+            ("data_prep passthrough, 1 worker",
              [py, "-m", "data_prep", "imagefolder", str(src), str(tmp / "pass1"), "--split", "train",
               "--shard-size", "10MB", "--workers", "1", "--no-progress"]),
             (f"data_prep re-encode --max-side {args.max_side}, {args.workers} workers",

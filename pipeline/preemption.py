@@ -14,16 +14,18 @@ without a validation pass and without further checkpoints at that step. When a v
 that step (the epoch's last, or ``trainer.val_check_interval``), it still runs before the stop, with its
 best-k checkpoint and ``last.ckpt`` saved again after it: Lightning resumes a checkpoint of an epoch's
 last batch in the next epoch, and one of another step past its validation, so that validation would never
-run. A signal during the validation (or one whose vote is still in flight
-at the epoch's end) stops the run at the epoch's end, with its checkpoint. At the end, once everything
-is saved, rank 0 calls ``scontrol requeue $SLURM_JOB_ID`` once when running under Slurm (Slurm then cancels the running step at once).
+run. A signal during the validation (or one whose vote is still in flight at the epoch's end) stops the
+run at the epoch's end, with its checkpoint. At the end, once everything is saved, rank 0 calls
+``scontrol requeue $SLURM_JOB_ID`` once when running under Slurm (Slurm then cancels the running step at
+once).
 
 The handlers hold from the fit's setup to its teardown, start-up and the sanity check included (a USR1
 there killed the process, a SIGTERM ended it with exit 0 and no requeue); before the setup (imports,
 config, model), ``pipeline.early_signals`` records USR1 and it is taken over here (SIGTERM keeps its
 default there: it means "go now"). A signal before the first training step stops the run after that
-step. Lightning's own SLURM auto-requeue is switched off by the CLI (``SLURMEnvironment(auto_requeue=False)``) and its SIGTERM handler is never installed during a fit:
-that handler broadcasts from inside the handler, on the signalled rank alone.
+step. Lightning's own SLURM auto-requeue is switched off by the CLI
+(``SLURMEnvironment(auto_requeue=False)``) and its SIGTERM handler is never installed during a fit: that
+handler broadcasts from inside the handler, on the signalled rank alone.
 """
 
 from __future__ import annotations

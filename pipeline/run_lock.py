@@ -17,8 +17,9 @@ NFS ``flock`` is a POSIX lock, which closing any descriptor of the file in that 
 
 Where ``flock`` does not reach across nodes (NFS mounted with ``local_lock``, Lustre's ``localflock``)
 or does not work at all (a warning), a second job on another node takes the "lock" too and writes its
-record over the first one's. ``RunDirStillOurs`` (``pipeline/run_dir_still_ours.py``) checks the record before every checkpoint: the first
-job then stops with an error before it writes over the second's state, instead of the two alternating.
+record over the first one's. ``RunDirStillOurs`` (``pipeline/run_dir_still_ours.py``) checks the record
+before every checkpoint: the first job then stops with an error before it writes over the second's state,
+instead of the two alternating.
 """
 
 from __future__ import annotations

@@ -14,8 +14,7 @@ from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.loggers.logger import rank_zero_experiment
 
 from pipeline.errors import ConfigError
-from pipeline.run_id_file import RUN_ID_FILE, BadRunIdFile, create_run_id
-
+from pipeline.run_id_file import BadRunIdFile, create_run_id, read_run_id
 
 
 @dataclass
@@ -42,9 +41,12 @@ def run_id(run_dir: str | Path, from_checkpoint: str | None = None) -> str:
     try:
         return create_run_id(run_dir, from_checkpoint or secrets.token_hex(4))
     except BadRunIdFile as e:
-        raise ConfigError(f"tracking.wandb: {e.path} holds {e.text[:40]!r}, not a W&B run id (1-64 letters, "
-                          f"digits, _ . -): write the run's id there, or delete the file to start a new W&B "
-                          f"run") from None
+        raise _bad_id_file(e) from None
+
+
+def _bad_id_file(e: BadRunIdFile) -> ConfigError:
+    return ConfigError(f"tracking.wandb: {e.path} holds {e.text[:40]!r}, not a W&B run id (1-64 letters, digits, "
+                       f"_ . -): write the run's id there, or delete the file to start a new W&B run")
 
 
 class RunIdInCheckpoint(Callback):
@@ -125,8 +127,10 @@ def make_eval_loggers(cfg: TrackingConfig, run_dir: str | Path, stage: str, ckpt
                               f"PATH") from None
     if cfg.wandb:
         _wandb_dirs(run_dir)
-        id_file = run_dir / RUN_ID_FILE
-        group = id_file.read_text().strip() if id_file.is_file() else None
+        try:
+            group = read_run_id(run_dir)  # None before the training's first start
+        except BadRunIdFile as e:
+            raise _bad_id_file(e) from None
         root.mkdir(parents=True, exist_ok=True)
         # an id of its own, also where WANDB_RUN_ID names the training's run (the Slurm script exports it)
         loggers.append(_quiet(

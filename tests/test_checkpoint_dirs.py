@@ -3,7 +3,6 @@ and between the two renames leave the previous checkpoint, which the next start 
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from pipeline.errors import ConfigError
-from pipeline.tracking import RUN_ID_FILE, run_id
+from pipeline.run_id_file import RUN_ID_FILE
+from pipeline.tracking import TrackingConfig, make_eval_loggers, run_id
 from tests.conftest import REPO, run_module
 
 CONF = str(REPO / "conf" / "demo.yaml")
@@ -165,3 +166,22 @@ def test_an_id_file_without_an_id_is_an_error_naming_it(tmp_path, monkeypatch):
     (tmp_path / "empty" / RUN_ID_FILE).write_text("")
     with pytest.raises(ConfigError, match=f"tracking.wandb: {tmp_path / 'empty' / RUN_ID_FILE} holds '', not a W&B"):
         run_id(tmp_path / "empty")
+
+
+def test_an_evaluation_groups_with_the_training_run_and_refuses_a_garbled_id_file(tmp_path, monkeypatch):
+    """``validate``/``test`` read the run's id through the same reader as ``fit`` and the launcher: a garbled id
+    file was a UnicodeDecodeError traceback (or became the W&B group as it was)."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_RUN_ID", raising=False)
+    for var in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / var))
+    cfg = TrackingConfig(csv=False)
+    run = tmp_path / "run"
+    (logger,) = make_eval_loggers(cfg, run, "validate", None)
+    assert logger._wandb_init.get("group") is None, "no training yet: no group"
+    made = run_id(run)
+    (logger,) = make_eval_loggers(cfg, run, "validate", None)
+    assert logger._wandb_init["group"] == made and logger._wandb_init["id"] != made
+    (run / RUN_ID_FILE).write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ConfigError, match=f"tracking.wandb: {run / RUN_ID_FILE} holds .*not a W&B run id"):
+        make_eval_loggers(cfg, run, "validate", None)
