@@ -281,6 +281,8 @@ class PipelineCLI(LightningCLI):
         require(ckpt.every_n_train_steps >= 0, "checkpoint.every_n_train_steps", ">= 0 (0: at epoch ends only)",
                 ckpt.every_n_train_steps)
         require(ckpt.save_top_k >= -1, "checkpoint.save_top_k", ">= -1 (-1: keep all, 0: none)", ckpt.save_top_k)
+        if isinstance(self.datamodule, ShardDataModule):  # before the loggers start a W&B run for nothing
+            self.datamodule.check_backend()
         ckdir = checkpoint_dir(run_dir)
         callbacks = [
             FiniteWeights(every_n_steps=int(cfg.trainer.get("log_every_n_steps") or 50)),  # before any save

@@ -126,14 +126,14 @@ class ShardDataModule(pl.LightningDataModule):
         return self.train_shards.num_classes
 
     def setup(self, stage: str) -> None:
-        self._check_backend()
+        self.check_backend()
         if stage == "fit":
             _ = self.train_shards
         _ = self.val_shards  # fail at start, naming the missing or truncated shard
 
-    def _check_backend(self) -> None:
+    def check_backend(self) -> None:
         """A backend this machine cannot run is a one-line error at start (not a traceback at the first
-        batch, after the model summary)."""
+        batch, after the model summary). The CLI calls it before it makes the trainer, ``setup`` again."""
         backend = self.resolved_backend()
         if backend in ("dali", "dali-cpu"):
             try:

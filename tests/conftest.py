@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import signal
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -45,6 +49,33 @@ def run_module(*args: str, check: bool = True, env: dict | None = None, timeout:
         raise AssertionError(f"{args} exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\n"
                              f"stderr:\n{proc.stderr[-5000:]}")
     return proc
+
+
+def run_cli_in_process(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``python -m pipeline ARGS`` as ``pipeline.cli.main(ARGS)`` in this process, for invocations that end
+    before training starts (a refused setting): the same exit status and stderr, without the seconds a
+    new process spends importing torch and Lightning. The environment, warning filters and signal
+    handlers the CLI sets are put back afterwards."""
+    from pipeline.cli import main
+
+    saved_env, saved_argv = dict(os.environ), sys.argv
+    saved_signals = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)}
+    out, err = io.StringIO(), io.StringIO()
+    os.environ.update(env or {})
+    sys.argv = [sys.executable, *args]  # what main() parses, as in `python -m pipeline ARGS`
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main()
+            except SystemExit as e:  # the argument parser's errors
+                code = e.code if isinstance(e.code, int) else 1
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+        sys.argv = saved_argv
+        for s, handler in saved_signals.items():
+            signal.signal(s, handler)
+    return subprocess.CompletedProcess(["pipeline", *args], code or 0, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="session")

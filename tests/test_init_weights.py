@@ -6,7 +6,7 @@ import torch
 import torchvision
 
 from pipeline.module import ImageClassifier
-from tests.conftest import REPO, run_module
+from tests.conftest import REPO, run_cli_in_process, run_module
 
 CONF = str(REPO / "conf" / "demo.yaml")
 
@@ -15,6 +15,12 @@ def _fit(shards, run, steps: int, *extra: str, check: bool = True):
     return run_module("pipeline", "fit", "--config", CONF, "--data.root", str(shards),
                       "--trainer.default_root_dir", str(run), "--trainer.max_steps", str(steps),
                       "--tracking.wandb", "false", "--data.num_workers", "0", *extra, check=check)
+
+
+def _fit_refused(shards, run, *extra: str):
+    """A ``fit`` that must stop before training: run in this process (``run_cli_in_process``)."""
+    return run_cli_in_process("fit", "--config", CONF, "--data.root", str(shards), "--trainer.default_root_dir",
+                              str(run), "--trainer.max_steps", "1", "--tracking.wandb", "false", *extra)
 
 
 def _params(ckpt_path) -> dict[str, torch.Tensor]:
@@ -45,11 +51,11 @@ def test_a_new_run_starts_from_exported_weights_and_a_resume_ignores_them(digits
 
 def test_weights_of_another_network_are_a_one_line_error(digits_shards, tmp_path):
     torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), tmp_path / "r18.pt")
-    proc = _fit(digits_shards, tmp_path / "run", 1, "--model.init_weights", str(tmp_path / "r18.pt"), check=False)
+    proc = _fit_refused(digits_shards, tmp_path / "run", "--model.init_weights", str(tmp_path / "r18.pt"))
     assert proc.returncode == 2
     assert f"error: model.init_weights: {tmp_path / 'r18.pt'} does not fit model.arch 'cifar_resnet20'" in proc.stderr
     assert "Traceback" not in proc.stderr
-    missing = _fit(digits_shards, tmp_path / "run2", 1, "--model.init_weights", str(tmp_path / "no.pt"), check=False)
+    missing = _fit_refused(digits_shards, tmp_path / "run2", "--model.init_weights", str(tmp_path / "no.pt"))
     assert missing.returncode == 2 and f"model.init_weights: checkpoint {tmp_path / 'no.pt'} does not exist" in missing.stderr
 
 

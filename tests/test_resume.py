@@ -17,7 +17,7 @@ from bench.kill_resume import compare, fit_command, run_and_kill_at, run_to_end,
 from pipeline.checkpoint_io import TMP_PREFIX, AtomicCheckpointIO
 from pipeline.errors import ConfigError
 from pipeline.resume_geometry import Geometry, adapt
-from tests.conftest import REPO, run_module
+from tests.conftest import REPO, run_cli_in_process, run_module
 
 STEPS = 13  # 11 steps per epoch at batch 128: crosses an epoch end (validation, epoch-end checkpoint)
 
@@ -216,8 +216,7 @@ def test_resume_refuses_another_architecture(interrupted, tmp_path, digits_shard
     run = tmp_path / "run"
     shutil.copytree(cut / "checkpoints", run / "checkpoints")
     shutil.copy(cut / "config.yaml", run / "config.yaml")
-    proc = run_module(*fit_command(digits_shards, run, STEPS + 2, ["--model.arch", "cifar_resnet32"])[2:],
-                      check=False)
+    proc = run_cli_in_process(*fit_command(digits_shards, run, STEPS + 2, ["--model.arch", "cifar_resnet32"])[3:])
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "model.arch='cifar_resnet20'" in proc.stderr and "cifar_resnet32" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -232,7 +231,7 @@ def test_resume_refuses_another_dataset(interrupted, tmp_path, digits_shards):
     shutil.copytree(digits_shards, shards)
     with open(shards / "manifest.json", "a") as f:
         f.write("\n")  # same JSON, different bytes: a different manifest as far as the digest knows
-    proc = run_module(*fit_command(shards, run, STEPS + 2)[2:], check=False)
+    proc = run_cli_in_process(*fit_command(shards, run, STEPS + 2)[3:])
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "another dataset" in proc.stderr and "manifest.json" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from pipeline.optim import lr_factor
-from tests.conftest import REPO, run_module
+from tests.conftest import REPO, run_cli_in_process, run_module
 
 
 def test_cifar_config_is_the_papers_step_schedule() -> None:
@@ -54,9 +54,9 @@ def test_a_run_logs_the_constant_warmup_then_the_peak(digits_shards: Path, tmp_p
 
 
 def test_warmup_factor_out_of_range_is_a_config_error(digits_shards: Path, tmp_path: Path) -> None:
-    proc = run_module("pipeline", "fit", "--config", str(REPO / "conf" / "demo.yaml"), "--data.root",
-                      str(digits_shards), "--trainer.default_root_dir", str(tmp_path / "run"),
-                      "--model.warmup_factor", "10", check=False)
+    proc = run_cli_in_process("fit", "--config", str(REPO / "conf" / "demo.yaml"), "--data.root",
+                              str(digits_shards), "--trainer.default_root_dir", str(tmp_path / "run"),
+                              "--model.warmup_factor", "10")
     assert proc.returncode == 2 and "model.warmup_factor must be in (0, 1]" in proc.stderr, proc.stderr[-2000:]
 
 

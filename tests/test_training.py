@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, run_module
+from tests.conftest import REPO, run_cli_in_process, run_module
 
 CONF = str(REPO / "conf" / "demo.yaml")
 
@@ -80,13 +80,15 @@ def test_fit_lowers_loss_then_validate_then_resume(digits_shards, tmp_path):
     ],
 )
 def test_bad_input_gives_a_clear_error(digits_shards, tmp_path, args, needle):
-    proc = _fit(digits_shards, tmp_path / "run", *args, "--trainer.max_steps", "1", check=False)
+    proc = run_cli_in_process("fit", "--config", CONF, "--data.root", str(digits_shards), "--trainer.default_root_dir",
+                              str(tmp_path / "run"), "--data.num_workers", "1", *args, "--trainer.max_steps", "1")
     assert proc.returncode != 0
     assert needle in proc.stderr, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     if needle.startswith(("model.", "data.", "checkpoint.")):  # ours: one line, exit 2, nothing trained
         assert proc.returncode == 2 and proc.stderr.rstrip().splitlines()[-1].startswith("error: " + needle)
         assert not (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
+        assert not (tmp_path / "run" / "wandb").exists(), "no W&B run for a refused setting"
 
 
 @pytest.mark.parametrize(

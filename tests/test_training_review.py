@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from pipeline.checkpoint_io import TMP_PREFIX
-from tests.conftest import REPO, run_module
+from tests.conftest import REPO, run_cli_in_process, run_module
 
 CONF = str(REPO / "conf" / "demo.yaml")
 
@@ -103,7 +103,7 @@ def test_failed_checkpoint_write_exits_1_naming_the_file_and_keeps_the_old_one(t
 
 
 def test_a_typo_in_the_augment_recipe_is_a_parse_error_naming_the_key(digits_shards, tmp_path):
-    proc = run_module(*_args("fit", digits_shards, tmp_path, "--data.augment.recipe", "cifarr"), check=False)
+    proc = run_cli_in_process(*_args("fit", digits_shards, tmp_path, "--data.augment.recipe", "cifarr")[1:])
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "recipe" in proc.stderr and "cifarr" in proc.stderr and "'imagenet', 'cifar'" in proc.stderr
@@ -197,8 +197,8 @@ def test_bad_trainer_and_augment_settings_fail_in_one_line(digits_shards, tmp_pa
     ZeroDivisionError after the first step, Lightning's own refusals), or ran silently wrong (mean on the
     0-255 scale: near-constant inputs; a centre crop larger than the resize: black borders)."""
     extra = ["--data.augment.recipe", "imagenet", "--data.augment.val_size", "32"] if "val_resize" in setting else []
-    proc = run_module(*_args("fit", digits_shards, tmp_path / "r", *extra, f"--{setting}", value,
-                             "--trainer.max_steps", "2"), check=False)
+    proc = run_cli_in_process(*_args("fit", digits_shards, tmp_path / "r", *extra, f"--{setting}", value,
+                                     "--trainer.max_steps", "2")[1:])
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and needle in proc.stderr.strip().splitlines()[-1], proc.stderr[-3000:]
 
@@ -216,7 +216,7 @@ def test_parse_errors_are_short_and_name_the_config_file(digits_shards, tmp_path
                                    "`python -m pipeline fit --help`"]),
         (["--model.num_classes", "5"], ["error: model.num_classes: not a setting"]),
     ]:
-        proc = run_module(*_args("fit", digits_shards, tmp_path / "r", *extra), check=False)
+        proc = run_cli_in_process(*_args("fit", digits_shards, tmp_path / "r", *extra)[1:])
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and all(n in lines[-1] for n in needles), proc.stderr[-3000:]
         assert lines[-3].startswith("usage: python -m pipeline fit [--config FILE ...]") and len(lines) == 3, lines
@@ -240,11 +240,11 @@ def test_an_empty_validation_split_is_an_error_unless_validation_is_off(digits_s
 def test_data_root_and_split_mistakes_name_the_setting(digits_shards, tmp_path):
     a_file = tmp_path / "manifest.json"
     a_file.write_text("{}")
-    proc = run_module(*_args("fit", a_file, tmp_path / "r1", "--trainer.max_steps", "1"), check=False)
+    proc = run_cli_in_process(*_args("fit", a_file, tmp_path / "r1", "--trainer.max_steps", "1")[1:])
     _fails_clearly(proc, 2, f"data.root: '{a_file}' is a file")
     for key in ("data.train_split", "data.val_split"):
-        proc = run_module(*_args("fit", digits_shards, tmp_path / "r2", f"--{key}", "foo", "--trainer.max_steps",
-                                 "1"), check=False)
+        proc = run_cli_in_process(*_args("fit", digits_shards, tmp_path / "r2", f"--{key}", "foo",
+                                         "--trainer.max_steps", "1")[1:])
         _fails_clearly(proc, 2, f"{key}: split 'foo' is not in", "(it has: ['train', 'val'])")
 
 
@@ -256,5 +256,5 @@ def test_validate_where_its_logs_cannot_be_written_fails_in_one_line(trained, di
     run = tmp_path / "run"
     shutil.copytree(trained / "checkpoints", run / "checkpoints")
     (run / "validate").write_text("in the way")
-    proc = run_module(*_args("validate", digits_shards, run), check=False)
+    proc = run_cli_in_process(*_args("validate", digits_shards, run)[1:])
     _fails_clearly(proc, 2, f"trainer.default_root_dir: cannot write {run / 'validate'}")
