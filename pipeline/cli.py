@@ -137,9 +137,6 @@ class RunDirConfig(SaveConfigCallback):
     def on_test_start(self, trainer, pl_module) -> None:
         self._save(trainer)
 
-    def on_predict_start(self, trainer, pl_module) -> None:
-        self._save(trainer)
-
     def _save(self, trainer) -> None:
         if self.already_saved:
             return
@@ -153,6 +150,12 @@ class RunDirConfig(SaveConfigCallback):
 
 
 class PipelineCLI(LightningCLI):
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """``fit``, ``validate`` and ``test``; no ``predict``: the module has no prediction step and the data
+        module no prediction loader (it failed after loading the checkpoint)."""
+        return {name: skip for name, skip in LightningCLI.subcommands().items() if name != "predict"}
+
     def __init__(self, *args, **kwargs) -> None:
         self._run_lock: RunDirLock | None = None
         try:
@@ -182,7 +185,7 @@ class PipelineCLI(LightningCLI):
         self._saved_run_id: str | None = None
         _check_trainer(cfg.trainer)
         if sub != "fit":
-            if sub in ("validate", "test", "predict"):  # (None: a CLI built with run=False, as tests do)
+            if sub in ("validate", "test"):  # (None: a CLI built with run=False, as tests do)
                 self._default_checkpoint(cfg, sub, last)
             self._check_checkpoint(cfg.get("ckpt_path"))
             return
@@ -210,7 +213,7 @@ class PipelineCLI(LightningCLI):
 
     @staticmethod
     def _default_checkpoint(cfg, sub: str, last: Path) -> None:
-        """``validate`` (and ``test``, ``predict``) of the run directory's ``last.ckpt`` when no checkpoint is
+        """``validate`` (and ``test``) of the run directory's ``last.ckpt`` when no checkpoint is
         named, as ``fit`` resumes it; ``--ckpt_path last`` means that file too. Lightning's own ``last`` looks
         for a checkpoint callback's latest save, which a new process has not made: it went on with the
         untrained network and printed its metrics as a result."""

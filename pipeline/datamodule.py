@@ -27,11 +27,13 @@ BACKENDS = ("auto", "cpu", "dali", "dali-cpu", "synthetic")
 
 
 class ShardDataModule(pl.LightningDataModule):
-    """Train/val loaders over ``root`` (a data_prep output directory with ``manifest.json``).
+    """Train/val/test loaders over ``root`` (a data_prep output directory with ``manifest.json``).
 
     Args:
         root: directory with manifest.json, shards and indexes.
         train_split / val_split: split names in the manifest.
+        test_split: the split ``python -m pipeline test`` scores (default: val_split), with the validation's
+            transform, batch size and exact metrics, logged as ``test/...``.
         backend: "cpu" (torchvision's libjpeg-turbo decode, PIL for the rest, in DataLoader workers), "dali"
             (GPU decoding), "dali-cpu" (DALI on the CPU), "synthetic" (random tensors, for benchmarks) or "auto"
             (dali when a GPU and DALI are present).
@@ -53,6 +55,7 @@ class ShardDataModule(pl.LightningDataModule):
         root: str = "data/shards",
         train_split: str = "train",
         val_split: str = "val",
+        test_split: str | None = None,
         backend: str = "auto",
         batch_size: int = 256,
         val_batch_size: int | None = None,
@@ -78,6 +81,7 @@ class ShardDataModule(pl.LightningDataModule):
         require(dali_source_workers is None or dali_source_workers >= 0, "data.dali_source_workers",
                 ">= 0 (or null for the default)", dali_source_workers)
         self.root, self.train_split, self.val_split = root, train_split, val_split
+        self.test_split = test_split or val_split
         self.backend = backend
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
         self.num_workers, self.seed, self.window_shards = num_workers, seed, window_shards
@@ -88,6 +92,7 @@ class ShardDataModule(pl.LightningDataModule):
         self.dali_source_workers = dali_source_workers
         self._train: ShardSet | None = None
         self._val: ShardSet | None = None
+        self._test: ShardSet | None = None
         self._start = Position()
         self._restored = False  # a checkpoint gave the position
         self._said_epoch_end: tuple[int, int, int] | None = None
@@ -105,7 +110,8 @@ class ShardDataModule(pl.LightningDataModule):
             return ShardSet(self.root, split)
         except ConfigError as e:
             if str(e).startswith(f"split {split!r} is not in"):  # name the setting that chose it
-                key = "data.train_split" if split == self.train_split else "data.val_split"
+                key = ("data.train_split" if split == self.train_split else
+                       "data.val_split" if split == self.val_split else "data.test_split")
                 raise ConfigError(f"{key}: {e}") from None
             raise
 
@@ -122,6 +128,12 @@ class ShardDataModule(pl.LightningDataModule):
         return self._val
 
     @property
+    def test_shards(self) -> ShardSet:
+        if self._test is None:
+            self._test = self.val_shards if self.test_split == self.val_split else self._shards(self.test_split)
+        return self._test
+
+    @property
     def num_classes(self) -> int:
         return self.train_shards.num_classes
 
@@ -129,7 +141,7 @@ class ShardDataModule(pl.LightningDataModule):
         self.check_backend()
         if stage == "fit":
             _ = self.train_shards
-        _ = self.val_shards  # fail at start, naming the missing or truncated shard
+        _ = self.test_shards if stage == "test" else self.val_shards  # fail at start, naming a missing shard
 
     def check_backend(self) -> None:
         """A backend this machine cannot run is a one-line error at start (not a traceback at the first
@@ -241,6 +253,15 @@ class ShardDataModule(pl.LightningDataModule):
                 f"one with data.val_split, or train without validation: --trainer.limit_val_batches 0")
         sampler = ValSampler(len(self.val_shards), world, rank, self.val_batch_size)
         return self._loader(self.val_shards, sampler, train=False)
+
+    def test_dataloader(self):
+        """The validation's loader over ``data.test_split``: every sample exactly once across the ranks."""
+        world, rank = self._geometry()
+        if len(self.test_shards) == 0:
+            raise ConfigError(f"data.test_split: the {self.test_split!r} split of {self.root} has no samples: "
+                              f"nothing to test")
+        sampler = ValSampler(len(self.test_shards), world, rank, self.val_batch_size)
+        return self._loader(self.test_shards, sampler, train=False)
 
     def _loader(self, shards: ShardSet, sampler, train: bool):
         backend = self.resolved_backend()

@@ -187,6 +187,24 @@ class ImageClassifier(pl.LightningModule):
         return loss
 
     def validation_step(self, batch, batch_idx: int) -> None:
+        self._evaluation_step(batch)
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._evaluation_step(batch)
+
+    def on_validation_epoch_start(self) -> None:
+        self._evaluation_start()
+
+    def on_test_epoch_start(self) -> None:
+        self._evaluation_start()
+
+    def on_validation_epoch_end(self) -> None:
+        self._evaluation_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._evaluation_end("test")
+
+    def _evaluation_step(self, batch) -> None:
         images, labels, valid = batch
         logits = self(images)
         losses = F.cross_entropy(_at_least_fp32(logits), labels, reduction="none")
@@ -196,21 +214,22 @@ class ImageClassifier(pl.LightningModule):
         self.val_top1.update(logits, target)
         self.val_top5.update(logits, target)
 
-    def on_validation_epoch_start(self) -> None:
+    def _evaluation_start(self) -> None:
         self._val_loss_sum = torch.zeros((), device=self.device)
         self._val_count = torch.zeros((), device=self.device)
 
-    def on_validation_epoch_end(self) -> None:
+    def _evaluation_end(self, prefix: str) -> None:
+        """``val/...`` (validation) or ``test/...`` (``python -m pipeline test``): the same exact metrics."""
         loss_sum, count = self._val_loss_sum, self._val_count
         if self.trainer.world_size > 1:  # exact mean over all samples of all ranks
             loss_sum = self.trainer.strategy.reduce(loss_sum, reduce_op="sum")
             count = self.trainer.strategy.reduce(count, reduce_op="sum")
-        self.log("val/loss", loss_sum / count.clamp(min=1), sync_dist=False, rank_zero_only=False)
+        self.log(f"{prefix}/loss", loss_sum / count.clamp(min=1), sync_dist=False, rank_zero_only=False)
         # the samples the metrics cover: the split's size, less skipped corrupt samples (data.on_corrupt: skip)
         # and whatever trainer.limit_val_batches leaves out
-        self.log("val/samples", count.float(), sync_dist=False, rank_zero_only=False)
-        self.log("val/top1", self.val_top1, prog_bar=True)
-        self.log("val/top5", self.val_top5)
+        self.log(f"{prefix}/samples", count.float(), sync_dist=False, rank_zero_only=False)
+        self.log(f"{prefix}/top1", self.val_top1, prog_bar=True)
+        self.log(f"{prefix}/top5", self.val_top5)
 
     # ---- checkpoints ---------------------------------------------------------------------------------
     def on_load_checkpoint(self, checkpoint: dict) -> None:

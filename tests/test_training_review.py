@@ -179,6 +179,37 @@ def test_validate_scores_the_run_directorys_checkpoint_or_refuses(trained, digit
         _fails_clearly(proc, 2, f"ckpt_path: {weights} is not a training checkpoint", "--model.init_weights")
 
 
+def _eval_row(run_dir: Path, stage: str) -> dict[str, float]:
+    import csv
+
+    versions = sorted((run_dir / stage / "csv").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+    with open(versions[-1] / "metrics.csv") as f:
+        return {k: float(v) for k, v in next(csv.DictReader(f)).items() if v}
+
+
+def test_test_scores_the_test_split_as_validation_does_and_predict_is_no_command(trained, digits_shards, tmp_path):
+    """``python -m pipeline test`` failed ("No `test_step()` method defined") and ``predict`` did only after
+    loading the checkpoint ("`predict_dataloader` must be implemented"), both listed in ``--help``. ``test``
+    scores ``data.test_split`` (default: the val split) with the validation's exact metrics, as ``test/...``."""
+    import json
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained / "checkpoints", run / "checkpoints")
+    run_module(*_args("validate", digits_shards, run))
+    run_module(*_args("test", digits_shards, run))
+    val, test = _eval_row(run, "validate"), _eval_row(run, "test")
+    assert {k.replace("val/", "test/"): v for k, v in val.items() if k.startswith("val/")} == \
+        {k: v for k, v in test.items() if k.startswith("test/")}, (val, test)
+    run_module(*_args("test", digits_shards, run, "--data.test_split", "train"))
+    train_samples = json.loads((digits_shards / "manifest.json").read_text())["splits"]["train"]["samples"]
+    assert _eval_row(run, "test")["test/samples"] == train_samples
+    proc = run_cli_in_process(*_args("test", digits_shards, run, "--data.test_split", "foo")[1:])
+    _fails_clearly(proc, 2, "data.test_split: split 'foo' is not in", "(it has: ['train', 'val'])")
+    proc = run_cli_in_process(*_args("predict", digits_shards, run)[1:])
+    assert proc.returncode == 2 and "invalid choice: 'predict'" in proc.stderr.strip().splitlines()[-1], proc.stderr
+
+
 @pytest.mark.parametrize("setting, value, needle", [
     ("trainer.accumulate_grad_batches", "-2", "trainer.accumulate_grad_batches must be an integer >= 1"),
     ("trainer.val_check_interval", "0", "trainer.val_check_interval must be a fraction"),
