@@ -342,6 +342,20 @@ class PipelineCLI(LightningCLI):
         self.model.load_init_weights(path)
         _say(f"initial weights from {path}")
 
+    def before_validate(self) -> None:
+        self._evaluate_init_weights("validate")
+
+    def before_test(self) -> None:
+        self._evaluate_init_weights("test")
+
+    def _evaluate_init_weights(self, sub: str) -> None:
+        """``validate``/``test --model.init_weights WEIGHTS`` without ``--ckpt_path`` scores those weights (they
+        were loaded by ``fit`` alone: the untrained network was scored, and printed as the result)."""
+        path = self.model.hparams.get("init_weights")
+        if path and self.config[sub].get("ckpt_path") is None:
+            self.model.load_init_weights(path)
+            _say(f"{sub}: weights from {path}")
+
     def _user_callbacks(self) -> list:
         """The callbacks the user configured (``trainer.callbacks``), which the defaults below never replace:
         as they were before the trainer was built (LightningCLI and the Trainer append their own callbacks,

@@ -152,9 +152,12 @@ class ImageClassifier(pl.LightningModule):
             self.std.copy_(torch.tensor(aug.std).view(1, 3, 1, 1) * 255)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 batches (cpu backend) are normalised here, on the device; DALI's come normalised."""
+        """uint8 batches (cpu backend) are normalised here, on the device; DALI's come normalised, in float16,
+        which autocast takes as it is and anything else (``trainer.precision 32-true``) gets in its own dtype."""
         if images.dtype == torch.uint8:
             images = (images.to(self.mean.dtype) - self.mean) / self.std  # fp32, or fp64 under 64-true
+        elif images.dtype != self.mean.dtype and not torch.is_autocast_enabled(images.device.type):
+            images = images.to(self.mean.dtype)
         fmt = torch.channels_last if self._channels_last else torch.contiguous_format
         return images.contiguous(memory_format=fmt)  # mixed layouts fall onto slow convolution paths
 

@@ -2,6 +2,8 @@
 step and loader start fresh; a resume ignores it; a file of another network is a one-line error."""
 from __future__ import annotations
 
+import csv
+
 import torch
 import torchvision
 
@@ -43,6 +45,20 @@ def test_a_new_run_starts_from_exported_weights_and_a_resume_ignores_them(digits
     assert ckpt["global_step"] == 1, "a fresh run, not the source's step"
     params = _params(run / "checkpoints" / "last.ckpt")
     assert params and all(torch.equal(v, exported[k]) for k, v in params.items()), "lr 0: still the exported weights"
+
+    # validate (as test) scores the weights given, as it scores the checkpoint they came from: it scored the
+    # untrained network, loading them only in fit
+    scores = {}
+    for name, how in (("checkpoint", ["--ckpt_path", str(tmp_path / "source" / "checkpoints" / "last.ckpt")]),
+                      ("weights", ["--model.init_weights", str(weights)])):
+        proc = run_module("pipeline", "validate", "--config", CONF, "--data.root", str(digits_shards),
+                          "--trainer.default_root_dir", str(tmp_path / f"val-{name}"), "--tracking.wandb", "false",
+                          "--data.num_workers", "0", *how)
+        with open(next((tmp_path / f"val-{name}" / "validate" / "csv").glob("version_*/metrics.csv"))) as f:
+            scores[name] = next(r for r in csv.DictReader(f) if r.get("val/top1"))
+    assert f"validate: weights from {weights}" in proc.stderr
+    assert scores["weights"]["val/top1"] == scores["checkpoint"]["val/top1"], scores
+    assert scores["weights"]["val/loss"] == scores["checkpoint"]["val/loss"], scores
 
     weights.unlink()  # a resume takes the weights from its checkpoint and never reads the file
     resumed = _fit(digits_shards, run, 2, "--model.init_weights", str(weights), "--model.lr", "0")

@@ -139,3 +139,20 @@ def test_data_settings_are_checked(kwargs, needle, tmp_path):
     with pytest.raises(ConfigError, match=re.escape(needle)):
         ShardDataModule(root=str(tmp_path), **kwargs)
     ShardDataModule(root=str(tmp_path), augment=AugmentConfig(recipe="cifar"))  # the defaults pass
+
+
+def test_a_normalised_float16_batch_runs_under_every_precision():
+    """The dali backend's batches are float16, normalised, channels_last: under ``trainer.precision
+    32-true`` the first step failed ("expected scalar type Half but found Float")."""
+    from pipeline.module import ImageClassifier
+
+    module = ImageClassifier(arch="cifar_resnet20", num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32).to(torch.float16).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        fp32 = module(x)  # 32-true: no autocast
+        assert fp32.dtype == torch.float32
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16-mixed
+            mixed = module(x)
+        assert mixed.dtype == torch.bfloat16
+        torch.testing.assert_close(mixed.float(), fp32, atol=0.1, rtol=0.1)
+        torch.testing.assert_close(module.double()(x), fp32.double(), atol=1e-3, rtol=1e-3)  # 64-true

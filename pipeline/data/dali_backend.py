@@ -258,7 +258,7 @@ class DaliLoader:
             self._watchdog.check()
             try:
                 with self._watchdog.waiting():
-                    outs = self._pipe.run()
+                    outs = self._pipe.run(self._output_stream())
             except StopIteration:
                 raise RuntimeError(f"the DALI pipeline ended after {step} of {len(plan)} batches") from None
             except Exception as e:  # a decoder error: this batch by the cpu backend, then a fresh pipeline
@@ -273,6 +273,16 @@ class DaliLoader:
             yield batch
         if len(plan) == 0:
             self._end_epoch()
+
+    def _output_stream(self) -> torch.cuda.Stream | None:
+        """On the GPU (outputs that own their memory): torch's current stream, which DALI's outputs are then
+        ready on, without a host wait, and in whose order their memory is freed: after the training kernels
+        queued on it read the batch (DALI's stream-aware outputs, NVIDIA/DALI#5684). Host-synchronous outputs
+        are freed in host order when the batch is dropped, while kernels queued on torch's stream may still
+        read them. Not yet measured on a GPU (bench/run_gpu.sh)."""
+        if self.cpu or not getattr(self._pipe, "exec_dynamic", False):
+            return None
+        return torch.cuda.current_stream(self._device)
 
     def _end_epoch(self) -> None:
         """Run the pipeline into the plan's end, so that the next epoch resets it instead of rebuilding it
