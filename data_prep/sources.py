@@ -161,8 +161,11 @@ def _check_archive_end(tf: tarfile.TarFile, prefix: str, files: int) -> None:
         raise PrepError(f"{prefix}: cannot read the archive's end at byte {tf.offset}: {exc}") from None
     if block == bytes(tarfile.BLOCKSIZE):
         return
-    what = "the archive ends there without its end-of-archive marker (cut short?)" if not block else \
-        "a damaged header is there"
+    if len(block) < tarfile.BLOCKSIZE:  # nothing, or a part of a block: the file ends there
+        what = (f"the archive ends {'there' if not block else f'{len(block)} bytes later'} without its "
+                f"end-of-archive marker (cut short?)")
+    else:
+        what = "a damaged header is there"
     raise PrepError(f"{prefix}: listing stopped at byte {tf.offset} after {files} files: {what}; every file "
                     f"after that point would be lost (`tar tf` shows where it stops): re-download or re-create "
                     f"the archive")

@@ -185,14 +185,15 @@ def test_json_writers_in_two_pid_namespaces_do_not_collide(tmp_path):
 
 
 def _cut_cases(tar: Path, tmp: Path) -> dict[str, Path]:
-    """The tar cut short at a member's header, cut inside a member's data, and with one header damaged."""
+    """The tar cut short at a member's header, inside its data or its header, and with one header damaged."""
     import tarfile
 
     with tarfile.open(tar) as tf:
         members = [m for m in tf.getmembers() if m.isfile()]
     mid = members[len(members) // 2]
     data = tar.read_bytes()
-    cases = {"cut at a header": data[:mid.offset], "cut in the data": data[:mid.offset_data + mid.size // 2]}
+    cases = {"cut at a header": data[:mid.offset], "cut in the data": data[:mid.offset_data + mid.size // 2],
+             "cut in a header": data[:mid.offset + 300]}
     damaged = bytearray(data)
     damaged[mid.offset + 148:mid.offset + 156] = b"0000000\0"  # a wrong header checksum
     cases["damaged header"] = bytes(damaged)
@@ -218,6 +219,9 @@ def test_a_cut_or_damaged_tar_is_an_error_not_fewer_classes(tmp_path):
                     "--no-progress")
         assert r.returncode == 2 and "Traceback" not in r.stderr, (name, r.stderr[-2000:])
         assert f"error: {cut}" in r.stderr and "would be lost" in r.stderr, (name, r.stderr)
+        said = {"damaged header": "a damaged header is there", "cut in the data": "unexpected end of data"}.get(
+            name, "end-of-archive marker (cut short?)")  # a cut inside a header was called a damaged header
+        assert said in r.stderr, (name, r.stderr)
         assert not (tmp_path / name.replace(" ", "_") / "manifest.json").exists(), name
 
     inet = tmp_path / "ilsvrc"
