@@ -17,7 +17,7 @@ from bench.kill_resume import compare, fit_command, run_and_kill_at, run_to_end,
 from pipeline.checkpoint_io import TMP_PREFIX, AtomicCheckpointIO
 from pipeline.errors import ConfigError
 from pipeline.resume_geometry import Geometry, adapt
-from tests.conftest import REPO, run_cli_in_process, run_module
+from tests.conftest import REPO, run_cli_in_process
 
 STEPS = 13  # 11 steps per epoch at batch 128: crosses an epoch end (validation, epoch-end checkpoint)
 
