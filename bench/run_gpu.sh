@@ -10,13 +10,13 @@
 #   echo /.device-dali/ >> .git/info/exclude; echo /.whl/ >> .git/info/exclude
 #   call 1 (carry .device-dali/part00): mkdir -p /tmp/dali && cp .device-dali/part00 /tmp/dali/
 #   call 2 (carry .device-dali/part01): mkdir -p /tmp/dali && cp .device-dali/part01 /tmp/dali/
-#   call 3 (carry .device-dali/part02 and .whl, timeout_s 540):
+#   call 3 (carry .device-dali/part02 and .whl, timeout_s 600):
 #          mkdir -p /tmp/dali && cp .device-dali/part02 /tmp/dali/ && bash bench/run_gpu.sh
 #
 # Make the three calls back to back: the machine stays warm only about 30 s after a call, and a fresh
-# one has an empty /tmp/dali (start again from call 1). This script needs about 8 minutes at most:
-# unpacking (~15 s), gpu_loader.py (stopped at 330 s; it skips its optional measurements after 280 s
-# and prints its table on the timeout's SIGTERM too) and gpu_step_sync.py (stopped at 110 s).
+# one has an empty /tmp/dali (start again from call 1). This script needs about 9 minutes at most:
+# unpacking (~15 s), gpu_loader.py (stopped at 400 s; its log and $OUT keep what it printed before)
+# and gpu_step_sync.py (stopped at 120 s).
 #
 # The sync check runs `pipeline fit`, which needs jsonargparse (LightningCLI); the GPU machine's Python has
 # Lightning but not it. Its wheels travel in .whl/ (ignored, see above; carry it with the last part):
@@ -82,7 +82,7 @@ run() {  # seconds, script, args...: the script's output without DALI's optional
 if [ -n "${BENCH:-}" ]; then
   run 480 "$BENCH" "$@"
 else
-  run 330 bench/gpu_loader.py --budget 280 "$@" || echo "run_gpu.sh: gpu_loader.py failed (exit $?); the sync check still runs"
+  run 400 bench/gpu_loader.py "$@" || echo "run_gpu.sh: gpu_loader.py failed (exit $?); the sync check still runs"
   # the loader's shards (20,000 photos) if it made them, else 6,000 new ones there
-  run 110 bench/gpu_step_sync.py --work /tmp/gpu-loader-bench
+  run 120 bench/gpu_step_sync.py --work /tmp/gpu-loader-bench
 fi
