@@ -75,7 +75,7 @@ EOF
 run() {  # seconds, script, args...: the script's output without DALI's optional-codec noise, also in $OUT
   local limit=$1 script=$2
   shift 2
-  # SIGTERM at the limit (the scripts then print their tables), SIGKILL 15 s later if that hangs
+  # SIGTERM at the limit, SIGKILL 15 s later if that hangs; the log keeps what the script printed before
   timeout -k 15 "$limit" python3 "$script" "$@" 2>&1 | grep --line-buffered -v -e "nvjpeg2k" -e "nvtiff" \
     | tee "$out/$(basename "$script" .py).log"
 }
