@@ -17,6 +17,12 @@ import pytest
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.pop("WANDB_API_KEY", None)
+# One compute thread per process while `make test` runs test files side by side (pytest-xdist): each
+# training subprocess would otherwise start one OpenMP thread per core, and two of them on 2 cores spin
+# against each other (a training test took twice as long next to another one as alone). Set before torch
+# is imported, so the in-process tests and every subprocess (which inherits it) agree.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

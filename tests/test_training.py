@@ -38,7 +38,8 @@ def test_fit_lowers_loss_then_validate_then_resume(digits_shards, tmp_path):
     assert re.search(r"^epoch 0 validation \| val/top1 0\.\d+ \| val/top5 0\.\d+ \| val/loss", first.stdout, re.M)
     losses = [float(r["train/loss"]) for r in _metrics(run) if r.get("train/loss")]
     assert len(losses) >= 25
-    assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5, f"loss did not go down: {losses}"
+    # chance is ln 10 = 2.30; 30 steps take it to about 1.4 (a net that does not learn stays near 1.0 x)
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5, f"loss did not go down: {losses}"
 
     last = run / "checkpoints" / "last.ckpt"
     ckpt = torch.load(last, map_location="cpu", weights_only=False)
