@@ -12,8 +12,9 @@ A job is known by a key all its ranks share: the Slurm job (id, step, restart co
 or the rendezvous address. A requeued Slurm job takes over a lock that its previous run (same job id, a
 lower restart count) still seems to hold: Slurm never runs two instances of one job, and on NFS the
 lock of a node that died can stay held until that node reboots. The file is never deleted (a new file
-would not be locked by the holder of the old one), and the holding process never opens it again: on
-NFS ``flock`` is a POSIX lock, which closing any descriptor of the file in that process drops.
+would not be locked by the holder of the old one), except with the run directory that ``acquire`` created
+when nothing else was written into it (a run refused at start), and the holding process never opens it
+again: on NFS ``flock`` is a POSIX lock, which closing any descriptor of the file in that process drops.
 
 Where ``flock`` does not reach across nodes (NFS mounted with ``local_lock``, Lustre's ``localflock``)
 or does not work at all (a warning), a second job on another node takes the "lock" too and writes its
@@ -86,6 +87,7 @@ class RunDirLock:
         self._fd: int | None = None
         self._set_env = False
         self._key: str | None = None  # the job this process wrote into the file (global rank 0)
+        self._made_dir = False  # acquire created the run directory
 
     def acquire(self) -> None:
         key = job_key()
@@ -93,6 +95,7 @@ class RunDirLock:
             self._wait_for(key)
             return
         try:
+            self._made_dir = not self.run_dir.exists()
             self.run_dir.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
         except OSError as e:
@@ -143,12 +146,25 @@ class RunDirLock:
     def release(self) -> None:
         if self._fd is not None:
             _LOCK_FDS.discard(self._fd)
+            if self._made_dir:
+                self._remove_unused_dir()
             os.close(self._fd)  # the kernel drops the flock; the file stays
             self._fd = None
         self._key = None
         if self._set_env:
             os.environ.pop(KEY_ENV, None)
             self._set_env = False
+
+    def _remove_unused_dir(self) -> None:
+        """A run directory this job created and left holding nothing but the lock (the run was refused
+        before it wrote anything, e.g. a mistyped ``data.root``) goes again: it would otherwise be listed as
+        a run that never was. Removed while still locked, so no other job can be inside it."""
+        try:
+            if [p.name for p in self.run_dir.iterdir()] == [LOCK_NAME]:
+                self.path.unlink()
+                self.run_dir.rmdir()
+        except OSError:  # something appeared meanwhile, or no permission: the directory stays as it is
+            pass
 
     def _wait_for(self, key: str) -> None:
         """A rank other than 0: until the file names this job (then its rank 0 holds the lock)."""

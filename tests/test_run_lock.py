@@ -249,3 +249,28 @@ def test_a_lock_file_that_cannot_be_written_is_an_error_naming_it(tmp_path, clea
     again = RunDirLock(tmp_path / "run")
     again.acquire()  # not held by the failed attempt
     again.release()
+
+
+def test_a_refused_fit_leaves_no_new_run_directory_behind(digits_shards, tmp_path, clean_env):
+    """A mistyped setting refused after the lock was taken left a run directory holding only ``.lock``
+    (`launch status` then showed a run that never was). A directory that existed, or that the run wrote
+    into, stays as it is."""
+    from tests.conftest import run_cli_in_process
+
+    new = tmp_path / "runs" / "typo"
+    out = run_cli_in_process("fit", "--config", str(REPO / "conf" / "demo.yaml"), "--data.root", str(tmp_path / "nope"),
+                             "--trainer.default_root_dir", str(new), "--tracking.wandb", "false")
+    assert out.returncode == 2 and "data.root" in out.stderr, out.stderr
+    assert not new.exists() and (tmp_path / "runs").is_dir()
+
+    old = tmp_path / "runs" / "old"
+    old.mkdir()
+    out = run_cli_in_process("fit", "--config", str(REPO / "conf" / "demo.yaml"), "--data.root", str(tmp_path / "nope"),
+                             "--trainer.default_root_dir", str(old), "--tracking.wandb", "false")
+    assert out.returncode == 2 and (old / LOCK_NAME).is_file()
+
+    used = RunDirLock(tmp_path / "runs" / "used")
+    used.acquire()
+    (used.run_dir / "config.yaml").write_text("x: 1\n")
+    used.release()
+    assert sorted(p.name for p in used.run_dir.iterdir()) == [LOCK_NAME, "config.yaml"]
