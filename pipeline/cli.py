@@ -42,6 +42,7 @@ from pipeline.module import ImageClassifier
 from pipeline.parent_death import follow_lightning_rank_zero, follow_torchrun_agent
 from pipeline.parity import WeightParity
 from pipeline.preemption import Preemption
+from pipeline.wandb_backlog import WandbBacklog
 from pipeline.progress import console_progress
 from pipeline.resume_geometry import (Geometry, LoopPosition, adapt, check_zero_world_size, expected_world_size,
                                       read_checkpoint)
@@ -287,6 +288,7 @@ class PipelineCLI(LightningCLI):
         if isinstance(self.datamodule, ShardDataModule):  # before the loggers start a W&B run for nothing
             self.datamodule.check_backend()
         ckdir = checkpoint_dir(run_dir)
+        backlog = WandbBacklog()
         callbacks = [
             FiniteWeights(every_n_steps=int(cfg.trainer.get("log_every_n_steps") or 50)),  # before any save
             *([RunDirStillOurs(self._run_lock)] if self._run_lock is not None else []),
@@ -298,7 +300,8 @@ class PipelineCLI(LightningCLI):
             ),
             LastCheckpoint(ckdir, ckpt.every_n_train_steps),
             LearningRateMonitor(logging_interval="step"),
-            Preemption(ckdir / "last.ckpt", requeue=ckpt.requeue),
+            Preemption(ckdir / "last.ckpt", requeue=ckpt.requeue, wandb_backlog=backlog),
+            backlog,
             RNGState(),
             LoopPosition(),
             Throughput(),

@@ -3,7 +3,8 @@
 The signal handler only sets a flag (nothing else is safe inside a handler: a collective or a file write
 there can deadlock or tear a checkpoint) and, on SIGTERM, detaches the W&B logger: Slurm sends SIGTERM to
 every process of the job step, W&B's service process included, and a later log call to the dead service
-would raise before the checkpoint is saved. After every optimizer step all ranks all-reduce the flag (MAX),
+would raise before the checkpoint is saved (what W&B misses from then on is kept in the checkpoint and
+logged when the run resumes: ``pipeline/wandb_backlog.py``). After every optimizer step all ranks all-reduce the flag (MAX),
 so they agree on the step at which to stop even when only some of them got the signal (with gradient
 accumulation: at the end of an accumulation, never between micro-batches). The all-reduce of one step is
 read at the next one (a single process reads its flag at once): reading it at once would make the host
@@ -45,6 +46,7 @@ from pytorch_lightning.loggers import WandbLogger
 from pipeline import early_signals
 from pipeline.last_checkpoint import LastCheckpoint
 from pipeline.resume_geometry import epoch_finished, validation_follows
+from pipeline.wandb_backlog import WandbBacklog
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +56,14 @@ class Preemption(Callback):
         last_path: where to save (``RUN/checkpoints/last.ckpt``).
         signals: names of the signals that mean "the job is about to end".
         requeue: call ``scontrol requeue`` when ``SLURM_JOB_ID`` is set.
+        wandb_backlog: takes the W&B logger's place after SIGTERM and keeps what it missed for the resumed
+            run (``pipeline/wandb_backlog.py``); without it the W&B logger is only removed.
     """
 
     def __init__(self, last_path: str | Path, signals: tuple[str, ...] = ("SIGUSR1", "SIGTERM"),
-                 requeue: bool = True) -> None:
+                 requeue: bool = True, wandb_backlog: WandbBacklog | None = None) -> None:
         self.last_path = str(last_path)
+        self.wandb_backlog = wandb_backlog
         self.signals = [getattr(signal, s) for s in signals]
         self.requeue = requeue
         self.received: int | None = None
@@ -73,7 +78,10 @@ class Preemption(Callback):
         if self.received is None:
             self.received = signum
         if signum == signal.SIGTERM and self._trainer is not None:
-            self._trainer.loggers = [lg for lg in self._trainer.loggers if not isinstance(lg, WandbLogger)]
+            if self.wandb_backlog is not None:
+                self.wandb_backlog.detach(self._trainer)
+            else:
+                self._trainer.loggers = [lg for lg in self._trainer.loggers if not isinstance(lg, WandbLogger)]
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":

@@ -132,6 +132,21 @@ def test_sigterm_detaches_wandb_before_the_preemption_save(tmp_path):
         cb.teardown(trainer, None, "fit")
     assert signal.getsignal(signal.SIGTERM) is not cb._handler
 
+    # with a backlog (as the CLI runs it): a recorder in W&B's place keeps what W&B misses
+    from pipeline.wandb_backlog import Recorder, WandbBacklog
+
+    trainer.loggers = [wandb_logger, csv_logger]
+    backlog = WandbBacklog()
+    cb = Preemption(tmp_path / "last.ckpt", requeue=False, wandb_backlog=backlog)
+    cb.setup(trainer, None, "fit")
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert isinstance(trainer.loggers[0], Recorder) and trainer.loggers[1] is csv_logger
+        trainer.loggers[0].log_metrics({"val/top1": torch.tensor(0.5)}, step=7)
+        assert backlog.state_dict() == {"held": [{"step": 7, "metrics": {"val/top1": 0.5}}]}
+    finally:
+        cb.teardown(trainer, None, "fit")
+
 
 def test_a_sample_grid_that_cannot_be_written_leaves_no_file_and_training_goes_on(tmp_path, monkeypatch, caplog):
     """A full disk at the grid's PNG ended the run with a traceback and left a truncated file."""
@@ -185,3 +200,72 @@ def test_an_evaluation_groups_with_the_training_run_and_refuses_a_garbled_id_fil
     (run / RUN_ID_FILE).write_bytes(b"\xff\xfe\x00garbage")
     with pytest.raises(ConfigError, match=f"tracking.wandb: {run / RUN_ID_FILE} holds .*not a W&B run id"):
         make_eval_loggers(cfg, run, "validate", None)
+
+
+def _wandb_history(run_file: Path) -> list[dict]:
+    """The history rows (``run.log`` calls) of an offline ``.wandb`` file: LevelDB's log format (32 KiB
+    blocks of records with a 7-byte header; a 7-byte ``:W&B`` file header) of protobuf ``Record``s."""
+    import json
+    import struct
+
+    from wandb.proto.wandb_internal_pb2 import Record
+
+    data, rows, pos, pending = run_file.read_bytes(), [], 7, b""
+    while pos + 7 <= len(data):
+        left_in_block = 32768 - pos % 32768
+        if left_in_block < 7:  # block trailer: zero padding
+            pos += left_in_block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0 and length == 0:
+            pos += left_in_block
+            continue
+        pending += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL or LAST
+            record = Record()
+            record.ParseFromString(pending)
+            pending = b""
+            if record.WhichOneof("record_type") == "history":
+                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                             for item in record.history.item})
+    return rows
+
+
+def test_metrics_after_a_sigterm_reach_wandb_when_the_run_resumes(digits_shards, tmp_path):
+    """SIGTERM during epoch 0's validation: W&B's service is going away, so the W&B logger is detached and
+    the validation's metrics reached only CSV; the resumed run never validates epoch 0 again, so W&B had a
+    hole in its val/top1 curve. The stopped run keeps them in its checkpoint, the resumed one logs them to
+    the same W&B run at their step."""
+    import os
+    import signal
+    import subprocess
+
+    from bench.kill_resume import fit_command
+
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    stopped = subprocess.run(fit_command(digits_shards, run, 13, [
+        "--tracking.wandb", "true", f"--trainer.callbacks+=tests.preemption_helpers.SignalInValidation",
+        f"--trainer.callbacks.init_args.signum={int(signal.SIGTERM)}"]),
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    out = stopped.stdout + stopped.stderr
+    assert stopped.returncode == 0 and "preemption (SIGTERM)" in out, out[-3000:]
+    with open(run / "csv" / "metrics.csv") as f:
+        val = [r for r in csv.DictReader(f) if r.get("val/top1")]
+    assert len(val) == 1 and int(val[0]["step"]) == 10, val  # epoch 0's validation, after its 11th step
+    first = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(first) == 1
+    assert not [r for r in _wandb_history(next(first[0].glob("*.wandb"))) if "val/top1" in r], "W&B was detached"
+
+    resumed = subprocess.run(fit_command(digits_shards, run, 12, ["--tracking.wandb", "true"]), env=env, cwd=REPO,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0 and "resuming from" in resumed.stderr, resumed.stderr[-3000:]
+    second = [p for p in sorted((run / "wandb").glob("offline-run-*")) if p not in first]
+    assert len(second) == 1 and second[0].name.split("-")[-1] == first[0].name.split("-")[-1], "the same W&B run"
+    logged = [r for r in _wandb_history(next(second[0].glob("*.wandb"))) if "val/top1" in r]
+    assert len(logged) == 1, logged
+    assert logged[0]["val/top1"] == pytest.approx(float(val[0]["val/top1"]))
+    assert logged[0]["trainer/global_step"] == 10
+    saved = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert saved["callbacks"]["WandbBacklog"] == {"held": []}, "logged once, not again at the next resume"

@@ -1,0 +1,86 @@
+"""Metrics logged after a SIGTERM reach the W&B run when the training resumes.
+
+Slurm's SIGTERM also ends W&B's service process, so ``Preemption`` detaches the W&B logger at once (a log
+call to the dead service would raise before the checkpoint is saved). What is still logged before the
+run stops (the validation running when the signal came, or due after the stopping step: a point of the
+val/top1 curve) reached only CSV and TensorBoard, and the dashboard had a hole there for good: the resumed
+run does not validate that epoch again. ``Preemption`` puts a ``Recorder`` in the W&B logger's place; what
+it records is saved in the checkpoints written on the way out (this callback's state) and logged to the
+resumed W&B run at the next start, at its own ``trainer/global_step`` (the x-axis of the run's charts).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.loggers import Logger, WandbLogger
+
+log = logging.getLogger(__name__)
+
+MAX_HELD = 1000  # rows: a stop comes within a validation of the signal; this only bounds a pathology
+
+
+class Recorder(Logger):
+    """Stands in for the detached W&B logger: keeps each ``log_metrics`` call (global rank 0 only, like
+    the W&B logger it replaces) in its ``WandbBacklog``."""
+
+    def __init__(self, backlog: WandbBacklog, is_global_zero: bool) -> None:
+        super().__init__()
+        self._backlog, self._record = backlog, is_global_zero
+
+    @property
+    def name(self) -> str:
+        return "wandb-backlog"
+
+    @property
+    def version(self) -> str:
+        return "0"
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass  # the W&B run has the config from its start
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if self._record:
+            self._backlog.hold(metrics, step)
+
+
+class WandbBacklog(pl.Callback):
+    """Holds the metrics W&B missed after a SIGTERM, in the checkpoint, until a resumed run logs them."""
+
+    def __init__(self) -> None:
+        self.held: list[dict] = []  # {"step": int | None, "metrics": {name: float}}
+
+    @property
+    def state_key(self) -> str:
+        return "WandbBacklog"
+
+    def detach(self, trainer: pl.Trainer) -> None:
+        """Put a ``Recorder`` in place of the trainer's W&B logger (from a signal handler: no I/O here)."""
+        if any(isinstance(lg, WandbLogger) for lg in trainer.loggers):
+            recorder = Recorder(self, trainer.is_global_zero)
+            trainer.loggers = [recorder if isinstance(lg, WandbLogger) else lg for lg in trainer.loggers]
+
+    def hold(self, metrics: dict[str, Any], step: int | None) -> None:
+        if len(self.held) < MAX_HELD:
+            self.held.append({"step": None if step is None else int(step),
+                              "metrics": {k: float(v) for k, v in metrics.items()}})
+
+    def state_dict(self) -> dict:
+        return {"held": list(self.held)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.held = list(state.get("held") or [])
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Log what the previous run held to the (resumed) W&B run; dropped when this run has no W&B."""
+        held, self.held = self.held, []
+        if not held or not trainer.is_global_zero:
+            return
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                for row in held:
+                    logger.log_metrics(row["metrics"], row["step"])
+                log.info("W&B: logged the %d metric rows of the previous run after its SIGTERM (last at step %s)",
+                         len(held), held[-1]["step"])
