@@ -246,7 +246,7 @@ def test_metrics_after_a_sigterm_reach_wandb_when_the_run_resumes(digits_shards,
     run = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     stopped = subprocess.run(fit_command(digits_shards, run, 13, [
-        "--tracking.wandb", "true", f"--trainer.callbacks+=tests.preemption_helpers.SignalInValidation",
+        "--tracking.wandb", "true", "--trainer.callbacks+=tests.preemption_helpers.SignalInValidation",
         f"--trainer.callbacks.init_args.signum={int(signal.SIGTERM)}"]),
         env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     out = stopped.stdout + stopped.stderr
