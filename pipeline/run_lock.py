@@ -88,6 +88,7 @@ class RunDirLock:
         self._set_env = False
         self._key: str | None = None  # the job this process wrote into the file (global rank 0)
         self._made_dir = False  # acquire created the run directory
+        self._flocked = False  # holds the flock (not after a takeover from a stuck holder, until retaken)
 
     def acquire(self) -> None:
         key = job_key()
@@ -102,6 +103,7 @@ class RunDirLock:
             raise ConfigError(f"trainer.default_root_dir: cannot open {self.path} for writing: {e.strerror}") from None
         try:
             _flock_exclusive(fd)
+            self._flocked = True
         except OSError as e:
             if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
                 holder = _read(self.path)
@@ -137,9 +139,18 @@ class RunDirLock:
 
     def taken_by(self) -> dict:
         """The record of another job that has written itself into the lock file since this process took
-        it; {} while the file still names this job (or cannot be read), and on ranks that hold no lock."""
+        it; {} while the file still names this job (or cannot be read), and on ranks that hold no lock.
+        After a takeover from a stuck holder, the flock is taken here as soon as it is free again, so that
+        from then on a new job is refused at its start (rather than stopping this one at its next save)."""
         if self._key is None:
             return {}
+        if not self._flocked and self._fd is not None:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self._flocked = True
+                log.info("%s: the previous holder's lock is gone; this job holds it now", self.path)
+            except OSError:
+                pass  # still held (or no locks on this filesystem): the record check below covers it
         record = _read(self.path)
         return record if record.get("job") not in (None, self._key) else {}
 
@@ -150,6 +161,7 @@ class RunDirLock:
                 self._remove_unused_dir()
             os.close(self._fd)  # the kernel drops the flock; the file stays
             self._fd = None
+            self._flocked = False
         self._key = None
         if self._set_env:
             os.environ.pop(KEY_ENV, None)

@@ -86,15 +86,20 @@ time.sleep(120)
 
 
 @pytest.fixture
-def held_lock(tmp_path):
-    """RUN/.lock held by another process, as Slurm job 77's first run on node-a."""
+def lock_holder(tmp_path):
+    """RUN/.lock held by another process, as Slurm job 77's first run on node-a: (RUN, that process)."""
     run = tmp_path / "run"
     run.mkdir()
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(run / LOCK_NAME)], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
-    yield run
+    yield run, holder
     holder.kill()
     holder.wait()
+
+
+@pytest.fixture
+def held_lock(lock_holder):
+    return lock_holder[0]
 
 
 def test_a_requeued_slurm_job_takes_over_its_previous_runs_lock(held_lock, clean_env, caplog):
@@ -111,6 +116,32 @@ def test_a_requeued_slurm_job_takes_over_its_previous_runs_lock(held_lock, clean
     finally:
         lock.release()
     assert KEY_ENV not in os.environ
+
+
+def test_a_taken_over_lock_is_held_again_once_the_stuck_holder_lets_go(lock_holder, clean_env, caplog):
+    """A takeover runs without the flock (the stuck holder has it). Once that holder's lock is gone, the
+    check before the next checkpoint takes it: a new job is then refused at its start; before, it got the
+    lock, and this job only learned of it at its next save (and stopped)."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="pipeline.run_lock")
+    held_lock, holder = lock_holder
+    clean_env.setenv("SLURM_JOB_ID", "77")
+    clean_env.setenv("SLURM_RESTART_COUNT", "1")
+    lock = RunDirLock(held_lock)
+    lock.acquire()
+    try:
+        assert lock.taken_by() == {} and "holds it now" not in caplog.text  # still held by job 77's first run
+        holder.kill()  # the stuck lock is released (the dead node rebooted, its NFS lease expired)
+        holder.wait()
+        assert lock.taken_by() == {} and "holds it now" in caplog.text
+        clean_env.setenv("SLURM_JOB_ID", "78")
+        clean_env.setenv("SLURM_RESTART_COUNT", "0")
+        clean_env.delenv(KEY_ENV, raising=False)
+        with pytest.raises(ConfigError, match="in use by another training job"):
+            RunDirLock(held_lock).acquire()
+    finally:
+        lock.release()
 
 
 @pytest.mark.parametrize(("job", "restart"), [("77", "0"), ("78", "1"), (None, None)],
