@@ -183,7 +183,7 @@ class Preemption(Callback):
             log.warning("preemption (%s): saving %s at step %d, then stopping%s%s", name, self.last_path,
                         trainer.global_step, after,
                         " (the run's last step: it is complete, no requeue)" if self.finished else "")
-        trainer.save_checkpoint(self.last_path)  # first: safe even if the validation outlasts the grace time
+        trainer.save_checkpoint(self.last_path, weights_only=False)  # first: safe even if the validation outlasts the grace time
         if validating and not last_batch:  # trainer.val_check_interval: Lightning resuming this save skips it
             for cb in trainer.checkpoint_callbacks:
                 if isinstance(cb, LastCheckpoint):

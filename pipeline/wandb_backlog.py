@@ -22,6 +22,14 @@ log = logging.getLogger(__name__)
 MAX_HELD = 1000  # rows: a stop comes within a validation of the signal; this only bounds a pathology
 
 
+class _NoSendToDeadService(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "socket.send() raised exception."
+
+
+_NO_SEND_TO_DEAD_SERVICE = _NoSendToDeadService()
+
+
 class Recorder(Logger):
     """Stands in for the detached W&B logger: keeps each ``log_metrics`` call (global rank 0 only, like
     the W&B logger it replaces) in its ``WandbBacklog``."""
@@ -51,6 +59,7 @@ class WandbBacklog(pl.Callback):
 
     def __init__(self) -> None:
         self.held: list[dict] = []  # {"step": int | None, "metrics": {name: float}}
+        self.detached = False
 
     @property
     def state_key(self) -> str:
@@ -59,6 +68,9 @@ class WandbBacklog(pl.Callback):
     def detach(self, trainer: pl.Trainer) -> None:
         """Put a ``Recorder`` in place of the trainer's W&B logger (from a signal handler: no I/O here)."""
         if any(isinstance(lg, WandbLogger) for lg in trainer.loggers):
+            self.detached = True
+            # W&B still forwards the console to its service: "socket.send() raised exception." per line
+            logging.getLogger("asyncio").addFilter(_NO_SEND_TO_DEAD_SERVICE)
             recorder = Recorder(self, trainer.is_global_zero)
             trainer.loggers = [recorder if isinstance(lg, WandbLogger) else lg for lg in trainer.loggers]
 
@@ -84,3 +96,18 @@ class WandbBacklog(pl.Callback):
                     logger.log_metrics(row["metrics"], row["step"])
                 log.info("W&B: logged the %d metric rows of the previous run after its SIGTERM (last at step %s)",
                          len(held), held[-1]["step"])
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """After a SIGTERM, W&B's own exit hook would tell its (killed) service process that the run ended,
+        and print a 30-line ``ConnectionResetError`` traceback into every preempted job's log. Its teardown
+        runs here instead, and a dead service is one line."""
+        if not self.detached or stage != "fit":
+            return
+        self.detached = False
+        import wandb
+
+        try:
+            wandb.teardown()
+        except Exception as e:  # noqa: BLE001 (the service process went with the signal: nothing left to tell it)
+            log.info("W&B: its service process ended with the signal (%s); the run resumes into the same W&B run",
+                     type(e).__name__)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 
 import pytorch_lightning as pl
@@ -137,3 +138,37 @@ class TakeRunDirAt(pl.Callback):
             Path(trainer.default_root_dir, ".lock").write_text(json.dumps(
                 {"job": "slurm job 9999 step 0 restart 0", "slurm_job_id": "9999", "restart": 0,
                  "host": "node-b", "pid": 4321, "since": "2026-12-02T10:00:00+00:00"}) + "\n")
+
+
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every process under it (from /proc), as Slurm's process tracking sees a job step's."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        todo += children.get(p, [])
+    return found
+
+
+class TermStepInValidation(pl.Callback):
+    """SIGTERM to this process and all of its descendants (loader workers, W&B's service process, which
+    runs in a session of its own) when the validation of epoch ``epoch`` starts: what Slurm does to a step.
+    Sent by another process (``kill``), as by slurmstepd: loader workers end on their parent's SIGTERM."""
+
+    def __init__(self, epoch: int = 0) -> None:
+        self.epoch, self.sent = epoch, False
+
+    def on_validation_batch_start(self, trainer: pl.Trainer, pl_module, batch, batch_idx: int,
+                                  dataloader_idx: int = 0) -> None:
+        if not self.sent and not trainer.sanity_checking and trainer.current_epoch == self.epoch:
+            self.sent = True
+            subprocess.run(["kill", "-TERM", *map(str, descendants(os.getpid()))], check=False)
