@@ -18,6 +18,7 @@ from pipeline.data.augment import AugmentConfig
 from pipeline.data.contract import Position, TrainSampler, ValSampler, steps_in_epoch
 from pipeline.data.shards import ShardSet
 from pipeline.data.worker_signals import shield_worker
+from pipeline.data.worker_start import START_METHODS, worker_context
 from pipeline.errors import ConfigError, require
 from pipeline.resume_geometry import epoch_finished
 
@@ -40,6 +41,9 @@ class ShardDataModule(pl.LightningDataModule):
         batch_size: per-rank batch size (global batch = batch_size * world size * grad accumulation).
         val_batch_size: per-rank validation batch size (default: batch_size).
         num_workers: loader processes (cpu backend) or threads (DALI) per rank.
+        worker_start_method: how the cpu backend's loader processes start: "forkserver" (forked by a fresh
+            one-thread process; see ``pipeline.data.worker_start``) or "fork" (forked by the rank itself,
+            which can hang a worker for good on CPython before 3.11.10).
         seed: seed of the epoch permutations and of the augmentation.
         window_shards: shards mixed together by the shard-aware shuffle.
         on_corrupt: "fail" (stop with the shard's name) or "skip" (mask the sample, count and log it).
@@ -60,6 +64,7 @@ class ShardDataModule(pl.LightningDataModule):
         batch_size: int = 256,
         val_batch_size: int | None = None,
         num_workers: int = 8,
+        worker_start_method: str = "forkserver",
         seed: int = 0,
         window_shards: int = 4,
         on_corrupt: str = "fail",
@@ -74,6 +79,8 @@ class ShardDataModule(pl.LightningDataModule):
         require(val_batch_size is None or val_batch_size >= 1, "data.val_batch_size",
                 ">= 1 (or null: data.batch_size)", val_batch_size)
         require(num_workers >= 0, "data.num_workers", ">= 0", num_workers)
+        require(worker_start_method in START_METHODS, "data.worker_start_method",
+                " or ".join(repr(m) for m in START_METHODS), worker_start_method)
         require(seed >= 0, "data.seed", ">= 0", seed)  # numpy's seed sequences take non-negative integers only
         require(window_shards >= 1, "data.window_shards", ">= 1", window_shards)
         require(on_corrupt in ("fail", "skip"), "data.on_corrupt", "'fail' or 'skip'", on_corrupt)
@@ -85,6 +92,7 @@ class ShardDataModule(pl.LightningDataModule):
         self.backend = backend
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
         self.num_workers, self.seed, self.window_shards = num_workers, seed, window_shards
+        self.worker_start_method = worker_start_method
         self.on_corrupt = on_corrupt
         self.augment = augment or AugmentConfig()
         self.augment.check()
@@ -277,6 +285,7 @@ class ShardDataModule(pl.LightningDataModule):
                 persistent_workers=self.num_workers > 0,
                 pin_memory=torch.cuda.is_available(),
                 prefetch_factor=2 if self.num_workers > 0 else None,
+                multiprocessing_context=worker_context(self.worker_start_method) if self.num_workers > 0 else None,
                 worker_init_fn=shield_worker,  # Slurm signals the workers too
             )
         if backend in ("dali", "dali-cpu"):

@@ -28,7 +28,8 @@ def _fit_args(shards, run_dir, steps: int, *extra: str) -> list[str]:
     """Loader workers 0: this file tests ZeRO's state, resume and export, not the loader (whose key order
     is the same with any ``num_workers``). A CI run hung once at a rank's DataLoader worker fork: the child
     stuck in CPython 3.11's after-fork thread clean-up (``_PyThreadState_DeleteExcept``), a lock a thread
-    of the DeepSpeed rank held at the fork."""
+    of the DeepSpeed rank held at the fork (CPython gh-112275; the cpu backend's workers now start from a fork
+    server, ``pipeline/data/worker_start.py``)."""
     return [
         "pipeline", "fit", "--config", CONF, "--data.root", str(shards), "--trainer.default_root_dir",
         str(run_dir), "--model.arch", "resnet18", "--trainer.strategy", "deepspeed_stage_2_cpu",

@@ -15,6 +15,8 @@ from pipeline.data.contract import PAD, Position, TrainSampler, ValSampler
 from pipeline.data.cpu_backend import ShardBatches
 from pipeline.data.shards import ShardSet
 from pipeline.data.synthetic import SyntheticLoader
+from pipeline.data.worker_signals import shield_worker
+from pipeline.data.worker_start import worker_context
 
 CIFAR = AugmentConfig(recipe="cifar", train_size=32, val_size=32, pad=4, flip=True)
 
@@ -28,15 +30,16 @@ def keys(loader) -> list[tuple[tuple[int, ...], str]]:
     return out
 
 
-def cpu_loader(shards: ShardSet, sampler, workers: int) -> torch.utils.data.DataLoader:
+def cpu_loader(shards: ShardSet, sampler, workers: int, start_method: str = "forkserver") -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(
-        ShardBatches(shards, CIFAR, train=True, seed=11), sampler=sampler, batch_size=None, num_workers=workers
+        ShardBatches(shards, CIFAR, train=True, seed=11), sampler=sampler, batch_size=None, num_workers=workers,
+        multiprocessing_context=worker_context(start_method) if workers else None, worker_init_fn=shield_worker,
     )
 
 
 def test_cpu_loader_resumes_mid_epoch_with_the_same_samples_and_augmentation(digits_shards):
     """An interrupted epoch continued from ``Position`` yields exactly the uninterrupted sequence, also
-    when the restarted job uses another number of workers."""
+    when the restarted job uses another number of workers, and whichever way the workers start."""
     shards = ShardSet(digits_shards, "train")
     batch = 48
 
@@ -54,6 +57,7 @@ def test_cpu_loader_resumes_mid_epoch_with_the_same_samples_and_augmentation(dig
         assert len(resumed) == len(whole), "the trainer's epoch length counts the batches done before"
         rest = keys(cpu_loader(shards, resumed, workers=after))
         assert first + rest == whole, f"restart at step {restart} ({before} -> {after} workers)"
+    assert keys(cpu_loader(shards, sampler(Position(epoch=1)), workers=2, start_method="fork")) == whole
 
 
 def test_train_params_follow_torchvision_random_resized_crop():

@@ -18,6 +18,7 @@ import pytest
 
 from bench.kill_resume import compare, fit_command, run_and_kill_at, run_to_end, saved_step
 from pipeline.data.worker_signals import shield_worker, spawned_without_preemption_signals
+from pipeline.data.worker_start import worker_context
 from tests.conftest import REPO, run_module
 
 STEPS = 6
@@ -70,6 +71,78 @@ def test_a_shielded_spawned_worker_obeys_only_its_parents_sigterm():
         if child.is_alive():
             child.kill()
             child.join()
+
+
+def _ended(pid: int) -> bool:
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+def test_a_fork_server_worker_obeys_only_its_starters_sigterm():
+    """The cpu backend's workers are forked by a fork server (``pipeline.data.worker_start``): their parent
+    is the server, their starter (which ends them) the trainer. They were taken for orphans and ended at
+    once (the shield's parent check), or on any SIGTERM; the server itself died of Slurm's."""
+    from multiprocessing import forkserver
+
+    ctx = worker_context("forkserver")
+    server = forkserver._forkserver._forkserver_pid
+    ready = ctx.Event()
+    child = ctx.Process(target=_shielded_sleep, args=(ready,), daemon=True)
+    child.start()
+    try:
+        assert ready.wait(120), f"the worker did not start (exit code {child.exitcode})"
+        assert os.getppid() != child.pid and int(open(f"/proc/{child.pid}/stat").read().rsplit(")", 1)[1].split()[1]) == server
+        for pid in (server, child.pid):  # from birth: the server was started with them blocked
+            for s in (signal.SIGUSR1, signal.SIGTERM):
+                assert _blocked(pid) & (1 << (s - 1)), f"{s.name} not blocked in {pid}"
+            _send(signal.SIGUSR1, pid)
+            _send(signal.SIGTERM, pid)
+        child.join(2)
+        assert child.is_alive() and not _ended(server), "a signal from another process ended the worker or server"
+        child.terminate()  # from the trainer: how torch's DataLoader ends a worker that does not stop
+        child.join(30)
+        assert child.exitcode == 128 + signal.SIGTERM
+    finally:
+        if child.is_alive():
+            child.kill()
+            child.join()
+
+
+_TRAINER = """
+import time
+from multiprocessing import forkserver
+from pipeline.data.worker_start import worker_context
+from tests.test_worker_signals import _shielded_sleep
+ctx = worker_context("forkserver")
+ready = ctx.Event()
+worker = ctx.Process(target=_shielded_sleep, args=(ready,))
+worker.start()
+assert ready.wait(120)
+print(worker.pid, forkserver._forkserver._forkserver_pid, flush=True)
+time.sleep(300)
+"""
+
+
+def test_fork_server_workers_and_server_end_with_a_trainer_killed_outright():
+    """A trainer killed outright (the OOM killer, ``kill -9``): its fork server's workers are not its
+    children, so the kernel does not end them with it; they and the server must end by themselves."""
+    trainer = subprocess.Popen([sys.executable, "-c", _TRAINER], stdout=subprocess.PIPE, text=True, cwd=REPO,
+                               env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        worker, server = map(int, trainer.stdout.readline().split())
+        assert not _ended(worker) and not _ended(server)
+        trainer.kill()
+        trainer.wait()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not (_ended(worker) and _ended(server)):
+            time.sleep(0.1)
+        assert _ended(worker), "the worker outlived its trainer"
+        assert _ended(server), "the fork server outlived its trainer and workers"
+    finally:
+        trainer.kill()
+        trainer.wait()
 
 
 def _close_then_exit(conn) -> None:

@@ -14,6 +14,11 @@ workers (DALI's parallel source: a fresh interpreter) are started inside
 ``spawned_without_preemption_signals``, so they inherit the blocked signals from birth, and call
 ``shield_worker`` when they unpickle the source. A shielded worker also dies with its parent (the kernel
 sends it SIGKILL when the parent is gone), so none outlives a trainer killed outright.
+
+A worker forked by a fork server (``pipeline.data.worker_start``) has two parents: the server forked it
+(its ``getppid``), the trainer started it and ends it. It dies with either: the kernel's SIGKILL when the
+server ends, a thread that waits on the trainer's pidfd when the trainer ends (the server itself outlives
+a trainer killed outright until its last worker is gone).
 """
 from __future__ import annotations
 
@@ -21,8 +26,10 @@ import contextlib
 import multiprocessing
 import multiprocessing.resource_tracker
 import os
+import select
 import signal
 import threading
+import time
 from collections.abc import Iterator
 
 from pipeline.parent_death import signal_when_parent_ends
@@ -39,11 +46,15 @@ def shield_worker(worker_id: int = 0) -> None:
     if _shielded_pid == os.getpid():
         return
     _shielded_pid = os.getpid()
+    forked_by = os.getppid()  # the trainer, or a fork server
     known = multiprocessing.parent_process()
-    parent = known.pid if known is not None else os.getppid()
-    _die_with(parent)
+    parent = known.pid if known is not None else forked_by  # the process that started it and ends it
+    _die_with(forked_by)
     signal.pthread_sigmask(signal.SIG_BLOCK, PREEMPTION_SIGNALS)  # threads started later inherit it
-    threading.Thread(target=_take_signals, args=(parent,), name="preemption-signals", daemon=True).start()
+    if parent != forked_by:
+        _die_with_starter(parent)
+    threading.Thread(target=_take_signals, args=(parent, forked_by), name="preemption-signals",
+                     daemon=True).start()
 
 
 def _die_with(parent: int) -> None:
@@ -54,11 +65,42 @@ def _die_with(parent: int) -> None:
         os._exit(1)
 
 
-def _take_signals(parent: int) -> None:
+def _die_with_starter(starter: int) -> None:
+    """The same for the process that started this one without being its parent (a fork server's client):
+    a thread waits for it to end (pidfd), then this process ends as the kernel would end it."""
+    try:
+        fd = os.pidfd_open(starter)
+    except ProcessLookupError:  # ended already
+        os._exit(1)
+    except OSError:  # a kernel before 5.3: poll
+        fd = None
+
+    def wait() -> None:
+        if fd is not None:
+            select.select([fd], [], [])
+        else:
+            while _alive(starter):
+                time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=wait, name="starter-death", daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def _take_signals(parent: int, forked_by: int) -> None:
     while True:
         info = signal.sigwaitinfo(PREEMPTION_SIGNALS)
         # the parent ends its worker; an orphan (parent gone, reparented) ends on any SIGTERM
-        if info.si_signo == signal.SIGTERM and (info.si_pid == parent or os.getppid() != parent):
+        if info.si_signo == signal.SIGTERM and (info.si_pid == parent or os.getppid() != forked_by):
             os._exit(128 + signal.SIGTERM)  # what SIGTERM's default would do: no cleanup, now
 
 
