@@ -73,11 +73,27 @@ TRAINER_ARGS = {  # what the launcher passes to `pipeline fit` itself, and the o
     "--ckpt_path": "always `last`: every start resumes from the run directory's checkpoints/last.ckpt",
 }
 
+PREP_ARGS = {  # what the launcher passes to each array task of data_prep
+    "--task-index": "from the array task: $SLURM_ARRAY_TASK_ID",
+    "--num-tasks": "from --tasks",
+}
+
 MAX_SIGNAL_LEAD = 65535  # sbatch refuses a larger --signal=SIG@TIME
 
 
 def _extra(args: list[str]) -> str:
     return "".join(" " + shlex.quote(a) for a in args)
+
+
+def _option(args: list[str], name: str) -> str | None:
+    """The value the last ``name`` in ``args`` gives (``--name V`` or ``--name=V``; argparse keeps the last)."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg == name and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(name + "="):
+            value = arg.split("=", 1)[1]
+    return value
 
 
 def _now() -> str:
@@ -188,7 +204,6 @@ class PrepJob:
     run_dir: Path
     slurm: SlurmOptions
     prep_args: list[str] = field(default_factory=list)
-    finalize_args: list[str] = field(default_factory=list)
     python: str = "python"
     workdir: Path = field(default_factory=Path.cwd)
 
@@ -207,6 +222,14 @@ class PrepJob:
     def finalize_script_path(self) -> Path:
         return self.run_dir / f"prep-finalize-{self._tag}.sbatch"
 
+    @property
+    def splits(self) -> str:
+        """The splits this job prepares, which its finalize merges (``--splits``): without it, finalize merged
+        every split with a plan in OUT and failed on one still being prepared by another job."""
+        if self.command == "imagefolder":
+            return self.label
+        return _option(self.prep_args, "--splits") or "train,val"  # data_prep imagenet's default
+
     def check(self) -> None:
         if self.command not in PREP_COMMANDS:
             raise LaunchError(f"prep: unknown dataset kind {self.command!r}; use one of {', '.join(PREP_COMMANDS)}")
@@ -222,6 +245,7 @@ class PrepJob:
         self.slurm.check()
         writable_dir(sbatch_path(self.run_dir, "--run-dir"), "--run-dir")
         writable_dir(self.out, "OUT")
+        no_launcher_args(self.prep_args, PREP_ARGS)
 
     def _common(self) -> dict[str, str | int | None]:
         return {
@@ -235,7 +259,9 @@ class PrepJob:
         }
 
     def render_array(self) -> str:
-        workers = f" --workers {self.slurm.cpus_per_task}" if self.slurm.cpus_per_task else ""
+        # a --workers of the user's wins (argparse keeps the last, and this came after it)
+        mine = _option(self.prep_args, "--workers") is None
+        workers = f" --workers {self.slurm.cpus_per_task}" if self.slurm.cpus_per_task and mine else ""
         values = {
             **self._common(),
             "job_name": job_name(f"prep-{self._tag}"),
@@ -255,6 +281,6 @@ class PrepJob:
             **self._common(),
             "job_name": job_name(f"prep-finalize-{self._tag}"),
             "log_path": str(self.run_dir / "prep-finalize-%j.out"),
-            "finalize_args": _extra(self.finalize_args),
+            "finalize_args": _extra(["--splits", self.splits]),
         }
         return template.render(template.load("prep_finalize.sbatch"), values, "prep_finalize.sbatch")

@@ -43,11 +43,12 @@ def command(config: Path, nnodes: int, nproc_per_node: int, rdzv_endpoint: str, 
     argv = [*head, f"--nnodes={nnodes}", f"--nproc-per-node={nproc_per_node}",
             "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}", f"--rdzv-id={rdzv_id}",
             f"--max-restarts={max_restarts}", "-m", "pipeline", "fit", "--config", str(config.resolve()),
+            *(extra_args or []),  # before the launcher's own, which win over any --config they add
             "--trainer.default_root_dir", str(run_dir.resolve()),
             "--trainer.num_nodes", str(nnodes), "--trainer.devices", str(nproc_per_node)]
     if cpu:
         argv += ["--trainer.accelerator", "cpu"]
-    argv += ["--ckpt_path", "last", *(extra_args or [])]
+    argv += ["--ckpt_path", "last"]
     return argv
 
 

@@ -75,8 +75,9 @@ def test_dry_run_4x8_gpu_job_has_what_srun_needs(tmp_path: Path, cfg: Path) -> N
     argv = srun_argv(script)
     assert argv == [
         "srun", "--kill-on-bad-exit=1", sys.executable, "-m", "pipeline", "fit", "--config", str(cfg),
+        "--trainer.max_epochs", "90",
         "--trainer.default_root_dir", "$RUN_DIR", "--trainer.num_nodes", "4", "--trainer.devices", "8",
-        "--ckpt_path", "last", "--trainer.max_epochs", "90",
+        "--ckpt_path", "last",
     ]
     for line in ("export WANDB_RESUME=allow", 'export WANDB_DIR="$RUN_DIR"', "export TORCH_NCCL_ASYNC_ERROR_HANDLING=1",
                  'export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"', f"RUN_DIR={run_dir}", f"cd {tmp_path}"):
@@ -128,8 +129,9 @@ def test_hostile_values_are_quoted_in_the_srun_line(tmp_path: Path) -> None:
                "--run-dir", str(tmp_path / "run"), "--dry-run", "--", *HOSTILE, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     argv = srun_argv(r.stdout)
-    assert argv[argv.index("--config") + 1] == str(cfg)
-    assert argv[-len(HOSTILE):] == HOSTILE
+    at = argv.index("--config") + 1
+    assert argv[at] == str(cfg)
+    assert argv[at + 1:at + 1 + len(HOSTILE)] == HOSTILE
 
 
 @pytest.mark.parametrize("args, setting", [
@@ -189,12 +191,53 @@ def test_prep_dry_run_array_and_finalize(tmp_path: Path) -> None:
     assert argv == ["srun", sys.executable, "-m", "data_prep", "imagefolder", str(src), str(out), "--split", "train",
                     "--samples-per-shard", "100", "--task-index", "$SLURM_ARRAY_TASK_ID", "--num-tasks", "3",
                     "--no-progress", "--workers", "4"]
-    assert srun_argv(finalize) == ["srun", sys.executable, "-m", "data_prep", "finalize", str(out)]
+    assert srun_argv(finalize) == ["srun", sys.executable, "-m", "data_prep", "finalize", str(out), "--splits", "train"]
     assert not any(x.startswith("--array") for x in sbatch_directives(finalize))
     assert "--dependency=afterok:ARRAY_JOB_ID --kill-on-invalid-dep=yes" in r.stderr
     r = launch("submit", "prep", "imagenet", str(tmp_path / "nope"), str(out), "--tasks", "2", "--dry-run",
                cwd=tmp_path)
     assert r.returncode == 2 and "SRC:" in r.stderr and "nope" in r.stderr
+    # imagenet: the user's --splits is what finalize merges; the user's --workers wins over --cpus-per-task's
+    r = launch("submit", "prep", "imagenet", str(src), str(out), "--tasks", "2", "--cpus-per-task", "8", "--dry-run",
+               "--", "--splits", "val", "--workers", "2", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    array, finalize = r.stdout.split("# ---- prep-finalize-imagenet.sbatch\n")
+    assert srun_argv(array)[-7:] == ["--workers", "2", "--task-index", "$SLURM_ARRAY_TASK_ID", "--num-tasks", "2",
+                                     "--no-progress"]
+    assert srun_argv(finalize)[-2:] == ["--splits", "val"]
+    r = launch("submit", "prep", "imagenet", str(src), str(out), "--tasks", "2", "--dry-run", cwd=tmp_path)
+    assert srun_argv(r.stdout.split("# ---- prep-finalize-imagenet.sbatch\n")[1])[-2:] == ["--splits", "train,val"]
+    for owned in (["--task-index", "0"], ["--num-tasks=4"]):  # they came after the launcher's and won
+        r = launch("submit", "prep", "imagenet", str(src), str(out), "--tasks", "2", "--dry-run", "--", *owned,
+                   cwd=tmp_path)
+        assert r.returncode == 2 and f"arguments after --: {owned[0].split('=')[0]} is set by the launcher" in r.stderr
+
+
+def test_a_splits_finalize_job_leaves_a_split_still_being_prepared(tmp_path: Path) -> None:
+    """Train and val prepared into one OUT by two submissions, as docs/slurm.md shows: the finalize job of
+    val ran `data_prep finalize OUT`, which merges every split with a plan, and failed on train's shards
+    that another array job was still writing."""
+    from pipeline.demo_data import write_digits
+
+    write_digits(tmp_path / "images")
+    out = tmp_path / "shards"
+    scripts = {}
+    for split in ("train", "val"):
+        r = launch("submit", "prep", "imagefolder", str(tmp_path / "images" / split), str(out), "--split", split,
+                   "--tasks", "2", "--dry-run", "--", "--samples-per-shard", "200", cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        scripts[split] = r.stdout.split(f"# ---- prep-finalize-imagefolder-{split}.sbatch\n")
+    tasks = {"train": [0], "val": [0, 1]}  # train's task 1 still runs
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for split, ids in tasks.items():
+        for i in ids:
+            argv = [a.replace("$SLURM_ARRAY_TASK_ID", str(i)) for a in srun_argv(scripts[split][0])[1:]]
+            subprocess.run(argv, check=True, capture_output=True, env=env, cwd=tmp_path, timeout=300)
+    done = subprocess.run(srun_argv(scripts["val"][1])[1:], capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    manifest = (out / "manifest.json").read_text()
+    assert '"val"' in manifest and '"train"' not in manifest
 
 
 def test_torchrun_prints_a_command_per_node(tmp_path: Path, cfg: Path) -> None:
@@ -211,9 +254,9 @@ def test_torchrun_prints_a_command_per_node(tmp_path: Path, cfg: Path) -> None:
     assert Path(rest[0]).name == "torchrun"
     assert rest[1:7] == ["--nnodes=2", "--nproc-per-node=4", "--rdzv-backend=c10d", "--rdzv-endpoint=node0:29400",
                          f"--rdzv-id={env['WANDB_RUN_ID']}", "--max-restarts=3"]
-    assert rest[7:] == ["-m", "pipeline", "fit", "--config", str(cfg), "--trainer.default_root_dir",
-                        str(tmp_path / "run"), "--trainer.num_nodes", "2", "--trainer.devices", "4",
-                        "--ckpt_path", "last", "--trainer.max_steps", "5"]
+    assert rest[7:] == ["-m", "pipeline", "fit", "--config", str(cfg), "--trainer.max_steps", "5",
+                        "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.num_nodes", "2",
+                        "--trainer.devices", "4", "--ckpt_path", "last"]
     bad = launch("torchrun", "--config", str(cfg), "--nnodes", "2", "--nproc-per-node", "4",
                  "--rdzv-endpoint", "node0", cwd=tmp_path)
     assert bad.returncode == 2 and "--rdzv-endpoint: 'node0' is not HOST:PORT" in bad.stderr
@@ -433,6 +476,26 @@ def test_trainer_args_after_dashdash_cannot_override_the_launchers(tmp_path: Pat
                "h:29400", "--run-dir", str(tmp_path / "run"), "--", *arg, cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.startswith(f"launch: error: arguments after --: {arg[0].split('=')[0]} is "
                                                      "set by the launcher"), r.stderr
+
+
+def test_a_config_after_dashdash_cannot_override_the_launchers_settings(tmp_path: Path) -> None:
+    """`-- --config overrides.yaml` (layered configs) came after the launcher's own arguments, so a file
+    setting trainer.devices or trainer.default_root_dir won: checkpoints outside the run directory (no
+    resume, no status), devices not matching the tasks Slurm starts. Parsed here by the trainer itself."""
+    over = tmp_path / "overrides.yaml"
+    over.write_text("trainer:\n  devices: 8\n  default_root_dir: /elsewhere\n  max_epochs: 7\n")
+    run_dir = tmp_path / "run"
+    r = launch("submit", "train", "--config", str(REPO / "conf" / "demo.yaml"), "--gpus-per-node", "2",
+               "--time", "1:00:00", "--run-dir", str(run_dir), "--dry-run", "--", "--config", str(over), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    argv = [a.replace("$RUN_DIR", str(run_dir)) for a in srun_argv(r.stdout)]
+    argv = argv[argv.index(sys.executable):]
+    parsed = subprocess.run([*argv, "--print_config"], capture_output=True, text=True, cwd=REPO, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert parsed.returncode == 0, parsed.stderr[-3000:]
+    trainer = parsed.stdout[parsed.stdout.index("\ntrainer:"):]
+    assert f"  default_root_dir: {run_dir}\n" in trainer and "  devices: '2'\n" in trainer, trainer[:2000]
+    assert "  max_epochs: 7\n" in trainer  # the rest of the user's file still applies
 
 
 def test_the_launcher_imports_neither_torch_nor_lightning() -> None:

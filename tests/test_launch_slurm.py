@@ -61,9 +61,9 @@ def test_hostile_values_cannot_inject_and_the_secret_stays_out(slurm_cluster: Sl
     log = (run_dir / f"slurm-{job}.out").read_text()
     argvs = [json.loads(line[5:]) for line in log.splitlines() if line.startswith("ARGV ")]
     envs = [json.loads(line[4:]) for line in log.splitlines() if line.startswith("ENV ")]
-    expected = ["-m", "pipeline", "fit", "--config", str(cfg), "--trainer.default_root_dir", str(run_dir),
+    expected = ["-m", "pipeline", "fit", "--config", str(cfg), *hostile, "--trainer.default_root_dir", str(run_dir),
                 "--trainer.num_nodes", "2", "--trainer.devices", "1", "--trainer.accelerator", "cpu",
-                "--ckpt_path", "last", *hostile]
+                "--ckpt_path", "last"]
     assert argvs == [expected, expected]  # one task per node, identical argv
     assert not canary.exists()
     assert sorted(e["SLURM_PROCID"] for e in envs) == ["0", "1"]
