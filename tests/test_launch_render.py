@@ -548,3 +548,21 @@ def test_prep_refuses_what_data_prep_would_refuse_after_the_queue_wait(tmp_path:
     assert r.returncode == 2 and r.stdout == "", r.stdout + r.stderr
     assert r.stderr.startswith("launch: error: " + needle.format(tmp=tmp_path)), r.stderr
     assert not (tmp_path / "shards-slurm").exists() and not (tmp_path / "src" / "shards-slurm").exists()
+
+
+def test_a_refused_finalize_submission_names_the_running_array_job(tmp_path: Path) -> None:
+    """sbatch took the array job and refused the finalize job (a QoS limit on jobs per user): the error said
+    only that, so the user submitted again, starting a second array job on the same shards."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "sbatch").write_text('#!/bin/bash\nif [ -e "$0.took" ]; then echo "sbatch: error: QOSMaxSubmitJobPerUser'
+                                   'Limit" >&2; exit 1; fi\ntouch "$0.took"; echo 101\n')
+    (bindir / "sbatch").chmod(0o755)
+    src = tmp_path / "src"
+    src.mkdir()
+    out = tmp_path / "shards"
+    r = launch("submit", "prep", "imagefolder", str(src), str(out), "--split", "val", "--tasks", "2", cwd=tmp_path,
+               env={"PATH": f"{bindir}:{os.environ['PATH']}"})
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "QOSMaxSubmitJobPerUserLimit" in r.stderr and "array job 101 was submitted and runs" in r.stderr
+    assert f"python -m data_prep finalize {out} --splits val" in r.stderr and "scancel 101" in r.stderr
