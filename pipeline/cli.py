@@ -29,6 +29,7 @@ from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 from pytorch_lightning.strategies import DeepSpeedStrategy
 
 import pipeline.strategies  # noqa: F401  (registers the deepspeed_stage_*_cpu strategies)
+from pipeline.strategies import AtomicDeepSpeedStrategy
 from data_prep.format import ManifestError
 from pipeline.arg_parser import PipelineArgumentParser
 from pipeline.checkpoint_io import AtomicCheckpointIO, recover_directories
@@ -207,6 +208,8 @@ class PipelineCLI(LightningCLI):
             return
         if path is None:
             return
+        if ckpt == "last":  # that file: Lightning's "last" is the newest last*.ckpt (a user's copy, an old last-v1)
+            cfg.ckpt_path = str(last)
         meta = self._check_checkpoint(path)
         _say(f"resuming from {path}")
         self._saved_run_id = meta.get("wandb_run_id")
@@ -247,6 +250,7 @@ class PipelineCLI(LightningCLI):
         """Same global batch as the checkpoint, whatever the new world size (see resume_geometry); a ZeRO
         checkpoint directory only with the world size that wrote it (its optimizer state is sharded)."""
         world = expected_world_size(cfg.trainer.get("num_nodes"), cfg.trainer.get("devices"))
+        self._resume_world = world  # checked against the trainer's (instantiate_trainer)
         check_zero_world_size(path, world)  # before DeepSpeed starts
         if "world_size" not in state:
             return
@@ -263,6 +267,16 @@ class PipelineCLI(LightningCLI):
                  f" -> {now.describe()}")
         cfg.data.batch_size = now.batch_size
         cfg.trainer.accumulate_grad_batches = now.accumulate
+
+    def _atomic_deepspeed(self) -> None:
+        """DeepSpeed given as ``class_path: ...DeepSpeedStrategy`` (how offload and other options are set)
+        saves atomically too: the registered ``deepspeed*`` names already make ``AtomicDeepSpeedStrategy``
+        (``pipeline.strategies``), a class path made Lightning's, which writes each rank's files into
+        ``last.ckpt/`` in place (a kill mid-save left a torn shard, or new files beside old ones)."""
+        init = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        strategy = init.trainer.get("strategy")
+        if type(strategy) is DeepSpeedStrategy:  # the subclass adds one method and no state
+            strategy.__class__ = AtomicDeepSpeedStrategy
 
     def _plugins(self, cfg) -> list:
         """The user's plugins (instantiated) plus ours where the user gave none of that kind."""
@@ -322,8 +336,16 @@ class PipelineCLI(LightningCLI):
         if any(isinstance(p, GlooSyncBatchNormPlugin) for p in kwargs["plugins"]):
             kwargs["sync_batchnorm"] = False  # the plugin above does it
         extra = kwargs.pop("callbacks", [])
+        self._atomic_deepspeed()
         self._user_callbacks()  # before the trainer appends its own to the configured list
         trainer = super().instantiate_trainer(**kwargs)
+        world = getattr(self, "_resume_world", None)
+        if world is not None and trainer.world_size != world:
+            raise ConfigError(
+                f"this run has {trainer.world_size} ranks, but its resume from {cfg.ckpt_path} kept the checkpoint's"
+                f" global batch for {world} (WORLD_SIZE, else Slurm's SLURM_NTASKS, else trainer.num_nodes x"
+                f" trainer.devices): the batch and the loader's position would be wrong; start it as its launcher"
+                f" does (srun, torchrun), or set trainer.num_nodes and trainer.devices to the ranks that run")
         self._drop_default_checkpointing(trainer)
         trainer.callbacks.extend(callbacks + list(extra))
         self._use_console_progress(trainer)

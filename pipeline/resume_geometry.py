@@ -93,10 +93,16 @@ class Geometry:
 
 
 def expected_world_size(num_nodes: int | None, devices: Any) -> int:
-    """The world size the job will have, known before the trainer exists (launcher env first)."""
+    """The world size the job will have, known before the trainer exists (launcher env first).
+
+    Slurm's task count only where Lightning takes its ranks from Slurm: not in a shell that ``srun --pty
+    bash`` (or ``salloc``) started, job name ``bash`` or ``interactive``, where Lightning starts
+    ``trainer.devices`` processes itself (``SLURM_NTASKS`` there is the shell's 1, and the resumed run got
+    4 times the checkpoint's global batch with 4 devices)."""
+    slurm = "SLURM_JOB_ID" in os.environ and os.environ.get("SLURM_JOB_NAME") not in ("bash", "interactive")
     for var in ("WORLD_SIZE", "SLURM_NTASKS"):
         v = os.environ.get(var)
-        if v and v.isdigit() and int(v) > 0 and (var == "WORLD_SIZE" or "SLURM_JOB_ID" in os.environ):
+        if v and v.isdigit() and int(v) > 0 and (var == "WORLD_SIZE" or slurm):
             return int(v)
     nodes = int(num_nodes or 1)
     if isinstance(devices, int):

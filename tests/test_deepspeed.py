@@ -150,3 +150,20 @@ def test_export_errors_are_clear(tmp_path, capsys):
     assert not (tmp_path / "out.pt").exists()
     assert export_main([str(tmp_path / "junk.ckpt"), str(tmp_path)]) == 2  # an existing directory as out
     assert f"out: {tmp_path} is a directory" in capsys.readouterr().err
+
+
+def test_a_deepspeed_strategy_given_by_class_path_saves_atomically(digits_shards, tmp_path):
+    """``trainer.strategy: {class_path: ...DeepSpeedStrategy, init_args: {...}}`` (how offload and the other
+    options are set) made Lightning's own strategy, which writes each rank's files into ``last.ckpt/`` in
+    place; only the registered ``deepspeed*`` names were the atomic one."""
+    from pipeline.cli import PipelineCLI
+    from pipeline.datamodule import ShardDataModule
+    from pipeline.module import ImageClassifier
+    from pipeline.strategies import AtomicDeepSpeedStrategy
+
+    cli = PipelineCLI(ImageClassifier, ShardDataModule, run=False, auto_configure_optimizers=False, args=[
+        "--config", CONF, "--data.root", str(digits_shards), "--trainer.default_root_dir", str(tmp_path / "run"),
+        "--trainer.strategy", "pytorch_lightning.strategies.DeepSpeedStrategy", "--trainer.strategy.stage", "2",
+        "--tracking.wandb", "false"])
+    assert type(cli.trainer.strategy) is AtomicDeepSpeedStrategy
+    assert cli.trainer.strategy.config["zero_optimization"]["stage"] == 2  # the user's options kept

@@ -16,7 +16,7 @@ import torch
 from bench.kill_resume import compare, fit_command, run_and_kill_at, run_to_end, saved_step
 from pipeline.checkpoint_io import TMP_PREFIX, AtomicCheckpointIO
 from pipeline.errors import ConfigError
-from pipeline.resume_geometry import Geometry, adapt
+from pipeline.resume_geometry import Geometry, adapt, expected_world_size
 from tests.conftest import REPO, run_cli_in_process
 
 STEPS = 13  # 11 steps per epoch at batch 128: crosses an epoch end (validation, epoch-end checkpoint)
@@ -267,6 +267,23 @@ def test_failed_checkpoint_write_keeps_the_previous_file(tmp_path):
         cio.os.fsync = real_fsync
     assert calls and torch.load(path, weights_only=True)["global_step"] == 7
     assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]
+
+
+def test_the_expected_world_size_is_slurms_only_where_lightning_uses_slurm(monkeypatch):
+    """In a shell from ``srun --pty bash`` Lightning starts ``trainer.devices`` ranks itself; Slurm's
+    SLURM_NTASKS=1 there was taken for the world size, and a 4-device resume quadrupled the global batch."""
+    for var in ("WORLD_SIZE", "SLURM_NTASKS", "SLURM_JOB_ID", "SLURM_JOB_NAME"):
+        monkeypatch.delenv(var, raising=False)
+    assert expected_world_size(2, 4) == 8
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    for shell in ("bash", "interactive"):
+        monkeypatch.setenv("SLURM_JOB_NAME", shell)
+        assert expected_world_size(1, 4) == 4
+    monkeypatch.setenv("SLURM_JOB_NAME", "train-imagenet_resnet50")  # a batch job's srun: Slurm's tasks
+    assert expected_world_size(1, 4) == 1
+    monkeypatch.setenv("WORLD_SIZE", "16")  # torchrun's
+    assert expected_world_size(1, 4) == 16
 
 
 def test_geometry_keeps_the_global_batch():

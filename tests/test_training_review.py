@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import resource
+import shutil
 import stat
 import subprocess
 import sys
@@ -68,6 +69,39 @@ def test_explicit_ckpt_path_keeps_the_config(trained, digits_shards, tmp_path):
     proc = run_module(*_args("fit", digits_shards, tmp_path / "other", "--ckpt_path", str(last),
                              "--model.arch", "cifar_resnet32"), check=False)
     _fails_clearly(proc, 2, "model.arch='cifar_resnet20'", "cifar_resnet32")
+
+
+def test_a_resume_reads_last_ckpt_not_a_newer_copy_beside_it(trained, digits_shards, tmp_path):
+    """Lightning's ``ckpt_path="last"`` loads the newest ``last*.ckpt`` of the folder: a user's copy there
+    (``last_before_lr_change.ckpt``, an old ``last-v1.ckpt``) was resumed while the log said last.ckpt, whose
+    position, geometry and W&B id were the ones checked."""
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    ckdir = run / "checkpoints"
+    copy = ckdir / "last_before_lr_change.ckpt"
+    shutil.copy2(ckdir / "last.ckpt", copy)  # step 3
+    run_module(*_args("fit", digits_shards, run, "--trainer.max_steps", "5"))
+    os.utime(copy)  # the newest file of the folder now
+    proc = run_module(*_args("fit", digits_shards, run, "--trainer.max_steps", "6"))
+    restored = re.findall(r"Restored all states from the checkpoint at (.+)", proc.stdout + proc.stderr)
+    assert restored and all(r.strip().endswith("/last.ckpt") for r in restored), restored
+    saved = torch.load(ckdir / "last.ckpt", map_location="cpu", weights_only=False)
+    assert saved["global_step"] == 6 and copy.exists()
+
+
+def test_a_resume_set_up_for_another_world_size_than_the_trainers_is_refused(trained, digits_shards, tmp_path):
+    """The checkpoint's global batch is kept by adapting batch and accumulation to the world size expected
+    before the trainer exists (WORLD_SIZE, Slurm's task count, the trainer settings). Where the trainer then
+    runs another one (here Slurm says 2 tasks, a user's cluster environment says 1 process), the global
+    batch and the loader's position would silently be wrong: refused, naming both."""
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    proc = run_module(*_args("fit", digits_shards, run, "--trainer.max_steps", "5", "--trainer.plugins",
+                             "lightning_fabric.plugins.environments.LightningEnvironment"), check=False,
+                      env={"SLURM_JOB_ID": "7", "SLURM_NTASKS": "2", "SLURM_JOB_NAME": "train"})
+    _fails_clearly(proc, 2, "this run has 1 ranks", "global batch for 2")
+    saved = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert saved["global_step"] == 3
 
 
 def test_unreadable_checkpoints_and_bad_batch_fail_in_one_line(trained, digits_shards, tmp_path):
