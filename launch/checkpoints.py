@@ -27,7 +27,9 @@ def payload(path: Path) -> Path:
         return path
     latest = path / "latest"
     tag = latest.read_text().strip() if latest.is_file() else "checkpoint"
-    return path / tag / "mp_rank_00_model_states.pt"
+    states = path / tag / "mp_rank_00_model_states.pt"
+    zero3 = path / tag / "zero_pp_rank_0_mp_rank_00_model_states.pt"  # rank 0's file under ZeRO-3
+    return zero3 if not states.exists() and zero3.exists() else states
 
 
 def checkpoint_files(run_dir: Path) -> list[Path]:
@@ -82,18 +84,22 @@ def best_checkpoint(run_dir: Path) -> BestCheckpoint | None:
     return best
 
 
-def latest_checkpoint(run_dir: Path) -> CheckpointInfo | None:
+def latest_checkpoint(run_dir: Path, unreadable: list[str] | None = None) -> CheckpointInfo | None:
     """The newest checkpoint that still exists when it is read: while a job runs, ModelCheckpoint deletes
     a best-k file as soon as a better one is saved, so a listed file may be gone a moment later. A file
-    that exists but cannot be read is still an error (LaunchError naming it)."""
+    that exists but cannot be read is an error (LaunchError naming it); given ``unreadable``, its message
+    goes there instead and the next newest is read."""
     for path in checkpoint_files(run_dir):
         if not path.exists():
             continue
         try:
             return read_checkpoint(path)
-        except LaunchError:
-            if path.exists():
+        except LaunchError as e:
+            if not path.exists():
+                continue
+            if unreadable is None:
                 raise
+            unreadable.append(str(e))
     return None
 
 

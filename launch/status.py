@@ -139,9 +139,11 @@ def report(run_dir: Path) -> str:
         detail = ", ".join(f"job {j}: {n}" for j, n in sorted(per_job.items()) if n) or "none in job logs"
         lines.append(f"requeues     {sum(per_job.values())} ({detail})")
     lines += _training_line(run_dir)
-    ckpt = latest_checkpoint(run_dir)
+    unreadable: list[str] = []  # said, and the rest of the report still shown: that is when it is needed
+    ckpt = latest_checkpoint(run_dir, unreadable)
+    lines += [f"checkpoint   UNREADABLE {e}" for e in unreadable]
     if ckpt is None:
-        lines.append("checkpoint   none yet")
+        lines.append("checkpoint   none readable" if unreadable else "checkpoint   none yet")
     else:
         try:
             mtime = payload(ckpt.path).stat().st_mtime
