@@ -209,6 +209,7 @@ def _submit_prep(a: argparse.Namespace, extra: list[str]) -> int:
               f"{job.finalize_script_path}", file=sys.stderr)
         return 0
     run_dir.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)  # a container mounts it: enroot fails on a missing source
     job.array_script_path.write_text(job.render_array())
     job.finalize_script_path.write_text(job.render_finalize())
     array_id = slurm.sbatch(job.array_script_path)

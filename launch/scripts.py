@@ -50,6 +50,17 @@ class SlurmOptions:
             "qos": self.qos,
         }
 
+    def check_mounts(self, mounts: list[Path]) -> None:
+        """pyxis splits ``--container-mounts`` at commas, each mount at colons (SRC:DST:FLAGS), and a space
+        breaks it too (NVIDIA/pyxis#133): such a path failed only once the job left the queue."""
+        if not self.container_image:
+            return
+        for m in [*(str(p) for p in mounts), *self.container_mounts]:
+            bad = [c for c in m if c == "," or c.isspace() or (c == ":" and m not in self.container_mounts)]
+            if bad:
+                raise LaunchError(f"--container-image: {m!r} must be mounted in the container, and pyxis cannot mount "
+                                  f"a path with {bad[0]!r}; rename it or use another directory")
+
     def container_flags(self, mounts: list[Path], workdir: Path) -> str:
         """pyxis flags for srun (empty without --container-image), each value shell-quoted."""
         if not self.container_image:
@@ -137,6 +148,11 @@ class TrainJob:
         return self.run_dir / "slurm-%j.out"
 
     @property
+    def mounts(self) -> list[Path]:
+        """What the container must see (with --container-image)."""
+        return [self.run_dir, self.workdir, self.config.parent]
+
+    @property
     def script_path(self) -> Path:
         return self.run_dir / "train.sbatch"
 
@@ -159,6 +175,7 @@ class TrainJob:
                 f"{self.slurm.time}; USR1 would arrive as the job starts, before the trainer can checkpoint"
             )
         no_launcher_args(self.extra_args, TRAINER_ARGS)
+        self.slurm.check_mounts(self.mounts)
         if self.slurm.container_image and self.python != "python":
             raise LaunchError("--python: with --container-image the container's own `python` is used")
 
@@ -179,8 +196,7 @@ class TrainJob:
             "run_dir": str(self.run_dir),
             "workdir": str(self.workdir),
             "wandb_run_id": wandb_run_id,
-            "container_flags": self.slurm.container_flags([self.run_dir, self.workdir, self.config.parent],
-                                                          self.workdir),
+            "container_flags": self.slurm.container_flags(self.mounts, self.workdir),
             "python": self.python,
             "config": str(self.config),
             "accelerator_args": accel,
@@ -246,6 +262,12 @@ class PrepJob:
         writable_dir(sbatch_path(self.run_dir, "--run-dir"), "--run-dir")
         writable_dir(self.out, "OUT")
         no_launcher_args(self.prep_args, PREP_ARGS)
+        self.slurm.check_mounts(self.mounts)
+
+    @property
+    def mounts(self) -> list[Path]:
+        """What the container must see (with --container-image)."""
+        return [self.src, self.out, self.run_dir, self.workdir]
 
     def _common(self) -> dict[str, str | int | None]:
         return {
@@ -253,8 +275,7 @@ class PrepJob:
             "workdir": str(self.workdir),
             "python": self.python,
             "out": str(self.out),
-            "container_flags": self.slurm.container_flags([self.src, self.out, self.run_dir, self.workdir],
-                                                          self.workdir),
+            "container_flags": self.slurm.container_flags(self.mounts, self.workdir),
             **self.slurm.directives(),
         }
 

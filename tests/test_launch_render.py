@@ -115,6 +115,19 @@ def test_container_image_renders_pyxis_flags(tmp_path: Path, cfg: Path) -> None:
     assert mounts == [str(tmp_path / "run"), str(tmp_path), str(cfg.parent), "/datasets:/data:ro"]
     assert f"--container-workdir={tmp_path}" in argv
     assert argv[argv.index("-m") - 1] == "python"  # the container's interpreter, not this machine's
+    # pyxis splits the mounts at commas and each at colons, and a space breaks them: such a run directory (or
+    # OUT, SRC, working directory) failed only after the queue wait
+    for bad, char in (("lr=0.1,bs=256", ","), ("a:b", ":")):
+        r = launch("submit", "train", "--config", str(cfg), "--time", "1:00:00", "--container-image", "img",
+                   "--run-dir", str(tmp_path / bad), "--dry-run", cwd=tmp_path)
+        assert r.returncode == 2 and f"pyxis cannot mount a path with {char!r}" in r.stderr, r.stderr
+    src = tmp_path / "my images"
+    src.mkdir()
+    r = launch("submit", "prep", "imagenet", str(src), str(tmp_path / "out"), "--tasks", "2", "--container-image",
+               "img", "--dry-run", cwd=tmp_path)
+    assert r.returncode == 2 and f"{str(src)!r} must be mounted in the container" in r.stderr, r.stderr
+    r = launch("submit", "prep", "imagenet", str(src), str(tmp_path / "out"), "--tasks", "2", "--dry-run", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr  # without a container a space is only quoted
 
 
 HOSTILE = ["a;touch CANARY", "$(touch CANARY)", "`touch CANARY`", "x\ntouch CANARY", "'; touch CANARY; '"]
