@@ -198,7 +198,9 @@ class PipelineCLI(LightningCLI):
         if warning := restart_warning(os.environ):
             _say(warning)
         for path in recover_directories(checkpoint_dir(run_dir)):  # a crash in a DeepSpeed directory swap
-            _say(f"restored {path} (the last whole checkpoint; the save after it was interrupted)")
+            # said by the rank that did it: every rank recovers, the first one wins (rank 0 may find it done)
+            print(f"restored {path} (the last whole checkpoint; the save after it was interrupted)", file=sys.stderr,
+                  flush=True)
         if cfg.get("ckpt_path") is None and last.exists():
             cfg.ckpt_path = "last"
         ckpt = cfg.get("ckpt_path")
