@@ -1,6 +1,6 @@
 """Loader workers started while other threads enter Python: how many never start, by start method.
 
-A training rank has C++ threads that call into Python now and then (torch's, the process group's, W&B's);
+A training rank has C++ threads that call into Python now and then (the process group's, for callbacks);
 each such call creates a Python thread state and deletes it. On CPython before 3.11.10 a fork at that
 moment leaves the child stuck for good inside ``os.fork`` (CPython gh-112275), so its DataLoader waits for
 it forever. This starts and joins worker processes through ``pipeline.data.worker_start.worker_context``
@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.data.worker_start import START_METHODS, worker_context  # noqa: E402
+from pipeline.data.worker_start import worker_context  # noqa: E402
 
 _CALLBACK = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p)
 
@@ -72,7 +72,7 @@ def main() -> None:
         t.start()
     rows = []
     try:
-        for method in START_METHODS:
+        for method in ("forkserver", "fork"):
             rows.append((method, *measure(method, args.starts, args.timeout)))
     finally:
         stop.set()

@@ -18,7 +18,7 @@ from pipeline.data.augment import AugmentConfig
 from pipeline.data.contract import Position, TrainSampler, ValSampler, steps_in_epoch
 from pipeline.data.shards import ShardSet
 from pipeline.data.worker_signals import shield_worker
-from pipeline.data.worker_start import START_METHODS, worker_context
+from pipeline.data.worker_start import START_METHODS, resolve, worker_context
 from pipeline.errors import ConfigError, require
 from pipeline.resume_geometry import epoch_finished
 
@@ -42,8 +42,9 @@ class ShardDataModule(pl.LightningDataModule):
         val_batch_size: per-rank validation batch size (default: batch_size).
         num_workers: loader processes (cpu backend) or threads (DALI) per rank.
         worker_start_method: how the cpu backend's loader processes start: "forkserver" (forked by a fresh
-            one-thread process; see ``pipeline.data.worker_start``) or "fork" (forked by the rank itself,
-            which can hang a worker for good on CPython before 3.11.10).
+            one-thread process; see ``pipeline.data.worker_start``), "fork" (forked by the rank itself, which
+            in a multi-rank run can hang a worker for good on CPython before 3.11.10) or "auto" (forkserver
+            with more than one rank, else fork).
         seed: seed of the epoch permutations and of the augmentation.
         window_shards: shards mixed together by the shard-aware shuffle.
         on_corrupt: "fail" (stop with the shard's name) or "skip" (mask the sample, count and log it).
@@ -64,7 +65,7 @@ class ShardDataModule(pl.LightningDataModule):
         batch_size: int = 256,
         val_batch_size: int | None = None,
         num_workers: int = 8,
-        worker_start_method: str = "forkserver",
+        worker_start_method: str = "auto",
         seed: int = 0,
         window_shards: int = 4,
         on_corrupt: str = "fail",
@@ -80,7 +81,7 @@ class ShardDataModule(pl.LightningDataModule):
                 ">= 1 (or null: data.batch_size)", val_batch_size)
         require(num_workers >= 0, "data.num_workers", ">= 0", num_workers)
         require(worker_start_method in START_METHODS, "data.worker_start_method",
-                " or ".join(repr(m) for m in START_METHODS), worker_start_method)
+                "one of " + ", ".join(repr(m) for m in START_METHODS), worker_start_method)
         require(seed >= 0, "data.seed", ">= 0", seed)  # numpy's seed sequences take non-negative integers only
         require(window_shards >= 1, "data.window_shards", ">= 1", window_shards)
         require(on_corrupt in ("fail", "skip"), "data.on_corrupt", "'fail' or 'skip'", on_corrupt)
@@ -277,6 +278,11 @@ class ShardDataModule(pl.LightningDataModule):
             from pipeline.data.cpu_backend import ShardBatches
 
             dataset = ShardBatches(shards, self.augment, train, self.seed, self.on_corrupt)
+            world, rank = self._geometry()
+            method = resolve(self.worker_start_method, world)
+            if train and rank == 0 and self.num_workers > 0:
+                log.info("cpu loader: %d worker processes per rank, started by %s", self.num_workers,
+                         "a fork server" if method == "forkserver" else "fork")
             return torch.utils.data.DataLoader(
                 dataset,
                 sampler=sampler,
@@ -285,7 +291,7 @@ class ShardDataModule(pl.LightningDataModule):
                 persistent_workers=self.num_workers > 0,
                 pin_memory=torch.cuda.is_available(),
                 prefetch_factor=2 if self.num_workers > 0 else None,
-                multiprocessing_context=worker_context(self.worker_start_method) if self.num_workers > 0 else None,
+                multiprocessing_context=worker_context(method) if self.num_workers > 0 else None,
                 worker_init_fn=shield_worker,  # Slurm signals the workers too
             )
         if backend in ("dali", "dali-cpu"):

@@ -119,7 +119,7 @@ def test_model_settings_are_checked(kwargs, needle):
     [
         ({"val_batch_size": 0}, "data.val_batch_size must be >= 1"),
         ({"num_workers": -1}, "data.num_workers must be >= 0"),
-        ({"worker_start_method": "spawn"}, "data.worker_start_method must be 'forkserver' or 'fork'"),
+        ({"worker_start_method": "spawn"}, "data.worker_start_method must be one of 'auto', 'forkserver', 'fork'"),
         ({"seed": -1}, "data.seed must be >= 0"),
         ({"window_shards": 0}, "data.window_shards must be >= 1"),
         ({"dali_hw_decoder_load": 1.5}, "data.dali_hw_decoder_load must be in [0, 1]"),
