@@ -7,8 +7,9 @@ fsynced. Here the bytes go to a temporary file next to the target, are fsynced, 
 the target (atomic on POSIX), and the directory entry is fsynced.
 
 DeepSpeed checkpoints are directories that every rank writes into. They are written to ``<name>.partial``,
-fsynced, and swapped in by two renames (``<name>`` -> ``<name>.old``, ``<name>.partial`` -> ``<name>``);
-``recover_directories`` repairs a crash between the two renames at the next start.
+fsynced, marked complete (an empty ``.complete`` file, once every rank's files are on disk), and swapped
+in by two renames (``<name>`` -> ``<name>.old``, ``<name>.partial`` -> ``<name>``); ``recover_directories``
+repairs a crash between the two renames at the next start, with the newer save when it was complete.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pipeline.errors import CheckpointWriteError
 TMP_PREFIX = ".tmp-"
 PARTIAL = ".partial"  # a checkpoint directory being written
 OLD = ".old"  # the previous checkpoint directory, during the swap
+COMPLETE = ".complete"  # in a checkpoint directory: all its files were on disk before the swap began
 
 
 def atomic_write_bytes(data: bytes | memoryview, path: str | Path) -> None:
@@ -77,43 +79,58 @@ def partial_path(final: str | Path) -> Path:
 
 
 def replace_directory(partial: str | Path, final: str | Path) -> None:
-    """Swap the complete directory ``partial`` in for ``final`` (which may not exist yet)."""
+    """Swap the complete directory ``partial`` (every writer's files fsynced) in for ``final`` (which may not
+    exist yet)."""
     partial, final = Path(partial), Path(final)
     old = final.with_name(final.name + OLD)
     if old.exists():  # left by an earlier crash after both renames: ``final`` is whole
         shutil.rmtree(old)
+    marker = partial / COMPLETE
+    with open(marker, "wb") as f:
+        os.fsync(f.fileno())
+    fsync_dir(partial)
     if final.exists():
         os.rename(final, old)
-    os.rename(partial, final)  # a crash before this line: recover_directories puts ``old`` back
+    os.rename(partial, final)  # a crash before this line: recover_directories finishes the swap
     fsync_dir(final.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
-def recover_directories(folder: str | Path) -> list[Path]:
-    """After a crash during a directory save: ``X.old`` without ``X`` becomes ``X`` again (the last whole
-    checkpoint) and unfinished ``X.partial`` directories are removed; so are the temporary files of file
+def recover_directories(folder: str | Path) -> list[tuple[Path, bool]]:
+    """After a crash during a directory save, ``X`` missing: a complete ``X.partial`` becomes ``X`` (the save
+    had ended; the crash came between the two renames), else ``X.old`` becomes ``X`` again (the last whole
+    checkpoint). Unfinished ``X.partial`` directories are removed, and so are the temporary files of file
     saves killed mid-write (``.tmp-*``, as large as a checkpoint each). Safe to run from every rank at once
-    (before training starts, when no save can be in flight). Returns the checkpoints put back."""
+    (before training starts, when no save can be in flight). Returns each checkpoint put in place, and
+    whether it is the newer save."""
     folder = Path(folder)
-    restored = []
+    recovered: list[tuple[Path, bool]] = []
     if not folder.is_dir():
-        return restored
+        return recovered
     for entry in sorted(folder.iterdir()):
-        if entry.name.endswith(OLD) and entry.is_dir():
-            final = entry.with_name(entry.name[: -len(OLD)])
-            if not final.exists():
-                try:
-                    os.rename(entry, final)
-                    restored.append(final)
-                except FileNotFoundError:  # another rank put it back first
-                    pass
-            else:
-                shutil.rmtree(entry, ignore_errors=True)
-        elif entry.name.endswith(PARTIAL) and entry.is_dir():
-            shutil.rmtree(entry, ignore_errors=True)
-        elif entry.name.startswith(TMP_PREFIX) and not entry.is_dir():
+        if entry.name.startswith(TMP_PREFIX) and not entry.is_dir():
             entry.unlink(missing_ok=True)
-    return restored
+            continue
+        suffix = next((s for s in (OLD, PARTIAL) if entry.name.endswith(s)), None)
+        if suffix is None or not entry.is_dir():
+            continue
+        final = entry.with_name(entry.name[: -len(suffix)])
+        newer = partial_path(final)
+        if not final.exists() and (newer / COMPLETE).is_file():
+            try:
+                os.rename(newer, final)
+                recovered.append((final, True))
+            except OSError:  # another rank did it first
+                pass
+        elif not final.exists() and suffix == OLD:
+            try:
+                os.rename(entry, final)
+                recovered.append((final, False))
+            except OSError:  # another rank put it back, or the newer save in its place
+                pass
+        if final.exists() or (suffix == PARTIAL and not (entry / COMPLETE).is_file()):
+            shutil.rmtree(entry, ignore_errors=True)
+    return recovered
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

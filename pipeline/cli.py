@@ -197,10 +197,11 @@ class PipelineCLI(LightningCLI):
         self._run_lock.acquire()
         if warning := restart_warning(os.environ):
             _say(warning)
-        for path in recover_directories(checkpoint_dir(run_dir)):  # a crash in a DeepSpeed directory swap
+        for path, newer in recover_directories(checkpoint_dir(run_dir)):  # a crash in a DeepSpeed directory swap
             # said by the rank that did it: every rank recovers, the first one wins (rank 0 may find it done)
-            print(f"restored {path} (the last whole checkpoint; the save after it was interrupted)", file=sys.stderr,
-                  flush=True)
+            print(f"restored {path} " + ("(its save had ended; the crash came between the two renames that put it in"
+                                        " place)" if newer else "(the last whole checkpoint; the save after it was"
+                                        " interrupted)"), file=sys.stderr, flush=True)
         if cfg.get("ckpt_path") is None and last.exists():
             cfg.ckpt_path = "last"
         ckpt = cfg.get("ckpt_path")

@@ -1,5 +1,6 @@
-"""Checkpoint directories (DeepSpeed's) are swapped in whole: real SIGKILLs while the new one is written
-and between the two renames leave the previous checkpoint, which the next start puts back."""
+"""Checkpoint directories (DeepSpeed's) are swapped in whole: a real SIGKILL while the new one is written
+leaves the previous checkpoint; one between the two renames leaves the new one complete, which the next
+start puts in place (it put the previous one back, losing a whole save: a preemption's)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import sys
 import textwrap
 from pathlib import Path
 
-from pipeline.checkpoint_io import OLD, PARTIAL, fsync_tree, partial_path, recover_directories, replace_directory
+from pipeline.checkpoint_io import (COMPLETE, OLD, PARTIAL, fsync_tree, partial_path, recover_directories,
+                                    replace_directory)
 from tests.conftest import REPO
 
 
@@ -42,7 +44,7 @@ def test_a_save_replaces_the_directory_and_leaves_nothing_beside_it(tmp_path):
     final = tmp_path / "last.ckpt"
     save_dir(final, V1)
     save_dir(final, V2)
-    assert contents(final) == V2
+    assert contents(final) == {**V2, COMPLETE: b""}
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
     assert recover_directories(tmp_path) == []
 
@@ -59,10 +61,10 @@ def test_sigkill_while_writing_keeps_the_previous_checkpoint(tmp_path):
         os.kill(os.getpid(), signal.SIGKILL)  # the rank dies half-way through its files
     """)
     assert sig == signal.SIGKILL
-    assert contents(final) == V1 and (tmp_path / ("last.ckpt" + PARTIAL)).is_dir()
+    assert contents(final) == {**V1, COMPLETE: b""} and (tmp_path / ("last.ckpt" + PARTIAL)).is_dir()
     assert recover_directories(tmp_path) == []  # nothing to put back: last.ckpt is whole
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
-    assert contents(final) == V1
+    assert contents(final) == {**V1, COMPLETE: b""}
 
 
 def test_sigkill_between_the_renames_is_repaired_at_the_next_start(tmp_path):
@@ -85,11 +87,27 @@ def test_sigkill_between_the_renames_is_repaired_at_the_next_start(tmp_path):
     """)
     assert sig == signal.SIGKILL
     assert not final.exists()
-    assert contents(tmp_path / ("last.ckpt" + OLD)) == V1
-    assert recover_directories(tmp_path) == [final]
-    assert contents(final) == V1
+    assert contents(tmp_path / ("last.ckpt" + OLD)) == {**V1, COMPLETE: b""}
+    assert recover_directories(tmp_path) == [(final, True)]
+    assert contents(final) == {**V2, COMPLETE: b""}, "the newer save, which had ended"
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
     assert recover_directories(tmp_path) == []  # idempotent (every rank runs it)
+
+
+def test_an_unfinished_save_beside_a_moved_checkpoint_puts_the_previous_one_back(tmp_path):
+    """No completion mark in the new directory (a save of an earlier version, or a rank's files not all
+    written): the previous checkpoint goes back, the unfinished one is removed."""
+    final = tmp_path / "last.ckpt"
+    save_dir(final, V1)
+    final.rename(tmp_path / ("last.ckpt" + OLD))
+    (tmp_path / ("last.ckpt" + PARTIAL) / "checkpoint").mkdir(parents=True)
+    assert recover_directories(tmp_path) == [(final, False)]
+    assert contents(final) == {**V1, COMPLETE: b""}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+    save_dir(tmp_path / "first.ckpt", V2)  # the very first save, killed before its one rename
+    (tmp_path / "first.ckpt").rename(tmp_path / ("first.ckpt" + PARTIAL))
+    assert recover_directories(tmp_path) == [(tmp_path / "first.ckpt", True)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["first.ckpt", "last.ckpt"]
 
 
 def test_deepspeed_names_save_atomically():
