@@ -14,6 +14,7 @@ repairs a crash between the two renames at the next start, with the newer save w
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import secrets
@@ -53,10 +54,15 @@ def atomic_write_bytes(data: bytes | memoryview, path: str | Path) -> None:
 
 
 def fsync_dir(path: str | Path) -> None:
-    """Make renames and new entries in a directory durable."""
+    """Make renames and new entries in a directory durable. A file system that cannot fsync a directory
+    (some FUSE mounts say EINVAL) has nothing more to give: every save failed there, after its file was
+    already in place, with a message saying the previous file was intact."""
     dir_fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
     finally:
         os.close(dir_fd)
 

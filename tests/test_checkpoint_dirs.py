@@ -119,3 +119,28 @@ def test_deepspeed_names_save_atomically():
         assert StrategyRegistry[name]["strategy"] is AtomicDeepSpeedStrategy
     assert StrategyRegistry["deepspeed_stage_2"]["init_params"] == {"stage": 2}
     assert issubclass(CPUDeepSpeedStrategy, AtomicDeepSpeedStrategy)
+
+
+def test_a_file_system_that_cannot_fsync_a_directory_still_saves(tmp_path, monkeypatch):
+    """Some FUSE mounts answer EINVAL to fsync on a directory: every save failed there, after the new file
+    was already in place, with an error saying the previous one was intact."""
+    import errno
+    import os
+    import stat
+
+    import pipeline.checkpoint_io as cio
+
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        real_fsync(fd)
+
+    monkeypatch.setattr(cio.os, "fsync", fsync)
+    target = tmp_path / "last.ckpt"
+    cio.atomic_write_bytes(b"one", target)
+    cio.atomic_write_bytes(b"two", target)
+    assert target.read_bytes() == b"two"
+    save_dir(tmp_path / "zero.ckpt", V1)  # the directory swap fsyncs directories too
+    assert contents(tmp_path / "zero.ckpt") == {**V1, COMPLETE: b""}
