@@ -26,7 +26,6 @@ if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
-CIFAR_TEST_TAR = SHARED / "data" / "cifar10" / "cifar10-test.tar"
 
 
 def unavailable_here(reason: str) -> None:
@@ -35,6 +34,15 @@ def unavailable_here(reason: str) -> None:
     if os.environ.get("CI"):
         pytest.fail(f"CI must run this test: {reason}")
     pytest.skip(reason)
+
+
+def cifar_tar(name: str = "cifar10-test.tar") -> Path:
+    """One of the real CIFAR-10 tars (``<class>/<n>.jpg``) that this project's CI lays beside the clone
+    (``../shared/data/cifar10/``; the repository cannot ship them). Elsewhere the tests that need them skip."""
+    path = SHARED / "data" / "cifar10" / name
+    if not path.is_file():
+        unavailable_here(f"{path} is not here (the real CIFAR-10 tars, beside the clone in this project's CI)")
+    return path
 
 
 def free_port() -> int:

@@ -13,9 +13,9 @@ import pytest
 from data_prep.cli import main, parse_size
 from data_prep.errors import PrepError
 from data_prep.format import load_manifest, read_index, shard_paths
+from tests.conftest import cifar_tar
 from tests.fixtures_images import awkward_files, add_tar_member, tar_tree, write_imagefolder
 
-from tests.conftest import CIFAR_TEST_TAR as CIFAR_TEST
 CLASSES = ["cat", "dog", "zebra"]
 WDS2IDX = Path(sys.executable).parent / "wds2idx"
 
@@ -115,7 +115,7 @@ def test_deterministic_and_seeded(tree, prepared, tmp_path):
 
 def test_cifar_tar_with_top_dir_and_dali(tmp_path):
     out = tmp_path / "cifar"
-    assert main(["imagefolder", str(CIFAR_TEST), str(out), "--split", "val", "--shard-size", "4MB",
+    assert main(["imagefolder", str(cifar_tar()), str(out), "--split", "val", "--shard-size", "4MB",
                  "--no-progress"]) == 0
     m = load_manifest(out)
     assert m["classes"] == ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]

@@ -12,10 +12,10 @@ from PIL import Image
 
 from data_prep.cli import main
 from data_prep.format import load_manifest
+from tests.conftest import cifar_tar
 from tests.fixtures_images import write_imagefolder
 from tests.test_data_prep_imagefolder import samples_of
 
-from tests.conftest import CIFAR_TEST_TAR as CIFAR_TEST
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -32,7 +32,7 @@ def tree(tmp_path_factory):
 
 
 def test_kill_midway_then_resume_is_identical(tmp_path):
-    args = ["imagefolder", str(CIFAR_TEST), "SPLIT", "--split", "test", "--samples-per-shard", "500",
+    args = ["imagefolder", str(cifar_tar()), "SPLIT", "--split", "test", "--samples-per-shard", "500",
             "--max-side", "24", "--workers", "1", "--no-progress"]
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "data_prep", *[a.replace("SPLIT", str(killed)) for a in args]],
@@ -77,7 +77,7 @@ def test_a_killed_worker_ends_the_run_with_an_error_and_the_rerun_resumes(tmp_pa
     the parent waited for it forever, at 0% CPU, with no message (under Slurm, until the time limit). Now
     the run ends with one line and exit 2, and the same command resumes to a sound dataset."""
     out = tmp_path / "out"
-    args = ["imagefolder", str(CIFAR_TEST), str(out), "--split", "test", "--samples-per-shard", "500",
+    args = ["imagefolder", str(cifar_tar()), str(out), "--split", "test", "--samples-per-shard", "500",
             "--max-side", "24", "--workers", "2", "--no-progress"]
     proc = subprocess.Popen([sys.executable, "-m", "data_prep", *args], cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import cifar_tar
 from tests.slurm_fixtures import REPO, SlurmCluster, slurm_cluster  # noqa: F401  (session fixture)
 
-CIFAR_TRAIN = REPO.parent / "shared" / "data" / "cifar10" / "cifar10-train.tar"  # CI: beside the clone
 
 
 ARGV_DUMP = """\
@@ -134,7 +134,7 @@ def _no_accounting_conf(cluster: SlurmCluster, tmp_path: Path) -> Path:
 def _cifar_imagefolder(dst: Path, per_class: int) -> Path:
     """A small ImageFolder tree of real CIFAR-10 JPEGs (train/<class>/<n>.jpg)."""
     counts: dict[str, int] = {}
-    with tarfile.open(CIFAR_TRAIN) as tar:
+    with tarfile.open(cifar_tar("cifar10-train.tar")) as tar:
         for member in tar:
             parts = Path(member.name).parts
             if not member.isfile() or len(parts) < 3:
@@ -169,7 +169,6 @@ def _manifest_view(out: Path) -> dict:
 
 @pytest.mark.slow
 def test_prep_array_plus_finalize_matches_single_process(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
-    assert CIFAR_TRAIN.is_file(), f"{CIFAR_TRAIN} is missing (CI lays ../shared beside the clone)"
     src = _cifar_imagefolder(tmp_path / "src", per_class=12)
     opts = ["--split", "train", "--samples-per-shard", "16"]
     single = tmp_path / "single"
