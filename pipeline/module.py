@@ -246,6 +246,26 @@ class ImageClassifier(pl.LightningModule):
                     f" model.{key}={self.hparams.get(key)!r}; use the original setting or a new run directory"
                 )
 
+    def on_train_start(self) -> None:
+        """A resume runs with this command's optimizer settings, as docs/training.md says a resume may change
+        ``model.lr``: Lightning restores the checkpoint's optimizer and scheduler state over the ones just
+        configured, which brought back the saved peak lr (the scheduler's ``base_lrs``), momentum, nesterov
+        and weight decay while the checkpoint's hyper-parameters showed the new ones. Unchanged settings
+        give the same numbers (an exact resume stays exact)."""
+        if self.trainer.ckpt_path is None or not self.trainer.optimizers or not self.trainer.lr_scheduler_configs:
+            return
+        hp, peak = self.hparams, self.peak_lr()
+        optimizer = self.trainer.optimizers[0]
+        scheduler = self.trainer.lr_scheduler_configs[0].scheduler
+        decay = (hp.weight_decay, 0.0)  # optim.param_groups: decaying weights, then BN parameters and biases
+        for i, group in enumerate(optimizer.param_groups):
+            group.update(momentum=hp.momentum, nesterov=hp.nesterov, initial_lr=peak)
+            if i < len(decay):
+                group["weight_decay"] = decay[i]
+        scheduler.base_lrs = [peak] * len(optimizer.param_groups)
+        for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+            group["lr"] = peak * factor(scheduler.last_epoch)  # what LambdaLR computes at its next step
+
     # ---- optimisation -------------------------------------------------------------------------------
     def global_batch_size(self) -> int:
         dm = self.trainer.datamodule
@@ -277,9 +297,17 @@ class ImageClassifier(pl.LightningModule):
         in one (the global batch)."""
         checkpoint["progress"] = {"planned_steps": self.planned_steps(), "global_batch": self.global_batch_size()}
 
+    def peak_lr(self) -> float:
+        """``model.lr`` scaled to the global batch (``lr_reference_batch``)."""
+        return self.hparams.lr * self.global_batch_size() / self.hparams.lr_reference_batch
+
     def configure_optimizers(self):
         hp = self.hparams
-        peak = hp.lr * self.global_batch_size() / hp.lr_reference_batch
+        if hp.schedule == "cosine" and not any(n and n > 0 for n in (self.trainer.max_steps, self.trainer.max_epochs)):
+            raise ConfigError("model.schedule: cosine decays over the run's length, and this run has none (no positive "
+                              "trainer.max_steps or trainer.max_epochs; trainer.max_time does not say how many steps): "
+                              "set one, or use schedule constant or step")
+        peak = self.peak_lr()
         optimizer = make_sgd(self.model, peak, hp.momentum, hp.nesterov, hp.weight_decay)
         spe = self.steps_per_epoch()
         total = self.planned_steps()

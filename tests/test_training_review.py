@@ -61,11 +61,20 @@ def test_explicit_ckpt_path_keeps_the_config(trained, digits_shards, tmp_path):
     """``--ckpt_path FILE`` behaves as a resume from ``last``: the command line wins (Lightning's CLI
     would load the checkpoint's hyper-parameters over it), another arch is refused."""
     last = trained / "checkpoints" / "last.ckpt"
+    before = torch.load(last, map_location="cpu", weights_only=False)
     run = tmp_path / "run"
     run_module(*_args("fit", digits_shards, run, "--ckpt_path", str(last), "--model.lr", "0.05",
-                      "--trainer.max_steps", "4"))
+                      "--model.weight_decay", "0.0003", "--model.momentum", "0.8", "--trainer.max_steps", "4"))
     saved = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert saved["global_step"] == 4 and saved["hyper_parameters"]["lr"] == 0.05
+    # the optimizer ran with them too: Lightning's restore of the optimizer and scheduler state brought back
+    # the saved peak lr, weight decay and momentum, while the hyper-parameters above showed the new ones
+    old_peak = before["lr_schedulers"][0]["base_lrs"][0]
+    peak = old_peak * 0.05 / before["hyper_parameters"]["lr"]  # the same global batch: lr scales alone
+    assert saved["lr_schedulers"][0]["base_lrs"] == pytest.approx([peak, peak])
+    groups = saved["optimizer_states"][0]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.0003, 0.0] and all(g["momentum"] == 0.8 for g in groups)
+    assert groups[0]["lr"] == pytest.approx(saved["lr_schedulers"][0]["_last_lr"][0]) and groups[0]["lr"] <= peak
     proc = run_module(*_args("fit", digits_shards, tmp_path / "other", "--ckpt_path", str(last),
                              "--model.arch", "cifar_resnet32"), check=False)
     _fails_clearly(proc, 2, "model.arch='cifar_resnet20'", "cifar_resnet32")
@@ -266,6 +275,16 @@ def test_bad_trainer_and_augment_settings_fail_in_one_line(digits_shards, tmp_pa
                                      "--trainer.max_steps", "2")[1:])
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and needle in proc.stderr.strip().splitlines()[-1], proc.stderr[-3000:]
+
+
+def test_a_cosine_schedule_without_a_run_length_is_refused(digits_shards, tmp_path):
+    """``trainer.max_epochs -1`` with only ``trainer.max_time``: the cosine spanned one epoch, then the run
+    trained on at lr 0 for as long as the job lasted, saying nothing."""
+    proc = run_cli_in_process(*_args("fit", digits_shards, tmp_path / "r", "--trainer.max_epochs", "-1",
+                                     "--trainer.max_time", "00:00:01:00")[1:])
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in proc.stderr and "model.schedule: cosine decays over the run's length" in last, last
 
 
 def test_parse_errors_are_short_and_name_the_config_file(digits_shards, tmp_path):
