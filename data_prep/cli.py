@@ -56,7 +56,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="re-encode every image with its longer side at most PX (default: passthrough)")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality for re-encoded images (default 90)")
     p.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
-    p.add_argument("--task-index", type=int, default=None, help="this array task (default $SLURM_ARRAY_TASK_ID)")
+    p.add_argument("--task-index", type=int, default=None, help="this task's position in the array, from 0 (default: from $SLURM_ARRAY_TASK_ID, "
+                        "$SLURM_ARRAY_TASK_MIN and $SLURM_ARRAY_TASK_STEP)")
     p.add_argument("--num-tasks", type=int, default=None, help="array size (default $SLURM_ARRAY_TASK_COUNT or 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
 
