@@ -11,7 +11,7 @@ from pipeline.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.data.contract import steps_in_epoch
 from pipeline.errors import ConfigError, require
 from pipeline.models import build
-from pipeline.optim import lr_factor, make_sgd
+from pipeline.optim import lr_factor, make_sgd, param_groups
 
 NUM_CLASSES_HINT = ("not a setting: the number of classes comes from the shards' manifest (data.root); "
                     "shard a dataset with the classes you want")
@@ -257,11 +257,9 @@ class ImageClassifier(pl.LightningModule):
         hp, peak = self.hparams, self.peak_lr()
         optimizer = self.trainer.optimizers[0]
         scheduler = self.trainer.lr_scheduler_configs[0].scheduler
-        decay = (hp.weight_decay, 0.0)  # optim.param_groups: decaying weights, then BN parameters and biases
-        for i, group in enumerate(optimizer.param_groups):
-            group.update(momentum=hp.momentum, nesterov=hp.nesterov, initial_lr=peak)
-            if i < len(decay):
-                group["weight_decay"] = decay[i]
+        configured = param_groups(self.model, hp.weight_decay)  # the groups configure_optimizers made
+        for group, fresh in zip(optimizer.param_groups, configured):
+            group.update(momentum=hp.momentum, nesterov=hp.nesterov, initial_lr=peak, weight_decay=fresh["weight_decay"])
         scheduler.base_lrs = [peak] * len(optimizer.param_groups)
         for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
             group["lr"] = peak * factor(scheduler.last_epoch)  # what LambdaLR computes at its next step
