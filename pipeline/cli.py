@@ -58,6 +58,23 @@ from pipeline.tracking import RunIdInCheckpoint, TrackingConfig, make_eval_logge
 
 log = logging.getLogger("pipeline")
 
+RUN_DIR_HELP = ("The run directory RUN: checkpoints/ (last.ckpt, best-*.ckpt), config.yaml, wandb_run_id, "
+                "wandb/, csv/, tensorboard/ (docs/training.md).")
+_EVAL_CKPT_HELP = ("The training checkpoint to score. Omitted or 'last': RUN/checkpoints/last.ckpt (an error when "
+                   "it does not exist; omitted with --model.init_weights W: those weights). The config given "
+                   "here is what runs (the checkpoint's hyper-parameters are not applied); a checkpoint of "
+                   "another network is refused.")
+CKPT_PATH_HELP = {
+    "fit": ("The training checkpoint to resume from. Omitted: RUN/checkpoints/last.ckpt when it exists, else a "
+            "fresh start. 'last': that file (not the newest last*.ckpt), a fresh start when it does not exist "
+            "yet (what the Slurm launcher passes at every start). A path: that file (or DeepSpeed directory). "
+            "The config given here is what runs: the checkpoint's hyper-parameters are not applied, so a resume "
+            "may change e.g. model.lr; a checkpoint of another network, or weights alone (use "
+            "--model.init_weights), is refused."),
+    "validate": _EVAL_CKPT_HELP,
+    "test": _EVAL_CKPT_HELP,
+}
+
 
 @dataclass
 class CheckpointConfig:
@@ -171,6 +188,17 @@ class PipelineCLI(LightningCLI):
         explicit ``--ckpt_path FILE`` (silently dropping ``--model.lr`` and the like, and passing another
         ``model.arch``), unlike a resume from ``last``. The config is what runs; a checkpoint of another
         network is refused by ``ImageClassifier.on_load_checkpoint`` with a message naming the setting."""
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs):
+        """``--help`` says what this CLI does with the run directory and ``--ckpt_path``: Lightning's texts
+        (``last`` = the newest ``last*.ckpt``, the default root is the working directory) describe
+        behaviour this CLI replaces."""
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        helps = {"trainer.default_root_dir": RUN_DIR_HELP, "ckpt_path": CKPT_PATH_HELP[subcommand]}
+        for action in parser._actions:
+            if action.dest in helps:
+                action.help = helps[action.dest]
+        return parser
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_class_arguments(TrackingConfig, "tracking")

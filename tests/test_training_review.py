@@ -342,3 +342,16 @@ def test_validate_where_its_logs_cannot_be_written_fails_in_one_line(trained, di
     (run / "validate").write_text("in the way")
     proc = run_cli_in_process(*_args("validate", digits_shards, run)[1:])
     _fails_clearly(proc, 2, f"trainer.default_root_dir: cannot write {run / 'validate'}")
+
+
+@pytest.mark.parametrize("sub", ["fit", "validate"])
+def test_help_describes_this_clis_run_directory_and_ckpt_path(sub):
+    """``--help`` printed Lightning's texts: ``--ckpt_path last`` "the last model checkpoint from the previous
+    ``trainer.fit`` call" and the run directory's default ``os.getcwd()``, neither what this CLI does."""
+    proc = run_cli_in_process(sub, "--help")
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.split())  # argparse wraps the help at the terminal's width
+    assert "previous ``trainer.fit`` call" not in text and "os.getcwd()" not in text
+    assert "The run directory RUN: checkpoints/" in text
+    assert "RUN/checkpoints/last.ckpt" in text
+    assert ("a fresh start when it does not exist yet" in text) == (sub == "fit")
