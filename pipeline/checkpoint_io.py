@@ -105,7 +105,9 @@ def replace_directory(partial: str | Path, final: str | Path) -> None:
 def recover_directories(folder: str | Path) -> list[tuple[Path, bool]]:
     """After a crash during a directory save, ``X`` missing: a complete ``X.partial`` becomes ``X`` (the save
     had ended; the crash came between the two renames), else ``X.old`` becomes ``X`` again (the last whole
-    checkpoint). Unfinished ``X.partial`` directories are removed, and so are the temporary files of file
+    checkpoint). Other ``X.partial`` directories are removed: unfinished ones, and a complete one beside a
+    whole ``X`` (a crash after the mark, before the first rename: ``X`` is the save before it, and finishing
+    the swap would take two renames that concurrent ranks could interleave). So are the temporary files of file
     saves killed mid-write (``.tmp-*``, as large as a checkpoint each). Safe to run from every rank at once
     (before training starts, when no save can be in flight). Returns each checkpoint put in place, and
     whether it is the newer save."""
