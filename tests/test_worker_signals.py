@@ -145,6 +145,39 @@ def test_fork_server_workers_and_server_end_with_a_trainer_killed_outright():
         trainer.wait()
 
 
+_WATCHER = """
+import os, sys, time
+from pipeline.data import worker_signals
+if sys.argv[2] == "poll":  # as on a kernel before 5.3
+    def no_pidfd(pid):
+        raise OSError(38, "Function not implemented")
+    os.pidfd_open = no_pidfd
+worker_signals._die_with_starter(int(sys.argv[1]))
+print("watching", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("watch", ["pidfd", "poll"])
+def test_a_worker_ends_when_its_starter_ends_with_or_without_pidfd(watch):
+    """The starter's end is seen through a pidfd, or by polling where the kernel has no pidfd_open; either
+    way the worker ends (SIGKILL) within seconds, not at the end of its sleep."""
+    starter = subprocess.Popen(["sleep", "60"])
+    watcher = subprocess.Popen([sys.executable, "-c", _WATCHER, str(starter.pid), watch], stdout=subprocess.PIPE,
+                               text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert watcher.stdout.readline().strip() == "watching"
+        time.sleep(1.5)
+        assert watcher.poll() is None, "the worker ended while its starter lived"
+        starter.kill()
+        starter.wait()  # reaped: a zombie would still answer kill(pid, 0)
+        assert watcher.wait(timeout=15) == -signal.SIGKILL
+    finally:
+        for p in (starter, watcher):
+            p.kill()
+            p.wait()
+
+
 def _close_then_exit(conn) -> None:
     conn.close()  # what its consumer sees first (DALI: "Worker data receiving interrupted")
     time.sleep(0.5)  # the process is still being torn down
