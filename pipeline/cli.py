@@ -395,8 +395,10 @@ class PipelineCLI(LightningCLI):
         if cfg.get("ckpt_path") is not None:
             _say(f"model.init_weights {path} not loaded: resuming (the checkpoint holds the weights)")
             return
-        self.model.load_init_weights(path)
+        note = self.model.load_init_weights(path)
         _say(f"initial weights from {path}")
+        if note:
+            _say(note)
 
     def before_validate(self) -> None:
         self._evaluate_init_weights("validate")
@@ -409,8 +411,10 @@ class PipelineCLI(LightningCLI):
         were loaded by ``fit`` alone: the untrained network was scored, and printed as the result)."""
         path = self.model.hparams.get("init_weights")
         if path and self.config[sub].get("ckpt_path") is None:
-            self.model.load_init_weights(path)
+            note = self.model.load_init_weights(path)
             _say(f"{sub}: weights from {path}")
+            if note:
+                _say(note)
 
     def _user_callbacks(self) -> list:
         """The callbacks the user configured (``trainer.callbacks``), which the defaults below never replace:

@@ -2,8 +2,10 @@
 
 CKPT is a Lightning checkpoint file (DDP / single device) or a DeepSpeed ZeRO checkpoint directory
 (shards of every rank, consolidated here). OUT holds only the network's tensors, in fp32, with the
-model's own key names (torchvision-compatible for resnet18..152), so
-``torchvision.models.resnet50(num_classes=N).load_state_dict(torch.load(OUT))`` works.
+model's own key names, so for resnet18..152 with the default options (shortcut B, not plain, v1.5: the
+networks torchvision builds) ``torchvision.models.resnet50(num_classes=N).load_state_dict(torch.load(OUT))``
+works. The file keeps no record of the network (option A and plain nets, v1 and v1.5, have the same
+tensors); the checkpoint's ``hyper_parameters`` do.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from pipeline.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.data.contract import steps_in_epoch
 from pipeline.errors import ConfigError, require
 from pipeline.models import build
+from pipeline.models.registry import computation, describe
 from pipeline.optim import lr_factor, make_sgd, param_groups
 
 NUM_CLASSES_HINT = ("not a setting: the number of classes comes from the shards' manifest (data.root); "
@@ -115,9 +116,12 @@ class ImageClassifier(pl.LightningModule):
         else:
             super().__setattr__(name, value)
 
-    def load_init_weights(self, path: str) -> None:
+    def load_init_weights(self, path: str) -> str | None:
         """``init_weights``: the network's tensors from ``path``; a file of another network or class count is
-        a one-line error naming the file and the first differences."""
+        a one-line error naming the file and the first differences. Names and shapes cannot tell option A
+        from a plain net, nor v1 from v1.5: a training checkpoint's record of its network is compared too
+        (another one is an error); for a file of tensors alone, a note saying so is returned (for the
+        variants whose twin torchvision's weights are not)."""
         from pipeline.export import state_dict_from_checkpoint
 
         try:
@@ -135,7 +139,20 @@ class ImageClassifier(pl.LightningModule):
                                                 ("other shapes (file vs model)", shapes)) if keys)
             raise ConfigError(f"model.init_weights: {path} does not fit model.arch {self.hparams.arch!r} with "
                               f"{self.hparams.num_classes} classes ({what})")
+        mine = computation(self.hparams.arch, **(self.hparams.arch_kwargs or {}))
+        saved = _saved_network(path)
+        note = None
+        if saved is not None:
+            theirs = computation(saved["arch"], **(saved.get("arch_kwargs") or {}))
+            if theirs != mine:
+                raise ConfigError(f"model.init_weights: {path} holds the weights of {describe(theirs)}, this run "
+                                  f"builds {describe(mine)}: the same tensors, another computation; set "
+                                  f"model.arch / model.arch_kwargs as the checkpoint's")
+        elif mine["plain"] or mine["shortcut"] == "A" or mine["stride_in_1x1"]:
+            note = (f"note: {path} holds tensors alone, which fit {describe(mine)} by names and shapes; a plain net "
+                    f"and option A, or v1 and v1.5, have the same ones (torchvision's weights are option B, v1.5)")
         self.model.load_state_dict(weights)  # copies into the existing tensors: their memory format stays
+        return note
 
     # ---- data on the device -----------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -316,3 +333,17 @@ class ImageClassifier(pl.LightningModule):
                                              hp.get("warmup_factor"))
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def _saved_network(path: str) -> dict | None:
+    """The ``arch`` and ``arch_kwargs`` a training checkpoint (file or DeepSpeed directory) was made with;
+    None for a file of tensors alone (an export, torchvision's weights)."""
+    from pipeline.resume_geometry import read_checkpoint
+
+    try:
+        saved = read_checkpoint(path).get("hyper_parameters")
+    except (ConfigError, AttributeError):  # a legacy (non-zip) file, a list: not a training checkpoint
+        return None
+    if not isinstance(saved, dict) or not isinstance(saved.get("arch"), str):
+        return None
+    return saved

@@ -103,3 +103,46 @@ def test_common_weight_file_layouts_load(tmp_path):
         module.load_init_weights(str(tmp_path / name))
         mine = module.model.state_dict()
         assert all(torch.equal(mine[k], v) for k, v in reference.items()), name
+
+
+def _training_checkpoint(path, arch: str, **arch_kwargs) -> None:
+    """What a ``fit`` saves, as far as ``init_weights`` reads it: the network's tensors and its record."""
+    module = ImageClassifier(arch=arch, num_classes=10, arch_kwargs=arch_kwargs or None)
+    torch.save({"state_dict": {f"model.{k}": v for k, v in module.model.state_dict().items()},
+                "hyper_parameters": dict(module.hparams), "pytorch-lightning_version": "2.6.6"}, path)
+
+
+def test_weights_of_a_twin_network_are_refused_when_the_file_says_so(tmp_path):
+    """Names and shapes cannot tell a residual net with option A from its plain counterpart, nor a v1
+    bottleneck net from a v1.5 one: such weights loaded silently into a network computing something else.
+    A training checkpoint records its network; another one is an error, the same one (another init
+    option) loads."""
+    import pytest
+
+    from pipeline.errors import ConfigError
+
+    cases = [("cifar_resnet20", {}, "plain_cifar_resnet20", {}, "cifar_resnet20 (option A)", "plain_cifar_resnet20"),
+             ("resnet50", {"stride_in_1x1": True}, "resnet50", {},
+              "resnet50 (option B, v1: stride in the 1x1)", "resnet50 (option B, v1.5: stride in the 3x3)")]
+    for arch, kwargs, own_arch, own_kwargs, theirs, mine in cases:
+        ckpt = tmp_path / f"{arch}.ckpt"
+        _training_checkpoint(ckpt, arch, **kwargs)
+        module = ImageClassifier(arch=own_arch, num_classes=10, arch_kwargs=own_kwargs or None)
+        with pytest.raises(ConfigError) as e:
+            module.load_init_weights(str(ckpt))
+        assert str(e.value) == (f"model.init_weights: {ckpt} holds the weights of {theirs}, this run builds {mine}: "
+                                f"the same tensors, another computation; set model.arch / model.arch_kwargs as the "
+                                f"checkpoint's")
+    ckpt = tmp_path / "same.ckpt"
+    _training_checkpoint(ckpt, "cifar_resnet20", zero_init_residual=True)
+    module = ImageClassifier(arch="cifar_resnet20", num_classes=10, arch_kwargs={"shortcut": "A"})
+    assert module.load_init_weights(str(ckpt)) is None
+
+
+def test_tensors_alone_load_with_a_note_where_a_twin_network_has_the_same_ones(tmp_path):
+    weights = tmp_path / "w.pt"
+    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), weights)
+    assert ImageClassifier(arch="resnet18", num_classes=10).load_init_weights(str(weights)) is None
+    torch.save(ImageClassifier(arch="cifar_resnet20", num_classes=10).model.state_dict(), weights)
+    note = ImageClassifier(arch="plain_cifar_resnet20", num_classes=10).load_init_weights(str(weights))
+    assert note.startswith(f"note: {weights} holds tensors alone, which fit plain_cifar_resnet20 by names and shapes")

@@ -13,7 +13,7 @@ from torch import nn
 from pipeline.models import cifar_resnet, resnet
 from pipeline.models.resnet import ModelConfigError
 
-__all__ = ["UnknownModelError", "available", "build", "PLAIN_PREFIX"]
+__all__ = ["UnknownModelError", "available", "build", "computation", "PLAIN_PREFIX"]
 
 PLAIN_PREFIX = "plain_"
 
@@ -68,3 +68,30 @@ def build(name: str, **kwargs: Any) -> nn.Module:
             )
         kwargs["plain"] = True
     return fn(**kwargs)
+
+
+def computation(name: str, **kwargs: Any) -> dict[str, Any]:
+    """What network ``build(name, **kwargs)`` computes beyond its tensors' names and shapes: a residual net
+    with option A and its plain counterpart have the same tensors, and so have a bottleneck net with the
+    stride in the 1x1 (v1) and in the 3x3 (v1.5). Options the net ignores are None (the shortcut of a
+    plain net, the stride placement of basic blocks); the class count is left out (it shows in shapes)."""
+    base = name[len(PLAIN_PREFIX):] if name.startswith(PLAIN_PREFIX) else name
+    params = inspect.signature(_BASE[base]).parameters
+
+    def option(key: str) -> Any:
+        return kwargs.get(key, params[key].default if key in params else None)
+
+    plain = name.startswith(PLAIN_PREFIX) or bool(option("plain"))
+    bottleneck = base in ("resnet50", "resnet101", "resnet152")
+    return {"net": base, "plain": plain, "shortcut": None if plain else option("shortcut"),
+            "stride_in_1x1": bool(option("stride_in_1x1")) if bottleneck else None}
+
+
+def describe(computation: dict[str, Any]) -> str:
+    """``computation``'s result in words: 'plain_resnet34', 'resnet50 (option B, v1.5: stride in the 3x3)'."""
+    c = computation
+    parts = [] if c["plain"] else [f"option {c['shortcut']}"]
+    if c["stride_in_1x1"] is not None:
+        parts.append("v1: stride in the 1x1" if c["stride_in_1x1"] else "v1.5: stride in the 3x3")
+    name = (PLAIN_PREFIX if c["plain"] else "") + c["net"]
+    return f"{name} ({', '.join(parts)})" if parts else name
