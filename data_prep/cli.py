@@ -184,6 +184,10 @@ def run(argv: list[str] | None = None) -> int:
     if args.cmd == "verify":
         from .verify import verify
 
+        if args.decode < 0:
+            raise PrepError(f"--decode {args.decode}: must be at least 0 (samples decoded per shard)")
+        if args.workers is not None and args.workers < 1:
+            raise PrepError(f"--workers {args.workers}: must be at least 1")
         problems = verify(args.out, decode=args.decode, workers=args.workers or default_workers())
         for p in problems:
             print(p, file=sys.stderr)

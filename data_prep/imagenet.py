@@ -168,6 +168,15 @@ class ImageNetSource:
             self._devkit = load_devkit(self.devkit_path)
         return self._devkit
 
+    def check_output(self, out: Path, splits: list[str]) -> None:
+        """Refuse an output folder inside a split folder that is read: a rerun listed the shards as a class
+        of their own (the class count changed, exit 0)."""
+        for split in splits:
+            folder = self.data / split
+            if folder.is_dir() and out.resolve().is_relative_to(folder.resolve()):
+                raise PrepError(f"{out}: output folder is inside {folder}, which is read as the {split} split, so a "
+                                f"rerun would list the shards as a class of their own; use a folder outside it")
+
     def list_split(self, split: str) -> tuple[Listing, str]:
         """Files of a split and a description of where they came from."""
         archive = self.src / (TRAIN_TAR if split == "train" else VAL_TAR)
@@ -269,6 +278,7 @@ def prepare_imagenet(src: Path, out: Path, splits: list[str], opts, seed: int, s
     from .prepare import prepare_split
 
     source = ImageNetSource(src, devkit, val_csv)
+    source.check_output(out, splits)
     scans, where = scan_imagenet(source, splits)
     manifest = None
     for split in splits:

@@ -56,7 +56,11 @@ class SlurmOptions:
         if not self.container_image:
             return
         for m in [*(str(p) for p in mounts), *self.container_mounts]:
-            bad = [c for c in m if c == "," or c.isspace() or (c == ":" and m not in self.container_mounts)]
+            given = m in self.container_mounts
+            bad = [c for c in m if c == "," or c.isspace() or (c == ":" and not given)]
+            if bad and given:
+                raise LaunchError(f"--container-mounts {m!r}: pyxis cannot mount a path with {bad[0]!r} (it splits "
+                                  f"mounts at commas and breaks at spaces); give one mount per --container-mounts")
             if bad:
                 raise LaunchError(f"--container-image: {m!r} must be mounted in the container, and pyxis cannot mount "
                                   f"a path with {bad[0]!r}; rename it or use another directory")

@@ -17,6 +17,7 @@ import yaml
 from pytorch_lightning.cli import LightningArgumentParser
 
 from pipeline.module import NUM_CLASSES_HINT
+from pipeline.parsed_config import SECTIONS
 
 _configs_read: list[str] = []  # every --config file parsed in this process, in order
 
@@ -38,9 +39,24 @@ class PipelineArgumentParser(LightningArgumentParser):
         self._reading.append(str(cfg_path))
         _configs_read.append(str(cfg_path))
         try:
+            self._check_sections(cfg_path)
             return super().parse_path(cfg_path, *args, **kwargs)
+        except UnicodeDecodeError as e:  # a binary file (a checkpoint, a tar): jsonargparse let the traceback out
+            self.error(f"--config {cfg_path} is not a text (UTF-8) file: {e.reason} at byte {e.start}")
         finally:
             self._reading.pop()
+
+    def _check_sections(self, cfg_path) -> None:
+        """``trainer: 5`` in a file was dropped without a word (the run went on with the defaults) and
+        ``checkpoint: [1]`` failed later in a traceback: a section is a mapping (or a file name)."""
+        try:
+            node = yaml.safe_load(Path(str(cfg_path)).read_text())
+        except (OSError, yaml.YAMLError, UnicodeDecodeError, ValueError):
+            return  # the parse itself says what is wrong
+        for section, value in (node.items() if isinstance(node, dict) else ()):
+            if section in SECTIONS and value is not None and not isinstance(value, (dict, str)):
+                self.error(f"--config {cfg_path}: {section}: expected a mapping of settings ({section}.KEY: VALUE), "
+                           f"got {value!r}")
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         super().error(self.explain(message), ex)
@@ -51,6 +67,17 @@ class PipelineArgumentParser(LightningArgumentParser):
             detail = message.split(":", 1)[1].strip().replace('\n  in "<unicode string>",', " at")
             return f"--config {self._reading[-1]} is not valid YAML: {'; '.join(detail.splitlines())}"
         message = " ".join(line.strip() for line in message.splitlines() if line.strip())
+        if message.startswith("--config ") and ": expected a mapping of settings" in message:
+            return message
+        if message.startswith("Unexpected config:") and self._reading:  # a file of no settings, or of a list
+            try:
+                empty = yaml.safe_load(Path(self._reading[-1]).read_text()) is None
+            except (OSError, yaml.YAMLError, UnicodeDecodeError, ValueError):
+                empty = False
+            if empty:
+                return f"--config {self._reading[-1]} holds no settings (an empty file, or only comments)"
+        if message.startswith("--config ") and " is not a text (UTF-8) file" in message:
+            return message
         if re.search(r'Linked "model(\.init_args)?\.num_classes" must be given via', message):
             return f"model.num_classes: {NUM_CLASSES_HINT}"
         if self._reading:  # a bad value in the file being read

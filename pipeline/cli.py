@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import warnings
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 from pytorch_lightning.strategies import DeepSpeedStrategy
 
 import pipeline.strategies  # noqa: F401  (registers the deepspeed_stage_*_cpu strategies)
-from pipeline.strategies import AtomicDeepSpeedStrategy
+from pipeline.strategies import AtomicDeepSpeedStrategy, CPUDeepSpeedStrategy
 from data_prep.format import ManifestError
 from pipeline.arg_parser import PipelineArgumentParser
 from pipeline.checkpoint_io import AtomicCheckpointIO, recover_directories
@@ -42,6 +43,7 @@ from pipeline.model_summary import FlopsModelSummary, FlopsRichModelSummary
 from pipeline.module import ImageClassifier
 from pipeline.parent_death import follow_lightning_rank_zero, follow_torchrun_agent
 from pipeline.parity import WeightParity
+from pipeline.parsed_config import check_parsed
 from pipeline.preemption import Preemption
 from pipeline.wandb_backlog import WandbBacklog
 from pipeline.progress import console_progress
@@ -54,7 +56,8 @@ from pipeline.sample_grid import SampleGrid
 from pipeline.sync_batchnorm import GlooSyncBatchNormPlugin
 from pipeline.throughput import Throughput
 from pipeline.torchelastic import restart_warning
-from pipeline.tracking import RunIdInCheckpoint, TrackingConfig, make_eval_loggers, make_loggers, run_id
+from pipeline.tracking import (RunIdInCheckpoint, TrackingConfig, check_wandb_settings, make_eval_loggers, make_loggers,
+                               run_id)
 
 log = logging.getLogger("pipeline")
 
@@ -89,6 +92,16 @@ class CheckpointConfig:
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
+
+
+def best_checkpoint(folder: Path) -> Path:
+    """The ``best-*-top1T.ckpt`` of ``folder`` with the highest T (the best-k ``ModelCheckpoint``'s names)."""
+    scored = [(float(m.group(1)), p) for p in folder.glob("best-*.ckpt")
+              if (m := re.search(r"-top1(\d+(?:\.\d+)?)\.ckpt$", p.name))]
+    if not scored:
+        raise ConfigError(f"ckpt_path: 'best': {folder} has no best-*.ckpt (checkpoint.save_top_k 0, or no "
+                          f"validation yet)")
+    return max(scored)[1]
 
 
 def _on_cpu(accelerator) -> bool:
@@ -131,6 +144,11 @@ def _check_trainer(t) -> None:
     count = int(devices) if isinstance(devices, str) and devices.strip().lstrip("-").isdigit() else devices
     require(not isinstance(count, int) or count >= 1 or count == -1, "trainer.devices",
             ">= 1, -1 (all) or 'auto'", devices)
+    for key, low, rule in (("min_epochs", 0, ">= 0 (or null)"), ("min_steps", -1, ">= 0, -1 or null"),
+                           ("log_every_n_steps", 1, ">= 1 (optimizer steps between logged rows)"),
+                           ("num_sanity_val_steps", -1, ">= 0 or -1 (all validation batches)")):
+        value = t.get(key)  # Lightning took the negative ones without a word
+        require(value is None or not isinstance(value, int) or value >= low, f"trainer.{key}", rule, value)
     clip = number("gradient_clip_val")
     require(clip is None or clip >= 0, "trainer.gradient_clip_val", ">= 0 (0 or null: no clipping)",
             t.get("gradient_clip_val"))
@@ -200,6 +218,14 @@ class PipelineCLI(LightningCLI):
                 action.help = helps[action.dest]
         return parser
 
+    def _set_seed(self) -> None:
+        """After the checks of what the parse let through (``pipeline/parsed_config.py``): the first use of
+        the parsed config."""
+        sub = self.config.get("subcommand")
+        parser = self._subcommand_parsers[sub] if sub else self.parser
+        check_parsed(parser, self.config[sub] if sub else self.config)
+        super()._set_seed()
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_class_arguments(TrackingConfig, "tracking")
         parser.add_class_arguments(CheckpointConfig, "checkpoint")
@@ -215,6 +241,9 @@ class PipelineCLI(LightningCLI):
         self._saved_run_id: str | None = None
         _check_trainer(cfg.trainer)
         if sub != "fit":
+            limit_key = f"limit_{'val' if sub == 'validate' else 'test'}_batches"
+            if sub in ("validate", "test") and cfg.trainer.get(limit_key) == 0:  # exit 0 and no metrics, said nothing
+                raise ConfigError(f"trainer.{limit_key} is 0: {sub} would score no batch")
             if sub in ("validate", "test"):  # (None: a CLI built with run=False, as tests do)
                 self._default_checkpoint(cfg, sub, last)
             self._check_checkpoint(cfg.get("ckpt_path"))
@@ -241,7 +270,7 @@ class PipelineCLI(LightningCLI):
             return
         if ckpt == "last":  # that file: Lightning's "last" is the newest last*.ckpt (a user's copy, an old last-v1)
             cfg.ckpt_path = str(last)
-        meta = self._check_checkpoint(path)
+        meta = self._check_checkpoint(path, resume=True)
         _say(f"resuming from {path}")
         self._saved_run_id = meta.get("wandb_run_id")
         self._adapt_geometry(cfg, path, meta.get(ShardDataModule.__qualname__) or {})
@@ -253,6 +282,10 @@ class PipelineCLI(LightningCLI):
         for a checkpoint callback's latest save, which a new process has not made: it went on with the
         untrained network and printed its metrics as a result."""
         ckpt = cfg.get("ckpt_path")
+        if ckpt == "best":
+            cfg.ckpt_path = str(best_checkpoint(last.parent))
+            _say(f"{sub}: {cfg.ckpt_path}")
+            return
         if ckpt not in (None, "last") or (ckpt is None and cfg.model.get("init_weights")):
             return
         if not last.exists():
@@ -263,10 +296,14 @@ class PipelineCLI(LightningCLI):
         _say(f"{sub}: {last}")
 
     @staticmethod
-    def _check_checkpoint(path: str | Path | None) -> dict:
+    def _check_checkpoint(path: str | Path | None, resume: bool = False) -> dict:
         """The checkpoint's contents; a missing, torn or foreign file is a one-line error naming it.
-        Lightning's keywords (``best``, ``last``, ...) are left to the trainer."""
-        if path is None or str(path) in ("best", "last", "hpc", "registry") or "://" in str(path):
+        Lightning's other keywords look for a checkpoint of an earlier ``fit`` in the same process (``best``
+        for ``fit``), a Slurm ``hpc_ckpt`` this CLI never writes, or Lightning's model registry: refused."""
+        if str(path) in ("best", "hpc") or str(path).startswith("registry"):
+            raise ConfigError(f"ckpt_path: {str(path)!r} is not supported here: pass 'last' (RUN/checkpoints/last.ckpt) or "
+                              f"a file; `validate --ckpt_path best` scores the best-*.ckpt with the highest val/top1")
+        if path is None or str(path) == "last" or "://" in str(path):
             return {}
         if not Path(path).exists():
             raise ConfigError(f"ckpt_path: checkpoint {path} does not exist")
@@ -275,6 +312,13 @@ class PipelineCLI(LightningCLI):
             raise ConfigError(f"ckpt_path: {path} is not a training checkpoint (no trainer state: weights alone, "
                               f"as `python -m pipeline export` writes?); start from weights with "
                               f"--model.init_weights {path}")
+        if not Path(path).is_dir():
+            needed = ("state_dict", "optimizer_states", "loops") if resume else ("state_dict",)
+            lacks = [key for key in needed if key not in meta]
+            if lacks:  # Lightning's KeyError came after the run directory was set up
+                raise ConfigError(f"ckpt_path: {path} is an incomplete training checkpoint (it has no "
+                                  f"{', '.join(lacks)}); resume from another, or start from its weights with "
+                                  f"--model.init_weights {path}")
         return meta
 
     def _adapt_geometry(self, cfg, path: Path, state: dict) -> None:
@@ -332,6 +376,7 @@ class PipelineCLI(LightningCLI):
         require(ckpt.save_top_k >= -1, "checkpoint.save_top_k", ">= -1 (-1: keep all, 0: none)", ckpt.save_top_k)
         if isinstance(self.datamodule, ShardDataModule):  # before the loggers start a W&B run for nothing
             self.datamodule.check_backend()
+        check_wandb_settings(cfg.tracking)
         ckdir = checkpoint_dir(run_dir)
         backlog = WandbBacklog()
         callbacks = [
@@ -369,7 +414,17 @@ class PipelineCLI(LightningCLI):
         extra = kwargs.pop("callbacks", [])
         self._atomic_deepspeed()
         self._user_callbacks()  # before the trainer appends its own to the configured list
-        trainer = super().instantiate_trainer(**kwargs)
+        try:
+            trainer = super().instantiate_trainer(**kwargs)
+        except ConfigError:
+            raise
+        except (ValueError, TypeError) as e:  # Lightning's refusal of a strategy, accelerator or devices value
+            raise ConfigError(f"trainer: {str(e).strip().splitlines()[0]}") from None
+        if isinstance(trainer.strategy, DeepSpeedStrategy) and not isinstance(trainer.strategy, CPUDeepSpeedStrategy) \
+                and trainer.strategy.root_device.type != "cuda":  # Lightning said so only at fit start, in a traceback
+            raise ConfigError(f"trainer.strategy: DeepSpeed runs on CUDA GPUs and this run has none (accelerator "
+                              f"{type(trainer.accelerator).__name__}); on the CPU use the deepspeed_stage_N_cpu "
+                              f"strategies (docs/training.md)")
         world = getattr(self, "_resume_world", None)
         if world is not None and trainer.world_size != world:
             raise ConfigError(

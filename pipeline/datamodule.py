@@ -24,6 +24,14 @@ from pipeline.resume_geometry import epoch_finished
 
 log = logging.getLogger(__name__)
 
+MAX_WORKERS = 256  # loader processes per rank; 100000 forked until the kernel killed the run, without a word
+
+
+def eval_batch(batch_size: int, num_samples: int, world_size: int) -> int:
+    """A rank's evaluation batch: ``data.val_batch_size``, at most its share of the split (batches are padded
+    to full size, and a batch of 10^9 for a split of thousands was allocated, then killed for memory)."""
+    return max(1, min(batch_size, -(-num_samples // world_size)))
+
 BACKENDS = ("auto", "cpu", "dali", "dali-cpu", "synthetic")
 
 
@@ -79,7 +87,7 @@ class ShardDataModule(pl.LightningDataModule):
         require(batch_size >= 1, "data.batch_size", ">= 1", batch_size)
         require(val_batch_size is None or val_batch_size >= 1, "data.val_batch_size",
                 ">= 1 (or null: data.batch_size)", val_batch_size)
-        require(num_workers >= 0, "data.num_workers", ">= 0", num_workers)
+        require(0 <= num_workers <= MAX_WORKERS, "data.num_workers", f"in [0, {MAX_WORKERS}] (per rank)", num_workers)
         require(worker_start_method in START_METHODS, "data.worker_start_method",
                 "one of " + ", ".join(repr(m) for m in START_METHODS), worker_start_method)
         require(seed >= 0, "data.seed", ">= 0", seed)  # numpy's seed sequences take non-negative integers only
@@ -260,7 +268,8 @@ class ShardDataModule(pl.LightningDataModule):
                 f"the {self.val_split!r} split of {self.root} has no samples: nothing would be validated (nor "
                 f"any best checkpoint kept); prepare that split (data_prep --split {self.val_split}), name another "
                 f"one with data.val_split, or train without validation: --trainer.limit_val_batches 0")
-        sampler = ValSampler(len(self.val_shards), world, rank, self.val_batch_size)
+        batch = eval_batch(self.val_batch_size, len(self.val_shards), world)
+        sampler = ValSampler(len(self.val_shards), world, rank, batch)
         return self._loader(self.val_shards, sampler, train=False)
 
     def test_dataloader(self):
@@ -269,7 +278,8 @@ class ShardDataModule(pl.LightningDataModule):
         if len(self.test_shards) == 0:
             raise ConfigError(f"data.test_split: the {self.test_split!r} split of {self.root} has no samples: "
                               f"nothing to test")
-        sampler = ValSampler(len(self.test_shards), world, rank, self.val_batch_size)
+        batch = eval_batch(self.val_batch_size, len(self.test_shards), world)
+        sampler = ValSampler(len(self.test_shards), world, rank, batch)
         return self._loader(self.test_shards, sampler, train=False)
 
     def _loader(self, shards: ShardSet, sampler, train: bool):

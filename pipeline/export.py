@@ -95,6 +95,10 @@ def _load_legacy(p: Path):
 def export(ckpt: str | Path, out: str | Path) -> dict[str, torch.Tensor]:
     if Path(out).is_dir():
         raise ConfigError(f"out: {out} is a directory; name the output file (e.g. {Path(out) / 'weights.pt'})")
+    if Path(out).exists() and (Path(out).resolve() == Path(ckpt).resolve() or _is_training_checkpoint(out)):
+        # the weights would replace the optimizer, schedule and loop state for good
+        raise ConfigError(f"out: {out} is {'the checkpoint being exported' if Path(out).resolve() == Path(ckpt).resolve() else 'a training checkpoint'}; "
+                          f"name another output file (an existing weights file may be overwritten)")
     sd = state_dict_from_checkpoint(ckpt)
     buf = io.BytesIO()
     torch.save(sd, buf)
@@ -103,6 +107,14 @@ def export(ckpt: str | Path, out: str | Path) -> dict[str, torch.Tensor]:
     except OSError as e:
         raise ConfigError(f"out: cannot write {out}: {e.strerror or e}") from None
     return sd
+
+
+def _is_training_checkpoint(path: str | Path) -> bool:
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception:  # noqa: BLE001 (not a zip checkpoint: a legacy weights file, or no torch file at all)
+        return False
+    return isinstance(saved, dict) and "pytorch-lightning_version" in saved
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,6 +14,8 @@ from pipeline.models import build
 from pipeline.models.registry import computation, describe
 from pipeline.optim import lr_factor, make_sgd, param_groups
 
+MAX_LR = 1e4  # SGD's useful rates are below 10; 1e300 overflowed float32 in the first step (a traceback)
+
 NUM_CLASSES_HINT = ("not a setting: the number of classes comes from the shards' manifest (data.root); "
                     "shard a dataset with the classes you want")
 
@@ -80,7 +82,7 @@ class ImageClassifier(pl.LightningModule):
                 schedule)
         require(warmup_factor is None or 0 < warmup_factor <= 1, "model.warmup_factor",
                 "in (0, 1] or null (linear warm-up)", warmup_factor)
-        require(lr >= 0, "model.lr", ">= 0", lr)
+        require(0 <= lr <= MAX_LR, "model.lr", f"in [0, {MAX_LR:g}] (per model.lr_reference_batch images)", lr)
         require(lr_reference_batch >= 1, "model.lr_reference_batch", ">= 1", lr_reference_batch)
         require(0 <= momentum < 1, "model.momentum", "in [0, 1)", momentum)
         require(not nesterov or momentum > 0, "model.momentum", "> 0 with model.nesterov true", momentum)
@@ -262,6 +264,29 @@ class ImageClassifier(pl.LightningModule):
                     f"the checkpoint was trained with model.{key}={saved[key]!r}, this run has"
                     f" model.{key}={self.hparams.get(key)!r}; use the original setting or a new run directory"
                 )
+        tensors = checkpoint.get("state_dict")
+        if isinstance(tensors, dict) and tensors:  # (a DeepSpeed checkpoint loads its tensors itself)
+            own = self.state_dict()
+            missing = [k for k in own if k not in tensors]
+            unexpected = [k for k in tensors if k not in own]
+            if missing or unexpected:  # torch's "Missing key(s)" came as a traceback listing every key
+                what = "; ".join(f"{name}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+                                 for name, keys in (("missing", missing), ("unexpected", unexpected)) if keys)
+                raise ConfigError(f"the checkpoint's network does not fit model.arch {self.hparams.arch!r} ({what}); "
+                                  f"it is damaged or of another network")
+
+    def on_fit_start(self) -> None:
+        """An integer ``trainer.val_check_interval`` beyond an epoch's batches is refused here, naming the
+        epoch's length (Lightning refused it later, as a traceback)."""
+        vci, dm = self.trainer.val_check_interval, getattr(self.trainer, "datamodule", None)
+        if not isinstance(vci, int) or self.trainer.check_val_every_n_epoch is None or \
+                getattr(dm, "train_shards", None) is None:
+            return
+        batches = steps_in_epoch(len(dm.train_shards), self.trainer.world_size, dm.batch_size)
+        limit = self.trainer.limit_train_batches
+        batches = min(batches, limit) if isinstance(limit, int) else int(batches * limit)
+        require(vci <= batches, "trainer.val_check_interval", f"at most the {batches} batches of an epoch here "
+                f"(or a fraction in (0, 1]; with trainer.check_val_every_n_epoch null it may count across epochs)", vci)
 
     def on_train_start(self) -> None:
         """A resume runs with this command's optimizer settings, as docs/training.md says a resume may change

@@ -46,8 +46,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         return torch.load(f, map_location="cpu", weights_only=False, mmap=True)
     except Exception as e:  # torn or foreign file
+        torn = any(w in str(e) for w in ("zipfile", "mmap", "Invalid argument", "PytorchStreamReader"))  # EINVAL: mmap
         why = "an empty file" if Path(f).is_file() and Path(f).stat().st_size == 0 else \
-            "not a torch checkpoint, or torn" if "zipfile" in str(e) or "mmap" in str(e) else str(e)
+            "not a torch checkpoint, or torn (a copy cut short?)" if torn else str(e)
         raise ConfigError(f"cannot read checkpoint {f}: {why}") from None
 
 

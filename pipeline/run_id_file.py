@@ -25,6 +25,8 @@ class BadRunIdFile(ValueError):
 def read_run_id(run_dir: str | Path) -> str | None:
     """The run directory's id; None when it has no id file yet; ``BadRunIdFile`` for a file without an id."""
     path = Path(run_dir) / RUN_ID_FILE
+    if path.exists() and not path.is_file():  # a directory of that name: never an id, nor replaceable by one
+        raise BadRunIdFile(path, f"<a {'directory' if path.is_dir() else 'non-regular file'}>")
     if not path.is_file():
         return None
     text = path.read_text(errors="replace").strip()

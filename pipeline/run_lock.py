@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 # No Lightning or torch here: `python -m launch status` reads the lock through this module.
 
 LOCK_NAME = ".lock"
+# what a start writes before its first step: a run directory made by a refused start holding only these goes
+START_FILES = {LOCK_NAME, "wandb_run_id", "config.yaml", "csv/hparams.yaml"}
 KEY_ENV = "PIPELINE_RUN_LOCK_KEY"  # rank 0's key, inherited by the ranks Lightning starts on its node
 
 
@@ -95,6 +97,10 @@ class RunDirLock:
         if not is_global_rank_zero():
             self._wait_for(key)
             return
+        blocker = next((p for p in (self.run_dir, *self.run_dir.parents) if p.exists() and not p.is_dir()), None)
+        if blocker is not None:  # mkdir said "File exists" about the lock file
+            raise ConfigError(f"trainer.default_root_dir: {blocker} is a file, not a directory; name a directory "
+                              f"for the run")
         try:
             self._made_dir = not self.run_dir.exists()
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -168,12 +174,18 @@ class RunDirLock:
             self._set_env = False
 
     def _remove_unused_dir(self) -> None:
-        """A run directory this job created and left holding nothing but the lock (the run was refused
-        before it wrote anything, e.g. a mistyped ``data.root``) goes again: it would otherwise be listed as
-        a run that never was. Removed while still locked, so no other job can be inside it."""
+        """A run directory this job created and left holding nothing but what a start writes before the
+        first step (the lock, ``wandb_run_id``, ``config.yaml``, the CSV logger's ``hparams.yaml``: the run
+        was refused, e.g. a mistyped ``data.root`` or a split too small for the batch) goes again: it would
+        otherwise be listed as a run that never was. Removed while still locked, so no other job can be
+        inside it; a file of any other name (metrics, a checkpoint, a W&B run) keeps it."""
         try:
-            if [p.name for p in self.run_dir.iterdir()] == [LOCK_NAME]:
-                self.path.unlink()
+            files = [p.relative_to(self.run_dir).as_posix() for p in self.run_dir.rglob("*") if not p.is_dir()]
+            if set(files) <= START_FILES:
+                for name in sorted(files, key=lambda f: f == LOCK_NAME):  # the lock last
+                    (self.run_dir / name).unlink()
+                for d in sorted((p for p in self.run_dir.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+                    d.rmdir()
                 self.run_dir.rmdir()
         except OSError:  # something appeared meanwhile, or no permission: the directory stays as it is
             pass

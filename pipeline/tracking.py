@@ -28,6 +28,23 @@ class TrackingConfig:
     tensorboard: bool = False
 
 
+WANDB_MODES = ("online", "offline", "shared", "disabled", "dryrun", "run")
+
+
+def check_wandb_settings(cfg: TrackingConfig) -> None:
+    """What W&B would refuse at ``wandb.init`` (a traceback, after the run directory was set up)."""
+    if not cfg.wandb:
+        return
+    bad = sorted({c for c in "/\\#?%:" if c in cfg.project})
+    if bad or not cfg.project or len(cfg.project) > 128:
+        raise ConfigError(f"tracking.project: {cfg.project!r} is not a W&B project name (1-128 characters, none "
+                          f"of / \\ # ? % :); the entity (team) comes from WANDB_ENTITY")
+    mode = os.environ.get("WANDB_MODE")
+    if mode is not None and mode not in WANDB_MODES:
+        raise ConfigError(f"WANDB_MODE={mode!r} is not a W&B mode ({', '.join(WANDB_MODES)}); or set "
+                          f"tracking.wandb false")
+
+
 def run_id(run_dir: str | Path, from_checkpoint: str | None = None) -> str:
     """The W&B run id of a run directory: WANDB_RUN_ID if set, else made once and kept in the directory
     (``pipeline.run_id_file``).

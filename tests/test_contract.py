@@ -144,3 +144,14 @@ def test_val_sampler_len_and_padding():
 def test_invalid_geometry_is_refused(bad):
     with pytest.raises(ValueError, match="invalid loader geometry"):
         val_batches(10, **bad)
+
+
+def test_an_evaluation_batch_is_at_most_a_ranks_share_of_the_split():
+    """Evaluation batches are padded to full size: ``data.val_batch_size`` 10^9 for a split of 363 samples
+    allocated gigabytes until the kernel killed the run."""
+    from pipeline.datamodule import eval_batch
+
+    assert eval_batch(10**9, 363, 1) == 363
+    assert eval_batch(10**9, 363, 4) == 91
+    assert eval_batch(50, 363, 4) == 50
+    assert eval_batch(100, 0, 4) == 1

@@ -123,3 +123,15 @@ def test_a_val_image_appended_again_to_the_archive_replaces_the_earlier_one(tmp_
     (reject,) = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
     assert reject["path"].endswith(f"ILSVRC2012_img_val.tar:{name}")
     assert reject["reason"].startswith("replaced by a later member of the same name at byte ")
+
+
+def test_an_output_folder_inside_a_split_folder_is_refused(tmp_path, capsys):
+    """OUT inside SRC/train/: the first run went through, a rerun listed the shards folder as a class of its
+    own (a 1001st class, exit 0)."""
+    root = tmp_path / "extracted"
+    build_imagenet(root, extracted=True)
+    out = root / "train" / "shards"
+    assert main(["imagenet", str(root), str(out), "--splits", "train", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"{out}: output folder is inside {root / 'train'}, which is read as the train split" in err, err
+    assert not out.exists()

@@ -97,3 +97,12 @@ def test_float_and_deep_integer_tiffs_keep_their_brightness_or_are_rejected():
             ("NaN", np.where(ref > 128, np.nan, ref / 255).astype(np.float32), "NaN")):
         out, reason = process_image(tiff_bytes(arr), PASS)
         assert out is None and fragment in reason and "no known 8-bit scale" in reason, (what, reason)
+
+
+def test_verify_refuses_a_negative_decode_count_and_no_workers(tmp_path, capsys):
+    from data_prep.cli import main as prep_main
+
+    assert prep_main(["verify", str(tmp_path), "--decode", "-1"]) == 2
+    assert "--decode -1: must be at least 0" in capsys.readouterr().err
+    assert prep_main(["verify", str(tmp_path), "--workers", "0"]) == 2
+    assert "--workers 0: must be at least 1" in capsys.readouterr().err

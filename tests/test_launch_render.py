@@ -121,6 +121,9 @@ def test_container_image_renders_pyxis_flags(tmp_path: Path, cfg: Path) -> None:
         r = launch("submit", "train", "--config", str(cfg), "--time", "1:00:00", "--container-image", "img",
                    "--run-dir", str(tmp_path / bad), "--dry-run", cwd=tmp_path)
         assert r.returncode == 2 and f"pyxis cannot mount a path with {char!r}" in r.stderr, r.stderr
+    r = launch("submit", "train", "--config", str(cfg), "--time", "1:00:00", "--container-image", "img",
+               "--container-mounts", "/a b:/c", "--run-dir", str(tmp_path / "run"), "--dry-run", cwd=tmp_path)
+    assert r.returncode == 2 and "--container-mounts '/a b:/c': pyxis cannot mount a path with ' '" in r.stderr, r.stderr
     src = tmp_path / "my images"
     src.mkdir()
     r = launch("submit", "prep", "imagenet", str(src), str(tmp_path / "out"), "--tasks", "2", "--container-image",

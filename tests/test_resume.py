@@ -311,6 +311,18 @@ def test_export_of_a_checkpoint_file(interrupted, tmp_path):
     for k, v in net.state_dict().items():
         assert torch.equal(v, ckpt["state_dict"]["model." + k]), k
     assert set(sd) == set(net.state_dict())
+    # the output named as the input, or another training checkpoint, would lose its optimizer and loop state
+    src = tmp_path / "copy.ckpt"
+    shutil.copy(cut / "checkpoints" / "last.ckpt", src)
+    before = src.read_bytes()
+    with pytest.raises(ConfigError, match="is the checkpoint being exported"):
+        export(src, src)
+    other = tmp_path / "other.ckpt"
+    shutil.copy(src, other)
+    with pytest.raises(ConfigError, match="is a training checkpoint; name another output file"):
+        export(src, other)
+    assert src.read_bytes() == before and other.read_bytes() == before
+    export(src, tmp_path / "net.pt")  # an existing weights file is replaced
 
 
 def test_preemption_under_gradient_accumulation_waits_for_the_optimizer_step(digits_shards, tmp_path):

@@ -265,16 +265,33 @@ def test_test_scores_the_test_split_as_validation_does_and_predict_is_no_command
      "classes comes from the shards' manifest"),
     ("data.augment.mean", "[123.675,116.28,103.53]", "data.augment.mean must be 3 numbers in [0, 1]"),
     ("data.augment.val_resize", "16", "data.augment.val_resize must be >= data.augment.val_size"),
+    # found by a fuzz of the settings: tracebacks, or a kill by the kernel for memory
+    ("trainer.strategy", "foo", "error: trainer: You selected an invalid strategy name"),
+    ("trainer.accelerator", "tpu9", "error: trainer: You selected an invalid accelerator name"),
+    ("trainer.devices", "abc", "error: trainer: "),
+    ("trainer.strategy", "deepspeed_stage_2", "trainer.strategy: DeepSpeed runs on CUDA GPUs and this run has none"),
+    ("trainer.log_every_n_steps", "-1", "trainer.log_every_n_steps must be >= 1"),
+    ("trainer.min_epochs", "-3", "trainer.min_epochs must be >= 0"),
+    ("seed_everything", "-1", "seed_everything must be in [0, 4294967295]"),
+    ("model.lr", "1e300", "model.lr must be in [0, 10000]"),
+    ("data.augment.pad", "100000", "data.augment.pad must be in [0, data.augment.train_size]"),
+    ("data.augment.train_size", "100000", "data.augment.train_size must be in [1, 4096]"),
+    ("data.augment.pad", "null", "data.augment.pad must be set (its default: 4)"),
+    ("data.num_workers", "100000", "data.num_workers must be in [0, 256]"),
+    ("tracking.project", "a/b", "tracking.project: 'a/b' is not a W&B project name"),
+    ("ckpt_path", "best", "ckpt_path: 'best' is not supported here"),
 ])
 def test_bad_trainer_and_augment_settings_fail_in_one_line(digits_shards, tmp_path, setting, value, needle):
     """Each was a traceback (accumulate -2 as "Invalid learning rate", val_check_interval 0 as a
     ZeroDivisionError after the first step, Lightning's own refusals), or ran silently wrong (mean on the
     0-255 scale: near-constant inputs; a centre crop larger than the resize: black borders)."""
     extra = ["--data.augment.recipe", "imagenet", "--data.augment.val_size", "32"] if "val_resize" in setting else []
+    extra += ["--tracking.wandb", "true"] if setting.startswith("tracking.") else []
     proc = run_cli_in_process(*_args("fit", digits_shards, tmp_path / "r", *extra, f"--{setting}", value,
-                                     "--trainer.max_steps", "2")[1:])
+                                     "--trainer.max_steps", "2")[1:], env={"WANDB_MODE": "offline"})
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and needle in proc.stderr.strip().splitlines()[-1], proc.stderr[-3000:]
+    assert not (tmp_path / "r").exists(), "a refused start left its run directory"
 
 
 def test_a_cosine_schedule_without_a_run_length_is_refused(digits_shards, tmp_path):
@@ -355,3 +372,84 @@ def test_help_describes_this_clis_run_directory_and_ckpt_path(sub):
     assert "The run directory RUN: checkpoints/" in text
     assert "RUN/checkpoints/last.ckpt" in text
     assert ("a fresh start when it does not exist yet" in text) == (sub == "fit")
+
+
+def test_config_files_with_null_settings_scalars_for_sections_binary_or_empty_are_refused(digits_shards, tmp_path):
+    """A config file's ``null`` passed jsonargparse for any setting (then a TypeError traceback), ``trainer: 5``
+    was dropped without a word (the run trained with the defaults), a binary file was a UnicodeDecodeError,
+    an empty one "Unexpected config:" and nothing after it."""
+    files = {
+        "null.yaml": ("data:\n  batch_size: null\n", "data.batch_size must be a int, got null (its default: 256)"),
+        "nullsave.yaml": ("checkpoint:\n  save_top_k: null\n", "checkpoint.save_top_k must be a int, got null"),
+        "scalar.yaml": ("trainer: 5\n", "trainer: expected a mapping of settings (trainer.KEY: VALUE), got 5"),
+        "list.yaml": ("checkpoint: [1]\n", "checkpoint: expected a mapping of settings"),
+        "binary.yaml": (b"\xff\xfe\x00bad", "is not a text (UTF-8) file"),
+        "empty.yaml": ("# nothing here\n", "holds no settings (an empty file, or only comments)"),
+    }
+    for name, (text, needle) in files.items():
+        path = tmp_path / name
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
+        proc = run_cli_in_process(*_args("fit", digits_shards, tmp_path / "r", "--config", str(path))[1:])
+        _fails_clearly(proc, 2, needle)
+        assert not (tmp_path / "r").exists(), name
+
+
+def test_refused_after_the_run_directory_was_made_removes_it(digits_shards, tmp_path):
+    """An integer ``val_check_interval`` beyond an epoch was Lightning's traceback at the fit loop's start;
+    refused starts left ``.lock`` and ``csv/`` behind (now removed when they hold only what a start writes)."""
+    proc = run_module(*_args("fit", digits_shards, tmp_path / "r", "--trainer.val_check_interval", "100000"),
+                      check=False)
+    _fails_clearly(proc, 2, "trainer.val_check_interval must be at most the", "batches of an epoch here")
+    assert not (tmp_path / "r").exists()
+    a_file = tmp_path / "afile"
+    a_file.write_text("")
+    proc = run_cli_in_process(*_args("fit", digits_shards, a_file / "run")[1:])
+    _fails_clearly(proc, 2, f"trainer.default_root_dir: {a_file} is a file, not a directory")
+
+
+def test_incomplete_or_torn_checkpoints_are_refused_in_one_line(trained, digits_shards, tmp_path):
+    """Checkpoints that load but lack what a resume needs were KeyError or "Missing key(s)" tracebacks; a
+    torn copy said "[Errno 22] Invalid argument" or miniz's internal error."""
+    full = torch.load(trained / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    cases = {
+        "no_optimizer.ckpt": ({k: v for k, v in full.items() if k != "optimizer_states"},
+                              "is an incomplete training checkpoint (it has no optimizer_states)"),
+        "no_fc.ckpt": ({**full, "state_dict": {k: v for k, v in full["state_dict"].items() if ".fc." not in k}},
+                       "the checkpoint's network does not fit model.arch 'cifar_resnet20' (missing: model.fc.weight"),
+    }
+    for name, (ckpt, needle) in cases.items():
+        torch.save(ckpt, tmp_path / name)
+        proc = run_module(*_args("fit", digits_shards, tmp_path / f"run_{name}", "--ckpt_path", str(tmp_path / name),
+                                 "--trainer.max_steps", "5"), check=False)
+        _fails_clearly(proc, 2, needle)
+    data = (trained / "checkpoints" / "last.ckpt").read_bytes()
+    for cut in (50_000, 100_000):
+        torn = tmp_path / f"torn{cut}.ckpt"
+        torn.write_bytes(data[:cut])
+        proc = run_cli_in_process(*_args("fit", digits_shards, tmp_path / "torn", "--ckpt_path", str(torn))[1:])
+        _fails_clearly(proc, 2, f"cannot read checkpoint {torn}: not a torch checkpoint, or torn (a copy cut short?)")
+
+
+def test_validate_best_scores_the_highest_best_checkpoint_and_limit_0_is_refused(digits_shards, tmp_path):
+    from pipeline.cli import best_checkpoint
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    for name in ("best-epoch001-step0000010-top10.4000.ckpt", "best-epoch002-step0000020-top10.6500.ckpt",
+                 "best-epoch003-step0000030-top10.5000.ckpt", "last.ckpt"):
+        (folder / name).write_bytes(b"")
+    assert best_checkpoint(folder).name == "best-epoch002-step0000020-top10.6500.ckpt"
+    proc = run_cli_in_process(*_args("validate", digits_shards, tmp_path / "empty", "--ckpt_path", "best")[1:])
+    _fails_clearly(proc, 2, "ckpt_path: 'best':", "has no best-*.ckpt")
+    proc = run_cli_in_process(*_args("validate", digits_shards, tmp_path, "--trainer.limit_val_batches", "0")[1:])
+    _fails_clearly(proc, 2, "trainer.limit_val_batches is 0: validate would score no batch")
+
+
+def test_a_wandb_run_id_path_that_is_a_directory_is_a_clear_error(digits_shards, tmp_path):
+    (tmp_path / "r" / "wandb_run_id").mkdir(parents=True)
+    proc = run_cli_in_process(*_args("fit", digits_shards, tmp_path / "r", "--tracking.wandb", "true")[1:],
+                              env={"WANDB_MODE": "offline"})
+    _fails_clearly(proc, 2, "wandb_run_id holds '<a directory>', not a W&B run id")
+    proc = run_cli_in_process(*_args("fit", digits_shards, tmp_path / "s", "--tracking.wandb", "true")[1:],
+                              env={"WANDB_MODE": "bogus"})
+    _fails_clearly(proc, 2, "WANDB_MODE='bogus' is not a W&B mode")

@@ -8,13 +8,14 @@ sample's augmentation is a function of (seed, epoch, position) alone.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 import numpy as np
 
 from pipeline.errors import require
 
+MAX_SIDE = 4096  # pixels: 16x the usual 224 (a batch of 256 such images is 12 GiB of uint8)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -40,9 +41,12 @@ class AugmentConfig:
         ``__post_init__``: jsonargparse would bury the message in a traceback of its own."""
         key = "data.augment."
         require(self.recipe in ("imagenet", "cifar"), key + "recipe", "'imagenet' or 'cifar'", self.recipe)
-        for name in ("train_size", "val_resize", "val_size"):
-            require(getattr(self, name) >= 1, key + name, ">= 1 (pixels)", getattr(self, name))
-        require(self.pad >= 0, key + "pad", ">= 0 (pixels)", self.pad)
+        for name, default in ((f.name, f.default) for f in fields(self)):  # a config file's null passes the parse
+            require(getattr(self, name) is not None, key + name, f"set (its default: {default!r})", None)
+        for name in ("train_size", "val_resize", "val_size"):  # an upper bound: a typo must not allocate terabytes
+            require(1 <= getattr(self, name) <= MAX_SIDE, key + name, f"in [1, {MAX_SIDE}] (pixels)",
+                    getattr(self, name))
+        require(0 <= self.pad <= self.train_size, key + "pad", "in [0, data.augment.train_size] (pixels)", self.pad)
         lo, hi = self.scale
         require(0 < lo <= hi <= 1, key + "scale", "(min, max) with 0 < min <= max <= 1", self.scale)
         lo, hi = self.ratio
