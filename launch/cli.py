@@ -16,6 +16,7 @@ from launch import rundir, slurm, status, torchrun
 from launch.errors import LaunchError
 from launch.scripts import PrepJob, SlurmOptions, TrainJob
 from launch.validate import sbatch_path, writable_dir, yaml_config
+from pipeline.run_id_file import RUN_ID_FILE
 
 
 def _path(text: str) -> Path:
@@ -159,9 +160,16 @@ def _submit_train(a: argparse.Namespace, extra: list[str]) -> int:
         print(f"# submit: sbatch --parsable {job.script_path}", file=sys.stderr)
         return 0
     _refuse_if_training(run_dir)  # before anything is written
+    made = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
     run_id = rundir.wandb_run_id(run_dir)
     assert run_id is not None
-    job_id = _sbatch_then_keep(job.script_path, job.render(run_id))
+    try:
+        job_id = _sbatch_then_keep(job.script_path, job.render(run_id))
+    except LaunchError:  # a new run directory holding only its fresh id would look like a run that never was
+        if made:
+            (run_dir / RUN_ID_FILE).unlink(missing_ok=True)
+            _remove_empty(made)
+        raise
     rundir.record_job(run_dir, job_id, "train", job.script_path)
     print(f"Submitted train job {job_id}")
     print(f"  script  {job.script_path}")
@@ -169,6 +177,15 @@ def _submit_train(a: argparse.Namespace, extra: list[str]) -> int:
     print(f"  W&B id  {run_id}")
     print(f"  status  python -m launch status {run_dir}")
     return 0
+
+
+def _remove_empty(made: list[Path]) -> None:
+    """Remove the directories a refused submission created, deepest first, while they are empty."""
+    for d in sorted(made, key=lambda p: -len(p.parts)):
+        try:
+            d.rmdir()
+        except OSError:  # not empty (something else put a file there), or gone already
+            pass
 
 
 def _sbatch_then_keep(script: Path, text: str) -> str:
@@ -208,11 +225,20 @@ def _submit_prep(a: argparse.Namespace, extra: list[str]) -> int:
               f"#         sbatch --parsable {' '.join(dep).format(array_job='ARRAY_JOB_ID')} "
               f"{job.finalize_script_path}", file=sys.stderr)
         return 0
+    made = [p for p in {*(q for q in (run_dir, *run_dir.parents) if not q.exists()),
+                        *(q for q in (out, *out.parents) if not q.exists())}]
     run_dir.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)  # a container mounts it: enroot fails on a missing source
     job.array_script_path.write_text(job.render_array())
     job.finalize_script_path.write_text(job.render_finalize())
-    array_id = slurm.sbatch(job.array_script_path)
+    try:
+        array_id = slurm.sbatch(job.array_script_path)
+    except LaunchError:  # nothing runs: what this submission made goes again (an empty OUT, two scripts)
+        if run_dir in made:
+            job.array_script_path.unlink(missing_ok=True)
+            job.finalize_script_path.unlink(missing_ok=True)
+        _remove_empty(made)
+        raise
     rundir.record_job(run_dir, array_id, "prep-array", job.array_script_path)
     try:
         fin_id = slurm.sbatch(job.finalize_script_path, [d.format(array_job=array_id) for d in dep])

@@ -582,3 +582,29 @@ def test_a_refused_finalize_submission_names_the_running_array_job(tmp_path: Pat
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert "QOSMaxSubmitJobPerUserLimit" in r.stderr and "array job 101 was submitted and runs" in r.stderr
     assert f"python -m data_prep finalize {out} --splits val" in r.stderr and "scancel 101" in r.stderr
+
+
+def test_a_refused_submission_leaves_no_new_directories(tmp_path: Path, cfg: Path) -> None:
+    """sbatch refused (a mistyped partition): `submit train` left a new run directory holding only its fresh
+    W&B id, `submit prep` an empty OUT and OUT-slurm with two scripts, listed later as runs that never were."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "sbatch").write_text('#!/bin/bash\necho "sbatch: error: invalid partition specified: gpuu" >&2\nexit 1\n')
+    (bindir / "sbatch").chmod(0o755)
+    env = {"PATH": f"{bindir}:{os.environ['PATH']}"}
+    run = tmp_path / "runs" / "new"
+    r = launch("submit", "train", "--config", str(cfg), "--time", "1:00:00", "--run-dir", str(run), cwd=tmp_path, env=env)
+    assert r.returncode == 2 and "invalid partition specified" in r.stderr, r.stderr
+    assert not run.exists() and not run.parent.exists()
+    src = tmp_path / "src"
+    src.mkdir()
+    out = tmp_path / "data" / "shards"
+    r = launch("submit", "prep", "imagefolder", str(src), str(out), "--split", "val", "--tasks", "2", cwd=tmp_path,
+               env=env)
+    assert r.returncode == 2 and "invalid partition specified" in r.stderr, r.stderr
+    assert not out.exists() and not out.parent.exists() and not (tmp_path / "data" / "shards-slurm").exists()
+    existing = tmp_path / "kept"
+    existing.mkdir()
+    r = launch("submit", "train", "--config", str(cfg), "--time", "1:00:00", "--run-dir", str(existing), cwd=tmp_path,
+               env=env)
+    assert r.returncode == 2 and existing.is_dir()  # a directory the user made stays
