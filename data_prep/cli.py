@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import re
 import sys
@@ -142,6 +144,32 @@ def _summary(manifest: dict | None, splits: list[str], out: Path) -> None:
         print(f"{s}: {e['samples']} samples in {len(e['shards'])} shards, {e['rejected']} rejected{where}")
 
 
+def _imagenet_splits(text: str) -> list[str]:
+    splits = [_split_ok(s.strip()) for s in text.split(",") if s.strip()]
+    if not splits or any(s not in ("train", "val") for s in splits):
+        raise PrepError(f"--splits {text!r}: choose from train,val")
+    return splits
+
+
+def check_arguments(argv: list[str]) -> None:
+    """Refuse, as ``PrepError``, what ``run(argv)`` would refuse before reading any input: an unknown or
+    malformed option, a value out of range, a bad split name. The launcher asks at submit time: its array
+    tasks failed on these only after the queue wait."""
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            args = build_parser().parse_args(argv)
+    except SystemExit:
+        lines = [line for line in err.getvalue().splitlines() if line.strip()]
+        raise PrepError(lines[-1].split(": error: ", 1)[-1] if lines else f"cannot parse {argv}") from None
+    if args.cmd == "imagefolder":
+        _split_ok(args.split)
+    elif args.cmd == "imagenet":
+        _imagenet_splits(args.splits)
+    if args.cmd in ("imagefolder", "imagenet"):
+        _check_common(args)
+
+
 def run(argv: list[str] | None = None) -> int:
     """Parse and execute; raises PrepError/ManifestError for user errors."""
     args = build_parser().parse_args(argv)
@@ -162,10 +190,7 @@ def run(argv: list[str] | None = None) -> int:
     if args.cmd == "imagenet":
         from .imagenet import prepare_imagenet
 
-        splits = [_split_ok(s.strip()) for s in args.splits.split(",") if s.strip()]
-        bad = [s for s in splits if s not in ("train", "val")]
-        if bad or not splits:
-            raise PrepError(f"--splits {args.splits!r}: choose from train,val")
+        splits = _imagenet_splits(args.splits)
         opts, shard_bytes, workers, ti, nt = _check_common(args)
         m = prepare_imagenet(args.src, args.out, splits, opts, args.seed, shard_bytes, args.samples_per_shard,
                              workers, ti, nt, devkit=args.devkit, val_csv=args.val_csv,

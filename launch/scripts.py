@@ -9,9 +9,12 @@ from __future__ import annotations
 import datetime as _dt
 import re
 import shlex
+import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from data_prep.cli import check_arguments
+from data_prep.errors import PrepError
 from data_prep.format import SPLIT_NAME
 from launch import template
 from launch.errors import LaunchError
@@ -266,6 +269,14 @@ class PrepJob:
         writable_dir(sbatch_path(self.run_dir, "--run-dir"), "--run-dir")
         writable_dir(self.out, "OUT")
         no_launcher_args(self.prep_args, PREP_ARGS)
+        if self.src.is_file() and (self.command == "imagenet" or not tarfile.is_tarfile(self.src)):
+            raise LaunchError(f"SRC: {str(self.src)!r} is a file but not a tar archive; give the dataset's folder"
+                              f"{'' if self.command == 'imagenet' else ' or its .tar'}")
+        try:  # data_prep's own parser and checks, before the queue wait rather than in every array task
+            check_arguments([self.command, str(self.src), str(self.out), *self.prep_args,
+                             "--task-index", "0", "--num-tasks", str(self.tasks)])
+        except PrepError as e:
+            raise LaunchError(f"data_prep would refuse this in every array task: {e}") from None
         self.slurm.check_mounts(self.mounts)
 
     @property

@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from launch.errors import LaunchError
+from pipeline.parsed_config import SECTIONS
 
 _TIME = re.compile(r"^(?:(\d+)-)?(\d{1,3}):([0-5]\d):([0-5]\d)$", re.ASCII)  # ASCII: sbatch reads no other digits
 _SLURM_NAME = re.compile(r"^[A-Za-z0-9_.,+-]+$")
@@ -107,6 +108,10 @@ def yaml_config(path: Path, setting: str) -> Path:
     if doc is not None and not isinstance(doc, dict):
         raise LaunchError(f"{setting}: {str(path)!r} is not a config (a YAML mapping such as `trainer: ...`), "
                           f"it holds a {type(doc).__name__}")
+    for section, value in (doc or {}).items():  # the trainer refuses these at its start, after the queue wait
+        if section in SECTIONS and value is not None and not isinstance(value, (dict, str)):
+            raise LaunchError(f"{setting}: {str(path)!r} sets {section} to {value!r}; a section is a mapping of "
+                              f"settings ({section}.KEY: VALUE)")
     return path
 
 

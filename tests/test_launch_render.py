@@ -526,6 +526,7 @@ def test_the_launcher_imports_neither_torch_nor_lightning() -> None:
 @pytest.mark.parametrize("text, needle", [
     ("model:\n  lr: [0.1, 0.2\n", "is not valid YAML: expected ',' or ']', but got '<stream end>' at line 3, column 1"),
     ("- trainer\n- model\n", "is not a config (a YAML mapping such as `trainer: ...`), it holds a list"),
+    ("model: 5\n", "sets model to 5; a section is a mapping of settings (model.KEY: VALUE)"),
 ])
 def test_a_config_that_is_not_a_yaml_mapping_is_refused_at_submit(tmp_path: Path, text: str, needle: str) -> None:
     """It was submitted, and failed at the job's first line, after the wait for its nodes."""
@@ -564,6 +565,26 @@ def test_prep_refuses_what_data_prep_would_refuse_after_the_queue_wait(tmp_path:
     assert r.returncode == 2 and r.stdout == "", r.stdout + r.stderr
     assert r.stderr.startswith("launch: error: " + needle.format(tmp=tmp_path)), r.stderr
     assert not (tmp_path / "shards-slurm").exists() and not (tmp_path / "src" / "shards-slurm").exists()
+
+
+@pytest.mark.parametrize("kind, extra, needle", [
+    ("imagefolder", ["--", "--samples-per-shard", "0"], "--samples-per-shard 0: must be positive"),
+    ("imagefolder", ["--", "--quality", "500"], "--quality 500: must be in 1..100"),
+    ("imagefolder", ["--", "--bogus"], "unrecognized arguments: --bogus"),
+    ("imagenet", ["--", "--splits", "bogus"], "--splits 'bogus': choose from train,val"),
+])
+def test_prep_arguments_data_prep_would_refuse_are_refused_at_submit(tmp_path: Path, kind: str, extra: list[str],
+                                                                     needle: str) -> None:
+    """They were submitted, and every array task failed on them after the queue wait."""
+    (tmp_path / "src").mkdir()
+    split = ["--split", "train"] if kind == "imagefolder" else []
+    r = launch("submit", "prep", kind, "src", "shards", "--tasks", "2", *split, "--dry-run", *extra, cwd=tmp_path)
+    assert r.returncode == 2 and r.stdout == "", r.stdout + r.stderr
+    assert r.stderr == f"launch: error: data_prep would refuse this in every array task: {needle}\n", r.stderr
+    (tmp_path / "notes.txt").write_text("not a tar")
+    r = launch("submit", "prep", "imagefolder", "notes.txt", "shards", "--tasks", "2", "--split", "train", "--dry-run",
+               cwd=tmp_path)
+    assert r.returncode == 2 and "is a file but not a tar archive" in r.stderr, r.stderr
 
 
 def test_a_refused_finalize_submission_names_the_running_array_job(tmp_path: Path) -> None:
