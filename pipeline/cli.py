@@ -378,7 +378,7 @@ class PipelineCLI(LightningCLI):
             self.datamodule.check_backend()
         check_wandb_settings(cfg.tracking)
         ckdir = checkpoint_dir(run_dir)
-        backlog = WandbBacklog()
+        backlog = WandbBacklog(ckdir)
         callbacks = [
             FiniteWeights(every_n_steps=int(cfg.trainer.get("log_every_n_steps") or 50)),  # before any save
             *([RunDirStillOurs(self._run_lock)] if self._run_lock is not None else []),

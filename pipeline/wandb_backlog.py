@@ -7,11 +7,18 @@ val/top1 curve) reached only CSV and TensorBoard, and the dashboard had a hole t
 run does not validate that epoch again. ``Preemption`` puts a ``Recorder`` in the W&B logger's place; what
 it records is saved in the checkpoints written on the way out (this callback's state) and logged to the
 resumed W&B run at the next start, at its own ``trainer/global_step`` (the x-axis of the run's charts).
+
+Rows recorded after the last save (the train metrics of the stopping step: Lightning logs them after the
+callbacks' ``on_train_batch_end``, where the preemption save happens) are not in any checkpoint. At the
+fit's end they go to ``RUN/checkpoints/wandb_rows_after_save.json`` with the step of that save; a resume
+from exactly that step logs them too, any other start drops the file.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -20,6 +27,7 @@ from pytorch_lightning.loggers import Logger, WandbLogger
 log = logging.getLogger(__name__)
 
 MAX_HELD = 1000  # rows: a stop comes within a validation of the signal; this only bounds a pathology
+AFTER_SAVE = "wandb_rows_after_save.json"  # in the checkpoint folder
 
 
 class _NoSendToDeadService(logging.Filter):
@@ -57,9 +65,11 @@ class Recorder(Logger):
 class WandbBacklog(pl.Callback):
     """Holds the metrics W&B missed after a SIGTERM, in the checkpoint, until a resumed run logs them."""
 
-    def __init__(self) -> None:
+    def __init__(self, checkpoint_dir: str | Path | None = None) -> None:
         self.held: list[dict] = []  # {"step": int | None, "metrics": {name: float}}
         self.detached = False
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self._saved = 0  # rows of ``held`` in the last checkpoint written
 
     @property
     def state_key(self) -> str:
@@ -80,6 +90,7 @@ class WandbBacklog(pl.Callback):
                               "metrics": {k: float(v) for k, v in metrics.items()}})
 
     def state_dict(self) -> dict:
+        self._saved = len(self.held)  # called when a checkpoint is written
         return {"held": list(self.held)}
 
     def load_state_dict(self, state: dict) -> None:
@@ -87,7 +98,7 @@ class WandbBacklog(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Log what the previous run held to the (resumed) W&B run; dropped when this run has no W&B."""
-        held, self.held = self.held, []
+        held, self.held = self.held + self._rows_after_save(trainer), []
         if not held or not trainer.is_global_zero:
             return
         for logger in trainer.loggers:
@@ -104,6 +115,7 @@ class WandbBacklog(pl.Callback):
         if not self.detached or stage != "fit":
             return
         self.detached = False
+        self._keep_rows_after_save(trainer)
         import wandb
 
         try:
@@ -111,3 +123,30 @@ class WandbBacklog(pl.Callback):
         except Exception as e:  # noqa: BLE001 (the service process went with the signal: nothing left to tell it)
             log.info("W&B: its service process ended with the signal (%s); the run resumes into the same W&B run",
                      type(e).__name__)
+
+    def _keep_rows_after_save(self, trainer: pl.Trainer) -> None:
+        rows = self.held[self._saved:]
+        if not rows or not trainer.is_global_zero or self.checkpoint_dir is None:
+            return
+        from pipeline.checkpoint_io import atomic_write_bytes
+
+        try:
+            atomic_write_bytes(json.dumps({"global_step": trainer.global_step, "rows": rows}).encode(),
+                               self.checkpoint_dir / AFTER_SAVE)
+        except OSError as e:  # the run stops either way; only these dashboard points are lost
+            log.warning("W&B: cannot keep the %d metric rows logged after the last save (%s)", len(rows), e)
+
+    def _rows_after_save(self, trainer: pl.Trainer) -> list[dict]:
+        """The rows a stopped run logged after its last save, when this run resumes from that save."""
+        if self.checkpoint_dir is None or not trainer.is_global_zero:
+            return []
+        path = self.checkpoint_dir / AFTER_SAVE
+        try:
+            kept = json.loads(path.read_text())
+        except (OSError, ValueError):  # none (the usual case), or unreadable: nothing to add
+            return []
+        finally:
+            path.unlink(missing_ok=True)
+        if not isinstance(kept, dict) or kept.get("global_step") != trainer.global_step:
+            return []  # another start (an older checkpoint, a fresh run): those steps run again
+        return [row for row in kept.get("rows", []) if isinstance(row, dict) and "metrics" in row]

@@ -270,3 +270,38 @@ def test_metrics_after_a_sigterm_reach_wandb_when_the_run_resumes(digits_shards,
     assert logged[0]["trainer/global_step"] == 10
     saved = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert saved["callbacks"]["WandbBacklog"] == {"held": []}, "logged once, not again at the next resume"
+
+
+def test_the_stopping_steps_train_metrics_reach_wandb_when_the_run_resumes(digits_shards, tmp_path):
+    """SIGTERM mid-epoch: Lightning logs the stopping step's train metrics after the preemption save, so they
+    were in no checkpoint and W&B never got them (CSV did). They are kept beside the checkpoint and logged
+    by the resume from that checkpoint."""
+    import os
+    import subprocess
+
+    from bench.kill_resume import fit_command
+    from pipeline.wandb_backlog import AFTER_SAVE
+
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    stopped = subprocess.run(fit_command(digits_shards, run, 9, [
+        "--tracking.wandb", "true", "--trainer.callbacks+=tests.preemption_helpers.SignalAtBatch",
+        "--trainer.callbacks.batch_idx", "3", "--trainer.callbacks.signum", "15"]),
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    out = stopped.stdout + stopped.stderr
+    assert stopped.returncode == 0 and "preemption (SIGTERM)" in out, out[-3000:]
+    with open(run / "csv" / "metrics.csv") as f:
+        last = [r for r in csv.DictReader(f) if r.get("train/loss")][-1]
+    step = int(last["step"])
+    saved = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert saved["global_step"] == 4
+    assert (run / "checkpoints" / AFTER_SAVE).is_file(), "the rows logged after the save were not kept"
+
+    resumed = subprocess.run(fit_command(digits_shards, run, 6, ["--tracking.wandb", "true"]), env=env, cwd=REPO,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0 and "resuming from" in resumed.stderr, resumed.stderr[-3000:]
+    second = sorted((run / "wandb").glob("offline-run-*"))[-1]
+    rows = [r for r in _wandb_history(next(second.glob("*.wandb"))) if r.get("trainer/global_step") == step
+            and "train/loss" in r]
+    assert len(rows) == 1 and rows[0]["train/loss"] == pytest.approx(float(last["train/loss"])), rows
+    assert not (run / "checkpoints" / AFTER_SAVE).exists(), "used once"
