@@ -420,11 +420,6 @@ class PipelineCLI(LightningCLI):
             raise
         except (ValueError, TypeError) as e:  # Lightning's refusal of a strategy, accelerator or devices value
             raise ConfigError(f"trainer: {str(e).strip().splitlines()[0]}") from None
-        if isinstance(trainer.strategy, DeepSpeedStrategy) and not isinstance(trainer.strategy, CPUDeepSpeedStrategy) \
-                and trainer.strategy.root_device.type != "cuda":  # Lightning said so only at fit start, in a traceback
-            raise ConfigError(f"trainer.strategy: DeepSpeed runs on CUDA GPUs and this run has none (accelerator "
-                              f"{type(trainer.accelerator).__name__}); on the CPU use the deepspeed_stage_N_cpu "
-                              f"strategies (docs/training.md)")
         world = getattr(self, "_resume_world", None)
         if world is not None and trainer.world_size != world:
             raise ConfigError(
@@ -441,8 +436,19 @@ class PipelineCLI(LightningCLI):
             trainer.strategy.config.setdefault("train_micro_batch_size_per_gpu", int(cfg.data.batch_size))
         return trainer
 
+    def _check_deepspeed_device(self) -> None:
+        """Lightning's DeepSpeed strategies refuse a machine without CUDA only at the run's start, in a traceback
+        (a CLI built with ``run=False`` may hold one: it runs nothing)."""
+        strategy = self.trainer.strategy
+        if isinstance(strategy, DeepSpeedStrategy) and not isinstance(strategy, CPUDeepSpeedStrategy) \
+                and strategy.root_device.type != "cuda":
+            raise ConfigError(f"trainer.strategy: DeepSpeed runs on CUDA GPUs and this run has none (accelerator "
+                              f"{type(self.trainer.accelerator).__name__}); on the CPU use the deepspeed_stage_N_cpu "
+                              f"strategies (docs/training.md)")
+
     def before_fit(self) -> None:
         """``model.init_weights`` at a run's first start; a resume has the weights in its checkpoint."""
+        self._check_deepspeed_device()
         cfg = self.config["fit"]
         path = self.model.hparams.get("init_weights")
         if not path:
@@ -456,9 +462,11 @@ class PipelineCLI(LightningCLI):
             _say(note)
 
     def before_validate(self) -> None:
+        self._check_deepspeed_device()
         self._evaluate_init_weights("validate")
 
     def before_test(self) -> None:
+        self._check_deepspeed_device()
         self._evaluate_init_weights("test")
 
     def _evaluate_init_weights(self, sub: str) -> None:

@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 LOCK_NAME = ".lock"
 # what a start writes before its first step: a run directory made by a refused start holding only these goes
-START_FILES = {LOCK_NAME, "wandb_run_id", "config.yaml", "csv/hparams.yaml"}
+START_FILES = {LOCK_NAME, "wandb_run_id", "csv/hparams.yaml"}  # (config.yaml: written once a run is under way)
 KEY_ENV = "PIPELINE_RUN_LOCK_KEY"  # rank 0's key, inherited by the ranks Lightning starts on its node
 
 
@@ -175,7 +175,7 @@ class RunDirLock:
 
     def _remove_unused_dir(self) -> None:
         """A run directory this job created and left holding nothing but what a start writes before the
-        first step (the lock, ``wandb_run_id``, ``config.yaml``, the CSV logger's ``hparams.yaml``: the run
+        first step (the lock, ``wandb_run_id``, the CSV logger's ``hparams.yaml``: the run
         was refused, e.g. a mistyped ``data.root`` or a split too small for the batch) goes again: it would
         otherwise be listed as a run that never was. Removed while still locked, so no other job can be
         inside it; a file of any other name (metrics, a checkpoint, a W&B run) keeps it."""
