@@ -136,9 +136,7 @@ class ImageClassifier(pl.LightningModule):
         shapes = [f"{k} {tuple(weights[k].shape)} vs {tuple(own[k].shape)}" for k in own
                   if k in weights and weights[k].shape != own[k].shape]
         if missing or unexpected or shapes:
-            what = "; ".join(f"{name}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
-                             for name, keys in (("missing", missing), ("unexpected", unexpected),
-                                                ("other shapes (file vs model)", shapes)) if keys)
+            what = _first_keys(missing=missing, unexpected=unexpected, other_shapes=shapes)
             raise ConfigError(f"model.init_weights: {path} does not fit model.arch {self.hparams.arch!r} with "
                               f"{self.hparams.num_classes} classes ({what})")
         mine = computation(self.hparams.arch, **(self.hparams.arch_kwargs or {}))
@@ -270,8 +268,7 @@ class ImageClassifier(pl.LightningModule):
             missing = [k for k in own if k not in tensors]
             unexpected = [k for k in tensors if k not in own]
             if missing or unexpected:  # torch's "Missing key(s)" came as a traceback listing every key
-                what = "; ".join(f"{name}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
-                                 for name, keys in (("missing", missing), ("unexpected", unexpected)) if keys)
+                what = _first_keys(missing=missing, unexpected=unexpected)
                 raise ConfigError(f"the checkpoint's network does not fit model.arch {self.hparams.arch!r} ({what}); "
                                   f"it is damaged or of another network")
 
@@ -372,3 +369,11 @@ def _saved_network(path: str) -> dict | None:
     if not isinstance(saved, dict) or not isinstance(saved.get("arch"), str):
         return None
     return saved
+
+
+def _first_keys(**groups: list[str]) -> str:
+    """``missing: a, b, c ...; unexpected: d``: the first three keys of each non-empty group (a state-dict
+    error would list hundreds)."""
+    names = {"other_shapes": "other shapes (file vs model)"}
+    return "; ".join(f"{names.get(group, group)}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+                     for group, keys in groups.items() if keys)
