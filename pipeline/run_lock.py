@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 from pipeline.errors import ConfigError
+from pipeline.run_id_file import RUN_ID_FILE
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ log = logging.getLogger(__name__)
 
 LOCK_NAME = ".lock"
 # what a start writes before its first step: a run directory made by a refused start holding only these goes
-START_FILES = {LOCK_NAME, "wandb_run_id", "csv/hparams.yaml"}  # (config.yaml: written once a run is under way)
+START_FILES = {LOCK_NAME, RUN_ID_FILE, "csv/hparams.yaml"}  # (config.yaml: written once a run is under way)
 KEY_ENV = "PIPELINE_RUN_LOCK_KEY"  # rank 0's key, inherited by the ranks Lightning starts on its node
 
 
