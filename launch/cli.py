@@ -15,6 +15,7 @@ from pathlib import Path
 from launch import rundir, slurm, status, torchrun
 from launch.errors import LaunchError
 from launch.scripts import PrepJob, SlurmOptions, TrainJob
+from launch.trainer_check import check_trainer_settings
 from launch.validate import sbatch_path, writable_dir, yaml_config
 from pipeline.run_id_file import RUN_ID_FILE
 
@@ -81,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after a crash, keep the node where the first task failed out of the job's next starts "
                         "(while the partition keeps enough usable nodes for the job); default on")
     t.add_argument("--run-dir", type=_path, default=None, help="default runs/<config name>")
+    t.add_argument("--no-config-check", dest="config_check", action="store_false",
+                   help="submit without first checking the trainer's settings (`python -m pipeline.config_check`, "
+                        "about 6 s: unknown keys and bad values in --config and after --)")
     _slurm_args(t, None)
 
     pr = what.add_parser("prep", help="data_prep as an array job plus a dependent finalize job")
@@ -154,12 +158,17 @@ def _submit_train(a: argparse.Namespace, extra: list[str]) -> int:
                    python=_python(a), workdir=Path.cwd(), max_failures=a.max_failures,
                    exclude_failed_nodes=a.exclude_failed_nodes)
     job.check()
+    if not a.dry_run:
+        _refuse_if_training(run_dir)  # before anything is written
+    saved_id = rundir.wandb_run_id(run_dir, create=False)  # an unreadable id file: refused before the slow check
+    if a.config_check:  # the last check: it takes seconds
+        for line in check_trainer_settings(job):
+            print(line, file=sys.stderr)
     if a.dry_run:
-        run_id = rundir.wandb_run_id(run_dir, create=False) or "<new id, created on submit>"
+        run_id = saved_id or "<new id, created on submit>"
         print(job.render(run_id), end="")
         print(f"# submit: sbatch --parsable {job.script_path}", file=sys.stderr)
         return 0
-    _refuse_if_training(run_dir)  # before anything is written
     made = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
     run_id = rundir.wandb_run_id(run_dir)
     assert run_id is not None

@@ -186,6 +186,13 @@ class TrainJob:
         if self.slurm.container_image and self.python != "python":
             raise LaunchError("--python: with --container-image the container's own `python` is used")
 
+    def trainer_args(self, run_dir: str | None = None) -> list[str]:
+        """What the job passes to ``python -m pipeline`` (the script writes ``run_dir`` as ``"$RUN_DIR"``)."""
+        return ["fit", "--config", str(self.config), *self.extra_args,
+                "--trainer.default_root_dir", run_dir or str(self.run_dir), "--trainer.num_nodes", str(self.nodes),
+                "--trainer.devices", str(self.tasks_per_node), *(["--trainer.accelerator", "cpu"] if self.on_cpu else []),
+                "--ckpt_path", "last"]
+
     def render(self, wandb_run_id: str) -> str:
         """The sbatch script text (call check() first)."""
         accel = "--trainer.accelerator cpu " if self.on_cpu else ""

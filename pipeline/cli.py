@@ -116,7 +116,7 @@ def _say(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def _check_trainer(t) -> None:
+def check_trainer(t) -> None:
     """The trainer settings that Lightning, the loader contract or torch would reject later, in a traceback
     (``accumulate_grad_batches -2`` surfaced as "Invalid learning rate"; ``val_check_interval 0`` as a
     ZeroDivisionError after the first step)."""
@@ -152,6 +152,15 @@ def _check_trainer(t) -> None:
     clip = number("gradient_clip_val")
     require(clip is None or clip >= 0, "trainer.gradient_clip_val", ">= 0 (0 or null: no clipping)",
             t.get("gradient_clip_val"))
+
+
+def check_run_settings(cfg) -> None:
+    """The ``checkpoint`` and ``tracking`` settings that would fail once the trainer is being built."""
+    ckpt = cfg.checkpoint
+    require(ckpt.every_n_train_steps >= 0, "checkpoint.every_n_train_steps", ">= 0 (0: at epoch ends only)",
+            ckpt.every_n_train_steps)
+    require(ckpt.save_top_k >= -1, "checkpoint.save_top_k", ">= -1 (-1: keep all, 0: none)", ckpt.save_top_k)
+    check_wandb_settings(cfg.tracking)
 
 
 class RunDirConfig(SaveConfigCallback):
@@ -239,7 +248,7 @@ class PipelineCLI(LightningCLI):
         cfg.trainer.default_root_dir = str(run_dir)
         last = checkpoint_dir(run_dir) / "last.ckpt"
         self._saved_run_id: str | None = None
-        _check_trainer(cfg.trainer)
+        check_trainer(cfg.trainer)
         if sub != "fit":
             limit_key = f"limit_{'val' if sub == 'validate' else 'test'}_batches"
             if sub in ("validate", "test") and cfg.trainer.get(limit_key) == 0:  # exit 0 and no metrics, said nothing
@@ -371,12 +380,9 @@ class PipelineCLI(LightningCLI):
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         run_dir = Path(cfg.trainer.default_root_dir)
         ckpt = cfg.checkpoint
-        require(ckpt.every_n_train_steps >= 0, "checkpoint.every_n_train_steps", ">= 0 (0: at epoch ends only)",
-                ckpt.every_n_train_steps)
-        require(ckpt.save_top_k >= -1, "checkpoint.save_top_k", ">= -1 (-1: keep all, 0: none)", ckpt.save_top_k)
+        check_run_settings(cfg)
         if isinstance(self.datamodule, ShardDataModule):  # before the loggers start a W&B run for nothing
             self.datamodule.check_backend()
-        check_wandb_settings(cfg.tracking)
         ckdir = checkpoint_dir(run_dir)
         backlog = WandbBacklog(ckdir)
         callbacks = [
@@ -527,7 +533,9 @@ class _NoProductTips(logging.Filter):
         return not record.getMessage().startswith("💡 Tip:")
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, cli: type[PipelineCLI] = PipelineCLI) -> int:
+    """Run ``cli`` (``pipeline.config_check`` passes one that builds no trainer) and turn a refusal into one
+    ``error:`` line and exit status 2 (a setting, a file) or 1 (the run failed)."""
     if error := follow_torchrun_agent() or follow_lightning_rank_zero():
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -551,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
     if "SLURM_JOB_ID" not in os.environ:  # a login node or a laptop with Slurm's tools: not in a job, no hint
         warnings.filterwarnings("ignore", message="The `srun` command is available on your system but is not used")
     try:
-        PipelineCLI(
+        cli(
             ImageClassifier,
             ShardDataModule,
             args=argv,

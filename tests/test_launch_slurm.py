@@ -51,7 +51,8 @@ def test_hostile_values_cannot_inject_and_the_secret_stays_out(slurm_cluster: Sl
 
     r = slurm_cluster.launch("submit", "train", "--config", str(cfg), "--nodes", "2", "--gpus-per-node", "0",
                              "--time", "00:02:00", "--signal-lead", "30", "--run-dir", str(run_dir),
-                             "--python", str(dump), "--", *hostile, cwd=tmp_path, env={"WANDB_API_KEY": secret})
+                             "--python", str(dump), "--no-config-check",  # the trainer would refuse these arguments
+                             "--", *hostile, cwd=tmp_path, env={"WANDB_API_KEY": secret})
     m = re.search(r"Submitted train job (\d+)", r.stdout)
     assert m, r.stdout
     job = m.group(1)
@@ -528,7 +529,10 @@ def test_crash_retries_end_without_progress_and_trainer_errors_are_not_retried(
     job = _submit(slurm_cluster, _with_launch_args(one_node, "--max-failures", "1") + [
         KILL, "--trainer.callbacks.step=2", "--trainer.callbacks.every_attempt=true"])
     bad_dir = tmp_path / "bad"
-    bad = _submit(slurm_cluster, _train_args(bad_dir, demo_shards) + ["--model.warmup_factor", "10"])
+    # --no-config-check: the check at submit would refuse it; a setting can still fail at the job's start
+    # (a path the login node cannot see), and such a job must not be retried
+    bad = _submit(slurm_cluster, _with_launch_args(_train_args(bad_dir, demo_shards), "--no-config-check")
+                  + ["--model.warmup_factor", "10"])
     slurm_cluster.wait_gone([job, bad], timeout=300)
 
     log = _log(run_dir, job)

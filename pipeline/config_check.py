@@ -1,0 +1,69 @@
+"""``python -m pipeline.config_check fit --config conf/X.yaml [ARGS]``: would ``pipeline`` accept this command line?
+
+The same parse and the same checks as ``python -m pipeline`` (unknown keys, types, nulls, value ranges of the
+trainer, model, data, checkpoint and tracking settings, the model and data module built from them), and
+nothing else: no run directory is touched, no trainer, process group or W&B run is made, no shard is read.
+``launch submit train`` runs it before ``sbatch``: a typo in a config would otherwise fail the job at its
+first line, after its wait in the queue. Exit status 0 (accepted) or 2 with one ``error:`` line.
+
+Paths need not exist here (a container may mount them elsewhere, a compute node may see another file
+system): a ``data.root`` without a manifest or a ``model.init_weights`` that this machine does not have is a
+``warning:`` line, and the network is then checked with ImageNet's 1000 classes.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from data_prep.format import MANIFEST_NAME
+from pipeline.cli import PipelineCLI, check_run_settings, check_trainer, main
+from pipeline.datamodule import ShardDataModule
+
+CLASSES_WITHOUT_MANIFEST = 1000
+
+
+def _warn(text: str) -> None:
+    print(f"warning: {text}", file=sys.stderr, flush=True)
+
+
+class DataModuleSeenFromHere(ShardDataModule):
+    """The data module, whose class count (the network's output width) needs the manifest: when this machine
+    cannot read it, the network's other settings are still checked, with 1000 classes."""
+
+    @property
+    def num_classes(self) -> int:
+        if (Path(self.root) / MANIFEST_NAME).is_file():
+            return super().num_classes
+        _warn(f"data.root: {self.root} has no {MANIFEST_NAME} on this machine (the job reads it at its start); "
+              f"the model is checked with {CLASSES_WITHOUT_MANIFEST} classes")
+        return CLASSES_WITHOUT_MANIFEST
+
+
+class ConfigCheckCLI(PipelineCLI):
+    """Parses, checks and builds the model and the data module; no trainer, no run."""
+
+    def __init__(self, model_class, datamodule_class, *args, **kwargs) -> None:
+        super().__init__(model_class, DataModuleSeenFromHere, *args, **kwargs)
+
+    def before_instantiate_classes(self) -> None:
+        check_trainer(self._cfg.trainer)
+
+    def instantiate_trainer(self, **kwargs) -> None:  # type: ignore[override]
+        cfg = self._cfg
+        check_run_settings(cfg)
+        weights = cfg.model.get("init_weights")
+        if weights and not Path(weights).exists():
+            _warn(f"model.init_weights: {weights} does not exist on this machine")
+        return None
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        print(f"config_check: `python -m pipeline {subcommand}` accepts these settings", file=sys.stderr)
+
+    @property
+    def _cfg(self):
+        return self.config[self.subcommand] if self.subcommand else self.config
+
+
+if __name__ == "__main__":
+    sys.exit(main(cli=ConfigCheckCLI))

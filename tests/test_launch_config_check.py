@@ -1,0 +1,89 @@
+"""``launch submit train`` checks the trainer's settings before sbatch (``pipeline.config_check``): a typo in the
+config fails at submit, not at the job's start after its wait in the queue."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from launch.errors import LaunchError
+from launch.scripts import SlurmOptions, TrainJob
+from launch.trainer_check import check_trainer_settings
+from tests.test_launch_render import launch, srun_argv
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _job(tmp_path: Path, config: Path, extra: list[str], **kw) -> TrainJob:
+    return TrainJob(config=config, nodes=2, gpus_per_node=8, run_dir=tmp_path / "run",
+                    slurm=SlurmOptions(time="1:00:00"), extra_args=extra, workdir=REPO, **kw)
+
+
+@pytest.mark.parametrize("config_text, extra, expected", [
+    ("model:\n  lrr: 0.1\n", [], "--config {cfg}: unknown key model.lrr"),
+    ("trainer:\n  max_epochs: 90\n", ["--model.lr", "1e9"], "model.lr must be in [0, 10000]"),
+    ("trainer:\n  max_epochs: 90\n", ["--trainer.max_steps", "0"], "trainer.max_steps must be >= 1 or -1"),
+    ("data:\n  num_workers: null\n", [], "data.num_workers must be a int, got null"),
+    ("checkpoint:\n  save_top_k: -5\n", [], "checkpoint.save_top_k must be >= -1"),
+], ids=["unknown-key", "lr-after-dashes", "trainer-range", "null", "checkpoint-range"])
+def test_submit_refuses_what_the_trainer_would_refuse(tmp_path: Path, config_text: str, extra: list[str],
+                                                      expected: str) -> None:
+    cfg = tmp_path / "r50.yaml"
+    cfg.write_text(config_text)
+    run = tmp_path / "runs" / "r50"
+    r = launch("submit", "train", "--config", str(cfg), "--nodes", "2", "--gpus-per-node", "8", "--time", "1:00:00",
+               "--run-dir", str(run), *(["--", *extra] if extra else []), cwd=tmp_path, config_check=True)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("launch: error: the trainer would refuse this job at its start: ")
+    assert expected.format(cfg=cfg) in lines[0], lines[0]
+    assert not run.exists(), "a refused submit writes nothing (no sbatch was called: there is none here)"
+
+
+def test_dry_run_checks_the_arguments_the_job_runs(tmp_path: Path) -> None:
+    """An accepted config: the script is printed, the check's warning about a shard directory this machine
+    lacks is passed on, the check made no run directory, and what it checked is the srun line's command."""
+    cfg = tmp_path / "r50.yaml"
+    cfg.write_text("data:\n  root: /nonexistent/imagenet\nmodel:\n  arch: resnet50\n")
+    run = tmp_path / "run"
+    r = launch("submit", "train", "--config", str(cfg), "--nodes", "2", "--gpus-per-node", "8", "--time", "1:00:00",
+               "--run-dir", str(run), "--dry-run", "--", "--model.lr", "0.2", cwd=tmp_path, config_check=True)
+    assert r.returncode == 0, r.stderr
+    assert ("warning: data.root: /nonexistent/imagenet has no manifest.json on this machine (the job reads it at its "
+            "start); the model is checked with 1000 classes") in r.stderr.splitlines()
+    assert not run.exists()
+    job = _job(tmp_path, cfg, ["--model.lr", "0.2"])
+    job.run_dir, job.workdir = run, tmp_path
+    argv = srun_argv(r.stdout)
+    assert argv[argv.index("-m") + 1:] == ["pipeline", *job.trainer_args(run_dir="$RUN_DIR")]
+
+
+def test_demo_config_with_its_shards_passes_without_warnings(tmp_path: Path, digits_shards: Path) -> None:
+    job = _job(tmp_path, REPO / "conf" / "demo.yaml", ["--data.root", str(digits_shards)], cpu=True)
+    assert check_trainer_settings(job) == []
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_class_count_the_network_cannot_take_is_found_from_the_manifest(tmp_path: Path, digits_shards: Path) -> None:
+    """The manifest is read when this machine has it: its 10 classes reach the network (a CIFAR ResNet needs
+    none of ImageNet's 1000 to be checked), and arch_kwargs that do not fit the arch are refused."""
+    job = _job(tmp_path, REPO / "conf" / "demo.yaml", ["--data.root", str(digits_shards),
+                                                       "--model.arch_kwargs", "{shortcut: Z}"], cpu=True)
+    with pytest.raises(LaunchError, match=r"model.arch / model.arch_kwargs: .*shortcut"):
+        check_trainer_settings(job)
+
+
+def test_a_check_that_cannot_run_is_a_warning(tmp_path: Path) -> None:
+    """A login node whose Python lacks the trainer's packages (the job runs in a container): say so, submit."""
+    bare = "/usr/bin/python3"
+    probe = subprocess.run([bare, "-c", "import pytorch_lightning"], capture_output=True)
+    if probe.returncode == 0:
+        pytest.skip(f"{bare} has pytorch_lightning")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("trainer: {}\n")
+    warnings = check_trainer_settings(_job(tmp_path, cfg, []), python=bare)
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith("warning: trainer settings not checked before submitting: `python -m "
+                                  "pipeline.config_check` failed (exit 1): ModuleNotFoundError"), warnings
