@@ -185,6 +185,10 @@ class ImageNetSource:
             return list_dir(folder), str(folder)
         if archive.is_file():
             return (_list_train_archive(archive) if split == "train" else _list_flat_archive(archive)), str(archive)
+        packed = sorted(p.name for p in self.src.glob(archive.name + ".*") if p.is_file())  # .tar.gz, .tar.zst
+        if packed:
+            raise PrepError(f"{self.src / packed[0]}: a compressed {archive.name}; the images are read from the "
+                            f"uncompressed archive by byte offset: decompress it first (to {archive.name})")
         raise PrepError(f"{self.src}: no {split} data (expected {archive.name} or {split}/ folder)")
 
     def val_labels(self) -> dict[str, str]:

@@ -135,3 +135,21 @@ def test_an_output_folder_inside_a_split_folder_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"{out}: output folder is inside {root / 'train'}, which is read as the train split" in err, err
     assert not out.exists()
+
+
+def test_a_compressed_image_archive_is_named_with_what_to_do(archives, tmp_path, capsys):
+    """ILSVRC2012_img_val.tar.gz (a mirror's copy) was not looked at: "no val data (expected
+    ILSVRC2012_img_val.tar ...)" said nothing of the file that is there."""
+    import gzip
+
+    root, _ = archives
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(root / "ILSVRC2012_devkit_t12.tar.gz", src)
+    with open(root / "ILSVRC2012_img_val.tar", "rb") as f, gzip.open(src / "ILSVRC2012_img_val.tar.gz", "wb") as g:
+        shutil.copyfileobj(f, g)
+    assert main(["imagenet", str(src), str(tmp_path / "o"), "--splits", "val", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert (f"{src / 'ILSVRC2012_img_val.tar.gz'}: a compressed ILSVRC2012_img_val.tar; the images are read from the "
+            "uncompressed archive by byte offset: decompress it first") in err, err
+    assert not (tmp_path / "o").exists()
