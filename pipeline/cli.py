@@ -27,7 +27,8 @@ from lightning_fabric.plugins.environments import ClusterEnvironment, SLURMEnvir
 from lightning_fabric.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, ModelSummary, ProgressBar, RichModelSummary
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
-from pytorch_lightning.strategies import DeepSpeedStrategy
+from pytorch_lightning.accelerators import AcceleratorRegistry
+from pytorch_lightning.strategies import DeepSpeedStrategy, StrategyRegistry
 
 import pipeline.strategies  # noqa: F401  (registers the deepspeed_stage_*_cpu strategies)
 from pipeline.strategies import AtomicDeepSpeedStrategy, CPUDeepSpeedStrategy
@@ -144,6 +145,11 @@ def check_trainer(t) -> None:
     count = int(devices) if isinstance(devices, str) and devices.strip().lstrip("-").isdigit() else devices
     require(not isinstance(count, int) or count >= 1 or count == -1, "trainer.devices",
             ">= 1, -1 (all) or 'auto'", devices)
+    require(not isinstance(count, str) or count.strip() == "auto" or re.fullmatch(r"\s*\d+(\s*,\s*\d+)*\s*,?\s*", count),
+            "trainer.devices", "a number of devices, -1 (all), 'auto', or GPU indices such as '0,1'", devices)
+    _check_name(t.get("strategy"), "trainer.strategy", StrategyRegistry.available_strategies(), lowercased=True)
+    _check_name(t.get("accelerator"), "trainer.accelerator", AcceleratorRegistry.available_accelerators() | {"gpu"},
+                lowercased=False)
     for key, low, rule in (("min_epochs", 0, ">= 0 (or null)"), ("min_steps", -1, ">= 0, -1 or null"),
                            ("log_every_n_steps", 1, ">= 1 (optimizer steps between logged rows)"),
                            ("num_sanity_val_steps", -1, ">= 0 or -1 (all validation batches)")):
@@ -161,6 +167,15 @@ def check_run_settings(cfg) -> None:
             ckpt.every_n_train_steps)
     require(ckpt.save_top_k >= -1, "checkpoint.save_top_k", ">= -1 (-1: keep all, 0: none)", ckpt.save_top_k)
     check_wandb_settings(cfg.tracking)
+
+
+def _check_name(value, key: str, names, lowercased: bool) -> None:
+    """A strategy or accelerator given by name, refused before the run directory is touched, with the names
+    there are (Lightning's own refusal came once the trainer was being built). Lightning lowercases a strategy's
+    name, not an accelerator's."""
+    name = value.lower() if lowercased and isinstance(value, str) else value
+    if isinstance(name, str) and name != "auto" and name not in names:
+        raise ConfigError(f"{key}: {value!r} is not one of: auto, {', '.join(sorted(names))}")
 
 
 class RunDirConfig(SaveConfigCallback):

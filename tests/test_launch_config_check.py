@@ -27,7 +27,8 @@ def _job(tmp_path: Path, config: Path, extra: list[str], **kw) -> TrainJob:
     ("trainer:\n  max_epochs: 90\n", ["--trainer.max_steps", "0"], "trainer.max_steps must be >= 1 or -1"),
     ("data:\n  num_workers: null\n", [], "data.num_workers must be a int, got null"),
     ("checkpoint:\n  save_top_k: -5\n", [], "checkpoint.save_top_k must be >= -1"),
-], ids=["unknown-key", "lr-after-dashes", "trainer-range", "null", "checkpoint-range"])
+    ("trainer:\n  strategy: dpp\n", [], "trainer.strategy: 'dpp' is not one of: auto, ddp, "),
+], ids=["unknown-key", "lr-after-dashes", "trainer-range", "null", "checkpoint-range", "strategy-name"])
 def test_submit_refuses_what_the_trainer_would_refuse(tmp_path: Path, config_text: str, extra: list[str],
                                                       expected: str) -> None:
     cfg = tmp_path / "r50.yaml"

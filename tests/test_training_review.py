@@ -266,9 +266,9 @@ def test_test_scores_the_test_split_as_validation_does_and_predict_is_no_command
     ("data.augment.mean", "[123.675,116.28,103.53]", "data.augment.mean must be 3 numbers in [0, 1]"),
     ("data.augment.val_resize", "16", "data.augment.val_resize must be >= data.augment.val_size"),
     # found by a fuzz of the settings: tracebacks, or a kill by the kernel for memory
-    ("trainer.strategy", "foo", "error: trainer: You selected an invalid strategy name"),
-    ("trainer.accelerator", "tpu9", "error: trainer: You selected an invalid accelerator name"),
-    ("trainer.devices", "abc", "error: trainer: "),
+    ("trainer.strategy", "foo", "error: trainer.strategy: 'foo' is not one of: auto, ddp, "),
+    ("trainer.accelerator", "tpu9", "error: trainer.accelerator: 'tpu9' is not one of: auto, cpu, cuda, gpu, mps, tpu"),
+    ("trainer.devices", "abc", "error: trainer.devices must be a number of devices, -1 (all), 'auto', or GPU indices"),
     ("trainer.strategy", "deepspeed_stage_2", "trainer.strategy: DeepSpeed runs on CUDA GPUs and this run has none"),
     ("trainer.log_every_n_steps", "-1", "trainer.log_every_n_steps must be >= 1"),
     ("trainer.min_epochs", "-3", "trainer.min_epochs must be >= 0"),
