@@ -35,6 +35,7 @@ from pipeline.strategies import AtomicDeepSpeedStrategy, CPUDeepSpeedStrategy
 from data_prep.format import ManifestError
 from pipeline.arg_parser import PipelineArgumentParser
 from pipeline.checkpoint_io import AtomicCheckpointIO, recover_directories
+from pipeline.config_history import keep_earlier_config
 from pipeline.data.shards import CorruptSampleError
 from pipeline.datamodule import ShardDataModule
 from pipeline.errors import CheckpointWriteError, ConfigError, TrainingDiverged, require
@@ -199,14 +200,23 @@ class RunDirConfig(SaveConfigCallback):
         self._save(trainer)
 
     def _save(self, trainer) -> None:
+        """Written beside and renamed into place (a kill mid-write left a torn config.yaml); a ``fit`` whose
+        settings differ from the file's keeps the earlier one in ``RUN/config-history/``."""
         if self.already_saved:
             return
         if trainer.is_global_zero:
             stage = getattr(self, "_stage", "fit")
             name = self.config_filename if stage == "fit" else f"config-{stage}.yaml"
-            Path(trainer.default_root_dir).mkdir(parents=True, exist_ok=True)
-            self.parser.save(self.config, str(Path(trainer.default_root_dir) / name), skip_none=False,
-                             overwrite=True, multifile=self.multifile)
+            run_dir = Path(trainer.default_root_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            target, written = run_dir / name, run_dir / f".{name}.{os.getpid()}.tmp"
+            try:
+                self.parser.save(self.config, str(written), skip_none=False, overwrite=True, multifile=self.multifile)
+                if stage == "fit" and (kept := keep_earlier_config(target, written, trainer.global_step)):
+                    _say(f"settings changed: the earlier config is kept as {kept}")
+                os.replace(written, target)
+            finally:
+                written.unlink(missing_ok=True)
         self.already_saved = True
 
 

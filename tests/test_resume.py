@@ -61,6 +61,7 @@ def test_killed_and_preempted_run_is_bit_exact(interrupted):
     diffs = compare(ref / "checkpoints" / "last.ckpt", cut / "checkpoints" / "last.ckpt")
     assert not diffs, f"kill seed {seed}, kills at {landed}: " + "; ".join(diffs[:10])
     assert saved_step(cut / "checkpoints" / "last.ckpt") == STEPS
+    assert not (cut / "config-history").exists(), "restarts with the same settings keep no earlier config"
     text = (work / "runs.log").read_text()
     assert "preemption (SIGTERM)" in text and "preemption (SIGUSR1)" in text
     assert "the run is not finished (stopped at step" in text, "outside Slurm, exit 0 says it is unfinished"

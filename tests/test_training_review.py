@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from pipeline.checkpoint_io import TMP_PREFIX
 from tests.conftest import REPO, run_cli_in_process, run_module
@@ -453,3 +454,34 @@ def test_a_wandb_run_id_path_that_is_a_directory_is_a_clear_error(digits_shards,
     proc = run_cli_in_process(*_args("fit", digits_shards, tmp_path / "s", "--tracking.wandb", "true")[1:],
                               env={"WANDB_MODE": "bogus"})
     _fails_clearly(proc, 2, "WANDB_MODE='bogus' is not a W&B mode")
+
+
+def test_a_resume_with_new_settings_keeps_the_earlier_config(trained, digits_shards, tmp_path):
+    """``RUN/config.yaml`` was rewritten by a resume with another ``model.lr``: what the first steps ran with
+    was gone. It is kept in ``RUN/config-history/``, named by the step the new settings start from."""
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    first = (run / "config.yaml").read_text()
+    proc = run_module(*_args("fit", digits_shards, run, "--model.lr", "0.05", "--trainer.max_steps", "4"))
+    kept = run / "config-history" / "config-until-step0000003.yaml"
+    assert f"settings changed: the earlier config is kept as {kept}" in proc.stderr
+    assert sorted(p.name for p in kept.parent.iterdir()) == [kept.name]
+    assert kept.read_text() == first
+    now = yaml.safe_load((run / "config.yaml").read_text())
+    assert now["model"]["lr"] == 0.05 and now["trainer"]["max_steps"] == 4
+    assert yaml.safe_load(first)["model"]["lr"] != 0.05
+    assert not list(run.glob(".config.yaml.*")), "the file written beside config.yaml was renamed into place"
+
+
+def test_config_history_compares_settings_not_the_checkpoint_path(tmp_path):
+    from pipeline.config_history import keep_earlier_config
+
+    current, new = tmp_path / "config.yaml", tmp_path / "new.yaml"
+    current.write_text("model:\n  lr: 0.1\nckpt_path: null\n")
+    new.write_text("ckpt_path: /run/checkpoints/last.ckpt\nmodel: {lr: 0.1}\n")  # a restart: same settings
+    assert keep_earlier_config(current, new, 7) is None and not (tmp_path / "config-history").exists()
+    new.write_text("model:\n  lr: 0.2\n")
+    assert keep_earlier_config(current, new, 7) == tmp_path / "config-history" / "config-until-step0000007.yaml"
+    assert keep_earlier_config(current, new, 7) == tmp_path / "config-history" / "config-until-step0000007-2.yaml"
+    current.write_bytes(b"\xff\x00torn")  # not YAML: kept, compared as bytes
+    assert keep_earlier_config(current, new, 9).read_bytes() == b"\xff\x00torn"
