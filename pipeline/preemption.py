@@ -1,4 +1,5 @@
-"""Preemption: on SIGUSR1/SIGTERM save ``last.ckpt`` at the next batch boundary, requeue, stop cleanly.
+"""Preemption: on SIGUSR1/SIGTERM (and Ctrl-C's SIGINT) save ``last.ckpt`` at the next batch boundary, requeue
+(not after a Ctrl-C), stop cleanly.
 
 The signal handler only sets a flag (nothing else is safe inside a handler: a collective or a file write
 there can deadlock or tear a checkpoint) and, on SIGTERM, detaches the W&B logger: Slurm sends SIGTERM to
@@ -60,7 +61,7 @@ class Preemption(Callback):
             run (``pipeline/wandb_backlog.py``); without it the W&B logger is only removed.
     """
 
-    def __init__(self, last_path: str | Path, signals: tuple[str, ...] = ("SIGUSR1", "SIGTERM"),
+    def __init__(self, last_path: str | Path, signals: tuple[str, ...] = ("SIGUSR1", "SIGTERM", "SIGINT"),
                  requeue: bool = True, wandb_backlog: WandbBacklog | None = None) -> None:
         self.last_path = str(last_path)
         self.wandb_backlog = wandb_backlog
@@ -75,6 +76,10 @@ class Preemption(Callback):
 
     # ---- the handler: a flag (and no more W&B after SIGTERM) ------------------------------------------
     def _handler(self, signum, frame) -> None:
+        """Ctrl-C (SIGINT) is a preemption too: a save at the next step, then a stop, which the same command
+        resumes (a KeyboardInterrupt wherever it landed saved nothing). A second Ctrl-C stops at once."""
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            raise KeyboardInterrupt
         if self.received is None:
             self.received = signum
         if signum == signal.SIGTERM and self._trainer is not None:
@@ -138,7 +143,7 @@ class Preemption(Callback):
             job = os.environ.get("SLURM_JOB_ID")
             if not trainer.is_global_zero or self.finished:
                 return
-            if self.requeue and job:
+            if self.requeue and job and self.received != signal.SIGINT:  # Ctrl-C: stop, as asked
                 requeue_slurm_job(job)
             else:  # a wrapper sees exit 0 either way: say that this one is not the end
                 log.warning("the run is not finished (stopped at step %d): run the same command again to resume"

@@ -533,3 +533,19 @@ def test_preemption_at_a_mid_epoch_validation_step_validates_before_stopping(mid
     with open(tmp_path / "runs.log", "w") as log:
         run_to_end(fit_command(digits_shards, cut, STEPS, MID_EPOCH_VAL), log)
     _ends_as(mid_epoch_ref, cut)
+
+
+def test_ctrl_c_under_slurm_saves_and_stops_without_a_requeue(digits_shards, tmp_path):
+    """Ctrl-C on an interactive ``srun`` (SIGINT): saved like a preemption, but the user asked to stop, so no
+    requeue; a second Ctrl-C would stop at once."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline", **_recording_scontrol(tmp_path, "79")}
+    run = tmp_path / "run"
+    proc = subprocess.run(fit_command(digits_shards, run, 6, [
+        "--trainer.callbacks+=tests.preemption_helpers.SignalAtBatch", "--trainer.callbacks.batch_idx=2",
+        f"--trainer.callbacks.signum={int(signal.SIGINT)}"]), env=env, cwd=REPO, capture_output=True, text=True,
+        timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "preemption (SIGINT): saving" in out and "KeyboardInterrupt" not in out, out[-3000:]
+    assert saved_step(run / "checkpoints" / "last.ckpt") == 3
+    assert not (tmp_path / "scontrol.calls").exists(), "a Ctrl-C requeued the job"

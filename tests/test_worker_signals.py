@@ -276,10 +276,11 @@ def test_a_dali_source_worker_killed_while_the_loader_waits_ends_the_process(dig
     assert "served" not in proc.stdout
 
 
-@pytest.mark.parametrize(("backend", "sig"), [("cpu", signal.SIGUSR1), ("dali-cpu", signal.SIGTERM)],
-                         ids=["cpu-USR1", "dali-cpu-TERM"])
+@pytest.mark.parametrize(("backend", "sig"), [("cpu", signal.SIGUSR1), ("dali-cpu", signal.SIGTERM),
+                                             ("cpu", signal.SIGINT)], ids=["cpu-USR1", "dali-cpu-TERM", "cpu-INT"])
 def test_group_signal_with_loader_workers_saves_and_resumes_exactly(digits_shards, tmp_path, backend, sig):
-    """The signal goes to the process group (trainer and loader workers), as Slurm sends it."""
+    """The signal goes to the process group (trainer and loader workers), as Slurm sends it, and as a
+    terminal sends Ctrl-C's SIGINT (which saved nothing: a KeyboardInterrupt, wherever it landed)."""
     workers = (["--data.num_workers", "2"] if backend == "cpu"
                else ["--data.num_workers", "1", "--data.dali_source_workers", "2"])
     extra = ["--data.backend", backend, *workers]
@@ -291,6 +292,8 @@ def test_group_signal_with_loader_workers_saves_and_resumes_exactly(digits_shard
         run_to_end(fit_command(digits_shards, cut, STEPS, extra), log)
     text = (tmp_path / "runs.log").read_text()
     assert f"preemption ({signal.Signals(sig).name})" in text, text[-3000:]
+    if sig == signal.SIGINT:
+        assert "the run is not finished (stopped at step" in text and "KeyboardInterrupt" not in text, text[-3000:]
     assert 2 <= stopped < STEPS
     assert saved_step(last) == STEPS
     diffs = compare(ref / "checkpoints" / "last.ckpt", last)
