@@ -408,6 +408,7 @@ class PipelineCLI(LightningCLI):
         check_run_settings(cfg)
         if isinstance(self.datamodule, ShardDataModule):  # before the loggers start a W&B run for nothing
             self.datamodule.check_backend()
+            self.datamodule.check_splits(self.subcommand or "fit")
         ckdir = checkpoint_dir(run_dir)
         backlog = WandbBacklog(ckdir)
         callbacks = [

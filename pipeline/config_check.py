@@ -1,14 +1,16 @@
 """``python -m pipeline.config_check fit --config conf/X.yaml [ARGS]``: would ``pipeline`` accept this command line?
 
-The same parse and the same checks as ``python -m pipeline`` (unknown keys, types, nulls, value ranges of the
-trainer, model, data, checkpoint and tracking settings, the model and data module built from them), and
-nothing else: no run directory is touched, no trainer, process group or W&B run is made, no shard is read.
+The checks ``python -m pipeline`` makes before it builds a trainer (the parse: unknown keys, types, nulls;
+value ranges of the trainer, model, data, checkpoint and tracking settings; the model and data module built
+from them), and nothing else: no run directory is touched, no trainer, process group or W&B run is made,
+no sample is read. What only the trainer can refuse is found at the job's start (docs/training.md).
 ``launch submit train`` runs it before ``sbatch``: a typo in a config would otherwise fail the job at its
 first line, after its wait in the queue. Exit status 0 (accepted) or 2 with one ``error:`` line.
 
 Paths need not exist here (a container may mount them elsewhere, a compute node may see another file
 system): a ``data.root`` without a manifest or a ``model.init_weights`` that this machine does not have is a
-``warning:`` line, and the network is then checked with ImageNet's 1000 classes.
+``warning:`` line, and the network is then checked with ImageNet's 1000 classes. With the manifest, the
+splits the command reads are checked too (names, shard files).
 """
 
 from __future__ import annotations
@@ -52,6 +54,9 @@ class ConfigCheckCLI(PipelineCLI):
     def instantiate_trainer(self, **kwargs) -> None:  # type: ignore[override]
         cfg = self._cfg
         check_run_settings(cfg)
+        data = self.datamodule
+        if isinstance(data, ShardDataModule) and (Path(data.root) / MANIFEST_NAME).is_file():
+            data.check_splits(self.subcommand or "fit")  # the split names; every shard file is there
         weights = cfg.model.get("init_weights")
         if weights and not Path(weights).exists():
             _warn(f"model.init_weights: {weights} does not exist on this machine")

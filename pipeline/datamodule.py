@@ -156,9 +156,15 @@ class ShardDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str) -> None:
         self.check_backend()
+        self.check_splits(stage)
+
+    def check_splits(self, stage: str) -> None:
+        """The splits ``stage`` reads are in the manifest and their shards are there: one line naming the
+        split setting or the shard. The CLI calls it before the loggers start (a refused start left a W&B
+        run behind), ``setup`` again."""
         if stage == "fit":
             _ = self.train_shards
-        _ = self.test_shards if stage == "test" else self.val_shards  # fail at start, naming a missing shard
+        _ = self.test_shards if stage == "test" else self.val_shards
 
     def check_backend(self) -> None:
         """A backend this machine cannot run is a one-line error at start (not a traceback at the first

@@ -67,6 +67,13 @@ def test_demo_config_with_its_shards_passes_without_warnings(tmp_path: Path, dig
     assert not (tmp_path / "run").exists()
 
 
+def test_a_split_the_manifest_lacks_is_refused_when_the_manifest_is_here(tmp_path: Path, digits_shards: Path) -> None:
+    job = _job(tmp_path, REPO / "conf" / "demo.yaml", ["--data.root", str(digits_shards), "--data.val_split", "vall"],
+               cpu=True)
+    with pytest.raises(LaunchError, match=r"data.val_split: split 'vall' is not in .*manifest.json"):
+        check_trainer_settings(job)
+
+
 def test_a_class_count_the_network_cannot_take_is_found_from_the_manifest(tmp_path: Path, digits_shards: Path) -> None:
     """The manifest is read when this machine has it: its 10 classes reach the network (a CIFAR ResNet needs
     none of ImageNet's 1000 to be checked), and arch_kwargs that do not fit the arch are refused."""

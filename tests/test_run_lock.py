@@ -293,6 +293,12 @@ def test_a_refused_fit_leaves_no_new_run_directory_behind(digits_shards, tmp_pat
                              "--trainer.default_root_dir", str(new), "--tracking.wandb", "false")
     assert out.returncode == 2 and "data.root" in out.stderr, out.stderr
     assert not new.exists() and (tmp_path / "runs").is_dir()
+    # a split the manifest lacks, with W&B on: refused before W&B starts (its files kept the directory)
+    out = run_cli_in_process("fit", "--config", str(REPO / "conf" / "demo.yaml"), "--data.root", str(digits_shards),
+                             "--data.val_split", "vall", "--trainer.default_root_dir", str(new),
+                             "--tracking.wandb", "true", env={"WANDB_MODE": "offline"})
+    assert out.returncode == 2 and "data.val_split: split 'vall' is not in" in out.stderr, out.stderr
+    assert not new.exists(), sorted(p.relative_to(new).as_posix() for p in new.rglob("*"))
 
     old = tmp_path / "runs" / "old"
     old.mkdir()
