@@ -53,6 +53,7 @@ from pipeline.resume_geometry import (Geometry, LoopPosition, adapt, check_zero_
                                       read_checkpoint)
 from pipeline.rng_state import RNGState
 from pipeline.run_dir_still_ours import RunDirStillOurs
+from pipeline.run_id_file import RUN_ID_FILE
 from pipeline.run_lock import RunDirLock, is_global_rank_zero
 from pipeline.sample_grid import SampleGrid
 from pipeline.sync_batchnorm import GlooSyncBatchNormPlugin
@@ -273,6 +274,7 @@ class PipelineCLI(LightningCLI):
         cfg.trainer.default_root_dir = str(run_dir)
         last = checkpoint_dir(run_dir) / "last.ckpt"
         self._saved_run_id: str | None = None
+        self._branched_from: tuple[str, str | None] | None = None  # (checkpoint, its W&B id): another run's
         check_trainer(cfg.trainer)
         if sub != "fit":
             limit_key = f"limit_{'val' if sub == 'validate' else 'test'}_batches"
@@ -306,7 +308,10 @@ class PipelineCLI(LightningCLI):
             cfg.ckpt_path = str(last)
         meta = self._check_checkpoint(path, resume=True)
         _say(f"resuming from {path}")
-        self._saved_run_id = meta.get("wandb_run_id")
+        if Path(path).absolute().parent == checkpoint_dir(run_dir).absolute():
+            self._saved_run_id = meta.get("wandb_run_id")  # this run's own (its id file may be lost)
+        else:  # a branch of another run: its W&B run would get two histories over the same steps
+            self._branched_from = (str(path), meta.get("wandb_run_id"))
         self._adapt_geometry(cfg, path, meta.get(ShardDataModule.__qualname__) or {})
 
     @staticmethod
@@ -437,7 +442,12 @@ class PipelineCLI(LightningCLI):
         elif self.trainer_class is not None and cfg.trainer.get("logger") in (None, True):
             wandb_id = None
             if cfg.tracking.wandb:
+                new_id = not (run_dir / RUN_ID_FILE).exists() and not os.environ.get("WANDB_RUN_ID")
                 wandb_id = run_id(run_dir, from_checkpoint=getattr(self, "_saved_run_id", None))
+                branched = getattr(self, "_branched_from", None)
+                if branched and new_id:
+                    _say(f"W&B: a new run {wandb_id} for {run_dir}: {branched[0]} is another run directory's "
+                         f"checkpoint" + (f" (W&B run {branched[1]})" if branched[1] else ""))
                 callbacks.append(RunIdInCheckpoint(wandb_id))
             kwargs.setdefault("logger", make_loggers(cfg.tracking, run_dir, wandb_id) or False)
         kwargs.setdefault("plugins", self._plugins(cfg))

@@ -5,6 +5,7 @@ augmented batch, and no trace of the API key anywhere in the run directory or ch
 from __future__ import annotations
 
 import csv
+import shutil
 from pathlib import Path
 
 import pytest
@@ -19,9 +20,9 @@ CONF = str(REPO / "conf" / "demo.yaml")
 FAKE_KEY = "0f1e2d3c4b5a69788796a5b4c3d2e1f0deadbeef"  # 40 characters, like a real key
 
 
-def _fit(shards: Path, run: Path, steps: int, quiet: bool = True):
+def _fit(shards: Path, run: Path, steps: int, quiet: bool = True, *extra: str):
     return run_module(
-        "pipeline", "fit", "--config", CONF, "--data.root", str(shards), "--trainer.default_root_dir", str(run),
+        "pipeline", "fit", "--config", CONF, "--data.root", str(shards), "--trainer.default_root_dir", str(run), *extra,
         "--data.batch_size", "128", "--data.val_batch_size", "256", "--data.num_workers", "1",
         "--trainer.max_steps", str(steps), "--trainer.log_every_n_steps", "2", "--tracking.tensorboard", "true",
         "--checkpoint.every_n_train_steps", "4", "--trainer.num_sanity_val_steps", "0",
@@ -72,6 +73,22 @@ def test_one_wandb_run_across_restarts_metrics_and_no_secret(digits_shards, tmp_
     assert "perf/data_wait_share" in events.Tags()["scalars"]
     assert list((offline[0] / "files" / "media" / "images").rglob("*.png")), "wandb.Image of the batch"
     assert not list(offline[1].rglob("media/images/**/*.png")), "no second grid after the restart"
+
+    # a copy of the run directory that lost its id file resumes its own last.ckpt: the same W&B run; a new
+    # run directory started from this run's checkpoint (a branch) is a new W&B run (it reused this one's id,
+    # and both histories went into one run over the same steps)
+    moved = tmp_path / "moved"
+    shutil.copytree(run / "checkpoints", moved / "checkpoints")
+    _fit(digits_shards, moved, 16)
+    assert (moved / "wandb_run_id").read_text().strip() == run_id
+    branch = tmp_path / "branch"
+    branched = _fit(digits_shards, branch, 16, True, "--ckpt_path", str(run / "checkpoints" / "last.ckpt"))
+    new_id = (branch / "wandb_run_id").read_text().strip()
+    assert new_id != run_id
+    assert (f"W&B: a new run {new_id} for {branch}: {run / 'checkpoints' / 'last.ckpt'} is another run "
+            f"directory's checkpoint (W&B run {run_id})") in branched.stderr, branched.stderr[-3000:]
+    assert torch.load(branch / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)[
+        "wandb_run_id"] == new_id
 
     # the secret is nowhere: not in logs, configs, W&B files, checkpoints, stdout/stderr
     assert FAKE_KEY not in resumed.stdout + resumed.stderr
