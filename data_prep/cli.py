@@ -21,8 +21,8 @@ def parse_size(text: str) -> int:
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
     unit = m.group(2).upper() if m else None
     if not m or unit not in _UNITS:
-        raise PrepError(f"--shard-size {text!r}: expected a number with a unit, KB, MB or GB (e.g. 1GB, 500MB; "
-                        f"a bare number is not taken for bytes)")
+        raise PrepError(f"--shard-size {text!r}: expected a number with a unit: B, KB, MB, GB, TB (powers of 1000) "
+                        f"or KiB, MiB, GiB, TiB (of 1024), e.g. 1GB, 500MiB; a bare number is not taken for bytes")
     value = int(float(m.group(1)) * _UNITS[unit])
     if value <= 0:
         raise PrepError(f"--shard-size {text!r}: must be positive")

@@ -67,4 +67,7 @@ def _class_diff(new: list[str], old: list[str]) -> str:
     only_new, only_old = sorted(set(new) - set(old)), sorted(set(old) - set(new))
     if not only_new and not only_old:
         return "same names, different order"
-    return f"only in this split: {only_new[:5]}, only in the existing: {only_old[:5]}"
+    def first(names: list[str]) -> str:
+        return f"{names[:5]}" + (f" (+{len(names) - 5} more)" if len(names) > 5 else "")
+
+    return f"only in this split: {first(only_new)}, only in the existing: {first(only_old)}"

@@ -242,7 +242,7 @@ def test_parse_size():
     assert parse_size("1GB") == 10**9 and parse_size("300KB") == 300_000 and parse_size("2.5MB") == 2_500_000
     assert parse_size("1GiB") == 2**30
     for bad in ("lots", "1", "500"):  # a bare number (1 byte: a shard per image) needs its unit
-        with pytest.raises(PrepError):
+        with pytest.raises(PrepError, match=r"B, KB, MB, GB, TB \(powers of 1000\) or KiB, MiB, GiB, TiB"):
             parse_size(bad)
 
 

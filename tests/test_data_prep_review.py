@@ -131,6 +131,10 @@ def test_class_mismatch_names_the_classes(tmp_path, capsys):
     assert main(["imagefolder", str(src), str(out), "--split", "train", "--no-progress"]) == 0
     assert main(["imagefolder", str(val), str(out), "--split", "val", "--no-progress"]) == 2
     assert "only in the existing: ['bee']" in capsys.readouterr().err
+    many = tmp_path / "many"  # more than five differ: the count of the rest is said, not dropped silently
+    write_imagefolder(many, ["ant", "bee", "cat", *[f"new{i}" for i in range(7)]], per_class=1)
+    assert main(["imagefolder", str(many), str(out), "--split", "val", "--no-progress"]) == 2
+    assert "only in this split: ['new0', 'new1', 'new2', 'new3', 'new4'] (+2 more)" in capsys.readouterr().err
 
 
 def test_output_inside_the_source_folder_is_refused(tmp_path):
