@@ -15,7 +15,7 @@ from pathlib import Path
 from launch import rundir, slurm, status, torchrun
 from launch.errors import LaunchError
 from launch.scripts import PrepJob, SlurmOptions, TrainJob
-from launch.trainer_check import check_trainer_settings
+from launch.trainer_check import check_trainer_args, check_trainer_settings
 from launch.validate import sbatch_path, writable_dir, yaml_config
 from pipeline.run_id_file import RUN_ID_FILE
 
@@ -112,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--max-restarts", type=int, default=3,
                     help="restarts of all ranks after a failure, each resuming from last.ckpt (default 3)")
     tr.add_argument("--cpu", action="store_true")
+    tr.add_argument("--no-config-check", dest="config_check", action="store_false",
+                    help="skip the check of the trainer's settings (`python -m pipeline.config_check`, about 6 s)")
     tr.add_argument("--run", action="store_true", help="run it here instead of printing it")
     return parser
 
@@ -272,6 +274,11 @@ def _torchrun(a: argparse.Namespace, extra: list[str]) -> int:
     argv = torchrun.command(a.config, a.nnodes, a.nproc_per_node, a.rdzv_endpoint, run_dir,
                             rdzv_id="pending" if a.rdzv_id is None else a.rdzv_id, cpu=a.cpu, extra_args=extra,
                             max_restarts=a.max_restarts)
+    rundir.wandb_run_id(run_dir, create=False)  # an unreadable id file: refused before the slow check
+    if a.config_check:
+        at = next(i for i in range(len(argv) - 1) if argv[i:i + 2] == ["-m", "pipeline"])
+        for line in check_trainer_args(argv[at + 2:], Path.cwd()):
+            print(line, file=sys.stderr)
     run_id = rundir.wandb_run_id(run_dir)  # made now: the printed command runs as is on every node
     assert run_id is not None
     if a.rdzv_id is None:

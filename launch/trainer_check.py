@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 from launch.errors import LaunchError
 from launch.scripts import TrainJob
@@ -18,13 +19,19 @@ TIMEOUT_S = 300
 
 
 def check_trainer_settings(job: TrainJob, python: str = sys.executable) -> list[str]:
-    """The ``warning:`` lines of the check (paths this machine cannot see); a refusal is a LaunchError with
-    the trainer's ``error:`` line. A check that cannot run (this Python lacks the trainer's packages, as a login
-    node may when the job runs in a container) is a warning too: the job checks again at its start."""
-    argv = [python, "-m", "pipeline.config_check", *job.trainer_args()]
+    """``check_trainer_args`` of a Slurm job's command line."""
+    return check_trainer_args(job.trainer_args(), job.workdir, python)
+
+
+def check_trainer_args(args: list[str], workdir: Path, python: str = sys.executable) -> list[str]:
+    """The ``warning:`` lines of the check of ``python -m pipeline ARGS`` (paths this machine cannot see); a
+    refusal is a LaunchError with the trainer's ``error:`` line. A check that cannot run (this Python lacks the
+    trainer's packages, as a login node may when the job runs in a container) is a warning too: the job
+    checks again at its start."""
+    argv = [python, "-m", "pipeline.config_check", *args]
     skip = "trainer settings not checked before submitting"
     try:
-        r = subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT_S, cwd=job.workdir)
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT_S, cwd=workdir)
     except subprocess.TimeoutExpired:
         return [f"warning: {skip}: `python -m pipeline.config_check` took over {TIMEOUT_S} s"]
     except OSError as e:

@@ -95,3 +95,16 @@ def test_a_check_that_cannot_run_is_a_warning(tmp_path: Path) -> None:
     assert len(warnings) == 1, warnings
     assert warnings[0].startswith("warning: trainer settings not checked before submitting: `python -m "
                                   "pipeline.config_check` failed (exit 1): ModuleNotFoundError"), warnings
+
+
+def test_torchrun_checks_the_command_it_prints(tmp_path: Path) -> None:
+    """``launch torchrun`` printed (or ran) a command whose typo failed every rank at its start."""
+    cfg = tmp_path / "r50.yaml"
+    cfg.write_text("model:\n  lrr: 0.1\n")
+    run = tmp_path / "run"
+    r = launch("torchrun", "--config", str(cfg), "--nnodes", "2", "--nproc-per-node", "8", "--rdzv-endpoint",
+               "node0:29400", "--run-dir", str(run), cwd=tmp_path, config_check=True)
+    assert r.returncode == 2 and r.stdout == "", r.stderr
+    assert r.stderr.startswith(f"launch: error: the trainer would refuse this job at its start: --config {cfg}: "
+                               "unknown key model.lrr"), r.stderr
+    assert not run.exists(), "nothing made: no run directory, no W&B id"

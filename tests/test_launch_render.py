@@ -20,10 +20,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 def launch(*args: str, cwd: Path, env: dict[str, str] | None = None,
            config_check: bool = False) -> subprocess.CompletedProcess[str]:
-    """``python -m launch ARGS``. ``submit train`` without its trainer config check (a Lightning import, about
-    6 s) unless ``config_check``: these tests are about the script; the check's own tests turn it on."""
+    """``python -m launch ARGS``. ``submit train`` and ``torchrun`` without their trainer config check (a
+    Lightning import, about 6 s) unless ``config_check``: these tests are about the script or command; the
+    check's own tests turn it on."""
     if args[:2] == ("submit", "train") and not config_check:
         args = (*args[:2], "--no-config-check", *args[2:])
+    if args[:1] == ("torchrun",) and not config_check:
+        args = (args[0], "--no-config-check", *args[1:])
     return subprocess.run([sys.executable, "-m", "launch", *args], capture_output=True, text=True, cwd=cwd,
                           env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})}, timeout=60)
 
