@@ -67,6 +67,7 @@ class PipelineArgumentParser(LightningArgumentParser):
             detail = message.split(":", 1)[1].strip().replace('\n  in "<unicode string>",', " at")
             return f"--config {self._reading[-1]} is not valid YAML: {'; '.join(detail.splitlines())}"
         message = " ".join(line.strip() for line in message.splitlines() if line.strip())
+        message = _nested_setting(message) or message
         if message.startswith("--config ") and ": expected a mapping of settings" in message:
             return message
         if message.startswith("Unexpected config:") and self._reading:  # a file of no settings, or of a list
@@ -87,6 +88,27 @@ class PipelineArgumentParser(LightningArgumentParser):
             return (f"--config {path}: unknown key {unknown.group(2)} "
                     f"(`python -m pipeline {unknown.group(1)} --help` lists them)")
         return message
+
+
+_UNION = re.compile(r'Parser key "(?P<section>[\w.]+)": Does not validate against any of the Union subtypes .*?'
+                    r"Problem with given class_path '[^']+': (?P<inner>.*?) - Expected a <class 'NoneType'>")
+
+
+def _nested_setting(message: str) -> str | None:
+    """A bad key or value inside an optional settings class (``data.augment``): jsonargparse reports the
+    whole union it tried (about 400 characters of class names and ``NestedArg(...)``); say which setting."""
+    m = _UNION.search(message)
+    if not m:
+        return None
+    section, inner = m.group("section"), m.group("inner")
+    if unknown := re.fullmatch(r"Option '([^']+)' is not accepted", inner):
+        return f"unknown key {section}.{unknown.group(1)}"
+    if bad := re.fullmatch(r'Parser key "([^"]+)": (.*)', inner):
+        detail = re.sub(r"<class '(\w+)'>", r"\1", bad.group(2)).replace("typing.Literal", "one of ")
+        if expected := re.fullmatch(r"Expected an? (.*?)\. Got value: (.*)", detail):
+            detail = f"expected {expected.group(1)}, got {expected.group(2)}"
+        return f"{section}.{bad.group(1)}: {detail}"
+    return f"{section}: {inner}"
 
 
 def _config_with_key(dotted: str) -> str | None:

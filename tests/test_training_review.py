@@ -312,11 +312,19 @@ def test_parse_errors_are_short_and_name_the_config_file(digits_shards, tmp_path
     bad.write_text("model:\n  lr: [0.1, 0.2\ntrainer:\n  max_epochs: 1\n")
     typo = tmp_path / "typo.yaml"
     typo.write_text("model:\n  lrr: 0.1\n")
+    aug = tmp_path / "aug.yaml"
+    aug.write_text("data:\n  augment:\n    flipp: false\n")
     for extra, needles in [
         (["--config", str(bad)], [f"error: --config {bad} is not valid YAML: ", "at line 3, column 8"]),
         (["--config", str(typo)], [f"error: --config {typo}: unknown key model.lrr",
                                    "`python -m pipeline fit --help`"]),
         (["--model.num_classes", "5"], ["error: model.num_classes: not a setting"]),
+        # inside data.augment (an optional settings class) jsonargparse listed every type of the union it tried
+        (["--data.augment.flipp", "false"], ["error: unknown key data.augment.flipp"]),
+        (["--config", str(aug)], [f"error: --config {aug}: unknown key data.augment.flipp"]),
+        (["--data.augment.recipe", "imagnet"],
+         ["error: data.augment.recipe: expected one of ['imagenet', 'cifar'], got imagnet"]),
+        (["--data.augment.train_size", "abc"], ["error: data.augment.train_size: expected int, got abc"]),
     ]:
         proc = run_cli_in_process(*_args("fit", digits_shards, tmp_path / "r", *extra)[1:])
         lines = proc.stderr.strip().splitlines()
