@@ -38,7 +38,7 @@ from pipeline.checkpoint_io import AtomicCheckpointIO, recover_directories
 from pipeline.config_history import keep_earlier_config
 from pipeline.data.shards import CorruptSampleError
 from pipeline.datamodule import ShardDataModule
-from pipeline.errors import CheckpointWriteError, ConfigError, TrainingDiverged, require
+from pipeline.errors import CheckpointWriteError, ConfigError, RunComplete, TrainingDiverged, require
 from pipeline.finite_weights import FiniteWeights
 from pipeline.last_checkpoint import LastCheckpoint
 from pipeline.model_summary import FlopsModelSummary, FlopsRichModelSummary
@@ -307,6 +307,10 @@ class PipelineCLI(LightningCLI):
         if ckpt == "last":  # that file: Lightning's "last" is the newest last*.ckpt (a user's copy, an old last-v1)
             cfg.ckpt_path = str(last)
         meta = self._check_checkpoint(path, resume=True)
+        steps, done = cfg.trainer.get("max_steps"), meta.get("global_step")
+        if isinstance(steps, int) and steps > 0 and isinstance(done, int) and done >= steps:
+            raise RunComplete(f"the run is complete: {path} is at step {done} and trainer.max_steps is {steps}; "
+                              f"nothing to train (a larger trainer.max_steps trains on)")
         _say(f"resuming from {path}")
         if Path(path).absolute().parent == checkpoint_dir(run_dir).absolute():
             self._saved_run_id = meta.get("wandb_run_id")  # this run's own (its id file may be lost)
@@ -609,6 +613,9 @@ def main(argv: list[str] | None = None, cli: type[PipelineCLI] = PipelineCLI) ->
     except (ConfigError, ManifestError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RunComplete as e:
+        _say(f"fit: {e}")
+        return 0
     except MisconfigurationException as e:  # Lightning's own refusal of a trainer setting
         print(f"error: trainer: {str(e).strip().splitlines()[0]}", file=sys.stderr)
         return 2

@@ -20,3 +20,8 @@ def require(ok: bool, key: str, rule: str, value: object) -> None:
     DALI or the DataLoader, a bad number fails later, as a traceback that does not name the setting."""
     if not ok:
         raise ConfigError(f"{key} must be {rule}, got {value!r}")
+
+
+class RunComplete(Exception):
+    """``fit`` of a run whose checkpoint already reached ``trainer.max_steps``: nothing to do (exit 0), said
+    before a W&B run or anything else starts."""

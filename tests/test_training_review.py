@@ -493,3 +493,19 @@ def test_config_history_compares_settings_not_the_checkpoint_path(tmp_path):
     assert keep_earlier_config(current, new, 7) == tmp_path / "config-history" / "config-until-step0000007-2.yaml"
     current.write_bytes(b"\xff\x00torn")  # not YAML: kept, compared as bytes
     assert keep_earlier_config(current, new, 9).read_bytes() == b"\xff\x00torn"
+
+
+def test_fit_of_a_complete_run_says_so_and_starts_nothing(trained, digits_shards, tmp_path):
+    """The same ``fit`` again after the run reached ``trainer.max_steps`` restored everything, started a W&B
+    run and ended with Lightning's "`Trainer.fit` stopped: `max_steps=3` reached"."""
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    before = sorted(p.relative_to(run).as_posix() for p in run.rglob("*"))
+    stamp = (run / "checkpoints" / "last.ckpt").stat().st_mtime_ns
+    proc = run_cli_in_process(*_args("fit", digits_shards, run, "--trainer.max_steps", "3",
+                                     "--tracking.wandb", "true")[1:], env={"WANDB_MODE": "offline"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (f"fit: the run is complete: {run / 'checkpoints' / 'last.ckpt'} is at step 3 and trainer.max_steps is 3; "
+            "nothing to train") in proc.stderr, proc.stderr[-3000:]
+    assert sorted(p.relative_to(run).as_posix() for p in run.rglob("*")) == before, "no W&B run, no new files"
+    assert (run / "checkpoints" / "last.ckpt").stat().st_mtime_ns == stamp
