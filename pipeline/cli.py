@@ -596,6 +596,10 @@ def main(argv: list[str] | None = None, cli: type[PipelineCLI] = PipelineCLI) ->
     warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\('val/(loss|samples)', \.\.\., sync_dist=True\)`")
     # Lightning 2.6 calls a torch API that torch 2.14 deprecates (internal to Lightning, once per run)
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+    # every resume: the checkpoint directory is the run's own, and fit resumes from it
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+    # mixed precision keeps the parameters in float32, which is what the summary then counts
+    warnings.filterwarnings("ignore", message=r"Precision \S+-mixed is not supported by the model summary")
     if "SLURM_JOB_ID" not in os.environ:  # a login node or a laptop with Slurm's tools: not in a job, no hint
         warnings.filterwarnings("ignore", message="The `srun` command is available on your system but is not used")
     try:
