@@ -60,6 +60,9 @@ def _zero_state_dict(ckpt_dir: Path) -> dict[str, torch.Tensor]:
 def state_dict_from_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """The network's fp32 state_dict from a checkpoint file or a ZeRO checkpoint directory."""
     p = Path(path)
+    if p.is_dir() and not (p / "latest").is_file() and (files := sorted(p.glob("*.ckpt"))):
+        mine = next((f for f in files if f.name == "last.ckpt"), files[0])  # a run's checkpoints/ folder
+        raise ConfigError(f"{p} is a folder of checkpoints, not one: name one of them, e.g. {mine}")
     if p.is_dir():
         try:
             return _network_only(_zero_state_dict(p))

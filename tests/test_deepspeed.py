@@ -150,6 +150,13 @@ def test_export_errors_are_clear(tmp_path, capsys):
     assert not (tmp_path / "out.pt").exists()
     assert export_main([str(tmp_path / "junk.ckpt"), str(tmp_path)]) == 2  # an existing directory as out
     assert f"out: {tmp_path} is a directory" in capsys.readouterr().err
+    folder = tmp_path / "checkpoints"  # a run's checkpoints/ folder: DeepSpeed's "no 'latest' file" said nothing useful
+    folder.mkdir()
+    (folder / "best-epoch000.ckpt").write_bytes(b"x")
+    (folder / "last.ckpt").write_bytes(b"x")
+    assert export_main([str(folder), str(tmp_path / "out.pt")]) == 2
+    assert f"{folder} is a folder of checkpoints, not one: name one of them, e.g. {folder / 'last.ckpt'}" in \
+        capsys.readouterr().err
 
 
 def test_a_deepspeed_strategy_given_by_class_path_saves_atomically(digits_shards, tmp_path):
