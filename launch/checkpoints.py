@@ -62,7 +62,7 @@ def read_checkpoint(path: Path) -> CheckpointInfo:
                           int(planned) if planned else None, int(batch) if batch else None)
 
 
-_BEST = re.compile(r"^best-epoch(\d+)-step(\d+)-top1(\d+(?:\.\d+)?)\.ckpt$")
+_BEST = re.compile(r"^best-epoch(\d+)-step(\d+)-top1=?(\d+(?:\.\d+)?)\.ckpt$")  # "=": since 2026-12
 
 
 @dataclass
@@ -75,7 +75,7 @@ class BestCheckpoint:
 
 def best_checkpoint(run_dir: Path) -> BestCheckpoint | None:
     """The kept checkpoint of the highest val top-1, read from the names the trainer gives them
-    (``best-epochE-stepS-top1T.ckpt``, pipeline/cli.py): no checkpoint is opened."""
+    (``best-epochE-stepS-top1=T.ckpt``, pipeline/cli.py): no checkpoint is opened."""
     best = None
     for p in (run_dir / "checkpoints").glob("best-*.ckpt"):
         m = _BEST.match(p.name)

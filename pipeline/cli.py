@@ -98,9 +98,10 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
 
 
 def best_checkpoint(folder: Path) -> Path:
-    """The ``best-*-top1T.ckpt`` of ``folder`` with the highest T (the best-k ``ModelCheckpoint``'s names)."""
+    """The ``best-*-top1=T.ckpt`` of ``folder`` with the highest T (the best-k ``ModelCheckpoint``'s names;
+    ``-top1T.ckpt`` as runs before the ``=`` named them)."""
     scored = [(float(m.group(1)), p) for p in folder.glob("best-*.ckpt")
-              if (m := re.search(r"-top1(\d+(?:\.\d+)?)\.ckpt$", p.name))]
+              if (m := re.search(r"-top1=?(\d+(?:\.\d+)?)\.ckpt$", p.name))]
     if not scored:
         raise ConfigError(f"ckpt_path: 'best': {folder} has no best-*.ckpt (checkpoint.save_top_k 0, or no "
                           f"validation yet)")
@@ -425,7 +426,7 @@ class PipelineCLI(LightningCLI):
             *([RunDirStillOurs(self._run_lock)] if self._run_lock is not None else []),
             ModelCheckpoint(
                 dirpath=ckdir,
-                filename="best-epoch{epoch:03d}-step{step:07d}-top1{val/top1:.4f}",
+                filename="best-epoch{epoch:03d}-step{step:07d}-top1={val/top1:.4f}",
                 auto_insert_metric_name=False, monitor="val/top1", mode="max",
                 save_top_k=ckpt.save_top_k, save_last=False,
             ),

@@ -236,6 +236,7 @@ def test_status_shows_progress_and_the_best_checkpoint_of_a_real_run(digits_shar
     assert m, r.stdout
     assert float(m.group(2)) == speed and int(m.group(1)) == max(1, round(6 * 128 / speed / 60))
     best = next((run / "checkpoints").glob("best-*.ckpt"))
+    assert re.fullmatch(r"best-epoch000-step0000011-top1=\d\.\d{4}\.ckpt", best.name), best.name  # not "top10.5..."
     top1 = torch.load(best, map_location="cpu", weights_only=False)["callbacks"]
     top1 = next(v["best_model_score"] for k, v in top1.items() if k.startswith("ModelCheckpoint"))
     assert f"best         val/top1 {float(top1):.4f} at epoch 0 step 11  ({best})" in r.stdout, r.stdout

@@ -445,9 +445,11 @@ def test_validate_best_scores_the_highest_best_checkpoint_and_limit_0_is_refused
     folder = tmp_path / "checkpoints"
     folder.mkdir()
     for name in ("best-epoch001-step0000010-top10.4000.ckpt", "best-epoch002-step0000020-top10.6500.ckpt",
-                 "best-epoch003-step0000030-top10.5000.ckpt", "last.ckpt"):
+                 "best-epoch003-step0000030-top1=0.5000.ckpt", "last.ckpt"):  # names before and since the "="
         (folder / name).write_bytes(b"")
     assert best_checkpoint(folder).name == "best-epoch002-step0000020-top10.6500.ckpt"
+    (folder / "best-epoch004-step0000040-top1=0.7000.ckpt").write_bytes(b"")
+    assert best_checkpoint(folder).name == "best-epoch004-step0000040-top1=0.7000.ckpt"
     proc = run_cli_in_process(*_args("validate", digits_shards, tmp_path / "empty", "--ckpt_path", "best")[1:])
     _fails_clearly(proc, 2, "ckpt_path: 'best':", "has no best-*.ckpt")
     proc = run_cli_in_process(*_args("validate", digits_shards, tmp_path, "--trainer.limit_val_batches", "0")[1:])
