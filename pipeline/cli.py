@@ -60,7 +60,7 @@ from pipeline.sync_batchnorm import GlooSyncBatchNormPlugin
 from pipeline.throughput import Throughput
 from pipeline.torchelastic import restart_warning
 from pipeline.tracking import (RunIdInCheckpoint, TrackingConfig, check_wandb_settings, make_eval_loggers, make_loggers,
-                               run_id)
+                               run_id, set_aside_metrics)
 
 log = logging.getLogger("pipeline")
 
@@ -454,6 +454,9 @@ class PipelineCLI(LightningCLI):
                     _say(f"W&B: a new run {wandb_id} for {run_dir}: {branched[0]} is another run directory's "
                          f"checkpoint" + (f" (W&B run {branched[1]})" if branched[1] else ""))
                 callbacks.append(RunIdInCheckpoint(wandb_id))
+            if cfg.get("ckpt_path") is None and cfg.tracking.csv and is_global_rank_zero() and \
+                    (aside := set_aside_metrics(run_dir)):
+                _say(f"a new start: the metrics of an earlier one that saved no checkpoint are kept as {aside}")
             kwargs.setdefault("logger", make_loggers(cfg.tracking, run_dir, wandb_id) or False)
         kwargs.setdefault("plugins", self._plugins(cfg))
         if any(isinstance(p, GlooSyncBatchNormPlugin) for p in kwargs["plugins"]):

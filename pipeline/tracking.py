@@ -105,6 +105,20 @@ class ResumableCSVLogger(CSVLogger):
         return self._experiment
 
 
+def set_aside_metrics(run_dir: str | Path) -> Path | None:
+    """At a fresh start (no checkpoint to resume): an existing ``RUN/csv/metrics.csv`` holds the rows of an
+    earlier start that saved no checkpoint (killed before its first save); appended to, its steps were
+    repeated. It is kept as ``csv/metrics-lost-start-N.csv``; the new start writes a new ``metrics.csv``."""
+    path = Path(run_dir) / "csv" / "metrics.csv"
+    if not path.is_file():
+        return None
+    n = 1
+    while (aside := path.with_name(f"metrics-lost-start-{n}.csv")).exists():
+        n += 1
+    os.replace(path, aside)
+    return aside
+
+
 def make_loggers(cfg: TrackingConfig, run_dir: str | Path, wandb_id: str | None = None) -> list[Logger]:
     """W&B (offline unless a key is set), CSV and TensorBoard loggers of a run directory's training.
 

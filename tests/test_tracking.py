@@ -325,3 +325,27 @@ def test_the_stopping_steps_train_metrics_reach_wandb_when_the_run_resumes(digit
             and "train/loss" in r]
     assert len(rows) == 1 and rows[0]["train/loss"] == pytest.approx(float(last["train/loss"])), rows
     assert not (run / "checkpoints" / AFTER_SAVE).exists(), "used once"
+
+
+def test_a_new_start_after_one_that_saved_nothing_keeps_its_metrics_apart(digits_shards, tmp_path):
+    """Killed before its first checkpoint, a run starts over at step 0: its rows were appended to the killed
+    start's ``metrics.csv``, every step twice. The killed start's file is set aside, whole."""
+    import csv as csv_module
+
+    run = tmp_path / "run"
+    common = ("--tracking.wandb", "false", "--checkpoint.every_n_train_steps", "0")
+    killed = run_module("pipeline", "fit", "--config", CONF, "--data.root", str(digits_shards), "--trainer.default_root_dir",
+                        str(run), "--data.num_workers", "0", "--trainer.max_steps", "6", "--trainer.log_every_n_steps",
+                        "1", *common, "--trainer.callbacks+=tests.preemption_helpers.KillFirstAttempt",
+                        "--trainer.callbacks.step=4", check=False)
+    assert killed.returncode == -9 and not (run / "checkpoints" / "last.ckpt").exists(), killed.stderr[-2000:]
+    before = (run / "csv" / "metrics.csv").read_bytes()
+    again = run_module("pipeline", "fit", "--config", CONF, "--data.root", str(digits_shards), "--trainer.default_root_dir",
+                       str(run), "--data.num_workers", "0", "--trainer.max_steps", "6", "--trainer.log_every_n_steps", "1",
+                       *common)
+    aside = run / "csv" / "metrics-lost-start-1.csv"
+    assert f"the metrics of an earlier one that saved no checkpoint are kept as {aside}" in again.stderr
+    assert aside.read_bytes() == before
+    with open(run / "csv" / "metrics.csv", newline="") as f:
+        steps = [int(r["step"]) for r in csv_module.DictReader(f) if r.get("train/loss")]
+    assert steps and len(steps) == len(set(steps)), steps
