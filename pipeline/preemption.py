@@ -80,6 +80,10 @@ class Preemption(Callback):
         resumes (a KeyboardInterrupt wherever it landed saved nothing). A second Ctrl-C stops at once."""
         if signum == signal.SIGINT and self.received == signal.SIGINT:
             raise KeyboardInterrupt
+        if signum == signal.SIGINT and self.received is None and self._trainer is not None \
+                and self._trainer.is_global_zero:  # os.write: a print here could re-enter a write to stderr
+            os.write(2, b"Ctrl-C: saving last.ckpt at the next step, then stopping (Ctrl-C again: stop now, "
+                        b"without that save)\n")
         if self.received is None:
             self.received = signum
         if signum == signal.SIGTERM and self._trainer is not None:

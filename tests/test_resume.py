@@ -547,5 +547,6 @@ def test_ctrl_c_under_slurm_saves_and_stops_without_a_requeue(digits_shards, tmp
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     assert "preemption (SIGINT): saving" in out and "KeyboardInterrupt" not in out, out[-3000:]
+    assert "Ctrl-C: saving last.ckpt at the next step, then stopping (Ctrl-C again: stop now" in out
     assert saved_step(run / "checkpoints" / "last.ckpt") == 3
     assert not (tmp_path / "scontrol.calls").exists(), "a Ctrl-C requeued the job"
