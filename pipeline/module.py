@@ -109,8 +109,9 @@ class ImageClassifier(pl.LightningModule):
         # read (ShardSet.read_label), so the metric's own argument checks (more host syncs) are off.
         self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro", ignore_index=IGNORED,
                                            validate_args=False)
-        self.val_top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro",
-                                           ignore_index=IGNORED, validate_args=False)
+        # with 5 classes or fewer every sample is in the top 5: a metric that is always 1 is not logged
+        self.val_top5 = MulticlassAccuracy(num_classes, top_k=5, average="micro", ignore_index=IGNORED,
+                                           validate_args=False) if num_classes > 5 else None
 
     def __setattr__(self, name, value):
         if name == "_forward":  # an alias of self.model (maybe compiled), not a second submodule
@@ -232,7 +233,8 @@ class ImageClassifier(pl.LightningModule):
         self._val_count += valid.sum()
         target = torch.where(valid, labels, IGNORED)
         self.val_top1.update(logits, target)
-        self.val_top5.update(logits, target)
+        if self.val_top5 is not None:
+            self.val_top5.update(logits, target)
 
     def _evaluation_start(self) -> None:
         self._val_loss_sum = torch.zeros((), device=self.device)
@@ -249,7 +251,8 @@ class ImageClassifier(pl.LightningModule):
         # and whatever trainer.limit_val_batches leaves out
         self.log(f"{prefix}/samples", count.float(), sync_dist=False, rank_zero_only=False)
         self.log(f"{prefix}/top1", self.val_top1, prog_bar=True)
-        self.log(f"{prefix}/top5", self.val_top5)
+        if self.val_top5 is not None:
+            self.log(f"{prefix}/top5", self.val_top5)
 
     # ---- checkpoints ---------------------------------------------------------------------------------
     def on_load_checkpoint(self, checkpoint: dict) -> None:

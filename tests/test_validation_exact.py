@@ -72,3 +72,28 @@ def test_validation_with_skipped_corrupt_samples_and_an_all_padding_batch(digits
     assert abs(one["val/loss"] - two["val/loss"]) < 1e-6
     correct = one["val/top1"] * 360
     assert abs(correct - round(correct)) < 1e-3, "top-1 is a count over exactly the 360 good samples"
+
+
+
+@pytest.mark.parametrize("num_classes, logged", [(3, False), (5, False), (6, True)])
+def test_top5_is_logged_only_with_more_than_five_classes(tmp_path, num_classes, logged):
+    """With 5 classes or fewer every sample is in the top 5: a metric that is always 1.0 is left out."""
+    import pytorch_lightning as pl
+    import torch
+    from sklearn.datasets import load_digits
+
+    from pipeline.module import ImageClassifier
+
+    digits = load_digits()
+    keep = digits.target < num_classes
+    images = torch.from_numpy(digits.images[keep][:64] * 255 / 16).to(torch.uint8)
+    images = images[:, None].expand(-1, 3, -1, -1).contiguous()  # 8x8 grey digits as 3-channel uint8
+    labels = torch.from_numpy(digits.target[keep][:64]).long()
+    batches = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(images[:64], labels[:64], torch.ones(64, dtype=torch.bool)), batch_size=32)
+    model = ImageClassifier(arch="cifar_resnet20", num_classes=num_classes, channels_last=False)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path)
+    [metrics] = trainer.validate(model, batches, verbose=False)
+    assert ("val/top5" in metrics) is logged, sorted(metrics)
+    assert 0 <= metrics["val/top1"] <= 1 and metrics["val/samples"] == 64
