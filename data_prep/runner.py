@@ -12,6 +12,7 @@ import json
 import multiprocessing as mp
 import os
 import secrets
+import sys
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -91,12 +92,13 @@ def _count(images: int, nbytes: int) -> None:
             _bytes.value += nbytes
 
 
-def build_shard(out: Path, job: ShardJob, opts: EncodeOptions) -> dict:
-    """Write one shard (or reuse a verified one) and its done-record; return the record."""
+def build_shard(out: Path, job: ShardJob, opts: EncodeOptions) -> tuple[dict, bool]:
+    """Write one shard (or reuse a verified one) and its done-record; return the record and whether it
+    was reused."""
     rec = done_record_ok(out, job)
     if rec is not None:
         _count(len(job), 0)
-        return rec
+        return rec, True
     entries = job.entries  # built once: the parent's jobs hold only indices
     name, idx = shard_name(job.split, job.number), index_name(job.split, job.number)
     try:
@@ -145,10 +147,10 @@ def build_shard(out: Path, job: ShardJob, opts: EncodeOptions) -> dict:
            "index_sha256": file_sha256(Path(out) / idx),
            "plan_hash": job.plan_hash, "planned": len(entries), "rejects": rejects, "sources": sources}
     write_json_atomic(work_dir(out, job.split) / (name + ".json"), rec)
-    return rec
+    return rec, False
 
 
-def _build_star(args) -> dict:
+def _build_star(args) -> tuple[dict, bool]:
     return build_shard(*args)
 
 
@@ -157,25 +159,32 @@ def run_jobs(out: Path, jobs: list[ShardJob], opts: EncodeOptions, workers: int,
     """Build `jobs` with `workers` processes (in-process for 1); records come back in job order.
 
     Workers are spawned, not forked, so they do not inherit the parent's (dataset-sized) plan;
-    each receives only its own shard's entries.
+    each receives only its own shard's entries. A rerun says how many shards it found complete.
     """
     ctx = mp.get_context("spawn")
     images, nbytes = ctx.Value("q", 0), ctx.Value("q", 0)
     total = sum(len(j) for j in jobs)
     records: dict[int, dict] = {}
+    reused = 0
     with Progress(total, images, nbytes, label, enabled=show_progress):
         if workers <= 1 or len(jobs) <= 1:
             _init_worker(images, nbytes)
             try:
                 for j in jobs:
-                    records[j.number] = build_shard(out, j, opts)
+                    records[j.number], was_reused = build_shard(out, j, opts)
+                    reused += was_reused
             finally:
                 _init_worker(None, None)
         else:
             tasks = ((out, j, opts) for j in jobs)
-            for rec, j in zip(map_in_processes(_build_star, tasks, min(workers, len(jobs)), ctx,
-                                               _init_worker, (images, nbytes), "building shards"), jobs):
+            for (rec, was_reused), j in zip(map_in_processes(_build_star, tasks, min(workers, len(jobs)), ctx,
+                                                             _init_worker, (images, nbytes), "building shards"),
+                                            jobs):
                 records[j.number] = rec
+                reused += was_reused
+    if reused:
+        print(f"{label}: {reused} of {len(jobs)} shards were complete from an earlier run and kept, "
+              f"{len(jobs) - reused} built", file=sys.stderr)
     return [records[j.number] for j in jobs]
 
 

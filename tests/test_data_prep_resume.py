@@ -104,10 +104,12 @@ def test_a_killed_worker_ends_the_run_with_an_error_and_the_rerun_resumes(tmp_pa
     assert load_manifest(out)["splits"]["test"]["samples"] == 10000
 
 
-def test_corrupted_done_shard_is_rebuilt(tree, tmp_path):
+def test_corrupted_done_shard_is_rebuilt(tree, tmp_path, capsys):
+    """40 images in 5 shards; one flipped byte: the rerun rebuilds that shard alone, and says so."""
     out = tmp_path / "o"
     argv = ["imagefolder", str(tree), str(out), "--split", "train", "--samples-per-shard", "8", "--no-progress"]
     assert main(argv) == 0
+    assert "earlier run" not in capsys.readouterr().err
     before = outputs(out)
     with open(out / "train-000002.tar", "r+b") as f:
         f.seek(700)
@@ -116,6 +118,7 @@ def test_corrupted_done_shard_is_rebuilt(tree, tmp_path):
         f.write(bytes([b[0] ^ 0xFF]))
     assert main(argv) == 0
     assert outputs(out) == before
+    assert "train: 4 of 5 shards were complete from an earlier run and kept, 1 built" in capsys.readouterr().err
 
 
 def test_array_tasks_then_finalize_equals_single_run(tree, tmp_path, monkeypatch, capsys):
