@@ -47,6 +47,18 @@ def test_split_not_among_the_split_folders_is_an_error(tmp_path):
     assert not (tmp_path / "o" / "manifest.json").exists()
 
 
+def test_a_split_named_unlike_the_sources_split_folder_is_noted(tmp_path):
+    """`--split tset` for a tree of test/<class>/...: written (a user may name splits freely), with a note."""
+    src = tmp_path / "src"
+    write_imagefolder(src / "test", ["a", "b"], per_class=2)
+    r = run_cli("imagefolder", str(src), str(tmp_path / "o"), "--split", "tset", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "holds the split folder 'test'; writing it as split 'tset'" in r.stderr
+    assert list(load_manifest(tmp_path / "o")["splits"]) == ["tset"]
+    r = run_cli("imagefolder", str(src), str(tmp_path / "o2"), "--split", "val", "--no-progress")
+    assert r.returncode == 0 and "note" not in r.stderr, r.stderr  # CIFAR's test/ as val: no note
+
+
 def test_symlinked_class_folder_is_read_and_a_link_loop_is_rejected(tmp_path):
     src, elsewhere = tmp_path / "src", tmp_path / "elsewhere"
     write_imagefolder(src, ["a", "b"], per_class=2)
