@@ -1,10 +1,10 @@
-"""CIFAR-10 ResNets of He et al. 2016, section 4.2 (ResNet-20/32/44/56/110).
+"""CIFAR-10 ResNets of He et al. 2016, section 4.2 (ResNet-20/32/44/56/110/1202).
 
 Architecture (6n+2 weighted layers): 3x3 conv with 16 filters, then three stages of ``n``
 BasicBlocks with 16/32/64 filters on 32x32/16x16/8x8 maps (the first block of stages 2 and 3
 downsamples with stride 2), global average pooling and a ``num_classes``-way fc. The paper uses
 shortcut option A (zero-padding identity) here, so that is the default; with it the parameter
-counts are the paper's 0.27M/0.46M/0.66M/0.85M/1.7M.
+counts are the paper's 0.27M/0.46M/0.66M/0.85M/1.7M/19.4M.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ __all__ = [
     "cifar_resnet44",
     "cifar_resnet56",
     "cifar_resnet110",
+    "cifar_resnet1202",
 ]
 
 
@@ -125,3 +126,11 @@ def cifar_resnet110(
 ) -> CifarResNet:
     """ResNet-110 (n=18), 1.7M params with option A."""
     return CifarResNet(18, num_classes, shortcut, plain, zero_init_residual)
+
+
+def cifar_resnet1202(
+    num_classes: int = 10, shortcut: str = "A", plain: bool = False,
+    zero_init_residual: bool = False,
+) -> CifarResNet:
+    """ResNet-1202 (n=200), 19.4M params with option A: the paper's over-deep net (Table 6, 7.93%)."""
+    return CifarResNet(200, num_classes, shortcut, plain, zero_init_residual)

@@ -28,6 +28,7 @@ _BASE: dict[str, Callable[..., nn.Module]] = {
     "cifar_resnet44": cifar_resnet.cifar_resnet44,
     "cifar_resnet56": cifar_resnet.cifar_resnet56,
     "cifar_resnet110": cifar_resnet.cifar_resnet110,
+    "cifar_resnet1202": cifar_resnet.cifar_resnet1202,
 }
 
 
