@@ -42,12 +42,15 @@ class ImageClassifier(pl.LightningModule):
         num_classes: linked from the dataset's manifest by the CLI.
         arch_kwargs: extra model options (shortcut, plain, stride_in_1x1, zero_init_residual).
         lr: peak learning rate for a global batch of ``lr_reference_batch`` (scaled linearly).
-        momentum, nesterov, weight_decay: SGD; no weight decay on BN parameters and biases.
+        momentum, nesterov, weight_decay: SGD; no weight decay on BN parameters and biases unless
+            ``decay_norm_and_bias`` (the paper's CIFAR-10 recipe decays every parameter).
         label_smoothing: of the cross entropy.
         warmup_epochs: warm-up length, linear from 0 to the peak lr, or with ``warmup_factor`` constant at
             that fraction of it (the paper's ResNet-110: 0.1, about 1 epoch);
         schedule: "cosine", "step" or "constant", per step;
-        milestones: epochs at which "step" multiplies the lr by ``gamma``.
+        milestones: epochs at which "step" multiplies the lr by ``gamma`` (fractions allowed).
+        milestone_steps: or the optimizer steps at which it does (the paper's CIFAR-10 recipe: 32000, 48000
+            iterations); at most one of the two.
         channels_last: NHWC memory format for model and inputs (the fast layout for cuDNN on GPUs).
         compile: wrap the forward in torch.compile.
         init_weights: start a new run from these network weights: a ``pipeline export`` file, torchvision's
@@ -66,11 +69,13 @@ class ImageClassifier(pl.LightningModule):
         momentum: float = 0.9,
         nesterov: bool = False,
         weight_decay: float = 1e-4,
+        decay_norm_and_bias: bool = False,
         label_smoothing: float = 0.0,
         warmup_epochs: float = 0.0,
         warmup_factor: float | None = None,
         schedule: str = "cosine",
         milestones: list[float] | None = None,
+        milestone_steps: list[int] | None = None,
         gamma: float = 0.1,
         channels_last: bool = True,
         compile: bool = False,
@@ -91,6 +96,10 @@ class ImageClassifier(pl.LightningModule):
         require(warmup_epochs >= 0, "model.warmup_epochs", ">= 0", warmup_epochs)
         require(gamma > 0, "model.gamma", "> 0", gamma)
         require(all(m >= 0 for m in milestones or []), "model.milestones", "epochs >= 0", milestones)
+        require(all(m >= 0 for m in milestone_steps or []), "model.milestone_steps", "optimizer steps >= 0",
+                milestone_steps)
+        require(not (milestones and milestone_steps), "model.milestone_steps",
+                "null or [] when model.milestones is set (epochs or steps, not both)", milestone_steps)
         if "num_classes" in (arch_kwargs or {}):
             raise ConfigError(f"model.arch_kwargs.num_classes: {NUM_CLASSES_HINT}")
         try:
@@ -299,7 +308,7 @@ class ImageClassifier(pl.LightningModule):
         hp, peak = self.hparams, self.peak_lr()
         optimizer = self.trainer.optimizers[0]
         scheduler = self.trainer.lr_scheduler_configs[0].scheduler
-        configured = param_groups(self.model, hp.weight_decay)  # the groups configure_optimizers made
+        configured = param_groups(self.model, hp.weight_decay, hp.get("decay_norm_and_bias", False))
         for group, fresh in zip(optimizer.param_groups, configured):
             group.update(momentum=hp.momentum, nesterov=hp.nesterov, initial_lr=peak, weight_decay=fresh["weight_decay"])
         scheduler.base_lrs = [peak] * len(optimizer.param_groups)
@@ -348,11 +357,12 @@ class ImageClassifier(pl.LightningModule):
                               "trainer.max_steps or trainer.max_epochs; trainer.max_time does not say how many steps): "
                               "set one, or use schedule constant or step")
         peak = self.peak_lr()
-        optimizer = make_sgd(self.model, peak, hp.momentum, hp.nesterov, hp.weight_decay)
+        optimizer = make_sgd(self.model, peak, hp.momentum, hp.nesterov, hp.weight_decay,
+                             hp.get("decay_norm_and_bias", False))
         spe = self.steps_per_epoch()
         total = self.planned_steps()
         warmup = int(round(hp.warmup_epochs * spe))
-        milestones = [int(round(m * spe)) for m in (hp.milestones or [])]
+        milestones = [int(round(m * spe)) for m in (hp.milestones or [])] + list(hp.get("milestone_steps") or [])
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_factor(step, total, warmup, hp.schedule, milestones, hp.gamma,
                                              hp.get("warmup_factor"))

@@ -8,13 +8,16 @@ import torch
 from torch import nn
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: weights of convs/linears decay; BN parameters and biases (all 1-D tensors) do not."""
-    decay, no_decay = [], []
+def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: bool = False) -> list[dict]:
+    """Two groups: weights of convs/linears, and BN parameters and biases (all 1-D tensors). The second
+    decays only with ``decay_norm_and_bias`` (the paper's Torch code decayed every parameter; ImageNet
+    recipes since Goyal et al. 2017 do not). Always two, so a resume may switch it."""
+    decay, norm_and_bias = [], []
     for p in model.parameters():
         if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            (norm_and_bias if p.ndim <= 1 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": norm_and_bias, "weight_decay": weight_decay if decay_norm_and_bias else 0.0}]
 
 
 def lr_factor(
@@ -36,5 +39,7 @@ def lr_factor(
     raise ValueError(f"model.schedule must be 'cosine', 'step' or 'constant', got {schedule!r}")
 
 
-def make_sgd(model: nn.Module, lr: float, momentum: float, nesterov: bool, weight_decay: float) -> torch.optim.SGD:
-    return torch.optim.SGD(param_groups(model, weight_decay), lr=lr, momentum=momentum, nesterov=nesterov)
+def make_sgd(model: nn.Module, lr: float, momentum: float, nesterov: bool, weight_decay: float,
+             decay_norm_and_bias: bool = False) -> torch.optim.SGD:
+    return torch.optim.SGD(param_groups(model, weight_decay, decay_norm_and_bias), lr=lr, momentum=momentum,
+                           nesterov=nesterov)

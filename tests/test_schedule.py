@@ -14,20 +14,51 @@ from tests.conftest import REPO, run_cli_in_process, run_module
 
 
 def test_cifar_config_is_the_papers_step_schedule() -> None:
-    """He et al. sec. 4.2: lr 0.1, /10 at 32k and 48k iterations, stop at 64k (390 steps per epoch)."""
-    model = yaml.safe_load((REPO / "conf" / "cifar10_resnet20.yaml").read_text())["model"]
-    spe = 50_000 // 128
-    milestones = [round(m * spe) for m in model["milestones"]]
-    total = yaml.safe_load((REPO / "conf" / "cifar10_resnet20.yaml").read_text())["trainer"]["max_epochs"] * spe
-    assert [abs(m - k) <= spe for m, k in zip(milestones, (32_000, 48_000))] == [True, True]
-    assert abs(total - 64_000) <= spe
+    """He et al. sec. 4.2: lr 0.1, /10 at 32k and 48k iterations, stop at 64k; weight decay on every
+    parameter. In steps, so a 45k/5k split (351 steps an epoch) or two ranks of 64 keep it."""
+    conf = yaml.safe_load((REPO / "conf" / "cifar10_resnet20.yaml").read_text())
+    model, trainer = conf["model"], conf["trainer"]
+    assert model["milestone_steps"] == [32_000, 48_000] and not model["milestones"]
+    assert trainer["max_steps"] == 64_000 and trainer["max_epochs"] is None
+    assert model["weight_decay"] == 1e-4 and model["decay_norm_and_bias"] is True
+    assert model["lr"] * conf["data"]["batch_size"] / model["lr_reference_batch"] == 0.1
 
     def lr(step: int) -> float:
-        return model["lr"] * lr_factor(step, total, 0, model["schedule"], milestones, model["gamma"])
+        return model["lr"] * lr_factor(step, 64_000, 0, model["schedule"], model["milestone_steps"], model["gamma"])
 
-    assert lr(0) == pytest.approx(0.1) and lr(milestones[0] - 1) == pytest.approx(0.1)
-    assert lr(milestones[0]) == pytest.approx(0.01) and lr(milestones[1]) == pytest.approx(0.001)
-    assert lr(total - 1) == pytest.approx(0.001)
+    assert lr(0) == pytest.approx(0.1) and lr(31_999) == pytest.approx(0.1)
+    assert lr(32_000) == pytest.approx(0.01) and lr(47_999) == pytest.approx(0.01)
+    assert lr(48_000) == pytest.approx(0.001) and lr(63_999) == pytest.approx(0.001)
+
+
+def test_the_cifar_config_runs_its_step_schedule_and_decays_every_parameter(digits_shards: Path,
+                                                                           tmp_path: Path) -> None:
+    """The CIFAR config itself, its milestones moved to steps 3 and 5: the logged lr and the optimizer's
+    groups (BN and biases decay too; with decay_norm_and_bias false they do not)."""
+    import torch
+
+    def fit(run_dir: Path, *extra: str) -> tuple[dict[int, float], list[float]]:
+        run_module("pipeline", "fit", "--config", str(REPO / "conf" / "cifar10_resnet20.yaml"),
+                   "--data.root", str(digits_shards), "--data.val_split", "val", "--trainer.default_root_dir",
+                   str(run_dir), "--trainer.max_steps", "7", "--model.milestone_steps", "[3, 5]",
+                   "--trainer.limit_val_batches", "0", "--data.num_workers", "0", "--data.backend", "cpu",
+                   "--trainer.precision", "32-true", "--trainer.log_every_n_steps", "1", "--tracking.wandb",
+                   "false", *extra, timeout=300)
+        with open(run_dir / "csv" / "metrics.csv") as f:
+            lrs = {int(r["step"]): float(r["lr-SGD/pg1"]) for r in csv.DictReader(f) if r.get("lr-SGD/pg1")}
+        ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+        return lrs, [g["weight_decay"] for g in ckpt["optimizer_states"][0]["param_groups"]]
+
+    lrs, decays = fit(tmp_path / "paper")
+    assert [round(lrs[s], 6) for s in range(7)] == [0.1, 0.1, 0.1, 0.01, 0.01, 0.001, 0.001], lrs
+    assert decays == [1e-4, 1e-4]
+    _, decays = fit(tmp_path / "imagenet_style", "--model.decay_norm_and_bias", "false")
+    assert decays == [1e-4, 0.0]
+    proc = run_cli_in_process("fit", "--config", str(REPO / "conf" / "cifar10_resnet20.yaml"), "--data.root",
+                              str(digits_shards), "--trainer.default_root_dir", str(tmp_path / "both"),
+                              "--model.milestones", "[82, 123]")
+    assert proc.returncode == 2 and "model.milestone_steps must be null or [] when model.milestones is set" \
+        in proc.stderr, proc.stderr[-2000:]
 
 
 def test_warmups() -> None:
