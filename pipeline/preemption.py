@@ -19,7 +19,7 @@ last batch in the next epoch, and one of another step past its validation, so th
 run. A signal during the validation (or one whose vote is still in flight at the epoch's end) stops the
 run at the epoch's end, with its checkpoint. At the end, once everything is saved, rank 0 calls
 ``scontrol requeue $SLURM_JOB_ID`` once when running under Slurm (Slurm then cancels the running step at
-once).
+once), unless accounting says the job is being cancelled (``scancel``: a requeue would bring it back).
 
 The handlers hold from the fit's setup to its teardown, start-up and the sanity check included (a USR1
 there killed the process, a SIGTERM ended it with exit 0 and no requeue); before the setup (imports,
@@ -148,7 +148,12 @@ class Preemption(Callback):
             if not trainer.is_global_zero or self.finished:
                 return
             if self.requeue and job and self.received != signal.SIGINT:  # Ctrl-C: stop, as asked
-                requeue_slurm_job(job)
+                if slurm_job_cancelled(job):  # scancel's SIGTERM: a requeue would undo the cancel
+                    log.warning("Slurm job %s was cancelled: not requeued; the run stopped at step %d, and submitting "
+                                "it again (the same --run-dir) resumes from %s", job, trainer.global_step,
+                                self.last_path)
+                else:
+                    requeue_slurm_job(job)
             else:  # a wrapper sees exit 0 either way: say that this one is not the end
                 log.warning("the run is not finished (stopped at step %d): run the same command again to resume"
                             " from %s", trainer.global_step, self.last_path)
@@ -279,6 +284,19 @@ def _at_optimizer_step(trainer: pl.Trainer) -> bool:
     at most ``accumulate_grad_batches - 1`` batches. Every rank counts the same batches, so all agree."""
     loop = trainer.fit_loop.epoch_loop
     return loop._accumulated_batches_reached() or loop._num_ready_batches_reached()
+
+
+def slurm_job_cancelled(job_id: str) -> bool:
+    """Whether the job is being cancelled (``scancel``): Slurm takes a requeue in the kill grace time, and the
+    cancelled job came back. Only accounting says so then (``scontrol`` and ``squeue`` show COMPLETING, as for
+    a requeue or the time limit); without it (sacct fails) the job counts as not cancelled."""
+    try:
+        proc = subprocess.run(["sacct", "-n", "-P", "-X", "-D", "-j", job_id, "-o", "State"], capture_output=True,
+                              text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    records = [line.strip() for line in proc.stdout.splitlines() if line.strip()]
+    return proc.returncode == 0 and bool(records) and records[-1].startswith("CANCELLED")
 
 
 def requeue_slurm_job(job_id: str) -> bool:

@@ -121,7 +121,7 @@ class WandbBacklog(pl.Callback):
         try:
             wandb.teardown()
         except Exception as e:  # noqa: BLE001 (the service process went with the signal: nothing left to tell it)
-            log.info("W&B: its service process ended with the signal (%s); the run resumes into the same W&B run",
+            log.info("W&B: its service process ended with the signal (%s); a resume continues the same W&B run",
                      type(e).__name__)
 
     def _keep_rows_after_save(self, trainer: pl.Trainer) -> None:

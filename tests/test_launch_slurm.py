@@ -424,6 +424,26 @@ def test_preempted_twice_resumes_to_the_same_step(slurm_cluster: SlurmCluster, d
     assert f"W&B run id   {run_id}" in st.stdout
 
 
+@pytest.mark.slow
+def test_scancel_stops_the_job_for_good(slurm_cluster: SlurmCluster, demo_shards: Path, tmp_path: Path) -> None:
+    """`scancel JOB` sends SIGTERM: the trainer saves last.ckpt and stops, and does not requeue the job (Slurm
+    takes a requeue in the kill grace time, and the cancelled job came back, again at every scancel)."""
+    run_dir = tmp_path / "run"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    job = _submit(slurm_cluster, _train_args(run_dir, demo_shards, steps=100_000, epochs=10_000))
+    _wait_step(run_dir, 5, job, slurm_cluster)
+    slurm_cluster.run("scancel", job)
+    slurm_cluster.wait_gone([job], timeout=120)
+    time.sleep(3)  # a requeue would show as a pending job again
+    log = _log(run_dir, job)
+    states = [s for _, s in slurm_cluster.sacct_states(job)]
+    assert len(states) == 1 and states[0].startswith("CANCELLED"), (states, log[-4000:])  # "CANCELLED by 0"
+    saved = _preempted_at(log, "SIGTERM", last)
+    assert len(saved) == 1 and _step(last) == saved[0] >= 5, log[-4000:]
+    assert f"Slurm job {job} was cancelled: not requeued; the run stopped at step {saved[0]}" in log, log[-4000:]
+    assert f"requeued Slurm job {job}" not in log and "launch: the trainer could not requeue" not in log
+
+
 REQUEUE_FAILS = """#!/bin/bash
 # scontrol as the trainer sees it when it cannot requeue: inside a container image without Slurm, or with the
 # controller unreachable for a moment. Every other subcommand is the real one.
