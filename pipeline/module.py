@@ -109,7 +109,9 @@ class ImageClassifier(pl.LightningModule):
         self._channels_last = channels_last
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self._forward = torch.compile(self.model) if compile else self.model
+        # dynamic=False: the training batch never changes size; by default the first other size (the sanity
+        # check's or validation's batch) recompiled the network with a symbolic batch dimension, training too
+        self._forward = torch.compile(self.model, dynamic=False) if compile else self.model
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255, persistent=False)
         # masked samples (padding, skipped corrupt ones) are given the label IGNORED rather than indexed out:

@@ -404,3 +404,14 @@ def test_imagenet_recipe_trains_through_lightning_with_dali_cpu(photo_shards, tm
     losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
     assert len(losses) == 5 and all(math.isfinite(x) for x in losses)
     assert any(r.get("val/top1") for r in rows)
+
+
+def test_out_of_memory_is_not_retried_on_the_cpu():
+    """DALI's allocation failures end the fit with advice; a decode error is retried by the cpu backend."""
+    from pipeline.data.dali_backend import _out_of_memory
+
+    assert _out_of_memory(MemoryError())
+    assert _out_of_memory(RuntimeError("Critical error in pipeline:\nCUDA allocation failed: out of memory"))
+    assert _out_of_memory(RuntimeError("[/opt/dali/dali/core/mm/...] std::bad_alloc"))
+    assert not _out_of_memory(RuntimeError("Error in thread 0: nvJPEG error (6): NVJPEG_STATUS_BAD_JPEG"))
+    assert not _out_of_memory(RuntimeError("Unrecognized image format. Supported formats are: JPG, PNG, ..."))

@@ -92,7 +92,7 @@ class DaliLoader:
         hw_decoder_load: float = 0.75,
         on_corrupt: str = "fail",
         py_workers: int | None = None,
-        prefetch: int = 2,
+        prefetch: int | None = None,
         roi_decode: bool | None = None,
         resize: str | None = None,
     ) -> None:
@@ -106,7 +106,8 @@ class DaliLoader:
         if py_workers is None:
             py_workers = 0 if cpu else max(1, min(4, self.num_threads // 2))
         self.py_workers = int(py_workers)
-        self.prefetch = max(1, int(prefetch))
+        # batches computed ahead: 3 on the GPU, as bench/gpu_loader.py measured it (MLPerf's DALI loaders use 3-5)
+        self.prefetch = max(1, int(prefetch if prefetch is not None else (2 if cpu else 3)))
         self.roi_decode = True if roi_decode is None else bool(roi_decode)
         resize = resize or ("torch" if cpu else "dali")
         if resize not in ("dali", "torch") or (resize == "torch" and not cpu):
@@ -147,7 +148,12 @@ class DaliLoader:
         if cpu:  # uint8 out, as the cpu backend: the module normalises
             mean, std = [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]
         dec = "cpu" if cpu else "mixed"
-        hw = {} if cpu else {"hw_decoder_load": self.hw_decoder_load}
+        # nvJPEG's buffers sized for all of ImageNet up front (DeepLearningExamples' ConvNets dali.py values):
+        # grown on a larger image instead, each regrowth frees device memory, which waits for the device.
+        # affine=False: the OS places the decoder's threads; pinned by NVML's hint they may land outside a
+        # Slurm step's CPU set (NVIDIA/DALI#1209, #1465), and every rank of a node would pin the same cores.
+        hw = {} if cpu else {"hw_decoder_load": self.hw_decoder_load, "device_memory_padding": 211025920,
+                             "host_memory_padding": 140544512, "affine": False}
         linear = dict(interp_type=types.INTERP_LINEAR, antialias=True)
         size = self.size
         roi_decode = self.roi_decode
@@ -263,6 +269,9 @@ class DaliLoader:
                 raise RuntimeError(f"the DALI pipeline ended after {step} of {len(plan)} batches") from None
             except Exception as e:  # a decoder error: this batch by the cpu backend, then a fresh pipeline
                 self._watchdog.check_after_error()  # (not a lost worker)
+                if _out_of_memory(e):  # not the batch's fault: the next pipeline would fail the same way
+                    raise RuntimeError(f"DALI ran out of memory: {_first_line(e)}; lower data.batch_size or "
+                                       f"data.num_workers (DALI's threads), or free the GPU") from e
                 self._close()
                 yield self._cpu_batch(plan[step], e)
                 yield from self._epoch(plan[step + 1 :])
@@ -309,8 +318,9 @@ class DaliLoader:
 
             out = torch.empty(images.shape(), dtype=torch.uint8 if self.cpu else torch.float16, device=self._device)
             feed_ndarray(images, out, cuda_stream=None if self.cpu else torch.cuda.current_stream(self._device))
-        if not self.cpu:
-            lab, ok = lab.to(self._device, non_blocking=True), ok.to(self._device, non_blocking=True)
+        if not self.cpu:  # from pinned memory: a copy from pageable memory may wait for the stream's queued work
+            lab = lab.pin_memory().to(self._device, non_blocking=True)
+            ok = ok.pin_memory().to(self._device, non_blocking=True)
         return out.permute(0, 3, 1, 2), lab, ok  # NCHW shape, channels_last memory
 
     def _finish_in_torch(self, decoded, flips=None) -> torch.Tensor:
@@ -360,6 +370,12 @@ class DaliLoader:
         std = torch.tensor(self.cfg.std).view(1, 3, 1, 1) * 255
         x = ((images.float() - mean) / std).to(self._device, torch.float16).contiguous(memory_format=torch.channels_last)
         return x, labels.to(self._device), valid.to(self._device)
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    """DALI's allocation failures (CUDA, pinned host or host memory), which a CPU retry of the batch does not cure."""
+    text = str(error).lower()
+    return isinstance(error, MemoryError) or any(k in text for k in ("out of memory", "bad_alloc", "cudaerrormemoryallocation"))
 
 
 @contextlib.contextmanager
