@@ -289,14 +289,15 @@ def _at_optimizer_step(trainer: pl.Trainer) -> bool:
 def slurm_job_cancelled(job_id: str) -> bool:
     """Whether the job is being cancelled (``scancel``): Slurm takes a requeue in the kill grace time, and the
     cancelled job came back. Only accounting says so then (``scontrol`` and ``squeue`` show COMPLETING, as for
-    a requeue or the time limit); without it (sacct fails) the job counts as not cancelled."""
+    a requeue or the time limit); without it the job counts as not cancelled."""
+    from launch.errors import LaunchError
+    from launch.slurm import SacctUnavailable, sacct
+
     try:
-        proc = subprocess.run(["sacct", "-n", "-P", "-X", "-D", "-j", job_id, "-o", "State"], capture_output=True,
-                              text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired):
+        rows = sacct([job_id])  # the job's current record: "CANCELLED" from the cancel on
+    except (LaunchError, SacctUnavailable):
         return False
-    records = [line.strip() for line in proc.stdout.splitlines() if line.strip()]
-    return proc.returncode == 0 and bool(records) and records[-1].startswith("CANCELLED")
+    return any(row.state == "CANCELLED" for row in rows)
 
 
 def requeue_slurm_job(job_id: str) -> bool:
