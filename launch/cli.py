@@ -31,7 +31,7 @@ def _path(text: str) -> Path:
 def _slurm_args(p: argparse.ArgumentParser, time_default: str | None) -> None:
     g = p.add_argument_group("Slurm")
     if time_default is None:
-        g.add_argument("--time", required=True, help="time limit per run, HH:MM:SS or D-HH:MM:SS")
+        g.add_argument("--time", required=True, help="time limit per run in any of sbatch's forms: MINUTES, HH:MM:SS, D-HH:MM:SS, ...")
     else:
         g.add_argument("--time", default=time_default, help=f"time limit per task (default {time_default})")
     g.add_argument("--partition")
@@ -46,6 +46,18 @@ def _slurm_args(p: argparse.ArgumentParser, time_default: str | None) -> None:
                    help="interpreter on the compute nodes (default: the one running this command, "
                         "or `python` inside a container)")
     g.add_argument("--dry-run", action="store_true", help="print the script(s) and sbatch command; submit nothing")
+
+
+class _Once(argparse.Action):
+    """An option that may be given once. argparse keeps the last of repeated options, so a second
+    ``--config overlay.yaml`` silently replaced the first, the base config the run was meant to have."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest, None) is not None:
+            parser.error(f"{option_string} given twice ({getattr(namespace, self.dest)} and {values}); the launcher "
+                         f"takes one config (it names the run directory), more go to the trainer after `--`, "
+                         f"where the later overrides the earlier: -- --config {values}")
+        setattr(namespace, self.dest, values)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -67,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     what = submit.add_subparsers(dest="what", required=True, metavar="{train,prep}")
 
     t = what.add_parser("train", help="multi-node training: one task per GPU, requeue on preemption")
-    t.add_argument("--config", required=True, type=_path, help="trainer YAML (conf/*.yaml)")
+    t.add_argument("--config", required=True, type=_path, action=_Once,
+                   help="trainer YAML (conf/*.yaml); overlays go to the trainer: -- --config overlay.yaml")
     t.add_argument("--nodes", type=int, default=1)
     t.add_argument("--gpus-per-node", type=int, default=1,
                    help="GPUs = processes per node; 0 runs one CPU process per node")
@@ -103,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("run_dir", nargs="?", type=_path, default=None)
 
     tr = sub.add_parser("torchrun", help="print (or run) the torchrun command for a cluster without Slurm")
-    tr.add_argument("--config", required=True, type=_path)
+    tr.add_argument("--config", required=True, type=_path, action=_Once,
+                    help="trainer YAML (conf/*.yaml); overlays go to the trainer: -- --config overlay.yaml")
     tr.add_argument("--nnodes", type=int, required=True)
     tr.add_argument("--nproc-per-node", type=int, required=True)
     tr.add_argument("--rdzv-endpoint", required=True, help="HOST:PORT of node 0")

@@ -16,28 +16,50 @@ import yaml
 from launch.errors import LaunchError
 from pipeline.parsed_config import SECTIONS
 
-_TIME = re.compile(r"^(?:(\d+)-)?(\d{1,3}):([0-5]\d):([0-5]\d)$", re.ASCII)  # ASCII: sbatch reads no other digits
+# Slurm's time limit forms (sbatch(1) --time): MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS.
+# ASCII: sbatch reads no other digits.
+_TIME_FORMS = (
+    (re.compile(r"^(\d+)$", re.ASCII), ("minutes",)),
+    (re.compile(r"^(\d+):([0-5]?\d)$", re.ASCII), ("minutes", "seconds")),
+    (re.compile(r"^(\d+):([0-5]?\d):([0-5]?\d)$", re.ASCII), ("hours", "minutes", "seconds")),
+    (re.compile(r"^(\d+)-(\d+)$", re.ASCII), ("days", "hours")),
+    (re.compile(r"^(\d+)-(\d+):([0-5]?\d)$", re.ASCII), ("days", "hours", "minutes")),
+    (re.compile(r"^(\d+)-(\d+):([0-5]?\d):([0-5]?\d)$", re.ASCII), ("days", "hours", "minutes", "seconds")),
+)
+_UNIT_SECONDS = {"days": 86400, "hours": 3600, "minutes": 60, "seconds": 1}
 _SLURM_NAME = re.compile(r"^[A-Za-z0-9_.,+-]+$")
 _SBATCH_PATH = re.compile(r"^[A-Za-z0-9_./+,=@:-]+$")
 
 
+def _parse_time(value: str) -> int | None:
+    """Seconds in a time limit written in one of Slurm's forms, else None."""
+    for pattern, units in _TIME_FORMS:
+        m = pattern.match((value or "").strip())
+        if m:
+            return sum(int(g) * _UNIT_SECONDS[u] for g, u in zip(m.groups(), units))
+    return None
+
+
 def slurm_time(value: str, setting: str = "--time") -> str:
-    """Validate a Slurm time limit written as [D-]HH:MM:SS (the only form the launcher accepts)."""
-    m = _TIME.match(value or "")
-    if not m:
-        raise LaunchError(f"{setting}: {value!r} is not a time limit of the form HH:MM:SS or D-HH:MM:SS")
-    days, hours, minutes, seconds = (int(g) if g else 0 for g in m.groups())
-    if days * 86400 + hours * 3600 + minutes * 60 + seconds < 60:
+    """Validate a Slurm time limit in any of sbatch's forms (90 is 90 minutes, as sbatch reads it). A limit
+    is required and finite: the trainer's USR1 save is timed from it."""
+    seconds = _parse_time(value)
+    if seconds == 0 or (value or "").strip().lower() in ("unlimited", "infinite"):
+        raise LaunchError(f"{setting}: {value!r} means no time limit to Slurm; give a finite one (the partition's "
+                          f"limit, for instance): a job's checkpoint-and-requeue signal is timed from it")
+    if seconds is None:
+        raise LaunchError(f"{setting}: {value!r} is not a time limit; use one of Slurm's forms: MINUTES, MM:SS, "
+                          f"HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS (e.g. 90, 04:00:00, 2-00:00:00)")
+    if seconds < 60:
         raise LaunchError(f"{setting}: {value!r} is shorter than one minute, Slurm's smallest time limit")
     return value
 
 
 def time_seconds(value: str) -> int:
-    """Seconds in a validated [D-]HH:MM:SS time limit."""
-    m = _TIME.match(value)
-    assert m is not None
-    days, hours, minutes, seconds = (int(g) if g else 0 for g in m.groups())
-    return days * 86400 + hours * 3600 + minutes * 60 + seconds
+    """Seconds in a validated time limit."""
+    seconds = _parse_time(value)
+    assert seconds is not None
+    return seconds
 
 
 def positive_int(value: int, setting: str, minimum: int = 1) -> int:

@@ -163,7 +163,11 @@ def test_hostile_values_are_quoted_in_the_srun_line(tmp_path: Path) -> None:
     (["--config", "conf"], "--config: 'conf' is a directory, not a file"),
     (["--config", ""], "argument --config: empty path"),
     (["--run-dir", ""], "argument --run-dir: empty path (an unset shell variable?)"),  # was the current directory
-    (["--time", "4h"], "--time: '4h' is not a time limit"),
+    (["--time", "4h"], "--time: '4h' is not a time limit; use one of Slurm's forms"),
+    (["--time", "1:60:00"], "--time: '1:60:00' is not a time limit"),
+    (["--time", "0"], "--time: '0' means no time limit to Slurm; give a finite one"),
+    (["--time", "UNLIMITED"], "--time: 'UNLIMITED' means no time limit to Slurm"),
+    (["--time", "5"], "--signal-lead: 300 s + Slurm's 30 s check interval is not shorter than --time 5"),
     (["--time", "00:00:30"], "--time: '00:00:30' is shorter than one minute"),
     (["--time", "\u0661:00:00"], "--time: '\u0661:00:00' is not a time limit"),  # an Arabic-Indic 1 matched \\d
     (["--nodes", "0"], "--nodes: must be at least 1, got 0"),
@@ -547,6 +551,45 @@ def test_a_config_that_is_not_a_yaml_mapping_is_refused_at_submit(tmp_path: Path
     for r in (submit, torchrun):
         assert r.returncode == 2 and r.stdout == "", r.stderr
         assert r.stderr.strip() == f"launch: error: --config: '{bad}' {needle}", r.stderr
+
+
+@pytest.mark.parametrize("value, seconds", [
+    ("90", 5400), ("90:30", 5430), ("1:30:00", 5400), ("2-12", 216000), ("2-12:30", 217800),
+    ("2-12:30:15", 217815), ("04:00:00", 14400)])
+def test_every_slurm_time_form_is_accepted_and_read_as_sbatch_reads_it(value: str, seconds: int) -> None:
+    """sbatch --time: MINUTES, MINUTES:SECONDS, H:M:S, D-H, D-H:M, D-H:M:S (`--time 90` was refused)."""
+    from launch.validate import slurm_time, time_seconds
+
+    assert slurm_time(value) == value
+    assert time_seconds(value) == seconds
+
+
+def test_signal_lead_is_checked_against_a_time_in_minutes(tmp_path: Path, cfg: Path) -> None:
+    """`--time 6` is 6 minutes: 300 s + 30 s fits; its script carries the user's text."""
+    r = launch("submit", "train", "--config", str(cfg), "--time", "6", "--dry-run", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "--time=6" in sbatch_directives(r.stdout)
+
+
+@pytest.mark.parametrize("cmd", ["submit", "torchrun"])
+def test_a_second_config_before_dashdash_is_refused_naming_the_overlay_form(tmp_path: Path, cfg: Path,
+                                                                           cmd: str) -> None:
+    """argparse kept the last --config: the overlay became the whole config and named the run directory."""
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text("trainer:\n  max_epochs: 1\n")
+    configs = ["--config", str(cfg), "--config", str(overlay)]
+    if cmd == "submit":
+        r = launch("submit", "train", *configs, "--time", "1:00:00", "--dry-run", cwd=tmp_path)
+    else:
+        r = launch("torchrun", *configs, "--nnodes", "1", "--nproc-per-node", "1",
+                   "--rdzv-endpoint", "127.0.0.1:29500", "--run-dir", str(tmp_path / "run"), cwd=tmp_path)
+    assert r.returncode == 2 and r.stdout == "", r.stderr
+    assert r.stderr.startswith(f"launch: error: --config given twice ({cfg} and {overlay})"), r.stderr
+    assert f"-- --config {overlay}" in r.stderr
+    ok = launch("submit", "train", "--config", str(cfg), "--time", "1:00:00", "--dry-run", "--",
+                "--config", str(overlay), cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    assert srun_argv(ok.stdout).count("--config") == 2
 
 
 @pytest.mark.parametrize("args, line", [
