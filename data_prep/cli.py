@@ -6,6 +6,7 @@ import contextlib
 import io
 import os
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -62,6 +63,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                         "$SLURM_ARRAY_TASK_MIN and $SLURM_ARRAY_TASK_STEP)")
     p.add_argument("--num-tasks", type=int, default=None, help="array size (default $SLURM_ARRAY_TASK_COUNT or 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
+    p.add_argument("--finalize-queued", action="store_true",
+                   help="a finalize job is queued after the array (`launch submit prep` does that): an array task "
+                        "ends by saying so instead of asking for `data_prep finalize`")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,8 +139,14 @@ def _split_ok(split: str) -> str:
     return split
 
 
-def _summary(manifest: dict | None, splits: list[str], out: Path) -> None:
+def _summary(manifest: dict | None, splits: list[str], out: Path, finalize_queued: bool = False) -> None:
+    """The manifest's count per split; an array task (no manifest yet) says what merges its shards."""
     if manifest is None:
+        if finalize_queued:
+            print("the queued finalize job writes the manifest once every array task succeeded", file=sys.stderr)
+        else:
+            print(f"after all tasks finish, run `python -m data_prep finalize {shlex.quote(str(out))} --splits "
+                  f"{','.join(splits)}`", file=sys.stderr)
         return
     for s in splits:
         e = manifest["splits"][s]
@@ -185,7 +195,7 @@ def run(argv: list[str] | None = None) -> int:
         scan = scan_imagefolder(args.src, split)
         m = prepare_split(args.out, split, str(args.src.resolve()), scan, opts, args.seed, shard_bytes,
                           args.samples_per_shard, workers, ti, nt, show_progress=not args.no_progress)
-        _summary(m, [split], args.out)
+        _summary(m, [split], args.out, args.finalize_queued)
         return 0
     if args.cmd == "imagenet":
         from .imagenet import prepare_imagenet
@@ -195,7 +205,7 @@ def run(argv: list[str] | None = None) -> int:
         m = prepare_imagenet(args.src, args.out, splits, opts, args.seed, shard_bytes, args.samples_per_shard,
                              workers, ti, nt, devkit=args.devkit, val_csv=args.val_csv,
                              show_progress=not args.no_progress)
-        _summary(m, splits, args.out)
+        _summary(m, splits, args.out, args.finalize_queued)
         return 0
     if args.cmd == "finalize":
         from .manifest import finalize

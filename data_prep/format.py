@@ -14,6 +14,8 @@ MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
 INDEX_VERSION = "v1.2"  # DALI wds2idx index format version
 SAMPLE_EXTS = ("jpg", "cls", "lbl")
+WORK_DIR = ".work"  # OUT/.work/<split>/: the split's plan and one done-record per shard (resume, finalize)
+PLAN_NAME = "plan.json"
 
 
 class ManifestError(Exception):

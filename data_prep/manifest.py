@@ -11,10 +11,9 @@ import re
 from pathlib import Path
 
 from .errors import PrepError
-from .format import MANIFEST_NAME, MANIFEST_VERSION, ManifestError, load_manifest
-from .runner import WORK_DIR, work_dir, write_json_atomic
+from .format import MANIFEST_NAME, MANIFEST_VERSION, PLAN_NAME, WORK_DIR, ManifestError, load_manifest
+from .runner import work_dir, write_json_atomic
 
-PLAN_NAME = "plan.json"
 REJECTS_NAME = "rejects.jsonl"
 
 

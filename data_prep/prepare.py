@@ -39,8 +39,7 @@ def prepare_split(out: Path, split: str, source: str, scan: Scan, opts: EncodeOp
     run_jobs(out, mine, opts, workers, show_progress=show_progress, label=label)
     if num_tasks == 1:
         return finalize(out, [split])
-    print(f"{label}: wrote {len(mine)} of {len(jobs)} shards; run `python -m data_prep finalize {out}` "
-          "after all tasks finish", file=sys.stderr)
+    print(f"{label}: this task's {len(mine)} of the split's {len(jobs)} shards are done", file=sys.stderr)
     return None
 
 

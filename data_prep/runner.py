@@ -19,14 +19,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from .errors import PrepError
-from .format import index_name, shard_name
+from .format import WORK_DIR, index_name, shard_name
 from .plan import ShardJob, sample_key
 from .progress import Progress
 from .shardwriter import ShardWriter
 from .sources import read_ref
 from .validate import EncodeOptions, process_image
 
-WORK_DIR = ".work"
 
 _images = None
 _bytes = None

@@ -264,7 +264,7 @@ def _submit_prep(a: argparse.Namespace, extra: list[str]) -> int:
             job.finalize_script_path.unlink(missing_ok=True)
         _remove_empty(made)
         raise
-    rundir.record_job(run_dir, array_id, "prep-array", job.array_script_path)
+    rundir.record_job(run_dir, array_id, "prep-array", job.array_script_path, out)
     try:
         fin_id = slurm.sbatch(job.finalize_script_path, [d.format(array_job=array_id) for d in dep])
     except LaunchError as e:  # the array job runs: submitting again would start a second one on the same shards
@@ -272,7 +272,7 @@ def _submit_prep(a: argparse.Namespace, extra: list[str]) -> int:
                           f"finalize {shlex.quote(str(out))} --splits {job.splits}` (or submit "
                           f"{shlex.quote(str(job.finalize_script_path))} with --dependency=afterok:{array_id}), "
                           f"or `scancel {array_id}` before submitting again") from None
-    rundir.record_job(run_dir, fin_id, "prep-finalize", job.finalize_script_path)
+    rundir.record_job(run_dir, fin_id, "prep-finalize", job.finalize_script_path, out)
     print(f"Submitted prep array job {array_id} (tasks 0-{a.tasks - 1}) and finalize job {fin_id} "
           f"(afterok:{array_id})")
     print(f"  scripts {run_dir}")

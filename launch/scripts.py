@@ -94,6 +94,7 @@ TRAINER_ARGS = {  # what the launcher passes to `pipeline fit` itself, and the o
 PREP_ARGS = {  # what the launcher passes to each array task of data_prep
     "--task-index": "from the array task: $SLURM_ARRAY_TASK_ID",
     "--num-tasks": "from --tasks",
+    "--finalize-queued": "the launcher queues the finalize job",
 }
 
 MAX_SIGNAL_LEAD = 65535  # sbatch refuses a larger --signal=SIG@TIME

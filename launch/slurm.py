@@ -88,19 +88,20 @@ def sacct(job_ids: list[str]) -> list[JobRow]:
     """Accounting rows for ``job_ids``, one per job (allocation), requeues folded into ``restarts``.
 
     ``sacct -D`` lists every run of a requeued job (state REQUEUED for the interrupted ones); the last
-    record is the current state.
+    record is the current state. ``Reason`` is why a pending job waits (Priority, Resources, BeginTime, ...).
     """
     if shutil.which("sacct") is None:
         raise SacctUnavailable("sacct is not installed")
     proc = run_client(["sacct", "-n", "-P", "-X", "-D", "-j", ",".join(job_ids),
-                 "--format=JobID,JobName,State,Elapsed,ExitCode"])
+                 "--format=JobID,JobName,State,Elapsed,ExitCode,Reason"])
     if proc.returncode != 0 or "accounting storage is disabled" in proc.stderr.lower():
         raise SacctUnavailable(proc.stderr.strip() or f"sacct exit code {proc.returncode}")
     by_id: dict[str, JobRow] = {}
     for line in proc.stdout.splitlines():
-        jid, name, state, elapsed, exit_code = (line.split("|") + [""] * 5)[:5]
+        jid, name, state, elapsed, exit_code, reason = (line.split("|") + [""] * 6)[:6]
         row = by_id.get(jid)
         restarts = 0 if row is None else (row.restarts or 0) + 1
-        by_id[jid] = JobRow(jid, name, state.split()[0] if state else state, elapsed, restarts, exit_code)
+        by_id[jid] = JobRow(jid, name, state.split()[0] if state else state, elapsed, restarts, exit_code,
+                            reason if reason != "None" else "")
     return list(by_id.values())
 

@@ -12,7 +12,9 @@ from launch import slurm
 from launch.checkpoints import CheckpointInfo, Throughput, best_checkpoint, latest_checkpoint, payload, recent_throughput
 from launch.errors import LaunchError
 from launch.rundir import recorded_jobs, wandb_run_id
+from data_prep import output_status
 from pipeline import run_lock
+from pipeline.run_id_file import RUN_ID_FILE
 
 _RESTART_LINE = re.compile(r"^launch: job (\d+) restart (\d+)", re.MULTILINE)
 
@@ -50,11 +52,14 @@ def active_train_jobs(run_dir: Path) -> list[slurm.JobRow]:
 
 
 def _table(rows: list[slurm.JobRow]) -> list[str]:
-    out = [f"  {'JOBID':<14} {'NAME':<30} {'STATE':<12} {'ELAPSED':>10} {'RESTARTS':>8}  {'EXIT/REASON'}"]
+    """One line per job; names in full (job names of a run share their first 30 characters: `train-<config>`).
+    The last column is why a pending job waits (Slurm's reason: Priority, Resources, ...), else the exit code."""
+    width = max([4, *(len(r.name) for r in rows)])
+    out = [f"  {'JOBID':<14} {'NAME':<{width}} {'STATE':<12} {'ELAPSED':>10} {'RESTARTS':>8}  {'EXIT/REASON'}"]
     for r in rows:
         restarts = "-" if r.restarts is None else str(r.restarts)
-        out.append(f"  {r.job_id:<14} {r.name[:30]:<30} {r.state:<12} {r.elapsed:>10} {restarts:>8}  "
-                   f"{r.exit_code or r.reason}")
+        last = r.reason if r.state == "PENDING" and r.reason else (r.exit_code or r.reason)
+        out.append(f"  {r.job_id:<14} {r.name:<{width}} {r.state:<12} {r.elapsed:>10} {restarts:>8}  {last}")
     return out
 
 
@@ -69,7 +74,8 @@ def _jobs(ids: list[str]) -> tuple[str, list[slurm.JobRow] | None]:
     reached (controller down, no client config here) must not hide what the run directory itself says."""
     unavailable = "jobs (Slurm unavailable: {}; requeues from the job logs only):"
     try:
-        return "jobs (sacct):", slurm.sacct(ids)
+        rows = slurm.sacct(ids)
+        return "jobs (sacct):", rows + _not_yet_in_accounting(ids, rows)
     except slurm.SacctUnavailable as e:
         why = _first_error_line(str(e))
     except LaunchError as e:  # sacct hung: squeue would too
@@ -81,6 +87,16 @@ def _jobs(ids: list[str]) -> tuple[str, list[slurm.JobRow] | None]:
     except LaunchError as e:
         return unavailable.format(_first_error_line(str(e))), None
     return f"jobs (squeue/scontrol; sacct unavailable: {why}; finished jobs are not listed):", rows
+
+
+def _not_yet_in_accounting(ids: list[str], rows: list[slurm.JobRow]) -> list[slurm.JobRow]:
+    """Jobs sacct does not list yet, from squeue: slurmdbd records a job seconds after its submission, so a
+    status right after `submit` said "(none queued or running)" of a job that was pending."""
+    missing = [i for i in ids if not any(r.job_id == i or r.job_id.startswith(f"{i}_") for r in rows)]
+    try:
+        return slurm.squeue(missing)
+    except LaunchError:  # sacct answered: what it lists is still right
+        return []
 
 
 def _training_line(run_dir: Path) -> list[str]:
@@ -120,6 +136,17 @@ def _duration(seconds: float) -> str:
     return f"{hours} h {minutes} min" if hours else f"{minutes} min"
 
 
+def _prep_outputs(run_dir: Path) -> list[Path] | None:
+    """The OUT folders of a run directory that holds only `submit prep` jobs (None for a training run, or a
+    directory holding no record of its jobs): their progress is shards and a manifest, not checkpoints."""
+    jobs = recorded_jobs(run_dir)
+    if not jobs or any(not str(j.get("kind", "")).startswith("prep") for j in jobs):
+        return None
+    if (run_dir / "checkpoints").exists() or (run_dir / RUN_ID_FILE).exists():
+        return None
+    return list(dict.fromkeys(Path(j["out"]) for j in jobs if isinstance(j.get("out"), str)))
+
+
 def report(run_dir: Path) -> str:
     """The status text for one run directory."""
     if not run_dir.is_dir():
@@ -138,6 +165,11 @@ def report(run_dir: Path) -> str:
             per_job[r.job_id] = max(per_job.get(r.job_id, 0), r.restarts or 0)
         detail = ", ".join(f"job {j}: {n}" for j, n in sorted(per_job.items()) if n) or "none in job logs"
         lines.append(f"requeues     {sum(per_job.values())} ({detail})")
+    prep_outs = _prep_outputs(run_dir)
+    if prep_outs is not None:  # a data_prep run directory: its shards and manifest, no trainer lines
+        for out in prep_outs:
+            lines += output_status.describe(out)
+        return "\n".join(lines)
     lines += _training_line(run_dir)
     unreadable: list[str] = []  # said, and the rest of the report still shown: that is when it is needed
     ckpt = latest_checkpoint(run_dir, unreadable)

@@ -127,12 +127,20 @@ def test_array_tasks_then_finalize_equals_single_run(tree, tmp_path, monkeypatch
     assert main(["imagefolder", str(tree), str(single), *common]) == 0
     arr = tmp_path / "array"
     assert main(["imagefolder", str(tree), str(arr), *common, "--task-index", "0", "--num-tasks", "3"]) == 0
+    n_shards = len(list(single.glob("train-*.tar")))
+    mine = len(range(0, n_shards, 3))
+    err = capsys.readouterr().err  # it said "wrote", counting shards kept from a run before, and nothing of --splits
+    assert f"train task 0/3: this task's {mine} of the split's {n_shards} shards are done\n" in err, err
+    assert f"after all tasks finish, run `python -m data_prep finalize {arr} --splits train`" in err, err
     assert main(["finalize", str(arr)]) == 2
     assert "not done" in capsys.readouterr().err
     monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "3")
     for i in (2, 1):
         monkeypatch.setenv("SLURM_ARRAY_TASK_ID", str(i))
-        assert main(["imagefolder", str(tree), str(arr), *common]) == 0
+        assert main(["imagefolder", str(tree), str(arr), *common, "--finalize-queued"]) == 0
+        err = capsys.readouterr().err  # under `launch submit prep`: the finalize job is queued already
+        assert "the queued finalize job writes the manifest once every array task succeeded" in err, err
+        assert "data_prep finalize" not in err
     assert not (arr / "manifest.json").exists()
     assert main(["finalize", str(arr)]) == 0
     assert outputs(arr) == outputs(single)

@@ -218,7 +218,7 @@ def test_prep_dry_run_array_and_finalize(tmp_path: Path) -> None:
     argv = srun_argv(array)
     assert argv == ["srun", sys.executable, "-m", "data_prep", "imagefolder", str(src), str(out), "--split", "train",
                     "--samples-per-shard", "100", "--task-index", "$SLURM_ARRAY_TASK_ID", "--num-tasks", "3",
-                    "--no-progress", "--workers", "4"]
+                    "--no-progress", "--finalize-queued", "--workers", "4"]
     assert srun_argv(finalize) == ["srun", sys.executable, "-m", "data_prep", "finalize", str(out), "--splits", "train"]
     assert not any(x.startswith("--array") for x in sbatch_directives(finalize))
     assert "--dependency=afterok:ARRAY_JOB_ID --kill-on-invalid-dep=yes" in r.stderr
@@ -230,8 +230,8 @@ def test_prep_dry_run_array_and_finalize(tmp_path: Path) -> None:
                "--", "--splits", "val", "--workers", "2", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     array, finalize = r.stdout.split("# ---- prep-finalize-imagenet.sbatch\n")
-    assert srun_argv(array)[-7:] == ["--workers", "2", "--task-index", "$SLURM_ARRAY_TASK_ID", "--num-tasks", "2",
-                                     "--no-progress"]
+    assert srun_argv(array)[-8:] == ["--workers", "2", "--task-index", "$SLURM_ARRAY_TASK_ID", "--num-tasks", "2",
+                                     "--no-progress", "--finalize-queued"]
     assert srun_argv(finalize)[-2:] == ["--splits", "val"]
     r = launch("submit", "prep", "imagenet", str(src), str(out), "--tasks", "2", "--dry-run", cwd=tmp_path)
     assert srun_argv(r.stdout.split("# ---- prep-finalize-imagenet.sbatch\n")[1])[-2:] == ["--splits", "train,val"]

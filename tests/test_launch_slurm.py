@@ -200,6 +200,10 @@ def test_prep_array_plus_finalize_matches_single_process(slurm_cluster: SlurmClu
     st = slurm_cluster.launch("status", str(tmp_path / "sharded-slurm"))
     for jid in (f"{array}_0", f"{array}_1", f"{array}_2", fin):
         assert re.search(rf"^  {jid}\s+\S+\s+COMPLETED", st.stdout, re.M), st.stdout
+    assert f"shards       {out}: train {len(shards)} of {len(shards)} done\n" in st.stdout, st.stdout
+    assert f"manifest     {out / 'manifest.json'} (" in st.stdout and "checkpoint" not in st.stdout, st.stdout
+    log = (tmp_path / "sharded-slurm" / f"prep-{array}_0.out").read_text()
+    assert "the queued finalize job writes the manifest once every array task succeeded" in log, log
 
 
 def test_second_train_job_into_a_busy_run_dir_is_refused(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
@@ -242,6 +246,12 @@ def test_second_train_job_into_a_busy_run_dir_is_refused(slurm_cluster: SlurmClu
         slurm_cluster.run("scontrol", "requeuehold", first)
         slurm_cluster.wait_state(first, {"PENDING"}, timeout=30)
         refused("PENDING (job requeued in held state)")
+
+        def status_says_why_it_waits() -> None:  # sacct's Reason column (status showed the exit code, 0:0)
+            st = slurm_cluster.launch("status", str(run_dir))
+            assert re.search(rf"^  {first}\s+train-busy\s+PENDING\s+\S+\s+1  JobHeldUser$", st.stdout, re.M), \
+                st.stdout
+        _eventually(status_says_why_it_waits)
 
         slurm_cluster.run("scancel", first)
         slurm_cluster.wait_gone([first], timeout=30)

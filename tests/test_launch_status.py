@@ -310,3 +310,37 @@ def test_status_reads_past_a_metrics_row_cut_short(tmp_path: Path) -> None:
         assert r.returncode == 0, r.stderr
         assert f"throughput   100.5 img/s at step 1 (perf/img_per_s_total in {run / 'csv' / 'metrics.csv'})" \
             in r.stdout, r.stdout
+
+
+def test_status_of_a_prep_run_directory_shows_shards_and_manifest_not_checkpoints(tmp_path: Path) -> None:
+    """A `submit prep` run directory: what matters is how many shards the array tasks have finished and
+    whether finalize wrote the manifest; it showed `checkpoint none yet` and a W&B id line instead."""
+    from data_prep.cli import main as prep
+    from launch.rundir import record_job
+    from tests.fixtures_images import write_imagefolder
+
+    src = tmp_path / "src"
+    write_imagefolder(src, ["cat", "dog"], per_class=9)
+    out, run = tmp_path / "shards", tmp_path / "shards-slurm"
+    record_job(run, "41", "prep-array", run / "prep-imagefolder-train.sbatch", out)
+    record_job(run, "42", "prep-finalize", run / "prep-finalize-imagefolder-train.sbatch", out)
+    no_slurm = {"PATH": str(tmp_path / "no-slurm-here")}
+
+    def status() -> str:
+        r = launch("status", str(run), cwd=tmp_path, env=no_slurm)
+        assert r.returncode == 0, r.stderr
+        assert "checkpoint" not in r.stdout and "W&B run id" not in r.stdout, r.stdout
+        return r.stdout
+
+    assert f"shards       {out}: does not exist yet" in status()
+    common = [str(src), str(out), "--split", "train", "--samples-per-shard", "4", "--workers", "1", "--no-progress",
+              "--num-tasks", "2"]
+    assert prep(["imagefolder", *common, "--task-index", "1"]) == 0  # 18 images: shards 0..4, task 1 has 1 and 3
+    text = status()
+    assert f"shards       {out}: train 2 of 5 done\n" in text, text
+    assert "manifest     not yet: the finalize job writes it once every array task succeeded" in text, text
+    assert prep(["imagefolder", *common, "--task-index", "0"]) == 0
+    assert prep(["finalize", str(out)]) == 0
+    text = status()
+    assert f"shards       {out}: train 5 of 5 done\n" in text, text
+    assert f"manifest     {out / 'manifest.json'} (" in text and "): train 18 samples (0 rejected)" in text, text

@@ -1,0 +1,66 @@
+"""How far a data_prep output folder is, read from its files alone (no Slurm): per split, shards done of
+those planned, and what manifest.json holds. For ``launch status`` on a prep run directory, where the array
+tasks' logs are many and the manifest appears only when the finalize job has run."""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .format import MANIFEST_NAME, PLAN_NAME, WORK_DIR
+
+
+@dataclass
+class SplitProgress:
+    """One split of OUT: ``done`` shards (done-records) of ``planned``; ``samples`` once in the manifest."""
+
+    split: str
+    planned: int | None  # None: no readable plan (the split was never planned here)
+    done: int
+    samples: int | None = None
+    rejected: int | None = None
+
+
+def split_progress(out: Path) -> list[SplitProgress]:
+    """Every split with a plan under OUT/.work or an entry in OUT/manifest.json, in name order."""
+    found: dict[str, SplitProgress] = {}
+    work = Path(out) / WORK_DIR
+    for d in sorted(work.iterdir()) if work.is_dir() else []:
+        try:
+            plan = json.loads((d / PLAN_NAME).read_text(encoding="utf-8"))
+            names = [s["name"] for s in plan["shards"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        found[d.name] = SplitProgress(d.name, len(names), sum((d / f"{n}.json").is_file() for n in names))
+    for split, entry in (_manifest(out) or {}).get("splits", {}).items():
+        p = found.setdefault(split, SplitProgress(split, None, len(entry.get("shards", []))))
+        p.samples, p.rejected = entry.get("samples"), entry.get("rejected")
+    return [found[s] for s in sorted(found)]
+
+
+def _manifest(out: Path) -> dict | None:
+    try:
+        doc = json.loads((Path(out) / MANIFEST_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) and isinstance(doc.get("splits"), dict) else None
+
+
+def describe(out: Path) -> list[str]:
+    """``launch status`` lines for OUT: shards built per split, then the manifest (or why there is none)."""
+    out = Path(out)
+    splits = split_progress(out)
+    if not out.is_dir():
+        return [f"shards       {out}: does not exist yet (the first array task makes it)"]
+    built = "; ".join(f"{p.split} {p.done:,} of {p.planned:,} done" if p.planned is not None
+                      else f"{p.split} {p.done:,} done" for p in splits) or "none planned yet (no array task has started)"
+    lines = [f"shards       {out}: {built}"]
+    manifest = out / MANIFEST_NAME
+    if _manifest(out) is None:
+        why = "unreadable" if manifest.exists() else "not yet: the finalize job writes it once every array task succeeded"
+        return lines + [f"manifest     {why}"]
+    when = _dt.datetime.fromtimestamp(manifest.stat().st_mtime, _dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+    held = ", ".join(f"{p.split} {p.samples:,} samples ({p.rejected or 0} rejected)"
+                     for p in splits if p.samples is not None)
+    return lines + [f"manifest     {manifest} ({when}): {held}"]
