@@ -37,9 +37,24 @@ class DataModuleSeenFromHere(ShardDataModule):
     def num_classes(self) -> int:
         if (Path(self.root) / MANIFEST_NAME).is_file():
             return super().num_classes
-        _warn(f"data.root: {self.root} has no {MANIFEST_NAME} on this machine (the job reads it at its start); "
-              f"the model is checked with {CLASSES_WITHOUT_MANIFEST} classes")
+        _warn(f"data.root: {_why_no_manifest(Path(self.root))}; the model is checked with "
+              f"{CLASSES_WITHOUT_MANIFEST} classes")
         return CLASSES_WITHOUT_MANIFEST
+
+
+def _why_no_manifest(root: Path) -> str:
+    """Why this machine cannot read ``root``'s manifest, most likely cause first: a folder that is missing
+    next to ones that are there is a typo more often than a mount only the compute nodes have."""
+    if root.is_file():
+        return f"{root} is a file, not data_prep's output folder (the job stops at its start)"
+    if root.is_dir():
+        return (f"{root} has no {MANIFEST_NAME} (data_prep writes it last, `data_prep finalize` after array "
+                f"tasks; the job stops at its start without it)")
+    parent = next((p for p in root.parents if p.is_dir()), None)
+    if parent is not None and parent != Path(root.anchor):
+        return (f"{root} does not exist ({parent} does: a typo? the job stops at its start unless its nodes "
+                f"see another file system)")
+    return f"{root} does not exist on this machine (the job reads its {MANIFEST_NAME} at its start)"
 
 
 class ConfigCheckCLI(PipelineCLI):

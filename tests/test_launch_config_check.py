@@ -52,13 +52,27 @@ def test_dry_run_checks_the_arguments_the_job_runs(tmp_path: Path) -> None:
     r = launch("submit", "train", "--config", str(cfg), "--nodes", "2", "--gpus-per-node", "8", "--time", "1:00:00",
                "--run-dir", str(run), "--dry-run", "--", "--model.lr", "0.2", cwd=tmp_path, config_check=True)
     assert r.returncode == 0, r.stderr
-    assert ("warning: data.root: /nonexistent/imagenet has no manifest.json on this machine (the job reads it at its "
-            "start); the model is checked with 1000 classes") in r.stderr.splitlines()
+    assert ("warning: data.root: /nonexistent/imagenet does not exist on this machine (the job reads its manifest.json "
+            "at its start); the model is checked with 1000 classes") in r.stderr.splitlines()
     assert not run.exists()
     job = _job(tmp_path, cfg, ["--model.lr", "0.2"])
     job.run_dir, job.workdir = run, tmp_path
     argv = srun_argv(r.stdout)
     assert argv[argv.index("-m") + 1:] == ["pipeline", *job.trainer_args(run_dir="$RUN_DIR")]
+
+
+@pytest.mark.parametrize("root, why", [
+    ("shards-typo", "{root} does not exist ({tmp} does: a typo? the job stops at its start unless its nodes see "
+                    "another file system)"),
+    ("empty", "{root} has no manifest.json (data_prep writes it last, `data_prep finalize` after array tasks; the "
+              "job stops at its start without it)"),
+])
+def test_a_data_root_without_a_manifest_says_why(tmp_path: Path, root: str, why: str) -> None:
+    """It said "has no manifest.json on this machine" of a mistyped folder next to the real one too."""
+    (tmp_path / "empty").mkdir()
+    job = _job(tmp_path, REPO / "conf" / "demo.yaml", ["--data.root", str(tmp_path / root)], cpu=True)
+    warning = why.format(root=tmp_path / root, tmp=tmp_path)
+    assert check_trainer_settings(job) == [f"warning: data.root: {warning}; the model is checked with 1000 classes"]
 
 
 def test_demo_config_with_its_shards_passes_without_warnings(tmp_path: Path, digits_shards: Path) -> None:
