@@ -36,6 +36,9 @@ def test_one_wandb_run_across_restarts_metrics_and_no_secret(digits_shards, tmp_
     log = first.stderr + first.stdout
     assert "Tracking run with wandb" in log, log[-3000:]
     assert "anonymous setting has no effect" not in log  # noise Lightning caused in every job log
+    # the run is finished by the trainer: left to W&B's exit hook, its service process printed the footer
+    # to stdout with terminal colour codes, into Slurm's log file too
+    assert "\x1b[" not in log and "wandb: You can sync this run to the cloud" in first.stderr, log[-3000:]
     assert "could not find the monitored key" not in log  # step 12 ends mid-epoch 1, before its validation
     run_id = (run / "wandb_run_id").read_text().strip()
     resumed = _fit(digits_shards, run, 14, True, "--trainer.precision", "bf16-mixed")
@@ -120,6 +123,7 @@ def test_validate_in_a_run_directory_logs_apart_from_its_training(digits_shards,
         rows = list(csv.DictReader(f))
     top1 = [float(r["val/top1"]) for r in rows if r.get("val/top1")]
     assert len(top1) == 1 and f"{top1[0]:.4f}"[:5] in out.stdout, (top1, out.stdout[-2000:])
+    assert "\x1b[" not in out.stdout + out.stderr, out.stdout[-2000:]  # the evaluation's run is finished too
     evals = list((run / "validate" / "wandb").glob("offline-run-*"))
     assert len(evals) == 1 and not evals[0].name.endswith("-" + run_id), evals
     assert run_id.encode() in next(evals[0].glob("*.wandb")).read_bytes(), "grouped with the training's run"
