@@ -1,5 +1,6 @@
 """Speed telemetry: images/s per rank and in total, the share of step time spent waiting for data, and
-peak GPU memory, logged every ``log_every_n_steps`` over the window since the previous log.
+peak GPU memory, logged every ``log_every_n_steps`` over the window since the previous log (and at an
+epoch's last step and the step a run stops at, where Lightning logs too).
 
 Waiting for data is the wall time between the end of one training batch and the start of the next (the
 loader's ``next()`` plus Lightning's transfer to the device); on a GPU the device may still be busy with
@@ -40,7 +41,10 @@ class Throughput(Callback):
         images = batch[0]
         self.images += int(images.shape[0])
         self.steps += 1
-        if (trainer.global_step % max(1, trainer.log_every_n_steps)) != 0 and not trainer.is_last_batch:
+        # Lightning also logs the step where the run stops (a preemption): that row gets this window's own
+        # values, where it repeated the previous row's (callback metrics stay in Lightning's step results)
+        due = trainer.global_step % max(1, trainer.log_every_n_steps) == 0
+        if not (due or trainer.is_last_batch or trainer.should_stop):
             return
         elapsed = max(now - self.window_start, 1e-9)
         per_rank = self.images / elapsed

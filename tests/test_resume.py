@@ -550,3 +550,21 @@ def test_ctrl_c_under_slurm_saves_and_stops_without_a_requeue(digits_shards, tmp
     assert "Ctrl-C: saving last.ckpt at the next step, then stopping (Ctrl-C again: stop now" in out
     assert saved_step(run / "checkpoints" / "last.ckpt") == 3
     assert not (tmp_path / "scontrol.calls").exists(), "a Ctrl-C requeued the job"
+
+
+def test_the_stopping_steps_metrics_row_has_its_own_throughput(digits_shards, tmp_path):
+    """Lightning logs the step a preempted run stops at (step 7 here, between the every-5-steps rows): its
+    perf/* values were the previous row's (step 4) repeated, stale numbers on the dashboard's last point."""
+    import csv
+
+    run = tmp_path / "run"
+    with open(tmp_path / "runs.log", "w") as log:
+        run_to_end(fit_command(digits_shards, run, STEPS, [
+            "--trainer.log_every_n_steps", "5", "--checkpoint.requeue", "false",
+            "--trainer.callbacks+=tests.preemption_helpers.SignalAtBatch", "--trainer.callbacks.batch_idx=7"]), log)
+    assert saved_step(run / "checkpoints" / "last.ckpt") == 8
+    with open(run / "csv" / "metrics.csv") as f:
+        perf = [r for r in csv.DictReader(f) if r.get("perf/step_time_s")]
+    assert [r["step"] for r in perf] == ["4", "7"], [r["step"] for r in perf]
+    for key in ("perf/img_per_s_per_rank", "perf/step_time_s", "perf/data_wait_share"):
+        assert perf[0][key] != perf[1][key], (key, perf)
