@@ -47,6 +47,8 @@ class ImageClassifier(pl.LightningModule):
         label_smoothing: of the cross entropy.
         warmup_epochs: warm-up length, linear from 0 to the peak lr, or with ``warmup_factor`` constant at
             that fraction of it (the paper's ResNet-110: 0.1, about 1 epoch);
+        warmup_steps: or its length in optimizer steps (the paper's ResNet-110: about 400 iterations,
+            independent of the epoch length); at most one of the two.
         schedule: "cosine", "step" or "constant", per step;
         milestones: epochs at which "step" multiplies the lr by ``gamma`` (fractions allowed).
         milestone_steps: or the optimizer steps at which it does (the paper's CIFAR-10 recipe: 32000, 48000
@@ -73,6 +75,7 @@ class ImageClassifier(pl.LightningModule):
         label_smoothing: float = 0.0,
         warmup_epochs: float = 0.0,
         warmup_factor: float | None = None,
+        warmup_steps: int | None = None,
         schedule: str = "cosine",
         milestones: list[float] | None = None,
         milestone_steps: list[int] | None = None,
@@ -94,6 +97,10 @@ class ImageClassifier(pl.LightningModule):
         require(weight_decay >= 0, "model.weight_decay", ">= 0", weight_decay)
         require(0 <= label_smoothing < 1, "model.label_smoothing", "in [0, 1)", label_smoothing)
         require(warmup_epochs >= 0, "model.warmup_epochs", ">= 0", warmup_epochs)
+        require(warmup_steps is None or warmup_steps >= 0, "model.warmup_steps", "optimizer steps >= 0 or null",
+                warmup_steps)
+        require(not (warmup_steps and warmup_epochs), "model.warmup_steps",
+                "null or 0 when model.warmup_epochs is set (epochs or steps, not both)", warmup_steps)
         require(gamma > 0, "model.gamma", "> 0", gamma)
         require(all(m >= 0 for m in milestones or []), "model.milestones", "epochs >= 0", milestones)
         require(all(m >= 0 for m in milestone_steps or []), "model.milestone_steps", "optimizer steps >= 0",
@@ -363,7 +370,7 @@ class ImageClassifier(pl.LightningModule):
                              hp.get("decay_norm_and_bias", False))
         spe = self.steps_per_epoch()
         total = self.planned_steps()
-        warmup = int(round(hp.warmup_epochs * spe))
+        warmup = int(hp.get("warmup_steps") or 0) or int(round(hp.warmup_epochs * spe))
         milestones = [int(round(m * spe)) for m in (hp.milestones or [])] + list(hp.get("milestone_steps") or [])
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_factor(step, total, warmup, hp.schedule, milestones, hp.gamma,

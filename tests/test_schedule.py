@@ -84,6 +84,25 @@ def test_a_run_logs_the_constant_warmup_then_the_peak(digits_shards: Path, tmp_p
     assert lrs[spe] == pytest.approx(0.05), lrs
 
 
+def test_a_warmup_in_steps_is_the_papers_resnet110_start(digits_shards: Path, tmp_path: Path) -> None:
+    """model.warmup_steps: the paper's 400 iterations at lr 0.01 for ResNet-110, whatever an epoch's length
+    (here 5 steps of 22 at 0.1 x the peak, then the peak); refused together with warmup_epochs."""
+    run_dir = tmp_path / "run"
+    run_module("pipeline", "fit", "--config", str(REPO / "conf" / "demo.yaml"), "--data.root", str(digits_shards),
+               "--trainer.default_root_dir", str(run_dir), "--trainer.max_steps", "8", "--data.num_workers", "0",
+               "--trainer.log_every_n_steps", "1", "--tracking.wandb", "false", "--model.schedule", "constant",
+               "--model.warmup_epochs", "0", "--model.warmup_steps", "5", "--model.warmup_factor", "0.1",
+               "--trainer.limit_val_batches", "0", timeout=300)
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        lrs = {int(r["step"]): float(r["lr-SGD/pg1"]) for r in csv.DictReader(f) if r.get("lr-SGD/pg1")}
+    assert [round(lrs[s], 6) for s in range(8)] == [0.005] * 5 + [0.05] * 3, lrs
+    proc = run_cli_in_process("fit", "--config", str(REPO / "conf" / "demo.yaml"), "--data.root",
+                              str(digits_shards), "--trainer.default_root_dir", str(tmp_path / "both"),
+                              "--model.warmup_steps", "400")  # demo.yaml warms up for 1 epoch
+    assert proc.returncode == 2 and "model.warmup_steps must be null or 0 when model.warmup_epochs is set" \
+        in proc.stderr, proc.stderr[-2000:]
+
+
 def test_warmup_factor_out_of_range_is_a_config_error(digits_shards: Path, tmp_path: Path) -> None:
     proc = run_cli_in_process("fit", "--config", str(REPO / "conf" / "demo.yaml"), "--data.root",
                               str(digits_shards), "--trainer.default_root_dir", str(tmp_path / "run"),
