@@ -68,6 +68,14 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                         "ends by saying so instead of asking for `data_prep finalize`")
 
 
+def _add_holdout(p: argparse.ArgumentParser, of: str) -> None:
+    p.add_argument("--holdout", default=None, metavar="N",
+                   help=f"hold out N images of {of} (a count, or a fraction such as 0.1), stratified per class and "
+                        f"drawn with --seed, into the split --holdout-split; the rest stay in {of}")
+    p.add_argument("--holdout-split", default=None, metavar="NAME",
+                   help="the split that receives the held-out images (required with --holdout), e.g. val")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse tree for all subcommands."""
     ap = _Parser(prog="python -m data_prep", description="Shard image datasets into WebDataset tars.")
@@ -77,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", type=Path)
     p.add_argument("--split", required=True, help="split name, e.g. train or val")
     _add_common(p)
+    _add_holdout(p, "--split")
     p = sub.add_parser("imagenet", help="ILSVRC2012 (archives or extracted) -> shards")
     p.add_argument("src", type=Path)
     p.add_argument("out", type=Path)
@@ -84,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--devkit", type=Path, default=None, help="ILSVRC2012_devkit_t12.tar.gz (default: look in SRC)")
     p.add_argument("--val-csv", type=Path, default=None, help="Kaggle LOC_val_solution.csv (default: look in SRC)")
     _add_common(p)
+    _add_holdout(p, "train")
     p = sub.add_parser("finalize", help="merge array-task results into manifest.json")
     p.add_argument("out", type=Path)
     p.add_argument("--splits", default=None, help="comma list (default: all prepared splits)")
@@ -139,6 +149,26 @@ def _split_ok(split: str) -> str:
     return split
 
 
+def _holdout(args, split: str, splits: list[str] | None = None):
+    """The ``--holdout`` settings (a ``holdout.Holdout``) or None; for imagenet (`splits` given) carved out of
+    train, which must be prepared, and never named like ImageNet's own splits."""
+    from .holdout import Holdout, check_names, parse_size
+
+    if args.holdout is None:
+        if args.holdout_split is not None:
+            raise PrepError(f"--holdout-split {args.holdout_split}: needs --holdout N (how many images to hold out)")
+        return None
+    size = parse_size(args.holdout)
+    reserved = None
+    if splits is not None:
+        if "train" not in splits:
+            raise PrepError(f"--holdout {args.holdout}: the hold-out is carved out of train, which --splits "
+                            f"{','.join(splits)} does not prepare; add train to --splits")
+        reserved = {"val": "is ImageNet's own val split (the official validation images); name the hold-out "
+                           "otherwise, e.g. minival"}
+    return Holdout(size, split, check_names(split, args.holdout_split, reserved), args.seed)
+
+
 def _summary(manifest: dict | None, splits: list[str], out: Path, finalize_queued: bool = False) -> None:
     """The manifest's count per split; an array task (no manifest yet) says what merges its shards."""
     if manifest is None:
@@ -152,6 +182,12 @@ def _summary(manifest: dict | None, splits: list[str], out: Path, finalize_queue
         e = manifest["splits"][s]
         where = f" (why: {out / 'rejects.jsonl'})" if e["rejected"] else ""
         print(f"{s}: {e['samples']} samples in {len(e['shards'])} shards, {e['rejected']} rejected{where}")
+
+
+def _said_holdout(record: dict) -> None:
+    """One stderr line on what the hold-out took, so a log shows it without opening the manifest."""
+    print(f"{record['split']}: holding out {record['count']} of its {record['of']} images (stratified per "
+          f"class, --seed {record['seed']}) as split {record['holdout_split']!r}", file=sys.stderr)
 
 
 def _imagenet_splits(text: str) -> list[str]:
@@ -173,9 +209,9 @@ def check_arguments(argv: list[str]) -> None:
         lines = [line for line in err.getvalue().splitlines() if line.strip()]
         raise PrepError(lines[-1].split(": error: ", 1)[-1] if lines else f"cannot parse {argv}") from None
     if args.cmd == "imagefolder":
-        _split_ok(args.split)
+        _holdout(args, _split_ok(args.split))
     elif args.cmd == "imagenet":
-        _imagenet_splits(args.splits)
+        _holdout(args, "train", _imagenet_splits(args.splits))
     if args.cmd in ("imagefolder", "imagenet"):
         _check_common(args)
 
@@ -184,35 +220,50 @@ def run(argv: list[str] | None = None) -> int:
     """Parse and execute; raises PrepError/ManifestError for user errors."""
     args = build_parser().parse_args(argv)
     if args.cmd == "imagefolder":
+        from .holdout import check_rerun, split_scan
         from .imagefolder import scan_imagefolder
-        from .prepare import prepare_split
+        from .prepare import SplitPart, prepare_splits
 
         split = _split_ok(args.split)
+        holdout = _holdout(args, split)
         opts, shard_bytes, workers, ti, nt = _check_common(args)
         if args.src.is_dir() and args.out.resolve().is_relative_to(args.src.resolve()):
             raise PrepError(f"{args.out}: output folder is inside SRC {args.src}, so a rerun would list the "
                             "shards as inputs (a class folder of its own); use a folder outside SRC")
+        # before the scan (prepare_splits checks again): a refused hold-out should not wait for a big listing
+        check_rerun(args.out, {split: None} if holdout is None else
+                    {split: holdout.settings(), holdout.holdout_split: holdout.settings()})
         scan = scan_imagefolder(args.src, split)
-        m = prepare_split(args.out, split, str(args.src.resolve()), scan, opts, args.seed, shard_bytes,
-                          args.samples_per_shard, workers, ti, nt, show_progress=not args.no_progress)
-        _summary(m, [split], args.out, args.finalize_queued)
+        if holdout is None:
+            parts = [SplitPart(split, scan)]
+        else:
+            rest, held, record = split_scan(scan, holdout)
+            _said_holdout(record)
+            parts = [SplitPart(split, rest, record), SplitPart(holdout.holdout_split, held, record)]
+        m = prepare_splits(args.out, parts, str(args.src.resolve()), opts, args.seed, shard_bytes,
+                           args.samples_per_shard, workers, ti, nt, show_progress=not args.no_progress)
+        _summary(m, [p.split for p in parts], args.out, args.finalize_queued)
         return 0
     if args.cmd == "imagenet":
         from .imagenet import prepare_imagenet
 
         splits = _imagenet_splits(args.splits)
+        holdout = _holdout(args, "train", splits)
         opts, shard_bytes, workers, ti, nt = _check_common(args)
         m = prepare_imagenet(args.src, args.out, splits, opts, args.seed, shard_bytes, args.samples_per_shard,
                              workers, ti, nt, devkit=args.devkit, val_csv=args.val_csv,
-                             show_progress=not args.no_progress)
-        _summary(m, splits, args.out, args.finalize_queued)
+                             show_progress=not args.no_progress, holdout=holdout, on_holdout=_said_holdout)
+        written = splits if holdout is None else [*splits, holdout.holdout_split]
+        _summary(m, written, args.out, args.finalize_queued)
         return 0
     if args.cmd == "finalize":
+        from .holdout import with_partners
         from .manifest import finalize
 
         if not args.out.is_dir():
             raise PrepError(f"{args.out}: output folder does not exist")
         splits = [s.strip() for s in args.splits.split(",")] if args.splits else None
+        splits = with_partners(args.out, splits) if splits is not None else None  # a hold-out's other side too
         m = finalize(args.out, splits)
         _summary(m, list(m["splits"]) if splits is None else splits, args.out)
         return 0

@@ -13,8 +13,10 @@ import re
 import tarfile
 from array import array
 from pathlib import Path
+from typing import Callable
 
 from .errors import PrepError
+from .holdout import Holdout, check_rerun, split_scan
 from .imagefolder import Scan
 from .inputs import KeptRows
 from .sources import (FileEntry, Listing, is_hidden, iter_tar_members, last_of_each_name, list_dir, open_tar,
@@ -277,16 +279,31 @@ def scan_imagenet(src: ImageNetSource, splits: list[str]) -> tuple[dict[str, Sca
 
 def prepare_imagenet(src: Path, out: Path, splits: list[str], opts, seed: int, shard_bytes: int | None,
                      samples_per_shard: int | None, workers: int, task_index: int = 0, num_tasks: int = 1,
-                     devkit: Path | None = None, val_csv: Path | None = None, show_progress: bool = True):
-    """Scan and shard the requested ImageNet splits; returns the manifest when running as one task."""
-    from .prepare import prepare_split
+                     devkit: Path | None = None, val_csv: Path | None = None, show_progress: bool = True,
+                     holdout: Holdout | None = None, on_holdout: Callable[[dict], None] | None = None):
+    """Scan and shard the requested ImageNet splits; returns the manifest when running as one task.
+
+    With `holdout` (``split == "train"``), its images are carved out of train into their own split.
+    """
+    from .prepare import SplitPart, prepare_splits
 
     source = ImageNetSource(src, devkit, val_csv)
     source.check_output(out, splits)
+    settings = {s: holdout.settings() if holdout is not None and s == "train" else None for s in splits}
+    if holdout is not None:
+        settings[holdout.holdout_split] = holdout.settings()
+    check_rerun(out, settings)  # before the scan, which takes minutes on the archives
     scans, where = scan_imagenet(source, splits)
-    manifest = None
+    parts = []
     for split in splits:
-        manifest = prepare_split(out, split, str(src.resolve()), scans[split], opts, seed, shard_bytes,
-                                 samples_per_shard, workers, task_index, num_tasks, show_progress,
-                                 split_source=str(Path(where[split]).resolve()))
-    return manifest
+        split_source = str(Path(where[split]).resolve())
+        if holdout is not None and split == "train":
+            rest, held, record = split_scan(scans[split], holdout)
+            if on_holdout is not None:
+                on_holdout(record)
+            parts += [SplitPart(split, rest, record, split_source),
+                      SplitPart(holdout.holdout_split, held, record, split_source)]
+        else:
+            parts.append(SplitPart(split, scans[split], None, split_source))
+    return prepare_splits(out, parts, str(src.resolve()), opts, seed, shard_bytes, samples_per_shard, workers,
+                          task_index, num_tasks, show_progress)

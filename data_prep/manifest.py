@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .errors import PrepError
 from .format import MANIFEST_NAME, MANIFEST_VERSION, PLAN_NAME, WORK_DIR, ManifestError, load_manifest
+from .holdout import with_partners
 from .runner import work_dir, write_json_atomic
 
 REJECTS_NAME = "rejects.jsonl"
@@ -70,13 +71,15 @@ def _remove_stale_shards(out: Path, split: str, keep: set[str]) -> None:
 
 
 def finalize(out: str | Path, splits: list[str] | None = None) -> dict:
-    """Merge the given splits (default: all with work records) into manifest.json; return it."""
+    """Merge the given splits (default: all with work records) into manifest.json; return it. A split
+    carved by a hold-out brings the other side along."""
     out = Path(out)
     wroot = out / WORK_DIR
     if splits is None:
         splits = sorted(p.name for p in wroot.iterdir() if (p / PLAN_NAME).is_file()) if wroot.is_dir() else []
     if not splits:
         raise PrepError(f"{out}: nothing to finalize (no {WORK_DIR}/<split>/{PLAN_NAME}; run a prep command first)")
+    splits = with_partners(out, splits)  # a hold-out's two sides are merged together
     try:
         manifest = load_manifest(out) if (out / MANIFEST_NAME).exists() else None
     except ManifestError as exc:

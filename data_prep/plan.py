@@ -44,7 +44,7 @@ class ShardJob:
         if self._entries is not None:
             return self._entries
         items = self._items
-        return [(i, *items[i]) for i in self._index]
+        return [(key_index(items, i), *items[i]) for i in self._index]
 
     def __len__(self) -> int:
         """Planned inputs of this shard (without building its entries)."""
@@ -63,6 +63,14 @@ class ShardJob:
         return (ShardJob, (self.split, self.number, self.entries, self.plan_hash))
 
 
+def key_index(items, i: int) -> int:
+    """Number in the key of item `i`: its position, or, for one side of a hold-out (``holdout.Subset``),
+    its position among all the images of the split it was carved from, so the two sides never share a key
+    number and a file keeps its number whatever the hold-out."""
+    get = getattr(items, "key_index", None)
+    return get(i) if get is not None else i
+
+
 def _size(items, i: int) -> int:
     get = getattr(items, "size", None)
     return get(i) if get is not None else items[i][1][2]
@@ -78,9 +86,10 @@ def plan_shards(split: str, items: Sequence[tuple[str, Ref, int]], seed: int,
                 shard_bytes: int | None, samples_per_shard: int | None, options: dict) -> list[ShardJob]:
     """Shuffle `items` (sorted) with `seed` and cut them into shards.
 
-    Keys are ``<split>_<index in sorted input order>``, so a key names the same source file whatever
-    the seed. With `shard_bytes`, a shard closes once its source bytes (+ tar overhead) reach it.
-    `items` may be a list or a compact sequence (``inputs.LabelledItems``); jobs only hold indices.
+    Keys are ``<split>_<index in sorted input order>`` (:func:`key_index`: for one side of a hold-out, the
+    order of all the inputs it was carved from), so a key names the same source file whatever the seed.
+    With `shard_bytes`, a shard closes once its source bytes (+ tar overhead) reach it. `items` may be a
+    list or a compact sequence (``inputs.LabelledItems``, ``holdout.Subset``); jobs only hold indices.
     """
     order = list(range(len(items)))
     random.Random(seed).shuffle(order)
@@ -105,7 +114,7 @@ def plan_shards(split: str, items: Sequence[tuple[str, Ref, int]], seed: int,
         h = hashlib.sha256(opt_text.encode())
         for i in index:
             disp, ref, label = items[i]
-            line = f"\n{sample_key(split, i)}\t{disp}\t{ref[2]}\t{label}"
+            line = f"\n{sample_key(split, key_index(items, i))}\t{disp}\t{ref[2]}\t{label}"
             mtime = _mtime(items, i)  # same size, new bytes (edited in place): a new plan for its shard
             if mtime >= 0:
                 line += f"\t{mtime}"

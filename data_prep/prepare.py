@@ -1,11 +1,13 @@
-"""Glue for one split: plan it, build this task's slice of shards, finalize when running alone."""
+"""Glue for the splits of one run: plan them, build this task's slice of shards, finalize when running alone."""
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import PrepError
 from .format import MANIFEST_NAME, ManifestError, index_name, load_manifest, shard_name
+from .holdout import SETTINGS, check_rerun
 from .imagefolder import Scan
 from .manifest import finalize, write_plan_record
 from .plan import ShardJob, plan_shards
@@ -13,43 +15,85 @@ from .runner import run_jobs
 from .validate import EncodeOptions
 
 
+@dataclass
+class SplitPart:
+    """One split a run writes: its scanned inputs, its hold-out record (None: no hold-out) and where its
+    inputs came from (default: the run's source)."""
+
+    split: str
+    scan: Scan
+    holdout: dict | None = None
+    split_source: str | None = None
+
+
 def prepare_split(out: Path, split: str, source: str, scan: Scan, opts: EncodeOptions, seed: int,
                   shard_bytes: int | None, samples_per_shard: int | None, workers: int,
                   task_index: int = 0, num_tasks: int = 1, show_progress: bool = True,
                   split_source: str | None = None) -> dict | None:
     """Write this task's shards of `split`; returns the manifest when num_tasks == 1."""
+    return prepare_splits(out, [SplitPart(split, scan, None, split_source)], source, opts, seed, shard_bytes,
+                          samples_per_shard, workers, task_index, num_tasks, show_progress)
+
+
+def prepare_splits(out: Path, parts: list[SplitPart], source: str, opts: EncodeOptions, seed: int,
+                   shard_bytes: int | None, samples_per_shard: int | None, workers: int,
+                   task_index: int = 0, num_tasks: int = 1, show_progress: bool = True) -> dict | None:
+    """Write this task's shards of every split in `parts`; returns the manifest when num_tasks == 1.
+
+    All splits are planned (plan records written) before any shard is built, and merged into the
+    manifest together: the two sides of a hold-out never appear there one without the other.
+    """
     if not 0 <= task_index < num_tasks:
         raise PrepError(f"--task-index {task_index} is outside 0..{num_tasks - 1} (--num-tasks {num_tasks})")
+    check_rerun(out, {p.split: _settings(p.holdout) for p in parts})
+    names = [p.split for p in parts]
     if (out / MANIFEST_NAME).exists():
         try:
             existing = load_manifest(out)
         except ManifestError as exc:
             raise PrepError(str(exc)) from None
-        others = sorted(set(existing["splits"]) - {split})
-        if others and existing["classes"] != scan.classes:
-            raise PrepError(f"{out / MANIFEST_NAME}: the {len(scan.classes)} classes of split {split!r} differ "
-                            f"from the {len(existing['classes'])} classes of existing splits {others} "
-                            f"({_class_diff(scan.classes, existing['classes'])}), so its labels would not match "
-                            f"theirs; give every split the same class folders (an empty folder does not count), "
-                            f"or use another OUT for a separate dataset")
+        others = sorted(set(existing["splits"]) - set(names))
+        for p in parts:
+            if others and existing["classes"] != p.scan.classes:
+                raise PrepError(f"{out / MANIFEST_NAME}: the {len(p.scan.classes)} classes of split {p.split!r} "
+                                f"differ from the {len(existing['classes'])} classes of existing splits {others} "
+                                f"({_class_diff(p.scan.classes, existing['classes'])}), so its labels would not "
+                                f"match theirs; give every split the same class folders (an empty folder does not "
+                                f"count), or use another OUT for a separate dataset")
     out.mkdir(parents=True, exist_ok=True)
-    jobs, _options = plan_split(out, split, source, scan, opts, seed, shard_bytes, samples_per_shard, split_source)
-    mine = [j for j in jobs if j.number % num_tasks == task_index]
-    label = f"{split}" + (f" task {task_index}/{num_tasks}" if num_tasks > 1 else "")
-    run_jobs(out, mine, opts, workers, show_progress=show_progress, label=label)
+    planned = [(p.split, plan_split(out, p.split, source, p.scan, opts, seed, shard_bytes, samples_per_shard,
+                                    p.split_source, holdout=p.holdout)[0]) for p in parts]
+    done = []
+    for split, jobs in planned:
+        mine = [j for j in jobs if j.number % num_tasks == task_index]
+        label = f"{split}" + (f" task {task_index}/{num_tasks}" if num_tasks > 1 else "")
+        run_jobs(out, mine, opts, workers, show_progress=show_progress, label=label)
+        done.append((label, len(mine), len(jobs)))
     if num_tasks == 1:
-        return finalize(out, [split])
-    print(f"{label}: this task's {len(mine)} of the split's {len(jobs)} shards are done", file=sys.stderr)
+        return finalize(out, names)
+    for label, mine_n, jobs_n in done:
+        print(f"{label}: this task's {mine_n} of the split's {jobs_n} shards are done", file=sys.stderr)
     return None
+
+
+def _settings(record: dict | None) -> dict | None:
+    """The part of a hold-out record a rerun must repeat."""
+    return None if record is None else {key: record[key] for _opt, key in SETTINGS}
 
 
 def plan_split(out: Path, split: str, source: str, scan: Scan, opts: EncodeOptions, seed: int,
                shard_bytes: int | None, samples_per_shard: int | None,
-               split_source: str | None = None) -> tuple[list[ShardJob], dict]:
-    """Plan `split`'s shards and write its plan record: all the parent does between scan and dispatch."""
+               split_source: str | None = None, holdout: dict | None = None) -> tuple[list[ShardJob], dict]:
+    """Plan `split`'s shards and write its plan record: all the parent does between scan and dispatch.
+
+    A hold-out's record goes into the options (so into every shard's plan hash and the manifest); without
+    one the options, and so the plan hashes of earlier runs, are unchanged.
+    """
     options = {"mode": "reencode" if opts.max_side else "passthrough", "max_side": opts.max_side,
                "quality": opts.quality, "seed": seed, "shard_bytes": shard_bytes,
                "samples_per_shard": samples_per_shard}
+    if holdout is not None:
+        options["holdout"] = holdout
     jobs = plan_shards(split, scan.items, seed, shard_bytes, samples_per_shard, options)
     write_plan_record(out, split, {
         "split": split, "source": source, "split_source": split_source or source, "options": options, "classes": scan.classes,
