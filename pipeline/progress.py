@@ -32,14 +32,24 @@ def _shown(trainer: pl.Trainer, keys: tuple[str, ...] = SHOWN) -> dict[str, str]
     return out
 
 
-class StepProgressBar(TQDMProgressBar):
+class _EpochBatches:
+    """The batches of the epoch, whatever the run's length. Lightning's bars count the steps left instead
+    when ``max_epochs`` is unset and ``max_steps`` is (the CIFAR config's 64,000 steps): ``batch 5/5``
+    then ``batch 10/0`` in a run of 10 steps, and ``batch 300/40`` near a long run's end."""
+
+    @property
+    def total_train_batches(self) -> int | float:
+        return self.trainer.num_training_batches
+
+
+class StepProgressBar(_EpochBatches, TQDMProgressBar):
     """tqdm's bar with ``train/loss`` read at refreshes only."""
 
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
         return {**super().get_metrics(trainer, pl_module), **_shown(trainer)}
 
 
-class LineProgress(ProgressBar):
+class LineProgress(_EpochBatches, ProgressBar):
     """One plain line every ``refresh_rate`` training steps (and at an epoch's last), one per validation."""
 
     def __init__(self, refresh_rate: int = 50) -> None:

@@ -38,7 +38,7 @@ def test_the_cifar_config_runs_its_step_schedule_and_decays_every_parameter(digi
     import torch
 
     def fit(run_dir: Path, *extra: str) -> tuple[dict[int, float], list[float]]:
-        run_module("pipeline", "fit", "--config", str(REPO / "conf" / "cifar10_resnet20.yaml"),
+        proc = run_module("pipeline", "fit", "--config", str(REPO / "conf" / "cifar10_resnet20.yaml"),
                    "--data.root", str(digits_shards), "--data.val_split", "val", "--trainer.default_root_dir",
                    str(run_dir), "--trainer.max_steps", "7", "--model.milestone_steps", "[3, 5]",
                    "--trainer.limit_val_batches", "0", "--data.num_workers", "0", "--data.backend", "cpu",
@@ -47,6 +47,10 @@ def test_the_cifar_config_runs_its_step_schedule_and_decays_every_parameter(digi
         with open(run_dir / "csv" / "metrics.csv") as f:
             lrs = {int(r["step"]): float(r["lr-SGD/pg1"]) for r in csv.DictReader(f) if r.get("lr-SGD/pg1")}
         ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+        # max_epochs null: the progress lines still count the epoch's 11 batches (they counted the steps
+        # left: "batch 6/1", "batch 7/0")
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("epoch 0 batch ")]
+        assert [line.split(" | ")[0] for line in lines] == [f"epoch 0 batch {n}/11" for n in range(1, 8)], lines
         return lrs, [g["weight_decay"] for g in ckpt["optimizer_states"][0]["param_groups"]]
 
     lrs, decays = fit(tmp_path / "paper")
