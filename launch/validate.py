@@ -16,15 +16,16 @@ import yaml
 from launch.errors import LaunchError
 from pipeline.parsed_config import SECTIONS
 
-# Slurm's time limit forms (sbatch(1) --time): MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS.
-# ASCII: sbatch reads no other digits.
+# Slurm's time limit forms (sbatch(1) --time): MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS. No field has
+# an upper bound (Slurm's time_str2secs: 1:60:00 is two hours). ASCII: sbatch reads no other digits; fullmatch:
+# a value that ends in a newline would end the #SBATCH line and start a command.
 _TIME_FORMS = (
-    (re.compile(r"^(\d+)$", re.ASCII), ("minutes",)),
-    (re.compile(r"^(\d+):([0-5]?\d)$", re.ASCII), ("minutes", "seconds")),
-    (re.compile(r"^(\d+):([0-5]?\d):([0-5]?\d)$", re.ASCII), ("hours", "minutes", "seconds")),
-    (re.compile(r"^(\d+)-(\d+)$", re.ASCII), ("days", "hours")),
-    (re.compile(r"^(\d+)-(\d+):([0-5]?\d)$", re.ASCII), ("days", "hours", "minutes")),
-    (re.compile(r"^(\d+)-(\d+):([0-5]?\d):([0-5]?\d)$", re.ASCII), ("days", "hours", "minutes", "seconds")),
+    (re.compile(r"(\d+)", re.ASCII), ("minutes",)),
+    (re.compile(r"(\d+):(\d+)", re.ASCII), ("minutes", "seconds")),
+    (re.compile(r"(\d+):(\d+):(\d+)", re.ASCII), ("hours", "minutes", "seconds")),
+    (re.compile(r"(\d+)-(\d+)", re.ASCII), ("days", "hours")),
+    (re.compile(r"(\d+)-(\d+):(\d+)", re.ASCII), ("days", "hours", "minutes")),
+    (re.compile(r"(\d+)-(\d+):(\d+):(\d+)", re.ASCII), ("days", "hours", "minutes", "seconds")),
 )
 _UNIT_SECONDS = {"days": 86400, "hours": 3600, "minutes": 60, "seconds": 1}
 _SLURM_NAME = re.compile(r"^[A-Za-z0-9_.,+-]+$")
@@ -34,7 +35,7 @@ _SBATCH_PATH = re.compile(r"^[A-Za-z0-9_./+,=@:-]+$")
 def _parse_time(value: str) -> int | None:
     """Seconds in a time limit written in one of Slurm's forms, else None."""
     for pattern, units in _TIME_FORMS:
-        m = pattern.match((value or "").strip())
+        m = pattern.fullmatch(value or "")
         if m:
             return sum(int(g) * _UNIT_SECONDS[u] for g, u in zip(m.groups(), units))
     return None
@@ -44,7 +45,7 @@ def slurm_time(value: str, setting: str = "--time") -> str:
     """Validate a Slurm time limit in any of sbatch's forms (90 is 90 minutes, as sbatch reads it). A limit
     is required and finite: the trainer's USR1 save is timed from it."""
     seconds = _parse_time(value)
-    if seconds == 0 or (value or "").strip().lower() in ("unlimited", "infinite"):
+    if seconds == 0 or (value or "").lower() in ("-1", "unlimited", "infinite"):
         raise LaunchError(f"{setting}: {value!r} means no time limit to Slurm; give a finite one (the partition's "
                           f"limit, for instance): a job's checkpoint-and-requeue signal is timed from it")
     if seconds is None:

@@ -164,7 +164,9 @@ def test_hostile_values_are_quoted_in_the_srun_line(tmp_path: Path) -> None:
     (["--config", ""], "argument --config: empty path"),
     (["--run-dir", ""], "argument --run-dir: empty path (an unset shell variable?)"),  # was the current directory
     (["--time", "4h"], "--time: '4h' is not a time limit; use one of Slurm's forms"),
-    (["--time", "1:60:00"], "--time: '1:60:00' is not a time limit"),
+    (["--time", " 90"], "--time: ' 90' is not a time limit"),  # rendered `#SBATCH --time= 90`
+    (["--time", "90\n"], "--time: '90\\n' is not a time limit"),  # a newline ended the #SBATCH line
+    (["--time", "-1"], "--time: '-1' means no time limit to Slurm"),
     (["--time", "0"], "--time: '0' means no time limit to Slurm; give a finite one"),
     (["--time", "UNLIMITED"], "--time: 'UNLIMITED' means no time limit to Slurm"),
     (["--time", "5"], "--signal-lead: 300 s + Slurm's 30 s check interval is not shorter than --time 5"),
@@ -555,9 +557,10 @@ def test_a_config_that_is_not_a_yaml_mapping_is_refused_at_submit(tmp_path: Path
 
 @pytest.mark.parametrize("value, seconds", [
     ("90", 5400), ("90:30", 5430), ("1:30:00", 5400), ("2-12", 216000), ("2-12:30", 217800),
-    ("2-12:30:15", 217815), ("04:00:00", 14400)])
+    ("2-12:30:15", 217815), ("04:00:00", 14400), ("1:60:00", 7200), ("90:75", 5475)])
 def test_every_slurm_time_form_is_accepted_and_read_as_sbatch_reads_it(value: str, seconds: int) -> None:
-    """sbatch --time: MINUTES, MINUTES:SECONDS, H:M:S, D-H, D-H:M, D-H:M:S (`--time 90` was refused)."""
+    """sbatch --time: MINUTES, MINUTES:SECONDS, H:M:S, D-H, D-H:M, D-H:M:S (`--time 90` was refused), no
+    field bounded (Slurm's time_str2secs reads 1:60:00 as two hours)."""
     from launch.validate import slurm_time, time_seconds
 
     assert slurm_time(value) == value
