@@ -70,7 +70,6 @@ class WandbBacklog(pl.Callback):
         self.detached = False
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self._saved = 0  # rows of ``held`` in the last checkpoint written
-        self._failed = False  # an exception ended the stage: the W&B run finishes with exit code 1
 
     @property
     def state_key(self) -> str:
@@ -110,16 +109,19 @@ class WandbBacklog(pl.Callback):
                          len(held), held[-1]["step"])
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._failed = True
+        """Lightning calls no callback's ``teardown`` after an exception: the run is finished here, failed
+        (a requeued job's resume continues it). After a SIGTERM W&B's service is gone: nothing to finish."""
+        if not self.detached:
+            self._finish_wandb_run(trainer, exit_code=1)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """The W&B run ends here. After a SIGTERM, W&B's own exit hook would tell its (killed) service process
         that the run ended, and print a 30-line ``ConnectionResetError`` traceback into every preempted job's
         log: its teardown runs here instead, and a dead service is one line. Otherwise the run is finished
-        here: left to the exit hook, W&B's service process printed the run's footer itself, with terminal
-        colour codes even into a Slurm log file."""
+        here (``on_exception`` after an error): left to the exit hook, W&B's service process printed the
+        run's footer itself, with terminal colour codes even into a Slurm log file."""
         if not self.detached or stage != "fit":
-            self._finish_wandb_run(trainer)
+            self._finish_wandb_run(trainer, exit_code=0)
             return
         self.detached = False
         self._keep_rows_after_save(trainer)
@@ -131,16 +133,15 @@ class WandbBacklog(pl.Callback):
             log.info("W&B: its service process ended with the signal (%s); a resume continues the same W&B run",
                      type(e).__name__)
 
-    def _finish_wandb_run(self, trainer: pl.Trainer) -> None:
-        """Finish the W&B run this process holds (rank 0's; none where W&B is off): exit code 1 after an
-        exception, which a requeued job's resume then continues."""
+    def _finish_wandb_run(self, trainer: pl.Trainer, exit_code: int) -> None:
+        """Finish the W&B run this process holds (rank 0's; none where W&B is off)."""
         import sys
 
         wandb = sys.modules.get("wandb")
         if wandb is None or getattr(wandb, "run", None) is None or not trainer.is_global_zero:
             return
         try:
-            wandb.run.finish(exit_code=1 if self._failed else 0)
+            wandb.run.finish(exit_code=exit_code)
         except Exception as e:  # noqa: BLE001 (the metrics are in the run already; the exit hook tries again)
             log.warning("W&B: could not finish the run (%s: %s)", type(e).__name__, e)
 

@@ -353,3 +353,17 @@ def test_a_new_start_after_one_that_saved_nothing_keeps_its_metrics_apart(digits
     with open(run / "csv" / "metrics.csv", newline="") as f:
         steps = [int(r["step"]) for r in csv_module.DictReader(f) if r.get("train/loss")]
     assert steps and len(steps) == len(set(steps)), steps
+
+
+def test_a_failed_fit_finishes_its_wandb_run_too(digits_shards, tmp_path):
+    """Lightning calls no callback's teardown after an exception: the run was left to W&B's exit hook, whose
+    service process printed the footer with terminal colour codes into the job's log."""
+    run = tmp_path / "run"
+    proc = run_module(
+        "pipeline", "fit", "--config", CONF, "--data.root", str(digits_shards), "--trainer.default_root_dir",
+        str(run), "--data.num_workers", "0", "--trainer.max_steps", "30", "--trainer.num_sanity_val_steps", "0",
+        "--trainer.callbacks+=tests.preemption_helpers.FailAtValidationEnd",
+        env={"WANDB_MODE": "offline", "WANDB_API_KEY": FAKE_KEY, "WANDB_SILENT": "false"}, check=False)
+    assert proc.returncode != 0 and "FailAtValidationEnd" in proc.stderr, proc.stderr[-3000:]
+    assert "wandb: You can sync this run to the cloud" in proc.stderr, proc.stderr[-3000:]
+    assert "\x1b[" not in proc.stdout + proc.stderr, proc.stdout[-2000:]
