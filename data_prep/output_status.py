@@ -29,14 +29,22 @@ def split_progress(out: Path) -> list[SplitProgress]:
     for d in sorted(work.iterdir()) if work.is_dir() else []:
         try:
             plan = json.loads((d / PLAN_NAME).read_text(encoding="utf-8"))
-            names = [s["name"] for s in plan["shards"]]
+            shards = [(s["name"], s["plan_hash"]) for s in plan["shards"]]
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        found[d.name] = SplitProgress(d.name, len(names), sum((d / f"{n}.json").is_file() for n in names))
+        found[d.name] = SplitProgress(d.name, len(shards), sum(_done(d / f"{n}.json", h) for n, h in shards))
     for split, entry in (_manifest(out) or {}).get("splits", {}).items():
         p = found.setdefault(split, SplitProgress(split, None, len(entry.get("shards", []))))
         p.samples, p.rejected = entry.get("samples"), entry.get("rejected")
     return [found[s] for s in sorted(found)]
+
+
+def _done(record: Path, plan_hash: str) -> bool:
+    """A shard's done-record of this plan (one left from an earlier plan is rebuilt: not done)."""
+    try:
+        return json.loads(record.read_text(encoding="utf-8")).get("plan_hash") == plan_hash
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _manifest(out: Path) -> dict | None:

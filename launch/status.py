@@ -144,7 +144,8 @@ def _prep_outputs(run_dir: Path) -> list[Path] | None:
         return None
     if (run_dir / "checkpoints").exists() or (run_dir / RUN_ID_FILE).exists():
         return None
-    return list(dict.fromkeys(Path(j["out"]) for j in jobs if isinstance(j.get("out"), str)))
+    outs = list(dict.fromkeys(Path(j["out"]) for j in jobs if isinstance(j.get("out"), str)))
+    return outs or None  # records written before OUT was recorded: the general report
 
 
 def report(run_dir: Path) -> str:

@@ -344,3 +344,28 @@ def test_status_of_a_prep_run_directory_shows_shards_and_manifest_not_checkpoint
     text = status()
     assert f"shards       {out}: train 5 of 5 done\n" in text, text
     assert f"manifest     {out / 'manifest.json'} (" in text and "): train 18 samples (0 rejected)" in text, text
+
+
+def test_a_job_accounting_has_not_recorded_yet_comes_from_squeue(tmp_path: Path) -> None:
+    """slurmdbd records a job seconds after its submission: right after `submit prep`, sacct knew the array
+    job and not the finalize job, and status said nothing of the latter. Slurm's clients are stand-ins that
+    answer as Slurm 22.05 does (sacct: the array's tasks; squeue: the finalize job, pending)."""
+    from launch.rundir import record_job
+
+    bindir, run = tmp_path / "bin", tmp_path / "shards-slurm"
+    bindir.mkdir()
+    (bindir / "sacct").write_text("#!/bin/sh\nprintf '12_0|prep-imagefolder-train|RUNNING|00:00:05|0:0|None\\n"
+                                  "12_1|prep-imagefolder-train|PENDING|00:00:00|0:0|Resources\\n'\n")
+    (bindir / "squeue").write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path}/squeue.args\n"
+                                   "echo '13|prep-finalize-imagefolder-train|PENDING|0:00|Dependency'\n")
+    for tool in ("sacct", "squeue"):
+        (bindir / tool).chmod(0o755)
+    record_job(run, "12", "prep-array", run / "prep-imagefolder-train.sbatch", tmp_path / "shards")
+    record_job(run, "13", "prep-finalize", run / "prep-finalize-imagefolder-train.sbatch", tmp_path / "shards")
+    r = launch("status", str(run), cwd=tmp_path, env={"PATH": f"{bindir}:/usr/bin:/bin"})
+    assert r.returncode == 0, r.stderr
+    rows = [line.split() for line in r.stdout.splitlines() if line.startswith("  1")]
+    assert rows == [["12_0", "prep-imagefolder-train", "RUNNING", "00:00:05", "0", "0:0"],
+                    ["12_1", "prep-imagefolder-train", "PENDING", "00:00:00", "0", "Resources"],
+                    ["13", "prep-finalize-imagefolder-train", "PENDING", "0:00", "-", "Dependency"]], r.stdout
+    assert "-j 13 " in (tmp_path / "squeue.args").read_text()  # only the job sacct did not list
