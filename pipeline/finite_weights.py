@@ -59,4 +59,4 @@ class FiniteWeights(Callback):
         raise TrainingDiverged(
             f"training diverged {when}: weights {where}; {loss}. Nothing was saved after the last finite "
             f"state (checkpoints/last.ckpt is left as it was). Lower model.lr or raise "
-            f"model.warmup_epochs; with precision 16-mixed try bf16-mixed")
+            f"model.warmup_epochs (or model.warmup_steps); with precision 16-mixed try bf16-mixed")
