@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after a crash, keep the node where the first task failed out of the job's next starts "
                         "(while the partition keeps enough usable nodes for the job); default on")
     t.add_argument("--run-dir", type=_path, default=None, help="default runs/<config name>")
+    t.add_argument("--job-name", default=None,
+                   help="Slurm job name (default train-<config name>; characters other than letters, digits "
+                        "and _ . + - become _)")
     t.add_argument("--no-config-check", dest="config_check", action="store_false",
                    help="submit without first checking the trainer's settings (`python -m pipeline.config_check`, "
                         "about 6 s: unknown keys and bad values in --config and after --)")
@@ -172,7 +175,7 @@ def _submit_train(a: argparse.Namespace, extra: list[str]) -> int:
                    run_dir=run_dir,
                    slurm=_options(a), signal_lead=a.signal_lead, cpu=a.cpu, extra_args=extra,
                    python=_python(a), workdir=Path.cwd(), max_failures=a.max_failures,
-                   exclude_failed_nodes=a.exclude_failed_nodes)
+                   exclude_failed_nodes=a.exclude_failed_nodes, name=a.job_name)
     job.check()
     if not a.dry_run:
         _refuse_if_training(run_dir)  # before anything is written

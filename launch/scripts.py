@@ -141,6 +141,7 @@ class TrainJob:
     workdir: Path = field(default_factory=Path.cwd)
     max_failures: int = 3
     exclude_failed_nodes: bool = True
+    name: str | None = None  # the Slurm job name (default train-<config name>)
 
     @property
     def on_cpu(self) -> bool:
@@ -199,7 +200,7 @@ class TrainJob:
         accel = "--trainer.accelerator cpu " if self.on_cpu else ""
         values: dict[str, str | int | None] = {
             "created": _now(),
-            "job_name": job_name(f"train-{self.config.stem}"),
+            "job_name": job_name(self.name or f"train-{self.config.stem}"),
             "nodes": self.nodes,
             "tasks_per_node": self.tasks_per_node,
             "gpus": None if self.on_cpu else self.gpus_per_node,

@@ -683,3 +683,36 @@ def test_a_refused_submission_leaves_no_new_directories(tmp_path: Path, cfg: Pat
     r = launch("submit", "train", "--config", str(cfg), "--time", "1:00:00", "--run-dir", str(existing), cwd=tmp_path,
                env=env)
     assert r.returncode == 2 and existing.is_dir()  # a directory the user made stays
+
+
+def test_the_cifar10_sweep_submits_the_papers_networks(tmp_path: Path) -> None:
+    """tools/cifar10_sweep.sh: one job per network and seed, each in its own run directory and named after
+    it, the CIFAR config with the network's arch, ResNet-110s with the paper's 400-step start at lr 0.01."""
+    script = REPO / "tools" / "cifar10_sweep.sh"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHON": sys.executable}
+    r = subprocess.run(["bash", str(script), "--depths", "20 110", "--plain", "--seeds", "2", "--root",
+                        str(tmp_path / "shards"), "--runs", str(tmp_path / "runs"), "--", "--time", "1-00:00:00",
+                        "--dry-run", "--no-config-check"], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    scripts = r.stdout.split("#!/bin/bash\n")[1:]
+    jobs = []
+    for text in scripts:
+        argv = srun_argv(text)
+        fit = argv[argv.index("fit") + 1:]
+        opts = dict(zip(fit[::2], fit[1::2]))
+        name = next(d for d in sbatch_directives(text) if d.startswith("--job-name="))
+        assert opts["--trainer.default_root_dir"] == "$RUN_DIR"
+        run_dir = shlex.split(re.search(r"^RUN_DIR=(.*)$", text, re.M).group(1))[0]
+        jobs.append((opts["--model.arch"], opts["--seed_everything"], run_dir,
+                     name, opts.get("--model.warmup_steps"), opts.get("--model.warmup_factor")))
+        assert opts["--config"] == str(REPO / "conf" / "cifar10_resnet20.yaml")
+        assert opts["--data.root"] == str(tmp_path / "shards") and "--time=1-00:00:00" in sbatch_directives(text)
+    runs = tmp_path / "runs"
+    assert jobs == [(arch, str(s), f"{runs}/{arch}-seed{s}", f"--job-name=c10-{arch.replace('cifar_', '')}-s{s}",
+                     "400" if arch.endswith("110") else None, "0.1" if arch.endswith("110") else None)
+                    for arch in ("cifar_resnet20", "plain_cifar_resnet20", "cifar_resnet110", "plain_cifar_resnet110")
+                    for s in (0, 1)], jobs
+    bad = subprocess.run(["bash", str(script), "--depths", "26", "--", "--time", "1:00:00", "--dry-run"], cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--depths: 26 is not one of the paper's depths" in bad.stderr, bad.stderr
