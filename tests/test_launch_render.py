@@ -692,7 +692,8 @@ def test_the_cifar10_sweep_submits_the_papers_networks(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHON": sys.executable}
     r = subprocess.run(["bash", str(script), "--depths", "20 110", "--plain", "--seeds", "2", "--root",
                         str(tmp_path / "shards"), "--runs", str(tmp_path / "runs"), "--", "--time", "1-00:00:00",
-                        "--dry-run", "--no-config-check"], cwd=REPO, env=env, capture_output=True, text=True,
+                        "--dry-run", "--no-config-check", "--", "--trainer.precision", "32-true"], cwd=REPO, env=env,
+                       capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr
     scripts = r.stdout.split("#!/bin/bash\n")[1:]
@@ -707,6 +708,7 @@ def test_the_cifar10_sweep_submits_the_papers_networks(tmp_path: Path) -> None:
         jobs.append((opts["--model.arch"], opts["--seed_everything"], run_dir,
                      name, opts.get("--model.warmup_steps"), opts.get("--model.warmup_factor")))
         assert opts["--config"] == str(REPO / "conf" / "cifar10_resnet20.yaml")
+        assert opts["--trainer.precision"] == "32-true"  # after a second --: to every trainer
         assert opts["--data.root"] == str(tmp_path / "shards") and "--time=1-00:00:00" in sbatch_directives(text)
     runs = tmp_path / "runs"
     assert jobs == [(arch, str(s), f"{runs}/{arch}-seed{s}", f"--job-name=c10-{arch.replace('cifar_', '')}-s{s}",

@@ -3,7 +3,7 @@
 # jobs, one run directory each, through `python -m launch submit train` and conf/cifar10_resnet20.yaml.
 #
 #   tools/cifar10_sweep.sh [--depths "20 32 44 56 110"] [--plain] [--seeds N] [--root DIR] [--runs DIR] \
-#       -- LAUNCH_OPTIONS...
+#       -- LAUNCH_OPTIONS... [-- TRAINER_OPTIONS...]
 #
 #   --depths   CIFAR ResNet depths (default "20 32 44 56 110", the rows of Table 6; 1202 also exists)
 #   --plain    also the plain nets of the same depths (Fig. 6 left: plain nets get worse with depth)
@@ -11,7 +11,8 @@
 #   --root     the shards (default data/cifar10: data_prep's OUT with splits train and test)
 #   --runs     parent of the run directories (default runs/cifar10): RUNS/<arch>-seed<k>
 # Everything after `--` goes to `launch submit train` for every job (--time is required there; e.g.
-# --time 1-00:00:00 --partition gpu, --dry-run to print the scripts and submit nothing).
+# --time 1-00:00:00 --partition gpu, --dry-run to print the scripts and submit nothing); after a second `--`,
+# trainer settings for every run (e.g. --trainer.precision 32-true), after the sweep's own.
 # Depth 110 starts at lr 0.01 for 400 steps, as the paper did (--model.warmup_steps 400 --model.warmup_factor 0.1).
 # docs/cifar10.md: what to compare the results with.
 set -euo pipefail
@@ -22,6 +23,7 @@ seeds=1
 root=data/cifar10
 runs=runs/cifar10
 launch_args=()
+trainer_args=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --depths) depths="$2"; shift 2 ;;
@@ -29,7 +31,10 @@ while [ $# -gt 0 ]; do
     --seeds) seeds="$2"; shift 2 ;;
     --root) root="$2"; shift 2 ;;
     --runs) runs="$2"; shift 2 ;;
-    --) shift; launch_args=("$@"); break ;;
+    --) shift
+        while [ $# -gt 0 ] && [ "$1" != "--" ]; do launch_args+=("$1"); shift; done
+        [ $# -gt 0 ] && shift  # a second --: what follows goes to every trainer
+        trainer_args=("$@"); break ;;
     *) echo "cifar10_sweep: unknown option $1 (options: --depths, --plain, --seeds, --root, --runs, then -- and launch's)" >&2
        exit 2 ;;
   esac
@@ -55,6 +60,6 @@ for arch in "${archs[@]}"; do
     echo "== $arch seed $seed: $runs/$arch-seed$seed" >&2
     "$python" -m launch submit train --config conf/cifar10_resnet20.yaml --run-dir "$runs/$arch-seed$seed" \
       --job-name "c10-${arch//cifar_/}-s$seed" "${launch_args[@]}" -- --model.arch "$arch" --seed_everything "$seed" --data.root "$root" \
-      --tracking.name "$arch-seed$seed" "${extra[@]}"
+      --tracking.name "$arch-seed$seed" "${extra[@]}" "${trainer_args[@]}"
   done
 done
