@@ -47,7 +47,7 @@ from pipeline.parent_death import follow_lightning_rank_zero, follow_torchrun_ag
 from pipeline.parity import WeightParity
 from pipeline.parsed_config import check_parsed
 from pipeline.preemption import Preemption
-from pipeline.wandb_backlog import WandbBacklog
+from pipeline.wandb_backlog import WandbBacklog, finish_pending_wandb_run
 from pipeline.progress import console_progress
 from pipeline.resume_geometry import (Geometry, LoopPosition, adapt, check_zero_world_size, expected_world_size,
                                       read_checkpoint)
@@ -636,6 +636,7 @@ def main(argv: list[str] | None = None, cli: type[PipelineCLI] = PipelineCLI) ->
               file=sys.stderr)
         return 1
     _teardown_process_group()
+    finish_pending_wandb_run()
     return 0
 
 

@@ -30,6 +30,30 @@ MAX_HELD = 1000  # rows: a stop comes within a validation of the signal; this on
 AFTER_SAVE = "wandb_rows_after_save.json"  # in the checkpoint folder
 
 
+_finish_pending = False  # a distributed stage ended well: rank 0 finishes its W&B run after the last barrier
+
+
+def finish_wandb_run(exit_code: int) -> None:
+    """Finish the W&B run this process holds (rank 0's; none where W&B is off)."""
+    import sys
+
+    wandb = sys.modules.get("wandb")
+    if wandb is None or getattr(wandb, "run", None) is None:
+        return
+    try:
+        wandb.run.finish(exit_code=exit_code)
+    except Exception as e:  # noqa: BLE001 (the metrics are in the run already; the exit hook tries again)
+        log.warning("W&B: could not finish the run (%s: %s)", type(e).__name__, e)
+
+
+def finish_pending_wandb_run() -> None:
+    """The finish a distributed stage left for after its process group's teardown (``teardown`` below)."""
+    global _finish_pending
+    if _finish_pending:
+        _finish_pending = False
+        finish_wandb_run(0)
+
+
 class _NoSendToDeadService(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return record.getMessage() != "socket.send() raised exception."
@@ -121,7 +145,13 @@ class WandbBacklog(pl.Callback):
         here (``on_exception`` after an error): left to the exit hook, W&B's service process printed the
         run's footer itself, with terminal colour codes even into a Slurm log file."""
         if not self.detached or stage != "fit":
-            self._finish_wandb_run(trainer, exit_code=0)
+            if trainer.world_size > 1 and trainer.is_global_zero:
+                # after the process group's last barrier (pipeline.cli.main): the other ranks would wait
+                # there, under the collective timeout, while this one uploads what W&B has left
+                global _finish_pending
+                _finish_pending = True
+            else:
+                self._finish_wandb_run(trainer, exit_code=0)
             return
         self.detached = False
         self._keep_rows_after_save(trainer)
@@ -134,16 +164,8 @@ class WandbBacklog(pl.Callback):
                      type(e).__name__)
 
     def _finish_wandb_run(self, trainer: pl.Trainer, exit_code: int) -> None:
-        """Finish the W&B run this process holds (rank 0's; none where W&B is off)."""
-        import sys
-
-        wandb = sys.modules.get("wandb")
-        if wandb is None or getattr(wandb, "run", None) is None or not trainer.is_global_zero:
-            return
-        try:
-            wandb.run.finish(exit_code=exit_code)
-        except Exception as e:  # noqa: BLE001 (the metrics are in the run already; the exit hook tries again)
-            log.warning("W&B: could not finish the run (%s: %s)", type(e).__name__, e)
+        if trainer.is_global_zero:
+            finish_wandb_run(exit_code)
 
     def _keep_rows_after_save(self, trainer: pl.Trainer) -> None:
         rows = self.held[self._saved:]

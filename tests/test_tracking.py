@@ -367,3 +367,18 @@ def test_a_failed_fit_finishes_its_wandb_run_too(digits_shards, tmp_path):
     assert proc.returncode != 0 and "FailAtValidationEnd" in proc.stderr, proc.stderr[-3000:]
     assert "wandb: You can sync this run to the cloud" in proc.stderr, proc.stderr[-3000:]
     assert "\x1b[" not in proc.stdout + proc.stderr, proc.stdout[-2000:]
+
+
+def test_a_two_rank_fit_finishes_its_wandb_run_after_the_last_barrier(digits_shards, tmp_path):
+    """Rank 0 finishes the W&B run after the process group's teardown (the other rank would wait at the
+    last barrier while W&B uploads), not left to W&B's exit hook (its footer with colour codes)."""
+    from tests.conftest import free_port
+
+    proc = run_module(
+        "pipeline", "fit", "--config", CONF, "--data.root", str(digits_shards), "--trainer.default_root_dir",
+        str(tmp_path / "run"), "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.max_steps", "3",
+        "--data.num_workers", "0", "--trainer.num_sanity_val_steps", "0",
+        env={"WANDB_MODE": "offline", "WANDB_API_KEY": FAKE_KEY, "WANDB_SILENT": "false",
+             "MASTER_PORT": str(free_port())})
+    assert proc.stderr.count("wandb: You can sync this run to the cloud") == 1, proc.stderr[-3000:]
+    assert "\x1b[" not in proc.stdout + proc.stderr, proc.stdout[-2000:]
