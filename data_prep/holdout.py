@@ -174,11 +174,9 @@ def _recorded(out: Path, split: str) -> list[tuple[str, dict | None]]:
     """The hold-out settings OUT holds for `split` (None: prepared without one), from its plan record and
     its manifest entry, where they exist."""
     found = []
-    try:
-        plan = json.loads((out / WORK_DIR / split / PLAN_NAME).read_text(encoding="utf-8"))
-        found.append((str(out / WORK_DIR / split / PLAN_NAME), plan["options"].get("holdout")))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        pass
+    options = _plan_options(out, split)
+    if options is not None:
+        found.append((str(out / WORK_DIR / split / PLAN_NAME), options.get("holdout")))
     try:
         entry = json.loads((out / MANIFEST_NAME).read_text(encoding="utf-8"))["splits"][split]
         found.append((str(out / MANIFEST_NAME), entry["options"].get("holdout")))
@@ -237,8 +235,14 @@ def with_partners(out: Path, splits: list[str]) -> list[str]:
 
 
 def _plan_holdout(out: Path, split: str) -> dict | None:
+    options = _plan_options(out, split)
+    return None if options is None else options.get("holdout")
+
+
+def _plan_options(out: Path, split: str) -> dict | None:
+    """The options of `split`'s plan record in OUT; None without a readable one."""
     try:
-        plan = json.loads((out / WORK_DIR / split / PLAN_NAME).read_text(encoding="utf-8"))
-        return plan["options"].get("holdout")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        options = json.loads((out / WORK_DIR / split / PLAN_NAME).read_text(encoding="utf-8"))["options"]
+    except (OSError, ValueError, KeyError, TypeError):
         return None
+    return options if isinstance(options, dict) else None
