@@ -431,7 +431,6 @@ class PipelineCLI(LightningCLI):
                 save_top_k=ckpt.save_top_k, save_last=False,
             ),
             LastCheckpoint(ckdir, ckpt.every_n_train_steps),
-            LearningRateMonitor(logging_interval="step"),
             Preemption(ckdir / "last.ckpt", requeue=ckpt.requeue, wandb_backlog=backlog),
             backlog,
             RNGState(),
@@ -478,6 +477,9 @@ class PipelineCLI(LightningCLI):
                 f" trainer.devices): the batch and the loader's position would be wrong; start it as its launcher"
                 f" does (srun, torchrun), or set trainer.num_nodes and trainer.devices to the ranks that run")
         self._drop_default_checkpointing(trainer)
+        if trainer.loggers:  # Lightning's monitor refuses a run without loggers (trainer.logger false)
+            after = next(i for i, c in enumerate(callbacks) if isinstance(c, LastCheckpoint))
+            callbacks.insert(after + 1, LearningRateMonitor(logging_interval="step"))
         trainer.callbacks.extend(callbacks + list(extra))
         self._use_console_progress(trainer)
         self._use_flops_summary(trainer)
