@@ -83,9 +83,17 @@ def epoch_samples(num_samples: int, world_size: int, batch_size: int, accumulate
 def steps_in_epoch(
     num_samples: int, world_size: int, batch_size: int, consumed: int = 0, accumulate: int = 1
 ) -> int:
-    """Batches (per rank; micro-batches under accumulation) left in an epoch after ``consumed`` samples."""
-    end = epoch_samples(num_samples, world_size, batch_size, accumulate)
-    return max(0, end - consumed) // (world_size * batch_size)
+    """Batches (per rank; micro-batches under accumulation) left in an epoch after ``consumed`` samples.
+
+    Whole optimizer steps of the rest: fewer than ``world_size * batch_size * accumulate`` samples left out.
+    A position inside an accumulation group of this geometry (``consumed`` a whole number of micro-batches
+    that is not a whole number of steps) first completes its group. A position from another global batch
+    (the contract used directly; the CLI keeps the global batch on a resume) counts steps from itself: the
+    end counted from the epoch's start could leave out almost two global batches, or all of the rest."""
+    epoch_samples(num_samples, world_size, batch_size, accumulate)  # checks the geometry
+    micro = world_size * batch_size
+    done = (consumed // micro) % accumulate if consumed % micro == 0 else 0  # micro-batches of the open group
+    return max(0, (max(0, num_samples - consumed) // micro + done) // accumulate * accumulate - done)
 
 
 def train_batches(
