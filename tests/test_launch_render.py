@@ -687,10 +687,10 @@ def test_a_refused_submission_leaves_no_new_directories(tmp_path: Path, cfg: Pat
 
 def test_the_cifar10_sweep_submits_the_papers_networks(tmp_path: Path) -> None:
     """tools/cifar10_sweep.sh: one job per network and seed, each in its own run directory and named after
-    it, the CIFAR config with the network's arch, ResNet-110s with the paper's 400-step start at lr 0.01."""
+    it, the CIFAR config with the network's arch, ResNet-110s (and 1202s) with the paper's 400-step start at lr 0.01."""
     script = REPO / "tools" / "cifar10_sweep.sh"
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHON": sys.executable}
-    r = subprocess.run(["bash", str(script), "--depths", "20 110", "--plain", "--seeds", "2", "--root",
+    r = subprocess.run(["bash", str(script), "--depths", "20 110 1202", "--plain", "--seeds", "2", "--root",
                         str(tmp_path / "shards"), "--runs", str(tmp_path / "runs"), "--", "--time", "1-00:00:00",
                         "--dry-run", "--no-config-check", "--", "--trainer.precision", "32-true"], cwd=REPO, env=env,
                        capture_output=True, text=True,
@@ -712,8 +712,9 @@ def test_the_cifar10_sweep_submits_the_papers_networks(tmp_path: Path) -> None:
         assert opts["--data.root"] == str(tmp_path / "shards") and "--time=1-00:00:00" in sbatch_directives(text)
     runs = tmp_path / "runs"
     assert jobs == [(arch, str(s), f"{runs}/{arch}-seed{s}", f"--job-name=c10-{arch.replace('cifar_', '')}-s{s}",
-                     "400" if arch.endswith("110") else None, "0.1" if arch.endswith("110") else None)
-                    for arch in ("cifar_resnet20", "plain_cifar_resnet20", "cifar_resnet110", "plain_cifar_resnet110")
+                     "400" if arch.endswith(("110", "1202")) else None, "0.1" if arch.endswith(("110", "1202")) else None)
+                    for arch in ("cifar_resnet20", "plain_cifar_resnet20", "cifar_resnet110", "plain_cifar_resnet110",
+                                 "cifar_resnet1202", "plain_cifar_resnet1202")
                     for s in (0, 1)], jobs
     bad = subprocess.run(["bash", str(script), "--depths", "26", "--", "--time", "1:00:00", "--dry-run"], cwd=REPO,
                          env=env, capture_output=True, text=True, timeout=60)

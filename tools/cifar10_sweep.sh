@@ -13,7 +13,7 @@
 # Everything after `--` goes to `launch submit train` for every job (--time is required there; e.g.
 # --time 1-00:00:00 --partition gpu, --dry-run to print the scripts and submit nothing); after a second `--`,
 # trainer settings for every run (e.g. --trainer.precision 32-true), after the sweep's own.
-# Depth 110 starts at lr 0.01 for 400 steps, as the paper did (--model.warmup_steps 400 --model.warmup_factor 0.1).
+# Depths 110 and 1202 start at lr 0.01 for 400 steps, as the paper did for 110 (--model.warmup_steps 400 --model.warmup_factor 0.1).
 # docs/cifar10.md: what to compare the results with.
 set -euo pipefail
 
@@ -55,7 +55,7 @@ for d in $depths; do
 done
 for arch in "${archs[@]}"; do
   extra=()
-  case "$arch" in *resnet110) extra=(--model.warmup_steps 400 --model.warmup_factor 0.1) ;; esac
+  case "$arch" in *resnet110|*resnet1202) extra=(--model.warmup_steps 400 --model.warmup_factor 0.1) ;; esac
   for ((seed = 0; seed < seeds; seed++)); do
     echo "== $arch seed $seed: $runs/$arch-seed$seed" >&2
     "$python" -m launch submit train --config conf/cifar10_resnet20.yaml --run-dir "$runs/$arch-seed$seed" \
