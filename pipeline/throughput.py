@@ -40,6 +40,8 @@ class Throughput(Callback):
         self.last_end = now
         images = batch[0]
         self.images += int(images.shape[0])
+        if trainer.fit_loop._should_accumulate():  # inside an accumulation group: no optimizer step, no log row
+            return
         self.steps += 1
         # Lightning also logs the step where the run stops (a preemption): that row gets this window's own
         # values, where it repeated the previous row's (callback metrics stay in Lightning's step results)
@@ -56,7 +58,7 @@ class Throughput(Callback):
             "perf/img_per_s_per_rank": per_rank,
             "perf/img_per_s_total": total,
             "perf/data_wait_share": min(1.0, self.wait / elapsed),
-            "perf/step_time_s": elapsed / max(1, self.steps),
+            "perf/step_time_s": elapsed / max(1, self.steps),  # per optimizer step (all its micro-batches)
         }
         if pl_module.device.type == "cuda":
             metrics["perf/gpu_mem_peak_gib"] = torch.cuda.max_memory_allocated(pl_module.device) / 2**30

@@ -568,3 +568,24 @@ def test_the_stopping_steps_metrics_row_has_its_own_throughput(digits_shards, tm
     assert [r["step"] for r in perf] == ["4", "7"], [r["step"] for r in perf]
     for key in ("perf/img_per_s_per_rank", "perf/step_time_s", "perf/data_wait_share"):
         assert perf[0][key] != perf[1][key], (key, perf)
+
+
+def test_throughput_under_accumulation_is_per_optimizer_step(digits_shards, tmp_path):
+    """With gradient accumulation the window closed on micro-batches where no row is written (Lightning
+    logs at a group's last micro-batch): rows covered one micro-batch, and perf/step_time_s was a
+    micro-batch's. Every row, the stop row of a preemption inside a group too, spans whole optimizer
+    steps: images/s x time per step = the images of one optimizer step (2 x 128)."""
+    import csv
+
+    run = tmp_path / "run"
+    with open(tmp_path / "runs.log", "w") as log:
+        run_to_end(fit_command(digits_shards, run, STEPS, [
+            "--trainer.accumulate_grad_batches", "2", "--trainer.log_every_n_steps", "2", "--checkpoint.requeue",
+            "false", "--trainer.callbacks+=tests.preemption_helpers.SignalAtBatch", "--trainer.callbacks.batch_idx=4"]),
+            log)
+    with open(run / "csv" / "metrics.csv") as f:
+        perf = [r for r in csv.DictReader(f) if r.get("perf/step_time_s")]
+    assert [r["step"] for r in perf] == ["1", "2"], perf  # global steps 2 (every 2) and 3, where it stopped
+    for r in perf:
+        images = float(r["perf/img_per_s_per_rank"]) * float(r["perf/step_time_s"])
+        assert images == pytest.approx(256, rel=1e-6), r
