@@ -194,10 +194,12 @@ def test_imagenet_evaluation_equals_the_cpu_backend(photo_shards):
             assert diff.mean() <= tolerance, f"{resize}: mean diff {diff.mean():.3f}"
 
 
-def test_cifar_training_augmentation_equals_the_cpu_backend(photo_shards):
-    """Pad 4 + random crop + flip: the same draws per sample, so the same pixels (no resampling)."""
+@pytest.mark.parametrize("pad_fill", ["black", "mean"])
+def test_cifar_training_augmentation_equals_the_cpu_backend(photo_shards, pad_fill):
+    """Pad 4 + random crop + flip: the same draws per sample, so the same pixels (no resampling), the
+    padded border in the same colour."""
     shards = ShardSet(photo_shards, "train")
-    cfg = AugmentConfig(recipe="cifar", train_size=96, val_size=96, pad=4)
+    cfg = AugmentConfig(recipe="cifar", train_size=96, val_size=96, pad=4, pad_fill=pad_fill)
     sampler = TrainSampler(shards.shard_sizes, seed=0, world_size=1, rank=0, batch_size=40)
     pil = ShardBatches(shards, cfg, train=True, seed=7)
     flipped = 0

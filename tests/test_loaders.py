@@ -97,6 +97,30 @@ def test_train_params_are_a_function_of_seed_epoch_position():
     assert math.isclose(AugmentConfig().ratio[0], 3 / 4)
 
 
+@pytest.mark.parametrize("pad_fill", ["black", "mean"])
+def test_the_cifar_border_has_the_pad_fill_colour(pad_fill):
+    """The cifar recipe's padded border: black, or the normalisation mean (0 after normalising, as the
+    paper's zero pad of mean-subtracted inputs); the window's inside is the photo, shifted."""
+    from pipeline.data.cpu_backend import augment_train
+    from tests.fixtures_images import photos
+
+    photo = torch.from_numpy(np.array(photos(1, size=(32, 32))[0])).permute(2, 0, 1).contiguous()
+    cfg = AugmentConfig(recipe="cifar", train_size=32, val_size=32, pad=4, pad_fill=pad_fill,
+                        mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616))
+    colour = torch.tensor([0, 0, 0] if pad_fill == "black" else [125, 123, 114], dtype=torch.uint8).view(3, 1, 1)
+    assert cfg.pad_rgb() == tuple(colour.flatten().tolist())
+    checked = 0
+    for p in range(300):
+        top, left, _, _, flip = train_params(cfg, 32, 32, sample_rng(0, 0, p))
+        if top >= 0 or left >= 0 or flip:
+            continue
+        out = augment_train(photo, cfg, sample_rng(0, 0, p))
+        assert (out[:, :-top, :] == colour).all() and (out[:, :, :-left] == colour).all()
+        assert torch.equal(out[:, -top:, -left:], photo[:, :32 + top, :32 + left])
+        checked += 1
+    assert checked > 5
+
+
 def test_cpu_validation_masks_padding_and_keeps_labels(digits_shards):
     shards = ShardSet(digits_shards, "val")
     labels = shards.labels()

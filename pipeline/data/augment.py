@@ -32,9 +32,16 @@ class AugmentConfig:
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     pad: int = 4
+    # the cifar recipe's border: "black" (0, as torchvision's RandomCrop(padding) before Normalize) or "mean"
+    # (the colour ``mean``, 0 after normalisation: the paper's zero pad of mean-subtracted inputs)
+    pad_fill: Literal["black", "mean"] = "black"
     flip: bool = True
     mean: tuple[float, float, float] = field(default=IMAGENET_MEAN)
     std: tuple[float, float, float] = field(default=IMAGENET_STD)
+
+    def pad_rgb(self) -> tuple[int, int, int]:
+        """The uint8 RGB colour of the cifar recipe's padded border, as both backends write it."""
+        return (0, 0, 0) if self.pad_fill == "black" else tuple(int(round(255 * m)) for m in self.mean)
 
     def check(self) -> None:
         """Refuse impossible values (``ConfigError`` naming the setting). Called by the datamodule, not from
@@ -47,6 +54,7 @@ class AugmentConfig:
             require(1 <= getattr(self, name) <= MAX_SIDE, key + name, f"in [1, {MAX_SIDE}] (pixels)",
                     getattr(self, name))
         require(0 <= self.pad <= self.train_size, key + "pad", "in [0, data.augment.train_size] (pixels)", self.pad)
+        require(self.pad_fill in ("black", "mean"), key + "pad_fill", "'black' or 'mean'", self.pad_fill)
         lo, hi = self.scale
         require(0 < lo <= hi <= 1, key + "scale", "(min, max) with 0 < min <= max <= 1", self.scale)
         lo, hi = self.ratio

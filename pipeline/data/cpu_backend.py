@@ -59,8 +59,8 @@ def augment_train(img: torch.Tensor, cfg: AugmentConfig, rng: np.random.Generato
     top, left, h, w, flip = train_params(cfg, width, height, rng)
     if cfg.recipe == "imagenet":
         return resize_and_flip(TF.crop(img, top, left, h, w), cfg, flip)
-    p = cfg.pad  # cifar: the window of the original size in the zero-padded image
-    img = TF.crop(TF.pad(img, [p], fill=0), top + p, left + p, h, w)
+    p = cfg.pad  # cifar: the window of the original size in the image padded with cfg.pad_fill
+    img = TF.crop(TF.pad(img, [p], fill=list(cfg.pad_rgb())), top + p, left + p, h, w)
     if list(img.shape[-2:]) == [cfg.train_size, cfg.train_size]:
         return TF.horizontal_flip(img) if flip else img
     return resize_and_flip(img, cfg, flip)

@@ -201,9 +201,10 @@ class DaliLoader:
                                    roi_relative=False, **linear)
             else:
                 images = fn.decoders.image(jpegs, device=dec, output_type=types.RGB, adjust_orientation=False, **hw)
-                if train:  # cifar: the image-sized window of the zero-padded image
+                if train:  # cifar: the image-sized window of the image padded with cfg.pad_fill
                     images = fn.slice(images, anchor, shape, axis_names="HW", normalized_anchor=False,
-                                      normalized_shape=False, out_of_bounds_policy="pad", fill_values=0)
+                                      normalized_shape=False, out_of_bounds_policy="pad",
+                                      fill_values=list(cfg.pad_rgb()))
                     images = fn.resize(images, size=(size, size), **linear)
                 elif cfg.recipe == "imagenet":
                     images = fn.resize(images, resize_shorter=cfg.val_resize, **linear)
