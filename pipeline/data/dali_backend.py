@@ -238,9 +238,11 @@ class DaliLoader:
     def _start(self, plan: np.ndarray) -> None:
         """Give ``plan`` to the pipeline: reset the live one for its next epoch, or build a fresh one."""
         if self._pipe is not None and self._clean and self._watchdog.dead() is None:
-            # the ended epoch's plan goes (a source worker still mapping it keeps it until it loads this one):
-            # ImageNet's plans are about 30 MB an epoch per node, kept they took 2.7 GB of $TMPDIR in 90 epochs
-            os.remove(os.path.join(self._plan_dir, f"plan-{self._pipe_epoch}.npy"))
+            # the plan before the ended epoch's goes (a task of the ended epoch scheduled past its end may still
+            # be in a worker, and load its plan): ImageNet's are about 30 MB an epoch per node, kept they took
+            # 2.7 GB of $TMPDIR in 90 epochs
+            if self._pipe_epoch > 0:
+                os.remove(os.path.join(self._plan_dir, f"plan-{self._pipe_epoch - 1}.npy"))
             self._pipe_epoch += 1
             np.save(os.path.join(self._plan_dir, f"plan-{self._pipe_epoch}.npy"), plan)
             with self._watchdog.waiting():
