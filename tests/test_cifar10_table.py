@@ -4,6 +4,7 @@ final checkpoint, an unfinished run shown with its step and left out of the mean
 
 from __future__ import annotations
 
+import csv
 import shutil
 import statistics
 import sys
@@ -33,10 +34,7 @@ def runs(digits_shards, tmp_path_factory) -> Path:
 def _validate_top1(run: Path) -> float:
     run_module("pipeline", "validate", "--config", str(run / "config.yaml"), "--ckpt_path",
                str(run / "checkpoints" / "last.ckpt"), "--tracking.wandb", "false", "--data.num_workers", "0")
-    rows = (run / "validate" / "csv").glob("version_*/metrics.csv")
-    import csv
-
-    (metrics,) = rows
+    (metrics,) = (run / "validate" / "csv").glob("version_*/metrics.csv")
     with open(metrics, newline="") as f:
         return float(next(r for r in csv.DictReader(f) if r.get("val/top1"))["val/top1"])
 
