@@ -22,6 +22,9 @@ from pathlib import Path
 
 import yaml
 
+from launch.checkpoints import read_checkpoint
+from launch.errors import LaunchError
+
 # Table 6 of the paper: CIFAR-10 test error (%); ResNet-110 is "best (mean +- std)" over 5 runs
 PAPER = {"cifar_resnet20": "8.75", "cifar_resnet32": "7.51", "cifar_resnet44": "7.17", "cifar_resnet56": "6.97",
          "cifar_resnet110": "6.43 (6.61 ± 0.16)", "cifar_resnet1202": "7.93"}
@@ -48,11 +51,9 @@ def _float(row: dict, key: str) -> float | None:
 
 
 def _steps_done(run_dir: Path, rows: list[dict]) -> int:
-    last = run_dir / "checkpoints" / "last.ckpt"
-    if last.is_file():
-        import torch
-
-        return int(torch.load(last, map_location="cpu", weights_only=False, mmap=True)["global_step"])
+    last = run_dir / "checkpoints" / "last.ckpt"  # a file, or a DeepSpeed checkpoint directory
+    if last.exists() and (step := read_checkpoint(last).global_step) is not None:
+        return step
     return 1 + max(int(r["step"]) for r in rows if r.get("step"))
 
 
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     for c in configs:
         try:
             run = read_run(c.parent)
-        except (OSError, KeyError, ValueError, TypeError, yaml.YAMLError) as e:
+        except (OSError, KeyError, ValueError, TypeError, yaml.YAMLError, LaunchError) as e:
             print(f"cifar10_table: {c.parent}: cannot read it ({e}); left out", file=sys.stderr)
             continue
         if run is None:
