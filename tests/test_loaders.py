@@ -88,6 +88,7 @@ def test_train_params_are_a_function_of_seed_epoch_position():
     a = [train_params(cfg, 32, 32, sample_rng(1, 2, p)) for p in range(200)]
     assert a == [train_params(cfg, 32, 32, sample_rng(1, 2, p)) for p in range(200)]
     assert a != [train_params(cfg, 32, 32, sample_rng(1, 3, p)) for p in range(200)]
+    assert a != [train_params(cfg, 32, 32, sample_rng(1 + 2**32, 2, p)) for p in range(200)], "the whole seed counts"
     tops = {t for t, _, _, _, _ in a}
     assert tops == set(range(-4, 5)), "pad 4: window offsets -4..4"
     flips = sum(f for *_, f in a)

@@ -69,8 +69,10 @@ class AugmentConfig:
 
 
 def sample_rng(seed: int, epoch: int, position: int) -> np.random.Generator:
-    """The generator of one sample's augmentation."""
-    return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(epoch), int(position)])
+    """The generator of one sample's augmentation: a pure function of the three, so any backend, worker
+    count or restart draws the same crop for the same sample. ``seed`` is used whole (any size: seeds
+    that differ only above 32 bits draw different crops)."""
+    return np.random.default_rng([int(seed), int(epoch), int(position)])
 
 
 def random_resized_crop_box(
