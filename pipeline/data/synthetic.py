@@ -32,4 +32,7 @@ class SyntheticLoader:
             images = torch.randint(0, 256, (n, 3, self.size, self.size), dtype=torch.uint8, device=self.device,
                                    generator=g).contiguous(memory_format=torch.channels_last)
             labels = torch.randint(0, self.num_classes, (n,), device=self.device, generator=g)
-            yield images, labels, torch.from_numpy(rows[0] >= 0).to(self.device)
+            valid = torch.from_numpy(rows[0] >= 0)
+            if torch.device(self.device).type == "cuda":  # a pageable copy would wait for the GPU each step
+                valid = valid.pin_memory().to(self.device, non_blocking=True)
+            yield images, labels, valid.to(self.device)
