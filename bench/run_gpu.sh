@@ -8,15 +8,17 @@
 # working tree that travels with every call (else all the parts travel each time and the call is refused):
 #
 #   echo /.device-dali/ >> .git/info/exclude; echo /.whl/ >> .git/info/exclude
-#   call 1 (carry .device-dali/part00): mkdir -p /tmp/dali && cp .device-dali/part00 /tmp/dali/
+#   call 1 (carry .device-dali/part00): mkdir -p /tmp/dali && cp .device-dali/part00 /tmp/dali/ &&
+#          python3 bench/gpu_loader.py --shards-only      (the benchmark's shards, ~30 s: no DALI needed)
 #   call 2 (carry .device-dali/part01): mkdir -p /tmp/dali && cp .device-dali/part01 /tmp/dali/
 #   call 3 (carry .device-dali/part02 and .whl, timeout_s 600):
 #          mkdir -p /tmp/dali && cp .device-dali/part02 /tmp/dali/ && bash bench/run_gpu.sh
 #
 # Make the three calls back to back: the machine stays warm only about 30 s after a call, and a fresh
 # one has an empty /tmp/dali (start again from call 1). This script needs about 9 minutes at most:
-# unpacking (~15 s), gpu_loader.py (stopped at 400 s; its log and $OUT keep what it printed before)
-# and gpu_step_sync.py (stopped at 120 s).
+# unpacking (~15 s), gpu_loader.py (stopped at 400 s; it measures the two targets first and saves
+# $OUT/gpu_loader.json after each measurement, so a stop keeps what it measured) and gpu_step_sync.py
+# (stopped at 120 s). If time is short: `bash bench/run_gpu.sh --sweep '' --decode-variants window`.
 #
 # The sync check runs `pipeline fit`, which needs jsonargparse (LightningCLI); the GPU machine's Python has
 # Lightning but not it. Its wheels travel in .whl/ (ignored, see above; carry it with the last part):

@@ -33,8 +33,13 @@ def test_gpu_loader_benchmark_dry_run_on_the_cpu(tmp_path):
     for name in ("window", "whole", "window-inline"):
         assert f"DALI decode + augment alone, {name}" in out
     assert "fed by DaliLoader" in out
+    # the targets before the explanations: a GPU run stopped at its time limit has measured them
+    order = [out.index(s) for s in ("alone, window (", "synthetic:", "dali_hw0.75:", "alone, whole (")]
+    assert order == sorted(order), out[-3000:]
     numbers = json.loads((tmp_path / "gpu_loader.json").read_text())
     assert numbers["decode_augment_window_img_s"] > 0 and numbers["train_synthetic_img_s"] > 0
+    assert numbers["decode_augment_img_s"] == max(v for k, v in numbers.items() if k.endswith("_img_s")
+                                                  and k.startswith(("decode_augment_", "sweep_")))
     assert 0 < numbers["ratio_dali_hw0.75"]
 
 
