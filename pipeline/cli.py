@@ -275,6 +275,7 @@ class PipelineCLI(LightningCLI):
         cfg.trainer.default_root_dir = str(run_dir)
         last = checkpoint_dir(run_dir) / "last.ckpt"
         self._saved_run_id: str | None = None
+        self._ckpt_hparams: dict = {}  # the checkpoint's model settings, checked before the loggers start
         self._branched_from: tuple[str, str | None] | None = None  # (checkpoint, its W&B id): another run's
         check_trainer(cfg.trainer)
         if sub != "fit":
@@ -283,7 +284,7 @@ class PipelineCLI(LightningCLI):
                 raise ConfigError(f"trainer.{limit_key} is 0: {sub} would score no batch")
             if sub in ("validate", "test"):  # (None: a CLI built with run=False, as tests do)
                 self._default_checkpoint(cfg, sub, last)
-            self._check_checkpoint(cfg.get("ckpt_path"))
+            self._ckpt_hparams = self._check_checkpoint(cfg.get("ckpt_path")).get("hyper_parameters") or {}
             return
         if cfg.model.get("lr") == 0:  # allowed (a batch-norm recalibration, a check that weights stay), but said
             _say("warning: model.lr is 0: the weights will not change (batch-norm running statistics will)")
@@ -308,6 +309,7 @@ class PipelineCLI(LightningCLI):
         if ckpt == "last":  # that file: Lightning's "last" is the newest last*.ckpt (a user's copy, an old last-v1)
             cfg.ckpt_path = str(last)
         meta = self._check_checkpoint(path, resume=True)
+        self._ckpt_hparams = meta.get("hyper_parameters") or {}
         steps, done = cfg.trainer.get("max_steps"), meta.get("global_step")
         if isinstance(steps, int) and steps > 0 and isinstance(done, int) and done >= steps:
             raise RunComplete(f"the run is complete: {path} is at step {done} and trainer.max_steps is {steps}; "
@@ -419,6 +421,8 @@ class PipelineCLI(LightningCLI):
         if isinstance(self.datamodule, ShardDataModule):  # before the loggers start a W&B run for nothing
             self.datamodule.check_backend()
             self.datamodule.check_splits(self.subcommand or "fit")
+        if isinstance(self.model, ImageClassifier) and getattr(self, "_ckpt_hparams", None):
+            self.model.check_network_of(self._ckpt_hparams)
         ckdir = checkpoint_dir(run_dir)
         backlog = WandbBacklog(ckdir)
         callbacks = [
@@ -476,6 +480,9 @@ class PipelineCLI(LightningCLI):
                 f" global batch for {world} (WORLD_SIZE, else Slurm's SLURM_NTASKS, else trainer.num_nodes x"
                 f" trainer.devices): the batch and the loader's position would be wrong; start it as its launcher"
                 f" does (srun, torchrun), or set trainer.num_nodes and trainer.devices to the ranks that run")
+        if isinstance(self.datamodule, ShardDataModule) and (self.subcommand or "fit") == "fit":
+            # W&B starts with the fit; this check needs the trainer's ranks
+            self.datamodule.check_one_global_batch(trainer.world_size, max(1, int(trainer.accumulate_grad_batches)))
         self._drop_default_checkpointing(trainer)
         if trainer.loggers:  # Lightning's monitor refuses a run without loggers (trainer.logger false)
             after = next(i for i, c in enumerate(callbacks) if isinstance(c, LastCheckpoint))

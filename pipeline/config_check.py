@@ -57,6 +57,17 @@ def _why_no_manifest(root: Path) -> str:
     return f"{root} does not exist on this machine (the job reads its {MANIFEST_NAME} at its start)"
 
 
+def _configured_world(trainer) -> int | None:
+    """num_nodes x devices when the config says how many (None for 'auto' or -1: this machine is not the
+    one that runs it)."""
+    devices, nodes = trainer.get("devices"), trainer.get("num_nodes") or 1
+    if isinstance(devices, str) and devices.strip().isdigit():
+        devices = int(devices)
+    if isinstance(devices, (list, tuple)):
+        devices = len(devices)
+    return int(nodes) * devices if isinstance(devices, int) and devices > 0 else None
+
+
 class ConfigCheckCLI(PipelineCLI):
     """Parses, checks and builds the model and the data module; no trainer, no run."""
 
@@ -72,6 +83,9 @@ class ConfigCheckCLI(PipelineCLI):
         data = self.datamodule
         if isinstance(data, ShardDataModule) and (Path(data.root) / MANIFEST_NAME).is_file():
             data.check_splits(self.subcommand or "fit")  # the split names; every shard file is there
+            world = _configured_world(cfg.trainer)
+            if (self.subcommand or "fit") == "fit" and world:
+                data.check_one_global_batch(world, max(1, int(cfg.trainer.get("accumulate_grad_batches") or 1)))
         weights = cfg.model.get("init_weights")
         if weights and not Path(weights).exists():
             _warn(f"model.init_weights: {weights} does not exist on this machine")

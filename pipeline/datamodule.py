@@ -239,15 +239,20 @@ class ShardDataModule(pl.LightningDataModule):
                 epoch)
         return self._start.batches
 
+    def check_one_global_batch(self, world: int, accumulate: int) -> None:
+        """The train split holds at least one optimizer step of ``world`` ranks (Lightning would end
+        "successfully" untrained). The CLI calls it once the trainer knows its ranks, before the loggers
+        start; ``train_dataloader`` again."""
+        if steps_in_epoch(len(self.train_shards), world, self.batch_size, 0, accumulate) == 0:
+            raise ConfigError(
+                f"the {self.train_split!r} split has {len(self.train_shards)} samples, fewer than one global batch"
+                f" ({world} ranks x data.batch_size {self.batch_size} x trainer.accumulate_grad_batches"
+                f" {accumulate}): no training step could run"
+            )
+
     def train_dataloader(self):
         world, rank = self._geometry()
-        samples = len(self.train_shards)
-        if self._steps(world) == 0:  # Lightning would end "successfully" untrained
-            raise ConfigError(
-                f"the {self.train_split!r} split has {samples} samples, fewer than one global batch"
-                f" ({world} ranks x data.batch_size {self.batch_size} x trainer.accumulate_grad_batches"
-                f" {self._accumulate()}): no training step could run"
-            )
+        self.check_one_global_batch(world, self._accumulate())
         self.resume_batches(self._start.epoch)  # the resume position in batches of the current size
         sampler = TrainSampler(
             self.train_shards.shard_sizes, self.seed, world, rank, self.batch_size, self.window_shards,

@@ -273,16 +273,20 @@ class ImageClassifier(pl.LightningModule):
             self.log(f"{prefix}/top5", self.val_top5)
 
     # ---- checkpoints ---------------------------------------------------------------------------------
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Refuse, with a clear message, a checkpoint of another network (the state-dict error would
-        list hundreds of keys)."""
-        saved = checkpoint.get("hyper_parameters") or {}
+    def check_network_of(self, saved: dict) -> None:
+        """A checkpoint's hyper-parameters (``saved``) name this network: a one-line error naming the
+        setting otherwise. The CLI calls it before the loggers start, ``on_load_checkpoint`` again."""
         for key in ("arch", "num_classes", "arch_kwargs"):
             if key in saved and (saved[key] or None) != (self.hparams.get(key) or None):
                 raise ConfigError(
                     f"the checkpoint was trained with model.{key}={saved[key]!r}, this run has"
                     f" model.{key}={self.hparams.get(key)!r}; use the original setting or a new run directory"
                 )
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Refuse, with a clear message, a checkpoint of another network (the state-dict error would
+        list hundreds of keys)."""
+        self.check_network_of(checkpoint.get("hyper_parameters") or {})
         tensors = checkpoint.get("state_dict")
         if isinstance(tensors, dict) and tensors:  # (a DeepSpeed checkpoint loads its tensors itself)
             own = self.state_dict()

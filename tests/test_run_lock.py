@@ -299,6 +299,19 @@ def test_a_refused_fit_leaves_no_new_run_directory_behind(digits_shards, tmp_pat
                              "--tracking.wandb", "true", env={"WANDB_MODE": "offline"})
     assert out.returncode == 2 and "data.val_split: split 'vall' is not in" in out.stderr, out.stderr
     assert not new.exists(), sorted(p.relative_to(new).as_posix() for p in new.rglob("*"))
+    # a batch larger than the split (known once the trainer has its ranks): also before W&B starts
+    out = run_cli_in_process("fit", "--config", str(REPO / "conf" / "demo.yaml"), "--data.root", str(digits_shards),
+                             "--data.batch_size", "100000", "--trainer.default_root_dir", str(new),
+                             "--tracking.wandb", "true", env={"WANDB_MODE": "offline"})
+    assert out.returncode == 2 and "fewer than one global batch (1 ranks x data.batch_size 100000" in out.stderr, \
+        out.stderr
+    assert not new.exists(), sorted(p.relative_to(new).as_posix() for p in new.rglob("*"))
+    from tests.conftest import run_module  # config_check says so too, for a config that says how many ranks
+
+    out = run_module("pipeline.config_check", "fit", "--config", str(REPO / "conf" / "demo.yaml"), "--data.root",
+                     str(digits_shards), "--data.batch_size", "1000", "--trainer.devices", "2", check=False)
+    assert out.returncode == 2 and "fewer than one global batch (2 ranks x data.batch_size 1000" in out.stderr, \
+        out.stderr
 
     old = tmp_path / "runs" / "old"
     old.mkdir()

@@ -79,6 +79,15 @@ def test_explicit_ckpt_path_keeps_the_config(trained, digits_shards, tmp_path):
     proc = run_module(*_args("fit", digits_shards, tmp_path / "other", "--ckpt_path", str(last),
                              "--model.arch", "cifar_resnet32"), check=False)
     _fails_clearly(proc, 2, "model.arch='cifar_resnet20'", "cifar_resnet32")
+    assert not (tmp_path / "other").exists(), "refused before anything was written there"
+    # validate of another network, W&B on: refused before the loggers start (it left a W&B run and a csv
+    # version folder in RUN/validate/)
+    args = _args("validate", digits_shards, trained, "--ckpt_path", str(last), "--model.arch", "cifar_resnet32")
+    args[args.index("--tracking.wandb") + 1] = "true"
+    before = sorted((trained / "validate").rglob("*"))
+    proc = run_cli_in_process(*args[1:], env={"WANDB_MODE": "offline"})
+    _fails_clearly(proc, 2, "model.arch='cifar_resnet20'", "cifar_resnet32")
+    assert sorted((trained / "validate").rglob("*")) == before
 
 
 def test_a_resume_reads_last_ckpt_not_a_newer_copy_beside_it(trained, digits_shards, tmp_path):
