@@ -46,6 +46,17 @@ def finish_wandb_run(exit_code: int) -> None:
         log.warning("W&B: could not finish the run (%s: %s)", type(e).__name__, e)
 
 
+def _wandb_service_alive() -> bool:
+    """Whether this process's W&B service process still runs (False when it cannot tell: a wandb whose
+    internals differ, where teardown alone is the safe way)."""
+    try:
+        from wandb.sdk import wandb_setup
+
+        return wandb_setup.singleton()._connection._proc._process.poll() is None
+    except Exception:  # noqa: BLE001 (private API: no service, or another wandb version)
+        return False
+
+
 def finish_pending_wandb_run() -> None:
     """The finish a distributed stage left for after its process group's teardown (``teardown`` below)."""
     global _finish_pending
@@ -157,6 +168,10 @@ class WandbBacklog(pl.Callback):
         self._keep_rows_after_save(trainer)
         import wandb
 
+        if trainer.is_global_zero and _wandb_service_alive():
+            # the signal reached this process alone (`kill PID`, not a Slurm step's): the service would finish
+            # the run in teardown and print its footer itself, with terminal colour codes, into the job's stdout
+            finish_wandb_run(exit_code=0)
         try:
             wandb.teardown()
         except Exception as e:  # noqa: BLE001 (the service process went with the signal: nothing left to tell it)

@@ -308,12 +308,16 @@ def test_the_stopping_steps_train_metrics_reach_wandb_when_the_run_resumes(digit
 
     run = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    # the SIGTERM to this process alone (W&B's service lives on), W&B not silent: its service finished the
+    # run in teardown and printed the footer itself, in terminal colours, into the (file) stdout
     stopped = subprocess.run(fit_command(digits_shards, run, 9, [
         "--tracking.wandb", "true", "--trainer.callbacks+=tests.preemption_helpers.SignalAtBatch",
         "--trainer.callbacks.batch_idx", "3", "--trainer.callbacks.signum", "15"]),
-        env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+        env={k: v for k, v in env.items() if k != "WANDB_SILENT"}, cwd=REPO, capture_output=True, text=True,
+        timeout=300)
     out = stopped.stdout + stopped.stderr
     assert stopped.returncode == 0 and "preemption (SIGTERM)" in out, out[-3000:]
+    assert "\x1b[" not in out and "wandb: You can sync this run to the cloud" in stopped.stderr, out[-3000:]
     with open(run / "csv" / "metrics.csv") as f:
         last = [r for r in csv.DictReader(f) if r.get("train/loss")][-1]
     step = int(last["step"])
