@@ -1,6 +1,7 @@
 """Speed telemetry: images/s per rank and in total, the share of step time spent waiting for data, and
-peak GPU memory, logged every ``log_every_n_steps`` over the window since the previous log (and at an
-epoch's last step and the step a run stops at, where Lightning logs too).
+peak GPU memory, logged every ``log_every_n_steps`` over the window since the previous log (and at the
+step a run stops at, where Lightning logs too). Lightning writes no row at an epoch's last step: the
+window goes on into the next epoch, less the time between the two (validation, checkpoints).
 
 Waiting for data is the wall time between the end of one training batch and the start of the next (the
 loader's ``next()`` plus Lightning's transfer to the device); on a GPU the device may still be busy with
@@ -29,7 +30,12 @@ class Throughput(Callback):
         self.steps = 0
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._reset(time.perf_counter())
+        now = time.perf_counter()
+        if self.steps and self.last_end is not None:  # the last epoch's steps since its last row: kept,
+            self.window_start += now - self.last_end  # without the time between the epochs
+            self.last_end = now
+        else:
+            self._reset(now)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module, batch, batch_idx: int) -> None:
         now = time.perf_counter()
@@ -46,7 +52,7 @@ class Throughput(Callback):
         # Lightning also logs the step where the run stops (a preemption): that row gets this window's own
         # values, where it repeated the previous row's (callback metrics stay in Lightning's step results)
         due = trainer.global_step % max(1, trainer.log_every_n_steps) == 0
-        if not (due or trainer.is_last_batch or trainer.should_stop):
+        if not (due or trainer.should_stop):
             return
         elapsed = max(now - self.window_start, 1e-9)
         per_rank = self.images / elapsed

@@ -172,3 +172,14 @@ class TermStepInValidation(pl.Callback):
         if not self.sent and not trainer.sanity_checking and trainer.current_epoch == self.epoch:
             self.sent = True
             subprocess.run(["kill", "-TERM", *map(str, descendants(os.getpid()))], check=False)
+
+
+class SlowValidation(pl.Callback):
+    """Sleep ``seconds`` at the end of each validation (time between two epochs that is not training)."""
+
+    def __init__(self, seconds: float = 5.0) -> None:
+        self.seconds = seconds
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            time.sleep(self.seconds)

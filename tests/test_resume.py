@@ -570,6 +570,27 @@ def test_the_stopping_steps_metrics_row_has_its_own_throughput(digits_shards, tm
         assert perf[0][key] != perf[1][key], (key, perf)
 
 
+def test_throughput_window_runs_across_an_epoch_end_without_the_validation(digits_shards, tmp_path):
+    """Lightning writes no row at an epoch's last step, so the window closed there was computed and never
+    written. It goes on into the next epoch instead, less the time between the epochs (a validation slowed
+    by 8 s here): the row at step 11 (global steps 9-12: three of epoch 0, one of epoch 1) has the step
+    time of the others, and images/s x step time is one batch."""
+    import csv
+
+    run = tmp_path / "run"
+    with open(tmp_path / "runs.log", "w") as log:
+        run_to_end(fit_command(digits_shards, run, STEPS, [
+            "--trainer.log_every_n_steps", "4", "--trainer.callbacks+=tests.preemption_helpers.SlowValidation",
+            "--trainer.callbacks.seconds=8"]), log)
+    with open(run / "csv" / "metrics.csv") as f:
+        perf = {r["step"]: r for r in csv.DictReader(f) if r.get("perf/step_time_s")}
+    assert sorted(perf, key=int) == ["3", "7", "11"], sorted(perf)
+    times = {k: float(r["perf/step_time_s"]) for k, r in perf.items()}
+    assert times["11"] < max(times["3"], times["7"]) + 1.0, times  # 8 s over 4 steps: +2 s each if counted
+    for r in perf.values():
+        assert float(r["perf/img_per_s_per_rank"]) * float(r["perf/step_time_s"]) == pytest.approx(128, rel=1e-6), r
+
+
 def test_throughput_under_accumulation_is_per_optimizer_step(digits_shards, tmp_path):
     """With gradient accumulation the window closed on micro-batches where no row is written (Lightning
     logs at a group's last micro-batch): rows covered one micro-batch, and perf/step_time_s was a
