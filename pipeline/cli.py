@@ -621,7 +621,10 @@ def main(argv: list[str] | None = None, cli: type[PipelineCLI] = PipelineCLI) ->
             ShardDataModule,
             args=argv,
             parser_class=PipelineArgumentParser,
-            parser_kwargs={"prog": "python -m pipeline"},
+            parser_kwargs={"prog": "python -m pipeline", "description": (
+                "Train (fit) and evaluate (validate, test) the ResNet family on data_prep's shards; each "
+                "subcommand's --help lists its settings. Also: `python -m pipeline export CKPT OUT.pt` writes a "
+                "checkpoint's network weights (`python -m pipeline export --help`).")},
             auto_configure_optimizers=False,
             save_config_callback=RunDirConfig,
             save_config_kwargs={"overwrite": True},

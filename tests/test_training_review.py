@@ -392,6 +392,15 @@ def test_help_describes_this_clis_run_directory_and_ckpt_path(sub):
     assert ("a fresh start when it does not exist yet" in text) == (sub == "fit")
 
 
+def test_top_level_help_names_export():
+    """README names ``python -m pipeline export``; the top-level ``--help`` listed fit/validate/test only,
+    under Lightning's "Lightning Trainer command line tool"."""
+    proc = run_cli_in_process("--help")
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.split())
+    assert "python -m pipeline export CKPT OUT.pt" in text and "Lightning Trainer command line tool" not in text
+
+
 def test_config_files_with_null_settings_scalars_for_sections_binary_or_empty_are_refused(digits_shards, tmp_path):
     """A config file's ``null`` passed jsonargparse for any setting (then a TypeError traceback), ``trainer: 5``
     was dropped without a word (the run trained with the defaults), a binary file was a UnicodeDecodeError,
