@@ -38,6 +38,12 @@ def load_manifest(out_dir: str | Path) -> dict:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
+        work = Path(out_dir) / WORK_DIR
+        if work.is_dir():  # a data_prep run began here: unfinished, or array tasks not yet finalized
+            raise ManifestError(
+                f"{path}: manifest not found: data_prep has not finished {out_dir} (its {WORK_DIR}/ is there): "
+                f"rerun the same data_prep command to finish it, or after Slurm array tasks "
+                f"`python -m data_prep finalize {out_dir}` once they all ended") from None
         raise ManifestError(f"{path}: manifest not found (run `python -m data_prep ...` first)") from None
     except OSError as exc:
         raise ManifestError(f"{path}: cannot read manifest: {exc}") from None

@@ -49,7 +49,9 @@ def check_parsed(parser, cfg) -> None:
         except (KeyError, TypeError):
             continue
         if value is None:
-            raise ConfigError(f"{dest} must be a {type_name(hint)}, got null (its default: {action.default!r})")
+            name = type_name(hint)
+            article = "an" if name[:1].lower() in "aeiou" else "a"
+            raise ConfigError(f"{dest} must be {article} {name}, got null (its default: {action.default!r})")
     seed = cfg.get("seed_everything")
     if not isinstance(seed, bool) and isinstance(seed, int) and not 0 <= seed <= SEED_MAX:
         raise ConfigError(f"seed_everything must be in [0, {SEED_MAX}] (or true: a random seed, false: none), "

@@ -5,13 +5,21 @@ import sys
 
 import pytest
 
-from data_prep.format import (MANIFEST_NAME, ManifestError, load_manifest, read_index, shard_paths,
+from data_prep.format import (MANIFEST_NAME, WORK_DIR, ManifestError, load_manifest, read_index, shard_paths,
                               write_index)
 
 
 def test_load_manifest_errors_name_the_path(tmp_path):
     with pytest.raises(ManifestError, match=str(tmp_path / MANIFEST_NAME) + ".*not found"):
         load_manifest(tmp_path)
+    (tmp_path / WORK_DIR).mkdir()  # array tasks wrote shards, nobody ran finalize: say so (and how)
+    with pytest.raises(ManifestError, match=f"data_prep has not finished .*`python -m data_prep finalize {tmp_path}`"):
+        load_manifest(tmp_path)
+    from pipeline.data.shards import ShardSet
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"^data.root: {tmp_path / MANIFEST_NAME}: manifest not found: data_prep"):
+        ShardSet(tmp_path, "train")
     (tmp_path / MANIFEST_NAME).write_text("{not json")
     with pytest.raises(ManifestError, match="invalid JSON"):
         load_manifest(tmp_path)

@@ -25,7 +25,7 @@ def _job(tmp_path: Path, config: Path, extra: list[str], **kw) -> TrainJob:
     ("model:\n  lrr: 0.1\n", [], "--config {cfg}: unknown key model.lrr"),
     ("trainer:\n  max_epochs: 90\n", ["--model.lr", "1e9"], "model.lr must be in [0, 10000]"),
     ("trainer:\n  max_epochs: 90\n", ["--trainer.max_steps", "0"], "trainer.max_steps must be >= 1 or -1"),
-    ("data:\n  num_workers: null\n", [], "data.num_workers must be a int, got null"),
+    ("data:\n  num_workers: null\n", [], "data.num_workers must be an int, got null"),
     ("checkpoint:\n  save_top_k: -5\n", [], "checkpoint.save_top_k must be >= -1"),
     ("trainer:\n  strategy: dpp\n", [], "trainer.strategy: 'dpp' is not one of: auto, ddp, "),
 ], ids=["unknown-key", "lr-after-dashes", "trainer-range", "null", "checkpoint-range", "strategy-name"])

@@ -406,8 +406,8 @@ def test_config_files_with_null_settings_scalars_for_sections_binary_or_empty_ar
     was dropped without a word (the run trained with the defaults), a binary file was a UnicodeDecodeError,
     an empty one "Unexpected config:" and nothing after it."""
     files = {
-        "null.yaml": ("data:\n  batch_size: null\n", "data.batch_size must be a int, got null (its default: 256)"),
-        "nullsave.yaml": ("checkpoint:\n  save_top_k: null\n", "checkpoint.save_top_k must be a int, got null"),
+        "null.yaml": ("data:\n  batch_size: null\n", "data.batch_size must be an int, got null (its default: 256)"),
+        "nullsave.yaml": ("checkpoint:\n  save_top_k: null\n", "checkpoint.save_top_k must be an int, got null"),
         "scalar.yaml": ("trainer: 5\n", "trainer: expected a mapping of settings (trainer.KEY: VALUE), got 5"),
         "list.yaml": ("checkpoint: [1]\n", "checkpoint: expected a mapping of settings"),
         "binary.yaml": (b"\xff\xfe\x00bad", "is not a text (UTF-8) file"),

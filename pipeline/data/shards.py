@@ -33,7 +33,7 @@ class ShardSet:
         try:
             self.manifest = load_manifest(self.root)
         except ManifestError as e:
-            raise ConfigError(str(e)) from None
+            raise ConfigError(f"data.root: {e}") from None
         splits = self.manifest.get("splits", {})
         if split not in splits:
             raise ConfigError(
