@@ -67,7 +67,7 @@ class PipelineArgumentParser(LightningArgumentParser):
             detail = message.split(":", 1)[1].strip().replace('\n  in "<unicode string>",', " at")
             return f"--config {self._reading[-1]} is not valid YAML: {'; '.join(detail.splitlines())}"
         message = " ".join(line.strip() for line in message.splitlines() if line.strip())
-        message = _nested_setting(message) or message
+        message = _nested_setting(message) or _choices(message) or message
         if message.startswith("--config ") and ": expected a mapping of settings" in message:
             return message
         if message.startswith("Unexpected config:") and self._reading:  # a file of no settings, or of a list
@@ -109,6 +109,28 @@ def _nested_setting(message: str) -> str | None:
             detail = f"expected {expected.group(1)}, got {expected.group(2)}"
         return f"{section}.{bad.group(1)}: {detail}"
     return f"{section}: {inner}"
+
+
+_CHOICES = re.compile(r'Parser key "(?P<key>[\w.]+)": Does not validate against any of the Union subtypes '
+                      r"Subtypes: \[(?P<subtypes>.*?)\] Errors: .* Given value: (?P<value>.*)$")
+
+
+def _choices(message: str) -> str | None:
+    """A value outside a setting's fixed choices (``trainer.precision 17``): jsonargparse lists each
+    ``Literal`` of the union and each of its errors (about 700 characters); say the value and the choices."""
+    m = _CHOICES.search(message)
+    if not m:
+        return None
+    parts = re.findall(r"typing\.Literal\[(.*?)\]|<class '(\w+)'>", m.group("subtypes"))
+    if any(cls and cls != "NoneType" for _, cls in parts):
+        return None  # a union with other types: its errors say more than a list of choices
+    choices: list[str] = []
+    for literal, _ in parts:
+        for item in (v.strip() for v in literal.split(",")):
+            if item and item.strip("'") not in choices:
+                choices.append(item.strip("'"))
+    null = " (or null)" if any(cls == "NoneType" for _, cls in parts) else ""
+    return f"{m.group('key')}: {m.group('value')} is not one of: {', '.join(choices)}{null}"
 
 
 def _config_with_key(dotted: str) -> str | None:

@@ -281,6 +281,7 @@ def test_test_scores_the_test_split_as_validation_does_and_predict_is_no_command
     ("trainer.devices", "abc", "error: trainer.devices must be a number of devices, -1 (all), 'auto', or GPU indices"),
     ("trainer.strategy", "deepspeed_stage_2", "trainer.strategy: DeepSpeed runs on CUDA GPUs and this run has none"),
     ("trainer.log_every_n_steps", "-1", "trainer.log_every_n_steps must be >= 1"),
+    ("trainer.precision", "17", "error: trainer.precision: 17 is not one of: 64, 32, 16, transformer-engine, "),
     ("trainer.min_epochs", "-3", "trainer.min_epochs must be >= 0"),
     ("seed_everything", "-1", "seed_everything must be in [0, 4294967295]"),
     ("model.lr", "1e300", "model.lr must be in [0, 10000]"),
