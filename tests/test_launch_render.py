@@ -709,6 +709,7 @@ def test_the_cifar10_sweep_submits_the_papers_networks(tmp_path: Path) -> None:
                      name, opts.get("--model.warmup_steps"), opts.get("--model.warmup_factor")))
         assert opts["--config"] == str(REPO / "conf" / "cifar10_resnet20.yaml")
         assert opts["--trainer.precision"] == "32-true"  # after a second --: to every trainer
+        assert opts["--data.seed"] == opts["--seed_everything"], "seeds differ in init and in data order"
         assert opts["--data.root"] == str(tmp_path / "shards") and "--time=1-00:00:00" in sbatch_directives(text)
     runs = tmp_path / "runs"
     assert jobs == [(arch, str(s), f"{runs}/{arch}-seed{s}", f"--job-name=c10-{arch.replace('cifar_', '')}-s{s}",

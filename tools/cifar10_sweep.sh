@@ -7,7 +7,8 @@
 #
 #   --depths   CIFAR ResNet depths (default "20 32 44 56 110", the rows of Table 6; 1202 also exists)
 #   --plain    also the plain nets of the same depths (Fig. 6 left: plain nets get worse with depth)
-#   --seeds    runs per network, seeds 0..N-1 (default 1; the paper reports ResNet-110 over 5 runs)
+#   --seeds    runs per network, seeds 0..N-1 (default 1; the paper reports ResNet-110 over 5 runs): run k has
+#              --seed_everything k (initialisation) and --data.seed k (data order, augmentation)
 #   --root     the shards (default data/cifar10: data_prep's OUT with splits train and test)
 #   --runs     parent of the run directories (default runs/cifar10): RUNS/<arch>-seed<k>
 # Everything after `--` goes to `launch submit train` for every job (--time is required there; e.g.
@@ -59,7 +60,7 @@ for arch in "${archs[@]}"; do
   for ((seed = 0; seed < seeds; seed++)); do
     echo "== $arch seed $seed: $runs/$arch-seed$seed" >&2
     "$python" -m launch submit train --config conf/cifar10_resnet20.yaml --run-dir "$runs/$arch-seed$seed" \
-      --job-name "c10-${arch//cifar_/}-s$seed" "${launch_args[@]}" -- --model.arch "$arch" --seed_everything "$seed" --data.root "$root" \
+      --job-name "c10-${arch//cifar_/}-s$seed" "${launch_args[@]}" -- --model.arch "$arch" --seed_everything "$seed" --data.seed "$seed" --data.root "$root" \
       --tracking.name "$arch-seed$seed" "${extra[@]}" "${trainer_args[@]}"
   done
 done
