@@ -118,6 +118,10 @@ def finalize(out: str | Path, splits: list[str] | None = None) -> dict:
     tmp.write_text("".join(json.dumps(r, ensure_ascii=True) + "\n" for r in kept + new_rejects), encoding="utf-8")
     os.replace(tmp, rej_path)
     manifest["splits"] = dict(sorted(manifest["splits"].items()))
+    # top level: what every split shares (it was the split written last: a passthrough test split made a
+    # --max-side train split look passthrough); each split's own are under splits.NAME
+    opts = [e.get("options") or {} for e in manifest["splits"].values()]
+    manifest["options"] = {k: v for k, v in opts[0].items() if all(k in o and o[k] == v for o in opts[1:])}
     ordered = {k: manifest[k] for k in ("version", "source", "options", "classes", "class_names", "splits")}
     write_json_atomic(out / MANIFEST_NAME, ordered)
     return ordered

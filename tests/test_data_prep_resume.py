@@ -178,6 +178,11 @@ def test_reencode_mode_bounds_size(tree, tmp_path):
                  "--no-progress"]) == 0
     m = load_manifest(out)
     assert m["options"]["mode"] == "reencode" and m["options"]["max_side"] == 40
+    # a second split in passthrough mode: the top level keeps only what both share (it said passthrough)
+    assert main(["imagefolder", str(tree), str(out), "--split", "val", "--no-progress"]) == 0
+    m = load_manifest(out)
+    assert m["splits"]["train"]["options"]["mode"] == "reencode" and m["splits"]["val"]["options"]["mode"] == "passthrough"
+    assert "mode" not in m["options"] and "max_side" not in m["options"] and m["options"]["seed"] == 0
     got = samples_of(out, "train")
     assert len(got) == 40
     for s in got:
