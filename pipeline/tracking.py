@@ -15,6 +15,7 @@ from pytorch_lightning.loggers.logger import rank_zero_experiment
 
 from pipeline.errors import ConfigError
 from pipeline.run_id_file import BadRunIdFile, create_run_id, read_run_id
+from pipeline.wandb_backlog import ServiceSafeWandbLogger
 
 
 @dataclass
@@ -128,7 +129,7 @@ def make_loggers(cfg: TrackingConfig, run_dir: str | Path, wandb_id: str | None 
     if cfg.wandb:
         _wandb_dirs(run_dir)
         loggers.append(_quiet(
-            WandbLogger(
+            ServiceSafeWandbLogger(
                 project=cfg.project, name=cfg.name or run_dir.name, id=wandb_id or run_id(run_dir), resume="allow",
                 save_dir=str(run_dir), offline=wandb_offline(),
             )
@@ -165,7 +166,7 @@ def make_eval_loggers(cfg: TrackingConfig, run_dir: str | Path, stage: str, ckpt
         root.mkdir(parents=True, exist_ok=True)
         # an id of its own, also where WANDB_RUN_ID names the training's run (the Slurm script exports it)
         loggers.append(_quiet(
-            WandbLogger(project=cfg.project, name=f"{cfg.name or run_dir.name} {what}", group=group,
+            ServiceSafeWandbLogger(project=cfg.project, name=f"{cfg.name or run_dir.name} {what}", group=group,
                         job_type=stage, save_dir=str(root), offline=wandb_offline(), id=secrets.token_hex(4),
                         resume="never")
         ))

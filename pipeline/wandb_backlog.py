@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from pytorch_lightning.loggers import Logger, WandbLogger
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,37 @@ class _NoSendToDeadService(logging.Filter):
 _NO_SEND_TO_DEAD_SERVICE = _NoSendToDeadService()
 
 
+class ServiceSafeWandbLogger(WandbLogger):
+    """Lightning's W&B logger, whose lost service process does not end the training.
+
+    W&B talks to a service process of its own; once that is gone (Slurm's SIGTERM reaches every process
+    of the job step, the OOM killer, a crash) each ``log`` raises ``ConnectionResetError``, and a log call
+    in flight when a preemption's SIGTERM came ended the run before its save. ``WandbBacklog`` sets
+    ``on_service_lost``: it puts a ``Recorder`` in this logger's place, which keeps the rows for the
+    resumed run."""
+
+    on_service_lost: Any = None  # (metrics, step) -> None, set by WandbBacklog.setup
+
+    @rank_zero_only
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        try:
+            super().log_hyperparams(params, *args, **kwargs)
+        except ConnectionError as e:
+            self._lost(e, None, None)
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        try:
+            super().log_metrics(metrics, step)
+        except ConnectionError as e:
+            self._lost(e, metrics, step)
+
+    def _lost(self, error: Exception, metrics: dict[str, Any] | None, step: int | None) -> None:
+        if self.on_service_lost is None:
+            raise error
+        self.on_service_lost(error, metrics, step)
+
+
 class Recorder(Logger):
     """Stands in for the detached W&B logger: keeps each ``log_metrics`` call (global rank 0 only, like
     the W&B logger it replaces) in its ``WandbBacklog``."""
@@ -118,6 +150,20 @@ class WandbBacklog(pl.Callback):
             logging.getLogger("asyncio").addFilter(_NO_SEND_TO_DEAD_SERVICE)
             recorder = Recorder(self, trainer.is_global_zero)
             trainer.loggers = [recorder if isinstance(lg, WandbLogger) else lg for lg in trainer.loggers]
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for logger in trainer.loggers:
+            if isinstance(logger, ServiceSafeWandbLogger):
+                logger.on_service_lost = lambda e, metrics, step: self._service_lost(trainer, e, metrics, step)
+
+    def _service_lost(self, trainer: pl.Trainer, error: Exception, metrics: dict | None, step: int | None) -> None:
+        """W&B's service is gone: the training goes on, W&B's rows are held as after a SIGTERM."""
+        log.warning("W&B: its service process is gone (%s) at step %d; the training goes on, and the W&B run gets "
+                    "this start's rows (up to %d) when the run resumes; all are in the CSV log", type(error).__name__,
+                    trainer.global_step, MAX_HELD)
+        self.detach(trainer)
+        if metrics:
+            self.hold(metrics, step)
 
     def hold(self, metrics: dict[str, Any], step: int | None) -> None:
         if len(self.held) < MAX_HELD:
@@ -175,7 +221,7 @@ class WandbBacklog(pl.Callback):
         try:
             wandb.teardown()
         except Exception as e:  # noqa: BLE001 (the service process went with the signal: nothing left to tell it)
-            log.info("W&B: its service process ended with the signal (%s); a resume continues the same W&B run",
+            log.info("W&B: its service process is gone (%s); a resume continues the same W&B run",
                      type(e).__name__)
 
     def _finish_wandb_run(self, trainer: pl.Trainer, exit_code: int) -> None:

@@ -183,3 +183,35 @@ class SlowValidation(pl.Callback):
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module) -> None:
         if not trainer.sanity_checking:
             time.sleep(self.seconds)
+
+
+class KillWandbService(pl.Callback):
+    """SIGKILL this process's W&B service process when training batch ``batch_idx`` starts, and wait until
+    it is gone (as the OOM killer, or Slurm's SIGTERM reaching it before the trainer's handler ran)."""
+
+    def __init__(self, batch_idx: int) -> None:
+        self.batch_idx = batch_idx
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module, batch, batch_idx: int) -> None:
+        if batch_idx != self.batch_idx or not trainer.is_global_zero:
+            return
+        services = []
+        for pid in descendants(os.getpid())[1:]:
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if b"wandb-core" in f.read().split(b"\0")[0]:  # W&B's service binary
+                        services.append(pid)
+            except OSError:
+                continue
+        assert services, "no W&B service process found"
+        for pid in services:
+            os.kill(pid, signal.SIGKILL)
+        for pid in services:  # a child: reaped by whoever waits for it; gone from /proc or a zombie
+            for _ in range(200):
+                try:
+                    with open(f"/proc/{pid}/stat") as f:
+                        if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                            break
+                except OSError:
+                    break
+                time.sleep(0.05)

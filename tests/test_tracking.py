@@ -296,6 +296,40 @@ def test_metrics_after_a_sigterm_reach_wandb_when_the_run_resumes(digits_shards,
     assert saved["callbacks"]["WandbBacklog"] == {"held": []}, "logged once, not again at the next resume"
 
 
+def test_a_lost_wandb_service_does_not_end_the_training(digits_shards, tmp_path):
+    """W&B's service process gone mid-run (killed here at batch 2; Slurm's SIGTERM reaches it too, the OOM
+    killer may pick it): every W&B log call raised ConnectionResetError, and the run ended there, before
+    a preemption's save. Now the training goes on, a SIGTERM at batch 6 still saves and requeues, and the
+    rows W&B missed reach the same W&B run when the run resumes."""
+    import os
+    import subprocess
+
+    from bench.kill_resume import fit_command
+
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    stopped = subprocess.run(fit_command(digits_shards, run, 9, [
+        "--tracking.wandb", "true", "--checkpoint.every_n_train_steps", "0",
+        "--trainer.callbacks+=tests.preemption_helpers.KillWandbService", "--trainer.callbacks.batch_idx", "2",
+        "--trainer.callbacks+=tests.preemption_helpers.SignalAtBatch", "--trainer.callbacks.batch_idx", "6",
+        "--trainer.callbacks.signum", "15"]), env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    out = stopped.stdout + stopped.stderr
+    assert stopped.returncode == 0 and "preemption (SIGTERM)" in out, out[-3000:]
+    assert "W&B: its service process is gone (ConnectionResetError) at step 2; the training goes on" in out, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    saved = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert saved["global_step"] == 7
+    held_steps = sorted({r["step"] for r in saved["callbacks"]["WandbBacklog"]["held"]})
+    assert held_steps[0] == 2 and held_steps[-1] >= 5, held_steps
+
+    resumed = subprocess.run(fit_command(digits_shards, run, 8, ["--tracking.wandb", "true"]), env=env, cwd=REPO,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0 and "resuming from" in resumed.stderr, resumed.stderr[-3000:]
+    second = sorted((run / "wandb").glob("offline-run-*"))[-1]
+    steps = {r.get("trainer/global_step") for r in _wandb_history(next(second.glob("*.wandb"))) if "train/loss" in r}
+    assert {2, 3, 4, 5} <= steps, sorted(s for s in steps if s is not None)
+
+
 def test_the_stopping_steps_train_metrics_reach_wandb_when_the_run_resumes(digits_shards, tmp_path):
     """SIGTERM mid-epoch: Lightning logs the stopping step's train metrics after the preemption save, so they
     were in no checkpoint and W&B never got them (CSV did). They are kept beside the checkpoint and logged
