@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from pytorch_lightning.loggers import Logger, WandbLogger
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class ServiceSafeWandbLogger(WandbLogger):
     ``on_service_lost``: it puts a ``Recorder`` in this logger's place, which keeps the rows for the
     resumed run."""
 
-    on_service_lost: Any = None  # (metrics, step) -> None, set by WandbBacklog.setup
+    on_service_lost: Any = None  # (error, metrics, step) -> None, set by WandbBacklog.setup
 
     @rank_zero_only
     def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
@@ -166,9 +166,14 @@ class WandbBacklog(pl.Callback):
             self.hold(metrics, step)
 
     def hold(self, metrics: dict[str, Any], step: int | None) -> None:
-        if len(self.held) < MAX_HELD:
-            self.held.append({"step": None if step is None else int(step),
-                              "metrics": {k: float(v) for k, v in metrics.items()}})
+        numbers = {}
+        for k, v in metrics.items():  # numbers (and one-element tensors); a log_image's pictures are not kept
+            try:
+                numbers[k] = float(v)
+            except (TypeError, ValueError, RuntimeError):
+                continue
+        if numbers and len(self.held) < MAX_HELD:
+            self.held.append({"step": None if step is None else int(step), "metrics": numbers})
 
     def state_dict(self) -> dict:
         self._saved = len(self.held)  # called when a checkpoint is written

@@ -296,6 +296,21 @@ def test_metrics_after_a_sigterm_reach_wandb_when_the_run_resumes(digits_shards,
     assert saved["callbacks"]["WandbBacklog"] == {"held": []}, "logged once, not again at the next resume"
 
 
+def test_the_backlog_holds_numbers_only():
+    """A log_image in flight when W&B's service went (the sample grid, at a run's first step) is held with
+    the rest: float() of its pictures raised TypeError and ended the run the guard was there to keep."""
+    import numpy as np
+    import wandb
+
+    from pipeline.wandb_backlog import WandbBacklog
+
+    backlog = WandbBacklog()
+    backlog.hold({"samples/train_batch": [wandb.Image(np.zeros((4, 4, 3), np.uint8))], "trainer/global_step": 3,
+                  "train/loss": torch.tensor(2.5)}, 3)
+    backlog.hold({"samples/train_batch": [wandb.Image(np.zeros((4, 4, 3), np.uint8))]}, 4)
+    assert backlog.held == [{"step": 3, "metrics": {"trainer/global_step": 3.0, "train/loss": 2.5}}]
+
+
 def test_a_lost_wandb_service_does_not_end_the_training(digits_shards, tmp_path):
     """W&B's service process gone mid-run (killed here at batch 2; Slurm's SIGTERM reaches it too, the OOM
     killer may pick it): every W&B log call raised ConnectionResetError, and the run ended there, before
