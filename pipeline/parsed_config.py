@@ -51,7 +51,10 @@ def check_parsed(parser, cfg) -> None:
         if value is None:
             name = type_name(hint)
             article = "an" if name[:1].lower() in "aeiou" else "a"
-            raise ConfigError(f"{dest} must be {article} {name}, got null (its default: {action.default!r})")
+            from pipeline.arg_parser import _config_with_key  # the file that set it (a null comes from a file)
+
+            where = f"--config {path}: " if (path := _config_with_key(dest)) else ""
+            raise ConfigError(f"{where}{dest} must be {article} {name}, got null (its default: {action.default!r})")
     seed = cfg.get("seed_everything")
     if not isinstance(seed, bool) and isinstance(seed, int) and not 0 <= seed <= SEED_MAX:
         raise ConfigError(f"seed_everything must be in [0, {SEED_MAX}] (or true: a random seed, false: none), "

@@ -420,6 +420,13 @@ def test_config_files_with_null_settings_scalars_for_sections_binary_or_empty_ar
         proc = run_cli_in_process(*_args("fit", digits_shards, tmp_path / "r", "--config", str(path))[1:])
         _fails_clearly(proc, 2, needle)
         assert not (tmp_path / "r").exists(), name
+        if name.startswith("null"):  # the file that set the null, also when it is not the last one read
+            assert f"error: --config {path}: " in proc.stderr, proc.stderr
+            other = tmp_path / "other.yaml"
+            other.write_text("model:\n  lr: 0.05\n")
+            proc = run_cli_in_process(*_args("fit", digits_shards, tmp_path / "r", "--config", str(path),
+                                             "--config", str(other))[1:])
+            _fails_clearly(proc, 2, f"--config {path}: {needle}")
 
 
 def test_refused_after_the_run_directory_was_made_removes_it(digits_shards, tmp_path):
