@@ -1,6 +1,7 @@
 """Training progress on the console: tqdm's bar on a terminal, plain lines in a log file (Slurm's).
 
-Both refresh every ``log_every_n_steps`` steps. Reading a metric on the host waits for the GPU to finish
+Both refresh every ``log_every_n_steps`` steps (the lines on the loggers' grid of global steps, the bar
+every that many batches of the epoch). Reading a metric on the host waits for the GPU to finish
 the step that produced it. Lightning converts every metric logged with ``prog_bar=True`` to a Python
 number at each step, whether a bar shows it or not (Lightning-AI/pytorch-lightning#21232), and rich's bar
 reads its metrics at every step whatever its refresh rate. So the module logs ``train/loss`` without
@@ -50,7 +51,8 @@ class StepProgressBar(_EpochBatches, TQDMProgressBar):
 
 
 class LineProgress(_EpochBatches, ProgressBar):
-    """One plain line every ``refresh_rate`` training steps (and at an epoch's last), one per validation."""
+    """One plain line every ``refresh_rate`` optimizer steps, where the loggers write their rows (and at an
+    epoch's last batch), one per validation."""
 
     def __init__(self, refresh_rate: int = 50) -> None:
         super().__init__()
@@ -74,7 +76,10 @@ class LineProgress(_EpochBatches, ProgressBar):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         n = batch_idx + 1
         total = self.total_train_batches
-        if not self._enabled or (n % self.refresh_rate and n != total):
+        # on the loggers' grid of optimizer steps (they read the metrics there anyway: one synchronisation),
+        # which runs on across epochs; and at the epoch's last batch
+        due = trainer.global_step % self.refresh_rate == 0 and not trainer.fit_loop._should_accumulate()
+        if not self._enabled or not (due or n == total):
             return
         now = time.perf_counter()
         t0, n0 = self._since or (now, n)

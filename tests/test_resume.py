@@ -591,6 +591,25 @@ def test_throughput_window_runs_across_an_epoch_end_without_the_validation(digit
         assert float(r["perf/img_per_s_per_rank"]) * float(r["perf/step_time_s"]) == pytest.approx(128, rel=1e-6), r
 
 
+def test_console_lines_fall_on_the_loggers_steps(digits_shards, tmp_path):
+    """The log file's progress lines counted batches of the epoch (every 4th), the loggers global steps:
+    with 11 batches an epoch they parted after epoch 0, the console showing losses no logger recorded
+    and reading the metrics (a GPU synchronisation) at other steps than the loggers. Lines now come at
+    the loggers' steps, and at an epoch's last batch."""
+    import csv
+
+    run = tmp_path / "run"
+    with open(tmp_path / "runs.log", "w") as log:
+        run_to_end(fit_command(digits_shards, run, 22, ["--trainer.log_every_n_steps", "4"]), log)
+    text = (tmp_path / "runs.log").read_text()
+    lines = [line.split(" | ")[0] for line in text.splitlines() if line.startswith("epoch ") and " batch " in line]
+    assert lines == ["epoch 0 batch 4/11", "epoch 0 batch 8/11", "epoch 0 batch 11/11", "epoch 1 batch 1/11",
+                     "epoch 1 batch 5/11", "epoch 1 batch 9/11", "epoch 1 batch 11/11"], lines
+    with open(run / "csv" / "metrics.csv") as f:
+        logged = [int(r["step"]) + 1 for r in csv.DictReader(f) if r.get("train/loss")]  # global steps done
+    assert logged[:5] == [4, 8, 12, 16, 20], logged
+
+
 def test_throughput_under_accumulation_is_per_optimizer_step(digits_shards, tmp_path):
     """With gradient accumulation the window closed on micro-batches where no row is written (Lightning
     logs at a group's last micro-batch): rows covered one micro-batch, and perf/step_time_s was a
