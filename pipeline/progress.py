@@ -1,7 +1,7 @@
 """Training progress on the console: tqdm's bar on a terminal, plain lines in a log file (Slurm's).
 
-Both refresh every ``log_every_n_steps`` steps (the lines on the loggers' grid of global steps, the bar
-every that many batches of the epoch). Reading a metric on the host waits for the GPU to finish
+Both refresh every ``log_every_n_steps`` steps, on the loggers' grid of global steps (and at an epoch's
+last batch). Reading a metric on the host waits for the GPU to finish
 the step that produced it. Lightning converts every metric logged with ``prog_bar=True`` to a Python
 number at each step, whether a bar shows it or not (Lightning-AI/pytorch-lightning#21232), and rich's bar
 reads its metrics at every step whatever its refresh rate. So the module logs ``train/loss`` without
@@ -20,6 +20,7 @@ import time
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import ProgressBar, TQDMProgressBar
+from pytorch_lightning.callbacks.progress.tqdm_progress import _update_n
 
 SHOWN = ("train/loss",)
 
@@ -43,11 +44,23 @@ class _EpochBatches:
         return self.trainer.num_training_batches
 
 
+def _on_loggers_grid(trainer: pl.Trainer, every: int) -> bool:
+    """This batch ended an optimizer step at which the loggers write a row (every ``every`` global
+    steps, a grid that runs on across epochs): a refresh there reads the metrics when they do."""
+    return trainer.global_step % every == 0 and not trainer.fit_loop._should_accumulate()
+
+
 class StepProgressBar(_EpochBatches, TQDMProgressBar):
-    """tqdm's bar with ``train/loss`` read at refreshes only."""
+    """tqdm's bar with ``train/loss`` read at refreshes only, on the loggers' steps (and an epoch's last)."""
 
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
         return {**super().get_metrics(trainer, pl_module), **_shown(trainer)}
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        bar, n = self.train_progress_bar, batch_idx + 1
+        if bar is not None and self.is_enabled and (_on_loggers_grid(trainer, self.refresh_rate) or n == bar.total):
+            _update_n(bar, n)
+            bar.set_postfix(self.get_metrics(trainer, pl_module))
 
 
 class LineProgress(_EpochBatches, ProgressBar):
@@ -78,8 +91,7 @@ class LineProgress(_EpochBatches, ProgressBar):
         total = self.total_train_batches
         # on the loggers' grid of optimizer steps (they read the metrics there anyway: one synchronisation),
         # which runs on across epochs; and at the epoch's last batch
-        due = trainer.global_step % self.refresh_rate == 0 and not trainer.fit_loop._should_accumulate()
-        if not self._enabled or not (due or n == total):
+        if not self._enabled or not (_on_loggers_grid(trainer, self.refresh_rate) or n == total):
             return
         now = time.perf_counter()
         t0, n0 = self._since or (now, n)

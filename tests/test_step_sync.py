@@ -101,6 +101,35 @@ def test_training_steps_do_not_synchronise(digits_shards, tmp_path, monkeypatch,
         f"{name} x{n}, first at:\n{watch.where[name]}" for name, n in watch.calls.items())
 
 
+def test_the_terminal_bar_refreshes_on_the_loggers_steps(digits_shards, tmp_path, monkeypatch):
+    """tqdm's bar refreshed every 4 batches of the epoch, the loggers every 4 global steps: after epoch 0
+    (22 batches) the two read the metrics (a GPU synchronisation each) at different steps."""
+    import pytorch_lightning as pl
+
+    from pipeline.cli import PipelineCLI
+    from pipeline.datamodule import ShardDataModule
+    from pipeline.module import ImageClassifier
+
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    args = ["--config", str(REPO / "conf" / "demo.yaml"), "--data.root", str(digits_shards),
+            "--trainer.default_root_dir", str(tmp_path / "run"), "--data.num_workers", "0",
+            "--trainer.num_sanity_val_steps", "0", "--trainer.limit_val_batches", "0",
+            "--trainer.max_steps", "30", "--trainer.log_every_n_steps", "4", "--tracking.wandb", "false"]
+    cli = PipelineCLI(ImageClassifier, ShardDataModule, run=False, auto_configure_optimizers=False,
+                      trainer_defaults={"use_distributed_sampler": False}, args=args)
+    bar = cli.trainer.progress_bar_callback
+    refreshed = []
+
+    class Seen(pl.Callback):  # runs after the bar: its counter moves only when it refreshes
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if bar.train_progress_bar.n == batch_idx + 1:
+                refreshed.append(trainer.global_step)
+
+    cli.trainer.callbacks.append(Seen())
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert refreshed == [4, 8, 12, 16, 20, 22, 24, 28], refreshed  # 22: epoch 0's last batch
+
+
 def test_masked_top1_counts_only_valid_samples():
     from torchmetrics.classification import MulticlassAccuracy
 
