@@ -28,7 +28,8 @@ def sbatch(script: Path, extra: list[str] | None = None) -> str:
     """Submit a script; returns the job id (``--parsable`` output, cluster suffix removed)."""
     proc = run_client(["sbatch", "--parsable", *(extra or []), str(script)], cwd=script.parent)
     if proc.returncode != 0:
-        raise LaunchError(f"sbatch {script} failed: {proc.stderr.strip() or proc.stdout.strip()}")
+        said = (proc.stderr.strip() or proc.stdout.strip()).splitlines()  # sbatch may say it in two lines
+        raise LaunchError(f"sbatch {script} failed: {'; '.join(line.strip() for line in said if line.strip())}")
     return proc.stdout.strip().split(";")[0]
 
 

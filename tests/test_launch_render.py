@@ -664,12 +664,17 @@ def test_a_refused_submission_leaves_no_new_directories(tmp_path: Path, cfg: Pat
     W&B id, `submit prep` an empty OUT and OUT-slurm with two scripts, listed later as runs that never were."""
     bindir = tmp_path / "bin"
     bindir.mkdir()
-    (bindir / "sbatch").write_text('#!/bin/bash\necho "sbatch: error: invalid partition specified: gpuu" >&2\nexit 1\n')
+    (bindir / "sbatch").write_text('#!/bin/bash\necho "sbatch: error: invalid partition specified: gpuu" >&2\n'
+                                   'echo "sbatch: error: Batch job submission failed: Invalid partition name specified" >&2\n'
+                                   'exit 1\n')  # two lines, as Slurm 22.05's sbatch says it
     (bindir / "sbatch").chmod(0o755)
     env = {"PATH": f"{bindir}:{os.environ['PATH']}"}
     run = tmp_path / "runs" / "new"
     r = launch("submit", "train", "--config", str(cfg), "--time", "1:00:00", "--run-dir", str(run), cwd=tmp_path, env=env)
     assert r.returncode == 2 and "invalid partition specified" in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines() == [
+        "launch: error: sbatch " + str(run / "train.sbatch") + " failed: sbatch: error: invalid partition specified: "
+        "gpuu; sbatch: error: Batch job submission failed: Invalid partition name specified"], r.stderr
     assert not run.exists() and not run.parent.exists()
     src = tmp_path / "src"
     src.mkdir()
