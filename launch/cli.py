@@ -64,6 +64,10 @@ class _Parser(argparse.ArgumentParser):
     """argparse's own errors in the launcher's one-line form (its usage block of every option pushed the
     error line below a screenful), with where to find the options."""
 
+    def __init__(self, *args, **kwargs) -> None:  # no prefixes of options: `--worker 1` is not `--workers 1`
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str):
         self.exit(2, f"launch: error: {message} (options: `{self.prog} --help`)\n")
 

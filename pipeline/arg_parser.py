@@ -24,6 +24,7 @@ _configs_read: list[str] = []  # every --config file parsed in this process, in 
 
 class PipelineArgumentParser(LightningArgumentParser):
     def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)  # `--trainer.max_st 0` was read as trainer.max_steps
         super().__init__(*args, **kwargs)
         self._reading: list[str] = []  # the --config file being read (nested: innermost last)
 

@@ -241,6 +241,13 @@ def test_prep_dry_run_array_and_finalize(tmp_path: Path) -> None:
         r = launch("submit", "prep", "imagenet", str(src), str(out), "--tasks", "2", "--dry-run", "--", *owned,
                    cwd=tmp_path)
         assert r.returncode == 2 and f"arguments after --: {owned[0].split('=')[0]} is set by the launcher" in r.stderr
+    # a prefix of an option was that option to data_prep (argparse's abbreviations): past the check above, and
+    # `--worker 1` lost to the launcher's --workers without a word
+    for prefix in (["--task-ind", "0"], ["--worker", "1"]):
+        r = launch("submit", "prep", "imagenet", str(src), str(out), "--tasks", "2", "--dry-run", "--", *prefix,
+                   cwd=tmp_path)
+        assert r.returncode == 2 and r.stderr == ("launch: error: data_prep would refuse this in every array task: "
+                                                  f"unrecognized arguments: {' '.join(prefix)}\n"), r.stderr
 
 
 def test_a_splits_finalize_job_leaves_a_split_still_being_prepared(tmp_path: Path) -> None:

@@ -282,6 +282,7 @@ def test_test_scores_the_test_split_as_validation_does_and_predict_is_no_command
     ("trainer.strategy", "deepspeed_stage_2", "trainer.strategy: DeepSpeed runs on CUDA GPUs and this run has none"),
     ("trainer.log_every_n_steps", "-1", "trainer.log_every_n_steps must be >= 1"),
     ("trainer.precision", "17", "error: trainer.precision: 17 is not one of: 64, 32, 16, transformer-engine, "),
+    ("trainer.max_st", "0", "error: unrecognized arguments: --trainer.max_st 0"),  # a prefix was max_steps
     ("trainer.min_epochs", "-3", "trainer.min_epochs must be >= 0"),
     ("seed_everything", "-1", "seed_everything must be in [0, 4294967295]"),
     ("model.lr", "1e300", "model.lr must be in [0, 10000]"),
