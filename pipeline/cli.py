@@ -46,6 +46,7 @@ from pipeline.module import ImageClassifier
 from pipeline.parent_death import follow_lightning_rank_zero, follow_torchrun_agent
 from pipeline.parity import WeightParity
 from pipeline.parsed_config import check_parsed
+from pipeline import preemption
 from pipeline.preemption import Preemption
 from pipeline.wandb_backlog import WandbBacklog, finish_pending_wandb_run
 from pipeline.progress import console_progress
@@ -593,6 +594,7 @@ def main(argv: list[str] | None = None, cli: type[PipelineCLI] = PipelineCLI) ->
         print(f"error: {error}", file=sys.stderr)
         return 1
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    preemption.defer_requeue_to_caller()  # a preempted fit's requeue waits for the end of this function
     logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_NoProductTips())
     # the loader position is in every checkpoint (ShardDataModule.state_dict): mid-epoch resumes are exact
     warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended")
@@ -647,8 +649,10 @@ def main(argv: list[str] | None = None, cli: type[PipelineCLI] = PipelineCLI) ->
               " shards; rerunning the same data_prep command rewrites them) or set data.on_corrupt: skip",
               file=sys.stderr)
         return 1
+    preemption.ignore_sigterm_before_requeue()
     _teardown_process_group()
     finish_pending_wandb_run()
+    preemption.requeue_pending_job()  # last: Slurm cancels the step at once
     return 0
 
 

@@ -17,9 +17,9 @@ that step (the epoch's last, or ``trainer.val_check_interval``), it still runs b
 best-k checkpoint and ``last.ckpt`` saved again after it: Lightning resumes a checkpoint of an epoch's
 last batch in the next epoch, and one of another step past its validation, so that validation would never
 run. A signal during the validation (or one whose vote is still in flight at the epoch's end) stops the
-run at the epoch's end, with its checkpoint. At the end, once everything is saved, rank 0 calls
-``scontrol requeue $SLURM_JOB_ID`` once when running under Slurm (Slurm then cancels the running step at
-once), unless accounting says the job is being cancelled (``scancel``: a requeue would bring it back).
+run at the epoch's end, with its checkpoint. At the end, once everything is saved and every rank has
+passed the process group's last barrier (``pipeline.cli.main``), rank 0 calls ``scontrol requeue
+$SLURM_JOB_ID`` once when running under Slurm (Slurm then cancels the running step at once), unless accounting says the job is being cancelled (``scancel``: a requeue would bring it back).
 
 The handlers hold from the fit's setup to its teardown, start-up and the sanity check included (a USR1
 there killed the process, a SIGTERM ended it with exit 0 and no requeue); before the setup (imports,
@@ -145,6 +145,9 @@ class Preemption(Callback):
         if self.preempted:  # everything of this step is saved now: the job may go
             trainer.strategy.barrier("preemption-saved")
             job = os.environ.get("SLURM_JOB_ID")
+            if self.requeue and job and not self.finished and self.received != signal.SIGINT:
+                global _requeue_expected  # every rank: the step will be cancelled under it
+                _requeue_expected = True
             if not trainer.is_global_zero or self.finished:
                 return
             if self.requeue and job and self.received != signal.SIGINT:  # Ctrl-C: stop, as asked
@@ -152,8 +155,11 @@ class Preemption(Callback):
                     log.warning("Slurm job %s was cancelled: not requeued; the run stopped at step %d, and submitting "
                                 "it again (the same --run-dir) resumes from %s", job, trainer.global_step,
                                 self.last_path)
-                else:
-                    requeue_slurm_job(job)
+                else:  # after the process group's last barrier (pipeline.cli.main): the requeue cancels
+                    global _requeue_pending  # the step, and a rank still at a barrier died with a traceback
+                    _requeue_pending = job
+                    if not _in_cli:
+                        requeue_pending_job()
             else:  # a wrapper sees exit 0 either way: say that this one is not the end
                 log.warning("the run is not finished (stopped at step %d): run the same command again to resume"
                             " from %s", trainer.global_step, self.last_path)
@@ -300,6 +306,44 @@ def slurm_job_cancelled(job_id: str) -> bool:
     return any(row.state == "CANCELLED" for row in rows)
 
 
+_requeue_pending: str | None = None  # the Slurm job rank 0 requeues once every rank is done
+_requeue_expected = False  # this rank stopped for a requeue (any rank)
+_in_cli = False  # pipeline.cli.main runs the fit: it calls requeue_pending_job after its last barrier
+
+
+def defer_requeue_to_caller() -> None:
+    """Called by ``pipeline.cli.main`` at its start: a preempted fit's requeue waits for its end (and
+    nothing is left from an earlier run in this process)."""
+    global _in_cli, _requeue_pending, _requeue_expected
+    _in_cli, _requeue_pending, _requeue_expected = True, None, False
+
+
+def ignore_sigterm_before_requeue() -> None:
+    """Every rank of a fit stopped for a requeue, before the process group's last barrier: the requeue
+    makes Slurm SIGTERM the step, and a rank ended by it there (the callbacks' handlers are gone by then)
+    broke the barrier for the others (a traceback in a stop that went well)."""
+    if _requeue_expected:
+        try:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        except ValueError:  # not the main thread
+            pass
+
+
+def requeue_pending_job() -> None:
+    """The requeue a preempted fit left for after the process group's teardown. The requeue makes Slurm
+    SIGTERM the step: from here this process only exits, so the signal is ignored (its default would end
+    the process as "Terminated" in srun's report, with nothing left to do)."""
+    global _requeue_pending
+    job, _requeue_pending = _requeue_pending, None
+    if job is None:
+        return
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    except ValueError:  # not the main thread
+        pass
+    requeue_slurm_job(job)
+
+
 def requeue_slurm_job(job_id: str) -> bool:
     """``scontrol requeue JOB``; the job comes back PENDING and resumes from ``last.ckpt``."""
     try:
@@ -309,7 +353,8 @@ def requeue_slurm_job(job_id: str) -> bool:
         return False
     if proc.returncode != 0 and "pending" in proc.stderr.lower():
         # a hard requeue (scontrol requeue from outside, SIGTERM) got there first: the job is back already
-        log.warning("Slurm job %s is already pending again: %s", job_id, proc.stderr.strip())
+        log.warning("Slurm job %s is already requeued (pending, or held by scontrol requeuehold): %s", job_id,
+                    proc.stderr.strip())
         return True
     if proc.returncode != 0:
         log.error("requeue of Slurm job %s failed (exit %d): %s", job_id, proc.returncode, proc.stderr.strip())

@@ -405,6 +405,10 @@ def test_preempted_twice_resumes_to_the_same_step(slurm_cluster: SlurmCluster, d
     saved = _preempted_at(_log(run_dir, job), "SIGUSR1", last)
     assert len(saved) == 1 and 10 <= saved[0] < STEPS, _log(run_dir, job)[-4000:]
     assert f"requeued Slurm job {job}" in _log(run_dir, job)
+    # the requeue cancels the step: made before the ranks' last barrier, it ended a rank there and the
+    # other one's barrier raised (a traceback, "task 1: Exited with exit code 1") in 2 of 5 stops
+    first = _log(run_dir, job).split(f"launch: job {job} restart 1", 1)[0]
+    assert "_teardown_process_group" not in first and "Exited with exit code" not in first, first[-4000:]
     slurm_cluster.wait_state(job, {"RUNNING"}, timeout=90)
     _wait_step(run_dir, saved[0] + 5, job, slurm_cluster)
     slurm_cluster.run("scontrol", "requeue", job)
@@ -577,5 +581,8 @@ def test_crash_retries_end_without_progress_and_trainer_errors_are_not_retried(
 
     log = _log(bad_dir, bad)
     assert [s for _, s in slurm_cluster.sacct_states(bad)] == ["FAILED"], log[-4000:]
+    # the trainer's exit status, not srun's 15 for the ranks it ended (sacct showed a refusal as a kill)
+    exit_code = slurm_cluster.run("sacct", "-n", "-P", "-X", "-j", bad, "-o", "ExitCode").stdout.split()
+    assert exit_code == ["2:0"], (exit_code, log[-4000:])
     assert "error: model.warmup_factor must be in (0, 1]" in log
     assert f"launch: the trainer stopped with an error (above); not requeueing job {bad}" in log
