@@ -481,9 +481,11 @@ class PipelineCLI(LightningCLI):
                 f" global batch for {world} (WORLD_SIZE, else Slurm's SLURM_NTASKS, else trainer.num_nodes x"
                 f" trainer.devices): the batch and the loader's position would be wrong; start it as its launcher"
                 f" does (srun, torchrun), or set trainer.num_nodes and trainer.devices to the ranks that run")
-        if isinstance(self.datamodule, ShardDataModule) and (self.subcommand or "fit") == "fit":
-            # W&B starts with the fit; this check needs the trainer's ranks
-            self.datamodule.check_one_global_batch(trainer.world_size, max(1, int(trainer.accumulate_grad_batches)))
+        if (self.subcommand or "fit") == "fit":  # W&B starts with the fit; these need the built trainer
+            if isinstance(self.datamodule, ShardDataModule):
+                self.datamodule.check_one_global_batch(trainer.world_size, max(1, int(trainer.accumulate_grad_batches)))
+            if isinstance(self.model, ImageClassifier):
+                self.model.check_run_length(trainer.max_steps, trainer.max_epochs)
         self._drop_default_checkpointing(trainer)
         if trainer.loggers:  # Lightning's monitor refuses a run without loggers (trainer.logger false)
             after = next(i for i, c in enumerate(callbacks) if isinstance(c, LastCheckpoint))

@@ -363,12 +363,17 @@ class ImageClassifier(pl.LightningModule):
         """``model.lr`` scaled to the global batch (``lr_reference_batch``)."""
         return self.hparams.lr * self.global_batch_size() / self.hparams.lr_reference_batch
 
-    def configure_optimizers(self):
-        hp = self.hparams
-        if hp.schedule == "cosine" and not any(n and n > 0 for n in (self.trainer.max_steps, self.trainer.max_epochs)):
+    def check_run_length(self, max_steps: int | None, max_epochs: int | None) -> None:
+        """A cosine schedule needs the run's length. The CLI calls it once the trainer is built, before the
+        loggers start; ``configure_optimizers`` again."""
+        if self.hparams.schedule == "cosine" and not any(n and n > 0 for n in (max_steps, max_epochs)):
             raise ConfigError("model.schedule: cosine decays over the run's length, and this run has none (no positive "
                               "trainer.max_steps or trainer.max_epochs; trainer.max_time does not say how many steps): "
                               "set one, or use schedule constant or step")
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        self.check_run_length(self.trainer.max_steps, self.trainer.max_epochs)
         peak = self.peak_lr()
         optimizer = make_sgd(self.model, peak, hp.momentum, hp.nesterov, hp.weight_decay,
                              hp.get("decay_norm_and_bias", False))
