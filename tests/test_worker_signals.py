@@ -80,6 +80,37 @@ def _ended(pid: int) -> bool:
         return True
 
 
+_TRACKER = """
+import os, signal, time
+from multiprocessing import resource_tracker
+from pipeline.data.worker_start import worker_context
+got = []
+signal.signal(signal.SIGUSR1, lambda s, f: got.append(s))
+ctx = worker_context("forkserver")  # starts multiprocessing's resource tracker first
+tracker = resource_tracker._resource_tracker._pid
+os.kill(tracker, signal.SIGUSR1)  # as Slurm's USR1 to every process of the job step
+time.sleep(1)
+lock = ctx.Lock()  # a semaphore: registered with the tracker, which is relaunched if it died
+os.kill(os.getpid(), signal.SIGUSR1)
+time.sleep(0.2)
+state = open(f"/proc/{tracker}/status").read().split("State:")[1].split()[0]
+print(tracker, state, got == [signal.SIGUSR1], flush=True)
+"""
+
+
+def test_the_resource_tracker_outlives_slurms_usr1():
+    """Slurm's USR1 reaches every process of the step, multiprocessing's resource tracker too, which died
+    of it (it ignores SIGINT and SIGTERM only); its relaunched successor printed "process died
+    unexpectedly" and a KeyError traceback per semaphore into a 2-rank job's log at every preemption. The
+    trainer's own USR1 handler is untouched."""
+    proc = subprocess.run([sys.executable, "-c", _TRACKER], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tracker, state, handled = proc.stdout.split()
+    assert state in ("S", "R") and handled == "True", proc.stdout
+    assert "died unexpectedly" not in proc.stderr and "KeyError" not in proc.stderr, proc.stderr[-3000:]
+
+
 def test_a_fork_server_worker_obeys_only_its_starters_sigterm():
     """The cpu backend's workers are forked by a fork server (``pipeline.data.worker_start``): their parent
     is the server, their starter (which ends them) the trainer. They were taken for orphans and ended at

@@ -104,6 +104,28 @@ def _take_signals(parent: int, forked_by: int) -> None:
             os._exit(128 + signal.SIGTERM)  # what SIGTERM's default would do: no cleanup, now
 
 
+def start_resource_tracker() -> None:
+    """multiprocessing's resource tracker (a process of its own, once per trainer), started with USR1
+    ignored, which it keeps through its exec. It ignores SIGINT and SIGTERM itself, not USR1: Slurm's
+    USR1 to every process of the step killed it, and the tracker relaunched in its place printed a
+    ``KeyError`` traceback for each semaphore the first one had registered (44 lines in a 2-rank job's
+    log at every preemption). USR1 is blocked meanwhile: one sent to the trainer in that window stays
+    pending (Linux never discards a blocked signal) and reaches its handler afterwards."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    try:
+        try:
+            handler = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        except ValueError:  # not the main thread: the tracker starts as it would
+            multiprocessing.resource_tracker.ensure_running()
+            return
+        try:
+            multiprocessing.resource_tracker.ensure_running()
+        finally:
+            signal.signal(signal.SIGUSR1, handler if handler is not None else signal.SIG_DFL)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 @contextlib.contextmanager
 def spawned_without_preemption_signals() -> Iterator[None]:
     """Processes started inside the block begin life with the preemption signals blocked.
@@ -115,7 +137,7 @@ def spawned_without_preemption_signals() -> Iterator[None]:
     """
     # The first spawn starts multiprocessing's resource tracker, and starting it unblocks SIGTERM in this
     # thread: start it before the block.
-    multiprocessing.resource_tracker.ensure_running()
+    start_resource_tracker()
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, PREEMPTION_SIGNALS)
     try:
         yield
