@@ -75,21 +75,27 @@ class _Watch(Callback):
         self._stop()
 
 
-@pytest.mark.parametrize("terminal", [True, False], ids=["tqdm-bar", "log-lines"])
-def test_training_steps_do_not_synchronise(digits_shards, tmp_path, monkeypatch, terminal):
+def _demo_cli(shards, tmp_path, workers: int, steps: int, log_every: int):
+    """The CLI of a demo fit without validation, built (run=False): the trainer, model and data to fit."""
     from pipeline.cli import PipelineCLI
     from pipeline.datamodule import ShardDataModule
     from pipeline.module import ImageClassifier
+
+    args = ["--config", str(REPO / "conf" / "demo.yaml"), "--data.root", str(shards),
+            "--trainer.default_root_dir", str(tmp_path / "run"), "--data.num_workers", str(workers),
+            "--trainer.num_sanity_val_steps", "0", "--trainer.limit_val_batches", "0",
+            "--trainer.max_steps", str(steps), "--trainer.log_every_n_steps", str(log_every),
+            "--tracking.wandb", "false"]
+    return PipelineCLI(ImageClassifier, ShardDataModule, run=False, auto_configure_optimizers=False,
+                       trainer_defaults={"use_distributed_sampler": False}, args=args)
+
+
+@pytest.mark.parametrize("terminal", [True, False], ids=["tqdm-bar", "log-lines"])
+def test_training_steps_do_not_synchronise(digits_shards, tmp_path, monkeypatch, terminal):
     from pipeline.progress import LineProgress, StepProgressBar
 
     monkeypatch.setattr(sys.stdout, "isatty", lambda: terminal)
-
-    args = ["--config", str(REPO / "conf" / "demo.yaml"), "--data.root", str(digits_shards),
-            "--trainer.default_root_dir", str(tmp_path / "run"), "--data.num_workers", "1",
-            "--trainer.num_sanity_val_steps", "0", "--trainer.limit_val_batches", "0",
-            "--trainer.max_steps", "8", "--trainer.log_every_n_steps", "100", "--tracking.wandb", "false"]
-    cli = PipelineCLI(ImageClassifier, ShardDataModule, run=False, auto_configure_optimizers=False,
-                      trainer_defaults={"use_distributed_sampler": False}, args=args)
+    cli = _demo_cli(digits_shards, tmp_path, workers=1, steps=8, log_every=100)
     bar = cli.trainer.progress_bar_callback
     assert isinstance(bar, StepProgressBar if terminal else LineProgress)
     assert bar.refresh_rate == 100
@@ -106,17 +112,8 @@ def test_the_terminal_bar_refreshes_on_the_loggers_steps(digits_shards, tmp_path
     (22 batches) the two read the metrics (a GPU synchronisation each) at different steps."""
     import pytorch_lightning as pl
 
-    from pipeline.cli import PipelineCLI
-    from pipeline.datamodule import ShardDataModule
-    from pipeline.module import ImageClassifier
-
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
-    args = ["--config", str(REPO / "conf" / "demo.yaml"), "--data.root", str(digits_shards),
-            "--trainer.default_root_dir", str(tmp_path / "run"), "--data.num_workers", "0",
-            "--trainer.num_sanity_val_steps", "0", "--trainer.limit_val_batches", "0",
-            "--trainer.max_steps", "30", "--trainer.log_every_n_steps", "4", "--tracking.wandb", "false"]
-    cli = PipelineCLI(ImageClassifier, ShardDataModule, run=False, auto_configure_optimizers=False,
-                      trainer_defaults={"use_distributed_sampler": False}, args=args)
+    cli = _demo_cli(digits_shards, tmp_path, workers=0, steps=30, log_every=4)
     bar = cli.trainer.progress_bar_callback
     refreshed = []
 
