@@ -19,7 +19,8 @@ last batch in the next epoch, and one of another step past its validation, so th
 run. A signal during the validation (or one whose vote is still in flight at the epoch's end) stops the
 run at the epoch's end, with its checkpoint. At the end, once everything is saved and every rank has
 passed the process group's last barrier (``pipeline.cli.main``), rank 0 calls ``scontrol requeue
-$SLURM_JOB_ID`` once when running under Slurm (Slurm then cancels the running step at once), unless accounting says the job is being cancelled (``scancel``: a requeue would bring it back).
+$SLURM_JOB_ID`` once when running under Slurm (Slurm then cancels the running step at once), unless
+accounting says the job is being cancelled (``scancel``: a requeue would bring it back).
 
 The handlers hold from the fit's setup to its teardown, start-up and the sanity check included (a USR1
 there killed the process, a SIGTERM ended it with exit 0 and no requeue); before the setup (imports,
@@ -323,10 +324,7 @@ def ignore_sigterm_before_requeue() -> None:
     makes Slurm SIGTERM the step, and a rank ended by it there (the callbacks' handlers are gone by then)
     broke the barrier for the others (a traceback in a stop that went well)."""
     if _requeue_expected:
-        try:
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        except ValueError:  # not the main thread
-            pass
+        _ignore_sigterm()
 
 
 def requeue_pending_job() -> None:
@@ -337,11 +335,15 @@ def requeue_pending_job() -> None:
     job, _requeue_pending = _requeue_pending, None
     if job is None:
         return
+    _ignore_sigterm()
+    requeue_slurm_job(job)
+
+
+def _ignore_sigterm() -> None:
     try:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     except ValueError:  # not the main thread
         pass
-    requeue_slurm_job(job)
 
 
 def requeue_slurm_job(job_id: str) -> bool:
