@@ -196,7 +196,7 @@ def _submit_train(a: argparse.Namespace, extra: list[str]) -> int:
     run_id = rundir.wandb_run_id(run_dir)
     assert run_id is not None
     try:
-        job_id = _sbatch_then_keep(job.script_path, job.render(run_id))
+        job_id = _sbatch_then_keep(job.script_path, job.render(run_id), job.request(), a.partition)
     except LaunchError:  # a new run directory holding only its fresh id would look like a run that never was
         if made:
             (run_dir / RUN_ID_FILE).unlink(missing_ok=True)
@@ -220,14 +220,31 @@ def _remove_empty(made: list[Path]) -> None:
             pass
 
 
-def _sbatch_then_keep(script: Path, text: str) -> str:
+def _refuse_if_never_starts(job_id: str, asked: str, partition: str | None) -> None:
+    """Cancel a job just accepted that Slurm keeps pending until its configuration changes (``--nodes 3`` on a
+    2-node partition, ``--time`` over MaxTime), and say why: otherwise it waits forever, shown only by
+    ``launch status``'s reason column, and keeps its run directory busy."""
+    found = slurm.never_starts(job_id)
+    if found is None:
+        return
+    reason, meaning = found
+    slurm.scancel(job_id)
+    part, look = ((f"partition {partition}", f"`scontrol show partition {partition}`, `sinfo -N -l -p {partition}`")
+                  if partition else ("the default partition", "`scontrol show partition`, `sinfo -N -l`"))
+    raise LaunchError(f"job {job_id} ({asked}) could never start on {part}: Slurm keeps it pending with reason "
+                      f"{reason}: {meaning} ({look}); it was cancelled")
+
+
+def _sbatch_then_keep(script: Path, text: str, asked: str, partition: str | None) -> str:
     """Submit `text` and only then make it `script`: a submission sbatch refuses (a mistyped partition, an
-    account over its limits) leaves the run's last working script in place, the one to resubmit by hand.
-    Slurm keeps its own copy of a submitted script, so the file's later name does not matter to the job."""
+    account over its limits), or one that could never start, leaves the run's last working script in place,
+    the one to resubmit by hand. Slurm keeps its own copy of a submitted script, so the file's later name does
+    not matter to the job."""
     new = script.with_name(f".{script.name}.new")
     new.write_text(text)
     try:
         job_id = slurm.sbatch(new)
+        _refuse_if_never_starts(job_id, asked, partition)
     except LaunchError as e:
         new.unlink(missing_ok=True)
         kept = f"; {script} is unchanged" if script.exists() else ""
@@ -265,6 +282,7 @@ def _submit_prep(a: argparse.Namespace, extra: list[str]) -> int:
     job.finalize_script_path.write_text(job.render_finalize())
     try:
         array_id = slurm.sbatch(job.array_script_path)
+        _refuse_if_never_starts(array_id, job.request(), a.partition)
     except LaunchError:  # nothing runs: what this submission made goes again (an empty OUT, two scripts)
         if run_dir in made:
             job.array_script_path.unlink(missing_ok=True)

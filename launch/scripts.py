@@ -45,6 +45,11 @@ class SlurmOptions:
         if self.container_image is not None and not self.container_image.strip():
             raise LaunchError("--container-image: empty image name")
 
+    def request(self) -> str:
+        """What every task of the job asks the scheduler for, in the launcher's option names (for errors)."""
+        cpus = f", --cpus-per-task {self.cpus_per_task}" if self.cpus_per_task is not None else ""
+        return f"--time {self.time}{cpus}"
+
     def directives(self) -> dict[str, str | int | None]:
         return {
             "time": self.time,
@@ -195,6 +200,11 @@ class TrainJob:
                 "--trainer.devices", str(self.tasks_per_node), *(["--trainer.accelerator", "cpu"] if self.on_cpu else []),
                 "--ckpt_path", "last"]
 
+    def request(self) -> str:
+        """What the job asks the scheduler for, in the launcher's option names (for errors)."""
+        gpus = "no GPU" if self.on_cpu else f"{self.gpus_per_node} GPU(s)"
+        return f"--nodes {self.nodes}, {self.tasks_per_node} task(s) and {gpus} per node, {self.slurm.request()}"
+
     def render(self, wandb_run_id: str) -> str:
         """The sbatch script text (call check() first)."""
         accel = "--trainer.accelerator cpu " if self.on_cpu else ""
@@ -302,6 +312,10 @@ class PrepJob:
             "container_flags": self.slurm.container_flags(self.mounts, self.workdir),
             **self.slurm.directives(),
         }
+
+    def request(self) -> str:
+        """What the array job asks the scheduler for, in the launcher's option names (for errors)."""
+        return f"--tasks {self.tasks} array tasks, {self.slurm.request()} each"
 
     def render_array(self) -> str:
         # a --workers of the user's wins (argparse keeps the last, and this came after it)

@@ -6,6 +6,7 @@ Slurm's own message.
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -31,6 +32,45 @@ def sbatch(script: Path, extra: list[str] | None = None) -> str:
         said = (proc.stderr.strip() or proc.stdout.strip()).splitlines()  # sbatch may say it in two lines
         raise LaunchError(f"sbatch {script} failed: {'; '.join(line.strip() for line in said if line.strip())}")
     return proc.stdout.strip().split(";")[0]
+
+
+def scancel(job_id: str) -> None:
+    """Cancel a job; Slurm's refusal becomes a LaunchError quoting it."""
+    proc = run_client(["scancel", job_id])
+    if proc.returncode != 0:
+        raise LaunchError(f"scancel {job_id} failed: {proc.stderr.strip() or proc.stdout.strip()}")
+
+
+# Why Slurm keeps a pending job waiting when no other job's end can start it: the request is over what the
+# partition's nodes or limits allow, or over a per-job limit of the QOS or account. Under EnforcePartLimits=NO
+# (Slurm's default) sbatch accepts such a job, sets this reason as it accepts it, and the job waits until an
+# admin changes the configuration. Resources, Priority, a down node, a user's or group's running total: the job
+# starts later, so those are not here.
+NEVER_STARTS = {
+    # at submit Slurm says PartitionConfig of all of these; its scheduler names some more precisely later
+    "PartitionConfig": "the job asks for more than the partition has or allows (more nodes than it has or than "
+                       "its MaxNodes, more CPUs, GPUs or memory than a node has, a --time over its MaxTime)",
+    "PartitionNodeLimit": "the node count is outside the partition's MinNodes..MaxNodes",
+    "PartitionTimeLimit": "--time is over the partition's MaxTime",
+}
+_PER_JOB_LIMIT = re.compile(r"(QOS|Assoc)Max\w*PerJob\w*")  # QOSMaxNodePerJobLimit, AssocMaxWallDurationPerJobLimit
+
+
+def never_starts(job_id: str) -> tuple[str, str] | None:
+    """(Slurm's reason, what it means) when the just-submitted ``job_id`` waits for a change of configuration
+    (``NEVER_STARTS``), else None; also None when squeue cannot tell (the job stays as submitted)."""
+    try:
+        rows = squeue([job_id])
+    except LaunchError:
+        return None
+    for row in rows:
+        if row.state != "PENDING":
+            continue
+        if row.reason in NEVER_STARTS:
+            return row.reason, NEVER_STARTS[row.reason]
+        if _PER_JOB_LIMIT.fullmatch(row.reason):
+            return row.reason, "over a per-job limit of the job's QOS or account (`sacctmgr show qos`, `sacctmgr show assoc`)"
+    return None
 
 
 @dataclass

@@ -75,8 +75,8 @@ class SlurmCluster:
         if q.returncode == 0 and q.stdout.strip():
             return q.stdout.split()[0]
         a = self.run("sacct", "-n", "-P", "-X", "-j", job_id, "-o", "State", check=False)
-        lines = [s for s in a.stdout.split() if s]
-        return lines[-1] if lines else ""
+        states = [line.split()[0] for line in a.stdout.splitlines() if line.strip()]  # "CANCELLED by 0": the state
+        return states[-1] if states else ""
 
     def wait_gone(self, job_ids: list[str], timeout: float) -> None:
         """Block until none of ``job_ids`` is queued or running."""

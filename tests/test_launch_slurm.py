@@ -278,6 +278,55 @@ def test_second_train_job_into_a_busy_run_dir_is_refused(slurm_cluster: SlurmClu
         slurm_cluster.run("scancel", "-n", "train-busy", check=False)  # a second job, had one got through
 
 
+def test_a_job_that_could_never_start_is_cancelled_and_refused(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    """sbatch accepts `--nodes 3` on the two-node partition (and --cpus-per-task 4 on its 1-CPU nodes), and
+    the job would wait forever (reason PartitionConfig), keeping the run directory busy: the launcher cancels
+    it and refuses in one line naming the reason; the run's last script stays, nothing is recorded or left."""
+    cfg = tmp_path / "never.yaml"
+    cfg.write_text("trainer: {}\n")
+    run_dir = tmp_path / "run"
+
+    def train(*opts: str) -> subprocess.CompletedProcess[str]:
+        return slurm_cluster.launch("submit", "train", "--config", str(cfg), "--gpus-per-node", "0", "--time",
+                                    "00:03:00", "--signal-lead", "30", "--run-dir", str(run_dir), "--python", "true",
+                                    "--no-config-check", *opts, check=False, cwd=tmp_path)
+
+    try:
+        first = train("--nodes", "3")
+        assert first.returncode == 2 and first.stdout == "" and first.stderr.count("\n") == 1, first.stderr
+        job = re.match(r"launch: error: job (\d+) \(--nodes 3, 1 task\(s\) and no GPU per node, --time 00:03:00\) "
+                       r"could never start on the default partition: Slurm keeps it pending with reason "
+                       r"PartitionConfig: ", first.stderr)
+        assert job and first.stderr.endswith("; it was cancelled\n"), first.stderr
+        assert not run_dir.exists(), "a refused first submission leaves no directory"
+        assert slurm_cluster.job_state(job.group(1)) in ("CANCELLED", ""), slurm_cluster.job_state(job.group(1))
+
+        ok = train("--nodes", "2")
+        m = re.search(r"Submitted train job (\d+)", ok.stdout)
+        assert ok.returncode == 0 and m, ok.stderr
+        slurm_cluster.wait_gone([m.group(1)], timeout=60)  # `true` as the trainer: done at once
+        script, recorded = (run_dir / "train.sbatch").read_bytes(), (run_dir / "jobs.jsonl").read_bytes()
+        again = train("--nodes", "2", "--cpus-per-task", "4")
+        assert again.returncode == 2 and "--cpus-per-task 4) could never start" in again.stderr, again.stderr
+        assert again.stderr.rstrip().endswith(f"; {run_dir / 'train.sbatch'} is unchanged"), again.stderr
+        assert (run_dir / "train.sbatch").read_bytes() == script and (run_dir / "jobs.jsonl").read_bytes() == recorded
+
+        src = tmp_path / "src" / "cat"
+        src.mkdir(parents=True)
+        (src / "a.jpg").write_bytes(b"")
+        prep = slurm_cluster.launch("submit", "prep", "imagefolder", str(tmp_path / "src"), str(tmp_path / "out"),
+                                    "--split", "train", "--tasks", "2", "--cpus-per-task", "4", "--time", "00:05:00",
+                                    check=False, cwd=tmp_path)
+        array = re.match(
+            r"launch: error: job (\d+) \(--tasks 2 array tasks, --time 00:05:00, --cpus-per-task 4 each\) could never "
+            r"start on the default partition: Slurm keeps it pending with reason PartitionConfig", prep.stderr)
+        assert prep.returncode == 2 and array, prep.stderr
+        assert not (tmp_path / "out").exists() and not (tmp_path / "out-slurm").exists()
+        assert slurm_cluster.job_state(array.group(1)) in ("CANCELLED", ""), slurm_cluster.job_state(array.group(1))
+    finally:
+        slurm_cluster.run("scancel", "-n", "train-never", check=False)
+
+
 # ---------------------------------------------------------------- training through Slurm (needs the trainer)
 
 STEPS = 30  # optimizer steps of every demo run below; last.ckpt every 5 steps
