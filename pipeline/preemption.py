@@ -133,8 +133,8 @@ class Preemption(Callback):
         self.finished = run_finished(trainer)
         if trainer.is_global_zero:
             name = signal.Signals(self.received).name if self.received is not None else "a peer's signal"
-            log.warning("preemption (%s): saving %s at step %d, then stopping (at the end of epoch %d, after its"
-                        " validation)%s", name, self.last_path, trainer.global_step, trainer.current_epoch,
+            log.warning("preemption (%s): saving %s at step %d, then stopping at the end of epoch %d%s", name,
+                        self.last_path, trainer.global_step, trainer.current_epoch,
                         " (the run's last step: it is complete, no requeue)" if self.finished else "")
         trainer.should_stop = True
         logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_NOT_REACHED)
@@ -199,7 +199,8 @@ class Preemption(Callback):
         validating = validation_follows(trainer)  # asked before should_stop is set (that alone validates)
         self.finished = run_finished(trainer)
         if trainer.is_global_zero:
-            after = (" after this epoch's validation" if validating else " at this epoch's end") if last_batch \
+            at_end = f" at the end of epoch {trainer.current_epoch}"  # the words of on_train_epoch_end's stop
+            after = (at_end + (", after its validation" if validating else "")) if last_batch \
                 else " after this validation" if validating else ""
             log.warning("preemption (%s): saving %s at step %d, then stopping%s%s", name, self.last_path,
                         trainer.global_step, after,

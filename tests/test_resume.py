@@ -106,7 +106,7 @@ def test_preemption_at_an_epochs_last_batch_validates_that_epoch_first(interrupt
         assert hashlib.sha256((done / "checkpoints" / "last.ckpt").read_bytes()).hexdigest() == digest
 
         run_to_end(fit_command(digits_shards, cut, STEPS, settings), log)
-    assert "then stopping after this epoch's validation" in (tmp_path / "runs.log").read_text()
+    assert "then stopping at the end of epoch 0, after its validation" in (tmp_path / "runs.log").read_text()
     diffs = compare(ref / "checkpoints" / "last.ckpt", last)
     assert not diffs, "; ".join(diffs[:10])
 
@@ -147,7 +147,7 @@ def test_a_signal_during_validation_stops_at_the_epochs_end(interrupted, digits_
         env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
-    assert "preemption (SIGUSR1): saving" in out and "at step 11, then stopping (at the end of epoch 0" in out, \
+    assert "preemption (SIGUSR1): saving" in out and "at step 11, then stopping at the end of epoch 0\n" in out, \
         out[-3000:]
     saved = torch.load(cut / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     pos = saved["ShardDataModule"]
