@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from tests.conftest import REPO, run_module
@@ -41,18 +42,22 @@ def _validate_top1(run: Path) -> float:
 
 def test_the_table_reports_each_networks_final_errors(runs: Path, tmp_path: Path, capsys) -> None:
     read = [cifar10_table.read_run(runs / f"cifar_resnet20-seed{s}") for s in (0, 1)]
-    assert [(r.arch, r.seed, r.step, r.max_steps, r.done) for r in read] == \
+    assert [(r.arch, r.seed, r.step, r.planned, r.done) for r in read] == \
         [("cifar_resnet20", 0, 11, 11, True), ("cifar_resnet20", 1, 11, 11, True)]
     # the table's test error is the final model's: an evaluation of last.ckpt scores the same
     assert read[0].test_error == pytest.approx(100 * (1 - _validate_top1(runs / "cifar_resnet20-seed0")), abs=1e-4)
     assert read[0].test_error != read[1].test_error and 0 <= read[1].train_error <= 100
 
-    # a third seed, unfinished: its config asks for more steps than its checkpoint has
+    # a third seed, unfinished: its last.ckpt is of step 6 of the 11 its config asks for
     shutil.copytree(runs / "cifar_resnet20-seed1", runs / "cifar_resnet20-seed2")
     cfg_file = runs / "cifar_resnet20-seed2" / "config.yaml"
     cfg = yaml.safe_load(cfg_file.read_text())
-    cfg["seed_everything"], cfg["trainer"]["max_steps"] = 2, 30
+    cfg["seed_everything"] = 2
     cfg_file.write_text(yaml.safe_dump(cfg))
+    last = runs / "cifar_resnet20-seed2" / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    ckpt["global_step"] = 6
+    torch.save(ckpt, last)
     (runs / "no-logs-yet").mkdir()
     (runs / "no-logs-yet" / "config.yaml").write_text(yaml.safe_dump(cfg))
     assert cifar10_table.main([str(runs)]) == 0
@@ -60,10 +65,76 @@ def test_the_table_reports_each_networks_final_errors(runs: Path, tmp_path: Path
     errors = [r.test_error for r in read]
     best, mean, std = min(errors), statistics.fmean(errors), statistics.stdev(errors)
     row = next(line for line in out.splitlines() if line.startswith("| `cifar_resnet20`"))
-    assert row.startswith(f"| `cifar_resnet20` | 2 of 3 (seed 2: checkpoint at step 11 of 30) | "
+    assert row.startswith(f"| `cifar_resnet20` (data.val_split: val) | 2 of 3 (seed 2: checkpoint at step 6 of 11) | "
                           f"{best:.2f} ({mean:.2f} ± {std:.2f}) |"), out
-    assert row.endswith("| 8.75 |"), row
+    assert row.endswith("| - (scored on split val, not test) |"), row  # the demo's digits validate on val
     assert f"{runs / 'no-logs-yet'}: nothing logged yet; left out" in err
 
     assert cifar10_table.main([str(tmp_path)]) == 2
     assert "no run directories" in capsys.readouterr().err
+
+
+
+def _copy_run(src: Path, dst: Path, **settings: object) -> Path:
+    """A copy of a run directory whose config.yaml has ``settings`` (dotted keys) changed."""
+    shutil.copytree(src, dst)
+    cfg = yaml.safe_load((dst / "config.yaml").read_text())
+    for dotted, value in settings.items():
+        *parents, last = dotted.split(".")
+        node = cfg
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[last] = value
+    (dst / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return dst
+
+
+def test_rows_are_one_recipe_each_and_the_train_error_is_of_the_validated_epoch(runs: Path, tmp_path: Path,
+                                                                                 capsys) -> None:
+    """The paper's 64k steps end 40 steps into an epoch that is never validated: the training error beside
+    the final error is the validated epoch's, not that stub's. Runs that differ in more than the seed
+    (option B, the split scored) get rows of their own, named by what differs; only a row scored on the
+    test split has the paper's number beside it; a run ended by max_epochs counts as done."""
+    seed0 = _copy_run(runs / "cifar_resnet20-seed0", tmp_path / "cifar_resnet20-seed0")
+    epoch0 = cifar10_table.read_run(seed0)
+    metrics = seed0 / "csv" / "metrics.csv"
+    with open(metrics, newline="") as f:
+        logged = list(csv.DictReader(f))
+    last_step = max(int(r["step"]) for r in logged if r.get("step"))
+    with open(metrics, "a", newline="") as f:  # two logged steps of an unvalidated next epoch, as at 64k steps
+        w = csv.DictWriter(f, fieldnames=list(logged[0]))
+        for step in (last_step + 1, last_step + 2):
+            w.writerow({**{k: "" for k in logged[0]}, "epoch": "1", "step": str(step), "train/top1": "1.0"})
+    stub = cifar10_table.read_run(seed0)
+    assert stub.train_error == pytest.approx(epoch0.train_error) and stub.train_error > 0, \
+        (stub.train_error, epoch0.train_error)
+    assert stub.test_error == epoch0.test_error
+
+    seed1 = runs / "cifar_resnet20-seed1"
+    _copy_run(seed1, tmp_path / "cifar_resnet20-seed1")
+    _copy_run(seed1, tmp_path / "again-seed1")  # seed 1 twice
+    _copy_run(seed1, tmp_path / "b-seed1", **{"model.arch_kwargs.shortcut": "B"})
+    _copy_run(seed1, tmp_path / "on-test-seed1", **{"data.val_split": "test"})  # the label only: what it says
+    by_epochs = _copy_run(seed1, tmp_path / "epochs-seed1", **{"trainer.max_steps": -1, "trainer.max_epochs": 1})
+    assert (cifar10_table.read_run(by_epochs).planned, cifar10_table.read_run(by_epochs).done) == (11, True)
+
+    assert cifar10_table.main([str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    rows = {line.split(" | ")[0]: line for line in out.splitlines() if line.startswith("| `cifar_resnet20`")}
+    assert len(rows) == 4, out
+
+    def row(*says: str) -> str:
+        (found,) = [line for label, line in rows.items() if all(s in label for s in says)]
+        return found
+
+    base = row("shortcut: unset", "data.val_split: val", "trainer.max_steps: 11")
+    assert base.split(" | ")[1] == "3 of 3", base
+    assert row("shortcut: B").split(" | ")[1] == "1 of 1"
+    assert row("trainer.max_steps: -1", "trainer.max_epochs: 1").split(" | ")[1] == "1 of 1"
+    for line in rows.values():
+        on_test = "data.val_split: test" in line
+        assert line.endswith("| 8.75 |" if on_test else "| - (scored on split val, not test) |"), line
+    assert f"{tmp_path / 'cifar_resnet20-seed1'} and {tmp_path / 'again-seed1'}: the same network, recipe and " \
+           f"seed 1" in err, err

@@ -14,9 +14,10 @@
 # Everything after `--` goes to `launch submit train` for every job (--time is required there; e.g.
 # --time 1-00:00:00 --partition gpu, --dry-run to print the scripts and submit nothing); after a second `--`,
 # trainer settings for every run (e.g. --trainer.precision 32-true), after the sweep's own.
-# Depths 110 and 1202 start at lr 0.01 for 400 steps, as the paper did for 110 (--model.warmup_steps 400 --model.warmup_factor 0.1).
+# Depths 110 and 1202 (plain and residual) start at lr 0.01 for 400 steps, as the paper did for 110
+# (--model.warmup_steps 400 --model.warmup_factor 0.1).
 # docs/cifar10.md: what to compare the results with.
-set -euo pipefail
+set -euo pipefail  # empty arrays are expanded as ${a[@]+"${a[@]}"}: bash < 4.4 (RHEL 7) calls "${a[@]}" unbound
 
 depths="20 32 44 56 110"
 plain=0
@@ -60,7 +61,8 @@ for arch in "${archs[@]}"; do
   for ((seed = 0; seed < seeds; seed++)); do
     echo "== $arch seed $seed: $runs/$arch-seed$seed" >&2
     "$python" -m launch submit train --config conf/cifar10_resnet20.yaml --run-dir "$runs/$arch-seed$seed" \
-      --job-name "c10-${arch//cifar_/}-s$seed" "${launch_args[@]}" -- --model.arch "$arch" --seed_everything "$seed" --data.seed "$seed" --data.root "$root" \
-      --tracking.name "$arch-seed$seed" "${extra[@]}" "${trainer_args[@]}"
+      --job-name "c10-${arch//cifar_/}-s$seed" ${launch_args[@]+"${launch_args[@]}"} -- --model.arch "$arch" \
+      --seed_everything "$seed" --data.seed "$seed" --data.root "$root" --tracking.name "$arch-seed$seed" \
+      ${extra[@]+"${extra[@]}"} ${trainer_args[@]+"${trainer_args[@]}"}
   done
 done

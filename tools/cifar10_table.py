@@ -5,10 +5,12 @@
 Each run directory is read as training left it: the network and seed from its ``config.yaml``, the test
 error from the last ``val/top1`` row of ``csv/metrics.csv`` (the CIFAR config validates on the test set
 at each epoch's end; the paper's 64k steps end 40 steps after the last one, at lr 0.001), the training
-error from the ``train/top1`` rows of that last epoch (augmented batches, as the paper's curves). A run
-that has not reached its ``trainer.max_steps`` is shown with the step it is at and left out of the
-network's mean. Runs of one network (any seeds) make one row: best and mean +- std of the final test
-error, as the paper reports ResNet-110.
+error from the ``train/top1`` rows of that validation's epoch (augmented batches, as the paper's curves;
+not the 40 steps after it). A run short of its planned steps (``trainer.max_steps``, else the checkpoint's
+plan) is shown with the step it is at and left out of the numbers. Runs of one network and one recipe
+(any seeds) make one row: best and mean +- std of the final error, as the paper reports ResNet-110. Runs
+of a network whose recipes differ (option B, another border, the 45k split, ...) make a row each, named by
+the settings that differ; a row not scored on the test split says so and has no paper number beside it.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import argparse
 import csv
 import statistics
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -30,19 +32,58 @@ PAPER = {"cifar_resnet20": "8.75", "cifar_resnet32": "7.51", "cifar_resnet44": "
          "cifar_resnet110": "6.43 (6.61 ± 0.16)", "cifar_resnet1202": "7.93"}
 
 
+# What makes two runs of a network the same experiment: the settings that change its result (not the seeds,
+# the run directory, loader workers or logging). The whole model section and augmentation, and these.
+RECIPE_SECTIONS = ("model", "data.augment")
+RECIPE_KEYS = ("data.root", "data.train_split", "data.val_split", "data.batch_size", "trainer.max_steps",
+               "trainer.max_epochs", "trainer.precision", "trainer.devices", "trainer.num_nodes",
+               "trainer.accumulate_grad_batches", "trainer.limit_train_batches")
+
+
 @dataclass
 class Run:
     path: Path
     arch: str
     seed: object
     step: int  # optimizer steps done: last.ckpt's, else the last logged step's
-    max_steps: int
+    planned: int | None  # the run's steps: trainer.max_steps, else the checkpoint's plan (a max_epochs run)
     test_error: float | None  # %, at the last validation
-    train_error: float | None  # %, mean over the last epoch's logged training batches
+    train_error: float | None  # %, mean over the logged training batches of the last validation's epoch
+    recipe: dict[str, str] = field(default_factory=dict)  # RECIPE_* settings, dotted key -> value
 
     @property
     def done(self) -> bool:
-        return self.max_steps > 0 and self.step >= self.max_steps
+        return self.planned is not None and self.step >= self.planned
+
+    @property
+    def scored_on(self) -> str:
+        return self.recipe.get("data.val_split", "test")
+
+
+def _get(cfg: dict, dotted: str) -> object:
+    for part in dotted.split("."):
+        if not isinstance(cfg, dict) or part not in cfg:
+            return None
+        cfg = cfg[part]
+    return cfg
+
+
+def _flat(value: object, key: str) -> dict[str, str]:
+    """Dotted key -> YAML text of each leaf; a null is left out (unset: ``arch_kwargs: null`` is no kwargs)."""
+    if isinstance(value, dict):
+        return {k: v for name, sub in value.items() for k, v in _flat(sub, f"{key}.{name}").items()}
+    if value is None:
+        return {}
+    return {key: yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()}
+
+
+def recipe(cfg: dict) -> dict[str, str]:
+    """The settings of ``RECIPE_SECTIONS`` and ``RECIPE_KEYS`` in a run's config, as text."""
+    out: dict[str, str] = {}
+    for key in (*RECIPE_SECTIONS, *RECIPE_KEYS):
+        out.update(_flat(_get(cfg, key), key))
+    out.pop("model.arch", None)  # the row's name already
+    return out
 
 
 def _float(row: dict, key: str) -> float | None:
@@ -50,11 +91,14 @@ def _float(row: dict, key: str) -> float | None:
     return float(v) if v not in (None, "") else None
 
 
-def _steps_done(run_dir: Path, rows: list[dict]) -> int:
+def _steps(run_dir: Path, rows: list[dict], max_steps: int) -> tuple[int, int | None]:
+    """(steps done, steps planned): last.ckpt's step, else the last logged one; ``max_steps``, else the plan
+    the checkpoint records (a run ended by ``trainer.max_epochs``), else None (not known yet)."""
     last = run_dir / "checkpoints" / "last.ckpt"  # a file, or a DeepSpeed checkpoint directory
-    if last.exists() and (step := read_checkpoint(last).global_step) is not None:
-        return step
-    return 1 + max(int(r["step"]) for r in rows if r.get("step"))
+    info = read_checkpoint(last) if last.exists() else None
+    done = info.global_step if info is not None and info.global_step is not None else \
+        1 + max(int(r["step"]) for r in rows if r.get("step"))
+    return done, max_steps if max_steps > 0 else (info.planned_steps if info is not None else None)
 
 
 def read_run(run_dir: Path) -> Run | None:
@@ -69,15 +113,16 @@ def read_run(run_dir: Path) -> Run | None:
     if not rows:
         return None
     val = [r for r in rows if _float(r, "val/top1") is not None]
-    last_epoch = max(int(r["epoch"]) for r in rows if r.get("epoch"))
-    train = [t for r in rows if r.get("epoch") and int(r["epoch"]) == last_epoch
+    # the epoch of the error beside it: at 64k steps the epoch after the last validation is 40 steps long
+    epoch = int(val[-1]["epoch"]) if val else max(int(r["epoch"]) for r in rows if r.get("epoch"))
+    train = [t for r in rows if r.get("epoch") and int(r["epoch"]) == epoch
              and (t := _float(r, "train/top1")) is not None]
+    step, planned = _steps(run_dir, rows, int(cfg["trainer"].get("max_steps") or -1))
     return Run(
-        path=run_dir, arch=cfg["model"]["arch"], seed=cfg.get("seed_everything"),
-        step=_steps_done(run_dir, rows),
-        max_steps=int(cfg["trainer"].get("max_steps") or -1),
+        path=run_dir, arch=cfg["model"]["arch"], seed=cfg.get("seed_everything"), step=step, planned=planned,
         test_error=100 * (1 - _float(val[-1], "val/top1")) if val else None,
         train_error=100 * (1 - statistics.fmean(train)) if train else None,
+        recipe=recipe(cfg),
     )
 
 
@@ -89,23 +134,58 @@ def _cell(values: list[float]) -> str:
     return f"{min(values):.2f} ({statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f})"
 
 
+def _groups(runs: list[Run]) -> list[tuple[str, list[Run]]]:
+    """The runs of one network split by recipe, each with its label: the settings that differ between its
+    groups, and the split it was scored on when that is not the test set."""
+    by_recipe: dict[tuple, list[Run]] = {}
+    for r in runs:
+        by_recipe.setdefault(tuple(sorted(r.recipe.items())), []).append(r)
+    recipes = [dict(k) for k in by_recipe]
+    keys = sorted({k for rec in recipes for k in rec})
+    differ = [k for k in keys if len({rec.get(k) for rec in recipes}) > 1]
+    out = []
+    for rec, mine in zip(recipes, by_recipe.values()):
+        said = [f"{k.removeprefix('model.arch_kwargs.')}: {rec.get(k, 'unset')}" for k in differ]
+        if mine[0].scored_on != "test" and "data.val_split" not in differ:
+            said.append(f"data.val_split: {mine[0].scored_on}")
+        out.append((", ".join(said), mine))
+    return sorted(out, key=lambda group: group[0])
+
+
 def table(runs: list[Run]) -> str:
-    """One markdown row per network, in the paper's order (plain nets after the residual ones)."""
+    """One markdown row per network and recipe, in the paper's order (plain nets after the residual ones)."""
     def order(arch: str) -> tuple:
         depth = "".join(c for c in arch.rsplit("resnet", 1)[-1] if c.isdigit())
         return (arch.startswith("plain_"), int(depth) if depth else 0, arch)
 
-    lines = ["| network | runs done | test error % | train error % (last epoch) | paper's test error % |",
+    lines = ["| network | runs done | test error % | train error % (its epoch) | paper's test error % |",
              "| --- | --- | --- | --- | --- |"]
     for arch in sorted({r.arch for r in runs}, key=order):
-        mine = [r for r in runs if r.arch == arch]
-        done = [r for r in mine if r.done]
-        going = ", ".join(f"seed {r.seed}: checkpoint at step {r.step} of {r.max_steps}" for r in mine if not r.done)
-        lines.append(f"| `{arch}` | {len(done)} of {len(mine)}" + (f" ({going})" if going else "") +
-                     f" | {_cell([r.test_error for r in done if r.test_error is not None])}"
-                     f" | {_cell([r.train_error for r in done if r.train_error is not None])}"
-                     f" | {PAPER.get(arch, '-')} |")
+        for label, mine in _groups([r for r in runs if r.arch == arch]):
+            done = [r for r in mine if r.done]
+            going = ", ".join(f"seed {r.seed}: checkpoint at step {r.step} of {r.planned or '?'}"
+                              for r in mine if not r.done)
+            split = mine[0].scored_on
+            paper = PAPER.get(arch, "-") if split == "test" else f"- (scored on split {split}, not test)"
+            lines.append(f"| `{arch}`" + (f" ({label})" if label else "") + f" | {len(done)} of {len(mine)}" +
+                         (f" ({going})" if going else "") +
+                         f" | {_cell([r.test_error for r in done if r.test_error is not None])}"
+                         f" | {_cell([r.train_error for r in done if r.train_error is not None])}"
+                         f" | {paper} |")
     return "\n".join(lines)
+
+
+def repeated_seeds(runs: list[Run]) -> list[str]:
+    """A seed that two runs of one network and recipe share: the same run twice, not two samples."""
+    seen: dict[tuple, Path] = {}
+    said = []
+    for r in runs:
+        key = (r.arch, tuple(sorted(r.recipe.items())), r.seed)
+        if key in seen:
+            said.append(f"cifar10_table: {r.path} and {seen[key]}: the same network, recipe and seed "
+                        f"{r.seed}; both counted in the row's mean")
+        seen.setdefault(key, r.path)
+    return said
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"cifar10_table: {c.parent}: nothing logged yet; left out", file=sys.stderr)
         else:
             runs.append(run)
+    for line in repeated_seeds(runs):
+        print(line, file=sys.stderr)
     print(table(runs))
     return 0
 
