@@ -75,7 +75,16 @@ def _jobs(ids: list[str]) -> tuple[str, list[slurm.JobRow] | None]:
     unavailable = "jobs (Slurm unavailable: {}; requeues from the job logs only):"
     try:
         rows = slurm.sacct(ids)
-        return "jobs (sacct):", rows + _not_yet_in_accounting(ids, rows)
+        # for a second or two slurmdbd's row of a new job is a placeholder: named "allocation", an array as one
+        # row (not its tasks); squeue knows the job better then (the launcher's jobs all have names of its own)
+        recorded = [r for r in rows if r.name != "allocation"]
+        caught_up = recorded + _not_yet_in_accounting(ids, recorded)
+        for r in rows:  # nor does squeue know it (it has ended): the placeholder, named as what it is
+            if r.name == "allocation" and not any(c.job_id == r.job_id or c.job_id.startswith(f"{r.job_id}_")
+                                                  for c in caught_up):
+                r.name = "(sacct catching up)"
+                caught_up.append(r)
+        return "jobs (sacct):", caught_up
     except slurm.SacctUnavailable as e:
         why = _first_error_line(str(e))
     except LaunchError as e:  # sacct hung: squeue would too

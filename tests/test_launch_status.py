@@ -369,3 +369,30 @@ def test_a_job_accounting_has_not_recorded_yet_comes_from_squeue(tmp_path: Path)
                     ["12_1", "prep-imagefolder-train", "PENDING", "00:00:00", "0", "Resources"],
                     ["13", "prep-finalize-imagefolder-train", "PENDING", "0:00", "-", "Dependency"]], r.stdout
     assert "-j 13 " in (tmp_path / "squeue.args").read_text()  # only the job sacct did not list
+
+
+def test_accountings_placeholder_row_of_a_new_job_gives_way_to_squeue(tmp_path: Path) -> None:
+    """For a second or two after a job starts, slurmdbd answers with a placeholder: the job named
+    "allocation", an array as one row, here even COMPLETED while its tasks run (seen on the test cluster,
+    Slurm 22.05). squeue's rows replace it; a placeholder squeue does not know (the job ended) stays,
+    named as what it is."""
+    from launch.rundir import record_job
+
+    bindir, run = tmp_path / "bin", tmp_path / "shards-slurm"
+    bindir.mkdir()
+    (bindir / "sacct").write_text("#!/bin/sh\nprintf '12|allocation|COMPLETED|00:00:01|0:0|None\\n"
+                                  "13|allocation|COMPLETED|00:00:01|0:0|None\\n'\n")
+    (bindir / "squeue").write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path}/squeue.args\n"
+                                   "printf '12_0|prep-imagefolder-train|RUNNING|0:02|None\\n"
+                                   "12_1|prep-imagefolder-train|RUNNING|0:02|None\\n'\n")
+    for tool in ("sacct", "squeue"):
+        (bindir / tool).chmod(0o755)
+    record_job(run, "12", "prep-array", run / "prep-imagefolder-train.sbatch", tmp_path / "shards")
+    record_job(run, "13", "prep-finalize", run / "prep-finalize-imagefolder-train.sbatch", tmp_path / "shards")
+    r = launch("status", str(run), cwd=tmp_path, env={"PATH": f"{bindir}:/usr/bin:/bin"})
+    assert r.returncode == 0, r.stderr
+    rows = [line.split() for line in r.stdout.splitlines() if line.startswith("  1")]
+    assert rows == [["12_0", "prep-imagefolder-train", "RUNNING", "0:02", "-"],
+                    ["12_1", "prep-imagefolder-train", "RUNNING", "0:02", "-"],
+                    ["13", "(sacct", "catching", "up)", "COMPLETED", "00:00:01", "0", "0:0"]], r.stdout
+    assert "-j 12,13 " in (tmp_path / "squeue.args").read_text()
