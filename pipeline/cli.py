@@ -38,6 +38,7 @@ from pipeline.checkpoint_io import AtomicCheckpointIO, recover_directories
 from pipeline.config_history import keep_earlier_config
 from pipeline.data.shards import CorruptSampleError
 from pipeline.datamodule import ShardDataModule
+from pipeline.deepspeed_checks import check_accumulation, check_checkpoint_kind, check_zero_shards
 from pipeline.errors import CheckpointWriteError, ConfigError, RunComplete, TrainingDiverged, require
 from pipeline.finite_weights import FiniteWeights
 from pipeline.last_checkpoint import LastCheckpoint
@@ -374,6 +375,7 @@ class PipelineCLI(LightningCLI):
         world = expected_world_size(cfg.trainer.get("num_nodes"), cfg.trainer.get("devices"))
         self._resume_world = world  # checked against the trainer's (instantiate_trainer)
         check_zero_world_size(path, world)  # before DeepSpeed starts
+        check_zero_shards(path, world)
         if "world_size" not in state:
             return
         saved = Geometry(int(state["world_size"]), int(state["batch_size"]), int(state.get("accumulate", 1)))
@@ -387,6 +389,8 @@ class PipelineCLI(LightningCLI):
                  if world != saved.world_size else
                  f"keeping the checkpoint's global batch: config {Geometry(world, cfg.data.batch_size, acc).describe()}"
                  f" -> {now.describe()}")
+        if now.accumulate != int(acc):
+            self._adapted_accumulation = f"{saved.describe()} -> {now.describe()}"
         cfg.data.batch_size = now.batch_size
         cfg.trainer.accumulate_grad_batches = now.accumulate
 
@@ -481,7 +485,10 @@ class PipelineCLI(LightningCLI):
                 f" global batch for {world} (WORLD_SIZE, else Slurm's SLURM_NTASKS, else trainer.num_nodes x"
                 f" trainer.devices): the batch and the loader's position would be wrong; start it as its launcher"
                 f" does (srun, torchrun), or set trainer.num_nodes and trainer.devices to the ranks that run")
+        check_checkpoint_kind(trainer.strategy, cfg.get("ckpt_path"), self.subcommand or "fit")
         if (self.subcommand or "fit") == "fit":  # W&B starts with the fit; these need the built trainer
+            check_accumulation(trainer.strategy, int(trainer.accumulate_grad_batches),
+                               getattr(self, "_adapted_accumulation", None))
             if isinstance(self.datamodule, ShardDataModule):
                 self.datamodule.check_one_global_batch(trainer.world_size, max(1, int(trainer.accumulate_grad_batches)))
             if isinstance(self.model, ImageClassifier):

@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import io
 import logging
+import pickle
 import sys
+import zipfile
 from pathlib import Path
 
 import torch
@@ -68,6 +70,10 @@ def state_dict_from_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
             return _network_only(_zero_state_dict(p))
         except (FileNotFoundError, ValueError) as e:
             raise ConfigError(f"{p}: not a readable DeepSpeed checkpoint directory: {e}") from None
+        except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError) as e:  # a torn shard
+            torn = next((f for f in sorted(p.rglob("*.pt")) if not zipfile.is_zipfile(f)), None)
+            where = f"{torn} is torn (not a whole torch file: a copy cut short?)" if torn else str(e).splitlines()[0]
+            raise ConfigError(f"{p}: not a readable DeepSpeed checkpoint directory: {where}") from None
     if not p.is_file():
         raise ConfigError(f"checkpoint {p} does not exist")
     try:

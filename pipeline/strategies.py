@@ -32,7 +32,19 @@ def _extensions_dir() -> None:
 
 
 class AtomicDeepSpeedStrategy(DeepSpeedStrategy):
-    """DeepSpeed whose checkpoint directories appear whole or not at all."""
+    """DeepSpeed whose checkpoint directories appear whole or not at all, and whose ``bf16-mixed`` is the
+    DDP runs' (``_format_config``)."""
+
+    def _format_config(self) -> None:
+        """``precision: bf16-mixed`` as DeepSpeed's ``torch_autocast`` (fp32 weights, convolutions and the fc
+        layer in bf16 under autocast, BatchNorm in fp32: what a DDP run's bf16-mixed does), not its ``bf16``
+        mode: that casts the parameters alone to bf16 (DeepSpeed 0.19 keeps buffers fp32), and the first
+        convolution met an fp32 input (``Input type (float) and weight type (BFloat16)``), the BatchNorm bf16
+        weights fp32 running statistics."""
+        super()._format_config()
+        if self.precision_plugin.precision == "bf16-mixed" and isinstance(self.config.get("bf16"), dict):
+            del self.config["bf16"]
+            self.config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
 
     def save_checkpoint(self, checkpoint: dict, filepath, storage_options: Any | None = None) -> None:
         final = self.broadcast(str(filepath))

@@ -174,3 +174,71 @@ def test_a_deepspeed_strategy_given_by_class_path_saves_atomically(digits_shards
         "--tracking.wandb", "false"])
     assert type(cli.trainer.strategy) is AtomicDeepSpeedStrategy
     assert cli.trainer.strategy.config["zero_optimization"]["stage"] == 2  # the user's options kept
+
+
+def _bf16_fit(shards, run_dir, strategy: str, precision: str = "bf16-mixed"):
+    return run_module("pipeline", "fit", "--config", CONF, "--data.root", str(shards), "--trainer.default_root_dir",
+                      str(run_dir), "--trainer.strategy", strategy, "--trainer.precision", precision,
+                      "--model.channels_last", "false",  # as DeepSpeed runs: its flattened parameters are NCHW
+                      "--data.batch_size", "32", "--data.num_workers", "0", "--trainer.max_steps", "3",
+                      "--trainer.num_sanity_val_steps", "0", "--tracking.wandb", "false")
+
+
+def test_the_bf16_overlay_trains_as_a_single_process_bf16_mixed_run(digits_shards, tmp_path):
+    """conf/deepspeed_stage_*.yaml ask for bf16-mixed: DeepSpeed's bf16 mode cast the parameters alone to bf16
+    and the first step failed ("Input type (float) and weight type (BFloat16)"). As DeepSpeed's torch
+    autocast, one ZeRO-2 rank now trains bit-identically to a one-process bf16-mixed run (and not as fp32)."""
+    _bf16_fit(digits_shards, tmp_path / "zero2", "deepspeed_stage_2_cpu")
+    _bf16_fit(digits_shards, tmp_path / "single", "auto")
+    _bf16_fit(digits_shards, tmp_path / "fp32", "auto", "32-true")
+    zero2 = state_dict_from_checkpoint(tmp_path / "zero2" / "checkpoints" / "last.ckpt")
+    single = state_dict_from_checkpoint(tmp_path / "single" / "checkpoints" / "last.ckpt")
+    fp32 = state_dict_from_checkpoint(tmp_path / "fp32" / "checkpoints" / "last.ckpt")
+    assert zero2.keys() == single.keys()
+    assert all(torch.equal(zero2[k], single[k]) for k in zero2), [k for k in zero2 if not torch.equal(zero2[k], single[k])]
+    assert not torch.equal(zero2["conv1.weight"], fp32["conv1.weight"])
+
+
+def test_what_deepspeed_would_get_wrong_is_refused_before_it_starts(digits_shards, tmp_path):
+    """Gradient accumulation (Lightning and DeepSpeed both divided the loss by it: updates 1/k of their
+    size, silently); a ZeRO directory given to DDP and a DDP file to DeepSpeed, a ZeRO-2 directory to
+    ZeRO-3, a directory without `latest`, a missing or torn optimizer shard (tracebacks once the engine was
+    up): each one line naming the setting or file, nothing trained."""
+    from tests.conftest import run_cli_in_process
+
+    zero, ddp = tmp_path / "zero2", tmp_path / "ddp"
+    _fit(digits_shards, zero, 1)
+    run_module("pipeline", "fit", "--config", CONF, "--data.root", str(digits_shards), "--trainer.default_root_dir",
+               str(ddp), "--model.arch", "resnet18", "--data.batch_size", "32", "--data.num_workers", "0",
+               "--trainer.max_steps", "1",
+               "--trainer.num_sanity_val_steps", "0", "--tracking.wandb", "false")
+
+    def refused(run_dir: Path, *args: str) -> str:
+        r = run_cli_in_process(*_fit_args(digits_shards, run_dir, 5, *args)[1:])
+        assert r.returncode == 2 and r.stderr.count("\n") >= 1, r.stderr
+        (line,) = [x for x in r.stderr.splitlines() if x.startswith("error: ")]
+        return line
+
+    line = refused(tmp_path / "acc", "--trainer.accumulate_grad_batches", "2", "--ckpt_path", "null")
+    assert line.startswith("error: trainer.accumulate_grad_batches 2: under DeepSpeed Lightning and DeepSpeed both "
+                           "divide the loss by it, so each update would be 2x too small"), line
+    line = refused(ddp, "--ckpt_path", str(ddp / "checkpoints" / "last.ckpt"))
+    assert f"{ddp / 'checkpoints' / 'last.ckpt'} is a checkpoint file (DDP or one device) and trainer.strategy is " \
+           f"DeepSpeed" in line, line
+    line = refused(zero, "--trainer.strategy", "auto")
+    assert f"{zero / 'checkpoints' / 'last.ckpt'} is a DeepSpeed checkpoint directory and trainer.strategy is " \
+           f"SingleDeviceStrategy" in line and "use trainer.strategy deepspeed_stage_2 " in line, line
+    line = refused(zero, "--trainer.strategy", "deepspeed_stage_3_cpu")
+    assert "was saved by ZeRO stage 2 and this run is stage 3" in line, line
+
+    tag = zero / "checkpoints" / "last.ckpt" / "checkpoint"
+    shard = tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    whole = shard.read_bytes()
+    shard.write_bytes(whole[: len(whole) // 2])
+    assert f"{shard} is torn" in refused(zero)
+    assert export_main([str(zero / "checkpoints" / "last.ckpt"), str(tmp_path / "out.pt")]) == 2  # a traceback before
+    shard.unlink()
+    assert f"{tag} lacks rank 0's optimizer shard" in refused(zero)
+    shard.write_bytes(whole)
+    (zero / "checkpoints" / "last.ckpt" / "latest").unlink()
+    assert "has no `latest` file" in refused(zero)

@@ -1,0 +1,90 @@
+"""What a DeepSpeed run would get wrong silently, or refuse in a traceback once its engine is up, checked
+before it starts (one ``ConfigError`` line naming the setting or file)."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+from pytorch_lightning.strategies import DeepSpeedStrategy, Strategy
+
+from pipeline.errors import ConfigError
+from pipeline.resume_geometry import read_checkpoint
+
+
+def saved_zero_stage(path: Path) -> int | None:
+    """The ZeRO stage that wrote a checkpoint directory (its ``ds_config``), else None."""
+    config = read_checkpoint(path).get("ds_config")
+    stage = (config.get("zero_optimization") or {}).get("stage") if isinstance(config, dict) else None
+    return int(stage) if isinstance(stage, int) else None
+
+
+def check_accumulation(strategy: Strategy, accumulate: int, adapted_from: str | None = None) -> None:
+    """Refuse gradient accumulation under DeepSpeed: Lightning's closure divides the loss by
+    ``accumulate_grad_batches`` and DeepSpeed's ``engine.backward`` divides it again (Lightning 2.6,
+    DeepSpeed 0.19), so every update would be ``accumulate`` times too small, silently.
+    ``adapted_from``: the resume's geometry chose the accumulation to keep the checkpoint's global batch."""
+    if not isinstance(strategy, DeepSpeedStrategy) or accumulate <= 1:
+        return
+    why = (f" (chosen on resume to keep the checkpoint's global batch: {adapted_from})" if adapted_from else "")
+    raise ConfigError(
+        f"trainer.accumulate_grad_batches {accumulate}{why}: under DeepSpeed Lightning and DeepSpeed both divide the "
+        f"loss by it, so each update would be {accumulate}x too small; a DeepSpeed run takes its global batch as "
+        f"ranks x data.batch_size (set data.batch_size to that global batch / ranks)")
+
+
+def check_checkpoint_kind(strategy: Strategy, ckpt_path: str | Path | None, subcommand: str) -> None:
+    """A DeepSpeed checkpoint directory is read only by DeepSpeed of the same stage family (ZeRO-3 shards
+    parameters, 1 and 2 do not), a checkpoint file only by the other strategies: the other pairings ended in
+    Lightning's ``IsADirectoryError``, DeepSpeed's "not a valid DeepSpeed checkpoint" or its bare
+    ``AssertionError``, after the run had started."""
+    if ckpt_path is None or "://" in str(ckpt_path) or not Path(ckpt_path).exists():
+        return
+    path = Path(ckpt_path)
+    deepspeed = isinstance(strategy, DeepSpeedStrategy)
+    weights = f"--model.init_weights {path}"
+    elsewhere = (f"start a new run (another trainer.default_root_dir) from its weights with {weights}" if subcommand == "fit"
+                 else f"score its weights alone with --ckpt_path null {weights}")
+    if path.is_dir() and not deepspeed:
+        stage = saved_zero_stage(path)
+        named = f"deepspeed_stage_{stage}" if stage else "deepspeed_stage_N"
+        raise ConfigError(f"ckpt_path: {path} is a DeepSpeed checkpoint directory and trainer.strategy is "
+                          f"{type(strategy).__name__}, which reads checkpoint files: use trainer.strategy {named} "
+                          f"(or {named}_cpu on CPUs), as it was saved, or {elsewhere}")
+    if not path.is_dir() and deepspeed:
+        raise ConfigError(f"ckpt_path: {path} is a checkpoint file (DDP or one device) and trainer.strategy is "
+                          f"DeepSpeed, which reads only its own checkpoint directories: use the strategy that saved "
+                          f"it, or {elsewhere}")
+    if path.is_dir() and deepspeed:
+        stage = saved_zero_stage(path)
+        now = 3 if getattr(strategy, "zero_stage_3", False) else (strategy.config or {}).get(
+            "zero_optimization", {}).get("stage")
+        if stage is not None and now is not None and (stage == 3) != (now == 3):
+            raise ConfigError(f"ckpt_path: {path} was saved by ZeRO stage {stage} and this run is stage {now}: "
+                              f"DeepSpeed cannot load stage-3 shards into stages 1-2 or the other way; use "
+                              f"{'deepspeed_stage_3' if stage == 3 else 'deepspeed_stage_1 or deepspeed_stage_2'}, or {elsewhere}")
+
+
+def check_zero_shards(path: str | Path, world_size: int) -> None:
+    """Before a resume: the directory's ``latest`` (the save's tag) and one whole optimizer shard per rank
+    that saved it. A missing or torn shard failed on its own rank only, after rank 0 had restored the rest,
+    and the run died in two tracebacks (gloo: "Connection closed by peer")."""
+    p = Path(path)
+    if not p.is_dir():
+        return
+    latest = p / "latest"
+    if not latest.is_file():
+        raise ConfigError(f"ckpt_path: {p} has no `latest` file (the tag of the save DeepSpeed loads): not a whole "
+                          f"DeepSpeed checkpoint; resume from another, or start from its weights with "
+                          f"--model.init_weights {p}")
+    tag = p / latest.read_text().strip()
+    for rank in range(world_size):
+        found = sorted(tag.glob(f"*zero_pp_rank_{rank}_mp_rank_*_optim_states.pt"))
+        if not found:
+            raise ConfigError(f"ckpt_path: {tag} lacks rank {rank}'s optimizer shard "
+                              f"(zero_pp_rank_{rank}_mp_rank_00_optim_states.pt) of the {world_size} that saved it: "
+                              f"resume from another checkpoint (a best-*.ckpt beside it)")
+        for shard in found:
+            if not zipfile.is_zipfile(shard):
+                raise ConfigError(f"ckpt_path: {shard} is torn (not a whole torch file: a copy cut short?): resume from "
+                                  f"another checkpoint (a best-*.ckpt beside it)")
