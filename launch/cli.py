@@ -228,11 +228,15 @@ def _refuse_if_never_starts(job_id: str, asked: str, partition: str | None) -> N
     if found is None:
         return
     reason, meaning = found
-    slurm.scancel(job_id)
+    try:
+        slurm.scancel(job_id)
+        done = "it was cancelled"
+    except LaunchError as e:
+        done = f"cancelling it failed ({e}): `scancel {job_id}`"
     part, look = ((f"partition {partition}", f"`scontrol show partition {partition}`, `sinfo -N -l -p {partition}`")
                   if partition else ("the default partition", "`scontrol show partition`, `sinfo -N -l`"))
     raise LaunchError(f"job {job_id} ({asked}) could never start on {part}: Slurm keeps it pending with reason "
-                      f"{reason}: {meaning} ({look}); it was cancelled")
+                      f"{reason}: {meaning} ({look}); {done}")
 
 
 def _sbatch_then_keep(script: Path, text: str, asked: str, partition: str | None) -> str:
