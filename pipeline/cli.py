@@ -25,7 +25,7 @@ from pathlib import Path
 from lightning_fabric.plugins import CheckpointIO
 from lightning_fabric.plugins.environments import ClusterEnvironment, SLURMEnvironment, TorchElasticEnvironment
 from lightning_fabric.utilities.exceptions import MisconfigurationException
-from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, ModelSummary, ProgressBar, RichModelSummary
+from pytorch_lightning.callbacks import ModelCheckpoint, ModelSummary, ProgressBar, RichModelSummary
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 from pytorch_lightning.accelerators import AcceleratorRegistry
 from pytorch_lightning.strategies import DeepSpeedStrategy, StrategyRegistry
@@ -44,6 +44,7 @@ from pipeline.finite_weights import FiniteWeights
 from pipeline.last_checkpoint import LastCheckpoint
 from pipeline.model_summary import FlopsModelSummary, FlopsRichModelSummary
 from pipeline.module import ImageClassifier
+from pipeline.optim import ignored_schedule_settings
 from pipeline.parent_death import follow_lightning_rank_zero, follow_torchrun_agent
 from pipeline.parity import WeightParity
 from pipeline.parsed_config import check_parsed
@@ -61,8 +62,8 @@ from pipeline.sample_grid import SampleGrid
 from pipeline.sync_batchnorm import GlooSyncBatchNormPlugin
 from pipeline.throughput import Throughput
 from pipeline.torchelastic import restart_warning
-from pipeline.tracking import (RunIdInCheckpoint, TrackingConfig, check_wandb_settings, make_eval_loggers, make_loggers,
-                               run_id, set_aside_metrics)
+from pipeline.tracking import (RunIdInCheckpoint, StepLearningRateMonitor, TrackingConfig, check_wandb_settings,
+                               make_eval_loggers, make_loggers, run_id, set_aside_metrics)
 
 log = logging.getLogger("pipeline")
 
@@ -133,6 +134,12 @@ def check_trainer(t) -> None:
     acc = t.get("accumulate_grad_batches")
     require(acc is None or (isinstance(acc, int) and acc >= 1), "trainer.accumulate_grad_batches", "an integer >= 1",
             acc)
+    precision = str(t.get("precision"))
+    if precision in ("16-true", "bf16-true"):  # Lightning casts the module: no fp32 copy anywhere
+        raise ConfigError(f"trainer.precision: {precision} keeps the weights, the momentum and BatchNorm's statistics in "
+                          f"{ {'16-true': 'fp16', 'bf16-true': 'bf16'}[precision]} without an fp32 "
+                          f"copy: SGD's small updates and the weight decay round away (most weights would not change "
+                          f"late in a run); use {precision.replace('true', 'mixed')}")
     vci = number("val_check_interval")
     require(vci is None or (vci > 0 and (isinstance(vci, int) or vci <= 1)), "trainer.val_check_interval",
             "a fraction of an epoch in (0, 1] or a number of batches >= 1", t.get("val_check_interval"))
@@ -290,6 +297,8 @@ class PipelineCLI(LightningCLI):
             return
         if cfg.model.get("lr") == 0:  # allowed (a batch-norm recalibration, a check that weights stay), but said
             _say("warning: model.lr is 0: the weights will not change (batch-norm running statistics will)")
+        for line in ignored_schedule_settings(cfg.model):
+            _say(f"warning: {line}")
         self._run_lock = RunDirLock(run_dir)  # before anything in the run directory is touched
         self._run_lock.acquire()
         if warning := restart_warning(os.environ):
@@ -496,7 +505,7 @@ class PipelineCLI(LightningCLI):
         self._drop_default_checkpointing(trainer)
         if trainer.loggers:  # Lightning's monitor refuses a run without loggers (trainer.logger false)
             after = next(i for i, c in enumerate(callbacks) if isinstance(c, LastCheckpoint))
-            callbacks.insert(after + 1, LearningRateMonitor(logging_interval="step"))
+            callbacks.insert(after + 1, StepLearningRateMonitor())
         trainer.callbacks.extend(callbacks + list(extra))
         self._use_console_progress(trainer)
         self._use_flops_summary(trainer)

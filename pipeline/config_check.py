@@ -21,6 +21,7 @@ from pathlib import Path
 from data_prep.format import MANIFEST_NAME
 from pipeline.cli import PipelineCLI, check_run_settings, check_trainer, main
 from pipeline.datamodule import ShardDataModule
+from pipeline.optim import ignored_schedule_settings
 
 CLASSES_WITHOUT_MANIFEST = 1000
 
@@ -86,6 +87,9 @@ class ConfigCheckCLI(PipelineCLI):
             world = _configured_world(cfg.trainer)
             if (self.subcommand or "fit") == "fit" and world:
                 data.check_one_global_batch(world, max(1, int(cfg.trainer.get("accumulate_grad_batches") or 1)))
+        if (self.subcommand or "fit") == "fit":
+            for line in ignored_schedule_settings(cfg.model):
+                _warn(line)
         weights = cfg.model.get("init_weights")
         if weights and not Path(weights).exists():
             _warn(f"model.init_weights: {weights} does not exist on this machine")

@@ -25,6 +25,10 @@ class FiniteWeights(Callback):
         self.every_n_steps = max(1, int(every_n_steps))
         self._first_bad_loss: torch.Tensor | None = None  # on the device; -1 while every loss was finite
         self._checked_step = -1
+        self._batch_step = 0  # the step a batch's loss belongs to: the logs' `step` of its row
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        self._batch_step = trainer.global_step  # at the batch's end it counts the step just taken too
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
@@ -33,7 +37,7 @@ class FiniteWeights(Callback):
             if self._first_bad_loss is None or self._first_bad_loss.device != loss.device:
                 self._first_bad_loss = torch.full((), -1, dtype=torch.long, device=loss.device)
             bad = ~torch.isfinite(loss.detach()) & (self._first_bad_loss < 0)
-            self._first_bad_loss = torch.where(bad, trainer.global_step, self._first_bad_loss)
+            self._first_bad_loss = torch.where(bad, self._batch_step, self._first_bad_loss)
         step = trainer.global_step
         if step % self.every_n_steps == 0 and step != self._checked_step:  # once per optimizer step
             self._checked_step = step

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -12,7 +14,7 @@ from pipeline.data.contract import steps_in_epoch
 from pipeline.errors import ConfigError, require
 from pipeline.models import build
 from pipeline.models.registry import computation, describe
-from pipeline.optim import lr_factor, make_sgd, param_groups
+from pipeline.optim import lr_factor, make_sgd, param_groups, schedule_against_run
 
 MAX_LR = 1e4  # SGD's useful rates are below 10; 1e300 overflowed float32 in the first step (a traceback)
 
@@ -381,6 +383,9 @@ class ImageClassifier(pl.LightningModule):
         total = self.planned_steps()
         warmup = int(hp.get("warmup_steps") or 0) or int(round(hp.warmup_epochs * spe))
         milestones = [int(round(m * spe)) for m in (hp.milestones or [])] + list(hp.get("milestone_steps") or [])
+        if getattr(self.trainer, "is_global_zero", True):
+            for line in schedule_against_run(total, warmup, milestones, hp.schedule, hp.warmup_epochs, spe):
+                print(f"warning: {line}", file=sys.stderr, flush=True)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_factor(step, total, warmup, hp.schedule, milestones, hp.gamma,
                                              hp.get("warmup_factor"))

@@ -43,3 +43,35 @@ def make_sgd(model: nn.Module, lr: float, momentum: float, nesterov: bool, weigh
              decay_norm_and_bias: bool = False) -> torch.optim.SGD:
     return torch.optim.SGD(param_groups(model, weight_decay, decay_norm_and_bias), lr=lr, momentum=momentum,
                            nesterov=nesterov)
+
+
+def ignored_schedule_settings(model: dict) -> list[str]:
+    """Schedule settings of the ``model`` config section that would do nothing, each said in one line (a
+    cosine run given the step schedule's milestones, a warm-up factor without a warm-up)."""
+    said = []
+    schedule = model.get("schedule")
+    for key in ("milestones", "milestone_steps"):
+        if schedule != "step" and model.get(key):
+            said.append(f"model.{key} {model.get(key)} is ignored: model.schedule is {schedule} (milestones and "
+                        f"model.gamma belong to the step schedule)")
+    if model.get("warmup_factor") is not None and not model.get("warmup_epochs") and not model.get("warmup_steps"):
+        said.append(f"model.warmup_factor {model.get('warmup_factor')} is ignored: there is no warm-up "
+                    f"(model.warmup_epochs 0, model.warmup_steps null)")
+    return said
+
+
+def schedule_against_run(total: int, warmup: int, milestones: list[int], schedule: str, warmup_epochs: float,
+                         steps_per_epoch: int) -> list[str]:
+    """What the run's length does to the schedule, once it is known (at the fit's start): a warm-up that
+    rounds to no step, one as long as the run (the lr never reaches its peak), milestones after the end."""
+    said = []
+    if warmup_epochs and warmup == 0:
+        said.append(f"model.warmup_epochs {warmup_epochs} is 0 optimizer steps at {steps_per_epoch} steps an epoch: "
+                    f"no warm-up (model.warmup_steps sets it in steps)")
+    if total > 0 and warmup >= total:
+        said.append(f"the warm-up ({warmup} optimizer steps) is not shorter than the run ({total} steps): the lr never "
+                    f"reaches model.lr's peak and the {schedule} schedule never starts")
+    late = sorted(m for m in milestones if m >= total) if schedule == "step" and total > 0 else []
+    if late:
+        said.append(f"lr milestones at steps {late} come at or after the run's end ({total} steps): never reached")
+    return said

@@ -8,7 +8,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.callbacks import Callback, LearningRateMonitor
 from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.loggers.logger import rank_zero_experiment
@@ -188,3 +188,19 @@ def _quiet(logger: WandbLogger) -> WandbLogger:
 def _wandb_dirs(run_dir: Path) -> None:
     os.environ.setdefault("WANDB_CACHE_DIR", str(run_dir / ".wandb-cache"))
     os.environ.setdefault("WANDB_CONFIG_DIR", str(run_dir / ".wandb-config"))
+
+
+class StepLearningRateMonitor(LearningRateMonitor):
+    """Lightning's monitor, one row per optimizer step: it logs at each training batch's start, so with
+    gradient accumulation (a resume keeping the global batch with a smaller per-rank batch chooses it) every
+    lr row came ``accumulate_grad_batches`` times at the same step."""
+
+    def __init__(self) -> None:
+        super().__init__(logging_interval="step")
+        self._logged_step = -1
+
+    def on_train_batch_start(self, trainer, *args, **kwargs) -> None:
+        if trainer.global_step == self._logged_step:
+            return
+        self._logged_step = trainer.global_step
+        super().on_train_batch_start(trainer, *args, **kwargs)

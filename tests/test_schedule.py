@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.optim import lr_factor
+from pipeline.optim import ignored_schedule_settings, lr_factor, schedule_against_run
 from tests.conftest import REPO, run_cli_in_process, run_module
 
 
@@ -124,15 +124,40 @@ def test_the_schedule_spans_the_steps_the_run_takes(digits_shards: Path, tmp_pat
     import torch
 
     run_dir = tmp_path / "run"
-    run_module("pipeline", "fit", "--config", str(REPO / "conf" / "demo.yaml"), "--data.root", str(digits_shards),
-               "--trainer.default_root_dir", str(run_dir), "--trainer.max_epochs", "2", "--trainer.max_steps", "1000",
-               "--data.batch_size", "128", "--trainer.accumulate_grad_batches", "2",
-               "--trainer.limit_train_batches", "9", "--trainer.limit_val_batches", "0", "--data.num_workers", "0",
-               "--trainer.log_every_n_steps", "1", "--tracking.wandb", "false", "--model.warmup_epochs", "0",
-               timeout=300)
+    proc = run_module("pipeline", "fit", "--config", str(REPO / "conf" / "demo.yaml"), "--data.root",
+                      str(digits_shards), "--trainer.default_root_dir", str(run_dir), "--trainer.max_epochs", "2",
+                      "--trainer.max_steps", "1000", "--data.batch_size", "128", "--trainer.accumulate_grad_batches",
+                      "2", "--trainer.limit_train_batches", "9", "--trainer.limit_val_batches", "0",
+                      "--data.num_workers", "0", "--trainer.log_every_n_steps", "1", "--tracking.wandb", "false",
+                      "--model.warmup_epochs", "0", "--model.milestone_steps", "[3]", timeout=300)
+    # the step schedule's milestone, given to a cosine run: said, and it changes nothing below
+    assert "warning: model.milestone_steps [3] is ignored: model.schedule is cosine" in proc.stderr, proc.stderr[-3000:]
     with open(run_dir / "csv" / "metrics.csv") as f:
-        lrs = {int(r["step"]): float(r["lr-SGD/pg1"]) for r in csv.DictReader(f) if r.get("lr-SGD/pg1")}
+        rows = [(int(r["step"]), float(r["lr-SGD/pg1"])) for r in csv.DictReader(f) if r.get("lr-SGD/pg1")]
+    lrs = dict(rows)
+    assert len(rows) == len(lrs), rows  # one lr row per optimizer step: Lightning's monitor wrote one per micro-batch
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 10 and ckpt["progress"] == {"planned_steps": 10, "global_batch": 256}, ckpt["progress"]
     assert sorted(lrs) == list(range(10)) and lrs[0] == pytest.approx(0.2), lrs  # peak 0.1 * 256 / 128
     assert lrs[9] == pytest.approx(0.2 * lr_factor(9, 10, 0, "cosine", [], 0.1)) and 0 < lrs[9] < 0.01, lrs
+
+
+def test_schedule_settings_that_would_do_nothing_are_said() -> None:
+    """Accepted in silence before: a warm-up as long as the run (its lr never reached the peak, the cosine
+    never started), milestones after the run's end, a warm-up in epochs that rounds to no step, milestones
+    given to a cosine run, a warm-up factor without a warm-up."""
+    assert schedule_against_run(100, 10, [50], "step", 0.5, 20) == []
+    said = schedule_against_run(6, 110, [], "cosine", 5, 22)
+    assert said == ["the warm-up (110 optimizer steps) is not shorter than the run (6 steps): the lr never reaches "
+                    "model.lr's peak and the cosine schedule never starts"], said
+    assert schedule_against_run(100, 0, [50, 100, 120], "step", 0, 20) == [
+        "lr milestones at steps [100, 120] come at or after the run's end (100 steps): never reached"]
+    assert schedule_against_run(100, 0, [], "cosine", 0.01, 20)[0].startswith(
+        "model.warmup_epochs 0.01 is 0 optimizer steps at 20 steps an epoch: no warm-up")
+    cosine = {"schedule": "cosine", "milestones": [30, 60], "milestone_steps": None, "warmup_factor": 0.1,
+              "warmup_epochs": 0, "warmup_steps": None}
+    assert ignored_schedule_settings(cosine) == [
+        "model.milestones [30, 60] is ignored: model.schedule is cosine (milestones and model.gamma belong to the "
+        "step schedule)",
+        "model.warmup_factor 0.1 is ignored: there is no warm-up (model.warmup_epochs 0, model.warmup_steps null)"]
+    assert ignored_schedule_settings({**cosine, "schedule": "step", "warmup_steps": 400}) == []

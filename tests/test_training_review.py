@@ -282,6 +282,10 @@ def test_test_scores_the_test_split_as_validation_does_and_predict_is_no_command
     ("trainer.strategy", "deepspeed_stage_2", "trainer.strategy: DeepSpeed runs on CUDA GPUs and this run has none"),
     ("trainer.log_every_n_steps", "-1", "trainer.log_every_n_steps must be >= 1"),
     ("trainer.precision", "17", "error: trainer.precision: 17 is not one of: 64, 32, 16, transformer-engine, "),
+    # weights and SGD state in half precision: late updates and the weight decay rounded away, silently
+    ("trainer.precision", "bf16-true", "error: trainer.precision: bf16-true keeps the weights, the momentum and "
+     "BatchNorm's statistics in bf16 without an fp32 copy"),
+    ("trainer.precision", "16-true", "use 16-mixed"),
     ("trainer.max_st", "0", "error: unrecognized arguments: --trainer.max_st 0"),  # a prefix was max_steps
     ("trainer.min_epochs", "-3", "trainer.min_epochs must be >= 0"),
     ("seed_everything", "-1", "seed_everything must be in [0, 4294967295]"),
