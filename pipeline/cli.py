@@ -28,6 +28,7 @@ from lightning_fabric.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.callbacks import ModelCheckpoint, ModelSummary, ProgressBar, RichModelSummary
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 from pytorch_lightning.accelerators import AcceleratorRegistry
+from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.strategies import DeepSpeedStrategy, StrategyRegistry
 
 import pipeline.strategies  # noqa: F401  (registers the deepspeed_stage_*_cpu strategies)
@@ -228,6 +229,10 @@ class RunDirConfig(SaveConfigCallback):
                 os.replace(written, target)
             finally:
                 written.unlink(missing_ok=True)
+            if stage == "fit":  # W&B's config had the model's settings alone: no batch size, devices, precision
+                for logger in trainer.loggers:
+                    if isinstance(logger, WandbLogger):
+                        logger.log_hyperparams(self.config.as_dict())
         self.already_saved = True
 
 

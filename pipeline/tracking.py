@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import os
 import secrets
 from dataclasses import dataclass
@@ -36,6 +37,9 @@ def check_wandb_settings(cfg: TrackingConfig) -> None:
     """What W&B would refuse at ``wandb.init`` (a traceback, after the run directory was set up)."""
     if not cfg.wandb:
         return
+    if importlib.util.find_spec("wandb") is None:
+        raise ConfigError("tracking.wandb: the wandb package is not installed here (`make setup` installs it); "
+                          "install it, or set tracking.wandb false")
     bad = sorted({c for c in "/\\#?%:" if c in cfg.project})
     if bad or not cfg.project or len(cfg.project) > 128:
         raise ConfigError(f"tracking.project: {cfg.project!r} is not a W&B project name (1-128 characters, none "
@@ -64,7 +68,8 @@ def run_id(run_dir: str | Path, from_checkpoint: str | None = None) -> str:
 
 def _bad_id_file(e: BadRunIdFile) -> ConfigError:
     return ConfigError(f"tracking.wandb: {e.path} holds {e.text[:40]!r}, not a W&B run id (1-64 letters, digits, "
-                       f"_ . -): write the run's id there, or delete the file to start a new W&B run")
+                       f"_ . -): write the run's id there, or delete the file: the run then continues the W&B run its "
+                       f"checkpoint records, or starts a new one when it has no checkpoint")
 
 
 class RunIdInCheckpoint(Callback):
@@ -130,8 +135,10 @@ def make_loggers(cfg: TrackingConfig, run_dir: str | Path, wandb_id: str | None 
         _wandb_dirs(run_dir)
         loggers.append(_quiet(
             ServiceSafeWandbLogger(
-                project=cfg.project, name=cfg.name or run_dir.name, id=wandb_id or run_id(run_dir), resume="allow",
-                save_dir=str(run_dir), offline=wandb_offline(),
+                project=cfg.project, name=cfg.name or run_dir.name, id=(rid := wandb_id or run_id(run_dir)),
+                resume="allow", save_dir=str(run_dir), offline=wandb_offline(),
+                # the group its validate/test runs join (make_eval_loggers); WANDB_RUN_GROUP if the user set one
+                group=os.environ.get("WANDB_RUN_GROUP") or rid, job_type="fit",
             )
         ))
     if cfg.csv:
@@ -160,7 +167,7 @@ def make_eval_loggers(cfg: TrackingConfig, run_dir: str | Path, stage: str, ckpt
     if cfg.wandb:
         _wandb_dirs(run_dir)
         try:
-            group = read_run_id(run_dir)  # None before the training's first start
+            group = os.environ.get("WANDB_RUN_GROUP") or read_run_id(run_dir)  # None before the first start
         except BadRunIdFile as e:
             raise _bad_id_file(e) from None
         root.mkdir(parents=True, exist_ok=True)

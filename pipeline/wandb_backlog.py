@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,8 @@ class ServiceSafeWandbLogger(WandbLogger):
 
     @rank_zero_only
     def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        if isinstance(params, Mapping):  # LightningCLI's `_instantiator` (a class path) is not a setting
+            params = {k: v for k, v in params.items() if not str(k).startswith("_")}
         try:
             super().log_hyperparams(params, *args, **kwargs)
         except ConnectionError as e:

@@ -53,6 +53,13 @@ def test_one_wandb_run_across_restarts_metrics_and_no_secret(digits_shards, tmp_
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["wandb_run_id"] == run_id
     assert any(p.suffix == ".wandb" for p in offline[0].iterdir()), "an offline run file `wandb sync` can upload"
+    # in the group its validate/test runs join; its config the whole resolved one (it held the model's
+    # settings alone, and LightningCLI's `_instantiator`), the resume's new precision in the second start
+    for start, precision in zip(offline, ("32-true", "bf16-mixed")):
+        record, config = _wandb_run_and_config(next(start.glob("*.wandb")))
+        assert (record.run_id, record.run_group, record.job_type) == (run_id, run_id, "fit"), record
+        assert config["trainer"]["precision"] == precision and config["data"]["batch_size"] == 128, config
+        assert "_instantiator" not in config and config["lr"] == config["model"]["lr"], sorted(config)
 
     # metrics, same names in CSV (W&B and TensorBoard get the same logger calls)
     with open(run / "csv" / "metrics.csv") as f:
@@ -226,15 +233,14 @@ def test_an_evaluation_groups_with_the_training_run_and_refuses_a_garbled_id_fil
         make_eval_loggers(cfg, run, "validate", None)
 
 
-def _wandb_history(run_file: Path) -> list[dict]:
-    """The history rows (``run.log`` calls) of an offline ``.wandb`` file: LevelDB's log format (32 KiB
-    blocks of records with a 7-byte header; a 7-byte ``:W&B`` file header) of protobuf ``Record``s."""
-    import json
+def _wandb_records(run_file: Path):
+    """The protobuf ``Record``s of an offline ``.wandb`` file: LevelDB's log format (32 KiB blocks of
+    records with a 7-byte header; a 7-byte ``:W&B`` file header)."""
     import struct
 
     from wandb.proto.wandb_internal_pb2 import Record
 
-    data, rows, pos, pending = run_file.read_bytes(), [], 7, b""
+    data, pos, pending = run_file.read_bytes(), 7, b""
     while pos + 7 <= len(data):
         left_in_block = 32768 - pos % 32768
         if left_in_block < 7:  # block trailer: zero padding
@@ -250,10 +256,29 @@ def _wandb_history(run_file: Path) -> list[dict]:
             record = Record()
             record.ParseFromString(pending)
             pending = b""
-            if record.WhichOneof("record_type") == "history":
-                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                             for item in record.history.item})
-    return rows
+            yield record
+
+
+def _wandb_history(run_file: Path) -> list[dict]:
+    """The history rows (``run.log`` calls) of an offline ``.wandb`` file."""
+    import json
+
+    return [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+            for record in _wandb_records(run_file) if record.WhichOneof("record_type") == "history"]
+
+
+def _wandb_run_and_config(run_file: Path) -> tuple[object, dict]:
+    """The run record (id, group, job type) and the config updates, merged, of an offline ``.wandb`` file."""
+    import json
+
+    run, config = None, {}
+    for record in _wandb_records(run_file):
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            run = record.run
+        elif kind == "config":
+            config.update({item.key: json.loads(item.value_json) for item in record.config.update})
+    return run, config
 
 
 def test_metrics_after_a_sigterm_reach_wandb_when_the_run_resumes(digits_shards, tmp_path):
@@ -449,3 +474,17 @@ def test_a_run_without_loggers_trains_checkpoints_and_resumes(digits_shards, tmp
     run_module(*common, "--tracking.csv", "false", "--tracking.wandb", "false", "--trainer.max_steps", "6")
     assert torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 6
     assert not (run / "csv").exists() and not (run / "wandb").exists()
+
+
+def test_no_wandb_package_is_one_line(monkeypatch):
+    """wandb is a dependency, but an environment without it (a container built otherwise) ended the run
+    in a traceback from Lightning's logger: now the setting is named, before the run directory is touched."""
+    import importlib.util
+
+    from pipeline.tracking import TrackingConfig, check_wandb_settings
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(ConfigError, match="tracking.wandb: the wandb package is not installed here"):
+        check_wandb_settings(TrackingConfig(wandb=True))
+    check_wandb_settings(TrackingConfig(wandb=False))  # nothing to check without W&B
