@@ -346,18 +346,16 @@ def test_status_of_a_prep_run_directory_shows_shards_and_manifest_not_checkpoint
     assert f"manifest     {out / 'manifest.json'} (" in text and "): train 18 samples (0 rejected)" in text, text
 
 
-def test_a_job_accounting_has_not_recorded_yet_comes_from_squeue(tmp_path: Path) -> None:
-    """slurmdbd records a job seconds after its submission: right after `submit prep`, sacct knew the array
-    job and not the finalize job, and status said nothing of the latter. Slurm's clients are stand-ins that
-    answer as Slurm 22.05 does (sacct: the array's tasks; squeue: the finalize job, pending)."""
+def _status_with_stand_ins(tmp_path: Path, sacct_lines: str, squeue_lines: str) -> tuple[list[list[str]], str]:
+    """`launch status` of a prep run directory (array job 12, finalize job 13) whose sacct and squeue are
+    stand-ins printing ``sacct_lines`` and ``squeue_lines``: the table's job rows, split at spaces, and the
+    arguments squeue got."""
     from launch.rundir import record_job
 
     bindir, run = tmp_path / "bin", tmp_path / "shards-slurm"
     bindir.mkdir()
-    (bindir / "sacct").write_text("#!/bin/sh\nprintf '12_0|prep-imagefolder-train|RUNNING|00:00:05|0:0|None\\n"
-                                  "12_1|prep-imagefolder-train|PENDING|00:00:00|0:0|Resources\\n'\n")
-    (bindir / "squeue").write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path}/squeue.args\n"
-                                   "echo '13|prep-finalize-imagefolder-train|PENDING|0:00|Dependency'\n")
+    (bindir / "sacct").write_text(f"#!/bin/sh\nprintf '{sacct_lines}'\n")
+    (bindir / "squeue").write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path}/squeue.args\nprintf '{squeue_lines}'\n")
     for tool in ("sacct", "squeue"):
         (bindir / tool).chmod(0o755)
     record_job(run, "12", "prep-array", run / "prep-imagefolder-train.sbatch", tmp_path / "shards")
@@ -365,10 +363,21 @@ def test_a_job_accounting_has_not_recorded_yet_comes_from_squeue(tmp_path: Path)
     r = launch("status", str(run), cwd=tmp_path, env={"PATH": f"{bindir}:/usr/bin:/bin"})
     assert r.returncode == 0, r.stderr
     rows = [line.split() for line in r.stdout.splitlines() if line.startswith("  1")]
+    return rows, (tmp_path / "squeue.args").read_text()
+
+
+def test_a_job_accounting_has_not_recorded_yet_comes_from_squeue(tmp_path: Path) -> None:
+    """slurmdbd records a job seconds after its submission: right after `submit prep`, sacct knew the array
+    job and not the finalize job, and status said nothing of the latter. Slurm's clients are stand-ins that
+    answer as Slurm 22.05 does (sacct: the array's tasks; squeue: the finalize job, pending)."""
+    rows, asked = _status_with_stand_ins(
+        tmp_path, "12_0|prep-imagefolder-train|RUNNING|00:00:05|0:0|None\\n"
+                  "12_1|prep-imagefolder-train|PENDING|00:00:00|0:0|Resources\\n",
+        "13|prep-finalize-imagefolder-train|PENDING|0:00|Dependency\\n")
     assert rows == [["12_0", "prep-imagefolder-train", "RUNNING", "00:00:05", "0", "0:0"],
                     ["12_1", "prep-imagefolder-train", "PENDING", "00:00:00", "0", "Resources"],
-                    ["13", "prep-finalize-imagefolder-train", "PENDING", "0:00", "-", "Dependency"]], r.stdout
-    assert "-j 13 " in (tmp_path / "squeue.args").read_text()  # only the job sacct did not list
+                    ["13", "prep-finalize-imagefolder-train", "PENDING", "0:00", "-", "Dependency"]], rows
+    assert "-j 13 " in asked  # only the job sacct did not list
 
 
 def test_accountings_placeholder_row_of_a_new_job_gives_way_to_squeue(tmp_path: Path) -> None:
@@ -376,23 +385,10 @@ def test_accountings_placeholder_row_of_a_new_job_gives_way_to_squeue(tmp_path: 
     "allocation", an array as one row, here even COMPLETED while its tasks run (seen on the test cluster,
     Slurm 22.05). squeue's rows replace it; a placeholder squeue does not know (the job ended) stays,
     named as what it is."""
-    from launch.rundir import record_job
-
-    bindir, run = tmp_path / "bin", tmp_path / "shards-slurm"
-    bindir.mkdir()
-    (bindir / "sacct").write_text("#!/bin/sh\nprintf '12|allocation|COMPLETED|00:00:01|0:0|None\\n"
-                                  "13|allocation|COMPLETED|00:00:01|0:0|None\\n'\n")
-    (bindir / "squeue").write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path}/squeue.args\n"
-                                   "printf '12_0|prep-imagefolder-train|RUNNING|0:02|None\\n"
-                                   "12_1|prep-imagefolder-train|RUNNING|0:02|None\\n'\n")
-    for tool in ("sacct", "squeue"):
-        (bindir / tool).chmod(0o755)
-    record_job(run, "12", "prep-array", run / "prep-imagefolder-train.sbatch", tmp_path / "shards")
-    record_job(run, "13", "prep-finalize", run / "prep-finalize-imagefolder-train.sbatch", tmp_path / "shards")
-    r = launch("status", str(run), cwd=tmp_path, env={"PATH": f"{bindir}:/usr/bin:/bin"})
-    assert r.returncode == 0, r.stderr
-    rows = [line.split() for line in r.stdout.splitlines() if line.startswith("  1")]
+    rows, asked = _status_with_stand_ins(
+        tmp_path, "12|allocation|COMPLETED|00:00:01|0:0|None\\n13|allocation|COMPLETED|00:00:01|0:0|None\\n",
+        "12_0|prep-imagefolder-train|RUNNING|0:02|None\\n12_1|prep-imagefolder-train|RUNNING|0:02|None\\n")
     assert rows == [["12_0", "prep-imagefolder-train", "RUNNING", "0:02", "-"],
                     ["12_1", "prep-imagefolder-train", "RUNNING", "0:02", "-"],
-                    ["13", "(sacct", "catching", "up)", "COMPLETED", "00:00:01", "0", "0:0"]], r.stdout
-    assert "-j 12,13 " in (tmp_path / "squeue.args").read_text()
+                    ["13", "(sacct", "catching", "up)", "COMPLETED", "00:00:01", "0", "0:0"]], rows
+    assert "-j 12,13 " in asked
