@@ -330,6 +330,11 @@ class PipelineCLI(LightningCLI):
         if isinstance(steps, int) and steps > 0 and isinstance(done, int) and done >= steps:
             raise RunComplete(f"the run is complete: {path} is at step {done} and trainer.max_steps is {steps}; "
                               f"nothing to train (a larger trainer.max_steps trains on)")
+        epochs, position = cfg.trainer.get("max_epochs"), meta.get(ShardDataModule.__qualname__) or {}
+        if isinstance(epochs, int) and epochs > 0 and position.get("consumed") == 0 and \
+                int(position.get("epoch", 0)) >= epochs:  # (a re-run opened an empty W&B start, trained nothing)
+            raise RunComplete(f"the run is complete: {path} ends epoch {int(position['epoch']) - 1} and "
+                              f"trainer.max_epochs is {epochs}; nothing to train (a larger trainer.max_epochs trains on)")
         _say(f"resuming from {path}")
         if Path(path).absolute().parent == checkpoint_dir(run_dir).absolute():
             self._saved_run_id = meta.get("wandb_run_id")  # this run's own (its id file may be lost)

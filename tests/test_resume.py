@@ -104,6 +104,10 @@ def test_preemption_at_an_epochs_last_batch_validates_that_epoch_first(interrupt
         digest = hashlib.sha256((done / "checkpoints" / "last.ckpt").read_bytes()).hexdigest()
         run_to_end(fit_command(digits_shards, done, -1, settings + ["--trainer.max_epochs", "1"]), log)
         assert hashlib.sha256((done / "checkpoints" / "last.ckpt").read_bytes()).hexdigest() == digest
+        # said, and before anything starts (it opened an empty W&B start and trained nothing)
+        said = (tmp_path / "runs.log").read_text()
+        assert f"fit: the run is complete: {done / 'checkpoints' / 'last.ckpt'} ends epoch 0 and " \
+               f"trainer.max_epochs is 1; nothing to train" in said, said[-3000:]
 
         run_to_end(fit_command(digits_shards, cut, STEPS, settings), log)
     assert "then stopping at the end of epoch 0, after its validation" in (tmp_path / "runs.log").read_text()
