@@ -5,6 +5,7 @@ augmented batch, and no trace of the API key anywhere in the run directory or ch
 from __future__ import annotations
 
 import csv
+import re
 import shutil
 from pathlib import Path
 
@@ -355,19 +356,24 @@ def test_a_lost_wandb_service_does_not_end_the_training(digits_shards, tmp_path)
         "--trainer.callbacks.signum", "15"]), env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     out = stopped.stdout + stopped.stderr
     assert stopped.returncode == 0 and "preemption (SIGTERM)" in out, out[-3000:]
-    assert "W&B: its service process is gone (ConnectionResetError) at step 2; the training goes on" in out, out[-3000:]
+    # the first log call after the kill that fails: step 2's, or under load a later one (W&B's client may
+    # hand a row to its socket before the reset of the dead peer's end comes back; CI saw step 3)
+    lost = re.search(r"W&B: its service process is gone \(ConnectionResetError\) at step (\d+); the training goes on",
+                     out)
+    assert lost and 2 <= int(lost.group(1)) <= 5, out[-3000:]
+    first = int(lost.group(1))
     assert "Traceback" not in out, out[-3000:]
     saved = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert saved["global_step"] == 7
     held_steps = sorted({r["step"] for r in saved["callbacks"]["WandbBacklog"]["held"]})
-    assert held_steps[0] == 2 and held_steps[-1] >= 5, held_steps
+    assert held_steps[0] == first and held_steps[-1] >= 5, held_steps
 
     resumed = subprocess.run(fit_command(digits_shards, run, 8, ["--tracking.wandb", "true"]), env=env, cwd=REPO,
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0 and "resuming from" in resumed.stderr, resumed.stderr[-3000:]
     second = sorted((run / "wandb").glob("offline-run-*"))[-1]
     steps = {r.get("trainer/global_step") for r in _wandb_history(next(second.glob("*.wandb"))) if "train/loss" in r}
-    assert {2, 3, 4, 5} <= steps, sorted(s for s in steps if s is not None)
+    assert set(range(first, 6)) <= steps, sorted(s for s in steps if s is not None)
 
 
 def test_the_stopping_steps_train_metrics_reach_wandb_when_the_run_resumes(digits_shards, tmp_path):
