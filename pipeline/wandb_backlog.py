@@ -163,7 +163,7 @@ class WandbBacklog(pl.Callback):
         """W&B's service is gone: the training goes on, W&B's rows are held as after a SIGTERM."""
         log.warning("W&B: its service process is gone (%s) at step %d; the training goes on, and the W&B run gets "
                     "this start's rows (up to %d) when the run resumes; all are in the CSV log", type(error).__name__,
-                    trainer.global_step, MAX_HELD)
+                    trainer.global_step if step is None else step, MAX_HELD)  # the logs' step of the row it missed
         self.detach(trainer)
         if metrics:
             self.hold(metrics, step)
