@@ -80,8 +80,7 @@ def _jobs(ids: list[str]) -> tuple[str, list[slurm.JobRow] | None]:
         recorded = [r for r in rows if r.name != "allocation"]
         caught_up = recorded + _not_yet_in_accounting(ids, recorded)
         for r in rows:  # nor does squeue know it (it has ended): the placeholder, named as what it is
-            if r.name == "allocation" and not any(c.job_id == r.job_id or c.job_id.startswith(f"{r.job_id}_")
-                                                  for c in caught_up):
+            if r.name == "allocation" and not any(_is_job_or_task(c.job_id, r.job_id) for c in caught_up):
                 r.name = "(sacct catching up)"
                 caught_up.append(r)
         return "jobs (sacct):", caught_up
@@ -98,10 +97,15 @@ def _jobs(ids: list[str]) -> tuple[str, list[slurm.JobRow] | None]:
     return f"jobs (squeue/scontrol; sacct unavailable: {why}; finished jobs are not listed):", rows
 
 
+def _is_job_or_task(row_id: str, job_id: str) -> bool:
+    """Whether a row of sacct/squeue is the job ``job_id`` or one of its array tasks (``JOB_N``)."""
+    return row_id == job_id or row_id.startswith(f"{job_id}_")
+
+
 def _not_yet_in_accounting(ids: list[str], rows: list[slurm.JobRow]) -> list[slurm.JobRow]:
     """Jobs sacct does not list yet, from squeue: slurmdbd records a job seconds after its submission, so a
     status right after `submit` said "(none queued or running)" of a job that was pending."""
-    missing = [i for i in ids if not any(r.job_id == i or r.job_id.startswith(f"{i}_") for r in rows)]
+    missing = [i for i in ids if not any(_is_job_or_task(r.job_id, i) for r in rows)]
     try:
         return slurm.squeue(missing)
     except LaunchError:  # sacct answered: what it lists is still right
