@@ -7,6 +7,7 @@ resume the samplers continue the epoch from there, for whatever world size the n
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from dataclasses import replace
 from pathlib import Path
@@ -331,7 +332,7 @@ class ShardDataModule(pl.LightningDataModule):
     # ---- position in the checkpoint -----------------------------------------------------------------
     def state_dict(self) -> dict:
         trainer = self.trainer
-        state = {"manifest_sha256": self.manifest_digest()}
+        state = {"classes_sha256": self.classes_digest(), "train_split_sha256": self.train_split_digest()}
         if trainer is None:
             return state
         world, _ = self._geometry()
@@ -364,12 +365,7 @@ class ShardDataModule(pl.LightningDataModule):
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        saved = state.get("manifest_sha256")
-        if saved is not None and saved != self.manifest_digest():
-            raise ConfigError(
-                f"the checkpoint was trained on another dataset: {self.root}/manifest.json differs from the"
-                " manifest the checkpoint recorded (start a new run directory, or point data.root back)"
-            )
+        self._check_same_dataset(state)
         if "epoch" in state:
             self._start = Position(
                 int(state["epoch"]), int(state["consumed"]), int(state.get("batches", 0)),
@@ -385,9 +381,47 @@ class ShardDataModule(pl.LightningDataModule):
                 )
             self._saved_global = int(state.get("world_size", 0)) * int(state.get("batch_size", 0))
 
-    def manifest_digest(self) -> str:
+    # ---- which dataset a checkpoint was trained on ----------------------------------------------------
+    def _manifest(self) -> dict:
         path = Path(self.root) / "manifest.json"
-        return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
+        return json.loads(path.read_bytes()) if path.is_file() else {}
+
+    def classes_digest(self) -> str:
+        """What the labels mean: the manifest's class list (its ids, in label order)."""
+        return _digest(self._manifest().get("classes"))
+
+    def train_split_digest(self) -> str:
+        """What the position in an epoch counts: the training split's shards (names, sample counts, sha256).
+        Other splits are left out: preparing a test split into the same OUT after training (data_prep adds
+        it to the manifest) must not lock the run out of its own resume, validate or test."""
+        split = self._manifest().get("splits", {}).get(self.train_split) or {}
+        return _digest([[s.get("name"), s.get("samples"), s.get("sha256")] for s in split.get("shards", [])])
+
+    def _check_same_dataset(self, state: dict) -> None:
+        """A resume needs the classes and the training shards the checkpoint counted its position in; an
+        evaluation (validate, test) the classes alone: its split may be prepared later, or elsewhere."""
+        manifest = f"{self.root}/manifest.json"
+        advice = "(start a new run directory, or point data.root back)"
+        fitting = self.trainer is None or self.trainer.state.fn == "fit"
+        if "classes_sha256" not in state:  # a checkpoint of before the split-wise digests: the whole file
+            saved = state.get("manifest_sha256")
+            path = Path(manifest)
+            if saved is not None and saved != (hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file()
+                                               else ""):
+                raise ConfigError(f"the checkpoint was trained on another dataset: {manifest} differs from the "
+                                  f"manifest the checkpoint recorded {advice}")
+            return
+        if state["classes_sha256"] != self.classes_digest():
+            raise ConfigError(f"the checkpoint was trained on another dataset: the classes of {manifest} differ "
+                              f"from those the checkpoint recorded (its labels would mean other classes) {advice}")
+        if fitting and state.get("train_split_sha256") != self.train_split_digest():
+            raise ConfigError(f"the checkpoint was trained on another dataset: the {self.train_split!r} split "
+                              f"(data.train_split) of {manifest} has other shards than those the checkpoint's "
+                              f"position counts {advice}")
+
+
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
 
 def _int_or_none(value) -> int | None:

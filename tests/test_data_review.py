@@ -57,7 +57,8 @@ def test_resume_with_another_seed_finishes_the_epoch_in_its_order():
 def test_datamodule_resumes_with_the_checkpoints_order(digits_shards):
     """The seed and window of the epoch's order travel in the checkpoint's loader state."""
     dm = ShardDataModule(str(digits_shards), backend="cpu", batch_size=64, num_workers=0, seed=1)
-    dm.load_state_dict({"manifest_sha256": dm.manifest_digest(), "epoch": 0, "consumed": 128, "batches": 2,
+    dm.load_state_dict({"classes_sha256": dm.classes_digest(), "train_split_sha256": dm.train_split_digest(),
+                        "epoch": 0, "consumed": 128, "batches": 2,
                         "world_size": 1, "batch_size": 64, "seed": 0, "window_shards": 4})
     first = next(iter(dm.train_dataloader().sampler))[0]
     sizes = ShardSet(digits_shards, "train").shard_sizes
@@ -69,6 +70,7 @@ def _trainer_at(batch: int, accumulate: int, num_batches: int) -> SimpleNamespac
     progress = SimpleNamespace(current=SimpleNamespace(processed=batch))
     return SimpleNamespace(world_size=1, global_rank=0, is_global_zero=True, current_epoch=0, global_step=0,
                            accumulate_grad_batches=accumulate, num_training_batches=num_batches,
+                           state=SimpleNamespace(fn="fit"),
                            fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)))
 
 
@@ -93,7 +95,8 @@ def test_a_checkpoint_past_the_epochs_end_says_the_epoch_goes_unvalidated(digits
     starts epoch 1 without validating epoch 0: the start says so instead of passing in silence."""
     dm = ShardDataModule(str(digits_shards), backend="cpu", batch_size=64, num_workers=0)
     dm.trainer = _trainer_at(0, 3, 21)
-    dm.load_state_dict({"manifest_sha256": dm.manifest_digest(), "epoch": 0, "consumed": 1344, "batches": 21,
+    dm.load_state_dict({"classes_sha256": dm.classes_digest(), "train_split_sha256": dm.train_split_digest(),
+                        "epoch": 0, "consumed": 1344, "batches": 21,
                         "world_size": 1, "batch_size": 64, "accumulate": 3, "seed": 0, "window_shards": 4})
     with caplog.at_level(logging.WARNING):
         assert dm.resume_batches(0) == 21

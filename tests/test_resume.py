@@ -6,8 +6,10 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import json
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -17,7 +19,7 @@ from bench.kill_resume import compare, fit_command, run_and_kill_at, run_to_end,
 from pipeline.checkpoint_io import TMP_PREFIX, AtomicCheckpointIO
 from pipeline.errors import ConfigError
 from pipeline.resume_geometry import Geometry, adapt, expected_world_size
-from tests.conftest import REPO, run_cli_in_process
+from tests.conftest import REPO, run_cli_in_process, run_module
 
 STEPS = 13  # 11 steps per epoch at batch 128: crosses an epoch end (validation, epoch-end checkpoint)
 
@@ -230,16 +232,51 @@ def test_resume_refuses_another_architecture(interrupted, tmp_path, digits_shard
 
 
 def test_resume_refuses_another_dataset(interrupted, tmp_path, digits_shards):
+    """The train split prepared again with another seed (other shards), or a manifest of other classes: the
+    checkpoint's position, or its labels, would mean other samples."""
     _, _, cut, _, _ = interrupted
     run, shards = tmp_path / "run", tmp_path / "shards"
     shutil.copytree(cut / "checkpoints", run / "checkpoints")
     shutil.copytree(digits_shards, shards)
-    with open(shards / "manifest.json", "a") as f:
-        f.write("\n")  # same JSON, different bytes: a different manifest as far as the digest knows
+    run_module("data_prep", "imagefolder", str(digits_shards.parent / "images" / "train"), str(shards), "--split",
+               "train", "--samples-per-shard", "500", "--workers", "1", "--seed", "1")
     proc = run_cli_in_process(*fit_command(shards, run, STEPS + 2)[3:])
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "another dataset" in proc.stderr and "manifest.json" in proc.stderr
+    assert "another dataset: the 'train' split (data.train_split)" in proc.stderr and "manifest.json" in proc.stderr
     assert "Traceback" not in proc.stderr
+    shutil.rmtree(shards)
+    shutil.copytree(digits_shards, shards)
+    manifest = json.loads((shards / "manifest.json").read_text())
+    manifest["classes"][3] = "three"
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    for sub in ("fit", "validate"):
+        cmd = fit_command(shards, run, STEPS + 2)[3:]
+        cmd[0] = sub
+        if sub == "validate":
+            cmd = [a for a in cmd if a not in ("--trainer.max_steps", str(STEPS + 2))]
+        proc = run_cli_in_process(*cmd)
+        assert proc.returncode == 2, (sub, proc.stderr[-2000:])
+        assert "another dataset: the classes of" in proc.stderr, (sub, proc.stderr[-2000:])
+
+
+def test_a_split_prepared_after_training_keeps_the_run(interrupted, tmp_path, digits_shards):
+    """data_prep adds a split to an OUT (docs/data_prep.md): a test split prepared after the training changes
+    manifest.json, not the training's data. The run still resumes, validates and tests (the whole file's
+    digest locked it out of all three)."""
+    _, _, cut, _, _ = interrupted
+    run, shards = tmp_path / "run", tmp_path / "shards"
+    shutil.copytree(cut / "checkpoints", run / "checkpoints")
+    shutil.copytree(digits_shards, shards)
+    run_module("data_prep", "imagefolder", str(digits_shards.parent / "images" / "val"), str(shards), "--split",
+               "test", "--samples-per-shard", "500", "--workers", "1")
+    assert "test" in json.loads((shards / "manifest.json").read_text())["splits"]
+    with open(tmp_path / "log", "w") as log:
+        run_to_end(fit_command(shards, run, STEPS + 1), log)
+        assert saved_step(run / "checkpoints" / "last.ckpt") == STEPS + 1
+        for sub, split in (("validate", []), ("test", ["--data.test_split", "test"])):
+            run_to_end([sys.executable, "-m", "pipeline", sub, "--config", str(run / "config.yaml"), "--ckpt_path",
+                        str(run / "checkpoints" / "last.ckpt"), *split], log)
+    assert len(list((run / "test" / "csv").glob("version_*/metrics.csv"))) == 1
 
 
 class _Unpicklable:
