@@ -46,19 +46,34 @@ def scan_imagefolder(src: Path, split: str | None = None) -> Scan:
             loose.append((table.display(i), "not inside a class folder"))
         else:
             kept.append(i)
-    tops = set()
+    tops, structured = set(), set()  # top folders; those holding <class>/<file> (files two levels below)
     all_deep = True
     for i in kept:
         parts = table.parts(i)
         tops.add(parts[0])
         all_deep = all_deep and len(parts) >= 3
-    split_like = len(tops) > 1 and all(t.lower() in SPLIT_NAMES for t in tops)  # train/, val/*.jpg, Test/
-    if split is not None and len(tops) > 1 and (all_deep or split_like):
-        named = sorted(t for t in tops if t.lower() == split.lower())
+        if len(parts) >= 3:
+            structured.add(parts[0])
+    split_names = {t for t in tops if t.lower() in SPLIT_NAMES}
+    split_like = len(tops) > 1 and split_names == tops  # train/, val/*.jpg, Test/
+    named = sorted(t for t in tops if split is not None and t.lower() == split.lower())
+    # split folders beside other folders (meta/, out/): the named one holds classes, or two split names
+    # side by side (never classes: those are refused below); else train/, val/ and meta/ became 3 classes
+    beside = bool(named) and (named[0] in structured or len(split_names) > 1)
+    if split is not None and len(tops) > 1 and (all_deep or split_like or beside):
         if named:
+            if named[0] not in structured:
+                raise PrepError(f"{src}: the split folder {named[0]!r} holds its images directly, not in class "
+                                f"folders, so they have no labels (ImageNet's flat val/: `data_prep imagenet` reads "
+                                f"its labels from the devkit or LOC_val_solution.csv)")
+            others = sorted(tops - split_names)
+            if others:
+                print(f"data_prep: note: {src}: using the split folder {named[0]!r}; not reading the folder(s) "
+                      f"beside the split folders: {', '.join(others[:10])}{' ...' if len(others) > 10 else ''}",
+                      file=sys.stderr)
             kept = array("q", (i for i in kept if table.parts(i)[0] == named[0]))
             rejects = [r for r in rejects if _in_split(r[0], src, named[0])]
-        elif {t.lower() for t in tops} & SPLIT_NAMES:
+        elif split_names:
             raise PrepError(f"{src}: holds split folders {sorted(tops)} but none named {split!r}; "
                             "pass --split with one of them")
     rejects += loose

@@ -286,6 +286,36 @@ def test_split_folders_are_never_taken_for_classes(tmp_path):
     assert r.returncode == 2 and "holds only the split folder 'train', but --split is 'val'" in r.stderr, r.stderr
 
 
+def test_split_folders_beside_other_folders(tmp_path, capsys):
+    """``train/`` and ``val/`` beside a ``meta/`` folder (or ``out/``): the layout detection needed every top
+    folder to be a split name, so the classes became ``meta``, ``train`` and ``val`` (both splits mixed, exit
+    0). A flat ``val/*.jpg`` asked for as ``--split val`` became one class ``val`` (every label 0)."""
+    src = tmp_path / "src"
+    write_imagefolder(src / "train", ["a", "b"], per_class=3)
+    write_imagefolder(src / "val", ["a", "b"], per_class=2, seed=5)
+    (src / "meta").mkdir()
+    (src / "meta" / "classes.txt").write_text("a\nb\n")
+    for split, n in (("train", 6), ("val", 4)):
+        capsys.readouterr()
+        assert main(["imagefolder", str(src), str(tmp_path / "o"), "--split", split, "--no-progress"]) == 0
+        m = load_manifest(tmp_path / "o")
+        assert m["classes"] == ["a", "b"] and m["splits"][split]["samples"] == n, m["splits"][split]
+        assert m["splits"][split]["rejected"] == 0
+        assert f"using the split folder {split!r}; not reading the folder(s) beside the split folders: meta" in \
+            capsys.readouterr().err
+
+    flat = tmp_path / "flat"
+    write_imagefolder(flat / "Train", ["a", "b"], per_class=3)
+    write_imagefolder(tmp_path / "v", ["x"], per_class=4, seed=5)
+    (flat / "val").mkdir()
+    for p in (tmp_path / "v" / "x").iterdir():
+        p.rename(flat / "val" / p.name)
+    r = run_cli("imagefolder", str(flat), str(tmp_path / "o2"), "--split", "val", "--no-progress")
+    assert r.returncode == 2 and "the split folder 'val' holds its images directly, not in class folders" in \
+        r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "o2" / "manifest.json").exists()
+
+
 def test_a_class_folder_that_cannot_be_read_is_an_error(tmp_path):
     """A second link to a class folder (or an unreadable class folder) dropped that class (only a line in
     rejects.jsonl, exit 0): the labels of the classes after it moved."""
