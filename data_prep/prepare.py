@@ -1,17 +1,18 @@
 """Glue for the splits of one run: plan them, build this task's slice of shards, finalize when running alone."""
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import PrepError
 from .format import MANIFEST_NAME, ManifestError, index_name, load_manifest, shard_name
-from .holdout import SETTINGS, check_rerun
+from .holdout import SETTINGS, check_rerun, with_partners
 from .imagefolder import Scan
 from .manifest import finalize, write_plan_record
 from .plan import ShardJob, plan_shards
-from .runner import run_jobs
+from .runner import run_jobs, work_dir, write_json_atomic
 from .validate import EncodeOptions
 
 
@@ -63,6 +64,7 @@ def prepare_splits(out: Path, parts: list[SplitPart], source: str, opts: EncodeO
     out.mkdir(parents=True, exist_ok=True)
     planned = [(p.split, plan_split(out, p.split, source, p.scan, opts, seed, shard_bytes, samples_per_shard,
                                     p.split_source, holdout=p.holdout)[0]) for p in parts]
+    _unlist_changing_splits(out, planned)
     done = []
     for split, jobs in planned:
         mine = [j for j in jobs if j.number % num_tasks == task_index]
@@ -74,6 +76,49 @@ def prepare_splits(out: Path, parts: list[SplitPart], source: str, opts: EncodeO
     for label, mine_n, jobs_n in done:
         print(f"{label}: this task's {mine_n} of the split's {jobs_n} shards are done", file=sys.stderr)
     return None
+
+
+def _unlist_changing_splits(out: Path, planned: list[tuple[str, list[ShardJob]]]) -> None:
+    """Take a split out of manifest.json before its shards are rebuilt to another plan (other settings or
+    inputs): shards are replaced in place, so until the split is finalized again the old entry would list
+    a mix of old and new shards, which the loaders' size checks do not see (shards are padded to 10 KiB
+    records) and would read as duplicated and missing images. A split whose plan is unchanged (a rerun, a
+    damaged shard rebuilt to its recorded bytes) keeps its entry."""
+    if not (out / MANIFEST_NAME).exists():
+        return
+    manifest = load_manifest(out)  # read (and checked) by prepare_splits just before
+    stale = [split for split, jobs in planned
+             if split in manifest["splits"] and not _entry_is_current(out, jobs, manifest["splits"][split])]
+    stale = [s for s in with_partners(out, stale) if s in manifest["splits"]]  # a hold-out's two sides together
+    if not stale:
+        return
+    for split in stale:
+        del manifest["splits"][split]
+    if manifest["splits"]:
+        write_json_atomic(out / MANIFEST_NAME, manifest)
+    else:
+        (out / MANIFEST_NAME).unlink()
+    print(f"data_prep: {out / MANIFEST_NAME} no longer lists split(s) {', '.join(stale)}: their shards are being "
+          f"rebuilt with other settings or inputs; the split is listed again when it is finalized (this run, "
+          f"or `python -m data_prep finalize {out}` after array tasks)", file=sys.stderr)
+
+
+def _entry_is_current(out: Path, jobs: list[ShardJob], entry: dict) -> bool:
+    """Whether the manifest's entry of a split lists what its plan builds: every shard done to this plan
+    (done-record of the same plan hash) with the sha256 the entry records."""
+    listed = {s["name"]: s.get("sha256") for s in entry.get("shards", [])}
+    written = {}
+    for job in jobs:
+        name = shard_name(job.split, job.number)
+        try:
+            rec = json.loads((work_dir(out, job.split) / (name + ".json")).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        if rec.get("plan_hash") != job.plan_hash:
+            return False
+        if rec.get("samples", 0) > 0:
+            written[name] = rec.get("sha256")
+    return written == listed
 
 
 def _settings(record: dict | None) -> dict | None:

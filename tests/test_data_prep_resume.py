@@ -149,6 +149,38 @@ def test_array_tasks_then_finalize_equals_single_run(tree, tmp_path, monkeypatch
         [s["sha256"] for s in load_manifest(single)["splits"]["train"]["shards"]]
 
 
+def test_a_rerun_with_other_settings_unlists_the_split_until_it_is_finalized(tree, tmp_path, capsys):
+    """Shards are rebuilt in place: an array task of a rerun with another seed replaced half of them while
+    manifest.json still listed the old ones, sizes alike (10 KiB records), so the loaders read a mix (some
+    images twice, some never). The split leaves the manifest when its rebuild starts; other splits stay."""
+    from pipeline.data.shards import ShardSet
+    from pipeline.errors import ConfigError
+
+    out = tmp_path / "o"
+    common = ["--samples-per-shard", "6", "--workers", "1", "--no-progress"]
+    assert main(["imagefolder", str(tree), str(out), "--split", "train", *common]) == 0
+    assert main(["imagefolder", str(tree), str(out), "--split", "val", *common]) == 0
+    manifest = (out / "manifest.json").read_bytes()
+    assert main(["imagefolder", str(tree), str(out), "--split", "train", *common]) == 0  # same plan: kept
+    assert (out / "manifest.json").read_bytes() == manifest
+    capsys.readouterr()
+    other = ["imagefolder", str(tree), str(out), "--split", "train", *common, "--seed", "5", "--num-tasks", "2"]
+    assert main([*other, "--task-index", "0"]) == 0
+    assert "no longer lists split(s) train: their shards are being rebuilt" in capsys.readouterr().err
+    assert sorted(load_manifest(out)["splits"]) == ["val"]
+    with pytest.raises(ConfigError, match=r"split 'train' is not in .* data_prep has not finished it .* finalize"):
+        ShardSet(out, "train")
+    assert len(ShardSet(out, "val")) == 40
+    assert main([*other, "--task-index", "1"]) == 0
+    assert main(["finalize", str(out)]) == 0
+    ref = tmp_path / "ref"
+    assert main(["imagefolder", str(tree), str(ref), "--split", "train", *common, "--seed", "5"]) == 0
+    assert load_manifest(out)["splits"]["train"] == load_manifest(ref)["splits"]["train"]
+    images = [s["jpg"] for s in samples_of(out, "train")]
+    assert len(images) == len(set(images)) == 40
+    assert main(["verify", str(out)]) == 0
+
+
 def test_verify_catches_a_flipped_byte(tree, tmp_path):
     out = tmp_path / "o"
     assert main(["imagefolder", str(tree), str(out), "--split", "train", "--samples-per-shard", "12",

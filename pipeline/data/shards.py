@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.format import ManifestError, load_manifest, read_index
+from data_prep.format import PLAN_NAME, WORK_DIR, ManifestError, load_manifest, read_index
 from pipeline.errors import ConfigError
 
 
@@ -36,8 +36,13 @@ class ShardSet:
             raise ConfigError(f"data.root: {e}") from None
         splits = self.manifest.get("splits", {})
         if split not in splits:
+            pending = ""
+            if (self.root / WORK_DIR / split / PLAN_NAME).is_file():  # data_prep began (again) on it
+                pending = (f"; data_prep has not finished it (its {WORK_DIR}/{split}/ is there): rerun the same "
+                           f"data_prep command, or after Slurm array tasks `python -m data_prep finalize "
+                           f"{self.root}` once they all ended")
             raise ConfigError(
-                f"split {split!r} is not in {self.root / 'manifest.json'} (it has: {sorted(splits)})"
+                f"split {split!r} is not in {self.root / 'manifest.json'} (it has: {sorted(splits)}){pending}"
             )
         self.split = split
         self.classes: list[str] = list(self.manifest["classes"])
