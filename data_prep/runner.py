@@ -12,11 +12,14 @@ import json
 import multiprocessing as mp
 import os
 import secrets
+import signal
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
+
+from pipeline.parent_death import signal_when_parent_ends
 
 from .errors import PrepError
 from .format import WORK_DIR, index_name, shard_name
@@ -187,12 +190,22 @@ def run_jobs(out: Path, jobs: list[ShardJob], opts: EncodeOptions, workers: int,
     return [records[j.number] for j in jobs]
 
 
+def _start_worker(parent: int, initializer, initargs: tuple) -> None:
+    """A worker ends with the run: after a ``kill -9`` of the parent (or the out-of-memory killer) its
+    workers stayed, blocked for good writing a result to the dead parent, holding their memory."""
+    if signal_when_parent_ends(signal.SIGKILL, parent) is False:
+        os._exit(1)  # the parent ended before the request: no signal will come
+    if initializer is not None:
+        initializer(*initargs)
+
+
 def map_in_processes(fn: Callable[[Any], Any], items: Iterable, workers: int, ctx, initializer=None,
                      initargs: tuple = (), doing: str = "working") -> Iterator:
     """``fn`` over ``items`` in ``workers`` processes, results in order; at most two items per worker are
     handed out (pickled) ahead. A worker that dies (the out-of-memory killer, a crash in a decoder) is a
     ``PrepError``: ``multiprocessing.Pool`` loses that worker's task and waits for it forever."""
-    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=initializer, initargs=initargs)
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_start_worker,
+                               initargs=(os.getpid(), initializer, initargs))
     done = False
     try:
         ahead: collections.deque = collections.deque()

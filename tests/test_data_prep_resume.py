@@ -104,6 +104,47 @@ def test_a_killed_worker_ends_the_run_with_an_error_and_the_rerun_resumes(tmp_pa
     assert load_manifest(out)["splits"]["test"]["samples"] == 10000
 
 
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` exists and is no zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def test_workers_end_with_a_parent_killed_outright(tmp_path):
+    """``kill -9`` of the prep command alone (the out-of-memory killer picks the parent, or a user kills its
+    pid): its spawned workers stayed, blocked writing a result to the dead parent, holding their memory."""
+    out = tmp_path / "out"
+    args = ["imagefolder", str(cifar_tar()), str(out), "--split", "test", "--samples-per-shard", "500",
+            "--max-side", "24", "--workers", "2", "--no-progress"]
+    proc = subprocess.Popen([sys.executable, "-m", "data_prep", *args], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    workers = []
+    try:
+        deadline = time.monotonic() + 60
+        while not list((out / ".work" / "test").glob("test-0000*.tar.json")):
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        workers = _spawned_workers(proc.pid)
+        assert len(workers) == 2, workers
+        os.kill(proc.pid, signal.SIGKILL)  # the parent alone, not its process group
+        proc.wait()
+        deadline = time.monotonic() + 10
+        while alive := [w for w in workers if _running(w)]:
+            assert time.monotonic() < deadline, f"workers {alive} outlived their parent"
+            time.sleep(0.05)
+    finally:
+        for w in workers:
+            try:
+                os.kill(w, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert main(args) == 0  # and the rerun resumes to a sound dataset
+    assert main(["verify", str(out)]) == 0
+
+
 def test_corrupted_done_shard_is_rebuilt(tree, tmp_path, capsys):
     """40 images in 5 shards; one flipped byte: the rerun rebuilds that shard alone, and says so."""
     out = tmp_path / "o"
