@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import multiprocessing as mp
+import re
 import struct
 from pathlib import Path
 
@@ -70,7 +71,8 @@ def verify_shard(out: Path, split: str, shard: dict, n_classes: int, decode: int
                     if im.format != "JPEG" or im.mode != "RGB":
                         problems.append(f"{where}: sample {i} is {im.format} {im.mode}, not an RGB JPEG")
                 except Exception as exc:  # any decode failure is a finding, not a crash
-                    problems.append(f"{where}: sample {i} does not decode: {exc}")
+                    why = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(exc)).strip()
+                    problems.append(f"{where}: sample {i} does not decode: {why}")
     return problems
 
 
