@@ -63,8 +63,8 @@ from pipeline.sample_grid import SampleGrid
 from pipeline.sync_batchnorm import GlooSyncBatchNormPlugin
 from pipeline.throughput import Throughput
 from pipeline.torchelastic import restart_warning
-from pipeline.tracking import (RunIdInCheckpoint, StepLearningRateMonitor, TrackingConfig, check_wandb_settings,
-                               make_eval_loggers, make_loggers, run_id, set_aside_metrics)
+from pipeline.tracking import (CheckpointStep, RunIdInCheckpoint, StepLearningRateMonitor, TrackingConfig,
+                               check_wandb_settings, make_eval_loggers, make_loggers, run_id, set_aside_metrics)
 
 log = logging.getLogger("pipeline")
 
@@ -467,6 +467,8 @@ class PipelineCLI(LightningCLI):
             SampleGrid(run_dir),
             WeightParity(),
         ]
+        if self.subcommand in ("validate", "test"):
+            callbacks.append(CheckpointStep())
         if self.subcommand not in (None, "fit") and cfg.trainer.get("logger") in (None, True):
             ckpt = cfg.get("ckpt_path")
             kwargs.setdefault("logger", make_eval_loggers(cfg.tracking, run_dir, self.subcommand,

@@ -82,6 +82,18 @@ class RunIdInCheckpoint(Callback):
         checkpoint["wandb_run_id"] = self.run_id
 
 
+class CheckpointStep(Callback):
+    """An evaluation (``validate``, ``test``) of a training checkpoint logs at that checkpoint's step and epoch,
+    where its training logged (``trainer/global_step``, the x-axis of the W&B group's charts): evaluations
+    of several checkpoints line up with the training's curves instead of all sitting at step 0."""
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        if trainer.state.fn in ("validate", "test"):
+            # the loops are not restored for an evaluation: these two feed only the logged step and epoch
+            trainer.fit_loop.epoch_loop._batches_that_stepped = int(checkpoint.get("global_step", 0))
+            trainer.fit_loop.epoch_progress.current.completed = int(checkpoint.get("epoch", 0))
+
+
 def wandb_offline() -> bool:
     mode = os.environ.get("WANDB_MODE")
     if mode:
