@@ -188,8 +188,7 @@ def _submit_train(a: argparse.Namespace, extra: list[str]) -> int:
         for line in check_trainer_settings(job):
             print(line, file=sys.stderr)
     if a.dry_run:
-        run_id = saved_id or "<new id, created on submit>"
-        print(job.render(run_id), end="")
+        print(job.render(saved_id), end="")
         print(f"# submit: sbatch --parsable {job.script_path}", file=sys.stderr)
         return 0
     made = [p for p in (run_dir, *run_dir.parents) if not p.exists()]

@@ -205,8 +205,10 @@ class TrainJob:
         gpus = "no GPU" if self.on_cpu else f"{self.gpus_per_node} GPU(s)"
         return f"--nodes {self.nodes}, {self.tasks_per_node} task(s) and {gpus} per node, {self.slurm.request()}"
 
-    def render(self, wandb_run_id: str) -> str:
-        """The sbatch script text (call check() first)."""
+    def render(self, wandb_run_id: str | None) -> str:
+        """The sbatch script text (call check() first). Without an id (a dry run of a new run directory) the
+        script exports none: the trainer makes RUN/wandb_run_id at the first start and reads it at every
+        other, so the printed script can be submitted as is."""
         accel = "--trainer.accelerator cpu " if self.on_cpu else ""
         values: dict[str, str | int | None] = {
             "created": _now(),
@@ -222,6 +224,7 @@ class TrainJob:
             "run_dir": str(self.run_dir),
             "workdir": str(self.workdir),
             "wandb_run_id": wandb_run_id,
+            "wandb_id_at_start": "" if wandb_run_id else "yes",
             "container_flags": self.slurm.container_flags(self.mounts, self.workdir),
             "python": self.python,
             "config": str(self.config),

@@ -10,7 +10,7 @@ import secrets
 from pathlib import Path
 
 RUN_ID_FILE = "wandb_run_id"
-_RUN_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")  # what W&B takes as a run id
+RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")  # what W&B takes as a run id
 
 
 class BadRunIdFile(ValueError):
@@ -30,7 +30,7 @@ def read_run_id(run_dir: str | Path) -> str | None:
     if not path.is_file():
         return None
     text = path.read_text(errors="replace").strip()
-    if not _RUN_ID.match(text):
+    if not RUN_ID_PATTERN.match(text):
         raise BadRunIdFile(path, text)
     return text
 

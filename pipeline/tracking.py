@@ -15,7 +15,7 @@ from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.loggers.logger import rank_zero_experiment
 
 from pipeline.errors import ConfigError
-from pipeline.run_id_file import BadRunIdFile, create_run_id, read_run_id
+from pipeline.run_id_file import RUN_ID_FILE, RUN_ID_PATTERN, BadRunIdFile, create_run_id, read_run_id
 from pipeline.wandb_backlog import ServiceSafeWandbLogger
 
 
@@ -59,6 +59,10 @@ def run_id(run_dir: str | Path, from_checkpoint: str | None = None) -> str:
     the id recorded in the checkpoint (``from_checkpoint``) is kept instead of starting a new run."""
     env = os.environ.get("WANDB_RUN_ID")
     if env:
+        if not RUN_ID_PATTERN.match(env):  # W&B refused it at the first log, in a traceback: Slurm restarted it
+            raise ConfigError(f"tracking.wandb: WANDB_RUN_ID={env[:40]!r} is not a W&B run id (1-64 letters, "
+                              f"digits, _ . -): unset it (the run directory's {RUN_ID_FILE} file gives the id) or "
+                              f"set the run's id")
         return env
     try:
         return create_run_id(run_dir, from_checkpoint or secrets.token_hex(4))

@@ -26,6 +26,8 @@ import pytorch_lightning as pl
 from pytorch_lightning.loggers import Logger, WandbLogger
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
+from pipeline.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 MAX_HELD = 1000  # rows: a stop comes within a validation of the signal; this only bounds a pathology
@@ -85,6 +87,19 @@ class ServiceSafeWandbLogger(WandbLogger):
     resumed run."""
 
     on_service_lost: Any = None  # (error, metrics, step) -> None, set by WandbBacklog.setup
+
+    @property
+    def experiment(self) -> Any:
+        """W&B's run; its refusal to start one (a bad key, a run id or setting it does not take) is a one-line
+        error with exit 2: in a traceback it ended the job as a crash, which Slurm restarted (the same
+        refusal each time) and blamed on the node."""
+        import wandb
+
+        try:
+            return super().experiment
+        except (wandb.errors.UsageError, wandb.errors.AuthenticationError) as e:
+            raise ConfigError(f"tracking.wandb: W&B refused to start the run: {type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[0] if str(e).strip() else e!r}") from None
 
     @rank_zero_only
     def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:

@@ -90,7 +90,16 @@ def test_dry_run_4x8_gpu_job_has_what_srun_needs(tmp_path: Path, cfg: Path) -> N
     for line in ("export WANDB_RESUME=allow", 'export WANDB_DIR="$RUN_DIR"', "export TORCH_NCCL_ASYNC_ERROR_HANDLING=1",
                  'export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"', f"RUN_DIR={run_dir}", f"cd {tmp_path}"):
         assert line in script.splitlines(), line
-    assert re.search(r"^export WANDB_RUN_ID=", script, re.M)
+    # a new run directory has no id yet: the script exports none (it exported a placeholder W&B refused at
+    # every start), and the first start makes RUN/wandb_run_id; so the printed script can be submitted as is
+    assert not re.search(r"WANDB_RUN_ID=", script), script
+    assert "its first start makes RUN/wandb_run_id, every start reads it" in script
+    (tmp_path / "existing").mkdir()
+    (tmp_path / "existing" / "wandb_run_id").write_text("0llx4e10\n")
+    again = launch("submit", "train", "--config", str(cfg), "--nodes", "1", "--time", "1:00:00", "--run-dir",
+                   str(tmp_path / "existing"),
+                   "--dry-run", cwd=tmp_path)
+    assert "export WANDB_RUN_ID=0llx4e10\n" in again.stdout and "first start makes" not in again.stdout
     assert re.search(r"^export MASTER_ADDR=", script, re.M) and re.search(r"^export MASTER_PORT=", script, re.M)
     assert not run_dir.exists(), "--dry-run must not create the run directory"
     assert f"sbatch --parsable {run_dir}/train.sbatch" in r.stderr

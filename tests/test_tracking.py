@@ -15,7 +15,7 @@ import torch
 from pipeline.errors import ConfigError
 from pipeline.run_id_file import RUN_ID_FILE
 from pipeline.tracking import TrackingConfig, make_eval_loggers, run_id
-from tests.conftest import REPO, run_module
+from tests.conftest import REPO, run_cli_in_process, run_module
 
 CONF = str(REPO / "conf" / "demo.yaml")
 FAKE_KEY = "0f1e2d3c4b5a69788796a5b4c3d2e1f0deadbeef"  # 40 characters, like a real key
@@ -341,6 +341,27 @@ def test_the_backlog_holds_numbers_only():
                   "train/loss": torch.tensor(2.5)}, 3)
     backlog.hold({"samples/train_batch": [wandb.Image(np.zeros((4, 4, 3), np.uint8))]}, 4)
     assert backlog.held == [{"step": 3, "metrics": {"trainer/global_step": 3.0, "train/loss": 2.5}}]
+
+
+def test_a_run_id_wandb_refuses_is_a_one_line_error(digits_shards, tmp_path, monkeypatch):
+    """W&B's refusal to start a run (here a run id it does not take; online also a bad API key) came as a
+    traceback at the first log, exit 1: the Slurm script took it for a crash, restarted the job three times
+    with the same refusal and excluded a sound node. A WANDB_RUN_ID that is no id is refused before
+    anything starts; a refusal at W&B's start is the same one-line error, exit 2."""
+    from pipeline.errors import ConfigError
+    from pipeline.wandb_backlog import ServiceSafeWandbLogger
+
+    run = tmp_path / "run"
+    proc = run_cli_in_process("fit", "--config", CONF, "--data.root", str(digits_shards), "--trainer.default_root_dir",
+                              str(run), "--trainer.max_steps", "2", env={"WANDB_MODE": "offline",
+                                                                         "WANDB_RUN_ID": "<new id, created on submit>"})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "error: tracking.wandb: WANDB_RUN_ID='<new id, created on submit>' is not a W&B run id" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (run / "checkpoints").exists()
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    logger = ServiceSafeWandbLogger(save_dir=str(tmp_path), offline=True, id="a:b")
+    with pytest.raises(ConfigError, match=r"tracking.wandb: W&B refused to start the run: UsageError: .?Run ID cannot"):
+        logger.experiment
 
 
 def test_a_lost_wandb_service_does_not_end_the_training(digits_shards, tmp_path):

@@ -9,7 +9,9 @@
 #
 # Needs root (daemons run as root or munge/mysql, like on a real cluster) but no systemd: every daemon is
 # started in the foreground (-D) in the background, its PID is written to DIR/pids, and `stop` kills
-# exactly those PIDs in reverse order. Nothing is written outside DIR except the apt install.
+# exactly those PIDs in reverse order. Nothing is written outside DIR except the apt install and, when no
+# munged answers yet, /etc/munge/munge.key and a munged on /run/munge (its PID in DIR/pids: `stop` ends it,
+# also for another cluster started after this one, which then loses authentication).
 # Environment:
 #   PORT_BASE  (default 17800): slurmctld PORT_BASE+17, slurmdbd +19, slurmd n1, n2, ... +21, +22, ..., MariaDB +6,
 #              so several clusters (or a site's real one) can share the machine.
