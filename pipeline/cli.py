@@ -222,8 +222,14 @@ class RunDirConfig(SaveConfigCallback):
             run_dir = Path(trainer.default_root_dir)
             run_dir.mkdir(parents=True, exist_ok=True)
             target, written = run_dir / name, run_dir / f".{name}.{os.getpid()}.tmp"
+            config = self.config
+            if stage == "fit" and config.get("ckpt_path") is not None:
+                # what this start resumed from, not a setting of the run: `fit --config RUN/config.yaml` (or
+                # validate) of a branched run reloaded the other run's checkpoint, over its own progress
+                config = config.clone()
+                config["ckpt_path"] = None
             try:
-                self.parser.save(self.config, str(written), skip_none=False, overwrite=True, multifile=self.multifile)
+                self.parser.save(config, str(written), skip_none=False, overwrite=True, multifile=self.multifile)
                 if stage == "fit" and (kept := keep_earlier_config(target, written, trainer.global_step)):
                     _say(f"settings changed: the earlier config is kept as {kept}")
                 os.replace(written, target)
@@ -232,7 +238,7 @@ class RunDirConfig(SaveConfigCallback):
             if stage == "fit":  # W&B's config had the model's settings alone: no batch size, devices, precision
                 for logger in trainer.loggers:
                     if isinstance(logger, WandbLogger):
-                        logger.log_hyperparams(self.config.as_dict())
+                        logger.log_hyperparams(config.as_dict())
         self.already_saved = True
 
 
@@ -516,7 +522,7 @@ class PipelineCLI(LightningCLI):
                 self.model.check_run_length(trainer.max_steps, trainer.max_epochs)
         self._drop_default_checkpointing(trainer)
         if trainer.loggers:  # Lightning's monitor refuses a run without loggers (trainer.logger false)
-            after = next(i for i, c in enumerate(callbacks) if isinstance(c, LastCheckpoint))
+            after = next(i for i, c in enumerate(callbacks) if isinstance(c, LoopPosition))  # it sets the step
             callbacks.insert(after + 1, StepLearningRateMonitor())
         trainer.callbacks.extend(callbacks + list(extra))
         self._use_console_progress(trainer)

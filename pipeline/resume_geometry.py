@@ -204,6 +204,18 @@ class LoopPosition(pl.Callback):
         for tracker in (epochs or {}).values():
             tracker["processed"] = min(tracker["processed"], tracker["completed"])
 
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        """The logs' step is the optimizer steps done (one optimizer: Lightning's ``_batches_that_stepped``,
+        the step of every logger's rows, equals ``global_step`` at a batch's start in a run never stopped).
+        Lightning adds one to it on a restart, right for a save inside a batch's end hooks, where it had not
+        counted the step yet, but also for our saves at an epoch's end, where it had: each resume from such
+        a ``last.ckpt`` (every ``kill -9``, every ``max_epochs`` extension) moved every later row of CSV,
+        TensorBoard and W&B one step on (step 12 missing, 13 twice after a kill). Restated before any row of
+        the batch (the lr monitor comes after this callback)."""
+        loop = trainer.fit_loop.epoch_loop
+        if loop._batches_that_stepped != trainer.global_step:
+            loop._batches_that_stepped = trainer.global_step
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         dm = getattr(trainer, "datamodule", None)
         target = dm.resume_batches(trainer.current_epoch) if hasattr(dm, "resume_batches") else None

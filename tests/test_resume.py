@@ -218,6 +218,49 @@ def test_a_signal_at_the_runs_last_step_does_not_requeue_a_finished_run(digits_s
     assert "not finished" not in out
 
 
+def _train_rows(run) -> list[tuple[int, str]]:
+    import csv
+
+    with open(run / "csv" / "metrics.csv", newline="") as f:
+        return [(int(r["step"]), r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
+
+
+def test_a_resume_from_an_epochs_end_logs_on_the_same_steps(interrupted, tmp_path, digits_shards):
+    """11 steps (one epoch: last.ckpt saved at its end), then resumed to 13: the logs' rows are on the steps
+    of the run never stopped. Lightning added one to its logging step at each such restart: step 11 was
+    missing and every later row was one step on (CSV, TensorBoard and W&B alike; the weights were right)."""
+    _, ref, _, _, _ = interrupted
+    run = tmp_path / "run"
+    with open(tmp_path / "log", "w") as log:
+        run_to_end(fit_command(digits_shards, run, 11), log)
+        run_to_end(fit_command(digits_shards, run, STEPS), log)
+    got, want = _train_rows(run), _train_rows(ref)
+    assert [s for s, _ in got] == [s for s, _ in want] == list(range(STEPS)), (got, want)
+    assert got == want  # the same loss on each step, too
+    stepped = [torch.load(r / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["loops"]
+               ["fit_loop"]["epoch_loop.state_dict"]["_batches_that_stepped"] for r in (run, ref)]
+    assert stepped[0] == stepped[1], stepped
+
+
+def test_a_runs_config_names_no_checkpoint(interrupted, tmp_path, digits_shards):
+    """RUN/config.yaml recorded the --ckpt_path a start resumed from; given back as --config (to validate
+    the run, or to run it again), a branched run reloaded the other run's checkpoint: validate scored the
+    other run, and fit continued the other run over the branch's own last.ckpt."""
+    import yaml
+
+    _, _, cut, _, _ = interrupted
+    branch = tmp_path / "branch"
+    cmd = fit_command(digits_shards, branch, STEPS + 1)
+    cmd[cmd.index("--ckpt_path") + 1] = str(cut / "checkpoints" / "last.ckpt")
+    with open(tmp_path / "log", "w") as log:
+        run_to_end(cmd, log)
+    assert yaml.safe_load((branch / "config.yaml").read_text())["ckpt_path"] is None
+    proc = run_module("pipeline", "validate", "--config", str(branch / "config.yaml"), "--trainer.limit_val_batches",
+                      "1", env={"WANDB_MODE": "offline"})
+    assert f"validate: {branch / 'checkpoints' / 'last.ckpt'}" in proc.stderr, proc.stderr[-3000:]
+    assert str(cut) not in proc.stderr + proc.stdout
+
+
 def test_resume_refuses_another_architecture(interrupted, tmp_path, digits_shards):
     _, _, cut, _, _ = interrupted
     run = tmp_path / "run"
