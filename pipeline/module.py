@@ -13,7 +13,7 @@ from pipeline.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.data.contract import steps_in_epoch
 from pipeline.errors import ConfigError, require
 from pipeline.models import build
-from pipeline.models.registry import computation, describe
+from pipeline.models.registry import computation, describe, typed_options
 from pipeline.optim import lr_factor, make_sgd, param_groups, schedule_against_run
 
 MAX_LR = 1e4  # SGD's useful rates are below 10; 1e300 overflowed float32 in the first step (a traceback)
@@ -87,6 +87,8 @@ class ImageClassifier(pl.LightningModule):
         init_weights: str | None = None,
     ) -> None:
         super().__init__()
+        if arch_kwargs:  # before the hyper-parameters are kept: the checkpoint records what was built
+            arch_kwargs = typed_options(arch, arch_kwargs)
         self.save_hyperparameters()
         require(schedule in ("cosine", "step", "constant"), "model.schedule", "'cosine', 'step' or 'constant'",
                 schedule)
@@ -279,11 +281,25 @@ class ImageClassifier(pl.LightningModule):
         """A checkpoint's hyper-parameters (``saved``) name this network: a one-line error naming the
         setting otherwise. The CLI calls it before the loggers start, ``on_load_checkpoint`` again."""
         for key in ("arch", "num_classes", "arch_kwargs"):
+            if key == "arch_kwargs" and key in saved and self._same_computation(saved):
+                continue  # written another way: {} and {shortcut: A} are one ResNet-20, zero_init one start
             if key in saved and (saved[key] or None) != (self.hparams.get(key) or None):
                 raise ConfigError(
                     f"the checkpoint was trained with model.{key}={saved[key]!r}, this run has"
                     f" model.{key}={self.hparams.get(key)!r}; use the original setting or a new run directory"
                 )
+
+    def _same_computation(self, saved: dict) -> bool:
+        """Whether the checkpoint's ``arch_kwargs`` build the network this run's do (defaults filled in;
+        options that only initialize the weights, such as ``zero_init_residual``, left out)."""
+        arch = self.hparams.arch
+        if saved.get("arch", arch) != arch:
+            return False
+        try:
+            theirs = computation(arch, **typed_options(arch, saved.get("arch_kwargs") or {}))
+            return theirs == computation(arch, **(self.hparams.get("arch_kwargs") or {}))
+        except (ValueError, TypeError, KeyError):  # options of another version: compared as written
+            return False
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Refuse, with a clear message, a checkpoint of another network (the state-dict error would

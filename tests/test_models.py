@@ -410,6 +410,39 @@ def test_model_errors_are_project_config_errors() -> None:
         build("cifar_resnet20", shortcut="D")
 
 
+def test_on_off_options_given_as_words() -> None:
+    """``--model.arch_kwargs.plain false`` reaches the free-form dict as the string 'false', which Python takes
+    for true: the user asked for shortcuts and trained a plain net (exit 0). The words become booleans (also
+    in the checkpoint's hyper-parameters); any other string for an on/off option is refused."""
+    from pipeline.errors import ConfigError
+    from pipeline.module import ImageClassifier
+
+    with pytest.raises(ModelConfigError, match="option plain of model 'cifar_resnet20' is true or false, not 'false'"):
+        build("cifar_resnet20", plain="false")
+    residual = ImageClassifier(arch="cifar_resnet20", num_classes=10, arch_kwargs={"plain": "false", "shortcut": "A"})
+    assert residual.hparams.arch_kwargs == {"plain": False, "shortcut": "A"}
+    assert not any(getattr(m, "plain", False) for m in residual.model.modules())
+    v1 = ImageClassifier(arch="resnet50", num_classes=10, arch_kwargs={"stride_in_1x1": "True",
+                                                                      "zero_init_residual": "false"})
+    assert v1.model.layer2[0].conv1.stride == (2, 2) and v1.model.layer2[0].bn3.weight.abs().sum() > 0
+    with pytest.raises(ConfigError, match="option zero_init_residual of model 'resnet18' is true or false, not 'no'"):
+        ImageClassifier(arch="resnet18", num_classes=10, arch_kwargs={"zero_init_residual": "no"})
+
+
+def test_a_checkpoints_options_written_another_way_name_the_same_network() -> None:
+    """``arch_kwargs`` null and ``{shortcut: A}`` are one ResNet-20 (A is its default), and zero_init_residual
+    only starts the weights: a resume across them was refused. Another computation still is."""
+    from pipeline.errors import ConfigError
+    from pipeline.module import ImageClassifier
+
+    m = ImageClassifier(arch="cifar_resnet20", num_classes=10, arch_kwargs={"shortcut": "A"})
+    for saved in (None, {}, {"shortcut": "A", "zero_init_residual": True}, {"plain": "false"}):
+        m.check_network_of({"arch": "cifar_resnet20", "num_classes": 10, "arch_kwargs": saved})
+    for saved in ({"shortcut": "B"}, {"plain": True}):
+        with pytest.raises(ConfigError, match="the checkpoint was trained with model.arch_kwargs="):
+            m.check_network_of({"arch": "cifar_resnet20", "num_classes": 10, "arch_kwargs": saved})
+
+
 # --- The documented tables (docs/models.md) against the code -------------------------------------
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "models.md"

@@ -13,7 +13,7 @@ from torch import nn
 from pipeline.models import cifar_resnet, resnet
 from pipeline.models.resnet import ModelConfigError
 
-__all__ = ["UnknownModelError", "available", "build", "computation", "PLAIN_PREFIX"]
+__all__ = ["UnknownModelError", "available", "build", "computation", "typed_options", "PLAIN_PREFIX"]
 
 PLAIN_PREFIX = "plain_"
 
@@ -61,6 +61,9 @@ def build(name: str, **kwargs: Any) -> nn.Module:
         raise ModelConfigError(
             f"model {name!r} does not take {unknown}; it accepts {sorted(accepted)}"
         )
+    for key, value in kwargs.items():  # "false" is a true value: a plain net built for shortcut=..., plain="false"
+        if isinstance(accepted[key].default, bool) and not isinstance(value, bool):
+            raise ModelConfigError(f"option {key} of model {name!r} is true or false, not {value!r}")
     if plain:
         if kwargs.get("plain", True) is not True:
             raise ModelConfigError(
@@ -69,6 +72,19 @@ def build(name: str, **kwargs: Any) -> nn.Module:
             )
         kwargs["plain"] = True
     return fn(**kwargs)
+
+
+def typed_options(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` with the words ``true``/``false`` of an on/off option made booleans: a dotted command-line
+    key (``--model.arch_kwargs.plain false``) reaches the free-form dict as the string, which Python takes
+    for true. Unknown names and keys are left to ``build``."""
+    base = name[len(PLAIN_PREFIX):] if isinstance(name, str) and name.startswith(PLAIN_PREFIX) else name
+    if base not in _BASE:
+        return dict(kwargs)
+    params = inspect.signature(_BASE[base]).parameters
+    words = {"true": True, "false": False}
+    return {k: words[v.lower()] if k in params and isinstance(params[k].default, bool) and isinstance(v, str)
+            and v.lower() in words else v for k, v in kwargs.items()}
 
 
 def computation(name: str, **kwargs: Any) -> dict[str, Any]:
