@@ -382,9 +382,10 @@ class PipelineCLI(LightningCLI):
             raise ConfigError(f"ckpt_path: checkpoint {path} does not exist")
         meta = read_checkpoint(path)
         if not Path(path).is_dir() and "pytorch-lightning_version" not in meta:
+            use = (f"start from weights with --model.init_weights {path}" if resume else
+                   f"score weights with --ckpt_path null --model.init_weights {path}")
             raise ConfigError(f"ckpt_path: {path} is not a training checkpoint (no trainer state: weights alone, "
-                              f"as `python -m pipeline export` writes?); start from weights with "
-                              f"--model.init_weights {path}")
+                              f"as `python -m pipeline export` writes?); {use}")
         if not Path(path).is_dir():
             needed = ("state_dict", "optimizer_states", "loops") if resume else ("state_dict",)
             lacks = [key for key in needed if key not in meta]
@@ -675,7 +676,10 @@ def main(argv: list[str] | None = None, cli: type[PipelineCLI] = PipelineCLI) ->
         _say(f"fit: {e}")
         return 0
     except MisconfigurationException as e:  # Lightning's own refusal of a trainer setting
-        print(f"error: trainer: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+        why = str(e).strip().splitlines()[0]
+        if "no supported gpu backend" in why.lower():  # the ImageNet configs say accelerator: gpu
+            why += " (trainer.accelerator asks for GPUs, and this machine has none: --trainer.accelerator cpu)"
+        print(f"error: trainer: {why}", file=sys.stderr)
         return 2
     except (CheckpointWriteError, TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -67,6 +67,10 @@ def test_the_table_reports_each_networks_final_errors(runs: Path, tmp_path: Path
     row = next(line for line in out.splitlines() if line.startswith("| `cifar_resnet20`"))
     assert row.startswith(f"| `cifar_resnet20` (data.val_split: val) | 2 of 3 (seed 2: checkpoint at step 6 of 11) | "
                           f"{best:.2f} ({mean:.2f} ± {std:.2f}) |"), out
+    # the train error beside it is the best run's own (it was the smallest of any run: two runs' numbers paired)
+    trains = [r.train_error for r in read]
+    assert row.split(" | ")[3] == f"{trains[errors.index(best)]:.2f} ({statistics.fmean(trains):.2f} ± " \
+                                  f"{statistics.stdev(trains):.2f})", row
     assert row.endswith("| - (scored on split val, not test) |"), row  # the demo's digits validate on val
     assert f"{runs / 'no-logs-yet'}: nothing logged yet; left out" in err
 
@@ -136,5 +140,31 @@ def test_rows_are_one_recipe_each_and_the_train_error_is_of_the_validated_epoch(
     for line in rows.values():
         on_test = "data.val_split: test" in line
         assert line.endswith("| 8.75 |" if on_test else "| - (scored on split val, not test) |"), line
+    # a row of option B on the test split: the paper's numbers are option A's
+    _copy_run(seed1, tmp_path / "b-on-test-seed1", **{"model.arch_kwargs.shortcut": "B", "data.val_split": "test"})
+    assert cifar10_table.main([str(tmp_path)]) == 0
+    out, _ = capsys.readouterr()
+    (b_row,) = [line for line in out.splitlines() if "shortcut: B" in line and "data.val_split: test" in line]
+    assert b_row.endswith("| - (the paper's are option A) |"), b_row
     assert f"{tmp_path / 'cifar_resnet20-seed1'} and {tmp_path / 'again-seed1'}: the same network, recipe and " \
            f"seed 1" in err, err
+
+
+def test_rows_a_killed_start_logged_again_count_once(runs: Path, tmp_path: Path) -> None:
+    """After a kill -9 the steps between the last save and the kill are in metrics.csv twice: the killed
+    start's rows, then the resumed run's for the same steps. The train error is of the run's own (the later)
+    rows, not the mean over both."""
+    import csv
+
+    run = _copy_run(runs / "cifar_resnet20-seed0", tmp_path / "killed-seed0")
+    metrics = run / "csv" / "metrics.csv"
+    with open(metrics, newline="") as f:
+        reader = csv.DictReader(f)
+        fields, rows = reader.fieldnames, list(reader)
+    killed = [{**r, "train/top1": "0.0"} for r in rows if r.get("train/top1")][-4:]  # a killed start's last rows
+    cut = next(i for i, r in enumerate(rows) if r.get("step") == killed[0]["step"])
+    with open(metrics, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows[:cut] + killed + rows[cut:])
+    assert cifar10_table.read_run(run).train_error == cifar10_table.read_run(runs / "cifar_resnet20-seed0").train_error

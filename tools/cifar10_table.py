@@ -115,8 +115,11 @@ def read_run(run_dir: Path) -> Run | None:
     val = [r for r in rows if _float(r, "val/top1") is not None]
     # the epoch of the error beside it: at 64k steps the epoch after the last validation is 40 steps long
     epoch = int(val[-1]["epoch"]) if val else max(int(r["epoch"]) for r in rows if r.get("epoch"))
-    train = [t for r in rows if r.get("epoch") and int(r["epoch"]) == epoch
-             and (t := _float(r, "train/top1")) is not None]
+    # one value per step: after a kill -9 the steps between the last save and the kill are logged twice (the
+    # killed start's, then the resumed one's, which is the run's); the later row counts
+    by_step = {r["step"]: t for r in rows if r.get("epoch") and int(r["epoch"]) == epoch
+               and (t := _float(r, "train/top1")) is not None}
+    train = list(by_step.values())
     step, planned = _steps(run_dir, rows, int(cfg["trainer"].get("max_steps") or -1))
     return Run(
         path=run_dir, arch=cfg["model"]["arch"], seed=cfg.get("seed_everything"), step=step, planned=planned,
@@ -126,12 +129,14 @@ def read_run(run_dir: Path) -> Run | None:
     )
 
 
-def _cell(values: list[float]) -> str:
+def _cell(values: list[float], first: float | None = None) -> str:
+    """``first`` (default: the smallest value), then mean ± std of ``values`` when there are several."""
     if not values:
         return "-"
+    first = min(values) if first is None else first
     if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{min(values):.2f} ({statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f})"
+        return f"{first:.2f}"
+    return f"{first:.2f} ({statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f})"
 
 
 def _groups(runs: list[Run]) -> list[tuple[str, list[Run]]]:
@@ -158,7 +163,8 @@ def table(runs: list[Run]) -> str:
         depth = "".join(c for c in arch.rsplit("resnet", 1)[-1] if c.isdigit())
         return (arch.startswith("plain_"), int(depth) if depth else 0, arch)
 
-    lines = ["| network | runs done | test error % | train error % (its epoch) | paper's test error % |",
+    lines = ["| network | runs done | test error %: best (mean ± std) | train error % of the best run, its epoch "
+             "(mean ± std) | paper's test error % |",
              "| --- | --- | --- | --- | --- |"]
     for arch in sorted({r.arch for r in runs}, key=order):
         for label, mine in _groups([r for r in runs if r.arch == arch]):
@@ -166,12 +172,17 @@ def table(runs: list[Run]) -> str:
             going = ", ".join(f"seed {r.seed}: checkpoint at step {r.step} of {r.planned or '?'}"
                               for r in mine if not r.done)
             split = mine[0].scored_on
-            paper = PAPER.get(arch, "-") if split == "test" else f"- (scored on split {split}, not test)"
+            shortcut = mine[0].recipe.get("model.arch_kwargs.shortcut", "A")  # the CIFAR nets' default: A
+            paper = (f"- (scored on split {split}, not test)" if split != "test" else
+                     "- (the paper's are option A)" if shortcut != "A" and not arch.startswith("plain_") else
+                     PAPER.get(arch, "-"))
+            scored = [r for r in done if r.test_error is not None]
+            best = min(scored, key=lambda r: r.test_error) if scored else None
+            # the train error beside the best test error is that same run's, not the smallest of another run
+            train = _cell([r.train_error for r in done if r.train_error is not None], best and best.train_error)
             lines.append(f"| `{arch}`" + (f" ({label})" if label else "") + f" | {len(done)} of {len(mine)}" +
                          (f" ({going})" if going else "") +
-                         f" | {_cell([r.test_error for r in done if r.test_error is not None])}"
-                         f" | {_cell([r.train_error for r in done if r.train_error is not None])}"
-                         f" | {paper} |")
+                         f" | {_cell([r.test_error for r in scored])} | {train} | {paper} |")
     return "\n".join(lines)
 
 
