@@ -151,6 +151,25 @@ def _python(a: argparse.Namespace) -> str:
     return "python" if a.container_image else sys.executable
 
 
+def _refuse_if_preparing(run_dir: Path, out: Path) -> None:
+    """One prep submission per shard directory at a time: a second array job built the same shards at once
+    (one failed writing a shard the other had renamed, the other counted the first's shards as its own
+    earlier run's), and two finalize jobs rewrite one manifest.json."""
+    try:
+        active = status.active_prep_jobs(run_dir, out)
+    except rundir.BadJobsFile:
+        raise
+    except LaunchError as e:
+        raise LaunchError(f"{run_dir}: cannot tell whether the earlier prep jobs of {out} have ended: {e}; submit "
+                          f"again once squeue works") from e
+    if active:
+        jobs = ", ".join(f"{r.job_id} {r.state}" + (f" ({r.reason})" if r.reason else "") for r in active)
+        ids = " ".join(sorted({r.job_id.split("_")[0] for r in active}, key=int))
+        raise LaunchError(f"{out} is being prepared by job{'s' * (len(active) > 1)} {jobs} (recorded in {run_dir}): "
+                          f"a second prep job would write the same shards and manifest: wait until it ends, or "
+                          f"cancel it (`scancel {ids}`)")
+
+
 def _refuse_if_training(run_dir: Path) -> None:
     """One training job per run directory at a time: a second one (submitted again because the first seemed
     dead, or by re-running the command) would write checkpoints/last.ckpt too and resume from the other's."""
@@ -268,6 +287,8 @@ def _submit_prep(a: argparse.Namespace, extra: list[str]) -> int:
                   label=getattr(a, "split", "") or "")
     job.check()
     dep = ["--dependency=afterok:{array_job}", "--kill-on-invalid-dep=yes"]
+    if not a.dry_run:
+        _refuse_if_preparing(run_dir, out)  # before anything is written
     if a.dry_run:
         print(f"# ---- {job.array_script_path.name}")
         print(job.render_array(), end="")
@@ -351,7 +372,10 @@ def main(argv: list[str] | None = None) -> int:
         if extra:
             raise LaunchError(f"{a.cmd}: arguments after `--` are only accepted by submit and torchrun")
         if a.cmd == "status":
-            print(status.report(a.run_dir) if a.run_dir else status.queue_report())
+            try:
+                print(status.report(a.run_dir) if a.run_dir else status.queue_report(), flush=True)
+            except BrokenPipeError:  # `launch status RUN | head`: the reader has what it wanted
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
             return 0
     except LaunchError as e:
         print(f"launch: error: {e}", file=sys.stderr)

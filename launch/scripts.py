@@ -18,8 +18,8 @@ from data_prep.errors import PrepError
 from data_prep.format import SPLIT_NAME
 from launch import template
 from launch.errors import LaunchError
-from launch.validate import (no_launcher_args, positive_int, sbatch_path, slurm_name, slurm_time, time_seconds,
-                             writable_dir)
+from launch.validate import (TRAIN_TIME_REASON, no_launcher_args, positive_int, sbatch_path, slurm_name, slurm_time,
+                             time_seconds, writable_dir)
 
 
 @dataclass
@@ -34,9 +34,9 @@ class SlurmOptions:
     container_image: str | None = None
     container_mounts: list[str] = field(default_factory=list)
 
-    def check(self) -> None:
-        """Raise LaunchError naming the first bad setting."""
-        slurm_time(self.time)
+    def check(self, time_reason: str = TRAIN_TIME_REASON) -> None:
+        """Raise LaunchError naming the first bad setting (``time_reason``: why the job needs a finite limit)."""
+        slurm_time(self.time, reason=time_reason)
         slurm_name(self.partition, "--partition")
         slurm_name(self.account, "--account")
         slurm_name(self.qos, "--qos")
@@ -287,7 +287,7 @@ class PrepJob:
             raise LaunchError(f"OUT: {str(self.out)!r} is inside SRC {str(self.src)!r}, so a rerun would list the "
                               f"shards as inputs; choose an OUT outside SRC")
         positive_int(self.tasks, "--tasks")
-        self.slurm.check()
+        self.slurm.check("a prep task that hangs (a stalled file system) would hold its node for good")
         writable_dir(sbatch_path(self.run_dir, "--run-dir"), "--run-dir")
         writable_dir(self.out, "OUT")
         no_launcher_args(self.prep_args, PREP_ARGS)

@@ -40,10 +40,27 @@ def job_ids(run_dir: Path) -> list[str]:
 
 
 def active_train_jobs(run_dir: Path) -> list[slurm.JobRow]:
-    """Train jobs recorded in the run directory that Slurm has not finished with (queued, held, running,
-    requeued, ...): each would write and resume from the same checkpoints/last.ckpt. A job squeue no longer
-    knows is over. Raises a one-line LaunchError when squeue cannot be asked."""
+    """Train jobs of the run directory that Slurm has not finished with (queued, held, running, requeued,
+    ...): each would write and resume from the same checkpoints/last.ckpt. Those `launch submit` recorded and
+    those whose log is in the directory (``sbatch RUN/train.sbatch`` by hand). A job squeue no longer knows
+    is over. Raises a one-line LaunchError when squeue cannot be asked."""
     ids = [j["job_id"] for j in recorded_jobs(run_dir) if j.get("kind") == "train"]
+    ids += [i for i in job_ids(run_dir) if i not in ids and (run_dir / f"slurm-{i}.out").exists()]
+    return _active(ids)
+
+
+def active_prep_jobs(run_dir: Path, out: Path) -> list[slurm.JobRow]:
+    """Prep jobs (array tasks, finalize) recorded in ``run_dir`` for shard directory ``out`` that Slurm has
+    not finished with: a second one would build the same shards at the same time, and two finalize jobs
+    rewrite one manifest.json."""
+    ids = [j["job_id"] for j in recorded_jobs(run_dir)
+           if str(j.get("kind", "")).startswith("prep") and Path(j.get("out") or "") == out]
+    return _active(ids)
+
+
+def _active(ids: list[str]) -> list[slurm.JobRow]:
+    if not ids:
+        return []
     try:
         rows = slurm.squeue(ids)
     except LaunchError as e:
@@ -58,7 +75,8 @@ def _table(rows: list[slurm.JobRow]) -> list[str]:
     out = [f"  {'JOBID':<14} {'NAME':<{width}} {'STATE':<12} {'ELAPSED':>10} {'RESTARTS':>8}  {'EXIT/REASON'}"]
     for r in rows:
         restarts = "-" if r.restarts is None else str(r.restarts)
-        last = r.reason if r.state == "PENDING" and r.reason else (r.exit_code or r.reason)
+        # a pending job's exit code is sacct's placeholder 0:0 until it has a reason (seconds after submitting)
+        last = (r.reason or "-") if r.state == "PENDING" else (r.exit_code or r.reason)
         out.append(f"  {r.job_id:<14} {r.name:<{width}} {r.state:<12} {r.elapsed:>10} {restarts:>8}  {last}")
     return out
 

@@ -41,13 +41,16 @@ def _parse_time(value: str) -> int | None:
     return None
 
 
-def slurm_time(value: str, setting: str = "--time") -> str:
+TRAIN_TIME_REASON = "a job's checkpoint-and-requeue signal is timed from it"
+
+
+def slurm_time(value: str, setting: str = "--time", reason: str = TRAIN_TIME_REASON) -> str:
     """Validate a Slurm time limit in any of sbatch's forms (90 is 90 minutes, as sbatch reads it). A limit
-    is required and finite: the trainer's USR1 save is timed from it."""
+    is required and finite: the trainer's USR1 save is timed from it (``reason`` says why for other jobs)."""
     seconds = _parse_time(value)
     if seconds == 0 or (value or "").lower() in ("-1", "unlimited", "infinite"):
         raise LaunchError(f"{setting}: {value!r} means no time limit to Slurm; give a finite one (the partition's "
-                          f"limit, for instance): a job's checkpoint-and-requeue signal is timed from it")
+                          f"limit, for instance): {reason}")
     if seconds is None:
         raise LaunchError(f"{setting}: {value!r} is not a time limit; use one of Slurm's forms: MINUTES, MM:SS, "
                           f"HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS (e.g. 90, 04:00:00, 2-00:00:00)")

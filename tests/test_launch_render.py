@@ -236,6 +236,10 @@ def test_prep_dry_run_array_and_finalize(tmp_path: Path) -> None:
     r = launch("submit", "prep", "imagenet", str(tmp_path / "nope"), str(out), "--tasks", "2", "--dry-run",
                cwd=tmp_path)
     assert r.returncode == 2 and "SRC:" in r.stderr and "nope" in r.stderr
+    r = launch("submit", "prep", "imagenet", str(src), str(out), "--tasks", "2", "--time", "0", "--dry-run",
+               cwd=tmp_path)  # a prep job has no checkpoint to time a signal for: its own reason
+    assert r.returncode == 2 and "--time: '0' means no time limit" in r.stderr and "checkpoint" not in r.stderr \
+        and "would hold its node for good" in r.stderr, r.stderr
     # imagenet: the user's --splits is what finalize merges; the user's --workers wins over --cpus-per-task's
     r = launch("submit", "prep", "imagenet", str(src), str(out), "--tasks", "2", "--cpus-per-task", "8", "--dry-run",
                "--", "--splits", "val", "--workers", "2", cwd=tmp_path)

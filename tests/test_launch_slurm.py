@@ -184,6 +184,13 @@ def test_prep_array_plus_finalize_matches_single_process(slurm_cluster: SlurmClu
     m = re.search(r"Submitted prep array job (\d+) \(tasks 0-2\) and finalize job (\d+) \(afterok:(\d+)\)", r.stdout)
     assert m and m.group(1) == m.group(3), r.stdout
     array, fin = m.group(1), m.group(2)
+    # the same command again while those run: refused (two array jobs built the same shards at once)
+    again = slurm_cluster.launch("submit", "prep", "imagefolder", str(src), str(out), "--split", "train", "--tasks",
+                                 "3", "--cpus-per-task", "1", "--time", "00:05:00", "--", "--samples-per-shard", "16",
+                                 check=False)
+    assert again.returncode == 2 and again.stdout == "", again.stdout + again.stderr
+    assert again.stderr.startswith(f"launch: error: {out} is being prepared by jobs {array}"), again.stderr
+    assert again.stderr.rstrip().endswith(f"(`scancel {array} {fin}`)"), again.stderr
     slurm_cluster.wait_gone([array, fin], timeout=180)
     def all_tasks_completed() -> None:
         states = dict(slurm_cluster.sacct_states(array) + slurm_cluster.sacct_states(fin))
@@ -255,6 +262,18 @@ def test_second_train_job_into_a_busy_run_dir_is_refused(slurm_cluster: SlurmClu
 
         slurm_cluster.run("scancel", first)
         slurm_cluster.wait_gone([first], timeout=30)
+        # the script submitted by hand (not recorded in jobs.jsonl): found by its log in the run directory
+        hand = slurm_cluster.run("sbatch", "--parsable", str(run_dir / "train.sbatch"), cwd=tmp_path).stdout.strip()
+        jobs.append(hand)
+        slurm_cluster.wait_state(hand, {"RUNNING"}, timeout=30)
+        def its_log_is_there() -> None:
+            assert (run_dir / f"slurm-{hand}.out").exists()
+        _eventually(its_log_is_there)
+        again = submit("00:03:00")
+        assert again.returncode == 2 and f"is in use by train job {hand} RUNNING" in again.stderr, again.stderr
+        slurm_cluster.run("scancel", hand)
+        slurm_cluster.wait_gone([hand], timeout=30)
+        jobs.remove(hand)
         # SQUEUE_STATES=all: squeue now lists the ended job too (CANCELLED), which must not count
         r = submit("00:03:00", env={"SQUEUE_STATES": "all"})
         m = re.search(r"Submitted train job (\d+)", r.stdout)

@@ -129,6 +129,22 @@ def test_status_without_slurm_reports_the_run_and_sums_requeues(trained_run: Pat
     assert f"checkpoint   {run / 'checkpoints' / 'last.ckpt'}  global_step 6 " in r.stdout, r.stdout
 
 
+def test_status_into_a_reader_that_stopped_reading_says_nothing(trained_run: Path, tmp_path: Path) -> None:
+    """`launch status RUN | head -4`: the report went to a pipe whose reader had ended, and status said
+    `launch: error: file system: Broken pipe`, exit 2."""
+    run = tmp_path / "run"
+    _copy_checkpoint(trained_run, "last.ckpt", run, "last.ckpt")
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before anything is written
+    try:
+        proc = subprocess.run([sys.executable, "-m", "launch", "status", str(run)], stdout=write,
+                              stderr=subprocess.PIPE, text=True, cwd=tmp_path, timeout=120,
+                              env={**os.environ, "PATH": str(tmp_path / "no-slurm-here")})
+    finally:
+        os.close(write)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+
+
 def _deepspeed_checkpoint(trained_run: Path, path: Path, states: str = "mp_rank_00_model_states.pt") -> None:
     """The layout Lightning's DeepSpeedStrategy saves (tests/test_deepspeed.py runs the real one): a directory
     whose rank-0 model states under tag ``checkpoint`` hold the Lightning keys minus weights and optimizer."""
@@ -392,3 +408,16 @@ def test_accountings_placeholder_row_of_a_new_job_gives_way_to_squeue(tmp_path: 
                     ["12_1", "prep-imagefolder-train", "RUNNING", "0:02", "-"],
                     ["13", "(sacct", "catching", "up)", "COMPLETED", "00:00:01", "0", "0:0"]], rows
     assert "-j 12,13 " in asked
+
+
+def test_a_pending_job_shows_its_reason_never_an_exit_code() -> None:
+    """sacct gives a job just submitted ExitCode 0:0 and no reason for a few seconds: the column said 0:0 of a
+    job that had not run (an array's pending meta-row too)."""
+    from launch.slurm import JobRow
+    from launch.status import _table
+
+    rows = [JobRow("44", "train-demo", "PENDING", "00:00:00", exit_code="0:0"),
+            JobRow("45", "train-demo", "PENDING", "00:00:00", exit_code="0:0", reason="ReqNodeNotAvail"),
+            JobRow("46", "train-demo", "FAILED", "00:01:00", exit_code="2:0")]
+    lines = _table(rows)[1:]
+    assert [line.split()[-1] for line in lines] == ["-", "ReqNodeNotAvail", "2:0"], lines
