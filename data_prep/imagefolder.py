@@ -59,7 +59,7 @@ def scan_imagefolder(src: Path, split: str | None = None) -> Scan:
     named = sorted(t for t in tops if split is not None and t.lower() == split.lower())
     # split folders beside other folders (meta/, out/): the named one holds classes, or two split names
     # side by side (never classes: those are refused below); else train/, val/ and meta/ became 3 classes
-    beside = bool(named) and (named[0] in structured or len(split_names) > 1)
+    beside = bool(split_names & structured) or (bool(named) and len(split_names) > 1)
     if split is not None and len(tops) > 1 and (all_deep or split_like or beside):
         if named:
             if named[0] not in structured:

@@ -193,7 +193,7 @@ def run_jobs(out: Path, jobs: list[ShardJob], opts: EncodeOptions, workers: int,
 def _start_worker(parent: int, initializer, initargs: tuple) -> None:
     """A worker ends with the run: after a ``kill -9`` of the parent (or the out-of-memory killer) its
     workers stayed, blocked for good writing a result to the dead parent, holding their memory."""
-    if signal_when_parent_ends(signal.SIGKILL, parent) is False:
+    if signal_when_parent_ends(getattr(signal, "SIGKILL", signal.SIGTERM), parent) is False:  # (no SIGKILL: Windows)
         os._exit(1)  # the parent ended before the request: no signal will come
     if initializer is not None:
         initializer(*initargs)

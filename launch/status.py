@@ -52,9 +52,9 @@ def active_train_jobs(run_dir: Path) -> list[slurm.JobRow]:
 def active_prep_jobs(run_dir: Path, out: Path) -> list[slurm.JobRow]:
     """Prep jobs (array tasks, finalize) recorded in ``run_dir`` for shard directory ``out`` that Slurm has
     not finished with: a second one would build the same shards at the same time, and two finalize jobs
-    rewrite one manifest.json."""
+    rewrite one manifest.json. Submissions recorded in another ``--run-dir`` are not seen."""
     ids = [j["job_id"] for j in recorded_jobs(run_dir)
-           if str(j.get("kind", "")).startswith("prep") and Path(j.get("out") or "") == out]
+           if str(j.get("kind", "")).startswith("prep") and j.get("out") and Path(j["out"]).resolve() == out.resolve()]
     return _active(ids)
 
 

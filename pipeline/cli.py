@@ -238,7 +238,7 @@ class RunDirConfig(SaveConfigCallback):
             if stage == "fit":  # W&B's config had the model's settings alone: no batch size, devices, precision
                 for logger in trainer.loggers:
                     if isinstance(logger, WandbLogger):
-                        logger.log_hyperparams(config.as_dict())
+                        logger.log_hyperparams(self.config.as_dict())  # with what this start resumed from
         self.already_saved = True
 
 

@@ -332,7 +332,7 @@ class ShardDataModule(pl.LightningDataModule):
     # ---- position in the checkpoint -----------------------------------------------------------------
     def state_dict(self) -> dict:
         trainer = self.trainer
-        state = {"classes_sha256": self.classes_digest(), "train_split_sha256": self.train_split_digest()}
+        state = {"classes_sha256": self.classes_digest(), "splits_sha256": self.split_digests()}
         if trainer is None:
             return state
         world, _ = self._geometry()
@@ -390,34 +390,46 @@ class ShardDataModule(pl.LightningDataModule):
         """What the labels mean: the manifest's class list (its ids, in label order)."""
         return _digest(self._manifest().get("classes"))
 
-    def train_split_digest(self) -> str:
-        """What the position in an epoch counts: the training split's shards (names, sample counts, sha256).
-        Other splits are left out: preparing a test split into the same OUT after training (data_prep adds
-        it to the manifest) must not lock the run out of its own resume, validate or test."""
-        split = self._manifest().get("splits", {}).get(self.train_split) or {}
-        return _digest([[s.get("name"), s.get("samples"), s.get("sha256")] for s in split.get("shards", [])])
+    def split_digests(self) -> dict[str, str]:
+        """Each split's shards (names, sample counts, sha256): which images it holds."""
+        return {name: _digest([[s.get("name"), s.get("samples"), s.get("sha256")] for s in split.get("shards", [])])
+                for name, split in self._manifest().get("splits", {}).items()}
 
     def _check_same_dataset(self, state: dict) -> None:
-        """A resume needs the classes and the training shards the checkpoint counted its position in; an
-        evaluation (validate, test) the classes alone: its split may be prepared later, or elsewhere."""
+        """The checkpoint's dataset: the same classes, and every split it recorded that is still there holds
+        the same shards (the training split's are what the position counts; a validation split prepared
+        again, another hold-out, could hold images the checkpoint trained on). A split added to the shard
+        directory after the training is no other dataset: the whole manifest's digest locked such a run out
+        of its own resume, validate and test. ``fit`` needs its training split as recorded."""
         manifest = f"{self.root}/manifest.json"
         advice = "(start a new run directory, or point data.root back)"
         fitting = self.trainer is None or self.trainer.state.fn == "fit"
         if "classes_sha256" not in state:  # a checkpoint of before the split-wise digests: the whole file
             saved = state.get("manifest_sha256")
             path = Path(manifest)
-            if saved is not None and saved != (hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file()
-                                               else ""):
+            if saved is None or saved == (hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""):
+                return
+            if fitting:
                 raise ConfigError(f"the checkpoint was trained on another dataset: {manifest} differs from the "
-                                  f"manifest the checkpoint recorded {advice}")
+                                  f"manifest the checkpoint recorded (a checkpoint of before per-split records: a "
+                                  f"split added since changes the file too; remove it from the manifest, or start "
+                                  f"a new run directory)")
+            log.warning("%s differs from the manifest the checkpoint recorded, which was written before per-split "
+                        "records: a split added since, or another dataset; the classes are not checked", manifest)
             return
         if state["classes_sha256"] != self.classes_digest():
             raise ConfigError(f"the checkpoint was trained on another dataset: the classes of {manifest} differ "
                               f"from those the checkpoint recorded (its labels would mean other classes) {advice}")
-        if fitting and state.get("train_split_sha256") != self.train_split_digest():
+        now, saved = self.split_digests(), state.get("splits_sha256") or {}
+        if fitting and saved.get(self.train_split) != now.get(self.train_split):
             raise ConfigError(f"the checkpoint was trained on another dataset: the {self.train_split!r} split "
                               f"(data.train_split) of {manifest} has other shards than those the checkpoint's "
                               f"position counts {advice}")
+        changed = sorted(name for name, digest in saved.items() if name in now and now[name] != digest)
+        if changed:
+            raise ConfigError(f"the checkpoint was trained on another dataset: split(s) {', '.join(changed)} of "
+                              f"{manifest} hold other shards than when the checkpoint was written (prepared again: "
+                              f"another seed or hold-out could put its training images there) {advice}")
 
 
 def _digest(value) -> str:

@@ -291,12 +291,14 @@ class ImageClassifier(pl.LightningModule):
 
     def _same_computation(self, saved: dict) -> bool:
         """Whether the checkpoint's ``arch_kwargs`` build the network this run's do (defaults filled in;
-        options that only initialize the weights, such as ``zero_init_residual``, left out)."""
+        options that only initialize the weights, such as ``zero_init_residual``, left out). The saved ones
+        are taken as they were built: a checkpoint of before the words were read (``plain: 'false'``) is of
+        a plain net, as Python took the word."""
         arch = self.hparams.arch
         if saved.get("arch", arch) != arch:
             return False
         try:
-            theirs = computation(arch, **typed_options(arch, saved.get("arch_kwargs") or {}))
+            theirs = computation(arch, **(saved.get("arch_kwargs") or {}))
             return theirs == computation(arch, **(self.hparams.get("arch_kwargs") or {}))
         except (ValueError, TypeError, KeyError):  # options of another version: compared as written
             return False

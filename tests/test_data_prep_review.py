@@ -304,6 +304,11 @@ def test_split_folders_beside_other_folders(tmp_path, capsys):
         assert f"using the split folder {split!r}; not reading the folder(s) beside the split folders: meta" in \
             capsys.readouterr().err
 
+    # beside meta/, a --split that names none of the split folders: an error (meta/ and train/ became classes)
+    r = run_cli("imagefolder", str(src), str(tmp_path / "o3"), "--split", "test", "--no-progress")
+    assert r.returncode == 2 and "holds split folders ['meta', 'train', 'val'] but none named 'test'" in r.stderr, \
+        r.stderr
+
     flat = tmp_path / "flat"
     write_imagefolder(flat / "Train", ["a", "b"], per_class=3)
     write_imagefolder(tmp_path / "v", ["x"], per_class=4, seed=5)

@@ -57,7 +57,7 @@ def test_resume_with_another_seed_finishes_the_epoch_in_its_order():
 def test_datamodule_resumes_with_the_checkpoints_order(digits_shards):
     """The seed and window of the epoch's order travel in the checkpoint's loader state."""
     dm = ShardDataModule(str(digits_shards), backend="cpu", batch_size=64, num_workers=0, seed=1)
-    dm.load_state_dict({"classes_sha256": dm.classes_digest(), "train_split_sha256": dm.train_split_digest(),
+    dm.load_state_dict({"classes_sha256": dm.classes_digest(), "splits_sha256": dm.split_digests(),
                         "epoch": 0, "consumed": 128, "batches": 2,
                         "world_size": 1, "batch_size": 64, "seed": 0, "window_shards": 4})
     first = next(iter(dm.train_dataloader().sampler))[0]
@@ -95,7 +95,7 @@ def test_a_checkpoint_past_the_epochs_end_says_the_epoch_goes_unvalidated(digits
     starts epoch 1 without validating epoch 0: the start says so instead of passing in silence."""
     dm = ShardDataModule(str(digits_shards), backend="cpu", batch_size=64, num_workers=0)
     dm.trainer = _trainer_at(0, 3, 21)
-    dm.load_state_dict({"classes_sha256": dm.classes_digest(), "train_split_sha256": dm.train_split_digest(),
+    dm.load_state_dict({"classes_sha256": dm.classes_digest(), "splits_sha256": dm.split_digests(),
                         "epoch": 0, "consumed": 1344, "batches": 21,
                         "world_size": 1, "batch_size": 64, "accumulate": 3, "seed": 0, "window_shards": 4})
     with caplog.at_level(logging.WARNING):
@@ -129,3 +129,27 @@ def test_negative_seed_is_a_config_error(digits_shards):
     "expected non-negative integer"."""
     with pytest.raises(ConfigError, match="data.seed must be >= 0"):
         ShardDataModule(str(digits_shards), backend="cpu", seed=-1)
+
+
+def test_a_checkpoint_of_the_whole_manifest_digest(digits_shards, tmp_path, caplog):
+    """Checkpoints written before the per-split records hold the whole manifest's digest, which a split added
+    since changes too: fit is refused and says so, an evaluation goes on with a warning."""
+    import hashlib
+    import shutil
+
+    from pipeline.errors import ConfigError
+
+    root = tmp_path / "shards"
+    shutil.copytree(digits_shards, root)
+    old = hashlib.sha256((root / "manifest.json").read_bytes()).hexdigest()
+    with open(root / "manifest.json", "a") as f:
+        f.write("\n")  # another file, as a split added since makes it
+    dm = ShardDataModule(str(root), backend="cpu", batch_size=64, num_workers=0)
+    dm.trainer = SimpleNamespace(state=SimpleNamespace(fn="validate"))
+    with caplog.at_level(logging.WARNING):
+        dm.load_state_dict({"manifest_sha256": old})
+    assert "written before per-split records" in caplog.text
+    dm.trainer = SimpleNamespace(state=SimpleNamespace(fn="fit"))
+    with pytest.raises(ConfigError, match="a checkpoint of before per-split records"):
+        dm.load_state_dict({"manifest_sha256": old})
+    dm.load_state_dict({"manifest_sha256": hashlib.sha256((root / "manifest.json").read_bytes()).hexdigest()})

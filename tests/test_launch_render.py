@@ -92,7 +92,7 @@ def test_dry_run_4x8_gpu_job_has_what_srun_needs(tmp_path: Path, cfg: Path) -> N
         assert line in script.splitlines(), line
     # a new run directory has no id yet: the script exports none (it exported a placeholder W&B refused at
     # every start), and the first start makes RUN/wandb_run_id; so the printed script can be submitted as is
-    assert not re.search(r"WANDB_RUN_ID=", script), script
+    assert not re.search(r"WANDB_RUN_ID=", script) and "\nunset WANDB_RUN_ID\n" in script, script
     assert "its first start makes RUN/wandb_run_id, every start reads it" in script
     (tmp_path / "existing").mkdir()
     (tmp_path / "existing" / "wandb_run_id").write_text("0llx4e10\n")
@@ -100,6 +100,7 @@ def test_dry_run_4x8_gpu_job_has_what_srun_needs(tmp_path: Path, cfg: Path) -> N
                    str(tmp_path / "existing"),
                    "--dry-run", cwd=tmp_path)
     assert "export WANDB_RUN_ID=0llx4e10\n" in again.stdout and "first start makes" not in again.stdout
+    assert "unset WANDB_RUN_ID" not in again.stdout
     assert re.search(r"^export MASTER_ADDR=", script, re.M) and re.search(r"^export MASTER_PORT=", script, re.M)
     assert not run_dir.exists(), "--dry-run must not create the run directory"
     assert f"sbatch --parsable {run_dir}/train.sbatch" in r.stderr

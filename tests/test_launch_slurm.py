@@ -184,13 +184,17 @@ def test_prep_array_plus_finalize_matches_single_process(slurm_cluster: SlurmClu
     m = re.search(r"Submitted prep array job (\d+) \(tasks 0-2\) and finalize job (\d+) \(afterok:(\d+)\)", r.stdout)
     assert m and m.group(1) == m.group(3), r.stdout
     array, fin = m.group(1), m.group(2)
-    # the same command again while those run: refused (two array jobs built the same shards at once)
+    # the same command again while those have not ended: refused (two array jobs built the same shards at
+    # once). The finalize job is held, so one job is surely pending however fast the tasks run.
+    slurm_cluster.run("scontrol", "hold", fin)
     again = slurm_cluster.launch("submit", "prep", "imagefolder", str(src), str(out), "--split", "train", "--tasks",
                                  "3", "--cpus-per-task", "1", "--time", "00:05:00", "--", "--samples-per-shard", "16",
                                  check=False)
+    slurm_cluster.run("scontrol", "release", fin)
     assert again.returncode == 2 and again.stdout == "", again.stdout + again.stderr
-    assert again.stderr.startswith(f"launch: error: {out} is being prepared by jobs {array}"), again.stderr
-    assert again.stderr.rstrip().endswith(f"(`scancel {array} {fin}`)"), again.stderr
+    assert again.stderr.startswith(f"launch: error: {out} is being prepared by job") and f"{fin} PENDING" in \
+        again.stderr, again.stderr
+    assert re.search(rf"\(`scancel ({array} )?{fin}`\)$", again.stderr.rstrip()), again.stderr
     slurm_cluster.wait_gone([array, fin], timeout=180)
     def all_tasks_completed() -> None:
         states = dict(slurm_cluster.sacct_states(array) + slurm_cluster.sacct_states(fin))

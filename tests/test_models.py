@@ -436,9 +436,10 @@ def test_a_checkpoints_options_written_another_way_name_the_same_network() -> No
     from pipeline.module import ImageClassifier
 
     m = ImageClassifier(arch="cifar_resnet20", num_classes=10, arch_kwargs={"shortcut": "A"})
-    for saved in (None, {}, {"shortcut": "A", "zero_init_residual": True}, {"plain": "false"}):
+    for saved in (None, {}, {"shortcut": "A", "zero_init_residual": True}, {"plain": False}):
         m.check_network_of({"arch": "cifar_resnet20", "num_classes": 10, "arch_kwargs": saved})
-    for saved in ({"shortcut": "B"}, {"plain": True}):
+    # {"plain": "false"}: a checkpoint of before the words were read, built as a plain net ("false" is truthy)
+    for saved in ({"shortcut": "B"}, {"plain": True}, {"plain": "false"}):
         with pytest.raises(ConfigError, match="the checkpoint was trained with model.arch_kwargs="):
             m.check_network_of({"arch": "cifar_resnet20", "num_classes": 10, "arch_kwargs": saved})
 

@@ -300,6 +300,14 @@ def test_resume_refuses_another_dataset(interrupted, tmp_path, digits_shards):
         proc = run_cli_in_process(*cmd)
         assert proc.returncode == 2, (sub, proc.stderr[-2000:])
         assert "another dataset: the classes of" in proc.stderr, (sub, proc.stderr[-2000:])
+    # the validation split prepared again (another seed: other shards; another hold-out would hold other images)
+    shutil.rmtree(shards)
+    shutil.copytree(digits_shards, shards)
+    run_module("data_prep", "imagefolder", str(digits_shards.parent / "images" / "val"), str(shards), "--split",
+               "val", "--samples-per-shard", "100", "--workers", "1")
+    cmd = [a for a in fit_command(shards, run, STEPS + 2)[3:] if a not in ("--trainer.max_steps", str(STEPS + 2))]
+    proc = run_cli_in_process("validate", *cmd[1:])
+    assert proc.returncode == 2 and "another dataset: split(s) val of" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_a_split_prepared_after_training_keeps_the_run(interrupted, tmp_path, digits_shards):

@@ -173,13 +173,15 @@ def table(runs: list[Run]) -> str:
                               for r in mine if not r.done)
             split = mine[0].scored_on
             shortcut = mine[0].recipe.get("model.arch_kwargs.shortcut", "A")  # the CIFAR nets' default: A
+            plain = arch.startswith("plain_") or str(mine[0].recipe.get("model.arch_kwargs.plain")).lower() == "true"
             paper = (f"- (scored on split {split}, not test)" if split != "test" else
-                     "- (the paper's are option A)" if shortcut != "A" and not arch.startswith("plain_") else
-                     PAPER.get(arch, "-"))
+                     "-" if plain else  # the paper gives plain nets' errors in its figures only
+                     "- (the paper's are option A)" if shortcut != "A" else PAPER.get(arch, "-"))
             scored = [r for r in done if r.test_error is not None]
             best = min(scored, key=lambda r: r.test_error) if scored else None
             # the train error beside the best test error is that same run's, not the smallest of another run
-            train = _cell([r.train_error for r in done if r.train_error is not None], best and best.train_error)
+            trains = [r.train_error for r in done if r.train_error is not None]
+            train = "-" if best is None or best.train_error is None else _cell(trains, best.train_error)
             lines.append(f"| `{arch}`" + (f" ({label})" if label else "") + f" | {len(done)} of {len(mine)}" +
                          (f" ({going})" if going else "") +
                          f" | {_cell([r.test_error for r in scored])} | {train} | {paper} |")
