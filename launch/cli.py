@@ -11,6 +11,7 @@ import os
 import shlex
 import sys
 from pathlib import Path
+from typing import Callable
 
 from launch import rundir, slurm, status, torchrun
 from launch.errors import LaunchError
@@ -155,38 +156,42 @@ def _refuse_if_preparing(run_dir: Path, out: Path) -> None:
     """One prep submission per shard directory at a time: a second array job built the same shards at once
     (one failed writing a shard the other had renamed, the other counted the first's shards as its own
     earlier run's), and two finalize jobs rewrite one manifest.json."""
-    try:
-        active = status.active_prep_jobs(run_dir, out)
-    except rundir.BadJobsFile:
-        raise
-    except LaunchError as e:
-        raise LaunchError(f"{run_dir}: cannot tell whether the earlier prep jobs of {out} have ended: {e}; submit "
-                          f"again once squeue works") from e
+    active = _not_ended(lambda: status.active_prep_jobs(run_dir, out),
+                        f"{run_dir}: cannot tell whether the earlier prep jobs of {out} have ended")
     if active:
-        jobs = ", ".join(f"{r.job_id} {r.state}" + (f" ({r.reason})" if r.reason else "") for r in active)
         ids = " ".join(sorted({r.job_id.split("_")[0] for r in active}, key=int))
-        raise LaunchError(f"{out} is being prepared by job{'s' * (len(active) > 1)} {jobs} (recorded in {run_dir}): "
-                          f"a second prep job would write the same shards and manifest: wait until it ends, or "
-                          f"cancel it (`scancel {ids}`)")
+        raise LaunchError(f"{out} is being prepared by {_listed(active)} (recorded in {run_dir}): a second prep job "
+                          f"would write the same shards and manifest: wait until it ends, or cancel it "
+                          f"(`scancel {ids}`)")
 
 
 def _refuse_if_training(run_dir: Path) -> None:
     """One training job per run directory at a time: a second one (submitted again because the first seemed
     dead, or by re-running the command) would write checkpoints/last.ckpt too and resume from the other's."""
+    active = _not_ended(lambda: status.active_train_jobs(run_dir),
+                        f"run directory {run_dir}: cannot tell whether its earlier train jobs have ended")
+    if active:
+        raise LaunchError(f"run directory {run_dir} is in use by train {_listed(active)}, and a second job would "
+                          f"write its checkpoints/last.ckpt too: wait until it ends, cancel it "
+                          f"(`scancel {' '.join(r.job_id for r in active)}`), or choose another --run-dir")
+
+
+def _not_ended(find: Callable[[], list[slurm.JobRow]], cannot_tell: str) -> list[slurm.JobRow]:
+    """``find()``'s jobs that Slurm has not finished with. Refuses, saying why, rather than guess when squeue
+    cannot be asked: sbatch could not submit either, and "nothing active" could start the second writer
+    these checks exist to prevent."""
     try:
-        active = status.active_train_jobs(run_dir)
+        return find()
     except rundir.BadJobsFile:
         raise
     except LaunchError as e:
-        # Refuse, saying why, rather than guess: when squeue cannot reach Slurm sbatch cannot either, and
-        # guessing "nothing active" could start the second writer this check exists to prevent.
-        raise LaunchError(f"run directory {run_dir}: cannot tell whether its earlier train jobs have ended: {e}; "
-                          f"submit again once squeue works") from e
-    if active:
-        jobs = ", ".join(f"{r.job_id} {r.state}" + (f" ({r.reason})" if r.reason else "") for r in active)
-        raise LaunchError(f"run directory {run_dir} is in use by train job{'s' * (len(active) > 1)} {jobs}, and "
-                          f"a second job would write its checkpoints/last.ckpt too: wait until it ends, cancel it "
-                          f"(`scancel {' '.join(r.job_id for r in active)}`), or choose another --run-dir")
+        raise LaunchError(f"{cannot_tell}: {e}; submit again once squeue works") from e
+
+
+def _listed(active: list[slurm.JobRow]) -> str:
+    """'job 5 RUNNING' or 'jobs 5_0 RUNNING, 6 PENDING (Dependency)'."""
+    jobs = ", ".join(f"{r.job_id} {r.state}" + (f" ({r.reason})" if r.reason else "") for r in active)
+    return f"job{'s' * (len(active) > 1)} {jobs}"
 
 
 def _submit_train(a: argparse.Namespace, extra: list[str]) -> int:

@@ -72,6 +72,20 @@ def _spawned_workers(pid: int) -> list[int]:
     return found
 
 
+def _prep_with_two_workers(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "data_prep", *args], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _wait_for_a_shard(proc: subprocess.Popen, out: Path) -> None:
+    """Until the run has finished a shard of the test split (its workers are at work by then)."""
+    deadline = time.monotonic() + 60
+    while not list((out / ".work" / "test").glob("test-0000*.tar.json")):
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
 def test_a_killed_worker_ends_the_run_with_an_error_and_the_rerun_resumes(tmp_path):
     """One worker SIGKILLed (as by the out-of-memory killer): ``multiprocessing.Pool`` lost its shard and
     the parent waited for it forever, at 0% CPU, with no message (under Slurm, until the time limit). Now
@@ -79,14 +93,9 @@ def test_a_killed_worker_ends_the_run_with_an_error_and_the_rerun_resumes(tmp_pa
     out = tmp_path / "out"
     args = ["imagefolder", str(cifar_tar()), str(out), "--split", "test", "--samples-per-shard", "500",
             "--max-side", "24", "--workers", "2", "--no-progress"]
-    proc = subprocess.Popen([sys.executable, "-m", "data_prep", *args], cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = _prep_with_two_workers(args)
     try:
-        deadline = time.monotonic() + 60
-        while not list((out / ".work" / "test").glob("test-0000*.tar.json")):
-            assert proc.poll() is None, proc.stderr.read()
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        _wait_for_a_shard(proc, out)
         workers = _spawned_workers(proc.pid)
         assert workers, "no worker process found"
         os.kill(workers[0], signal.SIGKILL)
@@ -118,15 +127,10 @@ def test_workers_end_with_a_parent_killed_outright(tmp_path):
     out = tmp_path / "out"
     args = ["imagefolder", str(cifar_tar()), str(out), "--split", "test", "--samples-per-shard", "500",
             "--max-side", "24", "--workers", "2", "--no-progress"]
-    proc = subprocess.Popen([sys.executable, "-m", "data_prep", *args], cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = _prep_with_two_workers(args)
     workers = []
     try:
-        deadline = time.monotonic() + 60
-        while not list((out / ".work" / "test").glob("test-0000*.tar.json")):
-            assert proc.poll() is None, proc.stderr.read()
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        _wait_for_a_shard(proc, out)
         workers = _spawned_workers(proc.pid)
         assert len(workers) == 2, workers
         os.kill(proc.pid, signal.SIGKILL)  # the parent alone, not its process group

@@ -252,16 +252,23 @@ def test_a_cut_or_damaged_tar_is_an_error_not_fewer_classes(tmp_path):
     assert r.returncode == 2 and f"error: {train}: listing stopped at byte" in r.stderr, r.stderr[-2000:]
 
 
-def test_split_folders_are_never_taken_for_classes(tmp_path):
-    """SRC holding split folders that the layout detection missed (a flat ``val/*.jpg`` as ImageNet ships
-    it, a README inside ``train/``, capitalised ``Train/``, one wrapper folder around them) made the
-    classes ``train`` and ``val``: both splits mixed under two labels, exit 0."""
+def _train_beside_a_flat_val(tmp_path: Path, train: str) -> Path:
+    """``flat/<train>/{a,b}/*.jpg`` (3 each) and ``flat/val/*.jpg`` (4 images, no class folders), as ImageNet's
+    extracted val ships."""
     flat = tmp_path / "flat"
-    write_imagefolder(flat / "train", ["a", "b"], per_class=3)
+    write_imagefolder(flat / train, ["a", "b"], per_class=3)
     write_imagefolder(tmp_path / "v", ["x"], per_class=4, seed=5)
     (flat / "val").mkdir()
     for p in (tmp_path / "v" / "x").iterdir():
         p.rename(flat / "val" / p.name)
+    return flat
+
+
+def test_split_folders_are_never_taken_for_classes(tmp_path):
+    """SRC holding split folders that the layout detection missed (a flat ``val/*.jpg`` as ImageNet ships
+    it, a README inside ``train/``, capitalised ``Train/``, one wrapper folder around them) made the
+    classes ``train`` and ``val``: both splits mixed under two labels, exit 0."""
+    flat = _train_beside_a_flat_val(tmp_path, "train")
     assert main(["imagefolder", str(flat), str(tmp_path / "o1"), "--split", "train", "--no-progress"]) == 0
     m = load_manifest(tmp_path / "o1")
     assert m["classes"] == ["a", "b"] and m["splits"]["train"]["samples"] == 6
@@ -309,12 +316,7 @@ def test_split_folders_beside_other_folders(tmp_path, capsys):
     assert r.returncode == 2 and "holds split folders ['meta', 'train', 'val'] but none named 'test'" in r.stderr, \
         r.stderr
 
-    flat = tmp_path / "flat"
-    write_imagefolder(flat / "Train", ["a", "b"], per_class=3)
-    write_imagefolder(tmp_path / "v", ["x"], per_class=4, seed=5)
-    (flat / "val").mkdir()
-    for p in (tmp_path / "v" / "x").iterdir():
-        p.rename(flat / "val" / p.name)
+    flat = _train_beside_a_flat_val(tmp_path, "Train")
     r = run_cli("imagefolder", str(flat), str(tmp_path / "o2"), "--split", "val", "--no-progress")
     assert r.returncode == 2 and "the split folder 'val' holds its images directly, not in class folders" in \
         r.stderr and "Traceback" not in r.stderr, r.stderr
