@@ -25,7 +25,7 @@ def write_plan_record(out: Path, split: str, record: dict) -> None:
     write_json_atomic(d / PLAN_NAME, record)
 
 
-def _split_entry(out: Path, split: str) -> tuple[dict, dict, list[dict]]:
+def split_entry(out: Path, split: str) -> tuple[dict, dict, list[dict]]:
     """(plan record, manifest entry, reject lines) for one split; PrepError if shards are missing."""
     d = work_dir(out, split)
     try:
@@ -98,7 +98,7 @@ def finalize(out: str | Path, splits: list[str] | None = None) -> dict:
                                     f"or the file (the splits prepared again rewrite their lines)") from None
     new_rejects = []
     for split in splits:
-        plan, entry, rejects = _split_entry(out, split)
+        plan, entry, rejects = split_entry(out, split)
         if "classes" in manifest and manifest["splits"] and set(manifest["splits"]) - {split}:
             if manifest["classes"] != plan["classes"]:
                 raise PrepError(f"{out / MANIFEST_NAME}: split {split!r} has {len(plan['classes'])} classes "

@@ -1,7 +1,6 @@
 """Glue for the splits of one run: plan them, build this task's slice of shards, finalize when running alone."""
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,9 +9,9 @@ from .errors import PrepError
 from .format import MANIFEST_NAME, ManifestError, index_name, load_manifest, shard_name
 from .holdout import SETTINGS, check_rerun, with_partners
 from .imagefolder import Scan
-from .manifest import finalize, write_plan_record
+from .manifest import finalize, split_entry, write_plan_record
 from .plan import ShardJob, plan_shards
-from .runner import run_jobs, work_dir, write_json_atomic
+from .runner import run_jobs, write_json_atomic
 from .validate import EncodeOptions
 
 
@@ -88,7 +87,7 @@ def _unlist_changing_splits(out: Path, planned: list[tuple[str, list[ShardJob]]]
         return
     manifest = load_manifest(out)  # read (and checked) by prepare_splits just before
     stale = [split for split, jobs in planned
-             if split in manifest["splits"] and not _entry_is_current(out, jobs, manifest["splits"][split])]
+             if split in manifest["splits"] and not _entry_is_current(out, split, manifest["splits"][split])]
     stale = [s for s in with_partners(out, stale) if s in manifest["splits"]]  # a hold-out's two sides together
     if not stale:
         return
@@ -103,22 +102,14 @@ def _unlist_changing_splits(out: Path, planned: list[tuple[str, list[ShardJob]]]
           f"or `python -m data_prep finalize {out}` after array tasks)", file=sys.stderr)
 
 
-def _entry_is_current(out: Path, jobs: list[ShardJob], entry: dict) -> bool:
-    """Whether the manifest's entry of a split lists what its plan builds: every shard done to this plan
-    (done-record of the same plan hash) with the sha256 the entry records."""
-    listed = {s["name"]: s.get("sha256") for s in entry.get("shards", [])}
-    written = {}
-    for job in jobs:
-        name = shard_name(job.split, job.number)
-        try:
-            rec = json.loads((work_dir(out, job.split) / (name + ".json")).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return False
-        if rec.get("plan_hash") != job.plan_hash:
-            return False
-        if rec.get("samples", 0) > 0:
-            written[name] = rec.get("sha256")
-    return written == listed
+def _entry_is_current(out: Path, split: str, entry: dict) -> bool:
+    """Whether the manifest's entry of a split lists what its plan (just recorded) builds: the entry finalize
+    would write from the done-records now, shard for shard."""
+    try:
+        _plan, now, _rejects = split_entry(out, split)
+    except PrepError:  # shards not done to this plan
+        return False
+    return now["shards"] == entry.get("shards")
 
 
 def _settings(record: dict | None) -> dict | None:

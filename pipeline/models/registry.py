@@ -74,11 +74,16 @@ def build(name: str, **kwargs: Any) -> nn.Module:
     return fn(**kwargs)
 
 
+def _base_name(name: str) -> str:
+    """``resnet18`` of ``plain_resnet18``; other names as given."""
+    return name[len(PLAIN_PREFIX):] if isinstance(name, str) and name.startswith(PLAIN_PREFIX) else name
+
+
 def typed_options(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     """``kwargs`` with the words ``true``/``false`` of an on/off option made booleans: a dotted command-line
     key (``--model.arch_kwargs.plain false``) reaches the free-form dict as the string, which Python takes
     for true. Unknown names and keys are left to ``build``."""
-    base = name[len(PLAIN_PREFIX):] if isinstance(name, str) and name.startswith(PLAIN_PREFIX) else name
+    base = _base_name(name)
     if base not in _BASE:
         return dict(kwargs)
     params = inspect.signature(_BASE[base]).parameters
@@ -92,7 +97,7 @@ def computation(name: str, **kwargs: Any) -> dict[str, Any]:
     with option A and its plain counterpart have the same tensors, and so have a bottleneck net with the
     stride in the 1x1 (v1) and in the 3x3 (v1.5). Options the net ignores are None (the shortcut of a
     plain net, the stride placement of basic blocks); the class count is left out (it shows in shapes)."""
-    base = name[len(PLAIN_PREFIX):] if name.startswith(PLAIN_PREFIX) else name
+    base = _base_name(name)
     params = inspect.signature(_BASE[base]).parameters
 
     def option(key: str) -> Any:
