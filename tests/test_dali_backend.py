@@ -63,22 +63,25 @@ def denormalize(x: torch.Tensor, cfg: AugmentConfig) -> torch.Tensor:
     return x.float() * std + mean
 
 
-def corrupt_copy(src: Path, dst: Path, split: str, sample_id: int, damage) -> Path:
-    """Copy a shard set and replace one sample's JPEG bytes in place by ``damage(bytes)`` (same length);
-    the manifest's sha256 of that shard is updated, so only the sample itself is wrong."""
+def corrupt_copy(src: Path, dst: Path, split: str, sample_id: int | list[int], damage) -> Path:
+    """Copy a shard set and replace one sample's (or each listed sample's) JPEG bytes in place by
+    ``damage(bytes)`` (same length); the manifest's sha256 of the shards is updated, so only the samples
+    themselves are wrong."""
     shutil.copytree(src, dst)
     shards = ShardSet(dst, split)
-    old = shards.read_jpeg(sample_id)
-    new = damage(old)
-    assert len(new) == len(old) and new != old
-    name = shards.shard_name(sample_id)
-    with open(dst / name, "r+b") as f:
-        f.seek(int(shards.offsets[sample_id]))
-        f.write(new)
+    names = set()
+    for sample in [sample_id] if isinstance(sample_id, int) else sample_id:
+        old = shards.read_jpeg(sample)
+        new = damage(old)
+        assert len(new) == len(old) and new != old
+        names.add(shards.shard_name(sample))
+        with open(dst / shards.shard_name(sample), "r+b") as f:
+            f.seek(int(shards.offsets[sample]))
+            f.write(new)
     manifest = json.loads((dst / "manifest.json").read_text())
     for entry in manifest["splits"][split]["shards"]:
-        if entry["name"] == name:
-            entry["sha256"] = hashlib.sha256((dst / name).read_bytes()).hexdigest()
+        if entry["name"] in names:
+            entry["sha256"] = hashlib.sha256((dst / entry["name"]).read_bytes()).hexdigest()
     (dst / "manifest.json").write_text(json.dumps(manifest))
     return dst
 
@@ -252,6 +255,24 @@ def test_crop_windows_follow_the_shared_draws(photo_shards):
 
 
 # ---- corrupt samples and broken shards ----------------------------------------------------------------
+def test_each_failed_batch_resumes_in_the_same_generator(photo_shards, tmp_path):
+    """After a batch DALI fails on, the rest of the epoch came from a nested generator (``yield from``), one
+    more per failure: every later batch passed through all of them, and a thousand failures in an epoch were
+    a RecursionError. Four damaged samples: each masked once, and the epoch is still one flat generator."""
+    bad = [5, 45, 93, 130]
+    root = corrupt_copy(photo_shards, tmp_path / "shards", "train", bad, undefine_quant_table)
+    shards = ShardSet(root, "train")
+    sampler = TrainSampler(shards.shard_sizes, seed=0, world_size=1, rank=0, batch_size=32)
+    epoch = iter(dali(shards, sampler, IMAGENET_SMALL, train=True, on_corrupt="skip"))
+    masked, failed_batches = [], 0
+    for (images, labels, valid), row in zip(epoch, list(sampler)):
+        masked += row[0][~valid.numpy()].tolist()
+        failed_batches += int(not valid.all())
+        assert epoch.gi_yieldfrom is None
+    assert sorted(masked) == bad and failed_batches >= 2
+    assert next(epoch, None) is None
+
+
 @pytest.mark.parametrize("damage", [zero_head, undefine_quant_table], ids=["structure", "decoder"])
 @pytest.mark.parametrize("backend", ["dali-cpu", "cpu"])
 def test_corrupt_sample_fail_names_the_shard_and_skip_masks_it(photo_shards, tmp_path, caplog, damage, backend):

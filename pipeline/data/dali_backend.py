@@ -265,29 +265,37 @@ class DaliLoader:
         return self._epoch(plan)
 
     def _epoch(self, plan: np.ndarray):
-        self._start(plan)
-        for step in range(len(plan)):
-            self._watchdog.check()
-            try:
-                with self._watchdog.waiting():
-                    outs = self._pipe.run(self._output_stream())
-            except StopIteration:
-                raise RuntimeError(f"the DALI pipeline ended after {step} of {len(plan)} batches") from None
-            except Exception as e:  # a decoder error: this batch by the cpu backend, then a fresh pipeline
-                self._watchdog.check_after_error()  # (not a lost worker)
-                if _out_of_memory(e):  # not the batch's fault: the next pipeline would fail the same way
-                    raise RuntimeError(f"DALI ran out of memory: {_first_line(e)}; lower data.batch_size or "
-                                       f"data.num_workers (DALI's threads), or free the GPU") from e
-                self._close()
-                yield self._cpu_batch(plan[step], e)
-                yield from self._epoch(plan[step + 1 :])
+        """The batches of ``plan``. A batch DALI fails on comes from the cpu backend, and a fresh pipeline
+        takes the rest of the plan (in this loop: a generator per failure, nested, made every later batch
+        pass through all of them, and a thousand failures in an epoch were a RecursionError)."""
+        while True:
+            self._start(plan)
+            failed = None
+            for step in range(len(plan)):
+                self._watchdog.check()
+                try:
+                    with self._watchdog.waiting():
+                        outs = self._pipe.run(self._output_stream())
+                except StopIteration:
+                    raise RuntimeError(f"the DALI pipeline ended after {step} of {len(plan)} batches") from None
+                except Exception as e:  # a decoder error: this batch by the cpu backend, then a fresh pipeline
+                    self._watchdog.check_after_error()  # (not a lost worker)
+                    if _out_of_memory(e):  # not the batch's fault: the next pipeline would fail the same way
+                        raise RuntimeError(f"DALI ran out of memory: {_first_line(e)}; lower data.batch_size or "
+                                           f"data.num_workers (DALI's threads), or free the GPU") from e
+                    self._close()
+                    failed = step
+                    yield self._cpu_batch(plan[step], e)
+                    break
+                batch = self._to_torch(outs, plan[step])  # copied out of DALI's buffers, or owning its memory
+                if step == len(plan) - 1:
+                    self._end_epoch()  # now: the consumer stops after len(plan) batches (Lightning does)
+                yield batch
+            if failed is None:
+                if len(plan) == 0:
+                    self._end_epoch()
                 return
-            batch = self._to_torch(outs, plan[step])  # copied out of DALI's buffers, or owning its memory
-            if step == len(plan) - 1:
-                self._end_epoch()  # now: the consumer stops after len(plan) batches (Lightning does)
-            yield batch
-        if len(plan) == 0:
-            self._end_epoch()
+            plan = plan[failed + 1 :]
 
     def _output_stream(self) -> torch.cuda.Stream | None:
         """On the GPU (outputs that own their memory): torch's current stream, which DALI's outputs are then
