@@ -324,9 +324,7 @@ class ImageClassifier(pl.LightningModule):
         if not isinstance(vci, int) or self.trainer.check_val_every_n_epoch is None or \
                 getattr(dm, "train_shards", None) is None:
             return
-        batches = steps_in_epoch(len(dm.train_shards), self.trainer.world_size, dm.batch_size)
-        limit = self.trainer.limit_train_batches
-        batches = min(batches, limit) if isinstance(limit, int) else int(batches * limit)
+        batches = self.batches_per_epoch()
         require(vci <= batches, "trainer.val_check_interval", f"at most the {batches} batches of an epoch here "
                 f"(or a fraction in (0, 1]; with trainer.check_val_every_n_epoch null it may count across epochs)", vci)
 
@@ -353,7 +351,10 @@ class ImageClassifier(pl.LightningModule):
         dm = self.trainer.datamodule
         return dm.batch_size * self.trainer.world_size * self.trainer.accumulate_grad_batches
 
-    def steps_per_epoch(self) -> int:
+    def batches_per_epoch(self) -> int:
+        """Batches (micro-batches under accumulation) Lightning runs in a training epoch: the contract's whole
+        optimizer steps, cut by ``trainer.limit_train_batches``. The ``val_check_interval`` check once left
+        the accumulation out, and let pass an interval beyond the epoch (Lightning's traceback)."""
         dm = self.trainer.datamodule
         batches = steps_in_epoch(len(dm.train_shards), self.trainer.world_size, dm.batch_size,
                                  accumulate=self.trainer.accumulate_grad_batches)
@@ -362,9 +363,12 @@ class ImageClassifier(pl.LightningModule):
             batches = min(batches, limit)
         elif isinstance(limit, float) and limit < 1.0:
             batches = int(batches * limit)  # Lightning's own rounding (_parse_num_batches)
+        return batches
+
+    def steps_per_epoch(self) -> int:
         # Lightning also steps on an epoch's last batch when the accumulation is not complete there (an epoch
         # cut by limit_train_batches: the contract's epochs are whole optimizer batches)
-        return max(1, -(-batches // self.trainer.accumulate_grad_batches))
+        return max(1, -(-self.batches_per_epoch() // self.trainer.accumulate_grad_batches))
 
     def planned_steps(self) -> int:
         """Optimizer steps the run will take: ``trainer.max_steps`` or ``max_epochs`` epochs, whichever ends

@@ -453,6 +453,19 @@ def test_refused_after_the_run_directory_was_made_removes_it(digits_shards, tmp_
     _fails_clearly(proc, 2, f"trainer.default_root_dir: {a_file} is a file, not a directory")
 
 
+def test_val_check_interval_counts_the_epoch_under_gradient_accumulation(digits_shards, tmp_path):
+    """The check counted an epoch's batches without ``trainer.accumulate_grad_batches`` (the loader's epochs
+    are whole optimizer steps): an interval between the two counts passed it and was Lightning's traceback."""
+    from pipeline.data.shards import ShardSet
+
+    batches = len(ShardSet(digits_shards, "train")) // 64  # conf/demo.yaml's data.batch_size
+    accumulate = next(a for a in (2, 3, 4, 5) if batches % a)
+    proc = run_cli_in_process(*_args("fit", digits_shards, tmp_path / "r", "--trainer.val_check_interval",
+                                     str(batches), "--trainer.accumulate_grad_batches", str(accumulate))[1:])
+    _fails_clearly(proc, 2, f"trainer.val_check_interval must be at most the {batches // accumulate * accumulate} "
+                            f"batches of an epoch here")
+
+
 def test_incomplete_or_torn_checkpoints_are_refused_in_one_line(trained, digits_shards, tmp_path):
     """Checkpoints that load but lack what a resume needs were KeyError or "Missing key(s)" tracebacks; a
     torn copy said "[Errno 22] Invalid argument" or miniz's internal error."""
