@@ -321,7 +321,7 @@ class PrepJob:
         return f"--tasks {self.tasks} array tasks, {self.slurm.request()} each"
 
     def render_array(self) -> str:
-        # a --workers of the user's wins (argparse keeps the last, and this came after it)
+        # the task's CPUs as --workers, unless the user gave --workers
         mine = _option(self.prep_args, "--workers") is None
         workers = f" --workers {self.slurm.cpus_per_task}" if self.slurm.cpus_per_task and mine else ""
         values = {

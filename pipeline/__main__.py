@@ -1,4 +1,4 @@
-"""Entry point: ``python -m pipeline {fit,validate,export} ...``."""
+"""Entry point: ``python -m pipeline {fit,validate,test,export} ...``."""
 
 import sys
 

@@ -1,4 +1,4 @@
-"""``python -m pipeline fit|validate --config conf/X.yaml``: LightningCLI with the project's run layout.
+"""``python -m pipeline fit|validate|test --config conf/X.yaml``: LightningCLI with the project's run layout.
 
 A run directory (``trainer.default_root_dir``) holds everything of one training run: ``checkpoints/``
 (``last.ckpt`` and the best k by val top-1), the W&B run id and files, CSV/TensorBoard logs and the

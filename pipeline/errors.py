@@ -1,4 +1,5 @@
-"""Errors a user can fix: the CLI prints them as one line (no traceback) and exits 2."""
+"""Errors a user can fix: the CLI prints them as one line (no traceback), with an exit status per kind: 2 for
+a setting (not retried by the Slurm script), 1 for a failed save or a diverged run, 0 for a complete one."""
 
 
 class ConfigError(ValueError):

@@ -1,7 +1,7 @@
 """At the end of a multi-rank fit, check that every rank holds bit-identical parameters (DDP's promise).
 
 A divergence (a rank that skipped an all-reduce, non-deterministic buffers, a broken SyncBN setup) would
-otherwise go unnoticed until evaluation. The check hashes parameters and buffers on each rank, gathers
+otherwise go unnoticed until evaluation. The check hashes the parameters on each rank (not the buffers: see ``weights_digest``), gathers
 the digests and raises if they differ; it logs one line either way.
 """
 

@@ -106,7 +106,7 @@ def train_params(
     """(top, left, h, w, flip) of one training sample, the draws every backend makes in the same order.
 
     imagenet: the random-resized-crop box in the image. cifar: the window of the image's own size in the
-    image zero-padded by ``cfg.pad`` on each side, given in unpadded coordinates (top/left may be negative).
+    image padded by ``cfg.pad`` on each side (zeros, or the mean colour: ``cfg.pad_fill``), given in unpadded coordinates (top/left may be negative).
     """
     if cfg.recipe == "imagenet":
         top, left, h, w = random_resized_crop_box(width, height, cfg.scale, cfg.ratio, rng)

@@ -1,4 +1,4 @@
-"""Name -> constructor registry, so configs can say ``model: resnet50`` or ``plain_cifar_resnet20``.
+"""Name -> constructor registry, so configs can say ``model.arch: resnet50`` or ``plain_cifar_resnet20``.
 
 ``plain_<name>`` is ``<name>`` with ``plain=True`` (the paper's plain baselines).
 """
@@ -47,9 +47,8 @@ def build(name: str, **kwargs: Any) -> nn.Module:
     Raises ``UnknownModelError`` (a ``ValueError``) for an unknown name and
     ``ModelConfigError`` for a keyword the model does not take or a bad option value.
     """
-    base, plain = name, False
-    if isinstance(name, str) and name.startswith(PLAIN_PREFIX):
-        base, plain = name[len(PLAIN_PREFIX):], True
+    base = _base_name(name)
+    plain = base != name
     if not isinstance(name, str) or base not in _BASE:
         raise UnknownModelError(
             f"unknown model name {name!r}; available: {', '.join(available())}"
