@@ -17,7 +17,7 @@ _ENDPOINT = re.compile(r"^[A-Za-z0-9_.:\[\]-]+:(\d{1,5})$")
 
 def command(config: Path, nnodes: int, nproc_per_node: int, rdzv_endpoint: str, run_dir: Path,
             rdzv_id: str = "resnet", cpu: bool = False, extra_args: list[str] | None = None,
-            python: str | None = None, max_restarts: int = 3) -> list[str]:
+            max_restarts: int = 3) -> list[str]:
     """argv for `torchrun ... -m pipeline fit ...`; the same on every node. After a failed rank the
     agents restart all ranks (up to ``max_restarts`` times), which resume from ``last.ckpt``."""
     config = yaml_config(config, "--config")
@@ -35,11 +35,8 @@ def command(config: Path, nnodes: int, nproc_per_node: int, rdzv_endpoint: str, 
     m = _ENDPOINT.match(rdzv_endpoint)
     if not m or not 0 < int(m.group(1)) < 65536:
         raise LaunchError(f"--rdzv-endpoint: {rdzv_endpoint!r} is not HOST:PORT")
-    if python:
-        head = [python, "-m", "torch.distributed.run"]
-    else:
-        local = Path(sys.executable).parent / "torchrun"
-        head = [str(local) if local.is_file() else "torchrun"]
+    local = Path(sys.executable).parent / "torchrun"  # this environment's, like `submit`'s default --python
+    head = [str(local) if local.is_file() else "torchrun"]
     argv = [*head, f"--nnodes={nnodes}", f"--nproc-per-node={nproc_per_node}",
             "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}", f"--rdzv-id={rdzv_id}",
             f"--max-restarts={max_restarts}", "-m", "pipeline", "fit", "--config", str(config.resolve()),

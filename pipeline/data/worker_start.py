@@ -43,10 +43,11 @@ def resolve(method: str, world_size: int) -> str:
     return method
 
 
-def worker_context(method: str, world_size: int = 1) -> multiprocessing.context.BaseContext:
-    """The multiprocessing context of the loader's workers (``data.worker_start_method``); for
-    ``forkserver``, its server is running when this returns."""
-    method = resolve(method, world_size)
+def worker_context(method: str) -> multiprocessing.context.BaseContext:
+    """The multiprocessing context of the loader's workers (``fork`` or ``forkserver``: ``resolve`` of
+    ``data.worker_start_method``); for ``forkserver``, its server is running when this returns."""
+    if method not in ("fork", "forkserver"):
+        raise ValueError(f"worker start method must be 'fork' or 'forkserver' here, got {method!r}")
     context = multiprocessing.get_context(method)
     if method == "forkserver":
         context.set_forkserver_preload(_PRELOAD)
