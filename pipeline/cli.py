@@ -22,6 +22,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from jsonargparse import Namespace
 from lightning_fabric.plugins import CheckpointIO
 from lightning_fabric.plugins.environments import ClusterEnvironment, SLURMEnvironment, TorchElasticEnvironment
 from lightning_fabric.utilities.exceptions import MisconfigurationException
@@ -124,7 +125,7 @@ def _say(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def check_trainer(t) -> None:
+def check_trainer(t: Namespace) -> None:
     """The trainer settings that Lightning, the loader contract or torch would reject later, in a traceback
     (``accumulate_grad_batches -2`` surfaced as "Invalid learning rate"; ``val_check_interval 0`` as a
     ZeroDivisionError after the first step)."""
@@ -173,7 +174,7 @@ def check_trainer(t) -> None:
             t.get("gradient_clip_val"))
 
 
-def check_run_settings(cfg) -> None:
+def check_run_settings(cfg: Namespace) -> None:
     """The ``checkpoint`` and ``tracking`` settings that would fail once the trainer is being built."""
     ckpt = cfg.checkpoint
     require(ckpt.every_n_train_steps >= 0, "checkpoint.every_n_train_steps", ">= 0 (0: at epoch ends only)",

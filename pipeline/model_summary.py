@@ -21,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 log = logging.getLogger(__name__)
 
 
-def count_flops(summary: Summary, pl_module, size: int) -> None:
+def count_flops(summary: Summary, pl_module: torch.nn.Module, size: int) -> None:
     """Give ``summary`` the FLOP counts of one ``size`` x ``size`` image through a meta twin of ``pl_module``
     (in eval mode: BatchNorm in training mode refuses a batch of one at a 1x1 feature map). On an error
     the summary keeps its empty counter: no partial count."""

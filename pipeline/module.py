@@ -395,7 +395,7 @@ class ImageClassifier(pl.LightningModule):
                               "trainer.max_steps or trainer.max_epochs; trainer.max_time does not say how many steps): "
                               "set one, or use schedule constant or step")
 
-    def configure_optimizers(self):
+    def configure_optimizers(self) -> dict:
         hp = self.hparams
         self.check_run_length(self.trainer.max_steps, self.trainer.max_epochs)
         peak = self.peak_lr()

@@ -13,6 +13,8 @@ import types
 import typing
 from typing import Any
 
+from jsonargparse import ArgumentParser, Namespace
+
 from pipeline.errors import ConfigError
 
 SECTIONS = ("trainer", "model", "data", "tracking", "checkpoint")
@@ -32,7 +34,7 @@ def type_name(hint: Any) -> str:
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
-def check_parsed(parser, cfg) -> None:
+def check_parsed(parser: ArgumentParser, cfg: Namespace) -> None:
     """Refuse a null for a setting whose type and default say it has a value, a section that is not a
     mapping, and a seed outside numpy's range (``parser``: the subcommand's, ``cfg``: its namespace)."""
     for section in SECTIONS:

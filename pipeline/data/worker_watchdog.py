@@ -23,11 +23,12 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from multiprocessing.process import BaseProcess
 
 EXIT_STATUS = 1
 
 
-def describe_death(worker, what: str, advice: str = "") -> str:
+def describe_death(worker: BaseProcess, what: str, advice: str = "") -> str:
     """One line: which worker ended, how, what it usually means and what to change."""
     code = worker.exitcode
     how = f"signal {-code}" if code < 0 else f"exit code {code}"
@@ -35,7 +36,7 @@ def describe_death(worker, what: str, advice: str = "") -> str:
             f"killer." + (f" {advice}." if advice else ""))
 
 
-def first_death(workers: Sequence):
+def first_death(workers: Sequence[BaseProcess]) -> BaseProcess | None:
     """The worker that died first, as far as can be told, or None: when one dies DALI's pool ends the others
     with SIGTERM (exit code 143 through ``shield_worker``), so one that ended otherwise is the cause."""
     ended = [w for w in workers if w.exitcode is not None]
@@ -70,7 +71,7 @@ class WorkerWatchdog:
                                             name="loader-worker-watchdog", daemon=True)
             self._thread.start()
 
-    def dead(self):
+    def dead(self) -> BaseProcess | None:
         """A watched worker that has ended (``first_death``), or None."""
         return first_death(self.workers)
 
