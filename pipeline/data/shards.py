@@ -3,13 +3,17 @@
 Every backend reads encoded JPEG bytes and labels through this class, by global sample id (the id
 space of ``pipeline.data.contract``). Reads are ``os.pread`` calls at offsets from the per-shard index,
 so any process can fetch any sample without scanning a tar, and file descriptors are reopened after a
-fork (DataLoader workers, DALI's parallel external source).
+fork (DataLoader workers, DALI's parallel external source). A process keeps at most ``MAX_OPEN_SHARDS``
+shards open (the least recently read is closed): each persistent worker reads every shard in an epoch, and
+one descriptor per shard was ImageNet in 1,000-sample shards (1,282) past the usual limit of 1,024 open files.
 """
 
 from __future__ import annotations
 
 import os
 import struct
+import threading
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +27,13 @@ class CorruptSampleError(RuntimeError):
     and its tar member (``ShardSet.describe``)."""
 
 
+MAX_OPEN_SHARDS = 64  # per process; the shuffle reads from data.window_shards (4) shards at a time
+
+
 class ShardSet:
     """The samples of ``split`` under ``root``; checks at start that every shard is present and whole."""
+
+    max_open = MAX_OPEN_SHARDS
 
     def __init__(self, root: str | Path, split: str) -> None:
         self.root = Path(root)
@@ -82,8 +91,9 @@ class ShardSet:
         self.sizes = np.asarray(sizes, dtype=np.int64)
         self.label_offsets = np.asarray(lbl_offsets, dtype=np.int64)
         self._shard_starts = np.concatenate([[0], np.cumsum(self.shard_sizes)[:-1]]).astype(np.int64)
-        self._fds: dict[int, int] = {}
+        self._fds: OrderedDict[int, int] = OrderedDict()  # shard -> descriptor, least recently read first
         self._pid = -1
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self.offsets)
@@ -92,18 +102,26 @@ class ShardSet:
     def num_classes(self) -> int:
         return len(self.classes)
 
-    def _fd(self, shard: int) -> int:
-        if self._pid != os.getpid():  # after a fork: descriptors belong to the parent
-            self._fds, self._pid = {}, os.getpid()
-        fd = self._fds.get(shard)
-        if fd is None:
-            fd = self._fds[shard] = os.open(self._paths[shard], os.O_RDONLY)
-        return fd
+    def _pread(self, shard: int, size: int, offset: int) -> bytes:
+        """``size`` bytes at ``offset`` of a shard, through the process's open shards. Under a lock: a
+        descriptor closed by another thread's read could be reused by a new file in between (a read from
+        the wrong file)."""
+        if self._pid != os.getpid():  # after a fork: descriptors (and the lock's state) belong to the parent
+            self._fds, self._pid, self._lock = OrderedDict(), os.getpid(), threading.Lock()
+        with self._lock:
+            fd = self._fds.get(shard)
+            if fd is None:
+                while len(self._fds) >= self.max_open:
+                    os.close(self._fds.popitem(last=False)[1])
+                fd = self._fds[shard] = os.open(self._paths[shard], os.O_RDONLY)
+            else:
+                self._fds.move_to_end(shard)
+            return os.pread(fd, size, offset)
 
     def read_jpeg(self, sample_id: int) -> bytes:
         """The encoded image of one sample."""
         shard = int(self.shard_of[sample_id])
-        data = os.pread(self._fd(shard), int(self.sizes[sample_id]), int(self.offsets[sample_id]))
+        data = self._pread(shard, int(self.sizes[sample_id]), int(self.offsets[sample_id]))
         if len(data) != self.sizes[sample_id]:
             raise OSError(f"short read of sample {sample_id} in {self._paths[shard]!r}")
         return data
@@ -113,7 +131,7 @@ class ShardSet:
         manifest's classes raises ValueError here, on the host, naming it: on a GPU it would end the run
         with a device-side assert in the loss, naming nothing."""
         shard = int(self.shard_of[sample_id])
-        raw = os.pread(self._fd(shard), 4, int(self.label_offsets[sample_id]))
+        raw = self._pread(shard, 4, int(self.label_offsets[sample_id]))
         if len(raw) != 4:
             raise OSError(f"short read of the label of sample {sample_id} in {self._paths[shard]!r}")
         label = struct.unpack("<i", raw)[0]
@@ -147,11 +165,5 @@ class ShardSet:
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_fds"], state["_pid"] = {}, -1
+        state["_fds"], state["_pid"], state["_lock"] = OrderedDict(), -1, None
         return state
-
-    def close(self) -> None:
-        if self._pid == os.getpid():
-            for fd in self._fds.values():
-                os.close(fd)
-        self._fds = {}
