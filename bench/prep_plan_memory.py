@@ -98,7 +98,7 @@ def run_one(layout: str, n: int, seed: int, shard_bytes: int) -> dict:
 
         opts = EncodeOptions(max_side=None, quality=90)
         t0 = time.perf_counter()
-        jobs, options = prepare.plan_split(out, "train", ROOT, scan, opts, seed, shard_bytes, None,
+        jobs = prepare.plan_split(out, "train", ROOT, scan, opts, seed, shard_bytes, None,
                                            split_source=f"{ROOT}/train")
         row["plan_s"] = time.perf_counter() - t0
         row["shards"] = len(jobs)

@@ -26,15 +26,6 @@ class SplitPart:
     split_source: str | None = None
 
 
-def prepare_split(out: Path, split: str, source: str, scan: Scan, opts: EncodeOptions, seed: int,
-                  shard_bytes: int | None, samples_per_shard: int | None, workers: int,
-                  task_index: int = 0, num_tasks: int = 1, show_progress: bool = True,
-                  split_source: str | None = None) -> dict | None:
-    """Write this task's shards of `split`; returns the manifest when num_tasks == 1."""
-    return prepare_splits(out, [SplitPart(split, scan, None, split_source)], source, opts, seed, shard_bytes,
-                          samples_per_shard, workers, task_index, num_tasks, show_progress)
-
-
 def prepare_splits(out: Path, parts: list[SplitPart], source: str, opts: EncodeOptions, seed: int,
                    shard_bytes: int | None, samples_per_shard: int | None, workers: int,
                    task_index: int = 0, num_tasks: int = 1, show_progress: bool = True) -> dict | None:
@@ -62,7 +53,7 @@ def prepare_splits(out: Path, parts: list[SplitPart], source: str, opts: EncodeO
                                 f"count), or use another OUT for a separate dataset")
     out.mkdir(parents=True, exist_ok=True)
     planned = [(p.split, plan_split(out, p.split, source, p.scan, opts, seed, shard_bytes, samples_per_shard,
-                                    p.split_source, holdout=p.holdout)[0]) for p in parts]
+                                    p.split_source, holdout=p.holdout)) for p in parts]
     _unlist_changing_splits(out, planned)
     done = []
     for split, jobs in planned:
@@ -119,7 +110,7 @@ def _settings(record: dict | None) -> dict | None:
 
 def plan_split(out: Path, split: str, source: str, scan: Scan, opts: EncodeOptions, seed: int,
                shard_bytes: int | None, samples_per_shard: int | None,
-               split_source: str | None = None, holdout: dict | None = None) -> tuple[list[ShardJob], dict]:
+               split_source: str | None = None, holdout: dict | None = None) -> list[ShardJob]:
     """Plan `split`'s shards and write its plan record: all the parent does between scan and dispatch.
 
     A hold-out's record goes into the options (so into every shard's plan hash and the manifest); without
@@ -138,7 +129,7 @@ def plan_split(out: Path, split: str, source: str, scan: Scan, opts: EncodeOptio
         "shards": [{"name": shard_name(split, j.number), "index": index_name(split, j.number),
                     "planned": len(j), "plan_hash": j.plan_hash} for j in jobs],
     })
-    return jobs, options
+    return jobs
 
 
 def _class_diff(new: list[str], old: list[str]) -> str:
