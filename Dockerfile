@@ -3,6 +3,8 @@
 #   docker build -t resnet-pipeline .
 #   enroot import dockerd://resnet-pipeline      # -> resnet-pipeline.sqsh for pyxis
 #   python -m launch submit train ... --container-image=/path/resnet-pipeline.sqsh
+#   docker run --gpus all --shm-size=16g resnet-pipeline ...   # Docker's default 64 MB /dev/shm is too small for
+#                                        # the cpu loader's workers and NCCL (or --ipc=host; docs/loaders.md)
 # The base image's own torch/torchvision/DALI builds are kept: pip must not replace them with the
 # generic wheels pinned in pyproject.toml, so those three are left out of the install below.
 ARG BASE_IMAGE=nvcr.io/nvidia/pytorch:25.10-py3

@@ -39,6 +39,7 @@ from pipeline.arg_parser import PipelineArgumentParser
 from pipeline.checkpoint_io import AtomicCheckpointIO, recover_directories
 from pipeline.config_history import keep_earlier_config
 from pipeline.data.shards import CorruptSampleError
+from pipeline.data.shared_memory import SharedMemoryError
 from pipeline.datamodule import ShardDataModule
 from pipeline.deepspeed_checks import check_accumulation, check_checkpoint_kind, check_zero_shards
 from pipeline.errors import CheckpointWriteError, ConfigError, RunComplete, TrainingDiverged, require
@@ -686,9 +687,12 @@ def main(argv: list[str] | None = None, cli: type[PipelineCLI] = PipelineCLI) ->
         print(f"error: {e}", file=sys.stderr)
         return 1
     except CorruptSampleError as e:  # the same sample would stop every retry: an `error:` line, no requeue
-        print(f"error: {corrupt_sample_message(e)}; repair the shard (`python -m data_prep verify` names damaged"
+        print(f"error: {worker_error_message(e)}; repair the shard (`python -m data_prep verify` names damaged"
               " shards; rerunning the same data_prep command rewrites them) or set data.on_corrupt: skip",
               file=sys.stderr)
+        return 1
+    except SharedMemoryError as e:  # /dev/shm too small for the loader: every retry would stop the same way
+        print(f"error: {worker_error_message(e)}", file=sys.stderr)
         return 1
     preemption.ignore_sigterm_before_requeue()
     _teardown_process_group()
@@ -697,14 +701,14 @@ def main(argv: list[str] | None = None, cli: type[PipelineCLI] = PipelineCLI) ->
     return 0
 
 
-def corrupt_sample_message(error: CorruptSampleError) -> str:
+def worker_error_message(error: Exception) -> str:
     """The loader's one-line message. Raised in a DataLoader worker, the error reaches the trainer re-made
     by torch with the worker's whole traceback as its text; the message is that traceback's last line."""
     text = str(error).strip()
     if "Traceback (most recent call last)" not in text:
         return text
     last = text.splitlines()[-1]
-    return last.split(f"{CorruptSampleError.__name__}: ", 1)[-1]
+    return last.split(f"{type(error).__name__}: ", 1)[-1]
 
 
 def _teardown_process_group() -> None:

@@ -22,6 +22,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from pipeline.data.augment import AugmentConfig, sample_rng, train_params
 from pipeline.data.contract import PAD
 from pipeline.data.dali_source import jpeg_size
+from pipeline.data.shared_memory import shared_empty
 from pipeline.data.shards import CorruptSampleError, ShardSet
 
 log = logging.getLogger(__name__)
@@ -107,9 +108,11 @@ class ShardBatches(torch.utils.data.Dataset):
     def __getitem__(self, batch: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         ids, positions, epochs = batch
         size = self.cfg.train_size if self.train else self.cfg.val_size
-        images = torch.empty((len(ids), 3, size, size), dtype=torch.uint8)
-        labels = torch.zeros(len(ids), dtype=torch.int64)
-        valid = torch.ones(len(ids), dtype=torch.bool)
+        # in a worker, the batch is made in shared memory, where its queue would copy it (shared_memory.py)
+        empty = shared_empty if torch.utils.data.get_worker_info() is not None else torch.empty
+        images = empty((len(ids), 3, size, size), dtype=torch.uint8, memory_format=torch.channels_last)
+        labels = empty((len(ids),), dtype=torch.int64).zero_()
+        valid = empty((len(ids),), dtype=torch.bool).fill_(True)
         bad = []
         for j, (sid, pos, epoch) in enumerate(zip(ids.tolist(), positions.tolist(), epochs.tolist())):
             if sid == PAD:
@@ -141,4 +144,4 @@ class ShardBatches(torch.utils.data.Dataset):
             else:
                 for j in bad:  # masked filler, so batch shape and BN statistics stay sane
                     images[j], labels[j] = images[good[0]], labels[good[0]]
-        return images.contiguous(memory_format=torch.channels_last), labels, valid
+        return images, labels, valid

@@ -1,0 +1,53 @@
+"""The cpu loader's batches in shared memory (``/dev/shm``), and what to say when there is not enough.
+
+A DataLoader worker hands each batch to the trainer through shared memory. Left to torch, the batch is
+copied there by the worker's queue feeder thread; when ``/dev/shm`` is full (Docker gives a container
+64 MB unless told otherwise) that thread prints a traceback and drops the batch, and the trainer waits
+for it forever. So a worker allocates its batch in shared memory itself (``shared_empty``): a full
+``/dev/shm`` raises there, and the trainer stops with one line saying what to change.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+SHM = "/dev/shm"
+
+
+class SharedMemoryError(RuntimeError):
+    """A loader worker could not allocate a batch in shared memory; the message says how much there is and
+    what to change."""
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def shm_space(path: str = SHM) -> tuple[int, int] | None:
+    """(size, free) of ``path`` in bytes, or None where it cannot be read."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+
+
+def advice(path: str = SHM) -> str:
+    space = shm_space(path)
+    where = f"{path}: {_mib(space[0])}, {_mib(space[1])} free" if space else path
+    return (f"the cpu loader's workers pass their batches through shared memory ({where}); give the container "
+            f"more (docker run --shm-size=16g, or --ipc=host), or lower data.num_workers or the batch size "
+            f"(data.batch_size, data.val_batch_size)")
+
+
+def shared_empty(shape: tuple[int, ...], dtype: torch.dtype, **kwargs) -> torch.Tensor:
+    """``torch.empty`` in shared memory (what a worker's queue would copy it into anyway). Raises
+    ``SharedMemoryError`` when there is no room."""
+    try:
+        return torch.empty(shape, dtype=dtype, **kwargs).share_memory_()
+    except RuntimeError as e:
+        if "shared memory" not in str(e) and "shm" not in str(e):
+            raise
+        raise SharedMemoryError(f"out of shared memory: {str(e).strip()}; {advice()}") from None
