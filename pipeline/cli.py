@@ -39,7 +39,7 @@ from pipeline.arg_parser import PipelineArgumentParser
 from pipeline.checkpoint_io import AtomicCheckpointIO, recover_directories
 from pipeline.config_history import keep_earlier_config
 from pipeline.data.shards import CorruptSampleError
-from pipeline.data.shared_memory import SharedMemoryError
+from pipeline.data.shared_memory import SharedMemoryError, open_files_advice, out_of_file_descriptors
 from pipeline.datamodule import ShardDataModule
 from pipeline.deepspeed_checks import check_accumulation, check_checkpoint_kind, check_zero_shards
 from pipeline.errors import CheckpointWriteError, ConfigError, RunComplete, TrainingDiverged, require
@@ -693,6 +693,11 @@ def main(argv: list[str] | None = None, cli: type[PipelineCLI] = PipelineCLI) ->
         return 1
     except SharedMemoryError as e:  # /dev/shm too small for the loader: every retry would stop the same way
         print(f"error: {worker_error_message(e)}", file=sys.stderr)
+        return 1
+    except (RuntimeError, OSError) as e:  # the limit of open files: every retry would stop the same way
+        if not out_of_file_descriptors(e):
+            raise
+        print(f"error: {open_files_advice()}", file=sys.stderr)
         return 1
     preemption.ignore_sigterm_before_requeue()
     _teardown_process_group()

@@ -43,3 +43,77 @@ def test_a_small_dev_shm_stops_the_cpu_loader_with_one_line_not_a_hang(digits_sh
     assert "out of shared memory" in errors[0] and "/dev/shm: 1.0 MiB" in errors[0]
     assert "--shm-size" in errors[0] and "data.num_workers" in errors[0]
     assert "Traceback" not in proc.stderr
+
+
+_READ_AT_THE_LIMIT = """
+import os, resource, sys
+import numpy as np
+from pipeline.data.augment import AugmentConfig
+from pipeline.data.cpu_backend import ShardBatches
+from pipeline.data.shards import ShardSet
+shards = ShardSet(sys.argv[1], "train")
+data = ShardBatches(shards, AugmentConfig(recipe="cifar", train_size=32, val_size=32), True, 0, on_corrupt="skip")
+first = [int(np.searchsorted(shards.shard_of, s)) for s in range(len(shards.shard_names))]  # one sample per shard
+data[np.array([first[:1], [0], [0]])]  # the first shard's file is open
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")), hard))  # no new descriptor
+try:
+    data[np.array([first, list(range(len(first))), [0] * len(first)])]
+except OSError as e:
+    print("raised", e.errno, data.corrupt_seen)
+else:
+    print("returned", data.corrupt_seen)
+"""
+
+
+def test_a_shard_the_loader_cannot_open_is_not_skipped_as_a_corrupt_sample(digits_shards):
+    """Under data.on_corrupt skip, a read that fails for the file system's reasons (here the limit of open
+    files, for real; on a network file system an I/O error) skipped whole samples, counted as corrupt: images
+    lost although every shard was whole. It is the file system's error now, raised."""
+    import errno
+
+    proc = subprocess.run([sys.executable, "-c", _READ_AT_THE_LIMIT, str(digits_shards)], capture_output=True,
+                          text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["raised", str(errno.EMFILE), "0"], proc.stdout + proc.stderr[-2000:]
+
+
+
+_WORKER_AT_THE_LIMIT = """
+import os, resource, sys
+import numpy as np
+import torch
+from pipeline.cli import worker_error_message
+from pipeline.data.augment import AugmentConfig
+from pipeline.data.contract import ValSampler
+from pipeline.data.cpu_backend import ShardBatches
+from pipeline.data.shards import ShardSet
+from pipeline.data.shared_memory import open_files_advice, out_of_file_descriptors
+
+def no_new_descriptor(_):
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) - 1, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+shards = ShardSet(sys.argv[1], "val")
+data = ShardBatches(shards, AugmentConfig(recipe="cifar", train_size=32, val_size=32), False, 0)
+loader = torch.utils.data.DataLoader(data, sampler=ValSampler(len(shards), 1, 0, 16), batch_size=None,
+                                     num_workers=1, worker_init_fn=no_new_descriptor)
+try:
+    next(iter(loader))
+except Exception as e:
+    print(type(e).__name__, out_of_file_descriptors(e))
+    print(open_files_advice())
+"""
+
+
+def test_a_worker_out_of_file_descriptors_is_told_as_the_limit_and_its_fix(digits_shards):
+    """A loader worker that cannot open a file (the limit of open files, for real): the CLI tells it by
+    ``out_of_file_descriptors`` as one `error:` line with the limit and what to change (no requeue), where
+    torch's traceback said to call set_sharing_strategy in code a user of the CLI does not write. (Whether
+    the trainer or a worker hits the limit first in a whole run depends on how far the workers are ahead.)"""
+    proc = subprocess.run(["sh", "-c", 'ulimit -n 512 && exec "$@"', "sh", sys.executable, "-c", _WORKER_AT_THE_LIMIT,
+                           str(digits_shards)], capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    caught, advice = proc.stdout.splitlines()
+    assert caught == "RuntimeError True", proc.stderr[-3000:]  # its batch's shared memory is its first new descriptor
+    assert advice.startswith("too many open files (ulimit -n: 512): ") and "data.num_workers" in advice

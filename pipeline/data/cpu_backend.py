@@ -123,6 +123,8 @@ class ShardBatches(torch.utils.data.Dataset):
                 img = decode_rgb(self.shards.read_jpeg(sid))
                 label = self.shards.read_label(sid)
             except Exception as e:  # PIL raises many types for broken data
+                if isinstance(e, OSError) and e.errno is not None:
+                    raise  # the file system's (too many open files, I/O error), not the sample's: skipped, it is lost
                 msg = f"corrupt {self.shards.describe(sid)}: {_reason(e)}"
                 if self.on_corrupt == "fail":
                     raise CorruptSampleError(msg) from None

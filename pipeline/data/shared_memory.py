@@ -10,6 +10,7 @@ for it forever. So a worker allocates its batch in shared memory itself (``share
 from __future__ import annotations
 
 import os
+import resource
 
 import torch
 
@@ -48,6 +49,20 @@ def shared_empty(shape: tuple[int, ...], dtype: torch.dtype, **kwargs) -> torch.
     try:
         return torch.empty(shape, dtype=dtype, **kwargs).share_memory_()
     except RuntimeError as e:
-        if "shared memory" not in str(e) and "shm" not in str(e):
-            raise
+        if out_of_file_descriptors(e) or ("shared memory" not in str(e) and "shm" not in str(e)):
+            raise  # the limit of open files is said by the CLI (open_files_advice)
         raise SharedMemoryError(f"out of shared memory: {str(e).strip()}; {advice()}") from None
+
+
+def out_of_file_descriptors(error: BaseException) -> bool:
+    """Whether ``error`` is a process's limit of open files: torch's own (each batch a worker passes holds
+    descriptors in the trainer), or a worker's ``[Errno 24]`` re-raised by the DataLoader."""
+    return isinstance(error, (RuntimeError, OSError)) and "Too many open files" in str(error)
+
+
+def open_files_advice() -> str:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    limit = f"ulimit -n: {soft}" + (f", at most {hard}" if hard != soft else "")
+    return (f"too many open files ({limit}): the cpu loader's workers pass each batch as file descriptors and "
+            f"keep their shards open; raise the limit (ulimit -n 65536 in the job script, docker run --ulimit "
+            f"nofile=65536:65536) or lower data.num_workers")
