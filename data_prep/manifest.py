@@ -6,14 +6,13 @@ already in the manifest are kept (merged) as long as the class list agrees.
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
 from .errors import PrepError
 from .format import MANIFEST_NAME, MANIFEST_VERSION, PLAN_NAME, WORK_DIR, ManifestError, load_manifest
 from .holdout import with_partners
-from .runner import work_dir, write_json_atomic
+from .runner import work_dir, write_json_atomic, write_text_atomic
 
 REJECTS_NAME = "rejects.jsonl"
 
@@ -114,9 +113,7 @@ def finalize(out: str | Path, splits: list[str] | None = None) -> dict:
         new_rejects.extend(rejects)
         _remove_stale_shards(out, split, {s["name"] for s in entry["shards"]} | {s["index"] for s in entry["shards"]})
     kept = [r for r in old_rejects if r.get("split") not in splits]
-    tmp = rej_path.with_name(rej_path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=True) + "\n" for r in kept + new_rejects), encoding="utf-8")
-    os.replace(tmp, rej_path)
+    write_text_atomic(rej_path, "".join(json.dumps(r, ensure_ascii=True) + "\n" for r in kept + new_rejects))
     manifest["splits"] = dict(sorted(manifest["splits"].items()))
     # top level: what every split shares (it was the split written last: a passthrough test split made a
     # --max-side train split look passthrough); each split's own are under splits.NAME

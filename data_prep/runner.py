@@ -40,18 +40,27 @@ def work_dir(out: Path, split: str) -> Path:
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    """Write JSON via a temp file + os.replace so readers never see half a file. The temp name is random,
+    """Write JSON via a temp file + os.replace so readers never see half a file."""
+    write_text_atomic(path, json.dumps(obj, indent=1, ensure_ascii=True) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` via a temp file + os.replace so readers never see half a file. The temp name is random,
     not per process id: array tasks on several nodes or containers can share a pid and write the same
-    plan.json at once. Created as a plain open would (mode 0666 less the umask)."""
+    plan.json at once. Created as a plain open would (mode 0666 less the umask). A failed write (disk
+    full: the error of write() names no file) is a PrepError naming ``path``; the temp file is removed."""
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(json.dumps(obj, indent=1, ensure_ascii=True) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    except OSError as exc:
+        raise PrepError(f"{path}: cannot write: {exc.strerror or exc}") from None
 
 
 def file_sha256(path: Path) -> str:

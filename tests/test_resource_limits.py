@@ -117,3 +117,55 @@ def test_a_worker_out_of_file_descriptors_is_told_as_the_limit_and_its_fix(digit
     caught, advice = proc.stdout.splitlines()
     assert caught == "RuntimeError True", proc.stderr[-3000:]  # its batch's shared memory is its first new descriptor
     assert advice.startswith("too many open files (ulimit -n: 512): ") and "data.num_workers" in advice
+
+
+def _fill(folder, leave: int = 0) -> None:
+    """Fill the file system of ``folder`` until ``leave`` bytes are free (a real full disk)."""
+    st = os.statvfs(folder)
+    with open(folder / "filler", "wb") as f:
+        try:
+            f.write(b"\0" * max(0, st.f_bavail * st.f_frsize - leave))
+            f.flush()
+        except OSError:
+            pass
+
+
+def test_data_prep_on_a_full_tmpfs_names_the_file_and_a_rerun_completes_the_dataset(tmp_path, capsys):
+    """A real tmpfs, filled mid-shard and then when only the records are left to write (done-records,
+    manifest, rejects): the error named no file there (`error: [Errno 28] No space left on device`, write()
+    errors carry none). After space is freed, the rerun gives the bytes of an uninterrupted run."""
+    from data_prep.cli import main
+    from tests.fixtures_images import write_imagefolder
+
+    src, clean, fs = tmp_path / "src", tmp_path / "clean", tmp_path / "fs"
+    write_imagefolder(src, ["a", "b", "c"], per_class=20, size=(160, 120))
+    args = ["imagefolder", str(src), None, "--split", "train", "--samples-per-shard", "10", "--workers", "1",
+            "--no-progress"]
+    assert main([a or str(clean) for a in args]) == 0
+    capsys.readouterr()
+    fs.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4M", "tmpfs", str(fs)], capture_output=True).returncode:
+        unavailable_here("mount -t tmpfs is not permitted here (needs root)")
+    try:
+        out = fs / "o"
+        run = [a or str(out) for a in args]
+        _fill(fs, leave=64 << 10)  # room for a shard or two of six
+        assert main(run) == 2
+        err = capsys.readouterr().err
+        assert "cannot write shard: No space left on device" in err and str(out) in err, err
+        (fs / "filler").unlink()
+        assert main(run) == 0
+        (out / "manifest.json").unlink()
+        (out / "rejects.jsonl").unlink()
+        capsys.readouterr()
+        _fill(fs)  # every shard is kept; only the records are written
+        assert main(run) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"python -m data_prep: error: {out}/") and ": cannot write: No space left on device" in err, err
+        assert not [p for p in out.rglob("*") if ".tmp" in p.name] and not (out / "manifest.json").exists()
+        (fs / "filler").unlink()
+        assert main(run) == 0 and main(["verify", str(out)]) == 0
+        assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == \
+            {p.name: p.read_bytes() for p in clean.iterdir() if p.is_file()}
+    finally:
+        subprocess.run(["umount", str(fs)], check=True)
