@@ -14,6 +14,7 @@ global batch.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -42,7 +43,8 @@ from pipeline.data.shards import CorruptSampleError
 from pipeline.data.shared_memory import SharedMemoryError, open_files_advice, out_of_file_descriptors
 from pipeline.datamodule import ShardDataModule
 from pipeline.deepspeed_checks import check_accumulation, check_checkpoint_kind, check_zero_shards
-from pipeline.errors import CheckpointWriteError, ConfigError, RunComplete, TrainingDiverged, require
+from pipeline.errors import (CheckpointWriteError, ConfigError, DiskFullError, RunComplete, TrainingDiverged,
+                             require)
 from pipeline.finite_weights import FiniteWeights
 from pipeline.last_checkpoint import LastCheckpoint
 from pipeline.model_summary import FlopsModelSummary, FlopsRichModelSummary
@@ -255,6 +257,10 @@ class PipelineCLI(LightningCLI):
         self._run_lock: RunDirLock | None = None
         try:
             super().__init__(*args, **kwargs)  # parses, builds and runs the subcommand
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT) or self._run_lock is None:
+                raise
+            raise DiskFullError(disk_full_message(e, self._run_lock.run_dir)) from e
         finally:
             if self._run_lock is not None:
                 self._run_lock.release()
@@ -633,6 +639,9 @@ def main(argv: list[str] | None = None, cli: type[PipelineCLI] = PipelineCLI) ->
         print(f"error: {error}", file=sys.stderr)
         return 1
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # a log file that cannot be written (W&B's debug.log on a full disk) is not worth a traceback per record:
+    # those were tens of thousands of lines before the run's own `error:` line
+    logging.raiseExceptions = False
     preemption.defer_requeue_to_caller()  # a preempted fit's requeue waits for the end of this function
     logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_NoProductTips())
     # the loader position is in every checkpoint (ShardDataModule.state_dict): mid-epoch resumes are exact
@@ -683,7 +692,7 @@ def main(argv: list[str] | None = None, cli: type[PipelineCLI] = PipelineCLI) ->
             why += " (trainer.accelerator asks for GPUs, and this machine has none: --trainer.accelerator cpu)"
         print(f"error: trainer: {why}", file=sys.stderr)
         return 2
-    except (CheckpointWriteError, TrainingDiverged) as e:
+    except (CheckpointWriteError, DiskFullError, TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except CorruptSampleError as e:  # the same sample would stop every retry: an `error:` line, no requeue
@@ -704,6 +713,18 @@ def main(argv: list[str] | None = None, cli: type[PipelineCLI] = PipelineCLI) ->
     finish_pending_wandb_run()
     preemption.requeue_pending_job()  # last: Slurm cancels the step at once
     return 0
+
+
+def disk_full_message(error: OSError, run_dir: Path) -> str:
+    """One line: what could not be written (torch, Lightning and W&B raise write errors that name no file,
+    or name it), how much room the run directory has, and that a rerun resumes."""
+    try:
+        st = os.statvfs(run_dir)
+        room = f"{st.f_bavail * st.f_frsize / 2**20:.1f} MiB free"
+    except OSError:
+        room = "free space unknown"
+    return (f"{error} (trainer.default_root_dir {run_dir}: {room}); free space (or raise the quota) and run the "
+            f"same command again: fit resumes from {checkpoint_dir(run_dir) / 'last.ckpt'} (if there is one yet)")
 
 
 def worker_error_message(error: Exception) -> str:

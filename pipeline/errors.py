@@ -11,6 +11,12 @@ class CheckpointWriteError(OSError):
     prints it as one line naming the file and exits 1."""
 
 
+class DiskFullError(OSError):
+    """The run directory's file system (or the temp directory a logger stages files in) is full or over
+    quota, outside a checkpoint save (``CheckpointWriteError``): a logger's file, the run's config, W&B's
+    offline run. The CLI prints it as one line naming the file where known and the run directory, exit 1."""
+
+
 class TrainingDiverged(RuntimeError):
     """The weights stopped being finite; nothing after the last finite state was saved. The CLI prints it as
     one line and exits 1 (a restart from ``last.ckpt`` with the same settings would diverge again)."""

@@ -169,3 +169,32 @@ def test_data_prep_on_a_full_tmpfs_names_the_file_and_a_rerun_completes_the_data
             {p.name: p.read_bytes() for p in clean.iterdir() if p.is_file()}
     finally:
         subprocess.run(["umount", str(fs)], check=True)
+
+
+def test_fit_on_a_full_disk_is_one_line_naming_the_run_directory_and_a_rerun_starts(digits_shards, tmp_path):
+    """The run directory on a real 8 KiB tmpfs: W&B's offline run, the CSV logger's hparams.yaml or the
+    sample grid fill it before any checkpoint. That was a traceback (and a Slurm requeue) after some 35,000
+    lines of `--- Logging error ---` from W&B's debug.log handler; now a few lines, the last one the error
+    naming the run directory and its free space. With room again, the same command starts."""
+    fs = tmp_path / "fs"
+    fs.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8k", "tmpfs", str(fs)], capture_output=True).returncode:
+        unavailable_here("mount -t tmpfs is not permitted here (needs root)")
+    run = fs / "run"
+    command = [sys.executable, "-m", "pipeline", "fit", "--config", "conf/demo.yaml", "--data.root", str(digits_shards),
+               "--trainer.default_root_dir", str(run), "--trainer.max_steps", "1", "--data.num_workers", "0",
+               "--trainer.num_sanity_val_steps", "0", "--trainer.limit_val_batches", "1"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"}
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+        assert proc.returncode == 1, proc.stderr[-3000:]
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) < 12 and "Traceback" not in proc.stderr and "Logging error" not in proc.stderr, proc.stderr[-3000:]
+        assert lines[-1].startswith("error: [Errno 28] No space left on device"), lines[-1]
+        assert f"(trainer.default_root_dir {run}: 0.0 MiB free); free space" in lines[-1]
+        subprocess.run(["mount", "-o", "remount,size=32M", str(fs)], check=True)
+        again = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert (run / "checkpoints" / "last.ckpt").is_file()
+    finally:
+        subprocess.run(["umount", str(fs)], check=True)
