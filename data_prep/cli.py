@@ -297,8 +297,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"python -m data_prep: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # output not writable, disk full...: the message names the path, no traceback
-        print(f"python -m data_prep: error: {exc}", file=sys.stderr)
+        print(f"python -m data_prep: error: {exc}{_in_shared_memory(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("python -m data_prep: interrupted (finished shards are kept; rerun to resume)", file=sys.stderr)
         return 130
+
+
+def _in_shared_memory(exc: OSError) -> str:
+    """Where a write error that names no file came from a multiprocessing lock (a file in /dev/shm: the
+    progress counter and the workers' queues), says so: the output's disk may have room."""
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename.endswith(os.path.join("multiprocessing", "synchronize.py")):
+            try:
+                st = os.statvfs("/dev/shm")
+                room = f" ({st.f_bavail * st.f_frsize >> 10} KiB free)"
+            except OSError:
+                room = ""
+            return (f" in /dev/shm{room}, not in OUT: the progress counter and the worker processes need a few "
+                    f"KiB of shared memory there; free some, or give the container more (docker run --shm-size)")
+        tb = tb.tb_next
+    return ""

@@ -40,7 +40,8 @@ from pipeline.arg_parser import PipelineArgumentParser
 from pipeline.checkpoint_io import AtomicCheckpointIO, recover_directories
 from pipeline.config_history import keep_earlier_config
 from pipeline.data.shards import CorruptSampleError
-from pipeline.data.shared_memory import SharedMemoryError, open_files_advice, out_of_file_descriptors
+from pipeline.data.shared_memory import SharedMemoryError, open_files_advice, out_of_file_descriptors, semaphore_error
+from pipeline.data.shared_memory import advice as shm_advice
 from pipeline.datamodule import ShardDataModule
 from pipeline.deepspeed_checks import check_accumulation, check_checkpoint_kind, check_zero_shards
 from pipeline.errors import (CheckpointWriteError, ConfigError, DiskFullError, RunComplete, TrainingDiverged,
@@ -258,6 +259,8 @@ class PipelineCLI(LightningCLI):
         try:
             super().__init__(*args, **kwargs)  # parses, builds and runs the subcommand
         except OSError as e:
+            if e.errno == errno.ENOSPC and semaphore_error(e):  # the loader's queues, in a full /dev/shm
+                raise SharedMemoryError(f"out of shared memory: {e}; {shm_advice()}") from e
             if e.errno not in (errno.ENOSPC, errno.EDQUOT) or self._run_lock is None:
                 raise
             raise DiskFullError(disk_full_message(e, self._run_lock.run_dir)) from e

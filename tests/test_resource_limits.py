@@ -13,14 +13,15 @@ import torch
 from tests.conftest import REPO, unavailable_here
 
 
-def _small_shm(size: str) -> list[str]:
-    """A command prefix that runs the rest with a ``size`` tmpfs as /dev/shm (Docker's is 64 MB), in a private
-    mount namespace (the machine's /dev/shm is untouched)."""
+def _small_shm(size: str, full: bool = False) -> list[str]:
+    """A command prefix that runs the rest with a ``size`` tmpfs as /dev/shm (Docker's is 64 MB), ``full``
+    (filled by another process's file), in a private mount namespace (the machine's /dev/shm is untouched)."""
     probe = subprocess.run(["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o size={size} tmpfs /dev/shm"],
                            capture_output=True)
     if probe.returncode != 0:
         unavailable_here("unshare -m and mount are not permitted here (need root)")
-    return ["unshare", "-m", "sh", "-c", f'mount -t tmpfs -o size={size} tmpfs /dev/shm && exec "$@"', "sh"]
+    fill = " && (cat /dev/zero > /dev/shm/other 2>/dev/null; true)" if full else ""
+    return ["unshare", "-m", "sh", "-c", f'mount -t tmpfs -o size={size} tmpfs /dev/shm{fill} && exec "$@"', "sh"]
 
 
 def test_a_small_dev_shm_stops_the_cpu_loader_with_one_line_not_a_hang(digits_shards, tmp_path):
@@ -43,6 +44,34 @@ def test_a_small_dev_shm_stops_the_cpu_loader_with_one_line_not_a_hang(digits_sh
     assert "out of shared memory" in errors[0] and "/dev/shm: 1.0 MiB" in errors[0]
     assert "--shm-size" in errors[0] and "data.num_workers" in errors[0]
     assert "Traceback" not in proc.stderr
+
+
+
+def test_a_full_dev_shm_is_named_as_such_not_as_a_full_output_disk(digits_shards, tmp_path):
+    """/dev/shm full (another process's files): creating the loader's queues, or data_prep's progress
+    counter, fails with a `No space left on device` that names no file. The trainer printed a traceback;
+    data_prep said `error: [Errno 28] No space left on device`, which reads as its output disk."""
+    from pipeline.models import build
+    from tests.fixtures_images import write_imagefolder
+
+    write_imagefolder(tmp_path / "src", ["a", "b"], per_class=3)
+    prep = subprocess.run([*_small_shm("64k", full=True), sys.executable, "-m", "data_prep", "imagefolder",
+                           str(tmp_path / "src"), str(tmp_path / "o"), "--split", "train", "--no-progress"],
+                          capture_output=True, text=True, cwd=REPO, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert prep.returncode == 2 and prep.stderr.startswith(
+        "python -m data_prep: error: [Errno 28] No space left on device in /dev/shm (0 KiB free), not in OUT: "), prep.stderr
+    weights = tmp_path / "w.pt"
+    torch.save(build("cifar_resnet20", num_classes=10).state_dict(), weights)
+    proc = subprocess.run(
+        [*_small_shm("64k", full=True), sys.executable, "-m", "pipeline", "validate", "--config", "conf/demo.yaml",
+         "--data.root", str(digits_shards), "--trainer.default_root_dir", str(tmp_path / "run"),
+         "--model.init_weights", str(weights), "--data.num_workers", "2", "--tracking.wandb", "false"],
+        capture_output=True, text=True, cwd=REPO, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [line for line in errors if "out of shared memory: [Errno 28]" in line and "0.0 MiB free" in line]
+    assert len(errors) == 1, proc.stderr[-3000:]
 
 
 _READ_AT_THE_LIMIT = """

@@ -66,3 +66,14 @@ def open_files_advice() -> str:
     return (f"too many open files ({limit}): the cpu loader's workers pass each batch as file descriptors and "
             f"keep their shards open; raise the limit (ulimit -n 65536 in the job script, docker run --ulimit "
             f"nofile=65536:65536) or lower data.num_workers")
+
+
+def semaphore_error(error: OSError) -> bool:
+    """Whether ``error`` came from creating a multiprocessing lock or queue (a file in ``/dev/shm``): its
+    ``No space left on device`` names no file, and the disk it means is ``/dev/shm``, not the run's."""
+    tb = error.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename.endswith(os.path.join("multiprocessing", "synchronize.py")):
+            return True
+        tb = tb.tb_next
+    return False
