@@ -18,6 +18,7 @@ import torch
 from pipeline.data.augment import AugmentConfig
 from pipeline.data.contract import Position, TrainSampler, ValSampler, steps_in_epoch
 from pipeline.data.shards import ShardSet
+from pipeline.data.shared_memory import shortage
 from pipeline.data.worker_signals import shield_worker
 from pipeline.data.worker_start import START_METHODS, resolve, worker_context
 from pipeline.errors import ConfigError, require
@@ -305,6 +306,13 @@ class ShardDataModule(pl.LightningDataModule):
             if train and rank == 0 and self.num_workers > 0:
                 log.info("cpu loader: %d worker processes per rank, started by %s", self.num_workers,
                          "a fork server" if method == "forkserver" else "fork")
+            trainer = self.trainer
+            if self.num_workers > 0 and (trainer is None or trainer.local_rank == 0):
+                batch = self.batch_size if train else self.val_batch_size
+                size = self.augment.train_size if train else self.augment.val_size
+                ranks_here = trainer.num_devices if trainer is not None else 1
+                if warning := shortage(batch, size, self.num_workers, ranks_here):
+                    log.warning(warning)
             return torch.utils.data.DataLoader(
                 dataset,
                 sampler=sampler,

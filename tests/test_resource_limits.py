@@ -227,3 +227,24 @@ def test_fit_on_a_full_disk_is_one_line_naming_the_run_directory_and_a_rerun_sta
         assert (run / "checkpoints" / "last.ckpt").is_file()
     finally:
         subprocess.run(["umount", str(fs)], check=True)
+
+
+def test_the_loader_warns_at_start_when_dev_shm_is_smaller_than_its_batches_in_flight(tmp_path):
+    """Docker's 64 MB /dev/shm (here a real 64 MiB tmpfs) and ImageNet's loader: 8 workers x 2 prefetched + 1
+    batches of 256 at 224 px are 625 MiB; 2 workers of batches of 64 at 32 px fit."""
+    from pipeline.data.shared_memory import batch_bytes, shortage
+
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64M", "tmpfs", str(shm)], capture_output=True).returncode:
+        unavailable_here("mount -t tmpfs is not permitted here (needs root)")
+    try:
+        assert batch_bytes(256, 224) == 256 * 3 * 224 * 224 + 4096 + 4096  # images, labels, mask (a page each)
+        warning = shortage(256, 224, 8, 1, path=str(shm))
+        assert warning.startswith(f"warning: {shm} has 64.0 MiB free of 64.0 MiB, and the cpu loader may hold "
+                                  "624.9 MiB of batches there (1 rank(s) x 8 workers"), warning
+        assert "--shm-size" in warning and "data.num_workers" in warning
+        assert shortage(64, 32, 2, 1, path=str(shm)) is None
+        assert "x 2 workers" in shortage(64, 32, 2, 80, path=str(shm))  # 80 ranks on one machine: 78 MiB
+    finally:
+        subprocess.run(["umount", str(shm)], check=True)

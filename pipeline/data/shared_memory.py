@@ -77,3 +77,23 @@ def semaphore_error(error: OSError) -> bool:
             return True
         tb = tb.tb_next
     return False
+
+
+def batch_bytes(batch: int, size: int) -> int:
+    """Shared memory of one cpu-loader batch: uint8 images, int64 labels, bool mask, each in whole pages."""
+    page = 4096
+    return sum(-(-n // page) * page for n in (batch * 3 * size * size, batch * 8, batch))
+
+
+def shortage(batch: int, size: int, workers: int, ranks_here: int, path: str = SHM) -> str | None:
+    """A warning when ``path`` has less room than the loader's workers may fill: 2 batches prefetched per
+    worker (the DataLoader's prefetch_factor) and the one in use, for each rank on this machine; None when
+    it has room (or cannot be read)."""
+    need = (2 * workers + 1) * batch_bytes(batch, size) * ranks_here
+    space = shm_space(path)
+    if space is None or space[1] >= need:
+        return None
+    return (f"warning: {path} has {_mib(space[1])} free of {_mib(space[0])}, and the cpu loader may hold "
+            f"{_mib(need)} of batches there ({ranks_here} rank(s) x {workers} workers x 2 prefetched + 1, batches "
+            f"of {batch} at {size} px): a full {path} stops the run; give the container more (docker run "
+            f"--shm-size=16g, or --ipc=host), or lower data.num_workers or the batch size")
