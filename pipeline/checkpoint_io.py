@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import io
 import os
+import re
 import secrets
 import shutil
 from pathlib import Path
@@ -139,6 +140,32 @@ def recover_directories(folder: str | Path) -> list[tuple[Path, bool]]:
         if final.exists() or (suffix == PARTIAL and not (entry / COMPLETE).is_file()):
             shutil.rmtree(entry, ignore_errors=True)
     return recovered
+
+
+BEST_STEP = re.compile(r"^best-epoch\d+-step(\d+)-")  # the best-k ModelCheckpoint's names (pipeline/cli.py)
+
+
+def remove_best_after(folder: str | Path, step: int) -> list[Path]:
+    """Before a resume from a checkpoint at ``step``: remove the best-k checkpoints saved at a later step. A
+    start killed after a validation's best-k save and before the ``last.ckpt`` after it left such a file,
+    which the resumed checkpoint's best-k list does not name: kept, it was never replaced nor deleted
+    (one more best file than ``checkpoint.save_top_k`` at every such kill), and the resumed run, which
+    validates that step again, saved its own copy beside it as ``...-v1.ckpt``. Safe from every rank at
+    once (before training starts). Returns the removed paths."""
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for entry in sorted(folder.iterdir()):
+        m = BEST_STEP.match(entry.name)
+        if m is None or int(m.group(1)) <= step:
+            continue
+        if entry.is_dir():  # a DeepSpeed checkpoint directory
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -37,7 +37,7 @@ import pipeline.strategies  # noqa: F401  (registers the deepspeed_stage_*_cpu s
 from pipeline.strategies import AtomicDeepSpeedStrategy, CPUDeepSpeedStrategy
 from data_prep.format import ManifestError
 from pipeline.arg_parser import PipelineArgumentParser
-from pipeline.checkpoint_io import AtomicCheckpointIO, recover_directories
+from pipeline.checkpoint_io import AtomicCheckpointIO, recover_directories, remove_best_after
 from pipeline.config_history import keep_earlier_config
 from pipeline.data.shards import CorruptSampleError
 from pipeline.data.shared_memory import SharedMemoryError, open_files_advice, out_of_file_descriptors, semaphore_error
@@ -69,7 +69,8 @@ from pipeline.sync_batchnorm import GlooSyncBatchNormPlugin
 from pipeline.throughput import Throughput
 from pipeline.torchelastic import restart_warning
 from pipeline.tracking import (CheckpointStep, RunIdInCheckpoint, StepLearningRateMonitor, TrackingConfig,
-                               check_wandb_settings, make_eval_loggers, make_loggers, run_id, set_aside_metrics)
+                               check_wandb_settings, make_eval_loggers, make_loggers, rewind_metrics, run_id,
+                               set_aside_metrics)
 
 log = logging.getLogger("pipeline")
 
@@ -353,8 +354,13 @@ class PipelineCLI(LightningCLI):
             raise RunComplete(f"the run is complete: {path} ends epoch {int(position['epoch']) - 1} and "
                               f"trainer.max_epochs is {epochs}; nothing to train (a larger trainer.max_epochs trains on)")
         _say(f"resuming from {path}")
+        self._resume_step = done if isinstance(done, int) else None
         if Path(path).absolute().parent == checkpoint_dir(run_dir).absolute():
             self._saved_run_id = meta.get("wandb_run_id")  # this run's own (its id file may be lost)
+            if self._resume_step is not None:  # a start killed between a best-k save and its last.ckpt
+                for gone in remove_best_after(checkpoint_dir(run_dir), self._resume_step):
+                    _say(f"removed {gone}: saved after step {done} by a start that stopped before its next "
+                         f"last.ckpt; this run validates that step again")
         else:  # a branch of another run: its W&B run would get two histories over the same steps
             self._branched_from = (str(path), meta.get("wandb_run_id"))
         self._adapt_geometry(cfg, path, meta.get(ShardDataModule.__qualname__) or {})
@@ -504,6 +510,9 @@ class PipelineCLI(LightningCLI):
             if cfg.get("ckpt_path") is None and cfg.tracking.csv and is_global_rank_zero() and \
                     (aside := set_aside_metrics(run_dir)):
                 _say(f"a new start: the metrics of an earlier one that saved no checkpoint are kept as {aside}")
+            elif cfg.get("ckpt_path") is not None and cfg.tracking.csv and is_global_rank_zero() and \
+                    getattr(self, "_resume_step", None) is not None:  # rows a killed start logged after it
+                rewind_metrics(run_dir, self._resume_step)
             kwargs.setdefault("logger", make_loggers(cfg.tracking, run_dir, wandb_id) or False)
         kwargs.setdefault("plugins", self._plugins(cfg))
         if any(isinstance(p, GlooSyncBatchNormPlugin) for p in kwargs["plugins"]):

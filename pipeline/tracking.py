@@ -115,8 +115,8 @@ class _AppendingWriter(ExperimentWriter):
 
 
 class ResumableCSVLogger(CSVLogger):
-    """``RUN/csv/metrics.csv`` continued across restarts (after a hard kill, steps between the last
-    checkpoint and the kill appear twice: the later row is the one the resumed run computed)."""
+    """``RUN/csv/metrics.csv`` continued across restarts (``rewind_metrics`` first drops the rows of the
+    steps the resumed run trains again)."""
 
     @property
     @rank_zero_experiment
@@ -139,6 +139,43 @@ def set_aside_metrics(run_dir: str | Path) -> Path | None:
         n += 1
     os.replace(path, aside)
     return aside
+
+
+def rewind_metrics(run_dir: str | Path, step: int) -> int:
+    """Before a resume from a checkpoint at optimizer step ``step``: drop the rows of ``RUN/csv/metrics.csv``
+    logged at ``step`` or later (a row's ``step`` is Lightning's count of optimizer steps before it: the
+    training rows of optimizer step ``step + 1`` on, and the learning rate they use). A start killed (SIGKILL,
+    the OOM killer, a node failure) after its last checkpoint logged them, and the resumed run logs those
+    steps again: each appeared twice. The file is replaced atomically. Returns the number of rows dropped."""
+    path = Path(run_dir) / "csv" / "metrics.csv"
+    if not path.is_file():
+        return 0
+    with open(path, newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        rows = list(reader)
+    if not header or "step" not in header:
+        return 0
+    col = header.index("step")
+
+    def later(row: list[str]) -> bool:
+        if len(row) != len(header):  # a row cut short by the kill
+            return True
+        try:
+            return int(row[col]) >= step
+        except ValueError:
+            return False  # a row without a step: not one of the training's
+
+    kept = [r for r in rows if not later(r)]
+    if len(kept) == len(rows):
+        return 0
+    tmp = path.with_name(f".tmp-{path.name}.{secrets.token_hex(6)}")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(kept)
+    os.replace(tmp, path)
+    return len(rows) - len(kept)
 
 
 def make_loggers(cfg: TrackingConfig, run_dir: str | Path, wandb_id: str | None = None) -> list[Logger]:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytorch_lightning as pl
 
@@ -121,6 +123,19 @@ class StopAt(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if trainer.global_step >= self.step:
             trainer.should_stop = True
+
+
+class CopyLastAt(pl.Callback):
+    """Copy ``RUN/checkpoints/last.ckpt`` to ``RUN/last-at-stepN.ckpt`` when it holds global step ``step`` (at
+    the next batch's start; with ``checkpoint.every_n_train_steps 1``): the state a later kill goes back to."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module, batch, batch_idx: int) -> None:
+        if trainer.global_step == self.step:
+            run = Path(trainer.default_root_dir)
+            shutil.copy(run / "checkpoints" / "last.ckpt", run / f"last-at-step{self.step}.ckpt")
 
 
 class TakeRunDirAt(pl.Callback):

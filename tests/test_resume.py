@@ -242,6 +242,37 @@ def test_a_resume_from_an_epochs_end_logs_on_the_same_steps(interrupted, tmp_pat
     assert stepped[0] == stepped[1], stepped
 
 
+def _rows(run) -> list[tuple[int, str, str]]:
+    """Every logged value of ``RUN/csv/metrics.csv`` but the timings, as (step, key, value)."""
+    import csv
+
+    with open(run / "csv" / "metrics.csv", newline="") as f:
+        return sorted((int(r["step"]), k, v) for r in csv.DictReader(f) for k, v in r.items()
+                      if v and k not in ("step", "epoch") and not k.startswith("perf/"))
+
+
+def test_a_start_killed_between_a_best_save_and_its_last_ckpt(interrupted, tmp_path, digits_shards):
+    """The state a SIGKILL leaves after the epoch's validation saved its best-k checkpoint (step 11) and
+    before the ``last.ckpt`` after it, here still at step 10 (a start that went on to step 13 and is put back
+    there), with the killed start's metrics rows logged up to its end. The resume trains and validates step
+    11 again: it saved a second best file beside the first (``best-...-v1.ckpt``; the first, unknown to the
+    checkpoint's best-k list, stayed for good) and logged every step after 10 a second time in metrics.csv.
+    Now: the files of the killed start's end and the rows of the run never stopped, each step once."""
+    _, ref, _, _, _ = interrupted
+    run = tmp_path / "run"
+    best = ["--checkpoint.save_top_k", "1"]
+    with open(tmp_path / "log", "w") as log:
+        run_to_end(fit_command(digits_shards, run, STEPS, [*best, "--trainer.callbacks+=tests.preemption_helpers.CopyLastAt",
+                                                           "--trainer.callbacks.step=10"]), log)
+        files = sorted(p.name for p in (run / "checkpoints").iterdir())
+        assert any(f.startswith("best-epoch000-step0000011-") for f in files), files
+        os.replace(run / "last-at-step10.ckpt", run / "checkpoints" / "last.ckpt")
+        run_to_end(fit_command(digits_shards, run, STEPS, best), log)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == files
+    assert _rows(run) == _rows(ref)  # each step once, with the values of the run never stopped
+    assert not compare(ref / "checkpoints" / "last.ckpt", run / "checkpoints" / "last.ckpt")
+
+
 def test_a_runs_config_names_no_checkpoint(interrupted, tmp_path, digits_shards):
     """RUN/config.yaml recorded the --ckpt_path a start resumed from; given back as --config (to validate
     the run, or to run it again), a branched run reloaded the other run's checkpoint: validate scored the
