@@ -48,7 +48,7 @@ from pytorch_lightning.loggers import WandbLogger
 from pipeline import early_signals
 from pipeline.last_checkpoint import LastCheckpoint
 from pipeline.resume_geometry import epoch_finished, validation_follows
-from pipeline.wandb_backlog import WandbBacklog
+from pipeline.wandb_backlog import WandbBacklog, close_wandb_service
 
 log = logging.getLogger(__name__)
 
@@ -337,6 +337,7 @@ def requeue_pending_job() -> None:
     if job is None:
         return
     _ignore_sigterm()
+    close_wandb_service()  # the requeue's SIGTERM reaches W&B's service too
     requeue_slurm_job(job)
 
 

@@ -50,6 +50,23 @@ def finish_wandb_run(exit_code: int) -> None:
         log.warning("W&B: could not finish the run (%s: %s)", type(e).__name__, e)
 
 
+def close_wandb_service() -> None:
+    """Before this process's Slurm job is requeued: the requeue makes Slurm SIGTERM every process of the job
+    step, W&B's service too, and W&B's exit hook, which then told the dead service that this process was
+    done, printed a ``ConnectionResetError`` traceback ("Exception ignored in atexit callback") into the
+    job's log after a stop that had gone well (seen after a USR1 stop, its run finished and its footer
+    printed). Its teardown is done here, while the service still runs (none where W&B is off)."""
+    import sys
+
+    wandb = sys.modules.get("wandb")
+    if wandb is None:
+        return
+    try:
+        wandb.teardown()
+    except Exception as e:  # noqa: BLE001 (the service is gone already: nothing left to tell it)
+        log.info("W&B: its service process is gone (%s); a resume continues the same W&B run", type(e).__name__)
+
+
 def _wandb_service_alive() -> bool:
     """Whether this process's W&B service process still runs (False when it cannot tell: a wandb whose
     internals differ, where teardown alone is the safe way)."""

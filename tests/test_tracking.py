@@ -521,3 +521,34 @@ def test_no_wandb_package_is_one_line(monkeypatch):
     with pytest.raises(ConfigError, match="tracking.wandb: the wandb package is not installed here"):
         check_wandb_settings(TrackingConfig(wandb=True))
     check_wandb_settings(TrackingConfig(wandb=False))  # nothing to check without W&B
+
+
+def test_a_requeue_that_ends_the_wandb_service_leaves_no_traceback(digits_shards, tmp_path):
+    """A USR1 stop under Slurm finishes the W&B run, then requeues the job; the requeue makes Slurm SIGTERM
+    every process of the step, W&B's service too (the stand-in ``scontrol`` does that here, as Slurm does
+    before the process has exited). W&B's exit hook then told the dead service that the process was done:
+    a ``ConnectionResetError`` traceback ("Exception ignored in atexit callback") in the job's log after a
+    stop that had gone well. Now W&B's teardown comes before the requeue."""
+    import os
+    import subprocess
+
+    from bench.kill_resume import fit_command
+
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "scontrol").write_text(  # the trainer is this script's parent; SIGTERM to all of its children
+        f'#!/bin/sh\necho "$@" >> {tmp_path}/scontrol.calls\n'
+        '[ "$1" = requeue ] && for p in $(ps -o pid= --ppid "$PPID"); do [ "$p" != $$ ] && kill -TERM "$p"; done\n'
+        'exit 0\n')
+    (bindir / "scontrol").chmod(0o755)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline", "WANDB_SILENT": "true",
+           "SLURM_JOB_ID": "4343", "PATH": f"{bindir}:{os.environ['PATH']}"}
+    run = tmp_path / "run"
+    stopped = subprocess.run(fit_command(digits_shards, run, 9, [
+        "--tracking.wandb", "true", "--checkpoint.every_n_train_steps", "0",
+        "--trainer.callbacks+=tests.preemption_helpers.SignalAtBatch", "--trainer.callbacks.batch_idx", "2"]),
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    out = stopped.stdout + stopped.stderr
+    assert stopped.returncode == 0 and "requeued Slurm job 4343" in out, out[-3000:]
+    assert (tmp_path / "scontrol.calls").read_text().splitlines() == ["requeue 4343"]
+    assert "Traceback" not in out and "Exception ignored" not in out, out[-3000:]
