@@ -397,6 +397,9 @@ n=$(cat "$PLAN.n" 2>/dev/null || echo 0); echo $((n + 1)) > "$PLAN.n"
 line=$(sed -n "$((n + 1))p" "$PLAN")
 rc=${line%% *}; say=${line#* }
 [ "$say" != "$line" ] && echo "$say"
+if [ "${line#*usr1-to-batch}" != "$line" ]; then  # scancel --signal=USR1 --batch: the batch shell alone
+  kill -USR1 "$PPID"; sleep 0.2
+fi
 if [ "${line#*new-checkpoint}" != "$line" ]; then  # a new file replaces last.ckpt, as the trainer's saves do
   mkdir -p "$RUN/checkpoints" && : > "$RUN/checkpoints/new" && mv "$RUN/checkpoints/new" "$RUN/checkpoints/last.ckpt"
 fi
@@ -452,6 +455,13 @@ def test_train_script_never_requeues_a_trainer_error_or_a_success(tmp_path: Path
     plan = ["2 error: model.lr: expected a float", "0"]
     assert _attempts(tmp_path, cfg, plan) == [(2, False), (0, False)]
     assert "not requeueing job 4242" in (tmp_path / "run" / "slurm-4242.out").read_text()
+
+
+def test_train_script_survives_a_usr1_sent_to_the_batch_shell(tmp_path: Path, cfg: Path) -> None:
+    """``scancel --signal=USR1 --batch`` (or ``--full``) signals the batch shell too: USR1's default killed it
+    mid-srun, the job ended FAILED without a requeue and Slurm killed the trainer during its preemption save.
+    The trainer's own requeue (here its exit 0 after a save) is left to work."""
+    assert _attempts(tmp_path, cfg, ["0 usr1-to-batch"]) == [(0, False)]
 
 
 def test_train_script_starts_over_on_a_failures_file_it_did_not_write(tmp_path: Path, cfg: Path) -> None:
