@@ -354,7 +354,10 @@ class PipelineCLI(LightningCLI):
             raise RunComplete(f"the run is complete: {path} ends epoch {int(position['epoch']) - 1} and "
                               f"trainer.max_epochs is {epochs}; nothing to train (a larger trainer.max_epochs trains on)")
         _say(f"resuming from {path}")
-        self._resume_step = done if isinstance(done, int) else None
+        # the files and rows a killed start wrote after the run's own last.ckpt go (not those after another of
+        # its checkpoints a user resumes by name, a best-k one: the later history is theirs to keep)
+        own_last = Path(path).absolute() == last.absolute()
+        self._resume_step = done if isinstance(done, int) and own_last else None
         if Path(path).absolute().parent == checkpoint_dir(run_dir).absolute():
             self._saved_run_id = meta.get("wandb_run_id")  # this run's own (its id file may be lost)
             if self._resume_step is not None:  # a start killed between a best-k save and its last.ckpt
