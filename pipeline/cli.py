@@ -257,14 +257,15 @@ class PipelineCLI(LightningCLI):
 
     def __init__(self, *args, **kwargs) -> None:
         self._run_lock: RunDirLock | None = None
+        self._run_dir: Path | None = None  # known once parsed (validate/test hold no lock on it)
         try:
             super().__init__(*args, **kwargs)  # parses, builds and runs the subcommand
         except OSError as e:
             if e.errno == errno.ENOSPC and semaphore_error(e):  # the loader's queues, in a full /dev/shm
                 raise SharedMemoryError(f"out of shared memory: {e}; {shm_advice()}") from e
-            if e.errno not in (errno.ENOSPC, errno.EDQUOT) or self._run_lock is None:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT) or self._run_dir is None:
                 raise
-            raise DiskFullError(disk_full_message(e, self._run_lock.run_dir)) from e
+            raise DiskFullError(disk_full_message(e, self._run_dir, self.subcommand or "fit")) from e
         finally:
             if self._run_lock is not None:
                 self._run_lock.release()
@@ -305,6 +306,7 @@ class PipelineCLI(LightningCLI):
         cfg = self.config[sub] if sub else self.config
         run_dir = Path(cfg.trainer.default_root_dir or "runs/default")
         cfg.trainer.default_root_dir = str(run_dir)
+        self._run_dir = run_dir
         last = checkpoint_dir(run_dir) / "last.ckpt"
         self._saved_run_id: str | None = None
         self._ckpt_hparams: dict = {}  # the checkpoint's model settings, checked before the loggers start
@@ -730,16 +732,18 @@ def main(argv: list[str] | None = None, cli: type[PipelineCLI] = PipelineCLI) ->
     return 0
 
 
-def disk_full_message(error: OSError, run_dir: Path) -> str:
+def disk_full_message(error: OSError, run_dir: Path, subcommand: str = "fit") -> str:
     """One line: what could not be written (torch, Lightning and W&B raise write errors that name no file,
-    or name it), how much room the run directory has, and that a rerun resumes."""
+    or name it), how much room the run directory has, and that a rerun resumes (``fit``) or scores again."""
     try:
         st = os.statvfs(run_dir)
         room = f"{st.f_bavail * st.f_frsize / 2**20:.1f} MiB free"
     except OSError:
         room = "free space unknown"
+    again = (f"fit resumes from {checkpoint_dir(run_dir) / 'last.ckpt'} (if there is one yet)" if subcommand == "fit"
+             else f"{subcommand} writes its logs under {run_dir / subcommand}")
     return (f"{error} (trainer.default_root_dir {run_dir}: {room}); free space (or raise the quota) and run the "
-            f"same command again: fit resumes from {checkpoint_dir(run_dir) / 'last.ckpt'} (if there is one yet)")
+            f"same command again: {again}")
 
 
 def worker_error_message(error: Exception) -> str:

@@ -224,6 +224,19 @@ def test_fit_on_a_full_disk_is_one_line_naming_the_run_directory_and_a_rerun_sta
         again = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
         assert again.returncode == 0, again.stderr[-3000:]
         assert (run / "checkpoints" / "last.ckpt").is_file()
+        # full again: `validate` (no run lock) writes its own logs, and said it as a traceback
+        with open(fs / "filler", "wb") as f:
+            try:
+                while True:
+                    f.write(b"\0" * 65536)
+            except OSError:
+                pass
+        score = [*command[:3], "validate", *command[4:]]
+        proc = subprocess.run(score, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: ") and "No space left on device" in last, last
+        assert f"(trainer.default_root_dir {run}: 0.0 MiB free)" in last and f"{run / 'validate'}" in last, last
     finally:
         subprocess.run(["umount", str(fs)], check=True)
 
