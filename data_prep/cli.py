@@ -156,13 +156,13 @@ def _split_ok(split: str) -> str:
 def _holdout(args, split: str, splits: list[str] | None = None):
     """The ``--holdout`` settings (a ``holdout.Holdout``) or None; for imagenet (`splits` given) carved out of
     train, which must be prepared, and never named like ImageNet's own splits."""
-    from .holdout import Holdout, check_names, parse_size
+    from .holdout import Holdout, check_names, parse_holdout
 
     if args.holdout is None:
         if args.holdout_split is not None:
             raise PrepError(f"--holdout-split {args.holdout_split}: needs --holdout N (how many images to hold out)")
         return None
-    size = parse_size(args.holdout)
+    size = parse_holdout(args.holdout)
     reserved = None
     if splits is not None:
         if "train" not in splits:

@@ -44,7 +44,7 @@ class Holdout:
         return {key: getattr(self, key) for _opt, key in SETTINGS}
 
 
-def parse_size(text: str) -> int | float:
+def parse_holdout(text: str) -> int | float:
     """``--holdout`` text -> a count of images (``5000``) or a fraction of them (``0.1``)."""
     t = text.strip()
     if re.fullmatch(r"[+-]?\d+", t):
