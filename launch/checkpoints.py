@@ -107,14 +107,17 @@ _THROUGHPUT = re.compile(r"(img|image|sample)s?(/|_per_|_)s(ec)?", re.IGNORECASE
 
 
 @dataclass
-class Throughput:
+class ThroughputReading:
+    """The newest images/s a run logged (the column, its value and step, the file): a reading for `status`,
+    not the trainer's ``pipeline.throughput.Throughput`` callback."""
+
     column: str
     value: float
     step: int | None
     source: Path
 
 
-def recent_throughput(run_dir: Path) -> Throughput | None:
+def recent_throughput(run_dir: Path) -> ThroughputReading | None:
     """Last logged images/s from the newest metrics.csv under the run directory (Lightning CSVLogger)."""
     csvs = sorted(run_dir.rglob("metrics.csv"), key=lambda p: p.stat().st_mtime, reverse=True)
     for path in csvs:
@@ -123,12 +126,12 @@ def recent_throughput(run_dir: Path) -> Throughput | None:
             cols = [c for c in (reader.fieldnames or []) if _THROUGHPUT.search(c)]
             if not cols:
                 continue
-            last: Throughput | None = None
+            last: ThroughputReading | None = None
             for row in reader:
                 for c in cols:
                     value, step = _number(row.get(c)), _number(row.get("step"))
                     if value is not None:
-                        last = Throughput(c, value, int(step) if step is not None else None, path)
+                        last = ThroughputReading(c, value, int(step) if step is not None else None, path)
             if last is not None:
                 return last
     return None

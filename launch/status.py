@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 
 from launch import slurm
-from launch.checkpoints import CheckpointInfo, Throughput, best_checkpoint, latest_checkpoint, payload, recent_throughput
+from launch.checkpoints import CheckpointInfo, ThroughputReading, best_checkpoint, latest_checkpoint, payload, recent_throughput
 from launch.errors import LaunchError
 from launch.rundir import recorded_jobs, wandb_run_id
 from data_prep import output_status
@@ -143,7 +143,7 @@ def _training_line(run_dir: Path) -> list[str]:
     return [f"training     unknown: the lock cannot be tested here (last: {who})"]
 
 
-def _progress_line(ckpt: CheckpointInfo, tp: Throughput | None) -> str | None:
+def _progress_line(ckpt: CheckpointInfo, tp: ThroughputReading | None) -> str | None:
     """How far the run is, from the newest checkpoint (the steps it plans and its global batch) and the
     last logged throughput: ``step 28 of 44 (64%); about 12 min to go at 150.0 img/s``."""
     if not ckpt.planned_steps or ckpt.global_step is None:
