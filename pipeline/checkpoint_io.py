@@ -142,23 +142,33 @@ def recover_directories(folder: str | Path) -> list[tuple[Path, bool]]:
     return recovered
 
 
-BEST_STEP = re.compile(r"^best-epoch\d+-step(\d+)-")  # the best-k ModelCheckpoint's names (pipeline/cli.py)
+# the best-k ModelCheckpoint's names (pipeline/cli.py), with Lightning's -vN for a name taken; not a user's copy
+BEST_STEP = re.compile(r"^best-epoch\d+-step(\d+)-.*\.ckpt$")
 
 
-def remove_best_after(folder: str | Path, step: int) -> list[Path]:
-    """Before a resume from a checkpoint at ``step``: remove the best-k checkpoints saved at a later step. A
-    start killed after a validation's best-k save and before the ``last.ckpt`` after it left such a file,
-    which the resumed checkpoint's best-k list does not name: kept, it was never replaced nor deleted
-    (one more best file than ``checkpoint.save_top_k`` at every such kill), and the resumed run, which
-    validates that step again, saved its own copy beside it as ``...-v1.ckpt``. Safe from every rank at
-    once (before training starts). Returns the removed paths."""
+def remove_best_after(last: str | Path, step: int) -> list[Path]:
+    """Before a resume from ``last`` (the run's ``last.ckpt``, at ``step``): remove the best-k checkpoints
+    beside it of a later step, written after it. A start killed after a validation's best-k save and before
+    the ``last.ckpt`` after it left such a file, which the resumed checkpoint's best-k list does not name:
+    kept, it was never replaced nor deleted (one more best file than ``checkpoint.save_top_k`` at every such
+    kill), and the resumed run, which validates that step again, saved its own copy beside it as
+    ``...-v1.ckpt``. Best files of a later step written *before* ``last`` stay: a run taken back by hand to an
+    earlier checkpoint of its own, then requeued, has its old timeline's later best files there. Safe from
+    every rank at once (before training starts). Returns the removed paths."""
     removed = []
-    folder = Path(folder)
-    if not folder.is_dir():
+    last = Path(last)
+    try:
+        since = last.stat().st_mtime
+    except OSError:
         return removed
-    for entry in sorted(folder.iterdir()):
+    for entry in sorted(last.parent.iterdir()):
         m = BEST_STEP.match(entry.name)
         if m is None or int(m.group(1)) <= step:
+            continue
+        try:
+            if entry.stat().st_mtime < since:
+                continue
+        except OSError:
             continue
         if entry.is_dir():  # a DeepSpeed checkpoint directory
             shutil.rmtree(entry, ignore_errors=True)

@@ -362,10 +362,6 @@ class PipelineCLI(LightningCLI):
         self._resume_step = done if isinstance(done, int) and own_last else None
         if Path(path).absolute().parent == checkpoint_dir(run_dir).absolute():
             self._saved_run_id = meta.get("wandb_run_id")  # this run's own (its id file may be lost)
-            if self._resume_step is not None:  # a start killed between a best-k save and its last.ckpt
-                for gone in remove_best_after(checkpoint_dir(run_dir), self._resume_step):
-                    _say(f"removed {gone}: saved after step {done} by a start that stopped before its next "
-                         f"last.ckpt; this run validates that step again")
         else:  # a branch of another run: its W&B run would get two histories over the same steps
             self._branched_from = (str(path), meta.get("wandb_run_id"))
         self._adapt_geometry(cfg, path, meta.get(ShardDataModule.__qualname__) or {})
@@ -546,6 +542,11 @@ class PipelineCLI(LightningCLI):
                 self.datamodule.check_one_global_batch(trainer.world_size, max(1, int(trainer.accumulate_grad_batches)))
             if isinstance(self.model, ImageClassifier):
                 self.model.check_run_length(trainer.max_steps, trainer.max_epochs)
+        if getattr(self, "_resume_step", None) is not None:  # a start killed between a best-k save and its
+            # last.ckpt: after the checks above (a refused start removes nothing)
+            for gone in remove_best_after(cfg.ckpt_path, self._resume_step):
+                _say(f"removed {gone}: saved after step {self._resume_step} by a start that stopped before its "
+                     f"next last.ckpt; this run validates that step again")
         self._drop_default_checkpointing(trainer)
         if trainer.loggers:  # Lightning's monitor refuses a run without loggers (trainer.logger false)
             after = next(i for i, c in enumerate(callbacks) if isinstance(c, LoopPosition))  # it sets the step

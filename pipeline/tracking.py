@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import logging
 import os
 import secrets
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ from pytorch_lightning.loggers.logger import rank_zero_experiment
 from pipeline.errors import ConfigError
 from pipeline.run_id_file import RUN_ID_FILE, RUN_ID_PATTERN, BadRunIdFile, create_run_id, read_run_id
 from pipeline.wandb_backlog import ServiceSafeWandbLogger
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -134,26 +137,41 @@ def set_aside_metrics(run_dir: str | Path) -> Path | None:
     path = Path(run_dir) / "csv" / "metrics.csv"
     if not path.is_file():
         return None
-    n = 1
-    while (aside := path.with_name(f"metrics-lost-start-{n}.csv")).exists():
-        n += 1
+    aside = _free_name(path, "metrics-lost-start")
     os.replace(path, aside)
     return aside
 
 
+def _free_name(path: Path, stem: str) -> Path:
+    """``STEM-N.csv`` beside ``path``, the first N not taken."""
+    n = 1
+    while (aside := path.with_name(f"{stem}-{n}.csv")).exists():
+        n += 1
+    return aside
+
+
 def rewind_metrics(run_dir: str | Path, step: int) -> int:
-    """Before a resume from a checkpoint at optimizer step ``step``: drop the rows of ``RUN/csv/metrics.csv``
-    logged at ``step`` or later (a row's ``step`` is Lightning's count of optimizer steps before it: the
-    training rows of optimizer step ``step + 1`` on, and the learning rate they use). A start killed (SIGKILL,
-    the OOM killer, a node failure) after its last checkpoint logged them, and the resumed run logs those
-    steps again: each appeared twice. The file is replaced atomically. Returns the number of rows dropped."""
+    """Before a resume of the run's ``last.ckpt`` at optimizer step ``step``: drop the rows at the end of
+    ``RUN/csv/metrics.csv`` logged at ``step`` or later (a row's ``step`` is Lightning's count of optimizer
+    steps before it: the training rows of optimizer step ``step + 1`` on, and the learning rate they use). A
+    start killed (SIGKILL, the OOM killer, a node failure) after its last checkpoint logged them, and the
+    resumed run logs those steps again: each appeared twice. Only the file's last rows, back to one of an
+    earlier step: rows of later steps above that are an earlier timeline's (a run taken back by hand to one
+    of its checkpoints). The file is replaced atomically; one that cannot be read as CSV (a node crash's
+    tail of NUL bytes) is set aside as ``metrics-unreadable-N.csv``. Returns the number of rows dropped."""
     path = Path(run_dir) / "csv" / "metrics.csv"
     if not path.is_file():
         return 0
-    with open(path, newline="") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        rows = list(reader)
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            rows = list(reader)
+    except (csv.Error, UnicodeDecodeError, ValueError) as e:
+        aside = _free_name(path, "metrics-unreadable")
+        os.replace(path, aside)
+        log.warning("%s cannot be read (%s): set aside as %s; this start's rows begin a new file", path, e, aside)
+        return 0
     if not header or "step" not in header:
         return 0
     col = header.index("step")
@@ -166,16 +184,24 @@ def rewind_metrics(run_dir: str | Path, step: int) -> int:
         except ValueError:
             return False  # a row without a step: not one of the training's
 
-    kept = [r for r in rows if not later(r)]
-    if len(kept) == len(rows):
+    end = len(rows)
+    while end and later(rows[end - 1]):
+        end -= 1
+    if end == len(rows):
         return 0
     tmp = path.with_name(f".tmp-{path.name}.{secrets.token_hex(6)}")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(kept)
-    os.replace(tmp, path)
-    return len(rows) - len(kept)
+    try:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(header)
+            writer.writerows(rows[:end])
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return len(rows) - end
 
 
 def make_loggers(cfg: TrackingConfig, run_dir: str | Path, wandb_id: str | None = None) -> list[Logger]:

@@ -144,3 +144,34 @@ def test_a_file_system_that_cannot_fsync_a_directory_still_saves(tmp_path, monke
     assert target.read_bytes() == b"two"
     save_dir(tmp_path / "zero.ckpt", V1)  # the directory swap fsyncs directories too
     assert contents(tmp_path / "zero.ckpt") == {**V1, COMPLETE: b""}
+
+
+def test_remove_best_after_takes_only_what_a_killed_start_wrote_after_last_ckpt(tmp_path):
+    """Best-k files of a later step than last.ckpt, written after it (a start killed between a validation's
+    best-k save and its last.ckpt) go, files and DeepSpeed directories; those written before it (an earlier
+    timeline of a run taken back by hand to one of its checkpoints) and a user's copy (``.bak``) stay."""
+    import os
+
+    from pipeline.checkpoint_io import remove_best_after
+
+    ckpts = tmp_path / "checkpoints"
+    ckpts.mkdir()
+    old = ckpts / "best-epoch000-step0000010-top1=0.5000.ckpt"
+    copy = ckpts / "best-epoch000-step0000012-top1=0.6000.ckpt.bak"
+    for path in (old, copy):
+        path.write_bytes(b"x")
+        os.utime(path, (1_000_000, 1_000_000))
+    last = ckpts / "last.ckpt"
+    last.write_bytes(b"x")
+    os.utime(last, (2_000_000, 2_000_000))
+    debris = ckpts / "best-epoch001-step0000011-top1=0.7000.ckpt"
+    again = ckpts / "best-epoch001-step0000011-top1=0.7000-v1.ckpt"
+    zero = ckpts / "best-epoch001-step0000012-top1=0.7100.ckpt"  # a DeepSpeed directory
+    kept = ckpts / "best-epoch000-step0000007-top1=0.4000.ckpt"
+    for path in (debris, again, kept):
+        path.write_bytes(b"x")
+    zero.mkdir()
+    (zero / "mp_rank_00_model_states.pt").write_bytes(b"x")
+    assert sorted(remove_best_after(last, 7)) == sorted([debris, again, zero])
+    assert sorted(p.name for p in ckpts.iterdir()) == sorted(p.name for p in (old, copy, last, kept))
+    assert remove_best_after(tmp_path / "nothing" / "last.ckpt", 0) == []

@@ -623,18 +623,27 @@ def test_a_resume_from_an_earlier_checkpoint_by_name_keeps_the_later_history(mid
                                                                                 tmp_path):
     """What a start killed after its last.ckpt leaves is cleaned at a resume of that last.ckpt (above); a
     run a user takes back by hand to one of its own earlier checkpoints (``--ckpt_path RUN/checkpoints/best-
-    ...step5...``) keeps its later best-k files and metrics rows: the later history is theirs, not debris."""
+    ...step5...``) keeps its later best-k files and metrics rows, at that start and at the next (a requeue,
+    which resumes the new last.ckpt): the later history is theirs, not debris."""
     run = tmp_path / "run"
     shutil.copytree(mid_epoch_ref, run)
     later = sorted(p.name for p in (run / "checkpoints").glob("best-*step0000010-*"))
     earlier = next((run / "checkpoints").glob("best-*step0000005-*"))
     assert later, sorted(p.name for p in (run / "checkpoints").iterdir())
     with open(tmp_path / "run.log", "w") as log:
-        run_to_end([a if a != "last" else str(earlier) for a in fit_command(digits_shards, run, STEPS, MID_EPOCH_VAL)],
+        run_to_end([a if a != "last" else str(earlier) for a in fit_command(digits_shards, run, 7, MID_EPOCH_VAL)],
                    log)
+        assert "removed" not in (tmp_path / "run.log").read_text()
+        assert all((run / "checkpoints" / name).exists() for name in later)
+        assert _validated_steps(run)[:2] == ["4", "9"]
+        # its next start (a requeue: --ckpt_path last) resumes its own last.ckpt, now at step 7: the old
+        # timeline's best files of step 10 and its rows of steps 7-12 are not a killed start's debris
+        old_rows = len(_train_rows(run))
+        run_to_end(fit_command(digits_shards, run, 8, MID_EPOCH_VAL), log)
+    assert saved_step(run / "checkpoints" / "last.ckpt") == 8
     assert "removed" not in (tmp_path / "run.log").read_text()
     assert all((run / "checkpoints" / name).exists() for name in later)
-    assert _validated_steps(run)[:2] == ["4", "9"]
+    assert len(_train_rows(run)) == old_rows + 1
 
 
 def test_a_crash_during_a_mid_epoch_validation_validates_it_after_the_resume(mid_epoch_ref, digits_shards,

@@ -552,3 +552,30 @@ def test_a_requeue_that_ends_the_wandb_service_leaves_no_traceback(digits_shards
     assert stopped.returncode == 0 and "requeued Slurm job 4343" in out, out[-3000:]
     assert (tmp_path / "scontrol.calls").read_text().splitlines() == ["requeue 4343"]
     assert "Traceback" not in out and "Exception ignored" not in out, out[-3000:]
+
+
+def test_rewind_metrics_drops_only_the_last_rows_and_sets_aside_an_unreadable_file(tmp_path, caplog):
+    """At a resume of last.ckpt (step 7): the rows a killed start logged from step 7 on, at the end of the file,
+    go; rows of steps 7-12 above them are an earlier timeline's (a run taken back by hand to step 5) and stay;
+    a row cut short by the kill goes too. A file a node crash left with a long tail of NUL bytes (csv's
+    "field larger than field limit") was a traceback at every restart: it is set aside."""
+    import logging
+
+    from pipeline.tracking import rewind_metrics
+
+    csv_dir = tmp_path / "csv"
+    csv_dir.mkdir()
+    path = csv_dir / "metrics.csv"
+    old = [f"{s},0,{s / 10}" for s in range(13)]
+    new = [f"{s},0,{s / 100}" for s in (5, 6, 7, 8)]
+    path.write_text("step,epoch,train/loss\n" + "\n".join(old + new) + "\n9,0\n")
+    assert rewind_metrics(tmp_path, 7) == 3
+    assert path.read_text() == "step,epoch,train/loss\n" + "\n".join(old + new[:2]) + "\n"
+    assert rewind_metrics(tmp_path, 7) == 0
+    assert [p.name for p in csv_dir.iterdir()] == ["metrics.csv"]  # no temporary file left
+
+    path.write_bytes(b"step,epoch,train/loss\n1,0,0.5\n" + b"\0" * 200_000)
+    with caplog.at_level(logging.WARNING):
+        assert rewind_metrics(tmp_path, 1) == 0
+    assert not path.exists() and (csv_dir / "metrics-unreadable-1.csv").stat().st_size > 200_000
+    assert "cannot be read" in caplog.text and "metrics-unreadable-1.csv" in caplog.text
