@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import errno
 import os
 import re
 import shlex
@@ -306,7 +307,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _in_shared_memory(exc: OSError) -> str:
     """Where a write error that names no file came from a multiprocessing lock (a file in /dev/shm: the
-    progress counter and the workers' queues), says so: the output's disk may have room."""
+    progress counter and the workers' queues), says so: the output's disk may have room. Only for a full one
+    (ENOSPC): a /dev/shm missing or not writable is another matter."""
+    if exc.errno != errno.ENOSPC:
+        return ""
     tb = exc.__traceback__
     while tb is not None:
         if tb.tb_frame.f_code.co_filename.endswith(os.path.join("multiprocessing", "synchronize.py")):

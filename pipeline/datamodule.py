@@ -17,7 +17,7 @@ import torch
 
 from pipeline.data.augment import AugmentConfig
 from pipeline.data.contract import Position, TrainSampler, ValSampler, steps_in_epoch
-from pipeline.data.shards import ShardSet
+from pipeline.data.shards import ShardSet, open_shards_for_window
 from pipeline.data.shared_memory import shortage
 from pipeline.data.worker_signals import shield_worker
 from pipeline.data.worker_start import START_METHODS, resolve, worker_context
@@ -126,13 +126,16 @@ class ShardDataModule(pl.LightningDataModule):
         if not Path(self.root).is_dir():
             raise ConfigError(f"data.root: shard directory {self.root!r} does not exist")
         try:
-            return ShardSet(self.root, split)
+            shards = ShardSet(self.root, split)
         except ConfigError as e:
             if str(e).startswith(f"split {split!r} is not in"):  # name the setting that chose it
                 key = ("data.train_split" if split == self.train_split else
                        "data.val_split" if split == self.val_split else "data.test_split")
                 raise ConfigError(f"{key}: {e}") from None
             raise
+        if split == self.train_split:  # the shuffle reads a window of shards (two across its boundaries)
+            shards.max_open = open_shards_for_window(self.window_shards)
+        return shards
 
     @property
     def train_shards(self) -> ShardSet:

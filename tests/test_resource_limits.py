@@ -260,3 +260,47 @@ def test_the_loader_warns_at_start_when_dev_shm_is_smaller_than_its_batches_in_f
         assert "x 2 workers" in shortage(64, 32, 2, 80, path=str(shm))  # 80 ranks on one machine: 78 MiB
     finally:
         subprocess.run(["umount", str(shm)], check=True)
+
+
+def test_only_a_full_dev_shm_is_blamed_and_only_the_process_limit_gets_ulimit_advice():
+    """data_prep said "in /dev/shm ... free some" for any error of a multiprocessing lock (a /dev/shm that is
+    missing or not writable too); the loader told a machine out of open files (ENFILE, "... in system") to
+    raise `ulimit -n`, which does not change that limit."""
+    import errno
+
+    from data_prep.cli import _in_shared_memory
+    from pipeline.data.shared_memory import out_of_file_descriptors
+
+    where = {}  # a frame of multiprocessing's lock code, as the error's traceback has it
+    exec(compile("def make_lock(code):\n    raise OSError(code, os.strerror(code))\n",
+                 os.path.join("lib", "multiprocessing", "synchronize.py"), "exec"), {"os": os}, where)
+    for code, blamed in ((errno.ENOSPC, True), (errno.EACCES, False), (errno.ENOSYS, False)):
+        try:
+            where["make_lock"](code)
+        except OSError as e:
+            assert ("in /dev/shm" in _in_shared_memory(e)) is blamed, code
+    assert out_of_file_descriptors(OSError(errno.EMFILE, "Too many open files"))
+    assert not out_of_file_descriptors(OSError(errno.ENFILE, "Too many open files in system"))
+
+
+def test_a_training_reader_keeps_two_shuffle_windows_open_within_a_quarter_of_its_limit(digits_shards):
+    """64 open shards thrashed with a shuffle window of more (a full shuffle: every shard): each read of
+    another shard reopened it, a metadata round trip on Lustre/NFS."""
+    import resource
+
+    from pipeline.data.shards import MAX_OPEN_SHARDS, open_shards_for_window
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert open_shards_for_window(4) == MAX_OPEN_SHARDS
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (4096, hard))
+        assert open_shards_for_window(300) == 600
+        assert open_shards_for_window(5000) == 1024
+        from pipeline.datamodule import ShardDataModule
+
+        data = ShardDataModule(root=str(digits_shards), window_shards=300)
+        assert data._shards(data.train_split).max_open == 600 and data._shards(data.val_split).max_open == 64
+        resource.setrlimit(resource.RLIMIT_NOFILE, (100, hard))
+        assert open_shards_for_window(300) == MAX_OPEN_SHARDS
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -11,6 +11,7 @@ one descriptor per shard was ImageNet in 1,000-sample shards (1,282) past the us
 from __future__ import annotations
 
 import os
+import resource
 import struct
 import threading
 from collections import OrderedDict
@@ -28,6 +29,15 @@ class CorruptSampleError(RuntimeError):
 
 
 MAX_OPEN_SHARDS = 64  # per process; the shuffle reads from data.window_shards (4) shards at a time
+
+
+def open_shards_for_window(window_shards: int) -> int:
+    """Shards a training reader keeps open: two shuffle windows (one ending, the next beginning), at least
+    ``MAX_OPEN_SHARDS``; at most a quarter of the process's limit of open files (a larger window then
+    reopens shards, slower but not failing)."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    cap = soft // 4 if soft != resource.RLIM_INFINITY else 1 << 20
+    return max(MAX_OPEN_SHARDS, min(2 * window_shards, cap))
 
 
 class ShardSet:

@@ -57,7 +57,9 @@ def shared_empty(shape: tuple[int, ...], dtype: torch.dtype, **kwargs) -> torch.
 def out_of_file_descriptors(error: BaseException) -> bool:
     """Whether ``error`` is a process's limit of open files: torch's own (each batch a worker passes holds
     descriptors in the trainer), or a worker's ``[Errno 24]`` re-raised by the DataLoader."""
-    return isinstance(error, (RuntimeError, OSError)) and "Too many open files" in str(error)
+    text = str(error)  # not the machine's limit, ENFILE's "Too many open files in system": no ulimit raises it
+    return isinstance(error, (RuntimeError, OSError)) and "Too many open files" in text and \
+        "Too many open files in system" not in text
 
 
 def open_files_advice() -> str:
