@@ -225,12 +225,12 @@ def test_fit_on_a_full_disk_is_one_line_naming_the_run_directory_and_a_rerun_sta
         assert again.returncode == 0, again.stderr[-3000:]
         assert (run / "checkpoints" / "last.ckpt").is_file()
         # full again: `validate` (no run lock) writes its own logs, and said it as a traceback
-        with open(fs / "filler", "wb") as f:
-            try:
+        try:  # unbuffered: no flush at close that fails again
+            with open(fs / "filler", "wb", buffering=0) as f:
                 while True:
-                    f.write(b"\0" * 65536)
-            except OSError:
-                pass
+                    f.write(b"\0" * 4096)
+        except OSError as e:
+            assert e.errno == 28, e
         score = [*command[:3], "validate", *command[4:]]
         proc = subprocess.run(score, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
         assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
