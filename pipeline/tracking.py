@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import io
 import logging
 import os
 import secrets
@@ -15,6 +16,7 @@ from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger, Wand
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.loggers.logger import rank_zero_experiment
 
+from pipeline.checkpoint_io import atomic_write_bytes
 from pipeline.errors import ConfigError
 from pipeline.run_id_file import RUN_ID_FILE, RUN_ID_PATTERN, BadRunIdFile, create_run_id, read_run_id
 from pipeline.wandb_backlog import ServiceSafeWandbLogger
@@ -189,18 +191,11 @@ def rewind_metrics(run_dir: str | Path, step: int) -> int:
         end -= 1
     if end == len(rows):
         return 0
-    tmp = path.with_name(f".tmp-{path.name}.{secrets.token_hex(6)}")
-    try:
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
-            writer.writerow(header)
-            writer.writerows(rows[:end])
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(header)
+    writer.writerows(rows[:end])
+    atomic_write_bytes(text.getvalue().encode("utf-8"), path)
     return len(rows) - end
 
 
