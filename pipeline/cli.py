@@ -40,7 +40,8 @@ from pipeline.arg_parser import PipelineArgumentParser
 from pipeline.checkpoint_io import AtomicCheckpointIO, recover_directories, remove_best_after
 from pipeline.config_history import keep_earlier_config
 from pipeline.data.shards import CorruptSampleError
-from pipeline.data.shared_memory import SharedMemoryError, open_files_advice, out_of_file_descriptors, semaphore_error
+from pipeline.data.open_files import open_files_advice, out_of_file_descriptors, raise_open_files_limit
+from pipeline.data.shared_memory import SharedMemoryError, semaphore_error
 from pipeline.data.shared_memory import advice as shm_advice
 from pipeline.datamodule import ShardDataModule
 from pipeline.deepspeed_checks import check_accumulation, check_checkpoint_kind, check_zero_shards
@@ -660,6 +661,8 @@ def main(argv: list[str] | None = None, cli: type[PipelineCLI] = PipelineCLI) ->
     # a log file that cannot be written (W&B's debug.log on a full disk) is not worth a traceback per record:
     # those were tens of thousands of lines before the run's own `error:` line
     logging.raiseExceptions = False
+    if raised := raise_open_files_limit():  # before any loader worker starts: they inherit it
+        log.debug("limit of open files raised from %d to %d", *raised)
     preemption.defer_requeue_to_caller()  # a preempted fit's requeue waits for the end of this function
     logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_NoProductTips())
     # the loader position is in every checkpoint (ShardDataModule.state_dict): mid-epoch resumes are exact

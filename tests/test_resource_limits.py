@@ -116,7 +116,7 @@ from pipeline.data.augment import AugmentConfig
 from pipeline.data.contract import ValSampler
 from pipeline.data.cpu_backend import ShardBatches
 from pipeline.data.shards import ShardSet
-from pipeline.data.shared_memory import open_files_advice, out_of_file_descriptors
+from pipeline.data.open_files import open_files_advice, out_of_file_descriptors
 
 def no_new_descriptor(_):
     resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) - 1, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
@@ -269,7 +269,7 @@ def test_only_a_full_dev_shm_is_blamed_and_only_the_process_limit_gets_ulimit_ad
     import errno
 
     from data_prep.cli import _in_shared_memory
-    from pipeline.data.shared_memory import out_of_file_descriptors
+    from pipeline.data.open_files import out_of_file_descriptors
 
     where = {}  # a frame of multiprocessing's lock code, as the error's traceback has it
     exec(compile("def make_lock(code):\n    raise OSError(code, os.strerror(code))\n",
@@ -304,3 +304,41 @@ def test_a_training_reader_keeps_two_shuffle_windows_open_within_a_quarter_of_it
         assert open_shards_for_window(300) == MAX_OPEN_SHARDS
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+_LIMIT_AFTER_MAIN = """
+import resource, sys
+from pipeline.cli import main
+try:
+    main(["fit", "--help"])
+except SystemExit:
+    pass
+print(*resource.getrlimit(resource.RLIMIT_NOFILE))
+"""
+
+
+def test_a_run_raises_its_soft_limit_of_open_files_to_the_hard_one():
+    """Clusters and containers often start jobs with a soft limit of 1,024 open files under a far higher
+    hard limit; the cpu loader's workers hold more (a descriptor per batch in flight, their open shards),
+    and the run stopped with `too many open files` until the user raised it by hand. ``main`` raises it
+    (towards 65,536, never past the hard limit) before any worker starts; a soft limit already higher is
+    left alone."""
+    from pipeline.data.open_files import WANTED
+
+    def limits_after_main(soft: int, hard: int) -> list[int]:
+        proc = subprocess.run(["sh", "-c", f'ulimit -Sn {soft} && ulimit -Hn {hard} && exec "$@"', "sh",
+                               sys.executable, "-c", _LIMIT_AFTER_MAIN], capture_output=True, text=True, cwd=REPO,
+                              env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return [int(n) for n in proc.stdout.split()[-2:]]
+
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard < 2048:
+        unavailable_here(f"the hard limit of open files here is {hard}")
+    assert limits_after_main(256, 2048) == [2048, 2048]  # the hard limit is the ceiling
+    top = WANTED if hard == resource.RLIM_INFINITY else min(hard, WANTED)
+    assert limits_after_main(256, top) == [top, top]
+    assert limits_after_main(1000, 1500) == [1500, 1500]
+    assert limits_after_main(1500, 2048) == [2048, 2048]

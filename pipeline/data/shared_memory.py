@@ -10,9 +10,10 @@ for it forever. So a worker allocates its batch in shared memory itself (``share
 from __future__ import annotations
 
 import os
-import resource
 
 import torch
+
+from pipeline.data.open_files import out_of_file_descriptors
 
 SHM = "/dev/shm"
 
@@ -52,22 +53,6 @@ def shared_empty(shape: tuple[int, ...], dtype: torch.dtype, **kwargs) -> torch.
         if out_of_file_descriptors(e) or ("shared memory" not in str(e) and "shm" not in str(e)):
             raise  # the limit of open files is said by the CLI (open_files_advice)
         raise SharedMemoryError(f"out of shared memory: {str(e).strip()}; {advice()}") from None
-
-
-def out_of_file_descriptors(error: BaseException) -> bool:
-    """Whether ``error`` is a process's limit of open files: torch's own (each batch a worker passes holds
-    descriptors in the trainer), or a worker's ``[Errno 24]`` re-raised by the DataLoader."""
-    text = str(error)  # not the machine's limit, ENFILE's "Too many open files in system": no ulimit raises it
-    return isinstance(error, (RuntimeError, OSError)) and "Too many open files" in text and \
-        "Too many open files in system" not in text
-
-
-def open_files_advice() -> str:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    limit = f"ulimit -n: {soft}" + (f", at most {hard}" if hard != soft else "")
-    return (f"too many open files ({limit}): the cpu loader's workers pass each batch as file descriptors and "
-            f"keep their shards open; raise the limit (ulimit -n 65536 in the job script, docker run --ulimit "
-            f"nofile=65536:65536) or lower data.num_workers")
 
 
 def semaphore_error(error: OSError) -> bool:
