@@ -342,3 +342,40 @@ def test_a_run_raises_its_soft_limit_of_open_files_to_the_hard_one():
     assert limits_after_main(256, top) == [top, top]
     assert limits_after_main(1000, 1500) == [1500, 1500]
     assert limits_after_main(1500, 2048) == [2048, 2048]
+
+
+def test_a_full_disk_elsewhere_is_named_not_the_run_directory(tmp_path):
+    """A write that fails on another file system (a full node-local /tmp, a $HOME over its quota) was said
+    as the run directory's, with the run directory's free space: the user freed the wrong disk. A named
+    file's own file system is said now; an error that names no file (torch's, Lightning's writes) or one
+    inside the run directory's file system is still said as the run directory's."""
+    import errno
+
+    from pipeline.cli import disk_full_message
+
+    fs = tmp_path / "tmp"
+    fs.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8k,nr_inodes=2", "tmpfs", str(fs)],
+                      capture_output=True).returncode:
+        unavailable_here("mount -t tmpfs is not permitted here (needs root)")
+    run = tmp_path / "run"
+    run.mkdir()
+    full = None
+    try:
+        (fs / "cache").mkdir()  # the file system's last inode: a file of its own cannot be made now
+        try:
+            (fs / "cache" / "compiled").mkdir()
+        except OSError as e:
+            full = e
+        assert full is not None and full.errno == errno.ENOSPC and full.filename
+        said = disk_full_message(full, run)
+        assert said.startswith(f"[Errno 28] No space left on device: '{fs / 'cache' / 'compiled'}' (the file system at {fs}: 0.0 "
+                               f"MiB free, not trainer.default_root_dir {run}'s: "), said
+        assert "free space there" in said and f"fit resumes from {run / 'checkpoints' / 'last.ckpt'}" in said
+        for same in (OSError(errno.ENOSPC, "No space left on device"),  # names no file
+                     OSError(errno.EDQUOT, "Disk quota exceeded", str(run / "wandb" / "x" / "run.wandb"))):
+            said = disk_full_message(same, run, "validate")
+            assert f"(trainer.default_root_dir {run}: " in said and "free space (or raise the quota)" in said, said
+            assert said.endswith(f"validate writes its logs under {run / 'validate'}"), said
+    finally:
+        subprocess.run(["umount", str(fs)], check=True)
