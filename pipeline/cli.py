@@ -18,6 +18,7 @@ import errno
 import logging
 import os
 import re
+import resource
 import sys
 import warnings
 from dataclasses import dataclass
@@ -264,7 +265,7 @@ class PipelineCLI(LightningCLI):
         except OSError as e:
             if e.errno == errno.ENOSPC and semaphore_error(e):  # the loader's queues, in a full /dev/shm
                 raise SharedMemoryError(f"out of shared memory: {e}; {shm_advice()}") from e
-            if e.errno not in (errno.ENOSPC, errno.EDQUOT) or self._run_dir is None:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or self._run_dir is None:
                 raise
             raise DiskFullError(disk_full_message(e, self._run_dir, self.subcommand or "fit")) from e
         finally:
@@ -738,11 +739,17 @@ def main(argv: list[str] | None = None, cli: type[PipelineCLI] = PipelineCLI) ->
 
 def disk_full_message(error: OSError, run_dir: Path, subcommand: str = "fit") -> str:
     """One line: what could not be written (torch, Lightning and W&B raise write errors that name no file,
-    or name it), how much room the run directory has, and that a rerun resumes (``fit``) or scores again.
+    or name it), how much room the run directory has (or the file-size limit, for EFBIG), and that a rerun resumes (``fit``) or scores again.
     A named file on another file system (``/tmp``, ``$HOME``, a quota of its own) is the one said full: the
     run directory's free space would send the user to free the wrong disk."""
     again = (f"fit resumes from {checkpoint_dir(run_dir) / 'last.ckpt'} (if there is one yet)" if subcommand == "fit"
              else f"{subcommand} writes its logs under {run_dir / subcommand}")
+    if error.errno == errno.EFBIG:  # Python ignores SIGXFSZ: a write past `ulimit -f` fails with this
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        said = "no limit" if limit == resource.RLIM_INFINITY else f"{limit // 1024} KiB"
+        return (f"{error} (the process's file-size limit, ulimit -f: {said}; or the largest file the file system "
+                f"takes); raise the limit (ulimit -f unlimited in the job script) and run the same command again: "
+                f"{again}")
     named = next((Path(os.fsdecode(f)) for f in (error.filename, error.filename2) if f), None)
     if named is not None and (where := _file_system(named)) is not None and where != _file_system(run_dir):
         return (f"{error} (the file system at {_mount_point(named)}: {_room(named)}, not trainer.default_root_dir "

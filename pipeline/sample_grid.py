@@ -53,8 +53,12 @@ class SampleGrid(Callback):
             log.warning("cannot write %s (%s); training goes on", self.path, e.strerror or e)
         caption = "labels: " + " ".join(str(int(v)) for v in labels.tolist())
         for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                logger.log_image("samples/train_batch", [grid.permute(1, 2, 0).numpy()],
-                                 step=trainer.global_step, caption=[caption])
-            elif isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_image("samples/train_batch", grid, trainer.global_step)
+            try:  # W&B writes the image as a PNG in the system's temporary directory first
+                if isinstance(logger, WandbLogger):
+                    logger.log_image("samples/train_batch", [grid.permute(1, 2, 0).numpy()],
+                                     step=trainer.global_step, caption=[caption])
+                elif isinstance(logger, TensorBoardLogger):
+                    logger.experiment.add_image("samples/train_batch", grid, trainer.global_step)
+            except OSError as e:
+                log.warning("cannot log the sample grid to %s (%s); training goes on",
+                            "W&B" if isinstance(logger, WandbLogger) else "TensorBoard", e.strerror or e)

@@ -379,3 +379,29 @@ def test_a_full_disk_elsewhere_is_named_not_the_run_directory(tmp_path):
             assert said.endswith(f"validate writes its logs under {run / 'validate'}"), said
     finally:
         subprocess.run(["umount", str(fs)], check=True)
+
+
+def test_a_file_size_limit_is_one_line_naming_the_limit_and_the_sample_grid_is_not_worth_a_traceback(
+        digits_shards, tmp_path):
+    """Past `ulimit -f` a write fails with EFBIG (Python ignores SIGXFSZ). A checkpoint said so already; any
+    other file of a fit (config.yaml, the loggers') was a traceback, and so was W&B's copy of the sample grid
+    (a PNG it writes in the temporary directory), which no run should stop for. Real limits here: 2 KiB
+    stops the run at its first files, 8 KiB at its checkpoint, the grid only warned of."""
+    def fit(kib: int) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["sh", "-c", f'ulimit -f {kib * 2} && exec "$@"', "sh",  # sh counts 512-byte blocks
+             sys.executable, "-m", "pipeline", "fit", "--config", "conf/demo.yaml", "--data.root", str(digits_shards),
+             "--trainer.default_root_dir", str(tmp_path / f"run{kib}"), "--trainer.max_steps", "1",
+             "--data.num_workers", "0", "--trainer.num_sanity_val_steps", "0", "--trainer.limit_val_batches", "1"],
+            capture_output=True, text=True, cwd=REPO, timeout=300,
+            env={**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"})
+
+    proc = fit(2)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: [Errno 27] File too large (the process's file-size limit, ulimit -f: 2 KiB; "), last
+    assert "ulimit -f unlimited" in last and "fit resumes from" in last, last
+    proc = fit(8)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "cannot log the sample grid to W&B (File too large); training goes on" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: cannot write checkpoint ")
