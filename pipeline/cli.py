@@ -528,6 +528,8 @@ class PipelineCLI(LightningCLI):
         except ConfigError:
             raise
         except (ValueError, TypeError) as e:  # Lightning's refusal of a strategy, accelerator or devices value
+            if _raised_in_this_package(e):  # a bug of ours (this package says a bad setting as a ConfigError)
+                raise
             raise ConfigError(f"trainer: {str(e).strip().splitlines()[0]}") from None
         world = getattr(self, "_resume_world", None)
         if world is not None and trainer.world_size != world:
@@ -735,6 +737,18 @@ def main(argv: list[str] | None = None, cli: type[PipelineCLI] = PipelineCLI) ->
     finish_pending_wandb_run()
     preemption.requeue_pending_job()  # last: Slurm cancels the step at once
     return 0
+
+
+def _raised_in_this_package(error: BaseException) -> bool:
+    """Whether this package's own code (a callback, a strategy, a plugin that Lightning called) is on
+    ``error``'s way up, below the frame that caught it."""
+    here = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    tb = error.__traceback__.tb_next if error.__traceback__ is not None else None
+    while tb is not None:
+        if os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(here):
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def disk_full_message(error: OSError, run_dir: Path, subcommand: str = "fit") -> str:

@@ -561,3 +561,20 @@ def test_fit_of_a_complete_run_says_so_and_starts_nothing(trained, digits_shards
             "nothing to train") in proc.stderr, proc.stderr[-3000:]
     assert sorted(p.relative_to(run).as_posix() for p in run.rglob("*")) == before, "no W&B run, no new files"
     assert (run / "checkpoints" / "last.ckpt").stat().st_mtime_ns == stamp
+
+
+def test_a_bug_of_ours_while_the_trainer_is_built_is_a_traceback_not_a_setting(digits_shards, tmp_path, monkeypatch):
+    """Lightning's ValueError/TypeError while it builds the Trainer is its refusal of a setting (one `error:
+    trainer: ...` line, as `trainer.max_time 5min` above). The same errors from this package's own code that
+    Lightning calls there (a callback's ``state_key``, a strategy, a plugin) are bugs: said as a setting, their
+    traceback was gone. Here a real TypeError in code compiled as ``pipeline/cli.py``'s: the filter of
+    Lightning's log records that the CLI installs, which Lightning's messages pass through while it builds
+    the Trainer."""
+    from pipeline.cli import _NoProductTips
+
+    where = {}
+    exec(compile("def filter(self, record):\n    return record.getMessage() + None\n", str(REPO / "pipeline" / "cli.py"),
+                 "exec"), where)
+    monkeypatch.setattr(_NoProductTips, "filter", where["filter"])
+    with pytest.raises(TypeError, match="can only concatenate str"):
+        run_cli_in_process(*_args("fit", digits_shards, tmp_path / "run")[1:])
