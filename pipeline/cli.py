@@ -38,6 +38,8 @@ import pipeline.strategies  # noqa: F401  (registers the deepspeed_stage_*_cpu s
 from pipeline.strategies import AtomicDeepSpeedStrategy, CPUDeepSpeedStrategy
 from data_prep.format import ManifestError
 from pipeline.arg_parser import PipelineArgumentParser
+from pipeline.branch_origin import KEY as BRANCH_KEY
+from pipeline.branch_origin import BranchOrigin, origin_name, resume_point
 from pipeline.checkpoint_io import AtomicCheckpointIO, recover_directories, remove_best_after
 from pipeline.config_history import keep_earlier_config
 from pipeline.data.shards import CorruptSampleError
@@ -313,6 +315,7 @@ class PipelineCLI(LightningCLI):
         self._saved_run_id: str | None = None
         self._ckpt_hparams: dict = {}  # the checkpoint's model settings, checked before the loggers start
         self._branched_from: tuple[str, str | None] | None = None  # (checkpoint, its W&B id): another run's
+        self._branch_origin: str | None = None  # where this run started, when from another run (branch_origin)
         check_trainer(cfg.trainer)
         if sub != "fit":
             limit_key = f"limit_{'val' if sub == 'validate' else 'test'}_batches"
@@ -346,6 +349,12 @@ class PipelineCLI(LightningCLI):
             return
         if ckpt == "last":  # that file: Lightning's "last" is the newest last*.ckpt (a user's copy, an old last-v1)
             cfg.ckpt_path = str(last)
+        elif last.exists() and Path(path).absolute().parent != checkpoint_dir(run_dir).absolute():
+            # another run's checkpoint, into a run directory with its own: the same branch command again?
+            path = resume_point(Path(path), last, self._check_checkpoint(last, resume=True))
+            if path == last:
+                _say(f"this run is a branch of {ckpt} (--ckpt_path) and has its own checkpoint: resuming that")
+                cfg.ckpt_path = str(last)
         meta = self._check_checkpoint(path, resume=True)
         self._ckpt_hparams = meta.get("hyper_parameters") or {}
         steps, done = cfg.trainer.get("max_steps"), meta.get("global_step")
@@ -364,8 +373,10 @@ class PipelineCLI(LightningCLI):
         self._resume_step = done if isinstance(done, int) and own_last else None
         if Path(path).absolute().parent == checkpoint_dir(run_dir).absolute():
             self._saved_run_id = meta.get("wandb_run_id")  # this run's own (its id file may be lost)
+            self._branch_origin = meta.get(BRANCH_KEY)  # kept in its later checkpoints
         else:  # a branch of another run: its W&B run would get two histories over the same steps
             self._branched_from = (str(path), meta.get("wandb_run_id"))
+            self._branch_origin = origin_name(path)
         self._adapt_geometry(cfg, path, meta.get(ShardDataModule.__qualname__) or {})
 
     @staticmethod
@@ -496,6 +507,8 @@ class PipelineCLI(LightningCLI):
         ]
         if self.subcommand in ("validate", "test"):
             callbacks.append(CheckpointStep())
+        elif getattr(self, "_branch_origin", None):
+            callbacks.append(BranchOrigin(self._branch_origin))
         if self.subcommand not in (None, "fit") and cfg.trainer.get("logger") in (None, True):
             ckpt = cfg.get("ckpt_path")
             kwargs.setdefault("logger", make_eval_loggers(cfg.tracking, run_dir, self.subcommand,

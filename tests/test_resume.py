@@ -292,6 +292,44 @@ def test_a_runs_config_names_no_checkpoint(interrupted, tmp_path, digits_shards)
     assert str(cut) not in proc.stderr + proc.stdout
 
 
+def test_a_branch_run_again_resumes_its_own_checkpoint_bit_exact(interrupted, tmp_path, digits_shards):
+    """`fit --ckpt_path OTHER/checkpoints/last.ckpt --trainer.default_root_dir NEW`, killed and run again as
+    it was (a user's own job script, its requeue): it started over from OTHER, training over the steps NEW
+    had done and overwriting NEW's last.ckpt with them. It resumes NEW's own last.ckpt now, ending
+    bit-identical to the branch run uninterrupted; a --ckpt_path that is not where NEW started is refused,
+    NEW untouched."""
+    _, ref, _, _, _ = interrupted
+    other = ref / "checkpoints" / "last.ckpt"  # step STEPS
+
+    def branch_command(run, ckpt=other):
+        cmd = fit_command(digits_shards, run, STEPS + 6)
+        cmd[cmd.index("--ckpt_path") + 1] = str(ckpt)
+        return cmd
+
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    last = cut / "checkpoints" / "last.ckpt"
+    with open(tmp_path / "runs.log", "w") as log:
+        run_to_end(branch_command(whole), log)
+        landed = run_and_kill_at(branch_command(cut), last, STEPS + 2, log)
+        assert STEPS < landed < STEPS + 6, landed
+        run_to_end(branch_command(cut), log)
+    text = (tmp_path / "runs.log").read_text()
+    assert f"this run is a branch of {other} (--ckpt_path) and has its own checkpoint: resuming that" in text
+    assert f"resuming from {last}" in text
+    diffs = compare(whole / "checkpoints" / "last.ckpt", last)
+    assert not diffs, f"kill at {landed}: " + "; ".join(diffs[:10])
+    assert torch.load(last, map_location="cpu", weights_only=False)["branched_from"] == os.path.realpath(other)
+    before = last.read_bytes()
+    proc = run_cli_in_process(*branch_command(cut, whole / "checkpoints" / "last.ckpt")[3:])
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    said = proc.stderr.strip().splitlines()[-1]
+    assert said.startswith(f"error: ckpt_path: {whole / 'checkpoints' / 'last.ckpt'} is another run's checkpoint, "
+                           f"and this run directory has its own {last} (step {STEPS + 6}, a branch of "
+                           f"{os.path.realpath(other)}): "), said
+    assert "Drop --ckpt_path to resume this run where it stopped" in said
+    assert last.read_bytes() == before
+
+
 def test_resume_refuses_another_architecture(interrupted, tmp_path, digits_shards):
     _, _, cut, _, _ = interrupted
     run = tmp_path / "run"

@@ -1,0 +1,47 @@
+"""A branch: a run started from another run's checkpoint (``fit --ckpt_path OTHER/checkpoints/last.ckpt``
+with a new ``trainer.default_root_dir``). Every checkpoint of the branch records the checkpoint it started
+from, so that the same command, run again after a stop, resumes the branch's own ``last.ckpt`` instead of
+starting the branch over from ``OTHER`` (which trained over, and then overwrote, everything the branch had
+done since). A ``--ckpt_path`` that is not where this run started, into a run directory with a checkpoint
+of its own, is refused: which of the two the user means cannot be told, and either guess loses work.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pytorch_lightning.callbacks import Callback
+
+from pipeline.errors import ConfigError
+
+KEY = "branched_from"  # in every checkpoint of a branch: the absolute path of the checkpoint it started from
+
+
+def origin_name(path: str | Path) -> str:
+    """How a branch's origin is recorded and compared: absolute, symlinks resolved."""
+    return os.path.realpath(path)
+
+
+def resume_point(other: Path, own_last: Path, own_meta: dict) -> Path:
+    """Where a ``fit --ckpt_path OTHER`` resumes when its run directory has its own ``last.ckpt`` already:
+    that file, when the run is a branch of ``OTHER`` (the same command again); else a ``ConfigError``."""
+    started = own_meta.get(KEY)
+    if started == origin_name(other):
+        return own_last
+    step = own_meta.get("global_step")
+    what = f"{own_last} (step {step}" + (f", a branch of {started})" if started else ")")
+    raise ConfigError(
+        f"ckpt_path: {other} is another run's checkpoint, and this run directory has its own {what}: resuming "
+        f"{other} would train over it and overwrite it. Drop --ckpt_path to resume this run where it stopped, or "
+        f"branch into a new trainer.default_root_dir")
+
+
+class BranchOrigin(Callback):
+    """Stores the checkpoint a branch started from in every checkpoint it saves (``checkpoint[KEY]``)."""
+
+    def __init__(self, origin: str) -> None:
+        self.origin = origin
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint[KEY] = self.origin
