@@ -15,9 +15,10 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .jpeg_markers import EOI, EOI_BYTES, SOF_MARKERS, SOS, BrokenMarkerStructure, marker_segments
+
 # SOF markers PIL/libjpeg-turbo/DALI decode: baseline, extended sequential, progressive (Huffman).
 _PASS_SOF = {0xC0, 0xC1, 0xC2}
-_ALL_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
 
 @dataclass(frozen=True)
@@ -67,43 +68,39 @@ def _exif_orientation(seg: bytes) -> int:
 
 
 def parse_jpeg_header(data: bytes) -> JpegHeader | str:
-    """Walk JPEG markers up to SOS; a reject reason when the structure is broken before the scan."""
+    """Walk JPEG markers up to SOS; a reject reason when the structure is broken before the scan.
+
+    Stricter than the loaders' ``jpeg_size`` (segment lengths checked, walks on past the frame header to the
+    scan for the EXIF orientation), but ``complete`` only looks for the EOI in the last 4 KiB: a JPEG
+    without it there is decoded in full rather than rejected.
+    """
     n = len(data)
-    pos = 2
     sof = None
     orientation = 1
-    while pos + 4 <= n:
-        if data[pos] != 0xFF:
-            return "corrupt JPEG: broken marker structure"
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
-        if 0xD0 <= marker <= 0xD7 or marker == 0x01:
-            pos += 2
-            continue
-        (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
-        if length < 2:
-            return "corrupt JPEG: bad segment length"
-        if pos + 2 + length > n:
-            return "truncated JPEG: file ends inside the header"
-        seg = data[pos + 4 : pos + 2 + length]
-        if marker in _ALL_SOF:
-            if len(seg) < 6:
-                return "corrupt JPEG: short frame header"
-            precision, height, width, comps = struct.unpack(">BHHB", seg[:6])
-            sof = (marker, precision, width, height, comps)
-        elif marker == 0xE1 and orientation == 1:
-            orientation = _exif_orientation(seg)
-        elif marker == 0xDA:  # start of scan
-            if sof is None:
-                return "corrupt JPEG: scan before frame header"
-            tail_start = max(pos, n - 4096)
-            complete = data.rfind(b"\xff\xd9", tail_start) >= 0
-            return JpegHeader(sof[0], sof[1], sof[2], sof[3], sof[4], orientation, complete)
-        elif marker == 0xD9:
-            return "corrupt JPEG: end-of-image before any scan"
-        pos += 2 + length
+    try:
+        for pos, marker, length in marker_segments(data):
+            if length < 2:
+                return "corrupt JPEG: bad segment length"
+            if pos + 2 + length > n:
+                return "truncated JPEG: file ends inside the header"
+            seg = data[pos + 4 : pos + 2 + length]
+            if marker in SOF_MARKERS:
+                if len(seg) < 6:
+                    return "corrupt JPEG: short frame header"
+                precision, height, width, comps = struct.unpack(">BHHB", seg[:6])
+                sof = (marker, precision, width, height, comps)
+            elif marker == 0xE1 and orientation == 1:
+                orientation = _exif_orientation(seg)
+            elif marker == SOS:
+                if sof is None:
+                    return "corrupt JPEG: scan before frame header"
+                tail_start = max(pos, n - 4096)
+                complete = data.rfind(EOI_BYTES, tail_start) >= 0
+                return JpegHeader(sof[0], sof[1], sof[2], sof[3], sof[4], orientation, complete)
+            elif marker == EOI:
+                return "corrupt JPEG: end-of-image before any scan"
+    except BrokenMarkerStructure:
+        return "corrupt JPEG: broken marker structure"
     return "truncated JPEG: file ends inside the header"
 
 

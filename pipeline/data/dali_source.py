@@ -13,46 +13,37 @@ from functools import lru_cache
 
 import numpy as np
 
+from data_prep.jpeg_markers import EOI, EOI_BYTES, SOF_MARKERS, SOS, BrokenMarkerStructure, marker_segments
 from pipeline.data.augment import AugmentConfig, sample_rng, train_params
 from pipeline.data.contract import PAD
 from pipeline.data.shards import ShardSet
 from pipeline.data.worker_signals import shield_worker
 
-# Start-of-frame markers (baseline, extended, progressive, lossless, arithmetic); C4, C8, CC are not frames.
-_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
-
-
 def jpeg_size(data: bytes) -> tuple[int, int] | None:
     """(width, height) from a JPEG's frame header, or None when the bytes are not a whole JPEG.
 
     Whole means: starts with SOI, has a frame header with a non-zero size before any scan, and has an
-    EOI after that header (trailing bytes after the EOI are allowed, as data_prep allows them).
+    EOI after that header (trailing bytes after the EOI are allowed, as data_prep allows them). Lighter
+    than data_prep's ``parse_jpeg_header``: it stops at the first frame header, does not check segment
+    lengths, and looks for the EOI anywhere after that header (data_prep: in the file's last 4 KiB).
     """
     n = len(data)
     if n < 4 or data[0] != 0xFF or data[1] != 0xD8:
         return None
-    pos = 2
-    while pos + 4 <= n:
-        if data[pos] != 0xFF:
-            return None
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
-        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
-            pos += 2
-            continue
-        if marker in (0xD9, 0xDA):  # EOI or a scan before any frame header
-            return None
-        if marker in _SOF:
-            if pos + 9 > n:
+    try:
+        for pos, marker, _length in marker_segments(data):
+            if marker in (EOI, SOS):  # EOI or a scan before any frame header
                 return None
-            height = (data[pos + 5] << 8) | data[pos + 6]
-            width = (data[pos + 7] << 8) | data[pos + 8]
-            if width == 0 or height == 0 or data.rfind(b"\xff\xd9", pos + 9) < 0:
-                return None
-            return width, height
-        pos += 2 + ((data[pos + 2] << 8) | data[pos + 3])
+            if marker in SOF_MARKERS:
+                if pos + 9 > n:
+                    return None
+                height = (data[pos + 5] << 8) | data[pos + 6]
+                width = (data[pos + 7] << 8) | data[pos + 8]
+                if width == 0 or height == 0 or data.rfind(EOI_BYTES, pos + 9) < 0:
+                    return None
+                return width, height
+    except BrokenMarkerStructure:
+        return None
     return None
 
 
