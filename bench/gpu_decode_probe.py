@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_loader as g  # noqa: E402
 import torch  # noqa: E402
 
+from data_prep.format import index_name_of  # noqa: E402
 from pipeline.data.augment import AugmentConfig  # noqa: E402
 from pipeline.data.contract import TrainSampler  # noqa: E402
 from pipeline.data.shards import ShardSet  # noqa: E402
@@ -53,7 +54,7 @@ def main() -> None:
     shards_dir = g.make_shards(Path("/tmp/gpu-loader-bench"), 20000, os.cpu_count() or 2)
     shards = ShardSet(shards_dir, "train")
     tars = [str(shards_dir / n) for n in shards.shard_names]
-    idxs = [t[:-4] + ".idx" for t in tars]
+    idxs = [str(shards_dir / index_name_of(n)) for n in shards.shard_names]
     dev = torch.device("cuda")
     for mode in ("decode", "crop"):
         for hw in (0.0, 0.75):

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from gpu_decode_probe import pipeline_rate  # bench/ is on sys.path when run as bench/gpu_decode_probe2.py
+from data_prep.format import index_name_of  # after it: importing gpu_decode_probe puts the repository on sys.path
 from pipeline.data.shards import ShardSet
 
 ROOT = Path("/tmp/gpu-loader-bench/shards")
@@ -22,7 +23,7 @@ def main() -> None:
 
     shards = ShardSet(ROOT, "train")
     tars = [str(ROOT / n) for n in shards.shard_names]
-    idxs = [t[:-4] + ".idx" for t in tars]
+    idxs = [str(ROOT / index_name_of(n)) for n in shards.shard_names]
     data = [np.frombuffer(shards.read_jpeg(i), dtype=np.uint8) for i in range(4096)]
 
     @pipeline_def(batch_size=256, num_threads=8, device_id=0)

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from data_prep.format import MANIFEST_NAME  # noqa: E402
 from pipeline.data.augment import AugmentConfig  # noqa: E402
 from pipeline.data.contract import TrainSampler  # noqa: E402
 from pipeline.data.shards import ShardSet  # noqa: E402
@@ -73,7 +74,7 @@ def _write_range(job: tuple[str, int, int, int]) -> int:
 def make_shards(work: Path, n: int, procs: int) -> Path:
     """``n`` photos in ``work/images`` (100 classes), sharded into ``work/shards`` (reused if there)."""
     shards = work / "shards"
-    if (shards / "manifest.json").is_file():
+    if (shards / MANIFEST_NAME).is_file():
         return shards
     t0 = time.perf_counter()
     chunk = max(1, -(-n // (procs * 4)))

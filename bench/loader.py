@@ -25,6 +25,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from data_prep.format import MANIFEST_NAME  # noqa: E402
 from pipeline.data.augment import AugmentConfig  # noqa: E402
 from pipeline.data.contract import TrainSampler  # noqa: E402
 from pipeline.data.shards import ShardSet  # noqa: E402
@@ -49,7 +50,7 @@ def make_photos(folder: Path, n: int, classes: int = 8, seed: int = 0) -> None:
 
 def make_shards(work: Path, n: int) -> Path:
     shards = work / "shards"
-    if (shards / "manifest.json").is_file():
+    if (shards / MANIFEST_NAME).is_file():
         return shards
     make_photos(work / "images", n)
     subprocess.run([sys.executable, "-m", "data_prep", "imagefolder", str(work / "images"), str(shards),

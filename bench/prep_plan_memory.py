@@ -72,6 +72,7 @@ def run_one(layout: str, n: int, seed: int, shard_bytes: int) -> dict:
     """Child side: list -> scan -> plan -> dispatch pickling, with phase peaks and times."""
     import data_prep.imagenet as imagenet
     from data_prep import prepare
+    from data_prep.format import plan_path
     from data_prep.validate import EncodeOptions
 
     row = {"layout": layout, "inputs": n, "rss_imports_mb": _status_mb("VmRSS")}
@@ -103,7 +104,7 @@ def run_one(layout: str, n: int, seed: int, shard_bytes: int) -> dict:
         row["plan_s"] = time.perf_counter() - t0
         row["shards"] = len(jobs)
         row["peak_plan_mb"] = _status_mb("VmHWM")
-        plan_text = (out / ".work" / "train" / "plan.json").read_text()
+        plan_text = plan_path(out, "train").read_text()
         import hashlib
         row["plan_sha"] = hashlib.sha256(plan_text.encode()).hexdigest()[:16]
 

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from .errors import PrepError
-from .format import SPLIT_NAME, ManifestError
+from .format import REJECTS_NAME, SPLIT_NAME, ManifestError
 
 _UNITS = {"B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4,
           "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4}
@@ -185,7 +185,7 @@ def _summary(manifest: dict | None, splits: list[str], out: Path, finalize_queue
         return
     for s in splits:
         e = manifest["splits"][s]
-        where = f" (why: {out / 'rejects.jsonl'})" if e["rejected"] else ""
+        where = f" (why: {out / REJECTS_NAME})" if e["rejected"] else ""
         print(f"{s}: {e['samples']} samples in {len(e['shards'])} shards, {e['rejected']} rejected{where}")
 
 

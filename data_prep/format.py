@@ -1,4 +1,5 @@
-"""On-disk contract between data_prep and the loaders: manifest, shard names, index files.
+"""On-disk contract between data_prep and the loaders: manifest, shard names, index files, and where
+data_prep keeps its work records (plan, done-records) under ``OUT/.work``.
 
 Kept tiny and free of heavy imports so training code can import it cheaply.
 """
@@ -16,6 +17,7 @@ INDEX_VERSION = "v1.2"  # DALI wds2idx index format version
 SAMPLE_EXTS = ("jpg", "cls", "lbl")
 WORK_DIR = ".work"  # OUT/.work/<split>/: the split's plan and one done-record per shard (resume, finalize)
 PLAN_NAME = "plan.json"
+REJECTS_NAME = "rejects.jsonl"  # OUT/rejects.jsonl: why each rejected input was left out
 
 
 class ManifestError(Exception):
@@ -29,7 +31,34 @@ def shard_name(split: str, number: int) -> str:
 
 def index_name(split: str, number: int) -> str:
     """Name of the DALI index that belongs to :func:`shard_name`."""
-    return f"{split}-{number:06d}.idx"
+    return index_name_of(shard_name(split, number))
+
+
+def index_name_of(shard: str) -> str:
+    """The index name that belongs to a shard's file name (``train-000003.tar`` -> ``train-000003.idx``):
+    the loaders' fallback for a manifest entry without ``index``."""
+    return Path(shard).with_suffix(".idx").name
+
+
+def shard_file_pattern(split: str) -> str:
+    """Regular expression (unanchored) for the names :func:`shard_name` and :func:`index_name` give `split`'s
+    shards and indexes."""
+    return rf"{re.escape(split)}-\d{{6}}\.(tar|idx)"
+
+
+def work_dir(out: str | Path, split: str) -> Path:
+    """Where the plan and the done-records of `split` live (``OUT/.work/<split>/``)."""
+    return Path(out) / WORK_DIR / split
+
+
+def plan_path(out: str | Path, split: str) -> Path:
+    """The plan record of `split`: written before its shards, read by resume, finalize and the loaders' advice."""
+    return work_dir(out, split) / PLAN_NAME
+
+
+def done_record_path(out: str | Path, split: str, shard: str) -> Path:
+    """The done-record of shard file `shard` of `split`: written last, after the shard and its index."""
+    return work_dir(out, split) / (shard + ".json")
 
 
 def load_manifest(out_dir: str | Path) -> dict:

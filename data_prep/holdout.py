@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from .errors import PrepError
-from .format import MANIFEST_NAME, PLAN_NAME, SPLIT_NAME, WORK_DIR
+from .format import MANIFEST_NAME, SPLIT_NAME, WORK_DIR, plan_path
 from .imagefolder import Scan
 
 # What a rerun must repeat (option name, key in the record); the count drawn follows from these and the inputs.
@@ -176,7 +176,7 @@ def _recorded(out: Path, split: str) -> list[tuple[str, dict | None]]:
     found = []
     options = _plan_options(out, split)
     if options is not None:
-        found.append((str(out / WORK_DIR / split / PLAN_NAME), options.get("holdout")))
+        found.append((str(plan_path(out, split)), options.get("holdout")))
     try:
         entry = json.loads((out / MANIFEST_NAME).read_text(encoding="utf-8"))["splits"][split]
         found.append((str(out / MANIFEST_NAME), entry["options"].get("holdout")))
@@ -242,7 +242,7 @@ def _plan_holdout(out: Path, split: str) -> dict | None:
 def _plan_options(out: Path, split: str) -> dict | None:
     """The options of `split`'s plan record in OUT; None without a readable one."""
     try:
-        options = json.loads((out / WORK_DIR / split / PLAN_NAME).read_text(encoding="utf-8"))["options"]
+        options = json.loads(plan_path(out, split).read_text(encoding="utf-8"))["options"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return options if isinstance(options, dict) else None

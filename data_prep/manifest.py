@@ -10,32 +10,31 @@ import re
 from pathlib import Path
 
 from .errors import PrepError
-from .format import MANIFEST_NAME, MANIFEST_VERSION, PLAN_NAME, WORK_DIR, ManifestError, load_manifest
+from .format import (MANIFEST_NAME, MANIFEST_VERSION, PLAN_NAME, REJECTS_NAME, WORK_DIR, ManifestError,
+                     done_record_path, load_manifest, plan_path, shard_file_pattern, work_dir)
 from .holdout import with_partners
-from .runner import work_dir, write_json_atomic, write_text_atomic
-
-REJECTS_NAME = "rejects.jsonl"
+from .runner import write_json_atomic, write_text_atomic
+from .shardwriter import PARTIAL_SUFFIX
 
 
 def write_plan_record(out: Path, split: str, record: dict) -> None:
     """Store what finalize needs about a split's plan (identical for every array task)."""
-    d = work_dir(out, split)
-    d.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(d / PLAN_NAME, record)
+    work_dir(out, split).mkdir(parents=True, exist_ok=True)
+    write_json_atomic(plan_path(out, split), record)
 
 
 def split_entry(out: Path, split: str) -> tuple[dict, dict, list[dict]]:
     """(plan record, manifest entry, reject lines) for one split; PrepError if shards are missing."""
-    d = work_dir(out, split)
+    path = plan_path(out, split)
     try:
-        plan = json.loads((d / PLAN_NAME).read_text(encoding="utf-8"))
+        plan = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise PrepError(f"{d / PLAN_NAME}: no readable plan for split {split!r} ({exc})") from None
+        raise PrepError(f"{path}: no readable plan for split {split!r} ({exc})") from None
     shards, rejects, missing = [], [], []
     for r in plan["scan_rejects"]:
         rejects.append({"split": split, "path": r[0], "reason": r[1]})
     for s in plan["shards"]:
-        rec_path = d / (s["name"] + ".json")
+        rec_path = done_record_path(out, split, s["name"])
         try:
             rec = json.loads(rec_path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
@@ -63,7 +62,7 @@ def split_entry(out: Path, split: str) -> tuple[dict, dict, list[dict]]:
 
 def _remove_stale_shards(out: Path, split: str, keep: set[str]) -> None:
     """Drop shards outside the plan and `.tmp` leftovers of killed or failed writers (all shards are done)."""
-    pat = re.compile(rf"^{re.escape(split)}-\d{{6}}\.(tar|idx)(\.tmp)?$")
+    pat = re.compile(rf"^{shard_file_pattern(split)}({re.escape(PARTIAL_SUFFIX)})?$")
     for p in out.iterdir():
         if pat.match(p.name) and p.name not in keep:
             p.unlink()
@@ -75,7 +74,7 @@ def finalize(out: str | Path, splits: list[str] | None = None) -> dict:
     out = Path(out)
     wroot = out / WORK_DIR
     if splits is None:
-        splits = sorted(p.name for p in wroot.iterdir() if (p / PLAN_NAME).is_file()) if wroot.is_dir() else []
+        splits = sorted(p.name for p in wroot.iterdir() if plan_path(out, p.name).is_file()) if wroot.is_dir() else []
     if not splits:
         raise PrepError(f"{out}: nothing to finalize (no {WORK_DIR}/<split>/{PLAN_NAME}; run a prep command first)")
     splits = with_partners(out, splits)  # a hold-out's two sides are merged together

@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .format import MANIFEST_NAME, PLAN_NAME, WORK_DIR
+from .format import MANIFEST_NAME, WORK_DIR, done_record_path, plan_path
 
 
 @dataclass
@@ -28,11 +28,11 @@ def split_progress(out: Path) -> list[SplitProgress]:
     work = Path(out) / WORK_DIR
     for d in sorted(work.iterdir()) if work.is_dir() else []:
         try:
-            plan = json.loads((d / PLAN_NAME).read_text(encoding="utf-8"))
+            plan = json.loads(plan_path(out, d.name).read_text(encoding="utf-8"))
             shards = [(s["name"], s["plan_hash"]) for s in plan["shards"]]
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        found[d.name] = SplitProgress(d.name, len(shards), sum(_done(d / f"{n}.json", h) for n, h in shards))
+        found[d.name] = SplitProgress(d.name, len(shards), sum(_done(done_record_path(out, d.name, n), h) for n, h in shards))
     for split, entry in (_manifest(out) or {}).get("splits", {}).items():
         p = found.setdefault(split, SplitProgress(split, None, len(entry.get("shards", []))))
         p.samples, p.rejected = entry.get("samples"), entry.get("rejected")

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Iterator
 from pipeline.parent_death import signal_when_parent_ends
 
 from .errors import PrepError
-from .format import WORK_DIR, index_name, shard_name
+from .format import done_record_path, index_name, shard_name
 from .plan import ShardJob, sample_key
 from .progress import Progress
 from .shardwriter import ShardWriter
@@ -32,11 +32,6 @@ from .validate import EncodeOptions, process_image
 
 _images = None
 _bytes = None
-
-
-def work_dir(out: Path, split: str) -> Path:
-    """Where plan and done-records of `split` live."""
-    return Path(out) / WORK_DIR / split
 
 
 def write_json_atomic(path: Path, obj) -> None:
@@ -74,7 +69,7 @@ def file_sha256(path: Path) -> str:
 
 def done_record_ok(out: Path, job: ShardJob) -> dict | None:
     """The shard's done-record if it matches the plan and the files on disk, else None."""
-    rec_path = work_dir(out, job.split) / (shard_name(job.split, job.number) + ".json")
+    rec_path = done_record_path(out, job.split, shard_name(job.split, job.number))
     try:
         rec = json.loads(rec_path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -157,7 +152,7 @@ def build_shard(out: Path, job: ShardJob, opts: EncodeOptions) -> tuple[dict, bo
     rec = {"name": name, "index": idx, "samples": writer.samples, "bytes": nbytes, "sha256": sha,
            "index_sha256": file_sha256(Path(out) / idx),
            "plan_hash": job.plan_hash, "planned": len(entries), "rejects": rejects, "sources": sources}
-    write_json_atomic(work_dir(out, job.split) / (name + ".json"), rec)
+    write_json_atomic(done_record_path(out, job.split, name), rec)
     return rec, False
 
 

@@ -42,14 +42,17 @@ def _header(name: str, size: int) -> bytes:
     return info.tobuf(format=tarfile.USTAR_FORMAT, encoding="ascii", errors="strict")
 
 
+PARTIAL_SUFFIX = ".tmp"  # NAME.tar.tmp, NAME.idx.tmp: a shard being written (finalize removes leftovers)
+
+
 class ShardWriter:
     """Stream samples (KEY.jpg, KEY.cls, KEY.lbl) into ``path.tmp``; commit renames it into place."""
 
     def __init__(self, tar_path: Path, idx_path: Path):
         self.tar_path = Path(tar_path)
         self.idx_path = Path(idx_path)
-        self.tmp = self.tar_path.with_name(self.tar_path.name + ".tmp")
-        self.idx_tmp = self.idx_path.with_name(self.idx_path.name + ".tmp")
+        self.tmp = self.tar_path.with_name(self.tar_path.name + PARTIAL_SUFFIX)
+        self.idx_tmp = self.idx_path.with_name(self.idx_path.name + PARTIAL_SUFFIX)
         self._raw = open(self.tmp, "wb")
         self._out = _HashingFile(self._raw)
         self.index: list[list[tuple[str, int, int, str]]] = []

@@ -12,7 +12,7 @@ import re
 import struct
 from pathlib import Path
 
-from .format import INDEX_VERSION, ManifestError, SAMPLE_EXTS, load_manifest, read_index
+from .format import INDEX_VERSION, MANIFEST_NAME, ManifestError, SAMPLE_EXTS, load_manifest, read_index
 from .runner import file_sha256, map_in_processes
 
 
@@ -122,7 +122,7 @@ def verify(out: str | Path, decode: int = 4, workers: int = 1) -> list[str]:
     """All problems found in OUT (empty list = OK); ManifestError when there is no usable manifest."""
     out = Path(out)
     manifest = load_manifest(out)
-    _check_structure(manifest, out / "manifest.json")
+    _check_structure(manifest, out / MANIFEST_NAME)
     jobs = []
     problems = []
     for split, entry in manifest["splits"].items():

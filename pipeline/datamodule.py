@@ -15,6 +15,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
+from data_prep.format import MANIFEST_NAME
 from pipeline.data.augment import AugmentConfig
 from pipeline.data.contract import Position, TrainSampler, ValSampler, steps_in_epoch
 from pipeline.data.shards import ShardSet, open_shards_for_window
@@ -394,7 +395,7 @@ class ShardDataModule(pl.LightningDataModule):
 
     # ---- which dataset a checkpoint was trained on ----------------------------------------------------
     def _manifest(self) -> dict:
-        path = Path(self.root) / "manifest.json"
+        path = Path(self.root) / MANIFEST_NAME
         return json.loads(path.read_bytes()) if path.is_file() else {}
 
     def classes_digest(self) -> str:
@@ -412,7 +413,7 @@ class ShardDataModule(pl.LightningDataModule):
         again, another hold-out, could hold images the checkpoint trained on). A split added to the shard
         directory after the training is no other dataset: the whole manifest's digest locked such a run out
         of its own resume, validate and test. ``fit`` needs its training split as recorded."""
-        manifest = f"{self.root}/manifest.json"
+        manifest = f"{self.root}/{MANIFEST_NAME}"
         advice = "(start a new run directory, or point data.root back)"
         fitting = self.trainer is None or self.trainer.state.fn == "fit"
         if "classes_sha256" not in state:  # a checkpoint of before the split-wise digests: the whole file

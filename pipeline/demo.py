@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from data_prep.format import MANIFEST_NAME
 from pipeline.demo_data import write_digits
 
 TARGET_TOP1 = 0.95
@@ -49,7 +50,7 @@ def main() -> int:
     top1 = best_val_top1(run_dir)
     wandb_runs = sorted((run_dir / "wandb").glob("*run-*"))
     print("\n== demo summary ==")
-    print(f"shards:      {data / 'shards'} (manifest.json, *.tar, *.idx)")
+    print(f"shards:      {data / 'shards'} ({MANIFEST_NAME}, *.tar, *.idx)")
     print(f"checkpoints: {run_dir / 'checkpoints'} (last.ckpt + best)")
     print(f"metrics:     {run_dir / 'csv' / 'metrics.csv'}")
     if wandb_runs:

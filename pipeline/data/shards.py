@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.format import PLAN_NAME, WORK_DIR, ManifestError, load_manifest, read_index
+from data_prep.format import MANIFEST_NAME, WORK_DIR, ManifestError, index_name_of, load_manifest, plan_path, read_index
 from pipeline.errors import ConfigError
 
 
@@ -56,12 +56,12 @@ class ShardSet:
         splits = self.manifest.get("splits", {})
         if split not in splits:
             pending = ""
-            if (self.root / WORK_DIR / split / PLAN_NAME).is_file():  # data_prep began (again) on it
+            if plan_path(self.root, split).is_file():  # data_prep began (again) on it
                 pending = (f"; data_prep has not finished it (its {WORK_DIR}/{split}/ is there): rerun the same "
                            f"data_prep command, or after Slurm array tasks `python -m data_prep finalize "
                            f"{self.root}` once they all ended")
             raise ConfigError(
-                f"split {split!r} is not in {self.root / 'manifest.json'} (it has: {sorted(splits)}){pending}"
+                f"split {split!r} is not in {self.root / MANIFEST_NAME} (it has: {sorted(splits)}){pending}"
             )
         self.split = split
         self.classes: list[str] = list(self.manifest["classes"])
@@ -80,7 +80,7 @@ class ShardSet:
                 raise ConfigError(
                     f"shard {str(path)!r} is truncated or altered: {actual} bytes, manifest says {s['bytes']}"
                 )
-            idx_path = self.root / s.get("index", Path(s["name"]).with_suffix(".idx").name)
+            idx_path = self.root / s.get("index", index_name_of(s["name"]))
             if not idx_path.is_file():
                 raise ConfigError(f"index {str(idx_path)!r} of shard {s['name']!r} is missing")
             self._index_paths.append(idx_path)
