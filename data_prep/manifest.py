@@ -9,9 +9,10 @@ import json
 import re
 from pathlib import Path
 
+from .done_records import record_with_shard
 from .errors import PrepError
 from .format import (MANIFEST_NAME, MANIFEST_VERSION, PLAN_NAME, REJECTS_NAME, WORK_DIR, ManifestError,
-                     done_record_path, load_manifest, plan_path, shard_file_pattern, work_dir)
+                     load_manifest, plan_path, shard_file_pattern, work_dir)
 from .holdout import with_partners
 from .runner import write_json_atomic, write_text_atomic
 from .shardwriter import PARTIAL_SUFFIX
@@ -34,14 +35,8 @@ def split_entry(out: Path, split: str) -> tuple[dict, dict, list[dict]]:
     for r in plan["scan_rejects"]:
         rejects.append({"split": split, "path": r[0], "reason": r[1]})
     for s in plan["shards"]:
-        rec_path = done_record_path(out, split, s["name"])
-        try:
-            rec = json.loads(rec_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            missing.append(s["name"])
-            continue
-        tar = out / rec["name"]
-        if rec.get("plan_hash") != s["plan_hash"] or not tar.is_file() or tar.stat().st_size != rec["bytes"]:
+        rec = record_with_shard(out, split, s["name"], s["plan_hash"])
+        if rec is None:
             missing.append(s["name"])
             continue
         rejects.extend({"split": split, "path": r["path"], "reason": r["reason"]} for r in rec["rejects"])

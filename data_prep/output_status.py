@@ -8,12 +8,14 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .format import MANIFEST_NAME, WORK_DIR, done_record_path, plan_path
+from .done_records import record_of_plan
+from .format import MANIFEST_NAME, WORK_DIR, plan_path
 
 
 @dataclass
 class SplitProgress:
-    """One split of OUT: ``done`` shards (done-records) of ``planned``; ``samples`` once in the manifest."""
+    """One split of OUT: ``done`` shards (done-records of the current plan, ``done_records.record_of_plan``:
+    no shard file looked at) of ``planned``; ``samples`` once in the manifest."""
 
     split: str
     planned: int | None  # None: no readable plan (the split was never planned here)
@@ -32,19 +34,11 @@ def split_progress(out: Path) -> list[SplitProgress]:
             shards = [(s["name"], s["plan_hash"]) for s in plan["shards"]]
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        found[d.name] = SplitProgress(d.name, len(shards), sum(_done(done_record_path(out, d.name, n), h) for n, h in shards))
+        found[d.name] = SplitProgress(d.name, len(shards), sum(record_of_plan(out, d.name, n, h) for n, h in shards))
     for split, entry in (_manifest(out) or {}).get("splits", {}).items():
         p = found.setdefault(split, SplitProgress(split, None, len(entry.get("shards", []))))
         p.samples, p.rejected = entry.get("samples"), entry.get("rejected")
     return [found[s] for s in sorted(found)]
-
-
-def _done(record: Path, plan_hash: str) -> bool:
-    """A shard's done-record of this plan (one left from an earlier plan is rebuilt: not done)."""
-    try:
-        return json.loads(record.read_text(encoding="utf-8")).get("plan_hash") == plan_hash
-    except (OSError, ValueError, AttributeError):
-        return False
 
 
 def _manifest(out: Path) -> dict | None:

@@ -2,12 +2,12 @@
 
 Each shard is written to ``.tmp`` files and renamed into place; a done-record under
 ``OUT/.work/<split>/`` (written last) is what marks it complete. A rerun skips shards whose
-done-record matches the plan and whose tar still has the recorded size and sha256.
+done-record matches the plan and whose tar still has the recorded size and sha256
+(``done_records.reusable_record``).
 """
 from __future__ import annotations
 
 import collections
-import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -21,11 +21,12 @@ from typing import Any, Callable, Iterable, Iterator
 
 from pipeline.parent_death import signal_when_parent_ends
 
+from .done_records import reusable_record
 from .errors import PrepError
 from .format import done_record_path, index_name, shard_name
 from .plan import ShardJob, sample_key
 from .progress import Progress
-from .shardwriter import ShardWriter
+from .shardwriter import ShardWriter, file_sha256
 from .sources import read_ref
 from .validate import EncodeOptions, process_image
 
@@ -58,33 +59,6 @@ def write_text_atomic(path: Path, text: str) -> None:
         raise PrepError(f"{path}: cannot write: {exc.strerror or exc}") from None
 
 
-def file_sha256(path: Path) -> str:
-    """sha256 of a file, read in 4 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(4 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
-def done_record_ok(out: Path, job: ShardJob) -> dict | None:
-    """The shard's done-record if it matches the plan and the files on disk, else None."""
-    rec_path = done_record_path(out, job.split, shard_name(job.split, job.number))
-    try:
-        rec = json.loads(rec_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    tar = Path(out) / rec.get("name", "")
-    idx = Path(out) / rec.get("index", "")
-    if rec.get("plan_hash") != job.plan_hash or not tar.is_file() or not idx.is_file():
-        return None
-    if tar.stat().st_size != rec.get("bytes") or file_sha256(tar) != rec.get("sha256"):
-        return None
-    if rec.get("index_sha256", None) not in (None, file_sha256(idx)):  # None: records before it was kept
-        return None
-    return rec
-
-
 def _init_worker(images, nbytes) -> None:
     global _images, _bytes
     _images, _bytes = images, nbytes
@@ -101,7 +75,7 @@ def _count(images: int, nbytes: int) -> None:
 def build_shard(out: Path, job: ShardJob, opts: EncodeOptions) -> tuple[dict, bool]:
     """Write one shard (or reuse a verified one) and its done-record; return the record and whether it
     was reused."""
-    rec = done_record_ok(out, job)
+    rec = reusable_record(out, job.split, shard_name(job.split, job.number), job.plan_hash)
     if rec is not None:
         _count(len(job), 0)
         return rec, True

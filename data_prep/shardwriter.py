@@ -31,6 +31,15 @@ class _HashingFile(io.RawIOBase):
         return len(b)
 
 
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in 4 MiB blocks: what ``ShardWriter.commit`` returned for a shard it wrote."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(4 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
 def _header(name: str, size: int) -> bytes:
     info = tarfile.TarInfo(name)
     info.size = size

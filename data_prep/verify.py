@@ -13,7 +13,8 @@ import struct
 from pathlib import Path
 
 from .format import INDEX_VERSION, MANIFEST_NAME, ManifestError, SAMPLE_EXTS, load_manifest, read_index
-from .runner import file_sha256, map_in_processes
+from .runner import map_in_processes
+from .shardwriter import file_sha256
 
 
 def verify_shard(out: Path, split: str, shard: dict, n_classes: int, decode: int) -> list[str]:
