@@ -60,7 +60,8 @@ from pipeline.parity import WeightParity
 from pipeline.parsed_config import check_parsed
 from pipeline import preemption
 from pipeline.preemption import Preemption
-from pipeline.wandb_backlog import WandbBacklog, finish_pending_wandb_run
+from pipeline.wandb_backlog import WandbBacklog
+from pipeline.wandb_service import finish_pending_wandb_run
 from pipeline.progress import console_progress
 from pipeline.resume_geometry import (Geometry, LoopPosition, adapt, check_zero_world_size, expected_world_size,
                                       read_checkpoint)

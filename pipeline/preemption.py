@@ -48,7 +48,8 @@ from pytorch_lightning.loggers import WandbLogger
 from pipeline import early_signals
 from pipeline.last_checkpoint import LastCheckpoint
 from pipeline.resume_geometry import epoch_finished, validation_follows
-from pipeline.wandb_backlog import WandbBacklog, close_wandb_service
+from pipeline.wandb_backlog import WandbBacklog
+from pipeline.wandb_service import close_wandb_service
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from pytorch_lightning.loggers.logger import rank_zero_experiment
 from pipeline.checkpoint_io import atomic_write_bytes
 from pipeline.errors import ConfigError
 from pipeline.run_id_file import RUN_ID_FILE, RUN_ID_PATTERN, BadRunIdFile, create_run_id, read_run_id
-from pipeline.wandb_backlog import ServiceSafeWandbLogger
+from pipeline.wandb_logger import ServiceSafeWandbLogger
 
 log = logging.getLogger(__name__)
 

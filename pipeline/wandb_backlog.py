@@ -18,72 +18,19 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 from pytorch_lightning.loggers import Logger, WandbLogger
-from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
-from pipeline.errors import ConfigError
+from pipeline.wandb_logger import ServiceSafeWandbLogger
+from pipeline.wandb_service import finish_after_teardown, finish_wandb_run, wandb_service_alive
 
 log = logging.getLogger(__name__)
 
 MAX_HELD = 1000  # rows: a stop comes within a validation of the signal; this only bounds a pathology
 AFTER_SAVE = "wandb_rows_after_save.json"  # in the checkpoint folder
-
-
-_finish_pending = False  # a distributed stage ended well: rank 0 finishes its W&B run after the last barrier
-
-
-def finish_wandb_run(exit_code: int) -> None:
-    """Finish the W&B run this process holds (rank 0's; none where W&B is off)."""
-    import sys
-
-    wandb = sys.modules.get("wandb")
-    if wandb is None or getattr(wandb, "run", None) is None:
-        return
-    try:
-        wandb.run.finish(exit_code=exit_code)
-    except Exception as e:  # noqa: BLE001 (the metrics are in the run already; the exit hook tries again)
-        log.warning("W&B: could not finish the run (%s: %s)", type(e).__name__, e)
-
-
-def close_wandb_service() -> None:
-    """Before this process's Slurm job is requeued: the requeue makes Slurm SIGTERM every process of the job
-    step, W&B's service too, and W&B's exit hook, which then told the dead service that this process was
-    done, printed a ``ConnectionResetError`` traceback ("Exception ignored in atexit callback") into the
-    job's log after a stop that had gone well (seen after a USR1 stop, its run finished and its footer
-    printed). Its teardown is done here, while the service still runs (none where W&B is off)."""
-    import sys
-
-    wandb = sys.modules.get("wandb")
-    if wandb is None:
-        return
-    try:
-        wandb.teardown()
-    except Exception as e:  # noqa: BLE001 (the service is gone already: nothing left to tell it)
-        log.info("W&B: its service process is gone (%s); a resume continues the same W&B run", type(e).__name__)
-
-
-def _wandb_service_alive() -> bool:
-    """Whether this process's W&B service process still runs (False when it cannot tell: a wandb whose
-    internals differ, where teardown alone is the safe way)."""
-    try:
-        from wandb.sdk import wandb_setup
-
-        return wandb_setup.singleton()._connection._proc._process.poll() is None
-    except Exception:  # noqa: BLE001 (private API: no service, or another wandb version)
-        return False
-
-
-def finish_pending_wandb_run() -> None:
-    """The finish a distributed stage left for after its process group's teardown (``teardown`` below)."""
-    global _finish_pending
-    if _finish_pending:
-        _finish_pending = False
-        finish_wandb_run(0)
 
 
 class _NoSendToDeadService(logging.Filter):
@@ -92,52 +39,6 @@ class _NoSendToDeadService(logging.Filter):
 
 
 _NO_SEND_TO_DEAD_SERVICE = _NoSendToDeadService()
-
-
-class ServiceSafeWandbLogger(WandbLogger):
-    """Lightning's W&B logger, whose lost service process does not end the training.
-
-    W&B talks to a service process of its own; once that is gone (Slurm's SIGTERM reaches every process
-    of the job step, the OOM killer, a crash) each ``log`` raises ``ConnectionResetError``, and a log call
-    in flight when a preemption's SIGTERM came ended the run before its save. ``WandbBacklog`` sets
-    ``on_service_lost``: it puts a ``Recorder`` in this logger's place, which keeps the rows for the
-    resumed run."""
-
-    on_service_lost: Any = None  # (error, metrics, step) -> None, set by WandbBacklog.setup
-
-    @property
-    def experiment(self) -> Any:
-        """W&B's run; its refusal to start one (a bad key, a run id or setting it does not take) is a one-line
-        error with exit 2: in a traceback it ended the job as a crash, which Slurm restarted (the same
-        refusal each time) and blamed on the node."""
-        import wandb
-
-        try:
-            return super().experiment
-        except (wandb.errors.UsageError, wandb.errors.AuthenticationError) as e:
-            raise ConfigError(f"tracking.wandb: W&B refused to start the run: {type(e).__name__}: "
-                              f"{str(e).strip().splitlines()[0] if str(e).strip() else e!r}") from None
-
-    @rank_zero_only
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        if isinstance(params, Mapping):  # LightningCLI's `_instantiator` (a class path) is not a setting
-            params = {k: v for k, v in params.items() if not str(k).startswith("_")}
-        try:
-            super().log_hyperparams(params, *args, **kwargs)
-        except ConnectionError as e:
-            self._lost(e, None, None)
-
-    @rank_zero_only
-    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
-        try:
-            super().log_metrics(metrics, step)
-        except ConnectionError as e:
-            self._lost(e, metrics, step)
-
-    def _lost(self, error: Exception, metrics: dict[str, Any] | None, step: int | None) -> None:
-        if self.on_service_lost is None:
-            raise error
-        self.on_service_lost(error, metrics, step)
 
 
 class Recorder(Logger):
@@ -245,8 +146,7 @@ class WandbBacklog(pl.Callback):
             if trainer.world_size > 1 and trainer.is_global_zero:
                 # after the process group's last barrier (pipeline.cli.main): the other ranks would wait
                 # there, under the collective timeout, while this one uploads what W&B has left
-                global _finish_pending
-                _finish_pending = True
+                finish_after_teardown()
             else:
                 self._finish_wandb_run(trainer, exit_code=0)
             return
@@ -254,7 +154,7 @@ class WandbBacklog(pl.Callback):
         self._keep_rows_after_save(trainer)
         import wandb
 
-        if trainer.is_global_zero and _wandb_service_alive():
+        if trainer.is_global_zero and wandb_service_alive():
             # the signal reached this process alone (`kill PID`, not a Slurm step's): the service would finish
             # the run in teardown and print its footer itself, with terminal colour codes, into the job's stdout
             finish_wandb_run(exit_code=0)

@@ -349,7 +349,7 @@ def test_a_run_id_wandb_refuses_is_a_one_line_error(digits_shards, tmp_path, mon
     with the same refusal and excluded a sound node. A WANDB_RUN_ID that is no id is refused before
     anything starts; a refusal at W&B's start is the same one-line error, exit 2."""
     from pipeline.errors import ConfigError
-    from pipeline.wandb_backlog import ServiceSafeWandbLogger
+    from pipeline.wandb_logger import ServiceSafeWandbLogger
 
     run = tmp_path / "run"
     proc = run_cli_in_process("fit", "--config", CONF, "--data.root", str(digits_shards), "--trainer.default_root_dir",
