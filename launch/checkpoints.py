@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launch.errors import LaunchError
+from pipeline.deepspeed_layout import model_states_file
 
 
 @dataclass
@@ -23,13 +24,7 @@ class CheckpointInfo:
 def payload(path: Path) -> Path:
     """The file that holds a checkpoint's step: the file itself, or for a DeepSpeed checkpoint (a directory
     named like a file) rank 0's model states under the tag its ``latest`` file names (Lightning: ``checkpoint``)."""
-    if not path.is_dir():
-        return path
-    latest = path / "latest"
-    tag = latest.read_text().strip() if latest.is_file() else "checkpoint"
-    states = path / tag / "mp_rank_00_model_states.pt"
-    zero3 = path / tag / "zero_pp_rank_0_mp_rank_00_model_states.pt"  # rank 0's file under ZeRO-3
-    return zero3 if not states.exists() and zero3.exists() else states
+    return model_states_file(path) if path.is_dir() else path
 
 
 def checkpoint_files(run_dir: Path) -> list[Path]:

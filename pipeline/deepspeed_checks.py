@@ -8,6 +8,7 @@ from pathlib import Path
 
 from pytorch_lightning.strategies import DeepSpeedStrategy, Strategy
 
+from pipeline.deepspeed_layout import optim_states_files, optim_states_name, saved_tag
 from pipeline.errors import ConfigError
 from pipeline.resume_geometry import read_checkpoint
 
@@ -72,17 +73,17 @@ def check_zero_shards(path: str | Path, world_size: int) -> None:
     p = Path(path)
     if not p.is_dir():
         return
-    latest = p / "latest"
-    if not latest.is_file():
+    tag = saved_tag(p)
+    if tag is None:
         raise ConfigError(f"ckpt_path: {p} has no `latest` file (the tag of the save DeepSpeed loads): not a whole "
                           f"DeepSpeed checkpoint; resume from another, or start from its weights with "
                           f"--model.init_weights {p}")
-    tag = p / latest.read_text().strip()
+    tag_dir = p / tag
     for rank in range(world_size):
-        found = sorted(tag.glob(f"*zero_pp_rank_{rank}_mp_rank_*_optim_states.pt"))
+        found = optim_states_files(tag_dir, rank)
         if not found:
-            raise ConfigError(f"ckpt_path: {tag} lacks rank {rank}'s optimizer shard "
-                              f"(zero_pp_rank_{rank}_mp_rank_00_optim_states.pt) of the {world_size} that saved it: "
+            raise ConfigError(f"ckpt_path: {tag_dir} lacks rank {rank}'s optimizer shard "
+                              f"({optim_states_name(rank)}) of the {world_size} that saved it: "
                               f"resume from another checkpoint (a best-*.ckpt beside it)")
         for shard in found:
             if not zipfile.is_zipfile(shard):

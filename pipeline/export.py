@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from pipeline.checkpoint_io import atomic_write_bytes
+from pipeline.deepspeed_layout import LATEST, LIGHTNING_TAG, saved_tag
 from pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -50,19 +51,16 @@ def _network_only(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def _zero_state_dict(ckpt_dir: Path) -> dict[str, torch.Tensor]:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    tag = None
-    latest = ckpt_dir / "latest"
-    if latest.is_file():
-        tag = latest.read_text().strip()
-    elif (ckpt_dir / "checkpoint").is_dir():
-        tag = "checkpoint"  # Lightning's tag
+    tag = saved_tag(ckpt_dir)
+    if tag is None and (ckpt_dir / LIGHTNING_TAG).is_dir():
+        tag = LIGHTNING_TAG
     return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
 
 
 def state_dict_from_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """The network's fp32 state_dict from a checkpoint file or a ZeRO checkpoint directory."""
     p = Path(path)
-    if p.is_dir() and not (p / "latest").is_file() and (files := sorted(p.glob("*.ckpt"))):
+    if p.is_dir() and not (p / LATEST).is_file() and (files := sorted(p.glob("*.ckpt"))):
         mine = next((f for f in files if f.name == "last.ckpt"), files[0])  # a run's checkpoints/ folder
         raise ConfigError(f"{p} is a folder of checkpoints, not one: name one of them, e.g. {mine}")
     if p.is_dir():

@@ -22,6 +22,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
+from pipeline.deepspeed_layout import find_model_states
 from pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -31,12 +32,10 @@ def checkpoint_file(path: str | Path) -> Path:
     """The file holding the trainer state: the path itself, or inside a DeepSpeed checkpoint directory."""
     p = Path(path)
     if p.is_dir():
-        for cand in (p / "checkpoint" / "mp_rank_00_model_states.pt",
-                     *sorted(p.glob("**/mp_rank_00_model_states.pt")),
-                     *sorted(p.glob("**/zero_pp_rank_0_mp_rank_00_model_states.pt"))):
-            if cand.is_file():
-                return cand
-        raise ConfigError(f"checkpoint directory {p} holds no DeepSpeed model states")
+        states = find_model_states(p)
+        if states is None:
+            raise ConfigError(f"checkpoint directory {p} holds no DeepSpeed model states")
+        return states
     return p
 
 
