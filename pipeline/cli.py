@@ -41,13 +41,15 @@ from pipeline.arg_parser import PipelineArgumentParser
 from pipeline.branch_origin import KEY as BRANCH_KEY
 from pipeline.branch_origin import BranchOrigin, origin_name, resume_point
 from pipeline.checkpoint_io import AtomicCheckpointIO, recover_directories, remove_best_after
+from pipeline.checkpoint_read import read_checkpoint
 from pipeline.config_history import keep_earlier_config
 from pipeline.data.shards import CorruptSampleError
 from pipeline.data.open_files import open_files_advice, out_of_file_descriptors, raise_open_files_limit
 from pipeline.data.shared_memory import SharedMemoryError, semaphore_error
 from pipeline.data.shared_memory import advice as shm_advice
 from pipeline.datamodule import ShardDataModule
-from pipeline.deepspeed_checks import check_accumulation, check_checkpoint_kind, check_zero_shards
+from pipeline.deepspeed_checks import (check_accumulation, check_checkpoint_kind, check_zero_shards,
+                                       check_zero_world_size)
 from pipeline.errors import (CheckpointWriteError, ConfigError, DiskFullError, RunComplete, TrainingDiverged,
                              require)
 from pipeline.finite_weights import FiniteWeights
@@ -63,8 +65,7 @@ from pipeline.preemption import Preemption
 from pipeline.wandb_backlog import WandbBacklog
 from pipeline.wandb_service import finish_pending_wandb_run
 from pipeline.progress import console_progress
-from pipeline.resume_geometry import (Geometry, LoopPosition, adapt, check_zero_world_size, expected_world_size,
-                                      read_checkpoint)
+from pipeline.resume_geometry import Geometry, LoopPosition, adapt, expected_world_size
 from pipeline.rng_state import RNGState
 from pipeline.run_dir_still_ours import RunDirStillOurs
 from pipeline.run_id_file import RUN_ID_FILE

@@ -8,9 +8,9 @@ from pathlib import Path
 
 from pytorch_lightning.strategies import DeepSpeedStrategy, Strategy
 
+from pipeline.checkpoint_read import read_checkpoint
 from pipeline.deepspeed_layout import optim_states_files, optim_states_name, saved_tag
 from pipeline.errors import ConfigError
-from pipeline.resume_geometry import read_checkpoint
 
 
 def saved_zero_stage(path: Path) -> int | None:
@@ -18,6 +18,32 @@ def saved_zero_stage(path: Path) -> int | None:
     config = read_checkpoint(path).get("ds_config")
     stage = (config.get("zero_optimization") or {}).get("stage") if isinstance(config, dict) else None
     return int(stage) if isinstance(stage, int) else None
+
+
+def zero_world_size(path: str | Path) -> int | None:
+    """The number of ranks that wrote a DeepSpeed ZeRO checkpoint directory (its optimizer state is sharded
+    over them: one ``zero_pp_rank_R_mp_rank_00_optim_states.pt`` per rank); None for a checkpoint file."""
+    p = Path(path)
+    if not p.is_dir():
+        return None
+    saved = read_checkpoint(p).get("dp_world_size")  # written by every DeepSpeed save; compared on its load
+    return int(saved) if saved else None
+
+
+def check_zero_world_size(path: str | Path, world_size: int) -> None:
+    """Refuse, before anything starts, to resume a ZeRO checkpoint with another world size. DeepSpeed
+    (0.19) cannot re-partition ZeRO-1/2/3 optimizer state for another data-parallel size: its
+    ``load_checkpoint`` raises after the engine is built (``elastic_checkpoint`` does not change that), and
+    its universal-checkpoint converter only knows Adam's state, not SGD's momentum."""
+    saved = zero_world_size(path)
+    if saved is not None and saved != world_size:
+        ranks = f"{saved} rank{'s' if saved != 1 else ''}"
+        raise ConfigError(
+            f"cannot resume the DeepSpeed ZeRO checkpoint {path} with another world size: it was saved by"
+            f" {ranks}, this run has {world_size}, and DeepSpeed cannot re-partition its sharded optimizer state"
+            f" (momentum); resume with {ranks} (trainer.num_nodes x trainer.devices), or start a new run (another"
+            f" trainer.default_root_dir) from its weights alone with --model.init_weights {path}"
+        )
 
 
 def check_accumulation(strategy: Strategy, accumulate: int, adapted_from: str | None = None) -> None:

@@ -418,7 +418,7 @@ class ImageClassifier(pl.LightningModule):
 def _saved_network(path: str) -> dict | None:
     """The ``arch`` and ``arch_kwargs`` a training checkpoint (file or DeepSpeed directory) was made with;
     None for a file of tensors alone (an export, torchvision's weights)."""
-    from pipeline.resume_geometry import read_checkpoint
+    from pipeline.checkpoint_read import read_checkpoint
 
     try:
         saved = read_checkpoint(path).get("hyper_parameters")

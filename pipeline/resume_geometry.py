@@ -16,65 +16,14 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 
-from pipeline.deepspeed_layout import find_model_states
 from pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
-
-
-def checkpoint_file(path: str | Path) -> Path:
-    """The file holding the trainer state: the path itself, or inside a DeepSpeed checkpoint directory."""
-    p = Path(path)
-    if p.is_dir():
-        states = find_model_states(p)
-        if states is None:
-            raise ConfigError(f"checkpoint directory {p} holds no DeepSpeed model states")
-        return states
-    return p
-
-
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The checkpoint dict, memory-mapped (cheap even for large checkpoints; tensors load lazily)."""
-    f = checkpoint_file(path)
-    try:
-        return torch.load(f, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as e:  # torn or foreign file
-        torn = any(w in str(e) for w in ("zipfile", "mmap", "Invalid argument", "PytorchStreamReader"))  # EINVAL: mmap
-        why = "an empty file" if Path(f).is_file() and Path(f).stat().st_size == 0 else \
-            "not a torch checkpoint, or torn (a copy cut short?)" if torn else str(e)
-        raise ConfigError(f"cannot read checkpoint {f}: {why}") from None
-
-
-def zero_world_size(path: str | Path) -> int | None:
-    """The number of ranks that wrote a DeepSpeed ZeRO checkpoint directory (its optimizer state is sharded
-    over them: one ``zero_pp_rank_R_mp_rank_00_optim_states.pt`` per rank); None for a checkpoint file."""
-    p = Path(path)
-    if not p.is_dir():
-        return None
-    saved = read_checkpoint(p).get("dp_world_size")  # written by every DeepSpeed save; compared on its load
-    return int(saved) if saved else None
-
-
-def check_zero_world_size(path: str | Path, world_size: int) -> None:
-    """Refuse, before anything starts, to resume a ZeRO checkpoint with another world size. DeepSpeed
-    (0.19) cannot re-partition ZeRO-1/2/3 optimizer state for another data-parallel size: its
-    ``load_checkpoint`` raises after the engine is built (``elastic_checkpoint`` does not change that), and
-    its universal-checkpoint converter only knows Adam's state, not SGD's momentum."""
-    saved = zero_world_size(path)
-    if saved is not None and saved != world_size:
-        ranks = f"{saved} rank{'s' if saved != 1 else ''}"
-        raise ConfigError(
-            f"cannot resume the DeepSpeed ZeRO checkpoint {path} with another world size: it was saved by"
-            f" {ranks}, this run has {world_size}, and DeepSpeed cannot re-partition its sharded optimizer state"
-            f" (momentum); resume with {ranks} (trainer.num_nodes x trainer.devices), or start a new run (another"
-            f" trainer.default_root_dir) from its weights alone with --model.init_weights {path}"
-        )
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,36 @@
+"""Reading a checkpoint for its settings and trainer state before the trainer exists: a file, or rank 0's
+model states in a DeepSpeed checkpoint directory, memory-mapped; a missing, torn or foreign one is a
+``ConfigError`` naming the file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.deepspeed_layout import find_model_states
+from pipeline.errors import ConfigError
+
+
+def checkpoint_file(path: str | Path) -> Path:
+    """The file holding the trainer state: the path itself, or inside a DeepSpeed checkpoint directory."""
+    p = Path(path)
+    if p.is_dir():
+        states = find_model_states(p)
+        if states is None:
+            raise ConfigError(f"checkpoint directory {p} holds no DeepSpeed model states")
+        return states
+    return p
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The checkpoint dict, memory-mapped (cheap even for large checkpoints; tensors load lazily)."""
+    f = checkpoint_file(path)
+    try:
+        return torch.load(f, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as e:  # torn or foreign file
+        torn = any(w in str(e) for w in ("zipfile", "mmap", "Invalid argument", "PytorchStreamReader"))  # EINVAL: mmap
+        why = "an empty file" if Path(f).is_file() and Path(f).stat().st_size == 0 else \
+            "not a torch checkpoint, or torn (a copy cut short?)" if torn else str(e)
+        raise ConfigError(f"cannot read checkpoint {f}: {why}") from None
