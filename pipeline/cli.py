@@ -77,6 +77,7 @@ from pipeline.torchelastic import restart_warning
 from pipeline.tracking import (CheckpointStep, RunIdInCheckpoint, StepLearningRateMonitor, TrackingConfig,
                                check_wandb_settings, make_eval_loggers, make_loggers, rewind_metrics, run_id,
                                set_aside_metrics)
+from pipeline.trainer_devices import devices_as_int
 
 log = logging.getLogger("pipeline")
 
@@ -167,7 +168,7 @@ def check_trainer(t: Namespace) -> None:
     nodes = t.get("num_nodes")
     require(nodes is None or nodes >= 1, "trainer.num_nodes", ">= 1", nodes)
     devices = t.get("devices")
-    count = int(devices) if isinstance(devices, str) and devices.strip().lstrip("-").isdigit() else devices
+    count = devices_as_int(devices)
     require(not isinstance(count, int) or count >= 1 or count == -1, "trainer.devices",
             ">= 1, -1 (all) or 'auto'", devices)
     require(not isinstance(count, str) or count.strip() == "auto" or re.fullmatch(r"\s*\d+(\s*,\s*\d+)*\s*,?\s*", count),

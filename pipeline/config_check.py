@@ -22,6 +22,7 @@ from data_prep.format import MANIFEST_NAME
 from pipeline.cli import PipelineCLI, check_run_settings, check_trainer, main
 from pipeline.datamodule import ShardDataModule
 from pipeline.optim import ignored_schedule_settings
+from pipeline.trainer_devices import devices_per_node
 
 CLASSES_WITHOUT_MANIFEST = 1000
 
@@ -62,11 +63,10 @@ def _configured_world(trainer) -> int | None:
     """num_nodes x devices when the config says how many (None for 'auto' or -1: this machine is not the
     one that runs it)."""
     devices, nodes = trainer.get("devices"), trainer.get("num_nodes") or 1
-    if isinstance(devices, str) and devices.strip().isdigit():
-        devices = int(devices)
-    if isinstance(devices, (list, tuple)):
-        devices = len(devices)
-    return int(nodes) * devices if isinstance(devices, int) and devices > 0 else None
+    if isinstance(devices, str) and not devices.strip().isdigit():  # "auto", "-1", and GPU indices ("0,1"),
+        return None  # which the resume's expected_world_size counts but this check never has
+    count = devices_per_node(devices)
+    return int(nodes) * count if count else None
 
 
 class ConfigCheckCLI(PipelineCLI):

@@ -22,6 +22,7 @@ import pytorch_lightning as pl
 import torch
 
 from pipeline.errors import ConfigError
+from pipeline.trainer_devices import devices_per_node
 
 log = logging.getLogger(__name__)
 
@@ -54,16 +55,8 @@ def expected_world_size(num_nodes: int | None, devices: Any) -> int:
         if v and v.isdigit() and int(v) > 0 and (var == "WORLD_SIZE" or slurm):
             return int(v)
     nodes = int(num_nodes or 1)
-    if isinstance(devices, int):
-        per = devices if devices > 0 else max(1, torch.cuda.device_count())
-    elif isinstance(devices, (list, tuple)):
-        per = len(devices)
-    elif isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
-        n = int(devices)
-        per = n if n > 0 else max(1, torch.cuda.device_count())
-    elif isinstance(devices, str) and "," in devices:
-        per = len([d for d in devices.split(",") if d.strip()])
-    else:  # "auto"
+    per = devices_per_node(devices)
+    if per is None:  # "auto", -1
         per = max(1, torch.cuda.device_count())
     return nodes * per
 
