@@ -4,15 +4,16 @@ decides (``auto``, ``-1``), the caller asks it."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 
 def devices_as_int(devices: Any) -> Any:
     """A string of digits (``"2"``, ``"-1"``) as its int, any other value as given: the command line gives a
     string where a config file gives a number."""
-    if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
+    if isinstance(devices, str) and re.fullmatch(r"-?[0-9]+", devices.strip()):
         return int(devices)
-    return devices
+    return devices  # "--3" too: int() refused it, a traceback
 
 
 def devices_per_node(devices: Any) -> int | None:

@@ -578,3 +578,15 @@ def test_a_bug_of_ours_while_the_trainer_is_built_is_a_traceback_not_a_setting(d
     monkeypatch.setattr(_NoProductTips, "filter", where["filter"])
     with pytest.raises(TypeError, match="can only concatenate str"):
         run_cli_in_process(*_args("fit", digits_shards, tmp_path / "run")[1:])
+
+
+def test_a_devices_value_that_only_looks_like_a_number_is_refused_in_one_line(digits_shards, tmp_path):
+    """`--trainer.devices=--3` passed the digits check (``lstrip("-")``) and ended in int()'s traceback."""
+    from pipeline.trainer_devices import devices_as_int, devices_per_node
+
+    assert [devices_as_int(v) for v in ("2", " 2 ", "-1", "--3", "3-", "")] == [2, 2, -1, "--3", "3-", ""]
+    assert [devices_per_node(v) for v in ("--3", "0,1", [0, 1], "auto", 4)] == [None, 2, 2, None, 4]
+    proc = run_cli_in_process(*_args("fit", digits_shards, tmp_path / "r", "--trainer.devices=--3")[1:])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == ("error: trainer.devices must be a number of devices, -1 (all), "
+                                                   "'auto', or GPU indices such as '0,1', got '--3'")
