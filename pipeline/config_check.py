@@ -61,10 +61,8 @@ def _why_no_manifest(root: Path) -> str:
 
 def _configured_world(trainer) -> int | None:
     """num_nodes x devices when the config says how many (None for 'auto' or -1: this machine is not the
-    one that runs it)."""
+    one that runs it); GPU indices ("0,1") count, as the resume's expected_world_size counts them."""
     devices, nodes = trainer.get("devices"), trainer.get("num_nodes") or 1
-    if isinstance(devices, str) and not devices.strip().isdigit():  # "auto", "-1", and GPU indices ("0,1"),
-        return None  # which the resume's expected_world_size counts but this check never has
     count = devices_per_node(devices)
     return int(nodes) * count if count else None
 

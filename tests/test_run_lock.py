@@ -319,6 +319,10 @@ def test_a_refused_fit_leaves_no_new_run_directory_behind(digits_shards, tmp_pat
                      str(digits_shards), "--data.batch_size", "1000", "--trainer.devices", "2", check=False)
     assert out.returncode == 2 and "fewer than one global batch (2 ranks x data.batch_size 1000" in out.stderr, \
         out.stderr
+    out = run_module("pipeline.config_check", "fit", "--config", str(REPO / "conf" / "demo.yaml"), "--data.root",
+                     str(digits_shards), "--data.batch_size", "1000", "--trainer.devices", "0,1", check=False)
+    assert out.returncode == 2 and "fewer than one global batch (2 ranks x data.batch_size 1000" in out.stderr, \
+        out.stderr  # GPU indices: two ranks too (this check skipped them)
 
     old = tmp_path / "runs" / "old"
     old.mkdir()
