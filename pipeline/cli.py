@@ -756,15 +756,16 @@ def main(argv: list[str] | None = None, cli: type[PipelineCLI] = PipelineCLI) ->
 
 
 def _raised_in_this_package(error: BaseException) -> bool:
-    """Whether this package's own code (a callback, a strategy, a plugin that Lightning called) is on
-    ``error``'s way up, below the frame that caught it."""
-    here = os.path.dirname(os.path.abspath(__file__)) + os.sep
-    tb = error.__traceback__.tb_next if error.__traceback__ is not None else None
-    while tb is not None:
-        if os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(here):
-            return True
+    """Whether this package's own code (a callback, a strategy, a plugin that Lightning called) raised
+    ``error``: its traceback's innermost frame is here. (Not any frame of ours on the way: a strategy of ours
+    passes the user's DeepSpeed settings on to Lightning's, whose refusal is the user's to read.)"""
+    tb = error.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
         tb = tb.tb_next
-    return False
+    here = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    return os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(here)
 
 
 def disk_full_message(error: OSError, run_dir: Path, subcommand: str = "fit") -> str:
