@@ -101,6 +101,7 @@ def _jobs(ids: list[str]) -> tuple[str, list[slurm.JobRow] | None]:
             if r.name == "allocation" and not any(_is_job_or_task(c.job_id, r.job_id) for c in caught_up):
                 r.name = "(sacct catching up)"
                 caught_up.append(r)
+        _pending_reasons_from_squeue(caught_up)
         return "jobs (sacct):", caught_up
     except slurm.SacctUnavailable as e:
         why = _first_error_line(str(e))
@@ -113,6 +114,20 @@ def _jobs(ids: list[str]) -> tuple[str, list[slurm.JobRow] | None]:
     except LaunchError as e:
         return unavailable.format(_first_error_line(str(e))), None
     return f"jobs (squeue/scontrol; sacct unavailable: {why}; finished jobs are not listed):", rows
+
+
+def _pending_reasons_from_squeue(rows: list[slurm.JobRow]) -> None:
+    """A pending job's reason from squeue where sacct has none yet: slurmdbd gets it from the controller
+    later than squeue (tens of seconds on a loaded controller), and the row said ``-`` meanwhile."""
+    waiting = [r for r in rows if r.state == "PENDING" and not r.reason]
+    if not waiting:
+        return
+    try:
+        live = {r.job_id: r.reason for r in slurm.squeue([r.job_id for r in waiting])}
+    except LaunchError:  # sacct answered: its rows stand as they are
+        return
+    for r in waiting:
+        r.reason = live.get(r.job_id, "")
 
 
 def _is_job_or_task(row_id: str, job_id: str) -> bool:

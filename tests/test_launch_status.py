@@ -410,6 +410,18 @@ def test_accountings_placeholder_row_of_a_new_job_gives_way_to_squeue(tmp_path: 
     assert "-j 12,13 " in asked
 
 
+def test_a_pending_jobs_reason_comes_from_squeue_while_accounting_has_none(tmp_path: Path) -> None:
+    """slurmdbd gets a pending job's reason from the controller later than squeue does: on a loaded test
+    cluster still "None" after 45 s for a job held by scontrol (JobHeldUser), and the row said ``-``."""
+    rows, asked = _status_with_stand_ins(
+        tmp_path, "12_0|prep-imagefolder-train|RUNNING|00:00:05|0:0|None\\n"
+                  "13|prep-finalize-imagefolder-train|PENDING|00:00:00|0:0|None\\n",
+        "13|prep-finalize-imagefolder-train|PENDING|0:00|JobHeldUser\\n")
+    assert rows == [["12_0", "prep-imagefolder-train", "RUNNING", "00:00:05", "0", "0:0"],
+                    ["13", "prep-finalize-imagefolder-train", "PENDING", "00:00:00", "0", "JobHeldUser"]], rows
+    assert "-j 13 " in asked  # only the pending job without a reason
+
+
 def test_a_pending_job_shows_its_reason_never_an_exit_code() -> None:
     """sacct gives a job just submitted ExitCode 0:0 and no reason for a few seconds: the column said 0:0 of a
     job that had not run (an array's pending meta-row too)."""
