@@ -23,6 +23,10 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pipeline.run_layout import last_checkpoint  # noqa: E402
+
 CONF = REPO / "conf" / "demo.yaml"
 
 
@@ -113,14 +117,14 @@ def kill_resume(shards: Path, work: Path, kills: int, steps: int, seed: int, log
     ref, cut = work / "uninterrupted", work / "interrupted"
     run_to_end(fit_command(shards, ref, steps), log)
     landed = []
-    last = cut / "checkpoints" / "last.ckpt"
+    last = last_checkpoint(cut)
     for p in points:
         if saved_step(last) >= p:
             continue  # a previous kill landed beyond this point
         landed.append(run_and_kill_at(fit_command(shards, cut, steps), last, p, log))
         print(f"killed at step {landed[-1]} (target {p})", file=log, flush=True)
     run_to_end(fit_command(shards, cut, steps), log)
-    return landed, compare(ref / "checkpoints" / "last.ckpt", last)
+    return landed, compare(last_checkpoint(ref), last)
 
 
 def main() -> int:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from launch.errors import LaunchError
 from pipeline.deepspeed_layout import model_states_file
+from pipeline.run_layout import BEST_GLOB, METRICS_CSV, best_name, checkpoint_dir
 
 
 @dataclass
@@ -32,7 +33,7 @@ def checkpoint_files(run_dir: Path) -> list[Path]:
     preemption, and the best-k; files, or directories under DeepSpeed). The trainer writes nothing else, so
     nothing else is considered."""
     dated = []
-    for p in (run_dir / "checkpoints").rglob("*.ckpt"):
+    for p in checkpoint_dir(run_dir).rglob("*.ckpt"):
         try:
             dated.append((payload(p).stat().st_mtime, p))
         except FileNotFoundError:  # a best-k checkpoint the running trainer just replaced (or not one at all)
@@ -57,9 +58,6 @@ def read_checkpoint(path: Path) -> CheckpointInfo:
                           int(planned) if planned else None, int(batch) if batch else None)
 
 
-_BEST = re.compile(r"^best-epoch(\d+)-step(\d+)-top1=?(\d+(?:\.\d+)?)\.ckpt$")  # "=": since 2026-12
-
-
 @dataclass
 class BestCheckpoint:
     path: Path
@@ -70,12 +68,12 @@ class BestCheckpoint:
 
 def best_checkpoint(run_dir: Path) -> BestCheckpoint | None:
     """The kept checkpoint of the highest val top-1, read from the names the trainer gives them
-    (``best-epochE-stepS-top1=T.ckpt``, pipeline/cli.py): no checkpoint is opened."""
+    (``best-epochE-stepS-top1=T.ckpt``, pipeline/run_layout.py): no checkpoint is opened."""
     best = None
-    for p in (run_dir / "checkpoints").glob("best-*.ckpt"):
-        m = _BEST.match(p.name)
-        if m and (best is None or float(m.group(3)) > best.top1):
-            best = BestCheckpoint(p, int(m.group(1)), int(m.group(2)), float(m.group(3)))
+    for p in checkpoint_dir(run_dir).glob(BEST_GLOB):
+        read = best_name(p.name)  # the whole name, as the trainer gives it: no -vN (run_layout.BEST_NAME)
+        if read and (best is None or read.top1 > best.top1):
+            best = BestCheckpoint(p, read.epoch, read.step, read.top1)
     return best
 
 
@@ -114,7 +112,7 @@ class ThroughputReading:
 
 def recent_throughput(run_dir: Path) -> ThroughputReading | None:
     """Last logged images/s from the newest metrics.csv under the run directory (Lightning CSVLogger)."""
-    csvs = sorted(run_dir.rglob("metrics.csv"), key=lambda p: p.stat().st_mtime, reverse=True)
+    csvs = sorted(run_dir.rglob(METRICS_CSV), key=lambda p: p.stat().st_mtime, reverse=True)
     for path in csvs:
         with open(path, newline="", errors="replace") as f:
             reader = csv.DictReader(f)

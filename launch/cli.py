@@ -18,7 +18,7 @@ from launch.errors import LaunchError
 from launch.scripts import PrepJob, SlurmOptions, TrainJob
 from launch.trainer_check import check_trainer_args, check_trainer_settings
 from launch.validate import sbatch_path, writable_dir, yaml_config
-from pipeline.run_id_file import RUN_ID_FILE
+from pipeline.run_layout import CHECKPOINTS_DIR, LAST_CHECKPOINT, RUN_ID_FILE
 
 
 def _path(text: str) -> Path:
@@ -172,7 +172,7 @@ def _refuse_if_training(run_dir: Path) -> None:
                         f"run directory {run_dir}: cannot tell whether its earlier train jobs have ended")
     if active:
         raise LaunchError(f"run directory {run_dir} is in use by train {_listed(active)}, and a second job would "
-                          f"write its checkpoints/last.ckpt too: wait until it ends, cancel it "
+                          f"write its {CHECKPOINTS_DIR}/{LAST_CHECKPOINT} too: wait until it ends, cancel it "
                           f"(`scancel {' '.join(r.job_id for r in active)}`), or choose another --run-dir")
 
 

@@ -10,8 +10,7 @@ from pathlib import Path
 
 from launch.errors import LaunchError
 from pipeline.run_id_file import BadRunIdFile, create_run_id, read_run_id
-
-JOBS_FILE = "jobs.jsonl"
+from pipeline.run_layout import JOBS_FILE
 
 
 def wandb_run_id(run_dir: Path, create: bool = True) -> str | None:

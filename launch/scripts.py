@@ -20,6 +20,7 @@ from launch import template
 from launch.errors import LaunchError
 from launch.validate import (TRAIN_TIME_REASON, no_launcher_args, positive_int, sbatch_path, slurm_name, slurm_time,
                              time_seconds, writable_dir)
+from pipeline.run_layout import CHECKPOINTS_DIR, LAST_CHECKPOINT
 
 
 @dataclass
@@ -93,7 +94,7 @@ TRAINER_ARGS = {  # what the launcher passes to `pipeline fit` itself, and the o
     "--trainer.num_nodes": "from --nodes",
     "--trainer.devices": "from --gpus-per-node",
     "--trainer.default_root_dir": "the run directory: use --run-dir",
-    "--ckpt_path": "always `last`: every start resumes from the run directory's checkpoints/last.ckpt",
+    "--ckpt_path": f"always `last`: every start resumes from the run directory's {CHECKPOINTS_DIR}/{LAST_CHECKPOINT}",
 }
 
 PREP_ARGS = {  # what the launcher passes to each array task of data_prep

@@ -14,7 +14,7 @@ from launch.errors import LaunchError
 from launch.rundir import recorded_jobs, wandb_run_id
 from data_prep import output_status
 from pipeline import run_lock
-from pipeline.run_id_file import RUN_ID_FILE
+from pipeline.run_layout import RUN_ID_FILE, checkpoint_dir
 
 _RESTART_LINE = re.compile(r"^launch: job (\d+) restart (\d+)", re.MULTILINE)
 
@@ -188,7 +188,7 @@ def _prep_outputs(run_dir: Path) -> list[Path] | None:
     jobs = recorded_jobs(run_dir)
     if not jobs or any(not str(j.get("kind", "")).startswith("prep") for j in jobs):
         return None
-    if (run_dir / "checkpoints").exists() or (run_dir / RUN_ID_FILE).exists():
+    if checkpoint_dir(run_dir).exists() or (run_dir / RUN_ID_FILE).exists():
         return None
     outs = list(dict.fromkeys(Path(j["out"]) for j in jobs if isinstance(j.get("out"), str)))
     return outs or None  # records written before OUT was recorded: the general report

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from launch.errors import LaunchError
 from launch.validate import no_launcher_args, positive_int, yaml_config
+from pipeline.run_layout import CHECKPOINTS_DIR, LAST_CHECKPOINT
 from pipeline.torchelastic import FRESH_STORE_ENV
 
 _ENDPOINT = re.compile(r"^[A-Za-z0-9_.:\[\]-]+:(\d{1,5})$")
@@ -29,7 +30,7 @@ def command(config: Path, nnodes: int, nproc_per_node: int, rdzv_endpoint: str, 
                                         "--trainer.devices": "from --nproc-per-node",
                                         "--trainer.default_root_dir": "the run directory: use --run-dir",
                                         "--ckpt_path": "always `last`: every restart resumes from "
-                                                       "the run directory's checkpoints/last.ckpt"})
+                                                       f"the run directory's {CHECKPOINTS_DIR}/{LAST_CHECKPOINT}"})
     if not rdzv_id.strip():  # torchrun would take it; the launcher used a fixed "pending" for every run
         raise LaunchError("--rdzv-id: empty; leave it out to use the run's W&B id")
     m = _ENDPOINT.match(rdzv_endpoint)

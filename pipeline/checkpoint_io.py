@@ -17,7 +17,6 @@ from __future__ import annotations
 import errno
 import io
 import os
-import re
 import secrets
 import shutil
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from pipeline.errors import CheckpointWriteError
+from pipeline.run_layout import best_step
 
 TMP_PREFIX = ".tmp-"
 PARTIAL = ".partial"  # a checkpoint directory being written
@@ -142,10 +142,6 @@ def recover_directories(folder: str | Path) -> list[tuple[Path, bool]]:
     return recovered
 
 
-# the best-k ModelCheckpoint's names (pipeline/cli.py), with Lightning's -vN for a name taken; not a user's copy
-BEST_STEP = re.compile(r"^best-epoch\d+-step(\d+)-.*\.ckpt$")
-
-
 def remove_best_after(last: str | Path, step: int) -> list[Path]:
     """Before a resume from ``last`` (the run's ``last.ckpt``, at ``step``): remove the best-k checkpoints
     beside it of a later step, written after it. A start killed after a validation's best-k save and before
@@ -162,8 +158,8 @@ def remove_best_after(last: str | Path, step: int) -> list[Path]:
     except OSError:
         return removed
     for entry in sorted(last.parent.iterdir()):
-        m = BEST_STEP.match(entry.name)
-        if m is None or int(m.group(1)) <= step:
+        saved = best_step(entry.name)  # with Lightning's -vN for a name taken (run_layout.BEST_STEP)
+        if saved is None or saved <= step:
             continue
         try:
             if entry.stat().st_mtime < since:

@@ -68,7 +68,8 @@ from pipeline.progress import console_progress
 from pipeline.resume_geometry import Geometry, LoopPosition, adapt, expected_world_size
 from pipeline.rng_state import RNGState
 from pipeline.run_dir_still_ours import RunDirStillOurs
-from pipeline.run_id_file import RUN_ID_FILE
+from pipeline.run_layout import (BEST_FILENAME, BEST_GLOB, CHECKPOINTS_DIR, CONFIG_FILE, CSV_DIR, LAST_CHECKPOINT,
+                                 RUN_ID_FILE, TENSORBOARD_DIR, WANDB_DIR, best_top1, checkpoint_dir, last_checkpoint)
 from pipeline.run_lock import RunDirLock, is_global_rank_zero
 from pipeline.sample_grid import SampleGrid
 from pipeline.sync_batchnorm import GlooSyncBatchNormPlugin
@@ -81,14 +82,14 @@ from pipeline.trainer_devices import devices_as_int
 
 log = logging.getLogger("pipeline")
 
-RUN_DIR_HELP = ("The run directory RUN: checkpoints/ (last.ckpt, best-*.ckpt), config.yaml, wandb_run_id, "
-                "wandb/, csv/, tensorboard/ (docs/training.md).")
-_EVAL_CKPT_HELP = ("The training checkpoint to score. Omitted or 'last': RUN/checkpoints/last.ckpt (an error when "
+RUN_DIR_HELP = (f"The run directory RUN: {CHECKPOINTS_DIR}/ ({LAST_CHECKPOINT}, {BEST_GLOB}), {CONFIG_FILE}, "
+                f"{RUN_ID_FILE}, {WANDB_DIR}/, {CSV_DIR}/, {TENSORBOARD_DIR}/ (docs/training.md).")
+_EVAL_CKPT_HELP = (f"The training checkpoint to score. Omitted or 'last': {last_checkpoint('RUN')} (an error when "
                    "it does not exist; omitted with --model.init_weights W: those weights). The config given "
                    "here is what runs (the checkpoint's hyper-parameters are not applied); a checkpoint of "
                    "another network is refused.")
 CKPT_PATH_HELP = {
-    "fit": ("The training checkpoint to resume from. Omitted: RUN/checkpoints/last.ckpt when it exists, else a "
+    "fit": (f"The training checkpoint to resume from. Omitted: {last_checkpoint('RUN')} when it exists, else a "
             "fresh start. 'last': that file (not the newest last*.ckpt), a fresh start when it does not exist "
             "yet (what the Slurm launcher passes at every start). A path: that file (or DeepSpeed directory). "
             "The config given here is what runs: the checkpoint's hyper-parameters are not applied, so a resume "
@@ -110,17 +111,12 @@ class CheckpointConfig:
     requeue: bool = True
 
 
-def checkpoint_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
 def best_checkpoint(folder: Path) -> Path:
     """The ``best-*-top1=T.ckpt`` of ``folder`` with the highest T (the best-k ``ModelCheckpoint``'s names;
     ``-top1T.ckpt`` as runs before the ``=`` named them)."""
-    scored = [(float(m.group(1)), p) for p in folder.glob("best-*.ckpt")
-              if (m := re.search(r"-top1=?(\d+(?:\.\d+)?)\.ckpt$", p.name))]
+    scored = [(top1, p) for p in folder.glob(BEST_GLOB) if (top1 := best_top1(p.name)) is not None]
     if not scored:
-        raise ConfigError(f"ckpt_path: 'best': {folder} has no best-*.ckpt (checkpoint.save_top_k 0, or no "
+        raise ConfigError(f"ckpt_path: 'best': {folder} has no {BEST_GLOB} (checkpoint.save_top_k 0, or no "
                           f"validation yet)")
     return max(scored)[1]
 
@@ -314,7 +310,7 @@ class PipelineCLI(LightningCLI):
         run_dir = Path(cfg.trainer.default_root_dir or "runs/default")
         cfg.trainer.default_root_dir = str(run_dir)
         self._run_dir = run_dir
-        last = checkpoint_dir(run_dir) / "last.ckpt"
+        last = last_checkpoint(run_dir)
         self._saved_run_id: str | None = None
         self._ckpt_hparams: dict = {}  # the checkpoint's model settings, checked before the loggers start
         self._branched_from: tuple[str, str | None] | None = None  # (checkpoint, its W&B id): another run's
@@ -408,8 +404,8 @@ class PipelineCLI(LightningCLI):
         Lightning's other keywords look for a checkpoint of an earlier ``fit`` in the same process (``best``
         for ``fit``), a Slurm ``hpc_ckpt`` this CLI never writes, or Lightning's model registry: refused."""
         if str(path) in ("best", "hpc") or str(path).startswith("registry"):
-            raise ConfigError(f"ckpt_path: {str(path)!r} is not supported here: pass 'last' (RUN/checkpoints/last.ckpt) or "
-                              f"a file; `validate --ckpt_path best` scores the best-*.ckpt with the highest val/top1")
+            raise ConfigError(f"ckpt_path: {str(path)!r} is not supported here: pass 'last' ({last_checkpoint('RUN')}) or "
+                              f"a file; `validate --ckpt_path best` scores the {BEST_GLOB} with the highest val/top1")
         if path is None or str(path) == "last" or "://" in str(path):
             return {}
         if not Path(path).exists():
@@ -495,12 +491,12 @@ class PipelineCLI(LightningCLI):
             *([RunDirStillOurs(self._run_lock)] if self._run_lock is not None else []),
             ModelCheckpoint(
                 dirpath=ckdir,
-                filename="best-epoch{epoch:03d}-step{step:07d}-top1={val/top1:.4f}",
+                filename=BEST_FILENAME,
                 auto_insert_metric_name=False, monitor="val/top1", mode="max",
                 save_top_k=ckpt.save_top_k, save_last=False,
             ),
             LastCheckpoint(ckdir, ckpt.every_n_train_steps),
-            Preemption(ckdir / "last.ckpt", requeue=ckpt.requeue, wandb_backlog=backlog),
+            Preemption(last_checkpoint(run_dir), requeue=ckpt.requeue, wandb_backlog=backlog),
             backlog,
             RNGState(),
             LoopPosition(),
@@ -566,7 +562,7 @@ class PipelineCLI(LightningCLI):
             # last.ckpt: after the checks above (a refused start removes nothing)
             for gone in remove_best_after(cfg.ckpt_path, self._resume_step):
                 _say(f"removed {gone}: saved after step {self._resume_step} by a start that stopped before its "
-                     f"next last.ckpt; this run validates that step again")
+                     f"next {LAST_CHECKPOINT}; this run validates that step again")
         self._drop_default_checkpointing(trainer)
         if trainer.loggers:  # Lightning's monitor refuses a run without loggers (trainer.logger false)
             after = next(i for i, c in enumerate(callbacks) if isinstance(c, LoopPosition))  # it sets the step
@@ -717,7 +713,7 @@ def main(argv: list[str] | None = None, cli: type[PipelineCLI] = PipelineCLI) ->
                 "checkpoint's network weights (`python -m pipeline export --help`).")},
             auto_configure_optimizers=False,
             save_config_callback=RunDirConfig,
-            save_config_kwargs={"overwrite": True},
+            save_config_kwargs={"overwrite": True, "config_filename": CONFIG_FILE},
             trainer_defaults={"use_distributed_sampler": False, "default_root_dir": "runs/default"},
         )
     except (ConfigError, ManifestError) as e:
@@ -773,7 +769,7 @@ def disk_full_message(error: OSError, run_dir: Path, subcommand: str = "fit") ->
     or name it), how much room the run directory has (or the file-size limit, for EFBIG), and that a rerun resumes (``fit``) or scores again.
     A named file on another file system (``/tmp``, ``$HOME``, a quota of its own) is the one said full: the
     run directory's free space would send the user to free the wrong disk."""
-    again = (f"fit resumes from {checkpoint_dir(run_dir) / 'last.ckpt'} (if there is one yet)" if subcommand == "fit"
+    again = (f"fit resumes from {last_checkpoint(run_dir)} (if there is one yet)" if subcommand == "fit"
              else f"{subcommand} writes its logs under {run_dir / subcommand}")
     if error.errno == errno.EFBIG:  # Python ignores SIGXFSZ: a write past `ulimit -f` fails with this
         limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]

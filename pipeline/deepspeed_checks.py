@@ -11,6 +11,7 @@ from pytorch_lightning.strategies import DeepSpeedStrategy, Strategy
 from pipeline.checkpoint_read import read_checkpoint
 from pipeline.deepspeed_layout import optim_states_files, optim_states_name, saved_tag
 from pipeline.errors import ConfigError
+from pipeline.run_layout import BEST_GLOB
 
 
 def saved_zero_stage(path: Path) -> int | None:
@@ -110,8 +111,8 @@ def check_zero_shards(path: str | Path, world_size: int) -> None:
         if not found:
             raise ConfigError(f"ckpt_path: {tag_dir} lacks rank {rank}'s optimizer shard "
                               f"({optim_states_name(rank)}) of the {world_size} that saved it: "
-                              f"resume from another checkpoint (a best-*.ckpt beside it)")
+                              f"resume from another checkpoint (a {BEST_GLOB} beside it)")
         for shard in found:
             if not zipfile.is_zipfile(shard):
                 raise ConfigError(f"ckpt_path: {shard} is torn (not a whole torch file: a copy cut short?): resume from "
-                                  f"another checkpoint (a best-*.ckpt beside it)")
+                                  f"another checkpoint (a {BEST_GLOB} beside it)")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from data_prep.format import MANIFEST_NAME
 from pipeline.demo_data import write_digits
+from pipeline.run_layout import LAST_CHECKPOINT, WANDB_DIR, checkpoint_dir, metrics_csv
 
 TARGET_TOP1 = 0.95
 
@@ -26,7 +27,7 @@ def run(cmd: list[str]) -> None:
 
 
 def best_val_top1(run_dir: Path) -> float:
-    with open(run_dir / "csv" / "metrics.csv") as f:
+    with open(metrics_csv(run_dir)) as f:
         values = [float(r["val/top1"]) for r in csv.DictReader(f) if r.get("val/top1")]
     return max(values) if values else 0.0
 
@@ -48,11 +49,11 @@ def main() -> int:
     run([sys.executable, "-m", "pipeline", "fit", "--config", args.config, "--data.root", str(data / "shards"),
          "--trainer.default_root_dir", str(run_dir), *extra])
     top1 = best_val_top1(run_dir)
-    wandb_runs = sorted((run_dir / "wandb").glob("*run-*"))
+    wandb_runs = sorted((run_dir / WANDB_DIR).glob("*run-*"))
     print("\n== demo summary ==")
     print(f"shards:      {data / 'shards'} ({MANIFEST_NAME}, *.tar, *.idx)")
-    print(f"checkpoints: {run_dir / 'checkpoints'} (last.ckpt + best)")
-    print(f"metrics:     {run_dir / 'csv' / 'metrics.csv'}")
+    print(f"checkpoints: {checkpoint_dir(run_dir)} ({LAST_CHECKPOINT} + best)")
+    print(f"metrics:     {metrics_csv(run_dir)}")
     if wandb_runs:
         print(f"W&B run:     {wandb_runs[-1]}  (upload later: wandb sync {wandb_runs[-1]})")
     print(f"best val top-1: {top1:.4f} (target {TARGET_TOP1})")

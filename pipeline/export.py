@@ -23,6 +23,7 @@ import torch
 from pipeline.checkpoint_io import atomic_write_bytes
 from pipeline.deepspeed_layout import LATEST, LIGHTNING_TAG, saved_tag
 from pipeline.errors import ConfigError
+from pipeline.run_layout import LAST_CHECKPOINT
 
 log = logging.getLogger(__name__)
 PREFIX = "model."
@@ -61,7 +62,7 @@ def state_dict_from_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """The network's fp32 state_dict from a checkpoint file or a ZeRO checkpoint directory."""
     p = Path(path)
     if p.is_dir() and not (p / LATEST).is_file() and (files := sorted(p.glob("*.ckpt"))):
-        mine = next((f for f in files if f.name == "last.ckpt"), files[0])  # a run's checkpoints/ folder
+        mine = next((f for f in files if f.name == LAST_CHECKPOINT), files[0])  # a run's checkpoints/ folder
         raise ConfigError(f"{p} is a folder of checkpoints, not one: name one of them, e.g. {mine}")
     if p.is_dir():
         try:

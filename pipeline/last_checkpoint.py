@@ -16,9 +16,12 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from pipeline.resume_geometry import epoch_finished, validation_follows
+from pipeline.run_layout import LAST_CHECKPOINT
 
 
 class LastCheckpoint(ModelCheckpoint):
+    CHECKPOINT_NAME_LAST = Path(LAST_CHECKPOINT).stem  # Lightning's own "last" (it adds FILE_EXTENSION, .ckpt)
+
     def __init__(self, dirpath: str | Path, every_n_train_steps: int = 0) -> None:
         super().__init__(
             dirpath=str(dirpath), save_top_k=0, save_last=True,

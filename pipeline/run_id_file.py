@@ -9,7 +9,8 @@ import re
 import secrets
 from pathlib import Path
 
-RUN_ID_FILE = "wandb_run_id"
+from pipeline.run_layout import RUN_ID_FILE
+
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")  # what W&B takes as a run id
 
 

@@ -36,15 +36,14 @@ import time
 from pathlib import Path
 
 from pipeline.errors import ConfigError
-from pipeline.run_id_file import RUN_ID_FILE
+from pipeline.run_layout import CSV_DIR, LOCK_NAME, RUN_ID_FILE
 
 log = logging.getLogger(__name__)
 
 # No Lightning or torch here: `python -m launch status` reads the lock through this module.
 
-LOCK_NAME = ".lock"
 # what a start writes before its first step: a run directory made by a refused start holding only these goes
-START_FILES = {LOCK_NAME, RUN_ID_FILE, "csv/hparams.yaml"}  # (config.yaml: written once a run is under way)
+START_FILES = {LOCK_NAME, RUN_ID_FILE, f"{CSV_DIR}/hparams.yaml"}  # (config.yaml: written once a run is under way)
 KEY_ENV = "PIPELINE_RUN_LOCK_KEY"  # rank 0's key, inherited by the ranks Lightning starts on its node
 
 

@@ -18,7 +18,8 @@ from pytorch_lightning.loggers.logger import rank_zero_experiment
 
 from pipeline.checkpoint_io import atomic_write_bytes
 from pipeline.errors import ConfigError
-from pipeline.run_id_file import RUN_ID_FILE, RUN_ID_PATTERN, BadRunIdFile, create_run_id, read_run_id
+from pipeline.run_id_file import RUN_ID_PATTERN, BadRunIdFile, create_run_id, read_run_id
+from pipeline.run_layout import CSV_DIR, RUN_ID_FILE, TENSORBOARD_DIR, metrics_csv
 from pipeline.wandb_logger import ServiceSafeWandbLogger
 
 log = logging.getLogger(__name__)
@@ -136,7 +137,7 @@ def set_aside_metrics(run_dir: str | Path) -> Path | None:
     """At a fresh start (no checkpoint to resume): an existing ``RUN/csv/metrics.csv`` holds the rows of an
     earlier start that saved no checkpoint (killed before its first save); appended to, its steps were
     repeated. It is kept as ``csv/metrics-lost-start-N.csv``; the new start writes a new ``metrics.csv``."""
-    path = Path(run_dir) / "csv" / "metrics.csv"
+    path = metrics_csv(run_dir)
     if not path.is_file():
         return None
     aside = _free_name(path, "metrics-lost-start")
@@ -161,7 +162,7 @@ def rewind_metrics(run_dir: str | Path, step: int) -> int:
     earlier step: rows of later steps above that are an earlier timeline's (a run taken back by hand to one
     of its checkpoints). The file is replaced atomically; one that cannot be read as CSV (a node crash's
     tail of NUL bytes) is set aside as ``metrics-unreadable-N.csv``. Returns the number of rows dropped."""
-    path = Path(run_dir) / "csv" / "metrics.csv"
+    path = metrics_csv(run_dir)
     if not path.is_file():
         return 0
     try:
@@ -216,9 +217,9 @@ def make_loggers(cfg: TrackingConfig, run_dir: str | Path, wandb_id: str | None 
             )
         ))
     if cfg.csv:
-        loggers.append(ResumableCSVLogger(str(run_dir), name="csv", version=""))
+        loggers.append(ResumableCSVLogger(str(run_dir), name=CSV_DIR, version=""))
     if cfg.tensorboard:
-        loggers.append(TensorBoardLogger(str(run_dir), name="tensorboard", version=""))
+        loggers.append(TensorBoardLogger(str(run_dir), name=TENSORBOARD_DIR, version=""))
     return loggers
 
 
@@ -252,9 +253,9 @@ def make_eval_loggers(cfg: TrackingConfig, run_dir: str | Path, stage: str, ckpt
                         resume="never")
         ))
     if cfg.csv:
-        loggers.append(CSVLogger(str(root), name="csv"))
+        loggers.append(CSVLogger(str(root), name=CSV_DIR))
     if cfg.tensorboard:
-        loggers.append(TensorBoardLogger(str(root), name="tensorboard"))
+        loggers.append(TensorBoardLogger(str(root), name=TENSORBOARD_DIR))
     return loggers
 
 

@@ -16,7 +16,8 @@ import pytest
 
 from bench.kill_resume import _env, fit_command
 from pipeline.errors import ConfigError
-from pipeline.run_lock import KEY_ENV, LOCK_NAME, RunDirLock, job_key
+from pipeline.run_layout import LOCK_NAME
+from pipeline.run_lock import KEY_ENV, RunDirLock, job_key
 from tests.conftest import REPO
 
 RANK_ENV = ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK", "SLURM_JOB_ID", "SLURM_STEP_ID",

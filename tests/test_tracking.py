@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from pipeline.errors import ConfigError
-from pipeline.run_id_file import RUN_ID_FILE
+from pipeline.run_layout import RUN_ID_FILE
 from pipeline.tracking import TrackingConfig, make_eval_loggers, run_id
 from tests.conftest import REPO, run_cli_in_process, run_module
 
