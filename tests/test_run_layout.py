@@ -1,0 +1,37 @@
+"""The run directory's names (pipeline/run_layout.py): what the trainer saves, its readers read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+
+from pipeline.run_layout import BEST_FILENAME, BEST_GLOB, BestName, best_name, best_step, best_top1
+
+
+def _saved_name(tmp_path: Path, ver: int | None = None) -> str:
+    """The name the trainer's best-k ModelCheckpoint gives a save (pipeline/cli.py's settings)."""
+    callback = ModelCheckpoint(dirpath=tmp_path, filename=BEST_FILENAME, auto_insert_metric_name=False)
+    metrics = {"epoch": torch.tensor(4), "step": torch.tensor(40), "val/top1": torch.tensor(0.7)}
+    return Path(callback.format_checkpoint_name(metrics, ver=ver)).name
+
+
+def test_every_reader_reads_the_name_the_trainer_saves(tmp_path):
+    name = _saved_name(tmp_path)
+    assert name == "best-epoch004-step0000040-top1=0.7000.ckpt"
+    assert Path(name).match(BEST_GLOB)
+    assert best_name(name) == BestName(4, 40, 0.7) and best_top1(name) == 0.7 and best_step(name) == 40
+
+
+def test_a_taken_name_s_version_is_read_for_its_step_only(tmp_path):
+    """``-vN``: the step (remove_best_after removes such a file too); not a best by top-1 (launch status and
+    ``validate --ckpt_path best`` skip it, as they always did)."""
+    name = _saved_name(tmp_path, ver=1)
+    assert name == "best-epoch004-step0000040-top1=0.7000-v1.ckpt"
+    assert best_step(name) == 40 and best_name(name) is None and best_top1(name) is None
+
+
+def test_runs_before_the_equals_sign_are_read_too():
+    name = "best-epoch002-step0000020-top10.6500.ckpt"
+    assert best_name(name) == BestName(2, 20, 0.65) and best_top1(name) == 0.65 and best_step(name) == 20
