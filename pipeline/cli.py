@@ -75,9 +75,9 @@ from pipeline.sample_grid import SampleGrid
 from pipeline.sync_batchnorm import GlooSyncBatchNormPlugin
 from pipeline.throughput import Throughput
 from pipeline.torchelastic import restart_warning
-from pipeline.tracking import (CheckpointStep, RunIdInCheckpoint, StepLearningRateMonitor, TrackingConfig,
-                               check_wandb_settings, make_eval_loggers, make_loggers, rewind_metrics, run_id,
-                               set_aside_metrics)
+from pipeline.tracking import (RUN_ID_KEY, CheckpointStep, RunIdInCheckpoint, StepLearningRateMonitor,
+                               TrackingConfig, check_wandb_settings, make_eval_loggers, make_loggers, rewind_metrics,
+                               run_id, set_aside_metrics)
 from pipeline.trainer_devices import devices_as_int
 
 log = logging.getLogger("pipeline")
@@ -371,10 +371,10 @@ class PipelineCLI(LightningCLI):
         own_last = Path(path).absolute() == last.absolute()
         self._resume_step = done if isinstance(done, int) and own_last else None
         if Path(path).absolute().parent == checkpoint_dir(run_dir).absolute():
-            self._saved_run_id = meta.get("wandb_run_id")  # this run's own (its id file may be lost)
+            self._saved_run_id = meta.get(RUN_ID_KEY)  # this run's own (its id file may be lost)
             self._branch_origin = meta.get(BRANCH_KEY)  # kept in its later checkpoints
         else:  # a branch of another run: its W&B run would get two histories over the same steps
-            self._branched_from = (str(path), meta.get("wandb_run_id"))
+            self._branched_from = (str(path), meta.get(RUN_ID_KEY))
             self._branch_origin = origin_name(path)
         self._adapt_geometry(cfg, path, meta.get(ShardDataModule.__qualname__) or {})
 

@@ -82,14 +82,17 @@ def _bad_id_file(e: BadRunIdFile) -> ConfigError:
                        f"checkpoint records, or starts a new one when it has no checkpoint")
 
 
+RUN_ID_KEY = "wandb_run_id"  # the checkpoint's key (the run directory's file: run_layout.RUN_ID_FILE)
+
+
 class RunIdInCheckpoint(Callback):
-    """Stores the W&B run id in every checkpoint (``checkpoint["wandb_run_id"]``)."""
+    """Stores the W&B run id in every checkpoint (``checkpoint[RUN_ID_KEY]``)."""
 
     def __init__(self, run_id: str) -> None:
         self.run_id = run_id
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        checkpoint["wandb_run_id"] = self.run_id
+        checkpoint[RUN_ID_KEY] = self.run_id
 
 
 class CheckpointStep(Callback):
