@@ -18,7 +18,7 @@ from launch.errors import LaunchError
 from launch.scripts import PrepJob, SlurmOptions, TrainJob
 from launch.trainer_check import check_trainer_args, check_trainer_settings
 from launch.validate import sbatch_path, writable_dir, yaml_config
-from pipeline.run_layout import CHECKPOINTS_DIR, LAST_CHECKPOINT, RUN_ID_FILE
+from pipeline.run_layout import CHECKPOINTS_DIR, LAST_CHECKPOINT, RUN_ID_FILE, slurm_log
 
 
 def _path(text: str) -> Path:
@@ -228,7 +228,7 @@ def _submit_train(a: argparse.Namespace, extra: list[str]) -> int:
     rundir.record_job(run_dir, job_id, "train", job.script_path)
     print(f"Submitted train job {job_id}")
     print(f"  script  {job.script_path}")
-    print(f"  log     {run_dir}/slurm-{job_id}.out")
+    print(f"  log     {slurm_log(run_dir, job_id)}")
     print(f"  W&B id  {run_id}")
     print(f"  status  python -m launch status {run_dir}")
     return 0

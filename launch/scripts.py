@@ -20,7 +20,7 @@ from launch import template
 from launch.errors import LaunchError
 from launch.validate import (TRAIN_TIME_REASON, no_launcher_args, positive_int, sbatch_path, slurm_name, slurm_time,
                              time_seconds, writable_dir)
-from pipeline.run_layout import CHECKPOINTS_DIR, LAST_CHECKPOINT
+from pipeline.run_layout import CHECKPOINTS_DIR, LAST_CHECKPOINT, slurm_log
 
 
 @dataclass
@@ -160,7 +160,7 @@ class TrainJob:
 
     @property
     def log_path(self) -> Path:
-        return self.run_dir / "slurm-%j.out"
+        return slurm_log(self.run_dir, "%j")
 
     @property
     def mounts(self) -> list[Path]:

@@ -14,7 +14,7 @@ from launch.errors import LaunchError
 from launch.rundir import recorded_jobs, wandb_run_id
 from data_prep import output_status
 from pipeline import run_lock
-from pipeline.run_layout import RUN_ID_FILE, checkpoint_dir
+from pipeline.run_layout import RUN_ID_FILE, SLURM_LOG_GLOB, checkpoint_dir, slurm_log
 
 _RESTART_LINE = re.compile(r"^launch: job (\d+) restart (\d+)", re.MULTILINE)
 
@@ -22,7 +22,7 @@ _RESTART_LINE = re.compile(r"^launch: job (\d+) restart (\d+)", re.MULTILINE)
 def log_restarts(run_dir: Path) -> dict[str, int]:
     """Highest SLURM_RESTART_COUNT each job printed into its log (works with no Slurm at all)."""
     seen: dict[str, int] = {}
-    for log in run_dir.glob("slurm-*.out"):
+    for log in run_dir.glob(SLURM_LOG_GLOB):
         for jid, n in _RESTART_LINE.findall(log.read_text(errors="replace")):
             seen[jid] = max(seen.get(jid, 0), int(n))
     return seen
@@ -32,7 +32,7 @@ def job_ids(run_dir: Path) -> list[str]:
     """Jobs of a run: those `launch submit` recorded plus any whose log is in the directory (a script
     resubmitted by hand with `sbatch RUN_DIR/train.sbatch` logs there too)."""
     ids = [j["job_id"] for j in recorded_jobs(run_dir)]
-    for log in sorted(run_dir.glob("slurm-*.out")):
+    for log in sorted(run_dir.glob(SLURM_LOG_GLOB)):
         jid = log.stem.split("-", 1)[1]
         if jid.isdigit() and jid not in ids:
             ids.append(jid)
@@ -45,7 +45,7 @@ def active_train_jobs(run_dir: Path) -> list[slurm.JobRow]:
     those whose log is in the directory (``sbatch RUN/train.sbatch`` by hand). A job squeue no longer knows
     is over. Raises a one-line LaunchError when squeue cannot be asked."""
     ids = [j["job_id"] for j in recorded_jobs(run_dir) if j.get("kind") == "train"]
-    ids += [i for i in job_ids(run_dir) if i not in ids and (run_dir / f"slurm-{i}.out").exists()]
+    ids += [i for i in job_ids(run_dir) if i not in ids and slurm_log(run_dir, i).exists()]
     return _active(ids)
 
 

@@ -25,6 +25,7 @@ TENSORBOARD_DIR = "tensorboard"  # the TensorBoard logger's folder
 RUN_ID_FILE = "wandb_run_id"  # pipeline/run_id_file.py reads and writes it
 LOCK_NAME = ".lock"  # pipeline/run_lock.py
 JOBS_FILE = "jobs.jsonl"  # launch/rundir.py: the jobs `launch submit` recorded
+SLURM_LOG_GLOB = "slurm-*.out"  # each Slurm job's log (slurm_log; train.sbatch names it too, in shell)
 
 _TOP1 = r"top1=?(\d+(?:\.\d+)?)"  # "=": since 2026-12 (earlier runs: ``-top10.6500``)
 # a best-k name as the trainer gives it, whole: no ``-vN``, no other name
@@ -57,6 +58,11 @@ def last_checkpoint(run_dir: str | Path) -> Path:
 def metrics_csv(run_dir: str | Path) -> Path:
     """``RUN/csv/metrics.csv``: the training's CSV log, continued across restarts."""
     return Path(run_dir) / CSV_DIR / METRICS_CSV
+
+
+def slurm_log(run_dir: str | Path, job: str) -> Path:
+    """``RUN/slurm-JOB.out``: a job's Slurm log (``job`` ``%j``: sbatch's ``--output`` pattern for it)."""
+    return Path(run_dir) / f"slurm-{job}.out"
 
 
 def best_name(name: str) -> BestName | None:
