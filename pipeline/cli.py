@@ -18,7 +18,6 @@ import errno
 import logging
 import os
 import re
-import resource
 import sys
 import warnings
 from dataclasses import dataclass
@@ -48,6 +47,7 @@ from pipeline.data.open_files import open_files_advice, out_of_file_descriptors,
 from pipeline.data.shared_memory import SharedMemoryError, semaphore_error
 from pipeline.data.shared_memory import advice as shm_advice
 from pipeline.datamodule import ShardDataModule
+from pipeline.disk_full import disk_full_message
 from pipeline.deepspeed_checks import (check_accumulation, check_checkpoint_kind, check_zero_shards,
                                        check_zero_world_size)
 from pipeline.errors import (CheckpointWriteError, ConfigError, DiskFullError, RunComplete, TrainingDiverged,
@@ -762,62 +762,6 @@ def _raised_in_this_package(error: BaseException) -> bool:
         tb = tb.tb_next
     here = os.path.dirname(os.path.abspath(__file__)) + os.sep
     return os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(here)
-
-
-def disk_full_message(error: OSError, run_dir: Path, subcommand: str = "fit") -> str:
-    """One line: what could not be written (torch, Lightning and W&B raise write errors that name no file,
-    or name it), how much room the run directory has (or the file-size limit, for EFBIG), and that a rerun resumes (``fit``) or scores again.
-    A named file on another file system (``/tmp``, ``$HOME``, a quota of its own) is the one said full: the
-    run directory's free space would send the user to free the wrong disk."""
-    again = (f"fit resumes from {last_checkpoint(run_dir)} (if there is one yet)" if subcommand == "fit"
-             else f"{subcommand} writes its logs under {run_dir / subcommand}")
-    if error.errno == errno.EFBIG:  # Python ignores SIGXFSZ: a write past `ulimit -f` fails with this
-        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
-        said = "no limit" if limit == resource.RLIM_INFINITY else f"{limit // 1024} KiB"
-        return (f"{error} (the process's file-size limit, ulimit -f: {said}; or the largest file the file system "
-                f"takes); raise the limit (ulimit -f unlimited in the job script) and run the same command again: "
-                f"{again}")
-    named = next((Path(os.fsdecode(f)) for f in (error.filename, error.filename2) if f), None)
-    if named is not None and (where := _file_system(named)) is not None and where != _file_system(run_dir):
-        return (f"{error} (the file system at {_mount_point(named)}: {_room(named)}, not trainer.default_root_dir "
-                f"{run_dir}'s: {_room(run_dir)}); free space there (or raise its quota, or point the program that writes it "
-                f"elsewhere: TMPDIR for /tmp) and run the same command again: {again}")
-    return (f"{error} (trainer.default_root_dir {run_dir}: {_room(run_dir)}); free space (or raise the quota) and "
-            f"run the same command again: {again}")
-
-
-def _existing(path: Path) -> Path:
-    """``path``, or its nearest ancestor that exists (a file that could not be created)."""
-    path = path.absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
-def _file_system(path: Path) -> int | None:
-    try:
-        return os.stat(_existing(path)).st_dev
-    except OSError:
-        return None
-
-
-def _mount_point(path: Path) -> Path:
-    path = _existing(path)
-    try:
-        dev = os.stat(path).st_dev
-        while path != path.parent and os.stat(path.parent).st_dev == dev:
-            path = path.parent
-    except OSError:
-        pass
-    return path
-
-
-def _room(path: Path) -> str:
-    try:
-        st = os.statvfs(_existing(path))
-    except OSError:
-        return "free space unknown"
-    return f"{st.f_bavail * st.f_frsize / 2**20:.1f} MiB free"
 
 
 def worker_error_message(error: Exception) -> str:

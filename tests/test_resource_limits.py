@@ -347,11 +347,12 @@ def test_a_run_raises_its_soft_limit_of_open_files_to_the_hard_one():
 def test_a_full_disk_elsewhere_is_named_not_the_run_directory(tmp_path):
     """A write that fails on another file system (a full node-local /tmp, a $HOME over its quota) was said
     as the run directory's, with the run directory's free space: the user freed the wrong disk. A named
-    file's own file system is said now; an error that names no file (torch's, Lightning's writes) or one
-    inside the run directory's file system is still said as the run directory's."""
+    file's own file system is said now; one inside the run directory's file system is said as the run
+    directory's; one that names no file (torch's, Lightning's writes) as the run directory's, with every
+    other file system the run writes to (TMPDIR, $HOME, /dev/shm) and its free space."""
     import errno
 
-    from pipeline.cli import disk_full_message
+    from pipeline.disk_full import disk_full_message
 
     fs = tmp_path / "tmp"
     fs.mkdir()
@@ -372,11 +373,22 @@ def test_a_full_disk_elsewhere_is_named_not_the_run_directory(tmp_path):
         assert said.startswith(f"[Errno 28] No space left on device: '{fs / 'cache' / 'compiled'}' (the file system at {fs}: 0.0 "
                                f"MiB free, not trainer.default_root_dir {run}'s: "), said
         assert "free space there" in said and f"fit resumes from {run / 'checkpoints' / 'last.ckpt'}" in said
-        for same in (OSError(errno.ENOSPC, "No space left on device"),  # names no file
-                     OSError(errno.EDQUOT, "Disk quota exceeded", str(run / "wandb" / "x" / "run.wandb"))):
-            said = disk_full_message(same, run, "validate")
-            assert f"(trainer.default_root_dir {run}: " in said and "free space (or raise the quota)" in said, said
-            assert said.endswith(f"validate writes its logs under {run / 'validate'}"), said
+        same = OSError(errno.EDQUOT, "Disk quota exceeded", str(run / "wandb" / "x" / "run.wandb"))
+        said = disk_full_message(same, run, "validate")
+        assert f"(trainer.default_root_dir {run}: " in said and "free space (or raise the quota)" in said, said
+        assert said.endswith(f"validate writes its logs under {run / 'validate'}"), said
+        assert "names no file" not in said and str(fs) not in said, said
+        # an error that names no file (torch's, Lightning's writes): the run directory's, and every other file
+        # system the run writes to, here the full TMPDIR, in a fresh process that reads TMPDIR as a run would
+        said = subprocess.run(
+            [sys.executable, "-c", "import errno, sys; from pathlib import Path; from pipeline.disk_full import "
+             "disk_full_message; print(disk_full_message(OSError(errno.ENOSPC, 'No space left on device'), "
+             "Path(sys.argv[1]), 'validate'))", str(run)],
+            capture_output=True, text=True, check=True, cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO), "TMPDIR": str(fs)}).stdout.strip()
+        assert said.startswith(f"[Errno 28] No space left on device (trainer.default_root_dir {run}: "), said
+        assert f"; the error names no file, and the run also writes to {fs}: 0.0 MiB free, " in said, said
+        assert said.endswith(f"validate writes its logs under {run / 'validate'}"), said
     finally:
         subprocess.run(["umount", str(fs)], check=True)
 
