@@ -17,8 +17,9 @@ def disk_full_message(error: OSError, run_dir: Path, subcommand: str = "fit",
     or name it), how much room the run directory has (or the file-size limit, for EFBIG), and that a rerun
     resumes (``fit``) or scores again. A named file on another file system (``/tmp``, ``$HOME``, a quota of its
     own) is the one said full: the run directory's free space would send the user to free the wrong disk. An
-    error that names no file also lists the other file systems a run writes to (``elsewhere``, by default
-    :func:`written_elsewhere`) with their free space: the full one may be any of them."""
+    error that names no file, with the run directory not nearly full, also lists the other file systems a run
+    writes to (``elsewhere``, by default :func:`written_elsewhere`) with their free space: the full one may be
+    any of them."""
     again = (f"fit resumes from {last_checkpoint(run_dir)} (if there is one yet)" if subcommand == "fit"
              else f"{subcommand} writes its logs under {run_dir / subcommand}")
     if error.errno == errno.EFBIG:  # Python ignores SIGXFSZ: a write past `ulimit -f` fails with this
@@ -33,7 +34,7 @@ def disk_full_message(error: OSError, run_dir: Path, subcommand: str = "fit",
                 f"{run_dir}'s: {_room(run_dir)}); free space there (or raise its quota, or point the program that writes it "
                 f"elsewhere: TMPDIR for /tmp) and run the same command again: {again}")
     others = ""
-    if named is None:
+    if named is None and _free_bytes(run_dir) >= ROOMY:  # a run directory with no room is the full one
         seen = {_file_system(run_dir)}
         listed = []
         for path in (written_elsewhere() if elsewhere is None else elsewhere):
@@ -84,6 +85,17 @@ def _mount_point(path: Path) -> Path:
     except OSError:
         pass
     return path
+
+
+ROOMY = 64 * 2**20  # free bytes past which a run directory is not taken for the full disk an error names no file of
+
+
+def _free_bytes(path: Path) -> int:
+    try:
+        st = os.statvfs(_existing(path))
+    except OSError:
+        return ROOMY
+    return st.f_bavail * st.f_frsize
 
 
 def _room(path: Path) -> str:
