@@ -2,7 +2,9 @@
 with a new ``trainer.default_root_dir``). Every checkpoint of the branch records the checkpoint it started
 from, so that the same command, run again after a stop, resumes the branch's own ``last.ckpt`` instead of
 starting the branch over from ``OTHER`` (which trained over, and then overwrote, everything the branch had
-done since). A ``--ckpt_path`` that is not where this run started, into a run directory with a checkpoint
+done since). Before the branch's first checkpoint, ``RUN/branched_from`` says where it started: a start with
+no ``--ckpt_path`` (``fit --config RUN/config.yaml``, whose ``ckpt_path`` is null) starts from ``OTHER``
+again, where it trained a new network from scratch under the branch's name. A ``--ckpt_path`` that is not where this run started, into a run directory with a checkpoint
 of its own, is refused: which of the two the user means cannot be told, and either guess loses work.
 """
 
@@ -14,6 +16,7 @@ from pathlib import Path
 from pytorch_lightning.callbacks import Callback
 
 from pipeline.errors import ConfigError
+from pipeline.run_layout import BRANCH_FILE
 
 KEY = "branched_from"  # in every checkpoint of a branch: the absolute path of the checkpoint it started from
 
@@ -35,6 +38,28 @@ def resume_point(other: Path, own_last: Path, own_meta: dict) -> Path:
         f"ckpt_path: {other} is another run's checkpoint, and this run directory has its own {what}: resuming "
         f"{other} would train over it and overwrite it. Drop --ckpt_path to resume this run where it stopped, or "
         f"branch into a new trainer.default_root_dir")
+
+
+def record_origin(run_dir: Path, origin: str) -> None:
+    """``RUN/branched_from`` holds ``origin``, whole or not at all (every rank writes the same text)."""
+    target = run_dir / BRANCH_FILE
+    if recorded_origin(run_dir) == origin:
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    written = run_dir / f".{BRANCH_FILE}.{os.getpid()}.tmp"
+    try:
+        written.write_text(origin + "\n")
+        os.replace(written, target)
+    finally:
+        written.unlink(missing_ok=True)
+
+
+def recorded_origin(run_dir: Path) -> str | None:
+    """The checkpoint this run directory's branch started from, or None (not a branch, or an empty file)."""
+    try:
+        return (run_dir / BRANCH_FILE).read_text().strip() or None
+    except FileNotFoundError:
+        return None
 
 
 class BranchOrigin(Callback):

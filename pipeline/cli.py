@@ -38,7 +38,7 @@ from pipeline.strategies import AtomicDeepSpeedStrategy, CPUDeepSpeedStrategy
 from data_prep.format import ManifestError
 from pipeline.arg_parser import PipelineArgumentParser
 from pipeline.branch_origin import KEY as BRANCH_KEY
-from pipeline.branch_origin import BranchOrigin, origin_name, resume_point
+from pipeline.branch_origin import BranchOrigin, origin_name, record_origin, recorded_origin, resume_point
 from pipeline.checkpoint_io import AtomicCheckpointIO, recover_directories, remove_best_after
 from pipeline.checkpoint_read import read_checkpoint
 from pipeline.config_history import keep_earlier_config
@@ -69,7 +69,8 @@ from pipeline.resume_geometry import Geometry, LoopPosition, adapt, expected_wor
 from pipeline.rng_state import RNGState
 from pipeline.run_dir_still_ours import RunDirStillOurs
 from pipeline.run_layout import (BEST_FILENAME, BEST_GLOB, CHECKPOINTS_DIR, CONFIG_FILE, CSV_DIR, LAST_CHECKPOINT,
-                                 RUN_ID_FILE, TENSORBOARD_DIR, WANDB_DIR, best_top1, checkpoint_dir, last_checkpoint)
+                                 BRANCH_FILE, RUN_ID_FILE, TENSORBOARD_DIR, WANDB_DIR, best_top1, checkpoint_dir,
+                                 last_checkpoint)
 from pipeline.run_lock import RunDirLock, is_global_rank_zero
 from pipeline.sample_grid import SampleGrid
 from pipeline.sync_batchnorm import GlooSyncBatchNormPlugin
@@ -89,9 +90,10 @@ _EVAL_CKPT_HELP = (f"The training checkpoint to score. Omitted or 'last': {last_
                    "here is what runs (the checkpoint's hyper-parameters are not applied); a checkpoint of "
                    "another network is refused.")
 CKPT_PATH_HELP = {
-    "fit": (f"The training checkpoint to resume from. Omitted: {last_checkpoint('RUN')} when it exists, else a "
-            "fresh start. 'last': that file (not the newest last*.ckpt), a fresh start when it does not exist "
-            "yet (what the Slurm launcher passes at every start). A path: that file (or DeepSpeed directory). "
+    "fit": (f"The training checkpoint to resume from. Omitted: {last_checkpoint('RUN')} when it exists, else "
+            f"the checkpoint a branch started from (RUN/{BRANCH_FILE}), else a fresh start. 'last': the same (not "
+            "the newest last*.ckpt; what the Slurm launcher passes at every start). A path (another run's: a "
+            "branch): that file (or DeepSpeed directory). "
             "The config given here is what runs: the checkpoint's hyper-parameters are not applied, so a resume "
             "may change e.g. model.lr; a checkpoint of another network, or weights alone (use "
             "--model.init_weights), is refused."),
@@ -339,6 +341,10 @@ class PipelineCLI(LightningCLI):
                                         " interrupted)"), file=sys.stderr, flush=True)
         if cfg.get("ckpt_path") is None and last.exists():
             cfg.ckpt_path = "last"
+        if cfg.get("ckpt_path") in (None, "last") and not last.exists() and (origin := recorded_origin(run_dir)):
+            _say(f"this run is a branch of {origin} ({run_dir / BRANCH_FILE}) with no checkpoint of its own yet: "
+                 f"starting from {origin} again")
+            cfg.ckpt_path = origin
         ckpt = cfg.get("ckpt_path")
         path = last if ckpt == "last" else (Path(ckpt) if ckpt else None)
         if ckpt == "last" and not last.exists():
@@ -376,6 +382,7 @@ class PipelineCLI(LightningCLI):
         else:  # a branch of another run: its W&B run would get two histories over the same steps
             self._branched_from = (str(path), meta.get(RUN_ID_KEY))
             self._branch_origin = origin_name(path)
+            record_origin(run_dir, self._branch_origin)  # a start before the branch's first checkpoint finds it
         self._adapt_geometry(cfg, path, meta.get(ShardDataModule.__qualname__) or {})
 
     @staticmethod

@@ -23,6 +23,7 @@ METRICS_CSV = "metrics.csv"  # in CSV_DIR (the file name Lightning's CSV writer 
 WANDB_DIR = "wandb"  # W&B's own files (the name W&B gives its folder in the logger's save_dir)
 TENSORBOARD_DIR = "tensorboard"  # the TensorBoard logger's folder
 RUN_ID_FILE = "wandb_run_id"  # pipeline/run_id_file.py reads and writes it
+BRANCH_FILE = "branched_from"  # a branch's origin checkpoint, from its first start (pipeline/branch_origin.py)
 LOCK_NAME = ".lock"  # pipeline/run_lock.py
 JOBS_FILE = "jobs.jsonl"  # launch/rundir.py: the jobs `launch submit` recorded
 SLURM_LOG_GLOB = "slurm-*.out"  # each Slurm job's log (slurm_log; train.sbatch names it too, in shell)

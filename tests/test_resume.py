@@ -329,6 +329,31 @@ def test_a_branch_run_again_resumes_its_own_checkpoint_bit_exact(interrupted, tm
     assert "Drop --ckpt_path to resume this run where it stopped" in said
     assert last.read_bytes() == before
 
+    # killed before its first checkpoint, then started with no --ckpt_path (`fit --config RUN/config.yaml`,
+    # whose ckpt_path is null): it trained a new network from scratch under the branch's name; it starts from
+    # OTHER again now (RUN/branched_from), ending bit-identical to the uninterrupted branch
+    early = tmp_path / "early"
+    with open(tmp_path / "early.log", "w") as log:
+        proc = subprocess.Popen(branch_command(early), env={**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"},
+                                cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 300
+            while not (early / "branched_from").exists() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        assert (early / "branched_from").read_text() == os.path.realpath(other) + "\n"
+        assert not (early / "checkpoints" / "last.ckpt").exists(), "killed too late: it saved a checkpoint"
+        rerun = fit_command(digits_shards, early, STEPS + 6)
+        del rerun[rerun.index("--ckpt_path"):rerun.index("--ckpt_path") + 2]
+        run_to_end(rerun, log)
+    text = (tmp_path / "early.log").read_text()
+    assert (f"this run is a branch of {os.path.realpath(other)} ({early / 'branched_from'}) with no checkpoint of "
+            f"its own yet: starting from {os.path.realpath(other)} again") in text, text[-3000:]
+    diffs = compare(whole / "checkpoints" / "last.ckpt", early / "checkpoints" / "last.ckpt")
+    assert not diffs, "; ".join(diffs[:10])
+
 
 def test_resume_refuses_another_architecture(interrupted, tmp_path, digits_shards):
     _, _, cut, _, _ = interrupted
