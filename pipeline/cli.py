@@ -267,13 +267,24 @@ class PipelineCLI(LightningCLI):
             super().__init__(*args, **kwargs)  # parses, builds and runs the subcommand
         except OSError as e:
             if e.errno == errno.ENOSPC and semaphore_error(e):  # the loader's queues, in a full /dev/shm
-                raise SharedMemoryError(f"out of shared memory: {e}; {shm_advice()}") from e
+                raise SharedMemoryError(f"out of shared memory: {e}; {shm_advice(backend=self._backend())}") from e
             if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or self._run_dir is None:
                 raise
             raise DiskFullError(disk_full_message(e, self._run_dir, self.subcommand or "fit")) from e
         finally:
             if self._run_lock is not None:
                 self._run_lock.release()
+
+    def _backend(self) -> str:
+        """The loader backend of this run (``data.backend``, ``auto`` resolved once the data module is built;
+        "cpu" before the parse)."""
+        if isinstance(datamodule := getattr(self, "datamodule", None), ShardDataModule):
+            return datamodule.resolved_backend()
+        try:
+            sub = self.subcommand
+            return str((self.config[sub] if sub else self.config).data.backend)
+        except (AttributeError, KeyError, TypeError):
+            return "cpu"
 
     def _parse_ckpt_path(self) -> None:
         """Off. Lightning's CLI would replace the whole ``model`` config by the hyper-parameters of an

@@ -335,6 +335,7 @@ class ShardDataModule(pl.LightningDataModule):
                 shards, sampler, self.augment, train=train, seed=self.seed, num_threads=self.num_workers,
                 cpu=backend == "dali-cpu", hw_decoder_load=self.dali_hw_decoder_load,
                 on_corrupt=self.on_corrupt, py_workers=self.dali_source_workers,
+                ranks_here=self.trainer.num_devices if self.trainer is not None else 1,
             )
         from pipeline.data.synthetic import SyntheticLoader
 

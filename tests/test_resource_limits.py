@@ -46,6 +46,62 @@ def test_a_small_dev_shm_stops_the_cpu_loader_with_one_line_not_a_hang(digits_sh
 
 
 
+def test_dali_source_workers_on_a_small_dev_shm_stop_with_one_line_not_a_bus_error(digits_shards, tmp_path):
+    """DALI's source workers write each batch into shared memory chunks mapped at the pipeline's start; on a
+    /dev/shm without room the write is a SIGBUS. 200 KiB for 2 workers x 6 batches in flight of 128 digits
+    (0.8 MiB): the training process died of it (exit 135) without a word. Refused at the start now, one line
+    naming the setting; 1 MiB has room and runs."""
+    from pipeline.models import build
+
+    weights = tmp_path / "w.pt"
+    torch.save(build("cifar_resnet20", num_classes=10).state_dict(), weights)
+
+    def validate(size: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [*_small_shm(size), sys.executable, "-m", "pipeline", "validate", "--config", "conf/demo.yaml",
+             "--data.root", str(digits_shards), "--trainer.default_root_dir", str(tmp_path / f"run{size}"),
+             "--model.init_weights", str(weights), "--data.backend", "dali-cpu", "--data.num_workers", "1",
+             "--data.dali_source_workers", "2", "--data.val_batch_size", "128", "--tracking.wandb", "false"],
+            capture_output=True, text=True, cwd=REPO, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+    proc = validate("200k")
+    assert proc.returncode == 1, (proc.returncode, proc.stderr[-3000:])
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert errors[0].startswith("error: out of shared memory: DALI's 2 source worker(s) per rank "
+                                "(data.dali_source_workers) fill about 0.8 MiB of /dev/shm (1 rank(s) x 6 batches in "
+                                "flight x 128 samples of "), errors[0]
+    assert "which has 0.2 MiB free of 0.2 MiB" in errors[0] and "--shm-size" in errors[0], errors[0]
+    proc = validate("1M")
+    assert proc.returncode == 0 and "val/top1" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_a_worker_killed_by_sigbus_is_said_as_a_full_dev_shm():
+    """A DALI source worker that wrote to a full /dev/shm dies of SIGBUS; the message said "signal 9
+    (SIGKILL) usually means the kernel's OOM killer", which sent the user to the wrong limit."""
+    import multiprocessing
+    import signal as signals
+
+    from pipeline.data.worker_watchdog import describe_death
+
+    worker = multiprocessing.get_context("fork").Process(target=_die_of_sigbus)
+    worker.start()
+    worker.join(60)
+    assert worker.exitcode == -signals.SIGBUS
+    said = describe_death(worker, "a DALI source worker process", "data.dali_source_workers 0 reads in-process")
+    assert said.startswith(f"a DALI source worker process (pid {worker.pid}) ended (signal 7); SIGBUS usually means a "
+                           f"write to a full /dev/shm ("), said
+    assert "--shm-size" in said and said.endswith("data.dali_source_workers 0 reads in-process."), said
+    assert "OOM" not in said
+
+
+def _die_of_sigbus() -> None:
+    import signal as signals
+
+    signals.signal(signals.SIGBUS, signals.SIG_DFL)
+    os.kill(os.getpid(), signals.SIGBUS)
+
+
 def test_a_full_dev_shm_is_named_as_such_not_as_a_full_output_disk(digits_shards, tmp_path):
     """/dev/shm full (another process's files): creating the loader's queues, or data_prep's progress
     counter, fails with a `No space left on device` that names no file. The trainer printed a traceback;

@@ -45,6 +45,7 @@ from pipeline.data.contract import PAD
 from pipeline.data.cpu_backend import ShardBatches, augment_eval, resize_and_flip
 from pipeline.data.dali_source import BatchSource
 from pipeline.data.shards import CorruptSampleError, ShardSet
+from pipeline.data.shared_memory import SharedMemoryError, dali_shortage
 from pipeline.data.worker_signals import spawned_without_preemption_signals
 from pipeline.data.worker_watchdog import WorkerWatchdog, describe_death
 
@@ -76,6 +77,8 @@ class DaliLoader:
             window; the result is the same up to resampling (tested).
         resize: where the imagenet recipe's resizes run: "dali" (``fn.resize``) or "torch" (torchvision on
             DALI's decoded window, in this process; CPU only). Default: "torch" on the CPU, "dali" on the GPU.
+        ranks_here: training processes on this machine, which share its ``/dev/shm`` (the source workers'
+            batches: ``dali_shortage``).
     """
 
     batch_sampler = None  # Lightning looks for a sampler or a batch sampler to call set_epoch on
@@ -95,6 +98,7 @@ class DaliLoader:
         prefetch: int | None = None,
         roi_decode: bool | None = None,
         resize: str | None = None,
+        ranks_here: int = 1,
     ) -> None:
         if on_corrupt not in ("fail", "skip"):
             raise ValueError(f"data.on_corrupt must be 'fail' or 'skip', got {on_corrupt!r}")
@@ -115,6 +119,7 @@ class DaliLoader:
         # torchvision finishes the imagenet recipe; cifar needs no resampling and stays in DALI
         self.torch_resize = resize == "torch" and cfg.recipe == "imagenet"
         self.size = cfg.train_size if train else cfg.val_size
+        self.ranks_here = max(1, int(ranks_here))
         self.corrupt_seen = 0
         self._plan_dir = tempfile.mkdtemp(prefix="dali-plan-")
         self._pipe = None
@@ -161,6 +166,11 @@ class DaliLoader:
         # shared memory per sample for the workers' results (DALI grows it when a batch needs more)
         hint = int(1.5 * float(self.shards.sizes.mean())) + 1024 if len(self.shards) else 1 << 16
         extra = {"py_num_workers": self.py_workers, "py_start_method": "spawn"} if parallel else {}
+        if parallel and len(self.shards):  # a full /dev/shm is a SIGBUS in a worker or in this process
+            error = dali_shortage(self.prefetch + 2 * self.py_workers, self.sampler_batch_size(),
+                                  float(self.shards.sizes.mean()), self.py_workers, self.ranks_here)
+            if error:
+                raise SharedMemoryError(error)
 
         @pipeline_def(batch_size=self.sampler_batch_size(), num_threads=self.num_threads, device_id=device_id,
                       prefetch_queue_depth=self.prefetch, **extra)

@@ -1,10 +1,16 @@
-"""The cpu loader's batches in shared memory (``/dev/shm``), and what to say when there is not enough.
+"""The loaders' batches in shared memory (``/dev/shm``), and what to say when there is not enough.
 
 A DataLoader worker hands each batch to the trainer through shared memory. Left to torch, the batch is
 copied there by the worker's queue feeder thread; when ``/dev/shm`` is full (Docker gives a container
 64 MB unless told otherwise) that thread prints a traceback and drops the batch, and the trainer waits
 for it forever. So a worker allocates its batch in shared memory itself (``shared_empty``): a full
 ``/dev/shm`` raises there, and the trainer stops with one line saying what to change.
+
+DALI's source workers (``data.dali_source_workers``) write every batch's samples into shared memory chunks
+that DALI maps when the pipeline starts; on a full ``/dev/shm`` the write is a SIGBUS, which killed the
+worker (a one-line message from the watchdog) or the training process itself, with no word at all
+(exit 135). So the DALI loader refuses to start its workers where ``/dev/shm`` lacks the room they will
+fill (``dali_shortage``).
 """
 
 from __future__ import annotations
@@ -36,12 +42,36 @@ def shm_space(path: str = SHM) -> tuple[int, int] | None:
     return st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
 
 
-def advice(path: str = SHM) -> str:
+def advice(path: str = SHM, backend: str = "cpu") -> str:
+    """What to change, for the loader ``backend`` (``data.backend``) that ran out of ``path``."""
     space = shm_space(path)
     where = f"{path}: {_mib(space[0])}, {_mib(space[1])} free" if space else path
+    if backend in ("dali", "dali-cpu"):
+        return (f"DALI's source workers pass their batches through shared memory ({where}); give the container "
+                f"more (docker run --shm-size=16g, or --ipc=host), or lower data.dali_source_workers (0: the "
+                f"samples are read in the training process) or the batch size (data.batch_size, data.val_batch_size)")
     return (f"the cpu loader's workers pass their batches through shared memory ({where}); give the container "
             f"more (docker run --shm-size=16g, or --ipc=host), or lower data.num_workers or the batch size "
             f"(data.batch_size, data.val_batch_size)")
+
+
+def dali_shortage(batches: int, batch: int, sample_bytes: float, workers: int, ranks_here: int,
+                  path: str = SHM) -> str | None:
+    """The error when ``path`` has less room than DALI's source workers will fill: ``batches`` chunks in
+    flight per rank (the pipeline's prefetch queue and the source's), each written with a batch of ``batch``
+    samples of ``sample_bytes`` on average, for each of the ``ranks_here`` ranks on this machine; None when
+    it has room (or cannot be read). What DALI maps is larger (it sizes a chunk for 1.5x the mean sample,
+    and at least 1 MiB), but a page of tmpfs is taken when written: the written bytes are what must fit."""
+    need = int(batches * batch * sample_bytes * ranks_here)
+    space = shm_space(path)
+    if space is None or space[1] >= need:
+        return None
+    return (f"out of shared memory: DALI's {workers} source worker(s) per rank (data.dali_source_workers) fill "
+            f"about {_mib(need)} of {path} ({ranks_here} rank(s) x {batches} batches in flight x {batch} samples "
+            f"of {sample_bytes / 1024:.1f} KiB), which has {_mib(space[1])} free of {_mib(space[0])}, and a write "
+            f"to a full {path} kills the process (SIGBUS); give the container more (docker run --shm-size=16g, or "
+            f"--ipc=host), or lower data.dali_source_workers (0: the samples are read in the training process) or "
+            f"the batch size (data.batch_size, data.val_batch_size)")
 
 
 def shared_empty(shape: tuple[int, ...], dtype: torch.dtype, **kwargs) -> torch.Tensor:
