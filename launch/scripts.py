@@ -20,7 +20,8 @@ from launch import template
 from launch.errors import LaunchError
 from launch.validate import (TRAIN_TIME_REASON, no_launcher_args, positive_int, sbatch_path, slurm_name, slurm_time,
                              time_seconds, writable_dir)
-from pipeline.run_layout import CHECKPOINTS_DIR, LAST_CHECKPOINT, slurm_log
+from pipeline.run_layout import (CHECKPOINTS_DIR, FAILURES_FILE, LAST_CHECKPOINT, TRAIN_SCRIPT, last_checkpoint,
+                                 slurm_log)
 
 
 @dataclass
@@ -121,6 +122,13 @@ def _option(args: list[str], name: str) -> str | None:
     return value
 
 
+def _job_log_word() -> str:
+    """The job's log name (run_layout.slurm_log) as a shell word relative to the run directory, with the job id
+    the script runs as (``$SLURM_JOB_ID``) where sbatch's ``--output`` has ``%j``."""
+    before, after = (shlex.quote(part) if part else "" for part in slurm_log(".", "%j").name.split("%j"))
+    return f'{before}"$SLURM_JOB_ID"{after}'
+
+
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -169,7 +177,7 @@ class TrainJob:
 
     @property
     def script_path(self) -> Path:
-        return self.run_dir / "train.sbatch"
+        return self.run_dir / TRAIN_SCRIPT
 
     def check(self) -> None:
         """Validate every setting; config must exist, --time and --signal-lead must fit together."""
@@ -223,6 +231,10 @@ class TrainJob:
             "exclude_failed_nodes": int(self.exclude_failed_nodes),
             "log_path": str(self.log_path),
             "run_dir": str(self.run_dir),
+            "last_checkpoint": str(last_checkpoint(".")),  # these four: relative to "$RUN_DIR"
+            "job_log": _job_log_word(),
+            "failures_file": FAILURES_FILE,
+            "train_script": TRAIN_SCRIPT,
             "workdir": str(self.workdir),
             "wandb_run_id": wandb_run_id,
             "wandb_id_at_start": "" if wandb_run_id else "yes",

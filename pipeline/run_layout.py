@@ -2,8 +2,9 @@
 and read there, and the best-k checkpoints' file names, in one place, so a reader never guesses a writer's
 name. No torch or Lightning here: the launcher imports it on login nodes.
 
-Named elsewhere: ``launch-failures`` (launch/templates/train.sbatch, a shell template), ``config-history/``
-(pipeline/config_history.py) and ``checkpoints/wandb_rows_after_save.json`` (pipeline/wandb_backlog.py).
+The train job's script (launch/templates/train.sbatch) gets the names it uses from here when ``launch`` renders
+it. Named elsewhere: ``config-history/`` (pipeline/config_history.py) and
+``checkpoints/wandb_rows_after_save.json`` (pipeline/wandb_backlog.py).
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ RUN_ID_FILE = "wandb_run_id"  # pipeline/run_id_file.py reads and writes it
 BRANCH_FILE = "branched_from"  # a branch's origin checkpoint, from its first start (pipeline/branch_origin.py)
 LOCK_NAME = ".lock"  # pipeline/run_lock.py
 JOBS_FILE = "jobs.jsonl"  # launch/rundir.py: the jobs `launch submit` recorded
-SLURM_LOG_GLOB = "slurm-*.out"  # each Slurm job's log (slurm_log; train.sbatch names it too, in shell)
+SLURM_LOG_GLOB = "slurm-*.out"  # each Slurm job's log (slurm_log)
+TRAIN_SCRIPT = "train.sbatch"  # the train job's script, as `launch submit train` wrote it: resubmit it as is
+FAILURES_FILE = "launch-failures"  # train.sbatch's "JOB COUNT CKPT_STAMP" of the job's last failed attempt
 
 _TOP1 = r"top1=?(\d+(?:\.\d+)?)"  # "=": since 2026-12 (earlier runs: ``-top10.6500``)
 # a best-k name as the trainer gives it, whole: no ``-vN``, no other name

@@ -14,6 +14,7 @@ import pytest
 from launch import template
 from launch.errors import LaunchError
 from launch.scripts import SlurmOptions, TrainJob
+from pipeline.run_layout import FAILURES_FILE, LAST_CHECKPOINT, SLURM_LOG_GLOB, TRAIN_SCRIPT, last_checkpoint, slurm_log
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -433,7 +434,7 @@ def _attempts(tmp_path: Path, cfg: Path, plan: list[str], max_failures: int = 2)
     out = []
     for attempt in range(len(plan)):
         requeues = (run / "requeues").read_text().count("\n") if (run / "requeues").exists() else 0
-        with open(run / "slurm-4242.out", "a") as log:  # Slurm appends the job's output there
+        with open(slurm_log(run, "4242"), "a") as log:  # Slurm appends the job's output there (--output)
             rc = subprocess.run(["bash", str(script)], env={**env, "SLURM_RESTART_COUNT": str(attempt)},
                                 stdout=log, stderr=subprocess.STDOUT, timeout=60).returncode
         now = (run / "requeues").read_text().count("\n") if (run / "requeues").exists() else 0
@@ -466,9 +467,40 @@ def test_train_script_survives_a_usr1_sent_to_the_batch_shell(tmp_path: Path, cf
 
 def test_train_script_starts_over_on_a_failures_file_it_did_not_write(tmp_path: Path, cfg: Path) -> None:
     (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "launch-failures").write_text("4242 1.5 none\n")  # bash arithmetic would fail on it
+    (tmp_path / "run" / FAILURES_FILE).write_text("4242 1.5 none\n")  # bash arithmetic would fail on it
     assert _attempts(tmp_path, cfg, ["137"], max_failures=1) == [(0, True)]
     assert "failure 1 of at most 1" in (tmp_path / "run" / "slurm-4242.out").read_text()
+
+
+def test_train_script_takes_the_run_directory_s_names_from_run_layout(tmp_path: Path, cfg: Path) -> None:
+    """The template spelled checkpoints/last.ckpt, slurm-$SLURM_JOB_ID.out, launch-failures and train.sbatch in
+    shell, so a name changed in pipeline/run_layout.py would leave jobs resuming from, reading and counting in
+    the old one. Now it names none of them; launch writes run_layout's into the rendered script (a shell script
+    of its own, to resubmit as is), which uses them: it resumes from last.ckpt, finds the failed task in the job
+    log and counts the failure in the failures file."""
+    source = template.load("train.sbatch")
+    job_log_prefix = SLURM_LOG_GLOB.split("*")[0]
+    for name in (LAST_CHECKPOINT, FAILURES_FILE, TRAIN_SCRIPT, job_log_prefix):
+        assert name not in source, name
+    run = tmp_path / "run"
+    job = TrainJob(config=cfg, nodes=1, gpus_per_node=0, run_dir=run, slurm=SlurmOptions(time="01:00:00"),
+                   python=sys.executable, workdir=tmp_path, max_failures=1)
+    script = job.render("abc123")
+    assert "{{" not in script and "}}" not in script
+    assert f'\nLAST_CKPT="$RUN_DIR"/{last_checkpoint(".")}\n' in script
+    assert f'\nJOB_LOG="$RUN_DIR"/{job_log_prefix}"$SLURM_JOB_ID".out  # ' in script
+    assert f'\nFAILURES="$RUN_DIR"/{FAILURES_FILE}  # ' in script
+    assert f"--output={slurm_log(run, '%j')}\n" in script and job.script_path == run / TRAIN_SCRIPT
+
+    last_checkpoint(run).parent.mkdir(parents=True)
+    last_checkpoint(run).write_bytes(b"")
+    failed = "srun: error: n1: task 0: Exited with exit code 137"
+    assert _attempts(tmp_path, cfg, [f"137 {failed}", "137"], max_failures=1) == [(0, True), (137, False)]
+    log = slurm_log(run, "4242").read_text()
+    assert f"ckpt {last_checkpoint(run)} at " in log
+    assert "(first failure: n1: task 0: Exited with exit code 137)" in log
+    assert f"(resubmit {run / TRAIN_SCRIPT} once the cause is fixed)" in log
+    assert (run / FAILURES_FILE).read_text().split()[:2] == ["4242", "2"]
 
 
 def test_prep_scripts_run_hostile_paths_as_literal_text(tmp_path: Path) -> None:
