@@ -11,53 +11,110 @@ Three readers ask, at three costs, so by three rules (each stricter one implies 
   read again; ``data_prep verify`` re-hashes on request) and the index file is not looked at.
 - ``reusable_record`` (a rerun that would skip the shard): also the index is there and the tar's and
   index's sha256 match the record: a shard kept without being rebuilt must be the recorded bytes.
+
+A record that is there but broken (unreadable, not JSON, a field missing or of the wrong type, another
+shard's name: a hand edit, a damaged disk; data_prep writes each whole, via a rename) is read alike by all
+three (``read_record``): ``BrokenRecord`` names the file and the field. ``launch status`` counts the shard
+as not done, a rerun rebuilds it (and writes the record again), ``finalize`` stops with that one line (the
+manifest would list what the record says); a missing record is a shard not done, for all three.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from .errors import PrepError
 from .format import done_record_path
 from .shardwriter import file_sha256
 
+# what the readers take from a record (runner.build_shard writes them), by type; ``index_sha256`` may be
+# missing (records before it was kept) or null
+FIELDS = {"name": str, "index": str, "samples": int, "bytes": int, "sha256": str, "plan_hash": str, "rejects": list}
+_TYPE_NAMES = {str: "a string", int: "an integer", list: "a list"}
+
+
+class BrokenRecord(PrepError):
+    """A done-record that is there but cannot be used; the message names its file and what is wrong."""
+
+
+def _problem(rec: object, shard: str) -> str | None:
+    """What makes a parsed record unusable, or None."""
+    if not isinstance(rec, dict):
+        return "is not a JSON object"
+    for key, kind in FIELDS.items():
+        if key not in rec:
+            return f"has no field {key!r}"
+        if not isinstance(rec[key], kind) or isinstance(rec[key], bool):
+            return f"field {key!r} is {json.dumps(rec[key])[:40]}, not {_TYPE_NAMES[kind]}"
+    if rec["name"] != shard:
+        return f"field 'name' is {json.dumps(rec['name'])[:40]}, not this shard's {shard!r}"
+    if rec.get("index_sha256") is not None and not isinstance(rec["index_sha256"], str):
+        return f"field 'index_sha256' is {json.dumps(rec['index_sha256'])[:40]}, not a string"
+    for i, r in enumerate(rec["rejects"]):
+        if not (isinstance(r, dict) and isinstance(r.get("path"), str) and isinstance(r.get("reason"), str)):
+            return f"field 'rejects' item {i} is not an object with a string 'path' and 'reason'"
+    return None
+
+
+def read_record(out: str | Path, split: str, shard: str) -> dict | None:
+    """The done-record of shard `shard` of `split`, whatever its plan; None when there is none (the shard
+    was never finished). BrokenRecord when it is there but cannot be used."""
+    path = done_record_path(out, split, shard)
+    try:
+        rec = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        problem: str | None = f"cannot be read ({exc.strerror or exc})"
+    except ValueError:  # also a UnicodeDecodeError
+        problem = "is not valid JSON (edited by hand?)"
+    else:
+        problem = _problem(rec, shard)
+        if problem is not None:
+            problem += " (edited by hand?)"
+    if problem is not None:
+        raise BrokenRecord(f"{path}: done-record {problem}; rerun the prep command: it rebuilds shard {shard} and "
+                           f"writes its record again")
+    return rec
+
 
 def record_of_plan(out: str | Path, split: str, shard: str, plan_hash: str) -> bool:
-    """Whether shard `shard` of `split` has a readable done-record of this plan. Lightest rule: no shard
-    file looked at (for ``launch status``); an unreadable record, or one that is not a JSON object, is
-    not done."""
+    """Whether shard `shard` of `split` has a done-record of this plan. Lightest rule: no shard file looked
+    at (for ``launch status``); a broken record is not done."""
     try:
-        rec = json.loads(done_record_path(out, split, shard).read_text(encoding="utf-8"))
-        return rec.get("plan_hash") == plan_hash
-    except (OSError, ValueError, AttributeError):
+        rec = read_record(out, split, shard)
+    except BrokenRecord:
         return False
+    return rec is not None and rec["plan_hash"] == plan_hash
 
 
 def record_with_shard(out: Path, split: str, shard: str, plan_hash: str) -> dict | None:
     """The done-record of shard `shard` when it is of this plan and the tar is there with the recorded size
-    (for ``finalize``), else None. No hashing and no look at the index, unlike ``reusable_record``."""
-    try:
-        rec = json.loads(done_record_path(out, split, shard).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    (for ``finalize``), else None; BrokenRecord for a broken one. No hashing and no look at the index,
+    unlike ``reusable_record``."""
+    rec = read_record(out, split, shard)
+    if rec is None or rec["plan_hash"] != plan_hash:
         return None
-    tar = out / rec["name"]
-    if rec.get("plan_hash") != plan_hash or not tar.is_file() or tar.stat().st_size != rec["bytes"]:
+    tar = Path(out) / rec["name"]
+    if not tar.is_file() or tar.stat().st_size != rec["bytes"]:
         return None
     return rec
 
 
 def reusable_record(out: str | Path, split: str, shard: str, plan_hash: str) -> dict | None:
     """The done-record of shard `shard` when it is of this plan and the tar and index on disk are the
-    recorded bytes (size, sha256 of both), else None: a rerun then keeps the shard instead of building it.
-    Strictest rule, and the costly one (it reads the tar and index in full)."""
+    recorded bytes (size, sha256 of both), else None (also for a broken record): a rerun then builds the
+    shard instead of keeping it. Strictest rule, and the costly one (it reads the tar and index in full)."""
     try:
-        rec = json.loads(done_record_path(out, split, shard).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        rec = read_record(out, split, shard)
+    except BrokenRecord:
         return None
-    tar = Path(out) / rec.get("name", "")
-    idx = Path(out) / rec.get("index", "")
-    if rec.get("plan_hash") != plan_hash or not tar.is_file() or not idx.is_file():
+    if rec is None or rec["plan_hash"] != plan_hash:
         return None
-    if tar.stat().st_size != rec.get("bytes") or file_sha256(tar) != rec.get("sha256"):
+    tar, idx = Path(out) / rec["name"], Path(out) / rec["index"]
+    if not tar.is_file() or not idx.is_file():
+        return None
+    if tar.stat().st_size != rec["bytes"] or file_sha256(tar) != rec["sha256"]:
         return None
     if rec.get("index_sha256", None) not in (None, file_sha256(idx)):  # None: records before it was kept
         return None

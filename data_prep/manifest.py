@@ -25,7 +25,8 @@ def write_plan_record(out: Path, split: str, record: dict) -> None:
 
 
 def split_entry(out: Path, split: str) -> tuple[dict, dict, list[dict]]:
-    """(plan record, manifest entry, reject lines) for one split; PrepError if shards are missing."""
+    """(plan record, manifest entry, reject lines) for one split; PrepError if shards are missing, or a
+    done-record is broken (done_records.BrokenRecord, naming it)."""
     path = plan_path(out, split)
     try:
         plan = json.loads(path.read_text(encoding="utf-8"))

@@ -1,5 +1,6 @@
 """Resume after SIGKILL, Slurm-style task slices + finalize, verify, and re-encode mode."""
 import io
+import json
 import os
 import signal
 import subprocess
@@ -11,7 +12,9 @@ import pytest
 from PIL import Image
 
 from data_prep.cli import main
-from data_prep.format import load_manifest
+from data_prep.done_records import FIELDS
+from data_prep.format import done_record_path, load_manifest
+from data_prep.output_status import describe
 from tests.conftest import cifar_tar
 from tests.fixtures_images import write_imagefolder
 from tests.test_data_prep_imagefolder import samples_of
@@ -164,6 +167,72 @@ def test_corrupted_done_shard_is_rebuilt(tree, tmp_path, capsys):
     assert main(argv) == 0
     assert outputs(out) == before
     assert "train: 4 of 5 shards were complete from an earlier run and kept, 1 built" in capsys.readouterr().err
+
+
+def _broken(good: dict) -> list[tuple[str, str]]:
+    """(what the error says, the record's text) for the ways a hand edit breaks a done-record: not JSON, not
+    an object, each field the readers take missing or of another type, another shard's name, a bad reject."""
+    wrong = {str: 7, int: "8", list: {"path": "x"}}
+    cases = [("is not valid JSON", json.dumps(good)[:-1]), ("is not a JSON object", json.dumps([good]))]
+    for key, kind in FIELDS.items():
+        cases.append((f"has no field {key!r}", json.dumps({k: v for k, v in good.items() if k != key})))
+        cases.append((f"field {key!r} is {json.dumps(wrong[kind])}, not ", json.dumps({**good, key: wrong[kind]})))
+    return cases + [
+        ("field 'samples' is true, not an integer", json.dumps({**good, "samples": True})),
+        ("field 'name' is \"train-000000.tar\", not this shard's 'train-000001.tar'",
+         json.dumps({**good, "name": "train-000000.tar"})),
+        ("field 'index_sha256' is 7, not a string", json.dumps({**good, "index_sha256": 7})),
+        ("field 'rejects' item 0 is not an object", json.dumps({**good, "rejects": [{"path": "x"}]})),
+    ]
+
+
+def test_a_broken_done_record_stops_finalize_in_one_line_and_a_rerun_rebuilds_its_shard(tree, tmp_path, capsys):
+    """A done-record edited by hand: finalize ended in a traceback (KeyError: 'name', a TypeError for a
+    wrong type) and `launch status` counted the shard as done. Now finalize names the record and the field
+    in one line, status counts the shard as not done, and the task's rerun rebuilds it."""
+    out, single = tmp_path / "array", tmp_path / "single"
+    common = ["--split", "train", "--samples-per-shard", "8", "--workers", "1", "--no-progress"]
+    assert main(["imagefolder", str(tree), str(single), *common]) == 0
+    for i in (0, 1):
+        assert main(["imagefolder", str(tree), str(out), *common, "--task-index", str(i), "--num-tasks", "2"]) == 0
+    record = done_record_path(out, "train", "train-000001.tar")
+    good = record.read_text()
+    assert describe(out)[0] == f"shards       {out}: train 5 of 5 done"
+    capsys.readouterr()
+    for says, text in _broken(json.loads(good)):
+        record.write_text(text)
+        assert main(["finalize", str(out)]) == 2, says
+        err = capsys.readouterr().err
+        assert err.startswith(f"python -m data_prep: error: {record}: done-record {says}") and err.count("\n") == 1, err
+        assert err.endswith("rerun the prep command: it rebuilds shard train-000001.tar and writes its record "
+                            "again\n"), err
+        assert describe(out)[0] == f"shards       {out}: train 4 of 5 done", says
+        assert not (out / "manifest.json").exists()
+    record.write_text(json.dumps({k: v for k, v in json.loads(good).items() if k != "name"}))
+    assert main(["imagefolder", str(tree), str(out), *common, "--task-index", "1", "--num-tasks", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "train task 1/2: 1 of 2 shards were complete from an earlier run and kept, 1 built" in err, err
+    assert record.read_text() == good
+    assert main(["finalize", str(out)]) == 0
+    assert outputs(out) == outputs(single)
+
+
+def test_a_rerun_rebuilds_the_shard_of_a_broken_done_record(tree, tmp_path, capsys):
+    """With manifest.json there, a rerun reads the done-records to tell whether the manifest still lists its
+    plan's shards: a record without `name` was a KeyError traceback there; one whose `samples` was a string
+    passed the rerun's own check (size and sha256 match) and failed in finalize's sum."""
+    out = tmp_path / "o"
+    argv = ["imagefolder", str(tree), str(out), "--split", "train", "--samples-per-shard", "8", "--no-progress"]
+    assert main(argv) == 0
+    before = outputs(out)
+    record = done_record_path(out, "train", "train-000002.tar")
+    good = json.loads(record.read_text())
+    for broken in ({k: v for k, v in good.items() if k != "name"}, {**good, "samples": "8"}, [good]):
+        record.write_text(json.dumps(broken))
+        capsys.readouterr()
+        assert main(argv) == 0, broken
+        assert "train: 4 of 5 shards were complete from an earlier run and kept, 1 built" in capsys.readouterr().err
+        assert outputs(out) == before and json.loads(record.read_text()) == good
 
 
 def test_array_tasks_then_finalize_equals_single_run(tree, tmp_path, monkeypatch, capsys):
