@@ -41,7 +41,7 @@ def resume_point(other: Path, own_last: Path, own_meta: dict) -> Path:
 
 
 def record_origin(run_dir: Path, origin: str) -> None:
-    """``RUN/branched_from`` holds ``origin``, whole or not at all (every rank writes the same text)."""
+    """``RUN/branched_from`` holds ``origin``, whole or not at all (written by global rank 0)."""
     target = run_dir / BRANCH_FILE
     if recorded_origin(run_dir) == origin:
         return

@@ -393,7 +393,8 @@ class PipelineCLI(LightningCLI):
         else:  # a branch of another run: its W&B run would get two histories over the same steps
             self._branched_from = (str(path), meta.get(RUN_ID_KEY))
             self._branch_origin = origin_name(path)
-            record_origin(run_dir, self._branch_origin)  # a start before the branch's first checkpoint finds it
+            if is_global_rank_zero():  # a start before the branch's first checkpoint finds it
+                record_origin(run_dir, self._branch_origin)
         self._adapt_geometry(cfg, path, meta.get(ShardDataModule.__qualname__) or {})
 
     @staticmethod
