@@ -168,3 +168,25 @@ def test_rows_a_killed_start_logged_again_count_once(runs: Path, tmp_path: Path)
         writer.writeheader()
         writer.writerows(rows[:cut] + killed + rows[cut:])
     assert cifar10_table.read_run(run).train_error == cifar10_table.read_run(runs / "cifar_resnet20-seed0").train_error
+
+
+def test_a_run_directory_not_started_yet_is_named(runs: Path, tmp_path: Path, capsys) -> None:
+    """A sweep's job that is still pending, or stopped before training (a bad setting, a missing data root),
+    has a run directory without config.yaml: named on stderr, not silently dropped (its network's row would
+    say "1 of 1" where the sweep submitted two seeds)."""
+    _copy_run(runs / "cifar_resnet20-seed0", tmp_path / "cifar_resnet20-seed0")
+    pending = tmp_path / "cifar_resnet20-seed1"
+    pending.mkdir()
+    (pending / "train.sbatch").write_text("#!/bin/bash\n")  # what `launch submit train` leaves before the job starts
+    (pending / "jobs.jsonl").write_text('{"job_id": "7", "kind": "train", "script": "train.sbatch"}\n')
+    assert cifar10_table.main([str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    assert "| `cifar_resnet20` (data.val_split: val) | 1 of 1 |" in out, out
+    assert f"{pending}: no config.yaml, its training has not started" in err, err
+    assert f"python -m launch status {pending}" in err, err
+
+    (tmp_path / "cifar_resnet20-seed0" / "config.yaml").unlink()  # every job pending: no table, each named
+    assert cifar10_table.main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{pending}: no config.yaml" in err and f"{tmp_path / 'cifar_resnet20-seed0'}: no config.yaml" in err, err
+    assert "no run directories" in err, err

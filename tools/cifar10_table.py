@@ -7,10 +7,12 @@ error from the last ``val/top1`` row of ``csv/metrics.csv`` (the CIFAR config va
 at each epoch's end; the paper's 64k steps end 40 steps after the last one, at lr 0.001), the training
 error from the ``train/top1`` rows of that validation's epoch (augmented batches, as the paper's curves;
 not the 40 steps after it). A run short of its planned steps (``trainer.max_steps``, else the checkpoint's
-plan) is shown with the step it is at and left out of the numbers. Runs of one network and one recipe
-(any seeds) make one row: best and mean +- std of the final error, as the paper reports ResNet-110. Runs
-of a network whose recipes differ (option B, another border, the 45k split, ...) make a row each, named by
-the settings that differ; a row not scored on the test split says so and has no paper number beside it.
+plan) is shown with the step it is at and left out of the numbers; a run directory without a
+``config.yaml`` (a job not started yet, or one that stopped before training) is named on stderr. Runs of one
+network and one recipe (any seeds) make one row: best and mean +- std of the final error, as the paper
+reports ResNet-110. Runs of a network whose recipes differ (option B, another border, the 45k split, ...)
+make a row each, named by the settings that differ; a row not scored on the test split says so and has no
+paper number beside it.
 """
 
 from __future__ import annotations
@@ -201,12 +203,26 @@ def repeated_seeds(runs: list[Run]) -> list[str]:
     return said
 
 
+def not_started(root: Path) -> list[str]:
+    """A line for each directory of ``root`` without a config.yaml: a submitted job that has not started
+    training (pending, or failed before it: a bad setting, a missing data root). Unlisted, a network's row
+    would say "1 of 1" where the sweep submitted five seeds."""
+    if not root.is_dir():
+        return []
+    return [f"cifar10_table: {d}: no config.yaml, its training has not started (a job still pending, or one "
+            f"that stopped before it: `python -m launch status {d}`); left out"
+            for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith(".")
+            and not (d / "config.yaml").exists()]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="?", default="runs/cifar10", help="parent of the run directories")
     args = p.parse_args(argv)
     root = Path(args.runs)
     configs = sorted(root.glob("*/config.yaml"))
+    for line in not_started(root):
+        print(line, file=sys.stderr)
     if not configs:
         print(f"cifar10_table: no run directories (*/config.yaml) in {root}", file=sys.stderr)
         return 2
