@@ -10,8 +10,9 @@ from torch import nn
 
 def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: bool = False) -> list[dict]:
     """Two groups: weights of convs/linears, and BN parameters and biases (all 1-D tensors). The second
-    decays only with ``decay_norm_and_bias`` (the paper's Torch code decayed every parameter; ImageNet
-    recipes since Goyal et al. 2017 do not). Always two, so a resume may switch it."""
+    decays only with ``decay_norm_and_bias`` (the paper names no exception, and fb.resnet.torch, Facebook's
+    Torch reproduction of its results, decays every parameter; ImageNet recipes since Goyal et al. 2017 do
+    not). Always two, so a resume may switch it."""
     decay, norm_and_bias = [], []
     for p in model.parameters():
         if p.requires_grad:
