@@ -301,6 +301,52 @@ def test_second_train_job_into_a_busy_run_dir_is_refused(slurm_cluster: SlurmClu
         slurm_cluster.run("scancel", "-n", "train-busy", check=False)  # a second job, had one got through
 
 
+def test_the_cifar10_sweep_run_again_skips_a_run_still_queued_and_submits_the_rest(
+        slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    """docs/cifar10.md adds seeds by running the sweep again. A run whose job still ran was refused by
+    `launch submit` (one job per run directory), and `set -e` ended the sweep there: the new seeds were never
+    submitted. It is skipped with a note now, the rest submitted; any other refusal still stops the sweep."""
+    sleeper = tmp_path / "sleeper"
+    sleeper.write_text("#!/bin/sh\nexec sleep 300\n")  # the "trainer": runs until cancelled
+    sleeper.chmod(0o755)
+    runs = tmp_path / "runs"
+
+    def sweep(seeds: int, *launch_opts: str) -> subprocess.CompletedProcess[str]:
+        return slurm_cluster.run(
+            "bash", str(REPO / "tools" / "cifar10_sweep.sh"), "--depths", "20", "--seeds", str(seeds), "--runs",
+            str(runs), "--root", str(tmp_path / "shards"), "--", "--time", "00:05:00", "--gpus-per-node", "0",
+            "--signal-lead", "30", "--python", str(sleeper), "--no-config-check", *launch_opts,
+            check=False, timeout=300, cwd=REPO, env={"PYTHON": sys.executable})
+
+    def submitted(r: subprocess.CompletedProcess[str]) -> list[str]:
+        return re.findall(r"Submitted train job (\d+)", r.stdout)
+
+    try:
+        first = sweep(1)
+        assert first.returncode == 0 and len(submitted(first)) == 1, first.stdout + first.stderr
+        job = submitted(first)[0]
+        slurm_cluster.wait_state(job, {"RUNNING"}, timeout=30)
+        again = sweep(3)
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert len(submitted(again)) == 2, again.stdout + again.stderr
+        seed0 = runs / "cifar_resnet20-seed0"
+        assert f"launch: error: run directory {seed0} is in use by train job {job} RUNNING" in again.stderr, again.stderr
+        assert again.stderr.rstrip().endswith(
+            f"cifar10_sweep: not submitted again, their jobs still queued or running (python -m launch status RUN): "
+            f"{seed0}"), again.stderr
+        for seed in (1, 2):
+            assert (runs / f"cifar_resnet20-seed{seed}" / "jobs.jsonl").exists()
+        # another refusal (a partition that does not exist) stops the sweep at its first job, as before
+        jobs = [job, *submitted(again)]
+        slurm_cluster.run("scancel", *jobs)
+        slurm_cluster.wait_gone(jobs, timeout=60)
+        bad = sweep(3, "--partition", "nosuch")
+        assert bad.returncode == 2 and submitted(bad) == [], bad.stdout + bad.stderr
+        assert bad.stderr.count("== cifar_resnet20 seed") == 1 and "sbatch " in bad.stderr, bad.stderr
+    finally:
+        slurm_cluster.run("scancel", "-n", "c10-resnet20-s0,c10-resnet20-s1,c10-resnet20-s2", check=False)
+
+
 def test_a_job_that_could_never_start_is_cancelled_and_refused(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
     """sbatch accepts `--nodes 3` on the two-node partition (and --cpus-per-task 4 on its 1-CPU nodes), and
     the job would wait forever (reason PartitionConfig), keeping the run directory busy: the launcher cancels

@@ -16,6 +16,9 @@
 # trainer settings for every run (e.g. --trainer.precision 32-true), after the sweep's own.
 # Depths 110 and 1202 (plain and residual) start at lr 0.01 for 400 steps, as the paper did for 110
 # (--model.warmup_steps 400 --model.warmup_factor 0.1).
+# Run again (more --seeds, more --depths): finished runs end at once, stopped ones resume, and a run whose job
+# is still queued or running is skipped with a note (launch refuses a second job in a run directory); any
+# other refusal stops the sweep.
 # docs/cifar10.md: what to compare the results with.
 set -euo pipefail  # empty arrays are expanded as ${a[@]+"${a[@]}"}: bash < 4.4 (RHEL 7) calls "${a[@]}" unbound
 
@@ -27,6 +30,10 @@ runs=runs/cifar10
 launch_args=()
 trainer_args=()
 while [ $# -gt 0 ]; do
+  case "$1" in
+    --depths|--seeds|--root|--runs)
+      [ $# -ge 2 ] || { echo "cifar10_sweep: $1 needs a value" >&2; exit 2; } ;;
+  esac
   case "$1" in
     --depths) depths="$2"; shift 2 ;;
     --plain) plain=1; shift ;;
@@ -55,14 +62,29 @@ for d in $depths; do
   archs+=("cifar_resnet$d")
   [ "$plain" = 1 ] && archs+=("plain_cifar_resnet$d")
 done
+said=$(mktemp)
+trap 'rm -f "$said"' EXIT
+skipped=()
 for arch in "${archs[@]}"; do
   extra=()
   case "$arch" in *resnet110|*resnet1202) extra=(--model.warmup_steps 400 --model.warmup_factor 0.1) ;; esac
   for ((seed = 0; seed < seeds; seed++)); do
-    echo "== $arch seed $seed: $runs/$arch-seed$seed" >&2
-    "$python" -m launch submit train --config conf/cifar10_resnet20.yaml --run-dir "$runs/$arch-seed$seed" \
+    run="$runs/$arch-seed$seed"
+    echo "== $arch seed $seed: $run" >&2
+    status=0
+    "$python" -m launch submit train --config conf/cifar10_resnet20.yaml --run-dir "$run" \
       --job-name "c10-${arch//cifar_/}-s$seed" ${launch_args[@]+"${launch_args[@]}"} -- --model.arch "$arch" \
       --seed_everything "$seed" --data.seed "$seed" --data.root "$root" --tracking.name "$arch-seed$seed" \
-      ${extra[@]+"${extra[@]}"} ${trainer_args[@]+"${trainer_args[@]}"}
+      ${extra[@]+"${extra[@]}"} ${trainer_args[@]+"${trainer_args[@]}"} 2>"$said" || status=$?
+    cat "$said" >&2
+    if [ "$status" != 0 ]; then
+      # its job still queued or running: that job trains it; the sweep goes on with the others
+      if grep -q "^launch: error: run directory .* is in use by train job " "$said"; then skipped+=("$run"); continue; fi
+      exit "$status"
+    fi
   done
 done
+if [ ${#skipped[@]} -gt 0 ]; then
+  echo "cifar10_sweep: not submitted again, their jobs still queued or running (python -m launch status RUN):" \
+       "${skipped[*]}" >&2
+fi
