@@ -121,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
         _slurm_args(k, "02:00:00")
 
     st = sub.add_parser("status", help="jobs, requeues, last checkpoint/step, img/s, W&B id of a run")
-    st.add_argument("run_dir", nargs="?", type=_path, default=None)
+    st.add_argument("run_dir", nargs="?", type=_path, default=None,
+                    help="a run directory; a folder of them (a sweep's --runs): one line per run; none: squeue --me")
 
     tr = sub.add_parser("torchrun", help="print (or run) the torchrun command for a cluster without Slurm")
     tr.add_argument("--config", required=True, type=_path, action=_Once,

@@ -1,6 +1,6 @@
 """`launch status RUN_DIR`: where a run stands, from Slurm (sacct, or squeue/scontrol when accounting
 is off) and from the run directory (who trains in it now, checkpoint step, throughput, W&B id, job log
-restart lines)."""
+restart lines). A folder of run directories (a sweep's ``--runs``) gets one line per run instead."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from launch.errors import LaunchError
 from launch.rundir import recorded_jobs, wandb_run_id
 from data_prep import output_status
 from pipeline import run_lock
-from pipeline.run_layout import RUN_ID_FILE, SLURM_LOG_GLOB, checkpoint_dir, slurm_log
+from pipeline.run_layout import CONFIG_FILE, LOCK_NAME, RUN_ID_FILE, SLURM_LOG_GLOB, checkpoint_dir, slurm_log
 
 _RESTART_LINE = re.compile(r"^launch: job (\d+) restart (\d+)", re.MULTILINE)
 
@@ -194,10 +194,20 @@ def _prep_outputs(run_dir: Path) -> list[Path] | None:
     return outs or None  # records written before OUT was recorded: the general report
 
 
+def is_run_dir(path: Path) -> bool:
+    """Whether ``path`` holds a run (a job of ours, a checkpoint, the trainer's config, W&B id or lock)."""
+    return bool(job_ids(path)) or any((path / name).exists() for name in
+                                      (checkpoint_dir(".").name, CONFIG_FILE, RUN_ID_FILE, LOCK_NAME))
+
+
 def report(run_dir: Path) -> str:
-    """The status text for one run directory."""
+    """The status text for one run directory, or for a folder of them (``runs_report``)."""
     if not run_dir.is_dir():
         raise LaunchError(f"RUN_DIR: {str(run_dir)!r} is not a directory")
+    if not is_run_dir(run_dir):
+        runs = [c for c in sorted(run_dir.iterdir()) if c.is_dir() and is_run_dir(c)]
+        if runs:
+            return runs_report(run_dir, runs)
     lines = [f"run dir      {run_dir.resolve()}"]
     ids = job_ids(run_dir)
     if not ids:
@@ -244,6 +254,43 @@ def report(run_dir: Path) -> str:
     except LaunchError as e:  # say so, after what the rest of the run directory says
         rid = f"unreadable: {e}"
     lines.append(f"W&B run id   {rid}")
+    return "\n".join(lines)
+
+
+def runs_report(parent: Path, runs: list[Path]) -> str:
+    """One line per run directory in ``parent`` (a sweep of 10 networks x 5 seeds is 50 reports): its last
+    job and that job's state (one sacct for all), the newest checkpoint's step of the steps planned, and the
+    best kept val/top1. ``launch status RUN`` has the whole story of one."""
+    last_job = {run: ids[-1] for run in runs if (ids := job_ids(run))}
+    states: dict[str, str] = {}
+    note = ""
+    if last_job:
+        header, rows = _jobs(sorted(set(last_job.values()), key=lambda j: (len(j), j)))
+        if rows is None:
+            note = header.rstrip(":").replace("jobs (", "(", 1)
+        else:
+            states = {r.job_id: f"{r.state} ({r.reason})" if r.state == "PENDING" and r.reason else r.state
+                      for r in rows}
+            if "squeue/scontrol" in header:
+                note = "(finished jobs are not listed without sacct)"
+    lines = [f"runs in {parent.resolve()}: {len(runs)}" + (f" {note}" if note else "")]
+    width = max(3, *(len(r.name) for r in runs))
+    lines.append(f"  {'RUN':<{width}}  {'JOB':<12} {'STATE':<22} {'STEP':<24} BEST val/top1")
+    for run in runs:
+        job = last_job.get(run)
+        state = states.get(job, "-") if job else "no job"
+        if job and states and job not in states:
+            state = "ended"  # squeue no longer knows it
+        ckpt = latest_checkpoint(run, [])
+        if ckpt is None or ckpt.global_step is None:
+            step = "-"
+        elif ckpt.planned_steps:
+            step = f"{ckpt.global_step:,} of {ckpt.planned_steps:,}" + (" done" if ckpt.global_step >= ckpt.planned_steps else "")
+        else:
+            step = f"{ckpt.global_step:,}"
+        best = best_checkpoint(run)
+        top1 = f"{best.top1:.4f} (step {best.step:,})" if best else "-"
+        lines.append(f"  {run.name:<{width}}  {job or '-':<12} {state:<22} {step:<24} {top1}")
     return "\n".join(lines)
 
 

@@ -336,6 +336,11 @@ def test_the_cifar10_sweep_run_again_skips_a_run_still_queued_and_submits_the_re
             f"{seed0}"), again.stderr
         for seed in (1, 2):
             assert (runs / f"cifar_resnet20-seed{seed}" / "jobs.jsonl").exists()
+        st = slurm_cluster.launch("status", str(runs))  # one line per run, states from the real sacct/squeue
+        rows = [line.split() for line in st.stdout.splitlines()[2:]]
+        assert [r[:2] for r in rows] == [[f"cifar_resnet20-seed{k}", j] for k, j in enumerate([job, *submitted(again)])], \
+            st.stdout
+        assert rows[0][2] == "RUNNING" and all(r[2] in ("RUNNING", "PENDING") for r in rows[1:]), st.stdout
         # another refusal (a partition that does not exist) stops the sweep at its first job, as before
         jobs = [job, *submitted(again)]
         slurm_cluster.run("scancel", *jobs)

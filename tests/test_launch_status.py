@@ -433,3 +433,42 @@ def test_a_pending_job_shows_its_reason_never_an_exit_code() -> None:
             JobRow("46", "train-demo", "FAILED", "00:01:00", exit_code="2:0")]
     lines = _table(rows)[1:]
     assert [line.split()[-1] for line in lines] == ["-", "ReqNodeNotAvail", "2:0"], lines
+
+
+def test_status_of_a_folder_of_runs_is_one_line_per_run(trained_run: Path, tmp_path: Path) -> None:
+    """`launch status runs/cifar10` (a sweep's --runs: 10 networks x 5 seeds) was the report of an empty run
+    directory ("jobs none, checkpoint none yet"). One line per run now: its last job and that job's state
+    (one sacct for all; here a stand-in answering as Slurm does), the newest checkpoint's step, the best kept
+    val/top1. Folders that hold no run are left out; `status RUN` of one run is unchanged."""
+    from launch.rundir import record_job
+
+    runs = tmp_path / "runs"
+    done = runs / "cifar_resnet20-seed0"
+    _copy_checkpoint(trained_run, "last.ckpt", done, "last.ckpt")
+    _copy_checkpoint(trained_run, "last.ckpt", done, "best-epoch001-step0000004-top1=0.9125.ckpt")
+    _copy_checkpoint(trained_run, "last.ckpt", done, "best-epoch000-step0000002-top1=0.8500.ckpt")
+    record_job(done, "41", "train", done / "train.sbatch")
+    record_job(done, "42", "train", done / "train.sbatch")
+    waiting = runs / "plain_cifar_resnet20-seed0"
+    record_job(waiting, "43", "train", waiting / "train.sbatch")
+    (runs / "notes").mkdir()  # no run
+    (runs / "README").write_text("sweep of 2026-12\n")
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "sacct").write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path}/sacct.args\n"
+                                  "printf '42|c10-resnet20-s0|RUNNING|00:10:00|0:0|None\\n"
+                                  "43|c10-plain_resnet20-s0|PENDING|00:00:00|0:0|Priority\\n'\n")
+    (bindir / "squeue").write_text("#!/bin/sh\nexit 0\n")
+    for tool in ("sacct", "squeue"):
+        (bindir / tool).chmod(0o755)
+    r = launch("status", str(runs), cwd=tmp_path, env={"PATH": f"{bindir}:/usr/bin:/bin"})
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == f"runs in {runs.resolve()}: 2", r.stdout
+    assert lines[1].split() == ["RUN", "JOB", "STATE", "STEP", "BEST", "val/top1"], r.stdout
+    assert lines[2].split() == ["cifar_resnet20-seed0", "42", "RUNNING", "6", "0.9125", "(step", "4)"], r.stdout
+    assert lines[3].split() == ["plain_cifar_resnet20-seed0", "43", "PENDING", "(Priority)", "-", "-"], r.stdout
+    assert len(lines) == 4, r.stdout
+    assert "-j 42,43 " in (tmp_path / "sacct.args").read_text()  # the last job of each run, in one call
+    one = launch("status", str(done), cwd=tmp_path, env={"PATH": f"{bindir}:/usr/bin:/bin"})
+    assert one.stdout.startswith(f"run dir      {done.resolve()}\n"), one.stdout
