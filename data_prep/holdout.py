@@ -24,6 +24,7 @@ import numpy as np
 from .errors import PrepError
 from .format import MANIFEST_NAME, SPLIT_NAME, WORK_DIR, plan_path
 from .imagefolder import Scan
+from .plan_record import BrokenPlan, read_plan
 
 # What a rerun must repeat (option name, key in the record); the count drawn follows from these and the inputs.
 SETTINGS = (("--holdout", "size"), ("--holdout-split", "holdout_split"), ("--split", "split"), ("--seed", "seed"))
@@ -240,9 +241,10 @@ def _plan_holdout(out: Path, split: str) -> dict | None:
 
 
 def _plan_options(out: Path, split: str) -> dict | None:
-    """The options of `split`'s plan record in OUT; None without a readable one."""
+    """The options of `split`'s plan record in OUT; None without one, or with a broken one (the rerun writes it
+    again; finalize names it: plan_record.read_plan)."""
     try:
-        options = json.loads(plan_path(out, split).read_text(encoding="utf-8"))["options"]
-    except (OSError, ValueError, KeyError, TypeError):
+        plan = read_plan(out, split)
+    except BrokenPlan:
         return None
-    return options if isinstance(options, dict) else None
+    return None if plan is None else plan["options"]

@@ -14,6 +14,7 @@ from .errors import PrepError
 from .format import (MANIFEST_NAME, MANIFEST_VERSION, PLAN_NAME, REJECTS_NAME, WORK_DIR, ManifestError,
                      load_manifest, plan_path, shard_file_pattern, work_dir)
 from .holdout import with_partners
+from .plan_record import read_plan
 from .runner import write_json_atomic, write_text_atomic
 from .shardwriter import PARTIAL_SUFFIX
 
@@ -25,13 +26,11 @@ def write_plan_record(out: Path, split: str, record: dict) -> None:
 
 
 def split_entry(out: Path, split: str) -> tuple[dict, dict, list[dict]]:
-    """(plan record, manifest entry, reject lines) for one split; PrepError if shards are missing, or a
-    done-record is broken (done_records.BrokenRecord, naming it)."""
-    path = plan_path(out, split)
-    try:
-        plan = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise PrepError(f"{path}: no readable plan for split {split!r} ({exc})") from None
+    """(plan record, manifest entry, reject lines) for one split; PrepError if shards are missing, or the plan
+    or a done-record is missing or broken (plan_record.BrokenPlan, done_records.BrokenRecord, naming it)."""
+    plan = read_plan(out, split)
+    if plan is None:
+        raise PrepError(f"{plan_path(out, split)}: no plan for split {split!r} (run its prep command first)")
     shards, rejects, missing = [], [], []
     for r in plan["scan_rejects"]:
         rejects.append({"split": split, "path": r[0], "reason": r[1]})

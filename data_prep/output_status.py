@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .done_records import record_of_plan
-from .format import MANIFEST_NAME, WORK_DIR, plan_path
+from .format import MANIFEST_NAME, WORK_DIR
+from .plan_record import BrokenPlan, read_plan
 
 
 @dataclass
@@ -22,6 +23,7 @@ class SplitProgress:
     done: int
     samples: int | None = None
     rejected: int | None = None
+    broken: str | None = None  # the plan is there but broken (plan_record.BrokenPlan): what its message says
 
 
 def split_progress(out: Path) -> list[SplitProgress]:
@@ -29,11 +31,16 @@ def split_progress(out: Path) -> list[SplitProgress]:
     found: dict[str, SplitProgress] = {}
     work = Path(out) / WORK_DIR
     for d in sorted(work.iterdir()) if work.is_dir() else []:
-        try:
-            plan = json.loads(plan_path(out, d.name).read_text(encoding="utf-8"))
-            shards = [(s["name"], s["plan_hash"]) for s in plan["shards"]]
-        except (OSError, ValueError, KeyError, TypeError):
+        if not d.is_dir():
             continue
+        try:
+            plan = read_plan(out, d.name)
+        except BrokenPlan as exc:
+            found[d.name] = SplitProgress(d.name, None, 0, broken=str(exc))
+            continue
+        if plan is None:
+            continue
+        shards = [(s["name"], s["plan_hash"]) for s in plan["shards"]]
         found[d.name] = SplitProgress(d.name, len(shards), sum(record_of_plan(out, d.name, n, h) for n, h in shards))
     for split, entry in (_manifest(out) or {}).get("splits", {}).items():
         p = found.setdefault(split, SplitProgress(split, None, len(entry.get("shards", []))))
@@ -56,6 +63,7 @@ def describe(out: Path) -> list[str]:
     if not out.is_dir():
         return [f"shards       {out}: does not exist yet (the first array task makes it)"]
     built = "; ".join(f"{p.split} {p.done:,} of {p.planned:,} done" if p.planned is not None
+                      else f"{p.split}: {p.broken}" if p.broken is not None
                       else f"{p.split} {p.done:,} done" for p in splits) or "none planned yet (no array task has started)"
     lines = [f"shards       {out}: {built}"]
     manifest = out / MANIFEST_NAME
