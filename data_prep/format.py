@@ -8,6 +8,9 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Collection
+
+from .manifest_shape import manifest_problem
 
 SPLIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # a split's name: in shard and file names
 
@@ -21,7 +24,7 @@ REJECTS_NAME = "rejects.jsonl"  # OUT/rejects.jsonl: why each rejected input was
 
 
 class ManifestError(Exception):
-    """The manifest or an index file is missing, unreadable, or of an unknown version."""
+    """The manifest or an index file is missing, unreadable, broken, or of an unknown version."""
 
 
 def shard_name(split: str, number: int) -> str:
@@ -61,8 +64,10 @@ def done_record_path(out: str | Path, split: str, shard: str) -> Path:
     return work_dir(out, split) / (shard + ".json")
 
 
-def load_manifest(out_dir: str | Path) -> dict:
-    """Read and sanity-check ``OUT/manifest.json``; raise ManifestError naming the path."""
+def load_manifest(out_dir: str | Path, rewriting: Collection[str] = ()) -> dict:
+    """Read and check ``OUT/manifest.json``: every field its readers take is there with its type
+    (``manifest_shape``); raise ManifestError naming the path, the field and what to do. The entries of the
+    splits in `rewriting` are not checked (finalize and a rerun write them again)."""
     path = Path(out_dir) / MANIFEST_NAME
     try:
         text = path.read_text(encoding="utf-8")
@@ -76,19 +81,42 @@ def load_manifest(out_dir: str | Path) -> dict:
         raise ManifestError(f"{path}: manifest not found (run `python -m data_prep ...` first)") from None
     except OSError as exc:
         raise ManifestError(f"{path}: cannot read manifest: {exc}") from None
+    except UnicodeDecodeError:
+        raise _broken(out_dir, "manifest is not valid JSON (not UTF-8 text)") from None
     try:
         manifest = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ManifestError(f"{path}: invalid JSON: {exc}") from None
+        raise _broken(out_dir, f"manifest is not valid JSON ({exc})") from None
     if not isinstance(manifest, dict):
-        raise ManifestError(f"{path}: manifest must be a JSON object")
+        raise _broken(out_dir, "manifest is not a JSON object")
     version = manifest.get("version")
     if version != MANIFEST_VERSION:
         raise ManifestError(f"{path}: unsupported manifest version {version!r} (expected {MANIFEST_VERSION})")
-    for key in ("classes", "splits"):
-        if key not in manifest:
-            raise ManifestError(f"{path}: manifest lacks {key!r}")
+    found = manifest_problem(manifest, rewriting)
+    if found is not None:
+        raise _broken(out_dir, f"manifest {found[0]}", found[1])
     return manifest
+
+
+def _broken(out_dir: str | Path, problem: str, split: str | None = None) -> ManifestError:
+    """A manifest that is there but broken: the error names it and says what writes it again. A split's entry
+    is written again by finalize from the split's plan and done-records under OUT/.work; the whole file is,
+    once moved aside, from those of every split planned there (any other split needs its prep command)."""
+    path = Path(out_dir) / MANIFEST_NAME
+    planned = sorted(p.parent.name for p in (Path(out_dir) / WORK_DIR).glob(f"*/{PLAN_NAME}"))
+    if split is not None and split in planned:
+        fix = (f"`python -m data_prep finalize {out_dir}` writes the entry of split {split!r} again from "
+               f"{work_dir(out_dir, split)}")
+    elif split is not None:
+        fix = (f"rerun the prep command of split {split!r} ({work_dir(out_dir, split)} is not there for finalize to "
+               f"write its entry again from)")
+    elif planned:
+        fix = (f"move it aside and run `python -m data_prep finalize {out_dir}`: it writes the manifest again from "
+               f"{Path(out_dir) / WORK_DIR}, with the splits planned there ({', '.join(planned)})")
+    else:
+        fix = (f"move it aside and rerun the prep commands that wrote {out_dir} (there is no {WORK_DIR}/ there to "
+               f"write the manifest again from)")
+    return ManifestError(f"{path}: {problem} (edited by hand, or cut short?); {fix}")
 
 
 def shard_paths(out_dir: str | Path, manifest: dict, split: str) -> list[Path]:

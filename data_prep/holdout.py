@@ -180,7 +180,9 @@ def _recorded(out: Path, split: str) -> list[tuple[str, dict | None]]:
         found.append((str(plan_path(out, split)), options.get("holdout")))
     try:
         entry = json.loads((out / MANIFEST_NAME).read_text(encoding="utf-8"))["splits"][split]
-        found.append((str(out / MANIFEST_NAME), entry["options"].get("holdout")))
+        held = entry["options"].get("holdout")
+        if held is None or isinstance(held, dict):  # else a broken entry, which this run writes again
+            found.append((str(out / MANIFEST_NAME), held))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass
     return [(where, None if rec is None else {key: rec.get(key) for _o, key in SETTINGS}) for where, rec in found]

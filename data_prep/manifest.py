@@ -74,7 +74,7 @@ def finalize(out: str | Path, splits: list[str] | None = None) -> dict:
         raise PrepError(f"{out}: nothing to finalize (no {WORK_DIR}/<split>/{PLAN_NAME}; run a prep command first)")
     splits = with_partners(out, splits)  # a hold-out's two sides are merged together
     try:
-        manifest = load_manifest(out) if (out / MANIFEST_NAME).exists() else None
+        manifest = load_manifest(out, rewriting=splits) if (out / MANIFEST_NAME).exists() else None
     except ManifestError as exc:
         raise PrepError(str(exc)) from None
     if manifest is None:

@@ -4,12 +4,11 @@ tasks' logs are many and the manifest appears only when the finalize job has run
 from __future__ import annotations
 
 import datetime as _dt
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from .done_records import record_of_plan
-from .format import MANIFEST_NAME, WORK_DIR
+from .format import MANIFEST_NAME, WORK_DIR, ManifestError, load_manifest
 from .plan_record import BrokenPlan, read_plan
 
 
@@ -42,18 +41,21 @@ def split_progress(out: Path) -> list[SplitProgress]:
             continue
         shards = [(s["name"], s["plan_hash"]) for s in plan["shards"]]
         found[d.name] = SplitProgress(d.name, len(shards), sum(record_of_plan(out, d.name, n, h) for n, h in shards))
-    for split, entry in (_manifest(out) or {}).get("splits", {}).items():
-        p = found.setdefault(split, SplitProgress(split, None, len(entry.get("shards", []))))
-        p.samples, p.rejected = entry.get("samples"), entry.get("rejected")
+    for split, entry in (_manifest(out)[0] or {}).get("splits", {}).items():
+        p = found.setdefault(split, SplitProgress(split, None, len(entry["shards"])))
+        p.samples, p.rejected = entry["samples"], entry.get("rejected")
     return [found[s] for s in sorted(found)]
 
 
-def _manifest(out: Path) -> dict | None:
+def _manifest(out: Path) -> tuple[dict | None, str | None]:
+    """(OUT's manifest, None); (None, why it cannot be used: format.load_manifest's line); (None, None)
+    when there is none yet."""
+    if not (Path(out) / MANIFEST_NAME).exists():
+        return None, None
     try:
-        doc = json.loads((Path(out) / MANIFEST_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return doc if isinstance(doc, dict) and isinstance(doc.get("splits"), dict) else None
+        return load_manifest(out), None
+    except ManifestError as exc:
+        return None, str(exc)
 
 
 def describe(out: Path) -> list[str]:
@@ -67,8 +69,9 @@ def describe(out: Path) -> list[str]:
                       else f"{p.split} {p.done:,} done" for p in splits) or "none planned yet (no array task has started)"
     lines = [f"shards       {out}: {built}"]
     manifest = out / MANIFEST_NAME
-    if _manifest(out) is None:
-        why = "unreadable" if manifest.exists() else "not yet: the finalize job writes it once every array task succeeded"
+    doc, broken = _manifest(out)
+    if doc is None:
+        why = broken or "not yet: the finalize job writes it once every array task succeeded"
         return lines + [f"manifest     {why}"]
     when = _dt.datetime.fromtimestamp(manifest.stat().st_mtime, _dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
     held = ", ".join(f"{p.split} {p.samples:,} samples ({p.rejected or 0} rejected)"

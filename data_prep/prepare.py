@@ -10,6 +10,7 @@ from .format import MANIFEST_NAME, ManifestError, index_name, load_manifest, sha
 from .holdout import SETTINGS, check_rerun, with_partners
 from .imagefolder import Scan
 from .manifest import finalize, split_entry, write_plan_record
+from .manifest_shape import entry_problem
 from .plan import ShardJob, plan_shards
 from .runner import run_jobs, write_json_atomic
 from .validate import EncodeOptions
@@ -40,7 +41,7 @@ def prepare_splits(out: Path, parts: list[SplitPart], source: str, opts: EncodeO
     names = [p.split for p in parts]
     if (out / MANIFEST_NAME).exists():
         try:
-            existing = load_manifest(out)
+            existing = load_manifest(out, rewriting=names)  # a broken entry of theirs is written again
         except ManifestError as exc:
             raise PrepError(str(exc)) from None
         others = sorted(set(existing["splits"]) - set(names))
@@ -76,7 +77,7 @@ def _unlist_changing_splits(out: Path, planned: list[tuple[str, list[ShardJob]]]
     damaged shard rebuilt to its recorded bytes) keeps its entry."""
     if not (out / MANIFEST_NAME).exists():
         return
-    manifest = load_manifest(out)  # read (and checked) by prepare_splits just before
+    manifest = load_manifest(out, rewriting=[split for split, _ in planned])  # checked by prepare_splits before
     stale = [split for split, jobs in planned
              if split in manifest["splits"] and not _entry_is_current(out, split, manifest["splits"][split])]
     stale = [s for s in with_partners(out, stale) if s in manifest["splits"]]  # a hold-out's two sides together
@@ -95,7 +96,9 @@ def _unlist_changing_splits(out: Path, planned: list[tuple[str, list[ShardJob]]]
 
 def _entry_is_current(out: Path, split: str, entry: dict) -> bool:
     """Whether the manifest's entry of a split lists what its plan (just recorded) builds: the entry finalize
-    would write from the done-records now, shard for shard."""
+    would write from the done-records now, shard for shard. A broken entry is not."""
+    if entry_problem(split, entry) is not None:
+        return False
     try:
         _plan, now, _rejects = split_entry(out, split)
     except PrepError:  # shards not done to this plan

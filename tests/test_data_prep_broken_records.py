@@ -80,3 +80,105 @@ def test_a_broken_plan_stops_finalize_in_one_line_and_a_rerun_writes_it_again(tr
     assert plan.read_text() == good
     assert main(["finalize", str(out)]) == 0
     assert outputs(out) == outputs(single)
+
+
+def _broken_manifests(good: dict) -> list[tuple[str, str, str | None]]:
+    """(what the error says, the manifest's text, the split whose entry is broken or None for the whole file)
+    for the ways a hand edit or a cut breaks a manifest its readers take as is."""
+    text = json.dumps(good, indent=1)
+    val = good["splits"]["val"]
+    shard = val["shards"][0]
+
+    def val_is(entry) -> str:
+        return json.dumps({**good, "splits": {**good["splits"], "val": entry}})
+
+    def with_val(**fields) -> str:
+        return val_is({**val, **fields})
+
+    def with_shard(**fields) -> str:
+        return with_val(shards=[{**shard, **fields}, *val["shards"][1:]])
+
+    cases = [("is not valid JSON", "", None), ("is not valid JSON", text[:len(text) // 2], None),
+             ("is not valid JSON (not UTF-8 text)", "\udcff" + text[1:], None),
+             ("is not a JSON object", json.dumps([good]), None),
+             ("has no field 'classes'", json.dumps({k: v for k, v in good.items() if k != "classes"}), None),
+             ("field 'classes' is \"abcd\", not a list of strings", json.dumps({**good, "classes": "abcd"}), None),
+             ("field 'splits' is [], not an object", json.dumps({**good, "splits": []}), None),
+             ("field 'options' is [], not an object", json.dumps({**good, "options": []}), None),
+             ("field 'splits.val' is [], not an object", val_is([]), "val"),
+             ("has no field 'splits.val.shards'", val_is({k: v for k, v in val.items() if k != "shards"}), "val"),
+             ("field 'splits.val.samples' is \"20\", not a count", with_val(samples="20"), "val"),
+             ("field 'splits.val.rejected' is -1, not a count", with_val(rejected=-1), "val"),
+             ("field 'splits.val.options.holdout' is \"x\", not an object",
+              with_val(options={**val["options"], "holdout": "x"}), "val"),
+             ("field 'splits.val.shards[0]' is \"val-000000.tar\", not an object",
+              with_val(shards=["val-000000.tar"]), "val"),
+             ("field 'splits.val.shards[1].name' is \"val-000000.tar\", which shards[0] lists already",
+              with_val(shards=[shard, shard, *val["shards"][2:]]), "val")]
+    for key, wrong in (("name", 7), ("index", None), ("samples", "8"), ("bytes", 1.5), ("sha256", 0)):
+        if key != "index":  # an entry without one: the loaders take the shard's name with .idx
+            cases.append((f"has no field 'splits.val.shards[0].{key}'",
+                          with_val(shards=[{k: v for k, v in shard.items() if k != key}, *val["shards"][1:]]), "val"))
+        cases.append((f"field 'splits.val.shards[0].{key}' is {json.dumps(wrong)}, not ", with_shard(**{key: wrong}),
+                      "val"))
+    return cases
+
+
+def test_a_broken_manifest_is_one_line_for_every_reader_and_finalize_writes_it_again(tree, tmp_path, capsys):
+    """manifest.json edited by hand or cut short: the loaders raised KeyError or TypeError (a shard without
+    `name`, a split that is a list), or took a wrong value as is (a shard listed twice read twice, `classes`
+    of "abcd" as 4 classes); verify crashed on a name of 7 or a count of "8", launch status on a `samples` of
+    "20", a rerun on a split entry that is a list, and a manifest not UTF-8 was a UnicodeDecodeError for all.
+    Now each reader says one line naming the manifest and the field, and what writes it again: finalize, for a
+    split's entry (from the split's plan and done-records), or, moved aside, for the whole file."""
+    from pipeline.data.shards import ShardSet
+    from pipeline.errors import ConfigError
+
+    out = tmp_path / "o"
+    for split in ("train", "val"):
+        assert main(["imagefolder", str(tree), str(out), "--split", split, *COMMON[2:]]) == 0
+    path = out / "manifest.json"
+    good = path.read_text()
+    capsys.readouterr()
+    for says, text, split in _broken_manifests(json.loads(good)):
+        path.write_bytes(text.encode("utf-8", "surrogateescape"))
+        if split is None:
+            fix = (f"move it aside and run `python -m data_prep finalize {out}`: it writes the manifest again from "
+                   f"{out / '.work'}, with the splits planned there (train, val)")
+        else:
+            fix = f"`python -m data_prep finalize {out}` writes the entry of split 'val' again from {out / '.work' / 'val'}"
+        with pytest.raises(ConfigError) as caught:
+            ShardSet(out, "train")
+        line = str(caught.value)
+        assert line.startswith(f"data.root: {path}: manifest {says}") and line.endswith(fix), (says, line)
+        assert main(["verify", str(out)]) == 2, says
+        assert capsys.readouterr().err == f"python -m data_prep: error: {line[len('data.root: '):]}\n", says
+        assert describe(out)[1] == f"manifest     {line[len('data.root: '):]}", says
+        if split is None:  # finalize cannot tell which splits it listed: it refuses until it is moved aside
+            assert main(["finalize", str(out)]) == 2, says
+            assert capsys.readouterr().err == f"python -m data_prep: error: {line[len('data.root: '):]}\n", says
+            path.rename(tmp_path / "manifest.json.broken")
+        assert main(["finalize", str(out)]) == 0, says
+        assert path.read_text() == good, says
+        capsys.readouterr()
+    assert len(ShardSet(out, "train")) == 40
+
+
+def test_the_trainer_says_a_broken_manifest_in_one_error_line(tree, tmp_path):
+    """`python -m pipeline fit` on a manifest whose shard count is a string: it passed int() and the run went on
+    (its checkpoints' digest of the split then differs from that of the manifest once repaired: a resume
+    refused it as another dataset)."""
+    from tests.conftest import REPO, run_cli_in_process
+
+    out = tmp_path / "o"
+    assert main(["imagefolder", str(tree), str(out), *COMMON]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["splits"]["train"]["shards"][1]["samples"] = "8"
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    r = run_cli_in_process("fit", "--config", str(REPO / "conf" / "demo.yaml"), "--data.root", str(out),
+                           "--data.val_split", "train", "--trainer.default_root_dir", str(tmp_path / "run"),
+                           "--tracking.wandb", "false")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr == (f"error: data.root: {out / 'manifest.json'}: manifest field 'splits.train.shards[1].samples' "
+                        f"is \"8\", not a count (an integer >= 0) (edited by hand, or cut short?); `python -m data_prep "
+                        f"finalize {out}` writes the entry of split 'train' again from {out / '.work' / 'train'}\n")

@@ -21,13 +21,14 @@ def test_load_manifest_errors_name_the_path(tmp_path):
     with pytest.raises(ConfigError, match=f"^data.root: {tmp_path / MANIFEST_NAME}: manifest not found: data_prep"):
         ShardSet(tmp_path, "train")
     (tmp_path / MANIFEST_NAME).write_text("{not json")
-    with pytest.raises(ManifestError, match="invalid JSON"):
+    with pytest.raises(ManifestError, match="manifest is not valid JSON"):
         load_manifest(tmp_path)
     (tmp_path / MANIFEST_NAME).write_text(json.dumps({"version": 7, "classes": [], "splits": {}}))
     with pytest.raises(ManifestError, match="version 7"):
         load_manifest(str(tmp_path))
     (tmp_path / MANIFEST_NAME).write_text(json.dumps({"version": 1, "classes": ["a"], "splits": {
-        "train": {"shards": [{"name": "train-000000.tar", "index": "train-000000.idx"}]}}}))
+        "train": {"samples": 3, "shards": [{"name": "train-000000.tar", "index": "train-000000.idx", "samples": 3,
+                                             "bytes": 30720, "sha256": "0" * 64}]}}}))
     m = load_manifest(tmp_path)
     assert shard_paths(tmp_path, m, "train") == [tmp_path / "train-000000.tar"]
     with pytest.raises(ManifestError, match="no split 'val'"):

@@ -1,0 +1,63 @@
+"""The fields the readers of ``manifest.json`` take from it, and their types: the loaders' ``ShardSet`` (and the
+checkpoint's dataset digests), ``verify``, ``finalize`` and a rerun merging into it, ``launch status``.
+``format.load_manifest`` checks them for all of them, so a manifest that parses but is of the wrong shape (a
+hand edit, a copy cut short at a place that still parses) is one line naming the field, where the readers
+raised KeyError, TypeError or AttributeError, or used it as is (a shard listed twice is read twice; a
+``samples`` of ``"8"`` passed ``int()`` and changed the checkpoint's digest of the split).
+
+Kept free of heavy imports: the loaders import it through ``format``.
+"""
+from __future__ import annotations
+
+from typing import Collection
+
+from .record_fields import first_problem, shown
+
+COUNT = "a count (an integer >= 0)"
+# top level (the version is checked first, on its own); `class_names` and `options` are rewritten by every
+# finalize, and only type-checked
+TOP_FIELDS = {"classes": "a list of strings", "splits": "an object", "class_names": "a list of strings",
+              "options": "an object"}
+# splits.NAME; `rejected` and `options` only type-checked
+SPLIT_FIELDS = {"shards": "a list", "samples": COUNT, "rejected": COUNT, "options": "an object"}
+# splits.NAME.shards[i]; `index` may be missing (the loaders take the shard's name with .idx: format.index_name_of)
+SHARD_FIELDS = {"name": "a string", "index": "a string", "samples": COUNT, "bytes": COUNT, "sha256": "a string"}
+
+
+def entry_problem(split: str, entry: object) -> str | None:
+    """What is wrong with the manifest's entry of `split`, or None."""
+    where = f"splits.{split}"
+    if not isinstance(entry, dict):
+        return f"field {where!r} is {shown(entry)}, not an object"
+    problem = first_problem(entry, SPLIT_FIELDS, where + ".", optional=("rejected", "options"))
+    if problem is not None:
+        return problem
+    holdout = entry.get("options", {}).get("holdout")
+    if holdout is not None and not isinstance(holdout, dict):  # a rerun compares its settings (holdout.check_rerun)
+        return f"field '{where}.options.holdout' is {shown(holdout)}, not an object"
+    first_of: dict[str, int] = {}
+    for i, shard in enumerate(entry["shards"]):
+        at = f"{where}.shards[{i}]"
+        if not isinstance(shard, dict):
+            return f"field {at!r} is {shown(shard)}, not an object"
+        problem = first_problem(shard, SHARD_FIELDS, at + ".", optional=("index",))
+        if problem is not None:
+            return problem
+        if shard["name"] in first_of:  # the loaders would read its samples twice
+            return f"field '{at}.name' is {shown(shard['name'])}, which shards[{first_of[shard['name']]}] lists already"
+        first_of[shard["name"]] = i
+    return None
+
+
+def manifest_problem(manifest: dict, rewriting: Collection[str] = ()) -> tuple[str, str | None] | None:
+    """(what is wrong, the split whose entry it is in, or None for the top level), or None when the manifest
+    is sound. The entries of the splits in `rewriting` are not looked at: the caller writes them again."""
+    problem = first_problem(manifest, TOP_FIELDS, optional=("class_names", "options"))
+    if problem is not None:
+        return problem, None
+    for split, entry in manifest["splits"].items():
+        if split not in rewriting:
+            problem = entry_problem(split, entry)
+            if problem is not None:
+                return problem, split
+    return None
