@@ -145,31 +145,40 @@ def write_index(idx_path: str | Path, samples: list[list[tuple[str, int, int, st
 
 
 def read_index(idx_path: str | Path) -> list[dict[str, tuple[int, int]]]:
-    """Parse a DALI index: per sample, ext -> (byte offset of the member data in the tar, size)."""
+    """Parse a DALI index: per sample, ext -> (byte offset of the member data in the tar, size). A broken one
+    (cut short, edited, not text; data_prep writes each whole, via a rename) is a ManifestError naming the
+    file and the line: a rerun of the prep command rebuilds a shard whose index changed (its done-record
+    holds the index's sha256)."""
     path = Path(idx_path)
+    fix = "rerun the prep command that wrote it: it rebuilds the shard with its index"
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as exc:
         raise ManifestError(f"{path}: cannot read index: {exc}") from None
+    except UnicodeDecodeError:  # was a traceback in the loaders and verify
+        raise ManifestError(f"{path}: index is not text (not UTF-8); {fix}") from None
     if not lines:
-        raise ManifestError(f"{path}: empty index file")
+        raise ManifestError(f"{path}: empty index file; {fix}")
     head = lines[0].split()
-    if len(head) != 2 or head[0] != INDEX_VERSION or not head[1].isdigit():
-        raise ManifestError(f"{path}: bad index header {lines[0]!r} (expected '{INDEX_VERSION} N')")
+    if len(head) != 2 or head[0] != INDEX_VERSION or not head[1].isdecimal():
+        raise ManifestError(f"{path}: bad index header {lines[0]!r} (expected '{INDEX_VERSION} N'); {fix}")
     count = int(head[1])
     body = lines[1:]
     if len(body) != count:
-        raise ManifestError(f"{path}: header says {count} samples, found {len(body)} lines")
+        raise ManifestError(f"{path}: header says {count} samples, found {len(body)} lines; {fix}")
     out: list[dict[str, tuple[int, int]]] = []
     for lineno, line in enumerate(body, start=2):
         parts = line.split(" ")
         if len(parts) % 4:
-            raise ManifestError(f"{path}:{lineno}: expected groups of 'ext offset size name'")
+            raise ManifestError(f"{path}:{lineno}: expected groups of 'ext offset size name'; {fix}")
         entry: dict[str, tuple[int, int]] = {}
-        try:
-            for i in range(0, len(parts), 4):
-                entry[parts[i]] = (int(parts[i + 1]), int(parts[i + 2]))
-        except ValueError:
-            raise ManifestError(f"{path}:{lineno}: non-integer offset or size") from None
+        for i in range(0, len(parts), 4):
+            try:
+                offset, size = int(parts[i + 1]), int(parts[i + 2])
+            except ValueError:
+                raise ManifestError(f"{path}:{lineno}: non-integer offset or size; {fix}") from None
+            if offset < 0 or size < 0:  # verify's seek failed naming no file; a read in training, an EINVAL traceback
+                raise ManifestError(f"{path}:{lineno}: negative offset or size; {fix}")
+            entry[parts[i]] = (offset, size)
         out.append(entry)
     return out

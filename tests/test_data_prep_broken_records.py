@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from data_prep.cli import main
-from data_prep.format import plan_path
+from data_prep.format import ManifestError, plan_path
 from data_prep.output_status import describe
 from data_prep.plan_record import FIELDS as PLAN_FIELDS
 from tests.fixtures_images import write_imagefolder
@@ -182,3 +182,39 @@ def test_the_trainer_says_a_broken_manifest_in_one_error_line(tree, tmp_path):
     assert r.stderr == (f"error: data.root: {out / 'manifest.json'}: manifest field 'splits.train.shards[1].samples' "
                         f"is \"8\", not a count (an integer >= 0) (edited by hand, or cut short?); `python -m data_prep "
                         f"finalize {out}` writes the entry of split 'train' again from {out / '.work' / 'train'}\n")
+
+
+def test_a_broken_index_is_one_line_for_the_loaders_and_verify_and_a_rerun_rebuilds_it(tree, tmp_path, capsys):
+    """A shard's .idx that is not UTF-8 was a UnicodeDecodeError traceback in the loaders (the trainer) and in
+    verify; one with a negative offset passed the loaders' start-up check (the read then failed mid-epoch with
+    an EINVAL traceback) and made verify exit 2 with `[Errno 22] Invalid argument`, naming no file. Now both
+    are one line naming the index (and the line), and the rerun the line asks for rebuilds it."""
+    from pipeline.data.shards import ShardSet
+    from tests.conftest import REPO, run_cli_in_process
+
+    out = tmp_path / "o"
+    argv = ["imagefolder", str(tree), str(out), *COMMON]
+    assert main(argv) == 0
+    idx = out / "train-000002.idx"
+    good = idx.read_bytes()
+    first = good.split(b"\n")[1]
+    offset = first.split(b" ")[1]
+    fix = "rerun the prep command that wrote it: it rebuilds the shard with its index"
+    for says, data in ((f"{idx}: index is not text (not UTF-8)", b"\xff" + good[1:]),
+                       (f"{idx}:2: negative offset or size", good.replace(first, first.replace(offset, b"-" + offset))),
+                       (f"{idx}:9: expected groups of 'ext offset size name'", good[:-20])):
+        idx.write_bytes(data)
+        with pytest.raises(ManifestError) as caught:
+            ShardSet(out, "train")
+        assert str(caught.value) == f"{says}; {fix}", str(caught.value)
+        capsys.readouterr()
+        assert main(["verify", str(out), "--workers", "1"]) == 1, says
+        assert f"train/train-000002.tar: {says}; {fix}\n" in capsys.readouterr().err, says
+        assert main(argv) == 0, says
+        assert "train: 4 of 5 shards were complete from an earlier run and kept, 1 built" in capsys.readouterr().err
+        assert idx.read_bytes() == good, says
+    idx.write_bytes(b"\xff" + good[1:])
+    r = run_cli_in_process("fit", "--config", str(REPO / "conf" / "demo.yaml"), "--data.root", str(out),
+                           "--data.val_split", "train", "--trainer.default_root_dir", str(tmp_path / "run"),
+                           "--tracking.wandb", "false")
+    assert (r.returncode, r.stderr) == (2, f"error: {idx}: index is not text (not UTF-8); {fix}\n"), r.stderr
