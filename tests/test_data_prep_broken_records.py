@@ -218,3 +218,30 @@ def test_a_broken_index_is_one_line_for_the_loaders_and_verify_and_a_rerun_rebui
                            "--data.val_split", "train", "--trainer.default_root_dir", str(tmp_path / "run"),
                            "--tracking.wandb", "false")
     assert (r.returncode, r.stderr) == (2, f"error: {idx}: index is not text (not UTF-8); {fix}\n"), r.stderr
+
+
+def test_a_broken_rejects_line_is_one_line_and_finalize_writes_the_file_again(tmp_path, capsys):
+    """rejects.jsonl with a line that is JSON but no object (a number, a list) was an AttributeError traceback
+    in finalize, and in the rerun of every split; a file that is not UTF-8, a UnicodeDecodeError. Now each is
+    one line naming the file (and line); removed, finalize writes the lines of every planned split again."""
+    src, out = tmp_path / "src", tmp_path / "o"
+    write_imagefolder(src, ["a", "b"], per_class=3)
+    (src / "a" / "notes.txt").write_text("not an image")
+    for split in ("train", "val"):
+        assert main(["imagefolder", str(src), str(out), "--split", split, *COMMON[2:]]) == 0
+    path = out / "rejects.jsonl"
+    good = path.read_text()
+    assert [json.loads(line)["split"] for line in good.splitlines()] == ["train", "val"]
+    again = f"run `python -m data_prep finalize {out}`: it writes the lines of the splits planned under {out / '.work'} again"
+    for says, text in ((f"{path}:1: not a JSON object with a string 'split' (edited by hand?); remove that line, "
+                        f"or the file and then {again}", "5\n" + good),
+                       (f"{path}:2: not a JSON object with a string 'split' (edited by hand?); remove that line, "
+                        f"or the file and then {again}", good.replace('"split": "val", ', "")),
+                       (f"{path}: not UTF-8 text (edited by hand?); remove it and then {again}", "\udcff" + good)):
+        path.write_bytes(text.encode("utf-8", "surrogateescape"))
+        capsys.readouterr()
+        assert main(["finalize", str(out)]) == 2, says
+        assert capsys.readouterr().err == f"python -m data_prep: error: {says}\n"
+        path.unlink()
+        assert main(["finalize", str(out)]) == 0
+        assert path.read_text() == good
