@@ -34,7 +34,12 @@ _TYPE_NAMES = {str: "a string", int: "an integer", list: "a list"}
 
 
 class BrokenRecord(PrepError):
-    """A done-record that is there but cannot be used; the message names its file and what is wrong."""
+    """A done-record that is there but cannot be used; the message names its file and what is wrong (also
+    ``path`` and ``problem``, for a rerun that says why it rebuilds the shard)."""
+
+    def __init__(self, message: str, path: Path, problem: str) -> None:
+        super().__init__(message)
+        self.path, self.problem = path, problem
 
 
 def _problem(rec: object, shard: str) -> str | None:
@@ -74,7 +79,7 @@ def read_record(out: str | Path, split: str, shard: str) -> dict | None:
             problem += " (edited by hand?)"
     if problem is not None:
         raise BrokenRecord(f"{path}: done-record {problem}; rerun the prep command: it rebuilds shard {shard} and "
-                           f"writes its record again")
+                           f"writes its record again", path, problem)
     return rec
 
 

@@ -9,10 +9,10 @@ from .errors import PrepError
 from .format import MANIFEST_NAME, ManifestError, index_name, load_manifest, shard_name
 from .holdout import SETTINGS, check_rerun, with_partners
 from .imagefolder import Scan
-from .manifest import finalize, split_entry, write_plan_record
-from .manifest_shape import entry_problem
+from .manifest import finalize, write_plan_record
 from .plan import ShardJob, plan_shards
 from .runner import run_jobs, write_json_atomic
+from .stale_entry import why_stale
 from .validate import EncodeOptions
 
 
@@ -74,36 +74,32 @@ def _unlist_changing_splits(out: Path, planned: list[tuple[str, list[ShardJob]]]
     inputs): shards are replaced in place, so until the split is finalized again the old entry would list
     a mix of old and new shards, which the loaders' size checks do not see (shards are padded to 10 KiB
     records) and would read as duplicated and missing images. A split whose plan is unchanged (a rerun, a
-    damaged shard rebuilt to its recorded bytes) keeps its entry."""
+    damaged shard rebuilt to its recorded bytes) keeps its entry. Said per split, with why
+    (``stale_entry.why_stale``)."""
     if not (out / MANIFEST_NAME).exists():
         return
     manifest = load_manifest(out, rewriting=[split for split, _ in planned])  # checked by prepare_splits before
-    stale = [split for split, jobs in planned
-             if split in manifest["splits"] and not _entry_is_current(out, split, manifest["splits"][split])]
-    stale = [s for s in with_partners(out, stale) if s in manifest["splits"]]  # a hold-out's two sides together
-    if not stale:
+    why = {}
+    for split, _jobs in planned:
+        if split in manifest["splits"]:
+            reason = why_stale(out, split, manifest["splits"][split])
+            if reason is not None:
+                why[split] = reason
+    for split in list(why):  # a hold-out's two sides together
+        for other in with_partners(out, [split]):
+            if other in manifest["splits"] and other not in why:
+                why[other] = f"it is the other side of the hold-out of split {split!r}, which leaves it"
+    if not why:
         return
-    for split in stale:
+    for split in why:
         del manifest["splits"][split]
     if manifest["splits"]:
         write_json_atomic(out / MANIFEST_NAME, manifest)
     else:
         (out / MANIFEST_NAME).unlink()
-    print(f"data_prep: {out / MANIFEST_NAME} no longer lists split(s) {', '.join(stale)}: their shards are being "
-          f"rebuilt with other settings or inputs; the split is listed again when it is finalized (this run, "
-          f"or `python -m data_prep finalize {out}` after array tasks)", file=sys.stderr)
-
-
-def _entry_is_current(out: Path, split: str, entry: dict) -> bool:
-    """Whether the manifest's entry of a split lists what its plan (just recorded) builds: the entry finalize
-    would write from the done-records now, shard for shard. A broken entry is not."""
-    if entry_problem(split, entry) is not None:
-        return False
-    try:
-        _plan, now, _rejects = split_entry(out, split)
-    except PrepError:  # shards not done to this plan
-        return False
-    return now["shards"] == entry.get("shards")
+    for split, reason in why.items():
+        print(f"data_prep: {out / MANIFEST_NAME} no longer lists split {split!r} until it is finalized again (this "
+              f"run, or `python -m data_prep finalize {out}` after array tasks): {reason}", file=sys.stderr)
 
 
 def _settings(record: dict | None) -> dict | None:

@@ -245,3 +245,45 @@ def test_a_broken_rejects_line_is_one_line_and_finalize_writes_the_file_again(tm
         path.unlink()
         assert main(["finalize", str(out)]) == 0
         assert path.read_text() == good
+
+
+def test_a_rerun_says_why_it_takes_a_split_out_of_the_manifest(tree, tmp_path, capsys):
+    """A rerun into an OUT with a manifest takes a split out of it while it rebuilds shards in place, and said
+    it was "being rebuilt with other settings or inputs" whatever the reason. Each reason a rerun to the same
+    plan has is now said as it is; the split is back, byte for byte, once the rerun has finalized it."""
+    from data_prep.format import done_record_path
+
+    out = tmp_path / "o"
+    argv = ["imagefolder", str(tree), str(out), *COMMON]
+    assert main(argv) == 0
+    before = outputs(out)
+    record = done_record_path(out, "train", "train-000002.tar")
+    manifest = json.loads((out / "manifest.json").read_text())
+    entry = manifest["splits"]["train"]
+
+    def edit_entry(**fields):
+        (out / "manifest.json").write_text(json.dumps({**manifest, "splits": {"train": {**entry, **fields}}}))
+
+    cases = [
+        (lambda: record.write_text(json.dumps({k: v for k, v in json.loads(record.read_text()).items() if k != "name"})),
+         f"the done-record {record} has no field 'name' (edited by hand?), so its shard is being rebuilt"),
+        (lambda: [p.unlink() for p in (out / ".work" / "train").glob("*.tar.json")],
+         f"5 of its 5 shards have no done-record in {out / '.work' / 'train'} (removed, or OUT copied without them?) "
+         f"and are being rebuilt"),
+        (lambda: (out / "train-000003.tar").unlink(),
+         "shard(s) train-000003.tar are missing or not of the size their done-records give, and are being rebuilt"),
+        (lambda: edit_entry(samples="40"),
+         "its entry there is broken (field 'splits.train.samples' is \"40\", not a count (an integer >= 0); edited by "
+         "hand?) and is written again"),
+        (lambda: edit_entry(shards=entry["shards"][::-1]),
+         "its entry there lists other shards than their done-records (edited by hand?) and is written again"),
+    ]
+    for damage, says in cases:
+        damage()
+        capsys.readouterr()
+        assert main(argv) == 0, says
+        err = capsys.readouterr().err
+        assert (f"data_prep: {out / 'manifest.json'} no longer lists split 'train' until it is finalized again (this "
+                f"run, or `python -m data_prep finalize {out}` after array tasks): {says}\n") in err, err
+        assert "other settings or inputs" not in err, err
+        assert outputs(out) == before, says
