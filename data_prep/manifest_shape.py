@@ -3,7 +3,8 @@ checkpoint's dataset digests), ``verify``, ``finalize`` and a rerun merging into
 ``format.load_manifest`` checks them for all of them, so a manifest that parses but is of the wrong shape (a
 hand edit, a copy cut short at a place that still parses) is one line naming the field, where the readers
 raised KeyError, TypeError or AttributeError, or used it as is (a shard listed twice is read twice; a
-``samples`` of ``"8"`` passed ``int()`` and changed the checkpoint's digest of the split).
+``samples`` of ``"8"`` passed ``int()`` and changed the checkpoint's digest of the split; a split's
+``samples`` other than its shards' sum was shown by ``launch status``).
 
 Kept free of heavy imports: the loaders import it through ``format``.
 """
@@ -46,6 +47,9 @@ def entry_problem(split: str, entry: object) -> str | None:
         if shard["name"] in first_of:  # the loaders would read its samples twice
             return f"field '{at}.name' is {shown(shard['name'])}, which shards[{first_of[shard['name']]}] lists already"
         first_of[shard["name"]] = i
+    total = sum(shard["samples"] for shard in entry["shards"])
+    if entry["samples"] != total:  # `launch status` and the summary say it; the loaders count the shards'
+        return f"field '{where}.samples' is {entry['samples']}, not the sum of its shards' samples ({total})"
     return None
 
 

@@ -109,6 +109,8 @@ def _broken_manifests(good: dict) -> list[tuple[str, str, str | None]]:
              ("has no field 'splits.val.shards'", val_is({k: v for k, v in val.items() if k != "shards"}), "val"),
              ("field 'splits.val.samples' is \"20\", not a count", with_val(samples="20"), "val"),
              ("field 'splits.val.rejected' is -1, not a count", with_val(rejected=-1), "val"),
+             (f"field 'splits.val.samples' is {val['samples'] + 1}, not the sum of its shards' samples "
+              f"({val['samples']})", with_val(samples=val["samples"] + 1), "val"),
              ("field 'splits.val.options.holdout' is \"x\", not an object",
               with_val(options={**val["options"], "holdout": "x"}), "val"),
              ("field 'splits.val.shards[0]' is \"val-000000.tar\", not an object",
@@ -127,7 +129,7 @@ def _broken_manifests(good: dict) -> list[tuple[str, str, str | None]]:
 def test_a_broken_manifest_is_one_line_for_every_reader_and_finalize_writes_it_again(tree, tmp_path, capsys):
     """manifest.json edited by hand or cut short: the loaders raised KeyError or TypeError (a shard without
     `name`, a split that is a list), or took a wrong value as is (a shard listed twice read twice, `classes`
-    of "abcd" as 4 classes); verify crashed on a name of 7 or a count of "8", launch status on a `samples` of
+    of "abcd" as 4 classes; launch status showed a split's `samples` other than its shards'); verify crashed on a name of 7 or a count of "8", launch status on a `samples` of
     "20", a rerun on a split entry that is a list, and a manifest not UTF-8 was a UnicodeDecodeError for all.
     Now each reader says one line naming the manifest and the field, and what writes it again: finalize, for a
     split's entry (from the split's plan and done-records), or, moved aside, for the whole file."""
