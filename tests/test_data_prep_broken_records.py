@@ -35,7 +35,8 @@ def _broken_plans(good: dict) -> list[tuple[str, str]]:
     for key, kind in PLAN_FIELDS.items():
         if key != "split_source":  # plans of before it was kept have none
             cases.append((f"has no field {key!r}", json.dumps({k: v for k, v in good.items() if k != key})))
-        cases.append((f"field {key!r} is {json.dumps(wrong[kind])}, not {kind}", json.dumps({**good, key: wrong[kind]})))
+        cases.append((f"field {key!r} is {json.dumps(wrong[kind])}, not {kind}",
+                      json.dumps({**good, key: wrong[kind]})))
     shards = good["shards"]
     return cases + [
         ("field 'inputs' is -1, not a count", json.dumps({**good, "inputs": -1})),
@@ -129,8 +130,9 @@ def _broken_manifests(good: dict) -> list[tuple[str, str, str | None]]:
 def test_a_broken_manifest_is_one_line_for_every_reader_and_finalize_writes_it_again(tree, tmp_path, capsys):
     """manifest.json edited by hand or cut short: the loaders raised KeyError or TypeError (a shard without
     `name`, a split that is a list), or took a wrong value as is (a shard listed twice read twice, `classes`
-    of "abcd" as 4 classes; launch status showed a split's `samples` other than its shards'); verify crashed on a name of 7 or a count of "8", launch status on a `samples` of
-    "20", a rerun on a split entry that is a list, and a manifest not UTF-8 was a UnicodeDecodeError for all.
+    of "abcd" as 4 classes; launch status showed a split's `samples` other than its shards'); verify crashed
+    on a name of 7 or a count of "8", launch status on a `samples` of "20", a rerun on a split entry that is
+    a list, and a manifest not UTF-8 was a UnicodeDecodeError for all.
     Now each reader says one line naming the manifest and the field, and what writes it again: finalize, for a
     split's entry (from the split's plan and done-records), or, moved aside, for the whole file."""
     from pipeline.data.shards import ShardSet
@@ -148,7 +150,8 @@ def test_a_broken_manifest_is_one_line_for_every_reader_and_finalize_writes_it_a
             fix = (f"move it aside and run `python -m data_prep finalize {out}`: it writes the manifest again from "
                    f"{out / '.work'}, with the splits planned there (train, val)")
         else:
-            fix = f"`python -m data_prep finalize {out}` writes the entry of split 'val' again from {out / '.work' / 'val'}"
+            fix = (f"`python -m data_prep finalize {out}` writes the entry of split 'val' again from "
+                   f"{out / '.work' / 'val'}")
         with pytest.raises(ConfigError) as caught:
             ShardSet(out, "train")
         line = str(caught.value)
@@ -182,8 +185,9 @@ def test_the_trainer_says_a_broken_manifest_in_one_error_line(tree, tmp_path):
                            "--tracking.wandb", "false")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr == (f"error: data.root: {out / 'manifest.json'}: manifest field 'splits.train.shards[1].samples' "
-                        f"is \"8\", not a count (an integer >= 0) (edited by hand, or cut short?); `python -m data_prep "
-                        f"finalize {out}` writes the entry of split 'train' again from {out / '.work' / 'train'}\n")
+                        f"is \"8\", not a count (an integer >= 0) (edited by hand, or cut short?); `python -m "
+                        f"data_prep finalize {out}` writes the entry of split 'train' again from "
+                        f"{out / '.work' / 'train'}\n")
 
 
 def test_a_broken_index_is_one_line_for_the_loaders_and_verify_and_a_rerun_rebuilds_it(tree, tmp_path, capsys):
@@ -234,7 +238,8 @@ def test_a_broken_rejects_line_is_one_line_and_finalize_writes_the_file_again(tm
     path = out / "rejects.jsonl"
     good = path.read_text()
     assert [json.loads(line)["split"] for line in good.splitlines()] == ["train", "val"]
-    again = f"run `python -m data_prep finalize {out}`: it writes the lines of the splits planned under {out / '.work'} again"
+    again = (f"run `python -m data_prep finalize {out}`: it writes the lines of the splits planned under "
+             f"{out / '.work'} again")
     for says, text in ((f"{path}:1: not a JSON object with a string 'split' (edited by hand?); remove that line, "
                         f"or the file and then {again}", "5\n" + good),
                        (f"{path}:2: not a JSON object with a string 'split' (edited by hand?); remove that line, "
@@ -267,7 +272,8 @@ def test_a_rerun_says_why_it_takes_a_split_out_of_the_manifest(tree, tmp_path, c
         (out / "manifest.json").write_text(json.dumps({**manifest, "splits": {"train": {**entry, **fields}}}))
 
     cases = [
-        (lambda: record.write_text(json.dumps({k: v for k, v in json.loads(record.read_text()).items() if k != "name"})),
+        (lambda: record.write_text(json.dumps({k: v for k, v in json.loads(record.read_text()).items()
+                                               if k != "name"})),
          f"the done-record {record} has no field 'name' (edited by hand?), so its shard is being rebuilt"),
         (lambda: [p.unlink() for p in (out / ".work" / "train").glob("*.tar.json")],
          f"5 of its 5 shards have no done-record in {out / '.work' / 'train'} (removed, or OUT copied without them?) "
