@@ -42,17 +42,27 @@ def shm_space(path: str = SHM) -> tuple[int, int] | None:
     return st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
 
 
+# what to change, said by every message here: the container's /dev/shm, or what the backend keeps in it
+MORE_SHM = "give the container more (docker run --shm-size=16g, or --ipc=host)"
+BATCH = "the batch size (data.batch_size, data.val_batch_size)"
+LOWER = {"cpu": f"lower data.num_workers or {BATCH}",
+         "dali": f"lower data.dali_source_workers (0: the samples are read in the training process) or {BATCH}"}
+
+
 def advice(path: str = SHM, backend: str = "cpu") -> str:
     """What to change, for the loader ``backend`` (``data.backend``) that ran out of ``path``."""
     space = shm_space(path)
     where = f"{path}: {_mib(space[0])}, {_mib(space[1])} free" if space else path
-    if backend in ("dali", "dali-cpu"):
-        return (f"DALI's source workers pass their batches through shared memory ({where}); give the container "
-                f"more (docker run --shm-size=16g, or --ipc=host), or lower data.dali_source_workers (0: the "
-                f"samples are read in the training process) or the batch size (data.batch_size, data.val_batch_size)")
-    return (f"the cpu loader's workers pass their batches through shared memory ({where}); give the container "
-            f"more (docker run --shm-size=16g, or --ipc=host), or lower data.num_workers or the batch size "
-            f"(data.batch_size, data.val_batch_size)")
+    who = "DALI's source workers" if backend in ("dali", "dali-cpu") else "the cpu loader's workers"
+    return (f"{who} pass their batches through shared memory ({where}); {MORE_SHM}, or "
+            f"{LOWER['dali' if backend in ('dali', 'dali-cpu') else 'cpu']}")
+
+
+def _lacking(need: int, path: str) -> tuple[int, int] | None:
+    """(size, free) of ``path`` when it has less than ``need`` bytes free; None when it has room (or cannot
+    be read)."""
+    space = shm_space(path)
+    return space if space is not None and space[1] < need else None
 
 
 def dali_shortage(batches: int, batch: int, sample_bytes: float, workers: int, ranks_here: int,
@@ -63,15 +73,12 @@ def dali_shortage(batches: int, batch: int, sample_bytes: float, workers: int, r
     it has room (or cannot be read). What DALI maps is larger (it sizes a chunk for 1.5x the mean sample,
     and at least 1 MiB), but a page of tmpfs is taken when written: the written bytes are what must fit."""
     need = int(batches * batch * sample_bytes * ranks_here)
-    space = shm_space(path)
-    if space is None or space[1] >= need:
+    if (space := _lacking(need, path)) is None:
         return None
     return (f"out of shared memory: DALI's {workers} source worker(s) per rank (data.dali_source_workers) fill "
             f"about {_mib(need)} of {path} ({ranks_here} rank(s) x {batches} batches in flight x {batch} samples "
             f"of {sample_bytes / 1024:.1f} KiB), which has {_mib(space[1])} free of {_mib(space[0])}, and a write "
-            f"to a full {path} kills the process (SIGBUS); give the container more (docker run --shm-size=16g, or "
-            f"--ipc=host), or lower data.dali_source_workers (0: the samples are read in the training process) or "
-            f"the batch size (data.batch_size, data.val_batch_size)")
+            f"to a full {path} kills the process (SIGBUS); {MORE_SHM}, or {LOWER['dali']}")
 
 
 def shared_empty(shape: tuple[int, ...], dtype: torch.dtype, **kwargs) -> torch.Tensor:
@@ -107,10 +114,8 @@ def shortage(batch: int, size: int, workers: int, ranks_here: int, path: str = S
     worker (the DataLoader's prefetch_factor) and the one in use, for each rank on this machine; None when
     it has room (or cannot be read)."""
     need = (2 * workers + 1) * batch_bytes(batch, size) * ranks_here
-    space = shm_space(path)
-    if space is None or space[1] >= need:
+    if (space := _lacking(need, path)) is None:
         return None
     return (f"warning: {path} has {_mib(space[1])} free of {_mib(space[0])}, and the cpu loader may hold "
             f"{_mib(need)} of batches there ({ranks_here} rank(s) x {workers} workers x 2 prefetched + 1, batches "
-            f"of {batch} at {size} px): a full {path} stops the run; give the container more (docker run "
-            f"--shm-size=16g, or --ipc=host), or lower data.num_workers or the batch size")
+            f"of {batch} at {size} px): a full {path} stops the run; {MORE_SHM}, or {LOWER['cpu']}")

@@ -25,7 +25,7 @@ import time
 from collections.abc import Iterator, Sequence
 from multiprocessing.process import BaseProcess
 
-from pipeline.data.shared_memory import SHM, shm_space
+from pipeline.data.shared_memory import MORE_SHM, SHM, shm_space
 
 EXIT_STATUS = 1
 
@@ -38,7 +38,7 @@ def describe_death(worker: BaseProcess, what: str, advice: str = "") -> str:
         space = shm_space()
         room = f"{space[1] / 2**20:.1f} MiB free of {space[0] / 2**20:.1f} MiB" if space else "its room unknown"
         return (f"{what} (pid {worker.pid}) ended ({how}); SIGBUS usually means a write to a full {SHM} ({room} "
-                f"now): give the container more (docker run --shm-size=16g, or --ipc=host)."
+                f"now): {MORE_SHM}."
                 + (f" {advice}." if advice else ""))
     return (f"{what} (pid {worker.pid}) ended ({how}); signal 9 (SIGKILL) usually means the kernel's OOM "
             f"killer." + (f" {advice}." if advice else ""))
