@@ -14,11 +14,13 @@ from pathlib import Path
 from typing import Callable
 
 from launch import rundir, slurm, status, torchrun
+from launch.branch import check_branch
 from launch.errors import LaunchError
 from launch.scripts import PrepJob, SlurmOptions, TrainJob
 from launch.trainer_check import check_trainer_args, check_trainer_settings
 from launch.validate import sbatch_path, writable_dir, yaml_config
-from pipeline.run_layout import CHECKPOINTS_DIR, LAST_CHECKPOINT, RUN_ID_FILE, slurm_log
+from pipeline.branch_record import record_origin, recorded_origin
+from pipeline.run_layout import BRANCH_FILE, CHECKPOINTS_DIR, LAST_CHECKPOINT, RUN_ID_FILE, last_checkpoint, slurm_log
 
 
 def _path(text: str) -> Path:
@@ -100,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after a crash, keep the node where the first task failed out of the job's next starts "
                         "(while the partition keeps enough usable nodes for the job); default on")
     t.add_argument("--run-dir", type=_path, default=None, help="default runs/<config name>")
+    t.add_argument("--branch-from", type=_path, default=None, metavar="CKPT",
+                   help="a new run that starts from another run's checkpoint (weights, optimizer, schedule, loader "
+                        "position); its later starts resume its own last.ckpt")
     t.add_argument("--job-name", default=None,
                    help="Slurm job name (default train-<config name>; characters other than letters, digits "
                         "and _ . + - become _)")
@@ -206,6 +211,7 @@ def _submit_train(a: argparse.Namespace, extra: list[str]) -> int:
                    python=_python(a), workdir=Path.cwd(), max_failures=a.max_failures,
                    exclude_failed_nodes=a.exclude_failed_nodes, name=a.job_name)
     job.check()
+    origin = check_branch(run_dir, a.branch_from) if a.branch_from is not None else None
     if not a.dry_run:
         _refuse_if_training(run_dir)  # before anything is written
     saved_id = rundir.wandb_run_id(run_dir, create=False)  # an unreadable id file: refused before the slow check
@@ -219,9 +225,16 @@ def _submit_train(a: argparse.Namespace, extra: list[str]) -> int:
     made = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
     run_id = rundir.wandb_run_id(run_dir)
     assert run_id is not None
+    recorded = recorded_origin(run_dir)
+    if origin is not None:  # before the job is queued: its first start looks for it
+        record_origin(run_dir, origin)
     try:
         job_id = _sbatch_then_keep(job.script_path, job.render(run_id), job.request(), a.partition)
     except LaunchError:  # a new run directory holding only its fresh id would look like a run that never was
+        if origin is not None and recorded != origin:  # the record as it was
+            (run_dir / BRANCH_FILE).unlink(missing_ok=True)
+            if recorded is not None:
+                record_origin(run_dir, recorded)
         if made:
             (run_dir / RUN_ID_FILE).unlink(missing_ok=True)
             _remove_empty(made)
@@ -231,6 +244,8 @@ def _submit_train(a: argparse.Namespace, extra: list[str]) -> int:
     print(f"  script  {job.script_path}")
     print(f"  log     {slurm_log(run_dir, job_id)}")
     print(f"  W&B id  {run_id}")
+    if origin is not None:
+        print(f"  branch  from {origin} (its first start; every later one resumes {last_checkpoint(run_dir)})")
     print(f"  status  python -m launch status {run_dir}")
     return 0
 

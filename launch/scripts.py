@@ -95,7 +95,8 @@ TRAINER_ARGS = {  # what the launcher passes to `pipeline fit` itself, and the o
     "--trainer.num_nodes": "from --nodes",
     "--trainer.devices": "from --gpus-per-node",
     "--trainer.default_root_dir": "the run directory: use --run-dir",
-    "--ckpt_path": f"always `last`: every start resumes from the run directory's {CHECKPOINTS_DIR}/{LAST_CHECKPOINT}",
+    "--ckpt_path": f"always `last`: every start resumes from the run directory's {CHECKPOINTS_DIR}/{LAST_CHECKPOINT}; "
+                   f"to start from another run's checkpoint use --branch-from",
 }
 
 PREP_ARGS = {  # what the launcher passes to each array task of data_prep

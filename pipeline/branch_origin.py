@@ -10,20 +10,14 @@ of its own, is refused: which of the two the user means cannot be told, and eith
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from pytorch_lightning.callbacks import Callback
 
 from pipeline.errors import ConfigError
-from pipeline.run_layout import BRANCH_FILE
+from pipeline.branch_record import origin_name
 
 KEY = "branched_from"  # in every checkpoint of a branch: the absolute path of the checkpoint it started from
-
-
-def origin_name(path: str | Path) -> str:
-    """How a branch's origin is recorded and compared: absolute, symlinks resolved."""
-    return os.path.realpath(path)
 
 
 def resume_point(other: Path, own_last: Path, own_meta: dict) -> Path:
@@ -38,28 +32,6 @@ def resume_point(other: Path, own_last: Path, own_meta: dict) -> Path:
         f"ckpt_path: {other} is another run's checkpoint, and this run directory has its own {what}: resuming "
         f"{other} would train over it and overwrite it. Drop --ckpt_path to resume this run where it stopped, or "
         f"branch into a new trainer.default_root_dir")
-
-
-def record_origin(run_dir: Path, origin: str) -> None:
-    """``RUN/branched_from`` holds ``origin``, whole or not at all (written by global rank 0)."""
-    target = run_dir / BRANCH_FILE
-    if recorded_origin(run_dir) == origin:
-        return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    written = run_dir / f".{BRANCH_FILE}.{os.getpid()}.tmp"
-    try:
-        written.write_text(origin + "\n")
-        os.replace(written, target)
-    finally:
-        written.unlink(missing_ok=True)
-
-
-def recorded_origin(run_dir: Path) -> str | None:
-    """The checkpoint this run directory's branch started from, or None (not a branch, or an empty file)."""
-    try:
-        return (run_dir / BRANCH_FILE).read_text().strip() or None
-    except FileNotFoundError:
-        return None
 
 
 class BranchOrigin(Callback):

@@ -38,7 +38,8 @@ from pipeline.strategies import AtomicDeepSpeedStrategy, CPUDeepSpeedStrategy
 from data_prep.format import ManifestError
 from pipeline.arg_parser import PipelineArgumentParser
 from pipeline.branch_origin import KEY as BRANCH_KEY
-from pipeline.branch_origin import BranchOrigin, origin_name, record_origin, recorded_origin, resume_point
+from pipeline.branch_origin import BranchOrigin, resume_point
+from pipeline.branch_record import origin_name, record_origin, recorded_origin
 from pipeline.checkpoint_io import AtomicCheckpointIO, recover_directories, remove_best_after
 from pipeline.checkpoint_read import read_checkpoint
 from pipeline.config_history import keep_earlier_config

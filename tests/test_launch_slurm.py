@@ -504,6 +504,57 @@ def test_train_demo_on_two_nodes_completes(slurm_cluster: SlurmCluster, uninterr
         all(p.name.endswith(run_id) for p in (run_dir / "wandb").glob("offline-run-*"))
 
 
+@pytest.mark.slow
+def test_a_branch_submitted_with_branch_from_starts_there_once(slurm_cluster: SlurmCluster, demo_shards: Path,
+                                                               uninterrupted: tuple[Path, str], tmp_path: Path) -> None:
+    """`submit train --branch-from OTHER/checkpoints/last.ckpt`: every start of a job passes `--ckpt_path last`
+    (so `--ckpt_path` after `--` is refused), and a branch under Slurm was not possible. The origin is recorded
+    in the run directory before the job is queued: its first start trains on from OTHER's step; the same
+    submission again resumes the branch's own checkpoint; a branch of another checkpoint is refused."""
+    import torch
+
+    other, _ = uninterrupted
+    origin = other / "checkpoints" / "last.ckpt"
+    run_dir = tmp_path / "branch"
+
+    def branch(steps: int, source: Path = origin, check: bool = True) -> subprocess.CompletedProcess[str]:
+        args = _train_args(run_dir, demo_shards, steps=steps)
+        at = args.index("--")
+        return slurm_cluster.launch(*args[:at], "--branch-from", str(source), *args[at:], env=TRAIN_ENV,
+                                    check=check)
+
+    r = branch(STEPS + 3)
+    job = re.search(r"Submitted train job (\d+)", r.stdout).group(1)
+    assert f"  branch  from {os.path.realpath(origin)} (its first start; every later one resumes " \
+           f"{run_dir / 'checkpoints' / 'last.ckpt'})" in r.stdout, r.stdout
+    slurm_cluster.wait_gone([job], timeout=240)
+    log = _log(run_dir, job)
+    assert slurm_cluster.sacct_states(job) == [(job, "COMPLETED")], log[-4000:]
+    assert f"this run is a branch of {os.path.realpath(origin)} ({run_dir / 'branched_from'}) with no checkpoint " \
+           f"of its own yet: starting from {os.path.realpath(origin)} again" in log, log[-4000:]
+    own = run_dir / "checkpoints" / "last.ckpt"
+    saved = torch.load(own, map_location="cpu", weights_only=False)
+    assert saved["global_step"] == STEPS + 3 and saved["branched_from"] == os.path.realpath(origin)
+
+    r = branch(STEPS + 5)  # the same submission again, further: the branch's own checkpoint
+    job = re.search(r"Submitted train job (\d+)", r.stdout).group(1)
+    slurm_cluster.wait_gone([job], timeout=240)
+    log = _log(run_dir, job)
+    assert f"this run is a branch of {origin} (--ckpt_path)" not in log and f"resuming from {own}" in log, log[-4000:]
+    assert _step(own) == STEPS + 5
+
+    before = own.read_bytes()
+    refused = branch(STEPS + 9, source=own.parent / "elsewhere.ckpt", check=False)
+    assert refused.returncode == 2 and "--branch-from: " in refused.stderr and "does not exist" in refused.stderr
+    other_copy = tmp_path / "other.ckpt"
+    other_copy.write_bytes(origin.read_bytes())
+    refused = branch(STEPS + 9, source=other_copy, check=False)
+    assert refused.returncode == 2 and refused.stderr.startswith(
+        f"launch: error: --branch-from: the run directory {run_dir} has a checkpoint of its own ({own}, a branch of "
+        f"{os.path.realpath(origin)}): "), refused.stderr
+    assert own.read_bytes() == before and (run_dir / "branched_from").read_text() == os.path.realpath(origin) + "\n"
+
+
 def _preempted_at(log: str, signame: str, last: Path) -> list[int]:
     """Steps at which the trainer's preemption callback saved last.ckpt on ``signame`` (rank 0's log line; a
     signal that lands in a validation stops at the epoch's end and says so after "then stopping")."""

@@ -1,0 +1,39 @@
+"""Where a branch started, recorded in its run directory (``RUN/branched_from``) from its first start, or
+from ``launch submit train --branch-from`` before the job is queued: a start that finds no checkpoint of the
+run's own starts from there (``pipeline/branch_origin.py``). No torch or Lightning here: the launcher writes
+it on login nodes.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pipeline.run_layout import BRANCH_FILE
+
+
+def origin_name(path: str | Path) -> str:
+    """How a branch's origin is recorded and compared: absolute, symlinks resolved."""
+    return os.path.realpath(path)
+
+
+def record_origin(run_dir: Path, origin: str) -> None:
+    """``RUN/branched_from`` holds ``origin``, whole or not at all (one writer: global rank 0, or launch)."""
+    target = run_dir / BRANCH_FILE
+    if recorded_origin(run_dir) == origin:
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    written = run_dir / f".{BRANCH_FILE}.{os.getpid()}.tmp"
+    try:
+        written.write_text(origin + "\n")
+        os.replace(written, target)
+    finally:
+        written.unlink(missing_ok=True)
+
+
+def recorded_origin(run_dir: Path) -> str | None:
+    """The checkpoint this run directory's branch started from, or None (not a branch, or an empty file)."""
+    try:
+        return (run_dir / BRANCH_FILE).read_text().strip() or None
+    except FileNotFoundError:
+        return None
