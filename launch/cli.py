@@ -137,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--rdzv-endpoint", required=True, help="HOST:PORT of node 0")
     tr.add_argument("--rdzv-id", default=None, help="rendezvous id (default: the W&B run id)")
     tr.add_argument("--run-dir", type=_path, default=None, help="default runs/<config name>")
+    tr.add_argument("--branch-from", type=_path, default=None, metavar="CKPT",
+                    help="a new run that starts from another run's checkpoint; its later starts resume its own "
+                         "last.ckpt (as for submit train)")
     tr.add_argument("--max-restarts", type=int, default=3,
                     help="restarts of all ranks after a failure, each resuming from last.ckpt (default 3)")
     tr.add_argument("--cpu", action="store_true")
@@ -359,6 +362,7 @@ def _torchrun(a: argparse.Namespace, extra: list[str]) -> int:
                             rdzv_id="pending" if a.rdzv_id is None else a.rdzv_id, cpu=a.cpu, extra_args=extra,
                             max_restarts=a.max_restarts)
     rundir.wandb_run_id(run_dir, create=False)  # an unreadable id file: refused before the slow check
+    origin = check_branch(run_dir, a.branch_from) if a.branch_from is not None else None
     if a.config_check:
         at = next(i for i in range(len(argv) - 1) if argv[i:i + 2] == ["-m", "pipeline"])
         for line in check_trainer_args(argv[at + 2:], Path.cwd()):
@@ -368,6 +372,10 @@ def _torchrun(a: argparse.Namespace, extra: list[str]) -> int:
     if a.rdzv_id is None:
         argv[argv.index("--rdzv-id=pending")] = f"--rdzv-id={run_id}"
     env = torchrun.env(run_dir, run_id)
+    if origin is not None:  # every node's first start (--ckpt_path last, no checkpoint of the run's own) reads it
+        record_origin(run_dir, origin)
+        print(f"branch: {run_dir / BRANCH_FILE} records {origin}: the first start starts from it, later ones "
+              f"resume {last_checkpoint(run_dir)}", file=sys.stderr)
     if not a.run:
         print(torchrun.shell_line(argv, env))
         return 0

@@ -59,6 +59,23 @@ def test_torchrun_run_trains_two_processes(uninterrupted) -> None:
 
 
 @pytest.mark.slow
+def test_a_branch_with_branch_from_starts_from_the_other_runs_checkpoint(uninterrupted, digits_shards: Path,
+                                                                        tmp_path: Path) -> None:
+    """`launch torchrun --branch-from OTHER/checkpoints/last.ckpt`: the line passes `--ckpt_path last` (every
+    restart resumes the run's own checkpoint), so the origin is recorded in the run directory first."""
+    other, _ = uninterrupted
+    origin = os.path.realpath(other / "checkpoints" / "last.ckpt")
+    run_dir = tmp_path / "branch"
+    r = _launch(run_dir, digits_shards, "--branch-from", str(other / "checkpoints" / "last.ckpt"),
+                extra=("--trainer.max_steps", str(STEPS + 2)))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"branch: {run_dir / 'branched_from'} records {origin}: the first start starts from it" in r.stderr
+    assert f"this run is a branch of {origin} ({run_dir / 'branched_from'})" in r.stderr, r.stderr[-3000:]
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == STEPS + 2 and ckpt["branched_from"] == origin
+
+
+@pytest.mark.slow
 def test_rank_killed_then_restarted_by_torchrun_is_bit_exact(uninterrupted, digits_shards: Path,
                                                                tmp_path: Path) -> None:
     """Rank 0 dies at step 5 (last.ckpt at step 4); with one restart allowed the agent starts both ranks
