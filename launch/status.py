@@ -14,6 +14,7 @@ from launch.errors import LaunchError
 from launch.rundir import recorded_jobs, wandb_run_id
 from data_prep import output_status
 from pipeline import run_lock
+from pipeline.branch_record import recorded_origin
 from pipeline.run_layout import CONFIG_FILE, LOCK_NAME, RUN_ID_FILE, SLURM_LOG_GLOB, checkpoint_dir, slurm_log
 
 _RESTART_LINE = re.compile(r"^launch: job (\d+) restart (\d+)", re.MULTILINE)
@@ -228,6 +229,8 @@ def report(run_dir: Path) -> str:
             lines += output_status.describe(out)
         return "\n".join(lines)
     lines += _training_line(run_dir)
+    if origin := recorded_origin(run_dir):
+        lines.append(f"branch of    {origin}")
     unreadable: list[str] = []  # said, and the rest of the report still shown: that is when it is needed
     ckpt = latest_checkpoint(run_dir, unreadable)
     lines += [f"checkpoint   UNREADABLE {e}" for e in unreadable]

@@ -535,6 +535,8 @@ def test_a_branch_submitted_with_branch_from_starts_there_once(slurm_cluster: Sl
     own = run_dir / "checkpoints" / "last.ckpt"
     saved = torch.load(own, map_location="cpu", weights_only=False)
     assert saved["global_step"] == STEPS + 3 and saved["branched_from"] == os.path.realpath(origin)
+    st = slurm_cluster.launch("status", str(run_dir))
+    assert f"\nbranch of    {os.path.realpath(origin)}\n" in st.stdout, st.stdout
 
     r = branch(STEPS + 5)  # the same submission again, further: the branch's own checkpoint
     job = re.search(r"Submitted train job (\d+)", r.stdout).group(1)
