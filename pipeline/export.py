@@ -101,12 +101,9 @@ def _load_legacy(p: Path):
 
 
 def export(ckpt: str | Path, out: str | Path) -> dict[str, torch.Tensor]:
-    if Path(out).is_dir():
-        raise ConfigError(f"out: {out} is a directory; name the output file (e.g. {Path(out) / 'weights.pt'})")
-    if Path(out).exists() and (Path(out).resolve() == Path(ckpt).resolve() or _is_training_checkpoint(out)):
-        # the weights would replace the optimizer, schedule and loop state for good
-        raise ConfigError(f"out: {out} is {'the checkpoint being exported' if Path(out).resolve() == Path(ckpt).resolve() else 'a training checkpoint'}; "
-                          f"name another output file (an existing weights file may be overwritten)")
+    """Write the network's weights of ``ckpt`` to ``out``, whole or not at all; ``out`` may replace only a
+    weights file."""
+    _check_out(ckpt, out)
     sd = state_dict_from_checkpoint(ckpt)
     buf = io.BytesIO()
     torch.save(sd, buf)
@@ -117,12 +114,36 @@ def export(ckpt: str | Path, out: str | Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def _is_training_checkpoint(path: str | Path) -> bool:
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception:  # noqa: BLE001 (not a zip checkpoint: a legacy weights file, or no torch file at all)
-        return False
-    return isinstance(saved, dict) and "pytorch-lightning_version" in saved
+def _check_out(ckpt: str | Path, out: str | Path) -> None:
+    """An existing ``out`` is replaced only when it holds weights (an earlier export) or nothing: the
+    checkpoint itself or another training checkpoint lost its optimizer and loop state for good, and any
+    other file (the run's ``config.yaml``, a shard: a slip of the shell's completion) its contents."""
+    o = Path(out)
+    if o.is_dir():
+        raise ConfigError(f"out: {out} is a directory; name the output file (e.g. {o / 'weights.pt'})")
+    if not o.exists() or o.stat().st_size == 0:
+        return
+    if o.resolve() == Path(ckpt).resolve():
+        raise ConfigError(f"out: {out} is the checkpoint being exported; name another output file (an existing "
+                          f"weights file may be overwritten)")
+    saved = _load_quietly(o)
+    if isinstance(saved, dict) and "pytorch-lightning_version" in saved:
+        raise ConfigError(f"out: {out} is a training checkpoint; name another output file (an existing weights "
+                          f"file may be overwritten)")
+    if not (isinstance(saved, dict) and saved and all(isinstance(v, torch.Tensor) for v in saved.values())):
+        raise ConfigError(f"out: {out} exists and is not a weights file (a state_dict of tensors, as export "
+                          f"writes); name another output file, or remove it first")
+
+
+def _load_quietly(path: Path):
+    """The file's contents with torch's safe loader (a training checkpoint loads so too); None when it is no
+    torch file that loads so."""
+    for mmap in (True, False):  # (a legacy, non-zip weights file cannot be memory-mapped)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except Exception:  # noqa: BLE001 (not a torch file, or one holding more than tensors)
+            continue
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,54 @@
+"""``python -m pipeline export CKPT OUT``: what it refuses to read or to overwrite, said in one line naming the
+file. (The export of a ZeRO directory: tests/test_deepspeed.py; of a resumed run's checkpoint file:
+tests/test_resume.py.)"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.export import main as export_main
+from pipeline.run_layout import CONFIG_FILE, last_checkpoint
+from tests.conftest import REPO, run_module
+
+CONF = str(REPO / "conf" / "demo.yaml")
+
+
+@pytest.fixture(scope="module")
+def trained(digits_shards, tmp_path_factory) -> Path:
+    """A real run of one step: its ``last.ckpt``."""
+    run = tmp_path_factory.mktemp("export") / "run"
+    run_module("pipeline", "fit", "--config", CONF, "--data.root", str(digits_shards), "--trainer.default_root_dir",
+               str(run), "--trainer.max_steps", "1", "--data.num_workers", "0", "--trainer.num_sanity_val_steps", "0",
+               "--tracking.wandb", "false")
+    return last_checkpoint(run)
+
+
+def _error(capsys) -> str:
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+def test_an_existing_file_other_than_weights_is_not_overwritten(trained, tmp_path, capsys):
+    """OUT named after an existing file that is not a weights file (the run's config.yaml, a shard: a slip of
+    the shell's completion) was replaced by the weights for good; only a weights file (an earlier export)
+    or an empty file is replaced."""
+    config = tmp_path / CONFIG_FILE
+    shutil.copy(trained.parent.parent / CONFIG_FILE, config)
+    before = config.read_bytes()
+    assert export_main([str(trained), str(config)]) == 2
+    assert _error(capsys) == (f"error: out: {config} exists and is not a weights file (a state_dict of tensors, "
+                              f"as export writes); name another output file, or remove it first")
+    assert config.read_bytes() == before
+
+    weights = tmp_path / "net.pt"
+    torch.save({"conv1.weight": torch.zeros(1)}, weights)  # an earlier export
+    empty = tmp_path / "empty.pt"
+    empty.touch()
+    for out in (weights, empty):
+        assert export_main([str(trained), str(out)]) == 0, capsys.readouterr().err
+        assert "conv1.weight" in torch.load(out, weights_only=True)
