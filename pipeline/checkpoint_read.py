@@ -4,6 +4,8 @@ model states in a DeepSpeed checkpoint directory, memory-mapped; a missing, torn
 
 from __future__ import annotations
 
+import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +32,15 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         return torch.load(f, map_location="cpu", weights_only=False, mmap=True)
     except Exception as e:  # torn or foreign file
-        torn = any(w in str(e) for w in ("zipfile", "mmap", "Invalid argument", "PytorchStreamReader"))  # EINVAL: mmap
-        why = "an empty file" if Path(f).is_file() and Path(f).stat().st_size == 0 else \
-            "not a torch checkpoint, or torn (a copy cut short?)" if torn else str(e)
-        raise ConfigError(f"cannot read checkpoint {f}: {why}") from None
+        raise ConfigError(f"cannot read checkpoint {f}: {unreadable(f, e)}") from None
+
+
+def unreadable(f: str | Path, error: BaseException) -> str:
+    """Why torch could not load the file ``f``, in words: torch and pickle say "Ran out of input", "Memo value
+    not found at index 101", "[Errno 22] Invalid argument" or a paragraph about miniz for an empty, foreign or
+    cut-short file."""
+    if Path(f).is_file() and Path(f).stat().st_size == 0:
+        return "an empty file"
+    torn = isinstance(error, (EOFError, pickle.UnpicklingError, zipfile.BadZipFile)) or \
+        any(w in str(error) for w in ("zipfile", "mmap", "Invalid argument", "PytorchStreamReader"))  # EINVAL: mmap
+    return "not a torch checkpoint, or torn (a copy cut short?)" if torn else str(error).splitlines()[0]

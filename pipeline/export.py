@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from pipeline.checkpoint_io import atomic_write_bytes
+from pipeline.checkpoint_read import unreadable
 from pipeline.deepspeed_layout import LATEST, LIGHTNING_TAG, saved_tag
 from pipeline.errors import ConfigError
 from pipeline.run_layout import LAST_CHECKPOINT
@@ -69,7 +70,7 @@ def state_dict_from_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
             return _network_only(_zero_state_dict(p))
         except (FileNotFoundError, ValueError) as e:
             raise ConfigError(f"{p}: not a readable DeepSpeed checkpoint directory: {e}") from None
-        except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError) as e:  # a torn shard
+        except (OSError, RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError) as e:  # a torn shard
             torn = next((f for f in sorted(p.rglob("*.pt")) if not zipfile.is_zipfile(f)), None)
             where = f"{torn} is torn (not a whole torch file: a copy cut short?)" if torn else str(e).splitlines()[0]
             raise ConfigError(f"{p}: not a readable DeepSpeed checkpoint directory: {where}") from None
@@ -79,10 +80,10 @@ def state_dict_from_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         ckpt = torch.load(p, map_location="cpu", weights_only=False, mmap=True)
     except RuntimeError as e:
         if "mmap" not in str(e):
-            raise ConfigError(f"cannot read checkpoint {p}: {e}") from None
+            raise ConfigError(f"cannot read checkpoint {p}: {unreadable(p, e)}") from None
         ckpt = _load_legacy(p)  # written by torch.save(_use_new_zipfile_serialization=False)
     except Exception as e:
-        raise ConfigError(f"cannot read checkpoint {p}: {e}") from None
+        raise ConfigError(f"cannot read checkpoint {p}: {unreadable(p, e)}") from None
     sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
     if isinstance(sd, dict) and isinstance(sd.get("model"), dict):  # torchvision's references: {"model": ...}
         sd = sd["model"]
@@ -97,7 +98,7 @@ def _load_legacy(p: Path):
     try:
         return torch.load(p, map_location="cpu", weights_only=False)
     except Exception as e:
-        raise ConfigError(f"cannot read checkpoint {p}: {e}") from None
+        raise ConfigError(f"cannot read checkpoint {p}: {unreadable(p, e)}") from None
 
 
 def export(ckpt: str | Path, out: str | Path) -> dict[str, torch.Tensor]:

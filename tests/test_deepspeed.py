@@ -8,12 +8,15 @@ bit-exactly. The first DeepSpeed init compiles a C++ extension (~45 s, cached in
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
+from pipeline.errors import ConfigError
 from pipeline.export import main as export_main
 from pipeline.export import state_dict_from_checkpoint
 from tests.conftest import REPO, free_port, run_module
@@ -237,6 +240,12 @@ def test_what_deepspeed_would_get_wrong_is_refused_before_it_starts(digits_shard
     shard.write_bytes(whole[: len(whole) // 2])
     assert f"{shard} is torn" in refused(zero)
     assert export_main([str(zero / "checkpoints" / "last.ckpt"), str(tmp_path / "out.pt")]) == 2  # a traceback before
+    states = tag / "mp_rank_00_model_states.pt"
+    for torn, data in ((shard, whole), (states, states.read_bytes())):  # cut early: torch's reader raises EINVAL,
+        torn.write_bytes(data[:5000])  # an OSError, and export and --model.init_weights were a traceback
+        with pytest.raises(ConfigError, match=f"{re.escape(str(torn))} is torn"):
+            state_dict_from_checkpoint(zero / "checkpoints" / "last.ckpt")
+        torn.write_bytes(data)
     shard.unlink()
     assert f"{tag} lacks rank 0's optimizer shard" in refused(zero)
     shard.write_bytes(whole)

@@ -52,3 +52,19 @@ def test_an_existing_file_other_than_weights_is_not_overwritten(trained, tmp_pat
     for out in (weights, empty):
         assert export_main([str(trained), str(out)]) == 0, capsys.readouterr().err
         assert "conv1.weight" in torch.load(out, weights_only=True)
+
+
+def test_an_unreadable_checkpoint_is_said_in_words(trained, tmp_path, capsys):
+    """An empty, foreign or cut-short checkpoint: export (and ``--model.init_weights``, which reads the same
+    way) said torch's or pickle's own words ("Ran out of input", "Memo value not found at index 101",
+    "[Errno 22] Invalid argument", a paragraph about miniz) where ``--ckpt_path`` said what the file is."""
+    whole = trained.read_bytes()
+    cases = {"empty.ckpt": (b"", "an empty file"),
+             "notes.ckpt": (b"hello\n", "not a torch checkpoint, or torn (a copy cut short?)"),
+             "cut-early.ckpt": (whole[:5000], "not a torch checkpoint, or torn (a copy cut short?)"),
+             "cut-half.ckpt": (whole[: len(whole) // 2], "not a torch checkpoint, or torn (a copy cut short?)")}
+    for name, (data, why) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        assert export_main([str(tmp_path / name), str(tmp_path / "out.pt")]) == 2
+        assert _error(capsys) == f"error: cannot read checkpoint {tmp_path / name}: {why}"
+        assert not (tmp_path / "out.pt").exists()
