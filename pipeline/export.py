@@ -21,10 +21,9 @@ from pathlib import Path
 import torch
 
 from pipeline.checkpoint_io import atomic_write_bytes
-from pipeline.checkpoint_read import unreadable
-from pipeline.deepspeed_layout import LATEST, LIGHTNING_TAG, saved_tag
+from pipeline.checkpoint_read import refuse_folder_of_checkpoints, unreadable
+from pipeline.deepspeed_layout import LIGHTNING_TAG, saved_tag
 from pipeline.errors import ConfigError
-from pipeline.run_layout import LAST_CHECKPOINT
 
 log = logging.getLogger(__name__)
 PREFIX = "model."
@@ -62,10 +61,8 @@ def _zero_state_dict(ckpt_dir: Path) -> dict[str, torch.Tensor]:
 def state_dict_from_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """The network's fp32 state_dict from a checkpoint file or a ZeRO checkpoint directory."""
     p = Path(path)
-    if p.is_dir() and not (p / LATEST).is_file() and (files := sorted(p.glob("*.ckpt"))):
-        mine = next((f for f in files if f.name == LAST_CHECKPOINT), files[0])  # a run's checkpoints/ folder
-        raise ConfigError(f"{p} is a folder of checkpoints, not one: name one of them, e.g. {mine}")
     if p.is_dir():
+        refuse_folder_of_checkpoints(p)
         try:
             return _network_only(_zero_state_dict(p))
         except (FileNotFoundError, ValueError) as e:

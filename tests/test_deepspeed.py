@@ -234,6 +234,14 @@ def test_what_deepspeed_would_get_wrong_is_refused_before_it_starts(digits_shard
     line = refused(zero, "--trainer.strategy", "deepspeed_stage_3_cpu")
     assert "was saved by ZeRO stage 2 and this run is stage 3" in line, line
 
+    # the run directory for its checkpoint: DeepSpeed's model states were found in the ZeRO save inside it, and
+    # validate failed in DeepSpeed's traceback ("not a valid DeepSpeed checkpoint"), fit said it had no `latest`
+    said = (f"error: {zero} is a run directory, not a checkpoint: name one of its checkpoints, e.g. "
+            f"{zero / 'checkpoints' / 'last.ckpt'}")
+    assert refused(tmp_path / "elsewhere", "--ckpt_path", str(zero)) == said
+    r = run_cli_in_process("validate", "--config", str(zero / "config.yaml"), "--ckpt_path", str(zero))
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == said, r.stderr[-3000:]
+
     tag = zero / "checkpoints" / "last.ckpt" / "checkpoint"
     shard = tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
     whole = shard.read_bytes()

@@ -12,7 +12,7 @@ import torch
 
 from pipeline.export import main as export_main
 from pipeline.run_layout import CONFIG_FILE, last_checkpoint
-from tests.conftest import REPO, run_module
+from tests.conftest import REPO, run_cli_in_process, run_module
 
 CONF = str(REPO / "conf" / "demo.yaml")
 
@@ -68,3 +68,20 @@ def test_an_unreadable_checkpoint_is_said_in_words(trained, tmp_path, capsys):
         assert export_main([str(tmp_path / name), str(tmp_path / "out.pt")]) == 2
         assert _error(capsys) == f"error: cannot read checkpoint {tmp_path / name}: {why}"
         assert not (tmp_path / "out.pt").exists()
+
+
+def test_a_run_directory_or_its_checkpoints_folder_is_refused_naming_a_checkpoint(trained, tmp_path, capsys):
+    """A run directory given where one checkpoint is meant: export said "not a readable DeepSpeed checkpoint
+    directory: Unable to find 'latest' file", validate "holds no DeepSpeed model states" (and, under DeepSpeed,
+    found the model states of a ZeRO save inside it and failed in DeepSpeed's traceback)."""
+    run = trained.parent.parent
+    for given, said in ((run, f"{run} is a run directory, not a checkpoint: name one of its checkpoints, e.g. {trained}"),
+                        (trained.parent, f"{trained.parent} is a folder of checkpoints, not one: name one of them, "
+                                         f"e.g. {trained}")):
+        assert export_main([str(given), str(tmp_path / "out.pt")]) == 2
+        assert _error(capsys) == f"error: {said}"
+        for sub in ("validate", "fit"):
+            r = run_cli_in_process(sub, "--config", str(run / CONFIG_FILE), "--ckpt_path", str(given),
+                                   "--trainer.default_root_dir", str(tmp_path / sub))
+            assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == f"error: {said}", r.stderr[-2000:]
+    assert not (tmp_path / "out.pt").exists() and not (tmp_path / "fit").exists()
