@@ -124,6 +124,12 @@ def best_checkpoint(folder: Path) -> Path:
     return max(scored)[1]
 
 
+def _started_from(last: Path, weights: str) -> bool:
+    """Whether the run's ``last.ckpt`` was trained from ``weights`` (``model.init_weights``, which its
+    ``config.yaml`` keeps): then that config, given to ``validate``/``test``, names the run, not the weights."""
+    return last.exists() and (read_checkpoint(last).get("hyper_parameters") or {}).get("init_weights") == weights
+
+
 def _on_cpu(accelerator) -> bool:
     import torch
 
@@ -409,14 +415,16 @@ class PipelineCLI(LightningCLI):
             cfg.ckpt_path = str(best_checkpoint(last.parent))
             _say(f"{sub}: {cfg.ckpt_path}")
             return
-        if ckpt not in (None, "last") or (ckpt is None and cfg.model.get("init_weights")):
+        weights = cfg.model.get("init_weights")
+        if ckpt not in (None, "last") or (ckpt is None and weights and not _started_from(last, weights)):
             return
         if not last.exists():
             raise ConfigError(f"ckpt_path: nothing to {sub}: {last} does not exist (trainer.default_root_dir "
                               f"{last.parent.parent}); pass --ckpt_path FILE, or --model.init_weights WEIGHTS for a "
                               f"network's weights alone")
         cfg.ckpt_path = str(last)
-        _say(f"{sub}: {last}")
+        _say(f"{sub}: {last}" + (f" (model.init_weights {weights} is where this run started: not scored; score it "
+                                 f"in another trainer.default_root_dir)" if ckpt is None and weights else ""))
 
     @staticmethod
     def _check_checkpoint(path: str | Path | None, resume: bool = False) -> dict:

@@ -146,3 +146,25 @@ def test_tensors_alone_load_with_a_note_where_a_twin_network_has_the_same_ones(t
     torch.save(ImageClassifier(arch="cifar_resnet20", num_classes=10).model.state_dict(), weights)
     note = ImageClassifier(arch="plain_cifar_resnet20", num_classes=10).load_init_weights(str(weights))
     assert note.startswith(f"note: {weights} holds tensors alone, which fit plain_cifar_resnet20 by names and shapes")
+
+
+def test_validate_with_a_runs_own_config_scores_its_checkpoint_not_the_weights_it_started_from(digits_shards,
+                                                                                                tmp_path):
+    """``RUN/config.yaml`` of a run started with ``--model.init_weights W`` keeps W (a setting of the run: a new
+    start before the first checkpoint needs it). ``validate --config RUN/config.yaml`` (docs: without
+    ``--ckpt_path``, ``RUN/checkpoints/last.ckpt``) scored W, the weights before any training, and printed
+    their metrics as the run's."""
+    from pipeline.models import build
+
+    weights = tmp_path / "start.pt"
+    torch.save(build("cifar_resnet20", num_classes=10).state_dict(), weights)
+    run = tmp_path / "run"
+    _fit(digits_shards, run, 2, "--model.init_weights", str(weights), "--trainer.num_sanity_val_steps", "0")
+    last = run / "checkpoints" / "last.ckpt"
+    losses = []
+    for how in ([], ["--ckpt_path", "last"]):
+        proc = run_module("pipeline", "validate", "--config", str(run / "config.yaml"), *how)
+        assert f"validate: {last}" in proc.stderr and "validate: weights from" not in proc.stderr, proc.stderr[-2000:]
+        with open(sorted((run / "validate" / "csv").glob("version_*/metrics.csv"))[-1]) as f:
+            losses.append(next(r for r in csv.DictReader(f) if r.get("val/loss"))["val/loss"])
+    assert losses[0] == losses[1], losses
