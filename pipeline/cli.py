@@ -124,6 +124,16 @@ def best_checkpoint(folder: Path) -> Path:
     return max(scored)[1]
 
 
+def _network_advice(ckpt: str | None, subcommand: str | None) -> dict[str, str | None]:
+    """``check_network_of``'s checkpoint and, for ``validate``/``test``, its way out: the config of the run that
+    saved it (given a config of another run; "a new run directory" is ``fit``'s)."""
+    if subcommand not in ("validate", "test") or ckpt is None:
+        return {"checkpoint": ckpt}
+    run_config = Path(ckpt).parent.parent / CONFIG_FILE
+    named = f": --config {run_config}" if Path(ckpt).parent.name == CHECKPOINTS_DIR and run_config.is_file() else ""
+    return {"checkpoint": ckpt, "fix": f"{subcommand} it with the config it was trained with{named}"}
+
+
 def _started_from(last: Path, weights: str) -> bool:
     """Whether the run's ``last.ckpt`` was trained from ``weights`` (``model.init_weights``, which its
     ``config.yaml`` keeps): then that config, given to ``validate``/``test``, names the run, not the weights."""
@@ -511,7 +521,7 @@ class PipelineCLI(LightningCLI):
             self.datamodule.check_backend()
             self.datamodule.check_splits(self.subcommand or "fit")
         if isinstance(self.model, ImageClassifier) and getattr(self, "_ckpt_hparams", None):
-            self.model.check_network_of(self._ckpt_hparams)
+            self.model.check_network_of(self._ckpt_hparams, **_network_advice(cfg.get("ckpt_path"), self.subcommand))
         ckdir = checkpoint_dir(run_dir)
         backlog = WandbBacklog(ckdir)
         callbacks = [

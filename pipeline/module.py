@@ -277,16 +277,18 @@ class ImageClassifier(pl.LightningModule):
             self.log(f"{prefix}/top5", self.val_top5)
 
     # ---- checkpoints ---------------------------------------------------------------------------------
-    def check_network_of(self, saved: dict) -> None:
+    def check_network_of(self, saved: dict, checkpoint: str | None = None,
+                         fix: str = "use the original setting or a new run directory") -> None:
         """A checkpoint's hyper-parameters (``saved``) name this network: a one-line error naming the
-        setting otherwise. The CLI calls it before the loggers start, ``on_load_checkpoint`` again."""
+        setting (and the ``checkpoint`` file, with the way out ``fix``) otherwise. The CLI calls it before the
+        loggers start, ``on_load_checkpoint`` again."""
         for key in ("arch", "num_classes", "arch_kwargs"):
             if key == "arch_kwargs" and key in saved and self._same_computation(saved):
                 continue  # written another way: {} and {shortcut: A} are one ResNet-20, zero_init one start
             if key in saved and (saved[key] or None) != (self.hparams.get(key) or None):
                 raise ConfigError(
-                    f"the checkpoint was trained with model.{key}={saved[key]!r}, this run has"
-                    f" model.{key}={self.hparams.get(key)!r}; use the original setting or a new run directory"
+                    f"the checkpoint{f' {checkpoint}' if checkpoint else ''} was trained with model.{key}="
+                    f"{saved[key]!r}, this run has model.{key}={self.hparams.get(key)!r}; {fix}"
                 )
 
     def _same_computation(self, saved: dict) -> bool:

@@ -78,15 +78,19 @@ def test_explicit_ckpt_path_keeps_the_config(trained, digits_shards, tmp_path):
     assert groups[0]["lr"] == pytest.approx(saved["lr_schedulers"][0]["_last_lr"][0]) and groups[0]["lr"] <= peak
     proc = run_module(*_args("fit", digits_shards, tmp_path / "other", "--ckpt_path", str(last),
                              "--model.arch", "cifar_resnet32"), check=False)
-    _fails_clearly(proc, 2, "model.arch='cifar_resnet20'", "cifar_resnet32")
+    _fails_clearly(proc, 2, f"the checkpoint {last} was trained with model.arch='cifar_resnet20'", "cifar_resnet32",
+                   "use the original setting or a new run directory")
     assert not (tmp_path / "other").exists(), "refused before anything was written there"
     # validate of another network, W&B on: refused before the loggers start (it left a W&B run and a csv
-    # version folder in RUN/validate/)
+    # version folder in RUN/validate/); the way out is the config of the run that saved the checkpoint (it
+    # named no file, and said "a new run directory")
     args = _args("validate", digits_shards, trained, "--ckpt_path", str(last), "--model.arch", "cifar_resnet32")
     args[args.index("--tracking.wandb") + 1] = "true"
     before = sorted((trained / "validate").rglob("*"))
     proc = run_cli_in_process(*args[1:], env={"WANDB_MODE": "offline"})
-    _fails_clearly(proc, 2, "model.arch='cifar_resnet20'", "cifar_resnet32")
+    _fails_clearly(proc, 2, f"the checkpoint {last} was trained with model.arch='cifar_resnet20', this run has "
+                   f"model.arch='cifar_resnet32'; validate it with the config it was trained with: --config "
+                   f"{trained / 'config.yaml'}")
     assert sorted((trained / "validate").rglob("*")) == before
 
 
