@@ -84,6 +84,9 @@ def check_checkpoint_kind(strategy: Strategy, ckpt_path: str | Path | None, subc
                           f"DeepSpeed, which reads only its own checkpoint directories: use the strategy that saved "
                           f"it, or {elsewhere}")
     if path.is_dir() and deepspeed:
+        if saved_tag(path) is None:  # (fit: check_zero_shards said it first) DeepSpeed's refusal named no file
+            raise ConfigError(f"ckpt_path: {path} has no `latest` file (the tag of the save DeepSpeed loads): not a "
+                              f"whole DeepSpeed checkpoint; {elsewhere}")
         stage = saved_zero_stage(path)
         now = 3 if getattr(strategy, "zero_stage_3", False) else (strategy.config or {}).get(
             "zero_optimization", {}).get("stage")

@@ -259,3 +259,9 @@ def test_what_deepspeed_would_get_wrong_is_refused_before_it_starts(digits_shard
     shard.write_bytes(whole)
     (zero / "checkpoints" / "last.ckpt" / "latest").unlink()
     assert "has no `latest` file" in refused(zero)
+    # validate said "DeepSpeed was unable to load the checkpoint", naming no file
+    r = run_cli_in_process("validate", "--config", str(zero / "config.yaml"))
+    last = zero / "checkpoints" / "last.ckpt"
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
+        f"error: ckpt_path: {last} has no `latest` file (the tag of the save DeepSpeed loads): not a whole DeepSpeed "
+        f"checkpoint; score its weights alone with --ckpt_path null --model.init_weights {last}"), r.stderr[-3000:]
