@@ -34,11 +34,12 @@ def model_states_file(ckpt_dir: Path) -> Path:
 
 
 def find_model_states(ckpt_dir: Path) -> Path | None:
-    """The first model-states file found anywhere in the directory, ``latest`` or not: Lightning's tag first,
-    then any tag's, then any ZeRO-3 rank 0's; None when there is none."""
+    """The first model-states file in a tag's folder of the directory, ``latest`` or not: Lightning's tag
+    first, then any tag's, then any ZeRO-3 rank 0's; None when there is none. (Not deeper: a folder holding run
+    directories was taken for the ZeRO save found in one of them.)"""
     for cand in (ckpt_dir / LIGHTNING_TAG / MODEL_STATES,
-                 *sorted(ckpt_dir.glob(f"**/{MODEL_STATES}")),
-                 *sorted(ckpt_dir.glob(f"**/{ZERO3_MODEL_STATES}"))):
+                 *sorted(ckpt_dir.glob(f"*/{MODEL_STATES}")),
+                 *sorted(ckpt_dir.glob(f"*/{ZERO3_MODEL_STATES}"))):
         if cand.is_file():
             return cand
     return None

@@ -241,6 +241,9 @@ def test_what_deepspeed_would_get_wrong_is_refused_before_it_starts(digits_shard
     assert refused(tmp_path / "elsewhere", "--ckpt_path", str(zero)) == said
     r = run_cli_in_process("validate", "--config", str(zero / "config.yaml"), "--ckpt_path", str(zero))
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == said, r.stderr[-3000:]
+    # a folder above the run directories: it was taken for the ZeRO save two levels down ("has no `latest` file")
+    line = refused(tmp_path / "elsewhere", "--ckpt_path", str(tmp_path))
+    assert line == f"error: checkpoint directory {tmp_path} holds no DeepSpeed model states", line
 
     tag = zero / "checkpoints" / "last.ckpt" / "checkpoint"
     shard = tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
