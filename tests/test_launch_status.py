@@ -175,7 +175,8 @@ def _resume_line(script: str, run_dir: Path) -> str:
     """Run the script's own resume block in bash and return the checkpoint its start line reports."""
     lines = script.splitlines()
     start = lines.index("CKPT=none")
-    block = "\n".join(lines[start:start + 2])
+    name = next(line for line in lines if line.startswith("LAST_CKPT="))  # the script's name for last.ckpt
+    block = "\n".join([name, *lines[start:start + 2]])
     out = subprocess.run(["bash", "-euo", "pipefail", "-c", f'RUN_DIR={run_dir}\n{block}\necho "$CKPT"'],
                          capture_output=True, text=True, check=True)
     return out.stdout.strip()
