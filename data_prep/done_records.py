@@ -25,6 +25,7 @@ from pathlib import Path
 
 from .errors import PrepError
 from .format import done_record_path
+from .json_record import read_json_record
 from .shardwriter import file_sha256
 
 # what the readers take from a record (runner.build_shard writes them), by type; ``index_sha256`` may be
@@ -65,22 +66,9 @@ def read_record(out: str | Path, split: str, shard: str) -> dict | None:
     """The done-record of shard `shard` of `split`, whatever its plan; None when there is none (the shard
     was never finished). BrokenRecord when it is there but cannot be used."""
     path = done_record_path(out, split, shard)
-    try:
-        rec = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        problem: str | None = f"cannot be read ({exc.strerror or exc})"
-    except ValueError:  # also a UnicodeDecodeError
-        problem = "is not valid JSON (edited by hand?)"
-    else:
-        problem = _problem(rec, shard)
-        if problem is not None:
-            problem += " (edited by hand?)"
-    if problem is not None:
-        raise BrokenRecord(f"{path}: done-record {problem}; rerun the prep command: it rebuilds shard {shard} and "
-                           f"writes its record again", path, problem)
-    return rec
+    return read_json_record(path, lambda rec: _problem(rec, shard), lambda problem: BrokenRecord(
+        f"{path}: done-record {problem}; rerun the prep command: it rebuilds shard {shard} and writes its record "
+        f"again", path, problem))
 
 
 def record_of_plan(out: str | Path, split: str, shard: str, plan_hash: str) -> bool:

@@ -11,11 +11,11 @@ wrong values).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .errors import PrepError
 from .format import plan_path, shard_name
+from .json_record import read_json_record
 from .record_fields import first_problem, shown
 
 # what the readers take from a plan, by kind (record_fields.KINDS); ``split_source`` may be missing (plans
@@ -59,19 +59,6 @@ def read_plan(out: str | Path, split: str) -> dict | None:
     """The plan record of `split`; None when there is none (the split was never planned in OUT). BrokenPlan
     when it is there but cannot be used."""
     path = plan_path(out, split)
-    try:
-        plan = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        problem: str | None = f"cannot be read ({exc.strerror or exc})"
-    except ValueError:  # also a UnicodeDecodeError
-        problem = "is not valid JSON (edited by hand, or cut short?)"
-    else:
-        problem = _problem(plan, split)
-        if problem is not None:
-            problem += " (edited by hand?)"
-    if problem is not None:
-        raise BrokenPlan(f"{path}: plan {problem}; rerun the prep command of split {split!r}: it writes the plan "
-                         f"again (the shards already built to it are kept)")
-    return plan
+    return read_json_record(path, lambda plan: _problem(plan, split), lambda problem: BrokenPlan(
+        f"{path}: plan {problem}; rerun the prep command of split {split!r}: it writes the plan again (the shards "
+        f"already built to it are kept)"), not_json_cause="edited by hand, or cut short?")
