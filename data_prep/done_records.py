@@ -12,26 +12,27 @@ Three readers ask, at three costs, so by three rules (each stricter one implies 
 - ``reusable_record`` (a rerun that would skip the shard): also the index is there and the tar's and
   index's sha256 match the record: a shard kept without being rebuilt must be the recorded bytes.
 
-A record that is there but broken (unreadable, not JSON, a field missing or of the wrong type, another
-shard's name: a hand edit, a damaged disk; data_prep writes each whole, via a rename) is read alike by all
-three (``read_record``): ``BrokenRecord`` names the file and the field. ``launch status`` counts the shard
-as not done, a rerun rebuilds it (and writes the record again), ``finalize`` stops with that one line (the
-manifest would list what the record says); a missing record is a shard not done, for all three.
+A record that is there but broken (unreadable, not JSON, a field missing or of the wrong type, a negative
+count, another shard's name: a hand edit, a damaged disk; data_prep writes each whole, via a rename) is read
+alike by all three (``read_record``): ``BrokenRecord`` names the file and the field. ``launch status`` counts
+the shard as not done, a rerun rebuilds it (and writes the record again), ``finalize`` stops with that one line
+(the manifest would list what the record says); a missing record is a shard not done, for all three.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .errors import PrepError
 from .format import done_record_path
 from .json_record import read_json_record
+from .record_fields import COUNT, first_problem, shown
 from .shardwriter import file_sha256
 
-# what the readers take from a record (runner.build_shard writes them), by type; ``index_sha256`` may be
-# missing (records before it was kept) or null
-FIELDS = {"name": str, "index": str, "samples": int, "bytes": int, "sha256": str, "plan_hash": str, "rejects": list}
-_TYPE_NAMES = {str: "a string", int: "an integer", list: "a list"}
+# what the readers take from a record (runner.build_shard writes them), by kind (record_fields.KINDS): a negative
+# `samples` passed a rerun's hash check, and finalize's count (`N written + M rejected != K inputs`) failed on every
+# rerun; ``index_sha256`` may be missing (records before it was kept) or null
+FIELDS = {"name": "a string", "index": "a string", "samples": COUNT, "bytes": COUNT, "sha256": "a string",
+          "plan_hash": "a string", "rejects": "a list"}
 
 
 class BrokenRecord(PrepError):
@@ -47,15 +48,13 @@ def _problem(rec: object, shard: str) -> str | None:
     """What makes a parsed record unusable, or None."""
     if not isinstance(rec, dict):
         return "is not a JSON object"
-    for key, kind in FIELDS.items():
-        if key not in rec:
-            return f"has no field {key!r}"
-        if not isinstance(rec[key], kind) or isinstance(rec[key], bool):
-            return f"field {key!r} is {json.dumps(rec[key])[:40]}, not {_TYPE_NAMES[kind]}"
+    problem = first_problem(rec, FIELDS)
+    if problem is not None:
+        return problem
     if rec["name"] != shard:
-        return f"field 'name' is {json.dumps(rec['name'])[:40]}, not this shard's {shard!r}"
+        return f"field 'name' is {shown(rec['name'])}, not this shard's {shard!r}"
     if rec.get("index_sha256") is not None and not isinstance(rec["index_sha256"], str):
-        return f"field 'index_sha256' is {json.dumps(rec['index_sha256'])[:40]}, not a string"
+        return f"field 'index_sha256' is {shown(rec['index_sha256'])}, not a string"
     for i, r in enumerate(rec["rejects"]):
         if not (isinstance(r, dict) and isinstance(r.get("path"), str) and isinstance(r.get("reason"), str)):
             return f"field 'rejects' item {i} is not an object with a string 'path' and 'reason'"

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 from typing import Collection
 
-from .record_fields import first_problem, shown
+from .record_fields import COUNT, first_problem, shown
 
-COUNT = "a count (an integer >= 0)"
 # top level (the version is checked first, on its own); `class_names` and `options` are rewritten by every
 # finalize, and only type-checked
 TOP_FIELDS = {"classes": "a list of strings", "splits": "an object", "class_names": "a list of strings",

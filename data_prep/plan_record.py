@@ -16,13 +16,12 @@ from pathlib import Path
 from .errors import PrepError
 from .format import plan_path, shard_name
 from .json_record import read_json_record
-from .record_fields import first_problem, shown
+from .record_fields import COUNT, first_problem, shown
 
 # what the readers take from a plan, by kind (record_fields.KINDS); ``split_source`` may be missing (plans
 # written before it was kept)
 FIELDS = {"source": "a string", "split_source": "a string", "options": "an object", "classes": "a list of strings",
-          "class_names": "a list of strings", "inputs": "a count (an integer >= 0)", "scan_rejects": "a list",
-          "shards": "a list"}
+          "class_names": "a list of strings", "inputs": COUNT, "scan_rejects": "a list", "shards": "a list"}
 
 
 class BrokenPlan(PrepError):

@@ -1,7 +1,7 @@
-"""Type checks of the fields data_prep's JSON records hold (``manifest.json``, a split's ``plan.json``), said
-the same way for both: a record that parses but is of the wrong shape (a hand edit, a copy cut short at a
-place that still parses) is one line naming the field, where its readers raised KeyError or TypeError, or
-used a wrong value as is.
+"""Type checks of the fields data_prep's JSON records hold (``manifest.json``, a split's ``plan.json``, a
+shard's done-record), said the same way for all: a record that parses but is of the wrong shape (a hand edit, a
+copy cut short at a place that still parses) is one line naming the field, where its readers raised KeyError or
+TypeError, or used a wrong value as is.
 
 Kept free of heavy imports: ``format.load_manifest`` (the loaders' import) uses it.
 """
@@ -15,10 +15,11 @@ def _count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+COUNT = "a count (an integer >= 0)"
 # kind (as the message says it) -> test
 KINDS: dict[str, Callable[[object], bool]] = {
     "a string": lambda v: isinstance(v, str),
-    "a count (an integer >= 0)": _count,
+    COUNT: _count,
     "a list": lambda v: isinstance(v, list),
     "an object": lambda v: isinstance(v, dict),
     "a list of strings": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),

@@ -172,13 +172,15 @@ def test_corrupted_done_shard_is_rebuilt(tree, tmp_path, capsys):
 def _broken(good: dict) -> list[tuple[str, str]]:
     """(what the error says, the record's text) for the ways a hand edit breaks a done-record: not JSON, not
     an object, each field the readers take missing or of another type, another shard's name, a bad reject."""
-    wrong = {str: 7, int: "8", list: {"path": "x"}}
+    wrong = {"a string": 7, "a count (an integer >= 0)": "8", "a list": {"path": "x"}}
     cases = [("is not valid JSON", json.dumps(good)[:-1]), ("is not a JSON object", json.dumps([good]))]
     for key, kind in FIELDS.items():
         cases.append((f"has no field {key!r}", json.dumps({k: v for k, v in good.items() if k != key})))
-        cases.append((f"field {key!r} is {json.dumps(wrong[kind])}, not ", json.dumps({**good, key: wrong[kind]})))
+        cases.append((f"field {key!r} is {json.dumps(wrong[kind])}, not {kind}",
+                      json.dumps({**good, key: wrong[kind]})))
     return cases + [
-        ("field 'samples' is true, not an integer", json.dumps({**good, "samples": True})),
+        ("field 'samples' is true, not a count (an integer >= 0)", json.dumps({**good, "samples": True})),
+        ("field 'samples' is -1, not a count", json.dumps({**good, "samples": -1})),
         ("field 'name' is \"train-000000.tar\", not this shard's 'train-000001.tar'",
          json.dumps({**good, "name": "train-000000.tar"})),
         ("field 'index_sha256' is 7, not a string", json.dumps({**good, "index_sha256": 7})),
@@ -220,14 +222,16 @@ def test_a_broken_done_record_stops_finalize_in_one_line_and_a_rerun_rebuilds_it
 def test_a_rerun_rebuilds_the_shard_of_a_broken_done_record(tree, tmp_path, capsys):
     """With manifest.json there, a rerun reads the done-records to tell whether the manifest still lists its
     plan's shards: a record without `name` was a KeyError traceback there; one whose `samples` was a string
-    passed the rerun's own check (size and sha256 match) and failed in finalize's sum."""
+    passed the rerun's own check (size and sha256 match) and failed in finalize's sum, as did a negative one
+    (finalize's `32 written + 0 rejected != 40 inputs`, and every rerun kept the shard)."""
     out = tmp_path / "o"
     argv = ["imagefolder", str(tree), str(out), "--split", "train", "--samples-per-shard", "8", "--no-progress"]
     assert main(argv) == 0
     before = outputs(out)
     record = done_record_path(out, "train", "train-000002.tar")
     good = json.loads(record.read_text())
-    for broken in ({k: v for k, v in good.items() if k != "name"}, {**good, "samples": "8"}, [good]):
+    for broken in ({k: v for k, v in good.items() if k != "name"}, {**good, "samples": "8"}, {**good, "samples": -1},
+                   [good]):
         record.write_text(json.dumps(broken))
         capsys.readouterr()
         assert main(argv) == 0, broken
