@@ -10,6 +10,7 @@ from data_prep.cli import main
 from data_prep.format import ManifestError, plan_path
 from data_prep.output_status import describe
 from data_prep.plan_record import FIELDS as PLAN_FIELDS
+from tests.broken_record_checks import COMMON, array_and_single, finalize_errors, rerun_task_1
 from tests.fixtures_images import write_imagefolder
 from tests.test_data_prep_resume import outputs
 
@@ -19,9 +20,6 @@ def tree(tmp_path_factory):
     root = tmp_path_factory.mktemp("tree")
     write_imagefolder(root, ["a", "b", "c", "d"], per_class=10)
     return root
-
-
-COMMON = ["--split", "train", "--samples-per-shard", "8", "--workers", "1", "--no-progress"]
 
 
 def _broken_plans(good: dict) -> list[tuple[str, str]]:
@@ -58,25 +56,14 @@ def test_a_broken_plan_stops_finalize_in_one_line_and_a_rerun_writes_it_again(tr
     `launch status` crashed on a shard name that is no string, or left the split out. Now each is one line
     naming the plan and the field, status shows it, and a rerun of the prep command writes the plan again and
     keeps the shards built to it."""
-    out, single = tmp_path / "array", tmp_path / "single"
-    assert main(["imagefolder", str(tree), str(single), *COMMON]) == 0
-    for i in (0, 1):
-        assert main(["imagefolder", str(tree), str(out), *COMMON, "--task-index", str(i), "--num-tasks", "2"]) == 0
+    out, single = array_and_single(tree, tmp_path)
     plan = plan_path(out, "train")
     good = plan.read_text()
-    capsys.readouterr()
-    for says, text in _broken_plans(json.loads(good)):
-        plan.write_text(text)
-        assert main(["finalize", str(out)]) == 2, says
-        err = capsys.readouterr().err
-        assert err.startswith(f"python -m data_prep: error: {plan}: plan {says}") and err.count("\n") == 1, err
-        assert err.endswith("rerun the prep command of split 'train': it writes the plan again (the shards already "
-                            "built to it are kept)\n"), err
-        assert describe(out)[0] == f"shards       {out}: train: {err.split('error: ', 1)[1].strip()}", says
-        assert not (out / "manifest.json").exists()
+    fix = "rerun the prep command of split 'train': it writes the plan again (the shards already built to it are kept)"
+    for says, line in finalize_errors(out, plan, "plan", _broken_plans(json.loads(good)), fix, capsys):
+        assert describe(out)[0] == f"shards       {out}: train: {line}", says
     plan.write_text(json.dumps({k: v for k, v in json.loads(good).items() if k != "shards"}))
-    assert main(["imagefolder", str(tree), str(out), *COMMON, "--task-index", "1", "--num-tasks", "2"]) == 0
-    err = capsys.readouterr().err
+    err = rerun_task_1(tree, out, capsys)
     assert "train task 1/2: 2 of 2 shards were complete from an earlier run and kept, 0 built" in err, err
     assert plan.read_text() == good
     assert main(["finalize", str(out)]) == 0

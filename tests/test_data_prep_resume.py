@@ -15,6 +15,7 @@ from data_prep.cli import main
 from data_prep.done_records import FIELDS
 from data_prep.format import done_record_path, load_manifest
 from data_prep.output_status import describe
+from tests.broken_record_checks import array_and_single, finalize_errors, rerun_task_1
 from tests.conftest import cifar_tar
 from tests.fixtures_images import write_imagefolder
 from tests.test_data_prep_imagefolder import samples_of
@@ -192,27 +193,15 @@ def test_a_broken_done_record_stops_finalize_in_one_line_and_a_rerun_rebuilds_it
     """A done-record edited by hand: finalize ended in a traceback (KeyError: 'name', a TypeError for a
     wrong type) and `launch status` counted the shard as done. Now finalize names the record and the field
     in one line, status counts the shard as not done, and the task's rerun rebuilds it."""
-    out, single = tmp_path / "array", tmp_path / "single"
-    common = ["--split", "train", "--samples-per-shard", "8", "--workers", "1", "--no-progress"]
-    assert main(["imagefolder", str(tree), str(single), *common]) == 0
-    for i in (0, 1):
-        assert main(["imagefolder", str(tree), str(out), *common, "--task-index", str(i), "--num-tasks", "2"]) == 0
+    out, single = array_and_single(tree, tmp_path)
     record = done_record_path(out, "train", "train-000001.tar")
     good = record.read_text()
     assert describe(out)[0] == f"shards       {out}: train 5 of 5 done"
-    capsys.readouterr()
-    for says, text in _broken(json.loads(good)):
-        record.write_text(text)
-        assert main(["finalize", str(out)]) == 2, says
-        err = capsys.readouterr().err
-        assert err.startswith(f"python -m data_prep: error: {record}: done-record {says}") and err.count("\n") == 1, err
-        assert err.endswith("rerun the prep command: it rebuilds shard train-000001.tar and writes its record "
-                            "again\n"), err
+    fix = "rerun the prep command: it rebuilds shard train-000001.tar and writes its record again"
+    for says, line in finalize_errors(out, record, "done-record", _broken(json.loads(good)), fix, capsys):
         assert describe(out)[0] == f"shards       {out}: train 4 of 5 done", says
-        assert not (out / "manifest.json").exists()
     record.write_text(json.dumps({k: v for k, v in json.loads(good).items() if k != "name"}))
-    assert main(["imagefolder", str(tree), str(out), *common, "--task-index", "1", "--num-tasks", "2"]) == 0
-    err = capsys.readouterr().err
+    err = rerun_task_1(tree, out, capsys)
     assert "train task 1/2: 1 of 2 shards were complete from an earlier run and kept, 1 built" in err, err
     assert record.read_text() == good
     assert main(["finalize", str(out)]) == 0
