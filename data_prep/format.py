@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Collection
 
 from .manifest_shape import manifest_problem
+from .record_fields import shown
 
 SPLIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # a split's name: in shard and file names
 
@@ -89,13 +90,24 @@ def load_manifest(out_dir: str | Path, rewriting: Collection[str] = ()) -> dict:
         raise _broken(out_dir, f"manifest is not valid JSON ({exc})") from None
     if not isinstance(manifest, dict):
         raise _broken(out_dir, "manifest is not a JSON object")
-    version = manifest.get("version")
-    if version != MANIFEST_VERSION:
-        raise ManifestError(f"{path}: unsupported manifest version {version!r} (expected {MANIFEST_VERSION})")
+    if "version" not in manifest:
+        raise _broken(out_dir, "manifest has no field 'version'")
+    if manifest["version"] != MANIFEST_VERSION or isinstance(manifest["version"], bool):
+        raise _other_version(out_dir, manifest["version"])
     found = manifest_problem(manifest, rewriting)
     if found is not None:
         raise _broken(out_dir, f"manifest {found[0]}", found[1])
     return manifest
+
+
+def _other_version(out_dir: str | Path, version: object) -> ManifestError:
+    """A manifest of another format version (written by another version of this code, whose fields may mean
+    other things): no reader takes it, so the error says which version this code reads and how to get one."""
+    return ManifestError(
+        f"{Path(out_dir) / MANIFEST_NAME}: manifest version {shown(version)}, but this data_prep reads version "
+        f"{MANIFEST_VERSION} only: read it with the resnet-pipeline version that wrote it, or move it aside and "
+        f"rerun the prep commands that wrote {out_dir} with this one (after Slurm array tasks, then "
+        f"`python -m data_prep finalize {out_dir}`)")
 
 
 def _broken(out_dir: str | Path, problem: str, split: str | None = None) -> ManifestError:

@@ -89,6 +89,7 @@ def _broken_manifests(good: dict) -> list[tuple[str, str, str | None]]:
     cases = [("is not valid JSON", "", None), ("is not valid JSON", text[:len(text) // 2], None),
              ("is not valid JSON (not UTF-8 text)", "\udcff" + text[1:], None),
              ("is not a JSON object", json.dumps([good]), None),
+             ("has no field 'version'", json.dumps({k: v for k, v in good.items() if k != "version"}), None),
              ("has no field 'classes'", json.dumps({k: v for k, v in good.items() if k != "classes"}), None),
              ("field 'classes' is \"abcd\", not a list of strings", json.dumps({**good, "classes": "abcd"}), None),
              ("field 'splits' is [], not an object", json.dumps({**good, "splits": []}), None),
@@ -154,6 +155,39 @@ def test_a_broken_manifest_is_one_line_for_every_reader_and_finalize_writes_it_a
         assert path.read_text() == good, says
         capsys.readouterr()
     assert len(ShardSet(out, "train")) == 40
+
+
+def test_a_manifest_of_another_version_says_which_this_code_reads_and_what_to_do(tree, tmp_path, capsys):
+    """A manifest whose `version` is not the one this code writes (another version of resnet-pipeline wrote
+    OUT): every reader said `unsupported manifest version 2 (expected 1)`, and nothing of what to do. Now the
+    line says which version this code reads, and that the version that wrote it reads it, or that a rerun of
+    the prep commands with this one, the manifest moved aside, writes OUT again."""
+    from pipeline.data.shards import ShardSet
+    from pipeline.errors import ConfigError
+
+    out = tmp_path / "o"
+    prep = {split: ["imagefolder", str(tree), str(out), "--split", split, *COMMON[2:]] for split in ("train", "val")}
+    for argv in prep.values():
+        assert main(argv) == 0
+    path = out / "manifest.json"
+    good = path.read_text()
+    for version in (2, "1", True):
+        path.write_text(json.dumps({**json.loads(good), "version": version}))
+        line = (f"{path}: manifest version {json.dumps(version)}, but this data_prep reads version 1 only: read it "
+                f"with the resnet-pipeline version that wrote it, or move it aside and rerun the prep commands that "
+                f"wrote {out} with this one (after Slurm array tasks, then `python -m data_prep finalize {out}`)")
+        with pytest.raises(ConfigError, match="^data.root: ") as caught:
+            ShardSet(out, "train")
+        assert str(caught.value) == f"data.root: {line}"
+        assert describe(out)[1] == f"manifest     {line}"
+        capsys.readouterr()
+        for argv in (["verify", str(out)], ["finalize", str(out)], prep["val"]):
+            assert main(argv) == 2, argv
+            assert capsys.readouterr().err == f"python -m data_prep: error: {line}\n", argv
+    path.rename(tmp_path / "manifest.json.v2")
+    for argv in prep.values():
+        assert main(argv) == 0
+    assert path.read_text() == good
 
 
 def test_the_trainer_says_a_broken_manifest_in_one_error_line(tree, tmp_path):
