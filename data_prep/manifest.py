@@ -15,6 +15,7 @@ from .format import (MANIFEST_NAME, MANIFEST_VERSION, PLAN_NAME, REJECTS_NAME, W
                      load_manifest, plan_path, shard_file_pattern, work_dir)
 from .holdout import with_partners
 from .plan_record import read_plan
+from .rejects_file import read_rejects
 from .runner import write_json_atomic, write_text_atomic
 from .shardwriter import PARTIAL_SUFFIX
 
@@ -55,33 +56,6 @@ def split_entry(out: Path, split: str) -> tuple[dict, dict, list[dict]]:
     return plan, entry, rejects
 
 
-def _read_rejects(path: Path) -> list[dict]:
-    """The lines of ``rejects.jsonl``, each a JSON object naming its split (finalize keeps those of the other
-    splits); a PrepError naming the first line that is not, or a file that is not text: finalize cannot tell
-    whose it is, so it cannot keep or replace it."""
-    if not path.exists():
-        return []
-    again = (f"run `python -m data_prep finalize {path.parent}`: it writes the lines of the splits planned under "
-             f"{path.parent / WORK_DIR} again")
-    fix = f"remove that line, or the file and then {again}"
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise PrepError(f"{path}: not UTF-8 text (edited by hand?); remove it and then {again}") from None
-    lines = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            raise PrepError(f"{path}:{lineno}: not a JSON line (edited by hand, or cut short?); {fix}") from None
-        if not (isinstance(rec, dict) and isinstance(rec.get("split"), str)):
-            raise PrepError(f"{path}:{lineno}: not a JSON object with a string 'split' (edited by hand?); {fix}")
-        lines.append(rec)
-    return lines
-
-
 def _remove_stale_shards(out: Path, split: str, keep: set[str]) -> None:
     """Drop shards outside the plan and `.tmp` leftovers of killed or failed writers (all shards are done)."""
     pat = re.compile(rf"^{shard_file_pattern(split)}({re.escape(PARTIAL_SUFFIX)})?$")
@@ -107,7 +81,7 @@ def finalize(out: str | Path, splits: list[str] | None = None) -> dict:
     if manifest is None:
         manifest = {"version": MANIFEST_VERSION, "splits": {}}
     rej_path = out / REJECTS_NAME
-    old_rejects = _read_rejects(rej_path)
+    old_rejects = read_rejects(rej_path)
     new_rejects = []
     for split in splits:
         plan, entry, rejects = split_entry(out, split)

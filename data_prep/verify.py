@@ -2,7 +2,8 @@
 
 Checks size and sha256, the index (sample count, jpg/cls/lbl present, offsets inside the tar,
 cls text == lbl int32) and fully decodes a few evenly spaced JPEGs per shard, every JPEG of a shard whose
-checksum no longer matches (so the damaged samples are named).
+checksum no longer matches (so the damaged samples are named); and each split's lines of ``rejects.jsonl``
+against its ``rejected`` count (``rejects_file.count_problems``).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import struct
 from pathlib import Path
 
 from .format import INDEX_VERSION, SAMPLE_EXTS, ManifestError, index_name_of, load_manifest, read_index
+from .rejects_file import count_problems
 from .runner import map_in_processes
 from .shardwriter import file_sha256
 
@@ -121,4 +123,4 @@ def verify(out: str | Path, decode: int = 4, workers: int = 1) -> list[str]:
         results = [_star(j) for j in jobs]
     for r in results:
         problems.extend(r)
-    return problems
+    return problems + count_problems(out, manifest)

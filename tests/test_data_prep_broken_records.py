@@ -275,6 +275,49 @@ def test_a_broken_rejects_line_is_one_line_and_finalize_writes_the_file_again(tm
         assert path.read_text() == good
 
 
+def test_verify_counts_each_splits_rejects_lines_against_the_manifest(tmp_path, capsys):
+    """rejects.jsonl cut at a line boundary, or lines removed by hand, still parses: the reasons of inputs left
+    out were lost and `verify` said OK. It now counts each split's lines against the manifest's `rejected`,
+    naming the file, both numbers and what writes the lines again (finalize)."""
+    src, out = tmp_path / "src", tmp_path / "o"
+    write_imagefolder(src, ["a", "b"], per_class=3)
+    for cls in ("a", "b"):
+        (src / cls / "notes.txt").write_text("not an image")
+    for split in ("train", "val"):
+        assert main(["imagefolder", str(src), str(out), "--split", split, *COMMON[2:]]) == 0
+    path, manifest = out / "rejects.jsonl", out / "manifest.json"
+    good = path.read_text()
+    assert [json.loads(line)["split"] for line in good.splitlines()] == ["train", "train", "val", "val"]
+    assert main(["verify", str(out)]) == 0
+    again = (f"run `python -m data_prep finalize {out}`: it writes the lines of the splits planned under "
+             f"{out / '.work'} again")
+
+    def says(split: str, lines: int, there: str = "") -> str:
+        return (f"{path}: {lines} line(s) of split {split!r}{there}, but {manifest} says it rejected 2 "
+                f"(splits.{split}.rejected) (cut short, or edited by hand?); {again}")
+
+    lines = good.splitlines(keepends=True)
+    gone = " (the file is not there)"
+    broken = (f"{path}:4: not a JSON line (edited by hand, or cut short?); remove that line, or the file and then "
+              f"{again}")
+    for text, problems in (("".join(lines[:3]), [says("val", 1)]), ("".join(lines[1:]), [says("train", 1)]),
+                           (None, [says("train", 0, gone), says("val", 0, gone)]),
+                           ("".join(lines[:3]) + '{"spl', [broken])):
+        if text is None:
+            path.unlink()
+        else:
+            path.write_text(text)
+        capsys.readouterr()
+        assert main(["verify", str(out)]) == 1, text
+        err = "".join(f"{p}\n" for p in problems) + f"verify: {len(problems)} problem(s) in {out}\n"
+        assert capsys.readouterr().err == err, text
+        if problems == [broken]:  # finalize cannot tell whose that line is: the file goes first
+            path.unlink()
+        assert main(["finalize", str(out)]) == 0
+        assert path.read_text() == good
+    assert main(["verify", str(out)]) == 0
+
+
 def test_a_rerun_says_why_it_takes_a_split_out_of_the_manifest(tree, tmp_path, capsys):
     """A rerun into an OUT with a manifest takes a split out of it while it rebuilds shards in place, and said
     it was "being rebuilt with other settings or inputs" whatever the reason. Each reason a rerun to the same
