@@ -101,6 +101,8 @@ def _load_legacy(p: Path):
 def export(ckpt: str | Path, out: str | Path) -> dict[str, torch.Tensor]:
     """Write the network's weights of ``ckpt`` to ``out``, whole or not at all; ``out`` may replace only a
     weights file."""
+    _refuse_empty(ckpt, "checkpoint", "a checkpoint file or a DeepSpeed checkpoint directory")
+    _refuse_empty(out, "out", "the output file (e.g. weights.pt)")
     _check_out(ckpt, out)
     sd = state_dict_from_checkpoint(ckpt)
     buf = io.BytesIO()
@@ -110,6 +112,13 @@ def export(ckpt: str | Path, out: str | Path) -> dict[str, torch.Tensor]:
     except OSError as e:
         raise ConfigError(f"out: cannot write {out}: {e.strerror or e}") from None
     return sd
+
+
+def _refuse_empty(path: str | Path, name: str, what: str) -> None:
+    """An empty argument (an unset shell variable) is no path: as ``Path("")`` it meant the current directory,
+    taken for a folder of checkpoints or a directory to write into."""
+    if str(path) == "":
+        raise ConfigError(f"{name}: an empty path (an unset shell variable?); name {what}")
 
 
 def _check_out(ckpt: str | Path, out: str | Path) -> None:

@@ -85,3 +85,18 @@ def test_a_run_directory_or_its_checkpoints_folder_is_refused_naming_a_checkpoin
                                    "--trainer.default_root_dir", str(tmp_path / sub))
             assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == f"error: {said}", r.stderr[-2000:]
     assert not (tmp_path / "out.pt").exists() and not (tmp_path / "fit").exists()
+
+
+def test_an_empty_path_is_refused_naming_the_argument(tmp_path, monkeypatch, capsys):
+    """``export "$CKPT" "$OUT"`` with a variable unset: the empty checkpoint path was the current directory
+    ("error: . is a folder of checkpoints ..." in a run's checkpoints/ folder), an empty OUT "out:  is a
+    directory"."""
+    (tmp_path / "last.ckpt").write_bytes(b"x")
+    monkeypatch.chdir(tmp_path)  # a run's checkpoints/ folder
+    assert export_main(["", "net.pt"]) == 2
+    assert _error(capsys) == ("error: checkpoint: an empty path (an unset shell variable?); name a checkpoint file "
+                              "or a DeepSpeed checkpoint directory")
+    assert export_main(["last.ckpt", ""]) == 2
+    assert _error(capsys) == ("error: out: an empty path (an unset shell variable?); name the output file (e.g. "
+                              "weights.pt)")
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
