@@ -11,11 +11,13 @@ tensors); the checkpoint's ``hyper_parameters`` do.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import logging
 import pickle
 import sys
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -50,12 +52,33 @@ def _network_only(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _zero_state_dict(ckpt_dir: Path) -> dict[str, torch.Tensor]:
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
     tag = saved_tag(ckpt_dir)
     if tag is None and (ckpt_dir / LIGHTNING_TAG).is_dir():
         tag = LIGHTNING_TAG
-    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    with _deepspeed_says_on_stderr():
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+
+
+@contextlib.contextmanager
+def _deepspeed_says_on_stderr() -> Iterator[None]:
+    """DeepSpeed's import and conversion print their progress ("Processing zero checkpoint ...", its
+    accelerator warning) on stdout, where export says what it wrote (a script reading that line got theirs
+    too): they go to stderr, where they still show, warnings and errors included. DeepSpeed's logger writes to
+    the stdout of its import (a handler made then: made here, it writes to stderr for good)."""
+    stdout = sys.stdout
+    logger = logging.getLogger("DeepSpeed")
+    moved = {h: h.stream for h in logger.handlers if isinstance(h, logging.StreamHandler)
+             and h.stream in (stdout, sys.__stdout__) and h.stream is not sys.stderr}
+    with contextlib.redirect_stdout(sys.stderr):
+        for h in moved:
+            h.setStream(sys.stderr)
+        try:
+            yield
+        finally:
+            for h, stream in moved.items():
+                h.setStream(stream)
 
 
 def state_dict_from_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:

@@ -211,6 +211,13 @@ def test_what_deepspeed_would_get_wrong_is_refused_before_it_starts(digits_shard
 
     zero, ddp = tmp_path / "zero2", tmp_path / "ddp"
     _fit(digits_shards, zero, 1)
+    # export's stdout is its own line: DeepSpeed's accelerator warning and progress ("Processing zero checkpoint
+    # ...") were printed there too; they are on stderr
+    out = tmp_path / "zero2.pt"
+    proc = run_module("pipeline", "export", str(zero / "checkpoints" / "last.ckpt"), str(out))
+    said = rf"wrote {re.escape(str(out))}: \d+ tensors, [\d,]+ values \(fp32\)\n"
+    assert re.fullmatch(said, proc.stdout), proc.stdout
+    assert "Processing zero checkpoint" in proc.stderr, proc.stderr
     run_module("pipeline", "fit", "--config", CONF, "--data.root", str(digits_shards), "--trainer.default_root_dir",
                str(ddp), "--model.arch", "resnet18", "--data.batch_size", "32", "--data.num_workers", "0",
                "--trainer.max_steps", "1",
