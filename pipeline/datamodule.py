@@ -23,6 +23,7 @@ from pipeline.data.shared_memory import shortage
 from pipeline.data.worker_signals import shield_worker
 from pipeline.data.worker_start import START_METHODS, resolve, worker_context
 from pipeline.errors import ConfigError, require
+from pipeline.evaluation_way_out import way_out
 from pipeline.resume_geometry import epoch_finished
 
 log = logging.getLogger(__name__)
@@ -415,8 +416,11 @@ class ShardDataModule(pl.LightningDataModule):
         directory after the training is no other dataset: the whole manifest's digest locked such a run out
         of its own resume, validate and test. ``fit`` needs its training split as recorded."""
         manifest = f"{self.root}/{MANIFEST_NAME}"
-        advice = "(start a new run directory, or point data.root back)"
         fitting = self.trainer is None or self.trainer.state.fn == "fit"
+        advice = "(start a new run directory, or point data.root back)"
+        if not fitting:  # an evaluation has no run to start
+            sub, ckpt = str(getattr(self.trainer.state.fn, "value", self.trainer.state.fn)), self.trainer.ckpt_path
+            advice = way_out(sub, ckpt, self.root, weights_on_this_data=True)
         if "classes_sha256" not in state:  # a checkpoint of before the split-wise digests: the whole file
             saved = state.get("manifest_sha256")
             path = Path(manifest)
@@ -431,6 +435,8 @@ class ShardDataModule(pl.LightningDataModule):
                         "records: a split added since, or another dataset; the classes are not checked", manifest)
             return
         if state["classes_sha256"] != self.classes_digest():
+            if not fitting:  # its weights scored on these classes would mean nothing
+                advice = way_out(sub, ckpt, self.root, weights_on_this_data=False)
             raise ConfigError(f"the checkpoint was trained on another dataset: the classes of {manifest} differ "
                               f"from those the checkpoint recorded (its labels would mean other classes) {advice}")
         now, saved = self.split_digests(), state.get("splits_sha256") or {}

@@ -404,6 +404,38 @@ def test_resume_refuses_another_dataset(interrupted, tmp_path, digits_shards):
     assert proc.returncode == 2 and "another dataset: split(s) val of" in proc.stderr, proc.stderr[-2000:]
 
 
+def test_an_evaluation_on_another_dataset_says_the_evaluations_way_out(tmp_path, digits_shards):
+    """validate/test of a checkpoint on another dataset advised "start a new run directory", fit's way out: it
+    names the data.root the checkpoint's run trained on, and (where the labels mean the same classes) how to
+    score its weights on this data on purpose, which then works. fit keeps its advice."""
+    run, shards = tmp_path / "run", tmp_path / "shards"
+    cmd = fit_command(digits_shards, run, 1)[3:]
+    run_module("pipeline", *cmd)
+    last = run / "checkpoints" / "last.ckpt"
+    shutil.copytree(digits_shards, shards)
+    run_module("data_prep", "imagefolder", str(digits_shards.parent / "images" / "val"), str(shards), "--split",
+               "val", "--samples-per-shard", "100", "--workers", "1")  # the val split prepared again
+    validate = ["validate", "--config", str(run / "config.yaml"), "--data.root", str(shards)]
+    proc = run_cli_in_process(*validate)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].endswith(
+        f"(validate it on the data it was trained on: --data.root {digits_shards} ({run / 'config.yaml'}'s); or score "
+        f"its weights on this data on purpose: --ckpt_path null --model.init_weights {last})"), proc.stderr[-2000:]
+    proc = run_cli_in_process(*validate, "--ckpt_path", "null", "--model.init_weights", str(last))
+    assert proc.returncode == 0 and f"validate: weights from {last}" in proc.stderr, proc.stderr[-2000:]
+
+    manifest = json.loads((shards / "manifest.json").read_text())
+    manifest["classes"][3] = "three"  # other classes: its weights scored on them would mean nothing
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    proc = run_cli_in_process(*validate)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].endswith(
+        f"(its labels would mean other classes) (validate it on the data it was trained on: --data.root "
+        f"{digits_shards} ({run / 'config.yaml'}'s))"), proc.stderr[-2000:]
+    proc = run_cli_in_process("fit", *validate[1:], "--trainer.max_steps", "2")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].endswith(
+        "(its labels would mean other classes) (start a new run directory, or point data.root back)"), proc.stderr
+
+
 def test_a_split_prepared_after_training_keeps_the_run(interrupted, tmp_path, digits_shards):
     """data_prep adds a split to an OUT (docs/data_prep.md): a test split prepared after the training changes
     manifest.json, not the training's data. The run still resumes, validates and tests (the whole file's
