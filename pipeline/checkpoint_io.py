@@ -15,6 +15,7 @@ repairs a crash between the two renames at the next start, with the newer save w
 from __future__ import annotations
 
 import errno
+import fcntl
 import io
 import os
 import secrets
@@ -34,14 +35,22 @@ OLD = ".old"  # the previous checkpoint directory, during the swap
 COMPLETE = ".complete"  # in a checkpoint directory: all its files were on disk before the swap began
 
 
-def atomic_write_bytes(data: bytes | memoryview, path: str | Path) -> None:
+def atomic_write_bytes(data: bytes | memoryview, path: str | Path, tmp: str | Path | None = None,
+                       hold_lock: bool = False) -> None:
     """Write ``data`` to ``path`` so that readers see either the old file or the complete new one. The
-    temporary file is created as a plain write would create it (0666 less the umask: group-readable where
-    the umask says so; mkstemp's 0600 would not be)."""
+    temporary file (``tmp``, beside ``path``; by default ``.tmp-NAME.XXXXXXXXXXXX``) is created as a plain write
+    would create it (0666 less the umask: group-readable where the umask says so; mkstemp's 0600 would not be).
+    ``hold_lock``: an ``flock`` on it while it is written, which tells a clean-up that its writer is alive
+    (``pipeline/export_temp_files.py``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{secrets.token_hex(6)}")
+    tmp = Path(tmp) if tmp is not None else path.with_name(f"{TMP_PREFIX}{path.name}.{secrets.token_hex(6)}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    if hold_lock:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # a file system without flock: the clean-up goes by the writer's pid in the name
+            pass
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

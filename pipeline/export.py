@@ -26,6 +26,7 @@ from pipeline.checkpoint_io import atomic_write_bytes
 from pipeline.checkpoint_read import refuse_folder_of_checkpoints, unreadable
 from pipeline.deepspeed_layout import LIGHTNING_TAG, saved_tag
 from pipeline.errors import ConfigError
+from pipeline.export_temp_files import describe, remove_killed, temp_path
 
 log = logging.getLogger(__name__)
 PREFIX = "model."
@@ -127,11 +128,14 @@ def export(ckpt: str | Path, out: str | Path) -> dict[str, torch.Tensor]:
     _refuse_empty(ckpt, "checkpoint", "a checkpoint file or a DeepSpeed checkpoint directory")
     _refuse_empty(out, "out", "the output file (e.g. weights.pt)")
     _check_out(ckpt, out)
+    folder = Path(out).parent
+    if removed := remove_killed(folder):
+        print(describe(folder, removed), file=sys.stderr, flush=True)
     sd = state_dict_from_checkpoint(ckpt)
     buf = io.BytesIO()
     torch.save(sd, buf)
     try:
-        atomic_write_bytes(buf.getbuffer(), out)
+        atomic_write_bytes(buf.getbuffer(), out, tmp=temp_path(out), hold_lock=True)
     except OSError as e:
         raise ConfigError(f"out: cannot write {out}: {e.strerror or e}") from None
     return sd

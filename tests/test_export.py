@@ -4,7 +4,12 @@ tests/test_resume.py.)"""
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -100,3 +105,57 @@ def test_an_empty_path_is_refused_naming_the_argument(tmp_path, monkeypatch, cap
     assert _error(capsys) == ("error: out: an empty path (an unset shell variable?); name the output file (e.g. "
                               "weights.pt)")
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def _signalled_while_writing(weights: Path, target: Path, sig: signal.Signals) -> subprocess.Popen:
+    """``python -m pipeline export weights target``, sent ``sig`` as soon as its temporary file appears: while
+    it writes (256 MiB: a tenth of a second or more from its first byte to the rename)."""
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "export", str(weights), str(target)], cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    mine = f".tmp-{target.name}."
+    deadline = time.monotonic() + 300
+    while not any(name.startswith(mine) for name in os.listdir(target.parent)):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the export wrote nothing"
+        time.sleep(0.001)
+    os.kill(proc.pid, sig)
+    time.sleep(0.2)
+    assert not target.exists(), "the write ended before the signal (a larger file would take longer)"
+    return proc
+
+
+def test_the_next_export_removes_a_killed_ones_temporary_file_and_no_live_ones(tmp_path):
+    """A SIGKILL (or SIGTERM: no clean-up runs either) during an export's write left ``.tmp-OUT.*``, as large as
+    the weights, beside OUT for good. The next export into that folder removes it, and says so; a live
+    export's file (one writing into the same folder at the same time, here stopped mid-write), a writer's on
+    another node and a training save's stay."""
+    weights = tmp_path / "big.pt"
+    torch.save({"fc.weight": torch.zeros(64 * 2**20)}, weights)  # 256 MiB
+    out = tmp_path / "out"
+    out.mkdir()
+    other_node = out / ".tmp-x.pt.export-1-1@another-node.0123456789ab"  # its pid cannot be checked from here
+    save = out / ".tmp-last.ckpt.0123456789ab"  # a checkpoint save's (training removes those at its start)
+    for f in (other_node, save):
+        f.write_bytes(b"x")
+
+    killed = _signalled_while_writing(weights, out / "a.pt", signal.SIGKILL)
+    assert killed.wait() == -signal.SIGKILL
+    (left,) = out.glob(".tmp-a.pt.*")
+    size = left.stat().st_size
+
+    live = _signalled_while_writing(weights, out / "b.pt", signal.SIGSTOP)  # it removed the killed one's file
+    try:
+        (writing,) = out.glob(".tmp-b.pt.*")
+        again = run_module("pipeline", "export", str(weights), str(out / "a.pt"))
+        assert again.stdout == f"wrote {out / 'a.pt'}: 1 tensors, 67,108,864 values (fp32)\n"
+        assert "removed" not in again.stderr and writing.exists(), again.stderr
+    finally:
+        os.kill(live.pid, signal.SIGCONT)
+    stdout, stderr = live.communicate(timeout=300)
+    assert live.returncode == 0 and stdout.startswith(f"wrote {out / 'b.pt'}"), stderr
+    assert stderr.splitlines() == [f"removed a temporary file of an export killed while writing in {out}: "
+                                   f"{left.name} ({size / 2**20:.1f} MiB)"]
+    assert sorted(p.name for p in out.iterdir()) == sorted([other_node.name, save.name, "a.pt", "b.pt"])
+    for name in ("a.pt", "b.pt"):
+        assert torch.load(out / name, weights_only=True, mmap=True)["fc.weight"].shape == (64 * 2**20,)
