@@ -7,8 +7,9 @@ Three readers ask, at three costs, so by three rules (each stricter one implies 
 - ``record_of_plan`` (``launch status``): the record alone; no shard file is looked at, nothing is
   hashed, so a status of a large OUT stays cheap while array tasks write it.
 - ``record_with_shard`` (``finalize``, and a rerun's check that the manifest still lists the plan's
-  shards): also the tar is there with the recorded size. Nothing is hashed (every shard's bytes would be
-  read again; ``data_prep verify`` re-hashes on request) and the index file is not looked at.
+  shards): also the tar is there, and the record's counts agree with the shard (``count_problem``: the tar's
+  size, the index header's sample count). Nothing is hashed (every shard's bytes would be read again;
+  ``data_prep verify`` re-hashes on request) and of the index only the first line is read.
 - ``reusable_record`` (a rerun that would skip the shard): also the index is there and the tar's and
   index's sha256 match the record: a shard kept without being rebuilt must be the recorded bytes.
 
@@ -16,14 +17,17 @@ A record that is there but broken (unreadable, not JSON, a field missing or of t
 count, another shard's name: a hand edit, a damaged disk; data_prep writes each whole, via a rename) is read
 alike by all three (``read_record``): ``BrokenRecord`` names the file and the field. ``launch status`` counts
 the shard as not done, a rerun rebuilds it (and writes the record again), ``finalize`` stops with that one line
-(the manifest would list what the record says); a missing record is a shard not done, for all three.
+(the manifest would list what the record says); a missing record is a shard not done, for all three. For the
+two that look at the shard, a record whose `samples` or `bytes` is a count but not the shard's is broken too
+(``count_problem``; a hand edit, a record copied from another run): such a `samples` passed the rerun's
+hashes, so the shard was kept and finalize's sum failed on every rerun.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 from .errors import PrepError
-from .format import done_record_path
+from .format import done_record_path, index_count
 from .json_record import read_json_record
 from .record_fields import COUNT, first_problem, shown
 from .shardwriter import file_sha256
@@ -61,13 +65,32 @@ def _problem(rec: object, shard: str) -> str | None:
     return None
 
 
+def _broken(path: Path, shard: str, problem: str) -> BrokenRecord:
+    return BrokenRecord(f"{path}: done-record {problem}; rerun the prep command: it rebuilds shard {shard} and "
+                        f"writes its record again", path, problem)
+
+
 def read_record(out: str | Path, split: str, shard: str) -> dict | None:
     """The done-record of shard `shard` of `split`, whatever its plan; None when there is none (the shard
     was never finished). BrokenRecord when it is there but cannot be used."""
     path = done_record_path(out, split, shard)
-    return read_json_record(path, lambda rec: _problem(rec, shard), lambda problem: BrokenRecord(
-        f"{path}: done-record {problem}; rerun the prep command: it rebuilds shard {shard} and writes its record "
-        f"again", path, problem))
+    return read_json_record(path, lambda rec: _problem(rec, shard), lambda problem: _broken(path, shard, problem))
+
+
+def count_problem(out: str | Path, rec: dict) -> str | None:
+    """How the counts of `rec` (a well-formed record) disagree with its shard on disk, or None: `bytes` with the
+    tar's size, `samples` with the count the index header gives (not checked when there is no readable
+    index). Neither is hashed, so a count edited by hand passed a rerun whose tar and index were unchanged."""
+    tar, idx = Path(out) / rec["name"], Path(out) / rec["index"]
+    size = tar.stat().st_size
+    if size != rec["bytes"]:
+        return (f"field 'bytes' is {rec['bytes']}, not the size of {tar} ({size}) (the shard cut short or replaced, "
+                f"or the record edited by hand?)")
+    count = index_count(idx)
+    if count is not None and count != rec["samples"]:
+        return (f"field 'samples' is {rec['samples']}, not the {count} samples of {idx} (edited by hand, or copied "
+                f"from another run?)")
+    return None
 
 
 def record_of_plan(out: str | Path, split: str, shard: str, plan_hash: str) -> bool:
@@ -81,15 +104,17 @@ def record_of_plan(out: str | Path, split: str, shard: str, plan_hash: str) -> b
 
 
 def record_with_shard(out: Path, split: str, shard: str, plan_hash: str) -> dict | None:
-    """The done-record of shard `shard` when it is of this plan and the tar is there with the recorded size
-    (for ``finalize``), else None; BrokenRecord for a broken one. No hashing and no look at the index,
+    """The done-record of shard `shard` when it is of this plan and the tar is there (for ``finalize``), else
+    None; BrokenRecord for a broken one, or one whose counts are not the shard's (``count_problem``). No hashing,
     unlike ``reusable_record``."""
     rec = read_record(out, split, shard)
     if rec is None or rec["plan_hash"] != plan_hash:
         return None
-    tar = Path(out) / rec["name"]
-    if not tar.is_file() or tar.stat().st_size != rec["bytes"]:
+    if not (Path(out) / rec["name"]).is_file():
         return None
+    problem = count_problem(out, rec)
+    if problem is not None:
+        raise _broken(done_record_path(out, split, shard), shard, problem)
     return rec
 
 
@@ -106,7 +131,7 @@ def reusable_record(out: str | Path, split: str, shard: str, plan_hash: str) -> 
     tar, idx = Path(out) / rec["name"], Path(out) / rec["index"]
     if not tar.is_file() or not idx.is_file():
         return None
-    if tar.stat().st_size != rec["bytes"] or file_sha256(tar) != rec["sha256"]:
+    if count_problem(out, rec) is not None or file_sha256(tar) != rec["sha256"]:
         return None
     if rec.get("index_sha256", None) not in (None, file_sha256(idx)):  # None: records before it was kept
         return None

@@ -156,6 +156,21 @@ def write_index(idx_path: str | Path, samples: list[list[tuple[str, int, int, st
     Path(idx_path).write_text("".join(lines), encoding="utf-8")
 
 
+def index_count(idx_path: str | Path) -> int | None:
+    """The sample count the header of a DALI index gives (its first line alone: cheap for a large index), or
+    None when the file is not there or its header is not ``INDEX_VERSION N`` (``read_index`` says why). A
+    done-record's ``samples`` is checked against it: a wrong one (edited, or copied from another run) made
+    finalize's count check fail on every rerun, while the rerun kept the shard."""
+    try:
+        with open(idx_path, "rb") as f:
+            head = f.readline(64).split()
+    except OSError:
+        return None
+    if len(head) != 2 or head[0] != INDEX_VERSION.encode() or not head[1].isdigit():
+        return None
+    return int(head[1])
+
+
 def read_index(idx_path: str | Path) -> list[dict[str, tuple[int, int]]]:
     """Parse a DALI index: per sample, ext -> (byte offset of the member data in the tar, size). A broken one
     (cut short, edited, not text; data_prep writes each whole, via a rename) is a ManifestError naming the

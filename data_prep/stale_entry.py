@@ -42,8 +42,12 @@ def why_stale(out: Path, split: str, entry: object) -> str | None:
             unrecorded.append(s["name"])
         elif rec["plan_hash"] != s["plan_hash"]:
             other_plan.append(s["name"])
-        elif record_with_shard(out, split, s["name"], s["plan_hash"]) is None:
-            changed.append(s["name"])
+        else:
+            try:
+                if record_with_shard(out, split, s["name"], s["plan_hash"]) is None:
+                    changed.append(s["name"])
+            except BrokenRecord as exc:  # its counts are not the shard's
+                broken.append(exc)
     why = []
     if other_plan:
         why.append("its shards are being rebuilt with other settings or inputs")

@@ -359,3 +359,39 @@ def test_a_rerun_says_why_it_takes_a_split_out_of_the_manifest(tree, tmp_path, c
                 f"run, or `python -m data_prep finalize {out}` after array tasks): {says}\n") in err, err
         assert "other settings or inputs" not in err, err
         assert outputs(out) == before, says
+
+
+def test_a_done_record_whose_counts_are_not_its_shards_is_broken_and_a_rerun_rebuilds_it(tree, tmp_path, capsys):
+    """A done-record whose `samples` or `bytes` is a count, but not its shard's (a hand edit, a record copied
+    from another run): the rerun's check (size and sha256 of the tar and index) let `samples` pass, so the shard
+    was kept, and finalize failed on its sum (`41 written + 0 rejected != 40 inputs ... rerun the split`) on every
+    rerun. Now the index header's count and the tar's size are checked: finalize names the record and the field
+    in one line, and the task's rerun rebuilds the shard, after which finalize writes what a single run does."""
+    from data_prep.format import done_record_path
+
+    out, single = array_and_single(tree, tmp_path)
+    record = done_record_path(out, "train", "train-000001.tar")
+    good = json.loads(record.read_text())
+    tar, idx = out / "train-000001.tar", out / "train-000001.idx"
+    samples, size = good["samples"], good["bytes"]
+    cut = "(the shard cut short or replaced, or the record edited by hand?)"
+    copied = "(edited by hand, or copied from another run?)"
+    cases = [(f"field 'samples' is {samples + 1}, not the {samples} samples of {idx} {copied}",
+              json.dumps({**good, "samples": samples + 1})),
+             (f"field 'samples' is 0, not the {samples} samples of {idx} {copied}", json.dumps({**good, "samples": 0})),
+             (f"field 'bytes' is {size + 10240}, not the size of {tar} ({size}) {cut}",
+              json.dumps({**good, "bytes": size + 10240})),
+             (f"field 'bytes' is {size - 1}, not the size of {tar} ({size}) {cut}",
+              json.dumps({**good, "bytes": size - 1}))]
+    fix = "rerun the prep command: it rebuilds shard train-000001.tar and writes its record again"
+    assert [says for says, _line in finalize_errors(out, record, "done-record", cases, fix, capsys)] == \
+        [says for says, _text in cases]
+    for says, text in cases:
+        record.write_text(text)
+        listed = (out / "manifest.json").exists()  # from the second case on: the rerun says why it unlists the split
+        err = rerun_task_1(tree, out, capsys)
+        assert "train task 1/2: 1 of 2 shards were complete from an earlier run and kept, 1 built" in err, (says, err)
+        assert not listed or f"the done-record {record} {says}, so its shard is being rebuilt" in err, (says, err)
+        assert json.loads(record.read_text()) == good, says
+        assert main(["finalize", str(out)]) == 0, says
+        assert outputs(out) == outputs(single), says
