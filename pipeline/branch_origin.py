@@ -15,7 +15,7 @@ from pathlib import Path
 from pytorch_lightning.callbacks import Callback
 
 from pipeline.errors import ConfigError
-from pipeline.branch_record import origin_name
+from pipeline.branch_record import origin_name, record_origin
 
 KEY = "branched_from"  # in every checkpoint of a branch: the absolute path of the checkpoint it started from
 
@@ -35,10 +35,19 @@ def resume_point(other: Path, own_last: Path, own_meta: dict) -> Path:
 
 
 class BranchOrigin(Callback):
-    """Stores the checkpoint a branch started from in every checkpoint it saves (``checkpoint[KEY]``)."""
+    """Stores the checkpoint a branch started from in every checkpoint it saves (``checkpoint[KEY]``); on a
+    start from that checkpoint (``record_in``: the run directory), also in ``RUN/branched_from``, as training
+    starts (with ``RUN/config.yaml``, once the checkpoint is restored): written before the checks, a refused
+    start (another network, another world size for a ZeRO save) left it behind, which kept the refused run
+    directory and sent every later start to the checkpoint it had refused."""
 
-    def __init__(self, origin: str) -> None:
+    def __init__(self, origin: str, record_in: Path | None = None) -> None:
         self.origin = origin
+        self.record_in = record_in
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.record_in is not None and trainer.is_global_zero:  # one writer (two nodes may share a pid)
+            record_origin(self.record_in, self.origin)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         checkpoint[KEY] = self.origin

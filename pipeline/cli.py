@@ -39,7 +39,7 @@ from data_prep.format import ManifestError
 from pipeline.arg_parser import PipelineArgumentParser
 from pipeline.branch_origin import KEY as BRANCH_KEY
 from pipeline.branch_origin import BranchOrigin, resume_point
-from pipeline.branch_record import origin_name, record_origin, recorded_origin
+from pipeline.branch_record import origin_name, recorded_origin
 from pipeline.checkpoint_io import AtomicCheckpointIO, recover_directories, remove_best_after
 from pipeline.checkpoint_read import read_checkpoint
 from pipeline.config_history import keep_earlier_config
@@ -409,9 +409,7 @@ class PipelineCLI(LightningCLI):
             self._branch_origin = meta.get(BRANCH_KEY)  # kept in its later checkpoints
         else:  # a branch of another run: its W&B run would get two histories over the same steps
             self._branched_from = (str(path), meta.get(RUN_ID_KEY))
-            self._branch_origin = origin_name(path)
-            if is_global_rank_zero():  # a start before the branch's first checkpoint finds it
-                record_origin(run_dir, self._branch_origin)
+            self._branch_origin = origin_name(path)  # RUN/branched_from once restored (BranchOrigin)
         self._adapt_geometry(cfg, path, meta.get(ShardDataModule.__qualname__) or {})
 
     @staticmethod
@@ -544,8 +542,9 @@ class PipelineCLI(LightningCLI):
         ]
         if self.subcommand in ("validate", "test"):
             callbacks.append(CheckpointStep())
-        elif getattr(self, "_branch_origin", None):
-            callbacks.append(BranchOrigin(self._branch_origin))
+        elif getattr(self, "_branch_origin", None):  # a start from another run's: recorded for the next start
+            callbacks.append(BranchOrigin(self._branch_origin,
+                                          run_dir if getattr(self, "_branched_from", None) else None))
         if self.subcommand not in (None, "fit") and cfg.trainer.get("logger") in (None, True):
             ckpt = cfg.get("ckpt_path")
             kwargs.setdefault("logger", make_eval_loggers(cfg.tracking, run_dir, self.subcommand,
