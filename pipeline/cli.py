@@ -370,6 +370,11 @@ class PipelineCLI(LightningCLI):
         if cfg.get("ckpt_path") is None and last.exists():
             cfg.ckpt_path = "last"
         if cfg.get("ckpt_path") in (None, "last") and not last.exists() and (origin := recorded_origin(run_dir)):
+            if not Path(origin).exists():  # it said "ckpt_path: checkpoint ... does not exist", of no ckpt_path given
+                raise ConfigError(f"{run_dir / BRANCH_FILE}: this run is a branch of {origin}, which does not exist "
+                                  f"(moved or removed?), and has no checkpoint of its own yet: put it back, start the "
+                                  f"branch from another checkpoint with --ckpt_path, or remove {run_dir / BRANCH_FILE} "
+                                  f"to train this run from scratch")
             _say(f"this run is a branch of {origin} ({run_dir / BRANCH_FILE}) with no checkpoint of its own yet: "
                  f"starting from {origin} again")
             cfg.ckpt_path = origin

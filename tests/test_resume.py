@@ -355,6 +355,25 @@ def test_a_branch_run_again_resumes_its_own_checkpoint_bit_exact(interrupted, tm
     assert not diffs, "; ".join(diffs[:10])
 
 
+def test_a_branch_whose_origin_is_gone_says_so_naming_its_record(tmp_path):
+    """A branch with no checkpoint of its own whose recorded origin (RUN/branched_from) was moved or removed:
+    a start without --ckpt_path said "ckpt_path: checkpoint ... does not exist", naming a setting not given,
+    and not the file that sent it there nor the way out."""
+    run = tmp_path / "run"
+    run.mkdir()
+    gone = tmp_path / "gone" / "checkpoints" / "last.ckpt"
+    (run / "branched_from").write_text(f"{gone}\n")
+    for how in ([], ["--ckpt_path", "last"]):
+        r = run_cli_in_process("fit", "--config", str(REPO / "conf" / "demo.yaml"), "--trainer.default_root_dir",
+                               str(run), "--tracking.wandb", "false", *how)
+        assert r.returncode == 2, r.stderr[-2000:]
+        assert r.stderr.strip().splitlines()[-1] == (
+            f"error: {run / 'branched_from'}: this run is a branch of {gone}, which does not exist (moved or "
+            f"removed?), and has no checkpoint of its own yet: put it back, start the branch from another "
+            f"checkpoint with --ckpt_path, or remove {run / 'branched_from'} to train this run from scratch"), r.stderr
+    assert sorted(p.name for p in run.iterdir()) == [".lock", "branched_from"]
+
+
 def test_resume_refuses_another_architecture(interrupted, tmp_path, digits_shards):
     _, _, cut, _, _ = interrupted
     run = tmp_path / "run"
