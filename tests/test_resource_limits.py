@@ -76,6 +76,32 @@ def test_dali_source_workers_on_a_small_dev_shm_stop_with_one_line_not_a_bus_err
     assert proc.returncode == 0 and "val/top1" in proc.stdout, proc.stderr[-3000:]
 
 
+def test_dali_shortage_counts_the_other_ranks_chunks_once(monkeypatch):
+    """8 ranks of 100 MiB of source batches each on a 1 GiB /dev/shm: they fit. A rank that starts its workers
+    after the others have written theirs (a later start, a pipeline rebuilt after a corrupt sample mid-run)
+    saw 724 MiB free and refused it all the same, counting the others' 700 MiB twice: once in what is no
+    longer free, once in its 8 x 100 MiB. Its own share is checked against what is free, all 8 against the
+    size; either short is refused."""
+    from pipeline.data import shared_memory
+
+    mib = 2**20
+    per_rank = dict(batches=10, batch=100, sample_bytes=0.1 * mib, workers=4)  # 100 MiB a rank
+    space = {"now": (1024 * mib, 724 * mib)}
+    monkeypatch.setattr(shared_memory, "shm_space", lambda path=shared_memory.SHM: space["now"])
+    assert shared_memory.dali_shortage(**per_rank, ranks_here=8) is None
+    space["now"] = (1024 * mib, 1024 * mib)  # the first rank to start
+    assert shared_memory.dali_shortage(**per_rank, ranks_here=8) is None
+    space["now"] = (1024 * mib, 90 * mib)  # its own batches do not fit: the others' and something else's
+    said = shared_memory.dali_shortage(**per_rank, ranks_here=8)
+    assert said is not None and "which has 90.0 MiB free of 1024.0 MiB" in said, said
+    space["now"] = (512 * mib, 512 * mib)  # all 8 ranks' never fit
+    said = shared_memory.dali_shortage(**per_rank, ranks_here=8)
+    assert said is not None and said.startswith("out of shared memory: DALI's 4 source worker(s) per rank "
+                                                 "(data.dali_source_workers) fill about 800.0 MiB of /dev/shm "
+                                                 "(8 rank(s) x 10 batches in flight x 100 samples of 102.4 KiB), "
+                                                 "which has 512.0 MiB free of 512.0 MiB"), said
+
+
 def test_a_worker_killed_by_sigbus_is_said_as_a_full_dev_shm():
     """A DALI source worker that wrote to a full /dev/shm dies of SIGBUS; the message said "signal 9
     (SIGKILL) usually means the kernel's OOM killer", which sent the user to the wrong limit."""

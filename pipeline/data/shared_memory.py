@@ -71,9 +71,14 @@ def dali_shortage(batches: int, batch: int, sample_bytes: float, workers: int, r
     flight per rank (the pipeline's prefetch queue and the source's), each written with a batch of ``batch``
     samples of ``sample_bytes`` on average, for each of the ``ranks_here`` ranks on this machine; None when
     it has room (or cannot be read). What DALI maps is larger (it sizes a chunk for 1.5x the mean sample,
-    and at least 1 MiB), but a page of tmpfs is taken when written: the written bytes are what must fit."""
-    need = int(batches * batch * sample_bytes * ranks_here)
-    if (space := _lacking(need, path)) is None:
+    and at least 1 MiB), but a page of tmpfs is taken when written: the written bytes are what must fit.
+    This rank's share is checked against what is free, all ranks' against the size: the other ranks' chunks
+    may be written already (a rank that starts later, a pipeline rebuilt after a corrupt sample), and taken
+    off the free space they were counted twice, which refused a node whose /dev/shm holds them all."""
+    own = int(batches * batch * sample_bytes)
+    need = own * ranks_here
+    space = shm_space(path)
+    if space is None or (space[1] >= own and space[0] >= need):
         return None
     return (f"out of shared memory: DALI's {workers} source worker(s) per rank (data.dali_source_workers) fill "
             f"about {_mib(need)} of {path} ({ranks_here} rank(s) x {batches} batches in flight x {batch} samples "
