@@ -266,6 +266,7 @@ def runs_report(parent: Path, runs: list[Path]) -> str:
     best kept val/top1. ``launch status RUN`` has the whole story of one."""
     last_job = {run: ids[-1] for run in runs if (ids := job_ids(run))}
     states: dict[str, str] = {}
+    rows: list[slurm.JobRow] | None = None  # None: Slurm not asked, or not answering
     note = ""
     if last_job:
         header, rows = _jobs(sorted(set(last_job.values()), key=lambda j: (len(j), j)))
@@ -282,8 +283,8 @@ def runs_report(parent: Path, runs: list[Path]) -> str:
     for run in runs:
         job = last_job.get(run)
         state = states.get(job, "-") if job else "no job"
-        if job and states and job not in states:
-            state = "ended"  # squeue no longer knows it
+        if job and rows is not None and job not in states:
+            state = "ended"  # squeue no longer knows it (nor sacct), also when it knows none of them
         ckpt = latest_checkpoint(run, [])
         if ckpt is None or ckpt.global_step is None:
             step = "-"

@@ -473,3 +473,26 @@ def test_status_of_a_folder_of_runs_is_one_line_per_run(trained_run: Path, tmp_p
     assert "-j 42,43 " in (tmp_path / "sacct.args").read_text()  # the last job of each run, in one call
     one = launch("status", str(done), cwd=tmp_path, env={"PATH": f"{bindir}:/usr/bin:/bin"})
     assert one.stdout.startswith(f"run dir      {done.resolve()}\n"), one.stdout
+
+
+def test_status_of_a_folder_of_runs_without_sacct_says_a_job_squeue_no_longer_knows_has_ended(tmp_path: Path) -> None:
+    """Accounting off: squeue lists queued and running jobs alone. A run whose last job it no longer knows
+    said "ended" while another job was still queued, and "-" (as if Slurm could not be asked) when none was."""
+    from launch.rundir import record_job
+
+    runs = tmp_path / "runs"
+    for run, job in (("a-seed0", "51"), ("a-seed1", "52")):
+        record_job(runs / run, job, "train", runs / run / "train.sbatch")
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "sacct").write_text("#!/bin/sh\necho 'sacct: error: Slurm accounting storage is disabled' >&2\nexit 1\n")
+    (bindir / "scontrol").write_text("#!/bin/sh\nexit 1\n")
+    for queued, states in (("", ["ended", "ended"]), ("52|c10-a-s1|RUNNING|00:01:00|None", ["ended", "RUNNING"])):
+        (bindir / "squeue").write_text(f"#!/bin/sh\necho '{queued}'\n" if queued else "#!/bin/sh\nexit 0\n")
+        for tool in ("sacct", "squeue", "scontrol"):
+            (bindir / tool).chmod(0o755)
+        r = launch("status", str(runs), cwd=tmp_path, env={"PATH": f"{bindir}:/usr/bin:/bin"})
+        assert r.returncode == 0, r.stderr
+        lines = r.stdout.splitlines()
+        assert lines[0] == f"runs in {runs.resolve()}: 2 (finished jobs are not listed without sacct)", r.stdout
+        assert [line.split()[2] for line in lines[2:]] == states, r.stdout
