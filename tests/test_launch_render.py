@@ -788,3 +788,23 @@ def test_the_cifar10_sweep_submits_the_papers_networks(tmp_path: Path) -> None:
     bad = subprocess.run(["bash", str(script), "--depths", "26", "--", "--time", "1:00:00", "--dry-run"], cwd=REPO,
                          env=env, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--depths: 26 is not one of the paper's depths" in bad.stderr, bad.stderr
+
+
+def test_the_cifar10_sweep_skips_a_run_with_two_jobs_still_active(tmp_path: Path) -> None:
+    """A run directory with two train jobs still queued or running (one resubmitted by hand) is refused as
+    `... is in use by train jobs 5 RUNNING, 6 PENDING ...`: the sweep took that for another refusal and
+    stopped there (the seeds after it never submitted), where one job was skipped."""
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/bash\n"
+                    "case \"$*\" in *seed0*) echo \"launch: error: run directory $PWD/runs/x-seed0 is in use by train "
+                    "jobs 5 RUNNING, 6 PENDING (Dependency), and a second job would write its checkpoints/last.ckpt "
+                    "too: wait until it ends, cancel it (\\`scancel 5 6\\`), or choose another --run-dir\" >&2; "
+                    "exit 2 ;; esac\n"
+                    f"echo \"$*\" >> {tmp_path}/submitted\n")
+    fake.chmod(0o755)
+    r = subprocess.run(["bash", str(REPO / "tools" / "cifar10_sweep.sh"), "--depths", "20", "--seeds", "2", "--runs",
+                        str(tmp_path / "runs"), "--", "--time", "1:00:00"], cwd=REPO,
+                       env={**os.environ, "PYTHON": str(fake)}, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "cifar10_sweep: not submitted again, their jobs still queued or running" in r.stderr, r.stderr
+    assert "seed1" in (tmp_path / "submitted").read_text()

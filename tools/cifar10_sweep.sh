@@ -79,7 +79,8 @@ for arch in "${archs[@]}"; do
     cat "$said" >&2
     if [ "$status" != 0 ]; then
       # its job still queued or running: that job trains it; the sweep goes on with the others
-      if grep -q "^launch: error: run directory .* is in use by train job " "$said"; then skipped+=("$run"); continue; fi
+      # (one job: "train job 5 RUNNING"; more: "train jobs 5 RUNNING, 6 PENDING")
+      if grep -qE "^launch: error: run directory .* is in use by train jobs? " "$said"; then skipped+=("$run"); continue; fi
       exit "$status"
     fi
   done
