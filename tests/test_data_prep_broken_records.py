@@ -2,7 +2,6 @@
 manifest.json, the shards' indexes, rejects.jsonl. Each is one line naming the file and the field, and what
 to do; none is a traceback, none a wrong value used as is. (Done-records: tests/test_data_prep_resume.py.)"""
 import json
-from pathlib import Path
 
 import pytest
 
