@@ -136,8 +136,16 @@ def _network_advice(ckpt: str | None, subcommand: str | None) -> dict[str, str |
 
 def _started_from(last: Path, weights: str) -> bool:
     """Whether the run's ``last.ckpt`` was trained from ``weights`` (``model.init_weights``, which its
-    ``config.yaml`` keeps): then that config, given to ``validate``/``test``, names the run, not the weights."""
-    return last.exists() and (read_checkpoint(last).get("hyper_parameters") or {}).get("init_weights") == weights
+    ``config.yaml`` keeps): then that config, given to ``validate``/``test``, names the run, not the weights.
+    A ``last.ckpt`` that cannot be read was not: the weights asked for are scored (it refused them)."""
+    if not last.exists():
+        return False
+    try:
+        saved = read_checkpoint(last)
+    except ConfigError:
+        return False
+    hparams = saved.get("hyper_parameters") if isinstance(saved, dict) else None
+    return isinstance(hparams, dict) and hparams.get("init_weights") == weights
 
 
 def _on_cpu(accelerator) -> bool:

@@ -168,3 +168,21 @@ def test_validate_with_a_runs_own_config_scores_its_checkpoint_not_the_weights_i
         with open(sorted((run / "validate" / "csv").glob("version_*/metrics.csv"))[-1]) as f:
             losses.append(next(r for r in csv.DictReader(f) if r.get("val/loss"))["val/loss"])
     assert losses[0] == losses[1], losses
+
+
+def test_validate_of_weights_in_a_run_directory_with_an_unreadable_last_ckpt_scores_the_weights(digits_shards,
+                                                                                                 tmp_path):
+    """``validate --model.init_weights W`` reads the run directory's ``last.ckpt`` to tell whether the run
+    started from W (then that file is scored); one that cannot be read (torn, cut short) refused the
+    validation of W ("cannot read checkpoint RUN/checkpoints/last.ckpt"), which never asked for that file."""
+    from pipeline.models import build
+
+    weights = tmp_path / "w.pt"
+    torch.save(build("cifar_resnet20", num_classes=10).state_dict(), weights)
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"PK\x03\x04 cut short")
+    proc = run_module("pipeline", "validate", "--config", CONF, "--data.root", str(digits_shards),
+                      "--trainer.default_root_dir", str(run), "--tracking.wandb", "false", "--data.num_workers", "0",
+                      "--model.init_weights", str(weights), check=False)
+    assert proc.returncode == 0 and f"validate: weights from {weights}" in proc.stderr, proc.stderr[-2000:]
