@@ -53,12 +53,24 @@ def written_elsewhere() -> list[Path]:
     torch.compile's and Triton's caches by default), the caches' own settings when set, ``$HOME`` (``~/.cache``,
     ``~/.triton``, DeepSpeed's compiled ops) and the shared memory the loader's workers pass batches through."""
     # TMPDIR as set: Python's tempfile skips a TMPDIR it cannot write to (a full one), other programs do not
-    paths = [Path(os.environ.get("TMPDIR") or tempfile.gettempdir())]
+    tmp = os.environ.get("TMPDIR") or _quietly(tempfile.gettempdir)
+    paths = [Path(tmp)] if tmp else []
     for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "TORCH_EXTENSIONS_DIR", "WANDB_DIR", "WANDB_CACHE_DIR"):
         if os.environ.get(name):
             paths.append(Path(os.environ[name]))
-    paths += [Path.home(), Path("/dev/shm")]
-    return paths
+    if home := _quietly(Path.home):
+        paths.append(Path(home))
+    return paths + [Path("/dev/shm")]
+
+
+def _quietly(where) -> str | Path | None:
+    """``where()``, or None where it raises: said while a write error is handled, a second error would hide it
+    (tempfile finds no temporary directory when every one it tries is full; a user with no passwd entry and no
+    HOME, as in some containers, has no home directory)."""
+    try:
+        return where()
+    except (OSError, RuntimeError, KeyError):
+        return None
 
 
 def _existing(path: Path) -> Path:

@@ -426,6 +426,31 @@ def test_a_run_raises_its_soft_limit_of_open_files_to_the_hard_one():
     assert limits_after_main(1500, 2048) == [2048, 2048]
 
 
+def test_a_disk_full_message_without_a_home_or_a_writable_temporary_directory(tmp_path, monkeypatch):
+    """The message of a write error that names no file lists the other file systems a run writes to; where
+    the user has no home directory (no passwd entry and no HOME: a container run with --user) or tempfile
+    finds no temporary directory it can write a file in (all full), looking them up raised RuntimeError or
+    FileNotFoundError in the error's handler: a traceback in place of the one line."""
+    import errno
+    import tempfile
+    from pathlib import Path
+
+    from pipeline.disk_full import disk_full_message
+
+    def no_home(cls=None):
+        raise RuntimeError("Could not determine home directory.")
+
+    def no_tmp():
+        raise FileNotFoundError(errno.ENOENT, "No usable temporary directory found in ['/tmp', '/var/tmp']")
+
+    monkeypatch.setattr(Path, "home", classmethod(no_home))
+    monkeypatch.setattr(tempfile, "gettempdir", no_tmp)
+    monkeypatch.delenv("TMPDIR", raising=False)
+    said = disk_full_message(OSError(errno.ENOSPC, "No space left on device"), tmp_path, "fit")
+    assert said.startswith(f"[Errno 28] No space left on device (trainer.default_root_dir {tmp_path}: "), said
+    assert said.endswith(f"fit resumes from {tmp_path / 'checkpoints' / 'last.ckpt'} (if there is one yet)"), said
+
+
 def test_a_full_disk_elsewhere_is_named_not_the_run_directory(tmp_path):
     """A write that fails on another file system (a full node-local /tmp, a $HOME over its quota) was said
     as the run directory's, with the run directory's free space: the user freed the wrong disk. A named
