@@ -30,7 +30,8 @@ def command(config: Path, nnodes: int, nproc_per_node: int, rdzv_endpoint: str, 
                                         "--trainer.devices": "from --nproc-per-node",
                                         "--trainer.default_root_dir": "the run directory: use --run-dir",
                                         "--ckpt_path": "always `last`: every restart resumes from "
-                                                       f"the run directory's {CHECKPOINTS_DIR}/{LAST_CHECKPOINT}"})
+                                                       f"the run directory's {CHECKPOINTS_DIR}/{LAST_CHECKPOINT}; "
+                                                       "to start from another run's checkpoint use --branch-from"})
     if not rdzv_id.strip():  # torchrun would take it; the launcher used a fixed "pending" for every run
         raise LaunchError("--rdzv-id: empty; leave it out to use the run's W&B id")
     m = _ENDPOINT.match(rdzv_endpoint)

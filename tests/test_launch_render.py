@@ -318,6 +318,11 @@ def test_torchrun_prints_a_command_per_node(tmp_path: Path, cfg: Path) -> None:
     bad = launch("torchrun", "--config", str(cfg), "--nnodes", "2", "--nproc-per-node", "4",
                  "--rdzv-endpoint", "node0:29400", "--rdzv-id", "", cwd=tmp_path)  # was a fixed "pending"
     assert bad.returncode == 2 and "--rdzv-id: empty" in bad.stderr, bad.stdout
+    # another run's checkpoint: --branch-from, as for submit train (the refusal named no way to start from one)
+    bad = launch("torchrun", "--config", str(cfg), "--nnodes", "2", "--nproc-per-node", "4",
+                 "--rdzv-endpoint", "node0:29400", "--", "--ckpt_path", "/x/other.ckpt", cwd=tmp_path)
+    assert bad.returncode == 2 and bad.stderr.rstrip().endswith("; to start from another run's checkpoint use "
+                                                                "--branch-from)"), bad.stderr
 
 
 def test_template_placeholders_must_match_values() -> None:
