@@ -11,16 +11,24 @@ from pathlib import Path
 
 from launch.errors import LaunchError
 from pipeline.branch_record import origin_name, recorded_origin
+from pipeline.deepspeed_layout import refuse_folder_of_checkpoints
+from pipeline.errors import ConfigError
 from pipeline.run_layout import checkpoint_dir, last_checkpoint
 
 
 def check_branch(run_dir: Path, source: Path) -> str:
     """The origin to record for a branch of ``source`` into ``run_dir``; a one-line LaunchError when there is no
-    such checkpoint, when it is the run's own, or when the run has a checkpoint of its own and is not a branch of
-    ``source`` (the same submission again is fine: its job resumes the branch's own checkpoint)."""
+    such checkpoint, when it is another run's directory or its ``checkpoints/`` folder, when it is the run's own,
+    or when the run has a checkpoint of its own and is not a branch of ``source`` (the same submission again is
+    fine: its job resumes the branch's own checkpoint)."""
     if not source.exists():
         raise LaunchError(f"--branch-from: {source} does not exist (a checkpoint file, or a DeepSpeed checkpoint "
                           f"directory, of another run)")
+    if source.is_dir():  # the job's first start refused it, after the wait in the queue
+        try:
+            refuse_folder_of_checkpoints(source)
+        except ConfigError as e:
+            raise LaunchError(f"--branch-from: {e}") from None
     origin = origin_name(source)
     if Path(origin).parent == Path(origin_name(checkpoint_dir(run_dir))):
         raise LaunchError(f"--branch-from: {source} is the run directory's own checkpoint; every start resumes "

@@ -11,9 +11,8 @@ from typing import Any
 
 import torch
 
-from pipeline.deepspeed_layout import LATEST, MODEL_STATES, ZERO3_MODEL_STATES, find_model_states
+from pipeline.deepspeed_layout import find_model_states, refuse_folder_of_checkpoints
 from pipeline.errors import ConfigError
-from pipeline.run_layout import LAST_CHECKPOINT, checkpoint_dir
 
 
 def checkpoint_file(path: str | Path) -> Path:
@@ -26,19 +25,6 @@ def checkpoint_file(path: str | Path) -> Path:
             raise ConfigError(f"checkpoint directory {p} holds no DeepSpeed model states")
         return states
     return p
-
-
-def refuse_folder_of_checkpoints(p: Path) -> None:
-    """A run directory, or its ``checkpoints/`` folder, where one checkpoint is meant: a ``ConfigError`` naming
-    one of its checkpoints. (DeepSpeed's model states were found in a ZeRO save inside it, and the run failed in
-    DeepSpeed's traceback; export said "Unable to find 'latest' file".)"""
-    if (p / LATEST).is_file() or any(p.glob(f"*/{MODEL_STATES}")) or any(p.glob(f"*/{ZERO3_MODEL_STATES}")):
-        return  # a DeepSpeed checkpoint directory itself
-    for folder, what in ((p, "a folder of checkpoints, not one: name one of them"),
-                         (checkpoint_dir(p), "a run directory, not a checkpoint: name one of its checkpoints")):
-        if files := sorted(folder.glob("*.ckpt")):
-            mine = next((f for f in files if f.name == LAST_CHECKPOINT), files[0])
-            raise ConfigError(f"{p} is {what}, e.g. {mine}")
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.errors import ConfigError
+from pipeline.run_layout import LAST_CHECKPOINT, checkpoint_dir
+
 LATEST = "latest"  # names the tag of the save DeepSpeed loads
 LIGHTNING_TAG = "checkpoint"  # the tag Lightning's DeepSpeed strategy saves under
 MODEL_STATES = "mp_rank_00_model_states.pt"
@@ -53,3 +56,17 @@ def optim_states_name(rank: int) -> str:
 def optim_states_files(tag_dir: Path, rank: int) -> list[Path]:
     """``rank``'s optimizer shard files in a tag's folder, sorted (none when it is missing)."""
     return sorted(tag_dir.glob(f"*zero_pp_rank_{rank}_mp_rank_*_optim_states.pt"))
+
+
+def refuse_folder_of_checkpoints(p: Path) -> None:
+    """A run directory, or its ``checkpoints/`` folder, where one checkpoint is meant: a ``ConfigError`` naming
+    one of its checkpoints. (DeepSpeed's model states were found in a ZeRO save inside it, and the run failed in
+    DeepSpeed's traceback; export said "Unable to find 'latest' file".) Here, without torch: `launch submit
+    train --branch-from` checks it too."""
+    if (p / LATEST).is_file() or any(p.glob(f"*/{MODEL_STATES}")) or any(p.glob(f"*/{ZERO3_MODEL_STATES}")):
+        return  # a DeepSpeed checkpoint directory itself
+    for folder, what in ((p, "a folder of checkpoints, not one: name one of them"),
+                         (checkpoint_dir(p), "a run directory, not a checkpoint: name one of its checkpoints")):
+        if files := sorted(folder.glob("*.ckpt")):
+            mine = next((f for f in files if f.name == LAST_CHECKPOINT), files[0])
+            raise ConfigError(f"{p} is {what}, e.g. {mine}")

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from pipeline.checkpoint_io import atomic_write_bytes
-from pipeline.checkpoint_read import refuse_folder_of_checkpoints, unreadable
-from pipeline.deepspeed_layout import LIGHTNING_TAG, saved_tag
+from pipeline.checkpoint_read import unreadable
+from pipeline.deepspeed_layout import LIGHTNING_TAG, refuse_folder_of_checkpoints, saved_tag
 from pipeline.errors import ConfigError
 from pipeline.export_temp_files import describe, remove_killed, temp_path
 

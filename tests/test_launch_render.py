@@ -813,3 +813,25 @@ def test_the_cifar10_sweep_skips_a_run_with_two_jobs_still_active(tmp_path: Path
     assert r.returncode == 0, r.stderr
     assert "cifar10_sweep: not submitted again, their jobs still queued or running" in r.stderr, r.stderr
     assert "seed1" in (tmp_path / "submitted").read_text()
+
+
+def test_branch_from_a_run_directory_is_refused_naming_its_checkpoint(tmp_path: Path, cfg: Path) -> None:
+    """`--branch-from OTHER` (the run directory) or `OTHER/checkpoints` was recorded and the job queued; its
+    first start, maybe hours later, was refused ("OTHER is a run directory, not a checkpoint"), and every start
+    after it too. Refused at submission now, naming the checkpoint to give, nothing written."""
+    other = tmp_path / "other"
+    (other / "checkpoints").mkdir(parents=True)
+    (other / "checkpoints" / "last.ckpt").write_bytes(b"a checkpoint")
+    (other / "checkpoints" / "best-epoch000-step0000002-top1=0.5000.ckpt").write_bytes(b"another")
+    run = tmp_path / "run"
+    no_slurm = {"PATH": f"{tmp_path / 'no-slurm-here'}:/usr/bin:/bin"}
+    for given, said in ((other, f"{other} is a run directory, not a checkpoint: name one of its checkpoints, e.g. "
+                                f"{other / 'checkpoints' / 'last.ckpt'}"),
+                        (other / "checkpoints", f"{other / 'checkpoints'} is a folder of checkpoints, not one: name "
+                                                f"one of them, e.g. {other / 'checkpoints' / 'last.ckpt'}")):
+        for how in (["submit", "train", "--config", str(cfg), "--time", "1:00:00", "--run-dir", str(run)],
+                    ["torchrun", "--config", str(cfg), "--nnodes", "1", "--nproc-per-node", "1", "--rdzv-endpoint",
+                     "h:29400", "--run-dir", str(run)]):
+            r = launch(*how, "--branch-from", str(given), cwd=tmp_path, env=no_slurm)
+            assert r.returncode == 2 and r.stderr == f"launch: error: --branch-from: {said}\n", r.stderr
+    assert not (run / "branched_from").exists()
