@@ -7,6 +7,7 @@ it on login nodes.
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 
 from pipeline.run_layout import BRANCH_FILE
@@ -18,12 +19,15 @@ def origin_name(path: str | Path) -> str:
 
 
 def record_origin(run_dir: Path, origin: str) -> None:
-    """``RUN/branched_from`` holds ``origin``, whole or not at all (one writer: global rank 0, or launch)."""
+    """``RUN/branched_from`` holds ``origin``, whole or not at all. Global rank 0 writes it, or ``launch``:
+    ``launch torchrun --branch-from`` runs on every node at once, whose processes may have one pid (in
+    containers), so the temporary name is drawn (one pid's name was truncated and renamed by two writers: the
+    second rename failed, FileNotFoundError)."""
     target = run_dir / BRANCH_FILE
     if recorded_origin(run_dir) == origin:
         return
     run_dir.mkdir(parents=True, exist_ok=True)
-    written = run_dir / f".{BRANCH_FILE}.{os.getpid()}.tmp"
+    written = run_dir / f".{BRANCH_FILE}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     try:
         written.write_text(origin + "\n")
         os.replace(written, target)

@@ -35,3 +35,34 @@ def test_a_taken_name_s_version_is_read_for_its_step_only(tmp_path):
 def test_runs_before_the_equals_sign_are_read_too():
     name = "best-epoch002-step0000020-top10.6500.ckpt"
     assert best_name(name) == BestName(2, 20, 0.65) and best_top1(name) == 0.65 and best_step(name) == 20
+
+
+def test_branched_from_written_by_writers_of_one_pid_at_once(tmp_path: Path) -> None:
+    """`launch torchrun --branch-from` runs on every node at once, and in containers their launchers may have
+    one pid: the temporary file, named by the pid alone, was truncated and renamed by two writers, and the
+    second rename failed (FileNotFoundError: a launcher's error on that node). Threads share a pid."""
+    import threading
+
+    from pipeline.branch_record import record_origin, recorded_origin
+    from pipeline.run_layout import BRANCH_FILE
+
+    errors: list[BaseException] = []
+    for _ in range(200):
+        (tmp_path / BRANCH_FILE).unlink(missing_ok=True)
+        start = threading.Barrier(4)
+
+        def write() -> None:
+            start.wait()
+            try:
+                record_origin(tmp_path, "/runs/other/checkpoints/last.ckpt")
+            except OSError as e:
+                errors.append(e)
+
+        threads = [threading.Thread(target=write) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors, errors[:3]
+    assert recorded_origin(tmp_path) == "/runs/other/checkpoints/last.ckpt"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [BRANCH_FILE]
