@@ -36,8 +36,10 @@ def record_origin(run_dir: Path, origin: str) -> None:
 
 
 def recorded_origin(run_dir: Path) -> str | None:
-    """The checkpoint this run directory's branch started from, or None (not a branch, or an empty file)."""
+    """The checkpoint this run directory's branch started from, or None (not a branch, or an empty file). Bytes
+    that are not UTF-8 (a file damaged or edited) are read as they come: a path that does not exist, said as
+    such by ``fit`` and shown by ``launch status`` (a UnicodeDecodeError traceback in both)."""
     try:
-        return (run_dir / BRANCH_FILE).read_text().strip() or None
+        return (run_dir / BRANCH_FILE).read_text(errors="replace").strip() or None
     except FileNotFoundError:
         return None

@@ -66,3 +66,21 @@ def test_branched_from_written_by_writers_of_one_pid_at_once(tmp_path: Path) -> 
     assert not errors, errors[:3]
     assert recorded_origin(tmp_path) == "/runs/other/checkpoints/last.ckpt"
     assert sorted(p.name for p in tmp_path.iterdir()) == [BRANCH_FILE]
+
+
+def test_a_branched_from_of_other_bytes_is_read_as_a_path_not_a_traceback(tmp_path: Path) -> None:
+    """RUN/branched_from damaged (bytes that are not UTF-8): `launch status RUN` and `fit` raised
+    UnicodeDecodeError; it reads as a path (that does not exist: fit names the file and the ways out)."""
+    import subprocess
+    import sys
+
+    from pipeline.branch_record import recorded_origin
+    from pipeline.run_layout import BRANCH_FILE
+
+    (tmp_path / BRANCH_FILE).write_bytes(b"/runs/a\xff\xfe/last.ckpt\n")
+    assert recorded_origin(tmp_path) == "/runs/a\ufffd\ufffd/last.ckpt"
+    (tmp_path / "wandb_run_id").write_text("abc12345\n")
+    repo = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-m", "launch", "status", str(tmp_path)], capture_output=True, text=True,
+                       cwd=tmp_path, env={"PYTHONPATH": str(repo), "PATH": "/usr/bin:/bin"}, timeout=120)
+    assert r.returncode == 0 and "branch of    /runs/a\ufffd\ufffd/last.ckpt" in r.stdout, r.stdout + r.stderr
