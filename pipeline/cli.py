@@ -55,6 +55,7 @@ from pipeline.errors import (CheckpointWriteError, ConfigError, DiskFullError, R
                              require)
 from pipeline.finite_weights import FiniteWeights
 from pipeline.last_checkpoint import LastCheckpoint
+from pipeline.lightning_lines import drop_lightning_lines
 from pipeline.model_summary import FlopsModelSummary, FlopsRichModelSummary
 from pipeline.module import ImageClassifier
 from pipeline.optim import ignored_schedule_settings
@@ -153,6 +154,13 @@ def _on_cpu(accelerator) -> bool:
 
     name = accelerator if isinstance(accelerator, str) else type(accelerator).__name__.lower()
     return "cpu" in str(name).lower() or (name in (None, "auto") and not torch.cuda.is_available())
+
+
+def _at_step(meta: dict, text: str) -> str:
+    """``text`` with the checkpoint's step, for the line that names the checkpoint a start loads (Lightning's
+    own lines, dropped by ``pipeline/lightning_lines.py``, named it without); "" when it records none."""
+    step = meta.get("global_step")
+    return text.format(step) if isinstance(step, int) and not isinstance(step, bool) else ""
 
 
 def _say(msg: str) -> None:
@@ -360,7 +368,10 @@ class PipelineCLI(LightningCLI):
                 raise ConfigError(f"trainer.{limit_key} is 0: {sub} would score no batch")
             if sub in ("validate", "test"):  # (None: a CLI built with run=False, as tests do)
                 self._default_checkpoint(cfg, sub, last)
-            self._ckpt_hparams = self._check_checkpoint(cfg.get("ckpt_path")).get("hyper_parameters") or {}
+            meta = self._check_checkpoint(cfg.get("ckpt_path"))
+            self._ckpt_hparams = meta.get("hyper_parameters") or {}
+            if sub in ("validate", "test") and cfg.get("ckpt_path") is not None:
+                _say(f"{sub}: {cfg.ckpt_path}{_at_step(meta, ' (step {})')}")
             return
         if cfg.model.get("lr") == 0:  # allowed (a batch-norm recalibration, a check that weights stay), but said
             _say("warning: model.lr is 0: the weights will not change (batch-norm running statistics will)")
@@ -412,7 +423,7 @@ class PipelineCLI(LightningCLI):
                 int(position.get("epoch", 0)) >= epochs:  # (a re-run opened an empty W&B start, trained nothing)
             raise RunComplete(f"the run is complete: {path} ends epoch {int(position['epoch']) - 1} and "
                               f"trainer.max_epochs is {epochs}; nothing to train (a larger trainer.max_epochs trains on)")
-        _say(f"resuming from {path}")
+        _say(f"resuming from {path}{_at_step(meta, ' at step {}')}")
         # the files and rows a killed start wrote after the run's own last.ckpt go (not those after another of
         # its checkpoints a user resumes by name, a best-k one: the later history is theirs to keep)
         own_last = Path(path).absolute() == last.absolute()
@@ -434,7 +445,6 @@ class PipelineCLI(LightningCLI):
         ckpt = cfg.get("ckpt_path")
         if ckpt == "best":
             cfg.ckpt_path = str(best_checkpoint(last.parent))
-            _say(f"{sub}: {cfg.ckpt_path}")
             return
         weights = cfg.model.get("init_weights")
         if ckpt not in (None, "last") or (ckpt is None and weights and not _started_from(last, weights)):
@@ -444,8 +454,9 @@ class PipelineCLI(LightningCLI):
                               f"{last.parent.parent}); pass --ckpt_path FILE, or --model.init_weights WEIGHTS for a "
                               f"network's weights alone")
         cfg.ckpt_path = str(last)
-        _say(f"{sub}: {last}" + (f" (model.init_weights {weights} is where this run started: not scored; score it "
-                                 f"in another trainer.default_root_dir)" if ckpt is None and weights else ""))
+        if ckpt is None and weights:  # (the checkpoint itself is named with its step once read)
+            _say(f"{sub}: model.init_weights {weights} is where this run started: not scored (score it in another "
+                 f"trainer.default_root_dir)")
 
     @staticmethod
     def _check_checkpoint(path: str | Path | None, resume: bool = False) -> dict:
@@ -709,13 +720,6 @@ class PipelineCLI(LightningCLI):
                 break
 
 
-class _NoProductTips(logging.Filter):
-    """Lightning's "💡 Tip: ... try installing litlogger/litmodels" lines: adverts, not run information."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("💡 Tip:")
-
-
 def main(argv: list[str] | None = None, cli: type[PipelineCLI] = PipelineCLI) -> int:
     """Run ``cli`` (``pipeline.config_check`` passes one that builds no trainer) and turn a refusal into one
     ``error:`` line and exit status 2 (a setting, a file) or 1 (the run failed)."""
@@ -729,7 +733,7 @@ def main(argv: list[str] | None = None, cli: type[PipelineCLI] = PipelineCLI) ->
     if raised := raise_open_files_limit():  # before any loader worker starts: they inherit it
         log.debug("limit of open files raised from %d to %d", *raised)
     preemption.defer_requeue_to_caller()  # a preempted fit's requeue waits for the end of this function
-    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_NoProductTips())
+    drop_lightning_lines()
     # the loader position is in every checkpoint (ShardDataModule.state_dict): mid-epoch resumes are exact
     warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended")
     # checkpoints written before _drop_default_checkpointing hold the state of Lightning's default

@@ -49,10 +49,14 @@ def test_fit_lowers_loss_then_validate_then_resume(digits_shards, tmp_path):
     out = run_module("pipeline", "validate", "--config", CONF, "--data.root", str(digits_shards),
                      "--trainer.default_root_dir", str(tmp_path / "val"), "--ckpt_path", str(last))
     assert "val/top1" in out.stdout + out.stderr
+    # the checkpoint and its step, in one line of ours (Lightning's two lines named the path again, no step)
+    assert f"validate: {last} (step 30)" in out.stderr, out.stderr[-3000:]
+    assert "Restoring states" not in out.stderr and "Loaded model weights" not in out.stderr, out.stderr[-3000:]
 
     resumed = _fit(digits_shards, run, "--trainer.max_steps", "40", "--trainer.log_every_n_steps", "1",
                    "--checkpoint.every_n_train_steps", "10")
-    assert "resuming from" in resumed.stderr
+    assert f"resuming from {last} at step 30" in resumed.stderr, resumed.stderr[-3000:]
+    assert "Restoring states" not in resumed.stderr and "Restored all states" not in resumed.stderr
     assert "💡 Tip" not in resumed.stdout + resumed.stderr, "Lightning's product adverts in the run's log"
     assert "LeafSpec" not in resumed.stderr
     assert re.search(r"^epoch 1 batch 9/22 \| train/loss", resumed.stdout, re.M), "lines go on mid-epoch"

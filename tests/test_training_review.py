@@ -105,9 +105,10 @@ def test_a_resume_reads_last_ckpt_not_a_newer_copy_beside_it(trained, digits_sha
     shutil.copy2(ckdir / "last.ckpt", copy)  # step 3
     run_module(*_args("fit", digits_shards, run, "--trainer.max_steps", "5"))
     os.utime(copy)  # the newest file of the folder now
-    proc = run_module(*_args("fit", digits_shards, run, "--trainer.max_steps", "6"))
-    restored = re.findall(r"Restored all states from the checkpoint at (.+)", proc.stdout + proc.stderr)
-    assert restored and all(r.strip().endswith("/last.ckpt") for r in restored), restored
+    proc = run_module(*_args("fit", digits_shards, run, "--trainer.max_steps", "6", "--trainer.log_every_n_steps", "1"))
+    assert f"resuming from {ckdir / 'last.ckpt'} at step 5" in proc.stderr, proc.stderr[-3000:]
+    # a line per batch trained: step 5's alone (the copy, at step 3, would train batches 4, 5 and 6)
+    assert re.findall(r"^epoch 0 batch (\d+)/", proc.stdout, re.M) == ["6"], proc.stdout
     saved = torch.load(ckdir / "last.ckpt", map_location="cpu", weights_only=False)
     assert saved["global_step"] == 6 and copy.exists()
 
@@ -571,15 +572,15 @@ def test_a_bug_of_ours_while_the_trainer_is_built_is_a_traceback_not_a_setting(d
     """Lightning's ValueError/TypeError while it builds the Trainer is its refusal of a setting (one `error:
     trainer: ...` line, as `trainer.max_time 5min` above). The same errors from this package's own code that
     Lightning calls there (a callback's ``state_key``, a strategy, a plugin) are bugs: said as a setting, their
-    traceback was gone. Here a real TypeError in code compiled as ``pipeline/cli.py``'s: the filter of
-    Lightning's log records that the CLI installs, which Lightning's messages pass through while it builds
-    the Trainer."""
-    from pipeline.cli import _NoProductTips
+    traceback was gone. Here a real TypeError in code compiled as ``pipeline/lightning_lines.py``'s: the
+    filter of Lightning's log records that the CLI installs, which Lightning's messages pass through while it
+    builds the Trainer."""
+    from pipeline.lightning_lines import DropLightningLines
 
     where = {}
-    exec(compile("def filter(self, record):\n    return record.getMessage() + None\n", str(REPO / "pipeline" / "cli.py"),
-                 "exec"), where)
-    monkeypatch.setattr(_NoProductTips, "filter", where["filter"])
+    exec(compile("def filter(self, record):\n    return record.getMessage() + None\n",
+                 str(REPO / "pipeline" / "lightning_lines.py"), "exec"), where)
+    monkeypatch.setattr(DropLightningLines, "filter", where["filter"])
     with pytest.raises(TypeError, match="can only concatenate str"):
         run_cli_in_process(*_args("fit", digits_shards, tmp_path / "run")[1:])
 

@@ -1,0 +1,36 @@
+"""Lightning's console lines that tell this pipeline's users nothing, dropped from every run's log.
+
+Lightning logs its ``rank_zero_info`` lines through one logger. Some are adverts, some say what this CLI's
+own lines already say better (``pipeline/cli.py`` installs the filter at start-up). Warnings go through ``warnings`` and are filtered in ``cli.main``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+RANK_ZERO_LOGGER = "pytorch_lightning.utilities.rank_zero"
+
+DROPPED_PREFIXES = (
+    # "💡 Tip: ... try installing litlogger/litmodels": adverts, not run information
+    "💡 Tip:",
+    # the checkpoint a start loads: the CLI's own line names it with its step first ("resuming from PATH at
+    # step N", "validate: PATH (step N)"); Lightning's two said the path again, without the step
+    "Restoring states from the checkpoint path at ",
+    "Restored all states from the checkpoint at ",
+    "Loaded model weights from the checkpoint at ",
+)
+
+
+class DropLightningLines(logging.Filter):
+    """Drops the records of Lightning's rank-zero logger that start with one of ``DROPPED_PREFIXES``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(DROPPED_PREFIXES)
+
+
+def drop_lightning_lines() -> None:
+    """Install the filter (once per process)."""
+    logger = logging.getLogger(RANK_ZERO_LOGGER)
+    if not any(isinstance(f, DropLightningLines) for f in logger.filters):
+        logger.addFilter(DropLightningLines())
+
