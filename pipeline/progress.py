@@ -10,7 +10,7 @@ refresh: one synchronisation per ``log_every_n_steps`` steps, when the loggers r
 
 In a file, tqdm's carriage returns and cursor codes make one endless line; ``LineProgress`` writes one
 line per refresh (``epoch 3 batch 1200/5004 | train/loss 2.314 | 7.71 it/s``: batches of the epoch, micro-batches under
-gradient accumulation, as Lightning counts them) and one per validation.
+gradient accumulation, as Lightning counts them) and one per validation of a fit.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import time
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import ProgressBar, TQDMProgressBar
 from pytorch_lightning.callbacks.progress.tqdm_progress import _update_n
+from pytorch_lightning.trainer.states import TrainerFn
 
 SHOWN = ("train/loss",)
 
@@ -103,7 +104,9 @@ class LineProgress(_EpochBatches, ProgressBar):
         print(" | ".join(parts), flush=True)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._enabled or trainer.sanity_checking:
+        """The validations of a fit; ``validate`` ends with Lightning's table of the same metrics, which this
+        line repeated just above it."""
+        if not self._enabled or trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
             return
         shown = _shown(trainer, ("val/top1", "val/top5", "val/loss"))
         print(" | ".join([f"epoch {trainer.current_epoch} validation"] + [f"{k} {v}" for k, v in shown.items()]),

@@ -49,6 +49,8 @@ def test_fit_lowers_loss_then_validate_then_resume(digits_shards, tmp_path):
     out = run_module("pipeline", "validate", "--config", CONF, "--data.root", str(digits_shards),
                      "--trainer.default_root_dir", str(tmp_path / "val"), "--ckpt_path", str(last))
     assert "val/top1" in out.stdout + out.stderr
+    # the scores once: Lightning's table, without a progress line of the same numbers above it
+    assert out.stdout.count("val/top1") == 1 and "validation |" not in out.stdout, out.stdout
     # the checkpoint and its step, in one line of ours (Lightning's two lines named the path again, no step)
     assert f"validate: {last} (step 30)" in out.stderr, out.stderr[-3000:]
     assert "Restoring states" not in out.stderr and "Loaded model weights" not in out.stderr, out.stderr[-3000:]
