@@ -751,6 +751,10 @@ def main(argv: list[str] | None = None, cli: type[PipelineCLI] = PipelineCLI) ->
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
     # every resume: the checkpoint directory is the run's own, and fit resumes from it
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+    # a checkpoint of another run directory (`validate --ckpt_path OTHER/...`, a branch): its best-k
+    # bookkeeping is that directory's; validate saves nothing and a branch keeps its own best k. Lightning's
+    # warning printed its internal attribute names (`kth_best_model_path`, ...) at every such start
+    warnings.filterwarnings("ignore", message=r"The dirpath has changed from .* won't be reloaded")
     # mixed precision keeps the parameters in float32, which is what the summary then counts
     warnings.filterwarnings("ignore", message=r"Precision \S+-mixed is not supported by the model summary")
     if "SLURM_JOB_ID" not in os.environ:  # a login node or a laptop with Slurm's tools: not in a job, no hint

@@ -54,6 +54,7 @@ def test_fit_lowers_loss_then_validate_then_resume(digits_shards, tmp_path):
     # the checkpoint and its step, in one line of ours (Lightning's two lines named the path again, no step)
     assert f"validate: {last} (step 30)" in out.stderr, out.stderr[-3000:]
     assert "Restoring states" not in out.stderr and "Loaded model weights" not in out.stderr, out.stderr[-3000:]
+    assert "dirpath has changed" not in out.stderr, "Lightning's warning about another run's best-k bookkeeping"
 
     resumed = _fit(digits_shards, run, "--trainer.max_steps", "40", "--trainer.log_every_n_steps", "1",
                    "--checkpoint.every_n_train_steps", "10")
