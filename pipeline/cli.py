@@ -42,7 +42,7 @@ from pipeline.branch_origin import BranchOrigin, resume_point
 from pipeline.branch_record import origin_name, recorded_origin
 from pipeline.checkpoint_io import AtomicCheckpointIO, recover_directories, remove_best_after
 from pipeline.checkpoint_read import read_checkpoint
-from pipeline.config_history import keep_earlier_config
+from pipeline.config_history import changed_settings, keep_earlier_config
 from pipeline.data.shards import CorruptSampleError
 from pipeline.data.open_files import open_files_advice, out_of_file_descriptors, raise_open_files_limit
 from pipeline.data.shared_memory import SharedMemoryError, semaphore_error
@@ -275,7 +275,8 @@ class RunDirConfig(SaveConfigCallback):
             try:
                 self.parser.save(config, str(written), skip_none=False, overwrite=True, multifile=self.multifile)
                 if stage == "fit" and (kept := keep_earlier_config(target, written, trainer.global_step)):
-                    _say(f"settings changed: the earlier config is kept as {kept}")
+                    changed = changed_settings(target, written)
+                    _say(f"settings changed{f' ({changed})' if changed else ''}: the earlier config is kept as {kept}")
                 os.replace(written, target)
             finally:
                 written.unlink(missing_ok=True)

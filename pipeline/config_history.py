@@ -9,6 +9,7 @@ launcher's restarts change, is not compared.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import yaml
 
 HISTORY_DIR = "config-history"
 NOT_COMPARED = ("ckpt_path",)
+NAMED = 4  # changed settings named in the log line; more are counted
 
 
 def _settings(path: Path) -> object:
@@ -43,3 +45,33 @@ def keep_earlier_config(current: Path, new: Path, step: int) -> Path | None:
         n += 1
     shutil.copy2(current, kept)
     return kept
+
+
+def _flat(doc: object, prefix: str = "") -> dict[str, object]:
+    if not isinstance(doc, dict):
+        return {prefix.rstrip("."): doc}
+    out: dict[str, object] = {}
+    for key, value in doc.items():
+        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) and value else {f"{prefix}{key}": value})
+    return out
+
+
+def _shown(value: object) -> str:
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, default=str).replace('"', "")  # None -> null, True -> true, lists compact
+
+
+def changed_settings(current: Path, new: Path) -> str:
+    """The settings that differ between two config files, as the command line names them
+    (``model.lr 0.1 -> 0.05, trainer.max_steps 10 -> 30``); "" when either is not a YAML mapping."""
+    old, now = _settings(current), _settings(new)
+    if not isinstance(old, dict) or not isinstance(now, dict):
+        return ""
+    old, now = _flat(old), _flat(now)
+    missing = object()
+    changes = [f"{key} {_shown(old.get(key))} -> {_shown(now.get(key))}" if key in old and key in now else
+               f"{key} {'added' if key in now else 'removed'}"
+               for key in sorted(old.keys() | now.keys()) if old.get(key, missing) != now.get(key, missing)]
+    more = len(changes) - NAMED
+    return ", ".join(changes[:NAMED]) + (f" and {more} more" if more > 0 else "")

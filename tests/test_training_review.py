@@ -529,7 +529,9 @@ def test_a_resume_with_new_settings_keeps_the_earlier_config(trained, digits_sha
     first = (run / "config.yaml").read_text()
     proc = run_module(*_args("fit", digits_shards, run, "--model.lr", "0.05", "--trainer.max_steps", "4"))
     kept = run / "config-history" / "config-until-step0000003.yaml"
-    assert f"settings changed: the earlier config is kept as {kept}" in proc.stderr
+    # what changed, by name (the copy moved the run directory too)
+    assert (f"settings changed (model.lr 0.1 -> 0.05, trainer.default_root_dir {trained} -> {run}, "
+            f"trainer.max_steps 3 -> 4): the earlier config is kept as {kept}") in proc.stderr, proc.stderr[-3000:]
     assert sorted(p.name for p in kept.parent.iterdir()) == [kept.name]
     assert kept.read_text() == first
     now = yaml.safe_load((run / "config.yaml").read_text())
@@ -550,6 +552,26 @@ def test_config_history_compares_settings_not_the_checkpoint_path(tmp_path):
     assert keep_earlier_config(current, new, 7) == tmp_path / "config-history" / "config-until-step0000007-2.yaml"
     current.write_bytes(b"\xff\x00torn")  # not YAML: kept, compared as bytes
     assert keep_earlier_config(current, new, 9).read_bytes() == b"\xff\x00torn"
+
+
+def test_the_changed_settings_are_named_as_the_command_line_names_them(tmp_path):
+    """"settings changed: the earlier config is kept as ..." said that something changed, not what: the user
+    had to diff two YAML files to see which of a resume's flags took effect."""
+    from pipeline.config_history import changed_settings
+
+    current, new = tmp_path / "config.yaml", tmp_path / "new.yaml"
+    current.write_text("ckpt_path: null\nmodel:\n  lr: 0.1\n  milestones: [30, 60]\n  init_weights: null\n"
+                       "trainer: {max_steps: 10, precision: 32-true, deterministic: true}\n")
+    new.write_text("ckpt_path: /r/checkpoints/last.ckpt\nmodel:\n  lr: 0.05\n  milestones: [30, 80]\n"
+                   "  init_weights: null\ntrainer: {max_steps: 30, precision: bf16-mixed, deterministic: false}\n")
+    assert changed_settings(current, new) == ("model.lr 0.1 -> 0.05, model.milestones [30, 60] -> [30, 80], "
+                                              "trainer.deterministic true -> false, trainer.max_steps 10 -> 30 "
+                                              "and 1 more")
+    new.write_text("model: {lr: 0.1, milestones: [30, 60], init_weights: w.pt}\ntrainer: {max_steps: 10, "
+                   "precision: 32-true, deterministic: true, max_epochs: 5}\n")
+    assert changed_settings(current, new) == "model.init_weights null -> w.pt, trainer.max_epochs added"
+    current.write_bytes(b"\xff\x00torn")  # not YAML: nothing to name
+    assert changed_settings(current, new) == ""
 
 
 def test_fit_of_a_complete_run_says_so_and_starts_nothing(trained, digits_shards, tmp_path):
