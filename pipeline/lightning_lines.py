@@ -1,7 +1,8 @@
 """Lightning's console lines that tell this pipeline's users nothing, dropped from every run's log.
 
 Lightning logs its ``rank_zero_info`` lines through one logger. Some are adverts, some say what this CLI's
-own lines already say better (``pipeline/cli.py`` installs the filter at start-up). Warnings go through ``warnings`` and are filtered in ``cli.main``.
+own lines already say better, one is about hardware this pipeline never runs on (``pipeline/cli.py``
+installs the filter at start-up). Warnings go through ``warnings`` and are filtered in ``cli.main``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ DROPPED_PREFIXES = (
     "Restoring states from the checkpoint path at ",
     "Restored all states from the checkpoint at ",
     "Loaded model weights from the checkpoint at ",
+    # at every start: this pipeline has no TPU path (its accelerators are cpu and gpu); the "GPU available:
+    # ..., used: ..." line before it stays
+    "TPU available: False, using: 0 TPU cores",
 )
 
 

@@ -165,3 +165,25 @@ def test_a_normalised_float16_batch_runs_under_every_precision():
         assert mixed.dtype == torch.bfloat16
         torch.testing.assert_close(mixed.float(), fp32, atol=0.1, rtol=0.1)
         torch.testing.assert_close(module.double()(x), fp32.double(), atol=1e-3, rtol=1e-3)  # 64-true
+
+
+def test_the_trainers_start_up_lines_leave_out_what_says_nothing_here():
+    """A real Trainer's start-up lines through the filter the CLI installs: the GPU line stays, the TPU line
+    (this pipeline has no TPU path) goes; it was in every run's log."""
+    import logging
+
+    import pytorch_lightning as pl
+
+    from pipeline.lightning_lines import RANK_ZERO_LOGGER, drop_lightning_lines
+
+    drop_lightning_lines()
+    logger, seen = logging.getLogger(RANK_ZERO_LOGGER), []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger.addHandler(handler)
+    try:
+        pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False)
+    finally:
+        logger.removeHandler(handler)
+    assert any(line.startswith("GPU available: ") for line in seen), seen
+    assert not any("TPU" in line for line in seen), seen
