@@ -55,7 +55,7 @@ from pipeline.errors import (CheckpointWriteError, ConfigError, DiskFullError, R
                              require)
 from pipeline.finite_weights import FiniteWeights
 from pipeline.last_checkpoint import LastCheckpoint
-from pipeline.lightning_lines import drop_lightning_lines
+from pipeline.lightning_lines import drop_lightning_lines, quiet_other_ranks
 from pipeline.model_summary import FlopsModelSummary, FlopsRichModelSummary
 from pipeline.module import ImageClassifier
 from pipeline.optim import ignored_schedule_settings
@@ -735,6 +735,7 @@ def main(argv: list[str] | None = None, cli: type[PipelineCLI] = PipelineCLI) ->
         log.debug("limit of open files raised from %d to %d", *raised)
     preemption.defer_requeue_to_caller()  # a preempted fit's requeue waits for the end of this function
     drop_lightning_lines()
+    quiet_other_ranks(is_global_rank_zero())
     # the loader position is in every checkpoint (ShardDataModule.state_dict): mid-epoch resumes are exact
     warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended")
     # checkpoints written before _drop_default_checkpointing hold the state of Lightning's default

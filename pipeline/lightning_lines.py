@@ -38,3 +38,16 @@ def drop_lightning_lines() -> None:
     if not any(isinstance(f, DropLightningLines) for f in logger.filters):
         logger.addFilter(DropLightningLines())
 
+
+
+LIGHTNING_LOGGERS = ("pytorch_lightning", "lightning_fabric")
+
+
+def quiet_other_ranks(rank_zero: bool) -> None:
+    """On every rank but global rank 0, Lightning's info lines off (its warnings stay): each rank logged its
+    own "[rank: k] Seed set to N", "Initializing distributed: GLOBAL_RANK: k, MEMBER: k+1/N" and, on GPUs,
+    "LOCAL_RANK: k - CUDA_VISIBLE_DEVICES: [...]": three lines per rank in one Slurm log (96 for 4 nodes x 8
+    GPUs), where rank 0's say it once ("All distributed processes registered. Starting with N processes")."""
+    if not rank_zero:
+        for name in LIGHTNING_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)

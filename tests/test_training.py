@@ -16,10 +16,10 @@ from tests.conftest import REPO, run_cli_in_process, run_module
 CONF = str(REPO / "conf" / "demo.yaml")
 
 
-def _fit(shards: Path, run_dir: Path, *extra: str, check: bool = True):
+def _fit(shards: Path, run_dir: Path, *extra: str, check: bool = True, env: dict | None = None):
     return run_module(
         "pipeline", "fit", "--config", CONF, "--data.root", str(shards),
-        "--trainer.default_root_dir", str(run_dir), "--data.num_workers", "1", *extra, check=check,
+        "--trainer.default_root_dir", str(run_dir), "--data.num_workers", "1", *extra, check=check, env=env,
     )
 
 
@@ -187,3 +187,17 @@ def test_the_trainers_start_up_lines_leave_out_what_says_nothing_here():
         logger.removeHandler(handler)
     assert any(line.startswith("GPU available: ") for line in seen), seen
     assert not any("TPU" in line for line in seen), seen
+
+
+def test_a_two_rank_log_has_lightnings_start_up_lines_once(digits_shards, tmp_path):
+    """Both ranks' stderr go to one log (a terminal, Slurm's file): each rank logged Lightning's "Seed set to 0"
+    and "Initializing distributed: GLOBAL_RANK: k, ..." (and on GPUs its CUDA_VISIBLE_DEVICES), three lines per
+    rank of a 32-GPU job. Rank 0's say it once."""
+    from tests.conftest import free_port
+
+    proc = _fit(digits_shards, tmp_path / "run", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+                "--trainer.max_steps", "2", "--tracking.wandb", "false", "--data.num_workers", "0",
+                "--trainer.num_sanity_val_steps", "0", env={"MASTER_PORT": str(free_port())})
+    assert proc.stderr.count("Seed set to 0") == 1 and "[rank: 1]" not in proc.stderr, proc.stderr[-3000:]
+    assert "GLOBAL_RANK: 0, MEMBER: 1/2" in proc.stderr and "GLOBAL_RANK: 1" not in proc.stderr, proc.stderr[-3000:]
+    assert "weight parity: identical on 2 ranks" in proc.stderr, "the run itself went through"
