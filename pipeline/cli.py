@@ -103,6 +103,15 @@ CKPT_PATH_HELP = {
     "test": _EVAL_CKPT_HELP,
 }
 
+SUBCOMMAND_HELP = {
+    "fit": (f"train the run in trainer.default_root_dir (RUN), resuming it from {last_checkpoint('RUN')} when "
+            "there is one"),
+    "validate": (f"score a checkpoint ({last_checkpoint('RUN')} unless --ckpt_path) on data.val_split; logs "
+                 "into RUN/validate/"),
+    "test": (f"score a checkpoint ({last_checkpoint('RUN')} unless --ckpt_path) on data.test_split (null: the "
+             "val split); logs into RUN/test/"),
+}
+
 
 @dataclass
 class CheckpointConfig:
@@ -319,6 +328,16 @@ class PipelineCLI(LightningCLI):
             return str((self.config[sub] if sub else self.config).data.backend)
         except (AttributeError, KeyError, TypeError):
             return "cpu"
+
+    def _add_subcommands(self, parser, **kwargs) -> None:
+        """What each subcommand does here (``SUBCOMMAND_HELP``), in ``--help``: Lightning took the first line of
+        the Trainer method's docstring, "Runs the full optimization routine." for fit, and for test half a
+        sentence ("... It's separated from fit to make sure you never run on your")."""
+        for name, text in SUBCOMMAND_HELP.items():
+            kwargs.setdefault(name, {}).setdefault("description", text)
+        super()._add_subcommands(parser, **kwargs)
+        for choice in parser._subcommands_action._choices_actions:
+            choice.help = SUBCOMMAND_HELP.get(choice.dest, choice.help)
 
     def _parse_ckpt_path(self) -> None:
         """Off. Lightning's CLI would replace the whole ``model`` config by the hyper-parameters of an

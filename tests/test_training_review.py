@@ -358,6 +358,19 @@ def test_parse_errors_are_short_and_name_the_config_file(digits_shards, tmp_path
         assert lines[-3].startswith("usage: python -m pipeline fit [--config FILE ...]") and len(lines) == 3, lines
 
 
+def test_help_says_what_each_subcommand_does_here():
+    """Lightning described the subcommands by their Trainer methods' first docstring lines: fit "Runs the full
+    optimization routine.", test cut mid-sentence ("... make sure you never run on your")."""
+    top = run_cli_in_process("--help")
+    text = " ".join(top.stdout.split())
+    assert top.returncode == 0 and "never run on your" not in text and "optimization routine" not in text, text
+    from pipeline.cli import SUBCOMMAND_HELP
+
+    assert all(" ".join(help.split()) in text for help in SUBCOMMAND_HELP.values()), text
+    sub = run_cli_in_process("test", "--help")
+    assert " ".join(SUBCOMMAND_HELP["test"].split()) in " ".join(sub.stdout.split()), sub.stdout[:3000]
+
+
 def test_an_empty_validation_split_is_an_error_unless_validation_is_off(digits_shards, tmp_path):
     """A val split without samples trained with no validation and no best checkpoint, silently."""
     import json
