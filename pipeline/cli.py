@@ -297,6 +297,11 @@ class RunDirConfig(SaveConfigCallback):
 
 
 class PipelineCLI(LightningCLI):
+    PROG = "python -m pipeline"  # what --help and a parse error's usage line call the command
+    DESCRIPTION = ("Train (fit) and evaluate (validate, test) the ResNet family on data_prep's shards; each "
+                   "subcommand's --help lists its settings. Also: `python -m pipeline export CKPT OUT.pt` writes a "
+                   "checkpoint's network weights (`python -m pipeline export --help`).")
+
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         """``fit``, ``validate`` and ``test``; no ``predict``: the module has no prediction step and the data
@@ -786,10 +791,7 @@ def main(argv: list[str] | None = None, cli: type[PipelineCLI] = PipelineCLI) ->
             ShardDataModule,
             args=argv,
             parser_class=PipelineArgumentParser,
-            parser_kwargs={"prog": "python -m pipeline", "description": (
-                "Train (fit) and evaluate (validate, test) the ResNet family on data_prep's shards; each "
-                "subcommand's --help lists its settings. Also: `python -m pipeline export CKPT OUT.pt` writes a "
-                "checkpoint's network weights (`python -m pipeline export --help`).")},
+            parser_kwargs={"prog": cli.PROG, "description": cli.DESCRIPTION},
             auto_configure_optimizers=False,
             save_config_callback=RunDirConfig,
             save_config_kwargs={"overwrite": True, "config_filename": CONFIG_FILE},

@@ -15,6 +15,7 @@ splits the command reads are checked too (names, shard files).
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from pipeline.optim import ignored_schedule_settings
 from pipeline.trainer_devices import devices_per_node
 
 CLASSES_WITHOUT_MANIFEST = 1000
+SEED_LOGGER = "lightning_fabric.utilities.seed"
 
 
 def _warn(text: str) -> None:
@@ -70,8 +72,27 @@ def _configured_world(trainer) -> int | None:
 class ConfigCheckCLI(PipelineCLI):
     """Parses, checks and builds the model and the data module; no trainer, no run."""
 
+    # its --help and usage line named `python -m pipeline` and described training
+    PROG = "python -m pipeline.config_check"
+    DESCRIPTION = ("Would `python -m pipeline fit|validate|test` accept this command line? Parses it, checks the "
+                   "settings' ranges and builds the model and the data module, then stops: no trainer, no run "
+                   "directory, no sample read. Exit 0 (accepted, `warning:` lines for paths this machine does "
+                   "not have) or 2 with one `error:` line. The settings are the subcommand's (`python -m "
+                   "pipeline.config_check fit --help`).")
+
     def __init__(self, model_class, datamodule_class, *args, **kwargs) -> None:
         super().__init__(model_class, DataModuleSeenFromHere, *args, **kwargs)
+
+    def _set_seed(self) -> None:
+        """Seeded as the run would be (the model is built), without Lightning's "Seed set to N": the first
+        line of a check read as a run's start."""
+        seed_log = logging.getLogger(SEED_LOGGER)
+        level = seed_log.level
+        seed_log.setLevel(logging.WARNING)
+        try:
+            super()._set_seed()
+        finally:
+            seed_log.setLevel(level)
 
     def before_instantiate_classes(self) -> None:
         check_trainer(self._cfg.trainer)

@@ -81,6 +81,21 @@ def test_demo_config_with_its_shards_passes_without_warnings(tmp_path: Path, dig
     assert not (tmp_path / "run").exists()
 
 
+def test_the_check_run_by_hand_says_what_it_is(digits_shards: Path) -> None:
+    """`python -m pipeline.config_check` run by hand: its --help and usage line named `python -m pipeline` and
+    described training, and an accepted command line began with Lightning's "Seed set to 0", as a run does."""
+    from tests.conftest import run_module
+
+    ok = run_module("pipeline.config_check", "fit", "--config", str(REPO / "conf" / "demo.yaml"), "--data.root",
+                    str(digits_shards))
+    assert ok.stderr.splitlines() == ["config_check: `python -m pipeline fit` accepts these settings"], ok.stderr
+    usage = run_module("pipeline.config_check", "--help")
+    assert usage.stdout.startswith("usage: python -m pipeline.config_check ") and "Would `python -m pipeline" in \
+        usage.stdout, usage.stdout[:2000]
+    bad = run_module("pipeline.config_check", "fit", "--model.lrr", "1", check=False)
+    assert bad.returncode == 2 and bad.stderr.startswith("usage: python -m pipeline.config_check fit "), bad.stderr
+
+
 def test_a_split_the_manifest_lacks_is_refused_when_the_manifest_is_here(tmp_path: Path, digits_shards: Path) -> None:
     job = _job(tmp_path, REPO / "conf" / "demo.yaml", ["--data.root", str(digits_shards), "--data.val_split", "vall"],
                cpu=True)
