@@ -383,6 +383,7 @@ class PipelineCLI(LightningCLI):
         self._run_dir = run_dir
         last = last_checkpoint(run_dir)
         self._saved_run_id: str | None = None
+        self._new_run = False  # a fit's first start (no checkpoint to resume)
         self._ckpt_hparams: dict = {}  # the checkpoint's model settings, checked before the loggers start
         self._branched_from: tuple[str, str | None] | None = None  # (checkpoint, its W&B id): another run's
         self._branch_origin: str | None = None  # where this run started, when from another run (branch_origin)
@@ -426,8 +427,9 @@ class PipelineCLI(LightningCLI):
         path = last if ckpt == "last" else (Path(ckpt) if ckpt else None)
         if ckpt == "last" and not last.exists():
             cfg.ckpt_path = None  # first start of a run launched with --ckpt_path last
-            return
+            path = None
         if path is None:
+            self._new_run = True  # said once the start's checks have passed (before_fit)
             return
         if ckpt == "last":  # that file: Lightning's "last" is the newest last*.ckpt (a user's copy, an old last-v1)
             cfg.ckpt_path = str(last)
@@ -672,8 +674,13 @@ class PipelineCLI(LightningCLI):
                               f"strategies (docs/training.md)")
 
     def before_fit(self) -> None:
-        """``model.init_weights`` at a run's first start; a resume has the weights in its checkpoint."""
+        """``model.init_weights`` at a run's first start; a resume has the weights in its checkpoint. A first
+        start names its run directory, as a resume names its checkpoint (with W&B off no line said where the
+        checkpoints go); here, after the start's checks: a refused start removes the directory again."""
         self._check_deepspeed_device()
+        if self._new_run:
+            run_dir = Path(self.trainer.default_root_dir)
+            _say(f"starting a new run in {run_dir} (checkpoints: {checkpoint_dir(run_dir)})")
         cfg = self.config["fit"]
         path = self.model.hparams.get("init_weights")
         if not path:

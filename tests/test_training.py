@@ -32,6 +32,9 @@ def test_fit_lowers_loss_then_validate_then_resume(digits_shards, tmp_path):
     run = tmp_path / "run"
     first = _fit(digits_shards, run, "--trainer.max_steps", "30", "--trainer.log_every_n_steps", "1",
                  "--checkpoint.every_n_train_steps", "10")
+    assert f"starting a new run in {run} (checkpoints: {run / 'checkpoints'})" in first.stderr, first.stderr[-3000:]
+    refused = _fit(digits_shards, tmp_path / "refused", "--data.val_split", "nope", check=False)
+    assert refused.returncode == 2 and "starting a new run" not in refused.stderr, "said of a start that never was"
     # stdout is a pipe here, as under Slurm: plain progress lines, no carriage returns or cursor codes
     assert "\r" not in first.stdout and "\x1b[" not in first.stdout
     assert re.search(r"^epoch 0 batch 1/22 \| train/loss \d[\d.]* \| [\d.]+ it/s$", first.stdout, re.M), first.stdout
@@ -60,6 +63,7 @@ def test_fit_lowers_loss_then_validate_then_resume(digits_shards, tmp_path):
                    "--checkpoint.every_n_train_steps", "10")
     assert f"resuming from {last} at step 30" in resumed.stderr, resumed.stderr[-3000:]
     assert "Restoring states" not in resumed.stderr and "Restored all states" not in resumed.stderr
+    assert "starting a new run" not in resumed.stderr
     assert "💡 Tip" not in resumed.stdout + resumed.stderr, "Lightning's product adverts in the run's log"
     assert "LeafSpec" not in resumed.stderr
     assert re.search(r"^epoch 1 batch 9/22 \| train/loss", resumed.stdout, re.M), "lines go on mid-epoch"
