@@ -81,29 +81,35 @@ def _add_holdout(p: argparse.ArgumentParser, of: str) -> None:
                    help="the split that receives the held-out images (required with --holdout), e.g. val")
 
 
+OUT_HELP = ("output folder: the shards, manifest.json and rejects.jsonl; a rerun into it resumes, another "
+            "--split adds that split")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse tree for all subcommands."""
     ap = _Parser(prog="python -m data_prep", description="Shard image datasets into WebDataset tars.")
     sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
     p = sub.add_parser("imagefolder", help="<class>/<image> folder or .tar -> shards")
-    p.add_argument("src", type=Path)
-    p.add_argument("out", type=Path)
+    p.add_argument("src", type=Path, help="the dataset: a <class>/<image> folder, or a .tar of one (one wrapper "
+                                          "folder, or split folders train/ val/ ... picked by --split, are read too)")
+    p.add_argument("out", type=Path, help=OUT_HELP)
     p.add_argument("--split", required=True, help="split name, e.g. train or val")
     _add_common(p)
     _add_holdout(p, "--split")
     p = sub.add_parser("imagenet", help="ILSVRC2012 (archives or extracted) -> shards")
-    p.add_argument("src", type=Path)
-    p.add_argument("out", type=Path)
+    p.add_argument("src", type=Path, help="the folder with ILSVRC2012_img_{train,val}.tar, or with the extracted "
+                                          "train/ and val/ (also Kaggle's layout)")
+    p.add_argument("out", type=Path, help=OUT_HELP)
     p.add_argument("--splits", default="train,val", help="comma list of train,val (default both)")
     p.add_argument("--devkit", type=Path, default=None, help="ILSVRC2012_devkit_t12.tar.gz (default: look in SRC)")
     p.add_argument("--val-csv", type=Path, default=None, help="Kaggle LOC_val_solution.csv (default: look in SRC)")
     _add_common(p)
     _add_holdout(p, "train")
     p = sub.add_parser("finalize", help="merge array-task results into manifest.json")
-    p.add_argument("out", type=Path)
+    p.add_argument("out", type=Path, help="the OUT the array tasks wrote into")
     p.add_argument("--splits", default=None, help="comma list (default: all prepared splits)")
     p = sub.add_parser("verify", help="re-check sizes, sha256, counts and decode samples")
-    p.add_argument("out", type=Path)
+    p.add_argument("out", type=Path, help="a prepared OUT (with its manifest.json)")
     p.add_argument("--decode", type=int, default=4, help="samples to fully decode per shard (default 4)")
     p.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
     return ap

@@ -37,9 +37,8 @@ def _slurm_args(p: argparse.ArgumentParser, time_default: str | None) -> None:
         g.add_argument("--time", required=True, help="time limit per run in any of sbatch's forms: MINUTES, HH:MM:SS, D-HH:MM:SS, ...")
     else:
         g.add_argument("--time", default=time_default, help=f"time limit per task (default {time_default})")
-    g.add_argument("--partition")
-    g.add_argument("--account")
-    g.add_argument("--qos")
+    for name in ("partition", "account", "qos"):
+        g.add_argument(f"--{name}", help=f"sbatch --{name} (default: the cluster's)")
     g.add_argument("--cpus-per-task", type=int, default=None, help="CPUs per task (data loading threads)")
     g.add_argument("--container-image", default=None,
                    help="run under pyxis/enroot: srun --container-image=IMG (the container's python is used)")
@@ -88,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = what.add_parser("train", help="multi-node training: one task per GPU, requeue on preemption")
     t.add_argument("--config", required=True, type=_path, action=_Once,
                    help="trainer YAML (conf/*.yaml); overlays go to the trainer: -- --config overlay.yaml")
-    t.add_argument("--nodes", type=int, default=1)
+    t.add_argument("--nodes", type=int, default=1, help="nodes of the job (default 1)")
     t.add_argument("--gpus-per-node", type=int, default=1,
                    help="GPUs = processes per node; 0 runs one CPU process per node")
     t.add_argument("--cpu", action="store_true", help="CPU (gloo) job: no GPU request, accelerator cpu")
@@ -117,8 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     kinds = pr.add_subparsers(dest="kind", required=True, metavar="{imagenet,imagefolder}")
     for kind in ("imagenet", "imagefolder"):
         k = kinds.add_parser(kind, help=f"python -m data_prep {kind} SRC OUT, split over --tasks array tasks")
-        k.add_argument("src", type=_path)
-        k.add_argument("out", type=_path)
+        k.add_argument("src", type=_path, help=f"as for `python -m data_prep {kind}`")
+        k.add_argument("out", type=_path, help="where the shards and manifest.json go (each task writes its own shards)")
         k.add_argument("--tasks", type=int, required=True, help="array tasks (each writes its own shards)")
         if kind == "imagefolder":
             k.add_argument("--split", required=True, help="split name, e.g. train or val")
@@ -127,13 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("status", help="jobs, requeues, last checkpoint/step, img/s, W&B id of a run")
     st.add_argument("run_dir", nargs="?", type=_path, default=None,
-                    help="a run directory; a folder of them (a sweep's --runs): one line per run; none: squeue --me")
+                    help="a training run directory, a prep run directory (OUT-slurm), or a folder of run "
+                         "directories (a sweep's --runs: one line per run); omitted: your jobs in the queue")
 
     tr = sub.add_parser("torchrun", help="print (or run) the torchrun command for a cluster without Slurm")
     tr.add_argument("--config", required=True, type=_path, action=_Once,
                     help="trainer YAML (conf/*.yaml); overlays go to the trainer: -- --config overlay.yaml")
-    tr.add_argument("--nnodes", type=int, required=True)
-    tr.add_argument("--nproc-per-node", type=int, required=True)
+    tr.add_argument("--nnodes", type=int, required=True, help="nodes, each running this command (one agent each)")
+    tr.add_argument("--nproc-per-node", type=int, required=True, help="processes (GPUs) per node")
     tr.add_argument("--rdzv-endpoint", required=True, help="HOST:PORT of node 0")
     tr.add_argument("--rdzv-id", default=None, help="rendezvous id (default: the W&B run id)")
     tr.add_argument("--run-dir", type=_path, default=None, help="default runs/<config name>")
@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "last.ckpt (as for submit train)")
     tr.add_argument("--max-restarts", type=int, default=3,
                     help="restarts of all ranks after a failure, each resuming from last.ckpt (default 3)")
-    tr.add_argument("--cpu", action="store_true")
+    tr.add_argument("--cpu", action="store_true", help="CPU processes over gloo: accelerator cpu")
     tr.add_argument("--no-config-check", dest="config_check", action="store_false",
                     help="skip the check of the trainer's settings (`python -m pipeline.config_check`, about 6 s)")
     tr.add_argument("--run", action="store_true", help="run it here instead of printing it")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import os
@@ -43,6 +44,19 @@ def cifar_tar(name: str = "cifar10-test.tar") -> Path:
     if not path.is_file():
         unavailable_here(f"{path} is not here (the real CIFAR-10 tars, beside the clone in this project's CI)")
     return path
+
+
+def arguments_without_help(parser: argparse.ArgumentParser, where: str = "") -> list[str]:
+    """The arguments of ``parser`` and its subcommands whose ``--help`` line says nothing (argparse prints the
+    bare name: ``src``, ``--nnodes NNODES``)."""
+    missing = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                missing += arguments_without_help(sub, f"{where} {name}".strip())
+        elif not isinstance(action, argparse._HelpAction) and not action.help:
+            missing.append(f"{where} {action.option_strings[-1] if action.option_strings else action.dest}".strip())
+    return missing
 
 
 def free_port() -> int:

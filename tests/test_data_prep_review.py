@@ -8,7 +8,7 @@ from pathlib import Path
 
 from data_prep.cli import main
 from data_prep.format import load_manifest
-from tests.conftest import REPO, unavailable_here
+from tests.conftest import REPO, arguments_without_help, unavailable_here
 from tests.fixtures_images import write_imagefolder
 
 
@@ -373,3 +373,11 @@ def test_hand_edited_outputs_and_inputs_give_one_line_errors(tmp_path):
     csv_path.write_text(text, encoding="utf-16")
     r = run_cli("imagenet", str(inet), str(tmp_path / "o4"), "--splits", "val", "--no-progress")
     assert r.returncode == 2 and "not UTF-8 text" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_every_argument_has_a_help_line():
+    """``python -m data_prep imagefolder --help`` listed ``src`` and ``out`` with nothing beside them (what
+    SRC may be, what goes into OUT)."""
+    from data_prep.cli import build_parser
+
+    assert arguments_without_help(build_parser()) == []

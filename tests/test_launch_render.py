@@ -835,3 +835,12 @@ def test_branch_from_a_run_directory_is_refused_naming_its_checkpoint(tmp_path: 
             r = launch(*how, "--branch-from", str(given), cwd=tmp_path, env=no_slurm)
             assert r.returncode == 2 and r.stderr == f"launch: error: --branch-from: {said}\n", r.stderr
     assert not (run / "branched_from").exists()
+
+
+def test_every_launch_argument_has_a_help_line():
+    """``launch torchrun --help`` listed ``--nnodes``, ``--nproc-per-node`` and ``--cpu`` with nothing beside
+    them, ``status`` its ``run_dir`` (a training run? a prep run? omitted?)."""
+    from launch.cli import build_parser
+    from tests.conftest import arguments_without_help
+
+    assert arguments_without_help(build_parser()) == []
