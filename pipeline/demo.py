@@ -33,10 +33,13 @@ def best_val_top1(run_dir: Path) -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.demo", description=__doc__,
+        epilog="Any other argument goes to `python -m pipeline fit` (e.g. --trainer.max_epochs 2; "
+               "`python -m pipeline fit --help` lists them).")
     parser.add_argument("--data", default="data/demo", help="where the images and shards go")
     parser.add_argument("--run-dir", default="runs/demo", help="the training run directory (recreated)")
-    parser.add_argument("--config", default="conf/demo.yaml")
+    parser.add_argument("--config", default="conf/demo.yaml", help="the training config (default conf/demo.yaml)")
     args, extra = parser.parse_known_args()
     data, run_dir = Path(args.data), Path(args.run_dir)
     counts = write_digits(data / "images")

@@ -34,7 +34,7 @@ def write_digits(out: str | Path, val_fraction: float = 0.2, size: int = 32, see
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m pipeline.demo_data", description=__doc__)
     parser.add_argument("out", help="output directory for the ImageFolder trees")
     args = parser.parse_args()
     counts = write_digits(args.out)

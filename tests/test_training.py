@@ -205,3 +205,12 @@ def test_a_two_rank_log_has_lightnings_start_up_lines_once(digits_shards, tmp_pa
     assert proc.stderr.count("Seed set to 0") == 1 and "[rank: 1]" not in proc.stderr, proc.stderr[-3000:]
     assert "GLOBAL_RANK: 0, MEMBER: 1/2" in proc.stderr and "GLOBAL_RANK: 1" not in proc.stderr, proc.stderr[-3000:]
     assert "weight parity: identical on 2 ranks" in proc.stderr, "the run itself went through"
+
+
+def test_the_demos_help_names_the_command_and_where_other_arguments_go():
+    """``python -m pipeline.demo --help`` said ``usage: demo.py`` and not that the demo passes any argument it
+    does not know on to ``pipeline fit``."""
+    for module in ("pipeline.demo", "pipeline.demo_data"):
+        out = run_module(module, "--help").stdout
+        assert out.startswith(f"usage: python -m {module} "), out
+    assert "goes to `python -m pipeline fit`" in run_module("pipeline.demo", "--help").stdout
