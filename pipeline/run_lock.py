@@ -36,14 +36,15 @@ import time
 from pathlib import Path
 
 from pipeline.errors import ConfigError
-from pipeline.run_layout import CSV_DIR, LOCK_NAME, RUN_ID_FILE
+from pipeline.run_layout import BRANCH_FILE, CSV_DIR, LOCK_NAME, RUN_ID_FILE
 
 log = logging.getLogger(__name__)
 
 # No Lightning or torch here: `python -m launch status` reads the lock through this module.
 
 # what a start writes before its first step: a run directory made by a refused start holding only these goes
-START_FILES = {LOCK_NAME, RUN_ID_FILE, f"{CSV_DIR}/hparams.yaml"}  # (config.yaml: written once a run is under way)
+# (config.yaml: written once a run is under way; BRANCH_FILE: at a branch's first start, before its checks)
+START_FILES = {LOCK_NAME, RUN_ID_FILE, BRANCH_FILE, f"{CSV_DIR}/hparams.yaml"}
 KEY_ENV = "PIPELINE_RUN_LOCK_KEY"  # rank 0's key, inherited by the ranks Lightning starts on its node
 
 
@@ -175,7 +176,7 @@ class RunDirLock:
 
     def _remove_unused_dir(self) -> None:
         """A run directory this job created and left holding nothing but what a start writes before the
-        first step (the lock, ``wandb_run_id``, the CSV logger's ``hparams.yaml``: the run
+        first step (the lock, ``wandb_run_id``, a branch's ``branched_from``, the CSV logger's ``hparams.yaml``: the run
         was refused, e.g. a mistyped ``data.root`` or a split too small for the batch) goes again: it would
         otherwise be listed as a run that never was. Removed while still locked, so no other job can be
         inside it; a file of any other name (metrics, a checkpoint, a W&B run) keeps it."""
