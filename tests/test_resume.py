@@ -334,7 +334,9 @@ def test_a_branch_run_again_resumes_its_own_checkpoint_bit_exact(interrupted, tm
     # OTHER again now (RUN/branched_from), ending bit-identical to the uninterrupted branch
     early = tmp_path / "early"
     with open(tmp_path / "early.log", "w") as log:
-        proc = subprocess.Popen(branch_command(early), env={**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"},
+        # no periodic save in the killed start (its first would come at the epoch's end, after the run's last
+        # step): the kill lands before any checkpoint of its own, however late the poll sees branched_from
+        proc = subprocess.Popen(branch_command(early) + ["--checkpoint.every_n_train_steps", "0"], env={**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"},
                                 cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             deadline = time.monotonic() + 300
