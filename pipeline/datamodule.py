@@ -419,7 +419,9 @@ class ShardDataModule(pl.LightningDataModule):
         fitting = self.trainer is None or self.trainer.state.fn == "fit"
         advice = "(start a new run directory, or point data.root back)"
         if not fitting:  # an evaluation has no run to start
-            sub, ckpt = str(getattr(self.trainer.state.fn, "value", self.trainer.state.fn)), self.trainer.ckpt_path
+            # (a trainer that has not been given a checkpoint path, e.g. the module loaded by hand: none to name)
+            sub = str(getattr(self.trainer.state.fn, "value", self.trainer.state.fn))
+            ckpt = getattr(self.trainer, "ckpt_path", None)
             advice = way_out(sub, ckpt, self.root, weights_on_this_data=True)
         if "classes_sha256" not in state:  # a checkpoint of before the split-wise digests: the whole file
             saved = state.get("manifest_sha256")
