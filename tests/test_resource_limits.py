@@ -102,6 +102,44 @@ def test_dali_shortage_counts_the_other_ranks_chunks_once(monkeypatch):
                                                  "which has 512.0 MiB free of 512.0 MiB"), said
 
 
+def test_dali_training_and_validation_loaders_count_each_others_source_chunks(digits_shards, monkeypatch):
+    """Training and validation each have their own DALI source workers, side by side in a fit. Each loader
+    checked its own chunks alone: on a /dev/shm that holds either but not both, the second one started (its
+    room counted against the size, and against a free space the first had not written into yet) and the
+    run died of SIGBUS when both had written. The second now counts the first's; closed, it holds none."""
+    import gc
+
+    import pytest
+
+    pytest.importorskip("nvidia.dali")
+    from pipeline.data import shared_memory
+    from pipeline.data.augment import AugmentConfig
+    from pipeline.data.contract import TrainSampler, ValSampler
+    from pipeline.data.dali_backend import DaliLoader
+    from pipeline.data.shards import ShardSet
+
+    cfg = AugmentConfig(recipe="cifar", train_size=32, val_size=32)
+    train_shards, val_shards = ShardSet(digits_shards, "train"), ShardSet(digits_shards, "val")
+    train = DaliLoader(train_shards, TrainSampler(train_shards.shard_sizes, seed=0, world_size=1, rank=0,
+                                                  batch_size=64), cfg, train=True, cpu=True, num_threads=1,
+                       py_workers=1)
+    val = DaliLoader(val_shards, ValSampler(len(val_shards), world_size=1, rank=0, batch_size=64), cfg,
+                     train=False, cpu=True, num_threads=1, py_workers=1)
+    each = (train.prefetch + 2) * 64 * float(train_shards.sizes.mean())  # bytes a loader's chunks take
+    size = int(1.5 * each)  # either fits, both do not; nothing written yet: all of it free
+    monkeypatch.setattr(shared_memory, "shm_space", lambda path=shared_memory.SHM: (size, size))
+    next(iter(train))
+    with pytest.raises(shared_memory.SharedMemoryError) as refused:
+        next(iter(val))
+    said = str(refused.value)
+    assert "DALI's 1 source worker(s) per rank (data.dali_source_workers) fill about " in said, said
+    assert f" of the training loader's), which has {size / 2**20:.1f} MiB free" in said, said
+    del train
+    gc.collect()
+    images, labels, valid = next(iter(val))  # the training loader's chunks went with it
+    assert images.shape[0] == 64 and bool(valid.all())
+
+
 def test_a_worker_killed_by_sigbus_is_said_as_a_full_dev_shm():
     """A DALI source worker that wrote to a full /dev/shm dies of SIGBUS; the message said "signal 9
     (SIGKILL) usually means the kernel's OOM killer", which sent the user to the wrong limit."""

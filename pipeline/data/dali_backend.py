@@ -30,6 +30,7 @@ entropy-coded data) is not detected by either backend.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import multiprocessing
 import os
@@ -50,6 +51,12 @@ from pipeline.data.worker_signals import spawned_without_preemption_signals
 from pipeline.data.worker_watchdog import WorkerWatchdog, describe_death
 
 log = logging.getLogger(__name__)
+
+# /dev/shm the live pipelines' source workers fill in this process, by loader (training and validation run
+# side by side): a loader's room check counts the others'
+_SHM_HELD: dict[int, tuple[str, int]] = {}
+_LOADER_KEYS = itertools.count()
+
 
 class DaliLoader:
     """An iterable of (images, labels, valid) per step of the sampler, made by a DALI pipeline.
@@ -130,7 +137,8 @@ class DaliLoader:
         self._pipe_epoch = -1  # DALI's epoch_idx of the last plan given to the live pipeline
         self._clean = False  # the live pipeline ended its last epoch and can be reset for the next
         self._device = torch.device("cpu")
-        self._finalizer = weakref.finalize(self, _release, self._plan_dir, self._watchdog)
+        self._shm_key = next(_LOADER_KEYS)  # its entry in _SHM_HELD while its pipeline lives
+        self._finalizer = weakref.finalize(self, _release, self._plan_dir, self._watchdog, self._shm_key)
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -167,10 +175,14 @@ class DaliLoader:
         hint = int(1.5 * float(self.shards.sizes.mean())) + 1024 if len(self.shards) else 1 << 16
         extra = {"py_num_workers": self.py_workers, "py_start_method": "spawn"} if parallel else {}
         if parallel and len(self.shards):  # a full /dev/shm is a SIGBUS in a worker or in this process
-            error = dali_shortage(self.prefetch + 2 * self.py_workers, self.sampler_batch_size(),
-                                  float(self.shards.sizes.mean()), self.py_workers, self.ranks_here)
+            batches, mean = self.prefetch + 2 * self.py_workers, float(self.shards.sizes.mean())
+            others = [held for key, held in _SHM_HELD.items() if key != self._shm_key]
+            error = dali_shortage(batches, self.sampler_batch_size(), mean, self.py_workers, self.ranks_here,
+                                  held=sum(n for _, n in others), held_by=" and ".join(w for w, _ in others))
             if error:
                 raise SharedMemoryError(error)
+            _SHM_HELD[self._shm_key] = ("training" if train else "validation",
+                                        int(batches * self.sampler_batch_size() * mean))
 
         @pipeline_def(batch_size=self.sampler_batch_size(), num_threads=self.num_threads, device_id=device_id,
                       prefetch_queue_depth=self.prefetch, **extra)
@@ -244,6 +256,7 @@ class DaliLoader:
                 self._pipe = None
         self._watchdog.stop()
         self._pipe, self._clean, self._pipe_epoch = None, False, -1  # DALI stops its workers on deletion
+        _SHM_HELD.pop(self._shm_key, None)
 
     def _start(self, plan: np.ndarray) -> None:
         """Give ``plan`` to the pipeline: reset the live one for its next epoch, or build a fresh one."""
@@ -414,7 +427,8 @@ def _one_torch_thread():
         torch.set_num_threads(previous)
 
 
-def _release(plan_dir: str, watchdog: WorkerWatchdog) -> None:
+def _release(plan_dir: str, watchdog: WorkerWatchdog, shm_key: int) -> None:
+    _SHM_HELD.pop(shm_key, None)
     if watchdog.dead() is None:  # else it stays to end a process that DALI's close would hang
         watchdog.stop()
     shutil.rmtree(plan_dir, ignore_errors=True)

@@ -66,7 +66,7 @@ def _lacking(need: int, path: str) -> tuple[int, int] | None:
 
 
 def dali_shortage(batches: int, batch: int, sample_bytes: float, workers: int, ranks_here: int,
-                  path: str = SHM) -> str | None:
+                  path: str = SHM, held: int = 0, held_by: str = "") -> str | None:
     """The error when ``path`` has less room than DALI's source workers will fill: ``batches`` chunks in
     flight per rank (the pipeline's prefetch queue and the source's), each written with a batch of ``batch``
     samples of ``sample_bytes`` on average, for each of the ``ranks_here`` ranks on this machine; None when
@@ -74,16 +74,22 @@ def dali_shortage(batches: int, batch: int, sample_bytes: float, workers: int, r
     and at least 1 MiB), but a page of tmpfs is taken when written: the written bytes are what must fit.
     This rank's share is checked against what is free, all ranks' against the size: the other ranks' chunks
     may be written already (a rank that starts later, a pipeline rebuilt after a corrupt sample), and taken
-    off the free space they were counted twice, which refused a node whose /dev/shm holds them all."""
+    off the free space they were counted twice, which refused a node whose /dev/shm holds them all.
+    ``held``: the bytes of this rank's other live DALI loader (``held_by``: training and validation run side by
+    side, each with its own workers), counted in the size with this one's; its written chunks are off the free
+    space already."""
     own = int(batches * batch * sample_bytes)
-    need = own * ranks_here
+    need = (own + held) * ranks_here
     space = shm_space(path)
     if space is None or (space[1] >= own and space[0] >= need):
         return None
+    mine = f"{batches} batches in flight x {batch} samples of {sample_bytes / 1024:.1f} KiB"
+    if held:
+        mine = f"({mine}) + {_mib(held)} of the {held_by or 'other'} loader's"
     return (f"out of shared memory: DALI's {workers} source worker(s) per rank (data.dali_source_workers) fill "
-            f"about {_mib(need)} of {path} ({ranks_here} rank(s) x {batches} batches in flight x {batch} samples "
-            f"of {sample_bytes / 1024:.1f} KiB), which has {_mib(space[1])} free of {_mib(space[0])}, and a write "
-            f"to a full {path} kills the process (SIGBUS); {MORE_SHM}, or {LOWER['dali']}")
+            f"about {_mib(need)} of {path} ({ranks_here} rank(s) x {mine}), which has {_mib(space[1])} free of "
+            f"{_mib(space[0])}, and a write to a full {path} kills the process (SIGBUS); {MORE_SHM}, or "
+            f"{LOWER['dali']}")
 
 
 def shared_empty(shape: tuple[int, ...], dtype: torch.dtype, **kwargs) -> torch.Tensor:
