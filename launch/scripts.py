@@ -18,10 +18,9 @@ from data_prep.errors import PrepError
 from data_prep.format import SPLIT_NAME
 from launch import template
 from launch.errors import LaunchError
-from launch.validate import (TRAIN_TIME_REASON, no_launcher_args, positive_int, sbatch_path, slurm_name, slurm_time,
-                             time_seconds, writable_dir)
-from pipeline.run_layout import (CHECKPOINTS_DIR, FAILURES_FILE, LAST_CHECKPOINT, TRAIN_SCRIPT, last_checkpoint,
-                                 slurm_log)
+from launch.validate import (TRAIN_TIME_REASON, launcher_fit_args, no_launcher_args, positive_int, sbatch_path,
+                             slurm_name, slurm_time, time_seconds, writable_dir)
+from pipeline.run_layout import FAILURES_FILE, TRAIN_SCRIPT, last_checkpoint, slurm_log
 
 
 @dataclass
@@ -91,13 +90,7 @@ class SlurmOptions:
         return " ".join(flags) + " "
 
 
-TRAINER_ARGS = {  # what the launcher passes to `pipeline fit` itself, and the option that sets it
-    "--trainer.num_nodes": "from --nodes",
-    "--trainer.devices": "from --gpus-per-node",
-    "--trainer.default_root_dir": "the run directory: use --run-dir",
-    "--ckpt_path": f"always `last`: every start resumes from the run directory's {CHECKPOINTS_DIR}/{LAST_CHECKPOINT}; "
-                   f"to start from another run's checkpoint use --branch-from",
-}
+TRAINER_ARGS = launcher_fit_args("--nodes", "--gpus-per-node")  # what the launcher passes to `pipeline fit`
 
 PREP_ARGS = {  # what the launcher passes to each array task of data_prep
     "--task-index": "from the array task: $SLURM_ARRAY_TASK_ID",

@@ -9,8 +9,7 @@ import sys
 from pathlib import Path
 
 from launch.errors import LaunchError
-from launch.validate import no_launcher_args, positive_int, yaml_config
-from pipeline.run_layout import CHECKPOINTS_DIR, LAST_CHECKPOINT
+from launch.validate import launcher_fit_args, no_launcher_args, positive_int, yaml_config
 from pipeline.torchelastic import FRESH_STORE_ENV
 
 _ENDPOINT = re.compile(r"^[A-Za-z0-9_.:\[\]-]+:(\d{1,5})$")
@@ -26,12 +25,7 @@ def command(config: Path, nnodes: int, nproc_per_node: int, rdzv_endpoint: str, 
     positive_int(nproc_per_node, "--nproc-per-node")
     if max_restarts < 0:
         raise LaunchError(f"--max-restarts: {max_restarts} is negative")
-    no_launcher_args(extra_args or [], {"--trainer.num_nodes": "from --nnodes",
-                                        "--trainer.devices": "from --nproc-per-node",
-                                        "--trainer.default_root_dir": "the run directory: use --run-dir",
-                                        "--ckpt_path": "always `last`: every restart resumes from "
-                                                       f"the run directory's {CHECKPOINTS_DIR}/{LAST_CHECKPOINT}; "
-                                                       "to start from another run's checkpoint use --branch-from"})
+    no_launcher_args(extra_args or [], launcher_fit_args("--nnodes", "--nproc-per-node"))
     if not rdzv_id.strip():  # torchrun would take it; the launcher used a fixed "pending" for every run
         raise LaunchError("--rdzv-id: empty; leave it out to use the run's W&B id")
     m = _ENDPOINT.match(rdzv_endpoint)

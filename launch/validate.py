@@ -15,6 +15,7 @@ import yaml
 
 from launch.errors import LaunchError
 from pipeline.parsed_config import SECTIONS
+from pipeline.run_layout import CHECKPOINTS_DIR, LAST_CHECKPOINT
 
 # Slurm's time limit forms (sbatch(1) --time): MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS. No field has
 # an upper bound (Slurm's time_str2secs: 1:60:00 is two hours). ASCII: sbatch reads no other digits; fullmatch:
@@ -139,6 +140,18 @@ def yaml_config(path: Path, setting: str) -> Path:
             raise LaunchError(f"{setting}: {str(path)!r} sets {section} to {value!r}; a section is a mapping of "
                               f"settings ({section}.KEY: VALUE)")
     return path
+
+
+def launcher_fit_args(nodes: str, devices: str) -> dict[str, str]:
+    """The `pipeline fit` arguments a launcher passes itself (``no_launcher_args``'s ``owned``), and what sets
+    each: ``nodes`` and ``devices`` are the launcher's options for the node and device counts."""
+    return {
+        "--trainer.num_nodes": f"from {nodes}",
+        "--trainer.devices": f"from {devices}",
+        "--trainer.default_root_dir": "the run directory: use --run-dir",
+        "--ckpt_path": f"always `last`: every start resumes from the run directory's {CHECKPOINTS_DIR}/"
+                       f"{LAST_CHECKPOINT}; to start from another run's checkpoint use --branch-from",
+    }
 
 
 def no_launcher_args(args: list[str], owned: dict[str, str]) -> list[str]:
