@@ -28,6 +28,7 @@ import yaml
 
 from launch.checkpoints import read_checkpoint
 from launch.errors import LaunchError
+from pipeline.run_layout import CONFIG_FILE, metrics_csv
 
 # Table 6 of the paper: CIFAR-10 test error (%); ResNet-110 is "best (mean +- std)" over 5 runs
 PAPER = {"cifar_resnet20": "8.75", "cifar_resnet32": "7.51", "cifar_resnet44": "7.17", "cifar_resnet56": "6.97",
@@ -105,9 +106,9 @@ def _steps(run_dir: Path, rows: list[dict], max_steps: int) -> tuple[int, int | 
 
 def read_run(run_dir: Path) -> Run | None:
     """The run in ``run_dir``, or None before its first logged row."""
-    with open(run_dir / "config.yaml") as f:
+    with open(run_dir / CONFIG_FILE) as f:
         cfg = yaml.safe_load(f)
-    metrics = run_dir / "csv" / "metrics.csv"
+    metrics = metrics_csv(run_dir)
     if not metrics.is_file():
         return None
     with open(metrics, newline="") as f:
@@ -209,10 +210,10 @@ def not_started(root: Path) -> list[str]:
     would say "1 of 1" where the sweep submitted five seeds."""
     if not root.is_dir():
         return []
-    return [f"cifar10_table: {d}: no config.yaml, its training has not started (a job still pending, or one "
+    return [f"cifar10_table: {d}: no {CONFIG_FILE}, its training has not started (a job still pending, or one "
             f"that stopped before it: `python -m launch status {d}`); left out"
             for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith(".")
-            and not (d / "config.yaml").exists()]
+            and not (d / CONFIG_FILE).exists()]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -220,11 +221,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("runs", nargs="?", default="runs/cifar10", help="parent of the run directories")
     args = p.parse_args(argv)
     root = Path(args.runs)
-    configs = sorted(root.glob("*/config.yaml"))
+    configs = sorted(root.glob(f"*/{CONFIG_FILE}"))
     for line in not_started(root):
         print(line, file=sys.stderr)
     if not configs:
-        print(f"cifar10_table: no run directories (*/config.yaml) in {root}", file=sys.stderr)
+        print(f"cifar10_table: no run directories (*/{CONFIG_FILE}) in {root}", file=sys.stderr)
         return 2
     runs = []
     for c in configs:
