@@ -91,6 +91,12 @@ def _first_error_line(text: str) -> str:
 def _jobs(ids: list[str]) -> tuple[str, list[slurm.JobRow] | None]:
     """A heading and the jobs' rows from sacct, else squeue/scontrol, else none: a Slurm that cannot be
     reached (controller down, no client config here) must not hide what the run directory itself says."""
+    header, rows, _ = _jobs_and_why(ids)
+    return header, rows
+
+
+def _jobs_and_why(ids: list[str]) -> tuple[str, list[slurm.JobRow] | None, str]:
+    """``_jobs``, and why Slurm could not say where it could not (else "")."""
     unavailable = "jobs (Slurm unavailable: {}; requeues from the job logs only):"
     try:
         rows = slurm.sacct(ids)
@@ -103,18 +109,20 @@ def _jobs(ids: list[str]) -> tuple[str, list[slurm.JobRow] | None]:
                 r.name = "(sacct catching up)"
                 caught_up.append(r)
         _pending_reasons_from_squeue(caught_up)
-        return "jobs (sacct):", caught_up
+        return "jobs (sacct):", caught_up, ""
     except slurm.SacctUnavailable as e:
         why = _first_error_line(str(e))
     except LaunchError as e:  # sacct hung: squeue would too
-        return unavailable.format(_first_error_line(str(e))), None
+        why = _first_error_line(str(e))
+        return unavailable.format(why), None, why
     try:
         rows = slurm.squeue(ids)
         for r in rows:
             r.restarts = slurm.scontrol_restarts(r.job_id.split("_")[0])
     except LaunchError as e:
-        return unavailable.format(_first_error_line(str(e))), None
-    return f"jobs (squeue/scontrol; sacct unavailable: {why}; finished jobs are not listed):", rows
+        why = _first_error_line(str(e))
+        return unavailable.format(why), None, why
+    return f"jobs (squeue/scontrol; sacct unavailable: {why}; finished jobs are not listed):", rows, ""
 
 
 def _pending_reasons_from_squeue(rows: list[slurm.JobRow]) -> None:
@@ -269,9 +277,9 @@ def runs_report(parent: Path, runs: list[Path]) -> str:
     rows: list[slurm.JobRow] | None = None  # None: Slurm not asked, or not answering
     note = ""
     if last_job:
-        header, rows = _jobs(sorted(set(last_job.values()), key=lambda j: (len(j), j)))
-        if rows is None:
-            note = header.rstrip(":").replace("jobs (", "(", 1)
+        header, rows, why = _jobs_and_why(sorted(set(last_job.values()), key=lambda j: (len(j), j)))
+        if rows is None:  # (not the heading's "requeues from the job logs": this table has none)
+            note = f"(Slurm unavailable: {why}; the jobs' states are not known)"
         else:
             states = {r.job_id: f"{r.state} ({r.reason})" if r.state == "PENDING" and r.reason else r.state
                       for r in rows}

@@ -496,3 +496,13 @@ def test_status_of_a_folder_of_runs_without_sacct_says_a_job_squeue_no_longer_kn
         lines = r.stdout.splitlines()
         assert lines[0] == f"runs in {runs.resolve()}: 2 (finished jobs are not listed without sacct)", r.stdout
         assert [line.split()[2] for line in lines[2:]] == states, r.stdout
+    # no Slurm at all: the table says so and why, not the one-run report's "requeues from the job logs only"
+    # (the table shows no requeues)
+    (bindir / "squeue").write_text("#!/bin/sh\necho 'slurm_load_jobs error: Unable to contact slurm controller' >&2\n"
+                                   "exit 1\n")
+    r = launch("status", str(runs), cwd=tmp_path, env={"PATH": f"{bindir}:/usr/bin:/bin"})
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == (f"runs in {runs.resolve()}: 2 (Slurm unavailable: squeue failed: slurm_load_jobs error: Unable to contact "
+                        "slurm controller; the jobs' states are not known)"), r.stdout
+    assert [line.split()[2] for line in lines[2:]] == ["-", "-"], r.stdout
