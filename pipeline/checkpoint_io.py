@@ -118,16 +118,21 @@ def recover_directories(folder: str | Path) -> list[tuple[Path, bool]]:
     checkpoint). Other ``X.partial`` directories are removed: unfinished ones, and a complete one beside a
     whole ``X`` (a crash after the mark, before the first rename: ``X`` is the save before it, and finishing
     the swap would take two renames that concurrent ranks could interleave). So are the temporary files of file
-    saves killed mid-write (``.tmp-*``, as large as a checkpoint each). Safe to run from every rank at once
-    (before training starts, when no save can be in flight). Returns each checkpoint put in place, and
-    whether it is the newer save."""
+    saves killed mid-write (``.tmp-*``, as large as a checkpoint each); an export's (``export --out`` into the
+    folder) only when its writer is gone (``pipeline/export_temp_files.py``): one still writing would lose its
+    file before its rename. Safe to run from every rank at once (before training starts, when no save can be in
+    flight). Returns each checkpoint put in place, and whether it is the newer save."""
+    from pipeline import export_temp_files  # (it imports this module)
+
     folder = Path(folder)
     recovered: list[tuple[Path, bool]] = []
     if not folder.is_dir():
         return recovered
+    export_temp_files.remove_killed(folder)
     for entry in sorted(folder.iterdir()):
         if entry.name.startswith(TMP_PREFIX) and not entry.is_dir():
-            entry.unlink(missing_ok=True)
+            if export_temp_files.NAME.fullmatch(entry.name) is None:
+                entry.unlink(missing_ok=True)
             continue
         suffix = next((s for s in (OLD, PARTIAL) if entry.name.endswith(s)), None)
         if suffix is None or not entry.is_dir():

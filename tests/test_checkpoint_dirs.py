@@ -4,6 +4,7 @@ start puts in place (it put the previous one back, losing a whole save: a preemp
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -47,6 +48,24 @@ def test_a_save_replaces_the_directory_and_leaves_nothing_beside_it(tmp_path):
     assert contents(final) == {**V2, COMPLETE: b""}
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
     assert recover_directories(tmp_path) == []
+
+
+def test_a_start_removes_killed_saves_temporary_files_but_not_a_live_exports(tmp_path):
+    """A training start removed every ``.tmp-*`` in its checkpoint folder, also the file an export into that
+    folder was still writing: its rename then failed, the weights not written. A save's leftovers go, and an
+    export's only when its writer is gone (as the next export does)."""
+    from pipeline import export_temp_files
+
+    (tmp_path / "last.ckpt").write_bytes(b"whole")
+    killed_save = tmp_path / ".tmp-last.ckpt.0123456789ab"
+    killed_save.write_bytes(b"half a checkpoint")
+    live_export = export_temp_files.temp_path(tmp_path / "weights.pt")  # this process: alive
+    live_export.write_bytes(b"half the weights")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_export = tmp_path / live_export.name.replace(f"-{os.getpid()}-", f"-{dead.stdout.strip()}-")
+    dead_export.write_bytes(b"a killed export's")
+    assert recover_directories(tmp_path) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["last.ckpt", live_export.name])
 
 
 def test_sigkill_while_writing_keeps_the_previous_checkpoint(tmp_path):
