@@ -616,7 +616,9 @@ class PipelineCLI(LightningCLI):
             elif cfg.get("ckpt_path") is not None and cfg.tracking.csv and is_global_rank_zero() and \
                     getattr(self, "_resume_step", None) is not None:  # rows a killed start logged after it
                 rewind_metrics(run_dir, self._resume_step)
-            kwargs.setdefault("logger", make_loggers(cfg.tracking, run_dir, wandb_id) or False)
+            kwargs.setdefault("logger", make_loggers(
+                cfg.tracking, run_dir, wandb_id,
+                resume_step=getattr(self, "_resume_step", None) if cfg.get("ckpt_path") is not None else None) or False)
         kwargs.setdefault("plugins", self._plugins(cfg))
         if any(isinstance(p, GlooSyncBatchNormPlugin) for p in kwargs["plugins"]):
             kwargs["sync_batchnorm"] = False  # the plugin above does it

@@ -203,8 +203,14 @@ def rewind_metrics(run_dir: str | Path, step: int) -> int:
     return len(rows) - end
 
 
-def make_loggers(cfg: TrackingConfig, run_dir: str | Path, wandb_id: str | None = None) -> list[Logger]:
+def make_loggers(cfg: TrackingConfig, run_dir: str | Path, wandb_id: str | None = None,
+                 resume_step: int | None = None) -> list[Logger]:
     """W&B (offline unless a key is set), CSV and TensorBoard loggers of a run directory's training.
+
+    ``resume_step``: a resume of the run's ``last.ckpt`` at that optimizer step. TensorBoard's writer then
+    starts with a purge at that step (torch's ``purge_step``, a SessionLog START event): TensorBoard drops
+    what earlier event files hold at that step or later, the steps a start killed after its last save logged
+    and this one logs again (each was there twice; ``rewind_metrics`` does the same for the CSV).
 
     The API key is read by wandb from the environment and never passed through or written here."""
     run_dir = Path(run_dir)
@@ -222,7 +228,8 @@ def make_loggers(cfg: TrackingConfig, run_dir: str | Path, wandb_id: str | None 
     if cfg.csv:
         loggers.append(ResumableCSVLogger(str(run_dir), name=CSV_DIR, version=""))
     if cfg.tensorboard:
-        loggers.append(TensorBoardLogger(str(run_dir), name=TENSORBOARD_DIR, version=""))
+        loggers.append(TensorBoardLogger(str(run_dir), name=TENSORBOARD_DIR, version="",
+                                         **({"purge_step": resume_step} if resume_step is not None else {})))
     return loggers
 
 

@@ -579,3 +579,32 @@ def test_rewind_metrics_drops_only_the_last_rows_and_sets_aside_an_unreadable_fi
         assert rewind_metrics(tmp_path, 1) == 0
     assert not path.exists() and (csv_dir / "metrics-unreadable-1.csv").stat().st_size > 200_000
     assert "cannot be read" in caplog.text and "metrics-unreadable-1.csv" in caplog.text
+
+
+def test_tensorboard_drops_what_a_killed_start_logged_after_the_resumed_checkpoint(tmp_path):
+    """A start killed (SIGKILL, a node failure) some steps after its last save logged those steps to
+    TensorBoard; the resume trains and logs them again. ``metrics.csv`` drops the first copies
+    (``rewind_metrics``); TensorBoard kept both: every such step twice, for good, after each kill of a long
+    run. The resume's writer starts with a purge at its step (torch's ``purge_step``: a SessionLog START
+    event), so TensorBoard reads each step once, the resumed run's value."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from pipeline.tracking import make_loggers
+
+    cfg = TrackingConfig(wandb=False, csv=False, tensorboard=True)
+    (killed,) = make_loggers(cfg, tmp_path)
+    for step in range(10):  # saved at step 6, killed at step 9
+        killed.log_metrics({"train/loss": float(step)}, step=step)
+    killed.finalize("success")
+    (resumed,) = make_loggers(cfg, tmp_path, resume_step=6)
+    for step in range(6, 12):
+        resumed.log_metrics({"train/loss": 100.0 + step}, step=step)
+    resumed.finalize("success")
+    events = EventAccumulator(str(tmp_path / "tensorboard")).Reload().Scalars("train/loss")
+    assert [e.step for e in events] == list(range(12))
+    assert [e.value for e in events] == [float(s) for s in range(6)] + [100.0 + s for s in range(6, 12)]
+    (fresh,) = make_loggers(cfg, tmp_path / "fresh")  # no resume: no purge event
+    fresh.log_metrics({"train/loss": 1.0}, step=0)
+    fresh.finalize("success")
+    assert [e.step for e in EventAccumulator(str(tmp_path / "fresh" / "tensorboard")).Reload()
+            .Scalars("train/loss")] == [0]
