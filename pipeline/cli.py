@@ -103,6 +103,9 @@ CKPT_PATH_HELP = {
     "test": _EVAL_CKPT_HELP,
 }
 
+# the --help group of --ckpt_path (Lightning titles it with the first line of the Trainer method's docstring)
+CKPT_PATH_GROUP = {"fit": "Checkpoint to resume or branch from", "validate": "Checkpoint to score",
+                   "test": "Checkpoint to score"}
 SUBCOMMAND_HELP = {
     "fit": (f"train the run in trainer.default_root_dir (RUN), resuming it from {last_checkpoint('RUN')} when "
             "there is one"),
@@ -359,6 +362,9 @@ class PipelineCLI(LightningCLI):
         for action in parser._actions:
             if action.dest in helps:
                 action.help = helps[action.dest]
+        for group in parser._action_groups:  # titled by the Trainer method's docstring ("Runs the full
+            if any(a.dest == "ckpt_path" for a in group._group_actions):  # optimization routine:" for fit)
+                group.title = CKPT_PATH_GROUP[subcommand]
         return parser
 
     def _set_seed(self) -> None:

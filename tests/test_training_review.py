@@ -409,7 +409,7 @@ def test_validate_where_its_logs_cannot_be_written_fails_in_one_line(trained, di
     _fails_clearly(proc, 2, f"trainer.default_root_dir: cannot write {run / 'validate'}")
 
 
-@pytest.mark.parametrize("sub", ["fit", "validate"])
+@pytest.mark.parametrize("sub", ["fit", "validate", "test"])
 def test_help_describes_this_clis_run_directory_and_ckpt_path(sub):
     """``--help`` printed Lightning's texts: ``--ckpt_path last`` "the last model checkpoint from the previous
     ``trainer.fit`` call" and the run directory's default ``os.getcwd()``, neither what this CLI does."""
@@ -420,6 +420,10 @@ def test_help_describes_this_clis_run_directory_and_ckpt_path(sub):
     assert "The run directory RUN: checkpoints/" in text
     assert "RUN/checkpoints/last.ckpt" in text
     assert ("else a fresh start" in text) == (sub == "fit")
+    # --ckpt_path's group was titled by Lightning's Trainer docstring: "Runs the full optimization routine:"
+    assert "Runs the full optimization routine" not in text and "Perform one evaluation epoch" not in text
+    title = "Checkpoint to resume or branch from:" if sub == "fit" else "Checkpoint to score:"
+    assert re.search(rf"\n{title}\n +--ckpt_path CKPT_PATH\n", proc.stdout), proc.stdout
 
 
 def test_top_level_help_names_export():
