@@ -354,6 +354,24 @@ def _submit_prep(a: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def threads_per_rank(nproc_per_node: int) -> int:
+    """OpenMP threads of each rank ``launch torchrun --run`` starts: the cores this process may run on (its
+    CPU affinity, as Slurm or a container sets it) shared out among the node's ranks, at least 1. Left
+    unset, torchrun sets 1 for every rank and prints a warning block about it."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity call (macOS)
+        cores = os.cpu_count() or 1
+    return max(1, cores // nproc_per_node)
+
+
+def threads_per_rank_shell(nproc_per_node: int) -> str:
+    """``threads_per_rank`` for the printed line, worked out by the shell of each node that runs it (its
+    ``nproc`` counts the cores that node lets it use); an ``OMP_NUM_THREADS`` set there is kept."""
+    n = nproc_per_node
+    return f'OMP_NUM_THREADS="${{OMP_NUM_THREADS:-$(( $(nproc) < {n} ? 1 : $(nproc) / {n} ))}}"'
+
+
 def _torchrun(a: argparse.Namespace, extra: list[str]) -> int:
     run_dir = (a.run_dir or Path("runs") / a.config.stem).absolute()
     writable_dir(run_dir, "--run-dir" if a.run_dir else "run directory (default runs/<config name>; "
@@ -377,8 +395,10 @@ def _torchrun(a: argparse.Namespace, extra: list[str]) -> int:
         print(f"branch: {run_dir / BRANCH_FILE} records {origin}: the first start starts from it, later ones "
               f"resume {last_checkpoint(run_dir)}", file=sys.stderr)
     if not a.run:
-        print(torchrun.shell_line(argv, env))
+        print(f"{threads_per_rank_shell(a.nproc_per_node)} {torchrun.shell_line(argv, env)}")
         return 0
+    if "OMP_NUM_THREADS" not in os.environ:  # the user's own setting stays
+        env["OMP_NUM_THREADS"] = str(threads_per_rank(a.nproc_per_node))
     sys.stdout.flush()
     os.execvpe(argv[0], argv, {**os.environ, **env})
     return 0  # not reached

@@ -298,11 +298,12 @@ def test_torchrun_prints_a_command_per_node(tmp_path: Path, cfg: Path) -> None:
                cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     argv = shlex.split(r.stdout)
-    env = dict(a.split("=", 1) for a in argv[:4])
+    env = dict(a.split("=", 1) for a in argv[:5])
     assert env["WANDB_RESUME"] == "allow" and env["WANDB_DIR"] == str(tmp_path / "run")
     assert env["WANDB_RUN_ID"] == (tmp_path / "run" / "wandb_run_id").read_text().strip()
     assert env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"  # restarts need a fresh store
-    rest = argv[4:]
+    assert env["OMP_NUM_THREADS"] == "${OMP_NUM_THREADS:-$(( $(nproc) < 4 ? 1 : $(nproc) / 4 ))}"  # each node's
+    rest = argv[5:]
     assert Path(rest[0]).name == "torchrun"
     assert rest[1:7] == ["--nnodes=2", "--nproc-per-node=4", "--rdzv-backend=c10d", "--rdzv-endpoint=node0:29400",
                          f"--rdzv-id={env['WANDB_RUN_ID']}", "--max-restarts=3"]
@@ -323,6 +324,48 @@ def test_torchrun_prints_a_command_per_node(tmp_path: Path, cfg: Path) -> None:
                  "--rdzv-endpoint", "node0:29400", "--", "--ckpt_path", "/x/other.ckpt", cwd=tmp_path)
     assert bad.returncode == 2 and bad.stderr.rstrip().endswith("; to start from another run's checkpoint use "
                                                                 "--branch-from)"), bad.stderr
+
+
+def test_torchrun_sets_each_ranks_threads_unless_the_user_did(tmp_path: Path, cfg: Path, monkeypatch) -> None:
+    """Without OMP_NUM_THREADS torchrun set 1 for every rank and printed its "Setting OMP_NUM_THREADS
+    environment variable for each process to be 1 in default" block at every start. The printed line works
+    the count out on the node that runs it; `--run` here, from the cores this process may use."""
+    from launch import cli
+
+    r = launch("torchrun", "--config", str(cfg), "--nnodes", "2", "--nproc-per-node", "4",
+               "--rdzv-endpoint", "node0:29400", "--run-dir", str(tmp_path / "run"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    prefix = re.match(r'OMP_NUM_THREADS="[^"]*" ', r.stdout)
+    assert prefix, r.stdout
+    prefix = prefix.group(0)
+    cores = len(os.sched_getaffinity(0))
+    for given, threads in ((None, max(1, cores // 4)), ("3", 3)):
+        env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+        if given is not None:
+            env["OMP_NUM_THREADS"] = given
+        said = subprocess.run(["bash", "-c", f"{prefix}sh -c 'echo $OMP_NUM_THREADS'"], capture_output=True,
+                              text=True, env=env, check=True).stdout
+        assert said == f"{threads}\n", (given, said)
+
+    assert cli.threads_per_rank(1) == cores and cli.threads_per_rank(cores + 1) == 1
+
+    class Started(Exception):
+        pass
+
+    def execvpe(file: str, argv: list[str], env: dict[str, str]) -> None:
+        raise Started(env)
+
+    monkeypatch.setattr(cli.os, "execvpe", execvpe)
+    args = ["torchrun", "--no-config-check", "--config", str(cfg), "--nnodes", "1", "--nproc-per-node", "2",
+            "--rdzv-endpoint", "127.0.0.1:29400", "--run-dir", str(tmp_path / "run"), "--run"]
+    for given, threads in ((None, str(max(1, cores // 2))), ("5", "5")):
+        if given is None:
+            monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        else:
+            monkeypatch.setenv("OMP_NUM_THREADS", given)
+        with pytest.raises(Started) as started:
+            cli.main(args)
+        assert started.value.args[0]["OMP_NUM_THREADS"] == threads, given
 
 
 def test_template_placeholders_must_match_values() -> None:

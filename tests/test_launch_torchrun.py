@@ -22,14 +22,17 @@ STEPS = 8
 
 def _launch(run_dir: Path, shards: Path, *launch_args: str, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SLURM_", "WANDB_API_KEY", "TORCHELASTIC_", "TORCH_DISABLE_SHARE"))}
-    env.update(PYTHONPATH=str(REPO), WANDB_MODE="offline", OMP_NUM_THREADS="1")
+           if not k.startswith(("SLURM_", "WANDB_API_KEY", "TORCHELASTIC_", "TORCH_DISABLE_SHARE", "OMP_NUM_THREADS"))}
+    env.update(PYTHONPATH=str(REPO), WANDB_MODE="offline")
+    # OMP_NUM_THREADS is the launcher's (cores / --nproc-per-node): on 2 cores 1 thread a rank, as every run here
+    cores = sorted(os.sched_getaffinity(0))[:2]
     argv = [sys.executable, "-m", "launch", "torchrun", "--config", str(REPO / "conf" / "demo.yaml"),
             "--nnodes", "1", "--nproc-per-node", "2", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
             "--run-dir", str(run_dir), "--cpu", *launch_args, "--run", "--",
             "--data.root", str(shards), "--trainer.max_steps", str(STEPS), "--data.num_workers", "0",
             "--checkpoint.every_n_train_steps", "2", *extra]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
+                            preexec_fn=lambda: os.sched_setaffinity(0, cores))
     try:
         out, err = proc.communicate(timeout=180)
     except subprocess.TimeoutExpired:  # a hung run: the ranks too (torchrun starts each in a session of its own)
@@ -51,6 +54,9 @@ def test_torchrun_run_trains_two_processes(uninterrupted) -> None:
     run_dir, r = uninterrupted
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "Starting with 2 processes" in r.stdout + r.stderr
+    # torchrun's block when it had to choose the threads ("Setting OMP_NUM_THREADS environment variable for
+    # each process to be 1 in default, to avoid your system being overloaded, ..."): the launcher chose them
+    assert "OMP_NUM_THREADS" not in r.stdout + r.stderr, r.stderr[-3000:]
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == STEPS
     run_id = (run_dir / "wandb_run_id").read_text().strip()
