@@ -20,6 +20,7 @@ from pipeline.checkpoint_io import atomic_write_bytes
 from pipeline.errors import ConfigError
 from pipeline.run_id_file import RUN_ID_PATTERN, BadRunIdFile, create_run_id, read_run_id
 from pipeline.run_layout import CSV_DIR, RUN_ID_FILE, TENSORBOARD_DIR, metrics_csv
+from pipeline.wandb_lines import drop_wandb_lines
 from pipeline.wandb_logger import ServiceSafeWandbLogger
 
 log = logging.getLogger(__name__)
@@ -217,6 +218,7 @@ def make_loggers(cfg: TrackingConfig, run_dir: str | Path, wandb_id: str | None 
     loggers: list[Logger] = []
     if cfg.wandb:
         _wandb_dirs(run_dir)
+        drop_wandb_lines()
         loggers.append(_quiet(
             ServiceSafeWandbLogger(
                 project=cfg.project, name=cfg.name or run_dir.name, id=(rid := wandb_id or run_id(run_dir)),
@@ -251,6 +253,7 @@ def make_eval_loggers(cfg: TrackingConfig, run_dir: str | Path, stage: str, ckpt
                               f"PATH") from None
     if cfg.wandb:
         _wandb_dirs(run_dir)
+        drop_wandb_lines()
         try:
             group = os.environ.get("WANDB_RUN_GROUP") or read_run_id(run_dir)  # None before the first start
         except BadRunIdFile as e:

@@ -40,6 +40,12 @@ def test_one_wandb_run_across_restarts_metrics_and_no_secret(digits_shards, tmp_
     # the run is finished by the trainer: left to W&B's exit hook, its service process printed the footer
     # to stdout with terminal colour codes, into Slurm's log file too
     assert "\x1b[" not in log and "wandb: You can sync this run to the cloud" in first.stderr, log[-3000:]
+    # where the offline run is and how to upload it, without W&B's tips and its debug logs' folder
+    offline_dir = next((run / "wandb").glob("offline-run-*"))
+    assert f"wandb: Run data is saved locally in {offline_dir}" in first.stderr, first.stderr[-3000:]
+    assert f"wandb: wandb sync {offline_dir}\n" in first.stderr, first.stderr[-3000:]
+    for tip in ("wandb leet", "wandb online", "Find logs at"):
+        assert tip not in log, (tip, log[-3000:])
     assert "could not find the monitored key" not in log  # step 12 ends mid-epoch 1, before its validation
     run_id = (run / "wandb_run_id").read_text().strip()
     resumed = _fit(digits_shards, run, 14, True, "--trainer.precision", "bf16-mixed")
@@ -464,6 +470,18 @@ def test_a_new_start_after_one_that_saved_nothing_keeps_its_metrics_apart(digits
     with open(run / "csv" / "metrics.csv", newline="") as f:
         steps = [int(r["step"]) for r in csv_module.DictReader(f) if r.get("train/loss")]
     assert steps and len(steps) == len(set(steps)), steps
+
+
+def test_wandb_tips_are_dropped_from_its_lines() -> None:
+    from pipeline.wandb_lines import kept_lines
+
+    header = ("W&B syncing is set to `offline` in this directory. Run `wandb online` or set WANDB_MODE=online to "
+              "enable cloud syncing.\nRun data is saved locally in \x1b[35m\x1b[1mRUN/wandb/offline-run-x\x1b[0m\n"
+              "View this run in the terminal with \x1b[1m`wandb leet`\x1b[0m")
+    assert kept_lines(header) == "Run data is saved locally in \x1b[35m\x1b[1mRUN/wandb/offline-run-x\x1b[0m"
+    assert kept_lines("Find logs at: ./RUN/wandb/offline-run-x/logs") is None
+    sync = "You can sync this run to the cloud by running:\nwandb sync RUN/wandb/offline-run-x"
+    assert kept_lines(sync) == sync
 
 
 def test_a_failed_fit_finishes_its_wandb_run_too(digits_shards, tmp_path):
