@@ -11,6 +11,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from pipeline.wording import plural
+
 from .errors import PrepError
 from .format import REJECTS_NAME, SPLIT_NAME, ManifestError
 
@@ -192,12 +194,13 @@ def _summary(manifest: dict | None, splits: list[str], out: Path, finalize_queue
     for s in splits:
         e = manifest["splits"][s]
         where = f" (why: {out / REJECTS_NAME})" if e["rejected"] else ""
-        print(f"{s}: {e['samples']} samples in {len(e['shards'])} shards, {e['rejected']} rejected{where}")
+        print(f"{s}: {plural(e['samples'], 'sample')} in {plural(len(e['shards']), 'shard')}, {e['rejected']} rejected"
+              f"{where}")
 
 
 def _said_holdout(record: dict) -> None:
     """One stderr line on what the hold-out took, so a log shows it without opening the manifest."""
-    print(f"{record['split']}: holding out {record['count']} of its {record['of']} images (stratified per "
+    print(f"{record['split']}: holding out {record['count']} of its {plural(record['of'], 'image')} (stratified per "
           f"class, --seed {record['seed']}) as split {record['holdout_split']!r}", file=sys.stderr)
 
 
@@ -289,7 +292,7 @@ def run(argv: list[str] | None = None) -> int:
         for p in problems:
             print(p, file=sys.stderr)
         if problems:
-            print(f"verify: {len(problems)} problem(s) in {args.out}", file=sys.stderr)
+            print(f"verify: {plural(len(problems), 'problem')} in {args.out}", file=sys.stderr)
             return 1
         print(f"verify: {args.out} OK")
         return 0

@@ -30,6 +30,7 @@ from .errors import PrepError
 from .format import done_record_path, index_count
 from .json_record import read_json_record
 from .record_fields import COUNT, first_problem, shown
+from pipeline.wording import plural
 from .shardwriter import file_sha256
 
 # what the readers take from a record (runner.build_shard writes them), by kind (record_fields.KINDS): a negative
@@ -88,8 +89,8 @@ def count_problem(out: str | Path, rec: dict) -> str | None:
                 f"or the record edited by hand?)")
     count = index_count(idx)
     if count is not None and count != rec["samples"]:
-        return (f"field 'samples' is {rec['samples']}, not the {count} samples of {idx} (edited by hand, or copied "
-                f"from another run?)")
+        return (f"field 'samples' is {rec['samples']}, not the {plural(count, 'sample')} of {idx} (edited by hand, "
+                f"or copied from another run?)")
     return None
 
 

@@ -12,6 +12,7 @@ from typing import Collection
 
 from .manifest_shape import manifest_problem
 from .record_fields import shown
+from pipeline.wording import plural
 
 SPLIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # a split's name: in shard and file names
 
@@ -192,7 +193,7 @@ def read_index(idx_path: str | Path) -> list[dict[str, tuple[int, int]]]:
     count = int(head[1])
     body = lines[1:]
     if len(body) != count:
-        raise ManifestError(f"{path}: header says {count} samples, found {len(body)} lines; {fix}")
+        raise ManifestError(f"{path}: header says {plural(count, 'sample')}, found {plural(len(body), 'line')}; {fix}")
     out: list[dict[str, tuple[int, int]]] = []
     for lineno, line in enumerate(body, start=2):
         parts = line.split(" ")

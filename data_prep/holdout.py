@@ -21,6 +21,8 @@ from typing import Sequence
 
 import numpy as np
 
+from pipeline.wording import plural
+
 from .errors import PrepError
 from .format import MANIFEST_NAME, SPLIT_NAME, WORK_DIR, plan_path
 from .imagefolder import Scan
@@ -139,20 +141,20 @@ def split_scan(scan: Scan, h: Holdout) -> tuple[Scan, Scan, dict]:
     total = len(scan.items)
     n = h.size if isinstance(h.size, int) else round(h.size * total)
     if n >= total:
-        raise PrepError(f"--holdout {h.size}: split {h.split!r} has {total} images, so holding out {n} would "
-                        f"leave none for it; hold out fewer")
+        raise PrepError(f"--holdout {h.size}: split {h.split!r} has {plural(total, 'image')}, so holding out {n} "
+                        f"would leave none for it; hold out fewer")
     if n <= 0:
-        raise PrepError(f"--holdout {h.size}: that fraction of the {total} images of split {h.split!r} is no "
-                        f"image; hold out more")
+        raise PrepError(f"--holdout {h.size}: that fraction of the {plural(total, 'image')} of split {h.split!r} is "
+                        f"no image; hold out more")
     labels = _labels(scan.items)
     counts = np.bincount(labels, minlength=len(scan.classes)).tolist()
     want = quotas(counts, n)
     full = [c for c, (q, have) in enumerate(zip(want, counts)) if have and q >= have]
     if full:
         c = full[0]
-        more = f" (and {len(full) - 1} more classes)" if len(full) > 1 else ""
-        raise PrepError(f"--holdout {h.size}: class {scan.classes[c]!r} has {counts[c]} image(s) and its share "
-                        f"of the hold-out is {want[c]}, which would leave none of it in split {h.split!r}{more}; "
+        more = f" (and {len(full) - 1} more {'class' if len(full) == 2 else 'classes'})" if len(full) > 1 else ""
+        raise PrepError(f"--holdout {h.size}: class {scan.classes[c]!r} has {plural(counts[c], 'image')} and its "
+                        f"share of the hold-out is {want[c]}, which would leave none of it in split {h.split!r}{more}; "
                         f"hold out fewer images")
     order = np.argsort(labels, kind="stable")  # positions grouped by class, each group in sorted order
     starts = np.concatenate(([0], np.cumsum(counts)))

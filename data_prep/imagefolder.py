@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from pipeline.wording import plural
+
 from .errors import PrepError
 from .inputs import KeptRows
 from .sources import Listing, Ref, common_top, is_hidden, list_source
@@ -68,7 +70,8 @@ def scan_imagefolder(src: Path, split: str | None = None) -> Scan:
                                 f"its labels from the devkit or LOC_val_solution.csv)")
             others = sorted(tops - split_names)
             if others:
-                print(f"data_prep: note: {src}: using the split folder {named[0]!r}; not reading the folder(s) "
+                folders = "folder" if len(others) == 1 else "folders"
+                print(f"data_prep: note: {src}: using the split folder {named[0]!r}; not reading the {folders} "
                       f"beside the split folders: {', '.join(others[:10])}{' ...' if len(others) > 10 else ''}",
                       file=sys.stderr)
             kept = array("q", (i for i in kept if table.parts(i)[0] == named[0]))
@@ -112,7 +115,8 @@ def scan_imagefolder(src: Path, split: str | None = None) -> Scan:
     empty = sorted({d[strip] for d in listing.dirs if len(d) == strip + 1 and (top is None or d[0] == top)
                     and not is_hidden(d)} - set(classes))
     if empty:  # not a class (no input to label), but say so: a silently missing class shifts labels
-        print(f"data_prep: {src}: skipping {len(empty)} folder(s) without files, not classes: "
+        classes_ = "a class" if len(empty) == 1 else "classes"
+        print(f"data_prep: {src}: skipping {plural(len(empty), 'folder')} without files, not {classes_}: "
               f"{', '.join(empty[:10])}{' ...' if len(empty) > 10 else ''}", file=sys.stderr)
     items, _ = by_class.items({c: i for i, c in enumerate(classes)})  # every class is in the index
     return Scan(classes, list(classes), items, sorted(rejects))

@@ -9,6 +9,8 @@ import json
 import re
 from pathlib import Path
 
+from pipeline.wording import plural
+
 from .done_records import record_with_shard
 from .errors import PrepError
 from .format import (MANIFEST_NAME, MANIFEST_VERSION, PLAN_NAME, REJECTS_NAME, WORK_DIR, ManifestError,
@@ -45,12 +47,12 @@ def split_entry(out: Path, split: str) -> tuple[dict, dict, list[dict]]:
             shards.append({k: rec[k] for k in ("name", "index", "samples", "bytes", "sha256")})
     if missing:
         more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
-        raise PrepError(f"{out}: split {split!r} is incomplete, {len(missing)} shard(s) not done: "
+        raise PrepError(f"{out}: split {split!r} is incomplete, {plural(len(missing), 'shard')} not done: "
                         f"{', '.join(missing[:5])}{more}; run the remaining tasks (or rerun) first")
     samples = sum(s["samples"] for s in shards)
     if samples + len(rejects) != plan["inputs"]:
         raise PrepError(f"{out}: split {split!r}: {samples} written + {len(rejects)} rejected != "
-                        f"{plan['inputs']} inputs (stale work files? rerun the split)")
+                        f"{plural(plan['inputs'], 'input')} (stale work files? rerun the split)")
     entry = {"shards": shards, "samples": samples, "rejected": len(rejects), "source": plan.get("split_source", plan["source"]),
              "options": plan["options"]}
     return plan, entry, rejects

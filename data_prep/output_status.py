@@ -7,6 +7,8 @@ import datetime as _dt
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.wording import plural
+
 from .done_records import record_of_plan
 from .format import MANIFEST_NAME, WORK_DIR, ManifestError, load_manifest
 from .plan_record import BrokenPlan, read_plan
@@ -74,6 +76,6 @@ def describe(out: Path) -> list[str]:
         why = broken or "not yet: the finalize job writes it once every array task succeeded"
         return lines + [f"manifest     {why}"]
     when = _dt.datetime.fromtimestamp(manifest.stat().st_mtime, _dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
-    held = ", ".join(f"{p.split} {p.samples:,} samples ({p.rejected or 0} rejected)"
+    held = ", ".join(f"{p.split} {plural(p.samples, 'sample', grouped=True)} ({p.rejected or 0} rejected)"
                      for p in splits if p.samples is not None)
     return lines + [f"manifest     {manifest} ({when}): {held}"]

@@ -5,6 +5,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.wording import plural
+
 from .errors import PrepError
 from .format import MANIFEST_NAME, ManifestError, index_name, load_manifest, shard_name
 from .holdout import SETTINGS, check_rerun, with_partners
@@ -65,7 +67,8 @@ def prepare_splits(out: Path, parts: list[SplitPart], source: str, opts: EncodeO
     if num_tasks == 1:
         return finalize(out, names)
     for label, mine_n, jobs_n in done:
-        print(f"{label}: this task's {mine_n} of the split's {jobs_n} shards are done", file=sys.stderr)
+        are = "is" if mine_n == 1 else "are"
+        print(f"{label}: this task's {mine_n} of the split's {plural(jobs_n, 'shard')} {are} done", file=sys.stderr)
     return None
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from pipeline.wording import plural
+
 from .errors import PrepError
 from .format import MANIFEST_NAME, REJECTS_NAME, WORK_DIR
 
@@ -58,7 +60,7 @@ def count_problems(out: Path, manifest: dict) -> list[str]:
     for split, entry in manifest["splits"].items():
         listed = sum(1 for line in lines if line["split"] == split)
         if "rejected" in entry and listed != entry["rejected"]:
-            problems.append(f"{path}: {listed} line(s) of split {split!r}{there}, but {out / MANIFEST_NAME} says it "
-                            f"rejected {entry['rejected']} (splits.{split}.rejected) (cut short, or edited by "
+            problems.append(f"{path}: {plural(listed, 'line')} of split {split!r}{there}, but {out / MANIFEST_NAME} "
+                            f"says it rejected {entry['rejected']} (splits.{split}.rejected) (cut short, or edited by "
                             f"hand?); {write_again(out)}")
     return problems

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from pipeline.parent_death import signal_when_parent_ends
+from pipeline.wording import plural
 
 from .done_records import reusable_record
 from .errors import PrepError
@@ -163,7 +164,8 @@ def run_jobs(out: Path, jobs: list[ShardJob], opts: EncodeOptions, workers: int,
                 records[j.number] = rec
                 reused += was_reused
     if reused:
-        print(f"{label}: {reused} of {len(jobs)} shards were complete from an earlier run and kept, "
+        print(f"{label}: {reused} of {plural(len(jobs), 'shard')} {'was' if reused == 1 else 'were'} complete from an "
+              f"earlier run and kept, "
               f"{len(jobs) - reused} built", file=sys.stderr)
     return [records[j.number] for j in jobs]
 

@@ -13,6 +13,8 @@ from pathlib import Path, PurePosixPath
 
 from typing import TYPE_CHECKING, Callable, Iterable
 
+from pipeline.wording import plural
+
 from .errors import PrepError
 
 if TYPE_CHECKING:
@@ -126,8 +128,8 @@ def iter_tar_members(tf: tarfile.TarFile, archive: str, base_offset: int, prefix
                 continue
             out.append((m, base_offset + m.offset_data, display))
     except tarfile.TarError as exc:
-        raise PrepError(f"{prefix}: corrupt archive after {len(out)} files ({exc}); every file after that point "
-                        f"would be lost: re-download or re-create it") from None
+        raise PrepError(f"{prefix}: corrupt archive after {plural(len(out), 'file')} ({exc}); every file after that "
+                        f"point would be lost: re-download or re-create it") from None
     _check_archive_end(tf, prefix, len(out))
     return out
 
@@ -162,11 +164,12 @@ def _check_archive_end(tf: tarfile.TarFile, prefix: str, files: int) -> None:
     if block == bytes(tarfile.BLOCKSIZE):
         return
     if len(block) < tarfile.BLOCKSIZE:  # nothing, or a part of a block: the file ends there
-        what = (f"the archive ends {'there' if not block else f'{len(block)} bytes later'} without its "
+        ends = "there" if not block else f"{plural(len(block), 'byte')} later"
+        what = (f"the archive ends {ends} without its "
                 f"end-of-archive marker (cut short?)")
     else:
         what = "a damaged header is there"
-    raise PrepError(f"{prefix}: listing stopped at byte {tf.offset} after {files} files: {what}; every file "
+    raise PrepError(f"{prefix}: listing stopped at byte {tf.offset} after {plural(files, 'file')}: {what}; every file "
                     f"after that point would be lost (`tar tf` shows where it stops): re-download or re-create "
                     f"the archive")
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.wording import plural
+
 from .done_records import BrokenRecord, read_record, record_with_shard
 from .errors import PrepError
 from .format import work_dir
@@ -52,14 +54,17 @@ def why_stale(out: Path, split: str, entry: object) -> str | None:
     if other_plan:
         why.append("its shards are being rebuilt with other settings or inputs")
     elif unrecorded:
-        why.append(f"{len(unrecorded)} of its {len(shards)} shards have no done-record in {work_dir(out, split)} "
-                   f"(removed, or OUT copied without them?) and are being rebuilt")
+        have = "has" if len(unrecorded) == 1 else "have"
+        why.append(f"{len(unrecorded)} of its {plural(len(shards), 'shard')} {have} no done-record in "
+                   f"{work_dir(out, split)} (removed, or OUT copied without them?) and are being rebuilt")
     if broken:
         more = f" (+{len(broken) - 1} more)" if len(broken) > 1 else ""
         why.append(f"the done-record {broken[0].path} {broken[0].problem}{more}, so its shard is being rebuilt")
     if changed:
-        why.append(f"shard(s) {_some(changed)} are missing or not of the size their done-records give, and are "
-                   f"being rebuilt")
+        one = len(changed) == 1
+        why.append(f"{'shard' if one else 'shards'} {_some(changed)} {'is' if one else 'are'} missing or not of the "
+                   f"size {'its done-record gives' if one else 'their done-records give'}, and "
+                   f"{'is' if one else 'are'} being rebuilt")
     if why:
         return "; ".join(why)
     try:

@@ -17,6 +17,7 @@ from .format import INDEX_VERSION, SAMPLE_EXTS, ManifestError, index_name_of, lo
 from .rejects_file import count_problems
 from .runner import map_in_processes
 from .shardwriter import file_sha256
+from pipeline.wording import plural
 
 
 def verify_shard(out: Path, split: str, shard: dict, n_classes: int, decode: int) -> list[str]:
@@ -40,7 +41,7 @@ def verify_shard(out: Path, split: str, shard: dict, n_classes: int, decode: int
     except ManifestError as exc:
         return problems + [f"{where}: {exc}"]
     if len(index) != shard["samples"]:
-        problems.append(f"{where}: index has {len(index)} samples, manifest says {shard['samples']}")
+        problems.append(f"{where}: index has {plural(len(index), 'sample')}, manifest says {shard['samples']}")
     expected = index_of_tar(tar)
     if expected is None:
         problems.append(f"{where}: cannot list the tar's members")

@@ -82,6 +82,7 @@ from pipeline.tracking import (RUN_ID_KEY, CheckpointStep, RunIdInCheckpoint, St
                                TrackingConfig, check_wandb_settings, make_eval_loggers, make_loggers, rewind_metrics,
                                run_id, set_aside_metrics)
 from pipeline.trainer_devices import devices_as_int
+from pipeline.wording import plural
 
 log = logging.getLogger("pipeline")
 
@@ -642,8 +643,8 @@ class PipelineCLI(LightningCLI):
         world = getattr(self, "_resume_world", None)
         if world is not None and trainer.world_size != world:
             raise ConfigError(
-                f"this run has {trainer.world_size} ranks, but its resume from {cfg.ckpt_path} kept the checkpoint's"
-                f" global batch for {world} (WORLD_SIZE, else Slurm's SLURM_NTASKS, else trainer.num_nodes x"
+                f"this run has {plural(trainer.world_size, 'rank')}, but its resume from {cfg.ckpt_path} kept the"
+                f" checkpoint's global batch for {world} (WORLD_SIZE, else Slurm's SLURM_NTASKS, else trainer.num_nodes x"
                 f" trainer.devices): the batch and the loader's position would be wrong; start it as its launcher"
                 f" does (srun, torchrun), or set trainer.num_nodes and trainer.devices to the ranks that run")
         check_checkpoint_kind(trainer.strategy, cfg.get("ckpt_path"), self.subcommand or "fit")

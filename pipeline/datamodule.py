@@ -23,6 +23,7 @@ from pipeline.data.shared_memory import shortage
 from pipeline.data.worker_signals import shield_worker
 from pipeline.data.worker_start import START_METHODS, resolve, worker_context
 from pipeline.errors import ConfigError, require
+from pipeline.wording import plural
 from pipeline.evaluation_way_out import way_out
 from pipeline.resume_geometry import epoch_finished
 
@@ -239,11 +240,11 @@ class ShardDataModule(pl.LightningDataModule):
                 and self.trainer is not None and self.trainer.is_global_zero):
             self._said_epoch_end = said  # once (the loop asks more than once)
             log.warning(
-                "the checkpoint stopped epoch %d after %d samples, where the epoch ends (%d samples: whole global"
-                " batches of %d ranks x batch %d x accumulate %d), so Lightning starts epoch %d without"
+                "the checkpoint stopped epoch %d after %s, where the epoch ends (%s: whole global"
+                " batches of %s x batch %d x accumulate %d), so Lightning starts epoch %d without"
                 " validating epoch %d (`python -m pipeline validate --ckpt_path ...` validates the checkpoint)",
-                epoch, self._start.consumed, length * g, world, self.batch_size, self._accumulate(), epoch + 1,
-                epoch)
+                epoch, plural(self._start.consumed, "sample"), plural(length * g, "sample"), plural(world, "rank"),
+                self.batch_size, self._accumulate(), epoch + 1, epoch)
         return self._start.batches
 
     def check_one_global_batch(self, world: int, accumulate: int) -> None:
@@ -252,9 +253,9 @@ class ShardDataModule(pl.LightningDataModule):
         start; ``train_dataloader`` again."""
         if steps_in_epoch(len(self.train_shards), world, self.batch_size, 0, accumulate) == 0:
             raise ConfigError(
-                f"the {self.train_split!r} split has {len(self.train_shards)} samples, fewer than one global batch"
-                f" ({world} ranks x data.batch_size {self.batch_size} x trainer.accumulate_grad_batches"
-                f" {accumulate}): no training step could run"
+                f"the {self.train_split!r} split has {plural(len(self.train_shards), 'sample')}, fewer than one"
+                f" global batch ({plural(world, 'rank')} x data.batch_size {self.batch_size} x"
+                f" trainer.accumulate_grad_batches {accumulate}): no training step could run"
             )
 
     def train_dataloader(self):
@@ -268,8 +269,8 @@ class ShardDataModule(pl.LightningDataModule):
         self._train_sampler = sampler
         if self._start.consumed and rank == 0:
             log.info(
-                "resuming epoch %d at sample %d of its order (%d ranks x batch %d)",
-                self._start.epoch, self._start.consumed, world, self.batch_size,
+                "resuming epoch %d at sample %d of its order (%s x batch %d)",
+                self._start.epoch, self._start.consumed, plural(world, "rank"), self.batch_size,
             )
         return self._loader(self.train_shards, sampler, train=True)
 
@@ -309,7 +310,8 @@ class ShardDataModule(pl.LightningDataModule):
             world, rank = self._geometry()
             method = resolve(self.worker_start_method, world)
             if train and rank == 0 and self.num_workers > 0:
-                log.info("cpu loader: %d worker processes per rank, started by %s", self.num_workers,
+                log.info("cpu loader: %s per rank, started by %s",
+                         plural(self.num_workers, "worker process", "worker processes"),
                          "a fork server" if method == "forkserver" else "fork")
             trainer = self.trainer
             if self.num_workers > 0 and (trainer is None or trainer.local_rank == 0):
@@ -359,9 +361,11 @@ class ShardDataModule(pl.LightningDataModule):
             # micro-batch): the weights hold the last step only, so the position is that step's; the
             # micro-batches after it are trained again after the resume (LoopPosition restates the count)
             if trainer.is_global_zero:
-                log.info("saving at step %d, between two optimizer steps: the last %d micro-batch(es) of"
-                         " accumulation were not applied and are trained again after a resume",
-                         trainer.global_step, done % acc)
+                left = done % acc
+                log.info("saving at step %d, between two optimizer steps: the last %s of accumulation %s not"
+                         " applied and %s trained again after a resume", trainer.global_step,
+                         plural(left, "micro-batch", "micro-batches"),
+                         *(("was", "is") if left == 1 else ("were", "are")))
             done -= done % acc
         seed, window = self.seed, self.window_shards  # those of this epoch's order
         if epoch == self._start.epoch and self._start.consumed:
@@ -448,8 +452,10 @@ class ShardDataModule(pl.LightningDataModule):
                               f"position counts {advice}")
         changed = sorted(name for name, digest in saved.items() if name in now and now[name] != digest)
         if changed:
-            raise ConfigError(f"the checkpoint was trained on another dataset: split(s) {', '.join(changed)} of "
-                              f"{manifest} hold other shards than when the checkpoint was written (prepared again: "
+            splits = f"split {changed[0]}" if len(changed) == 1 else f"splits {', '.join(changed)}"
+            hold = "holds" if len(changed) == 1 else "hold"
+            raise ConfigError(f"the checkpoint was trained on another dataset: {splits} of "
+                              f"{manifest} {hold} other shards than when the checkpoint was written (prepared again: "
                               f"another seed or hold-out could put its training images there) {advice}")
 
 

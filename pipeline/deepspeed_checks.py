@@ -12,6 +12,7 @@ from pipeline.checkpoint_read import read_checkpoint
 from pipeline.deepspeed_layout import optim_states_files, optim_states_name, saved_tag
 from pipeline.errors import ConfigError
 from pipeline.run_layout import BEST_GLOB
+from pipeline.wording import plural
 
 
 def saved_zero_stage(path: Path) -> int | None:
@@ -38,7 +39,7 @@ def check_zero_world_size(path: str | Path, world_size: int) -> None:
     its universal-checkpoint converter only knows Adam's state, not SGD's momentum."""
     saved = zero_world_size(path)
     if saved is not None and saved != world_size:
-        ranks = f"{saved} rank{'s' if saved != 1 else ''}"
+        ranks = plural(saved, "rank")
         raise ConfigError(
             f"cannot resume the DeepSpeed ZeRO checkpoint {path} with another world size: it was saved by"
             f" {ranks}, this run has {world_size}, and DeepSpeed cannot re-partition its sharded optimizer state"

@@ -13,6 +13,7 @@ from pipeline.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.data.contract import steps_in_epoch
 from pipeline.errors import ConfigError, require
 from pipeline.models import build
+from pipeline.wording import plural
 from pipeline.models.registry import computation, describe, typed_options
 from pipeline.optim import lr_factor, make_sgd, param_groups, schedule_against_run
 
@@ -327,8 +328,8 @@ class ImageClassifier(pl.LightningModule):
                 getattr(dm, "train_shards", None) is None:
             return
         batches = self.batches_per_epoch()
-        require(vci <= batches, "trainer.val_check_interval", f"at most the {batches} batches of an epoch here "
-                f"(or a fraction in (0, 1]; with trainer.check_val_every_n_epoch null it may count across epochs)", vci)
+        require(vci <= batches, "trainer.val_check_interval", f"at most the {plural(batches, 'batch', 'batches')} of "
+                f"an epoch here (or a fraction in (0, 1]; with trainer.check_val_every_n_epoch null it may count across epochs)", vci)
 
     def on_train_start(self) -> None:
         """A resume runs with this command's optimizer settings, as docs/training.md says a resume may change

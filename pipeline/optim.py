@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from pipeline.wording import plural
+
 
 def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: bool = False) -> list[dict]:
     """Two groups: weights of convs/linears, and BN parameters and biases (all 1-D tensors). The second
@@ -67,12 +69,14 @@ def schedule_against_run(total: int, warmup: int, milestones: list[int], schedul
     rounds to no step, one as long as the run (the lr never reaches its peak), milestones after the end."""
     said = []
     if warmup_epochs and warmup == 0:
-        said.append(f"model.warmup_epochs {warmup_epochs} is 0 optimizer steps at {steps_per_epoch} steps an epoch: "
-                    f"no warm-up (model.warmup_steps sets it in steps)")
+        said.append(f"model.warmup_epochs {warmup_epochs} is 0 optimizer steps at {plural(steps_per_epoch, 'step')} an "
+                    f"epoch: no warm-up (model.warmup_steps sets it in steps)")
     if total > 0 and warmup >= total:
-        said.append(f"the warm-up ({warmup} optimizer steps) is not shorter than the run ({total} steps): the lr never "
-                    f"reaches model.lr's peak and the {schedule} schedule never starts")
+        said.append(f"the warm-up ({plural(warmup, 'optimizer step')}) is not shorter than the run "
+                    f"({plural(total, 'step')}): the lr never reaches model.lr's peak and the {schedule} schedule never "
+                    f"starts")
     late = sorted(m for m in milestones if m >= total) if schedule == "step" and total > 0 else []
     if late:
-        said.append(f"lr milestones at steps {late} come at or after the run's end ({total} steps): never reached")
+        said.append(f"lr milestones at steps {late} come at or after the run's end ({plural(total, 'step')}): never "
+                    f"reached")
     return said

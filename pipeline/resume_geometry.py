@@ -23,6 +23,7 @@ import torch
 
 from pipeline.errors import ConfigError
 from pipeline.trainer_devices import devices_per_node
+from pipeline.wording import plural
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ def adapt(saved: Geometry, world_size: int, batch_size: int, accumulate: int) ->
         if g % (world_size * acc) == 0:
             return Geometry(world_size, g // (world_size * acc), acc)
     raise ConfigError(
-        f"cannot keep the global batch of the checkpoint ({saved.describe()}) with {world_size} ranks:"
+        f"cannot keep the global batch of the checkpoint ({saved.describe()}) with {plural(world_size, 'rank')}:"
         f" {g} is not divisible by {world_size}; pick a world size (trainer.num_nodes x trainer.devices) that"
         f" divides it"
     )

@@ -292,8 +292,8 @@ def test_verify_counts_each_splits_rejects_lines_against_the_manifest(tmp_path, 
              f"{out / '.work'} again")
 
     def says(split: str, lines: int, there: str = "") -> str:
-        return (f"{path}: {lines} line(s) of split {split!r}{there}, but {manifest} says it rejected 2 "
-                f"(splits.{split}.rejected) (cut short, or edited by hand?); {again}")
+        return (f"{path}: {lines} line{'' if lines == 1 else 's'} of split {split!r}{there}, but {manifest} says it "
+                f"rejected 2 (splits.{split}.rejected) (cut short, or edited by hand?); {again}")
 
     lines = good.splitlines(keepends=True)
     gone = " (the file is not there)"
@@ -308,7 +308,7 @@ def test_verify_counts_each_splits_rejects_lines_against_the_manifest(tmp_path, 
             path.write_text(text)
         capsys.readouterr()
         assert main(["verify", str(out)]) == 1, text
-        err = "".join(f"{p}\n" for p in problems) + f"verify: {len(problems)} problem(s) in {out}\n"
+        err = "".join(f"{p}\n" for p in problems) + f"verify: {len(problems)} problem{'' if len(problems) == 1 else 's'} in {out}\n"
         assert capsys.readouterr().err == err, text
         if problems == [broken]:  # finalize cannot tell whose that line is: the file goes first
             path.unlink()
@@ -342,7 +342,7 @@ def test_a_rerun_says_why_it_takes_a_split_out_of_the_manifest(tree, tmp_path, c
          f"5 of its 5 shards have no done-record in {out / '.work' / 'train'} (removed, or OUT copied without them?) "
          f"and are being rebuilt"),
         (lambda: (out / "train-000003.tar").unlink(),
-         "shard(s) train-000003.tar are missing or not of the size their done-records give, and are being rebuilt"),
+         "shard train-000003.tar is missing or not of the size its done-record gives, and is being rebuilt"),
         (lambda: edit_entry(samples="40"),
          "its entry there is broken (field 'splits.train.samples' is \"40\", not a count (an integer >= 0); edited by "
          "hand?) and is written again"),
@@ -389,7 +389,7 @@ def test_a_done_record_whose_counts_are_not_its_shards_is_broken_and_a_rerun_reb
         record.write_text(text)
         listed = (out / "manifest.json").exists()  # from the second case on: the rerun says why it unlists the split
         err = rerun_task_1(tree, out, capsys)
-        assert "train task 1/2: 1 of 2 shards were complete from an earlier run and kept, 1 built" in err, (says, err)
+        assert "train task 1/2: 1 of 2 shards was complete from an earlier run and kept, 1 built" in err, (says, err)
         assert not listed or f"the done-record {record} {says}, so its shard is being rebuilt" in err, (says, err)
         assert json.loads(record.read_text()) == good, says
         assert main(["finalize", str(out)]) == 0, says

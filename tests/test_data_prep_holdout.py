@@ -249,7 +249,7 @@ def test_a_class_too_small_for_its_share_is_refused(tmp_path, capsys):
     # 6 of 11: shares 5.45 and 0.55; the larger remainder gives 'one' its only image
     assert run(root, out, "--holdout", "6", "--holdout-split", "val", "--no-progress") == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "--holdout 6: class 'one' has 1 image(s) and its share of the hold-out is 1, " \
+    assert err.count("\n") == 1 and "--holdout 6: class 'one' has 1 image and its share of the hold-out is 1, " \
                                       "which would leave none of it in split 'train'" in err, err
     assert not out.exists()
     assert run(root, out, "--holdout", "5", "--holdout-split", "val", "--no-progress") == 0

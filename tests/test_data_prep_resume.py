@@ -202,7 +202,7 @@ def test_a_broken_done_record_stops_finalize_in_one_line_and_a_rerun_rebuilds_it
         assert describe(out)[0] == f"shards       {out}: train 4 of 5 done", says
     record.write_text(json.dumps({k: v for k, v in json.loads(good).items() if k != "name"}))
     err = rerun_task_1(tree, out, capsys)
-    assert "train task 1/2: 1 of 2 shards were complete from an earlier run and kept, 1 built" in err, err
+    assert "train task 1/2: 1 of 2 shards was complete from an earlier run and kept, 1 built" in err, err
     assert record.read_text() == good
     assert main(["finalize", str(out)]) == 0
     assert outputs(out) == outputs(single)
@@ -237,7 +237,7 @@ def test_array_tasks_then_finalize_equals_single_run(tree, tmp_path, monkeypatch
     n_shards = len(list(single.glob("train-*.tar")))
     mine = len(range(0, n_shards, 3))
     err = capsys.readouterr().err  # it said "wrote", counting shards kept from a run before, and nothing of --splits
-    assert f"train task 0/3: this task's {mine} of the split's {n_shards} shards are done\n" in err, err
+    assert f"train task 0/3: this task's {mine} of the split's {n_shards} shards {'is' if mine == 1 else 'are'} done\n" in err, err
     assert f"after all tasks finish, run `python -m data_prep finalize {arr} --splits train`" in err, err
     assert main(["finalize", str(arr)]) == 2
     assert "not done" in capsys.readouterr().err

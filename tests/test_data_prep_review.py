@@ -308,7 +308,7 @@ def test_split_folders_beside_other_folders(tmp_path, capsys):
         m = load_manifest(tmp_path / "o")
         assert m["classes"] == ["a", "b"] and m["splits"][split]["samples"] == n, m["splits"][split]
         assert m["splits"][split]["rejected"] == 0
-        assert f"using the split folder {split!r}; not reading the folder(s) beside the split folders: meta" in \
+        assert f"using the split folder {split!r}; not reading the folder beside the split folders: meta" in \
             capsys.readouterr().err
 
     # beside meta/, a --split that names none of the split folders: an error (meta/ and train/ became classes)

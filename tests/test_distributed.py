@@ -91,8 +91,8 @@ def test_two_hosts_ddp_syncbn_matches_one_process_then_resumes_on_one(hosts, dig
     assert "weight parity: identical on 2 ranks" in runs[0].stdout, runs[0].stdout[-3000:]
     # ranks run the process group's threads: their workers come from a fork server (data.worker_start_method
     # auto; CPython gh-112275), a single process forks its own
-    assert "cpu loader: 1 worker processes per rank, started by a fork server" in runs[0].stdout, runs[0].stdout[-3000:]
-    assert "cpu loader: 1 worker processes per rank, started by fork" in ref_out, ref_out[-3000:]
+    assert "cpu loader: 1 worker process per rank, started by a fork server" in runs[0].stdout, runs[0].stdout[-3000:]
+    assert "cpu loader: 1 worker process per rank, started by fork" in ref_out, ref_out[-3000:]
 
     # (b) 2 ranks x 32 with SyncBN == 1 rank x 64, same samples, same augmentation (fp64: tight tolerance)
     a, b = _state(two), _state(one)

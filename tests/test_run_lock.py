@@ -304,7 +304,7 @@ def test_a_refused_fit_leaves_no_new_run_directory_behind(digits_shards, tmp_pat
     out = run_cli_in_process("fit", "--config", str(REPO / "conf" / "demo.yaml"), "--data.root", str(digits_shards),
                              "--data.batch_size", "100000", "--trainer.default_root_dir", str(new),
                              "--tracking.wandb", "true", env={"WANDB_MODE": "offline"})
-    assert out.returncode == 2 and "fewer than one global batch (1 ranks x data.batch_size 100000" in out.stderr, \
+    assert out.returncode == 2 and "fewer than one global batch (1 rank x data.batch_size 100000" in out.stderr, \
         out.stderr
     assert not new.exists(), sorted(p.relative_to(new).as_posix() for p in new.rglob("*"))
     # a cosine schedule without a run length (needs the built trainer's max_steps / max_epochs): the same

@@ -123,7 +123,7 @@ def test_a_resume_set_up_for_another_world_size_than_the_trainers_is_refused(tra
     proc = run_module(*_args("fit", digits_shards, run, "--trainer.max_steps", "5", "--trainer.plugins",
                              "lightning_fabric.plugins.environments.LightningEnvironment"), check=False,
                       env={"SLURM_JOB_ID": "7", "SLURM_NTASKS": "2", "SLURM_JOB_NAME": "train"})
-    _fails_clearly(proc, 2, "this run has 1 ranks", "global batch for 2")
+    _fails_clearly(proc, 2, "this run has 1 rank", "global batch for 2")
     saved = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert saved["global_step"] == 3
 

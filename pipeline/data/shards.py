@@ -21,6 +21,7 @@ import numpy as np
 
 from data_prep.format import MANIFEST_NAME, WORK_DIR, ManifestError, index_name_of, load_manifest, plan_path, read_index
 from pipeline.errors import ConfigError
+from pipeline.wording import plural
 
 
 class CorruptSampleError(RuntimeError):
@@ -87,7 +88,7 @@ class ShardSet:
             entries = read_index(idx_path)
             if len(entries) != int(s["samples"]):
                 raise ConfigError(
-                    f"index {str(idx_path)!r} lists {len(entries)} samples, manifest says {s['samples']}"
+                    f"index {str(idx_path)!r} lists {plural(len(entries), 'sample')}, manifest says {s['samples']}"
                 )
             for e in entries:
                 if "jpg" not in e or "lbl" not in e:
