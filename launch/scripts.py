@@ -21,6 +21,7 @@ from launch.errors import LaunchError
 from launch.validate import (TRAIN_TIME_REASON, launcher_fit_args, no_launcher_args, positive_int, sbatch_path,
                              slurm_name, slurm_time, time_seconds, writable_dir)
 from pipeline.run_layout import FAILURES_FILE, TRAIN_SCRIPT, last_checkpoint, slurm_log
+from pipeline.wording import plural
 
 
 @dataclass
@@ -205,8 +206,8 @@ class TrainJob:
 
     def request(self) -> str:
         """What the job asks the scheduler for, in the launcher's option names (for errors)."""
-        gpus = "no GPU" if self.on_cpu else f"{self.gpus_per_node} GPU(s)"
-        return f"--nodes {self.nodes}, {self.tasks_per_node} task(s) and {gpus} per node, {self.slurm.request()}"
+        gpus = "no GPU" if self.on_cpu else plural(self.gpus_per_node, "GPU")
+        return f"--nodes {self.nodes}, {plural(self.tasks_per_node, 'task')} and {gpus} per node, {self.slurm.request()}"
 
     def render(self, wandb_run_id: str | None) -> str:
         """The sbatch script text (call check() first). Without an id (a dry run of a new run directory) the

@@ -368,7 +368,7 @@ def test_a_job_that_could_never_start_is_cancelled_and_refused(slurm_cluster: Sl
     try:
         first = train("--nodes", "3")
         assert first.returncode == 2 and first.stdout == "" and first.stderr.count("\n") == 1, first.stderr
-        job = re.match(r"launch: error: job (\d+) \(--nodes 3, 1 task\(s\) and no GPU per node, --time 00:03:00\) "
+        job = re.match(r"launch: error: job (\d+) \(--nodes 3, 1 task and no GPU per node, --time 00:03:00\) "
                        r"could never start on the default partition: Slurm keeps it pending with reason "
                        r"PartitionConfig: ", first.stderr)
         assert job and first.stderr.endswith("; it was cancelled\n"), first.stderr

@@ -68,8 +68,8 @@ def test_dali_source_workers_on_a_small_dev_shm_stop_with_one_line_not_a_bus_err
     assert proc.returncode == 1, (proc.returncode, proc.stderr[-3000:])
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert errors[0].startswith("error: out of shared memory: DALI's 2 source worker(s) per rank "
-                                "(data.dali_source_workers) fill about 0.8 MiB of /dev/shm (1 rank(s) x 6 batches in "
+    assert errors[0].startswith("error: out of shared memory: DALI's 2 source workers per rank "
+                                "(data.dali_source_workers) fill about 0.8 MiB of /dev/shm (1 rank x 6 batches in "
                                 "flight x 128 samples of "), errors[0]
     assert "which has 0.2 MiB free of 0.2 MiB" in errors[0] and "--shm-size" in errors[0], errors[0]
     proc = validate("1M")
@@ -96,9 +96,9 @@ def test_dali_shortage_counts_the_other_ranks_chunks_once(monkeypatch):
     assert said is not None and "which has 90.0 MiB free of 1024.0 MiB" in said, said
     space["now"] = (512 * mib, 512 * mib)  # all 8 ranks' never fit
     said = shared_memory.dali_shortage(**per_rank, ranks_here=8)
-    assert said is not None and said.startswith("out of shared memory: DALI's 4 source worker(s) per rank "
+    assert said is not None and said.startswith("out of shared memory: DALI's 4 source workers per rank "
                                                  "(data.dali_source_workers) fill about 800.0 MiB of /dev/shm "
-                                                 "(8 rank(s) x 10 batches in flight x 100 samples of 102.4 KiB), "
+                                                 "(8 ranks x 10 batches in flight x 100 samples of 102.4 KiB), "
                                                  "which has 512.0 MiB free of 512.0 MiB"), said
 
 
@@ -132,7 +132,7 @@ def test_dali_training_and_validation_loaders_count_each_others_source_chunks(di
     with pytest.raises(shared_memory.SharedMemoryError) as refused:
         next(iter(val))
     said = str(refused.value)
-    assert "DALI's 1 source worker(s) per rank (data.dali_source_workers) fill about " in said, said
+    assert "DALI's 1 source worker per rank (data.dali_source_workers) fill about " in said, said
     assert f" of the training loader's), which has {size / 2**20:.1f} MiB free" in said, said
     del train
     gc.collect()
@@ -374,7 +374,7 @@ def test_the_loader_warns_at_start_when_dev_shm_is_smaller_than_its_batches_in_f
         assert batch_bytes(256, 224) == 256 * 3 * 224 * 224 + 4096 + 4096  # images, labels, mask (a page each)
         warning = shortage(256, 224, 8, 1, path=str(shm))
         assert warning.startswith(f"warning: {shm} has 64.0 MiB free of 64.0 MiB, and the cpu loader may hold "
-                                  "624.9 MiB of batches there (1 rank(s) x 8 workers"), warning
+                                  "624.9 MiB of batches there (1 rank x 8 workers"), warning
         assert "--shm-size" in warning and "data.num_workers" in warning
         assert shortage(64, 32, 2, 1, path=str(shm)) is None
         assert "x 2 workers" in shortage(64, 32, 2, 80, path=str(shm))  # 80 ranks on one machine: 78 MiB

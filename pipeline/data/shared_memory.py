@@ -20,6 +20,7 @@ import os
 import torch
 
 from pipeline.data.open_files import out_of_file_descriptors
+from pipeline.wording import plural
 
 SHM = "/dev/shm"
 
@@ -86,8 +87,8 @@ def dali_shortage(batches: int, batch: int, sample_bytes: float, workers: int, r
     mine = f"{batches} batches in flight x {batch} samples of {sample_bytes / 1024:.1f} KiB"
     if held:
         mine = f"({mine}) + {_mib(held)} of the {held_by or 'other'} loader's"
-    return (f"out of shared memory: DALI's {workers} source worker(s) per rank (data.dali_source_workers) fill "
-            f"about {_mib(need)} of {path} ({ranks_here} rank(s) x {mine}), which has {_mib(space[1])} free of "
+    return (f"out of shared memory: DALI's {plural(workers, 'source worker')} per rank (data.dali_source_workers) "
+            f"fill about {_mib(need)} of {path} ({plural(ranks_here, 'rank')} x {mine}), which has {_mib(space[1])} free of "
             f"{_mib(space[0])}, and a write to a full {path} kills the process (SIGBUS); {MORE_SHM}, or "
             f"{LOWER['dali']}")
 
@@ -128,5 +129,5 @@ def shortage(batch: int, size: int, workers: int, ranks_here: int, path: str = S
     if (space := _lacking(need, path)) is None:
         return None
     return (f"warning: {path} has {_mib(space[1])} free of {_mib(space[0])}, and the cpu loader may hold "
-            f"{_mib(need)} of batches there ({ranks_here} rank(s) x {workers} workers x 2 prefetched + 1, batches "
+            f"{_mib(need)} of batches there ({plural(ranks_here, 'rank')} x {plural(workers, 'worker')} x 2 prefetched + 1, batches "
             f"of {batch} at {size} px): a full {path} stops the run; {MORE_SHM}, or {LOWER['cpu']}")
