@@ -69,6 +69,7 @@ from pipeline.wandb_service import finish_pending_wandb_run
 from pipeline.progress import console_progress
 from pipeline.resume_geometry import Geometry, LoopPosition, adapt, expected_world_size
 from pipeline.rng_state import RNGState
+from pipeline.run_dir_access import check_run_dir_writable
 from pipeline.run_dir_still_ours import RunDirStillOurs
 from pipeline.run_layout import (BEST_FILENAME, BEST_GLOB, CHECKPOINTS_DIR, CONFIG_FILE, CSV_DIR, LAST_CHECKPOINT,
                                  BRANCH_FILE, RUN_ID_FILE, TENSORBOARD_DIR, WANDB_DIR, best_top1, checkpoint_dir,
@@ -403,6 +404,8 @@ class PipelineCLI(LightningCLI):
                 self._default_checkpoint(cfg, sub, last)
             meta = self._check_checkpoint(cfg.get("ckpt_path"))
             self._ckpt_hparams = meta.get("hyper_parameters") or {}
+            if sub in ("validate", "test"):  # its config and logs go into RUN: another user's run is refused here
+                check_run_dir_writable(run_dir, sub, bool(cfg.tracking.wandb))
             if sub in ("validate", "test") and cfg.get("ckpt_path") is not None:
                 _say(f"{sub}: {cfg.ckpt_path}{_at_step(meta, ' (step {})')}")
             return
@@ -412,6 +415,8 @@ class PipelineCLI(LightningCLI):
             _say(f"warning: {line}")
         self._run_lock = RunDirLock(run_dir)  # before anything in the run directory is touched
         self._run_lock.acquire()
+        # another user's run whose lock file was left writable: refused here, not in a W&B traceback later
+        check_run_dir_writable(run_dir, "fit", bool(cfg.tracking.wandb))
         if warning := restart_warning(os.environ):
             _say(warning)
         for path, newer in recover_directories(checkpoint_dir(run_dir)):  # a crash in a DeepSpeed directory swap

@@ -1,0 +1,101 @@
+"""Whether this user can write where a subcommand writes in its run directory, checked at the start.
+
+On a shared cluster a run directory may be another user's (a colleague's run to resume or score) or on a
+read-only mount. ``fit`` takes ``RUN/.lock`` first, which catches a directory this user cannot write at all;
+but a lock file left writable (``chmod a+w``, a group-writable tree) let a ``fit`` go on into W&B's
+``PermissionError`` traceback (``RUN/wandb/... is not writable``) as the loggers started, and ``validate`` /
+``test`` (no lock) failed as a jsonargparse or W&B traceback after the checkpoint was loaded. Here the
+directories (and the few files written in place) are looked at before anything starts, and the first one
+this user cannot write is one ``ConfigError`` line naming it, its owner and the setting to change.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import stat
+from pathlib import Path
+
+from pipeline.config_history import HISTORY_DIR
+from pipeline.errors import ConfigError
+from pipeline.run_layout import CHECKPOINTS_DIR, CSV_DIR, METRICS_CSV, TENSORBOARD_DIR, WANDB_DIR
+from pipeline.sample_grid import GRID_FILE
+
+# what fit writes in RUN: directories it creates or writes into, files it rewrites in place (the others are
+# written beside and renamed, which needs the directory alone)
+FIT_DIRS = (CHECKPOINTS_DIR, CSV_DIR, WANDB_DIR, TENSORBOARD_DIR, HISTORY_DIR)
+FIT_FILES = (f"{CSV_DIR}/{METRICS_CSV}", GRID_FILE)
+WANDB_ENV_DIRS = {"WANDB_CACHE_DIR": ".wandb-cache", "WANDB_CONFIG_DIR": ".wandb-config"}  # tracking._wandb_dirs
+
+
+def _owner(path: Path) -> str:
+    try:
+        st = path.stat()
+    except OSError:
+        return ""
+    try:
+        name = pwd.getpwuid(st.st_uid).pw_name
+    except KeyError:
+        name = str(st.st_uid)
+    return f" (owned by {name}, {stat.filemode(st.st_mode)})"
+
+
+def _me() -> str:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return f"uid {os.geteuid()}"
+
+
+def _not_writable(path: Path) -> Path | None:
+    """``path`` (or, where it does not exist yet, the nearest folder above it that does) when this user cannot
+    create or change files there; None when it can."""
+    p = path
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if p.is_dir():
+        ok = os.access(p, os.W_OK | os.X_OK, effective_ids=os.access in os.supports_effective_ids)
+    else:
+        ok = p != path or os.access(p, os.W_OK, effective_ids=os.access in os.supports_effective_ids)
+    if ok and p.is_dir():
+        # a read-only mount: access() says so too on Linux (EROFS), but not every file system does
+        try:
+            ok = not (os.statvfs(p).f_flag & os.ST_RDONLY)
+        except OSError:
+            pass
+    return None if ok else p
+
+
+def check_run_dir_writable(run_dir: str | Path, subcommand: str, wandb: bool) -> None:
+    """Refuse, before anything starts, a run directory where ``subcommand`` could not write what it writes.
+
+    Args:
+        run_dir: ``trainer.default_root_dir``.
+        subcommand: ``fit``, ``validate`` or ``test`` (the latter two write ``RUN/config-<sub>.yaml`` and
+            log into ``RUN/<sub>/``).
+        wandb: ``tracking.wandb`` (W&B's cache and config folders go into RUN unless set elsewhere).
+    """
+    run_dir = Path(run_dir)
+    if subcommand == "fit":
+        paths = [run_dir, *(run_dir / d for d in FIT_DIRS), *(run_dir / f for f in FIT_FILES)]
+    else:
+        paths = [run_dir, run_dir / subcommand]
+    if wandb:
+        paths += [run_dir / name for env, name in WANDB_ENV_DIRS.items() if not os.environ.get(env)]
+    for path in paths:
+        if not (path == run_dir or path.exists()):
+            continue  # created in RUN, checked with it
+        bad = _not_writable(path)
+        if bad is None:
+            continue
+        where = "" if bad == path else f" (to create {path})"
+        if subcommand == "fit":
+            advice = ("a run directory of another user, or on a read-only file system? train in one of your own: "
+                      "--trainer.default_root_dir DIR (with --ckpt_path CHECKPOINT to start from one of this run's "
+                      "checkpoints), or get write access to it")
+        else:
+            advice = (f"{subcommand} writes its config and logs there; score from a run directory of your own: "
+                      f"--trainer.default_root_dir DIR --ckpt_path CHECKPOINT (e.g. "
+                      f"{run_dir / CHECKPOINTS_DIR / 'last.ckpt'})")
+        raise ConfigError(f"trainer.default_root_dir: {bad}{where} is not writable by {_me()}{_owner(bad)}: "
+                          f"{advice}")

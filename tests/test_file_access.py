@@ -1,0 +1,124 @@
+"""A shared cluster's file system: run directories of another user, caches under a HOME that cannot be
+written, inputs that cannot be read. What this user cannot write or read is said in one line naming the path
+and the setting, before anything starts; never a traceback, never an image dropped without a word.
+
+Permissions do not stop root: as root these tests run the commands as ``nobody`` (and skip where that user
+cannot run this checkout's Python); as another user they run them as that user."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+DEMO = REPO / "conf" / "demo.yaml"
+
+
+def _as_other_user() -> list[str]:
+    """The prefix that runs a command as a user that permissions apply to: none for a plain user."""
+    if os.geteuid() != 0:
+        return []
+    if not shutil.which("runuser"):
+        pytest.skip("running as root without runuser: permissions would not apply")
+    prefix = ["runuser", "-u", "nobody", "--"]
+    probe = subprocess.run([*prefix, "env", f"PYTHONPATH={REPO}", sys.executable, "-c", "import pipeline.cli"],
+                           capture_output=True, text=True, cwd="/")
+    if probe.returncode != 0:
+        pytest.skip(f"user nobody cannot run this checkout's Python ({sys.executable}): {probe.stderr[-300:]}")
+    return prefix
+
+
+def _run(*args: str, env: dict | None = None, cwd: str | Path = "/") -> subprocess.CompletedProcess:
+    full = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", **(env or {})}
+    full = {k: v for k, v in full.items() if v is not None}
+    return subprocess.run([*_as_other_user(), "env", *(f"{k}={v}" for k, v in full.items()), sys.executable, "-m",
+                           *args], capture_output=True, text=True, timeout=600, cwd=cwd, env={"PATH": os.environ["PATH"]})
+
+
+@pytest.fixture
+def base():
+    """A folder every user can read (pytest's own tmp_path is root's alone); removed afterwards."""
+    path = Path(tempfile.mkdtemp(prefix="file-access-", dir="/tmp"))
+    path.chmod(0o755)
+    yield path
+    for p in [path, *path.rglob("*")]:
+        if p.is_dir() and not p.is_symlink():
+            p.chmod(0o755)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def shards(digits_shards, base) -> Path:
+    out = base / "shards"
+    shutil.copytree(digits_shards, out)
+    for p in [out, *out.rglob("*")]:
+        p.chmod(0o555 if p.is_dir() else 0o444)  # read-only for everyone, as on a read-only dataset mount
+    return out
+
+
+def _fit_args(shards: Path, run_dir: Path, *extra: str) -> list[str]:
+    return ["pipeline", "fit", "--config", str(DEMO), "--data.root", str(shards), "--trainer.max_epochs", "1",
+            "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1", "--data.num_workers", "0",
+            "--trainer.default_root_dir", str(run_dir), *extra]
+
+
+def _one_error_line(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    return lines[0]
+
+
+def _trained_run(shards: Path, run_dir: Path) -> Path:
+    """A run directory with a checkpoint, written by this process's user (then made read-only to others)."""
+    proc = subprocess.run([sys.executable, "-m", *_fit_args(shards, run_dir)], capture_output=True, text=True,
+                          cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"}, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for p in [run_dir, *run_dir.rglob("*")]:
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    return run_dir
+
+
+def test_fit_refuses_another_users_run_whose_lock_is_writable(shards, base):
+    """Another user's run directory whose lock file (and folder) were left writable, its checkpoints not: the
+    start went on into W&B's PermissionError traceback (RUN/wandb/... is not writable) as the loggers started."""
+    run_dir = _trained_run(shards, base / "theirs")
+    run_dir.chmod(0o777)
+    (run_dir / ".lock").chmod(0o666)
+    if os.geteuid() != 0:  # the owner: take the write bit off the folders below instead
+        for p in run_dir.iterdir():
+            if p.is_dir():
+                p.chmod(0o555)
+    before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
+    proc = _run(*_fit_args(shards, run_dir, "--trainer.max_epochs", "2"))
+    line = _one_error_line(proc)
+    assert "trainer.default_root_dir" in line and "is not writable" in line, line
+    assert str(run_dir) in line and "--trainer.default_root_dir DIR" in line, line
+    assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before  # nothing started
+
+
+def test_validate_of_another_users_run_says_where_to_log(shards, base):
+    """``validate`` of a colleague's run directory (not writable here): a jsonargparse traceback after the
+    checkpoint was scored (``.config-validate.yaml.PID.tmp`` not creatable); now one line saying how to score
+    it from a run directory of one's own, which then works."""
+    run_dir = _trained_run(shards, base / "theirs")
+    run_dir.chmod(0o555)
+    args = ["pipeline", "validate", "--config", str(run_dir / "config.yaml"), "--trainer.limit_val_batches", "1",
+            "--data.num_workers", "0"]
+    line = _one_error_line(_run(*args))
+    assert f"{run_dir} is not writable" in line and "--trainer.default_root_dir DIR --ckpt_path" in line, line
+    mine = base / "mine"
+    mine.mkdir(mode=0o777)
+    mine.chmod(0o777)
+    ok = _run(*args, "--trainer.default_root_dir", str(mine / "eval"), "--ckpt_path",
+              str(run_dir / "checkpoints" / "last.ckpt"))
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert (mine / "eval" / "config-validate.yaml").is_file()
