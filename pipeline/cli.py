@@ -34,7 +34,7 @@ from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.strategies import DeepSpeedStrategy, StrategyRegistry
 
 import pipeline.strategies  # noqa: F401  (registers the deepspeed_stage_*_cpu strategies)
-from pipeline.strategies import AtomicDeepSpeedStrategy, CPUDeepSpeedStrategy
+from pipeline.strategies import AtomicDeepSpeedStrategy, CPUDeepSpeedStrategy, check_extensions_dir
 from data_prep.format import ManifestError
 from pipeline.arg_parser import PipelineArgumentParser
 from pipeline.branch_origin import KEY as BRANCH_KEY
@@ -681,6 +681,8 @@ class PipelineCLI(LightningCLI):
         """Lightning's DeepSpeed strategies refuse a machine without CUDA only at the run's start, in a traceback
         (a CLI built with ``run=False`` may hold one: it runs nothing)."""
         strategy = self.trainer.strategy
+        if isinstance(strategy, CPUDeepSpeedStrategy):
+            check_extensions_dir()
         if isinstance(strategy, DeepSpeedStrategy) and not isinstance(strategy, CPUDeepSpeedStrategy) \
                 and strategy.root_device.type != "cuda":
             raise ConfigError(f"trainer.strategy: DeepSpeed runs on CUDA GPUs and this run has none (accelerator "

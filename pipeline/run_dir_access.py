@@ -28,7 +28,7 @@ FIT_FILES = (f"{CSV_DIR}/{METRICS_CSV}", GRID_FILE)
 WANDB_ENV_DIRS = {"WANDB_CACHE_DIR": ".wandb-cache", "WANDB_CONFIG_DIR": ".wandb-config"}  # tracking._wandb_dirs
 
 
-def _owner(path: Path) -> str:
+def describe_owner(path: Path) -> str:
     try:
         st = path.stat()
     except OSError:
@@ -47,7 +47,7 @@ def _me() -> str:
         return f"uid {os.geteuid()}"
 
 
-def _not_writable(path: Path) -> Path | None:
+def unwritable_part(path: Path) -> Path | None:
     """``path`` (or, where it does not exist yet, the nearest folder above it that does) when this user cannot
     create or change files there; None when it can."""
     p = path
@@ -55,8 +55,8 @@ def _not_writable(path: Path) -> Path | None:
         p = p.parent
     if p.is_dir():
         ok = os.access(p, os.W_OK | os.X_OK, effective_ids=os.access in os.supports_effective_ids)
-    else:
-        ok = p != path or os.access(p, os.W_OK, effective_ids=os.access in os.supports_effective_ids)
+    else:  # a file: written in place, or in the way of a folder to create
+        ok = p == path and os.access(p, os.W_OK, effective_ids=os.access in os.supports_effective_ids)
     if ok and p.is_dir():
         # a read-only mount: access() says so too on Linux (EROFS), but not every file system does
         try:
@@ -85,7 +85,7 @@ def check_run_dir_writable(run_dir: str | Path, subcommand: str, wandb: bool) ->
     for path in paths:
         if not (path == run_dir or path.exists()):
             continue  # created in RUN, checked with it
-        bad = _not_writable(path)
+        bad = unwritable_part(path)
         if bad is None:
             continue
         where = "" if bad == path else f" (to create {path})"
@@ -97,5 +97,5 @@ def check_run_dir_writable(run_dir: str | Path, subcommand: str, wandb: bool) ->
             advice = (f"{subcommand} writes its config and logs there; score from a run directory of your own: "
                       f"--trainer.default_root_dir DIR --ckpt_path CHECKPOINT (e.g. "
                       f"{run_dir / CHECKPOINTS_DIR / 'last.ckpt'})")
-        raise ConfigError(f"trainer.default_root_dir: {bad}{where} is not writable by {_me()}{_owner(bad)}: "
+        raise ConfigError(f"trainer.default_root_dir: {bad}{where} is not writable by {_me()}{describe_owner(bad)}: "
                           f"{advice}")

@@ -26,9 +26,28 @@ from pipeline.checkpoint_io import fsync_tree, partial_path, replace_directory
 CPU_STRATEGIES = {f"deepspeed_stage_{s}_cpu": s for s in (1, 2, 3)}
 
 
-def _extensions_dir() -> None:
-    """DeepSpeed compiles a small C++ extension on first init (~45 s); cache it across runs."""
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
+def _extensions_dir() -> Path:
+    """DeepSpeed compiles a small C++ extension on first init (~45 s); cache it across runs: in
+    ``TORCH_EXTENSIONS_DIR``, else where torch would put it (``$XDG_CACHE_HOME/torch_extensions``, else
+    ``~/.cache/torch_extensions``)."""
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(cache) / "torch_extensions")))
+
+
+def check_extensions_dir() -> None:
+    """Refuse, before the run starts, an extensions folder this user cannot write (a HOME that is read-only
+    or missing, as for a service account or in a container): torch builds and locks there, and the start
+    failed in a ``PermissionError`` traceback from ``os.makedirs`` once DeepSpeed initialised."""
+    from pipeline.errors import ConfigError
+    from pipeline.run_dir_access import describe_owner, unwritable_part
+
+    where = _extensions_dir()
+    bad = unwritable_part(where)
+    if bad is not None:
+        raise ConfigError(f"TORCH_EXTENSIONS_DIR: DeepSpeed's CPU strategies build a C++ extension in {where}, and "
+                          f"{bad} is not writable{describe_owner(bad)}: set TORCH_EXTENSIONS_DIR (or XDG_CACHE_HOME, "
+                          f"or HOME) to a folder this user can write, e.g. export TORCH_EXTENSIONS_DIR=$PWD/.cache/"
+                          f"torch_extensions")
 
 
 class AtomicDeepSpeedStrategy(DeepSpeedStrategy):

@@ -122,3 +122,23 @@ def test_validate_of_another_users_run_says_where_to_log(shards, base):
               str(run_dir / "checkpoints" / "last.ckpt"))
     assert ok.returncode == 0, ok.stderr[-3000:]
     assert (mine / "eval" / "config-validate.yaml").is_file()
+
+
+def test_deepspeed_cpu_with_home_not_writable_says_torch_extensions_dir(digits_shards, tmp_path):
+    """``deepspeed_stage_N_cpu`` builds a C++ extension under ``~/.cache/torch_extensions`` unless
+    TORCH_EXTENSIONS_DIR says otherwise; with a HOME that cannot hold it (read-only, missing, or here a file,
+    which stops root too) the start was a ``makedirs`` traceback once DeepSpeed initialised. Now one line
+    naming the folder and the variable, before the run starts (its run directory is removed again)."""
+    home = tmp_path / "home"
+    home.write_text("not a folder\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline", "HOME": str(home)}
+    for name in ("TORCH_EXTENSIONS_DIR", "XDG_CACHE_HOME"):
+        env.pop(name, None)
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", *_fit_args(digits_shards, run_dir, "--trainer.strategy",
+                                                            "deepspeed_stage_1_cpu")],
+                          capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    line = _one_error_line(proc)
+    assert line.startswith("error: TORCH_EXTENSIONS_DIR:"), line
+    assert f"{home}/.cache/torch_extensions" in line and f"{home} is not writable" in line, line
+    assert not run_dir.exists()
