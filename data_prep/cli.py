@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import errno
 import os
 import re
@@ -13,6 +14,7 @@ from pathlib import Path
 
 from pipeline.wording import plural
 
+from .done_records import READ_FAILURE
 from .errors import PrepError
 from .format import REJECTS_NAME, SPLIT_NAME, ManifestError
 
@@ -196,6 +198,28 @@ def _summary(manifest: dict | None, splits: list[str], out: Path, finalize_queue
         where = f" (why: {out / REJECTS_NAME})" if e["rejected"] else ""
         print(f"{s}: {plural(e['samples'], 'sample')} in {plural(len(e['shards']), 'shard')}, {e['rejected']} rejected"
               f"{where}")
+    _said_read_failures(out, splits)
+
+
+def _said_read_failures(out: Path, splits: list[str]) -> None:
+    """A warning per split with inputs that could not be read (permissions, an I/O error): a reject that
+    is not the image's fault, which a rerun reads again (``done_records.read_failures``)."""
+    unread: dict[str, list[dict]] = {}
+    try:
+        with open(out / REJECTS_NAME, encoding="utf-8") as f:
+            for line in f:
+                with contextlib.suppress(ValueError):
+                    r = json.loads(line)
+                    if isinstance(r, dict) and r.get("split") in splits and \
+                            str(r.get("reason", "")).startswith(READ_FAILURE):
+                        unread.setdefault(r["split"], []).append(r)
+    except OSError:
+        return
+    for split, rejects in unread.items():
+        print(f"data_prep: warning: {split}: {plural(len(rejects), 'input')} could not be read and "
+              f"{'is' if len(rejects) == 1 else 'are'} not in the shards "
+              f"(first: {rejects[0].get('path')}: {rejects[0]['reason'][len(READ_FAILURE):]}); make them readable "
+              f"and run the prep command again: it reads them again and rebuilds their shards", file=sys.stderr)
 
 
 def _said_holdout(record: dict) -> None:

@@ -11,7 +11,10 @@ Three readers ask, at three costs, so by three rules (each stricter one implies 
   size, the index header's sample count). Nothing is hashed (every shard's bytes would be read again;
   ``data_prep verify`` re-hashes on request) and of the index only the first line is read.
 - ``reusable_record`` (a rerun that would skip the shard): also the index is there and the tar's and
-  index's sha256 match the record: a shard kept without being rebuilt must be the recorded bytes.
+  index's sha256 match the record: a shard kept without being rebuilt must be the recorded bytes. And no
+  input of it failed to be read (``read_failures``: permission denied, an I/O error): such a reject says
+  nothing about the image, so a rerun (after ``chmod``, a remount) reads it again rather than keep the shard
+  without it; the shard is rebuilt, to the same bytes while the file stays unreadable.
 
 A record that is there but broken (unreadable, not JSON, a field missing or of the wrong type, a negative
 count, another shard's name: a hand edit, a damaged disk; data_prep writes each whole, via a rename) is read
@@ -38,6 +41,16 @@ from .shardwriter import file_sha256
 # rerun; ``index_sha256`` may be missing (records before it was kept) or null
 FIELDS = {"name": "a string", "index": "a string", "samples": COUNT, "bytes": COUNT, "sha256": "a string",
           "plan_hash": "a string", "rejects": "a list"}
+
+
+# the reason runner.build_shard gives an input it could not read (an OSError: not the image's fault)
+READ_FAILURE = "cannot read: "
+
+
+def read_failures(rec: dict) -> list[str]:
+    """The paths of the inputs of a done-record's shard that could not be read when it was built."""
+    return [r["path"] for r in rec.get("rejects") or [] if isinstance(r, dict)
+            and str(r.get("reason", "")).startswith(READ_FAILURE)]
 
 
 class BrokenRecord(PrepError):
@@ -127,7 +140,7 @@ def reusable_record(out: str | Path, split: str, shard: str, plan_hash: str) -> 
         rec = read_record(out, split, shard)
     except BrokenRecord:
         return None
-    if rec is None or rec["plan_hash"] != plan_hash:
+    if rec is None or rec["plan_hash"] != plan_hash or read_failures(rec):
         return None
     tar, idx = Path(out) / rec["name"], Path(out) / rec["index"]
     if not tar.is_file() or not idx.is_file():

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Iterator
 from pipeline.parent_death import signal_when_parent_ends
 from pipeline.wording import plural
 
-from .done_records import reusable_record
+from .done_records import READ_FAILURE, reusable_record
 from .errors import PrepError
 from .format import done_record_path, index_name, shard_name
 from .plan import ShardJob, sample_key
@@ -96,7 +96,7 @@ def build_shard(out: Path, job: ShardJob, opts: EncodeOptions) -> tuple[dict, bo
             try:
                 data = read_ref(ref, handles)
             except OSError as exc:
-                rejects.append({"path": display, "reason": f"cannot read: {exc}"})
+                rejects.append({"path": display, "reason": f"{READ_FAILURE}{exc}"})  # read again by a rerun
                 pending_n += 1
                 continue
             try:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pipeline.wording import plural
 
-from .done_records import BrokenRecord, read_record, record_with_shard
+from .done_records import BrokenRecord, read_failures, read_record, record_with_shard
 from .errors import PrepError
 from .format import work_dir
 from .manifest import split_entry
@@ -33,7 +33,7 @@ def why_stale(out: Path, split: str, entry: object) -> str | None:
     plan = read_plan(out, split)  # written by this run
     shards = plan["shards"] if plan is not None else []
     broken: list[BrokenRecord] = []
-    other_plan, unrecorded, changed = [], [], []
+    other_plan, unrecorded, changed, unread = [], [], [], []
     for s in shards:
         try:
             rec = read_record(out, split, s["name"])
@@ -45,6 +45,7 @@ def why_stale(out: Path, split: str, entry: object) -> str | None:
         elif rec["plan_hash"] != s["plan_hash"]:
             other_plan.append(s["name"])
         else:
+            unread += read_failures(rec)
             try:
                 if record_with_shard(out, split, s["name"], s["plan_hash"]) is None:
                     changed.append(s["name"])
@@ -65,6 +66,10 @@ def why_stale(out: Path, split: str, entry: object) -> str | None:
         why.append(f"{'shard' if one else 'shards'} {_some(changed)} {'is' if one else 'are'} missing or not of the "
                    f"size {'its done-record gives' if one else 'their done-records give'}, and "
                    f"{'is' if one else 'are'} being rebuilt")
+    if unread:
+        one = len(unread) == 1
+        why.append(f"{len(unread)} of its inputs could not be read when it was built "
+                   f"({_some(unread)}: rejects.jsonl says why) and {'is' if one else 'are'} read again")
     if why:
         return "; ".join(why)
     try:
