@@ -405,7 +405,8 @@ class PipelineCLI(LightningCLI):
             meta = self._check_checkpoint(cfg.get("ckpt_path"))
             self._ckpt_hparams = meta.get("hyper_parameters") or {}
             if sub in ("validate", "test"):  # its config and logs go into RUN: another user's run is refused here
-                check_run_dir_writable(run_dir, sub, bool(cfg.tracking.wandb))
+                ckpt = cfg.get("ckpt_path")
+                check_run_dir_writable(run_dir, sub, bool(cfg.tracking.wandb), str(ckpt) if ckpt else None)
             if sub in ("validate", "test") and cfg.get("ckpt_path") is not None:
                 _say(f"{sub}: {cfg.ckpt_path}{_at_step(meta, ' (step {})')}")
             return

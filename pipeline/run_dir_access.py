@@ -29,8 +29,11 @@ WANDB_ENV_DIRS = {"WANDB_CACHE_DIR": ".wandb-cache", "WANDB_CONFIG_DIR": ".wandb
 
 
 def describe_owner(path: Path) -> str:
+    """`` (on a read-only file system)``, else `` (owned by USER, MODE)``: why ``path`` cannot be written."""
     try:
         st = path.stat()
+        if os.statvfs(path).f_flag & os.ST_RDONLY:
+            return " (on a read-only file system)"
     except OSError:
         return ""
     try:
@@ -66,7 +69,7 @@ def unwritable_part(path: Path) -> Path | None:
     return None if ok else p
 
 
-def check_run_dir_writable(run_dir: str | Path, subcommand: str, wandb: bool) -> None:
+def check_run_dir_writable(run_dir: str | Path, subcommand: str, wandb: bool, ckpt: str | None = None) -> None:
     """Refuse, before anything starts, a run directory where ``subcommand`` could not write what it writes.
 
     Args:
@@ -74,6 +77,7 @@ def check_run_dir_writable(run_dir: str | Path, subcommand: str, wandb: bool) ->
         subcommand: ``fit``, ``validate`` or ``test`` (the latter two write ``RUN/config-<sub>.yaml`` and
             log into ``RUN/<sub>/``).
         wandb: ``tracking.wandb`` (W&B's cache and config folders go into RUN unless set elsewhere).
+        ckpt: the checkpoint ``validate``/``test`` score (for the advice: it stays where it is).
     """
     run_dir = Path(run_dir)
     if subcommand == "fit":
@@ -94,8 +98,8 @@ def check_run_dir_writable(run_dir: str | Path, subcommand: str, wandb: bool) ->
                       "--trainer.default_root_dir DIR (with --ckpt_path CHECKPOINT to start from one of this run's "
                       "checkpoints), or get write access to it")
         else:
+            ckpt = ckpt or str(run_dir / CHECKPOINTS_DIR / "last.ckpt")
             advice = (f"{subcommand} writes its config and logs there; score from a run directory of your own: "
-                      f"--trainer.default_root_dir DIR --ckpt_path CHECKPOINT (e.g. "
-                      f"{run_dir / CHECKPOINTS_DIR / 'last.ckpt'})")
+                      f"--trainer.default_root_dir DIR --ckpt_path {ckpt}")
         raise ConfigError(f"trainer.default_root_dir: {bad}{where} is not writable by {_me()}{describe_owner(bad)}: "
                           f"{advice}")

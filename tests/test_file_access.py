@@ -114,7 +114,8 @@ def test_validate_of_another_users_run_says_where_to_log(shards, base):
     args = ["pipeline", "validate", "--config", str(run_dir / "config.yaml"), "--trainer.limit_val_batches", "1",
             "--data.num_workers", "0"]
     line = _one_error_line(_run(*args))
-    assert f"{run_dir} is not writable" in line and "--trainer.default_root_dir DIR --ckpt_path" in line, line
+    assert f"{run_dir} is not writable" in line, line
+    assert f"--trainer.default_root_dir DIR --ckpt_path {run_dir}/checkpoints/last.ckpt" in line, line
     mine = base / "mine"
     mine.mkdir(mode=0o777)
     mine.chmod(0o777)
@@ -142,3 +143,53 @@ def test_deepspeed_cpu_with_home_not_writable_says_torch_extensions_dir(digits_s
     assert line.startswith("error: TORCH_EXTENSIONS_DIR:"), line
     assert f"{home}/.cache/torch_extensions" in line and f"{home} is not writable" in line, line
     assert not run_dir.exists()
+
+
+def test_data_prep_unreadable_inputs_are_named_and_read_again_by_a_rerun(base):
+    """An input tree with a class folder and an image this user cannot read: the folder stops the run (its class
+    would be missing, the labels after it shift); the image is a reject naming it, said as a warning, and, once
+    readable, a rerun of the same command reads it again. The rerun kept the shard without it ("1 of 1 shards
+    were complete from an earlier run and kept"): the image stayed out for good, without a word."""
+    import json
+
+    from tests.fixtures_images import write_imagefolder
+
+    src = base / "src"
+    write_imagefolder(src, ["a", "b", "c"], per_class=4)
+    for p in [src, *src.rglob("*")]:
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    out = base / "out"
+    out.mkdir()
+    out.chmod(0o777)
+    prep = ("data_prep", "imagefolder", str(src), str(out / "shards"), "--split", "train", "--workers", "1")
+
+    (src / "b").chmod(0o000)
+    line = _one_error_line_of_prep(_run(*prep))
+    assert f"{src / 'b'}: class folder 'b': cannot list folder: Permission denied" in line, line
+    (src / "b").chmod(0o755)
+
+    image = src / "c" / "c_1.jpg"
+    image.chmod(0o000)
+    first = _run(*prep)
+    assert first.returncode == 0, first.stderr[-3000:]
+    manifest = json.loads((out / "shards" / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["samples"] == 11 and manifest["splits"]["train"]["rejected"] == 1
+    rejects = [json.loads(x) for x in (out / "shards" / "rejects.jsonl").read_text().splitlines()]
+    assert [r["path"] for r in rejects] == [str(image)] and "Permission denied" in rejects[0]["reason"]
+    assert f"1 input(s) could not be read and are not in the shards (first: {image}" in first.stderr, first.stderr
+
+    image.chmod(0o644)
+    again = _run(*prep)
+    assert again.returncode == 0, again.stderr[-3000:]
+    manifest = json.loads((out / "shards" / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["samples"] == 12 and manifest["splits"]["train"]["rejected"] == 0, again.stderr
+    assert (out / "shards" / "rejects.jsonl").read_text() == ""
+    assert "could not be read" not in again.stderr.replace("could not be read when it was built", "")
+
+
+def _one_error_line_of_prep(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    return lines[0]
