@@ -9,7 +9,8 @@ first line, after its wait in the queue. Exit status 0 (accepted) or 2 with one 
 
 Paths need not exist here (a container may mount them elsewhere, a compute node may see another file
 system): a ``data.root`` without a manifest or a ``model.init_weights`` that this machine does not have is a
-``warning:`` line, and the network is then checked with ImageNet's 1000 classes. With the manifest, the
+``warning:`` line, and the network is then checked with ImageNet's 1000 classes; so is a run directory this
+user cannot write here (another user's, a read-only mount), which the start refuses. With the manifest, the
 splits the command reads are checked too (names, shard files).
 """
 
@@ -22,7 +23,9 @@ from pathlib import Path
 from data_prep.format import MANIFEST_NAME
 from pipeline.cli import PipelineCLI, check_run_settings, check_trainer, main
 from pipeline.datamodule import ShardDataModule
+from pipeline.errors import ConfigError
 from pipeline.optim import ignored_schedule_settings
+from pipeline.run_dir_access import check_run_dir_writable
 from pipeline.trainer_devices import devices_per_node
 
 CLASSES_WITHOUT_MANIFEST = 1000
@@ -112,6 +115,13 @@ class ConfigCheckCLI(PipelineCLI):
         weights = cfg.model.get("init_weights")
         if weights and not Path(weights).exists():
             _warn(f"model.init_weights: {weights} does not exist on this machine")
+        try:  # the start refuses it (run_dir_access); a warning here: a compute node may mount it otherwise
+            sub = self.subcommand or "fit"
+            ckpt = cfg.get("ckpt_path") if sub != "fit" else None
+            check_run_dir_writable(cfg.trainer.get("default_root_dir") or "runs/default", sub,
+                                   bool(cfg.tracking.wandb), str(ckpt) if ckpt else None)
+        except ConfigError as e:
+            _warn(str(e))
         return None
 
     def _run_subcommand(self, subcommand: str) -> None:

@@ -116,6 +116,9 @@ def test_validate_of_another_users_run_says_where_to_log(shards, base):
     line = _one_error_line(_run(*args))
     assert f"{run_dir} is not writable" in line, line
     assert f"--trainer.default_root_dir DIR --ckpt_path {run_dir}/checkpoints/last.ckpt" in line, line
+    check = _run("pipeline.config_check", *args[1:])  # what `launch submit` runs before sbatch: a warning
+    assert check.returncode == 0, check.stderr[-3000:]
+    assert f"warning: trainer.default_root_dir: {run_dir} is not writable" in check.stderr, check.stderr[-3000:]
     mine = base / "mine"
     mine.mkdir(mode=0o777)
     mine.chmod(0o777)
