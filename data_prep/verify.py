@@ -33,7 +33,10 @@ def verify_shard(out: Path, split: str, shard: dict, n_classes: int, decode: int
     if size != shard["bytes"]:
         return [f"{where}: size {size} != manifest {shard['bytes']}"]
     problems = []
-    changed = file_sha256(tar) != shard["sha256"]
+    try:
+        changed = file_sha256(tar) != shard["sha256"]
+    except OSError as exc:  # another user's file (mode 600), an I/O error: a finding, and the other shards go on
+        return [f"{where}: cannot read: {exc.strerror or exc}"]
     if changed:  # then decode every sample, to name the damaged ones (as the loaders' errors do)
         problems.append(f"{where}: sha256 mismatch (file changed or corrupt); decoding all its samples")
     try:

@@ -12,12 +12,11 @@ this user cannot write is one ``ConfigError`` line naming it, its owner and the 
 from __future__ import annotations
 
 import os
-import pwd
-import stat
 from pathlib import Path
 
 from pipeline.config_history import HISTORY_DIR
 from pipeline.errors import ConfigError
+from pipeline.file_access import describe_owner, me, unwritable_part
 from pipeline.run_layout import CHECKPOINTS_DIR, CSV_DIR, METRICS_CSV, TENSORBOARD_DIR, WANDB_DIR
 from pipeline.sample_grid import GRID_FILE
 
@@ -26,47 +25,6 @@ from pipeline.sample_grid import GRID_FILE
 FIT_DIRS = (CHECKPOINTS_DIR, CSV_DIR, WANDB_DIR, TENSORBOARD_DIR, HISTORY_DIR)
 FIT_FILES = (f"{CSV_DIR}/{METRICS_CSV}", GRID_FILE)
 WANDB_ENV_DIRS = {"WANDB_CACHE_DIR": ".wandb-cache", "WANDB_CONFIG_DIR": ".wandb-config"}  # tracking._wandb_dirs
-
-
-def describe_owner(path: Path) -> str:
-    """`` (on a read-only file system)``, else `` (owned by USER, MODE)``: why ``path`` cannot be written."""
-    try:
-        st = path.stat()
-        if os.statvfs(path).f_flag & os.ST_RDONLY:
-            return " (on a read-only file system)"
-    except OSError:
-        return ""
-    try:
-        name = pwd.getpwuid(st.st_uid).pw_name
-    except KeyError:
-        name = str(st.st_uid)
-    return f" (owned by {name}, {stat.filemode(st.st_mode)})"
-
-
-def _me() -> str:
-    try:
-        return pwd.getpwuid(os.geteuid()).pw_name
-    except KeyError:
-        return f"uid {os.geteuid()}"
-
-
-def unwritable_part(path: Path) -> Path | None:
-    """``path`` (or, where it does not exist yet, the nearest folder above it that does) when this user cannot
-    create or change files there; None when it can."""
-    p = path
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    if p.is_dir():
-        ok = os.access(p, os.W_OK | os.X_OK, effective_ids=os.access in os.supports_effective_ids)
-    else:  # a file: written in place, or in the way of a folder to create
-        ok = p == path and os.access(p, os.W_OK, effective_ids=os.access in os.supports_effective_ids)
-    if ok and p.is_dir():
-        # a read-only mount: access() says so too on Linux (EROFS), but not every file system does
-        try:
-            ok = not (os.statvfs(p).f_flag & os.ST_RDONLY)
-        except OSError:
-            pass
-    return None if ok else p
 
 
 def check_run_dir_writable(run_dir: str | Path, subcommand: str, wandb: bool, ckpt: str | None = None) -> None:
@@ -101,5 +59,5 @@ def check_run_dir_writable(run_dir: str | Path, subcommand: str, wandb: bool, ck
             ckpt = ckpt or str(run_dir / CHECKPOINTS_DIR / "last.ckpt")
             advice = (f"{subcommand} writes its config and logs there; score from a run directory of your own: "
                       f"--trainer.default_root_dir DIR --ckpt_path {ckpt}")
-        raise ConfigError(f"trainer.default_root_dir: {bad}{where} is not writable by {_me()}{describe_owner(bad)}: "
+        raise ConfigError(f"trainer.default_root_dir: {bad}{where} is not writable by {me()}{describe_owner(bad)}: "
                           f"{advice}")

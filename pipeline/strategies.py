@@ -39,7 +39,7 @@ def check_extensions_dir() -> None:
     or missing, as for a service account or in a container): torch builds and locks there, and the start
     failed in a ``PermissionError`` traceback from ``os.makedirs`` once DeepSpeed initialised."""
     from pipeline.errors import ConfigError
-    from pipeline.run_dir_access import describe_owner, unwritable_part
+    from pipeline.file_access import describe_owner, unwritable_part
 
     where = _extensions_dir()
     bad = unwritable_part(where)

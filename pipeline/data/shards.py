@@ -21,6 +21,7 @@ import numpy as np
 
 from data_prep.format import MANIFEST_NAME, WORK_DIR, ManifestError, index_name_of, load_manifest, plan_path, read_index
 from pipeline.errors import ConfigError
+from pipeline.file_access import describe_owner
 from pipeline.wording import plural
 
 
@@ -81,6 +82,12 @@ class ShardSet:
                 raise ConfigError(
                     f"shard {str(path)!r} is truncated or altered: {actual} bytes, manifest says {s['bytes']}"
                 )
+            try:  # a shard this user cannot read (another user's file, mode 600) stopped a loader worker later,
+                os.close(os.open(path, os.O_RDONLY))  # in a traceback, after the run had started
+            except OSError as e:
+                raise ConfigError(f"shard {str(path)!r} listed in the manifest cannot be read: {e.strerror}"
+                                  f"{describe_owner(path, writing=False)}; give this user read access to the shards (e.g. chmod -R "
+                                  f"a+rX {self.root}, or their group's)") from None
             idx_path = self.root / s.get("index", index_name_of(s["name"]))
             if not idx_path.is_file():
                 raise ConfigError(f"index {str(idx_path)!r} of shard {s['name']!r} is missing")

@@ -1,0 +1,52 @@
+"""Who may write or read a path, said the way the one-line errors say it (``pipeline.run_dir_access``, the
+shard reader, DeepSpeed's extensions folder). No torch here: the loaders' workers import it."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import stat
+from pathlib import Path
+
+
+def describe_owner(path: Path, writing: bool = True) -> str:
+    """`` (on a read-only file system)`` (when ``writing``), else `` (owned by USER, MODE)``: why this user
+    cannot write (or read) ``path``."""
+    try:
+        st = path.stat()
+        if writing and os.statvfs(path).f_flag & os.ST_RDONLY:
+            return " (on a read-only file system)"
+    except OSError:
+        return ""
+    try:
+        name = pwd.getpwuid(st.st_uid).pw_name
+    except KeyError:
+        name = str(st.st_uid)
+    return f" (owned by {name}, {stat.filemode(st.st_mode)})"
+
+
+def me() -> str:
+    """This process's user name (its uid where it has none)."""
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return f"uid {os.geteuid()}"
+
+
+def unwritable_part(path: Path) -> Path | None:
+    """``path`` (or, where it does not exist yet, the nearest folder above it that does) when this user cannot
+    create or change files there; None when it can."""
+    p = path
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if p.is_dir():
+        ok = os.access(p, os.W_OK | os.X_OK, effective_ids=os.access in os.supports_effective_ids)
+    else:  # a file: written in place, or in the way of a folder to create
+        ok = p == path and os.access(p, os.W_OK, effective_ids=os.access in os.supports_effective_ids)
+    if ok and p.is_dir():
+        # a read-only mount: access() says so too on Linux (EROFS), but not every file system does
+        try:
+            ok = not (os.statvfs(p).f_flag & os.ST_RDONLY)
+        except OSError:
+            pass
+    return None if ok else p
