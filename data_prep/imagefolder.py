@@ -99,8 +99,11 @@ def scan_imagefolder(src: Path, split: str | None = None) -> Scan:
             by_class.add(i, parts[0])
     for path, reason in listing.rejects:  # a class folder that cannot be read: a class lost, labels shifted
         if src.is_dir() and reason.startswith(("cannot list folder", "folder already listed")):
-            rel = Path(path).relative_to(src).parts if Path(path).is_relative_to(src) else ()
-            if len(rel) == strip + 1 and (top is None or rel[0] == top) and not is_hidden(rel):
+            rel = Path(path).relative_to(src).parts if Path(path).is_relative_to(src) else None
+            if rel == () or (rel is not None and len(rel) <= strip and rel[0] == top):
+                # SRC itself, or the split folder in it: it said "no class folders with files found"
+                raise PrepError(f"{path}: {reason}; fix its permissions and run again")
+            if rel is not None and len(rel) == strip + 1 and (top is None or rel[0] == top) and not is_hidden(rel):
                 raise PrepError(f"{path}: class folder {rel[-1]!r}: {reason}; its class would be missing and the "
                                 f"labels of the classes after it would move: fix it (permissions, or remove the "
                                 f"duplicate link) and run again")

@@ -247,11 +247,30 @@ def _labelled(listing: Listing, split: str, src: ImageNetSource) -> tuple[KeptRo
     return out, rejects
 
 
+def _check_split_folder(listing: Listing, folder: Path, split: str) -> None:
+    """A split folder, or a class folder in it, that cannot be listed (``chmod 000``, another group's) stops the
+    scan, as in ``imagefolder``: it was one reject (``cannot list folder``) standing for a whole class of images
+    (``train: 18 samples, 1 rejected`` with 6 images gone), and without the devkit the class list comes from
+    the train folders, so the labels of the classes after it moved."""
+    for path, reason in listing.rejects:
+        if not reason.startswith(("cannot list folder", "folder already listed")):
+            continue
+        rel = Path(path).relative_to(folder).parts if Path(path).is_relative_to(folder) else None
+        if rel == ():
+            raise PrepError(f"{path}: the {split} folder: {reason}; fix its permissions and run again")
+        if rel is not None and len(rel) == 1 and not is_hidden(rel):
+            raise PrepError(f"{path}: class folder {rel[0]!r} of split {split!r}: {reason}; its images would be "
+                            f"missing (and without the devkit the labels of the classes after it would move): fix "
+                            f"it (permissions, or remove the duplicate link) and run again")
+
+
 def scan_imagenet(src: ImageNetSource, splits: list[str]) -> tuple[dict[str, Scan], dict[str, str]]:
     """Scan the requested splits with one shared class list; returns ({split: Scan}, {split: where})."""
     raw, where = {}, {}
     for split in splits:
         listing, where[split] = src.list_split(split)
+        if Path(where[split]).is_dir():
+            _check_split_folder(listing, Path(where[split]), split)
         raw[split] = _labelled(listing, split, src)
         del listing
     dk = src.devkit()

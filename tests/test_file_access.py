@@ -215,3 +215,38 @@ def test_a_shard_this_user_cannot_read_is_named_by_fit_and_verify(shards, base):
     proc = _run("data_prep", "verify", str(shards))
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "train/train-000001.tar: cannot read: Permission denied" in proc.stdout + proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("unreadable", ["train/n01443537", "val"])
+def test_imagenet_folder_this_user_cannot_list_stops_the_scan(base, unreadable):
+    """The extracted ImageNet layout with a class folder (or the split folder) this user cannot list: the class
+    folder was one reject standing for all its images (``train: 18 samples in 1 shards, 1 rejected``, 6 images
+    gone, and without the devkit the labels after it shifted); the val folder gave a val split of 0 samples.
+    Now one error line naming the folder, as ``imagefolder`` says of its class folders."""
+    from tests.fixtures_images import build_imagenet
+
+    src = base / "ilsvrc"
+    build_imagenet(src, extracted=True)
+    for p in [src, *src.rglob("*")]:
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    out = base / "out"
+    out.mkdir()
+    out.chmod(0o777)
+    (src / unreadable).chmod(0o000)
+    line = _one_error_line_of_prep(_run("data_prep", "imagenet", str(src), str(out / "shards"), "--workers", "1"))
+    assert f"error: {src / unreadable}: " in line and "cannot list folder: Permission denied" in line, line
+    assert not (out / "shards" / "manifest.json").exists()
+
+
+def test_imagefolder_source_this_user_cannot_list_says_so(base):
+    """SRC itself unreadable said "no class folders with files found (expected <class>/<image> layout)"."""
+    from tests.fixtures_images import write_imagefolder
+
+    src = base / "src"
+    write_imagefolder(src, ["a", "b"], per_class=2)
+    src.chmod(0o000)
+    out = base / "out"
+    out.mkdir(mode=0o777)
+    out.chmod(0o777)
+    line = _one_error_line_of_prep(_run("data_prep", "imagefolder", str(src), str(out / "s"), "--split", "train"))
+    assert line.endswith(f"error: {src}: cannot list folder: Permission denied; fix its permissions and run again"), line
