@@ -24,6 +24,7 @@ from data_prep.format import MANIFEST_NAME
 from pipeline.cli import PipelineCLI, check_run_settings, check_trainer, main
 from pipeline.datamodule import ShardDataModule
 from pipeline.errors import ConfigError
+from pipeline.file_access import unreachable_reason
 from pipeline.optim import ignored_schedule_settings
 from pipeline.run_dir_access import check_run_dir_writable
 from pipeline.trainer_devices import devices_per_node
@@ -42,6 +43,10 @@ class DataModuleSeenFromHere(ShardDataModule):
 
     @property
     def num_classes(self) -> int:
+        if (why := unreachable_reason(Path(self.root) / MANIFEST_NAME)) is not None:
+            _warn(f"data.root: cannot reach {self.root} here: {why}; the model is checked with "
+                  f"{CLASSES_WITHOUT_MANIFEST} classes")
+            return CLASSES_WITHOUT_MANIFEST
         if (Path(self.root) / MANIFEST_NAME).is_file():
             return super().num_classes
         _warn(f"data.root: {_why_no_manifest(Path(self.root))}; the model is checked with "
@@ -104,7 +109,8 @@ class ConfigCheckCLI(PipelineCLI):
         cfg = self._cfg
         check_run_settings(cfg)
         data = self.datamodule
-        if isinstance(data, ShardDataModule) and (Path(data.root) / MANIFEST_NAME).is_file():
+        manifest = Path(data.root) / MANIFEST_NAME if isinstance(data, ShardDataModule) else None
+        if manifest is not None and unreachable_reason(manifest) is None and manifest.is_file():  # (warned of)
             data.check_splits(self.subcommand or "fit")  # the split names; every shard file is there
             world = _configured_world(cfg.trainer)
             if (self.subcommand or "fit") == "fit" and world:

@@ -23,6 +23,7 @@ from pipeline.data.shared_memory import shortage
 from pipeline.data.worker_signals import shield_worker
 from pipeline.data.worker_start import START_METHODS, resolve, worker_context
 from pipeline.errors import ConfigError, require
+from pipeline.file_access import unreachable_reason
 from pipeline.wording import plural
 from pipeline.evaluation_way_out import way_out
 from pipeline.resume_geometry import epoch_finished
@@ -123,6 +124,9 @@ class ShardDataModule(pl.LightningDataModule):
 
     # ---- data -------------------------------------------------------------------------------------
     def _shards(self, split: str) -> ShardSet:
+        if (why := unreachable_reason(self.root)) is not None:
+            raise ConfigError(f"data.root: cannot reach shard directory {self.root!r}: {why}; give this user "
+                              f"access to it (or its group's), or copy the shards where it can read them")
         if Path(self.root).exists() and not Path(self.root).is_dir():
             raise ConfigError(f"data.root: {self.root!r} is a file; data.root is the shard directory (data_prep's "
                               f"OUT, holding manifest.json)")

@@ -50,3 +50,20 @@ def unwritable_part(path: Path) -> Path | None:
         except OSError:
             pass
     return None if ok else p
+
+
+def unreachable_reason(path: str | Path) -> str | None:
+    """Why this user cannot reach ``path`` (a folder above it it may not enter: another user's home, mode
+    700), else None (also when it is missing: the callers say that in their own words). Python's
+    ``Path.exists`` raised the bare ``PermissionError`` there (a traceback where a one-line error was meant)."""
+    try:
+        os.stat(path)
+        return None
+    except PermissionError as e:
+        full = Path(os.path.abspath(path))
+        for folder in [*reversed(full.parents), full]:
+            if folder.is_dir() and not os.access(folder, os.X_OK, effective_ids=os.access in os.supports_effective_ids):
+                return f"{e.strerror}: {me()} may not enter {folder}{describe_owner(folder, writing=False)}"
+        return e.strerror
+    except OSError:
+        return None

@@ -48,9 +48,10 @@ def base():
     path = Path(tempfile.mkdtemp(prefix="file-access-", dir="/tmp"))
     path.chmod(0o755)
     yield path
-    for p in [path, *path.rglob("*")]:
-        if p.is_dir() and not p.is_symlink():
-            p.chmod(0o755)
+    for dirpath, dirnames, _files in os.walk(path):  # top-down: each folder opened before it is entered
+        for d in dirnames:
+            if not os.path.islink(os.path.join(dirpath, d)):
+                os.chmod(os.path.join(dirpath, d), 0o755)
     shutil.rmtree(path, ignore_errors=True)
 
 
@@ -250,3 +251,21 @@ def test_imagefolder_source_this_user_cannot_list_says_so(base):
     out.chmod(0o777)
     line = _one_error_line_of_prep(_run("data_prep", "imagefolder", str(src), str(out / "s"), "--split", "train"))
     assert line.endswith(f"error: {src}: cannot list folder: Permission denied; fix its permissions and run again"), line
+
+
+def test_shards_under_a_folder_this_user_cannot_enter(digits_shards, base):
+    """data.root inside another user's folder (mode 700): Python's Path.exists raised PermissionError, so
+    ``fit`` and ``config_check`` (what ``launch submit`` runs) ended in a traceback. Now ``fit`` refuses in one
+    line naming the folder it may not enter; ``config_check`` warns, as of other paths it cannot see."""
+    private = base / "private"
+    shutil.copytree(digits_shards, private / "shards")
+    private.chmod(0o700 if os.geteuid() == 0 else 0o000)
+    runs = base / "runs"
+    runs.mkdir(mode=0o777)
+    runs.chmod(0o777)
+    line = _one_error_line(_run(*_fit_args(private / "shards", runs / "r")))
+    assert line.startswith(f"error: data.root: cannot reach shard directory '{private / 'shards'}': Permission "
+                           f"denied: ") and f"may not enter {private} (owned by " in line, line
+    check = _run("pipeline.config_check", *_fit_args(private / "shards", runs / "r")[1:])
+    assert check.returncode == 0, check.stderr[-3000:]
+    assert f"warning: data.root: cannot reach {private / 'shards'} here: Permission denied" in check.stderr
