@@ -2,8 +2,11 @@
 written, inputs that cannot be read. What this user cannot write or read is said in one line naming the path
 and the setting, before anything starts; never a traceback, never an image dropped without a word.
 
-Permissions do not stop root: as root these tests run the commands as ``nobody`` (and skip where that user
-cannot run this checkout's Python); as another user they run them as that user."""
+Permissions do not stop root: as root these tests run the commands without the capabilities that let root
+past them (``setpriv``: no CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER), so a mode says to root what
+it says to the files' owner; as another user they run them as that user. Either way the commands run as the
+owner of the files the test made, and the modes that stop them are the owner's (000, 555). (Run as ``nobody``
+instead, they skipped wherever the interpreter lives under a folder only root may enter: ``/root/.pyenv``.)"""
 
 from __future__ import annotations
 
@@ -25,19 +28,20 @@ def _as_other_user() -> list[str]:
     """The prefix that runs a command as a user that permissions apply to: none for a plain user."""
     if os.geteuid() != 0:
         return []
-    if not shutil.which("runuser"):
-        pytest.skip("running as root without runuser: permissions would not apply")
-    prefix = ["runuser", "-u", "nobody", "--"]
-    probe = subprocess.run([*prefix, sys.executable, "-c", "import pipeline.cli"], capture_output=True, text=True,
-                           cwd="/", env={**os.environ, "PYTHONPATH": str(REPO)})
-    if probe.returncode != 0:
-        pytest.skip(f"user nobody cannot run this checkout's Python ({sys.executable}): {probe.stderr[-300:]}")
+    if not shutil.which("setpriv"):
+        pytest.skip("running as root without setpriv (util-linux): permissions would not apply")
+    drop = "-dac_override,-dac_read_search,-fowner"
+    prefix = ["setpriv", f"--inh-caps={drop}", f"--bounding-set={drop}"]
+    with tempfile.NamedTemporaryFile() as f:
+        os.chmod(f.name, 0o000)
+        probe = subprocess.run([*prefix, "cat", f.name], capture_output=True, text=True)
+    if probe.returncode == 0 or "Permission denied" not in probe.stderr:
+        pytest.skip(f"setpriv cannot take root's way past permissions away here: {probe.stderr[-300:]}")
     return prefix
 
 
 def _run(*args: str, env: dict | None = None, cwd: str | Path = "/") -> subprocess.CompletedProcess:
     full = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", **(env or {})}
-    # runuser keeps the environment (HOME and the user's names become nobody's: a HOME it cannot write)
     return subprocess.run([*_as_other_user(), sys.executable, "-m", *args], capture_output=True, text=True,
                           timeout=600, cwd=cwd, env=full)
 
@@ -94,10 +98,9 @@ def test_fit_refuses_another_users_run_whose_lock_is_writable(shards, base):
     run_dir = _trained_run(shards, base / "theirs")
     run_dir.chmod(0o777)
     (run_dir / ".lock").chmod(0o666)
-    if os.geteuid() != 0:  # the owner: take the write bit off the folders below instead
-        for p in run_dir.iterdir():
-            if p.is_dir():
-                p.chmod(0o555)
+    for p in run_dir.iterdir():  # the owner: the write bit off the folders below
+        if p.is_dir():
+            p.chmod(0o555)
     before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
     proc = _run(*_fit_args(shards, run_dir, "--trainer.max_epochs", "2"))
     line = _one_error_line(proc)
@@ -180,7 +183,7 @@ def test_data_prep_unreadable_inputs_are_named_and_read_again_by_a_rerun(base):
     assert manifest["splits"]["train"]["samples"] == 11 and manifest["splits"]["train"]["rejected"] == 1
     rejects = [json.loads(x) for x in (out / "shards" / "rejects.jsonl").read_text().splitlines()]
     assert [r["path"] for r in rejects] == [str(image)] and "Permission denied" in rejects[0]["reason"]
-    assert f"1 input(s) could not be read and are not in the shards (first: {image}" in first.stderr, first.stderr
+    assert f"1 input could not be read and is not in the shards (first: {image}" in first.stderr, first.stderr
 
     image.chmod(0o644)
     again = _run(*prep)
@@ -200,12 +203,12 @@ def _one_error_line_of_prep(proc: subprocess.CompletedProcess) -> str:
 
 
 def test_a_shard_this_user_cannot_read_is_named_by_fit_and_verify(shards, base):
-    """A shard of another user's (mode 600; here 000 when the test runs as its owner): ``fit`` started, and a
+    """A shard of another user's (mode 600; here 000: the test runs as its owner): ``fit`` started, and a
     loader worker stopped it in a PermissionError traceback; ``verify`` stopped at that shard in one line that
     did not say which split, checking none after it. Now ``fit`` refuses at the start, naming the shard, and
     ``verify`` reports it among its problems (exit 1) and goes on."""
     tar = shards / "train-000001.tar"
-    tar.chmod(0o600 if os.geteuid() == 0 else 0o000)
+    tar.chmod(0o000)
     run_dir = base / "runs"
     run_dir.mkdir(mode=0o777)
     run_dir.chmod(0o777)
@@ -259,7 +262,7 @@ def test_shards_under_a_folder_this_user_cannot_enter(digits_shards, base):
     line naming the folder it may not enter; ``config_check`` warns, as of other paths it cannot see."""
     private = base / "private"
     shutil.copytree(digits_shards, private / "shards")
-    private.chmod(0o700 if os.geteuid() == 0 else 0o000)
+    private.chmod(0o000)
     runs = base / "runs"
     runs.mkdir(mode=0o777)
     runs.chmod(0o777)
