@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from data_prep.cli import default_workers
 from launch import rundir, slurm, status, torchrun
 from launch.branch import check_branch
 from launch.errors import LaunchError
@@ -358,11 +359,7 @@ def threads_per_rank(nproc_per_node: int) -> int:
     """OpenMP threads of each rank ``launch torchrun --run`` starts: the cores this process may run on (its
     CPU affinity, as Slurm or a container sets it) shared out among the node's ranks, at least 1. Left
     unset, torchrun sets 1 for every rank and prints a warning block about it."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # no affinity call (macOS)
-        cores = os.cpu_count() or 1
-    return max(1, cores // nproc_per_node)
+    return max(1, default_workers() // nproc_per_node)
 
 
 def threads_per_rank_shell(nproc_per_node: int) -> str:
