@@ -88,15 +88,10 @@ def _first_error_line(text: str) -> str:
     return next((line for line in lines if "fatal:" in line), lines[0] if lines else "unknown reason")
 
 
-def _jobs(ids: list[str]) -> tuple[str, list[slurm.JobRow] | None]:
+def _jobs(ids: list[str]) -> tuple[str, list[slurm.JobRow] | None, str]:
     """A heading and the jobs' rows from sacct, else squeue/scontrol, else none: a Slurm that cannot be
-    reached (controller down, no client config here) must not hide what the run directory itself says."""
-    header, rows, _ = _jobs_and_why(ids)
-    return header, rows
-
-
-def _jobs_and_why(ids: list[str]) -> tuple[str, list[slurm.JobRow] | None, str]:
-    """``_jobs``, and why Slurm could not say where it could not (else "")."""
+    reached (controller down, no client config here) must not hide what the run directory itself says. And
+    why Slurm could not say, where it could not (else "")."""
     unavailable = "jobs (Slurm unavailable: {}; requeues from the job logs only):"
     try:
         rows = slurm.sacct(ids)
@@ -222,7 +217,7 @@ def report(run_dir: Path) -> str:
     if not ids:
         lines.append("jobs         none (no jobs.jsonl and no slurm-<job>.out in the run directory)")
     else:
-        header, rows = _jobs(ids)
+        header, rows, _ = _jobs(ids)
         lines.append(header)
         if rows is not None:  # None: Slurm could not say
             lines += _table(rows) if rows else ["  (none queued or running)"]
@@ -277,7 +272,7 @@ def runs_report(parent: Path, runs: list[Path]) -> str:
     rows: list[slurm.JobRow] | None = None  # None: Slurm not asked, or not answering
     note = ""
     if last_job:
-        header, rows, why = _jobs_and_why(sorted(set(last_job.values()), key=lambda j: (len(j), j)))
+        header, rows, why = _jobs(sorted(set(last_job.values()), key=lambda j: (len(j), j)))
         if rows is None:  # (not the heading's "requeues from the job logs": this table has none)
             note = f"(Slurm unavailable: {why}; the jobs' states are not known)"
         else:
