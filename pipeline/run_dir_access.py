@@ -17,14 +17,13 @@ from pathlib import Path
 from pipeline.config_history import HISTORY_DIR
 from pipeline.errors import ConfigError
 from pipeline.file_access import describe_owner, me, unwritable_part
-from pipeline.run_layout import CHECKPOINTS_DIR, CSV_DIR, METRICS_CSV, TENSORBOARD_DIR, WANDB_DIR
+from pipeline.run_layout import CHECKPOINTS_DIR, CSV_DIR, METRICS_CSV, TENSORBOARD_DIR, WANDB_DIR, WANDB_ENV_DIRS
 from pipeline.sample_grid import GRID_FILE
 
 # what fit writes in RUN: directories it creates or writes into, files it rewrites in place (the others are
 # written beside and renamed, which needs the directory alone)
 FIT_DIRS = (CHECKPOINTS_DIR, CSV_DIR, WANDB_DIR, TENSORBOARD_DIR, HISTORY_DIR)
 FIT_FILES = (f"{CSV_DIR}/{METRICS_CSV}", GRID_FILE)
-WANDB_ENV_DIRS = {"WANDB_CACHE_DIR": ".wandb-cache", "WANDB_CONFIG_DIR": ".wandb-config"}  # tracking._wandb_dirs
 
 
 def check_run_dir_writable(run_dir: str | Path, subcommand: str, wandb: bool, ckpt: str | None = None) -> None:

@@ -22,6 +22,8 @@ CONFIG_FILE = "config.yaml"  # the resolved config of ``fit`` (Lightning's SaveC
 CSV_DIR = "csv"  # the CSV logger's folder (Lightning's CSVLogger name)
 METRICS_CSV = "metrics.csv"  # in CSV_DIR (the file name Lightning's CSV writer gives)
 WANDB_DIR = "wandb"  # W&B's own files (the name W&B gives its folder in the logger's save_dir)
+# W&B's cache and config folders, in RUN unless the user set these variables (pipeline/tracking.py)
+WANDB_ENV_DIRS = {"WANDB_CACHE_DIR": ".wandb-cache", "WANDB_CONFIG_DIR": ".wandb-config"}
 TENSORBOARD_DIR = "tensorboard"  # the TensorBoard logger's folder
 RUN_ID_FILE = "wandb_run_id"  # pipeline/run_id_file.py reads and writes it
 BRANCH_FILE = "branched_from"  # a branch's origin checkpoint, from its first start (pipeline/branch_origin.py)

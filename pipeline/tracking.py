@@ -19,7 +19,7 @@ from pytorch_lightning.loggers.logger import rank_zero_experiment
 from pipeline.checkpoint_io import atomic_write_bytes
 from pipeline.errors import ConfigError
 from pipeline.run_id_file import RUN_ID_PATTERN, BadRunIdFile, create_run_id, read_run_id
-from pipeline.run_layout import CSV_DIR, RUN_ID_FILE, TENSORBOARD_DIR, metrics_csv
+from pipeline.run_layout import CSV_DIR, RUN_ID_FILE, TENSORBOARD_DIR, WANDB_ENV_DIRS, metrics_csv
 from pipeline.wandb_lines import drop_wandb_lines
 from pipeline.wandb_logger import ServiceSafeWandbLogger
 
@@ -281,8 +281,8 @@ def _quiet(logger: WandbLogger) -> WandbLogger:
 
 
 def _wandb_dirs(run_dir: Path) -> None:
-    os.environ.setdefault("WANDB_CACHE_DIR", str(run_dir / ".wandb-cache"))
-    os.environ.setdefault("WANDB_CONFIG_DIR", str(run_dir / ".wandb-config"))
+    for env, name in WANDB_ENV_DIRS.items():
+        os.environ.setdefault(env, str(run_dir / name))
 
 
 class StepLearningRateMonitor(LearningRateMonitor):
