@@ -77,6 +77,7 @@ from pipeline.run_layout import (BEST_FILENAME, BEST_GLOB, CHECKPOINTS_DIR, CONF
 from pipeline.run_lock import RunDirLock, is_global_rank_zero
 from pipeline.sample_grid import SampleGrid
 from pipeline.sync_batchnorm import GlooSyncBatchNormPlugin
+from pipeline.temp_dir import check_temp_dir
 from pipeline.throughput import Throughput
 from pipeline.torchelastic import restart_warning
 from pipeline.tracking import (RUN_ID_KEY, CheckpointStep, RunIdInCheckpoint, StepLearningRateMonitor,
@@ -407,6 +408,7 @@ class PipelineCLI(LightningCLI):
             if sub in ("validate", "test"):  # its config and logs go into RUN: another user's run is refused here
                 ckpt = cfg.get("ckpt_path")
                 check_run_dir_writable(run_dir, sub, bool(cfg.tracking.wandb), str(ckpt) if ckpt else None)
+                check_temp_dir()
             if sub in ("validate", "test") and cfg.get("ckpt_path") is not None:
                 _say(f"{sub}: {cfg.ckpt_path}{_at_step(meta, ' (step {})')}")
             return
@@ -418,6 +420,7 @@ class PipelineCLI(LightningCLI):
         self._run_lock.acquire()
         # another user's run whose lock file was left writable: refused here, not in a W&B traceback later
         check_run_dir_writable(run_dir, "fit", bool(cfg.tracking.wandb))
+        check_temp_dir()
         if warning := restart_warning(os.environ):
             _say(warning)
         for path, newer in recover_directories(checkpoint_dir(run_dir)):  # a crash in a DeepSpeed directory swap

@@ -367,6 +367,22 @@ def test_broken_shard_is_named_at_start_through_the_datamodule(photo_shards, tmp
         dm.setup("fit")
 
 
+def test_no_usable_temporary_directory_for_the_plans_is_named(digits_shards, tmp_path, monkeypatch):
+    """The epoch plans' folder cannot be made: a ConfigError naming TMPDIR (was tempfile's bare OSError)."""
+    import tempfile
+
+    from pipeline.errors import ConfigError
+
+    not_a_folder = tmp_path / "tmp-is-a-file"
+    not_a_folder.write_text("")
+    monkeypatch.setattr(tempfile, "tempdir", str(not_a_folder))  # what tempfile settled on: unusable
+    monkeypatch.setenv("TMPDIR", str(not_a_folder))
+    shards = ShardSet(digits_shards, "train")
+    sampler = TrainSampler(shards.shard_sizes, seed=0, world_size=1, rank=0, batch_size=8)
+    with pytest.raises(ConfigError, match=f"TMPDIR '{not_a_folder}'.*DALI loader writes its epoch plans"):
+        dali(shards, sampler, AugmentConfig(recipe="cifar", train_size=32, val_size=32), train=True)
+
+
 # ---- resume and the trainer ---------------------------------------------------------------------------
 def test_dali_resumed_mid_epoch_equals_the_cpu_backend_uninterrupted(digits_shards):
     """cifar recipe (no resampling, so pixels are exact): a dali-cpu job restarted at step 9 of epoch 2,

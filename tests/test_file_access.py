@@ -272,3 +272,21 @@ def test_shards_under_a_folder_this_user_cannot_enter(digits_shards, base):
     check = _run("pipeline.config_check", *_fit_args(private / "shards", runs / "r")[1:])
     assert check.returncode == 0, check.stderr[-3000:]
     assert f"warning: data.root: cannot reach {private / 'shards'} here: Permission denied" in check.stderr
+
+
+def test_fit_with_no_usable_temporary_directory_says_tmpdir(digits_shards, tmp_path, monkeypatch):
+    """No temporary directory this process can write (every one tempfile tries missing, full or read-only):
+    one line naming TMPDIR before anything starts, exit 2 (was W&B's FileNotFoundError traceback as the
+    loggers started)."""
+    from tests.conftest import run_cli_in_process
+
+    not_a_folder = tmp_path / "tmp-is-a-file"
+    not_a_folder.write_text("")
+    monkeypatch.setattr(tempfile, "tempdir", str(not_a_folder))  # what tempfile settled on: unusable
+    r = run_cli_in_process("fit", "--config", str(REPO / "conf" / "demo.yaml"), "--data.root", str(digits_shards),
+                           "--trainer.max_steps", "1", "--trainer.default_root_dir", str(tmp_path / "run"),
+                           env={"TMPDIR": str(not_a_folder)})
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    assert f"TMPDIR '{not_a_folder}'" in r.stderr and "set TMPDIR" in r.stderr, r.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()

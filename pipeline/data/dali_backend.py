@@ -35,7 +35,6 @@ import logging
 import multiprocessing
 import os
 import shutil
-import tempfile
 import weakref
 
 import numpy as np
@@ -49,6 +48,7 @@ from pipeline.data.shards import CorruptSampleError, ShardSet
 from pipeline.data.shared_memory import SharedMemoryError, dali_shortage
 from pipeline.data.worker_signals import spawned_without_preemption_signals
 from pipeline.data.worker_watchdog import WorkerWatchdog, describe_death
+from pipeline.temp_dir import temp_folder
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ class DaliLoader:
         self.size = cfg.train_size if train else cfg.val_size
         self.ranks_here = max(1, int(ranks_here))
         self.corrupt_seen = 0
-        self._plan_dir = tempfile.mkdtemp(prefix="dali-plan-")
+        self._plan_dir = temp_folder("dali-plan-", "the DALI loader writes its epoch plans to")
         self._pipe = None
         self._watchdog = WorkerWatchdog(  # over the live pipeline's source worker processes
             "a DALI source worker process",
