@@ -69,7 +69,7 @@ from pipeline.wandb_service import finish_pending_wandb_run
 from pipeline.progress import console_progress
 from pipeline.resume_geometry import Geometry, LoopPosition, adapt, expected_world_size
 from pipeline.rng_state import RNGState
-from pipeline.run_dir_access import check_run_dir_writable
+from pipeline.run_dir_access import check_run_dir_reachable, check_run_dir_writable
 from pipeline.run_dir_still_ours import RunDirStillOurs
 from pipeline.run_layout import (BEST_FILENAME, BEST_GLOB, CHECKPOINTS_DIR, CONFIG_FILE, CSV_DIR, LAST_CHECKPOINT,
                                  BRANCH_FILE, RUN_ID_FILE, TENSORBOARD_DIR, WANDB_DIR, best_top1, checkpoint_dir,
@@ -402,6 +402,7 @@ class PipelineCLI(LightningCLI):
             if sub in ("validate", "test") and cfg.trainer.get(limit_key) == 0:  # exit 0 and no metrics, said nothing
                 raise ConfigError(f"trainer.{limit_key} is 0: {sub} would score no batch")
             if sub in ("validate", "test"):  # (None: a CLI built with run=False, as tests do)
+                check_run_dir_reachable(run_dir)  # before its last.ckpt is looked for
                 self._default_checkpoint(cfg, sub, last)
             meta = self._check_checkpoint(cfg.get("ckpt_path"))
             self._ckpt_hparams = meta.get("hyper_parameters") or {}
@@ -416,6 +417,7 @@ class PipelineCLI(LightningCLI):
             _say("warning: model.lr is 0: the weights will not change (batch-norm running statistics will)")
         for line in ignored_schedule_settings(cfg.model):
             _say(f"warning: {line}")
+        check_run_dir_reachable(run_dir)  # the lock's own look at the path would be a PermissionError traceback
         self._run_lock = RunDirLock(run_dir)  # before anything in the run directory is touched
         self._run_lock.acquire()
         # another user's run whose lock file was left writable: refused here, not in a W&B traceback later

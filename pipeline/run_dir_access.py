@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pipeline.config_history import HISTORY_DIR
 from pipeline.errors import ConfigError
-from pipeline.file_access import describe_owner, me, unwritable_part
+from pipeline.file_access import describe_owner, me, unreachable_reason, unwritable_part
 from pipeline.run_layout import CHECKPOINTS_DIR, CSV_DIR, METRICS_CSV, TENSORBOARD_DIR, WANDB_DIR, WANDB_ENV_DIRS
 from pipeline.sample_grid import GRID_FILE
 
@@ -37,6 +37,7 @@ def check_run_dir_writable(run_dir: str | Path, subcommand: str, wandb: bool, ck
         ckpt: the checkpoint ``validate``/``test`` score (for the advice: it stays where it is).
     """
     run_dir = Path(run_dir)
+    check_run_dir_reachable(run_dir)
     if subcommand == "fit":
         paths = [run_dir, *(run_dir / d for d in FIT_DIRS), *(run_dir / f for f in FIT_FILES)]
     else:
@@ -60,3 +61,12 @@ def check_run_dir_writable(run_dir: str | Path, subcommand: str, wandb: bool, ck
                       f"--trainer.default_root_dir DIR --ckpt_path {ckpt}")
         raise ConfigError(f"trainer.default_root_dir: {bad}{where} is not writable by {me()}{describe_owner(bad)}: "
                           f"{advice}")
+
+
+def check_run_dir_reachable(run_dir: str | Path) -> None:
+    """Refuse a run directory inside a folder this user may not enter (another user's home, mode 700): Python's
+    ``Path.exists`` raised the bare ``PermissionError`` there, a traceback from the run lock (``fit``) or the
+    check above (``validate``/``test``)."""
+    if (why := unreachable_reason(run_dir)) is not None:
+        raise ConfigError(f"trainer.default_root_dir: cannot reach {run_dir} ({why}): train or score in a run "
+                          f"directory of your own (--trainer.default_root_dir DIR), or get access to it")

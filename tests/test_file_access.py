@@ -290,3 +290,18 @@ def test_fit_with_no_usable_temporary_directory_says_tmpdir(digits_shards, tmp_p
     assert "Traceback" not in r.stderr
     assert f"TMPDIR '{not_a_folder}'" in r.stderr and "set TMPDIR" in r.stderr, r.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("sub", ["fit", "validate", "test"])
+def test_a_run_directory_inside_a_folder_this_user_may_not_enter(shards, base, sub):
+    """RUN inside another user's folder of mode 700: one line naming that folder and its owner, exit 2 (was
+    Path.exists' PermissionError traceback, from the run lock in fit and the checkpoint lookup otherwise)."""
+    locked = base / "their-home"
+    locked.mkdir()
+    os.chown(locked, 65534, 65534)
+    locked.chmod(0o700)
+    run_dir = locked / "run"
+    args = _fit_args(shards, run_dir)
+    args[1] = sub
+    line = _one_error_line(_run(*args))
+    assert f"cannot reach {run_dir}" in line and f"may not enter {locked} (owned by" in line, line
