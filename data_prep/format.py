@@ -6,6 +6,7 @@ Kept tiny and free of heavy imports so training code can import it cheaply.
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Collection
@@ -150,11 +151,17 @@ def write_index(idx_path: str | Path, samples: list[list[tuple[str, int, int, st
     """Write a DALI webdataset index (same bytes as ``wds2idx``).
 
     `samples` holds, per sample, (ext, data offset, size, member name) for each member in tar order.
+    fsynced before it returns, as the tar is: NFS and Lustre may report a failed write (the quota, an I/O
+    error) only at fsync, and an index whose bytes never reached the server was renamed into place and its
+    shard recorded as done.
     """
     lines = [f"{INDEX_VERSION} {len(samples)}\n"]
     for members in samples:
         lines.append(" ".join(f"{ext} {off} {size} {name}" for ext, off, size, name in members) + "\n")
-    Path(idx_path).write_text("".join(lines), encoding="utf-8")
+    with open(idx_path, "w", encoding="utf-8") as f:
+        f.write("".join(lines))
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def index_count(idx_path: str | Path) -> int | None:

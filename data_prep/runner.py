@@ -45,13 +45,17 @@ def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` via a temp file + os.replace so readers never see half a file. The temp name is random,
     not per process id: array tasks on several nodes or containers can share a pid and write the same
     plan.json at once. Created as a plain open would (mode 0666 less the umask). A failed write (disk
-    full: the error of write() names no file) is a PrepError naming ``path``; the temp file is removed."""
+    full: the error of write() names no file) is a PrepError naming ``path``; the temp file is removed. The
+    temp file is fsynced before the rename: NFS and Lustre may report a failed write (the quota, an I/O error)
+    only at fsync, after which a done-record or manifest whose bytes never reached the server was in place."""
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
             os.replace(tmp, path)
         except BaseException:
             tmp.unlink(missing_ok=True)

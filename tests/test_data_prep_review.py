@@ -1,10 +1,13 @@
 """data_prep on awkward real-world trees and failing outputs: layout detection, symlinks, disk full, resume."""
+import errno
 import json
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from data_prep.cli import main
 from data_prep.format import load_manifest
@@ -89,6 +92,36 @@ def test_disk_full_is_one_line_naming_the_shard(tmp_path):
     blocked.write_text("not a folder")
     r = run_cli("imagefolder", str(src), str(blocked / "o"), "--split", "train", "--no-progress")
     assert r.returncode == 2 and "Traceback" not in r.stderr and str(blocked) in r.stderr
+
+
+@pytest.mark.parametrize("failing, final", [("train-000000.idx.tmp", "train-000000.idx"),
+                                             (".train-000000.tar.json.", ".work/train/train-000000.tar.json"),
+                                             (".manifest.json.", "manifest.json")])
+def test_a_write_error_reported_only_at_fsync_leaves_nothing_that_looks_complete(tmp_path, monkeypatch, capsys,
+                                                                                 failing, final):
+    """NFS and Lustre may take every write() and report the failure (the quota, an I/O error on the server)
+    only at fsync. The index and the JSON records were never fsynced: the index was renamed into place and the
+    shard recorded as done, its bytes lost."""
+    src, out = tmp_path / "src", tmp_path / "o"
+    write_imagefolder(src, ["a", "b"], per_class=3)
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if failing in os.path.basename(os.readlink(f"/proc/self/fd/{fd}")):
+            raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    args = ["imagefolder", str(src), str(out), "--split", "train", "--workers", "1", "--no-progress"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    named = out / (final if not final.endswith(".idx") else "train-000000.tar")
+    assert f"{named}: cannot write" in err and "Disk quota exceeded" in err, err
+    assert not (out / final).exists() and not (out / "manifest.json").exists()
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")], "no temporary file left behind"
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert main(args) == 0 and run_cli("verify", str(out)).returncode == 0
 
 
 def test_resume_never_trusts_an_old_tar_next_to_a_new_index(tmp_path):
