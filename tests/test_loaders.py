@@ -264,3 +264,26 @@ def test_a_process_keeps_a_bounded_number_of_shards_open(tmp_path):
     for t in threads:
         t.join()
     assert wrong == [] and open_shards() <= 6
+
+
+@pytest.mark.parametrize("code, says", [(5, "the file system's error, not the data's"),
+                                        (116, "replaced or removed after this run opened it")])
+def test_a_shard_read_the_file_system_fails_names_the_shard(digits_shards, monkeypatch, code, says):
+    """A network file system failing a read mid-epoch (an I/O error; NFS's ESTALE, ``code`` 116, for a shard
+    replaced under a running job) ended the loader worker's traceback with ``[Errno 5] Input/output error``
+    alone. It still raises that errno (not a corrupt sample: the shard may be whole), naming the shard."""
+    shards = ShardSet(digits_shards, "train")
+    data = ShardBatches(shards, CIFAR, True, 0, on_corrupt="skip")
+    failing = str(digits_shards / shards.shard_name(0))
+
+    def pread(fd: int, size: int, offset: int) -> bytes:
+        if os.readlink(f"/proc/self/fd/{fd}") == failing:
+            raise OSError(code, os.strerror(code))
+        return real_pread(fd, size, offset)
+
+    real_pread = os.pread
+    monkeypatch.setattr(os, "pread", pread)
+    with pytest.raises(OSError) as raised:
+        data[np.array([[0], [0], [0]])]
+    assert raised.value.errno == code and data.corrupt_seen == 0
+    assert f"{os.strerror(code)} reading shard {failing!r}" in str(raised.value) and says in str(raised.value)

@@ -10,6 +10,7 @@ one descriptor per shard was ImageNet in 1,000-sample shards (1,282) past the us
 
 from __future__ import annotations
 
+import errno
 import os
 import resource
 import struct
@@ -40,6 +41,21 @@ def open_shards_for_window(window_shards: int) -> int:
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     cap = soft // 4 if soft != resource.RLIM_INFINITY else 1 << 20
     return max(MAX_OPEN_SHARDS, min(2 * window_shards, cap))
+
+
+def shard_read_error(error: OSError, path: str, offset: int, size: int) -> OSError:
+    """A read of a shard that the file system failed (an I/O error, NFS's ``ESTALE``), as an OSError of the
+    same errno that names the shard: ``os.pread``'s own said ``[Errno 5] Input/output error`` alone, at the
+    end of a loader worker's traceback. Still an OSError with its errno: not a corrupt sample (the shard may
+    be whole), and a crash, which the Slurm job script retries (the file system may be back by then)."""
+    if error.errno == errno.ESTALE:
+        why = ("the file was replaced or removed after this run opened it (data_prep writing into the shard "
+               "folder during training? let it finish before training on it)")
+    else:
+        why = ("the file system's error, not the data's; a restart resumes from the last checkpoint (launch's "
+               "batch script requeues the job), and `python -m data_prep verify` checks the shard if it recurs")
+    return OSError(error.errno, f"{error.strerror or error} reading shard {path!r} (bytes {offset}-{offset + size}): "
+                                f"{why}")
 
 
 class ShardSet:
@@ -134,7 +150,10 @@ class ShardSet:
                 fd = self._fds[shard] = os.open(self._paths[shard], os.O_RDONLY)
             else:
                 self._fds.move_to_end(shard)
-            return os.pread(fd, size, offset)
+            try:
+                return os.pread(fd, size, offset)
+            except OSError as e:
+                raise shard_read_error(e, self._paths[shard], offset, size) from e
 
     def read_jpeg(self, sample_id: int) -> bytes:
         """The encoded image of one sample."""
