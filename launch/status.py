@@ -149,14 +149,22 @@ def _not_yet_in_accounting(ids: list[str], rows: list[slurm.JobRow]) -> list[slu
         return []
 
 
-def _training_line(run_dir: Path) -> list[str]:
-    """Who trains in the run directory now, from the lock ``fit`` holds on RUN/.lock (pipeline/run_lock.py)."""
+def _training_line(run_dir: Path, rows: list[slurm.JobRow] | None = None) -> list[str]:
+    """Who trains in the run directory now, from the lock ``fit`` holds on RUN/.lock (pipeline/run_lock.py).
+    A lock free here while Slurm (``rows``: the run's jobs) runs the job that last took it is a file system
+    whose locks stay within a node (Lustre mounted with ``localflock``, NFS with ``local_lock=flock``): its
+    holder on a compute node holds nothing this node sees, and "not now" was said of a job training."""
     held, record = run_lock.holder(run_dir)
     if held is None and not record:
         return []
     who = run_lock.describe(record) if record else "no record"
     if held:
         return [f"training     now: {who}"]
+    job = record.get("slurm_job_id")
+    if held is False and job and any(r.job_id == str(job) and r.state == "RUNNING" for r in rows or []):
+        return [f"training     probably now: {who} (Slurm runs job {job}, though its lock on {run_dir / LOCK_NAME} is "
+                f"free as seen from here: locks on this file system may stay within a node, e.g. Lustre's "
+                f"localflock; see docs/training.md)"]
     if held is False:
         return [f"training     not now (last: {who})"]
     return [f"training     unknown: the lock cannot be tested here (last: {who})"]
@@ -214,6 +222,7 @@ def report(run_dir: Path) -> str:
             return runs_report(run_dir, runs)
     lines = [f"run dir      {run_dir.resolve()}"]
     ids = job_ids(run_dir)
+    rows: list[slurm.JobRow] | None = None  # None: no jobs, or Slurm could not say
     if not ids:
         lines.append("jobs         none (no jobs.jsonl and no slurm-<job>.out in the run directory)")
     else:
@@ -231,7 +240,7 @@ def report(run_dir: Path) -> str:
         for out in prep_outs:
             lines += output_status.describe(out)
         return "\n".join(lines)
-    lines += _training_line(run_dir)
+    lines += _training_line(run_dir, rows)
     if origin := recorded_origin(run_dir):
         lines.append(f"branch of    {origin}")
     unreadable: list[str] = []  # said, and the rest of the report still shown: that is when it is needed

@@ -3,6 +3,7 @@ script's report of the checkpoint the trainer resumes from (run through bash).""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -230,6 +231,31 @@ def test_status_says_who_trains_in_the_run_directory_now(tmp_path: Path) -> None
         holder.wait()
     later = launch("status", str(run), cwd=tmp_path)
     assert f"training     not now (last: process {holder.pid} on " in later.stdout, later.stdout
+
+
+def test_a_lock_free_here_while_slurm_runs_its_job_is_not_said_as_not_training(tmp_path: Path) -> None:
+    """Lustre mounted with ``localflock`` (NFS with ``local_lock=flock``): the lock a job's rank 0 holds on a
+    compute node is not seen from the login node, and status said ``not now`` of a job training. The lock here
+    is free and RUN/.lock names Slurm job 12; the Slurm clients are stand-ins, sacct saying it runs."""
+    from launch.rundir import record_job
+    from pipeline.run_layout import LOCK_NAME
+
+    bindir, run = tmp_path / "bin", tmp_path / "run"
+    bindir.mkdir()
+    (bindir / "sacct").write_text('#!/bin/sh\nprintf "$SACCT"\n')
+    (bindir / "squeue").write_text("#!/bin/sh\n")
+    for tool in ("sacct", "squeue"):
+        (bindir / tool).chmod(0o755)
+    record_job(run, "12", "train", run / "train.sbatch")
+    (run / LOCK_NAME).write_text(json.dumps({"job": "slurm job 12 step 0 restart 0", "slurm_job_id": "12",
+                                             "restart": 0, "host": "n1", "pid": 4242}) + "\n")
+    for state, says in (("RUNNING", "training     probably now: slurm job 12 step 0 restart 0, host n1, pid 4242 "
+                                    "(Slurm runs job 12, though its lock on "),
+                        ("COMPLETED", "training     not now (last: slurm job 12 step 0 restart 0, host n1")):
+        env = {"PATH": f"{bindir}:/usr/bin:/bin", "SACCT": f"12|train|{state}|00:05:00|0:0|None\\n"}
+        r = launch("status", str(run), cwd=tmp_path, env=env)
+        assert r.returncode == 0, r.stderr
+        assert says in r.stdout, r.stdout
 
 
 def test_status_shows_progress_and_the_best_checkpoint_of_a_real_run(digits_shards: Path, tmp_path: Path) -> None:
