@@ -19,7 +19,7 @@ from .holdout import with_partners
 from .plan_record import read_plan
 from .rejects_file import read_rejects
 from .runner import write_json_atomic, write_text_atomic
-from .shardwriter import PARTIAL_SUFFIX
+from .shardwriter import PARTIAL_SUFFIX, PARTIAL_TOKEN
 
 
 def write_plan_record(out: Path, split: str, record: dict) -> None:
@@ -60,7 +60,7 @@ def split_entry(out: Path, split: str) -> tuple[dict, dict, list[dict]]:
 
 def _remove_stale_shards(out: Path, split: str, keep: set[str]) -> None:
     """Drop shards outside the plan and `.tmp` leftovers of killed or failed writers (all shards are done)."""
-    pat = re.compile(rf"^{shard_file_pattern(split)}({re.escape(PARTIAL_SUFFIX)})?$")
+    pat = re.compile(rf"^{shard_file_pattern(split)}(({PARTIAL_TOKEN})?{re.escape(PARTIAL_SUFFIX)})?$")
     for p in out.iterdir():
         if pat.match(p.name) and p.name not in keep:
             p.unlink()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import secrets
 import struct
 import tarfile
 from pathlib import Path
@@ -51,17 +52,27 @@ def _header(name: str, size: int) -> bytes:
     return info.tobuf(format=tarfile.USTAR_FORMAT, encoding="ascii", errors="strict")
 
 
-PARTIAL_SUFFIX = ".tmp"  # NAME.tar.tmp, NAME.idx.tmp: a shard being written (finalize removes leftovers)
+PARTIAL_SUFFIX = ".tmp"  # NAME.tar.XXXXXXXXXXXX.tmp, NAME.idx.XXXXXXXXXXXX.tmp: a shard being written
+PARTIAL_TOKEN = r"\.[0-9a-f]{12}"  # (finalize removes leftovers; before the token, NAME.tar.tmp)
+
+
+def partial_path(path: Path) -> Path:
+    """Where one writer writes ``path`` before renaming it into place: a name of its own. With one fixed
+    ``NAME.tar.tmp``, two commands building the same shard at once (an array task run again while the first
+    still ran, a requeued task whose first run lives on) wrote into one file, and the second one's open
+    truncated what the first then renamed into place: a shard with zeros where its first samples were, its
+    done-record's sha256 not the file's. Now each writes its own and the last rename wins, whole."""
+    return path.with_name(f"{path.name}.{secrets.token_hex(6)}{PARTIAL_SUFFIX}")
 
 
 class ShardWriter:
-    """Stream samples (KEY.jpg, KEY.cls, KEY.lbl) into ``path.tmp``; commit renames it into place."""
+    """Stream samples (KEY.jpg, KEY.cls, KEY.lbl) into a temporary file; commit renames it into place."""
 
     def __init__(self, tar_path: Path, idx_path: Path):
         self.tar_path = Path(tar_path)
         self.idx_path = Path(idx_path)
-        self.tmp = self.tar_path.with_name(self.tar_path.name + PARTIAL_SUFFIX)
-        self.idx_tmp = self.idx_path.with_name(self.idx_path.name + PARTIAL_SUFFIX)
+        self.tmp = partial_path(self.tar_path)
+        self.idx_tmp = partial_path(self.idx_path)
         self._raw = open(self.tmp, "wb")
         self._out = _HashingFile(self._raw)
         self.index: list[list[tuple[str, int, int, str]]] = []

@@ -78,15 +78,21 @@ def test_symlinked_class_folder_is_read_and_a_link_loop_is_rejected(tmp_path):
     assert "empty" in r.stderr  # an empty folder is no class, and the run says so
 
 
-def test_disk_full_is_one_line_naming_the_shard(tmp_path):
+def test_disk_full_is_one_line_naming_the_shard(tmp_path, monkeypatch, capsys):
     """Writing a shard into /dev/full fails with ENOSPC, like a full disk."""
+    import data_prep.shardwriter as shardwriter
+
     src, out = tmp_path / "src", tmp_path / "o"
     write_imagefolder(src, ["a", "b"], per_class=3)
     out.mkdir()
-    (out / "train-000000.tar.tmp").symlink_to("/dev/full")
-    r = run_cli("imagefolder", str(src), str(out), "--split", "train", "--workers", "1", "--no-progress")
-    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    assert f"{out / 'train-000000.tar'}: cannot write shard: No space left on device" in r.stderr
+    (out / "train-000000.tar.full.tmp").symlink_to("/dev/full")
+    real = shardwriter.partial_path
+    monkeypatch.setattr(shardwriter, "partial_path",
+                        lambda p: p.with_name(p.name + ".full.tmp") if p.name.endswith(".tar") else real(p))
+    assert main(["imagefolder", str(src), str(out), "--split", "train", "--workers", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert f"{out / 'train-000000.tar'}: cannot write shard: No space left on device" in err
     assert not (out / "train-000000.tar").exists() and not (out / "manifest.json").exists()
     blocked = tmp_path / "file"
     blocked.write_text("not a folder")
@@ -94,7 +100,7 @@ def test_disk_full_is_one_line_naming_the_shard(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr and str(blocked) in r.stderr
 
 
-@pytest.mark.parametrize("failing, final", [("train-000000.idx.tmp", "train-000000.idx"),
+@pytest.mark.parametrize("failing, final", [("train-000000.idx.", "train-000000.idx"),
                                              (".train-000000.tar.json.", ".work/train/train-000000.tar.json"),
                                              (".manifest.json.", "manifest.json")])
 def test_a_write_error_reported_only_at_fsync_leaves_nothing_that_looks_complete(tmp_path, monkeypatch, capsys,
@@ -124,6 +130,30 @@ def test_a_write_error_reported_only_at_fsync_leaves_nothing_that_looks_complete
     assert main(args) == 0 and run_cli("verify", str(out)).returncode == 0
 
 
+def test_two_writers_of_one_shard_at_once_leave_it_whole(tmp_path):
+    """Two commands building the same shard at once (an array task run again while the first still runs): the
+    second writer's start used to truncate the one temporary file the first then renamed into place, and a
+    second writer killed before it had rewritten those bytes left zeros where the first samples were, under a
+    done-record whose sha256 was the first writer's. Each writes its own file now; the last rename wins."""
+    from data_prep.shardwriter import ShardWriter, file_sha256
+    from tests.fixtures_images import jpeg_bytes, photos
+
+    jpegs = [jpeg_bytes(im) for im in photos(6)]
+    tar, idx = tmp_path / "train-000000.tar", tmp_path / "train-000000.idx"
+    first = ShardWriter(tar, idx)
+    for i in range(3):
+        first.add(f"{i:06d}", jpegs[i], i % 2)
+    second = ShardWriter(tar, idx)  # the same shard, from the same plan: the same samples in the same order
+    for i in range(3, 6):
+        first.add(f"{i:06d}", jpegs[i], i % 2)
+    nbytes, sha = first.commit()
+    second.add("000000", jpegs[0], 0)  # ... and is killed here: no commit, no abort
+    assert tar.stat().st_size == nbytes and file_sha256(tar) == sha
+    import webdataset as wds
+
+    assert [s["__key__"] for s in wds.WebDataset(str(tar), shardshuffle=False)] == [f"{i:06d}" for i in range(6)]
+
+
 def test_resume_never_trusts_an_old_tar_next_to_a_new_index(tmp_path):
     """State left by a kill between the tar and index renames of a rerun with other settings."""
     src, out, clean = tmp_path / "src", tmp_path / "o", tmp_path / "clean"
@@ -146,11 +176,13 @@ def test_finalize_removes_leftover_tmp_shards(tmp_path):
     src, out = tmp_path / "src", tmp_path / "o"
     write_imagefolder(src, ["a", "b"], per_class=3)
     out.mkdir()
-    for name in ("train-000007.tar.tmp", "train-000007.idx.tmp"):
+    for name in ("train-000007.tar.tmp", "train-000007.idx.tmp", "train-000007.tar.0123456789ab.tmp",
+                 "train-000000.idx.ba9876543210.tmp"):
         (out / name).write_bytes(b"\0" * 4096)
     (out / "val-000007.tar.tmp").write_bytes(b"other split")
+    (out / "val-000007.tar.0123456789ab.tmp").write_bytes(b"other split")
     assert main(["imagefolder", str(src), str(out), "--split", "train", "--no-progress"]) == 0
-    assert sorted(p.name for p in out.glob("*.tmp")) == ["val-000007.tar.tmp"]
+    assert sorted(p.name for p in out.glob("*.tmp")) == ["val-000007.tar.0123456789ab.tmp", "val-000007.tar.tmp"]
     shutil.rmtree(out)
 
 
