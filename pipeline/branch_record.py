@@ -29,7 +29,10 @@ def record_origin(run_dir: Path, origin: str) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     written = run_dir / f".{BRANCH_FILE}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     try:
-        written.write_text(origin + "\n")
+        with open(written, "w") as f:
+            f.write(origin + "\n")
+            f.flush()
+            os.fsync(f.fileno())  # on the disk before its name: a node that crashes leaves it whole or absent
         os.replace(written, target)
     finally:
         written.unlink(missing_ok=True)

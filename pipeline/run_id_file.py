@@ -44,7 +44,10 @@ def create_run_id(run_dir: str | Path, run_id: str) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists():
         tmp = path.with_name(f".{RUN_ID_FILE}.{os.getpid()}.{secrets.token_hex(4)}")
-        tmp.write_text(run_id + "\n")
+        with open(tmp, "w") as f:
+            f.write(run_id + "\n")
+            f.flush()
+            os.fsync(f.fileno())  # on the disk before its name: a node that crashes leaves it whole or absent
         try:
             os.link(tmp, path)
         except FileExistsError:  # another rank's, or another start's
