@@ -62,6 +62,7 @@ from pipeline.optim import ignored_schedule_settings
 from pipeline.parent_death import follow_lightning_rank_zero, follow_torchrun_agent
 from pipeline.parity import WeightParity
 from pipeline.parsed_config import check_parsed
+from pipeline.peer_gone import peer_gone, peer_gone_message
 from pipeline import preemption
 from pipeline.preemption import Preemption
 from pipeline.wandb_backlog import WandbBacklog
@@ -850,6 +851,9 @@ def main(argv: list[str] | None = None, cli: type[PipelineCLI] = PipelineCLI) ->
         print(f"error: {worker_error_message(e)}", file=sys.stderr)
         return 1
     except (RuntimeError, OSError) as e:  # the limit of open files: every retry would stop the same way
+        if peer_gone(e):  # another rank ended: its own message says why (no `error:`: a crash is retried)
+            print(peer_gone_message(e), file=sys.stderr)
+            return 1
         if not out_of_file_descriptors(e):
             raise
         print(f"error: {open_files_advice()}", file=sys.stderr)

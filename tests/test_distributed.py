@@ -258,3 +258,50 @@ def test_a_rank_started_by_lightning_gets_sigterm_when_rank_zero_ends(tmp_path):
     if _alive(pid):
         os.kill(pid, 9)
         raise AssertionError("the rank outlived rank 0")
+
+
+def test_a_corrupt_sample_on_one_rank_stops_both_with_one_line_each(digits_shards, tmp_path):
+    """``trainer.devices 2`` (Lightning's launcher), a corrupt sample that only rank 1 reads, mid-epoch under
+    data.on_corrupt fail: rank 1 ends with its `error:` line, rank 0 learns of it in its next collective and
+    stops within seconds (not the process group's 30 minutes). Rank 0 printed gloo's `Connection closed by peer`
+    as a traceback of some 100 lines below the cause, the last lines of the log; now one line that is no
+    `error:` (a peer killed outright is a crash, which the Slurm script retries). last.ckpt, saved before the
+    sample, is intact."""
+    from pipeline.data.contract import TrainSampler
+    from pipeline.data.shards import ShardSet
+    from tests.test_dali_backend import corrupt_copy, zero_head
+
+    batch, step = 32, 10
+    order = iter(TrainSampler(ShardSet(digits_shards, "train").shard_sizes, 0, 2, 1, batch))
+    sample = int([next(order) for _ in range(step + 1)][step][0][0])  # rank 1's first sample of step 11
+    shards = corrupt_copy(digits_shards, tmp_path / "shards", "train", sample, zero_head)
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "pipeline", "fit", *_fit_args(shards, run_dir, "--trainer.devices", "2",
+           "--trainer.strategy", "ddp", "--data.batch_size", str(batch), "--checkpoint.every_n_train_steps", "2",
+           "--trainer.precision", "32-true", "--trainer.max_steps", "20")]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline", "MASTER_PORT": str(free_port())}
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    shard = ShardSet(shards, "train").shard_name(sample)
+    assert len(errors) == 1 and f"of shard {shard!r}" in errors[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = proc.stderr.splitlines()
+    peer = [i for i, line in enumerate(lines) if line.startswith("rank 0 stopped: another rank of this run ended")]
+    assert len(peer) == 1 and "(gloo: Connection" in lines[peer[0]], proc.stderr[-3000:]
+    assert lines.index(errors[0]) < peer[0], "the cause first"
+    assert _state(run_dir)["global_step"] == step
+
+
+def test_only_gloos_lost_peer_becomes_the_one_line() -> None:
+    """Other errors keep their traceback: a gloo error of another kind, or the same words from elsewhere."""
+    from pipeline.peer_gone import peer_gone, peer_gone_message
+
+    closed = RuntimeError("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed "
+                          "by peer [127.0.0.1]:22169. This is typically caused by a remote worker crashing.")
+    assert peer_gone(closed)
+    assert "(gloo: Connection closed by peer [127.0.0.1]:22169)" in peer_gone_message(closed)
+    assert not peer_gone_message(closed).startswith("error:")  # a crash of the peer stays retried under Slurm
+    assert not peer_gone(RuntimeError("[../gloo/transport/tcp/pair.cc:598] Timed out waiting 1800000ms for recv"))
+    assert not peer_gone(OSError("Connection reset by peer"))  # W&B, a file system: not a rank's peer
+    assert not peer_gone(RuntimeError("Connection closed by peer"))

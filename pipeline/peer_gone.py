@@ -1,0 +1,48 @@
+"""A rank whose peer has ended: one line, not a traceback.
+
+When one rank of a multi-process run stops (its own one-line ``error:``, say a corrupt sample under
+``data.on_corrupt: fail`` or a full disk at a checkpoint, a traceback, a kill), the others learn of it in
+their next collective: gloo raises ``RuntimeError: [.../gloo/transport/tcp/pair.cc:561] Connection closed by
+peer [ADDR]:PORT. This is typically caused by a remote worker crashing. ...`` (or ``Connection reset by
+peer``). Each of them printed it as a traceback of some 100 lines through Lightning, DDP and gloo, below the
+real cause, so the end of the job's log (what ``tail`` shows, what a reader sees first) was a gloo error
+that says nothing of the cause. Such a rank prints this one line instead, exit status 1.
+
+The line is no ``error:`` line on purpose: the Slurm script does not retry a trainer's ``error:``, and a
+peer that was killed (the OOM killer, a node lost) is a crash, to be retried. Only gloo's words are matched
+(CPU runs, DeepSpeed's CPU strategies); what NCCL raises there is untested here and keeps its traceback."""
+
+from __future__ import annotations
+
+import os
+import re
+
+_GONE = ("Connection closed by peer", "Connection reset by peer")
+_ADDRESS = re.compile(r"by peer (\[[^\]]*\]:\d+)")
+
+
+def peer_gone(error: BaseException) -> bool:
+    """Whether ``error`` is gloo's report that the other end of a collective went away."""
+    text = str(error)
+    return isinstance(error, RuntimeError) and "gloo" in text and any(m in text for m in _GONE)
+
+
+def peer_gone_message(error: BaseException) -> str:
+    """``rank R stopped: another rank of this run ended (gloo: Connection closed by peer [ADDR]:PORT); ...``."""
+    text = str(error)
+    what = next(m for m in _GONE if m in text)
+    address = _ADDRESS.search(text)
+    where = f" {address.group(1)}" if address else ""
+    return (f"rank {_rank()} stopped: another rank of this run ended during a collective (gloo: {what}{where}); "
+            f"that rank's own message (an error: line or a traceback) says why")
+
+
+def _rank() -> str:
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return str(dist.get_rank())
+    except (ImportError, RuntimeError, ValueError):
+        pass
+    return os.environ.get("RANK", "?")
