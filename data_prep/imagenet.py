@@ -19,8 +19,8 @@ from .errors import PrepError
 from .holdout import Holdout, check_rerun, split_scan
 from .imagefolder import Scan
 from .inputs import KeptRows
-from .sources import (FileEntry, Listing, is_hidden, iter_tar_members, last_of_each_name, list_dir, open_tar,
-                      tar_mtime_ns)
+from .sources import (FileEntry, Listing, is_hidden, iter_tar_members, last_of_each_name, list_dir, list_tar,
+                      open_tar, tar_mtime_ns)
 
 TRAIN_TAR = "ILSVRC2012_img_train.tar"
 VAL_TAR = "ILSVRC2012_img_val.tar"
@@ -140,15 +140,6 @@ def _list_train_archive(path: Path) -> Listing:
     return listing
 
 
-def _list_flat_archive(path: Path) -> Listing:
-    listing = Listing()
-    with open_tar(path) as tf:
-        for m, off, display in last_of_each_name(iter_tar_members(tf, str(path), 0, str(path), listing), listing):
-            parts = tuple(p for p in m.name.split("/") if p not in ("", "."))
-            listing.files.append(FileEntry(parts, display, (str(path), off, m.size), tar_mtime_ns(m)))
-    return listing
-
-
 class ImageNetSource:
     """Locates train/val inputs and label sources under SRC."""
 
@@ -186,7 +177,7 @@ class ImageNetSource:
         if folder.is_dir():
             return list_dir(folder), str(folder)
         if archive.is_file():
-            return (_list_train_archive(archive) if split == "train" else _list_flat_archive(archive)), str(archive)
+            return (_list_train_archive(archive) if split == "train" else list_tar(archive)), str(archive)
         packed = sorted(p.name for p in self.src.glob(archive.name + ".*") if p.is_file())  # .tar.gz, .tar.zst
         if packed:
             raise PrepError(f"{self.src / packed[0]}: a compressed {archive.name}; the images are read from the "
