@@ -13,7 +13,7 @@ import re
 import tarfile
 from array import array
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from .errors import PrepError
 from .holdout import Holdout, check_rerun, split_scan
@@ -21,6 +21,9 @@ from .imagefolder import Scan
 from .inputs import KeptRows
 from .sources import (FileEntry, Listing, is_hidden, iter_tar_members, last_of_each_name, list_dir, list_tar,
                       open_tar, tar_mtime_ns)
+
+if TYPE_CHECKING:
+    from .validate import EncodeOptions
 
 TRAIN_TAR = "ILSVRC2012_img_train.tar"
 VAL_TAR = "ILSVRC2012_img_val.tar"
@@ -287,10 +290,11 @@ def scan_imagenet(src: ImageNetSource, splits: list[str]) -> tuple[dict[str, Sca
     return scans, where
 
 
-def prepare_imagenet(src: Path, out: Path, splits: list[str], opts, seed: int, shard_bytes: int | None,
-                     samples_per_shard: int | None, workers: int, task_index: int = 0, num_tasks: int = 1,
-                     devkit: Path | None = None, val_csv: Path | None = None, show_progress: bool = True,
-                     holdout: Holdout | None = None, on_holdout: Callable[[dict], None] | None = None):
+def prepare_imagenet(src: Path, out: Path, splits: list[str], opts: EncodeOptions, seed: int,
+                     shard_bytes: int | None, samples_per_shard: int | None, workers: int, task_index: int = 0,
+                     num_tasks: int = 1, devkit: Path | None = None, val_csv: Path | None = None,
+                     show_progress: bool = True, holdout: Holdout | None = None,
+                     on_holdout: Callable[[dict], None] | None = None) -> dict | None:
     """Scan and shard the requested ImageNet splits; returns the manifest when running as one task.
 
     With `holdout` (``split == "train"``), its images are carved out of train into their own split.

@@ -63,7 +63,7 @@ class ShardJob:
         return (ShardJob, (self.split, self.number, self.entries, self.plan_hash))
 
 
-def key_index(items, i: int) -> int:
+def key_index(items: Sequence, i: int) -> int:
     """Number in the key of item `i`: its position, or, for one side of a hold-out (``holdout.Subset``),
     its position among all the images of the split it was carved from, so the two sides never share a key
     number and a file keeps its number whatever the hold-out."""

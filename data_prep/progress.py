@@ -4,12 +4,17 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from multiprocessing.sharedctypes import Synchronized
 
 
 class Progress:
     """Poll shared counters from a background thread and print a status line."""
 
-    def __init__(self, total: int, images, nbytes, label: str, enabled: bool = True):
+    def __init__(self, total: int, images: Synchronized[int], nbytes: Synchronized[int], label: str,
+                 enabled: bool = True) -> None:
         self.total = total
         self.images = images
         self.nbytes = nbytes

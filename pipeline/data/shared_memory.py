@@ -16,6 +16,7 @@ fill (``dali_shortage``).
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 
@@ -93,7 +94,7 @@ def dali_shortage(batches: int, batch: int, sample_bytes: float, workers: int, r
             f"{LOWER['dali']}")
 
 
-def shared_empty(shape: tuple[int, ...], dtype: torch.dtype, **kwargs) -> torch.Tensor:
+def shared_empty(shape: tuple[int, ...], dtype: torch.dtype, **kwargs: Any) -> torch.Tensor:
     """``torch.empty`` in shared memory (what a worker's queue would copy it into anyway). Raises
     ``SharedMemoryError`` when there is no room."""
     try:

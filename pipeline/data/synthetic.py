@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import torch
 
+from pipeline.data.contract import TrainSampler, ValSampler
+
 
 class SyntheticLoader:
     """Random uint8 batches with the sampler's length and validity mask (pixels and labels made up)."""
 
     batch_sampler = None  # Lightning looks for a sampler or a batch sampler to call set_epoch on
 
-    def __init__(self, sampler, size: int, num_classes: int, device: str | torch.device | None = None) -> None:
+    def __init__(self, sampler: TrainSampler | ValSampler, size: int, num_classes: int,
+                 device: str | torch.device | None = None) -> None:
         self.sampler, self.size, self.num_classes = sampler, size, num_classes
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
 
