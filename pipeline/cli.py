@@ -53,6 +53,7 @@ from pipeline.deepspeed_checks import (check_accumulation, check_checkpoint_kind
                                        check_zero_world_size)
 from pipeline.errors import (CheckpointWriteError, ConfigError, DiskFullError, RunComplete, TrainingDiverged,
                              require)
+from pipeline.evaluation_way_out import saving_run_config
 from pipeline.finite_weights import FiniteWeights
 from pipeline.last_checkpoint import LastCheckpoint
 from pipeline.lightning_lines import drop_lightning_lines, quiet_other_ranks
@@ -146,8 +147,8 @@ def _network_advice(ckpt: str | None, subcommand: str | None) -> dict[str, str |
     saved it (given a config of another run; "a new run directory" is ``fit``'s)."""
     if subcommand not in ("validate", "test") or ckpt is None:
         return {"checkpoint": ckpt}
-    run_config = Path(ckpt).parent.parent / CONFIG_FILE
-    named = f": --config {run_config}" if Path(ckpt).parent.name == CHECKPOINTS_DIR and run_config.is_file() else ""
+    run_config = saving_run_config(ckpt)
+    named = f": --config {run_config}" if run_config is not None else ""
     return {"checkpoint": ckpt, "fix": f"{subcommand} it with the config it was trained with{named}"}
 
 

@@ -15,12 +15,19 @@ import yaml
 from pipeline.run_layout import CHECKPOINTS_DIR, CONFIG_FILE
 
 
-def trained_root(ckpt: str | Path) -> tuple[str, Path] | None:
-    """The ``data.root`` in the config of the run that saved ``ckpt`` (``RUN/checkpoints/X``: ``RUN/config.yaml``)
-    and that config's path; None where there is no such readable record."""
+def saving_run_config(ckpt: str | Path) -> Path | None:
+    """The config of the run that saved ``ckpt`` (``RUN/checkpoints/X``: ``RUN/config.yaml``); None where
+    ``ckpt`` is not in a run's checkpoints folder or that run has no config file."""
     ckpt = Path(ckpt)
     config = ckpt.parent.parent / CONFIG_FILE
-    if ckpt.parent.name != CHECKPOINTS_DIR or not config.is_file():
+    return config if ckpt.parent.name == CHECKPOINTS_DIR and config.is_file() else None
+
+
+def trained_root(ckpt: str | Path) -> tuple[str, Path] | None:
+    """The ``data.root`` in the config of the run that saved ``ckpt`` (``saving_run_config``) and that
+    config's path; None where there is no such readable record."""
+    config = saving_run_config(ckpt)
+    if config is None:
         return None
     try:
         doc = yaml.safe_load(config.read_text(encoding="utf-8"))
