@@ -331,14 +331,23 @@ class PipelineCLI(LightningCLI):
             if self._run_lock is not None:
                 self._run_lock.release()
 
+    @property
+    def _cfg(self):
+        """The parsed settings of the subcommand that runs (the whole config where there is none)."""
+        return self.config[self.subcommand] if self.subcommand else self.config
+
+    @property
+    def _cfg_init(self):
+        """``_cfg`` instantiated (the trainer's strategy, plugins and callbacks as objects)."""
+        return self.config_init[self.subcommand] if self.subcommand else self.config_init
+
     def _backend(self) -> str:
         """The loader backend of this run (``data.backend``, ``auto`` resolved once the data module is built;
         "cpu" before the parse)."""
         if isinstance(datamodule := getattr(self, "datamodule", None), ShardDataModule):
             return datamodule.resolved_backend()
         try:
-            sub = self.subcommand
-            return str((self.config[sub] if sub else self.config).data.backend)
+            return str(self._cfg.data.backend)
         except (AttributeError, KeyError, TypeError):
             return "cpu"
 
@@ -388,7 +397,7 @@ class PipelineCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         sub = self.subcommand
-        cfg = self.config[sub] if sub else self.config
+        cfg = self._cfg
         run_dir = Path(cfg.trainer.default_root_dir or "runs/default")
         cfg.trainer.default_root_dir = str(run_dir)
         self._run_dir = run_dir
@@ -562,14 +571,14 @@ class PipelineCLI(LightningCLI):
         saves atomically too: the registered ``deepspeed*`` names already make ``AtomicDeepSpeedStrategy``
         (``pipeline.strategies``), a class path made Lightning's, which writes each rank's files into
         ``last.ckpt/`` in place (a kill mid-save left a torn shard, or new files beside old ones)."""
-        init = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        init = self._cfg_init
         strategy = init.trainer.get("strategy")
         if type(strategy) is DeepSpeedStrategy:  # the subclass adds one method and no state
             strategy.__class__ = AtomicDeepSpeedStrategy
 
     def _plugins(self, cfg) -> list:
         """The user's plugins (instantiated) plus ours where the user gave none of that kind."""
-        init = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        init = self._cfg_init
         plugins = init.trainer.get("plugins") or []
         plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
@@ -582,7 +591,7 @@ class PipelineCLI(LightningCLI):
         return plugins
 
     def instantiate_trainer(self, **kwargs):
-        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        cfg = self._cfg
         run_dir = Path(cfg.trainer.default_root_dir)
         ckpt = cfg.checkpoint
         check_run_settings(cfg)
@@ -741,7 +750,7 @@ class PipelineCLI(LightningCLI):
         Lightning's default bar and ``ModelCheckpoint`` among them, to that same list)."""
         own = getattr(self, "_own_callbacks", None)
         if own is None:
-            init = self.config_init[self.subcommand] if self.subcommand else self.config_init
+            init = self._cfg_init
             own = init.trainer.get("callbacks") or []
             own = list(own) if isinstance(own, list) else [own]
             self._own_callbacks = own

@@ -133,10 +133,6 @@ class ConfigCheckCLI(PipelineCLI):
     def _run_subcommand(self, subcommand: str) -> None:
         print(f"config_check: `python -m pipeline {subcommand}` accepts these settings", file=sys.stderr)
 
-    @property
-    def _cfg(self):
-        return self.config[self.subcommand] if self.subcommand else self.config
-
 
 if __name__ == "__main__":
     sys.exit(main(cli=ConfigCheckCLI))
