@@ -25,7 +25,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.loggers import Logger, WandbLogger
 
 from pipeline.wandb_logger import ServiceSafeWandbLogger
-from pipeline.wandb_service import finish_after_teardown, finish_wandb_run, wandb_service_alive
+from pipeline.wandb_service import close_wandb_service, finish_after_teardown, finish_wandb_run, wandb_service_alive
 
 log = logging.getLogger(__name__)
 
@@ -152,17 +152,11 @@ class WandbBacklog(pl.Callback):
             return
         self.detached = False
         self._keep_rows_after_save(trainer)
-        import wandb
-
         if trainer.is_global_zero and wandb_service_alive():
             # the signal reached this process alone (`kill PID`, not a Slurm step's): the service would finish
             # the run in teardown and print its footer itself, with terminal colour codes, into the job's stdout
             finish_wandb_run(exit_code=0)
-        try:
-            wandb.teardown()
-        except Exception as e:  # noqa: BLE001 (the service process went with the signal: nothing left to tell it)
-            log.info("W&B: its service process is gone (%s); a resume continues the same W&B run",
-                     type(e).__name__)
+        close_wandb_service()  # W&B's service may have gone with the signal: then one line, no traceback
 
     def _finish_wandb_run(self, trainer: pl.Trainer, exit_code: int) -> None:
         if trainer.is_global_zero:

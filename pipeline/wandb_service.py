@@ -36,7 +36,8 @@ def close_wandb_service() -> None:
     step, W&B's service too, and W&B's exit hook, which then told the dead service that this process was
     done, printed a ``ConnectionResetError`` traceback ("Exception ignored in atexit callback") into the
     job's log after a stop that had gone well (seen after a USR1 stop, its run finished and its footer
-    printed). Its teardown is done here, while the service still runs (none where W&B is off)."""
+    printed). Its teardown is done here, while the service still runs (none where W&B is off). Also after a
+    SIGTERM (``WandbBacklog.teardown``), when the service may be gone already: then one line says so."""
     import sys
 
     wandb = sys.modules.get("wandb")
