@@ -46,6 +46,12 @@ def index_name_of(shard: str) -> str:
     return Path(shard).with_suffix(".idx").name
 
 
+def index_of_entry(shard: dict) -> str:
+    """The index file name of a manifest's shard entry: its ``index``, or for an entry without one
+    :func:`index_name_of` its shard (what the loaders and ``verify`` read)."""
+    return shard.get("index", index_name_of(shard["name"]))
+
+
 def shard_file_pattern(split: str) -> str:
     """Regular expression (unanchored) for the names :func:`shard_name` and :func:`index_name` give `split`'s
     shards and indexes."""

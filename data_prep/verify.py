@@ -13,7 +13,7 @@ import re
 import struct
 from pathlib import Path
 
-from .format import INDEX_VERSION, SAMPLE_EXTS, ManifestError, index_name_of, load_manifest, read_index
+from .format import INDEX_VERSION, SAMPLE_EXTS, ManifestError, index_of_entry, load_manifest, read_index
 from .rejects_file import count_problems
 from .runner import map_in_processes
 from .shardwriter import file_sha256
@@ -25,7 +25,7 @@ def verify_shard(out: Path, split: str, shard: dict, n_classes: int, decode: int
     from PIL import Image
 
     tar = Path(out) / shard["name"]
-    index_file = shard.get("index", index_name_of(shard["name"]))  # the loaders' fallback too
+    index_file = index_of_entry(shard)
     where = f"{split}/{shard['name']}"
     if not tar.is_file():
         return [f"{where}: shard file missing"]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.format import MANIFEST_NAME, WORK_DIR, ManifestError, index_name_of, load_manifest, plan_path, read_index
+from data_prep.format import MANIFEST_NAME, WORK_DIR, ManifestError, index_of_entry, load_manifest, plan_path, read_index
 from pipeline.errors import ConfigError
 from pipeline.file_access import describe_owner
 from pipeline.wording import plural
@@ -104,7 +104,7 @@ class ShardSet:
                 raise ConfigError(f"shard {str(path)!r} listed in the manifest cannot be read: {e.strerror}"
                                   f"{describe_owner(path, writing=False)}; give this user read access to the shards (e.g. chmod -R "
                                   f"a+rX {self.root}, or their group's)") from None
-            idx_path = self.root / s.get("index", index_name_of(s["name"]))
+            idx_path = self.root / index_of_entry(s)
             if not idx_path.is_file():
                 raise ConfigError(f"index {str(idx_path)!r} of shard {s['name']!r} is missing")
             self._index_paths.append(idx_path)
