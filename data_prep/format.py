@@ -42,7 +42,7 @@ def index_name(split: str, number: int) -> str:
 
 def index_name_of(shard: str) -> str:
     """The index name that belongs to a shard's file name (``train-000003.tar`` -> ``train-000003.idx``):
-    the loaders' fallback for a manifest entry without ``index``."""
+    the fallback of :func:`index_of_entry` for a manifest entry without ``index``."""
     return Path(shard).with_suffix(".idx").name
 
 

@@ -20,7 +20,8 @@ TOP_FIELDS = {"classes": "a list of strings", "splits": "an object", "class_name
               "options": "an object"}
 # splits.NAME; `rejected` and `options` only type-checked
 SPLIT_FIELDS = {"shards": "a list", "samples": COUNT, "rejected": COUNT, "options": "an object"}
-# splits.NAME.shards[i]; `index` may be missing (the loaders take the shard's name with .idx: format.index_name_of)
+# splits.NAME.shards[i]; `index` may be missing (the loaders and verify take the shard's name with .idx:
+# format.index_of_entry)
 SHARD_FIELDS = {"name": "a string", "index": "a string", "samples": COUNT, "bytes": COUNT, "sha256": "a string"}
 
 

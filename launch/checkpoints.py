@@ -18,7 +18,8 @@ class CheckpointInfo:
     path: Path
     global_step: int | None
     epoch: int | None
-    planned_steps: int | None = None  # the optimizer steps of the whole run (pipeline.module.planned_steps)
+    # the optimizer steps of the whole run (pipeline.module.ImageClassifier.planned_steps)
+    planned_steps: int | None = None
     global_batch: int | None = None  # images per optimizer step
 
 
