@@ -150,7 +150,7 @@ def shard_paths(out_dir: str | Path, manifest: dict, split: str) -> list[Path]:
 def index_paths(out_dir: str | Path, manifest: dict, split: str) -> list[Path]:
     """Absolute paths of the DALI index files of `split`, parallel to :func:`shard_paths`."""
     shard_paths(out_dir, manifest, split)  # validates the split
-    return [Path(out_dir) / shard["index"] for shard in manifest["splits"][split]["shards"]]
+    return [Path(out_dir) / index_of_entry(shard) for shard in manifest["splits"][split]["shards"]]
 
 
 def write_index(idx_path: str | Path, samples: list[list[tuple[str, int, int, str]]]) -> None:

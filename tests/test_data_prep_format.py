@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from data_prep.format import (MANIFEST_NAME, WORK_DIR, ManifestError, load_manifest, read_index, shard_paths,
+from data_prep.format import (MANIFEST_NAME, WORK_DIR, ManifestError, load_manifest, index_paths, read_index, shard_paths,
                               write_index)
 
 
@@ -33,6 +33,8 @@ def test_load_manifest_errors_name_the_path(tmp_path):
     assert shard_paths(tmp_path, m, "train") == [tmp_path / "train-000000.tar"]
     with pytest.raises(ManifestError, match="no split 'val'"):
         shard_paths(tmp_path, m, "val")
+    del m["splits"]["train"]["shards"][0]["index"]  # an entry without one: the name the loaders and verify read
+    assert index_paths(tmp_path, m, "train") == [tmp_path / "train-000000.idx"]
 
 
 def test_index_roundtrip_and_bad_header(tmp_path):
