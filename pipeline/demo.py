@@ -21,9 +21,15 @@ from pipeline.run_layout import LAST_CHECKPOINT, WANDB_DIR, checkpoint_dir, metr
 TARGET_TOP1 = 0.95
 
 
+class StepFailed(Exception):
+    """A step of the demo exited non-zero; its own output above says why."""
+
+
 def run(cmd: list[str]) -> None:
     print("+", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
+    code = subprocess.run(cmd).returncode
+    if code != 0:
+        raise StepFailed(f"error: the demo stopped: `python {' '.join(cmd[1:4])} ...` exited {code} (its message is above)")
 
 
 def best_val_top1(run_dir: Path) -> float:
@@ -41,6 +47,10 @@ def main() -> int:
     parser.add_argument("--run-dir", default="runs/demo", help="the training run directory (recreated)")
     parser.add_argument("--config", default="conf/demo.yaml", help="the training config (default conf/demo.yaml)")
     args, extra = parser.parse_known_args()
+    if not Path(args.config).is_file():  # the configs are the repository's (conf/), not the installed package's
+        print(f"error: --config {args.config}: no such file in {Path.cwd()}: run the demo from the repository's root "
+              f"(`make demo`), or pass --config PATH_TO/conf/demo.yaml", file=sys.stderr)
+        return 2
     data, run_dir = Path(args.data), Path(args.run_dir)
     counts = write_digits(data / "images")
     print(f"digits: {counts['train']} train / {counts['val']} val images in {data / 'images'}")
@@ -67,4 +77,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except StepFailed as e:
+        print(e, file=sys.stderr)
+        sys.exit(1)

@@ -207,6 +207,22 @@ def test_a_two_rank_log_has_lightnings_start_up_lines_once(digits_shards, tmp_pa
     assert "weight parity: identical on 2 ranks" in proc.stderr, "the run itself went through"
 
 
+def test_the_demo_outside_the_repository_and_a_failed_step_say_so_in_one_line(tmp_path):
+    """Run from another folder (an installed package has no conf/), the demo ended in jsonargparse's error and a
+    CalledProcessError traceback; a step that fails (a refused setting) ended in that traceback too."""
+    from tests.conftest import REPO
+
+    proc = run_module("pipeline.demo", check=False, cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.startswith("error: --config conf/demo.yaml: no such file in") and "make demo" in proc.stderr
+    proc = run_module("pipeline.demo", "--config", str(REPO / "conf" / "demo.yaml"), "--model.lr", "-1",
+                      check=False, cwd=tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "error: model.lr" in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.rstrip().splitlines()[-1].startswith("error: the demo stopped: `python -m pipeline fit ...` "
+                                                            "exited 2"), proc.stderr[-3000:]
+
+
 def test_the_demos_help_names_the_command_and_where_other_arguments_go():
     """``python -m pipeline.demo --help`` said ``usage: demo.py`` and not that the demo passes any argument it
     does not know on to ``pipeline fit``."""
