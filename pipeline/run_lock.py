@@ -43,7 +43,8 @@ log = logging.getLogger(__name__)
 # No Lightning or torch here: `python -m launch status` reads the lock through this module.
 
 # what a start writes before its first step: a run directory made by a refused start holding only these goes
-# (config.yaml: written once a run is under way; BRANCH_FILE: at a branch's first start, before its checks)
+# (config.yaml: written once a run is under way; BRANCH_FILE: by launch before the job is queued, or as a
+# branch's first start begins training, BranchOrigin.on_train_start)
 START_FILES = {LOCK_NAME, RUN_ID_FILE, BRANCH_FILE, f"{CSV_DIR}/hparams.yaml"}
 KEY_ENV = "PIPELINE_RUN_LOCK_KEY"  # rank 0's key, inherited by the ranks Lightning starts on its node
 
