@@ -69,6 +69,7 @@ from pipeline.preemption import Preemption
 from pipeline.wandb_backlog import WandbBacklog
 from pipeline.wandb_service import finish_pending_wandb_run
 from pipeline.progress import console_progress
+from pipeline.provenance_callback import ProvenanceRecord
 from pipeline.resume_geometry import Geometry, LoopPosition, adapt, expected_world_size
 from pipeline.rng_state import RNGState
 from pipeline.run_dir_access import check_run_dir_reachable, check_run_dir_writable
@@ -625,6 +626,8 @@ class PipelineCLI(LightningCLI):
         elif getattr(self, "_branch_origin", None):  # a start from another run's: recorded for the next start
             callbacks.append(BranchOrigin(self._branch_origin,
                                           run_dir if getattr(self, "_branched_from", None) else None))
+        if self.subcommand not in ("validate", "test"):  # what code and software trained each checkpoint
+            callbacks.append(ProvenanceRecord())
         if self.subcommand not in (None, "fit") and cfg.trainer.get("logger") in (None, True):
             ckpt = cfg.get("ckpt_path")
             kwargs.setdefault("logger", make_eval_loggers(cfg.tracking, run_dir, self.subcommand,
