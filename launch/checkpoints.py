@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import csv
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from launch.errors import LaunchError
+from pipeline import provenance
 from pipeline.deepspeed_layout import model_states_file
 from pipeline.run_layout import BEST_GLOB, METRICS_CSV, best_name, checkpoint_dir
 
@@ -21,6 +22,7 @@ class CheckpointInfo:
     # the optimizer steps of the whole run (pipeline.module.ImageClassifier.planned_steps)
     planned_steps: int | None = None
     global_batch: int | None = None  # images per optimizer step
+    provenance: list[dict] = field(default_factory=list)  # one record per start (pipeline/provenance.py)
 
 
 def payload(path: Path) -> Path:
@@ -56,7 +58,8 @@ def read_checkpoint(path: Path) -> CheckpointInfo:
     progress = ckpt.get("progress") if isinstance(ckpt.get("progress"), dict) else {}
     planned, batch = progress.get("planned_steps"), progress.get("global_batch")
     return CheckpointInfo(path, int(step) if step is not None else None, int(epoch) if epoch is not None else None,
-                          int(planned) if planned else None, int(batch) if batch else None)
+                          int(planned) if planned else None, int(batch) if batch else None,
+                          provenance.records(ckpt))
 
 
 @dataclass

@@ -13,7 +13,7 @@ from launch.checkpoints import CheckpointInfo, ThroughputReading, best_checkpoin
 from launch.errors import LaunchError
 from launch.rundir import recorded_jobs, wandb_run_id
 from data_prep import output_status
-from pipeline import run_lock
+from pipeline import provenance, run_lock
 from pipeline.branch_record import recorded_origin
 from pipeline.run_layout import CONFIG_FILE, LOCK_NAME, RUN_ID_FILE, SLURM_LOG_GLOB, checkpoint_dir, slurm_log
 
@@ -185,6 +185,12 @@ def _progress_line(ckpt: CheckpointInfo, tp: ThroughputReading | None) -> str | 
     return line
 
 
+def _code_lines(ckpt: CheckpointInfo) -> list[str]:
+    """What code and software trained the newest checkpoint (its provenance records, one per start)."""
+    said = provenance.describe(ckpt.provenance) or ["not recorded (the checkpoint was saved before runs recorded it)"]
+    return [f"{'code' if i == 0 else '':<12} {line}" for i, line in enumerate(said)]
+
+
 def _duration(seconds: float) -> str:
     minutes = max(1, round(seconds / 60))
     days, rest = divmod(minutes, 24 * 60)
@@ -255,6 +261,7 @@ def report(run_dir: Path) -> str:
         except FileNotFoundError:  # replaced by the running trainer since it was read
             when = "since replaced"
         lines.append(f"checkpoint   {ckpt.path}  global_step {ckpt.global_step}  epoch {ckpt.epoch}  ({when})")
+        lines += _code_lines(ckpt)
     tp = recent_throughput(run_dir)
     if tp is not None:
         at = f" at step {tp.step}" if tp.step is not None else ""

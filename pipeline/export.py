@@ -5,7 +5,8 @@ CKPT is a Lightning checkpoint file (DDP / single device) or a DeepSpeed ZeRO ch
 model's own key names, so for resnet18..152 with the default options (shortcut B, not plain, v1.5: the
 networks torchvision builds) ``torchvision.models.resnet50(num_classes=N).load_state_dict(torch.load(OUT))``
 works. The file keeps no record of the network (option A and plain nets, v1 and v1.5, have the same
-tensors); the checkpoint's ``hyper_parameters`` do.
+tensors); the checkpoint's ``hyper_parameters`` do. Nor of the code that trained it: export names that on stderr
+(the commit of the checkpoint's provenance, ``pipeline/provenance.py``).
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from pathlib import Path
 
 import torch
 
+from pipeline import provenance
 from pipeline.checkpoint_io import atomic_write_bytes
-from pipeline.checkpoint_read import unreadable
+from pipeline.checkpoint_read import read_checkpoint, unreadable
 from pipeline.deepspeed_layout import LIGHTNING_TAG, refuse_folder_of_checkpoints, saved_tag
 from pipeline.errors import ConfigError
 from pipeline.export_temp_files import describe, remove_killed, temp_path
@@ -180,6 +182,16 @@ def _load_quietly(path: Path):
     return None
 
 
+def trained_by(ckpt: str | Path) -> list[str]:
+    """What code and software trained the checkpoint (its provenance records, ``pipeline/provenance.py``), for
+    stderr: OUT keeps tensors alone. Nothing for weights alone, or a checkpoint saved before runs recorded it."""
+    try:
+        said = provenance.describe(provenance.records(read_checkpoint(ckpt)))
+    except ConfigError:  # (a legacy file that cannot be memory-mapped: exported all the same)
+        return []
+    return [f"{ckpt} was trained by {said[0]}", *said[1:]] if said else []
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline export", description=__doc__.split("\n")[0])
     parser.add_argument("checkpoint", help="Lightning checkpoint file or DeepSpeed checkpoint directory")
@@ -190,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    for line in trained_by(args.checkpoint):
+        print(line, file=sys.stderr)
     n = sum(v.numel() for v in sd.values())
     print(f"wrote {args.out}: {len(sd)} tensors, {n:,} values (fp32)")
     return 0
