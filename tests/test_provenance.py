@@ -141,6 +141,23 @@ def test_a_deepspeed_checkpoint_directory_holds_the_records(digits_shards, tmp_p
     assert records[0]["git_commit"] == _git("rev-parse", "HEAD").strip()
 
 
+def test_two_ranks_save_rank_zeros_record_and_only_rank_zero_asks_git(digits_shards, tmp_path):
+    from tests.conftest import free_port
+
+    calls, bindir = tmp_path / "git.calls", tmp_path / "bin"  # git, recording who asks it
+    bindir.mkdir()
+    (bindir / "git").write_text(f'#!/bin/sh\necho "$@" >> {calls}\nexec {shutil.which("git")} "$@"\n')
+    (bindir / "git").chmod(0o755)
+    run = tmp_path / "run"
+    run_module("pipeline", "fit", "--config", CONF, "--data.root", str(digits_shards), "--trainer.default_root_dir",
+               str(run), "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.max_steps", "2",
+               "--data.num_workers", "0", "--trainer.num_sanity_val_steps", "0", "--tracking.wandb", "false",
+               env={"MASTER_PORT": str(free_port()), "PATH": f"{bindir}:{os.environ['PATH']}"})
+    (record,) = _records(run / "checkpoints" / "last.ckpt")
+    assert record["world_size"] == 2 and record["git_commit"] == _git("rev-parse", "HEAD").strip(), record
+    assert [line.split()[2] for line in calls.read_text().splitlines()] == ["rev-parse", "status"], calls.read_text()
+
+
 def _repo(path: Path) -> Path:
     path.mkdir()
     for args in (["init", "-q"], ["add", "-A"], ["-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q",
