@@ -12,5 +12,12 @@ if __name__ == "__main__":
 
         sys.exit(export_main(sys.argv[2:]))
     from pipeline.cli import main
+    from pipeline.torchrun_stop import after_exit
 
-    sys.exit(main())
+    try:
+        status = main()
+    except SystemExit as e:  # the parser's refusal: its usage, then an `error:` line, exit 2
+        if not isinstance(e.code, int):
+            raise
+        status = e.code
+    sys.exit(after_exit(status))

@@ -64,6 +64,7 @@ from pipeline.parent_death import follow_lightning_rank_zero, follow_torchrun_ag
 from pipeline.parity import WeightParity
 from pipeline.parsed_config import check_parsed
 from pipeline.peer_gone import peer_gone, peer_gone_message
+from pipeline.torchrun_stop import a_peer_ended
 from pipeline import preemption
 from pipeline.preemption import Preemption
 from pipeline.wandb_backlog import WandbBacklog
@@ -866,6 +867,7 @@ def main(argv: list[str] | None = None, cli: type[PipelineCLI] = PipelineCLI) ->
     except (RuntimeError, OSError) as e:  # the limit of open files: every retry would stop the same way
         if peer_gone(e):  # another rank ended: its own message says why (no `error:`: a crash is retried)
             print(peer_gone_message(e), file=sys.stderr)
+            a_peer_ended()
             return 1
         if not out_of_file_descriptors(e):
             raise

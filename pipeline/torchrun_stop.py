@@ -1,0 +1,118 @@
+"""Under torchrun, a rank that ends with the trainer's one-line ``error:`` stops its agent: no restart.
+
+torchrun's agent restarts all ranks after any non-zero exit, up to ``--max-restarts`` times; it cannot tell
+a refused setting or a corrupt sample (every round would resume, fail the same way and print the same
+line) from a crash. The one way to make it stop from outside is SIGTERM to the agent: it stops its ranks
+and exits without a restart (``SignalException`` in ``torch.distributed.elastic.agent.server.api``'s
+``run``; torchrun then exits 1 with that exception's traceback, and leaves the rendezvous open). So the
+rank that printed the line sends it, once per agent: a second SIGTERM that lands while the agent stops its
+ranks would interrupt that stop.
+
+Other nodes' agents are not told by that signal: their ranks end with ``pipeline.peer_gone``'s line, and
+their agents would start a new round and wait in the rendezvous for the stopped node (``join_timeout``,
+600 s). ``launch torchrun`` names a file in the run directory (``ERROR_FILE_ENV``); the failed rank writes it
+(its rank, exit status and round) before it exits, and a rank of the same round whose peer ended stops its
+own agent too when the file is there. A peer killed outright writes nothing: a crash, restarted as before.
+``launch torchrun --run`` reads the file after torchrun ends and exits with the trainer's own status."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+from pipeline.parent_death import _is_torchrun  # also `python -m launch torchrun --run`: its argv holds "torchrun"
+
+ERROR_FILE_ENV = "RESNET_PIPELINE_TORCHRUN_ERROR_FILE"
+_PEER_WAIT_S = 3
+
+_peer_ended = False
+
+
+def a_peer_ended() -> None:
+    """Called where a rank prints ``pipeline.peer_gone``'s line: its exit status 1 is no ``error:`` of its own.
+    Stops this rank's agent only when the peer that ended wrote the error file of this round."""
+    global _peer_ended
+    _peer_ended = True
+    path = os.environ.get(ERROR_FILE_ENV, "")
+    if not path or not os.environ.get("TORCHELASTIC_RUN_ID"):
+        return
+    # the peer wrote it before it exited, so before this rank heard of its end; a few seconds for a shared
+    # file system that shows another node's new file late. A crashed peer writes none: a restart that late
+    for _ in range(_PEER_WAIT_S * 10):
+        record = read_error_file(path)
+        if record is not None and record.get("round") == _round(os.environ):
+            _stop_agent(os.environ)
+            return
+        time.sleep(0.1)
+
+
+def after_exit(status: int, env: Mapping[str, str] = os.environ) -> int:
+    """``python -m pipeline``'s last step: a status of 1 or 2 from ``pipeline.cli.main`` (returned, or the
+    parser's exit) comes with its one-line ``error:`` (a traceback raises; a peer's end is told apart by
+    ``a_peer_ended``). Under torchrun, write the error file and stop this rank's agent. Returns ``status``."""
+    if status not in (1, 2) or _peer_ended or not env.get("TORCHELASTIC_RUN_ID"):
+        return status
+    if not _is_torchrun(os.getppid()):  # the agent is gone (follow_torchrun_agent's error) or not ours
+        return status
+    path = env.get(ERROR_FILE_ENV, "")
+    if path:
+        try:
+            tmp = f"{path}.{os.getpid()}.tmp"
+            Path(tmp).write_text(json.dumps({"rank": env.get("RANK", "?"), "status": status,
+                                             "round": _round(env)}) + "\n")
+            os.replace(tmp, path)
+        except OSError:  # a full or unreachable run directory: this node's agent still stops
+            pass
+    _stop_agent(env)
+    return status
+
+
+def read_error_file(path: str | os.PathLike) -> dict | None:
+    """The failed rank's record (``{"rank", "status", "round"}``), or None when there is none or it is unreadable."""
+    if not str(path):
+        return None
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _round(env: Mapping[str, str]) -> str:
+    """The same on every rank of one restart round, on every node: the rendezvous id and the round's master
+    address, which the agents choose anew for each round."""
+    return f"{env.get('TORCHELASTIC_RUN_ID', '')} {env.get('MASTER_ADDR', '')}:{env.get('MASTER_PORT', '')}"
+
+
+def _stop_agent(env: Mapping[str, str]) -> None:
+    agent = os.getppid()
+    if not env.get("TORCHELASTIC_RUN_ID") or not _is_torchrun(agent):
+        return
+    # the agent's SIGTERM to its ranks reaches this one too, which has said what it had to say
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:  # an empty file per stopped agent, left in the temp directory: the agent outlives its ranks
+        guard = Path(tempfile.gettempdir()) / f"resnet-pipeline-torchrun-stopped-{agent}-{_start_time(agent)}"
+        os.close(os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+    except FileExistsError:  # another rank of this node stopped it already
+        return
+    except OSError:
+        pass
+    try:
+        os.kill(agent, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+def _start_time(pid: int) -> str:
+    """The process's start time (``/proc/PID/stat`` field 22): with the pid, one agent, not a later one that
+    got its pid."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return "0"
