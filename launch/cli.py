@@ -396,9 +396,7 @@ def _torchrun(a: argparse.Namespace, extra: list[str]) -> int:
         return 0
     if "OMP_NUM_THREADS" not in os.environ:  # the user's own setting stays
         env["OMP_NUM_THREADS"] = str(threads_per_rank(a.nproc_per_node))
-    sys.stdout.flush()
-    os.execvpe(argv[0], argv, {**os.environ, **env})
-    return 0  # not reached
+    return torchrun.run_here(argv, env)
 
 
 def main(argv: list[str] | None = None) -> int:

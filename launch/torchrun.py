@@ -3,6 +3,7 @@ that resume from ``last.ckpt``."""
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import sys
@@ -10,7 +11,9 @@ from pathlib import Path
 
 from launch.errors import LaunchError
 from launch.validate import launcher_fit_args, no_launcher_args, positive_int, yaml_config
+from pipeline.run_layout import TORCHRUN_ERROR_FILE
 from pipeline.torchelastic import FRESH_STORE_ENV
+from pipeline.torchrun_stop import ERROR_FILE_ENV, read_error_file
 
 _ENDPOINT = re.compile(r"^[A-Za-z0-9_.:\[\]-]+:(\d{1,5})$")
 
@@ -46,12 +49,50 @@ def command(config: Path, nnodes: int, nproc_per_node: int, rdzv_endpoint: str, 
 
 
 def env(run_dir: Path, run_id: str) -> dict[str, str]:
-    """The same W&B resume settings the sbatch script exports, and a fresh rendezvous store per restart
-    round (see ``pipeline.torchelastic.restart_warning``)."""
+    """The same W&B resume settings the sbatch script exports, a fresh rendezvous store per restart round
+    (see ``pipeline.torchelastic.restart_warning``), and the file where a rank's one-line ``error:`` stops the
+    other nodes' agents too (``pipeline.torchrun_stop``)."""
     return {"WANDB_RUN_ID": run_id, "WANDB_RESUME": "allow", "WANDB_DIR": str(run_dir.resolve()),
-            FRESH_STORE_ENV: "1"}
+            FRESH_STORE_ENV: "1", ERROR_FILE_ENV: str(run_dir.resolve() / TORCHRUN_ERROR_FILE)}
 
 
 def shell_line(argv: list[str], env: dict[str, str] | None = None) -> str:
     prefix = [f"{k}={shlex.quote(v)}" for k, v in (env or {}).items()]
     return " ".join(prefix + [shlex.quote(a) for a in argv])
+
+
+def run_here(argv: list[str], env: dict[str, str]) -> int:
+    """``--run``: torchrun's own ``main`` in this process, so this process is the agent (signals reach it as
+    they reached the torchrun it used to exec). When a rank ended with the trainer's one-line ``error:`` it
+    stops the agent (``pipeline.torchrun_stop``: a SIGTERM, which torchrun ends with a ``SignalException``
+    traceback and exit 1); then this says so in one line instead, below the rank's, and exits with the
+    trainer's status (2 for a setting). Any other SIGTERM ends as before."""
+    os.environ.update(env)
+    try:
+        from torch.distributed.elastic.multiprocessing.api import SignalException
+        from torch.distributed.run import main
+    except ImportError:  # no torch in this Python: the torchrun found on PATH
+        sys.stdout.flush()
+        os.execvpe(argv[0], argv, os.environ)
+    error_file = env[ERROR_FILE_ENV]
+    earlier = _identity(error_file)  # a file of an earlier torchrun says nothing of this one
+    try:
+        main(argv[1:])
+    except SignalException:
+        record = read_error_file(error_file)
+        if record is None or _identity(error_file) in (None, earlier) or not isinstance(record.get("status"), int):
+            raise
+        print(f"launch: torchrun stopped without a restart: rank {record.get('rank')} ended with the trainer's "
+              f"one-line error: (above, or in its node's log), which every restart would end with again "
+              f"({error_file}); exit status {record['status']}", file=sys.stderr)
+        return record["status"]
+    return 0
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    """Which file is at ``path`` (inode, modification time in ns): a rank's write replaces it by a new one."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns

@@ -31,6 +31,7 @@ LOCK_NAME = ".lock"  # pipeline/run_lock.py
 JOBS_FILE = "jobs.jsonl"  # launch/rundir.py: the jobs `launch submit` recorded
 SLURM_LOG_GLOB = "slurm-*.out"  # each Slurm job's log (slurm_log)
 TRAIN_SCRIPT = "train.sbatch"  # the train job's script, as `launch submit train` wrote it: resubmit it as is
+TORCHRUN_ERROR_FILE = "torchrun-error"  # a rank's `error:` under launch torchrun: no restart (pipeline/torchrun_stop.py)
 FAILURES_FILE = "launch-failures"  # train.sbatch's "JOB COUNT CKPT_STAMP" of the job's last failed attempt
 
 _TOP1 = r"top1=?(\d+(?:\.\d+)?)"  # "=": since 2026-12 (earlier runs: ``-top10.6500``)

@@ -298,12 +298,14 @@ def test_torchrun_prints_a_command_per_node(tmp_path: Path, cfg: Path) -> None:
                cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     argv = shlex.split(r.stdout)
-    env = dict(a.split("=", 1) for a in argv[:5])
+    env = dict(a.split("=", 1) for a in argv[:6])
     assert env["WANDB_RESUME"] == "allow" and env["WANDB_DIR"] == str(tmp_path / "run")
     assert env["WANDB_RUN_ID"] == (tmp_path / "run" / "wandb_run_id").read_text().strip()
     assert env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"  # restarts need a fresh store
+    # where a rank's one-line error: stops every node's agent (pipeline/torchrun_stop.py)
+    assert env["RESNET_PIPELINE_TORCHRUN_ERROR_FILE"] == str(tmp_path / "run" / "torchrun-error")
     assert env["OMP_NUM_THREADS"] == "${OMP_NUM_THREADS:-$(( $(nproc) < 4 ? 1 : $(nproc) / 4 ))}"  # each node's
-    rest = argv[5:]
+    rest = argv[6:]
     assert Path(rest[0]).name == "torchrun"
     assert rest[1:7] == ["--nnodes=2", "--nproc-per-node=4", "--rdzv-backend=c10d", "--rdzv-endpoint=node0:29400",
                          f"--rdzv-id={env['WANDB_RUN_ID']}", "--max-restarts=3"]
@@ -352,10 +354,10 @@ def test_torchrun_sets_each_ranks_threads_unless_the_user_did(tmp_path: Path, cf
     class Started(Exception):
         pass
 
-    def execvpe(file: str, argv: list[str], env: dict[str, str]) -> None:
-        raise Started(env)
+    def run_here(argv: list[str], env: dict[str, str]) -> int:
+        raise Started({**os.environ, **env})  # run_here adds env to this process's environment
 
-    monkeypatch.setattr(cli.os, "execvpe", execvpe)
+    monkeypatch.setattr(cli.torchrun, "run_here", run_here)
     args = ["torchrun", "--no-config-check", "--config", str(cfg), "--nnodes", "1", "--nproc-per-node", "2",
             "--rdzv-endpoint", "127.0.0.1:29400", "--run-dir", str(tmp_path / "run"), "--run"]
     for given, threads in ((None, str(max(1, cores // 2))), ("5", "5")):
