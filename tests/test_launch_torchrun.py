@@ -21,26 +21,38 @@ STEPS = 8
 
 
 def _launch(run_dir: Path, shards: Path, *launch_args: str, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    return _finish(_start(run_dir, shards, *launch_args, extra=extra), run_dir)
+
+
+def _start(run_dir: Path, shards: Path, *launch_args: str, extra: tuple[str, ...] = (), nnodes: int = 1,
+           nproc_per_node: int = 2, endpoint: str | None = None) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("SLURM_", "WANDB_API_KEY", "TORCHELASTIC_", "TORCH_DISABLE_SHARE", "OMP_NUM_THREADS"))}
-    env.update(PYTHONPATH=str(REPO), WANDB_MODE="offline")
+    # LOGLEVEL: the agent's info lines, one "will restart worker group" per restart (_rounds)
+    env.update(PYTHONPATH=str(REPO), WANDB_MODE="offline", LOGLEVEL="INFO")
     # OMP_NUM_THREADS is the launcher's (cores / --nproc-per-node): on 2 cores 1 thread a rank, as every run here
     cores = sorted(os.sched_getaffinity(0))[:2]
+    if nnodes * nproc_per_node > len(cores):
+        env["OMP_NUM_THREADS"] = "1"
     argv = [sys.executable, "-m", "launch", "torchrun", "--config", str(REPO / "conf" / "demo.yaml"),
-            "--nnodes", "1", "--nproc-per-node", "2", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
+            "--nnodes", str(nnodes), "--nproc-per-node", str(nproc_per_node),
+            "--rdzv-endpoint", endpoint or f"127.0.0.1:{free_port()}",
             "--run-dir", str(run_dir), "--cpu", *launch_args, "--run", "--",
             "--data.root", str(shards), "--trainer.max_steps", str(STEPS), "--data.num_workers", "0",
             "--checkpoint.every_n_train_steps", "2", *extra]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
                             preexec_fn=lambda: os.sched_setaffinity(0, cores))
+
+
+def _finish(proc: subprocess.Popen, run_dir: Path, timeout: float = 180) -> subprocess.CompletedProcess:
     try:
-        out, err = proc.communicate(timeout=180)
+        out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:  # a hung run: the ranks too (torchrun starts each in a session of its own)
         subprocess.run(["pkill", "-9", "-f", str(run_dir)], check=False)
         proc.kill()
         out, err = proc.communicate()
-        err += "\n(timed out after 180 s: killed)"
-    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+        err += f"\n(timed out after {timeout:.0f} s: killed)\n"
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +136,94 @@ def test_ranks_of_a_killed_agent_save_and_stop_then_resume_bit_exact(uninterrupt
     assert r.returncode == 0 and "resuming from" in out, out[-4000:]
     diffs = compare(ref / "checkpoints" / "last.ckpt", run_dir / "checkpoints" / "last.ckpt")
     assert not diffs, "; ".join(diffs[:10])
+
+
+def _rounds(out: str) -> int:
+    """Worker-group starts of torchrun's agent: the first, and one per restart."""
+    assert "starting workers for entrypoint" in out, "the agent's info lines (LOGLEVEL=INFO) are needed"
+    return 1 + out.count("will restart worker group")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("setting, says", [("--data.root", "data.root"),  # pipeline.cli.main returns 2
+                                           ("--trainer.max_stepz", "unrecognized arguments")])  # the parser exits 2
+def test_a_setting_error_under_torchrun_ends_after_one_round_with_its_status(digits_shards: Path, tmp_path: Path,
+                                                                            setting: str, says: str) -> None:
+    """A setting the trainer refuses (its one-line `error:`, exit 2) under `--max-restarts 2`: every restart
+    would refuse it again. Before, torchrun restarted the ranks twice (three rounds of `error:` lines) and
+    exited 1 with its ChildFailedError summary; now the rank stops its agent: one round, exit 2."""
+    run_dir = tmp_path / "run"
+    r = _launch(run_dir, digits_shards, "--max-restarts", "2", "--no-config-check",
+                extra=(setting, str(tmp_path / "missing")))
+    out = r.stdout + r.stderr
+    errors = [line for line in out.splitlines() if line.startswith("error: ")]
+    # rank 1 refuses it too, and prints the same line when it gets there before its agent's SIGTERM
+    assert 1 <= len(errors) <= 2 and len(set(errors)) == 1, out[-4000:]
+    assert says in errors[0] and str(tmp_path / "missing") in errors[0], out[-4000:]
+    assert _rounds(out) == 1, out[-4000:]
+    assert r.returncode == 2, out[-4000:]
+    assert "launch: torchrun stopped without a restart: rank" in out and "Traceback" not in out, out[-4000:]
+
+
+@pytest.mark.slow
+def test_a_corrupt_sample_on_one_rank_under_torchrun_is_not_restarted(digits_shards: Path, tmp_path: Path) -> None:
+    """A corrupt sample that only rank 1 reads, at step 4 of 8 under data.on_corrupt fail and `--max-restarts
+    2`: rank 1's `error:` stops the agent, rank 0 stops with its one peer line; one round (before: three, each
+    resuming from the step-2 save and failing on the same sample), exit 1, the step-2 save intact."""
+    from pipeline.data.shards import ShardSet
+
+    shards, sample = _corrupt_for_rank_1(digits_shards, tmp_path)  # rank 1's first sample of step 4
+    run_dir = tmp_path / "run"
+    r = _launch(run_dir, shards, "--max-restarts", "2",
+                extra=("--data.batch_size", "32", "--trainer.precision", "32-true", "--data.on_corrupt", "fail"))
+    out = r.stdout + r.stderr
+    errors = [line for line in out.splitlines() if line.startswith("error: ")]
+    shard = ShardSet(shards, "train").shard_name(sample)
+    assert len(errors) == 1 and f"of shard {shard!r}" in errors[0], out[-4000:]
+    assert _rounds(out) == 1 and "resuming from" not in out, out[-4000:]
+    assert r.returncode == 1, out[-4000:]
+    assert "launch: torchrun stopped without a restart: rank 1 ended with the trainer's one-line error:" in out, \
+        out[-4000:]
+    saved = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert saved["global_step"] == 2
+
+
+@pytest.mark.slow
+def test_a_corrupt_sample_on_one_node_stops_the_other_nodes_agent_too(digits_shards: Path, tmp_path: Path) -> None:
+    """Two agents (two nodes of one rank each, one run directory): rank 1's `error:` stops its own agent; rank 0,
+    on the other node, ends with its peer line, finds rank 1's RUN/torchrun-error of this round and stops its
+    agent too. Before, that agent started a new round and waited in the rendezvous for the stopped node."""
+    shards, sample = _corrupt_for_rank_1(digits_shards, tmp_path)
+    run_dir = tmp_path / "run"
+    endpoint = f"127.0.0.1:{free_port()}"
+    kw = dict(extra=("--data.batch_size", "32", "--trainer.precision", "32-true"), nnodes=2, nproc_per_node=1,
+              endpoint=endpoint)
+    first = _start(run_dir, shards, "--max-restarts", "2", "--no-config-check", **kw)
+    for _ in range(600):  # the W&B id (the rendezvous id) is made once, by the first launcher
+        if (run_dir / "wandb_run_id").exists():
+            break
+        time.sleep(0.1)
+    second = _start(run_dir, shards, "--max-restarts", "2", "--no-config-check", **kw)
+    nodes = [_finish(p, run_dir, timeout=200) for p in (first, second)]
+    out = "".join(r.stdout + r.stderr for r in nodes)
+    errors = [line for line in out.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "repair the shard" in errors[0], out[-6000:]
+    assert [r.returncode for r in nodes] == [1, 1], out[-6000:]
+    for r in nodes:
+        node = r.stdout + r.stderr
+        assert _rounds(node) == 1 and "launch: torchrun stopped without a restart: rank 1 ended" in node, node[-4000:]
+    assert sum("rank 0 stopped: another rank of this run ended" in r.stderr for r in nodes) == 1, out[-6000:]
+
+
+def _corrupt_for_rank_1(digits_shards: Path, tmp_path: Path, step: int = 3, batch: int = 32) -> tuple[Path, int]:
+    """A copy of the shards whose sample that global rank 1 (of 2) reads first in step ``step + 1`` is corrupt."""
+    from pipeline.data.contract import TrainSampler
+    from pipeline.data.shards import ShardSet
+    from tests.test_dali_backend import corrupt_copy, zero_head
+
+    order = iter(TrainSampler(ShardSet(digits_shards, "train").shard_sizes, 0, 2, 1, batch))
+    sample = int([next(order) for _ in range(step + 1)][step][0][0])
+    return corrupt_copy(digits_shards, tmp_path / "shards", "train", sample, zero_head), sample
 
 
 def test_a_rank_whose_agent_is_gone_does_not_start(tmp_path: Path) -> None:
