@@ -85,7 +85,9 @@ def read_error_file(path: str | os.PathLike) -> dict | None:
 
 def _round(env: Mapping[str, str]) -> str:
     """The same on every rank of one restart round, on every node: the rendezvous id and the round's master
-    address, which the agents choose anew for each round."""
+    address, whose port the agents choose anew for each round where they keep their store from the ranks
+    (``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``, which ``launch torchrun`` sets): a file of an earlier round or
+    torchrun does not match."""
     return f"{env.get('TORCHELASTIC_RUN_ID', '')} {env.get('MASTER_ADDR', '')}:{env.get('MASTER_PORT', '')}"
 
 
