@@ -269,3 +269,36 @@ def test_restart_warning_only_for_a_shared_store_with_restarts() -> None:
     assert restart_warning({}) is None  # not under torchrun
     static = restart_warning({**shared, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})  # --master-port: shared anyway
     assert "--rdzv-backend c10d" in static and "export" not in static
+
+
+def test_only_an_error_file_of_this_round_makes_a_rank_whose_peer_ended_stop_its_agent(tmp_path: Path,
+                                                                                        monkeypatch) -> None:
+    """A peer that ended with its `error:` wrote RUN/torchrun-error for this round: the agent is stopped, once per
+    agent. No file (a peer killed outright: a crash) or another round's: no signal, the agent restarts."""
+    import signal
+
+    from pipeline import torchrun_stop
+
+    sent: list[tuple[int, int]] = []
+    monkeypatch.setattr(torchrun_stop, "_is_torchrun", lambda pid: True)
+    monkeypatch.setattr(torchrun_stop.os, "kill", lambda pid, sig: sent.append((pid, sig)))
+    monkeypatch.setattr(torchrun_stop.signal, "signal", lambda *a: None)
+    monkeypatch.setattr(torchrun_stop.tempfile, "gettempdir", lambda: str(tmp_path))
+    monkeypatch.setattr(torchrun_stop, "_PEER_WAIT_S", 1)
+    monkeypatch.setattr(torchrun_stop, "_peer_ended", False)
+    error_file = tmp_path / "torchrun-error"
+    env = {"TORCHELASTIC_RUN_ID": "abc", "MASTER_ADDR": "node0", "MASTER_PORT": "4000", "RANK": "1",
+           torchrun_stop.ERROR_FILE_ENV: str(error_file)}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    torchrun_stop.a_peer_ended()  # no file: a crash
+    error_file.write_text('{"rank": "1", "status": 2, "round": "abc node0:3999"}\n')
+    torchrun_stop.a_peer_ended()  # an earlier round's
+    assert sent == []
+    monkeypatch.setattr(torchrun_stop, "_peer_ended", False)
+    assert torchrun_stop.after_exit(2, env) == 2  # this rank's own error: line
+    assert torchrun_stop.read_error_file(error_file) == {"rank": "1", "status": 2, "round": "abc node0:4000"}
+    assert sent == [(os.getppid(), signal.SIGTERM)]
+    torchrun_stop.a_peer_ended()  # another rank of the same node: its agent is stopping already
+    assert sent == [(os.getppid(), signal.SIGTERM)]
+    assert torchrun_stop.after_exit(1, env) == 1 and len(sent) == 1  # a peer's end is no error: of its own
