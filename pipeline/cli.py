@@ -65,7 +65,7 @@ from pipeline.parity import WeightParity
 from pipeline.parsed_config import check_parsed
 from pipeline.peer_gone import peer_gone, peer_gone_message
 from pipeline.torchrun_stop import a_peer_ended
-from pipeline import preemption
+from pipeline import preemption, provenance
 from pipeline.preemption import Preemption
 from pipeline.wandb_backlog import WandbBacklog
 from pipeline.wandb_service import finish_pending_wandb_run
@@ -424,7 +424,9 @@ class PipelineCLI(LightningCLI):
                 check_run_dir_writable(run_dir, sub, bool(cfg.tracking.wandb), str(ckpt) if ckpt else None)
                 check_temp_dir()
             if sub in ("validate", "test") and cfg.get("ckpt_path") is not None:
-                _say(f"{sub}: {cfg.ckpt_path}{_at_step(meta, ' (step {})')}")
+                trained = provenance.records(meta)  # the code that trained it, as launch status and export say
+                by = f", trained by {provenance.code(trained[-1])}" if trained else ""
+                _say(f"{sub}: {cfg.ckpt_path}{_at_step(meta, ' (step {})')}{by}")
             return
         if cfg.model.get("lr") == 0:  # allowed (a batch-norm recalibration, a check that weights stay), but said
             _say("warning: model.lr is 0: the weights will not change (batch-norm running statistics will)")

@@ -104,6 +104,11 @@ def test_status_and_export_name_the_commit(resumed, tmp_path):
     assert exported.stdout.startswith(f"wrote {tmp_path / 'w.pt'}: "), exported.stdout
     assert f"last.ckpt was trained by git {head[:12]}" in exported.stderr, exported.stderr
     assert all(isinstance(v, torch.Tensor) for v in torch.load(tmp_path / "w.pt", weights_only=True).values())
+    scored = run_module("pipeline", "validate", "--config", str(run / "config.yaml"), "--trainer.default_root_dir",
+                        str(tmp_path / "scored"), "--ckpt_path", str(run / "checkpoints" / "last.ckpt"),
+                        "--trainer.limit_val_batches", "1", "--tracking.wandb", "false")
+    assert f"validate: {run / 'checkpoints' / 'last.ckpt'} (step 4), trained by git {head[:12]}" in scored.stderr, \
+        scored.stderr[-3000:]
 
 
 def test_outside_a_git_checkout_the_commit_is_unknown_and_the_run_trains(digits_shards, tmp_path):
