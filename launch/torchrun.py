@@ -13,7 +13,7 @@ from launch.errors import LaunchError
 from launch.validate import launcher_fit_args, no_launcher_args, positive_int, yaml_config
 from pipeline.run_layout import TORCHRUN_ERROR_FILE
 from pipeline.torchelastic import FRESH_STORE_ENV
-from pipeline.torchrun_stop import ERROR_FILE_ENV, read_error_file
+from pipeline.torchrun_stop import ERROR_FILE_ENV, read_error_file, remove_stop_guard
 
 _ENDPOINT = re.compile(r"^[A-Za-z0-9_.:\[\]-]+:(\d{1,5})$")
 
@@ -79,6 +79,7 @@ def run_here(argv: list[str], env: dict[str, str]) -> int:
     try:
         main(argv[1:])
     except SignalException:
+        remove_stop_guard(os.getpid())  # this process was the agent a rank stopped
         record = read_error_file(error_file)
         if record is None or _identity(error_file) in (None, earlier) or not isinstance(record.get("status"), int):
             raise

@@ -29,6 +29,7 @@ from pipeline.parent_death import _is_torchrun  # also `python -m launch torchru
 
 ERROR_FILE_ENV = "RESNET_PIPELINE_TORCHRUN_ERROR_FILE"
 _PEER_WAIT_S = 3
+_GUARD_PREFIX = "resnet-pipeline-torchrun-stopped-"  # + AGENT_PID-START: one SIGTERM per agent
 
 _peer_ended = False
 
@@ -97,8 +98,8 @@ def _stop_agent(env: Mapping[str, str]) -> None:
         return
     # the agent's SIGTERM to its ranks reaches this one too, which has said what it had to say
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    try:  # an empty file per stopped agent, left in the temp directory: the agent outlives its ranks
-        guard = Path(tempfile.gettempdir()) / f"resnet-pipeline-torchrun-stopped-{agent}-{_start_time(agent)}"
+    try:  # an empty file per stopped agent in the temp directory (the agent outlives its ranks; launch's removes it)
+        guard = Path(tempfile.gettempdir()) / f"{_GUARD_PREFIX}{agent}-{_start_time(agent)}"
         os.close(os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
     except FileExistsError:  # another rank of this node stopped it already
         return
@@ -108,6 +109,13 @@ def _stop_agent(env: Mapping[str, str]) -> None:
         os.kill(agent, signal.SIGTERM)
     except OSError:
         pass
+
+
+def remove_stop_guard(agent: int) -> None:
+    """Remove the file that marked ``agent`` stopped, once it has ended (``launch torchrun --run`` is the agent:
+    it calls this); a torchrun line run by hand leaves its one empty file in the temp directory."""
+    for guard in Path(tempfile.gettempdir()).glob(f"{_GUARD_PREFIX}{agent}-*"):
+        guard.unlink(missing_ok=True)
 
 
 def _start_time(pid: int) -> str:

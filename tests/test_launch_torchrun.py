@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -153,8 +154,11 @@ def test_a_setting_error_under_torchrun_ends_after_one_round_with_its_status(dig
     would refuse it again. Before, torchrun restarted the ranks twice (three rounds of `error:` lines) and
     exited 1 with its ChildFailedError summary; now the rank stops its agent: one round, exit 2."""
     run_dir = tmp_path / "run"
-    r = _launch(run_dir, digits_shards, "--max-restarts", "2", "--no-config-check",
-                extra=(setting, str(tmp_path / "missing")))
+    proc = _start(run_dir, digits_shards, "--max-restarts", "2", "--no-config-check",
+                  extra=(setting, str(tmp_path / "missing")))
+    r = _finish(proc, run_dir)
+    # the agent was `launch torchrun --run` itself: its one-SIGTERM guard file does not stay behind
+    assert not list(Path(tempfile.gettempdir()).glob(f"resnet-pipeline-torchrun-stopped-{proc.pid}-*"))
     out = r.stdout + r.stderr
     errors = [line for line in out.splitlines() if line.startswith("error: ")]
     # rank 1 refuses it too, and prints the same line when it gets there before its agent's SIGTERM
