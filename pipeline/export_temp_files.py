@@ -22,6 +22,7 @@ import socket
 from pathlib import Path
 
 from pipeline.checkpoint_io import TMP_PREFIX
+from pipeline.process_start import start_ticks
 
 NAME = re.compile(rf"{re.escape(TMP_PREFIX)}(?P<target>.+)\.export-(?P<pid>\d+)-(?P<start>\d+)@(?P<host>.+)"
                   r"\.[0-9a-f]{12}")
@@ -30,7 +31,7 @@ NAME = re.compile(rf"{re.escape(TMP_PREFIX)}(?P<target>.+)\.export-(?P<pid>\d+)-
 def temp_path(out: str | Path) -> Path:
     """Where this process writes ``out`` before renaming it into place."""
     out = Path(out)
-    return out.with_name(f"{TMP_PREFIX}{out.name}.export-{os.getpid()}-{_start_ticks(os.getpid()) or 0}@"
+    return out.with_name(f"{TMP_PREFIX}{out.name}.export-{os.getpid()}-{start_ticks(os.getpid()) or 0}@"
                          f"{_host()}.{secrets.token_hex(6)}")
 
 
@@ -63,20 +64,11 @@ def _host() -> str:
     return socket.gethostname() or "localhost"
 
 
-def _start_ticks(pid: int) -> int | None:
-    """When process ``pid`` started, in clock ticks since boot (``/proc/PID/stat``'s field 22); None when there
-    is no such process or no ``/proc``."""
-    try:  # the fields after the command name (in parentheses) start at field 3
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
 def _writer_gone(pid: int, start: int) -> bool:
     """Whether the process that wrote the file is gone (a pid reused since is another process)."""
     if pid == os.getpid():
         return False
-    now = _start_ticks(pid)
+    now = start_ticks(pid)
     if now is not None or Path("/proc/self/stat").is_file():
         return now is None or (start != 0 and now != start)
     try:  # no /proc: alive or not, as far as this pid namespace shows

@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from pipeline.parent_death import _is_torchrun  # also `python -m launch torchrun --run`: its argv holds "torchrun"
+from pipeline.process_start import start_ticks
 
 ERROR_FILE_ENV = "RESNET_PIPELINE_TORCHRUN_ERROR_FILE"
 _PEER_WAIT_S = 3
@@ -99,7 +100,7 @@ def _stop_agent(env: Mapping[str, str]) -> None:
     # the agent's SIGTERM to its ranks reaches this one too, which has said what it had to say
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:  # an empty file per stopped agent in the temp directory (the agent outlives its ranks; launch's removes it)
-        guard = Path(tempfile.gettempdir()) / f"{_GUARD_PREFIX}{agent}-{_start_time(agent)}"
+        guard = Path(tempfile.gettempdir()) / f"{_GUARD_PREFIX}{agent}-{start_ticks(agent) or 0}"
         os.close(os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
     except FileExistsError:  # another rank of this node stopped it already
         return
@@ -116,13 +117,3 @@ def remove_stop_guard(agent: int) -> None:
     it calls this); a torchrun line run by hand leaves its one empty file in the temp directory."""
     for guard in Path(tempfile.gettempdir()).glob(f"{_GUARD_PREFIX}{agent}-*"):
         guard.unlink(missing_ok=True)
-
-
-def _start_time(pid: int) -> str:
-    """The process's start time (``/proc/PID/stat`` field 22): with the pid, one agent, not a later one that
-    got its pid."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return "0"
