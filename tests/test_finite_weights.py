@@ -52,7 +52,9 @@ def test_two_ranks_stop_together(digits_shards: Path, tmp_path: Path) -> None:
                            "--trainer.devices", "2", "--trainer.accelerator", "cpu"],
                           capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert proc.returncode != 0
-    assert proc.stderr.count("error: training diverged") == 2, proc.stderr[-3000:]  # each rank, same step
+    # each rank diverges at the same step; the first to say so stops torchrun's agent (pipeline/torchrun_stop.py),
+    # whose SIGTERM may end the other before its own line
+    assert 1 <= proc.stderr.count("error: training diverged") <= 2, proc.stderr[-3000:]
     when = {ln.split(": weights")[0] for ln in proc.stderr.splitlines() if ln.startswith("error: training diverged")}
     assert len(when) == 1, when
     _last_is_finite_and_early(run_dir)
