@@ -281,8 +281,8 @@ def report(run_dir: Path) -> str:
 
 def runs_report(parent: Path, runs: list[Path]) -> str:
     """One line per run directory in ``parent`` (a sweep of 10 networks x 5 seeds is 50 reports): its last
-    job and that job's state (one sacct for all), the newest checkpoint's step of the steps planned, and the
-    best kept val/top1. ``launch status RUN`` has the whole story of one."""
+    job and that job's state (one sacct for all), the newest checkpoint's step of the steps planned, the code
+    of its newest start (``provenance.short_code``) and the best kept val/top1. ``launch status RUN`` has the whole story of one."""
     last_job = {run: ids[-1] for run in runs if (ids := job_ids(run))}
     states: dict[str, str] = {}
     rows: list[slurm.JobRow] | None = None  # None: Slurm not asked, or not answering
@@ -298,7 +298,7 @@ def runs_report(parent: Path, runs: list[Path]) -> str:
                 note = "(finished jobs are not listed without sacct)"
     lines = [f"runs in {parent.resolve()}: {len(runs)}" + (f" {note}" if note else "")]
     width = max(3, *(len(r.name) for r in runs))
-    lines.append(f"  {'RUN':<{width}}  {'JOB':<12} {'STATE':<22} {'STEP':<24} BEST val/top1")
+    lines.append(f"  {'RUN':<{width}}  {'JOB':<12} {'STATE':<22} {'STEP':<24} {'CODE':<17} BEST val/top1")
     for run in runs:
         job = last_job.get(run)
         state = states.get(job, "-") if job else "no job"
@@ -311,9 +311,10 @@ def runs_report(parent: Path, runs: list[Path]) -> str:
             step = f"{ckpt.global_step:,} of {ckpt.planned_steps:,}" + (" done" if ckpt.global_step >= ckpt.planned_steps else "")
         else:
             step = f"{ckpt.global_step:,}"
+        code = provenance.short_code(ckpt.provenance) if ckpt is not None else "-"
         best = best_checkpoint(run)
         top1 = f"{best.top1:.4f} (step {best.step:,})" if best else "-"
-        lines.append(f"  {run.name:<{width}}  {job or '-':<12} {state:<22} {step:<24} {top1}")
+        lines.append(f"  {run.name:<{width}}  {job or '-':<12} {state:<22} {step:<24} {code:<17} {top1}")
     return "\n".join(lines)
 
 

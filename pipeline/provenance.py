@@ -217,6 +217,20 @@ def code(record: dict) -> str:
     return f"{installed}commit unknown ({why})"
 
 
+def short_code(kept: list[dict]) -> str:
+    """The newest start's code in a table cell: ``1a2b3c4d`` (``+`` with uncommitted changes, ``?`` when
+    that is unknown), ``unknown`` without a commit, ``-`` without records; `` changed`` when the starts
+    trained with different code (``describe`` says which)."""
+    if not kept:
+        return "-"
+    commit = kept[-1].get("git_commit")
+    if isinstance(commit, str) and commit and commit != UNKNOWN:
+        cell = commit[:8] + {"yes": "+", "no": ""}.get(kept[-1].get("git_dirty"), "?")
+    else:
+        cell = "unknown"
+    return cell + (" changed" if len({code(r) for r in kept}) > 1 else "")
+
+
 def _software(record: dict) -> str:
     parts = [f"{name} {record[key]}" for key, name in (("torch", "torch"), ("pytorch_lightning", "lightning"),
                                                        ("python", "python")) if record.get(key)]

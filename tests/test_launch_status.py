@@ -469,11 +469,15 @@ def test_status_of_a_folder_of_runs_is_one_line_per_run(trained_run: Path, tmp_p
     val/top1. Folders that hold no run are left out; `status RUN` of one run is unchanged."""
     from launch.rundir import record_job
 
+    from pipeline import provenance
+
     runs = tmp_path / "runs"
     done = runs / "cifar_resnet20-seed0"
-    _copy_checkpoint(trained_run, "last.ckpt", done, "last.ckpt")
-    _copy_checkpoint(trained_run, "last.ckpt", done, "best-epoch001-step0000004-top1=0.9125.ckpt")
-    _copy_checkpoint(trained_run, "last.ckpt", done, "best-epoch000-step0000002-top1=0.8500.ckpt")
+    for name in ("last.ckpt", "best-epoch001-step0000004-top1=0.9125.ckpt", "best-epoch000-step0000002-top1=0.8500.ckpt"):
+        path = _copy_checkpoint(trained_run, "last.ckpt", done, name)
+        ckpt = torch.load(path, weights_only=False)  # as if trained by code with uncommitted changes
+        ckpt[provenance.KEY] = [{"start": 1, "git_commit": "1a2b3c4d5e6f" + "0" * 28, "git_dirty": "yes"}]
+        torch.save(ckpt, path)
     record_job(done, "41", "train", done / "train.sbatch")
     record_job(done, "42", "train", done / "train.sbatch")
     waiting = runs / "plain_cifar_resnet20-seed0"
@@ -492,9 +496,9 @@ def test_status_of_a_folder_of_runs_is_one_line_per_run(trained_run: Path, tmp_p
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert lines[0] == f"runs in {runs.resolve()}: 2", r.stdout
-    assert lines[1].split() == ["RUN", "JOB", "STATE", "STEP", "BEST", "val/top1"], r.stdout
-    assert lines[2].split() == ["cifar_resnet20-seed0", "42", "RUNNING", "6", "0.9125", "(step", "4)"], r.stdout
-    assert lines[3].split() == ["plain_cifar_resnet20-seed0", "43", "PENDING", "(Priority)", "-", "-"], r.stdout
+    assert lines[1].split() == ["RUN", "JOB", "STATE", "STEP", "CODE", "BEST", "val/top1"], r.stdout
+    assert lines[2].split() == ["cifar_resnet20-seed0", "42", "RUNNING", "6", "1a2b3c4d+", "0.9125", "(step", "4)"], r.stdout
+    assert lines[3].split() == ["plain_cifar_resnet20-seed0", "43", "PENDING", "(Priority)", "-", "-", "-"], r.stdout
     assert len(lines) == 4, r.stdout
     assert "-j 42,43 " in (tmp_path / "sacct.args").read_text()  # the last job of each run, in one call
     one = launch("status", str(done), cwd=tmp_path, env={"PATH": f"{bindir}:/usr/bin:/bin"})

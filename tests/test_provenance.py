@@ -239,3 +239,14 @@ def test_records_are_carried_capped_and_described():
     # a resume of a checkpoint saved before provenance was recorded: its steps have no record
     legacy = provenance.with_start(provenance.records({"global_step": 500}), {**a, "start_step": 500})
     assert provenance.describe(legacy)[-1] == "steps before 500: no record (trained before provenance was recorded)"
+
+
+def test_short_code_is_the_newest_starts_commit_in_a_table_cell():
+    """`launch status runs/` shows which code each run's newest checkpoint was trained with, in one cell."""
+    a = {"git_commit": "a" * 40, "git_dirty": "no"}
+    b = {"git_commit": "b" * 40, "git_dirty": "yes"}
+    assert provenance.short_code([]) == "-"
+    assert provenance.short_code([a, a]) == "aaaaaaaa"
+    assert provenance.short_code([a, b]) == "bbbbbbbb+ changed"
+    assert provenance.short_code([{**a, "git_dirty": provenance.UNKNOWN}]) == "aaaaaaaa?"
+    assert provenance.short_code([{"git_commit": provenance.UNKNOWN, "git_note": "no git"}]) == "unknown"
