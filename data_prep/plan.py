@@ -29,12 +29,15 @@ class ShardJob:
     its own shard's entries, so only the shards in flight are ever materialised.
     """
 
-    __slots__ = ("split", "number", "plan_hash", "_items", "_index", "_entries")
+    __slots__ = ("split", "number", "plan_hash", "hash_without_mtimes", "_items", "_index", "_entries")
 
     def __init__(self, split: str, number: int, entries: Sequence[tuple[int, str, Ref, int]] | None,
                  plan_hash: str, items: Sequence[tuple[str, Ref, int]] | None = None,
-                 index: Sequence[int] | None = None):
+                 index: Sequence[int] | None = None, hash_without_mtimes: str | None = None):
         self.split, self.number, self.plan_hash = split, number, plan_hash
+        # the plan hash as a data_prep of before the inputs' mtimes were hashed computed it (older_plans.py);
+        # the parent's alone: a worker builds to `plan_hash`
+        self.hash_without_mtimes = hash_without_mtimes
         self._entries = list(entries) if entries is not None else None
         self._items = items
         self._index = array("q", index) if index is not None else None
@@ -111,14 +114,16 @@ def plan_shards(split: str, items: Sequence[tuple[str, Ref, int]], seed: int,
     start = 0
     for n, end in enumerate(cuts):
         index = order[start:end]
-        h = hashlib.sha256(opt_text.encode())
+        h, older = hashlib.sha256(opt_text.encode()), hashlib.sha256(opt_text.encode())
         for i in index:
             disp, ref, label = items[i]
             line = f"\n{sample_key(split, key_index(items, i))}\t{disp}\t{ref[2]}\t{label}"
+            older.update(line.encode("utf-8", "surrogateescape"))
             mtime = _mtime(items, i)  # same size, new bytes (edited in place): a new plan for its shard
             if mtime >= 0:
                 line += f"\t{mtime}"
             h.update(line.encode("utf-8", "surrogateescape"))
-        jobs.append(ShardJob(split, n, None, h.hexdigest(), items=items, index=index))
+        jobs.append(ShardJob(split, n, None, h.hexdigest(), items=items, index=index,
+                             hash_without_mtimes=older.hexdigest()))
         start = end
     return jobs

@@ -12,6 +12,7 @@ from .format import MANIFEST_NAME, ManifestError, index_name, load_manifest, sha
 from .holdout import SETTINGS, check_rerun, with_partners
 from .imagefolder import Scan
 from .manifest import finalize, write_plan_record
+from .older_plans import built_before_mtimes, why_rebuilt
 from .plan import ShardJob, plan_shards
 from .runner import run_jobs, write_json_atomic
 from .stale_entry import why_stale
@@ -57,7 +58,11 @@ def prepare_splits(out: Path, parts: list[SplitPart], source: str, opts: EncodeO
     out.mkdir(parents=True, exist_ok=True)
     planned = [(p.split, plan_split(out, p.split, source, p.scan, opts, seed, shard_bytes, samples_per_shard,
                                     p.split_source, holdout=p.holdout)) for p in parts]
-    _unlist_changing_splits(out, planned)
+    older = {split: built_before_mtimes(out, jobs) for split, jobs in planned}
+    unlisted = _unlist_changing_splits(out, planned, older)
+    for split, jobs in planned:  # a split the manifest did not list (unfinished): said here
+        if older[split] and split not in unlisted:
+            print(f"data_prep: split {split!r}: {why_rebuilt(len(older[split]), len(jobs))}", file=sys.stderr)
     done = []
     for split, jobs in planned:
         mine = [j for j in jobs if j.number % num_tasks == task_index]
@@ -72,20 +77,22 @@ def prepare_splits(out: Path, parts: list[SplitPart], source: str, opts: EncodeO
     return None
 
 
-def _unlist_changing_splits(out: Path, planned: list[tuple[str, list[ShardJob]]]) -> None:
+def _unlist_changing_splits(out: Path, planned: list[tuple[str, list[ShardJob]]],
+                            older: dict[str, list[str]]) -> set[str]:
     """Take a split out of manifest.json before its shards are rebuilt to another plan (other settings or
     inputs): shards are replaced in place, so until the split is finalized again the old entry would list
     a mix of old and new shards, which the loaders' size checks do not see (shards are padded to 10 KiB
     records) and would read as duplicated and missing images. A split whose plan is unchanged (a rerun, a
     damaged shard rebuilt to its recorded bytes) keeps its entry. Said per split, with why
-    (``stale_entry.why_stale``)."""
+    (``stale_entry.why_stale``; `older`: shards of this plan built by a data_prep that did not hash the
+    inputs' mtimes, ``older_plans``). Returns the splits taken out."""
     if not (out / MANIFEST_NAME).exists():
-        return
+        return set()
     manifest = load_manifest(out, rewriting=[split for split, _ in planned])  # checked by prepare_splits before
     why = {}
     for split, _jobs in planned:
         if split in manifest["splits"]:
-            reason = why_stale(out, split, manifest["splits"][split])
+            reason = why_stale(out, split, manifest["splits"][split], older[split])
             if reason is not None:
                 why[split] = reason
     for split in list(why):  # a hold-out's two sides together
@@ -93,7 +100,7 @@ def _unlist_changing_splits(out: Path, planned: list[tuple[str, list[ShardJob]]]
             if other in manifest["splits"] and other not in why:
                 why[other] = f"it is the other side of the hold-out of split {split!r}, which leaves it"
     if not why:
-        return
+        return set()
     for split in why:
         del manifest["splits"][split]
     if manifest["splits"]:
@@ -103,6 +110,7 @@ def _unlist_changing_splits(out: Path, planned: list[tuple[str, list[ShardJob]]]
     for split, reason in why.items():
         print(f"data_prep: {out / MANIFEST_NAME} no longer lists split {split!r} until it is finalized again (this "
               f"run, or `python -m data_prep finalize {out}` after array tasks): {reason}", file=sys.stderr)
+    return set(why)
 
 
 def _settings(record: dict | None) -> dict | None:

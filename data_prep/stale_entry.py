@@ -9,6 +9,7 @@ cut short, or the entry itself broken.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Collection
 
 from pipeline.wording import plural
 
@@ -17,6 +18,7 @@ from .errors import PrepError
 from .format import work_dir
 from .manifest import split_entry
 from .manifest_shape import entry_problem
+from .older_plans import why_rebuilt
 from .plan_record import read_plan
 
 
@@ -24,16 +26,17 @@ def _some(names: list[str]) -> str:
     return ", ".join(names[:3]) + (f" (+{len(names) - 3} more)" if len(names) > 3 else "")
 
 
-def why_stale(out: Path, split: str, entry: object) -> str | None:
+def why_stale(out: Path, split: str, entry: object, older: Collection[str] = ()) -> str | None:
     """Why the manifest's `entry` of `split` is not what finalize would write from the split's plan (just
-    recorded by this run) and done-records now; None when it is."""
+    recorded by this run) and done-records now; None when it is. `older`: the shards whose done-records a
+    data_prep of before the inputs' mtimes were hashed wrote for this same plan (``older_plans``)."""
     problem = entry_problem(split, entry)
     if problem is not None:
         return f"its entry there is broken ({problem}; edited by hand?) and is written again"
     plan = read_plan(out, split)  # written by this run
     shards = plan["shards"] if plan is not None else []
     broken: list[BrokenRecord] = []
-    other_plan, unrecorded, changed, unread = [], [], [], []
+    other_plan, older_plan, unrecorded, changed, unread = [], [], [], [], []
     for s in shards:
         try:
             rec = read_record(out, split, s["name"])
@@ -43,7 +46,7 @@ def why_stale(out: Path, split: str, entry: object) -> str | None:
         if rec is None:
             unrecorded.append(s["name"])
         elif rec["plan_hash"] != s["plan_hash"]:
-            other_plan.append(s["name"])
+            (older_plan if s["name"] in older else other_plan).append(s["name"])
         else:
             unread += read_failures(rec)
             try:
@@ -54,6 +57,8 @@ def why_stale(out: Path, split: str, entry: object) -> str | None:
     why = []
     if other_plan:
         why.append("its shards are being rebuilt with other settings or inputs")
+    elif older_plan:
+        why.append(why_rebuilt(len(older_plan), len(shards)))
     elif unrecorded:
         have = "has" if len(unrecorded) == 1 else "have"
         why.append(f"{len(unrecorded)} of its {plural(len(shards), 'shard')} {have} no done-record in "

@@ -378,3 +378,35 @@ def test_an_input_edited_in_place_with_the_same_size_is_rebuilt(tmp_path, as_tar
     clean = tmp_path / "clean"
     assert main([a if a != str(out) else str(clean) for a in argv]) == 0
     assert outputs(out) == outputs(clean)
+
+
+@pytest.mark.parametrize("finalized", [True, False])
+def test_a_rerun_of_shards_built_before_mtimes_were_planned_says_why_they_are_rebuilt(tree, tmp_path, monkeypatch,
+                                                                                       capsys, finalized):
+    """A data_prep of before 2026-12-03 hashed no input mtimes into the plan: after an upgrade, a rerun of the
+    same command rebuilds each of its shards once (to the same bytes). It said 'other settings or inputs' for a
+    finalized split, nothing for an unfinished one; now it names the older data_prep, once."""
+    out = tmp_path / "o"
+    argv = ["imagefolder", str(tree), str(out), "--split", "train", "--samples-per-shard", "8", "--workers", "1",
+            "--no-progress"]
+    with monkeypatch.context() as old:  # the older version's plan hashes: no mtime in them
+        old.setattr("data_prep.plan._mtime", lambda items, i: -1)
+        assert main(argv) == 0
+    before = outputs(out)
+    if not finalized:  # killed before its finalize
+        (out / "manifest.json").unlink()
+        del before["manifest.json"]
+    capsys.readouterr()
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    why = ("5 of its 5 shards were built by a data_prep of before 2026-12-03, which did not record the inputs' "
+           "modification times, and are rebuilt once")
+    assert err.count(why) == 1, err
+    assert "other settings or inputs" not in err
+    if finalized:
+        assert "no longer lists split 'train' until it is finalized again" in err
+    else:
+        assert err.startswith(f"data_prep: split 'train': {why}")
+    assert {k: v for k, v in outputs(out).items() if k in before} == before  # the same bytes
+    assert main(argv) == 0
+    assert "built by a data_prep of before" not in capsys.readouterr().err  # once
