@@ -7,7 +7,8 @@ resolved config. ``fit`` resumes from ``checkpoints/last.ckpt`` when the run dir
 
 Around Lightning's trainer the CLI adds: a lock on the run directory (one ``fit`` at a time), atomic
 checkpoint files, preemption handling (USR1/TERM -> save, requeue, stop; Lightning's own SLURM requeue
-off), RNG states and the W&B run id in checkpoints, a weight parity check across ranks, speed
+off), RNG states and the W&B run id in checkpoints, a check at start that all ranks read the same data with the
+same settings, code and software, a weight parity check across ranks, speed
 telemetry, and -- on a resume with another world size -- a per-rank batch / accumulation that keeps the
 global batch.
 """
@@ -67,6 +68,7 @@ from pipeline.peer_gone import peer_gone, peer_gone_message
 from pipeline.torchrun_stop import a_peer_ended
 from pipeline import preemption, provenance
 from pipeline.preemption import Preemption
+from pipeline.rank_agreement import RankAgreement, flat_settings
 from pipeline.wandb_backlog import WandbBacklog
 from pipeline.wandb_service import finish_pending_wandb_run
 from pipeline.progress import console_progress
@@ -607,6 +609,7 @@ class PipelineCLI(LightningCLI):
         ckdir = checkpoint_dir(run_dir)
         backlog = WandbBacklog(ckdir)
         callbacks = [
+            RankAgreement(flat_settings(cfg.as_dict(), str(run_dir))),  # first: before any other collective
             FiniteWeights(every_n_steps=int(cfg.trainer.get("log_every_n_steps") or 50)),  # before any save
             *([RunDirStillOurs(self._run_lock)] if self._run_lock is not None else []),
             ModelCheckpoint(

@@ -1,0 +1,267 @@
+"""At the start of a multi-rank fit, validate or test, every rank must read the same data, with the same
+settings, code and software: a one-line error naming what differs, on every rank, before the first batch.
+
+Ranks that disagree do not fail by themselves. A node whose shard copy (``--data.root /local/...``) is
+partial, stale or from another data_prep run plans another epoch: another batch count per rank hangs DDP at
+the epoch's end, the same count repeats and skips samples unseen. A node-local virtual environment with
+another torch or Lightning, another checkout of this code, a config file edited while the ranks started:
+each trains on without a word. Rank 0's provenance record (``pipeline/provenance.py``) describes rank 0 only.
+
+``RankAgreement.setup`` (after the process group exists, before the checkpoint is restored and the first
+batch) has each rank make a fingerprint: a digest of the dataset its splits plan from (shard names, sample
+counts, classes: the manifest it loaded, not the tar files), of the settings that shape the training (not
+the per-node ones: the data root's path, devices, loader workers, the run directory's path), of this
+package's source files (no git on every rank: the files' contents, which also see uncommitted changes), and
+the versions of Python, torch, Lightning, DALI, DeepSpeed and webdataset. One ``all_gather_object`` of these
+few hundred bytes; when they differ, a second one of the details, and every rank raises the same
+``ConfigError`` from the same gathered data (none waits for a peer that stopped).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+import socket
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+from pytorch_lightning.callbacks import Callback
+
+from pipeline.errors import ConfigError
+from pipeline.provenance import CODE_ROOT, PACKAGE, _version
+from pipeline.wording import plural
+
+log = logging.getLogger(__name__)
+
+# settings that may differ from node to node without changing what is trained: where the shards are (the
+# shards themselves are compared), how many devices and loader processes a node has, where the run directory
+# is mounted, and the config files' paths (their values are compared)
+PER_NODE_SETTINGS = frozenset({
+    "config", "data.root", "data.num_workers", "data.worker_start_method", "data.dali_hw_decoder_load",
+    "data.dali_source_workers", "trainer.devices", "trainer.default_root_dir",
+})
+CODE_PACKAGES = ("pipeline", "data_prep")  # the code a training process runs
+FIELDS = ("software", "code", "settings", "dataset")  # compared in this order; the first that differs is named
+_SHOWN_SETTINGS = 3  # differing settings named in the line
+
+
+def flat_settings(config: dict, run_dir: str | None) -> dict[str, str]:
+    """``config`` (the parsed subcommand config, as a dict) flattened to ``key.sub: json value``, less
+    ``PER_NODE_SETTINGS``; a ``ckpt_path`` inside the run directory is written relative to it (``RUN/...``),
+    so a run directory mounted at two paths compares equal and a rank that resumes and one that does not
+    differ."""
+    flat: dict[str, str] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and value:
+            for key, sub in value.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), sub)
+        elif prefix not in PER_NODE_SETTINGS and not prefix.endswith("__path__"):
+            flat[prefix] = json.dumps(value, sort_keys=True, default=str)
+
+    walk("", config)
+    ckpt = config.get("ckpt_path")
+    if isinstance(ckpt, str) and run_dir:
+        root = str(Path(run_dir).absolute()).rstrip("/") + "/"
+        path = str(Path(ckpt).absolute())
+        if path.startswith(root):
+            flat["ckpt_path"] = json.dumps("RUN/" + path[len(root):])
+    return flat
+
+
+def code_digest(root: Path = CODE_ROOT) -> str:
+    """sha256 over the source files of ``CODE_PACKAGES`` under ``root`` (their paths and contents): the code
+    each rank runs, checkout or installed copy, committed or not; a few hundred KB, read in milliseconds."""
+    h = hashlib.sha256()
+    for package in CODE_PACKAGES:
+        for path in sorted((root / package).rglob("*.py")):
+            h.update(str(path.relative_to(root)).encode() + b"\0")
+            try:
+                h.update(path.read_bytes())
+            except OSError as e:  # unreadable: compared as such
+                h.update(f"unreadable: {e.strerror}".encode())
+            h.update(b"\0")
+    return h.hexdigest()
+
+
+def software() -> dict[str, str]:
+    """The versions that must match across ranks (named as ``pipeline/provenance.py`` names them)."""
+    return {
+        "python": platform.python_version(),
+        "torch": _version("torch", "torch"),
+        "pytorch_lightning": _version("pytorch_lightning", "pytorch-lightning", "lightning"),
+        "nvidia_dali": _version("nvidia.dali", "nvidia-dali", prefix="nvidia-dali"),
+        "deepspeed": _version("deepspeed", "deepspeed"),
+        "webdataset": _version("webdataset", "webdataset"),
+    }
+
+
+def dataset(datamodule: Any, stage: str) -> dict[str, Any]:
+    """What the ranks' epoch plans are made of: for each split ``stage`` reads, its shards' names and sample
+    counts (as the data module loaded them from the manifest), and the classes. ``{}`` for a data module of
+    another kind."""
+    splits = {"fit": ("train_split", "val_split"), "validate": ("val_split",), "test": ("test_split",)}.get(stage, ())
+    shards = {"train_split": "train_shards", "val_split": "val_shards", "test_split": "test_shards"}
+    out: dict[str, Any] = {"root": str(getattr(datamodule, "root", "")), "splits": []}
+    for key in splits:
+        name = getattr(datamodule, key, None)
+        try:
+            held = getattr(datamodule, shards[key])
+        except AttributeError:
+            return {}
+        sizes = [int(n) for n in held.shard_sizes]
+        digest = hashlib.sha256(json.dumps([list(held.shard_names), sizes]).encode()).hexdigest()
+        out["splits"].append({"split": name, "samples": sum(sizes), "shards": len(sizes), "sha256": digest})
+        out["classes"] = hashlib.sha256(json.dumps(list(held.classes)).encode()).hexdigest()
+    return out
+
+
+def details(datamodule: Any, stage: str, settings: dict[str, str]) -> dict[str, Any]:
+    """This rank's fingerprint in full: what the error line quotes."""
+    return {
+        "software": software(),
+        "code": {"root": str(CODE_ROOT), "sha256": code_digest(), "version": _version(None, PACKAGE)},
+        "settings": settings,
+        "dataset": dataset(datamodule, stage),
+    }
+
+
+def digests(full: dict[str, Any]) -> dict[str, str]:
+    """One short digest per field of ``details``: what every start gathers."""
+    out = {}
+    for field in FIELDS:
+        value = full[field]
+        if field == "dataset":  # its root is a per-node path: the shards it holds are compared
+            value = {k: v for k, v in value.items() if k != "root"}
+        if field == "code":
+            value = value["sha256"]
+        out[field] = hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+    return out
+
+
+def ranks_text(ranks: list[int], hosts: list[str]) -> str:
+    """``rank 3 (node2)``, ``ranks 0-7 (node1)``, ``ranks 0-3, 8-11 (node1, node3)``."""
+    spans: list[list[int]] = []
+    for r in sorted(ranks):
+        if spans and r == spans[-1][1] + 1:
+            spans[-1][1] = r
+        else:
+            spans.append([r, r])
+    shown = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+    names = list(dict.fromkeys(hosts))
+    where = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return f"{'rank' if len(ranks) == 1 else 'ranks'} {shown} ({where})"
+
+
+def _verb(who: str, one: str, many: str) -> str:
+    """``who`` (``rank 3 (node2)``, ``ranks 0-7 (node1)``) with its verb in agreement."""
+    return f"{who} {one if who.startswith('rank ') else many}"
+
+
+def _joined(parts: list[str]) -> str:
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def _split_text(split: dict) -> str:
+    noun = f"{split['split']} sample"
+    return f"{plural(split['samples'], noun)} in {plural(split['shards'], 'shard')}"
+
+
+def _dataset_line(a: dict, b: dict, who_a: str, who_b: str, hosts_b: list[str]) -> str:
+    if not a or not b:
+        return f"{who_a} read {a.get('root') or 'another data module'}, {who_b} {b.get('root') or 'another data module'}"
+    for sa, sb in zip(a["splits"], b["splits"]):
+        if sa != sb:
+            same_counts = (sa["samples"], sa["shards"]) == (sb["samples"], sb["shards"])
+            theirs = ("the same counts in other shards" if same_counts else
+                      f"{sb['samples']} in {plural(sb['shards'], 'shard')}")
+            host = hosts_b[0] if len(set(hosts_b)) == 1 else "those nodes"
+            return (f"{who_a} read {a['root']} with {_split_text(sa)}, {who_b} read {b['root']} with {theirs}: "
+                    f"every rank must read the same shards (a partial or stale copy on {host}, or another "
+                    f"data_prep run?)")
+    return (f"{who_a} read {a['root']}, {who_b} read {b['root']}: the same shards, other classes (another "
+            f"data_prep run?); every rank must read the same dataset")
+
+
+def _settings_line(a: dict[str, str], b: dict[str, str], who_a: str, who_b: str) -> str:
+    keys = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    unset = "(not set)"
+    shown = keys[:_SHOWN_SETTINGS]
+    more = f" (and {plural(len(keys) - len(shown), 'other setting')})" if len(keys) > len(shown) else ""
+    mine = _joined([f"{k} {a.get(k, unset)}" for k in shown])
+    theirs = _joined([f"{k} {b.get(k, unset)}" for k in shown])
+    return (f"{_verb(who_a, 'has', 'have')} {mine}, {who_b} {theirs}{more}: every rank must start with the same settings (another "
+            f"command line or config file on one node, or a config file edited while the ranks started?)")
+
+
+def _software_line(a: dict[str, str], b: dict[str, str], who_a: str, who_b: str) -> str:
+    keys = [k for k in a if a.get(k) != b.get(k)]
+    mine = _joined([f"{k} {a.get(k)}" for k in keys])
+    theirs = _joined([f"{k} {b.get(k)}" for k in keys])
+    return (f"{_verb(who_a, 'runs', 'run')} {mine}, {who_b} {theirs}: every rank must run the same software (a node-local virtual "
+            f"environment or container of another version?)")
+
+
+def _code_line(a: dict, b: dict, who_a: str, who_b: str) -> str:
+    def say(c: dict) -> str:
+        return f"the code in {c['root']} (source files sha256 {c['sha256'][:12]})"
+
+    return (f"{_verb(who_a, 'runs', 'run')} {say(a)}, {who_b} {say(b)}: every rank must run the same code (another checkout or "
+            f"installed copy on one node, or files changed while the ranks started?)")
+
+
+FIELD_WORDS = {"software": "the software", "code": "the code", "settings": "the settings",
+               "dataset": "the dataset"}
+
+
+def disagreement(gathered: list[dict[str, str]], full: list[dict[str, Any]], hosts: list[str]) -> str | None:
+    """The line for ranks whose fingerprints (``gathered``: each rank's ``digests``; ``full``: its ``details``)
+    differ, else None: the first field of ``FIELDS`` that differs, rank 0's side against the first other."""
+    for field in FIELDS:
+        groups: dict[str, list[int]] = {}
+        for rank, fp in enumerate(gathered):
+            groups.setdefault(fp[field], []).append(rank)
+        if len(groups) < 2:
+            continue
+        (ra, rb), others = list(groups.values())[:2], len(groups) - 2
+        who_a, who_b = (ranks_text(r, [hosts[i] for i in r]) for r in (ra, rb))
+        a, b = full[ra[0]][field], full[rb[0]][field]
+        line = {"dataset": lambda: _dataset_line(a, b, who_a, who_b, [hosts[i] for i in rb]),
+                "settings": lambda: _settings_line(a, b, who_a, who_b),
+                "software": lambda: _software_line(a, b, who_a, who_b),
+                "code": lambda: _code_line(a, b, who_a, who_b)}[field]()
+        also = [FIELD_WORDS[f] for f in FIELDS[FIELDS.index(field) + 1:]
+                if len({fp[f] for fp in gathered}) > 1]
+        tail = (f" ({plural(others, 'more group')} of ranks differ{'s' if others == 1 else ''} too)" if others else "")
+        tail += f" (they differ on {' and '.join(also)} too)" if also else ""
+        return f"ranks disagree on {FIELD_WORDS[field]}: {line}{tail}"
+    return None
+
+
+class RankAgreement(Callback):
+    """Stops every rank of a start whose ranks disagree (see the module's docstring). ``settings``: the
+    parsed config of the subcommand (``flat_settings``)."""
+
+    def __init__(self, settings: dict[str, str]) -> None:
+        self.settings = settings
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if trainer.world_size < 2 or not dist.is_available() or not dist.is_initialized():
+            return
+        stage = str(getattr(stage, "value", stage))
+        full = details(trainer.datamodule, stage, self.settings)
+        mine = {**digests(full), "host": socket.gethostname()}
+        gathered: list[Any] = [None] * trainer.world_size
+        dist.all_gather_object(gathered, mine)
+        hosts = [str(g.pop("host")) for g in gathered]
+        if all(g == gathered[0] for g in gathered):
+            if trainer.is_global_zero:
+                log.info("rank agreement: %s read the same data with the same settings, code and software",
+                         plural(trainer.world_size, "rank"))
+            return
+        everyone: list[Any] = [None] * trainer.world_size  # every rank is here: they all saw the same digests
+        dist.all_gather_object(everyone, full)
+        raise ConfigError(disagreement(gathered, everyone, hosts))
