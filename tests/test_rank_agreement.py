@@ -1,0 +1,165 @@
+"""Ranks that disagree at start (another copy of the shards, another setting, another software version on one
+node) stop at once, every one of them, with one line naming what differs; two copies of the same shards at
+two paths train. Two ranks as two one-rank "nodes" on this machine (gloo), each with its own command line and
+environment, as srun or two torchrun agents start them."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.rank_agreement import digests, disagreement, flat_settings, ranks_text
+from tests.conftest import REPO, free_port, run_module
+
+CONF = str(REPO / "conf" / "demo.yaml")
+TIMEOUT_S = 240  # a hang (ranks planning different epochs) ends here, as a failure
+
+
+def _two_ranks(run_dir: Path, roots: tuple[Path, Path], extra: tuple[list[str], list[str]] = ([], []),
+               env: tuple[dict, dict] = ({}, {})) -> list[subprocess.CompletedProcess]:
+    """``fit`` as ranks 0 and 1 of two one-rank nodes, rank i reading ``roots[i]`` with ``extra[i]`` added to
+    its command line and ``env[i]`` to its environment."""
+    port = free_port()
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCHELASTIC_"))}
+    procs = []
+    for rank in (0, 1):
+        cmd = [sys.executable, "-m", "pipeline", "fit", "--config", CONF, "--data.root", str(roots[rank]),
+               "--trainer.default_root_dir", str(run_dir), "--data.num_workers", "0",
+               "--trainer.num_sanity_val_steps", "0", "--tracking.wandb", "false", "--trainer.max_steps", "2",
+               "--trainer.num_nodes", "2", "--trainer.devices", "1", "--trainer.strategy", "ddp", *extra[rank]]
+        rank_env = {**base, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
+                    "MASTER_PORT": str(port), "NODE_RANK": str(rank), "LOCAL_RANK": "0", "WORLD_SIZE": "2"}
+        for key, value in env[rank].items():
+            rank_env[key] = f"{value}{os.pathsep}{rank_env[key]}" if key == "PYTHONPATH" else value
+        procs.append(subprocess.Popen(cmd, env=rank_env, cwd=REPO, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    done = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=TIMEOUT_S)
+            done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the ranks did not end within {TIMEOUT_S} s (a hang)")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return done
+
+
+def _one_line_each(runs: list[subprocess.CompletedProcess], start: str) -> str:
+    """Both ranks exit 2 with the same one ``error:`` line starting with ``start`` and no traceback; the line."""
+    lines = []
+    for rank, r in enumerate(runs):
+        assert r.returncode == 2, f"rank {rank} exited {r.returncode}:\n{r.stderr[-4000:]}"
+        assert "Traceback" not in r.stderr, r.stderr[-4000:]
+        errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+        assert len(errors) == 1 and errors[0].startswith(start), r.stderr[-4000:]
+        lines.append(errors[0])
+    assert lines[0] == lines[1]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def copies(digits_shards: Path, tmp_path_factory) -> tuple[Path, Path]:
+    """The digits shards copied to another path, and shards of another data_prep run over nine in ten of the
+    training images (a stale or partial copy: fewer samples, each shard whole)."""
+    base = tmp_path_factory.mktemp("copies")
+    same = base / "same"
+    shutil.copytree(digits_shards, same)
+    from pipeline.demo_data import write_digits
+
+    images = base / "images"
+    write_digits(images)
+    for i, path in enumerate(sorted(p for p in (images / "train").rglob("*") if p.is_file())):
+        if i % 10 == 9:
+            path.unlink()
+    other = base / "other"
+    for split in ("train", "val"):
+        run_module("data_prep", "imagefolder", str(images / split), str(other), "--split", split,
+                   "--samples-per-shard", "500", "--workers", "1")
+    return same, other
+
+
+def test_ranks_reading_other_shards_stop_at_once_with_one_line(digits_shards, copies, tmp_path) -> None:
+    runs = _two_ranks(tmp_path / "run", (digits_shards, copies[1]))
+    line = _one_line_each(runs, "error: ranks disagree on the dataset: rank 0 (")
+    assert f"read {digits_shards} with 1434 train samples in 3 shards, rank 1 (" in line, line
+    assert f"read {copies[1]} with 1291 in 3 shards: every rank must read the same shards" in line, line
+    assert not (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
+
+
+def test_two_copies_of_the_same_shards_train(digits_shards, copies, tmp_path) -> None:
+    runs = _two_ranks(tmp_path / "run", (digits_shards, copies[0]))
+    for rank, r in enumerate(runs):
+        assert r.returncode == 0, f"rank {rank}:\n{r.stderr[-4000:]}"
+    assert "rank agreement: 2 ranks read the same data with the same settings, code and software" in runs[0].stderr
+    assert "weight parity: identical on 2 ranks" in runs[0].stderr, runs[0].stderr[-3000:]
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
+
+
+def test_a_setting_given_to_one_rank_stops_both(digits_shards, tmp_path) -> None:
+    runs = _two_ranks(tmp_path / "run", (digits_shards, digits_shards), extra=([], ["--model.lr", "0.2"]))
+    line = _one_line_each(runs, "error: ranks disagree on the settings: rank 0 (")
+    assert "has model.lr 0.1, rank 1 (" in line and ") model.lr 0.2: every rank must start with the same" in line, line
+
+
+def test_another_library_version_on_one_rank_stops_both(digits_shards, tmp_path) -> None:
+    """Rank 1's Python sees another webdataset (a node-local environment), through a sitecustomize that its
+    PYTHONPATH alone holds."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import importlib.metadata as m\n"
+        "_real = m.version\n"
+        "m.version = lambda name: '0.1.0' if name == 'webdataset' else _real(name)\n")
+    runs = _two_ranks(tmp_path / "run", (digits_shards, digits_shards), env=({}, {"PYTHONPATH": str(site)}))
+    line = _one_line_each(runs, "error: ranks disagree on the software: rank 0 (")
+    assert ") webdataset 0.1.0: every rank must run the same software" in line, line
+    assert "runs webdataset " in line and "webdataset 0.1.0" not in line.split("rank 1")[0], line
+
+
+# ---- the line, without processes ----------------------------------------------------------------------------
+
+def _full(samples: int, shards: int, root: str, lr: float = 0.1) -> dict:
+    return {"software": {"torch": "2.14.1"}, "code": {"root": "/code", "sha256": "ab" * 32, "version": "0.1"},
+            "settings": {"model.lr": str(lr)},
+            "dataset": {"root": root, "classes": "c", "splits": [
+                {"split": "train", "samples": samples, "shards": shards, "sha256": f"{samples}-{shards}"}]}}
+
+
+def test_the_line_groups_ranks_by_node() -> None:
+    full = [_full(1281167, 1024, "data/imagenet")] * 8 + [_full(1281000, 1023, "/local/imagenet")] * 8
+    hosts = ["node1"] * 8 + ["node2"] * 8
+    line = disagreement([digests(f) for f in full], full, hosts)
+    assert line == ("ranks disagree on the dataset: ranks 0-7 (node1) read data/imagenet with 1281167 train samples "
+                    "in 1024 shards, ranks 8-15 (node2) read /local/imagenet with 1281000 in 1023 shards: every "
+                    "rank must read the same shards (a partial or stale copy on node2, or another data_prep run?)")
+
+
+def test_the_same_shards_at_other_paths_agree_and_settings_name_the_first_difference() -> None:
+    full = [_full(10, 1, "/a"), _full(10, 1, "/b")]
+    assert disagreement([digests(f) for f in full], full, ["h1", "h2"]) is None
+    full = [_full(10, 1, "/a"), _full(10, 1, "/a", lr=0.2), _full(10, 1, "/a")]
+    line = disagreement([digests(f) for f in full], full, ["h1", "h2", "h1"])
+    assert line.startswith("ranks disagree on the settings: ranks 0, 2 (h1) have model.lr 0.1, rank 1 (h2) "
+                           "model.lr 0.2: "), line
+
+
+def test_ranks_text() -> None:
+    assert ranks_text([3], ["n2"]) == "rank 3 (n2)"
+    assert ranks_text([0, 1, 2, 3, 8, 9], ["a"] * 4 + ["c"] * 2) == "ranks 0-3, 8-9 (a, c)"
+
+
+def test_per_node_settings_are_left_out() -> None:
+    config = {"config": ["/x/a.yaml"], "data": {"root": "/local/x", "num_workers": 8, "seed": 1},
+              "trainer": {"devices": 4, "default_root_dir": "/mnt/run", "max_steps": 10},
+              "ckpt_path": "/mnt/run/checkpoints/last.ckpt"}
+    flat = flat_settings(config, "/mnt/run")
+    assert flat == {"data.seed": "1", "trainer.max_steps": "10", "ckpt_path": '"RUN/checkpoints/last.ckpt"'}
