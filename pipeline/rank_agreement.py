@@ -9,8 +9,9 @@ each trains on without a word. Rank 0's provenance record (``pipeline/provenance
 
 ``RankAgreement.setup`` (after the process group exists, before the checkpoint is restored and the first
 batch) has each rank make a fingerprint: a digest of the dataset its splits plan from (shard names, sample
-counts, classes: the manifest it loaded, not the tar files), of the settings that shape the training (not
-the per-node ones: the data root's path, devices, loader workers, the run directory's path), of this
+counts, the shards' recorded sha256, classes: the manifest it loaded; the tar files are not read), of the
+settings that shape the training (not the per-node ones: the data root's path, devices, loader workers, the
+run directory's path), of this
 package's source files (no git on every rank: the files' contents, which also see uncommitted changes), and
 the versions of Python, torch, Lightning, DALI, DeepSpeed and webdataset. One ``all_gather_object`` of these
 few hundred bytes; when they differ, a second one of the details, and every rank raises the same
@@ -100,9 +101,10 @@ def software() -> dict[str, str]:
 
 
 def dataset(datamodule: Any, stage: str) -> dict[str, Any]:
-    """What the ranks' epoch plans are made of: for each split ``stage`` reads, its shards' names and sample
-    counts (as the data module loaded them from the manifest), and the classes. ``{}`` for a data module of
-    another kind."""
+    """What the ranks' epoch plans are made of: for each split ``stage`` reads, its shards' names, sample
+    counts and the sha256 data_prep recorded for each (as the data module loaded them from the manifest: same
+    counts from another data_prep run differ too), and the classes. ``{}`` for a data module of another
+    kind."""
     splits = {"fit": ("train_split", "val_split"), "validate": ("val_split",), "test": ("test_split",)}.get(stage, ())
     shards = {"train_split": "train_shards", "val_split": "val_shards", "test_split": "test_shards"}
     out: dict[str, Any] = {"root": str(getattr(datamodule, "root", "")), "splits": []}
@@ -113,7 +115,9 @@ def dataset(datamodule: Any, stage: str) -> dict[str, Any]:
         except AttributeError:
             return {}
         sizes = [int(n) for n in held.shard_sizes]
-        digest = hashlib.sha256(json.dumps([list(held.shard_names), sizes]).encode()).hexdigest()
+        entries = held.manifest.get("splits", {}).get(held.split, {}).get("shards", [])
+        recorded = [s.get("sha256") for s in entries]  # the tars' digests data_prep wrote (not computed here)
+        digest = hashlib.sha256(json.dumps([list(held.shard_names), sizes, recorded]).encode()).hexdigest()
         out["splits"].append({"split": name, "samples": sum(sizes), "shards": len(sizes), "sha256": digest})
         out["classes"] = hashlib.sha256(json.dumps(list(held.classes)).encode()).hexdigest()
     return out
@@ -172,7 +176,8 @@ def _split_text(split: dict) -> str:
 
 def _dataset_line(a: dict, b: dict, who_a: str, who_b: str, hosts_b: list[str]) -> str:
     if not a or not b:
-        return f"{who_a} read {a.get('root') or 'another data module'}, {who_b} {b.get('root') or 'another data module'}"
+        other = "another data module"
+        return f"{who_a} read {a.get('root') or other}, {who_b} {b.get('root') or other}"
     for sa, sb in zip(a["splits"], b["splits"]):
         if sa != sb:
             same_counts = (sa["samples"], sa["shards"]) == (sb["samples"], sb["shards"])
@@ -193,24 +198,25 @@ def _settings_line(a: dict[str, str], b: dict[str, str], who_a: str, who_b: str)
     more = f" (and {plural(len(keys) - len(shown), 'other setting')})" if len(keys) > len(shown) else ""
     mine = _joined([f"{k} {a.get(k, unset)}" for k in shown])
     theirs = _joined([f"{k} {b.get(k, unset)}" for k in shown])
-    return (f"{_verb(who_a, 'has', 'have')} {mine}, {who_b} {theirs}{more}: every rank must start with the same settings (another "
-            f"command line or config file on one node, or a config file edited while the ranks started?)")
+    return (f"{_verb(who_a, 'has', 'have')} {mine}, {who_b} {theirs}{more}: every rank must start with the same "
+            f"settings (another command line or config file on one node, or a config file edited while the ranks "
+            f"started?)")
 
 
 def _software_line(a: dict[str, str], b: dict[str, str], who_a: str, who_b: str) -> str:
     keys = [k for k in a if a.get(k) != b.get(k)]
     mine = _joined([f"{k} {a.get(k)}" for k in keys])
     theirs = _joined([f"{k} {b.get(k)}" for k in keys])
-    return (f"{_verb(who_a, 'runs', 'run')} {mine}, {who_b} {theirs}: every rank must run the same software (a node-local virtual "
-            f"environment or container of another version?)")
+    return (f"{_verb(who_a, 'runs', 'run')} {mine}, {who_b} {theirs}: every rank must run the same software (a "
+            f"node-local virtual environment or container of another version?)")
 
 
 def _code_line(a: dict, b: dict, who_a: str, who_b: str) -> str:
     def say(c: dict) -> str:
         return f"the code in {c['root']} (source files sha256 {c['sha256'][:12]})"
 
-    return (f"{_verb(who_a, 'runs', 'run')} {say(a)}, {who_b} {say(b)}: every rank must run the same code (another checkout or "
-            f"installed copy on one node, or files changed while the ranks started?)")
+    return (f"{_verb(who_a, 'runs', 'run')} {say(a)}, {who_b} {say(b)}: every rank must run the same code "
+            f"(another checkout or installed copy on one node, or files changed while the ranks started?)")
 
 
 FIELD_WORDS = {"software": "the software", "code": "the code", "settings": "the settings",
@@ -264,4 +270,16 @@ class RankAgreement(Callback):
             return
         everyone: list[Any] = [None] * trainer.world_size  # every rank is here: they all saw the same digests
         dist.all_gather_object(everyone, full)
-        raise ConfigError(disagreement(gathered, everyone, hosts))
+        line = disagreement(gathered, everyone, hosts)
+        _end_process_group()
+        raise ConfigError(line)
+
+
+def _end_process_group() -> None:
+    """Every rank stops here, together: the process group ends as at the end of a run (``pipeline.cli``'s
+    teardown, which an error skips), or a rank whose peer already exited may abort at exit."""
+    try:
+        dist.barrier()
+        dist.destroy_process_group()
+    except (RuntimeError, ValueError):  # a peer gone already: its line is the same as this one
+        pass

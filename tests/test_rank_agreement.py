@@ -56,11 +56,12 @@ def _two_ranks(run_dir: Path, roots: tuple[Path, Path], extra: tuple[list[str], 
 def _one_line_each(runs: list[subprocess.CompletedProcess], start: str) -> str:
     """Both ranks exit 2 with the same one ``error:`` line starting with ``start`` and no traceback; the line."""
     lines = []
-    for rank, r in enumerate(runs):
-        assert r.returncode == 2, f"rank {rank} exited {r.returncode}:\n{r.stderr[-4000:]}"
-        assert "Traceback" not in r.stderr, r.stderr[-4000:]
+    both = "\n".join(f"rank {rank} (exit {r.returncode}):\n{r.stderr[-3000:]}" for rank, r in enumerate(runs))
+    for r in runs:
+        assert r.returncode == 2, both
+        assert "Traceback" not in r.stderr, both
         errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
-        assert len(errors) == 1 and errors[0].startswith(start), r.stderr[-4000:]
+        assert len(errors) == 1 and errors[0].startswith(start), both
         lines.append(errors[0])
     assert lines[0] == lines[1]
     return lines[0]
@@ -163,3 +164,24 @@ def test_per_node_settings_are_left_out() -> None:
               "ckpt_path": "/mnt/run/checkpoints/last.ckpt"}
     flat = flat_settings(config, "/mnt/run")
     assert flat == {"data.seed": "1", "trainer.max_steps": "10", "ckpt_path": '"RUN/checkpoints/last.ckpt"'}
+
+
+def test_the_same_counts_from_another_data_prep_run_differ(digits_shards, tmp_path) -> None:
+    """Shards of the same names and counts whose recorded sha256 differ (another data_prep run, another seed):
+    another dataset, from the manifest alone (the tars are not read)."""
+    import json
+
+    from pipeline.datamodule import ShardDataModule
+    from pipeline.rank_agreement import dataset
+
+    other = tmp_path / "other"
+    shutil.copytree(digits_shards, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["splits"]["train"]["shards"][1]["sha256"] = "0" * 64
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    sets = [dataset(ShardDataModule(root=str(root), backend="cpu"), "fit") for root in (digits_shards, other)]
+    full = [{**_full(1, 1, "/x"), "dataset": d} for d in sets]
+    line = disagreement([digests(f) for f in full], full, ["h1", "h2"])
+    assert line == (f"ranks disagree on the dataset: rank 0 (h1) read {digits_shards} with 1434 train samples in 3 "
+                    f"shards, rank 1 (h2) read {other} with the same counts in other shards: every rank must read the "
+                    f"same shards (a partial or stale copy on h2, or another data_prep run?)"), line
