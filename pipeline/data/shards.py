@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.format import MANIFEST_NAME, WORK_DIR, ManifestError, index_of_entry, load_manifest, plan_path, read_index
+from data_prep.index_arrays import index_arrays
 from pipeline.errors import ConfigError
 from pipeline.file_access import describe_owner
 from pipeline.wording import plural
@@ -58,6 +59,34 @@ def shard_read_error(error: OSError, path: str, offset: int, size: int) -> OSErr
                                 f"{why}")
 
 
+def _index_columns(idx_path: Path, samples: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(offsets, sizes) of the jpg members and the offsets of the lbl members of one shard's index, which
+    lists the manifest's ``samples``. A regular index (all data_prep writes) is parsed into arrays at once
+    (``index_arrays``); any other through ``read_index``, sample by sample, whose errors name the line."""
+    parsed = index_arrays(idx_path, offsets=("jpg", "lbl"), sizes=("jpg",))
+    if parsed is not None:
+        count, columns = parsed
+        entries = None
+    else:
+        columns, entries = None, read_index(idx_path)
+        count = len(entries)
+    if count != samples:
+        raise ConfigError(f"index {str(idx_path)!r} lists {plural(count, 'sample')}, manifest says {samples}")
+    if columns is not None:
+        if "jpg" not in columns or "lbl" not in columns:
+            raise ConfigError(f"index {str(idx_path)!r} has a sample without 'jpg' or 'lbl'")
+        return columns["jpg"][0], columns["jpg"][1], columns["lbl"][0]
+    for e in entries:
+        if "jpg" not in e or "lbl" not in e:
+            raise ConfigError(f"index {str(idx_path)!r} has a sample without 'jpg' or 'lbl'")
+    jpg = np.array([e["jpg"] for e in entries], dtype=np.int64).reshape(-1, 2)
+    return jpg[:, 0], jpg[:, 1], np.array([e["lbl"][0] for e in entries], dtype=np.int64)
+
+
+def _joined(parts: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(parts).astype(np.int64, copy=False) if parts else np.zeros(0, dtype=np.int64)
+
+
 class ShardSet:
     """The samples of ``split`` under ``root``; checks at start that every shard is present and whole."""
 
@@ -88,7 +117,7 @@ class ShardSet:
         self.shard_sizes = np.array([int(s["samples"]) for s in shards], dtype=np.int64)
         self._paths = [str(self.root / s["name"]) for s in shards]
         self._index_paths: list[Path] = []
-        shard_of, offsets, sizes, lbl_offsets = [], [], [], []
+        offsets, sizes, lbl_offsets = [], [], []
         for i, s in enumerate(shards):
             path = self.root / s["name"]
             if not path.is_file():
@@ -108,22 +137,14 @@ class ShardSet:
             if not idx_path.is_file():
                 raise ConfigError(f"index {str(idx_path)!r} of shard {s['name']!r} is missing")
             self._index_paths.append(idx_path)
-            entries = read_index(idx_path)
-            if len(entries) != int(s["samples"]):
-                raise ConfigError(
-                    f"index {str(idx_path)!r} lists {plural(len(entries), 'sample')}, manifest says {s['samples']}"
-                )
-            for e in entries:
-                if "jpg" not in e or "lbl" not in e:
-                    raise ConfigError(f"index {str(idx_path)!r} has a sample without 'jpg' or 'lbl'")
-                shard_of.append(i)
-                offsets.append(e["jpg"][0])
-                sizes.append(e["jpg"][1])
-                lbl_offsets.append(e["lbl"][0])
-        self.shard_of = np.asarray(shard_of, dtype=np.int32)
-        self.offsets = np.asarray(offsets, dtype=np.int64)
-        self.sizes = np.asarray(sizes, dtype=np.int64)
-        self.label_offsets = np.asarray(lbl_offsets, dtype=np.int64)
+            jpg_offsets, jpg_sizes, lbl_offsets_of_shard = _index_columns(idx_path, int(s["samples"]))
+            offsets.append(jpg_offsets)
+            sizes.append(jpg_sizes)
+            lbl_offsets.append(lbl_offsets_of_shard)
+        self.shard_of = np.repeat(np.arange(len(shards), dtype=np.int32), self.shard_sizes)
+        self.offsets = _joined(offsets)
+        self.sizes = _joined(sizes)
+        self.label_offsets = _joined(lbl_offsets)
         self._shard_starts = np.concatenate([[0], np.cumsum(self.shard_sizes)[:-1]]).astype(np.int64)
         self._fds: OrderedDict[int, int] = OrderedDict()  # shard -> descriptor, least recently read first
         self._pid = -1
