@@ -71,6 +71,10 @@ def resize_and_flip(window: torch.Tensor, cfg: AugmentConfig, flip: bool) -> tor
     """The end of the training recipe: a (3, h, w) uint8 window to ``train_size`` (antialiased bilinear,
     as torchvision's ``resized_crop``), then the flip. dali-cpu calls it on the window DALI decoded."""
     size = [cfg.train_size, cfg.train_size]
+    # the resize keeps its input's layout, and a crop of the decoder's HWC pixels is contiguous in neither:
+    # made HWC-contiguous first, the image comes out channels_last like the batch, which takes it in a plain
+    # copy (a CHW one was transposed into it: the two steps took twice as long, bench/scale.py); same pixels
+    window = window.permute(1, 2, 0).contiguous().permute(2, 0, 1)
     img = TF.resize(window, size, interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
     return TF.horizontal_flip(img) if flip else img
 
