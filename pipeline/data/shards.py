@@ -83,10 +83,6 @@ def _index_columns(idx_path: Path, samples: int) -> tuple[np.ndarray, np.ndarray
     return jpg[:, 0], jpg[:, 1], np.array([e["lbl"][0] for e in entries], dtype=np.int64)
 
 
-def _joined(parts: list[np.ndarray]) -> np.ndarray:
-    return np.concatenate(parts).astype(np.int64, copy=False) if parts else np.zeros(0, dtype=np.int64)
-
-
 class ShardSet:
     """The samples of ``split`` under ``root``; checks at start that every shard is present and whole."""
 
@@ -117,7 +113,11 @@ class ShardSet:
         self.shard_sizes = np.array([int(s["samples"]) for s in shards], dtype=np.int64)
         self._paths = [str(self.root / s["name"]) for s in shards]
         self._index_paths: list[Path] = []
-        offsets, sizes, lbl_offsets = [], [], []
+        total = int(self.shard_sizes.sum())  # the arrays are filled shard by shard: no second copy at the end
+        self.offsets = np.zeros(total, dtype=np.int64)
+        self.sizes = np.zeros(total, dtype=np.int64)
+        self.label_offsets = np.zeros(total, dtype=np.int64)
+        at = 0
         for i, s in enumerate(shards):
             path = self.root / s["name"]
             if not path.is_file():
@@ -137,14 +137,10 @@ class ShardSet:
             if not idx_path.is_file():
                 raise ConfigError(f"index {str(idx_path)!r} of shard {s['name']!r} is missing")
             self._index_paths.append(idx_path)
-            jpg_offsets, jpg_sizes, lbl_offsets_of_shard = _index_columns(idx_path, int(s["samples"]))
-            offsets.append(jpg_offsets)
-            sizes.append(jpg_sizes)
-            lbl_offsets.append(lbl_offsets_of_shard)
+            n = int(s["samples"])
+            self.offsets[at:at + n], self.sizes[at:at + n], self.label_offsets[at:at + n] = _index_columns(idx_path, n)
+            at += n
         self.shard_of = np.repeat(np.arange(len(shards), dtype=np.int32), self.shard_sizes)
-        self.offsets = _joined(offsets)
-        self.sizes = _joined(sizes)
-        self.label_offsets = _joined(lbl_offsets)
         self._shard_starts = np.concatenate([[0], np.cumsum(self.shard_sizes)[:-1]]).astype(np.int64)
         self._fds: OrderedDict[int, int] = OrderedDict()  # shard -> descriptor, least recently read first
         self._pid = -1
