@@ -296,8 +296,7 @@ def bench_cpu_loader(root: Path, batch: int, steps: int) -> None:
     cpu.decode_rgb = lambda data: fixed  # stubs: the cost left is the loader's own
     cpu.augment_train = lambda img, cfg, rng: img
     data = cpu.ShardBatches(shards, cfg, train=True, seed=0)
-    sampler = iter(TrainSampler(shards.shard_sizes, 0, 8, 0, batch))
-    rows = [next(sampler) for _ in range(steps)]
+    rows = list(TrainSampler(shards.shard_sizes, 0, 8, 0, batch))[:steps]
     data[rows[0]]
     t0 = time.perf_counter()
     for r in rows:
@@ -392,6 +391,53 @@ def bench_table(work: Path, runs: int) -> None:
         f"{took:.1f} s" + ("" if ok else f" FAILED rc={res.returncode}: {res.stderr[-300:]}"))
 
 
+# ---- data_prep verify ------------------------------------------------------------------------------------------
+def bench_verify(work: Path, shards: int, per_shard: int) -> None:
+    """``python -m data_prep verify`` over real little tars (32x32 JPEGs) as data_prep lays them out."""
+    import struct
+    import tarfile
+
+    from PIL import Image
+
+    from data_prep.format import index_name, shard_name
+    from data_prep.shardwriter import file_sha256
+    from data_prep.verify import index_of_tar
+
+    for k, n in ((shards, per_shard), (1, shards * per_shard)):
+        out = work / f"verify-{k}x{n}"
+        if not (out / "manifest.json").exists():
+            out.mkdir(parents=True, exist_ok=True)
+            buf = io.BytesIO()
+            Image.new("RGB", (32, 32), (90, 120, 30)).save(buf, "JPEG", quality=80)
+            entries = []
+            for s in range(k):
+                tar = out / shard_name("train", s)
+                with tarfile.open(tar, "w", format=tarfile.USTAR_FORMAT) as tf:
+                    for i in range(n):
+                        c = (s * n + i) % 1000
+                        for ext, data in (("jpg", buf.getvalue()), ("cls", str(c).encode()),
+                                          ("lbl", struct.pack("<i", c))):
+                            info = tarfile.TarInfo(f"s{s:06d}_{i:06d}.{ext}")
+                            info.size = len(data)
+                            tf.addfile(info, io.BytesIO(data))
+                (out / index_name("train", s)).write_text("".join(index_of_tar(tar)))
+                entries.append({"name": tar.name, "index": index_name("train", s), "samples": n,
+                                "bytes": tar.stat().st_size, "sha256": file_sha256(tar)})
+            manifest = {"version": 1, "source": "synthetic", "options": {}, "classes": [f"n{i:08d}" for i in range(1000)],
+                        "class_names": [str(i) for i in range(1000)],
+                        "splits": {"train": {"shards": entries, "samples": k * n, "rejected": 0, "options": {}}}}
+            (out / "rejects.jsonl").write_text("")
+            (out / "manifest.json").write_text(json.dumps(manifest))
+        for workers in (1, 2):
+            t0 = time.perf_counter()
+            res = subprocess.run([sys.executable, "-m", "data_prep", "verify", str(out), "--workers", str(workers)],
+                                 capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+            took = time.perf_counter() - t0
+            ok = "" if res.returncode == 0 else f" FAILED rc={res.returncode}: {(res.stderr or res.stdout)[-300:]}"
+            row("verify", f"data_prep verify, {k:,} shards x {n:,} samples, {workers} worker(s)",
+                f"{took:.1f} s = {took / (k * n) * 1e6:,.0f} us/sample{ok}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--samples", type=int, default=1_281_167)
@@ -403,9 +449,11 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=200, help="run directories for launch status")
     ap.add_argument("--table-runs", type=int, default=100, help="CIFAR runs for tools/cifar10_table.py")
     ap.add_argument("--ckpt-arch", default="resnet50", choices=["resnet50", "tiny"])
+    ap.add_argument("--verify-shards", type=int, default=2000)
+    ap.add_argument("--verify-samples", type=int, default=20, help="samples per shard for data_prep verify")
     ap.add_argument("--work", help="keep the generated files here (default: a temporary folder)")
-    ap.add_argument("--parts", nargs="+", default=["contract", "startup", "checkpoint", "loader", "rundirs"],
-                    choices=["contract", "startup", "checkpoint", "loader", "rundirs"])
+    ap.add_argument("--parts", nargs="+", default=["contract", "startup", "checkpoint", "loader", "rundirs", "verify"],
+                    choices=["contract", "startup", "checkpoint", "loader", "rundirs", "verify"])
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -417,7 +465,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work or tmp)
         root = work / f"shards-{args.samples}-{args.shards}"
-        if not (root / "manifest.json").exists():
+        if not (root / "manifest.json").exists() and {"startup", "checkpoint", "loader"} & set(args.parts):
             t0 = time.perf_counter()
             make_dataset(root, args.samples, args.shards, args.val, args.val_shards)
             row("setup", f"made manifest + indexes + sparse tars: {args.shards:,} train shards", _ms(time.perf_counter() - t0))
@@ -432,6 +480,8 @@ def main() -> None:
         if "rundirs" in args.parts:
             bench_status(work, args.runs, args.ckpt_arch)
             bench_table(work, args.table_runs)
+        if "verify" in args.parts:
+            bench_verify(work, args.verify_shards, args.verify_samples)
     widths = [max(len(r[i]) for r in ROWS + [("part", "measurement", "value", "memory")]) for i in range(4)]
     print(f"| {'part':<{widths[0]}} | {'measurement':<{widths[1]}} | {'value':<{widths[2]}} | {'memory':<{widths[3]}} |")
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
