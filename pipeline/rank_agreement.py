@@ -198,9 +198,13 @@ def _settings_line(a: dict[str, str], b: dict[str, str], who_a: str, who_b: str)
     more = f" (and {plural(len(keys) - len(shown), 'other setting')})" if len(keys) > len(shown) else ""
     mine = _joined([f"{k} {a.get(k, unset)}" for k in shown])
     theirs = _joined([f"{k} {b.get(k, unset)}" for k in shown])
-    return (f"{_verb(who_a, 'has', 'have')} {mine}, {who_b} {theirs}{more}: every rank must start with the same "
-            f"settings (another command line or config file on one node, or a config file edited while the ranks "
-            f"started?)")
+    if "ckpt_path" in keys:  # not given: each rank looked for RUN/checkpoints/last.ckpt (--ckpt_path last)
+        why = ("every rank must start from the same checkpoint (the run directory's checkpoint found on one node "
+               "and not on another: another run directory there, or a shared file system that shows it late?)")
+    else:
+        why = ("every rank must start with the same settings (another command line or config file on one node, or a "
+               "config file edited while the ranks started?)")
+    return f"{_verb(who_a, 'has', 'have')} {mine}, {who_b} {theirs}{more}: {why}"
 
 
 def _software_line(a: dict[str, str], b: dict[str, str], who_a: str, who_b: str) -> str:

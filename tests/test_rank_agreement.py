@@ -185,3 +185,16 @@ def test_the_same_counts_from_another_data_prep_run_differ(digits_shards, tmp_pa
     assert line == (f"ranks disagree on the dataset: rank 0 (h1) read {digits_shards} with 1434 train samples in 3 "
                     f"shards, rank 1 (h2) read {other} with the same counts in other shards: every rank must read the "
                     f"same shards (a partial or stale copy on h2, or another data_prep run?)"), line
+
+
+def test_a_rank_that_resumes_and_one_that_starts_anew_are_told_so() -> None:
+    """``--ckpt_path last`` (every launch passes it) is the run directory's checkpoint where a rank finds one,
+    else none: a node that does not see it starts the run anew. Not another command line or config file."""
+    settings = [flat_settings({"model": {"lr": 0.1}, "ckpt_path": ckpt}, "/mnt/run")
+                for ckpt in ("/mnt/run/checkpoints/last.ckpt", None)]
+    full = [{**_full(10, 1, "/a"), "settings": s} for s in settings]
+    line = disagreement([digests(f) for f in full], full, ["node1", "node2"])
+    assert line == ('ranks disagree on the settings: rank 0 (node1) has ckpt_path "RUN/checkpoints/last.ckpt", '
+                    "rank 1 (node2) ckpt_path null: every rank must start from the same checkpoint (the run "
+                    "directory's checkpoint found on one node and not on another: another run directory there, or "
+                    "a shared file system that shows it late?)"), line
