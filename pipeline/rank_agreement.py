@@ -14,7 +14,7 @@ settings that shape the training (not the per-node ones: the data root's path, d
 run directory's path), of this
 package's source files (no git on every rank: the files' contents, which also see uncommitted changes), and
 the versions of Python, torch, Lightning, DALI, DeepSpeed and webdataset. One ``all_gather_object`` of these
-few hundred bytes; when they differ, a second one of the details, and every rank raises the same
+few hundred bytes; when they differ, a second one of the details (~5 KB), and every rank raises the same
 ``ConfigError`` from the same gathered data (none waits for a peer that stopped).
 """
 
@@ -73,19 +73,23 @@ def flat_settings(config: dict, run_dir: str | None) -> dict[str, str]:
     return flat
 
 
-def code_digest(root: Path = CODE_ROOT) -> str:
-    """sha256 over the source files of ``CODE_PACKAGES`` under ``root`` (their paths and contents): the code
-    each rank runs, checkout or installed copy, committed or not; a few hundred KB, read in milliseconds."""
-    h = hashlib.sha256()
+def code_files(root: Path = CODE_ROOT) -> dict[str, str]:
+    """The source files of ``CODE_PACKAGES`` under ``root``: path (relative to it) -> sha256 of the contents (16
+    hex digits; ``unreadable: why`` for a file that cannot be read, compared as such). The code each rank runs,
+    checkout or installed copy, committed or not; a few hundred KB, read in milliseconds."""
+    files = {}
     for package in CODE_PACKAGES:
         for path in sorted((root / package).rglob("*.py")):
-            h.update(str(path.relative_to(root)).encode() + b"\0")
             try:
-                h.update(path.read_bytes())
-            except OSError as e:  # unreadable: compared as such
-                h.update(f"unreadable: {e.strerror}".encode())
-            h.update(b"\0")
-    return h.hexdigest()
+                files[str(path.relative_to(root))] = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+            except OSError as e:
+                files[str(path.relative_to(root))] = f"unreadable: {e.strerror}"
+    return files
+
+
+def code_digest(files: dict[str, str]) -> str:
+    """One sha256 of ``code_files``' paths and digests."""
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
 
 
 def software() -> dict[str, str]:
@@ -127,7 +131,8 @@ def details(datamodule: Any, stage: str, settings: dict[str, str]) -> dict[str, 
     """This rank's fingerprint in full: what the error line quotes."""
     return {
         "software": software(),
-        "code": {"root": str(CODE_ROOT), "sha256": code_digest(), "version": _version(None, PACKAGE)},
+        "code": {"root": str(CODE_ROOT), "sha256": code_digest(files := code_files()), "files": files,
+                 "version": _version(None, PACKAGE)},
         "settings": settings,
         "dataset": dataset(datamodule, stage),
     }
@@ -219,8 +224,20 @@ def _code_line(a: dict, b: dict, who_a: str, who_b: str) -> str:
     def say(c: dict) -> str:
         return f"the code in {c['root']} (source files sha256 {c['sha256'][:12]})"
 
-    return (f"{_verb(who_a, 'runs', 'run')} {say(a)}, {who_b} {say(b)}: every rank must run the same code "
+    fa, fb = a.get("files", {}), b.get("files", {})
+    changed = sorted(k for k in fa.keys() & fb.keys() if fa[k] != fb[k])
+    only_a, only_b = sorted(fa.keys() - fb.keys()), sorted(fb.keys() - fa.keys())
+    parts = ([f"{_some(changed)} differ{'s' if len(changed) == 1 else ''}"] if changed else []) + \
+            ([f"{_some(only_a)} only on {who_a.split(' (')[0]}"] if only_a else []) + \
+            ([f"{_some(only_b)} only on {who_b.split(' (')[0]}"] if only_b else [])
+    which = f" ({'; '.join(parts)})" if parts else ""
+    return (f"{_verb(who_a, 'runs', 'run')} {say(a)}, {who_b} {say(b)}{which}: every rank must run the same code "
             f"(another checkout or installed copy on one node, or files changed while the ranks started?)")
+
+
+def _some(names: list[str]) -> str:
+    """The first three of ``names``, and how many more."""
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
 FIELD_WORDS = {"software": "the software", "code": "the code", "settings": "the settings",

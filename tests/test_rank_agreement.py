@@ -198,3 +198,27 @@ def test_a_rank_that_resumes_and_one_that_starts_anew_are_told_so() -> None:
                     "rank 1 (node2) ckpt_path null: every rank must start from the same checkpoint (the run "
                     "directory's checkpoint found on one node and not on another: another run directory there, or "
                     "a shared file system that shows it late?)"), line
+
+
+def test_another_checkout_names_the_files_that_differ(tmp_path) -> None:
+    """The code line names the source files that differ, or that one side alone has (another checkout: which
+    file to look at), not only two digests."""
+    from pipeline.rank_agreement import code_digest, code_files
+
+    codes = []
+    for side, extra in (("a", "x = 1\n"), ("b", "x = 2\n")):
+        root = tmp_path / side
+        for package in ("pipeline", "data_prep"):
+            (root / package).mkdir(parents=True)
+            (root / package / "__init__.py").write_text("")
+        (root / "pipeline" / "cli.py").write_text(extra)
+        if side == "b":
+            (root / "pipeline" / "scratch.py").write_text("")
+        files = code_files(root)
+        codes.append({"root": str(root), "sha256": code_digest(files), "files": files, "version": "0.1"})
+    assert codes[0]["files"]["pipeline/__init__.py"] == codes[1]["files"]["pipeline/__init__.py"]
+    full = [{**_full(10, 1, "/a"), "code": c} for c in codes]
+    line = disagreement([digests(f) for f in full], full, ["node1", "node2"])
+    assert line.startswith(f"ranks disagree on the code: rank 0 (node1) runs the code in {codes[0]['root']} "), line
+    assert (" (pipeline/cli.py differs; pipeline/scratch.py only on rank 1): every rank must run the same code"
+            in line), line
