@@ -139,7 +139,7 @@ def bench_contract(samples: int, shards: int, val: int, worlds: list[int], batch
 
 # ---- start-up --------------------------------------------------------------------------------------------
 def before_arrays(root: str, split: str) -> tuple[np.ndarray, ...]:
-    """The index part of ``ShardSet.__init__`` before ``data_prep.index_arrays`` (070847c), as it was: every
+    """The index part of ``ShardSet.__init__`` before ``data_prep.index_arrays`` (1e1b17d), as it was: every
     index through ``read_index`` (a dict of tuples per sample), four Python lists over the whole split."""
     from data_prep.format import index_of_entry, load_manifest, read_index
 
@@ -270,7 +270,7 @@ def bench_cpu_loader(root: Path, batch: int, steps: int) -> None:
                          memory_format=torch.channels_last)
     size = [cfg.train_size, cfg.train_size]
 
-    def before(window, flip):  # resize_and_flip before c94ac03: the crop view as it is
+    def before(window, flip):  # resize_and_flip before d3f23a1: the crop view as it is
         img = TF.resize(window, size, interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
         return TF.horizontal_flip(img) if flip else img
 
