@@ -28,6 +28,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
+import pytorch_lightning as pl
 import torch.distributed as dist
 from pytorch_lightning.callbacks import Callback
 
@@ -275,7 +276,7 @@ class RankAgreement(Callback):
     def __init__(self, settings: dict[str, str]) -> None:
         self.settings = settings
 
-    def setup(self, trainer, pl_module, stage: str) -> None:
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if trainer.world_size < 2 or not dist.is_available() or not dist.is_initialized():
             return
         stage = str(getattr(stage, "value", stage))
