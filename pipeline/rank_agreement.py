@@ -161,9 +161,7 @@ def ranks_text(ranks: list[int], hosts: list[str]) -> str:
         else:
             spans.append([r, r])
     shown = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
-    names = list(dict.fromkeys(hosts))
-    where = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-    return f"{'rank' if len(ranks) == 1 else 'ranks'} {shown} ({where})"
+    return f"{'rank' if len(ranks) == 1 else 'ranks'} {shown} ({_some(list(dict.fromkeys(hosts)))})"
 
 
 def _verb(who: str, one: str, many: str) -> str:
