@@ -22,6 +22,7 @@ TOP_FIELDS = {"classes": "a list of strings", "splits": "an object", "class_name
 SPLIT_FIELDS = {"shards": "a list", "samples": COUNT, "rejected": COUNT, "options": "an object"}
 # splits.NAME.shards[i]; `index` may be missing (the loaders and verify take the shard's name with .idx:
 # format.index_of_entry)
+MIN_SAMPLE_BYTES = 2048  # two tar members at least (jpg, lbl), each a 512-byte header and a 512-byte block
 SHARD_FIELDS = {"name": "a string", "index": "a string", "samples": COUNT, "bytes": COUNT, "sha256": "a string"}
 
 
@@ -44,6 +45,9 @@ def entry_problem(split: str, entry: object) -> str | None:
         problem = first_problem(shard, SHARD_FIELDS, at + ".", optional=("index",))
         if problem is not None:
             return problem
+        if shard["samples"] > shard["bytes"] // MIN_SAMPLE_BYTES:  # the loaders size arrays by it: a MemoryError
+            return (f"field '{at}.samples' is {shard['samples']}, more than its {shard['bytes']} bytes can hold (a "
+                    f"sample takes {MIN_SAMPLE_BYTES} bytes of tar at least)")
         if shard["name"] in first_of:  # the loaders would read its samples twice
             return f"field '{at}.name' is {shown(shard['name'])}, which shards[{first_of[shard['name']]}] lists already"
         first_of[shard["name"]] = i

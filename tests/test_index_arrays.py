@@ -172,3 +172,26 @@ def test_shard_set_says_which_regular_index_disagrees_with_the_manifest(digits_s
     write_index(idx, [[m for m in r if m[0] != "lbl"] for r in rows])
     with pytest.raises(ConfigError, match=f"index '{idx}' has a sample without 'jpg' or 'lbl'"):
         ShardSet(copy, "train")
+
+
+def test_a_manifest_count_no_shard_can_hold_is_named_before_any_array_is_sized(digits_shards, tmp_path):
+    """The arrays are sized from the manifest's counts before the indexes are read: a count edited to 10**13
+    (with the split's total to match) was `MemoryError: Unable to allocate 72.8 TiB`. Now the manifest's
+    check names the field, as for any count of the wrong shape (data_prep.manifest_shape)."""
+    import json
+
+    from pipeline.errors import ConfigError
+
+    for bad in (10 ** 13, 1_000_000):
+        copy = tmp_path / f"copy{bad}"
+        shutil.copytree(digits_shards, copy)
+        path = copy / fmt.MANIFEST_NAME
+        manifest = json.loads(path.read_text())
+        split = manifest["splits"]["train"]
+        shard = split["shards"][0]
+        split["samples"] += bad - shard["samples"]
+        shard["samples"] = bad
+        path.write_text(json.dumps(manifest))
+        with pytest.raises(ConfigError, match=rf"{path}: manifest field 'splits.train.shards\[0\].samples' is {bad}, "
+                                              rf"more than its {shard['bytes']} bytes can hold .*data_prep finalize"):
+            ShardSet(copy, "train")
