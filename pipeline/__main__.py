@@ -12,7 +12,8 @@ if __name__ == "__main__":
 
         sys.exit(export_main(sys.argv[2:]))
     from pipeline.cli import main
-    from pipeline.torchrun_stop import after_exit
+    from pipeline.launcher_ranks import after_exit as tell_rank_zero
+    from pipeline.torchrun_stop import after_exit, peer_ended
 
     try:
         status = main()
@@ -20,4 +21,4 @@ if __name__ == "__main__":
         if not isinstance(e.code, int):
             raise
         status = e.code
-    sys.exit(after_exit(status))
+    sys.exit(tell_rank_zero(after_exit(status), peer_ended()))

@@ -64,6 +64,7 @@ from pipeline.optim import ignored_schedule_settings
 from pipeline.parent_death import follow_lightning_rank_zero, follow_torchrun_agent
 from pipeline.parity import WeightParity
 from pipeline.parsed_config import check_parsed
+from pipeline.launcher_ranks import children_outcome
 from pipeline.peer_gone import peer_gone, peer_gone_message
 from pipeline.torchrun_stop import a_peer_ended
 from pipeline import preemption, provenance
@@ -871,9 +872,11 @@ def main(argv: list[str] | None = None, cli: type[PipelineCLI] = PipelineCLI) ->
         return 1
     except (RuntimeError, OSError) as e:  # the limit of open files: every retry would stop the same way
         if peer_gone(e):  # another rank ended: its own message says why (no `error:`: a crash is retried)
-            print(peer_gone_message(e), file=sys.stderr)
+            # rank 0 of Lightning's launcher ends as the child rank that ended did (pipeline/launcher_ranks.py)
+            line, status = children_outcome() or (peer_gone_message(e), 1)
+            print(line, file=sys.stderr)
             a_peer_ended()
-            return 1
+            return status
         if not out_of_file_descriptors(e):
             raise
         print(f"error: {open_files_advice()}", file=sys.stderr)

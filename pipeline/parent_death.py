@@ -59,14 +59,24 @@ def follow_lightning_rank_zero(env: Mapping[str, str] = os.environ, argv: list[s
     if env.get("TORCHELASTIC_RUN_ID") or env.get("LOCAL_RANK", "0") in ("", "0") or len(argv) < 2:
         return None
     parent = os.getppid()
-    args = [a.encode() for a in argv[1:]]
-    if _cmdline(parent)[-len(args):] == args:  # rank 0: the same arguments (Lightning re-runs sys.argv[1:])
+    if lightning_rank_zero(env, argv) == parent:
         if signal_when_parent_ends(signal.SIGTERM, parent) is False:
             return f"rank 0 of this run (pid {parent}), which started this rank, has ended; not starting"
         return None
     if parent == 1 and not env.get("SLURM_STEP_ID"):  # adopted by init: rank 0 ended before we could ask
         return "rank 0 of this run, which started this rank, has ended; not starting"
     return None  # another launcher that sets LOCAL_RANK (srun with an exported LOCAL_RANK, mpirun): its watch
+
+
+def lightning_rank_zero(env: Mapping[str, str] = os.environ, argv: list[str] | None = None) -> int | None:
+    """The pid of rank 0 when Lightning's launcher started this process as one of its other local ranks (its
+    parent runs the same arguments: Lightning re-runs ``sys.argv[1:]``), else None."""
+    argv = sys.argv if argv is None else argv
+    if env.get("TORCHELASTIC_RUN_ID") or env.get("LOCAL_RANK", "0") in ("", "0") or len(argv) < 2:
+        return None
+    parent = os.getppid()
+    args = [a.encode() for a in argv[1:]]
+    return parent if _cmdline(parent)[-len(args):] == args else None
 
 
 def _cmdline(pid: int) -> list[bytes]:

@@ -53,6 +53,11 @@ def a_peer_ended() -> None:
         time.sleep(0.1)
 
 
+def peer_ended() -> bool:
+    """Whether this rank stopped because a peer ended (``a_peer_ended`` was called)."""
+    return _peer_ended
+
+
 def after_exit(status: int, env: Mapping[str, str] = os.environ) -> int:
     """``python -m pipeline``'s last step: a status of 1 or 2 from ``pipeline.cli.main`` (returned, or the
     parser's exit) comes with its one-line ``error:`` (a traceback raises; a peer's end is told apart by

@@ -281,16 +281,101 @@ def test_a_corrupt_sample_on_one_rank_stops_both_with_one_line_each(digits_shard
            "--trainer.precision", "32-true", "--trainer.max_steps", "20")]
     env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline", "MASTER_PORT": str(free_port())}
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.returncode == 1, proc.stderr[-3000:]  # rank 1's own status for a corrupt sample
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     shard = ShardSet(shards, "train").shard_name(sample)
     assert len(errors) == 1 and f"of shard {shard!r}" in errors[0], proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     lines = proc.stderr.splitlines()
-    peer = [i for i, line in enumerate(lines) if line.startswith("rank 0 stopped: another rank of this run ended")]
-    assert len(peer) == 1 and "(gloo: Connection" in lines[peer[0]], proc.stderr[-3000:]
-    assert lines.index(errors[0]) < peer[0], "the cause first"
+    # rank 0 started rank 1 (Lightning's launcher): it names rank 1 and its error: line, last, not "another rank"
+    assert "another rank of this run ended" not in proc.stderr, proc.stderr[-3000:]
+    assert lines[-1].startswith("rank 0 stopped: rank 1 of this run") and "error: above; exit status 1" in lines[-1], \
+        proc.stderr[-3000:]
+    assert lines.index(errors[0]) < len(lines) - 1, "the cause first"
     assert _state(run_dir)["global_step"] == step
+
+
+# rank 1 alone (LOCAL_RANK=1: Lightning's launcher passes the command's environment on) ends in its first
+# training step, as TEST_RANK1_ENDS says: `error` raises a ConfigError (the trainer's `error:` line, exit 2), `kill`
+# SIGKILLs itself (the OOM killer). A test harness: every setting agrees across ranks, so no setting does it.
+RANK1_ENDS = """
+import importlib.machinery, os, signal, sys
+
+class _Hook:
+    def find_spec(self, name, path, target=None):
+        if name != "pipeline.module":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+
+            def training_step(self, *args, **kwargs):
+                if os.environ["TEST_RANK1_ENDS"] == "kill":
+                    os.kill(os.getpid(), signal.SIGKILL)
+                from pipeline.errors import ConfigError
+                raise ConfigError("test.setting: refused on rank 1 alone")
+            module.ImageClassifier.training_step = training_step
+        spec.loader.exec_module = exec_module
+        return spec
+
+if os.environ.get("LOCAL_RANK") == "1" and os.environ.get("TEST_RANK1_ENDS"):
+    sys.meta_path.insert(0, _Hook())
+"""
+
+
+def _fit_where_rank1_ends(shards: Path, tmp_path: Path, how: str) -> subprocess.CompletedProcess:
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(RANK1_ENDS)
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "pipeline", "fit", *_fit_args(shards, run_dir, "--trainer.devices", "2",
+           "--trainer.strategy", "ddp", "--data.batch_size", "16", "--trainer.enable_checkpointing", "false",
+           "--data.num_workers", "0", "--trainer.precision", "32-true")]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCHELASTIC_", "LOCAL_RANK"))}
+    env.update({"PYTHONPATH": f"{site}{os.pathsep}{REPO}", "WANDB_MODE": "offline", "MASTER_PORT": str(free_port()),
+                "OMP_NUM_THREADS": "1", "TEST_RANK1_ENDS": how})
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=180)
+    left = []  # no rank outlives the command (rank 0 waited for its children; the kernel's SIGTERM for the rest)
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and str(run_dir).encode() in (entry / "cmdline").read_bytes() and _alive(int(entry.name)):
+                left.append(int(entry.name))
+        except OSError:
+            pass
+    for pid in left:
+        os.kill(pid, 9)
+    assert not left, f"processes left: {left}"
+    return proc
+
+
+def test_lightning_launcher_ends_with_its_child_ranks_error_status(digits_shards, tmp_path):
+    """``trainer.devices 2`` without torchrun or srun: rank 1, rank 0's child, ends with the trainer's `error:`
+    line and exit 2 (a setting). The command (rank 0) ended with exit 1 and "rank 0 stopped: another rank of
+    this run ended ..." below it: a crash to a wrapper that retries one, the cause not the last line. Now
+    exit 2 and one closing line that names rank 1."""
+    proc = _fit_where_rank1_ends(digits_shards, tmp_path, "error")
+    lines = proc.stderr.splitlines()
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert errors == ["error: test.setting: refused on rank 1 alone"], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "another rank of this run ended" not in proc.stderr, proc.stderr[-3000:]
+    assert lines[-1] == ("rank 0 stopped: rank 1 of this run (started by this process, Lightning's launcher) ended "
+                         "with the trainer's one-line error: above; exit status 2, as rank 1's"), proc.stderr[-3000:]
+
+
+def test_lightning_launcher_names_a_child_rank_killed_by_a_signal(digits_shards, tmp_path):
+    """Rank 1 SIGKILLed (the OOM killer) prints nothing: rank 0's "another rank ... that rank's own message says
+    why" pointed at nothing. Now rank 0 names rank 1 and the signal, and keeps exit 1: a crash, retried."""
+    proc = _fit_where_rank1_ends(digits_shards, tmp_path, "kill")
+    lines = proc.stderr.splitlines()
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert not [line for line in lines if line.startswith("error: ")], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert lines[-1].startswith("rank 0 stopped: rank 1 of this run") and "killed by SIGKILL" in lines[-1] \
+        and lines[-1].endswith("exit status 1, a crash"), proc.stderr[-3000:]
 
 
 def test_only_gloos_lost_peer_becomes_the_one_line() -> None:
