@@ -77,3 +77,19 @@ def test_scale_benchmark_runs_at_a_tiny_size(tmp_path):
                  "data_prep verify, 3 shards x 4 samples, 2 worker(s)"):
         assert says in out, out[-3000:]
     assert "FAILED" not in out and "ARRAYS DIFFER" not in out, out[-3000:]
+
+
+def test_loader_memory_benchmark_samples_every_process_kind(tmp_path):
+    """bench/loader_memory.py at a tiny size: 2 epochs with a resume between, cpu and dali-cpu with a
+    source worker; each backend's main process and workers are in the table with their RSS."""
+    out = _run("bench/loader_memory.py", "--work", str(tmp_path), "--epochs", "2", "--resume-at", "1",
+               "--images", "16", "--batch", "8", "--backends", "cpu", "dali-cpu:1", "--warm", "0")
+    rows = {tuple(c.strip() for c in line.split("|")[1:3]): line for line in out.splitlines() if line.startswith("| ")}
+    for backend in ("cpu", "dali-cpu:1"):
+        for process in ("main (1)", "/dev/shm used"):
+            assert (backend, process) in rows, out[-3000:]
+        # sampled at epoch 1 (the last epoch's sample may come after the fit stopped its workers)
+        assert any(b == backend and p.startswith("worker (") and float(line.split("|")[3]) > 10
+                   for (b, p), line in rows.items()), out[-3000:]
+        rss = float(rows[(backend, "main (1)")].split("|")[5])
+        assert rss > 50, rows[(backend, "main (1)")]
