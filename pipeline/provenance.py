@@ -133,6 +133,19 @@ def _version(module: str | None, *distributions: str, prefix: str | None = None)
     return NOT_INSTALLED
 
 
+def software_versions() -> dict[str, str]:
+    """The versions of Python and of the packages a run's results depend on (recorded per start; compared
+    across ranks by ``pipeline.rank_agreement``)."""
+    return {
+        "python": platform.python_version(),
+        "torch": _version("torch", "torch"),
+        "pytorch_lightning": _version("pytorch_lightning", "pytorch-lightning", "lightning"),
+        "nvidia_dali": _version("nvidia.dali", "nvidia-dali", prefix="nvidia-dali"),
+        "deepspeed": _version("deepspeed", "deepspeed"),
+        "webdataset": _version("webdataset", "webdataset"),
+    }
+
+
 def _cuda(device: Any) -> dict[str, str | int]:
     import torch
 
@@ -163,12 +176,7 @@ def collect(world_size: int = 1, num_nodes: int = 1, device: Any = None, run_dir
         record.update({
             "code_path": str(Path(root).resolve()),
             "package_version": _version(None, PACKAGE),
-            "python": platform.python_version(),
-            "torch": _version("torch", "torch"),
-            "pytorch_lightning": _version("pytorch_lightning", "pytorch-lightning", "lightning"),
-            "nvidia_dali": _version("nvidia.dali", "nvidia-dali", prefix="nvidia-dali"),
-            "deepspeed": _version("deepspeed", "deepspeed"),
-            "webdataset": _version("webdataset", "webdataset"),
+            **software_versions(),
             **_cuda(device),
             "world_size": int(world_size),
             "num_nodes": int(num_nodes),

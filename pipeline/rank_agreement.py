@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import platform
 import socket
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ import torch.distributed as dist
 from pytorch_lightning.callbacks import Callback
 
 from pipeline.errors import ConfigError
-from pipeline.provenance import CODE_ROOT, PACKAGE, _version
+from pipeline.provenance import CODE_ROOT, PACKAGE, _version, software_versions
 from pipeline.wording import plural
 
 log = logging.getLogger(__name__)
@@ -94,15 +93,8 @@ def code_digest(files: dict[str, str]) -> str:
 
 
 def software() -> dict[str, str]:
-    """The versions that must match across ranks (named as ``pipeline/provenance.py`` names them)."""
-    return {
-        "python": platform.python_version(),
-        "torch": _version("torch", "torch"),
-        "pytorch_lightning": _version("pytorch_lightning", "pytorch-lightning", "lightning"),
-        "nvidia_dali": _version("nvidia.dali", "nvidia-dali", prefix="nvidia-dali"),
-        "deepspeed": _version("deepspeed", "deepspeed"),
-        "webdataset": _version("webdataset", "webdataset"),
-    }
+    """The versions that must match across ranks: those each start's provenance record keeps."""
+    return software_versions()
 
 
 def dataset(datamodule: Any, stage: str) -> dict[str, Any]:

@@ -5,18 +5,16 @@ environment, as srun or two torchrun agents start them."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from pipeline.rank_agreement import digests, disagreement, flat_settings, ranks_text
-from tests.conftest import REPO, free_port, run_module
+from tests.conftest import run_module
+from tests.two_nodes import demo_args, fit_as_two_nodes
 
-CONF = str(REPO / "conf" / "demo.yaml")
 TIMEOUT_S = 240  # a hang (ranks planning different epochs) ends here, as a failure
 
 
@@ -24,33 +22,8 @@ def _two_ranks(run_dir: Path, roots: tuple[Path, Path], extra: tuple[list[str], 
                env: tuple[dict, dict] = ({}, {})) -> list[subprocess.CompletedProcess]:
     """``fit`` as ranks 0 and 1 of two one-rank nodes, rank i reading ``roots[i]`` with ``extra[i]`` added to
     its command line and ``env[i]`` to its environment."""
-    port = free_port()
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCHELASTIC_"))}
-    procs = []
-    for rank in (0, 1):
-        cmd = [sys.executable, "-m", "pipeline", "fit", "--config", CONF, "--data.root", str(roots[rank]),
-               "--trainer.default_root_dir", str(run_dir), "--data.num_workers", "0",
-               "--trainer.num_sanity_val_steps", "0", "--tracking.wandb", "false", "--trainer.max_steps", "2",
-               "--trainer.num_nodes", "2", "--trainer.devices", "1", "--trainer.strategy", "ddp", *extra[rank]]
-        rank_env = {**base, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
-                    "MASTER_PORT": str(port), "NODE_RANK": str(rank), "LOCAL_RANK": "0", "WORLD_SIZE": "2"}
-        for key, value in env[rank].items():
-            rank_env[key] = f"{value}{os.pathsep}{rank_env[key]}" if key == "PYTHONPATH" else value
-        procs.append(subprocess.Popen(cmd, env=rank_env, cwd=REPO, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
-    done = []
-    try:
-        for p in procs:
-            out, err = p.communicate(timeout=TIMEOUT_S)
-            done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"the ranks did not end within {TIMEOUT_S} s (a hang)")
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    return done
+    args = tuple(demo_args(roots[rank], run_dir, "--trainer.max_steps", "2", *extra[rank]) for rank in (0, 1))
+    return fit_as_two_nodes(args, env, TIMEOUT_S)
 
 
 def _one_line_each(runs: list[subprocess.CompletedProcess], start: str) -> str:

@@ -6,18 +6,15 @@ cases, to keep the suite short: its first logging window is balanced, its second
 from __future__ import annotations
 
 import csv
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from pipeline.throughput import (INPUT_BOUND_OVER_MEDIAN, INPUT_BOUND_RATIO, input_bound_line, input_bound_rank,
                                  window_metrics)
-from tests.conftest import REPO, free_port
+from tests.two_nodes import demo_args, fit_as_two_nodes
 
-CONF = str(REPO / "conf" / "demo.yaml")
 TIMEOUT_S = 240
 SLOW_S = 0.6  # rank 1's extra wait per training batch, from its 7th batch on
 # batches 7 and 8 slow steps 7 and 8 (steps 6 and 7 if Lightning fetched one batch ahead): inside the second
@@ -40,35 +37,11 @@ SLOW_LOADER = (
 def _fit(shards: Path, run_dir: Path, slow_site: Path | None) -> list[subprocess.CompletedProcess]:
     """An 8-step fit as ranks 0 and 1 of two one-rank nodes, a row every 4 steps; with ``slow_site``, rank 1
     imports its sitecustomize."""
-    port = free_port()
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCHELASTIC_"))}
-    procs = []
-    for rank in (0, 1):
-        cmd = [sys.executable, "-m", "pipeline", "fit", "--config", CONF, "--data.root", str(shards),
-               "--trainer.default_root_dir", str(run_dir), "--data.num_workers", "0",
-               "--trainer.num_sanity_val_steps", "0", "--tracking.wandb", "false", "--trainer.max_steps", "8",
-               "--trainer.log_every_n_steps", "4", "--data.batch_size", "32", "--trainer.enable_checkpointing", "false",
-               "--trainer.num_nodes", "2", "--trainer.devices", "1", "--trainer.strategy", "ddp"]
-        env = {**base, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(port), "NODE_RANK": str(rank), "LOCAL_RANK": "0", "WORLD_SIZE": "2"}
-        if rank == 1 and slow_site is not None:
-            env["PYTHONPATH"] = f"{slow_site}{os.pathsep}{REPO}"
-            env["TEST_SLOW_LOADER_S"] = str(SLOW_S)
-            env["TEST_SLOW_FROM_BATCH"] = str(SLOW_FROM_BATCH)
-        procs.append(subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True))
-    done = []
-    try:
-        for p in procs:
-            out, err = p.communicate(timeout=TIMEOUT_S)
-            done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"the ranks did not end within {TIMEOUT_S} s (a hang)")
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+    args = demo_args(shards, run_dir, "--trainer.max_steps", "8", "--trainer.log_every_n_steps", "4",
+                     "--data.batch_size", "32", "--trainer.enable_checkpointing", "false")
+    slow = {} if slow_site is None else {"PYTHONPATH": str(slow_site), "TEST_SLOW_LOADER_S": str(SLOW_S),
+                                         "TEST_SLOW_FROM_BATCH": str(SLOW_FROM_BATCH)}
+    done = fit_as_two_nodes((args, args), ({}, slow), TIMEOUT_S)
     for rank, r in enumerate(done):
         assert r.returncode == 0, f"rank {rank}:\n{r.stderr[-4000:]}"
     return done
