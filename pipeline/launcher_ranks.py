@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from pipeline.parent_death import lightning_rank_zero
+from pipeline.peer_gone import this_rank
 from pipeline.process_start import start_ticks
 
 WAIT_S = 5  # for the children to end, once a peer ended: they exit right after their last words
@@ -51,22 +52,11 @@ def after_exit(status: int, peer_ended: bool, env: Mapping[str, str] = os.enviro
     try:
         path = _record_path(rank_zero, local_rank)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"rank": _global_rank(env), "status": status}) + "\n")
+        tmp.write_text(json.dumps({"rank": this_rank(env), "status": status}) + "\n")
         os.replace(tmp, path)
     except OSError:  # a full temp directory: rank 0 sees the status alone
         pass
     return status
-
-
-def _global_rank(env: Mapping[str, str]) -> str:
-    try:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            return str(dist.get_rank())
-    except (ImportError, RuntimeError, ValueError):
-        pass
-    return env.get("RANK", env.get("LOCAL_RANK", "?"))
 
 
 def _observer() -> threading.Thread | None:
@@ -93,9 +83,7 @@ def children_outcome(wait_s: float = WAIT_S) -> tuple[str, int] | None:
     deadline = time.monotonic() + wait_s
     while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
         time.sleep(0.05)
-    from pipeline.peer_gone import _rank
-
-    mine = _rank()
+    mine = this_rank()
     first_rank = int(mine) + 1 if mine.isdigit() else None
     records, killed = [], []
     for i, p in enumerate(procs):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 
 _GONE = ("Connection closed by peer", "Connection reset by peer")
 _ADDRESS = re.compile(r"by peer (\[[^\]]*\]:\d+)")
@@ -33,11 +34,13 @@ def peer_gone_message(error: BaseException) -> str:
     what = next(m for m in _GONE if m in text)
     address = _ADDRESS.search(text)
     where = f" {address.group(1)}" if address else ""
-    return (f"rank {_rank()} stopped: another rank of this run ended during a collective (gloo: {what}{where}); "
+    return (f"rank {this_rank()} stopped: another rank of this run ended during a collective (gloo: {what}{where}); "
             f"that rank's own message (an error: line or a traceback) says why")
 
 
-def _rank() -> str:
+def this_rank(env: Mapping[str, str] = os.environ) -> str:
+    """This process's global rank: the process group's, else ``RANK`` (else ``LOCAL_RANK``: a child of
+    Lightning's launcher before the group forms), else ``?``."""
     try:
         import torch.distributed as dist
 
@@ -45,4 +48,4 @@ def _rank() -> str:
             return str(dist.get_rank())
     except (ImportError, RuntimeError, ValueError):
         pass
-    return os.environ.get("RANK", "?")
+    return env.get("RANK", env.get("LOCAL_RANK", "?"))
