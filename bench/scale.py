@@ -6,9 +6,10 @@ tars (the sizes the manifest says, no data) for ``--samples`` train samples in `
 
 * contract: one rank's train order of an epoch, its batches, a resume mid-epoch on another world size (the
   rest re-split), its validation batches, at each ``--worlds``; the sampler's time per step;
-* start-up: ``ShardSet`` of the train and val splits (manifest and every index: what every rank does), in
-  a fresh process each for peak RSS; the baseline reads each index with ``read_index`` (a dict per sample),
-  as the loaders did before ``data_prep.index_arrays``;
+* start-up: ``ShardSet`` of the train and val splits (what every rank does), in a fresh process each for
+  peak RSS and bytes read: from the split's columns file (``data_prep.columns_file``, as finalize writes it),
+  from every index (a manifest without one), and the baseline reading each index with ``read_index`` (a
+  dict per sample), as the loaders did before ``data_prep.index_arrays``;
 * checkpoint: the loader position ``ShardDataModule.state_dict`` puts in every checkpoint (pickled bytes),
   its save and load times;
 * cpu loader: ``ShardBatches`` per batch with decoding and augmentation stubbed (reads, labels, per-sample
@@ -89,7 +90,17 @@ def make_dataset(root: Path, samples: int, shards: int, val: int, val_shards: in
             entries.append({"name": shard_name(split, s), "index": index_name(split, s), "samples": count,
                             "bytes": off, "sha256": "0" * 64})
         manifest["splits"][split] = {"shards": entries, "samples": n, "rejected": 0, "options": {}}
+        manifest["splits"][split]["columns"] = _write_columns(root, split, entries)
     (root / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _write_columns(root: Path, split: str, entries: list[dict]) -> dict:
+    """The split's columns file, as ``data_prep finalize`` writes it; its manifest field."""
+    from data_prep.columns_file import columns_bytes, columns_entry, columns_name, columns_of_indexes
+
+    data = columns_bytes(columns_of_indexes(root, entries))
+    (root / columns_name(split)).write_bytes(data)
+    return columns_entry(columns_name(split), data)
 
 
 # ---- contract ------------------------------------------------------------------------------------------
@@ -160,11 +171,23 @@ def before_arrays(root: str, split: str) -> tuple[np.ndarray, ...]:
             np.asarray(sizes, dtype=np.int64), np.asarray(lbl_offsets, dtype=np.int64))
 
 
+def _bytes_read() -> int:
+    """Bytes this process read through read(2) and pread(2) so far (/proc/self/io's rchar), or 0 elsewhere."""
+    try:
+        return next(int(line.split()[1]) for line in open("/proc/self/io") if line.startswith("rchar:"))
+    except (OSError, StopIteration):
+        return 0
+
+
 def child_shardset(root: str, split: str, way: str) -> dict:
     import hashlib
 
+    import pipeline.data.shards as shards_module
     from pipeline.data.shards import ShardSet
 
+    if way == "indexes":  # as for a manifest that lists no columns file
+        shards_module.read_columns = lambda root, entry: (None, "bench: the indexes")
+    read0 = _bytes_read()
     t0 = time.perf_counter()
     if way == "baseline":
         arrays = before_arrays(root, split)
@@ -173,12 +196,13 @@ def child_shardset(root: str, split: str, way: str) -> dict:
         s = ShardSet(root, split)
         arrays = (s.shard_of, s.offsets, s.sizes, s.label_offsets)
     took = time.perf_counter() - t0
+    read = _bytes_read() - read0
     peak = _hwm_mb()
     digest = hashlib.sha256()
     for a in arrays:
         digest.update(a.dtype.str.encode())
         digest.update(memoryview(np.ascontiguousarray(a)).cast("B"))
-    return {"s": took, "maxrss_mb": peak, "samples": len(arrays[1]), "digest": digest.hexdigest(),
+    return {"s": took, "maxrss_mb": peak, "samples": len(arrays[1]), "digest": digest.hexdigest(), "read_mb": read / 2**20,
             "arrays_mb": sum(a.nbytes for a in arrays) / 2**20,
             "pickled_mb": len(pickle.dumps(s)) / 2**20 if s is not None else 0.0}
 
@@ -193,18 +217,20 @@ def _child(*args: str) -> dict:
 
 def bench_startup(root: Path, shards: int) -> None:
     base = _child("imports")  # interpreter + imports alone
+    ways = {"baseline": "read_index, a dict per sample (before 1e1b17d; index part only)",
+            "indexes": "every index, index_arrays (a manifest without a columns file)",
+            "columns": "the split's columns file (now)"}
     for split in ("train", "val"):
-        runs = [{way: _child("shardset", str(root), split, way) for way in ("baseline", "new")} for _ in range(2)]
-        got = {way: min((r[way] for r in runs), key=lambda r: r["s"]) for way in ("baseline", "new")}  # best of 2
-        same = "same arrays" if got["new"]["digest"] == got["baseline"]["digest"] else "ARRAYS DIFFER"
-        for way in ("baseline", "new"):
+        runs = [{way: _child("shardset", str(root), split, way) for way in ways} for _ in range(2)]
+        got = {way: min((r[way] for r in runs), key=lambda r: r["s"]) for way in ways}  # best of 2
+        same = ("same arrays" if len({r["digest"] for r in got.values()}) == 1 else "ARRAYS DIFFER")
+        for way, label in ways.items():
             r = got[way]
-            label = ("read_index, a dict per sample (before; index part only)" if way == "baseline" else
-                     "index_arrays (now; all of ShardSet)")
             row("start-up", f"ShardSet {split}, {r['samples']:,} samples, {label}", _ms(r["s"]),
-                f"{r['maxrss_mb']:.0f} MB peak RSS ({r['maxrss_mb'] - base['maxrss_mb']:.0f} over imports)")
+                f"{r['maxrss_mb']:.0f} MB peak RSS ({r['maxrss_mb'] - base['maxrss_mb']:.0f} over imports), "
+                f"{r['read_mb']:.0f} MB read")
         row("start-up", f"ShardSet {split}: kept arrays / pickled to each forkserver worker ({same})",
-            f"{got['new']['arrays_mb']:.1f} MB / {got['new']['pickled_mb']:.1f} MB")
+            f"{got['columns']['arrays_mb']:.1f} MB / {got['columns']['pickled_mb']:.1f} MB")
     from data_prep.format import load_manifest
 
     t0 = time.perf_counter()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from pipeline.wording import plural
 
+from .columns_file import columns_bytes, columns_entry, columns_name, columns_of_indexes
 from .done_records import record_with_shard
 from .errors import PrepError
 from .format import (MANIFEST_NAME, MANIFEST_VERSION, PLAN_NAME, REJECTS_NAME, WORK_DIR, ManifestError,
@@ -18,7 +19,7 @@ from .format import (MANIFEST_NAME, MANIFEST_VERSION, PLAN_NAME, REJECTS_NAME, W
 from .holdout import with_partners
 from .plan_record import read_plan
 from .rejects_file import read_rejects
-from .runner import write_json_atomic, write_text_atomic
+from .runner import write_bytes_atomic, write_json_atomic, write_text_atomic
 from .shardwriter import PARTIAL_SUFFIX, PARTIAL_TOKEN
 
 
@@ -66,6 +67,18 @@ def _remove_stale_shards(out: Path, split: str, keep: set[str]) -> None:
             p.unlink()
 
 
+def _write_columns(out: Path, split: str, shards: list[dict]) -> dict:
+    """Write the split's columns file (its samples' read positions, from the indexes: one file for a training
+    rank to read, not one per shard); return its manifest field."""
+    try:
+        data = columns_bytes(columns_of_indexes(out, shards))
+    except ManifestError as exc:
+        raise PrepError(f"{out}: split {split!r}: {exc}; rerun its prep command to rebuild the shard") from None
+    name = columns_name(split)
+    write_bytes_atomic(out / name, data)
+    return columns_entry(name, data)
+
+
 def finalize(out: str | Path, splits: list[str] | None = None) -> dict:
     """Merge the given splits (default: all with work records) into manifest.json; return it. A split
     carved by a hold-out brings the other side along."""
@@ -98,6 +111,7 @@ def finalize(out: str | Path, splits: list[str] | None = None) -> dict:
         manifest["class_names"] = plan["class_names"]
         manifest["source"] = plan["source"]
         manifest["options"] = plan["options"]
+        entry["columns"] = _write_columns(out, split, entry["shards"])
         manifest["splits"][split] = entry
         new_rejects.extend(rejects)
         _remove_stale_shards(out, split, {s["name"] for s in entry["shards"]} | {s["index"] for s in entry["shards"]})

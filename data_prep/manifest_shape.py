@@ -24,6 +24,8 @@ SPLIT_FIELDS = {"shards": "a list", "samples": COUNT, "rejected": COUNT, "option
 # format.index_of_entry)
 MIN_SAMPLE_BYTES = 2048  # two tar members at least (jpg, lbl), each a 512-byte header and a 512-byte block
 SHARD_FIELDS = {"name": "a string", "index": "a string", "samples": COUNT, "bytes": COUNT, "sha256": "a string"}
+# splits.NAME.columns (optional: a finalize of before 2026-12-05 wrote none; data_prep/columns_file.py)
+COLUMNS_FIELDS = {"name": "a string", "bytes": COUNT, "sha256": "a string"}
 
 
 def entry_problem(split: str, entry: object) -> str | None:
@@ -37,6 +39,13 @@ def entry_problem(split: str, entry: object) -> str | None:
     holdout = entry.get("options", {}).get("holdout")
     if holdout is not None and not isinstance(holdout, dict):  # a rerun compares its settings (holdout.check_rerun)
         return f"field '{where}.options.holdout' is {shown(holdout)}, not an object"
+    if "columns" in entry:
+        columns = entry["columns"]
+        if not isinstance(columns, dict):
+            return f"field '{where}.columns' is {shown(columns)}, not an object"
+        problem = first_problem(columns, COLUMNS_FIELDS, where + ".columns.")
+        if problem is not None:
+            return problem
     first_of: dict[str, int] = {}
     for i, shard in enumerate(entry["shards"]):
         at = f"{where}.shards[{i}]"

@@ -42,7 +42,12 @@ def write_json_atomic(path: Path, obj) -> None:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` via a temp file + os.replace so readers never see half a file. The temp name is random,
+    """Write ``text`` (UTF-8) via a temp file + os.replace so readers never see half a file (``write_bytes_atomic``)."""
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` via a temp file + os.replace so readers never see half a file. The temp name is random,
     not per process id: array tasks on several nodes or containers can share a pid and write the same
     plan.json at once. Created as a plain open would (mode 0666 less the umask). A failed write (disk
     full: the error of write() names no file) is a PrepError naming ``path``; the temp file is removed. The
@@ -52,8 +57,8 @@ def write_text_atomic(path: Path, text: str) -> None:
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)

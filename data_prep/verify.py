@@ -2,8 +2,9 @@
 
 Checks size and sha256, the index (sample count, jpg/cls/lbl present, offsets inside the tar,
 cls text == lbl int32) and fully decodes a few evenly spaced JPEGs per shard, every JPEG of a shard whose
-checksum no longer matches (so the damaged samples are named); and each split's lines of ``rejects.jsonl``
-against its ``rejected`` count (``rejects_file.count_problems``).
+checksum no longer matches (so the damaged samples are named); each split's columns file against the recorded
+size and sha256 and against its indexes (``columns_file.columns_problem``); and each split's lines of
+``rejects.jsonl`` against its ``rejected`` count (``rejects_file.count_problems``).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import re
 import struct
 from pathlib import Path
 
+from .columns_file import columns_problem
 from .format import INDEX_VERSION, SAMPLE_EXTS, ManifestError, index_of_entry, load_manifest, read_index
 from .rejects_file import count_problems
 from .runner import map_in_processes
@@ -127,4 +129,7 @@ def verify(out: str | Path, decode: int = 4, workers: int = 1) -> list[str]:
         results = [_star(j) for j in jobs]
     for r in results:
         problems.extend(r)
+    for split, entry in manifest["splits"].items():
+        if (problem := columns_problem(out, split, entry)) is not None:
+            problems.append(problem)
     return problems + count_problems(out, manifest)

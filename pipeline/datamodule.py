@@ -142,6 +142,11 @@ class ShardDataModule(pl.LightningDataModule):
             raise
         if split == self.train_split:  # the shuffle reads a window of shards (two across its boundaries)
             shards.max_open = open_shards_for_window(self.window_shards)
+        if (shards.columns_fallback and len(shards.shard_names) > 1
+                and (self.trainer is None or self.trainer.is_global_zero)):
+            log.warning("data.root: read the %d indexes of split %r, not its columns file: %s; `python -m data_prep "
+                        "finalize %s` writes it (one file for every rank to read at start)",
+                        len(shards.shard_names), split, shards.columns_fallback, self.root)
         return shards
 
     @property

@@ -71,7 +71,7 @@ def test_scale_benchmark_runs_at_a_tiny_size(tmp_path):
     out = _run("bench/scale.py", "--samples", "3000", "--shards", "6", "--val", "500", "--val-shards", "2",
                "--worlds", "2", "4", "--batch", "32", "--runs", "2", "--table-runs", "5", "--ckpt-arch", "tiny",
                "--verify-shards", "3", "--verify-samples", "4", "--work", str(tmp_path))
-    for says in ("world 4: train order of the epoch", "ShardSet train, 3,000 samples, index_arrays (now",
+    for says in ("world 4: train order of the epoch", "ShardSet train, 3,000 samples, the split's columns file (now)",
                  "(same arrays)", "loader position at 3,000 samples", "bytes pickled", "(now)",
                  "launch status over 2 run directories", "tools/cifar10_table.py over 5 CIFAR runs",
                  "data_prep verify, 3 shards x 4 samples, 2 worker(s)"):

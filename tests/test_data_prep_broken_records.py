@@ -6,7 +6,7 @@ import json
 import pytest
 
 from data_prep.cli import main
-from data_prep.format import ManifestError, plan_path
+from data_prep.format import plan_path
 from data_prep.output_status import describe
 from data_prep.plan_record import FIELDS as PLAN_FIELDS
 from tests.broken_record_checks import COMMON, array_and_single, finalize_errors, rerun_task_1
@@ -214,8 +214,10 @@ def test_a_broken_index_is_one_line_for_the_loaders_and_verify_and_a_rerun_rebui
     """A shard's .idx that is not UTF-8 was a UnicodeDecodeError traceback in the loaders (the trainer) and in
     verify; one with a negative offset passed the loaders' start-up check (the read then failed mid-epoch with
     an EINVAL traceback) and made verify exit 2 with `[Errno 22] Invalid argument`, naming no file. Now both
-    are one line naming the index (and the line), and the rerun the line asks for rebuilds it."""
+    are one line naming the index (and the line), and the rerun the line asks for rebuilds it. The loaders
+    read the indexes only without the split's columns file (removed here: with it they read no index)."""
     from pipeline.data.shards import ShardSet
+    from pipeline.errors import ConfigError
     from tests.conftest import REPO, run_cli_in_process
 
     out = tmp_path / "o"
@@ -230,16 +232,21 @@ def test_a_broken_index_is_one_line_for_the_loaders_and_verify_and_a_rerun_rebui
                        (f"{idx}:2: negative offset or size", good.replace(first, first.replace(offset, b"-" + offset))),
                        (f"{idx}:9: expected groups of 'ext offset size name'", good[:-20])):
         idx.write_bytes(data)
-        with pytest.raises(ManifestError) as caught:
+        assert ShardSet(out, "train").columns_fallback == ""  # the columns file: no index read
+        (out / "train.columns.npy").unlink()
+        with pytest.raises(ConfigError) as caught:
             ShardSet(out, "train")
         assert str(caught.value) == f"{says}; {fix}", str(caught.value)
         capsys.readouterr()
         assert main(["verify", str(out), "--workers", "1"]) == 1, says
-        assert f"train/train-000002.tar: {says}; {fix}\n" in capsys.readouterr().err, says
+        err = capsys.readouterr().err
+        assert f"train/train-000002.tar: {says}; {fix}\n" in err, says
+        assert "train: columns file " in err and "cannot be read" in err, err
         assert main(argv) == 0, says
         assert "train: 4 of 5 shards were complete from an earlier run and kept, 1 built" in capsys.readouterr().err
         assert idx.read_bytes() == good, says
     idx.write_bytes(b"\xff" + good[1:])
+    (out / "train.columns.npy").unlink()
     r = run_cli_in_process("fit", "--config", str(REPO / "conf" / "demo.yaml"), "--data.root", str(out),
                            "--data.val_split", "train", "--trainer.default_root_dir", str(tmp_path / "run"),
                            "--tracking.wandb", "false")

@@ -116,11 +116,29 @@ def test_irregular_but_valid_indexes_are_left_to_read_index(tmp_path):
     assert index_arrays(tmp_path / "missing.idx") is None
 
 
+def _without_columns(digits_shards, copy):
+    """A copy of the shards whose manifest lists no columns file (as a finalize of before 2026-12-05 wrote it):
+    ShardSet reads the indexes."""
+    import json
+
+    shutil.copytree(digits_shards, copy)
+    path = copy / fmt.MANIFEST_NAME
+    manifest = json.loads(path.read_text())
+    for entry in manifest["splits"].values():
+        del entry["columns"]
+    path.write_text(json.dumps(manifest))
+    return copy
+
+
 def test_shard_set_reads_regular_indexes_without_read_index(digits_shards, tmp_path, monkeypatch):
-    """ShardSet's columns are the ones read_index gives, and at start it makes no object per sample for an
-    index data_prep wrote (read_index is not called); an index it declines still loads through read_index,
-    and a broken one still fails naming the line."""
-    expected = ShardSet(digits_shards, "train")
+    """Read from the indexes (no columns file), ShardSet's columns are the ones read_index gives, and at start
+    it makes no object per sample for an index data_prep wrote (read_index is not called); an index it declines
+    still loads through read_index, and a broken one still fails naming the line."""
+    from pipeline.errors import ConfigError
+
+    indexes = _without_columns(digits_shards, tmp_path / "indexes")
+    expected = ShardSet(indexes, "train")
+    assert "before 2026-12-05" in expected.columns_fallback
     want_offsets, want_sizes, want_labels = [], [], []
     for p in expected._index_paths:
         for e in read_index(p):
@@ -135,17 +153,16 @@ def test_shard_set_reads_regular_indexes_without_read_index(digits_shards, tmp_p
     def refused(path):
         raise AssertionError(f"read_index({path}) at start")
 
-    import pipeline.data.shards as shards_module
+    import data_prep.columns_file as columns_module
 
-    monkeypatch.setattr(shards_module, "read_index", refused)
-    fast = ShardSet(digits_shards, "train")
+    monkeypatch.setattr(columns_module, "read_index", refused)
+    fast = ShardSet(indexes, "train")
     monkeypatch.undo()
     for name in ("shard_of", "offsets", "sizes", "label_offsets", "shard_sizes"):
         got, want = getattr(fast, name), getattr(expected, name)
         assert got.dtype == want.dtype and np.array_equal(got, want), name
 
-    copy = tmp_path / "copy"
-    shutil.copytree(digits_shards, copy)
+    copy = indexes
     idx = copy / fmt.index_of_entry(fmt.load_manifest(copy)["splits"]["train"]["shards"][0])
     text = idx.read_text()
     idx.write_bytes(text.replace("\n", "\r\n").encode())  # valid, not regular: read through read_index
@@ -153,15 +170,14 @@ def test_shard_set_reads_regular_indexes_without_read_index(digits_shards, tmp_p
     assert np.array_equal(crlf.offsets, expected.offsets) and np.array_equal(crlf.label_offsets, expected.label_offsets)
     head, first, rest = text.split("\n", 2)
     idx.write_text(head + "\n" + first.replace(" ", " x", 1) + "\n" + rest)
-    with pytest.raises(ManifestError, match=f"{idx}:2: "):
+    with pytest.raises(ConfigError, match=f"{idx}:2: "):
         ShardSet(copy, "train")
 
 
 def test_shard_set_says_which_regular_index_disagrees_with_the_manifest(digits_shards, tmp_path):
     from pipeline.errors import ConfigError
 
-    copy = tmp_path / "copy"
-    shutil.copytree(digits_shards, copy)
+    copy = _without_columns(digits_shards, tmp_path / "copy")
     entry = fmt.load_manifest(copy)["splits"]["train"]["shards"][0]
     idx = copy / fmt.index_of_entry(entry)
     entries = read_index(idx)

@@ -1,7 +1,8 @@
 """Random access to the samples of one split of a sharded dataset (manifest + tars + indexes).
 
 Every backend reads encoded JPEG bytes and labels through this class, by global sample id (the id
-space of ``pipeline.data.contract``). Reads are ``os.pread`` calls at offsets from the per-shard index,
+space of ``pipeline.data.contract``). Reads are ``os.pread`` calls at offsets from the split's columns file
+(``data_prep.columns_file``; the per-shard indexes where there is none or it does not match),
 so any process can fetch any sample without scanning a tar, and file descriptors are reopened after a
 fork (DataLoader workers, DALI's parallel external source). A process keeps at most ``MAX_OPEN_SHARDS``
 shards open (the least recently read is closed): each persistent worker reads every shard in an epoch, and
@@ -20,11 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.format import MANIFEST_NAME, WORK_DIR, ManifestError, index_of_entry, load_manifest, plan_path, read_index
-from data_prep.index_arrays import index_arrays
+from data_prep.columns_file import read_columns, shard_columns
+from data_prep.format import MANIFEST_NAME, WORK_DIR, ManifestError, index_of_entry, load_manifest, plan_path
 from pipeline.errors import ConfigError
 from pipeline.file_access import describe_owner
-from pipeline.wording import plural
 
 
 class CorruptSampleError(RuntimeError):
@@ -59,30 +59,6 @@ def shard_read_error(error: OSError, path: str, offset: int, size: int) -> OSErr
                                 f"{why}")
 
 
-def _index_columns(idx_path: Path, samples: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(offsets, sizes) of the jpg members and the offsets of the lbl members of one shard's index, which
-    lists the manifest's ``samples``. A regular index (all data_prep writes) is parsed into arrays at once
-    (``index_arrays``); any other through ``read_index``, sample by sample, whose errors name the line."""
-    parsed = index_arrays(idx_path, offsets=("jpg", "lbl"), sizes=("jpg",))
-    if parsed is not None:
-        count, columns = parsed
-        entries = None
-    else:
-        columns, entries = None, read_index(idx_path)
-        count = len(entries)
-    if count != samples:
-        raise ConfigError(f"index {str(idx_path)!r} lists {plural(count, 'sample')}, manifest says {samples}")
-    if columns is not None:
-        if "jpg" not in columns or "lbl" not in columns:
-            raise ConfigError(f"index {str(idx_path)!r} has a sample without 'jpg' or 'lbl'")
-        return columns["jpg"][0], columns["jpg"][1], columns["lbl"][0]
-    for e in entries:
-        if "jpg" not in e or "lbl" not in e:
-            raise ConfigError(f"index {str(idx_path)!r} has a sample without 'jpg' or 'lbl'")
-    jpg = np.array([e["jpg"] for e in entries], dtype=np.int64).reshape(-1, 2)
-    return jpg[:, 0], jpg[:, 1], np.array([e["lbl"][0] for e in entries], dtype=np.int64)
-
-
 class ShardSet:
     """The samples of ``split`` under ``root``; checks at start that every shard is present and whole."""
 
@@ -112,11 +88,13 @@ class ShardSet:
         self.shard_names = [s["name"] for s in shards]
         self.shard_sizes = np.array([int(s["samples"]) for s in shards], dtype=np.int64)
         self._paths = [str(self.root / s["name"]) for s in shards]
-        self._index_paths: list[Path] = []
-        total = int(self.shard_sizes.sum())  # the arrays are filled shard by shard: no second copy at the end
-        self.offsets = np.zeros(total, dtype=np.int64)
-        self.sizes = np.zeros(total, dtype=np.int64)
-        self.label_offsets = np.zeros(total, dtype=np.int64)
+        self._index_paths = [self.root / index_of_entry(s) for s in shards]
+        # why the indexes were read instead of the split's columns file ("" when it was read)
+        columns, self.columns_fallback = read_columns(self.root, splits[split])
+        if columns is None:  # the indexes, one by one, filled shard by shard: no second copy at the end
+            total = int(self.shard_sizes.sum())
+            columns = np.zeros((3, total), dtype=np.int64)
+        self.offsets, self.sizes, self.label_offsets = columns  # contiguous rows
         at = 0
         for i, s in enumerate(shards):
             path = self.root / s["name"]
@@ -133,12 +111,16 @@ class ShardSet:
                 raise ConfigError(f"shard {str(path)!r} listed in the manifest cannot be read: {e.strerror}"
                                   f"{describe_owner(path, writing=False)}; give this user read access to the shards (e.g. chmod -R "
                                   f"a+rX {self.root}, or their group's)") from None
-            idx_path = self.root / index_of_entry(s)
+            if not self.columns_fallback:
+                continue  # the columns file gave its samples
+            idx_path = self._index_paths[i]
             if not idx_path.is_file():
                 raise ConfigError(f"index {str(idx_path)!r} of shard {s['name']!r} is missing")
-            self._index_paths.append(idx_path)
             n = int(s["samples"])
-            self.offsets[at:at + n], self.sizes[at:at + n], self.label_offsets[at:at + n] = _index_columns(idx_path, n)
+            try:
+                columns[:, at:at + n] = shard_columns(idx_path, n)
+            except ManifestError as e:
+                raise ConfigError(str(e)) from None
             at += n
         self.shard_of = np.repeat(np.arange(len(shards), dtype=np.int32), self.shard_sizes)
         self._shard_starts = np.concatenate([[0], np.cumsum(self.shard_sizes)[:-1]]).astype(np.int64)

@@ -1,0 +1,104 @@
+"""A split's columns file (data_prep/columns_file.py): finalize writes it, ShardSet reads it instead of every
+index, and one that is not the recorded file (or not the indexes' numbers) is never used as it is."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+import data_prep.columns_file as columns_module
+from data_prep import format as fmt
+from data_prep.columns_file import columns_bytes, columns_entry, columns_of_indexes
+from data_prep.manifest import finalize
+from data_prep.verify import verify
+from pipeline.data.shards import ShardSet
+from pipeline.errors import ConfigError
+
+
+def _manifest(root):
+    return json.loads((root / fmt.MANIFEST_NAME).read_text())
+
+
+def test_finalize_writes_the_columns_and_a_rank_reads_no_index(digits_shards, monkeypatch):
+    """The file holds the indexes' numbers (read_index's, sample by sample), the manifest records it, and
+    ShardSet reads it alone: no index is opened at start."""
+    entry = _manifest(digits_shards)["splits"]["train"]
+    assert entry["columns"]["name"] == "train.columns.npy"
+    want = [[], [], []]
+    for shard in entry["shards"]:
+        for e in fmt.read_index(digits_shards / shard["index"]):
+            want[0].append(e["jpg"][0])
+            want[1].append(e["jpg"][1])
+            want[2].append(e["lbl"][0])
+    data = (digits_shards / "train.columns.npy").read_bytes()
+    assert columns_entry("train.columns.npy", data) == entry["columns"]
+    assert np.load(digits_shards / "train.columns.npy").tolist() == want
+
+    def refused(*args):
+        raise AssertionError(f"an index read at start: {args}")
+
+    monkeypatch.setattr(columns_module, "shard_columns", refused)
+    monkeypatch.setattr(columns_module, "read_index", refused)
+    shards = ShardSet(digits_shards, "train")
+    assert shards.columns_fallback == ""
+    assert [shards.offsets.tolist(), shards.sizes.tolist(), shards.label_offsets.tolist()] == want
+    assert shards.read_label(len(shards) - 1) == int(shards.labels()[-1])
+    assert shards.read_jpeg(0)[:2] == b"\xff\xd8"
+
+
+@pytest.mark.parametrize("damage", ["cut short", "same size, other bytes", "missing"])
+def test_a_columns_file_that_is_not_the_recorded_one_is_not_used(digits_shards, tmp_path, damage):
+    """The loaders read the indexes then (the same numbers), say why, and verify names the file; finalize
+    writes it again."""
+    copy = tmp_path / "copy"
+    shutil.copytree(digits_shards, copy)
+    expected = ShardSet(digits_shards, "train")
+    path = copy / "train.columns.npy"
+    data = path.read_bytes()
+    if damage == "cut short":
+        path.write_bytes(data[:-8])
+    elif damage == "missing":
+        path.unlink()
+    else:
+        path.write_bytes(data[:-8] + (7).to_bytes(8, "little"))
+    shards = ShardSet(copy, "train")
+    assert str(path) in shards.columns_fallback
+    for name in ("offsets", "sizes", "label_offsets"):
+        assert np.array_equal(getattr(shards, name), getattr(expected, name)), name
+    problems = verify(copy, decode=0)
+    assert len(problems) == 1 and problems[0].startswith("train: columns file ") and str(path) in problems[0]
+    assert "data_prep finalize" in problems[0]
+    finalize(copy)
+    assert path.read_bytes() == data and verify(copy, decode=0) == []
+
+
+def test_verify_names_a_recorded_columns_file_that_differs_from_the_indexes(digits_shards, tmp_path):
+    """A columns file whose size and sha256 the manifest records but whose numbers are not the indexes' (written
+    by hand, or an index rebuilt without finalize) is named with the first shard where they differ."""
+    copy = tmp_path / "copy"
+    shutil.copytree(digits_shards, copy)
+    manifest = _manifest(copy)
+    entry = manifest["splits"]["train"]
+    columns = columns_of_indexes(copy, entry["shards"])
+    first = entry["shards"][0]["samples"]
+    columns[0, first + 3] += 512  # a sample of the second shard
+    data = columns_bytes(columns)
+    (copy / "train.columns.npy").write_bytes(data)
+    entry["columns"] = columns_entry("train.columns.npy", data)
+    (copy / fmt.MANIFEST_NAME).write_text(json.dumps(manifest))
+    problems = verify(copy, decode=0)
+    assert problems == [f"train: columns file 'train.columns.npy' differs from the indexes at 1 sample, first in "
+                        f"shard {entry['shards'][1]['name']!r} (the loaders would read the wrong bytes); "
+                        f"`python -m data_prep finalize {copy}` writes it again from the indexes"]
+
+
+def test_a_columns_field_of_the_wrong_shape_is_named(digits_shards, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(digits_shards, copy)
+    manifest = _manifest(copy)
+    manifest["splits"]["val"]["columns"]["bytes"] = "12"
+    (copy / fmt.MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match=r"manifest field 'splits.val.columns.bytes' is \"12\", not a count"):
+        ShardSet(copy, "val")
