@@ -102,3 +102,35 @@ def test_a_columns_field_of_the_wrong_shape_is_named(digits_shards, tmp_path):
     (copy / fmt.MANIFEST_NAME).write_text(json.dumps(manifest))
     with pytest.raises(ConfigError, match=r"manifest field 'splits.val.columns.bytes' is \"12\", not a count"):
         ShardSet(copy, "val")
+
+
+def test_rank_zero_alone_says_the_loaders_read_the_indexes(digits_shards, tmp_path, caplog):
+    """A split of several shards without its columns file: the first rank names the fallback and the fix
+    once per split it opens; the other ranks (1,024 of them on a big job) say nothing; a split with the file
+    and a one-shard split (its one index is as cheap as the file) say nothing."""
+    from types import SimpleNamespace
+
+    from pipeline.datamodule import ShardDataModule
+
+    def warnings_of(root, rank_zero: bool | None) -> list[str]:
+        caplog.clear()
+        dm = ShardDataModule(str(root), backend="cpu", batch_size=8, num_workers=0)
+        if rank_zero is not None:  # None: no trainer yet (the CLI's checks before the loggers start)
+            dm.trainer = SimpleNamespace(is_global_zero=rank_zero)
+        with caplog.at_level("WARNING", logger="pipeline.datamodule"):
+            assert len(dm.train_shards) == len(ShardSet(digits_shards, "train"))
+            assert len(dm.val_shards) == len(ShardSet(digits_shards, "val"))
+        return [r.getMessage() for r in caplog.records if r.name == "pipeline.datamodule"]
+
+    assert len(ShardSet(digits_shards, "train").shard_names) > 1 and len(ShardSet(digits_shards, "val").shard_names) == 1
+    assert warnings_of(digits_shards, True) == []
+    copy = tmp_path / "copy"
+    shutil.copytree(digits_shards, copy)
+    (copy / "train.columns.npy").unlink()
+    (copy / "val.columns.npy").unlink()
+    for rank_zero in (True, None):
+        said = warnings_of(copy, rank_zero)
+        assert len(said) == 1, said  # train's (3 shards), not val's (1 shard)
+        assert said[0].startswith("data.root: read the 3 indexes of split 'train', not its columns file: ")
+        assert str(copy / "train.columns.npy") in said[0] and f"python -m data_prep finalize {copy}`" in said[0]
+    assert warnings_of(copy, False) == []
