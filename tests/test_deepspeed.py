@@ -19,7 +19,7 @@ import torch
 from pipeline.errors import ConfigError
 from pipeline.export import main as export_main
 from pipeline.export import state_dict_from_checkpoint
-from tests.conftest import REPO, free_port, run_module
+from tests.conftest import REPO, free_port, run_cli_in_process, run_module
 
 CONF = str(REPO / "conf" / "demo.yaml")
 
@@ -94,7 +94,7 @@ def test_zero2_trains_refuses_another_world_size_resumes_and_exports_for_torchvi
     assert sum(".pt:momentum." in k for k in saved) == 4, "2 ranks x 2 param groups of momentum shards"
 
     for devices in (1, 4):
-        proc = _fit(digits_shards, run, 3, "--trainer.devices", str(devices), check=False)
+        proc = run_cli_in_process(*_fit_args(digits_shards, run, 3, "--trainer.devices", str(devices))[1:])
         out = proc.stdout + proc.stderr
         assert proc.returncode == 2, out[-3000:]
         errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
@@ -207,8 +207,6 @@ def test_what_deepspeed_would_get_wrong_is_refused_before_it_starts(digits_shard
     size, silently); a ZeRO directory given to DDP and a DDP file to DeepSpeed, a ZeRO-2 directory to
     ZeRO-3, a directory without `latest`, a missing or torn optimizer shard (tracebacks once the engine was
     up): each one line naming the setting or file, nothing trained."""
-    from tests.conftest import run_cli_in_process
-
     zero, ddp = tmp_path / "zero2", tmp_path / "ddp"
     _fit(digits_shards, zero, 1)
     # export's stdout is its own line: DeepSpeed's accelerator warning and progress ("Processing zero checkpoint

@@ -33,7 +33,8 @@ def test_fit_lowers_loss_then_validate_then_resume(digits_shards, tmp_path):
     first = _fit(digits_shards, run, "--trainer.max_steps", "30", "--trainer.log_every_n_steps", "1",
                  "--checkpoint.every_n_train_steps", "10")
     assert f"starting a new run in {run} (checkpoints: {run / 'checkpoints'})" in first.stderr, first.stderr[-3000:]
-    refused = _fit(digits_shards, tmp_path / "refused", "--data.val_split", "nope", check=False)
+    refused = run_cli_in_process("fit", "--config", CONF, "--data.root", str(digits_shards), "--trainer.default_root_dir",
+                                 str(tmp_path / "refused"), "--data.val_split", "nope")
     assert refused.returncode == 2 and "starting a new run" not in refused.stderr, "said of a start that never was"
     # stdout is a pipe here, as under Slurm: plain progress lines, no carriage returns or cursor codes
     assert "\r" not in first.stdout and "\x1b[" not in first.stdout
