@@ -76,8 +76,8 @@ def test_explicit_ckpt_path_keeps_the_config(trained, digits_shards, tmp_path):
     groups = saved["optimizer_states"][0]["param_groups"]
     assert [g["weight_decay"] for g in groups] == [0.0003, 0.0] and all(g["momentum"] == 0.8 for g in groups)
     assert groups[0]["lr"] == pytest.approx(saved["lr_schedulers"][0]["_last_lr"][0]) and groups[0]["lr"] <= peak
-    proc = run_module(*_args("fit", digits_shards, tmp_path / "other", "--ckpt_path", str(last),
-                             "--model.arch", "cifar_resnet32"), check=False)
+    proc = run_cli_in_process(*_args("fit", digits_shards, tmp_path / "other", "--ckpt_path", str(last),
+                                     "--model.arch", "cifar_resnet32")[1:])
     _fails_clearly(proc, 2, f"the checkpoint {last} was trained with model.arch='cifar_resnet20'", "cifar_resnet32",
                    "use the original setting or a new run directory")
     assert not (tmp_path / "other").exists(), "refused before anything was written there"
@@ -132,12 +132,12 @@ def test_unreadable_checkpoints_and_bad_batch_fail_in_one_line(trained, digits_s
     torn = tmp_path / "torn.ckpt"
     torn.write_bytes((trained / "checkpoints" / "last.ckpt").read_bytes()[:100_000])
     for cmd in ("validate", "fit"):
-        proc = run_module(*_args(cmd, digits_shards, tmp_path / cmd, "--ckpt_path", str(torn)), check=False)
+        proc = run_cli_in_process(*_args(cmd, digits_shards, tmp_path / cmd, "--ckpt_path", str(torn))[1:])
         _fails_clearly(proc, 2, "cannot read checkpoint", str(torn))
-    proc = run_module(*_args("validate", digits_shards, tmp_path / "v", "--ckpt_path", str(tmp_path / "no.ckpt")),
-                      check=False)
+    proc = run_cli_in_process(*_args("validate", digits_shards, tmp_path / "v", "--ckpt_path",
+                                     str(tmp_path / "no.ckpt"))[1:])
     _fails_clearly(proc, 2, "does not exist", str(tmp_path / "no.ckpt"))
-    proc = run_module(*_args("fit", digits_shards, trained, "--data.batch_size", "0"), check=False)
+    proc = run_cli_in_process(*_args("fit", digits_shards, trained, "--data.batch_size", "0")[1:])
     _fails_clearly(proc, 2, "data.batch_size")
 
 
@@ -227,13 +227,13 @@ def test_validate_scores_the_run_directorys_checkpoint_or_refuses(trained, digit
     proc = run_module(*_args("validate", digits_shards, trained))
     assert f"validate: {last}" in proc.stderr, proc.stderr[-2000:]
     assert _val_top1(trained) == explicit
-    proc = run_module(*_args("validate", digits_shards, tmp_path / "empty", "--ckpt_path", "last"), check=False)
+    proc = run_cli_in_process(*_args("validate", digits_shards, tmp_path / "empty", "--ckpt_path", "last")[1:])
     _fails_clearly(proc, 2, "ckpt_path: nothing to validate", "last.ckpt does not exist")
 
     weights = tmp_path / "net.pt"
     torch.save(torch.load(last, map_location="cpu", weights_only=False)["state_dict"], weights)
     for cmd in ("validate", "fit"):
-        proc = run_module(*_args(cmd, digits_shards, tmp_path / cmd, "--ckpt_path", str(weights)), check=False)
+        proc = run_cli_in_process(*_args(cmd, digits_shards, tmp_path / cmd, "--ckpt_path", str(weights))[1:])
         use = "score weights with --ckpt_path null --model.init_weights" if cmd == "validate" else \
             "start from weights with --model.init_weights"  # validate needs the null: it scores a checkpoint
         _fails_clearly(proc, 2, f"ckpt_path: {weights} is not a training checkpoint", use)
@@ -381,7 +381,7 @@ def test_an_empty_validation_split_is_an_error_unless_validation_is_off(digits_s
     manifest = json.loads((root / "manifest.json").read_text())
     manifest["splits"]["val"].update(shards=[], samples=0)
     (root / "manifest.json").write_text(json.dumps(manifest))
-    proc = run_module(*_args("fit", root, tmp_path / "r", "--trainer.max_steps", "2"), check=False)
+    proc = run_cli_in_process(*_args("fit", root, tmp_path / "r", "--trainer.max_steps", "2")[1:])
     _fails_clearly(proc, 2, "the 'val' split", "has no samples", "--trainer.limit_val_batches 0")
     run_module(*_args("fit", root, tmp_path / "r2", "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0"))
 
