@@ -17,7 +17,8 @@ then the other variants and the ``--sweep``, and saves ``$OUT/gpu_loader.json`` 
 run stopped at a time limit keeps what it measured.
 
 Prints a table at the end and writes ``$OUT/gpu_loader.json`` when ``OUT`` is set. ``--dry-run`` runs every part
-on the CPU with dali-cpu, a few tiny images and no compile, to check the script without a GPU.
+on the CPU with dali-cpu, a few tiny images, fp32 (CPU bf16 is ~10x slower here) and no compile, to check the script
+without a GPU.
 """
 
 from __future__ import annotations
