@@ -87,7 +87,12 @@ def load_manifest(out_dir: str | Path, rewriting: Collection[str] = ()) -> dict:
                 f"{path}: manifest not found: data_prep has not finished {out_dir} (its {WORK_DIR}/ is there): "
                 f"rerun the same data_prep command to finish it, or after Slurm array tasks "
                 f"`python -m data_prep finalize {out_dir}` once they all ended") from None
-        raise ManifestError(f"{path}: manifest not found (run `python -m data_prep ...` first)") from None
+        from .source_hint import shard_command  # the error's path only: it imports the ImageNet reader
+
+        hint = shard_command(out_dir)
+        raise ManifestError(f"{path}: manifest not found (" + (
+            f"{out_dir} is not data_prep's output: {hint}" if hint else "run `python -m data_prep ...` first") +
+            ")") from None
     except OSError as exc:
         raise ManifestError(f"{path}: cannot read manifest: {exc}") from None
     except UnicodeDecodeError:

@@ -54,3 +54,71 @@ def test_format_module_stays_light():
     code = "import sys, data_prep.format; bad = {'PIL','numpy','torch','nvidia.dali'} & set(sys.modules); print(sorted(bad))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def _run_hint(hint: str, out) -> None:
+    """Run each command of a hint (backquoted) with OUT filled in, as a user would copy it."""
+    import re
+    import shlex
+
+    from tests.conftest import run_module
+
+    commands = re.findall(r"`python -m (data_prep [^`]+)`", hint)
+    assert commands, hint
+    for command in commands:
+        argv = [str(out) if a == "OUT" else a for a in shlex.split(command)]
+        run_module(*argv, "--no-progress")
+
+
+def test_a_folder_of_images_instead_of_shards_is_told_the_command_that_shards_it(tmp_path):
+    """data.root (or verify) pointed at the images: "run `python -m data_prep ...` first" left the user to work
+    out which command; the hint names it for each layout data_prep reads, and the command it names works."""
+    from pipeline.data.shards import ShardSet
+    from pipeline.errors import ConfigError
+    from tests.fixtures_images import build_imagenet, write_imagefolder
+
+    classes = tmp_path / "my photos"  # a space: the command is quoted for the shell
+    write_imagefolder(classes, ["cat", "dog"], 2)
+    with pytest.raises(ConfigError) as e:
+        ShardSet(classes, "train")
+    said = str(e.value)
+    assert said.startswith(f"data.root: {classes / MANIFEST_NAME}: manifest not found ({classes} is not data_prep's "
+                           f"output: it holds a folder of images per class: shard it with `python -m data_prep "
+                           f"imagefolder '{classes}' OUT --split train`)"), said
+    _run_hint(said, tmp_path / "out1")
+    assert load_manifest(tmp_path / "out1")["splits"]["train"]["samples"] == 4
+
+    splits = tmp_path / "splits"
+    for split, seed in (("train", 0), ("val", 1)):
+        write_imagefolder(splits / split, ["cat", "dog"], 2, seed=seed)
+    with pytest.raises(ManifestError) as e:
+        load_manifest(splits)
+    said = str(e.value)
+    assert (f"it holds a folder of classes per split: shard them into one OUT with `python -m data_prep imagefolder "
+            f"{splits / 'train'} OUT --split train` and `python -m data_prep imagefolder {splits / 'val'} OUT --split "
+            f"val`") in said, said
+    _run_hint(said, tmp_path / "out2")
+    assert sorted(load_manifest(tmp_path / "out2")["splits"]) == ["train", "val"]
+
+    for extracted in (False, True):
+        imagenet = tmp_path / f"imagenet-{extracted}"
+        imagenet.mkdir()
+        build_imagenet(imagenet, per_class=1, n_val=2, extracted=extracted)
+        with pytest.raises(ManifestError) as e:
+            load_manifest(imagenet)
+        said = str(e.value)
+        what = "an extracted ImageNet: shard it" if extracted else "ImageNet's archives: shard them"
+        assert f"it holds {what} with `python -m data_prep imagenet {imagenet} OUT`" in said, said
+    _run_hint(said, tmp_path / "out3")
+    assert sorted(load_manifest(tmp_path / "out3")["splits"]) == ["train", "val"]
+
+    # nothing data_prep reads: the general line (an empty folder, shards copied without their manifest.json)
+    copied = tmp_path / "copied"
+    copied.mkdir()
+    for shard in (tmp_path / "out1").glob("train-*"):
+        (copied / shard.name).write_bytes(shard.read_bytes())
+    assert len(list(copied.iterdir())) >= 2
+    for folder in (tmp_path / "empty", copied):
+        folder.mkdir(exist_ok=True)
+        with pytest.raises(ManifestError, match=r"manifest not found \(run `python -m data_prep \.\.\.` first\)$"):
+            load_manifest(folder)

@@ -75,6 +75,19 @@ def test_a_data_root_without_a_manifest_says_why(tmp_path: Path, root: str, why:
     assert check_trainer_settings(job) == [f"warning: data.root: {warning}; the model is checked with 1000 classes"]
 
 
+def test_a_data_root_of_images_says_the_command_that_shards_them(tmp_path: Path) -> None:
+    """`launch submit train` with data.root at the images: the warning names the data_prep command (the job
+    would stop at its start saying the same)."""
+    from tests.fixtures_images import write_imagefolder
+
+    write_imagefolder(tmp_path / "photos", ["cat", "dog"], 1)
+    job = _job(tmp_path, REPO / "conf" / "demo.yaml", ["--data.root", str(tmp_path / "photos")], cpu=True)
+    assert check_trainer_settings(job) == [
+        f"warning: data.root: {tmp_path / 'photos'} has no manifest.json: it is not data_prep's output: it holds a "
+        f"folder of images per class: shard it with `python -m data_prep imagefolder {tmp_path / 'photos'} OUT "
+        f"--split train` (the job stops at its start); the model is checked with 1000 classes"]
+
+
 def test_demo_config_with_its_shards_passes_without_warnings(tmp_path: Path, digits_shards: Path) -> None:
     job = _job(tmp_path, REPO / "conf" / "demo.yaml", ["--data.root", str(digits_shards)], cpu=True)
     assert check_trainer_settings(job) == []

@@ -1,0 +1,58 @@
+"""What a folder without ``manifest.json`` holds, said as the data_prep command that shards it.
+
+``data.root`` (or ``data_prep verify``) pointed at the images rather than at data_prep's output is a common
+first mistake, and "manifest not found (run `python -m data_prep ...` first)" left the user to work out which
+command, with which arguments. Only names are looked at, and only the first entries of a folder: this is a hint
+in an error message, and the folder may be ImageNet's 1.3 million files on a network file system.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+from pathlib import Path
+
+from .imagenet import TRAIN_TAR, VAL_TAR
+
+# the names an image folder's files have (data_prep itself reads any file and rejects what does not decode)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+SCAN = 64  # entries looked at per folder
+WNID = re.compile(r"n\d{8}")  # an ImageNet class folder's name (a WordNet id)
+SPLIT_NAMES = ("train", "val", "validation", "test")
+
+
+def shard_command(folder: str | Path) -> str | None:
+    """What ``folder`` holds and the data_prep command that shards it into an ``OUT`` to fill in; None when
+    it does not look like a dataset data_prep reads (empty, shards without their manifest, ...)."""
+    folder = Path(folder)
+    src = shlex.quote(str(folder))
+    names = _entries(folder)
+    if TRAIN_TAR in names or VAL_TAR in names:
+        return f"it holds ImageNet's archives: shard them with `python -m data_prep imagenet {src} OUT`"
+    splits = [n for n in SPLIT_NAMES if n in names and _is_class_tree(folder / n)]
+    if "train" in splits and any(WNID.fullmatch(n) for n in _entries(folder / "train")):
+        return f"it holds an extracted ImageNet: shard it with `python -m data_prep imagenet {src} OUT`"
+    if splits:
+        each = " and ".join(f"`python -m data_prep imagefolder {shlex.quote(str(folder / s))} OUT --split {s}`"
+                            for s in splits)
+        return f"it holds a folder of classes per split: shard them into one OUT with {each}"
+    if _is_class_tree(folder):
+        return f"it holds a folder of images per class: shard it with `python -m data_prep imagefolder {src} OUT " \
+               f"--split train`"
+    return None
+
+
+def _entries(folder: Path) -> list[str]:
+    """The names of the first ``SCAN`` entries of ``folder`` (none when it cannot be listed)."""
+    try:
+        with os.scandir(folder) as it:
+            return [e.name for _, e in zip(range(SCAN), it)]
+    except OSError:
+        return []
+
+
+def _is_class_tree(folder: Path) -> bool:
+    """``folder/<class>/<image>``: one of its first subfolders holds an image among its first entries."""
+    subfolders = [folder / n for n in _entries(folder) if not n.startswith(".") and (folder / n).is_dir()]
+    return any(n.lower().endswith(IMAGE_SUFFIXES) for sub in subfolders[:8] for n in _entries(sub))
