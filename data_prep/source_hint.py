@@ -1,4 +1,5 @@
-"""What a folder without ``manifest.json`` holds, said as the data_prep command that shards it.
+"""What a folder without ``manifest.json`` holds, said as the data_prep command that shards it (or as the
+subfolder that is data_prep's output, where the folder is one level too high).
 
 ``data.root`` (or ``data_prep verify``) pointed at the images rather than at data_prep's output is a common
 first mistake, and "manifest not found (run `python -m data_prep ...` first)" left the user to work out which
@@ -13,6 +14,7 @@ import re
 import shlex
 from pathlib import Path
 
+from .format import MANIFEST_NAME
 from .imagenet import TRAIN_TAR, VAL_TAR
 
 # the names an image folder's files have (data_prep itself reads any file and rejects what does not decode)
@@ -24,10 +26,16 @@ SPLIT_NAMES = ("train", "val", "validation", "test")
 
 def shard_command(folder: str | Path) -> str | None:
     """What ``folder`` holds and the data_prep command that shards it into an ``OUT`` to fill in; None when
-    it does not look like a dataset data_prep reads (empty, shards without their manifest, ...)."""
+    it does not look like a dataset data_prep reads (empty, shards without their manifest, ...). A subfolder that
+    is data_prep's output is named instead."""
     folder = Path(folder)
     src = shlex.quote(str(folder))
     names = _entries(folder)
+    outputs = [folder / n for n in sorted(names) if (folder / n / MANIFEST_NAME).is_file()]
+    if outputs:  # one level too high: the data root of `make demo` is data/demo/shards, not data/demo
+        if len(outputs) == 1:
+            return f"its subfolder {outputs[0]} is (use that folder)"
+        return f"its subfolders {', '.join(str(o) for o in outputs[:3])} are (use one of them)"
     if TRAIN_TAR in names or VAL_TAR in names:
         return f"it holds ImageNet's archives: shard them with `python -m data_prep imagenet {src} OUT`"
     splits = [n for n in SPLIT_NAMES if n in names and _is_class_tree(folder / n)]

@@ -112,6 +112,18 @@ def test_a_folder_of_images_instead_of_shards_is_told_the_command_that_shards_it
     _run_hint(said, tmp_path / "out3")
     assert sorted(load_manifest(tmp_path / "out3")["splits"]) == ["train", "val"]
 
+    # one level too high: the folder that holds data_prep's output (`make demo`'s data/demo, not data/demo/shards)
+    with pytest.raises(ManifestError) as e:
+        load_manifest(tmp_path)
+    outs = ", ".join(str(tmp_path / f"out{i}") for i in (1, 2, 3))
+    assert str(e.value).endswith(f"({tmp_path} is not data_prep's output: its subfolders {outs} are (use one of "
+                                 f"them))"), str(e.value)
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "out3").rename(tmp_path / "demo" / "shards")
+    with pytest.raises(ManifestError) as e:
+        load_manifest(tmp_path / "demo")
+    assert str(e.value).endswith(f"its subfolder {tmp_path / 'demo' / 'shards'} is (use that folder))"), str(e.value)
+
     # nothing data_prep reads: the general line (an empty folder, shards copied without their manifest.json)
     copied = tmp_path / "copied"
     copied.mkdir()
