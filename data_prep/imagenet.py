@@ -30,7 +30,7 @@ VAL_TAR = "ILSVRC2012_img_val.tar"
 DEVKIT = "ILSVRC2012_devkit_t12.tar.gz"
 VAL_CSV = "LOC_val_solution.csv"
 SYNSET_MAPPING = "LOC_synset_mapping.txt"
-_WNID = re.compile(r"n\d{8}")
+WNID = re.compile(r"n\d{8}")
 
 
 class Devkit:
@@ -98,7 +98,7 @@ def load_val_csv(path: Path) -> dict[str, str]:
         with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a CSV saved by Excel starts with a BOM
             for row in csv.DictReader(f):
                 tokens = (row.get("PredictionString") or "").split()
-                if not row.get("ImageId") or not tokens or not _WNID.fullmatch(tokens[0]):
+                if not row.get("ImageId") or not tokens or not WNID.fullmatch(tokens[0]):
                     raise PrepError(f"{path}: bad row {row!r} (expected ImageId,PredictionString '<wnid> ...')")
                 labels[row["ImageId"]] = tokens[0]
     except OSError as exc:

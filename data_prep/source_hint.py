@@ -10,17 +10,15 @@ in an error message, and the folder may be ImageNet's 1.3 million files on a net
 from __future__ import annotations
 
 import os
-import re
 import shlex
 from pathlib import Path
 
 from .format import MANIFEST_NAME
-from .imagenet import TRAIN_TAR, VAL_TAR
+from .imagenet import TRAIN_TAR, VAL_TAR, WNID
 
 # the names an image folder's files have (data_prep itself reads any file and rejects what does not decode)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 SCAN = 64  # entries looked at per folder
-WNID = re.compile(r"n\d{8}")  # an ImageNet class folder's name (a WordNet id)
 SPLIT_NAMES = ("train", "val", "validation", "test")
 
 

@@ -21,7 +21,6 @@ import sys
 from pathlib import Path
 
 from data_prep.format import MANIFEST_NAME
-from data_prep.source_hint import shard_command
 from pipeline.cli import PipelineCLI, check_run_settings, check_trainer, main
 from pipeline.datamodule import ShardDataModule
 from pipeline.errors import ConfigError
@@ -61,6 +60,8 @@ def _why_no_manifest(root: Path) -> str:
     if root.is_file():
         return f"{root} is a file, not data_prep's output folder (the job stops at its start)"
     if root.is_dir():
+        from data_prep.source_hint import shard_command  # the warning's path only: it imports the ImageNet reader
+
         if hint := shard_command(root):
             return f"{root} has no {MANIFEST_NAME}: it is not data_prep's output: {hint} (the job stops at its start)"
         return (f"{root} has no {MANIFEST_NAME} (data_prep writes it last, `data_prep finalize` after array "
