@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="make the --work shards and stop (needs no DALI nor GPU: a device call before DALI is there)")
     args = ap.parse_args(argv)
     if args.dry_run:
-        args.device, args.images, args.batch, args.size, args.no_compile = "cpu", 48, 8, 96, True
+        args.device, args.images, args.batch, args.size, args.no_compile = "cpu", 48, 8, 64, True
         args.decode_steps, args.steps, args.warmup, args.rounds = 3, 2, 1, 1
         args.threads, args.py_workers, args.train_hw_loads, args.sweep = 2, 1, "0.75", "0.5x1"
         args.work = args.work + "-dry"
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = torch.float32 if cpu else torch.float16
     syn = synthetic_batches(args.batch, device, dtype, args.size)
     t0 = time.perf_counter()
-    train_rate(step, syn, 0, max(3, args.warmup), device)  # compiles
+    train_rate(step, syn, 0, args.warmup if args.no_compile else max(3, args.warmup), device)  # compiles
     print(f"compiled and warmed up in {time.perf_counter() - t0:.0f}s", flush=True)
     feeds = {f"dali_hw{hw}": endless(loader(float(hw))) for hw in args.train_hw_loads.split(",")}
     for name, it in feeds.items():  # start each loader's workers before timing
