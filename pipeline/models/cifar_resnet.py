@@ -1,10 +1,11 @@
-"""CIFAR-10 ResNets of He et al. 2016, section 4.2 (ResNet-20/32/44/56/110/1202).
+"""CIFAR-10 ResNets of He et al. 2016, section 4.2 (ResNet-20/32/44/56/110/1202), and ResNet-8.
 
 Architecture (6n+2 weighted layers): 3x3 conv with 16 filters, then three stages of ``n``
 BasicBlocks with 16/32/64 filters on 32x32/16x16/8x8 maps (the first block of stages 2 and 3
 downsamples with stride 2), global average pooling and a ``num_classes``-way fc. The paper uses
 shortcut option A (zero-padding identity) here, so that is the default; with it the parameter
-counts are the paper's 0.27M/0.46M/0.66M/0.85M/1.7M/19.4M.
+counts are the paper's 0.27M/0.46M/0.66M/0.85M/1.7M/19.4M. ResNet-8 (n=1) is not in the paper: it is the
+family's smallest member, for smoke runs and the tests of training mechanics (a third of ResNet-20's step).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pipeline.models.resnet import (
 
 __all__ = [
     "CifarResNet",
+    "cifar_resnet8",
     "cifar_resnet20",
     "cifar_resnet32",
     "cifar_resnet44",
@@ -86,6 +88,14 @@ class CifarResNet(nn.Module):
         x = self.avgpool(x)
         x = torch.flatten(x, 1)
         return self.fc(x)
+
+
+def cifar_resnet8(
+    num_classes: int = 10, shortcut: str = "A", plain: bool = False,
+    zero_init_residual: bool = False,
+) -> CifarResNet:
+    """ResNet-8 (n=1), 75K params with option A: not in the paper; the smallest net of the family."""
+    return CifarResNet(1, num_classes, shortcut, plain, zero_init_residual)
 
 
 def cifar_resnet20(

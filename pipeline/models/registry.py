@@ -23,6 +23,7 @@ _BASE: dict[str, Callable[..., nn.Module]] = {
     "resnet50": resnet.resnet50,
     "resnet101": resnet.resnet101,
     "resnet152": resnet.resnet152,
+    "cifar_resnet8": cifar_resnet.cifar_resnet8,
     "cifar_resnet20": cifar_resnet.cifar_resnet20,
     "cifar_resnet32": cifar_resnet.cifar_resnet32,
     "cifar_resnet44": cifar_resnet.cifar_resnet44,
