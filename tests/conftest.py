@@ -27,6 +27,10 @@ if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
+# The tests of training mechanics (resume, signals, ranks, launchers, logging) run the demo's config with ResNet-8:
+# the demo ResNet-20's blocks and option-A shortcuts at a third of its compute (ResNet-20's steps were a third to
+# a half of such a test's CPU time). Tests about learning (the loss falls, the demo's accuracy) keep ResNet-20.
+SMALL_NET = ("--model.arch", "cifar_resnet8")
 
 
 def unavailable_here(reason: str) -> None:

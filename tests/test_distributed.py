@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, free_port, run_module
+from tests.conftest import free_port, REPO, run_module, SMALL_NET
 
 CONF = str(REPO / "conf" / "demo.yaml")
 TOOL = REPO / "tools" / "netns_hosts.sh"
@@ -45,7 +45,7 @@ def hosts():
 
 
 def _fit_args(shards: Path, run_dir: Path, *extra: str) -> list[str]:
-    return ["--config", CONF, "--data.root", str(shards), "--trainer.default_root_dir", str(run_dir),
+    return ["--config", CONF, *SMALL_NET, "--data.root", str(shards), "--trainer.default_root_dir", str(run_dir),
             "--data.num_workers", "1", "--trainer.num_sanity_val_steps", "0", "--tracking.wandb", "false",
             "--trainer.precision", "64-true", "--trainer.max_steps", str(STEPS), *extra]
 
@@ -208,7 +208,7 @@ def test_a_rank_started_by_lightning_ends_when_rank_zero_is_killed(digits_shards
     import signal
     import time
 
-    cmd = [sys.executable, "-m", "pipeline", "fit", "--config", str(REPO / "conf" / "demo.yaml"), "--data.root",
+    cmd = [sys.executable, "-m", "pipeline", "fit", "--config", str(REPO / "conf" / "demo.yaml"), *SMALL_NET, "--data.root",
            str(digits_shards), "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.devices", "2",
            "--trainer.strategy", "ddp", "--tracking.wandb", "false", "--trainer.max_steps", "3"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "MASTER_PORT": str(free_port())}

@@ -8,20 +8,20 @@ import torch
 import torchvision
 
 from pipeline.module import ImageClassifier
-from tests.conftest import REPO, run_cli_in_process, run_module
+from tests.conftest import REPO, run_cli_in_process, run_module, SMALL_NET
 
 CONF = str(REPO / "conf" / "demo.yaml")
 
 
 def _fit(shards, run, steps: int, *extra: str, check: bool = True):
-    return run_module("pipeline", "fit", "--config", CONF, "--data.root", str(shards),
+    return run_module("pipeline", "fit", "--config", CONF, *SMALL_NET, "--data.root", str(shards),
                       "--trainer.default_root_dir", str(run), "--trainer.max_steps", str(steps),
                       "--tracking.wandb", "false", "--data.num_workers", "0", *extra, check=check)
 
 
 def _fit_refused(shards, run, *extra: str):
     """A ``fit`` that must stop before training: run in this process (``run_cli_in_process``)."""
-    return run_cli_in_process("fit", "--config", CONF, "--data.root", str(shards), "--trainer.default_root_dir",
+    return run_cli_in_process("fit", "--config", CONF, *SMALL_NET, "--data.root", str(shards), "--trainer.default_root_dir",
                               str(run), "--trainer.max_steps", "1", "--tracking.wandb", "false", *extra)
 
 
@@ -51,7 +51,7 @@ def test_a_new_run_starts_from_exported_weights_and_a_resume_ignores_them(digits
     scores = {}
     for name, how in (("checkpoint", ["--ckpt_path", str(tmp_path / "source" / "checkpoints" / "last.ckpt")]),
                       ("weights", ["--model.init_weights", str(weights)])):
-        proc = run_module("pipeline", "validate", "--config", CONF, "--data.root", str(digits_shards),
+        proc = run_module("pipeline", "validate", "--config", CONF, *SMALL_NET, "--data.root", str(digits_shards),
                           "--trainer.default_root_dir", str(tmp_path / f"val-{name}"), "--tracking.wandb", "false",
                           "--data.num_workers", "0", *how)
         with open(next((tmp_path / f"val-{name}" / "validate" / "csv").glob("version_*/metrics.csv"))) as f:
@@ -69,7 +69,7 @@ def test_weights_of_another_network_are_a_one_line_error(digits_shards, tmp_path
     torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), tmp_path / "r18.pt")
     proc = _fit_refused(digits_shards, tmp_path / "run", "--model.init_weights", str(tmp_path / "r18.pt"))
     assert proc.returncode == 2
-    assert f"error: model.init_weights: {tmp_path / 'r18.pt'} does not fit model.arch 'cifar_resnet20'" in proc.stderr
+    assert f"error: model.init_weights: {tmp_path / 'r18.pt'} does not fit model.arch 'cifar_resnet8'" in proc.stderr
     assert "Traceback" not in proc.stderr
     missing = _fit_refused(digits_shards, tmp_path / "run2", "--model.init_weights", str(tmp_path / "no.pt"))
     assert missing.returncode == 2 and f"model.init_weights: checkpoint {tmp_path / 'no.pt'} does not exist" in missing.stderr
@@ -157,7 +157,7 @@ def test_validate_with_a_runs_own_config_scores_its_checkpoint_not_the_weights_i
     from pipeline.models import build
 
     weights = tmp_path / "start.pt"
-    torch.save(build("cifar_resnet20", num_classes=10).state_dict(), weights)
+    torch.save(build(SMALL_NET[1], num_classes=10).state_dict(), weights)
     run = tmp_path / "run"
     _fit(digits_shards, run, 2, "--model.init_weights", str(weights), "--trainer.num_sanity_val_steps", "0")
     last = run / "checkpoints" / "last.ckpt"
@@ -178,11 +178,11 @@ def test_validate_of_weights_in_a_run_directory_with_an_unreadable_last_ckpt_sco
     from pipeline.models import build
 
     weights = tmp_path / "w.pt"
-    torch.save(build("cifar_resnet20", num_classes=10).state_dict(), weights)
+    torch.save(build(SMALL_NET[1], num_classes=10).state_dict(), weights)
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     (run / "checkpoints" / "last.ckpt").write_bytes(b"PK\x03\x04 cut short")
-    proc = run_module("pipeline", "validate", "--config", CONF, "--data.root", str(digits_shards),
+    proc = run_module("pipeline", "validate", "--config", CONF, *SMALL_NET, "--data.root", str(digits_shards),
                       "--trainer.default_root_dir", str(run), "--tracking.wandb", "false", "--data.num_workers", "0",
                       "--model.init_weights", str(weights), check=False)
     assert proc.returncode == 0 and f"validate: weights from {weights}" in proc.stderr, proc.stderr[-2000:]

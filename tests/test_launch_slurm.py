@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import cifar_tar
+from tests.conftest import SMALL_NET, cifar_tar
 from tests.slurm_fixtures import REPO, SlurmCluster, slurm_cluster  # noqa: F401  (session fixture)
 
 
@@ -423,7 +423,7 @@ def _train_args(run_dir: Path, shards: Path, time_limit: str = "00:05:00", lead:
     """``loader``: loader settings; with worker processes, Slurm's signals reach them too."""
     return ["submit", "train", "--config", str(REPO / "conf" / "demo.yaml"), "--nodes", "2",
             "--gpus-per-node", "0", "--time", time_limit, "--signal-lead", lead, "--run-dir", str(run_dir),
-            "--", "--data.root", str(shards), "--trainer.max_steps", str(steps),
+            "--", *SMALL_NET, "--data.root", str(shards), "--trainer.max_steps", str(steps),
             "--checkpoint.every_n_train_steps", "5", *loader,
             *(["--trainer.max_epochs", str(epochs)] if epochs else [])]
 

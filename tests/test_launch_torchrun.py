@@ -15,7 +15,7 @@ import torch
 
 from bench.kill_resume import compare
 from pipeline.torchelastic import restart_warning
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO, SMALL_NET, free_port
 
 
 STEPS = 8
@@ -39,7 +39,7 @@ def _start(run_dir: Path, shards: Path, *launch_args: str, extra: tuple[str, ...
             "--nnodes", str(nnodes), "--nproc-per-node", str(nproc_per_node),
             "--rdzv-endpoint", endpoint or f"127.0.0.1:{free_port()}",
             "--run-dir", str(run_dir), "--cpu", *launch_args, "--run", "--",
-            "--data.root", str(shards), "--trainer.max_steps", str(STEPS), "--data.num_workers", "0",
+            *SMALL_NET, "--data.root", str(shards), "--trainer.max_steps", str(STEPS), "--data.num_workers", "0",
             "--checkpoint.every_n_train_steps", "2", *extra]
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
                             preexec_fn=lambda: os.sched_setaffinity(0, cores))

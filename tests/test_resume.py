@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-from bench.kill_resume import compare, fit_command, run_and_kill_at, run_to_end, saved_step
+from bench.kill_resume import ARCH, compare, fit_command, run_and_kill_at, run_to_end, saved_step
 from pipeline.checkpoint_io import TMP_PREFIX, AtomicCheckpointIO
 from pipeline.errors import ConfigError
 from pipeline.resume_geometry import Geometry, adapt, expected_world_size
@@ -383,7 +383,7 @@ def test_resume_refuses_another_architecture(interrupted, tmp_path, digits_shard
     shutil.copy(cut / "config.yaml", run / "config.yaml")
     proc = run_cli_in_process(*fit_command(digits_shards, run, STEPS + 2, ["--model.arch", "cifar_resnet32"])[3:])
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "model.arch='cifar_resnet20'" in proc.stderr and "cifar_resnet32" in proc.stderr
+    assert "model.arch='cifar_resnet8'" in proc.stderr and "cifar_resnet32" in proc.stderr
     assert "Traceback" not in proc.stderr
     # the refused start left the run's config as it was (it wrote the refused one over it)
     assert (run / "config.yaml").read_bytes() == (cut / "config.yaml").read_bytes()
@@ -546,7 +546,7 @@ def test_export_of_a_checkpoint_file(interrupted, tmp_path):
     _, _, cut, _, _ = interrupted
     ckpt = torch.load(cut / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     sd = export(cut / "checkpoints" / "last.ckpt", tmp_path / "net.pt")
-    net = build("cifar_resnet20", num_classes=10)
+    net = build(ARCH, num_classes=10)
     net.load_state_dict(torch.load(tmp_path / "net.pt", weights_only=True))  # strict
     for k, v in net.state_dict().items():
         assert torch.equal(v, ckpt["state_dict"]["model." + k]), k

@@ -18,13 +18,13 @@ import torch
 import yaml
 
 from pipeline.checkpoint_io import TMP_PREFIX
-from tests.conftest import REPO, run_cli_in_process, run_module
+from tests.conftest import REPO, run_cli_in_process, run_module, SMALL_NET
 
 CONF = str(REPO / "conf" / "demo.yaml")
 
 
 def _args(cmd: str, shards: Path, run_dir: Path, *extra: str) -> list[str]:
-    return ["pipeline", cmd, "--config", CONF, "--data.root", str(shards), "--trainer.default_root_dir",
+    return ["pipeline", cmd, "--config", CONF, *SMALL_NET, "--data.root", str(shards), "--trainer.default_root_dir",
             str(run_dir), "--data.num_workers", "1", "--tracking.wandb", "false", *extra]
 
 
@@ -78,7 +78,7 @@ def test_explicit_ckpt_path_keeps_the_config(trained, digits_shards, tmp_path):
     assert groups[0]["lr"] == pytest.approx(saved["lr_schedulers"][0]["_last_lr"][0]) and groups[0]["lr"] <= peak
     proc = run_cli_in_process(*_args("fit", digits_shards, tmp_path / "other", "--ckpt_path", str(last),
                                      "--model.arch", "cifar_resnet32")[1:])
-    _fails_clearly(proc, 2, f"the checkpoint {last} was trained with model.arch='cifar_resnet20'", "cifar_resnet32",
+    _fails_clearly(proc, 2, f"the checkpoint {last} was trained with model.arch='cifar_resnet8'", "cifar_resnet32",
                    "use the original setting or a new run directory")
     assert not (tmp_path / "other").exists(), "refused before anything was written there"
     # validate of another network, W&B on: refused before the loggers start (it left a W&B run and a csv
@@ -88,7 +88,7 @@ def test_explicit_ckpt_path_keeps_the_config(trained, digits_shards, tmp_path):
     args[args.index("--tracking.wandb") + 1] = "true"
     before = sorted((trained / "validate").rglob("*"))
     proc = run_cli_in_process(*args[1:], env={"WANDB_MODE": "offline"})
-    _fails_clearly(proc, 2, f"the checkpoint {last} was trained with model.arch='cifar_resnet20', this run has "
+    _fails_clearly(proc, 2, f"the checkpoint {last} was trained with model.arch='cifar_resnet8', this run has "
                    f"model.arch='cifar_resnet32'; validate it with the config it was trained with: --config "
                    f"{trained / 'config.yaml'}")
     assert sorted((trained / "validate").rglob("*")) == before
@@ -142,7 +142,7 @@ def test_unreadable_checkpoints_and_bad_batch_fail_in_one_line(trained, digits_s
 
 
 def _limit_file_size() -> None:
-    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))  # checkpoints are ~2 MB: writes fail
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 18, 1 << 18))  # ResNet-8's checkpoints are ~1 MB: writes fail
 
 
 def test_failed_checkpoint_write_exits_1_naming_the_file_and_keeps_the_old_one(trained, digits_shards, tmp_path):
@@ -306,7 +306,7 @@ def test_test_scores_the_test_split_as_validation_does_and_predict_is_no_command
     pytest.param("trainer.accelerator", "gpu", "No supported gpu backend found! (trainer.accelerator asks for GPUs, "
                  "and this machine has none: --trainer.accelerator cpu)",  # the ImageNet configs' setting
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
-    ("model.arch_kwargs.plain", "no", "option plain of model 'cifar_resnet20' is true or false, not 'no'"),
+    ("model.arch_kwargs.plain", "no", "option plain of model 'cifar_resnet8' is true or false, not 'no'"),
 ])
 def test_bad_trainer_and_augment_settings_fail_in_one_line(digits_shards, tmp_path, setting, value, needle):
     """Each was a traceback (accumulate -2 as "Invalid learning rate", val_check_interval 0 as a
@@ -496,7 +496,7 @@ def test_incomplete_or_torn_checkpoints_are_refused_in_one_line(trained, digits_
         "no_optimizer.ckpt": ({k: v for k, v in full.items() if k != "optimizer_states"},
                               "is an incomplete training checkpoint (it has no optimizer_states)"),
         "no_fc.ckpt": ({**full, "state_dict": {k: v for k, v in full["state_dict"].items() if ".fc." not in k}},
-                       "the checkpoint's network does not fit model.arch 'cifar_resnet20' (missing: model.fc.weight"),
+                       "the checkpoint's network does not fit model.arch 'cifar_resnet8' (missing: model.fc.weight"),
     }
     for name, (ckpt, needle) in cases.items():
         torch.save(ckpt, tmp_path / name)

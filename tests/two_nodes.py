@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO, SMALL_NET, free_port
 
 
 def fit_as_two_nodes(args: tuple[list[str], list[str]], env: tuple[dict, dict] = ({}, {}),
@@ -47,6 +47,6 @@ def fit_as_two_nodes(args: tuple[list[str], list[str]], env: tuple[dict, dict] =
 
 def demo_args(root: Path, run_dir: Path, *more: str) -> list[str]:
     """The demo config on ``root``'s shards into ``run_dir``: no loader workers, no sanity check, no W&B."""
-    return ["--config", str(REPO / "conf" / "demo.yaml"), "--data.root", str(root), "--trainer.default_root_dir",
-            str(run_dir), "--data.num_workers", "0", "--trainer.num_sanity_val_steps", "0", "--tracking.wandb",
-            "false", *more]
+    return ["--config", str(REPO / "conf" / "demo.yaml"), *SMALL_NET, "--data.root", str(root),
+            "--trainer.default_root_dir", str(run_dir), "--data.num_workers", "0", "--trainer.num_sanity_val_steps",
+            "0", "--tracking.wandb", "false", *more]
