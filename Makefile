@@ -21,10 +21,11 @@ demo: setup
 
 # Two test files at a time (pytest-xdist, whole files per worker: a file's module fixtures are built once).
 # Most tests start training processes that spend seconds importing on one core: two at a time use both
-# cores of a CI machine. TEST_WORKERS=0 runs them one by one in this process.
+# cores of a CI machine. TEST_WORKERS=0 runs them one by one in this process. The 25 slowest tests are
+# listed at the end: where CI's minutes go.
 TEST_WORKERS ?= 2
 test: setup
-	$(PYTHON) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+	$(PYTHON) -m pytest -q --durations=25 $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 bench-prep: setup
 	$(PYTHON) bench/prep.py
