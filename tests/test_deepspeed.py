@@ -19,7 +19,7 @@ import torch
 from pipeline.errors import ConfigError
 from pipeline.export import main as export_main
 from pipeline.export import state_dict_from_checkpoint
-from tests.conftest import free_port, REPO, run_cli_in_process, run_module, SMALL_NET
+from tests.conftest import REPO, SMALL_NET, free_port, run_cli_in_process, run_module
 
 CONF = str(REPO / "conf" / "demo.yaml")
 
@@ -172,7 +172,8 @@ def test_a_deepspeed_strategy_given_by_class_path_saves_atomically(digits_shards
     from pipeline.strategies import AtomicDeepSpeedStrategy
 
     cli = PipelineCLI(ImageClassifier, ShardDataModule, run=False, auto_configure_optimizers=False, args=[
-        "--config", CONF, *SMALL_NET, "--data.root", str(digits_shards), "--trainer.default_root_dir", str(tmp_path / "run"),
+        "--config", CONF, *SMALL_NET,
+        "--data.root", str(digits_shards), "--trainer.default_root_dir", str(tmp_path / "run"),
         "--trainer.strategy", "pytorch_lightning.strategies.DeepSpeedStrategy", "--trainer.strategy.stage", "2",
         "--tracking.wandb", "false"])
     assert type(cli.trainer.strategy) is AtomicDeepSpeedStrategy
@@ -180,7 +181,8 @@ def test_a_deepspeed_strategy_given_by_class_path_saves_atomically(digits_shards
 
 
 def _bf16_fit(shards, run_dir, strategy: str, precision: str = "bf16-mixed"):
-    return run_module("pipeline", "fit", "--config", CONF, *SMALL_NET, "--data.root", str(shards), "--trainer.default_root_dir",
+    return run_module("pipeline", "fit", "--config", CONF, *SMALL_NET,
+                      "--data.root", str(shards), "--trainer.default_root_dir",
                       str(run_dir), "--trainer.strategy", strategy, "--trainer.precision", precision,
                       "--model.channels_last", "false",  # as DeepSpeed runs: its flattened parameters are NCHW
                       "--data.batch_size", "32", "--data.num_workers", "0", "--trainer.max_steps", "3",
@@ -216,7 +218,8 @@ def test_what_deepspeed_would_get_wrong_is_refused_before_it_starts(digits_shard
     said = rf"wrote {re.escape(str(out))}: \d+ tensors, [\d,]+ values \(fp32\)\n"
     assert re.fullmatch(said, proc.stdout), proc.stdout
     assert "Processing zero checkpoint" in proc.stderr, proc.stderr
-    run_module("pipeline", "fit", "--config", CONF, *SMALL_NET, "--data.root", str(digits_shards), "--trainer.default_root_dir",
+    run_module("pipeline", "fit", "--config", CONF, *SMALL_NET,
+               "--data.root", str(digits_shards), "--trainer.default_root_dir",
                str(ddp), "--model.arch", "resnet18", "--data.batch_size", "32", "--data.num_workers", "0",
                "--trainer.max_steps", "1",
                "--trainer.num_sanity_val_steps", "0", "--tracking.wandb", "false")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import free_port, REPO, run_module, SMALL_NET
+from tests.conftest import REPO, SMALL_NET, free_port, run_module
 
 CONF = str(REPO / "conf" / "demo.yaml")
 TOOL = REPO / "tools" / "netns_hosts.sh"
@@ -208,7 +208,8 @@ def test_a_rank_started_by_lightning_ends_when_rank_zero_is_killed(digits_shards
     import signal
     import time
 
-    cmd = [sys.executable, "-m", "pipeline", "fit", "--config", str(REPO / "conf" / "demo.yaml"), *SMALL_NET, "--data.root",
+    cmd = [sys.executable, "-m", "pipeline", "fit", "--config", str(REPO / "conf" / "demo.yaml"), *SMALL_NET,
+           "--data.root",
            str(digits_shards), "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.devices", "2",
            "--trainer.strategy", "ddp", "--tracking.wandb", "false", "--trainer.max_steps", "3"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "MASTER_PORT": str(free_port())}

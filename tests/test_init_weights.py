@@ -8,7 +8,7 @@ import torch
 import torchvision
 
 from pipeline.module import ImageClassifier
-from tests.conftest import REPO, run_cli_in_process, run_module, SMALL_NET
+from tests.conftest import REPO, SMALL_NET, run_cli_in_process, run_module
 
 CONF = str(REPO / "conf" / "demo.yaml")
 
@@ -21,7 +21,8 @@ def _fit(shards, run, steps: int, *extra: str, check: bool = True):
 
 def _fit_refused(shards, run, *extra: str):
     """A ``fit`` that must stop before training: run in this process (``run_cli_in_process``)."""
-    return run_cli_in_process("fit", "--config", CONF, *SMALL_NET, "--data.root", str(shards), "--trainer.default_root_dir",
+    return run_cli_in_process("fit", "--config", CONF, *SMALL_NET,
+                              "--data.root", str(shards), "--trainer.default_root_dir",
                               str(run), "--trainer.max_steps", "1", "--tracking.wandb", "false", *extra)
 
 

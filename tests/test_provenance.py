@@ -18,7 +18,7 @@ import yaml
 
 from pipeline import provenance
 from pipeline.checkpoint_read import read_checkpoint
-from tests.conftest import REPO, run_module, SMALL_NET, unavailable_here
+from tests.conftest import REPO, SMALL_NET, run_module, unavailable_here
 from tests.test_tracking import _wandb_run_and_config
 
 CONF = str(REPO / "conf" / "demo.yaml")
@@ -26,7 +26,8 @@ CONF = str(REPO / "conf" / "demo.yaml")
 
 def _fit(shards: Path, run: Path, steps: int, *extra: str, env: dict | None = None, cwd: Path | None = None):
     return run_module(
-        "pipeline", "fit", "--config", CONF, *SMALL_NET, "--data.root", str(shards), "--trainer.default_root_dir", str(run),
+        "pipeline", "fit", "--config", CONF, *SMALL_NET,
+        "--data.root", str(shards), "--trainer.default_root_dir", str(run),
         "--data.batch_size", "128", "--data.val_batch_size", "256", "--data.num_workers", "1",
         "--trainer.max_steps", str(steps), "--trainer.log_every_n_steps", "2", "--checkpoint.every_n_train_steps",
         "2", "--trainer.num_sanity_val_steps", "0", *extra, env={"WANDB_MODE": "offline", **(env or {})}, cwd=cwd)
@@ -154,7 +155,8 @@ def test_two_ranks_save_rank_zeros_record_and_only_rank_zero_asks_git(digits_sha
     (bindir / "git").write_text(f'#!/bin/sh\necho "$@" >> {calls}\nexec {shutil.which("git")} "$@"\n')
     (bindir / "git").chmod(0o755)
     run = tmp_path / "run"
-    run_module("pipeline", "fit", "--config", CONF, *SMALL_NET, "--data.root", str(digits_shards), "--trainer.default_root_dir",
+    run_module("pipeline", "fit", "--config", CONF, *SMALL_NET,
+               "--data.root", str(digits_shards), "--trainer.default_root_dir",
                str(run), "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.max_steps", "2",
                "--data.num_workers", "0", "--trainer.num_sanity_val_steps", "0", "--tracking.wandb", "false",
                env={"MASTER_PORT": str(free_port()), "PATH": f"{bindir}:{os.environ['PATH']}"})

@@ -15,7 +15,7 @@ import torch
 from pipeline.errors import ConfigError
 from pipeline.run_layout import RUN_ID_FILE
 from pipeline.tracking import TrackingConfig, make_eval_loggers, run_id
-from tests.conftest import REPO, run_cli_in_process, run_module, SMALL_NET
+from tests.conftest import REPO, SMALL_NET, run_cli_in_process, run_module
 
 CONF = str(REPO / "conf" / "demo.yaml")
 FAKE_KEY = "0f1e2d3c4b5a69788796a5b4c3d2e1f0deadbeef"  # 40 characters, like a real key
@@ -23,7 +23,8 @@ FAKE_KEY = "0f1e2d3c4b5a69788796a5b4c3d2e1f0deadbeef"  # 40 characters, like a r
 
 def _fit(shards: Path, run: Path, steps: int, quiet: bool = True, *extra: str):
     return run_module(
-        "pipeline", "fit", "--config", CONF, *SMALL_NET, "--data.root", str(shards), "--trainer.default_root_dir", str(run), *extra,
+        "pipeline", "fit", "--config", CONF, *SMALL_NET,
+        "--data.root", str(shards), "--trainer.default_root_dir", str(run), *extra,
         "--data.batch_size", "128", "--data.val_batch_size", "256", "--data.num_workers", "1",
         "--trainer.max_steps", str(steps), "--trainer.log_every_n_steps", "2", "--tracking.tensorboard", "true",
         "--checkpoint.every_n_train_steps", "4", "--trainer.num_sanity_val_steps", "0",
@@ -358,7 +359,8 @@ def test_a_run_id_wandb_refuses_is_a_one_line_error(digits_shards, tmp_path, mon
     from pipeline.wandb_logger import ServiceSafeWandbLogger
 
     run = tmp_path / "run"
-    proc = run_cli_in_process("fit", "--config", CONF, *SMALL_NET, "--data.root", str(digits_shards), "--trainer.default_root_dir",
+    proc = run_cli_in_process("fit", "--config", CONF, *SMALL_NET,
+                              "--data.root", str(digits_shards), "--trainer.default_root_dir",
                               str(run), "--trainer.max_steps", "2", env={"WANDB_MODE": "offline",
                                                                          "WANDB_RUN_ID": "<new id, created on submit>"})
     assert proc.returncode == 2, proc.stderr[-2000:]
@@ -455,13 +457,15 @@ def test_a_new_start_after_one_that_saved_nothing_keeps_its_metrics_apart(digits
 
     run = tmp_path / "run"
     common = ("--tracking.wandb", "false", "--checkpoint.every_n_train_steps", "0")
-    killed = run_module("pipeline", "fit", "--config", CONF, *SMALL_NET, "--data.root", str(digits_shards), "--trainer.default_root_dir",
+    killed = run_module("pipeline", "fit", "--config", CONF, *SMALL_NET,
+                        "--data.root", str(digits_shards), "--trainer.default_root_dir",
                         str(run), "--data.num_workers", "0", "--trainer.max_steps", "6", "--trainer.log_every_n_steps",
                         "1", *common, "--trainer.callbacks+=tests.preemption_helpers.KillFirstAttempt",
                         "--trainer.callbacks.step=4", check=False)
     assert killed.returncode == -9 and not (run / "checkpoints" / "last.ckpt").exists(), killed.stderr[-2000:]
     before = (run / "csv" / "metrics.csv").read_bytes()
-    again = run_module("pipeline", "fit", "--config", CONF, *SMALL_NET, "--data.root", str(digits_shards), "--trainer.default_root_dir",
+    again = run_module("pipeline", "fit", "--config", CONF, *SMALL_NET,
+                       "--data.root", str(digits_shards), "--trainer.default_root_dir",
                        str(run), "--data.num_workers", "0", "--trainer.max_steps", "6", "--trainer.log_every_n_steps", "1",
                        *common)
     aside = run / "csv" / "metrics-lost-start-1.csv"
@@ -489,7 +493,8 @@ def test_a_failed_fit_finishes_its_wandb_run_too(digits_shards, tmp_path):
     service process printed the footer with terminal colour codes into the job's log."""
     run = tmp_path / "run"
     proc = run_module(
-        "pipeline", "fit", "--config", CONF, *SMALL_NET, "--data.root", str(digits_shards), "--trainer.default_root_dir",
+        "pipeline", "fit", "--config", CONF, *SMALL_NET,
+        "--data.root", str(digits_shards), "--trainer.default_root_dir",
         str(run), "--data.num_workers", "0", "--trainer.max_steps", "30", "--trainer.num_sanity_val_steps", "0",
         "--trainer.callbacks+=tests.preemption_helpers.FailAtValidationEnd",
         env={"WANDB_MODE": "offline", "WANDB_API_KEY": FAKE_KEY, "WANDB_SILENT": "false"}, check=False)
@@ -504,7 +509,8 @@ def test_a_two_rank_fit_finishes_its_wandb_run_after_the_last_barrier(digits_sha
     from tests.conftest import free_port
 
     proc = run_module(
-        "pipeline", "fit", "--config", CONF, *SMALL_NET, "--data.root", str(digits_shards), "--trainer.default_root_dir",
+        "pipeline", "fit", "--config", CONF, *SMALL_NET,
+        "--data.root", str(digits_shards), "--trainer.default_root_dir",
         str(tmp_path / "run"), "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.max_steps", "3",
         "--data.num_workers", "0", "--trainer.num_sanity_val_steps", "0",
         env={"WANDB_MODE": "offline", "WANDB_API_KEY": FAKE_KEY, "WANDB_SILENT": "false",
@@ -517,7 +523,8 @@ def test_a_run_without_loggers_trains_checkpoints_and_resumes(digits_shards, tmp
     """Lightning's LearningRateMonitor refuses a trainer without loggers: ``--trainer.logger false`` (or every
     tracker off) ended the run at its first step with "Cannot use LearningRateMonitor"."""
     run = tmp_path / "run"
-    common = ("pipeline", "fit", "--config", CONF, *SMALL_NET, "--data.root", str(digits_shards), "--trainer.default_root_dir",
+    common = ("pipeline", "fit", "--config", CONF, *SMALL_NET,
+              "--data.root", str(digits_shards), "--trainer.default_root_dir",
               str(run), "--data.num_workers", "0", "--trainer.num_sanity_val_steps", "0")
     run_module(*common, "--trainer.logger", "false", "--trainer.max_steps", "4")
     assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "config.yaml").is_file()

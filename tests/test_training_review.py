@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from pipeline.checkpoint_io import TMP_PREFIX
-from tests.conftest import REPO, run_cli_in_process, run_module, SMALL_NET
+from tests.conftest import REPO, SMALL_NET, run_cli_in_process, run_module
 
 CONF = str(REPO / "conf" / "demo.yaml")
 
