@@ -43,6 +43,11 @@ def fit_command(shards: Path, run_dir: Path, steps: int, extra: list[str] = ()) 
     ]
 
 
+# How the runs start: subprocess's run and Popen. The test suite, which runs these functions many times, puts
+# in its own with the same signatures (tests/preloaded_python.py: forked from a Python that has imported torch).
+run_process, start_process = subprocess.run, subprocess.Popen
+
+
 def _env() -> dict:
     return {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"}
 
@@ -55,7 +60,7 @@ def saved_step(last: Path) -> int:
 
 
 def run_to_end(cmd: list[str], log) -> None:
-    proc = subprocess.run(cmd, env=_env(), cwd=REPO, stdout=log, stderr=subprocess.STDOUT, timeout=900)
+    proc = run_process(cmd, env=_env(), cwd=REPO, stdout=log, stderr=subprocess.STDOUT, timeout=900)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}")
 
@@ -66,8 +71,8 @@ def run_and_kill_at(cmd: list[str], last: Path, step: int, log, timeout: float =
 
     SIGKILL: the process dies at once (maybe in the middle of a checkpoint write). SIGUSR1/SIGTERM: the
     run must save at the next batch boundary and exit 0 by itself (preemption)."""
-    proc = subprocess.Popen(cmd, env={**_env(), **(env or {})}, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = start_process(cmd, env={**_env(), **(env or {})}, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                         start_new_session=True)
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.pop("WANDB_API_KEY", None)
@@ -24,6 +25,12 @@ os.environ.pop("WANDB_API_KEY", None)
 # is imported, so the in-process tests and every subprocess (which inherits it) agree.
 if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
     os.environ["OMP_NUM_THREADS"] = "1"
+
+import bench.kill_resume  # noqa: E402  (imports torch: after OMP_NUM_THREADS)
+from tests import preloaded_python  # noqa: E402
+
+# the kill/resume helpers' runs fork from the preloaded Python too
+bench.kill_resume.run_process, bench.kill_resume.start_process = preloaded_python.run, preloaded_python.popen
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -73,10 +80,11 @@ def free_port() -> int:
 
 def run_module(*args: str, check: bool = True, env: dict | None = None, timeout: float = 600,
                cwd: str | Path | None = None) -> subprocess.CompletedProcess:
-    """Run ``python -m ...`` of this repo in a subprocess, as a user would."""
+    """Run ``python -m ...`` of this repo in a subprocess, as a user would (``pipeline`` commands of one rank
+    forked from a Python that has imported torch and Lightning: tests/preloaded_python.py)."""
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
-    proc = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=full_env,
-                          timeout=timeout, cwd=cwd or REPO)
+    proc = preloaded_python.run([sys.executable, "-m", *args], capture_output=True, text=True, env=full_env,
+                                timeout=timeout, cwd=cwd or REPO)
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\n"
                              f"stderr:\n{proc.stderr[-5000:]}")

@@ -19,6 +19,7 @@ from bench.kill_resume import ARCH, compare, fit_command, run_and_kill_at, run_t
 from pipeline.checkpoint_io import TMP_PREFIX, AtomicCheckpointIO
 from pipeline.errors import ConfigError
 from pipeline.resume_geometry import Geometry, adapt, expected_world_size
+from tests import preloaded_python
 from tests.conftest import REPO, run_cli_in_process, run_module
 
 STEPS = 13  # 11 steps per epoch at batch 128: crosses an epoch end (validation, epoch-end checkpoint)
@@ -128,7 +129,7 @@ def test_a_crash_during_an_epochs_validation_validates_that_epoch_after_the_resu
     _, ref, *_ = interrupted
     cut = tmp_path / "cut"
     with open(tmp_path / "runs.log", "w") as log:
-        killed = subprocess.run(fit_command(digits_shards, cut, STEPS, [
+        killed = preloaded_python.run(fit_command(digits_shards, cut, STEPS, [
             "--trainer.callbacks+=tests.preemption_helpers.KillInValidation"]),
             env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         assert killed.returncode == -signal.SIGKILL
@@ -148,7 +149,7 @@ def test_a_signal_during_validation_stops_at_the_epochs_end(interrupted, digits_
     _, ref, *_ = interrupted
     env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline", **_recording_scontrol(tmp_path, "79")}
     cut = tmp_path / "cut"
-    proc = subprocess.run(fit_command(digits_shards, cut, STEPS, [
+    proc = preloaded_python.run(fit_command(digits_shards, cut, STEPS, [
         "--trainer.callbacks+=tests.preemption_helpers.SignalInValidation"]),
         env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     out = proc.stdout + proc.stderr
@@ -207,7 +208,7 @@ def test_a_signal_at_the_runs_last_step_does_not_requeue_a_finished_run(digits_s
     requeued all the same, and its next start queued only to find nothing to train."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline", **_recording_scontrol(tmp_path, "78")}
     run = tmp_path / "run"
-    proc = subprocess.run(fit_command(digits_shards, run, 3, [
+    proc = preloaded_python.run(fit_command(digits_shards, run, 3, [
         "--trainer.callbacks+=tests.preemption_helpers.SignalAtBatch", "--trainer.callbacks.batch_idx=2"]),
         env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     out = proc.stdout + proc.stderr
@@ -336,7 +337,7 @@ def test_a_branch_run_again_resumes_its_own_checkpoint_bit_exact(interrupted, tm
     with open(tmp_path / "early.log", "w") as log:
         # no periodic save in the killed start (its first would come at the epoch's end, after the run's last
         # step): the kill lands before any checkpoint of its own, however late the poll sees branched_from
-        proc = subprocess.Popen(branch_command(early) + ["--checkpoint.every_n_train_steps", "0"], env={**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"},
+        proc = preloaded_python.popen(branch_command(early) + ["--checkpoint.every_n_train_steps", "0"], env={**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"},
                                 cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             deadline = time.monotonic() + 300
@@ -578,7 +579,7 @@ def test_resume_from_the_epoch_end_checkpoint_is_bit_exact(interrupted, digits_s
     every2 = ["--checkpoint.every_n_train_steps", "2"]  # at step 11 (odd) only the epoch end saves
 
     def run(*extra: str) -> subprocess.CompletedProcess:
-        return subprocess.run(fit_command(digits_shards, cut, STEPS, [*every2, *extra]), env=env, cwd=REPO,
+        return preloaded_python.run(fit_command(digits_shards, cut, STEPS, [*every2, *extra]), env=env, cwd=REPO,
                               capture_output=True, text=True, timeout=600)
 
     for step, counts in ((11, (1, 0)), (12, (1, 1))):  # epoch 0's end, then mid epoch 1: (processed, completed)

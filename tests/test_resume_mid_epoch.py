@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from bench.kill_resume import compare, fit_command, run_to_end, saved_step
+from tests import preloaded_python
 from tests.conftest import REPO
 from tests.test_resume import _recording_scontrol, _train_rows
 
@@ -118,7 +119,7 @@ def test_resume_after_an_epoch_cut_by_limit_train_batches(digits_shards, tmp_pat
     ref, cut = tmp_path / "ref", tmp_path / "cut"
     with open(tmp_path / "runs.log", "w") as log:
         run_to_end(fit_command(digits_shards, ref, -1, common), log)
-        killed = subprocess.run(fit_command(digits_shards, cut, -1, common + [
+        killed = preloaded_python.run(fit_command(digits_shards, cut, -1, common + [
             "--trainer.callbacks+=tests.preemption_helpers.KillFirstAttempt", "--trainer.callbacks.step=7"]),
             env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         assert killed.returncode == -signal.SIGKILL
@@ -195,7 +196,7 @@ def test_a_crash_during_a_mid_epoch_validation_validates_it_after_the_resume(mid
     validation instead, so the resume trains step 5 again and validates it, once; bit-exact."""
     cut = tmp_path / "cut"
     with open(tmp_path / "runs.log", "w") as log:
-        killed = subprocess.run(fit_command(digits_shards, cut, STEPS, MID_EPOCH_VAL + [
+        killed = preloaded_python.run(fit_command(digits_shards, cut, STEPS, MID_EPOCH_VAL + [
             "--trainer.callbacks+=tests.preemption_helpers.KillInValidation"]),
             env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         assert killed.returncode == -signal.SIGKILL
@@ -212,7 +213,7 @@ def test_preemption_at_a_mid_epoch_validation_step_validates_before_stopping(mid
     it. The resumed run validates at step 10 only and ends bit-exact."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline", **_recording_scontrol(tmp_path, "81")}
     cut = tmp_path / "cut"
-    proc = subprocess.run(fit_command(digits_shards, cut, STEPS, MID_EPOCH_VAL + [
+    proc = preloaded_python.run(fit_command(digits_shards, cut, STEPS, MID_EPOCH_VAL + [
         "--trainer.callbacks+=tests.preemption_helpers.SignalAtBatch", "--trainer.callbacks.batch_idx=4"]),
         env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     out = proc.stdout + proc.stderr
@@ -231,7 +232,7 @@ def test_ctrl_c_under_slurm_saves_and_stops_without_a_requeue(digits_shards, tmp
     requeue; a second Ctrl-C would stop at once."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline", **_recording_scontrol(tmp_path, "79")}
     run = tmp_path / "run"
-    proc = subprocess.run(fit_command(digits_shards, run, 6, [
+    proc = preloaded_python.run(fit_command(digits_shards, run, 6, [
         "--trainer.callbacks+=tests.preemption_helpers.SignalAtBatch", "--trainer.callbacks.batch_idx=2",
         f"--trainer.callbacks.signum={int(signal.SIGINT)}"]), env=env, cwd=REPO, capture_output=True, text=True,
         timeout=300)

@@ -18,6 +18,7 @@ from bench.kill_resume import _env, fit_command
 from pipeline.errors import ConfigError
 from pipeline.run_layout import LOCK_NAME
 from pipeline.run_lock import KEY_ENV, RunDirLock, job_key
+from tests import preloaded_python
 from tests.conftest import REPO
 
 RANK_ENV = ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK", "SLURM_JOB_ID", "SLURM_STEP_ID",
@@ -52,7 +53,7 @@ def test_a_second_fit_into_a_live_run_directory_is_refused(digits_shards, tmp_pa
         _wait_for_lock(run, first.pid, first)
         os.kill(first.pid, signal.SIGSTOP)  # it keeps its lock, and the run directory stays as it is
         before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
-        second = subprocess.run(fit_command(digits_shards, run, 4), env=_env(), cwd=REPO,
+        second = preloaded_python.run(fit_command(digits_shards, run, 4), env=_env(), cwd=REPO,
                                 capture_output=True, text=True, timeout=300)
         after = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
         os.kill(first.pid, signal.SIGCONT)
@@ -69,7 +70,7 @@ def test_a_second_fit_into_a_live_run_directory_is_refused(digits_shards, tmp_pa
             first.kill()
             first.wait()
     # ended: the next fit (a resume) takes the lock
-    again = subprocess.run(fit_command(digits_shards, run, 5), env=_env(), cwd=REPO,
+    again = preloaded_python.run(fit_command(digits_shards, run, 5), env=_env(), cwd=REPO,
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming from" in again.stderr
@@ -252,7 +253,7 @@ def test_a_second_job_that_got_the_lock_too_stops_this_one_before_its_next_save(
     import torch
 
     run = tmp_path / "run"
-    proc = subprocess.run(fit_command(digits_shards, run, 6, [
+    proc = preloaded_python.run(fit_command(digits_shards, run, 6, [
         "--trainer.callbacks+=tests.preemption_helpers.TakeRunDirAt", "--trainer.callbacks.step=3"]),
         env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]

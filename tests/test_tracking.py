@@ -15,6 +15,7 @@ import torch
 from pipeline.errors import ConfigError
 from pipeline.run_layout import RUN_ID_FILE
 from pipeline.tracking import TrackingConfig, make_eval_loggers, run_id
+from tests import preloaded_python
 from tests.conftest import REPO, SMALL_NET, run_cli_in_process, run_module
 
 CONF = str(REPO / "conf" / "demo.yaml")
@@ -301,13 +302,12 @@ def test_metrics_after_a_sigterm_reach_wandb_when_the_run_resumes(digits_shards,
     hole in its val/top1 curve. The stopped run keeps them in its checkpoint, the resumed one logs them to
     the same W&B run at their step. The signal goes to every process of the run, as Slurm sends it."""
     import os
-    import subprocess
 
     from bench.kill_resume import fit_command
 
     run = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    stopped = subprocess.run(fit_command(digits_shards, run, 13, [
+    stopped = preloaded_python.run(fit_command(digits_shards, run, 13, [
         "--tracking.wandb", "true", "--trainer.callbacks+=tests.preemption_helpers.TermStepInValidation"]),
         env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     out = stopped.stdout + stopped.stderr
@@ -322,7 +322,7 @@ def test_metrics_after_a_sigterm_reach_wandb_when_the_run_resumes(digits_shards,
     assert len(first) == 1
     assert not [r for r in _wandb_history(next(first[0].glob("*.wandb"))) if "val/top1" in r], "W&B was detached"
 
-    resumed = subprocess.run(fit_command(digits_shards, run, 12, ["--tracking.wandb", "true"]), env=env, cwd=REPO,
+    resumed = preloaded_python.run(fit_command(digits_shards, run, 12, ["--tracking.wandb", "true"]), env=env, cwd=REPO,
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0 and "resuming from" in resumed.stderr, resumed.stderr[-3000:]
     second = [p for p in sorted((run / "wandb").glob("offline-run-*")) if p not in first]
@@ -378,13 +378,12 @@ def test_a_lost_wandb_service_does_not_end_the_training(digits_shards, tmp_path)
     a preemption's save. Now the training goes on, a SIGTERM at batch 6 still saves and requeues, and the
     rows W&B missed reach the same W&B run when the run resumes."""
     import os
-    import subprocess
 
     from bench.kill_resume import fit_command
 
     run = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    stopped = subprocess.run(fit_command(digits_shards, run, 9, [
+    stopped = preloaded_python.run(fit_command(digits_shards, run, 9, [
         "--tracking.wandb", "true", "--checkpoint.every_n_train_steps", "0",
         "--trainer.callbacks+=tests.preemption_helpers.KillWandbService", "--trainer.callbacks.batch_idx", "2",
         "--trainer.callbacks+=tests.preemption_helpers.SignalAtBatch", "--trainer.callbacks.batch_idx", "6",
@@ -403,7 +402,7 @@ def test_a_lost_wandb_service_does_not_end_the_training(digits_shards, tmp_path)
     held_steps = sorted({r["step"] for r in saved["callbacks"]["WandbBacklog"]["held"]})
     assert held_steps[0] == first and held_steps[-1] >= 5, held_steps
 
-    resumed = subprocess.run(fit_command(digits_shards, run, 8, ["--tracking.wandb", "true"]), env=env, cwd=REPO,
+    resumed = preloaded_python.run(fit_command(digits_shards, run, 8, ["--tracking.wandb", "true"]), env=env, cwd=REPO,
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0 and "resuming from" in resumed.stderr, resumed.stderr[-3000:]
     second = sorted((run / "wandb").glob("offline-run-*"))[-1]
@@ -416,7 +415,6 @@ def test_the_stopping_steps_train_metrics_reach_wandb_when_the_run_resumes(digit
     were in no checkpoint and W&B never got them (CSV did). They are kept beside the checkpoint and logged
     by the resume from that checkpoint."""
     import os
-    import subprocess
 
     from bench.kill_resume import fit_command
     from pipeline.wandb_backlog import AFTER_SAVE
@@ -425,7 +423,7 @@ def test_the_stopping_steps_train_metrics_reach_wandb_when_the_run_resumes(digit
     env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     # the SIGTERM to this process alone (W&B's service lives on), W&B not silent: its service finished the
     # run in teardown and printed the footer itself, in terminal colours, into the (file) stdout
-    stopped = subprocess.run(fit_command(digits_shards, run, 9, [
+    stopped = preloaded_python.run(fit_command(digits_shards, run, 9, [
         "--tracking.wandb", "true", "--trainer.callbacks+=tests.preemption_helpers.SignalAtBatch",
         "--trainer.callbacks.batch_idx", "3", "--trainer.callbacks.signum", "15"]),
         env={k: v for k, v in env.items() if k != "WANDB_SILENT"}, cwd=REPO, capture_output=True, text=True,
@@ -440,7 +438,7 @@ def test_the_stopping_steps_train_metrics_reach_wandb_when_the_run_resumes(digit
     assert saved["global_step"] == 4
     assert (run / "checkpoints" / AFTER_SAVE).is_file(), "the rows logged after the save were not kept"
 
-    resumed = subprocess.run(fit_command(digits_shards, run, 6, ["--tracking.wandb", "true"]), env=env, cwd=REPO,
+    resumed = preloaded_python.run(fit_command(digits_shards, run, 6, ["--tracking.wandb", "true"]), env=env, cwd=REPO,
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0 and "resuming from" in resumed.stderr, resumed.stderr[-3000:]
     second = sorted((run / "wandb").glob("offline-run-*"))[-1]
@@ -555,7 +553,6 @@ def test_a_requeue_that_ends_the_wandb_service_leaves_no_traceback(digits_shards
     a ``ConnectionResetError`` traceback ("Exception ignored in atexit callback") in the job's log after a
     stop that had gone well. Now W&B's teardown comes before the requeue."""
     import os
-    import subprocess
 
     from bench.kill_resume import fit_command
 
@@ -569,7 +566,7 @@ def test_a_requeue_that_ends_the_wandb_service_leaves_no_traceback(digits_shards
     env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline", "WANDB_SILENT": "true",
            "SLURM_JOB_ID": "4343", "PATH": f"{bindir}:{os.environ['PATH']}"}
     run = tmp_path / "run"
-    stopped = subprocess.run(fit_command(digits_shards, run, 9, [
+    stopped = preloaded_python.run(fit_command(digits_shards, run, 9, [
         "--tracking.wandb", "true", "--checkpoint.every_n_train_steps", "0",
         "--trainer.callbacks+=tests.preemption_helpers.SignalAtBatch", "--trainer.callbacks.batch_idx", "2"]),
         env=env, cwd=REPO, capture_output=True, text=True, timeout=300)

@@ -1,0 +1,340 @@
+"""A Python that has imported torch and Lightning once and forks each ``python -m pipeline ...`` the tests run.
+
+Every training process of the suite spent ~8 s of CPU importing torch, Lightning and what Lightning imports
+(torchmetrics, torchvision, torch._dynamo, scipy.signal) before its first line of this project ran: half of
+`make test`'s time. This server imports them (never this project's code), then forks a child per request that
+becomes ``python -m MODULE ARGS`` as the interpreter would start it: its own pid (signals reach it), the
+caller's stdin/stdout/stderr file descriptors, environment, working directory and ``sys.path``, a fresh
+``__main__``, the exit status of a real process (``-N`` for a signal). Rails' Spring preloader and Android's
+zygote work the same way.
+
+What a fork cannot give is what the interpreter reads at start-up, so the client (``run``) starts a real
+process instead whenever a command depends on it: another value of a variable read while importing (the
+OpenMP, torch, CUDA, Python variables), or more than one rank (Lightning's other ranks check that their parent
+runs the same command line, which a forked child's ``/proc/PID/cmdline`` does not show). ``RP_PRELOADED=0``
+turns it off for a run of the suite; tests of start-up itself (a signal during the imports) start their
+processes themselves.
+"""
+
+from __future__ import annotations
+
+import array
+import atexit
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PRELOAD = ("torch", "torchvision", "torchmetrics", "lightning_fabric", "pytorch_lightning", "pytorch_lightning.cli",
+           "jsonargparse")
+# Variables read while those modules import (or by the interpreter's start-up): a command whose environment gives
+# one of them another value than the server's runs as a real process.
+READ_AT_START = re.compile(r"^(PYTHON(?!PATH$)|OMP_|MKL_|KMP_|GOMP_|TORCH|PYTORCH|CUDA|NVIDIA|LD_|PL_|LIGHTNING|TF_)")
+# A command line or config that starts other ranks: Lightning's launcher re-runs the parent's command line
+MANY_RANKS = re.compile(r"ddp|deepspeed|fsdp|^\s*(devices|num_nodes)\s*:\s*(?!1\s*$|auto\s*$|null\s*$)\S", re.M)
+
+
+def _serve(path: str) -> dict:
+    """Import PRELOAD, listen on the Unix socket ``path`` and fork a child per request. Returns only in a child,
+    with its request; the server itself exits when its parent (the pytest worker) is gone."""
+    before = dict(os.environ)
+    for name in PRELOAD:
+        __import__(name)
+    # what the imports set (torch: TORCHINDUCTOR_CACHE_DIR; Lightning: PYTORCH_NVML_BASED_CUDA_CHECK), which a
+    # child sets again where its environment lacks them
+    set_by_imports = {k: v for k, v in os.environ.items() if before.get(k) != v}
+    Path(path + ".env").write_text(json.dumps({"env": dict(os.environ), "set_by_imports": set_by_imports}))
+    parent = os.getppid()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path + ".tmp")
+    os.rename(path + ".tmp", path)  # the client connects once the imports are done
+    listener.listen(16)
+    listener.settimeout(0.05)
+    children: dict[int, socket.socket] = {}
+    while os.getppid() == parent:
+        while children:  # report the children that ended
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                break
+            conn = children.pop(pid, None)
+            if conn is not None:
+                with conn:
+                    _send(conn, {"returncode": os.waitstatus_to_exitcode(status)})
+        try:
+            conn, _ = listener.accept()
+        except socket.timeout:
+            continue
+        conn.settimeout(None)
+        request, fds = _receive(conn)
+        pid = os.fork()
+        if pid == 0:
+            listener.close()
+            conn.close()
+            for target, fd in enumerate(fds):
+                os.dup2(fd, target)
+                os.close(fd)
+            request["env"] = {**set_by_imports, **request["env"]}
+            return request
+        for fd in fds:
+            os.close(fd)
+        children[pid] = conn
+        _send(conn, {"pid": pid})
+    sys.exit(0)
+
+
+def _interpreter_path() -> list[str]:
+    """This interpreter's ``sys.path`` without its script's folder and its PYTHONPATH entries: the standard
+    library and site-packages (with their .pth entries) that every ``python -m`` starts with."""
+    extra = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    extra += [os.path.abspath(p) for p in extra]
+    return [p for p in sys.path[1:] if p not in extra]
+
+
+def _become(request: dict, base_path: list[str]) -> None:
+    """Turn this forked child into ``python -m MODULE ARGS`` started with the request's environment and
+    working directory, then run it as the interpreter's ``-m`` does."""
+    import random
+    import runpy
+    import types
+
+    import numpy
+
+    if request["new_session"]:
+        os.setsid()
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    pythonpath = [p for p in request["env"].get("PYTHONPATH", "").split(os.pathsep) if p]
+    sys.path[:] = [os.getcwd(), *pythonpath, *base_path]
+    random.seed()  # a new process's own seeds, not the server's state
+    numpy.random.seed()
+    sys.argv[:] = ["-m", *request["args"]]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    runpy._run_module_as_main(request["module"], alter_argv=True)
+
+
+def _send(conn: socket.socket, message: dict) -> None:
+    conn.sendall(json.dumps(message).encode() + b"\n")
+
+
+def _receive(conn: socket.socket) -> tuple[dict, list[int]]:
+    data, fds = b"", []
+    while not data.endswith(b"\n"):
+        chunk, ancillary, _, _ = conn.recvmsg(1 << 20, socket.CMSG_SPACE(3 * 4))
+        if not chunk:
+            raise ConnectionError("the client went away")
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds += array.array("i", payload[: len(payload) - len(payload) % 4]).tolist()
+        data += chunk
+    return json.loads(data), fds
+
+
+def forkable(module: str, args: list[str]) -> bool:
+    """Whether ``python -m module args`` could come from the server: this project's ``pipeline`` commands with
+    one rank (see the module's doc), unless ``RP_PRELOADED=0``."""
+    if module.split(".")[0] != "pipeline" or os.environ.get("RP_PRELOADED") == "0":
+        return False
+    texts = list(args)
+    for flag, value in zip(args, args[1:]):
+        if flag == "--config" and os.path.isfile(value):
+            texts.append(Path(value).read_text(errors="replace"))
+        if flag in ("--trainer.devices", "--trainer.num_nodes") and value not in ("1", "auto"):
+            return False
+    return not any(MANY_RANKS.search(t) for t in texts)
+
+
+class PreloadedServer:
+    """The client side: the server (one per pytest process, started on first use) and its environment."""
+
+    def __init__(self) -> None:
+        self._dir = tempfile.mkdtemp(prefix="preloaded-python-")
+        self.path = os.path.join(self._dir, "socket")
+        self.proc = subprocess.Popen([sys.executable, __file__, self.path], stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL)
+        self.env: dict[str, str] | None = None  # the server's, after its imports
+        self.set_by_imports: dict[str, str] = {}
+        atexit.register(self.close)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def ready(self, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while not os.path.exists(self.path):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the preloaded Python exited {self.proc.returncode} before listening")
+            if time.monotonic() > deadline:
+                raise TimeoutError("the preloaded Python did not start listening")
+            time.sleep(0.05)
+        if self.env is None:
+            written = json.loads(Path(self.path + ".env").read_text())
+            self.env, self.set_by_imports = written["env"], written["set_by_imports"]
+
+    def serves(self, env: dict[str, str]) -> bool:
+        """Whether a child started with ``env`` imports as the server did: the variables read at start-up
+        have the server's values."""
+        self.ready()
+        env = {**self.set_by_imports, **env}  # as the child's will be
+        keys = set(env) | set(self.env)
+        return not any(READ_AT_START.match(k) and env.get(k) != self.env.get(k) for k in keys)
+
+    def connect(self) -> socket.socket:
+        self.ready()
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        conn.connect(self.path)
+        return conn
+
+
+class ForkedProcess:
+    """A child of the preloaded server: a ``subprocess.Popen``'s pid, poll, wait and signals."""
+
+    def __init__(self, server: PreloadedServer, module: str, args: list[str], env: dict[str, str], cwd: str,
+                 stdin: int, stdout: int, stderr: int, new_session: bool = False) -> None:
+        self.args = [sys.executable, "-m", module, *args]
+        self.returncode: int | None = None
+        self._conn = server.connect()
+        request = {"module": module, "args": list(args), "env": env, "cwd": str(cwd), "new_session": new_session}
+        socket.send_fds(self._conn, [json.dumps(request).encode() + b"\n"], [stdin, stdout, stderr])
+        self._buffer = b""
+        self.pid = self._next()["pid"]
+
+    def _next(self, timeout: float | None = None) -> dict:
+        self._conn.settimeout(timeout)
+        while b"\n" not in self._buffer:
+            chunk = self._conn.recv(4096)
+            if not chunk:
+                raise RuntimeError("the preloaded Python went away")
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return json.loads(line)
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            try:
+                self.returncode = self._next(timeout)["returncode"]
+            except socket.timeout:
+                raise subprocess.TimeoutExpired(self.args, timeout) from None
+            self._conn.close()
+        return self.returncode
+
+    def poll(self) -> int | None:
+        try:
+            return self.wait(0.001)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:
+            os.kill(self.pid, sig)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+_server: PreloadedServer | None = None
+
+
+def _server_for(cmd: list[str], env: dict[str, str]) -> PreloadedServer | None:
+    """The server that can fork ``cmd`` (``[sys.executable, "-m", MODULE, *ARGS]``) with ``env``, or None."""
+    global _server
+    if len(cmd) < 3 or cmd[0] != sys.executable or cmd[1] != "-m" or not forkable(cmd[2], cmd[3:]):
+        _log("started", cmd)
+        return None
+    if _server is None:
+        _server = PreloadedServer()
+    if not _server.serves(env):
+        _log("started", cmd)
+        return None
+    _log("forked", cmd)
+    return _server
+
+
+def _log(how: str, cmd: list[str]) -> None:
+    """``RP_PRELOADED_LOG=FILE``: a line per command, forked or started anew, and the test that ran it."""
+    if os.environ.get("RP_PRELOADED_LOG"):
+        with open(os.environ["RP_PRELOADED_LOG"], "a") as f:
+            f.write(f"{how}\t{os.environ.get('PYTEST_CURRENT_TEST', '')}\t{' '.join(map(str, cmd))[:300]}\n")
+
+
+def _fd(target, default: int, null) -> int:
+    """The file descriptor a child gets for ``target`` (None: this process's ``default``; DEVNULL; a file)."""
+    if target is None:
+        try:
+            os.fstat(default)
+            return default
+        except OSError:
+            return null.fileno()
+    if target == subprocess.DEVNULL:
+        return null.fileno()
+    return target if isinstance(target, int) else target.fileno()
+
+
+def popen(cmd: list[str], *, env: dict[str, str] | None = None, cwd: str | Path | None = None, stdout=None,
+          stderr=None, start_new_session: bool = False) -> ForkedProcess | subprocess.Popen:
+    """``subprocess.Popen(cmd, ...)`` (no pipes), forked from the preloaded server where that starts the same
+    process."""
+    env = dict(os.environ) if env is None else env
+    server = _server_for(cmd, env)
+    if server is None:
+        return subprocess.Popen(cmd, env=env, cwd=cwd, stdout=stdout, stderr=stderr,
+                                start_new_session=start_new_session)
+    return _fork(server, cmd, env, cwd, stdout, stderr, start_new_session)
+
+
+def _fork(server: PreloadedServer, cmd: list[str], env: dict[str, str], cwd: str | Path | None, stdout, stderr,
+          new_session: bool) -> ForkedProcess:
+    with open(os.devnull, "r+b") as null:  # the server holds its own copies of the descriptors once sent
+        out = _fd(stdout, 1, null)
+        err = out if stderr == subprocess.STDOUT else _fd(stderr, 2, null)
+        return ForkedProcess(server, cmd[2], cmd[3:], env, str(cwd or os.getcwd()), _fd(None, 0, null), out, err,
+                             new_session=new_session)
+
+
+def run(cmd: list[str], *, env: dict[str, str] | None = None, cwd: str | Path | None = None, stdout=None,
+        stderr=None, capture_output: bool = False, text: bool = False, timeout: float | None = None,
+        check: bool = False) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd, ...)``, forked from the preloaded server where that starts the same process."""
+    env = dict(os.environ) if env is None else env
+    server = _server_for(cmd, env)
+    if server is None:
+        return subprocess.run(cmd, env=env, cwd=cwd, stdout=stdout, stderr=stderr, capture_output=capture_output,
+                              text=text, timeout=timeout, check=check)
+    if capture_output:
+        stdout = stderr = subprocess.PIPE
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = _fork(server, cmd, env, cwd, out if stdout == subprocess.PIPE else stdout,
+                     err if stderr == subprocess.PIPE else stderr, False)
+        try:
+            code = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise
+        captured = []
+        for target, file in ((stdout, out), (stderr, err)):
+            file.seek(0)
+            data = file.read() if target == subprocess.PIPE else None
+            captured.append(data.decode(errors="replace") if text and data is not None else data)
+    if check and code:
+        raise subprocess.CalledProcessError(code, cmd, *captured)
+    return subprocess.CompletedProcess(cmd, code, *captured)
+
+
+if __name__ == "__main__":
+    _base_path = _interpreter_path()
+    _request = _serve(sys.argv[1])
+    _become(_request, _base_path)
