@@ -5,15 +5,16 @@ Every training process of the suite spent ~8 s of CPU importing torch, Lightning
 `make test`'s time. This server imports them (never this project's code), then forks a child per request that
 becomes ``python -m MODULE ARGS`` as the interpreter would start it: its own pid (signals reach it), the
 caller's stdin/stdout/stderr file descriptors, environment, working directory and ``sys.path``, a fresh
-``__main__``, the exit status of a real process (``-N`` for a signal). Rails' Spring preloader and Android's
-zygote work the same way.
+``__main__``, its own ``random`` and NumPy seeds, the exit status of a real process (``-N`` for a signal).
+Rails' Spring preloader and Android's zygote work the same way (tests/test_preloaded_python.py compares a child
+with a real process). Left as the server's: the ``str`` hash seed and ``/proc/PID/cmdline``.
 
 What a fork cannot give is what the interpreter reads at start-up, so the client (``run``) starts a real
 process instead whenever a command depends on it: another value of a variable read while importing (the
 OpenMP, torch, CUDA, Python variables), or more than one rank (Lightning's other ranks check that their parent
 runs the same command line, which a forked child's ``/proc/PID/cmdline`` does not show). ``RP_PRELOADED=0``
-turns it off for a run of the suite; tests of start-up itself (a signal during the imports) start their
-processes themselves.
+turns it off for a run of the suite, ``RP_PRELOADED_LOG=FILE`` lists each command, forked or started anew; tests
+of start-up itself (a signal during the imports) start their processes themselves.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ PRELOAD = ("torch", "torchvision", "torchmetrics", "lightning_fabric", "pytorch_
 # Variables read while those modules import (or by the interpreter's start-up): a command whose environment gives
 # one of them another value than the server's runs as a real process.
 READ_AT_START = re.compile(r"^(PYTHON(?!PATH$)|OMP_|MKL_|KMP_|GOMP_|TORCH|PYTORCH|CUDA|NVIDIA|LD_|PL_|LIGHTNING|TF_)")
+FORKED_PACKAGES = ("pipeline",)  # the commands forked: this project's trainer and its tools
 # A command line or config that starts other ranks: Lightning's launcher re-runs the parent's command line
 MANY_RANKS = re.compile(r"ddp|deepspeed|fsdp|^\s*(devices|num_nodes)\s*:\s*(?!1\s*$|auto\s*$|null\s*$)\S", re.M)
 
@@ -100,6 +102,7 @@ def _interpreter_path() -> list[str]:
 def _become(request: dict, base_path: list[str]) -> None:
     """Turn this forked child into ``python -m MODULE ARGS`` started with the request's environment and
     working directory, then run it as the interpreter's ``-m`` does."""
+    import builtins
     import random
     import runpy
     import types
@@ -116,7 +119,9 @@ def _become(request: dict, base_path: list[str]) -> None:
     random.seed()  # a new process's own seeds, not the server's state
     numpy.random.seed()
     sys.argv[:] = ["-m", *request["args"]]
-    sys.modules["__main__"] = types.ModuleType("__main__")
+    main = types.ModuleType("__main__")  # as the interpreter makes it at start-up
+    main.__annotations__, main.__builtins__ = {}, builtins
+    sys.modules["__main__"] = main
     runpy._run_module_as_main(request["module"], alter_argv=True)
 
 
@@ -140,7 +145,7 @@ def _receive(conn: socket.socket) -> tuple[dict, list[int]]:
 def forkable(module: str, args: list[str]) -> bool:
     """Whether ``python -m module args`` could come from the server: this project's ``pipeline`` commands with
     one rank (see the module's doc), unless ``RP_PRELOADED=0``."""
-    if module.split(".")[0] != "pipeline" or os.environ.get("RP_PRELOADED") == "0":
+    if module.split(".")[0] not in FORKED_PACKAGES or os.environ.get("RP_PRELOADED") == "0":
         return False
     texts = list(args)
     for flag, value in zip(args, args[1:]):

@@ -1,0 +1,91 @@
+"""The suite's preloaded Python (tests/preloaded_python.py) starts what ``python -m`` starts: a child forked
+from it and a real process of the same command see the same command line, paths, environment and ``__main__``,
+end with the same exit status, and are signalled by their pid; what a fork cannot reproduce starts anew."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests import preloaded_python
+from tests.conftest import REPO
+
+PROBE = [sys.executable, "-m", "tests.preloaded_probe"]
+
+
+@pytest.fixture
+def probe_forked(monkeypatch):
+    """The probe module is forked like the pipeline's commands; RP_PRELOADED=0 would make this test pointless."""
+    monkeypatch.setattr(preloaded_python, "FORKED_PACKAGES", ("pipeline", "tests"))
+    monkeypatch.delenv("RP_PRELOADED", raising=False)
+    log = []
+    monkeypatch.setattr(preloaded_python, "_log", lambda how, cmd: log.append(how))
+    return log
+
+
+def _env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO), "PROBE": "seen", **extra}
+
+
+def test_a_forked_child_holds_what_a_started_interpreter_holds(probe_forked, tmp_path):
+    real = subprocess.run([*PROBE, "exit", "0"], env=_env(), cwd=tmp_path, capture_output=True, text=True,
+                          timeout=60)
+    forked = preloaded_python.run([*PROBE, "exit", "0"], env=_env(), cwd=tmp_path, capture_output=True, text=True,
+                                  timeout=300)
+    again = preloaded_python.run([*PROBE, "exit", "0"], env=_env(), cwd=tmp_path, capture_output=True, text=True,
+                                 timeout=60)
+    assert probe_forked == ["forked", "forked"]
+    a, b, c = (json.loads(p.stdout) for p in (real, forked, again))
+    for key in ("argv", "cwd", "path", "probe", "main", "main_names", "pipeline_imported", "stdin_is"):
+        assert a[key] == b[key], (key, a[key], b[key])
+    assert a["argv"] == [str(REPO / "tests" / "preloaded_probe.py"), "exit", "0"] and a["cwd"] == str(tmp_path)
+    assert a["path"][:2] == [str(tmp_path), str(REPO)] and a["probe"] == "seen" and not a["pipeline_imported"]
+    assert (real.returncode, forked.returncode, forked.stderr) == (0, 0, real.stderr) == (0, 0, "to stderr\n")
+    assert len({a["random"], b["random"], c["random"]}) == 3, "each child seeds its own random numbers"
+    assert b["pid"] != c["pid"] and b["pgid"] != b["pid"], "a child of its own, in the server's process group"
+
+
+@pytest.mark.parametrize("how, code", [(["exit", "3"], 3), (["raise"], 1), (["kill"], -signal.SIGKILL)])
+def test_exit_statuses_are_a_real_processs(probe_forked, how, code):
+    real = subprocess.run([*PROBE, *how], env=_env(), cwd=REPO, capture_output=True, text=True, timeout=60)
+    forked = preloaded_python.run([*PROBE, *how], env=_env(), cwd=REPO, capture_output=True, text=True,
+                                  timeout=300)
+    assert probe_forked == ["forked"]
+    assert real.returncode == forked.returncode == code
+    assert real.stderr.splitlines()[-1:] == forked.stderr.splitlines()[-1:]  # the traceback's last line
+    if how == ["raise"]:
+        assert "ValueError: the probe failed" in forked.stderr and "Traceback" in forked.stderr
+
+
+def test_a_forked_child_is_signalled_by_its_pid_and_its_session_and_times_out(probe_forked, tmp_path):
+    with open(tmp_path / "out", "w") as out:
+        proc = preloaded_python.popen([*PROBE, "sleep", "60"], env=_env(), cwd=REPO, stdout=out,
+                                      stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 300
+        while "to stderr" not in (tmp_path / "out").read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None
+        os.killpg(proc.pid, signal.SIGTERM)  # as the kill/resume helpers signal a run's process group
+        assert proc.wait(60) == -signal.SIGTERM
+    seen = json.loads((tmp_path / "out").read_text().splitlines()[0])
+    assert seen["pid"] == seen["pgid"] == proc.pid, "start_new_session: a session of its own"
+    with pytest.raises(subprocess.TimeoutExpired):
+        preloaded_python.run([*PROBE, "sleep", "60"], env=_env(), cwd=REPO, capture_output=True, timeout=1)
+
+
+@pytest.mark.parametrize("cmd, env", [
+    ([*PROBE, "--trainer.devices", "2"], {}),  # Lightning's other ranks check their parent's command line
+    ([*PROBE, "--trainer.strategy", "ddp"], {}),
+    (PROBE, {"OMP_NUM_THREADS": "3"}),  # read when torch is imported
+    (PROBE, {"PYTHONHASHSEED": "1"}),  # read by the interpreter's start-up
+    ([sys.executable, "-m", "data_prep", "--help"], {}),  # not a pipeline command
+])
+def test_what_a_fork_cannot_reproduce_starts_anew(probe_forked, cmd, env):
+    proc = preloaded_python.run(cmd, env=_env(**env), cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert probe_forked == ["started"], proc.stderr[-2000:]
