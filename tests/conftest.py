@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.pop("WANDB_API_KEY", None)
