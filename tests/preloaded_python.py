@@ -39,8 +39,11 @@ PRELOAD = ("torch", "torchvision", "torchmetrics", "lightning_fabric", "pytorch_
 # one of them another value than the server's runs as a real process.
 READ_AT_START = re.compile(r"^(PYTHON(?!PATH$)|OMP_|MKL_|KMP_|GOMP_|TORCH|PYTORCH|CUDA|NVIDIA|LD_|PL_|LIGHTNING|TF_)")
 FORKED_PACKAGES = ("pipeline",)  # the commands forked: this project's trainer and its tools
-# A command line or config that starts other ranks: Lightning's launcher re-runs the parent's command line
-MANY_RANKS = re.compile(r"ddp|deepspeed|fsdp|^\s*(devices|num_nodes)\s*:\s*(?!1\s*$|auto\s*$|null\s*$)\S", re.M)
+# A config that starts other ranks (Lightning's launcher re-runs the parent's command line for them): devices or
+# num_nodes other than 1, auto or null, in block (``devices: 2``) or flow style (``trainer: {devices: 2}``)
+MANY_RANKS = re.compile(r"\b(devices|num_nodes)\s*:\s*(?!(1|auto|null)\s*(#.*)?$|(1|auto|null)\s*[,}])\S", re.M)
+ONE_RANK = ("1", "auto", "null")
+RANK_FLAGS = ("--trainer.devices", "--trainer.num_nodes")
 
 
 def _serve(path: str) -> dict:
@@ -147,13 +150,14 @@ def forkable(module: str, args: list[str]) -> bool:
     one rank (see the module's doc), unless ``RP_PRELOADED=0``."""
     if module.split(".")[0] not in FORKED_PACKAGES or os.environ.get("RP_PRELOADED") == "0":
         return False
-    texts = list(args)
-    for flag, value in zip(args, args[1:]):
-        if flag == "--config" and os.path.isfile(value):
-            texts.append(Path(value).read_text(errors="replace"))
-        if flag in ("--trainer.devices", "--trainer.num_nodes") and value not in ("1", "auto"):
+    for i, arg in enumerate(args):
+        flag, eq, value = arg.partition("=")
+        value = value if eq else (args[i + 1] if i + 1 < len(args) else "")
+        if flag in RANK_FLAGS and value not in ONE_RANK:
             return False
-    return not any(MANY_RANKS.search(t) for t in texts)
+        if flag == "--config" and os.path.isfile(value) and MANY_RANKS.search(Path(value).read_text(errors="replace")):
+            return False
+    return True
 
 
 class PreloadedServer:
@@ -189,10 +193,13 @@ class PreloadedServer:
     def serves(self, env: dict[str, str]) -> bool:
         """Whether a child started with ``env`` imports as the server did: the variables read at start-up
         have the server's values."""
+        return not self.differences(env)
+
+    def differences(self, env: dict[str, str]) -> list[str]:
+        """The start-up variables of ``env`` whose values are not the server's."""
         self.ready()
         env = {**self.set_by_imports, **env}  # as the child's will be
-        keys = set(env) | set(self.env)
-        return not any(READ_AT_START.match(k) and env.get(k) != self.env.get(k) for k in keys)
+        return sorted(k for k in set(env) | set(self.env) if READ_AT_START.match(k) and env.get(k) != self.env.get(k))
 
     def connect(self) -> socket.socket:
         self.ready()
@@ -262,17 +269,20 @@ def _server_for(cmd: list[str], env: dict[str, str]) -> PreloadedServer | None:
     if _server is None:
         _server = PreloadedServer()
     if not _server.serves(env):
-        _log("started", cmd)
+        _log("started", cmd, f"{', '.join(_server.differences(env))} not the server's")
         return None
     _log("forked", cmd)
     return _server
 
 
-def _log(how: str, cmd: list[str]) -> None:
-    """``RP_PRELOADED_LOG=FILE``: a line per command, forked or started anew, and the test that ran it."""
+def _log(how: str, cmd: list[str], why: str = "") -> None:
+    """``RP_PRELOADED_LOG=FILE``: a line per command, forked or started anew (and why, when the environment
+    was the reason), and the test that ran it."""
     if os.environ.get("RP_PRELOADED_LOG"):
+        fields = [how, os.environ.get("PYTEST_CURRENT_TEST", ""), " ".join(map(str, cmd))[:300]]
+        fields += [why] if why else []
         with open(os.environ["RP_PRELOADED_LOG"], "a") as f:
-            f.write(f"{how}\t{os.environ.get('PYTEST_CURRENT_TEST', '')}\t{' '.join(map(str, cmd))[:300]}\n")
+            f.write("\t".join(fields) + "\n")
 
 
 def _fd(target, default: int, null) -> int:

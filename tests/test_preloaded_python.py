@@ -25,7 +25,7 @@ def probe_forked(monkeypatch):
     monkeypatch.setattr(preloaded_python, "FORKED_PACKAGES", ("pipeline", "tests"))
     monkeypatch.delenv("RP_PRELOADED", raising=False)
     log = []
-    monkeypatch.setattr(preloaded_python, "_log", lambda how, cmd: log.append(how))
+    monkeypatch.setattr(preloaded_python, "_log", lambda how, cmd, why="": log.append(how))
     return log
 
 
@@ -81,7 +81,8 @@ def test_a_forked_child_is_signalled_by_its_pid_and_its_session_and_times_out(pr
 
 @pytest.mark.parametrize("cmd, env", [
     ([*PROBE, "--trainer.devices", "2"], {}),  # Lightning's other ranks check their parent's command line
-    ([*PROBE, "--trainer.strategy", "ddp"], {}),
+    ([*PROBE, "--trainer.num_nodes=2"], {}),
+    ([*PROBE, "--config", str(REPO / "conf" / "imagenet_resnet50.yaml")], {}),  # devices: 8
     (PROBE, {"OMP_NUM_THREADS": "3"}),  # read when torch is imported
     (PROBE, {"PYTHONHASHSEED": "1"}),  # read by the interpreter's start-up
     ([sys.executable, "-m", "data_prep", "--help"], {}),  # not a pipeline command
@@ -89,3 +90,15 @@ def test_a_forked_child_is_signalled_by_its_pid_and_its_session_and_times_out(pr
 def test_what_a_fork_cannot_reproduce_starts_anew(probe_forked, cmd, env):
     proc = preloaded_python.run(cmd, env=_env(**env), cwd=REPO, capture_output=True, text=True, timeout=120)
     assert probe_forked == ["started"], proc.stderr[-2000:]
+
+
+def test_one_rank_forks_whatever_its_strategy_and_paths(probe_forked, tmp_path):
+    """One rank starts no other: DDP or DeepSpeed on one device, a config of one device, a folder named ddp."""
+    config = tmp_path / "one.yaml"
+    config.write_text("trainer: {devices: 1, strategy: ddp}\n")
+    for args in (["--trainer.strategy", "ddp", "--trainer.devices", "1", "--data.root", str(tmp_path / "ddp_8")],
+                 ["--trainer.strategy=deepspeed_stage_2_cpu", "--trainer.num_nodes=1"], ["--config", str(config)]):
+        proc = preloaded_python.run([*PROBE, "exit", "0", *args], env=_env(), cwd=REPO, capture_output=True,
+                                    text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    assert probe_forked == ["forked"] * 3
