@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,19 @@ SHARED = REPO.parent / "shared"
 # the demo ResNet-20's blocks and option-A shortcuts at a third of its compute (ResNet-20's steps were a third to
 # a half of such a test's CPU time). Tests about learning (the loss falls, the demo's accuracy) keep ResNet-20.
 SMALL_NET = ("--model.arch", "cifar_resnet8")
+
+
+@pytest.fixture(autouse=True)
+def _environment_as_before() -> Iterator[None]:
+    """What a test's own code leaves in ``os.environ`` is taken out after it: Lightning's ``seed_everything``
+    in an in-process ``PipelineCLI`` sets ``PL_GLOBAL_SEED``, which every later test's processes inherited (and
+    for an environment not its own the preloaded Python starts a real process: a third of a CI run's trainers
+    started anew so)."""
+    before = dict(os.environ)
+    yield
+    if os.environ != before:
+        os.environ.clear()
+        os.environ.update(before)
 
 
 def unavailable_here(reason: str) -> None:
