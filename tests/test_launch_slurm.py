@@ -229,8 +229,8 @@ def test_second_train_job_into_a_busy_run_dir_is_refused(slurm_cluster: SlurmClu
     run_dir = tmp_path / "run"
 
     def submit(time_limit: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-        return slurm_cluster.launch("submit", "train", "--config", str(cfg), "--gpus-per-node", "0",
-                                    "--time", time_limit, "--signal-lead", "30", "--run-dir", str(run_dir),
+        return slurm_cluster.launch("submit", "train", "--no-config-check", "--config", str(cfg), "--gpus-per-node",
+                                    "0", "--time", time_limit, "--signal-lead", "30", "--run-dir", str(run_dir),
                                     "--python", str(sleeper), check=False, cwd=tmp_path, env=env)
 
     def refused(state: str) -> None:
@@ -290,9 +290,9 @@ def test_second_train_job_into_a_busy_run_dir_is_refused(slurm_cluster: SlurmClu
         slurm_cluster.run("scancel", jobs[-1])
         slurm_cluster.wait_gone([jobs[-1]], timeout=30)
         script, recorded = (run_dir / "train.sbatch").read_bytes(), (run_dir / "jobs.jsonl").read_bytes()
-        bad = slurm_cluster.launch("submit", "train", "--config", str(cfg), "--gpus-per-node", "0", "--time",
-                                   "00:04:00", "--signal-lead", "30", "--partition", "nosuch", "--run-dir", str(run_dir), "--python",
-                                   str(sleeper), check=False, cwd=tmp_path)
+        bad = slurm_cluster.launch("submit", "train", "--no-config-check", "--config", str(cfg), "--gpus-per-node",
+                                   "0", "--time", "00:04:00", "--signal-lead", "30", "--partition", "nosuch",
+                                   "--run-dir", str(run_dir), "--python", str(sleeper), check=False, cwd=tmp_path)
         assert bad.returncode == 2 and f"sbatch {run_dir / 'train.sbatch'} failed: " in bad.stderr, bad.stderr
         assert bad.stderr.rstrip().endswith(f"; {run_dir / 'train.sbatch'} is unchanged"), bad.stderr
         assert (run_dir / "train.sbatch").read_bytes() == script and (run_dir / "jobs.jsonl").read_bytes() == recorded
@@ -419,9 +419,12 @@ def demo_shards(digits_shards: Path) -> Path:
 
 def _train_args(run_dir: Path, shards: Path, time_limit: str = "00:05:00", lead: str = "60",
                 steps: int = STEPS, epochs: int | None = None,
-                loader: tuple[str, ...] = ("--data.num_workers", "0")) -> list[str]:
-    """``loader``: loader settings; with worker processes, Slurm's signals reach them too."""
-    return ["submit", "train", "--config", str(REPO / "conf" / "demo.yaml"), "--nodes", "2",
+                loader: tuple[str, ...] = ("--data.num_workers", "0"), config_check: bool = False) -> list[str]:
+    """``loader``: loader settings; with worker processes, Slurm's signals reach them too. ``config_check``:
+    the trainer-settings check before sbatch (a process importing Lightning, seconds of CPU), which
+    test_launch_config_check.py tests; here only the uninterrupted run's submission makes it."""
+    return ["submit", "train", *([] if config_check else ["--no-config-check"]),
+            "--config", str(REPO / "conf" / "demo.yaml"), "--nodes", "2",
             "--gpus-per-node", "0", "--time", time_limit, "--signal-lead", lead, "--run-dir", str(run_dir),
             "--", *SMALL_NET, "--data.root", str(shards), "--trainer.max_steps", str(steps),
             "--checkpoint.every_n_train_steps", "5", *loader,
@@ -483,7 +486,7 @@ def _log(run_dir: Path, job: str) -> str:
 def uninterrupted(slurm_cluster: SlurmCluster, demo_shards: Path, tmp_path_factory: pytest.TempPathFactory
                   ) -> tuple[Path, str]:
     run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
-    job = _submit(slurm_cluster, _train_args(run_dir, demo_shards))
+    job = _submit(slurm_cluster, _train_args(run_dir, demo_shards, config_check=True))
     slurm_cluster.wait_gone([job], timeout=240)
     return run_dir, job
 
@@ -741,10 +744,9 @@ def test_crash_retries_end_without_progress_and_trainer_errors_are_not_retried(
     job = _submit(slurm_cluster, _with_launch_args(one_node, "--max-failures", "1") + [
         KILL, "--trainer.callbacks.step=2", "--trainer.callbacks.every_attempt=true"])
     bad_dir = tmp_path / "bad"
-    # --no-config-check: the check at submit would refuse it; a setting can still fail at the job's start
-    # (a path the login node cannot see), and such a job must not be retried
-    bad = _submit(slurm_cluster, _with_launch_args(_train_args(bad_dir, demo_shards), "--no-config-check")
-                  + ["--model.warmup_factor", "10"])
+    # without the config check (_train_args): it would refuse this at submit; a setting can still fail at the
+    # job's start (a path the login node cannot see), and such a job must not be retried
+    bad = _submit(slurm_cluster, _train_args(bad_dir, demo_shards) + ["--model.warmup_factor", "10"])
     slurm_cluster.wait_gone([job, bad], timeout=300)
 
     log = _log(run_dir, job)

@@ -21,12 +21,17 @@ from tests.conftest import REPO, SMALL_NET, free_port
 STEPS = 8
 
 
-def _launch(run_dir: Path, shards: Path, *launch_args: str, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    return _finish(_start(run_dir, shards, *launch_args, extra=extra), run_dir)
+def _launch(run_dir: Path, shards: Path, *launch_args: str, extra: tuple[str, ...] = (),
+            config_check: bool = False) -> subprocess.CompletedProcess:
+    return _finish(_start(run_dir, shards, *launch_args, extra=extra, config_check=config_check), run_dir)
 
 
 def _start(run_dir: Path, shards: Path, *launch_args: str, extra: tuple[str, ...] = (), nnodes: int = 1,
-           nproc_per_node: int = 2, endpoint: str | None = None) -> subprocess.Popen:
+           nproc_per_node: int = 2, endpoint: str | None = None, config_check: bool = False) -> subprocess.Popen:
+    """``config_check``: the trainer-settings check before the agent starts (a process importing Lightning,
+    seconds of CPU), which test_launch_config_check.py tests; here only the uninterrupted run makes it."""
+    if not config_check:
+        launch_args = ("--no-config-check", *launch_args)
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("SLURM_", "WANDB_API_KEY", "TORCHELASTIC_", "TORCH_DISABLE_SHARE", "OMP_NUM_THREADS"))}
     # LOGLEVEL: the agent's info lines, one "will restart worker group" per restart (_rounds)
@@ -59,7 +64,7 @@ def _finish(proc: subprocess.Popen, run_dir: Path, timeout: float = 180) -> subp
 @pytest.fixture(scope="module")
 def uninterrupted(digits_shards: Path, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     run_dir = tmp_path_factory.mktemp("torchrun") / "run"
-    return run_dir, _launch(run_dir, digits_shards)
+    return run_dir, _launch(run_dir, digits_shards, config_check=True)
 
 
 @pytest.mark.slow
@@ -154,7 +159,7 @@ def test_a_setting_error_under_torchrun_ends_after_one_round_with_its_status(dig
     would refuse it again. Before, torchrun restarted the ranks twice (three rounds of `error:` lines) and
     exited 1 with its ChildFailedError summary; now the rank stops its agent: one round, exit 2."""
     run_dir = tmp_path / "run"
-    proc = _start(run_dir, digits_shards, "--max-restarts", "2", "--no-config-check",
+    proc = _start(run_dir, digits_shards, "--max-restarts", "2",
                   extra=(setting, str(tmp_path / "missing")))
     r = _finish(proc, run_dir)
     # the agent was `launch torchrun --run` itself: its one-SIGTERM guard file does not stay behind
@@ -202,12 +207,12 @@ def test_a_corrupt_sample_on_one_node_stops_the_other_nodes_agent_too(digits_sha
     endpoint = f"127.0.0.1:{free_port()}"
     kw = dict(extra=("--data.batch_size", "32", "--trainer.precision", "32-true"), nnodes=2, nproc_per_node=1,
               endpoint=endpoint)
-    first = _start(run_dir, shards, "--max-restarts", "2", "--no-config-check", **kw)
+    first = _start(run_dir, shards, "--max-restarts", "2", **kw)
     for _ in range(600):  # the W&B id (the rendezvous id) is made once, by the first launcher
         if (run_dir / "wandb_run_id").exists():
             break
         time.sleep(0.1)
-    second = _start(run_dir, shards, "--max-restarts", "2", "--no-config-check", **kw)
+    second = _start(run_dir, shards, "--max-restarts", "2", **kw)
     nodes = [_finish(p, run_dir, timeout=200) for p in (first, second)]
     out = "".join(r.stdout + r.stderr for r in nodes)
     errors = [line for line in out.splitlines() if line.startswith("error: ")]
