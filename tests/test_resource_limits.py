@@ -9,6 +9,7 @@ import sys
 
 import torch
 
+from tests import preloaded_python
 from tests.conftest import REPO, unavailable_here
 
 
@@ -334,14 +335,14 @@ def test_fit_on_a_full_disk_is_one_line_naming_the_run_directory_and_a_rerun_sta
                "--trainer.num_sanity_val_steps", "0", "--trainer.limit_val_batches", "1"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"}
     try:
-        proc = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+        proc = preloaded_python.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
         assert proc.returncode == 1, proc.stderr[-3000:]
         lines = proc.stderr.strip().splitlines()
         assert len(lines) < 12 and "Traceback" not in proc.stderr and "Logging error" not in proc.stderr, proc.stderr[-3000:]
         assert lines[-1].startswith("error: [Errno 28] No space left on device"), lines[-1]
         assert f"(trainer.default_root_dir {run}: 0.0 MiB free); free space" in lines[-1]
         subprocess.run(["mount", "-o", "remount,size=32M", str(fs)], check=True)
-        again = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+        again = preloaded_python.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
         assert again.returncode == 0, again.stderr[-3000:]
         assert (run / "checkpoints" / "last.ckpt").is_file()
         # full again: `validate` (no run lock) writes its own logs, and said it as a traceback
@@ -352,7 +353,7 @@ def test_fit_on_a_full_disk_is_one_line_naming_the_run_directory_and_a_rerun_sta
         except OSError as e:
             assert e.errno == 28, e
         score = [*command[:3], "validate", *command[4:]]
-        proc = subprocess.run(score, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+        proc = preloaded_python.run(score, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
         assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
         last = proc.stderr.strip().splitlines()[-1]
         assert last.startswith("error: ") and "No space left on device" in last, last
