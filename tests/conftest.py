@@ -44,8 +44,8 @@ SMALL_NET = ("--model.arch", "cifar_resnet8")
 def _environment_as_before() -> Iterator[None]:
     """What a test's own code leaves in ``os.environ`` is taken out after it: Lightning's ``seed_everything``
     in an in-process ``PipelineCLI`` sets ``PL_GLOBAL_SEED``, which every later test's processes inherited (and
-    for an environment not its own the preloaded Python starts a real process: a third of a CI run's trainers
-    started anew so)."""
+    for an environment not its own the preloaded Python starts a real process: every later command of that
+    pytest worker started anew)."""
     before = dict(os.environ)
     yield
     if os.environ != before:
