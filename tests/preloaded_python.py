@@ -190,13 +190,9 @@ class PreloadedServer:
             written = json.loads(Path(self.path + ".env").read_text())
             self.env, self.set_by_imports = written["env"], written["set_by_imports"]
 
-    def serves(self, env: dict[str, str]) -> bool:
-        """Whether a child started with ``env`` imports as the server did: the variables read at start-up
-        have the server's values."""
-        return not self.differences(env)
-
     def differences(self, env: dict[str, str]) -> list[str]:
-        """The start-up variables of ``env`` whose values are not the server's."""
+        """The start-up variables of ``env`` whose values are not the server's: none, and a child started with
+        ``env`` imports as the server did."""
         self.ready()
         env = {**self.set_by_imports, **env}  # as the child's will be
         return sorted(k for k in set(env) | set(self.env) if READ_AT_START.match(k) and env.get(k) != self.env.get(k))
@@ -268,8 +264,9 @@ def _server_for(cmd: list[str], env: dict[str, str]) -> PreloadedServer | None:
         return None
     if _server is None:
         _server = PreloadedServer()
-    if not _server.serves(env):
-        _log("started", cmd, f"{', '.join(_server.differences(env))} not the server's")
+    differences = _server.differences(env)
+    if differences:
+        _log("started", cmd, f"{', '.join(differences)} not the server's")
         return None
     _log("forked", cmd)
     return _server
