@@ -1,4 +1,4 @@
-"""``python -m tests.preloaded_probe [exit N | raise | kill | sleep S]``: prints what a started interpreter holds
+"""``python -m tests.preloaded_probe [exit N | raise | kill | sleep S | rank]``: prints what a started interpreter holds
 (its command line, paths, environment, ``__main__``, a fresh random number) as JSON, for test_preloaded_python
 to compare a forked child with a real process."""
 
@@ -16,6 +16,7 @@ if __name__ == "__main__":
         "main": [main.__name__, main.__spec__.name, main.__file__], "main_names": sorted(vars(main))[:40],
         "random": random.random(), "pid": os.getpid(), "pgid": os.getpgid(0), "pipeline_imported":
         "pipeline.cli" in sys.modules, "stdin_is": os.path.realpath("/proc/self/fd/0"),
+        "cmdline": open("/proc/self/cmdline", "rb").read().decode().split("\0"),
     }), flush=True)
     print("to stderr", file=sys.stderr, flush=True)
     what = sys.argv[1] if len(sys.argv) > 1 else ""
@@ -27,3 +28,15 @@ if __name__ == "__main__":
         os.kill(os.getpid(), signal.SIGKILL)
     if what == "sleep":
         time.sleep(float(sys.argv[2]))
+    if what == "rank" and os.environ.get("LOCAL_RANK") == "1":  # the other rank: what it sees of its parent
+        from pipeline.parent_death import lightning_rank_zero
+
+        print(json.dumps({"rank_zero": lightning_rank_zero(), "parent": os.getppid()}), flush=True)
+    elif what == "rank":  # as Lightning's launcher starts another local rank: this command again, LOCAL_RANK set
+        import subprocess
+
+        from lightning_fabric.strategies.launchers.subprocess_script import _basic_subprocess_cmd
+
+        rank = subprocess.run(_basic_subprocess_cmd(), env={**os.environ, "LOCAL_RANK": "1"}, capture_output=True,
+                              text=True, check=True)
+        print(rank.stdout.splitlines()[-1], flush=True)

@@ -5,16 +5,17 @@ Every training process of the suite spent ~8 s of CPU importing torch, Lightning
 `make test`'s time. This server imports them (never this project's code), then forks a child per request that
 becomes ``python -m MODULE ARGS`` as the interpreter would start it: its own pid (signals reach it), the
 caller's stdin/stdout/stderr file descriptors, environment, working directory and ``sys.path``, a fresh
-``__main__``, its own ``random`` and NumPy seeds, the exit status of a real process (``-N`` for a signal).
-Rails' Spring preloader and Android's zygote work the same way (tests/test_preloaded_python.py compares a child
-with a real process). Left as the server's: the ``str`` hash seed and ``/proc/PID/cmdline``.
+``__main__``, its own ``random`` and NumPy seeds, the exit status of a real process (``-N`` for a signal), and
+its command line in ``/proc/PID/cmdline`` (written over the server's: Lightning's other ranks check that their
+parent runs their command, ``pipeline.parent_death``). Rails' Spring preloader and Android's zygote work the same
+way (tests/test_preloaded_python.py compares a child with a real process). Left as the server's: the ``str``
+hash seed. A run of several ranks forks rank 0, whose launcher starts the others as real processes.
 
 What a fork cannot give is what the interpreter reads at start-up, so the client (``run``) starts a real
 process instead whenever a command depends on it: another value of a variable read while importing (the
-OpenMP, torch, CUDA, Python variables), or more than one rank (Lightning's other ranks check that their parent
-runs the same command line, which a forked child's ``/proc/PID/cmdline`` does not show). ``RP_PRELOADED=0``
-turns it off for a run of the suite, ``RP_PRELOADED_LOG=FILE`` lists each command, forked or started anew; tests
-of start-up itself (a signal during the imports) start their processes themselves.
+OpenMP, torch, CUDA, Python variables). ``RP_PRELOADED=0`` turns it off for a run of the suite,
+``RP_PRELOADED_LOG=FILE`` lists each command, forked or started anew; tests of start-up itself (a signal during
+the imports) start their processes themselves.
 """
 
 from __future__ import annotations
@@ -39,11 +40,7 @@ PRELOAD = ("torch", "torchvision", "torchmetrics", "lightning_fabric", "pytorch_
 # one of them another value than the server's runs as a real process.
 READ_AT_START = re.compile(r"^(PYTHON(?!PATH$)|OMP_|MKL_|KMP_|GOMP_|TORCH|PYTORCH|CUDA|NVIDIA|LD_|PL_|LIGHTNING|TF_)")
 FORKED_PACKAGES = ("pipeline",)  # the commands forked: this project's trainer and its tools
-# A config that starts other ranks (Lightning's launcher re-runs the parent's command line for them): devices or
-# num_nodes other than 1, auto or null, in block (``devices: 2``) or flow style (``trainer: {devices: 2}``)
-MANY_RANKS = re.compile(r"\b(devices|num_nodes)\s*:\s*(?!(1|auto|null)\s*(#.*)?$|(1|auto|null)\s*[,}])\S", re.M)
-ONE_RANK = ("1", "auto", "null")
-RANK_FLAGS = ("--trainer.devices", "--trainer.num_nodes")
+COMMAND_LINE_ROOM = 65536  # bytes a child's command line may take (the server starts with an argument this long)
 
 
 def _serve(path: str) -> dict:
@@ -122,10 +119,46 @@ def _become(request: dict, base_path: list[str]) -> None:
     random.seed()  # a new process's own seeds, not the server's state
     numpy.random.seed()
     sys.argv[:] = ["-m", *request["args"]]
+    _show_command_line([sys.executable, "-m", request["module"], *request["args"]])
     main = types.ModuleType("__main__")  # as the interpreter makes it at start-up
     main.__annotations__, main.__builtins__ = {}, builtins
     sys.modules["__main__"] = main
     runpy._run_module_as_main(request["module"], alter_argv=True)
+
+
+def _command_line_area() -> tuple[int, int]:
+    """Where this process's command line lies in its memory: ``/proc/self/stat``'s ``arg_start`` and
+    ``arg_end`` (Linux >= 3.5), what ``/proc/PID/cmdline`` reads."""
+    with open("/proc/self/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()  # after the command's name, which may hold spaces
+    return int(fields[45]), int(fields[46])  # fields 48 and 49, counted from 1 with pid and (comm)
+
+
+def command_line_fits(cmd: list[str]) -> bool:
+    """Whether a child can show ``cmd`` as its command line (``_show_command_line``)."""
+    return len(_command_line_bytes(cmd, 0)) <= COMMAND_LINE_ROOM
+
+
+def _command_line_bytes(cmd: list[str], room: int) -> bytes:
+    """``cmd`` as the kernel holds a command line, padded to ``room`` bytes by slashes in front of the
+    interpreter's path (``//.../python`` is the same file: every argument stays what it was)."""
+    tail = b"".join(os.fsencode(a) + b"\0" for a in cmd[1:])
+    head = os.fsencode(cmd[0]) + b"\0"
+    return b"/" * max(0, room - len(head) - len(tail)) + head + tail
+
+
+def _show_command_line(cmd: list[str]) -> None:
+    """Write ``cmd`` over the server's command line, so that ``/proc/PID/cmdline`` (``ps``, and the check of
+    Lightning's other ranks that their parent runs their command: ``pipeline.parent_death``) shows the
+    command this child runs. The server was started with ``COMMAND_LINE_ROOM`` bytes of room; ending in a
+    NUL byte, the area is read back as it is written."""
+    import ctypes
+
+    start, end = _command_line_area()
+    data = _command_line_bytes(cmd, end - start)
+    if len(data) != end - start:  # the client checked the length (command_line_fits): not reached
+        raise RuntimeError(f"a command line of {len(data)} bytes does not fit in {end - start}")
+    ctypes.memmove(start, data, len(data))
 
 
 def _send(conn: socket.socket, message: dict) -> None:
@@ -146,18 +179,10 @@ def _receive(conn: socket.socket) -> tuple[dict, list[int]]:
 
 
 def forkable(module: str, args: list[str]) -> bool:
-    """Whether ``python -m module args`` could come from the server: this project's ``pipeline`` commands with
-    one rank (see the module's doc), unless ``RP_PRELOADED=0``."""
-    if module.split(".")[0] not in FORKED_PACKAGES or os.environ.get("RP_PRELOADED") == "0":
-        return False
-    for i, arg in enumerate(args):
-        flag, eq, value = arg.partition("=")
-        value = value if eq else (args[i + 1] if i + 1 < len(args) else "")
-        if flag in RANK_FLAGS and value not in ONE_RANK:
-            return False
-        if flag == "--config" and os.path.isfile(value) and MANY_RANKS.search(Path(value).read_text(errors="replace")):
-            return False
-    return True
+    """Whether ``python -m module args`` could come from the server: this project's ``pipeline`` commands, unless
+    ``RP_PRELOADED=0``. With several ranks the forked child is rank 0; Lightning's launcher starts the others
+    as real processes of the command line it shows (``_show_command_line``)."""
+    return module.split(".")[0] in FORKED_PACKAGES and os.environ.get("RP_PRELOADED") != "0"
 
 
 class PreloadedServer:
@@ -166,7 +191,8 @@ class PreloadedServer:
     def __init__(self) -> None:
         self._dir = tempfile.mkdtemp(prefix="preloaded-python-")
         self.path = os.path.join(self._dir, "socket")
-        self.proc = subprocess.Popen([sys.executable, __file__, self.path], stdin=subprocess.DEVNULL,
+        room = "." * COMMAND_LINE_ROOM  # what its children write their command lines over
+        self.proc = subprocess.Popen([sys.executable, __file__, self.path, room], stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL)
         self.env: dict[str, str] | None = None  # the server's, after its imports
         self.set_by_imports: dict[str, str] = {}
@@ -261,6 +287,9 @@ def _server_for(cmd: list[str], env: dict[str, str]) -> PreloadedServer | None:
     global _server
     if len(cmd) < 3 or cmd[0] != sys.executable or cmd[1] != "-m" or not forkable(cmd[2], cmd[3:]):
         _log("started", cmd)
+        return None
+    if not command_line_fits(cmd):
+        _log("started", cmd, f"a command line over {COMMAND_LINE_ROOM} bytes")
         return None
     if _server is None:
         _server = PreloadedServer()

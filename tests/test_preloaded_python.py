@@ -44,6 +44,9 @@ def test_a_forked_child_holds_what_a_started_interpreter_holds(probe_forked, tmp
     a, b, c = (json.loads(p.stdout) for p in (real, forked, again))
     for key in ("argv", "cwd", "path", "probe", "main", "main_names", "pipeline_imported", "stdin_is"):
         assert a[key] == b[key], (key, a[key], b[key])
+    # the command line ps shows: the same but for slashes in front of the interpreter's path, the same file
+    assert b["cmdline"][0].startswith("//") and os.path.realpath(b["cmdline"][0]) == os.path.realpath(sys.executable)
+    assert a["cmdline"][1:] == b["cmdline"][1:] == ["-m", "tests.preloaded_probe", "exit", "0", ""], b["cmdline"][1:]
     assert a["argv"] == [str(REPO / "tests" / "preloaded_probe.py"), "exit", "0"] and a["cwd"] == str(tmp_path)
     assert a["path"][:2] == [str(tmp_path), str(REPO)] and a["probe"] == "seen" and not a["pipeline_imported"]
     assert (real.returncode, forked.returncode, forked.stderr) == (0, 0, real.stderr) == (0, 0, "to stderr\n")
@@ -80,16 +83,31 @@ def test_a_forked_child_is_signalled_by_its_pid_and_its_session_and_times_out(pr
 
 
 @pytest.mark.parametrize("cmd, env", [
-    ([*PROBE, "--trainer.devices", "2"], {}),  # Lightning's other ranks check their parent's command line
-    ([*PROBE, "--trainer.num_nodes=2"], {}),
-    ([*PROBE, "--config", str(REPO / "conf" / "imagenet_resnet50.yaml")], {}),  # devices: 8
     (PROBE, {"OMP_NUM_THREADS": "3"}),  # read when torch is imported
     (PROBE, {"PYTHONHASHSEED": "1"}),  # read by the interpreter's start-up
     ([sys.executable, "-m", "data_prep", "--help"], {}),  # not a pipeline command
+    ([*PROBE, "x" * preloaded_python.COMMAND_LINE_ROOM], {}),  # a command line longer than a child can show
 ])
 def test_what_a_fork_cannot_reproduce_starts_anew(probe_forked, cmd, env):
     proc = preloaded_python.run(cmd, env=_env(**env), cwd=REPO, capture_output=True, text=True, timeout=120)
     assert probe_forked == ["started"], proc.stderr[-2000:]
+
+
+def test_another_rank_started_by_a_forked_child_finds_its_parent_as_by_a_real_one(probe_forked):
+    """Lightning's launcher in rank 0 runs rank 0's command again for each other local rank, and such a rank
+    follows its parent when that parent's ``/proc/PID/cmdline`` is its own command (``pipeline.parent_death``):
+    true of a forked rank 0 as of a real one. Several ranks fork rank 0 (devices, num_nodes, a config's)."""
+    for runner in (subprocess.run, preloaded_python.run):
+        proc = runner([*PROBE, "rank"], env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        started, seen = (json.loads(line) for line in proc.stdout.splitlines())
+        assert seen == {"rank_zero": started["pid"], "parent": started["pid"]}, (seen, started)
+    for args in (["--trainer.devices", "2"], ["--trainer.num_nodes=2"],
+                 ["--config", str(REPO / "conf" / "imagenet_resnet50.yaml")]):  # devices: 8
+        proc = preloaded_python.run([*PROBE, "exit", "0", *args], env=_env(), cwd=REPO, capture_output=True,
+                                    text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    assert probe_forked == ["forked"] * 4
 
 
 def test_one_rank_forks_whatever_its_strategy_and_paths(probe_forked, tmp_path):
