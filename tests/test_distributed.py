@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests import preloaded_python
 from tests.conftest import REPO, SMALL_NET, free_port, run_module
 
 CONF = str(REPO / "conf" / "demo.yaml")
@@ -76,12 +77,14 @@ def _state(run_dir: Path) -> dict:
 
 def test_two_hosts_ddp_syncbn_matches_one_process_then_resumes_on_one(hosts, digits_shards, tmp_path):
     two, one = tmp_path / "two_hosts", tmp_path / "one_process"
-    ref = subprocess.Popen([sys.executable, "-m", "pipeline", "fit",
-                            *_fit_args(digits_shards, one, "--data.batch_size", "64")],
-                           env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO,
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    runs = _two_host_fit(hosts, digits_shards, two, 29400 + os.getpid() % 500)
-    ref_out, _ = ref.communicate(timeout=600)
+    with open(tmp_path / "one_process.log", "w") as ref_log:  # beside the two hosts' run
+        ref = preloaded_python.popen([sys.executable, "-m", "pipeline", "fit",
+                                      *_fit_args(digits_shards, one, "--data.batch_size", "64")],
+                                     env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO, stdout=ref_log,
+                                     stderr=subprocess.STDOUT)
+        runs = _two_host_fit(hosts, digits_shards, two, 29400 + os.getpid() % 500)
+        ref.wait(600)
+    ref_out = (tmp_path / "one_process.log").read_text()
     assert ref.returncode == 0, ref_out[-3000:]
     for i, r in enumerate(runs):
         # (c) both hosts exit 0, no abort at teardown
