@@ -178,8 +178,8 @@ def _receive(conn: socket.socket) -> tuple[dict, list[int]]:
     return json.loads(data), fds
 
 
-def forkable(module: str, args: list[str]) -> bool:
-    """Whether ``python -m module args`` could come from the server: this project's ``pipeline`` commands, unless
+def forkable(module: str) -> bool:
+    """Whether ``python -m module ...`` could come from the server: this project's ``pipeline`` commands, unless
     ``RP_PRELOADED=0``. With several ranks the forked child is rank 0; Lightning's launcher starts the others
     as real processes of the command line it shows (``_show_command_line``)."""
     return module.split(".")[0] in FORKED_PACKAGES and os.environ.get("RP_PRELOADED") != "0"
@@ -285,7 +285,7 @@ _server: PreloadedServer | None = None
 def _server_for(cmd: list[str], env: dict[str, str]) -> PreloadedServer | None:
     """The server that can fork ``cmd`` (``[sys.executable, "-m", MODULE, *ARGS]``) with ``env``, or None."""
     global _server
-    if len(cmd) < 3 or cmd[0] != sys.executable or cmd[1] != "-m" or not forkable(cmd[2], cmd[3:]):
+    if len(cmd) < 3 or cmd[0] != sys.executable or cmd[1] != "-m" or not forkable(cmd[2]):
         _log("started", cmd)
         return None
     if not command_line_fits(cmd):
