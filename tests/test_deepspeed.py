@@ -1,6 +1,5 @@
-"""DeepSpeed ZeRO-2 through the CLI on CPU (the registered deepspeed_stage_2_cpu variant), 2 ranks under
-torchrun and 1: trains, saves a checkpoint directory (swapped in whole; a crash between its renames is
-repaired at the next start), resumes from it, and ``python -m pipeline export`` turns it into a plain fp32
+"""DeepSpeed ZeRO-2 through the CLI on CPU (the registered deepspeed_stage_2_cpu variant), 2 ranks and 1:
+trains, saves a checkpoint directory (swapped in whole; a crash between its renames is repaired at the next start), resumes from it, and ``python -m pipeline export`` turns it into a plain fp32
 state_dict that torchvision's resnet18 loads. A ZeRO checkpoint of 2 ranks resumed with 1 or 4 is refused at
 start with one line (DeepSpeed cannot re-partition the sharded optimizer state); resumed with 2 it continues
 bit-exactly. The first DeepSpeed init compiles a C++ extension (~45 s, cached in TORCH_EXTENSIONS_DIR)."""
@@ -9,8 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,7 +21,6 @@ from tests.conftest import REPO, SMALL_NET, free_port, run_cli_in_process, run_m
 CONF = str(REPO / "conf" / "demo.yaml")
 
 
-TORCHRUN = Path(sys.executable).parent / "torchrun"
 
 
 def _fit_args(shards, run_dir, steps: int, *extra: str) -> list[str]:
@@ -47,11 +43,8 @@ def _fit(shards, run_dir, steps: int, *extra: str, check: bool = True):
 
 
 def _fit_two_ranks(shards, run_dir, steps: int, port: int) -> str:
-    cmd = [str(TORCHRUN), "--nnodes", "1", "--nproc-per-node", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint",
-           f"127.0.0.1:{port}", "-m", *_fit_args(shards, run_dir, steps, "--trainer.devices", "2")]
-    proc = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
+    """Two ranks of Lightning's own launcher (rank 0 starts rank 1), as one node of a multi-node run."""
+    proc = run_module(*_fit_args(shards, run_dir, steps, "--trainer.devices", "2"), env={"MASTER_PORT": str(port)})
     return proc.stdout + proc.stderr
 
 

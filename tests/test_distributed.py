@@ -149,19 +149,16 @@ def test_under_slurm_only_our_preemption_requeues(digits_shards, tmp_path, monke
 def test_a_signal_on_one_rank_stops_both_at_one_step_and_resumes_exactly(digits_shards, tmp_path):
     """USR1 on rank 1 only (a node whose tasks got the signal first): the vote reaches rank 0, both ranks
     save last.ckpt at the same step, one optimizer step after the signal (the vote of a step is read at
-    the next), exit 0, and the resumed run ends bit-identical to an uninterrupted 2-rank run."""
+    the next), exit 0, and the resumed run ends bit-identical to an uninterrupted 2-rank run. Two ranks
+    of Lightning's own launcher (rank 0 starts rank 1): the vote is the same under torchrun and srun."""
     from bench.kill_resume import compare, fit_command
 
     steps = 8
-    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"}
 
     def two_ranks(run_dir: Path, *extra: str, port_: int) -> str:
         cmd = fit_command(digits_shards, run_dir, steps, ["--trainer.devices", "2", "--trainer.strategy", "ddp",
                                                          "--data.batch_size", "32", *extra])
-        cmd = [str(TORCHRUN), "--nnodes", "1", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
-               "--rdzv-endpoint", f"127.0.0.1:{port_}", *cmd[1:]]  # cmd[0] is python
-        proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
+        proc = run_module(*cmd[2:], env={"WANDB_MODE": "offline", "MASTER_PORT": str(port_)})  # cmd: python -m
         return proc.stdout + proc.stderr
 
     ref, cut = tmp_path / "uninterrupted", tmp_path / "interrupted"

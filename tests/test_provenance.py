@@ -134,7 +134,7 @@ def test_outside_a_git_checkout_the_commit_is_unknown_and_the_run_trains(digits_
 
 def test_a_deepspeed_checkpoint_directory_holds_the_records(digits_shards, tmp_path):
     run = tmp_path / "run"
-    args = ("--model.arch", "resnet18", "--trainer.strategy", "deepspeed_stage_2_cpu", "--data.batch_size", "32",
+    args = ("--model.arch", "cifar_resnet8", "--trainer.strategy", "deepspeed_stage_2_cpu", "--data.batch_size", "32",
             "--data.num_workers", "0", "--checkpoint.every_n_train_steps", "1", "--tracking.wandb", "false")
     for steps in (1, 2):
         run_module("pipeline", "fit", "--config", CONF, *SMALL_NET, "--data.root", str(digits_shards),
