@@ -17,6 +17,7 @@ import torch
 
 from pipeline.export import main as export_main
 from pipeline.run_layout import CONFIG_FILE, last_checkpoint
+from tests import preloaded_python
 from tests.conftest import REPO, run_cli_in_process, run_module
 
 CONF = str(REPO / "conf" / "demo.yaml")
@@ -107,16 +108,18 @@ def test_an_empty_path_is_refused_naming_the_argument(tmp_path, monkeypatch, cap
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
 
 
-def _signalled_while_writing(weights: Path, target: Path, sig: signal.Signals) -> subprocess.Popen:
+def _signalled_while_writing(weights: Path, target: Path, sig: signal.Signals,
+                             logs: Path) -> preloaded_python.ForkedProcess | subprocess.Popen:
     """``python -m pipeline export weights target``, sent ``sig`` as soon as its temporary file appears: while
-    it writes (256 MiB: a tenth of a second or more from its first byte to the rename)."""
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "export", str(weights), str(target)], cwd=REPO,
-                            env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    it writes (256 MiB: a tenth of a second or more from its first byte to the rename). Its stdout and stderr
+    go to ``logs``.out and .err (it forks from the preloaded Python, which takes files, not pipes)."""
+    with open(logs.with_suffix(".out"), "w") as out, open(logs.with_suffix(".err"), "w") as err:
+        proc = preloaded_python.popen([sys.executable, "-m", "pipeline", "export", str(weights), str(target)],
+                                      cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=out, stderr=err)
     mine = f".tmp-{target.name}."
     deadline = time.monotonic() + 300
     while not any(name.startswith(mine) for name in os.listdir(target.parent)):
-        assert proc.poll() is None, proc.communicate()
+        assert proc.poll() is None, logs.with_suffix(".err").read_text()
         assert time.monotonic() < deadline, "the export wrote nothing"
         time.sleep(0.001)
     os.kill(proc.pid, sig)
@@ -139,12 +142,13 @@ def test_the_next_export_removes_a_killed_ones_temporary_file_and_no_live_ones(t
     for f in (other_node, save):
         f.write_bytes(b"x")
 
-    killed = _signalled_while_writing(weights, out / "a.pt", signal.SIGKILL)
+    killed = _signalled_while_writing(weights, out / "a.pt", signal.SIGKILL, tmp_path / "killed")
     assert killed.wait() == -signal.SIGKILL
     (left,) = out.glob(".tmp-a.pt.*")
     size = left.stat().st_size
 
-    live = _signalled_while_writing(weights, out / "b.pt", signal.SIGSTOP)  # it removed the killed one's file
+    # it removes the killed one's file
+    live = _signalled_while_writing(weights, out / "b.pt", signal.SIGSTOP, tmp_path / "live")
     try:
         (writing,) = out.glob(".tmp-b.pt.*")
         again = run_module("pipeline", "export", str(weights), str(out / "a.pt"))
@@ -152,7 +156,8 @@ def test_the_next_export_removes_a_killed_ones_temporary_file_and_no_live_ones(t
         assert "removed" not in again.stderr and writing.exists(), again.stderr
     finally:
         os.kill(live.pid, signal.SIGCONT)
-    stdout, stderr = live.communicate(timeout=300)
+    live.wait(timeout=300)
+    stdout, stderr = (tmp_path / "live.out").read_text(), (tmp_path / "live.err").read_text()
     assert live.returncode == 0 and stdout.startswith(f"wrote {out / 'b.pt'}"), stderr
     assert stderr.splitlines() == [f"removed a temporary file of an export killed while writing in {out}: "
                                    f"{left.name} ({size / 2**20:.1f} MiB)"]
