@@ -29,6 +29,22 @@ if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
 import bench.kill_resume  # noqa: E402  (imports torch: after OMP_NUM_THREADS)
 from tests import preloaded_python  # noqa: E402
 
+
+def _import_keeping_the_environment(module: str) -> None:
+    """Import ``module`` and take back what its import set in ``os.environ``."""
+    before = dict(os.environ)
+    __import__(module)
+    os.environ.clear()
+    os.environ.update(before)
+
+
+# scikit-learn's first import sets KMP_DUPLICATE_LIB_OK and KMP_INIT_AT_FORK in os.environ; the fixtures import it
+# (its digits and sample photos are the real images of the tests), session fixtures before any test's environment
+# is saved. Those variables then differed from the preloaded Python's, which forked no command of that pytest worker
+# any more: each started anew (seconds of imports), and every process of the tests inherited them. Imported here
+# first, they never enter the environment.
+_import_keeping_the_environment("sklearn")
+
 # the kill/resume helpers' runs fork from the preloaded Python too
 bench.kill_resume.run_process, bench.kill_resume.start_process = preloaded_python.run, preloaded_python.popen
 
