@@ -1,13 +1,30 @@
 """``python -m tests.preloaded_probe [exit N | raise | kill | sleep S | rank]``: prints what a started interpreter holds
-(its command line, paths, environment, ``__main__``, a fresh random number) as JSON, for test_preloaded_python
+(its command line, paths, environment, ``__main__``, a fresh random number, its garbage collection) as JSON, for test_preloaded_python
 to compare a forked child with a real process."""
 
+import gc
 import json
 import os
 import random
 import signal
 import sys
 import time
+
+def _collects_its_own_cycles() -> bool:
+    """Whether the cyclic GC frees a cycle made here and runs its finalizer (the server's own objects are frozen
+    out of its sight, not this process's)."""
+    freed = []
+
+    class Node:
+        def __del__(self) -> None:
+            freed.append(True)
+
+    a, b = Node(), Node()
+    a.other, b.other = b, a
+    del a, b
+    gc.collect()
+    return freed == [True, True]
+
 
 if __name__ == "__main__":
     main = sys.modules["__main__"]
@@ -17,6 +34,7 @@ if __name__ == "__main__":
         "random": random.random(), "pid": os.getpid(), "pgid": os.getpgid(0), "pipeline_imported":
         "pipeline.cli" in sys.modules, "stdin_is": os.path.realpath("/proc/self/fd/0"),
         "cmdline": open("/proc/self/cmdline", "rb").read().decode().split("\0"),
+        "gc": [gc.isenabled(), _collects_its_own_cycles()],
     }), flush=True)
     print("to stderr", file=sys.stderr, flush=True)
     what = sys.argv[1] if len(sys.argv) > 1 else ""

@@ -42,13 +42,14 @@ def test_a_forked_child_holds_what_a_started_interpreter_holds(probe_forked, tmp
                                  timeout=60)
     assert probe_forked == ["forked", "forked"]
     a, b, c = (json.loads(p.stdout) for p in (real, forked, again))
-    for key in ("argv", "cwd", "path", "probe", "main", "main_names", "pipeline_imported", "stdin_is"):
+    for key in ("argv", "cwd", "path", "probe", "main", "main_names", "pipeline_imported", "stdin_is", "gc"):
         assert a[key] == b[key], (key, a[key], b[key])
     # the command line ps shows: the same but for slashes in front of the interpreter's path, the same file
     assert b["cmdline"][0].startswith("//") and os.path.realpath(b["cmdline"][0]) == os.path.realpath(sys.executable)
     assert a["cmdline"][1:] == b["cmdline"][1:] == ["-m", "tests.preloaded_probe", "exit", "0", ""], b["cmdline"][1:]
     assert a["argv"] == [str(REPO / "tests" / "preloaded_probe.py"), "exit", "0"] and a["cwd"] == str(tmp_path)
     assert a["path"][:2] == [str(tmp_path), str(REPO)] and a["probe"] == "seen" and not a["pipeline_imported"]
+    assert b["gc"] == [True, True], "the child's garbage collection is on and frees its own cycles"
     assert (real.returncode, forked.returncode, forked.stderr) == (0, 0, real.stderr) == (0, 0, "to stderr\n")
     assert len({a["random"], b["random"], c["random"]}) == 3, "each child seeds its own random numbers"
     assert b["pid"] != c["pid"] and b["pgid"] != b["pid"], "a child of its own, in the server's process group"
