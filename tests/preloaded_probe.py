@@ -1,6 +1,6 @@
 """``python -m tests.preloaded_probe [exit N | raise | kill | sleep S | rank]``: prints what a started interpreter holds
-(its command line, paths, environment, ``__main__``, a fresh random number, its garbage collection) as JSON, for test_preloaded_python
-to compare a forked child with a real process."""
+(its command line, paths, environment, ``__main__``, a fresh random number, its garbage collection) as JSON,
+for test_preloaded_python to compare a forked child with a real process."""
 
 import gc
 import json

@@ -1,8 +1,9 @@
 """DeepSpeed ZeRO-2 through the CLI on CPU (the registered deepspeed_stage_2_cpu variant), 2 ranks and 1:
-trains, saves a checkpoint directory (swapped in whole; a crash between its renames is repaired at the next start), resumes from it, and ``python -m pipeline export`` turns it into a plain fp32
-state_dict that torchvision's resnet18 loads. A ZeRO checkpoint of 2 ranks resumed with 1 or 4 is refused at
-start with one line (DeepSpeed cannot re-partition the sharded optimizer state); resumed with 2 it continues
-bit-exactly. The first DeepSpeed init compiles a C++ extension (~45 s, cached in TORCH_EXTENSIONS_DIR)."""
+trains, saves a checkpoint directory (swapped in whole; a crash between its renames is repaired at the next
+start), resumes from it, and ``python -m pipeline export`` turns it into a plain fp32 state_dict that
+torchvision's resnet18 loads. A ZeRO checkpoint of 2 ranks resumed with 1 or 4 is refused at start with one
+line (DeepSpeed cannot re-partition the sharded optimizer state); resumed with 2 it continues bit-exactly.
+The first DeepSpeed init compiles a C++ extension (~45 s, cached in TORCH_EXTENSIONS_DIR)."""
 
 from __future__ import annotations
 
@@ -19,8 +20,6 @@ from pipeline.export import state_dict_from_checkpoint
 from tests.conftest import REPO, SMALL_NET, free_port, run_cli_in_process, run_module
 
 CONF = str(REPO / "conf" / "demo.yaml")
-
-
 
 
 def _fit_args(shards, run_dir, steps: int, *extra: str) -> list[str]:
