@@ -7,6 +7,10 @@ if __name__ == "__main__":
         from pipeline.early_signals import hold
 
         hold()
+    if len(sys.argv) > 1 and sys.argv[1] in ("fit", "validate", "test"):  # before the trainer's imports
+        from pipeline.temp_dir import refuse_a_start_without_temp_dir
+
+        refuse_a_start_without_temp_dir()
     if len(sys.argv) > 1 and sys.argv[1] == "export":
         from pipeline.export import main as export_main
 

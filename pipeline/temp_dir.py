@@ -4,12 +4,15 @@ W&B stages media and its offline run's files there, the DALI loader its epoch pl
 caches. Python's ``tempfile`` tries TMPDIR, TEMP, TMP, /tmp, /var/tmp, /usr/tmp and the working directory,
 skipping one that is missing, full or read-only, and when none is left the run failed in W&B's
 ``FileNotFoundError: No usable temporary directory`` traceback as its loggers started. Here it is one
-``ConfigError`` line naming TMPDIR and the way out, before anything starts.
+``ConfigError`` line naming TMPDIR and the way out, before anything starts: ``python -m pipeline`` checks before
+it imports the trainer, since importing torch._dynamo (Lightning imports torchvision, which imports it) makes
+its cache folder there.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 
 from pipeline.errors import ConfigError
@@ -32,3 +35,14 @@ def check_temp_dir() -> None:
     """Refuse a start with no usable temporary directory (what the loggers, the DALI loader and torch.compile
     write to)."""
     os.rmdir(temp_folder("resnet-pipeline-check-", "W&B, the DALI loader and torch.compile need"))
+
+
+def refuse_a_start_without_temp_dir() -> None:
+    """``check_temp_dir`` before the trainer's imports, said as the CLI says a ``ConfigError``: one ``error:``
+    line, exit 2. With no usable temporary directory the start was the traceback of the import of
+    torch._dynamo, whose cache folder goes there, before the CLI's own check could run."""
+    try:
+        check_temp_dir()
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -4,7 +4,8 @@ and the setting, before anything starts; never a traceback, never an image dropp
 
 Permissions do not stop root: as root these tests run the commands without the capabilities that let root
 past them (``setpriv``: no CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER), so a mode says to root what
-it says to the files' owner; as another user they run them as that user. Either way the commands run as the
+it says to the files' owner (a ``pipeline`` command forked from the preloaded Python drops them itself:
+tests/preloaded_python.py); as another user they run them as that user. Either way the commands run as the
 owner of the files the test made, and the modes that stop them are the owner's (000, 555). (Run as ``nobody``
 instead, they skipped wherever the interpreter lives under a folder only root may enter: ``/root/.pyenv``.)"""
 
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import preloaded_python
 from tests.conftest import REPO
 
 DEMO = REPO / "conf" / "demo.yaml"
@@ -42,8 +44,8 @@ def _as_other_user() -> list[str]:
 
 def _run(*args: str, env: dict | None = None, cwd: str | Path = "/") -> subprocess.CompletedProcess:
     full = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run([*_as_other_user(), sys.executable, "-m", *args], capture_output=True, text=True,
-                          timeout=600, cwd=cwd, env=full)
+    return preloaded_python.run([*_as_other_user(), sys.executable, "-m", *args], capture_output=True, text=True,
+                                timeout=600, cwd=cwd, env=full)
 
 
 @pytest.fixture
@@ -84,8 +86,9 @@ def _one_error_line(proc: subprocess.CompletedProcess) -> str:
 
 def _trained_run(shards: Path, run_dir: Path) -> Path:
     """A run directory with a checkpoint, written by this process's user (then made read-only to others)."""
-    proc = subprocess.run([sys.executable, "-m", *_fit_args(shards, run_dir)], capture_output=True, text=True,
-                          cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"}, timeout=600)
+    proc = preloaded_python.run([sys.executable, "-m", *_fit_args(shards, run_dir)], capture_output=True, text=True,
+                                cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"},
+                                timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for p in [run_dir, *run_dir.rglob("*")]:
         p.chmod(0o755 if p.is_dir() else 0o644)
@@ -278,6 +281,7 @@ def test_fit_with_no_usable_temporary_directory_says_tmpdir(digits_shards, tmp_p
     """No temporary directory this process can write (every one tempfile tries missing, full or read-only):
     one line naming TMPDIR before anything starts, exit 2 (was W&B's FileNotFoundError traceback as the
     loggers started)."""
+    import pipeline.cli  # noqa: F401  (its imports make torch._dynamo's cache folder: here in the usable one)
     from tests.conftest import run_cli_in_process
 
     not_a_folder = tmp_path / "tmp-is-a-file"
@@ -290,6 +294,27 @@ def test_fit_with_no_usable_temporary_directory_says_tmpdir(digits_shards, tmp_p
     assert "Traceback" not in r.stderr
     assert f"TMPDIR '{not_a_folder}'" in r.stderr and "set TMPDIR" in r.stderr, r.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("sub", ["fit", "validate"])
+def test_a_new_process_with_no_usable_temporary_directory_says_tmpdir_before_its_imports(digits_shards, tmp_path, sub):
+    """``python -m pipeline fit|validate|test`` started afresh with no usable temporary directory: importing
+    torch._dynamo (Lightning imports torchvision, which imports it) makes its cache folder there, so the start was
+    that import's traceback (FileNotFoundError "No usable temporary directory found"), before the CLI's own check.
+    The check now runs before the imports. (The test above ran in this process, whose imports were done.)"""
+    not_a_folder = tmp_path / "tmp-is-a-file"
+    not_a_folder.write_text("")
+    code = ("import runpy, sys, tempfile; tempfile.tempdir = sys.argv.pop(1); "  # what tempfile settles on: unusable
+            "runpy.run_module('pipeline', run_name='__main__', alter_sys=True)")
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}  # torch's import in pytest set it
+    proc = subprocess.run([sys.executable, "-c", code, str(not_a_folder), sub, "--config", str(DEMO), "--data.root",
+                           str(digits_shards), "--trainer.default_root_dir", str(tmp_path / "run")],
+                          env={**env, "PYTHONPATH": str(REPO), "TMPDIR": str(not_a_folder)}, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    line = _one_error_line(proc)
+    assert line.startswith(f"error: no temporary directory this user can write (TMPDIR '{not_a_folder}': "), line
+    assert "set TMPDIR to a folder this user can write" in line, line
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("sub", ["fit", "validate", "test"])
