@@ -1,6 +1,6 @@
-"""``python -m tests.preloaded_probe [exit N | raise | kill | sleep S | rank]``: prints what a started interpreter holds
-(its command line, paths, environment, ``__main__``, a fresh random number, its garbage collection) as JSON,
-for test_preloaded_python to compare a forked child with a real process."""
+"""``python -m tests.preloaded_probe [exit N | raise | kill | read FILE | sleep S | rank]``: prints what a started
+interpreter holds (its command line, paths, environment, ``__main__``, a fresh random number, its garbage
+collection and capabilities) as JSON, for test_preloaded_python to compare a forked child with a real process."""
 
 import gc
 import json
@@ -35,6 +35,7 @@ if __name__ == "__main__":
         "pipeline.cli" in sys.modules, "stdin_is": os.path.realpath("/proc/self/fd/0"),
         "cmdline": open("/proc/self/cmdline", "rb").read().decode().split("\0"),
         "gc": [gc.isenabled(), _collects_its_own_cycles()],
+        "capabilities": [line for line in open("/proc/self/status").read().splitlines() if line.startswith("Cap")],
     }), flush=True)
     print("to stderr", file=sys.stderr, flush=True)
     what = sys.argv[1] if len(sys.argv) > 1 else ""
@@ -44,6 +45,12 @@ if __name__ == "__main__":
         raise ValueError("the probe failed")
     if what == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+    if what == "read":
+        try:
+            open(sys.argv[2]).read()
+            print("read: ok", flush=True)
+        except OSError as e:
+            print(f"read: {type(e).__name__}", flush=True)
     if what == "sleep":
         time.sleep(float(sys.argv[2]))
     if what == "rank" and os.environ.get("LOCAL_RANK") == "1":  # the other rank: what it sees of its parent

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import array
 import atexit
+import ctypes
 import gc
 import json
 import os
@@ -119,6 +120,8 @@ def _become(request: dict, base_path: list[str]) -> None:
 
     import numpy
 
+    if request["drop_capabilities"]:
+        _drop_capabilities(request["drop_capabilities"])
     if request["new_session"]:
         os.setsid()
     os.chdir(request["cwd"])
@@ -134,6 +137,48 @@ def _become(request: dict, base_path: list[str]) -> None:
     main.__annotations__, main.__builtins__ = {}, builtins
     sys.modules["__main__"] = main
     runpy._run_module_as_main(request["module"], alter_argv=True)
+
+
+# the capabilities a command run as root through ``setpriv`` may drop here (linux/capability.h's numbers)
+CAPABILITIES = {"chown": 0, "dac_override": 1, "dac_read_search": 2, "fowner": 3, "fsetid": 4}
+
+
+def _split_setpriv(cmd: list[str]) -> tuple[list[int], list[str]]:
+    """``setpriv --inh-caps=-A,-B --bounding-set=-A,-B PYTHON ...`` (how tests run a command as root without
+    root's way past file permissions) -> the numbers of A and B and ``PYTHON ...``; any other command -> no
+    numbers and the command itself."""
+    if len(cmd) < 4 or cmd[0] != "setpriv" or not cmd[1].startswith("--inh-caps=") or \
+            cmd[2] != "--bounding-set=" + cmd[1].split("=", 1)[1]:
+        return [], cmd
+    names = cmd[1].split("=", 1)[1].split(",")
+    if not all(n.startswith("-") and n[1:] in CAPABILITIES for n in names):
+        return [], cmd
+    return [CAPABILITIES[n[1:]] for n in names], cmd[3:]
+
+
+def _drop_capabilities(numbers: list[int]) -> None:
+    """What ``setpriv --inh-caps=-X --bounding-set=-X`` and its exec give a root process: X gone from the
+    bounding, inheritable, permitted and effective sets (so from every process it starts, too)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    class Data(ctypes.Structure):
+        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+    for n in numbers:
+        if libc.prctl(24, n, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), f"prctl(PR_CAPBSET_DROP, {n})")
+    header, data = Header(0x20080522, 0), (Data * 2)()  # _LINUX_CAPABILITY_VERSION_3: two 32-bit words
+    if libc.capget(ctypes.byref(header), data) != 0:
+        raise OSError(ctypes.get_errno(), "capget")
+    for n in numbers:
+        word, bit = data[n // 32], ~(1 << (n % 32)) & 0xFFFFFFFF
+        word.effective, word.permitted, word.inheritable = word.effective & bit, word.permitted & bit, \
+            word.inheritable & bit
+    if libc.capset(ctypes.byref(header), data) != 0:
+        raise OSError(ctypes.get_errno(), "capset")
 
 
 def _command_line_area() -> tuple[int, int]:
@@ -244,11 +289,13 @@ class ForkedProcess:
     """A child of the preloaded server: a ``subprocess.Popen``'s pid, poll, wait and signals."""
 
     def __init__(self, server: PreloadedServer, module: str, args: list[str], env: dict[str, str], cwd: str,
-                 stdin: int, stdout: int, stderr: int, new_session: bool = False) -> None:
+                 stdin: int, stdout: int, stderr: int, new_session: bool = False,
+                 drop_capabilities: list[int] | None = None) -> None:
         self.args = [sys.executable, "-m", module, *args]
         self.returncode: int | None = None
         self._conn = server.connect()
-        request = {"module": module, "args": list(args), "env": env, "cwd": str(cwd), "new_session": new_session}
+        request = {"module": module, "args": list(args), "env": env, "cwd": str(cwd), "new_session": new_session,
+                   "drop_capabilities": drop_capabilities or []}
         socket.send_fds(self._conn, [json.dumps(request).encode() + b"\n"], [stdin, stdout, stderr])
         self._buffer = b""
         self.pid = self._next()["pid"]
@@ -339,36 +386,39 @@ def popen(cmd: list[str], *, env: dict[str, str] | None = None, cwd: str | Path 
     """``subprocess.Popen(cmd, ...)`` (no pipes), forked from the preloaded server where that starts the same
     process."""
     env = dict(os.environ) if env is None else env
-    server = _server_for(cmd, env)
+    dropped, python = _split_setpriv(cmd)
+    server = _server_for(python, env)
     if server is None:
         return subprocess.Popen(cmd, env=env, cwd=cwd, stdout=stdout, stderr=stderr,
                                 start_new_session=start_new_session)
-    return _fork(server, cmd, env, cwd, stdout, stderr, start_new_session)
+    return _fork(server, python, env, cwd, stdout, stderr, start_new_session, dropped)
 
 
 def _fork(server: PreloadedServer, cmd: list[str], env: dict[str, str], cwd: str | Path | None, stdout, stderr,
-          new_session: bool) -> ForkedProcess:
+          new_session: bool, dropped: list[int]) -> ForkedProcess:
     with open(os.devnull, "r+b") as null:  # the server holds its own copies of the descriptors once sent
         out = _fd(stdout, 1, null)
         err = out if stderr == subprocess.STDOUT else _fd(stderr, 2, null)
         return ForkedProcess(server, cmd[2], cmd[3:], env, str(cwd or os.getcwd()), _fd(None, 0, null), out, err,
-                             new_session=new_session)
+                             new_session=new_session, drop_capabilities=dropped)
 
 
 def run(cmd: list[str], *, env: dict[str, str] | None = None, cwd: str | Path | None = None, stdout=None,
         stderr=None, capture_output: bool = False, text: bool = False, timeout: float | None = None,
         check: bool = False) -> subprocess.CompletedProcess:
-    """``subprocess.run(cmd, ...)``, forked from the preloaded server where that starts the same process."""
+    """``subprocess.run(cmd, ...)``, forked from the preloaded server where that starts the same process (also
+    behind ``setpriv`` dropping capabilities: the child drops them)."""
     env = dict(os.environ) if env is None else env
-    server = _server_for(cmd, env)
+    dropped, python = _split_setpriv(cmd)
+    server = _server_for(python, env)
     if server is None:
         return subprocess.run(cmd, env=env, cwd=cwd, stdout=stdout, stderr=stderr, capture_output=capture_output,
                               text=text, timeout=timeout, check=check)
     if capture_output:
         stdout = stderr = subprocess.PIPE
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = _fork(server, cmd, env, cwd, out if stdout == subprocess.PIPE else stdout,
-                     err if stderr == subprocess.PIPE else stderr, False)
+        proc = _fork(server, python, env, cwd, out if stdout == subprocess.PIPE else stdout,
+                     err if stderr == subprocess.PIPE else stderr, False, dropped)
         try:
             code = proc.wait(timeout)
         except subprocess.TimeoutExpired:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -42,7 +43,8 @@ def test_a_forked_child_holds_what_a_started_interpreter_holds(probe_forked, tmp
                                  timeout=60)
     assert probe_forked == ["forked", "forked"]
     a, b, c = (json.loads(p.stdout) for p in (real, forked, again))
-    for key in ("argv", "cwd", "path", "probe", "main", "main_names", "pipeline_imported", "stdin_is", "gc"):
+    for key in ("argv", "cwd", "path", "probe", "main", "main_names", "pipeline_imported", "stdin_is", "gc",
+                "capabilities"):
         assert a[key] == b[key], (key, a[key], b[key])
     # the command line ps shows: the same but for slashes in front of the interpreter's path, the same file
     assert b["cmdline"][0].startswith("//") and os.path.realpath(b["cmdline"][0]) == os.path.realpath(sys.executable)
@@ -81,6 +83,26 @@ def test_a_forked_child_is_signalled_by_its_pid_and_its_session_and_times_out(pr
     assert seen["pid"] == seen["pgid"] == proc.pid, "start_new_session: a session of its own"
     with pytest.raises(subprocess.TimeoutExpired):
         preloaded_python.run([*PROBE, "sleep", "60"], env=_env(), cwd=REPO, capture_output=True, timeout=1)
+
+
+def test_a_command_behind_setpriv_forks_and_drops_the_same_capabilities(probe_forked, tmp_path):
+    """As root, test_file_access runs commands through ``setpriv`` without root's way past file permissions: the
+    forked child drops those capabilities itself, and its sets (bounding, permitted, effective, inheritable)
+    are those of the real ``setpriv`` process, which no longer reads a file of mode 000."""
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("dropping capabilities needs root and setpriv")
+    drop = "-dac_override,-dac_read_search,-fowner"
+    cmd = ["setpriv", f"--inh-caps={drop}", f"--bounding-set={drop}", *PROBE, "read", str(tmp_path / "secret")]
+    (tmp_path / "secret").write_text("x")
+    (tmp_path / "secret").chmod(0o000)
+    real = subprocess.run(cmd, env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    forked = preloaded_python.run(cmd, env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert probe_forked == ["forked"]
+    a, b = json.loads(real.stdout.splitlines()[0]), json.loads(forked.stdout.splitlines()[0])
+    assert a["capabilities"] == b["capabilities"], (a["capabilities"], b["capabilities"])
+    mine = json.loads(subprocess.run(PROBE, env=_env(), capture_output=True, text=True, timeout=60).stdout)
+    assert a["capabilities"] != mine["capabilities"], "setpriv dropped nothing"
+    assert real.stdout.splitlines()[1:] == forked.stdout.splitlines()[1:] == ["read: PermissionError"]
 
 
 @pytest.mark.parametrize("cmd, env", [
