@@ -5,9 +5,10 @@ Every training process of the suite spent ~8 s of CPU importing torch, Lightning
 `make test`'s time. This server imports them (never this project's code), then forks a child per request that
 becomes ``python -m MODULE ARGS`` as the interpreter would start it: its own pid (signals reach it), the
 caller's stdin/stdout/stderr file descriptors, environment, working directory and ``sys.path``, a fresh
-``__main__``, its own ``random`` and NumPy seeds, the exit status of a real process (``-N`` for a signal), and
-its command line in ``/proc/PID/cmdline`` (written over the server's: Lightning's other ranks check that their
-parent runs their command, ``pipeline.parent_death``). Rails' Spring preloader and Android's zygote work the same
+``__main__``, its own ``random`` and NumPy seeds, the exit status of a real process (``-N`` for a signal), the
+capabilities a ``setpriv`` in front of the command would drop (the child drops them itself), and its command
+line in ``/proc/PID/cmdline`` (written over the server's: Lightning's other ranks check that their parent runs
+their command, ``pipeline.parent_death``). Rails' Spring preloader and Android's zygote work the same
 way (tests/test_preloaded_python.py compares a child with a real process). Left as the server's: the ``str``
 hash seed, and the imports' objects frozen out of the cyclic garbage collector's sight (``gc.freeze``: they live
 as long as the child, as in a real process; without it each child's collections and exit went through all of

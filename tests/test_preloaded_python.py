@@ -15,7 +15,7 @@ import time
 import pytest
 
 from tests import preloaded_python
-from tests.conftest import REPO
+from tests.conftest import REPO, unavailable_here
 
 PROBE = [sys.executable, "-m", "tests.preloaded_probe"]
 
@@ -90,7 +90,7 @@ def test_a_command_behind_setpriv_forks_and_drops_the_same_capabilities(probe_fo
     forked child drops those capabilities itself, and its sets (bounding, permitted, effective, inheritable)
     are those of the real ``setpriv`` process, which no longer reads a file of mode 000."""
     if os.geteuid() != 0 or not shutil.which("setpriv"):
-        pytest.skip("dropping capabilities needs root and setpriv")
+        unavailable_here("dropping capabilities needs root and setpriv (util-linux)")  # CI runs as root
     drop = "-dac_override,-dac_read_search,-fowner"
     cmd = ["setpriv", f"--inh-caps={drop}", f"--bounding-set={drop}", *PROBE, "read", str(tmp_path / "secret")]
     (tmp_path / "secret").write_text("x")
