@@ -5,7 +5,9 @@ value ranges of the trainer, model, data, checkpoint and tracking settings; the 
 from them), and nothing else: no run directory is touched, no trainer, process group or W&B run is made,
 no sample is read. What only the trainer can refuse is found at the job's start (docs/training.md).
 ``launch submit train`` runs it before ``sbatch``: a typo in a config would otherwise fail the job at its
-first line, after its wait in the queue. Exit status 0 (accepted) or 2 with one ``error:`` line.
+first line, after its wait in the queue. Exit status 0 (accepted) or 2 with one ``error:`` line; 1 when it
+cannot check on this machine (no usable temporary directory, which the trainer's imports need: the job's nodes
+may have one).
 
 Paths need not exist here (a container may mount them elsewhere, a compute node may see another file
 system): a ``data.root`` without a manifest or a ``model.init_weights`` that this machine does not have is a
@@ -15,6 +17,11 @@ splits the command reads are checked too (names, shard files).
 """
 
 from __future__ import annotations
+
+if __name__ == "__main__":  # before the imports below: torch._dynamo's makes its cache folder in the temp dir
+    from pipeline.temp_dir import stop_a_check_without_temp_dir
+
+    stop_a_check_without_temp_dir()
 
 import logging
 import sys

@@ -46,3 +46,15 @@ def refuse_a_start_without_temp_dir() -> None:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def stop_a_check_without_temp_dir() -> None:
+    """What ``python -m pipeline.config_check`` does instead, before the same imports: exit 1, "cannot check
+    here", not a refusal (exit 2). The job runs on other machines, whose temporary directories its start checks:
+    ``launch submit train`` then submits with a warning naming this machine's, where a refusal would have
+    stopped it."""
+    try:
+        check_temp_dir()
+    except ConfigError as e:
+        print(f"config_check: cannot check on this machine: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -139,6 +139,40 @@ def test_a_check_that_cannot_run_is_a_warning(tmp_path: Path) -> None:
                                   "pipeline.config_check` failed (exit 1): ModuleNotFoundError"), warnings
 
 
+def test_a_login_node_with_no_usable_temporary_directory_submits_with_a_warning(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No temporary directory this machine can write: importing the trainer (torch._dynamo makes its cache folder
+    there) made the check die in that import's traceback. It now says it cannot check here (exit 1), which
+    ``launch submit train`` turns into a warning: the job's nodes have temporary directories of their own,
+    which its start checks. A refusal (exit 2) would have stopped the submission."""
+    import sys
+
+    not_a_folder = tmp_path / "tmp-is-a-file"
+    not_a_folder.write_text("")
+    python = tmp_path / "python-without-tmp"  # this Python, with tempfile settled on an unusable folder
+    python.write_text(f"#!{sys.executable}\n"
+                      f"import runpy, sys, tempfile\n"
+                      f"tempfile.tempdir = {str(not_a_folder)!r}\n"
+                      f"assert sys.argv[1] == '-m', sys.argv\n"
+                      f"sys.argv = [sys.argv[2], *sys.argv[3:]]\n"
+                      f"runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)\n")
+    python.chmod(0o755)
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)  # where torch's import in pytest put it
+    monkeypatch.setenv("TMPDIR", str(not_a_folder))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("trainer: {}\n")
+    by_hand = subprocess.run([str(python), "-m", "pipeline.config_check", "fit", "--config", str(cfg)], cwd=REPO,
+                             capture_output=True, text=True, timeout=300)
+    assert by_hand.returncode == 1 and by_hand.stderr.splitlines() == [
+        f"config_check: cannot check on this machine: no temporary directory this user can write (TMPDIR "
+        f"'{not_a_folder}': Not a directory; one that is missing, full or read-only is skipped), which W&B, the "
+        f"DALI loader and torch.compile need: set TMPDIR to a folder this user can write, e.g. a node-local disk"], \
+        by_hand.stderr[-3000:]
+    warnings = check_trainer_settings(_job(tmp_path, cfg, []), python=str(python))
+    assert warnings == ["warning: trainer settings not checked before submitting: `python -m pipeline.config_check` "
+                        f"failed (exit 1): {by_hand.stderr.strip()}"], warnings
+
+
 def test_torchrun_checks_the_command_it_prints(tmp_path: Path) -> None:
     """``launch torchrun`` printed (or ran) a command whose typo failed every rank at its start."""
     cfg = tmp_path / "r50.yaml"
