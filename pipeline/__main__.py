@@ -8,21 +8,29 @@ if __name__ == "__main__":
 
         hold()
     if len(sys.argv) > 1 and sys.argv[1] in ("fit", "validate", "test"):  # before the trainer's imports
-        from pipeline.temp_dir import refuse_a_start_without_temp_dir
+        from pipeline.temp_dir import start_refused_without_temp_dir
 
-        refuse_a_start_without_temp_dir()
+        if refused := start_refused_without_temp_dir():  # ended as a refusal by the CLI ends, below
+            from pipeline.launcher_ranks import after_exit as tell_rank_zero
+            from pipeline.torchrun_stop import after_exit
+
+            sys.exit(tell_rank_zero(after_exit(refused), False))
     if len(sys.argv) > 1 and sys.argv[1] == "export":
         from pipeline.export import main as export_main
 
         sys.exit(export_main(sys.argv[2:]))
     from pipeline.cli import main
     from pipeline.launcher_ranks import after_exit as tell_rank_zero
-    from pipeline.torchrun_stop import after_exit, peer_ended
+    from pipeline.torchrun_stop import after_exit, peer_ended, watch_while_the_group_forms
 
+    watching = watch_while_the_group_forms()  # a rank of this round refused before the group formed
     try:
         status = main()
     except SystemExit as e:  # the parser's refusal: its usage, then an `error:` line, exit 2
         if not isinstance(e.code, int):
             raise
         status = e.code
+    finally:
+        if watching is not None:
+            watching.set()
     sys.exit(tell_rank_zero(after_exit(status), peer_ended()))

@@ -37,15 +37,17 @@ def check_temp_dir() -> None:
     os.rmdir(temp_folder("resnet-pipeline-check-", "W&B, the DALI loader and torch.compile need"))
 
 
-def refuse_a_start_without_temp_dir() -> None:
+def start_refused_without_temp_dir() -> int:
     """``check_temp_dir`` before the trainer's imports, said as the CLI says a ``ConfigError``: one ``error:``
-    line, exit 2. With no usable temporary directory the start was the traceback of the import of
-    torch._dynamo, whose cache folder goes there, before the CLI's own check could run."""
+    line and status 2 (0: there is one), which ``python -m pipeline`` ends with as it ends with the CLI's (a
+    rank under torchrun stops its agent). With no usable temporary directory the start was the traceback of
+    the import of torch._dynamo, whose cache folder goes there, before the CLI's own check could run."""
     try:
         check_temp_dir()
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return 2
+    return 0
 
 
 def stop_a_check_without_temp_dir() -> None:

@@ -13,14 +13,21 @@ their agents would start a new round and wait in the rendezvous for the stopped 
 600 s). ``launch torchrun`` names a file in the run directory (``ERROR_FILE_ENV``); the failed rank writes it
 (its rank, exit status and round) before it exits, and a rank of the same round whose peer ended stops its
 own agent too when the file is there. A peer killed outright writes nothing: a crash, restarted as before.
-``launch torchrun --run`` reads the file after torchrun ends and exits with the trainer's own status."""
+``launch torchrun --run`` reads the file after torchrun ends and exits with the trainer's own status.
+
+A rank that refuses its start before the process group forms (a ``data.root`` one node lacks) is no peer in a
+collective: the others waited for it in the group's start-up (gloo's 30 minutes, then a new round waiting in
+the rendezvous). ``watch_while_the_group_forms`` has each rank look for the error file of its round until its
+group has formed; a rank that finds it says so in one line and stops its agent."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import sys
 import tempfile
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -31,6 +38,8 @@ from pipeline.process_start import start_ticks
 ERROR_FILE_ENV = "RESNET_PIPELINE_TORCHRUN_ERROR_FILE"
 _PEER_WAIT_S = 3
 _GUARD_PREFIX = "resnet-pipeline-torchrun-stopped-"  # + AGENT_PID-START: one SIGTERM per agent
+_FORMING_POLL_S = 0.25  # how often a rank waiting for its group looks whether it formed (in memory)
+_FILE_POLL_S = 1.0  # and for the error file (a file system read: every rank of the run, while it waits)
 
 _peer_ended = False
 
@@ -51,6 +60,48 @@ def a_peer_ended() -> None:
             _stop_agent(os.environ)
             return
         time.sleep(0.1)
+
+
+def watch_while_the_group_forms(env: Mapping[str, str] = os.environ) -> threading.Event | None:
+    """Under torchrun with ``ERROR_FILE_ENV`` set: a thread that reads the error file until this rank's process
+    group has formed (or the returned event is set: ``python -m pipeline``'s end). A record of this round means
+    a rank ended with its ``error:`` line (a refused start, on a node this rank cannot see) and its agent will
+    start no new round: this rank prints one line saying which rank, stops its own agent and exits 1 at once
+    (its main thread is inside the group's start-up, which no signal interrupts; nothing was trained or saved
+    yet). Once the group has formed, a rank that ends is a peer in a collective (``a_peer_ended``)."""
+    path = env.get(ERROR_FILE_ENV, "")
+    if not path or not env.get("TORCHELASTIC_RUN_ID"):
+        return None
+    done = threading.Event()
+    this_round = _round(env)
+
+    def formed() -> bool:
+        dist = sys.modules.get("torch.distributed")  # imported by the main thread, never from this one
+        return dist is not None and dist.is_available() and dist.is_initialized()
+
+    def watch() -> None:
+        next_read = 0.0
+        while not done.wait(_FORMING_POLL_S):
+            if formed():
+                return
+            if time.monotonic() < next_read:
+                continue
+            next_read = time.monotonic() + _FILE_POLL_S
+            record = read_error_file(path)
+            if (record is None or record.get("round") != this_round or record.get("rank") == env.get("RANK")
+                    or done.is_set() or formed()):
+                continue
+            global _peer_ended
+            _peer_ended = True
+            print(f"rank {env.get('RANK', '?')} stopped: rank {record.get('rank', '?')} of this run ended with its "
+                  f"one-line error: (exit {record.get('status', '?')}) while this rank waited for the process group "
+                  f"to form; that rank's line says why", file=sys.stderr, flush=True)
+            _stop_agent(env)
+            sys.stdout.flush()
+            os._exit(1)
+
+    threading.Thread(target=watch, name="torchrun-error-file", daemon=True).start()
+    return done
 
 
 def peer_ended() -> bool:
@@ -102,8 +153,10 @@ def _stop_agent(env: Mapping[str, str]) -> None:
     agent = os.getppid()
     if not env.get("TORCHELASTIC_RUN_ID") or not _is_torchrun(agent):
         return
-    # the agent's SIGTERM to its ranks reaches this one too, which has said what it had to say
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # the agent's SIGTERM to its ranks reaches this one too, which has said what it had to say (the watcher's
+    # thread cannot set a handler: its process exits at once)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:  # an empty file per stopped agent in the temp directory (the agent outlives its ranks; launch's removes it)
         guard = Path(tempfile.gettempdir()) / f"{_GUARD_PREFIX}{agent}-{start_ticks(agent) or 0}"
         os.close(os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))

@@ -27,7 +27,8 @@ def _launch(run_dir: Path, shards: Path, *launch_args: str, extra: tuple[str, ..
 
 
 def _start(run_dir: Path, shards: Path, *launch_args: str, extra: tuple[str, ...] = (), nnodes: int = 1,
-           nproc_per_node: int = 2, endpoint: str | None = None, config_check: bool = False) -> subprocess.Popen:
+           nproc_per_node: int = 2, endpoint: str | None = None, config_check: bool = False,
+           cwd: Path = REPO) -> subprocess.Popen:
     """``config_check``: the trainer-settings check before the agent starts (a process importing Lightning,
     seconds of CPU), which test_launch_config_check.py tests; here only the uninterrupted run makes it."""
     if not config_check:
@@ -46,7 +47,7 @@ def _start(run_dir: Path, shards: Path, *launch_args: str, extra: tuple[str, ...
             "--run-dir", str(run_dir), "--cpu", *launch_args, "--run", "--",
             *SMALL_NET, "--data.root", str(shards), "--trainer.max_steps", str(STEPS), "--data.num_workers", "0",
             "--checkpoint.every_n_train_steps", "2", *extra]
-    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd,
                             preexec_fn=lambda: os.sched_setaffinity(0, cores))
 
 
@@ -224,6 +225,48 @@ def test_a_corrupt_sample_on_one_node_stops_the_other_nodes_agent_too(digits_sha
     assert sum("rank 0 stopped: another rank of this run ended" in r.stderr for r in nodes) == 1, out[-6000:]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("lacking", ["second", "first"])
+def test_a_rank_refused_before_the_process_group_formed_stops_the_other_nodes_too(digits_shards: Path,
+                                                                                 tmp_path: Path, lacking: str) -> None:
+    """Two agents (two nodes of one rank each, one run directory) with a node-local ``--data.root shards``: one
+    node has none, and its rank refuses the start before the process group forms. Before, the other node's rank
+    waited for it in the process group's start-up (gloo's 30 minutes, then a new round waiting in the
+    rendezvous); now it finds the refused rank's RUN/torchrun-error of this round while it waits, says so in one
+    line and stops its agent: both nodes end after one round with the trainer's status. The first agent started
+    gets rank 0 here, whose rank hosts the group's store: "first" is rank 0 refused, rank 1 waiting to reach it."""
+    nodes_dirs = [tmp_path / "node-a", tmp_path / "node-b"]
+    for folder in nodes_dirs:
+        folder.mkdir()
+    has_shards = nodes_dirs[1] if lacking == "first" else nodes_dirs[0]
+    (has_shards / "shards").symlink_to(digits_shards)
+    run_dir = tmp_path / "run"
+    endpoint = f"127.0.0.1:{free_port()}"
+    kw = dict(nnodes=2, nproc_per_node=1, endpoint=endpoint)
+    first = _start(run_dir, Path("shards"), "--max-restarts", "2", cwd=nodes_dirs[0], **kw)
+    for _ in range(600):  # the W&B id (the rendezvous id) is made once, by the first launcher
+        if (run_dir / "wandb_run_id").exists():
+            break
+        time.sleep(0.1)
+    second = _start(run_dir, Path("shards"), "--max-restarts", "2", cwd=nodes_dirs[1], **kw)
+    nodes = [_finish(p, run_dir, timeout=150) for p in (first, second)]
+    out = "".join(r.stdout + r.stderr for r in nodes)
+    errors = [line for line in out.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "data.root" in errors[0] and "'shards'" in errors[0], out[-6000:]
+    waiting = [r for r in nodes if not any(line.startswith("error: ") for line in r.stderr.splitlines())]
+    assert len(waiting) == 1, out[-6000:]
+    waiting = waiting[0]
+    stopped = [line for line in waiting.stderr.splitlines() if " stopped: rank " in line]
+    assert len(stopped) == 1 and stopped[0].endswith(
+        "of this run ended with its one-line error: (exit 2) while this rank waited for the process group to form; "
+        "that rank's line says why"), waiting.stderr[-4000:]
+    assert [r.returncode for r in nodes] == [2, 2], out[-6000:]
+    for r in nodes:
+        node = r.stdout + r.stderr
+        assert _rounds(node) == 1 and "launch: torchrun stopped without a restart: rank" in node, node[-4000:]
+        assert "Traceback" not in node, node[-4000:]
+
+
 def _corrupt_for_rank_1(digits_shards: Path, tmp_path: Path, step: int = 3, batch: int = 32) -> tuple[Path, int]:
     """A copy of the shards whose sample that global rank 1 (of 2) reads first in step ``step + 1`` is corrupt."""
     from pipeline.data.contract import TrainSampler
@@ -311,3 +354,109 @@ def test_only_an_error_file_of_this_round_makes_a_rank_whose_peer_ended_stop_its
     torchrun_stop.a_peer_ended()  # another rank of the same node: its agent is stopping already
     assert sent == [(os.getppid(), signal.SIGTERM)]
     assert torchrun_stop.after_exit(1, env) == 1 and len(sent) == 1  # a peer's end is no error: of its own
+
+
+def test_a_rank_waiting_for_its_group_stops_on_an_error_file_of_this_round_only(tmp_path: Path, monkeypatch,
+                                                                               capfd) -> None:
+    """``watch_while_the_group_forms``: an earlier round's record or this rank's own is no reason to stop; another
+    rank's of this round is (one line, the agent stopped, exit 1); once the group has formed, or the command has
+    ended (the event), the watcher is gone and a record changes nothing."""
+    import signal
+    import threading
+
+    import torch.distributed as dist
+
+    from pipeline import torchrun_stop
+
+    sent: list[tuple[int, int]] = []
+    exits: list[int] = []
+    exited, released = threading.Event(), threading.Event()
+
+    def fake_exit(status: int) -> None:  # the watcher's thread waits here until the test is done with it
+        exits.append(status)
+        exited.set()
+        released.wait(30)
+
+    monkeypatch.setattr(torchrun_stop, "_is_torchrun", lambda pid: True)
+    monkeypatch.setattr(torchrun_stop.os, "kill", lambda pid, sig: sent.append((pid, sig)))
+    monkeypatch.setattr(torchrun_stop.os, "_exit", fake_exit)
+    monkeypatch.setattr(torchrun_stop.tempfile, "gettempdir", lambda: str(tmp_path))
+    monkeypatch.setattr(torchrun_stop, "_peer_ended", False)
+    monkeypatch.setattr(torchrun_stop, "_FILE_POLL_S", 0.1)
+    monkeypatch.setattr(torchrun_stop, "_FORMING_POLL_S", 0.05)
+    error_file = tmp_path / "torchrun-error"
+    env = {"TORCHELASTIC_RUN_ID": "abc", "MASTER_ADDR": "node0", "MASTER_PORT": "4000", "RANK": "0",
+           torchrun_stop.ERROR_FILE_ENV: str(error_file)}
+    assert torchrun_stop.watch_while_the_group_forms({k: v for k, v in env.items()
+                                                       if k != torchrun_stop.ERROR_FILE_ENV}) is None
+
+    done = torchrun_stop.watch_while_the_group_forms(env)
+    error_file.write_text('{"rank": "1", "status": 2, "round": "abc node0:3999"}\n')  # an earlier round's
+    assert not exited.wait(0.6)
+    error_file.write_text('{"rank": "0", "status": 2, "round": "abc node0:4000"}\n')  # this rank's own
+    assert not exited.wait(0.6)
+    error_file.write_text('{"rank": "1", "status": 2, "round": "abc node0:4000"}\n')
+    assert exited.wait(5) and exits == [1]
+    assert sent == [(os.getppid(), signal.SIGTERM)] and torchrun_stop.peer_ended()
+    assert ("rank 0 stopped: rank 1 of this run ended with its one-line error: (exit 2) while this rank waited for "
+            "the process group to form; that rank's line says why") in capfd.readouterr().err
+    done.set()
+    released.set()
+
+    monkeypatch.setattr(torchrun_stop, "_peer_ended", False)
+    exited.clear()
+    error_file.unlink()
+    ended = torchrun_stop.watch_while_the_group_forms(env)
+    ended.set()  # the command ended (its own error: line writes this file next)
+    time.sleep(0.2)
+    error_file.write_text('{"rank": "1", "status": 2, "round": "abc node0:4000"}\n')
+    assert not exited.wait(0.6)
+
+    error_file.unlink()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        formed = torchrun_stop.watch_while_the_group_forms(env)
+        time.sleep(0.3)  # it sees the group formed and ends
+        error_file.write_text('{"rank": "1", "status": 2, "round": "abc node0:4000"}\n')  # a peer in a collective now
+        assert not exited.wait(0.6)
+        formed.set()
+    finally:
+        dist.destroy_process_group()
+    assert len(sent) == 1 and exits == [1] and not torchrun_stop.peer_ended()
+
+
+def test_a_rank_without_a_temporary_directory_under_torchrun_is_not_restarted(digits_shards: Path,
+                                                                              tmp_path: Path) -> None:
+    """A node with no usable temporary directory: the rank's start is refused before the trainer's imports
+    (pipeline/temp_dir.py), in one `error:` line, exit 2. That refusal ended the process at once, without writing
+    the error file or stopping its agent, so torchrun restarted it (three rounds of the same line under
+    `--max-restarts 2`) and the other nodes were never told. Now it ends as the CLI's refusals end. The rank is a
+    real torchrun worker, whose script makes tempfile settle on an unusable folder and runs `pipeline`."""
+    not_a_folder = tmp_path / "tmp-is-a-file"
+    not_a_folder.write_text("")
+    script = tmp_path / "without_tmp.py"
+    script.write_text(f"import runpy, sys, tempfile\n"
+                      f"tempfile.tempdir = {str(not_a_folder)!r}\n"
+                      f"sys.argv[0] = 'pipeline'\n"
+                      f"runpy.run_module('pipeline', run_name='__main__', alter_sys=True)\n")
+    error_file = tmp_path / "torchrun-error"
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "TORCHELASTIC_", "TORCHINDUCTOR_CACHE_DIR", "OMP_NUM_THREADS"))}
+    env.update(PYTHONPATH=str(REPO), WANDB_MODE="offline", LOGLEVEL="INFO", TMPDIR=str(not_a_folder),
+               OMP_NUM_THREADS="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1",
+               RESNET_PIPELINE_TORCHRUN_ERROR_FILE=str(error_file))
+    torchrun = Path(sys.executable).parent / "torchrun"
+    proc = subprocess.run([str(torchrun), "--nnodes", "1", "--nproc-per-node", "1", "--max-restarts", "2",
+                           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", str(script),
+                           "fit", "--config", str(REPO / "conf" / "demo.yaml"), "--data.root", str(digits_shards),
+                           "--trainer.default_root_dir", str(tmp_path / "run")],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=180)
+    out = proc.stdout + proc.stderr
+    errors = [line for line in out.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and f"TMPDIR '{not_a_folder}'" in errors[0], out[-4000:]
+    assert _rounds(out) == 1, out[-4000:]
+    from pipeline.torchrun_stop import read_error_file
+
+    record = read_error_file(error_file)
+    assert record is not None and record["rank"] == "0" and record["status"] == 2, out[-4000:]
+    assert not (tmp_path / "run").exists()
