@@ -350,21 +350,32 @@ def test_a_label_outside_the_classes_is_a_corrupt_sample(photo_shards, tmp_path,
     assert masked == [bad_id]
 
 
-@pytest.mark.parametrize("problem", ["missing", "truncated"])
-def test_broken_shard_is_named_at_start_through_the_datamodule(photo_shards, tmp_path, problem):
+@pytest.mark.parametrize("problem, says", [
+    ("missing", "listed in the manifest is missing"),
+    ("truncated", "is truncated or altered: {size} bytes, manifest says {whole}"),
+    ("folder", "listed in the manifest is missing (a folder is in its place)"),
+    ("fifo", "listed in the manifest is missing (a special file is in its place)"),  # its open must not wait
+])
+def test_broken_shard_is_named_at_start_through_the_datamodule(photo_shards, tmp_path, problem, says):
     from pipeline.datamodule import ShardDataModule
     from pipeline.errors import ConfigError
 
     root = tmp_path / "shards"
     shutil.copytree(photo_shards, root)
     shard = root / "train-000001.tar"
-    if problem == "missing":
-        shard.unlink()
-    else:
+    whole = shard.stat().st_size
+    if problem == "truncated":
         shard.write_bytes(shard.read_bytes()[:-1024])
+    else:
+        shard.unlink()
+        if problem == "folder":
+            shard.mkdir()
+        elif problem == "fifo":
+            os.mkfifo(shard)
     dm = ShardDataModule(root=str(root), backend="dali-cpu", batch_size=8)
-    with pytest.raises(ConfigError, match="train-000001.tar"):
+    with pytest.raises(ConfigError) as caught:
         dm.setup("fit")
+    assert str(caught.value) == f"shard {str(shard)!r} " + says.format(size=whole - 1024, whole=whole)
 
 
 def test_no_usable_temporary_directory_for_the_plans_is_named(digits_shards, tmp_path, monkeypatch):
