@@ -64,7 +64,7 @@ from pipeline.optim import ignored_schedule_settings
 from pipeline.parent_death import follow_lightning_rank_zero, follow_torchrun_agent
 from pipeline.parity import WeightParity
 from pipeline.parsed_config import check_parsed
-from pipeline.launcher_ranks import children_outcome
+from pipeline.launcher_ranks import children_outcome, keep_rank_zero_to_its_line
 from pipeline.peer_gone import peer_gone, peer_gone_message
 from pipeline.torchrun_stop import a_peer_ended
 from pipeline import preemption, provenance
@@ -808,6 +808,7 @@ def main(argv: list[str] | None = None, cli: type[PipelineCLI] = PipelineCLI) ->
     if raised := raise_open_files_limit():  # before any loader worker starts: they inherit it
         log.debug("limit of open files raised from %d to %d", *raised)
     preemption.defer_requeue_to_caller()  # a preempted fit's requeue waits for the end of this function
+    keep_rank_zero_to_its_line()  # Lightning's launcher: a child's end no longer SIGKILLs rank 0 without a word
     drop_lightning_lines()
     quiet_other_ranks(is_global_rank_zero())
     # the loader position is in every checkpoint (ShardDataModule.state_dict): mid-epoch resumes are exact

@@ -13,14 +13,16 @@ after rank 0's pid and start time; rank 0, once it knows a peer ended, waits a f
 non-zero exit, is stopped first: it would end the wait as a crash) and ends with one line that names the
 child and the child's status. A child killed by a signal (the OOM killer) writes nothing and prints
 nothing: rank 0 names the signal, exit status 1 (a crash, retried). A child that ended with a traceback keeps
-``pipeline.peer_gone``'s line (its traceback is above). Under torchrun and srun there are no children:
-nothing changes there."""
+``pipeline.peer_gone``'s line (its traceback is above). A rank 0 that is in no collective when the observer
+sees the child's end (a save, a long step, NCCL) ends the same way, from the observer's thread, after a grace
+period (``keep_rank_zero_to_its_line``). Under torchrun and srun there are no children: nothing changes there."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -32,6 +34,7 @@ from pipeline.peer_gone import this_rank
 from pipeline.process_start import start_ticks
 
 WAIT_S = 5  # for the children to end, once a peer ended: they exit right after their last words
+OBSERVER_GRACE_S = 10  # for rank 0 to reach its next collective, after Lightning's observer saw a child's end
 _PREFIX = "resnet-pipeline-rank-ended-"  # + RANK0_PID-START-LOCAL_RANK.json
 
 
@@ -76,7 +79,71 @@ def children_outcome(wait_s: float = WAIT_S) -> tuple[str, int] | None:
     if observer is None:
         return None
     observer._run = lambda: True  # no SIGKILL of this process while it waits: it ends by itself
-    procs = list(observer._child_processes)
+    if not _claim_the_end():  # the observer's thread is ending this process already, with the line
+        while True:
+            time.sleep(1)
+    return _outcome(list(observer._child_processes), wait_s)
+
+
+def _claim_the_end() -> bool:
+    """Whether this caller (the main thread's peer path, or the observer's thread) is the first to end rank 0
+    for a child's end: the other then leaves it to this one."""
+    with _end_lock:
+        global _end_claimed
+        first, _end_claimed = not _end_claimed, True
+        return first
+
+
+_end_lock = threading.Lock()
+_end_claimed = False
+
+
+def keep_rank_zero_to_its_line() -> None:
+    """Lightning's ``_ChildProcessObserver`` (a thread of rank 0, every 5 s) SIGKILLs rank 0 and its children as
+    soon as it sees a child's non-zero exit. Rank 0 in a collective learns of the end itself (gloo) and ends with
+    ``children_outcome``'s line and the child's status; rank 0 outside one for those seconds (a checkpoint save, a
+    long step, NCCL, which does not notice a peer's end) was killed: exit status 137, no line, the cause's status
+    lost (a refused setting retried as a crash). Its kill is replaced: it waits ``OBSERVER_GRACE_S`` for rank 0
+    to reach its next collective; then it prints the line, kills the children as Lightning did, and ends rank 0
+    with the child's status. A Lightning without this private class keeps its own."""
+    try:
+        from lightning_fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
+    except ImportError:
+        return
+    if not callable(getattr(_ChildProcessObserver, "_terminate_all", None)):
+        return
+
+    def _terminate_all(observer) -> None:
+        deadline = time.monotonic() + OBSERVER_GRACE_S
+        while time.monotonic() < deadline and not _end_claimed:
+            time.sleep(0.1)
+        if not _claim_the_end():  # the main thread's peer path ends this process
+            return
+        procs = list(getattr(observer, "_child_processes", []))
+        line, status = _outcome(procs, 0) or _plain_exit(procs)
+        print(line, file=sys.stderr, flush=True)
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGKILL)  # as Lightning does: SIGTERM does not end a rank in a collective
+        sys.stdout.flush()
+        os._exit(status)
+
+    _ChildProcessObserver._terminate_all = _terminate_all
+
+
+def _plain_exit(procs: list) -> tuple[str, int]:
+    """The line for a child that ended with a non-zero status and no record (a traceback, above)."""
+    mine = this_rank()
+    for i, p in enumerate(procs):
+        if p.returncode:
+            rank = str(int(mine) + i + 1) if mine.isdigit() else f"local {i + 1}"
+            return (f"rank {mine} stopped: rank {rank} of this run (started by this process, Lightning's launcher) "
+                    f"ended with exit status {p.returncode} (its traceback is above)"), 1
+    return f"rank {mine} stopped: a rank this process started ended", 1
+
+
+def _outcome(procs: list, wait_s: float) -> tuple[str, int] | None:
+    """``children_outcome`` of the child processes ``procs``."""
     if not procs:
         return None
     me = os.getpid()

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -298,9 +299,11 @@ def test_a_corrupt_sample_on_one_rank_stops_both_with_one_line_each(digits_shard
 
 # rank 1 alone (LOCAL_RANK=1: Lightning's launcher passes the command's environment on) ends in its first
 # training step, as TEST_RANK1_ENDS says: `error` raises a ConfigError (the trainer's `error:` line, exit 2), `kill`
-# SIGKILLs itself (the OOM killer). A test harness: every setting agrees across ranks, so no setting does it.
+# SIGKILLs itself (the OOM killer). With TEST_RANK0_BUSY=S rank 0 (no LOCAL_RANK at its start) spends S seconds
+# in its first training step before its first collective (a save, a slow step). A test harness: every setting
+# agrees across ranks, so no setting does it.
 RANK1_ENDS = """
-import importlib.machinery, os, signal, sys
+import importlib.machinery, os, signal, sys, time
 
 class _Hook:
     def find_spec(self, name, path, target=None):
@@ -313,7 +316,13 @@ class _Hook:
         def exec_module(module):
             run(module)
 
+            step = module.ImageClassifier.training_step
+
             def training_step(self, *args, **kwargs):
+                if os.environ.get("LOCAL_RANK_AT_START") is None:  # rank 0
+                    time.sleep(float(os.environ.get("TEST_RANK0_BUSY") or 0))
+                    os.environ["TEST_RANK0_BUSY"] = "0"
+                    return step(self, *args, **kwargs)
                 if os.environ["TEST_RANK1_ENDS"] == "kill":
                     os.kill(os.getpid(), signal.SIGKILL)
                 from pipeline.errors import ConfigError
@@ -322,12 +331,14 @@ class _Hook:
         spec.loader.exec_module = exec_module
         return spec
 
-if os.environ.get("LOCAL_RANK") == "1" and os.environ.get("TEST_RANK1_ENDS"):
+if os.environ.get("TEST_RANK1_ENDS") and (os.environ.get("LOCAL_RANK") == "1" or os.environ.get("TEST_RANK0_BUSY")):
+    if "LOCAL_RANK" in os.environ:
+        os.environ["LOCAL_RANK_AT_START"] = os.environ["LOCAL_RANK"]
     sys.meta_path.insert(0, _Hook())
 """
 
 
-def _fit_where_rank1_ends(shards: Path, tmp_path: Path, how: str) -> subprocess.CompletedProcess:
+def _fit_where_rank1_ends(shards: Path, tmp_path: Path, how: str, rank0_busy_s: float = 0) -> subprocess.CompletedProcess:
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(RANK1_ENDS)
@@ -337,7 +348,7 @@ def _fit_where_rank1_ends(shards: Path, tmp_path: Path, how: str) -> subprocess.
            "--data.num_workers", "0", "--trainer.precision", "32-true")]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCHELASTIC_", "LOCAL_RANK"))}
     env.update({"PYTHONPATH": f"{site}{os.pathsep}{REPO}", "WANDB_MODE": "offline", "MASTER_PORT": str(free_port()),
-                "OMP_NUM_THREADS": "1", "TEST_RANK1_ENDS": how})
+                "OMP_NUM_THREADS": "1", "TEST_RANK1_ENDS": how, "TEST_RANK0_BUSY": str(rank0_busy_s or "")})
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=180)
     left = []  # no rank outlives the command (rank 0 waited for its children; the kernel's SIGTERM for the rest)
     for entry in Path("/proc").iterdir():
@@ -377,6 +388,27 @@ def test_lightning_launcher_names_a_child_rank_killed_by_a_signal(digits_shards,
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert lines[-1].startswith("rank 0 stopped: rank 1 of this run") and "killed by SIGKILL" in lines[-1] \
         and lines[-1].endswith("exit status 1, a crash"), proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("how, status, says", [
+    ("error", 2, "ended with the trainer's one-line error: above; exit status 2, as rank 1's"),
+    ("kill", 1, "was killed by SIGKILL and said nothing (the OOM killer, a kill); exit status 1, a crash"),
+])
+def test_lightning_launcher_ends_with_the_childs_line_when_rank_zero_is_in_no_collective(digits_shards, tmp_path,
+                                                                                         how, status, says):
+    """Rank 1 ends while rank 0 spends 60 s before its next collective (a save, a long step; NCCL, which does not
+    notice a peer's end, looks the same): Lightning's observer thread SIGKILLed rank 0 within 5 s, so the
+    command ended with exit status -9 and no line of its own, a refused setting looking like a crash. Now it
+    waits OBSERVER_GRACE_S for rank 0's collective, then prints the same line the peer path prints and ends with
+    the child's status, long before rank 0's 60 s are over."""
+    started = time.monotonic()
+    proc = _fit_where_rank1_ends(digits_shards, tmp_path, how, rank0_busy_s=60)
+    lines = proc.stderr.splitlines()
+    assert proc.returncode == status, proc.stderr[-3000:]
+    assert lines[-1] == ("rank 0 stopped: rank 1 of this run (started by this process, Lightning's launcher) "
+                         + says), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert time.monotonic() - started < 60, "rank 0 slept its 60 s: the observer did not end it"
 
 
 def test_only_gloos_lost_peer_becomes_the_one_line() -> None:
