@@ -21,9 +21,9 @@ if __name__ == "__main__":
         sys.exit(export_main(sys.argv[2:]))
     from pipeline.cli import main
     from pipeline.launcher_ranks import after_exit as tell_rank_zero
-    from pipeline.torchrun_stop import after_exit, peer_ended, watch_while_the_group_forms
+    from pipeline.torchrun_stop import after_exit, peer_ended, watch_the_error_file
 
-    watching = watch_while_the_group_forms()  # a rank of this round refused before the group formed
+    watching = watch_the_error_file()  # a rank of this round that ended with its error: line
     try:
         status = main()
     except SystemExit as e:  # the parser's refusal: its usage, then an `error:` line, exit 2

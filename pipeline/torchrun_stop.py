@@ -17,8 +17,10 @@ own agent too when the file is there. A peer killed outright writes nothing: a c
 
 A rank that refuses its start before the process group forms (a ``data.root`` one node lacks) is no peer in a
 collective: the others waited for it in the group's start-up (gloo's 30 minutes, then a new round waiting in
-the rendezvous). ``watch_while_the_group_forms`` has each rank look for the error file of its round until its
-group has formed; a rank that finds it says so in one line and stops its agent."""
+the rendezvous). And a rank of another node in an NCCL collective does not notice a peer's end: it waits for it
+until the collective's timeout (30 minutes). ``watch_the_error_file`` has each rank look for the error file of its
+round for the whole run; a rank that finds it, and has not ended by itself, says so in one line and stops its
+agent."""
 
 from __future__ import annotations
 
@@ -40,6 +42,8 @@ _PEER_WAIT_S = 3
 _GUARD_PREFIX = "resnet-pipeline-torchrun-stopped-"  # + AGENT_PID-START: one SIGTERM per agent
 _FORMING_POLL_S = 0.25  # how often a rank waiting for its group looks whether it formed (in memory)
 _FILE_POLL_S = 1.0  # and for the error file (a file system read: every rank of the run, while it waits)
+_FILE_POLL_RUNNING_S = 5.0  # for the error file once the group has formed, for the rest of the run
+_RUNNING_GRACE_S = 60.0  # then for this rank to end by itself, as it does in a gloo collective
 
 _peer_ended = False
 
@@ -62,43 +66,60 @@ def a_peer_ended() -> None:
         time.sleep(0.1)
 
 
-def watch_while_the_group_forms(env: Mapping[str, str] = os.environ) -> threading.Event | None:
-    """Under torchrun with ``ERROR_FILE_ENV`` set: a thread that reads the error file until this rank's process
-    group has formed (or the returned event is set: ``python -m pipeline``'s end). A record of this round means
-    a rank ended with its ``error:`` line (a refused start, on a node this rank cannot see) and its agent will
-    start no new round: this rank prints one line saying which rank, stops its own agent and exits 1 at once
-    (its main thread is inside the group's start-up, which no signal interrupts; nothing was trained or saved
-    yet). Once the group has formed, a rank that ends is a peer in a collective (``a_peer_ended``)."""
+def watch_the_error_file(env: Mapping[str, str] = os.environ) -> threading.Event | None:
+    """Under torchrun with ``ERROR_FILE_ENV`` set: a thread that reads the error file until the returned event is
+    set (``python -m pipeline``'s end). A record of another rank of this round means that rank ended with its
+    ``error:`` line and its agent starts no new round: this rank prints one line naming it, stops its own agent
+    and exits 1 (its main thread is in a call that no signal interrupts).
+
+    * Before this rank's process group has formed (once a second): at once. The main thread waits in the
+      group's start-up for a rank that refused its start (a ``data.root`` one node lacks); nothing was trained.
+    * After (every ``_FILE_POLL_RUNNING_S``): only when this process has not ended by itself
+      ``_RUNNING_GRACE_S`` later. Under gloo its next collective fails at once and ``a_peer_ended`` ends it with
+      its own line; NCCL's collectives wait for the peer until their timeout (30 minutes), and a rank busy outside
+      them for that long (a slow save) is left to finish first."""
     path = env.get(ERROR_FILE_ENV, "")
     if not path or not env.get("TORCHELASTIC_RUN_ID"):
         return None
     done = threading.Event()
-    this_round = _round(env)
+    this_round, me = _round(env), env.get("RANK")
 
     def formed() -> bool:
         dist = sys.modules.get("torch.distributed")  # imported by the main thread, never from this one
         return dist is not None and dist.is_available() and dist.is_initialized()
 
+    def peer_record() -> dict | None:
+        record = read_error_file(path)
+        if record is None or record.get("round") != this_round or record.get("rank") == me:
+            return None
+        return record
+
+    def stop(record: dict, how: str) -> None:
+        global _peer_ended
+        _peer_ended = True
+        print(f"rank {me or '?'} stopped: rank {record.get('rank', '?')} of this run ended with its one-line error: "
+              f"(exit {record.get('status', '?')}) {how}; that rank's line says why", file=sys.stderr, flush=True)
+        _stop_agent(env)
+        sys.stdout.flush()
+        os._exit(1)
+
     def watch() -> None:
         next_read = 0.0
-        while not done.wait(_FORMING_POLL_S):
+        while not done.wait(_FORMING_POLL_S):  # before the group forms
             if formed():
-                return
+                break
             if time.monotonic() < next_read:
                 continue
             next_read = time.monotonic() + _FILE_POLL_S
-            record = read_error_file(path)
-            if (record is None or record.get("round") != this_round or record.get("rank") == env.get("RANK")
-                    or done.is_set() or formed()):
+            if (record := peer_record()) is not None and not done.is_set() and not formed():
+                stop(record, "while this rank waited for the process group to form")
+        while not done.wait(_FILE_POLL_RUNNING_S):  # after: the main thread's own way out goes first
+            if (record := peer_record()) is None:
                 continue
-            global _peer_ended
-            _peer_ended = True
-            print(f"rank {env.get('RANK', '?')} stopped: rank {record.get('rank', '?')} of this run ended with its "
-                  f"one-line error: (exit {record.get('status', '?')}) while this rank waited for the process group "
-                  f"to form; that rank's line says why", file=sys.stderr, flush=True)
-            _stop_agent(env)
-            sys.stdout.flush()
-            os._exit(1)
+            if done.wait(_RUNNING_GRACE_S) or _peer_ended:
+                return
+            stop(record, f"and this rank heard nothing of it for {_RUNNING_GRACE_S:.0f} s (a collective that does "
+                         f"not notice a peer's end, such as NCCL's, or a step or save that long)")
 
     threading.Thread(target=watch, name="torchrun-error-file", daemon=True).start()
     return done

@@ -28,7 +28,7 @@ def _launch(run_dir: Path, shards: Path, *launch_args: str, extra: tuple[str, ..
 
 def _start(run_dir: Path, shards: Path, *launch_args: str, extra: tuple[str, ...] = (), nnodes: int = 1,
            nproc_per_node: int = 2, endpoint: str | None = None, config_check: bool = False,
-           cwd: Path = REPO) -> subprocess.Popen:
+           cwd: Path = REPO, site: Path | None = None, more_env: dict[str, str] | None = None) -> subprocess.Popen:
     """``config_check``: the trainer-settings check before the agent starts (a process importing Lightning,
     seconds of CPU), which test_launch_config_check.py tests; here only the uninterrupted run makes it."""
     if not config_check:
@@ -36,7 +36,8 @@ def _start(run_dir: Path, shards: Path, *launch_args: str, extra: tuple[str, ...
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("SLURM_", "WANDB_API_KEY", "TORCHELASTIC_", "TORCH_DISABLE_SHARE", "OMP_NUM_THREADS"))}
     # LOGLEVEL: the agent's info lines, one "will restart worker group" per restart (_rounds)
-    env.update(PYTHONPATH=str(REPO), WANDB_MODE="offline", LOGLEVEL="INFO")
+    env.update(PYTHONPATH=f"{site}{os.pathsep}{REPO}" if site else str(REPO), WANDB_MODE="offline", LOGLEVEL="INFO",
+               **(more_env or {}))
     # OMP_NUM_THREADS is the launcher's (cores / --nproc-per-node): on 2 cores 1 thread a rank, as every run here
     cores = sorted(os.sched_getaffinity(0))[:2]
     if nnodes * nproc_per_node > len(cores):
@@ -267,6 +268,77 @@ def test_a_rank_refused_before_the_process_group_formed_stops_the_other_nodes_to
         assert "Traceback" not in node, node[-4000:]
 
 
+# Under torchrun, in rank 0 alone (RANK=0 at its start): its training step TEST_RANK0_BUSY_AT (a global step) starts
+# with 120 s before its collectives (a long save, or a collective that waits for a dead peer, as NCCL's does), and the
+# error-file watcher's running phase is shortened (poll 1 s, grace 5 s). A test harness, not a setting.
+RANK0_BUSY = """
+import importlib.machinery, os, sys, time
+
+if os.environ.get("RANK") == "0" and os.environ.get("TEST_RANK0_BUSY_AT"):
+    import pipeline.torchrun_stop as watcher
+    watcher._FILE_POLL_RUNNING_S, watcher._RUNNING_GRACE_S = 1.0, 5.0
+
+    class _Hook:
+        def find_spec(self, name, path, target=None):
+            if name != "pipeline.module":
+                return None
+            sys.meta_path.remove(self)
+            spec = importlib.machinery.PathFinder.find_spec(name, path)
+            run = spec.loader.exec_module
+
+            def exec_module(module):
+                run(module)
+
+                def on_train_batch_start(self, *args, **kwargs):  # before the step's first collective (DDP's)
+                    if self.global_step == int(os.environ["TEST_RANK0_BUSY_AT"]):
+                        time.sleep(120)
+                module.ImageClassifier.on_train_batch_start = on_train_batch_start
+            spec.loader.exec_module = exec_module
+            return spec
+
+    sys.meta_path.insert(0, _Hook())
+"""
+
+
+@pytest.mark.slow
+def test_a_rank_that_hears_nothing_of_another_nodes_error_stops_after_the_grace(digits_shards: Path,
+                                                                                tmp_path: Path) -> None:
+    """Two agents of one rank each; rank 1 ends with its `error:` (a corrupt sample in its share of step 4) while
+    rank 0 spends 120 s in that step before its collectives. Under NCCL a rank in a collective waits for a dead
+    peer until the collective's timeout (30 minutes): the same as this busy rank, which heard nothing of it. Now
+    its watcher finds rank 1's error file of this round, waits the grace (5 s here, 60 s in a run) for the rank to
+    end by itself, then prints one line and stops its agent: both nodes end after one round, long before the
+    120 s."""
+    shards, _ = _corrupt_for_rank_1(digits_shards, tmp_path)
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(RANK0_BUSY)
+    run_dir = tmp_path / "run"
+    kw = dict(extra=("--data.batch_size", "32", "--trainer.precision", "32-true"), nnodes=2, nproc_per_node=1,
+              endpoint=f"127.0.0.1:{free_port()}", site=site, more_env={"TEST_RANK0_BUSY_AT": "3"})
+    started = time.monotonic()
+    first = _start(run_dir, shards, "--max-restarts", "2", **kw)
+    for _ in range(600):  # the W&B id (the rendezvous id) is made once, by the first launcher
+        if (run_dir / "wandb_run_id").exists():
+            break
+        time.sleep(0.1)
+    second = _start(run_dir, shards, "--max-restarts", "2", **kw)
+    nodes = [_finish(p, run_dir, timeout=200) for p in (first, second)]
+    elapsed = time.monotonic() - started
+    out = "".join(r.stdout + r.stderr for r in nodes)
+    errors = [line for line in out.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "repair the shard" in errors[0], out[-6000:]
+    stopped = [line for line in out.splitlines() if line.startswith("rank 0 stopped: ")]
+    assert stopped == ["rank 0 stopped: rank 1 of this run ended with its one-line error: (exit 1) and this rank heard "
+                       "nothing of it for 5 s (a collective that does not notice a peer's end, such as NCCL's, or a "
+                       "step or save that long); that rank's line says why"], out[-6000:]
+    assert [r.returncode for r in nodes] == [1, 1], out[-6000:]
+    for r in nodes:
+        node = r.stdout + r.stderr
+        assert _rounds(node) == 1 and "launch: torchrun stopped without a restart: rank 1 ended" in node, node[-4000:]
+    assert elapsed < 120, f"{elapsed:.0f} s: rank 0 slept its 120 s"
+
+
 def _corrupt_for_rank_1(digits_shards: Path, tmp_path: Path, step: int = 3, batch: int = 32) -> tuple[Path, int]:
     """A copy of the shards whose sample that global rank 1 (of 2) reads first in step ``step + 1`` is corrupt."""
     from pipeline.data.contract import TrainSampler
@@ -358,9 +430,10 @@ def test_only_an_error_file_of_this_round_makes_a_rank_whose_peer_ended_stop_its
 
 def test_a_rank_waiting_for_its_group_stops_on_an_error_file_of_this_round_only(tmp_path: Path, monkeypatch,
                                                                                capfd) -> None:
-    """``watch_while_the_group_forms``: an earlier round's record or this rank's own is no reason to stop; another
-    rank's of this round is (one line, the agent stopped, exit 1); once the group has formed, or the command has
-    ended (the event), the watcher is gone and a record changes nothing."""
+    """``watch_the_error_file``: an earlier round's record or this rank's own is no reason to stop; another
+    rank's of this round is (one line, the agent stopped, exit 1): at once while the group forms; once it has
+    formed, only when this process has not ended by itself within the grace (its own peer path goes first); after
+    the command has ended (the event) never."""
     import signal
     import threading
 
@@ -387,10 +460,10 @@ def test_a_rank_waiting_for_its_group_stops_on_an_error_file_of_this_round_only(
     error_file = tmp_path / "torchrun-error"
     env = {"TORCHELASTIC_RUN_ID": "abc", "MASTER_ADDR": "node0", "MASTER_PORT": "4000", "RANK": "0",
            torchrun_stop.ERROR_FILE_ENV: str(error_file)}
-    assert torchrun_stop.watch_while_the_group_forms({k: v for k, v in env.items()
+    assert torchrun_stop.watch_the_error_file({k: v for k, v in env.items()
                                                        if k != torchrun_stop.ERROR_FILE_ENV}) is None
 
-    done = torchrun_stop.watch_while_the_group_forms(env)
+    done = torchrun_stop.watch_the_error_file(env)
     error_file.write_text('{"rank": "1", "status": 2, "round": "abc node0:3999"}\n')  # an earlier round's
     assert not exited.wait(0.6)
     error_file.write_text('{"rank": "0", "status": 2, "round": "abc node0:4000"}\n')  # this rank's own
@@ -406,23 +479,43 @@ def test_a_rank_waiting_for_its_group_stops_on_an_error_file_of_this_round_only(
     monkeypatch.setattr(torchrun_stop, "_peer_ended", False)
     exited.clear()
     error_file.unlink()
-    ended = torchrun_stop.watch_while_the_group_forms(env)
+    ended = torchrun_stop.watch_the_error_file(env)
     ended.set()  # the command ended (its own error: line writes this file next)
     time.sleep(0.2)
     error_file.write_text('{"rank": "1", "status": 2, "round": "abc node0:4000"}\n')
     assert not exited.wait(0.6)
 
     error_file.unlink()
+    monkeypatch.setattr(torchrun_stop, "_FILE_POLL_RUNNING_S", 0.1)
+    monkeypatch.setattr(torchrun_stop, "_RUNNING_GRACE_S", 0.8)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
-        formed = torchrun_stop.watch_while_the_group_forms(env)
-        time.sleep(0.3)  # it sees the group formed and ends
-        error_file.write_text('{"rank": "1", "status": 2, "round": "abc node0:4000"}\n')  # a peer in a collective now
-        assert not exited.wait(0.6)
-        formed.set()
+        heard = torchrun_stop.watch_the_error_file(env)
+        time.sleep(0.3)  # it sees the group formed
+        error_file.write_text('{"rank": "1", "status": 2, "round": "abc node0:4000"}\n')
+        time.sleep(0.3)
+        for guard in tmp_path.glob("resnet-pipeline-torchrun-stopped-*"):  # the one-SIGTERM-per-agent mark
+            guard.unlink()
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        torchrun_stop.a_peer_ended()  # the main thread's collective failed (gloo): it ends by itself
+        assert not exited.wait(1.5) and len(sent) == 2  # a_peer_ended stopped the agent, the watcher did nothing
+        heard.set()
+
+        monkeypatch.setattr(torchrun_stop, "_peer_ended", False)
+        for guard in tmp_path.glob("resnet-pipeline-torchrun-stopped-*"):
+            guard.unlink()
+        busy = torchrun_stop.watch_the_error_file(env)  # a main thread that hears nothing (NCCL, a long save)
+        time.sleep(0.5)
+        assert not exited.is_set(), "within the grace"
+        assert exited.wait(5) and exits == [1, 1] and len(sent) == 3 and torchrun_stop.peer_ended()
+        assert ("rank 0 stopped: rank 1 of this run ended with its one-line error: (exit 2) and this rank heard "
+                "nothing of it for 1 s (a collective that does not notice a peer's end, such as NCCL's, or a step or "
+                "save that long); that rank's line says why") in capfd.readouterr().err
+        busy.set()
+        released.set()
     finally:
         dist.destroy_process_group()
-    assert len(sent) == 1 and exits == [1] and not torchrun_stop.peer_ended()
 
 
 def test_a_rank_without_a_temporary_directory_under_torchrun_is_not_restarted(digits_shards: Path,
