@@ -412,8 +412,25 @@ def test_lightning_launcher_ends_with_the_childs_line_when_rank_zero_is_in_no_co
 
 
 def test_only_gloos_lost_peer_becomes_the_one_line() -> None:
-    """Other errors keep their traceback: a gloo error of another kind, or the same words from elsewhere."""
+    """Other errors keep their traceback: a gloo error of another kind, or the same words from elsewhere. NCCL's
+    remote error (its words as users report them: no GPU here) is the one line too, saying that it may be the
+    network; NCCL's other errors are not."""
+    from torch.distributed import DistBackendError
+
     from pipeline.peer_gone import peer_gone, peer_gone_message
+
+    nccl = DistBackendError(
+        "NCCL error in: /pytorch/torch/csrc/distributed/c10d/ProcessGroupNCCL.cpp:3763, remote process exited or "
+        "there was a network error, NCCL version 2.28.8\nncclRemoteError: A call failed possibly due to a network "
+        "error or a remote process exiting prematurely.\nLast error:\nsocketProgressOpt: Call to recv from "
+        "10.0.0.7<33759> failed : Connection reset by peer")
+    assert peer_gone(nccl)
+    assert peer_gone_message(nccl).endswith(
+        "stopped: another rank of this run ended, or the network between the ranks failed, during a collective "
+        "(NCCL: remote process exited or there was a network error); that rank's own message (an error: line or a "
+        "traceback), if it ended, says why")
+    assert not peer_gone(DistBackendError("NCCL error in: ProcessGroupNCCL.cpp:1331, unhandled cuda error (run with "
+                                          "NCCL_DEBUG=INFO for details), NCCL version 2.19.3"))
 
     closed = RuntimeError("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed "
                           "by peer [127.0.0.1]:22169. This is typically caused by a remote worker crashing.")
