@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from tests import preloaded_python
+from tests.import_hook import AFTER_IMPORT
 from tests.conftest import REPO, SMALL_NET, free_port, run_module
 
 CONF = str(REPO / "conf" / "demo.yaml")
@@ -302,39 +303,29 @@ def test_a_corrupt_sample_on_one_rank_stops_both_with_one_line_each(digits_shard
 # SIGKILLs itself (the OOM killer). With TEST_RANK0_BUSY=S rank 0 (no LOCAL_RANK at its start) spends S seconds
 # in its first training step before its first collective (a save, a slow step). A test harness: every setting
 # agrees across ranks, so no setting does it.
-RANK1_ENDS = """
-import importlib.machinery, os, signal, sys, time
+RANK1_ENDS = AFTER_IMPORT + """
+import os, signal, time
 
-class _Hook:
-    def find_spec(self, name, path, target=None):
-        if name != "pipeline.module":
-            return None
-        sys.meta_path.remove(self)
-        spec = importlib.machinery.PathFinder.find_spec(name, path)
-        run = spec.loader.exec_module
 
-        def exec_module(module):
-            run(module)
+def patch(module):
+    step = module.ImageClassifier.training_step
 
-            step = module.ImageClassifier.training_step
+    def training_step(self, *args, **kwargs):
+        if os.environ.get("LOCAL_RANK_AT_START") is None:  # rank 0
+            time.sleep(float(os.environ.get("TEST_RANK0_BUSY") or 0))
+            os.environ["TEST_RANK0_BUSY"] = "0"
+            return step(self, *args, **kwargs)
+        if os.environ["TEST_RANK1_ENDS"] == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        from pipeline.errors import ConfigError
+        raise ConfigError("test.setting: refused on rank 1 alone")
+    module.ImageClassifier.training_step = training_step
 
-            def training_step(self, *args, **kwargs):
-                if os.environ.get("LOCAL_RANK_AT_START") is None:  # rank 0
-                    time.sleep(float(os.environ.get("TEST_RANK0_BUSY") or 0))
-                    os.environ["TEST_RANK0_BUSY"] = "0"
-                    return step(self, *args, **kwargs)
-                if os.environ["TEST_RANK1_ENDS"] == "kill":
-                    os.kill(os.getpid(), signal.SIGKILL)
-                from pipeline.errors import ConfigError
-                raise ConfigError("test.setting: refused on rank 1 alone")
-            module.ImageClassifier.training_step = training_step
-        spec.loader.exec_module = exec_module
-        return spec
 
 if os.environ.get("TEST_RANK1_ENDS") and (os.environ.get("LOCAL_RANK") == "1" or os.environ.get("TEST_RANK0_BUSY")):
     if "LOCAL_RANK" in os.environ:
         os.environ["LOCAL_RANK_AT_START"] = os.environ["LOCAL_RANK"]
-    sys.meta_path.insert(0, _Hook())
+    after_import("pipeline.module", patch)
 """
 
 

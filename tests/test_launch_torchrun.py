@@ -16,6 +16,7 @@ import torch
 from bench.kill_resume import compare
 from pipeline.torchelastic import restart_warning
 from tests.conftest import REPO, SMALL_NET, free_port
+from tests.import_hook import AFTER_IMPORT
 
 
 STEPS = 8
@@ -61,6 +62,20 @@ def _finish(proc: subprocess.Popen, run_dir: Path, timeout: float = 180) -> subp
         out, err = proc.communicate()
         err += f"\n(timed out after {timeout:.0f} s: killed)\n"
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _two_agents(run_dir: Path, shards: Path, *launch_args: str, cwds: tuple[Path, Path] = (REPO, REPO),
+                timeout: float = 200, **kw) -> list[subprocess.CompletedProcess]:
+    """Two `launch torchrun --run` agents of one rank each (two nodes) on one rendezvous and run directory, each in
+    its working directory of ``cwds``; the first started gets rank 0."""
+    kw = dict(nnodes=2, nproc_per_node=1, endpoint=f"127.0.0.1:{free_port()}", **kw)
+    first = _start(run_dir, shards, *launch_args, cwd=cwds[0], **kw)
+    for _ in range(600):  # the W&B id (the rendezvous id) is made once, by the first launcher
+        if (run_dir / "wandb_run_id").exists():
+            break
+        time.sleep(0.1)
+    second = _start(run_dir, shards, *launch_args, cwd=cwds[1], **kw)
+    return [_finish(p, run_dir, timeout=timeout) for p in (first, second)]
 
 
 @pytest.fixture(scope="module")
@@ -205,17 +220,8 @@ def test_a_corrupt_sample_on_one_node_stops_the_other_nodes_agent_too(digits_sha
     on the other node, ends with its peer line, finds rank 1's RUN/torchrun-error of this round and stops its
     agent too. Before, that agent started a new round and waited in the rendezvous for the stopped node."""
     shards, sample = _corrupt_for_rank_1(digits_shards, tmp_path)
-    run_dir = tmp_path / "run"
-    endpoint = f"127.0.0.1:{free_port()}"
-    kw = dict(extra=("--data.batch_size", "32", "--trainer.precision", "32-true"), nnodes=2, nproc_per_node=1,
-              endpoint=endpoint)
-    first = _start(run_dir, shards, "--max-restarts", "2", **kw)
-    for _ in range(600):  # the W&B id (the rendezvous id) is made once, by the first launcher
-        if (run_dir / "wandb_run_id").exists():
-            break
-        time.sleep(0.1)
-    second = _start(run_dir, shards, "--max-restarts", "2", **kw)
-    nodes = [_finish(p, run_dir, timeout=200) for p in (first, second)]
+    nodes = _two_agents(tmp_path / "run", shards, "--max-restarts", "2",
+                        extra=("--data.batch_size", "32", "--trainer.precision", "32-true"))
     out = "".join(r.stdout + r.stderr for r in nodes)
     errors = [line for line in out.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "repair the shard" in errors[0], out[-6000:]
@@ -241,16 +247,8 @@ def test_a_rank_refused_before_the_process_group_formed_stops_the_other_nodes_to
         folder.mkdir()
     has_shards = nodes_dirs[1] if lacking == "first" else nodes_dirs[0]
     (has_shards / "shards").symlink_to(digits_shards)
-    run_dir = tmp_path / "run"
-    endpoint = f"127.0.0.1:{free_port()}"
-    kw = dict(nnodes=2, nproc_per_node=1, endpoint=endpoint)
-    first = _start(run_dir, Path("shards"), "--max-restarts", "2", cwd=nodes_dirs[0], **kw)
-    for _ in range(600):  # the W&B id (the rendezvous id) is made once, by the first launcher
-        if (run_dir / "wandb_run_id").exists():
-            break
-        time.sleep(0.1)
-    second = _start(run_dir, Path("shards"), "--max-restarts", "2", cwd=nodes_dirs[1], **kw)
-    nodes = [_finish(p, run_dir, timeout=150) for p in (first, second)]
+    nodes = _two_agents(tmp_path / "run", Path("shards"), "--max-restarts", "2", cwds=(nodes_dirs[0], nodes_dirs[1]),
+                        timeout=150)
     out = "".join(r.stdout + r.stderr for r in nodes)
     errors = [line for line in out.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "data.root" in errors[0] and "'shards'" in errors[0], out[-6000:]
@@ -271,32 +269,21 @@ def test_a_rank_refused_before_the_process_group_formed_stops_the_other_nodes_to
 # Under torchrun, in rank 0 alone (RANK=0 at its start): its training step TEST_RANK0_BUSY_AT (a global step) starts
 # with 120 s before its collectives (a long save, or a collective that waits for a dead peer, as NCCL's does), and the
 # error-file watcher's running phase is shortened (poll 1 s, grace 5 s). A test harness, not a setting.
-RANK0_BUSY = """
-import importlib.machinery, os, sys, time
+RANK0_BUSY = AFTER_IMPORT + """
+import os, time
+
+
+def patch(module):
+    def on_train_batch_start(self, *args, **kwargs):  # before the step's first collective (DDP's)
+        if self.global_step == int(os.environ["TEST_RANK0_BUSY_AT"]):
+            time.sleep(120)
+    module.ImageClassifier.on_train_batch_start = on_train_batch_start
+
 
 if os.environ.get("RANK") == "0" and os.environ.get("TEST_RANK0_BUSY_AT"):
     import pipeline.torchrun_stop as watcher
     watcher._FILE_POLL_RUNNING_S, watcher._RUNNING_GRACE_S = 1.0, 5.0
-
-    class _Hook:
-        def find_spec(self, name, path, target=None):
-            if name != "pipeline.module":
-                return None
-            sys.meta_path.remove(self)
-            spec = importlib.machinery.PathFinder.find_spec(name, path)
-            run = spec.loader.exec_module
-
-            def exec_module(module):
-                run(module)
-
-                def on_train_batch_start(self, *args, **kwargs):  # before the step's first collective (DDP's)
-                    if self.global_step == int(os.environ["TEST_RANK0_BUSY_AT"]):
-                        time.sleep(120)
-                module.ImageClassifier.on_train_batch_start = on_train_batch_start
-            spec.loader.exec_module = exec_module
-            return spec
-
-    sys.meta_path.insert(0, _Hook())
+    after_import("pipeline.module", patch)
 """
 
 
@@ -313,17 +300,10 @@ def test_a_rank_that_hears_nothing_of_another_nodes_error_stops_after_the_grace(
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(RANK0_BUSY)
-    run_dir = tmp_path / "run"
-    kw = dict(extra=("--data.batch_size", "32", "--trainer.precision", "32-true"), nnodes=2, nproc_per_node=1,
-              endpoint=f"127.0.0.1:{free_port()}", site=site, more_env={"TEST_RANK0_BUSY_AT": "3"})
     started = time.monotonic()
-    first = _start(run_dir, shards, "--max-restarts", "2", **kw)
-    for _ in range(600):  # the W&B id (the rendezvous id) is made once, by the first launcher
-        if (run_dir / "wandb_run_id").exists():
-            break
-        time.sleep(0.1)
-    second = _start(run_dir, shards, "--max-restarts", "2", **kw)
-    nodes = [_finish(p, run_dir, timeout=200) for p in (first, second)]
+    nodes = _two_agents(tmp_path / "run", shards, "--max-restarts", "2", site=site,
+                        extra=("--data.batch_size", "32", "--trainer.precision", "32-true"),
+                        more_env={"TEST_RANK0_BUSY_AT": "3"})
     elapsed = time.monotonic() - started
     out = "".join(r.stdout + r.stderr for r in nodes)
     errors = [line for line in out.splitlines() if line.startswith("error: ")]
