@@ -69,6 +69,25 @@ def _environment_as_before() -> Iterator[None]:
         os.environ.update(before)
 
 
+_SIGNALS = sorted(signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP}, key=int)
+
+
+@pytest.fixture(autouse=True)
+def _signals_as_before() -> Iterator[None]:
+    """What a test's own code leaves in this process's signal handlers and blocked mask is put back after it: a
+    SIGTERM left ignored (the torchrun stop ignores it before it signals its agent) is inherited through exec by
+    every later process of that pytest worker, whose ranks then outlived their parent and whose pools of workers
+    never ended (seen in CI: three later tests of the worker hung)."""
+    handlers = {sig: signal.getsignal(sig) for sig in _SIGNALS}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    yield
+    for sig, handler in handlers.items():
+        if handler is not None and signal.getsignal(sig) != handler:
+            signal.signal(sig, handler)
+    if signal.pthread_sigmask(signal.SIG_BLOCK, []) != mask:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
 def unavailable_here(reason: str) -> None:
     """Skip on a developer machine that cannot run a test's real service (Slurm, namespaces); fail in CI,
     which must run them (.ci/run installs what they need), so a broken setup never passes as a skip."""

@@ -432,6 +432,7 @@ def test_a_rank_waiting_for_its_group_stops_on_an_error_file_of_this_round_only(
 
     monkeypatch.setattr(torchrun_stop, "_is_torchrun", lambda pid: True)
     monkeypatch.setattr(torchrun_stop.os, "kill", lambda pid, sig: sent.append((pid, sig)))
+    monkeypatch.setattr(torchrun_stop.signal, "signal", lambda *a: None)  # a_peer_ended's: not this process's
     monkeypatch.setattr(torchrun_stop.os, "_exit", fake_exit)
     monkeypatch.setattr(torchrun_stop.tempfile, "gettempdir", lambda: str(tmp_path))
     monkeypatch.setattr(torchrun_stop, "_peer_ended", False)
