@@ -8,13 +8,14 @@ if __name__ == "__main__":
 
         hold()
     if len(sys.argv) > 1 and sys.argv[1] in ("fit", "validate", "test"):  # before the trainer's imports
-        from pipeline.temp_dir import start_refused_without_temp_dir
+        from pipeline.temp_dir import temp_dir_problem
 
-        if refused := start_refused_without_temp_dir():  # ended as a refusal by the CLI ends, below
+        if (problem := temp_dir_problem()) is not None:  # ended as a refusal by the CLI ends, below
             from pipeline.launcher_ranks import after_exit as tell_rank_zero
             from pipeline.torchrun_stop import after_exit
 
-            sys.exit(tell_rank_zero(after_exit(refused), False))
+            print(f"error: {problem}", file=sys.stderr)
+            sys.exit(tell_rank_zero(after_exit(2), False))
     if len(sys.argv) > 1 and sys.argv[1] == "export":
         from pipeline.export import main as export_main
 

@@ -19,9 +19,12 @@ splits the command reads are checked too (names, shard files).
 from __future__ import annotations
 
 if __name__ == "__main__":  # before the imports below: torch._dynamo's makes its cache folder in the temp dir
-    from pipeline.temp_dir import stop_a_check_without_temp_dir
+    import sys
 
-    stop_a_check_without_temp_dir()
+    from pipeline.temp_dir import temp_dir_problem
+
+    if (problem := temp_dir_problem()) is not None:
+        sys.exit(f"config_check: cannot check on this machine: {problem}")
 
 import logging
 import sys

@@ -136,10 +136,14 @@ def _plain_exit(procs: list) -> tuple[str, int]:
     mine = this_rank()
     for i, p in enumerate(procs):
         if p.returncode:
-            rank = str(int(mine) + i + 1) if mine.isdigit() else f"local {i + 1}"
-            return (f"rank {mine} stopped: rank {rank} of this run (started by this process, Lightning's launcher) "
-                    f"ended with exit status {p.returncode} (its traceback is above)"), 1
+            return (f"rank {mine} stopped: rank {_child_rank(mine, i)} of this run (started by this process, "
+                    f"Lightning's launcher) ended with exit status {p.returncode} (its traceback is above)"), 1
     return f"rank {mine} stopped: a rank this process started ended", 1
+
+
+def _child_rank(mine: str, i: int) -> str:
+    """The global rank of the ``i``-th child (0-based) of rank ``mine``, which starts them in order after itself."""
+    return str(int(mine) + i + 1) if mine.isdigit() else f"local {i + 1}"
 
 
 def _outcome(procs: list, wait_s: float) -> tuple[str, int] | None:
@@ -151,10 +155,9 @@ def _outcome(procs: list, wait_s: float) -> tuple[str, int] | None:
     while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
         time.sleep(0.05)
     mine = this_rank()
-    first_rank = int(mine) + 1 if mine.isdigit() else None
     records, killed = [], []
     for i, p in enumerate(procs):
-        rank = str(first_rank + i) if first_rank is not None else f"local {i + 1}"
+        rank = _child_rank(mine, i)
         path = _record_path(me, str(i + 1))
         record = _read(path)
         path.unlink(missing_ok=True)

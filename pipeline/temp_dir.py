@@ -12,7 +12,6 @@ its cache folder there.
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 
 from pipeline.errors import ConfigError
@@ -37,26 +36,15 @@ def check_temp_dir() -> None:
     os.rmdir(temp_folder("resnet-pipeline-check-", "W&B, the DALI loader and torch.compile need"))
 
 
-def start_refused_without_temp_dir() -> int:
-    """``check_temp_dir`` before the trainer's imports, said as the CLI says a ``ConfigError``: one ``error:``
-    line and status 2 (0: there is one), which ``python -m pipeline`` ends with as it ends with the CLI's (a
-    rank under torchrun stops its agent). With no usable temporary directory the start was the traceback of
-    the import of torch._dynamo, whose cache folder goes there, before the CLI's own check could run."""
+def temp_dir_problem() -> str | None:
+    """``check_temp_dir``'s refusal as text, or None: for the callers that must run it before the trainer's
+    imports, whose import of torch._dynamo makes its cache folder there (with none usable the start was that
+    import's traceback). ``python -m pipeline fit|validate|test`` refuses the start with it (``error:``, exit 2,
+    as the CLI's refusals end: a rank under torchrun stops its agent); ``python -m pipeline.config_check`` says
+    it cannot check on this machine (exit 1, not a refusal: the job's nodes have temporary directories of their
+    own, and ``launch submit train`` submits with a warning)."""
     try:
         check_temp_dir()
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def stop_a_check_without_temp_dir() -> None:
-    """What ``python -m pipeline.config_check`` does instead, before the same imports: exit 1, "cannot check
-    here", not a refusal (exit 2). The job runs on other machines, whose temporary directories its start checks:
-    ``launch submit train`` then submits with a warning naming this machine's, where a refusal would have
-    stopped it."""
-    try:
-        check_temp_dir()
-    except ConfigError as e:
-        print(f"config_check: cannot check on this machine: {e}", file=sys.stderr)
-        sys.exit(1)
+        return str(e)
+    return None
