@@ -307,14 +307,21 @@ def test_a_dali_source_worker_killed_while_the_loader_waits_ends_the_process(dig
     assert "served" not in proc.stdout
 
 
-@pytest.mark.parametrize(("backend", "sig"), [("cpu", signal.SIGUSR1), ("dali-cpu", signal.SIGTERM),
-                                             ("cpu", signal.SIGINT)], ids=["cpu-USR1", "dali-cpu-TERM", "cpu-INT"])
-def test_group_signal_with_loader_workers_saves_and_resumes_exactly(digits_shards, tmp_path, backend, sig):
+@pytest.mark.parametrize(("backend", "sig", "ranks"), [
+    ("cpu", signal.SIGUSR1, 1), ("dali-cpu", signal.SIGTERM, 1), ("cpu", signal.SIGINT, 1),
+    ("dali-cpu", signal.SIGINT, 1), ("cpu", signal.SIGINT, 2),
+], ids=["cpu-USR1", "dali-cpu-TERM", "cpu-INT", "dali-cpu-INT", "cpu-2-ranks-INT"])
+def test_group_signal_with_loader_workers_saves_and_resumes_exactly(digits_shards, tmp_path, backend, sig, ranks):
     """The signal goes to the process group (trainer and loader workers), as Slurm sends it, and as a
-    terminal sends Ctrl-C's SIGINT (which saved nothing: a KeyboardInterrupt, wherever it landed)."""
-    workers = (["--data.num_workers", "2"] if backend == "cpu"
+    terminal sends Ctrl-C's SIGINT (which saved nothing: a KeyboardInterrupt, wherever it landed). Ctrl-C's
+    line is said once: before, each forked worker ran the trainer's handler too, DALI's source workers died of
+    it (a traceback each), and the workers of a two-rank run's fork servers too (the run failed: "DataLoader
+    worker ... exited unexpectedly", no save)."""
+    workers = (["--data.num_workers", "2" if ranks == 1 else "1"] if backend == "cpu"
                else ["--data.num_workers", "1", "--data.dali_source_workers", "2"])
     extra = ["--data.backend", backend, *workers]
+    if ranks > 1:  # a fork server's workers (data.worker_start_method auto)
+        extra += ["--trainer.accelerator", "cpu", "--trainer.devices", str(ranks)]
     ref, cut = tmp_path / "uninterrupted", tmp_path / "interrupted"
     last = cut / "checkpoints" / "last.ckpt"
     with open(tmp_path / "runs.log", "w") as log:
@@ -325,6 +332,7 @@ def test_group_signal_with_loader_workers_saves_and_resumes_exactly(digits_shard
     assert f"preemption ({signal.Signals(sig).name})" in text, text[-3000:]
     if sig == signal.SIGINT:
         assert "the run is not finished (stopped at step" in text and "KeyboardInterrupt" not in text, text[-3000:]
+        assert text.count("Ctrl-C: saving last.ckpt at the next step") == 1 and "Traceback" not in text, text[-3000:]
     assert 2 <= stopped < STEPS
     assert saved_step(last) == STEPS
     diffs = compare(ref / "checkpoints" / "last.ckpt", last)

@@ -15,6 +15,13 @@ workers (DALI's parallel source: a fresh interpreter) are started inside
 ``shield_worker`` when they unpickle the source. A shielded worker also dies with its parent (the kernel
 sends it SIGKILL when the parent is gone), so none outlives a trainer killed outright.
 
+Ctrl-C's SIGINT reaches every process of the terminal's foreground process group: the trainer (which saves
+at its next step and stops: ``pipeline.preemption``), its ranks, and their workers. A worker ignores it: its
+trainer ends it. Before, a fork server's DataLoader worker and DALI's source workers died of the
+``KeyboardInterrupt`` (a multi-rank run then failed with "DataLoader worker ... exited unexpectedly" and saved
+nothing; DALI printed a traceback per worker), and a forked worker ran the trainer's handler, its line once
+more per worker. Spawned workers are born with it blocked too, until ``shield_worker`` ignores it.
+
 A worker forked by a fork server (``pipeline.data.worker_start``) has two parents: the server forked it
 (its ``getppid``), the trainer started it and ends it. It dies with either: the kernel's SIGKILL when the
 server ends, a thread that waits on the trainer's pidfd when the trainer ends (the server itself outlives
@@ -35,17 +42,22 @@ from collections.abc import Iterator
 from pipeline.parent_death import signal_when_parent_ends
 
 PREEMPTION_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+BLOCKED_FROM_BIRTH = (*PREEMPTION_SIGNALS, signal.SIGINT)  # in spawned workers, until shield_worker
 
 _shielded_pid: int | None = None
 
 
 def shield_worker(worker_id: int = 0) -> None:
     """In a worker process (also a DataLoader ``worker_init_fn``): never die of USR1, nor of a SIGTERM that
-    does not come from the parent. Once per process."""
+    does not come from the parent; ignore Ctrl-C's SIGINT. Once per process."""
     global _shielded_pid
     if _shielded_pid == os.getpid():
         return
     _shielded_pid = os.getpid()
+    try:  # for every thread of the process; a pending one (blocked from birth) is dropped
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread: this thread's threads at least
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     forked_by = os.getppid()  # the trainer, or a fork server
     known = multiprocessing.parent_process()
     parent = known.pid if known is not None else forked_by  # the process that started it and ends it
@@ -128,7 +140,7 @@ def start_resource_tracker() -> None:
 
 @contextlib.contextmanager
 def spawned_without_preemption_signals() -> Iterator[None]:
-    """Processes started inside the block begin life with the preemption signals blocked.
+    """Processes started inside the block begin life with the preemption signals and SIGINT blocked.
 
     The block runs with them blocked in this thread, and a child inherits that mask through fork and exec
     (it must then call ``shield_worker`` to obey its parent's SIGTERM). Signals sent to this process
@@ -138,7 +150,7 @@ def spawned_without_preemption_signals() -> Iterator[None]:
     # The first spawn starts multiprocessing's resource tracker, and starting it unblocks SIGTERM in this
     # thread: start it before the block.
     start_resource_tracker()
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, PREEMPTION_SIGNALS)
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, BLOCKED_FROM_BIRTH)
     try:
         yield
     finally:
