@@ -1,8 +1,9 @@
-"""Lightning's W&B logger, made safe for a cluster: W&B's refusal to start is a one-line error, and a lost
-service process does not end the training."""
+"""Lightning's W&B logger, made safe for a cluster: W&B's refusal to start is a one-line error, a server it cannot
+reach makes the run log offline, and a lost service process does not end the training."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -10,6 +11,9 @@ from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from pipeline.errors import ConfigError
+from pipeline.wandb_service import close_wandb_service
+
+log = logging.getLogger(__name__)
 
 
 class ServiceSafeWandbLogger(WandbLogger):
@@ -35,6 +39,23 @@ class ServiceSafeWandbLogger(WandbLogger):
         except (wandb.errors.UsageError, wandb.errors.AuthenticationError) as e:
             raise ConfigError(f"tracking.wandb: W&B refused to start the run: {type(e).__name__}: "
                               f"{str(e).strip().splitlines()[0] if str(e).strip() else e!r}") from None
+        except wandb.errors.CommError as e:  # no server within W&B's init_timeout (a node without internet)
+            if self._offline or self._experiment is not None:
+                raise
+            return self._offline_instead(e)
+
+    def _offline_instead(self, error: Exception) -> Any:
+        """A W&B server this process cannot reach (compute nodes without internet, a W&B outage, a proxy) ended
+        the run with W&B's traceback after its ``init_timeout`` (90 s), and a Slurm job so restarted failed the
+        same way each time: the run logs offline instead, under the same run id, for ``wandb sync`` later."""
+        lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+        why = "; ".join(lines[:2])[:400] or repr(error)
+        close_wandb_service()  # its service still holds the run id it could not start online
+        self._offline = True  # Lightning's offline: WANDB_MODE=dryrun for this process
+        log.warning("W&B: cannot start the run online (%s: %s); it logs offline into %s/wandb/offline-run-*, "
+                    "which `wandb sync` uploads once the server is reachable (on machines without internet, "
+                    "WANDB_MODE=offline skips this wait)", type(error).__name__, why, self.save_dir)
+        return super().experiment
 
     @rank_zero_only
     def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:

@@ -372,6 +372,32 @@ def test_a_run_id_wandb_refuses_is_a_one_line_error(digits_shards, tmp_path, mon
         logger.experiment
 
 
+def test_a_wandb_server_out_of_reach_makes_the_run_log_offline(digits_shards, tmp_path):
+    """A key is set but the W&B server cannot be reached (compute nodes without internet, an outage): the run
+    waited W&B's init_timeout (90 s), then ended with W&B's CommError traceback, exit 1, nothing trained, and
+    a Slurm job restarted so failed the same way each time. Now it logs offline under the same run id, says
+    so in one line, and trains."""
+    from tests.conftest import free_port
+
+    run = tmp_path / "run"
+    proc = run_module(
+        "pipeline", "fit", "--config", CONF, *SMALL_NET, "--data.root", str(digits_shards),
+        "--trainer.default_root_dir", str(run), "--data.num_workers", "0", "--trainer.max_steps", "2",
+        "--trainer.log_every_n_steps", "1", "--trainer.num_sanity_val_steps", "0", check=False,
+        env={"WANDB_MODE": "online", "WANDB_API_KEY": FAKE_KEY, "WANDB_BASE_URL": f"http://127.0.0.1:{free_port()}",
+             "WANDB_INIT_TIMEOUT": "5"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    said = [line for line in proc.stderr.splitlines() if line.startswith("W&B: cannot start the run online")]
+    assert len(said) == 1 and "CommError" in said[0] and f"{run}/wandb/offline-run-*" in said[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    run_id = (run / RUN_ID_FILE).read_text().strip()
+    offline = list((run / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(offline) == 1, list((run / "wandb").iterdir())
+    steps = [row.get("trainer/global_step") for row in _wandb_history(next(offline[0].glob("*.wandb")))]
+    assert 1 in steps, steps  # the training's metrics are in the offline run
+    assert torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 2
+
+
 def test_a_lost_wandb_service_does_not_end_the_training(digits_shards, tmp_path):
     """W&B's service process gone mid-run (killed here at batch 2; Slurm's SIGTERM reaches it too, the OOM
     killer may pick it): every W&B log call raised ConnectionResetError, and the run ended there, before
