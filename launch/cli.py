@@ -143,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "last.ckpt (as for submit train)")
     tr.add_argument("--max-restarts", type=int, default=3,
                     help="restarts of all ranks after a failure, each resuming from last.ckpt (default 3)")
+    tr.add_argument("--stop-grace", type=int, default=torchrun.STOP_GRACE_S, metavar="S",
+                    help="seconds an agent that got a signal (Ctrl-C, a kill) gives its ranks to save and stop "
+                         f"before it kills them (torchrun --shutdown-timeout; default {torchrun.STOP_GRACE_S})")
     tr.add_argument("--cpu", action="store_true", help="CPU processes over gloo: accelerator cpu")
     tr.add_argument("--no-config-check", dest="config_check", action="store_false",
                     help="skip the check of the trainer's settings (`python -m pipeline.config_check`, about 6 s)")
@@ -375,7 +378,7 @@ def _torchrun(a: argparse.Namespace, extra: list[str]) -> int:
                                                       "choose one with --run-dir)")
     argv = torchrun.command(a.config, a.nnodes, a.nproc_per_node, a.rdzv_endpoint, run_dir,
                             rdzv_id="pending" if a.rdzv_id is None else a.rdzv_id, cpu=a.cpu, extra_args=extra,
-                            max_restarts=a.max_restarts)
+                            max_restarts=a.max_restarts, stop_grace=a.stop_grace)
     rundir.wandb_run_id(run_dir, create=False)  # an unreadable id file: refused before the slow check
     origin = check_branch(run_dir, a.branch_from) if a.branch_from is not None else None
     if a.config_check:

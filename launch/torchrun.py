@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import signal
 import sys
 from pathlib import Path
 
@@ -18,16 +19,23 @@ from pipeline.torchrun_stop import ERROR_FILE_ENV, read_error_file, remove_stop_
 _ENDPOINT = re.compile(r"^[A-Za-z0-9_.:\[\]-]+:(\d{1,5})$")
 
 
+STOP_GRACE_S = 120  # as Slurm's script gives its ranks (USR1 300 s before the limit) time to save
+
+
 def command(config: Path, nnodes: int, nproc_per_node: int, rdzv_endpoint: str, run_dir: Path,
             rdzv_id: str = "resnet", cpu: bool = False, extra_args: list[str] | None = None,
-            max_restarts: int = 3) -> list[str]:
+            max_restarts: int = 3, stop_grace: int = STOP_GRACE_S) -> list[str]:
     """argv for `torchrun ... -m pipeline fit ...`; the same on every node. After a failed rank the
-    agents restart all ranks (up to ``max_restarts`` times), which resume from ``last.ckpt``."""
+    agents restart all ranks (up to ``max_restarts`` times), which resume from ``last.ckpt``. An agent that gets
+    a signal (Ctrl-C, a ``kill``) sends it on to its ranks, a preemption for them, and SIGKILLs those still
+    running ``stop_grace`` seconds later (torchrun's ``--shutdown-timeout``, whose default of 30 s cut short a
+    stop that waited for a validation or a slow save)."""
     config = yaml_config(config, "--config")
     positive_int(nnodes, "--nnodes")
     positive_int(nproc_per_node, "--nproc-per-node")
     if max_restarts < 0:
         raise LaunchError(f"--max-restarts: {max_restarts} is negative")
+    positive_int(stop_grace, "--stop-grace")
     no_launcher_args(extra_args or [], launcher_fit_args("--nnodes", "--nproc-per-node"))
     if not rdzv_id.strip():  # torchrun would take it; the launcher used a fixed "pending" for every run
         raise LaunchError("--rdzv-id: empty; leave it out to use the run's W&B id")
@@ -38,7 +46,7 @@ def command(config: Path, nnodes: int, nproc_per_node: int, rdzv_endpoint: str, 
     head = [str(local) if local.is_file() else "torchrun"]
     argv = [*head, f"--nnodes={nnodes}", f"--nproc-per-node={nproc_per_node}",
             "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}", f"--rdzv-id={rdzv_id}",
-            f"--max-restarts={max_restarts}", "-m", "pipeline", "fit", "--config", str(config.resolve()),
+            f"--max-restarts={max_restarts}", f"--shutdown-timeout={stop_grace}", "-m", "pipeline", "fit", "--config", str(config.resolve()),
             *(extra_args or []),  # before the launcher's own, which win over any --config they add
             "--trainer.default_root_dir", str(run_dir.resolve()),
             "--trainer.num_nodes", str(nnodes), "--trainer.devices", str(nproc_per_node)]
@@ -66,7 +74,8 @@ def run_here(argv: list[str], env: dict[str, str]) -> int:
     they reached the torchrun it used to exec). When a rank ended with the trainer's one-line ``error:`` it
     stops the agent (``pipeline.torchrun_stop``: a SIGTERM, which torchrun ends with a ``SignalException``
     traceback and exit 1); then this says so in one line instead, below the rank's, and exits with the
-    trainer's status (2 for a setting). Any other SIGTERM ends as before."""
+    trainer's status (2 for a setting). A signal from anyone else (Ctrl-C, a ``kill`` of the agent), which the
+    agent sends its ranks too, also ends in one line, with 128 + the signal's number."""
     os.environ.update(env)
     try:
         from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -78,16 +87,29 @@ def run_here(argv: list[str], env: dict[str, str]) -> int:
     earlier = _identity(error_file)  # a file of an earlier torchrun says nothing of this one
     try:
         main(argv[1:])
-    except SignalException:
+    except SignalException as e:
         remove_stop_guard(os.getpid())  # this process was the agent a rank stopped
         record = read_error_file(error_file)
         if record is None or _identity(error_file) in (None, earlier) or not isinstance(record.get("status"), int):
-            raise
+            return _stopped_by(e.sigval)
         print(f"launch: torchrun stopped without a restart: rank {record.get('rank')} ended with the trainer's "
               f"one-line error: (above, or in its node's log), which every restart would end with again "
               f"({error_file}); exit status {record['status']}", file=sys.stderr)
         return record["status"]
     return 0
+
+
+def _stopped_by(signum: int) -> int:
+    """The agent got ``signum`` and stopped its ranks with it (torch's agent sends them the signal it got): for
+    them a preemption, each saving ``last.ckpt`` at one step (they say where) unless they were still starting.
+    One line instead of torch's ``SignalException`` traceback, which read as a crash after a clean stop."""
+    try:
+        name = signal.Signals(signum).name
+    except ValueError:
+        name = f"signal {signum}"
+    print(f"launch: torchrun stopped by {name}: its agent sent {name} to its ranks, which save last.ckpt and stop "
+          f"(their lines above say at which step); the same command resumes", file=sys.stderr)
+    return 128 + int(signum)
 
 
 def _identity(path: str) -> tuple[int, int] | None:

@@ -307,9 +307,9 @@ def test_torchrun_prints_a_command_per_node(tmp_path: Path, cfg: Path) -> None:
     assert env["OMP_NUM_THREADS"] == "${OMP_NUM_THREADS:-$(( $(nproc) < 4 ? 1 : $(nproc) / 4 ))}"  # each node's
     rest = argv[6:]
     assert Path(rest[0]).name == "torchrun"
-    assert rest[1:7] == ["--nnodes=2", "--nproc-per-node=4", "--rdzv-backend=c10d", "--rdzv-endpoint=node0:29400",
-                         f"--rdzv-id={env['WANDB_RUN_ID']}", "--max-restarts=3"]
-    assert rest[7:] == ["-m", "pipeline", "fit", "--config", str(cfg), "--trainer.max_steps", "5",
+    assert rest[1:8] == ["--nnodes=2", "--nproc-per-node=4", "--rdzv-backend=c10d", "--rdzv-endpoint=node0:29400",
+                         f"--rdzv-id={env['WANDB_RUN_ID']}", "--max-restarts=3", "--shutdown-timeout=120"]
+    assert rest[8:] == ["-m", "pipeline", "fit", "--config", str(cfg), "--trainer.max_steps", "5",
                         "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.num_nodes", "2",
                         "--trainer.devices", "4", "--ckpt_path", "last"]
     bad = launch("torchrun", "--config", str(cfg), "--nnodes", "2", "--nproc-per-node", "4",

@@ -4,6 +4,8 @@ killed the agent's restart resumes it, bit-exact."""
 from __future__ import annotations
 
 import os
+import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -13,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.kill_resume import compare
+from bench.kill_resume import compare, saved_step
 from pipeline.torchelastic import restart_warning
 from tests.conftest import REPO, SMALL_NET, free_port
 from tests.import_hook import AFTER_IMPORT
@@ -159,6 +161,58 @@ def test_ranks_of_a_killed_agent_save_and_stop_then_resume_bit_exact(uninterrupt
     assert r.returncode == 0 and "resuming from" in out, out[-4000:]
     diffs = compare(ref / "checkpoints" / "last.ckpt", run_dir / "checkpoints" / "last.ckpt")
     assert not diffs, "; ".join(diffs[:10])
+
+
+# In every rank: the first checkpoint save after step 2 takes TEST_SLOW_SAVE_S more seconds (a large model on a slow
+# shared file system). A test harness, not a setting.
+SLOW_SAVE = AFTER_IMPORT + """
+import os, time
+
+
+def patch(module):
+    save = module.AtomicCheckpointIO.save_checkpoint
+    slept = []
+
+    def slow_save(self, checkpoint, path, storage_options=None):
+        if checkpoint.get("global_step", 0) > 2 and not slept:
+            slept.append(1)
+            time.sleep(float(os.environ["TEST_SLOW_SAVE_S"]))
+        return save(self, checkpoint, path, storage_options)
+    module.AtomicCheckpointIO.save_checkpoint = slow_save
+
+
+if os.environ.get("TEST_SLOW_SAVE_S"):
+    after_import("pipeline.checkpoint_io", patch)
+"""
+
+
+@pytest.mark.slow
+def test_ctrl_c_to_the_agent_stops_its_ranks_with_a_save_and_one_line(digits_shards: Path, tmp_path: Path) -> None:
+    """Ctrl-C reaches `launch torchrun --run` (the agent; its ranks are in sessions of their own), which sends
+    SIGINT on to its ranks: they save last.ckpt at one step and stop, as on a preemption. The agent then ended
+    with torch's `SignalException: Process PID got signal: 2` traceback, exit 1, which read as a crash; now one
+    line, exit 130 (128 + SIGINT), no restart. That save takes 35 s here: torch's agent SIGKILLed ranks 30 s
+    after the signal (its --shutdown-timeout), which lost it; `launch torchrun` gives them 120 s."""
+    run_dir = tmp_path / "run"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SLOW_SAVE)
+    proc = _start(run_dir, digits_shards, "--max-restarts", "2", extra=("--trainer.max_steps", "400"), site=site,
+                  more_env={"TEST_SLOW_SAVE_S": "35"})
+    deadline = time.monotonic() + 150
+    while saved_step(last) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    r = _finish(proc, run_dir)
+    out = r.stdout + r.stderr
+    assert r.returncode == 130, out[-4000:]
+    assert ("launch: torchrun stopped by SIGINT: its agent sent SIGINT to its ranks, which save last.ckpt and stop "
+            "(their lines above say at which step); the same command resumes") in r.stderr, out[-4000:]
+    assert "Traceback" not in out and _rounds(out) == 1, out[-4000:]
+    assert out.count("Ctrl-C: saving last.ckpt at the next step") == 1, out[-4000:]
+    stopped = re.search(r"the run is not finished \(stopped at step (\d+)\)", out)
+    assert stopped and saved_step(last) == int(stopped.group(1)) > 2, out[-4000:]
 
 
 def _rounds(out: str) -> int:
