@@ -155,11 +155,11 @@ class DaliLoader:
         device_id = None if cpu else torch.cuda.current_device()
         parallel = self.py_workers > 0
         source = BatchSource(self.shards, self._plan_dir, cfg, train, self.seed)
-        mean = [255.0 * m for m in cfg.mean]
-        std = [255.0 * s for s in cfg.std]
+        norm_mean = [255.0 * m for m in cfg.mean]
+        norm_std = [255.0 * s for s in cfg.std]
         dtype = types.UINT8 if cpu else types.FLOAT16
         if cpu:  # uint8 out, as the cpu backend: the module normalises
-            mean, std = [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]
+            norm_mean, norm_std = [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]
         dec = "cpu" if cpu else "mixed"
         # nvJPEG's buffers sized for all of ImageNet up front (DeepLearningExamples' ConvNets dali.py values):
         # grown on a larger image instead, each regrowth frees device memory, which waits for the device.
@@ -175,14 +175,16 @@ class DaliLoader:
         hint = int(1.5 * float(self.shards.sizes.mean())) + 1024 if len(self.shards) else 1 << 16
         extra = {"py_num_workers": self.py_workers, "py_start_method": "spawn"} if parallel else {}
         if parallel and len(self.shards):  # a full /dev/shm is a SIGBUS in a worker or in this process
-            batches, mean = self.prefetch + 2 * self.py_workers, float(self.shards.sizes.mean())
+            # (sample_bytes was once named mean, and replaced the normalisation's: with source workers every
+            # image came out 0 on the CPU and garbage on the GPU, from 2026-12-05 to 2026-12-07)
+            batches, sample_bytes = self.prefetch + 2 * self.py_workers, float(self.shards.sizes.mean())
             others = [held for key, held in _SHM_HELD.items() if key != self._shm_key]
-            error = dali_shortage(batches, self.sampler_batch_size(), mean, self.py_workers, self.ranks_here,
+            error = dali_shortage(batches, self.sampler_batch_size(), sample_bytes, self.py_workers, self.ranks_here,
                                   held=sum(n for _, n in others), held_by=" and ".join(w for w, _ in others))
             if error:
                 raise SharedMemoryError(error)
             _SHM_HELD[self._shm_key] = ("training" if train else "validation",
-                                        int(batches * self.sampler_batch_size() * mean))
+                                        int(batches * self.sampler_batch_size() * sample_bytes))
 
         @pipeline_def(batch_size=self.sampler_batch_size(), num_threads=self.num_threads, device_id=device_id,
                       prefetch_queue_depth=self.prefetch, **extra)
@@ -233,8 +235,8 @@ class DaliLoader:
                 else:
                     images = fn.resize(images, size=(size, size), **linear)
             images = fn.crop_mirror_normalize(
-                images, crop=(size, size), crop_pos_x=0.5, crop_pos_y=0.5, mirror=flip, mean=mean,
-                std=std, dtype=dtype, output_layout="HWC",
+                images, crop=(size, size), crop_pos_x=0.5, crop_pos_y=0.5, mirror=flip, mean=norm_mean,
+                std=norm_std, dtype=dtype, output_layout="HWC",
             )
             return images, labels, valid
 
