@@ -106,10 +106,28 @@ def endless(loader):
         epoch += 1
 
 
-def decode_rate(loader, steps: int, warmup: int, device: torch.device) -> float:
+def pixel_problem(images: torch.Tensor) -> str | None:
+    """What is wrong with a batch of real photos, or None: the GPU's fp16 normalised around 0 with a spread near
+    1, dali-cpu's uint8 neither flat nor at an end. A rate measured on such pixels is no figure (source workers
+    once made every image 0 on the CPU and garbage on the GPU, at full speed)."""
+    x = images.float()
+    if not bool(torch.isfinite(x).all()):
+        return "not finite"
+    mean, std = x.mean().item(), x.std().item()
+    if images.dtype == torch.uint8:
+        return None if 20 < mean < 235 and std > 5 else f"uint8 mean {mean:.1f}, std {std:.1f}"
+    return None if abs(mean) < 1.5 and 0.2 < std < 3 else f"normalised mean {mean:.2f}, std {std:.2f}"
+
+
+def decode_rate(loader, steps: int, warmup: int, device: torch.device, problems: list[str] | None = None,
+                name: str = "") -> float:
+    """Images per second of ``loader`` alone; a batch whose pixels look wrong is added to ``problems``."""
     it = endless(loader)
     for _ in range(warmup):
         next(it)
+    if problems is not None and (problem := pixel_problem(next(it)[0])):
+        problems.append(f"{name}: {problem}")
+        print(f"PIXELS WRONG in {name}: {problem}: its img/s is no figure", flush=True)
     sync(device)
     t0, n = time.perf_counter(), 0
     for _ in range(steps):
@@ -217,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(info), flush=True)
     cfg = AugmentConfig(recipe="imagenet", train_size=args.size)
     results: dict[str, float] = {}
+    problems: list[str] = []  # batches whose pixels look wrong (pixel_problem)
     out = os.environ.get("OUT")
 
     def save() -> None:
@@ -226,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
         if decode:
             results["decode_augment_img_s"] = max(decode)
         if out:
-            Path(out, "gpu_loader.json").write_text(json.dumps({**info, **results}, indent=1))
+            Path(out, "gpu_loader.json").write_text(json.dumps({**info, **results, "pixel_problems": problems},
+                                                               indent=1))
 
     def loader(hw: float, roi_decode: bool = True, py_workers: int | None = None) -> DaliLoader:
         sampler = TrainSampler(shards.shard_sizes, seed=0, world_size=1, rank=0, batch_size=args.batch)
@@ -246,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         roi, workers = variants[name]
         t0 = time.perf_counter()
         dec = loader(args.hw_decoder_load, roi, workers)
-        rate = results[f"decode_augment_{name}_img_s"] = decode_rate(dec, args.decode_steps, args.warmup, device)
+        rate = results[f"decode_augment_{name}_img_s"] = decode_rate(dec, args.decode_steps, args.warmup, device,
+                                                                     problems, name)
         save()
         print(f"DALI decode + augment alone, {name} (hw_decoder_load {args.hw_decoder_load}): "
               f"{rate:,.0f} img/s ({time.perf_counter() - t0:.0f}s)", flush=True)
@@ -266,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     feeds = {f"dali_hw{hw}": endless(loader(float(hw))) for hw in args.train_hw_loads.split(",")}
     for name, it in feeds.items():  # start each loader's workers before timing
         train_rate(step, it, 0, args.warmup, device)
+        if problem := pixel_problem(next(it)[0]):
+            problems.append(f"{name}: {problem}")
+            print(f"PIXELS WRONG in {name}: {problem}: its img/s is no figure", flush=True)
     for r in range(args.rounds):
         for name, it in {"synthetic": syn, **feeds}.items():
             rate = train_rate(step, it, args.steps, 3, device)
@@ -279,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
         decode_alone(name)
     for hw, workers in sweep:
         dec = loader(hw, True, workers)
-        rate = results[f"sweep_hw{hw}_w{workers}_img_s"] = decode_rate(dec, args.decode_steps, args.warmup, device)
+        rate = results[f"sweep_hw{hw}_w{workers}_img_s"] = decode_rate(dec, args.decode_steps, args.warmup, device,
+                                                                       problems, f"sweep hw{hw} w{workers}")
         save()
         print(f"DALI decode + augment alone, window, hw_decoder_load {hw}, {workers} source workers: "
               f"{rate:,.0f} img/s", flush=True)
@@ -302,6 +327,9 @@ def main(argv: list[str] | None = None) -> int:
     for hw in args.train_hw_loads.split(","):
         rate = results[f"train_dali_hw{hw}_img_s"]
         print(f"| same, fed by DaliLoader (hw_decoder_load {hw}) | {rate:,.0f} | {rate / base:.3f} |")
+    if problems:
+        print(f"\nPIXELS WRONG (these rows are no figures): {'; '.join(problems)}")
+        return 1
     return 0
 
 

@@ -41,6 +41,7 @@ def test_gpu_loader_benchmark_dry_run_on_the_cpu(tmp_path):
     assert numbers["decode_augment_img_s"] == max(v for k, v in numbers.items() if k.endswith("_img_s")
                                                   and k.startswith(("decode_augment_", "sweep_")))
     assert 0 < numbers["ratio_dali_hw0.75"]
+    assert numbers["pixel_problems"] == [] and "PIXELS WRONG" not in out, out[-3000:]  # every image was 0 once
 
 
 def test_data_prep_benchmarks_run(tmp_path):
