@@ -8,6 +8,7 @@ import re
 import shlex
 import signal
 import sys
+import threading
 from pathlib import Path
 
 from launch.errors import LaunchError
@@ -85,6 +86,7 @@ def run_here(argv: list[str], env: dict[str, str]) -> int:
         os.execvpe(argv[0], argv, os.environ)
     error_file = env[ERROR_FILE_ENV]
     earlier = _identity(error_file)  # a file of an earlier torchrun says nothing of this one
+    no_self_join_in_torch_timers()
     try:
         main(argv[1:])
     except SignalException as e:
@@ -97,6 +99,26 @@ def run_here(argv: list[str], env: dict[str, str]) -> int:
               f"({error_file}); exit status {record['status']}", file=sys.stderr)
         return record["status"]
     return 0
+
+
+def no_self_join_in_torch_timers() -> None:
+    """torch's rendezvous heartbeat (``_PeriodicTimer``) stops its thread in a finalizer that joins it. When the
+    agent drops its rendezvous handler while that thread holds it for a heartbeat (at the agent's end), the
+    finalizer runs in the timer's own thread, whose ``join`` raised "cannot join current thread": a traceback
+    (``Exception ignored in: <finalize ...>``) under the agent's last line (seen in CI). The thread ends all the
+    same (its event is set first); here it is not joined from itself."""
+    try:
+        from torch.distributed.elastic.rendezvous.utils import _PeriodicTimer
+    except ImportError:
+        return
+
+    def stop_thread(thread: threading.Thread, stop_event: threading.Event) -> None:
+        stop_event.set()
+        if thread is not threading.current_thread():
+            thread.join()
+
+    if hasattr(_PeriodicTimer, "_stop_thread"):
+        _PeriodicTimer._stop_thread = staticmethod(stop_thread)
 
 
 def _stopped_by(signum: int) -> int:

@@ -417,6 +417,36 @@ def test_a_rank_of_a_torchrun_that_is_pid_1_starts(tmp_path: Path) -> None:
     assert proc.returncode == 0 and "--trainer.max_steps" in proc.stdout, proc.stderr[-3000:]
 
 
+def test_a_torch_heartbeat_timer_dropped_in_its_own_thread_ends_without_a_traceback(monkeypatch) -> None:
+    """The agent's rendezvous handler, dropped while its heartbeat thread holds it (the agent's end): the timer's
+    finalizer then runs in that thread and joined it, "cannot join current thread", printed as an ignored
+    exception's traceback under `launch torchrun`'s last line (a CI failure). Here the timer's last reference is
+    dropped in its own thread."""
+    import threading
+    from datetime import timedelta
+
+    from launch.torchrun import no_self_join_in_torch_timers
+    from torch.distributed.elastic.rendezvous.utils import _PeriodicTimer
+
+    no_self_join_in_torch_timers()
+    raised: list[BaseException] = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda info: raised.append(info.exc_value))
+    holder: dict[str, _PeriodicTimer] = {}
+    dropped = threading.Event()
+
+    def tick() -> None:
+        if holder.pop("timer", None) is not None:  # the last reference goes here, in the timer's thread
+            dropped.set()
+
+    timer = _PeriodicTimer(timedelta(seconds=0.01), tick)
+    timer.start()
+    holder["timer"] = timer
+    del timer
+    assert dropped.wait(5)
+    time.sleep(0.2)
+    assert raised == []
+
+
 def test_restart_warning_only_for_a_shared_store_with_restarts() -> None:
     shared = {"TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_MAX_RESTARTS": "3",
               "TORCHELASTIC_RESTART_COUNT": "0"}
