@@ -119,15 +119,21 @@ def pixel_problem(images: torch.Tensor) -> str | None:
     return None if abs(mean) < 1.5 and 0.2 < std < 3 else f"normalised mean {mean:.2f}, std {std:.2f}"
 
 
+def check_pixels(name: str, images: torch.Tensor, problems: list[str]) -> None:
+    """Add ``name`` to ``problems``, and say so, when ``pixel_problem`` finds its batch wrong."""
+    if problem := pixel_problem(images):
+        problems.append(f"{name}: {problem}")
+        print(f"PIXELS WRONG in {name}: {problem}: its img/s is no figure", flush=True)
+
+
 def decode_rate(loader, steps: int, warmup: int, device: torch.device, problems: list[str] | None = None,
-                name: str = "") -> float:
-    """Images per second of ``loader`` alone; a batch whose pixels look wrong is added to ``problems``."""
+                name: str = "loader") -> float:
+    """Images per second of ``loader`` alone, after ``check_pixels`` of a batch (into ``problems`` when given:
+    the probe scripts only print)."""
     it = endless(loader)
     for _ in range(warmup):
         next(it)
-    if problems is not None and (problem := pixel_problem(next(it)[0])):
-        problems.append(f"{name}: {problem}")
-        print(f"PIXELS WRONG in {name}: {problem}: its img/s is no figure", flush=True)
+    check_pixels(name, next(it)[0], problems if problems is not None else [])
     sync(device)
     t0, n = time.perf_counter(), 0
     for _ in range(steps):
@@ -287,9 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     feeds = {f"dali_hw{hw}": endless(loader(float(hw))) for hw in args.train_hw_loads.split(",")}
     for name, it in feeds.items():  # start each loader's workers before timing
         train_rate(step, it, 0, args.warmup, device)
-        if problem := pixel_problem(next(it)[0]):
-            problems.append(f"{name}: {problem}")
-            print(f"PIXELS WRONG in {name}: {problem}: its img/s is no figure", flush=True)
+        check_pixels(name, next(it)[0], problems)
     for r in range(args.rounds):
         for name, it in {"synthetic": syn, **feeds}.items():
             rate = train_rate(step, it, args.steps, 3, device)
