@@ -12,6 +12,7 @@ from pathlib import Path
 from pipeline.wording import plural
 
 from .columns_file import columns_bytes, columns_entry, columns_name, columns_of_indexes
+from .class_list import mismatch
 from .done_records import record_with_shard
 from .errors import PrepError
 from .format import (MANIFEST_NAME, MANIFEST_VERSION, PLAN_NAME, REJECTS_NAME, WORK_DIR, ManifestError,
@@ -98,15 +99,15 @@ def finalize(out: str | Path, splits: list[str] | None = None) -> dict:
     rej_path = out / REJECTS_NAME
     old_rejects = read_rejects(rej_path)
     new_rejects = []
-    for split in splits:
-        plan, entry, rejects = split_entry(out, split)
-        if "classes" in manifest and manifest["splits"] and set(manifest["splits"]) - {split}:
-            if manifest["classes"] != plan["classes"]:
-                raise PrepError(f"{out / MANIFEST_NAME}: split {split!r} has {len(plan['classes'])} classes "
-                                f"that differ from the {len(manifest['classes'])} classes of the existing "
-                                f"splits {sorted(set(manifest['splits']) - {split})}, so its labels would not "
-                                f"match theirs; give every split the same class folders (an empty folder does "
-                                f"not count), or use another OUT for a separate dataset")
+    entries = {split: split_entry(out, split) for split in splits}
+    # the split with the most classes first: one with some of them, planned at the same time with its own list
+    # (array tasks of both at once), is then the one refused, with the way out (finalize the other alone first)
+    for split in sorted(splits, key=lambda s: -len(entries[s][0]["classes"])):
+        plan, entry, rejects = entries[split]
+        others = sorted(set(manifest["splits"]) - {split}) if "classes" in manifest else []
+        if others and manifest["classes"] != plan["classes"]:
+            raise mismatch(out, split, plan["classes"], manifest["classes"], others, planned_alone=True,
+                           finalize_first=[o for o in others if o in splits])
         manifest["classes"] = plan["classes"]
         manifest["class_names"] = plan["class_names"]
         manifest["source"] = plan["source"]

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pipeline.wording import plural
 
+from .class_list import follow_classes
 from .errors import PrepError
 from .format import MANIFEST_NAME, ManifestError, index_name, load_manifest, shard_name
 from .holdout import SETTINGS, check_rerun, with_partners
@@ -48,13 +49,9 @@ def prepare_splits(out: Path, parts: list[SplitPart], source: str, opts: EncodeO
         except ManifestError as exc:
             raise PrepError(str(exc)) from None
         others = sorted(set(existing["splits"]) - set(names))
-        for p in parts:
-            if others and existing["classes"] != p.scan.classes:
-                raise PrepError(f"{out / MANIFEST_NAME}: the {len(p.scan.classes)} classes of split {p.split!r} "
-                                f"differ from the {len(existing['classes'])} classes of existing splits {others} "
-                                f"({_class_diff(p.scan.classes, existing['classes'])}), so its labels would not "
-                                f"match theirs; give every split the same class folders (an empty folder does not "
-                                f"count), or use another OUT for a separate dataset")
+        if others:  # a split with some of their classes takes their list; any other difference is refused
+            parts = [replace(p, scan=follow_classes(out, p.split, p.scan, existing["classes"],
+                                                    existing["class_names"], others)) for p in parts]
     out.mkdir(parents=True, exist_ok=True)
     planned = [(p.split, plan_split(out, p.split, source, p.scan, opts, seed, shard_bytes, samples_per_shard,
                                     p.split_source, holdout=p.holdout)) for p in parts]
@@ -140,14 +137,3 @@ def plan_split(out: Path, split: str, source: str, scan: Scan, opts: EncodeOptio
                     "planned": len(j), "plan_hash": j.plan_hash} for j in jobs],
     })
     return jobs
-
-
-def _class_diff(new: list[str], old: list[str]) -> str:
-    """Which class names differ (the first few), so the user can find the folder at fault."""
-    only_new, only_old = sorted(set(new) - set(old)), sorted(set(old) - set(new))
-    if not only_new and not only_old:
-        return "same names, different order"
-    def first(names: list[str]) -> str:
-        return f"{names[:5]}" + (f" (+{len(names) - 5} more)" if len(names) > 5 else "")
-
-    return f"only in this split: {first(only_new)}, only in the existing: {first(only_old)}"

@@ -11,6 +11,7 @@ import pytest
 
 from data_prep.cli import main
 from data_prep.format import load_manifest
+from pipeline.data.shards import ShardSet
 from tests.conftest import REPO, arguments_without_help, unavailable_here
 from tests.fixtures_images import write_imagefolder
 
@@ -202,16 +203,97 @@ def test_stepped_slurm_array_covers_every_shard_once(tmp_path, monkeypatch):
 
 
 def test_class_mismatch_names_the_classes(tmp_path, capsys):
-    src, val, out = tmp_path / "src", tmp_path / "val", tmp_path / "o"
+    src, other, out = tmp_path / "src", tmp_path / "other", tmp_path / "o"
     write_imagefolder(src, ["ant", "bee", "cat"], per_class=2)
-    write_imagefolder(val, ["ant", "cat"], per_class=1)
+    write_imagefolder(other, ["ant", "cow"], per_class=1)
     assert main(["imagefolder", str(src), str(out), "--split", "train", "--no-progress"]) == 0
-    assert main(["imagefolder", str(val), str(out), "--split", "val", "--no-progress"]) == 2
-    assert "only in the existing: ['bee']" in capsys.readouterr().err
+    assert main(["imagefolder", str(other), str(out), "--split", "val", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "only in this split: ['cow'], only in the existing: ['bee', 'cat']" in err and "Traceback" not in err
     many = tmp_path / "many"  # more than five differ: the count of the rest is said, not dropped silently
     write_imagefolder(many, ["ant", "bee", "cat", *[f"new{i}" for i in range(7)]], per_class=1)
     assert main(["imagefolder", str(many), str(out), "--split", "val", "--no-progress"]) == 2
-    assert "only in this split: ['new0', 'new1', 'new2', 'new3', 'new4'] (+2 more)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "only in this split: ['new0', 'new1', 'new2', 'new3', 'new4'] (+2 more)" in err
+    assert "prepare the split with every class first" in err
+    assert sorted(load_manifest(out)["splits"]) == ["train"]
+
+
+def folder_of_each_sample(out: Path, split: str, files: dict[str, bytes]) -> list[tuple[str, str]]:
+    """(class of the sample's label, class folder of the file it holds) for every sample of the split; the
+    file found by its bytes (`files`: write_imagefolder's, kept as they are: no --max-side)."""
+    folder_of = {data: rel.split("/")[0] for rel, data in files.items()}
+    shards = ShardSet(out, split)
+    return [(shards.classes[shards.read_label(i)], folder_of[shards.read_jpeg(i)]) for i in range(len(shards))]
+
+
+def test_a_split_with_some_of_the_classes_takes_the_list_already_in_out(tmp_path, capsys):
+    """A val folder without a rare class: its own sorted folder names would give cat the label 1, which is
+    bee's in train. It is labelled by train's list (cat stays 2), said in a note; and each sample's label is its
+    folder's class. Prepared the other way round (val first), train is refused with the order that works."""
+    src, val, out = tmp_path / "src", tmp_path / "val", tmp_path / "o"
+    write_imagefolder(src, ["ant", "bee", "cat"], per_class=2)
+    files = write_imagefolder(val, ["ant", "cat"], per_class=2, seed=1)
+    assert main(["imagefolder", str(src), str(out), "--split", "train", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["imagefolder", str(val), str(out), "--split", "val", "--no-progress"]) == 0
+    assert "split 'val' has 2 of the 3 classes of split 'train' (none of ['bee']); its labels follow their list" \
+        in capsys.readouterr().err
+    manifest = load_manifest(out)
+    assert manifest["classes"] == ["ant", "bee", "cat"] and sorted(manifest["splits"]) == ["train", "val"]
+    pairs = folder_of_each_sample(out, "val", files)
+    assert sorted(pairs) == [("ant", "ant")] * 2 + [("cat", "cat")] * 2
+    assert sorted(ShardSet(out, "val").labels().tolist()) == [0, 0, 2, 2]
+    assert main(["imagefolder", str(val), str(out), "--split", "val", "--no-progress"]) == 0  # a rerun: same
+    assert sorted(ShardSet(out, "val").labels().tolist()) == [0, 0, 2, 2]
+
+    reverse = tmp_path / "reverse"
+    assert main(["imagefolder", str(val), str(reverse), "--split", "val", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["imagefolder", str(src), str(reverse), "--split", "train", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "split 'train' has 3 classes, split 'val' 2 (only in this split: ['bee'])" in err
+    assert "prepare the split with every class first, then the others" in err
+    assert sorted(load_manifest(reverse)["splits"]) == ["val"]
+
+
+def test_array_tasks_of_a_split_with_some_of_the_classes_are_refused_at_finalize_with_the_way_out(tmp_path, capsys):
+    """Array tasks of train and val at once plan val before train is in the manifest: val's labels count its
+    own 2 classes. finalize refuses it (whichever split sorts first), writes nothing, and says how: finalize
+    train alone, then run val's command again, whose labels then follow train's list."""
+    src, val, out = tmp_path / "src", tmp_path / "val", tmp_path / "o"
+    write_imagefolder(src, ["ant", "bee", "cat"], per_class=2)
+    files = write_imagefolder(val, ["ant", "cat"], per_class=2, seed=1)
+    for folder, split in ((val, "test"), (src, "train")):  # "test" sorts before "train"
+        for task in ("0", "1"):
+            assert main(["imagefolder", str(folder), str(out), "--split", split, "--samples-per-shard", "1",
+                         "--task-index", task, "--num-tasks", "2", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["finalize", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "split 'test' has 2 classes, split 'train' 3 (only in the existing: ['bee']): it was planned before" in err
+    assert f"finalize it alone (`python -m data_prep finalize {out} --splits train`), then run the data_prep " \
+           "command of split 'test' again" in err
+    assert not (out / "manifest.json").exists()
+    assert main(["finalize", str(out), "--splits", "train"]) == 0
+    assert main(["imagefolder", str(val), str(out), "--split", "test", "--samples-per-shard", "1",
+                 "--no-progress"]) == 0
+    assert sorted(ShardSet(out, "test").labels().tolist()) == [0, 0, 2, 2]
+    assert sorted(folder_of_each_sample(out, "test", files)) == [("ant", "ant")] * 2 + [("cat", "cat")] * 2
+
+
+def test_a_hold_out_from_a_split_with_some_of_the_classes_follows_the_list_too(tmp_path, capsys):
+    """Both sides of a hold-out (the hold-out's own lists of positions) are relabelled."""
+    full, part, out = tmp_path / "full", tmp_path / "part", tmp_path / "o"
+    write_imagefolder(full, ["ant", "bee", "cat"], per_class=1)
+    files = write_imagefolder(part, ["bee", "cat"], per_class=3, seed=2)
+    assert main(["imagefolder", str(full), str(out), "--split", "test", "--no-progress"]) == 0
+    assert main(["imagefolder", str(part), str(out), "--split", "train", "--holdout", "2", "--holdout-split", "val",
+                 "--no-progress"]) == 0
+    for split, n in (("train", 4), ("val", 2)):
+        pairs = folder_of_each_sample(out, split, files)
+        assert len(pairs) == n and all(label == folder for label, folder in pairs), (split, pairs)
+        assert set(ShardSet(out, split).labels().tolist()) == {1, 2}
 
 
 def test_output_inside_the_source_folder_is_refused(tmp_path):

@@ -1,0 +1,90 @@
+"""One class list per OUT: a label means the same class in every split of it.
+
+A split whose class folders are some of the classes of the splits already in OUT (a validation folder
+without a rare class) is labelled by their list, in their order, and a ``note:`` line names the missing
+classes; alone its own sorted names would have moved the labels of every class after the missing one. Any
+other difference is an error naming the classes that differ and the order that works: the split with every
+class first, then the others.
+"""
+from __future__ import annotations
+
+import shlex
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Sequence
+
+from .errors import PrepError
+from .format import MANIFEST_NAME
+from .holdout import Subset
+from .imagefolder import Scan
+from .inputs import LabelledItems
+
+
+def follow_classes(out: Path, split: str, scan: Scan, classes: list[str], class_names: list[str],
+                   others: list[str]) -> Scan:
+    """`scan` labelled by `classes` (those of the splits `others` already in OUT) when its classes are some
+    of them; a PrepError naming the difference otherwise."""
+    if scan.classes == classes:
+        return scan
+    if not set(scan.classes) < set(classes):
+        raise mismatch(out, split, scan.classes, classes, others)
+    index = {c: i for i, c in enumerate(classes)}
+    missing = [c for c in classes if c not in set(scan.classes)]
+    print(f"data_prep: note: split {split!r} has {len(scan.classes)} of the {len(classes)} classes of "
+          f"{_splits(others)} (none of {_first(missing)}); its labels follow their list", file=sys.stderr)
+    return replace(scan, classes=list(classes), class_names=list(class_names),
+                   items=_relabelled(scan.items, [index[c] for c in scan.classes]))
+
+
+def mismatch(out: Path, split: str, new: list[str], old: list[str], others: list[str],
+             planned_alone: bool = False, finalize_first: Sequence[str] = ()) -> PrepError:
+    """Why split `split` (classes `new`) cannot join `others` (classes `old`) in OUT, and what to do.
+    `planned_alone`: at finalize, `split` was planned before `others` were in the manifest (array tasks of
+    several splits at once), so its labels count its own list even where it is a subset of theirs;
+    `finalize_first`: those of `others` that this finalize was writing too."""
+    where = f"{out / MANIFEST_NAME}: split {split!r} has {len(new)} classes, {_splits(others)} {len(old)}"
+    if set(new) < set(old) and planned_alone:
+        first = (f"finalize {'it' if len(finalize_first) == 1 else 'them'} alone (`python -m data_prep finalize "
+                 f"{shlex.quote(str(out))} --splits {','.join(finalize_first)}`), then " if finalize_first else "")
+        return PrepError(
+            f"{where} ({_diff(new, old)}): it was planned before {'that split was' if len(others) == 1 else 'they were'} "
+            f"in the manifest (array tasks of several splits at once?), so its labels count its own "
+            f"{len(new)} classes and would not match; {first}run the data_prep command of split {split!r} again: "
+            f"its labels then follow their classes (its shards are rebuilt)")
+    if set(new) > set(old):
+        return PrepError(
+            f"{where} ({_diff(new, old)}), labelled by their own shorter list, so their labels would not match "
+            f"this split's; prepare the split with every class first, then the others (their labels then follow "
+            f"its classes): start {out} again, or use another OUT")
+    return PrepError(
+        f"{where} ({_diff(new, old)}), so its labels would not match theirs; give every split the same class "
+        f"folders (an empty folder does not count; a split with some of the classes of those already in OUT "
+        f"takes their list), or use another OUT for a separate dataset")
+
+
+def _relabelled(items: Sequence, label_of: list[int]) -> Sequence:
+    """`items` (a scan's: listing rows, or a hold-out's side of them) with each label `l` as `label_of[l]`."""
+    if isinstance(items, Subset):
+        return Subset(_relabelled(items.items, label_of), items.positions)
+    if isinstance(items, LabelledItems):
+        return LabelledItems(items.table, items.rows, [label_of[label] for label in items.labels])
+    return [(disp, ref, label_of[label]) for disp, ref, label in items]
+
+
+def _splits(names: list[str]) -> str:
+    return f"split {names[0]!r}" if len(names) == 1 else f"splits {names}"
+
+
+def _first(names: list[str]) -> str:
+    return f"{names[:5]}" + (f" (+{len(names) - 5} more)" if len(names) > 5 else "")
+
+
+def _diff(new: list[str], old: list[str]) -> str:
+    """Which class names differ (the first few), so the user can find the folder at fault."""
+    only_new, only_old = sorted(set(new) - set(old)), sorted(set(old) - set(new))
+    if not only_new and not only_old:
+        return "same names, different order"
+    parts = ([f"only in this split: {_first(only_new)}"] if only_new else []) + \
+        ([f"only in the existing: {_first(only_old)}"] if only_old else [])
+    return ", ".join(parts)
