@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .errors import PrepError
-from .format import MANIFEST_NAME
+from .format import MANIFEST_NAME, WORK_DIR
 from .holdout import Subset
 from .imagefolder import Scan
 from .inputs import LabelledItems
@@ -53,10 +53,14 @@ def mismatch(out: Path, split: str, new: list[str], old: list[str], others: list
             f"{len(new)} classes and would not match; {first}run the data_prep command of split {split!r} again: "
             f"its labels then follow their classes (its shards are rebuilt)")
     if set(new) > set(old):
+        again = (f"`python -m data_prep finalize {shlex.quote(str(out))} --splits {split}`" if planned_alone else
+                 "run this command again")
         return PrepError(
             f"{where} ({_diff(new, old)}), labelled by their own shorter list, so their labels would not match "
-            f"this split's; prepare the split with every class first, then the others (their labels then follow "
-            f"its classes): start {out} again, or use another OUT")
+            f"this split's; the split with every class goes first, then the others, whose labels then follow its "
+            f"classes: remove {out / MANIFEST_NAME} (data_prep writes it again from what {out / WORK_DIR} "
+            f"records), {again}, then run the data_prep command of {_splits(others)} again (their shards are "
+            f"rebuilt)")
     return PrepError(
         f"{where} ({_diff(new, old)}), so its labels would not match theirs; give every split the same class "
         f"folders (an empty folder does not count; a split with some of the classes of those already in OUT "

@@ -215,7 +215,7 @@ def test_class_mismatch_names_the_classes(tmp_path, capsys):
     assert main(["imagefolder", str(many), str(out), "--split", "val", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "only in this split: ['new0', 'new1', 'new2', 'new3', 'new4'] (+2 more)" in err
-    assert "prepare the split with every class first" in err
+    assert "the split with every class goes first" in err
     assert sorted(load_manifest(out)["splits"]) == ["train"]
 
 
@@ -253,8 +253,15 @@ def test_a_split_with_some_of_the_classes_takes_the_list_already_in_out(tmp_path
     assert main(["imagefolder", str(src), str(reverse), "--split", "train", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "split 'train' has 3 classes, split 'val' 2 (only in this split: ['bee'])" in err
-    assert "prepare the split with every class first, then the others" in err
+    assert f"the split with every class goes first, then the others, whose labels then follow its classes: remove " \
+           f"{reverse / 'manifest.json'} (data_prep writes it again from what {reverse / '.work'} records), run this " \
+           f"command again, then run the data_prep command of split 'val' again" in err
     assert sorted(load_manifest(reverse)["splits"]) == ["val"]
+    (reverse / "manifest.json").unlink()  # the way out it gives
+    assert main(["imagefolder", str(src), str(reverse), "--split", "train", "--no-progress"]) == 0
+    assert main(["imagefolder", str(val), str(reverse), "--split", "val", "--no-progress"]) == 0
+    assert sorted(folder_of_each_sample(reverse, "val", files)) == [("ant", "ant")] * 2 + [("cat", "cat")] * 2
+    assert sorted(ShardSet(reverse, "val").labels().tolist()) == [0, 0, 2, 2]
 
 
 def test_array_tasks_of_a_split_with_some_of_the_classes_are_refused_at_finalize_with_the_way_out(tmp_path, capsys):
@@ -280,6 +287,26 @@ def test_array_tasks_of_a_split_with_some_of_the_classes_are_refused_at_finalize
                  "--no-progress"]) == 0
     assert sorted(ShardSet(out, "test").labels().tolist()) == [0, 0, 2, 2]
     assert sorted(folder_of_each_sample(out, "test", files)) == [("ant", "ant")] * 2 + [("cat", "cat")] * 2
+
+    # the smaller split's finalize job ran first (its own list is in the manifest): train's is refused, and the
+    # way out it gives ends with both splits labelled by train's list
+    other = tmp_path / "other"
+    for folder, split in ((val, "test"), (src, "train")):
+        for task in ("0", "1"):
+            assert main(["imagefolder", str(folder), str(other), "--split", split, "--samples-per-shard", "1",
+                         "--task-index", task, "--num-tasks", "2", "--no-progress"]) == 0
+    assert main(["finalize", str(other), "--splits", "test"]) == 0
+    capsys.readouterr()
+    assert main(["finalize", str(other), "--splits", "train"]) == 2
+    err = capsys.readouterr().err
+    assert f"remove {other / 'manifest.json'} (data_prep writes it again from what {other / '.work'} records), " \
+           f"`python -m data_prep finalize {other} --splits train`, then run the data_prep command of split 'test'" in err
+    (other / "manifest.json").unlink()
+    assert main(["finalize", str(other), "--splits", "train"]) == 0
+    assert main(["imagefolder", str(val), str(other), "--split", "test", "--samples-per-shard", "1",
+                 "--no-progress"]) == 0
+    assert sorted(folder_of_each_sample(other, "test", files)) == [("ant", "ant")] * 2 + [("cat", "cat")] * 2
+    assert load_manifest(other)["classes"] == ["ant", "bee", "cat"]
 
 
 def test_a_hold_out_from_a_split_with_some_of_the_classes_follows_the_list_too(tmp_path, capsys):
