@@ -18,6 +18,7 @@ from .errors import PrepError
 from .format import (MANIFEST_NAME, MANIFEST_VERSION, PLAN_NAME, REJECTS_NAME, WORK_DIR, ManifestError,
                      load_manifest, plan_path, shard_file_pattern, work_dir)
 from .holdout import with_partners
+from .manifest_lock import manifest_lock
 from .plan_record import read_plan
 from .rejects_file import read_rejects
 from .runner import write_bytes_atomic, write_json_atomic, write_text_atomic
@@ -82,8 +83,12 @@ def _write_columns(out: Path, split: str, shards: list[dict]) -> dict:
 
 def finalize(out: str | Path, splits: list[str] | None = None) -> dict:
     """Merge the given splits (default: all with work records) into manifest.json; return it. A split
-    carved by a hold-out brings the other side along."""
-    out = Path(out)
+    carved by a hold-out brings the other side along. One finalize of an OUT at a time (``manifest_lock``)."""
+    with manifest_lock(Path(out)):
+        return _finalize(Path(out), splits)
+
+
+def _finalize(out: Path, splits: list[str] | None) -> dict:
     wroot = out / WORK_DIR
     if splits is None:
         splits = sorted(p.name for p in wroot.iterdir() if plan_path(out, p.name).is_file()) if wroot.is_dir() else []

@@ -13,6 +13,7 @@ from .format import MANIFEST_NAME, ManifestError, index_name, load_manifest, sha
 from .holdout import SETTINGS, check_rerun, with_partners
 from .imagefolder import Scan
 from .manifest import finalize, write_plan_record
+from .manifest_lock import manifest_lock
 from .older_plans import built_before_mtimes, why_rebuilt
 from .plan import ShardJob, plan_shards
 from .runner import run_jobs, write_json_atomic
@@ -83,6 +84,11 @@ def _unlist_changing_splits(out: Path, planned: list[tuple[str, list[ShardJob]]]
     damaged shard rebuilt to its recorded bytes) keeps its entry. Said per split, with why
     (``stale_entry.why_stale``; `older`: shards of this plan built by a data_prep that did not hash the
     inputs' mtimes, ``older_plans``). Returns the splits taken out."""
+    with manifest_lock(out):
+        return _unlist_stale(out, planned, older)
+
+
+def _unlist_stale(out: Path, planned: list[tuple[str, list[ShardJob]]], older: dict[str, list[str]]) -> set[str]:
     if not (out / MANIFEST_NAME).exists():
         return set()
     manifest = load_manifest(out, rewriting=[split for split, _ in planned])  # checked by prepare_splits before

@@ -165,17 +165,18 @@ def _python(a: argparse.Namespace) -> str:
     return "python" if a.container_image else sys.executable
 
 
-def _refuse_if_preparing(run_dir: Path, out: Path) -> None:
-    """One prep submission per shard directory at a time: a second array job built the same shards at once
-    (one failed writing a shard the other had renamed, the other counted the first's shards as its own
-    earlier run's), and two finalize jobs rewrite one manifest.json."""
-    active = _not_ended(lambda: status.active_prep_jobs(run_dir, out),
+def _refuse_if_preparing(run_dir: Path, out: Path, splits: list[str]) -> None:
+    """One prep submission per split of a shard directory at a time: a second array job built the same shards
+    at once (one failed writing a shard the other had renamed, the other counted the first's shards as its own
+    earlier run's). Other splits of the same OUT may be prepared meanwhile."""
+    active = _not_ended(lambda: status.active_prep_jobs(run_dir, out, splits),
                         f"{run_dir}: cannot tell whether the earlier prep jobs of {out} have ended")
     if active:
         ids = " ".join(sorted({r.job_id.split("_")[0] for r in active}, key=int))
-        raise LaunchError(f"{out} is being prepared by {_listed(active)} (recorded in {run_dir}): a second prep job "
-                          f"would write the same shards and manifest: wait until it ends, or cancel it "
-                          f"(`scancel {ids}`)")
+        named = f"split {splits[0]!r}" if len(splits) == 1 else f"splits {', '.join(splits)}"
+        raise LaunchError(f"{named} of {out} {'is' if len(splits) == 1 else 'are'} being prepared by "
+                          f"{_listed(active)} (recorded in {run_dir}): a second prep job would write the same "
+                          f"shards: wait until it ends, or cancel it (`scancel {ids}`)")
 
 
 def _refuse_if_training(run_dir: Path) -> None:
@@ -316,7 +317,7 @@ def _submit_prep(a: argparse.Namespace, extra: list[str]) -> int:
     job.check()
     dep = ["--dependency=afterok:{array_job}", "--kill-on-invalid-dep=yes"]
     if not a.dry_run:
-        _refuse_if_preparing(run_dir, out)  # before anything is written
+        _refuse_if_preparing(run_dir, out, job.written_splits)  # before anything is written
     if a.dry_run:
         print(f"# ---- {job.array_script_path.name}")
         print(job.render_array(), end="")
@@ -341,7 +342,7 @@ def _submit_prep(a: argparse.Namespace, extra: list[str]) -> int:
             job.finalize_script_path.unlink(missing_ok=True)
         _remove_empty(made)
         raise
-    rundir.record_job(run_dir, array_id, "prep-array", job.array_script_path, out)
+    rundir.record_job(run_dir, array_id, "prep-array", job.array_script_path, out, job.written_splits)
     try:
         fin_id = slurm.sbatch(job.finalize_script_path, [d.format(array_job=array_id) for d in dep])
     except LaunchError as e:  # the array job runs: submitting again would start a second one on the same shards
@@ -349,7 +350,7 @@ def _submit_prep(a: argparse.Namespace, extra: list[str]) -> int:
                           f"finalize {shlex.quote(str(out))} --splits {job.splits}` (or submit "
                           f"{shlex.quote(str(job.finalize_script_path))} with --dependency=afterok:{array_id}), "
                           f"or `scancel {array_id}` before submitting again") from None
-    rundir.record_job(run_dir, fin_id, "prep-finalize", job.finalize_script_path, out)
+    rundir.record_job(run_dir, fin_id, "prep-finalize", job.finalize_script_path, out, job.written_splits)
     print(f"Submitted prep array job {array_id} (tasks 0-{a.tasks - 1}) and finalize job {fin_id} "
           f"(afterok:{array_id})")
     print(f"  scripts {run_dir}")

@@ -28,15 +28,17 @@ def wandb_run_id(run_dir: Path, create: bool = True) -> str | None:
     return create_run_id(run_dir, "".join(secrets.choice(alphabet) for _ in range(8)))
 
 
-def record_job(run_dir: Path, job_id: str, kind: str, script: Path, out: Path | None = None) -> None:
+def record_job(run_dir: Path, job_id: str, kind: str, script: Path, out: Path | None = None,
+               splits: list[str] | None = None) -> None:
     """Append a submitted job to RUN_DIR/jobs.jsonl so `launch status` knows what to ask Slurm about (and,
-    for a prep job, which OUT to read its progress from)."""
+    for a prep job, which OUT to read its progress from, and which of its splits the job writes)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / JOBS_FILE
     torn = path.is_file() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
     with open(path, "a") as f:  # after a torn last line, on a line of its own, so this record stays readable
         f.write(("\n" if torn else "") + json.dumps({"job_id": job_id, "kind": kind, "script": str(script),
-                                                     **({"out": str(out)} if out is not None else {})}) + "\n")
+                                                     **({"out": str(out)} if out is not None else {}),
+                                                     **({"splits": splits} if splits is not None else {})}) + "\n")
 
 
 class BadJobsFile(LaunchError):

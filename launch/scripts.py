@@ -283,6 +283,13 @@ class PrepJob:
             return self.label
         return _option(self.prep_args, "--splits") or "train,val"  # data_prep imagenet's default
 
+    @property
+    def written_splits(self) -> list[str]:
+        """The splits this job writes: those its finalize merges, and a hold-out's (``--holdout-split``)."""
+        names = self.splits.split(",")
+        held = _option(self.prep_args, "--holdout-split")
+        return names + ([held] if held and held not in names else [])
+
     def check(self) -> None:
         if self.command not in PREP_COMMANDS:
             raise LaunchError(f"prep: unknown dataset kind {self.command!r}; use one of {', '.join(PREP_COMMANDS)}")

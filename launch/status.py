@@ -50,12 +50,15 @@ def active_train_jobs(run_dir: Path) -> list[slurm.JobRow]:
     return _active(ids)
 
 
-def active_prep_jobs(run_dir: Path, out: Path) -> list[slurm.JobRow]:
-    """Prep jobs (array tasks, finalize) recorded in ``run_dir`` for shard directory ``out`` that Slurm has
-    not finished with: a second one would build the same shards at the same time, and two finalize jobs
-    rewrite one manifest.json. Submissions recorded in another ``--run-dir`` are not seen."""
+def active_prep_jobs(run_dir: Path, out: Path, splits: list[str]) -> list[slurm.JobRow]:
+    """Prep jobs (array tasks, finalize) recorded in ``run_dir`` for any of ``splits`` of shard directory
+    ``out`` that Slurm has not finished with: a second one would build the same shards at the same time.
+    Jobs of other splits may run (their finalize jobs take turns on manifest.json: data_prep's
+    ``manifest_lock``); a record without its splits (written by an older launcher) counts as all of them.
+    Submissions recorded in another ``--run-dir`` are not seen."""
     ids = [j["job_id"] for j in recorded_jobs(run_dir)
-           if str(j.get("kind", "")).startswith("prep") and j.get("out") and Path(j["out"]).resolve() == out.resolve()]
+           if str(j.get("kind", "")).startswith("prep") and j.get("out") and Path(j["out"]).resolve() == out.resolve()
+           and (not isinstance(j.get("splits"), list) or set(j["splits"]) & set(splits))]
     return _active(ids)
 
 

@@ -555,3 +555,49 @@ def test_every_argument_has_a_help_line():
     from data_prep.cli import build_parser
 
     assert arguments_without_help(build_parser()) == []
+
+
+def test_finalize_jobs_of_two_splits_at_once_keep_both_in_the_manifest(tmp_path, monkeypatch):
+    """The finalize jobs of a train and a val split prepared into one OUT by separate jobs, at the same time:
+    each read the manifest, added its split and wrote it back, so the first one's split vanished. Here the val
+    finalize finds no manifest yet and waits (up to 3 s) until train's has finished: with the lock, train's
+    waits for it instead, and both splits are listed."""
+    import threading
+
+    import data_prep.manifest as manifest_module
+
+    src, out = tmp_path / "src", tmp_path / "o"
+    write_imagefolder(src, ["ant", "bee"], per_class=2)
+    for split in ("train", "val"):
+        for task in ("0", "1"):
+            assert main(["imagefolder", str(src), str(out), "--split", split, "--samples-per-shard", "1",
+                         "--task-index", task, "--num-tasks", "2", "--no-progress"]) == 0
+    train_done, val_read = threading.Event(), threading.Event()
+    real_entry = manifest_module.split_entry
+
+    def read_then_wait(*args, **kwargs):  # after finalize has read the manifest (here: found none)
+        if threading.current_thread().name == "finalize-val":
+            val_read.set()
+            train_done.wait(3)
+        return real_entry(*args, **kwargs)
+
+    monkeypatch.setattr(manifest_module, "split_entry", read_then_wait)
+    failures = []
+
+    def finalize(split: str) -> None:
+        try:
+            manifest_module.finalize(out, [split])
+        except BaseException as e:  # noqa: BLE001 - reported below
+            failures.append(e)
+        if split == "train":
+            train_done.set()
+
+    val = threading.Thread(target=finalize, args=("val",), name="finalize-val")
+    val.start()
+    assert val_read.wait(30)
+    train = threading.Thread(target=finalize, args=("train",), name="finalize-train")
+    train.start()
+    val.join(60)
+    train.join(60)
+    assert not failures
+    assert sorted(load_manifest(out)["splits"]) == ["train", "val"]

@@ -190,20 +190,32 @@ def test_prep_array_plus_finalize_matches_single_process(slurm_cluster: SlurmClu
     again = slurm_cluster.launch("submit", "prep", "imagefolder", str(src), str(out), "--split", "train", "--tasks",
                                  "3", "--cpus-per-task", "1", "--time", "00:05:00", "--", "--samples-per-shard", "16",
                                  check=False)
+    # another split of the same OUT meanwhile: accepted (its finalize job takes turns with train's on the
+    # manifest: data_prep's manifest_lock), and both end up in the manifest
+    other = slurm_cluster.launch("submit", "prep", "imagefolder", str(src), str(out), "--split", "val", "--tasks", "1",
+                                 "--cpus-per-task", "1", "--time", "00:05:00", "--", "--samples-per-shard", "16")
+    m_val = re.search(r"Submitted prep array job (\d+) \(tasks 0-0\) and finalize job (\d+)", other.stdout)
+    assert m_val, other.stdout + other.stderr
     slurm_cluster.run("scontrol", "release", fin)
     assert again.returncode == 2 and again.stdout == "", again.stdout + again.stderr
-    assert again.stderr.startswith(f"launch: error: {out} is being prepared by job") and f"{fin} PENDING" in \
-        again.stderr, again.stderr
+    assert again.stderr.startswith(f"launch: error: split 'train' of {out} is being prepared by job") and \
+        f"{fin} PENDING" in again.stderr, again.stderr
     assert re.search(rf"\(`scancel ({array} )?{fin}`\)$", again.stderr.rstrip()), again.stderr
-    slurm_cluster.wait_gone([array, fin], timeout=180)
+    slurm_cluster.wait_gone([array, fin, *m_val.groups()], timeout=180)
     def all_tasks_completed() -> None:
         states = dict(slurm_cluster.sacct_states(array) + slurm_cluster.sacct_states(fin))
         assert states == {f"{array}_0": "COMPLETED", f"{array}_1": "COMPLETED", f"{array}_2": "COMPLETED",
                           fin: "COMPLETED"}, states
+        val_states = dict(slurm_cluster.sacct_states(m_val.group(1)) + slurm_cluster.sacct_states(m_val.group(2)))
+        assert set(val_states.values()) == {"COMPLETED"}, val_states
 
     _eventually(all_tasks_completed)
-    assert _manifest_view(out) == _manifest_view(single)
-    shards = sorted(p.name for p in out.rglob("*.tar"))
+    view = _manifest_view(out)
+    assert sorted(view["splits"]) == ["train", "val"], view["splits"].keys()
+    assert view["splits"]["val"]["samples"] == view["splits"]["train"]["samples"]
+    del view["splits"]["val"]
+    assert view == _manifest_view(single)
+    shards = sorted(p.name for p in out.rglob("train-*.tar"))
     assert shards == sorted(p.name for p in single.rglob("*.tar")) and shards
     for name in shards:
         a, b = next(out.rglob(name)), next(single.rglob(name))
@@ -211,7 +223,9 @@ def test_prep_array_plus_finalize_matches_single_process(slurm_cluster: SlurmClu
     st = slurm_cluster.launch("status", str(tmp_path / "sharded-slurm"))
     for jid in (f"{array}_0", f"{array}_1", f"{array}_2", fin):
         assert re.search(rf"^  {jid}\s+\S+\s+COMPLETED", st.stdout, re.M), st.stdout
-    assert f"shards       {out}: train {len(shards)} of {len(shards)} done\n" in st.stdout, st.stdout
+    n_val = len(list(out.glob("val-*.tar")))
+    assert f"shards       {out}: train {len(shards)} of {len(shards)} done; val {n_val} of {n_val} done\n" in \
+        st.stdout, st.stdout
     assert f"manifest     {out / 'manifest.json'} (" in st.stdout and "checkpoint" not in st.stdout, st.stdout
     log = (tmp_path / "sharded-slurm" / f"prep-{array}_0.out").read_text()
     assert "the queued finalize job writes the manifest once every array task succeeded" in log, log

@@ -536,3 +536,33 @@ def test_status_of_a_folder_of_runs_without_sacct_says_a_job_squeue_no_longer_kn
     assert lines[0] == (f"runs in {runs.resolve()}: 2 (Slurm unavailable: squeue failed: slurm_load_jobs error: Unable to contact "
                         "slurm controller; the jobs' states are not known)"), r.stdout
     assert [line.split()[2] for line in lines[2:]] == ["-", "-"], r.stdout
+
+
+def test_a_prep_submission_waits_only_for_jobs_of_its_own_splits(tmp_path: Path, monkeypatch) -> None:
+    """Which recorded prep jobs a new submission must wait for: those of a split it writes too, in the same OUT
+    (a hold-out's split counts), and any record of before the splits were recorded (it may write any)."""
+    from launch import status
+    from launch.rundir import record_job
+    from launch.scripts import PrepJob, SlurmOptions
+
+    run, out, other_out = tmp_path / "shards-slurm", tmp_path / "shards", tmp_path / "elsewhere"
+    record_job(run, "1", "prep-array", run / "a.sbatch", out, ["train"])
+    record_job(run, "2", "prep-array", run / "b.sbatch", out, ["val"])
+    record_job(run, "3", "prep-array", run / "c.sbatch", other_out, ["test"])
+    asked = []
+    monkeypatch.setattr(status, "_active", lambda ids: asked.append(ids) or [])
+    for splits, expected in ((["train"], ["1"]), (["val"], ["2"]), (["test"], []), (["train", "holdout"], ["1"])):
+        status.active_prep_jobs(run, out, splits)
+        assert asked.pop() == expected, splits
+    record_job(run, "4", "prep-finalize", run / "d.sbatch", out)  # an older launcher's record: no splits
+    status.active_prep_jobs(run, out, ["test"])
+    assert asked.pop() == ["4"]
+
+    def job(*prep_args: str, command: str = "imagefolder", label: str = "train") -> PrepJob:
+        return PrepJob(command=command, src=tmp_path, out=out, tasks=2, run_dir=run, slurm=SlurmOptions(time="00:10:00"),
+                       prep_args=list(prep_args), label=label)
+
+    assert job("--split", "train").written_splits == ["train"]
+    assert job("--split", "train", "--holdout", "500", "--holdout-split", "val").written_splits == ["train", "val"]
+    assert job(command="imagenet", label="").written_splits == ["train", "val"]
+    assert job("--splits", "val", command="imagenet", label="").written_splits == ["val"]

@@ -1,0 +1,42 @@
+"""One writer of OUT's manifest.json (and rejects.jsonl) at a time.
+
+``finalize`` reads the manifest, puts its splits in and writes it back, and a rerun whose plan changed takes
+its split out the same way. Two such writers at once, say the finalize jobs of a train and a val split
+prepared into one OUT by separate Slurm jobs, each wrote back what it had read: the split finalized first
+vanished from the manifest. Each read-modify-write holds an exclusive ``flock`` on ``OUT/.work/manifest.lock``,
+so they take turns (a finalize takes seconds). Where the file system has no working locks (``ENOLCK``: NFS
+without its lock daemon) it goes on unlocked, with a note: splits then must not be finalized at the same time.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from .format import WORK_DIR
+
+LOCK_NAME = "manifest.lock"
+
+
+@contextmanager
+def manifest_lock(out: Path) -> Iterator[None]:
+    """Hold OUT's manifest lock (waiting for another holder) for the body of the ``with``."""
+    path = Path(out) / WORK_DIR / LOCK_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as e:
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            print(f"data_prep: note: {path}: this file system refuses file locks ({e.strerror}); writing "
+                  f"{Path(out) / 'manifest.json'} without one: do not finalize splits of it at the same time",
+                  file=sys.stderr)
+        yield
+    finally:
+        os.close(fd)  # drops the lock
