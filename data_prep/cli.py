@@ -77,16 +77,18 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                         "ends by saying so instead of asking for `data_prep finalize`")
 
 
-def _add_holdout(p: argparse.ArgumentParser, of: str) -> None:
+def _add_holdout(p: argparse.ArgumentParser, of: str, example: str = "val") -> None:
     p.add_argument("--holdout", default=None, metavar="N",
                    help=f"hold out N images of {of} (a count, or a fraction such as 0.1), stratified per class and "
                         f"drawn with --seed, into the split --holdout-split; the rest stay in {of}")
     p.add_argument("--holdout-split", default=None, metavar="NAME",
-                   help="the split that receives the held-out images (required with --holdout), e.g. val")
+                   help=f"the split that receives the held-out images (required with --holdout), e.g. {example}")
 
 
 OUT_HELP = ("output folder: the shards, manifest.json and rejects.jsonl; a rerun into it resumes, another "
             "--split adds that split")
+IMAGENET_OUT_HELP = ("output folder: the shards, manifest.json and rejects.jsonl; a rerun into it resumes, a "
+                     "split not yet there (--splits val) is added")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,12 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("imagenet", help="ILSVRC2012 (archives or extracted) -> shards")
     p.add_argument("src", type=Path, help="the folder with ILSVRC2012_img_{train,val}.tar, or with the extracted "
                                           "train/ and val/ (also Kaggle's layout)")
-    p.add_argument("out", type=Path, help=OUT_HELP)
+    p.add_argument("out", type=Path, help=IMAGENET_OUT_HELP)
     p.add_argument("--splits", default="train,val", help="comma list of train,val (default both)")
     p.add_argument("--devkit", type=Path, default=None, help="ILSVRC2012_devkit_t12.tar.gz (default: look in SRC)")
     p.add_argument("--val-csv", type=Path, default=None, help="Kaggle LOC_val_solution.csv (default: look in SRC)")
     _add_common(p)
-    _add_holdout(p, "train")
+    _add_holdout(p, "train", example="minival")
     p = sub.add_parser("finalize", help="merge array-task results into manifest.json")
     p.add_argument("out", type=Path, help="the OUT the array tasks wrote into")
     p.add_argument("--splits", default=None, help="comma list (default: all prepared splits)")

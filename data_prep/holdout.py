@@ -67,14 +67,15 @@ def parse_holdout(text: str) -> int | float:
 def check_names(split: str, holdout_split: str | None, reserved: dict[str, str] | None = None) -> str:
     """Validate ``--holdout-split`` (given with ``--holdout``): a split name of its own. `reserved` maps
     other names it may not take (ImageNet's ``val``) to why."""
+    example = next(n for n in ("val", "minival", "holdout") if n != split.lower() and n not in (reserved or {}))
     if holdout_split is None:
-        raise PrepError("--holdout needs --holdout-split NAME: the split the held-out images go to (e.g. val)")
+        raise PrepError(f"--holdout needs --holdout-split NAME: the split the held-out images go to (e.g. {example})")
     if not SPLIT_NAME.fullmatch(holdout_split):
         raise PrepError(f"--holdout-split {holdout_split!r}: use letters, digits, '_' or '-' only, "
                         f"at most 64 characters")
     if holdout_split.lower() == split.lower():  # also Val vs val: one file name on a case-insensitive disk
         raise PrepError(f"--holdout-split {holdout_split!r} is the split it is carved out of ({split!r}): "
-                        f"the held-out images need a split of their own, e.g. val")
+                        f"the held-out images need a split of their own, e.g. {example}")
     for name, why in (reserved or {}).items():
         if holdout_split.lower() == name.lower():
             raise PrepError(f"--holdout-split {holdout_split!r}: {why}")

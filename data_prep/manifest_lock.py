@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from .errors import PrepError
 from .format import WORK_DIR
 
 LOCK_NAME = "manifest.lock"
@@ -26,8 +27,11 @@ LOCK_NAME = "manifest.lock"
 def manifest_lock(out: Path) -> Iterator[None]:
     """Hold OUT's manifest lock (waiting for another holder) for the body of the ``with``."""
     path = Path(out) / WORK_DIR / LOCK_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:  # a read-only OUT: the one line every write of data_prep gives
+        raise PrepError(f"{path}: cannot write: {exc.strerror or exc}") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)

@@ -25,12 +25,18 @@ def run_client(cmd: list[str], timeout: float = 60, cwd: Path | None = None) -> 
         raise LaunchError(f"{cmd[0]}: no answer within {timeout:.0f} s") from e
 
 
+def said(proc: subprocess.CompletedProcess) -> str:
+    """What a Slurm client printed when it failed, as one line: its error lines joined by '; ' (squeue with no
+    usable slurm.conf prints three: the file it could not read, the missing ClusterName, the fatal one)."""
+    text = proc.stderr.strip() or proc.stdout.strip()
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip()) or f"exit code {proc.returncode}"
+
+
 def sbatch(script: Path, extra: list[str] | None = None) -> str:
     """Submit a script; returns the job id (``--parsable`` output, cluster suffix removed)."""
     proc = run_client(["sbatch", "--parsable", *(extra or []), str(script)], cwd=script.parent)
     if proc.returncode != 0:
-        said = (proc.stderr.strip() or proc.stdout.strip()).splitlines()  # sbatch may say it in two lines
-        raise LaunchError(f"sbatch {script} failed: {'; '.join(line.strip() for line in said if line.strip())}")
+        raise LaunchError(f"sbatch {script} failed: {said(proc)}")  # sbatch may say it in two lines
     return proc.stdout.strip().split(";")[0]
 
 
@@ -38,7 +44,7 @@ def scancel(job_id: str) -> None:
     """Cancel a job; Slurm's refusal becomes a LaunchError quoting it."""
     proc = run_client(["scancel", job_id])
     if proc.returncode != 0:
-        raise LaunchError(f"scancel {job_id} failed: {proc.stderr.strip() or proc.stdout.strip()}")
+        raise LaunchError(f"scancel {job_id} failed: {said(proc)}")
 
 
 # Why Slurm keeps a pending job waiting when no other job's end can start it: the request is over what the
@@ -102,7 +108,7 @@ def squeue(job_ids: list[str]) -> list[JobRow]:
         # squeue fails for ids it no longer knows; that only means nothing is queued
         if "Invalid job id" in proc.stderr:
             return []
-        raise LaunchError(f"squeue failed: {proc.stderr.strip()}")
+        raise LaunchError(f"squeue failed: {said(proc)}")
     rows = []
     for line in proc.stdout.splitlines():
         jid, name, state, elapsed, reason = (line.split("|") + [""] * 5)[:5]

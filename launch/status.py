@@ -325,5 +325,5 @@ def queue_report() -> str:
     """No run directory given: the current user's queue."""
     proc = slurm.run_client(["squeue", "--me", "-o", "%.12i %.24j %.10T %.10M %.6D %R"])
     if proc.returncode != 0:
-        raise LaunchError(f"squeue failed: {proc.stderr.strip()}")
+        raise LaunchError(f"squeue failed: {slurm.said(proc)}")
     return proc.stdout.rstrip()

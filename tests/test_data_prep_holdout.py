@@ -286,3 +286,15 @@ def test_imagenet_minival_out_of_train(tmp_path, capsys):
     assert main(["imagenet", str(root), str(tmp_path / "o3"), "--splits", "val", "--holdout", "8",
                  "--holdout-split", "minival"]) == 2
     assert "carved out of train, which --splits val does not prepare" in capsys.readouterr().err
+
+
+def test_the_name_a_refusal_suggests_is_one_it_would_take():
+    """It suggested val for a hold-out carved out of val, and for ImageNet, whose val is its own split."""
+    from data_prep.holdout import check_names
+
+    imagenet = {"val": "is ImageNet's own val split"}
+    for split, given, reserved, suggested in (("train", "Train", None, "val"), ("val", "VAL", None, "minival"),
+                                              ("train", None, imagenet, "minival"), ("train", None, None, "val")):
+        with pytest.raises(PrepError, match=rf"\(?e\.g\. {suggested}\)?$"):
+            check_names(split, given, reserved)
+        check_names(split, suggested, reserved)  # taken

@@ -601,3 +601,25 @@ def test_finalize_jobs_of_two_splits_at_once_keep_both_in_the_manifest(tmp_path,
     train.join(60)
     assert not failures
     assert sorted(load_manifest(out)["splits"]) == ["train", "val"]
+
+
+def test_finalize_on_a_read_only_out_is_one_line_naming_the_file(tmp_path):
+    """A read-only mount of OUT (shards copied to a read-only share before finalize): one `cannot write` line
+    naming the first file finalize writes (its lock), as for data_prep's other writes; it was the OSError's
+    own `[Errno 30] Read-only file system: '...'`."""
+    src, out, ro = tmp_path / "src", tmp_path / "o", tmp_path / "ro"
+    write_imagefolder(src, ["ant", "bee"], per_class=2)
+    for task in ("0", "1"):
+        assert main(["imagefolder", str(src), str(out), "--split", "train", "--samples-per-shard", "1",
+                     "--task-index", task, "--num-tasks", "2", "--no-progress"]) == 0
+    ro.mkdir()
+    script = (f'mount --bind {out} {ro} && mount -o remount,ro,bind {ro} && '
+              f'exec {sys.executable} -m data_prep finalize {ro}')
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", f"mount --bind {out} {ro}"], capture_output=True)
+    if probe.returncode != 0:
+        unavailable_here("unshare -m and mount are not permitted here (need root)")
+    r = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, cwd=REPO,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 2 and r.stderr == (f"python -m data_prep: error: {ro / '.work' / 'manifest.lock'}: cannot "
+                                              f"write: Read-only file system\n"), r.stderr
+    assert not (out / "manifest.json").exists()

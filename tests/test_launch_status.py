@@ -566,3 +566,22 @@ def test_a_prep_submission_waits_only_for_jobs_of_its_own_splits(tmp_path: Path,
     assert job("--split", "train", "--holdout", "500", "--holdout-split", "val").written_splits == ["train", "val"]
     assert job(command="imagenet", label="").written_splits == ["train", "val"]
     assert job("--splits", "val", command="imagenet", label="").written_splits == ["val"]
+
+
+def test_status_of_the_queue_when_slurm_cannot_be_read_is_one_line(tmp_path: Path) -> None:
+    """`launch status` without a directory on a node whose slurm.conf is missing: squeue says it in three lines
+    (as Slurm 22.05's does), which the error printed as they were, over several lines."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "squeue").write_text(
+        "#!/bin/sh\n"
+        "echo 'squeue: error: s_p_parse_file: cannot stat file /etc/slurm/slurm.conf: No such file or directory' >&2\n"
+        "echo 'squeue: error: ClusterName needs to be specified' >&2\n"
+        "echo 'squeue: fatal: Unable to process configuration file' >&2\n"
+        "exit 1\n")
+    (bindir / "squeue").chmod(0o755)
+    r = launch("status", cwd=tmp_path, env={"PATH": f"{bindir}:/usr/bin:/bin"})
+    assert r.returncode == 2 and r.stderr == (
+        "launch: error: squeue failed: squeue: error: s_p_parse_file: cannot stat file /etc/slurm/slurm.conf: No such "
+        "file or directory; squeue: error: ClusterName needs to be specified; squeue: fatal: Unable to process "
+        "configuration file\n"), r.stderr
