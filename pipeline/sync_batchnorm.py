@@ -3,9 +3,9 @@
 torch's ``nn.SyncBatchNorm`` only works on GPUs (and DDP refuses it on CPU modules). With small per-rank
 batches BN statistics over the *global* batch matter for accuracy, and CI checks that a multi-process
 run with SyncBN matches a one-process run on the same global batch; that needs SyncBN on CPUs. This
-layer all-reduces per-channel sums (autograd-aware ``torch.distributed.nn.functional.all_reduce``, whose
-backward all-reduces the gradients, giving the exact global-batch gradient) in two passes (mean, then
-centred squares, which avoids the E[x^2]-E[x]^2 cancellation). On GPUs the CLI keeps torch's layer.
+layer all-reduces per-channel sums (``_AllReduceSum``, whose backward all-reduces the gradients, giving the
+exact global-batch gradient) in two passes (mean, then centred squares, which avoids the E[x^2]-E[x]^2
+cancellation). On GPUs the CLI keeps torch's layer.
 """
 
 from __future__ import annotations
@@ -21,6 +21,22 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks, and the same for the gradient: torch's ``torch.distributed.nn.functional.all_reduce``,
+    which torch 2.14 deprecates (a FutureWarning twice per rank; its successor in
+    ``_functional_collectives`` is private)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:  # noqa: ARG004 - autograd's signature
+        out = tensor.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ARG004
+        return _AllReduceSum.apply(grad)
+
+
 class GlooSyncBatchNorm(_BatchNorm):
     """Batch norm over the samples of all ranks (any input rank >= 2, channels in dim 1)."""
 
@@ -31,8 +47,7 @@ class GlooSyncBatchNorm(_BatchNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and _distributed()):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
+        all_reduce = _AllReduceSum.apply
         dims = [0, *range(2, x.dim())]
         shape = [1, -1] + [1] * (x.dim() - 2)
         xf = x.float() if x.dtype != torch.float64 else x
