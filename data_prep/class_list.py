@@ -48,7 +48,8 @@ def mismatch(out: Path, split: str, new: list[str], old: list[str], others: list
         first = (f"finalize {'it' if len(finalize_first) == 1 else 'them'} alone (`python -m data_prep finalize "
                  f"{shlex.quote(str(out))} --splits {','.join(finalize_first)}`), then " if finalize_first else "")
         return PrepError(
-            f"{where} ({_diff(new, old)}): it was planned before {'that split was' if len(others) == 1 else 'they were'} "
+            f"{where} ({_diff(new, old)}): it was planned before "
+            f"{'that split was' if len(others) == 1 else 'they were'} "
             f"in the manifest (array tasks of several splits at once?), so its labels count its own "
             f"{len(new)} classes and would not match; {first}run the data_prep command of split {split!r} again: "
             f"its labels then follow their classes (its shards are rebuilt)")

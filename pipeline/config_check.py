@@ -33,6 +33,7 @@ from pathlib import Path
 from data_prep.format import MANIFEST_NAME
 from pipeline.cli import PipelineCLI, check_run_settings, check_trainer, main
 from pipeline.datamodule import ShardDataModule
+from pipeline.deepspeed_checks import configured_deepspeed, refuse_accumulation
 from pipeline.errors import ConfigError
 from pipeline.file_access import unreachable_reason
 from pipeline.optim import ignored_schedule_settings
@@ -122,6 +123,9 @@ class ConfigCheckCLI(PipelineCLI):
     def instantiate_trainer(self, **kwargs) -> None:  # type: ignore[override]
         cfg = self._cfg
         check_run_settings(cfg)
+        accumulate = int(cfg.trainer.get("accumulate_grad_batches") or 1)
+        if (self.subcommand or "fit") == "fit" and accumulate > 1 and configured_deepspeed(cfg.trainer.get("strategy")):
+            refuse_accumulation(accumulate)  # fit refuses it once the trainer is built: on the compute node
         data = self.datamodule
         manifest = Path(data.root) / MANIFEST_NAME if isinstance(data, ShardDataModule) else None
         if manifest is not None and unreachable_reason(manifest) is None and manifest.is_file():  # (warned of)

@@ -55,6 +55,23 @@ def check_accumulation(strategy: Strategy, accumulate: int, adapted_from: str | 
     ``adapted_from``: the resume's geometry chose the accumulation to keep the checkpoint's global batch."""
     if not isinstance(strategy, DeepSpeedStrategy) or accumulate <= 1:
         return
+    refuse_accumulation(accumulate, adapted_from)
+
+
+def configured_deepspeed(setting: object) -> bool:
+    """Whether ``trainer.strategy`` as configured (a registered name such as ``deepspeed_stage_2``, its
+    ``_cpu`` variant, a ``class_path`` or an instance) is DeepSpeed: what ``config_check`` reads, with no
+    trainer built."""
+    if isinstance(setting, DeepSpeedStrategy):
+        return True
+    if isinstance(setting, str):
+        return setting.lower().startswith("deepspeed")
+    path = setting.get("class_path") if isinstance(setting, dict) else getattr(setting, "class_path", None)
+    return isinstance(path, str) and path.rsplit(".", 1)[-1].endswith("DeepSpeedStrategy")
+
+
+def refuse_accumulation(accumulate: int, adapted_from: str | None = None) -> None:
+    """``check_accumulation``'s error (``accumulate`` > 1 under DeepSpeed)."""
     why = (f" (chosen on resume to keep the checkpoint's global batch: {adapted_from})" if adapted_from else "")
     raise ConfigError(
         f"trainer.accumulate_grad_batches {accumulate}{why}: under DeepSpeed Lightning and DeepSpeed both divide the "

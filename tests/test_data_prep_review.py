@@ -300,7 +300,8 @@ def test_array_tasks_of_a_split_with_some_of_the_classes_are_refused_at_finalize
     assert main(["finalize", str(other), "--splits", "train"]) == 2
     err = capsys.readouterr().err
     assert f"remove {other / 'manifest.json'} (data_prep writes it again from what {other / '.work'} records), " \
-           f"`python -m data_prep finalize {other} --splits train`, then run the data_prep command of split 'test'" in err
+           f"`python -m data_prep finalize {other} --splits train`, then run the data_prep command of split " \
+           f"'test'" in err
     (other / "manifest.json").unlink()
     assert main(["finalize", str(other), "--splits", "train"]) == 0
     assert main(["imagefolder", str(val), str(other), "--split", "test", "--samples-per-shard", "1",

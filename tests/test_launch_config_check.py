@@ -116,6 +116,23 @@ def test_a_split_the_manifest_lacks_is_refused_when_the_manifest_is_here(tmp_pat
         check_trainer_settings(job)
 
 
+@pytest.mark.parametrize("strategy", [["--trainer.strategy", "deepspeed_stage_2"],
+                                      ["--trainer.strategy", "deepspeed_stage_1_cpu"],
+                                      ["--trainer.strategy.class_path",
+                                       "pytorch_lightning.strategies.DeepSpeedStrategy"]],
+                         ids=["name", "cpu-name", "class-path"])
+def test_gradient_accumulation_under_deepspeed_is_refused_before_the_job_queues(tmp_path: Path, strategy: list[str],
+                                                                                 digits_shards: Path) -> None:
+    """fit refuses it once its trainer is built, on the compute node after the queue wait; the check said the
+    settings were fine. Any DeepSpeed way of naming the strategy; DDP's accumulation stays accepted."""
+    common = ["--data.root", str(digits_shards), "--trainer.accumulate_grad_batches", "2", "--data.batch_size", "8"]
+    job = _job(tmp_path, REPO / "conf" / "demo.yaml", [*common, *strategy], cpu=True)
+    with pytest.raises(LaunchError, match=r"trainer.accumulate_grad_batches 2: under DeepSpeed Lightning and "
+                                          r"DeepSpeed both divide the loss by it"):
+        check_trainer_settings(job)
+    assert check_trainer_settings(_job(tmp_path, REPO / "conf" / "demo.yaml", common, cpu=True)) == []
+
+
 def test_a_class_count_the_network_cannot_take_is_found_from_the_manifest(tmp_path: Path, digits_shards: Path) -> None:
     """The manifest is read when this machine has it: its 10 classes reach the network (a CIFAR ResNet needs
     none of ImageNet's 1000 to be checked), and arch_kwargs that do not fit the arch are refused."""

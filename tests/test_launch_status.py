@@ -559,7 +559,8 @@ def test_a_prep_submission_waits_only_for_jobs_of_its_own_splits(tmp_path: Path,
     assert asked.pop() == ["4"]
 
     def job(*prep_args: str, command: str = "imagefolder", label: str = "train") -> PrepJob:
-        return PrepJob(command=command, src=tmp_path, out=out, tasks=2, run_dir=run, slurm=SlurmOptions(time="00:10:00"),
+        return PrepJob(command=command, src=tmp_path, out=out, tasks=2, run_dir=run,
+                       slurm=SlurmOptions(time="00:10:00"),
                        prep_args=list(prep_args), label=label)
 
     assert job("--split", "train").written_splits == ["train"]
