@@ -478,12 +478,22 @@ class PipelineCLI(LightningCLI):
         meta = self._check_checkpoint(path, resume=True)
         self._ckpt_hparams = meta.get("hyper_parameters") or {}
         steps, done = cfg.trainer.get("max_steps"), meta.get("global_step")
+        # a branch (another run's checkpoint, this run without one of its own) past the end would be a run
+        # directory that trains nothing: refused; this run's own checkpoint past it is a finished run
+        branch = Path(path).absolute().parent != checkpoint_dir(run_dir).absolute()
         if isinstance(steps, int) and steps > 0 and isinstance(done, int) and done >= steps:
+            if branch:
+                raise ConfigError(f"trainer.max_steps {steps}: {path} is at step {done} already, so a branch from it "
+                                  f"into {run_dir} would train nothing; give a larger trainer.max_steps")
             raise RunComplete(f"the run is complete: {path} is at step {done} and trainer.max_steps is {steps}; "
                               f"nothing to train (a larger trainer.max_steps trains on)")
         epochs, position = cfg.trainer.get("max_epochs"), meta.get(ShardDataModule.__qualname__) or {}
         if isinstance(epochs, int) and epochs > 0 and position.get("consumed") == 0 and \
                 int(position.get("epoch", 0)) >= epochs:  # (a re-run opened an empty W&B start, trained nothing)
+            if branch:
+                raise ConfigError(f"trainer.max_epochs {epochs}: {path} ends epoch {int(position['epoch']) - 1} "
+                                  f"already, so a branch from it into {run_dir} would train nothing; give a larger "
+                                  f"trainer.max_epochs")
             raise RunComplete(f"the run is complete: {path} ends epoch {int(position['epoch']) - 1} and "
                               f"trainer.max_epochs is {epochs}; nothing to train (a larger trainer.max_epochs trains on)")
         _say(f"resuming from {path}{_at_step(meta, ' at step {}')}")

@@ -607,6 +607,20 @@ def test_fit_of_a_complete_run_says_so_and_starts_nothing(trained, digits_shards
     assert (run / "checkpoints" / "last.ckpt").stat().st_mtime_ns == stamp
 
 
+def test_a_branch_from_a_checkpoint_past_its_end_is_refused_and_leaves_nothing(trained, digits_shards, tmp_path):
+    """A branch into a new run directory from a checkpoint at or past trainer.max_steps said "the run is
+    complete" (exit 0) of a run that did not exist, and checked nothing else of the command."""
+    branch = tmp_path / "branch"
+    ckpt = trained / "checkpoints" / "last.ckpt"
+    proc = run_cli_in_process(*_args("fit", digits_shards, branch, "--trainer.max_steps", "2")[1:],
+                              "--ckpt_path", str(ckpt))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: trainer.max_steps 2: {ckpt} is at step 3 already, so a branch from it into {branch} would train "
+        f"nothing; give a larger trainer.max_steps"), proc.stderr[-3000:]
+    assert not branch.exists()
+
+
 def test_a_bug_of_ours_while_the_trainer_is_built_is_a_traceback_not_a_setting(digits_shards, tmp_path, monkeypatch):
     """Lightning's ValueError/TypeError while it builds the Trainer is its refusal of a setting (one `error:
     trainer: ...` line, as `trainer.max_time 5min` above). The same errors from this package's own code that
