@@ -76,7 +76,25 @@ def _problem(rec: object, shard: str) -> str | None:
     for i, r in enumerate(rec["rejects"]):
         if not (isinstance(r, dict) and isinstance(r.get("path"), str) and isinstance(r.get("reason"), str)):
             return f"field 'rejects' item {i} is not an object with a string 'path' and 'reason'"
+    return _labels_problem(rec)
+
+
+def _labels_problem(rec: dict) -> str | None:
+    """``labels`` (records since 2026-12-07; optional): [label, inputs, written] per label of the shard, the
+    written ones adding up to ``samples``."""
+    labels = rec.get("labels")
+    if labels is None:
+        return None
+    if not (isinstance(labels, list) and all(isinstance(t, list) and len(t) == 3 and all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in t) and t[2] <= t[1] for t in labels)):
+        return f"field 'labels' is {shown(labels)}, not a list of [label, inputs, written] counts"
     return None
+
+
+def label_counts(rec: dict) -> list[list[int]] | None:
+    """[label, inputs, written] per label of a done-record's shard; None for a record written before they were
+    kept."""
+    return rec.get("labels")
 
 
 def _broken(path: Path, shard: str, problem: str) -> BrokenRecord:
@@ -104,6 +122,9 @@ def count_problem(out: str | Path, rec: dict) -> str | None:
     if count is not None and count != rec["samples"]:
         return (f"field 'samples' is {rec['samples']}, not the {plural(count, 'sample')} of {idx} (edited by hand, "
                 f"or copied from another run?)")
+    written = sum(t[2] for t in rec.get("labels") or [])
+    if rec.get("labels") is not None and written != rec["samples"]:
+        return f"field 'labels' counts {written} samples written, field 'samples' {rec['samples']} (edited by hand?)"
     return None
 
 
@@ -124,6 +145,8 @@ def record_with_shard(out: Path, split: str, shard: str, plan_hash: str) -> dict
     rec = read_record(out, split, shard)
     if rec is None or rec["plan_hash"] != plan_hash:
         return None
+    if rec["samples"] == 0 and not (Path(out) / rec["name"]).exists():
+        return rec  # every input rejected: finalize removed its empty tar (a second finalize found it "not done")
     if not (Path(out) / rec["name"]).is_file():
         return None
     problem = count_problem(out, rec)
@@ -143,6 +166,8 @@ def reusable_record(out: str | Path, split: str, shard: str, plan_hash: str) -> 
     if rec is None or rec["plan_hash"] != plan_hash or read_failures(rec):
         return None
     tar, idx = Path(out) / rec["name"], Path(out) / rec["index"]
+    if rec["samples"] == 0 and not tar.exists():
+        return rec  # every input rejected (of the same bytes, by the plan's hash): its empty tar was removed
     if not tar.is_file() or not idx.is_file():
         return None
     if count_problem(out, rec) is not None or file_sha256(tar) != rec["sha256"]:

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 from pipeline.wording import plural
 
 from .columns_file import columns_bytes, columns_entry, columns_name, columns_of_indexes
 from .class_list import mismatch
-from .done_records import record_with_shard
+from .done_records import label_counts, record_with_shard
 from .errors import PrepError
 from .format import (MANIFEST_NAME, MANIFEST_VERSION, PLAN_NAME, REJECTS_NAME, WORK_DIR, ManifestError,
                      load_manifest, plan_path, shard_file_pattern, work_dir)
@@ -31,13 +32,17 @@ def write_plan_record(out: Path, split: str, record: dict) -> None:
     write_json_atomic(plan_path(out, split), record)
 
 
-def split_entry(out: Path, split: str) -> tuple[dict, dict, list[dict]]:
-    """(plan record, manifest entry, reject lines) for one split; PrepError if shards are missing, or the plan
-    or a done-record is missing or broken (plan_record.BrokenPlan, done_records.BrokenRecord, naming it)."""
+def split_entry(out: Path, split: str) -> tuple[dict, dict, list[dict], list[tuple[str, int]]]:
+    """(plan record, manifest entry, reject lines, classes whose every input was rejected: (name, inputs)) for
+    one split; PrepError if shards are missing, or the plan or a done-record is missing or broken
+    (plan_record.BrokenPlan, done_records.BrokenRecord, naming it). The entry's ``class_counts`` (samples per
+    class) is there when every done-record counted its labels (those of before 2026-12-07 did not)."""
     plan = read_plan(out, split)
     if plan is None:
         raise PrepError(f"{plan_path(out, split)}: no plan for split {split!r} (run its prep command first)")
     shards, rejects, missing = [], [], []
+    inputs, written = [0] * len(plan["classes"]), [0] * len(plan["classes"])
+    counted = True
     for r in plan["scan_rejects"]:
         rejects.append({"split": split, "path": r[0], "reason": r[1]})
     for s in plan["shards"]:
@@ -46,6 +51,12 @@ def split_entry(out: Path, split: str) -> tuple[dict, dict, list[dict]]:
             missing.append(s["name"])
             continue
         rejects.extend({"split": split, "path": r["path"], "reason": r["reason"]} for r in rec["rejects"])
+        labels = label_counts(rec)
+        counted = counted and labels is not None
+        for label, n_in, n_out in labels or []:
+            if label < len(inputs):  # (a label outside the classes is the loaders' corrupt sample)
+                inputs[label] += n_in
+                written[label] += n_out
         if rec["samples"] > 0:
             shards.append({k: rec[k] for k in ("name", "index", "samples", "bytes", "sha256")})
     if missing:
@@ -58,7 +69,11 @@ def split_entry(out: Path, split: str) -> tuple[dict, dict, list[dict]]:
                         f"{plural(plan['inputs'], 'input')} (stale work files? rerun the split)")
     entry = {"shards": shards, "samples": samples, "rejected": len(rejects), "source": plan.get("split_source", plan["source"]),
              "options": plan["options"]}
-    return plan, entry, rejects
+    emptied = []
+    if counted:
+        entry["class_counts"] = written
+        emptied = [(plan["classes"][c], n) for c, n in enumerate(inputs) if n and not written[c]]
+    return plan, entry, rejects, emptied
 
 
 def _remove_stale_shards(out: Path, split: str, keep: set[str]) -> None:
@@ -108,7 +123,7 @@ def _finalize(out: Path, splits: list[str] | None) -> dict:
     # the split with the most classes first: one with some of them, planned at the same time with its own list
     # (array tasks of both at once), is then the one refused, with the way out (finalize the other alone first)
     for split in sorted(splits, key=lambda s: -len(entries[s][0]["classes"])):
-        plan, entry, rejects = entries[split]
+        plan, entry, rejects, _emptied = entries[split]
         others = sorted(set(manifest["splits"]) - {split}) if "classes" in manifest else []
         if others and manifest["classes"] != plan["classes"]:
             raise mismatch(out, split, plan["classes"], manifest["classes"], others, planned_alone=True,
@@ -130,4 +145,9 @@ def _finalize(out: Path, splits: list[str] | None) -> dict:
     manifest["options"] = {k: v for k, v in opts[0].items() if all(k in o and o[k] == v for o in opts[1:])}
     ordered = {k: manifest[k] for k in ("version", "source", "options", "classes", "class_names", "splits")}
     write_json_atomic(out / MANIFEST_NAME, ordered)
+    for split in splits:  # a class gone from a split: its images were all rejected (a folder of HEIC photos)
+        for name, n in entries[split][3]:
+            print(f"data_prep: warning: split {split!r}: every input of class {name!r} was rejected "
+                  f"({plural(n, 'file')}; {out / REJECTS_NAME} says why), so the split has no sample of it",
+                  file=sys.stderr)
     return ordered

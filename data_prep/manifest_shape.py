@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Collection
 
-from .record_fields import COUNT, first_problem, shown
+from .record_fields import COUNT, KINDS, first_problem, shown
 
 # top level (the version is checked first, on its own); `class_names` and `options` are rewritten by every
 # finalize, and only type-checked
@@ -63,6 +63,10 @@ def entry_problem(split: str, entry: object) -> str | None:
     total = sum(shard["samples"] for shard in entry["shards"])
     if entry["samples"] != total:  # `launch status` and the summary say it; the loaders count the shards'
         return f"field '{where}.samples' is {entry['samples']}, not the sum of its shards' samples ({total})"
+    counts = entry.get("class_counts")  # optional: a finalize of before 2026-12-07 wrote none
+    if counts is not None and not (isinstance(counts, list) and all(KINDS[COUNT](n) for n in counts)
+                                   and sum(counts) == total):
+        return f"field '{where}.class_counts' is {shown(counts)}, not a count per class adding up to {total}"
     return None
 
 

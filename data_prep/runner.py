@@ -97,11 +97,14 @@ def build_shard(out: Path, job: ShardJob, opts: EncodeOptions) -> tuple[dict, bo
         raise PrepError(f"{Path(out) / name}: cannot write shard: {exc.strerror or exc}") from None
     rejects = []
     sources = []
+    planned: dict[int, int] = {}  # per label: the shard's inputs, and those written (finalize's per-class counts)
+    written: dict[int, int] = {}
     handles: dict = {}
     pending_n = pending_b = 0
     try:
         for index, display, ref, label in entries:
             key = sample_key(job.split, index)
+            planned[label] = planned.get(label, 0) + 1
             try:
                 data = read_ref(ref, handles)
             except OSError as exc:
@@ -115,6 +118,7 @@ def build_shard(out: Path, job: ShardJob, opts: EncodeOptions) -> tuple[dict, bo
             if reason is None:
                 writer.add(key, jpeg, label)
                 sources.append([key, display])
+                written[label] = written.get(label, 0) + 1
             else:
                 rejects.append({"path": display, "reason": reason})
             pending_n += 1
@@ -135,7 +139,8 @@ def build_shard(out: Path, job: ShardJob, opts: EncodeOptions) -> tuple[dict, bo
     _count(pending_n, pending_b)
     rec = {"name": name, "index": idx, "samples": writer.samples, "bytes": nbytes, "sha256": sha,
            "index_sha256": file_sha256(Path(out) / idx),
-           "plan_hash": job.plan_hash, "planned": len(entries), "rejects": rejects, "sources": sources}
+           "plan_hash": job.plan_hash, "planned": len(entries), "rejects": rejects, "sources": sources,
+           "labels": [[label, planned[label], written.get(label, 0)] for label in sorted(planned)]}
     write_json_atomic(done_record_path(out, job.split, name), rec)
     return rec, False
 

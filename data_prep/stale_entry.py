@@ -78,7 +78,7 @@ def why_stale(out: Path, split: str, entry: object, older: Collection[str] = ())
     if why:
         return "; ".join(why)
     try:
-        _plan, now, _rejects = split_entry(out, split)
+        _plan, now, _rejects, _emptied = split_entry(out, split)
     except PrepError as exc:  # done-records that do not add up to the plan's inputs
         return str(exc)
     if now["shards"] != entry["shards"]:

@@ -624,3 +624,49 @@ def test_finalize_on_a_read_only_out_is_one_line_naming_the_file(tmp_path):
     assert r.returncode == 2 and r.stderr == (f"python -m data_prep: error: {ro / '.work' / 'manifest.lock'}: cannot "
                                               f"write: Read-only file system\n"), r.stderr
     assert not (out / "manifest.json").exists()
+
+
+def test_a_class_whose_every_input_is_rejected_is_said_and_counted(tmp_path, capsys):
+    """A class folder of files PIL cannot read (phone photos in HEIC): every one went to rejects.jsonl and the
+    class was left with no sample, said by nothing but the reject count. finalize now warns, naming it, and the
+    manifest counts each split's samples per class (`class_counts`); a val split with some of the classes
+    (none of the others' inputs) is no such warning."""
+    src, val, out = tmp_path / "src", tmp_path / "val", tmp_path / "o"
+    write_imagefolder(src, ["ant", "bee"], per_class=3)
+    (src / "cow").mkdir()
+    for i in range(2):
+        (src / "cow" / f"IMG_{i}.HEIC").write_bytes(b"\0\0\0\x18ftypheic" + bytes(64))
+    assert main(["imagefolder", str(src), str(out), "--split", "train", "--samples-per-shard", "2",
+                 "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert (f"data_prep: warning: split 'train': every input of class 'cow' was rejected (2 files; "
+            f"{out / 'rejects.jsonl'} says why), so the split has no sample of it") in err, err
+    manifest = load_manifest(out)
+    assert manifest["classes"] == ["ant", "bee", "cow"] and manifest["splits"]["train"]["class_counts"] == [3, 3, 0]
+    # the shard of the two HEIC files has no sample, and finalize removed its empty tar: a second finalize (or a
+    # rerun's) said it was "not done" and stopped
+    assert main(["finalize", str(out), "--splits", "train"]) == 0 and load_manifest(out) == manifest
+    assert main(["imagefolder", str(src), str(out), "--split", "train", "--samples-per-shard", "2",
+                 "--no-progress"]) == 0
+    assert "train: 4 of 4 shards were complete from an earlier run and kept, 0 built" in capsys.readouterr().err
+    write_imagefolder(val, ["bee"], per_class=2, seed=1)
+    assert main(["imagefolder", str(val), str(out), "--split", "val", "--no-progress"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert load_manifest(out)["splits"]["val"]["class_counts"] == [0, 2, 0]
+
+    # done-records of before the counts: no class_counts, no warning; a count that does not add up is a broken
+    # record, named
+    for rec_path in (out / ".work" / "train").glob("*.tar.json"):
+        rec = json.loads(rec_path.read_text())
+        del rec["labels"]
+        rec_path.write_text(json.dumps(rec))
+    assert main(["finalize", str(out)]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert "class_counts" not in load_manifest(out)["splits"]["train"]
+    rec_path = out / ".work" / "val" / "val-000000.tar.json"
+    rec = json.loads(rec_path.read_text())
+    rec["labels"] = [[1, 2, 1]]
+    rec_path.write_text(json.dumps(rec))
+    assert main(["finalize", str(out)]) == 2
+    assert (f"{rec_path}: done-record field 'labels' counts 1 samples written, field 'samples' 2 (edited by hand?); "
+            f"rerun the prep command") in capsys.readouterr().err
