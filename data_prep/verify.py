@@ -15,7 +15,7 @@ import struct
 from pathlib import Path
 
 from .columns_file import columns_problem
-from .format import INDEX_VERSION, SAMPLE_EXTS, ManifestError, index_of_entry, load_manifest, read_index
+from .format import INDEX_VERSION, MANIFEST_NAME, SAMPLE_EXTS, ManifestError, index_of_entry, load_manifest, read_index
 from .rejects_file import count_problems
 from .runner import map_in_processes
 from .shardwriter import file_sha256
@@ -24,6 +24,18 @@ from pipeline.wording import plural
 
 def verify_shard(out: Path, split: str, shard: dict, n_classes: int, decode: int) -> list[str]:
     """Problems found in one shard (empty list when it is sound)."""
+    return shard_findings(out, split, shard, n_classes, decode)[0]
+
+
+def shard_findings(out: Path, split: str, shard: dict, n_classes: int,
+                   decode: int) -> tuple[list[str], list[int] | None]:
+    """(problems, samples per class read from its labels; None where they were not all read)."""
+    counts: list[int] | None = [0] * n_classes
+    problems = _check_shard(out, split, shard, n_classes, decode, counts)
+    return problems, counts if not problems else None
+
+
+def _check_shard(out: Path, split: str, shard: dict, n_classes: int, decode: int, counts: list[int]) -> list[str]:
     from PIL import Image
 
     tar = Path(out) / shard["name"]
@@ -73,6 +85,8 @@ def verify_shard(out: Path, split: str, shard: dict, n_classes: int, decode: int
             if len(lbl) != 4 or not cls.isdigit() or int(cls) != struct.unpack("<i", lbl)[0] \
                     or not 0 <= int(cls) < n_classes:
                 problems.append(f"{where}: sample {i} has inconsistent labels cls={cls!r} lbl={lbl!r}")
+            else:
+                counts[int(cls)] += 1
             if changed or (step and i % step == 0 and i // step < decode):
                 f.seek(entry["jpg"][0])
                 try:
@@ -109,8 +123,8 @@ def index_of_tar(tar: Path) -> list[str] | None:
     return [f"{INDEX_VERSION} {len(samples)}\n"] + [" ".join(s) + "\n" for s in samples]
 
 
-def _star(args) -> list[str]:
-    return verify_shard(*args)
+def _star(args) -> tuple[list[str], list[int] | None]:
+    return shard_findings(*args)
 
 
 def verify(out: str | Path, decode: int = 4, workers: int = 1) -> list[str]:
@@ -127,8 +141,19 @@ def verify(out: str | Path, decode: int = 4, workers: int = 1) -> list[str]:
                                         doing="verifying shards"))
     else:
         results = [_star(j) for j in jobs]
-    for r in results:
-        problems.extend(r)
+    per_split: dict[str, list[int] | None] = {}
+    for (_out, split, *_rest), (found, counts) in zip(jobs, results):
+        problems.extend(found)
+        total = per_split.setdefault(split, [0] * len(manifest["classes"]))
+        per_split[split] = None if total is None or counts is None else [a + b for a, b in zip(total, counts)]
+    for split, entry in manifest["splits"].items():  # a shard with problems is said already: its counts are not
+        got, recorded = per_split.get(split, [0] * len(manifest["classes"])), entry.get("class_counts")
+        if got is not None and recorded is not None and got != recorded:
+            wrong = next(c for c in range(len(got)) if c >= len(recorded) or got[c] != recorded[c])
+            problems.append(f"{out / MANIFEST_NAME}: splits.{split}.class_counts says "
+                            f"{recorded[wrong] if wrong < len(recorded) else 'nothing'} for class "
+                            f"{manifest['classes'][wrong]!r}, the shards' labels {got[wrong]} (edited by hand?); "
+                            f"`python -m data_prep finalize {out}` writes it again")
     for split, entry in manifest["splits"].items():
         if (problem := columns_problem(out, split, entry)) is not None:
             problems.append(problem)

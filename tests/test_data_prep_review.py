@@ -649,6 +649,15 @@ def test_a_class_whose_every_input_is_rejected_is_said_and_counted(tmp_path, cap
     assert main(["imagefolder", str(src), str(out), "--split", "train", "--samples-per-shard", "2",
                  "--no-progress"]) == 0
     assert "train: 4 of 4 shards were complete from an earlier run and kept, 0 built" in capsys.readouterr().err
+    # verify counts the shards' labels against them
+    assert main(["verify", str(out)]) == 0
+    edited = {**manifest, "splits": {"train": {**manifest["splits"]["train"], "class_counts": [4, 2, 0]}}}
+    (out / "manifest.json").write_text(json.dumps(edited))
+    assert main(["verify", str(out)]) == 1
+    assert (f"{out / 'manifest.json'}: splits.train.class_counts says 4 for class 'ant', the shards' labels 3 "
+            f"(edited by hand?); `python -m data_prep finalize {out}` writes it again") in capsys.readouterr().err
+    assert main(["finalize", str(out)]) == 0 and main(["verify", str(out)]) == 0
+    capsys.readouterr()
     write_imagefolder(val, ["bee"], per_class=2, seed=1)
     assert main(["imagefolder", str(val), str(out), "--split", "val", "--no-progress"]) == 0
     assert "warning" not in capsys.readouterr().err
