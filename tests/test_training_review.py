@@ -379,7 +379,7 @@ def test_an_empty_validation_split_is_an_error_unless_validation_is_off(digits_s
     root = tmp_path / "shards"
     shutil.copytree(digits_shards, root)
     manifest = json.loads((root / "manifest.json").read_text())
-    manifest["splits"]["val"].update(shards=[], samples=0)
+    manifest["splits"]["val"].update(shards=[], samples=0, class_counts=[0] * len(manifest["classes"]))
     (root / "manifest.json").write_text(json.dumps(manifest))
     proc = run_cli_in_process(*_args("fit", root, tmp_path / "r", "--trainer.max_steps", "2")[1:])
     _fails_clearly(proc, 2, "the 'val' split", "has no samples", "--trainer.limit_val_batches 0")
