@@ -91,12 +91,6 @@ def _labels_problem(rec: dict) -> str | None:
     return None
 
 
-def label_counts(rec: dict) -> list[list[int]] | None:
-    """[label, inputs, written] per label of a done-record's shard; None for a record written before they were
-    kept."""
-    return rec.get("labels")
-
-
 def _broken(path: Path, shard: str, problem: str) -> BrokenRecord:
     return BrokenRecord(f"{path}: done-record {problem}; rerun the prep command: it rebuilds shard {shard} and "
                         f"writes its record again", path, problem)

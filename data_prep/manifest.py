@@ -14,7 +14,7 @@ from pipeline.wording import plural
 
 from .columns_file import columns_bytes, columns_entry, columns_name, columns_of_indexes
 from .class_list import mismatch
-from .done_records import label_counts, record_with_shard
+from .done_records import record_with_shard
 from .errors import PrepError
 from .format import (MANIFEST_NAME, MANIFEST_VERSION, PLAN_NAME, REJECTS_NAME, WORK_DIR, ManifestError,
                      load_manifest, plan_path, shard_file_pattern, work_dir)
@@ -51,7 +51,7 @@ def split_entry(out: Path, split: str) -> tuple[dict, dict, list[dict], list[tup
             missing.append(s["name"])
             continue
         rejects.extend({"split": split, "path": r["path"], "reason": r["reason"]} for r in rec["rejects"])
-        labels = label_counts(rec)
+        labels = rec.get("labels")  # [label, inputs, written]; none in a record of before 2026-12-07
         counted = counted and labels is not None
         for label, n_in, n_out in labels or []:
             if label < len(inputs):  # (a label outside the classes is the loaders' corrupt sample)

@@ -22,15 +22,11 @@ from .shardwriter import file_sha256
 from pipeline.wording import plural
 
 
-def verify_shard(out: Path, split: str, shard: dict, n_classes: int, decode: int) -> list[str]:
-    """Problems found in one shard (empty list when it is sound)."""
-    return shard_findings(out, split, shard, n_classes, decode)[0]
-
-
-def shard_findings(out: Path, split: str, shard: dict, n_classes: int,
-                   decode: int) -> tuple[list[str], list[int] | None]:
-    """(problems, samples per class read from its labels; None where they were not all read)."""
-    counts: list[int] | None = [0] * n_classes
+def verify_shard(out: Path, split: str, shard: dict, n_classes: int,
+                 decode: int) -> tuple[list[str], list[int] | None]:
+    """(problems found in one shard, empty when it is sound; its samples per class read from its labels, None
+    when it has problems)."""
+    counts = [0] * n_classes
     problems = _check_shard(out, split, shard, n_classes, decode, counts)
     return problems, counts if not problems else None
 
@@ -124,7 +120,7 @@ def index_of_tar(tar: Path) -> list[str] | None:
 
 
 def _star(args) -> tuple[list[str], list[int] | None]:
-    return shard_findings(*args)
+    return verify_shard(*args)
 
 
 def verify(out: str | Path, decode: int = 4, workers: int = 1) -> list[str]:
