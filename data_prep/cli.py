@@ -186,21 +186,30 @@ def _holdout(args, split: str, splits: list[str] | None = None):
     return Holdout(size, split, check_names(split, args.holdout_split, reserved), args.seed)
 
 
-def _summary(manifest: dict | None, splits: list[str], out: Path, finalize_queued: bool = False) -> None:
-    """The manifest's count per split; an array task (no manifest yet) says what merges its shards."""
+def _summary(manifest: dict | None, splits: list[str], out: Path, finalize_queued: bool = False) -> int:
+    """The manifest's count per split; an array task (no manifest yet) says what merges its shards. The exit
+    status: 1 where a split has no sample because every input was rejected (a folder of HEIC photos), so a
+    Slurm job of it ends FAILED, not COMPLETED with nothing to train on; the manifest still lists it."""
     if manifest is None:
         if finalize_queued:
             print("the queued finalize job writes the manifest once every array task succeeded", file=sys.stderr)
         else:
             print(f"after all tasks finish, run `python -m data_prep finalize {shlex.quote(str(out))} --splits "
                   f"{','.join(splits)}`", file=sys.stderr)
-        return
+        return 0
     for s in splits:
         e = manifest["splits"][s]
         where = f" (why: {out / REJECTS_NAME})" if e["rejected"] else ""
         print(f"{s}: {plural(e['samples'], 'sample')} in {plural(len(e['shards']), 'shard')}, {e['rejected']} rejected"
               f"{where}")
     _said_read_failures(out, splits)
+    empty = [s for s in splits if manifest["splits"][s]["samples"] == 0 and manifest["splits"][s]["rejected"]]
+    for s in empty:
+        n = manifest["splits"][s]["rejected"]
+        inputs = "its one input was" if n == 1 else f"all {n} of its inputs were"
+        print(f"python -m data_prep: error: split {s!r} has no sample: {inputs} rejected ({out / REJECTS_NAME} "
+              f"says why); the manifest lists it with 0 samples, which training refuses", file=sys.stderr)
+    return 1 if empty else 0
 
 
 def _said_read_failures(out: Path, splits: list[str]) -> None:
@@ -282,8 +291,7 @@ def run(argv: list[str] | None = None) -> int:
             parts = [SplitPart(split, rest, record), SplitPart(holdout.holdout_split, held, record)]
         m = prepare_splits(args.out, parts, str(args.src.resolve()), opts, args.seed, shard_bytes,
                            args.samples_per_shard, workers, ti, nt, show_progress=not args.no_progress)
-        _summary(m, [p.split for p in parts], args.out, args.finalize_queued)
-        return 0
+        return _summary(m, [p.split for p in parts], args.out, args.finalize_queued)
     if args.cmd == "imagenet":
         from .imagenet import prepare_imagenet
 
@@ -294,8 +302,7 @@ def run(argv: list[str] | None = None) -> int:
                              workers, ti, nt, devkit=args.devkit, val_csv=args.val_csv,
                              show_progress=not args.no_progress, holdout=holdout, on_holdout=_said_holdout)
         written = splits if holdout is None else [*splits, holdout.holdout_split]
-        _summary(m, written, args.out, args.finalize_queued)
-        return 0
+        return _summary(m, written, args.out, args.finalize_queued)
     if args.cmd == "finalize":
         from .holdout import with_partners
         from .manifest import finalize
@@ -305,8 +312,7 @@ def run(argv: list[str] | None = None) -> int:
         splits = [s.strip() for s in args.splits.split(",")] if args.splits else None
         splits = with_partners(args.out, splits) if splits is not None else None  # a hold-out's other side too
         m = finalize(args.out, splits)
-        _summary(m, list(m["splits"]) if splits is None else splits, args.out)
-        return 0
+        return _summary(m, list(m["splits"]) if splits is None else splits, args.out)
     if args.cmd == "verify":
         from .verify import verify
 

@@ -679,3 +679,29 @@ def test_a_class_whose_every_input_is_rejected_is_said_and_counted(tmp_path, cap
     assert main(["finalize", str(out)]) == 2
     assert (f"{rec_path}: done-record field 'labels' counts 1 samples written, field 'samples' 2 (edited by hand?); "
             f"rerun the prep command") in capsys.readouterr().err
+
+
+def test_a_split_whose_every_input_is_rejected_ends_with_an_error(tmp_path, capsys):
+    """A val folder of HEIC photos only: the split was written with 0 samples and the command (so the Slurm job
+    of it) exited 0, COMPLETED with nothing to validate on. Now it names the split and exits 1; the manifest
+    still lists it (and train, untouched), and a rerun once the photos are readable ends well."""
+    src, out = tmp_path / "src", tmp_path / "o"
+    write_imagefolder(src / "train", ["ant", "bee"], per_class=3)
+    for name in ("ant", "bee"):
+        (src / "val" / name).mkdir(parents=True)
+        (src / "val" / name / "IMG_0.HEIC").write_bytes(b"\0\0\0\x18ftypheic" + bytes(64))
+    assert main(["imagefolder", str(src / "train"), str(out), "--split", "train", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["imagefolder", str(src / "val"), str(out), "--split", "val", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert (f"python -m data_prep: error: split 'val' has no sample: all 2 of its inputs were rejected "
+            f"({out / 'rejects.jsonl'} says why); the manifest lists it with 0 samples, which training refuses"
+            in err), err
+    manifest = load_manifest(out)
+    assert (manifest["splits"]["val"]["samples"], manifest["splits"]["train"]["samples"]) == (0, 6)
+    assert main(["finalize", str(out)]) == 1 and "split 'val' has no sample" in capsys.readouterr().err
+    assert main(["finalize", str(out), "--splits", "train"]) == 0 and "no sample" not in capsys.readouterr().err
+    shutil.rmtree(src / "val")
+    write_imagefolder(src / "val", ["ant", "bee"], per_class=1, seed=4)
+    r = run_cli("imagefolder", str(src / "val"), str(out), "--split", "val", "--no-progress")
+    assert r.returncode == 0 and "val: 2 samples in 1 shard, 0 rejected\n" in r.stdout, r.stdout + r.stderr
