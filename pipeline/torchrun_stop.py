@@ -20,7 +20,8 @@ collective: the others waited for it in the group's start-up (gloo's 30 minutes,
 the rendezvous). And a rank of another node in an NCCL collective does not notice a peer's end: it waits for it
 until the collective's timeout (30 minutes). ``watch_the_error_file`` has each rank look for the error file of its
 round for the whole run; a rank that finds it, and has not ended by itself, says so in one line and stops its
-agent."""
+agent. One rank per node watches (local rank 0): stopping the agent stops every rank of the node, and 1,024 ranks
+polling one file on a shared file system every few seconds is load its metadata server need not carry."""
 
 from __future__ import annotations
 
@@ -67,10 +68,11 @@ def a_peer_ended() -> None:
 
 
 def watch_the_error_file(env: Mapping[str, str] = os.environ) -> threading.Event | None:
-    """Under torchrun with ``ERROR_FILE_ENV`` set: a thread that reads the error file until the returned event is
-    set (``python -m pipeline``'s end). A record of another rank of this round means that rank ended with its
-    ``error:`` line and its agent starts no new round: this rank prints one line naming it, stops its own agent
-    and exits 1 (its main thread is in a call that no signal interrupts).
+    """Under torchrun with ``ERROR_FILE_ENV`` set, on local rank 0: a thread that reads the error file until the
+    returned event is set (``python -m pipeline``'s end). A record of another rank of this round means that rank
+    ended with its ``error:`` line and its agent starts no new round: this rank prints one line naming it, stops
+    its own agent (and so the node's other ranks) and exits 1 (its main thread is in a call that no signal
+    interrupts).
 
     * Before this rank's process group has formed (once a second): at once. The main thread waits in the
       group's start-up for a rank that refused its start (a ``data.root`` one node lacks); nothing was trained.
@@ -79,8 +81,8 @@ def watch_the_error_file(env: Mapping[str, str] = os.environ) -> threading.Event
       its own line; NCCL's collectives wait for the peer until their timeout (30 minutes), and a rank busy outside
       them for that long (a slow save) is left to finish first."""
     path = env.get(ERROR_FILE_ENV, "")
-    if not path or not env.get("TORCHELASTIC_RUN_ID"):
-        return None
+    if not path or not env.get("TORCHELASTIC_RUN_ID") or env.get("LOCAL_RANK", "0") != "0":
+        return None  # local rank 0's stop of the agent stops this rank too
     done = threading.Event()
     this_round, me = _round(env), env.get("RANK")
 

@@ -527,6 +527,11 @@ def test_a_rank_waiting_for_its_group_stops_on_an_error_file_of_this_round_only(
            torchrun_stop.ERROR_FILE_ENV: str(error_file)}
     assert torchrun_stop.watch_the_error_file({k: v for k, v in env.items()
                                                        if k != torchrun_stop.ERROR_FILE_ENV}) is None
+    # one watcher per node: local rank 0's stop of the agent stops the node's other ranks
+    assert torchrun_stop.watch_the_error_file({**env, "LOCAL_RANK": "1"}) is None
+    local_rank_0 = torchrun_stop.watch_the_error_file({**env, "LOCAL_RANK": "0"})
+    assert local_rank_0 is not None
+    local_rank_0.set()
 
     done = torchrun_stop.watch_the_error_file(env)
     error_file.write_text('{"rank": "1", "status": 2, "round": "abc node0:3999"}\n')  # an earlier round's
