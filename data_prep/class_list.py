@@ -4,7 +4,9 @@ A split whose class folders are some of the classes of the splits already in OUT
 without a rare class) is labelled by their list, in their order, and a ``note:`` line names the missing
 classes; alone its own sorted names would have moved the labels of every class after the missing one. Any
 other difference is an error naming the classes that differ and the order that works: the split with every
-class first, then the others.
+class first, then the others. Except where array tasks of that split began before the others were listed
+(array tasks of both at once, the smaller finished first): it keeps its own list, with a warning, and once it
+is finalized the manifest no longer lists theirs (``manifest.finalize``); their commands run again relabel them.
 """
 from __future__ import annotations
 
@@ -22,17 +24,28 @@ from .inputs import LabelledItems
 
 
 def follow_classes(out: Path, split: str, scan: Scan, classes: list[str], class_names: list[str],
-                   others: list[str]) -> Scan:
+                   others: list[str], planned: list[str] | None = None) -> Scan:
     """`scan` labelled by `classes` (those of the splits `others` already in OUT) when its classes are some
-    of them; a PrepError naming the difference otherwise."""
+    of them; a PrepError naming the difference otherwise. `planned`: the classes of this split's plan record
+    in OUT/.work, if any: where they are the scan's, more than the others', the split's array tasks began
+    before the others were listed (array tasks of both at once, the smaller finished first), and the split
+    keeps them: finalize lists it and unlists the others, whose reruns relabel them."""
     if scan.classes == classes:
+        return scan
+    if set(scan.classes) > set(classes) and planned == scan.classes:
+        it, its = ("it", "its") if len(others) == 1 else ("them", "their")
+        print(f"data_prep: warning: split {split!r} has {len(scan.classes)} classes, {splits_named(others)} "
+              f"{len(classes)} ({class_diff(scan.classes, classes)}), labelled by {its} shorter list: once this "
+              f"split is finalized, {out / MANIFEST_NAME} no longer lists {it}; then run the data_prep command of "
+              f"{splits_named(others)} again: {its} labels then follow this split's classes (shards are rebuilt "
+              f"where a label changes)", file=sys.stderr)
         return scan
     if not set(scan.classes) < set(classes):
         raise mismatch(out, split, scan.classes, classes, others)
     index = {c: i for i, c in enumerate(classes)}
     missing = [c for c in classes if c not in set(scan.classes)]
     print(f"data_prep: note: split {split!r} has {len(scan.classes)} of the {len(classes)} classes of "
-          f"{_splits(others)} (none of {_first(missing)}); its labels follow their list", file=sys.stderr)
+          f"{splits_named(others)} (none of {first_names(missing)}); its labels follow their list", file=sys.stderr)
     return replace(scan, classes=list(classes), class_names=list(class_names),
                    items=_relabelled(scan.items, [index[c] for c in scan.classes]))
 
@@ -43,28 +56,26 @@ def mismatch(out: Path, split: str, new: list[str], old: list[str], others: list
     `planned_alone`: at finalize, `split` was planned before `others` were in the manifest (array tasks of
     several splits at once), so its labels count its own list even where it is a subset of theirs;
     `finalize_first`: those of `others` that this finalize was writing too."""
-    where = f"{out / MANIFEST_NAME}: split {split!r} has {len(new)} classes, {_splits(others)} {len(old)}"
+    where = f"{out / MANIFEST_NAME}: split {split!r} has {len(new)} classes, {splits_named(others)} {len(old)}"
     if set(new) < set(old) and planned_alone:
         first = (f"finalize {'it' if len(finalize_first) == 1 else 'them'} alone (`python -m data_prep finalize "
                  f"{shlex.quote(str(out))} --splits {','.join(finalize_first)}`), then " if finalize_first else "")
         return PrepError(
-            f"{where} ({_diff(new, old)}): it was planned before "
+            f"{where} ({class_diff(new, old)}): it was planned before "
             f"{'that split was' if len(others) == 1 else 'they were'} "
             f"in the manifest (array tasks of several splits at once?), so its labels count its own "
             f"{len(new)} classes and would not match; {first}run the data_prep command of split {split!r} again: "
             f"its labels then follow their classes (its shards are rebuilt)")
     if set(new) > set(old):
-        again = (f"`python -m data_prep finalize {shlex.quote(str(out))} --splits {split}`" if planned_alone else
-                 "run this command again")
         return PrepError(
-            f"{where} ({_diff(new, old)}), labelled by their own shorter list, so their labels would not match "
+            f"{where} ({class_diff(new, old)}), labelled by their own shorter list, so their labels would not match "
             f"this split's; the split with every class goes first, then the others, whose labels then follow its "
             f"classes: remove {out / MANIFEST_NAME} (data_prep writes it again from what {out / WORK_DIR} "
-            f"records), {again}, then run the data_prep command of {_splits(others)} again (their shards are "
-            f"rebuilt)")
+            f"records), run this command again, then run the data_prep command of {splits_named(others)} again "
+            f"(their shards are rebuilt)")
     return PrepError(
-        f"{where} ({_diff(new, old)}), so its labels would not match theirs; give every split the same class "
-        f"folders (an empty folder does not count; a split with some of the classes of those already in OUT "
+        f"{where} ({class_diff(new, old)}), so its labels would not match theirs; give every split the same "
+        f"class folders (an empty folder does not count; a split with some of the classes of those already in OUT "
         f"takes their list), or use another OUT for a separate dataset")
 
 
@@ -77,19 +88,19 @@ def _relabelled(items: Sequence, label_of: list[int]) -> Sequence:
     return [(disp, ref, label_of[label]) for disp, ref, label in items]
 
 
-def _splits(names: list[str]) -> str:
+def splits_named(names: list[str]) -> str:
     return f"split {names[0]!r}" if len(names) == 1 else f"splits {names}"
 
 
-def _first(names: list[str]) -> str:
+def first_names(names: list[str]) -> str:
     return f"{names[:5]}" + (f" (+{len(names) - 5} more)" if len(names) > 5 else "")
 
 
-def _diff(new: list[str], old: list[str]) -> str:
+def class_diff(new: list[str], old: list[str]) -> str:
     """Which class names differ (the first few), so the user can find the folder at fault."""
     only_new, only_old = sorted(set(new) - set(old)), sorted(set(old) - set(new))
     if not only_new and not only_old:
         return "same names, different order"
-    parts = ([f"only in this split: {_first(only_new)}"] if only_new else []) + \
-        ([f"only in the existing: {_first(only_old)}"] if only_old else [])
+    parts = ([f"only in this split: {first_names(only_new)}"] if only_new else []) + \
+        ([f"only in the existing: {first_names(only_old)}"] if only_old else [])
     return ", ".join(parts)

@@ -13,7 +13,7 @@ from pathlib import Path
 from pipeline.wording import plural
 
 from .columns_file import columns_bytes, columns_entry, columns_name, columns_of_indexes
-from .class_list import mismatch
+from .class_list import first_names, mismatch, splits_named
 from .done_records import record_with_shard
 from .errors import PrepError
 from .format import (MANIFEST_NAME, MANIFEST_VERSION, PLAN_NAME, REJECTS_NAME, WORK_DIR, ManifestError,
@@ -120,14 +120,22 @@ def _finalize(out: Path, splits: list[str] | None) -> dict:
     old_rejects = read_rejects(rej_path)
     new_rejects = []
     entries = {split: split_entry(out, split) for split in splits}
+    unlisted: list[tuple[str, list[str], list[str]]] = []  # (bigger split, splits taken out, their classes)
     # the split with the most classes first: one with some of them, planned at the same time with its own list
     # (array tasks of both at once), is then the one refused, with the way out (finalize the other alone first)
     for split in sorted(splits, key=lambda s: -len(entries[s][0]["classes"])):
         plan, entry, rejects, _emptied = entries[split]
         others = sorted(set(manifest["splits"]) - {split}) if "classes" in manifest else []
         if others and manifest["classes"] != plan["classes"]:
-            raise mismatch(out, split, plan["classes"], manifest["classes"], others, planned_alone=True,
-                           finalize_first=[o for o in others if o in splits])
+            if set(plan["classes"]) > set(manifest["classes"]):
+                # planned before they were listed (``class_list.follow_classes``: array tasks of both at once, the
+                # smaller finished first): this split (hours of work behind it) is listed, their reruns relabel them
+                unlisted.append((split, others, manifest["classes"]))
+                for other in others:
+                    del manifest["splits"][other]
+            else:
+                raise mismatch(out, split, plan["classes"], manifest["classes"], others, planned_alone=True,
+                               finalize_first=[o for o in others if o in splits])
         manifest["classes"] = plan["classes"]
         manifest["class_names"] = plan["class_names"]
         manifest["source"] = plan["source"]
@@ -136,7 +144,7 @@ def _finalize(out: Path, splits: list[str] | None) -> dict:
         manifest["splits"][split] = entry
         new_rejects.extend(rejects)
         _remove_stale_shards(out, split, {s["name"] for s in entry["shards"]} | {s["index"] for s in entry["shards"]})
-    kept = [r for r in old_rejects if r.get("split") not in splits]
+    kept = [r for r in old_rejects if r.get("split") not in splits]  # an unlisted split's: its rerun rewrites them
     write_text_atomic(rej_path, "".join(json.dumps(r, ensure_ascii=True) + "\n" for r in kept + new_rejects))
     manifest["splits"] = dict(sorted(manifest["splits"].items()))
     # top level: what every split shares (it was the split written last: a passthrough test split made a
@@ -145,6 +153,12 @@ def _finalize(out: Path, splits: list[str] | None) -> dict:
     manifest["options"] = {k: v for k, v in opts[0].items() if all(k in o and o[k] == v for o in opts[1:])}
     ordered = {k: manifest[k] for k in ("version", "source", "options", "classes", "class_names", "splits")}
     write_json_atomic(out / MANIFEST_NAME, ordered)
+    for by, others, classes in unlisted:
+        its, more = "its" if len(others) == 1 else "their", first_names(sorted(set(ordered["classes"]) - set(classes)))
+        print(f"data_prep: warning: {out / MANIFEST_NAME} no longer lists {splits_named(others)}: labelled by {its} "
+              f"own {len(classes)} classes, which split {by!r} extends (with {more}), so "
+              f"{its} labels would not match; run the data_prep command of {splits_named(others)} again: {its} "
+              f"labels then follow the manifest's classes (shards are rebuilt where a label changes)", file=sys.stderr)
     for split in splits:  # a class gone from a split: its images were all rejected (a folder of HEIC photos)
         for name, n in entries[split][3]:
             print(f"data_prep: warning: split {split!r}: every input of class {name!r} was rejected "

@@ -16,6 +16,7 @@ from .manifest import finalize, write_plan_record
 from .manifest_lock import manifest_lock
 from .older_plans import built_before_mtimes, why_rebuilt
 from .plan import ShardJob, plan_shards
+from .plan_record import BrokenPlan, read_plan
 from .runner import run_jobs, write_json_atomic
 from .stale_entry import why_stale
 from .validate import EncodeOptions
@@ -52,7 +53,8 @@ def prepare_splits(out: Path, parts: list[SplitPart], source: str, opts: EncodeO
         others = sorted(set(existing["splits"]) - set(names))
         if others:  # a split with some of their classes takes their list; any other difference is refused
             parts = [replace(p, scan=follow_classes(out, p.split, p.scan, existing["classes"],
-                                                    existing["class_names"], others)) for p in parts]
+                                                    existing["class_names"], others, _planned_classes(out, p.split)))
+                     for p in parts]
     out.mkdir(parents=True, exist_ok=True)
     planned = [(p.split, plan_split(out, p.split, source, p.scan, opts, seed, shard_bytes, samples_per_shard,
                                     p.split_source, holdout=p.holdout)) for p in parts]
@@ -73,6 +75,15 @@ def prepare_splits(out: Path, parts: list[SplitPart], source: str, opts: EncodeO
         are = "is" if mine_n == 1 else "are"
         print(f"{label}: this task's {mine_n} of the split's {plural(jobs_n, 'shard')} {are} done", file=sys.stderr)
     return None
+
+
+def _planned_classes(out: Path, split: str) -> list[str] | None:
+    """The classes of `split`'s plan record in OUT/.work, if it has a sound one (its array's earlier tasks')."""
+    try:
+        plan = read_plan(out, split)
+    except BrokenPlan:
+        return None
+    return None if plan is None else plan["classes"]
 
 
 def _unlist_changing_splits(out: Path, planned: list[tuple[str, list[ShardJob]]],

@@ -12,6 +12,7 @@ import pytest
 from data_prep.cli import main
 from data_prep.format import load_manifest
 from pipeline.data.shards import ShardSet
+from pipeline.errors import ConfigError
 from tests.conftest import REPO, arguments_without_help, unavailable_here
 from tests.fixtures_images import write_imagefolder
 
@@ -288,8 +289,9 @@ def test_array_tasks_of_a_split_with_some_of_the_classes_are_refused_at_finalize
     assert sorted(ShardSet(out, "test").labels().tolist()) == [0, 0, 2, 2]
     assert sorted(folder_of_each_sample(out, "test", files)) == [("ant", "ant")] * 2 + [("cat", "cat")] * 2
 
-    # the smaller split's finalize job ran first (its own list is in the manifest): train's is refused, and the
-    # way out it gives ends with both splits labelled by train's list
+    # the smaller split's finalize job ran first (its own list is in the manifest), as it does when both arrays run
+    # at once: train's finalize (its work done) was refused, with a three-step way out. Now it lists train and
+    # unlists test, saying so; test's command run again relabels it
     other = tmp_path / "other"
     for folder, split in ((val, "test"), (src, "train")):
         for task in ("0", "1"):
@@ -297,17 +299,50 @@ def test_array_tasks_of_a_split_with_some_of_the_classes_are_refused_at_finalize
                          "--task-index", task, "--num-tasks", "2", "--no-progress"]) == 0
     assert main(["finalize", str(other), "--splits", "test"]) == 0
     capsys.readouterr()
-    assert main(["finalize", str(other), "--splits", "train"]) == 2
-    err = capsys.readouterr().err
-    assert f"remove {other / 'manifest.json'} (data_prep writes it again from what {other / '.work'} records), " \
-           f"`python -m data_prep finalize {other} --splits train`, then run the data_prep command of split " \
-           f"'test'" in err
-    (other / "manifest.json").unlink()
     assert main(["finalize", str(other), "--splits", "train"]) == 0
+    err = capsys.readouterr().err
+    assert (f"data_prep: warning: {other / 'manifest.json'} no longer lists split 'test': labelled by its own 2 "
+            f"classes, which split 'train' extends (with ['bee']), so its labels would not match; run the data_prep "
+            f"command of split 'test' again: its labels then follow the manifest's classes (shards are rebuilt where "
+            f"a label changes)") in err, err
+    assert sorted(load_manifest(other)["splits"]) == ["train"]
     assert main(["imagefolder", str(val), str(other), "--split", "test", "--samples-per-shard", "1",
                  "--no-progress"]) == 0
     assert sorted(folder_of_each_sample(other, "test", files)) == [("ant", "ant")] * 2 + [("cat", "cat")] * 2
     assert load_manifest(other)["classes"] == ["ant", "bee", "cat"]
+
+
+def test_a_bigger_split_whose_array_began_before_a_smaller_one_was_listed_goes_on(tmp_path, capsys):
+    """Two arrays at once, train's throttled (`--array=0-1%1`): its task 0 planned train with its 3 classes,
+    then val's array and finalize listed val with its 2, then train's task 1 started. It was refused (train's
+    finalize job never ran, its work stranded); now it goes on with train's own plan, saying what follows, and
+    train's finalize unlists val. A split with more classes that no array task of it planned before is still
+    refused (test_a_split_with_some_of_the_classes_takes_the_list_already_in_out)."""
+    src, val, out = tmp_path / "src", tmp_path / "val", tmp_path / "o"
+    write_imagefolder(src, ["ant", "bee", "cat"], per_class=2)
+    files = write_imagefolder(val, ["ant", "cat"], per_class=2, seed=1)
+
+    def task(folder: Path, split: str, index: int) -> int:
+        return main(["imagefolder", str(folder), str(out), "--split", split, "--samples-per-shard", "1",
+                     "--task-index", str(index), "--num-tasks", "2", "--no-progress"])
+
+    assert task(src, "train", 0) == 0
+    assert task(val, "val", 0) == 0 and task(val, "val", 1) == 0 and main(["finalize", str(out)]) == 2  # train unfinished
+    assert main(["finalize", str(out), "--splits", "val"]) == 0
+    capsys.readouterr()
+    assert task(src, "train", 1) == 0
+    assert (f"data_prep: warning: split 'train' has 3 classes, split 'val' 2 (only in this split: ['bee']), labelled "
+            f"by its shorter list: once this split is finalized, {out / 'manifest.json'} no longer lists it; then run "
+            f"the data_prep command of split 'val' again: its labels then follow this split's classes (shards are "
+            f"rebuilt where a label changes)") in capsys.readouterr().err
+    assert main(["finalize", str(out), "--splits", "train"]) == 0
+    assert sorted(load_manifest(out)["splits"]) == ["train"]
+    with pytest.raises(ConfigError, match="split 'val' is not in .*data_prep has not finished it"):
+        ShardSet(out, "val")
+    assert main(["imagefolder", str(val), str(out), "--split", "val", "--samples-per-shard", "1",
+                 "--no-progress"]) == 0
+    assert sorted(folder_of_each_sample(out, "val", files)) == [("ant", "ant")] * 2 + [("cat", "cat")] * 2
+    assert main(["verify", str(out)]) == 0
 
 
 def test_a_hold_out_from_a_split_with_some_of_the_classes_follows_the_list_too(tmp_path, capsys):
