@@ -74,8 +74,17 @@ def describe(out: Path) -> list[str]:
     doc, broken = _manifest(out)
     if doc is None:
         why = broken or "not yet: the finalize job writes it once every array task succeeded"
+        if not broken and splits and all(p.planned is not None and p.done == p.planned for p in splits):
+            why = (f"not yet, though every shard is built: the finalize job writes it (where it failed or was "
+                   f"cancelled, `python -m data_prep finalize {out}` writes it or says why)")
         return lines + [f"manifest     {why}"]
     when = _dt.datetime.fromtimestamp(manifest.stat().st_mtime, _dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
     held = ", ".join(f"{p.split} {plural(p.samples, 'sample', grouped=True)} ({p.rejected or 0} rejected)"
                      for p in splits if p.samples is not None)
+    # every shard built, yet not listed: its finalize failed or has not run, or a bigger split's finalize took it
+    # out (its labels followed its own shorter class list); finalize lists it or says why
+    unlisted = [p.split for p in splits if p.samples is None and p.planned is not None and p.done == p.planned]
+    if unlisted:
+        held += (f"; not listed: {', '.join(unlisted)}, whose shards are all built (`python -m data_prep finalize "
+                 f"{out} --splits {','.join(unlisted)}` lists {'it' if len(unlisted) == 1 else 'them'} or says why)")
     return lines + [f"manifest     {manifest} ({when}): {held}"]

@@ -11,6 +11,7 @@ import pytest
 
 from data_prep.cli import main
 from data_prep.format import load_manifest
+from data_prep.output_status import describe
 from pipeline.data.shards import ShardSet
 from pipeline.errors import ConfigError
 from tests.conftest import REPO, arguments_without_help, unavailable_here
@@ -337,6 +338,8 @@ def test_a_bigger_split_whose_array_began_before_a_smaller_one_was_listed_goes_o
             f"rebuilt where a label changes)") in capsys.readouterr().err
     assert main(["finalize", str(out), "--splits", "train"]) == 0
     assert sorted(load_manifest(out)["splits"]) == ["train"]
+    assert describe(out)[1].endswith(f"train 6 samples (0 rejected); not listed: val, whose shards are all built "
+                                     f"(`python -m data_prep finalize {out} --splits val` lists it or says why)")
     with pytest.raises(ConfigError, match="split 'val' is not in .*data_prep has not finished it"):
         ShardSet(out, "val")
     assert main(["imagefolder", str(val), str(out), "--split", "val", "--samples-per-shard", "1",

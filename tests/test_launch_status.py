@@ -383,6 +383,8 @@ def test_status_of_a_prep_run_directory_shows_shards_and_manifest_not_checkpoint
     assert f"shards       {out}: train 2 of 5 done\n" in text, text
     assert "manifest     not yet: the finalize job writes it once every array task succeeded" in text, text
     assert prep(["imagefolder", *common, "--task-index", "0"]) == 0
+    assert (f"manifest     not yet, though every shard is built: the finalize job writes it (where it failed or was "
+            f"cancelled, `python -m data_prep finalize {out}` writes it or says why)") in status()
     assert prep(["finalize", str(out)]) == 0
     text = status()
     assert f"shards       {out}: train 5 of 5 done\n" in text, text
