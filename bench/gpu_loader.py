@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
                 results[f"ratio_{name}"] = results[f"train_{name}_img_s"] / results["train_synthetic_img_s"]
             save()
             print(f"  round {r + 1} resnet50 fed by {name:>13}: {rate:8,.0f} img/s", flush=True)
-    del feeds, model, opt, step
+    del feeds, it, model, opt, step  # `it`: the loop variable held the last loader (its pipeline, workers, /dev/shm)
     for name in names[1:]:
         decode_alone(name)
     for hw, workers in sweep:
