@@ -187,34 +187,55 @@ def test_prep_array_plus_finalize_matches_single_process(slurm_cluster: SlurmClu
     # the same command again while those have not ended: refused (two array jobs built the same shards at
     # once). The finalize job is held, so one job is surely pending however fast the tasks run.
     slurm_cluster.run("scontrol", "hold", fin)
+    slurm_cluster.wait_gone([array], timeout=180)  # every train task planned train with its own 10 classes
     again = slurm_cluster.launch("submit", "prep", "imagefolder", str(src), str(out), "--split", "train", "--tasks",
                                  "3", "--cpus-per-task", "1", "--time", "00:05:00", "--", "--samples-per-shard", "16",
                                  check=False)
-    # another split of the same OUT meanwhile: accepted (its finalize job takes turns with train's on the
-    # manifest: data_prep's manifest_lock), and both end up in the manifest
-    other = slurm_cluster.launch("submit", "prep", "imagefolder", str(src), str(out), "--split", "val", "--tasks", "1",
-                                 "--cpus-per-task", "1", "--time", "00:05:00", "--", "--samples-per-shard", "16")
-    m_val = re.search(r"Submitted prep array job (\d+) \(tasks 0-0\) and finalize job (\d+)", other.stdout)
-    assert m_val, other.stdout + other.stderr
+    # another split of the same OUT meanwhile: accepted. A val folder without 'cat': train is not in the manifest
+    # yet, so val is labelled by its own 9 classes and listed first; train's finalize then lists train and takes
+    # val out (it refused train before), `launch status` names val, and val submitted again follows train's list
+    val_src = tmp_path / "val_src"
+    shutil.copytree(src, val_src, ignore=lambda folder, names: ["cat"] if Path(folder) == src else [])
+
+    def submit_val() -> tuple[str, str]:
+        other = slurm_cluster.launch("submit", "prep", "imagefolder", str(val_src), str(out), "--split", "val",
+                                     "--tasks", "1", "--cpus-per-task", "1", "--time", "00:05:00", "--",
+                                     "--samples-per-shard", "16")
+        m_val = re.search(r"Submitted prep array job (\d+) \(tasks 0-0\) and finalize job (\d+)", other.stdout)
+        assert m_val, other.stdout + other.stderr
+        slurm_cluster.wait_gone(list(m_val.groups()), timeout=180)
+        return m_val.group(1), m_val.group(2)
+
+    val_jobs = submit_val()
+    assert sorted(_manifest_view(out)["splits"]) == ["val"]
     slurm_cluster.run("scontrol", "release", fin)
     assert again.returncode == 2 and again.stdout == "", again.stdout + again.stderr
     assert again.stderr.startswith(f"launch: error: split 'train' of {out} is being prepared by job") and \
         f"{fin} PENDING" in again.stderr, again.stderr
-    assert re.search(rf"\(`scancel ({array} )?{fin}`\)$", again.stderr.rstrip()), again.stderr
-    slurm_cluster.wait_gone([array, fin, *m_val.groups()], timeout=180)
+    assert re.search(rf"\(`scancel {fin}`\)$", again.stderr.rstrip()), again.stderr
+    slurm_cluster.wait_gone([fin], timeout=180)
+    fin_log = (tmp_path / "sharded-slurm" / f"prep-finalize-{fin}.out").read_text()
+    assert f"data_prep: warning: {out / 'manifest.json'} no longer lists split 'val': labelled by its own 9 " \
+           f"classes, which split 'train' extends (with ['cat'])" in fin_log, fin_log
+    assert sorted(_manifest_view(out)["splits"]) == ["train"]
+    st = slurm_cluster.launch("status", str(tmp_path / "sharded-slurm"))
+    assert f"; not listed: val, whose shards are all built (`python -m data_prep finalize {out} --splits val`" in \
+        st.stdout, st.stdout
+    val_again = submit_val()
     def all_tasks_completed() -> None:
         states = dict(slurm_cluster.sacct_states(array) + slurm_cluster.sacct_states(fin))
         assert states == {f"{array}_0": "COMPLETED", f"{array}_1": "COMPLETED", f"{array}_2": "COMPLETED",
                           fin: "COMPLETED"}, states
-        val_states = dict(slurm_cluster.sacct_states(m_val.group(1)) + slurm_cluster.sacct_states(m_val.group(2)))
+        val_states = dict(sum((slurm_cluster.sacct_states(job) for job in (*val_jobs, *val_again)), []))
         assert set(val_states.values()) == {"COMPLETED"}, val_states
 
     _eventually(all_tasks_completed)
     view = _manifest_view(out)
     assert sorted(view["splits"]) == ["train", "val"], view["splits"].keys()
-    assert view["splits"]["val"]["samples"] == view["splits"]["train"]["samples"]
+    assert view["splits"]["val"]["class_counts"] == [0 if name == "cat" else 12 for name in view["classes"]]
+    assert view["classes"][3] == "cat" and view["splits"]["val"]["samples"] == 9 * 12
     del view["splits"]["val"]
-    assert view == _manifest_view(single)
+    assert {**view, "source": "val_src"} == {**_manifest_view(single), "source": "val_src"}  # the last one written
     shards = sorted(p.name for p in out.rglob("train-*.tar"))
     assert shards == sorted(p.name for p in single.rglob("*.tar")) and shards
     for name in shards:
