@@ -42,7 +42,7 @@ ERROR_FILE_ENV = "RESNET_PIPELINE_TORCHRUN_ERROR_FILE"
 _PEER_WAIT_S = 3
 _GUARD_PREFIX = "resnet-pipeline-torchrun-stopped-"  # + AGENT_PID-START: one SIGTERM per agent
 _FORMING_POLL_S = 0.25  # how often a rank waiting for its group looks whether it formed (in memory)
-_FILE_POLL_S = 1.0  # and for the error file (a file system read: every rank of the run, while it waits)
+_FILE_POLL_S = 1.0  # and for the error file (a file system read: local rank 0 of every node, while it waits)
 _FILE_POLL_RUNNING_S = 5.0  # for the error file once the group has formed, for the rest of the run
 _RUNNING_GRACE_S = 60.0  # then for this rank to end by itself, as it does in a gloo collective
 
