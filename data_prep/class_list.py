@@ -21,6 +21,7 @@ from .format import MANIFEST_NAME, WORK_DIR
 from .holdout import Subset
 from .imagefolder import Scan
 from .inputs import LabelledItems
+from .split_wording import rerun_of, splits_named
 
 
 def follow_classes(out: Path, split: str, scan: Scan, classes: list[str], class_names: list[str],
@@ -36,9 +37,8 @@ def follow_classes(out: Path, split: str, scan: Scan, classes: list[str], class_
         it, its = ("it", "its") if len(others) == 1 else ("them", "their")
         print(f"data_prep: warning: split {split!r} has {len(scan.classes)} classes, {splits_named(others)} "
               f"{len(classes)} ({class_diff(scan.classes, classes)}), labelled by {its} shorter list: once this "
-              f"split is finalized, {out / MANIFEST_NAME} no longer lists {it}; then run the data_prep command of "
-              f"{splits_named(others)} again: {its} labels then follow this split's classes (shards are rebuilt "
-              f"where a label changes)", file=sys.stderr)
+              f"split is finalized, {out / MANIFEST_NAME} no longer lists {it}; then {rerun_of(others)}: {its} "
+              f"labels then follow this split's classes (shards are rebuilt where a label changes)", file=sys.stderr)
         return scan
     if not set(scan.classes) < set(classes):
         raise mismatch(out, split, scan.classes, classes, others)
@@ -86,10 +86,6 @@ def _relabelled(items: Sequence, label_of: list[int]) -> Sequence:
     if isinstance(items, LabelledItems):
         return LabelledItems(items.table, items.rows, [label_of[label] for label in items.labels])
     return [(disp, ref, label_of[label]) for disp, ref, label in items]
-
-
-def splits_named(names: list[str]) -> str:
-    return f"split {names[0]!r}" if len(names) == 1 else f"splits {names}"
 
 
 def first_names(names: list[str]) -> str:

@@ -189,7 +189,8 @@ def _holdout(args, split: str, splits: list[str] | None = None):
 def _summary(manifest: dict | None, splits: list[str], out: Path, finalize_queued: bool = False) -> int:
     """The manifest's count per split; an array task (no manifest yet) says what merges its shards. The exit
     status: 1 where a split has no sample because every input was rejected (a folder of HEIC photos), so a
-    Slurm job of it ends FAILED, not COMPLETED with nothing to train on; the manifest still lists it."""
+    Slurm job of it ends FAILED, not COMPLETED with nothing to train on; the manifest still lists it. 1 also
+    where finalize left a split out (its labels count a shorter class list: its warning says so)."""
     if manifest is None:
         if finalize_queued:
             print("the queued finalize job writes the manifest once every array task succeeded", file=sys.stderr)
@@ -197,6 +198,8 @@ def _summary(manifest: dict | None, splits: list[str], out: Path, finalize_queue
             print(f"after all tasks finish, run `python -m data_prep finalize {shlex.quote(str(out))} --splits "
                   f"{','.join(splits)}`", file=sys.stderr)
         return 0
+    left_out = [s for s in splits if s not in manifest["splits"]]
+    splits = [s for s in splits if s in manifest["splits"]]
     for s in splits:
         e = manifest["splits"][s]
         where = f" (why: {out / REJECTS_NAME})" if e["rejected"] else ""
@@ -209,7 +212,7 @@ def _summary(manifest: dict | None, splits: list[str], out: Path, finalize_queue
         inputs = "its one input was" if n == 1 else f"all {n} of its inputs were"
         print(f"python -m data_prep: error: split {s!r} has no sample: {inputs} rejected ({out / REJECTS_NAME} "
               f"says why); the manifest lists it with 0 samples, which training refuses", file=sys.stderr)
-    return 1 if empty else 0
+    return 1 if empty or left_out else 0
 
 
 def _said_read_failures(out: Path, splits: list[str]) -> None:
@@ -305,14 +308,15 @@ def run(argv: list[str] | None = None) -> int:
         return _summary(m, written, args.out, args.finalize_queued)
     if args.cmd == "finalize":
         from .holdout import with_partners
-        from .manifest import finalize
+        from .manifest import finalize, planned_splits
 
         if not args.out.is_dir():
             raise PrepError(f"{args.out}: output folder does not exist")
         splits = [s.strip() for s in args.splits.split(",")] if args.splits else None
         splits = with_partners(args.out, splits) if splits is not None else None  # a hold-out's other side too
         m = finalize(args.out, splits)
-        return _summary(m, list(m["splits"]) if splits is None else splits, args.out)
+        return _summary(m, sorted(set(m["splits"]) | set(planned_splits(args.out))) if splits is None else splits,
+                        args.out)
     if args.cmd == "verify":
         from .verify import verify
 

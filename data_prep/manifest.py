@@ -13,7 +13,7 @@ from pathlib import Path
 from pipeline.wording import plural
 
 from .columns_file import columns_bytes, columns_entry, columns_name, columns_of_indexes
-from .class_list import first_names, mismatch, splits_named
+from .class_list import first_names, mismatch
 from .done_records import record_with_shard
 from .errors import PrepError
 from .format import (MANIFEST_NAME, MANIFEST_VERSION, PLAN_NAME, REJECTS_NAME, WORK_DIR, ManifestError,
@@ -24,6 +24,7 @@ from .plan_record import read_plan
 from .rejects_file import read_rejects
 from .runner import write_bytes_atomic, write_json_atomic, write_text_atomic
 from .shardwriter import PARTIAL_SUFFIX, PARTIAL_TOKEN
+from .split_wording import rerun_of, splits_named
 
 
 def write_plan_record(out: Path, split: str, record: dict) -> None:
@@ -98,15 +99,22 @@ def _write_columns(out: Path, split: str, shards: list[dict]) -> dict:
 
 def finalize(out: str | Path, splits: list[str] | None = None) -> dict:
     """Merge the given splits (default: all with work records) into manifest.json; return it. A split
-    carved by a hold-out brings the other side along. One finalize of an OUT at a time (``manifest_lock``)."""
+    carved by a hold-out brings the other side along. One finalize of an OUT at a time (``manifest_lock``).
+    A split whose labels count a shorter class list than a bigger split written with it is left out, with a
+    warning (the returned manifest lacks it)."""
     with manifest_lock(Path(out)):
         return _finalize(Path(out), splits)
 
 
-def _finalize(out: Path, splits: list[str] | None) -> dict:
+def planned_splits(out: Path) -> list[str]:
+    """The splits with a plan record under OUT/.work: those a ``finalize`` without ``--splits`` writes."""
     wroot = out / WORK_DIR
+    return sorted(p.name for p in wroot.iterdir() if plan_path(out, p.name).is_file()) if wroot.is_dir() else []
+
+
+def _finalize(out: Path, splits: list[str] | None) -> dict:
     if splits is None:
-        splits = sorted(p.name for p in wroot.iterdir() if plan_path(out, p.name).is_file()) if wroot.is_dir() else []
+        splits = planned_splits(out)
     if not splits:
         raise PrepError(f"{out}: nothing to finalize (no {WORK_DIR}/<split>/{PLAN_NAME}; run a prep command first)")
     splits = with_partners(out, splits)  # a hold-out's two sides are merged together
@@ -120,9 +128,12 @@ def _finalize(out: Path, splits: list[str] | None) -> dict:
     old_rejects = read_rejects(rej_path)
     new_rejects = []
     entries = {split: split_entry(out, split) for split in splits}
-    unlisted: list[tuple[str, list[str], list[str]]] = []  # (bigger split, splits taken out, their classes)
+    # splits left out of the manifest, whose labels count a shorter class list than the one written: (bigger
+    # split, splits, the classes their labels count, whether they were listed before)
+    left_out: list[tuple[str, list[str], list[str], bool]] = []
+    listed_here: list[str] = []
     # the split with the most classes first: one with some of them, planned at the same time with its own list
-    # (array tasks of both at once), is then the one refused, with the way out (finalize the other alone first)
+    # (array tasks of both at once), is then left out, or refused when it is all this finalize would write
     for split in sorted(splits, key=lambda s: -len(entries[s][0]["classes"])):
         plan, entry, rejects, _emptied = entries[split]
         others = sorted(set(manifest["splits"]) - {split}) if "classes" in manifest else []
@@ -130,9 +141,12 @@ def _finalize(out: Path, splits: list[str] | None) -> dict:
             if set(plan["classes"]) > set(manifest["classes"]):
                 # planned before they were listed (``class_list.follow_classes``: array tasks of both at once, the
                 # smaller finished first): this split (hours of work behind it) is listed, their reruns relabel them
-                unlisted.append((split, others, manifest["classes"]))
+                left_out.append((split, others, manifest["classes"], True))
                 for other in others:
                     del manifest["splits"][other]
+            elif set(plan["classes"]) < set(manifest["classes"]) and set(others) & set(listed_here):
+                left_out.append((listed_here[0], [split], plan["classes"], False))
+                continue
             else:
                 raise mismatch(out, split, plan["classes"], manifest["classes"], others, planned_alone=True,
                                finalize_first=[o for o in others if o in splits])
@@ -144,7 +158,8 @@ def _finalize(out: Path, splits: list[str] | None) -> dict:
         manifest["splits"][split] = entry
         new_rejects.extend(rejects)
         _remove_stale_shards(out, split, {s["name"] for s in entry["shards"]} | {s["index"] for s in entry["shards"]})
-    kept = [r for r in old_rejects if r.get("split") not in splits]  # an unlisted split's: its rerun rewrites them
+        listed_here.append(split)
+    kept = [r for r in old_rejects if r.get("split") not in listed_here]  # one left out: its rerun rewrites them
     write_text_atomic(rej_path, "".join(json.dumps(r, ensure_ascii=True) + "\n" for r in kept + new_rejects))
     manifest["splits"] = dict(sorted(manifest["splits"].items()))
     # top level: what every split shares (it was the split written last: a passthrough test split made a
@@ -153,13 +168,16 @@ def _finalize(out: Path, splits: list[str] | None) -> dict:
     manifest["options"] = {k: v for k, v in opts[0].items() if all(k in o and o[k] == v for o in opts[1:])}
     ordered = {k: manifest[k] for k in ("version", "source", "options", "classes", "class_names", "splits")}
     write_json_atomic(out / MANIFEST_NAME, ordered)
-    for by, others, classes in unlisted:
-        its, more = "its" if len(others) == 1 else "their", first_names(sorted(set(ordered["classes"]) - set(classes)))
-        print(f"data_prep: warning: {out / MANIFEST_NAME} no longer lists {splits_named(others)}: labelled by {its} "
-              f"own {len(classes)} classes, which split {by!r} extends (with {more}), so "
-              f"{its} labels would not match; run the data_prep command of {splits_named(others)} again: {its} "
-              f"labels then follow the manifest's classes (shards are rebuilt where a label changes)", file=sys.stderr)
-    for split in splits:  # a class gone from a split: its images were all rejected (a folder of HEIC photos)
+    for by, names, classes, before in left_out:
+        its = "its" if len(names) == 1 else "their"
+        more = first_names(sorted(set(ordered["classes"]) - set(classes)))
+        why = (f"no longer lists {splits_named(names)}: {its} labels count the {len(classes)} classes it listed "
+               f"before split {by!r} (with {more} besides) was finalized" if before else
+               f"does not list {splits_named(names)}: {its} labels count {its} own {len(classes)} classes (planned "
+               f"before split {by!r}, with {more} besides, was in the manifest: array tasks of both at once?)")
+        print(f"data_prep: warning: {out / MANIFEST_NAME} {why}; {rerun_of(names)}: {its} labels then follow the "
+              f"manifest's classes (shards are rebuilt where a label changes)", file=sys.stderr)
+    for split in listed_here:  # a class gone from a split: its images were all rejected (a folder of HEIC photos)
         for name, n in entries[split][3]:
             print(f"data_prep: warning: split {split!r}: every input of class {name!r} was rejected "
                   f"({plural(n, 'file')}; {out / REJECTS_NAME} says why), so the split has no sample of it",

@@ -4,6 +4,7 @@ tasks' logs are many and the manifest appears only when the finalize job has run
 from __future__ import annotations
 
 import datetime as _dt
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from pipeline.wording import plural
 from .done_records import record_of_plan
 from .format import MANIFEST_NAME, WORK_DIR, ManifestError, load_manifest
 from .plan_record import BrokenPlan, read_plan
+from .split_wording import rerun_of
 
 
 @dataclass
@@ -25,6 +27,7 @@ class SplitProgress:
     samples: int | None = None
     rejected: int | None = None
     broken: str | None = None  # the plan is there but broken (plan_record.BrokenPlan): what its message says
+    classes: list[str] | None = None  # the plan's: those its labels count
 
 
 def split_progress(out: Path) -> list[SplitProgress]:
@@ -42,7 +45,8 @@ def split_progress(out: Path) -> list[SplitProgress]:
         if plan is None:
             continue
         shards = [(s["name"], s["plan_hash"]) for s in plan["shards"]]
-        found[d.name] = SplitProgress(d.name, len(shards), sum(record_of_plan(out, d.name, n, h) for n, h in shards))
+        found[d.name] = SplitProgress(d.name, len(shards), sum(record_of_plan(out, d.name, n, h) for n, h in shards),
+                                      classes=plan["classes"])
     for split, entry in (_manifest(out)[0] or {}).get("splits", {}).items():
         p = found.setdefault(split, SplitProgress(split, None, len(entry["shards"])))
         p.samples, p.rejected = entry["samples"], entry.get("rejected")
@@ -76,15 +80,22 @@ def describe(out: Path) -> list[str]:
         why = broken or "not yet: the finalize job writes it once every array task succeeded"
         if not broken and splits and all(p.planned is not None and p.done == p.planned for p in splits):
             why = (f"not yet, though every shard is built: the finalize job writes it (where it failed or was "
-                   f"cancelled, `python -m data_prep finalize {out}` writes it or says why)")
+                   f"cancelled, `python -m data_prep finalize {shlex.quote(str(out))}` writes it or says why)")
         return lines + [f"manifest     {why}"]
     when = _dt.datetime.fromtimestamp(manifest.stat().st_mtime, _dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
     held = ", ".join(f"{p.split} {plural(p.samples, 'sample', grouped=True)} ({p.rejected or 0} rejected)"
                      for p in splits if p.samples is not None)
-    # every shard built, yet not listed: its finalize failed or has not run, or a bigger split's finalize took it
-    # out (its labels followed its own shorter class list); finalize lists it or says why
-    unlisted = [p.split for p in splits if p.samples is None and p.planned is not None and p.done == p.planned]
+    # every shard built, yet not listed: its finalize failed or has not run (finalize lists it or says why), or
+    # its labels count another class list than the manifest's (a bigger split's finalize took it out: only its
+    # command run again relabels it)
+    built = [p for p in splits if p.samples is None and p.planned is not None and p.done == p.planned]
+    relabel = [p.split for p in built if p.classes != doc["classes"]]
+    unlisted = [p.split for p in built if p.classes == doc["classes"]]
     if unlisted:
         held += (f"; not listed: {', '.join(unlisted)}, whose shards are all built (`python -m data_prep finalize "
-                 f"{out} --splits {','.join(unlisted)}` lists {'it' if len(unlisted) == 1 else 'them'} or says why)")
+                 f"{shlex.quote(str(out))} --splits {','.join(unlisted)}` lists "
+                 f"{'it' if len(unlisted) == 1 else 'them'} or says why)")
+    if relabel:
+        held += (f"; not listed: {', '.join(relabel)}, whose labels count another class list than the manifest's "
+                 f"({rerun_of(relabel)} to relabel {'it' if len(relabel) == 1 else 'them'})")
     return lines + [f"manifest     {manifest} ({when}): {held}"]

@@ -266,10 +266,11 @@ def test_a_split_with_some_of_the_classes_takes_the_list_already_in_out(tmp_path
     assert sorted(ShardSet(reverse, "val").labels().tolist()) == [0, 0, 2, 2]
 
 
-def test_array_tasks_of_a_split_with_some_of_the_classes_are_refused_at_finalize_with_the_way_out(tmp_path, capsys):
-    """Array tasks of train and val at once plan val before train is in the manifest: val's labels count its
-    own 2 classes. finalize refuses it (whichever split sorts first), writes nothing, and says how: finalize
-    train alone, then run val's command again, whose labels then follow train's list."""
+def test_array_tasks_of_a_split_with_some_of_the_classes_are_left_out_at_finalize_with_the_way_out(tmp_path, capsys):
+    """Array tasks of train and test at once plan test before train is in the manifest: test's labels count its
+    own 2 classes. One finalize of both refused both (writing nothing) and asked for train alone first; now it
+    lists train, leaves test out, says so and exits 1. Finalized alone, test is refused; `launch status` names
+    it, and test's command run again relabels it by train's list."""
     src, val, out = tmp_path / "src", tmp_path / "val", tmp_path / "o"
     write_imagefolder(src, ["ant", "bee", "cat"], per_class=2)
     files = write_imagefolder(val, ["ant", "cat"], per_class=2, seed=1)
@@ -278,17 +279,24 @@ def test_array_tasks_of_a_split_with_some_of_the_classes_are_refused_at_finalize
             assert main(["imagefolder", str(folder), str(out), "--split", split, "--samples-per-shard", "1",
                          "--task-index", task, "--num-tasks", "2", "--no-progress"]) == 0
     capsys.readouterr()
-    assert main(["finalize", str(out)]) == 2
+    assert main(["finalize", str(out)]) == 1
     err = capsys.readouterr().err
-    assert "split 'test' has 2 classes, split 'train' 3 (only in the existing: ['bee']): it was planned before" in err
-    assert f"finalize it alone (`python -m data_prep finalize {out} --splits train`), then run the data_prep " \
-           "command of split 'test' again" in err
-    assert not (out / "manifest.json").exists()
-    assert main(["finalize", str(out), "--splits", "train"]) == 0
+    assert (f"data_prep: warning: {out / 'manifest.json'} does not list split 'test': its labels count its own 2 "
+            f"classes (planned before split 'train', with ['bee'] besides, was in the manifest: array tasks of both "
+            f"at once?); run the data_prep command of split 'test' again: its labels then follow the manifest's "
+            f"classes (shards are rebuilt where a label changes)") in err, err
+    assert sorted(load_manifest(out)["splits"]) == ["train"]
+    assert describe(out)[1].endswith(f"train 6 samples (0 rejected); not listed: test, whose labels count another "
+                                     f"class list than the manifest's (run the data_prep command of split 'test' "
+                                     f"again to relabel it)")
+    assert main(["finalize", str(out), "--splits", "test"]) == 2
+    assert ("split 'test' has 2 classes, split 'train' 3 (only in the existing: ['bee']): it was planned before "
+            "that split was in the manifest") in capsys.readouterr().err
     assert main(["imagefolder", str(val), str(out), "--split", "test", "--samples-per-shard", "1",
                  "--no-progress"]) == 0
     assert sorted(ShardSet(out, "test").labels().tolist()) == [0, 0, 2, 2]
     assert sorted(folder_of_each_sample(out, "test", files)) == [("ant", "ant")] * 2 + [("cat", "cat")] * 2
+    assert main(["finalize", str(out)]) == 0
 
     # the smaller split's finalize job ran first (its own list is in the manifest), as it does when both arrays run
     # at once: train's finalize (its work done) was refused, with a three-step way out. Now it lists train and
@@ -302,8 +310,8 @@ def test_array_tasks_of_a_split_with_some_of_the_classes_are_refused_at_finalize
     capsys.readouterr()
     assert main(["finalize", str(other), "--splits", "train"]) == 0
     err = capsys.readouterr().err
-    assert (f"data_prep: warning: {other / 'manifest.json'} no longer lists split 'test': labelled by its own 2 "
-            f"classes, which split 'train' extends (with ['bee']), so its labels would not match; run the data_prep "
+    assert (f"data_prep: warning: {other / 'manifest.json'} no longer lists split 'test': its labels count the 2 "
+            f"classes it listed before split 'train' (with ['bee'] besides) was finalized; run the data_prep "
             f"command of split 'test' again: its labels then follow the manifest's classes (shards are rebuilt where "
             f"a label changes)") in err, err
     assert sorted(load_manifest(other)["splits"]) == ["train"]
@@ -338,8 +346,9 @@ def test_a_bigger_split_whose_array_began_before_a_smaller_one_was_listed_goes_o
             f"rebuilt where a label changes)") in capsys.readouterr().err
     assert main(["finalize", str(out), "--splits", "train"]) == 0
     assert sorted(load_manifest(out)["splits"]) == ["train"]
-    assert describe(out)[1].endswith(f"train 6 samples (0 rejected); not listed: val, whose shards are all built "
-                                     f"(`python -m data_prep finalize {out} --splits val` lists it or says why)")
+    assert describe(out)[1].endswith("train 6 samples (0 rejected); not listed: val, whose labels count another "
+                                     "class list than the manifest's (run the data_prep command of split 'val' "
+                                     "again to relabel it)")
     with pytest.raises(ConfigError, match="split 'val' is not in .*data_prep has not finished it"):
         ShardSet(out, "val")
     assert main(["imagefolder", str(val), str(out), "--split", "val", "--samples-per-shard", "1",

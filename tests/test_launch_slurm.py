@@ -215,12 +215,12 @@ def test_prep_array_plus_finalize_matches_single_process(slurm_cluster: SlurmClu
     assert re.search(rf"\(`scancel {fin}`\)$", again.stderr.rstrip()), again.stderr
     slurm_cluster.wait_gone([fin], timeout=180)
     fin_log = (tmp_path / "sharded-slurm" / f"prep-finalize-{fin}.out").read_text()
-    assert f"data_prep: warning: {out / 'manifest.json'} no longer lists split 'val': labelled by its own 9 " \
-           f"classes, which split 'train' extends (with ['cat'])" in fin_log, fin_log
+    assert f"data_prep: warning: {out / 'manifest.json'} no longer lists split 'val': its labels count the 9 " \
+           f"classes it listed before split 'train' (with ['cat'] besides) was finalized" in fin_log, fin_log
     assert sorted(_manifest_view(out)["splits"]) == ["train"]
     st = slurm_cluster.launch("status", str(tmp_path / "sharded-slurm"))
-    assert f"; not listed: val, whose shards are all built (`python -m data_prep finalize {out} --splits val`" in \
-        st.stdout, st.stdout
+    assert "; not listed: val, whose labels count another class list than the manifest's (run the data_prep " \
+        "command of split 'val' again to relabel it)" in st.stdout, st.stdout
     val_again = submit_val()
     def all_tasks_completed() -> None:
         states = dict(slurm_cluster.sacct_states(array) + slurm_cluster.sacct_states(fin))

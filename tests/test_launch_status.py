@@ -389,6 +389,11 @@ def test_status_of_a_prep_run_directory_shows_shards_and_manifest_not_checkpoint
     text = status()
     assert f"shards       {out}: train 5 of 5 done\n" in text, text
     assert f"manifest     {out / 'manifest.json'} (" in text and "): train 18 samples (0 rejected)" in text, text
+    # val's array tasks ended, its finalize has not run (or failed): named, with the command that lists it
+    for task in ("0", "1"):
+        assert prep(["imagefolder", *common[:3], "val", *common[4:], "--task-index", task]) == 0
+    assert (f"): train 18 samples (0 rejected); not listed: val, whose shards are all built (`python -m data_prep "
+            f"finalize {out} --splits val` lists it or says why)\n") in status()
 
 
 def _status_with_stand_ins(tmp_path: Path, sacct_lines: str, squeue_lines: str) -> tuple[list[list[str]], str]:
