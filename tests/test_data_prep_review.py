@@ -339,6 +339,10 @@ def test_a_bigger_split_whose_array_began_before_a_smaller_one_was_listed_goes_o
     assert task(val, "val", 0) == 0 and task(val, "val", 1) == 0 and main(["finalize", str(out)]) == 2  # train unfinished
     assert main(["finalize", str(out), "--splits", "val"]) == 0
     capsys.readouterr()
+    grown = tmp_path / "grown"  # a class list other than the one train's plan record holds: refused as before
+    shutil.copytree(src, grown)
+    write_imagefolder(grown, ["dog"], per_class=1, seed=7)
+    assert task(grown, "train", 1) == 2 and "the split with every class goes first" in capsys.readouterr().err
     assert task(src, "train", 1) == 0
     assert (f"data_prep: warning: split 'train' has 3 classes, split 'val' 2 (only in this split: ['bee']), labelled "
             f"by its shorter list: once this split is finalized, {out / 'manifest.json'} no longer lists it; then run "
