@@ -145,7 +145,8 @@ def _finalize(out: Path, splits: list[str] | None) -> dict:
                 for other in others:
                     del manifest["splits"][other]
             elif set(plan["classes"]) < set(manifest["classes"]) and set(others) & set(listed_here):
-                left_out.append((listed_here[0], [split], plan["classes"], False))
+                if not any(split in names for _, names, _, _ in left_out):  # (taken out just now: said once)
+                    left_out.append((listed_here[0], [split], plan["classes"], False))
                 continue
             else:
                 raise mismatch(out, split, plan["classes"], manifest["classes"], others, planned_alone=True,
