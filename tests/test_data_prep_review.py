@@ -286,9 +286,9 @@ def test_array_tasks_of_a_split_with_some_of_the_classes_are_left_out_at_finaliz
             f"at once?); run the data_prep command of split 'test' again: its labels then follow the manifest's "
             f"classes (shards are rebuilt where a label changes)") in err, err
     assert sorted(load_manifest(out)["splits"]) == ["train"]
-    assert describe(out)[1].endswith(f"train 6 samples (0 rejected); not listed: test, whose labels count another "
-                                     f"class list than the manifest's (run the data_prep command of split 'test' "
-                                     f"again to relabel it)")
+    assert describe(out)[1].endswith("train 6 samples (0 rejected); not listed: test, whose labels count another "
+                                     "class list than the manifest's (run the data_prep command of split 'test' "
+                                     "again to relabel it)")
     assert main(["finalize", str(out), "--splits", "test"]) == 2
     assert ("split 'test' has 2 classes, split 'train' 3 (only in the existing: ['bee']): it was planned before "
             "that split was in the manifest") in capsys.readouterr().err
