@@ -10,6 +10,7 @@ is finalized the manifest no longer lists theirs (``manifest.finalize``); their 
 """
 from __future__ import annotations
 
+import json
 import shlex
 import sys
 from dataclasses import replace
@@ -17,20 +18,25 @@ from pathlib import Path
 from typing import Sequence
 
 from .errors import PrepError
-from .format import MANIFEST_NAME, WORK_DIR
+from .format import MANIFEST_NAME, WORK_DIR, work_dir
 from .holdout import Subset
 from .imagefolder import Scan
 from .inputs import LabelledItems
+from .plan_record import BrokenPlan, read_plan
+from .runner import write_json_atomic
 from .split_wording import rerun_of, splits_named
+
+
+CLAIM_NAME = "classes.json"
 
 
 def follow_classes(out: Path, split: str, scan: Scan, classes: list[str], class_names: list[str],
                    others: list[str], planned: list[str] | None = None) -> Scan:
     """`scan` labelled by `classes` (those of the splits `others` already in OUT) when its classes are some
-    of them; a PrepError naming the difference otherwise. `planned`: the classes of this split's plan record
-    in OUT/.work, if any: where they are the scan's, more than the others', the split's array tasks began
-    before the others were listed (array tasks of both at once, the smaller finished first), and the split
-    keeps them: finalize lists it and unlists the others, whose reruns relabel them."""
+    of them; a PrepError naming the difference otherwise. `planned`: the classes an earlier run of this split
+    labelled it by (``claimed_classes``): where they are the scan's, more than the others', the split's array
+    tasks began before the others were listed (array tasks of both at once, the smaller finished first), and
+    the split keeps them: finalize lists it and unlists the others, whose reruns relabel them."""
     if scan.classes == classes:
         return scan
     if set(scan.classes) > set(classes) and planned == scan.classes:
@@ -48,6 +54,33 @@ def follow_classes(out: Path, split: str, scan: Scan, classes: list[str], class_
           f"{splits_named(others)} (none of {first_names(missing)}); its labels follow their list", file=sys.stderr)
     return replace(scan, classes=list(classes), class_names=list(class_names),
                    items=_relabelled(scan.items, [index[c] for c in scan.classes]))
+
+
+def claim_classes(out: Path, split: str, classes: list[str]) -> None:
+    """Record the class list `split`'s labels count (``OUT/.work/<split>/classes.json``), written under the
+    manifest lock with the look at the manifest that chose it (``prepare.prepare_splits``)."""
+    path = work_dir(out, split) / CLAIM_NAME
+    if claimed_classes(out, split, plan_too=False) != classes:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, {"classes": classes})
+
+
+def claimed_classes(out: Path, split: str, plan_too: bool = True) -> list[str] | None:
+    """The class list an earlier run of `split` labelled it by: its claim, or (an OUT prepared before claims
+    were written) its plan record's; None when there is neither, or it cannot be read."""
+    try:
+        claim = json.loads((work_dir(out, split) / CLAIM_NAME).read_text())
+        if isinstance(claim, dict) and isinstance(claim.get("classes"), list):
+            return claim["classes"]
+    except (OSError, ValueError):
+        pass
+    if not plan_too:
+        return None
+    try:
+        plan = read_plan(out, split)
+    except BrokenPlan:
+        return None
+    return None if plan is None else plan["classes"]
 
 
 def mismatch(out: Path, split: str, new: list[str], old: list[str], others: list[str],

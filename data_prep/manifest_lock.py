@@ -4,8 +4,10 @@
 its split out the same way. Two such writers at once, say the finalize jobs of a train and a val split
 prepared into one OUT by separate Slurm jobs, each wrote back what it had read: the split finalized first
 vanished from the manifest. Each read-modify-write holds an exclusive ``flock`` on ``OUT/.work/manifest.lock``,
-so they take turns (a finalize takes seconds). Where the file system has no working locks (``ENOLCK``: NFS
-without its lock daemon) it goes on unlocked, with a note: splits then must not be finalized at the same time.
+so they take turns (a finalize takes seconds). Each prep task's look at the manifest and its claim of the
+class list it labels by (``class_list.claim_classes``) is one step under it too. Where the file system has no
+working locks (``ENOLCK``: NFS without its lock daemon) it goes on unlocked, with a note: splits then must not
+be finalized at the same time.
 """
 from __future__ import annotations
 

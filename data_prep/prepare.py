@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pipeline.wording import plural
 
-from .class_list import follow_classes
+from .class_list import claim_classes, claimed_classes, follow_classes
 from .errors import PrepError
 from .format import MANIFEST_NAME, ManifestError, index_name, load_manifest, shard_name
 from .holdout import SETTINGS, check_rerun, with_partners
@@ -16,7 +16,6 @@ from .manifest import finalize, write_plan_record
 from .manifest_lock import manifest_lock
 from .older_plans import built_before_mtimes, why_rebuilt
 from .plan import ShardJob, plan_shards
-from .plan_record import BrokenPlan, read_plan
 from .runner import run_jobs, write_json_atomic
 from .stale_entry import why_stale
 from .validate import EncodeOptions
@@ -45,16 +44,22 @@ def prepare_splits(out: Path, parts: list[SplitPart], source: str, opts: EncodeO
         raise PrepError(f"--task-index {task_index} is outside 0..{num_tasks - 1} (--num-tasks {num_tasks})")
     check_rerun(out, {p.split: _settings(p.holdout) for p in parts})
     names = [p.split for p in parts]
-    if (out / MANIFEST_NAME).exists():
-        try:
-            existing = load_manifest(out, rewriting=names)  # a broken entry of theirs is written again
-        except ManifestError as exc:
-            raise PrepError(str(exc)) from None
-        others = sorted(set(existing["splits"]) - set(names))
-        if others:  # a split with some of their classes takes their list; any other difference is refused
-            parts = [replace(p, scan=follow_classes(out, p.split, p.scan, existing["classes"],
-                                                    existing["class_names"], others, _planned_classes(out, p.split)))
-                     for p in parts]
+    # the look at the manifest and the claim of each split's class list under the manifest lock: no finalize
+    # of another split lists it in between, so a later task of this split's array finds the claim of an
+    # earlier one (class_list.follow_classes)
+    with manifest_lock(out):
+        if (out / MANIFEST_NAME).exists():
+            try:
+                existing = load_manifest(out, rewriting=names)  # a broken entry of theirs is written again
+            except ManifestError as exc:
+                raise PrepError(str(exc)) from None
+            others = sorted(set(existing["splits"]) - set(names))
+            if others:  # a split with some of their classes takes their list; any other difference is refused
+                parts = [replace(p, scan=follow_classes(out, p.split, p.scan, existing["classes"],
+                                                        existing["class_names"], others, claimed_classes(out, p.split)))
+                         for p in parts]
+        for p in parts:
+            claim_classes(out, p.split, p.scan.classes)
     out.mkdir(parents=True, exist_ok=True)
     planned = [(p.split, plan_split(out, p.split, source, p.scan, opts, seed, shard_bytes, samples_per_shard,
                                     p.split_source, holdout=p.holdout)) for p in parts]
@@ -75,15 +80,6 @@ def prepare_splits(out: Path, parts: list[SplitPart], source: str, opts: EncodeO
         are = "is" if mine_n == 1 else "are"
         print(f"{label}: this task's {mine_n} of the split's {plural(jobs_n, 'shard')} {are} done", file=sys.stderr)
     return None
-
-
-def _planned_classes(out: Path, split: str) -> list[str] | None:
-    """The classes of `split`'s plan record in OUT/.work, if it has a sound one (its array's earlier tasks')."""
-    try:
-        plan = read_plan(out, split)
-    except BrokenPlan:
-        return None
-    return None if plan is None else plan["classes"]
 
 
 def _unlist_changing_splits(out: Path, planned: list[tuple[str, list[ShardJob]]],

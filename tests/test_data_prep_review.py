@@ -361,6 +361,41 @@ def test_a_bigger_split_whose_array_began_before_a_smaller_one_was_listed_goes_o
     assert main(["verify", str(out)]) == 0
 
 
+def test_a_bigger_split_whose_first_task_had_not_planned_when_a_smaller_one_was_listed_goes_on(tmp_path, capsys,
+                                                                                                monkeypatch):
+    """The window the plan record left: train's first task had looked at the manifest (no val yet) but not yet
+    written its plan when val's finalize listed val; train's later tasks found no plan record and were refused.
+    The look and a claim of the class list (OUT/.work/train/classes.json) are one step under the manifest lock
+    now: here the first task stops right after them (killed before its plan), and the later tasks go on."""
+    from data_prep import prepare
+
+    src, val, out = tmp_path / "src", tmp_path / "val", tmp_path / "o"
+    write_imagefolder(src, ["ant", "bee", "cat"], per_class=2)
+    files = write_imagefolder(val, ["ant", "cat"], per_class=2, seed=1)
+
+    def task(folder: Path, split: str, index: int) -> int:
+        return main(["imagefolder", str(folder), str(out), "--split", split, "--samples-per-shard", "1",
+                     "--task-index", str(index), "--num-tasks", "2", "--no-progress"])
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(prepare, "plan_split", killed)
+        assert task(src, "train", 0) == 130
+    assert not (out / ".work" / "train" / "plan.json").exists()
+    assert task(val, "val", 0) == 0 and task(val, "val", 1) == 0
+    assert main(["finalize", str(out), "--splits", "val"]) == 0
+    capsys.readouterr()
+    assert task(src, "train", 1) == 0 and task(src, "train", 0) == 0
+    assert "data_prep: warning: split 'train' has 3 classes, split 'val' 2" in capsys.readouterr().err
+    assert main(["finalize", str(out), "--splits", "train"]) == 0
+    assert main(["imagefolder", str(val), str(out), "--split", "val", "--samples-per-shard", "1",
+                 "--no-progress"]) == 0
+    assert sorted(folder_of_each_sample(out, "val", files)) == [("ant", "ant")] * 2 + [("cat", "cat")] * 2
+    assert sorted(load_manifest(out)["splits"]) == ["train", "val"]
+
+
 def test_a_hold_out_from_a_split_with_some_of_the_classes_follows_the_list_too(tmp_path, capsys):
     """Both sides of a hold-out (the hold-out's own lists of positions) are relabelled."""
     full, part, out = tmp_path / "full", tmp_path / "part", tmp_path / "o"
