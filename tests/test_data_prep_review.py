@@ -321,22 +321,33 @@ def test_array_tasks_of_a_split_with_some_of_the_classes_are_left_out_at_finaliz
     assert load_manifest(other)["classes"] == ["ant", "bee", "cat"]
 
 
+def _train_and_smaller_val(tmp_path: Path) -> tuple[Path, Path, Path, dict[str, bytes]]:
+    """(train folder of ant, bee, cat; val folder without bee; OUT; val's files by path)."""
+    src, val, out = tmp_path / "src", tmp_path / "val", tmp_path / "o"
+    write_imagefolder(src, ["ant", "bee", "cat"], per_class=2)
+    return src, val, out, write_imagefolder(val, ["ant", "cat"], per_class=2, seed=1)
+
+
+def _array_task(out: Path, folder: Path, split: str, index: int) -> int:
+    """Task `index` of a 2-task array preparing `folder` as `split` into `out`, one sample a shard."""
+    return main(["imagefolder", str(folder), str(out), "--split", split, "--samples-per-shard", "1",
+                 "--task-index", str(index), "--num-tasks", "2", "--no-progress"])
+
+
 def test_a_bigger_split_whose_array_began_before_a_smaller_one_was_listed_goes_on(tmp_path, capsys):
     """Two arrays at once, train's throttled (`--array=0-1%1`): its task 0 planned train with its 3 classes,
     then val's array and finalize listed val with its 2, then train's task 1 started. It was refused (train's
     finalize job never ran, its work stranded); now it goes on with train's own plan, saying what follows, and
     train's finalize unlists val. A split with more classes that no array task of it planned before is still
     refused (test_a_split_with_some_of_the_classes_takes_the_list_already_in_out)."""
-    src, val, out = tmp_path / "src", tmp_path / "val", tmp_path / "o"
-    write_imagefolder(src, ["ant", "bee", "cat"], per_class=2)
-    files = write_imagefolder(val, ["ant", "cat"], per_class=2, seed=1)
+    src, val, out, files = _train_and_smaller_val(tmp_path)
 
     def task(folder: Path, split: str, index: int) -> int:
-        return main(["imagefolder", str(folder), str(out), "--split", split, "--samples-per-shard", "1",
-                     "--task-index", str(index), "--num-tasks", "2", "--no-progress"])
+        return _array_task(out, folder, split, index)
 
     assert task(src, "train", 0) == 0
-    assert task(val, "val", 0) == 0 and task(val, "val", 1) == 0 and main(["finalize", str(out)]) == 2  # train unfinished
+    assert task(val, "val", 0) == 0 and task(val, "val", 1) == 0
+    assert main(["finalize", str(out)]) == 2  # train's task 1 has not run
     assert main(["finalize", str(out), "--splits", "val"]) == 0
     capsys.readouterr()
     grown = tmp_path / "grown"  # a class list other than the one train's plan record holds: refused as before
@@ -369,13 +380,10 @@ def test_a_bigger_split_whose_first_task_had_not_planned_when_a_smaller_one_was_
     now: here the first task stops right after them (killed before its plan), and the later tasks go on."""
     from data_prep import prepare
 
-    src, val, out = tmp_path / "src", tmp_path / "val", tmp_path / "o"
-    write_imagefolder(src, ["ant", "bee", "cat"], per_class=2)
-    files = write_imagefolder(val, ["ant", "cat"], per_class=2, seed=1)
+    src, val, out, files = _train_and_smaller_val(tmp_path)
 
     def task(folder: Path, split: str, index: int) -> int:
-        return main(["imagefolder", str(folder), str(out), "--split", split, "--samples-per-shard", "1",
-                     "--task-index", str(index), "--num-tasks", "2", "--no-progress"])
+        return _array_task(out, folder, split, index)
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
