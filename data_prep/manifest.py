@@ -6,6 +6,7 @@ already in the manifest are kept (merged) as long as the class list agrees.
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -106,6 +107,19 @@ def finalize(out: str | Path, splits: list[str] | None = None) -> dict:
         return _finalize(Path(out), splits)
 
 
+def _shared_source(manifest: dict, plan_sources: dict[str, str]) -> str:
+    """The top-level ``source``: the folder every listed split came from (it was the source of the split
+    written last: train/ then val/ prepared apart read as if both came from val/). A split listed now gives
+    the source its command was given (an ImageNet root), one listed before its own ``source``."""
+    paths = [plan_sources.get(split, entry.get("source", "")) for split, entry in manifest["splits"].items()]
+    if len(set(paths)) == 1:
+        return paths[0]
+    try:
+        return os.path.commonpath(paths)
+    except ValueError:  # relative beside absolute paths (by hand): the one written last, as before
+        return next(reversed(plan_sources.values()), manifest.get("source", ""))
+
+
 def planned_splits(out: Path) -> list[str]:
     """The splits with a plan record under OUT/.work: those a ``finalize`` without ``--splits`` writes."""
     wroot = out / WORK_DIR
@@ -132,6 +146,7 @@ def _finalize(out: Path, splits: list[str] | None) -> dict:
     # split, splits, the classes their labels count, whether they were listed before)
     left_out: list[tuple[str, list[str], list[str], bool]] = []
     listed_here: list[str] = []
+    plan_sources: dict[str, str] = {}  # the source each split listed now was prepared from (an ImageNet root)
     # the split with the most classes first: one with some of them, planned at the same time with its own list
     # (array tasks of both at once), is then left out, or refused when it is all this finalize would write
     for split in sorted(splits, key=lambda s: -len(entries[s][0]["classes"])):
@@ -153,7 +168,7 @@ def _finalize(out: Path, splits: list[str] | None) -> dict:
                                finalize_first=[o for o in others if o in splits])
         manifest["classes"] = plan["classes"]
         manifest["class_names"] = plan["class_names"]
-        manifest["source"] = plan["source"]
+        plan_sources[split] = plan["source"]
         manifest["options"] = plan["options"]
         entry["columns"] = _write_columns(out, split, entry["shards"])
         manifest["splits"][split] = entry
@@ -167,6 +182,7 @@ def _finalize(out: Path, splits: list[str] | None) -> dict:
     # --max-side train split look passthrough); each split's own are under splits.NAME
     opts = [e.get("options") or {} for e in manifest["splits"].values()]
     manifest["options"] = {k: v for k, v in opts[0].items() if all(k in o and o[k] == v for o in opts[1:])}
+    manifest["source"] = _shared_source(manifest, plan_sources)
     ordered = {k: manifest[k] for k in ("version", "source", "options", "classes", "class_names", "splits")}
     write_json_atomic(out / MANIFEST_NAME, ordered)
     for by, names, classes, before in left_out:

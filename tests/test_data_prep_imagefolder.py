@@ -219,6 +219,21 @@ def test_split_merge_and_class_mismatch(tree, tmp_path):
     assert sorted(load_manifest(out)["splits"]) == ["train", "val"]
 
 
+def test_top_level_source_is_where_every_split_came_from(tmp_path):
+    """Train and val from two folders, prepared apart: the top level names their parent, not the last one."""
+    data = tmp_path / "photos"
+    for split in ("train", "val"):
+        write_imagefolder(data / split, ["ant", "bee"], per_class=2)
+    out = tmp_path / "out"
+    for split in ("train", "val"):
+        assert main(["imagefolder", str(data / split), str(out), "--split", split, "--no-progress"]) == 0
+        m = load_manifest(out)
+        assert m["splits"][split]["source"] == str((data / split).resolve())
+    assert m["source"] == str(data.resolve())
+    assert main(["finalize", str(out), "--splits", "val"]) == 0  # one split written again: the same
+    assert load_manifest(out)["source"] == str(data.resolve())
+
+
 @pytest.mark.parametrize("args,fragment", [
     (["imagefolder", "/nonexistent/src", "OUT", "--split", "train"], "/nonexistent/src"),
     (["imagefolder", ".", "OUT", "--split", "train", "--shard-size", "12 parsecs"], "--shard-size"),

@@ -36,6 +36,7 @@ def test_archives_with_devkit(archives, tmp_path):
     assert m["class_names"] == [WORDS[w] for w in exp["wnids"]]
     assert m["splits"]["train"]["samples"] == 24 and m["splits"]["val"]["samples"] == 12
     assert m["splits"]["train"]["source"].endswith("ILSVRC2012_img_train.tar")
+    assert m["source"] == str(root.resolve())  # the root the command was given, where both archives are
     check_labels(out, "train", exp["train"], exp["wnids"])
     check_labels(out, "val", exp["val"], exp["wnids"])
     # the devkit's IDs are in reverse-wnid order: labels must still follow sorted wnids
