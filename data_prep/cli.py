@@ -154,6 +154,10 @@ def _check_common(args) -> tuple:
         raise PrepError(f"--task-index {task_index} is outside 0..{num_tasks - 1} (--num-tasks {num_tasks})")
     if not args.src.exists():
         raise PrepError(f"{args.src}: source does not exist")
+    # inputs are named (and their shards' plans hashed) by their paths under SRC: `data` typed in one run and
+    # `/home/me/data` in its rerun (or an array task started in another folder) must plan the same shards.
+    # abspath, not resolve: per-node copies reached through one symlinked path stay one plan
+    args.src = Path(os.path.abspath(args.src))
     if args.out.exists() and not args.out.is_dir():
         raise PrepError(f"{args.out}: output exists and is not a folder")
     opts = EncodeOptions(max_side=args.max_side, quality=args.quality)
@@ -312,7 +316,9 @@ def run(argv: list[str] | None = None) -> int:
 
         if not args.out.is_dir():
             raise PrepError(f"{args.out}: output folder does not exist")
-        splits = [s.strip() for s in args.splits.split(",")] if args.splits else None
+        splits = [_split_ok(s.strip()) for s in args.splits.split(",") if s.strip()] if args.splits else None
+        if splits == []:
+            raise PrepError(f"--splits {args.splits!r}: name the splits to finalize (e.g. train,val)")
         splits = with_partners(args.out, splits) if splits is not None else None  # a hold-out's other side too
         m = finalize(args.out, splits)
         return _summary(m, sorted(set(m["splits"]) | set(planned_splits(args.out))) if splits is None else splits,

@@ -10,15 +10,17 @@ from __future__ import annotations
 import csv
 import io
 import re
+import sys
 import tarfile
 from array import array
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from .class_list import first_names
 from .errors import PrepError
 from .holdout import Holdout, check_rerun, split_scan
 from .imagefolder import Scan
-from .inputs import KeptRows
+from .inputs import KeptRows, LabelledItems
 from .sources import (FileEntry, Listing, is_hidden, iter_tar_members, last_of_each_name, list_dir, list_tar,
                       open_tar, tar_mtime_ns)
 
@@ -85,7 +87,11 @@ def load_devkit(path: Path) -> Devkit:
                     elif m.isfile() and m.name.endswith("data/ILSVRC2012_validation_ground_truth.txt"):
                         truth = tf.extractfile(m).read().decode("ascii")
         except (tarfile.TarError, OSError, EOFError) as exc:
-            raise PrepError(f"{path}: cannot read devkit archive ({exc})") from None
+            # (tarfile's "could not be opened" lists each compression it tried, a line each: one line here)
+            why = ("not a tar or .tar.gz archive" if str(exc).startswith("file could not be opened")
+                   else str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            raise PrepError(f"{path}: cannot read devkit archive ({why}; --devkit takes "
+                            "ILSVRC2012_devkit_t12.tar.gz or the folder it was extracted to)") from None
     if meta is None or truth is None:
         raise PrepError(f"{path}: devkit lacks data/meta.mat or data/ILSVRC2012_validation_ground_truth.txt")
     return _parse_devkit(meta, truth, str(path))
@@ -178,6 +184,9 @@ class ImageNetSource:
         archive = self.src / (TRAIN_TAR if split == "train" else VAL_TAR)
         folder = self.data / split
         if folder.is_dir():
+            if archive.is_file():  # (a train/ extracted in part would hide the archive without a word)
+                print(f"data_prep: {split}: reading the folder {folder}; {archive} beside it is read only when "
+                      f"there is no {split}/ folder", file=sys.stderr)
             return list_dir(folder), str(folder)
         if archive.is_file():
             return (_list_train_archive(archive) if split == "train" else list_tar(archive)), str(archive)
@@ -267,6 +276,8 @@ def scan_imagenet(src: ImageNetSource, splits: list[str]) -> tuple[dict[str, Sca
             _check_split_folder(listing, Path(where[split]), split)
         raw[split] = _labelled(listing, split, src)
         del listing
+        if not len(raw[split][0].rows) and all(why == "hidden file or folder" for _, why in raw[split][1]):
+            raise _no_images(src, split, where[split])
     dk = src.devkit()
     if dk is not None:
         classes = sorted(dk.names)
@@ -287,7 +298,31 @@ def scan_imagenet(src: ImageNetSource, splits: list[str]) -> tuple[dict[str, Sca
                                                      f"{len(classes)} ILSVRC2012 classes"))
         del kept, dropped
         scans[split] = Scan(classes, names, items, sorted(rejects))
+        if dk is not None:
+            _warn_classes_without_input(split, classes, items)
     return scans, where
+
+
+def _no_images(src: ImageNetSource, split: str, where: str) -> PrepError:
+    """A split with nothing to read, before any work: an empty val/ (made by hand, or a `tar -x` not yet run)
+    was 0 samples, exit 0, and hid the archive beside it."""
+    archive = src.src / (TRAIN_TAR if split == "train" else VAL_TAR)
+    beside = (f"; {archive} beside it is read only when there is no {split}/ folder: remove the folder (or finish "
+              "extracting into it)" if Path(where).is_dir() and archive.is_file() else "")
+    return PrepError(f"{where}: no {split} image in it{beside}")
+
+
+def _warn_classes_without_input(split: str, classes: list[str], items: LabelledItems) -> None:
+    """Classes of the devkit's list with no input in `split` (a train/ folder extracted in part): their labels
+    stay, with no sample, so the run goes on; said here, or a model trained on part of ImageNet is a surprise."""
+    seen = [False] * len(classes)
+    for label in items.labels:
+        seen[label] = True
+    missing = [c for c, here in zip(classes, seen) if not here]
+    if missing:
+        print(f"data_prep: warning: split {split!r} has no input of {len(missing)} of the {len(classes)} devkit "
+              f"classes: {first_names(missing)} (a folder extracted in part?); they keep their labels, with no "
+              "sample", file=sys.stderr)
 
 
 def prepare_imagenet(src: Path, out: Path, splits: list[str], opts: EncodeOptions, seed: int,

@@ -15,7 +15,7 @@ from pipeline.wording import plural
 
 from .columns_file import columns_bytes, columns_entry, columns_name, columns_of_indexes
 from .class_list import first_names, mismatch
-from .done_records import record_with_shard
+from .done_records import BrokenRecord, read_record, record_with_shard
 from .errors import PrepError
 from .format import (MANIFEST_NAME, MANIFEST_VERSION, PLAN_NAME, REJECTS_NAME, WORK_DIR, ManifestError,
                      load_manifest, plan_path, shard_file_pattern, work_dir)
@@ -64,7 +64,8 @@ def split_entry(out: Path, split: str) -> tuple[dict, dict, list[dict], list[tup
     if missing:
         more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
         raise PrepError(f"{out}: split {split!r} is incomplete, {plural(len(missing), 'shard')} not done: "
-                        f"{', '.join(missing[:5])}{more}; run the remaining tasks (or rerun) first")
+                        f"{', '.join(missing[:5])}{more}; run the remaining tasks (or rerun) first"
+                        + _other_plan(out, split, plan, missing))
     samples = sum(s["samples"] for s in shards)
     if samples + len(rejects) != plan["inputs"]:
         raise PrepError(f"{out}: split {split!r}: {samples} written + {len(rejects)} rejected != "
@@ -86,6 +87,27 @@ def _remove_stale_shards(out: Path, split: str, keep: set[str]) -> None:
             p.unlink()
 
 
+def _other_plan(out: Path, split: str, plan: dict, missing: list[str]) -> str:
+    """What to add when shards not done were built, to another plan: tasks that read other inputs (SRC at
+    another path on each node, a `cp -r` copy with new times) each make the others' shards stale, so running
+    the remaining tasks again never ends it."""
+    planned = {s["name"]: s["plan_hash"] for s in plan["shards"]}
+    other = []
+    for name in missing:
+        try:
+            rec = read_record(out, split, name)
+        except BrokenRecord:
+            continue
+        if rec is not None and rec["plan_hash"] != planned[name]:
+            other.append(name)
+    if not other:
+        return ""
+    return (f"; {plural(len(other), 'of them was', 'of them were')} built to another plan than "
+            f"{plan_path(out, split)} (written by the task that started last): tasks that read SRC at different "
+            "paths, or copies of it with other sizes or modification times, make each other's shards stale, so "
+            "every task must read the same SRC path (per-node copies at one path, made with cp -a or rsync -a)")
+
+
 def _write_columns(out: Path, split: str, shards: list[dict]) -> dict:
     """Write the split's columns file (its samples' read positions, from the indexes: one file for a training
     rank to read, not one per shard); return its manifest field."""
@@ -103,6 +125,8 @@ def finalize(out: str | Path, splits: list[str] | None = None) -> dict:
     carved by a hold-out brings the other side along. One finalize of an OUT at a time (``manifest_lock``).
     A split whose labels count a shorter class list than a bigger split written with it is left out, with a
     warning (the returned manifest lacks it)."""
+    if not (Path(out) / WORK_DIR).is_dir():  # not an OUT (a typo'd folder): nothing written there, not even a lock
+        raise PrepError(f"{out}: nothing to finalize (no {WORK_DIR}/<split>/{PLAN_NAME}; run a prep command first)")
     with manifest_lock(Path(out)):
         return _finalize(Path(out), splits)
 

@@ -239,6 +239,9 @@ def test_top_level_source_is_where_every_split_came_from(tmp_path):
     (["imagefolder", ".", "OUT", "--split", "train", "--shard-size", "12 parsecs"], "--shard-size"),
     (["imagefolder", ".", "OUT", "--split", "a/b"], "--split"),
     (["finalize", "/nonexistent/out"], "/nonexistent/out"),
+    (["finalize", "TMP", "--splits", " , "], "--splits ' , ': name the splits to finalize"),
+    (["finalize", "TMP", "--splits", "train,../val"], "'../val'"),
+    (["finalize", "TMP"], "nothing to finalize"),
     (["imagefolder", ".", "OUT"], "--split"),
     (["imagefolder", "GZ", "OUT", "--split", "train"], "not an uncompressed tar"),
     (["verify", "/nonexistent/out"], "/nonexistent/out/manifest.json"),
@@ -247,9 +250,11 @@ def test_top_level_source_is_where_every_split_came_from(tmp_path):
 def test_cli_errors_one_line_exit_2(args, fragment, tmp_path):
     import gzip
     (tmp_path / "x.tar.gz").write_bytes(gzip.compress(b"not really a tar"))
-    args = [a.replace("OUT", str(tmp_path / "o")).replace("GZ", str(tmp_path / "x.tar.gz")) for a in args]
+    args = [a.replace("OUT", str(tmp_path / "o")).replace("GZ", str(tmp_path / "x.tar.gz"))
+            .replace("TMP", str(tmp_path)) for a in args]
     r = subprocess.run([sys.executable, "-m", "data_prep", *args], capture_output=True, text=True)
     assert r.returncode == 2, r.stderr
+    assert not (tmp_path / ".work").exists()  # a finalize of a folder that is no OUT leaves nothing there
     assert fragment in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 

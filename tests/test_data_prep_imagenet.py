@@ -154,3 +154,49 @@ def test_a_compressed_image_archive_is_named_with_what_to_do(archives, tmp_path,
     assert (f"{src / 'ILSVRC2012_img_val.tar.gz'}: a compressed ILSVRC2012_img_val.tar; the images are read from the "
             "uncompressed archive by byte offset: decompress it first") in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_an_empty_or_partial_split_folder_beside_the_archive_is_said(archives, tmp_path, capsys):
+    """An empty val/ beside ILSVRC2012_img_val.tar was 0 samples, exit 0; a train/ extracted in part was read
+    in place of the archive with no word, the devkit classes it lacks with no sample."""
+    root, exp = archives
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar", "ILSVRC2012_devkit_t12.tar.gz"):
+        (src / name).symlink_to(root / name)
+    (src / "val").mkdir()
+    (src / "val" / ".DS_Store").write_bytes(b"\0")
+    out = tmp_path / "out"
+    assert main(["imagenet", str(src), str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert (f"error: {src / 'val'}: no val image in it; {src / 'ILSVRC2012_img_val.tar'} beside it is read only when "
+            "there is no val/ folder: remove the folder (or finish extracting into it)") in err, err
+    assert not out.exists()  # refused before any work
+    (src / "val" / ".DS_Store").unlink()
+    (src / "val").rmdir()
+    one = exp["wnids"][0]
+    for name, (data, w) in exp["train"].items():
+        if w == one:
+            (src / "train" / name).parent.mkdir(parents=True, exist_ok=True)
+            (src / "train" / name).write_bytes(data)
+    assert main(["imagenet", str(src), str(out), "--splits", "train", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert (f"data_prep: train: reading the folder {src / 'train'}; {src / 'ILSVRC2012_img_train.tar'} beside it "
+            "is read only when there is no train/ folder") in err, err
+    rest = exp["wnids"][1:]
+    assert (f"data_prep: warning: split 'train' has no input of {len(rest)} of the {len(exp['wnids'])} devkit "
+            f"classes: {rest[:5]}") in err, err
+    m = load_manifest(out)
+    assert m["splits"]["train"]["class_counts"] == [6] + [0] * len(rest)
+
+
+def test_a_devkit_that_is_not_an_archive_is_said_in_one_line(archives, tmp_path, capsys):
+    root, _ = archives
+    bad = tmp_path / "devkit.tar.gz"
+    bad.write_text("ImageId,PredictionString\n")
+    assert main(["imagenet", str(root), str(tmp_path / "o"), "--splits", "val", "--devkit", str(bad),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert (f"error: {bad}: cannot read devkit archive (not a tar or .tar.gz archive; --devkit takes "
+            "ILSVRC2012_devkit_t12.tar.gz or the folder it was extracted to)") in err, err

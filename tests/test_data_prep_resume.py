@@ -265,6 +265,38 @@ def test_array_tasks_then_finalize_equals_single_run(tree, tmp_path, monkeypatch
         [s["sha256"] for s in load_manifest(single)["splits"]["train"]["shards"]]
 
 
+def test_array_tasks_started_in_other_folders_share_one_plan(tree, tmp_path, monkeypatch, capsys):
+    """SRC typed relative in one task and absolute in another (or symlinked): the same plan, so finalize
+    lists every shard and a rerun keeps them all. SRC at two paths (per-node copies put in other places)
+    are two plans: finalize says so instead of asking to run the remaining tasks (which never ends it)."""
+    common = ["--split", "train", "--samples-per-shard", "6", "--workers", "1", "--no-progress"]
+    single = tmp_path / "single"
+    assert main(["imagefolder", str(tree), str(single), *common]) == 0
+    arr = tmp_path / "array"
+    monkeypatch.chdir(tree.parent)
+    assert main(["imagefolder", tree.name, str(arr), *common, "--task-index", "0", "--num-tasks", "2"]) == 0
+    monkeypatch.chdir(tree)
+    assert main(["imagefolder", ".", str(arr), *common, "--task-index", "1", "--num-tasks", "2"]) == 0
+    assert main(["finalize", str(arr)]) == 0
+    assert outputs(arr) == outputs(single)
+    capsys.readouterr()
+    assert main(["imagefolder", str(tree) + "/", str(arr), *common]) == 0  # everything kept: nothing rebuilt
+    assert "rebuilt" not in capsys.readouterr().err and outputs(arr) == outputs(single)
+
+    copy = tmp_path / "node-b" / "data"
+    copy.parent.mkdir()
+    subprocess.run(["cp", "-a", str(tree), str(copy)], check=True)
+    apart = tmp_path / "apart"
+    assert main(["imagefolder", str(tree), str(apart), *common, "--task-index", "0", "--num-tasks", "2"]) == 0
+    assert main(["imagefolder", str(copy), str(apart), *common, "--task-index", "1", "--num-tasks", "2"]) == 0
+    capsys.readouterr()
+    assert main(["finalize", str(apart)]) == 2
+    err = capsys.readouterr().err
+    n = len(range(0, len(list(single.glob("train-*.tar"))), 2))
+    assert f"{n} of them were built to another plan than {apart}/.work/train/plan.json" in err, err
+    assert "every task must read the same SRC path" in err, err
+
+
 def test_a_rerun_with_other_settings_unlists_the_split_until_it_is_finalized(tree, tmp_path, capsys):
     """Shards are rebuilt in place: an array task of a rerun with another seed replaced half of them while
     manifest.json still listed the old ones, sizes alike (10 KiB records), so the loaders read a mix (some
