@@ -129,9 +129,15 @@ def _now() -> str:
 
 
 def job_name(text: str) -> str:
-    """A job name made only of safe characters (it lands in an #SBATCH line)."""
+    """A job name made only of safe characters (it lands in an #SBATCH line). Not ``bash`` or ``interactive``:
+    Lightning takes a Slurm job of that name for an interactive session and does not see its ranks (each
+    would train alone)."""
     name = re.sub(r"[^A-Za-z0-9_.+-]", "_", text).strip("_")
-    return name[:64] or "job"
+    name = name[:64] or "job"
+    if name in ("bash", "interactive"):
+        raise LaunchError(f"--job-name {text}: Lightning takes a Slurm job named {name!r} for an interactive "
+                          "session and would not see the job's ranks (each would train alone); choose another name")
+    return name
 
 
 @dataclass

@@ -116,7 +116,8 @@ def _jobs(ids: list[str]) -> tuple[str, list[slurm.JobRow] | None, str]:
     try:
         rows = slurm.squeue(ids)
         for r in rows:
-            r.restarts = slurm.scontrol_restarts(r.job_id.split("_")[0])
+            # the task's own (`scontrol show job 12` lists every task of the array: the first one's count)
+            r.restarts = slurm.scontrol_restarts(r.job_id)
     except LaunchError as e:
         why = _first_error_line(str(e))
         return unavailable.format(why), None, why

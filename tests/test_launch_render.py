@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -385,7 +386,7 @@ def _exports_before_srun(script: str, env: dict[str, str]) -> dict[str, str]:
     """Run a script's set-up (up to its start line; without the Slurm queries) and return the exports."""
     lines = script.splitlines()
     setup = [line for line in lines[:next(i for i, x in enumerate(lines) if x.startswith('echo "launch:'))]
-             if not line.startswith(("first_node=", "MASTER_ADDR=", "export MASTER", "cd "))]
+             if not line.startswith(("first_node=", 'if [ -z "$first_node" ]', "MASTER_ADDR=", "export MASTER", "cd "))]
     out = subprocess.run(["bash", "-c", "\n".join(setup) + "\nenv -0"], capture_output=True, text=True,
                          env={"PATH": os.environ["PATH"], "SLURM_JOB_ID": "7", **env}, check=True)
     return dict(item.split("=", 1) for item in out.stdout.split("\0") if "=" in item)
@@ -405,6 +406,21 @@ def test_srun_gets_the_jobs_cpus_per_task(tmp_path: Path, cfg: Path) -> None:
     for script, cpus in ((train.stdout, "12"), (array, "4")):
         assert _exports_before_srun(script, {"SLURM_CPUS_PER_TASK": cpus})["SRUN_CPUS_PER_TASK"] == cpus
         assert "SRUN_CPUS_PER_TASK" not in _exports_before_srun(script, {})  # no --cpus-per-task: srun's default
+
+
+@pytest.mark.parametrize("name", ["bash", "interactive"])
+def test_a_job_name_lightning_takes_for_an_interactive_session_is_refused(tmp_path: Path, cfg: Path,
+                                                                          name: str) -> None:
+    """Lightning's SLURMEnvironment stands aside for a job named bash or interactive: every rank of such a job
+    trained alone, each on all the data."""
+    r = launch("submit", "train", "--config", str(cfg), "--time", "1:00:00", "--job-name", name,
+               "--run-dir", str(tmp_path / "run"), "--dry-run", cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert f"launch: error: --job-name {name}: Lightning takes a Slurm job named '{name}' for an interactive" \
+        in r.stderr, r.stderr
+    ok = launch("submit", "train", "--config", str(cfg), "--time", "1:00:00", "--job-name", f"{name}-1",
+                "--run-dir", str(tmp_path / "run"), "--dry-run", cwd=tmp_path)
+    assert ok.returncode == 0 and f"#SBATCH --job-name={name}-1\n" in ok.stdout, ok.stderr
 
 
 def test_a_bad_default_run_dir_says_it_is_the_default(tmp_path: Path) -> None:
@@ -457,14 +473,22 @@ fi
 exit "$rc"
 """
 FAKE_SCONTROL = """#!/bin/bash
+# a controller away: the first N calls of SUBCOMMAND fail where $RUN/scontrol-fails has a line "SUBCOMMAND N"
+fails=$(sed -n "s/^$1 //p" "$RUN/scontrol-fails" 2>/dev/null)
+if [ -n "$fails" ] && [ "$fails" -gt 0 ]; then
+  sed -i "s/^$1 .*/$1 $((fails - 1))/" "$RUN/scontrol-fails"
+  echo "scontrol: error: Unable to contact slurm controller (connect failure)" >&2
+  exit 1
+fi
 case "$1" in
-  show) [ "$2" = hostnames ] && echo n1 || echo "NodeName=n1 NodeAddr=10.0.0.1" ;;
+  show) if [ "$2" = hostnames ]; then echo n1; seq -f 'n%g' 2 "${NODES:-1}"; else echo "NodeName=n1 NodeAddr=10.0.0.1"; fi ;;
   requeue) echo "$2" >> "$RUN/requeues" ;;
 esac
 """
 
 
-def _attempts(tmp_path: Path, cfg: Path, plan: list[str], max_failures: int = 2) -> list[tuple[int, bool]]:
+def _attempts(tmp_path: Path, cfg: Path, plan: list[str], max_failures: int = 2,
+              env_extra: dict[str, str] | None = None) -> list[tuple[int, bool]]:
     """Run the rendered train script once per entry of ``plan`` ("RC [trainer output]") with a fake srun and
     scontrol, as Slurm would run a job and its requeues; (exit status, requeued?) per attempt."""
     run = tmp_path / "run"
@@ -480,7 +504,7 @@ def _attempts(tmp_path: Path, cfg: Path, plan: list[str], max_failures: int = 2)
         (bindir / name).chmod(0o755)
     (tmp_path / "plan").write_text("\n".join(plan) + "\n")
     env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "PLAN": str(tmp_path / "plan"),
-           "RUN": str(run), "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "n1"}
+           "RUN": str(run), "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "n1", **(env_extra or {})}
     out = []
     for attempt in range(len(plan)):
         requeues = (run / "requeues").read_text().count("\n") if (run / "requeues").exists() else 0
@@ -500,6 +524,45 @@ def test_train_script_requeues_crashes_until_they_stop_making_progress(tmp_path:
     log = (tmp_path / "run" / "slurm-4242.out").read_text()
     assert "failure 2 of at most 2 without a new checkpoint; requeueing job 4242" in log
     assert "srun failed (exit 137), 3 times in a row without a new checkpoint; not requeueing job 4242" in log
+
+
+def test_train_script_rides_out_a_controller_away_for_some_seconds(tmp_path: Path, cfg: Path) -> None:
+    """Under `set -e`, one failed scontrol ended the job FAILED, not requeued: the rendezvous lookup at the start
+    (a controller busy or failing over; or the node list of a big job, whose scontrol `head -n 1` killed with
+    SIGPIPE), the requeue after a crash (counted as a failure, then lost) and the requeue the trainer could not
+    make before the time limit. Each is asked again; one that never answers ends with what to do."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "scontrol-fails").write_text("show 3\nrequeue 2\n")
+    quick = {"LAUNCH_SCONTROL_RETRY_S": "0", "NODES": "40000"}  # a node list well past a pipe's 64 KiB
+    assert _attempts(tmp_path, cfg, ["137", "0 requeue of Slurm job 4242 failed: connect failure"],
+                     env_extra=quick) == [(0, True), (0, True)]
+    log = slurm_log(run, "4242").read_text()
+    assert "launch: scontrol show failed (try 3 of 5); asking again in 0 s" in log, log
+    assert " master 10.0.0.1:" in log, log  # the address the lookup gave, after the retries
+    assert ("launch: scontrol requeue 4242 failed (try 2 of 5): scontrol: error: Unable to contact slurm controller "
+            "(connect failure)") in log, log
+    assert "requeueing it from the batch script" in log
+    (run / "scontrol-fails").write_text("requeue 10\n")
+    (run / "requeues").unlink()
+    (tmp_path / "plan.n").unlink()
+    shutil.rmtree(tmp_path / "bin")
+    assert _attempts(tmp_path, cfg, ["137", "0 requeue of Slurm job 4242 failed: connect failure"],
+                     env_extra=quick) == [(137, False), (1, False)]
+    log = slurm_log(run, "4242").read_text()
+    assert (f"launch: could not requeue job 4242 (scontrol failed 5 times); resubmit {run / TRAIN_SCRIPT} to resume "
+            "from its last checkpoint") in log, log
+    assert (f"launch: could not requeue job 4242 (scontrol failed 5 times); its last checkpoint is saved: resubmit "
+            f"{run / TRAIN_SCRIPT} to resume from it") in log, log
+
+
+def test_train_script_finds_its_attempt_after_an_unfinished_last_line(tmp_path: Path, cfg: Path) -> None:
+    """An attempt killed mid-line left the log without a final newline: the next attempt's start line was
+    appended to it, and what that attempt said (a trainer's `error:`) was not found, so it was requeued."""
+    run = tmp_path / "run"
+    run.mkdir()
+    slurm_log(run, "4242").write_text("epoch 3:  41%|####     | 41/100 [00:12<00:17")
+    assert _attempts(tmp_path, cfg, ["2 error: model.lr: expected a float"]) == [(2, False)]
 
 
 def test_train_script_never_requeues_a_trainer_error_or_a_success(tmp_path: Path, cfg: Path) -> None:

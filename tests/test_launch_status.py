@@ -396,15 +396,17 @@ def test_status_of_a_prep_run_directory_shows_shards_and_manifest_not_checkpoint
             f"finalize {out} --splits val` lists it or says why)\n") in status()
 
 
-def _status_with_stand_ins(tmp_path: Path, sacct_lines: str, squeue_lines: str) -> tuple[list[list[str]], str]:
+def _status_with_stand_ins(tmp_path: Path, sacct_lines: str, squeue_lines: str,
+                           sacct_fails: str = "") -> tuple[list[list[str]], str]:
     """`launch status` of a prep run directory (array job 12, finalize job 13) whose sacct and squeue are
-    stand-ins printing ``sacct_lines`` and ``squeue_lines``: the table's job rows, split at spaces, and the
-    arguments squeue got."""
+    stand-ins printing ``sacct_lines`` and ``squeue_lines`` (``sacct_fails``: sacct's error instead): the table's
+    job rows, split at spaces, and the arguments squeue got."""
     from launch.rundir import record_job
 
     bindir, run = tmp_path / "bin", tmp_path / "shards-slurm"
-    bindir.mkdir()
-    (bindir / "sacct").write_text(f"#!/bin/sh\nprintf '{sacct_lines}'\n")
+    bindir.mkdir(exist_ok=True)
+    (bindir / "sacct").write_text(f"#!/bin/sh\necho '{sacct_fails}' >&2\nexit 1\n" if sacct_fails else
+                                  f"#!/bin/sh\nprintf '{sacct_lines}'\n")
     (bindir / "squeue").write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path}/squeue.args\nprintf '{squeue_lines}'\n")
     for tool in ("sacct", "squeue"):
         (bindir / tool).chmod(0o755)
@@ -414,6 +416,23 @@ def _status_with_stand_ins(tmp_path: Path, sacct_lines: str, squeue_lines: str) 
     assert r.returncode == 0, r.stderr
     rows = [line.split() for line in r.stdout.splitlines() if line.startswith("  1")]
     return rows, (tmp_path / "squeue.args").read_text()
+
+
+def test_an_array_tasks_restarts_without_accounting_are_its_own(tmp_path: Path) -> None:
+    """Accounting off: restarts come from `scontrol show job`. Asked for the array job (12), scontrol lists every
+    task and the first one's count stood for all; each task is asked for by its own id now."""
+    (tmp_path / "bin").mkdir()
+    scontrol = tmp_path / "bin" / "scontrol"
+    scontrol.write_text('#!/bin/sh\ncase "$4" in\n'
+                        '  12) echo "JobId=12 ArrayTaskId=0 Restarts=0"; echo "JobId=13 ArrayTaskId=1 Restarts=2" ;;\n'
+                        '  12_0) echo "JobId=12 ArrayJobId=12 ArrayTaskId=0 Restarts=0" ;;\n'
+                        '  12_1) echo "JobId=13 ArrayJobId=12 ArrayTaskId=1 Restarts=2" ;;\n'
+                        '  *) exit 1 ;;\nesac\n')
+    scontrol.chmod(0o755)
+    rows, _ = _status_with_stand_ins(
+        tmp_path, "", "12_0|prep-imagefolder-train|RUNNING|0:10|None\\n12_1|prep-imagefolder-train|RUNNING|0:05|None\\n",
+        sacct_fails="sacct: error: Slurm accounting storage is disabled")
+    assert [(r[0], r[4]) for r in rows] == [("12_0", "0"), ("12_1", "2")], rows
 
 
 def test_a_job_accounting_has_not_recorded_yet_comes_from_squeue(tmp_path: Path) -> None:
