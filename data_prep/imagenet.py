@@ -269,6 +269,11 @@ def _check_split_folder(listing: Listing, folder: Path, split: str) -> None:
 
 def scan_imagenet(src: ImageNetSource, splits: list[str]) -> tuple[dict[str, Scan], dict[str, str]]:
     """Scan the requested splits with one shared class list; returns ({split: Scan}, {split: where})."""
+    # what labels the splits needs, before the listing (minutes on the train archive): a bad --devkit, or a
+    # val archive with nothing to label it by, was said only after it
+    src.devkit()
+    if "val" in splits and not (src.data / "val").is_dir() and (src.src / VAL_TAR).is_file():
+        src.val_labels()
     raw, where = {}, {}
     for split in splits:
         listing, where[split] = src.list_split(split)

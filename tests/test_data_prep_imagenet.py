@@ -86,6 +86,15 @@ def test_flat_val_without_labels_is_a_clear_error(archives, tmp_path, capsys):
     assert "LOC_val_solution.csv" in capsys.readouterr().err
     assert main(["imagenet", str(src), str(tmp_path / "o"), "--splits", "train", "--no-progress"]) == 2
     assert "ILSVRC2012_img_train.tar" in capsys.readouterr().err
+    # said before the train archive is listed (minutes on the real one): here one that cannot be read at all
+    (src / "ILSVRC2012_img_train.tar").write_bytes(b"not a tar" * 200)
+    assert main(["imagenet", str(src), str(tmp_path / "o"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "val images are not in class folders and no labels were found" in err, err
+    bad = tmp_path / "devkit.tar.gz"
+    bad.write_bytes(b"not a devkit")
+    assert main(["imagenet", str(src), str(tmp_path / "o"), "--devkit", str(bad), "--no-progress"]) == 2
+    assert f"{bad}: cannot read devkit archive" in capsys.readouterr().err
 
 
 def test_kaggle_layout_with_synset_mapping(tmp_path):
