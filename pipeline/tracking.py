@@ -99,12 +99,16 @@ class RunIdInCheckpoint(Callback):
 class CheckpointStep(Callback):
     """An evaluation (``validate``, ``test``) of a training checkpoint logs at that checkpoint's step and epoch,
     where its training logged (``trainer/global_step``, the x-axis of the W&B group's charts): evaluations
-    of several checkpoints line up with the training's curves instead of all sitting at step 0."""
+    of several checkpoints line up with the training's curves instead of all sitting at step 0.
+
+    That step is the checkpoint's ``global_step`` less one: the training logs a batch's rows, and the
+    validation that follows it, before it counts the batch's optimizer step in the loggers' step (the
+    validation of the weights after step 36 sits at step 35); ``global_step`` counts it."""
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         if trainer.state.fn in ("validate", "test"):
             # the loops are not restored for an evaluation: these two feed only the logged step and epoch
-            trainer.fit_loop.epoch_loop._batches_that_stepped = int(checkpoint.get("global_step", 0))
+            trainer.fit_loop.epoch_loop._batches_that_stepped = max(int(checkpoint.get("global_step", 0)) - 1, 0)
             trainer.fit_loop.epoch_progress.current.completed = int(checkpoint.get("epoch", 0))
 
 

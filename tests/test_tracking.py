@@ -123,7 +123,7 @@ def test_validate_in_a_run_directory_logs_apart_from_its_training(digits_shards,
     leaves the training's metrics.csv and W&B run as they were: it appended a step-0 row and wrote a second
     offline run under the training's id before."""
     run = tmp_path / "run"
-    _fit(digits_shards, run, 4)
+    _fit(digits_shards, run, 11)  # epoch 0 has 11 steps: validation at its end, the last rows
     run_id = (run / "wandb_run_id").read_text().strip()
     training_csv = (run / "csv" / "metrics.csv").read_bytes()
     out = run_module(
@@ -140,15 +140,19 @@ def test_validate_in_a_run_directory_logs_apart_from_its_training(digits_shards,
     top1 = [float(r["val/top1"]) for r in rows if r.get("val/top1")]
     assert len(top1) == 1 and f"{top1[0]:.4f}"[:5] in out.stdout, (top1, out.stdout[-2000:])
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert ckpt["global_step"] == 4
-    # at the checkpoint's step and epoch, where its training logged (they all sat at step 0, epoch 0)
-    assert [(int(r["step"]), int(r["epoch"])) for r in rows if r.get("val/top1")] == [(4, ckpt["epoch"])], rows
+    assert ckpt["global_step"] == 11
+    # at the step and epoch where its training logged the validation of these weights (they all sat at step 0,
+    # epoch 0; then one step later, at the checkpoint's global_step)
+    with open(run / "csv" / "metrics.csv") as f:
+        trained = [(int(r["step"]), int(r["epoch"])) for r in csv.DictReader(f) if r.get("val/top1")]
+    assert trained == [(10, 0)], trained
+    assert [(int(r["step"]), int(r["epoch"])) for r in rows if r.get("val/top1")] == trained, rows
     assert "\x1b[" not in out.stdout + out.stderr, out.stdout[-2000:]  # the evaluation's run is finished too
     evals = list((run / "validate" / "wandb").glob("offline-run-*"))
     assert len(evals) == 1 and not evals[0].name.endswith("-" + run_id), evals
     assert run_id.encode() in next(evals[0].glob("*.wandb")).read_bytes(), "grouped with the training's run"
     steps = [row["trainer/global_step"] for row in _wandb_history(next(evals[0].glob("*.wandb"))) if "val/top1" in row]
-    assert steps == [4], steps
+    assert steps == [10], steps
     assert list((run / "validate" / "tensorboard").glob("version_0/events.*"))
     leaks = [p for p in run.rglob("*") if p.is_file() and FAKE_KEY.encode() in p.read_bytes()]
     assert not leaks, f"API key found in {leaks}"
