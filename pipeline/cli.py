@@ -42,7 +42,7 @@ from pipeline.branch_origin import KEY as BRANCH_KEY
 from pipeline.branch_origin import BranchOrigin, resume_point
 from pipeline.branch_record import origin_name, recorded_origin
 from pipeline.checkpoint_io import AtomicCheckpointIO, recover_directories, remove_best_after
-from pipeline.checkpoint_read import read_checkpoint
+from pipeline.checkpoint_read import read_checkpoint, verify_checkpoint
 from pipeline.config_history import changed_settings, keep_earlier_config
 from pipeline.data.shards import CorruptSampleError
 from pipeline.data.open_files import open_files_advice, out_of_file_descriptors, raise_open_files_limit
@@ -70,7 +70,7 @@ from pipeline.torchrun_stop import a_peer_ended
 from pipeline import preemption, provenance
 from pipeline.preemption import Preemption
 from pipeline.rank_agreement import RankAgreement, flat_settings
-from pipeline.wandb_backlog import WandbBacklog
+from pipeline.wandb_backlog import WandbBacklog, held_rows, log_rows_of_complete_run
 from pipeline.wandb_service import finish_pending_wandb_run
 from pipeline.progress import console_progress
 from pipeline.provenance_callback import ProvenanceRecord
@@ -485,6 +485,7 @@ class PipelineCLI(LightningCLI):
             if branch:
                 raise ConfigError(f"trainer.max_steps {steps}: {path} is at step {done} already, so a branch from it "
                                   f"into {run_dir} would train nothing; give a larger trainer.max_steps")
+            self._log_held_wandb_rows(cfg, run_dir, path, meta)
             raise RunComplete(f"the run is complete: {path} is at step {done} and trainer.max_steps is {steps}; "
                               f"nothing to train (a larger trainer.max_steps trains on)")
         epochs, position = cfg.trainer.get("max_epochs"), meta.get(ShardDataModule.__qualname__) or {}
@@ -494,6 +495,7 @@ class PipelineCLI(LightningCLI):
                 raise ConfigError(f"trainer.max_epochs {epochs}: {path} ends epoch {int(position['epoch']) - 1} "
                                   f"already, so a branch from it into {run_dir} would train nothing; give a larger "
                                   f"trainer.max_epochs")
+            self._log_held_wandb_rows(cfg, run_dir, path, meta)
             raise RunComplete(f"the run is complete: {path} ends epoch {int(position['epoch']) - 1} and "
                               f"trainer.max_epochs is {epochs}; nothing to train (a larger trainer.max_epochs trains on)")
         _say(f"resuming from {path}{_at_step(meta, ' at step {}')}")
@@ -508,6 +510,20 @@ class PipelineCLI(LightningCLI):
             self._branched_from = (str(path), meta.get(RUN_ID_KEY))
             self._branch_origin = origin_name(path)  # RUN/branched_from once restored (BranchOrigin)
         self._adapt_geometry(cfg, path, meta.get(ShardDataModule.__qualname__) or {})
+
+    @staticmethod
+    def _log_held_wandb_rows(cfg, run_dir: Path, path: str | Path, meta: dict) -> None:
+        """The W&B rows a start stopped by a SIGTERM in its last steps held (its final validation): a start that
+        finds the run complete logs them (global rank 0), or W&B would never get the run's last val/top1."""
+        if not cfg.tracking.wandb or not is_global_rank_zero() or not held_rows(meta, Path(path).parent):
+            return
+        tracking = TrackingConfig(wandb=True, project=cfg.tracking.project, name=cfg.tracking.name, csv=False,
+                                  tensorboard=False)
+        loggers = make_loggers(tracking, run_dir, run_id(run_dir, from_checkpoint=meta.get(RUN_ID_KEY)))
+        rows = held_rows(meta, Path(path).parent)
+        if n := log_rows_of_complete_run(loggers[0], path, meta):
+            _say(f"W&B: logged the {n} metric rows its last start held after a SIGTERM (last at step "
+                 f"{rows[-1]['step']})")
 
     @staticmethod
     def _default_checkpoint(cfg, sub: str, last: Path) -> None:
@@ -544,6 +560,7 @@ class PipelineCLI(LightningCLI):
         if not Path(path).exists():
             raise ConfigError(f"ckpt_path: checkpoint {path} does not exist")
         meta = read_checkpoint(path)
+        verify_checkpoint(path)
         if not Path(path).is_dir() and "pytorch-lightning_version" not in meta:
             use = (f"start from weights with --model.init_weights {path}" if resume else
                    f"score weights with --ckpt_path null --model.init_weights {path}")

@@ -25,7 +25,7 @@ import torch
 
 from pipeline import provenance
 from pipeline.checkpoint_io import atomic_write_bytes
-from pipeline.checkpoint_read import read_checkpoint, unreadable
+from pipeline.checkpoint_read import read_checkpoint, unreadable, verify_checkpoint
 from pipeline.deepspeed_layout import LIGHTNING_TAG, refuse_folder_of_checkpoints, saved_tag
 from pipeline.errors import ConfigError
 from pipeline.export_temp_files import describe, remove_killed, temp_path
@@ -89,6 +89,7 @@ def state_dict_from_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     p = Path(path)
     if p.is_dir():
         refuse_folder_of_checkpoints(p)
+        verify_checkpoint(p)
         try:
             return _network_only(_zero_state_dict(p))
         except (FileNotFoundError, ValueError) as e:
@@ -99,6 +100,7 @@ def state_dict_from_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
             raise ConfigError(f"{p}: not a readable DeepSpeed checkpoint directory: {where}") from None
     if not p.is_file():
         raise ConfigError(f"checkpoint {p} does not exist")
+    verify_checkpoint(p)
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=False, mmap=True)
     except RuntimeError as e:

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 MAX_HELD = 1000  # rows: a stop comes within a validation of the signal; this only bounds a pathology
 AFTER_SAVE = "wandb_rows_after_save.json"  # in the checkpoint folder
+LOGGED = "wandb_rows_logged.json"  # in the checkpoint folder: the checkpoint whose held rows a complete start logged
 
 
 class _NoSendToDeadService(logging.Filter):
@@ -119,9 +120,10 @@ class WandbBacklog(pl.Callback):
         self.held = list(state.get("held") or [])
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Log what the previous run held to the (resumed) W&B run; dropped when this run has no W&B."""
+        """Log what the previous run held to the (resumed) W&B run; dropped when this run has no W&B, or when
+        a start that found the run complete logged them already (``log_rows_of_complete_run``)."""
         held, self.held = self.held + self._rows_after_save(trainer), []
-        if not held or not trainer.is_global_zero:
+        if not held or not trainer.is_global_zero or _logged_already(trainer.ckpt_path):
             return
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
@@ -188,3 +190,57 @@ class WandbBacklog(pl.Callback):
         if not isinstance(kept, dict) or kept.get("global_step") != trainer.global_step:
             return []  # another start (an older checkpoint, a fresh run): those steps run again
         return [row for row in kept.get("rows", []) if isinstance(row, dict) and "metrics" in row]
+
+
+def _stamp(path: str | Path) -> str | None:
+    """A checkpoint file's identity: it is replaced at every save (a new inode), never rewritten in place."""
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return None
+    return f"{st.st_ino}.{st.st_mtime_ns}"
+
+
+def _logged_already(ckpt_path: str | Path | None) -> bool:
+    if ckpt_path is None or (stamp := _stamp(ckpt_path)) is None:
+        return False
+    try:
+        return json.loads((Path(ckpt_path).parent / LOGGED).read_text()).get("checkpoint") == stamp
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def held_rows(checkpoint: dict, checkpoint_dir: Path) -> list[dict]:
+    """The W&B rows a stopped start held for the next one: those saved in `checkpoint`, then those it logged
+    after that save (``AFTER_SAVE``, when it is of the checkpoint's step)."""
+    state = (checkpoint.get("callbacks") or {}).get("WandbBacklog") or {}
+    rows = [row for row in state.get("held") or [] if isinstance(row, dict) and "metrics" in row]
+    try:
+        kept = json.loads((checkpoint_dir / AFTER_SAVE).read_text())
+    except (OSError, ValueError):
+        return rows
+    if isinstance(kept, dict) and kept.get("global_step") == checkpoint.get("global_step"):
+        rows += [row for row in kept.get("rows", []) if isinstance(row, dict) and "metrics" in row]
+    return rows
+
+
+def log_rows_of_complete_run(wandb_logger: Logger, ckpt_path: str | Path, checkpoint: dict) -> int:
+    """A start that finds the run complete (nothing to train) logs what its last start held for W&B: a
+    SIGTERM in the last validation (Slurm's preemption, whose requeue is this start) left the run's final
+    val/top1 in the checkpoint, and no resume would ever log it. Once per checkpoint (``LOGGED``); a resume of
+    that checkpoint (a larger max_steps) does not log them again. Returns the rows logged."""
+    ckdir = Path(ckpt_path).parent
+    rows = held_rows(checkpoint, ckdir)
+    if not rows or _logged_already(ckpt_path):
+        return 0
+    for row in rows:
+        wandb_logger.log_metrics(row["metrics"], row["step"])
+    finish_wandb_run(exit_code=0)
+    from pipeline.checkpoint_io import atomic_write_bytes
+
+    try:
+        atomic_write_bytes(json.dumps({"checkpoint": _stamp(ckpt_path)}).encode(), ckdir / LOGGED)
+    except OSError as e:  # logged; a later start may log them again
+        log.warning("W&B: cannot record that the held rows were logged (%s)", e)
+    (ckdir / AFTER_SAVE).unlink(missing_ok=True)
+    return len(rows)

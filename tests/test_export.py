@@ -19,6 +19,7 @@ from pipeline.export import main as export_main
 from pipeline.run_layout import CONFIG_FILE, last_checkpoint
 from tests import preloaded_python
 from tests.conftest import REPO, run_cli_in_process, run_module
+from tests.damaged_checkpoints import flip_a_weight_byte
 
 CONF = str(REPO / "conf" / "demo.yaml")
 
@@ -74,6 +75,14 @@ def test_an_unreadable_checkpoint_is_said_in_words(trained, tmp_path, capsys):
         assert export_main([str(tmp_path / name), str(tmp_path / "out.pt")]) == 2
         assert _error(capsys) == f"error: cannot read checkpoint {tmp_path / name}: {why}"
         assert not (tmp_path / "out.pt").exists()
+    # one byte of the weights flipped (a bad disk or copy): the same size, and torch loads it without a word
+    damaged, record = flip_a_weight_byte(whole)
+    (tmp_path / "flipped.ckpt").write_bytes(damaged)
+    assert export_main([str(tmp_path / "flipped.ckpt"), str(tmp_path / "out.pt")]) == 2
+    assert _error(capsys) == (f"error: checkpoint {tmp_path / 'flipped.ckpt'} is damaged: its record {record} does "
+                              "not match the CRC-32 written with it (a bit flipped on disk or in a copy); use another "
+                              "checkpoint, or copy this one again from where it came from")
+    assert not (tmp_path / "out.pt").exists()
 
 
 def test_a_run_directory_or_its_checkpoints_folder_is_refused_naming_a_checkpoint(trained, tmp_path, capsys):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -337,6 +338,55 @@ def test_metrics_after_a_sigterm_reach_wandb_when_the_run_resumes(digits_shards,
     assert logged[0]["trainer/global_step"] == 10
     saved = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert saved["callbacks"]["WandbBacklog"] == {"held": []}, "logged once, not again at the next resume"
+
+
+def test_a_sigterm_in_the_last_validation_reaches_wandb_at_the_start_that_finds_the_run_complete(digits_shards,
+                                                                                                  tmp_path):
+    """SIGTERM in the validation after the run's last step (Slurm's preemption, whose requeue starts the job
+    again): the run is complete, so no resume ever logged what the detached W&B logger held, the run's final
+    val/top1. The start that finds it complete logs them, once; a later resume (a larger max_steps) does not
+    log them again."""
+    import os
+
+    from bench.kill_resume import fit_command
+    from pipeline.wandb_backlog import LOGGED
+
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    stopped = preloaded_python.run(fit_command(digits_shards, run, 11, [
+        "--tracking.wandb", "true", "--trainer.callbacks+=tests.preemption_helpers.TermStepInValidation"]),
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    out = stopped.stdout + stopped.stderr
+    assert stopped.returncode == 0 and "the run's last step: it is complete" in out, out[-3000:]
+    with open(run / "csv" / "metrics.csv") as f:
+        val = [r for r in csv.DictReader(f) if r.get("val/top1")]
+    assert len(val) == 1 and int(val[0]["step"]) == 10, val
+    runs = sorted((run / "wandb").glob("offline-run-*"))
+    assert not [r for r in _wandb_history(next(runs[0].glob("*.wandb"))) if "val/top1" in r], "W&B was detached"
+
+    def start(steps: int) -> subprocess.CompletedProcess:
+        r = preloaded_python.run(fit_command(digits_shards, run, steps, ["--tracking.wandb", "true"]), env=env,
+                                 cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r
+
+    complete = start(11)
+    assert "fit: the run is complete" in complete.stderr, complete.stderr[-3000:]
+    assert "W&B: logged the" in complete.stderr and "(last at step 10)" in complete.stderr, complete.stderr[-3000:]
+    new = [p for p in sorted((run / "wandb").glob("offline-run-*")) if p not in runs]
+    assert len(new) == 1 and new[0].name.split("-")[-1] == runs[0].name.split("-")[-1], "the same W&B run"
+    logged = [r for r in _wandb_history(next(new[0].glob("*.wandb"))) if "val/top1" in r]
+    assert [(r["trainer/global_step"], r["val/top1"]) for r in logged] == \
+        [(10, pytest.approx(float(val[0]["val/top1"])))], logged
+    assert (run / "checkpoints" / LOGGED).is_file()
+    runs = sorted((run / "wandb").glob("offline-run-*"))
+    again = start(11)  # once: no W&B run started for them again
+    assert "W&B: logged the" not in again.stderr and sorted((run / "wandb").glob("offline-run-*")) == runs
+    longer = start(12)  # trains on: its W&B start does not log them again either
+    assert "resuming from" in longer.stderr, longer.stderr[-3000:]
+    new = [p for p in sorted((run / "wandb").glob("offline-run-*")) if p not in runs]
+    assert len(new) == 1 and not [r for r in _wandb_history(next(new[0].glob("*.wandb"))) if "val/top1" in r
+                                  and r["trainer/global_step"] == 10]
 
 
 def test_the_backlog_holds_numbers_only():

@@ -19,6 +19,7 @@ import yaml
 
 from pipeline.checkpoint_io import TMP_PREFIX
 from tests.conftest import REPO, SMALL_NET, run_cli_in_process, run_module
+from tests.damaged_checkpoints import flip_a_weight_byte
 
 CONF = str(REPO / "conf" / "demo.yaml")
 
@@ -509,6 +510,14 @@ def test_incomplete_or_torn_checkpoints_are_refused_in_one_line(trained, digits_
         torn.write_bytes(data[:cut])
         proc = run_cli_in_process(*_args("fit", digits_shards, tmp_path / "torn", "--ckpt_path", str(torn))[1:])
         _fails_clearly(proc, 2, f"cannot read checkpoint {torn}: not a torch checkpoint, or torn (a copy cut short?)")
+    # one byte of the weights flipped: loaded without a word, it resumed (or scored) other weights
+    flipped = tmp_path / "flipped.ckpt"
+    damaged, record = flip_a_weight_byte(data)
+    flipped.write_bytes(damaged)
+    for cmd in ("fit", "validate"):
+        proc = run_cli_in_process(*_args(cmd, digits_shards, tmp_path / f"flipped_{cmd}", "--ckpt_path",
+                                         str(flipped))[1:])
+        _fails_clearly(proc, 2, f"checkpoint {flipped} is damaged: its record {record} does not match the CRC-32")
 
 
 def test_validate_best_scores_the_highest_best_checkpoint_and_limit_0_is_refused(digits_shards, tmp_path):
