@@ -37,7 +37,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def verify_checkpoint(path: str | Path) -> None:
-    """Check every record of the checkpoint (a file, or each file of a DeepSpeed directory) against the CRC-32
+    """Check every record of the checkpoint (a file, or each file of a DeepSpeed directory: for one process,
+    as ``export``; a rank gives its ``checkpoint_file``) against the CRC-32
     torch wrote with it: torch reads none of them, so a bit flipped on disk or in a copy loaded without a word
     and trained or scored other weights (a val top-1 of 0.25 from a network at 0.54). Reads the whole file
     once (0.15 s for 256 MB here; the page cache serves the load after it). ConfigError naming the file and

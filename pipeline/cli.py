@@ -42,7 +42,7 @@ from pipeline.branch_origin import KEY as BRANCH_KEY
 from pipeline.branch_origin import BranchOrigin, resume_point
 from pipeline.branch_record import origin_name, recorded_origin
 from pipeline.checkpoint_io import AtomicCheckpointIO, recover_directories, remove_best_after
-from pipeline.checkpoint_read import read_checkpoint, verify_checkpoint
+from pipeline.checkpoint_read import checkpoint_file, read_checkpoint, verify_checkpoint
 from pipeline.config_history import changed_settings, keep_earlier_config
 from pipeline.data.shards import CorruptSampleError
 from pipeline.data.open_files import open_files_advice, out_of_file_descriptors, raise_open_files_limit
@@ -560,7 +560,9 @@ class PipelineCLI(LightningCLI):
         if not Path(path).exists():
             raise ConfigError(f"ckpt_path: checkpoint {path} does not exist")
         meta = read_checkpoint(path)
-        verify_checkpoint(path)
+        # every rank reads this: of a DeepSpeed directory, the model states every rank loads, not every rank's
+        # optimizer shard (at 1,024 ranks the whole directory read 1,024 times)
+        verify_checkpoint(checkpoint_file(path))
         if not Path(path).is_dir() and "pytorch-lightning_version" not in meta:
             use = (f"start from weights with --model.init_weights {path}" if resume else
                    f"score weights with --ckpt_path null --model.init_weights {path}")
