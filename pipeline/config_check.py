@@ -32,12 +32,15 @@ from pathlib import Path
 
 from data_prep.format import MANIFEST_NAME
 from pipeline.cli import PipelineCLI, check_run_settings, check_trainer, main
+from pipeline.checkpoint_read import read_checkpoint
 from pipeline.datamodule import ShardDataModule
 from pipeline.deepspeed_checks import configured_deepspeed, refuse_accumulation
 from pipeline.errors import ConfigError
 from pipeline.file_access import unreachable_reason
+from pipeline.module import ImageClassifier
 from pipeline.optim import ignored_schedule_settings
 from pipeline.run_dir_access import check_run_dir_writable
+from pipeline.run_layout import last_checkpoint
 from pipeline.trainer_devices import devices_per_node
 
 CLASSES_WITHOUT_MANIFEST = 1000
@@ -136,6 +139,7 @@ class ConfigCheckCLI(PipelineCLI):
         if (self.subcommand or "fit") == "fit":
             for line in ignored_schedule_settings(cfg.model):
                 _warn(line)
+            self._check_resumed_network(cfg, with_classes=manifest is not None and manifest.is_file())
         weights = cfg.model.get("init_weights")
         if weights and not Path(weights).exists():
             _warn(f"model.init_weights: {weights} does not exist on this machine")
@@ -147,6 +151,21 @@ class ConfigCheckCLI(PipelineCLI):
         except ConfigError as e:
             _warn(str(e))
         return None
+
+    def _check_resumed_network(self, cfg, with_classes: bool) -> None:
+        """The network of the checkpoint the start resumes (the run directory's last.ckpt, else --ckpt_path) is
+        this config's: one of another arch was refused at the job's start, after its wait in the queue. Its
+        settings alone are read (memory-mapped); the class count only where this machine has the manifest."""
+        ckpt = cfg.get("ckpt_path")
+        last = last_checkpoint(cfg.trainer.get("default_root_dir") or "runs/default")
+        path = last if last.exists() else (Path(ckpt) if ckpt not in (None, "last") else None)
+        if path is None or "://" in str(path) or unreachable_reason(path) is not None or not path.exists():
+            return
+        saved = read_checkpoint(path).get("hyper_parameters")  # (a torn one: the start's own error, here)
+        if isinstance(saved, dict) and isinstance(self.model, ImageClassifier):
+            if not with_classes:
+                saved = {k: v for k, v in saved.items() if k != "num_classes"}
+            self.model.check_network_of(saved, checkpoint=str(path))
 
     def _run_subcommand(self, subcommand: str) -> None:
         print(f"config_check: `python -m pipeline {subcommand}` accepts these settings", file=sys.stderr)

@@ -201,3 +201,25 @@ def test_torchrun_checks_the_command_it_prints(tmp_path: Path) -> None:
     assert r.stderr.startswith(f"launch: error: the trainer would refuse this job at its start: --config {cfg}: "
                                "unknown key model.lrr"), r.stderr
     assert not run.exists(), "nothing made: no run directory, no W&B id"
+
+
+def test_a_run_directory_whose_checkpoint_is_of_another_network_is_refused_before_the_job_queues(
+        tmp_path: Path, digits_shards: Path) -> None:
+    """The run directory's last.ckpt, which the job resumes, is of cifar_resnet8 and the config says
+    cifar_resnet20: the start refused it, after the queue wait; the check said the settings were fine."""
+    import torch
+
+    from pipeline.module import ImageClassifier
+    from pipeline.run_layout import last_checkpoint
+
+    trained = ImageClassifier(arch="cifar_resnet8", num_classes=10)
+    last = last_checkpoint(tmp_path / "run")
+    last.parent.mkdir(parents=True)
+    torch.save({"hyper_parameters": dict(trained.hparams), "state_dict": trained.state_dict()}, last)
+    job = _job(tmp_path, REPO / "conf" / "demo.yaml", ["--data.root", str(digits_shards)], cpu=True)
+    with pytest.raises(LaunchError, match=rf"the checkpoint {last} was trained with model.arch='cifar_resnet8', this "
+                                          r"run has model.arch='cifar_resnet20'"):
+        check_trainer_settings(job)
+    ok = _job(tmp_path, REPO / "conf" / "demo.yaml", ["--data.root", str(digits_shards), "--model.arch",
+                                                      "cifar_resnet8"], cpu=True)
+    assert check_trainer_settings(ok) == []
