@@ -140,8 +140,12 @@ class Throughput(Callback):
         mine = (float(self.images), max(now - self.window_start, 1e-9), self.wait)
         windows = [mine]
         if trainer.world_size > 1:  # the row's one collective: three floats per rank
-            gathered = trainer.strategy.all_gather(torch.tensor(mine, dtype=torch.float64, device=pl_module.device))
-            windows = [tuple(float(x) for x in row) for row in gathered.reshape(-1, 3).cpu().tolist()]
+            # torch.distributed's own (Lightning's strategy.all_gather goes through torch.distributed.nn, whose
+            # FutureWarning each rank printed into the job log)
+            local = torch.tensor(mine, dtype=torch.float64, device=pl_module.device)
+            gathered = [torch.empty_like(local) for _ in range(trainer.world_size)]
+            dist.all_gather(gathered, local)
+            windows = [tuple(float(x) for x in row.cpu().tolist()) for row in gathered]
         metrics = window_metrics(windows)
         metrics["perf/step_time_s"] = mine[1] / max(1, self.steps)  # per optimizer step (all its micro-batches)
         if trainer.world_size < 2:  # the straggler keys only where there are ranks to compare

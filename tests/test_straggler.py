@@ -77,6 +77,8 @@ def test_a_rank_with_a_slow_loader_is_named_and_a_balanced_window_names_none(dig
         in lines[0] and lines[0].endswith(": its loader (more data.num_workers, a local copy of the shards, DALI)"), \
         lines[0]
     assert "input-bound:" not in runs[1].stderr  # rank 0 alone prints it
+    for r in runs:  # the gather went through torch.distributed.nn (Lightning's all_gather): a warning per rank
+        assert "torch.distributed.nn.functional" not in r.stderr, r.stderr[-3000:]
 
 
 # ---- the arithmetic, without processes ----------------------------------------------------------------------
