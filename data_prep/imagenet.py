@@ -269,13 +269,11 @@ def _check_split_folder(listing: Listing, folder: Path, split: str) -> None:
 
 def scan_imagenet(src: ImageNetSource, splits: list[str]) -> tuple[dict[str, Scan], dict[str, str]]:
     """Scan the requested splits with one shared class list; returns ({split: Scan}, {split: where})."""
-    # what labels the splits needs, before the listing (minutes on the train archive): a bad --devkit, or a
-    # val archive with nothing to label it by, was said only after it
+    # what labels the splits need before the train listing (minutes on its archive): a bad --devkit, or a flat
+    # val with nothing to label it by, was said only after it
     src.devkit()
-    if "val" in splits and not (src.data / "val").is_dir() and (src.src / VAL_TAR).is_file():
-        src.val_labels()
     raw, where = {}, {}
-    for split in splits:
+    for split in sorted(splits, key=lambda s: s != "val"):
         listing, where[split] = src.list_split(split)
         if Path(where[split]).is_dir():
             _check_split_folder(listing, Path(where[split]), split)

@@ -16,10 +16,11 @@ from typing import Sequence
 from pipeline.wording import plural
 
 from .done_records import BrokenRecord, read_record
-from .format import shard_name
-from .plan import ShardJob
+from .format import done_record_path, shard_name
+from .plan import ShardJob, sample_key
 
 MTIMES_HASHED_SINCE = "2026-12-03"
+SRC_ABSOLUTE_SINCE = "2026-12-07"
 
 
 def built_before_mtimes(out: Path, jobs: Sequence[ShardJob]) -> list[str]:
@@ -44,3 +45,54 @@ def why_rebuilt(older: int, total: int) -> str:
             f"which did not record the inputs' modification times, and {'is' if older == 1 else 'are'} rebuilt "
             f"once (to the same bytes where no input was edited in place; a split such a version finalized is "
             f"read as it is by the loaders and verify, without preparing it again)")
+
+
+def _common_suffix(a: str, b: str) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:
+        n += 1
+    return n
+
+
+def respell_records(out: Path, jobs: Sequence[ShardJob]) -> tuple[int, str, str] | None:
+    """Keep the shards built when SRC was named another way: a data_prep of before 2026-12-07
+    (``SRC_ABSOLUTE_SINCE``) named each input by SRC as typed (``data/train/...``), one since by SRC made
+    absolute (``/home/me/data/train/...``), and the name is in the plan hash, so after the upgrade a relative
+    SRC planned every shard anew and rebuilt it (hours for ImageNet), its split taken out of the manifest. A
+    done-record of another plan whose inputs, renamed by the one prefix that turns its first sample's name
+    into this plan's, give its own plan hash is of the same inputs and settings: its names (and plan hash) are
+    rewritten to this plan's, so the shard counts as done (the rerun still checks its bytes). Returns (shards
+    kept, the old prefix, the new one), or None."""
+    from .runner import write_json_atomic
+
+    kept, spelled = 0, None
+    for job in jobs:
+        name = shard_name(job.split, job.number)
+        try:
+            rec = read_record(out, job.split, name)
+        except BrokenRecord:
+            continue
+        if rec is None or rec["plan_hash"] == job.plan_hash or not rec["sources"]:
+            continue
+        new_names = {sample_key(job.split, index): display for index, display, _ref, _label in job.entries}
+        key, old = rec["sources"][0]
+        new = new_names.get(key)
+        if new is None or new == old:
+            continue
+        n = _common_suffix(old, new)
+        old_prefix, new_prefix = old[:len(old) - n], new[:len(new) - n]
+
+        def as_before(display: str) -> str:
+            return old_prefix + display[len(new_prefix):] if display.startswith(new_prefix) else display
+
+        if job.hash_with_displays(as_before) != rec["plan_hash"]:
+            continue
+
+        def as_now(display: str) -> str:
+            return new_prefix + display[len(old_prefix):] if display.startswith(old_prefix) else display
+
+        rec = {**rec, "plan_hash": job.plan_hash, "sources": [[k, as_now(d)] for k, d in rec["sources"]],
+               "rejects": [{**r, "path": as_now(r["path"])} for r in rec["rejects"]]}
+        write_json_atomic(done_record_path(out, job.split, name), rec)
+        kept, spelled = kept + 1, (old_prefix, new_prefix)
+    return (kept, *spelled) if kept else None

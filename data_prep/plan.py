@@ -9,7 +9,7 @@ import hashlib
 import json
 import random
 from array import array
-from typing import Sequence
+from typing import Callable, Sequence
 
 from .sources import Ref
 
@@ -29,15 +29,16 @@ class ShardJob:
     its own shard's entries, so only the shards in flight are ever materialised.
     """
 
-    __slots__ = ("split", "number", "plan_hash", "hash_without_mtimes", "_items", "_index", "_entries")
+    __slots__ = ("split", "number", "plan_hash", "hash_without_mtimes", "opt_text", "_items", "_index", "_entries")
 
     def __init__(self, split: str, number: int, entries: Sequence[tuple[int, str, Ref, int]] | None,
                  plan_hash: str, items: Sequence[tuple[str, Ref, int]] | None = None,
-                 index: Sequence[int] | None = None, hash_without_mtimes: str | None = None):
+                 index: Sequence[int] | None = None, hash_without_mtimes: str | None = None, opt_text: str = ""):
         self.split, self.number, self.plan_hash = split, number, plan_hash
         # the plan hash as a data_prep of before the inputs' mtimes were hashed computed it (older_plans.py);
         # the parent's alone: a worker builds to `plan_hash`
         self.hash_without_mtimes = hash_without_mtimes
+        self.opt_text = opt_text  # the options as hashed (the parent's alone, for ``hash_with_displays``)
         self._entries = list(entries) if entries is not None else None
         self._items = items
         self._index = array("q", index) if index is not None else None
@@ -48,6 +49,11 @@ class ShardJob:
             return self._entries
         items = self._items
         return [(key_index(items, i), *items[i]) for i in self._index]
+
+    def hash_with_displays(self, display: Callable[[str], str]) -> str:
+        """The plan hash this shard would have had with each input named ``display(its name)`` (the parent's
+        alone): a shard built when SRC was named another way (``older_plans.respell_records``)."""
+        return _job_hashes(self.opt_text, self.split, self._items, self._index, display)[0]
 
     def __len__(self) -> int:
         """Planned inputs of this shard (without building its entries)."""
@@ -114,16 +120,25 @@ def plan_shards(split: str, items: Sequence[tuple[str, Ref, int]], seed: int,
     start = 0
     for n, end in enumerate(cuts):
         index = order[start:end]
-        h, older = hashlib.sha256(opt_text.encode()), hashlib.sha256(opt_text.encode())
-        for i in index:
-            disp, ref, label = items[i]
-            line = f"\n{sample_key(split, key_index(items, i))}\t{disp}\t{ref[2]}\t{label}"
-            older.update(line.encode("utf-8", "surrogateescape"))
-            mtime = _mtime(items, i)  # same size, new bytes (edited in place): a new plan for its shard
-            if mtime >= 0:
-                line += f"\t{mtime}"
-            h.update(line.encode("utf-8", "surrogateescape"))
-        jobs.append(ShardJob(split, n, None, h.hexdigest(), items=items, index=index,
-                             hash_without_mtimes=older.hexdigest()))
+        plan_hash, older = _job_hashes(opt_text, split, items, index)
+        jobs.append(ShardJob(split, n, None, plan_hash, items=items, index=index, hash_without_mtimes=older,
+                             opt_text=opt_text))
         start = end
     return jobs
+
+
+def _job_hashes(opt_text: str, split: str, items: Sequence, index: Sequence[int],
+                display: Callable[[str], str] | None = None) -> tuple[str, str]:
+    """A shard's plan hash (options, then each input's key, name, size, label and mtime), and the same without
+    the mtimes (``older_plans``); ``display``: each input's name as given by it."""
+    h, older = hashlib.sha256(opt_text.encode()), hashlib.sha256(opt_text.encode())
+    for i in index:
+        disp, ref, label = items[i]
+        line = f"\n{sample_key(split, key_index(items, i))}\t{disp if display is None else display(disp)}" \
+               f"\t{ref[2]}\t{label}"
+        older.update(line.encode("utf-8", "surrogateescape"))
+        mtime = _mtime(items, i)  # same size, new bytes (edited in place): a new plan for its shard
+        if mtime >= 0:
+            line += f"\t{mtime}"
+        h.update(line.encode("utf-8", "surrogateescape"))
+    return h.hexdigest(), older.hexdigest()

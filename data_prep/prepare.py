@@ -14,7 +14,7 @@ from .holdout import SETTINGS, check_rerun, with_partners
 from .imagefolder import Scan
 from .manifest import finalize, write_plan_record
 from .manifest_lock import manifest_lock
-from .older_plans import built_before_mtimes, why_rebuilt
+from .older_plans import SRC_ABSOLUTE_SINCE, built_before_mtimes, respell_records, why_rebuilt
 from .plan import ShardJob, plan_shards
 from .runner import run_jobs, write_json_atomic
 from .stale_entry import why_stale
@@ -63,6 +63,12 @@ def prepare_splits(out: Path, parts: list[SplitPart], source: str, opts: EncodeO
     out.mkdir(parents=True, exist_ok=True)
     planned = [(p.split, plan_split(out, p.split, source, p.scan, opts, seed, shard_bytes, samples_per_shard,
                                     p.split_source, holdout=p.holdout)) for p in parts]
+    for split, jobs in planned:  # (before the look at stale shards: these are not)
+        if respelled := respell_records(out, jobs):
+            kept, before, now = respelled
+            print(f"data_prep: split {split!r}: {kept} of its {plural(len(jobs), 'shard')} were built by a "
+                  f"data_prep of before {SRC_ABSOLUTE_SINCE}, which named the inputs by SRC as typed (prefix "
+                  f"{before!r} where it is {now!r} now): the same inputs, kept", file=sys.stderr)
     older = {split: built_before_mtimes(out, jobs) for split, jobs in planned}
     unlisted = _unlist_changing_splits(out, planned, older)
     for split, jobs in planned:  # a split the manifest did not list (unfinished): said here

@@ -58,8 +58,9 @@ def verify_checkpoint(path: str | Path) -> None:
                     with z.open(info) as record:
                         while record.read(1 << 22):
                             pass
-        except zipfile.BadZipFile as e:
-            what = f"its record {name} does not match the CRC-32 written with it" if "CRC" in str(e) else str(e)
+        except (zipfile.BadZipFile, EOFError) as e:  # EOFError: a record cut short under a whole directory
+            what = (f"its record {name} does not match the CRC-32 written with it" if "CRC" in str(e) else
+                    f"its record {name} is cut short" if isinstance(e, EOFError) else str(e))
             raise ConfigError(f"checkpoint {f} is damaged: {what} (a bit flipped on disk or in a copy); use another "
                               "checkpoint, or copy this one again from where it came from") from None
         except OSError as e:

@@ -70,7 +70,7 @@ from pipeline.torchrun_stop import a_peer_ended
 from pipeline import preemption, provenance
 from pipeline.preemption import Preemption
 from pipeline.rank_agreement import RankAgreement, flat_settings
-from pipeline.wandb_backlog import WandbBacklog, held_rows, log_rows_of_complete_run
+from pipeline.wandb_backlog import WandbBacklog, held_rows, log_rows_of_complete_run, logged_already
 from pipeline.wandb_service import finish_pending_wandb_run
 from pipeline.progress import console_progress
 from pipeline.provenance_callback import ProvenanceRecord
@@ -515,7 +515,8 @@ class PipelineCLI(LightningCLI):
     def _log_held_wandb_rows(cfg, run_dir: Path, path: str | Path, meta: dict) -> None:
         """The W&B rows a start stopped by a SIGTERM in its last steps held (its final validation): a start that
         finds the run complete logs them (global rank 0), or W&B would never get the run's last val/top1."""
-        if not cfg.tracking.wandb or not is_global_rank_zero() or not held_rows(meta, Path(path).parent):
+        if not cfg.tracking.wandb or not is_global_rank_zero() or not held_rows(meta, Path(path).parent) or \
+                logged_already(path):  # (no W&B folder or id file made for nothing)
             return
         tracking = TrackingConfig(wandb=True, project=cfg.tracking.project, name=cfg.tracking.name, csv=False,
                                   tensorboard=False)

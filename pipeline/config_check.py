@@ -139,7 +139,8 @@ class ConfigCheckCLI(PipelineCLI):
         if (self.subcommand or "fit") == "fit":
             for line in ignored_schedule_settings(cfg.model):
                 _warn(line)
-            self._check_resumed_network(cfg, with_classes=manifest is not None and manifest.is_file())
+            self._check_resumed_network(cfg, with_classes=manifest is not None and unreachable_reason(manifest) is None
+                                        and manifest.is_file())
         weights = cfg.model.get("init_weights")
         if weights and not Path(weights).exists():
             _warn(f"model.init_weights: {weights} does not exist on this machine")
@@ -158,7 +159,9 @@ class ConfigCheckCLI(PipelineCLI):
         settings alone are read (memory-mapped); the class count only where this machine has the manifest."""
         ckpt = cfg.get("ckpt_path")
         last = last_checkpoint(cfg.trainer.get("default_root_dir") or "runs/default")
-        path = last if last.exists() else (Path(ckpt) if ckpt not in (None, "last") else None)
+        # (a run directory or checkpoint this user cannot reach here: warned of above, or the start's to say)
+        path = last if unreachable_reason(last) is None and last.exists() else \
+            (Path(ckpt) if ckpt not in (None, "last") else None)
         if path is None or "://" in str(path) or unreachable_reason(path) is not None or not path.exists():
             return
         saved = read_checkpoint(path).get("hyper_parameters")  # (a torn one: the start's own error, here)

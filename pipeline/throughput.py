@@ -145,7 +145,7 @@ class Throughput(Callback):
             local = torch.tensor(mine, dtype=torch.float64, device=pl_module.device)
             gathered = [torch.empty_like(local) for _ in range(trainer.world_size)]
             dist.all_gather(gathered, local)
-            windows = [tuple(float(x) for x in row.cpu().tolist()) for row in gathered]
+            windows = [tuple(row) for row in torch.stack(gathered).cpu().tolist()]  # one copy to the host
         metrics = window_metrics(windows)
         metrics["perf/step_time_s"] = mine[1] / max(1, self.steps)  # per optimizer step (all its micro-batches)
         if trainer.world_size < 2:  # the straggler keys only where there are ranks to compare

@@ -123,7 +123,7 @@ class WandbBacklog(pl.Callback):
         """Log what the previous run held to the (resumed) W&B run; dropped when this run has no W&B, or when
         a start that found the run complete logged them already (``log_rows_of_complete_run``)."""
         held, self.held = self.held + self._rows_after_save(trainer), []
-        if not held or not trainer.is_global_zero or _logged_already(trainer.ckpt_path):
+        if not held or not trainer.is_global_zero or logged_already(trainer.ckpt_path):
             return
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
@@ -201,7 +201,7 @@ def _stamp(path: str | Path) -> str | None:
     return f"{st.st_ino}.{st.st_mtime_ns}"
 
 
-def _logged_already(ckpt_path: str | Path | None) -> bool:
+def logged_already(ckpt_path: str | Path | None) -> bool:
     if ckpt_path is None or (stamp := _stamp(ckpt_path)) is None:
         return False
     try:
@@ -231,7 +231,7 @@ def log_rows_of_complete_run(wandb_logger: Logger, ckpt_path: str | Path, checkp
     that checkpoint (a larger max_steps) does not log them again. Returns the rows logged."""
     ckdir = Path(ckpt_path).parent
     rows = held_rows(checkpoint, ckdir)
-    if not rows or _logged_already(ckpt_path):
+    if not rows or logged_already(ckpt_path):
         return 0
     for row in rows:
         wandb_logger.log_metrics(row["metrics"], row["step"])

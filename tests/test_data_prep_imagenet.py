@@ -1,6 +1,8 @@
 """python -m data_prep imagenet: original archives (nested tars, devkit meta.mat, Kaggle CSV) and folders."""
+import io
 import shutil
 import struct
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -78,7 +80,7 @@ def test_extracted_layout_flat_and_class_folder_val(tmp_path):
 
 
 def test_flat_val_without_labels_is_a_clear_error(archives, tmp_path, capsys):
-    root, _ = archives
+    root, exp = archives
     src = tmp_path / "src"
     src.mkdir()
     shutil.copy(root / "ILSVRC2012_img_val.tar", src)
@@ -95,6 +97,18 @@ def test_flat_val_without_labels_is_a_clear_error(archives, tmp_path, capsys):
     bad.write_bytes(b"not a devkit")
     assert main(["imagenet", str(src), str(tmp_path / "o"), "--devkit", str(bad), "--no-progress"]) == 2
     assert f"{bad}: cannot read devkit archive" in capsys.readouterr().err
+    # a val archive of <wnid>/ folders needs no label file (that check must not refuse it before its listing)
+    sorted_val = tmp_path / "sorted"
+    sorted_val.mkdir()
+    with tarfile.open(sorted_val / "ILSVRC2012_img_val.tar", "w") as tf, \
+            tarfile.open(root / "ILSVRC2012_img_val.tar") as flat:
+        for m in flat.getmembers():
+            data = flat.extractfile(m).read()
+            info = tarfile.TarInfo(f"{exp['val'][m.name][1]}/{m.name}")
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    assert main(["imagenet", str(sorted_val), str(tmp_path / "o2"), "--splits", "val", "--no-progress"]) == 0
+    check_labels(tmp_path / "o2", "val", exp["val"], sorted({w for _, w in exp["val"].values()}))
 
 
 def test_kaggle_layout_with_synset_mapping(tmp_path):

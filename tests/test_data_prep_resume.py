@@ -267,8 +267,9 @@ def test_array_tasks_then_finalize_equals_single_run(tree, tmp_path, monkeypatch
 
 def test_array_tasks_started_in_other_folders_share_one_plan(tree, tmp_path, monkeypatch, capsys):
     """SRC typed relative in one task and absolute in another (or symlinked): the same plan, so finalize
-    lists every shard and a rerun keeps them all. SRC at two paths (per-node copies put in other places)
-    are two plans: finalize says so instead of asking to run the remaining tasks (which never ends it)."""
+    lists every shard and a rerun keeps them all. A `cp -a` copy at another path: a later task renames the
+    inputs of the shards built from the first (``older_plans.respell_records``). A `cp -r` copy (new times)
+    is another plan: finalize says so instead of asking to run the remaining tasks (which never ends it)."""
     common = ["--split", "train", "--samples-per-shard", "6", "--workers", "1", "--no-progress"]
     single = tmp_path / "single"
     assert main(["imagefolder", str(tree), str(single), *common]) == 0
@@ -283,18 +284,51 @@ def test_array_tasks_started_in_other_folders_share_one_plan(tree, tmp_path, mon
     assert main(["imagefolder", str(tree) + "/", str(arr), *common]) == 0  # everything kept: nothing rebuilt
     assert "rebuilt" not in capsys.readouterr().err and outputs(arr) == outputs(single)
 
-    copy = tmp_path / "node-b" / "data"
-    copy.parent.mkdir()
-    subprocess.run(["cp", "-a", str(tree), str(copy)], check=True)
-    apart = tmp_path / "apart"
-    assert main(["imagefolder", str(tree), str(apart), *common, "--task-index", "0", "--num-tasks", "2"]) == 0
-    assert main(["imagefolder", str(copy), str(apart), *common, "--task-index", "1", "--num-tasks", "2"]) == 0
+    for how in ("-a", "-r"):
+        copy = tmp_path / f"node-b{how}" / "data"
+        copy.parent.mkdir()
+        subprocess.run(["cp", how, str(tree), str(copy)], check=True)
+        apart = tmp_path / f"apart{how}"
+        assert main(["imagefolder", str(tree), str(apart), *common, "--task-index", "0", "--num-tasks", "2"]) == 0
+        assert main(["imagefolder", str(copy), str(apart), *common, "--task-index", "1", "--num-tasks", "2"]) == 0
+        if how == "-a":
+            assert main(["finalize", str(apart)]) == 0
+            assert outputs(apart) == {**outputs(single), "manifest.json": outputs(apart)["manifest.json"]}
     capsys.readouterr()
     assert main(["finalize", str(apart)]) == 2
     err = capsys.readouterr().err
     n = len(range(0, len(list(single.glob("train-*.tar"))), 2))
     assert f"{n} of them were built to another plan than {apart}/.work/train/plan.json" in err, err
     assert "every task must read the same SRC path" in err, err
+
+
+def test_shards_built_when_a_relative_src_was_not_made_absolute_are_kept(tree, tmp_path, monkeypatch, capsys):
+    """A data_prep of before 2026-12-07 named inputs by SRC as typed, and the name is in the plan hash: the
+    rerun of a relative-SRC command after the upgrade rebuilt every shard and took the split out of the
+    manifest. Their records are renamed to the absolute SRC and the shards kept (byte for byte, same files)."""
+    common = ["--split", "train", "--samples-per-shard", "6", "--workers", "1", "--no-progress"]
+    single = tmp_path / "single"
+    assert main(["imagefolder", str(tree), str(single), *common]) == 0
+    out = tmp_path / "out"
+    monkeypatch.chdir(tree.parent)
+    with monkeypatch.context() as before:  # the older data_prep: SRC as typed
+        before.setattr("data_prep.cli.os.path.abspath", lambda p: p)
+        assert main(["imagefolder", tree.name, str(out), *common]) == 0
+    rec = json.loads(done_record_path(out, "train", "train-000000.tar").read_text())
+    assert rec["sources"][0][1].startswith(f"{tree.name}/"), rec["sources"][0]
+    inodes = {p.name: p.stat().st_ino for p in out.glob("train-*")}
+    capsys.readouterr()
+    assert main(["imagefolder", tree.name, str(out), *common]) == 0
+    err = capsys.readouterr().err
+    n = len(inodes) // 2
+    assert (f"data_prep: split 'train': {n} of its {n} shards were built by a data_prep of before 2026-12-07, which "
+            f"named the inputs by SRC as typed (prefix '' where it is '{tree.parent}/' now): the same inputs, kept") \
+        in err, err
+    assert "no longer lists" not in err and "rebuilt" not in err, err
+    assert {p.name: p.stat().st_ino for p in out.glob("train-*")} == inodes  # not one written again
+    assert outputs(out) == outputs(single)
+    rec = json.loads(done_record_path(out, "train", "train-000000.tar").read_text())
+    assert rec["sources"][0][1].startswith(f"{tree}/"), rec["sources"][0]
 
 
 def test_a_rerun_with_other_settings_unlists_the_split_until_it_is_finalized(tree, tmp_path, capsys):

@@ -275,6 +275,10 @@ def test_shards_under_a_folder_this_user_cannot_enter(digits_shards, base):
     check = _run("pipeline.config_check", *_fit_args(private / "shards", runs / "r")[1:])
     assert check.returncode == 0, check.stderr[-3000:]
     assert f"warning: data.root: cannot reach {private / 'shards'} here: Permission denied" in check.stderr
+    # nor a run directory in there (its last.ckpt is looked at for the network it resumes)
+    check = _run("pipeline.config_check", *_fit_args(digits_shards, private / "run")[1:])
+    assert check.returncode == 0 and "Traceback" not in check.stderr, check.stderr[-3000:]
+    assert "warning: " in check.stderr, check.stderr[-3000:]
 
 
 def test_fit_with_no_usable_temporary_directory_says_tmpdir(digits_shards, tmp_path, monkeypatch):
