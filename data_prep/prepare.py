@@ -66,9 +66,10 @@ def prepare_splits(out: Path, parts: list[SplitPart], source: str, opts: EncodeO
     for split, jobs in planned:  # (before the look at stale shards: these are not)
         if respelled := respell_records(out, jobs):
             kept, before, now = respelled
-            print(f"data_prep: split {split!r}: {kept} of its {plural(len(jobs), 'shard')} were built by a "
-                  f"data_prep of before {SRC_ABSOLUTE_SINCE}, which named the inputs by SRC as typed (prefix "
-                  f"{before!r} where it is {now!r} now): the same inputs, kept", file=sys.stderr)
+            print(f"data_prep: split {split!r}: {kept} of its {plural(len(jobs), 'shard')} were built from SRC "
+                  f"named another way (prefix {before!r} where this run's is {now!r}: a data_prep of before "
+                  f"{SRC_ABSOLUTE_SINCE} named the inputs by SRC as typed, or a task read a copy at another path); "
+                  f"the same inputs (names, sizes, times), kept", file=sys.stderr)
     older = {split: built_before_mtimes(out, jobs) for split, jobs in planned}
     unlisted = _unlist_changing_splits(out, planned, older)
     for split, jobs in planned:  # a split the manifest did not list (unfinished): said here
