@@ -11,7 +11,7 @@ the hash such an older version computed for the same settings and inputs (``Shar
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from pipeline.wording import plural
 
@@ -23,19 +23,22 @@ MTIMES_HASHED_SINCE = "2026-12-03"
 SRC_ABSOLUTE_SINCE = "2026-12-07"
 
 
-def built_before_mtimes(out: Path, jobs: Sequence[ShardJob]) -> list[str]:
-    """The shard names of `jobs` whose done-record is of the same settings and inputs as planned now, hashed
-    the way a data_prep of before MTIMES_HASHED_SINCE did (no mtimes): rebuilt by this run for that alone."""
-    names = []
+def _records_of_other_plans(out: Path, jobs: Sequence[ShardJob]) -> Iterator[tuple[ShardJob, str, dict]]:
+    """(job, shard name, done-record) of each shard of `jobs` whose (well-formed) record is of another plan."""
     for job in jobs:
         name = shard_name(job.split, job.number)
         try:
             rec = read_record(out, job.split, name)
         except BrokenRecord:
             continue
-        if rec is not None and rec["plan_hash"] != job.plan_hash and rec["plan_hash"] == job.hash_without_mtimes:
-            names.append(name)
-    return names
+        if rec is not None and rec["plan_hash"] != job.plan_hash:
+            yield job, name, rec
+
+
+def built_before_mtimes(out: Path, jobs: Sequence[ShardJob]) -> list[str]:
+    """The shard names of `jobs` whose done-record is of the same settings and inputs as planned now, hashed
+    the way a data_prep of before MTIMES_HASHED_SINCE did (no mtimes): rebuilt by this run for that alone."""
+    return [name for job, name, rec in _records_of_other_plans(out, jobs) if rec["plan_hash"] == job.hash_without_mtimes]
 
 
 def why_rebuilt(older: int, total: int) -> str:
@@ -66,13 +69,8 @@ def respell_records(out: Path, jobs: Sequence[ShardJob]) -> tuple[int, str, str]
     from .runner import write_json_atomic
 
     kept, spelled = 0, None
-    for job in jobs:
-        name = shard_name(job.split, job.number)
-        try:
-            rec = read_record(out, job.split, name)
-        except BrokenRecord:
-            continue
-        if rec is None or rec["plan_hash"] == job.plan_hash or not rec["sources"]:
+    for job, name, rec in _records_of_other_plans(out, jobs):
+        if not rec["sources"]:  # (every input rejected: rebuilt, in no time)
             continue
         new_names = {sample_key(job.split, index): display for index, display, _ref, _label in job.entries}
         key, old = rec["sources"][0]

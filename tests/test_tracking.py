@@ -301,6 +301,19 @@ def _wandb_run_and_config(run_file: Path) -> tuple[object, dict]:
     return run, config
 
 
+def _stopped_in_epoch_0_validation(shards: Path, run: Path, steps: int, env: dict) -> str:
+    """A W&B fit of `steps` max steps stopped by a SIGTERM to all its processes (as Slurm sends it) in epoch
+    0's validation, after its 11th step; its output."""
+    from bench.kill_resume import fit_command
+
+    stopped = preloaded_python.run(fit_command(shards, run, steps, [
+        "--tracking.wandb", "true", "--trainer.callbacks+=tests.preemption_helpers.TermStepInValidation"]),
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    out = stopped.stdout + stopped.stderr
+    assert stopped.returncode == 0 and "preemption (SIGTERM)" in out, out[-3000:]
+    return out
+
+
 def test_metrics_after_a_sigterm_reach_wandb_when_the_run_resumes(digits_shards, tmp_path):
     """SIGTERM during epoch 0's validation: W&B's service is going away, so the W&B logger is detached and
     the validation's metrics reached only CSV; the resumed run never validates epoch 0 again, so W&B had a
@@ -312,11 +325,7 @@ def test_metrics_after_a_sigterm_reach_wandb_when_the_run_resumes(digits_shards,
 
     run = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    stopped = preloaded_python.run(fit_command(digits_shards, run, 13, [
-        "--tracking.wandb", "true", "--trainer.callbacks+=tests.preemption_helpers.TermStepInValidation"]),
-        env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
-    out = stopped.stdout + stopped.stderr
-    assert stopped.returncode == 0 and "preemption (SIGTERM)" in out, out[-3000:]
+    out = _stopped_in_epoch_0_validation(digits_shards, run, 13, env)
     # W&B's exit hook, talking to its service killed by the same SIGTERM, printed a 30-line traceback
     for noise in ("Traceback", "socket.send() raised exception", "`weights_only` was not set"):
         assert noise not in out, out[-3000:]
@@ -353,11 +362,8 @@ def test_a_sigterm_in_the_last_validation_reaches_wandb_at_the_start_that_finds_
 
     run = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    stopped = preloaded_python.run(fit_command(digits_shards, run, 11, [
-        "--tracking.wandb", "true", "--trainer.callbacks+=tests.preemption_helpers.TermStepInValidation"]),
-        env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
-    out = stopped.stdout + stopped.stderr
-    assert stopped.returncode == 0 and "the run's last step: it is complete" in out, out[-3000:]
+    out = _stopped_in_epoch_0_validation(digits_shards, run, 11, env)
+    assert "the run's last step: it is complete" in out, out[-3000:]
     with open(run / "csv" / "metrics.csv") as f:
         val = [r for r in csv.DictReader(f) if r.get("val/top1")]
     assert len(val) == 1 and int(val[0]["step"]) == 10, val
