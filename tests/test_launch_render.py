@@ -556,6 +556,25 @@ def test_train_script_rides_out_a_controller_away_for_some_seconds(tmp_path: Pat
             f"{run / TRAIN_SCRIPT} to resume from it") in log, log
 
 
+def test_train_script_passes_over_a_rendezvous_port_another_job_listens_on(tmp_path: Path, cfg: Path) -> None:
+    """The port is 10000 + job id % 20000: jobs 20,000 ids apart whose first node is the same shared node both
+    took it, and the later job's rendezvous failed at every start (the same port at each requeue)."""
+    import socket
+
+    taken = socket.socket()
+    try:
+        taken.bind(("127.0.0.1", 10000 + 4242 % 20000))
+    except OSError:
+        pytest.skip("port 14242 is in use here already")
+    taken.listen()
+    try:
+        assert _attempts(tmp_path, cfg, ["0"]) == [(0, False)]
+    finally:
+        taken.close()
+    log = slurm_log(tmp_path / "run", "4242").read_text()
+    assert "launch: port 14242 is taken on " in log and " master 10.0.0.1:15239 " in log, log
+
+
 def test_train_script_finds_its_attempt_after_an_unfinished_last_line(tmp_path: Path, cfg: Path) -> None:
     """An attempt killed mid-line left the log without a final newline: the next attempt's start line was
     appended to it, and what that attempt said (a trainer's `error:`) was not found, so it was requeued."""
