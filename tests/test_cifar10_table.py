@@ -133,7 +133,7 @@ def test_rows_are_one_recipe_each_and_the_train_error_is_of_the_validated_epoch(
         (found,) = [line for label, line in rows.items() if all(s in label for s in says)]
         return found
 
-    base = row("shortcut: unset", "data.val_split: val", "trainer.max_steps: 11")
+    base = row("shortcut: A", "data.val_split: val", "trainer.max_steps: 11")
     assert base.split(" | ")[1] == "3 of 3", base
     assert row("shortcut: B").split(" | ")[1] == "1 of 1"
     assert row("trainer.max_steps: -1", "trainer.max_epochs: 1").split(" | ")[1] == "1 of 1"
@@ -190,3 +190,45 @@ def test_a_run_directory_not_started_yet_is_named(runs: Path, tmp_path: Path, ca
     err = capsys.readouterr().err
     assert f"{pending}: no config.yaml" in err and f"{tmp_path / 'cifar_resnet20-seed0'}: no config.yaml" in err, err
     assert "no run directories" in err, err
+
+
+def test_one_network_written_two_ways_is_one_row_and_a_limited_validation_is_not_the_papers(runs: Path,
+                                                                                          tmp_path: Path,
+                                                                                          capsys) -> None:
+    """``arch_kwargs: {}`` and ``{shortcut: A}`` build the same CIFAR net: they were two rows (shortcut: A, and
+    shortcut: unset). A run validated on part of the test set (``trainer.limit_val_batches 2``) was averaged
+    with whole ones and set beside the paper's error; it is a row of its own now, without the paper's number."""
+    _copy_run(runs / "cifar_resnet20-seed0", tmp_path / "a-seed0", **{"model.arch_kwargs": {"shortcut": "A"},
+                                                                        "data.val_split": "test"})
+    _copy_run(runs / "cifar_resnet20-seed1", tmp_path / "a-seed1", **{"model.arch_kwargs": {},
+                                                                        "data.val_split": "test"})
+    _copy_run(runs / "cifar_resnet20-seed1", tmp_path / "a-seed2", **{"model.arch_kwargs": None, "seed_everything": 2,
+                                                                        "data.val_split": "test",
+                                                                        "trainer.limit_val_batches": 1.0})
+    assert cifar10_table.main([str(tmp_path)]) == 0
+    out, _ = capsys.readouterr()
+    (row,) = [line for line in out.splitlines() if line.startswith("| `cifar_resnet20`")]
+    assert row.startswith("| `cifar_resnet20` | 3 of 3 |") and row.endswith("| 8.75 |"), out
+
+    _copy_run(runs / "cifar_resnet20-seed0", tmp_path / "part-seed3", **{"seed_everything": 3, "data.val_split": "test",
+                                                                           "trainer.limit_val_batches": 2})
+    assert cifar10_table.main([str(tmp_path)]) == 0
+    out, _ = capsys.readouterr()
+    rows = [line for line in out.splitlines() if line.startswith("| `cifar_resnet20`")]
+    assert len(rows) == 2, out
+    (part,) = [line for line in rows if "trainer.limit_val_batches: 2" in line]
+    assert " | 1 of 1 | " in part and part.endswith(
+        "| - (scored on part of the test set: trainer.limit_val_batches 2) |"), part
+    (whole,) = [line for line in rows if line is not part]
+    assert " | 3 of 3 | " in whole and whole.endswith("| 8.75 |"), whole
+
+
+def test_one_run_directory_is_a_table_of_that_run(runs: Path, tmp_path: Path, capsys) -> None:
+    """A run directory given in place of its parent: its checkpoints/, csv/ were each named as a run "not
+    started yet", then "no run directories"; a path that does not exist said only the latter."""
+    run = runs / "cifar_resnet20-seed0"
+    assert cifar10_table.main([str(run)]) == 0
+    out, err = capsys.readouterr()
+    assert "| `cifar_resnet20` (data.val_split: val) | 1 of 1 |" in out and err == "", (out, err)
+    assert cifar10_table.main([str(tmp_path / "nowhere")]) == 2
+    assert f"cifar10_table: {tmp_path / 'nowhere'} does not exist" in capsys.readouterr().err

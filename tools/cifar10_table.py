@@ -1,6 +1,7 @@
 """The CIFAR-10 runs' final errors as a table, beside the paper's Table 6 (He et al. 2016).
 
     python tools/cifar10_table.py [RUNS]          # default runs/cifar10: every RUNS/*/config.yaml
+    python tools/cifar10_table.py RUNS/RUN        # one run directory
 
 Each run directory is read as training left it: the network and seed from its ``config.yaml``, the test
 error from the last ``val/top1`` row of ``csv/metrics.csv`` (the CIFAR config validates on the test set
@@ -11,8 +12,9 @@ plan) is shown with the step it is at and left out of the numbers; a run directo
 ``config.yaml`` (a job not started yet, or one that stopped before training) is named on stderr. Runs of one
 network and one recipe (any seeds) make one row: best and mean +- std of the final error, as the paper
 reports ResNet-110. Runs of a network whose recipes differ (option B, another border, the 45k split, ...)
-make a row each, named by the settings that differ; a row not scored on the test split says so and has no
-paper number beside it.
+make a row each, named by the settings that differ (the network's options with their defaults filled in); a row
+not scored on the whole test split (another ``data.val_split``, a ``trainer.limit_val_batches``) says so and has
+no paper number beside it.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import yaml
 
 from launch.checkpoints import read_checkpoint
 from launch.errors import LaunchError
+from pipeline.models.registry import options
 from pipeline.run_layout import CONFIG_FILE, metrics_csv
 
 # Table 6 of the paper: CIFAR-10 test error (%); ResNet-110 is "best (mean +- std)" over 5 runs
@@ -40,7 +43,7 @@ PAPER = {"cifar_resnet20": "8.75", "cifar_resnet32": "7.51", "cifar_resnet44": "
 RECIPE_SECTIONS = ("model", "data.augment")
 RECIPE_KEYS = ("data.root", "data.train_split", "data.val_split", "data.batch_size", "trainer.max_steps",
                "trainer.max_epochs", "trainer.precision", "trainer.devices", "trainer.num_nodes",
-               "trainer.accumulate_grad_batches", "trainer.limit_train_batches")
+               "trainer.accumulate_grad_batches", "trainer.limit_train_batches", "trainer.limit_val_batches")
 
 
 @dataclass
@@ -62,6 +65,11 @@ class Run:
     def scored_on(self) -> str:
         return self.recipe.get("data.val_split", "test")
 
+    @property
+    def scored_part(self) -> str | None:
+        """``trainer.limit_val_batches`` where the validation scored part of its split, else None."""
+        return self.recipe.get("trainer.limit_val_batches")
+
 
 def _get(cfg: dict, dotted: str) -> object:
     for part in dotted.split("."):
@@ -81,10 +89,19 @@ def _flat(value: object, key: str) -> dict[str, str]:
 
 
 def recipe(cfg: dict) -> dict[str, str]:
-    """The settings of ``RECIPE_SECTIONS`` and ``RECIPE_KEYS`` in a run's config, as text."""
+    """The settings of ``RECIPE_SECTIONS`` and ``RECIPE_KEYS`` in a run's config, as text. The network's options
+    with their defaults filled in (``arch_kwargs: {}`` and ``{shortcut: A}`` build one network: one row); a
+    whole validation (``limit_val_batches`` 1.0, null) left out."""
     out: dict[str, str] = {}
     for key in (*RECIPE_SECTIONS, *RECIPE_KEYS):
         out.update(_flat(_get(cfg, key), key))
+    arch, kwargs = _get(cfg, "model.arch"), _get(cfg, "model.arch_kwargs")
+    if isinstance(arch, str) and isinstance(kwargs, dict | None):
+        out = {k: v for k, v in out.items() if not k.startswith("model.arch_kwargs.")}
+        out.update(_flat(options(arch, kwargs), "model.arch_kwargs"))
+    limit = _get(cfg, "trainer.limit_val_batches")
+    if limit is None or (isinstance(limit, float) and limit == 1.0):  # (an int 1 is one batch)
+        out.pop("trainer.limit_val_batches", None)
     out.pop("model.arch", None)  # the row's name already
     return out
 
@@ -177,7 +194,9 @@ def table(runs: list[Run]) -> str:
             split = mine[0].scored_on
             shortcut = mine[0].recipe.get("model.arch_kwargs.shortcut", "A")  # the CIFAR nets' default: A
             plain = arch.startswith("plain_") or str(mine[0].recipe.get("model.arch_kwargs.plain")).lower() == "true"
+            part = mine[0].scored_part
             paper = (f"- (scored on split {split}, not test)" if split != "test" else
+                     f"- (scored on part of the test set: trainer.limit_val_batches {part})" if part else
                      "-" if plain else  # the paper gives plain nets' errors in its figures only
                      "- (the paper's are option A)" if shortcut != "A" else PAPER.get(arch, "-"))
             scored = [r for r in done if r.test_error is not None]
@@ -218,11 +237,17 @@ def not_started(root: Path) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("runs", nargs="?", default="runs/cifar10", help="parent of the run directories")
+    p.add_argument("runs", nargs="?", default="runs/cifar10", help="parent of the run directories, or one run directory")
     args = p.parse_args(argv)
     root = Path(args.runs)
-    configs = sorted(root.glob(f"*/{CONFIG_FILE}"))
-    for line in not_started(root):
+    if not root.is_dir():
+        print(f"cifar10_table: {root} does not exist (or is no folder): give the parent of the run directories",
+              file=sys.stderr)
+        return 2
+    # one run directory (its checkpoints/, csv/ are no runs not started yet): a table of that run
+    single = (root / CONFIG_FILE).is_file()
+    configs = [root / CONFIG_FILE] if single else sorted(root.glob(f"*/{CONFIG_FILE}"))
+    for line in [] if single else not_started(root):
         print(line, file=sys.stderr)
     if not configs:
         print(f"cifar10_table: no run directories (*/{CONFIG_FILE}) in {root}", file=sys.stderr)

@@ -13,7 +13,7 @@ from torch import nn
 from pipeline.models import cifar_resnet, resnet
 from pipeline.models.resnet import ModelConfigError
 
-__all__ = ["UnknownModelError", "available", "build", "computation", "typed_options", "PLAIN_PREFIX"]
+__all__ = ["UnknownModelError", "available", "build", "computation", "options", "typed_options", "PLAIN_PREFIX"]
 
 PLAIN_PREFIX = "plain_"
 
@@ -90,6 +90,25 @@ def typed_options(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     words = {"true": True, "false": False}
     return {k: words[v.lower()] if k in params and isinstance(params[k].default, bool) and isinstance(v, str)
             and v.lower() in words else v for k, v in kwargs.items()}
+
+
+def options(name: str, kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """Every option ``build(name, **kwargs)`` builds with: those given (typed as ``typed_options``), the others
+    at their defaults (``num_classes``, ``model.num_classes``, only where given), the shortcut of a plain net
+    left out (it has none): one network's options written two ways (``{}`` and ``{shortcut: A}`` for a CIFAR
+    net) compare equal. Unknown names and keys are left to ``build``."""
+    given = typed_options(name, kwargs or {})
+    base = _base_name(name)
+    if base not in _BASE:
+        return given
+    params = inspect.signature(_BASE[base]).parameters
+    out = {k: p.default for k, p in params.items() if k != "num_classes" and p.default is not inspect.Parameter.empty}
+    out.update(given)
+    if name.startswith(PLAIN_PREFIX):
+        out["plain"] = True
+    if out.get("plain") is True:
+        out.pop("shortcut", None)
+    return out
 
 
 def computation(name: str, **kwargs: Any) -> dict[str, Any]:
