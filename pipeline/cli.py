@@ -634,7 +634,8 @@ class PipelineCLI(LightningCLI):
         check_run_settings(cfg)
         if isinstance(self.datamodule, ShardDataModule):  # before the loggers start a W&B run for nothing
             self.datamodule.check_backend()
-            self.datamodule.check_splits(self.subcommand or "fit")
+            self.datamodule.check_splits(self.subcommand or "fit",
+                                         validating=cfg.trainer.get("limit_val_batches") != 0)
         if isinstance(self.model, ImageClassifier) and getattr(self, "_ckpt_hparams", None):
             self.model.check_network_of(self._ckpt_hparams, **_network_advice(cfg.get("ckpt_path"), self.subcommand))
         ckdir = checkpoint_dir(run_dir)

@@ -132,7 +132,8 @@ class ConfigCheckCLI(PipelineCLI):
         data = self.datamodule
         manifest = Path(data.root) / MANIFEST_NAME if isinstance(data, ShardDataModule) else None
         if manifest is not None and unreachable_reason(manifest) is None and manifest.is_file():  # (warned of)
-            data.check_splits(self.subcommand or "fit")  # the split names; every shard file is there
+            # the split names; every shard file is there
+            data.check_splits(self.subcommand or "fit", validating=cfg.trainer.get("limit_val_batches") != 0)
             world = _configured_world(cfg.trainer)
             if (self.subcommand or "fit") == "fit" and world:
                 data.check_one_global_batch(world, max(1, int(cfg.trainer.get("accumulate_grad_batches") or 1)))

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
-from data_prep.format import MANIFEST_NAME
+from data_prep.format import MANIFEST_NAME, load_manifest
 from pipeline.data.augment import AugmentConfig
 from pipeline.data.contract import Position, TrainSampler, ValSampler, steps_in_epoch
 from pipeline.data.shards import ShardSet, open_shards_for_window
@@ -39,6 +39,10 @@ def eval_batch(batch_size: int, num_samples: int, world_size: int) -> int:
     return max(1, min(batch_size, -(-num_samples // world_size)))
 
 BACKENDS = ("auto", "cpu", "dali", "dali-cpu", "synthetic")
+
+
+# the data module's ShardSet of each split setting
+SHARDS_OF = {"train_split": "train_shards", "val_split": "val_shards", "test_split": "test_shards"}
 
 
 class ShardDataModule(pl.LightningDataModule):
@@ -169,19 +173,42 @@ class ShardDataModule(pl.LightningDataModule):
 
     @property
     def num_classes(self) -> int:
+        """The manifest's classes, which every split shares: the training split's where the manifest has it (its
+        shards checked), else the manifest's own list: an evaluation reads only the split it scores (a folder of
+        validation shards alone, copied to another machine), and ``fit`` is refused by ``check_splits``."""
+        if self._train is None:
+            try:
+                manifest = load_manifest(self.root)
+            except Exception:  # noqa: BLE001 (the training split's reading names what is wrong)
+                manifest = None
+            if (isinstance(manifest, dict) and self.train_split not in (manifest.get("splits") or {})
+                    and isinstance(manifest.get("classes"), list)):
+                return len(manifest["classes"])
         return self.train_shards.num_classes
 
     def setup(self, stage: str) -> None:
         self.check_backend()
-        self.check_splits(stage)
+        self.check_splits(stage, validating=self.trainer is None or self.trainer.limit_val_batches != 0)
 
-    def check_splits(self, stage: str) -> None:
+    @staticmethod
+    def splits_read(stage: str, validating: bool = True) -> tuple[str, ...]:
+        """The split settings ``stage`` reads: ``fit`` its training split, and its validation split unless it
+        trains without validation (``trainer.limit_val_batches 0``: a folder of training shards alone will do);
+        ``validate`` and ``test`` the split they score."""
+        return {"fit": ("train_split", "val_split") if validating else ("train_split",), "validate": ("val_split",),
+                "test": ("test_split",)}.get(stage, ())
+
+    def check_splits(self, stage: str, validating: bool = True) -> None:
         """The splits ``stage`` reads are in the manifest and their shards are there: one line naming the
         split setting or the shard. The CLI calls it before the loggers start (a refused start left a W&B
         run behind), ``setup`` again."""
-        if stage == "fit":
-            _ = self.train_shards
-        _ = self.test_shards if stage == "test" else self.val_shards
+        for key in self.splits_read(stage, validating):
+            try:
+                _ = getattr(self, SHARDS_OF[key])
+            except ConfigError as e:
+                if stage == "fit" and key == "val_split" and str(e).startswith("data.val_split: split "):
+                    raise ConfigError(f"{e}; or train without validation: --trainer.limit_val_batches 0") from None
+                raise
 
     def check_backend(self) -> None:
         """A backend this machine cannot run is a one-line error at start (not a traceback at the first

@@ -102,13 +102,18 @@ def dataset(datamodule: Any, stage: str) -> dict[str, Any]:
     counts and the sha256 data_prep recorded for each (as the data module loaded them from the manifest: same
     counts from another data_prep run differ too), and the classes. ``{}`` for a data module of another
     kind."""
-    splits = {"fit": ("train_split", "val_split"), "validate": ("val_split",), "test": ("test_split",)}.get(stage, ())
-    shards = {"train_split": "train_shards", "val_split": "val_shards", "test_split": "test_shards"}
+    from pipeline.datamodule import SHARDS_OF
+
+    read = getattr(datamodule, "splits_read", None)
+    if read is None:
+        return {}
+    trainer = getattr(datamodule, "trainer", None)
+    splits = read(stage, validating=trainer is None or trainer.limit_val_batches != 0)
     out: dict[str, Any] = {"root": str(getattr(datamodule, "root", "")), "splits": []}
     for key in splits:
         name = getattr(datamodule, key, None)
         try:
-            held = getattr(datamodule, shards[key])
+            held = getattr(datamodule, SHARDS_OF[key])
         except AttributeError:
             return {}
         sizes = [int(n) for n in held.shard_sizes]

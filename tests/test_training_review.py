@@ -387,6 +387,47 @@ def test_an_empty_validation_split_is_an_error_unless_validation_is_off(digits_s
     run_module(*_args("fit", root, tmp_path / "r2", "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0"))
 
 
+def _one_split_of(shards: Path, split: str, to: Path) -> Path:
+    """A copy of ``shards`` holding ``split`` alone (its manifest lists no other)."""
+    import json
+    import shutil
+
+    shutil.copytree(shards, to)
+    manifest = json.loads((to / "manifest.json").read_text())
+    manifest["splits"] = {split: manifest["splits"][split]}
+    (to / "manifest.json").write_text(json.dumps(manifest))
+    for other in [*to.glob("*.tar"), *to.glob(".work/*")]:  # the other split's shards and data_prep's work
+        if not other.name.startswith(split):
+            shutil.rmtree(other) if other.is_dir() else other.unlink()
+    return to
+
+
+def test_a_folder_of_one_split_trains_without_validation_and_is_scored(trained, digits_shards, tmp_path):
+    """A fit with ``trainer.limit_val_batches 0`` on a folder of training shards alone was refused for want of
+    the val split it would never read; validate and test on a folder of validation shards alone (copied to
+    an evaluation machine) for want of the train split (the class count was read from it). Both run now;
+    the scores equal those on the whole folder, and fit without a val split says how to train without it."""
+    train_only = _one_split_of(digits_shards, "train", tmp_path / "train-only")
+    val_only = _one_split_of(digits_shards, "val", tmp_path / "val-only")
+    run_module(*_args("fit", train_only, tmp_path / "r", "--trainer.max_steps", "2", "--trainer.limit_val_batches",
+                      "0"))
+    assert (tmp_path / "r" / "checkpoints" / "last.ckpt").is_file()
+    proc = run_cli_in_process(*_args("fit", train_only, tmp_path / "r2", "--trainer.max_steps", "2")[1:])
+    _fails_clearly(proc, 2, "data.val_split: split 'val' is not in", "; or train without validation: "
+                   "--trainer.limit_val_batches 0")
+    proc = run_cli_in_process(*_args("fit", val_only, tmp_path / "r3", "--trainer.max_steps", "2")[1:])
+    _fails_clearly(proc, 2, "data.train_split: split 'train' is not in", "(it has: ['val'])")
+
+    last = str(trained / "checkpoints" / "last.ckpt")
+    for stage in ("validate", "test"):
+        rows = []
+        for root in (digits_shards, val_only):
+            run = tmp_path / f"{stage}-{root.name}"
+            run_module(*_args(stage, root, run, "--ckpt_path", last))
+            rows.append(_eval_row(run, stage))
+        assert rows[0] == rows[1] and rows[0][f"{'val' if stage == 'validate' else stage}/samples"] > 0, rows
+
+
 def test_data_root_and_split_mistakes_name_the_setting(digits_shards, tmp_path):
     a_file = tmp_path / "manifest.json"
     a_file.write_text("{}")
