@@ -521,9 +521,8 @@ class PipelineCLI(LightningCLI):
         tracking = TrackingConfig(wandb=True, project=cfg.tracking.project, name=cfg.tracking.name, csv=False,
                                   tensorboard=False)
         loggers = make_loggers(tracking, run_dir, run_id(run_dir, from_checkpoint=meta.get(RUN_ID_KEY)))
-        rows = held_rows(meta, Path(path).parent)
-        if n := log_rows_of_complete_run(loggers[0], path, meta):
-            _say(f"W&B: logged the {n} metric rows its last start held after a SIGTERM (last at step "
+        if rows := log_rows_of_complete_run(loggers[0], path, meta):
+            _say(f"W&B: logged the {len(rows)} metric rows its last start held after a SIGTERM (last at step "
                  f"{rows[-1]['step']})")
 
     @staticmethod

@@ -224,15 +224,15 @@ def held_rows(checkpoint: dict, checkpoint_dir: Path) -> list[dict]:
     return rows
 
 
-def log_rows_of_complete_run(wandb_logger: Logger, ckpt_path: str | Path, checkpoint: dict) -> int:
+def log_rows_of_complete_run(wandb_logger: Logger, ckpt_path: str | Path, checkpoint: dict) -> list[dict]:
     """A start that finds the run complete (nothing to train) logs what its last start held for W&B: a
     SIGTERM in the last validation (Slurm's preemption, whose requeue is this start) left the run's final
     val/top1 in the checkpoint, and no resume would ever log it. Once per checkpoint (``LOGGED``); a resume of
-    that checkpoint (a larger max_steps) does not log them again. Returns the rows logged."""
+    that checkpoint (a larger max_steps) does not log them again. Returns the rows logged (none: [])."""
     ckdir = Path(ckpt_path).parent
     rows = held_rows(checkpoint, ckdir)
     if not rows or logged_already(ckpt_path):
-        return 0
+        return []
     for row in rows:
         wandb_logger.log_metrics(row["metrics"], row["step"])
     finish_wandb_run(exit_code=0)
@@ -243,4 +243,4 @@ def log_rows_of_complete_run(wandb_logger: Logger, ckpt_path: str | Path, checkp
     except OSError as e:  # logged; a later start may log them again
         log.warning("W&B: cannot record that the held rows were logged (%s)", e)
     (ckdir / AFTER_SAVE).unlink(missing_ok=True)
-    return len(rows)
+    return rows
