@@ -470,7 +470,11 @@ class PipelineCLI(LightningCLI):
         if ckpt == "last":  # that file: Lightning's "last" is the newest last*.ckpt (a user's copy, an old last-v1)
             cfg.ckpt_path = str(last)
         elif last.exists() and Path(path).absolute().parent != checkpoint_dir(run_dir).absolute():
-            # another run's checkpoint, into a run directory with its own: the same branch command again?
+            # another run's checkpoint, into a run directory with its own: the same branch command again? (A
+            # keyword, a run directory or a checkpoints/ folder is refused as such first, not as another run's.)
+            self._refuse_keyword(path)
+            if Path(path).is_dir():
+                checkpoint_file(path)
             path = resume_point(Path(path), last, self._check_checkpoint(last, resume=True))
             if path == last:
                 _say(f"this run is a branch of {ckpt} (--ckpt_path) and has its own checkpoint: resuming that")
@@ -548,13 +552,17 @@ class PipelineCLI(LightningCLI):
                  f"trainer.default_root_dir)")
 
     @staticmethod
+    def _refuse_keyword(path: str | Path | None) -> None:
+        if str(path) in ("best", "hpc") or str(path).startswith("registry"):
+            raise ConfigError(f"ckpt_path: {str(path)!r} is not supported here: pass 'last' ({last_checkpoint('RUN')}) or "
+                              f"a file; `validate --ckpt_path best` scores the {BEST_GLOB} with the highest val/top1")
+
+    @staticmethod
     def _check_checkpoint(path: str | Path | None, resume: bool = False) -> dict:
         """The checkpoint's contents; a missing, torn or foreign file is a one-line error naming it.
         Lightning's other keywords look for a checkpoint of an earlier ``fit`` in the same process (``best``
         for ``fit``), a Slurm ``hpc_ckpt`` this CLI never writes, or Lightning's model registry: refused."""
-        if str(path) in ("best", "hpc") or str(path).startswith("registry"):
-            raise ConfigError(f"ckpt_path: {str(path)!r} is not supported here: pass 'last' ({last_checkpoint('RUN')}) or "
-                              f"a file; `validate --ckpt_path best` scores the {BEST_GLOB} with the highest val/top1")
+        PipelineCLI._refuse_keyword(path)
         if path is None or str(path) == "last" or "://" in str(path):
             return {}
         if not Path(path).exists():

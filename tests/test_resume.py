@@ -358,6 +358,27 @@ def test_a_branch_run_again_resumes_its_own_checkpoint_bit_exact(interrupted, tm
     assert not diffs, "; ".join(diffs[:10])
 
 
+def test_a_keyword_or_a_folder_as_ckpt_path_is_refused_as_such_in_a_run_with_its_own_checkpoint(interrupted,
+                                                                                                   digits_shards):
+    """In a run directory with its own last.ckpt, `--ckpt_path best` (hpc, registry...), the run directory itself or
+    a checkpoints/ folder was refused as "another run's checkpoint" (the branch check came first), which named
+    neither the keyword nor the last.ckpt to pass; they are refused as in a fresh run directory now."""
+    _, ref, _, _, _ = interrupted
+    last = ref / "checkpoints" / "last.ckpt"
+    before = last.read_bytes()
+    for given, said in (("best", "error: ckpt_path: 'best' is not supported here: pass 'last' "),
+                        (str(ref), f"error: {ref} is a run directory, not a checkpoint: name one of its checkpoints, "
+                                   f"e.g. {last}"),
+                        (str(ref / "checkpoints"), f"error: {ref / 'checkpoints'} is a folder of checkpoints, not one: "
+                                                   f"name one of them, e.g. {last}")):
+        cmd = fit_command(digits_shards, ref, STEPS + 2)
+        cmd[cmd.index("--ckpt_path") + 1] = given
+        proc = run_cli_in_process(*cmd[3:])
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert proc.stderr.strip().splitlines()[-1].startswith(said), (given, proc.stderr[-3000:])
+    assert last.read_bytes() == before
+
+
 def test_a_branch_whose_origin_is_gone_says_so_naming_its_record(tmp_path):
     """A branch with no checkpoint of its own whose recorded origin (RUN/branched_from) was moved or removed:
     a start without --ckpt_path said "ckpt_path: checkpoint ... does not exist", naming a setting not given,
