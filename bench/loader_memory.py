@@ -226,7 +226,7 @@ def main() -> None:
     parser.add_argument("--backends", nargs="+", default=["cpu", "dali-cpu", "dali-cpu:2"],
                         help="cpu first (the baseline); dali-cpu:N: with N DALI source workers")
     parser.add_argument("--workers", type=int, default=2, help="data.num_workers (DALI's threads for dali-cpu)")
-    parser.add_argument("--images", type=int, default=64, help="train images (val: half as many; 0: all 1,437)")
+    parser.add_argument("--images", type=int, default=64, help="train images (val: half as many; 0: all 1,434)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--limit-train", type=int, default=0, help="trainer.limit_train_batches (0: whole epochs)")
     parser.add_argument("--limit-val", type=int, default=0, help="trainer.limit_val_batches (0: all)")
@@ -244,7 +244,8 @@ def main() -> None:
         results[backend] = summarise(rows, args.warm, args.window)
         print(f"{backend}: {len(rows)} epoch ends sampled in {time.time() - t0:.0f} s", flush=True)
     base = results.get("cpu", {})
-    print(f"\n{args.epochs} epochs (resumed after {args.resume_at}), {args.images or 1437} train images, batch {args.batch}, "
+    train_images = json.loads((shards / "manifest.json").read_text())["splits"]["train"]["samples"]
+    print(f"\n{args.epochs} epochs (resumed after {args.resume_at}), {train_images} train images, batch {args.batch}, "
           f"{'limit_train_batches ' + str(args.limit_train) if args.limit_train else 'whole epochs'}; "
           f"steady: the last start's epochs after {args.warm}, at most {args.window}; MB = 1e6 bytes\n")
     print("| backend | process (n) | RSS ep 1 | RSS ep 5 | RSS end | PSS end | warm-up MB | steady MB/epoch (RSS) "
