@@ -171,6 +171,17 @@ def _started_from(last: Path, weights: str) -> bool:
     return isinstance(hparams, dict) and hparams.get("init_weights") == weights
 
 
+def _checkpoint_beside(path: str | Path, resume: bool) -> str:
+    """The way past a checkpoint that cannot be read: the newest best-k checkpoint in its folder, named ("" when
+    there is none)."""
+    p = Path(path)
+    others = [f for f in p.parent.glob(BEST_GLOB) if f.name != p.name]
+    if not others:
+        return ""
+    newest = max(others, key=lambda f: f.stat().st_mtime)
+    return f"; {'resume from' if resume else 'score'} the newest other checkpoint beside it: --ckpt_path {newest}"
+
+
 def _on_cpu(accelerator) -> bool:
     import torch
 
@@ -567,10 +578,13 @@ class PipelineCLI(LightningCLI):
             return {}
         if not Path(path).exists():
             raise ConfigError(f"ckpt_path: checkpoint {path} does not exist")
-        meta = read_checkpoint(path)
-        # every rank reads this: of a DeepSpeed directory, the model states every rank loads, not every rank's
-        # optimizer shard (at 1,024 ranks the whole directory read 1,024 times)
-        verify_checkpoint(checkpoint_file(path))
+        try:
+            meta = read_checkpoint(path)
+            # every rank reads this: of a DeepSpeed directory, the model states every rank loads, not every rank's
+            # optimizer shard (at 1,024 ranks the whole directory read 1,024 times)
+            verify_checkpoint(checkpoint_file(path))
+        except ConfigError as e:  # torn or damaged: a user deleted it and started the run over from step 0
+            raise ConfigError(f"{e}{_checkpoint_beside(path, resume)}") from None
         if not Path(path).is_dir() and "pytorch-lightning_version" not in meta:
             use = (f"start from weights with --model.init_weights {path}" if resume else
                    f"score weights with --ckpt_path null --model.init_weights {path}")

@@ -142,6 +142,24 @@ def test_unreadable_checkpoints_and_bad_batch_fail_in_one_line(trained, digits_s
     _fails_clearly(proc, 2, "data.batch_size")
 
 
+def test_a_torn_last_checkpoint_names_the_checkpoint_beside_it(digits_shards, tmp_path):
+    """A last.ckpt cut short was refused with no way on: users deleted it and the run started over from step
+    0 in its own directory. The error names the newest best-k checkpoint beside it; resuming from it works."""
+    run = tmp_path / "run"
+    steps = ["--data.batch_size", "128", "--trainer.max_steps"]
+    run_module(*_args("fit", digits_shards, run, *steps, "12"))  # an epoch of 11 steps: its best-k save
+    (best,) = (run / "checkpoints").glob("best-*.ckpt")
+    last = run / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:100_000])
+    for cmd, verb in (("fit", "resume from"), ("validate", "score")):
+        proc = run_cli_in_process(*_args(cmd, digits_shards, run, *steps, "14")[1:])
+        _fails_clearly(proc, 2, f"cannot read checkpoint {last}: ", f"; {verb} the newest other checkpoint beside "
+                       f"it: --ckpt_path {best}")
+    proc = run_module(*_args("fit", digits_shards, run, *steps, "14", "--ckpt_path", str(best)))
+    assert f"resuming from {best} at step 11" in proc.stderr, proc.stderr[-3000:]
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 14
+
+
 def _limit_file_size() -> None:
     resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 18, 1 << 18))  # ResNet-8's checkpoints are ~1 MB: writes fail
 
