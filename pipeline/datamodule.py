@@ -427,7 +427,8 @@ class ShardDataModule(pl.LightningDataModule):
             )
             self._restored = True
             order = (self._start.seed, self._start.window_shards)
-            if self._start.consumed and order != (self.seed, self.window_shards) and None not in order:
+            if (self._start.consumed and order != (self.seed, self.window_shards) and None not in order
+                    and (self.trainer is None or self.trainer.is_global_zero)):  # said once, not by every rank
                 log.warning(
                     "data.seed %d / data.window_shards %d differ from the checkpoint's (%d / %d): epoch %d"
                     " finishes in the order it started with, the new ones apply from the next epoch",

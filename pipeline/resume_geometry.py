@@ -167,8 +167,9 @@ class LoopPosition(pl.Callback):
         if target is None or progress.current.processed == target:
             return
         shift = target - progress.current.processed
-        log.info("loop position restated in the new micro-batch size: batch %d -> %d",
-                 progress.current.processed, target)
+        if trainer.is_global_zero:  # once, not by every rank
+            log.info("loop position restated in the new micro-batch size: batch %d -> %d",
+                     progress.current.processed, target)
         for tracker in (progress.current, progress.total):
             tracker.ready += shift
             tracker.started += shift
