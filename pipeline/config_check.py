@@ -38,7 +38,7 @@ from pipeline.deepspeed_checks import configured_deepspeed, refuse_accumulation
 from pipeline.errors import ConfigError
 from pipeline.file_access import unreachable_reason
 from pipeline.module import ImageClassifier
-from pipeline.optim import ignored_schedule_settings
+from pipeline.optim import ignored_schedule_settings, schedule_against_run
 from pipeline.run_dir_access import check_run_dir_writable
 from pipeline.run_layout import last_checkpoint
 from pipeline.trainer_devices import devices_per_node
@@ -66,6 +66,18 @@ class DataModuleSeenFromHere(ShardDataModule):
         _warn(f"data.root: {_why_no_manifest(Path(self.root))}; the model is checked with "
               f"{CLASSES_WITHOUT_MANIFEST} classes")
         return CLASSES_WITHOUT_MANIFEST
+
+
+def _schedule_against_max_steps(cfg) -> list[str]:
+    """What ``fit`` warns of at its start where the run's length is ``trainer.max_steps``: step milestones at or
+    after the end (a schedule shortened for a test run, its milestones left at 32k and 48k), a warm-up in steps
+    as long as the run. (Milestones in epochs and a run of epochs need the manifest's counts: fit says those.)"""
+    total = cfg.trainer.get("max_steps")
+    model = cfg.model
+    if not isinstance(total, int) or total <= 0:
+        return []
+    return schedule_against_run(total, int(model.get("warmup_steps") or 0), list(model.get("milestone_steps") or []),
+                                str(model.get("schedule")), 0, 1)
 
 
 def _why_no_manifest(root: Path) -> str:
@@ -138,7 +150,7 @@ class ConfigCheckCLI(PipelineCLI):
             if (self.subcommand or "fit") == "fit" and world:
                 data.check_one_global_batch(world, max(1, int(cfg.trainer.get("accumulate_grad_batches") or 1)))
         if (self.subcommand or "fit") == "fit":
-            for line in ignored_schedule_settings(cfg.model):
+            for line in ignored_schedule_settings(cfg.model) + _schedule_against_max_steps(cfg):
                 _warn(line)
             self._check_resumed_network(cfg, with_classes=manifest is not None and unreachable_reason(manifest) is None
                                         and manifest.is_file())

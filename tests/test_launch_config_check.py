@@ -223,3 +223,14 @@ def test_a_run_directory_whose_checkpoint_is_of_another_network_is_refused_befor
     ok = _job(tmp_path, REPO / "conf" / "demo.yaml", ["--data.root", str(digits_shards), "--model.arch",
                                                       "cifar_resnet8"], cpu=True)
     assert check_trainer_settings(ok) == []
+
+
+def test_a_shortened_run_with_the_recipes_milestones_is_warned_of(tmp_path: Path) -> None:
+    """`--trainer.max_steps 60` with the CIFAR recipe's milestones at 32k and 48k: fit warned at the job's start
+    that they are never reached; the check before submitting said nothing."""
+    job = _job(tmp_path, REPO / "conf" / "cifar10_resnet20.yaml",
+               ["--data.root", str(tmp_path / "none"), "--trainer.max_steps", "60"], cpu=True)
+    assert "warning: lr milestones at steps [32000, 48000] come at or after the run's end (60 steps): never " \
+           "reached" in check_trainer_settings(job)
+    whole = _job(tmp_path, REPO / "conf" / "cifar10_resnet20.yaml", ["--data.root", str(tmp_path / "none")], cpu=True)
+    assert not [w for w in check_trainer_settings(whole) if "milestones" in w]
