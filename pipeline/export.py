@@ -206,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for line in trained_by(args.checkpoint):
         print(line, file=sys.stderr)
-    n = sum(v.numel() for v in sd.values())
-    print(f"wrote {args.out}: {len(sd)} tensors, {n:,} values (fp32)")
+    floats = sum(v.numel() for v in sd.values() if v.is_floating_point())
+    counters = sum(1 for v in sd.values() if not v.is_floating_point())  # BatchNorm's num_batches_tracked (int64)
+    print(f"wrote {args.out}: {len(sd)} tensors, {floats:,} fp32 values"
+          + (f" (and {counters} integer BatchNorm batch counts)" if counters else ""))
     return 0

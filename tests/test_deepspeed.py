@@ -207,7 +207,8 @@ def test_what_deepspeed_would_get_wrong_is_refused_before_it_starts(digits_shard
     # ...") were printed there too; they are on stderr
     out = tmp_path / "zero2.pt"
     proc = run_module("pipeline", "export", str(zero / "checkpoints" / "last.ckpt"), str(out))
-    said = rf"wrote {re.escape(str(out))}: \d+ tensors, [\d,]+ values \(fp32\)\n"
+    said = (rf"wrote {re.escape(str(out))}: \d+ tensors, [\d,]+ fp32 values \(and \d+ integer BatchNorm batch "
+            r"counts\)\n")
     assert re.fullmatch(said, proc.stdout), proc.stdout
     assert "Processing zero checkpoint" in proc.stderr, proc.stderr
     run_module("pipeline", "fit", "--config", CONF, *SMALL_NET,
