@@ -132,6 +132,9 @@ def _list_train_archive(path: Path) -> Listing:
     with open_tar(path) as outer:
         for m, off, display in last_of_each_name(iter_tar_members(outer, str(path), 0, str(path), listing), listing):
             stem = Path(m.name).name
+            if is_hidden(Path(m.name).parts):  # macOS's ._<wnid>.tar, a .DS_Store: no class archive
+                listing.rejects.append((display, "hidden file or folder"))
+                continue
             if not stem.endswith(".tar"):
                 listing.rejects.append((display, "unexpected file in train archive (not <wnid>.tar)"))
                 continue
@@ -272,22 +275,28 @@ def scan_imagenet(src: ImageNetSource, splits: list[str]) -> tuple[dict[str, Sca
     # what labels the splits need before the train listing (minutes on its archive): a bad --devkit, or a flat
     # val with nothing to label it by, was said only after it
     src.devkit()
-    raw, where = {}, {}
+    raw, where, folders = {}, {}, set()
     for split in sorted(splits, key=lambda s: s != "val"):
         listing, where[split] = src.list_split(split)
         if Path(where[split]).is_dir():
             _check_split_folder(listing, Path(where[split]), split)
         raw[split] = _labelled(listing, split, src)
+        # class folders, empty ones too (a train/ extracted in part): their classes keep their labels
+        folders |= {d[0] for d in listing.dirs if len(d) == 1 and not is_hidden(d)}
         del listing
         if not len(raw[split][0].rows) and all(why == "hidden file or folder" for _, why in raw[split][1]):
             raise _no_images(src, split, where[split])
     dk = src.devkit()
+    mapping = src.src / SYNSET_MAPPING
     if dk is not None:
-        classes = sorted(dk.names)
-    elif "train" in raw:
-        classes = sorted(raw["train"][0].names)
+        classes, listed_by = sorted(dk.names), "devkit"
+    elif mapping.is_file():  # Kaggle's: its 1000 wnids
+        classes, listed_by = sorted(load_synset_mapping(mapping)), SYNSET_MAPPING
     else:
-        classes = sorted(raw["val"][0].names)
+        # every class a split names (its folders, empty ones too, and the val labels): from the train folders
+        # alone, an empty or missing class folder dropped its class and moved the labels of those after it
+        classes = sorted(set(folders).union(*(raw[s][0].names for s in raw)))
+        listed_by = "class folders and val labels" if len(raw) > 1 else "class folders"
     if not classes:
         raise PrepError(f"{src.src}: no ImageNet classes found")
     index = {c: i for i, c in enumerate(classes)}
@@ -301,8 +310,7 @@ def scan_imagenet(src: ImageNetSource, splits: list[str]) -> tuple[dict[str, Sca
                                                      f"{len(classes)} ILSVRC2012 classes"))
         del kept, dropped
         scans[split] = Scan(classes, names, items, sorted(rejects))
-        if dk is not None:
-            _warn_classes_without_input(split, classes, items)
+        _warn_classes_without_input(split, classes, items, listed_by)
     return scans, where
 
 
@@ -315,17 +323,18 @@ def _no_images(src: ImageNetSource, split: str, where: str) -> PrepError:
     return PrepError(f"{where}: no {split} image in it{beside}")
 
 
-def _warn_classes_without_input(split: str, classes: list[str], items: LabelledItems) -> None:
-    """Classes of the devkit's list with no input in `split` (a train/ folder extracted in part): their labels
-    stay, with no sample, so the run goes on; said here, or a model trained on part of ImageNet is a surprise."""
+def _warn_classes_without_input(split: str, classes: list[str], items: LabelledItems, listed_by: str) -> None:
+    """Classes of the list (the devkit's, Kaggle's mapping, else every class a split names) with no input in
+    `split` (a train/ folder extracted in part): their labels stay, with no sample, so the run goes on; said
+    here, or a model trained on part of ImageNet is a surprise."""
     seen = [False] * len(classes)
     for label in items.labels:
         seen[label] = True
     missing = [c for c, here in zip(classes, seen) if not here]
     if missing:
-        print(f"data_prep: warning: split {split!r} has no input of {len(missing)} of the {len(classes)} devkit "
-              f"classes: {first_names(missing)} (a folder extracted in part?); they keep their labels, with no "
-              "sample", file=sys.stderr)
+        print(f"data_prep: warning: split {split!r} has no input of {len(missing)} of the {len(classes)} classes "
+              f"({listed_by}): {first_names(missing)} (a folder extracted in part?); they keep their labels, with "
+              "no sample", file=sys.stderr)
 
 
 def prepare_imagenet(src: Path, out: Path, splits: list[str], opts: EncodeOptions, seed: int,

@@ -207,8 +207,8 @@ def test_an_empty_or_partial_split_folder_beside_the_archive_is_said(archives, t
     assert (f"data_prep: train: reading the folder {src / 'train'}; {src / 'ILSVRC2012_img_train.tar'} beside it "
             "is read only when there is no train/ folder") in err, err
     rest = exp["wnids"][1:]
-    assert (f"data_prep: warning: split 'train' has no input of {len(rest)} of the {len(exp['wnids'])} devkit "
-            f"classes: {rest[:5]}") in err, err
+    assert (f"data_prep: warning: split 'train' has no input of {len(rest)} of the {len(exp['wnids'])} classes "
+            f"(devkit): {rest[:5]}") in err, err
     m = load_manifest(out)
     assert m["splits"]["train"]["class_counts"] == [6] + [0] * len(rest)
 
@@ -223,3 +223,63 @@ def test_a_devkit_that_is_not_an_archive_is_said_in_one_line(archives, tmp_path,
     assert err.count("\n") == 1, err
     assert (f"error: {bad}: cannot read devkit archive (not a tar or .tar.gz archive; --devkit takes "
             "ILSVRC2012_devkit_t12.tar.gz or the folder it was extracted to)") in err, err
+
+
+def test_without_the_devkit_an_empty_or_missing_class_folder_keeps_its_class_and_the_labels(tmp_path, capsys):
+    """Kaggle's layout has no devkit: the class list came from the train class folders alone, so an empty one (a
+    part-finished extraction) dropped its class, moved the label of every class after it, rejected its val
+    images as "not one of the ILSVRC2012 classes", exit 0, and verify said OK. The list is Kaggle's
+    LOC_synset_mapping.txt where SRC has it, else every class the splits name (folders, empty ones too, and
+    the val labels); a class without input is warned of."""
+    src = tmp_path / "kaggle"
+    data = src / "ILSVRC" / "Data" / "CLS-LOC"
+    exp = build_imagenet(data, extracted=True)
+    (data / "ILSVRC2012_devkit_t12.tar.gz").unlink()
+    (data / "LOC_val_solution.csv").rename(src / "LOC_val_solution.csv")
+    gone = exp["wnids"][0]  # the first: every other class's label would move
+    for f in (data / "train" / gone).iterdir():
+        f.unlink()
+    train = {k: v for k, v in exp["train"].items() if v[1] != gone}
+    for with_mapping in (True, False):
+        mapping = src / "LOC_synset_mapping.txt"
+        if with_mapping:
+            mapping.write_text("".join(f"{w} {WORDS[w]}\n" for w in sorted(WORDS)))
+        else:
+            mapping.unlink()
+        out = tmp_path / f"out-{with_mapping}"
+        assert main(["imagenet", str(src), str(out), "--no-progress"]) == 0
+        m = load_manifest(out)
+        assert m["classes"] == exp["wnids"], m["classes"]
+        check_labels(out, "train", train, exp["wnids"])
+        check_labels(out, "val", exp["val"], exp["wnids"])
+        listed_by = "LOC_synset_mapping.txt" if with_mapping else "class folders and val labels"
+        err = capsys.readouterr().err
+        assert (f"data_prep: warning: split 'train' has no input of 1 of the {len(exp['wnids'])} classes "
+                f"({listed_by}): ['{gone}']") in err, err
+    # the folder itself gone too: the val labels still name the class
+    (data / "train" / gone).rmdir()
+    assert any(w == gone for _, w in exp["val"].values())
+    assert main(["imagenet", str(src), str(tmp_path / "out-gone"), "--no-progress"]) == 0
+    assert load_manifest(tmp_path / "out-gone")["classes"] == exp["wnids"]
+
+
+def test_a_hidden_member_of_the_train_archive_is_a_reject_not_an_error(tmp_path):
+    """macOS's AppleDouble ``._<wnid>.tar`` beside each class archive (a tar made on a Mac): the first was opened
+    as a class archive and stopped the run ("inner archive unreadable (bad checksum); its class would be lost")."""
+    import json
+
+    from tests.fixtures_images import _tar_bytes
+
+    root = tmp_path / "src"
+    exp = build_imagenet(root)
+    train_tar = root / "ILSVRC2012_img_train.tar"
+    with tarfile.open(train_tar) as tf:
+        inner = [(m.name, tf.extractfile(m).read()) for m in tf.getmembers()]
+    junk = [(f"._{name}", b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + bytes(64)) for name, _ in inner]
+    train_tar.write_bytes(_tar_bytes([m for pair in zip(junk, inner) for m in pair]))
+    out = tmp_path / "out"
+    assert main(["imagenet", str(root), str(out), "--splits", "train", "--no-progress"]) == 0
+    check_labels(out, "train", exp["train"], exp["wnids"])
+    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    assert sorted(r["path"] for r in rejects) == sorted(f"{train_tar}:{name}" for name, _ in junk), rejects
+    assert {r["reason"] for r in rejects} == {"hidden file or folder"}
