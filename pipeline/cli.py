@@ -584,7 +584,9 @@ class PipelineCLI(LightningCLI):
             # optimizer shard (at 1,024 ranks the whole directory read 1,024 times)
             verify_checkpoint(checkpoint_file(path))
         except ConfigError as e:  # torn or damaged: a user deleted it and started the run over from step 0
-            raise ConfigError(f"{e}{_checkpoint_beside(path, resume)}") from None
+            # (not one that could not be read now: a permission, an I/O error; it may be whole, and newer)
+            damaged = any(w in str(e) for w in (" is damaged: ", ", or torn (", ": an empty file"))
+            raise ConfigError(f"{e}{_checkpoint_beside(path, resume) if damaged else ''}") from None
         if not Path(path).is_dir() and "pytorch-lightning_version" not in meta:
             use = (f"start from weights with --model.init_weights {path}" if resume else
                    f"score weights with --ckpt_path null --model.init_weights {path}")

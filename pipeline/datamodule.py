@@ -173,17 +173,16 @@ class ShardDataModule(pl.LightningDataModule):
 
     @property
     def num_classes(self) -> int:
-        """The manifest's classes, which every split shares: the training split's where the manifest has it (its
-        shards checked), else the manifest's own list: an evaluation reads only the split it scores (a folder of
-        validation shards alone, copied to another machine), and ``fit`` is refused by ``check_splits``."""
-        if self._train is None:
-            try:
-                manifest = load_manifest(self.root)
-            except Exception:  # noqa: BLE001 (the training split's reading names what is wrong)
-                manifest = None
-            if (isinstance(manifest, dict) and self.train_split not in (manifest.get("splits") or {})
-                    and isinstance(manifest.get("classes"), list)):
-                return len(manifest["classes"])
+        """The manifest's class count, which every split shares, read from the manifest alone: an evaluation reads
+        only the split it scores (the validation shards copied to another machine with the manifest, which lists
+        the training shards too); ``fit``'s ``check_splits`` checks the training split's shards. Where the manifest
+        cannot be read, the training split's reading names what is wrong."""
+        try:
+            manifest = load_manifest(self.root)
+        except Exception:  # noqa: BLE001
+            manifest = None
+        if isinstance(manifest, dict) and isinstance(manifest.get("classes"), list):
+            return len(manifest["classes"])
         return self.train_shards.num_classes
 
     def setup(self, stage: str) -> None:

@@ -160,6 +160,31 @@ def test_a_torn_last_checkpoint_names_the_checkpoint_beside_it(digits_shards, tm
     assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 14
 
 
+def test_a_checkpoint_that_cannot_be_read_now_is_not_called_damaged(digits_shards, tmp_path, monkeypatch):
+    """Only a torn or damaged checkpoint's error names a best-k checkpoint to go on from: one that could not be
+    read now (a permission, an I/O error) may be whole and newer than every best-k save."""
+    from pipeline.cli import PipelineCLI
+    from pipeline.errors import ConfigError
+
+    ckdir = tmp_path / "run" / "checkpoints"
+    ckdir.mkdir(parents=True)
+    (ckdir / "best-epoch000-step0000011-top1=0.5000.ckpt").write_bytes(b"")
+    last = ckdir / "last.ckpt"
+    torch.save({"state_dict": {}}, last)
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(last))
+
+    monkeypatch.setattr(torch, "load", denied)
+    with pytest.raises(ConfigError) as said:
+        PipelineCLI._check_checkpoint(last, resume=True)
+    assert "Permission denied" in str(said.value) and "beside it" not in str(said.value), said.value
+    monkeypatch.undo()
+    last.write_bytes(last.read_bytes()[:40])
+    with pytest.raises(ConfigError, match="; resume from the newest other checkpoint beside it: --ckpt_path "):
+        PipelineCLI._check_checkpoint(last, resume=True)
+
+
 def _limit_file_size() -> None:
     resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 18, 1 << 18))  # ResNet-8's checkpoints are ~1 MB: writes fail
 
@@ -405,14 +430,15 @@ def test_an_empty_validation_split_is_an_error_unless_validation_is_off(digits_s
     run_module(*_args("fit", root, tmp_path / "r2", "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0"))
 
 
-def _one_split_of(shards: Path, split: str, to: Path) -> Path:
-    """A copy of ``shards`` holding ``split`` alone (its manifest lists no other)."""
+def _one_split_of(shards: Path, split: str, to: Path, edit_manifest: bool = True) -> Path:
+    """A copy of ``shards`` holding ``split``'s shards alone; its manifest lists no other split, or, as a copy of
+    the shards of one split with the manifest would have it, every split."""
     import json
     import shutil
 
     shutil.copytree(shards, to)
     manifest = json.loads((to / "manifest.json").read_text())
-    manifest["splits"] = {split: manifest["splits"][split]}
+    manifest["splits"] = {split: manifest["splits"][split]} if edit_manifest else manifest["splits"]
     (to / "manifest.json").write_text(json.dumps(manifest))
     for other in [*to.glob("*.tar"), *to.glob(".work/*")]:  # the other split's shards and data_prep's work
         if not other.name.startswith(split):
@@ -427,6 +453,7 @@ def test_a_folder_of_one_split_trains_without_validation_and_is_scored(trained, 
     the scores equal those on the whole folder, and fit without a val split says how to train without it."""
     train_only = _one_split_of(digits_shards, "train", tmp_path / "train-only")
     val_only = _one_split_of(digits_shards, "val", tmp_path / "val-only")
+    val_copied = _one_split_of(digits_shards, "val", tmp_path / "val-copied", edit_manifest=False)
     run_module(*_args("fit", train_only, tmp_path / "r", "--trainer.max_steps", "2", "--trainer.limit_val_batches",
                       "0"))
     assert (tmp_path / "r" / "checkpoints" / "last.ckpt").is_file()
@@ -439,11 +466,14 @@ def test_a_folder_of_one_split_trains_without_validation_and_is_scored(trained, 
     last = str(trained / "checkpoints" / "last.ckpt")
     for stage in ("validate", "test"):
         rows = []
-        for root in (digits_shards, val_only):
+        for root in (digits_shards, val_only, val_copied):
             run = tmp_path / f"{stage}-{root.name}"
             run_module(*_args(stage, root, run, "--ckpt_path", last))
             rows.append(_eval_row(run, stage))
-        assert rows[0] == rows[1] and rows[0][f"{'val' if stage == 'validate' else stage}/samples"] > 0, rows
+        assert rows[0] == rows[1] == rows[2] and rows[0][f"{'val' if stage == 'validate' else stage}/samples"] > 0, \
+            rows
+    proc = run_cli_in_process(*_args("fit", val_copied, tmp_path / "r4", "--trainer.max_steps", "2")[1:])
+    _fails_clearly(proc, 2, f"shard '{val_copied / 'train-000000.tar'}' listed in the manifest is missing")
 
 
 def test_data_root_and_split_mistakes_name_the_setting(digits_shards, tmp_path):
