@@ -24,7 +24,7 @@ from .manifest_lock import manifest_lock
 from .plan_record import read_plan
 from .rejects_file import read_rejects
 from .runner import write_bytes_atomic, write_json_atomic, write_text_atomic
-from .shardwriter import PARTIAL_SUFFIX, PARTIAL_TOKEN
+from .shardwriter import PARTIAL_SUFFIX, PARTIAL_TOKEN, remove_abandoned
 from .split_wording import rerun_of, splits_named
 
 
@@ -80,11 +80,17 @@ def split_entry(out: Path, split: str) -> tuple[dict, dict, list[dict], list[tup
 
 
 def _remove_stale_shards(out: Path, split: str, keep: set[str]) -> None:
-    """Drop shards outside the plan and `.tmp` leftovers of killed or failed writers (all shards are done)."""
+    """Drop shards outside the plan and `.tmp` leftovers of killed or failed writers (all shards are done).
+    A temporary file a live writer still holds is kept (``shardwriter.remove_abandoned``): another command
+    building the same shards at once (an array task run again, a requeued task whose first run lives on) is
+    writing it, and its rename would fail. Each file may vanish while this looks (its writer renamed it)."""
     pat = re.compile(rf"^{shard_file_pattern(split)}(({PARTIAL_TOKEN})?{re.escape(PARTIAL_SUFFIX)})?$")
     for p in out.iterdir():
         if pat.match(p.name) and p.name not in keep:
-            p.unlink()
+            if p.name.endswith(PARTIAL_SUFFIX):
+                remove_abandoned(p)
+            else:
+                p.unlink(missing_ok=True)
 
 
 def _other_plan(out: Path, split: str, plan: dict, missing: list[str]) -> str:

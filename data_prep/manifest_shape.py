@@ -14,8 +14,8 @@ from typing import Collection
 
 from .record_fields import COUNT, KINDS, first_problem, shown
 
-# top level (the version is checked first, on its own); `class_names` and `options` are rewritten by every
-# finalize, and only type-checked
+# top level (the version is checked first, on its own; `classes` may not list a name twice: duplicate_class);
+# `class_names` and `options` are rewritten by every finalize, and only type-checked
 TOP_FIELDS = {"classes": "a list of strings", "splits": "an object", "class_names": "a list of strings",
               "options": "an object"}
 # splits.NAME; `rejected` and `options` only type-checked
@@ -70,10 +70,26 @@ def entry_problem(split: str, entry: object) -> str | None:
     return None
 
 
+def duplicate_class(classes: list[str]) -> str | None:
+    """The first class name `classes` lists twice, said as a problem of field ``classes``, or None. data_prep
+    never writes one (class folders and wnids are unique); a hand edit (``classes[1] = "cat"`` where ``cat``
+    is ``classes[3]`` too) made two labels one class, and `verify` said OK. (``class_names`` may repeat one:
+    ImageNet's devkit calls two wnids ``crane``.)"""
+    first_at: dict[str, int] = {}
+    for i, name in enumerate(classes):
+        if name in first_at:
+            return (f"field 'classes' lists {name!r} twice (classes[{first_at[name]}] and classes[{i}]): "
+                    f"two labels would be one class")
+        first_at[name] = i
+    return None
+
+
 def manifest_problem(manifest: dict, rewriting: Collection[str] = ()) -> tuple[str, str | None] | None:
     """(what is wrong, the split whose entry it is in, or None for the top level), or None when the manifest
     is sound. The entries of the splits in `rewriting` are not looked at: the caller writes them again."""
     problem = first_problem(manifest, TOP_FIELDS, optional=("class_names", "options"))
+    if problem is None:
+        problem = duplicate_class(manifest["classes"])
     if problem is not None:
         return problem, None
     for split, entry in manifest["splits"].items():

@@ -4,7 +4,8 @@ Checks size and sha256, the index (sample count, jpg/cls/lbl present, offsets in
 cls text == lbl int32) and fully decodes a few evenly spaced JPEGs per shard, every JPEG of a shard whose
 checksum no longer matches (so the damaged samples are named); each split's columns file against the recorded
 size and sha256 and against its indexes (``columns_file.columns_problem``); and each split's lines of
-``rejects.jsonl`` against its ``rejected`` count (``rejects_file.count_problems``).
+``rejects.jsonl`` against its ``rejected`` count (``rejects_file.count_problems``); and the manifest's class list
+against the one each split's labels count (``class_list_problems``).
 """
 from __future__ import annotations
 
@@ -14,8 +15,11 @@ import re
 import struct
 from pathlib import Path
 
+from .class_list import CLAIM_NAME, claimed_classes
 from .columns_file import columns_problem
-from .format import INDEX_VERSION, MANIFEST_NAME, SAMPLE_EXTS, ManifestError, index_of_entry, load_manifest, read_index
+from .format import (INDEX_VERSION, MANIFEST_NAME, SAMPLE_EXTS, WORK_DIR, ManifestError, index_of_entry, load_manifest,
+                     plan_path, read_index, work_dir)
+from .plan_record import BrokenPlan, read_plan
 from .rejects_file import count_problems
 from .runner import map_in_processes
 from .shardwriter import file_sha256
@@ -96,6 +100,76 @@ def _check_shard(out: Path, split: str, shard: dict, n_classes: int, decode: int
     return problems
 
 
+def class_list_problems(out: Path, manifest: dict) -> list[str]:
+    """The manifest's ``classes`` (and ``class_names``) against the class list each listed split's labels count:
+    its plan record (``OUT/.work/<split>/plan.json``, from which finalize wrote them), else its claim
+    (``classes.json``). Its samples carry their label alone (``KEY.cls``, ``KEY.lbl``; KEY is no class name), so
+    the shards cannot tell two swapped names, and a class appended has no sample: both passed verify, and the
+    labels then meant other classes (or the class count changed) for training and evaluation. Where no split has
+    either record (``OUT/.work`` not copied along), the order alone is checked: data_prep writes the classes
+    sorted (a label is a class's position in that order). A name listed twice is ``load_manifest``'s
+    (``manifest_shape.duplicate_class``). One plan record read per split: a constant beside the shards' pass."""
+    path, classes, names = out / MANIFEST_NAME, manifest["classes"], manifest.get("class_names")
+    fix = (f"move it aside and run `python -m data_prep finalize {out}`: it writes the manifest again from "
+           f"{out / WORK_DIR}")
+    counted: dict[tuple[str, ...], list[tuple[str, Path]]] = {}  # class list -> (split, record) counting it
+    named: list[tuple[str, Path, list[str]]] = []  # (split, plan, its class_names)
+    for split in manifest["splits"]:
+        try:
+            plan = read_plan(out, split)
+        except BrokenPlan:  # finalize's and the rerun's to say; the claim may still tell
+            plan = None
+        if plan is not None:
+            counted.setdefault(tuple(plan["classes"]), []).append((split, plan_path(out, split)))
+            named.append((split, plan_path(out, split), plan["class_names"]))
+        elif (claim := claimed_classes(out, split, plan_too=False)) is not None \
+                and all(isinstance(c, str) for c in claim):
+            counted.setdefault(tuple(claim), []).append((split, work_dir(out, split) / CLAIM_NAME))
+    if not counted:
+        problems = []
+        if names is not None and len(names) != len(classes):
+            problems.append(f"{path}: class_names lists {len(names)} names, classes {len(classes)} (edited by hand?); "
+                            f"rerun the prep commands that wrote {out} (there is no {WORK_DIR}/ there to check "
+                            f"them against)")
+        wrong = next((i for i in range(len(classes) - 1) if not classes[i] < classes[i + 1]), None)
+        if wrong is not None:
+            problems.append(f"{path}: classes[{wrong}] is {classes[wrong]!r}, before classes[{wrong + 1}] "
+                            f"{classes[wrong + 1]!r}: data_prep writes the classes sorted (a label is a class's "
+                            f"position in that order), so the labels would mean other classes (edited by hand?); "
+                            f"rerun the prep commands that wrote {out} (there is no {WORK_DIR}/ there to check "
+                            f"the list against)")
+        return problems
+    problems = []
+    for theirs, splits in counted.items():
+        if list(theirs) == classes:
+            continue
+        i = next(c for c in range(max(len(theirs), len(classes)))
+                 if c >= len(theirs) or c >= len(classes) or theirs[c] != classes[c])
+        ours = f"is {classes[i]!r}" if i < len(classes) else "is not there"
+        label = f"label {i} of {_splits([s for s, _ in splits])} is {theirs[i]!r}" if i < len(theirs) else \
+            f"{_splits([s for s, _ in splits])} {'has' if len(splits) == 1 else 'have'} no label {i}"
+        differ = sum(a != b for a, b in zip(theirs, classes))
+        how = (f"{differ} of the {len(classes)} classes differ" if len(theirs) == len(classes) else
+               f"{len(theirs)} classes there, {len(classes)} in the manifest")
+        problems.append(f"{path}: classes[{i}] {ours}, but {label} ({', '.join(str(f) for _, f in splits)}: {how}; "
+                        f"edited by hand?); {fix}")
+    if problems or names is None:
+        return problems
+    for split, plan, theirs in named:  # the list agrees: the names shown for it
+        if theirs != names:
+            i = next(c for c in range(max(len(theirs), len(names)))
+                     if c >= len(theirs) or c >= len(names) or theirs[c] != names[c])
+            ours = f"is {names[i]!r}" if i < len(names) else "is not there"
+            said = f"names class {i} ({classes[i]!r}) {theirs[i]!r}" if i < len(theirs) else f"has no class {i}"
+            return [f"{path}: class_names[{i}] {ours}, but the plan of split {split!r} {said} ({plan}; edited by "
+                    f"hand?); {fix}"]
+    return []
+
+
+def _splits(names: list[str]) -> str:
+    return f"split {names[0]!r}" if len(names) == 1 else "splits " + ", ".join(repr(n) for n in names)
+
+
 def index_of_tar(tar: Path) -> list[str] | None:
     """The index lines (header first) that ``write_index`` (and DALI's ``wds2idx``) makes for this tar's
     members; None when the tar cannot be listed."""
@@ -128,7 +202,7 @@ def verify(out: str | Path, decode: int = 4, workers: int = 1) -> list[str]:
     out = Path(out)
     manifest = load_manifest(out)  # every field verify reads is there, of its type
     jobs = []
-    problems = []
+    problems = class_list_problems(out, manifest)
     for split, entry in manifest["splits"].items():
         for shard in entry["shards"]:
             jobs.append((out, split, shard, len(manifest["classes"]), decode))
@@ -144,7 +218,11 @@ def verify(out: str | Path, decode: int = 4, workers: int = 1) -> list[str]:
         per_split[split] = None if total is None or counts is None else [a + b for a, b in zip(total, counts)]
     for split, entry in manifest["splits"].items():  # a shard with problems is said already: its counts are not
         got, recorded = per_split.get(split, [0] * len(manifest["classes"])), entry.get("class_counts")
-        if got is not None and recorded is not None and got != recorded:
+        if recorded is not None and len(recorded) > len(manifest["classes"]):  # (next() below: a StopIteration)
+            problems.append(f"{out / MANIFEST_NAME}: splits.{split}.class_counts has {len(recorded)} counts, but "
+                            f"classes lists {len(manifest['classes'])} (edited by hand?); `python -m data_prep "
+                            f"finalize {out}` writes it again")
+        elif got is not None and recorded is not None and got != recorded:
             wrong = next(c for c in range(len(got)) if c >= len(recorded) or got[c] != recorded[c])
             problems.append(f"{out / MANIFEST_NAME}: splits.{split}.class_counts says "
                             f"{recorded[wrong] if wrong < len(recorded) else 'nothing'} for class "
