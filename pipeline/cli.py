@@ -171,6 +171,13 @@ def _started_from(last: Path, weights: str) -> bool:
     return isinstance(hparams, dict) and hparams.get("init_weights") == weights
 
 
+def _in_folder(path: str | Path, folder: Path) -> bool:
+    """Whether the file ``path`` is in ``folder``, the folders' links resolved (a run directory given through a
+    symlink, its checkpoint by its real path: it was "another run's checkpoint"); the file itself is not
+    followed."""
+    return Path(path).absolute().parent.resolve() == Path(folder).absolute().resolve()
+
+
 def _checkpoint_beside(path: str | Path, resume: bool) -> str:
     """The way past a checkpoint that cannot be read: the newest best-k checkpoint in its folder, named ("" when
     there is none)."""
@@ -480,7 +487,7 @@ class PipelineCLI(LightningCLI):
             return
         if ckpt == "last":  # that file: Lightning's "last" is the newest last*.ckpt (a user's copy, an old last-v1)
             cfg.ckpt_path = str(last)
-        elif last.exists() and Path(path).absolute().parent != checkpoint_dir(run_dir).absolute():
+        elif last.exists() and not _in_folder(path, checkpoint_dir(run_dir)):
             # another run's checkpoint, into a run directory with its own: the same branch command again? (A
             # keyword, a run directory or a checkpoints/ folder is refused as such first, not as another run's.)
             self._refuse_keyword(path)
@@ -495,7 +502,7 @@ class PipelineCLI(LightningCLI):
         steps, done = cfg.trainer.get("max_steps"), meta.get("global_step")
         # a branch (another run's checkpoint, this run without one of its own) past the end would be a run
         # directory that trains nothing: refused; this run's own checkpoint past it is a finished run
-        branch = Path(path).absolute().parent != checkpoint_dir(run_dir).absolute()
+        branch = not _in_folder(path, checkpoint_dir(run_dir))
         if isinstance(steps, int) and steps > 0 and isinstance(done, int) and done >= steps:
             if branch:
                 raise ConfigError(f"trainer.max_steps {steps}: {path} is at step {done} already, so a branch from it "
@@ -516,9 +523,9 @@ class PipelineCLI(LightningCLI):
         _say(f"resuming from {path}{_at_step(meta, ' at step {}')}")
         # the files and rows a killed start wrote after the run's own last.ckpt go (not those after another of
         # its checkpoints a user resumes by name, a best-k one: the later history is theirs to keep)
-        own_last = Path(path).absolute() == last.absolute()
+        own_last = _in_folder(path, last.parent) and Path(path).name == last.name
         self._resume_step = done if isinstance(done, int) and own_last else None
-        if Path(path).absolute().parent == checkpoint_dir(run_dir).absolute():
+        if not branch:
             self._saved_run_id = meta.get(RUN_ID_KEY)  # this run's own (its id file may be lost)
             self._branch_origin = meta.get(BRANCH_KEY)  # kept in its later checkpoints
         else:  # a branch of another run: its W&B run would get two histories over the same steps

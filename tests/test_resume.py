@@ -379,6 +379,22 @@ def test_a_keyword_or_a_folder_as_ckpt_path_is_refused_as_such_in_a_run_with_its
     assert last.read_bytes() == before
 
 
+def test_a_run_directory_given_through_a_symlink_resumes_its_own_checkpoint_by_its_real_path(interrupted, tmp_path,
+                                                                                               digits_shards):
+    """`--trainer.default_root_dir LINK --ckpt_path REAL/checkpoints/last.ckpt` (LINK -> REAL): the same run,
+    refused as "another run's checkpoint" (paths compared without resolving links)."""
+    _, ref, _, _, _ = interrupted
+    real, link = tmp_path / "real", tmp_path / "link"
+    shutil.copytree(ref, real)
+    link.symlink_to(real)
+    cmd = fit_command(digits_shards, link, STEPS + 2)
+    cmd[cmd.index("--ckpt_path") + 1] = str(real / "checkpoints" / "last.ckpt")
+    proc = run_module(*cmd[2:])
+    assert f"resuming from {real / 'checkpoints' / 'last.ckpt'} at step {STEPS}" in proc.stderr, proc.stderr[-3000:]
+    assert torch.load(real / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == \
+        STEPS + 2
+
+
 def test_a_branch_whose_origin_is_gone_says_so_naming_its_record(tmp_path):
     """A branch with no checkpoint of its own whose recorded origin (RUN/branched_from) was moved or removed:
     a start without --ckpt_path said "ckpt_path: checkpoint ... does not exist", naming a setting not given,
