@@ -67,7 +67,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-side", type=int, default=None,
                    help="re-encode every image with its longer side at most PX (default: passthrough)")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality for re-encoded images (default 90)")
-    p.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores this process may use: its CPU affinity, as Slurm sets it)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="worker processes (default: all cores this process may use: its CPU affinity, as Slurm sets it)")
     p.add_argument("--task-index", type=int, default=None, help="this task's position in the array, from 0 (default: from $SLURM_ARRAY_TASK_ID, "
                         "$SLURM_ARRAY_TASK_MIN and $SLURM_ARRAY_TASK_STEP)")
     p.add_argument("--num-tasks", type=int, default=None, help="array size (default $SLURM_ARRAY_TASK_COUNT or 1)")
@@ -117,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="re-check sizes, sha256, counts and decode samples")
     p.add_argument("out", type=Path, help="a prepared OUT (with its manifest.json)")
     p.add_argument("--decode", type=int, default=4, help="samples to fully decode per shard (default 4)")
-    p.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores this process may use: its CPU affinity, as Slurm sets it)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="worker processes (default: all cores this process may use: its CPU affinity, as Slurm sets it)")
     return ap
 
 
