@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import shlex
 import sys
+import unicodedata
 from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
@@ -132,4 +133,12 @@ def class_diff(new: list[str], old: list[str]) -> str:
         return "same names, different order"
     parts = ([f"only in this split: {first_names(only_new)}"] if only_new else []) + \
         ([f"only in the existing: {first_names(only_old)}"] if only_old else [])
+    # names that print alike: one folder written in composed Unicode (NFC, as Linux tools write it), the other
+    # decomposed (NFD, as macOS's file systems gave it): 'café' and 'café'
+    nfc = unicodedata.normalize
+    alike = sorted({nfc("NFC", n) for n in only_new} & {nfc("NFC", n) for n in only_old})
+    if alike:
+        shown = [ascii(n) for n in sorted(set(only_new) | set(only_old)) if nfc("NFC", n) in alike]
+        parts.append(f"{first_names(alike)} written in two Unicode forms ({', '.join(shown[:4])}): rename the folders "
+                     f"to one form, e.g. NFC (`convmv -f utf8 -t utf8 --nfc -r --notest FOLDER`)")
     return ", ".join(parts)

@@ -204,6 +204,22 @@ def test_stepped_slurm_array_covers_every_shard_once(tmp_path, monkeypatch):
     assert outputs(arr) == outputs(single)
 
 
+def test_class_names_in_two_unicode_forms_are_said_as_such(tmp_path, capsys):
+    """train/café written composed (NFC) and val/café decomposed (NFD, as a macOS copy gives it): the refusal
+    printed "only in this split: ['café'], only in the existing: ['café']", two names that look alike."""
+    import unicodedata
+
+    composed, decomposed = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
+    train, val, out = tmp_path / "train", tmp_path / "val", tmp_path / "o"
+    write_imagefolder(train, ["ant", composed], per_class=2)
+    write_imagefolder(val, ["ant", decomposed], per_class=1)
+    assert main(["imagefolder", str(train), str(out), "--split", "train", "--no-progress"]) == 0
+    assert main(["imagefolder", str(val), str(out), "--split", "val", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"['{composed}'] written in two Unicode forms ({ascii(decomposed)}, {ascii(composed)}): rename the " \
+           "folders to one form" in err, err
+
+
 def test_class_mismatch_names_the_classes(tmp_path, capsys):
     src, other, out = tmp_path / "src", tmp_path / "other", tmp_path / "o"
     write_imagefolder(src, ["ant", "bee", "cat"], per_class=2)
