@@ -89,6 +89,16 @@ def test_two_class_names_swapped_are_named_with_what_the_labels_count(out, capsy
     assert load_manifest(out)["classes"] == CLASSES and verify(out, capsys)[0] == 0
 
 
+def test_a_plain_finalize_writes_the_class_list_of_every_split_again(out, capsys):
+    """`finalize OUT` of an OUT whose every split it writes again: the list is their plans', not the edited
+    manifest's (two names swapped were refused as a class mismatch between the splits)."""
+    edit(out, _swap)
+    assert main(["finalize", str(out)]) == 0
+    assert load_manifest(out)["classes"] == CLASSES and verify(out, capsys)[0] == 0
+    edit(out, _swap)  # a finalize of one split of two keeps the other's entry: refused, naming the mismatch
+    assert main(["finalize", str(out), "--splits", "val"]) == 2
+
+
 def test_only_the_classes_swapped_is_found_too(out, capsys):
     edit(out, lambda m: m["classes"].__setitem__(slice(0, 4, 3), ["cat", "airplane"]))
     code, err = verify(out, capsys)
