@@ -68,7 +68,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="re-encode every image with its longer side at most PX (default: passthrough)")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality for re-encoded images (default 90)")
     p.add_argument("--workers", type=int, default=None,
-                   help="worker processes (default: all cores this process may use: its CPU affinity, as Slurm sets it)")
+                   help="worker processes (default: all cores this process may use: its CPU affinity, as Slurm "
+                        "sets it)")
     p.add_argument("--task-index", type=int, default=None, help="this task's position in the array, from 0 (default: from $SLURM_ARRAY_TASK_ID, "
                         "$SLURM_ARRAY_TASK_MIN and $SLURM_ARRAY_TASK_STEP)")
     p.add_argument("--num-tasks", type=int, default=None, help="array size (default $SLURM_ARRAY_TASK_COUNT or 1)")
@@ -119,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", type=Path, help="a prepared OUT (with its manifest.json)")
     p.add_argument("--decode", type=int, default=4, help="samples to fully decode per shard (default 4)")
     p.add_argument("--workers", type=int, default=None,
-                   help="worker processes (default: all cores this process may use: its CPU affinity, as Slurm sets it)")
+                   help="worker processes (default: all cores this process may use: its CPU affinity, as Slurm "
+                        "sets it)")
     return ap
 
 
@@ -152,6 +154,13 @@ def _check_common(args) -> tuple:
         task_index = offset // step
     if num_tasks < 1:
         raise PrepError(f"--num-tasks {num_tasks}: must be at least 1")
+    if not 0 <= task_index < num_tasks and args.task_index is None:  # (said in the variables it came from)
+        raise PrepError(
+            f"SLURM_ARRAY_TASK_ID {_env_int('SLURM_ARRAY_TASK_ID', 0)} (SLURM_ARRAY_TASK_MIN "
+            f"{_env_int('SLURM_ARRAY_TASK_MIN', 0)}, SLURM_ARRAY_TASK_STEP {_env_int('SLURM_ARRAY_TASK_STEP', 1)}) is "
+            f"task {task_index} of the {num_tasks} of "
+            f"{'SLURM_ARRAY_TASK_COUNT' if args.num_tasks is None else '--num-tasks'}, outside 0..{num_tasks - 1}: an array of ids that are no range (--array=2,5)? Submit a range "
+            f"(--array=0-{num_tasks - 1}, or with a step), or pass --task-index and --num-tasks explicitly")
     if not 0 <= task_index < num_tasks:
         raise PrepError(f"--task-index {task_index} is outside 0..{num_tasks - 1} (--num-tasks {num_tasks})")
     if not args.src.exists():

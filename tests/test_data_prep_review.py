@@ -204,6 +204,21 @@ def test_stepped_slurm_array_covers_every_shard_once(tmp_path, monkeypatch):
     assert outputs(arr) == outputs(single)
 
 
+def test_an_array_of_ids_that_are_no_range_is_said_in_slurms_variables(tmp_path, monkeypatch, capsys):
+    """`sbatch --array=2,5` (no step: Slurm sets none) made task 5 "--task-index 3 is outside 0..1", a flag the
+    user never gave; the error now names the variables it was read from and the ways out."""
+    src = tmp_path / "src"
+    write_imagefolder(src, ["a", "b"], per_class=2)
+    for name, value in (("SLURM_ARRAY_TASK_COUNT", "2"), ("SLURM_ARRAY_TASK_MIN", "2"), ("SLURM_ARRAY_TASK_ID", "5")):
+        monkeypatch.setenv(name, value)
+    assert main(["imagefolder", str(src), str(tmp_path / "o"), "--split", "train", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert ("SLURM_ARRAY_TASK_ID 5 (SLURM_ARRAY_TASK_MIN 2, SLURM_ARRAY_TASK_STEP 1) is task 3 of the 2 of "
+            "SLURM_ARRAY_TASK_COUNT, outside 0..1: an array of ids that are no range (--array=2,5)? Submit a range "
+            "(--array=0-1, or with a step), or pass --task-index and --num-tasks explicitly") in err, err
+    assert not (tmp_path / "o").exists()
+
+
 def test_class_names_in_two_unicode_forms_are_said_as_such(tmp_path, capsys):
     """train/café written composed (NFC) and val/café decomposed (NFD, as a macOS copy gives it): the refusal
     printed "only in this split: ['café'], only in the existing: ['café']", two names that look alike."""
