@@ -75,6 +75,7 @@ class Preemption(Callback):
         self._previous: dict[int, object] = {}
         self._trainer: pl.Trainer | None = None
         self._vote: _Vote | None = None
+        self._start_step: int | None = None  # the global step this start began at
 
     # ---- the handler: a flag (and no more W&B after SIGTERM) ------------------------------------------
     def _handler(self, signum, frame) -> None:
@@ -116,12 +117,18 @@ class Preemption(Callback):
             log.warning("preemption (%s) received during start-up%s", signal.Signals(early).name, where)
             self._handler(early, None)
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start_step = trainer.global_step
+
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """A signal that came during the epoch's last steps or its validation stops the run here, with the
         epoch-end ``last.ckpt`` (``LastCheckpoint`` runs after this callback: Lightning orders checkpoint
         callbacks last), not one or two steps into the next epoch: the next epoch's loaders and steps need
-        not fit in the grace time. One blocking all-reduce per epoch, outside the steps."""
-        if self.preempted or not epoch_finished(trainer):
+        not fit in the grace time. One blocking all-reduce per epoch, outside the steps. Not at the end of an
+        epoch this start took no step of (a resume of a checkpoint saved at an epoch's last step, which
+        Lightning ends again): a signal during start-up stopped it there, saved at the step it began at, and
+        each requeue did the same, with no progress; it stops after the first step (``on_train_batch_end``)."""
+        if self.preempted or not epoch_finished(trainer) or trainer.global_step == self._start_step:
             return
         agreed = self.received is not None
         if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
@@ -168,6 +175,11 @@ class Preemption(Callback):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._restore()
+        if stage == "fit":
+            try:  # USR1's default action would kill the process in what comes after the fit
+                signal.signal(signal.SIGUSR1, _after_fit)
+            except ValueError:  # not the main thread
+                pass
         logging.getLogger("pytorch_lightning.utilities.rank_zero").removeFilter(_NOT_REACHED)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -219,6 +231,13 @@ class Preemption(Callback):
         trainer.should_stop = True
         # Lightning would then say "`Trainer.fit` stopped: `max_epochs=N` reached" (the epoch counts as ended)
         logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_NOT_REACHED)
+
+
+def _after_fit(signum, frame) -> None:
+    """USR1 (Slurm's time-limit warning) once the fit has ended: nothing is left to save. Its default action
+    killed the process in its last seconds (the weight check, W&B's finish, the last barrier), and the batch
+    script took the finished run for a crash: it requeued the job and kept a sound node out of it."""
+    os.write(2, b"preemption (SIGUSR1) after the fit ended: nothing left to save; ignored\n")
 
 
 class _Vote:

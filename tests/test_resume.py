@@ -203,6 +203,50 @@ def test_a_signal_before_the_first_step_stops_after_it_and_requeues(digits_shard
     assert (tmp_path / "scontrol.calls").read_text().splitlines() == ["requeue 77"]
 
 
+def test_a_signal_during_start_up_of_a_resume_at_an_epochs_end_makes_progress(digits_shards, tmp_path):
+    """A run stopped at an epoch's last step (max_steps there), resumed with more steps, USR1 during the
+    resume's start-up (a time-limit warning that comes as the requeued job starts): Lightning ends the
+    restored epoch again, and the stop came there, saved at the step it began at; every requeue did the same
+    (five requeues, no step). It stops after its first step now."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline", **_recording_scontrol(tmp_path, "79")}
+    run = tmp_path / "run"
+    epoch = 1434 // 128  # the digits' train split in batches of 128: the first epoch's last step
+    run_to_end(fit_command(digits_shards, run, epoch, ["--checkpoint.every_n_train_steps", "0"]), subprocess.DEVNULL)
+    assert saved_step(run / "checkpoints" / "last.ckpt") == epoch
+    proc = subprocess.Popen(fit_command(digits_shards, run, epoch + 3, ["--checkpoint.every_n_train_steps", "0"]),
+                            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not _catches(proc.pid, signal.SIGUSR1) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    assert "preemption (SIGUSR1) received during start-up" in out, out[-3000:]
+    assert f"preemption (SIGUSR1): saving {run / 'checkpoints' / 'last.ckpt'} at step {epoch + 1}, then " \
+           f"stopping" in out, out[-3000:]
+    assert saved_step(run / "checkpoints" / "last.ckpt") == epoch + 1
+    assert (tmp_path / "scontrol.calls").read_text().splitlines() == ["requeue 79"]
+
+
+def test_usr1_after_the_fit_ended_is_ignored(tmp_path):
+    """Slurm's time-limit USR1 after `Trainer.fit` stopped (a run that ended near its time limit): the handlers
+    were put back at the fit's teardown, and USR1's default action killed the process (exit 138) in what comes
+    after (the weight check, W&B's finish): the batch script took the finished run for a crash, requeued it
+    and kept its node out. A fit's Preemption callback set up and torn down, then USR1: the process lives."""
+    code = (
+        "import os, signal, time\n"
+        "from types import SimpleNamespace\n"
+        "from pipeline.preemption import Preemption\n"
+        "p = Preemption('last.ckpt')\n"
+        "trainer = SimpleNamespace(_signal_connector=None, global_rank=0, world_size=1, is_global_zero=True)\n"
+        "p.setup(trainer, None, 'fit'); p.teardown(trainer, None, 'fit')\n"
+        "os.kill(os.getpid(), signal.SIGUSR1); time.sleep(0.2); print('alive')\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout == "alive\n", (proc.returncode, proc.stderr[-2000:])
+    assert "preemption (SIGUSR1) after the fit ended: nothing left to save; ignored" in proc.stderr
+
+
 def test_a_signal_at_the_runs_last_step_does_not_requeue_a_finished_run(digits_shards, tmp_path):
     """USR1 "under Slurm" at step 3 of max_steps 3: saved and stopped as the run would anyway; the job was
     requeued all the same, and its next start queued only to find nothing to train."""
