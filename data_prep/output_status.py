@@ -64,8 +64,10 @@ def _manifest(out: Path) -> tuple[dict | None, str | None]:
         return None, str(exc)
 
 
-def describe(out: Path) -> list[str]:
-    """``launch status`` lines for OUT: shards built per split, then the manifest (or why there is none)."""
+def describe(out: Path, stopped_tasks: list[str] = ()) -> list[str]:
+    """``launch status`` lines for OUT: shards built per split, then the manifest (or why there is none).
+    ``stopped_tasks``: array tasks of the latest submission that ended without success ("35_1 FAILED"): their
+    finalize job never runs (Slurm cancels it, its dependency never met)."""
     out = Path(out)
     splits = split_progress(out)
     if not out.is_dir():
@@ -81,6 +83,10 @@ def describe(out: Path) -> list[str]:
         if not broken and splits and all(p.planned is not None and p.done == p.planned for p in splits):
             why = (f"not yet, though every shard is built: the finalize job writes it (where it failed or was "
                    f"cancelled, `python -m data_prep finalize {shlex.quote(str(out))}` writes it or says why)")
+        elif not broken and stopped_tasks:
+            why = (f"not yet, and no finalize job will write it: array task{'s' if len(stopped_tasks) > 1 else ''} "
+                   f"{', '.join(stopped_tasks)} (the task's prep-*-JOB_TASK.out says why); fix that and submit the "
+                   f"same prep again (the shards built are kept): its finalize writes it")
         return lines + [f"manifest     {why}"]
     when = _dt.datetime.fromtimestamp(manifest.stat().st_mtime, _dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
     held = ", ".join(f"{p.split} {plural(p.samples, 'sample', grouped=True)} ({p.rejected or 0} rejected)"

@@ -216,6 +216,19 @@ def _prep_outputs(run_dir: Path) -> list[Path] | None:
     return outs or None  # records written before OUT was recorded: the general report
 
 
+def _stopped_prep_tasks(run_dir: Path, out: Path, rows: list[slurm.JobRow] | None) -> list[str]:
+    """The array tasks into ``out`` that ended without success ("35_1 FAILED"), of each split set's latest
+    submission: their finalize job never runs, and the status said it would write the manifest."""
+    latest: dict[tuple, str] = {}
+    for j in recorded_jobs(run_dir):
+        if (j.get("kind") == "prep-array" and isinstance(j.get("out"), str)
+                and Path(j["out"]).resolve() == out.resolve()):
+            latest[tuple(j.get("splits") or ())] = j["job_id"]
+    failed = slurm.FINISHED_STATES - {"COMPLETED"}
+    return [f"{r.job_id} {r.state}" for r in rows or [] if r.job_id.split("_")[0] in latest.values()
+            and "_" in r.job_id and r.state.split()[0] in failed]
+
+
 def is_run_dir(path: Path) -> bool:
     """Whether ``path`` holds a run (a job of ours, a checkpoint, the trainer's config, W&B id or lock)."""
     return bool(job_ids(path)) or any((path / name).exists() for name in
@@ -248,7 +261,7 @@ def report(run_dir: Path) -> str:
     prep_outs = _prep_outputs(run_dir)
     if prep_outs is not None:  # a data_prep run directory: its shards and manifest, no trainer lines
         for out in prep_outs:
-            lines += output_status.describe(out)
+            lines += output_status.describe(out, _stopped_prep_tasks(run_dir, out, rows))
         return "\n".join(lines)
     lines += _training_line(run_dir, rows)
     if origin := recorded_origin(run_dir):

@@ -396,6 +396,37 @@ def test_status_of_a_prep_run_directory_shows_shards_and_manifest_not_checkpoint
             f"finalize {out} --splits val` lists it or says why)\n") in status()
 
 
+def test_a_failed_array_task_is_named_where_the_manifest_would_come(tmp_path: Path) -> None:
+    """One array task FAILED (a shard it could not write), so Slurm cancelled the finalize job, its dependency
+    never met: status said "the finalize job writes it once every array task succeeded", which never comes."""
+    from data_prep.cli import main as prep
+    from launch.rundir import record_job
+    from tests.fixtures_images import write_imagefolder
+
+    src, out, run, bindir = tmp_path / "src", tmp_path / "shards", tmp_path / "shards-slurm", tmp_path / "bin"
+    write_imagefolder(src, ["cat", "dog"], per_class=9)
+    assert prep(["imagefolder", str(src), str(out), "--split", "train", "--samples-per-shard", "4", "--workers", "1",
+                 "--no-progress", "--num-tasks", "2", "--task-index", "0"]) == 0
+    bindir.mkdir()
+    (bindir / "sacct").write_text("#!/bin/sh\nprintf '35_0|prep-imagefolder-train|COMPLETED|00:00:05|0:0|None\\n"
+                                  "35_1|prep-imagefolder-train|FAILED|00:00:03|2:0|None\\n"
+                                  "36|prep-finalize-imagefolder-train|CANCELLED|00:00:00|0:0|None\\n'\n")
+    (bindir / "squeue").write_text("#!/bin/sh\nexit 0\n")
+    for tool in ("sacct", "squeue"):
+        (bindir / tool).chmod(0o755)
+    record_job(run, "35", "prep-array", run / "prep-imagefolder-train.sbatch", out, ["train"])
+    record_job(run, "36", "prep-finalize", run / "prep-finalize-imagefolder-train.sbatch", out, ["train"])
+    r = launch("status", str(run), cwd=tmp_path, env={"PATH": f"{bindir}:/usr/bin:/bin"})
+    assert r.returncode == 0, r.stderr
+    assert ("manifest     not yet, and no finalize job will write it: array task 35_1 FAILED (the task's "
+            "prep-*-JOB_TASK.out says why); fix that and submit the same prep again (the shards built are kept): its "
+            "finalize writes it") in r.stdout, r.stdout
+    # submitted again (a new array, not ended): the earlier failure is no longer the story
+    record_job(run, "37", "prep-array", run / "prep-imagefolder-train.sbatch", out, ["train"])
+    r = launch("status", str(run), cwd=tmp_path, env={"PATH": f"{bindir}:/usr/bin:/bin"})
+    assert "manifest     not yet: the finalize job writes it once every array task succeeded" in r.stdout, r.stdout
+
+
 def _status_with_stand_ins(tmp_path: Path, sacct_lines: str, squeue_lines: str,
                            sacct_fails: str = "") -> tuple[list[list[str]], str]:
     """`launch status` of a prep run directory (array job 12, finalize job 13) whose sacct and squeue are
