@@ -165,7 +165,16 @@ def _training_line(run_dir: Path, rows: list[slurm.JobRow] | None = None) -> lis
     if held:
         return [f"training     now: {who}"]
     job = record.get("slurm_job_id")
-    if held is False and job and any(r.job_id == str(job) and r.state == "RUNNING" for r in rows or []):
+    running = [r for r in rows or [] if r.job_id == str(job) and r.state == "RUNNING"] if job else []
+    try:
+        restart = int(record.get("restart", 0))
+    except (TypeError, ValueError):
+        restart = 0
+    later = [r.restarts for r in running if r.restarts is not None and r.restarts > restart]
+    if held is False and later:  # a later start of the job whose trainer has not taken the lock yet
+        return [f"training     starting: job {job} restart {later[0]} (its trainer takes the lock once it is up; "
+                f"last: {who})"]
+    if held is False and running:
         return [f"training     probably now: {who} (Slurm runs job {job}, though its lock on {run_dir / LOCK_NAME} is "
                 f"free as seen from here: locks on this file system may stay within a node, e.g. Lustre's "
                 f"localflock; see docs/training.md)"]

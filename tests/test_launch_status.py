@@ -249,9 +249,13 @@ def test_a_lock_free_here_while_slurm_runs_its_job_is_not_said_as_not_training(t
     record_job(run, "12", "train", run / "train.sbatch")
     (run / LOCK_NAME).write_text(json.dumps({"job": "slurm job 12 step 0 restart 0", "slurm_job_id": "12",
                                              "restart": 0, "host": "n1", "pid": 4242}) + "\n")
+    # requeued: restart 1 runs, its trainer not up yet (the lock names restart 0, whose process is gone): it was
+    # "probably now" of the dead start, for the seconds of every start-up
     for state, says in (("RUNNING", "training     probably now: slurm job 12 step 0 restart 0, host n1, pid 4242 "
                                     "(Slurm runs job 12, though its lock on "),
-                        ("COMPLETED", "training     not now (last: slurm job 12 step 0 restart 0, host n1")):
+                        ("COMPLETED", "training     not now (last: slurm job 12 step 0 restart 0, host n1"),
+                        ("REQUEUED|00:05:00|0:0|None\\n12|train|RUNNING", "training     starting: job 12 restart 1 (its "
+                         "trainer takes the lock once it is up; last: slurm job 12 step 0 restart 0, host n1")):
         env = {"PATH": f"{bindir}:/usr/bin:/bin", "SACCT": f"12|train|{state}|00:05:00|0:0|None\\n"}
         r = launch("status", str(run), cwd=tmp_path, env=env)
         assert r.returncode == 0, r.stderr
