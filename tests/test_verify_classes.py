@@ -54,6 +54,13 @@ def verify(out: Path, capsys) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
+def one_problem(out: Path, capsys) -> str:
+    """verify's one problem line, after checking it found that one alone (exit 1)."""
+    code, err = verify(out, capsys)
+    assert code == 1 and err.endswith(f"\nverify: 1 problem in {out}\n"), (code, err)
+    return err.removesuffix(f"\nverify: 1 problem in {out}\n")
+
+
 def plans(out: Path) -> str:
     return f"{out / '.work/train/plan.json'}, {out / '.work/val/plan.json'}"
 
@@ -78,11 +85,9 @@ def _swap(m: dict) -> None:
 
 def test_two_class_names_swapped_are_named_with_what_the_labels_count(out, capsys):
     edit(out, _swap)
-    code, err = verify(out, capsys)
-    assert code == 1
-    assert err == (f"{out / 'manifest.json'}: classes[0] is 'cat', but label 0 of splits 'train', 'val' is "
-                   f"'airplane' ({plans(out)}: 2 of the 4 classes differ; edited by hand?); {fix(out)}\n"
-                   f"verify: 1 problem in {out}\n")
+    said = one_problem(out, capsys)
+    assert said == (f"{out / 'manifest.json'}: classes[0] is 'cat', but label 0 of splits 'train', 'val' is "
+                    f"'airplane' ({plans(out)}: 2 of the 4 classes differ; edited by hand?); {fix(out)}")
     (out / "manifest.json").rename(out / "manifest.edited")  # what the line says to do writes the list again
     capsys.readouterr()
     assert main(["finalize", str(out)]) == 0
@@ -124,20 +129,16 @@ def test_a_class_appended_with_no_sample_is_named(out, capsys):
             entry["class_counts"].append(0)
 
     edit(out, append)
-    code, err = verify(out, capsys)
-    assert code == 1
-    assert err == (f"{out / 'manifest.json'}: classes[4] is 'deer', but splits 'train', 'val' have no label 4 "
-                   f"({plans(out)}: 4 classes there, 5 in the manifest; edited by hand?); {fix(out)}\n"
-                   f"verify: 1 problem in {out}\n")
+    said = one_problem(out, capsys)
+    assert said == (f"{out / 'manifest.json'}: classes[4] is 'deer', but splits 'train', 'val' have no label 4 "
+                    f"({plans(out)}: 4 classes there, 5 in the manifest; edited by hand?); {fix(out)}")
 
 
 def test_a_class_name_edited_is_named(out, capsys):
     edit(out, lambda m: m["class_names"].__setitem__(2, "birdie"))
-    code, err = verify(out, capsys)
-    assert code == 1
-    assert err == (f"{out / 'manifest.json'}: class_names[2] is 'birdie', but the plan of split 'train' names class "
-                   f"2 ('bird') 'bird' ({out / '.work/train/plan.json'}; edited by hand?); {fix(out)}\n"
-                   f"verify: 1 problem in {out}\n")
+    said = one_problem(out, capsys)
+    assert said == (f"{out / 'manifest.json'}: class_names[2] is 'birdie', but the plan of split 'train' names class "
+                    f"2 ('bird') 'bird' ({out / '.work/train/plan.json'}; edited by hand?); {fix(out)}")
 
 
 def test_without_the_work_records_a_list_out_of_sorted_order_is_named(out, capsys):
