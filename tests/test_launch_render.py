@@ -526,6 +526,14 @@ def test_train_script_requeues_crashes_until_they_stop_making_progress(tmp_path:
     assert "srun failed (exit 137), 3 times in a row without a new checkpoint; not requeueing job 4242" in log
 
 
+def test_train_script_with_no_retries_says_so(tmp_path: Path, cfg: Path) -> None:
+    """`--max-failures 0` ended the first crash with "1 times in a row without a new checkpoint"."""
+    assert _attempts(tmp_path, cfg, ["137"], max_failures=0) == [(137, False)]
+    log = (tmp_path / "run" / "slurm-4242.out").read_text()
+    assert "srun failed (exit 137); not requeueing job 4242 (--max-failures 0: no retries; resubmit " in log, log
+    assert "times in a row" not in log, log
+
+
 def test_train_script_rides_out_a_controller_away_for_some_seconds(tmp_path: Path, cfg: Path) -> None:
     """Under `set -e`, one failed scontrol ended the job FAILED, not requeued: the rendezvous lookup at the start
     (a controller busy or failing over; or the node list of a big job, whose scontrol `head -n 1` killed with
