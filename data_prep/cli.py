@@ -125,6 +125,16 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _run_dir_marks(out: Path) -> list[str]:
+    """What makes ``out`` a training run directory (pipeline/run_layout.py's names), if it is one: shards and a
+    manifest there would mix with the run's checkpoints and logs, and a run directory is no dataset's home."""
+    from pipeline.run_layout import CHECKPOINTS_DIR, RUN_ID_FILE, TRAIN_SCRIPT
+
+    # not jobs.jsonl: `launch submit prep --run-dir OUT` keeps its own record of the prep jobs there
+    names = [f"{CHECKPOINTS_DIR}/", RUN_ID_FILE, TRAIN_SCRIPT]
+    return [name for name in names if (out / name.rstrip("/")).exists()] if out.is_dir() else []
+
+
 def _check_common(args) -> tuple:
     from .validate import EncodeOptions
 
@@ -171,6 +181,10 @@ def _check_common(args) -> tuple:
     args.src = Path(os.path.abspath(args.src))
     if args.out.exists() and not args.out.is_dir():
         raise PrepError(f"{args.out}: output exists and is not a folder")
+    if marks := _run_dir_marks(args.out):
+        raise PrepError(f"{args.out}: output folder is a training run directory (it holds {', '.join(marks)}); "
+                        "prepare the shards into a folder of their own (e.g. data/NAME) and point the run's "
+                        "--data.root at it")
     opts = EncodeOptions(max_side=args.max_side, quality=args.quality)
     return opts, shard_bytes, workers, task_index, num_tasks
 

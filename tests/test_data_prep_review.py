@@ -830,3 +830,22 @@ def test_a_split_whose_every_input_is_rejected_ends_with_an_error(tmp_path, caps
     write_imagefolder(src / "val", ["ant", "bee"], per_class=1, seed=4)
     r = run_cli("imagefolder", str(src / "val"), str(out), "--split", "val", "--no-progress")
     assert r.returncode == 0 and "val: 2 samples in 1 shard, 0 rejected\n" in r.stdout, r.stdout + r.stderr
+
+
+def test_output_folder_that_is_a_training_run_directory_is_refused(tmp_path):
+    """A run directory (checkpoints/, wandb_run_id) given as OUT was prepared into: shards and a manifest among a
+    run's checkpoints, then trained from with --data.root RUN. Refused before anything is written there; the
+    same from `launch submit prep`, which runs data_prep's checks before the queue wait."""
+    src, run = tmp_path / "src", tmp_path / "run"
+    write_imagefolder(src, ["a", "b"], per_class=2)
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "wandb_run_id").write_text("abc123\n")
+    before = sorted(p.name for p in run.rglob("*"))
+    r = run_cli("imagefolder", str(src), str(run), "--split", "train", "--no-progress")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert f"{run}: output folder is a training run directory (it holds checkpoints/, wandb_run_id)" in r.stderr
+    assert sorted(p.name for p in run.rglob("*")) == before
+    r = subprocess.run([sys.executable, "-m", "launch", "submit", "prep", "imagefolder", str(src), str(run),
+                        "--tasks", "2", "--split", "train", "--dry-run"], capture_output=True, text=True,
+                       cwd=tmp_path, timeout=120)
+    assert r.returncode == 2 and "output folder is a training run directory" in r.stderr, r.stdout + r.stderr
