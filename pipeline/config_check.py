@@ -177,11 +177,20 @@ class ConfigCheckCLI(PipelineCLI):
             (Path(ckpt) if ckpt not in (None, "last") else None)
         if path is None or "://" in str(path) or unreachable_reason(path) is not None or not path.exists():
             return
-        saved = read_checkpoint(path).get("hyper_parameters")  # (a torn one: the start's own error, here)
+        checkpoint = read_checkpoint(path)  # (a torn one: the start's own error, here)
+        saved = checkpoint.get("hyper_parameters")
         if isinstance(saved, dict) and isinstance(self.model, ImageClassifier):
             if not with_classes:
                 saved = {k: v for k, v in saved.items() if k != "num_classes"}
             self.model.check_network_of(saved, checkpoint=str(path))
+        # the dataset it was trained on (classes, the training split's shards): the start's load_state_dict
+        # refused another data.root's only after the queue wait
+        position = checkpoint.get(ShardDataModule.__qualname__)
+        if with_classes and isinstance(position, dict) and isinstance(self.datamodule, ShardDataModule):
+            try:
+                self.datamodule._check_same_dataset(position)
+            except ConfigError as e:
+                raise ConfigError(f"{e}; the start would resume {path}") from None
 
     def _run_subcommand(self, subcommand: str) -> None:
         print(f"config_check: `python -m pipeline {subcommand}` accepts these settings", file=sys.stderr)

@@ -234,3 +234,31 @@ def test_a_shortened_run_with_the_recipes_milestones_is_warned_of(tmp_path: Path
            "reached" in check_trainer_settings(job)
     whole = _job(tmp_path, REPO / "conf" / "cifar10_resnet20.yaml", ["--data.root", str(tmp_path / "none")], cpu=True)
     assert not [w for w in check_trainer_settings(whole) if "milestones" in w]
+
+
+def test_a_run_directory_whose_checkpoint_trained_on_other_shards_is_refused_before_the_job_queues(
+        tmp_path: Path, digits_shards: Path) -> None:
+    """The run directory's last.ckpt recorded another train split than data.root's (prepared again, another
+    dataset): the start refused it in load_state_dict, after the queue wait; the check passed it."""
+    import torch
+
+    from pipeline.datamodule import ShardDataModule
+    from pipeline.module import ImageClassifier
+    from pipeline.run_layout import last_checkpoint
+
+    trained = ImageClassifier(arch="cifar_resnet20", num_classes=10)
+    same = ShardDataModule(root=str(digits_shards)).state_dict()
+    last = last_checkpoint(tmp_path / "run")
+    last.parent.mkdir(parents=True)
+
+    def save(position: dict) -> None:
+        torch.save({"hyper_parameters": dict(trained.hparams), "state_dict": trained.state_dict(),
+                    ShardDataModule.__qualname__: position}, last)
+
+    job = _job(tmp_path, REPO / "conf" / "demo.yaml", ["--data.root", str(digits_shards)], cpu=True)
+    save(same)
+    assert check_trainer_settings(job) == []
+    save({**same, "splits_sha256": {**same["splits_sha256"], "train": "0" * 64}})
+    with pytest.raises(LaunchError, match=r"the checkpoint was trained on another dataset: the 'train' split "
+                                          rf"\(data.train_split\) of .*; the start would resume {last}"):
+        check_trainer_settings(job)
