@@ -89,7 +89,7 @@ from pipeline.throughput import Throughput
 from pipeline.torchelastic import restart_warning
 from pipeline.tracking import (RUN_ID_KEY, CheckpointStep, RunIdInCheckpoint, StepLearningRateMonitor,
                                TrackingConfig, check_wandb_settings, make_eval_loggers, make_loggers, rewind_metrics,
-                               run_id, set_aside_metrics)
+                               run_id, set_aside_metrics, wandb_disabled)
 from pipeline.trainer_devices import devices_as_int
 from pipeline.wording import plural
 
@@ -431,6 +431,9 @@ class PipelineCLI(LightningCLI):
         self._branched_from: tuple[str, str | None] | None = None  # (checkpoint, its W&B id): another run's
         self._branch_origin: str | None = None  # where this run started, when from another run (branch_origin)
         check_trainer(cfg.trainer)
+        if cfg.tracking.wandb and wandb_disabled():  # as tracking.wandb false: config.yaml says what ran
+            _say("W&B: off (WANDB_MODE=disabled), as with --tracking.wandb false")
+            cfg.tracking.wandb = False
         if sub != "fit":
             limit_key = f"limit_{'val' if sub == 'validate' else 'test'}_batches"
             if sub in ("validate", "test") and cfg.trainer.get(limit_key) == 0:  # exit 0 and no metrics, said nothing

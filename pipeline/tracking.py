@@ -40,9 +40,15 @@ class TrackingConfig:
 WANDB_MODES = ("online", "offline", "shared", "disabled", "dryrun", "run")
 
 
+def wandb_disabled() -> bool:
+    """``WANDB_MODE=disabled``: the user's way to turn W&B off without editing the config. Lightning's W&B logger
+    set WANDB_MODE=dryrun over it when offline, and the run still wrote an offline W&B run."""
+    return os.environ.get("WANDB_MODE") == "disabled"
+
+
 def check_wandb_settings(cfg: TrackingConfig) -> None:
     """What W&B would refuse at ``wandb.init`` (a traceback, after the run directory was set up)."""
-    if not cfg.wandb:
+    if not cfg.wandb or wandb_disabled():
         return
     if importlib.util.find_spec("wandb") is None:
         raise ConfigError("tracking.wandb: the wandb package is not installed here (`make setup` installs it); "
@@ -70,6 +76,16 @@ def run_id(run_dir: str | Path, from_checkpoint: str | None = None) -> str:
             raise ConfigError(f"tracking.wandb: WANDB_RUN_ID={env[:40]!r} is not a W&B run id (1-64 letters, "
                               f"digits, _ . -): unset it (the run directory's {RUN_ID_FILE} file gives the id) or "
                               f"set the run's id")
+        # kept in the directory (a later start without the variable continues it); one left over in the shell
+        # from another run named another W&B run than the directory's without a word, and split its history
+        try:
+            kept = create_run_id(run_dir, env)
+        except BadRunIdFile as e:
+            raise _bad_id_file(e) from None
+        if kept != env:
+            raise ConfigError(f"tracking.wandb: WANDB_RUN_ID={env!r} is another W&B run than this run directory's "
+                              f"({Path(run_dir) / RUN_ID_FILE}: {kept!r}), which every start of it continues: unset "
+                              f"WANDB_RUN_ID (launch's scripts set it from that file)")
         return env
     try:
         return create_run_id(run_dir, from_checkpoint or secrets.token_hex(4))

@@ -234,6 +234,34 @@ def test_an_id_file_without_an_id_is_an_error_naming_it(tmp_path, monkeypatch):
         run_id(tmp_path / "empty")
 
 
+def test_wandb_run_id_from_the_environment_is_the_run_directorys_or_refused(tmp_path, monkeypatch):
+    """A WANDB_RUN_ID left in the shell from another run sent a resume to that W&B run without a word (the
+    directory's file still named the first: the next start went back to it, one training in two W&B runs)."""
+    monkeypatch.setenv("WANDB_RUN_ID", "fromenv1")
+    assert run_id(tmp_path / "new") == "fromenv1"
+    assert (tmp_path / "new" / RUN_ID_FILE).read_text() == "fromenv1\n", "kept: a start without it continues it"
+    monkeypatch.delenv("WANDB_RUN_ID")
+    assert run_id(tmp_path / "new") == "fromenv1"
+    monkeypatch.setenv("WANDB_RUN_ID", "otherid1")
+    with pytest.raises(ConfigError, match=rf"WANDB_RUN_ID='otherid1' is another W&B run than this run directory's "
+                                          rf"\({tmp_path / 'new' / RUN_ID_FILE}: 'fromenv1'\).*unset WANDB_RUN_ID"):
+        run_id(tmp_path / "new")
+    assert (tmp_path / "new" / RUN_ID_FILE).read_text() == "fromenv1\n"
+
+
+def test_wandb_mode_disabled_makes_no_wandb_run(digits_shards, tmp_path):
+    """Lightning's W&B logger set WANDB_MODE=dryrun over the user's `disabled` (it is offline without a key):
+    the run wrote an offline W&B run and told the user to sync it."""
+    run = tmp_path / "run"
+    r = run_module("pipeline", "fit", "--config", CONF, *SMALL_NET, "--data.root", str(digits_shards),
+                   "--trainer.default_root_dir", str(run), "--data.num_workers", "0", "--trainer.max_steps", "2",
+                   "--trainer.num_sanity_val_steps", "0", env={"WANDB_MODE": "disabled"})
+    assert "W&B: off (WANDB_MODE=disabled), as with --tracking.wandb false" in r.stderr, r.stderr
+    assert not (run / "wandb").exists() and not (run / RUN_ID_FILE).exists() and "wandb sync" not in r.stderr
+    assert "wandb: false" in (run / "config.yaml").read_text()
+    assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "csv" / "metrics.csv").is_file()
+
+
 def test_an_evaluation_groups_with_the_training_run_and_refuses_a_garbled_id_file(tmp_path, monkeypatch):
     """``validate``/``test`` read the run's id through the same reader as ``fit`` and the launcher: a garbled id
     file was a UnicodeDecodeError traceback (or became the W&B group as it was)."""
