@@ -78,9 +78,9 @@ from pipeline.resume_geometry import Geometry, LoopPosition, adapt, expected_wor
 from pipeline.rng_state import RNGState
 from pipeline.run_dir_access import check_run_dir_reachable, check_run_dir_writable
 from pipeline.run_dir_still_ours import RunDirStillOurs
-from pipeline.run_layout import (BEST_FILENAME, BEST_GLOB, CHECKPOINTS_DIR, CONFIG_FILE, CSV_DIR, LAST_CHECKPOINT,
-                                 BRANCH_FILE, RUN_ID_FILE, TENSORBOARD_DIR, WANDB_DIR, best_top1, checkpoint_dir,
-                                 last_checkpoint)
+from pipeline.run_layout import (BEST_FILENAME, BEST_GLOB, BEST_STEP, CHECKPOINTS_DIR, CONFIG_FILE, CSV_DIR,
+                                 LAST_CHECKPOINT, BRANCH_FILE, RUN_ID_FILE, TENSORBOARD_DIR, WANDB_DIR, best_top1,
+                                 checkpoint_dir, last_checkpoint)
 from pipeline.run_lock import RunDirLock, is_global_rank_zero
 from pipeline.sample_grid import SampleGrid
 from pipeline.sync_batchnorm import GlooSyncBatchNormPlugin
@@ -178,14 +178,24 @@ def _in_folder(path: str | Path, folder: Path) -> bool:
     return Path(path).absolute().parent.resolve() == Path(folder).absolute().resolve()
 
 
+def _newest_best(folder: Path, but: str | None = None) -> Path | None:
+    """The best-k checkpoint of ``folder`` at the highest step its name says (then the newest file), other than
+    the one named ``but``; None when there is none."""
+    def order(f: Path) -> tuple[int, float]:
+        m = BEST_STEP.match(f.name)
+        return (int(m.group(1)) if m else -1, f.stat().st_mtime)
+
+    others = [f for f in folder.glob(BEST_GLOB) if f.name != but]
+    return max(others, key=order) if others else None
+
+
 def _checkpoint_beside(path: str | Path, resume: bool) -> str:
     """The way past a checkpoint that cannot be read: the newest best-k checkpoint in its folder, named ("" when
     there is none)."""
     p = Path(path)
-    others = [f for f in p.parent.glob(BEST_GLOB) if f.name != p.name]
-    if not others:
+    newest = _newest_best(p.parent, but=p.name)
+    if newest is None:
         return ""
-    newest = max(others, key=lambda f: f.stat().st_mtime)
     return f"; {'resume from' if resume else 'score'} the newest other checkpoint beside it: --ckpt_path {newest}"
 
 
@@ -471,6 +481,14 @@ class PipelineCLI(LightningCLI):
                                         " interrupted)"), file=sys.stderr, flush=True)
         if cfg.get("ckpt_path") is None and last.exists():
             cfg.ckpt_path = "last"
+        if cfg.get("ckpt_path") in (None, "last") and not last.exists() and \
+                (best := _newest_best(checkpoint_dir(run_dir))) is not None:
+            # it started over from step 0 among them, and called the earlier start's metrics "a start that saved
+            # no checkpoint"
+            _say(f"{last} is missing (moved or deleted? a kill between an epoch's best-k save and its last.ckpt?) "
+                 f"but this run saved best-k checkpoints: resuming the one at the highest step, {best}; to train "
+                 f"from step 0 instead, move {checkpoint_dir(run_dir)} away or use another trainer.default_root_dir")
+            cfg.ckpt_path = str(best)
         if cfg.get("ckpt_path") in (None, "last") and not last.exists() and (origin := recorded_origin(run_dir)):
             if not Path(origin).exists():  # it said "ckpt_path: checkpoint ... does not exist", of no ckpt_path given
                 raise ConfigError(f"{run_dir / BRANCH_FILE}: this run is a branch of {origin}, which does not exist "

@@ -746,3 +746,24 @@ def test_a_devices_value_that_only_looks_like_a_number_is_refused_in_one_line(di
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1] == ("error: trainer.devices must be a number of devices, -1 (all), "
                                                    "'auto', or GPU indices such as '0,1', got '--3'")
+
+
+def test_a_run_whose_last_checkpoint_is_gone_resumes_its_newest_best_k(digits_shards, tmp_path):
+    """last.ckpt moved away (a failed copy, a rename; or a kill between an epoch's best-k save and its last.ckpt)
+    with best-k checkpoints beside it: the start trained from step 0 among them and called the earlier start's
+    metrics those of "an earlier one that saved no checkpoint"."""
+    run = tmp_path / "run"
+    common = ("--data.batch_size", "128", "--trainer.num_sanity_val_steps", "0", "--checkpoint.save_top_k", "2")
+    run_module(*_args("fit", digits_shards, run, "--trainer.max_epochs", "2", *common))
+    last = run / "checkpoints" / "last.ckpt"
+    best = sorted((run / "checkpoints").glob("best-*.ckpt"))
+    assert len(best) == 2, best
+    newest = max(best, key=lambda p: int(re.search(r"step(\d+)", p.name).group(1)))
+    steps = torch.load(newest, map_location="cpu", weights_only=False)["global_step"]
+    last.rename(run / "checkpoints" / "last-backup.ckpt")
+    r = run_module(*_args("fit", digits_shards, run, "--trainer.max_epochs", "3", *common))
+    assert f"{last} is missing (moved or deleted?" in r.stderr and f"resuming the one at the highest step, {newest}" \
+        in r.stderr, r.stderr[-3000:]
+    assert f"at step {steps}" in r.stderr and "saved no checkpoint" not in r.stderr, r.stderr[-3000:]
+    assert not list((run / "csv").glob("metrics-lost-start-*.csv"))
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == steps * 3 // 2
