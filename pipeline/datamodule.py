@@ -430,7 +430,8 @@ class ShardDataModule(pl.LightningDataModule):
                     and (self.trainer is None or self.trainer.is_global_zero)):  # said once, not by every rank
                 log.warning(
                     "data.seed %d / data.window_shards %d differ from the checkpoint's (%d / %d): epoch %d"
-                    " finishes in the order it started with, the new ones apply from the next epoch",
+                    " finishes in the order it started with (the same samples, none repeated or skipped; their"
+                    " crops and flips follow the new seed already), the new order applies from the next epoch",
                     self.seed, self.window_shards, *order, self._start.epoch,
                 )
             self._saved_global = int(state.get("world_size", 0)) * int(state.get("batch_size", 0))

@@ -122,7 +122,8 @@ def test_checkpoint_keeps_the_interrupted_epochs_seed(digits_shards, tmp_path):
         run_to_end(fit_command(digits_shards, run, 3, ["--data.seed", "1"]), log)
     pos = _position(run)
     assert (pos["epoch"], pos["consumed"], pos["seed"]) == (0, 3 * 128, 0), pos
-    assert "epoch 0 finishes in the order it started with" in (tmp_path / "runs.log").read_text()
+    assert "epoch 0 finishes in the order it started with (the same samples, none repeated or skipped; their crops " \
+        "and flips follow the new seed already)" in (tmp_path / "runs.log").read_text()
 
 
 def test_negative_seed_is_a_config_error(digits_shards):
