@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import re
 import sys
@@ -197,6 +198,25 @@ def _checkpoint_beside(path: str | Path, resume: bool) -> str:
     if newest is None:
         return ""
     return f"; {'resume from' if resume else 'score'} the newest other checkpoint beside it: --ckpt_path {newest}"
+
+
+def _scale_micro_batch_counts(trainer, configured: int, now: int) -> None:
+    """Integer ``limit_train_batches`` and ``val_check_interval`` count micro-batches of a rank: where a resume
+    keeps the global batch by another accumulation, they are scaled with it so they still mean the optimizer
+    steps they meant (a run limited to 6 steps an epoch on 2 ranks ran 3 on 1, and its cosine schedule, planned
+    for those, reached 0 half-way)."""
+    for key in ("limit_train_batches", "val_check_interval"):
+        value = trainer.get(key)
+        if not isinstance(value, int) or isinstance(value, bool):
+            continue  # a fraction of the epoch (or None) means the same whatever the accumulation
+        scaled, rest = divmod(value * now, configured)
+        if rest:
+            raise ConfigError(f"trainer.{key} {value} counts micro-batches of accumulate_grad_batches {configured}; "
+                              f"this resume keeps the global batch with accumulation {now}, where it is no whole "
+                              f"number of them: give a multiple of {configured // math.gcd(configured, now)}, or a "
+                              f"fraction of the epoch")
+        _say(f"trainer.{key} {value} -> {scaled} micro-batches: the same optimizer steps at accumulation {now}")
+        setattr(trainer, key, scaled)
 
 
 def _on_cpu(accelerator) -> bool:
@@ -651,6 +671,7 @@ class PipelineCLI(LightningCLI):
                  f" -> {now.describe()}")
         if now.accumulate != int(acc):
             self._adapted_accumulation = f"{saved.describe()} -> {now.describe()}"
+            _scale_micro_batch_counts(cfg.trainer, int(acc), now.accumulate)
         cfg.data.batch_size = now.batch_size
         cfg.trainer.accumulate_grad_batches = now.accumulate
 

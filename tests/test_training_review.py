@@ -767,3 +767,36 @@ def test_a_run_whose_last_checkpoint_is_gone_resumes_its_newest_best_k(digits_sh
     assert f"at step {steps}" in r.stderr and "saved no checkpoint" not in r.stderr, r.stderr[-3000:]
     assert not list((run / "csv").glob("metrics-lost-start-*.csv"))
     assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == steps * 3 // 2
+
+
+def test_a_resume_at_another_accumulation_keeps_the_steps_an_integer_limit_meant(digits_shards, tmp_path):
+    """Integer trainer.limit_train_batches (and val_check_interval) count a rank's micro-batches: a resume that
+    keeps the global batch by accumulating 2 (2 ranks -> 1, or a smaller data.batch_size) ran half the steps per
+    epoch, and the cosine schedule planned for those reached lr 0 half-way through the run."""
+    run = tmp_path / "run"
+    common = ("--trainer.limit_train_batches", "4", "--trainer.num_sanity_val_steps", "0",
+              "--trainer.limit_val_batches", "0", "--checkpoint.save_top_k", "0")
+    run_module(*_args("fit", digits_shards, run, "--data.batch_size", "64", "--trainer.max_epochs", "1", *common))
+    last = run / "checkpoints" / "last.ckpt"
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 4
+    r = run_module(*_args("fit", digits_shards, run, "--data.batch_size", "32", "--trainer.max_epochs", "2", *common))
+    assert "x accumulate 2 (global 64)" in r.stderr, r.stderr[-3000:]
+    assert ("trainer.limit_train_batches 4 -> 8 micro-batches: the same optimizer steps at accumulation 2"
+            in r.stderr), r.stderr[-3000:]
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 8
+
+
+def test_a_micro_batch_count_that_another_accumulation_cannot_keep_is_refused():
+    """Accumulating 2 -> 1 (a run of 1 rank x 32 x 2 resumed on 2 ranks): 3 micro-batches were 1.5 steps."""
+    from jsonargparse import Namespace
+
+    from pipeline.cli import _scale_micro_batch_counts
+    from pipeline.errors import ConfigError
+
+    trainer = Namespace(limit_train_batches=4, val_check_interval=0.5)
+    _scale_micro_batch_counts(trainer, 2, 1)
+    assert (trainer.limit_train_batches, trainer.val_check_interval) == (2, 0.5)
+    trainer = Namespace(limit_train_batches=1.0, val_check_interval=3)
+    with pytest.raises(ConfigError, match=r"trainer.val_check_interval 3 counts micro-batches of "
+                                          r"accumulate_grad_batches 2; .* give a multiple of 2, or a fraction"):
+        _scale_micro_batch_counts(trainer, 2, 1)
