@@ -125,12 +125,16 @@ def _choices(message: str) -> str | None:
     parts = re.findall(r"typing\.Literal\[(.*?)\]|<class '(\w+)'>", m.group("subtypes"))
     if any(cls and cls != "NoneType" for _, cls in parts):
         return None  # a union with other types: its errors say more than a list of choices
+    null = " (or null)" if any(cls == "NoneType" for _, cls in parts) else ""
+    other = re.sub(r"typing\.Literal\[.*?\]|<class '\w+'>", "", m.group("subtypes")).strip(" ,")
+    if other:  # a list (``model.milestone_steps: list[int] | None``): no choices, it said "is not one of: "
+        example = " in brackets, e.g. [30, 45]" if other.startswith("list[") else ""
+        return f"{m.group('key')}: expected {other}{example}{null}, got {m.group('value')}"
     choices: list[str] = []
     for literal, _ in parts:
         for item in (v.strip() for v in literal.split(",")):
             if item and item.strip("'") not in choices:
                 choices.append(item.strip("'"))
-    null = " (or null)" if any(cls == "NoneType" for _, cls in parts) else ""
     return f"{m.group('key')}: {m.group('value')} is not one of: {', '.join(choices)}{null}"
 
 

@@ -255,6 +255,11 @@ def check_trainer(t: Namespace) -> None:
                           f"{ {'16-true': 'fp16', 'bf16-true': 'bf16'}[precision]} without an fp32 "
                           f"copy: SGD's small updates and the weight decay round away (most weights would not change "
                           f"late in a run); use {precision.replace('true', 'mixed')}")
+    if precision.startswith("transformer-engine"):  # Lightning casts the module to its weights_dtype as well
+        raise ConfigError(f"trainer.precision: {precision} (NVIDIA Transformer Engine) casts the whole network to "
+                          f"{'fp16' if precision.endswith('float16') else 'bf16'} and speeds up its Linear layers "
+                          f"only (a ResNet is convolutions): SGD's updates would round away as under bf16-true; "
+                          f"use bf16-mixed")
     vci = number("val_check_interval")
     require(vci is None or (vci > 0 and (isinstance(vci, int) or vci <= 1)), "trainer.val_check_interval",
             "a fraction of an epoch in (0, 1] or a number of batches >= 1", t.get("val_check_interval"))

@@ -337,6 +337,13 @@ def test_test_scores_the_test_split_as_validation_does_and_predict_is_no_command
     ("trainer.precision", "bf16-true", "error: trainer.precision: bf16-true keeps the weights, the momentum and "
      "BatchNorm's statistics in bf16 without an fp32 copy"),
     ("trainer.precision", "16-true", "use 16-mixed"),
+    # Lightning's TransformerEnginePrecision casts the module too (and without the package: a traceback)
+    ("trainer.precision", "transformer-engine", "error: trainer.precision: transformer-engine (NVIDIA Transformer "
+     "Engine) casts the whole network to bf16"),
+    ("trainer.precision", "transformer-engine-float16", "to fp16 and speeds up its Linear layers only"),
+    # a list setting: it said "is not one of:  (or null)"
+    ("model.milestone_steps", "32000", "error: model.milestone_steps: expected list[int] in brackets, e.g. [30, 45] "
+     "(or null), got 32000"),
     ("trainer.max_st", "0", "error: unrecognized arguments: --trainer.max_st 0"),  # a prefix was max_steps
     ("trainer.min_epochs", "-3", "trainer.min_epochs must be >= 0"),
     ("seed_everything", "-1", "seed_everything must be in [0, 4294967295]"),
