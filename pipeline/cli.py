@@ -44,7 +44,7 @@ from pipeline.branch_origin import BranchOrigin, resume_point
 from pipeline.branch_record import origin_name, recorded_origin
 from pipeline.checkpoint_io import AtomicCheckpointIO, recover_directories, remove_best_after
 from pipeline.checkpoint_read import checkpoint_file, read_checkpoint, verify_checkpoint
-from pipeline.config_history import changed_settings, keep_earlier_config
+from pipeline.config_history import changed_settings, keep_earlier_config, recorded_setting
 from pipeline.data.shards import CorruptSampleError
 from pipeline.data.open_files import open_files_advice, out_of_file_descriptors, raise_open_files_limit
 from pipeline.data.shared_memory import SharedMemoryError, semaphore_error
@@ -514,6 +514,7 @@ class PipelineCLI(LightningCLI):
                  f"but this run saved best-k checkpoints: resuming the one at the highest step, {best}; to train "
                  f"from step 0 instead, move {checkpoint_dir(run_dir)} away or use another trainer.default_root_dir")
             cfg.ckpt_path = str(best)
+            self._resumes_best_for_last = True  # its rows and files after that step go, as after last.ckpt's
         if cfg.get("ckpt_path") in (None, "last") and not last.exists() and (origin := recorded_origin(run_dir)):
             if not Path(origin).exists():  # it said "ckpt_path: checkpoint ... does not exist", of no ckpt_path given
                 raise ConfigError(f"{run_dir / BRANCH_FILE}: this run is a branch of {origin}, which does not exist "
@@ -569,7 +570,8 @@ class PipelineCLI(LightningCLI):
         _say(f"resuming from {path}{_at_step(meta, ' at step {}')}")
         # the files and rows a killed start wrote after the run's own last.ckpt go (not those after another of
         # its checkpoints a user resumes by name, a best-k one: the later history is theirs to keep)
-        own_last = _in_folder(path, last.parent) and Path(path).name == last.name
+        own_last = (_in_folder(path, last.parent) and Path(path).name == last.name) or \
+            getattr(self, "_resumes_best_for_last", False)
         self._resume_step = done if isinstance(done, int) and own_last else None
         if not branch:
             self._saved_run_id = meta.get(RUN_ID_KEY)  # this run's own (its id file may be lost)
@@ -757,6 +759,14 @@ class PipelineCLI(LightningCLI):
                     _say(f"W&B: a new run {wandb_id} for {run_dir}: {branched[0]} is another run directory's "
                          f"checkpoint" + (f" (W&B run {branched[1]})" if branched[1] else ""))
                 callbacks.append(RunIdInCheckpoint(wandb_id))
+                before = recorded_setting(run_dir / CONFIG_FILE, "tracking.project")
+                if (cfg.get("ckpt_path") is not None and isinstance(before, str)
+                        and before != cfg.tracking.project and is_global_rank_zero()):
+                    # the settings-changed line named it among others; the dashboard then showed half a run
+                    _say(f"warning: tracking.project changed ({before} -> {cfg.tracking.project}): W&B keeps a run "
+                         f"in one project, so this start logs to a new W&B run {wandb_id} in "
+                         f"{cfg.tracking.project} and the history so far stays in {before}; --tracking.project "
+                         f"{before} continues that run")
             if cfg.get("ckpt_path") is None and cfg.tracking.csv and is_global_rank_zero() and \
                     (aside := set_aside_metrics(run_dir)):
                 _say(f"a new start: the metrics of an earlier one that saved no checkpoint are kept as {aside}")

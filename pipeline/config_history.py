@@ -31,6 +31,14 @@ def _settings(path: Path) -> object:
     return doc
 
 
+def recorded_setting(path: Path, dotted: str) -> object:
+    """One setting of a config file (``tracking.project``); None when the file or the key is not there."""
+    node = _settings(path)
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
 def keep_earlier_config(current: Path, new: Path, step: int) -> Path | None:
     """Before ``new`` replaces ``current``: copy ``current`` into the history when its settings differ.
     Returns the copy's path (None: nothing to keep)."""

@@ -262,6 +262,20 @@ def test_wandb_mode_disabled_makes_no_wandb_run(digits_shards, tmp_path):
     assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "csv" / "metrics.csv").is_file()
 
 
+def test_a_resume_into_another_wandb_project_says_the_history_splits(digits_shards, tmp_path):
+    """W&B keeps a run in one project: the resume's rows went to a new run there, the first half stayed in the old
+    project, and only the general "settings changed" line named tracking.project among others."""
+    run = tmp_path / "run"
+    _fit(digits_shards, run, 2)
+    r = _fit(digits_shards, run, 4, True, "--tracking.project", "other-project")
+    rid = (run / RUN_ID_FILE).read_text().strip()
+    assert (f"warning: tracking.project changed (resnet-pipeline-demo -> other-project): W&B keeps a run in one "
+            f"project, so this start logs to a new W&B run {rid} in other-project and the history so far stays in "
+            f"resnet-pipeline-demo; --tracking.project resnet-pipeline-demo continues that run") in r.stderr, r.stderr
+    r = _fit(digits_shards, run, 6, True, "--tracking.project", "other-project")
+    assert "tracking.project changed" not in r.stderr, r.stderr
+
+
 def test_an_evaluation_groups_with_the_training_run_and_refuses_a_garbled_id_file(tmp_path, monkeypatch):
     """``validate``/``test`` read the run's id through the same reader as ``fit`` and the launcher: a garbled id
     file was a UnicodeDecodeError traceback (or became the W&B group as it was)."""
