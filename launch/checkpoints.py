@@ -23,6 +23,9 @@ class CheckpointInfo:
     planned_steps: int | None = None
     global_batch: int | None = None  # images per optimizer step
     provenance: list[dict] = field(default_factory=list)  # one record per start (pipeline/provenance.py)
+    # the run has no step or epoch limit (``progress.planned_steps`` recorded as null); False also for a checkpoint
+    # saved before checkpoints recorded a plan
+    no_planned_end: bool = False
 
 
 def payload(path: Path) -> Path:
@@ -59,7 +62,7 @@ def read_checkpoint(path: Path) -> CheckpointInfo:
     planned, batch = progress.get("planned_steps"), progress.get("global_batch")
     return CheckpointInfo(path, int(step) if step is not None else None, int(epoch) if epoch is not None else None,
                           int(planned) if planned else None, int(batch) if batch else None,
-                          provenance.records(ckpt))
+                          provenance.records(ckpt), "planned_steps" in progress and planned is None)
 
 
 @dataclass

@@ -185,9 +185,14 @@ def _training_line(run_dir: Path, rows: list[slurm.JobRow] | None = None) -> lis
 
 def _progress_line(ckpt: CheckpointInfo, tp: ThroughputReading | None) -> str | None:
     """How far the run is, from the newest checkpoint (the steps it plans and its global batch) and the
-    last logged throughput: ``step 28 of 44 (64%); about 12 min to go at 150.0 img/s``."""
-    if not ckpt.planned_steps or ckpt.global_step is None:
+    last logged throughput: ``step 28 of 44 (64%); about 12 min to go at 150.0 img/s``; ``step 117 (no planned
+    end: ...)`` for a run with no step or epoch limit. None for a checkpoint that records no plan (saved before
+    checkpoints did)."""
+    if ckpt.global_step is None:
         return None
+    if not ckpt.planned_steps:
+        return (f"progress     step {ckpt.global_step:,} (no planned end: the run has no trainer.max_steps or "
+                f"trainer.max_epochs limit)") if ckpt.no_planned_end else None
     done = min(ckpt.global_step, ckpt.planned_steps)
     line = f"progress     step {ckpt.global_step:,} of {ckpt.planned_steps:,} ({100 * done // ckpt.planned_steps}%)"
     if done >= ckpt.planned_steps:

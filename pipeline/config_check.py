@@ -77,7 +77,18 @@ def _schedule_against_max_steps(cfg) -> list[str]:
     if not isinstance(total, int) or total <= 0:
         return []
     return schedule_against_run(total, int(model.get("warmup_steps") or 0), list(model.get("milestone_steps") or []),
-                                str(model.get("schedule")), 0, 1)
+                                str(model.get("schedule")), 0, 1, model.get("warmup_factor"))
+
+
+def _check_run_length(model: ImageClassifier, trainer) -> None:
+    """A cosine schedule with no step or epoch limit (-1, or ``trainer.max_time`` alone), refused as fit
+    refuses it once its trainer is built: the check before submitting accepted it, and the job failed at its
+    start. ``max_epochs`` null is what Lightning makes of it (``_parse_loop_limits``): 1000 epochs without a
+    step or time limit, else no epoch limit."""
+    max_steps, max_epochs = trainer.get("max_steps"), trainer.get("max_epochs")
+    if max_epochs is None:
+        max_epochs = 1000 if max_steps == -1 and trainer.get("max_time") is None else -1
+    model.check_run_length(max_steps, max_epochs)
 
 
 def _why_no_manifest(root: Path) -> str:
@@ -150,6 +161,8 @@ class ConfigCheckCLI(PipelineCLI):
             if (self.subcommand or "fit") == "fit" and world:
                 data.check_one_global_batch(world, max(1, int(cfg.trainer.get("accumulate_grad_batches") or 1)))
         if (self.subcommand or "fit") == "fit":
+            if isinstance(self.model, ImageClassifier):
+                _check_run_length(self.model, cfg.trainer)
             for line in ignored_schedule_settings(cfg.model) + _schedule_against_max_steps(cfg):
                 _warn(line)
             self._check_resumed_network(cfg, with_classes=manifest is not None and unreachable_reason(manifest) is None

@@ -373,17 +373,20 @@ class ImageClassifier(pl.LightningModule):
         # cut by limit_train_batches: the contract's epochs are whole optimizer batches)
         return max(1, -(-self.batches_per_epoch() // self.trainer.accumulate_grad_batches))
 
-    def planned_steps(self) -> int:
+    def planned_steps(self) -> int | None:
         """Optimizer steps the run will take: ``trainer.max_steps`` or ``max_epochs`` epochs, whichever ends
-        it first (as the trainer stops). The schedule spans them; every checkpoint records them."""
-        spe = self.steps_per_epoch()
+        it first (as the trainer stops). The schedule spans them; every checkpoint records them. None when
+        the run has neither limit (-1, or ``trainer.max_time`` alone: Lightning then sets no epoch limit):
+        its length is not known (one epoch's steps were said here, and the start warned that milestones
+        after it were never reached while the run went on past them)."""
         max_steps, max_epochs = self.trainer.max_steps, self.trainer.max_epochs
-        limits = [n for n in (max_steps, spe * max_epochs if max_epochs and max_epochs > 0 else None) if n and n > 0]
-        return min(limits) if limits else spe
+        by_epochs = self.steps_per_epoch() * max_epochs if max_epochs and max_epochs > 0 else None
+        limits = [n for n in (max_steps, by_epochs) if n and n > 0]
+        return min(limits) if limits else None
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """How far the run has to go, for ``launch status``: the planned optimizer steps and the images
-        in one (the global batch)."""
+        """How far the run has to go, for ``launch status``: the planned optimizer steps (null: the run has
+        no step or epoch limit) and the images in one (the global batch)."""
         checkpoint["progress"] = {"planned_steps": self.planned_steps(), "global_batch": self.global_batch_size()}
 
     def peak_lr(self) -> float:
@@ -405,11 +408,12 @@ class ImageClassifier(pl.LightningModule):
         optimizer = make_sgd(self.model, peak, hp.momentum, hp.nesterov, hp.weight_decay,
                              hp.get("decay_norm_and_bias", False))
         spe = self.steps_per_epoch()
-        total = self.planned_steps()
+        total = self.planned_steps()  # None (no step or epoch limit): step and constant need none, cosine is refused
         warmup = int(hp.get("warmup_steps") or 0) or int(round(hp.warmup_epochs * spe))
         milestones = [int(round(m * spe)) for m in (hp.milestones or [])] + list(hp.get("milestone_steps") or [])
         if getattr(self.trainer, "is_global_zero", True):
-            for line in schedule_against_run(total, warmup, milestones, hp.schedule, hp.warmup_epochs, spe):
+            for line in schedule_against_run(total, warmup, milestones, hp.schedule, hp.warmup_epochs, spe,
+                                             hp.get("warmup_factor")):
                 print(f"warning: {line}", file=sys.stderr, flush=True)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_factor(step, total, warmup, hp.schedule, milestones, hp.gamma,

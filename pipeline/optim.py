@@ -24,14 +24,18 @@ def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: boo
 
 
 def lr_factor(
-    step: int, total_steps: int, warmup_steps: int, schedule: str, milestones: list[int], gamma: float,
+    step: int, total_steps: int | None, warmup_steps: int, schedule: str, milestones: list[int], gamma: float,
     warmup_factor: float | None = None,
 ) -> float:
     """Multiplier of the peak lr at optimizer step ``step`` (0-based). The warm-up is linear, or with
-    ``warmup_factor`` constant at that fraction of the peak (the paper's ResNet-110: 0.01 = 0.1 x 0.1)."""
+    ``warmup_factor`` constant at that fraction of the peak (the paper's ResNet-110: 0.01 = 0.1 x 0.1).
+    ``total_steps`` None: a run with no step or epoch limit, which the step and constant schedules allow
+    (``ImageClassifier.check_run_length`` refuses a cosine one)."""
     if warmup_steps > 0 and step < warmup_steps:
         return warmup_factor if warmup_factor is not None else (step + 1) / warmup_steps
     if schedule == "cosine":
+        if total_steps is None:
+            raise ValueError("the cosine schedule needs the run's length (trainer.max_steps or trainer.max_epochs)")
         span = max(1, total_steps - warmup_steps)
         t = min(1.0, (step - warmup_steps) / span)
         return 0.5 * (1.0 + math.cos(math.pi * t))
@@ -63,20 +67,35 @@ def ignored_schedule_settings(model: dict) -> list[str]:
     return said
 
 
-def schedule_against_run(total: int, warmup: int, milestones: list[int], schedule: str, warmup_epochs: float,
-                         steps_per_epoch: int) -> list[str]:
+def schedule_against_run(total: int | None, warmup: int, milestones: list[int], schedule: str, warmup_epochs: float,
+                         steps_per_epoch: int, warmup_factor: float | None = None) -> list[str]:
     """What the run's length does to the schedule, once it is known (at the fit's start): a warm-up that
-    rounds to no step, one as long as the run (the lr never reaches its peak), milestones after the end."""
+    rounds to no step, one as long as the run (the schedule after it never starts), milestones after the end.
+    ``total`` None: the run has no step or epoch limit (-1, or ``trainer.max_time`` alone), nothing ends it
+    before a warm-up or a milestone; only the warm-up's rounding is said."""
     said = []
     if warmup_epochs and warmup == 0:
         said.append(f"model.warmup_epochs {warmup_epochs} is 0 optimizer steps at {plural(steps_per_epoch, 'step')} an "
                     f"epoch: no warm-up (model.warmup_steps sets it in steps)")
-    if total > 0 and warmup >= total:
+    ends = total is not None and total > 0
+    if ends and warmup >= total:
         said.append(f"the warm-up ({plural(warmup, 'optimizer step')}) is not shorter than the run "
-                    f"({plural(total, 'step')}): the lr never reaches model.lr's peak and the {schedule} schedule never "
-                    f"starts")
-    late = sorted(m for m in milestones if m >= total) if schedule == "step" and total > 0 else []
+                    f"({plural(total, 'step')}): {_peak_in_warmup(total, warmup, warmup_factor)} and the {schedule} "
+                    f"schedule never starts")
+    late = sorted(m for m in milestones if m >= total) if schedule == "step" and ends else []
     if late:
         said.append(f"lr milestones at steps {late} come at or after the run's end ({plural(total, 'step')}): never "
                     f"reached")
     return said
+
+
+def _peak_in_warmup(total: int, warmup: int, warmup_factor: float | None) -> str:
+    """Whether a run of ``total`` steps all in a warm-up of ``warmup`` >= total steps reaches the peak lr, by
+    ``lr_factor``: the linear warm-up's factor is (k+1)/warmup at step k, 1 at its last step (warmup - 1), which
+    the run takes when warmup == total; the constant one stays at warmup_factor."""
+    if warmup_factor is None:
+        return ("the lr reaches model.lr's peak only at the run's last step" if warmup == total else
+                "the lr never reaches model.lr's peak")
+    if warmup_factor >= 1:
+        return "the lr stays at model.lr's peak (model.warmup_factor 1)"
+    return "the lr never reaches model.lr's peak"
