@@ -118,6 +118,9 @@ class LoopPosition(pl.Callback):
     the finished epoch and counts it processed again. Every epoch after such a resume then ran in the
     next epoch's order, and the run was not the uninterrupted one (a different sample order and
     augmentation for the rest of training).
+
+    At the start of training: that re-entered epoch is counted processed once, not twice (see
+    ``on_train_start``); Lightning compares the count with ``trainer.max_epochs`` right after it.
     """
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -159,6 +162,18 @@ class LoopPosition(pl.Callback):
             loop._batches_that_stepped = trainer.global_step
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Before the first batch: the re-entered epoch counted once, and the loop's batch position restated.
+
+        A resume with ``trainer.max_steps`` from a checkpoint saved at an epoch's end (the epoch processed,
+        not yet completed) re-enters that epoch: Lightning runs its end again and counts it processed a
+        second time, then stops when that count reaches ``trainer.max_epochs``. A checkpoint at the end of
+        epoch 0 resumed with ``max_epochs`` 2 and ``max_steps`` (added, raised) stopped at once, "max_epochs=2
+        reached", and trained nothing of epoch 1. The count is taken back to the completed epochs here, so
+        the re-entered end counts the epoch once, as the run without a stop had."""
+        fit_loop = trainer.fit_loop
+        if getattr(fit_loop, "restarted_on_epoch_end", False):
+            for tracker in (fit_loop.epoch_progress.current, fit_loop.epoch_progress.total):
+                tracker.processed = min(tracker.processed, tracker.completed)
         dm = getattr(trainer, "datamodule", None)
         target = dm.resume_batches(trainer.current_epoch) if hasattr(dm, "resume_batches") else None
         progress = trainer.fit_loop.epoch_loop.batch_progress
