@@ -23,7 +23,7 @@ from .holdout import with_partners
 from .manifest_lock import manifest_lock
 from .plan_record import read_plan
 from .rejects_file import read_rejects
-from .runner import write_bytes_atomic, write_json_atomic, write_text_atomic
+from .runner import TEMP_NAME, write_bytes_atomic, write_json_atomic, write_text_atomic
 from .shardwriter import PARTIAL_SUFFIX, PARTIAL_TOKEN, remove_abandoned
 from .split_wording import rerun_of, splits_named
 
@@ -91,6 +91,32 @@ def _remove_stale_shards(out: Path, split: str, keep: set[str]) -> None:
                 remove_abandoned(p)
             else:
                 p.unlink(missing_ok=True)
+
+
+def _remove_abandoned_temporaries(folder: Path, names: re.Pattern) -> None:
+    """Remove the temp files ``write_bytes_atomic`` left in `folder` (``.NAME.<16 hex>.tmp``, NAME matching
+    `names`) when killed mid-write: done-records and plan.json (``OUT/.work/<split>/``), the columns file, the
+    manifest and rejects.jsonl. They were left for good (a 31 MB columns file per kill on ImageNet): the
+    cleanup of a finished split swept only its shards' temporaries. A temp file a live writer holds (its
+    ``flock``, ``shardwriter.remove_abandoned``) is kept: another command writing the same done-record at once."""
+    pat = re.compile(rf"^{TEMP_NAME}$")
+    try:
+        listed = list(folder.iterdir())
+    except FileNotFoundError:
+        return
+    for p in listed:
+        m = pat.match(p.name)
+        if m and names.fullmatch(m["name"]):
+            remove_abandoned(p)
+
+
+def _remove_stale_work(out: Path, split: str, keep: set[str]) -> None:
+    """The cleanup of a split whose every shard is done: stale shards, and the temp files killed writers left
+    of its shards, done-records, plan and columns file (``_remove_stale_shards``,
+    ``_remove_abandoned_temporaries``)."""
+    _remove_stale_shards(out, split, keep)
+    _remove_abandoned_temporaries(work_dir(out, split), re.compile(r".+\.json"))  # records, plan.json, classes.json
+    _remove_abandoned_temporaries(out, re.compile(re.escape(columns_name(split))))
 
 
 def _other_plan(out: Path, split: str, plan: dict, missing: list[str]) -> str:
@@ -205,7 +231,7 @@ def _finalize(out: Path, splits: list[str] | None) -> dict:
         entry["columns"] = _write_columns(out, split, entry["shards"])
         manifest["splits"][split] = entry
         new_rejects.extend(rejects)
-        _remove_stale_shards(out, split, {s["name"] for s in entry["shards"]} | {s["index"] for s in entry["shards"]})
+        _remove_stale_work(out, split, {s["name"] for s in entry["shards"]} | {s["index"] for s in entry["shards"]})
         listed_here.append(split)
     kept = [r for r in old_rejects if r.get("split") not in listed_here]  # one left out: its rerun rewrites them
     write_text_atomic(rej_path, "".join(json.dumps(r, ensure_ascii=True) + "\n" for r in kept + new_rejects))
@@ -217,6 +243,8 @@ def _finalize(out: Path, splits: list[str] | None) -> dict:
     manifest["source"] = _shared_source(manifest, plan_sources)
     ordered = {k: manifest[k] for k in ("version", "source", "options", "classes", "class_names", "splits")}
     write_json_atomic(out / MANIFEST_NAME, ordered)
+    # (under the manifest lock: what a killed finalize or rerun left of these two; a live writer's is held)
+    _remove_abandoned_temporaries(out, re.compile(f"{re.escape(MANIFEST_NAME)}|{re.escape(REJECTS_NAME)}"))
     for by, names, classes, before in left_out:
         its = "its" if len(names) == 1 else "their"
         more = first_names(sorted(set(ordered["classes"]) - set(classes)))

@@ -27,7 +27,7 @@ from .errors import PrepError
 from .format import done_record_path, index_name, shard_name
 from .plan import ShardJob, sample_key
 from .progress import Progress
-from .shardwriter import ShardWriter, file_sha256
+from .shardwriter import ShardWriter, claim_temporary, file_sha256
 from .sources import read_ref
 from .validate import EncodeOptions, process_image
 
@@ -52,21 +52,38 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     plan.json at once. Created as a plain open would (mode 0666 less the umask). A failed write (disk
     full: the error of write() names no file) is a PrepError naming ``path``; the temp file is removed. The
     temp file is fsynced before the rename: NFS and Lustre may report a failed write (the quota, an I/O error)
-    only at fsync, after which a done-record or manifest whose bytes never reached the server was in place."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    only at fsync, after which a done-record or manifest whose bytes never reached the server was in place.
+
+    The temp file (``.NAME.<16 hex>.tmp``, ``TEMP_NAME``) is held open, with an ``flock`` on it
+    (``shardwriter.claim_temporary``), until it is renamed: a ``kill -9`` leaves it behind, and the finalize of
+    the split removes such leftovers (``manifest._remove_abandoned_temporaries``) but none a live writer holds
+    (another command writing the same done-record at once). Where the file system has no working locks such a
+    cleanup may remove a live writer's temp file anyway: its rename then finds none, and it writes once more."""
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        for attempt in range(2):
+            tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    claim_temporary(f.fileno())
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                    try:
+                        os.replace(tmp, path)  # still open, so still locked: renamed, never removed, by a cleanup
+                        return
+                    except FileNotFoundError:
+                        if attempt or not path.parent.is_dir():
+                            raise
+                        # removed by another command's cleanup that could not see the lock: written again
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
     except OSError as exc:
         raise PrepError(f"{path}: cannot write: {exc.strerror or exc}") from None
+
+
+TEMP_NAME = r"\.(?P<name>.+)\.[0-9a-f]{16}\.tmp"  # write_bytes_atomic's temp file of NAME (a regex, unanchored)
 
 
 def _init_worker(images, nbytes) -> None:

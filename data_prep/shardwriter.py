@@ -72,7 +72,7 @@ def partial_path(path: Path) -> Path:
 _HELD = (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
 
 
-def _claim(fd: int) -> None:
+def claim_temporary(fd: int) -> None:
     """Hold an exclusive ``flock`` on a temporary file being written, until it is renamed into place or its
     writer ends (the kernel drops the lock of a killed process): ``remove_abandoned`` leaves it alone. Where
     the file system has no working locks the writer goes on without one (``ShardWriter.commit`` then copes
@@ -84,7 +84,8 @@ def _claim(fd: int) -> None:
 
 
 def remove_abandoned(path: Path) -> bool:
-    """Remove the temporary file ``path`` unless a live writer holds it (``_claim``); return whether it is gone.
+    """Remove the temporary file ``path`` unless a live writer holds it (``claim_temporary``); return whether it
+    is gone.
 
     A run that finished every shard of a split removes ``.tmp`` leftovers of killed writers; it used to remove
     them all, also those another command building the same shards at once (an array task run again while the
@@ -125,7 +126,7 @@ class ShardWriter:
         self.tmp = partial_path(self.tar_path)
         self.idx_tmp = partial_path(self.idx_path)
         self._raw = open(self.tmp, "wb")
-        _claim(self._raw.fileno())
+        claim_temporary(self._raw.fileno())
         self._out = _HashingFile(self._raw)
         self.index: list[list[tuple[str, int, int, str]]] = []
         self.samples = 0
@@ -152,7 +153,7 @@ class ShardWriter:
 
     def commit(self) -> tuple[int, str]:
         """Finish the archive, fsync, rename tar and index into place; return (bytes, sha256). The temporary
-        files stay open (and locked, ``_claim``) until they are renamed."""
+        files stay open (and locked, ``claim_temporary``) until they are renamed."""
         self._out.write(b"\0" * 1024)
         pad = (-self._out.n) % RECORD
         if pad:
@@ -162,7 +163,7 @@ class ShardWriter:
         nbytes, sha = self._out.n, self._out.sha.hexdigest()
         idx_fd = os.open(self.idx_tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
         try:
-            _claim(idx_fd)
+            claim_temporary(idx_fd)
             write_index(self.idx_tmp, self.index)  # (the file just made: opened again, by its name)
             # tar first: a kill between the renames leaves a new tar (whose sha256 no old done-record
             # matches, so it is rebuilt), never an old, still-trusted tar next to a new index
