@@ -36,14 +36,16 @@ COMPLETE = ".complete"  # in a checkpoint directory: all its files were on disk 
 
 
 def atomic_write_bytes(data: bytes | memoryview, path: str | Path, tmp: str | Path | None = None,
-                       hold_lock: bool = False) -> None:
+                       hold_lock: bool = False, parents: bool = True) -> None:
     """Write ``data`` to ``path`` so that readers see either the old file or the complete new one. The
     temporary file (``tmp``, beside ``path``; by default ``.tmp-NAME.XXXXXXXXXXXX``) is created as a plain write
     would create it (0666 less the umask: group-readable where the umask says so; mkstemp's 0600 would not be).
     ``hold_lock``: an ``flock`` on it while it is written, which tells a clean-up that its writer is alive
-    (``pipeline/export_temp_files.py``)."""
+    (``pipeline/export_temp_files.py``). ``parents``: also make the folders above ``path``'s own; without it only
+    that one is made (a run's first save makes ``RUN/checkpoints``, never ``RUN`` itself: a run directory moved or
+    deleted during the run is not made again at the old path, and the save fails with ``FileNotFoundError``)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=parents, exist_ok=True)
     tmp = Path(tmp) if tmp is not None else path.with_name(f"{TMP_PREFIX}{path.name}.{secrets.token_hex(6)}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     if hold_lock:
@@ -197,7 +199,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)  # a failure here never touches the file system
         try:
-            atomic_write_bytes(buffer.getbuffer(), path)
+            atomic_write_bytes(buffer.getbuffer(), path, parents=False)  # RUN/checkpoints at most, not RUN
         except OSError as e:  # disk full, quota, I/O error: say which file, and that the old one is whole
             raise CheckpointWriteError(
                 f"cannot write checkpoint {path}: {e} (the previous file there, if any, is intact)"

@@ -34,6 +34,7 @@ import os
 import socket
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from pipeline.errors import ConfigError
 from pipeline.run_layout import BRANCH_FILE, CSV_DIR, LOCK_NAME, RUN_ID_FILE
@@ -93,6 +94,7 @@ class RunDirLock:
         self._key: str | None = None  # the job this process wrote into the file (global rank 0)
         self._made_dir = False  # acquire created the run directory
         self._flocked = False  # holds the flock (not after a takeover from a stuck holder, until retaken)
+        self._ids: tuple[tuple[int, int], tuple[int, int]] | None = None  # (lock file, run dir) (st_dev, st_ino)
 
     def acquire(self) -> None:
         key = job_key()
@@ -128,6 +130,10 @@ class RunDirLock:
                 raise
         self._fd = fd
         _LOCK_FDS.add(fd)
+        try:  # what `whereabouts` compares the paths with before every save
+            self._ids = (_identity(os.fstat(fd)), _identity(os.stat(self.run_dir)))
+        except OSError:  # (moved away already, or no stat here): not checked
+            self._ids = None
         if KEY_ENV not in os.environ:
             os.environ[KEY_ENV] = key  # the ranks Lightning starts on this node inherit it
             self._set_env = True
@@ -162,6 +168,41 @@ class RunDirLock:
         record = _read(self.path)
         return record if record.get("job") not in (None, self._key) else {}
 
+    def whereabouts(self) -> Whereabouts | None:
+        """None while ``RUN/.lock`` is still the file this process locked at its start (and on ranks that hold
+        no lock). Else what happened: the run directory was moved or renamed (``now``: where it is, where this
+        process can tell, from the path of its open lock file), deleted, or is gone where to this process cannot
+        tell (an NFS client's other node moved it); or the directory is still there and its lock file was deleted
+        or replaced. A save then would write into a directory of the same name (``mkdir``, a logger) that has
+        none of the run: no config, no lock, not the checkpoint the moved run would resume from."""
+        if self._fd is None or self._ids is None:
+            return None
+        lock_id, dir_id = self._ids
+        try:
+            if _identity(os.stat(self.path)) == lock_id:
+                return None
+        except OSError as e:
+            if e.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ESTALE):
+                return None  # cannot tell (no permission, an I/O error): the save goes on, or fails on its own
+        try:
+            same_dir = _identity(os.stat(self.run_dir)) == dir_id
+        except OSError:
+            same_dir = False
+        if same_dir:
+            return Whereabouts("lock", self.run_dir)
+        try:
+            link = os.readlink(f"/proc/self/fd/{self._fd}")  # Linux: the open file's path now
+        except OSError:
+            return Whereabouts("gone", None)
+        if link.endswith(" (deleted)"):
+            return Whereabouts("deleted", None)
+        try:
+            if _identity(os.stat(link)) == lock_id:
+                return Whereabouts("moved", Path(link).parent)
+        except OSError:
+            pass
+        return Whereabouts("gone", None)
+
     def release(self) -> None:
         if self._fd is not None:
             _LOCK_FDS.discard(self._fd)
@@ -171,6 +212,7 @@ class RunDirLock:
             self._fd = None
             self._flocked = False
         self._key = None
+        self._ids = None
         if self._set_env:
             os.environ.pop(KEY_ENV, None)
             self._set_env = False
@@ -208,6 +250,18 @@ class RunDirLock:
                 f"({who}); two jobs in one run directory overwrite each "
                 f"other's checkpoints. Wait for it to end, stop it, or choose another run directory (if that job "
                 f"is gone and its node died, delete {self.path})")
+
+
+class Whereabouts(NamedTuple):
+    """What ``RunDirLock.whereabouts`` found: ``kind`` "moved" (to ``now``), "deleted", "gone" (where to,
+    unknown here) or "lock" (the run directory, ``now``, is there; its lock file was deleted or replaced)."""
+
+    kind: str
+    now: Path | None
+
+
+def _identity(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
 
 
 _LOCK_FDS: set[int] = set()  # descriptors of the locks this process holds
