@@ -19,6 +19,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from pipeline.file_access import describe_owner, me, unwritable_part
+
 from .errors import PrepError
 from .format import WORK_DIR
 
@@ -33,6 +35,10 @@ def manifest_lock(out: Path) -> Iterator[None]:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as exc:  # a read-only OUT: the one line every write of data_prep gives
+        if not Path(out).exists() and (where := unwritable_part(Path(out))) is not None:
+            # it named OUT/.work/manifest.lock, two levels below the folder this user may not make
+            raise PrepError(f"{out}: cannot create the output folder: {exc.strerror or exc}: {me()} may not write "
+                            f"in {where}{describe_owner(where)}") from None
         raise PrepError(f"{path}: cannot write: {exc.strerror or exc}") from None
     try:
         try:

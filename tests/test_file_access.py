@@ -334,3 +334,24 @@ def test_a_run_directory_inside_a_folder_this_user_may_not_enter(shards, base, s
     args[1] = sub
     line = _one_error_line(_run(*args))
     assert f"cannot reach {run_dir}" in line and f"may not enter {locked} (owned by" in line, line
+
+
+def test_data_prep_into_a_folder_this_user_cannot_create_names_it(base):
+    """OUT under a folder this user may not write: the error named OUT/.work/manifest.lock, two levels below the
+    folder that could not be made, and not whose the parent is."""
+    from tests.fixtures_images import write_imagefolder
+
+    src = base / "src"
+    write_imagefolder(src, ["a", "b"], per_class=2)
+    for p in [src, *src.rglob("*")]:
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    locked = base / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    line = _one_error_line_of_prep(_run("data_prep", "imagefolder", str(src), str(locked / "new" / "shards"),
+                                        "--split", "train"))
+    from pipeline.file_access import me
+
+    assert line.endswith(f"error: {locked / 'new' / 'shards'}: cannot create the output folder: Permission denied: "
+                         f"{me()} may not write in {locked} (owned by {me()}, dr-xr-xr-x)"), line
+    assert not (locked / "new").exists()
