@@ -59,8 +59,18 @@ def check_run_dir_writable(run_dir: str | Path, subcommand: str, wandb: bool, ck
             ckpt = ckpt or str(run_dir / CHECKPOINTS_DIR / "last.ckpt")
             advice = (f"{subcommand} writes its config and logs there; score from a run directory of your own: "
                       f"--trainer.default_root_dir DIR --ckpt_path {ckpt}")
+        if _own_writable_mount(bad):  # this user's folder, its mode alone in the way: "another user's?" misled
+            advice = f"it is {me()}'s own, without write permission: `chmod u+w {bad}` gives it; or {advice}"
         raise ConfigError(f"trainer.default_root_dir: {bad}{where} is not writable by {me()}{describe_owner(bad)}: "
                           f"{advice}")
+
+
+def _own_writable_mount(path: Path) -> bool:
+    """``path`` belongs to this user and is on a file system mounted writable: only its mode keeps it read-only."""
+    try:
+        return path.stat().st_uid == os.geteuid() and not os.statvfs(path).f_flag & os.ST_RDONLY
+    except OSError:
+        return False
 
 
 def check_run_dir_reachable(run_dir: str | Path) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.file_access import me
 from tests import preloaded_python
 from tests.conftest import REPO
 
@@ -109,6 +110,10 @@ def test_fit_refuses_another_users_run_whose_lock_is_writable(shards, base):
     line = _one_error_line(proc)
     assert "trainer.default_root_dir" in line and "is not writable" in line, line
     assert str(run_dir) in line and "--trainer.default_root_dir DIR" in line, line
+    # the test's own files (modes stand for another user's): said so, with the chmod that would do
+    bad = line.split("trainer.default_root_dir: ", 1)[1].split(" ", 1)[0]
+    assert f"is {me()}'s own, without write permission: `chmod u+w {bad}` gives it; or a run directory of " \
+        f"another user" in line, line
     assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before  # nothing started
 
 
@@ -350,8 +355,6 @@ def test_data_prep_into_a_folder_this_user_cannot_create_names_it(base):
     locked.chmod(0o555)
     line = _one_error_line_of_prep(_run("data_prep", "imagefolder", str(src), str(locked / "new" / "shards"),
                                         "--split", "train"))
-    from pipeline.file_access import me
-
     assert line.endswith(f"error: {locked / 'new' / 'shards'}: cannot create the output folder: Permission denied: "
                          f"{me()} may not write in {locked} (owned by {me()}, dr-xr-xr-x)"), line
     assert not (locked / "new").exists()
