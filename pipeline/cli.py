@@ -79,7 +79,7 @@ from pipeline.resume_geometry import Geometry, LoopPosition, adapt, expected_wor
 from pipeline.rng_state import RNGState
 from pipeline.run_dir_access import check_run_dir_reachable, check_run_dir_writable
 from pipeline.run_dir_still_ours import RunDirStillOurs
-from pipeline.run_layout import (BEST_FILENAME, BEST_GLOB, BEST_STEP, CHECKPOINTS_DIR, CONFIG_FILE, CSV_DIR,
+from pipeline.run_layout import (BEST_FILENAME, BEST_GLOB, CHECKPOINTS_DIR, CONFIG_FILE, CSV_DIR,
                                  LAST_CHECKPOINT, BRANCH_FILE, RUN_ID_FILE, TENSORBOARD_DIR, WANDB_DIR, best_top1,
                                  checkpoint_dir, last_checkpoint)
 from pipeline.run_lock import RunDirLock, is_global_rank_zero
@@ -180,14 +180,24 @@ def _in_folder(path: str | Path, folder: Path) -> bool:
 
 
 def _newest_best(folder: Path, but: str | None = None) -> Path | None:
-    """The best-k checkpoint of ``folder`` at the highest step its name says (then the newest file), other than
-    the one named ``but``; None when there is none."""
-    def order(f: Path) -> tuple[int, float]:
-        m = BEST_STEP.match(f.name)
-        return (int(m.group(1)) if m else -1, f.stat().st_mtime)
-
+    """The best-k checkpoint of ``folder`` written last, other than the one named ``but``; None when there is
+    none. The newest file, not the highest step its name says: a run taken back by hand to an earlier checkpoint
+    keeps the later best-k files of the timeline it left (``remove_best_after`` removes only a killed start's)."""
     others = [f for f in folder.glob(BEST_GLOB) if f.name != but]
-    return max(others, key=order) if others else None
+    return max(others, key=lambda f: f.stat().st_mtime) if others else None
+
+
+def _of_this_run(best: Path, run_dir: Path) -> bool:
+    """Whether ``best`` is this run's progress: any best-k of a run directory that is no branch; of a branch
+    (``RUN/branched_from``, written by ``launch submit train --branch-from`` before its first start), one that
+    records the same origin. A directory's old best-k files were resumed in place of the branch it was given."""
+    origin = recorded_origin(run_dir)
+    if origin is None:
+        return True
+    try:
+        return read_checkpoint(best).get(BRANCH_KEY) == origin
+    except ConfigError:  # unreadable: not resumed in the branch's place (the branch starts from its origin)
+        return False
 
 
 def _checkpoint_beside(path: str | Path, resume: bool) -> str:
@@ -507,11 +517,11 @@ class PipelineCLI(LightningCLI):
         if cfg.get("ckpt_path") is None and last.exists():
             cfg.ckpt_path = "last"
         if cfg.get("ckpt_path") in (None, "last") and not last.exists() and \
-                (best := _newest_best(checkpoint_dir(run_dir))) is not None:
+                (best := _newest_best(checkpoint_dir(run_dir))) is not None and _of_this_run(best, run_dir):
             # it started over from step 0 among them, and called the earlier start's metrics "a start that saved
             # no checkpoint"
             _say(f"{last} is missing (moved or deleted? a kill between an epoch's best-k save and its last.ckpt?) "
-                 f"but this run saved best-k checkpoints: resuming the one at the highest step, {best}; to train "
+                 f"but this run saved best-k checkpoints: resuming the newest of them, {best}; to train "
                  f"from step 0 instead, move {checkpoint_dir(run_dir)} away or use another trainer.default_root_dir")
             cfg.ckpt_path = str(best)
             self._resumes_best_for_last = True  # its rows and files after that step go, as after last.ckpt's
@@ -761,6 +771,7 @@ class PipelineCLI(LightningCLI):
                 callbacks.append(RunIdInCheckpoint(wandb_id))
                 before = recorded_setting(run_dir / CONFIG_FILE, "tracking.project")
                 if (cfg.get("ckpt_path") is not None and isinstance(before, str)
+                        and recorded_setting(run_dir / CONFIG_FILE, "tracking.wandb") is True
                         and before != cfg.tracking.project and is_global_rank_zero()):
                     # the settings-changed line named it among others; the dashboard then showed half a run
                     _say(f"warning: tracking.project changed ({before} -> {cfg.tracking.project}): W&B keeps a run "

@@ -85,7 +85,8 @@ def run_id(run_dir: str | Path, from_checkpoint: str | None = None) -> str:
         if kept != env:
             raise ConfigError(f"tracking.wandb: WANDB_RUN_ID={env!r} is another W&B run than this run directory's "
                               f"({Path(run_dir) / RUN_ID_FILE}: {kept!r}), which every start of it continues: unset "
-                              f"WANDB_RUN_ID (launch's scripts set it from that file)")
+                              f"WANDB_RUN_ID; a job script of launch's exports the id it was written with: submit "
+                              f"it again with `python -m launch submit train`, which writes the file's")
         return env
     try:
         return create_run_id(run_dir, from_checkpoint or secrets.token_hex(4))

@@ -244,7 +244,8 @@ def test_wandb_run_id_from_the_environment_is_the_run_directorys_or_refused(tmp_
     assert run_id(tmp_path / "new") == "fromenv1"
     monkeypatch.setenv("WANDB_RUN_ID", "otherid1")
     with pytest.raises(ConfigError, match=rf"WANDB_RUN_ID='otherid1' is another W&B run than this run directory's "
-                                          rf"\({tmp_path / 'new' / RUN_ID_FILE}: 'fromenv1'\).*unset WANDB_RUN_ID"):
+                                          rf"\({tmp_path / 'new' / RUN_ID_FILE}: 'fromenv1'\).*unset WANDB_RUN_ID; a job script "
+                                          rf"of launch's exports the id it was written with"):
         run_id(tmp_path / "new")
     assert (tmp_path / "new" / RUN_ID_FILE).read_text() == "fromenv1\n"
 

@@ -759,21 +759,29 @@ def test_a_run_whose_last_checkpoint_is_gone_resumes_its_newest_best_k(digits_sh
     """last.ckpt moved away (a failed copy, a rename; or a kill between an epoch's best-k save and its last.ckpt)
     with best-k checkpoints beside it: the start trained from step 0 among them and called the earlier start's
     metrics those of "an earlier one that saved no checkpoint"."""
-    run = tmp_path / "run"
+    run, kept = tmp_path / "run", tmp_path / "kept"
     common = ("--data.batch_size", "128", "--trainer.num_sanity_val_steps", "0", "--checkpoint.save_top_k", "2")
     run_module(*_args("fit", digits_shards, run, "--trainer.max_epochs", "2", *common))
+    shutil.copytree(run, kept)  # resumed from its last.ckpt below: what the best-k resume must equal
     last = run / "checkpoints" / "last.ckpt"
     best = sorted((run / "checkpoints").glob("best-*.ckpt"))
     assert len(best) == 2, best
-    newest = max(best, key=lambda p: int(re.search(r"step(\d+)", p.name).group(1)))
+    newest = max(best, key=lambda p: p.stat().st_mtime)
     steps = torch.load(newest, map_location="cpu", weights_only=False)["global_step"]
     last.rename(run / "checkpoints" / "last-backup.ckpt")
     r = run_module(*_args("fit", digits_shards, run, "--trainer.max_epochs", "3", *common))
-    assert f"{last} is missing (moved or deleted?" in r.stderr and f"resuming the one at the highest step, {newest}" \
+    assert f"{last} is missing (moved or deleted?" in r.stderr and f"resuming the newest of them, {newest}" \
         in r.stderr, r.stderr[-3000:]
     assert f"at step {steps}" in r.stderr and "saved no checkpoint" not in r.stderr, r.stderr[-3000:]
     assert not list((run / "csv").glob("metrics-lost-start-*.csv"))
-    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == steps * 3 // 2
+    resumed = torch.load(last, map_location="cpu", weights_only=False)
+    assert resumed["global_step"] == steps * 3 // 2
+    # the same training as the resume of last.ckpt: the best-k checkpoint holds the loader position too
+    run_module(*_args("fit", digits_shards, kept, "--trainer.max_epochs", "3", *common))
+    ref = torch.load(kept / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ref["global_step"] == resumed["global_step"]
+    differ = [k for k, v in ref["state_dict"].items() if not torch.equal(v, resumed["state_dict"][k])]
+    assert not differ, differ
 
 
 def test_a_resume_at_another_accumulation_keeps_the_steps_an_integer_limit_meant(digits_shards, tmp_path):
