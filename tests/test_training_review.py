@@ -815,3 +815,22 @@ def test_a_micro_batch_count_that_another_accumulation_cannot_keep_is_refused():
     with pytest.raises(ConfigError, match=r"trainer.val_check_interval 3 counts micro-batches of "
                                           r"accumulate_grad_batches 2; .* give a multiple of 2, or a fraction"):
         _scale_micro_batch_counts(trainer, 2, 1)
+
+
+def test_a_branch_without_last_checkpoint_starts_from_its_origin_not_from_older_best_k(digits_shards, tmp_path):
+    """`launch submit train --branch-from ORIGIN` into a directory whose best-k files are of an earlier run (its
+    last.ckpt gone): the job's `fit --ckpt_path last` resumed those in the branch's place."""
+    from pipeline.branch_record import origin_name, record_origin
+
+    origin_run, run = tmp_path / "origin", tmp_path / "run"
+    common = ("--data.batch_size", "128", "--trainer.num_sanity_val_steps", "0")
+    run_module(*_args("fit", digits_shards, origin_run, "--trainer.max_epochs", "1", *common))
+    shutil.copytree(origin_run, run)
+    (run / "checkpoints" / "last.ckpt").unlink()
+    (run / "wandb_run_id").unlink(missing_ok=True)
+    origin = origin_name(origin_run / "checkpoints" / "last.ckpt")
+    record_origin(run, origin)  # as launch writes it before the job is queued
+    r = run_module(*_args("fit", digits_shards, run, "--trainer.max_epochs", "2", "--ckpt_path", "last", *common))
+    assert "is missing (moved or deleted?" not in r.stderr, r.stderr[-3000:]
+    assert f"this run is a branch of {origin}" in r.stderr and f"starting from {origin} again" in r.stderr, \
+        r.stderr[-3000:]
