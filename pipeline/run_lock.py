@@ -95,6 +95,7 @@ class RunDirLock:
         self._made_dir = False  # acquire created the run directory
         self._flocked = False  # holds the flock (not after a takeover from a stuck holder, until retaken)
         self._ids: tuple[tuple[int, int], tuple[int, int]] | None = None  # (lock file, run dir) (st_dev, st_ino)
+        self._abs_dir = Path(os.path.abspath(self.run_dir))  # set again at acquire
 
     def acquire(self) -> None:
         key = job_key()
@@ -130,8 +131,10 @@ class RunDirLock:
                 raise
         self._fd = fd
         _LOCK_FDS.add(fd)
+        # absolute: a chdir of the process later must not look like a move
+        self._abs_dir = Path(os.path.abspath(self.run_dir))
         try:  # what `whereabouts` compares the paths with before every save
-            self._ids = (_identity(os.fstat(fd)), _identity(os.stat(self.run_dir)))
+            self._ids = (_identity(os.fstat(fd)), _identity(os.stat(self._abs_dir)))
         except OSError:  # (moved away already, or no stat here): not checked
             self._ids = None
         if KEY_ENV not in os.environ:
@@ -179,13 +182,13 @@ class RunDirLock:
             return None
         lock_id, dir_id = self._ids
         try:
-            if _identity(os.stat(self.path)) == lock_id:
+            if _identity(os.stat(self._abs_dir / LOCK_NAME)) == lock_id:
                 return None
         except OSError as e:
             if e.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ESTALE):
                 return None  # cannot tell (no permission, an I/O error): the save goes on, or fails on its own
         try:
-            same_dir = _identity(os.stat(self.run_dir)) == dir_id
+            same_dir = _identity(os.stat(self._abs_dir)) == dir_id
         except OSError:
             same_dir = False
         if same_dir:

@@ -95,6 +95,22 @@ def test_the_lock_says_where_its_run_directory_went(lock, tmp_path):
     assert lock.whereabouts() is None
 
 
+def test_a_relative_run_directory_is_not_moved_by_a_chdir(tmp_path, monkeypatch):
+    """`--trainer.default_root_dir runs/x` (relative): a chdir of the process afterwards read as a move."""
+    from pipeline.run_lock import KEY_ENV, RunDirLock
+
+    for k in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK", "SLURM_JOB_ID", KEY_ENV):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.chdir(tmp_path)
+    held = RunDirLock(Path("runs") / "x")
+    held.acquire()
+    try:
+        monkeypatch.chdir("/")
+        assert held.whereabouts() is None
+    finally:
+        held.release()
+
+
 def test_a_deleted_run_directory_and_a_replaced_lock_file(lock):
     import shutil
 
