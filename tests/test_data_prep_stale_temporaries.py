@@ -22,12 +22,9 @@ import pytest
 
 from data_prep.cli import main
 from data_prep.runner import write_bytes_atomic
-from tests.fixtures_images import write_imagefolder
+from tests.prep_fixtures import ARGS, SHARDS, SPLIT, clean_outputs, outputs, photo_folder
 
 REPO = Path(__file__).resolve().parents[1]
-SPLIT = "val"
-ARGS = ["--split", SPLIT, "--workers", "1", "--samples-per-shard", "3", "--max-side", "24", "--no-progress"]
-SHARDS = 6  # 18 images, 3 per shard
 
 # `python -m data_prep ARGS...` that stops at the rename of write_bytes_atomic's temp file of NAME (written,
 # fsynced, open, locked): with MODE "kill" it SIGKILLs itself there (what a kill -9 at that moment leaves); with
@@ -58,29 +55,18 @@ def _env() -> dict[str, str]:
     return env
 
 
-def outputs(out: Path) -> dict[str, bytes]:
-    """Every visible file of OUT (shards, indexes, columns, manifest, rejects) by name."""
-    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file() and not p.name.startswith(".")}
-
-
 def temporaries(out: Path) -> list[str]:
     return sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.name.endswith(".tmp"))
 
 
 @pytest.fixture(scope="module")
 def src(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("src")
-    write_imagefolder(root, ["ant", "bee", "cat"], per_class=6)  # real photos (scikit-learn's sample images)
-    return root
+    return photo_folder(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def clean(src, tmp_path_factory) -> dict[str, bytes]:
-    """The outputs of one uninterrupted run."""
-    out = tmp_path_factory.mktemp("clean") / "o"
-    assert main(["imagefolder", str(src), str(out), *ARGS]) == 0
-    assert temporaries(out) == []
-    return outputs(out)
+    return clean_outputs(src, tmp_path_factory)
 
 
 def _cmd(src: Path, out: Path) -> list[str]:

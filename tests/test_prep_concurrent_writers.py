@@ -18,15 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from data_prep.cli import main
 from data_prep.manifest import _remove_stale_shards
 from data_prep.shardwriter import ShardWriter, file_sha256
-from tests.fixtures_images import jpeg_bytes, photos, write_imagefolder
+from tests.fixtures_images import jpeg_bytes, photos
+from tests.prep_fixtures import ARGS, SHARDS, SPLIT, clean_outputs, outputs, photo_folder
 
 REPO = Path(__file__).resolve().parents[1]
-SPLIT = "val"
-ARGS = ["--split", SPLIT, "--workers", "1", "--samples-per-shard", "3", "--max-side", "24", "--no-progress"]
-SHARDS = 6  # 18 images, 3 per shard
 
 # `python -m data_prep ARGS...` with one pause: the commit of shard PAUSE waits (its temporary file written,
 # open, not yet renamed) until the file GO exists; PAUSED is made when it starts waiting. The rest is the real
@@ -53,22 +50,12 @@ runpy.run_module("data_prep", run_name="__main__", alter_sys=True)
 
 @pytest.fixture(scope="module")
 def src(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("src")
-    write_imagefolder(root, ["ant", "bee", "cat"], per_class=6)  # real photos (scikit-learn's sample images)
-    return root
+    return photo_folder(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def clean(src, tmp_path_factory) -> dict[str, bytes]:
-    """The outputs of one uninterrupted run, alone."""
-    out = tmp_path_factory.mktemp("clean") / "o"
-    assert main(["imagefolder", str(src), str(out), *ARGS]) == 0
-    return outputs(out)
-
-
-def outputs(out: Path) -> dict[str, bytes]:
-    """Every visible file of OUT (shards, indexes, columns, manifest, rejects) by name."""
-    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file() and not p.name.startswith(".")}
+    return clean_outputs(src, tmp_path_factory)
 
 
 def temporaries(out: Path) -> list[str]:
