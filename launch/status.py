@@ -107,6 +107,7 @@ def _jobs(ids: list[str]) -> tuple[str, list[slurm.JobRow] | None, str]:
                 r.name = "(sacct catching up)"
                 caught_up.append(r)
         _pending_reasons_from_squeue(caught_up)
+        _restarts_from_the_controller(caught_up)
         return "jobs (sacct):", caught_up, ""
     except slurm.SacctUnavailable as e:
         why = _first_error_line(str(e))
@@ -122,6 +123,20 @@ def _jobs(ids: list[str]) -> tuple[str, list[slurm.JobRow] | None, str]:
         why = _first_error_line(str(e))
         return unavailable.format(why), None, why
     return f"jobs (squeue/scontrol; sacct unavailable: {why}; finished jobs are not listed):", rows, ""
+
+
+def _restarts_from_the_controller(rows: list[slurm.JobRow]) -> None:
+    """A live job's requeue count from the controller (``scontrol show job``: ``Restarts=``) where sacct's rows
+    have fewer: slurmdbd records a requeue seconds later, and ``requeues 0`` stood after an ``scontrol requeue``
+    meanwhile. Jobs alone, not array tasks (one scontrol call each)."""
+    for r in rows:
+        if r.state not in slurm.FINISHED_STATES and "_" not in r.job_id:
+            try:
+                live = slurm.scontrol_restarts(r.job_id)
+            except LaunchError:  # the controller away: sacct's count stands
+                continue
+            if live is not None and live > (r.restarts or 0):
+                r.restarts = live
 
 
 def _pending_reasons_from_squeue(rows: list[slurm.JobRow]) -> None:

@@ -647,3 +647,21 @@ def test_status_of_the_queue_when_slurm_cannot_be_read_is_one_line(tmp_path: Pat
         "launch: error: squeue failed: squeue: error: s_p_parse_file: cannot stat file /etc/slurm/slurm.conf: No such "
         "file or directory; squeue: error: ClusterName needs to be specified; squeue: fatal: Unable to process "
         "configuration file\n"), r.stderr
+
+
+def test_a_requeue_that_accounting_has_not_recorded_yet_is_counted(tmp_path: Path) -> None:
+    """Right after `scontrol requeue`, sacct (slurmdbd, seconds behind) still lists one run of the job and the
+    status said `requeues     0`; the controller's `Restarts=` counts it at once."""
+    from launch.rundir import record_job
+
+    bindir, run = tmp_path / "bin", tmp_path / "run"
+    bindir.mkdir()
+    for tool, text in (("sacct", "printf '12|r50|PENDING|00:00:00|0:0|BeginTime\\n'"),
+                       ("squeue", "printf '12|r50|PENDING|0:00|BeginTime\\n'"),
+                       ("scontrol", 'case "$4" in 12) echo "JobId=12 JobName=r50 Restarts=1" ;; *) exit 1 ;; esac')):
+        (bindir / tool).write_text(f"#!/bin/sh\n{text}\n")
+        (bindir / tool).chmod(0o755)
+    record_job(run, "12", "train", run / "train.sbatch")
+    r = launch("status", str(run), cwd=tmp_path, env={"PATH": f"{bindir}:/usr/bin:/bin"})
+    assert r.returncode == 0, r.stderr
+    assert "requeues     1 (job 12: 1)" in r.stdout, r.stdout
