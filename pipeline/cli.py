@@ -200,6 +200,13 @@ def _of_this_run(best: Path, run_dir: Path) -> bool:
         return False
 
 
+def resumed_in_place_of_last(run_dir: Path) -> Path | None:
+    """The best-k checkpoint a start resumes where ``RUN/checkpoints/last.ckpt`` is missing (the newest one of
+    this run), or None (a new run, or a branch's start from its origin). Also what ``config_check`` checks."""
+    best = _newest_best(checkpoint_dir(run_dir))
+    return best if best is not None and _of_this_run(best, run_dir) else None
+
+
 def _checkpoint_beside(path: str | Path, resume: bool) -> str:
     """The way past a checkpoint that cannot be read: the newest best-k checkpoint in its folder, named ("" when
     there is none)."""
@@ -517,7 +524,7 @@ class PipelineCLI(LightningCLI):
         if cfg.get("ckpt_path") is None and last.exists():
             cfg.ckpt_path = "last"
         if cfg.get("ckpt_path") in (None, "last") and not last.exists() and \
-                (best := _newest_best(checkpoint_dir(run_dir))) is not None and _of_this_run(best, run_dir):
+                (best := resumed_in_place_of_last(run_dir)) is not None:
             # it started over from step 0 among them, and called the earlier start's metrics "a start that saved
             # no checkpoint"
             _say(f"{last} is missing (moved or deleted? a kill between an epoch's best-k save and its last.ckpt?) "

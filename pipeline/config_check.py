@@ -31,7 +31,7 @@ import sys
 from pathlib import Path
 
 from data_prep.format import MANIFEST_NAME
-from pipeline.cli import PipelineCLI, check_run_settings, check_trainer, main
+from pipeline.cli import PipelineCLI, check_run_settings, check_trainer, main, resumed_in_place_of_last
 from pipeline.checkpoint_read import read_checkpoint
 from pipeline.datamodule import ShardDataModule
 from pipeline.deepspeed_checks import configured_deepspeed, refuse_accumulation
@@ -180,14 +180,15 @@ class ConfigCheckCLI(PipelineCLI):
         return None
 
     def _check_resumed_network(self, cfg, with_classes: bool) -> None:
-        """The network of the checkpoint the start resumes (the run directory's last.ckpt, else --ckpt_path) is
-        this config's: one of another arch was refused at the job's start, after its wait in the queue. Its
-        settings alone are read (memory-mapped); the class count only where this machine has the manifest."""
+        """The network of the checkpoint the start resumes (the run directory's last.ckpt, else --ckpt_path, else
+        the best-k one a start without last.ckpt resumes) is this config's: one of another arch was refused at the
+        job's start, after its wait in the queue. Its settings alone are read (memory-mapped); the class count
+        only where this machine has the manifest."""
         ckpt = cfg.get("ckpt_path")
         last = last_checkpoint(cfg.trainer.get("default_root_dir") or "runs/default")
         # (a run directory or checkpoint this user cannot reach here: warned of above, or the start's to say)
         path = last if unreachable_reason(last) is None and last.exists() else \
-            (Path(ckpt) if ckpt not in (None, "last") else None)
+            (Path(ckpt) if ckpt not in (None, "last") else resumed_in_place_of_last(last.parent.parent))
         if path is None or "://" in str(path) or unreachable_reason(path) is not None or not path.exists():
             return
         checkpoint = read_checkpoint(path)  # (a torn one: the start's own error, here)

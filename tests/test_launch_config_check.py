@@ -262,3 +262,20 @@ def test_a_run_directory_whose_checkpoint_trained_on_other_shards_is_refused_bef
     with pytest.raises(LaunchError, match=r"the checkpoint was trained on another dataset: the 'train' split "
                                           rf"\(data.train_split\) of .*; the start would resume {last}"):
         check_trainer_settings(job)
+
+
+def test_the_best_k_checkpoint_a_start_without_last_resumes_is_checked_too(tmp_path: Path, digits_shards: Path) -> None:
+    """No last.ckpt, a best-k checkpoint of cifar_resnet8 (the one the start resumes in its place): the check
+    looked at last.ckpt alone and passed a job that its start refused."""
+    import torch
+
+    from pipeline.module import ImageClassifier
+    from pipeline.run_layout import checkpoint_dir
+
+    trained = ImageClassifier(arch="cifar_resnet8", num_classes=10)
+    best = checkpoint_dir(tmp_path / "run") / "best-epoch000-step0000011-top1=0.5000.ckpt"
+    best.parent.mkdir(parents=True)
+    torch.save({"hyper_parameters": dict(trained.hparams), "state_dict": trained.state_dict()}, best)
+    job = _job(tmp_path, REPO / "conf" / "demo.yaml", ["--data.root", str(digits_shards)], cpu=True)
+    with pytest.raises(LaunchError, match=rf"the checkpoint {best} was trained with model.arch='cifar_resnet8'"):
+        check_trainer_settings(job)
