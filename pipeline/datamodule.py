@@ -117,6 +117,7 @@ class ShardDataModule(pl.LightningDataModule):
         self.augment.check()
         self.dali_hw_decoder_load = dali_hw_decoder_load
         self.dali_source_workers = dali_source_workers
+        self._dataset_record: dict | None = None  # the digests of the data read at the start (dataset_record)
         self._train: ShardSet | None = None
         self._val: ShardSet | None = None
         self._test: ShardSet | None = None
@@ -188,6 +189,7 @@ class ShardDataModule(pl.LightningDataModule):
     def setup(self, stage: str) -> None:
         self.check_backend()
         self.check_splits(stage, validating=self.trainer is None or self.trainer.limit_val_batches != 0)
+        self.dataset_record()  # read now, with the shards: what every checkpoint of this start records
 
     @staticmethod
     def splits_read(stage: str, validating: bool = True) -> tuple[str, ...]:
@@ -383,7 +385,7 @@ class ShardDataModule(pl.LightningDataModule):
     # ---- position in the checkpoint -----------------------------------------------------------------
     def state_dict(self) -> dict:
         trainer = self.trainer
-        state = {"classes_sha256": self.classes_digest(), "splits_sha256": self.split_digests()}
+        state = dict(self.dataset_record())
         if trainer is None:
             return state
         world, _ = self._geometry()
@@ -440,6 +442,14 @@ class ShardDataModule(pl.LightningDataModule):
     def _manifest(self) -> dict:
         path = Path(self.root) / MANIFEST_NAME
         return json.loads(path.read_bytes()) if path.is_file() else {}
+
+    def dataset_record(self) -> dict:
+        """Which dataset this start trains on (``classes_sha256``, ``splits_sha256``), read once, at its start:
+        read at every save, a manifest deleted or rewritten during the run (``data.root`` removed: the open shards
+        still read) put digests of nothing into every later checkpoint, which its own data then refused."""
+        if self._dataset_record is None:
+            self._dataset_record = {"classes_sha256": self.classes_digest(), "splits_sha256": self.split_digests()}
+        return self._dataset_record
 
     def classes_digest(self) -> str:
         """What the labels mean: the manifest's class list (its ids, in label order)."""

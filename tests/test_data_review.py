@@ -4,6 +4,7 @@ a train split smaller than one global batch, a negative seed."""
 from __future__ import annotations
 
 import logging
+import shutil
 from types import SimpleNamespace
 
 import numpy as np
@@ -155,3 +156,18 @@ def test_a_checkpoint_of_the_whole_manifest_digest(digits_shards, tmp_path, capl
     with pytest.raises(ConfigError, match="a checkpoint of before per-split records"):
         dm.load_state_dict({"manifest_sha256": old})
     dm.load_state_dict({"manifest_sha256": hashlib.sha256((root / "manifest.json").read_bytes()).hexdigest()})
+
+
+def test_checkpoints_record_the_dataset_read_at_the_start_even_if_its_manifest_goes(digits_shards, tmp_path):
+    """data.root removed during a run (the open shards still read): every later checkpoint recorded the digests
+    of no manifest, and its own data, put back at the same path, was "another dataset" to every resume."""
+    root = tmp_path / "shards"
+    shutil.copytree(digits_shards, root)
+    dm = ShardDataModule(str(root), backend="cpu", num_workers=0)
+    dm.setup("fit")
+    manifest = (root / "manifest.json").read_bytes()
+    (root / "manifest.json").unlink()
+    state = dm.state_dict()
+    (root / "manifest.json").write_bytes(manifest)  # put back: the same data
+    ShardDataModule(str(root), backend="cpu", num_workers=0)._check_same_dataset(state)  # no "another dataset"
+    assert state["classes_sha256"] == ShardDataModule(str(digits_shards)).classes_digest()
