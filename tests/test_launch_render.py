@@ -467,6 +467,9 @@ rc=${line%% *}; say=${line#* }
 if [ "${line#*usr1-to-batch}" != "$line" ]; then  # scancel --signal=USR1 --batch: the batch shell alone
   kill -USR1 "$PPID"; sleep 0.2
 fi
+if [ "${line#*move-run-dir}" != "$line" ]; then  # the run directory renamed while the job ran
+  mv "$RUN" "$RUN-moved"
+fi
 if [ "${line#*new-checkpoint}" != "$line" ]; then  # a new file replaces last.ckpt, as the trainer's saves do
   mkdir -p "$RUN/checkpoints" && : > "$RUN/checkpoints/new" && mv "$RUN/checkpoints/new" "$RUN/checkpoints/last.ckpt"
 fi
@@ -524,6 +527,17 @@ def test_train_script_requeues_crashes_until_they_stop_making_progress(tmp_path:
     log = (tmp_path / "run" / "slurm-4242.out").read_text()
     assert "failure 2 of at most 2 without a new checkpoint; requeueing job 4242" in log
     assert "srun failed (exit 137), 3 times in a row without a new checkpoint; not requeueing job 4242" in log
+
+
+def test_train_script_whose_run_directory_was_moved_ends_without_a_requeue(tmp_path: Path, cfg: Path) -> None:
+    """The trainer stops with its one line (exit 2) when RUN is moved mid-run; the script then read its log and
+    wrote its failure record under the old path: a bash error and exit 1, not the trainer's status."""
+    said = "error: trainer.default_root_dir: run directory RUN was moved to RUN-moved while this job ran."
+    assert _attempts(tmp_path, cfg, [f"2 {said} move-run-dir"]) == [(2, False)]
+    log = (tmp_path / "run-moved" / "slurm-4242.out").read_text()
+    assert f"launch: {tmp_path / 'run'} is gone (moved or deleted while job 4242 ran; the trainer's error above says " \
+        "where it went); not requeueing job 4242" in log, log
+    assert "No such file" not in log and not (tmp_path / "run").exists(), log
 
 
 def test_train_script_with_no_retries_says_so(tmp_path: Path, cfg: Path) -> None:
