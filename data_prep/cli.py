@@ -135,6 +135,18 @@ def _run_dir_marks(out: Path) -> list[str]:
     return [name for name in names if (out / name.rstrip("/")).exists()] if out.is_dir() else []
 
 
+def _run_dir_above(out: Path) -> Path | None:
+    """The training run directory ``out`` lies in, if any: a folder above it with this project's own run files
+    (``wandb_run_id``, ``train.sbatch`` or ``checkpoints/last.ckpt``; a mere ``checkpoints/`` folder beside a
+    dataset is someone else's)."""
+    from pipeline.run_layout import RUN_ID_FILE, TRAIN_SCRIPT, last_checkpoint
+
+    for folder in Path(os.path.abspath(out)).parents:
+        if any(p.exists() for p in (folder / RUN_ID_FILE, folder / TRAIN_SCRIPT, last_checkpoint(folder))):
+            return folder
+    return None
+
+
 def _check_common(args) -> tuple:
     from .validate import EncodeOptions
 
@@ -185,6 +197,9 @@ def _check_common(args) -> tuple:
         raise PrepError(f"{args.out}: output folder is a training run directory (it holds {', '.join(marks)}); "
                         "prepare the shards into a folder of their own (e.g. data/NAME) and point the run's "
                         "--data.root at it")
+    if run := _run_dir_above(args.out):  # e.g. RUN/checkpoints: shards among the checkpoints
+        raise PrepError(f"{args.out}: output folder is inside the training run directory {run}; prepare the shards "
+                        "into a folder of their own (e.g. data/NAME) and point the run's --data.root at it")
     opts = EncodeOptions(max_side=args.max_side, quality=args.quality)
     return opts, shard_bytes, workers, task_index, num_tasks
 

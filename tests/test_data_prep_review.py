@@ -849,3 +849,7 @@ def test_output_folder_that_is_a_training_run_directory_is_refused(tmp_path):
                         "--tasks", "2", "--split", "train", "--dry-run"], capture_output=True, text=True,
                        cwd=tmp_path, timeout=120)
     assert r.returncode == 2 and "output folder is a training run directory" in r.stderr, r.stdout + r.stderr
+    r = run_cli("imagefolder", str(src), str(run / "checkpoints"), "--split", "train", "--no-progress")
+    assert r.returncode == 2 and f"{run / 'checkpoints'}: output folder is inside the training run directory {run}; " \
+        in r.stderr, r.stderr
+    assert sorted(p.name for p in run.rglob("*")) == before
