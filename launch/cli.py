@@ -224,7 +224,7 @@ def _submit_train(a: argparse.Namespace, extra: list[str]) -> int:
         _refuse_if_training(run_dir)  # before anything is written
     saved_id = rundir.wandb_run_id(run_dir, create=False)  # an unreadable id file: refused before the slow check
     if a.config_check:  # the last check: it takes seconds
-        for line in check_trainer_settings(job):
+        for line in check_trainer_settings(job, origin=origin):
             print(line, file=sys.stderr)
     if a.dry_run:
         print(job.render(saved_id), end="")

@@ -18,9 +18,13 @@ from launch.scripts import TrainJob
 TIMEOUT_S = 300
 
 
-def check_trainer_settings(job: TrainJob, python: str = sys.executable) -> list[str]:
-    """``check_trainer_args`` of a Slurm job's command line."""
-    return check_trainer_args(job.trainer_args(), job.workdir, python)
+def check_trainer_settings(job: TrainJob, python: str = sys.executable, origin: str | None = None) -> list[str]:
+    """``check_trainer_args`` of a Slurm job's command line; of a branch (``origin``: ``--branch-from``, recorded
+    once the checks pass), with the origin its first start starts from in place of ``last``."""
+    args = job.trainer_args()
+    if origin is not None and args[-2:] == ["--ckpt_path", "last"]:
+        args[-1] = origin
+    return check_trainer_args(args, job.workdir, python)
 
 
 def check_trainer_args(args: list[str], workdir: Path, python: str = sys.executable) -> list[str]:

@@ -207,6 +207,22 @@ def resumed_in_place_of_last(run_dir: Path) -> Path | None:
     return best if best is not None and _of_this_run(best, run_dir) else None
 
 
+def refuse_branch_past_its_end(trainer, path: str | Path, meta: dict, run_dir: Path) -> None:
+    """A branch (another run's checkpoint, this run without one of its own) from a checkpoint at or past the run's
+    end would be a run directory that trains nothing: refused (this run's own checkpoint there is a finished
+    run). Also what ``config_check`` says of ``launch submit train --branch-from`` before the queue wait."""
+    steps, done = trainer.get("max_steps"), meta.get("global_step")
+    if isinstance(steps, int) and steps > 0 and isinstance(done, int) and done >= steps:
+        raise ConfigError(f"trainer.max_steps {steps}: {path} is at step {done} already, so a branch from it "
+                          f"into {run_dir} would train nothing; give a larger trainer.max_steps")
+    epochs, position = trainer.get("max_epochs"), meta.get(ShardDataModule.__qualname__) or {}
+    if isinstance(epochs, int) and epochs > 0 and position.get("consumed") == 0 and \
+            int(position.get("epoch", 0)) >= epochs:
+        raise ConfigError(f"trainer.max_epochs {epochs}: {path} ends epoch {int(position['epoch']) - 1} "
+                          f"already, so a branch from it into {run_dir} would train nothing; give a larger "
+                          f"trainer.max_epochs")
+
+
 def _checkpoint_beside(path: str | Path, resume: bool) -> str:
     """The way past a checkpoint that cannot be read: the newest best-k checkpoint in its folder, named ("" when
     there is none)."""
@@ -567,20 +583,15 @@ class PipelineCLI(LightningCLI):
         # a branch (another run's checkpoint, this run without one of its own) past the end would be a run
         # directory that trains nothing: refused; this run's own checkpoint past it is a finished run
         branch = not _in_folder(path, checkpoint_dir(run_dir))
+        if branch:
+            refuse_branch_past_its_end(cfg.trainer, path, meta, run_dir)
         if isinstance(steps, int) and steps > 0 and isinstance(done, int) and done >= steps:
-            if branch:
-                raise ConfigError(f"trainer.max_steps {steps}: {path} is at step {done} already, so a branch from it "
-                                  f"into {run_dir} would train nothing; give a larger trainer.max_steps")
             self._log_held_wandb_rows(cfg, run_dir, path, meta)
             raise RunComplete(f"the run is complete: {path} is at step {done} and trainer.max_steps is {steps}; "
                               f"nothing to train (a larger trainer.max_steps trains on)")
         epochs, position = cfg.trainer.get("max_epochs"), meta.get(ShardDataModule.__qualname__) or {}
         if isinstance(epochs, int) and epochs > 0 and position.get("consumed") == 0 and \
                 int(position.get("epoch", 0)) >= epochs:  # (a re-run opened an empty W&B start, trained nothing)
-            if branch:
-                raise ConfigError(f"trainer.max_epochs {epochs}: {path} ends epoch {int(position['epoch']) - 1} "
-                                  f"already, so a branch from it into {run_dir} would train nothing; give a larger "
-                                  f"trainer.max_epochs")
             self._log_held_wandb_rows(cfg, run_dir, path, meta)
             raise RunComplete(f"the run is complete: {path} ends epoch {int(position['epoch']) - 1} and "
                               f"trainer.max_epochs is {epochs}; nothing to train (a larger trainer.max_epochs trains on)")

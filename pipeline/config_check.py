@@ -31,7 +31,8 @@ import sys
 from pathlib import Path
 
 from data_prep.format import MANIFEST_NAME
-from pipeline.cli import PipelineCLI, check_run_settings, check_trainer, main, resumed_in_place_of_last
+from pipeline.cli import (PipelineCLI, check_run_settings, check_trainer, main, refuse_branch_past_its_end,
+                          resumed_in_place_of_last)
 from pipeline.checkpoint_read import read_checkpoint
 from pipeline.datamodule import ShardDataModule
 from pipeline.deepspeed_checks import configured_deepspeed, refuse_accumulation
@@ -40,7 +41,7 @@ from pipeline.file_access import unreachable_reason
 from pipeline.module import ImageClassifier
 from pipeline.optim import ignored_schedule_settings, schedule_against_run
 from pipeline.run_dir_access import check_run_dir_writable
-from pipeline.run_layout import last_checkpoint
+from pipeline.run_layout import checkpoint_dir, last_checkpoint
 from pipeline.trainer_devices import devices_per_node
 
 CLASSES_WITHOUT_MANIFEST = 1000
@@ -192,6 +193,9 @@ class ConfigCheckCLI(PipelineCLI):
         if path is None or "://" in str(path) or unreachable_reason(path) is not None or not path.exists():
             return
         checkpoint = read_checkpoint(path)  # (a torn one: the start's own error, here)
+        run_dir = last.parent.parent
+        if not (last.exists() or path.resolve().parent == checkpoint_dir(run_dir).resolve()):
+            refuse_branch_past_its_end(cfg.trainer, path, checkpoint, run_dir)  # a branch that trains nothing
         saved = checkpoint.get("hyper_parameters")
         if isinstance(saved, dict) and isinstance(self.model, ImageClassifier):
             if not with_classes:

@@ -279,3 +279,26 @@ def test_the_best_k_checkpoint_a_start_without_last_resumes_is_checked_too(tmp_p
     job = _job(tmp_path, REPO / "conf" / "demo.yaml", ["--data.root", str(digits_shards)], cpu=True)
     with pytest.raises(LaunchError, match=rf"the checkpoint {best} was trained with model.arch='cifar_resnet8'"):
         check_trainer_settings(job)
+
+
+def test_a_branch_that_would_train_nothing_is_refused_before_the_job_queues(tmp_path: Path, digits_shards: Path) -> None:
+    """`--branch-from OTHER/last.ckpt` at step 300 with max_steps 300: the submit passed, the job's first start
+    refused it after the queue wait."""
+    import torch
+
+    from pipeline.module import ImageClassifier
+
+    trained = ImageClassifier(arch="cifar_resnet20", num_classes=10)
+    other = tmp_path / "other" / "checkpoints" / "last.ckpt"
+    other.parent.mkdir(parents=True)
+    torch.save({"hyper_parameters": dict(trained.hparams), "state_dict": trained.state_dict(), "global_step": 300},
+               other)
+    job = _job(tmp_path, REPO / "conf" / "demo.yaml", ["--data.root", str(digits_shards), "--trainer.max_steps",
+                                                      "300"], cpu=True)
+    assert check_trainer_settings(job) == []  # no branch: nothing to resume, a new run
+    with pytest.raises(LaunchError, match=rf"trainer.max_steps 300: {other} is at step 300 already, so a branch "
+                                          rf"from it into {tmp_path / 'run'} would train nothing"):
+        check_trainer_settings(job, origin=str(other))
+    longer = _job(tmp_path, REPO / "conf" / "demo.yaml", ["--data.root", str(digits_shards), "--trainer.max_steps",
+                                                         "400"], cpu=True)
+    assert check_trainer_settings(longer, origin=str(other)) == []
