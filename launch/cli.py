@@ -384,7 +384,10 @@ def _torchrun(a: argparse.Namespace, extra: list[str]) -> int:
     origin = check_branch(run_dir, a.branch_from) if a.branch_from is not None else None
     if a.config_check:
         at = next(i for i in range(len(argv) - 1) if argv[i:i + 2] == ["-m", "pipeline"])
-        for line in check_trainer_args(argv[at + 2:], Path.cwd()):
+        args = argv[at + 2:]
+        if origin is not None and args[-2:] == ["--ckpt_path", "last"]:  # what the first start reads, checked
+            args = [*args[:-1], origin]
+        for line in check_trainer_args(args, Path.cwd()):
             print(line, file=sys.stderr)
     run_id = rundir.wandb_run_id(run_dir)  # made now: the printed command runs as is on every node
     assert run_id is not None
