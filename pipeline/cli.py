@@ -60,6 +60,7 @@ from pipeline.finite_weights import FiniteWeights
 from pipeline.last_checkpoint import LastCheckpoint
 from pipeline.lightning_lines import drop_lightning_lines, quiet_other_ranks
 from pipeline.model_summary import FlopsModelSummary, FlopsRichModelSummary
+from pipeline.moved_run_checkpoints import MovedRunCheckpoints
 from pipeline.module import ImageClassifier
 from pipeline.optim import ignored_schedule_settings
 from pipeline.parent_death import follow_lightning_rank_zero, follow_torchrun_agent
@@ -758,6 +759,7 @@ class PipelineCLI(LightningCLI):
                 save_top_k=ckpt.save_top_k, save_last=False,
             ),
             LastCheckpoint(ckdir, ckpt.every_n_train_steps),
+            MovedRunCheckpoints(ckdir),  # a run directory moved since its checkpoint: its best k still kept
             Preemption(last_checkpoint(run_dir), requeue=ckpt.requeue, wandb_backlog=backlog),
             backlog,
             RNGState(),

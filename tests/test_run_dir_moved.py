@@ -134,3 +134,26 @@ def test_a_checkpoint_save_never_makes_the_run_directory_again(tmp_path):
     with pytest.raises(CheckpointWriteError, match="No such file or directory"):
         AtomicCheckpointIO().save_checkpoint({"global_step": 1}, gone / "checkpoints" / "last.ckpt")
     assert not gone.exists()
+
+
+def test_a_moved_run_directory_keeps_its_best_k(digits_shards, tmp_path):
+    """Lightning restores its best-k bookkeeping only in the folder the checkpoint names: a resume of a moved run
+    directory saved its first validation as best whatever the score and never removed the earlier best file
+    (save_top_k 1 kept two, one more at every move)."""
+    import torch
+
+    from tests.conftest import REPO, SMALL_NET, run_module
+
+    run, moved = tmp_path / "run", tmp_path / "moved"
+    args = ("pipeline", "fit", "--config", str(REPO / "conf" / "demo.yaml"), *SMALL_NET, "--data.root",
+            str(digits_shards), "--data.batch_size", "128", "--data.num_workers", "0", "--tracking.wandb", "false",
+            "--trainer.num_sanity_val_steps", "0", "--checkpoint.save_top_k", "1")
+    run_module(*args, "--trainer.default_root_dir", str(run), "--trainer.max_epochs", "2")
+    os.rename(run, moved)
+    run_module(*args, "--trainer.default_root_dir", str(moved), "--trainer.max_epochs", "4")
+    best = sorted(p.name for p in (moved / "checkpoints").glob("best-*.ckpt"))
+    assert len(best) == 1, best
+    state = torch.load(moved / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["callbacks"]
+    (tracked,) = [s for k, s in state.items() if k.startswith("ModelCheckpoint")]
+    assert tracked["dirpath"] == str(moved / "checkpoints")
+    assert [Path(p).name for p in tracked["best_k_models"]] == best, tracked
