@@ -184,8 +184,11 @@ def _newest_best(folder: Path, but: str | None = None) -> Path | None:
     """The best-k checkpoint of ``folder`` written last, other than the one named ``but``; None when there is
     none. The newest file, not the highest step its name says: a run taken back by hand to an earlier checkpoint
     keeps the later best-k files of the timeline it left (``remove_best_after`` removes only a killed start's)."""
-    others = [f for f in folder.glob(BEST_GLOB) if f.name != but]
-    return max(others, key=lambda f: f.stat().st_mtime) if others else None
+    try:  # (a folder this user may not enter, a file removed while listed: none to name)
+        others = [f for f in folder.glob(BEST_GLOB) if f.name != but]
+        return max(others, key=lambda f: f.stat().st_mtime) if others else None
+    except OSError:
+        return None
 
 
 def _of_this_run(best: Path, run_dir: Path) -> bool:
