@@ -78,6 +78,7 @@ from pipeline.progress import console_progress
 from pipeline.provenance_callback import ProvenanceRecord
 from pipeline.resume_geometry import Geometry, LoopPosition, adapt, expected_world_size
 from pipeline.rng_state import RNGState
+from pipeline.time_limit import time_limit_reached
 from pipeline.run_dir_access import check_run_dir_reachable, check_run_dir_writable
 from pipeline.run_dir_still_ours import RunDirStillOurs
 from pipeline.run_layout import (BEST_FILENAME, BEST_GLOB, CHECKPOINTS_DIR, CONFIG_FILE, CSV_DIR,
@@ -225,6 +226,9 @@ def refuse_branch_past_its_end(trainer, path: str | Path, meta: dict, run_dir: P
         raise ConfigError(f"trainer.max_epochs {epochs}: {path} ends epoch {int(position['epoch']) - 1} "
                           f"already, so a branch from it into {run_dir} would train nothing; give a larger "
                           f"trainer.max_epochs")
+    if reached := time_limit_reached(trainer.get("max_time"), meta):
+        raise ConfigError(f"trainer.max_time {reached[1]}: {path} has trained for {reached[0]} already, so a branch "
+                          f"from it into {run_dir} would train nothing; give a larger trainer.max_time")
 
 
 def _checkpoint_beside(path: str | Path, resume: bool) -> str:
@@ -593,6 +597,10 @@ class PipelineCLI(LightningCLI):
             self._log_held_wandb_rows(cfg, run_dir, path, meta)
             raise RunComplete(f"the run is complete: {path} is at step {done} and trainer.max_steps is {steps}; "
                               f"nothing to train (a larger trainer.max_steps trains on)")
+        if reached := time_limit_reached(cfg.trainer.get("max_time"), meta):
+            self._log_held_wandb_rows(cfg, run_dir, path, meta)
+            raise RunComplete(f"the run is complete: {path} has trained for {reached[0]} and trainer.max_time is "
+                              f"{reached[1]}; nothing to train (a larger trainer.max_time trains on)")
         epochs, position = cfg.trainer.get("max_epochs"), meta.get(ShardDataModule.__qualname__) or {}
         if isinstance(epochs, int) and epochs > 0 and position.get("consumed") == 0 and \
                 int(position.get("epoch", 0)) >= epochs:  # (a re-run opened an empty W&B start, trained nothing)
