@@ -53,7 +53,8 @@ def test_a_run_stopped_by_max_time_is_complete_under_it_and_trains_on_under_a_la
                  "--trainer.max_time", "00:00:00:01")
     assert again.returncode == 0, again.stderr[-3000:]
     said = [line for line in again.stderr.splitlines() if line.startswith("fit: ")]
-    assert said and said[-1].startswith(f"fit: the run is complete: {last} has trained for 0:00:0"), again.stderr[-3000:]
+    assert said and said[-1].startswith(f"fit: the run is complete: {last} has trained for 0:00:"), \
+        again.stderr[-3000:]
     assert said[-1].endswith("and trainer.max_time is 00:00:00:01; nothing to train (a larger trainer.max_time "
                              "trains on)"), said[-1]
     assert "resuming" not in again.stderr, again.stderr[-3000:]
