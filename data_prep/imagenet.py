@@ -163,6 +163,7 @@ class ImageNetSource:
         self.data = data if data.is_dir() else src
         self.devkit_path = devkit if devkit is not None else (src / DEVKIT if (src / DEVKIT).exists() else None)
         self.csv_path = val_csv if val_csv is not None else (src / VAL_CSV if (src / VAL_CSV).exists() else None)
+        self._csv_given = val_csv is not None  # a --val-csv names the val labels, over any devkit
         for p, opt in ((devkit, "--devkit"), (val_csv, "--val-csv")):
             if p is not None and not p.exists():
                 raise PrepError(f"{opt} {p}: does not exist")
@@ -200,9 +201,19 @@ class ImageNetSource:
         raise PrepError(f"{self.src}: no {split} data (expected {archive.name} or {split}/ folder)")
 
     def val_labels(self) -> dict[str, str]:
-        """File stem -> wnid for a flat val set, from the devkit or the Kaggle CSV."""
+        """File stem -> wnid for a flat val set: from ``--val-csv`` where given (a devkit found in SRC, or given
+        too, only names the classes then: it was read over the user's CSV without a word), else from the devkit,
+        else from the Kaggle CSV in SRC. Where both are at hand, a line says which one labels val."""
+        if self._csv_given:
+            if self.devkit_path is not None:
+                print(f"data_prep: val: labels from --val-csv {self.csv_path}; the devkit {self.devkit_path} "
+                      f"names the classes", file=sys.stderr)
+            return load_val_csv(self.csv_path)
         dk = self.devkit()
         if dk is not None:
+            if self.csv_path is not None:
+                print(f"data_prep: val: labels from the devkit {self.devkit_path}, not {self.csv_path} "
+                      f"(--val-csv {self.csv_path} would label val from it)", file=sys.stderr)
             return dk.val_labels
         if self.csv_path is not None:
             return load_val_csv(self.csv_path)

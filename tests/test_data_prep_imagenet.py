@@ -58,6 +58,35 @@ def test_archives_with_kaggle_csv_only(archives, tmp_path):
     check_labels(out, "val", exp["val"], exp["wnids"])
 
 
+def test_a_val_csv_given_labels_val_over_the_devkit_in_src(archives, tmp_path, capsys):
+    """``--val-csv`` with the devkit in SRC: the devkit's labels were used and the CSV ignored, without a word
+    (a user's own corrected label file had no effect)."""
+    root, exp = archives
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("ILSVRC2012_img_val.tar", "ILSVRC2012_devkit_t12.tar.gz"):
+        shutil.copy(root / name, src / name)
+    wnids = exp["wnids"]
+    moved = {name: (data, wnids[(wnids.index(w) + 1) % len(wnids)]) for name, (data, w) in exp["val"].items()}
+    csv = tmp_path / "labels" / "my_val.csv"
+    csv.parent.mkdir()
+    csv.write_text("ImageId,PredictionString\n" + "".join(f"{Path(k).stem},{w} 1 2 3 4\n"
+                                                           for k, (_, w) in sorted(moved.items())))
+    out = tmp_path / "out"
+    assert main(["imagenet", str(src), str(out), "--splits", "val", "--val-csv", str(csv), "--no-progress"]) == 0
+    assert f"data_prep: val: labels from --val-csv {csv}; the devkit {src / 'ILSVRC2012_devkit_t12.tar.gz'} " \
+           "names the classes" in capsys.readouterr().err
+    m = load_manifest(out)
+    assert m["classes"] == wnids and m["class_names"] == [WORDS[w] for w in wnids]
+    check_labels(out, "val", moved, wnids)
+    # both in SRC: the devkit labels val, and the line says how the CSV would
+    shutil.copy(csv, src / "LOC_val_solution.csv")
+    assert main(["imagenet", str(src), str(tmp_path / "out2"), "--splits", "val", "--no-progress"]) == 0
+    assert f"labels from the devkit {src / 'ILSVRC2012_devkit_t12.tar.gz'}, not {src / 'LOC_val_solution.csv'} " \
+           f"(--val-csv {src / 'LOC_val_solution.csv'} would label val from it)" in capsys.readouterr().err
+    check_labels(tmp_path / "out2", "val", exp["val"], wnids)
+
+
 def test_extracted_layout_flat_and_class_folder_val(tmp_path):
     root = tmp_path / "extracted"
     exp = build_imagenet(root, extracted=True)
