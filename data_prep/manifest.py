@@ -234,7 +234,10 @@ def _finalize(out: Path, splits: list[str] | None) -> dict:
         _remove_stale_work(out, split, {s["name"] for s in entry["shards"]} | {s["index"] for s in entry["shards"]})
         listed_here.append(split)
     kept = [r for r in old_rejects if r.get("split") not in listed_here]  # one left out: its rerun rewrites them
-    write_text_atomic(rej_path, "".join(json.dumps(r, ensure_ascii=True) + "\n" for r in kept + new_rejects))
+    # by split (each in its plan's order): the same bytes whichever command lists which split (a single run wrote
+    # train, minival, val; its finalize, or an array's, minival first)
+    rows = sorted(kept + new_rejects, key=lambda r: str(r.get("split")))
+    write_text_atomic(rej_path, "".join(json.dumps(r, ensure_ascii=True) + "\n" for r in rows))
     manifest["splits"] = dict(sorted(manifest["splits"].items()))
     # top level: what every split shares (it was the split written last: a passthrough test split made a
     # --max-side train split look passthrough); each split's own are under splits.NAME

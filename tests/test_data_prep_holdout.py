@@ -1,6 +1,7 @@
 """--holdout: a seeded, stratified hold-out split carved out of a split's scanned inputs (45k/5k CIFAR-10)."""
 import json
 import random
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -138,22 +139,37 @@ def test_a_fraction_holds_out_that_share(tree, tmp_path):
     assert {c: sum(Path(p).parent.name == c for p in held_paths(out)) for c in CLASSES} == EXPECTED
 
 
-def test_array_tasks_then_finalize_equal_a_single_run(tree, tmp_path, capsys):
+@pytest.mark.parametrize("held", ["val", "minival"])  # after train and before it: rejects.jsonl is in split order
+def test_array_tasks_then_finalize_equal_a_single_run(tree, tmp_path, capsys, held):
+    common = [*COMMON[:2], "--holdout-split", held, *COMMON[4:]]
+    src = tmp_path / "src"
+    shutil.copytree(tree, src)
+    for i in range(4):  # so that the held-out split has a reject too (the seed puts some of these there)
+        (src / "a" / f"a_broken{i}.jpg").write_bytes(b"not an image either")
     single = tmp_path / "single"
-    assert run(tree, single, *COMMON) == 0
+    assert run(src, single, *common) == 0
     arr = tmp_path / "array"
     for i in (2, 0, 1):
-        assert run(tree, arr, *COMMON, "--task-index", str(i), "--num-tasks", "3") == 0
+        assert run(src, arr, *common, "--task-index", str(i), "--num-tasks", "3") == 0
         err = capsys.readouterr().err
-        assert f"after all tasks finish, run `python -m data_prep finalize {arr} --splits train,val`" in err, err
-        assert f"val task {i}/3: this task's" in err
+        listed = ",".join(sorted(["train", held], key=lambda s: s != "train"))
+        assert f"after all tasks finish, run `python -m data_prep finalize {arr} --splits {listed}`" in err, err
+        assert f"{held} task {i}/3: this task's" in err
     assert not (arr / "manifest.json").exists()
     # launch submit prep's finalize job names only --split: the hold-out comes along
     assert main(["finalize", str(arr), "--splits", "train"]) == 0
     said = capsys.readouterr().out
-    assert said.startswith("train: ") and "\nval: " in said, said
+    assert f"\n{held}: " in said or said.startswith(f"{held}: "), said
+    rejected = {r["split"] for r in map(json.loads, (single / "rejects.jsonl").read_text().splitlines())}
+    assert rejected == {"train", held}, rejected  # both splits have rejects: their order shows
     assert outputs(arr) == outputs(single)
-    assert sorted(load_manifest(arr)["splits"]) == ["train", "val"]
+    assert sorted(load_manifest(arr)["splits"]) == sorted(["train", held])
+    # a third split added by another command, then a plain finalize of the whole OUT: the same bytes
+    assert main(["imagefolder", str(src), str(single), "--split", "test", *COMMON[4:]]) == 0
+    again = tmp_path / "again"
+    shutil.copytree(single, again)
+    assert main(["finalize", str(again)]) == 0
+    assert outputs(again) == outputs(single)
 
 
 def test_a_rerun_with_the_same_options_keeps_its_shards(tree, tmp_path, capsys):
