@@ -301,6 +301,9 @@ def check_trainer(t: Namespace) -> None:
                           f"{'fp16' if precision.endswith('float16') else 'bf16'} and speeds up its Linear layers "
                           f"only (a ResNet is convolutions): SGD's updates would round away as under bf16-true; "
                           f"use bf16-mixed")
+    if t.get("use_distributed_sampler"):  # (ShardDataModule.check_trainer_sampler says why, to a Trainer of one's own)
+        raise ConfigError("trainer.use_distributed_sampler must be false: the data module splits every epoch across "
+                          "the ranks itself, and Lightning's DistributedSampler would split each rank's share again")
     vci = number("val_check_interval")
     require(vci is None or (vci > 0 and (isinstance(vci, int) or vci <= 1)), "trainer.val_check_interval",
             "a fraction of an epoch in (0, 1] or a number of batches >= 1", t.get("val_check_interval"))

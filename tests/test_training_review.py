@@ -358,6 +358,9 @@ def test_test_scores_the_test_split_as_validation_does_and_predict_is_no_command
                  "and this machine has none: --trainer.accelerator cpu)",  # the ImageNet configs' setting
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
     ("model.arch_kwargs.plain", "no", "option plain of model 'cifar_resnet8' is true or false, not 'no'"),
+    # Lightning's DistributedSampler over ours: each rank would read half its share under 2-rank DDP
+    ("trainer.use_distributed_sampler", "true", "error: trainer.use_distributed_sampler must be false: the data "
+     "module splits every epoch across the ranks itself"),
 ])
 def test_bad_trainer_and_augment_settings_fail_in_one_line(digits_shards, tmp_path, setting, value, needle):
     """Each was a traceback (accumulate -2 as "Invalid learning rate", val_check_interval 0 as a
