@@ -942,6 +942,10 @@ def test_the_cifar10_sweep_submits_the_papers_networks(tmp_path: Path) -> None:
     bad = subprocess.run(["bash", str(script), "--depths", "26", "--", "--time", "1:00:00", "--dry-run"], cwd=REPO,
                          env=env, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--depths: 26 is not one of the paper's depths" in bad.stderr, bad.stderr
+    # an option with no value before `--`: it was "unknown option --time", the `--` taken as the depths
+    bad = subprocess.run(["bash", str(script), "--depths", "--", "--time", "1:00:00", "--dry-run"], cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr == "cifar10_sweep: --depths needs a value\n", bad.stderr
 
 
 def test_the_cifar10_sweep_skips_a_run_with_two_jobs_still_active(tmp_path: Path) -> None:

@@ -32,7 +32,9 @@ trainer_args=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --depths|--seeds|--root|--runs)
-      [ $# -ge 2 ] || { echo "cifar10_sweep: $1 needs a value" >&2; exit 2; } ;;
+      # (a value that is the next option, `--depths -- ...`, was taken as the value and the rest called unknown)
+      { [ $# -ge 2 ] && [ "$2" != "--" ] && [ "$2" != "--plain" ] && [ "${2#--}" = "$2" ]; } ||
+        { echo "cifar10_sweep: $1 needs a value" >&2; exit 2; } ;;
   esac
   case "$1" in
     --depths) depths="$2"; shift 2 ;;
