@@ -269,3 +269,26 @@ def test_what_deepspeed_would_get_wrong_is_refused_before_it_starts(digits_shard
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
         f"error: ckpt_path: {last} has no `latest` file (the tag of the save DeepSpeed loads): not a whole DeepSpeed "
         f"checkpoint; score its weights alone with --ckpt_path null --model.init_weights {last}"), r.stderr[-3000:]
+
+
+def test_a_two_rank_zero_run_validates_what_its_checkpoint_holds(digits_shards, tmp_path):
+    """DeepSpeed broadcasts the module's buffers once, at start (DDP at every forward): each rank's BatchNorm
+    running statistics followed its own batches, and rank 1 scored its half of the validation split with
+    statistics no checkpoint holds. The val/loss the training logged (and best-k files are named after) then
+    differed from what ``validate`` of the same checkpoint gives. Every rank validates with rank 0's now."""
+    import csv
+
+    run = tmp_path / "run"
+    proc = run_module(*_fit_args(digits_shards, run, 3, "--trainer.devices", "2", "--model.arch", "cifar_resnet8",
+                                 "--trainer.val_check_interval", "3", "--checkpoint.every_n_train_steps", "0"),
+                      env={"MASTER_PORT": str(free_port())})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(run / "csv" / "metrics.csv") as f:
+        logged = [float(r["val/loss"]) for r in csv.DictReader(f) if r.get("val/loss")]
+    assert len(logged) == 1, logged
+    scored = run_module("pipeline", "validate", "--config", str(run / "config.yaml"), "--trainer.devices", "1",
+                        "--ckpt_path", str(run / "checkpoints" / "last.ckpt"))
+    with open(next((run / "validate" / "csv").rglob("metrics.csv"))) as f:
+        again = [float(r["val/loss"]) for r in csv.DictReader(f) if r.get("val/loss")]
+    assert len(again) == 1, scored.stderr[-3000:]
+    assert again[0] == pytest.approx(logged[0], rel=1e-5, abs=0), (logged, again)
