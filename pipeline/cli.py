@@ -949,12 +949,15 @@ class PipelineCLI(LightningCLI):
 
     def _use_console_progress(self, trainer) -> None:
         """Lightning's default bar in place of ours (pipeline/progress.py: tqdm on a terminal, plain lines in
-        a log file), refreshed every ``trainer.log_every_n_steps`` steps. A bar the user configures stays."""
+        a log file), refreshed every ``trainer.log_every_n_steps`` steps. A bar the user configures stays.
+        Ours runs last: after the preemption callback has stopped the run at a step (``trainer.should_stop``),
+        which gets a line as it gets the loggers' row (the job's log ended at the grid's step before)."""
         if any(isinstance(c, ProgressBar) for c in self._user_callbacks()):
             return
         for i, c in enumerate(trainer.callbacks):
             if isinstance(c, ProgressBar):
-                trainer.callbacks[i] = console_progress(max(1, int(trainer.log_every_n_steps or 1)))
+                del trainer.callbacks[i]
+                trainer.callbacks.append(console_progress(max(1, int(trainer.log_every_n_steps or 1))))
                 break
 
 

@@ -47,8 +47,9 @@ class _EpochBatches:
 
 def _on_loggers_grid(trainer: pl.Trainer, every: int) -> bool:
     """This batch ended an optimizer step at which the loggers write a row (every ``every`` global
-    steps, a grid that runs on across epochs): a refresh there reads the metrics when they do."""
-    return trainer.global_step % every == 0 and not trainer.fit_loop._should_accumulate()
+    steps, a grid that runs on across epochs, and the step a run stops at: a preemption, which the
+    progress callback, run last, sees): a refresh there reads the metrics when they do."""
+    return (trainer.global_step % every == 0 or trainer.should_stop) and not trainer.fit_loop._should_accumulate()
 
 
 class StepProgressBar(_EpochBatches, TQDMProgressBar):
