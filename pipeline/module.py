@@ -15,7 +15,7 @@ from pipeline.errors import ConfigError, require
 from pipeline.models import build
 from pipeline.wording import plural
 from pipeline.models.registry import computation, describe, typed_options
-from pipeline.optim import lr_factor, make_sgd, param_groups, schedule_against_run
+from pipeline.optim import epoch_to_step, lr_factor, make_sgd, param_groups, schedule_against_run
 
 MAX_LR = 1e4  # SGD's useful rates are below 10; 1e300 overflowed float32 in the first step (a traceback)
 
@@ -48,12 +48,13 @@ class ImageClassifier(pl.LightningModule):
         momentum, nesterov, weight_decay: SGD; no weight decay on BN parameters and biases unless
             ``decay_norm_and_bias`` (the paper's CIFAR-10 recipe decays every parameter).
         label_smoothing: of the cross entropy.
-        warmup_epochs: warm-up length, linear from 0 to the peak lr, or with ``warmup_factor`` constant at
-            that fraction of it (the paper's ResNet-110: 0.1, about 1 epoch);
+        warmup_epochs: warm-up length, linear up to the peak lr (step k of W at (k+1)/W of it), or with
+            ``warmup_factor`` constant at that fraction of it (the paper's ResNet-110: 0.1, about 1 epoch);
         warmup_steps: or its length in optimizer steps (the paper's ResNet-110: about 400 iterations,
             independent of the epoch length); at most one of the two.
         schedule: "cosine", "step" or "constant", per step;
-        milestones: epochs at which "step" multiplies the lr by ``gamma`` (fractions allowed).
+        milestones: epochs at which "step" multiplies the lr by ``gamma`` (fractions allowed: the nearest
+            step, a half up).
         milestone_steps: or the optimizer steps at which it does (the paper's CIFAR-10 recipe: 32000, 48000
             iterations); at most one of the two.
         channels_last: NHWC memory format for model and inputs (the fast layout for cuDNN on GPUs).
@@ -409,8 +410,8 @@ class ImageClassifier(pl.LightningModule):
                              hp.get("decay_norm_and_bias", False))
         spe = self.steps_per_epoch()
         total = self.planned_steps()  # None (no step or epoch limit): step and constant need none, cosine is refused
-        warmup = int(hp.get("warmup_steps") or 0) or int(round(hp.warmup_epochs * spe))
-        milestones = [int(round(m * spe)) for m in (hp.milestones or [])] + list(hp.get("milestone_steps") or [])
+        warmup = int(hp.get("warmup_steps") or 0) or epoch_to_step(hp.warmup_epochs, spe)
+        milestones = [epoch_to_step(m, spe) for m in (hp.milestones or [])] + list(hp.get("milestone_steps") or [])
         if getattr(self.trainer, "is_global_zero", True):
             for line in schedule_against_run(total, warmup, milestones, hp.schedule, hp.warmup_epochs, spe,
                                              hp.get("warmup_factor")):

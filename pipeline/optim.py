@@ -23,6 +23,13 @@ def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: boo
             {"params": norm_and_bias, "weight_decay": weight_decay if decay_norm_and_bias else 0.0}]
 
 
+def epoch_to_step(epochs: float, steps_per_epoch: int) -> int:
+    """The optimizer step at ``epochs`` (a milestone, a warm-up's length; fractions allowed): the nearest, a
+    half up. Python's ``round`` rounds halves to even: milestones 0.5 and 1.5 of 15-step epochs fell at steps 8
+    and 22, one after its half-step and one before."""
+    return int(math.floor(epochs * steps_per_epoch + 0.5))
+
+
 def lr_factor(
     step: int, total_steps: int | None, warmup_steps: int, schedule: str, milestones: list[int], gamma: float,
     warmup_factor: float | None = None,

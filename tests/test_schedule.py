@@ -88,6 +88,20 @@ def test_a_run_logs_the_constant_warmup_then_the_peak(digits_shards: Path, tmp_p
     assert lrs[spe] == pytest.approx(0.05), lrs
 
 
+def test_fractional_milestones_fall_at_the_nearest_step_halves_up(digits_shards: Path, tmp_path: Path) -> None:
+    """Epochs of 22 steps: milestones 0.25 and 0.75 are steps 5.5 and 16.5, so 6 and 17. Python's round (halves
+    to even) put the second at 16, before its half-step, and the first after it."""
+    run_dir = tmp_path / "run"
+    run_module("pipeline", "fit", "--config", str(REPO / "conf" / "demo.yaml"), "--data.root", str(digits_shards),
+               "--trainer.default_root_dir", str(run_dir), "--trainer.max_steps", "18", "--data.num_workers", "0",
+               "--trainer.log_every_n_steps", "1", "--tracking.wandb", "false", "--model.schedule", "step",
+               "--model.warmup_epochs", "0", "--model.milestones", "[0.25, 0.75]", "--trainer.limit_val_batches", "0",
+               timeout=300)
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        lrs = {int(r["step"]): float(r["lr-SGD/pg1"]) for r in csv.DictReader(f) if r.get("lr-SGD/pg1")}
+    assert [round(lrs[s], 7) for s in (5, 6, 16, 17)] == [0.05, 0.005, 0.005, 0.0005], lrs
+
+
 def test_a_warmup_in_steps_is_the_papers_resnet110_start(digits_shards: Path, tmp_path: Path) -> None:
     """model.warmup_steps: the paper's 400 iterations at lr 0.01 for ResNet-110, whatever an epoch's length
     (here 5 steps of 22 at 0.1 x the peak, then the peak); refused together with warmup_epochs."""
