@@ -231,3 +231,16 @@ def test_the_demos_help_names_the_command_and_where_other_arguments_go():
         out = run_module(module, "--help").stdout
         assert out.startswith(f"usage: python -m {module} "), out
     assert "goes to `python -m pipeline fit`" in run_module("pipeline.demo", "--help").stdout
+
+
+def test_the_augment_help_describes_the_recipes_and_every_setting():
+    """README's ``--data.augment.help AugmentConfig`` printed the class description cut after its first line
+    (jsonargparse shows a docstring's first paragraph), mid-sentence, and no option said what it does."""
+    out = run_cli_in_process("fit", "--data.augment.help", "AugmentConfig").stdout
+    text = " ".join(out.split())
+    assert "What the loaders do to images, the same on every backend:" in text, out
+    assert '"cifar" (the paper\'s 4-pixel pad + random crop + flip; eval on the image as is)' in text, out
+    for option in ("recipe", "train_size", "val_resize", "val_size", "scale", "ratio", "pad", "pad_fill", "flip",
+                   "mean", "std"):
+        help_text = re.search(rf"--data\.augment\.{option} \S+ (.*?) \(type: ", text)
+        assert help_text and help_text.group(1).strip(), f"--data.augment.{option} has no help: {out}"

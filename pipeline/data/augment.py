@@ -22,8 +22,25 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass
 class AugmentConfig:
-    """What the loaders do to images. ``recipe``: "imagenet" (random resized crop + flip; eval resize +
-    centre crop) or "cifar" (the paper's 4-pixel zero pad + random crop + flip; eval on the image as is)."""
+    """What the loaders do to images, the same on every backend.
+
+    Args:
+        recipe: "imagenet" (random resized crop + flip; eval resize + centre crop) or "cifar" (the paper's
+            4-pixel pad + random crop + flip; eval on the image as is).
+        train_size: side of the training crop (pixels).
+        val_resize: imagenet recipe: eval resizes the shorter side to this, then crops ``val_size``.
+        val_size: side of the eval image (pixels): the imagenet recipe's centre crop; the cifar recipe resizes
+            an image of another size to it.
+        scale: imagenet recipe: the random crop's area, as a fraction of the image's (min, max).
+        ratio: imagenet recipe: the random crop's aspect ratio (min, max).
+        pad: cifar recipe: pixels padded on each side before the random crop.
+        pad_fill: cifar recipe: the border's colour, "black" (0, as torchvision's RandomCrop(padding) before
+            Normalize) or "mean" (the colour ``mean``, 0 once normalised: the paper's zero pad of
+            mean-subtracted inputs).
+        flip: random horizontal flip in training.
+        mean: per-channel mean subtracted, on the 0-1 scale (RGB).
+        std: per-channel standard deviation divided by, on the 0-1 scale (RGB).
+    """
 
     recipe: Literal["imagenet", "cifar"] = "imagenet"  # a Literal: the CLI names a typo at parse time
     train_size: int = 224
@@ -32,8 +49,6 @@ class AugmentConfig:
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     pad: int = 4
-    # the cifar recipe's border: "black" (0, as torchvision's RandomCrop(padding) before Normalize) or "mean"
-    # (the colour ``mean``, 0 after normalisation: the paper's zero pad of mean-subtracted inputs)
     pad_fill: Literal["black", "mean"] = "black"
     flip: bool = True
     mean: tuple[float, float, float] = field(default=IMAGENET_MEAN)
