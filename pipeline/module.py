@@ -14,7 +14,7 @@ from pipeline.data.contract import steps_in_epoch
 from pipeline.errors import ConfigError, require
 from pipeline.models import build
 from pipeline.wording import plural
-from pipeline.models.registry import computation, describe, typed_options
+from pipeline.models.registry import computation, describe, option_names, typed_options
 from pipeline.optim import epoch_to_step, lr_factor, make_sgd, param_groups, schedule_against_run
 
 MAX_LR = 1e4  # SGD's useful rates are below 10; 1e300 overflowed float32 in the first step (a traceback)
@@ -115,6 +115,9 @@ class ImageClassifier(pl.LightningModule):
                 "null or [] when model.milestones is set (epochs or steps, not both)", milestone_steps)
         if "num_classes" in (arch_kwargs or {}):
             raise ConfigError(f"model.arch_kwargs.num_classes: {NUM_CLASSES_HINT}")
+        unknown = sorted(set(arch_kwargs or {}) - set(names := option_names(arch)))
+        if names and unknown:  # (build's own list of what it accepts has num_classes, refused just above)
+            raise ConfigError(f"model.arch_kwargs: model {arch!r} does not take {unknown}; its options are {names}")
         try:
             self.model = build(arch, num_classes=num_classes, **(arch_kwargs or {}))
         except (ValueError, TypeError) as e:

@@ -401,6 +401,10 @@ def test_unknown_shortcut_and_bad_kwargs_raise() -> None:
         build("plain_resnet18", plain=False)
     with pytest.raises(ModelConfigError, match="num_classes"):
         build("resnet18", num_classes=0)
+    for name in ("resnet18", "cifar_resnet20"):  # a str or a float: a TypeError deep in torch, before
+        for bad in ("10", 2.5, True):
+            with pytest.raises(ModelConfigError, match=f"num_classes must be an integer >= 1, got {bad!r}"):
+                build(name, num_classes=bad)
 
 
 def test_model_errors_are_project_config_errors() -> None:

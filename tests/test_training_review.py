@@ -322,6 +322,9 @@ def test_test_scores_the_test_split_as_validation_does_and_predict_is_no_command
     ("trainer.max_time", "5min", "error: trainer: "),
     ("trainer.max_epochs", "0", "trainer.max_epochs must be >= 1 or -1"),  # were exit 0 with nothing trained
     ("trainer.limit_train_batches", "0", "trainer.limit_train_batches must be > 0"),
+    # an option of the ImageNet nets on a CIFAR net: its options named, without num_classes (refused as one)
+    ("model.arch_kwargs.stride_in_1x1", "true", "error: model.arch_kwargs: model 'cifar_resnet8' does not take "
+     "['stride_in_1x1']; its options are ['plain', 'shortcut', 'zero_init_residual']"),
     ("model.arch_kwargs", '{"num_classes": 5}', "model.arch_kwargs.num_classes: not a setting: the number of "
      "classes comes from the shards' manifest"),
     ("data.augment.mean", "[123.675,116.28,103.53]", "data.augment.mean must be 3 numbers in [0, 1]"),

@@ -48,8 +48,8 @@ class CifarResNet(nn.Module):
         super().__init__()
         if n < 1:
             raise ModelConfigError(f"blocks per stage n must be >= 1, got {n}")
-        if num_classes < 1:
-            raise ModelConfigError(f"num_classes must be >= 1, got {num_classes}")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ModelConfigError(f"num_classes must be an integer >= 1, got {num_classes!r}")
         self.shortcut = check_shortcut(shortcut)
         self.plain = plain
         self.depth = 6 * n + 2

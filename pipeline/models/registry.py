@@ -79,6 +79,15 @@ def _base_name(name: str) -> str:
     return name[len(PLAIN_PREFIX):] if isinstance(name, str) and name.startswith(PLAIN_PREFIX) else name
 
 
+def option_names(name: str) -> list[str]:
+    """The options of model ``name`` a config sets (``model.arch_kwargs``): its keywords but ``num_classes``,
+    which the data gives. Empty for an unknown name (``build`` names it)."""
+    base = _base_name(name) if isinstance(name, str) else None
+    if base not in _BASE:
+        return []
+    return sorted(k for k in inspect.signature(_BASE[base]).parameters if k != "num_classes")
+
+
 def typed_options(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     """``kwargs`` with the words ``true``/``false`` of an on/off option made booleans: a dotted command-line
     key (``--model.arch_kwargs.plain false``) reaches the free-form dict as the string, which Python takes

@@ -269,8 +269,8 @@ class ResNet(nn.Module):
         zero_init_residual: bool = False,
     ) -> None:
         super().__init__()
-        if num_classes < 1:
-            raise ModelConfigError(f"num_classes must be >= 1, got {num_classes}")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ModelConfigError(f"num_classes must be an integer >= 1, got {num_classes!r}")
         self.shortcut = check_shortcut(shortcut)
         self.plain = plain
         self.stride_in_1x1 = stride_in_1x1
