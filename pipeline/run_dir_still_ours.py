@@ -32,6 +32,11 @@ class RunDirStillOurs(Callback):
         self.lock = lock
         self._said_lock_replaced = False
 
+    def on_fit_start(self, trainer, pl_module) -> None:
+        """Past the start's checks (the checkpoint restored): this job is the run's last holder from now on,
+        whatever ends it (``RunDirLock.release`` puts a refused start's predecessor back)."""
+        self.lock.fit_started()
+
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         self._stop_if_moved(trainer)
         other = self.lock.taken_by()

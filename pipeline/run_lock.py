@@ -96,6 +96,8 @@ class RunDirLock:
         self._flocked = False  # holds the flock (not after a takeover from a stuck holder, until retaken)
         self._ids: tuple[tuple[int, int], tuple[int, int]] | None = None  # (lock file, run dir) (st_dev, st_ino)
         self._abs_dir = Path(os.path.abspath(self.run_dir))  # set again at acquire
+        self._previous: dict = {}  # the record this start wrote over: the job that held the run before
+        self._fit_started = False  # set as the fit starts (RunDirStillOurs.on_fit_start)
 
     def acquire(self) -> None:
         key = job_key()
@@ -145,6 +147,7 @@ class RunDirLock:
                   "host": socket.gethostname(), "pid": os.getpid(),
                   "since": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
         data = (json.dumps(record) + "\n").encode()
+        self._previous = _read(self.path)
         try:
             os.ftruncate(fd, 0)
             os.pwrite(fd, data, 0)
@@ -206,11 +209,16 @@ class RunDirLock:
             pass
         return Whereabouts("gone", None)
 
+    def fit_started(self) -> None:
+        """The start passed its checks and its fit began: it stays the run's last holder once it ends."""
+        self._fit_started = True
+
     def release(self) -> None:
         if self._fd is not None:
             _LOCK_FDS.discard(self._fd)
             if self._made_dir:
                 self._remove_unused_dir()
+            self._restore_previous_holder()
             os.close(self._fd)  # the kernel drops the flock; the file stays
             self._fd = None
             self._flocked = False
@@ -219,6 +227,23 @@ class RunDirLock:
         if self._set_env:
             os.environ.pop(KEY_ENV, None)
             self._set_env = False
+
+    def _restore_previous_holder(self) -> None:
+        """A start refused before its fit began (another network, a world size a ZeRO checkpoint cannot take)
+        puts back the record it wrote over: ``launch status`` named the refused process as the run's last
+        training job, timestamped after the training had ended. Still under the flock; a file another job has
+        written since (no working locks) is left alone."""
+        if self._fit_started or not self._previous or self._key is None or self._fd is None:
+            return
+        try:
+            if _read(self.path).get("job") != self._key:
+                return
+            data = (json.dumps(self._previous) + "\n").encode()
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, data, 0)
+            os.fsync(self._fd)
+        except OSError:  # the run directory went, or the disk is full: the refused start's record stays
+            pass
 
     def _remove_unused_dir(self) -> None:
         """A run directory this job created and left holding nothing but what a start writes before the

@@ -337,3 +337,25 @@ def test_a_refused_fit_leaves_no_new_run_directory_behind(digits_shards, tmp_pat
     (used.run_dir / "config.yaml").write_text("x: 1\n")
     used.release()
     assert sorted(p.name for p in used.run_dir.iterdir()) == [LOCK_NAME, "config.yaml"]
+
+
+def test_a_refused_start_leaves_the_run_s_last_training_job_named(digits_shards, tmp_path, clean_env):
+    """A start refused after it took the lock (here: another network than the checkpoint's) left its own record
+    in ``RUN/.lock``: ``launch status`` named the refused process as the run's last training job, timestamped
+    after the training had ended. The record it wrote over is put back; a start whose fit began stays."""
+    from pipeline.run_lock import holder
+    from tests.conftest import run_module
+
+    run = tmp_path / "run"
+    args = ["pipeline", "fit", "--config", str(REPO / "conf" / "demo.yaml"), "--data.root", str(digits_shards),
+            "--trainer.default_root_dir", str(run), "--tracking.wandb", "false", "--data.num_workers", "0",
+            "--trainer.limit_val_batches", "1"]
+    run_module(*args, "--model.arch", "cifar_resnet8", "--trainer.max_steps", "2")
+    _, first = holder(run)
+    assert first.get("pid"), first
+    refused = run_module(*args, "--model.arch", "cifar_resnet20", "--trainer.max_steps", "4", check=False)
+    assert refused.returncode == 2 and "model.arch" in refused.stderr, refused.stderr[-3000:]
+    held, after = holder(run)
+    assert held is False and after == first, (first, after)
+    run_module(*args, "--model.arch", "cifar_resnet8", "--trainer.max_steps", "3")
+    assert holder(run)[1]["pid"] not in (first["pid"], refused.pid if hasattr(refused, "pid") else None)
