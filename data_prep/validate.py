@@ -42,8 +42,19 @@ class JpegHeader:
     complete: bool  # an EOI marker follows the entropy-coded data
 
 
+# Orientation value types read from the 4-byte inline field: type -> (struct code, size). PIL honours any
+# numeric type (SHORT is the standard one, LONG is common in the wild); BYTE/ASCII/UNDEFINED come back as
+# bytes or text, which ImageOps.exif_transpose ignores.
+_ORIENT_INLINE = {3: ("H", 2), 4: ("I", 4), 6: ("B", 1), 8: ("H", 2), 9: ("I", 4)}
+_ORIENT_IGNORED = {1, 2, 7}
+
+
 def _exif_orientation(seg: bytes) -> int:
-    """Orientation tag (0x0112) from an APP1 Exif payload; 1 when absent or unreadable."""
+    """Orientation tag (0x0112) from an APP1 Exif payload; 1 when absent or unreadable.
+
+    0 when the tag is there but not a plain inline integer (count 0, a value stored elsewhere, a rational or
+    float...): anything but 1 sends the file to the full decode, where PIL's exif_transpose decides.
+    """
     if not seg.startswith(b"Exif\x00\x00") or len(seg) < 14:
         return 1
     tiff = seg[6:]
@@ -59,9 +70,15 @@ def _exif_orientation(seg: bytes) -> int:
         (n,) = struct.unpack(e + "H", tiff[ifd : ifd + 2])
         for i in range(n):
             ent = tiff[ifd + 2 + 12 * i : ifd + 14 + 12 * i]
-            tag, typ, _cnt = struct.unpack(e + "HHI", ent[:8])
-            if tag == 0x0112 and typ == 3:
-                return struct.unpack(e + "H", ent[8:10])[0]
+            tag, typ, cnt = struct.unpack(e + "HHI", ent[:8])
+            if tag != 0x0112:
+                continue
+            if typ in _ORIENT_IGNORED:
+                return 1
+            fmt = _ORIENT_INLINE.get(typ)
+            if fmt is None or cnt < 1 or cnt * fmt[1] > 4:
+                return 0
+            return struct.unpack(e + fmt[0], ent[8 : 8 + fmt[1]])[0]  # inline values are left-justified
     except struct.error:
         return 1
     return 1
@@ -128,14 +145,22 @@ def _gray_top(arr: np.ndarray, mode: str) -> float:
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any PIL mode to 8-bit RGB (16-bit and float scaled, alpha composited on white)."""
+    """Convert any PIL mode to 8-bit RGB (16-bit and float scaled, alpha composited on white).
+
+    A transparency key (PNG tRNS: palette alphas, or one gray/RGB colour in ``info["transparency"]``) counts
+    as alpha too: those pixels become white, not their hidden colour.
+    """
     mode = img.mode
+    key = img.info.get("transparency")
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         arr = np.asarray(img).astype(np.float64)
         arr8 = (arr * (255.0 / _gray_top(arr, mode))).round().clip(0, 255).astype(np.uint8)
+        if isinstance(key, int) and mode != "F":
+            # PIL's own I;16 -> RGBA clips to 255 and misses the key: compare the 16-bit values here
+            arr8[arr == key] = 255
         return Image.fromarray(arr8, "L").convert("RGB")
-    if mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
+    if key is not None and mode in ("P", "1", "L", "RGB"):
+        img = img.convert("RGBA")  # PIL turns the key into alpha (a 16-bit RGB key is matched on the high bytes)
         mode = "RGBA"
     if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = img.convert("RGBA")
@@ -144,6 +169,16 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     if mode != "RGB":
         return img.convert("RGB")
     return img
+
+
+def _scale_low_bit_gray_key(img: Image.Image) -> None:
+    """A 2- or 4-bit gray PNG's tRNS key is in the file's bit depth, but PIL stretches the pixels to 0..255
+    (and leaves the key alone, so nothing matches it): scale the key the same way. Call before ``load()``."""
+    key = img.info.get("transparency")
+    if img.format == "PNG" and img.mode == "L" and isinstance(key, int) and len(img.tile) == 1:
+        factor = {"L;2": 0x55, "L;4": 0x11}.get(img.tile[0][3])
+        if factor:
+            img.info["transparency"] = key * factor
 
 
 def _decode_and_encode(data: bytes, opts: EncodeOptions) -> bytes:
@@ -155,6 +190,7 @@ def _decode_and_encode(data: bytes, opts: EncodeOptions) -> bytes:
             # DCT-domain downscale by 1/2, 1/4 or 1/8 while staying at least the target size
             s = opts.max_side / max(img.size)
             img.draft("RGB", (math.ceil(img.size[0] * s), math.ceil(img.size[1] * s)))
+        _scale_low_bit_gray_key(img)
         img.load()
     img = ImageOps.exif_transpose(img)
     img = _to_rgb(img)
