@@ -16,6 +16,7 @@ from typing import Callable
 from data_prep.cli import default_workers
 from launch import rundir, slurm, status, torchrun
 from launch.branch import check_branch
+from launch.closed_pipe import tolerate_a_closed_stdout
 from launch.errors import LaunchError
 from launch.scripts import PrepJob, SlurmOptions, TrainJob
 from launch.trainer_check import check_trainer_args, check_trainer_settings
@@ -413,6 +414,7 @@ def main(argv: list[str] | None = None) -> int:
         i = args.index("--")
         args, extra = args[:i], args[i + 1:]
     a = build_parser().parse_args(args)
+    tolerate_a_closed_stdout()  # `launch submit ... | head -1`: the submission goes on, exit 0
     try:
         if a.cmd == "submit" and a.what == "train":
             return _submit_train(a, extra)
@@ -423,10 +425,7 @@ def main(argv: list[str] | None = None) -> int:
         if extra:
             raise LaunchError(f"{a.cmd}: arguments after `--` are only accepted by submit and torchrun")
         if a.cmd == "status":
-            try:
-                print(status.report(a.run_dir) if a.run_dir else status.queue_report(), flush=True)
-            except BrokenPipeError:  # `launch status RUN | head`: the reader has what it wanted
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+            print(status.report(a.run_dir) if a.run_dir else status.queue_report(), flush=True)
             return 0
     except LaunchError as e:
         print(f"launch: error: {e}", file=sys.stderr)

@@ -54,6 +54,24 @@ def srun_argv(script: str) -> list[str]:
     return argv[:-2] if argv[-2:] == ["||", "status=$?"] else argv
 
 
+def test_submit_into_a_reader_that_stopped_reading_goes_on(tmp_path: Path, cfg: Path) -> None:
+    """`launch submit ... | head -1`: the first line met a closed pipe, and submit stopped there with `launch:
+    error: file system: Broken pipe`, exit 2 (after sbatch had queued the jobs, or before, by where the pipe
+    closed). The rest of the output is dropped, the command goes on to its end, exit 0."""
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before anything is written
+    try:
+        proc = subprocess.run([sys.executable, "-m", "launch", "submit", "train", "--no-config-check", "--config",
+                               str(cfg), "--nodes", "1", "--time", "1:00:00", "--run-dir", str(tmp_path / "r"),
+                               "--dry-run"], stdout=write, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                              env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)
+    finally:
+        os.close(write)
+    assert proc.returncode == 0, proc.stderr
+    assert "Broken pipe" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert f"sbatch --parsable {tmp_path / 'r'}/train.sbatch" in proc.stderr, proc.stderr  # said after the script
+
+
 def test_dry_run_4x8_gpu_job_has_what_srun_needs(tmp_path: Path, cfg: Path) -> None:
     run_dir = tmp_path / "runs" / "r50"
     r = launch("submit", "train", "--config", str(cfg), "--nodes", "4", "--gpus-per-node", "8",
