@@ -421,8 +421,11 @@ class PipelineCLI(LightningCLI):
     def __init__(self, *args, **kwargs) -> None:
         self._run_lock: RunDirLock | None = None
         self._run_dir: Path | None = None  # known once parsed (validate/test hold no lock on it)
+        self._eval_dirs_made: list[Path] = []  # folders validate/test made for their loggers (RUN, RUN/<stage>)
+        ran = False
         try:
             super().__init__(*args, **kwargs)  # parses, builds and runs the subcommand
+            ran = True
         except OSError as e:
             if e.errno == errno.ENOSPC and semaphore_error(e):  # the loader's queues, in a full /dev/shm
                 raise SharedMemoryError(f"out of shared memory: {e}; {shm_advice(backend=self._backend())}") from e
@@ -432,6 +435,17 @@ class PipelineCLI(LightningCLI):
         finally:
             if self._run_lock is not None:
                 self._run_lock.release()
+            if not ran:
+                self._remove_empty_eval_dirs()
+
+    def _remove_empty_eval_dirs(self) -> None:
+        """A refused ``validate``/``test`` (weights of another network, a ZeRO directory without DeepSpeed) left
+        the empty ``RUN/validate/`` its loggers made, and a new run directory around it; ``fit`` leaves none."""
+        for folder in reversed(self._eval_dirs_made):  # RUN/<stage> first, then RUN where this start made it
+            try:
+                folder.rmdir()  # only an empty one
+            except OSError:
+                return
 
     @property
     def _cfg(self):
@@ -791,6 +805,7 @@ class PipelineCLI(LightningCLI):
             callbacks.append(ProvenanceRecord())
         if self.subcommand not in (None, "fit") and cfg.trainer.get("logger") in (None, True):
             ckpt = cfg.get("ckpt_path")
+            self._eval_dirs_made = [d for d in (Path(run_dir), Path(run_dir) / self.subcommand) if not d.exists()]
             kwargs.setdefault("logger", make_eval_loggers(cfg.tracking, run_dir, self.subcommand,
                                                           str(ckpt) if ckpt else None) or False)
         elif self.trainer_class is not None and cfg.trainer.get("logger") in (None, True):

@@ -74,6 +74,16 @@ def test_weights_of_another_network_are_a_one_line_error(digits_shards, tmp_path
     assert "Traceback" not in proc.stderr
     missing = _fit_refused(digits_shards, tmp_path / "run2", "--model.init_weights", str(tmp_path / "no.pt"))
     assert missing.returncode == 2 and f"model.init_weights: checkpoint {tmp_path / 'no.pt'} does not exist" in missing.stderr
+    # validate refused the same way left the empty RUN/validate/ its loggers made (and a new RUN around it)
+    kept = tmp_path / "kept"
+    (kept / "notes").mkdir(parents=True)  # a run directory of a user's own: stays, with what it held
+    for run in (tmp_path / "new-run", kept):
+        scored = run_cli_in_process("validate", "--config", CONF, *SMALL_NET, "--data.root", str(digits_shards),
+                                    "--trainer.default_root_dir", str(run), "--tracking.wandb", "false",
+                                    "--model.init_weights", str(tmp_path / "r18.pt"))
+        assert scored.returncode == 2 and "does not fit model.arch 'cifar_resnet8'" in scored.stderr, scored.stderr
+        assert not (run / "validate").exists()
+    assert not (tmp_path / "new-run").exists() and sorted(p.name for p in kept.iterdir()) == ["notes"]
 
 
 def test_torchvision_weights_load_into_the_same_network(tmp_path):
