@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import struct
 import warnings
 from dataclasses import dataclass
@@ -49,14 +50,15 @@ _ORIENT_INLINE = {3: ("H", 2), 4: ("I", 4), 6: ("B", 1), 8: ("H", 2), 9: ("I", 4
 _ORIENT_IGNORED = {1, 2, 7}
 
 
-def _exif_orientation(seg: bytes) -> int:
-    """Orientation tag (0x0112) from an APP1 Exif payload; 1 when absent or unreadable.
+def _exif_orientation(seg: bytes) -> int | None:
+    """Orientation tag (0x0112) from an APP1 Exif payload; None when absent or unreadable (PIL then reads the
+    XMP packet's ``tiff:Orientation``), 1 for a tag PIL ignores.
 
     0 when the tag is there but not a plain inline integer (count 0, a value stored elsewhere, a rational or
     float...): anything but 1 sends the file to the full decode, where PIL's exif_transpose decides.
     """
     if not seg.startswith(b"Exif\x00\x00") or len(seg) < 14:
-        return 1
+        return None
     tiff = seg[6:]
     order = tiff[:2]
     if order == b"II":
@@ -64,7 +66,7 @@ def _exif_orientation(seg: bytes) -> int:
     elif order == b"MM":
         e = ">"
     else:
-        return 1
+        return None
     try:
         (ifd,) = struct.unpack(e + "I", tiff[4:8])
         (n,) = struct.unpack(e + "H", tiff[ifd : ifd + 2])
@@ -80,8 +82,20 @@ def _exif_orientation(seg: bytes) -> int:
                 return 0
             return struct.unpack(e + fmt[0], ent[8 : 8 + fmt[1]])[0]  # inline values are left-justified
     except struct.error:
-        return 1
-    return 1
+        return None
+    return None
+
+
+XMP_ID = b"http://ns.adobe.com/xap/1.0/\x00"
+_XMP_ORIENTATION = re.compile(rb'tiff:Orientation(="|>)([0-9])')  # PIL's own pattern (Image.getexif)
+
+
+def _xmp_orientation(seg: bytes) -> int | None:
+    """``tiff:Orientation`` of an APP1 XMP packet, which PIL's exif_transpose applies where EXIF has no
+    Orientation tag: a JPEG rotated by its XMP alone was kept sideways in passthrough (and turned upright
+    with ``--max-side``)."""
+    match = _XMP_ORIENTATION.search(seg)
+    return int(match[2]) if match else None
 
 
 def parse_jpeg_header(data: bytes) -> JpegHeader | str:
@@ -93,7 +107,9 @@ def parse_jpeg_header(data: bytes) -> JpegHeader | str:
     """
     n = len(data)
     sof = None
-    orientation = 1
+    exif: int | None = None  # the first Exif segment's Orientation (PIL reads the first)
+    xmp: int | None = None
+    exif_seen = False
     try:
         for pos, marker, length in marker_segments(data):
             if length < 2:
@@ -106,13 +122,16 @@ def parse_jpeg_header(data: bytes) -> JpegHeader | str:
                     return "corrupt JPEG: short frame header"
                 precision, height, width, comps = struct.unpack(">BHHB", seg[:6])
                 sof = (marker, precision, width, height, comps)
-            elif marker == 0xE1 and orientation == 1:
-                orientation = _exif_orientation(seg)
+            elif marker == 0xE1 and seg.startswith(b"Exif\x00\x00") and not exif_seen:
+                exif_seen, exif = True, _exif_orientation(seg)
+            elif marker == 0xE1 and seg.startswith(XMP_ID) and xmp is None:
+                xmp = _xmp_orientation(seg[len(XMP_ID):])
             elif marker == SOS:
                 if sof is None:
                     return "corrupt JPEG: scan before frame header"
                 tail_start = max(pos, n - 4096)
                 complete = data.rfind(EOI_BYTES, tail_start) >= 0
+                orientation = exif if exif is not None else xmp if xmp is not None else 1
                 return JpegHeader(sof[0], sof[1], sof[2], sof[3], sof[4], orientation, complete)
             elif marker == EOI:
                 return "corrupt JPEG: end-of-image before any scan"

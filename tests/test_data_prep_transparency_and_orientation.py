@@ -203,3 +203,32 @@ def test_passthrough_rotates_exactly_when_pil_does():
                     out, reason = process_image(data, EncodeOptions())
                 assert reason is None
                 assert Image.open(io.BytesIO(out)).size == pil_size, (order, typ, count)
+
+
+def xmp_jpeg(img: Image.Image, xmp: bytes, exif_order: bytes | None = None, exif_value: int = 1) -> bytes:
+    """`img` as a JPEG with an APP1 XMP packet (and, with `exif_order`, an Exif Orientation before it)."""
+    data = jpeg_bytes(img, quality=90)
+    app1 = b"http://ns.adobe.com/xap/1.0/\x00" + xmp
+    segments = b"\xff\xe1" + struct.pack(">H", len(app1) + 2) + app1
+    if exif_order is not None:
+        exif = exif_jpeg(img, exif_order, SHORT, value=exif_value)
+        length = struct.unpack(">H", exif[4:6])[0]
+        segments = exif[2:4 + length] + segments
+    return data[:2] + segments + data[2:]
+
+
+def test_an_xmp_orientation_rotates_where_exif_has_none_as_pil_does():
+    """PIL applies XMP's ``tiff:Orientation`` where EXIF has no Orientation tag: such a JPEG was kept sideways in
+    passthrough and turned upright with ``--max-side``. An EXIF tag, 1 included, wins over XMP (as in PIL)."""
+    img = photos(1, (64, 48), 7)[0]
+    attr = b'<x:xmpmeta><rdf:Description tiff:Orientation="6"/></x:xmpmeta>'
+    elem = b"<x:xmpmeta><rdf:Description><tiff:Orientation>8</tiff:Orientation></rdf:Description></x:xmpmeta>"
+    cases = [xmp_jpeg(img, attr), xmp_jpeg(img, elem), xmp_jpeg(img, attr, b"II", 1), xmp_jpeg(img, attr, b"MM", 3),
+             xmp_jpeg(img, b"<x:xmpmeta/>")]
+    for data in cases:
+        pil_size = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).size
+        out, reason = process_image(data, EncodeOptions())
+        assert reason is None
+        assert Image.open(io.BytesIO(out)).size == pil_size
+    assert [parse_jpeg_header(d).orientation for d in cases] == [6, 8, 1, 3, 1]
+    assert [Image.open(io.BytesIO(process_image(d, EncodeOptions())[0])).size for d in cases[:2]] == [(48, 64)] * 2
