@@ -14,10 +14,11 @@ class Progress:
     """Poll shared counters from a background thread and print a status line."""
 
     def __init__(self, total: int, images: Synchronized[int], nbytes: Synchronized[int], label: str,
-                 enabled: bool = True) -> None:
+                 enabled: bool = True, kept: Synchronized[int] | None = None) -> None:
         self.total = total
         self.images = images
         self.nbytes = nbytes
+        self.kept = kept  # images of shards an earlier run finished: done, but not in the rate
         self.label = label
         self.enabled = enabled
         self.t0 = time.monotonic()
@@ -40,11 +41,14 @@ class Progress:
         """The current status text."""
         dt = max(time.monotonic() - self.t0, 1e-6)
         n = self.images.value
+        kept = self.kept.value if self.kept is not None else 0
         mb = self.nbytes.value / 1e6
-        rate = n / dt
+        pct = 100.0 * n / self.total if self.total else 100.0
+        if kept and n == kept:  # nothing built yet (or at all: a rerun that keeps every shard)
+            return f"{self.label}: {n}/{self.total} ({pct:5.1f}%) kept from an earlier run"
+        rate = (n - kept) / dt
         eta = (self.total - n) / rate if rate > 0 else float("inf")
         eta_s = "--:--" if eta == float("inf") else time.strftime("%H:%M:%S", time.gmtime(eta))
-        pct = 100.0 * n / self.total if self.total else 100.0
         return (f"{self.label}: {n}/{self.total} ({pct:5.1f}%) {rate:8.1f} img/s "
                 f"{mb / dt:7.1f} MB/s ETA {eta_s}")
 

@@ -484,3 +484,22 @@ def test_a_rerun_of_shards_built_before_mtimes_were_planned_says_why_they_are_re
     assert {k: v for k, v in outputs(out).items() if k in before} == before  # the same bytes
     assert main(argv) == 0
     assert "built by a data_prep of before" not in capsys.readouterr().err  # once
+
+
+def test_the_progress_line_of_a_rerun_counts_kept_shards_as_done_not_as_speed(tmp_path, capsys):
+    """A rerun that kept every shard printed `50000/50000 (100.0%) 251449.0 img/s 0.0 MB/s`: the kept shards'
+    images counted into the rate. They are done (the count and percentage), not built (no rate)."""
+    src = tmp_path / "src"
+    write_imagefolder(src, ["a", "b"], per_class=6)
+    args = ["imagefolder", str(src), str(tmp_path / "out"), "--split", "train", "--samples-per-shard", "4",
+            "--workers", "1"]
+    assert main(args) == 0
+    first = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train: 12/12")]
+    assert first and " img/s " in first[-1], first
+    assert main(args) == 0
+    again = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train: 12/12")]
+    assert again == ["train: 12/12 (100.0%) kept from an earlier run"], again
+    (tmp_path / "out" / "train-000001.tar").unlink()  # one shard to build again: a rate of the built ones alone
+    assert main(args) == 0
+    mixed = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train: 12/12")]
+    assert mixed and " img/s " in mixed[-1], mixed
