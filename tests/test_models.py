@@ -405,6 +405,7 @@ def test_unknown_shortcut_and_bad_kwargs_raise() -> None:
         for bad in ("10", 2.5, True):
             with pytest.raises(ModelConfigError, match=f"num_classes must be an integer >= 1, got {bad!r}"):
                 build(name, num_classes=bad)
+        assert build(name, num_classes=np.int64(7)).fc.out_features == 7  # a class count taken from numpy
 
 
 def test_model_errors_are_project_config_errors() -> None:

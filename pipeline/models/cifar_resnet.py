@@ -10,6 +10,8 @@ family's smallest member, for smoke runs and the tests of training mechanics (a 
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import Tensor, nn
 
@@ -48,8 +50,9 @@ class CifarResNet(nn.Module):
         super().__init__()
         if n < 1:
             raise ModelConfigError(f"blocks per stage n must be >= 1, got {n}")
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
             raise ModelConfigError(f"num_classes must be an integer >= 1, got {num_classes!r}")
+        num_classes = int(num_classes)  # (a numpy integer too)
         self.shortcut = check_shortcut(shortcut)
         self.plain = plain
         self.depth = 6 * n + 2

@@ -22,6 +22,8 @@ The basic/bottleneck blocks and the shortcut factory are shared with the CIFAR f
 
 from __future__ import annotations
 
+import numbers
+
 from typing import Sequence, Type, Union
 
 import torch
@@ -269,8 +271,9 @@ class ResNet(nn.Module):
         zero_init_residual: bool = False,
     ) -> None:
         super().__init__()
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
             raise ModelConfigError(f"num_classes must be an integer >= 1, got {num_classes!r}")
+        num_classes = int(num_classes)  # (a numpy integer too)
         self.shortcut = check_shortcut(shortcut)
         self.plain = plain
         self.stride_in_1x1 = stride_in_1x1
