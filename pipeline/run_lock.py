@@ -15,6 +15,9 @@ lock of a node that died can stay held until that node reboots. The file is neve
 would not be locked by the holder of the old one), except with the run directory that ``acquire`` created
 when nothing else was written into it (a run refused at start), and the holding process never opens it
 again: on NFS ``flock`` is a POSIX lock, which closing any descriptor of the file in that process drops.
+At its end the holder adds the time it let go (``"released"``) to its record: the job's processes still exit
+after that (W&B finishing) while Slurm says the job runs, and ``launch status`` tells that from a lock that
+does not reach this node.
 
 Where ``flock`` does not reach across nodes (NFS mounted with ``local_lock``, Lustre's ``localflock``)
 or does not work at all (a warning), a second job on another node takes the "lock" too and writes its
@@ -218,7 +221,8 @@ class RunDirLock:
             _LOCK_FDS.discard(self._fd)
             if self._made_dir:
                 self._remove_unused_dir()
-            self._restore_previous_holder()
+            if not self._restore_previous_holder():
+                self._stamp_released()
             os.close(self._fd)  # the kernel drops the flock; the file stays
             self._fd = None
             self._flocked = False
@@ -228,21 +232,41 @@ class RunDirLock:
             os.environ.pop(KEY_ENV, None)
             self._set_env = False
 
-    def _restore_previous_holder(self) -> None:
+    def _restore_previous_holder(self) -> bool:
         """A start refused before its fit began (another network, a world size a ZeRO checkpoint cannot take)
         puts back the record it wrote over: ``launch status`` named the refused process as the run's last
         training job, timestamped after the training had ended. Still under the flock; a file another job has
-        written since (no working locks) is left alone."""
-        if self._fit_started or not self._previous or self._key is None or self._fd is None:
-            return
+        written since (no working locks) is left alone. Whether it put the record back (which keeps its own
+        job's ``released``).
+
+        Not where other ranks of this job started on their own (srun's tasks, torchrun's workers: they wait in
+        ``_wait_for`` until the file names their job): one that had not yet read it would wait out its 30
+        minutes while rank 0 ended with "the run is complete" (exit 0, so srun kills none). The ranks Lightning
+        starts itself come after the start's checks, so a single-task start restores."""
+        if self._fit_started or not self._previous or self._key is None or self._fd is None or _other_ranks_wait():
+            return False
         try:
             if _read(self.path).get("job") != self._key:
-                return
-            data = (json.dumps(self._previous) + "\n").encode()
-            os.ftruncate(self._fd, 0)
-            os.pwrite(self._fd, data, 0)
-            os.fsync(self._fd)
+                return False
+            _rewrite(self._fd, self._previous)
         except OSError:  # the run directory went, or the disk is full: the refused start's record stays
+            return False
+        return True
+
+    def _stamp_released(self) -> None:
+        """``"released": TIME`` added to the record this job wrote, still under the flock: the lock is free from
+        now on while the job's processes still exit (W&B finishing, the step ending) and Slurm still says RUNNING,
+        and ``launch status`` then says the job is ending, not that locks may not reach across nodes. A file
+        another job has written since (no working locks) is left alone."""
+        if self._key is None or self._fd is None:
+            return
+        try:
+            record = _read(self.path)
+            if record.get("job") != self._key:
+                return
+            record["released"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+            _rewrite(self._fd, record)
+        except OSError:  # the run directory went, or the disk is full: the record stays as it was
             pass
 
     def _remove_unused_dir(self) -> None:
@@ -286,6 +310,18 @@ class Whereabouts(NamedTuple):
 
     kind: str
     now: Path | None
+
+
+def _other_ranks_wait() -> bool:
+    """Whether this job has ranks started beside this process (srun tasks, torchrun workers), which wait for the
+    lock file to name their job (``_wait_for``)."""
+    for key in ("WORLD_SIZE", "SLURM_NTASKS"):
+        try:
+            if int(os.environ.get(key, "1")) > 1:
+                return True
+        except ValueError:
+            return True
+    return False
 
 
 def _identity(st: os.stat_result) -> tuple[int, int]:
@@ -354,6 +390,14 @@ def holder(run_dir: str | Path) -> tuple[bool | None, dict]:
         return (True if e.errno in (errno.EWOULDBLOCK, errno.EACCES) else None), record
     finally:
         os.close(fd)  # also drops the shared lock just taken
+
+
+def _rewrite(fd: int, record: dict) -> None:
+    """The lock file's whole content replaced by ``record`` (the holder's own descriptor, under its flock)."""
+    data = (json.dumps(record) + "\n").encode()
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, data, 0)
+    os.fsync(fd)
 
 
 def _read(path: Path) -> dict:

@@ -359,3 +359,23 @@ def test_a_refused_start_leaves_the_run_s_last_training_job_named(digits_shards,
     assert held is False and after == first, (first, after)
     run_module(*args, "--model.arch", "cifar_resnet8", "--trainer.max_steps", "3")
     assert holder(run)[1]["pid"] not in (first["pid"], refused.pid if hasattr(refused, "pid") else None)
+
+
+def test_a_complete_run_restarted_by_two_ranks_of_their_own_ends_both(digits_shards, tmp_path, clean_env):
+    """srun's tasks (or torchrun's workers) each start the command: rank 1 waits until ``RUN/.lock`` names its job.
+    Rank 0 finds the run complete and ends (exit 0); a refused start's putting back the earlier record must not
+    take its job's name away from a rank that has not read the file yet (it waited 30 minutes, then failed)."""
+    from pipeline.run_lock import holder
+    from tests.conftest import free_port, run_module
+
+    run = tmp_path / "run"
+    args = ["pipeline", "fit", "--config", str(REPO / "conf" / "demo.yaml"), "--data.root", str(digits_shards),
+            "--trainer.default_root_dir", str(run), "--tracking.wandb", "false", "--data.num_workers", "0",
+            "--model.arch", "cifar_resnet8", "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1"]
+    run_module(*args)
+    job = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    first = run_module(*args, env={**job, "RANK": "0", "LOCAL_RANK": "0"}, check=False)
+    assert first.returncode == 0 and "the run is complete" in first.stderr, first.stderr[-3000:]
+    assert holder(run)[1]["job"] == f"rendezvous 127.0.0.1:{job['MASTER_PORT']}", holder(run)  # its job, kept
+    late = run_module(*args, env={**job, "RANK": "1", "LOCAL_RANK": "1"}, check=False, timeout=120)
+    assert late.returncode == 0 and "in use by another training job" not in late.stderr, late.stderr[-3000:]
