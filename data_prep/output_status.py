@@ -70,11 +70,21 @@ def describe(out: Path, stopped_tasks: list[str] = ()) -> list[str]:
     finalize job never runs (Slurm cancels it, its dependency never met)."""
     out = Path(out)
     splits = split_progress(out)
+    # tasks that ended without success: said where nothing of them is to be seen ("no array task has started"
+    # was said of tasks that had FAILED, e.g. their SRC moved away); without them (Slurm not asked, tasks not
+    # ended) nothing is claimed of the tasks
+    failed = (f" (array task{'s' if len(stopped_tasks) > 1 else ''} {', '.join(stopped_tasks)}: see "
+              f"{'their logs' if len(stopped_tasks) > 1 else 'its log'})") if stopped_tasks else ""
+    stopped = (f"not yet, and no finalize job will write it: array task{'s' if len(stopped_tasks) > 1 else ''} "
+               f"{', '.join(stopped_tasks)} (the task's prep-*-JOB_TASK.out says why); fix that and submit the "
+               f"same prep again (the shards built are kept): its finalize writes it")
     if not out.is_dir():
+        if failed:
+            return [f"shards       {out}: does not exist{failed}", f"manifest     {stopped}"]
         return [f"shards       {out}: does not exist yet (the first array task makes it)"]
     built = "; ".join(f"{p.split} {p.done:,} of {p.planned:,} done" if p.planned is not None
                       else f"{p.split}: {p.broken}" if p.broken is not None
-                      else f"{p.split} {p.done:,} done" for p in splits) or "none planned yet (no array task has started)"
+                      else f"{p.split} {p.done:,} done" for p in splits) or f"none planned{failed or ' yet'}"
     lines = [f"shards       {out}: {built}"]
     manifest = out / MANIFEST_NAME
     doc, broken = _manifest(out)
@@ -84,9 +94,7 @@ def describe(out: Path, stopped_tasks: list[str] = ()) -> list[str]:
             why = (f"not yet, though every shard is built: the finalize job writes it (where it failed or was "
                    f"cancelled, `python -m data_prep finalize {shlex.quote(str(out))}` writes it or says why)")
         elif not broken and stopped_tasks:
-            why = (f"not yet, and no finalize job will write it: array task{'s' if len(stopped_tasks) > 1 else ''} "
-                   f"{', '.join(stopped_tasks)} (the task's prep-*-JOB_TASK.out says why); fix that and submit the "
-                   f"same prep again (the shards built are kept): its finalize writes it")
+            why = stopped
         return lines + [f"manifest     {why}"]
     when = _dt.datetime.fromtimestamp(manifest.stat().st_mtime, _dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
     held = ", ".join(f"{p.split} {plural(p.samples, 'sample', grouped=True)} ({p.rejected or 0} rejected)"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import re
+import shlex
 from pathlib import Path
 
 from launch import slurm
@@ -141,16 +142,50 @@ def _restarts_from_the_controller(rows: list[slurm.JobRow]) -> None:
 
 def _pending_reasons_from_squeue(rows: list[slurm.JobRow]) -> None:
     """A pending job's reason from squeue where sacct has none yet: slurmdbd gets it from the controller
-    later than squeue (tens of seconds on a loaded controller), and the row said ``-`` meanwhile."""
+    later than squeue (tens of seconds on a loaded controller), and the row said ``-`` meanwhile. An array's
+    tasks that have not started are one row in sacct (``45_[2-4%3]``), which squeue does not know by that id
+    (``squeue -r -j '45_[2-4%3]'`` lists task 45_0, or nothing): it is asked for the array job (45), and the
+    row gets the reasons of its pending tasks."""
     waiting = [r for r in rows if r.state == "PENDING" and not r.reason]
     if not waiting:
         return
+    asked = list(dict.fromkeys(a[0] if (a := _array_tasks(r.job_id)) else r.job_id for r in waiting))
     try:
-        live = {r.job_id: r.reason for r in slurm.squeue([r.job_id for r in waiting])}
+        live = slurm.squeue(asked)
     except LaunchError:  # sacct answered: its rows stand as they are
         return
+    by_id = {r.job_id: r.reason for r in live}
     for r in waiting:
-        r.reason = live.get(r.job_id, "")
+        array = _array_tasks(r.job_id)
+        if array is None:
+            r.reason = by_id.get(r.job_id, "")
+            continue
+        base, tasks = array
+        reasons = [t.reason for t in live if t.state == "PENDING" and t.reason and (task := _task_of(t.job_id, base))
+                   is not None and (tasks is None or task in tasks)]
+        r.reason = ",".join(dict.fromkeys(reasons))
+
+
+def _array_tasks(row_id: str) -> tuple[str, set[int] | None] | None:
+    """An array's row of tasks not started yet (``45_[0-1]``, ``45_[2,5-7%3]``: ``%3``, at most 3 at once):
+    the array job and its task indices (None: a list not understood here, any task). None for any other row."""
+    m = re.fullmatch(r"(\d+)_\[([^\]]*)\]", row_id)
+    if m is None:
+        return None
+    tasks: set[int] = set()
+    for part in m.group(2).split("%")[0].split(","):
+        bounds = re.fullmatch(r"(\d+)(?:-(\d+)(?::(\d+))?)?", part.strip())
+        if bounds is None:
+            return m.group(1), None
+        first, last, step = int(bounds.group(1)), int(bounds.group(2) or bounds.group(1)), int(bounds.group(3) or 1)
+        tasks.update(range(first, last + 1, max(step, 1)))
+    return m.group(1), tasks
+
+
+def _task_of(row_id: str, base: str) -> int | None:
+    """The task index of a row of one task of array job ``base`` (``45_3``: 3), else None."""
+    head, _, task = row_id.partition("_")
+    return int(task) if head == base and task.isdigit() else None
 
 
 def _is_job_or_task(row_id: str, job_id: str) -> bool:
@@ -172,7 +207,8 @@ def _training_line(run_dir: Path, rows: list[slurm.JobRow] | None = None) -> lis
     """Who trains in the run directory now, from the lock ``fit`` holds on RUN/.lock (pipeline/run_lock.py).
     A lock free here while Slurm (``rows``: the run's jobs) runs the job that last took it is a file system
     whose locks stay within a node (Lustre mounted with ``localflock``, NFS with ``local_lock=flock``): its
-    holder on a compute node holds nothing this node sees, and "not now" was said of a job training."""
+    holder on a compute node holds nothing this node sees, and "not now" was said of a job training. Unless the
+    record says its job let go of the lock (``released``: the trainer has ended, the job's processes exit)."""
     held, record = run_lock.holder(run_dir)
     if held is None and not record:
         return []
@@ -189,6 +225,9 @@ def _training_line(run_dir: Path, rows: list[slurm.JobRow] | None = None) -> lis
     if held is False and later:  # a later start of the job whose trainer has not taken the lock yet
         return [f"training     starting: job {job} restart {later[0]} (its trainer takes the lock once it is up; "
                 f"last: {who})"]
+    if held is False and running and record.get("released"):  # its trainer let go; W&B finishing, the step ending
+        return [f"training     ending: slurm job {job} released the run directory at {record['released']} and is "
+                f"exiting (Slurm still says RUNNING; last: {who})"]
     if held is False and running:
         return [f"training     probably now: {who} (Slurm runs job {job}, though its lock on {run_dir / LOCK_NAME} is "
                 f"free as seen from here: locks on this file system may stay within a node, e.g. Lustre's "
@@ -253,9 +292,23 @@ def _stopped_prep_tasks(run_dir: Path, out: Path, rows: list[slurm.JobRow] | Non
         if (j.get("kind") == "prep-array" and isinstance(j.get("out"), str)
                 and Path(j["out"]).resolve() == out.resolve()):
             latest[tuple(j.get("splits") or ())] = j["job_id"]
+    return [f"{r.job_id} {r.state}" for r in _tasks_ended_without_success(rows, set(latest.values()))]
+
+
+def _tasks_ended_without_success(rows: list[slurm.JobRow] | None, arrays: set[str]) -> list[slurm.JobRow]:
+    """The rows of tasks of array jobs ``arrays`` that ended in any way but COMPLETED (FAILED, TIMEOUT, ...)."""
     failed = slurm.FINISHED_STATES - {"COMPLETED"}
-    return [f"{r.job_id} {r.state}" for r in rows or [] if r.job_id.split("_")[0] in latest.values()
-            and "_" in r.job_id and r.state.split()[0] in failed]
+    return [r for r in rows or [] if "_" in r.job_id and r.job_id.split("_")[0] in arrays
+            and r.state and r.state.split()[0] in failed]
+
+
+def _latest_prep_array(run: Path, last_job: str) -> str | None:
+    """The array job of a prep run directory's latest submission, where ``last_job`` (the run's last job) is
+    that submission's (its finalize job, or the array itself): None for any other run directory."""
+    jobs = recorded_jobs(run)
+    if not jobs or jobs[-1]["job_id"] != last_job or not str(jobs[-1].get("kind", "")).startswith("prep"):
+        return None
+    return next((j["job_id"] for j in reversed(jobs) if j.get("kind") == "prep-array"), None)
 
 
 def is_run_dir(path: Path) -> bool:
@@ -264,14 +317,41 @@ def is_run_dir(path: Path) -> bool:
                                       (checkpoint_dir(".").name, CONFIG_FILE, RUN_ID_FILE, LOCK_NAME))
 
 
+def _run_dir_of_checkpoints(path: Path) -> Path | None:
+    """The run directory of ``RUN/checkpoints`` (one that holds a checkpoint, or whose parent holds a run) or of a
+    checkpoint in it (``RUN/checkpoints/last.ckpt``: a file, or a directory under DeepSpeed); else None."""
+    folder = checkpoint_dir(".").name
+    if path.suffix == ".ckpt" and path.parent.name == folder:
+        return path.parent.parent
+    if path.name == folder and (any(path.glob("*.ckpt")) or job_ids(path.parent) or any(
+            (path.parent / name).exists() for name in (CONFIG_FILE, RUN_ID_FILE, LOCK_NAME))):
+        return path.parent
+    return None
+
+
+def _status_of(run_dir: Path) -> str:
+    """The run directory, and the command that gives its status."""
+    return f"{run_dir}: `python -m launch status {shlex.quote(str(run_dir))}`"
+
+
 def report(run_dir: Path) -> str:
     """The status text for one run directory, or for a folder of them (``runs_report``)."""
+    if not run_dir.exists():
+        raise LaunchError(f"RUN_DIR: {str(run_dir)!r} does not exist")
     if not run_dir.is_dir():
+        run = _run_dir_of_checkpoints(run_dir)
+        if run is not None:
+            raise LaunchError(f"RUN_DIR: {str(run_dir)!r} is a checkpoint, not a directory; its run directory is "
+                              f"{_status_of(run)}")
         raise LaunchError(f"RUN_DIR: {str(run_dir)!r} is not a directory")
     if not is_run_dir(run_dir):
         runs = [c for c in sorted(run_dir.iterdir()) if c.is_dir() and is_run_dir(c)]
         if runs:
             return runs_report(run_dir, runs)
+        if (run := _run_dir_of_checkpoints(run_dir)) is not None:  # it said "jobs none", "checkpoint none yet"
+            what = "a checkpoint" if run_dir.suffix == ".ckpt" else "the checkpoints folder"
+            raise LaunchError(f"RUN_DIR: {str(run_dir)!r} is {what} of a run, not its run directory, which is "
+                              f"{_status_of(run)}")
     lines = [f"run dir      {run_dir.resolve()}"]
     ids = job_ids(run_dir)
     rows: list[slurm.JobRow] | None = None  # None: no jobs, or Slurm could not say
@@ -330,11 +410,14 @@ def runs_report(parent: Path, runs: list[Path]) -> str:
     job and that job's state (one sacct for all), the newest checkpoint's step of the steps planned, the code
     of its newest start (``provenance.short_code``) and the best kept val/top1. ``launch status RUN`` has the whole story of one."""
     last_job = {run: ids[-1] for run in runs if (ids := job_ids(run))}
+    # a prep run's last job is its finalize job, which Slurm cancels when an array task fails: CANCELLED read
+    # like a user's scancel, the failure unsaid. Its array is asked about too.
+    arrays = {run: array for run, job in last_job.items() if (array := _latest_prep_array(run, job))}
     states: dict[str, str] = {}
     rows: list[slurm.JobRow] | None = None  # None: Slurm not asked, or not answering
     note = ""
     if last_job:
-        header, rows, why = _jobs(sorted(set(last_job.values()), key=lambda j: (len(j), j)))
+        header, rows, why = _jobs(sorted({*last_job.values(), *arrays.values()}, key=lambda j: (len(j), j)))
         if rows is None:  # (not the heading's "requeues from the job logs": this table has none)
             note = f"(Slurm unavailable: {why}; the jobs' states are not known)"
         else:
@@ -350,6 +433,10 @@ def runs_report(parent: Path, runs: list[Path]) -> str:
         state = states.get(job, "-") if job else "no job"
         if job and rows is not None and job not in states:
             state = "ended"  # squeue no longer knows it (nor sacct), also when it knows none of them
+        if stopped := _tasks_ended_without_success(rows, {arrays[run]} if run in arrays else set()):
+            # the array's failure, not the finalize job's CANCELLED that follows from it
+            more = len(stopped) - 1
+            job, state = stopped[0].job_id, stopped[0].state + (f" (+{more} task{'s' * (more > 1)})" if more else "")
         ckpt = latest_checkpoint(run, [])
         if ckpt is None or ckpt.global_step is None:
             step = "-"
