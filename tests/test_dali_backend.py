@@ -354,6 +354,38 @@ def test_a_label_outside_the_classes_is_a_corrupt_sample(photo_shards, tmp_path,
     assert masked == [bad_id]
 
 
+@pytest.mark.parametrize("backend", ["dali-cpu", "cpu"])
+def test_a_zeroed_label_block_is_a_corrupt_sample_not_class_0(photo_shards, tmp_path, backend):
+    """A 512-byte block of zeros over a sample's ``lbl`` data (a failing disk sector, a storage that returns
+    zeros) made its label 0, in range: trained and scored as class 0 without a word, also under
+    ``data.on_corrupt: fail``. Its ``cls`` member (the block before) still says the label: the two must agree."""
+    root = tmp_path / "shards"
+    shutil.copytree(photo_shards, root)
+    shards = ShardSet(root, "train")
+    labels = shards.labels()
+    bad_id = next(i for i in range(80, 160) if labels[i] != 0)
+    with open(root / shards.shard_name(bad_id), "r+b") as f:
+        f.seek(int(shards.label_offsets[bad_id]))
+        f.write(b"\0" * 512)
+    shards = ShardSet(root, "train")
+    sampler = TrainSampler(shards.shard_sizes, seed=0, world_size=1, rank=0, batch_size=32)
+
+    def batches(on_corrupt: str) -> list:
+        if backend == "cpu":
+            data = ShardBatches(shards, IMAGENET_SMALL, train=True, seed=7, on_corrupt=on_corrupt)
+            return list(torch.utils.data.DataLoader(data, sampler=sampler, batch_size=None))
+        return list(dali(shards, sampler, IMAGENET_SMALL, train=True, on_corrupt=on_corrupt))
+
+    with pytest.raises(CorruptSampleError, match=rf"sample {bad_id - 80} \(train_\d+\.jpg\) of shard "
+                       rf"'train-000001.tar': its lbl member says label 0, its cls member b'{labels[bad_id]}'"):
+        batches("fail")
+    masked = []
+    for (_, lab, valid), rows in zip(batches("skip"), sampler):
+        assert lab[valid].tolist() == labels[rows[0][valid.numpy()]].tolist()
+        masked += rows[0][~valid.numpy()].tolist()
+    assert masked == [bad_id]
+
+
 @pytest.mark.parametrize("problem, says", [
     ("missing", "listed in the manifest is missing"),
     ("truncated", "is truncated or altered: {size} bytes, manifest says {whole}"),

@@ -34,6 +34,7 @@ class CorruptSampleError(RuntimeError):
 
 
 MAX_OPEN_SHARDS = 64  # per process; the shuffle reads from data.window_shards (4) shards at a time
+TAR_BLOCK = 512  # a tar header, and the unit member data is padded to
 
 
 def open_shards_for_window(window_shards: int) -> int:
@@ -180,14 +181,28 @@ class ShardSet:
     def read_label(self, sample_id: int) -> int:
         """The class index of one sample (from its fixed-width ``lbl`` member). A label outside the
         manifest's classes raises ValueError here, on the host, naming it: on a GPU it would end the run
-        with a device-side assert in the loss, naming nothing."""
+        with a device-side assert in the loss, naming nothing.
+
+        data_prep writes each sample's members in the order jpg, cls, lbl, so the ``cls`` member's data (the
+        label in ASCII digits) is the 512-byte block before the ``lbl`` member's header: one read of 1,028
+        bytes takes both, and a label whose two copies disagree raises ValueError too. A sector of zeros (a
+        failing disk, a storage that returns zeros) made ``lbl`` 0, in range: trained and scored as class 0
+        without a word; only ``data_prep verify`` said so."""
         shard = int(self.shard_of[sample_id])
-        raw = self._pread(shard, 4, int(self.label_offsets[sample_id]))
+        offset = int(self.label_offsets[sample_id])
+        if offset < 2 * TAR_BLOCK:  # (not data_prep's layout: no cls block to compare with)
+            raw, digits = self._pread(shard, 4, offset), None
+        else:
+            window = self._pread(shard, 2 * TAR_BLOCK + 4, offset - 2 * TAR_BLOCK)
+            raw, digits = window[2 * TAR_BLOCK:], window[:TAR_BLOCK].rstrip(b"\0")
         if len(raw) != 4:
             raise OSError(f"short read of the label of sample {sample_id} in {self._paths[shard]!r}")
         label = struct.unpack("<i", raw)[0]
         if not 0 <= label < len(self.classes):
             raise ValueError(f"label {label} is outside the manifest's {len(self.classes)} classes")
+        if digits is not None and digits != str(label).encode("ascii"):
+            raise ValueError(f"its lbl member says label {label}, its cls member {bytes(digits[:16])!r} (the shard "
+                             f"is damaged there)")
         return label
 
     def labels(self) -> np.ndarray:
