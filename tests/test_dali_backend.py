@@ -386,6 +386,33 @@ def test_a_zeroed_label_block_is_a_corrupt_sample_not_class_0(photo_shards, tmp_
     assert masked == [bad_id]
 
 
+@pytest.mark.parametrize("backend", ["dali-cpu", "cpu"])
+def test_an_index_past_the_shards_end_names_the_sample_once(photo_shards, tmp_path, caplog, backend):
+    """An index whose offset points past the shard's end (no columns file: the indexes are read): one message
+    said "sample 1 (...)" and "short read of sample 81" of the same sample, and dali-cpu first that "DALI failed
+    on a batch that the cpu backend decodes" right before the cpu backend failed on it."""
+    root = tmp_path / "shards"
+    shutil.copytree(photo_shards, root)
+    (root / "train.columns.npy").unlink()
+    idx = root / "train-000001.idx"
+    lines = idx.read_text().splitlines()
+    parts = lines[2].split()
+    parts[1] = "999999999"
+    idx.write_text("\n".join(lines[:2] + [" ".join(parts)] + lines[3:]) + "\n")
+    shards = ShardSet(root, "train")
+    sampler = TrainSampler(shards.shard_sizes, seed=0, world_size=1, rank=0, batch_size=32)
+    with pytest.raises(CorruptSampleError) as failed, caplog.at_level(logging.WARNING):
+        if backend == "cpu":
+            data = ShardBatches(shards, IMAGENET_SMALL, train=True, seed=7, on_corrupt="fail")
+            list(torch.utils.data.DataLoader(data, sampler=sampler, batch_size=None))
+        else:
+            list(dali(shards, sampler, IMAGENET_SMALL, train=True, on_corrupt="fail"))
+    message = str(failed.value)
+    assert message.startswith("corrupt sample 1 (") and "of shard 'train-000001.tar': short read: 0 of the image's" \
+        in message and "sample 81" not in message, message
+    assert "the cpu backend decodes" not in caplog.text, caplog.text
+
+
 @pytest.mark.parametrize("problem, says", [
     ("missing", "listed in the manifest is missing"),
     ("truncated", "is truncated or altered: {size} bytes, manifest says {whole}"),

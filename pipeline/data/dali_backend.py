@@ -401,8 +401,11 @@ class DaliLoader:
         bad = int((~valid.numpy() & (rows[0] != PAD)).sum())
         self.corrupt_seen += bad  # ShardBatches logged each one with its shard
         if bad == 0:
-            log.warning("DALI failed on a batch that the cpu backend decodes (%s); used it for that batch",
-                        _first_line(error))
+            # DALI prepares batches ahead: its error may be of a later batch than this one, which the cpu backend
+            # then decodes whole (it said "DALI failed on a batch that the cpu backend decodes", and the next
+            # batch's error named the same sample)
+            log.warning("DALI stopped (%s) at this batch or one it was preparing; the cpu backend decoded this "
+                        "one, a fresh pipeline goes on", _first_line(error))
         if self.cpu:  # uint8, as the pipeline's own batches
             return images.contiguous(memory_format=torch.channels_last), labels, valid
         mean = torch.tensor(self.cfg.mean).view(1, 3, 1, 1) * 255

@@ -175,7 +175,10 @@ class ShardSet:
         shard = int(self.shard_of[sample_id])
         data = self._pread(shard, int(self.sizes[sample_id]), int(self.offsets[sample_id]))
         if len(data) != self.sizes[sample_id]:
-            raise OSError(f"short read of sample {sample_id} in {self._paths[shard]!r}")
+            # (no sample number: the caller names the sample as `verify` counts, in its shard; the split-wide id
+            # here made one message say "sample 1" and "sample 151" of the same one)
+            raise OSError(f"short read: {len(data)} of the image's {int(self.sizes[sample_id])} bytes in "
+                          f"{self._paths[shard]!r} (the shard ends before its index says)")
         return data
 
     def read_label(self, sample_id: int) -> int:
@@ -196,7 +199,7 @@ class ShardSet:
             window = self._pread(shard, 2 * TAR_BLOCK + 4, offset - 2 * TAR_BLOCK)
             raw, digits = window[2 * TAR_BLOCK:], window[:TAR_BLOCK].rstrip(b"\0")
         if len(raw) != 4:
-            raise OSError(f"short read of the label of sample {sample_id} in {self._paths[shard]!r}")
+            raise OSError(f"short read of the label in {self._paths[shard]!r} (the shard ends before its index says)")
         label = struct.unpack("<i", raw)[0]
         if not 0 <= label < len(self.classes):
             raise ValueError(f"label {label} is outside the manifest's {len(self.classes)} classes")
