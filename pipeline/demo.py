@@ -32,6 +32,13 @@ def run(cmd: list[str]) -> None:
         raise StepFailed(f"error: the demo stopped: `python {' '.join(cmd[1:4])} ...` exited {code} (its message is above)")
 
 
+def wandb_command() -> str:
+    """W&B's command as this Python has it: ``.venv/bin/wandb`` after ``make demo`` (a plain ``wandb`` was
+    "command not found" outside the virtual environment)."""
+    beside = Path(sys.executable).parent / "wandb"
+    return str(beside) if beside.is_file() and shutil.which("wandb") != str(beside) else "wandb"
+
+
 def best_val_top1(run_dir: Path) -> float:
     with open(metrics_csv(run_dir)) as f:
         values = [float(r["val/top1"]) for r in csv.DictReader(f) if r.get("val/top1")]
@@ -44,7 +51,8 @@ def main() -> int:
         epilog="Any other argument goes to `python -m pipeline fit` (e.g. --trainer.max_epochs 2; "
                "`python -m pipeline fit --help` lists them).")
     parser.add_argument("--data", default="data/demo", help="where the images and shards go")
-    parser.add_argument("--run-dir", default="runs/demo", help="the training run directory (recreated)")
+    parser.add_argument("--run-dir", default="runs/demo", help="the training run directory (a demo run already "
+                        "there resumes, or is said to be complete; `make clean` starts over)")
     parser.add_argument("--config", default="conf/demo.yaml", help="the training config (default conf/demo.yaml)")
     args, extra = parser.parse_known_args()
     if not Path(args.config).is_file():  # the configs are the repository's (conf/), not the installed package's
@@ -57,7 +65,8 @@ def main() -> int:
     for split in ("train", "val"):
         run([sys.executable, "-m", "data_prep", "imagefolder", str(data / "images" / split), str(data / "shards"),
              "--split", split, "--samples-per-shard", "500"])
-    shutil.rmtree(run_dir, ignore_errors=True)
+    # an earlier demo run there is kept: fit resumes it, or says it is complete (it was deleted, with the offline
+    # W&B run the summary had said to upload later)
     os.environ.setdefault("WANDB_MODE", "offline" if not os.environ.get("WANDB_API_KEY") else "online")
     run([sys.executable, "-m", "pipeline", "fit", "--config", args.config, "--data.root", str(data / "shards"),
          "--trainer.default_root_dir", str(run_dir), *extra])
@@ -68,7 +77,7 @@ def main() -> int:
     print(f"checkpoints: {checkpoint_dir(run_dir)} ({LAST_CHECKPOINT} + best)")
     print(f"metrics:     {metrics_csv(run_dir)}")
     if wandb_runs:
-        print(f"W&B run:     {wandb_runs[-1]}  (upload later: wandb sync {wandb_runs[-1]})")
+        print(f"W&B run:     {wandb_runs[-1]}  (upload later: {wandb_command()} sync {wandb_runs[-1]})")
     print(f"best val top-1: {top1:.4f} (target {TARGET_TOP1})")
     if top1 < TARGET_TOP1:
         print("demo did NOT reach the target accuracy", file=sys.stderr)

@@ -244,3 +244,24 @@ def test_the_augment_help_describes_the_recipes_and_every_setting():
                    "mean", "std"):
         help_text = re.search(rf"--data\.augment\.{option} \S+ (.*?) \(type: ", text)
         assert help_text and help_text.group(1).strip(), f"--data.augment.{option} has no help: {out}"
+
+
+def test_the_demo_again_keeps_its_earlier_run(tmp_path):
+    """A second `make demo` deleted the first run (checkpoints, and the offline W&B run its summary had just said
+    to upload later) and trained it all again. It is kept: fit finds it complete (or resumes it). The summary's
+    upload command is the one this Python has (a plain `wandb` was not found outside the virtual environment)."""
+    args = ["pipeline.demo", "--config", str(REPO / "conf" / "demo.yaml"), "--data", str(tmp_path / "data"),
+            "--run-dir", str(tmp_path / "run"), "--model.arch", "cifar_resnet8", "--trainer.max_steps", "2",
+            "--trainer.limit_val_batches", "1", "--data.num_workers", "0"]
+    first = run_module(*args, check=False, env={"WANDB_MODE": "offline"}, cwd=tmp_path)
+    assert "== demo summary ==" in first.stdout, first.stderr[-3000:]  # (2 steps: short of the target, exit 1)
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    stamp, offline = last.stat().st_mtime_ns, sorted((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    again = run_module(*args, check=False, env={"WANDB_MODE": "offline"}, cwd=tmp_path)
+    assert f"fit: the run is complete: {last} is at step 2" in again.stderr, again.stderr[-3000:]
+    assert last.stat().st_mtime_ns == stamp and offline and offline[0].is_dir()
+    assert "== demo summary ==" in again.stdout, again.stdout[-3000:]
+    from pipeline.demo import wandb_command
+
+    assert f"(upload later: {wandb_command()} sync {offline[-1]})" in first.stdout
+    assert shutil.which(wandb_command()), "the printed command runs from this shell"
