@@ -3,10 +3,12 @@ that resume from ``last.ckpt``."""
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shlex
 import signal
+import socket
 import sys
 import threading
 from pathlib import Path
@@ -84,11 +86,20 @@ def run_here(argv: list[str], env: dict[str, str]) -> int:
     except ImportError:  # no torch in this Python: the torchrun found on PATH
         sys.stdout.flush()
         os.execvpe(argv[0], argv, os.environ)
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    check_rendezvous_port(next(a.split("=", 1)[1] for a in argv if a.startswith("--rdzv-endpoint=")))
     error_file = env[ERROR_FILE_ENV]
     earlier = _identity(error_file)  # a file of an earlier torchrun says nothing of this one
     no_self_join_in_torch_timers()
     try:
         main(argv[1:])
+    except ChildFailedError:  # its failures table is above; torch's traceback through this module was not news
+        restarts = next(a.split("=", 1)[1] for a in argv if a.startswith("--max-restarts="))
+        print(f"launch: torchrun gave up: a rank failed again after {restarts} "
+              f"restart{'' if restarts == '1' else 's'} (--max-restarts {restarts}; torch's table above names it); "
+              f"the same command resumes from last.ckpt", file=sys.stderr)
+        return 1
     except SignalException as e:
         remove_stop_guard(os.getpid())  # this process was the agent a rank stopped
         record = read_error_file(error_file)
@@ -99,6 +110,30 @@ def run_here(argv: list[str], env: dict[str, str]) -> int:
               f"({error_file}); exit status {record['status']}", file=sys.stderr)
         return record["status"]
     return 0
+
+
+def check_rendezvous_port(endpoint: str) -> None:
+    """On the machine the endpoint names, its port must be free: torch's agent that cannot listen there joins
+    whatever does as a client, and waited in silence (another program: 12 minutes, no line) or joined the
+    rendezvous of a ``launch torchrun`` of the same command still running (then a traceback of the store's
+    lost connection when that one ended). Other machines' agents connect to it and do not check."""
+    from torch.distributed.elastic.rendezvous.utils import _matches_machine_hostname
+
+    host, port = endpoint.rsplit(":", 1)
+    host = host.strip("[]")
+    if not _matches_machine_hostname(host):
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as torch's store: TIME_WAIT is no obstacle
+        try:
+            probe.bind(("::" if family == socket.AF_INET6 else "", int(port)))
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE:
+                return
+            raise LaunchError(f"--rdzv-endpoint {endpoint}: port {port} is in use on this machine (another "
+                              f"program, or a launch torchrun already running with this endpoint, whose rendezvous "
+                              f"this one would join); give a free port") from None
 
 
 def no_self_join_in_torch_timers() -> None:

@@ -138,6 +138,38 @@ def test_rank_killed_then_restarted_by_torchrun_is_bit_exact(uninterrupted, digi
     assert not diffs, "; ".join(diffs[:10])
 
 
+def test_a_rank_failing_past_max_restarts_ends_in_one_line(digits_shards: Path, tmp_path: Path) -> None:
+    """Out of ``--max-restarts``: torch's ChildFailedError traceback through the launcher (35 lines), and no line
+    saying it gave up and how to go on."""
+    run_dir = tmp_path / "run"
+    r = _launch(run_dir, digits_shards, "--max-restarts", "0",
+                extra=("--trainer.callbacks+=tests.preemption_helpers.KillFirstAttempt",
+                       "--trainer.callbacks.step=3", "--trainer.callbacks.rank=1"))
+    assert r.returncode == 1, r.stderr[-4000:]
+    assert r.stderr.rstrip().splitlines()[-1] == (
+        "launch: torchrun gave up: a rank failed again after 0 restarts (--max-restarts 0; torch's table above "
+        "names it); the same command resumes from last.ckpt"), r.stderr[-4000:]
+    assert "Traceback" not in r.stderr and "exitcode: -9" in r.stderr, r.stderr[-4000:]
+
+
+def test_a_rendezvous_port_in_use_here_is_refused_at_once(digits_shards: Path, tmp_path: Path) -> None:
+    """Another program (or the same `launch torchrun` still running) listening on the endpoint's port: the agent
+    joined it as a client and waited without a word (12 minutes, then a timeout)."""
+    import socket
+
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen(1)
+        port = other.getsockname()[1]
+        proc = _start(tmp_path / "run", digits_shards, endpoint=f"localhost:{port}")
+        r = _finish(proc, tmp_path / "run", timeout=60)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert r.stderr.rstrip().splitlines()[-1] == (
+        f"launch: error: --rdzv-endpoint localhost:{port}: port {port} is in use on this machine (another program, "
+        f"or a launch torchrun already running with this endpoint, whose rendezvous this one would join); give a "
+        f"free port"), r.stderr[-3000:]
+
+
 @pytest.mark.slow
 def test_ranks_of_a_killed_agent_save_and_stop_then_resume_bit_exact(uninterrupted, digits_shards: Path,
                                                                     tmp_path: Path) -> None:
