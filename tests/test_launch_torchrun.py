@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -136,6 +137,18 @@ def test_rank_killed_then_restarted_by_torchrun_is_bit_exact(uninterrupted, digi
     assert "connectFullMesh failed" not in out
     diffs = compare(ref / "checkpoints" / "last.ckpt", run_dir / "checkpoints" / "last.ckpt")
     assert not diffs, "; ".join(diffs[:10])
+
+
+def test_the_same_command_again_on_a_complete_run_ends_every_rank(uninterrupted, digits_shards: Path,
+                                                                    tmp_path: Path) -> None:
+    """Rank 0 finds the run complete and ends (exit 0); rank 1 waits until ``RUN/.lock`` names its job. A refused
+    start's putting back the earlier record took that name away: rank 1 waited 30 minutes."""
+    ref, r0 = uninterrupted
+    assert r0.returncode == 0, r0.stderr[-3000:]
+    run_dir = tmp_path / "run"
+    shutil.copytree(ref, run_dir)
+    r = _finish(_start(run_dir, digits_shards), run_dir, timeout=120)
+    assert r.returncode == 0 and "fit: the run is complete" in r.stderr, r.stderr[-3000:]
 
 
 def test_a_rank_failing_past_max_restarts_ends_in_one_line(digits_shards: Path, tmp_path: Path) -> None:
