@@ -422,6 +422,8 @@ class PipelineCLI(LightningCLI):
         self._run_lock: RunDirLock | None = None
         self._run_dir: Path | None = None  # known once parsed (validate/test hold no lock on it)
         self._eval_dirs_made: list[Path] = []  # folders validate/test made for their loggers (RUN, RUN/<stage>)
+        # the data module splits each epoch across the ranks itself (check_trainer refuses Lightning's sampler)
+        kwargs["trainer_defaults"] = {"use_distributed_sampler": False, **(kwargs.get("trainer_defaults") or {})}
         ran = False
         try:
             super().__init__(*args, **kwargs)  # parses, builds and runs the subcommand

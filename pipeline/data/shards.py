@@ -203,7 +203,7 @@ class ShardSet:
         label = struct.unpack("<i", raw)[0]
         if not 0 <= label < len(self.classes):
             raise ValueError(f"label {label} is outside the manifest's {len(self.classes)} classes")
-        if digits is not None and digits != str(label).encode("ascii"):
+        if digits and digits != str(label).encode("ascii"):  # (a cls block of zeros: nothing to compare with)
             raise ValueError(f"its lbl member says label {label}, its cls member {bytes(digits[:16])!r} (the shard "
                              f"is damaged there)")
         return label
