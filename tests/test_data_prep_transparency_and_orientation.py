@@ -15,9 +15,10 @@ import pytest
 from PIL import Image, ImageOps
 
 from data_prep.cli import main
-from data_prep.format import load_manifest, read_index, shard_paths
+from data_prep.format import load_manifest
 from data_prep.validate import EncodeOptions, parse_jpeg_header, process_image
 from tests.fixtures_images import gray_photo, jpeg_bytes, photos
+from tests.test_data_prep_imagefolder import samples_of
 
 KEY_RGB = (10, 20, 30)
 BLOCK = (slice(16, 32), slice(16, 32))  # the transparent square: whole 16x16 JPEG MCUs, off the edges
@@ -30,17 +31,10 @@ def prepare(root: Path, out: Path, *extra: str) -> dict[str, np.ndarray]:
     m = load_manifest(out)
     assert m["splits"]["train"]["rejected"] == 0
     got = {}
-    for tar in shard_paths(out, m, "train"):
-        idx = read_index(tar.with_suffix(".idx"))
-        with open(tar, "rb") as f:
-            for entry in idx:
-                s = {}
-                for ext, (off, size) in entry.items():
-                    f.seek(off)
-                    s[ext] = f.read(size)
-                im = Image.open(io.BytesIO(s["jpg"]))
-                assert im.format == "JPEG" and im.mode == "RGB"
-                got[m["classes"][int(s["cls"])]] = np.asarray(im, dtype=np.float64)
+    for s in samples_of(out, "train"):
+        im = Image.open(io.BytesIO(s["jpg"]))
+        assert im.format == "JPEG" and im.mode == "RGB"
+        got[m["classes"][int(s["cls"])]] = np.asarray(im, dtype=np.float64)
     return got
 
 

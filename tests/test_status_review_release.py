@@ -42,6 +42,15 @@ def _record(run: Path) -> dict:
     return json.loads((run / LOCK_NAME).read_text())
 
 
+def _training_start(run: Path) -> RunDirLock:
+    """A start that holds the run and whose fit began (a config written, so its directory stays)."""
+    lock = RunDirLock(run)
+    lock.acquire()
+    lock.fit_started()
+    (run / "config.yaml").write_text("x: 1\n")
+    return lock
+
+
 def test_release_stamps_the_record_of_its_own_job(tmp_path: Path, slurm_job) -> None:
     run = tmp_path / "run"
     slurm_job(28)
@@ -66,11 +75,7 @@ def test_a_refused_start_puts_back_the_stamped_record_and_stamps_nothing_of_its_
     with that job's own ``released``); it adds no stamp, neither to its own record nor to the one put back."""
     run = tmp_path / "run"
     slurm_job(28)
-    first = RunDirLock(run)
-    first.acquire()
-    first.fit_started()
-    (run / "config.yaml").write_text("x: 1\n")
-    first.release()
+    _training_start(run).release()
     trained = _record(run)
     assert "released" in trained
     slurm_job(29)
@@ -93,10 +98,7 @@ def test_a_record_another_job_wrote_meanwhile_is_not_stamped(tmp_path: Path, slu
     while this one ran. This job's release leaves that record alone (the other job holds the run now)."""
     run = tmp_path / "run"
     slurm_job(28)
-    lock = RunDirLock(run)
-    lock.acquire()
-    lock.fit_started()
-    (run / "config.yaml").write_text("x: 1\n")
+    lock = _training_start(run)
     other = {"job": "slurm job 31 step 0 restart 0", "slurm_job_id": "31", "restart": 0, "host": "n2", "pid": 7,
              "since": "2026-12-07T10:00:00+00:00"}
     (run / LOCK_NAME).write_text(json.dumps(other) + "\n")
@@ -111,10 +113,7 @@ def test_a_stamped_record_does_not_look_like_another_job_to_its_own_ranks(tmp_pa
 
     run = tmp_path / "run"
     slurm_job(28)
-    lock = RunDirLock(run)
-    lock.acquire()
-    lock.fit_started()
-    (run / "config.yaml").write_text("x: 1\n")
+    lock = _training_start(run)
     lock.release()
     record = _read(run / LOCK_NAME)
     assert "released" in record
