@@ -88,7 +88,8 @@ def run_here(argv: list[str], env: dict[str, str]) -> int:
         os.execvpe(argv[0], argv, os.environ)
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    check_rendezvous_port(next(a.split("=", 1)[1] for a in argv if a.startswith("--rdzv-endpoint=")))
+    if next(a.split("=", 1)[1] for a in argv if a.startswith("--nnodes=")) == "1":  # (nodes: another agent's)
+        check_rendezvous_port(next(a.split("=", 1)[1] for a in argv if a.startswith("--rdzv-endpoint=")))
     error_file = env[ERROR_FILE_ENV]
     earlier = _identity(error_file)  # a file of an earlier torchrun says nothing of this one
     no_self_join_in_torch_timers()
@@ -116,7 +117,8 @@ def check_rendezvous_port(endpoint: str) -> None:
     """On the machine the endpoint names, its port must be free: torch's agent that cannot listen there joins
     whatever does as a client, and waited in silence (another program: 12 minutes, no line) or joined the
     rendezvous of a ``launch torchrun`` of the same command still running (then a traceback of the store's
-    lost connection when that one ended). Other machines' agents connect to it and do not check."""
+    lost connection when that one ended). Other machines' agents connect to it and do not check; so does
+    every agent of a run of several nodes (two of them may share a machine: the second finds the first's)."""
     from torch.distributed.elastic.rendezvous.utils import _matches_machine_hostname
 
     host, port = endpoint.rsplit(":", 1)
