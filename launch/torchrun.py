@@ -102,9 +102,12 @@ def run_here(argv: list[str], env: dict[str, str]) -> int:
               f"the same command resumes from last.ckpt", file=sys.stderr)
         return 1
     except SignalException as e:
-        remove_stop_guard(os.getpid())  # this process was the agent a rank stopped
+        # a rank of this agent's stopped it where it left its guard file; a record without one is another
+        # launch's (a second launch torchrun into this run directory, refused by its lock, writes one too)
+        stopped_by_a_rank = remove_stop_guard(os.getpid())
         record = read_error_file(error_file)
-        if record is None or _identity(error_file) in (None, earlier) or not isinstance(record.get("status"), int):
+        if (not stopped_by_a_rank or record is None or _identity(error_file) in (None, earlier)
+                or not isinstance(record.get("status"), int)):
             return _stopped_by(e.sigval)
         print(f"launch: torchrun stopped without a restart: rank {record.get('rank')} ended with the trainer's "
               f"one-line error: (above, or in its node's log), which every restart would end with again "

@@ -193,8 +193,13 @@ def _stop_agent(env: Mapping[str, str]) -> None:
         pass
 
 
-def remove_stop_guard(agent: int) -> None:
+def remove_stop_guard(agent: int) -> bool:
     """Remove the file that marked ``agent`` stopped, once it has ended (``launch torchrun --run`` is the agent:
-    it calls this); a torchrun line run by hand leaves its one empty file in the temp directory."""
+    it calls this); a torchrun line run by hand leaves its one empty file in the temp directory. Returns whether
+    there was one: whether a rank of this agent's (or its watcher of another node's error) stopped it."""
+    found = False
+    this = f"{_GUARD_PREFIX}{agent}-{start_ticks(agent) or 0}"  # not one of an earlier process with this pid
     for guard in Path(tempfile.gettempdir()).glob(f"{_GUARD_PREFIX}{agent}-*"):
         guard.unlink(missing_ok=True)
+        found = found or guard.name == this
+    return found

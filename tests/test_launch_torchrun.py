@@ -260,6 +260,29 @@ def test_ctrl_c_to_the_agent_stops_its_ranks_with_a_save_and_one_line(digits_sha
     assert stopped and saved_step(last) == int(stopped.group(1)) > 2, out[-4000:]
 
 
+@pytest.mark.slow
+def test_ctrl_c_after_a_refused_second_launch_is_told_as_ctrl_c(digits_shards: Path, tmp_path: Path) -> None:
+    """A second `launch torchrun` into the run directory of one still running is refused by the run's lock: its
+    rank's one-line `error:` writes RUN/torchrun-error (the first run's ranks, of another round, ignore it). The
+    first launcher's later Ctrl-C then read that file as its own and said "stopped without a restart: rank 0
+    ended with the trainer's one-line error", exit 2; it is a Ctrl-C, told as one, exit 130."""
+    run_dir = tmp_path / "run"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    first = _start(run_dir, digits_shards, extra=("--trainer.max_steps", "400"))
+    deadline = time.monotonic() + 150
+    while saved_step(last) < 2 and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    second = _finish(_start(run_dir, digits_shards, extra=("--trainer.max_steps", "400")), run_dir)
+    refused = second.stdout + second.stderr
+    assert second.returncode == 2 and "launch: torchrun stopped without a restart" in refused, refused[-4000:]
+    assert (run_dir / "torchrun-error").exists() and first.poll() is None, refused[-4000:]
+    first.send_signal(signal.SIGINT)
+    r = _finish(first, run_dir)
+    out = r.stdout + r.stderr
+    assert r.returncode == 130 and "launch: torchrun stopped by SIGINT" in r.stderr, out[-4000:]
+    assert "stopped without a restart" not in out, out[-4000:]
+
+
 def _rounds(out: str) -> int:
     """Worker-group starts of torchrun's agent: the first, and one per restart."""
     assert "starting workers for entrypoint" in out, "the agent's info lines (LOGLEVEL=INFO) are needed"
