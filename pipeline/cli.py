@@ -39,6 +39,7 @@ import pipeline.strategies  # noqa: F401  (registers the deepspeed_stage_*_cpu s
 from pipeline.strategies import AtomicDeepSpeedStrategy, CPUDeepSpeedStrategy, check_extensions_dir
 from data_prep.format import ManifestError
 from pipeline.arg_parser import PipelineArgumentParser
+from pipeline.best_checkpoints import BestCheckpoints
 from pipeline.branch_origin import KEY as BRANCH_KEY
 from pipeline.branch_origin import BranchOrigin, resume_point
 from pipeline.branch_record import origin_name, recorded_origin
@@ -782,7 +783,7 @@ class PipelineCLI(LightningCLI):
             RankAgreement(flat_settings(cfg.as_dict(), str(run_dir))),  # first: before any other collective
             FiniteWeights(every_n_steps=int(cfg.trainer.get("log_every_n_steps") or 50)),  # before any save
             *([RunDirStillOurs(self._run_lock)] if self._run_lock is not None else []),
-            ModelCheckpoint(
+            BestCheckpoints(
                 dirpath=ckdir,
                 filename=BEST_FILENAME,
                 auto_insert_metric_name=False, monitor="val/top1", mode="max",
@@ -1000,8 +1001,8 @@ def main(argv: list[str] | None = None, cli: type[PipelineCLI] = PipelineCLI) ->
     # ModelCheckpoint, which is gone on purpose
     warnings.filterwarnings("ignore", message=r"(?s).*Please add the following callbacks: "
                             r"\[\"ModelCheckpoint\{'monitor': None, [^\]]*\}\"\]\.$")
-    # the best-k ModelCheckpoint at the end of a training epoch that ran no validation (a run ending at
-    # max_steps mid-epoch, check_val_every_n_epoch > 1): nothing to rank yet, not a misnamed metric
+    # the best-k ModelCheckpoint after a validation that logged no val/top1: nothing to rank, not a misnamed
+    # metric (pipeline.best_checkpoints ranks only after a validation)
     warnings.filterwarnings("ignore", message=r"`ModelCheckpoint\(monitor='val/top1'\)` could not find the monitored key")
     # val/loss and val/samples are reduced over the ranks by hand (ImageClassifier.on_validation_epoch_end: the
     # exact mean over all samples, where sync_dist would average the ranks' means, and the summed count);

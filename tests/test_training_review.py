@@ -4,6 +4,7 @@ write (file-size limit), debris of a save killed mid-write."""
 
 from __future__ import annotations
 
+import csv
 import os
 import re
 import resource
@@ -840,3 +841,26 @@ def test_a_branch_without_last_checkpoint_starts_from_its_origin_not_from_older_
     assert "is missing (moved or deleted?" not in r.stderr, r.stderr[-3000:]
     assert f"this run is a branch of {origin}" in r.stderr and f"starting from {origin} again" in r.stderr, \
         r.stderr[-3000:]
+
+
+def test_a_run_ending_mid_epoch_ranks_no_best_k_checkpoint_it_did_not_validate(digits_shards, tmp_path):
+    """Epoch 0 has 11 steps and validates at its end; the run stops at step 13, mid-epoch 1, with no validation
+    after step 11. Lightning's best-k callback still ranked the end of epoch 1 by epoch 0's val/top1: a
+    `best-epoch001-step0000013-top1=<epoch 0's score>.ckpt` of weights no validation had seen, which
+    `--ckpt_path best` picked over the real one on a tie. Only validated weights are best-k; the key of the
+    callback's state is Lightning's ModelCheckpoint's, as in the checkpoints saved before."""
+    from pipeline.cli import best_checkpoint
+
+    run = tmp_path / "run"
+    proc = run_module(*_args("fit", digits_shards, run, "--trainer.max_steps", "13", "--checkpoint.save_top_k", "3",
+                             "--data.batch_size", "128"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(run / "csv" / "metrics.csv") as f:
+        validated = [int(r["step"]) + 1 for r in csv.DictReader(f) if r.get("val/top1")]
+    assert validated == [11], validated
+    best = sorted(p.name for p in (run / "checkpoints").glob("best-*.ckpt"))
+    assert len(best) == 1 and best[0].startswith("best-epoch000-step0000011-"), best
+    assert best_checkpoint(run / "checkpoints").name == best[0]
+    saved = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    keys = [k for k in saved["callbacks"] if k.startswith("ModelCheckpoint{'monitor': 'val/top1'")]
+    assert len(keys) == 1 and saved["callbacks"][keys[0]]["best_k_models"], sorted(saved["callbacks"])
