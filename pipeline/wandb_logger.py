@@ -7,6 +7,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+from lightning_fabric.utilities.logger import _add_prefix
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
@@ -68,8 +69,18 @@ class ServiceSafeWandbLogger(WandbLogger):
 
     @rank_zero_only
     def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        """Lightning's, with W&B's own step (``_step``) set to the row's ``trainer/global_step``. Left to count by
+        itself, it started at 0 again in every start of an offline run (W&B learns a resumed run's last step
+        from its server only), so ``wandb sync`` uploaded a resumed run's later starts with the step numbers
+        its first start had used. Rows of one step go into one W&B row; a start killed after its last save
+        logged the steps its resume trains again: W&B keeps the first copy of each (the same values: the
+        resume is bit-exact)."""
         try:
-            super().log_metrics(metrics, step)
+            if step is None:
+                super().log_metrics(metrics, step)
+            else:
+                row = _add_prefix(metrics, self._prefix, self.LOGGER_JOIN_CHAR)
+                self.experiment.log(dict(row, **{"trainer/global_step": step}), step=int(step))
         except ConnectionError as e:
             self._lost(e, metrics, step)
 

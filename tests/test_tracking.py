@@ -71,7 +71,15 @@ def test_one_wandb_run_across_restarts_metrics_and_no_secret(digits_shards, tmp_
         assert config["trainer"]["precision"] == precision and config["data"]["batch_size"] == 128, config
         assert "_instantiator" not in config and config["lr"] == config["model"]["lr"], sorted(config)
 
-    # metrics, same names in CSV (W&B and TensorBoard get the same logger calls)
+    # W&B's own step is the row's trainer/global_step in every start: left to count by itself it began at 0
+    # again in the resumed start of an offline run, and `wandb sync` uploaded its rows with steps already used
+    histories = [_wandb_history(next(start.glob("*.wandb"))) for start in offline]
+    for history in histories:
+        assert history and all(r["_step"] == r["trainer/global_step"] for r in history), history[:3]
+    assert max(r["_step"] for r in histories[0]) < min(r["_step"] for r in histories[1]), "steps go on"
+    for history in histories:  # the rows of one step (train, lr, val) are one W&B row
+        assert len({r["_step"] for r in history}) == len(history), [r["_step"] for r in history]
+
     with open(run / "csv" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     cols = set(rows[0])
