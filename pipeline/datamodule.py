@@ -460,11 +460,15 @@ class ShardDataModule(pl.LightningDataModule):
         return json.loads(path.read_bytes()) if path.is_file() else {}
 
     def dataset_record(self) -> dict:
-        """Which dataset this start trains on (``classes_sha256``, ``splits_sha256``), read once, at its start:
+        """Which dataset this start trains on (``classes_sha256``, ``splits_sha256``; and the manifest's ``classes``
+        and ``class_names``, the meaning of each label), read once, at its start:
         read at every save, a manifest deleted or rewritten during the run (``data.root`` removed: the open shards
         still read) put digests of nothing into every later checkpoint, which its own data then refused."""
         if self._dataset_record is None:
-            self._dataset_record = {"classes_sha256": self.classes_digest(), "splits_sha256": self.split_digests()}
+            manifest = self._manifest()
+            self._dataset_record = {"classes_sha256": self.classes_digest(), "splits_sha256": self.split_digests(),
+                                    # what each output means, for `export` (OUT.classes.json) and its users
+                                    **{k: manifest[k] for k in ("classes", "class_names") if k in manifest}}
         return self._dataset_record
 
     def classes_digest(self) -> str:

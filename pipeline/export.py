@@ -6,7 +6,8 @@ model's own key names, so for resnet18..152 with the default options (shortcut B
 networks torchvision builds) ``torchvision.models.resnet50(num_classes=N).load_state_dict(torch.load(OUT))``
 works. The file keeps no record of the network (option A and plain nets, v1 and v1.5, have the same
 tensors); the checkpoint's ``hyper_parameters`` do. Nor of the code that trained it: export names that on stderr
-(the commit of the checkpoint's provenance, ``pipeline/provenance.py``).
+(the commit of the checkpoint's provenance, ``pipeline/provenance.py``). What each output means goes beside it,
+in ``OUT.classes.json`` (``class_list``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import logging
 import pickle
 import sys
@@ -32,6 +34,7 @@ from pipeline.export_temp_files import describe, remove_killed, temp_path
 
 log = logging.getLogger(__name__)
 PREFIX = "model."
+CLASSES_SUFFIX = ".classes.json"
 
 
 def _network_only(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -128,7 +131,8 @@ def _load_legacy(p: Path):
 
 def export(ckpt: str | Path, out: str | Path) -> dict[str, torch.Tensor]:
     """Write the network's weights of ``ckpt`` to ``out``, whole or not at all; ``out`` may replace only a
-    weights file."""
+    weights file. Beside it, ``classes_path(out)``: what each output of the network means, where the checkpoint
+    recorded it (see ``class_list``)."""
     _refuse_empty(ckpt, "checkpoint", "a checkpoint file or a DeepSpeed checkpoint directory")
     _refuse_empty(out, "out", "the output file (e.g. weights.pt)")
     _check_out(ckpt, out)
@@ -136,13 +140,44 @@ def export(ckpt: str | Path, out: str | Path) -> dict[str, torch.Tensor]:
     if removed := remove_killed(folder):
         print(describe(folder, removed), file=sys.stderr, flush=True)
     sd = state_dict_from_checkpoint(ckpt)
+    classes = class_list(ckpt)
     buf = io.BytesIO()
     torch.save(sd, buf)
+    listed = classes_path(out)
+    try:
+        if classes is not None:
+            atomic_write_bytes((json.dumps(classes, indent=1, ensure_ascii=False) + "\n").encode(), listed)
+        else:  # an earlier export's list would name another checkpoint's classes
+            listed.unlink(missing_ok=True)
+    except OSError as e:
+        raise ConfigError(f"out: cannot write {listed}: {e.strerror or e}") from None
     try:
         atomic_write_bytes(buf.getbuffer(), out, tmp=temp_path(out), hold_lock=True)
     except OSError as e:
         raise ConfigError(f"out: cannot write {out}: {e.strerror or e}") from None
     return sd
+
+
+def classes_path(out: str | Path) -> Path:
+    """``net.pt`` -> ``net.classes.json``: the class list written beside the weights."""
+    return Path(out).with_suffix(CLASSES_SUFFIX)
+
+
+def class_list(ckpt: str | Path) -> dict[str, list[str]] | None:
+    """The class list the checkpoint's training recorded (``ShardDataModule.dataset_record``): ``classes``, the
+    dataset's class ids (ImageNet's WordNet ids, an ImageFolder's folder names), and ``class_names`` where the
+    manifest has them, both in label order (output ``i`` of the network is ``classes[i]``). The weights alone
+    said nothing of it: shipped without the training's ``manifest.json``, an output index meant nothing. None
+    for a checkpoint saved before checkpoints recorded it."""
+    try:
+        saved = read_checkpoint(ckpt)
+    except ConfigError:
+        return None
+    for state in (saved.values() if isinstance(saved, dict) else ()):
+        if isinstance(state, dict) and "classes_sha256" in state and isinstance(state.get("classes"), list):
+            return {k: [str(c) for c in state[k]] for k in ("classes", "class_names")
+                    if isinstance(state.get(k), list)}
+    return None
 
 
 def _refuse_empty(path: str | Path, name: str, what: str) -> None:
@@ -159,6 +194,10 @@ def _check_out(ckpt: str | Path, out: str | Path) -> None:
     o = Path(out)
     if o.is_dir():
         raise ConfigError(f"out: {out} is a directory; name the output file (e.g. {o / 'weights.pt'})")
+    listed = classes_path(o)
+    if listed.is_dir() or (listed.exists() and not _is_class_list(listed)):
+        raise ConfigError(f"out: {listed}, where export writes the class list of {out}, exists and is not one "
+                          f"(an earlier export's); name another output file, or move it first")
     if not o.exists() or o.stat().st_size == 0:
         return
     if o.resolve() == Path(ckpt).resolve():
@@ -171,6 +210,22 @@ def _check_out(ckpt: str | Path, out: str | Path) -> None:
     if not (isinstance(saved, dict) and saved and all(isinstance(v, torch.Tensor) for v in saved.values())):
         raise ConfigError(f"out: {out} exists and is not a weights file (a state_dict of tensors, as export "
                           f"writes); name another output file, or remove it first")
+
+
+def _training_checkpoint(ckpt: str | Path) -> bool:
+    try:
+        saved = read_checkpoint(ckpt)
+    except ConfigError:
+        return False
+    return isinstance(saved, dict) and "pytorch-lightning_version" in saved
+
+
+def _is_class_list(path: Path) -> bool:
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(saved, dict) and isinstance(saved.get("classes"), list)
 
 
 def _load_quietly(path: Path):
@@ -206,8 +261,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for line in trained_by(args.checkpoint):
         print(line, file=sys.stderr)
+    listed = classes_path(args.out)
+    if not listed.exists() and _training_checkpoint(args.checkpoint):  # (weights alone never had a class list)
+        print(f"note: {args.checkpoint} records no class list (saved before checkpoints kept one): output i of the "
+              f"network is classes[i] of the manifest.json of the shards it trained on", file=sys.stderr)
     floats = sum(v.numel() for v in sd.values() if v.is_floating_point())
     counters = sum(1 for v in sd.values() if not v.is_floating_point())  # BatchNorm's num_batches_tracked (int64)
     print(f"wrote {args.out}: {len(sd)} tensors, {floats:,} fp32 values"
-          + (f" (and {counters} integer BatchNorm batch counts)" if counters else ""))
+          + (f" (and {counters} integer BatchNorm batch counts)" if counters else "")
+          + (f"; and {listed}: what each output means" if listed.exists() else ""))
     return 0

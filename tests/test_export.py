@@ -173,3 +173,36 @@ def test_the_next_export_removes_a_killed_ones_temporary_file_and_no_live_ones(t
     assert sorted(p.name for p in out.iterdir()) == sorted([other_node.name, save.name, "a.pt", "b.pt"])
     for name in ("a.pt", "b.pt"):
         assert torch.load(out / name, weights_only=True, mmap=True)["fc.weight"].shape == (64 * 2**20,)
+
+
+def test_the_class_list_goes_beside_the_weights(trained, digits_shards, tmp_path, capsys):
+    """The weights alone said nothing of what each output means: shipped without the training's manifest.json,
+    output 3 was a guess. Checkpoints record the manifest's classes (and class_names), and export writes them
+    beside the weights, in label order; a checkpoint saved before they were recorded says so, and leaves no
+    earlier export's list beside its weights. A file of that name that is no class list is not overwritten."""
+    import json
+
+    manifest = json.loads((digits_shards / "manifest.json").read_text())
+    out = tmp_path / "net.pt"
+    assert export_main([str(trained), str(out)]) == 0
+    listed = tmp_path / "net.classes.json"
+    said = capsys.readouterr()
+    assert f"; and {listed}: what each output means" in said.out, said.out
+    saved = json.loads(listed.read_text())
+    assert saved["classes"] == manifest["classes"] and len(saved["classes"]) == 10, saved
+    assert saved.get("class_names") == manifest.get("class_names"), saved
+
+    old = torch.load(trained, map_location="cpu", weights_only=False)  # as saved before checkpoints kept the list
+    for key in ("classes", "class_names"):
+        old["ShardDataModule"].pop(key, None)
+    before = tmp_path / "before.ckpt"
+    torch.save(old, before)
+    assert export_main([str(before), str(out)]) == 0
+    said = capsys.readouterr()
+    assert not listed.exists() and "what each output means" not in said.out, said.out
+    assert f"note: {before} records no class list" in said.err, said.err
+
+    (tmp_path / "mine.classes.json").write_text("my notes\n")
+    assert export_main([str(trained), str(tmp_path / "mine.pt")]) == 2
+    assert f"out: {tmp_path / 'mine.classes.json'}, where export writes the class list" in _error(capsys)
+    assert (tmp_path / "mine.classes.json").read_text() == "my notes\n" and not (tmp_path / "mine.pt").exists()
