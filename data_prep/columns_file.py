@@ -120,10 +120,29 @@ def columns_problem(root: Path, split: str, entry: dict) -> str | None:
     except ManifestError:
         return None  # the shard's own lines name its index
     differs = np.flatnonzero((columns != expected).any(axis=0))
-    if len(differs) == 0:
-        return None
     ends = np.cumsum([int(s["samples"]) for s in entry["shards"]])
-    shard = entry["shards"][int(np.searchsorted(ends, differs[0], side="right"))]["name"]
+    # the file is the one the manifest recorded: where an index no longer lists its tar's members, the index is the
+    # damaged side (the shard's own line says so), and finalize would copy that damage into the columns file
+    at = [int(i) for i in np.unique(np.searchsorted(ends, differs, side="right"))]
+    wrong = [i for i in at if _index_matches_tar(root, entry["shards"][i])]
+    if not wrong:
+        return None
+    differs = differs[np.isin(np.searchsorted(ends, differs, side="right"), wrong)]
+    shard = entry["shards"][wrong[0]]["name"]
     return (f"{split}: columns file {entry['columns']['name']!r} differs from the indexes at "
             f"{plural(len(differs), 'sample')}, first in shard {shard!r} (the loaders would read the wrong bytes); "
             f"{fix}")
+
+
+def _index_matches_tar(root: Path, shard: dict) -> bool:
+    """Whether the shard's index lists its tar's members as data_prep wrote it (an unlistable tar: not known
+    to be wrong, so the columns file is blamed as before)."""
+    from .verify import index_of_tar  # (verify imports this module)
+
+    expected = index_of_tar(root / shard["name"])
+    if expected is None:
+        return True
+    try:
+        return (root / index_of_entry(shard)).read_text(encoding="utf-8").splitlines(keepends=True) == expected
+    except (OSError, UnicodeDecodeError):
+        return False

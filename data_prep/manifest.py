@@ -24,7 +24,7 @@ from .manifest_lock import manifest_lock
 from .plan_record import read_plan
 from .rejects_file import read_rejects
 from .runner import TEMP_NAME, write_bytes_atomic, write_json_atomic, write_text_atomic
-from .shardwriter import PARTIAL_SUFFIX, PARTIAL_TOKEN, remove_abandoned
+from .shardwriter import PARTIAL_SUFFIX, PARTIAL_TOKEN, file_sha256, remove_abandoned
 from .split_wording import rerun_of, splits_named
 
 
@@ -42,7 +42,7 @@ def split_entry(out: Path, split: str) -> tuple[dict, dict, list[dict], list[tup
     plan = read_plan(out, split)
     if plan is None:
         raise PrepError(f"{plan_path(out, split)}: no plan for split {split!r} (run its prep command first)")
-    shards, rejects, missing = [], [], []
+    shards, rejects, missing, changed_indexes = [], [], [], []
     inputs, written = [0] * len(plan["classes"]), [0] * len(plan["classes"])
     counted = True
     for r in plan["scan_rejects"]:
@@ -61,6 +61,15 @@ def split_entry(out: Path, split: str) -> tuple[dict, dict, list[dict], list[tup
                 written[label] += n_out
         if rec["samples"] > 0:
             shards.append({k: rec[k] for k in ("name", "index", "samples", "bytes", "sha256")})
+            now = _sha256_or_none(out / rec["index"]) if rec.get("index_sha256") is not None else None
+            if now is not None and now != rec["index_sha256"]:
+                changed_indexes.append(rec["index"])
+    if changed_indexes:  # the columns file is written from them: the damage would reach the loaders
+        more = f" (+{len(changed_indexes) - 5} more)" if len(changed_indexes) > 5 else ""
+        raise PrepError(f"{out}: split {split!r}: {plural(len(changed_indexes), 'index', 'indexes')} changed since "
+                        f"its shard was built (another sha256 than its record under {WORK_DIR}/{split}): "
+                        f"{', '.join(changed_indexes[:5])}{more}; rerun the split's prep command to rebuild "
+                        f"{'it' if len(changed_indexes) == 1 else 'them'}")
     if missing:
         more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
         raise PrepError(f"{out}: split {split!r} is incomplete, {plural(len(missing), 'shard')} not done: "
@@ -77,6 +86,13 @@ def split_entry(out: Path, split: str) -> tuple[dict, dict, list[dict], list[tup
         entry["class_counts"] = written
         emptied = [(plan["classes"][c], n) for c, n in enumerate(inputs) if n and not written[c]]
     return plan, entry, rejects, emptied
+
+
+def _sha256_or_none(path: Path) -> str | None:
+    try:
+        return file_sha256(path)
+    except OSError:  # a missing or unreadable index: the columns' own error names it
+        return None
 
 
 def _remove_stale_shards(out: Path, split: str, keep: set[str]) -> None:

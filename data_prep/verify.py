@@ -68,7 +68,8 @@ def _check_shard(out: Path, split: str, shard: dict, n_classes: int, decode: int
         if wrong or len(lines) != len(expected):
             at = wrong[0] if wrong else min(len(lines), len(expected))
             problems.append(f"{where}: index {index_file} does not match the tar's members from line {at + 1} "
-                            f"(an entry points at another sample's data): rebuild the shard")
+                            f"(an entry points at another sample's data): rebuild the shard (rerun the split's prep "
+                            f"command: it builds the shards that are not as recorded and keeps the others)")
     step = max(1, len(index) // max(decode, 1)) if decode else 0
     with open(tar, "rb") as f:
         for i, entry in enumerate(index):

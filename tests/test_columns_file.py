@@ -134,3 +134,45 @@ def test_rank_zero_alone_says_the_loaders_read_the_indexes(digits_shards, tmp_pa
         assert said[0].startswith("data.root: read the 3 indexes of split 'train', not its columns file: ")
         assert str(copy / "train.columns.npy") in said[0] and f"python -m data_prep finalize {copy}`" in said[0]
     assert warnings_of(copy, False) == []
+
+
+def test_a_damaged_index_is_blamed_and_finalize_does_not_copy_it_into_the_columns(digits_shards, tmp_path):
+    """An index edited in place (one JPEG size, the sample count kept) beside the recorded columns file: verify
+    blamed the columns file ("the loaders would read the wrong bytes"; they read the right ones through it) and
+    advised finalize, which wrote the columns again from the damaged index: the loaders then read a cut-short
+    JPEG. Verify blames the index, and says how to rebuild its shard; finalize refuses an index that is not the
+    one its shard's record hashed; the prep command rebuilds the shard, after which all is sound."""
+    from data_prep.errors import PrepError
+    from tests.conftest import run_module
+
+    copy = tmp_path / "shards"
+    shutil.copytree(digits_shards, copy)
+    shard = _manifest(copy)["splits"]["train"]["shards"][1]
+    idx = copy / shard["index"]
+    lines = idx.read_text().splitlines(keepends=True)
+    fields = lines[1].split(" ")
+    fields[2] = str(int(fields[2]) - 67)  # the first sample's jpg size
+    lines[1] = " ".join(fields)
+    idx.write_text("".join(lines))
+    columns = (copy / "train.columns.npy").read_bytes()
+
+    problems = verify(copy, decode=0)
+    assert not [p for p in problems if "columns file" in p], problems
+    assert [p for p in problems if f"index {shard['index']} does not match the tar's members from line 2" in p
+            and "rerun the split's prep command" in p], problems
+    with pytest.raises(PrepError, match=rf"1 index changed since its shard was built .*: {shard['index']}; rerun "
+                                        r"the split's prep command to rebuild it"):
+        finalize(copy)
+    assert (copy / "train.columns.npy").read_bytes() == columns
+    assert ShardSet(copy, "train").read_jpeg(_first_id(copy, 1))[-2:] == b"\xff\xd9"  # the loaders: whole JPEG
+
+    rerun = run_module("data_prep", "imagefolder", str(digits_shards.parent / "images" / "train"), str(copy),
+                       "--split", "train", "--samples-per-shard", "500", "--workers", "1")
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert verify(copy, decode=0) == []
+    assert idx.read_bytes() == (digits_shards / shard["index"]).read_bytes()
+
+
+def _first_id(root, shard_number: int) -> int:
+    """The sample id of the first sample of the split's shard ``shard_number``."""
+    return sum(s["samples"] for s in _manifest(root)["splits"]["train"]["shards"][:shard_number])
