@@ -467,7 +467,7 @@ class ShardDataModule(pl.LightningDataModule):
         if self._dataset_record is None:
             manifest = self._manifest()
             self._dataset_record = {"classes_sha256": self.classes_digest(), "splits_sha256": self.split_digests(),
-                                    # what each output means, for `export` (OUT.classes.json) and its users
+                                    # what each output means, for `export` (OUT.classes.json beside OUT) and its users
                                     **{k: manifest[k] for k in ("classes", "class_names") if k in manifest}}
         return self._dataset_record
 

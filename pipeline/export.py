@@ -144,23 +144,26 @@ def export(ckpt: str | Path, out: str | Path) -> dict[str, torch.Tensor]:
     buf = io.BytesIO()
     torch.save(sd, buf)
     listed = classes_path(out)
+    # an earlier export's list goes first: a failed or killed write then leaves weights without a list, never
+    # weights beside another checkpoint's classes
     try:
-        if classes is not None:
-            atomic_write_bytes((json.dumps(classes, indent=1, ensure_ascii=False) + "\n").encode(), listed)
-        else:  # an earlier export's list would name another checkpoint's classes
-            listed.unlink(missing_ok=True)
-    except OSError as e:
-        raise ConfigError(f"out: cannot write {listed}: {e.strerror or e}") from None
-    try:
+        listed.unlink(missing_ok=True)
         atomic_write_bytes(buf.getbuffer(), out, tmp=temp_path(out), hold_lock=True)
     except OSError as e:
         raise ConfigError(f"out: cannot write {out}: {e.strerror or e}") from None
+    if classes is not None:
+        try:
+            atomic_write_bytes((json.dumps(classes, indent=1, ensure_ascii=False) + "\n").encode(), listed)
+        except OSError as e:
+            raise ConfigError(f"out: wrote {out}, but cannot write its class list {listed}: "
+                              f"{e.strerror or e}") from None
     return sd
 
 
 def classes_path(out: str | Path) -> Path:
-    """``net.pt`` -> ``net.classes.json``: the class list written beside the weights."""
-    return Path(out).with_suffix(CLASSES_SUFFIX)
+    """``net.pt`` -> ``net.pt.classes.json``: the class list written beside the weights (the whole name: ``net.pt``
+    and ``net.pth`` have lists of their own)."""
+    return Path(f"{out}{CLASSES_SUFFIX}")
 
 
 def class_list(ckpt: str | Path) -> dict[str, list[str]] | None:

@@ -69,14 +69,14 @@ class ServiceSafeWandbLogger(WandbLogger):
 
     @rank_zero_only
     def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
-        """Lightning's, with W&B's own step (``_step``) set to the row's ``trainer/global_step``. Left to count by
-        itself, it started at 0 again in every start of an offline run (W&B learns a resumed run's last step
-        from its server only), so ``wandb sync`` uploaded a resumed run's later starts with the step numbers
-        its first start had used. Rows of one step go into one W&B row; a start killed after its last save
-        logged the steps its resume trains again: W&B keeps the first copy of each (the same values: the
-        resume is bit-exact)."""
+        """Lightning's; offline, with W&B's own step (``_step``) set to the row's ``trainer/global_step``. Left to
+        count by itself, it started at 0 again in every start of an offline run (W&B learns a resumed run's last
+        step from its server only), so ``wandb sync`` uploaded a resumed run's later starts with the step numbers
+        its first start had used. Rows of one step go into one W&B row. Online, W&B's count goes on from the
+        server's, and a row at a lower step would be dropped (the held rows a resume logs at their step, where
+        the stopped start's last row was at that step too): there W&B counts as before."""
         try:
-            if step is None:
+            if step is None or not getattr(self.experiment, "offline", False):
                 super().log_metrics(metrics, step)
             else:
                 row = _add_prefix(metrics, self._prefix, self.LOGGER_JOIN_CHAR)

@@ -124,10 +124,10 @@ def test_zero2_trains_refuses_another_world_size_resumes_and_exports_for_torchvi
 
     out = tmp_path / "resnet18.pt"
     proc = run_module("pipeline", "export", str(last), str(out))
-    assert "wrote" in proc.stdout and f"and {tmp_path / 'resnet18.classes.json'}: what each output means" in \
+    assert "wrote" in proc.stdout and f"and {tmp_path / 'resnet18.pt.classes.json'}: what each output means" in \
         proc.stdout, proc.stdout
     manifest = json.loads((digits_shards / "manifest.json").read_text())
-    assert json.loads((tmp_path / "resnet18.classes.json").read_text())["classes"] == manifest["classes"]
+    assert json.loads((tmp_path / "resnet18.pt.classes.json").read_text())["classes"] == manifest["classes"]
     sd = torch.load(out, map_location="cpu", weights_only=True)
     assert all(v.dtype in (torch.float32, torch.int64) for v in sd.values())
     net = torchvision.models.resnet18(num_classes=10)
@@ -212,7 +212,7 @@ def test_what_deepspeed_would_get_wrong_is_refused_before_it_starts(digits_shard
     out = tmp_path / "zero2.pt"
     proc = run_module("pipeline", "export", str(zero / "checkpoints" / "last.ckpt"), str(out))
     said = (rf"wrote {re.escape(str(out))}: \d+ tensors, [\d,]+ fp32 values \(and \d+ integer BatchNorm batch "
-            rf"counts\); and {re.escape(str(tmp_path / 'zero2.classes.json'))}: what each output means\n")
+            rf"counts\); and {re.escape(str(tmp_path / 'zero2.pt.classes.json'))}: what each output means\n")
     assert re.fullmatch(said, proc.stdout), proc.stdout
     assert "Processing zero checkpoint" in proc.stderr, proc.stderr
     run_module("pipeline", "fit", "--config", CONF, *SMALL_NET,

@@ -185,7 +185,7 @@ def test_the_class_list_goes_beside_the_weights(trained, digits_shards, tmp_path
     manifest = json.loads((digits_shards / "manifest.json").read_text())
     out = tmp_path / "net.pt"
     assert export_main([str(trained), str(out)]) == 0
-    listed = tmp_path / "net.classes.json"
+    listed = tmp_path / "net.pt.classes.json"
     said = capsys.readouterr()
     assert f"; and {listed}: what each output means" in said.out, said.out
     saved = json.loads(listed.read_text())
@@ -202,7 +202,38 @@ def test_the_class_list_goes_beside_the_weights(trained, digits_shards, tmp_path
     assert not listed.exists() and "what each output means" not in said.out, said.out
     assert f"note: {before} records no class list" in said.err, said.err
 
-    (tmp_path / "mine.classes.json").write_text("my notes\n")
+    (tmp_path / "mine.pt.classes.json").write_text("my notes\n")
     assert export_main([str(trained), str(tmp_path / "mine.pt")]) == 2
-    assert f"out: {tmp_path / 'mine.classes.json'}, where export writes the class list" in _error(capsys)
-    assert (tmp_path / "mine.classes.json").read_text() == "my notes\n" and not (tmp_path / "mine.pt").exists()
+    assert f"out: {tmp_path / 'mine.pt.classes.json'}, where export writes the class list" in _error(capsys)
+    assert (tmp_path / "mine.pt.classes.json").read_text() == "my notes\n" and not (tmp_path / "mine.pt").exists()
+
+
+def test_a_failed_export_leaves_no_class_list_of_another_checkpoint_beside_the_weights(trained, tmp_path,
+                                                                                        monkeypatch, capsys):
+    """The list was written before the weights: a weights write that failed (a full disk, a quota) left the old
+    weights beside the new checkpoint's classes. And `net.pt` and `net.pth` shared one `net.classes.json`, the
+    second export's replacing the first's."""
+    import json
+
+    import pipeline.export as export_module
+
+    out = tmp_path / "net.pt"
+    assert export_main([str(trained), str(out)]) == 0
+    before = out.read_bytes()
+    write = export_module.atomic_write_bytes
+
+    def full_disk(data, path, *args, **kwargs):
+        if Path(path) == out:
+            raise OSError(28, "No space left on device")
+        return write(data, path, *args, **kwargs)
+
+    monkeypatch.setattr(export_module, "atomic_write_bytes", full_disk)
+    capsys.readouterr()
+    assert export_main([str(trained), str(out)]) == 2
+    assert f"out: cannot write {out}: No space left on device" in _error(capsys)
+    assert out.read_bytes() == before and not (tmp_path / "net.pt.classes.json").exists()
+    monkeypatch.setattr(export_module, "atomic_write_bytes", write)
+
+    assert export_main([str(trained), str(out)]) == 0 and export_main([str(trained), str(tmp_path / "net.pth")]) == 0
+    for name in ("net.pt", "net.pth"):
+        assert json.loads((tmp_path / f"{name}.classes.json").read_text())["classes"], name
