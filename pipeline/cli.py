@@ -53,7 +53,7 @@ from pipeline.data.shared_memory import advice as shm_advice
 from pipeline.datamodule import ShardDataModule
 from pipeline.disk_full import disk_full_message
 from pipeline.deepspeed_checks import (check_accumulation, check_checkpoint_kind, check_zero_shards,
-                                       check_zero_world_size)
+                                       check_zero_world_size, configured_deepspeed)
 from pipeline.errors import (CheckpointWriteError, ConfigError, DiskFullError, RunComplete, TrainingDiverged,
                              require)
 from pipeline.evaluation_way_out import saving_run_config
@@ -297,6 +297,11 @@ def check_trainer(t: Namespace) -> None:
                           f"{ {'16-true': 'fp16', 'bf16-true': 'bf16'}[precision]} without an fp32 "
                           f"copy: SGD's small updates and the weight decay round away (most weights would not change "
                           f"late in a run); use {precision.replace('true', 'mixed')}")
+    if precision in ("16-mixed", "16") and configured_deepspeed(t.get("strategy")):
+        raise ConfigError(f"trainer.precision: {precision} under DeepSpeed is its fp16 mode, which casts the "
+                          f"parameters alone to fp16: the network's first convolution met its fp32 input (a "
+                          f"traceback after the engine started); use bf16-mixed (DeepSpeed's torch autocast, as a "
+                          f"DDP run's bf16-mixed) or 32-true")
     if precision.startswith("transformer-engine"):  # Lightning casts the module to its weights_dtype as well
         raise ConfigError(f"trainer.precision: {precision} (NVIDIA Transformer Engine) casts the whole network to "
                           f"{'fp16' if precision.endswith('float16') else 'bf16'} and speeds up its Linear layers "

@@ -65,6 +65,26 @@ class AtomicDeepSpeedStrategy(DeepSpeedStrategy):
             del self.config["bf16"]
             self.config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
 
+    def _initialize_deepspeed_inference(self, model) -> None:
+        """``validate``/``test``'s engine under the same ``torch_autocast`` as the training: Lightning gives it
+        DeepSpeed's ``fp16`` and ``bf16`` settings alone, so a bf16-mixed run's checkpoints were scored in fp32
+        (another val/loss and top-1 than the training logged and named its best-k files after)."""
+        autocast = self.config.get("torch_autocast")
+        if autocast is None:
+            return super()._initialize_deepspeed_inference(model)
+        import deepspeed
+
+        initialize = deepspeed.initialize
+
+        def with_autocast(*args, config: dict, **kwargs):
+            return initialize(*args, config={**config, "torch_autocast": autocast}, **kwargs)
+
+        deepspeed.initialize = with_autocast  # Lightning's method looks it up on the module at the call
+        try:
+            return super()._initialize_deepspeed_inference(model)
+        finally:
+            deepspeed.initialize = initialize
+
     def on_validation_start(self) -> None:
         """Every rank validates with rank 0's BatchNorm running statistics, the ones its checkpoints hold.
         DDP broadcasts the module's buffers from rank 0 at each forward; DeepSpeed does so once, at start: each

@@ -296,3 +296,25 @@ def test_a_two_rank_zero_run_validates_what_its_checkpoint_holds(digits_shards, 
         again = [float(r["val/loss"]) for r in csv.DictReader(f) if r.get("val/loss")]
     assert len(again) == 1, scored.stderr[-3000:]
     assert again[0] == pytest.approx(logged[0], rel=1e-5, abs=0), (logged, again)
+
+
+def test_validate_scores_a_bf16_zero_checkpoint_in_bf16_as_its_training_did(digits_shards, tmp_path):
+    """A bf16-mixed run under DeepSpeed trains under DeepSpeed's torch autocast; Lightning's evaluation engine
+    (``_initialize_deepspeed_inference``) takes only DeepSpeed's fp16/bf16 settings, so `validate` and `test` of
+    its checkpoints ran in fp32: another val/loss and top-1 than the training logged (and named its best-k files
+    after). They run under the same autocast now."""
+    import csv
+
+    run = tmp_path / "run"
+    proc = run_module(*_fit_args(digits_shards, run, 3, "--model.arch", "cifar_resnet8", "--trainer.precision",
+                                 "bf16-mixed", "--model.channels_last", "false", "--trainer.val_check_interval", "3",
+                                 "--checkpoint.every_n_train_steps", "0"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(run / "csv" / "metrics.csv") as f:
+        logged = [float(r["val/loss"]) for r in csv.DictReader(f) if r.get("val/loss")]
+    assert len(logged) == 1, logged
+    scored = run_module("pipeline", "validate", "--config", str(run / "config.yaml"),
+                        "--ckpt_path", str(run / "checkpoints" / "last.ckpt"))
+    with open(next((run / "validate" / "csv").rglob("metrics.csv"))) as f:
+        again = [float(r["val/loss"]) for r in csv.DictReader(f) if r.get("val/loss")]
+    assert again == logged, (logged, again, scored.stderr[-2000:])

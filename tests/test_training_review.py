@@ -864,3 +864,16 @@ def test_a_run_ending_mid_epoch_ranks_no_best_k_checkpoint_it_did_not_validate(d
     saved = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     keys = [k for k in saved["callbacks"] if k.startswith("ModelCheckpoint{'monitor': 'val/top1'")]
     assert len(keys) == 1 and saved["callbacks"][keys[0]]["best_k_models"], sorted(saved["callbacks"])
+
+
+def test_16_mixed_under_deepspeed_is_refused_before_the_engine_starts(digits_shards, tmp_path):
+    """DeepSpeed's fp16 mode (Lightning's 16-mixed under it) casts the parameters alone to fp16: the first
+    convolution met its fp32 input, a 110-line traceback after the engine started, and config_check accepted it."""
+    proc = run_cli_in_process(*_args("fit", digits_shards, tmp_path / "r", "--trainer.strategy",
+                                     "deepspeed_stage_2_cpu", "--trainer.precision", "16-mixed",
+                                     "--trainer.max_steps", "2")[1:])
+    _fails_clearly(proc, 2, "trainer.precision: 16-mixed under DeepSpeed is its fp16 mode", "use bf16-mixed")
+    assert not (tmp_path / "r").exists()
+    check = run_module("pipeline.config_check", "fit", "--config", CONF, "--trainer.strategy", "deepspeed_stage_2_cpu",
+                       "--trainer.precision", "16-mixed", check=False)
+    assert check.returncode == 2 and "16-mixed under DeepSpeed" in check.stderr, check.stderr[-2000:]
