@@ -26,6 +26,7 @@ RUN python -c "import re, tomllib; p = tomllib.load(open('pyproject.toml', 'rb')
  && rm /tmp/requirements.txt
 
 # The project itself, without dependencies (resolved above).
+COPY README.md LICENSE ./
 COPY pipeline ./pipeline
 COPY data_prep ./data_prep
 COPY launch ./launch

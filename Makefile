@@ -33,5 +33,6 @@ bench-prep: setup
 bench-loader: setup
 	$(PYTHON) bench/loader.py
 
+# the demo's shards and run, and the build caches: never runs/ itself, where the configs' real runs go
 clean:
-	rm -rf runs data/demo .cache
+	rm -rf runs/demo data/demo .cache

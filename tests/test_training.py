@@ -265,3 +265,16 @@ def test_the_demo_again_keeps_its_earlier_run(tmp_path):
 
     assert f"(upload later: {wandb_command()} sync {offline[-1]})" in first.stdout
     assert shutil.which(wandb_command()), "the printed command runs from this shell"
+
+
+def test_make_clean_removes_the_demo_and_no_other_run(tmp_path):
+    """`make clean` ("starts over", the README says of the demo) was `rm -rf runs ...`: it also deleted every
+    real run in `runs/`, where the configs put them (runs/imagenet_resnet50, checkpoints and W&B runs)."""
+    import subprocess
+
+    for d in ("runs/demo/checkpoints", "runs/imagenet_resnet50/checkpoints", "data/demo/shards", "data/imagenet",
+              ".cache/torch_extensions"):
+        (tmp_path / d).mkdir(parents=True)
+    subprocess.run(["make", "-s", "-f", str(REPO / "Makefile"), "-C", str(tmp_path), "clean"], check=True)
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == [
+        "data", "data/imagenet", "runs", "runs/imagenet_resnet50", "runs/imagenet_resnet50/checkpoints"]
