@@ -62,6 +62,7 @@ from pipeline.last_checkpoint import LastCheckpoint
 from pipeline.lightning_lines import drop_lightning_lines, quiet_other_ranks
 from pipeline.model_summary import FlopsModelSummary, FlopsRichModelSummary
 from pipeline.moved_run_checkpoints import MovedRunCheckpoints
+from pipeline.models.registry import typed_options
 from pipeline.module import ImageClassifier
 from pipeline.optim import ignored_schedule_settings
 from pipeline.parent_death import follow_lightning_rank_zero, follow_torchrun_agent
@@ -532,6 +533,9 @@ class PipelineCLI(LightningCLI):
         self._branched_from: tuple[str, str | None] | None = None  # (checkpoint, its W&B id): another run's
         self._branch_origin: str | None = None  # where this run started, when from another run (branch_origin)
         check_trainer(cfg.trainer)
+        if isinstance(cfg.model.get("arch_kwargs"), dict):  # a dotted `--model.arch_kwargs.plain false` arrives
+            # as the word: RUN/config.yaml kept 'false' (a string), and a resume written as false said it changed
+            cfg.model.arch_kwargs = typed_options(str(cfg.model.get("arch")), cfg.model.arch_kwargs)
         if cfg.tracking.wandb and wandb_disabled():  # as tracking.wandb false: config.yaml says what ran
             _say("W&B: off (WANDB_MODE=disabled), as with --tracking.wandb false")
             cfg.tracking.wandb = False
@@ -984,6 +988,19 @@ class PipelineCLI(LightningCLI):
                 break
 
 
+def _refuse_config_before_subcommand(args: list[str]) -> None:
+    """``python -m pipeline --config C fit``: LightningCLI reads a config given before the subcommand as settings
+    of every subcommand, nested under its name (``fit: {trainer: ...}``), so a config written for ``fit --config``
+    was refused naming its first key (``Option 'trainer.max_steps' is not accepted before subcommand 'fit'``), and
+    ``--print_config`` printed the defaults as if C were not there, exit 0."""
+    for arg in args:
+        if arg in ("fit", "validate", "test", "predict"):
+            return
+        if arg in ("-c", "--config") or arg.startswith(("--config=", "-c=")):
+            raise ConfigError("--config goes after the subcommand: python -m pipeline fit --config FILE (before it, "
+                              "LightningCLI would read FILE's settings nested under the subcommand's name)")
+
+
 def main(argv: list[str] | None = None, cli: type[PipelineCLI] = PipelineCLI) -> int:
     """Run ``cli`` (``pipeline.config_check`` passes one that builds no trainer) and turn a refusal into one
     ``error:`` line and exit status 2 (a setting, a file) or 1 (the run failed)."""
@@ -1026,6 +1043,7 @@ def main(argv: list[str] | None = None, cli: type[PipelineCLI] = PipelineCLI) ->
     if "SLURM_JOB_ID" not in os.environ:  # a login node or a laptop with Slurm's tools: not in a job, no hint
         warnings.filterwarnings("ignore", message="The `srun` command is available on your system but is not used")
     try:
+        _refuse_config_before_subcommand(sys.argv[1:] if argv is None else argv)
         cli(
             ImageClassifier,
             ShardDataModule,

@@ -877,3 +877,28 @@ def test_16_mixed_under_deepspeed_is_refused_before_the_engine_starts(digits_sha
     check = run_module("pipeline.config_check", "fit", "--config", CONF, "--trainer.strategy", "deepspeed_stage_2_cpu",
                        "--trainer.precision", "16-mixed", check=False)
     assert check.returncode == 2 and "16-mixed under DeepSpeed" in check.stderr, check.stderr[-2000:]
+
+
+def test_a_dotted_arch_option_is_saved_as_a_boolean_and_the_same_setting_again_is_no_change(digits_shards, tmp_path):
+    """`--model.arch_kwargs.zero_init_residual false` reached RUN/config.yaml as the string 'false' (the network
+    was right: the word is read as a boolean), and a resume with the same setting from a YAML file said
+    "settings changed (model.arch_kwargs.zero_init_residual false -> false)" and kept a copy of a config that
+    had not changed."""
+    run = tmp_path / "run"
+    proc = run_module(*_args("fit", digits_shards, run, "--model.arch_kwargs.zero_init_residual", "false",
+                             "--trainer.max_steps", "1"))
+    assert yaml.safe_load((run / "config.yaml").read_text())["model"]["arch_kwargs"]["zero_init_residual"] is False
+    overlay = tmp_path / "zir.yaml"
+    overlay.write_text("model:\n  arch_kwargs:\n    zero_init_residual: false\n")
+    proc = run_module(*_args("fit", digits_shards, run, "--config", str(overlay), "--trainer.max_steps", "2"))
+    assert "settings changed (trainer.max_steps 1 -> 2)" in proc.stderr, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("args", [("--config", CONF, "fit", "--print_config"), (f"--config={CONF}", "fit"),
+                                  ("-c", CONF, "validate")])
+def test_a_config_before_the_subcommand_is_refused_saying_where_it_goes(args):
+    """LightningCLI reads a config before the subcommand as settings nested under the subcommand's name: with
+    `--print_config` it printed the defaults (the file ignored), exit 0; without, a refusal naming the file's
+    first key ("Option 'trainer.max_steps' is not accepted before subcommand 'fit'")."""
+    proc = run_cli_in_process(*args)
+    _fails_clearly(proc, 2, "--config goes after the subcommand: python -m pipeline fit --config FILE")
