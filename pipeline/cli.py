@@ -133,9 +133,13 @@ SUBCOMMAND_HELP = {
 
 @dataclass
 class CheckpointConfig:
-    """``last.ckpt`` every ``every_n_train_steps`` optimizer steps (0: only at epoch ends) and at each
-    epoch end; the best ``save_top_k`` by val/top1. ``requeue``: on USR1/TERM under Slurm, requeue the
-    job after saving."""
+    """Checkpoints: ``RUN/checkpoints/last.ckpt`` at every epoch end and on preemption, and the best by val/top1.
+
+    Args:
+        every_n_train_steps: also save last.ckpt every N optimizer steps (0: only at epoch ends).
+        save_top_k: keep the best K checkpoints by val/top1 (best-epochE-stepS-top1=T.ckpt; 0: none).
+        requeue: on SIGUSR1/SIGTERM under Slurm, requeue the job after the save.
+    """
 
     every_n_train_steps: int = 0
     save_top_k: int = 3

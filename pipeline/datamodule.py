@@ -50,7 +50,8 @@ class ShardDataModule(pl.LightningDataModule):
 
     Args:
         root: directory with manifest.json, shards and indexes.
-        train_split / val_split: split names in the manifest.
+        train_split: the manifest's split ``fit`` trains on.
+        val_split: the manifest's split ``fit`` validates on, and ``validate`` scores.
         test_split: the split ``python -m pipeline test`` scores (default: val_split), with the validation's
             transform, batch size and exact metrics, logged as ``test/...``.
         backend: "cpu" (torchvision's libjpeg-turbo decode, PIL for the rest, in DataLoader workers), "dali"

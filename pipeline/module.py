@@ -45,16 +45,21 @@ class ImageClassifier(pl.LightningModule):
         num_classes: linked from the dataset's manifest by the CLI.
         arch_kwargs: extra model options (shortcut, plain, stride_in_1x1, zero_init_residual).
         lr: peak learning rate for a global batch of ``lr_reference_batch`` (scaled linearly).
-        momentum, nesterov, weight_decay: SGD; no weight decay on BN parameters and biases unless
-            ``decay_norm_and_bias`` (the paper's CIFAR-10 recipe decays every parameter).
+        lr_reference_batch: the global batch ``lr`` is given for; the run's lr is lr x global batch / this.
+        momentum: SGD's momentum.
+        nesterov: SGD with Nesterov momentum.
+        weight_decay: SGD's L2 weight decay; not on BN parameters and biases unless ``decay_norm_and_bias``.
+        decay_norm_and_bias: weight decay on every parameter (the paper's CIFAR-10 recipe), BN and biases too.
         label_smoothing: of the cross entropy.
         warmup_epochs: warm-up length, linear up to the peak lr (step k of W at (k+1)/W of it), or with
-            ``warmup_factor`` constant at that fraction of it (the paper's ResNet-110: 0.1, about 1 epoch);
+            ``warmup_factor`` constant at that fraction of it (the paper's ResNet-110: 0.1, about 1 epoch).
+        warmup_factor: a constant warm-up at this fraction of the peak lr instead of the linear ramp.
         warmup_steps: or its length in optimizer steps (the paper's ResNet-110: about 400 iterations,
             independent of the epoch length); at most one of the two.
-        schedule: "cosine", "step" or "constant", per step;
+        schedule: "cosine", "step" or "constant", per optimizer step.
         milestones: epochs at which "step" multiplies the lr by ``gamma`` (fractions allowed: the nearest
             step, a half up).
+        gamma: the factor "step" multiplies the lr by at each milestone.
         milestone_steps: or the optimizer steps at which it does (the paper's CIFAR-10 recipe: 32000, 48000
             iterations); at most one of the two.
         channels_last: NHWC memory format for model and inputs (the fast layout for cuDNN on GPUs).

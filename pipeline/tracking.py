@@ -28,7 +28,15 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrackingConfig:
-    """Where metrics go. W&B is online only when WANDB_API_KEY is set (or WANDB_MODE says so)."""
+    """Where metrics go. W&B is online only when WANDB_API_KEY is set (or WANDB_MODE says so).
+
+    Args:
+        wandb: log to Weights & Biases (offline into RUN/wandb without WANDB_API_KEY; one run across restarts).
+        project: the W&B project.
+        name: the W&B run's display name (default: W&B's).
+        csv: log to RUN/csv/metrics.csv.
+        tensorboard: log to RUN/tensorboard.
+    """
 
     wandb: bool = True
     project: str = "resnet-pipeline"

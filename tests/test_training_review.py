@@ -902,3 +902,14 @@ def test_a_config_before_the_subcommand_is_refused_saying_where_it_goes(args):
     first key ("Option 'trainer.max_steps' is not accepted before subcommand 'fit'")."""
     proc = run_cli_in_process(*args)
     _fails_clearly(proc, 2, "--config goes after the subcommand: python -m pipeline fit --config FILE")
+
+
+def test_every_fit_option_has_a_description_in_its_help():
+    """`fit --help` showed SGD's momentum, nesterov and weight decay, the splits and every tracking.* and
+    checkpoint.* option with their type alone (their docstrings described them in groups, or not at all)."""
+    proc = run_module("pipeline", "fit", "--help")
+    lines = proc.stdout.splitlines()
+    bare = [line.split()[0] for line, after in zip(lines, lines[1:])
+            if re.match(r"^  --[\w.]+( \S+)?\s*$", line) and after.strip().startswith("(type:")]
+    assert not bare, bare
+    assert re.search(r"--model\.momentum MOMENTUM\s+SGD's momentum", proc.stdout), proc.stdout[:2000]
