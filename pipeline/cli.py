@@ -1030,10 +1030,10 @@ def main(argv: list[str] | None = None, cli: type[PipelineCLI] = PipelineCLI) ->
     # the best-k ModelCheckpoint after a validation that logged no val/top1: nothing to rank, not a misnamed
     # metric (pipeline.best_checkpoints ranks only after a validation)
     warnings.filterwarnings("ignore", message=r"`ModelCheckpoint\(monitor='val/top1'\)` could not find the monitored key")
-    # val/loss and val/samples are reduced over the ranks by hand (ImageClassifier.on_validation_epoch_end: the
-    # exact mean over all samples, where sync_dist would average the ranks' means, and the summed count);
-    # Lightning still advises sync_dist at every run
-    warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\('val/(loss|samples)', \.\.\., sync_dist=True\)`")
+    # val/ and test/ loss and samples are reduced over the ranks by hand (ImageClassifier.on_validation_epoch_end:
+    # the exact mean over all samples, where sync_dist would average the ranks' means, and the summed count);
+    # Lightning still advises sync_dist at every run (test's: under DeepSpeed, even with one rank)
+    warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\('(val|test)/(loss|samples)', \.\.\., sync_dist=True\)`")
     # Lightning 2.6 calls a torch API that torch 2.14 deprecates (internal to Lightning, once per run)
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
     # every resume: the checkpoint directory is the run's own, and fit resumes from it

@@ -318,3 +318,8 @@ def test_validate_scores_a_bf16_zero_checkpoint_in_bf16_as_its_training_did(digi
     with open(next((run / "validate" / "csv").rglob("metrics.csv"))) as f:
         again = [float(r["val/loss"]) for r in csv.DictReader(f) if r.get("val/loss")]
     assert again == logged, (logged, again, scored.stderr[-2000:])
+    tested = run_module("pipeline", "test", "--config", str(run / "config.yaml"),
+                        "--ckpt_path", str(run / "checkpoints" / "last.ckpt"))
+    with open(next((run / "test" / "csv").rglob("metrics.csv"))) as f:
+        assert [float(r["test/loss"]) for r in csv.DictReader(f) if r.get("test/loss")] == logged  # (val = test)
+    assert "It is recommended to use" not in tested.stderr, tested.stderr[-2000:]  # test/loss is reduced by hand
