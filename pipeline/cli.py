@@ -137,7 +137,7 @@ class CheckpointConfig:
 
     Args:
         every_n_train_steps: also save last.ckpt every N optimizer steps (0: only at epoch ends).
-        save_top_k: keep the best K checkpoints by val/top1 (best-epochE-stepS-top1=T.ckpt; 0: none).
+        save_top_k: keep the best K checkpoints by val/top1 (best-epochE-stepS-top1=T.ckpt; 0: none, -1: all).
         requeue: on SIGUSR1/SIGTERM under Slurm, requeue the job after the save.
     """
 
@@ -997,12 +997,14 @@ def _refuse_config_before_subcommand(args: list[str]) -> None:
     of every subcommand, nested under its name (``fit: {trainer: ...}``), so a config written for ``fit --config``
     was refused naming its first key (``Option 'trainer.max_steps' is not accepted before subcommand 'fit'``), and
     ``--print_config`` printed the defaults as if C were not there, exit 0."""
-    for arg in args:
-        if arg in ("fit", "validate", "test", "predict"):
+    subcommands = ("fit", "validate", "test", "predict")
+    for i, arg in enumerate(args):
+        if arg in subcommands:
             return
-        if arg in ("-c", "--config") or arg.startswith(("--config=", "-c=")):
-            raise ConfigError("--config goes after the subcommand: python -m pipeline fit --config FILE (before it, "
-                              "LightningCLI would read FILE's settings nested under the subcommand's name)")
+        if arg == "--config" or arg.startswith("--config=") or (arg.startswith("-c") and not arg.startswith("--")):
+            sub = next((a for a in args[i + 1:] if a in subcommands), "fit")
+            raise ConfigError(f"--config goes after the subcommand: python -m pipeline {sub} --config FILE (before "
+                              f"it, LightningCLI would read FILE's settings nested under the subcommand's name)")
 
 
 def main(argv: list[str] | None = None, cli: type[PipelineCLI] = PipelineCLI) -> int:

@@ -28,6 +28,12 @@ def _settings(path: Path) -> object:
     if isinstance(doc, dict):
         for key in NOT_COMPARED:
             doc.pop(key, None)
+        model = doc.get("model")
+        if isinstance(model, dict) and isinstance(model.get("arch_kwargs"), dict):
+            # a config written before the CLI saved `--model.arch_kwargs.plain false` as a boolean holds the word
+            from pipeline.models.registry import typed_options
+
+            model["arch_kwargs"] = typed_options(str(model.get("arch")), model["arch_kwargs"])
     return doc
 
 

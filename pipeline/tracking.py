@@ -33,7 +33,7 @@ class TrackingConfig:
     Args:
         wandb: log to Weights & Biases (offline into RUN/wandb without WANDB_API_KEY; one run across restarts).
         project: the W&B project.
-        name: the W&B run's display name (default: W&B's).
+        name: the W&B run's display name (default: the run directory's name).
         csv: log to RUN/csv/metrics.csv.
         tensorboard: log to RUN/tensorboard.
     """

@@ -895,13 +895,14 @@ def test_a_dotted_arch_option_is_saved_as_a_boolean_and_the_same_setting_again_i
 
 
 @pytest.mark.parametrize("args", [("--config", CONF, "fit", "--print_config"), (f"--config={CONF}", "fit"),
-                                  ("-c", CONF, "validate")])
+                                  ("-c", CONF, "validate"), (f"-c{CONF}", "fit")])
 def test_a_config_before_the_subcommand_is_refused_saying_where_it_goes(args):
     """LightningCLI reads a config before the subcommand as settings nested under the subcommand's name: with
     `--print_config` it printed the defaults (the file ignored), exit 0; without, a refusal naming the file's
     first key ("Option 'trainer.max_steps' is not accepted before subcommand 'fit'")."""
     proc = run_cli_in_process(*args)
-    _fails_clearly(proc, 2, "--config goes after the subcommand: python -m pipeline fit --config FILE")
+    sub = next(a for a in args if a in ("fit", "validate"))
+    _fails_clearly(proc, 2, f"--config goes after the subcommand: python -m pipeline {sub} --config FILE")
 
 
 def test_every_fit_option_has_a_description_in_its_help():
@@ -913,3 +914,14 @@ def test_every_fit_option_has_a_description_in_its_help():
             if re.match(r"^  --[\w.]+( \S+)?\s*$", line) and after.strip().startswith("(type:")]
     assert not bare, bare
     assert re.search(r"--model\.momentum MOMENTUM\s+SGD's momentum", proc.stdout), proc.stdout[:2000]
+
+
+def test_a_config_of_before_the_boolean_arch_options_is_no_change(tmp_path):
+    """A run started before the CLI saved dotted arch options as booleans has 'false' in RUN/config.yaml; its
+    first resume with the same setting said it changed (false -> false) and kept a copy."""
+    from pipeline.config_history import changed_settings, keep_earlier_config
+
+    old, new = tmp_path / "config.yaml", tmp_path / "new.yaml"
+    old.write_text("model:\n  arch: cifar_resnet20\n  arch_kwargs:\n    zero_init_residual: 'false'\n")
+    new.write_text("model:\n  arch: cifar_resnet20\n  arch_kwargs:\n    zero_init_residual: false\n")
+    assert changed_settings(old, new) == "" and keep_earlier_config(old, new, 3) is None
