@@ -112,6 +112,10 @@ def check_checkpoint_kind(strategy: Strategy, ckpt_path: str | Path | None, subc
             raise ConfigError(f"ckpt_path: {path} was saved by ZeRO stage {stage} and this run is stage {now}: "
                               f"DeepSpeed cannot load stage-3 shards into stages 1-2 or the other way; use "
                               f"{'deepspeed_stage_3' if stage == 3 else 'deepspeed_stage_1 or deepspeed_stage_2'}, or {elsewhere}")
+        if stage == 3 and subcommand in ("validate", "test"):  # DeepSpeed 0.19's engine without an optimizer
+            raise ConfigError(f"ckpt_path: {path} is a ZeRO-3 checkpoint, which DeepSpeed (0.19) cannot load for "
+                              f"{subcommand} (its evaluation engine fails in load_checkpoint: 'DeepSpeedZeRoOffload' "
+                              f"object has no attribute '_restore_from_bit16_weights'); {elsewhere}")
 
 
 def check_zero_shards(path: str | Path, world_size: int) -> None:

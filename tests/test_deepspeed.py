@@ -323,3 +323,30 @@ def test_validate_scores_a_bf16_zero_checkpoint_in_bf16_as_its_training_did(digi
     with open(next((run / "test" / "csv").rglob("metrics.csv"))) as f:
         assert [float(r["test/loss"]) for r in csv.DictReader(f) if r.get("test/loss")] == logged  # (val = test)
     assert "It is recommended to use" not in tested.stderr, tested.stderr[-2000:]  # test/loss is reduced by hand
+
+
+def test_validate_of_a_zero3_checkpoint_is_refused_with_the_way_that_works(digits_shards, tmp_path):
+    """DeepSpeed 0.19's evaluation engine (no optimizer) fails to load a ZeRO-3 checkpoint ('DeepSpeedZeRoOffload'
+    object has no attribute '_restore_from_bit16_weights', a traceback, exit 1). Refused in one line naming the
+    way that works: its weights alone, which score as the training logged."""
+    import csv
+
+    run = tmp_path / "z3"
+    proc = run_module(*_fit_args(digits_shards, run, 2, "--model.arch", "cifar_resnet8", "--trainer.strategy",
+                                 "deepspeed_stage_3_cpu", "--trainer.val_check_interval", "2",
+                                 "--checkpoint.every_n_train_steps", "0"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = run / "checkpoints" / "last.ckpt"
+    r = run_cli_in_process("validate", "--config", str(run / "config.yaml"), "--ckpt_path", str(last))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"error: ckpt_path: {last} is a ZeRO-3 checkpoint, which DeepSpeed (0.19) cannot load for validate (its "
+        f"evaluation engine fails in load_checkpoint: 'DeepSpeedZeRoOffload' object has no attribute "
+        f"'_restore_from_bit16_weights'); score its weights alone with --ckpt_path null --model.init_weights {last}")
+    scored = run_module("pipeline", "validate", "--config", str(run / "config.yaml"), "--ckpt_path", "null",
+                        "--model.init_weights", str(last))
+    with open(run / "csv" / "metrics.csv") as f:
+        logged = [float(row["val/loss"]) for row in csv.DictReader(f) if row.get("val/loss")]
+    with open(next((run / "validate" / "csv").rglob("metrics.csv"))) as f:
+        again = [float(row["val/loss"]) for row in csv.DictReader(f) if row.get("val/loss")]
+    assert len(logged) == 1 and again == logged, (logged, again, scored.stderr[-2000:])
