@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import weakref
 from dataclasses import replace
 from pathlib import Path
 
@@ -127,6 +128,7 @@ class ShardDataModule(pl.LightningDataModule):
         self._said_epoch_end: tuple[int, int, int] | None = None
         self._train_sampler: TrainSampler | None = None
         self._saved_global = 0  # world size x batch size of that checkpoint
+        self._dali_loaders: weakref.WeakSet = weakref.WeakSet()  # closed at teardown
 
     # ---- data -------------------------------------------------------------------------------------
     def _shards(self, split: str) -> ShardSet:
@@ -192,6 +194,13 @@ class ShardDataModule(pl.LightningDataModule):
         self.check_trainer_sampler()
         self.check_splits(stage, validating=self.trainer is None or self.trainer.limit_val_batches != 0)
         self.dataset_record()  # read now, with the shards: what every checkpoint of this start records
+
+    def teardown(self, stage: str) -> None:
+        """Stop the DALI pipelines when a fit, validate or test ends: their source workers and /dev/shm go
+        now, not whenever the garbage collector reaches the loaders (a ``test`` after ``fit`` in one process
+        would count the fit's workers' /dev/shm as still in use)."""
+        for loader in list(self._dali_loaders):
+            loader.close()
 
     @staticmethod
     def splits_read(stage: str, validating: bool = True) -> tuple[str, ...]:
@@ -388,12 +397,14 @@ class ShardDataModule(pl.LightningDataModule):
         if backend in ("dali", "dali-cpu"):
             from pipeline.data.dali_backend import DaliLoader
 
-            return DaliLoader(
+            loader = DaliLoader(
                 shards, sampler, self.augment, train=train, seed=self.seed, num_threads=self.num_workers,
                 cpu=backend == "dali-cpu", hw_decoder_load=self.dali_hw_decoder_load,
                 on_corrupt=self.on_corrupt, py_workers=self.dali_source_workers,
                 ranks_here=self.trainer.num_devices if self.trainer is not None else 1,
             )
+            self._dali_loaders.add(loader)
+            return loader
         from pipeline.data.synthetic import SyntheticLoader
 
         size = self.augment.train_size if train else self.augment.val_size

@@ -126,10 +126,21 @@ def _start() -> SlurmCluster:
         unavailable_here(f"cannot install Slurm here: {proc.stderr.strip().splitlines()[-1]}")
     if proc.returncode != 0:
         raise RuntimeError(f"test cluster did not start:\n{proc.stdout}\n{proc.stderr}")
+    _stop_when_gone(os.getpid(), d)
     conf = d / "cluster" / "etc" / "slurm.conf"
     client_env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     client_env["SLURM_CONF"] = str(conf)
     return SlurmCluster(dir=d, env=client_env)
+
+
+def _stop_when_gone(pid: int, d: Path) -> None:
+    """Stop the cluster once process ``pid`` has ended, however it ended. A pytest worker that crashed, or that
+    pytest-timeout ended with os._exit, ran no fixture teardown: its slurmctld, slurmd, slurmdbd and MariaDB
+    ran on, orphans, after the suite. (After a normal teardown, a stop of the removed folder does nothing.)"""
+    watch = 'while kill -0 "$1" 2>/dev/null; do sleep 2; done; bash "$2" stop "$3"; rm -rf "$4"'
+    _state["guard"] = subprocess.Popen(["bash", "-c", watch, "stop-when-gone", str(pid), str(SCRIPT),
+                                        str(d / "cluster"), str(d)], stdin=subprocess.DEVNULL,
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
 def _stop(cluster: SlurmCluster) -> None:

@@ -144,6 +144,59 @@ def test_yields_the_contract_order_epoch_after_epoch(digits_shards, py_workers):
     assert sorted(os.listdir(loader._plan_dir)) == [f"plan-{e}.npy" for e in range(len(epochs))][-2:]
 
 
+def test_a_loader_left_to_the_garbage_collector_stops_its_pipeline_before_its_source_workers(digits_shards,
+                                                                                               monkeypatch):
+    """A loader in a reference cycle (the trainer's objects are) is freed by the cyclic garbage collector, which
+    calls weakref callbacks (DALI's close of the source workers' pool) before ``__del__`` (the pipeline's
+    executor shutdown): the executor ran on, mid-epoch, over a closed pool. CI's one segfault (in a thread of
+    DALI's, a loader with source workers alive, the pytest worker in its own code) may have been this. The
+    executor stops first now."""
+    import gc
+
+    from nvidia.dali import pipeline as dali_pipeline
+    from nvidia.dali._multiproc import pool as dali_pool
+
+    events = []
+    close, shutdown = dali_pool.WorkerPool.close, dali_pipeline.Pipeline._shutdown
+    monkeypatch.setattr(dali_pool.WorkerPool, "close", lambda pool: (events.append("pool closed"), close(pool)))
+    monkeypatch.setattr(dali_pipeline.Pipeline, "_shutdown", lambda pipe: (
+        pipe._pipe is not None and events.append("executor stopped"), shutdown(pipe)))
+    shards = ShardSet(digits_shards, "train")
+    cfg = AugmentConfig(recipe="cifar", train_size=32, val_size=32, flip=False)
+    sampler = TrainSampler(shards.shard_sizes, seed=3, world_size=1, rank=0, batch_size=50)
+    loader = dali(shards, sampler, cfg, train=True, py_workers=2)
+    batches = iter(loader)
+    next(batches)  # mid-epoch: batches in flight
+    workers = list(loader._watchdog.workers)
+    loader.cycle = loader
+    del loader, batches
+    gc.collect()
+    assert events[:2] == ["executor stopped", "pool closed"], events
+    for w in workers:
+        w.join(30)
+    assert all(w.exitcode is not None for w in workers)
+
+
+def test_the_datamodule_stops_its_dali_pipelines_at_teardown(digits_shards):
+    """Lightning's teardown of a fit, validate or test stops the loaders' pipelines and source workers at once."""
+    from pipeline.datamodule import ShardDataModule
+
+    dm = ShardDataModule(root=str(digits_shards), backend="dali-cpu", batch_size=50, val_batch_size=50,
+                         num_workers=1, dali_source_workers=2,
+                         augment=AugmentConfig(recipe="cifar", train_size=32, val_size=32))
+    dm.setup("validate")
+    loader = dm.val_dataloader()
+    next(iter(loader))
+    workers = list(loader._watchdog.workers)
+    assert len(workers) == 2 and loader._pipe is not None
+    dm.teardown("validate")
+    assert loader._pipe is None
+    for w in workers:
+        w.join(30)
+    assert all(w.exitcode is not None for w in workers)
+    assert len(list(itertools.islice(iter(loader), len(loader)))) == len(loader), "a closed loader starts afresh"
+
+
 def test_an_abandoned_epoch_does_not_leak_into_the_next(digits_shards):
     shards = ShardSet(digits_shards, "train")
     cfg = AugmentConfig(recipe="cifar", train_size=32, val_size=32)

@@ -129,7 +129,7 @@ class DaliLoader:
         self.ranks_here = max(1, int(ranks_here))
         self.corrupt_seen = 0
         self._plan_dir = temp_folder("dali-plan-", "the DALI loader writes its epoch plans to")
-        self._pipe = None
+        self._live = LivePipeline()
         self._watchdog = WorkerWatchdog(  # over the live pipeline's source worker processes
             "a DALI source worker process",
             "DALI cannot go on without it (data.dali_source_workers 0 reads the samples in the training process instead)",
@@ -138,10 +138,23 @@ class DaliLoader:
         self._clean = False  # the live pipeline ended its last epoch and can be reset for the next
         self._device = torch.device("cpu")
         self._shm_key = next(_LOADER_KEYS)  # its entry in _SHM_HELD while its pipeline lives
-        self._finalizer = weakref.finalize(self, _release, self._plan_dir, self._watchdog, self._shm_key)
+        self._finalizer = weakref.finalize(self, _release, self._plan_dir, self._watchdog, self._shm_key, self._live)
 
     def __len__(self) -> int:
         return len(self.sampler)
+
+    @property
+    def _pipe(self):
+        return self._live.pipe
+
+    @_pipe.setter
+    def _pipe(self, pipe) -> None:
+        self._live.pipe = pipe
+
+    def close(self) -> None:
+        """Stop the pipeline and its source workers now (their /dev/shm freed); the next iteration builds a
+        fresh one. The datamodule calls it when a fit, validate or test ends."""
+        self._close()
 
     def set_epoch(self, epoch: int) -> None:
         if hasattr(self.sampler, "set_epoch"):
@@ -255,9 +268,10 @@ class DaliLoader:
         if dead is not None:  # between epochs: fresh workers for the next one
             log.warning("%s Starting fresh source workers.", describe_death(dead, self._watchdog.what))
             with self._watchdog.waiting():  # DALI's close waits forever on a queue lock the dead worker held
-                self._pipe = None
+                self._live.shut_down()
         self._watchdog.stop()
-        self._pipe, self._clean, self._pipe_epoch = None, False, -1  # DALI stops its workers on deletion
+        self._live.shut_down()  # its source workers too
+        self._clean, self._pipe_epoch = False, -1
         _SHM_HELD.pop(self._shm_key, None)
 
     def _start(self, plan: np.ndarray) -> None:
@@ -432,10 +446,33 @@ def _one_torch_thread():
         torch.set_num_threads(previous)
 
 
-def _release(plan_dir: str, watchdog: WorkerWatchdog, shm_key: int) -> None:
+class LivePipeline:
+    """A loader's DALI pipeline, held apart from the loader so that the loader's finalizer can shut it down.
+
+    A pipeline that only the cyclic garbage collector frees (its loader in a reference cycle, as the trainer's
+    objects are) had its source workers' pool closed before its own executor stopped: there weakref callbacks
+    (the pool's close) run before ``__del__`` (the executor's shutdown), the reverse of a free by reference
+    count (tests/test_dali_backend.py records the order). Held here, the pipeline outlives its loader until
+    ``shut_down`` has stopped its executor, and is then freed in the safe order.
+    """
+
+    def __init__(self) -> None:
+        self.pipe = None
+
+    def shut_down(self) -> None:
+        """Stop the executor (DALI's own exit hook calls the same ``_shutdown``), then drop the pipeline,
+        which closes its source workers' pool."""
+        pipe, self.pipe = self.pipe, None
+        shutdown = getattr(pipe, "_shutdown", None)
+        if shutdown is not None:
+            shutdown()
+
+
+def _release(plan_dir: str, watchdog: WorkerWatchdog, shm_key: int, live: LivePipeline) -> None:
     _SHM_HELD.pop(shm_key, None)
     if watchdog.dead() is None:  # else it stays to end a process that DALI's close would hang
         watchdog.stop()
+        live.shut_down()
     shutil.rmtree(plan_dir, ignore_errors=True)
 
 
