@@ -23,12 +23,10 @@ demo: setup
 # Most tests start training processes that spend seconds importing on one core: two at a time use both
 # cores of a CI machine. TEST_WORKERS=0 runs them one by one in this process. The 25 slowest tests are
 # listed at the end: where CI's minutes go. A worker that crashes (a segfault, or pytest-timeout ending a test
-# that hung: pyproject.toml) ends the run with that test failed: pytest-xdist 3.8's restart of a crashed
-# worker under --dist loadfile could leave the other worker waiting for tests forever (seen in CI, and again
-# with a crash made on purpose).
+# that hung) ends the run with that test failed, not restarted (pyproject.toml says why).
 TEST_WORKERS ?= 2
 test: setup
-	$(PYTHON) -m pytest -q --durations=25 $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --max-worker-restart 0)
+	$(PYTHON) -m pytest -q --durations=25 $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 bench-prep: setup
 	$(PYTHON) bench/prep.py

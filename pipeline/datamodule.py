@@ -196,9 +196,9 @@ class ShardDataModule(pl.LightningDataModule):
         self.dataset_record()  # read now, with the shards: what every checkpoint of this start records
 
     def teardown(self, stage: str) -> None:
-        """Stop the DALI pipelines when a fit, validate or test ends: their source workers and /dev/shm go
-        now, not whenever the garbage collector reaches the loaders (a ``test`` after ``fit`` in one process
-        would count the fit's workers' /dev/shm as still in use)."""
+        """Stop the DALI pipelines when a fit, validate or test ends normally (Lightning skips it after an
+        exception): their source workers and /dev/shm go now, not whenever the garbage collector reaches the
+        loaders (a ``test`` after ``fit`` in one process would count the fit's workers' /dev/shm as in use)."""
         for loader in list(self._dali_loaders):
             loader.close()
 
