@@ -73,6 +73,9 @@ class ShardDataModule(pl.LightningDataModule):
         dali_source_workers: processes that read the samples' bytes and draw their crops for DALI (dali,
             dali-cpu); 0 reads them in the training process. Default: 0 for dali-cpu,
             max(1, min(4, num_workers // 2)) for dali.
+        prefetch_batches: batches prepared ahead: per loader process for the cpu backend (torch's prefetch_factor,
+            default 2), in DALI's queue for dali (default 3) and dali-cpu (default 2). More evens out slow
+            batches, at the cost of memory (``/dev/shm`` for the cpu backend's processes).
     """
 
     def __init__(
@@ -92,6 +95,7 @@ class ShardDataModule(pl.LightningDataModule):
         augment: AugmentConfig | None = None,
         dali_hw_decoder_load: float = 0.75,
         dali_source_workers: int | None = None,
+        prefetch_batches: int | None = None,
     ) -> None:
         super().__init__()
         if backend not in BACKENDS:
@@ -108,6 +112,8 @@ class ShardDataModule(pl.LightningDataModule):
         require(0 <= dali_hw_decoder_load <= 1, "data.dali_hw_decoder_load", "in [0, 1]", dali_hw_decoder_load)
         require(dali_source_workers is None or dali_source_workers >= 0, "data.dali_source_workers",
                 ">= 0 (or null for the default)", dali_source_workers)
+        require(prefetch_batches is None or prefetch_batches >= 1, "data.prefetch_batches",
+                ">= 1 (or null for the backend's default)", prefetch_batches)
         self.root, self.train_split, self.val_split = root, train_split, val_split
         self.test_split = test_split or val_split
         self.backend = backend
@@ -119,6 +125,7 @@ class ShardDataModule(pl.LightningDataModule):
         self.augment.check()
         self.dali_hw_decoder_load = dali_hw_decoder_load
         self.dali_source_workers = dali_source_workers
+        self.prefetch_batches = prefetch_batches
         self._dataset_record: dict | None = None  # the digests of the data read at the start (dataset_record)
         self._train: ShardSet | None = None
         self._val: ShardSet | None = None
@@ -381,7 +388,7 @@ class ShardDataModule(pl.LightningDataModule):
                 batch = self.batch_size if train else self.val_batch_size
                 size = self.augment.train_size if train else self.augment.val_size
                 ranks_here = trainer.num_devices if trainer is not None else 1
-                if warning := shortage(batch, size, self.num_workers, ranks_here):
+                if warning := shortage(batch, size, self.num_workers, ranks_here, self._cpu_prefetch()):
                     log.warning(warning)
             return torch.utils.data.DataLoader(
                 dataset,
@@ -390,7 +397,7 @@ class ShardDataModule(pl.LightningDataModule):
                 num_workers=self.num_workers,
                 persistent_workers=self.num_workers > 0,
                 pin_memory=torch.cuda.is_available(),
-                prefetch_factor=2 if self.num_workers > 0 else None,
+                prefetch_factor=self._cpu_prefetch() if self.num_workers > 0 else None,
                 multiprocessing_context=worker_context(method) if self.num_workers > 0 else None,
                 worker_init_fn=shield_worker,  # Slurm signals the workers too
             )
@@ -400,7 +407,7 @@ class ShardDataModule(pl.LightningDataModule):
             loader = DaliLoader(
                 shards, sampler, self.augment, train=train, seed=self.seed, num_threads=self.num_workers,
                 cpu=backend == "dali-cpu", hw_decoder_load=self.dali_hw_decoder_load,
-                on_corrupt=self.on_corrupt, py_workers=self.dali_source_workers,
+                on_corrupt=self.on_corrupt, py_workers=self.dali_source_workers, prefetch=self.prefetch_batches,
                 ranks_here=self.trainer.num_devices if self.trainer is not None else 1,
             )
             self._dali_loaders.add(loader)
@@ -409,6 +416,9 @@ class ShardDataModule(pl.LightningDataModule):
 
         size = self.augment.train_size if train else self.augment.val_size
         return SyntheticLoader(sampler, size, shards.num_classes)
+
+    def _cpu_prefetch(self) -> int:
+        return self.prefetch_batches or 2  # torch's own default
 
     # ---- position in the checkpoint -----------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 # is mounted, and the config files' paths (their values are compared)
 PER_NODE_SETTINGS = frozenset({
     "config", "data.root", "data.num_workers", "data.worker_start_method", "data.dali_hw_decoder_load",
-    "data.dali_source_workers", "trainer.devices", "trainer.default_root_dir",
+    "data.dali_source_workers", "data.prefetch_batches", "trainer.devices", "trainer.default_root_dir",
 })
 CODE_PACKAGES = ("pipeline", "data_prep")  # the code a training process runs
 FIELDS = ("software", "code", "settings", "dataset")  # compared in this order; the first that differs is named

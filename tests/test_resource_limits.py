@@ -379,6 +379,9 @@ def test_the_loader_warns_at_start_when_dev_shm_is_smaller_than_its_batches_in_f
         assert "--shm-size" in warning and "data.num_workers" in warning
         assert shortage(64, 32, 2, 1, path=str(shm)) is None
         assert "x 2 workers" in shortage(64, 32, 2, 80, path=str(shm))  # 80 ranks on one machine: 78 MiB
+        assert shortage(256, 32, 2, 1, path=str(shm)) is None  # batches of 0.8 MiB: 5 of them fit
+        said = shortage(256, 32, 2, 1, 50, path=str(shm))  # data.prefetch_batches 50: 101 of them do not
+        assert "(1 rank x 2 workers x 50 prefetched + 1, batches of 256 at 32 px)" in said, said
     finally:
         subprocess.run(["umount", str(shm)], check=True)
 

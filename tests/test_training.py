@@ -136,6 +136,7 @@ def test_model_settings_are_checked(kwargs, needle):
         ({"window_shards": 0}, "data.window_shards must be >= 1"),
         ({"dali_hw_decoder_load": 1.5}, "data.dali_hw_decoder_load must be in [0, 1]"),
         ({"dali_source_workers": -1}, "data.dali_source_workers must be >= 0"),
+        ({"prefetch_batches": 0}, "data.prefetch_batches must be >= 1"),
         ({"on_corrupt": "ignore"}, "data.on_corrupt must be 'fail' or 'skip'"),
         ({"augment": {"train_size": 0}}, "data.augment.train_size must be in [1, 4096]"),
         ({"augment": {"pad": -1}}, "data.augment.pad must be in [0, data.augment.train_size]"),
@@ -153,6 +154,28 @@ def test_data_settings_are_checked(kwargs, needle, tmp_path):
     with pytest.raises(ConfigError, match=re.escape(needle)):
         ShardDataModule(root=str(tmp_path), **kwargs)
     ShardDataModule(root=str(tmp_path), augment=AugmentConfig(recipe="cifar"))  # the defaults pass
+
+
+@pytest.mark.parametrize("prefetch", [None, 5])
+def test_prefetch_batches_reaches_each_backend(digits_shards, prefetch):
+    """data.prefetch_batches is the cpu loader's prefetch_factor (and its /dev/shm estimate's: test_resource_limits)
+    and DALI's queue depth; unset, each keeps its default (2; 2 on dali-cpu)."""
+    from pipeline.data.augment import AugmentConfig
+    from pipeline.datamodule import ShardDataModule
+
+    def loader(backend: str, workers: int):
+        dm = ShardDataModule(root=str(digits_shards), backend=backend, num_workers=workers, batch_size=64,
+                             prefetch_batches=prefetch, augment=AugmentConfig(recipe="cifar", train_size=32,
+                                                                               val_size=32))
+        dm.setup("fit")
+        return dm, dm.val_dataloader()
+
+    dm, cpu = loader("cpu", 3)
+    assert cpu.prefetch_factor == (prefetch or 2)
+    assert dm._cpu_prefetch() == (prefetch or 2)
+    dm, dali = loader("dali-cpu", 1)
+    assert dali.prefetch == (prefetch or 2)
+    dm.teardown("fit")
 
 
 def test_a_normalised_float16_batch_runs_under_every_precision():

@@ -122,13 +122,15 @@ def batch_bytes(batch: int, size: int) -> int:
     return sum(-(-n // page) * page for n in (batch * 3 * size * size, batch * 8, batch))
 
 
-def shortage(batch: int, size: int, workers: int, ranks_here: int, path: str = SHM) -> str | None:
-    """A warning when ``path`` has less room than the loader's workers may fill: 2 batches prefetched per
+def shortage(batch: int, size: int, workers: int, ranks_here: int, prefetch: int = 2,
+             path: str = SHM) -> str | None:
+    """A warning when ``path`` has less room than the loader's workers may fill: ``prefetch`` batches per
     worker (the DataLoader's prefetch_factor) and the one in use, for each rank on this machine; None when
     it has room (or cannot be read)."""
-    need = (2 * workers + 1) * batch_bytes(batch, size) * ranks_here
+    need = (prefetch * workers + 1) * batch_bytes(batch, size) * ranks_here
     if (space := _lacking(need, path)) is None:
         return None
     return (f"warning: {path} has {_mib(space[1])} free of {_mib(space[0])}, and the cpu loader may hold "
-            f"{_mib(need)} of batches there ({plural(ranks_here, 'rank')} x {plural(workers, 'worker')} x 2 prefetched + 1, batches "
+            f"{_mib(need)} of batches there ({plural(ranks_here, 'rank')} x {plural(workers, 'worker')} x "
+            f"{prefetch} prefetched + 1, batches "
             f"of {batch} at {size} px): a full {path} stops the run; {MORE_SHM}, or {LOWER['cpu']}")
