@@ -4,7 +4,7 @@ Lightning counts FLOPs only by running an ``example_input_array`` through the mo
 would then be compiled for a batch of one); without one its summary prints 0. Here the same module class
 is built on the meta device (shapes only: no memory, no compute) and one image of the training size goes
 through it under a ``FlopCounterMode`` that then becomes the summary's: the FLOPs of one image's forward pass, per layer
-and in total, as torch counts them (2 per multiply-add: ResNet-50 8.2 G, i.e. the 4.1 G multiply-adds of
+and in total, as torch counts them (2 per multiply-add: ResNet-50 8.2 B, i.e. the 4.1 G multiply-adds of
 docs/models.md).
 """
 

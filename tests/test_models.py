@@ -553,3 +553,13 @@ def test_he_initialisation(name):
     fc = model.fc
     bound = 1 / fc.in_features ** 0.5
     assert fc.weight.abs().max() <= bound and fc.weight.abs().max() > 0.9 * bound
+
+
+def test_every_registered_net_is_a_function_of_the_package() -> None:
+    """``from pipeline.models import cifar_resnet1202`` as for resnet50: the package names every registered net
+    (cifar_resnet8 and 1202 were only in ``build``)."""
+    import pipeline.models as models
+    from pipeline.models import PLAIN_PREFIX, available
+
+    for name in (n for n in available() if not n.startswith(PLAIN_PREFIX)):
+        assert callable(getattr(models, name, None)) and name in models.__all__, name
