@@ -16,7 +16,7 @@ from pipeline.wording import plural
 
 from .done_records import READ_FAILURE
 from .errors import PrepError
-from .format import REJECTS_NAME, SPLIT_NAME, ManifestError
+from .format import MANIFEST_NAME, REJECTS_NAME, SPLIT_NAME, WORK_DIR, ManifestError
 
 _UNITS = {"B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4,
           "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4}
@@ -135,6 +135,16 @@ def _run_dir_marks(out: Path) -> list[str]:
     return [name for name in names if (out / name.rstrip("/")).exists()] if out.is_dir() else []
 
 
+def _foreign_shards(out: Path) -> list[str]:
+    """Files in ``out`` named like shards or indexes (``SPLIT-NNNNNN.tar``/``.idx``) where this tool has not
+    been (no manifest, no ``.work/``): a WebDataset ShardWriter's output, another dataset's. A prep into that
+    folder overwrote the ones its plan named and deleted the rest as stale, exit 0, without a word."""
+    if not out.is_dir() or (out / MANIFEST_NAME).exists() or (out / WORK_DIR).exists():
+        return []
+    named = re.compile(r"[A-Za-z0-9_-]+-\d{6}\.(tar|idx)")
+    return sorted(p.name for p in out.iterdir() if named.fullmatch(p.name))
+
+
 def _run_dir_above(out: Path) -> Path | None:
     """The training run directory ``out`` lies in, if any: a folder above it with this project's own run files
     (``wandb_run_id``, ``train.sbatch`` or ``checkpoints/last.ckpt``; a mere ``checkpoints/`` folder beside a
@@ -197,6 +207,11 @@ def _check_common(args) -> tuple:
         raise PrepError(f"{args.out}: output folder is a training run directory (it holds {', '.join(marks)}); "
                         "prepare the shards into a folder of their own (e.g. data/NAME) and point the run's "
                         "--data.root at it")
+    if foreign := _foreign_shards(args.out):
+        raise PrepError(f"{args.out}: output folder holds {plural(len(foreign), 'shard-named file')} ({foreign[0]}"
+                        f"{', ...' if len(foreign) > 1 else ''}) but no {MANIFEST_NAME} or {WORK_DIR}/: not shards this "
+                        "tool wrote, which it would overwrite or delete as stale; move them, or prepare into another "
+                        "folder")
     if run := _run_dir_above(args.out):  # e.g. RUN/checkpoints: shards among the checkpoints
         raise PrepError(f"{args.out}: output folder is inside the training run directory {run}; prepare the shards "
                         "into a folder of their own (e.g. data/NAME) and point the run's --data.root at it")

@@ -832,6 +832,33 @@ def test_a_split_whose_every_input_is_rejected_ends_with_an_error(tmp_path, caps
     assert r.returncode == 0 and "val: 2 samples in 1 shard, 0 rejected\n" in r.stdout, r.stdout + r.stderr
 
 
+def test_output_folder_with_shards_this_tool_did_not_write_is_refused(tmp_path):
+    """OUT holding SPLIT-NNNNNN.tar files that no data_prep wrote (no manifest.json, no .work/: a WebDataset
+    ShardWriter's shards, another dataset's) was prepared into: the plan's names overwritten, the rest deleted as
+    stale, exit 0, without a word. Refused now, every file as it was; with the tool's own records there the
+    same folder is an OUT again."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    write_imagefolder(src, ["a", "b"], per_class=2)
+    out.mkdir()
+    for i in range(3):
+        (out / f"train-{i:06d}.tar").write_bytes(b"someone else's shard %d" % i)
+    (out / "README").write_text("my other dataset\n")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    r = run_cli("imagefolder", str(src), str(out), "--split", "train", "--no-progress")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert (f"{out}: output folder holds 3 shard-named files (train-000000.tar, ...) but no manifest.json or .work/"
+            in r.stderr), r.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    r = run_cli("imagefolder", str(src), str(out), "--split", "val", "--no-progress")  # another split: the same
+    assert r.returncode == 2 and "shard-named files" in r.stderr, r.stderr
+    for name in [n for n in before if n.endswith(".tar")]:
+        (out / name).unlink()
+    r = run_cli("imagefolder", str(src), str(out), "--split", "train", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("imagefolder", str(src), str(out), "--split", "train", "--no-progress")  # its own shards: a rerun
+    assert r.returncode == 0 and (out / "README").read_text() == "my other dataset\n", r.stderr
+
+
 def test_output_folder_that_is_a_training_run_directory_is_refused(tmp_path):
     """A run directory (checkpoints/, wandb_run_id) given as OUT was prepared into: shards and a manifest among a
     run's checkpoints, then trained from with --data.root RUN. Refused before anything is written there; the
