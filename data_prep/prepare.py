@@ -9,13 +9,14 @@ from pipeline.wording import plural
 
 from .class_list import claim_classes, claimed_classes, follow_classes
 from .errors import PrepError
-from .format import MANIFEST_NAME, ManifestError, index_name, load_manifest, shard_name
+from .format import MANIFEST_NAME, ManifestError, index_name, load_manifest, plan_path, shard_name
 from .holdout import SETTINGS, check_rerun, with_partners
 from .imagefolder import Scan
 from .manifest import finalize, write_plan_record
 from .manifest_lock import manifest_lock
 from .older_plans import SRC_ABSOLUTE_SINCE, built_before_mtimes, respell_records, why_rebuilt
 from .plan import ShardJob, plan_shards
+from .plan_record import BrokenPlan, read_plan
 from .runner import run_jobs, write_json_atomic
 from .stale_entry import why_stale
 from .validate import EncodeOptions
@@ -82,11 +83,32 @@ def prepare_splits(out: Path, parts: list[SplitPart], source: str, opts: EncodeO
         run_jobs(out, mine, opts, workers, show_progress=show_progress, label=label)
         done.append((label, len(mine), len(jobs)))
     if num_tasks == 1:
+        for split, jobs in planned:
+            _check_plan_is_ours(out, split, jobs)
         return finalize(out, names)
     for label, mine_n, jobs_n in done:
         are = "is" if mine_n == 1 else "are"
         print(f"{label}: this task's {mine_n} of the split's {plural(jobs_n, 'shard')} {are} done", file=sys.stderr)
     return None
+
+
+def _check_plan_is_ours(out: Path, split: str, jobs: list[ShardJob]) -> None:
+    """Refuse to finalize `split` when its plan on disk is no longer the one this run wrote: another prep
+    command of the split, run at the same time with other inputs or settings, planned after it. Finalizing
+    then merged the other command's shards, deleted this one's as stale, and said the other's count, exit 0.
+    (The shards named alike were overwritten by both: only a rerun of one command mends the split.)"""
+    try:
+        plan = read_plan(out, split)
+    except BrokenPlan:
+        return  # finalize says what is wrong with it
+    if plan is None or [s["plan_hash"] for s in plan["shards"]] == [j.plan_hash for j in jobs]:
+        return
+    raise PrepError(f"split {split!r}: another prep command of this split replaced its plan while this one ran "
+                    f"({plan_path(out, split)} now plans {plural(len(plan['shards']), 'shard')} from "
+                    f"{plan.get('split_source', plan.get('source'))}, this run planned {plural(len(jobs), 'shard')}): "
+                    "two prep commands of one split at once, with other inputs or settings, overwrite each other's "
+                    "shards, so the split now mixes both; once the other has ended, rerun the prep command of the one "
+                    "you want (it keeps the shards built to its plan)")
 
 
 def _unlist_changing_splits(out: Path, planned: list[tuple[str, list[ShardJob]]],

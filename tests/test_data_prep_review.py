@@ -859,6 +859,32 @@ def test_output_folder_with_shards_this_tool_did_not_write_is_refused(tmp_path):
     assert r.returncode == 0 and (out / "README").read_text() == "my other dataset\n", r.stderr
 
 
+def test_a_prep_whose_plan_another_command_replaced_while_it_ran_says_so(tmp_path, monkeypatch, capsys):
+    """Two prep commands of one split at once with other SRCs: the one that planned first finalized the other's
+    plan, printed the other's count ("200 samples in 7 shards" of its 1,500) and exited 0, its own shards deleted
+    as stale (and the other's overwritten under the same names). Now it says so, exit 2; a rerun mends the split."""
+    import data_prep.prepare as prepare
+
+    big, small, out = tmp_path / "big", tmp_path / "small", tmp_path / "out"
+    write_imagefolder(big, ["a", "b"], per_class=6)
+    write_imagefolder(small, ["a", "b"], per_class=2, seed=3)
+    args = ["--split", "train", "--samples-per-shard", "2", "--workers", "1", "--no-progress"]
+    real = prepare.run_jobs
+
+    def run_jobs_after_the_other(*a, **kw):  # the other command plans, builds and finalizes meanwhile
+        monkeypatch.setattr(prepare, "run_jobs", real)
+        assert main(["imagefolder", str(small), str(out), *args]) == 0
+        return real(*a, **kw)
+
+    monkeypatch.setattr(prepare, "run_jobs", run_jobs_after_the_other)
+    code = main(["imagefolder", str(big), str(out), *args])
+    err = capsys.readouterr().err
+    assert code == 2 and "split 'train': another prep command of this split replaced its plan while this one ran " \
+        f"({out}/.work/train/plan.json now plans 2 shards from {small}, this run planned 6 shards)" in err, err
+    assert main(["imagefolder", str(big), str(out), *args]) == 0  # alone: its own split, whole
+    assert load_manifest(out)["splits"]["train"]["samples"] == 12 and main(["verify", str(out)]) == 0
+
+
 def test_output_folder_that_is_a_training_run_directory_is_refused(tmp_path):
     """A run directory (checkpoints/, wandb_run_id) given as OUT was prepared into: shards and a manifest among a
     run's checkpoints, then trained from with --data.root RUN. Refused before anything is written there; the
