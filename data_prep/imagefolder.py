@@ -86,6 +86,11 @@ def scan_imagefolder(src: Path, split: str | None = None) -> Scan:
             (top.lower() in TRAIN_NAMES) != (split.lower() in TRAIN_NAMES):  # CIFAR's test/ as val is fine
         raise PrepError(f"{src}: holds only the split folder {top!r}, but --split is {split!r}; pass "
                         f"--split {top}, or the source of the {split!r} split")
+    named_as = Path(src).name
+    if top is None and split is not None and named_as.lower() in SPLIT_NAMES and \
+            (named_as.lower() in TRAIN_NAMES) != (split.lower() in TRAIN_NAMES):  # SRC itself: .../train
+        raise PrepError(f"{src}: is a split folder named {named_as!r}, but --split is {split!r}; pass --split "
+                        f"{named_as}, or the source of the {split!r} split")
     if top is not None and split is not None and top.lower() in SPLIT_NAMES and split.lower() not in SPLIT_NAMES:
         # a typo (--split tset) would otherwise become a split that no config names
         print(f"data_prep: note: {src} holds the split folder {top!r}; writing it as split {split!r} "

@@ -885,6 +885,25 @@ def test_a_prep_whose_plan_another_command_replaced_while_it_ran_says_so(tmp_pat
     assert load_manifest(out)["splits"]["train"]["samples"] == 12 and main(["verify", str(out)]) == 0
 
 
+def test_a_split_from_a_folder_named_as_another_split_is_refused(tmp_path):
+    """The up-arrow mistake: `--split train` edited into `--split test`, SRC (.../train) left as it was. The test
+    split held the training images, exit 0. Refused now by SRC's own name, as a wrapper folder holding only
+    train/ already was; CIFAR's test/ may still become val."""
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    write_imagefolder(raw / "train", ["a", "b"], per_class=3)
+    write_imagefolder(raw / "test", ["a", "b"], per_class=2, seed=5)
+    args = ["--samples-per-shard", "4", "--workers", "1", "--no-progress"]
+    assert run_cli("imagefolder", str(raw / "train"), str(out), "--split", "train", *args).returncode == 0
+    r = run_cli("imagefolder", str(raw / "train"), str(out), "--split", "test", *args)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert f"{raw / 'train'}: is a split folder named 'train', but --split is 'test'; pass --split train, or the " \
+        "source of the 'test' split" in r.stderr, r.stderr
+    r = run_cli("imagefolder", str(raw / "test"), str(out), "--split", "train", *args)  # and the other way round
+    assert r.returncode == 2 and "is a split folder named 'test', but --split is 'train'" in r.stderr, r.stderr
+    assert set(load_manifest(out)["splits"]) == {"train"}
+    assert run_cli("imagefolder", str(raw / "test"), str(out), "--split", "val", *args).returncode == 0
+
+
 def test_output_folder_that_is_a_training_run_directory_is_refused(tmp_path):
     """A run directory (checkpoints/, wandb_run_id) given as OUT was prepared into: shards and a manifest among a
     run's checkpoints, then trained from with --data.root RUN. Refused before anything is written there; the
