@@ -81,7 +81,7 @@ from pipeline.provenance_callback import ProvenanceRecord
 from pipeline.resume_geometry import Geometry, LoopPosition, adapt, expected_world_size
 from pipeline.rng_state import RNGState
 from pipeline.time_limit import time_limit_reached
-from pipeline.run_dir_access import check_run_dir_reachable, check_run_dir_writable
+from pipeline.run_dir_access import check_run_dir_is_no_dataset, check_run_dir_reachable, check_run_dir_writable
 from pipeline.run_dir_still_ours import RunDirStillOurs
 from pipeline.run_layout import (BEST_FILENAME, BEST_GLOB, CHECKPOINTS_DIR, CONFIG_FILE, CSV_DIR,
                                  LAST_CHECKPOINT, BRANCH_FILE, RUN_ID_FILE, TENSORBOARD_DIR, WANDB_DIR, best_top1,
@@ -549,6 +549,7 @@ class PipelineCLI(LightningCLI):
                 raise ConfigError(f"trainer.{limit_key} is 0: {sub} would score no batch")
             if sub in ("validate", "test"):  # (None: a CLI built with run=False, as tests do)
                 check_run_dir_reachable(run_dir)  # before its last.ckpt is looked for
+                check_run_dir_is_no_dataset(run_dir)
                 self._default_checkpoint(cfg, sub, last)
             meta = self._check_checkpoint(cfg.get("ckpt_path"))
             self._ckpt_hparams = meta.get("hyper_parameters") or {}
@@ -566,6 +567,7 @@ class PipelineCLI(LightningCLI):
         for line in ignored_schedule_settings(cfg.model):
             _say(f"warning: {line}")
         check_run_dir_reachable(run_dir)  # the lock's own look at the path would be a PermissionError traceback
+        check_run_dir_is_no_dataset(run_dir)  # (the lock file would be the first thing left among the shards)
         self._run_lock = RunDirLock(run_dir)  # before anything in the run directory is touched
         self._run_lock.acquire()
         # another user's run whose lock file was left writable: refused here, not in a W&B traceback later

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from data_prep.format import MANIFEST_NAME
 from pipeline.config_history import HISTORY_DIR
 from pipeline.errors import ConfigError
 from pipeline.file_access import describe_owner, me, unreachable_reason, unwritable_part
@@ -38,6 +39,7 @@ def check_run_dir_writable(run_dir: str | Path, subcommand: str, wandb: bool, ck
     """
     run_dir = Path(run_dir)
     check_run_dir_reachable(run_dir)
+    check_run_dir_is_no_dataset(run_dir)
     if subcommand == "fit":
         paths = [run_dir, *(run_dir / d for d in FIT_DIRS), *(run_dir / f for f in FIT_FILES)]
     else:
@@ -71,6 +73,16 @@ def _own_writable_mount(path: Path) -> bool:
         return path.stat().st_uid == os.geteuid() and not os.statvfs(path).f_flag & os.ST_RDONLY
     except OSError:
         return False
+
+
+def check_run_dir_is_no_dataset(run_dir: str | Path) -> None:
+    """Refuse a run directory that is a data_prep output folder (``--trainer.default_root_dir`` given the shards'
+    folder, data.root): fit wrote checkpoints/, csv/ and config.yaml among the shards, and data_prep then refused
+    that folder as a training run directory, its repair and add-a-split commands included."""
+    if unreachable_reason(run_dir) is None and (Path(run_dir) / MANIFEST_NAME).is_file():
+        raise ConfigError(f"trainer.default_root_dir: {run_dir} holds {MANIFEST_NAME}: it is a data_prep output "
+                          f"folder (the shards' data.root?), not a run directory; train in a folder of its own "
+                          f"(--trainer.default_root_dir runs/NAME)")
 
 
 def check_run_dir_reachable(run_dir: str | Path) -> None:

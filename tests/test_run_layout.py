@@ -84,3 +84,25 @@ def test_a_branched_from_of_other_bytes_is_read_as_a_path_not_a_traceback(tmp_pa
     r = subprocess.run([sys.executable, "-m", "launch", "status", str(tmp_path)], capture_output=True, text=True,
                        cwd=tmp_path, env={"PYTHONPATH": str(repo), "PATH": "/usr/bin:/bin"}, timeout=120)
     assert r.returncode == 0 and "branch of    /runs/a\ufffd\ufffd/last.ckpt" in r.stdout, r.stdout + r.stderr
+
+
+def test_a_run_directory_that_is_the_shards_folder_is_refused(digits_shards, tmp_path: Path) -> None:
+    """--trainer.default_root_dir given data.root: fit trained and wrote checkpoints/, csv/ and config.yaml among
+    the shards, and data_prep then refused that folder as a run directory (its repair and add-a-split commands).
+    One line now, for fit and for validate, before anything is written there."""
+    import shutil
+
+    from tests.conftest import REPO, run_cli_in_process
+
+    shards = tmp_path / "shards"
+    shutil.copytree(digits_shards, shards)
+    before = sorted(p.relative_to(shards) for p in shards.rglob("*"))
+    for sub in ("fit", "validate"):
+        r = run_cli_in_process(sub, "--config", str(REPO / "conf" / "demo.yaml"), "--data.root", str(shards),
+                       "--trainer.default_root_dir", str(shards), "--trainer.max_steps", "1",
+                       "--tracking.wandb", "false", *(["--ckpt_path", str(tmp_path / "x.ckpt")] if sub != "fit" else
+                                                       []))
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert (f"trainer.default_root_dir: {shards} holds manifest.json: it is a data_prep output folder (the "
+                "shards' data.root?), not a run directory") in r.stderr, r.stderr[-2000:]
+        assert sorted(p.relative_to(shards) for p in shards.rglob("*")) == before
