@@ -287,15 +287,22 @@ class ImageClassifier(pl.LightningModule):
             self.log(f"{prefix}/top5", self.val_top5)
 
     # ---- checkpoints ---------------------------------------------------------------------------------
-    def check_network_of(self, saved: dict, checkpoint: str | None = None,
-                         fix: str = "use the original setting or a new run directory") -> None:
+    def check_network_of(self, saved: dict, checkpoint: str | None = None, fix: str | None = None) -> None:
         """A checkpoint's hyper-parameters (``saved``) name this network: a one-line error naming the
         setting (and the ``checkpoint`` file, with the way out ``fix``) otherwise. The CLI calls it before the
-        loggers start, ``on_load_checkpoint`` again."""
+        loggers start, ``on_load_checkpoint`` again. The class count is no setting of the user's (the CLI takes
+        it from data.root's manifest): its error names the dataset (it named model.num_classes and advised "a new
+        run directory", which a --ckpt_path into a new one already was)."""
         for key in ("arch", "num_classes", "arch_kwargs"):
             if key == "arch_kwargs" and key in saved and self._same_computation(saved):
                 continue  # written another way: {} and {shortcut: A} are one ResNet-20, zero_init one start
             if key in saved and (saved[key] or None) != (self.hparams.get(key) or None):
+                if key == "num_classes":
+                    raise ConfigError(
+                        f"the checkpoint{f' {checkpoint}' if checkpoint else ''} was trained on {saved[key]!r} "
+                        f"classes, this run's dataset has {self.hparams.get(key)!r} (model.num_classes comes from "
+                        f"data.root's manifest); {fix or 'point data.root at the dataset it was trained on'}")
+                fix = fix or "use the original setting or a new run directory"
                 raise ConfigError(
                     f"the checkpoint{f' {checkpoint}' if checkpoint else ''} was trained with model.{key}="
                     f"{saved[key]!r}, this run has model.{key}={self.hparams.get(key)!r}; {fix}"

@@ -451,6 +451,25 @@ def test_a_checkpoints_options_written_another_way_name_the_same_network() -> No
             m.check_network_of({"arch": "cifar_resnet20", "num_classes": 10, "arch_kwargs": saved})
 
 
+def test_another_class_count_names_the_dataset_not_a_setting():
+    """A resume or --ckpt_path onto a dataset with another class count named model.num_classes (no setting the
+    user can give: the manifest's) and advised a new run directory, which a --ckpt_path into one already was."""
+    from pipeline.errors import ConfigError
+    from pipeline.module import ImageClassifier
+
+    m = ImageClassifier(arch="cifar_resnet20", num_classes=5)
+    with pytest.raises(ConfigError) as e:
+        m.check_network_of({"arch": "cifar_resnet20", "num_classes": 10}, checkpoint="ck.ckpt")
+    assert str(e.value) == ("the checkpoint ck.ckpt was trained on 10 classes, this run's dataset has 5 "
+                            "(model.num_classes comes from data.root's manifest); point data.root at the dataset it "
+                            "was trained on")
+    with pytest.raises(ConfigError, match=r"has 5 \(model.num_classes .*\); test it with the config it was"):
+        m.check_network_of({"arch": "cifar_resnet20", "num_classes": 10}, fix="test it with the config it was")
+    with pytest.raises(ConfigError, match="was trained with model.arch='cifar_resnet8', this run has "
+                                          "model.arch='cifar_resnet20'; use the original setting or a new run"):
+        m.check_network_of({"arch": "cifar_resnet8", "num_classes": 5})
+
+
 # --- The documented tables (docs/models.md) against the code -------------------------------------
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "models.md"
