@@ -8,6 +8,7 @@ done-record matches the plan and whose tar still has the recorded size and sha25
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -216,6 +217,22 @@ def _start_worker(parent: int, initializer, initargs: tuple) -> None:
         initializer(*initargs)
 
 
+@contextlib.contextmanager
+def _interrupts_for_the_parent() -> Iterator[None]:
+    """SIGINT blocked while workers start: they keep the mask for good (it is inherited through exec), so a Ctrl-C
+    is the parent's alone, delivered to it as the block ends (none is lost), and the parent ends the workers.
+    A worker that got it while still importing printed a KeyboardInterrupt traceback above the one-line
+    "interrupted" of the parent."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def map_in_processes(fn: Callable[[Any], Any], items: Iterable, workers: int, ctx, initializer=None,
                      initargs: tuple = (), doing: str = "working") -> Iterator:
     """``fn`` over ``items`` in ``workers`` processes, results in order; at most two items per worker are
@@ -227,7 +244,8 @@ def map_in_processes(fn: Callable[[Any], Any], items: Iterable, workers: int, ct
     try:
         ahead: collections.deque = collections.deque()
         for item in items:
-            ahead.append(pool.submit(fn, item))
+            with _interrupts_for_the_parent():  # a submit may start a worker (one more per submit, up to workers)
+                ahead.append(pool.submit(fn, item))
             if len(ahead) >= 2 * workers:
                 yield ahead.popleft().result()
         while ahead:

@@ -2,7 +2,10 @@
 
 import sys
 
-if __name__ == "__main__":
+INTERRUPTED = 130  # the shell's status for a process ended by SIGINT
+
+
+def _run() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "fit":  # USR1 before the imports: they take seconds
         from pipeline.early_signals import hold
 
@@ -35,3 +38,13 @@ if __name__ == "__main__":
         if watching is not None:
             watching.set()
     sys.exit(tell_rank_zero(after_exit(status), peer_ended()))
+
+
+if __name__ == "__main__":
+    try:
+        _run()
+    except KeyboardInterrupt:  # Ctrl-C before the trainer's own handling (the imports take seconds): one line, not
+        # the 40-line traceback through torch's imports
+        print("python -m pipeline: interrupted (Ctrl-C); rerun the command to start or resume the run",
+              file=sys.stderr)
+        sys.exit(INTERRUPTED)

@@ -369,3 +369,20 @@ def test_a_worker_dying_with_a_dali_queue_lock_ends_the_run_with_its_name(digits
     assert (tmp_path / "died").exists(), "no worker died: the test did not test anything"
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "a DALI source worker process (pid" in proc.stderr and "ended (signal 9)" in proc.stderr
+
+
+def test_ctrl_c_while_the_trainer_starts_is_one_line(digits_shards, tmp_path):
+    """Ctrl-C in a fit's first seconds (torch and Lightning importing, before the trainer handles it) printed a
+    40-line KeyboardInterrupt traceback through the imports. One line now, exit 130, and no run directory."""
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "fit", "--config", str(REPO / "conf" / "demo.yaml"),
+                             "--data.root", str(digits_shards), "--trainer.default_root_dir", str(run),
+                             "--tracking.wandb", "false"], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)  # the imports take several seconds
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == ("python -m pipeline: interrupted (Ctrl-C); rerun the command to start or "
+                                            "resume the run"), err[-3000:]
+    assert not run.exists()
