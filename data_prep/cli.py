@@ -139,7 +139,9 @@ def _foreign_shards(out: Path) -> list[str]:
     """Files in ``out`` named like shards or indexes (``SPLIT-NNNNNN.tar``/``.idx``) where this tool has not
     been (no manifest, no ``.work/``): a WebDataset ShardWriter's output, another dataset's. A prep into that
     folder overwrote the ones its plan named and deleted the rest as stale, exit 0, without a word."""
-    if not out.is_dir() or (out / MANIFEST_NAME).exists() or (out / WORK_DIR).exists():
+    if not out.is_dir() or any((out / mine).exists() for mine in (MANIFEST_NAME, WORK_DIR, REJECTS_NAME)):
+        return []
+    if any(p.name.endswith(".columns.npy") for p in out.iterdir()):  # (a manifest moved aside, as advised)
         return []
     named = re.compile(r"[A-Za-z0-9_-]+-\d{6}\.(tar|idx)")
     return sorted(p.name for p in out.iterdir() if named.fullmatch(p.name))

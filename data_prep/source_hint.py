@@ -43,9 +43,13 @@ def shard_command(folder: str | Path) -> str | None:
         each = " and ".join(f"`python -m data_prep imagefolder {shlex.quote(str(folder / s))} OUT --split {s}`"
                             for s in splits)
         return f"it holds a folder of classes per split: shard them into one OUT with {each}"
-    if _is_class_tree(folder):
+    if _is_class_tree(folder):  # a folder named val/ or test/ is no train split (imagefolder refuses it as one)
+        from .imagefolder import SPLIT_NAMES as SPLIT_WORDS, TRAIN_NAMES
+
+        name = Path(os.path.abspath(folder)).name.lower()
+        split = "val" if name in SPLIT_WORDS and name not in TRAIN_NAMES else "train"
         return f"it holds a folder of images per class: shard it with `python -m data_prep imagefolder {src} OUT " \
-               f"--split train`"
+               f"--split {split}`"
     return None
 
 

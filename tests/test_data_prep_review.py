@@ -857,6 +857,10 @@ def test_output_folder_with_shards_this_tool_did_not_write_is_refused(tmp_path):
     assert r.returncode == 0, r.stderr
     r = run_cli("imagefolder", str(src), str(out), "--split", "train", "--no-progress")  # its own shards: a rerun
     assert r.returncode == 0 and (out / "README").read_text() == "my other dataset\n", r.stderr
+    shutil.rmtree(out / ".work")  # the advice for a broken manifest without .work/: move it aside and rerun
+    (out / "manifest.json").rename(tmp_path / "manifest.json.old")
+    r = run_cli("imagefolder", str(src), str(out), "--split", "train", "--no-progress")
+    assert r.returncode == 0 and main(["verify", str(out)]) == 0, r.stderr
 
 
 def test_a_prep_whose_plan_another_command_replaced_while_it_ran_says_so(tmp_path, monkeypatch, capsys):
@@ -900,6 +904,11 @@ def test_a_split_from_a_folder_named_as_another_split_is_refused(tmp_path):
         "source of the 'test' split" in r.stderr, r.stderr
     r = run_cli("imagefolder", str(raw / "test"), str(out), "--split", "train", *args)  # and the other way round
     assert r.returncode == 2 and "is a split folder named 'test', but --split is 'train'" in r.stderr, r.stderr
+    from data_prep.source_hint import shard_command  # what training says of a data.root of images: a command
+
+    hint = shard_command(raw / "test")  # that works
+    assert f"`python -m data_prep imagefolder {raw / 'test'} OUT --split val`" in hint, hint
+    assert "--split train`" in shard_command(raw / "train")
     assert set(load_manifest(out)["splits"]) == {"train"}
     assert run_cli("imagefolder", str(raw / "test"), str(out), "--split", "val", *args).returncode == 0
 
