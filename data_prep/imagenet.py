@@ -16,6 +16,8 @@ from array import array
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from pipeline.wording import plural
+
 from .class_list import first_names
 from .errors import PrepError
 from .holdout import Holdout, check_rerun, split_scan
@@ -229,6 +231,29 @@ class ImageNetSource:
         return [names.get(c, c) for c in classes]
 
 
+OFFICIAL_VAL_IMAGES = 50_000  # ILSVRC2012's val set: its devkit's ground truth has a line for each
+
+
+def _check_ground_truth_lines(labels: dict[str, str], stems: list[str], devkit: str) -> None:
+    """The devkit labels val by line (line i is ILSVRC2012_val_<i>), so a ground truth with a line too many or too
+    few at the top or in the middle shifted every label after it: wrong labels, exit 0 (7 of 8 in a trial). Its
+    lines must number the official 50,000, or the highest image number here (a miniature, a copy of part of
+    val); the labelled images that are not here are named in a note."""
+    numbers = [int(s.rsplit("_", 1)[1]) for s in stems if re.fullmatch(r"ILSVRC2012_val_\d{8}", s)]
+    if numbers and len(labels) not in (OFFICIAL_VAL_IMAGES, max(numbers)):
+        raise PrepError(f"{devkit}: ILSVRC2012_validation_ground_truth.txt has {len(labels)} lines, but the val "
+                        f"images here are numbered up to {max(numbers)}: it labels by line (line i is "
+                        f"ILSVRC2012_val_<i>), so a line too many or too few shifts the labels after it; use the "
+                        f"devkit these images came with, or label val by file name with --val-csv "
+                        f"LOC_val_solution.csv")
+    here = set(stems)
+    absent = [stem for stem in labels if stem not in here]
+    if absent and len(absent) < len(labels):
+        more = ", ..." if len(absent) > 3 else ""
+        print(f"data_prep: note: val: {plural(len(absent), 'image')} of the devkit's ground truth "
+              f"{'is' if len(absent) == 1 else 'are'} not in SRC ({', '.join(absent[:3])}{more})", file=sys.stderr)
+
+
 def _labelled(listing: Listing, split: str, src: ImageNetSource) -> tuple[KeptRows, list]:
     """Kept rows with their wnid plus rejects, for class-folder or flat layouts."""
     rejects = list(listing.rejects)
@@ -244,6 +269,9 @@ def _labelled(listing: Listing, split: str, src: ImageNetSource) -> tuple[KeptRo
             flat_count += len(parts) == 1
     flat = flat_count * 2 > len(files)
     labels = src.val_labels() if (split == "val" and flat) else None
+    if labels is not None and src.devkit() is not None and labels is src.devkit().val_labels:
+        _check_ground_truth_lines(labels, [Path(table.parts(i)[0]).stem for i in files if len(table.parts(i)) == 1],
+                                  src.devkit().where)
     out = KeptRows(table)
     for i in files:
         parts = table.parts(i)

@@ -312,3 +312,49 @@ def test_a_hidden_member_of_the_train_archive_is_a_reject_not_an_error(tmp_path)
     rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
     assert sorted(r["path"] for r in rejects) == sorted(f"{train_tar}:{name}" for name, _ in junk), rejects
     assert {r["reason"] for r in rejects} == {"hidden file or folder"}
+
+
+def _with_ground_truth(root: Path, src: Path, lines: list[str], drop_val: str | None = None) -> None:
+    """``src``: ``root``'s archives, with the devkit's ground truth replaced by ``lines`` (and a val image left
+    out of the val archive)."""
+    src.mkdir()
+    shutil.copy(root / "ILSVRC2012_img_train.tar", src)
+    with tarfile.open(root / "ILSVRC2012_img_val.tar") as tin, \
+            tarfile.open(src / "ILSVRC2012_img_val.tar", "w") as tout:
+        for m in tin.getmembers():
+            if m.name != drop_val:
+                tout.addfile(m, tin.extractfile(m))
+    buf = io.BytesIO()
+    with tarfile.open(root / "ILSVRC2012_devkit_t12.tar.gz") as tin, tarfile.open(fileobj=buf, mode="w:gz") as tout:
+        for m in tin.getmembers():
+            data = tin.extractfile(m).read()
+            if m.name.endswith("ILSVRC2012_validation_ground_truth.txt"):
+                data = "".join(f"{line}\n" for line in lines).encode()
+                m.size = len(data)
+            tout.addfile(m, io.BytesIO(data))
+    (src / "ILSVRC2012_devkit_t12.tar.gz").write_bytes(buf.getvalue())
+
+
+def test_a_ground_truth_with_a_line_too_many_or_too_few_is_refused(archives, tmp_path, capsys):
+    """The devkit labels val by line: a line added at the top (or lost in the middle) shifted every label after
+    it, exit 0, `verify` OK (7 of 8 val labels wrong in a trial). Its line count must be the official 50,000 or
+    the images' highest number; an image missing from val is a note, its neighbours' labels unchanged."""
+    root, exp = archives
+    with tarfile.open(root / "ILSVRC2012_devkit_t12.tar.gz") as tf:
+        member = next(m for m in tf.getmembers() if m.name.endswith("validation_ground_truth.txt"))
+        lines = tf.extractfile(member).read().decode().split()
+    assert len(lines) == 12
+    for name, edited in (("top", [lines[3], *lines]), ("middle", lines[:5] + lines[6:])):
+        src = tmp_path / name
+        _with_ground_truth(root, src, edited)
+        assert main(["imagenet", str(src), str(tmp_path / f"out-{name}"), "--splits", "val", "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert f"ILSVRC2012_validation_ground_truth.txt has {len(edited)} lines, but the val images here are " \
+               "numbered up to 12: it labels by line" in err, err
+    src = tmp_path / "missing"
+    _with_ground_truth(root, src, lines, drop_val="ILSVRC2012_val_00000003.JPEG")
+    out = tmp_path / "out-missing"
+    assert main(["imagenet", str(src), str(out), "--splits", "val", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "data_prep: note: val: 1 image of the devkit's ground truth is not in SRC (ILSVRC2012_val_00000003)" in err
+    check_labels(out, "val", {k: v for k, v in exp["val"].items() if "00000003" not in k}, exp["wnids"])
