@@ -238,14 +238,18 @@ def _check_ground_truth_lines(labels: dict[str, str], stems: list[str], devkit: 
     """The devkit labels val by line (line i is ILSVRC2012_val_<i>), so a ground truth with a line too many or too
     few at the top or in the middle shifted every label after it: wrong labels, exit 0 (7 of 8 in a trial). Its
     lines must number the official 50,000, or the highest image number here (a miniature, a copy of part of
-    val); the labelled images that are not here are named in a note."""
+    val; one whose last images were left out cuts its ground truth to match); the labelled images that are not
+    here are named in a note. A count is all that can be checked: a line lost and another added match it."""
     numbers = [int(s.rsplit("_", 1)[1]) for s in stems if re.fullmatch(r"ILSVRC2012_val_\d{8}", s)]
     if numbers and len(labels) not in (OFFICIAL_VAL_IMAGES, max(numbers)):
         raise PrepError(f"{devkit}: ILSVRC2012_validation_ground_truth.txt has {len(labels)} lines, but the val "
                         f"images here are numbered up to {max(numbers)}: it labels by line (line i is "
                         f"ILSVRC2012_val_<i>), so a line too many or too few shifts the labels after it; use the "
                         f"devkit these images came with, or label val by file name with --val-csv "
-                        f"LOC_val_solution.csv")
+                        f"LOC_val_solution.csv"
+                        + (f" (if the images after ILSVRC2012_val_{max(numbers):08d} were left out on purpose, cut "
+                           f"the file to its first {max(numbers)} lines: the labels by line stay)"
+                           if len(labels) > max(numbers) else ""))
     here = set(stems)
     absent = [stem for stem in labels if stem not in here]
     if absent and len(absent) < len(labels):

@@ -46,5 +46,12 @@ if __name__ == "__main__":
     except KeyboardInterrupt:  # Ctrl-C before the trainer's own handling (the imports take seconds): one line, not
         # the 40-line traceback through torch's imports
         print("python -m pipeline: interrupted (Ctrl-C); rerun the command to start or resume the run",
-              file=sys.stderr)
-        sys.exit(INTERRUPTED)
+              file=sys.stderr, flush=True)
+        import os
+        import signal
+
+        # ended by SIGINT itself, as Python ends an uncaught Ctrl-C: a shell script around the command then stops
+        # too (an exit status of 130 tells bash the command handled it, and the script went on)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+        sys.exit(INTERRUPTED)  # (where the signal cannot end it)

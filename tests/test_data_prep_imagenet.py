@@ -358,3 +358,14 @@ def test_a_ground_truth_with_a_line_too_many_or_too_few_is_refused(archives, tmp
     err = capsys.readouterr().err
     assert "data_prep: note: val: 1 image of the devkit's ground truth is not in SRC (ILSVRC2012_val_00000003)" in err
     check_labels(out, "val", {k: v for k, v in exp["val"].items() if "00000003" not in k}, exp["wnids"])
+    src = tmp_path / "last-left-out"  # the highest image left out: the count cannot tell it from a line added
+    _with_ground_truth(root, src, lines, drop_val="ILSVRC2012_val_00000012.JPEG")
+    assert main(["imagenet", str(src), str(tmp_path / "out-last"), "--splits", "val", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "(if the images after ILSVRC2012_val_00000011 were left out on purpose, cut the file to its first 11 " \
+           "lines: the labels by line stay)" in err, err
+    shutil.rmtree(src)
+    _with_ground_truth(root, src, lines[:11], drop_val="ILSVRC2012_val_00000012.JPEG")  # as the error says
+    assert main(["imagenet", str(src), str(tmp_path / "out-last"), "--splits", "val", "--no-progress"]) == 0
+    check_labels(tmp_path / "out-last", "val", {k: v for k, v in exp["val"].items() if "00000012" not in k},
+                 exp["wnids"])

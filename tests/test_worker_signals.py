@@ -373,7 +373,8 @@ def test_a_worker_dying_with_a_dali_queue_lock_ends_the_run_with_its_name(digits
 
 def test_ctrl_c_while_the_trainer_starts_is_one_line(digits_shards, tmp_path):
     """Ctrl-C in a fit's first seconds (torch and Lightning importing, before the trainer handles it) printed a
-    40-line KeyboardInterrupt traceback through the imports. One line now, exit 130, and no run directory."""
+    40-line KeyboardInterrupt traceback through the imports. One line now, and no run directory; the process
+    still ends by SIGINT (a shell script around it stops, as for any Ctrl-C'd command; exit 130 let it go on)."""
     run = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "fit", "--config", str(REPO / "conf" / "demo.yaml"),
                              "--data.root", str(digits_shards), "--trainer.default_root_dir", str(run),
@@ -382,7 +383,7 @@ def test_ctrl_c_while_the_trainer_starts_is_one_line(digits_shards, tmp_path):
     time.sleep(1.0)  # the imports take several seconds
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+    assert proc.returncode == -signal.SIGINT and "Traceback" not in err, err[-3000:]
     assert err.strip().splitlines()[-1] == ("python -m pipeline: interrupted (Ctrl-C); rerun the command to start or "
                                             "resume the run"), err[-3000:]
     assert not run.exists()
