@@ -347,6 +347,25 @@ def check_trainer(t: Namespace) -> None:
             t.get("gradient_clip_val"))
 
 
+# what a launcher of several nodes' ranks sets (srun, torchrun, a hand-started node of Lightning's own environment)
+LAUNCHED = ("WORLD_SIZE", "NODE_RANK", "GROUP_RANK", "LOCAL_RANK", "MASTER_ADDR", "SLURM_PROCID", "SLURM_NTASKS")
+
+
+def check_other_nodes(num_nodes: int | None, subcommand: str) -> None:
+    """Refuse ``trainer.num_nodes`` > 1 where nothing started the other nodes' ranks: the process waited for them
+    forever, without a word (``pipeline test --config RUN/config.yaml`` of a 2-node run, typed on the login node).
+    Not in launch's check before a submission, whose ranks srun starts."""
+    nodes = int(num_nodes or 1)
+    if nodes <= 1 or any(os.environ.get(k) for k in LAUNCHED):
+        return
+    way = ("score on this machine with --trainer.num_nodes 1 (every sample is scored once at any world size)"
+           if subcommand in ("validate", "test") else
+           "start it on every node (python -m launch submit train, srun, torchrun), or train here with "
+           "--trainer.num_nodes 1")
+    raise ConfigError(f"trainer.num_nodes {nodes}: no launcher started the other nodes' ranks here (no srun, "
+                      f"torchrun or NODE_RANK/MASTER_ADDR), so this process would wait for them forever; {way}")
+
+
 def check_run_settings(cfg: Namespace) -> None:
     """The ``checkpoint`` and ``tracking`` settings that would fail once the trainer is being built."""
     ckpt = cfg.checkpoint
@@ -537,6 +556,7 @@ class PipelineCLI(LightningCLI):
         self._branched_from: tuple[str, str | None] | None = None  # (checkpoint, its W&B id): another run's
         self._branch_origin: str | None = None  # where this run started, when from another run (branch_origin)
         check_trainer(cfg.trainer)
+        check_other_nodes(cfg.trainer.get("num_nodes"), sub)
         if isinstance(cfg.model.get("arch_kwargs"), dict):  # a dotted `--model.arch_kwargs.plain false` arrives
             # as the word: RUN/config.yaml kept 'false' (a string), and a resume written as false said it changed
             cfg.model.arch_kwargs = typed_options(str(cfg.model.get("arch")), cfg.model.arch_kwargs)

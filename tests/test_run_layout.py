@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 
@@ -106,3 +107,23 @@ def test_a_run_directory_that_is_the_shards_folder_is_refused(digits_shards, tmp
         assert (f"trainer.default_root_dir: {shards} holds manifest.json: it is a data_prep output folder (the "
                 "shards' data.root?), not a run directory") in r.stderr, r.stderr[-2000:]
         assert sorted(p.relative_to(shards) for p in shards.rglob("*")) == before
+
+
+@pytest.mark.parametrize("sub", ["fit", "test"])
+def test_several_nodes_with_nothing_to_start_the_others_is_refused(digits_shards, tmp_path, monkeypatch, sub):
+    """`pipeline test --config RUN/config.yaml` of a 2-node run, typed on the login node, waited forever for the
+    second node's rank, without a word (a Slurm trial). One line now, naming the setting and the way out."""
+    from pipeline.cli import LAUNCHED
+    from tests.conftest import REPO, run_cli_in_process
+
+    for var in LAUNCHED:
+        monkeypatch.delenv(var, raising=False)
+    r = run_cli_in_process(sub, "--config", str(REPO / "conf" / "demo.yaml"), "--data.root", str(digits_shards),
+                           "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.num_nodes", "2",
+                           "--tracking.wandb", "false", *(["--ckpt_path", str(tmp_path / "x.ckpt")] if sub != "fit"
+                                                          else []))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert ("error: trainer.num_nodes 2: no launcher started the other nodes' ranks here (no srun, torchrun or "
+            "NODE_RANK/MASTER_ADDR), so this process would wait for them forever; ") in r.stderr, r.stderr[-2000:]
+    assert ("--trainer.num_nodes 1 (every sample is scored once" in r.stderr) == (sub == "test"), r.stderr
+    assert not (tmp_path / "run").exists()
