@@ -114,7 +114,7 @@ def test_jpeg_size_reads_real_headers_and_rejects_broken_ones():
 
 
 # ---- order, labels, padding -------------------------------------------------------------------------
-@pytest.mark.parametrize("py_workers", [0, 2])
+@pytest.mark.parametrize("py_workers", [0, pytest.param(2, marks=pytest.mark.isolated)])
 def test_yields_the_contract_order_epoch_after_epoch(digits_shards, py_workers):
     shards = ShardSet(digits_shards, "train")
     labels = shards.labels()
@@ -144,6 +144,7 @@ def test_yields_the_contract_order_epoch_after_epoch(digits_shards, py_workers):
     assert sorted(os.listdir(loader._plan_dir)) == [f"plan-{e}.npy" for e in range(len(epochs))][-2:]
 
 
+@pytest.mark.isolated
 def test_a_loader_left_to_the_garbage_collector_stops_its_pipeline_before_its_source_workers(digits_shards,
                                                                                                monkeypatch):
     """A loader in a reference cycle (the trainer's objects are) is freed by the cyclic garbage collector, which
@@ -177,6 +178,7 @@ def test_a_loader_left_to_the_garbage_collector_stops_its_pipeline_before_its_so
     assert all(w.exitcode is not None for w in workers)
 
 
+@pytest.mark.isolated
 def test_the_datamodule_stops_its_dali_pipelines_at_teardown(digits_shards):
     """Lightning's teardown of a fit, validate or test stops the loaders' pipelines and source workers at once."""
     from pipeline.datamodule import ShardDataModule
@@ -250,7 +252,8 @@ def test_imagenet_evaluation_equals_the_cpu_backend(photo_shards):
             assert diff.mean() <= tolerance, f"{resize}: mean diff {diff.mean():.3f}"
 
 
-@pytest.mark.parametrize(("pad_fill", "py_workers"), [("black", 0), ("mean", 0), ("mean", 2)])
+@pytest.mark.parametrize(("pad_fill", "py_workers"), [("black", 0), ("mean", 0),
+                                                     pytest.param("mean", 2, marks=pytest.mark.isolated)])
 def test_cifar_training_augmentation_equals_the_cpu_backend(photo_shards, pad_fill, py_workers):
     """Pad 4 + random crop + flip: the same draws per sample, so the same pixels (no resampling), the
     padded border in the same colour; also with the source in DALI's worker processes (data.dali_source_workers,
@@ -269,7 +272,8 @@ def test_cifar_training_augmentation_equals_the_cpu_backend(photo_shards, pad_fi
 
 
 @pytest.mark.parametrize(("resize", "roi_decode", "py_workers"),
-                         [("torch", True, 0), ("dali", True, 0), ("dali", False, 0), ("dali", True, 2)],
+                         [("torch", True, 0), ("dali", True, 0), ("dali", False, 0),
+                          pytest.param("dali", True, 2, marks=pytest.mark.isolated)],
                          ids=["dali-cpu", "dali-resize-roi-decode", "gpu-graph", "gpu-graph-source-workers"])
 def test_random_resized_crops_match_the_cpu_backend(photo_shards, resize, roi_decode, py_workers):
     """The same crop windows and flips as the cpu backend, per sample, over ~1,000 crops (7 epochs): the

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from tests import preloaded_python
@@ -103,6 +104,7 @@ def test_dali_shortage_counts_the_other_ranks_chunks_once(monkeypatch):
                                                  "which has 512.0 MiB free of 512.0 MiB"), said
 
 
+@pytest.mark.isolated
 def test_dali_training_and_validation_loaders_count_each_others_source_chunks(digits_shards, monkeypatch):
     """Training and validation each have their own DALI source workers, side by side in a fit. Each loader
     checked its own chunks alone: on a /dev/shm that holds either but not both, the second one started (its
